@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command: set up (system packages, .venv), then lint, type-check and run the suite.
+# Extra arguments go to pytest. A run that collects no test fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+echo "== ruff check"; ruff check src tests bench
+echo "== ruff format --check"; ruff format --check src tests bench
+echo "== mypy --strict src/"; mypy --strict src/
+echo "== pytest"
+set +e
+python -m pytest -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "test.sh: pytest collected no tests; that is a failure" >&2
+    exit 1
+fi
+exit "$rc"

@@ -1,0 +1,98 @@
+"""The `tele` entry point: a click group whose subcommands are imported only when invoked.
+
+Keeping imports lazy is what keeps `tele --help` fast: each command module pulls in trio, h2,
+kubernetes or cryptography itself. Every TeleError becomes one line on stderr and its exit code;
+anything unexpected is logged with its traceback and reported as one line too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+# name -> "module:attribute" of a click.Command; add a line here to register a command.
+COMMANDS: dict[str, str] = {
+    "version": "tele.cli.basic:version",
+    "status": "tele.cli.basic:status",
+    "quit": "tele.cli.basic:quit_",
+    "loglevel": "tele.cli.basic:loglevel",
+    "gather-logs": "tele.cli.basic:gather_logs",
+    "config": "tele.cli.config_cmd:config",
+    "daemon": "tele.cli.daemon_cmd:daemon",
+    "sandbox": "tele.cli.sandbox_cmd:sandbox",
+}
+
+# One-line help shown by `tele --help` without importing the command modules.
+SHORT_HELP: dict[str, str] = {
+    "version": "Show the client and daemon versions.",
+    "status": "Show whether the daemon runs and what it is connected to.",
+    "quit": "Stop the daemon (and end its session).",
+    "loglevel": "Change the daemon's log level, optionally for a while.",
+    "gather-logs": "Zip tele's log files for a bug report.",
+    "config": "Show the effective client configuration.",
+    "daemon": "Run or inspect the background daemon.",
+    "sandbox": "Run a local Kubernetes stand-in to try tele without a cluster.",
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when that subcommand runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, _, attr = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return None
+            raise
+        command = getattr(module, attr)
+        assert isinstance(command, click.Command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, SHORT_HELP.get(name, "")) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tele", message="tele %(version)s")
+def cli() -> None:
+    """tele: join a Kubernetes cluster's network and handle a workload's traffic locally."""
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Run the CLI; map tele's errors to one line on stderr and their exit codes."""
+    from tele.errors import TeleError
+
+    try:
+        return cli.main(args=argv, prog_name="tele", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except TeleError as exc:
+        click.echo(f"tele: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: log the traceback, show one line
+        from tele.cli.output import report_unexpected
+
+        report_unexpected(exc)
+        sys.exit(4)

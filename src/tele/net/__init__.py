@@ -1,0 +1,1 @@
+"""Sans-IO protocol cores: bytes in, events out. Nothing here imports trio, sockets or tele."""

@@ -1,0 +1,54 @@
+"""Where tele keeps its files: config, logs, runtime sockets, sandbox state.
+
+Every location honours the XDG variables so tests can point a whole tele at a temporary home.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _xdg(var: str, default: Path) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value and os.path.isabs(value) else default
+
+
+def home() -> Path:
+    return Path(os.environ.get("HOME") or Path.home())
+
+
+def config_dir() -> Path:
+    return _xdg("XDG_CONFIG_HOME", home() / ".config") / "tele"
+
+
+def config_file() -> Path:
+    return config_dir() / "config.yml"
+
+
+def cache_dir() -> Path:
+    return _xdg("XDG_CACHE_HOME", home() / ".cache") / "tele"
+
+
+def logs_dir() -> Path:
+    return cache_dir() / "logs"
+
+
+def state_dir() -> Path:
+    """Persistent state that is not cache: sandbox instances, helm release records."""
+    return _xdg("XDG_STATE_HOME", home() / ".local" / "state") / "tele"
+
+
+def runtime_dir() -> Path:
+    """Sockets, pid and lock files: $XDG_RUNTIME_DIR/tele when usable, else under the cache."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isabs(base) and os.path.isdir(base) and os.access(base, os.W_OK):
+        return Path(base) / "tele"
+    return cache_dir() / "run"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` (and parents) and make it accessible to the owner only."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path

@@ -1,0 +1,1 @@
+"""A local Kubernetes stand-in: API server, controllers, kubelet in network namespaces."""

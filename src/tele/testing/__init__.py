@@ -1,0 +1,1 @@
+"""tele.testing."""

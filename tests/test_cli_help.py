@@ -1,0 +1,33 @@
+"""`tele --help` as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.conftest import VENV_BIN
+
+
+def test_help_lists_commands(tele_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [str(VENV_BIN / "tele"), "--help"],
+        env=tele_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for command in ("status", "quit", "version", "loglevel", "gather-logs", "config"):
+        assert f"  {command}" in result.stdout
+
+
+def test_unknown_command_is_a_usage_error(tele_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [str(VENV_BIN / "tele"), "frobnicate"],
+        env=tele_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "No such command 'frobnicate'" in result.stderr
+    assert "Traceback" not in result.stderr
