@@ -1,0 +1,128 @@
+"""Kubeconfig -> what tele needs to reach the API server: URL, TLS context, auth header.
+
+The kubernetes package does the parsing and the credential work (CA data, tokens, client
+certificates, exec plugins, token refresh); it is blocking and slow to import, so it is imported
+lazily and only ever called in a worker thread.
+"""
+
+from __future__ import annotations
+
+import ssl
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from tele.k8s.errors import KubeconfigError
+
+
+@dataclass(frozen=True)
+class ClusterConnection:
+    """How to reach one cluster's API server as one user (one kubeconfig context)."""
+
+    server: str
+    """Base URL, `https://host:port` plus any path prefix (rancher-style proxies); no trailing /."""
+    context: str
+    namespace: str
+    """The context's default namespace."""
+    ssl_context: ssl.SSLContext | None
+    """TLS settings (CA, client certificate, verification); None for an http:// server."""
+    tls_server_name: str | None = None
+    """SNI / certificate name to use instead of the URL's host (kubeconfig `tls-server-name`)."""
+    _authorization: Callable[[], str | None] = field(default=lambda: None, repr=False)
+
+    @property
+    def host(self) -> str:
+        return urllib.parse.urlsplit(self.server).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urllib.parse.urlsplit(self.server)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def path_prefix(self) -> str:
+        return urllib.parse.urlsplit(self.server).path.rstrip("/")
+
+    async def auth_headers(self) -> list[tuple[bytes, bytes]]:
+        """HTTP headers that authenticate a request (empty with client certificates only).
+
+        Runs the kubernetes package's refresh hook in a thread: an expired exec-plugin token
+        means running the plugin, which may take a while.
+        """
+        value = await trio.to_thread.run_sync(self._authorization)
+        if not value:
+            return []
+        return [(b"Authorization", value.encode("latin-1"))]
+
+
+def _load_blocking(kubeconfig: str | None, context: str | None) -> ClusterConnection:
+    from kubernetes import client  # lazily: ~0.2 s import
+    from kubernetes import config as kube_config
+    from kubernetes.config.config_exception import ConfigException
+
+    configuration: Any = client.Configuration()
+    try:
+        config: Any = kube_config  # partly annotated: treat as untyped
+        contexts, current = config.list_kube_config_contexts(config_file=kubeconfig)
+        name: str = context or (current or {}).get("name") or ""
+        entry = next((c for c in contexts if c.get("name") == name), None)
+        if entry is None:
+            raise KubeconfigError(f"the kubeconfig has no context named {name!r}")
+        config.load_kube_config(
+            config_file=kubeconfig,
+            context=name,
+            client_configuration=configuration,
+            persist_config=False,
+        )
+    except ConfigException as exc:
+        raise KubeconfigError(f"cannot use the kubeconfig: {exc}") from exc
+    except OSError as exc:
+        raise KubeconfigError(f"cannot read the kubeconfig: {exc}") from exc
+
+    server: str = configuration.host.rstrip("/")
+    scheme = urllib.parse.urlsplit(server).scheme
+    if scheme not in ("https", "http"):
+        raise KubeconfigError(f"context {name!r} has server {server!r}, not an http(s) URL")
+    ssl_context: ssl.SSLContext | None = None
+    if scheme == "https":
+        try:
+            ssl_context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+            if not configuration.verify_ssl:
+                ssl_context.check_hostname = False
+                ssl_context.verify_mode = ssl.CERT_NONE
+            if configuration.cert_file:
+                ssl_context.load_cert_chain(configuration.cert_file, configuration.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise KubeconfigError(
+                f"context {name!r} has unusable TLS certificate data: {exc}"
+            ) from exc
+
+    def authorization() -> str | None:
+        # BearerToken holds the whole header value ("Bearer …" or "Basic …"); the hook refreshes
+        # expired exec-plugin and OIDC tokens before it is read.
+        try:
+            value: str | None = configuration.get_api_key_with_prefix("BearerToken")
+        except ConfigException as exc:
+            raise KubeconfigError(f"cannot refresh the credentials of {name!r}: {exc}") from exc
+        return value
+
+    namespace = (entry.get("context") or {}).get("namespace") or "default"
+    return ClusterConnection(
+        server=server,
+        context=name,
+        namespace=namespace,
+        ssl_context=ssl_context,
+        tls_server_name=configuration.tls_server_name or None,
+        _authorization=authorization,
+    )
+
+
+async def load_connection(
+    kubeconfig: str | None = None, context: str | None = None
+) -> ClusterConnection:
+    """Read the kubeconfig (`$KUBECONFIG` or ~/.kube/config when None) for `context` (its current
+    context when None). Raises `KubeconfigError` with one readable sentence."""
+    return await trio.to_thread.run_sync(_load_blocking, kubeconfig, context)
