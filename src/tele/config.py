@@ -1,0 +1,259 @@
+"""The client configuration in `~/.config/tele/config.yml`: its schema, defaults and loading.
+
+Keys follow Telepresence's config.yml (camelCase; kebab-case and snake_case spellings are
+accepted too). Durations are Go-style strings ("20s", "1m30s", "500ms") or plain seconds. Every
+problem with the file becomes one UserError sentence naming the file, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from tele import paths
+from tele.errors import UserError
+
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
+
+
+class Duration(float):
+    """A number of seconds; written in the file as "20s", "1m30s", "500ms" or a plain number."""
+
+    def __str__(self) -> str:
+        return format_duration(self)
+
+
+class LogLevel(str):
+    """One of LOG_LEVELS ("warn" is accepted for "warning", as Telepresence does)."""
+
+    __slots__ = ()
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(text: str | float) -> Duration:
+    """Parse "1h2m3.5s", "500ms", "0", "20" (seconds) or a number; raise ValueError if not one."""
+    if isinstance(text, bool):  # bool is an int subclass; `true` is not a duration
+        raise ValueError(f"expected a duration like '20s' or a number of seconds, got {text!r}")
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        stripped = text.strip()
+        try:
+            seconds = float(stripped)
+        except ValueError:
+            pos = 0
+            seconds = 0.0
+            for match in _DURATION_PART.finditer(stripped):
+                if match.start() != pos:
+                    break
+                seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+                pos = match.end()
+            if pos != len(stripped) or not stripped:
+                raise ValueError(
+                    f"expected a duration like '20s', '1m30s' or '500ms', got {text!r}"
+                ) from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"expected a duration of zero or more seconds, got {text!r}")
+    return Duration(seconds)
+
+
+def format_duration(seconds: float) -> str:
+    """The Go-style spelling of a duration: 90 -> "1m30s", 0.5 -> "500ms", 0 -> "0s"."""
+    if seconds < 1 and seconds != 0:
+        return f"{seconds * 1000:g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = []
+    if hours:
+        parts.append(f"{int(hours)}h")
+    if minutes:
+        parts.append(f"{int(minutes)}m")
+    if secs or not parts:
+        parts.append(f"{secs:g}s")
+    return "".join(parts)
+
+
+def parse_log_level(text: object) -> LogLevel:
+    """Validate a log level name (case-insensitive); raise ValueError naming the choices."""
+    if isinstance(text, str):
+        name = text.strip().lower()
+        name = "warning" if name == "warn" else name
+        if name in LOG_LEVELS:
+            return LogLevel(name)
+    raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is Duration:
+        return parse_duration(obj)
+    if typ is LogLevel:
+        return parse_log_level(obj)
+    raise NotImplementedError(f"no decoder for {typ!r}")
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, Duration):
+        return format_duration(obj)
+    if isinstance(obj, LogLevel):
+        return str.__str__(obj)
+    raise NotImplementedError(f"no encoder for {type(obj)!r}")
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_only=True):
+    pass
+
+
+class Timeouts(_Section):
+    """How long tele waits for each kind of operation."""
+
+    daemon_start: Duration = Duration(10)
+    cluster_connect: Duration = Duration(20)
+    connectivity_check: Duration = Duration(0.5)
+    endpoint_dial: Duration = Duration(3)
+    helm: Duration = Duration(30)
+    intercept: Duration = Duration(30)
+    proxy_dial: Duration = Duration(5)
+    roundtrip_latency: Duration = Duration(2)
+    traffic_manager_api: Duration = msgspec.field(default=Duration(15), name="trafficManagerAPI")
+    traffic_manager_connect: Duration = Duration(60)
+
+
+class LogLevels(_Section):
+    """The log level each of tele's processes starts with (`tele loglevel` changes it later)."""
+
+    user_daemon: LogLevel = LogLevel("info")
+    root_daemon: LogLevel = LogLevel("info")
+
+
+class Intercept(_Section):
+    default_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8080
+
+
+class Cluster(_Section):
+    default_manager_namespace: str = "ambassador"
+    mapped_namespaces: list[str] = msgspec.field(default_factory=list)
+    virtual_ip_subnet: str = msgspec.field(default="246.246.0.0/16", name="virtualIPSubnet")
+
+
+class Rpc(_Section):
+    max_message_size: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
+
+
+class Config(_Section):
+    """The whole client configuration; every key is optional."""
+
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    log_levels: LogLevels = msgspec.field(default_factory=LogLevels)
+    intercept: Intercept = msgspec.field(default_factory=Intercept)
+    cluster: Cluster = msgspec.field(default_factory=Cluster)
+    rpc: Rpc = msgspec.field(default_factory=Rpc)
+
+
+def _fold(key: str) -> str:
+    return key.replace("-", "").replace("_", "").lower()
+
+
+def _struct_field_types(struct_type: type[msgspec.Struct]) -> dict[str, Any]:
+    """encoded key -> annotation, for the fields of one section."""
+    return {f.encode_name: f.type for f in msgspec.structs.fields(struct_type)}
+
+
+def _normalize_keys(
+    raw: Any, struct_type: type[msgspec.Struct], path: str, originals: dict[str, str]
+) -> Any:
+    """Rename kebab/snake/any-case keys to the schema's spelling, remembering what was written.
+
+    `originals` maps each renamed key path (as msgspec reports it, e.g. "timeouts.helm") to the
+    path the user wrote, so that error messages name the key as it appears in the file.
+    """
+    if not isinstance(raw, dict):
+        return raw
+    fields = _struct_field_types(struct_type)
+    by_fold = {_fold(name): name for name in fields}
+    result: dict[Any, Any] = {}
+    for key, value in raw.items():
+        name = by_fold.get(_fold(key), key) if isinstance(key, str) else key
+        child_path = f"{path}.{name}" if path else str(name)
+        originals[child_path] = f"{originals.get(path, path)}.{key}" if path else str(key)
+        field_type = fields.get(name)
+        if isinstance(field_type, type) and issubclass(field_type, msgspec.Struct):
+            result[name] = _normalize_keys(value, field_type, child_path, originals)
+        else:
+            result[name] = value
+    return result
+
+
+_MSGSPEC_ERROR = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
+
+
+def _describe(error: msgspec.ValidationError, originals: dict[str, str]) -> tuple[str, str]:
+    """A msgspec validation error -> (key path as the user wrote it, the problem in words)."""
+    match = _MSGSPEC_ERROR.match(str(error))
+    assert match is not None  # the pattern matches any text
+    problem = match.group("problem")
+    path = (match.group("path") or "").lstrip(".")
+    unknown = _UNKNOWN_FIELD.match(problem)
+    if unknown:
+        path = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
+        problem = "is not a known key (see `tele config view` for the known ones)"
+    else:
+        problem = problem[:1].lower() + problem[1:]
+        problem = problem.replace("`", "").replace("expected object", "expected a mapping")
+    shown = originals.get(path.split("[", 1)[0], path)
+    if "[" in path:
+        shown += path[path.index("[") :]
+    return shown or "(top level)", problem
+
+
+def load(path: Path | None = None) -> Config:
+    """Read the config file (defaults when it does not exist); raise UserError when it is bad."""
+    import yaml
+
+    path = path or paths.config_file()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Config()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"Cannot read the config file {path}: {reason}.") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "it is not valid YAML"
+        raise UserError(f"The config file {path} is not valid YAML{where}: {problem}.") from exc
+    if raw is None:
+        return Config()
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"The config file {path} must hold a mapping of keys, not a {type(raw).__name__}."
+        )
+    originals: dict[str, str] = {}
+    normalized = _normalize_keys(raw, Config, "", originals)
+    try:
+        return msgspec.convert(normalized, Config, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        key, problem = _describe(exc, originals)
+        raise UserError(f"In the config file {path}, key `{key}` {_verb(problem)}.") from exc
+
+
+def _verb(problem: str) -> str:
+    """Join the key and the problem into one sentence: "key `x` is …" / "key `x`: expected …"."""
+    return problem if problem.startswith("is ") else f"is wrong: {problem}"
+
+
+def to_builtins(config: Config) -> dict[str, Any]:
+    """The config as plain data with the file's spelling of keys and durations."""
+    data = msgspec.to_builtins(config, enc_hook=_enc_hook)
+    assert isinstance(data, dict)
+    return data

@@ -1,0 +1,136 @@
+"""The client config file: defaults, accepted spellings, and one-sentence errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tele import config
+from tele.errors import UserError
+
+
+def load_text(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    return config.load(path)
+
+
+def error_for(tmp_path: Path, text: str) -> str:
+    with pytest.raises(UserError) as info:
+        load_text(tmp_path, text)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(tmp_path / "config.yml") in message
+    return message
+
+
+def test_missing_or_empty_file_gives_the_defaults(tmp_path: Path) -> None:
+    assert config.load(tmp_path / "absent.yml") == config.Config()
+    assert load_text(tmp_path, "") == config.Config()
+    defaults = config.Config()
+    assert defaults.timeouts.cluster_connect == 20
+    assert defaults.timeouts.traffic_manager_api == 15
+    assert defaults.log_levels.user_daemon == "info"
+    assert defaults.intercept.default_port == 8080
+    assert defaults.cluster.default_manager_namespace == "ambassador"
+
+
+def test_camel_kebab_and_snake_keys_and_durations(tmp_path: Path) -> None:
+    cfg = load_text(
+        tmp_path,
+        """
+timeouts:
+  clusterConnect: 1m30s
+  traffic-manager-api: 500ms
+  proxy_dial: 7
+  helm: "2.5"
+logLevels:
+  user-daemon: DEBUG
+  rootDaemon: warn
+intercept:
+  defaultPort: 9090
+cluster:
+  mappedNamespaces: [a, b]
+""",
+    )
+    assert cfg.timeouts.cluster_connect == 90
+    assert cfg.timeouts.traffic_manager_api == 0.5
+    assert cfg.timeouts.proxy_dial == 7
+    assert cfg.timeouts.helm == 2.5
+    assert cfg.timeouts.endpoint_dial == 3  # untouched keys keep their defaults
+    assert cfg.log_levels.user_daemon == "debug"
+    assert cfg.log_levels.root_daemon == "warning"
+    assert cfg.intercept.default_port == 9090
+    assert cfg.cluster.mapped_namespaces == ["a", "b"]
+
+
+def test_view_output_reads_back_as_the_same_config(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, "timeouts: {clusterConnect: 1h2m3s, connectivityCheck: 250ms}\n")
+    data = config.to_builtins(cfg)
+    assert data["timeouts"]["clusterConnect"] == "1h2m3s"
+    assert data["timeouts"]["connectivityCheck"] == "250ms"
+    assert data["timeouts"]["trafficManagerAPI"] == "15s"
+    assert data["logLevels"] == {"userDaemon": "info", "rootDaemon": "info"}
+    assert load_text(tmp_path, yaml.safe_dump(data)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "timeouts:\n  clusterConect: 3\n",
+            "key `timeouts.clusterConect` is not a known key",
+        ),
+        ("colour: blue\n", "key `colour` is not a known key"),
+        (
+            "timeouts:\n  helm: soon\n",
+            "key `timeouts.helm` is wrong: expected a duration like '20s'",
+        ),
+        ("timeouts:\n  helm: -3\n", "key `timeouts.helm` is wrong: expected a duration of zero"),
+        ("timeouts:\n  helm: true\n", "key `timeouts.helm` is wrong"),
+        (
+            "log-levels:\n  userDaemon: verbose\n",
+            "key `log-levels.userDaemon` is wrong: expected one of trace, debug, info, warning, "
+            "error, got 'verbose'",
+        ),
+        (
+            "intercept:\n  default-port: 70000\n",
+            "key `intercept.default-port` is wrong: expected int <= 65535",
+        ),
+        (
+            "cluster:\n  mappedNamespaces: [a, 3]\n",
+            "key `cluster.mappedNamespaces[1]` is wrong: expected str, got int",
+        ),
+        ("timeouts: 5\n", "key `timeouts` is wrong: expected a mapping, got int"),
+        ("timeouts: [\n", "is not valid YAML at line 2, column 1"),
+        ("- a\n- b\n", "must hold a mapping of keys, not a list"),
+    ],
+)
+def test_bad_files_give_one_sentence_naming_file_key_and_problem(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    assert expected in error_for(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("20s", 20), ("1m", 60), ("1h30m", 5400), ("500ms", 0.5), ("1.5s", 1.5), ("0", 0), (3, 3)],
+)
+def test_parse_duration(text: str | int, seconds: float) -> None:
+    assert config.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "s", "5x", "1m 2s", "m5", "-1s", "nan", True])
+def test_parse_duration_rejects(text: str | bool) -> None:
+    with pytest.raises(ValueError):
+        config.parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0, "0s"), (0.5, "500ms"), (20, "20s"), (90, "1m30s"), (3600, "1h")]
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert config.format_duration(seconds) == text
+    assert config.parse_duration(text) == seconds
