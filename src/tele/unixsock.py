@@ -2,7 +2,9 @@
 connecting, the peer's credentials (SO_PEERCRED) and the rule for which peers are trusted.
 
 Paths longer than sun_path allows (108 bytes; test and XDG dirs can be deep) are reached through
-`/proc/self/fd/<dir fd>/<name>`, which Linux resolves like the real directory.
+`/proc/self/fd/<dir fd>/<name>`, which Linux resolves like the real directory. trio is imported
+inside the async functions only: the CLI's blocking calls (tele.cli.quick) use the rest without
+paying for it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import trio
+from typing import TYPE_CHECKING
 
 from tele.errors import ConnectionFailed
+
+if TYPE_CHECKING:
+    import trio
 
 _SUN_PATH_MAX = 107  # 108 bytes including the terminating NUL
 
@@ -30,8 +34,8 @@ class PeerCredentials:
 
 
 @contextlib.contextmanager
-def _addressable(path: Path) -> Iterator[str]:
-    """A name for `path` that fits in sun_path, valid inside the `with` block."""
+def addressable(path: Path) -> Iterator[str]:
+    """The address to bind()/connect() for `path` (fits in sun_path), valid inside the block."""
     if len(os.fsencode(path)) <= _SUN_PATH_MAX:
         yield str(path)
         return
@@ -49,11 +53,13 @@ async def open_private_listener(path: Path, *, backlog: int = 64) -> trio.Socket
     directory is expected to be private (0700) already, so the moment between bind and chmod
     exposes nothing.
     """
+    import trio  # here, not at the top: the CLI's blocking fast path must not pay for it
+
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        with _addressable(path) as address:
+        with addressable(path) as address:
             await sock.bind(address)
         os.chmod(path, 0o600)
         sock.listen(backlog)
@@ -66,9 +72,11 @@ async def open_private_listener(path: Path, *, backlog: int = 64) -> trio.Socket
 async def connect(path: Path) -> trio.SocketStream:
     """Connect to the stream socket at `path`; OSError (FileNotFoundError,
     ConnectionRefusedError, …) tells the caller nobody listens there."""
+    import trio
+
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with _addressable(path) as address:
+        with addressable(path) as address:
             await sock.connect(address)
     except BaseException:
         sock.close()
