@@ -1,0 +1,1 @@
+"""The sandbox's Kubernetes-compatible API server: store, REST semantics, HTTPS serving."""

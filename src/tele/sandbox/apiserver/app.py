@@ -1,0 +1,891 @@
+"""The HTTP face of the API server: an ASGI application speaking Kubernetes' REST dialect.
+
+It authenticates bearer tokens, authorizes with RBAC, routes `/api` and `/apis` paths to the
+`rest.Api`, negotiates Table output for `kubectl get`, streams watches as newline-delimited JSON,
+and serves discovery and OpenAPI. Every failure becomes a `Status` body; an unexpected exception
+in one request is logged and answered with 500 without touching any other request.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import trio
+import yaml
+
+from . import discovery, protobuf, schemas
+from .auth import User
+from .errors import ApiError, bad_request, gone, method_not_allowed, not_found
+from .kinds import RESOURCES, ResourceType, by_plural, group_versions
+from .rbac import Attributes
+from .rest import Api, Ctx
+from .selectors import (
+    from_label_selector_object,
+    matches_fields,
+    matches_labels,
+    parse_field_selector,
+    parse_label_selector,
+)
+from .store import Event, Obj, TooOld
+from .table import table
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 3 * 1024 * 1024
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+_encoder = msgspec.json.Encoder()
+_PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version", "/version/"})
+_WATCH_QUEUE = 4096
+
+
+class Disconnected(Exception):
+    """The client went away while we were reading its request."""
+
+
+@dataclass
+class Request:
+    """One parsed request; handed to subresource handlers registered by later parts."""
+
+    scope: dict[str, Any]
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    user: User | None = None
+    rt: ResourceType | None = None
+    namespace: str = ""
+    name: str = ""
+    subresource: str = ""
+    api: Api | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+SubresourceHandler = Callable[[Request, ASGIReceive, ASGISend], Awaitable[None]]
+
+
+def _json_body(code: int, obj: Any) -> tuple[int, bytes]:
+    return code, _encoder.encode(obj)
+
+
+class ApiApp:
+    """ASGI callable. `bookmark_interval` is how often idle watches get a BOOKMARK."""
+
+    def __init__(
+        self, api: Api, *, server_address: str = "127.0.0.1:6443", bookmark_interval: float = 60.0
+    ) -> None:
+        self.api = api
+        self.server_address = server_address
+        self.bookmark_interval = bookmark_interval
+        # (resource, subresource) -> handler, e.g. ("pods", "log"); filled in by the node part.
+        self.subresource_handlers: dict[tuple[str, str], SubresourceHandler] = {}
+
+    # --- ASGI entry ------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+            return
+        if kind != "http":
+            return
+        req = self._parse(scope)
+        try:
+            await self._handle(req, receive, send)
+        except Disconnected:
+            return
+        except ApiError as exc:
+            await self._send(send, exc.code, exc.status(), req.warnings)
+        except Exception:
+            log.exception("internal error serving %s %s", req.method, req.path)
+            await self._send(
+                send,
+                500,
+                ApiError(
+                    500,
+                    "InternalError",
+                    "an error on the server has prevented the request from succeeding",
+                ).status(),
+            )
+
+    def _parse(self, scope: dict[str, Any]) -> Request:
+        raw_query = scope.get("query_string", b"").decode("latin-1")
+        query = {
+            k: v[-1] for k, v in urllib.parse.parse_qs(raw_query, keep_blank_values=True).items()
+        }
+        headers: dict[str, str] = {}
+        for k, v in scope.get("headers", []):
+            name = k.decode("latin-1").lower()
+            value = v.decode("latin-1")
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+        path = scope.get("path", "/")
+        if len(path) > 1:
+            path = path.rstrip("/")
+        return Request(scope, scope.get("method", "GET"), path, query, headers, api=self.api)
+
+    async def _send(
+        self,
+        send: ASGISend,
+        code: int,
+        obj: Any,
+        warnings: list[str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
+        body = obj if isinstance(obj, bytes) else _encoder.encode(obj)
+        headers = [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-cache, private"),
+        ]
+        for text in warnings or []:
+            headers.append((b"warning", ('299 - "' + text.replace('"', '\\"') + '"').encode()))
+        await send({"type": "http.response.start", "status": code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _authenticate(self, req: Request) -> User | None:
+        auth = req.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return self.api.authn.authenticate(token.strip())
+
+    # --- routing ---------------------------------------------------------------------------
+
+    async def _handle(self, req: Request, receive: ASGIReceive, send: ASGISend) -> None:
+        req.user = self._authenticate(req)
+        if req.user is None and req.path not in _PUBLIC_PATHS:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        path = req.path
+        if path in ("/healthz", "/livez", "/readyz"):
+            await self._send(send, 200, b"ok", content_type="text/plain; charset=utf-8")
+            return
+        if path in ("/version", "/version/"):
+            await self._send(send, 200, discovery.KUBE_VERSION)
+            return
+        parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
+        if parts[0] in ("api", "apis") and len(parts) >= 1:
+            await self._api_path(req, parts, receive, send)
+            return
+        if parts[0] == "openapi":
+            self._authorize_path(req)
+            await self._openapi(req, parts, send)
+            return
+        self._authorize_path(req)
+        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+
+    def _authorize_path(self, req: Request) -> None:
+        assert req.user is not None
+        verb = {
+            "GET": "get",
+            "HEAD": "get",
+            "POST": "post",
+            "PUT": "put",
+            "PATCH": "patch",
+            "DELETE": "delete",
+        }.get(req.method, req.method.lower())
+        attrs = Attributes(verb=verb, path=req.path, is_resource=False)
+        if not self.api.authz.authorize(req.user, attrs):
+            raise ApiError(403, "Forbidden", f"forbidden: {attrs.forbidden_text(req.user)}")
+
+    async def _api_path(
+        self, req: Request, parts: list[str], receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        if parts[0] == "api":
+            group = ""
+            rest = parts[1:]
+            if not rest:
+                self._authorize_path(req)
+                await self._discovery_root(req, send, core=True)
+                return
+            version, rest = rest[0], rest[1:]
+        else:
+            rest = parts[1:]
+            if not rest:
+                self._authorize_path(req)
+                await self._discovery_root(req, send, core=False)
+                return
+            group = rest[0]
+            if len(rest) == 1:
+                self._authorize_path(req)
+                doc = discovery.api_group(group)
+                if doc is None:
+                    raise ApiError(
+                        404, "NotFound", "the server could not find the requested resource"
+                    )
+                await self._send(send, 200, doc)
+                return
+            version, rest = rest[1], rest[2:]
+        if not rest:
+            self._authorize_path(req)
+            resources = discovery.resource_list(group, version)
+            if resources is None:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            await self._send(send, 200, resources)
+            return
+        namespace = ""
+        if rest[0] == "namespaces" and len(rest) >= 3:
+            namespace, rest = rest[1], rest[2:]
+        plural = rest[0]
+        name = rest[1] if len(rest) > 1 else ""
+        sub = rest[2] if len(rest) > 2 else ""
+        if len(rest) > 3:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        rt = by_plural(group, version, plural)
+        if rt is None:
+            if not any(g == group and v == version for g, v in group_versions()):
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            raise ApiError(
+                404,
+                "NotFound",
+                "the server could not find the requested resource (get "
+                f"{plural}{'.' + group if group else ''})",
+            )
+        if namespace and not rt.namespaced:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if sub and sub not in rt.subresources:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        req.rt, req.namespace, req.name, req.subresource = rt, namespace, name, sub
+        await self._resource(req, receive, send)
+
+    async def _discovery_root(self, req: Request, send: ASGISend, *, core: bool) -> None:
+        accept = req.headers.get("accept", "")
+        for clause in accept.split(","):
+            params = {
+                k.strip(): v.strip()
+                for k, _, v in (p.partition("=") for p in clause.split(";")[1:])
+            }
+            if (
+                params.get("g") == "apidiscovery.k8s.io"
+                and params.get("as") == "APIGroupDiscoveryList"
+            ):
+                version = params.get("v", "")
+                if version in ("v2", "v2beta1"):
+                    ct = (
+                        f"application/json;g=apidiscovery.k8s.io;v={version};"
+                        "as=APIGroupDiscoveryList"
+                    )
+                    await self._send(
+                        send, 200, discovery.aggregated(core, version), content_type=ct
+                    )
+                    return
+        if core:
+            await self._send(send, 200, discovery.core_versions(self.server_address))
+        else:
+            await self._send(send, 200, discovery.group_list())
+
+    # --- OpenAPI ---------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _openapi_docs(self) -> dict[str, tuple[bytes, str]]:
+        docs: dict[str, tuple[bytes, str]] = {}
+        for group, version in group_versions():
+            rts = [
+                (rt.plural, rt.kind, rt.namespaced)
+                for rt in RESOURCES
+                if rt.group == group and rt.version == version
+            ]
+            doc = schemas.openapi_v3_document(group, version, rts)
+            key = f"api/{version}" if not group else f"apis/{group}/{version}"
+            body = _encoder.encode(doc)
+            docs[key] = (body, schemas.document_hash(doc))
+        return docs
+
+    async def _openapi(self, req: Request, parts: list[str], send: ASGISend) -> None:
+        if parts == ["openapi", "v2"]:
+            # An empty protobuf message is a valid (empty) OpenAPI v2 document: kubectl then
+            # relies on v3 and on server-side field validation.
+            await self._send(send, 200, b"", content_type="application/octet-stream")
+            return
+        if parts == ["openapi", "v3"]:
+            docs = await trio.to_thread.run_sync(lambda: self._openapi_docs)
+            paths = {
+                key: {"serverRelativeURL": f"/openapi/v3/{key}?hash={digest}"}
+                for key, (_, digest) in docs.items()
+            }
+            await self._send(send, 200, {"paths": paths})
+            return
+        if parts[:2] == ["openapi", "v3"]:
+            docs = await trio.to_thread.run_sync(lambda: self._openapi_docs)
+            found = docs.get("/".join(parts[2:]))
+            if found is not None:
+                await self._send(send, 200, found[0])
+                return
+        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+
+    # --- resources -------------------------------------------------------------------------
+
+    def _ctx(self, req: Request) -> Ctx:
+        assert req.user is not None
+        q = req.query
+        dry_run = q.get("dryRun", "")
+        if dry_run not in ("", "All"):
+            raise bad_request(f'dryRun: Unsupported value: "{dry_run}": supported values: "All"')
+        validation = q.get("fieldValidation", "") or "Warn"
+        if validation not in ("Strict", "Warn", "Ignore"):
+            raise bad_request(
+                f'fieldValidation: Unsupported value: "{validation}": supported values: '
+                '"Ignore", "Strict", "Warn"'
+            )
+        return Ctx(req.user, dry_run == "All", validation, q.get("fieldManager", ""), req.warnings)
+
+    def _verb(self, req: Request) -> str:
+        m = req.method
+        if m in ("GET", "HEAD"):
+            if req.name:
+                return "get"
+            return "watch" if req.query.get("watch") in ("true", "1") else "list"
+        if m == "POST":
+            return "create"
+        if m == "PUT":
+            return "update"
+        if m == "PATCH":
+            return "patch"
+        if m == "DELETE":
+            return "delete" if req.name else "deletecollection"
+        raise method_not_allowed()
+
+    async def _resource(self, req: Request, receive: ASGIReceive, send: ASGISend) -> None:
+        rt = req.rt
+        assert rt is not None and req.user is not None
+        if req.method == "POST" and req.name and not req.subresource:
+            raise method_not_allowed()
+        verb = self._verb(req)
+        if rt.kind == "SelfSubjectAccessReview":
+            if verb != "create":
+                raise method_not_allowed()
+        elif verb not in rt.verbs and not req.subresource:
+            raise method_not_allowed()
+        attrs = Attributes(
+            verb=verb,
+            api_group=rt.group,
+            resource=rt.plural,
+            subresource=req.subresource,
+            namespace=req.namespace,
+            name=req.name,
+        )
+        if not self.api.authz.authorize(req.user, attrs):
+            target = f'{rt.group_resource} "{req.name}"' if req.name else rt.group_resource
+            raise ApiError(
+                403,
+                "Forbidden",
+                f"{target} is forbidden: {attrs.forbidden_text(req.user)}",
+                details={"name": req.name, "group": rt.group, "kind": rt.plural}
+                if req.name
+                else {"group": rt.group, "kind": rt.plural},
+            )
+        handler = (
+            self.subresource_handlers.get((rt.plural, req.subresource)) if req.subresource else None
+        )
+        if handler is not None:
+            await handler(req, receive, send)
+            return
+        if req.subresource:
+            await self._subresource(req, verb, receive, send)
+            return
+        if verb == "list":
+            await self._list(req, send)
+        elif verb == "watch":
+            await self._watch(req, receive, send)
+        elif verb == "get":
+            await self._respond_object(req, send, 200, self.api.get(rt, req.namespace, req.name))
+        elif verb == "create":
+            body = await self._read_json(req, receive)
+            if rt.kind == "SelfSubjectAccessReview":
+                await self._send(send, 201, self.api.self_subject_access_review(body, req.user))
+                return
+            if not rt.namespaced:
+                req.namespace = ""
+            obj = await self.api.create(rt, req.namespace, body, self._ctx(req))
+            await self._respond_object(req, send, 201, obj)
+        elif verb == "update":
+            body = await self._read_json(req, receive)
+            obj = await self.api.update(rt, req.namespace, req.name, body, self._ctx(req))
+            await self._respond_object(req, send, 200, obj)
+        elif verb == "patch":
+            raw = await self._read_body(req, receive)
+            code, obj = await self.api.patch(
+                rt,
+                req.namespace,
+                req.name,
+                req.headers.get("content-type", ""),
+                raw,
+                ctx=self._ctx(req),
+                force=req.query.get("force") == "true",
+            )
+            await self._respond_object(req, send, code, obj)
+        elif verb == "delete":
+            options = await self._delete_options(req, receive)
+            obj = await self.api.delete(rt, req.namespace, req.name, options, self._ctx(req))
+            await self._respond_object(req, send, 200, obj)
+        elif verb == "deletecollection":
+            options = await self._delete_options(req, receive)
+            labels, fields = self._selectors(req)
+            objs = await self.api.delete_collection(
+                rt,
+                req.namespace if rt.namespaced else None,
+                labels=labels,
+                fields=fields,
+                options=options,
+                ctx=self._ctx(req),
+            )
+            await self._send(
+                send,
+                200,
+                {
+                    "kind": f"{rt.kind}List",
+                    "apiVersion": rt.api_version,
+                    "metadata": {},
+                    "items": objs,
+                },
+                req.warnings,
+            )
+
+    async def _subresource(
+        self, req: Request, verb: str, receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        rt, sub = req.rt, req.subresource
+        assert rt is not None
+        ctx_needed = verb in ("create", "update", "patch")
+        if sub == "status":
+            if verb == "get":
+                await self._respond_object(
+                    req, send, 200, self.api.get(rt, req.namespace, req.name)
+                )
+            elif verb == "update":
+                body = await self._read_json(req, receive)
+                obj = await self.api.update(
+                    rt, req.namespace, req.name, body, self._ctx(req), subresource="status"
+                )
+                await self._respond_object(req, send, 200, obj)
+            elif verb == "patch":
+                raw = await self._read_body(req, receive)
+                _, obj = await self.api.patch(
+                    rt,
+                    req.namespace,
+                    req.name,
+                    req.headers.get("content-type", ""),
+                    raw,
+                    ctx=self._ctx(req),
+                    subresource="status",
+                )
+                await self._respond_object(req, send, 200, obj)
+            else:
+                raise method_not_allowed()
+        elif sub == "scale":
+            if verb == "get":
+                await self._send(
+                    send, 200, self.api.scale_of(rt, self.api.get(rt, req.namespace, req.name))
+                )
+            elif verb == "update":
+                body = await self._read_json(req, receive)
+                await self._send(
+                    send,
+                    200,
+                    await self.api.update_scale(rt, req.namespace, req.name, body, self._ctx(req)),
+                    req.warnings,
+                )
+            elif verb == "patch":
+                raw = await self._read_body(req, receive)
+                _, obj = await self.api.patch(
+                    rt,
+                    req.namespace,
+                    req.name,
+                    req.headers.get("content-type", ""),
+                    raw,
+                    ctx=self._ctx(req),
+                    subresource="scale",
+                )
+                await self._send(send, 200, obj, req.warnings)
+            else:
+                raise method_not_allowed()
+        elif sub == "eviction" and verb == "create":
+            body = await self._read_json(req, receive)
+            await self._send(
+                send, 201, await self.api.evict(req.namespace, req.name, body, self._ctx(req))
+            )
+        elif sub == "binding" and verb == "create":
+            body = await self._read_json(req, receive)
+            await self._send(
+                send, 201, await self.api.bind(req.namespace, req.name, body, self._ctx(req))
+            )
+        elif sub == "token" and verb == "create":
+            body = await self._read_json(req, receive)
+            await self._send(send, 201, self.api.token_request(req.namespace, req.name, body))
+        elif rt.plural == "pods" and sub in ("log", "exec", "attach", "portforward"):
+            pod = self.api.get(rt, req.namespace, req.name)
+            if not (pod.get("spec") or {}).get("nodeName"):
+                raise bad_request(f"pod {req.name} does not have a host assigned")
+            raise bad_request(
+                f"{sub} is not available for pod {req.name}: the sandbox node is not running"
+            )
+        else:
+            del ctx_needed
+            raise method_not_allowed()
+
+    async def _websocket(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        """Websocket upgrades (exec, portforward) go to handlers a later part registers."""
+        req = self._parse(scope)
+        req.user = self._authenticate(req)
+        parts = req.path.strip("/").split("/")
+        handler = None
+        if (
+            req.user is not None
+            and len(parts) == 7
+            and parts[:2] == ["api", "v1"]
+            and parts[2] == "namespaces"
+        ):
+            rt = by_plural("", "v1", parts[4])
+            if rt is not None:
+                req.rt, req.namespace, req.name, req.subresource = rt, parts[3], parts[5], parts[6]
+                handler = self.subresource_handlers.get((rt.plural, parts[6]))
+                attrs = Attributes(
+                    verb="create",
+                    resource=rt.plural,
+                    subresource=parts[6],
+                    namespace=parts[3],
+                    name=parts[5],
+                )
+                if handler is not None and not self.api.authz.authorize(req.user, attrs):
+                    handler = None
+        if handler is None:
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await handler(req, receive, send)
+
+    # --- bodies ----------------------------------------------------------------------------
+
+    async def _read_body(self, req: Request, receive: ASGIReceive) -> bytes:
+        length = req.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY:
+            raise ApiError(
+                413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_BODY}"
+            )
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Disconnected()
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > MAX_BODY:
+                raise ApiError(
+                    413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_BODY}"
+                )
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def _read_json(self, req: Request, receive: ASGIReceive) -> Any:
+        raw = await self._read_body(req, receive)
+        ct = req.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ct in ("application/yaml", "application/x-yaml", "text/yaml"):
+            try:
+                return yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise bad_request(f"couldn't get version/kind; yaml parse error: {exc}") from None
+        if ct == "application/vnd.kubernetes.protobuf":
+            return protobuf.decode(raw)
+        if ct not in ("application/json", "", "*/*"):
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                "the body of the request was in an unknown format - accepted media types "
+                f'include: application/json, application/yaml; got "{ct}"',
+            )
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise bad_request(f"couldn't get version/kind; json parse error: {exc}") from None
+
+    async def _delete_options(self, req: Request, receive: ASGIReceive) -> Obj:
+        raw = await self._read_body(req, receive)
+        options: Obj = {}
+        if raw.strip():
+            try:
+                decoded = msgspec.json.decode(raw)
+            except msgspec.DecodeError as exc:
+                raise bad_request(f"couldn't get version/kind; json parse error: {exc}") from None
+            if not isinstance(decoded, dict):
+                raise bad_request("the body of the request was not a DeleteOptions object")
+            options = decoded
+        q = req.query
+        if "propagationPolicy" in q:
+            options["propagationPolicy"] = q["propagationPolicy"]
+        if "gracePeriodSeconds" in q:
+            try:
+                options["gracePeriodSeconds"] = int(q["gracePeriodSeconds"])
+            except ValueError:
+                raise bad_request(
+                    f'gracePeriodSeconds: invalid value "{q["gracePeriodSeconds"]}"'
+                ) from None
+        if "orphanDependents" in q:
+            options["orphanDependents"] = q["orphanDependents"] == "true"
+        return options
+
+    # --- output ----------------------------------------------------------------------------
+
+    def _wants_table(self, req: Request) -> bool:
+        accept = req.headers.get("accept", "")
+        for clause in accept.split(","):
+            params = {
+                k.strip(): v.strip()
+                for k, _, v in (p.partition("=") for p in clause.split(";")[1:])
+            }
+            if params.get("as") == "Table" and params.get("g") == "meta.k8s.io":
+                return True
+        return False
+
+    async def _respond_object(self, req: Request, send: ASGISend, code: int, obj: Obj) -> None:
+        if self._wants_table(req) and req.rt is not None:
+            meta = {"resourceVersion": obj["metadata"].get("resourceVersion", "")}
+            await self._send(
+                send, code, table(req.rt.kind, [obj], meta, self.api.clock()), req.warnings
+            )
+            return
+        await self._send(send, code, obj, req.warnings)
+
+    def _selectors(self, req: Request) -> tuple[Any, Any]:
+        rt = req.rt
+        assert rt is not None
+        labels = parse_label_selector(req.query.get("labelSelector", ""))
+        fields = parse_field_selector(req.query.get("fieldSelector", ""), rt.supports_field)
+        return labels, fields
+
+    async def _list(self, req: Request, send: ASGISend) -> None:
+        rt = req.rt
+        assert rt is not None
+        labels, fields = self._selectors(req)
+        try:
+            limit = int(req.query.get("limit") or 0)
+        except ValueError:
+            raise bad_request(f'limit: invalid value "{req.query.get("limit")}"') from None
+        namespace = req.namespace if rt.namespaced and req.namespace else None
+        objs, meta = self.api.list_objects(
+            rt,
+            namespace,
+            labels=labels,
+            fields=fields,
+            limit=max(limit, 0),
+            continue_token=req.query.get("continue", ""),
+        )
+        if self._wants_table(req):
+            body = table(rt.kind, objs, meta, self.api.clock())
+        else:
+            body = {
+                "kind": f"{rt.kind}List",
+                "apiVersion": rt.api_version,
+                "metadata": meta,
+                "items": objs,
+            }
+        await self._send(send, 200, body, req.warnings)
+
+    # --- watch -----------------------------------------------------------------------------
+
+    async def _watch(self, req: Request, receive: ASGIReceive, send: ASGISend) -> None:
+        rt = req.rt
+        assert rt is not None
+        labels, fields = self._selectors(req)
+        store = self.api.store
+        namespace = req.namespace if rt.namespaced and req.namespace else None
+        rv_text = req.query.get("resourceVersion", "")
+        try:
+            timeout = float(req.query.get("timeoutSeconds") or 0)
+        except ValueError:
+            raise bad_request("timeoutSeconds: invalid value") from None
+        bookmarks = req.query.get("allowWatchBookmarks") == "true"
+        as_table = self._wants_table(req)
+        if rv_text not in ("", "0") and not rv_text.isdigit():
+            raise bad_request(
+                f'resourceVersion: Invalid value: "{rv_text}": must be a valid resource version'
+            )
+        if req.name:
+            fields = (*fields, ("metadata.name", "=", req.name))
+
+        send_ch, recv_ch = trio.open_memory_channel[Event | None](_WATCH_QUEUE)
+
+        def listener(event: Event) -> None:
+            if namespace is not None and event.obj["metadata"].get("namespace") != namespace:
+                return
+            try:
+                send_ch.send_nowait(event)
+            except trio.WouldBlock:
+                # A reader this far behind is closed; it re-watches from its last version.
+                unsubscribe()
+                send_ch.close()
+            except trio.ClosedResourceError:
+                pass
+
+        unsubscribe = store.subscribe(rt.key, listener)
+        try:
+            initial: list[tuple[str, Obj]] = []
+            last_rv = store.resource_version
+            too_old: TooOld | None = None
+            if rv_text in ("", "0"):
+                for obj in store.objects(rt.key, namespace):
+                    if matches_labels(labels, obj["metadata"].get("labels")) and matches_fields(
+                        fields, obj
+                    ):
+                        initial.append(("ADDED", obj))
+            else:
+                try:
+                    for event in store.events_since(rt.key, int(rv_text)):
+                        if (
+                            namespace is not None
+                            and event.obj["metadata"].get("namespace") != namespace
+                        ):
+                            continue
+                        translated = _translate(event, labels, fields)
+                        if translated is not None:
+                            initial.append(translated)
+                except TooOld as exc:
+                    too_old = exc
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"cache-control", b"no-cache, private"),
+            ]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            if too_old is not None:
+                status = gone(str(too_old)).status()
+                await self._chunk(send, {"type": "ERROR", "object": status})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            for kind, obj in initial:
+                await self._chunk(send, self._event(rt, kind, obj, as_table))
+            deadline = trio.current_time() + timeout if timeout > 0 else math.inf
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                with trio.move_on_at(deadline):
+                    await self._stream(
+                        rt,
+                        recv_ch,
+                        send,
+                        labels=labels,
+                        fields=fields,
+                        last_rv=last_rv,
+                        bookmarks=bookmarks,
+                        as_table=as_table,
+                    )
+                nursery.cancel_scope.cancel()
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            unsubscribe()
+
+    async def _stream(
+        self,
+        rt: ResourceType,
+        recv_ch: trio.MemoryReceiveChannel[Event | None],
+        send: ASGISend,
+        *,
+        labels: Any,
+        fields: Any,
+        last_rv: int,
+        bookmarks: bool,
+        as_table: bool,
+    ) -> None:
+        while True:
+            event: Event | None = None
+            with trio.move_on_after(self.bookmark_interval):
+                try:
+                    event = await recv_ch.receive()
+                except trio.EndOfChannel:
+                    return
+            if event is None:
+                if bookmarks:
+                    rv = str(self.api.store.resource_version)
+                    await self._chunk(
+                        send,
+                        {
+                            "type": "BOOKMARK",
+                            "object": {
+                                "kind": rt.kind,
+                                "apiVersion": rt.api_version,
+                                "metadata": {"resourceVersion": rv, "creationTimestamp": None},
+                            },
+                        },
+                    )
+                continue
+            if event.rv <= last_rv:
+                continue
+            translated = _translate(event, labels, fields)
+            if translated is not None:
+                await self._chunk(send, self._event(rt, translated[0], translated[1], as_table))
+
+    def _event(self, rt: ResourceType, kind: str, obj: Obj, as_table: bool) -> Obj:
+        if as_table:
+            meta = {"resourceVersion": obj["metadata"].get("resourceVersion", "")}
+            return {"type": kind, "object": table(rt.kind, [obj], meta, self.api.clock())}
+        return {"type": kind, "object": obj}
+
+    async def _chunk(self, send: ASGISend, event: Obj) -> None:
+        await send(
+            {
+                "type": "http.response.body",
+                "body": _encoder.encode(event) + b"\n",
+                "more_body": True,
+            }
+        )
+
+
+def _translate(event: Event, labels: Any, fields: Any) -> tuple[str, Obj] | None:
+    """Map a store event onto what a selector-filtered watch sees (moves in/out of the set)."""
+
+    def ok(obj: Obj | None) -> bool:
+        return (
+            obj is not None
+            and matches_labels(labels, obj["metadata"].get("labels"))
+            and matches_fields(fields, obj)
+        )
+
+    if not labels and not fields:
+        return event.type, event.obj
+    if event.type == "ADDED":
+        return ("ADDED", event.obj) if ok(event.obj) else None
+    if event.type == "DELETED":
+        return ("DELETED", event.obj) if ok(event.old) else None
+    now, before = ok(event.obj), ok(event.old)
+    if now and before:
+        return "MODIFIED", event.obj
+    if now:
+        return "ADDED", event.obj
+    if before:
+        return "DELETED", event.obj
+    return None
+
+
+async def _cancel_on_disconnect(receive: ASGIReceive, scope: trio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+# Re-exported for tests and the node part: building selectors from LabelSelector objects.
+__all__ = [
+    "ApiApp",
+    "Request",
+    "SubresourceHandler",
+    "from_label_selector_object",
+    "json",
+    "not_found",
+    "time",
+]

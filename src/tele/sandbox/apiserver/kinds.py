@@ -1,0 +1,267 @@
+"""The resource kinds the sandbox serves: names, scope, verbs, subresources, field labels.
+
+One `ResourceType` per REST resource; discovery, routing, RBAC and OpenAPI all read this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
+
+_META_FIELDS = frozenset({"metadata.name", "metadata.namespace"})
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    group: str
+    version: str
+    kind: str
+    plural: str
+    singular: str
+    namespaced: bool
+    short_names: tuple[str, ...] = ()
+    verbs: tuple[str, ...] = ALL_VERBS
+    subresources: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    field_labels: frozenset[str] = field(default_factory=frozenset)
+    # kinds with a `status` subresource ignore status on the main resource, and count generation
+    has_status: bool = False
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def key(self) -> str:
+        """Store key: group/plural (one version per group here)."""
+        return f"{self.group}/{self.plural}"
+
+    @property
+    def group_resource(self) -> str:
+        """`deployments.apps` style, as in error messages."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    def supports_field(self, label: str) -> bool:
+        return label in _META_FIELDS or label in self.field_labels
+
+
+def _rt(
+    group: str, version: str, kind: str, plural: str, namespaced: bool = True, **kw: object
+) -> ResourceType:
+    return ResourceType(
+        group=group,
+        version=version,
+        kind=kind,
+        plural=plural,
+        singular=kind.lower(),
+        namespaced=namespaced,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+_ONLY_CREATE = ("create",)
+
+RESOURCES: tuple[ResourceType, ...] = (
+    _rt(
+        "",
+        "v1",
+        "Namespace",
+        "namespaces",
+        False,
+        short_names=("ns",),
+        subresources=("status", "finalize"),
+        has_status=True,
+        verbs=("create", "delete", "get", "list", "patch", "update", "watch"),
+        field_labels=frozenset({"status.phase"}),
+    ),
+    _rt(
+        "",
+        "v1",
+        "Pod",
+        "pods",
+        short_names=("po",),
+        categories=("all",),
+        has_status=True,
+        subresources=("status", "eviction", "log", "portforward", "exec", "attach", "binding"),
+        field_labels=frozenset(
+            {
+                "spec.nodeName",
+                "spec.restartPolicy",
+                "spec.schedulerName",
+                "spec.serviceAccountName",
+                "spec.hostNetwork",
+                "status.phase",
+                "status.podIP",
+                "status.podIPs",
+                "status.nominatedNodeName",
+            }
+        ),
+    ),
+    _rt(
+        "",
+        "v1",
+        "Service",
+        "services",
+        short_names=("svc",),
+        categories=("all",),
+        has_status=True,
+        subresources=("status", "proxy"),
+        verbs=("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"),
+    ),
+    _rt("", "v1", "Endpoints", "endpoints", short_names=("ep",)),
+    _rt("", "v1", "ConfigMap", "configmaps", short_names=("cm",)),
+    _rt("", "v1", "Secret", "secrets", field_labels=frozenset({"type"})),
+    _rt(
+        "", "v1", "ServiceAccount", "serviceaccounts", short_names=("sa",), subresources=("token",)
+    ),
+    _rt(
+        "",
+        "v1",
+        "Event",
+        "events",
+        short_names=("ev",),
+        field_labels=frozenset(
+            {
+                "involvedObject.kind",
+                "involvedObject.namespace",
+                "involvedObject.name",
+                "involvedObject.uid",
+                "involvedObject.apiVersion",
+                "involvedObject.resourceVersion",
+                "involvedObject.fieldPath",
+                "reason",
+                "reportingComponent",
+                "source",
+                "type",
+            }
+        ),
+    ),
+    _rt(
+        "apps",
+        "v1",
+        "Deployment",
+        "deployments",
+        short_names=("deploy",),
+        categories=("all",),
+        has_status=True,
+        subresources=("status", "scale"),
+    ),
+    _rt(
+        "apps",
+        "v1",
+        "ReplicaSet",
+        "replicasets",
+        short_names=("rs",),
+        categories=("all",),
+        has_status=True,
+        subresources=("status", "scale"),
+        field_labels=frozenset({"status.replicas"}),
+    ),
+    _rt(
+        "apps",
+        "v1",
+        "StatefulSet",
+        "statefulsets",
+        short_names=("sts",),
+        categories=("all",),
+        has_status=True,
+        subresources=("status", "scale"),
+    ),
+    _rt("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+    _rt(
+        "admissionregistration.k8s.io",
+        "v1",
+        "MutatingWebhookConfiguration",
+        "mutatingwebhookconfigurations",
+        False,
+    ),
+    _rt(
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingWebhookConfiguration",
+        "validatingwebhookconfigurations",
+        False,
+    ),
+    _rt(
+        "policy",
+        "v1",
+        "PodDisruptionBudget",
+        "poddisruptionbudgets",
+        short_names=("pdb",),
+        has_status=True,
+        subresources=("status",),
+    ),
+    _rt("rbac.authorization.k8s.io", "v1", "Role", "roles"),
+    _rt("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", False),
+    _rt("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings"),
+    _rt("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", False),
+    _rt(
+        "authorization.k8s.io",
+        "v1",
+        "SelfSubjectAccessReview",
+        "selfsubjectaccessreviews",
+        False,
+        verbs=_ONLY_CREATE,
+    ),
+)
+
+# Subresources whose body is another kind (group, version, kind), for discovery.
+SUBRESOURCE_KINDS: dict[str, tuple[str, str, str]] = {
+    "eviction": ("policy", "v1", "Eviction"),
+    "scale": ("autoscaling", "v1", "Scale"),
+    "token": ("authentication.k8s.io", "v1", "TokenRequest"),
+    "binding": ("", "v1", "Binding"),
+    "log": ("", "v1", "Pod"),
+    "portforward": ("", "v1", "PodPortForwardOptions"),
+    "exec": ("", "v1", "PodExecOptions"),
+    "attach": ("", "v1", "PodAttachOptions"),
+    "proxy": ("", "v1", "ServiceProxyOptions"),
+}
+
+SUBRESOURCE_VERBS: dict[str, tuple[str, ...]] = {
+    "status": ("get", "patch", "update"),
+    "scale": ("get", "patch", "update"),
+    "eviction": ("create",),
+    "token": ("create",),
+    "binding": ("create",),
+    "log": ("get",),
+    "portforward": ("create", "get"),
+    "exec": ("create", "get"),
+    "attach": ("create", "get"),
+    "finalize": ("update",),
+    "proxy": ("create", "delete", "get", "patch", "update"),
+}
+
+
+def group_versions() -> list[tuple[str, str]]:
+    """Served (group, version) pairs in a stable order, core first."""
+    seen: list[tuple[str, str]] = []
+    for rt in RESOURCES:
+        gv = (rt.group, rt.version)
+        if gv not in seen:
+            seen.append(gv)
+    return seen
+
+
+_BY_PLURAL = {(rt.group, rt.version, rt.plural): rt for rt in RESOURCES}
+_BY_KIND = {(rt.group, rt.kind): rt for rt in RESOURCES}
+
+
+def by_plural(group: str, version: str, plural: str) -> ResourceType | None:
+    return _BY_PLURAL.get((group, version, plural))
+
+
+def by_kind(group: str, kind: str) -> ResourceType | None:
+    return _BY_KIND.get((group, kind))
+
+
+def kind_of(group: str, kind: str) -> ResourceType:
+    """The served kind (for kinds this module defines; a KeyError is a bug)."""
+    return _BY_KIND[(group, kind)]
+
+
+def by_api_version(api_version: str, kind: str) -> ResourceType | None:
+    group, _, version = api_version.rpartition("/")
+    rt = _BY_KIND.get((group, kind))
+    return rt if rt is not None and rt.version == version else None

@@ -1,0 +1,74 @@
+"""One sandbox cluster as a trio service: CA, API server, (later) controllers and the node.
+
+`serve_cluster` is what `tele sandbox run` and the tests start. It reports a `ClusterInfo` with
+everything a client needs (address, CA, admin token, kubeconfig) once the API answers; the node
+part adds its services to the same nursery.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .apiserver import server
+from .apiserver.app import ApiApp
+from .apiserver.certs import API_SERVER_HOSTS, CertificateAuthority
+from .apiserver.kubeconfig import kubeconfig
+from .apiserver.rest import Api
+from .apiserver.store import Store
+
+
+@dataclass
+class ClusterInfo:
+    name: str
+    host: str
+    port: int
+    ca: CertificateAuthority
+    admin_token: str
+    api: Api
+    app: ApiApp
+
+    @property
+    def server(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    def kubeconfig(self, namespace: str = "default") -> dict[str, Any]:
+        return kubeconfig(
+            self.name, self.server, self.ca.cert_pem, self.admin_token, namespace=namespace
+        )
+
+    def token_kubeconfig(self, token: str, user: str, namespace: str = "default") -> dict[str, Any]:
+        return kubeconfig(
+            self.name, self.server, self.ca.cert_pem, token, user=user, namespace=namespace
+        )
+
+
+async def serve_cluster(
+    name: str = "sandbox",
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ca: CertificateAuthority | None = None,
+    admin_token: str | None = None,
+    history_size: int = 10_000,
+    bookmark_interval: float = 60.0,
+    task_status: trio.TaskStatus[ClusterInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the cluster until cancelled; report its `ClusterInfo` when the API server listens."""
+    ca = ca or CertificateAuthority.create(f"tele-sandbox-{name}-ca")
+    token = admin_token or secrets.token_urlsafe(32)
+    pair = ca.issue("kube-apiserver", API_SERVER_HOSTS)
+    api = Api(Store(history_size), admin_token=token, ca_pem=ca.cert_pem.decode())
+    api.bootstrap()
+    app = ApiApp(api, bookmark_interval=bookmark_interval)
+    from .apiserver.admission import WebhookAdmission
+
+    api.admission = WebhookAdmission(api, ca)
+    async with trio.open_nursery() as nursery:
+        bound_host, bound_port = await nursery.start(server.serve, app, pair, host, port)
+        app.server_address = f"{bound_host}:{bound_port}"
+        task_status.started(ClusterInfo(name, bound_host, bound_port, ca, token, api, app))
