@@ -41,6 +41,7 @@ from .table import table
 log = logging.getLogger(__name__)
 
 MAX_BODY = 3 * 1024 * 1024
+MAX_DRAIN = 32 * 1024 * 1024
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -354,6 +355,8 @@ class ApiApp:
             return "watch" if req.query.get("watch") in ("true", "1") else "list"
         if m == "POST":
             return "create"
+        if m in ("PUT", "PATCH") and not req.name:
+            raise method_not_allowed()
         if m == "PUT":
             return "update"
         if m == "PATCH":
@@ -573,11 +576,6 @@ class ApiApp:
     # --- bodies ----------------------------------------------------------------------------
 
     async def _read_body(self, req: Request, receive: ASGIReceive) -> bytes:
-        length = req.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY:
-            raise ApiError(
-                413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_BODY}"
-            )
         chunks: list[bytes] = []
         total = 0
         while True:
@@ -587,6 +585,14 @@ class ApiApp:
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > MAX_BODY:
+                # Read (and drop) the rest so the client gets its answer on a healthy
+                # connection; past the drain limit the connection is given up.
+                with trio.move_on_after(10):
+                    while message.get("more_body") and total < MAX_DRAIN:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            raise Disconnected()
+                        total += len(message.get("body", b""))
                 raise ApiError(
                     413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_BODY}"
                 )

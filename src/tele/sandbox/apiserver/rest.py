@@ -307,6 +307,15 @@ class Api:
             return {"phase": "Pending", "qosClass": "BestEffort"}
         if rt.kind == "Service":
             return {"loadBalancer": {}}
+        if rt.kind in ("ReplicaSet", "StatefulSet"):
+            return {"replicas": 0, "availableReplicas": 0}
+        if rt.kind == "PodDisruptionBudget":
+            return {
+                "disruptionsAllowed": 0,
+                "currentHealthy": 0,
+                "desiredHealthy": 0,
+                "expectedPods": 0,
+            }
         return {}
 
     async def create(self, rt: ResourceType, namespace: str, body: Any, ctx: Ctx) -> Obj:

@@ -1,0 +1,156 @@
+"""Bad requests get Kubernetes' answers (400/401/404/405/413/415/422) and never hurt the server."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import Sandbox
+
+
+@pytest.fixture
+def http(sandbox: Sandbox) -> Iterator[httpx.Client]:
+    info = sandbox.info
+    ctx = ssl.create_default_context(cadata=info.ca.cert_pem.decode())
+    with httpx.Client(
+        base_url=info.server,
+        verify=ctx,
+        http2=True,
+        headers={"Authorization": f"Bearer {info.admin_token}"},
+    ) as client:
+        yield client
+
+
+def _status(resp: httpx.Response, code: int, reason: str) -> dict[str, Any]:
+    assert resp.status_code == code, resp.text
+    body = resp.json()
+    assert body["kind"] == "Status" and body["status"] == "Failure"
+    assert body["code"] == code and body["reason"] == reason
+    return body
+
+
+CM_URL = "/api/v1/namespaces/default/configmaps"
+
+
+def test_malformed_json_is_400(http: httpx.Client) -> None:
+    resp = http.post(
+        CM_URL, content=b'{"kind": "ConfigMap", ', headers={"Content-Type": "application/json"}
+    )
+    assert "json parse error" in _status(resp, 400, "BadRequest")["message"]
+    resp = http.post(
+        CM_URL, content=b"kind: [unclosed", headers={"Content-Type": "application/yaml"}
+    )
+    _status(resp, 400, "BadRequest")
+    resp = http.patch(
+        f"{CM_URL}/kube-root-ca.crt",
+        content=b"{nope",
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    _status(resp, 400, "BadRequest")
+
+
+def test_unknown_resources_are_404(http: httpx.Client) -> None:
+    body = _status(http.get("/api/v1/namespaces/default/widgets"), 404, "NotFound")
+    assert body["message"] == "the server could not find the requested resource (get widgets)"
+    _status(http.get("/apis/example.com/v1/things"), 404, "NotFound")
+    body = _status(http.get(f"{CM_URL}/absent"), 404, "NotFound")
+    assert body["message"] == 'configmaps "absent" not found'
+    assert body["details"] == {"kind": "configmaps", "name": "absent"}
+    body = _status(
+        http.post("/api/v1/namespaces/nowhere/configmaps", json={"metadata": {"name": "x"}}),
+        404,
+        "NotFound",
+    )
+    assert body["message"] == 'namespaces "nowhere" not found'
+
+
+def test_body_over_3_mib_is_413(http: httpx.Client) -> None:
+    big = {"metadata": {"name": "big"}, "data": {"blob": "x" * (3 * 1024 * 1024 + 10)}}
+    _status(http.post(CM_URL, json=big), 413, "RequestEntityTooLarge")
+    # The connection and the server are fine afterwards.
+    assert http.get(f"{CM_URL}/kube-root-ca.crt").status_code == 200
+
+
+def test_invalid_names_are_422_naming_the_field(http: httpx.Client) -> None:
+    body = _status(http.post(CM_URL, json={"metadata": {"name": "UPPER"}}), 422, "Invalid")
+    assert body["message"].startswith(
+        'ConfigMap "UPPER" is invalid: metadata.name: Invalid value: "UPPER"'
+    )
+    assert body["details"]["causes"][0]["field"] == "metadata.name"
+    assert body["details"]["causes"][0]["reason"] == "FieldValueInvalid"
+    body = _status(
+        http.post(
+            "/api/v1/namespaces/default/pods",
+            json={
+                "metadata": {"name": "p", "labels": {"bad key!": "v"}},
+                "spec": {"containers": [{"name": "c"}]},
+            },
+        ),
+        422,
+        "Invalid",
+    )
+    fields = [c["field"] for c in body["details"]["causes"]]
+    assert fields == ["metadata.labels", "spec.containers[0].image"]
+    body = _status(
+        http.post(
+            "/apis/apps/v1/namespaces/default/deployments",
+            json={
+                "metadata": {"name": "d"},
+                "spec": {
+                    "selector": {"matchLabels": {"a": "b"}},
+                    "template": {
+                        "metadata": {"labels": {"a": "c"}},
+                        "spec": {"containers": [{"name": "c", "image": "i"}]},
+                    },
+                },
+            },
+        ),
+        422,
+        "Invalid",
+    )
+    assert "`selector` does not match template `labels`" in body["message"]
+
+
+def test_wrong_or_missing_token_is_401(sandbox: Sandbox) -> None:
+    info = sandbox.info
+    ctx = ssl.create_default_context(cadata=info.ca.cert_pem.decode())
+    with httpx.Client(base_url=info.server, verify=ctx) as anon:
+        _status(anon.get("/api/v1/namespaces"), 401, "Unauthorized")
+        resp = anon.get("/api/v1/namespaces", headers={"Authorization": "Bearer not-a-token"})
+        _status(resp, 401, "Unauthorized")
+        forged = "tele-sa.eyJucyI6ImRlZmF1bHQiLCJuYW1lIjoiZGVmYXVsdCJ9.AAAA"
+        _status(
+            anon.get("/api/v1/pods", headers={"Authorization": f"Bearer {forged}"}),
+            401,
+            "Unauthorized",
+        )
+        assert anon.get("/readyz").text == "ok"
+
+
+def test_wrong_kind_method_and_media_type(http: httpx.Client) -> None:
+    resp = http.post(CM_URL, json={"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}})
+    assert "cannot be handled as a ConfigMap" in _status(resp, 400, "BadRequest")["message"]
+    _status(http.put(CM_URL, json={}), 405, "MethodNotAllowed")
+    resp = http.patch(
+        f"{CM_URL}/kube-root-ca.crt", content=b"{}", headers={"Content-Type": "text/plain"}
+    )
+    _status(resp, 415, "UnsupportedMediaType")
+    resp = http.put(f"{CM_URL}/kube-root-ca.crt", json={"metadata": {"name": "other"}})
+    assert "does not match the name on the URL" in _status(resp, 400, "BadRequest")["message"]
+    resp = http.get(CM_URL, params={"labelSelector": "a in (b"})
+    _status(resp, 400, "BadRequest")
+
+
+def test_one_bad_request_does_not_affect_another(http: httpx.Client) -> None:
+    for _ in range(3):
+        http.post(CM_URL, content=b"\xff\xfe garbage", headers={"Content-Type": "application/json"})
+        http.post(
+            "/api/v1/namespaces/default/pods",
+            content=b"k8s\x00\x0a\xff",
+            headers={"Content-Type": "application/vnd.kubernetes.protobuf"},
+        )
+    assert http.get("/api/v1/namespaces/default").json()["metadata"]["name"] == "default"
