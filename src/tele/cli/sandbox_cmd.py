@@ -1,0 +1,125 @@
+"""`tele sandbox up|status|kubeconfig|down|run`: a local Kubernetes stand-in to try tele on."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tele.cli.output import emit, output_option
+
+name_option = click.option(
+    "--name",
+    "-n",
+    default="sandbox",
+    show_default=True,
+    help="Which sandbox (several can run side by side).",
+)
+
+
+@click.group()
+def sandbox() -> None:
+    """Run a local Kubernetes stand-in (API server now; pods in later versions)."""
+
+
+@sandbox.command()
+@name_option
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait until ready.")
+@output_option
+def up(name: str, timeout: float, output: str) -> None:
+    """Start the sandbox in the background and print how to use it."""
+    from tele.sandbox import instance
+
+    instance.check_name(name)
+    already = instance.status(name)
+    progress = (
+        (lambda msg: click.echo(msg, err=True))
+        if sys.stderr.isatty() or output == "default"
+        else None
+    )
+    current = instance.start(name, timeout=timeout, progress=progress)
+
+    def text(_: object) -> str:
+        lead = (
+            f"Sandbox {name!r} is already running."
+            if already.running
+            else f"Sandbox {name!r} is up."
+        )
+        return (
+            f"{lead}\n  API server: {current.server}\n  kubeconfig: {current.kubeconfig}\n\n"
+            f"Next steps:\n  export KUBECONFIG={current.kubeconfig}\n  kubectl get namespaces\n"
+            f"  tele sandbox down --name {name}   # when you are done"
+        )
+
+    emit(current.as_dict(), output, text)
+
+
+@sandbox.command()
+@click.option("--name", "-n", default=None, help="One sandbox (default: all of them).")
+@output_option
+def status(name: str | None, output: str) -> None:
+    """Show whether sandboxes run, their API server address and kubeconfig."""
+    from tele.sandbox import instance
+
+    names = [instance.check_name(name)] if name else instance.list_names()
+    states = [instance.status(n) for n in names]
+
+    def text(_: object) -> str:
+        if not states:
+            return "No sandbox is running. Start one with `tele sandbox up`."
+        lines = []
+        for s in states:
+            if s.running:
+                lines.append(
+                    f"{s.name}: running (pid {s.pid}) at {s.server}, kubeconfig {s.kubeconfig}"
+                )
+            else:
+                lines.append(f"{s.name}: not running")
+        return "\n".join(lines)
+
+    emit([s.as_dict() for s in states], output, text)
+
+
+@sandbox.command()
+@name_option
+@click.option(
+    "--path", "path_only", is_flag=True, help="Print the file's path instead of its content."
+)
+def kubeconfig(name: str, path_only: bool) -> None:
+    """Print the sandbox's kubeconfig (admin user, CA included)."""
+    from tele.errors import UserError
+    from tele.sandbox import instance
+
+    current = instance.status(name)
+    if not current.running or not current.kubeconfig:
+        raise UserError(
+            f"The sandbox {name!r} is not running; start it with `tele sandbox up --name {name}`."
+        )
+    if path_only:
+        click.echo(current.kubeconfig)
+    else:
+        with open(current.kubeconfig) as f:
+            click.echo(f.read().rstrip())
+
+
+@sandbox.command()
+@name_option
+def down(name: str) -> None:
+    """Stop the sandbox and remove everything it created."""
+    from tele.sandbox import instance
+
+    if instance.stop(name):
+        click.echo(f"Sandbox {name!r} stopped.")
+    else:
+        click.echo(f"Sandbox {name!r} was not running.")
+
+
+@sandbox.command(hidden=True)
+@name_option
+@click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.option("--port", type=int, default=0, help="API server port (0: any free port).")
+def run(name: str, ready_fd: int | None, port: int) -> None:
+    """Run the sandbox in the foreground (what `up` starts in the background)."""
+    from tele.sandbox import instance
+
+    instance.run(name, ready_fd=ready_fd, port=port)

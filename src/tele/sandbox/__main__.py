@@ -1,0 +1,8 @@
+"""`python -m tele.sandbox run --name N`: the sandbox process that `tele sandbox up` spawns."""
+
+from __future__ import annotations
+
+from tele.cli.sandbox_cmd import sandbox
+
+if __name__ == "__main__":
+    sandbox.main(prog_name="tele sandbox")

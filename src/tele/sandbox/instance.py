@@ -1,0 +1,277 @@
+"""Sandbox instances on this machine: their state directory, the background process, start/stop.
+
+Each instance has a name and a private directory `state_dir()/sandbox/<name>/` holding
+`state.json` (pid, address), the `kubeconfig` and the CA. `start` spawns `python -m tele.sandbox
+run` detached and waits for it to report readiness on a pipe; `stop` ends exactly that process
+(checked by pid and command line) and removes the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+import yaml
+
+from tele import paths
+from tele.errors import ConnectionFailed, UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME = "sandbox"
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,18}[a-z0-9])?$")
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise UserError(
+            f"The sandbox name {name!r} is not valid: use 1-20 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit."
+        )
+    return name
+
+
+def sandboxes_dir() -> Path:
+    return paths.state_dir() / "sandbox"
+
+
+def instance_dir(name: str) -> Path:
+    return sandboxes_dir() / check_name(name)
+
+
+def log_path(name: str) -> Path:
+    return paths.logs_dir() / f"sandbox-{name}.log"
+
+
+@dataclass
+class Status:
+    name: str
+    running: bool
+    pid: int | None = None
+    server: str = ""
+    kubeconfig: str = ""
+    started: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "running": self.running,
+            "pid": self.pid,
+            "server": self.server,
+            "kubeconfig": self.kubeconfig,
+            "started": self.started,
+        }
+
+
+def _is_our_process(pid: int, name: str) -> bool:
+    """True when `pid` is a live `tele.sandbox run` process for `name` (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    args = [a.decode(errors="replace") for a in cmdline]
+    return "tele.sandbox" in args and "run" in args and name in args
+
+
+def _read_state(name: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads((instance_dir(name) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def status(name: str) -> Status:
+    state = _read_state(name)
+    kubeconfig = instance_dir(name) / "kubeconfig"
+    if state is None:
+        return Status(name, False)
+    pid = int(state.get("pid") or 0)
+    running = pid > 0 and _is_our_process(pid, name)
+    return Status(
+        name,
+        running,
+        pid if running else None,
+        str(state.get("server", "")),
+        str(kubeconfig) if kubeconfig.exists() else "",
+        state.get("started"),
+    )
+
+
+def list_names() -> list[str]:
+    base = sandboxes_dir()
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+
+
+def start(
+    name: str, *, timeout: float = 30.0, progress: Callable[[str], None] | None = None
+) -> Status:
+    """Start the sandbox in the background unless it runs; return once its API answers."""
+    current = status(name)
+    if current.running:
+        return current
+    directory = instance_dir(name)
+    if directory.exists():
+        shutil.rmtree(directory)  # leftovers of a crashed run
+    paths.ensure_private_dir(directory)
+    paths.ensure_private_dir(paths.logs_dir())
+    say = progress or (lambda _msg: None)
+    say(f"Starting sandbox {name!r}...")
+    read_fd, write_fd = os.pipe()
+    logfile = open(log_path(name), "ab")  # noqa: SIM115 (handed to the child)
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tele.sandbox",
+                "run",
+                "--name",
+                name,
+                "--ready-fd",
+                str(write_fd),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=logfile,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(write_fd)
+        logfile.close()
+    try:
+        line = _read_line(read_fd, timeout, proc)
+    finally:
+        os.close(read_fd)
+    if line is None:
+        if proc.poll() is None:
+            _terminate(proc.pid, name)
+        raise ConnectionFailed(
+            f"The sandbox {name!r} did not become ready within {timeout:.0f} s; "
+            f"see {log_path(name)}."
+        )
+    say(f"API server ready at {json.loads(line)['server']}")
+    return status(name)
+
+
+def _read_line(fd: int, timeout: float, proc: subprocess.Popen[bytes]) -> str | None:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], min(0.5, max(0.0, deadline - time.monotonic())))
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return None  # the child closed the pipe without reporting: it failed
+            data += chunk
+            if b"\n" in data:
+                return data.split(b"\n", 1)[0].decode()
+        elif proc.poll() is not None:
+            return None
+    return None
+
+
+def _terminate(pid: int, name: str, timeout: float = 10.0) -> None:
+    if not _is_our_process(pid, name):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _is_our_process(pid, name) or _zombie(pid):
+            return
+        time.sleep(0.05)
+    if _is_our_process(pid, name):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def stop(name: str) -> bool:
+    """Stop the sandbox and remove its state; False when it was not running."""
+    current = status(name)
+    if current.running and current.pid:
+        _terminate(current.pid, name)
+    directory = instance_dir(name)
+    if directory.exists():
+        shutil.rmtree(directory)
+    return current.running
+
+
+# --- the sandbox process itself -------------------------------------------------------------
+
+
+def run(name: str, *, ready_fd: int | None = None, port: int = 0) -> None:
+    """Run the sandbox in the foreground until SIGTERM/SIGINT (`tele sandbox run`)."""
+    check_name(name)
+    directory = paths.ensure_private_dir(instance_dir(name))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    trio.run(_serve, name, directory, ready_fd, port)
+
+
+async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) -> None:
+    from .apiserver.certs import CertificateAuthority, KeyPair
+    from .cluster import serve_cluster
+
+    ca_cert, ca_key = directory / "ca.crt", directory / "ca.key"
+    if ca_cert.exists() and ca_key.exists():
+        ca = CertificateAuthority.load(KeyPair(ca_cert.read_bytes(), ca_key.read_bytes()))
+    else:
+        ca = CertificateAuthority.create(f"tele-sandbox-{name}-ca")
+        _write_private(ca_key, ca.pair.key_pem)
+        ca_cert.write_bytes(ca.cert_pem)
+    state_file = directory / "state.json"
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                info = await nursery.start(lambda **kw: serve_cluster(name, ca=ca, port=port, **kw))
+                kubeconfig = directory / "kubeconfig"
+                _write_private(
+                    kubeconfig, yaml.safe_dump(info.kubeconfig(), sort_keys=False).encode()
+                )
+                state = {
+                    "pid": os.getpid(),
+                    "server": info.server,
+                    "started": time.time(),
+                    "kubeconfig": str(kubeconfig),
+                }
+                _write_private(state_file, json.dumps(state).encode())
+                log.info("sandbox %s ready at %s", name, info.server)
+                if ready_fd is not None:
+                    os.write(ready_fd, json.dumps(state).encode() + b"\n")
+                    os.close(ready_fd)
+                async for _ in signals:
+                    log.info("sandbox %s stopping", name)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        state_file.unlink(missing_ok=True)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
