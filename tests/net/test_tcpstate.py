@@ -350,8 +350,38 @@ def test_fast_retransmit_after_three_duplicate_acks() -> None:
     assert len(conn.data_to_send(0.0)) == 4
     for _ in range(3):
         conn.receive_packet(app.packet(ACK, ack=5001), 0.01)
-    resent = parse_all(conn.data_to_send(0.01))
-    assert tcp(resent[0]).seq == 5001 and bytes(resent[0].payload) == b"a" * 1000
+    (resent,) = parse_all(conn.data_to_send(0.01))  # only the segment at the hole
+    assert tcp(resent).seq == 5001 and bytes(resent.payload) == b"a" * 1000
+    conn.receive_packet(app.packet(ACK, ack=5001 + 4000), 0.02)
+    assert conn.next_deadline() is None
+
+
+def test_window_closed_during_retransmission_falls_back_to_probing() -> None:
+    app = App()
+    conn = establish(app, wscale=0)
+    conn.send(b"x" * 100)
+    conn.data_to_send(0.0)
+    conn.receive_packet(app.packet(ACK, ack=5001, window=0), 0.1)  # nothing acked, window shut
+    conn.on_timer(1.0)
+    assert conn.data_to_send(1.0) == []  # go-back-N, but the window allows nothing
+    assert conn.next_deadline() == 3.0  # the persist timer keeps the connection alive
+    conn.on_timer(3.0)
+    (probe,) = parse_all(conn.data_to_send(3.0))
+    assert tcp(probe).seq == 5000
+    conn.receive_packet(app.packet(ACK, ack=5001, window=1000), 3.1)
+    (data,) = parse_all(conn.data_to_send(3.1))
+    assert bytes(data.payload) == b"x" * 100
+
+
+def test_small_window_is_used_after_the_persist_timeout() -> None:
+    app = App()
+    conn = establish(app, wscale=0)
+    conn.receive_packet(app.packet(ACK, window=500), 0.0)
+    conn.send(b"y" * 3000)
+    assert conn.data_to_send(0.0) == []  # 500 < MSS and < half the largest window: wait
+    conn.on_timer(conn.next_deadline() or 0.0)
+    (segment,) = parse_all(conn.data_to_send(1.0))
+    assert len(segment.payload) == 500
 
 
 # --- closing ------------------------------------------------------------------------------

@@ -263,6 +263,8 @@ class TCPConnection:
         self._sndbuf_seq = 0  # sequence number of _sndbuf[0]
         self._fin_seq: int | None = None  # set by close(): where our FIN goes
         self._send_blocked = False
+        self._sws_override = False
+        self._fast_retransmit = False
         self._dupacks = 0
         self._synack_due = False
         self._fin_acked = False
@@ -359,9 +361,13 @@ class TCPConnection:
             raise ValueError(f"consume({n}) with {self._unconsumed} bytes unconsumed")
         self._unconsumed -= n
         if self.state in _RECEIVING:
-            # Receiver SWS avoidance (RFC 9293 3.8.6.2.2): announce only a worthwhile opening.
-            opening = self.rcv_nxt + self._free_space() - self._rcv_adv
-            if opening >= min(self.config.receive_buffer // 2, self.mss_local):
+            # Receiver SWS avoidance (RFC 9293 3.8.6.2.2): announce only a worthwhile opening,
+            # and (like Linux) only when it at least doubles what the app may still send.
+            current = max(self._rcv_adv - self.rcv_nxt, 0)
+            free = self._free_space()
+            if free - current >= min(self.config.receive_buffer // 2, self.mss_local) and (
+                free >= 2 * current
+            ):
                 self._ack_due = True
 
     @property
@@ -490,8 +496,9 @@ class TCPConnection:
         ):
             self._dupacks += 1
             if self._dupacks == 3:
-                # Fast retransmit (RFC 5681 3.2): resend from the hole without waiting the RTO.
-                self.snd_nxt = self.snd_una
+                # Fast retransmit (RFC 5681 3.2): resend the segment at the hole now, not after
+                # the RTO; the rest stays in flight.
+                self._fast_retransmit = True
                 self._rtt.timed = None
         # Window update (RFC 9293 3.10.7.4, fifth check, SND.WL1/WL2 guard old segments).
         if self._snd_wl1 < seq or (self._snd_wl1 == seq and self._snd_wl2 <= ack):
@@ -621,6 +628,23 @@ class TCPConnection:
         fin_seq = self._fin_seq
         # Slices of this view are consumed by the encoder before the buffer can change.
         view = memoryview(self._sndbuf)
+        if self._fast_retransmit:
+            self._fast_retransmit = False
+            size = min(data_end, self.snd_max, self.snd_una + self._max_burst) - self.snd_una
+            if size > 0:
+                start = self.snd_una - self._sndbuf_seq
+                out.append(
+                    encoder.segment(
+                        self.snd_una & SEQ_MASK,
+                        self.rcv_nxt & SEQ_MASK,
+                        ACK,
+                        self._window(),
+                        view[start : start + size],
+                        b"",
+                        mss if size > mss else 0,
+                    )
+                )
+                self._ack_due = False
         while True:
             unsent = data_end - self.snd_nxt
             usable = self.snd_una + self.snd_wnd - self.snd_nxt
@@ -630,8 +654,14 @@ class TCPConnection:
                 size = min(unsent, usable, self._max_burst)
                 # Sender SWS avoidance: no small segment unless it ends the queue or
                 # fills half the largest window the app ever offered.
-                if size < mss and size < unsent and size < self._max_snd_wnd // 2:
+                if (
+                    size < mss
+                    and size < unsent
+                    and size < self._max_snd_wnd // 2
+                    and not self._sws_override
+                ):
                     break
+                self._sws_override = False
                 start = self.snd_nxt - self._sndbuf_seq
                 payload = view[start : start + size]
                 flags = ACK
@@ -671,20 +701,27 @@ class TCPConnection:
         self._arm_persist(now)
 
     def _arm_persist(self, now: float) -> None:
-        """Zero window with data waiting and nothing in flight: probe until it opens."""
+        """Data (or FIN) waits, nothing is in flight: probe the window until it opens.
+
+        The app's window update could be lost, or the window may stay too small for the sender
+        SWS rule; without this timer the connection would then stall for good.
+        """
         waiting = self._sndbuf_seq + len(self._sndbuf) > self.snd_nxt or (
             self._fin_seq is not None and self.snd_nxt == self._fin_seq
         )
-        if (
-            self.snd_wnd == 0
-            and waiting
-            and self.snd_max == self.snd_una
-            and self._timers.persist is None
-        ):
+        timers = self._timers
+        if not waiting:
+            timers.persist = None
+            self._rtt.persist_backoff = 0
+        elif timers.retransmit is None and timers.persist is None:
             interval = self._current_rto() * (1 << self._rtt.persist_backoff)
-            self._timers.persist = now + min(interval, self.config.max_rto)
+            timers.persist = now + min(interval, self.config.max_rto)
 
     def _send_window_probe(self, now: float) -> None:
+        if self.snd_una + self.snd_wnd > self.snd_nxt:
+            # Some window, held back by the SWS rule: send what fits (RFC 9293 3.8.6.2.1).
+            self._sws_override = True
+            return
         # Like Linux's tcp_xmit_probe_skb: an ACK one below SND.UNA is out of the app's window,
         # so its kernel answers with an ACK carrying the current window.
         seq = (self.snd_una - 1) & SEQ_MASK

@@ -1,0 +1,179 @@
+"""Micro-benchmarks of tele.net, the sans-IO userspace TCP/IP core (no TUN, no trio).
+
+Measures: parsing an IPv4+TCP packet, building 1460-byte and 64 KiB segments with the Python
+checksum and with the checksum and segmentation left to the kernel (virtio-net NEEDS_CSUM +
+GSO_TCPV4), and the TCP state machine driven in memory for a bulk transfer each way.
+
+    .venv/bin/python bench/netstack.py [--seconds 1.0]
+
+Prints a table and one JSON line (`{"bench": "netstack", ...}`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import time
+from collections.abc import Callable
+
+from tele.net.packet import TCPFlowEncoder, parse_packet
+from tele.net.tcp import ACK, PSH, SYN, TCPHeader
+from tele.net.tcpstate import DataReceived, TCPConfig, TCPConnection
+
+CLIENT = socket.inet_aton("10.0.0.1")
+DEST = socket.inet_aton("10.96.0.10")
+MASK = 0xFFFFFFFF
+
+
+def rate(fn: Callable[[], object], seconds: float) -> float:
+    """Calls per second of `fn`, run in growing batches for about `seconds`."""
+    fn()
+    batch = 1
+    calls = 0
+    start = time.perf_counter()
+    while True:
+        for _ in range(batch):
+            fn()
+        calls += batch
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return calls / elapsed
+        batch *= 2
+
+
+def bench_codecs(seconds: float) -> dict[str, float]:
+    app = TCPFlowEncoder(CLIENT, DEST, 40000, 80)
+    segment_1460 = app.segment(1, 2, ACK | PSH, 500, bytes(1460))
+    tele_plain = TCPFlowEncoder(DEST, CLIENT, 80, 40000)
+    tele_vnet = TCPFlowEncoder(DEST, CLIENT, 80, 40000, vnet_header=True, offload_checksum=True)
+    payload_64k_mtu = bytes(65535 - 40)  # one segment at MTU 65535
+    payload_gso = bytes(44 * 1460)  # what fits one GSO super-segment at MSS 1460
+    payload_1460 = bytes(1460)
+    results = {
+        "parse_ipv4_tcp_1460_pps": rate(lambda: parse_packet(segment_1460), seconds),
+        "parse_ipv4_tcp_1460_nocsum_pps": rate(
+            lambda: parse_packet(segment_1460, verify_checksum=False), seconds
+        ),
+        "build_1460_python_csum_pps": rate(
+            lambda: tele_plain.segment(1, 2, ACK, 500, payload_1460), seconds
+        ),
+        "build_64k_python_csum_pps": rate(
+            lambda: tele_plain.segment(1, 2, ACK, 500, payload_64k_mtu), seconds
+        ),
+        "build_64k_gso_offload_pps": rate(
+            lambda: tele_vnet.segment(1, 2, ACK, 500, payload_gso, b"", 1460), seconds
+        ),
+    }
+    results["build_1460_python_csum_MBps"] = results["build_1460_python_csum_pps"] * 1460 / 1e6
+    results["build_64k_python_csum_MBps"] = (
+        results["build_64k_python_csum_pps"] * len(payload_64k_mtu) / 1e6
+    )
+    results["build_64k_gso_offload_MBps"] = (
+        results["build_64k_gso_offload_pps"] * len(payload_gso) / 1e6
+    )
+    return results
+
+
+def _connect(config: TCPConfig) -> tuple[TCPConnection, TCPFlowEncoder, int]:
+    app = TCPFlowEncoder(CLIENT, DEST, 40000, 80)
+    mss = config.mtu - 40
+    syn = app.segment(
+        1000, 0, SYN, 65535, b"", TCPHeader(0, 0, 0, 0, 0, 0, mss=mss, wscale=7).options_bytes()
+    )
+    conn = TCPConnection(parse_packet(syn), config=config)
+    conn.accept(iss=0)
+    conn.data_to_send(0.0)
+    conn.receive_packet(parse_packet(app.segment(1001, 1, ACK, 65535, b"")), 0.0)
+    conn.events()
+    return conn, app, mss
+
+
+def bench_receive(seconds: float) -> dict[str, float]:
+    """The app sends bulk data: tele parses, delivers, consumes and acks every 16 segments."""
+    conn, app, mss = _connect(TCPConfig(receive_buffer=4 << 20))
+    chunk = bytes(mss)
+    seq = 1001
+    segments = 0
+    busy = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        # The kernel's side (not timed): 256 segments ready to read from the TUN.
+        wires = []
+        for _ in range(256):
+            wires.append(app.segment(seq & MASK, 1, ACK, 65535, chunk))
+            seq += mss
+        start = time.perf_counter()
+        for index, wire in enumerate(wires):
+            conn.receive_packet(parse_packet(wire), 0.0)
+            for event in conn.events():
+                if isinstance(event, DataReceived):
+                    conn.consume(len(event.data))
+            if index % 16 == 15:
+                conn.data_to_send(0.0)
+        busy += time.perf_counter() - start
+        segments += len(wires)
+    return {
+        "rx_segments_per_s": segments / busy,
+        "rx_MBps": segments * mss / busy / 1e6,
+    }
+
+
+def bench_send(seconds: float, *, gso: bool) -> dict[str, float]:
+    """tele sends bulk data to the app, which acks everything each round (acks not timed)."""
+    config = TCPConfig(
+        send_buffer=4 << 20,
+        vnet_header=gso,
+        offload_checksum=gso,
+        gso=gso,
+    )
+    conn, app, _mss = _connect(config)
+    chunk = bytes(256 * 1024)
+    skip = 10 if gso else 0
+    sent_bytes = 0
+    frames = 0
+    busy = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        conn.send(chunk)
+        out = conn.data_to_send(0.0)
+        busy += time.perf_counter() - start
+        frames += len(out)
+        # The kernel's side (not timed): one cumulative ACK for everything written.
+        last = parse_packet(out[-1][skip:], verify_checksum=not gso)
+        header = last.transport
+        assert isinstance(header, TCPHeader)
+        ack = (header.seq + len(last.payload)) & MASK
+        ack_wire = app.segment(1001, ack, ACK, 65535, b"")
+        start = time.perf_counter()
+        conn.receive_packet(parse_packet(ack_wire), 0.0)
+        conn.events()
+        busy += time.perf_counter() - start
+        sent_bytes += len(chunk)
+    key = "tx_gso" if gso else "tx_1460"
+    return {
+        f"{key}_segments_per_s": frames / busy,
+        f"{key}_MBps": sent_bytes / busy / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    args = parser.parse_args()
+    results: dict[str, float] = {}
+    results.update(bench_codecs(args.seconds))
+    results.update(bench_receive(args.seconds))
+    results.update(bench_send(args.seconds, gso=False))
+    results.update(bench_send(args.seconds, gso=True))
+    width = max(len(name) for name in results)
+    print(f"tele.net micro-benchmarks (Python {platform.python_version()})")
+    for name, value in results.items():
+        print(f"  {name:<{width}}  {value:>14,.0f}")
+    print(json.dumps({"bench": "netstack", **{k: round(v, 1) for k, v in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()
