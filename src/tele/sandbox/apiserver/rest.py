@@ -190,6 +190,7 @@ class Api:
         prepared = self._prepare_create(
             rt, copy.deepcopy(obj), obj["metadata"].get("namespace", ""), ctx
         )
+        self._generate_name(prepared)
         self._check_valid(rt, prepared)
         return self._commit_create(rt, prepared, ctx)
 
@@ -276,13 +277,17 @@ class Api:
 
     # --- create ----------------------------------------------------------------------------
 
-    def _prepare_create(self, rt: ResourceType, body: Any, namespace: str, ctx: Ctx) -> Obj:
-        obj = copy.deepcopy(self._decode(rt, body, namespace, ctx))
+    @staticmethod
+    def _generate_name(obj: Obj) -> None:
         meta = obj["metadata"]
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + "".join(
                 random.choice(_NAME_CHARS) for _ in range(5)
             )
+
+    def _prepare_create(self, rt: ResourceType, body: Any, namespace: str, ctx: Ctx) -> Obj:
+        obj = copy.deepcopy(self._decode(rt, body, namespace, ctx))
+        meta = obj["metadata"]
         for key in (
             "resourceVersion",
             "deletionTimestamp",
@@ -323,6 +328,8 @@ class Api:
         if rt.namespaced:
             self._namespace_open_named(rt, namespace, obj["metadata"].get("name", ""))
         obj = await self.admission.mutate("CREATE", rt, obj, None, ctx, subresource="")
+        # Names from generateName are chosen after mutating admission, as the real server does.
+        self._generate_name(obj)
         defaults.apply_defaults(obj)
         self._check_valid(rt, obj)
         await self.admission.validate("CREATE", rt, obj, None, ctx, subresource="")
