@@ -36,6 +36,7 @@ from tele.net.packet import (
     Unreachable,
     echo_reply_for,
     encode,
+    fast_tcp,
     icmp_unreachable_for,
     parse_packet,
     rst_for,
@@ -278,6 +279,66 @@ def test_mutated_packets_raise_only_packet_errors(wire: bytes, data: st.DataObje
             parse_packet(candidate)
         except PacketError:
             pass
+
+
+def _agrees_with_full_parser(wire: bytes) -> None:
+    view = fast_tcp(wire)
+    try:
+        packet = parse_packet(wire)
+    except PacketError:
+        assert view is None
+        return
+    header = packet.transport
+    plain = (
+        isinstance(header, TCPHeader)
+        and not header.flags & SYN
+        and header.header_length == 20
+        and packet.ip.header_length in (20, 40)
+    )
+    if view is None:
+        assert not plain
+        return
+    assert isinstance(header, TCPHeader)
+    assert (view.src, view.sport, view.dst, view.dport) == (
+        packet.ip.src,
+        header.sport,
+        packet.ip.dst,
+        header.dport,
+    )
+    assert (view.seq, view.ack, view.flags, view.window) == (
+        header.seq,
+        header.ack,
+        header.flags,
+        header.window,
+    )
+    assert bytes(view.payload) == bytes(packet.payload)
+
+
+@given(packets(), st.data())
+def test_fast_path_agrees_with_the_full_parser(wire: bytes, data: st.DataObject) -> None:
+    _agrees_with_full_parser(wire)
+    mutated = bytearray(wire)
+    index = data.draw(st.integers(0, len(mutated) - 1))
+    mutated[index] = data.draw(u8)
+    _agrees_with_full_parser(bytes(mutated))
+    _agrees_with_full_parser(wire[: data.draw(st.integers(0, len(wire)))])
+
+
+@given(
+    st.sampled_from([(CLIENT4, DEST4), (CLIENT6, DEST6)]),
+    st.sampled_from([ACK, ACK | PSH, ACK | FIN, RST, RST | ACK]),
+    st.binary(max_size=100),
+)
+def test_fast_path_takes_plain_segments(
+    addresses: tuple[bytes, bytes], flags: int, payload: bytes
+) -> None:
+    src, dst = addresses
+    wire = TCPFlowEncoder(src, dst, 4000, 80).segment(9, 7, flags, 100, payload)
+    view = fast_tcp(wire)
+    assert view is not None
+    assert (view.seq, view.ack, view.flags, bytes(view.payload)) == (9, 7, flags, payload)
+    if payload:  # a corrupted payload fails the checksum: left to the full parser
+        assert fast_tcp(wire[:-1] + bytes([wire[-1] ^ 1])) is None
 
 
 @given(st.binary(max_size=200))

