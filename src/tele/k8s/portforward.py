@@ -24,11 +24,44 @@ from typing import Any, Final
 
 import trio
 import trio_websocket
+import wsproto.frame_protocol
 
 from tele.k8s.config import ClusterConnection
 from tele.k8s.errors import PortForwardBroken, PortForwardError
 
 log = logging.getLogger(__name__)
+
+
+class _FastXorMasker:
+    """wsproto's masker with the XOR done in C by websockets' `apply_mask` (~8 GB/s here).
+
+    wsproto masks with strided `bytearray.translate` at ~380 MB/s; a client must mask every byte
+    it sends (RFC 6455 5.3), which made masking the largest cost of a tunnel inside the
+    port-forward websocket. The key rotates across calls exactly as wsproto's does, because a
+    received frame's payload is unmasked in pieces.
+    """
+
+    __slots__ = ("_key",)
+
+    def __init__(self, masking_key: bytes | bytearray) -> None:
+        self._key = bytes(masking_key)
+
+    def process(self, data: bytes | bytearray) -> bytes:
+        # wsproto annotates bytearray but only concatenates the result: bytes saves a copy.
+        if not data:
+            return b""
+        masked: bytes = _apply_mask(data, self._key)
+        rotation = len(data) % 4
+        self._key = self._key[rotation:] + self._key[:rotation]
+        return masked
+
+
+try:
+    from websockets.speedups import apply_mask as _apply_mask
+except ImportError:  # no compiled speedups for this platform: keep wsproto's own masker
+    pass
+else:
+    wsproto.frame_protocol.XorMaskerSimple = _FastXorMasker  # type: ignore[misc,assignment]
 
 SUBPROTOCOL: Final = "v4.channel.k8s.io"
 DATA_CHANNEL: Final = 0
@@ -131,7 +164,7 @@ class PortForwardStream(trio.abc.Stream):
                 return
             for start in range(0, len(view), MAX_SEND_MESSAGE):
                 chunk = view[start : start + MAX_SEND_MESSAGE]
-                await self._send_message(b"\x00" + chunk.tobytes())
+                await self._send_message(b"\x00" + chunk)  # one copy: bytes + buffer
         finally:
             self._sending = False
 
