@@ -581,3 +581,54 @@ def test_any_arrival_order_reassembles(data: bytes, draw: st.DataObject) -> None
             conn.consume(len(event.data))
         conn.data_to_send(0.1)
     assert received == data
+
+
+# --- a property: bulk data to the app survives a lossy path ---------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.binary(min_size=1, max_size=20000),
+    st.lists(st.booleans(), max_size=60),
+    st.integers(0, MASK),
+    st.integers(0, MASK),
+)
+def test_bulk_send_survives_loss(data: bytes, drops: list[bool], isn: int, iss: int) -> None:
+    """tele sends `data` and FIN; the path drops segments and ACKs as `drops` says."""
+    app = App(isn=isn)
+    config = TCPConfig(send_buffer=4096, max_retransmissions=100)  # never give up here
+    conn = establish(app, config=config, iss=iss, mss=1000, wscale=0)
+    losses = iter(drops)
+    pending = data
+    received = b""
+    fin_seen = False
+    now = 0.0
+    for _ in range(2000):
+        taken = conn.send(pending) if pending else 0
+        pending = pending[taken:]
+        if not pending and conn.state is TCPState.ESTABLISHED:
+            conn.close()
+        frames = parse_all(conn.data_to_send(now))
+        for frame in frames:
+            if next(losses, False):
+                continue  # lost on the way to the app
+            header = tcp(frame)
+            if header.seq == app.rcv_nxt and frame.payload:
+                received += bytes(frame.payload)
+                app.rcv_nxt = (app.rcv_nxt + len(frame.payload)) & MASK
+            if header.flags & FIN and (header.seq + len(frame.payload)) & MASK == app.rcv_nxt:
+                app.rcv_nxt = (app.rcv_nxt + 1) & MASK
+                fin_seen = True
+            if not next(losses, False):  # the app's cumulative ACK, which may be lost too
+                conn.receive_packet(app.packet(ACK, window=3000), now)
+        conn.events()
+        if conn.state is TCPState.FIN_WAIT_2:
+            break
+        if not frames:
+            deadline = conn.next_deadline()
+            assert deadline is not None, "stalled with nothing scheduled"
+            now = max(now, deadline)
+            conn.on_timer(now)
+    assert received == data
+    assert fin_seen
+    assert conn.state is TCPState.FIN_WAIT_2

@@ -1,8 +1,10 @@
 """Userspace TCP, sans-IO: one connection where the kernel's app opened and tele is the far end.
 
-The runtime (tele.vif) feeds segments read from the TUN with `receive(tcp, payload, now)`,
-turns events from `events()` into tunnel actions, and writes what `data_to_send(now)` returns to
-the TUN. Time is only ever passed in: `next_deadline()` says when `on_timer(now)` is due.
+The runtime (tele.vif) feeds segments read from the TUN with `receive(tcp, payload, now)` (or
+`receive_view` with what `packet.fast_tcp` read), turns events from `events()` into tunnel
+actions, and writes what `data_to_send(now)` returns to the TUN. Time is only ever passed in:
+`next_deadline()` says when `on_timer(now)` is due. Call `data_to_send` after a batch of input
+(segments, send, consume, close, timers): ACKs of one batch are coalesced into one segment.
 
 Life of a connection (RFC 9293 states, tele always the passive side):
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import enum
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tele.net.packet import (
     Bytes,
@@ -44,6 +46,7 @@ _MAX_WSCALE = 14
 _MAX_WINDOW_FIELD = 0xFFFF
 _IPV4_MIN_MSS = 536  # RFC 9293 3.7.1: the MSS to assume when the peer sends none
 _IPV6_MIN_MSS = 1220
+_MIN_MSS = 88
 
 
 def unwrap(wire: int, reference: int) -> int:
@@ -200,7 +203,6 @@ class _RTT:
     backoff: int = 0
     timed: tuple[int, float] | None = None
     persist_backoff: int = 0
-    samples: list[float] = field(default_factory=list)
 
 
 class TCPConnection:
@@ -234,10 +236,13 @@ class TCPConnection:
         ip_overhead = self._encoder.ip_header_length + 20
         self.mss_local = cfg.mtu - ip_overhead
         default_mss = _IPV4_MIN_MSS if ip.version == 4 else _IPV6_MIN_MSS
-        self.mss = min(tcp.mss or default_mss, self.mss_local)
+        # Floor as Linux does (TCP_MIN_MSS): a tiny MSS would make us send a packet per byte.
+        self.mss = max(min(tcp.mss or default_mss, self.mss_local), _MIN_MSS)
         self._max_burst = self.mss
         if cfg.gso:
-            room = min(cfg.gso_max_size, 65535 - ip_overhead - 20 + 20 * (ip.version == 6))
+            # The IPv4 total length (IPv6 payload length) field caps a super-segment at 64 KiB.
+            headers = ip_overhead if ip.version == 4 else 20
+            room = min(cfg.gso_max_size, 0xFFFF - headers)
             self._max_burst = max(self.mss, room // self.mss * self.mss)
         # Window scaling happens only when both SYNs carry the option (RFC 7323 1.3).
         self._scaling = tcp.wscale is not None
