@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 from tele.net.packet import Packet, TCPFlowEncoder, parse_packet
 from tele.net.tcp import ACK, SYN, TCPHeader
@@ -41,9 +42,9 @@ class App:
         seq: int | None = None,
         ack: int | None = None,
         window: int | None = None,
-        **options: object,
+        **options: Any,
     ) -> Packet:
-        opts = TCPHeader(0, 0, 0, 0, 0, 0, **options).options_bytes() if options else b""  # type: ignore[arg-type]
+        opts = TCPHeader(0, 0, 0, 0, 0, 0, **options).options_bytes() if options else b""
         wire = self._encoder.segment(
             self.snd_nxt if seq is None else seq & MASK,
             self.rcv_nxt if ack is None else ack & MASK,
@@ -54,7 +55,7 @@ class App:
         )
         return parse_packet(wire)
 
-    def syn(self, **options: object) -> Packet:
+    def syn(self, **options: Any) -> Packet:
         return self.packet(SYN, seq=self.isn, ack=0, **options)
 
     def data(self, payload: bytes, flags: int = ACK) -> Packet:
@@ -76,7 +77,7 @@ def tcp(packet: Packet) -> TCPHeader:
 
 
 def establish(
-    app: App, *, config: TCPConfig | None = None, iss: int = 5000, **syn_options: object
+    app: App, *, config: TCPConfig | None = None, iss: int = 5000, **syn_options: Any
 ) -> TCPConnection:
     """SYN, accept, SYN-ACK, ACK: an ESTABLISHED connection with its events drained."""
     options = syn_options or {"mss": 1460, "wscale": 7}

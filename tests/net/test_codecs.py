@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -43,7 +44,16 @@ from tele.net.packet import (
 )
 from tele.net.tcp import ACK, FIN, PSH, RST, SYN, TCPHeader
 from tele.net.udp import UDPHeader
-from tele.net.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6, VirtioNetHeader
+from tele.net.vnet import (
+    F_DATA_VALID,
+    F_NEEDS_CSUM,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    VNET_HDR_NONE,
+    VirtioNetHeader,
+    checksum_settled,
+)
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
@@ -234,6 +244,12 @@ def test_vnet_header_layout_is_little_endian() -> None:
         VirtioNetHeader.from_bytes(bytes([0, 9]) + bytes(8))
 
 
+def test_vnet_checksum_settled() -> None:
+    assert checksum_settled(bytes(VirtioNetHeader(F_NEEDS_CSUM)))
+    assert checksum_settled(bytes(VirtioNetHeader(F_DATA_VALID)))
+    assert not checksum_settled(VNET_HDR_NONE)
+
+
 # --- whole packets ------------------------------------------------------------------------
 
 
@@ -343,7 +359,7 @@ def test_fast_path_takes_plain_segments(
 
 @given(st.binary(max_size=200))
 def test_random_bytes_raise_only_packet_errors(data: bytes) -> None:
-    parsers = [
+    parsers: list[Callable[[bytes], object]] = [
         parse_packet,
         IPv4Header.from_bytes,
         IPv6Header.from_bytes,

@@ -25,7 +25,8 @@ def test_key_of_a_packet_and_reply_packet() -> None:
     assert evicted is None and flow.handle == "stream-1"
     reply = parse_packet(flow.reply(b"answer"))
     assert (reply.ip.src, reply.ip.dst) == (DEST6, CLIENT6)
-    assert reply.transport == UDPHeader(53, 5353, 14, reply.transport.checksum)  # type: ignore[union-attr]
+    assert isinstance(reply.transport, UDPHeader)
+    assert reply.transport == UDPHeader(53, 5353, 14, reply.transport.checksum)
     assert bytes(reply.payload) == b"answer"
 
 

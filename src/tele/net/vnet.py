@@ -91,3 +91,13 @@ class VirtioNetHeader:
         if self.num_buffers is None:
             return fixed
         return fixed + _NUM_BUFFERS.pack(self.num_buffers)
+
+
+def checksum_settled(buf: bytes | bytearray | memoryview) -> bool:
+    """True when the header at the start of `buf` says the transport checksum needs no check.
+
+    NEEDS_CSUM: the kernel left only the pseudo-header sum in place (its own packet, never
+    corrupted on the way); DATA_VALID: the kernel verified it already. A one-byte test for the
+    data path, cheaper than parsing the header.
+    """
+    return bool(buf[0] & (F_NEEDS_CSUM | F_DATA_VALID))
