@@ -16,10 +16,11 @@ import json
 import platform
 import socket
 import time
+import tracemalloc
 from collections.abc import Callable
 
 from tele.net.packet import TCPFlowEncoder, fast_tcp, parse_packet
-from tele.net.tcp import ACK, PSH, SYN, TCPHeader
+from tele.net.tcp import ACK, FIN, PSH, SYN, TCPHeader
 from tele.net.tcpstate import DataReceived, TCPConfig, TCPConnection
 
 CLIENT = socket.inet_aton("10.0.0.1")
@@ -170,6 +171,66 @@ def bench_send(seconds: float, *, gso: bool) -> dict[str, float]:
     }
 
 
+def bench_lifecycle(seconds: float) -> dict[str, float]:
+    """Whole short connections: SYN, accept, ACK, request, response, FIN both ways.
+
+    Counts tele's side only (parse of every app packet included); the app's packets are built
+    beforehand. This bounds the connections/s the stack itself can take.
+    """
+    app_syn_options = TCPHeader(0, 0, 0, 0, 0, 0, mss=1460, wscale=7).options_bytes()
+    count = 0
+    busy = 0.0
+    deadline = time.perf_counter() + seconds
+    sport = 1024
+    while time.perf_counter() < deadline:
+        sport = sport + 1 if sport < 65000 else 1024
+        app = TCPFlowEncoder(CLIENT, DEST, sport, 80)
+        syn = app.segment(1000, 0, SYN, 65535, b"", app_syn_options)
+        ack = app.segment(1001, 1, ACK, 65535, b"")
+        request = app.segment(1001, 1, ACK | PSH, 65535, b"GET / HTTP/1.1\r\n\r\n")
+        ack_response = app.segment(1019, 1 + 100, ACK, 65535, b"")
+        fin = app.segment(1019, 1 + 101, ACK | FIN, 65535, b"")
+        start = time.perf_counter()
+        conn = TCPConnection(parse_packet(syn))
+        conn.events()
+        conn.accept(iss=0)
+        conn.data_to_send(0.0)
+        conn.receive_packet(parse_packet(ack), 0.0)
+        conn.receive_packet(parse_packet(request), 0.0)
+        for event in conn.events():
+            if isinstance(event, DataReceived):
+                conn.consume(len(event.data))
+        conn.send(bytes(100))
+        conn.close()
+        conn.data_to_send(0.0)
+        conn.receive_packet(parse_packet(ack_response), 0.0)
+        conn.receive_packet(parse_packet(fin), 0.0)
+        conn.data_to_send(0.0)
+        conn.events()
+        busy += time.perf_counter() - start
+        count += 1
+    return {"connections_per_s": count / busy}
+
+
+def bench_memory(connections: int = 1000) -> dict[str, float]:
+    """Python heap per established, idle connection (tracemalloc)."""
+    app_syn_options = TCPHeader(0, 0, 0, 0, 0, 0, mss=1460, wscale=7).options_bytes()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    table = {}
+    for index in range(connections):
+        app = TCPFlowEncoder(CLIENT, DEST, 1024 + index, 80)
+        conn = TCPConnection(parse_packet(app.segment(1000, 0, SYN, 65535, b"", app_syn_options)))
+        conn.accept(iss=0)
+        conn.data_to_send(0.0)
+        conn.receive_packet(parse_packet(app.segment(1001, 1, ACK, 65535, b"")), 0.0)
+        conn.events()
+        table[conn.flow] = conn
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return {"bytes_per_idle_connection": (after - before) / connections}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
@@ -181,6 +242,8 @@ def main() -> None:
     results.update(bench_receive(args.seconds, size=44 * 1460, verify=False))
     results.update(bench_send(args.seconds, gso=False))
     results.update(bench_send(args.seconds, gso=True))
+    results.update(bench_lifecycle(args.seconds))
+    results.update(bench_memory())
     width = max(len(name) for name in results)
     print(f"tele.net micro-benchmarks (Python {platform.python_version()})")
     for name, value in results.items():
