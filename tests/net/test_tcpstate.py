@@ -241,6 +241,18 @@ def test_duplicate_and_overlapping_segments() -> None:
     assert tcp(acks[-1]).ack == (app.snd_nxt + 5) & MASK
 
 
+def test_segment_spanning_the_whole_window_is_trimmed_both_ends() -> None:
+    app = App()
+    conn = establish(app, config=TCPConfig(receive_buffer=4000), wscale=0)
+    conn.receive_packet(app.data(b"0123456789"), 0.1)
+    conn.consume(10)
+    conn.events()
+    conn.data_to_send(0.1)
+    big = bytes(range(256)) * 20  # starts 10 bytes back, ends far beyond the window
+    conn.receive_packet(app.packet(ACK, b"0123456789" + big, seq=app.snd_nxt - 10), 0.2)
+    assert conn.events() == [DataReceived(big[:4000])]
+
+
 def test_receive_window_closes_when_full_and_opens_on_consume() -> None:
     app = App()
     conn = establish(app, config=TCPConfig(receive_buffer=4000), mss=1460, wscale=0)

@@ -457,17 +457,17 @@ class TCPConnection:
 
         seq = unwrap(seq_wire, self.rcv_nxt)
         seg_len = len(payload) + (1 if flags & FIN else 0) + (1 if flags & SYN else 0)
-        window = self._rcv_adv - self.rcv_nxt
-        window = max(window, 0)
+        window = max(self._rcv_adv - self.rcv_nxt, 0)
         # 1. Is any of it inside the receive window?
         if seg_len == 0:
             acceptable = seq == self.rcv_nxt if window == 0 else 0 <= seq - self.rcv_nxt < window
         elif window == 0:
             acceptable = False
         else:
+            # Any overlap with the window (RFC 9293's test, also taking a segment that starts
+            # before RCV.NXT and ends beyond the window, as Linux does).
             first = seq - self.rcv_nxt
-            last = first + seg_len - 1
-            acceptable = 0 <= first < window or 0 <= last < window
+            acceptable = first < window and first + seg_len > 0
         if not acceptable:
             # Old duplicate, beyond the window, or a zero-window probe: answer with our state.
             if not flags & RST:
