@@ -89,7 +89,7 @@ class Packet:
 
     @property
     def protocol(self) -> int:
-        return _protocol_of(self.transport, self.ip.version)
+        return _protocol_of(self.transport)
 
     @classmethod
     def from_bytes(cls, buf: Bytes, *, verify_checksum: bool = True) -> Packet:
@@ -236,7 +236,7 @@ def fast_tcp(buf: Bytes, *, verify_checksum: bool = True) -> SegmentView | None:
     return SegmentView(src, sport, dst, dport, seq, ack, flags, window, segment[20:])
 
 
-def _protocol_of(transport: TransportHeader, version: int) -> int:
+def _protocol_of(transport: TransportHeader) -> int:
     if isinstance(transport, TCPHeader):
         return PROTO_TCP
     if isinstance(transport, UDPHeader):
@@ -248,7 +248,7 @@ def _protocol_of(transport: TransportHeader, version: int) -> int:
 
 def _with_checksum(src: bytes, dst: bytes, transport: TransportHeader, payload: Bytes) -> bytes:
     """The transport header's bytes with the checksum for this payload and these addresses."""
-    protocol = _protocol_of(transport, 4 if len(src) == 4 else 6)
+    protocol = _protocol_of(transport)
     header = bytearray(bytes(dataclasses.replace(transport, checksum=0)))
     length = len(header) + len(payload)
     initial = 0 if protocol == PROTO_ICMP else checksum.pseudo_header_sum(src, dst, protocol, 0)
@@ -270,13 +270,16 @@ def encode(
     """
     if isinstance(transport, UDPHeader):
         transport = dataclasses.replace(transport, length=UDP_HEADER_LEN + len(payload))
+    protocol = _protocol_of(transport)
+    if len(src) != len(dst) or len(src) not in (4, 16):
+        raise ValueError("addresses must be both IPv4 (4 bytes) or both IPv6 (16 bytes)")
+    if protocol == (PROTO_ICMPV6 if len(src) == 4 else PROTO_ICMP):
+        raise ValueError("ICMPv4 goes in IPv4 packets and ICMPv6 in IPv6 packets")
     header = _with_checksum(src, dst, transport, payload)
     ip: IPHeader
     if len(src) == 4:
-        protocol = _protocol_of(transport, 4)
         ip = IPv4Header(src, dst, protocol, IPV4_HEADER_LEN + len(header) + len(payload), ttl)
     else:
-        protocol = _protocol_of(transport, 6)
         ip = IPv6Header(src, dst, protocol, len(header) + len(payload), ttl)
     return b"".join((bytes(ip), header, payload))
 
