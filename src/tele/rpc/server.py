@@ -1,0 +1,158 @@
+"""The RPC server side: a router of typed handlers, and serving one connection with it.
+
+Each call runs in its own task inside the connection's nursery, under the caller's deadline; a
+caller that resets its stream cancels the handler, and a connection that closes cancels all of
+them. Streams that are not RPC calls (the tunnel's CONNECT streams) go to raw handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import trio
+
+from tele.rpc import wire
+from tele.rpc.errors import Code, RpcError
+from tele.rpc.h2link import H2Stream, LinkSettings, serve_link
+from tele.rpc.method import Req, Resp, ServerStream, Unary
+
+log = logging.getLogger(__name__)
+
+RawHandler = Callable[[H2Stream], Awaitable[None]]
+RawMatcher = Callable[[H2Stream], bool]
+
+
+@dataclass(frozen=True)
+class _Route:
+    request: type[Any]
+    handler: Callable[[Any], Any]
+    streaming: bool
+
+
+class Router:
+    """Maps method paths to handlers. Handlers raise RpcError to answer with an error."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, _Route] = {}
+        self._raw: list[tuple[RawMatcher, RawHandler]] = []
+
+    def unary(self, method: Unary[Req, Resp], handler: Callable[[Req], Awaitable[Resp]]) -> None:
+        self._add(method.path, _Route(method.request, handler, streaming=False))
+
+    def stream(
+        self, method: ServerStream[Req, Resp], handler: Callable[[Req], AsyncIterator[Resp]]
+    ) -> None:
+        self._add(method.path, _Route(method.request, handler, streaming=True))
+
+    def raw(self, matcher: RawMatcher, handler: RawHandler) -> None:
+        """Hand streams for which `matcher(stream)` is true to `handler` (e.g. CONNECT)."""
+        self._raw.append((matcher, handler))
+
+    def _add(self, path: str, route: _Route) -> None:
+        if path in self._routes:
+            raise ValueError(f"a handler for {path} is already registered")
+        self._routes[path] = route
+
+    async def handle(self, stream: H2Stream, *, max_message_size: int) -> None:
+        """Serve one incoming stream."""
+        for matcher, raw_handler in self._raw:
+            if matcher(stream):
+                await raw_handler(stream)
+                return
+        path = stream.header(":path") or ""
+        route = self._routes.get(path)
+        if route is None or stream.header(":method") != "POST":
+            await _answer_error(stream, Code.UNIMPLEMENTED, f"unknown method {path}")
+            return
+        timeout = wire.parse_timeout(stream.header(wire.TIMEOUT_HEADER))
+        started = False
+        try:
+            with trio.fail_after(timeout if timeout is not None else float("inf")):
+                request = await _read_request(stream, route.request, max_message_size)
+                if route.streaming:
+                    await stream.send_response(wire.RESPONSE_HEADERS)
+                    started = True
+                    async for item in route.handler(request):
+                        await _send_message(stream, item, max_message_size)
+                else:
+                    reply = await route.handler(request)
+                    data = _encode(reply, max_message_size)
+                    await stream.send_response(wire.RESPONSE_HEADERS)
+                    started = True
+                    await stream.send_all(data)
+            await stream.send_trailers(wire.status_trailers(Code.OK))
+        except RpcError as exc:
+            await _answer_error(stream, exc.code, exc.message, started=started)
+        except trio.TooSlowError:
+            await _answer_error(
+                stream, Code.DEADLINE_EXCEEDED, f"{path} did not finish in time", started=started
+            )
+
+
+async def _read_request(stream: H2Stream, request_type: type[Any], max_size: int) -> Any:
+    body = bytearray()
+    while True:
+        chunk = await stream.receive_some()
+        if not chunk:
+            break
+        body += chunk
+        if len(body) > max_size:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED, f"request larger than the maximum of {max_size} bytes"
+            )
+    try:
+        return msgspec.json.decode(bytes(body), type=request_type)
+    except msgspec.ValidationError as exc:
+        raise RpcError(Code.INVALID_ARGUMENT, f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise RpcError(Code.INVALID_ARGUMENT, f"malformed request: {exc}") from None
+
+
+def _encode(message: Any, max_size: int) -> bytes:
+    data = msgspec.json.encode(message) + b"\n"
+    if len(data) > max_size + 1:
+        raise RpcError(
+            Code.RESOURCE_EXHAUSTED, f"response larger than the maximum of {max_size} bytes"
+        )
+    return data
+
+
+async def _send_message(stream: H2Stream, message: Any, max_size: int) -> None:
+    await stream.send_all(_encode(message, max_size))
+
+
+async def _answer_error(
+    stream: H2Stream, code: Code, message: str, *, started: bool = False
+) -> None:
+    trailers = wire.status_trailers(code, message)
+    try:
+        if started:
+            await stream.send_trailers(trailers)
+        else:
+            await stream.send_response(wire.RESPONSE_HEADERS + trailers, end_stream=True)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def serve_connection(
+    stream: trio.abc.Stream,
+    router: Router,
+    *,
+    max_message_size: int = wire.DEFAULT_MAX_MESSAGE,
+    settings: LinkSettings | None = None,
+    name: str = "rpc-server",
+) -> None:
+    """Serve RPC on one connection until the peer closes it; its handlers end with it."""
+
+    async def handle(h2_stream: H2Stream) -> None:
+        try:
+            await router.handle(h2_stream, max_message_size=max_message_size)
+        except Exception:
+            log.exception("%s: %s failed", name, h2_stream.header(":path"))
+            await _answer_error(h2_stream, Code.INTERNAL, "internal error in the server")
+
+    await serve_link(stream, handle, settings=settings, name=name)
