@@ -289,18 +289,18 @@ def test_zero_window_probe_from_the_app_is_answered() -> None:
 
 def test_we_probe_a_zero_window() -> None:
     app = App()
-    conn = establish(app, wscale=0)
+    conn = establish(app, wscale=0)  # handshake RTT 0: the RTO is min_rto, 0.2 s
     conn.receive_packet(app.packet(ACK, window=0), 0.0)
     conn.send(b"waiting")
     assert conn.data_to_send(0.0) == []
     deadline = conn.next_deadline()
-    assert deadline == 1.0
-    conn.on_timer(deadline)
-    (probe,) = parse_all(conn.data_to_send(deadline))
+    assert deadline == pytest.approx(0.2)
+    conn.on_timer(0.2)
+    (probe,) = parse_all(conn.data_to_send(0.2))
     assert tcp(probe).seq == 5000 and not probe.payload  # one below SND.UNA
-    assert conn.next_deadline() == 3.0  # backed off
-    conn.receive_packet(app.packet(ACK, window=1000), 3.0)
-    (data,) = parse_all(conn.data_to_send(3.0))
+    assert conn.next_deadline() == pytest.approx(0.6)  # backed off
+    conn.receive_packet(app.packet(ACK, window=1000), 0.5)
+    (data,) = parse_all(conn.data_to_send(0.5))
     assert bytes(data.payload) == b"waiting"
 
 
@@ -316,28 +316,41 @@ def test_send_buffer_is_bounded_and_reports_space() -> None:
     assert conn.send(b"z" * 2500) == 2000
 
 
+def test_first_rtt_sample_comes_from_the_handshake() -> None:
+    app = App()
+    conn = TCPConnection(app.syn(mss=1460))
+    conn.accept(iss=5000)
+    conn.data_to_send(0.0)
+    assert conn.rto == 1.0  # RFC 6298's initial RTO
+    app.rcv_nxt = 5001
+    conn.receive_packet(app.packet(ACK), 0.1)
+    assert conn.srtt == pytest.approx(0.1)
+    assert conn.rto == pytest.approx(0.1 + 4 * 0.05)
+
+
 def test_retransmission_after_rto_with_back_off() -> None:
     app = App()
-    conn = establish(app)
+    conn = establish(app)  # handshake RTT 0: the RTO is min_rto, 0.2 s
     conn.send(b"important")
     (first,) = parse_all(conn.data_to_send(0.0))
-    assert conn.next_deadline() == 1.0  # initial RTO, nothing measured yet
-    assert conn.data_to_send(0.5) == []
-    conn.on_timer(1.0)
-    (again,) = parse_all(conn.data_to_send(1.0))
+    assert conn.next_deadline() == pytest.approx(0.2)
+    assert conn.data_to_send(0.1) == []
+    conn.on_timer(0.2)
+    (again,) = parse_all(conn.data_to_send(0.2))
     assert (tcp(again).seq, bytes(again.payload)) == (tcp(first).seq, b"important")
-    assert conn.next_deadline() == 3.0
-    conn.on_timer(3.0)
-    parse_all(conn.data_to_send(3.0))
-    assert conn.next_deadline() == 7.0
-    conn.receive_packet(app.packet(ACK, ack=5001 + 9), 7.5)
+    deadline = conn.next_deadline()
+    assert deadline == pytest.approx(0.6)  # doubled
+    conn.on_timer(deadline)
+    parse_all(conn.data_to_send(deadline))
+    assert conn.next_deadline() == pytest.approx(1.4)  # doubled again
+    conn.receive_packet(app.packet(ACK, ack=5001 + 9), 1.5)
     assert conn.next_deadline() is None
-    assert conn.srtt is None  # Karn: no sample from a retransmitted segment
+    assert conn.srtt == 0.0  # Karn: no sample from a retransmitted segment
+    assert conn.rto == pytest.approx(0.2)  # back-off ends with new data acknowledged
     conn.send(b"more")
-    conn.data_to_send(8.0)
-    conn.receive_packet(app.packet(ACK, ack=5001 + 13), 8.01)
-    assert conn.srtt == pytest.approx(0.01)
-    assert conn.rto == pytest.approx(0.2)  # clamped to min_rto
+    conn.data_to_send(2.0)
+    conn.receive_packet(app.packet(ACK, ack=5001 + 13), 2.05)
+    assert conn.srtt == pytest.approx(0.125 * 0.05)
 
 
 def test_retransmission_gives_up_with_reset() -> None:
@@ -374,14 +387,15 @@ def test_window_closed_during_retransmission_falls_back_to_probing() -> None:
     conn.send(b"x" * 100)
     conn.data_to_send(0.0)
     conn.receive_packet(app.packet(ACK, ack=5001, window=0), 0.1)  # nothing acked, window shut
-    conn.on_timer(1.0)
-    assert conn.data_to_send(1.0) == []  # go-back-N, but the window allows nothing
-    assert conn.next_deadline() == 3.0  # the persist timer keeps the connection alive
-    conn.on_timer(3.0)
-    (probe,) = parse_all(conn.data_to_send(3.0))
+    conn.on_timer(0.2)
+    assert conn.data_to_send(0.2) == []  # go-back-N, but the window allows nothing
+    deadline = conn.next_deadline()
+    assert deadline == pytest.approx(0.6)  # the persist timer keeps it alive
+    conn.on_timer(deadline)
+    (probe,) = parse_all(conn.data_to_send(deadline))
     assert tcp(probe).seq == 5000
-    conn.receive_packet(app.packet(ACK, ack=5001, window=1000), 3.1)
-    (data,) = parse_all(conn.data_to_send(3.1))
+    conn.receive_packet(app.packet(ACK, ack=5001, window=1000), 0.7)
+    (data,) = parse_all(conn.data_to_send(0.7))
     assert bytes(data.payload) == b"x" * 100
 
 

@@ -638,6 +638,10 @@ class TCPConnection:
         if state is TCPState.SYN_RECEIVED and self._synack_due:
             self._synack_due = False
             out.append(self._syn_ack())
+            # Time the first SYN-ACK only (Karn): its ACK gives the first RTT sample, so the
+            # RTO drops from the initial 1 s to what the path needs before any data flows.
+            first = self.snd_max == self.iss
+            self._rtt.timed = (self.iss + 1, now) if first else None
             self.snd_nxt = self.snd_max = self.iss + 1
             if self._timers.retransmit is None:
                 self._timers.retransmit = now + self._current_rto()
