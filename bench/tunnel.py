@@ -43,7 +43,7 @@ READ_SIZE = 256 * KIB
 RATIO_HEADER = "x1/b'"  # 1-stream throughput relative to the trio relay pair
 HEADER = (
     f"{'env':8} {'row':6} {'MB/s x1':>9} {'MB/s x8':>9} {'CPU%':>6} {'p50 µs':>8} "
-    f"{'p99 µs':>8} {'new/s':>9}"
+    f"{'p99 µs':>8} {'new/s':>9} {'opens/s':>9}"
 )
 ROWS = ("a", "b", "b'", "c-tcp", "c-ws")
 ENVS = ("loopback", "veth")
@@ -181,7 +181,9 @@ def role_rate(connect: str, duration: float, concurrency: int) -> None:
     print(json.dumps({"rate": done / elapsed, "failed": failed}))
 
 
-def role_tele(side: str, listen: str, peer: str, target: str, websocket: bool) -> None:
+def role_tele(  # noqa: PLR0917 - mirrors the command line
+    side: str, listen: str, peer: str, target: str, websocket: bool, open_rate: float = 0
+) -> None:
     """(c) tele's tunnel. `server`: accept links (TCP, or port-forward websockets) and serve
     tunnel OPENs on them. `client`: one link to `peer`; every TCP connection accepted on `listen`
     becomes a tunnel stream to `target`, spliced both ways."""
@@ -192,10 +194,10 @@ def role_tele(side: str, listen: str, peer: str, target: str, websocket: bool) -
     from tele.k8s import portforward
     from tele.k8s.config import ClusterConnection
     from tele.net.tunnel import Destination, Protocol
-    from tele.rpc.h2link import LinkSettings, open_link, serve_link
+    from tele.rpc.h2link import H2Link, LinkSettings, open_link, serve_link
     from tele.rpc.tunnel import TunnelServer, dial, splice
 
-    host, port = _split(listen)
+    host, port = _split(listen) if listen != "-" else ("", 0)
     # Knobs for tuning runs (defaults: LinkSettings' and splice's own).
     tuning = {
         k: int(v)
@@ -257,6 +259,10 @@ def role_tele(side: str, listen: str, peer: str, target: str, websocket: bool) -
                 open_link(transport, client_side=True, settings=settings)
             )
 
+            if open_rate:
+                await _open_rate(link, destination, open_rate)
+                return
+
             async def on_connection(local: trio.SocketStream) -> None:
                 async with local:
                     tunnel = await dial(link, destination, session="bench")
@@ -268,6 +274,27 @@ def role_tele(side: str, listen: str, peer: str, target: str, websocket: bool) -
                     functools.partial(trio.serve_tcp, on_connection, port, host=host, backlog=4096)
                 )
                 _ready()
+
+    async def _open_rate(link: H2Link, destination: Destination, duration: float) -> None:
+        # Tunnel streams opened per second on one link: OPEN, ACCEPT (the server dialed the
+        # echo server), 1-byte echo, close; 64 at a time. No kernel accept on the client side.
+        done = 0
+
+        async def worker(deadline: float) -> None:
+            nonlocal done
+            while trio.current_time() < deadline:
+                async with await dial(link, destination, session="bench") as tunnel:
+                    await tunnel.send_all(b"x")
+                    await tunnel.send_eof()
+                    while await tunnel.receive_some():
+                        pass
+                done += 1
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(64):
+                nursery.start_soon(worker, started + duration)
+        print(json.dumps({"rate": done / (trio.current_time() - started)}))
 
     _run_profiled(lambda: trio.run(server_main if side == "server" else client_main), side)
 
@@ -322,6 +349,7 @@ class Row:
     p50_us: float | None = None
     p99_us: float | None = None
     streams_per_s: float | None = None
+    opens_per_s: float | None = None  # c rows: tunnel streams opened per second on one link
     notes: list[str] = field(default_factory=list)
 
 
@@ -464,11 +492,11 @@ def _free_port() -> int:
 
 def _start_path(
     procs: Procs, env: Env, row: str, target_port: int
-) -> tuple[str, list[subprocess.Popen[str]]]:
+) -> tuple[str, list[subprocess.Popen[str]], str]:
     """Start the row's relay pair towards `target_port`; return the address the client tools
     connect to and the relay processes."""
     if row == "a":
-        return f"{env.server_ip}:{target_port}", []
+        return f"{env.server_ip}:{target_port}", [], ""
     entry, hop = _free_port(), _free_port()
     server_listen = f"{env.server_ip}:{hop}"
     target = f"127.0.0.1:{target_port}"
@@ -518,7 +546,7 @@ def _start_path(
                 *ws,
             ],
         )
-    return f"127.0.0.1:{entry}", [server, client]
+    return f"127.0.0.1:{entry}", [server, client], server_listen
 
 
 def _wait_listening(ns: str | None, host: str, port: int) -> None:
@@ -553,9 +581,9 @@ def measure_env(
                 started: list[subprocess.Popen[str]] = []
                 try:
                     # One relay pair towards iperf3 (throughput, CPU), one towards the echo.
-                    bulk_entry, bulk = _start_path(procs, env, row, iperf_port)
+                    bulk_entry, bulk, _ = _start_path(procs, env, row, iperf_port)
                     started += bulk
-                    echo_entry, echo = _start_path(procs, env, row, echo_port)
+                    echo_entry, echo, echo_link = _start_path(procs, env, row, echo_port)
                     started += echo
                     _measure_row(
                         env,
@@ -566,6 +594,24 @@ def measure_env(
                         duration=duration,
                         result=result,
                     )
+                    if row.startswith("c-"):
+                        # Tunnel opens/s straight on a link (no kernel accept on the client).
+                        argv = [
+                            PY,
+                            str(HERE),
+                            "tele",
+                            "client",
+                            "-",
+                            echo_link,
+                            "--target",
+                            f"127.0.0.1:{echo_port}",
+                            "--open-rate",
+                            str(min(duration, 2)),
+                        ]
+                        if row == "c-ws":
+                            argv.append("--websocket")
+                        rate = _run_json(env.client_ns, argv, duration + 30)
+                        result.opens_per_s = float(rate["rate"])  # type: ignore[arg-type]
                 except (RuntimeError, subprocess.SubprocessError, KeyError) as exc:
                     result.notes.append(f"failed: {exc}")
                     print(f"  {env.name} {row}: failed ({exc})", file=sys.stderr)
@@ -594,6 +640,7 @@ def _median_row(env: str, row: str, runs: list[Row]) -> Row:
         p50_us=median("p50_us"),
         p99_us=median("p99_us"),
         streams_per_s=median("streams_per_s"),
+        opens_per_s=median("opens_per_s"),
         notes=notes,
     )
 
@@ -647,7 +694,8 @@ def _fmt(value: float | None, spec: str) -> str:
 def _fmt_row(r: Row) -> str:
     return (
         f"{_fmt(r.mbps_1, '9.0f')} {_fmt(r.mbps_8, '9.0f')} {_fmt(r.cpu_pct, '6.0f')} "
-        f"{_fmt(r.p50_us, '8.1f')} {_fmt(r.p99_us, '8.1f')} {_fmt(r.streams_per_s, '9.0f')}"
+        f"{_fmt(r.p50_us, '8.1f')} {_fmt(r.p99_us, '8.1f')} {_fmt(r.streams_per_s, '9.0f')} "
+        f"{_fmt(r.opens_per_s, '9.0f')}"
     )
 
 
@@ -674,6 +722,7 @@ def main() -> None:
     tele.add_argument("peer", nargs="?", default="")
     tele.add_argument("--target", default="")
     tele.add_argument("--websocket", action="store_true")
+    tele.add_argument("--open-rate", type=float, default=0, help="measure opens/s for N s")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per throughput run")
     parser.add_argument("--envs", default=",".join(ENVS))
     parser.add_argument("--rows", default=",".join(ROWS))
@@ -689,7 +738,9 @@ def main() -> None:
     if args.command == "rate":
         return role_rate(args.connect, args.duration, args.concurrency)
     if args.command == "tele":
-        return role_tele(args.side, args.listen, args.peer, args.target, args.websocket)
+        return role_tele(
+            args.side, args.listen, args.peer, args.target, args.websocket, args.open_rate
+        )
     run_bench(args.envs.split(","), args.rows.split(","), args.duration, args.repeat)
 
 
@@ -776,9 +827,11 @@ def _chart(results: list[Row], path: Path) -> bool:
         ax.set_title(f"{env}: 1 KiB request/response")
         ax.legend()
         ax = row_axes[2]
-        ax.bar(list(x), [r.streams_per_s or 0 for r in rows], 0.6)
+        ax.bar([i - 0.2 for i in x], [r.streams_per_s or 0 for r in rows], 0.4, label="via TCP")
+        ax.bar([i + 0.2 for i in x], [r.opens_per_s or 0 for r in rows], 0.4, label="on link")
         ax.set_xticks(list(x), names)
         ax.set_ylabel("new streams/s")
+        ax.legend()
         ax.set_title(f"{env}: stream setup rate")
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -1,0 +1,412 @@
+"""Tunnel streams over an h2 link: `dial()` on the opening side, `TunnelServer` on the serving
+side (policy check, dial the real TCP/UDP destination, relay both ways), and `splice()`, the
+bounded two-way relay between a tunnel stream and a local stream.
+
+The message kinds and their encoding live in `tele.net.tunnel`; this module is the I/O edge that
+turns h2, socket and codec errors into `TunnelError` (a `ConnectionFailed`) with a `ResetReason`.
+Memory per stream is bounded: one read (`READ_SIZE`) in flight per direction, and h2 returns
+flow-control credit only as a reader consumes, so a stalled reader stalls only its own sender.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import trio
+
+from tele.errors import ConnectionFailed
+from tele.net.tunnel import (
+    MAX_DATAGRAM,
+    MAX_TUNNEL_STREAMS,
+    Accept,
+    DatagramDecoder,
+    Destination,
+    OpenRequest,
+    Protocol,
+    Refuse,
+    ResetReason,
+    TunnelProtocolError,
+    decode_response,
+    encode_datagram,
+    reason_from_code,
+    reason_to_code,
+)
+from tele.rpc.h2link import H2Link, H2Stream, LinkBroken, StreamReset
+
+log = logging.getLogger(__name__)
+
+READ_SIZE: Final = 256 * 1024
+"""Bytes per read on either side of a relay: 64 KiB reads cost ~30% of a trio relay's speed."""
+DIAL_TIMEOUT: Final = 10.0
+UDP_IDLE_TIMEOUT: Final = 60.0
+"""A UDP flow with no datagram either way for this long ends (UDP has no close)."""
+
+
+class TunnelError(ConnectionFailed):
+    """A tunnel stream was refused or reset; `reason` says why."""
+
+    def __init__(self, reason: ResetReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_REASON_TEXT: Final = {
+    ResetReason.REFUSED: "refused the connection",
+    ResetReason.UNREACHABLE: "is unreachable",
+    ResetReason.TIMEOUT: "did not answer in time",
+    ResetReason.POLICY: "is not allowed by the traffic manager's policy",
+    ResetReason.RESET: "reset the connection",
+    ResetReason.CANCELLED: "was cancelled by the other side",
+    ResetReason.OVERLOADED: "was refused: the tunnel has too many streams; retry later",
+    ResetReason.PROTOCOL: "was refused: the tunnel peer sent a malformed message",
+    ResetReason.INTERNAL: "failed inside the tunnel peer (see its log)",
+}
+
+
+def _tunnel_error(reason: ResetReason, destination: Destination | str) -> TunnelError:
+    return TunnelError(reason, f"{destination} {_REASON_TEXT[reason]}")
+
+
+def reset_reason(exc: BaseException) -> ResetReason:
+    """The reason behind an error raised by a tunnel stream's send/receive."""
+    if isinstance(exc, TunnelError):
+        return exc.reason
+    if isinstance(exc, StreamReset):
+        return reason_from_code(exc.error_code)
+    if isinstance(exc, LinkBroken):
+        return ResetReason.INTERNAL
+    return ResetReason.CANCELLED
+
+
+def reset(stream: H2Stream, reason: ResetReason) -> None:
+    """RESET: abort a tunnel stream both ways, telling the peer why."""
+    stream.reset(reason_to_code(reason))
+
+
+# -- opening side ---------------------------------------------------------------------------
+
+
+async def dial(
+    link: H2Link,
+    destination: Destination,
+    *,
+    session: str,
+    dial_id: str | None = None,
+) -> H2Stream:
+    """OPEN (or DIAL-BACK with `dial_id`) a tunnel stream and wait for ACCEPT.
+
+    Returns the stream ready for DATA (a trio HalfCloseableStream: `send_eof` is HALF-CLOSE).
+    Raises `TunnelError` for REFUSE, a reset, or a broken link. Cancellation resets the stream.
+    """
+    request = OpenRequest(destination, session, dial_id)
+    try:
+        stream = await link.open_stream(request.to_headers())
+    except LinkBroken as exc:
+        raise TunnelError(ResetReason.INTERNAL, f"no tunnel to {destination}: {exc}") from exc
+    try:
+        headers = await stream.receive_response()
+        response = decode_response(headers)
+    except TunnelProtocolError as exc:
+        log.warning("tunnel to %s: bad response, resetting: %s", destination, exc)
+        reset(stream, ResetReason.PROTOCOL)
+        raise _tunnel_error(ResetReason.PROTOCOL, destination) from exc
+    except LinkBroken as exc:
+        raise TunnelError(
+            ResetReason.INTERNAL, f"the tunnel to {destination} broke off: {exc}"
+        ) from exc
+    except trio.BrokenResourceError as exc:  # StreamReset, or ended without a response
+        raise _tunnel_error(reset_reason(exc), destination) from exc
+    except BaseException:
+        reset(stream, ResetReason.CANCELLED)
+        raise
+    if isinstance(response, Refuse):
+        stream.close()
+        raise _tunnel_error(response.reason, destination)
+    return stream
+
+
+# -- relaying ---------------------------------------------------------------------------------
+
+
+def _abort(local: trio.abc.Stream) -> None:
+    """Make closing `local` a TCP RST, so the reset reaches the far end as a reset."""
+    if isinstance(local, trio.SocketStream):
+        try:
+            local.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
+
+async def splice(
+    tunnel: H2Stream, local: trio.abc.HalfCloseableStream, *, read_size: int = READ_SIZE
+) -> ResetReason | None:
+    """Relay between a tunnel stream and a local stream until both directions have ended.
+
+    HALF-CLOSE is forwarded both ways (EOF -> `send_eof`). A reset on either side aborts the
+    other (RST_STREAM with RESET for a local failure; a TCP RST for a tunnel reset). Returns None
+    after a clean end, else the reason of the reset. Closes neither stream.
+    """
+    outcome: list[ResetReason] = []
+
+    def fail(reason: ResetReason, *, tunnel_side: bool, scope: trio.CancelScope) -> None:
+        if not outcome:
+            outcome.append(reason)
+            if tunnel_side:
+                _abort(local)  # the tunnel was reset: reset the local connection too
+            else:
+                reset(tunnel, reason)
+        scope.cancel()
+
+    async def tunnel_to_local(scope: trio.CancelScope) -> None:
+        while True:
+            try:
+                data = await tunnel.receive_some(read_size)
+            except trio.BrokenResourceError as exc:
+                fail(reset_reason(exc), tunnel_side=True, scope=scope)
+                return
+            if not data:
+                break
+            try:
+                await local.send_all(data)
+            except (trio.BrokenResourceError, OSError):
+                fail(ResetReason.RESET, tunnel_side=False, scope=scope)
+                return
+        try:
+            await local.send_eof()
+        except (trio.BrokenResourceError, OSError):
+            fail(ResetReason.RESET, tunnel_side=False, scope=scope)
+
+    async def local_to_tunnel(scope: trio.CancelScope) -> None:
+        while True:
+            try:
+                data = await local.receive_some(read_size)
+            except (trio.BrokenResourceError, OSError):
+                fail(ResetReason.RESET, tunnel_side=False, scope=scope)
+                return
+            if not data:
+                break
+            try:
+                await tunnel.send_all(data)
+            except trio.BrokenResourceError as exc:
+                fail(reset_reason(exc), tunnel_side=True, scope=scope)
+                return
+        try:
+            await tunnel.send_eof()
+        except trio.BrokenResourceError as exc:
+            fail(reset_reason(exc), tunnel_side=True, scope=scope)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tunnel_to_local, nursery.cancel_scope)
+        nursery.start_soon(local_to_tunnel, nursery.cancel_scope)
+    return outcome[0] if outcome else None
+
+
+# -- serving side -----------------------------------------------------------------------------
+
+Policy = Callable[[OpenRequest], Awaitable[ResetReason | None]]
+"""Decides whether an OPEN may proceed: None allows it, a reason refuses it."""
+TcpConnector = Callable[[Destination], Awaitable[trio.SocketStream]]
+DialBackHandler = Callable[[OpenRequest, H2Stream], Awaitable[None]]
+
+_ERRNO_REASON: Final = {
+    errno.ECONNREFUSED: ResetReason.REFUSED,
+    errno.ENETUNREACH: ResetReason.UNREACHABLE,
+    errno.EHOSTUNREACH: ResetReason.UNREACHABLE,
+    errno.ENETDOWN: ResetReason.UNREACHABLE,
+    errno.EHOSTDOWN: ResetReason.UNREACHABLE,
+    errno.EADDRNOTAVAIL: ResetReason.UNREACHABLE,
+    errno.ETIMEDOUT: ResetReason.TIMEOUT,
+    errno.EACCES: ResetReason.POLICY,
+    errno.EPERM: ResetReason.POLICY,
+}
+
+
+def reason_for_oserror(exc: OSError) -> ResetReason:
+    return _ERRNO_REASON.get(exc.errno or 0, ResetReason.INTERNAL)
+
+
+async def connect_tcp(destination: Destination) -> trio.SocketStream:
+    """Dial an IP literal directly: no resolver, no happy-eyeballs nursery per stream."""
+    family = socket.AF_INET6 if destination.ip.version == 6 else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((str(destination.ip), destination.port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+class TunnelServer:
+    """Serves OPEN streams: checks them, dials the destination, relays until both sides end.
+
+    Use `handle` as the link's stream handler (or `Router.raw(TunnelServer.matches, handle)`).
+    DIAL-BACK streams (with a dial id) go to `dial_back`; without one they are refused.
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: Policy | None = None,
+        dial_timeout: float = DIAL_TIMEOUT,
+        max_streams: int = MAX_TUNNEL_STREAMS,
+        connector: TcpConnector = connect_tcp,
+        dial_back: DialBackHandler | None = None,
+        udp_idle_timeout: float = UDP_IDLE_TIMEOUT,
+        read_size: int = READ_SIZE,
+    ) -> None:
+        self.policy = policy
+        self.dial_timeout = dial_timeout
+        self.max_streams = max_streams
+        self.connector = connector
+        self.dial_back = dial_back
+        self.udp_idle_timeout = udp_idle_timeout
+        self.read_size = read_size
+        self.active = 0
+
+    @staticmethod
+    def matches(stream: H2Stream) -> bool:
+        return stream.header(":method") == "CONNECT"
+
+    async def handle(self, stream: H2Stream) -> None:
+        try:
+            request = OpenRequest.from_headers(stream.request_headers)
+        except TunnelProtocolError as exc:
+            log.warning("tunnel: refusing a malformed OPEN: %s", exc)
+            await self._refuse(stream, ResetReason.PROTOCOL)
+            return
+        if self.active >= self.max_streams:
+            log.warning("tunnel: refusing %s: %d streams already open", request, self.active)
+            await self._refuse(stream, ResetReason.OVERLOADED)
+            return
+        self.active += 1
+        try:
+            if self.policy is not None:
+                verdict = await self.policy(request)
+                if verdict is not None:
+                    log.info(
+                        "tunnel: %s refused by policy (%s)", request.destination, verdict.value
+                    )
+                    await self._refuse(stream, verdict)
+                    return
+            if request.dial_id is not None:
+                if self.dial_back is None:
+                    await self._refuse(stream, ResetReason.POLICY)
+                else:
+                    await self.dial_back(request, stream)
+            elif request.destination.protocol is Protocol.TCP:
+                await self._serve_tcp(request.destination, stream)
+            else:
+                await self._serve_udp(request.destination, stream)
+        finally:
+            self.active -= 1
+
+    async def _refuse(self, stream: H2Stream, reason: ResetReason) -> None:
+        try:
+            await stream.send_response(Refuse(reason).to_headers(), end_stream=True)
+        except trio.BrokenResourceError:
+            pass  # the opener gave up already
+
+    async def _serve_tcp(self, destination: Destination, stream: H2Stream) -> None:
+        with trio.move_on_after(self.dial_timeout) as scope:
+            try:
+                local = await self.connector(destination)
+            except OSError as exc:
+                reason = reason_for_oserror(exc)
+                log.info("tunnel: dial %s failed: %s", destination, exc.strerror or exc)
+                await self._refuse(stream, reason)
+                return
+        if scope.cancelled_caught:
+            log.info("tunnel: dial %s timed out after %gs", destination, self.dial_timeout)
+            await self._refuse(stream, ResetReason.TIMEOUT)
+            return
+        async with local:
+            try:
+                await stream.send_response(Accept().to_headers())
+            except trio.BrokenResourceError:
+                return
+            outcome = await splice(stream, local, read_size=self.read_size)
+            if outcome is not None:
+                log.debug("tunnel: %s ended with a reset (%s)", destination, outcome.value)
+
+    async def _serve_udp(self, destination: Destination, stream: H2Stream) -> None:
+        family = socket.AF_INET6 if destination.ip.version == 6 else socket.AF_INET
+        with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
+            try:
+                await sock.connect((str(destination.ip), destination.port))
+            except OSError as exc:
+                await self._refuse(stream, reason_for_oserror(exc))
+                return
+            try:
+                await stream.send_response(Accept().to_headers())
+            except trio.BrokenResourceError:
+                return
+            await relay_udp(stream, sock, idle_timeout=self.udp_idle_timeout)
+
+
+async def relay_udp(
+    tunnel: H2Stream, sock: trio.socket.SocketType, *, idle_timeout: float = UDP_IDLE_TIMEOUT
+) -> ResetReason | None:
+    """Relay datagrams between a tunnel stream (DATAGRAM framing) and a connected UDP socket
+    until the tunnel ends or the flow is idle for `idle_timeout` (then HALF-CLOSE)."""
+    outcome: list[ResetReason] = []
+    decoder = DatagramDecoder(MAX_DATAGRAM)
+
+    async def tunnel_to_udp(scope: trio.CancelScope, idle: trio.CancelScope) -> None:
+        while True:
+            try:
+                data = await tunnel.receive_some()
+            except trio.BrokenResourceError as exc:
+                outcome.append(reset_reason(exc))
+                break
+            try:
+                datagrams = decoder.feed(data)
+                if not data:
+                    decoder.end()
+            except TunnelProtocolError as exc:
+                log.warning("tunnel: UDP flow reset: %s", exc)
+                outcome.append(ResetReason.PROTOCOL)
+                reset(tunnel, ResetReason.PROTOCOL)
+                break
+            for datagram in datagrams:
+                try:
+                    await sock.send(datagram)
+                except OSError as exc:  # e.g. ICMP unreachable reported on the next send
+                    log.debug("tunnel: UDP send failed: %s", exc)
+            idle.deadline = trio.current_time() + idle_timeout
+            if not data:
+                return  # the peer half-closed; replies may still come until idle
+        scope.cancel()
+
+    async def udp_to_tunnel(scope: trio.CancelScope, idle: trio.CancelScope) -> None:
+        while True:
+            try:
+                datagram = await sock.recv(MAX_DATAGRAM)
+            except OSError as exc:
+                reason = reason_for_oserror(exc)
+                outcome.append(reason)
+                reset(tunnel, reason)
+                break
+            idle.deadline = trio.current_time() + idle_timeout
+            try:
+                await tunnel.send_all(encode_datagram(datagram))
+            except trio.BrokenResourceError as exc:
+                outcome.append(reset_reason(exc))
+                break
+        scope.cancel()
+
+    with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tunnel_to_udp, nursery.cancel_scope, idle)
+            nursery.start_soon(udp_to_tunnel, nursery.cancel_scope, idle)
+    if idle.cancelled_caught and not outcome:
+        try:
+            await tunnel.send_eof()
+        except trio.BrokenResourceError:
+            pass
+    return outcome[0] if outcome else None
