@@ -91,10 +91,10 @@ class Client:
 
     async def _start(self, path: str, body: bytes, deadline: float) -> H2Stream:
         timeout = None if math.isinf(deadline) else max(0.0, deadline - trio.current_time())
-        stream = await self.link.open_stream(wire.request_headers(path, timeout))
+        stream = await self.link.open_stream(
+            wire.request_headers(path, timeout), body=body, end_stream=True
+        )
         try:
-            await stream.send_all(body)
-            await stream.send_eof()
             headers = await stream.receive_response()
         except BaseException:
             _finish(stream)

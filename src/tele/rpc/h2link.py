@@ -110,12 +110,31 @@ class H2Stream(trio.abc.HalfCloseableStream):
                 return value
         return default
 
-    async def send_response(self, headers: Headers, *, end_stream: bool = False) -> None:
-        """Server side: send the response HEADERS (possibly ending the stream)."""
+    async def send_response(
+        self,
+        headers: Headers,
+        *,
+        body: bytes = b"",
+        trailers: Headers | None = None,
+        end_stream: bool = False,
+    ) -> None:
+        """Server side: send the response HEADERS, then optionally a body and trailers.
+
+        Everything that fits in the send window is queued at once, so a small answer leaves in
+        one write instead of one per part.
+        """
         await trio.lowlevel.checkpoint()
         self._check_sendable()
         self._needs_response = False
-        self._link._send_headers(self, headers, end_stream)
+        ends_now = end_stream and not body and trailers is None
+        self._link._send_headers(self, headers, ends_now)
+        if body:
+            await self._send_body(memoryview(body))
+        if trailers is not None:
+            self._check_sendable()
+            self._link._send_headers(self, trailers, True)
+        elif end_stream and not ends_now:
+            self._link._end_stream(self)
 
     async def send_trailers(self, headers: Headers) -> None:
         """Send trailing HEADERS, which end our side of the stream."""
@@ -146,20 +165,23 @@ class H2Stream(trio.abc.HalfCloseableStream):
             if self._needs_response:
                 self._needs_response = False
                 self._link._send_headers(self, [(":status", "200")], False)
-            offset = 0
-            total = len(view)
-            while offset < total:
-                self._check_sendable()
-                window = self._link._send_window(self.stream_id)
-                if window <= 0:
-                    await self._send_lot.park()
-                    continue
-                size = min(window, total - offset)
-                self._link._send_data(self, view[offset : offset + size])
-                offset += size
-                await self._link._wait_drained()
+            await self._send_body(view)
         finally:
             self._sending = False
+
+    async def _send_body(self, view: memoryview) -> None:
+        offset = 0
+        total = len(view)
+        while offset < total:
+            self._check_sendable()
+            window = self._link._send_window(self.stream_id)
+            if window <= 0:
+                await self._send_lot.park()
+                continue
+            size = min(window, total - offset)
+            self._link._send_data(self, view[offset : offset + size])
+            offset += size
+            await self._link._wait_drained()
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
@@ -358,7 +380,10 @@ class H2Link:
             client_side=client_side,
             header_encoding="utf-8",
             validate_inbound_headers=True,
-            normalize_inbound_headers=True,
+            normalize_inbound_headers=False,
+            # Our own headers are well-formed; checking them again costs ~15% of a call.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self._conn = h2.connection.H2Connection(config=config)
         self._streams: dict[int, H2Stream] = {}
@@ -390,8 +415,13 @@ class H2Link:
     def active_streams(self) -> int:
         return len(self._streams)
 
-    async def open_stream(self, headers: Headers, *, end_stream: bool = False) -> H2Stream:
-        """Client side: start a request; waits while the peer's concurrency limit is reached."""
+    async def open_stream(
+        self, headers: Headers, *, body: bytes = b"", end_stream: bool = False
+    ) -> H2Stream:
+        """Client side: start a request; waits while the peer's concurrency limit is reached.
+
+        `body` (and END_STREAM) are queued together with the HEADERS when they fit the window.
+        """
         await trio.lowlevel.checkpoint()
         while True:
             self._raise_if_unusable()
@@ -403,13 +433,21 @@ class H2Link:
         self._streams[stream_id] = stream
         self._open_local += 1
         try:
-            self._conn.send_headers(stream_id, headers, end_stream=end_stream)
+            self._conn.send_headers(stream_id, headers, end_stream=end_stream and not body)
         except h2.exceptions.ProtocolError as exc:
             self._forget(stream)
             raise LinkBroken(f"cannot open a stream: {exc}") from exc
-        if end_stream:
+        if end_stream and not body:
             stream._local_ended = True
         self._kick_writer()
+        if body:
+            try:
+                await stream._send_body(memoryview(body))
+                if end_stream:
+                    self._end_stream(stream)
+            except BaseException:
+                stream.reset()
+                raise
         return stream
 
     async def ping(self) -> float:
@@ -556,10 +594,12 @@ class H2Link:
                 if data:
                     self._pending_write = 0
                     await self.transport.send_all(data)
-                    self._drain_lot.unpark_all()
+                    if self._drain_lot:
+                        self._drain_lot.unpark_all()
                     continue
                 self._pending_write = 0
-                self._drain_lot.unpark_all()
+                if self._drain_lot:
+                    self._drain_lot.unpark_all()
                 if self._failure is not None:
                     return
                 await self._writer_wakeup.wait()

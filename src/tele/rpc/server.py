@@ -81,9 +81,11 @@ class Router:
                 else:
                     reply = await route.handler(request)
                     data = _encode(reply, max_message_size)
-                    await stream.send_response(wire.RESPONSE_HEADERS)
                     started = True
-                    await stream.send_all(data)
+                    await stream.send_response(
+                        wire.RESPONSE_HEADERS, body=data, trailers=wire.status_trailers(Code.OK)
+                    )
+                    return
             await stream.send_trailers(wire.status_trailers(Code.OK))
         except RpcError as exc:
             await _answer_error(stream, exc.code, exc.message, started=started)
