@@ -429,6 +429,39 @@ def test_ipv6_packet_with_extensions_reaches_tcp() -> None:
     assert packet.ip.protocol == PROTO_TCP
 
 
+@pytest.mark.parametrize(
+    ("first", "chain", "error"),
+    [
+        (60, bytes([0, 0]) + bytes(6) + bytes([PROTO_TCP, 0]) + bytes(6), SanityError),  # HBH 2nd
+        (60, bytes([PROTO_TCP, 3]) + bytes(6), IntegrityError),  # runs past the payload
+        (44, bytes([PROTO_TCP, 0, 0]), IntegrityError),  # truncated fragment header
+        (51, bytes([PROTO_TCP, 9]) + bytes(6), IntegrityError),  # AH past the payload
+    ],
+)
+def test_malformed_ipv6_extension_chains(first: int, chain: bytes, error: type[Exception]) -> None:
+    header = IPv6Header(CLIENT6, DEST6, first, len(chain), extensions=chain)
+    with pytest.raises(error):
+        IPv6Header.from_bytes(bytes(header))
+
+
+def test_ipv6_authentication_header_is_skipped() -> None:
+    tcp_bytes = encode(CLIENT6, DEST6, TCPHeader(5000, 80, 7, 0, SYN, 1000))[40:]
+    ah = bytes([PROTO_TCP, 4]) + bytes(22)  # (4 + 2) * 4 = 24 bytes
+    header = IPv6Header(CLIENT6, DEST6, 51, len(ah) + len(tcp_bytes), extensions=ah)
+    packet = parse_packet(bytes(header) + tcp_bytes)
+    assert packet.ip.protocol == PROTO_TCP and isinstance(packet.transport, TCPHeader)
+
+
+def test_ipv6_sanity_and_jumbograms() -> None:
+    multicast = b"\xff" + bytes(15)
+    with pytest.raises(SanityError):
+        IPv6Header.from_bytes(bytes(IPv6Header(multicast, DEST6, PROTO_UDP, 0)))
+    with pytest.raises(UnsupportedError):
+        IPv6Header.from_bytes(bytes(IPv6Header(CLIENT6, DEST6, 0, 0)) + bytes(8))
+    with pytest.raises(IntegrityError):
+        IPv6Header.from_bytes(b"\x40" + bytes(39))
+
+
 def test_unsupported_and_malformed_ip() -> None:
     with pytest.raises(UnsupportedError):
         parse_packet(bytes(IPv4Header(CLIENT4, DEST4, 47, 24)) + bytes(4))  # GRE

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tele.net.icmp import ICMPV4_HOST_UNREACHABLE, ICMPV4_UNREACHABLE, ICMPv4Header
-from tele.net.packet import parse_packet, rst_for
+from tele.net.packet import fast_tcp, parse_packet, rst_for
 from tele.net.tcp import ACK, FIN, PSH, RST, SYN
 from tele.net.tcpstate import (
     Closed,
@@ -177,7 +177,62 @@ def test_bad_ack_in_syn_received_gets_rst() -> None:
     assert conn.state is TCPState.SYN_RECEIVED
 
 
+def test_close_before_the_handshake_completes_sends_fin_after_it() -> None:
+    app = App()
+    conn = TCPConnection(app.syn(mss=1460))
+    conn.accept(iss=5000)
+    conn.data_to_send(0.0)
+    conn.send(b"early")
+    conn.close()  # the tunnel stream already ended
+    assert conn.state is TCPState.SYN_RECEIVED
+    app.rcv_nxt = 5001
+    conn.receive_packet(app.packet(ACK), 0.1)
+    assert conn.state is TCPState.FIN_WAIT_1
+    (segment,) = parse_all(conn.data_to_send(0.1))
+    assert tcp(segment).flags == ACK | PSH | FIN and bytes(segment.payload) == b"early"
+
+
+def test_misuse_is_refused() -> None:
+    app = App()
+    conn = TCPConnection(app.syn())
+    with pytest.raises(RuntimeError):
+        conn.send(b"x")  # before accept()
+    conn.accept(iss=1)
+    with pytest.raises(RuntimeError):
+        conn.accept()
+    with pytest.raises(RuntimeError):
+        conn.refuse()
+    with pytest.raises(ValueError):
+        TCPConnection(app.packet(ACK))  # not a SYN
+    with pytest.raises(ValueError):
+        TCPConfig(gso=True)
+    conn.close()
+    with pytest.raises(RuntimeError):
+        conn.send(b"after close")
+
+
+def test_abort_while_dialing_refuses() -> None:
+    app = App()
+    conn = TCPConnection(app.syn())
+    conn.abort()
+    (rst,) = parse_all(conn.data_to_send(0.0))
+    assert tcp(rst).flags == RST | ACK and tcp(rst).ack == 1001
+    conn.abort()  # idempotent
+    assert conn.events()[-1] == Closed()
+
+
 # --- data ---------------------------------------------------------------------------------
+
+
+def test_data_path_through_fast_tcp() -> None:
+    app = App(client=CLIENT6, dest=DEST6)
+    conn = establish(app)
+    wire = app._encoder.segment(app.snd_nxt, app.rcv_nxt, ACK | PSH, 1000, b"fast path")
+    view = fast_tcp(wire)
+    assert view is not None
+    assert view[:4] == conn.flow  # the runtime's table key
+    assert conn.receive_view(view, 0.1)
+    assert conn.events() == [DataReceived(b"fast path")]
 
 
 def test_data_from_the_app_is_delivered_and_acked() -> None:
@@ -658,3 +713,57 @@ def test_bulk_send_survives_loss(data: bytes, drops: list[bool], isn: int, iss: 
     assert received == data
     assert fin_seen
     assert conn.state is TCPState.FIN_WAIT_2
+
+
+# --- a property: any segment soup keeps the invariants ---------------------------------------
+
+
+_FLAG_CHOICES = [ACK, ACK | PSH, ACK | FIN, FIN, RST, RST | ACK, SYN, SYN | ACK, 0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_random_segments_and_calls_keep_invariants(data: st.DataObject) -> None:
+    """Whatever the app sends and the runtime calls, the connection stays within its bounds."""
+    app = App(isn=data.draw(st.integers(0, MASK)))
+    config = TCPConfig(receive_buffer=3000, send_buffer=2000, max_out_of_order=4)
+    conn = establish(app, config=config, iss=data.draw(st.integers(0, MASK)), mss=500)
+    now = 0.0
+    closed = 0
+    for _ in range(data.draw(st.integers(1, 40))):
+        action = data.draw(st.sampled_from(["segment", "send", "consume", "close", "timer"]))
+        if action == "segment":
+            seq = (app.snd_nxt + data.draw(st.integers(-3000, 6000))) & MASK
+            ack = (conn.snd_una + data.draw(st.integers(-100, 3000))) & MASK
+            flags = data.draw(st.sampled_from(_FLAG_CHOICES))
+            payload = data.draw(st.binary(max_size=700))
+            window = data.draw(st.integers(0, 4000))
+            conn.receive_packet(app.packet(flags, payload, seq=seq, ack=ack, window=window), now)
+        elif action == "send" and conn.state in (TCPState.ESTABLISHED, TCPState.CLOSE_WAIT):
+            assert conn.send(data.draw(st.binary(max_size=3000))) <= 2000
+        elif action == "consume" and conn.unconsumed:
+            conn.consume(data.draw(st.integers(0, conn.unconsumed)))
+        elif action == "close":
+            conn.close()
+        elif action == "timer":
+            deadline = conn.next_deadline()
+            if deadline is not None:
+                now = max(now, deadline)
+                conn.on_timer(now)
+        for frame in conn.data_to_send(now):
+            packet = parse_packet(frame)  # every frame is a valid packet of this flow
+            assert (packet.ip.src, packet.ip.dst) == (DEST4, CLIENT4)
+        events = conn.events()
+        closed += events.count(Closed())
+        if Closed() in events:
+            assert events[-1] == Closed()
+        # Bounds: what was delivered and not consumed never exceeds the buffer (plus the
+        # rounding of one window-scale unit), nor does the send queue or the reordering list.
+        assert conn.unconsumed <= config.receive_buffer + (1 << conn.rcv_wscale)
+        assert len(conn._sndbuf) <= config.send_buffer
+        assert len(conn._ooo) <= config.max_out_of_order
+        deadline = conn.next_deadline()
+        assert deadline is None or deadline >= now
+        if conn.state is TCPState.CLOSED:
+            assert deadline is None
+    assert closed <= 1
