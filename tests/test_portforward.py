@@ -4,7 +4,9 @@ v4.channel.k8s.io framing; kubeconfig loading (token, exec plugin, client certif
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import ipaddress
 import json
 import ssl
 import sys
@@ -24,6 +26,9 @@ import yaml
 from tele.k8s import portforward
 from tele.k8s.config import ClusterConnection, load_connection
 from tele.k8s.errors import KubeconfigError, PortForwardBroken, PortForwardError
+from tele.net.tunnel import Destination, Protocol
+from tele.rpc.h2link import open_link, serve_link
+from tele.rpc.tunnel import TunnelServer, dial
 
 TOKEN = "s3cret"
 PORT = 8080
@@ -79,6 +84,9 @@ async def _handle(
         while data := await stream.receive_some():
             await stream.send_all(data)
         await stream.aclose()
+    elif pod == "tunnel":
+        # A traffic-manager stand-in: an h2 link inside the port-forward, serving tunnel OPENs.
+        await serve_link(stream, TunnelServer().handle)
     elif pod == "pipe":
         await piped.send(stream)
         await trio.sleep_forever()  # the test owns the stream now; cancelled at teardown
@@ -308,3 +316,40 @@ async def test_kubeconfig_errors(tmp_path: Path) -> None:
     bad.write_text("apiVersion: v1\nkind: Config\ncontexts: []\nclusters: []\nusers: []\n")
     with pytest.raises(KubeconfigError):
         await load_connection(str(bad), "nope")
+
+
+async def test_tunnel_link_inside_the_port_forward(api_server: FakeApiServer) -> None:
+    """The whole transport: h2 link in the websocket, a tunnel stream to a loopback echo server,
+    2 MiB each way with the digest checked."""
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            while data := await stream.receive_some():
+                await stream.send_all(data)
+            await stream.send_eof()
+
+    payload = bytes(range(256)) * 8192
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, echo, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        destination = Destination(Protocol.TCP, ipaddress.ip_address("127.0.0.1"), port)
+        with trio.fail_after(20):
+            async with (
+                portforward.open_portforward(api_server.connection(), "ns", "tunnel", 1) as pf,
+                open_link(pf, client_side=True) as link,
+                await dial(link, destination, session="test") as stream,
+            ):
+                received = bytearray()
+
+                async def reader() -> None:
+                    while chunk := await stream.receive_some():
+                        received.extend(chunk)
+
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(reader)
+                    await stream.send_all(payload)
+                    await stream.send_eof()
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+        nursery.cancel_scope.cancel()

@@ -34,9 +34,9 @@ KEEPALIVE      the link (h2 runtime), periodically    PING; no ACK in time fails
 =============  =====================================  ==========================================
 
 Limits on everything a peer controls: header count and sizes (`MAX_HEADERS`,
-`MAX_HEADER_VALUE`), identifier syntax, datagram length (`MAX_DATAGRAM`); frame sizes and the
-number of concurrent streams are HTTP/2 settings enforced by the h2 runtime
-(`MAX_TUNNEL_STREAMS` is the value tele advertises).
+`MAX_HEADER_VALUE`), identifier syntax, datagram length (`MAX_DATAGRAM`), tunnel streams served
+at once (`MAX_TUNNEL_STREAMS`, beyond which OPENs get REFUSE(overloaded)); frame sizes, header
+list size and concurrent streams per link are HTTP/2 settings the h2 runtime enforces.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ MAX_HEADER_VALUE: Final = 256
 MAX_ID_LENGTH: Final = 64
 """Longest session or dial-back id."""
 MAX_TUNNEL_STREAMS: Final = 16_384
-"""SETTINGS_MAX_CONCURRENT_STREAMS tele advertises on a link: above the 10,000 it must carry."""
+"""Tunnel streams one server serves at once (all links together): above the 10,000 a link must
+carry; each costs two file descriptors at most, which bounds what a peer can make us hold."""
 MAX_DATAGRAM: Final = 65_535
 """Largest UDP payload the 2-byte length prefix can describe (IPv6 payload max without jumbo)."""
 DATAGRAM_HEADER: Final = 2
