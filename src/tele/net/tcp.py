@@ -76,19 +76,22 @@ class TCPHeader:
 
         The checksum needs the IP pseudo-header and is checked by `tele.net.packet`.
         """
+        # Integrity: the header and its options fit the buffer.
         if len(buf) < TCP_HEADER_LEN:
             raise IntegrityError(f"TCP: {len(buf)} bytes is shorter than a header")
         sport, dport, seq, ack, off, flags, window, csum, urgent = _TCP.unpack_from(buf)
         header_length = (off >> 4) * 4
         if header_length < TCP_HEADER_LEN or header_length > len(buf):
             raise IntegrityError(f"TCP: data offset {header_length} outside 20..{len(buf)}")
+        # Parse the options (their lengths are part of the integrity check).
+        options = _parse_options(buf, header_length) if header_length > TCP_HEADER_LEN else None
+        # Sanity: values no real stack sends.
         if sport == 0 or dport == 0:
             raise SanityError("TCP: port 0")
         if flags & SYN and flags & (FIN | RST):
             raise SanityError("TCP: SYN combined with FIN or RST")
-        if header_length == TCP_HEADER_LEN:
+        if options is None:
             return cls(sport, dport, seq, ack, flags, window, csum, urgent)
-        options = _parse_options(buf, header_length)
         return cls(sport, dport, seq, ack, flags, window, csum, urgent, *options)
 
     def options_bytes(self) -> bytes:
