@@ -33,7 +33,7 @@ SHORT_HELP: dict[str, str] = {
     "loglevel": "Change the daemon's log level, optionally for a while.",
     "gather-logs": "Zip tele's log files for a bug report.",
     "config": "Show the effective client configuration.",
-    "daemon": "Run or inspect the background daemon.",
+    "daemon": "Run the daemon in the foreground, or start it in the background.",
     "sandbox": "Run a local Kubernetes stand-in to try tele without a cluster.",
 }
 

@@ -1,0 +1,206 @@
+"""The everyday daemon commands: version, status, quit, loglevel, gather-logs.
+
+Only `loglevel` starts a daemon (so that a level raised before `tele connect` applies to it);
+version, status and quit report on whatever runs and never start one.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import click
+
+import tele
+from tele.cli.output import emit, output_option
+
+
+def _uptime_text(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    if days or hours:
+        parts.append(f"{hours}h")
+    if days or hours or minutes:
+        parts.append(f"{minutes}m")
+    parts.append(f"{secs}s")
+    return " ".join(parts)
+
+
+@click.command()
+@output_option
+def version(output: str) -> None:
+    """Show the client's version and, when a daemon runs, the daemon's."""
+    from tele.cli import quick
+    from tele.rpc import daemon_api
+
+    reply = quick.ask_daemon(daemon_api.VERSION, daemon_api.Empty())
+    data = {
+        "client": {"version": tele.__version__, "python": platform.python_version()},
+        "daemon": None
+        if reply is None
+        else {"version": reply.version, "python": reply.python, "pid": reply.pid},
+    }
+
+    def text(d: dict[str, Any]) -> str:
+        lines = [f"Client: tele v{d['client']['version']} (python {d['client']['python']})"]
+        daemon = d["daemon"]
+        if daemon is None:
+            lines.append("Daemon: not running")
+        else:
+            lines.append(f"Daemon: tele v{daemon['version']} (pid {daemon['pid']})")
+        return "\n".join(lines)
+
+    emit(data, output, text)
+
+
+@click.command()
+@output_option
+def status(output: str) -> None:
+    """Show whether the daemon runs (pid, version, uptime, files) and its connection."""
+    from tele.cli import quick
+    from tele.rpc import daemon_api
+
+    reply = quick.ask_daemon(daemon_api.STATUS, daemon_api.Empty())
+    data: dict[str, Any]
+    if reply is None:
+        data = {"daemon": {"running": False}, "connection": "not connected"}
+    else:
+        data = {
+            "daemon": {
+                "running": True,
+                "pid": reply.pid,
+                "version": reply.version,
+                "started_at": reply.started_at,
+                "uptime": round(reply.uptime, 3),
+                "log_level": reply.log_level,
+                "log_file": reply.log_file,
+                "socket": reply.socket,
+            },
+            "connection": reply.connection,
+        }
+
+    def text(d: dict[str, Any]) -> str:
+        daemon = d["daemon"]
+        if not daemon["running"]:
+            return f"Daemon: not running\nConnection: {d['connection']}"
+        return "\n".join(
+            [
+                "Daemon: running",
+                f"  PID:       {daemon['pid']}",
+                f"  Version:   v{daemon['version']}",
+                f"  Uptime:    {_uptime_text(daemon['uptime'])}",
+                f"  Log level: {daemon['log_level']}",
+                f"  Log file:  {daemon['log_file']}",
+                f"  Socket:    {daemon['socket']}",
+                f"Connection: {d['connection']}",
+            ]
+        )
+
+    emit(data, output, text)
+
+
+@click.command(name="quit")
+def quit_() -> None:
+    """Stop the daemon (and end its session); says so when none runs."""
+    from tele.cli import quick
+    from tele.errors import ConnectionFailed
+    from tele.rpc import daemon_api
+
+    reply = quick.ask_daemon(daemon_api.QUIT, daemon_api.Empty(), timeout=10)
+    pid = None if reply is None else reply.pid
+    # The daemon replied after removing its socket; wait for the process itself so that a
+    # command run right after this one starts a fresh daemon instead of racing the old one.
+    if pid is not None and not quick.wait_process_gone(pid, timeout=10):
+        raise ConnectionFailed(f"The daemon (pid {pid}) did not exit within 10s.")
+    if pid is None:
+        click.echo("The daemon is not running.")
+    else:
+        click.echo(f"Stopped the daemon (pid {pid}).")
+
+
+@click.command()
+@click.argument("level")
+@click.option(
+    "--duration",
+    "-d",
+    default="30m",
+    show_default=True,
+    help="How long the level holds before the configured one returns (0 = until changed).",
+)
+@output_option
+def loglevel(level: str, duration: str, output: str) -> None:
+    """Set the daemon's log level (trace, debug, info, warning, error) for a while.
+
+    Starts the daemon when none runs, so that a raised level applies to what follows.
+    """
+    from tele import config
+    from tele.cli import client
+    from tele.errors import UserError
+    from tele.rpc import daemon_api
+
+    try:
+        level_name = config.parse_log_level(level)
+    except ValueError as exc:
+        raise UserError(f"Unknown log level {level!r}: {exc}.") from None
+    try:
+        seconds = config.parse_duration(duration)
+    except ValueError as exc:
+        raise UserError(f"Invalid --duration {duration!r}: {exc}.") from None
+
+    async def change() -> daemon_api.SetLogLevelReply:
+        async with client.daemon_client(start=True) as rpc:
+            assert rpc is not None
+            request = daemon_api.SetLogLevelRequest(level=str(level_name), duration=float(seconds))
+            return await rpc.call(daemon_api.SET_LOG_LEVEL, request, timeout=5)
+
+    reply = client.run(change)
+
+    def text(r: daemon_api.SetLogLevelReply) -> str:
+        line = f"The daemon's log level is {r.level} (was {r.previous})"
+        if r.revert_in is not None and r.revert_to is not None:
+            line += f"; {r.revert_to} returns in {config.format_duration(round(r.revert_in))}"
+        return line + "."
+
+    emit(reply, output, text)
+
+
+@click.command(name="gather-logs")
+@click.option(
+    "--output-file",
+    "-o",
+    "output_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("tele_logs.zip"),
+    show_default=True,
+    help="The zip file to write.",
+)
+def gather_logs(output_file: Path) -> None:
+    """Zip tele's log files (daemon, CLI, rotated ones) into one file for a bug report."""
+    import zipfile
+
+    from tele import paths
+    from tele.errors import UserError
+
+    logs_dir = paths.logs_dir()
+    files = sorted(p for p in logs_dir.glob("*") if p.is_file()) if logs_dir.is_dir() else []
+    if not files:
+        raise UserError(f"There are no log files in {logs_dir} yet.")
+    target = output_file.resolve()
+    if target.suffix != ".zip":
+        target = target.with_name(target.name + ".zip")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for path in files:
+                if path.resolve() != target:
+                    archive.write(path, arcname=f"tele_logs/{path.name}")
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"Cannot write {target}: {exc.strerror or exc}.") from exc
+    click.echo(str(target))

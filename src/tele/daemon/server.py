@@ -1,0 +1,176 @@
+"""The daemon's RPC side: the accept loop on its unix socket (peer uid checked on every
+connection), one `serve_connection` task per client, and the handlers of tele.rpc.daemon_api.
+
+Later issues hang the session subtree (manager link, VIF, DNS) next to this in the root nursery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import trio
+
+import tele
+from tele import unixsock
+from tele.config import parse_log_level
+from tele.daemon.loglevel import LogLevelController
+from tele.rpc import daemon_api as api
+from tele.rpc.errors import Code, RpcError
+from tele.rpc.server import Router, serve_connection
+
+log = logging.getLogger(__name__)
+
+# accept() errors that mean "out of resources for now": wait and retry rather than die.
+_RETRYABLE_ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_RETRY_DELAY = 0.1
+
+
+class Daemon:
+    """The daemon's state and its RPC handlers; `serve` runs the listener until cancelled."""
+
+    def __init__(
+        self,
+        *,
+        listener: trio.SocketListener,
+        socket_path: Path,
+        pid_path: Path,
+        log_file: Path,
+        log_level: LogLevelController,
+        max_message_size: int,
+    ) -> None:
+        self.listener = listener
+        self.socket_path = socket_path
+        self.pid_path = pid_path
+        self.log_file = log_file
+        self.log_level = log_level
+        self.max_message_size = max_message_size
+        self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
+        self.quit_requested = trio.Event()
+        self._open_connections = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.router = Router()
+        self.router.unary(api.VERSION, self.version)
+        self.router.unary(api.STATUS, self.status)
+        self.router.unary(api.QUIT, self.quit)
+        self.router.unary(api.SET_LOG_LEVEL, self.set_log_level)
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    async def version(self, request: api.Empty) -> api.VersionReply:
+        return api.VersionReply(
+            version=tele.__version__, python=platform.python_version(), pid=os.getpid()
+        )
+
+    async def status(self, request: api.Empty) -> api.StatusReply:
+        return api.StatusReply(
+            version=tele.__version__,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            uptime=time.monotonic() - self._started_monotonic,
+            log_file=str(self.log_file),
+            socket=str(self.socket_path),
+            log_level=self.log_level.current,
+        )
+
+    async def quit(self, request: api.Empty) -> api.QuitReply:
+        # Stop being reachable before replying, so that a CLI that got the reply never finds
+        # the old socket; the process exits once the reply is out (see `serve_until_quit`).
+        log.info("quit requested")
+        await self.stop_listening()
+        self.quit_requested.set()
+        return api.QuitReply(pid=os.getpid())
+
+    async def set_log_level(self, request: api.SetLogLevelRequest) -> api.SetLogLevelReply:
+        try:
+            level = parse_log_level(request.level)
+        except ValueError as exc:
+            raise RpcError(Code.INVALID_ARGUMENT, f"Unknown log level: {exc}.") from None
+        if not math.isfinite(request.duration) or request.duration < 0:
+            raise RpcError(
+                Code.INVALID_ARGUMENT,
+                f"The duration must be zero or more seconds, not {request.duration}.",
+            )
+        previous = self.log_level.set(level, request.duration)
+        revert_in = self.log_level.revert_in()
+        return api.SetLogLevelReply(
+            level=str(level),
+            previous=previous,
+            revert_to=self.log_level.configured if revert_in is not None else None,
+            revert_in=revert_in,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def stop_listening(self) -> None:
+        """Close the listener and remove the socket and pid files (idempotent).
+
+        Safe only while this process holds the daemon lock: nobody else can own those paths.
+        """
+        await self.listener.aclose()
+        for path in (self.socket_path, self.pid_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    async def connections_closed(self) -> None:
+        """Wait until no client connection is open."""
+        while self._open_connections:
+            await self._idle.wait()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept clients until the listener closes; serve each on its own task."""
+        async with trio.open_nursery() as connections:
+            task_status.started()
+            while True:
+                try:
+                    stream = await self.listener.accept()
+                except trio.ClosedResourceError:
+                    return  # quit closed the listener; open connections finish on their own
+                except OSError as exc:
+                    if exc.errno not in _RETRYABLE_ACCEPT_ERRNOS:
+                        raise
+                    log.warning("accept failed (%s); retrying", os.strerror(exc.errno))
+                    await trio.sleep(_ACCEPT_RETRY_DELAY)
+                    continue
+                try:
+                    peer = unixsock.peer_credentials(stream.socket)
+                except Exception:
+                    log.exception("cannot read a client's credentials; closing it")
+                    await trio.aclose_forcefully(stream)
+                    continue
+                if not unixsock.peer_is_trusted(peer.uid):
+                    log.warning(
+                        "refused a connection from pid %d uid %d (not this user)",
+                        peer.pid,
+                        peer.uid,
+                    )
+                    await trio.aclose_forcefully(stream)
+                    continue
+                connections.start_soon(self._serve_connection, stream, peer)
+
+    async def _serve_connection(
+        self, stream: trio.SocketStream, peer: unixsock.PeerCredentials
+    ) -> None:
+        if self._open_connections == 0:
+            self._idle = trio.Event()
+        self._open_connections += 1
+        log.debug("client pid %d connected", peer.pid)
+        try:
+            await serve_connection(stream, self.router, max_message_size=self.max_message_size)
+        except Exception:
+            # One broken client must not take the daemon down.
+            log.exception("connection from pid %d failed", peer.pid)
+        finally:
+            await trio.aclose_forcefully(stream)
+            self._open_connections -= 1
+            if self._open_connections == 0:
+                self._idle.set()
+            log.debug("client pid %d disconnected", peer.pid)

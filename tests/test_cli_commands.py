@@ -1,0 +1,129 @@
+"""The commands as a user runs them (subprocesses): output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.daemon_util import DaemonGuard, run_tele, single_error_line
+
+
+@pytest.fixture
+def guard(tele_env: dict[str, str]) -> Iterator[DaemonGuard]:
+    guard = DaemonGuard(tele_env)
+    try:
+        yield guard
+    finally:
+        guard.kill_all()
+
+
+def write_config(env: dict[str, str], text: str) -> Path:
+    path = Path(env["XDG_CONFIG_HOME"]) / "tele" / "config.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_config_view_merges_the_file_with_defaults(tele_env: dict[str, str]) -> None:
+    write_config(tele_env, "timeouts:\n  cluster-connect: 45s\nlogLevels:\n  userDaemon: debug\n")
+
+    as_json = run_tele(tele_env, "config", "view", "-o", "json")
+    as_text = run_tele(tele_env, "config", "view")
+
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data["timeouts"]["clusterConnect"] == "45s"
+    assert data["timeouts"]["trafficManagerConnect"] == "1m"
+    assert data["logLevels"]["userDaemon"] == "debug"
+    assert data["intercept"]["defaultPort"] == 8080
+    assert as_text.returncode == 0
+    assert yaml.safe_load(as_text.stdout) == data
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("timeouts: [\n", "is not valid YAML at line 2"),
+        ("timeouts:\n  colour: 3\n", "key `timeouts.colour` is not a known key"),
+        ("intercept:\n  defaultPort: eighty\n", "key `intercept.defaultPort` is wrong"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_and_exit_1(
+    tele_env: dict[str, str], guard: DaemonGuard, text: str, expected: str
+) -> None:
+    path = write_config(tele_env, text)
+
+    for command in (["config", "view"], ["daemon", "start"], ["loglevel", "debug"]):
+        result = run_tele(tele_env, *command)
+        assert result.returncode == 1, (command, result.stderr)
+        line = single_error_line(result)
+        assert line.startswith("tele: ") and str(path) in line and expected in line, line
+    assert guard.daemons() == []
+
+
+def test_a_bad_log_level_is_one_line_and_starts_nothing(
+    tele_env: dict[str, str], guard: DaemonGuard
+) -> None:
+    result = run_tele(tele_env, "loglevel", "loud")
+
+    assert result.returncode == 1
+    assert single_error_line(result) == (
+        "tele: Unknown log level 'loud': expected one of trace, debug, info, warning, error, "
+        "got 'loud'."
+    )
+    bad_duration = run_tele(tele_env, "loglevel", "debug", "-d", "forever")
+    assert bad_duration.returncode == 1
+    assert "Invalid --duration 'forever'" in single_error_line(bad_duration)
+    assert guard.daemons() == []
+
+
+def test_usage_errors_exit_2(tele_env: dict[str, str]) -> None:
+    result = run_tele(tele_env, "status", "-o", "xml")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    missing = run_tele(tele_env, "loglevel")
+    assert missing.returncode == 2
+
+
+def test_commands_without_a_daemon_report_it_and_start_none(
+    tele_env: dict[str, str], guard: DaemonGuard
+) -> None:
+    status = run_tele(tele_env, "status")
+    version = run_tele(tele_env, "version", "-o", "yaml")
+    quit_ = run_tele(tele_env, "quit")
+
+    assert status.returncode == 0
+    assert status.stdout == "Daemon: not running\nConnection: not connected\n"
+    assert version.returncode == 0
+    versions = yaml.safe_load(version.stdout)
+    assert versions["daemon"] is None
+    assert versions["client"]["version"] == "0.1.0"
+    assert quit_.returncode == 0
+    assert quit_.stdout == "The daemon is not running.\n"
+    assert guard.daemons() == []
+
+
+def test_gather_logs_zips_the_log_files(tele_env: dict[str, str], tmp_path: Path) -> None:
+    empty = run_tele(tele_env, "gather-logs", "-o", str(tmp_path / "none.zip"))
+    assert empty.returncode == 1
+    assert "There are no log files" in single_error_line(empty)
+
+    logs_dir = Path(tele_env["XDG_CACHE_HOME"]) / "tele" / "logs"
+    logs_dir.mkdir(parents=True)
+    (logs_dir / "daemon.log").write_text("today\n")
+    (logs_dir / "daemon.log.1").write_text("yesterday\n")
+    target = tmp_path / "out" / "bug"
+    target.parent.mkdir()
+
+    result = run_tele(tele_env, "gather-logs", "--output-file", str(target))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(target) + ".zip"
+    with zipfile.ZipFile(str(target) + ".zip") as archive:
+        assert sorted(archive.namelist()) == ["tele_logs/daemon.log", "tele_logs/daemon.log.1"]
+        assert archive.read("tele_logs/daemon.log.1") == b"yesterday\n"
