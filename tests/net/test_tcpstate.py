@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tele.net.icmp import ICMPV4_HOST_UNREACHABLE, ICMPV4_UNREACHABLE, ICMPv4Header
 from tele.net.packet import fast_tcp, parse_packet, rst_for
-from tele.net.tcp import ACK, FIN, PSH, RST, SYN
+from tele.net.tcp import ACK, FIN, PSH, RST, SYN, URG
 from tele.net.tcpstate import (
     Closed,
     DataReceived,
@@ -767,3 +767,49 @@ def test_random_segments_and_calls_keep_invariants(data: st.DataObject) -> None:
         if conn.state is TCPState.CLOSED:
             assert deadline is None
     assert closed <= 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_header_prediction_matches_the_general_path(data: st.DataObject) -> None:
+    """The same input through the fast path and the general path gives the same results."""
+    isn = data.draw(st.integers(0, MASK))
+    iss = data.draw(st.integers(0, MASK))
+    apps = [App(isn=isn), App(isn=isn)]
+    config = TCPConfig(receive_buffer=5000, max_out_of_order=2)
+    conns = [establish(app, config=config, iss=iss, mss=500) for app in apps]
+    conns[1].header_prediction = False
+    for _ in range(data.draw(st.integers(1, 30))):
+        in_order = data.draw(st.booleans())
+        offset = 0 if in_order else data.draw(st.integers(-1000, 3000))
+        ack_delta = 0 if data.draw(st.booleans()) else data.draw(st.integers(-10, 1000))
+        flags = data.draw(st.sampled_from([ACK, ACK | PSH, ACK | FIN, ACK | URG, RST]))
+        payload = data.draw(st.binary(max_size=800))
+        window = data.draw(st.sampled_from([100, 1000, 0]))
+        consume = data.draw(st.integers(0, 2000))
+        send = data.draw(st.binary(max_size=600))
+        results = []
+        for app, conn in zip(apps, conns, strict=True):
+            seq = (app.snd_nxt + offset) & MASK
+            ack = (conn.snd_una + ack_delta) & MASK
+            packet = app.packet(flags, payload, seq=seq, ack=ack, window=window)
+            if in_order and flags & ACK and not flags & FIN:
+                app.snd_nxt = (app.snd_nxt + len(payload)) & MASK
+            conn.receive_packet(packet, 1.0)
+            if conn.unconsumed:
+                conn.consume(min(consume, conn.unconsumed))
+            if conn.state in (TCPState.ESTABLISHED, TCPState.CLOSE_WAIT):
+                conn.send(send)
+            results.append(
+                (
+                    conn.events(),
+                    conn.data_to_send(1.0),
+                    conn.state,
+                    conn.rcv_nxt,
+                    conn.snd_una,
+                    conn.snd_wnd,
+                    conn.unconsumed,
+                    conn.next_deadline(),
+                )
+            )
+        assert results[0] == results[1]
