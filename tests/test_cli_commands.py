@@ -54,15 +54,27 @@ def test_config_view_merges_the_file_with_defaults(tele_env: dict[str, str]) -> 
     ],
 )
 def test_a_bad_config_file_is_one_line_and_exit_1(
-    tele_env: dict[str, str], guard: DaemonGuard, text: str, expected: str
+    tele_env: dict[str, str], text: str, expected: str
 ) -> None:
     path = write_config(tele_env, text)
 
-    for command in (["config", "view"], ["daemon", "start"], ["loglevel", "debug"]):
+    result = run_tele(tele_env, "config", "view")
+
+    assert result.returncode == 1, result.stderr
+    line = single_error_line(result)
+    assert line.startswith("tele: ") and str(path) in line and expected in line, line
+
+
+def test_commands_that_start_the_daemon_refuse_a_bad_config(
+    tele_env: dict[str, str], guard: DaemonGuard
+) -> None:
+    path = write_config(tele_env, "timeouts:\n  colour: 3\n")
+    expected = f"tele: In the config file {path}, key `timeouts.colour` is not a known key"
+
+    for command in (["daemon", "start"], ["loglevel", "debug"], ["daemon", "run"]):
         result = run_tele(tele_env, *command)
         assert result.returncode == 1, (command, result.stderr)
-        line = single_error_line(result)
-        assert line.startswith("tele: ") and str(path) in line and expected in line, line
+        assert single_error_line(result).startswith(expected)
     assert guard.daemons() == []
 
 
@@ -127,3 +139,31 @@ def test_gather_logs_zips_the_log_files(tele_env: dict[str, str], tmp_path: Path
     with zipfile.ZipFile(str(target) + ".zip") as archive:
         assert sorted(archive.namelist()) == ["tele_logs/daemon.log", "tele_logs/daemon.log.1"]
         assert archive.read("tele_logs/daemon.log.1") == b"yesterday\n"
+
+
+def test_a_daemon_that_cannot_start_says_why_in_one_line(
+    tele_env: dict[str, str], guard: DaemonGuard
+) -> None:
+    # A directory where the socket should be: connecting is refused (so the CLI starts a
+    # daemon), and the daemon cannot bind; its reason travels back on the readiness pipe.
+    blocker = Path(tele_env["XDG_RUNTIME_DIR"]) / "tele" / "daemon.sock"
+    blocker.mkdir(parents=True)
+
+    result = run_tele(tele_env, "daemon", "start")
+
+    assert result.returncode == 3
+    assert single_error_line(result) == f"tele: Cannot listen on {blocker}: Is a directory."
+    assert guard.daemons() == []
+
+
+def test_unusable_directories_are_one_line_errors(tele_env: dict[str, str]) -> None:
+    logs_dir = Path(tele_env["XDG_CACHE_HOME"]) / "tele" / "logs"
+    logs_dir.parent.mkdir(parents=True)
+    logs_dir.write_text("a file where the log directory should be")
+
+    result = run_tele(tele_env, "loglevel", "debug")
+
+    assert result.returncode == 3
+    assert single_error_line(result) == (
+        f"tele: Cannot start the daemon: cannot create {logs_dir}: File exists."
+    )

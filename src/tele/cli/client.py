@@ -64,7 +64,12 @@ async def _try_connect() -> trio.SocketStream | None:
 
 def _spawn() -> tuple[subprocess.Popen[bytes], int]:
     """Start a detached daemon; return it and the read end of its readiness pipe."""
-    paths.ensure_private_dir(paths.logs_dir())
+    try:
+        paths.ensure_private_dir(paths.logs_dir())
+    except OSError as exc:
+        raise ConnectionFailed(
+            f"Cannot start the daemon: cannot create {paths.logs_dir()}: {exc.strerror or exc}."
+        ) from exc
     read_fd, write_fd = os.pipe()
     try:
         with open(stderr_log(), "ab") as err:

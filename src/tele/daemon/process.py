@@ -88,8 +88,13 @@ def run(*, ready_fd: int | None = None) -> None:
     ready = ReadyPipe(ready_fd)
     try:
         cfg = config.load()
-        paths.ensure_private_dir(paths.runtime_dir())
-        lock_fd = acquire_lock(daemon_api.lock_path())
+        try:
+            paths.ensure_private_dir(paths.runtime_dir())
+            lock_fd = acquire_lock(daemon_api.lock_path())
+        except OSError as exc:
+            raise TeleError(
+                f"Cannot use the runtime directory {paths.runtime_dir()}: {exc.strerror or exc}."
+            ) from exc
         if lock_fd is None:
             pid = read_pid(daemon_api.pid_path())
             ready.report(f"busy {pid or 0}")
@@ -99,7 +104,12 @@ def run(*, ready_fd: int | None = None) -> None:
                 else "A tele daemon is already starting or stopping."
             )
         try:
-            log_file = logs.setup_file_logging("daemon", str(cfg.log_levels.user_daemon))
+            try:
+                log_file = logs.setup_file_logging("daemon", str(cfg.log_levels.user_daemon))
+            except OSError as exc:
+                raise TeleError(
+                    f"Cannot open the log file in {paths.logs_dir()}: {exc.strerror or exc}."
+                ) from exc
             log.info("tele daemon %s starting, pid %d", tele.__version__, os.getpid())
             trio.run(_main, cfg, log_file, ready)
         finally:
