@@ -721,7 +721,7 @@ def test_bulk_send_survives_loss(data: bytes, drops: list[bool], isn: int, iss: 
 _FLAG_CHOICES = [ACK, ACK | PSH, ACK | FIN, FIN, RST, RST | ACK, SYN, SYN | ACK, 0]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_random_segments_and_calls_keep_invariants(data: st.DataObject) -> None:
     """Whatever the app sends and the runtime calls, the connection stays within its bounds."""
@@ -769,7 +769,7 @@ def test_random_segments_and_calls_keep_invariants(data: st.DataObject) -> None:
     assert closed <= 1
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(st.data())
 def test_header_prediction_matches_the_general_path(data: st.DataObject) -> None:
     """The same input through the fast path and the general path gives the same results."""
