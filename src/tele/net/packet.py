@@ -185,12 +185,13 @@ class SegmentView(NamedTuple):
 
 
 def fast_tcp(buf: Bytes, *, verify_checksum: bool = True) -> SegmentView | None:
-    """Header prediction for the data path: a segment that `parse_packet` would accept.
+    """The data path's parser: the fields of a segment that `parse_packet` would accept.
 
     Handles the common case only: IPv4 without options or IPv6 without extension headers,
     not a fragment, TCP without options (tele negotiates no per-segment options) and not a
     SYN. Anything else, malformed packets included, returns None: then call `parse_packet`,
-    which handles the rest and reports errors. About 3x cheaper than `parse_packet`.
+    which handles the rest and reports errors. No header objects are built, which makes it
+    2-3x cheaper than `parse_packet` when the checksum is left unverified (bench/netstack.py).
     """
     length = len(buf)
     if length >= 40 and buf[0] == 0x45:
