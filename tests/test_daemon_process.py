@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -263,3 +264,30 @@ def test_another_uid_is_refused(shared_runtime_env: dict[str, str]) -> None:
             assert f"uid {nobody} (not this user)" in f.read()
     finally:
         guard.kill_all()
+
+
+def test_daemon_run_in_the_foreground_until_quit(
+    tele_env: dict[str, str], guard: DaemonGuard
+) -> None:
+    foreground = subprocess.Popen(
+        [TELE, "daemon", "run"], env=tele_env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert foreground.stderr is not None
+        ready, _, _ = select.select([foreground.stderr], [], [], 20)
+        assert ready, "the foreground daemon did not report that it listens"
+        line = foreground.stderr.readline()
+        assert line.startswith(f"tele daemon: listening on {guard.socket}")
+
+        daemon = status(tele_env)["daemon"]
+        assert isinstance(daemon, dict) and daemon["pid"] == foreground.pid
+        assert run_tele(tele_env, "quit").returncode == 0
+
+        assert foreground.wait(timeout=10) == 0
+        assert foreground.stderr.read() == ""  # a clean stop prints nothing more
+    finally:
+        if foreground.poll() is None:
+            foreground.kill()
+            foreground.wait()
+        if foreground.stderr is not None:
+            foreground.stderr.close()
