@@ -1,0 +1,130 @@
+"""The trio Kubernetes client against the sandbox API server, in the same process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+import trio
+import yaml
+
+from tele.k8s import client as k8s
+from tele.k8s.client import ApiError, ApiUnreachable, KubeClient, open_kube_client
+from tele.k8s.config import load_connection
+from tele.sandbox.cluster import ClusterInfo, serve_cluster
+
+
+@pytest.fixture
+async def cluster(nursery: trio.Nursery) -> ClusterInfo:
+    info: ClusterInfo = await nursery.start(
+        lambda **kw: serve_cluster("k8stest", history_size=50, **kw)
+    )
+    return info
+
+
+@pytest.fixture
+async def kube(cluster: ClusterInfo, tmp_path: Path) -> AsyncIterator[KubeClient]:
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(cluster.kubeconfig()))
+    async with open_kube_client(str(path)) as client:
+        yield client
+
+
+def configmap(name: str, **data: str) -> dict[str, object]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": "t"}},
+        "data": data,
+    }
+
+
+async def test_crud_and_patches(kube: KubeClient) -> None:
+    created = await kube.create(k8s.CONFIGMAPS, configmap("one", a="1"))
+    assert created["metadata"]["uid"]
+    got = await kube.get(k8s.CONFIGMAPS, "one", "default")
+    assert got["data"] == {"a": "1"}
+    merged = await kube.patch(k8s.CONFIGMAPS, "one", {"data": {"b": "2"}}, "default")
+    assert merged["data"] == {"a": "1", "b": "2"}
+    jsonp = [{"op": "remove", "path": "/data/a"}]
+    patched = await kube.patch(k8s.CONFIGMAPS, "one", jsonp, "default", patch_type="json")
+    assert patched["data"] == {"b": "2"}
+    smp = {"metadata": {"labels": {"extra": "yes"}}}
+    patched = await kube.patch(k8s.CONFIGMAPS, "one", smp, "default", patch_type="strategic")
+    assert patched["metadata"]["labels"] == {"app": "t", "extra": "yes"}
+    assert await kube.delete(k8s.CONFIGMAPS, "one", "default") is not None
+    assert await kube.get_or_none(k8s.CONFIGMAPS, "one", "default") is None
+    assert await kube.delete(k8s.CONFIGMAPS, "one", "default") is None
+    with pytest.raises(ApiError) as info:
+        await kube.get(k8s.CONFIGMAPS, "one", "default")
+    assert info.value.not_found and "not found" in info.value.message
+
+
+async def test_conflict_on_stale_resource_version(kube: KubeClient) -> None:
+    first = await kube.create(k8s.CONFIGMAPS, configmap("cas", a="1"))
+    await kube.patch(k8s.CONFIGMAPS, "cas", {"data": {"a": "2"}}, "default")
+    first["data"] = {"a": "3"}
+    with pytest.raises(ApiError) as info:
+        await kube.replace(k8s.CONFIGMAPS, first)
+    assert info.value.conflict and info.value.reason == "Conflict"
+
+
+async def test_list_follows_continue_tokens(kube: KubeClient) -> None:
+    for i in range(7):
+        await kube.create(k8s.CONFIGMAPS, configmap(f"page-{i}"))
+    items, version = await kube.list(k8s.CONFIGMAPS, "default", label_selector="app=t", page_size=2)
+    assert sorted(i["metadata"]["name"] for i in items) == [f"page-{i}" for i in range(7)]
+    assert version
+
+
+async def test_informer_lists_then_follows_changes(kube: KubeClient) -> None:
+    await kube.create(k8s.CONFIGMAPS, configmap("before"))
+    seen: list[tuple[str, str]] = []
+    with trio.fail_after(10):
+        events = kube.informer(k8s.CONFIGMAPS, "default")
+        first = await anext(events)
+        assert first.type == "RELISTED"
+        names = {i["metadata"]["name"] for i in first.object["items"]}
+        assert names == {"before", "kube-root-ca.crt"}
+        await kube.create(k8s.CONFIGMAPS, configmap("after"))
+        await kube.patch(k8s.CONFIGMAPS, "after", {"data": {"x": "1"}}, "default")
+        await kube.delete(k8s.CONFIGMAPS, "after", "default")
+        while len(seen) < 3:
+            event = await anext(events)
+            seen.append((event.type, event.name))
+        await events.aclose()
+    assert seen == [("ADDED", "after"), ("MODIFIED", "after"), ("DELETED", "after")]
+
+
+async def test_watch_from_a_too_old_version_is_gone(kube: KubeClient) -> None:
+    _, version = await kube.list(k8s.CONFIGMAPS, "default")
+    for i in range(60):  # more changes than the sandbox keeps (history_size=50)
+        await kube.create(k8s.CONFIGMAPS, configmap(f"churn-{i}"))
+    with pytest.raises(ApiError) as info:
+        async with aclosing(kube.watch(k8s.CONFIGMAPS, "default", resource_version=version)) as w:
+            async for _ in w:
+                pass
+    assert info.value.gone
+
+
+async def test_unreachable_server_is_one_clear_error(cluster: ClusterInfo, tmp_path: Path) -> None:
+    config = cluster.kubeconfig()
+    config["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:9"  # nothing listens there
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    connection = await load_connection(str(path))
+    async with open_kube_client(connection=connection) as kube:
+        with pytest.raises(ApiUnreachable) as info:
+            await kube.get(k8s.NAMESPACES, "default")
+    assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in str(info.value)
+
+
+async def test_wrong_token_is_unauthorized(cluster: ClusterInfo, tmp_path: Path) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(cluster.token_kubeconfig("not-a-token", "mallory")))
+    async with open_kube_client(str(path)) as kube:
+        with pytest.raises(ApiError) as info:
+            await kube.get(k8s.NAMESPACES, "default")
+    assert info.value.code == 401
