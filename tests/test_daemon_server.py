@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,3 +127,38 @@ async def test_quick_call_errors(running: Running, tmp_path: Path) -> None:
     error = quick.translate(unknown_level.value)
     assert error.exit_code == 1
     assert str(error).startswith("Unknown log level: expected one of")
+
+
+def test_quick_call_gives_up_at_its_deadline(tmp_path: Path) -> None:
+    path = tmp_path / "mute.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:
+        mute.bind(str(path))
+        mute.listen()  # connections complete in the backlog; nobody ever answers
+
+        with pytest.raises(RpcError) as info:
+            quick.call(path, api.STATUS, api.Empty(), timeout=0.2)
+
+    assert info.value.code == Code.DEADLINE_EXCEEDED
+    assert str(quick.translate(info.value)) == "The daemon did not answer in time."
+
+
+def test_quick_call_reports_a_peer_that_hangs_up(tmp_path: Path) -> None:
+    path = tmp_path / "rude.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as rude:
+        rude.bind(str(path))
+        rude.listen()
+
+        def accept_and_close() -> None:
+            connection, _ = rude.accept()
+            connection.close()
+
+        hang_up = threading.Thread(target=accept_and_close)
+        hang_up.start()
+        try:
+            with pytest.raises(RpcError) as info:
+                quick.call(path, api.STATUS, api.Empty(), timeout=5)
+        finally:
+            hang_up.join()
+
+    assert info.value.code == Code.UNAVAILABLE
+    assert str(quick.translate(info.value)).startswith("Lost the connection to the daemon")
