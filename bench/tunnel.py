@@ -410,10 +410,13 @@ def _run_json(ns: str | None, argv: list[str], timeout: float) -> dict[str, obje
     out = subprocess.run(
         _in_ns(ns, argv), capture_output=True, text=True, timeout=timeout, check=False
     )
-    if out.returncode != 0:
+    if out.returncode != 0 and argv[0] != "iperf3":
         raise RuntimeError(f"{argv[:3]} failed: {(out.stderr or out.stdout).strip()[-400:]}")
     lines = [line for line in out.stdout.splitlines() if line.strip()]
-    return json.loads(out.stdout if argv[0] == "iperf3" else lines[-1])  # type: ignore[no-any-return]
+    # iperf3 -J prints one JSON document (also on errors, with "error"); our roles a last line.
+    if argv[0] == "iperf3":
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+    return json.loads(lines[-1])  # type: ignore[no-any-return]
 
 
 def _cpu_ticks(pids: list[int]) -> int:
@@ -568,11 +571,24 @@ def measure_env(
     runs: dict[str, list[Row]] = {row: [] for row in rows}
     try:
         iperf_port, echo_port = _free_port(), _free_port()
-        iperf = procs.start(
-            env.server_ns,
-            ["iperf3", "-s", "-B", env.target_bind, "-p", str(iperf_port), "--forceflush"],
-            ready="Server listening",
-        )
+
+        def start_iperf() -> subprocess.Popen[str]:
+            # A fresh one-test server per run: a run that times out cannot wedge the next one.
+            return procs.start(
+                env.server_ns,
+                [
+                    "iperf3",
+                    "-s",
+                    "-1",
+                    "-B",
+                    env.target_bind,
+                    "-p",
+                    str(iperf_port),
+                    "--forceflush",
+                ],
+                ready="Server listening",
+            )
+
         procs.start(env.server_ns, [PY, str(HERE), "echo", f"{env.target_bind}:{echo_port}"])
         for _ in range(repeat):
             for row in rows:
@@ -589,7 +605,8 @@ def measure_env(
                         env,
                         bulk_entry=bulk_entry,
                         echo_entry=echo_entry,
-                        iperf=iperf,
+                        start_iperf=start_iperf,
+                        stop=procs.stop,
                         relays=bulk,
                         duration=duration,
                         result=result,
@@ -612,7 +629,7 @@ def measure_env(
                             argv.append("--websocket")
                         rate = _run_json(env.client_ns, argv, duration + 30)
                         result.opens_per_s = float(rate["rate"])  # type: ignore[arg-type]
-                except (RuntimeError, subprocess.SubprocessError, KeyError) as exc:
+                except (RuntimeError, subprocess.SubprocessError, KeyError, ValueError) as exc:
                     result.notes.append(f"failed: {exc}")
                     print(f"  {env.name} {row}: failed ({exc})", file=sys.stderr)
                 finally:
@@ -650,41 +667,44 @@ def _measure_row(
     *,
     bulk_entry: str,
     echo_entry: str,
-    iperf: subprocess.Popen[str],
+    start_iperf: Callable[[], subprocess.Popen[str]],
+    stop: Callable[[subprocess.Popen[str]], None],
     relays: list[subprocess.Popen[str]],
     duration: float,
     result: Row,
 ) -> None:
+    """Each metric on its own: one that fails is noted and the others are still measured."""
     host, port = _split(bulk_entry)
     timeout = duration + 30
     for streams in (1, 8):
-        argv = [
-            "iperf3",
-            "-c",
-            host,
-            "-p",
-            str(port),
-            "-t",
-            str(duration),
-            "-P",
-            str(streams),
-            "-J",
-        ]
-        # CPU of the relay pair; for row a (no relays) of the iperf3 server, for reference.
-        with _cpu_meter([p.pid for p in relays] or [iperf.pid]) as cpu:
-            data = _run_json(env.client_ns, argv, timeout)
-        mbps = data["end"]["sum_received"]["bits_per_second"] / 8 / 1e6  # type: ignore[index]
+        argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(duration), "-P", str(streams)]
+        server = start_iperf()
+        try:
+            # CPU of the relay pair; for row a (no relays) of the iperf3 server, for reference.
+            with _cpu_meter([p.pid for p in relays] or [server.pid]) as cpu:
+                data = _run_json(env.client_ns, [*argv, "-J"], timeout)
+            if "error" in data:
+                raise RuntimeError(f"iperf3: {data['error']}")
+            mbps = data["end"]["sum_received"]["bits_per_second"] / 8 / 1e6  # type: ignore[index]
+        except (RuntimeError, subprocess.SubprocessError, KeyError, ValueError) as exc:
+            result.notes.append(f"{streams} stream(s): {exc}")
+            continue
+        finally:
+            stop(server)
         if streams == 1:
             result.mbps_1, result.cpu_pct = mbps, cpu["cpu_pct"]
         else:
             result.mbps_8 = mbps
-    lat = _run_json(env.client_ns, [PY, str(HERE), "latency", echo_entry, "5000"], timeout)
-    result.p50_us, result.p99_us = float(lat["p50_us"]), float(lat["p99_us"])  # type: ignore[arg-type]
-    rate_s = str(min(duration, 2.0))
-    rate = _run_json(env.client_ns, [PY, str(HERE), "rate", echo_entry, rate_s, "32"], timeout)
-    result.streams_per_s = float(rate["rate"])  # type: ignore[arg-type]
-    if rate.get("failed"):
-        result.notes.append(f"{rate['failed']} stream setups failed")
+    try:
+        lat = _run_json(env.client_ns, [PY, str(HERE), "latency", echo_entry, "5000"], timeout)
+        result.p50_us, result.p99_us = float(lat["p50_us"]), float(lat["p99_us"])  # type: ignore[arg-type]
+        rate_s = str(min(duration, 2.0))
+        rate = _run_json(env.client_ns, [PY, str(HERE), "rate", echo_entry, rate_s, "32"], timeout)
+        result.streams_per_s = float(rate["rate"])  # type: ignore[arg-type]
+        if rate.get("failed"):
+            result.notes.append(f"{rate['failed']} stream setups failed")
+    except (RuntimeError, subprocess.SubprocessError, ValueError) as exc:
+        result.notes.append(f"latency/rate: {exc}")
 
 
 def _fmt(value: float | None, spec: str) -> str:
