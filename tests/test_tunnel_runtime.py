@@ -15,13 +15,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 import trio.testing
 
 from tele.net import tunnel as codec
 from tele.net.tunnel import Destination, OpenRequest, Protocol, ResetReason
+from tele.rpc.client import open_client
 from tele.rpc.h2link import H2Link, H2Stream, LinkSettings, StreamReset, open_link, serve_link
+from tele.rpc.method import Unary
+from tele.rpc.server import Router, serve_connection
 from tele.rpc.tunnel import READ_SIZE, TunnelError, TunnelServer, dial, reset, reset_reason
 
 LOCALHOST = ipaddress.ip_address("127.0.0.1")
@@ -415,3 +419,33 @@ async def test_keepalive_keeps_a_live_link(autojump_clock: trio.testing.MockCloc
         async with await dial(link, destination, session=SESSION) as stream:
             await stream.send_all(b"alive")
             assert await stream.receive_some() == b"alive"
+
+
+class Note(msgspec.Struct, frozen=True):
+    text: str
+
+
+NOTE = Unary("/test.v1/Note", Note, Note)
+
+
+async def test_rpc_and_tunnel_share_one_link() -> None:
+    """The manager's router serves RPC calls and hands CONNECT streams to the tunnel server:
+    both run at once on one h2 connection."""
+    router = Router()
+
+    async def note(request: Note) -> Note:
+        return Note(request.text.upper())
+
+    router.unary(NOTE, note)
+    tunnels = TunnelServer()
+    router.raw(TunnelServer.matches, tunnels.handle)
+    a, b = trio.socket.socketpair()
+    async with tcp_server(echo) as destination, trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, trio.SocketStream(b), router)
+        async with open_client(trio.SocketStream(a)) as client:
+            stream = await dial(client.link, destination, session=SESSION)
+            await stream.send_all(b"bytes")
+            assert await client.call(NOTE, Note("rpc"), timeout=5) == Note("RPC")
+            assert await stream.receive_some() == b"bytes"
+            await stream.aclose()
+        nursery.cancel_scope.cancel()

@@ -201,8 +201,8 @@ async def splice(
             fail(reset_reason(exc), tunnel_side=True, scope=scope)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(tunnel_to_local, nursery.cancel_scope)
         nursery.start_soon(local_to_tunnel, nursery.cancel_scope)
+        await tunnel_to_local(nursery.cancel_scope)  # this task does one direction itself
     return outcome[0] if outcome else None
 
 
