@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "config": "tele.cli.config_cmd:config",
     "daemon": "tele.cli.daemon_cmd:daemon",
     "sandbox": "tele.cli.sandbox_cmd:sandbox",
+    "helm": "tele.cli.helm_cmd:helm",
 }
 
 # One-line help shown by `tele --help` without importing the command modules.
@@ -35,6 +36,7 @@ SHORT_HELP: dict[str, str] = {
     "config": "Show the effective client configuration.",
     "daemon": "Run the daemon in the foreground, or start it in the background.",
     "sandbox": "Run a local Kubernetes stand-in to try tele without a cluster.",
+    "helm": "Install, upgrade, uninstall or lint the traffic manager.",
 }
 
 

@@ -1,0 +1,295 @@
+"""`tele helm install|upgrade|uninstall|lint`: the traffic manager's chart, shipped inside tele.
+
+The chart is rendered by the real Helm (helm-python-sdk) and applied with tele's Kubernetes
+client (tele.helm.ops); nothing here talks to the daemon. Progress goes to stderr when it is a
+terminal; results are one line on stdout; failures one line on stderr with the exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from tele.helm.ops import Outcome, Progress
+    from tele.helm.values import ValueSources
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_NAMESPACE = "ambassador"
+DEFAULT_RELEASE = "traffic-manager"
+
+
+def _value_options(func: F) -> F:
+    options = [
+        click.option(
+            "-f",
+            "--values",
+            "value_files",
+            multiple=True,
+            metavar="FILE",
+            help="A YAML file of values (repeatable; '-' reads stdin).",
+        ),
+        click.option(
+            "--set", "set_", multiple=True, metavar="K=V", help="Set values like helm --set."
+        ),
+        click.option(
+            "--set-string", multiple=True, metavar="K=V", help="Set values, always as strings."
+        ),
+        click.option("--set-json", multiple=True, metavar="K=JSON", help="Set values from JSON."),
+        click.option(
+            "--set-file", multiple=True, metavar="K=PATH", help="Set values from file contents."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _target_options(func: F) -> F:
+    options = [
+        click.option(
+            "-n",
+            "--namespace",
+            "--manager-namespace",
+            "namespace",
+            default=DEFAULT_NAMESPACE,
+            show_default=True,
+            help="The namespace of the traffic manager (the release namespace).",
+        ),
+        click.option(
+            "--release-name",
+            default=DEFAULT_RELEASE,
+            show_default=True,
+            help="The name of the release.",
+        ),
+        click.option("--kubeconfig", metavar="PATH", help="Path to the kubeconfig file to use."),
+        click.option("--context", metavar="NAME", help="The kubeconfig context to use."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _sources(kwargs: dict[str, Any]) -> ValueSources:
+    from tele.helm.values import ValueSources
+
+    return ValueSources(
+        files=kwargs.pop("value_files"),
+        set=kwargs.pop("set_"),
+        set_string=kwargs.pop("set_string"),
+        set_json=kwargs.pop("set_json"),
+        set_file=kwargs.pop("set_file"),
+    )
+
+
+def _check_release_name(name: str) -> None:
+    from tele.helm.chart import _helm
+    from tele.helm.errors import ValuesError
+
+    helm = _helm()
+    try:
+        helm.validate_release_name(name)
+    except helm.HelmError:
+        raise ValuesError(
+            f"invalid release name {name!r}: use at most 53 lowercase letters, digits and '-'"
+        ) from None
+
+
+class _RichProgress:
+    """A transient progress bar on stderr (only used when stderr is a terminal)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[last]}"),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task: Any = None
+
+    def __enter__(self) -> _RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def begin(self, action: str, total: int) -> None:
+        self._task = self._progress.add_task(action, total=total, last="")
+
+    def advance(self, text: str) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, advance=1, last=text)
+
+
+def _run(operation: Callable[[Progress], Any]) -> Any:
+    """Run an async operation under trio with progress shown when stderr is a terminal."""
+    import trio
+
+    from tele.helm.ops import QuietProgress
+
+    if sys.stderr.isatty():
+        with _RichProgress() as progress:
+            return trio.run(operation, progress)
+    return trio.run(operation, QuietProgress())
+
+
+def _summary(verb: str, outcome: Outcome) -> str:
+    record = outcome.record
+    return (
+        f"{verb} release {record.name} in namespace {record.namespace} "
+        f"(revision {record.revision}): the traffic manager manages {outcome.scope}."
+    )
+
+
+@click.group()
+def helm() -> None:
+    """Install, upgrade, uninstall or lint the traffic manager (Helm chart inside tele)."""
+
+
+@helm.command()
+@_target_options
+@_value_options
+@click.option(
+    "--create-namespace/--no-create-namespace",
+    default=True,
+    show_default=True,
+    help="Create the release namespace when it does not exist.",
+)
+def install(**kwargs: Any) -> None:
+    """Install the traffic manager, refusing namespaces another manager already manages."""
+    from tele.helm import ops
+    from tele.helm.chart import Chart
+    from tele.k8s.client import open_kube_client
+
+    sources = _sources(kwargs)
+    _check_release_name(kwargs["release_name"])
+    values = sources.build()
+
+    async def operation(progress: Progress) -> Outcome:
+        chart = await Chart.load()
+        await chart.merged(values)  # bad values fail before any cluster access
+        async with open_kube_client(kwargs["kubeconfig"], kwargs["context"]) as kube:
+            return await ops.install(
+                kube,
+                chart,
+                values,
+                release=kwargs["release_name"],
+                namespace=kwargs["namespace"],
+                create_namespace=kwargs["create_namespace"],
+                progress=progress,
+            )
+
+    click.echo(_summary("Installed", _run(operation)))
+
+
+@helm.command()
+@_target_options
+@_value_options
+@click.option("--reuse-values", is_flag=True, help="Merge the new values over the last ones.")
+@click.option("--reset-values", is_flag=True, help="Start from the chart's default values.")
+def upgrade(**kwargs: Any) -> None:
+    """Upgrade the traffic manager: apply the chart with new values and prune what it dropped."""
+    from tele.helm import ops
+    from tele.helm.chart import Chart
+    from tele.k8s.client import open_kube_client
+
+    sources = _sources(kwargs)
+    _check_release_name(kwargs["release_name"])
+    values = sources.build()
+
+    async def operation(progress: Progress) -> Outcome:
+        chart = await Chart.load()
+        await chart.merged(values)  # bad values fail before any cluster access
+        async with open_kube_client(kwargs["kubeconfig"], kwargs["context"]) as kube:
+            return await ops.upgrade(
+                kube,
+                chart,
+                values,
+                release=kwargs["release_name"],
+                namespace=kwargs["namespace"],
+                reuse_values=kwargs["reuse_values"],
+                reset_values=kwargs["reset_values"],
+                values_given=not sources.empty,
+                progress=progress,
+            )
+
+    outcome = _run(operation)
+    pruned = f" Removed {len(outcome.pruned)} objects it no longer needs." if outcome.pruned else ""
+    click.echo(_summary("Upgraded", outcome) + pruned)
+
+
+@helm.command()
+@_target_options
+@click.option(
+    "--timeout",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait for the objects to be gone.",
+)
+def uninstall(**kwargs: Any) -> None:
+    """Uninstall the traffic manager: delete what its release owns and wait until it is gone."""
+    from tele.helm import ops
+    from tele.k8s.client import open_kube_client
+
+    _check_release_name(kwargs["release_name"])
+
+    async def operation(progress: Progress) -> Outcome:
+        async with open_kube_client(kwargs["kubeconfig"], kwargs["context"]) as kube:
+            return await ops.uninstall(
+                kube,
+                release=kwargs["release_name"],
+                namespace=kwargs["namespace"],
+                wait=kwargs["timeout"],
+                progress=progress,
+            )
+
+    outcome = _run(operation)
+    click.echo(
+        f"Uninstalled release {outcome.record.name} from namespace {outcome.record.namespace}: "
+        f"{len(outcome.pruned)} objects deleted."
+    )
+
+
+@helm.command()
+@_value_options
+@click.option(
+    "-n",
+    "--namespace",
+    default=DEFAULT_NAMESPACE,
+    show_default=True,
+    help="The namespace to lint for.",
+)
+@click.option("--strict/--no-strict", default=True, show_default=True, help="Fail on warnings too.")
+def lint(**kwargs: Any) -> None:
+    """Lint the chart inside tele with Helm, with the given values (schema included)."""
+    from tele.errors import UserError
+    from tele.helm.chart import lint_blocking, values_error
+
+    values = _sources(kwargs).build()
+    messages = lint_blocking(values, namespace=kwargs["namespace"], strict=kwargs["strict"])
+    threshold = 2 if kwargs["strict"] else 3
+    problems: list[str] = []
+    for message in messages:
+        lines = [line for line in message.text.splitlines() if line.lstrip().startswith("- at ")]
+        if message.path == "templates/" and lines:
+            continue  # Helm reports a schema failure twice; values.yaml's copy is enough
+        texts = [str(values_error(line)) for line in lines] or [" ".join(message.text.split())]
+        for text in texts:
+            click.echo(f"[{message.label}] {message.path}: {text}")
+            if message.severity >= threshold:
+                problems.append(text)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"the chart does not lint: {problems[0]}{more}")
+    click.echo("1 chart linted, 0 failed.")

@@ -1,0 +1,293 @@
+"""install, upgrade and uninstall of the traffic manager with tele's own Kubernetes client.
+
+Each object the chart renders is applied with server-side apply (field manager `tele-helm`,
+forced: the chart owns these fields), in Helm's install order. The release record is written
+before the first object is applied (listing every object that may exist) and rewritten when the
+work is done, so an interrupted install or upgrade is still cleaned up by the next upgrade or
+uninstall.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from tele.helm import release as records
+from tele.helm.chart import Chart, kind_rank
+from tele.helm.conflicts import check_conflicts, selector_of
+from tele.helm.errors import ReleaseError
+from tele.helm.release import ObjectRef, ReleaseRecord
+from tele.k8s import client as k8s
+from tele.k8s.client import ApiError, KubeClient, Resource
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+FIELD_MANAGER = "tele-helm"
+
+
+class Progress(Protocol):
+    """What the CLI shows while objects are applied or deleted."""
+
+    def begin(self, action: str, total: int) -> None: ...
+
+    def advance(self, text: str) -> None: ...
+
+
+class QuietProgress:
+    def begin(self, action: str, total: int) -> None:
+        pass
+
+    def advance(self, text: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    record: ReleaseRecord
+    applied: list[ObjectRef]
+    pruned: list[ObjectRef]
+    scope: str  # "all namespaces", "namespaces a, b", ...
+
+
+def _resource(ref: ObjectRef) -> Resource:
+    return k8s.resource_for({"apiVersion": ref.api_version, "kind": ref.kind})
+
+
+async def _existing_namespaces(kube: KubeClient) -> dict[str, dict[str, str]]:
+    items, _ = await kube.list(k8s.NAMESPACES)
+    return {str(ns["metadata"]["name"]): dict(ns["metadata"].get("labels") or {}) for ns in items}
+
+
+async def _check_scope(
+    kube: KubeClient, release: str, namespace: str, merged: Obj
+) -> tuple[dict[str, dict[str, str]], str]:
+    """Refuse a scope that collides with another manager's or names missing namespaces."""
+    scope = records.scope_of(merged)
+    existing = await _existing_namespaces(kube)
+    others = await records.list_all(kube)
+    check_conflicts(release, namespace, scope, others, existing)
+    selector = selector_of(scope)
+    static = selector.static_names
+    if static is not None:
+        missing = sorted(static - set(existing))
+        if missing:
+            raise ReleaseError(
+                f"namespace{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                f"{'do' if len(missing) > 1 else 'does'} not exist; create "
+                f"{'them' if len(missing) > 1 else 'it'} first or leave "
+                f"{'them' if len(missing) > 1 else 'it'} out of the managed namespaces"
+            )
+    return existing, selector.describe()
+
+
+async def _ensure_namespace(kube: KubeClient, namespace: str, create: bool) -> None:
+    if await kube.get_or_none(k8s.NAMESPACES, namespace) is not None:
+        return
+    if not create:
+        raise ReleaseError(
+            f"namespace {namespace} does not exist; create it or pass --create-namespace"
+        )
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+    try:
+        await kube.create(k8s.NAMESPACES, body)
+    except ApiError as exc:
+        if not exc.conflict:
+            raise
+
+
+async def _apply(kube: KubeClient, objects: list[Obj], progress: Progress) -> list[ObjectRef]:
+    applied: list[ObjectRef] = []
+    for obj in objects:
+        ref = ObjectRef.of(obj)
+        try:
+            await kube.patch(
+                _resource(ref),
+                ref.name,
+                obj,
+                ref.namespace or None,
+                patch_type="apply",
+                field_manager=FIELD_MANAGER,
+                force=True,
+            )
+        except ApiError as exc:
+            raise ApiError(
+                exc.code, exc.reason, f"cannot apply {ref.describe()}: {exc.message}", exc.status
+            ) from None
+        applied.append(ref)
+        progress.advance(f"applied {ref.describe()}")
+    return applied
+
+
+async def _delete(
+    kube: KubeClient, refs: Iterable[ObjectRef], progress: Progress, *, wait: float | None
+) -> list[ObjectRef]:
+    """Delete in reverse install order; with `wait`, until each is gone (watched, not polled)."""
+    ordered = sorted(refs, key=lambda r: kind_rank(r.kind), reverse=True)
+    for ref in ordered:
+        await kube.delete(_resource(ref), ref.name, ref.namespace or None)
+        progress.advance(f"deleted {ref.describe()}")
+    if wait is not None:
+        for ref in ordered:
+            await _wait_gone(kube, ref, wait)
+    return ordered
+
+
+async def _wait_gone(kube: KubeClient, ref: ObjectRef, timeout: float) -> None:
+    resource = _resource(ref)
+    namespace = ref.namespace or None
+    with trio.move_on_after(timeout) as scope:
+        while True:
+            live = await kube.get_or_none(resource, ref.name, namespace)
+            if live is None:
+                return
+            version = str(live["metadata"].get("resourceVersion") or "")
+            watch = kube.watch(
+                resource,
+                namespace,
+                resource_version=version,
+                field_selector=f"metadata.name={ref.name}",
+                timeout_seconds=max(1, int(timeout)),
+            )
+            async with aclosing(watch) as events:
+                async for event in events:
+                    if event.type == "DELETED":
+                        return
+    if scope.cancelled_caught:
+        raise ReleaseError(
+            f"{ref.describe()} was not deleted within {timeout:g}s; "
+            f"check its finalizers with kubectl"
+        )
+
+
+def _merge_reused(old: Mapping[str, Any], new: Mapping[str, Any]) -> Obj:
+    from tele.helm.values import deep_merge
+
+    return deep_merge(old, new)
+
+
+async def install(
+    kube: KubeClient,
+    chart: Chart,
+    values: Obj,
+    *,
+    release: str,
+    namespace: str,
+    create_namespace: bool = True,
+    progress: Progress | None = None,
+) -> Outcome:
+    progress = progress or QuietProgress()
+    merged = await chart.merged(values)
+    previous = await records.read(kube, release, namespace)
+    if previous is not None and previous.status != "pending-install":
+        raise ReleaseError(
+            f"release {release} is already installed in namespace {namespace} "
+            f"(revision {previous.revision}); use tele helm upgrade to change it"
+        )
+    _, scope_text = await _check_scope(kube, release, namespace, merged)
+    objects = await chart.render(values, release=release, namespace=namespace)
+    await _ensure_namespace(kube, namespace, create_namespace)
+    refs = [ObjectRef.of(o) for o in objects]
+    leftovers = [r for r in (previous.objects if previous else []) if r not in set(refs)]
+    record = ReleaseRecord(
+        name=release,
+        namespace=namespace,
+        revision=1,
+        status="pending-install",
+        chart_version=chart.version,
+        app_version=chart.app_version,
+        values=values,
+        scope=records.scope_of(merged),
+        objects=refs + leftovers,
+    )
+    await records.write(kube, record)
+    progress.begin("Installing", len(objects) + len(leftovers))
+    applied = await _apply(kube, objects, progress)
+    pruned = await _delete(kube, leftovers, progress, wait=None)
+    record.status = "deployed"
+    record.objects = refs
+    await records.write(kube, record)
+    return Outcome(record, applied, pruned, scope_text)
+
+
+async def upgrade(
+    kube: KubeClient,
+    chart: Chart,
+    values: Obj,
+    *,
+    release: str,
+    namespace: str,
+    reuse_values: bool = False,
+    reset_values: bool = False,
+    values_given: bool = True,
+    progress: Progress | None = None,
+) -> Outcome:
+    """Apply the chart with new values, then delete what the old revision had and this lacks.
+
+    Values as Helm decides them: --reset-values starts from the chart's defaults, --reuse-values
+    merges the new ones over the last revision's, and with neither the last revision's are kept
+    when no new ones are given."""
+    progress = progress or QuietProgress()
+    previous = await records.read(kube, release, namespace)
+    if previous is None:
+        raise ReleaseError(
+            f"release {release} is not installed in namespace {namespace}; "
+            f"use tele helm install first"
+        )
+    if reuse_values and not reset_values:
+        values = _merge_reused(previous.values, values)
+    elif not reset_values and not values_given:
+        values = dict(previous.values)
+    merged = await chart.merged(values)
+    _, scope_text = await _check_scope(kube, release, namespace, merged)
+    revision = previous.revision + 1
+    objects = await chart.render(
+        values, release=release, namespace=namespace, revision=revision, upgrade=True
+    )
+    refs = [ObjectRef.of(o) for o in objects]
+    stale = [r for r in previous.objects if r not in set(refs)]
+    record = ReleaseRecord(
+        name=release,
+        namespace=namespace,
+        revision=revision,
+        status="pending-upgrade",
+        chart_version=chart.version,
+        app_version=chart.app_version,
+        values=values,
+        scope=records.scope_of(merged),
+        objects=refs + stale,
+    )
+    await records.write(kube, record)
+    progress.begin("Upgrading", len(objects) + len(stale))
+    applied = await _apply(kube, objects, progress)
+    pruned = await _delete(kube, stale, progress, wait=None)
+    record.status = "deployed"
+    record.objects = refs
+    await records.write(kube, record)
+    return Outcome(record, applied, pruned, scope_text)
+
+
+async def uninstall(
+    kube: KubeClient,
+    *,
+    release: str,
+    namespace: str,
+    wait: float = 120.0,
+    progress: Progress | None = None,
+) -> Outcome:
+    """Delete every object the release record lists, wait until they are gone, then the record."""
+    progress = progress or QuietProgress()
+    record = await records.read(kube, release, namespace)
+    if record is None:
+        raise ReleaseError(f"release {release} is not installed in namespace {namespace}")
+    record.status = "uninstalling"
+    await records.write(kube, record)
+    progress.begin("Uninstalling", len(record.objects))
+    deleted = await _delete(kube, record.objects, progress, wait=wait)
+    await records.delete(kube, record)
+    return Outcome(record, [], deleted, "")

@@ -1,0 +1,241 @@
+"""install / upgrade / uninstall against the in-process sandbox API server: objects checked in
+the API, release records, namespace conflicts between managers, pruning and full removal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tele.helm import ops
+from tele.helm import release as records
+from tele.helm.chart import Chart
+from tele.helm.errors import NamespaceConflict, ReleaseError
+from tele.k8s import client as k8s
+from tele.k8s.client import KubeClient
+
+Obj = dict[str, Any]
+
+# Every kind the chart renders, plus Secrets (the release record).
+OWNED_KINDS = (
+    k8s.SERVICEACCOUNTS,
+    k8s.SECRETS,
+    k8s.CLUSTERROLES,
+    k8s.CLUSTERROLEBINDINGS,
+    k8s.ROLES,
+    k8s.ROLEBINDINGS,
+    k8s.SERVICES,
+    k8s.DEPLOYMENTS,
+    k8s.MUTATING_WEBHOOKS,
+)
+
+
+async def snapshot(kube: KubeClient) -> set[tuple[str, str, str]]:
+    found: set[tuple[str, str, str]] = set()
+    for resource in OWNED_KINDS:
+        items, _ = await kube.list(resource)
+        for item in items:
+            meta = item["metadata"]
+            found.add((resource.kind, meta.get("namespace", ""), meta["name"]))
+    return found
+
+
+async def make_namespace(kube: KubeClient, name: str, **labels: str) -> None:
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+    await kube.create(k8s.NAMESPACES, body)
+
+
+async def install(kube: KubeClient, chart: Chart, namespace: str, values: Obj) -> ops.Outcome:
+    return await ops.install(kube, chart, values, release="traffic-manager", namespace=namespace)
+
+
+async def test_install_creates_every_rendered_object(kube: KubeClient, chart: Chart) -> None:
+    outcome = await install(kube, chart, "ambassador", {"logLevel": "debug"})
+    rendered = await chart.render(
+        {"logLevel": "debug"}, release="traffic-manager", namespace="ambassador"
+    )
+    assert len(outcome.applied) == len(rendered) >= 9
+    for obj in rendered:
+        meta = obj["metadata"]
+        live = await kube.get(k8s.resource_for(obj), meta["name"], meta.get("namespace"))
+        assert live["metadata"]["labels"]["app.kubernetes.io/instance"] == "traffic-manager"
+    deployment = await kube.get(k8s.DEPLOYMENTS, "traffic-manager", "ambassador")
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "TELE_LOG_LEVEL", "value": "debug"} in env
+    assert await kube.get(k8s.NAMESPACES, "ambassador")  # --create-namespace is the default
+    record = await records.read(kube, "traffic-manager", "ambassador")
+    assert record is not None
+    assert (record.revision, record.status, record.values) == (1, "deployed", {"logLevel": "debug"})
+    assert set(record.objects) == set(outcome.applied)
+    assert outcome.scope == "all namespaces"
+
+
+async def test_overlapping_managers_are_refused_naming_the_other(
+    kube: KubeClient, chart: Chart
+) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        await make_namespace(kube, name)
+    await make_namespace(kube, "delta", env="dev")
+    await install(kube, chart, "mgr-a", {"namespaces": ["alpha", "beta"]})
+
+    with pytest.raises(NamespaceConflict) as info:
+        await install(kube, chart, "mgr-b", {"namespaces": ["beta", "gamma"]})
+    assert str(info.value).startswith(
+        "release traffic-manager in namespace mgr-a already manages namespace beta;"
+    )
+    static_selector = {
+        "matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["alpha"]}
+        ]
+    }
+    with pytest.raises(NamespaceConflict, match="mgr-a already manages namespace alpha"):
+        await install(kube, chart, "mgr-b", {"namespaceSelector": static_selector})
+    with pytest.raises(NamespaceConflict, match="mgr-a already manages namespaces alpha, beta"):
+        await install(kube, chart, "mgr-b", {})  # cluster-wide overlaps everything
+    # Nothing of the refused installs was created.
+    assert await kube.get_or_none(k8s.NAMESPACES, "mgr-b") is None
+
+    await install(kube, chart, "mgr-c", {"namespaces": ["gamma"]})
+    # A dynamic selector conflicts on an existing namespace both select...
+    await make_namespace(kube, "epsilon", env="dev")
+    await install(kube, chart, "mgr-d", {"namespaceSelector": {"matchLabels": {"env": "dev"}}})
+    with pytest.raises(NamespaceConflict, match="mgr-d already manages namespace delta"):
+        await install(kube, chart, "mgr-e", {"namespaces": ["delta"]})
+    # ...and not when none exists yet.
+    await install(kube, chart, "mgr-f", {"namespaceSelector": {"matchLabels": {"env": "qa"}}})
+    names = {(r.namespace, r.name) for r in await records.list_all(kube)}
+    assert {ns for ns, _ in names} == {"mgr-a", "mgr-c", "mgr-d", "mgr-f"}
+
+
+async def test_a_cluster_wide_manager_blocks_every_other(kube: KubeClient, chart: Chart) -> None:
+    await make_namespace(kube, "alpha")
+    await install(kube, chart, "ambassador", {})
+    with pytest.raises(NamespaceConflict) as info:
+        await install(kube, chart, "other", {"namespaces": ["alpha"]})
+    assert "release traffic-manager in namespace ambassador already manages all namespaces" in (
+        str(info.value)
+    )
+    with pytest.raises(NamespaceConflict, match="already installs a traffic manager in namespace"):
+        await ops.install(kube, chart, {}, release="second", namespace="ambassador")
+
+
+async def test_upgrade_patches_changed_objects_and_prunes_dropped_ones(
+    kube: KubeClient, chart: Chart
+) -> None:
+    await make_namespace(kube, "alpha")
+    await make_namespace(kube, "beta")
+    await install(kube, chart, "ambassador", {"namespaces": ["alpha"]})
+    assert await kube.get_or_none(k8s.ROLES, "traffic-manager-ambassador", "alpha")
+    # The manager patches its CA into the webhook; an upgrade must not take it away.
+    webhook = "agent-injector-webhook-ambassador"
+    ca_patch = {
+        "webhooks": [
+            {"name": "agent-injector-ambassador.tele.io", "clientConfig": {"caBundle": "Q0E="}}
+        ]
+    }
+    await kube.patch(
+        k8s.MUTATING_WEBHOOKS, webhook, ca_patch, patch_type="strategic", field_manager="manager"
+    )
+
+    outcome = await ops.upgrade(
+        kube,
+        chart,
+        {"namespaces": ["beta"], "logLevel": "debug"},
+        release="traffic-manager",
+        namespace="ambassador",
+    )
+    assert await kube.get_or_none(k8s.ROLES, "traffic-manager-ambassador", "alpha") is None
+    assert await kube.get_or_none(k8s.ROLEBINDINGS, "traffic-manager-ambassador", "alpha") is None
+    assert await kube.get(k8s.ROLES, "traffic-manager-ambassador", "beta")
+    assert {r.describe() for r in outcome.pruned} == {
+        "Role alpha/traffic-manager-ambassador",
+        "RoleBinding alpha/traffic-manager-ambassador",
+    }
+    deployment = await kube.get(k8s.DEPLOYMENTS, "traffic-manager", "ambassador")
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["TELE_LOG_LEVEL"] == "debug"
+    assert env["TELE_NAMESPACES"] == '["beta"]'
+    live_hook = await kube.get(k8s.MUTATING_WEBHOOKS, webhook)
+    hook = live_hook["webhooks"][0]
+    assert hook["clientConfig"]["caBundle"] == "Q0E="
+    assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["beta"]
+    record = await records.read(kube, "traffic-manager", "ambassador")
+    assert record is not None and (record.revision, record.status) == (2, "deployed")
+
+    # No values: the last revision's are kept; --reset-values goes back to the defaults.
+    kept = await ops.upgrade(
+        kube, chart, {}, release="traffic-manager", namespace="ambassador", values_given=False
+    )
+    assert kept.record.values == {"namespaces": ["beta"], "logLevel": "debug"}
+    reused = await ops.upgrade(
+        kube,
+        chart,
+        {"logLevel": "info"},
+        release="traffic-manager",
+        namespace="ambassador",
+        reuse_values=True,
+    )
+    assert reused.record.values == {"namespaces": ["beta"], "logLevel": "info"}
+    reset = await ops.upgrade(
+        kube,
+        chart,
+        {},
+        release="traffic-manager",
+        namespace="ambassador",
+        reset_values=True,
+        values_given=False,
+    )
+    assert reset.record.values == {} and reset.scope == "all namespaces"
+    assert await kube.get_or_none(k8s.ROLES, "traffic-manager-ambassador", "beta") is None
+
+
+async def test_upgrade_is_checked_for_conflicts_too(kube: KubeClient, chart: Chart) -> None:
+    await make_namespace(kube, "alpha")
+    await make_namespace(kube, "beta")
+    await install(kube, chart, "mgr-a", {"namespaces": ["alpha"]})
+    await install(kube, chart, "mgr-b", {"namespaces": ["beta"]})
+    with pytest.raises(NamespaceConflict, match="in namespace mgr-a already manages"):
+        await ops.upgrade(
+            kube,
+            chart,
+            {"namespaces": ["alpha", "beta"]},
+            release="traffic-manager",
+            namespace="mgr-b",
+        )
+
+
+async def test_uninstall_removes_everything_it_installed(kube: KubeClient, chart: Chart) -> None:
+    await make_namespace(kube, "ambassador")
+    await make_namespace(kube, "alpha")
+    before = await snapshot(kube)
+    await install(kube, chart, "ambassador", {"namespaces": ["alpha"]})
+    installed = await snapshot(kube) - before
+    assert ("Role", "alpha", "traffic-manager-ambassador") in installed
+    assert ("Secret", "ambassador", "tele-release-traffic-manager") in installed
+    outcome = await ops.uninstall(kube, release="traffic-manager", namespace="ambassador")
+    assert len(outcome.pruned) == len(installed) - 1  # all but the record, deleted last
+    assert await snapshot(kube) == before
+
+
+async def test_release_state_errors_are_one_sentence(kube: KubeClient, chart: Chart) -> None:
+    with pytest.raises(ReleaseError, match="is not installed in namespace ambassador; use tele"):
+        await ops.upgrade(kube, chart, {}, release="traffic-manager", namespace="ambassador")
+    with pytest.raises(ReleaseError, match="release traffic-manager is not installed"):
+        await ops.uninstall(kube, release="traffic-manager", namespace="ambassador")
+    with pytest.raises(ReleaseError, match="namespace nowhere does not exist; create it or pass"):
+        await ops.install(
+            kube,
+            chart,
+            {},
+            release="traffic-manager",
+            namespace="nowhere",
+            create_namespace=False,
+        )
+    with pytest.raises(ReleaseError, match="namespaces ghost, spirit do not exist"):
+        await install(kube, chart, "ambassador", {"namespaces": ["spirit", "ghost"]})
+    await install(kube, chart, "ambassador", {})
+    with pytest.raises(ReleaseError, match="already installed in namespace ambassador"):
+        await install(kube, chart, "ambassador", {})
