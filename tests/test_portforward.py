@@ -28,6 +28,7 @@ from tele.k8s.config import ClusterConnection, load_connection
 from tele.k8s.errors import KubeconfigError, PortForwardBroken, PortForwardError
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc.h2link import open_link, serve_link
+from tele.rpc.links import LinkPool
 from tele.rpc.tunnel import TunnelServer, dial
 
 TOKEN = "s3cret"
@@ -352,4 +353,41 @@ async def test_tunnel_link_inside_the_port_forward(api_server: FakeApiServer) ->
                     await stream.send_all(payload)
                     await stream.send_eof()
         assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+        nursery.cancel_scope.cancel()
+
+
+async def test_link_pool_over_port_forwards(api_server: FakeApiServer) -> None:
+    """A LinkPool whose links are port-forwards to the manager pod: two links come up and
+    carry tunnel streams."""
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            while data := await stream.receive_some():
+                await stream.send_all(data)
+
+    pool = LinkPool(
+        functools.partial(
+            portforward.open_portforward, api_server.connection(), "ambassador", "tunnel", 8081
+        ),
+        count=2,
+    )
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, echo, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        destination = Destination(Protocol.TCP, ipaddress.ip_address("127.0.0.1"), port)
+        with trio.fail_after(20):
+            await nursery.start(pool.serve)
+            await pool.wait_up(2)
+            for text in (b"one", b"two", b"three"):
+                async with await pool.dial(destination, session="test") as stream:
+                    await stream.send_all(text)
+                    assert await stream.receive_some() == text
+        assert (
+            api_server.requests.count(
+                "/api/v1/namespaces/ambassador/pods/tunnel/portforward?ports=8081"
+            )
+            == 2
+        )
         nursery.cancel_scope.cancel()

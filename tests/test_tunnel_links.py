@@ -111,8 +111,7 @@ async def test_streams_spread_over_links() -> None:
         pool = LinkPool(manager.connect, count=2)
         await nursery.start(pool.serve)
         with trio.fail_after(10):
-            while len(pool.links) < 2:
-                await pool._changed.park()
+            await pool.wait_up(2)
         streams = [await pool.dial(destination, session=SESSION) for _ in range(4)]
         assert sorted(link.active_streams for link in pool.links) == [2, 2]
         for stream in streams:

@@ -78,6 +78,11 @@ class LinkPool:
                 return link
             await self._changed.park()
 
+    async def wait_up(self, count: int) -> None:
+        """Wait until `count` links are up (at most the pool's size)."""
+        while len(self.links) < min(count, len(self._slots)):
+            await self._changed.park()
+
     def pick(self) -> H2Link | None:
         """The live link with the fewest active streams (None if none is up)."""
         live = self.links
