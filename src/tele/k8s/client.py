@@ -186,9 +186,15 @@ class WatchEvent:
 class KubeClient:
     """REST calls against one cluster as one user. Build it with `open_kube_client()`."""
 
-    def __init__(self, connection: ClusterConnection, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        connection: ClusterConnection,
+        http: httpx.AsyncClient,
+        watch_http: httpx.AsyncClient | None = None,
+    ) -> None:
         self.connection = connection
         self._http = http
+        self._watch_http = watch_http or http
         self._auth: list[tuple[bytes, bytes]] | None = None
         self._auth_expires = -math.inf
         # kubeconfig `tls-server-name`: the name to verify instead of the URL's host.
@@ -394,7 +400,7 @@ class KubeClient:
         headers = [(b"Accept", b"application/json"), *await self._headers()]
         url = self.connection.server + resource.path(namespace)
         try:
-            async with self._http.stream(
+            async with self._watch_http.stream(
                 "GET",
                 url,
                 params=params,
@@ -501,10 +507,21 @@ async def open_kube_client(
     """A client for the kubeconfig's context (or a given connection) for the block's duration."""
     connection = connection or await load_connection(kubeconfig, context)
     verify: Any = connection.ssl_context if connection.ssl_context is not None else False
-    async with httpx.AsyncClient(
-        verify=verify,
-        http2=True,
-        timeout=httpx.Timeout(timeout),
-        limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
-    ) as http:
-        yield KubeClient(connection, http)
+    # Requests share one HTTP/2 connection. Watches get HTTP/1.1 connections of their own:
+    # httpcore's HTTP/2 reads the socket from whichever stream's task holds its read lock, and
+    # a response could wait on a long-lived watch's next event (seen here as 60 s stalls).
+    async with (
+        httpx.AsyncClient(
+            verify=verify,
+            http2=True,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+        ) as http,
+        httpx.AsyncClient(
+            verify=verify,
+            http2=False,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=10),
+        ) as watch_http,
+    ):
+        yield KubeClient(connection, http, watch_http)

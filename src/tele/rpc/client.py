@@ -8,7 +8,7 @@ handler on the server.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -65,14 +65,17 @@ class Client:
             stream = await self._start(method.path, body, deadline)
         except trio.BrokenResourceError as exc:
             raise RpcError(Code.UNAVAILABLE, f"connection to the server lost: {exc}") from None
+        items = self._iterate(stream, method.response, method.path, deadline)
         try:
-            yield self._iterate(stream, method.response, method.path, deadline)
+            yield items
         finally:
+            # The caller may stop early: finish the generator here, not in the GC.
+            await items.aclose()
             _finish(stream)
 
     async def _iterate(
         self, stream: H2Stream, response_type: type[Resp], path: str, deadline: float
-    ) -> AsyncIterator[Resp]:
+    ) -> AsyncGenerator[Resp]:
         reader = wire.MessageReader(self.max_message_size)
         decoder = msgspec.json.Decoder(response_type)
         while True:

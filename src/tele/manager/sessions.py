@@ -1,0 +1,80 @@
+"""Client sessions and their leases, without I/O: time is passed in.
+
+A session is created on arrival, renewed by every Remain, and ends on Depart or when its lease
+runs out; the manager's reaper asks `expire(now)` at `next_deadline()` and tears down what the
+expired sessions owned (engagements, tunnel streams).
+"""
+
+from __future__ import annotations
+
+import heapq
+import secrets
+from dataclasses import dataclass, field
+
+from tele.rpc.manager_api import ClientIdentity
+
+
+@dataclass
+class Session:
+    session_id: str
+    identity: ClientIdentity
+    arrived_at: float
+    expires_at: float
+
+    @property
+    def label(self) -> str:
+        """How people see this client: user@host."""
+        return f"{self.identity.user}@{self.identity.host}"
+
+
+@dataclass
+class SessionTable:
+    lease: float
+    sessions: dict[str, Session] = field(default_factory=dict)
+    _deadlines: list[tuple[float, str]] = field(default_factory=list)
+
+    def arrive(self, identity: ClientIdentity, now: float) -> Session:
+        session_id = secrets.token_urlsafe(16)
+        session = Session(session_id, identity, now, now + self.lease)
+        self.sessions[session_id] = session
+        heapq.heappush(self._deadlines, (session.expires_at, session_id))
+        return session
+
+    def remain(self, session_id: str, now: float) -> Session | None:
+        """Renew the lease; None if the session is unknown or already expired."""
+        session = self.sessions.get(session_id)
+        if session is None or session.expires_at <= now:
+            return None
+        session.expires_at = now + self.lease
+        heapq.heappush(self._deadlines, (session.expires_at, session_id))
+        return session
+
+    def get(self, session_id: str, now: float) -> Session | None:
+        session = self.sessions.get(session_id)
+        if session is None or session.expires_at <= now:
+            return None
+        return session
+
+    def depart(self, session_id: str) -> Session | None:
+        return self.sessions.pop(session_id, None)
+
+    def next_deadline(self) -> float | None:
+        """When the earliest lease may run out (stale heap entries are skipped lazily)."""
+        while self._deadlines:
+            expires_at, session_id = self._deadlines[0]
+            session = self.sessions.get(session_id)
+            if session is not None and session.expires_at == expires_at:
+                return expires_at
+            heapq.heappop(self._deadlines)
+        return None
+
+    def expire(self, now: float) -> list[Session]:
+        """Remove and return every session whose lease ran out at `now`."""
+        expired: list[Session] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            expires_at, session_id = heapq.heappop(self._deadlines)
+            session = self.sessions.get(session_id)
+            if session is not None and session.expires_at == expires_at:
+                del self.sessions[session_id]
+                expired.append(session)
+        return expired

@@ -1,0 +1,114 @@
+"""The daemon <-> traffic manager API: sessions, cluster info, DNS lookups, workloads.
+
+Transport-free definitions (tele.rpc carries them; tunnel streams share the same link). Fields
+are added with defaults so that clients and managers of neighbouring versions understand each
+other; the manager's version is reported on arrival so the client can warn about skew.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from tele.rpc.method import Empty, ServerStream, Unary
+
+SERVICE = "tele.manager.v1"
+DEFAULT_PORT = 8081
+"""The manager's API port (Service `traffic-manager`, port name `api`)."""
+
+
+class ClientIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    """Who arrives: shown in `tele status`/`tele list` and kept with the session."""
+
+    user: str
+    host: str
+    client_version: str
+    install_id: str = ""
+    kube_context: str = ""
+    mapped_namespaces: list[str] = []
+    """Namespaces the client wants; empty means all that the manager manages."""
+
+
+class ClusterInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What a client needs to route and resolve the cluster."""
+
+    manager_namespace: str
+    manager_version: str
+    pod_subnets: list[str]
+    service_subnets: list[str]
+    cluster_domain: str = "cluster.local"
+    dns_ip: str = ""
+    managed_namespaces: list[str] = []
+    """The namespaces this manager manages now (changes live with a dynamic selector)."""
+    cluster_wide: bool = True
+
+
+class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    lease_seconds: float
+    """The session ends if no Remain arrives for this long."""
+    cluster: ClusterInfo
+
+
+class SessionRequest(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+
+
+class LookupRequest(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    name: str
+    """A DNS name as the client saw it, without the trailing dot."""
+    qtype: str = "A"
+    """A, AAAA, SRV or ANY."""
+
+
+class DnsRecord(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    type: str
+    value: str
+    """An address for A/AAAA; "priority weight port target" for SRV."""
+    ttl: int = 5
+
+
+class LookupReply(msgspec.Struct, frozen=True, kw_only=True):
+    rcode: str
+    """NOERROR (records may be empty: the name exists with no record of this type),
+    NXDOMAIN, or SERVFAIL."""
+    records: list[DnsRecord] = []
+
+
+class WorkloadsRequest(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    namespace: str
+
+
+class WorkloadInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    namespace: str
+    kind: str
+    """Deployment, ReplicaSet, StatefulSet or Rollout."""
+    uid: str = ""
+    ready_replicas: int = 0
+    replicas: int = 0
+    services: list[str] = []
+    agent_installed: bool = False
+    not_interceptable_reason: str = ""
+    engaged_by: list[str] = []
+
+
+class WorkloadList(msgspec.Struct, frozen=True, kw_only=True):
+    workloads: list[WorkloadInfo]
+
+
+class VersionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str = "traffic-manager"
+    version: str
+
+
+VERSION = Unary(f"/{SERVICE}/Version", Empty, VersionInfo)
+ARRIVE = Unary(f"/{SERVICE}/ArriveAsClient", ClientIdentity, SessionInfo)
+REMAIN = Unary(f"/{SERVICE}/Remain", SessionRequest, Empty)
+DEPART = Unary(f"/{SERVICE}/Depart", SessionRequest, Empty)
+GET_CLUSTER_INFO = Unary(f"/{SERVICE}/GetClusterInfo", SessionRequest, ClusterInfo)
+WATCH_CLUSTER_INFO = ServerStream(f"/{SERVICE}/WatchClusterInfo", SessionRequest, ClusterInfo)
+LOOKUP_DNS = Unary(f"/{SERVICE}/LookupDNS", LookupRequest, LookupReply)
+LIST_WORKLOADS = Unary(f"/{SERVICE}/ListWorkloads", WorkloadsRequest, WorkloadList)
