@@ -9,6 +9,7 @@ uninstall.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from contextlib import aclosing
@@ -64,13 +65,53 @@ async def _existing_namespaces(kube: KubeClient) -> dict[str, dict[str, str]]:
     return {str(ns["metadata"]["name"]): dict(ns["metadata"].get("labels") or {}) for ns in items}
 
 
+MANAGER_SELECTOR = "app=traffic-manager,telepresence=manager"
+
+
+async def _installed_managers(kube: KubeClient) -> list[ReleaseRecord]:
+    """Every traffic manager in the cluster: tele's release records, plus the managers that
+    `helm` itself installed from this chart (no record: their scope is read from the
+    Deployment's TELE_NAMESPACES / TELE_NAMESPACE_SELECTOR)."""
+    found = await records.list_all(kube)
+    recorded = {r.namespace for r in found}
+    deployments, _ = await kube.list(k8s.DEPLOYMENTS, label_selector=MANAGER_SELECTOR)
+    for deployment in deployments:
+        meta = deployment["metadata"]
+        if meta.get("namespace") in recorded:
+            continue
+        containers = deployment["spec"]["template"]["spec"].get("containers") or []
+        env = {e["name"]: e.get("value") or "" for c in containers for e in c.get("env") or []}
+        try:
+            scope = {
+                "namespaces": json.loads(env.get("TELE_NAMESPACES") or "[]"),
+                "namespaceSelector": json.loads(env.get("TELE_NAMESPACE_SELECTOR") or "{}"),
+            }
+        except ValueError:
+            continue
+        labels = meta.get("labels") or {}
+        found.append(
+            ReleaseRecord(
+                name=str(labels.get("app.kubernetes.io/instance") or meta["name"]),
+                namespace=str(meta["namespace"]),
+                revision=0,
+                status="deployed",
+                chart_version="",
+                app_version="",
+                values={},
+                scope=scope,
+                objects=[],
+            )
+        )
+    return found
+
+
 async def _check_scope(
     kube: KubeClient, release: str, namespace: str, merged: Obj
 ) -> tuple[dict[str, dict[str, str]], str]:
     """Refuse a scope that collides with another manager's or names missing namespaces."""
     scope = records.scope_of(merged)
     existing = await _existing_namespaces(kube)
-    others = await records.list_all(kube)
+    others = await _installed_managers(kube)
     check_conflicts(release, namespace, scope, others, existing)
     selector = selector_of(scope)
     static = selector.static_names
