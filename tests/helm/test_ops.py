@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from tele.helm import ops
 from tele.helm import release as records
@@ -239,3 +241,76 @@ async def test_release_state_errors_are_one_sentence(kube: KubeClient, chart: Ch
     await install(kube, chart, "ambassador", {})
     with pytest.raises(ReleaseError, match="already installed in namespace ambassador"):
         await install(kube, chart, "ambassador", {})
+
+
+async def test_uninstall_waits_until_objects_are_gone(
+    kube: KubeClient, chart: Chart, nursery: trio.Nursery
+) -> None:
+    await install(kube, chart, "ambassador", {})
+    hold = {"metadata": {"finalizers": ["example.com/hold"]}}
+    await kube.patch(k8s.DEPLOYMENTS, "traffic-manager", hold, "ambassador")
+    finished = trio.Event()
+
+    async def run_uninstall() -> None:
+        await ops.uninstall(kube, release="traffic-manager", namespace="ambassador")
+        finished.set()
+
+    nursery.start_soon(run_uninstall)
+    with trio.fail_after(10):
+        while True:  # until the uninstall has asked for the deletion (watched, not polled)
+            live = await kube.get(k8s.DEPLOYMENTS, "traffic-manager", "ambassador")
+            if live["metadata"].get("deletionTimestamp"):
+                break
+            await trio.testing.wait_all_tasks_blocked()
+        assert await kube.get_or_none(k8s.SERVICES, "traffic-manager", "ambassador") is None
+        assert not finished.is_set()
+        assert await records.read(kube, "traffic-manager", "ambassador") is not None
+        release = [{"op": "remove", "path": "/metadata/finalizers"}]
+        await kube.patch(
+            k8s.DEPLOYMENTS, "traffic-manager", release, "ambassador", patch_type="json"
+        )
+        await finished.wait()
+    assert await records.read(kube, "traffic-manager", "ambassador") is None
+
+
+async def test_uninstall_gives_up_on_an_object_that_stays(kube: KubeClient, chart: Chart) -> None:
+    await install(kube, chart, "ambassador", {})
+    hold = {"metadata": {"finalizers": ["example.com/hold"]}}
+    await kube.patch(k8s.SERVICEACCOUNTS, "traffic-manager", hold, "ambassador")
+    with pytest.raises(ReleaseError) as info:
+        await ops.uninstall(kube, release="traffic-manager", namespace="ambassador", wait=0.3)
+    assert str(info.value) == (
+        "ServiceAccount ambassador/traffic-manager was not deleted within 0.3s; "
+        "check its finalizers with kubectl"
+    )
+    # The record stays so that a later uninstall can finish the job.
+    record = await records.read(kube, "traffic-manager", "ambassador")
+    assert record is not None and record.status == "uninstalling"
+
+
+async def test_an_interrupted_install_is_finished_by_the_next_one(
+    kube: KubeClient, chart: Chart
+) -> None:
+    # What a crash after the first write leaves: a pending record listing an object that the
+    # chart (here: this revision of it) no longer renders.
+    await make_namespace(kube, "ambassador")
+    stray = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "stray"}}
+    await kube.create(k8s.CONFIGMAPS, stray, "ambassador")
+    pending = records.ReleaseRecord(
+        name="traffic-manager",
+        namespace="ambassador",
+        revision=1,
+        status="pending-install",
+        chart_version="0.0.1",
+        app_version="0.0.1",
+        values={},
+        scope={"namespaces": [], "namespaceSelector": {}},
+        objects=[records.ObjectRef("v1", "ConfigMap", "stray", "ambassador")],
+    )
+    await records.write(kube, pending)
+    outcome = await install(kube, chart, "ambassador", {})
+    assert [r.describe() for r in outcome.pruned] == ["ConfigMap ambassador/stray"]
+    assert await kube.get_or_none(k8s.CONFIGMAPS, "stray", "ambassador") is None
+    record = await records.read(kube, "traffic-manager", "ambassador")
+    assert record is not None and record.status == "deployed"
+    assert set(record.objects) == set(outcome.applied)
