@@ -23,3 +23,22 @@ class ConnectionFailed(TeleError):
     """The daemon, the cluster or the traffic manager could not be reached or broke off."""
 
     exit_code = 3
+
+
+def single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested exception groups, or the group when there are several.
+
+    trio wraps whatever escapes a nursery in a group; a caller that expects tele's own error
+    (to show its sentence) unwraps it with this.
+    """
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    return leaves[0] if len(leaves) == 1 else group

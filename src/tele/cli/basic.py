@@ -63,6 +63,8 @@ def version(output: str) -> None:
 def status(output: str) -> None:
     """Show whether the daemon runs (pid, version, uptime, files) and its connection."""
     from tele.cli import quick
+    from tele.cli.cluster_cmd import connection_lines
+    from tele.cli.output import to_builtins
     from tele.rpc import daemon_api
 
     reply = quick.ask_daemon(daemon_api.STATUS, daemon_api.Empty())
@@ -82,6 +84,7 @@ def status(output: str) -> None:
                 "socket": reply.socket,
             },
             "connection": reply.connection,
+            "session": None if reply.session is None else to_builtins(reply.session),
         }
 
     def text(d: dict[str, Any]) -> str:
@@ -98,6 +101,7 @@ def status(output: str) -> None:
                 f"  Log file:  {daemon['log_file']}",
                 f"  Socket:    {daemon['socket']}",
                 f"Connection: {d['connection']}",
+                *(connection_lines(d["session"]) if d.get("session") else []),
             ]
         )
 

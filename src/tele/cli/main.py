@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "config": "tele.cli.config_cmd:config",
     "daemon": "tele.cli.daemon_cmd:daemon",
     "sandbox": "tele.cli.sandbox_cmd:sandbox",
+    "connect": "tele.cli.cluster_cmd:connect",
+    "list": "tele.cli.cluster_cmd:list_",
     "helm": "tele.cli.helm_cmd:helm",
 }
 
@@ -36,6 +38,8 @@ SHORT_HELP: dict[str, str] = {
     "config": "Show the effective client configuration.",
     "daemon": "Run the daemon in the foreground, or start it in the background.",
     "sandbox": "Run a local Kubernetes stand-in to try tele without a cluster.",
+    "connect": "Connect this machine to the cluster through its traffic manager.",
+    "list": "List a namespace's workloads and whether they can be engaged.",
     "helm": "Install, upgrade, uninstall or lint the traffic manager.",
 }
 

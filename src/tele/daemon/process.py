@@ -146,8 +146,9 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
     try:
         _write_pid_file(pid_path)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+            nursery.start_soon(_stop_on_signals, nursery.cancel_scope, daemon)
             await nursery.start(level.serve)
+            await nursery.start(daemon.run_sessions)
             await nursery.start(daemon.serve)
             log.info("listening on %s", socket_path)
             ready.report(f"ready {os.getpid()}")
@@ -165,9 +166,12 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
             log.error("cleanup did not finish within %gs", CLEANUP_TIMEOUT)
 
 
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
+async def _stop_on_signals(scope: trio.CancelScope, daemon: Daemon) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("received %s; stopping", signal.Signals(signum).name)
+            # End the cluster session while its link is up (the manager forgets us at once).
+            with trio.move_on_after(CLEANUP_TIMEOUT):
+                await daemon.end_session()
             scope.cancel()
             return

@@ -21,8 +21,11 @@ import tele
 from tele import unixsock
 from tele.config import parse_log_level
 from tele.daemon.loglevel import LogLevelController
+from tele.daemon.session import ClusterSession
+from tele.errors import TeleError, UserError
 from tele.rpc import daemon_api as api
 from tele.rpc.errors import Code, RpcError
+from tele.rpc.manager_api import LIST_WORKLOADS, WorkloadList, WorkloadsRequest
 from tele.rpc.server import Router, serve_connection
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,13 @@ class Daemon:
         self.router.unary(api.STATUS, self.status)
         self.router.unary(api.QUIT, self.quit)
         self.router.unary(api.SET_LOG_LEVEL, self.set_log_level)
+        self.router.unary(api.CONNECT, self.connect)
+        self.router.unary(api.DISCONNECT, self.disconnect)
+        self.router.unary(api.LIST, self.list_workloads)
+        self.session: ClusterSession | None = None
+        self._sessions: trio.Nursery | None = None
+        self._session_ended = trio.Event()
+        self._session_ended.set()
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -79,12 +89,15 @@ class Daemon:
             log_file=str(self.log_file),
             socket=str(self.socket_path),
             log_level=self.log_level.current,
+            connection=self.session.status if self.session else "not connected",
+            session=self.session.info() if self.session else None,
         )
 
     async def quit(self, request: api.Empty) -> api.QuitReply:
         # Stop being reachable before replying, so that a CLI that got the reply never finds
         # the old socket; the process exits once the reply is out (see `serve_until_quit`).
         log.info("quit requested")
+        await self.end_session()
         await self.stop_listening()
         self.quit_requested.set()
         return api.QuitReply(pid=os.getpid())
@@ -107,6 +120,97 @@ class Daemon:
             revert_to=self.log_level.configured if revert_in is not None else None,
             revert_in=revert_in,
         )
+
+    async def connect(self, request: api.ConnectRequest) -> api.ConnectionInfo:
+        if self.session is not None:
+            current = self.session.info()
+            wanted_context = request.context or current.kube_context
+            if wanted_context == current.kube_context and (
+                not request.namespace or request.namespace == current.namespace
+            ):
+                return current  # already connected there: connecting again is a no-op
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"already connected to context {current.kube_context}; run `tele quit` first",
+            )
+        if self._sessions is None:
+            raise RpcError(Code.UNAVAILABLE, "the daemon is shutting down")
+        try:
+            info: api.ConnectionInfo = await self._sessions.start(self._run_session, request)
+        except UserError as exc:
+            raise RpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+        except TeleError as exc:
+            raise RpcError(Code.UNAVAILABLE, str(exc)) from None
+        return info
+
+    async def _run_session(
+        self,
+        request: api.ConnectRequest,
+        *,
+        task_status: trio.TaskStatus[api.ConnectionInfo] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        from tele import config
+        from tele.k8s.client import open_kube_client
+
+        cfg = config.load()
+        self._session_ended = trio.Event()
+        session: ClusterSession | None = None
+        try:
+            async with open_kube_client(
+                request.kubeconfig or None, request.context or None
+            ) as kube:
+                session = ClusterSession(
+                    request,
+                    kube,
+                    connect_timeout=float(cfg.timeouts.traffic_manager_connect),
+                    api_timeout=float(cfg.timeouts.traffic_manager_api),
+                )
+                self.session = session
+                await session.run(task_status=task_status)
+        except Exception:
+            if session is None or not session.started:
+                raise  # the connect call reports it
+            log.exception("the cluster session failed")
+        finally:
+            self.session = None
+            self._session_ended.set()
+
+    async def disconnect(self, request: api.Empty) -> api.Empty:
+        await self.end_session()
+        return api.Empty()
+
+    async def end_session(self) -> None:
+        """Depart and stop the cluster session, if any; returns once it is gone."""
+        session = self.session
+        if session is not None:
+            await session.disconnect()
+            with trio.move_on_after(5):
+                await self._session_ended.wait()
+
+    async def list_workloads(self, request: api.ListRequest) -> WorkloadList:
+        session = self.session
+        if session is None:
+            raise RpcError(Code.FAILED_PRECONDITION, "not connected; run `tele connect` first")
+        client = await session.client()
+        return await client.call(
+            LIST_WORKLOADS,
+            WorkloadsRequest(
+                session_id=session.session_id(), namespace=request.namespace or session.namespace
+            ),
+            timeout=session.api_timeout,
+        )
+
+    async def run_sessions(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The nursery that cluster sessions live in (a sibling of the RPC server)."""
+        async with trio.open_nursery() as nursery:
+            self._sessions = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._sessions = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 

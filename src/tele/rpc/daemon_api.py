@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 
 from tele import paths
+from tele.rpc.manager_api import WorkloadList
 from tele.rpc.method import Empty, Unary
 
 SERVICE = "tele.daemon.v1"
@@ -46,6 +47,43 @@ class VersionReply(msgspec.Struct, frozen=True, kw_only=True):
     pid: int
 
 
+class ConnectRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What `tele connect` asks for; empty strings mean the kubeconfig's (or tele's) default."""
+
+    kubeconfig: str = ""
+    """A kubeconfig path (or several, `:`-separated as in $KUBECONFIG); empty: ~/.kube/config."""
+    context: str = ""
+    namespace: str = ""
+    manager_namespace: str = ""
+    mapped_namespaces: list[str] = []
+    manager_address: str = ""
+    """host:port of a manager reachable directly (no port-forward); for development."""
+
+
+class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    status: str
+    kube_server: str
+    kube_context: str
+    namespace: str
+    manager_namespace: str
+    manager_pod: str = ""
+    manager_version: str = ""
+    session_id: str = ""
+    managed_namespaces: list[str] = []
+    mapped_namespaces: list[str] = []
+    pod_subnets: list[str] = []
+    service_subnets: list[str] = []
+    cluster_domain: str = ""
+    connected_at: float = 0.0
+    reconnects: int = 0
+    last_error: str = ""
+
+
+class ListRequest(msgspec.Struct, frozen=True, kw_only=True):
+    namespace: str = ""
+    """Empty: the namespace given at connect (or the kubeconfig's)."""
+
+
 class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     version: str
     pid: int
@@ -54,8 +92,9 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     log_file: str
     socket: str
     log_level: str
-    # Filled by the session subtree in later issues; "not connected" until then.
+    # "not connected", "connecting", "connected" or "reconnecting"; details in `session`.
     connection: str = "not connected"
+    session: ConnectionInfo | None = None
 
 
 class QuitReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,6 +120,13 @@ STATUS: Unary[Empty, StatusReply] = Unary(f"/{SERVICE}/Status", Empty, StatusRep
 # Replies once the daemon has stopped listening and removed its socket and pid file; the
 # process exits right after.
 QUIT: Unary[Empty, QuitReply] = Unary(f"/{SERVICE}/Quit", Empty, QuitReply)
+# FAILED_PRECONDITION when already connected elsewhere (disconnect first) or no manager is
+# installed; UNAVAILABLE when the cluster cannot be reached in time.
+CONNECT: Unary[ConnectRequest, ConnectionInfo] = Unary(
+    f"/{SERVICE}/Connect", ConnectRequest, ConnectionInfo
+)
+DISCONNECT: Unary[Empty, Empty] = Unary(f"/{SERVICE}/Disconnect", Empty, Empty)
+LIST: Unary[ListRequest, WorkloadList] = Unary(f"/{SERVICE}/List", ListRequest, WorkloadList)
 # INVALID_ARGUMENT for an unknown level or a negative duration.
 SET_LOG_LEVEL: Unary[SetLogLevelRequest, SetLogLevelReply] = Unary(
     f"/{SERVICE}/SetLogLevel", SetLogLevelRequest, SetLogLevelReply

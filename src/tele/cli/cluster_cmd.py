@@ -1,0 +1,132 @@
+"""Commands that need a cluster session: `tele connect` and `tele list`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from tele.cli.output import emit, output_option
+
+
+def connection_lines(info: dict[str, Any]) -> list[str]:
+    """The human form of a ConnectionInfo (shared with `tele status`)."""
+    lines = [
+        f"  Kubernetes server:  {info['kube_server']}",
+        f"  Kubernetes context: {info['kube_context']}",
+        f"  Namespace:          {info['namespace']}",
+        f"  Manager namespace:  {info['manager_namespace']}",
+    ]
+    if info.get("manager_version"):
+        lines.append(f"  Manager:            v{info['manager_version']} ({info['manager_pod']})")
+    if info.get("session_id"):
+        lines.append(f"  Session:            {info['session_id']}")
+    managed = info.get("managed_namespaces") or []
+    lines.append(f"  Managed namespaces: {', '.join(managed) if managed else '(none)'}")
+    if info.get("mapped_namespaces"):
+        lines.append(f"  Mapped namespaces:  {', '.join(info['mapped_namespaces'])}")
+    subnets = [*(info.get("pod_subnets") or []), *(info.get("service_subnets") or [])]
+    if subnets:
+        lines.append(f"  Cluster subnets:    {', '.join(subnets)}")
+    if info.get("reconnects"):
+        lines.append(f"  Reconnects:         {info['reconnects']}")
+    if info.get("last_error") and info.get("status") != "connected":
+        lines.append(f"  Last error:         {info['last_error']}")
+    return lines
+
+
+@click.command()
+@click.option("--kubeconfig", default="", help="The kubeconfig to use (default: $KUBECONFIG).")
+@click.option("--context", default="", help="The kubeconfig context (default: its current one).")
+@click.option("--namespace", "-n", default="", help="The default namespace for names.")
+@click.option(
+    "--manager-namespace", default="", help="Where the traffic manager runs (default: ambassador)."
+)
+@click.option(
+    "--mapped-namespaces",
+    default="",
+    help="Comma-separated namespaces to reach (default: all the manager manages).",
+)
+@click.option("--manager-address", default="", hidden=True, help="host:port of a manager (dev).")
+@output_option
+def connect(
+    kubeconfig: str,
+    context: str,
+    namespace: str,
+    manager_namespace: str,
+    mapped_namespaces: str,
+    manager_address: str,
+    output: str,
+) -> None:
+    """Connect this machine to the cluster through its traffic manager."""
+    from tele.cli import client
+    from tele.rpc import daemon_api
+
+    request = daemon_api.ConnectRequest(
+        kubeconfig=os.path.abspath(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG", ""),
+        context=context,
+        namespace=namespace,
+        manager_namespace=manager_namespace,
+        mapped_namespaces=[n.strip() for n in mapped_namespaces.split(",") if n.strip()],
+        manager_address=manager_address,
+    )
+
+    async def call() -> daemon_api.ConnectionInfo:
+        async with client.daemon_client(start=True) as rpc:
+            assert rpc is not None
+            # The daemon applies the connect timeout itself; this bound only guards a hang.
+            return await rpc.call(daemon_api.CONNECT, request, timeout=180)
+
+    info = client.run(call)
+
+    def text(i: daemon_api.ConnectionInfo) -> str:
+        from tele.cli.output import to_builtins
+
+        return "\n".join(
+            [
+                f"Connected to context {i.kube_context} ({i.kube_server})",
+                *connection_lines(to_builtins(i)),
+            ]
+        )
+
+    emit(info, output, text)
+
+
+@click.command(name="list")
+@click.option("--namespace", "-n", default="", help="The namespace (default: the connected one).")
+@output_option
+def list_(namespace: str, output: str) -> None:
+    """List the workloads of a namespace that can be engaged, with their state."""
+    from tele.cli import client
+    from tele.errors import UserError
+    from tele.rpc import daemon_api
+    from tele.rpc.manager_api import WorkloadList
+
+    async def call() -> WorkloadList:
+        async with client.daemon_client(start=False) as rpc:
+            if rpc is None:
+                raise UserError("Not connected; run `tele connect` first.")
+            return await rpc.call(
+                daemon_api.LIST, daemon_api.ListRequest(namespace=namespace), timeout=30
+            )
+
+    reply = client.run(call)
+
+    def text(r: WorkloadList) -> str:
+        if not r.workloads:
+            return "No Workloads (Deployments, StatefulSets, ReplicaSets, or Rollouts)"
+        lines = []
+        for w in r.workloads:
+            if w.engaged_by:
+                state = f"engaged by {', '.join(w.engaged_by)}"
+            elif w.not_interceptable_reason:
+                state = f"not interceptable: {w.not_interceptable_reason}"
+            elif w.agent_installed:
+                state = "ready to engage (traffic-agent already installed)"
+            else:
+                state = "ready to engage (traffic-agent not yet installed)"
+            lines.append(f"{w.name:<30} {w.kind:<12} {w.ready_replicas}/{w.replicas}  {state}")
+        return "\n".join(lines)
+
+    emit(reply.workloads, output, text)

@@ -1,0 +1,303 @@
+"""The daemon's cluster session: reach the traffic manager, arrive, keep the lease, depart.
+
+```
+ClusterSession.run
+ |- link pool: h2 over a port-forward to a ready manager pod (found anew for every link), or
+ |             over TCP to a manager address; a broken link is replaced with back-off
+ |- heartbeat: Remain every lease/3; a session the manager no longer knows (it restarted, or
+ |             the lease ran out while the link was down) is replaced by arriving again
+ '- cluster info: follows WatchClusterInfo (managed namespaces change live)
+```
+Departing is shielded with a timeout in `finally`, so quitting or disconnecting always tries to
+end the session at once instead of leaving it to the lease.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import trio
+
+from tele import __version__
+from tele.errors import ConnectionFailed, UserError, single_leaf
+from tele.k8s import client as k8s
+from tele.k8s.client import ApiError, KubeClient
+from tele.k8s.config import ClusterConnection
+from tele.k8s.portforward import open_portforward
+from tele.rpc import daemon_api as dapi
+from tele.rpc import manager_api as mapi
+from tele.rpc.client import Client
+from tele.rpc.errors import Code, RpcError
+from tele.rpc.h2link import H2Link, LinkSettings
+from tele.rpc.links import LinkPool
+
+log = logging.getLogger(__name__)
+
+MANAGER_SELECTOR = "app=traffic-manager"
+DEFAULT_MANAGER_NAMESPACE = "ambassador"
+
+
+class NoManager(UserError):
+    """No traffic manager is installed (or none is ready) in the manager namespace."""
+
+
+def _is_ready(pod: k8s.Obj) -> bool:
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+class ClusterSession:
+    """One `tele connect`: lives in the daemon's nursery until disconnect or quit."""
+
+    def __init__(
+        self,
+        request: dapi.ConnectRequest,
+        kube: KubeClient,
+        *,
+        connect_timeout: float,
+        api_timeout: float,
+    ) -> None:
+        self.request = request
+        self.kube = kube
+        self.connection: ClusterConnection = kube.connection
+        self.namespace = request.namespace or self.connection.namespace
+        self.manager_namespace = request.manager_namespace or DEFAULT_MANAGER_NAMESPACE
+        self.connect_timeout = connect_timeout
+        self.api_timeout = api_timeout
+        self.status = "connecting"
+        self.manager_pod = ""
+        self.session: mapi.SessionInfo | None = None
+        self.cluster: mapi.ClusterInfo | None = None
+        self.connected_at = 0.0
+        self.reconnects = 0
+        self.last_error = ""
+        self.pool = LinkPool(
+            self._open_transport, settings=LinkSettings(keepalive_interval=5), name="manager-link"
+        )
+        self._session_changed = trio.Event()
+        self._scope = trio.CancelScope()
+        self.started = False
+
+    async def disconnect(self) -> None:
+        """Depart while the link is still up, then stop everything of this session."""
+        with trio.CancelScope(shield=True), trio.move_on_after(3):
+            await self._depart()
+        self._scope.cancel()
+
+    # --- what the CLI sees ------------------------------------------------------------------
+
+    def info(self) -> dapi.ConnectionInfo:
+        cluster = self.cluster
+        return dapi.ConnectionInfo(
+            status=self.status,
+            kube_server=self.connection.server,
+            kube_context=self.connection.context,
+            namespace=self.namespace,
+            manager_namespace=self.manager_namespace,
+            manager_pod=self.manager_pod,
+            manager_version=cluster.manager_version if cluster else "",
+            session_id=self.session.session_id if self.session else "",
+            managed_namespaces=cluster.managed_namespaces if cluster else [],
+            mapped_namespaces=list(self.request.mapped_namespaces),
+            pod_subnets=cluster.pod_subnets if cluster else [],
+            service_subnets=cluster.service_subnets if cluster else [],
+            cluster_domain=cluster.cluster_domain if cluster else "",
+            connected_at=self.connected_at,
+            reconnects=self.reconnects,
+            last_error=self.last_error,
+        )
+
+    async def client(self) -> Client:
+        """An RPC client on a live link (waits for one within the API timeout)."""
+        with trio.move_on_after(self.api_timeout):
+            return Client(await self.pool.wait_ready())
+        raise RpcError(
+            Code.UNAVAILABLE, f"no link to the traffic manager: {self.pool.last_failure}"
+        )
+
+    def session_id(self) -> str:
+        if self.session is None:
+            raise RpcError(Code.UNAVAILABLE, "not connected to the traffic manager yet")
+        return self.session.session_id
+
+    # --- finding the manager ----------------------------------------------------------------
+
+    async def find_manager_pod(self) -> str:
+        """A ready manager pod's name; NoManager with what to do when there is none."""
+        try:
+            pods, _ = await self.kube.list(
+                k8s.PODS, self.manager_namespace, label_selector=MANAGER_SELECTOR
+            )
+        except ApiError as exc:
+            if exc.not_found:
+                raise self._no_manager() from None
+            raise
+        ready = [p for p in pods if _is_ready(p)]
+        if not ready:
+            if not pods:
+                raise self._no_manager()
+            states = ", ".join(
+                f"{p['metadata']['name']} ({(p.get('status') or {}).get('phase', 'Unknown')})"
+                for p in pods
+            )
+            raise ConnectionFailed(
+                f"the traffic manager in namespace {self.manager_namespace} is not ready: {states}"
+            )
+        newest = max(ready, key=lambda p: str(p["metadata"].get("creationTimestamp", "")))
+        return str(newest["metadata"]["name"])
+
+    def _no_manager(self) -> NoManager:
+        return NoManager(
+            f"no traffic manager is installed in namespace {self.manager_namespace} of "
+            f"{self.connection.context}; install one with `tele helm install`"
+        )
+
+    def _open_transport(self) -> AbstractAsyncContextManager[trio.abc.Stream]:
+        return self._transport()
+
+    @asynccontextmanager
+    async def _transport(self) -> AsyncIterator[trio.abc.Stream]:
+        if self.request.manager_address:
+            host, _, port = self.request.manager_address.rpartition(":")
+            tcp = await trio.open_tcp_stream(host or "127.0.0.1", int(port))
+            self.manager_pod = self.request.manager_address
+            async with tcp:
+                yield tcp
+            return
+        pod = await self.find_manager_pod()
+        self.manager_pod = pod
+        async with open_portforward(
+            self.connection, self.manager_namespace, pod, mapi.DEFAULT_PORT
+        ) as stream:
+            yield stream
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[dapi.ConnectionInfo] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            with self._scope:
+                await self._run(task_status)
+        except BaseExceptionGroup as group:
+            leaf = single_leaf(group)
+            if leaf is group:
+                raise
+            raise leaf from None
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                await self._depart()
+            self.status = "disconnected"
+
+    async def _run(self, task_status: trio.TaskStatus[dapi.ConnectionInfo]) -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(self.connect_timeout) as waiting:
+                # A missing manager is the user's to fix: say so at once, don't retry.
+                if not self.request.manager_address:
+                    await self.find_manager_pod()
+                await nursery.start(self.pool.serve)
+            if waiting.cancelled_caught:
+                raise ConnectionFailed(
+                    f"cannot reach the traffic manager in namespace {self.manager_namespace} "
+                    f"within {self.connect_timeout:g}s: {self.pool.last_failure or 'no answer'}"
+                )
+            await self._arrive()
+            self.status = "connected"
+            self.connected_at = time.time()
+            nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._follow_cluster_info)
+            self.started = True
+            task_status.started(self.info())
+
+    async def _arrive(self) -> None:
+        identity = mapi.ClientIdentity(
+            user=getpass.getuser(),
+            host=socket.gethostname(),
+            client_version=__version__,
+            kube_context=self.connection.context,
+            mapped_namespaces=list(self.request.mapped_namespaces),
+        )
+        client = await self.client()
+        try:
+            session = await client.call(mapi.ARRIVE, identity, timeout=self.api_timeout)
+        except RpcError as exc:
+            if exc.code is Code.FAILED_PRECONDITION:
+                raise UserError(exc.message) from None
+            raise
+        self.session = session
+        self.cluster = session.cluster
+        self._session_changed.set()
+        self._session_changed = trio.Event()
+        log.info(
+            "arrived as session %s (manager %s, lease %gs)",
+            session.session_id,
+            session.cluster.manager_version,
+            session.lease_seconds,
+        )
+        if session.cluster.manager_version != __version__:
+            log.warning(
+                "the traffic manager runs version %s, this client %s",
+                session.cluster.manager_version,
+                __version__,
+            )
+
+    async def _heartbeat(self) -> None:
+        while True:
+            assert self.session is not None
+            await trio.sleep(max(0.1, self.session.lease_seconds / 3))
+            try:
+                client = await self.client()
+                await client.call(
+                    mapi.REMAIN,
+                    mapi.SessionRequest(session_id=self.session.session_id),
+                    timeout=self.api_timeout,
+                )
+                self.status = "connected"
+            except RpcError as exc:
+                self.last_error = exc.message
+                if exc.code is Code.NOT_FOUND:
+                    log.warning("the traffic manager forgot our session; arriving again")
+                    self.reconnects += 1
+                    try:
+                        await self._arrive()
+                    except (RpcError, ConnectionFailed) as again:
+                        self.last_error = str(again)
+                        self.status = "reconnecting"
+                else:
+                    log.warning("heartbeat failed: %s", exc.message)
+                    self.status = "reconnecting"
+
+    async def _follow_cluster_info(self) -> None:
+        while True:
+            try:
+                client = await self.client()
+                request = mapi.SessionRequest(session_id=self.session_id())
+                async with client.stream(mapi.WATCH_CLUSTER_INFO, request) as updates:
+                    async for info in updates:
+                        self.cluster = info
+            except RpcError as exc:
+                log.debug("cluster info watch ended: %s", exc.message)
+            # The link broke or the session was replaced: follow the new one.
+            with trio.move_on_after(5):
+                await self._session_changed.wait()
+
+    async def _depart(self) -> None:
+        session = self.session
+        link: H2Link | None = self.pool.pick()
+        if session is None or link is None:
+            return
+        try:
+            await Client(link).call(
+                mapi.DEPART, mapi.SessionRequest(session_id=session.session_id), timeout=2
+            )
+            log.info("departed from session %s", session.session_id)
+        except RpcError as exc:
+            log.warning("could not depart from session %s: %s", session.session_id, exc.message)
+        self.session = None

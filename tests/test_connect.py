@@ -1,0 +1,215 @@
+"""`tele connect`, `status`, `list` and `quit` as a user runs them, against the sandbox API
+server (in a thread) and a traffic manager process reached by address. (With sandbox pods, the
+manager runs as a pod and is reached through a port-forward; see the e2e tests.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tele.sandbox.testing import ThreadedCluster, threaded_cluster
+from tests.daemon_util import DaemonGuard, run_tele, single_error_line, wait_exit
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[ThreadedCluster, Path]]:
+    kubeconfig = tmp_path / "kubeconfig"
+    with threaded_cluster(kubeconfig) as cluster:
+        yield cluster, kubeconfig
+
+
+class ManagerProcess:
+    """`python -m tele.manager` with its stderr collected, on a free loopback port."""
+
+    def __init__(self, kubeconfig: Path, lease: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        env = {
+            **os.environ,
+            "TELE_MANAGER_NAMESPACE": "default",
+            "TELE_API_PORT": str(self.port),
+            "TELE_SESSION_LEASE": lease,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tele.manager", "--kubeconfig", str(kubeconfig)],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_for_log("serving on port")
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_log(self, text: str, timeout: float = 20) -> str:
+        with self._changed:
+            found = self._changed.wait_for(
+                lambda: any(text in line for line in self.lines) or self.process.poll() is not None,
+                timeout,
+            )
+            matches = [line for line in self.lines if text in line]
+        if not found or not matches:
+            raise AssertionError(f"manager never logged {text!r}:\n{''.join(self.lines)}")
+        return matches[-1]
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(5)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+
+@pytest.fixture
+def manager(cluster: tuple[ThreadedCluster, Path]) -> Iterator[ManagerProcess]:
+    process = ManagerProcess(cluster[1], lease="2s")
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def guard(tele_env: dict[str, str]) -> Iterator[DaemonGuard]:
+    guard = DaemonGuard(tele_env)
+    try:
+        yield guard
+    finally:
+        guard.kill_all()
+
+
+def test_connect_status_list_quit(
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    cluster: tuple[ThreadedCluster, Path],
+    manager: ManagerProcess,
+) -> None:
+    kubeconfig = cluster[1]
+    address = f"127.0.0.1:{manager.port}"
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "image": "tele-sandbox/echo"}]},
+            },
+        },
+    }
+    manifest = kubeconfig.parent / "web.yaml"
+    manifest.write_text(yaml.safe_dump(deployment))
+    subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), "apply", "-f", str(manifest)],
+        check=True,
+        capture_output=True,
+    )
+
+    connected = run_tele(
+        tele_env, "connect", "--kubeconfig", str(kubeconfig), "--manager-address", address
+    )
+    assert connected.returncode == 0, connected.stderr
+    assert "Connected to context" in connected.stdout
+    assert "Managed namespaces:" in connected.stdout and "default" in connected.stdout
+    arrived = manager.wait_for_log("arrived")
+    session_id = arrived.split("session ")[1].split(" ")[0]
+
+    status = run_tele(tele_env, "status", "-o", "json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["connection"] == "connected"
+    assert data["session"]["session_id"] == session_id
+    assert data["session"]["service_subnets"] == ["10.96.0.0/16"]
+    assert "default" in data["session"]["managed_namespaces"]
+
+    again = run_tele(
+        tele_env, "connect", "--kubeconfig", str(kubeconfig), "--manager-address", address
+    )
+    assert again.returncode == 0, again.stderr  # already connected there: a no-op
+
+    listed = run_tele(tele_env, "list", "-n", "default", "-o", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert [(w["name"], w["kind"]) for w in json.loads(listed.stdout)] == [("web", "Deployment")]
+
+    # Heartbeats keep the 2 s lease alive across several lease periods.
+    manager.wait_for_log("client 0.1.0")
+    quit_ = run_tele(tele_env, "quit")
+    assert quit_.returncode == 0, quit_.stderr
+    manager.wait_for_log(f"session {session_id} departed")
+    assert not any("expired" in line for line in manager.lines)
+
+
+def test_killed_daemon_loses_its_session_after_the_lease(
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    cluster: tuple[ThreadedCluster, Path],
+    manager: ManagerProcess,
+) -> None:
+    address = f"127.0.0.1:{manager.port}"
+    result = run_tele(
+        tele_env, "connect", "--kubeconfig", str(cluster[1]), "--manager-address", address
+    )
+    assert result.returncode == 0, result.stderr
+    session_id = manager.wait_for_log("arrived").split("session ")[1].split(" ")[0]
+    pid = guard.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert wait_exit(pid)
+    manager.wait_for_log(f"session {session_id} expired")
+
+
+def test_no_manager_installed_is_one_clear_sentence(
+    tele_env: dict[str, str], guard: DaemonGuard, cluster: tuple[ThreadedCluster, Path]
+) -> None:
+    result = run_tele(tele_env, "connect", "--kubeconfig", str(cluster[1]))
+    assert result.returncode == 1
+    line = single_error_line(result)
+    assert "no traffic manager is installed in namespace ambassador" in line
+    assert "tele helm install" in line
+
+
+def test_unreachable_cluster_is_a_connection_error(
+    tele_env: dict[str, str], guard: DaemonGuard, cluster: tuple[ThreadedCluster, Path]
+) -> None:
+    config = yaml.safe_load(cluster[1].read_text())
+    config["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:9"
+    broken = cluster[1].parent / "broken-kubeconfig"
+    broken.write_text(yaml.safe_dump(config))
+    result = run_tele(tele_env, "connect", "--kubeconfig", str(broken))
+    assert result.returncode == 3
+    assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in single_error_line(
+        result
+    )
+
+
+def test_list_without_connect_says_what_to_do(tele_env: dict[str, str], guard: DaemonGuard) -> None:
+    result = run_tele(tele_env, "list")
+    assert result.returncode == 1
+    assert "Not connected; run `tele connect` first." in single_error_line(result)
