@@ -536,6 +536,10 @@ class ApiApp:
             pod = self.api.get(rt, req.namespace, req.name)
             if not (pod.get("spec") or {}).get("nodeName"):
                 raise bad_request(f"pod {req.name} does not have a host assigned")
+            handler = self.subresource_handlers.get((rt.plural, sub))
+            if handler is not None and verb == "get":
+                await handler(req, receive, send)
+                return
             raise bad_request(
                 f"{sub} is not available for pod {req.name}: the sandbox node is not running"
             )
@@ -769,6 +773,8 @@ class ApiApp:
                 (b"cache-control", b"no-cache, private"),
             ]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
+            # Headers go out now, not with the first event: a quiet watch is still established.
+            await send({"type": "http.response.body", "body": b"", "more_body": True})
             if too_old is not None:
                 status = gone(str(too_old)).status()
                 await self._chunk(send, {"type": "ERROR", "object": status})

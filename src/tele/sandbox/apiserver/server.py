@@ -1,38 +1,74 @@
-"""Serve the API over HTTPS (HTTP/2 and HTTP/1.1) with hypercorn under trio.
+"""Serve the API over HTTPS: HTTP/2 through our own h2 driver, HTTP/1.1 (and websocket upgrades)
+through hypercorn, chosen per connection by ALPN.
 
 `serve` follows tele's service shape: it reports the bound address through `task_status` once
-the socket listens and runs until cancelled.
+the socket listens, and runs until cancelled.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+from functools import partial
 from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.utils import wrap_app
 
 from .app import ApiApp
 from .certs import KeyPair, server_context
+from .h2server import H2ServerConnection
 
 log = logging.getLogger(__name__)
 
+_HANDSHAKE_TIMEOUT = 10.0
 
-class _TlsConfig(Config):
-    """hypercorn wants certificate files; we hand it a ready context instead."""
 
-    def __init__(self, context: ssl.SSLContext) -> None:
-        super().__init__()
-        self._context = context
+def _hypercorn_config() -> Config:
+    config = Config()
+    config.keep_alive_timeout = 90
+    # Clients (watch-heavy controllers) keep one connection for a long time.
+    config.keep_alive_max_requests = 1 << 31
+    config.graceful_timeout = 0.5
+    config.accesslog = None
+    config.errorlog = logging.getLogger("tele.sandbox.hypercorn")
+    config.max_app_queue_size = 64
+    config.h11_max_incomplete_size = 1 << 16
+    return config
 
-    @property
-    def ssl_enabled(self) -> bool:
-        return True
 
-    def create_ssl_context(self) -> ssl.SSLContext:
-        return self._context
+def _address(sock: Any, peer: bool) -> tuple[str, int] | None:
+    try:
+        addr = sock.getpeername() if peer else sock.getsockname()
+    except OSError:
+        return None
+    return (str(addr[0]), int(addr[1]))
+
+
+async def _handle(
+    app: ApiApp,
+    config: Config,
+    wrapped: Any,
+    context: WorkerContext,
+    stream: trio.SSLStream[trio.SocketStream],
+) -> None:
+    try:
+        with trio.fail_after(_HANDSHAKE_TIMEOUT):
+            await stream.do_handshake()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        await trio.aclose_forcefully(stream)
+        return
+    if stream.selected_alpn_protocol() == "h2":
+        sock = stream.transport_stream.socket
+        conn = H2ServerConnection(
+            app, stream, client=_address(sock, True), server=_address(sock, False)
+        )
+        await conn.run()
+        return
+    await TCPServer(wrapped, config, context, {}, stream).run()
 
 
 async def serve(
@@ -44,23 +80,16 @@ async def serve(
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on host:port (0 = any free port) and report (host, port) when ready."""
-    context = server_context(pair, ["h2", "http/1.1"])
-    config = _TlsConfig(context)
-    config.bind = [f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"]
-    config.alpn_protocols = ["h2", "http/1.1"]
-    config.h2_max_concurrent_streams = 1000
-    config.keep_alive_timeout = 90
-    config.graceful_timeout = 0.5
-    config.accesslog = None
-    config.errorlog = logging.getLogger("tele.sandbox.hypercorn")
-    config.max_app_queue_size = 64
-
-    async def run(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        await hypercorn_serve(app, config, task_status=task_status)  # type: ignore[arg-type]
-
+    context: ssl.SSLContext = server_context(pair, ["h2", "http/1.1"])
+    config = _hypercorn_config()
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    worker = WorkerContext(None)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    ssl_listeners = [trio.SSLListener(lst, context, https_compatible=True) for lst in listeners]
+    bound = listeners[0].socket.getsockname()
+    log.info("API server listening on %s:%s", bound[0], bound[1])
     async with trio.open_nursery() as nursery:
-        binds: Any = await nursery.start(run)
-        address = binds[0].removeprefix("https://")
-        bound_host, _, bound_port = address.rpartition(":")
-        log.info("API server listening on %s", address)
-        task_status.started((bound_host.strip("[]"), int(bound_port)))
+        task_status.started((str(bound[0]), int(bound[1])))
+        await trio.serve_listeners(
+            partial(_handle, app, config, wrapped, worker), ssl_listeners, handler_nursery=nursery
+        )
