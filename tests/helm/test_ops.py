@@ -314,3 +314,56 @@ async def test_an_interrupted_install_is_finished_by_the_next_one(
     record = await records.read(kube, "traffic-manager", "ambassador")
     assert record is not None and record.status == "deployed"
     assert set(record.objects) == set(outcome.applied)
+
+
+async def test_upgrade_removes_fields_the_new_values_drop(kube: KubeClient, chart: Chart) -> None:
+    await make_namespace(kube, "alpha")
+    first = {"namespaces": ["alpha"], "podAnnotations": {"example.com/a": "1"}}
+    await install(kube, chart, "ambassador", first)
+    dynamic = {"matchLabels": {"env": "dev"}}
+    await ops.upgrade(
+        kube,
+        chart,
+        {"namespaceSelector": dynamic, "agentInjector": {"webhook": {"timeoutSeconds": 9}}},
+        release="traffic-manager",
+        namespace="ambassador",
+    )
+    webhook = await kube.get(k8s.MUTATING_WEBHOOKS, "agent-injector-webhook-ambassador")
+    assert webhook["webhooks"][0]["namespaceSelector"] == dynamic  # not merged with the old one
+    assert webhook["webhooks"][0]["timeoutSeconds"] == 9
+    deployment = await kube.get(k8s.DEPLOYMENTS, "traffic-manager", "ambassador")
+    template = deployment["spec"]["template"]
+    assert "example.com/a" not in (template["metadata"].get("annotations") or {})
+    names = [e["name"] for e in template["spec"]["containers"][0]["env"]]
+    assert len(names) == len(set(names)) and "TELE_NAMESPACE_SELECTOR" in names
+
+
+def test_removal_patch_deletes_only_what_the_new_manifest_lacks() -> None:
+    old = {
+        "metadata": {"name": "x", "annotations": {"a": "1", "b": "2"}},
+        "spec": {
+            "containers": [
+                {"name": "c", "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]},
+                {"name": "gone", "image": "i"},
+            ],
+            "selector": {"matchExpressions": [{"key": "k"}]},
+        },
+    }
+    new = {
+        "metadata": {"name": "x", "annotations": {"b": "3"}},
+        "spec": {
+            "containers": [{"name": "c", "env": [{"name": "B", "value": "2"}]}],
+            "selector": {"matchLabels": {"k": "v"}},
+        },
+    }
+    assert ops.removal_patch(old, new) == {
+        "metadata": {"annotations": {"a": None}},
+        "spec": {
+            "containers": [
+                {"name": "c", "env": [{"name": "A", "$patch": "delete"}]},
+                {"name": "gone", "$patch": "delete"},
+            ],
+            "selector": {"matchExpressions": None},
+        },
+    }
+    assert ops.removal_patch(new, new) is None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +23,7 @@ from tele.helm.chart import Chart, kind_rank
 from tele.helm.conflicts import check_conflicts, selector_of
 from tele.helm.errors import ReleaseError
 from tele.helm.release import ObjectRef, ReleaseRecord
+from tele.helm.values import deep_merge
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient, Resource
 
@@ -105,9 +106,7 @@ async def _installed_managers(kube: KubeClient) -> list[ReleaseRecord]:
     return found
 
 
-async def _check_scope(
-    kube: KubeClient, release: str, namespace: str, merged: Obj
-) -> tuple[dict[str, dict[str, str]], str]:
+async def _check_scope(kube: KubeClient, release: str, namespace: str, merged: Obj) -> str:
     """Refuse a scope that collides with another manager's or names missing namespaces."""
     scope = records.scope_of(merged)
     existing = await _existing_namespaces(kube)
@@ -124,7 +123,7 @@ async def _check_scope(
                 f"{'them' if len(missing) > 1 else 'it'} first or leave "
                 f"{'them' if len(missing) > 1 else 'it'} out of the managed namespaces"
             )
-    return existing, selector.describe()
+    return selector.describe()
 
 
 async def _ensure_namespace(kube: KubeClient, namespace: str, create: bool) -> None:
@@ -142,20 +141,68 @@ async def _ensure_namespace(kube: KubeClient, namespace: str, create: bool) -> N
             raise
 
 
-async def _apply(kube: KubeClient, objects: list[Obj], progress: Progress) -> list[ObjectRef]:
+# Lists whose entries are keyed by `name` in strategic merge patches (the ones the chart renders).
+_NAMED_LISTS = frozenset(
+    {"containers", "initContainers", "env", "volumes", "volumeMounts", "webhooks"}
+)
+
+
+def removal_patch(old: Any, new: Any, key: str = "") -> Any:
+    """A strategic merge patch that deletes what `old` (the last applied manifest) had and `new`
+    lacks, or None. Server-side apply does this by itself on a real API server; sending it too
+    makes removals independent of how completely a server implements field ownership (the
+    sandbox's apply is a strategic merge), and is a no-op where apply already removed them."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        patch: Obj = {}
+        for name, value in old.items():
+            if name not in new:
+                patch[name] = None
+            elif (sub := removal_patch(value, new[name], name)) is not None:
+                patch[name] = sub
+        return patch or None
+    if key in _NAMED_LISTS and isinstance(old, list) and isinstance(new, list):
+        current = {e.get("name"): e for e in new if isinstance(e, dict)}
+        items: list[Obj] = []
+        for entry in old:
+            if not isinstance(entry, dict) or "name" not in entry:
+                continue
+            if entry["name"] not in current:
+                items.append({"name": entry["name"], "$patch": "delete"})
+            elif (sub := removal_patch(entry, current[entry["name"]])) is not None:
+                items.append({"name": entry["name"], **sub})
+        return items or None
+    return None
+
+
+async def _apply(
+    kube: KubeClient, objects: list[Obj], previous: list[Obj], progress: Progress
+) -> list[ObjectRef]:
+    before = {ObjectRef.of(o): o for o in previous}
     applied: list[ObjectRef] = []
     for obj in objects:
         ref = ObjectRef.of(obj)
+        resource, namespace = _resource(ref), ref.namespace or None
         try:
             await kube.patch(
-                _resource(ref),
+                resource,
                 ref.name,
                 obj,
-                ref.namespace or None,
+                namespace,
                 patch_type="apply",
                 field_manager=FIELD_MANAGER,
                 force=True,
             )
+            removals = removal_patch(before[ref], obj) if ref in before else None
+            if removals is not None:
+                log.debug("removing fields of %s: %s", ref.describe(), removals)
+                await kube.patch(
+                    resource,
+                    ref.name,
+                    removals,
+                    namespace,
+                    patch_type="strategic",
+                    field_manager=FIELD_MANAGER,
+                )
         except ApiError as exc:
             raise ApiError(
                 exc.code, exc.reason, f"cannot apply {ref.describe()}: {exc.message}", exc.status
@@ -206,12 +253,6 @@ async def _wait_gone(kube: KubeClient, ref: ObjectRef, timeout: float) -> None:
         )
 
 
-def _merge_reused(old: Mapping[str, Any], new: Mapping[str, Any]) -> Obj:
-    from tele.helm.values import deep_merge
-
-    return deep_merge(old, new)
-
-
 async def install(
     kube: KubeClient,
     chart: Chart,
@@ -230,11 +271,12 @@ async def install(
             f"release {release} is already installed in namespace {namespace} "
             f"(revision {previous.revision}); use tele helm upgrade to change it"
         )
-    _, scope_text = await _check_scope(kube, release, namespace, merged)
+    scope_text = await _check_scope(kube, release, namespace, merged)
     objects = await chart.render(values, release=release, namespace=namespace)
     await _ensure_namespace(kube, namespace, create_namespace)
     refs = [ObjectRef.of(o) for o in objects]
-    leftovers = [r for r in (previous.objects if previous else []) if r not in set(refs)]
+    rendered = set(refs)
+    leftovers = [r for r in (previous.objects if previous else []) if r not in rendered]
     record = ReleaseRecord(
         name=release,
         namespace=namespace,
@@ -245,13 +287,15 @@ async def install(
         values=values,
         scope=records.scope_of(merged),
         objects=refs + leftovers,
+        manifests=previous.manifests if previous else [],
     )
     await records.write(kube, record)
     progress.begin("Installing", len(objects) + len(leftovers))
-    applied = await _apply(kube, objects, progress)
+    applied = await _apply(kube, objects, previous.manifests if previous else [], progress)
     pruned = await _delete(kube, leftovers, progress, wait=None)
     record.status = "deployed"
     record.objects = refs
+    record.manifests = objects
     await records.write(kube, record)
     return Outcome(record, applied, pruned, scope_text)
 
@@ -281,17 +325,18 @@ async def upgrade(
             f"use tele helm install first"
         )
     if reuse_values and not reset_values:
-        values = _merge_reused(previous.values, values)
+        values = deep_merge(previous.values, values)
     elif not reset_values and not values_given:
         values = dict(previous.values)
     merged = await chart.merged(values)
-    _, scope_text = await _check_scope(kube, release, namespace, merged)
+    scope_text = await _check_scope(kube, release, namespace, merged)
     revision = previous.revision + 1
     objects = await chart.render(
         values, release=release, namespace=namespace, revision=revision, upgrade=True
     )
     refs = [ObjectRef.of(o) for o in objects]
-    stale = [r for r in previous.objects if r not in set(refs)]
+    rendered = set(refs)
+    stale = [r for r in previous.objects if r not in rendered]
     record = ReleaseRecord(
         name=release,
         namespace=namespace,
@@ -302,13 +347,15 @@ async def upgrade(
         values=values,
         scope=records.scope_of(merged),
         objects=refs + stale,
+        manifests=previous.manifests,
     )
     await records.write(kube, record)
     progress.begin("Upgrading", len(objects) + len(stale))
-    applied = await _apply(kube, objects, progress)
+    applied = await _apply(kube, objects, previous.manifests, progress)
     pruned = await _delete(kube, stale, progress, wait=None)
     record.status = "deployed"
     record.objects = refs
+    record.manifests = objects
     await records.write(kube, record)
     return Outcome(record, applied, pruned, scope_text)
 

@@ -61,6 +61,8 @@ class ReleaseRecord(msgspec.Struct, forbid_unknown_fields=False):
     values: Obj  # user-supplied, as given (what --reuse-values reuses)
     scope: Obj  # the merged `namespaces` and `namespaceSelector`
     objects: list[ObjectRef]
+    # The manifests last applied in full, for the fields an upgrade must remove (ops.py).
+    manifests: list[Obj] = msgspec.field(default_factory=list)
     updated: str = ""
 
     @property
