@@ -55,3 +55,39 @@ async def test_real_helm_installs_the_chart(
     assert str(info.value).startswith(
         "release traffic-manager in namespace helm-mgr already manages namespaces alpha;"
     )
+
+
+async def test_real_helm_refuses_overlapping_managers(kubeconfig: Path, kube: KubeClient) -> None:
+    for name, labels in (("alpha", {}), ("beta", {}), ("delta", {"env": "dev"})):
+        metadata = {"name": name, "labels": labels}
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": metadata}
+        await kube.create(k8s.NAMESPACES, body)
+
+    async def install(namespace: str, values: dict[str, Any]) -> None:
+        with trio.fail_after(60):
+            await trio.to_thread.run_sync(helm_install, kubeconfig, namespace, values)
+
+    await install("mgr-a", {"namespaces": ["alpha"]})
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"namespaces": ["beta", "alpha"]}, "in namespace mgr-a already manages namespace alpha"),
+        ({}, "in namespace mgr-a already manages some namespaces and a cluster-wide manager"),
+        (
+            {
+                "namespaceSelector": {
+                    "matchExpressions": [{"key": "env", "operator": "DoesNotExist"}]
+                }
+            },
+            "in namespace mgr-a already manages namespace alpha",
+        ),
+    ]
+    for values, message in refusals:
+        with pytest.raises(helm_python.HelmError) as info:
+            await install("mgr-b", values)
+        assert message in str(info.value)
+    await install("mgr-b", {"namespaces": ["beta"]})
+    await install("mgr-d", {"namespaceSelector": {"matchLabels": {"env": "dev"}}})
+    with pytest.raises(helm_python.HelmError) as info:
+        await install("mgr-e", {"namespaces": ["delta"]})
+    assert "release traffic-manager in namespace mgr-d already manages namespace delta" in str(
+        info.value
+    )

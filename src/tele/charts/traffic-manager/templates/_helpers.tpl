@@ -144,3 +144,34 @@ matchExpressions:
   verbs: ["get", "list", "watch", "patch", "update"]
 {{- end }}
 {{- end -}}
+
+{{/*
+"true" when a label selector selects a namespace: dict "selector" S "name" N "labels" L.
+*/}}
+{{- define "tm.selects" -}}
+{{- $labels := merge (dict "kubernetes.io/metadata.name" .name) (.labels | default dict) -}}
+{{- $ok := true -}}
+{{- range $key, $value := (.selector.matchLabels | default dict) -}}
+{{- if or (not (hasKey $labels $key)) (ne (toString (get $labels $key)) (toString $value)) -}}
+{{- $ok = false -}}
+{{- end -}}
+{{- end -}}
+{{- range $e := (.selector.matchExpressions | default list) -}}
+{{- $has := hasKey $labels $e.key -}}
+{{- $in := and $has (has (toString (get $labels $e.key)) ($e.values | default list)) -}}
+{{- if and (eq $e.operator "In") (not $in) }}{{ $ok = false }}{{ end -}}
+{{- if and (eq $e.operator "NotIn") $in }}{{ $ok = false }}{{ end -}}
+{{- if and (eq $e.operator "Exists") (not $has) }}{{ $ok = false }}{{ end -}}
+{{- if and (eq $e.operator "DoesNotExist") $has }}{{ $ok = false }}{{ end -}}
+{{- end -}}
+{{- if $ok }}true{{ end -}}
+{{- end -}}
+
+{{/* A scope as a selector: dict "names" [...] "selector" {...} -> the selector to evaluate. */}}
+{{- define "tm.asSelector" -}}
+{{- if .names -}}
+{{- dict "matchExpressions" (list (dict "key" "kubernetes.io/metadata.name" "operator" "In" "values" .names)) | toJson -}}
+{{- else -}}
+{{- .selector | default dict | toJson -}}
+{{- end -}}
+{{- end -}}
