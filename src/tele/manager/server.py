@@ -11,6 +11,7 @@ serve_manager
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -30,6 +31,7 @@ from tele.k8s.client import ApiError, KubeClient
 from tele.manager.namespaces import NamespaceSelector
 from tele.manager.sessions import Session, SessionTable
 from tele.manager.view import ClusterView
+from tele.manager.webhook import WebhookServer, allow_all, ensure_tls, patch_ca_bundle
 from tele.net.tunnel import OpenRequest, ResetReason
 from tele.rpc import manager_api as api
 from tele.rpc.errors import Code, RpcError
@@ -52,13 +54,21 @@ class ManagerConfig:
     namespace: str = "ambassador"
     selector: NamespaceSelector = field(default_factory=NamespaceSelector)
     api_port: int = api.DEFAULT_PORT
-    api_host: str = "0.0.0.0"
+    api_host: str | None = None
+    """None: every interface (IPv4 and IPv6)."""
     session_lease: float = 60.0
     pod_subnets: tuple[str, ...] = ()
     service_subnets: tuple[str, ...] = ()
     cluster_domain: str = "cluster.local"
     workloads: tuple[str, ...] = ("deployments", "replicaSets", "statefulSets")
     lookup_timeout: float = 4.0
+    webhook_port: int | None = None
+    """Where the agent injector listens (HTTPS); None: no webhook."""
+    webhook_secret: str = "mutator-webhook-tls"
+    webhook_name: str = ""
+    """The MutatingWebhookConfiguration whose caBundle this manager keeps current."""
+    webhook_extra_names: tuple[str, ...] = ()
+    """More names for the webhook's certificate (a webhook reached by URL, e.g. for tests)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ManagerConfig:
@@ -83,6 +93,9 @@ class ManagerConfig:
             pod_subnets=_cidrs(env.get("TELE_POD_CIDRS")),
             service_subnets=_cidrs(env.get("TELE_SERVICE_CIDRS")),
             workloads=enabled,
+            webhook_port=int(env["TELE_WEBHOOK_PORT"]) if env.get("TELE_WEBHOOK_PORT") else None,
+            webhook_secret=env.get("TELE_WEBHOOK_SECRET") or "mutator-webhook-tls",
+            webhook_name=env.get("TELE_WEBHOOK_NAME") or "",
         )
 
 
@@ -120,6 +133,8 @@ class Manager:
         self._sessions_changed = trio.Event()
         self._ready = {"Namespace": trio.Event()}
         self.on_session_end: list[Callable[[Session], None]] = []
+        self.webhook: WebhookServer | None = None
+        self.webhook_port: int | None = None
 
     # --- RPC ------------------------------------------------------------------------------------
 
@@ -335,6 +350,22 @@ class Manager:
                 self.dns_ip = parts[1]
                 return
 
+    async def _start_webhook(self, nursery: trio.Nursery, port: int) -> None:
+        tls = await ensure_tls(
+            self.kube,
+            self.config.namespace,
+            self.config.webhook_secret,
+            self.config.webhook_extra_names,
+        )
+        self.webhook = WebhookServer(tls, self.mutate)
+        self.webhook_port = await nursery.start(self.webhook.serve, port, self.config.api_host)
+        if self.config.webhook_name:
+            await patch_ca_bundle(self.kube, self.config.webhook_name, tls.ca_pem)
+
+    async def mutate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Admission of a pod: agent injection comes with engagements; now: allowed as is."""
+        return await allow_all(request)
+
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Run everything; reports the bound API port once the view knows the namespaces."""
         async with trio.open_nursery() as nursery:
@@ -353,11 +384,16 @@ class Manager:
             await self.find_dns_ip()
             with trio.fail_after(30):
                 await self._ready["Namespace"].wait()
+            if self.config.webhook_port is not None:
+                await self._start_webhook(nursery, self.config.webhook_port)
             router = self.router()
             listeners = await nursery.start(
-                trio.serve_tcp,
-                lambda stream: serve_connection(stream, router, name="manager"),
-                self.config.api_port,
+                functools.partial(
+                    trio.serve_tcp,
+                    lambda stream: serve_connection(stream, router, name="manager"),
+                    self.config.api_port,
+                    host=self.config.api_host,
+                )
             )
             port = listeners[0].socket.getsockname()[1]
             log.info(

@@ -1,0 +1,235 @@
+"""The agent injector's HTTPS endpoint: TLS material kept in a Secret, the webhook
+configuration's caBundle patched to match, and AdmissionReview requests answered.
+
+The CA and serving certificate are made once (tele.certs) and stored in the Secret named by the
+Helm chart, so every manager replica and restart serves the same certificate; a Secret whose
+certificate no longer covers the Service's names, or is about to expire, is replaced. What the
+webhook does to a pod (agent injection) is the engagement issue's `Mutator`; until then every
+review is allowed unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import trio
+from cryptography import x509
+
+from tele.certs import CertificateAuthority, KeyPair, server_context
+from tele.k8s import client as k8s
+from tele.k8s.client import ApiError, KubeClient
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "agent-injector"
+WEBHOOK_PATH = "/traffic-agent"
+MAX_BODY = 3 * 1024 * 1024  # the API server never sends more (its own request limit)
+RENEW_BEFORE = datetime.timedelta(days=30)
+
+Review = dict[str, Any]
+Mutator = Callable[[Review], Awaitable[Review]]
+"""Takes the AdmissionReview's `request`, returns its `response` (uid is filled in here)."""
+
+
+async def allow_all(request: Review) -> Review:
+    return {"allowed": True}
+
+
+@dataclass(frozen=True)
+class WebhookTLS:
+    ca_pem: bytes
+    pair: KeyPair
+
+
+def service_names(namespace: str, cluster_domain: str = "cluster.local") -> list[str]:
+    base = f"{SERVICE_NAME}.{namespace}"
+    return [SERVICE_NAME, base, f"{base}.svc", f"{base}.svc.{cluster_domain}"]
+
+
+def _usable(secret: dict[str, Any], names: list[str]) -> WebhookTLS | None:
+    data = secret.get("data") or {}
+    try:
+        ca_pem, cert_pem, key_pem = (
+            base64.b64decode(data[k]) for k in ("ca.crt", "tls.crt", "tls.key")
+        )
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (KeyError, ValueError, x509.ExtensionNotFound):
+        return None
+    covered = {*sans.get_values_for_type(x509.DNSName)}
+    covered |= {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    if not set(names) <= covered:
+        return None
+    if cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC) < RENEW_BEFORE:
+        return None
+    return WebhookTLS(ca_pem, KeyPair(cert_pem, key_pem))
+
+
+async def ensure_tls(
+    kube: KubeClient, namespace: str, secret_name: str, extra_names: tuple[str, ...] = ()
+) -> WebhookTLS:
+    """The webhook's TLS material from its Secret, made (or remade) when missing or unusable.
+
+    `extra_names` (DNS names or IPs) are for a webhook reached by `clientConfig.url`."""
+    names = [*service_names(namespace), *extra_names]
+    for _ in range(3):
+        secret = await kube.get_or_none(k8s.SECRETS, secret_name, namespace)
+        if secret is not None:
+            tls = _usable(secret, names)
+            if tls is not None:
+                return tls
+        ca = await trio.to_thread.run_sync(CertificateAuthority.create, f"{SERVICE_NAME}-ca")
+        pair = await trio.to_thread.run_sync(ca.issue, f"{SERVICE_NAME}.{namespace}.svc", names)
+        metadata: dict[str, str] = {"name": secret_name, "namespace": namespace}
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": metadata,
+            "data": {
+                "ca.crt": base64.b64encode(ca.cert_pem).decode(),
+                "tls.crt": base64.b64encode(pair.cert_pem).decode(),
+                "tls.key": base64.b64encode(pair.key_pem).decode(),
+            },
+        }
+        try:
+            if secret is None:
+                await kube.create(k8s.SECRETS, body)
+            else:
+                metadata["resourceVersion"] = secret["metadata"]["resourceVersion"]
+                await kube.replace(k8s.SECRETS, body)
+        except ApiError as exc:
+            if exc.code in (409,):  # another replica won the race: use what it stored
+                continue
+            raise
+        log.info("made the agent injector's certificate (Secret %s/%s)", namespace, secret_name)
+        return WebhookTLS(ca.cert_pem, pair)
+    raise ApiError(409, "Conflict", f"the Secret {namespace}/{secret_name} keeps changing")
+
+
+async def patch_ca_bundle(kube: KubeClient, webhook_name: str, ca_pem: bytes) -> bool:
+    """Point every webhook of the configuration at our CA; False if it does not exist."""
+    config = await kube.get_or_none(k8s.MUTATING_WEBHOOKS, webhook_name)
+    if config is None:
+        log.warning("MutatingWebhookConfiguration %s not found: no agent injection", webhook_name)
+        return False
+    bundle = base64.b64encode(ca_pem).decode()
+    patch = [
+        {"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": bundle}
+        for i, hook in enumerate(config.get("webhooks") or [])
+        if (hook.get("clientConfig") or {}).get("caBundle") != bundle
+    ]
+    if patch:
+        await kube.patch(k8s.MUTATING_WEBHOOKS, webhook_name, patch, patch_type="json")
+        log.info("patched the caBundle of %s", webhook_name)
+    return True
+
+
+class WebhookServer:
+    """HTTPS (HTTP/1.1) server for AdmissionReview POSTs on WEBHOOK_PATH."""
+
+    def __init__(self, tls: WebhookTLS, mutator: Mutator = allow_all) -> None:
+        self.context: ssl.SSLContext = server_context(tls.pair, alpn=["http/1.1"])
+        self.mutator = mutator
+        self.reviews = 0
+
+    async def serve(
+        self,
+        port: int,
+        host: str | None = None,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        ssl_listeners = [trio.SSLListener(listener, self.context) for listener in listeners]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._connection, ssl_listeners)
+            task_status.started(listeners[0].socket.getsockname()[1])
+
+    async def _connection(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        try:
+            with trio.fail_after(30):
+                await self._serve(stream)
+        except (
+            trio.BrokenResourceError,
+            trio.TooSlowError,
+            h11.ProtocolError,
+            ssl.SSLError,
+        ) as exc:
+            log.debug("webhook connection ended: %s", exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        while True:
+            request: h11.Request | None = None
+            body = bytearray()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    conn.receive_data(bytes(data))
+                    continue
+                if isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > MAX_BODY:
+                        await self._send(stream, conn, 413, {"error": "request too large"})
+                        return
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    return
+            assert request is not None
+            status, reply = await self._answer(request, bytes(body))
+            await self._send(stream, conn, status, reply)
+            if conn.our_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+
+    async def _answer(self, request: h11.Request, body: bytes) -> tuple[int, dict[str, Any]]:
+        path = request.target.decode("latin-1").split("?", 1)[0]
+        if request.method != b"POST" or path != WEBHOOK_PATH:
+            return 404, {"error": f"no webhook at {request.method.decode()} {path}"}
+        try:
+            review = json.loads(body)
+            admission = review["request"]
+            uid = admission["uid"]
+        except (ValueError, KeyError, TypeError):
+            return 400, {"error": "expected an AdmissionReview with a request"}
+        self.reviews += 1
+        try:
+            response = await self.mutator(admission)
+        except Exception:
+            # failurePolicy decides what the API server does; say why in our log.
+            log.exception("agent injector failed on %s", admission.get("name") or "a pod")
+            response = {"allowed": True, "warnings": ["tele agent injector failed; see its log"]}
+        return 200, {
+            "apiVersion": review.get("apiVersion", "admission.k8s.io/v1"),
+            "kind": "AdmissionReview",
+            "response": {**response, "uid": uid},
+        }
+
+    @staticmethod
+    async def _send(
+        stream: trio.SSLStream[trio.SocketStream],
+        conn: h11.Connection,
+        status: int,
+        reply: dict[str, Any],
+    ) -> None:
+        payload = json.dumps(reply).encode()
+        headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+        data = conn.send(h11.Response(status_code=status, headers=headers))
+        data += conn.send(h11.Data(data=payload)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        await stream.send_all(data)
