@@ -147,7 +147,16 @@ def test_static_namespaces_get_a_role_each(chart: Chart) -> None:
         ]
     cluster_role = find(objects, "ClusterRole", "traffic-manager-ambassador")
     resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
-    assert resources == {"namespaces", "mutatingwebhookconfigurations"}
+    assert resources == {"namespaces", "services", "mutatingwebhookconfigurations"}
+    named = [rule for rule in cluster_role["rules"] if rule["resources"] == ["services"]]
+    assert named == [
+        {
+            "apiGroups": [""],
+            "resources": ["services"],
+            "resourceNames": ["kube-dns"],
+            "verbs": ["get"],
+        }
+    ]
     hook = find(objects, "MutatingWebhookConfiguration", "agent-injector-webhook-ambassador")
     assert hook["webhooks"][0]["namespaceSelector"] == {
         "matchExpressions": [

@@ -3,18 +3,23 @@ the API, release records, namespace conflicts between managers, pruning and full
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+import yaml
 
 from tele.helm import ops
 from tele.helm import release as records
 from tele.helm.chart import Chart
 from tele.helm.errors import NamespaceConflict, ReleaseError
 from tele.k8s import client as k8s
-from tele.k8s.client import KubeClient
+from tele.k8s.client import ApiError, KubeClient, open_kube_client
+from tele.sandbox.cluster import ClusterInfo
 
 Obj = dict[str, Any]
 
@@ -367,3 +372,58 @@ def test_removal_patch_deletes_only_what_the_new_manifest_lacks() -> None:
         },
     }
     assert ops.removal_patch(new, new) is None
+
+
+async def service_account_client(
+    kube: KubeClient, cluster: ClusterInfo, tmp_path: Path, namespace: str
+) -> AbstractAsyncContextManager[KubeClient]:
+    """A client that is the manager's ServiceAccount (a TokenRequest, then its bearer token)."""
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}
+    path = k8s.SERVICEACCOUNTS.path(namespace, "traffic-manager", "token")
+    answer = await kube.request("POST", path, body=request)
+    user = f"system:serviceaccount:{namespace}:traffic-manager"
+    config = tmp_path / "sa-kubeconfig"
+    config.write_text(yaml.safe_dump(cluster.token_kubeconfig(answer["status"]["token"], user)))
+    return open_kube_client(str(config))
+
+
+async def allowed(call: Awaitable[object]) -> bool:
+    try:
+        await call
+    except ApiError as exc:
+        if exc.code == 403:
+            return False
+        raise
+    return True
+
+
+async def test_rbac_is_scoped_to_the_managed_namespaces(
+    kube: KubeClient, chart: Chart, cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    for name in ("alpha", "gamma"):
+        await make_namespace(kube, name)
+    await install(kube, chart, "ambassador", {"namespaces": ["alpha"]})
+    async with await service_account_client(kube, cluster, tmp_path, "ambassador") as sa:
+        assert await allowed(sa.list(k8s.NAMESPACES))
+        assert await allowed(sa.list(k8s.PODS, "alpha"))
+        assert await allowed(sa.list(k8s.DEPLOYMENTS, "alpha"))
+        assert not await allowed(sa.list(k8s.PODS, "gamma"))
+        assert not await allowed(sa.list(k8s.PODS))  # not cluster-wide
+        assert not await allowed(sa.list(k8s.SECRETS, "alpha"))
+        assert await allowed(sa.list(k8s.SECRETS, "ambassador"))
+        patch = {"metadata": {"labels": {"checked": "yes"}}}
+        webhook = "agent-injector-webhook-ambassador"
+        assert await allowed(sa.patch(k8s.MUTATING_WEBHOOKS, webhook, patch))
+        other = {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "other"},
+        }
+        await kube.create(k8s.MUTATING_WEBHOOKS, other)
+        assert not await allowed(sa.patch(k8s.MUTATING_WEBHOOKS, "other", patch))
+
+    await ops.upgrade(kube, chart, {}, release="traffic-manager", namespace="ambassador")
+    async with await service_account_client(kube, cluster, tmp_path, "ambassador") as sa:
+        assert await allowed(sa.list(k8s.PODS, "gamma"))
+        assert await allowed(sa.list(k8s.PODS))
+        assert not await allowed(sa.list(k8s.SECRETS, "gamma"))
