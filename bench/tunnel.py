@@ -182,8 +182,8 @@ def role_rate(connect: str, duration: float, concurrency: int) -> None:
     print(json.dumps({"rate": done / elapsed, "failed": failed}))
 
 
-def role_tele(  # noqa: PLR0917 - mirrors the command line
-    side: str, listen: str, peer: str, target: str, websocket: bool, open_rate: float = 0
+def role_tele(
+    side: str, listen: str, peer: str, *, target: str, websocket: bool, open_rate: float = 0
 ) -> None:
     """(c) tele's tunnel. `server`: accept links (TCP, or port-forward websockets) and serve
     tunnel OPENs on them. `client`: one link to `peer`; every TCP connection accepted on `listen`
@@ -764,7 +764,12 @@ def main() -> None:
         return role_rate(args.connect, args.duration, args.concurrency)
     if args.command == "tele":
         return role_tele(
-            args.side, args.listen, args.peer, args.target, args.websocket, args.open_rate
+            args.side,
+            args.listen,
+            args.peer,
+            target=args.target,
+            websocket=args.websocket,
+            open_rate=args.open_rate,
         )
     run_bench(args.envs.split(","), args.rows.split(","), args.duration, args.repeat)
 
