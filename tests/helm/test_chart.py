@@ -280,3 +280,40 @@ def test_a_values_file_must_be_a_map(tmp_path: Path) -> None:
     with pytest.raises(ValuesError) as info:
         ValueSources(files=[str(path)]).build()
     assert str(info.value) == f"values file {path} must hold a map of values at the top level"
+
+
+KITCHEN_SINK: Obj = {
+    "image": {"registry": "registry.example.com/", "name": "tele/traffic-manager", "tag": "1.2"},
+    "imagePullSecrets": [{"name": "pull"}],
+    "resources": {"limits": {"cpu": "500m", "memory": "128Mi"}, "requests": {"cpu": 0.1}},
+    "securityContext": {"runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+    "podAnnotations": {"example.com/a": "1"},
+    "podLabels": {"team": "dev"},
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {"nodeAffinity": {}},
+    "priorityClassName": "high",
+    "serviceCIDRs": ["10.96.0.0/12"],
+    "agent": {"resources": {"limits": {"memory": "64Mi"}}, "mountPolicies": {"/tmp": "Local"}},
+}
+
+
+def test_every_value_lands_where_it_should(chart: Chart) -> None:
+    assert [m for m in lint_blocking(KITCHEN_SINK, namespace="ambassador") if m.severity >= 2] == []
+    objects = render(chart, KITCHEN_SINK)
+    pod = find(objects, "Deployment", "traffic-manager", "ambassador")["spec"]["template"]
+    spec, container = pod["spec"], pod["spec"]["containers"][0]
+    assert container["image"] == "registry.example.com/tele/traffic-manager:1.2"
+    assert container["resources"] == KITCHEN_SINK["resources"]
+    assert container["securityContext"] == KITCHEN_SINK["securityContext"]
+    assert pod["metadata"]["annotations"] == {"example.com/a": "1"}
+    assert pod["metadata"]["labels"]["team"] == "dev"
+    assert pod["metadata"]["labels"]["app"] == "traffic-manager"
+    assert spec["imagePullSecrets"] == [{"name": "pull"}]
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert spec["tolerations"] == KITCHEN_SINK["tolerations"]
+    assert spec["priorityClassName"] == "high"
+    env = manager_env(objects)
+    assert env["TELE_SERVICE_CIDRS"] == "10.96.0.0/12"
+    assert json.loads(env["TELE_AGENT_RESOURCES"]) == {"limits": {"memory": "64Mi"}}
+    assert json.loads(env["TELE_MOUNT_POLICIES"]) == {"/tmp": "Local"}
