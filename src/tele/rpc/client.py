@@ -114,20 +114,21 @@ class Client:
     async def _read_all(
         self, stream: H2Stream, response_type: type[Resp], limit: int
     ) -> list[Resp]:
+        try:
+            body = await stream.receive_all(self.max_message_size * limit + limit)
+        except trio.BrokenResourceError as exc:
+            raise self._failure(stream, exc) from None
+        except ValueError:
+            stream.close()
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED,
+                f"response larger than the maximum of {self.max_message_size} bytes",
+            ) from None
         reader = wire.MessageReader(self.max_message_size)
         decoder = msgspec.json.Decoder(response_type)
-        messages: list[Resp] = []
-        while True:
-            try:
-                chunk = await stream.receive_some()
-            except trio.BrokenResourceError as exc:
-                raise self._failure(stream, exc) from None
-            if not chunk:
-                break
-            for message in self._split(reader, chunk, stream):
-                messages.append(self._decode(decoder, message))
-                if len(messages) > limit:
-                    raise RpcError(Code.INTERNAL, "the server sent more than one response")
+        messages = [self._decode(decoder, m) for m in self._split(reader, body, stream)]
+        if len(messages) > limit:
+            raise RpcError(Code.INTERNAL, "the server sent more than one response")
         self._raise_status(stream, stream.header(":path") or "", ended=True)
         return messages
 

@@ -236,6 +236,36 @@ class H2Stream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    async def receive_all(self, limit: int) -> bytes:
+        """Everything up to the peer's END_STREAM (at most `limit` bytes, else ValueError).
+
+        A whole small message already buffered is taken without extra scheduling rounds; that
+        is most RPC requests and replies.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint()
+            parts: list[bytes] = []
+            size = 0
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._chunks:
+                    chunk = self._take(self._buffered)
+                    size += len(chunk)
+                    if size > limit:
+                        raise ValueError(f"more than {limit} bytes")
+                    parts.append(chunk)
+                    continue
+                self._raise_if_failed()
+                if self._remote_ended:
+                    return parts[0] if len(parts) == 1 else b"".join(parts)
+                await self._receive_lot.park()
+        finally:
+            self._receiving = False
+
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()

@@ -96,18 +96,14 @@ class Router:
 
 
 async def _read_request(stream: H2Stream, request_type: type[Any], max_size: int) -> Any:
-    body = bytearray()
-    while True:
-        chunk = await stream.receive_some()
-        if not chunk:
-            break
-        body += chunk
-        if len(body) > max_size:
-            raise RpcError(
-                Code.RESOURCE_EXHAUSTED, f"request larger than the maximum of {max_size} bytes"
-            )
     try:
-        return msgspec.json.decode(bytes(body), type=request_type)
+        body = await stream.receive_all(max_size)
+    except ValueError:
+        raise RpcError(
+            Code.RESOURCE_EXHAUSTED, f"request larger than the maximum of {max_size} bytes"
+        ) from None
+    try:
+        return msgspec.json.decode(body, type=request_type)
     except msgspec.ValidationError as exc:
         raise RpcError(Code.INVALID_ARGUMENT, f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:

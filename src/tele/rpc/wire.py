@@ -14,7 +14,6 @@ from urllib.parse import quote, unquote
 
 from tele.rpc.errors import Code
 
-CONTENT_TYPE = "application/x-ndjson"
 TIMEOUT_HEADER = "tele-timeout"
 CODE_TRAILER = "tele-code"
 MESSAGE_TRAILER = "tele-message"
@@ -26,13 +25,7 @@ class MessageTooLarge(Exception):
 
 
 def request_headers(path: str, timeout: float | None) -> list[tuple[str, str]]:
-    headers = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":authority", "tele"),
-        (":path", path),
-        ("content-type", CONTENT_TYPE),
-    ]
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "tele"), (":path", path)]
     if timeout is not None:
         headers.append((TIMEOUT_HEADER, str(max(1, int(timeout * 1000)))))
     return headers
@@ -45,11 +38,14 @@ def parse_timeout(value: str | None) -> float | None:
     return int(value) / 1000
 
 
-RESPONSE_HEADERS = [(":status", "200"), ("content-type", CONTENT_TYPE)]
+RESPONSE_HEADERS = [(":status", "200")]
 
 
 def status_trailers(code: Code, message: str = "") -> list[tuple[str, str]]:
-    return [(CODE_TRAILER, code.value), (MESSAGE_TRAILER, quote(message, safe=" ,.:;/()'-_"))]
+    trailers = [(CODE_TRAILER, code.value)]
+    if message:
+        trailers.append((MESSAGE_TRAILER, quote(message, safe=" ,.:;/()'-_")))
+    return trailers
 
 
 def parse_status(headers: list[tuple[str, str]] | None) -> tuple[Code, str] | None:
