@@ -3,6 +3,7 @@ one-line results and one-line errors, never a traceback."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,49 @@ async def test_unreachable_cluster_is_exit_3(tele_env: dict[str, str], tmp_path:
     result = await tele(tele_env, "install", "--kubeconfig", str(config))
     assert result.returncode == 3
     assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in one_line_error(result)
+
+
+def _drain(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the terminal's other end closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_progress_is_shown_on_a_terminal(tele_env: dict[str, str], kubeconfig: Path) -> None:
+    controller, terminal = os.openpty()
+    drained: list[bytes] = []
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def drain() -> None:
+                drained.append(
+                    await trio.to_thread.run_sync(_drain, controller, abandon_on_cancel=True)
+                )
+
+            nursery.start_soon(drain)
+            with trio.fail_after(60):
+                result = await trio.run_process(
+                    [*TELE, "install", "--kubeconfig", str(kubeconfig)],
+                    env={**tele_env, "COLUMNS": "120"},
+                    stdin=b"",
+                    capture_stdout=True,
+                    stderr=terminal,
+                    check=False,
+                )
+            os.close(terminal)  # the child has exited: the drain now sees the end
+            terminal = -1
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        os.close(controller)
+    assert result.returncode == 0
+    assert result.stdout.decode().startswith("Installed release traffic-manager")
+    shown = drained[0].decode(errors="replace")
+    assert "Installing" in shown and "applied" in shown
