@@ -156,7 +156,7 @@ def helm() -> None:
     """Install, upgrade, uninstall or lint the traffic manager (Helm chart inside tele)."""
 
 
-@helm.command()
+@helm.command(short_help="Install the traffic manager.")
 @_target_options
 @_value_options
 @click.option(
@@ -192,7 +192,7 @@ def install(**kwargs: Any) -> None:
     click.echo(_summary("Installed", _run(operation)))
 
 
-@helm.command()
+@helm.command(short_help="Change the installed traffic manager's values or chart.")
 @_target_options
 @_value_options
 @click.option("--reuse-values", is_flag=True, help="Merge the new values over the last ones.")
@@ -228,7 +228,7 @@ def upgrade(**kwargs: Any) -> None:
     click.echo(_summary("Upgraded", outcome) + pruned)
 
 
-@helm.command()
+@helm.command(short_help="Remove the traffic manager and everything it installed.")
 @_target_options
 @click.option(
     "--timeout",
@@ -261,7 +261,7 @@ def uninstall(**kwargs: Any) -> None:
     )
 
 
-@helm.command()
+@helm.command(short_help="Check the chart and values with Helm's linter.")
 @_value_options
 @click.option(
     "-n",
