@@ -427,3 +427,8 @@ async def test_rbac_is_scoped_to_the_managed_namespaces(
         assert await allowed(sa.list(k8s.PODS, "gamma"))
         assert await allowed(sa.list(k8s.PODS))
         assert not await allowed(sa.list(k8s.SECRETS, "gamma"))
+
+
+async def test_the_release_namespace_may_be_managed_too(kube: KubeClient, chart: Chart) -> None:
+    await install(kube, chart, "self", {"namespaces": ["self"]})  # created first, then used
+    assert await kube.get(k8s.ROLES, "traffic-manager-self", "self")

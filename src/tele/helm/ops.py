@@ -106,8 +106,11 @@ async def _installed_managers(kube: KubeClient) -> list[ReleaseRecord]:
     return found
 
 
-async def _check_scope(kube: KubeClient, release: str, namespace: str, merged: Obj) -> str:
-    """Refuse a scope that collides with another manager's or names missing namespaces."""
+async def _check_scope(
+    kube: KubeClient, release: str, namespace: str, merged: Obj, *, creating: bool = False
+) -> str:
+    """Refuse a scope that collides with another manager's or names missing namespaces (the
+    release namespace is not missing when the install is about to create it)."""
     scope = records.scope_of(merged)
     existing = await _existing_namespaces(kube)
     others = await _installed_managers(kube)
@@ -115,7 +118,7 @@ async def _check_scope(kube: KubeClient, release: str, namespace: str, merged: O
     selector = selector_of(scope)
     static = selector.static_names
     if static is not None:
-        missing = sorted(static - set(existing))
+        missing = sorted(static - set(existing) - ({namespace} if creating else set()))
         if missing:
             raise ReleaseError(
                 f"namespace{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
@@ -271,7 +274,7 @@ async def install(
             f"release {release} is already installed in namespace {namespace} "
             f"(revision {previous.revision}); use tele helm upgrade to change it"
         )
-    scope_text = await _check_scope(kube, release, namespace, merged)
+    scope_text = await _check_scope(kube, release, namespace, merged, creating=create_namespace)
     objects = await chart.render(values, release=release, namespace=namespace)
     await _ensure_namespace(kube, namespace, create_namespace)
     refs = [ObjectRef.of(o) for o in objects]
