@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import trio
+import yaml
+
+from tele.k8s.client import KubeClient, open_kube_client
+from tele.sandbox.cluster import ClusterInfo, serve_cluster
+
+if TYPE_CHECKING:
+    from tests.daemon_util import DaemonGuard
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -27,3 +36,34 @@ def tele_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
     )
     yield env
+
+
+@pytest.fixture
+def guard(tele_env: dict[str, str]) -> Iterator[DaemonGuard]:
+    """Kills, at the end, every process that runs with this test's tele_env."""
+    from tests.daemon_util import DaemonGuard  # it imports this module
+
+    guard = DaemonGuard(tele_env)
+    try:
+        yield guard
+    finally:
+        guard.kill_all()
+
+
+@pytest.fixture
+async def sandbox_api(nursery: trio.Nursery) -> ClusterInfo:
+    """A sandbox API server (no nodes) in the test's own trio run; it keeps 50 changes of
+    watch history, so that tests can outrun it and see 410 Gone."""
+    info: ClusterInfo = await nursery.start(
+        lambda **kw: serve_cluster("test", history_size=50, **kw)
+    )
+    return info
+
+
+@pytest.fixture
+async def kube(sandbox_api: ClusterInfo, tmp_path: Path) -> AsyncIterator[KubeClient]:
+    """tele's Kubernetes client, as the sandbox's admin, through a kubeconfig file."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(sandbox_api.kubeconfig()))
+    async with open_kube_client(str(path)) as client:
+        yield client

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.daemon_util import DaemonGuard, run_tele, single_error_line
-
-
-@pytest.fixture
-def guard(tele_env: dict[str, str]) -> Iterator[DaemonGuard]:
-    guard = DaemonGuard(tele_env)
-    try:
-        yield guard
-    finally:
-        guard.kill_all()
 
 
 def write_config(env: dict[str, str], text: str) -> Path:

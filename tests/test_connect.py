@@ -94,15 +94,6 @@ def manager(cluster: tuple[ThreadedCluster, Path]) -> Iterator[ManagerProcess]:
         process.stop()
 
 
-@pytest.fixture
-def guard(tele_env: dict[str, str]) -> Iterator[DaemonGuard]:
-    guard = DaemonGuard(tele_env)
-    try:
-        yield guard
-    finally:
-        guard.kill_all()
-
-
 def test_connect_status_list_quit(
     tele_env: dict[str, str],
     guard: DaemonGuard,

@@ -26,15 +26,6 @@ from tests.daemon_util import (
 )
 
 
-@pytest.fixture
-def guard(tele_env: dict[str, str]) -> Iterator[DaemonGuard]:
-    guard = DaemonGuard(tele_env)
-    try:
-        yield guard
-    finally:
-        guard.kill_all()
-
-
 def start_daemon(env: dict[str, str]) -> int:
     result = run_tele(env, "daemon", "start", "-o", "json")
     assert result.returncode == 0, result.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -13,23 +12,7 @@ import yaml
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, ApiUnreachable, KubeClient, open_kube_client
 from tele.k8s.config import load_connection
-from tele.sandbox.cluster import ClusterInfo, serve_cluster
-
-
-@pytest.fixture
-async def cluster(nursery: trio.Nursery) -> ClusterInfo:
-    info: ClusterInfo = await nursery.start(
-        lambda **kw: serve_cluster("k8stest", history_size=50, **kw)
-    )
-    return info
-
-
-@pytest.fixture
-async def kube(cluster: ClusterInfo, tmp_path: Path) -> AsyncIterator[KubeClient]:
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump(cluster.kubeconfig()))
-    async with open_kube_client(str(path)) as client:
-        yield client
+from tele.sandbox.cluster import ClusterInfo
 
 
 def configmap(name: str, **data: str) -> dict[str, object]:
@@ -109,8 +92,10 @@ async def test_watch_from_a_too_old_version_is_gone(kube: KubeClient) -> None:
     assert info.value.gone
 
 
-async def test_unreachable_server_is_one_clear_error(cluster: ClusterInfo, tmp_path: Path) -> None:
-    config = cluster.kubeconfig()
+async def test_unreachable_server_is_one_clear_error(
+    sandbox_api: ClusterInfo, tmp_path: Path
+) -> None:
+    config = sandbox_api.kubeconfig()
     config["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:9"  # nothing listens there
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump(config))
@@ -121,9 +106,9 @@ async def test_unreachable_server_is_one_clear_error(cluster: ClusterInfo, tmp_p
     assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in str(info.value)
 
 
-async def test_wrong_token_is_unauthorized(cluster: ClusterInfo, tmp_path: Path) -> None:
+async def test_wrong_token_is_unauthorized(sandbox_api: ClusterInfo, tmp_path: Path) -> None:
     path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump(cluster.token_kubeconfig("not-a-token", "mallory")))
+    path.write_text(yaml.safe_dump(sandbox_api.token_kubeconfig("not-a-token", "mallory")))
     async with open_kube_client(str(path)) as kube:
         with pytest.raises(ApiError) as info:
             await kube.get(k8s.NAMESPACES, "default")

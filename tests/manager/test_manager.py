@@ -4,15 +4,12 @@ workloads and tunnel dialing, all through its real RPC/tunnel port on loopback."
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import trio
-import yaml
 
 from tele.k8s import client as k8s
-from tele.k8s.client import KubeClient, open_kube_client
+from tele.k8s.client import KubeClient
 from tele.manager.namespaces import NamespaceSelector
 from tele.manager.server import Manager, ManagerConfig
 from tele.net.tunnel import Destination, Protocol, ResetReason
@@ -20,24 +17,9 @@ from tele.rpc import manager_api as api
 from tele.rpc.client import Client, open_client
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.tunnel import TunnelError, dial
-from tele.sandbox.cluster import ClusterInfo, serve_cluster
 from tele.testing.waits import wait_for
 
 IDENTITY = api.ClientIdentity(user="dev", host="laptop", client_version="0.1.0")
-
-
-@pytest.fixture
-async def cluster(nursery: trio.Nursery) -> ClusterInfo:
-    info: ClusterInfo = await nursery.start(lambda **kw: serve_cluster("mgrtest", **kw))
-    return info
-
-
-@pytest.fixture
-async def kube(cluster: ClusterInfo, tmp_path: Path) -> AsyncIterator[KubeClient]:
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump(cluster.kubeconfig()))
-    async with open_kube_client(str(path)) as client:
-        yield client
 
 
 async def start_manager(

@@ -4,33 +4,15 @@ sandbox API server calling it for pod creation exactly as Kubernetes does."""
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import trio
-import yaml
 
 from tele.k8s import client as k8s
-from tele.k8s.client import KubeClient, open_kube_client
+from tele.k8s.client import KubeClient
 from tele.manager.server import Manager, ManagerConfig
-from tele.sandbox.cluster import ClusterInfo, serve_cluster
 
 WEBHOOK = "agent-injector-webhook-default"
-
-
-@pytest.fixture
-async def cluster(nursery: trio.Nursery) -> ClusterInfo:
-    info: ClusterInfo = await nursery.start(lambda **kw: serve_cluster("hooktest", **kw))
-    return info
-
-
-@pytest.fixture
-async def kube(cluster: ClusterInfo, tmp_path: Path) -> AsyncIterator[KubeClient]:
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump(cluster.kubeconfig()))
-    async with open_kube_client(str(path)) as client:
-        yield client
 
 
 async def start(nursery: trio.Nursery, kube: KubeClient) -> Manager:

@@ -1,7 +1,5 @@
 """Property tests of the packet codecs: round trips, and only PacketError on bad bytes."""
 
-# ruff: noqa: PLR0917 - a @given test takes one positional argument per strategy
-
 from __future__ import annotations
 
 import socket
