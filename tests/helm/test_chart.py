@@ -230,13 +230,17 @@ def test_manager_env_follows_the_values_and_parses_as_the_manager_does(chart: Ch
     assert config.pod_subnets == ("10.244.0.0/16",)
     assert config.workloads == ("deployments", "replicaSets", "argoRollouts")
     assert config.api_port == 8081
+    assert (config.webhook_port, config.webhook_name) == (8443, "agent-injector-webhook-mgr")
+    assert config.webhook_secret == "mutator-webhook-tls"
 
 
 def test_injector_disabled_renders_no_webhook(chart: Chart) -> None:
     objects = render(chart, {"agentInjector": {"enabled": False}})
     assert "MutatingWebhookConfiguration" not in {k[0] for k in kinds(objects)}
     assert ("Service", "ambassador", "agent-injector") not in kinds(objects)
-    assert manager_env(objects)["TELE_WEBHOOK_NAME"] == ""
+    env = manager_env(objects)
+    assert (env["TELE_WEBHOOK_NAME"], env["TELE_WEBHOOK_PORT"]) == ("", "")
+    assert ManagerConfig.from_env(env).webhook_port is None
 
 
 def test_value_flags_parse_like_helm(tmp_path: Path) -> None:

@@ -222,8 +222,11 @@ async def test_uninstall_removes_everything_it_installed(kube: KubeClient, chart
     installed = await snapshot(kube) - before
     assert ("Role", "alpha", "traffic-manager-ambassador") in installed
     assert ("Secret", "ambassador", "tele-release-traffic-manager") in installed
+    # What the manager makes for itself when it runs (tele.manager.webhook.ensure_tls).
+    tls = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mutator-webhook-tls"}}
+    await kube.create(k8s.SECRETS, tls, "ambassador")
     outcome = await ops.uninstall(kube, release="traffic-manager", namespace="ambassador")
-    assert len(outcome.pruned) == len(installed) - 1  # all but the record, deleted last
+    assert len(outcome.pruned) == len(installed)  # all but the record (deleted last) + the TLS
     assert await snapshot(kube) == before
 
 

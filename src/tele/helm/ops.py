@@ -363,6 +363,21 @@ async def upgrade(
     return Outcome(record, applied, pruned, scope_text)
 
 
+def _made_by_the_manager(record: ReleaseRecord) -> list[ObjectRef]:
+    """What the running manager creates for itself and so belongs to the release too: the
+    agent injector's TLS Secret, named in the last applied Deployment's environment."""
+    made: list[ObjectRef] = []
+    for manifest in record.manifests:
+        if manifest.get("kind") != "Deployment":
+            continue
+        pod = (manifest.get("spec") or {}).get("template") or {}
+        for container in (pod.get("spec") or {}).get("containers") or []:
+            for env in container.get("env") or []:
+                if env.get("name") == "TELE_WEBHOOK_SECRET" and env.get("value"):
+                    made.append(ObjectRef("v1", "Secret", str(env["value"]), record.namespace))
+    return made
+
+
 async def uninstall(
     kube: KubeClient,
     *,
@@ -378,7 +393,8 @@ async def uninstall(
         raise ReleaseError(f"release {release} is not installed in namespace {namespace}")
     record.status = "uninstalling"
     await records.write(kube, record)
-    progress.begin("Uninstalling", len(record.objects))
-    deleted = await _delete(kube, record.objects, progress, wait=wait)
+    owned = record.objects + [r for r in _made_by_the_manager(record) if r not in record.objects]
+    progress.begin("Uninstalling", len(owned))
+    deleted = await _delete(kube, owned, progress, wait=wait)
     await records.delete(kube, record)
     return Outcome(record, [], deleted, "")
