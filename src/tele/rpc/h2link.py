@@ -275,6 +275,14 @@ class H2Stream(trio.abc.HalfCloseableStream):
         if self._closed:
             return
         self._closed = True
+        try:
+            self._close_sending()
+        except trio.BrokenResourceError:
+            pass  # the link failed meanwhile (e.g. a GOAWAY crossed this close): nothing to send
+        self._discard_buffer()
+        self._wake_all()
+
+    def _close_sending(self) -> None:
         link_usable = self._link._failure is None
         if link_usable and self._reset_code is None and not self._send_broken:
             if self._chunks:
@@ -291,8 +299,6 @@ class H2Stream(trio.abc.HalfCloseableStream):
                     self._link._send_headers(self, [(":status", "200")], True)
                 else:
                     self._link._end_stream(self)
-        self._discard_buffer()
-        self._wake_all()
 
     def reset(self, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         """Abort the stream both ways with RST_STREAM."""
@@ -512,19 +518,17 @@ class H2Link:
             self._kick_writer()
         self._fail(reason)
 
-    async def shutdown(self, timeout: float = 5.0) -> None:
-        """Graceful: GOAWAY, let open streams finish (up to `timeout`), then close."""
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Graceful: refuse new streams, let open ones finish (up to `grace` s), then GOAWAY.
+
+        h2 sends nothing at all once a GOAWAY has gone either way, so the GOAWAY comes last.
+        """
         if self._failure is None and not self._closing:
-            self._closing = True
-            try:
-                self._conn.close_connection()
-            except h2.exceptions.ProtocolError:
-                pass
-            self._kick_writer()
-            with trio.move_on_after(timeout):
+            self._closing = True  # incoming streams are refused from now on
+            with trio.move_on_after(grace):
                 while self._streams and self._failure is None:
                     await self._capacity_lot.park()
-        self._fail("link shut down")
+        self.close("link shut down")
 
     # --- run ---------------------------------------------------------------------------------
 
@@ -582,7 +586,9 @@ class H2Link:
                     events = self._conn.receive_data(data)
                     self._check_pending_frame()
                 except h2.exceptions.ProtocolError as exc:
-                    log.warning("%s: protocol error from peer, closing: %s", self.name, exc)
+                    # Frames that cross our own GOAWAY are expected, not the peer's fault.
+                    level = logging.DEBUG if self._closing else logging.WARNING
+                    log.log(level, "%s: protocol error from peer, closing: %s", self.name, exc)
                     self._closing = True  # lets the writer flush h2's GOAWAY
                     self._kick_writer()
                     self._fail(f"protocol error: {exc}")
@@ -744,11 +750,12 @@ class H2Link:
             if self._is_client_stream(stream.stream_id) and stream.stream_id > last:
                 stream._on_reset(h2.errors.ErrorCodes.REFUSED_STREAM)
                 self._forget(stream)
+        # h2 refuses to send anything after a GOAWAY (its connection state is CLOSED), so the
+        # streams still open cannot finish: the link is over.
         if event.error_code:
             self._fail(f"peer closed the connection with {_error_name(event.error_code)}")
-        elif not self._streams:
+        else:
             self._fail("peer closed the connection (GOAWAY)")
-        self._capacity_lot.unpark_all()
 
     # --- used by streams -----------------------------------------------------------------------
 
