@@ -1,0 +1,89 @@
+"""Point the system's resolver at tele's DNS server, and put it back.
+
+With systemd-resolved running, the TUN link gets tele's server and routing domains
+(`resolvectl dns/domain`: `~cluster.local`, `~<namespace>` for each mapped namespace, the
+search domain `tel2-search`), which resolved drops by itself when the link disappears.
+Otherwise resolv.conf is overridden: the original is copied aside first (and the copy recorded
+in the undo journal), and restored byte for byte on the way out. Tests pass the resolv.conf of
+their own network namespace (`/etc/netns/<name>/resolv.conf`); nothing here is ever pointed at
+the host's file by a test.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tele.vif.errors import VifError
+
+SEARCH_DOMAIN = "tel2-search"
+RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def resolved_running() -> bool:
+    """systemd-resolved manages this machine's DNS (its stub resolv.conf is in place)."""
+    return Path("/run/systemd/resolve/io.systemd.Resolve").exists() and bool(
+        shutil.which("resolvectl")
+    )
+
+
+def nameservers(path: Path) -> list[str]:
+    """The `nameserver` addresses of a resolv.conf (empty when it is missing)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    found: list[str] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                ipaddress.ip_address(parts[1].split("%")[0])
+            except ValueError:
+                continue
+            found.append(parts[1])
+    return found
+
+
+def override_resolv_conf(path: Path, backup: Path, server: str, search: list[str]) -> None:
+    """Keep the original at `backup`, then make `server` the only nameserver in `path`."""
+    if not backup.exists():  # a leftover backup is the true original: never overwrite it
+        backup.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            shutil.copy2(path, backup)
+        else:
+            backup.write_text("")
+            os.chmod(backup, 0o644)
+    text = (
+        f"# written by tele while connected; the original is kept in {backup}\n"
+        f"nameserver {server}\n"
+        f"search {' '.join(search)}\n"
+        "options ndots:1 timeout:2 attempts:2\n"
+    )
+    tmp = path.with_name(path.name + ".tele-tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def restore_resolv_conf(path: Path, backup: Path) -> None:
+    """Put the original back (a missing backup means there is nothing of ours to undo)."""
+    if not backup.exists():
+        return
+    os.replace(backup, path)
+
+
+def resolved_set_link(device: str, server: str, domains: list[str]) -> None:
+    """Per-link DNS and routing domains through systemd-resolved."""
+    try:
+        subprocess.run(["resolvectl", "dns", device, server], check=True, capture_output=True)
+        subprocess.run(["resolvectl", "domain", device, *domains], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        raise VifError(
+            f"systemd-resolved refused DNS settings for {device}: "
+            f"{detail.decode(errors='replace').strip() or exc}"
+        ) from exc

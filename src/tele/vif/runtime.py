@@ -1,0 +1,549 @@
+"""The packet loop: reads the TUN under trio, drives `tele.net`'s TCP connections and UDP flows,
+and joins each one to a tunnel stream.
+
+```
+Stack.serve
+ |- reader: wait_readable(fd), then read everything queued (one wakeup, many packets)
+ |- timers: one heap of connection deadlines (retransmission, persist, TIME-WAIT, UDP idle)
+ |- per TCP connection: dial the tunnel, then accept() (SYN-ACK) or refuse() (RST / ICMP);
+ |    '- two directions: tunnel -> send() (waits for Writable), DataReceived -> tunnel
+ '- per UDP flow: dial a UDP tunnel stream, datagrams both ways until idle
+```
+A SYN is answered only once the dial succeeded, so an app sees "connection refused" or "no
+route to host" at once instead of a connection that dies later. Memory is bounded per
+connection by its TCP buffers and per UDP flow by a small datagram queue; the tables by
+`max_connections` and the UDP table's `max_flows`.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import ipaddress
+import itertools
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, NoReturn
+
+import trio
+
+from tele.net import packet as pk
+from tele.net.errors import PacketError
+from tele.net.icmp import ICMPv4Header, ICMPv6Header
+from tele.net.tcp import ACK, SYN, TCPHeader
+from tele.net.tcpstate import (
+    Closed,
+    DataReceived,
+    PeerClosed,
+    RefuseReason,
+    Reset,
+    SynReceived,
+    TCPConfig,
+    TCPConnection,
+    Writable,
+)
+from tele.net.tunnel import (
+    MAX_DATAGRAM,
+    DatagramDecoder,
+    Destination,
+    Protocol,
+    ResetReason,
+    TunnelProtocolError,
+    encode_datagram,
+)
+from tele.net.udp import UDPHeader
+from tele.net.udpflows import FiveTuple, UDPFlow, UDPFlowTable
+from tele.net.vnet import VNET_HDR_NONE, checksum_settled
+from tele.rpc.tunnel import TunnelError, reset_reason
+from tele.vif.routing import Network
+
+log = logging.getLogger(__name__)
+
+Dialer = Callable[[Destination], Awaitable[trio.abc.HalfCloseableStream]]
+"""Opens a tunnel stream to a destination; raises `TunnelError` when refused or unreachable."""
+
+READ_SIZE: Final = 65_536 + 64
+"""Largest packet the device hands over (a 64 KiB GSO super-segment plus its headers)."""
+TUNNEL_READ: Final = 256 * 1024
+UDP_QUEUE: Final = 64
+"""Datagrams held per UDP flow while its tunnel stream is slow; more are dropped (as a full
+socket buffer would)."""
+
+_REFUSAL: Final = {
+    ResetReason.REFUSED: RefuseReason.REFUSED,
+    ResetReason.RESET: RefuseReason.REFUSED,
+    ResetReason.UNREACHABLE: RefuseReason.HOST_UNREACHABLE,
+    ResetReason.TIMEOUT: RefuseReason.HOST_UNREACHABLE,
+    ResetReason.POLICY: RefuseReason.PROHIBITED,
+    ResetReason.INTERNAL: RefuseReason.NETWORK_UNREACHABLE,
+}
+
+
+@dataclass(slots=True)
+class StackConfig:
+    """Limits and timers of the packet loop."""
+
+    subnets: Sequence[Network] = ()
+    """Destinations served; packets to anything else are answered with ICMP unreachable."""
+    tcp: TCPConfig = field(default_factory=TCPConfig)
+    dial_timeout: float = 10.0
+    max_connections: int = 16_384
+    udp_idle_timeout: float = 60.0
+    max_udp_flows: int = 1024
+
+
+@dataclass(slots=True)
+class Counters:
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    tcp_connections: int = 0
+    udp_flows: int = 0
+    refused: int = 0
+    dropped: int = 0
+
+
+FlowKey = tuple[bytes, int, bytes, int]
+
+
+@dataclass(eq=False, slots=True)
+class _Tcp:
+    """A TCP connection with the runtime state that joins it to its tunnel stream."""
+
+    conn: TCPConnection
+    inbound: deque[bytes] = field(default_factory=deque)
+    inbound_bytes: int = 0
+    peer_closed: bool = False
+    closed: bool = False
+    wake_inbound: trio.Event = field(default_factory=trio.Event)
+    wake_writable: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    deadline: float | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Udp:
+    send: trio.MemorySendChannel[bytes]
+    receive: trio.MemoryReceiveChannel[bytes]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class Stack:
+    """Serves one TUN descriptor (non-blocking) until cancelled."""
+
+    def __init__(
+        self,
+        fd: int,
+        dialer: Dialer,
+        *,
+        vnet_header: bool,
+        config: StackConfig | None = None,
+    ) -> None:
+        self.fd = fd
+        self.dialer = dialer
+        self.vnet = vnet_header
+        self.config = cfg = config or StackConfig()
+        self._header = 10 if vnet_header else 0
+        self._tcp: dict[FlowKey, _Tcp] = {}
+        self._udp: UDPFlowTable[_Udp] = UDPFlowTable(
+            idle_timeout=cfg.udp_idle_timeout, max_flows=cfg.max_udp_flows
+        )
+        self._dirty: set[_Tcp] = set()
+        self._heap: list[tuple[float, int, _Tcp]] = []
+        self._tie = itertools.count()
+        self._timer_wake = trio.Event()
+        self._timer_at = float("inf")
+        self._nursery: trio.Nursery | None = None
+        self._v4 = [n for n in cfg.subnets if n.version == 4]
+        self._v6 = [n for n in cfg.subnets if n.version == 6]
+        self.counters = Counters()
+
+    # --- service --------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._timers)
+            task_status.started()
+            await self._reader()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _reader(self) -> NoReturn:
+        fd = self.fd
+        read = os.read
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            now = trio.current_time()
+            # Read all that is queued: one trio wakeup per packet costs a third of the speed.
+            for _ in range(4096):
+                try:
+                    buf = read(fd, READ_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    raise
+                self.counters.packets_in += 1
+                self.counters.bytes_in += len(buf)
+                self._on_packet(buf, now)
+            self._flush()
+
+    # --- packets from the kernel ----------------------------------------------------------
+
+    def _on_packet(self, buf: bytes, now: float) -> None:
+        header = self._header
+        settled = bool(header) and checksum_settled(buf)
+        view = memoryview(buf)[header:] if header else buf
+        segment = pk.fast_tcp(view, verify_checksum=not settled)
+        if segment is not None:
+            record = self._tcp.get((segment.src, segment.sport, segment.dst, segment.dport))
+            if record is not None:
+                record.conn.receive_view(segment, now)
+                self._after_input(record)
+                return
+        try:
+            packet = pk.parse_packet(view, verify_checksum=not settled)
+        except PacketError as exc:
+            self.counters.dropped += 1
+            log.debug("dropping a packet from the TUN: %s", exc)
+            return
+        transport = packet.transport
+        if isinstance(transport, TCPHeader):
+            self._on_tcp(packet, transport, now)
+        elif isinstance(transport, UDPHeader):
+            self._on_udp(packet, view, now)
+        elif isinstance(transport, ICMPv4Header | ICMPv6Header) and self._routed(packet.ip.dst):
+            # Echo is answered for the routed subnets: the manager gives no per-address view.
+            reply = pk.echo_reply_for(packet)
+            if reply is not None:
+                self._write(reply)
+
+    def _routed(self, address: bytes) -> bool:
+        if len(address) == 4:
+            ip4 = ipaddress.IPv4Address(address)
+            return any(ip4 in n for n in self._v4)
+        ip6 = ipaddress.IPv6Address(address)
+        return any(ip6 in n for n in self._v6)
+
+    def _on_tcp(self, packet: pk.Packet, tcp: TCPHeader, now: float) -> None:
+        key = (packet.ip.src, tcp.sport, packet.ip.dst, tcp.dport)
+        record = self._tcp.get(key)
+        if record is not None:
+            if record.conn.receive_packet(packet, now):
+                self._after_input(record)
+                return
+            # Closed (or TIME-WAIT ended by a new SYN): forget it, maybe open afresh below.
+            self._forget(key, record)
+        if tcp.flags & (SYN | ACK) != SYN:
+            reply = pk.rst_for(packet)
+            if reply is not None:
+                self._write(reply)
+            return
+        if not self._routed(packet.ip.dst):
+            self._write(
+                pk.icmp_unreachable_for(
+                    bytes(packet.ip) + bytes(tcp), packet.ip, pk.Unreachable.NETWORK
+                )
+            )
+            return
+        conn = TCPConnection(packet, config=self.config.tcp)
+        record = _Tcp(conn)
+        if len(self._tcp) >= self.config.max_connections:
+            log.warning("refusing a connection: %d are open", len(self._tcp))
+            conn.events()
+            conn.refuse(RefuseReason.REFUSED)
+            self._write_all(conn.data_to_send(now))
+            return
+        self._tcp[key] = record
+        self.counters.tcp_connections += 1
+        self._after_input(record)
+
+    def _after_input(self, record: _Tcp) -> None:
+        """Dispatch the connection's events; its output goes out with the next flush."""
+        self._dirty.add(record)
+        conn = record.conn
+        for event in conn.events():
+            if isinstance(event, DataReceived):
+                record.inbound.append(event.data)
+                record.inbound_bytes += len(event.data)
+                record.wake_inbound.set()
+            elif isinstance(event, Writable):
+                record.wake_writable.set()
+            elif isinstance(event, PeerClosed):
+                record.peer_closed = True
+                record.wake_inbound.set()
+            elif isinstance(event, SynReceived):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._tcp_flow, record, event)
+            elif isinstance(event, Reset):
+                log.debug("tcp %s: %s", _flow_name(conn), event.reason)
+                record.scope.cancel()
+            elif isinstance(event, Closed):
+                self._forget((*conn.client, *conn.dest), record)
+                record.wake_inbound.set()
+                record.wake_writable.set()
+
+    def _forget(self, key: FlowKey, record: _Tcp) -> None:
+        if self._tcp.get(key) is record:
+            del self._tcp[key]
+        if not record.closed:
+            record.scope.cancel()
+        record.closed = True
+
+    # --- output ---------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Write the output of every connection touched since the last flush; re-arm timers."""
+        if not self._dirty:
+            return
+        now = trio.current_time()
+        dirty = self._dirty
+        self._dirty = set()
+        for record in dirty:
+            conn = record.conn
+            out = conn.data_to_send(now)
+            if out:
+                self._write_all(out)
+            deadline = conn.next_deadline()
+            if deadline is not None and deadline != record.deadline:
+                record.deadline = deadline
+                heapq.heappush(self._heap, (deadline, next(self._tie), record))
+                if deadline < self._timer_at:
+                    self._timer_wake.set()
+
+    def _write_all(self, packets: list[bytes]) -> None:
+        for data in packets:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        # Packets built outside a flow encoder (ICMP, RST for strangers, UDP replies) carry no
+        # virtio-net header; an IP packet starts with 0x4_/0x6_, a header's flags byte never.
+        if self.vnet and data[0] >= 0x40:
+            data = VNET_HDR_NONE + data
+        try:
+            os.write(self.fd, data)
+        except BlockingIOError:
+            self.counters.dropped += 1  # the app's TCP retransmits; UDP may lose it anyway
+            return
+        except OSError as exc:
+            self.counters.dropped += 1
+            log.debug("TUN write failed: %s", exc)
+            return
+        self.counters.packets_out += 1
+        self.counters.bytes_out += len(data)
+
+    def _touch(self, record: _Tcp) -> None:
+        """After a call on the connection from a flow task: dispatch events, write output."""
+        self._after_input(record)
+        self._flush()
+
+    # --- timers ---------------------------------------------------------------------------
+
+    async def _timers(self) -> NoReturn:
+        heap = self._heap
+        while True:
+            self._timer_at = heap[0][0] if heap else float("inf")
+            udp_next = self._udp.next_deadline()
+            if udp_next is not None:
+                self._timer_at = min(self._timer_at, udp_next)
+            with trio.move_on_at(self._timer_at):
+                await self._timer_wake.wait()
+            self._timer_wake = trio.Event()
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                deadline, _, record = heapq.heappop(heap)
+                if record.deadline != deadline or record.closed:
+                    continue  # superseded by a later push
+                record.deadline = None
+                record.conn.on_timer(now)
+                self._after_input(record)
+            for flow in self._udp.expire(now):
+                flow.handle.scope.cancel()
+            self._flush()
+
+    # --- TCP flows ------------------------------------------------------------------------
+
+    async def _tcp_flow(self, record: _Tcp, syn: SynReceived) -> None:
+        conn = record.conn
+        destination = Destination(Protocol.TCP, ipaddress.ip_address(syn.dest_addr), syn.dest_port)
+        with record.scope:
+            try:
+                with trio.fail_after(self.config.dial_timeout):
+                    stream = await self.dialer(destination)
+            except (TunnelError, trio.TooSlowError) as exc:
+                reason = exc.reason if isinstance(exc, TunnelError) else ResetReason.TIMEOUT
+                log.debug("tcp %s: dial failed: %s", destination, exc)
+                self.counters.refused += 1
+                if not record.closed:
+                    conn.refuse(_REFUSAL.get(reason, RefuseReason.REFUSED))
+                    self._touch(record)
+                return
+            async with stream:
+                if record.closed:
+                    return
+                conn.accept()
+                self._touch(record)
+                clean = False
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._app_to_tunnel, record, stream)
+                        await self._tunnel_to_app(record, stream)
+                    clean = True
+                finally:
+                    if not clean and not record.closed:
+                        conn.abort()
+                        self._touch(record)
+            return
+        # Cancelled: the connection was reset or closed under us.
+        if not record.closed:
+            conn.abort()
+            self._touch(record)
+
+    async def _tunnel_to_app(self, record: _Tcp, stream: trio.abc.HalfCloseableStream) -> None:
+        conn = record.conn
+        while True:
+            try:
+                data = await stream.receive_some(TUNNEL_READ)
+            except trio.BrokenResourceError as exc:
+                log.debug("tcp %s: tunnel reset (%s)", _flow_name(conn), reset_reason(exc).value)
+                conn.abort()
+                self._touch(record)
+                record.scope.cancel()
+                return
+            if record.closed:
+                return
+            if not data:
+                conn.close()
+                self._touch(record)
+                return
+            view = memoryview(data)
+            while view:
+                taken = conn.send(view)
+                view = view[taken:]
+                self._touch(record)
+                if view:
+                    if record.closed:
+                        return
+                    record.wake_writable = trio.Event()
+                    if conn.send_space == 0:
+                        await record.wake_writable.wait()
+
+    async def _app_to_tunnel(self, record: _Tcp, stream: trio.abc.HalfCloseableStream) -> None:
+        conn = record.conn
+        while True:
+            while not record.inbound and not record.peer_closed and not record.closed:
+                record.wake_inbound = trio.Event()
+                await record.wake_inbound.wait()
+            if record.inbound:
+                chunks = list(record.inbound)
+                record.inbound.clear()
+                size = record.inbound_bytes
+                record.inbound_bytes = 0
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                try:
+                    await stream.send_all(data)
+                except trio.BrokenResourceError:
+                    conn.abort()
+                    self._touch(record)
+                    record.scope.cancel()
+                    return
+                if not record.closed:
+                    conn.consume(size)
+                    self._touch(record)
+                continue
+            if record.closed:
+                return
+            if record.peer_closed:
+                try:
+                    await stream.send_eof()
+                except trio.BrokenResourceError:
+                    conn.abort()
+                    self._touch(record)
+                    record.scope.cancel()
+                return
+
+    # --- UDP flows ------------------------------------------------------------------------
+
+    def _on_udp(self, packet: pk.Packet, view: memoryview | bytes, now: float) -> None:
+        if not self._routed(packet.ip.dst):
+            self._write(pk.icmp_unreachable_for(bytes(view), packet.ip, pk.Unreachable.NETWORK))
+            return
+        key = FiveTuple.of(packet)
+        flow = self._udp.outbound(key, len(packet.payload), now)
+        if flow is None:
+            send, receive = trio.open_memory_channel[bytes](UDP_QUEUE)
+            handle = _Udp(send, receive)
+            flow, evicted = self._udp.open(key, handle, now)
+            if evicted is not None:
+                evicted.handle.scope.cancel()
+            self.counters.udp_flows += 1
+            assert self._nursery is not None
+            self._nursery.start_soon(self._udp_flow, flow, bytes(view))
+            self._timer_wake.set()  # a new idle deadline
+            return
+        try:
+            flow.handle.send.send_nowait(bytes(packet.payload))
+        except trio.WouldBlock:
+            self.counters.dropped += 1
+
+    async def _udp_flow(self, flow: UDPFlow[_Udp], first: bytes) -> None:
+        key = flow.key
+        handle = flow.handle
+        destination = Destination(Protocol.UDP, ipaddress.ip_address(key.dst), key.dport)
+        first_packet = pk.parse_packet(first, verify_checksum=False)
+        handle.send.send_nowait(bytes(first_packet.payload))
+        try:
+            with handle.scope:
+                try:
+                    with trio.fail_after(self.config.dial_timeout):
+                        stream = await self.dialer(destination)
+                except (TunnelError, trio.TooSlowError) as exc:
+                    log.debug("udp %s: dial failed: %s", destination, exc)
+                    self.counters.refused += 1
+                    unreachable = pk.Unreachable.PORT
+                    if isinstance(exc, TunnelError) and exc.reason is not ResetReason.REFUSED:
+                        unreachable = pk.Unreachable.HOST
+                    self._write(pk.icmp_unreachable_for(first, first_packet.ip, unreachable))
+                    return
+                async with stream, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._udp_out, handle, stream)
+                    await self._udp_in(flow, stream)
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self._udp.get(key) is flow:
+                self._udp.close(key)
+
+    async def _udp_out(self, handle: _Udp, stream: trio.abc.HalfCloseableStream) -> None:
+        async for payload in handle.receive:
+            try:
+                await stream.send_all(encode_datagram(payload))
+            except (trio.BrokenResourceError, TunnelProtocolError):
+                handle.scope.cancel()
+                return
+
+    async def _udp_in(self, flow: UDPFlow[_Udp], stream: trio.abc.HalfCloseableStream) -> None:
+        decoder = DatagramDecoder(MAX_DATAGRAM)
+        while True:
+            try:
+                data = await stream.receive_some(TUNNEL_READ)
+                datagrams = decoder.feed(data)
+            except (trio.BrokenResourceError, TunnelProtocolError):
+                return
+            if not data:
+                return
+            now = trio.current_time()
+            for datagram in datagrams:
+                self._udp.inbound(flow.key, len(datagram), now)
+                self._write(flow.reply(datagram))
+
+
+def _flow_name(conn: TCPConnection) -> str:
+    client, cport, dest, dport = conn.flow
+    return f"{ipaddress.ip_address(client)}:{cport} -> {ipaddress.ip_address(dest)}:{dport}"

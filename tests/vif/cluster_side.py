@@ -1,0 +1,71 @@
+"""The cluster's side of the VIF tests, run inside the test's "cluster" network namespace.
+
+`python cluster_side.py <fd> <address>`: serves tunnel OPENs (the real `TunnelServer`) and a
+small LOOKUP_DNS table on the h2 link whose socket is `fd`, plus a TCP and a UDP echo server on
+`<address>` port 7000. Exits when the link closes.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import sys
+
+import trio
+
+from tele.rpc import manager_api as mapi
+from tele.rpc.server import Router, serve_connection
+from tele.rpc.tunnel import TunnelServer
+
+ECHO_PORT = 7000
+
+
+def dns_table(address: str) -> dict[str, str]:
+    return {"echo.default": address, "echo.default.svc.cluster.local": address}
+
+
+async def tcp_echo(stream: trio.SocketStream) -> None:
+    async with stream:
+        try:
+            while data := await stream.receive_some(256 * 1024):
+                await stream.send_all(data)
+            await stream.send_eof()
+        except trio.BrokenResourceError:
+            pass
+
+
+async def udp_echo(address: str) -> None:
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind((address, ECHO_PORT))
+    while True:
+        data, peer = await sock.recvfrom(65535)
+        await sock.sendto(data, peer)
+
+
+async def main(fd: int, address: str) -> None:
+    table = dns_table(address)
+    router = Router()
+
+    async def lookup(request: mapi.LookupRequest) -> mapi.LookupReply:
+        name = request.name.rstrip(".").lower()
+        value = table.get(name)
+        if value is None:
+            return mapi.LookupReply(rcode="NXDOMAIN")
+        if request.qtype != "A":
+            return mapi.LookupReply(rcode="NOERROR")
+        return mapi.LookupReply(
+            rcode="NOERROR", records=[mapi.DnsRecord(name=name, type="A", value=value, ttl=5)]
+        )
+
+    router.unary(mapi.LOOKUP_DNS, lookup)
+    router.raw(TunnelServer.matches, TunnelServer(dial_timeout=3).handle)
+    sock = socket.socket(fileno=fd)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(trio.serve_tcp, tcp_echo, ECHO_PORT, host=address))
+        nursery.start_soon(udp_echo, address)
+        await serve_connection(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), router)
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    trio.run(main, int(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,172 @@
+"""The VIF end to end: real programs in the laptop namespace reach the cluster namespace only
+through the TUN device, tele's userspace TCP/IP and the tunnel."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import trio
+
+from tele.vif import journal
+from tele.vif.errors import RouteConflict
+from tele.vif.service import VifSettings, serve_vif
+
+from .conftest import CLUSTER_SUBNETS, POD_ADDRESS, Namespaces, Tele, run_in
+
+TRANSFER = """
+import hashlib, os, socket, sys, threading
+data = os.urandom({size})
+s = socket.create_connection(("{ip}", 7000), timeout=10)
+def send():
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+threading.Thread(target=send).start()
+got = hashlib.sha256()
+n = 0
+while chunk := s.recv(1 << 20):
+    got.update(chunk)
+    n += len(chunk)
+print(n, got.hexdigest() == hashlib.sha256(data).hexdigest())
+"""
+
+
+async def test_tcp_bytes_arrive_both_ways(tele: Tele) -> None:
+    size = 32 * 1024 * 1024
+    result = await run_in(tele.netns.laptop, TRANSFER.format(size=size, ip=POD_ADDRESS))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(size), "True"]
+    assert tele.vif.counters.tcp_connections == 1
+
+
+async def test_concurrent_connections_all_complete(tele: Tele) -> None:
+    code = f"""
+import socket, concurrent.futures as cf
+def one(i):
+    with socket.create_connection(("{POD_ADDRESS}", 7000), timeout=10) as s:
+        msg = b"hello %d" % i
+        s.sendall(msg)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(100):
+            got += chunk
+        return got == msg
+with cf.ThreadPoolExecutor(50) as pool:
+    print(sum(pool.map(one, range(200))))
+"""
+    result = await run_in(tele.netns.laptop, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "200"
+
+
+async def test_closed_port_is_refused_at_once(tele: Tele) -> None:
+    code = f"""
+import socket, time
+start = time.monotonic()
+try:
+    socket.create_connection(("{POD_ADDRESS}", 7999), timeout=5)
+except OSError as exc:
+    print(type(exc).__name__, exc.strerror, round(time.monotonic() - start, 3))
+"""
+    result = await run_in(tele.netns.laptop, code)
+    name, *words, seconds = result.stdout.split()
+    assert (name, " ".join(words)) == ("ConnectionRefusedError", "Connection refused")
+    assert float(seconds) < 1.0
+
+
+async def test_unreachable_address_fails_fast(tele: Tele) -> None:
+    code = """
+import socket, time
+start = time.monotonic()
+try:
+    socket.create_connection(("10.244.9.9", 80), timeout=5)
+except OSError as exc:
+    print(type(exc).__name__, round(time.monotonic() - start, 3))
+"""
+    result = await run_in(tele.netns.laptop, code)
+    name, seconds = result.stdout.split()
+    assert name == "OSError"  # EHOSTUNREACH / ENETUNREACH, not a timeout
+    assert float(seconds) < 1.0
+
+
+async def test_udp_echo(tele: Tele) -> None:
+    code = f"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect(("{POD_ADDRESS}", 7000))
+for i in range(5):
+    s.send(b"ping %d" % i)
+    print(s.recv(100).decode())
+"""
+    result = await run_in(tele.netns.laptop, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"ping {i}" for i in range(5)]
+
+
+async def test_ping_a_cluster_address(tele: Tele) -> None:
+    code = f"""
+import socket, struct
+def csum(b):
+    v = int.from_bytes(b, "big") % 0xFFFF
+    return ~v & 0xFFFF
+body = struct.pack("!BBHHH", 8, 0, 0, 0x1234, 1) + b"tele-ping!"
+packet = body[:2] + csum(body).to_bytes(2, "big") + body[4:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(5)
+s.sendto(packet, ("{POD_ADDRESS}", 0))
+reply = s.recv(200)[20:]
+print(reply[0], reply[4:8].hex(), reply[8:].decode())
+"""
+    result = await run_in(tele.netns.laptop, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "12340001", "tele-ping!"]
+
+
+def _routes(netns: str) -> str:
+    return subprocess.run(
+        ["ip", "-n", netns, "route"], check=True, capture_output=True, text=True
+    ).stdout
+
+
+async def test_teardown_removes_routes_and_device(netns: Namespaces) -> None:
+    before = _routes(netns.laptop)
+
+    async def never(destination):  # type: ignore[no-untyped-def]
+        raise AssertionError("no dial expected")
+
+    settings = VifSettings(cluster_subnets=CLUSTER_SUBNETS, netns=netns.laptop)
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(lambda **kw: serve_vif(settings, never, **kw))
+        assert info.device == "tele0"
+        assert "10.244.0.0/16 dev tele0" in _routes(netns.laptop)
+        assert [e.device for e in journal.pending()] == ["tele0"]
+        nursery.cancel_scope.cancel()
+    assert _routes(netns.laptop) == before
+    assert "tele0" not in _links(netns.laptop)
+    assert journal.pending() == []
+
+
+def _links(netns: str) -> str:
+    return subprocess.run(
+        ["ip", "-n", netns, "link"], check=True, capture_output=True, text=True
+    ).stdout
+
+
+async def test_conflicting_route_is_refused_with_a_sentence(netns: Namespaces) -> None:
+    for args in (
+        "link add office0 type veth peer office1",
+        "link set office0 up",
+        "route add 10.244.5.0/24 dev office0",
+    ):
+        await trio.run_process(["ip", "-n", netns.laptop, *args.split()])
+
+    async def never(destination):  # type: ignore[no-untyped-def]
+        raise AssertionError("no dial expected")
+
+    settings = VifSettings(cluster_subnets=CLUSTER_SUBNETS, netns=netns.laptop)
+    with pytest.raises(RouteConflict) as info:
+        await serve_vif(settings, never)
+    assert "10.244.5.0/24 on interface office0" in str(info.value)
+    assert "tele0" not in _routes(netns.laptop)
+    assert "tele0" not in _links(netns.laptop)
