@@ -1,0 +1,334 @@
+"""The traffic agent's configuration for a workload, and the pod mutation that injects it.
+
+Sans-IO: objects in (workload pod template, the namespace's Services), plain data out. The
+configuration is hierarchical (seed 001): every container of the workload with every Service
+port that leads to it; it travels with the pod as an annotation (seed 004), where the agent
+reads it through the downward API.
+
+Port takeover. A Service port whose targetPort is a *name* is taken over without privileges:
+the app container's port is renamed `tm-<name>` and the agent container takes the name, so the
+Service's traffic reaches the agent, which forwards what is not engaged to the app's port. A
+*numeric* targetPort cannot be renamed; there an init container (`tele-agent-init`, NET_ADMIN)
+redirects the container port to the agent port inside the pod's network namespace, as
+Telepresence does with iptables.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+ANNOTATION_PREFIX = "telepresence.io/"
+LEGACY_PREFIX = "telepresence.getambassador.io/"
+INJECT_ANNOTATION = "inject-traffic-agent"
+CONFIG_ANNOTATION = ANNOTATION_PREFIX + "agent-config"
+AGENT_CONTAINER = "traffic-agent"
+INIT_CONTAINER = "tele-agent-init"
+AGENT_PORT = 9900
+PORT_NAME_LIMIT = 15  # IANA service names, as Kubernetes validates container port names
+
+Obj = Mapping[str, Any]
+
+
+class Intercept(msgspec.Struct, frozen=True, kw_only=True):
+    """One Service port leading to one container port: the unit a client engages."""
+
+    service_name: str
+    service_uid: str
+    service_port: int
+    service_port_name: str = ""
+    protocol: str = "TCP"
+    app_protocol: str = ""
+    target_port_numeric: bool
+    container_port_name: str = ""
+    container_port: int
+    agent_port: int
+    headless: bool = False
+
+
+class ContainerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    env_prefix: str
+    mount_point: str
+    mounts: list[str] = []
+    intercepts: list[Intercept] = []
+
+
+class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
+    agent_name: str
+    namespace: str
+    workload_name: str
+    workload_kind: str
+    manager_host: str
+    manager_port: int
+    agent_image: str
+    log_level: str = "info"
+    containers: list[ContainerConfig] = []
+
+    def intercepts(self) -> list[tuple[str, Intercept]]:
+        return [(c.name, i) for c in self.containers for i in c.intercepts]
+
+
+class NotInterceptable(ValueError):
+    """A workload that cannot get an agent, with the reason `tele list` shows."""
+
+
+def annotation(obj: Obj, name: str) -> str | None:
+    """An annotation by its short name under the current prefix, else the legacy one."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    value = annotations.get(ANNOTATION_PREFIX + name)
+    if value is None:
+        value = annotations.get(LEGACY_PREFIX + name)
+    return None if value is None else str(value)
+
+
+def injection_policy(template: Obj) -> str | None:
+    """`enabled`, `disabled` or None (on demand) from the pod template's annotation."""
+    value = annotation(template, INJECT_ANNOTATION)
+    return value.lower() if value else None
+
+
+def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _env_prefix(index: int) -> str:
+    # A_, B_, ..., Z_, BA_, ...: one prefix per container for the app env the agent exports.
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("A") + rest) + letters
+    return letters + "_"
+
+
+def generate(
+    *,
+    workload: Obj,
+    services: Iterable[Obj],
+    manager_namespace: str,
+    agent_image: str,
+    manager_port: int = 8081,
+    agent_port: int = AGENT_PORT,
+    log_level: str = "info",
+) -> AgentConfig:
+    """The agent configuration of `workload`; NotInterceptable when no Service leads to it."""
+    meta = workload.get("metadata") or {}
+    template = (workload.get("spec") or {}).get("template") or {}
+    if injection_policy(template) == "disabled":
+        raise NotInterceptable("the workload's pod template disables the traffic agent")
+    labels = (template.get("metadata") or {}).get("labels") or {}
+    containers = list((template.get("spec") or {}).get("containers") or [])
+    next_port = agent_port
+    by_container: dict[str, list[Intercept]] = {c["name"]: [] for c in containers}
+    for service in sorted(services, key=lambda s: s["metadata"]["name"]):
+        spec = service.get("spec") or {}
+        if not _labels_match(spec.get("selector") or {}, labels):
+            continue
+        for port in spec.get("ports") or []:
+            found = _target(containers, port)
+            if found is None:
+                continue
+            container, container_port, port_name, numeric = found
+            by_container[container].append(
+                Intercept(
+                    service_name=service["metadata"]["name"],
+                    service_uid=str(service["metadata"].get("uid") or ""),
+                    service_port=int(port["port"]),
+                    service_port_name=str(port.get("name") or ""),
+                    protocol=str(port.get("protocol") or "TCP"),
+                    app_protocol=str(port.get("appProtocol") or ""),
+                    target_port_numeric=numeric,
+                    container_port_name=port_name,
+                    container_port=container_port,
+                    agent_port=next_port,
+                    headless=spec.get("clusterIP") == "None",
+                )
+            )
+            next_port += 1
+    configs = [
+        ContainerConfig(
+            name=c["name"],
+            env_prefix=_env_prefix(i),
+            mount_point=f"/tel_app_mounts/{c['name']}",
+            mounts=[m["mountPath"] for m in c.get("volumeMounts") or []],
+            intercepts=by_container[c["name"]],
+        )
+        for i, c in enumerate(containers)
+    ]
+    if not any(c.intercepts for c in configs) and injection_policy(template) != "enabled":
+        raise NotInterceptable("no Service selects the workload's pods with a port they declare")
+    name = str(meta.get("name") or "")
+    return AgentConfig(
+        agent_name=name,
+        namespace=str(meta.get("namespace") or ""),
+        workload_name=name,
+        workload_kind=str(workload.get("kind") or "Deployment"),
+        manager_host=f"traffic-manager.{manager_namespace}",
+        manager_port=manager_port,
+        agent_image=agent_image,
+        log_level=log_level,
+        containers=configs,
+    )
+
+
+def _target(containers: list[Obj], port: Obj) -> tuple[str, int, str, bool] | None:
+    """(container, container port, port name, numeric?) a Service port's targetPort leads to."""
+    target = port.get("targetPort", port.get("port"))
+    protocol = str(port.get("protocol") or "TCP")
+    for container in containers:
+        for declared in container.get("ports") or []:
+            if str(declared.get("protocol") or "TCP") != protocol:
+                continue
+            if isinstance(target, str) and not target.isdigit():
+                if declared.get("name") == target:
+                    return container["name"], int(declared["containerPort"]), target, False
+            elif int(declared["containerPort"]) == int(target):
+                return container["name"], int(target), str(declared.get("name") or ""), True
+    numeric = isinstance(target, int) or (isinstance(target, str) and target.isdigit())
+    if numeric and containers:
+        # An undeclared numeric port: Kubernetes still routes it, to whichever container listens.
+        return containers[0]["name"], int(target), "", True
+    return None
+
+
+def renamed(port_name: str) -> str:
+    """The app's port name once the agent has taken `port_name` over."""
+    return ("tm-" + port_name)[:PORT_NAME_LIMIT]
+
+
+def pod_patch(pod: Obj, config: AgentConfig) -> list[dict[str, Any]]:
+    """The JSON patch that injects the agent into `pod` (empty if it already has it)."""
+    spec = pod.get("spec") or {}
+    containers = list(spec.get("containers") or [])
+    if any(c.get("name") == AGENT_CONTAINER for c in containers):
+        return []
+    ops: list[dict[str, Any]] = []
+    annotations = (pod.get("metadata") or {}).get("annotations")
+    encoded = json.dumps(msgspec.to_builtins(config), separators=(",", ":"), sort_keys=True)
+    if annotations is None:
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+    ops.append(
+        {
+            "op": "add",
+            "path": f"/metadata/annotations/{_escape(CONFIG_ANNOTATION)}",
+            "value": encoded,
+        }
+    )
+
+    agent_ports: list[dict[str, Any]] = []
+    numeric: list[Intercept] = []
+    for index, container in enumerate(containers):
+        intercepts = next(
+            (c.intercepts for c in config.containers if c.name == container.get("name")), []
+        )
+        for intercept in intercepts:
+            if intercept.target_port_numeric:
+                numeric.append(intercept)
+                agent_ports.append(
+                    {"containerPort": intercept.agent_port, "protocol": intercept.protocol}
+                )
+                continue
+            for p_index, declared in enumerate(container.get("ports") or []):
+                if declared.get("name") == intercept.container_port_name:
+                    ops.append(
+                        {
+                            "op": "replace",
+                            "path": f"/spec/containers/{index}/ports/{p_index}/name",
+                            "value": renamed(intercept.container_port_name),
+                        }
+                    )
+                    ops.extend(_probe_ops(container, index, intercept))
+            agent_ports.append(
+                {
+                    "name": intercept.container_port_name,
+                    "containerPort": intercept.agent_port,
+                    "protocol": intercept.protocol,
+                }
+            )
+    ops.append(
+        {
+            "op": "add",
+            "path": "/spec/containers/-",
+            "value": agent_container(config, containers, agent_ports),
+        }
+    )
+    if numeric:
+        init = {
+            "name": INIT_CONTAINER,
+            "image": config.agent_image,
+            "args": ["agent-init"],
+            "env": [{"name": "LOG_LEVEL", "value": config.log_level}],
+            "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}},
+        }
+        if spec.get("initContainers") is None:
+            ops.append({"op": "add", "path": "/spec/initContainers", "value": [init]})
+        else:
+            ops.append({"op": "add", "path": "/spec/initContainers/-", "value": init})
+    return ops
+
+
+def _probe_ops(container: Obj, index: int, intercept: Intercept) -> list[dict[str, Any]]:
+    """Probes that named the renamed port now name its number (the name moved to the agent)."""
+    ops = []
+    for probe_name in ("readinessProbe", "livenessProbe", "startupProbe"):
+        probe = container.get(probe_name) or {}
+        for kind in ("httpGet", "tcpSocket", "grpc"):
+            action = probe.get(kind) or {}
+            if action.get("port") == intercept.container_port_name:
+                ops.append(
+                    {
+                        "op": "replace",
+                        "path": f"/spec/containers/{index}/{probe_name}/{kind}/port",
+                        "value": intercept.container_port,
+                    }
+                )
+    return ops
+
+
+def agent_container(
+    config: AgentConfig, app_containers: list[Obj], ports: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The traffic-agent container: the app containers' env (prefixed) and volume mounts."""
+    env: list[dict[str, Any]] = [
+        {"name": "_TEL_AGENT_NAME", "value": config.agent_name},
+        {"name": "_TEL_AGENT_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {
+            "name": "_TEL_AGENT_CONFIG",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}
+            },
+        },
+    ]
+    mounts: list[dict[str, Any]] = []
+    for container_config in config.containers:
+        app = next((c for c in app_containers if c.get("name") == container_config.name), None)
+        if app is None:
+            continue
+        for variable in app.get("env") or []:
+            env.append(
+                {**variable, "name": f"_TEL_APP_{container_config.env_prefix}{variable['name']}"}
+            )
+        for mount in app.get("volumeMounts") or []:
+            mounts.append(
+                {
+                    **mount,
+                    "mountPath": container_config.mount_point + mount["mountPath"],
+                }
+            )
+    return {
+        "name": AGENT_CONTAINER,
+        "image": config.agent_image,
+        "args": ["agent"],
+        "ports": ports,
+        "env": env,
+        "volumeMounts": mounts,
+    }
+
+
+def _escape(key: str) -> str:
+    """A map key as a JSON pointer segment (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")

@@ -1,0 +1,145 @@
+"""Agent configuration and injection, as plain data: which Service ports lead to which
+containers, and the JSON patch that takes the ports over."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from tele.manager.agentconfig import (
+    AGENT_CONTAINER,
+    CONFIG_ANNOTATION,
+    INIT_CONTAINER,
+    NotInterceptable,
+    generate,
+    pod_patch,
+)
+
+
+def deployment(annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "api", "namespace": "shop"},
+        "spec": {
+            "template": {
+                "metadata": {"labels": {"app": "api"}, "annotations": annotations or {}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "app",
+                            "image": "tele-sandbox/echo",
+                            "ports": [
+                                {"name": "http", "containerPort": 8080},
+                                {"containerPort": 9090},
+                            ],
+                            "env": [{"name": "DB", "value": "pg"}],
+                            "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg"}],
+                            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}},
+                        },
+                        {"name": "sidecar", "image": "tele-sandbox/worker"},
+                    ]
+                },
+            }
+        },
+    }
+
+
+def service(name: str, target: int | str, port: int = 80, **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "uid": f"uid-{name}"},
+        "spec": {
+            "selector": {"app": "api"},
+            "ports": [{"name": "web", "port": port, "targetPort": target}],
+            **spec,
+        },
+    }
+
+
+def test_every_service_port_leading_to_a_container_is_in_the_config() -> None:
+    services = [service("api", "http"), service("metrics", 9090, 9090), service("other", 1, 1)]
+    services[2]["spec"]["selector"] = {"app": "someone-else"}
+    config = generate(
+        workload=deployment(),
+        services=services,
+        manager_namespace="ambassador",
+        agent_image="tele/traffic-agent",
+    )
+    assert config.manager_host == "traffic-manager.ambassador"
+    [(container, named), (_, numeric)] = config.intercepts()
+    assert container == "app"
+    assert (named.service_name, named.container_port_name, named.target_port_numeric) == (
+        "api",
+        "http",
+        False,
+    )
+    assert (named.container_port, named.agent_port) == (8080, 9900)
+    assert (numeric.service_name, numeric.container_port, numeric.target_port_numeric) == (
+        "metrics",
+        9090,
+        True,
+    )
+    assert numeric.agent_port == 9901
+    assert [c.env_prefix for c in config.containers] == ["A_", "B_"]
+
+
+def test_no_service_or_disabled_is_not_interceptable() -> None:
+    with pytest.raises(NotInterceptable, match="no Service"):
+        generate(workload=deployment(), services=[], manager_namespace="a", agent_image="i")
+    disabled = deployment({"telepresence.io/inject-traffic-agent": "disabled"})
+    with pytest.raises(NotInterceptable, match="disables"):
+        generate(
+            workload=disabled,
+            services=[service("api", "http")],
+            manager_namespace="a",
+            agent_image="i",
+        )
+    legacy = deployment({"telepresence.getambassador.io/inject-traffic-agent": "enabled"})
+    assert generate(workload=legacy, services=[], manager_namespace="a", agent_image="i").containers
+
+
+def test_pod_patch_takes_named_ports_over_and_redirects_numeric_ones() -> None:
+    services = [service("api", "http"), service("metrics", 9090, 9090)]
+    workload = deployment()
+    config = generate(
+        workload=workload,
+        services=services,
+        manager_namespace="ambassador",
+        agent_image="tele/traffic-agent",
+    )
+    pod = {
+        "metadata": {"name": "api-1", "namespace": "shop"},
+        "spec": workload["spec"]["template"]["spec"],
+    }
+    patched = jsonpatch.apply_patch(pod, pod_patch(pod, config))
+    app, _sidecar, agent = patched["spec"]["containers"]
+    assert app["ports"][0]["name"] == "tm-http"
+    assert app["readinessProbe"]["httpGet"]["port"] == 8080  # the name moved to the agent
+    assert agent["name"] == AGENT_CONTAINER
+    assert {"name": "http", "containerPort": 9900, "protocol": "TCP"} in agent["ports"]
+    assert {"containerPort": 9901, "protocol": "TCP"} in agent["ports"]
+    assert {"name": "_TEL_APP_A_DB", "value": "pg"} in agent["env"]
+    assert {"name": "cfg", "mountPath": "/tel_app_mounts/app/etc/cfg"} in agent["volumeMounts"]
+    [init] = patched["spec"]["initContainers"]
+    assert init["name"] == INIT_CONTAINER
+    assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    stored = json.loads(patched["metadata"]["annotations"][CONFIG_ANNOTATION])
+    assert stored["workload_name"] == "api" and len(stored["containers"][0]["intercepts"]) == 2
+    # Injecting twice changes nothing.
+    assert pod_patch(patched, config) == []
+
+
+def test_only_named_ports_need_no_privileges() -> None:
+    workload = deployment()
+    config = generate(
+        workload=workload, services=[service("api", "http")], manager_namespace="a", agent_image="i"
+    )
+    pod = {
+        "metadata": {"name": "p", "annotations": {}},
+        "spec": workload["spec"]["template"]["spec"],
+    }
+    patched = jsonpatch.apply_patch(pod, pod_patch(pod, config))
+    assert "initContainers" not in patched["spec"]
