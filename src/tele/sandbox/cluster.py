@@ -7,8 +7,10 @@ part adds its services to the same nursery.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -56,6 +58,8 @@ async def serve_cluster(
     admin_token: str | None = None,
     history_size: int = 10_000,
     bookmark_interval: float = 60.0,
+    nodes: bool = False,
+    state_dir: Path | None = None,
     task_status: trio.TaskStatus[ClusterInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the cluster until cancelled; report its `ClusterInfo` when the API server listens."""
@@ -71,4 +75,14 @@ async def serve_cluster(
     async with trio.open_nursery() as nursery:
         bound_host, bound_port = await nursery.start(server.serve, app, pair, host, port)
         app.server_address = f"{bound_host}:{bound_port}"
+        if nodes:
+            # The node runtime (controllers, kubelet, service network, DNS) needs root and
+            # network namespaces; API-only users leave it off.
+            from .kubelet.node import serve_node
+
+            await nursery.start(
+                functools.partial(
+                    serve_node, api, app, name, state_dir, api_host=bound_host, api_port=bound_port
+                )
+            )
         task_status.started(ClusterInfo(name, bound_host, bound_port, ca, token, api, app))

@@ -1,0 +1,1 @@
+"""The sandbox's controller manager: workloads to pods, Services to endpoints, budgets."""

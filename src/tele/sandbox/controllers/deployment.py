@@ -1,0 +1,296 @@
+"""Deployment controller: one ReplicaSet per pod template (named by pod-template-hash), rolled
+with RollingUpdate (maxSurge/maxUnavailable) or Recreate; revisions in annotations; the status
+and conditions `kubectl rollout status` reads."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+from .manager import Manager, Obj, controller_of, rt
+from .replicaset import is_active, owned_pods
+
+DEPLOY = rt("apps", "Deployment")
+RS = rt("apps", "ReplicaSet")
+HASH_LABEL = "pod-template-hash"
+REVISION = "deployment.kubernetes.io/revision"
+_SAFE = "bcdfghjklmnpqrstvwxz2456789"
+
+
+def template_hash(template: Obj, collisions: int = 0) -> str:
+    """FNV-1a over the canonical template, encoded with Kubernetes' SafeEncodeString alphabet."""
+    data = json.dumps(template, sort_keys=True, separators=(",", ":")).encode()
+    if collisions:
+        data += str(collisions).encode()
+    h = 0x811C9DC5
+    for byte in data:
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return "".join(_SAFE[ord(c) % len(_SAFE)] for c in str(h))
+
+
+def _strip_hash(template: Obj) -> Obj:
+    t = copy.deepcopy(template)
+    (t.get("metadata") or {}).get("labels", {}).pop(HASH_LABEL, None)
+    return t
+
+
+def _resolve(value: object, total: int, round_up: bool) -> int:
+    if isinstance(value, str) and value.endswith("%"):
+        exact = int(value[:-1]) * total / 100
+        return math.ceil(exact) if round_up else math.floor(exact)
+    return int(str(value or 0))
+
+
+def _revision(rs: Obj) -> int:
+    try:
+        return int((rs["metadata"].get("annotations") or {}).get(REVISION, "0"))
+    except ValueError:
+        return 0
+
+
+async def _scale(mgr: Manager, d: Obj, rs: Obj, replicas: int, revision: int | None = None) -> Obj:
+    current = int((rs.get("spec") or {}).get("replicas", 0))
+    annotations = dict(rs["metadata"].get("annotations") or {})
+    wanted = dict(annotations)
+    wanted["deployment.kubernetes.io/desired-replicas"] = str(d["spec"].get("replicas", 1))
+    if revision is not None:
+        wanted[REVISION] = str(revision)
+    if current == replicas and wanted == annotations:
+        return rs
+    body = copy.deepcopy(rs)
+    body["spec"]["replicas"] = replicas
+    body["metadata"]["annotations"] = wanted
+    meta = rs["metadata"]
+    stored = await mgr.api.update(RS, meta["namespace"], meta["name"], body, mgr.ctx)
+    if current != replicas:
+        verb = "up" if replicas > current else "down"
+        await mgr.event(
+            d,
+            "ScalingReplicaSet",
+            f"Scaled {verb} replica set {meta['name']} from {current} to {replicas}",
+            component="deployment-controller",
+        )
+    return stored
+
+
+async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
+    store = mgr.api.store
+    d = store.get(DEPLOY.key, namespace, name)
+    if d is None or d["metadata"].get("deletionTimestamp"):
+        return
+    spec = d.get("spec") or {}
+    uid = d["metadata"]["uid"]
+    replicas = int(spec.get("replicas", 1))
+    template = spec.get("template") or {}
+    sets = [
+        obj
+        for _, obj in store.dependents(uid)
+        if obj.get("kind") == "ReplicaSet" and (controller_of(obj) or {}).get("uid") == uid
+    ]
+    new = next(
+        (rs for rs in sets if _strip_hash(rs["spec"].get("template") or {}) == template), None
+    )
+    old = [rs for rs in sets if rs is not new]
+    max_rev = max((_revision(rs) for rs in sets), default=0)
+    strategy = spec.get("strategy") or {}
+    rolling = strategy.get("rollingUpdate") or {}
+    surge = _resolve(rolling.get("maxSurge", "25%"), replicas, True)
+    unavailable = _resolve(rolling.get("maxUnavailable", "25%"), replicas, False)
+    if surge == 0 and unavailable == 0:
+        unavailable = 1
+    recreate = strategy.get("type") == "Recreate"
+    if not spec.get("paused"):
+        if new is None:
+            pod_hash = template_hash(template)
+            new_template = copy.deepcopy(template)
+            new_template.setdefault("metadata", {}).setdefault("labels", {})[HASH_LABEL] = pod_hash
+            selector = copy.deepcopy(spec.get("selector") or {})
+            selector.setdefault("matchLabels", {})[HASH_LABEL] = pod_hash
+            if recreate:
+                start = 0 if any(rs["spec"].get("replicas") for rs in old) else replicas
+            else:
+                total = sum(int(rs["spec"].get("replicas", 0)) for rs in old)
+                start = max(0, min(replicas, replicas + surge - total))
+            body = {
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "metadata": {
+                    "name": f"{name}-{pod_hash}",
+                    "namespace": namespace,
+                    "labels": dict(new_template["metadata"]["labels"]),
+                    "annotations": {
+                        REVISION: str(max_rev + 1),
+                        "deployment.kubernetes.io/desired-replicas": str(replicas),
+                        "deployment.kubernetes.io/max-replicas": str(replicas + surge),
+                    },
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "apps/v1",
+                            "kind": "Deployment",
+                            "name": name,
+                            "uid": uid,
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
+                },
+                "spec": {
+                    "replicas": start,
+                    "minReadySeconds": spec.get("minReadySeconds", 0),
+                    "selector": selector,
+                    "template": new_template,
+                },
+            }
+            new = await mgr.api.create(RS, namespace, body, mgr.ctx)
+            await mgr.event(
+                d,
+                "ScalingReplicaSet",
+                f"Scaled up replica set {name}-{pod_hash} from 0 to {start}",
+                component="deployment-controller",
+            )
+        elif _revision(new) < max_rev:
+            new = await _scale(mgr, d, new, int(new["spec"].get("replicas", 0)), max_rev + 1)
+        new_replicas = int(new["spec"].get("replicas", 0))
+        if recreate:
+            for rs in old:
+                if rs["spec"].get("replicas"):
+                    await _scale(mgr, d, rs, 0)
+            old_pods = [p for rs in old for p in owned_pods(mgr, namespace, rs["metadata"]["uid"])]
+            if not any(is_active(p) or p["metadata"].get("deletionTimestamp") for p in old_pods):
+                new = await _scale(mgr, d, new, replicas)
+        else:
+            total = sum(int(rs["spec"].get("replicas", 0)) for rs in sets if rs is not None)
+            total = total - int(new["spec"].get("replicas", 0)) + new_replicas
+            if new_replicas < replicas:
+                allowed = replicas + surge - total
+                if allowed > 0:
+                    new = await _scale(mgr, d, new, min(replicas, new_replicas + allowed))
+            elif new_replicas > replicas:
+                new = await _scale(mgr, d, new, replicas)
+            # Scale old sets down as far as availability allows.
+            everything = [new, *old]
+            all_count = sum(int(rs["spec"].get("replicas", 0)) for rs in everything)
+            min_available = replicas - unavailable
+            new_unavailable = int(new["spec"].get("replicas", 0)) - int(
+                (new.get("status") or {}).get("availableReplicas", 0)
+            )
+            available = sum(
+                int((rs.get("status") or {}).get("availableReplicas", 0)) for rs in everything
+            )
+            budget = min(all_count - min_available - new_unavailable, available - min_available)
+            # Old replicas that are not available cost nothing to remove.
+            for rs in sorted(old, key=_revision):
+                count = int(rs["spec"].get("replicas", 0))
+                unhealthy = count - int((rs.get("status") or {}).get("availableReplicas", 0))
+                take = min(count, max(0, unhealthy) + max(0, budget))
+                if take > 0:
+                    budget -= max(0, take - max(0, unhealthy))
+                    await _scale(mgr, d, rs, count - take)
+        await _cleanup_history(mgr, spec, [rs for rs in old if rs is not None])
+    await _status(mgr, namespace, name, unavailable)
+
+
+async def _cleanup_history(mgr: Manager, spec: Obj, old: list[Obj]) -> None:
+    limit = int(spec.get("revisionHistoryLimit", 10))
+    idle = [
+        rs
+        for rs in sorted(old, key=_revision)
+        if not rs["spec"].get("replicas") and not (rs.get("status") or {}).get("replicas")
+    ]
+    for rs in idle[: max(0, len(idle) - limit)]:
+        meta = rs["metadata"]
+        await mgr.api.delete(RS, meta["namespace"], meta["name"], {}, mgr.ctx)
+
+
+async def _status(mgr: Manager, namespace: str, name: str, max_unavailable: int) -> None:
+    store = mgr.api.store
+    d = store.get(DEPLOY.key, namespace, name)
+    if d is None:
+        return
+    spec = d.get("spec") or {}
+    uid = d["metadata"]["uid"]
+    replicas = int(spec.get("replicas", 1))
+    sets = [
+        obj
+        for _, obj in store.dependents(uid)
+        if obj.get("kind") == "ReplicaSet" and (controller_of(obj) or {}).get("uid") == uid
+    ]
+    template = spec.get("template") or {}
+    new = next(
+        (rs for rs in sets if _strip_hash(rs["spec"].get("template") or {}) == template), None
+    )
+
+    def total(field: str, among: list[Obj]) -> int:
+        return sum(int((rs.get("status") or {}).get(field, 0)) for rs in among)
+
+    updated = total("replicas", [new]) if new else 0
+    available = total("availableReplicas", sets)
+    status_replicas = total("replicas", sets)
+    old_status = d.get("status") or {}
+    old_conditions = {c["type"]: c for c in old_status.get("conditions") or []}
+    from .manager import iso
+
+    now = iso()
+
+    def cond(kind: str, value: bool, reason: str, message: str) -> Obj:
+        status = "True" if value else "False"
+        prev = old_conditions.get(kind)
+        same = prev is not None and prev.get("status") == status
+        return {
+            "type": kind,
+            "status": status,
+            "lastUpdateTime": prev["lastUpdateTime"]
+            if prev is not None and same and prev.get("reason") == reason
+            else now,
+            "lastTransitionTime": prev["lastTransitionTime"] if prev is not None and same else now,
+            "reason": reason,
+            "message": message,
+        }
+
+    complete = (
+        new is not None
+        and updated == replicas
+        and available == replicas
+        and status_replicas == replicas
+    )
+    new_name = new["metadata"]["name"] if new else name
+    status: Obj = {
+        "observedGeneration": d["metadata"].get("generation", 1),
+        "replicas": status_replicas,
+        "updatedReplicas": updated,
+        "readyReplicas": total("readyReplicas", sets),
+        "availableReplicas": available,
+        "unavailableReplicas": max(0, replicas - available),
+        "conditions": [
+            cond(
+                "Available",
+                available >= replicas - max_unavailable,
+                "MinimumReplicasAvailable"
+                if available >= replicas - max_unavailable
+                else "MinimumReplicasUnavailable",
+                "Deployment has minimum availability."
+                if available >= replicas - max_unavailable
+                else "Deployment does not have minimum availability.",
+            ),
+            cond(
+                "Progressing",
+                True,
+                "NewReplicaSetAvailable" if complete else "ReplicaSetUpdated",
+                f'ReplicaSet "{new_name}" has successfully progressed.'
+                if complete
+                else f'ReplicaSet "{new_name}" is progressing.',
+            ),
+        ],
+    }
+    for key in ("readyReplicas", "availableReplicas", "unavailableReplicas", "updatedReplicas"):
+        if not status[key]:
+            del status[key]
+    await mgr.write_status(DEPLOY, d, status)
+    if new is not None:
+        revision = (new["metadata"].get("annotations") or {}).get(REVISION)
+        d = store.get(DEPLOY.key, namespace, name)
+        if d is not None and (d["metadata"].get("annotations") or {}).get(REVISION) != revision:
+            body = copy.deepcopy(d)
+            body["metadata"].setdefault("annotations", {})[REVISION] = revision
+            await mgr.api.update(DEPLOY, namespace, name, body, mgr.ctx)

@@ -1,0 +1,210 @@
+"""The controller manager: a work queue fed by store events, and one reconcile per key.
+
+Each controller is a function `reconcile(mgr, namespace, name)` for one kind; store listeners
+map every change to the keys it affects (a pod wakes its owner, its Services and budgets). Keys
+are deduplicated while queued; a reconcile that loses an optimistic-concurrency race is queued
+again. Controllers write through `rest.Api` exactly as the HTTP layer does, so admission
+webhooks see the pods they create.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from tele.sandbox.apiserver.auth import User
+from tele.sandbox.apiserver.errors import ApiError
+from tele.sandbox.apiserver.kinds import ResourceType, by_kind
+from tele.sandbox.apiserver.rest import Api, Ctx
+from tele.sandbox.apiserver.selectors import from_label_selector_object, matches_labels
+from tele.sandbox.apiserver.store import Event
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+Key = tuple[str, str, str]  # (controller, namespace, name)
+Reconcile = Callable[["Manager", str, str], Awaitable[None]]
+
+
+def rt(group: str, kind: str) -> ResourceType:
+    found = by_kind(group, kind)
+    assert found is not None, kind
+    return found
+
+
+def controller_of(obj: Obj) -> Obj | None:
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref.get("controller"):
+            return dict(ref)
+    return None
+
+
+def selector_matches(selector: Obj | None, labels: dict[str, str] | None) -> bool:
+    sel = from_label_selector_object(selector)
+    return sel is not None and matches_labels(sel, labels or {})
+
+
+def pod_ready(pod: Obj) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+def iso(t: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
+
+
+class Manager:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.ctx = Ctx(User("system:kube-controller-manager", ("system:masters",)))
+        self.controllers: dict[str, Reconcile] = {}
+        self._queued: set[Key] = set()
+        self._send, self._recv = trio.open_memory_channel[Key](math.inf)
+
+    def enqueue(self, controller: str, namespace: str, name: str) -> None:
+        key = (controller, namespace, name)
+        if key not in self._queued and controller in self.controllers:
+            self._queued.add(key)
+            self._send.send_nowait(key)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from . import deployment, disruption, endpoints, replicaset, statefulset
+
+        self.controllers = {
+            "deployment": deployment.reconcile,
+            "replicaset": replicaset.reconcile,
+            "statefulset": statefulset.reconcile,
+            "endpoints": endpoints.reconcile,
+            "disruption": disruption.reconcile,
+        }
+        store = self.api.store
+        unsubs = [
+            store.subscribe("apps/deployments", self._on_owner("deployment")),
+            store.subscribe("apps/replicasets", self._on_replicaset),
+            store.subscribe("apps/statefulsets", self._on_owner("statefulset")),
+            store.subscribe("/services", self._on_service),
+            store.subscribe("/pods", self._on_pod),
+            store.subscribe("policy/poddisruptionbudgets", self._on_owner("disruption")),
+        ]
+        try:
+            for resource, controller in (
+                ("apps/deployments", "deployment"),
+                ("apps/replicasets", "replicaset"),
+                ("apps/statefulsets", "statefulset"),
+                ("/services", "endpoints"),
+                ("policy/poddisruptionbudgets", "disruption"),
+            ):
+                for obj in store.objects(resource):
+                    meta = obj["metadata"]
+                    self.enqueue(controller, meta["namespace"], meta["name"])
+            task_status.started()
+            async for key in self._recv:
+                self._queued.discard(key)
+                controller, namespace, name = key
+                try:
+                    await self.controllers[controller](self, namespace, name)
+                except ApiError as exc:
+                    if exc.code in (409, 404):
+                        self.enqueue(controller, namespace, name)
+                    else:
+                        log.warning("%s %s/%s: %s", controller, namespace, name, exc.message)
+                except Exception:
+                    log.exception("%s %s/%s failed", controller, namespace, name)
+        finally:
+            for unsub in unsubs:
+                unsub()
+
+    # --- store events -> keys ------------------------------------------------------------
+
+    def _on_owner(self, controller: str) -> Callable[[Event], None]:
+        def on_event(event: Event) -> None:
+            meta = event.obj["metadata"]
+            self.enqueue(controller, meta["namespace"], meta["name"])
+
+        return on_event
+
+    def _on_replicaset(self, event: Event) -> None:
+        meta = event.obj["metadata"]
+        self.enqueue("replicaset", meta["namespace"], meta["name"])
+        ref = controller_of(event.obj)
+        if ref and ref.get("kind") == "Deployment":
+            self.enqueue("deployment", meta["namespace"], ref["name"])
+
+    def _on_service(self, event: Event) -> None:
+        meta = event.obj["metadata"]
+        self.enqueue("endpoints", meta["namespace"], meta["name"])
+
+    def _on_pod(self, event: Event) -> None:
+        pod, old = event.obj, event.old
+        meta = pod["metadata"]
+        ns = meta["namespace"]
+        for obj in (pod, old):
+            if obj is None:
+                continue
+            ref = controller_of(obj)
+            if ref and ref.get("kind") == "ReplicaSet":
+                self.enqueue("replicaset", ns, ref["name"])
+            elif ref and ref.get("kind") == "StatefulSet":
+                self.enqueue("statefulset", ns, ref["name"])
+        labels = [meta.get("labels") or {}]
+        if old is not None:
+            labels.append(old["metadata"].get("labels") or {})
+        store = self.api.store
+        for svc in store.objects("/services", ns):
+            selector = (svc.get("spec") or {}).get("selector")
+            if selector and any(all(lb.get(k) == v for k, v in selector.items()) for lb in labels):
+                self.enqueue("endpoints", ns, svc["metadata"]["name"])
+        for pdb in store.objects("policy/poddisruptionbudgets", ns):
+            if any(selector_matches((pdb.get("spec") or {}).get("selector"), lb) for lb in labels):
+                self.enqueue("disruption", ns, pdb["metadata"]["name"])
+
+    # --- writes ----------------------------------------------------------------------------
+
+    async def write_status(self, kind_rt: ResourceType, obj: Obj, status: Obj) -> None:
+        """Store `status` on `obj` when it changed (no-op writes would wake every watcher)."""
+        if obj.get("status") == status:
+            return
+        body = {**obj, "metadata": dict(obj["metadata"]), "status": status}
+        body["metadata"]["resourceVersion"] = obj["metadata"]["resourceVersion"]
+        meta = obj["metadata"]
+        await self.api.update(
+            kind_rt, meta.get("namespace", ""), meta["name"], body, self.ctx, subresource="status"
+        )
+
+    async def event(
+        self, obj: Obj, reason: str, message: str, *, component: str, kind: str = "Normal"
+    ) -> None:
+        meta = obj["metadata"]
+        now = iso()
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "kind": obj.get("kind"),
+                "apiVersion": obj.get("apiVersion"),
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "reason": reason,
+            "message": message,
+            "type": kind,
+            "source": {"component": component},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "reportingComponent": component,
+        }
+        try:
+            await self.api.create(rt("", "Event"), meta["namespace"], body, self.ctx)
+        except ApiError as exc:
+            log.debug("event %s not recorded: %s", reason, exc.message)

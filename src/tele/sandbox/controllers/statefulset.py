@@ -1,0 +1,63 @@
+"""StatefulSet controller: pods `<name>-0..N-1` with stable hostnames under the headless Service,
+created in order (OrderedReady waits for each to be Ready) and removed from the highest."""
+
+from __future__ import annotations
+
+from .manager import Manager, Obj, pod_ready, rt
+from .replicaset import is_active, owned_pods, pod_from_template
+
+STS = rt("apps", "StatefulSet")
+POD = rt("", "Pod")
+
+
+async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
+    sts = mgr.api.store.get(STS.key, namespace, name)
+    if sts is None or sts["metadata"].get("deletionTimestamp"):
+        return
+    spec = sts.get("spec") or {}
+    wanted = int(spec.get("replicas", 1))
+    ordered = spec.get("podManagementPolicy", "OrderedReady") == "OrderedReady"
+    pods = {p["metadata"]["name"]: p for p in owned_pods(mgr, namespace, sts["metadata"]["uid"])}
+    for i in range(wanted):
+        pod_name = f"{name}-{i}"
+        pod = pods.get(pod_name)
+        if pod is None:
+            if mgr.api.store.get("/pods", namespace, pod_name) is not None:
+                break  # the previous incarnation is still terminating
+            body = pod_from_template(sts, spec.get("template") or {}, name=pod_name)
+            body["metadata"]["labels"]["statefulset.kubernetes.io/pod-name"] = pod_name
+            body["metadata"]["labels"]["apps.kubernetes.io/pod-index"] = str(i)
+            body["spec"]["hostname"] = pod_name
+            if spec.get("serviceName"):
+                body["spec"]["subdomain"] = spec["serviceName"]
+            await mgr.api.create(POD, namespace, body, mgr.ctx)
+            await mgr.event(
+                sts,
+                "SuccessfulCreate",
+                f"create Pod {pod_name} in StatefulSet {name} successful",
+                component="statefulset-controller",
+            )
+            if ordered:
+                break
+        elif ordered and not pod_ready(pod):
+            break
+    for pod_name, pod in sorted(pods.items(), key=lambda kv: -int(kv[0].rsplit("-", 1)[1])):
+        if int(pod_name.rsplit("-", 1)[1]) >= wanted and is_active(pod):
+            await mgr.api.delete(POD, namespace, pod_name, {}, mgr.ctx)
+            if ordered:
+                break
+    active = [p for p in owned_pods(mgr, namespace, sts["metadata"]["uid"]) if is_active(p)]
+    ready = sum(1 for p in active if pod_ready(p))
+    sts = mgr.api.store.get(STS.key, namespace, name)
+    if sts is None:
+        return
+    status: Obj = {
+        "observedGeneration": sts["metadata"].get("generation", 1),
+        "replicas": len(active),
+        "readyReplicas": ready,
+        "currentReplicas": len(active),
+        "updatedReplicas": len(active),
+        "availableReplicas": ready,
+        "collisionCount": 0,
+    }
+    await mgr.write_status(STS, sts, status)

@@ -1,0 +1,1 @@
+"""The sandbox node agent: runs pods as processes in network namespaces of their own."""

@@ -1,0 +1,199 @@
+"""The node's API subresources: `pods/log` (HTTP, with follow) and `pods/portforward`
+(websocket, channel framing v4.channel.k8s.io), registered on the API app by `serve_node`."""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from typing import Any
+
+import trio
+
+from tele.sandbox.apiserver.app import ASGIReceive, ASGISend, Request
+from tele.sandbox.apiserver.errors import ApiError, bad_request
+from tele.sandbox.network import netns
+
+from .kubelet import Kubelet
+from .logs import render, tail
+
+log = logging.getLogger(__name__)
+
+PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "portforward.k8s.io", "channel.k8s.io")
+
+
+def _flag(query: dict[str, str], name: str) -> bool:
+    return query.get(name, "").lower() in ("true", "1")
+
+
+class NodeHandlers:
+    def __init__(self, kubelet: Kubelet) -> None:
+        self.kubelet = kubelet
+
+    async def log(self, req: Request, receive: ASGIReceive, send: ASGISend) -> None:
+        pod = self.kubelet.api.store.get("/pods", req.namespace, req.name)
+        if pod is None:
+            raise ApiError(
+                404,
+                "NotFound",
+                f'pods "{req.name}" not found',
+                details={"name": req.name, "kind": "pods"},
+            )
+        names = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
+        inits = [c["name"] for c in (pod.get("spec") or {}).get("initContainers") or []]
+        container = req.query.get("container", "")
+        if not container:
+            if len(names) != 1:
+                raise bad_request(
+                    f"a container name must be specified for pod {req.name}, choose one of: "
+                    f"[{' '.join(names)}]"
+                    + (f" or one of the init containers: [{' '.join(inits)}]" if inits else "")
+                )
+            container = names[0]
+        if container not in names + inits:
+            raise bad_request(f"container {container} is not valid for pod {req.name}")
+        worker = self.kubelet.worker_for(req.namespace, req.name)
+        run = worker.run_named(container) if worker is not None else None
+        previous = _flag(req.query, "previous")
+        if run is None or not run.logs:
+            reason = "ContainerCreating"
+            if run is not None and "waiting" in run.state:
+                reason = run.state["waiting"].get("reason", reason)
+            raise bad_request(
+                f'container "{container}" in pod "{req.name}" is waiting to start: {reason}'
+            )
+        if previous:
+            if len(run.logs) < 2:
+                raise bad_request(
+                    f'previous terminated container "{container}" in pod "{req.name}" not found'
+                )
+            logfile = run.logs[-2]
+        else:
+            logfile = run.logs[-1]
+        timestamps = _flag(req.query, "timestamps")
+        tail_lines = int(req.query["tailLines"]) if req.query.get("tailLines") else None
+        limit = int(req.query["limitBytes"]) if req.query.get("limitBytes") else None
+        follow = _flag(req.query, "follow") and not previous
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/plain"),
+                    (b"cache-control", b"no-cache, private"),
+                ],
+            }
+        )
+        raw = logfile.path.read_bytes()
+        offset = len(raw)
+        body = render(tail(raw, tail_lines), timestamps=timestamps)
+        sent = 0
+        if limit is not None:
+            body = body[:limit]
+        sent += len(body)
+        await send({"type": "http.response.body", "body": body, "more_body": follow})
+        if not follow:
+            return
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, scope)
+                while not logfile.closed and (limit is None or sent < limit):
+                    changed = logfile.changed
+                    await changed.wait()
+                    with logfile.path.open("rb") as f:
+                        f.seek(offset)
+                        new = f.read()
+                    offset += len(new)
+                    # Only whole lines were written, so the split never cuts a line.
+                    chunk = render(new, timestamps=timestamps)
+                    if limit is not None:
+                        chunk = chunk[: limit - sent]
+                    sent += len(chunk)
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                nursery.cancel_scope.cancel()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def portforward(self, req: Request, receive: ASGIReceive, send: ASGISend) -> None:
+        scope = req.scope
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode())
+        ports: list[int] = []
+        try:
+            for value in query.get("ports", []):
+                ports += [int(p) for p in value.split(",") if p]
+        except ValueError:
+            ports = []
+        offered = list(scope.get("subprotocols") or [])
+        protocol = next((p for p in PORTFORWARD_PROTOCOLS if p in offered), None)
+        worker = self.kubelet.worker_for(req.namespace, req.name)
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        if not ports or protocol is None or worker is None or not worker.netns:
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "websocket.accept", "subprotocol": protocol})
+        streams: dict[int, trio.SocketStream] = {}
+        for i, port in enumerate(ports):
+            prefix = port.to_bytes(2, "little")
+            await send({"type": "websocket.send", "bytes": bytes([2 * i]) + prefix})
+            await send({"type": "websocket.send", "bytes": bytes([2 * i + 1]) + prefix})
+            try:
+                streams[i] = await netns.connect_in(worker.netns, "127.0.0.1", port)
+            except OSError as exc:
+                text = (
+                    f"error forwarding port {port} to pod {worker.uid}, uid : failed to connect to "
+                    f'localhost:{port} inside namespace "{worker.netns}", IPv4: dial tcp4 '
+                    f"127.0.0.1:{port}: connect: {(exc.strerror or str(exc)).lower()} "
+                )
+                await send({"type": "websocket.send", "bytes": bytes([2 * i + 1]) + text.encode()})
+        if not streams:
+            await send({"type": "websocket.close", "code": 1000})
+            return
+        opened = list(streams.values())
+        send_lock = trio.Lock()
+
+        async def pod_to_client(i: int, stream: trio.SocketStream) -> None:
+            try:
+                while data := await stream.receive_some(65536):
+                    async with send_lock:
+                        await send({"type": "websocket.send", "bytes": bytes([2 * i]) + data})
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            streams.pop(i, None)
+            if not streams:
+                nursery.cancel_scope.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for i, stream in list(streams.items()):
+                    nursery.start_soon(pod_to_client, i, stream)
+                while True:
+                    message = await receive()
+                    if message["type"] == "websocket.disconnect":
+                        nursery.cancel_scope.cancel()
+                        break
+                    data: Any = message.get("bytes") or (message.get("text") or "").encode()
+                    if not data:
+                        continue
+                    channel, payload = data[0], data[1:]
+                    target = streams.get(channel // 2)
+                    if channel % 2 == 0 and target is not None and payload:
+                        try:
+                            await target.send_all(payload)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            streams.pop(channel // 2, None)
+        finally:
+            for stream in opened:
+                await trio.aclose_forcefully(stream)
+        try:
+            await send({"type": "websocket.close", "code": 1000})
+        except Exception:  # the client may be gone already
+            log.debug("port-forward close after disconnect", exc_info=True)
+
+
+async def _cancel_on_disconnect(receive: ASGIReceive, scope: trio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return

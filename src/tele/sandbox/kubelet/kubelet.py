@@ -1,0 +1,754 @@
+"""The kubelet: schedules pods onto this node and runs them, one worker per pod.
+
+A pod worker gives the pod a network namespace and address, writes its hosts/resolv.conf and
+volumes, runs init containers to completion in order, then supervises each container (probes,
+restart policy with back-off, logs) and keeps the pod's status current. Deletion is graceful:
+SIGTERM, the grace period, SIGKILL; then the namespace goes and the Pod object is removed.
+Everything reacts to store events (no polling of the API).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tele.sandbox.apiserver.auth import User
+from tele.sandbox.apiserver.errors import ApiError
+from tele.sandbox.apiserver.kinds import by_kind
+from tele.sandbox.apiserver.rest import Api, Ctx
+from tele.sandbox.apiserver.store import Event
+from tele.sandbox.images import registry
+from tele.sandbox.network import netns, node
+from tele.sandbox.network.errors import NodeError
+
+from . import volumes
+from .logs import LogFile
+from .probes import resolve_port, run_probe
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+_POD = by_kind("", "Pod")
+assert _POD is not None
+POD_RT = _POD
+_MAX_BACKOFF = 300.0
+
+
+def _iso(t: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
+
+
+class Kubelet:
+    """One node: `<cluster>-node` namespace, pods in `<cluster>-pod-<n>` namespaces."""
+
+    def __init__(
+        self,
+        api: Api,
+        cluster: str,
+        state_dir: Path,
+        *,
+        node_name: str | None = None,
+        backoff_base: float = 10.0,
+    ) -> None:
+        self.api = api
+        self.cluster = cluster
+        self.node_ns = f"{cluster}-node"
+        self.node_name = node_name or self.node_ns
+        self.state_dir = state_dir
+        self.backoff_base = backoff_base
+        self.ipam = node.PodIpam()
+        self.workers: dict[str, PodWorker] = {}
+        self.ctx = Ctx(User("system:node:" + self.node_name, ("system:masters",)))
+        self._next_index = 0
+        self._nursery: trio.Nursery | None = None
+        self._to_schedule: trio.MemorySendChannel[tuple[str, str]] | None = None
+
+    def next_index(self) -> int:
+        self._next_index += 1
+        return self._next_index
+
+    def worker_for(self, namespace: str, name: str) -> PodWorker | None:
+        for worker in self.workers.values():
+            if worker.namespace == namespace and worker.name == name:
+                return worker
+        return None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await node.create_node(self.node_ns)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                send, recv = trio.open_memory_channel[tuple[str, str]](math.inf)
+                self._to_schedule = send
+                nursery.start_soon(self._scheduler, recv)
+                unsubscribe = self.api.store.subscribe("/pods", self._on_pod)
+                try:
+                    for pod in self.api.store.objects("/pods"):
+                        self._on_pod(Event("ADDED", "/pods", pod, None, 0))
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    unsubscribe()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.cleanup()
+
+    async def cleanup(self) -> None:
+        """Remove every namespace of this node (pods first); kills what runs inside."""
+        for name in netns.list_netns():
+            if name.startswith(f"{self.cluster}-pod-"):
+                await netns.delete(name)
+        await netns.delete(self.node_ns)
+
+    def _on_pod(self, event: Event) -> None:
+        pod = event.obj
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        uid = meta.get("uid", "")
+        worker = self.workers.get(uid)
+        if event.type == "DELETED":
+            if worker is not None:
+                worker.removed()
+            return
+        if not spec.get("nodeName"):
+            if not meta.get("deletionTimestamp") and self._to_schedule is not None:
+                self._to_schedule.send_nowait((meta["namespace"], meta["name"]))
+            return
+        if spec["nodeName"] != self.node_name:
+            return
+        if worker is None:
+            phase = (pod.get("status") or {}).get("phase")
+            if phase in ("Succeeded", "Failed") or self._nursery is None:
+                return
+            worker = PodWorker(self, pod)
+            self.workers[uid] = worker
+            self._nursery.start_soon(worker.run)
+        else:
+            worker.update(pod)
+
+    async def _scheduler(self, recv: trio.MemoryReceiveChannel[tuple[str, str]]) -> None:
+        """The scheduler's job for a one-node cluster: bind every unassigned pod here."""
+        async for namespace, name in recv:
+            pod = self.api.store.get("/pods", namespace, name)
+            if pod is None or (pod.get("spec") or {}).get("nodeName"):
+                continue
+            try:
+                await self.api.bind(namespace, name, {"target": {"name": self.node_name}}, self.ctx)
+            except ApiError as exc:
+                log.info("binding %s/%s: %s", namespace, name, exc.message)
+                continue
+            await self.event(
+                pod,
+                "Scheduled",
+                f"Successfully assigned {namespace}/{name} to {self.node_name}",
+                source="default-scheduler",
+            )
+
+    async def event(
+        self, obj: Obj, reason: str, message: str, *, kind: str = "Normal", source: str = "kubelet"
+    ) -> None:
+        """Record an Event about `obj` (best effort: events never fail the work they describe)."""
+        rt = by_kind("", "Event")
+        assert rt is not None
+        meta = obj["metadata"]
+        now = _iso()
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "kind": obj.get("kind", "Pod"),
+                "apiVersion": obj.get("apiVersion", "v1"),
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "uid": meta.get("uid"),
+            },
+            "reason": reason,
+            "message": message,
+            "type": kind,
+            "source": {"component": source, "host": self.node_name},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "reportingComponent": source,
+            "reportingInstance": self.node_name,
+        }
+        try:
+            await self.api.create(rt, meta["namespace"], body, self.ctx)
+        except ApiError as exc:
+            log.debug("event %s for %s not recorded: %s", reason, meta["name"], exc.message)
+
+
+class ContainerRun:
+    """What the kubelet knows of one container: state, restarts, readiness, logs, process."""
+
+    def __init__(self, spec: Obj, init: bool) -> None:
+        self.spec = spec
+        self.name: str = spec["name"]
+        self.init = init
+        self.state: Obj = {"waiting": {"reason": "PodInitializing" if not init else "Pending"}}
+        self.last_state: Obj = {}
+        self.restarts = 0
+        self.backoff_step = 0
+        self.ready = False
+        self.started = False
+        self.proc: trio.Process | None = None
+        self.logs: list[LogFile] = []
+        self.done = trio.Event()
+
+    def status(self) -> Obj:
+        image = self.spec.get("image", "")
+        out: Obj = {
+            "name": self.name,
+            "state": self.state,
+            "lastState": self.last_state,
+            "ready": self.ready,
+            "restartCount": self.restarts,
+            "image": image,
+            "imageID": f"tele-sandbox://{image}",
+            "started": self.started,
+        }
+        if "waiting" not in self.state:
+            out["containerID"] = f"tele://{self.name}-{self.restarts}"
+        return out
+
+
+class PodWorker:
+    """Runs one pod from its namespace's creation to the removal of the Pod object."""
+
+    def __init__(self, kubelet: Kubelet, pod: Obj) -> None:
+        self.k = kubelet
+        self.pod = pod
+        self.uid: str = pod["metadata"]["uid"]
+        self.namespace: str = pod["metadata"]["namespace"]
+        self.name: str = pod["metadata"]["name"]
+        spec = pod.get("spec") or {}
+        self.init_runs = [ContainerRun(c, True) for c in spec.get("initContainers") or []]
+        self.runs = [ContainerRun(c, False) for c in spec.get("containers") or []]
+        self.dir = kubelet.state_dir / "pods" / self.uid
+        self.ip = ""
+        self.netns = ""
+        self.start_time = ""
+        self.initialized = False
+        self.terminating = trio.Event()
+        self.gone = False
+        self._cancel = trio.CancelScope()
+        self._dirty = trio.Event()
+        self._status_written: Obj | None = None
+
+    # --- events from the store ------------------------------------------------------------
+
+    def update(self, pod: Obj) -> None:
+        old = self.pod
+        self.pod = pod
+        if pod["metadata"].get("deletionTimestamp"):
+            self.terminating.set()
+        if (old["metadata"].get("labels"), old["metadata"].get("annotations")) != (
+            pod["metadata"].get("labels"),
+            pod["metadata"].get("annotations"),
+        ) and self.dir.exists():
+            try:
+                volumes.write_volumes(self.k.api, pod, self.dir / "volumes", refresh_only=True)
+            except (volumes.ConfigError, OSError) as exc:
+                log.warning("refreshing volumes of %s: %s", self.name, exc)
+
+    def removed(self) -> None:
+        self.gone = True
+        self.terminating.set()
+        self._cancel.cancel()
+
+    def all_runs(self) -> list[ContainerRun]:
+        return self.init_runs + self.runs
+
+    def run_named(self, name: str | None) -> ContainerRun | None:
+        if not name:
+            return self.runs[0] if self.runs else None
+        return next((r for r in self.all_runs() if r.name == name), None)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._status_writer)
+                with self._cancel:
+                    await self._lifecycle(nursery)
+                nursery.cancel_scope.cancel()
+        except Exception:
+            log.exception("pod worker %s/%s failed", self.namespace, self.name)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._teardown()
+
+    async def _lifecycle(self, nursery: trio.Nursery) -> None:
+        self.start_time = _iso()
+        self.ip = self.k.ipam.allocate()
+        self.netns = f"{self.k.cluster}-pod-{self.k.next_index()}"
+        index = int(self.netns.rsplit("-", 1)[1])
+        await node.attach_pod(self.k.node_ns, self.netns, index, self.ip)
+        self._write_etc()
+        self.mark_dirty()
+        try:
+            volumes.write_volumes(self.k.api, self.pod, self.dir / "volumes")
+        except volumes.ConfigError as exc:
+            for run in self.runs:
+                run.state = {
+                    "waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}
+                }
+            self.mark_dirty()
+            await self.k.event(self.pod, "FailedMount", str(exc), kind="Warning")
+            await self.terminating.wait()
+            return
+        async with trio.open_nursery() as containers:
+            for run in self.init_runs:
+                containers.start_soon(self._supervise, run)
+                await run.done.wait()
+                if run.state.get("terminated", {}).get("exitCode", 1) != 0:
+                    await self.terminating.wait()
+                    containers.cancel_scope.cancel()
+                    return
+            self.initialized = True
+            for run in self.runs:
+                containers.start_soon(self._supervise, run)
+            await self.terminating.wait()
+            await self._terminate()
+            containers.cancel_scope.cancel()
+
+    async def _terminate(self) -> None:
+        meta = self.pod["metadata"]
+        grace = meta.get("deletionGracePeriodSeconds")
+        if grace is None:
+            grace = (self.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+        procs = [
+            r.proc for r in self.all_runs() if r.proc is not None and r.proc.returncode is None
+        ]
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        with trio.move_on_after(float(grace)):
+            for proc in procs:
+                await proc.wait()
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    async def _teardown(self) -> None:
+        for run in self.all_runs():
+            if run.proc is not None and run.proc.returncode is None:
+                run.proc.kill()
+                await run.proc.wait()
+        if self.netns:
+            await netns.delete(self.netns)
+        if self.ip:
+            self.k.ipam.release(self.ip)
+        self.k.workers.pop(self.uid, None)
+        live = self.k.api.store.get("/pods", self.namespace, self.name)
+        if (
+            live is not None
+            and live["metadata"].get("uid") == self.uid
+            and live["metadata"].get("deletionTimestamp")
+        ):
+            try:
+                self.k.api.delete_now(POD_RT, live, "Background", 0)
+            except ApiError as exc:
+                log.warning("removing pod %s: %s", self.name, exc.message)
+
+    def _write_etc(self) -> None:
+        spec = self.pod.get("spec") or {}
+        hostname = spec.get("hostname") or self.name
+        fqdn = hostname
+        if spec.get("subdomain"):
+            fqdn = f"{hostname}.{spec['subdomain']}.{self.namespace}.svc.cluster.local {hostname}"
+        etc = self.dir / "etc"
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "hosts").write_text(
+            "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost"
+            f" ip6-loopback\n{self.ip}\t{fqdn}\n"
+        )
+        ns = self.namespace
+        (etc / "resolv.conf").write_text(
+            f"search {ns}.svc.cluster.local svc.cluster.local cluster.local\n"
+            f"nameserver {node.DNS_IP}\noptions ndots:5\n"
+        )
+        (etc / "hostname").write_text(hostname + "\n")
+
+    # --- containers ---------------------------------------------------------------------------
+
+    def _launch_spec(self, run: ContainerRun, argv: list[str], env: dict[str, str]) -> Obj:
+        spec = self.pod.get("spec") or {}
+        etc = self.dir / "etc"
+        mounts = [
+            {"source": str(etc / "hosts"), "path": "/etc/hosts", "readOnly": True},
+            {"source": str(etc / "resolv.conf"), "path": "/etc/resolv.conf", "readOnly": True},
+            {"source": str(etc / "hostname"), "path": "/etc/hostname", "readOnly": True},
+        ]
+        have_sa = False
+        for m in run.spec.get("volumeMounts") or []:
+            source = self.dir / "volumes" / m["name"]
+            if m.get("subPath"):
+                source = source / m["subPath"]
+            mounts.append(
+                {"source": str(source), "path": m["mountPath"], "readOnly": bool(m.get("readOnly"))}
+            )
+            have_sa = have_sa or m["mountPath"].rstrip("/") == volumes.SA_DIR
+        automount = spec.get("automountServiceAccountToken", True) is not False
+        if automount and not have_sa:
+            sa_dir = self.dir / "serviceaccount"
+            if not sa_dir.exists():
+                files = volumes.volume_files(self.k.api, self.pod, _DEFAULT_SA_VOLUME) or {}
+                for rel, data in files.items():
+                    sa_dir.mkdir(parents=True, exist_ok=True)
+                    (sa_dir / rel).write_bytes(data)
+            mounts.append({"source": str(sa_dir), "path": volumes.SA_DIR, "readOnly": True})
+        return {
+            "netns": str(netns.netns_path(self.netns)),
+            "hostname": spec.get("hostname") or self.name,
+            "mounts": mounts,
+            "workingDir": run.spec.get("workingDir", ""),
+            "argv": argv,
+            "env": env,
+        }
+
+    def _argv_env(self, run: ContainerRun, module: str) -> tuple[list[str], dict[str, str]]:
+        spec = self.pod.get("spec") or {}
+        base = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": "/root",
+            "HOSTNAME": spec.get("hostname") or self.name,
+            "PYTHONUNBUFFERED": "1",
+            "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+            "KUBERNETES_SERVICE_PORT": "443",
+            "KUBERNETES_SERVICE_PORT_HTTPS": "443",
+            "TELE_SANDBOX_IMAGE": run.spec.get("image", ""),
+        }
+        env = volumes.container_env(self.k.api, self.pod, run.spec, base)
+        args = [volumes.expand(a, env) for a in run.spec.get("args") or []]
+        command = [volumes.expand(a, env) for a in run.spec.get("command") or []]
+        argv = command + args if command else [sys.executable, "-m", module, *args]
+        return argv, env
+
+    async def _spawn(
+        self, run: ContainerRun, argv: list[str], env: dict[str, str], tag: str
+    ) -> trio.Process:
+        spec_path = self.dir / f"launch-{run.name}-{tag}.json"
+        spec_path.write_text(json.dumps(self._launch_spec(run, argv, env)))
+        return await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tele.sandbox.kubelet.launch", str(spec_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def exec_in(self, run: ContainerRun, command: list[str]) -> int:
+        """Run `command` in the container's namespaces (exec probes); returns its exit code."""
+        module = registry.resolve(run.spec.get("image", "")) or ""
+        _, env = self._argv_env(run, module)
+        proc = await self._spawn(run, command, env, "exec")
+        try:
+            assert proc.stdout is not None
+            async with proc.stdout:
+                while await proc.stdout.receive_some(65536):
+                    pass
+            return await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    async def _supervise(self, run: ContainerRun) -> None:
+        policy = (self.pod.get("spec") or {}).get("restartPolicy", "Always")
+        if run.init and policy == "Always":
+            policy = "OnFailure"
+        image = run.spec.get("image", "")
+        module = registry.resolve(image)
+        if module is None:
+            msg = (
+                f'Failed to pull image "{image}": rpc error: code = NotFound desc = the '
+                f"sandbox has no image {image!r}"
+            )
+            run.state = {"waiting": {"reason": "ErrImagePull", "message": msg}}
+            self.mark_dirty()
+            await self.k.event(self.pod, "Failed", msg, kind="Warning")
+            await trio.sleep(1)
+            run.state = {
+                "waiting": {
+                    "reason": "ImagePullBackOff",
+                    "message": f'Back-off pulling image "{image}"',
+                }
+            }
+            self.mark_dirty()
+            await self.k.event(
+                self.pod, "BackOff", f'Back-off pulling image "{image}"', kind="Warning"
+            )
+            return
+        while not self.terminating.is_set():
+            try:
+                argv, env = self._argv_env(run, module)
+            except volumes.ConfigError as exc:
+                run.state = {
+                    "waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}
+                }
+                self.mark_dirty()
+                await self._backoff(run)
+                continue
+            started = time.monotonic()
+            exit_code = await self._run_once(run, argv, env)
+            if self.terminating.is_set():
+                break
+            if policy == "Never" or (policy == "OnFailure" and exit_code == 0):
+                break
+            if time.monotonic() - started > 600:
+                run.backoff_step = 0  # ran long enough: the next back-off starts small again
+            run.backoff_step += 1
+            run.restarts += 1
+            reason = "Error" if exit_code else "Completed"
+            run.last_state, run.state = (
+                run.state,
+                {
+                    "waiting": {
+                        "reason": "CrashLoopBackOff",
+                        "message": f"back-off restarting "
+                        f"failed container {run.name} in pod {self.name} ({reason})",
+                    }
+                },
+            )
+            self.mark_dirty()
+            await self.k.event(
+                self.pod,
+                "BackOff",
+                f"Back-off restarting failed container {run.name} in pod {self.name}",
+                kind="Warning",
+            )
+            await self._backoff(run)
+        run.done.set()
+
+    async def _backoff(self, run: ContainerRun) -> None:
+        delay = min(_MAX_BACKOFF, self.k.backoff_base * 2 ** max(0, run.backoff_step - 1))
+        with trio.move_on_after(delay):
+            await self.terminating.wait()
+
+    async def _run_once(self, run: ContainerRun, argv: list[str], env: dict[str, str]) -> int:
+        logfile = LogFile(self.dir / "logs" / run.name / f"{run.restarts}.log")
+        run.logs.append(logfile)
+        proc = await self._spawn(run, argv, env, str(run.restarts))
+        run.proc = proc
+        run.state = {"running": {"startedAt": _iso()}}
+        spec = run.spec
+        run.started = "startupProbe" not in spec
+        run.ready = run.started and "readinessProbe" not in spec and not run.init
+        self.mark_dirty()
+        if run.restarts == 0 and not run.init:
+            await self.k.event(self.pod, "Started", f"Started container {run.name}")
+        try:
+            async with trio.open_nursery() as nursery:
+                if not run.init:
+                    nursery.start_soon(self._probes, run, proc)
+                assert proc.stdout is not None
+                async with proc.stdout:
+                    while chunk := await proc.stdout.receive_some(65536):
+                        logfile.write(bytes(chunk))
+                code = await proc.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            logfile.close()
+        run.ready = False
+        run.state = {
+            "terminated": {
+                "exitCode": code if code >= 0 else 128 - code,
+                "reason": "Completed" if code == 0 else "Error",
+                "startedAt": run.state.get("running", {}).get("startedAt", _iso()),
+                "finishedAt": _iso(),
+                "containerID": f"tele://{run.name}-{run.restarts}",
+            }
+        }
+        self.mark_dirty()
+        return code
+
+    async def _probes(self, run: ContainerRun, proc: trio.Process) -> None:
+        spec = run.spec
+        async with trio.open_nursery() as nursery:
+            if "startupProbe" in spec:
+                await self._probe_loop(run, proc, spec["startupProbe"], "startup")
+            run.started = True
+            self.mark_dirty()
+            if "readinessProbe" in spec:
+                nursery.start_soon(self._probe_loop, run, proc, spec["readinessProbe"], "readiness")
+            else:
+                run.ready = True
+                self.mark_dirty()
+            if "livenessProbe" in spec:
+                nursery.start_soon(self._probe_loop, run, proc, spec["livenessProbe"], "liveness")
+
+    async def _probe_loop(
+        self, run: ContainerRun, proc: trio.Process, probe: Obj, kind: str
+    ) -> None:
+        await trio.sleep(float(probe.get("initialDelaySeconds") or 0))
+        period = float(probe.get("periodSeconds") or 10)
+        success_needed = int(probe.get("successThreshold") or 1)
+        failure_needed = int(probe.get("failureThreshold") or 3)
+        ok_streak = fail_streak = 0
+        ever_ok = False
+        while True:
+            ok = await run_probe(
+                probe, self.k.node_ns, self.ip, run.spec, lambda cmd: self.exec_in(run, cmd)
+            )
+            ok_streak, fail_streak = (ok_streak + 1, 0) if ok else (0, fail_streak + 1)
+            if kind == "startup":
+                if ok:
+                    return
+                if fail_streak >= failure_needed:
+                    proc.kill()
+                    return
+            elif kind == "readiness":
+                ready = run.ready
+                if ok_streak >= success_needed:
+                    ready = True
+                elif fail_streak >= failure_needed or not ever_ok:
+                    ready = False
+                ever_ok = ever_ok or ok
+                if ready != run.ready:
+                    run.ready = ready
+                    self.mark_dirty()
+            elif fail_streak >= failure_needed:
+                await self.k.event(
+                    self.pod,
+                    "Unhealthy",
+                    f"Liveness probe failed for {run.name}; restarting",
+                    kind="Warning",
+                )
+                proc.kill()
+                return
+            # Until the first success the probe repeats quickly: our programs start in a
+            # fraction of a second, and waiting a whole period would make every rollout slow.
+            await trio.sleep(period if ever_ok or kind == "liveness" else min(period, 0.1))
+
+    # --- status -------------------------------------------------------------------------------
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def compute_status(self) -> Obj:
+        runs = self.runs
+        policy = (self.pod.get("spec") or {}).get("restartPolicy", "Always")
+        states = [r.state for r in runs]
+        if runs and all("terminated" in s for s in states) and policy != "Always":
+            failed = any(s["terminated"]["exitCode"] != 0 for s in states)
+            phase = "Failed" if failed else "Succeeded"
+        elif (
+            self.initialized and runs and all(r.restarts or "waiting" not in r.state for r in runs)
+        ):
+            phase = "Running"
+        else:
+            phase = "Pending"
+        if (
+            any(
+                "terminated" in r.state and r.state["terminated"]["exitCode"]
+                for r in self.init_runs
+            )
+            and policy == "Never"
+        ):
+            phase = "Failed"
+        ready = bool(runs) and all(r.ready for r in runs)
+        now = _iso()
+        old = {c["type"]: c for c in (self.pod.get("status") or {}).get("conditions") or []}
+
+        def cond(kind: str, value: bool, reason: str = "") -> Obj:
+            status = "True" if value else "False"
+            prev = old.get(kind)
+            since = prev["lastTransitionTime"] if prev and prev["status"] == status else now
+            out: Obj = {
+                "type": kind,
+                "status": status,
+                "lastProbeTime": None,
+                "lastTransitionTime": since,
+            }
+            if reason and not value:
+                out["reason"] = reason
+            return out
+
+        not_ready = "ContainersNotReady" if self.initialized else "PodInitializing"
+        status: Obj = {
+            "phase": phase,
+            "conditions": [
+                cond("PodReadyToStartContainers", bool(self.ip)),
+                cond("Initialized", self.initialized, "ContainersNotInitialized"),
+                cond("Ready", ready, not_ready),
+                cond("ContainersReady", ready, not_ready),
+                cond("PodScheduled", True),
+            ],
+            "hostIP": node.GATEWAY,
+            "hostIPs": [{"ip": node.GATEWAY}],
+            "podIP": self.ip,
+            "podIPs": [{"ip": self.ip}],
+            "startTime": self.start_time,
+            "qosClass": (self.pod.get("status") or {}).get("qosClass", "BestEffort"),
+            "containerStatuses": [r.status() for r in runs],
+        }
+        if self.init_runs:
+            status["initContainerStatuses"] = [r.status() for r in self.init_runs]
+        return status
+
+    async def _status_writer(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            if self.gone:
+                return
+            live = self.k.api.store.get("/pods", self.namespace, self.name)
+            if live is None or live["metadata"].get("uid") != self.uid:
+                return
+            status = self.compute_status()
+            if status == self._status_written:
+                continue
+            body = copy.deepcopy(live)
+            body["metadata"].pop("resourceVersion", None)
+            body["status"] = status
+            try:
+                await self.k.api.update(
+                    POD_RT, self.namespace, self.name, body, self.k.ctx, subresource="status"
+                )
+                self._status_written = status
+            except ApiError as exc:
+                if exc.code == 404:
+                    return
+                log.info("status of %s/%s: %s", self.namespace, self.name, exc.message)
+                self.mark_dirty()
+                await trio.sleep(0.05)
+
+
+_DEFAULT_SA_VOLUME: Obj = {
+    "name": "kube-api-access",
+    "projected": {
+        "sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {
+                "configMap": {
+                    "name": "kube-root-ca.crt",
+                    "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                }
+            },
+            {
+                "downwardAPI": {
+                    "items": [
+                        {"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}
+                    ]
+                }
+            },
+        ]
+    },
+}
+
+__all__ = ["Kubelet", "NodeError", "PodWorker", "resolve_port"]

@@ -1,0 +1,137 @@
+"""The node side of a sandbox cluster in one service: controllers, kubelet, service proxy,
+cluster DNS, the in-cluster address of the API server, and the node's API subresources."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import trio
+
+from tele.sandbox.apiserver.app import ApiApp
+from tele.sandbox.apiserver.auth import User
+from tele.sandbox.apiserver.errors import ApiError
+from tele.sandbox.apiserver.kinds import by_kind
+from tele.sandbox.apiserver.rest import Api, Ctx
+from tele.sandbox.controllers.manager import Manager
+from tele.sandbox.network import netns
+from tele.sandbox.network.dns import serve_dns
+from tele.sandbox.network.node import DNS_IP
+from tele.sandbox.network.proxy import serve_proxy
+
+from .handlers import NodeHandlers
+from .kubelet import Kubelet
+
+log = logging.getLogger(__name__)
+
+API_SERVICE_IP = "10.96.0.1"
+
+
+async def _relay(stream: trio.SocketStream, host: str, port: int) -> None:
+    """Splice one in-cluster connection to the API server listening in the host namespace."""
+    async with stream:
+        try:
+            upstream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return
+        async with upstream:
+
+            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+                try:
+                    while data := await src.receive_some(65536):
+                        await dst.send_all(data)
+                    await dst.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    nursery.cancel_scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, stream, upstream)
+                nursery.start_soon(pump, upstream, stream)
+
+
+async def serve_api_address(
+    node_ns: str,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Make the API server reachable from pods at 10.96.0.1:443 (the `kubernetes` Service)."""
+    await netns.ip_batch(node_ns, [f"addr add {API_SERVICE_IP}/32 dev lo"])
+    sock = await netns.socket_in(node_ns)
+    with sock:
+        await sock.bind((API_SERVICE_IP, 443))
+        sock.listen(128)
+        listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, lambda s: _relay(s, host, port), [listener])
+            task_status.started()
+
+
+async def _claim_dns_service(api: Api) -> None:
+    rt = by_kind("", "Service")
+    assert rt is not None
+    body = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "kube-dns",
+            "namespace": "kube-system",
+            "labels": {"k8s-app": "kube-dns"},
+        },
+        "spec": {
+            "clusterIP": DNS_IP,
+            "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+            ],
+        },
+    }
+    try:
+        await api.create(
+            rt, "kube-system", body, Ctx(User("system:apiserver", ("system:masters",)))
+        )
+    except ApiError as exc:
+        if exc.code != 409:
+            raise
+
+
+async def serve_node(
+    api: Api,
+    app: ApiApp,
+    cluster: str,
+    state_dir: Path | None,
+    *,
+    api_host: str,
+    api_port: int,
+    backoff_base: float = 10.0,
+    task_status: trio.TaskStatus[Kubelet] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the node until cancelled; on the way out every namespace it made is deleted, and the
+    state directory too when it was a temporary one (`state_dir` None)."""
+    if state_dir is None:
+        with tempfile.TemporaryDirectory(prefix=f"tele-sandbox-{cluster}-") as tmp:
+            await serve_node(
+                api,
+                app,
+                cluster,
+                Path(tmp),
+                api_host=api_host,
+                api_port=api_port,
+                backoff_base=backoff_base,
+                task_status=task_status,
+            )
+        return
+    kubelet = Kubelet(api, cluster, state_dir, backoff_base=backoff_base)
+    handlers = NodeHandlers(kubelet)
+    await _claim_dns_service(api)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(kubelet.serve)
+        await nursery.start(serve_proxy, api.store, kubelet.node_ns)
+        await nursery.start(serve_dns, api.store, kubelet.node_ns)
+        await nursery.start(serve_api_address, kubelet.node_ns, api_host, api_port)
+        await nursery.start(Manager(api).serve)
+        app.subresource_handlers[("pods", "log")] = handlers.log
+        app.subresource_handlers[("pods", "portforward")] = handlers.portforward
+        task_status.started(kubelet)

@@ -1,0 +1,163 @@
+"""Pod volumes and container environments, materialized from the store.
+
+Volumes are directories under the pod's state directory, bind-mounted by the launcher at each
+mountPath: emptyDir, configMap, secret, downwardAPI and projected (service account token, CA,
+namespace). Files are replaced atomically (write + rename) so that refreshed downward API files
+show up in the running container. `container_env` resolves env and envFrom like the kubelet.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from tele.sandbox.apiserver.rest import Api
+
+Obj = dict[str, Any]
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+_VAR_RE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
+
+
+class ConfigError(Exception):
+    """A referenced ConfigMap, Secret or key is missing (CreateContainerConfigError)."""
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    os.replace(tmp, path)
+
+
+def _field(pod: Obj, path: str) -> str:
+    meta = pod["metadata"]
+    m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']*)'\]", path)
+    if m:
+        return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
+    if path in ("metadata.labels", "metadata.annotations"):
+        items = sorted((meta.get(path.split(".")[1]) or {}).items())
+        return "\n".join(f'{k}="{v}"' for k, v in items)
+    simple = {
+        "metadata.name": meta.get("name", ""),
+        "metadata.namespace": meta.get("namespace", ""),
+        "metadata.uid": meta.get("uid", ""),
+        "spec.nodeName": (pod.get("spec") or {}).get("nodeName", ""),
+        "spec.serviceAccountName": (pod.get("spec") or {}).get("serviceAccountName", "default"),
+        "status.podIP": (pod.get("status") or {}).get("podIP", ""),
+        "status.hostIP": (pod.get("status") or {}).get("hostIP", ""),
+    }
+    return str(simple.get(path, ""))
+
+
+def _data_of(api: Api, kind: str, ns: str, name: str, optional: bool) -> dict[str, bytes] | None:
+    obj = api.store.get("/configmaps" if kind == "ConfigMap" else "/secrets", ns, name)
+    if obj is None:
+        if optional:
+            return None
+        raise ConfigError(f'{kind.lower()} "{name}" not found')
+    if kind == "ConfigMap":
+        out = {k: str(v).encode() for k, v in (obj.get("data") or {}).items()}
+        out.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+        return out
+    return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+
+
+def _project(files: dict[str, bytes], items: list[Obj] | None) -> dict[str, bytes]:
+    if not items:
+        return files
+    return {i["path"]: files[i["key"]] for i in items if i.get("key") in files}
+
+
+def volume_files(api: Api, pod: Obj, volume: Obj) -> dict[str, bytes] | None:
+    """Files of one volume (None for emptyDir and other plain directories)."""
+    ns = pod["metadata"]["namespace"]
+    if "configMap" in volume or "secret" in volume:
+        kind = "ConfigMap" if "configMap" in volume else "Secret"
+        src = volume.get("configMap") or volume.get("secret") or {}
+        name = src.get("name") or src.get("secretName") or ""
+        data = _data_of(api, kind, ns, name, bool(src.get("optional")))
+        return _project(data or {}, src.get("items"))
+    if "downwardAPI" in volume:
+        return {
+            i["path"]: _field(pod, (i.get("fieldRef") or {}).get("fieldPath", "")).encode()
+            for i in volume["downwardAPI"].get("items") or []
+        }
+    if "projected" in volume:
+        files: dict[str, bytes] = {}
+        for source in volume["projected"].get("sources") or []:
+            if "serviceAccountToken" in source:
+                sat = source["serviceAccountToken"]
+                sa = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+                account = api.store.get("/serviceaccounts", ns, sa)
+                uid = account["metadata"]["uid"] if account else ""
+                token, _ = api.authn.issue_service_account_token(
+                    ns, sa, uid, int(sat.get("expirationSeconds") or 3607)
+                )
+                files[sat.get("path", "token")] = token.encode()
+            for kind, key in (("ConfigMap", "configMap"), ("Secret", "secret")):
+                if key in source:
+                    src = source[key]
+                    data = _data_of(api, kind, ns, src.get("name", ""), bool(src.get("optional")))
+                    files.update(_project(data or {}, src.get("items")))
+            if "downwardAPI" in source:
+                files.update(volume_files(api, pod, {"downwardAPI": source["downwardAPI"]}) or {})
+        return files
+    return None
+
+
+def write_volumes(api: Api, pod: Obj, root: Path, *, refresh_only: bool = False) -> None:
+    """Create or refresh every volume of `pod` under root/<volume name>."""
+    for volume in (pod.get("spec") or {}).get("volumes") or []:
+        if refresh_only and "downwardAPI" not in volume and "projected" not in volume:
+            continue
+        target = root / volume["name"]
+        target.mkdir(parents=True, exist_ok=True)
+        files = volume_files(api, pod, volume)
+        mode = 0o600 if "secret" in volume else 0o644
+        for rel, data in (files or {}).items():
+            _write(target / rel, data, mode)
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion ($$ escapes; unknown references stay as written)."""
+    return _VAR_RE.sub(
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text
+    )
+
+
+def container_env(api: Api, pod: Obj, container: Obj, base: dict[str, str]) -> dict[str, str]:
+    ns = pod["metadata"]["namespace"]
+    env = dict(base)
+    for src in container.get("envFrom") or []:
+        prefix = src.get("prefix", "")
+        for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+            if key in src:
+                ref = src[key]
+                data = _data_of(api, kind, ns, ref.get("name", ""), bool(ref.get("optional")))
+                for k, v in (data or {}).items():
+                    env[prefix + k] = v.decode(errors="replace")
+    for item in container.get("env") or []:
+        name = item["name"]
+        if "value" in item:
+            env[name] = expand(str(item["value"]), env)
+            continue
+        ref = item.get("valueFrom") or {}
+        if "fieldRef" in ref:
+            env[name] = _field(pod, ref["fieldRef"].get("fieldPath", ""))
+        for kind, key in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+            if key in ref:
+                r = ref[key]
+                data = _data_of(api, kind, ns, r.get("name", ""), bool(r.get("optional")))
+                if data is not None and r.get("key") in data:
+                    env[name] = data[r["key"]].decode(errors="replace")
+                elif not r.get("optional"):
+                    raise ConfigError(
+                        f"couldn't find key {r.get('key')} in {kind} {ns}/{r.get('name')}"
+                    )
+        if "value" not in item and name not in env:
+            env[name] = ""
+    return env
