@@ -11,6 +11,7 @@ import trio
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
 from tele.manager.server import Manager, ManagerConfig
+from tele.testing.waits import wait_for
 
 WEBHOOK = "agent-injector-webhook-default"
 
@@ -104,3 +105,93 @@ async def test_the_secret_is_reused_by_the_next_manager(
     after = await kube.get(k8s.SECRETS, "mutator-webhook-tls", "default")
     assert after["data"] == before["data"]
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+async def test_pods_of_an_enabled_workload_get_the_agent(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    await kube.create(k8s.MUTATING_WEBHOOKS, webhook_config("https://127.0.0.1:1/traffic-agent"))
+    manager = await start(nursery, kube)
+    url = f"https://127.0.0.1:{manager.webhook_port}/traffic-agent"
+    patch = [{"op": "replace", "path": "/webhooks/0/clientConfig/url", "value": url}]
+    await kube.patch(k8s.MUTATING_WEBHOOKS, WEBHOOK, patch, patch_type="json")
+    template = {
+        "metadata": {
+            "labels": {"app": "api"},
+            "annotations": {"telepresence.io/inject-traffic-agent": "enabled"},
+        },
+        "spec": {
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "tele-sandbox/echo",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                }
+            ]
+        },
+    }
+    deployment = await kube.create(
+        k8s.DEPLOYMENTS,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "api", "namespace": "default"},
+            "spec": {"selector": {"matchLabels": {"app": "api"}}, "template": template},
+        },
+    )
+    owner = {"apiVersion": "apps/v1", "kind": "Deployment", "controller": True}
+    replicaset = await kube.create(
+        k8s.REPLICASETS,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "ReplicaSet",
+            "metadata": {
+                "name": "api-1",
+                "namespace": "default",
+                "ownerReferences": [{**owner, "name": "api", "uid": deployment["metadata"]["uid"]}],
+            },
+            "spec": {"selector": {"matchLabels": {"app": "api"}}, "template": template},
+        },
+    )
+    await kube.create(
+        k8s.SERVICES,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "api", "namespace": "default"},
+            "spec": {"selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": "http"}]},
+        },
+    )
+    await wait_for(lambda: ("ReplicaSet", "default", "api-1") in manager.view.workloads)
+    await wait_for(lambda: ("default", "api") in manager.view.services)
+    rs_owner = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "controller": True}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "api-1-x",
+            "namespace": "default",
+            "labels": {"app": "api"},
+            "ownerReferences": [
+                {**rs_owner, "name": "api-1", "uid": replicaset["metadata"]["uid"]}
+            ],
+        },
+        "spec": template["spec"],
+    }
+    created = await kube.create(k8s.PODS, pod)
+    names = [c["name"] for c in created["spec"]["containers"]]
+    assert names == ["app", "traffic-agent"]
+    assert created["spec"]["containers"][0]["ports"][0]["name"] == "tm-http"
+    assert created["spec"]["containers"][1]["ports"][0]["name"] == "http"
+    assert "telepresence.io/agent-config" in created["metadata"]["annotations"]
+    # A pod of no workload passes unchanged.
+    lone = await kube.create(
+        k8s.PODS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "lone", "namespace": "default"},
+            "spec": template["spec"],
+        },
+    )
+    assert [c["name"] for c in lone["spec"]["containers"]] == ["app"]

@@ -11,6 +11,7 @@ serve_manager
 
 from __future__ import annotations
 
+import base64
 import functools
 import ipaddress
 import json
@@ -28,6 +29,7 @@ import trio
 from tele import __version__
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
+from tele.manager import agentconfig
 from tele.manager.namespaces import NamespaceSelector
 from tele.manager.sessions import Session, SessionTable
 from tele.manager.view import ClusterView
@@ -69,6 +71,9 @@ class ManagerConfig:
     """The MutatingWebhookConfiguration whose caBundle this manager keeps current."""
     webhook_extra_names: tuple[str, ...] = ()
     """More names for the webhook's certificate (a webhook reached by URL, e.g. for tests)."""
+    agent_image: str = "tele/traffic-agent"
+    agent_port: int = 9900
+    agent_log_level: str = "info"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ManagerConfig:
@@ -96,6 +101,9 @@ class ManagerConfig:
             webhook_port=int(env["TELE_WEBHOOK_PORT"]) if env.get("TELE_WEBHOOK_PORT") else None,
             webhook_secret=env.get("TELE_WEBHOOK_SECRET") or "mutator-webhook-tls",
             webhook_name=env.get("TELE_WEBHOOK_NAME") or "",
+            agent_image=env.get("TELE_AGENT_IMAGE") or "tele/traffic-agent",
+            agent_port=int(env.get("TELE_AGENT_PORT") or 9900),
+            agent_log_level=env.get("TELE_AGENT_LOG_LEVEL") or "info",
         )
 
 
@@ -134,6 +142,8 @@ class Manager:
         self._ready = {"Namespace": trio.Event()}
         self.on_session_end: list[Callable[[Session], None]] = []
         self.webhook: WebhookServer | None = None
+        # Workloads that clients engaged: their pods get an agent (kind, namespace, name).
+        self.agent_workloads: set[tuple[str, str, str]] = set()
         self.webhook_port: int | None = None
 
     # --- RPC ------------------------------------------------------------------------------------
@@ -363,8 +373,49 @@ class Manager:
             await patch_ca_bundle(self.kube, self.config.webhook_name, tls.ca_pem)
 
     async def mutate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Admission of a pod: agent injection comes with engagements; now: allowed as is."""
-        return await allow_all(request)
+        """Admission of a pod: inject the traffic agent when its workload should have one.
+
+        A workload gets an agent when its pod template says `inject-traffic-agent: enabled` or
+        a client engaged it (`agent_workloads`); others pass unchanged. Never refuse a pod.
+        """
+        if request.get("operation") != "CREATE" or (request.get("kind") or {}).get("kind") != "Pod":
+            return await allow_all(request)
+        pod = request.get("object") or {}
+        namespace = str(
+            request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or ""
+        )
+        if not self.view.is_managed(namespace):
+            return await allow_all(request)
+        workload = self.view.workload_of(pod, namespace)
+        if workload is None:
+            return await allow_all(request)
+        key = (str(workload.get("kind")), namespace, str(workload["metadata"]["name"]))
+        template = (workload.get("spec") or {}).get("template") or {}
+        policy = agentconfig.injection_policy(template)
+        if policy == "disabled" or (policy != "enabled" and key not in self.agent_workloads):
+            return await allow_all(request)
+        try:
+            config = agentconfig.generate(
+                workload=workload,
+                services=[s for (ns, _), s in self.view.services.items() if ns == namespace],
+                manager_namespace=self.config.namespace,
+                agent_image=self.config.agent_image,
+                manager_port=api.DEFAULT_PORT,
+                agent_port=self.config.agent_port,
+                log_level=self.config.agent_log_level,
+            )
+        except agentconfig.NotInterceptable as exc:
+            log.info("no agent for %s/%s: %s", namespace, key[2], exc)
+            return await allow_all(request)
+        patch = agentconfig.pod_patch(pod, config)
+        if not patch:
+            return await allow_all(request)
+        log.info("injecting the traffic agent into a pod of %s %s/%s", key[0], namespace, key[2])
+        return {
+            "allowed": True,
+            "patchType": "JSONPatch",
+            "patch": base64.b64encode(json.dumps(patch).encode()).decode(),
+        }
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Run everything; reports the bound API port once the view knows the namespaces."""

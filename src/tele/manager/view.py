@@ -240,6 +240,21 @@ class ClusterView:
 
     # --- workloads -----------------------------------------------------------------------------
 
+    def workload_of(self, pod: Obj, namespace: str) -> Obj | None:
+        """The workload that owns a pod: its ReplicaSet's Deployment, else the owner itself."""
+        owner = _controller(pod)
+        if owner is None:
+            return None
+        kind, name = owner
+        found = self.workloads.get((kind, namespace, name))
+        if found is None:
+            return None
+        if kind == "ReplicaSet":
+            parent = _controller(found)
+            if parent is not None:
+                return self.workloads.get((parent[0], namespace, parent[1]))
+        return found
+
     def list_workloads(self, namespace: str) -> list[WorkloadInfo]:
         result = []
         for (kind, ns, name), obj in sorted(self.workloads.items(), key=lambda i: i[0][2]):
@@ -269,6 +284,13 @@ class ClusterView:
                 )
             )
         return result
+
+
+def _controller(obj: Obj) -> tuple[str, str] | None:
+    for ref in _meta(obj).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("kind")), str(ref.get("name"))
+    return None
 
 
 def _pod_ips(pod: Obj) -> list[str]:
