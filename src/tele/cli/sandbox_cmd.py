@@ -114,6 +114,35 @@ def down(name: str) -> None:
         click.echo(f"Sandbox {name!r} was not running.")
 
 
+@sandbox.command(context_settings={"ignore_unknown_options": True})
+@name_option
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def shell(name: str, command: tuple[str, ...]) -> None:
+    """Run a shell, or COMMAND (after --), in the sandbox's laptop namespace.
+
+    Only the API server is reachable there until tele connects; tele's config, cache and
+    runtime directories are the laptop's own, so a daemon started there never meets the host's.
+    """
+    import os
+
+    from tele.errors import UserError
+    from tele.sandbox import instance
+    from tele.sandbox.network.laptop import shell_command
+
+    current = instance.status(name)
+    if not current.running:
+        raise UserError(
+            f"The sandbox {name!r} is not running; start it with `tele sandbox up --name {name}`."
+        )
+    if not instance.nodes_supported():
+        raise UserError("The sandbox's laptop namespace needs root, iproute2 and nftables.")
+    argv, env = shell_command(
+        name, instance.instance_dir(name) / "laptop", current.kubeconfig, list(command)
+    )
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, env)
+
+
 @sandbox.command(hidden=True)
 @name_option
 @click.option("--ready-fd", type=int, default=None, hidden=True)

@@ -128,6 +128,7 @@ def start(
     directory = instance_dir(name)
     if directory.exists():
         shutil.rmtree(directory)  # leftovers of a crashed run
+    cleanup_namespaces(name)
     paths.ensure_private_dir(directory)
     paths.ensure_private_dir(paths.logs_dir())
     say = progress or (lambda _msg: None)
@@ -201,6 +202,24 @@ def _terminate(pid: int, name: str, timeout: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def nodes_supported() -> bool:
+    """Pods need root, iproute2 and nftables; without them the sandbox serves the API only."""
+    return os.geteuid() == 0 and bool(shutil.which("ip")) and bool(shutil.which("nft"))
+
+
+def laptop_netns(name: str) -> str:
+    return f"{name}-laptop"
+
+
+def cleanup_namespaces(name: str) -> None:
+    """Remove the network namespaces (and what runs in them) of sandbox `name`, e.g. after a
+    crash of its process."""
+    if nodes_supported():
+        from .network.relay import cleanup_sync
+
+        cleanup_sync(name)
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
@@ -213,6 +232,7 @@ def stop(name: str) -> bool:
     current = status(name)
     if current.running and current.pid:
         _terminate(current.pid, name)
+    cleanup_namespaces(name)
     directory = instance_dir(name)
     if directory.exists():
         shutil.rmtree(directory)
@@ -245,7 +265,16 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                info = await nursery.start(lambda **kw: serve_cluster(name, ca=ca, port=port, **kw))
+                nodes = nodes_supported()
+                info = await nursery.start(
+                    lambda **kw: serve_cluster(
+                        name, ca=ca, port=port, nodes=nodes, state_dir=directory / "node", **kw
+                    )
+                )
+                if nodes:
+                    from .network.laptop import serve_laptop
+
+                    await nursery.start(serve_laptop, name, info.host, info.port)
                 kubeconfig = directory / "kubeconfig"
                 _write_private(
                     kubeconfig, yaml.safe_dump(info.kubeconfig(), sort_keys=False).encode()
@@ -255,6 +284,7 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
                     "server": info.server,
                     "started": time.time(),
                     "kubeconfig": str(kubeconfig),
+                    "laptop": laptop_netns(name) if nodes else "",
                 }
                 _write_private(state_file, json.dumps(state).encode())
                 log.info("sandbox %s ready at %s", name, info.server)

@@ -19,6 +19,7 @@ from tele.sandbox.network import netns
 from tele.sandbox.network.dns import serve_dns
 from tele.sandbox.network.node import DNS_IP
 from tele.sandbox.network.proxy import serve_proxy
+from tele.sandbox.network.relay import serve_relay
 
 from .handlers import NodeHandlers
 from .kubelet import Kubelet
@@ -26,28 +27,6 @@ from .kubelet import Kubelet
 log = logging.getLogger(__name__)
 
 API_SERVICE_IP = "10.96.0.1"
-
-
-async def _relay(stream: trio.SocketStream, host: str, port: int) -> None:
-    """Splice one in-cluster connection to the API server listening in the host namespace."""
-    async with stream:
-        try:
-            upstream = await trio.open_tcp_stream(host, port)
-        except OSError:
-            return
-        async with upstream:
-
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                try:
-                    while data := await src.receive_some(65536):
-                        await dst.send_all(data)
-                    await dst.send_eof()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    nursery.cancel_scope.cancel()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, stream, upstream)
-                nursery.start_soon(pump, upstream, stream)
 
 
 async def serve_api_address(
@@ -59,14 +38,7 @@ async def serve_api_address(
 ) -> None:
     """Make the API server reachable from pods at 10.96.0.1:443 (the `kubernetes` Service)."""
     await netns.ip_batch(node_ns, [f"addr add {API_SERVICE_IP}/32 dev lo"])
-    sock = await netns.socket_in(node_ns)
-    with sock:
-        await sock.bind((API_SERVICE_IP, 443))
-        sock.listen(128)
-        listener = trio.SocketListener(sock)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, lambda s: _relay(s, host, port), [listener])
-            task_status.started()
+    await serve_relay(node_ns, (API_SERVICE_IP, 443), (host, port), task_status=task_status)
 
 
 async def _claim_dns_service(api: Api) -> None:

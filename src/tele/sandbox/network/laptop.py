@@ -1,0 +1,60 @@
+"""The laptop namespace `<cluster>-laptop`: where `tele sandbox shell` puts the user.
+
+It has loopback only, plus the API server at the kubeconfig's own address (a relay), so a tele
+daemon started there is the laptop's: no cluster address is reachable until tele connects it.
+The shell gets a tele home of its own (config, cache, state, runtime directories).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+from . import netns
+from .relay import serve_relay
+
+
+async def serve_laptop(
+    cluster: str,
+    api_host: str,
+    api_port: int,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The laptop namespace `<cluster>-laptop`: loopback only, with the API server at its
+    kubeconfig address. Removed again when cancelled."""
+    name = f"{cluster}-laptop"
+    await netns.delete(name)
+    await netns.add(name)
+    try:
+        await netns.ip_batch(name, ["link set lo up"])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_relay, name, (api_host, api_port), (api_host, api_port))
+            task_status.started(name)
+    finally:
+        with trio.CancelScope(shield=True):
+            await netns.delete(name)
+
+
+def shell_command(
+    cluster: str, home: Path, kubeconfig: str, command: list[str]
+) -> tuple[list[str], dict[str, str]]:
+    """argv and environment that run `command` (or a shell) in the laptop namespace."""
+    env = dict(os.environ)
+    for sub in ("config", "cache", "state", "runtime"):
+        (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    env.update(
+        HOME=str(home),
+        XDG_CONFIG_HOME=str(home / "config"),
+        XDG_CACHE_HOME=str(home / "cache"),
+        XDG_STATE_HOME=str(home / "state"),
+        XDG_RUNTIME_DIR=str(home / "runtime"),
+        KUBECONFIG=kubeconfig,
+        TELE_SANDBOX=cluster,
+    )
+    if not command:
+        command = [env.get("SHELL") or "/bin/sh"]
+        env["PS1"] = f"({cluster}-laptop) \\w \\$ "
+    return ["ip", "netns", "exec", f"{cluster}-laptop", *command], env

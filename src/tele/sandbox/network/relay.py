@@ -1,0 +1,64 @@
+"""TCP relays from inside a namespace to a server in the host namespace (the API server).
+
+Pods reach the API server at 10.96.0.1:443 in the node namespace, and the laptop namespace has
+it at the kubeconfig's own 127.0.0.1:<port>: in both cases a listener opened inside the
+namespace splices each connection to the real server, so no route or address is ever added to
+the host namespace.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from . import netns
+
+
+async def _relay(stream: trio.SocketStream, host: str, port: int) -> None:
+    async with stream:
+        try:
+            upstream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return
+        async with upstream:
+
+            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+                try:
+                    while data := await src.receive_some(65536):
+                        await dst.send_all(data)
+                    await dst.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    nursery.cancel_scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, stream, upstream)
+                nursery.start_soon(pump, upstream, stream)
+
+
+async def serve_relay(
+    namespace: str,
+    listen: tuple[str, int],
+    target: tuple[str, int],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on `listen` inside `namespace`; relay every connection to `target` (host side)."""
+    sock = await netns.socket_in(namespace)
+    with sock:
+        await sock.bind(listen)
+        sock.listen(128)
+        listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, lambda s: _relay(s, *target), [listener])
+            task_status.started()
+
+
+def cleanup_sync(cluster: str) -> list[str]:
+    """Delete every namespace of sandbox `cluster` (after a crash); returns their names."""
+    gone = [
+        n
+        for n in netns.list_netns()
+        if n in (f"{cluster}-node", f"{cluster}-laptop") or n.startswith(f"{cluster}-pod-")
+    ]
+    for n in sorted(gone, key=lambda n: n.endswith("-node")):
+        netns.delete_sync(n)
+    return gone
