@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -17,8 +18,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
+from tele.dns.names import NameRules
+from tele.dns.server import Resolver
+from tele.dns.service import DnsSettings, SystemSetup, serve_dns
+from tele.rpc import manager_api as mapi
 from tele.rpc.client import Client, open_client
+from tele.vif.netns import run_in_netns
 from tele.vif.routing import parse_networks
 from tele.vif.service import VifInfo, VifSettings, serve_vif
 
@@ -71,6 +78,11 @@ class Tele:
     vif: VifInfo
     client: Client
     netns: Namespaces
+    resolver: Resolver
+    resolv_conf: Path
+    original_resolv_conf: str
+    dns_scope: trio.CancelScope
+    dns_done: trio.Event
 
 
 @pytest.fixture
@@ -94,9 +106,40 @@ async def cluster_link(netns: Namespaces) -> AsyncIterator[Client]:
             await process.wait()
 
 
+UPSTREAM = "127.0.0.2"
+"""The laptop's "system" nameserver (a stub in the laptop namespace) for non-cluster names."""
+UPSTREAM_NAMES = {"example.test": "192.0.2.7"}
+
+
+def _stub_reply(data: bytes) -> bytes:
+    query = DNSRecord.parse(data)
+    reply = query.reply()
+    address = UPSTREAM_NAMES.get(str(query.q.qname).rstrip("."))
+    if address is None:
+        reply.header.rcode = RCODE.NXDOMAIN
+    elif query.q.qtype == QTYPE.A:
+        reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A(address), ttl=30))
+    return bytes(reply.pack())
+
+
+async def upstream_stub(netns: str, *, task_status: trio.TaskStatus[None]) -> None:
+    """A tiny nameserver on UPSTREAM:53 inside the laptop namespace."""
+
+    def bind() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((UPSTREAM, 53))
+        return sock
+
+    with trio.socket.from_stdlib_socket(await run_in_netns(netns, bind)) as sock:
+        task_status.started()
+        while True:
+            data, peer = await sock.recvfrom(65535)
+            await sock.sendto(_stub_reply(data), peer)
+
+
 @pytest.fixture
 async def tele(
-    nursery: trio.Nursery, netns: Namespaces, cluster_link: Client
+    nursery: trio.Nursery, netns: Namespaces, cluster_link: Client, tmp_path: Path
 ) -> AsyncIterator[Tele]:
     from tele.rpc.tunnel import dial
 
@@ -112,7 +155,41 @@ async def tele(
 
     info: VifInfo = await nursery.start(run)
     assert info.subnets == parse_networks(CLUSTER_SUBNETS)[::-1]
-    yield Tele(info, cluster_link, netns)
+
+    await nursery.start(upstream_stub, netns.laptop)
+    etc = Path("/etc/netns") / netns.laptop  # `ip netns exec` mounts it on /etc/resolv.conf
+    etc.mkdir(parents=True, exist_ok=True)
+    resolv_conf = etc / "resolv.conf"
+    original = f"# the laptop's own resolver\nnameserver {UPSTREAM}\noptions timeout:1\n"
+    resolv_conf.write_text(original)
+
+    async def lookup(name: str, qtype: str) -> mapi.LookupReply:
+        request = mapi.LookupRequest(session_id="test", name=name, qtype=qtype)
+        return await cluster_link.call(mapi.LOOKUP_DNS, request)
+
+    dns = DnsSettings(
+        address=str(info.address),
+        device=info.device,
+        rules=NameRules(namespace="default", namespaces=["default", "kube-system"]),
+        lookup_timeout=2.0,
+        netns=netns.laptop,
+        setup=SystemSetup.RESOLV_CONF,
+        resolv_conf=resolv_conf,
+        resolv_backup=tmp_path / "resolv.conf.orig",
+    )
+    dns_scope = trio.CancelScope()
+    dns_done = trio.Event()
+
+    async def run_dns(*, task_status: trio.TaskStatus[Resolver] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with dns_scope:
+                await serve_dns(dns, lookup, task_status=task_status)
+        finally:
+            dns_done.set()
+
+    resolver: Resolver = await nursery.start(run_dns)
+    yield Tele(info, cluster_link, netns, resolver, resolv_conf, original, dns_scope, dns_done)
+    dns_scope.cancel()
     scope.cancel()
 
 

@@ -50,10 +50,11 @@ def nameservers(path: Path) -> list[str]:
 
 def override_resolv_conf(path: Path, backup: Path, server: str, search: list[str]) -> None:
     """Keep the original at `backup`, then make `server` the only nameserver in `path`."""
-    if not backup.exists():  # a leftover backup is the true original: never overwrite it
+    # A leftover backup is the true original (a crashed session's): never overwrite it.
+    if not os.path.lexists(backup):
         backup.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            shutil.copy2(path, backup)
+        if os.path.lexists(path):
+            shutil.copy2(path, backup, follow_symlinks=False)  # a symlink stays a symlink
         else:
             backup.write_text("")
             os.chmod(backup, 0o644)
@@ -71,7 +72,7 @@ def override_resolv_conf(path: Path, backup: Path, server: str, search: list[str
 
 def restore_resolv_conf(path: Path, backup: Path) -> None:
     """Put the original back (a missing backup means there is nothing of ours to undo)."""
-    if not backup.exists():
+    if not os.path.lexists(backup):
         return
     os.replace(backup, path)
 

@@ -1,0 +1,304 @@
+"""tele's DNS server on the VIF's address (UDP and TCP): cluster names through the manager's
+LOOKUP_DNS, everything else forwarded to the resolver the system had before.
+
+`Resolver.answer(query) -> reply` is the whole policy (names.py decides, the cache remembers,
+the manager or the upstream answers); `serve_udp` / `serve_tcp` are thin loops around it. A
+cluster lookup that takes longer than `lookup_timeout` is SERVFAIL (not cached), so a program
+never hangs on tele; misses are NXDOMAIN at once and cached briefly (negative caching).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+from dnslib import AAAA, QTYPE, RCODE, RR, SRV, A, DNSError, DNSRecord
+
+from tele.dns.cache import TTLCache
+from tele.dns.names import NameRules, Route
+from tele.rpc import manager_api as mapi
+
+log = logging.getLogger(__name__)
+
+Lookup = Callable[[str, str], Awaitable[mapi.LookupReply]]
+"""(name, qtype) -> the manager's answer; raises on transport failure."""
+
+NEGATIVE_TTL: Final = 4.0
+UPSTREAM_TIMEOUT: Final = 3.0
+MAX_IN_FLIGHT: Final = 256
+"""Queries answered at once; more wait (UDP: are dropped) so a flood cannot grow memory."""
+UDP_MAX: Final = 512
+_TCP_LEN = struct.Struct("!H")
+
+
+@dataclass(slots=True)
+class Counters:
+    queries: int = 0
+    cluster: int = 0
+    forwarded: int = 0
+    cache_hits: int = 0
+    failures: int = 0
+
+
+class Upstream:
+    """Forwards raw queries over one UDP socket to the system's nameservers, matching replies
+    by a fresh query id (so concurrent clients with equal ids do not mix)."""
+
+    def __init__(self, sock: trio.socket.SocketType, servers: Sequence[tuple[str, int]]) -> None:
+        self.sock = sock
+        self.servers = list(servers)
+        self._pending: dict[int, tuple[trio.Event, list[bytes]]] = {}
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            data, peer = await self.sock.recvfrom(65535)
+            if len(data) < 2 or (peer[0], peer[1]) not in self.servers:
+                continue
+            (ident,) = struct.unpack_from("!H", data)
+            waiting = self._pending.get(ident)
+            if waiting is not None:
+                waiting[1].append(data)
+                waiting[0].set()
+
+    async def forward(self, query: bytes) -> bytes | None:
+        """The upstream's reply with the client's id, or None when none answered in time."""
+        if not self.servers or len(query) < 12:
+            return None
+        original = query[:2]
+        ident = random.randrange(1 << 16)
+        while ident in self._pending:
+            ident = random.randrange(1 << 16)
+        event = trio.Event()
+        box: list[bytes] = []
+        self._pending[ident] = (event, box)
+        try:
+            rewritten = struct.pack("!H", ident) + query[2:]
+            for server in self.servers:
+                try:
+                    await self.sock.sendto(rewritten, server)
+                except OSError as exc:
+                    log.debug("dns upstream %s: %s", server, exc)
+                    continue
+                with trio.move_on_after(UPSTREAM_TIMEOUT):
+                    await event.wait()
+                if box:
+                    return original + box[0][2:]
+            return None
+        finally:
+            del self._pending[ident]
+
+
+class Resolver:
+    """Answers one DNS message (wire bytes in, wire bytes out)."""
+
+    def __init__(
+        self,
+        rules: NameRules,
+        lookup: Lookup,
+        upstream: Upstream | None,
+        *,
+        lookup_timeout: float = 8.0,
+    ) -> None:
+        self.rules = rules
+        self.lookup = lookup
+        self.upstream = upstream
+        self.lookup_timeout = lookup_timeout
+        self.cache: TTLCache[mapi.LookupReply] = TTLCache()
+        self.counters = Counters()
+        self._limit = trio.CapacityLimiter(MAX_IN_FLIGHT)
+
+    @property
+    def busy(self) -> bool:
+        """As many queries in flight as the limit allows."""
+        return self._limit.borrowed_tokens >= MAX_IN_FLIGHT
+
+    async def answer(self, data: bytes, *, udp: bool) -> bytes | None:
+        """The reply to `data`, or None for something that is not a DNS query."""
+        try:
+            query = DNSRecord.parse(data)
+        except (DNSError, struct.error, IndexError, ValueError):
+            return None
+        if query.header.qr or not query.questions:
+            return None
+        self.counters.queries += 1
+        async with self._limit:
+            reply = await self._answer(query, data)
+        if reply is None:
+            return None
+        if udp and len(reply) > _udp_limit(query):
+            truncated = query.reply()
+            truncated.header.tc = 1
+            truncated.header.rcode = RCODE.NOERROR
+            return bytes(truncated.pack())
+        return reply
+
+    async def _answer(self, query: Any, raw: bytes) -> bytes | None:
+        question = query.q
+        qname = str(question.qname)
+        qtype = QTYPE.get(question.qtype, str(question.qtype))
+        decision = self.rules.decide(qname)
+        reply = query.reply()
+        if decision.route is Route.NXDOMAIN:
+            reply.header.rcode = RCODE.NXDOMAIN
+            return bytes(reply.pack())
+        if decision.route is Route.LOOPBACK:
+            if qtype == "A":
+                reply.add_answer(RR(question.qname, QTYPE.A, rdata=A("127.0.0.1"), ttl=60))
+            elif qtype == "AAAA":
+                reply.add_answer(RR(question.qname, QTYPE.AAAA, rdata=AAAA("::1"), ttl=60))
+            return bytes(reply.pack())
+        if decision.route is Route.LOCAL:
+            self.counters.forwarded += 1
+            if self.upstream is None:
+                reply.header.rcode = RCODE.SERVFAIL
+                return bytes(reply.pack())
+            forwarded = await self.upstream.forward(raw)
+            if forwarded is None:
+                self.counters.failures += 1
+                reply.header.rcode = RCODE.SERVFAIL
+                return bytes(reply.pack())
+            return forwarded
+        self.counters.cluster += 1
+        asked = qtype if qtype in ("A", "AAAA", "SRV") else "A"
+        found = await self._cluster(decision.ask, asked)
+        if found is None:
+            self.counters.failures += 1
+            reply.header.rcode = RCODE.SERVFAIL
+            return bytes(reply.pack())
+        if found.rcode == "NXDOMAIN":
+            reply.header.rcode = RCODE.NXDOMAIN
+        elif found.rcode != "NOERROR":
+            reply.header.rcode = RCODE.SERVFAIL
+        elif asked == qtype:
+            for record in found.records:
+                rr = _rr(question.qname, record)
+                if rr is not None:
+                    reply.add_answer(rr)
+        return bytes(reply.pack())
+
+    async def _cluster(self, name: str, qtype: str) -> mapi.LookupReply | None:
+        key = (name, qtype)
+        now = trio.current_time()
+        cached = self.cache.get(key, now)
+        if cached is not None:
+            self.counters.cache_hits += 1
+            return cached
+        with trio.move_on_after(self.lookup_timeout):
+            try:
+                found = await self.lookup(name, qtype)
+            except Exception as exc:  # the link or the manager failed: SERVFAIL, not a crash
+                log.warning("dns: looking up %s %s failed: %s", name, qtype, exc)
+                return None
+            if found.rcode == "NOERROR" and found.records:
+                ttl = float(max(1, min(r.ttl for r in found.records)))
+            elif found.rcode in ("NXDOMAIN", "NOERROR"):
+                ttl = NEGATIVE_TTL
+            else:
+                ttl = 0
+            self.cache.put(key, found, ttl, trio.current_time())
+            return found
+        log.warning(
+            "dns: the manager did not answer %s %s within %gs", name, qtype, self.lookup_timeout
+        )
+        return None
+
+
+def _udp_limit(query: Any) -> int:
+    for rr in query.ar:
+        if rr.rtype == QTYPE.OPT:
+            return max(UDP_MAX, int(rr.rclass))
+    return UDP_MAX
+
+
+def _rr(qname: Any, record: mapi.DnsRecord) -> Any:
+    try:
+        if record.type == "A":
+            return RR(qname, QTYPE.A, rdata=A(record.value), ttl=record.ttl)
+        if record.type == "AAAA":
+            return RR(qname, QTYPE.AAAA, rdata=AAAA(record.value), ttl=record.ttl)
+        if record.type == "SRV":
+            priority, weight, port, target = record.value.split()
+            rdata = SRV(int(priority), int(weight), int(port), target)
+            return RR(qname, QTYPE.SRV, rdata=rdata, ttl=record.ttl)
+    except (ValueError, DNSError) as exc:
+        log.warning("dns: ignoring a bad record from the manager %s: %s", record, exc)
+    return None
+
+
+async def serve_udp(resolver: Resolver, sock: trio.socket.SocketType) -> None:
+    """Answer datagrams on `sock`; each query its own task, bounded by the resolver's limit."""
+
+    async def one(data: bytes, peer: Any) -> None:
+        reply = await resolver.answer(data, udp=True)
+        if reply is not None:
+            try:
+                await sock.sendto(reply, peer)
+            except OSError as exc:
+                log.debug("dns: reply to %s failed: %s", peer, exc)
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            data, peer = await sock.recvfrom(65535)
+            if resolver.busy:
+                continue  # overloaded: the client retries
+            nursery.start_soon(one, data, peer)
+
+
+async def serve_tcp(resolver: Resolver, listener: trio.SocketListener) -> None:
+    """Answer length-prefixed queries on TCP connections (RFC 7766), several per connection."""
+
+    async def connection(stream: trio.SocketStream) -> None:
+        async with stream:
+            buffer = b""
+            with trio.move_on_after(30):
+                while True:
+                    data = await stream.receive_some(65537)
+                    if not data:
+                        return
+                    buffer += data
+                    while len(buffer) >= 2:
+                        (length,) = _TCP_LEN.unpack_from(buffer)
+                        if len(buffer) < 2 + length:
+                            break
+                        message, buffer = buffer[2 : 2 + length], buffer[2 + length :]
+                        reply = await resolver.answer(message, udp=False)
+                        if reply is None:
+                            return
+                        await stream.send_all(_TCP_LEN.pack(len(reply)) + reply)
+
+    async def guarded(stream: trio.SocketStream) -> None:
+        try:
+            await connection(stream)
+        except (trio.BrokenResourceError, OSError):
+            pass
+
+    await trio.serve_listeners(guarded, [listener])
+
+
+def bind_sockets(address: str, port: int) -> tuple[socket.socket, socket.socket, socket.socket]:
+    """The server's UDP and TCP sockets on `address`:`port` and the upstream UDP socket.
+
+    Blocking and namespace-bound: call it in the namespace the server serves (netns.py).
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        udp.bind((address, port))
+        tcp.bind((address, port))
+        tcp.listen(128)
+        upstream.bind(("0.0.0.0", 0))
+    except BaseException:
+        for s in (udp, tcp, upstream):
+            s.close()
+        raise
+    return udp, tcp, upstream
