@@ -30,6 +30,7 @@ from tele import __version__
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
 from tele.manager import agentconfig
+from tele.manager.engage import Engagements
 from tele.manager.namespaces import NamespaceSelector
 from tele.manager.sessions import Session, SessionTable
 from tele.manager.view import ClusterView
@@ -133,14 +134,15 @@ class Manager:
             cluster_domain=config.cluster_domain,
             configured_pod_subnets=list(config.pod_subnets),
         )
-        self.sessions = SessionTable(config.session_lease)
+        self.sessions = SessionTable[api.ClientIdentity](config.session_lease)
         self.service_subnets: list[str] = list(config.service_subnets)
         self.dns_ip = ""
-        self.tunnel = TunnelServer(policy=self._tunnel_policy)
+        self.engagements = Engagements(self)
+        self.tunnel = TunnelServer(policy=self._tunnel_policy, dial_back=self.engagements.dial_back)
         self._view_changed = trio.Event()
         self._sessions_changed = trio.Event()
         self._ready = {"Namespace": trio.Event()}
-        self.on_session_end: list[Callable[[Session], None]] = []
+        self.on_session_end: list[Callable[[Session[api.ClientIdentity]], None]] = []
         self.webhook: WebhookServer | None = None
         # Workloads that clients engaged: their pods get an agent (kind, namespace, name).
         self.agent_workloads: set[tuple[str, str, str]] = set()
@@ -158,6 +160,7 @@ class Manager:
         router.stream(api.WATCH_CLUSTER_INFO, self.watch_cluster_info)
         router.unary(api.LOOKUP_DNS, self.lookup_dns)
         router.unary(api.LIST_WORKLOADS, self.list_workloads)
+        self.engagements.register(router)
         router.raw(TunnelServer.matches, self.tunnel.handle)
         return router
 
@@ -186,13 +189,15 @@ class Manager:
             cluster=self.cluster_info(),
         )
 
-    def _session(self, session_id: str) -> Session:
+    def client_session(self, session_id: str) -> Session[api.ClientIdentity]:
         session = self.sessions.get(session_id, self.clock())
         if session is None:
             raise RpcError(Code.NOT_FOUND, "the session has expired or is unknown; connect again")
         return session
 
     async def remain(self, request: api.SessionRequest) -> Empty:
+        if await self.engagements.remain_agent(request.session_id):
+            return Empty()
         if self.sessions.remain(request.session_id, self.clock()) is None:
             raise RpcError(Code.NOT_FOUND, "the session has expired or is unknown; connect again")
         self._sessions_changed.set()
@@ -218,13 +223,13 @@ class Manager:
         )
 
     async def get_cluster_info(self, request: api.SessionRequest) -> api.ClusterInfo:
-        self._session(request.session_id)
+        self.client_session(request.session_id)
         return self.cluster_info()
 
     async def watch_cluster_info(
         self, request: api.SessionRequest
     ) -> AsyncIterator[api.ClusterInfo]:
-        self._session(request.session_id)
+        self.client_session(request.session_id)
         last = None
         while True:
             info = self.cluster_info()
@@ -236,7 +241,7 @@ class Manager:
                 return
 
     async def lookup_dns(self, request: api.LookupRequest) -> api.LookupReply:
-        session = self._session(request.session_id)
+        session = self.client_session(request.session_id)
         qtype = request.qtype.upper()
         if self.view.in_cluster_scope(request.name):
             allowed = set(session.identity.mapped_namespaces) or None
@@ -264,7 +269,7 @@ class Manager:
         return api.LookupReply(rcode="SERVFAIL")
 
     async def list_workloads(self, request: api.WorkloadsRequest) -> api.WorkloadList:
-        self._session(request.session_id)
+        self.client_session(request.session_id)
         if not self.view.is_managed(request.namespace):
             raise RpcError(
                 Code.FAILED_PRECONDITION,
@@ -273,14 +278,17 @@ class Manager:
         return api.WorkloadList(workloads=self.view.list_workloads(request.namespace))
 
     async def _tunnel_policy(self, request: OpenRequest) -> ResetReason | None:
-        if self.sessions.get(request.session, self.clock()) is None:
-            return ResetReason.POLICY
-        return None
+        return None if self.engagements.session_allowed(request) else ResetReason.POLICY
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def _end(self, session: Session) -> None:
+    def wake_reaper(self) -> None:
+        """A new lease may end before the reaper's current deadline."""
         self._sessions_changed.set()
+
+    def _end(self, session: Session[api.ClientIdentity]) -> None:
+        self._sessions_changed.set()
+        self.engagements.end_session(session.session_id)
         for callback in self.on_session_end:
             callback(session)
 
@@ -297,7 +305,13 @@ class Manager:
                     session.label,
                 )
                 self._end(session)
-            deadline = self.sessions.next_deadline()
+            self.engagements.expire_agents()
+            deadlines = [
+                d
+                for d in (self.sessions.next_deadline(), self.engagements.agents.next_deadline())
+                if d is not None
+            ]
+            deadline = min(deadlines) if deadlines else None
             self._sessions_changed = trio.Event()
             with trio.move_on_at(deadline if deadline is not None else float("inf")):
                 await self._sessions_changed.wait()

@@ -10,37 +10,43 @@ from __future__ import annotations
 import heapq
 import secrets
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
-from tele.rpc.manager_api import ClientIdentity
+import msgspec
+
+I = TypeVar("I", bound=msgspec.Struct)  # noqa: E741 - the identity type
 
 
 @dataclass
-class Session:
+class Session(Generic[I]):
     session_id: str
-    identity: ClientIdentity
+    identity: I
     arrived_at: float
     expires_at: float
 
     @property
     def label(self) -> str:
-        """How people see this client: user@host."""
-        return f"{self.identity.user}@{self.identity.host}"
+        """How people see this client: user@host (or the agent's pod)."""
+        user = getattr(self.identity, "user", None)
+        if user is not None:
+            return f"{user}@{getattr(self.identity, 'host', '')}"
+        return str(getattr(self.identity, "pod_name", self.session_id))
 
 
 @dataclass
-class SessionTable:
+class SessionTable(Generic[I]):
     lease: float
-    sessions: dict[str, Session] = field(default_factory=dict)
+    sessions: dict[str, Session[I]] = field(default_factory=dict)
     _deadlines: list[tuple[float, str]] = field(default_factory=list)
 
-    def arrive(self, identity: ClientIdentity, now: float) -> Session:
+    def arrive(self, identity: I, now: float) -> Session[I]:
         session_id = secrets.token_urlsafe(16)
         session = Session(session_id, identity, now, now + self.lease)
         self.sessions[session_id] = session
         heapq.heappush(self._deadlines, (session.expires_at, session_id))
         return session
 
-    def remain(self, session_id: str, now: float) -> Session | None:
+    def remain(self, session_id: str, now: float) -> Session[I] | None:
         """Renew the lease; None if the session is unknown or already expired."""
         session = self.sessions.get(session_id)
         if session is None or session.expires_at <= now:
@@ -49,13 +55,13 @@ class SessionTable:
         heapq.heappush(self._deadlines, (session.expires_at, session_id))
         return session
 
-    def get(self, session_id: str, now: float) -> Session | None:
+    def get(self, session_id: str, now: float) -> Session[I] | None:
         session = self.sessions.get(session_id)
         if session is None or session.expires_at <= now:
             return None
         return session
 
-    def depart(self, session_id: str) -> Session | None:
+    def depart(self, session_id: str) -> Session[I] | None:
         return self.sessions.pop(session_id, None)
 
     def next_deadline(self) -> float | None:
@@ -68,9 +74,9 @@ class SessionTable:
             heapq.heappop(self._deadlines)
         return None
 
-    def expire(self, now: float) -> list[Session]:
+    def expire(self, now: float) -> list[Session[I]]:
         """Remove and return every session whose lease ran out at `now`."""
-        expired: list[Session] = []
+        expired: list[Session[I]] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             expires_at, session_id = heapq.heappop(self._deadlines)
             session = self.sessions.get(session_id)

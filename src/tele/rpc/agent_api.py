@@ -1,0 +1,115 @@
+"""The traffic agent <-> manager API and the client <-> manager engagement API.
+
+How engaged traffic flows (cluster -> laptop, though every stream is opened towards the manager):
+1. A client ENGAGEs a workload; the manager makes sure its pods run an agent and tells the
+   pod's agent through WATCH_ENGAGEMENTS.
+2. The agent gets a connection (or, for `http`, a request) that an engagement matches; it opens
+   a tunnel stream to the manager: OPEN with `tele-dial-id: engage.<engagement id>`, the
+   destination being the original one (pod IP and container port).
+3. The manager picks a fresh dial id X and sends DialRequest{X} on the engaging client's
+   WATCH_DIALS stream; the client opens a DIAL-BACK stream with `tele-dial-id: X` and connects it
+   to its local handler; the manager splices the two streams.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from tele.rpc.manager_api import SERVICE, SessionRequest
+from tele.rpc.method import Empty, ServerStream, Unary
+
+AGENT_DIAL_PREFIX = "engage."
+"""An agent's OPEN for engagement E carries the dial id `engage.E`."""
+
+
+class Engagement(msgspec.Struct, frozen=True, kw_only=True):
+    """What an agent needs to route one engagement's traffic."""
+
+    id: str
+    container: str
+    agent_port: int
+    mechanism: str = "tcp"
+    """tcp: whole connections; http: matching requests only."""
+    headers: list[tuple[str, str]] = []
+    path_equal: list[str] = []
+    path_prefix: list[str] = []
+    path_regex: list[str] = []
+    client: str = ""
+    """user@host of the engaging client, for logs."""
+
+
+class EngagementList(msgspec.Struct, frozen=True, kw_only=True):
+    engagements: list[Engagement]
+
+
+class AgentIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    pod_name: str
+    namespace: str
+    pod_ip: str
+    workload_name: str
+    workload_kind: str
+    version: str
+    environment: dict[str, dict[str, str]] = {}
+    """Per app container, the environment the agent sees (what a local handler should get)."""
+    mounts: dict[str, list[str]] = {}
+
+
+class AgentSessionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    lease_seconds: float
+
+
+class EngageRequest(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    namespace: str
+    workload: str
+    name: str = ""
+    """The engagement's name (default: the workload's)."""
+    service: str = ""
+    port: str = ""
+    """A service port name or number; empty when the workload has one port."""
+    container: str = ""
+    mechanism: str = "tcp"
+    headers: list[tuple[str, str]] = []
+    path_equal: list[str] = []
+    path_prefix: list[str] = []
+    path_regex: list[str] = []
+    agent_timeout: float = 30.0
+
+
+class EngagementInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    namespace: str
+    workload: str
+    workload_kind: str
+    container: str
+    service: str
+    service_port: int
+    container_port: int
+    mechanism: str
+    client: str
+    pod_ips: list[str] = []
+    environment: dict[str, str] = {}
+    mounts: list[str] = []
+
+
+class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    name: str
+
+
+class DialRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """The manager to a client: open a DIAL-BACK stream with `dial_id` for `engagement_id`."""
+
+    dial_id: str
+    engagement_id: str
+    original_host: str
+    original_port: int
+
+
+ARRIVE_AS_AGENT = Unary(f"/{SERVICE}/ArriveAsAgent", AgentIdentity, AgentSessionInfo)
+WATCH_ENGAGEMENTS = ServerStream(f"/{SERVICE}/WatchEngagements", SessionRequest, EngagementList)
+ENGAGE = Unary(f"/{SERVICE}/Engage", EngageRequest, EngagementInfo)
+LEAVE = Unary(f"/{SERVICE}/Leave", LeaveRequest, Empty)
+WATCH_DIALS = ServerStream(f"/{SERVICE}/WatchDials", SessionRequest, DialRequest)

@@ -1,0 +1,252 @@
+"""An engagement end to end in one process: sandbox API, manager, a stand-in agent and the
+laptop side's dial-back server; bytes go agent -> manager -> client -> local handler and back."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+import trio
+
+from tele.daemon.engage import serve_dial_backs
+from tele.k8s import client as k8s
+from tele.k8s.client import KubeClient
+from tele.net.tunnel import Destination, Protocol
+from tele.rpc import agent_api as aapi
+from tele.rpc import manager_api as api
+from tele.rpc.client import Client
+from tele.rpc.errors import Code, RpcError
+from tele.rpc.tunnel import dial
+from tele.testing.waits import wait_for
+from tests.manager.test_manager import IDENTITY, start_manager
+
+TEMPLATE = {
+    "metadata": {"labels": {"app": "api"}},
+    "spec": {
+        "containers": [
+            {
+                "name": "app",
+                "image": "tele-sandbox/echo",
+                "ports": [
+                    {"name": "http", "containerPort": 8080},
+                    {"name": "grpc", "containerPort": 9090},
+                ],
+                "env": [{"name": "DB", "value": "pg"}],
+            }
+        ]
+    },
+}
+
+
+async def create_workload(kube: KubeClient, service_ports: list[dict[str, Any]]) -> None:
+    deployment = await kube.create(
+        k8s.DEPLOYMENTS,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "api", "namespace": "default"},
+            "spec": {"selector": {"matchLabels": {"app": "api"}}, "template": TEMPLATE},
+        },
+    )
+    owner = {"apiVersion": "apps/v1", "controller": True}
+    rs = await kube.create(
+        k8s.REPLICASETS,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "ReplicaSet",
+            "metadata": {
+                "name": "api-1",
+                "namespace": "default",
+                "ownerReferences": [
+                    {
+                        **owner,
+                        "kind": "Deployment",
+                        "name": "api",
+                        "uid": deployment["metadata"]["uid"],
+                    }
+                ],
+            },
+            "spec": {"selector": {"matchLabels": {"app": "api"}}, "template": TEMPLATE},
+        },
+    )
+    await kube.create(
+        k8s.PODS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "api-1-a",
+                "namespace": "default",
+                "labels": {"app": "api"},
+                "ownerReferences": [
+                    {**owner, "kind": "ReplicaSet", "name": "api-1", "uid": rs["metadata"]["uid"]}
+                ],
+            },
+            "spec": TEMPLATE["spec"],
+        },
+    )
+    await kube.create(
+        k8s.SERVICES,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "api", "namespace": "default"},
+            "spec": {"selector": {"app": "api"}, "ports": service_ports},
+        },
+    )
+
+
+class StandInAgent:
+    """What the agent process does towards the manager, driven by the test."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.session = ""
+        self.engagements: list[aapi.Engagement] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        info = await self.client.call(
+            aapi.ARRIVE_AS_AGENT,
+            aapi.AgentIdentity(
+                pod_name="api-1-b",
+                namespace="default",
+                pod_ip="10.244.0.7",
+                workload_name="api",
+                workload_kind="Deployment",
+                version="0.1.0",
+                environment={"app": {"DB": "pg"}},
+            ),
+        )
+        self.session = info.session_id
+        task_status.started()
+        request = api.SessionRequest(session_id=self.session)
+        async with self.client.stream(aapi.WATCH_ENGAGEMENTS, request) as updates:
+            async for update in updates:
+                self.engagements = update.engagements
+
+
+async def test_engage_routes_connections_to_the_local_handler(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
+    manager, client = await start_manager(nursery, kube)
+    await wait_for(lambda: ("default", "api") in manager.view.services)
+    await wait_for(lambda: ("ReplicaSet", "default", "api-1") in manager.view.workloads)
+    await wait_for(lambda: ("default", "api-1-a") in manager.view.pods)
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+
+    # The local handler: uppercases what it gets.
+    async def handler(stream: trio.SocketStream) -> None:
+        while data := await stream.receive_some():
+            await stream.send_all(data.upper())
+        await stream.send_eof()
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    local_port = listeners[0].socket.getsockname()[1]
+    engaged: dict[str, tuple[str, int]] = {}
+
+    async def dial_back(destination: Destination, dial_id: str) -> Any:
+        return await dial(client.link, destination, session=session, dial_id=dial_id)
+
+    nursery.start_soon(serve_dial_backs, client, session, dial_back, engaged.get)
+    agent = StandInAgent(client)
+
+    async def agent_arrives_when_asked() -> None:
+        # As the webhook would: an agent shows up once the manager wants one for the workload.
+        await wait_for(lambda: ("Deployment", "default", "api") in manager.agent_workloads)
+        await nursery.start(agent.run)
+
+    nursery.start_soon(agent_arrives_when_asked)
+    info = await client.call(
+        aapi.ENGAGE,
+        aapi.EngageRequest(
+            session_id=session, namespace="default", workload="api", agent_timeout=10
+        ),
+    )
+    assert (info.container, info.service, info.container_port) == ("app", "api", 8080)
+    assert info.environment == {"DB": "pg"}
+    assert info.client == "dev@laptop"
+    # The pod without an agent was evicted so that the webhook can inject one.
+    assert await kube.get_or_none(k8s.PODS, "api-1-a", "default") is None
+    engaged[info.id] = ("127.0.0.1", local_port)
+    await wait_for(lambda: [e.id for e in agent.engagements] == [info.id])
+    [engagement] = agent.engagements
+    assert (engagement.agent_port, engagement.mechanism) == (9900, "tcp")
+
+    # The agent got a connection for the engaged port: it goes to the laptop's handler.
+    destination = Destination(Protocol.TCP, ipaddress.ip_address("10.244.0.7"), 8080)
+    stream = await dial(
+        client.link, destination, session=agent.session, dial_id=aapi.AGENT_DIAL_PREFIX + info.id
+    )
+    await stream.send_all(b"hello from the cluster")
+    await stream.send_eof()
+    received = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some():
+            received += chunk
+    assert received == b"HELLO FROM THE CLUSTER"
+
+    # Someone else cannot take the same port; leaving frees it and tells the agent.
+    other = (
+        await client.call(api.ARRIVE, api.ClientIdentity(user="eve", host="pc", client_version="0"))
+    ).session_id
+    with pytest.raises(RpcError) as conflict:
+        await client.call(
+            aapi.ENGAGE, aapi.EngageRequest(session_id=other, namespace="default", workload="api")
+        )
+    assert conflict.value.code is Code.ALREADY_EXISTS
+    assert "already engaged by dev@laptop" in conflict.value.message
+    await client.call(aapi.LEAVE, aapi.LeaveRequest(session_id=session, name="api"))
+    await wait_for(lambda: agent.engagements == [])
+
+    # An agent stream for an engagement that ended is refused.
+    with pytest.raises(Exception, match="refused"):
+        await dial(
+            client.link,
+            destination,
+            session=agent.session,
+            dial_id=aapi.AGENT_DIAL_PREFIX + info.id,
+        )
+
+
+async def test_ambiguous_ports_ask_for_service_and_port(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    await create_workload(
+        kube,
+        [
+            {"name": "web", "port": 80, "targetPort": "http"},
+            {"name": "rpc", "port": 90, "targetPort": "grpc"},
+        ],
+    )
+    manager, client = await start_manager(nursery, kube)
+    await wait_for(lambda: ("default", "api") in manager.view.services)
+    await wait_for(lambda: ("Deployment", "default", "api") in manager.view.workloads)
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+    with pytest.raises(RpcError) as info:
+        await client.call(
+            aapi.ENGAGE, aapi.EngageRequest(session_id=session, namespace="default", workload="api")
+        )
+    assert info.value.code is Code.FAILED_PRECONDITION
+    assert "api:web" in info.value.message and "--service and --port" in info.value.message
+    with pytest.raises(RpcError) as missing:
+        await client.call(
+            aapi.ENGAGE,
+            aapi.EngageRequest(session_id=session, namespace="default", workload="nope"),
+        )
+    assert missing.value.code is Code.NOT_FOUND
+    # With the port named, no agent arrives (no webhook here): a clear timeout.
+    with pytest.raises(RpcError) as timeout:
+        await client.call(
+            aapi.ENGAGE,
+            aapi.EngageRequest(
+                session_id=session,
+                namespace="default",
+                workload="api",
+                port="rpc",
+                agent_timeout=0.5,
+            ),
+        )
+    assert timeout.value.code is Code.DEADLINE_EXCEEDED
+    assert "no traffic agent of Deployment default/api arrived" in timeout.value.message
