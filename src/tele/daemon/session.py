@@ -20,21 +20,28 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING
 
 import trio
 
 from tele import __version__
+from tele.daemon.engage import serve_dial_backs
 from tele.errors import ConnectionFailed, UserError, single_leaf
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
 from tele.k8s.config import ClusterConnection
 from tele.k8s.portforward import open_portforward
+from tele.net.tunnel import Destination
+from tele.rpc import agent_api as aapi
 from tele.rpc import daemon_api as dapi
 from tele.rpc import manager_api as mapi
 from tele.rpc.client import Client
 from tele.rpc.errors import Code, RpcError
-from tele.rpc.h2link import H2Link, LinkSettings
+from tele.rpc.h2link import H2Link, H2Stream, LinkSettings
 from tele.rpc.links import LinkPool
+
+if TYPE_CHECKING:
+    from tele.vif.connect import NetworkOptions, NetworkStatus
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,7 @@ class ClusterSession:
         *,
         connect_timeout: float,
         api_timeout: float,
+        network: NetworkOptions | None = None,
     ) -> None:
         self.request = request
         self.kube = kube
@@ -84,6 +92,12 @@ class ClusterSession:
         self._session_changed = trio.Event()
         self._scope = trio.CancelScope()
         self.started = False
+        self.engaged: dict[str, aapi.EngagementInfo] = {}
+        self.targets: dict[str, tuple[str, int]] = {}
+        self._dials_wanted = trio.Event()
+        # The VIF and DNS (tele.vif.connect): off unless `network` or TELE_VIF=1 asks for it.
+        self.network_options = network
+        self.network: NetworkStatus | None = None
 
     async def disconnect(self) -> None:
         """Depart while the link is still up, then stop everything of this session."""
@@ -213,8 +227,16 @@ class ClusterSession:
             self.connected_at = time.time()
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._follow_cluster_info)
+            await self._start_network(nursery)
             self.started = True
             task_status.started(self.info())
+
+    async def _start_network(self, nursery: trio.Nursery) -> None:
+        from tele.vif.connect import NetworkOptions, serve_network
+
+        options = self.network_options or NetworkOptions.from_env()
+        if options.enabled:
+            self.network = await nursery.start(serve_network, options, self)
 
     async def _arrive(self) -> None:
         identity = mapi.ClientIdentity(
@@ -285,6 +307,64 @@ class ClusterSession:
             except RpcError as exc:
                 log.debug("cluster info watch ended: %s", exc.message)
             # The link broke or the session was replaced: follow the new one.
+            with trio.move_on_after(5):
+                await self._session_changed.wait()
+
+    # --- engagements --------------------------------------------------------------------------
+
+    async def engage(self, request: dapi.InterceptRequest) -> aapi.EngagementInfo:
+        client = await self.client()
+        info = await client.call(
+            aapi.ENGAGE,
+            aapi.EngageRequest(
+                session_id=self.session_id(),
+                namespace=request.namespace or self.namespace,
+                workload=request.workload or request.name,
+                name=request.name,
+                service=request.service,
+                port=request.port,
+                container=request.container,
+                mechanism=request.mechanism,
+                headers=request.headers,
+                path_equal=request.path_equal,
+                path_prefix=request.path_prefix,
+                path_regex=request.path_regex,
+            ),
+            timeout=self.api_timeout + 60,  # includes rolling the pods and the agent's arrival
+        )
+        self.targets[info.id] = (request.local_address, request.local_port)
+        self.engaged[info.name] = info
+        self._dials_wanted.set()
+        return info
+
+    async def leave(self, name: str) -> None:
+        info = self.engaged.get(name)
+        if info is None:
+            raise UserError(f"there is no engagement named {name}; `tele list` shows them")
+        client = await self.client()
+        await client.call(
+            aapi.LEAVE,
+            aapi.LeaveRequest(session_id=self.session_id(), name=name),
+            timeout=self.api_timeout,
+        )
+        self.engaged.pop(name, None)
+        self.targets.pop(info.id, None)
+
+    async def _serve_dials(self) -> None:
+        """Answer the manager's dial-back requests for as long as the session lives."""
+        await self._dials_wanted.wait()
+        while True:
+            try:
+                client = await self.client()
+
+                async def dial_back(destination: Destination, dial_id: str) -> H2Stream:
+                    return await self.pool.dial(
+                        destination, session=self.session_id(), dial_id=dial_id
+                    )
+
+                await serve_dial_backs(client, self.session_id(), dial_back, self.targets.get)
+            except RpcError as exc:
+                log.debug("dial-back watch ended: %s", exc.message)
             with trio.move_on_after(5):
                 await self._session_changed.wait()
 

@@ -1,0 +1,192 @@
+"""The session's network: the VIF and the DNS server as one task of a cluster session.
+
+`serve_network(options, session)` first undoes what a crashed daemon left (undo journal), then
+starts the VIF with the cluster's subnets (dialing tunnel streams through the session's link
+pool) and the DNS server on the VIF's address (looking names up through the session's RPC
+client). It is off unless asked for (`NetworkOptions.enabled`): connecting without
+CAP_NET_ADMIN, or in tests that have no network namespace of their own, must still work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn, Protocol, overload
+
+import trio
+
+from tele.dns.names import DEFAULT_EXCLUDE_SUFFIXES, NameRules
+from tele.dns.server import Resolver
+from tele.dns.service import DnsSettings, SystemSetup, serve_dns
+from tele.net.tunnel import Destination
+from tele.rpc import manager_api as mapi
+from tele.rpc.client import Client
+from tele.rpc.h2link import H2Stream
+from tele.vif import journal
+from tele.vif.service import DEFAULT_ADDRESS, DEFAULT_DEVICE, VifInfo, VifSettings, serve_vif
+
+log = logging.getLogger(__name__)
+
+ENV_ENABLE = "TELE_VIF"
+"""`TELE_VIF=1` turns the network on for sessions that got no explicit options."""
+ENV_NETNS = "TELE_VIF_NETNS"
+"""Work in this network namespace instead of the daemon's (tests, containers)."""
+ENV_RESOLV_CONF = "TELE_VIF_RESOLV_CONF"
+
+
+@dataclass(slots=True)
+class NetworkOptions:
+    """The `connect` flags and config keys of the network part."""
+
+    enabled: bool = False
+    also_proxy: list[str] = field(default_factory=list)
+    never_proxy: list[str] = field(default_factory=list)
+    allow_conflicting: list[str] = field(default_factory=list)
+    device: str = DEFAULT_DEVICE
+    address: str = DEFAULT_ADDRESS
+    netns: str | None = None
+    dns: bool = True
+    dns_setup: SystemSetup = SystemSetup.AUTO
+    resolv_conf: Path | None = None
+    include_suffixes: list[str] = field(default_factory=list)
+    exclude_suffixes: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE_SUFFIXES))
+    excludes: list[str] = field(default_factory=list)
+    mappings: dict[str, str] = field(default_factory=dict)
+    lookup_timeout: float = 8.0
+
+    @classmethod
+    def from_env(cls) -> NetworkOptions:
+        """Options from the environment (off unless TELE_VIF=1)."""
+        enabled = os.environ.get(ENV_ENABLE, "") in ("1", "true", "yes")
+        resolv = os.environ.get(ENV_RESOLV_CONF)
+        return cls(
+            enabled=enabled,
+            netns=os.environ.get(ENV_NETNS) or None,
+            resolv_conf=Path(resolv) if resolv else None,
+        )
+
+
+class Dialing(Protocol):
+    """The part of `LinkPool` the VIF uses."""
+
+    async def dial(
+        self,
+        destination: Destination,
+        *,
+        session: str,
+        dial_id: str | None = ...,
+        wait: float = ...,
+    ) -> H2Stream: ...
+
+
+class SessionLike(Protocol):
+    """What the network needs of a cluster session (`tele.daemon.session.ClusterSession`)."""
+
+    @property
+    def pool(self) -> Dialing: ...
+
+    @property
+    def namespace(self) -> str: ...
+
+    @property
+    def cluster(self) -> mapi.ClusterInfo | None: ...
+
+    def session_id(self) -> str: ...
+
+    async def client(self) -> Client: ...
+
+
+@dataclass(slots=True)
+class NetworkStatus:
+    """What `tele status` can show."""
+
+    vif: VifInfo
+    resolver: Resolver | None
+
+
+class _ManagedNamespaces(Sequence[str]):
+    """The namespaces usable as top-level domains, read live from the session's cluster info
+    (a dynamic namespace selector changes them while connected)."""
+
+    def __init__(self, session: SessionLike) -> None:
+        self._session = session
+
+    def _names(self) -> list[str]:
+        cluster = self._session.cluster
+        return list(cluster.managed_namespaces) if cluster else []
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+
+async def serve_network(
+    options: NetworkOptions,
+    session: SessionLike,
+    *,
+    task_status: trio.TaskStatus[NetworkStatus] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Run the VIF (and DNS) of `session` until cancelled."""
+    undone = await trio.to_thread.run_sync(journal.recover)
+    if undone:
+        log.warning("cleaned up after an earlier daemon: %s", "; ".join(undone))
+    cluster = session.cluster
+    if cluster is None:
+        raise RuntimeError("serve_network needs an arrived session")
+
+    async def dial(destination: Destination) -> trio.abc.HalfCloseableStream:
+        return await session.pool.dial(destination, session=session.session_id(), wait=5)
+
+    async def lookup(name: str, qtype: str) -> mapi.LookupReply:
+        client = await session.client()
+        request = mapi.LookupRequest(session_id=session.session_id(), name=name, qtype=qtype)
+        return await client.call(mapi.LOOKUP_DNS, request)
+
+    settings = VifSettings(
+        cluster_subnets=[*cluster.pod_subnets, *cluster.service_subnets],
+        also_proxy=options.also_proxy,
+        never_proxy=options.never_proxy,
+        allow_conflicting=options.allow_conflicting,
+        device=options.device,
+        address=options.address,
+        netns=options.netns,
+    )
+    async with trio.open_nursery() as nursery:
+        vif: VifInfo = await nursery.start(serve_vif, settings, dial)
+        resolver: Resolver | None = None
+        if options.dns:
+            rules = NameRules(
+                namespace=session.namespace,
+                namespaces=_ManagedNamespaces(session),
+                cluster_domain=cluster.cluster_domain or "cluster.local",
+                include_suffixes=options.include_suffixes,
+                exclude_suffixes=options.exclude_suffixes,
+                excludes=options.excludes,
+                mappings=options.mappings,
+            )
+            dns = DnsSettings(
+                address=str(vif.address),
+                device=vif.device,
+                rules=rules,
+                lookup_timeout=options.lookup_timeout,
+                netns=options.netns,
+                setup=options.dns_setup,
+            )
+            if options.resolv_conf is not None:
+                dns.resolv_conf = options.resolv_conf
+            resolver = await nursery.start(serve_dns, dns, lookup)
+        task_status.started(NetworkStatus(vif, resolver))
+        await trio.sleep_forever()
+    raise AssertionError("unreachable")  # pragma: no cover

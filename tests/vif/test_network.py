@@ -1,0 +1,149 @@
+"""The session's network task (VIF + DNS together) and the undo journal after a crash."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from tele.dns.service import SystemSetup
+from tele.net.tunnel import Destination
+from tele.rpc import manager_api as mapi
+from tele.rpc.client import Client
+from tele.rpc.h2link import H2Stream
+from tele.rpc.tunnel import dial
+from tele.vif import journal
+from tele.vif.connect import NetworkOptions, NetworkStatus, serve_network
+
+from .conftest import CLUSTER_SUBNETS, Namespaces, run_in
+
+
+@dataclass
+class FakePool:
+    client: Client
+
+    async def dial(
+        self, destination: Destination, *, session: str, dial_id: str | None = None, wait: float = 0
+    ) -> H2Stream:
+        return await dial(self.client.link, destination, session=session)
+
+
+@dataclass
+class Session:
+    """A cluster session as the network sees it, on the link to the cluster side."""
+
+    rpc: Client
+    namespace: str = "default"
+    cluster: mapi.ClusterInfo | None = field(
+        default_factory=lambda: mapi.ClusterInfo(
+            manager_namespace="ambassador",
+            manager_version="test",
+            pod_subnets=CLUSTER_SUBNETS[:1],
+            service_subnets=CLUSTER_SUBNETS[1:],
+            managed_namespaces=["default"],
+        )
+    )
+
+    @property
+    def pool(self) -> FakePool:
+        return FakePool(self.rpc)
+
+    def session_id(self) -> str:
+        return "test"
+
+    async def client(self) -> Client:
+        return self.rpc
+
+
+def laptop_resolv_conf(netns: Namespaces, text: str) -> Path:
+    etc = Path("/etc/netns") / netns.laptop
+    etc.mkdir(parents=True, exist_ok=True)
+    path = etc / "resolv.conf"
+    path.write_text(text)
+    return path
+
+
+async def test_session_network_reaches_the_cluster_by_name(
+    netns: Namespaces, cluster_link: Client, nursery: trio.Nursery
+) -> None:
+    resolv = laptop_resolv_conf(netns, "nameserver 127.0.0.2\n")
+    options = NetworkOptions(
+        enabled=True,
+        netns=netns.laptop,
+        dns_setup=SystemSetup.RESOLV_CONF,
+        resolv_conf=resolv,
+    )
+    status: NetworkStatus = await nursery.start(serve_network, options, Session(cluster_link))
+    assert status.vif.device == "tele0"
+    code = """
+import socket
+with socket.create_connection(("echo", 7000), timeout=5) as s:
+    s.sendall(b"session")
+    s.shutdown(socket.SHUT_WR)
+    print(s.recv(100).decode())
+"""
+    result = await run_in(netns.laptop, code)
+    assert result.stdout.strip() == "session", result.stderr
+    assert status.resolver is not None and status.resolver.counters.cluster >= 1
+
+
+CRASHING_DAEMON = """
+import sys, trio
+from pathlib import Path
+from tele.dns.names import NameRules
+from tele.dns.service import DnsSettings, SystemSetup, serve_dns
+from tele.vif.service import VifSettings, serve_vif
+
+async def never(destination):
+    raise AssertionError
+
+async def lookup(name, qtype):
+    raise AssertionError
+
+async def main(netns, resolv):
+    async with trio.open_nursery() as nursery:
+        vif = await nursery.start(
+            serve_vif, VifSettings(cluster_subnets=["10.244.0.0/16"], netns=netns), never
+        )
+        dns = DnsSettings(
+            address=str(vif.address), device=vif.device, rules=NameRules(), netns=netns,
+            setup=SystemSetup.RESOLV_CONF, resolv_conf=Path(resolv),
+        )
+        await nursery.start(serve_dns, dns, lookup)
+        print("ready", flush=True)
+
+trio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+async def test_leftovers_of_a_killed_daemon_are_undone(netns: Namespaces) -> None:
+    original = "# mine\nnameserver 127.0.0.2\nsearch example.test\n"
+    resolv = laptop_resolv_conf(netns, original)
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            functools.partial(
+                trio.run_process,
+                [sys.executable, "-c", CRASHING_DAEMON, netns.laptop, str(resolv)],
+                stdout=subprocess.PIPE,
+                check=False,
+                env=dict(os.environ),  # the test's XDG_STATE_HOME: its own undo journal
+            )
+        )
+        assert process.stdout is not None
+        with trio.fail_after(10):
+            assert (await process.stdout.receive_some(100)).strip() == b"ready"
+        assert "nameserver 198.18.0.53" in resolv.read_text()
+        process.send_signal(signal.SIGKILL)
+    assert {e.device or e.resolv_conf for e in journal.pending()} == {"tele0", str(resolv)}
+    done = journal.recover()
+    assert resolv.read_text() == original
+    assert journal.pending() == []
+    assert f"restored {resolv}" in done
+    links = await run_in(netns.laptop, "import socket; print(socket.if_nameindex())")
+    assert "tele0" not in links.stdout  # the device died with its descriptor
