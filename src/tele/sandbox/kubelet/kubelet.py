@@ -387,7 +387,9 @@ class PodWorker:
 
     # --- containers ---------------------------------------------------------------------------
 
-    def _launch_spec(self, run: ContainerRun, argv: list[str], env: dict[str, str]) -> Obj:
+    def _launch_spec(
+        self, run: ContainerRun, argv: list[str], env: dict[str, str], tag: str
+    ) -> Obj:
         spec = self.pod.get("spec") or {}
         etc = self.dir / "etc"
         mounts = [
@@ -413,7 +415,10 @@ class PodWorker:
                     sa_dir.mkdir(parents=True, exist_ok=True)
                     (sa_dir / rel).write_bytes(data)
             mounts.append({"source": str(sa_dir), "path": volumes.SA_DIR, "readOnly": True})
+        scratch = self.dir / "scratch" / f"{run.name}-{tag}"
+        scratch.mkdir(parents=True, exist_ok=True)
         return {
+            "scratch": str(scratch),
             "netns": str(netns.netns_path(self.netns)),
             "hostname": spec.get("hostname") or self.name,
             "mounts": mounts,
@@ -444,7 +449,7 @@ class PodWorker:
         self, run: ContainerRun, argv: list[str], env: dict[str, str], tag: str
     ) -> trio.Process:
         spec_path = self.dir / f"launch-{run.name}-{tag}.json"
-        spec_path.write_text(json.dumps(self._launch_spec(run, argv, env)))
+        spec_path.write_text(json.dumps(self._launch_spec(run, argv, env, tag)))
         return await trio.lowlevel.open_process(
             [sys.executable, "-m", "tele.sandbox.kubelet.launch", str(spec_path)],
             stdin=subprocess.DEVNULL,

@@ -43,21 +43,51 @@ def _mount(src: str | None, dst: str, fstype: str | None, flags: int) -> None:
     )
 
 
-def _ensure_target(path: str, is_dir: bool) -> None:
-    """Make `path` exist without writing to the host's file system: when a parent is missing,
-    an empty tmpfs goes over the deepest existing ancestor (inside this mount namespace only)."""
+def _shadow(directory: str, scratch: str) -> None:
+    """Make `directory` writable for new entries without touching the host's copy: a tmpfs
+    holding a bind mount of each existing entry (symlinks copied) goes over it."""
+    os.makedirs(scratch, exist_ok=True)
+    _mount("tmpfs", scratch, "tmpfs", 0)
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            dst = os.path.join(scratch, entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), dst)
+            elif entry.is_dir():
+                os.mkdir(dst)
+                _mount(entry.path, dst, None, _MS_BIND | _MS_REC)
+            else:
+                open(dst, "w").close()
+                _mount(entry.path, dst, None, _MS_BIND)
+    _mount(scratch, directory, None, _MS_BIND | _MS_REC)
+
+
+def _ensure_target(path: str, is_dir: bool, scratch: str) -> None:
+    """Make `path` exist inside this mount namespace only: missing directories are created
+    in a shadow of the deepest existing ancestor (see `_shadow`)."""
     if os.path.lexists(path):
         return
     ancestor = os.path.dirname(path)
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
-    if os.path.realpath(ancestor) != "/":
-        _mount("tmpfs", os.path.realpath(ancestor), "tmpfs", 0)
+    ancestor = os.path.realpath(ancestor)
+    _shadow(ancestor, os.path.join(scratch, str(len(os.listdir(scratch)))))
+    target = os.path.join(ancestor, _below(path, ancestor))
     if is_dir:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(target, exist_ok=True)
     else:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        open(path, "a").close()
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "a").close()
+
+
+def _below(path: str, ancestor: str) -> str:
+    """`path` relative to its existing ancestor (which may be reached through a symlink)."""
+    head = path
+    parts: list[str] = []
+    while os.path.realpath(head) != ancestor:
+        head, tail = os.path.split(head)
+        parts.append(tail)
+    return os.path.join(*reversed(parts))
 
 
 def main() -> None:
@@ -72,13 +102,14 @@ def main() -> None:
     hostname = spec["hostname"].encode()
     _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    scratch = spec["scratch"]
     for m in sorted(spec["mounts"], key=lambda m: m["path"].count("/")):
-        _ensure_target(m["path"], os.path.isdir(m["source"]))
+        _ensure_target(m["path"], os.path.isdir(m["source"]), scratch)
         _mount(m["source"], m["path"], None, _MS_BIND)
         if m.get("readOnly"):
             _mount(None, m["path"], None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
     if spec.get("workingDir"):
-        os.makedirs(spec["workingDir"], exist_ok=True)
+        _ensure_target(spec["workingDir"], True, scratch)
         os.chdir(spec["workingDir"])
     argv = spec["argv"]
     try:
