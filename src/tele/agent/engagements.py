@@ -1,0 +1,57 @@
+"""What the agent routes by: the engagements on each agent port and how to reach their clients.
+
+The runtime depends only on `EngagementSource`; the manager link implements it in production,
+`StaticEngagements` (engagements given directly, clients at fixed local addresses) in tests and
+for running an agent without a manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+import trio
+
+from tele.rpc.agent_api import Engagement
+
+Address = tuple[str, int]
+
+
+class EngagementSource(Protocol):
+    def current(self, agent_port: int) -> Sequence[Engagement]:
+        """The engagements on `agent_port` now (cheap: called per connection and per request)."""
+        ...
+
+    async def open_to_client(
+        self, engagement: Engagement, original_dst: Address
+    ) -> trio.abc.HalfCloseableStream:
+        """A stream to the engaging client's local handler; raises on failure."""
+        ...
+
+
+class StaticEngagements:
+    """Engagements set directly; each client handler is a TCP address on this host."""
+
+    def __init__(
+        self,
+        engagements: Iterable[Engagement] = (),
+        *,
+        handlers: Mapping[str, Address] | None = None,
+    ) -> None:
+        self._engagements = list(engagements)
+        self.handlers: dict[str, Address] = dict(handlers or {})
+        self.opened: list[tuple[str, Address]] = []
+        """(engagement id, original destination) of every stream opened to a client."""
+
+    def set(self, engagements: Iterable[Engagement]) -> None:
+        self._engagements = list(engagements)
+
+    def current(self, agent_port: int) -> Sequence[Engagement]:
+        return [e for e in self._engagements if e.agent_port == agent_port]
+
+    async def open_to_client(
+        self, engagement: Engagement, original_dst: Address
+    ) -> trio.abc.HalfCloseableStream:
+        host, port = self.handlers[engagement.id]
+        self.opened.append((engagement.id, original_dst))
+        return await trio.open_tcp_stream(host, port)

@@ -1,0 +1,109 @@
+"""The agent ports: one listener per intercept, each connection routed when it arrives.
+
+Routing per connection, from the engagements on its port at accept time:
+- a `tcp` engagement: the whole connection goes to the engaging client;
+- else an `http` engagement: the connection is parsed request by request (tele.agent.http), each
+  request going to the first matching engagement's client or to the app;
+- else (the default): bytes are relayed to the app untouched, so an idle agent is transparent.
+A connection keeps the mode it started with: engaging or leaving affects new connections (and,
+in http mode, the next request), never bytes already in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import NoReturn
+
+import trio
+
+from tele.agent import http
+from tele.agent.config import AgentSettings
+from tele.agent.engagements import EngagementSource
+from tele.agent.errors import UpstreamFailed
+from tele.agent.upstream import Upstreams, abort, relay
+from tele.errors import ConnectionFailed
+from tele.manager.agentconfig import Intercept
+
+log = logging.getLogger(__name__)
+
+
+async def open_listeners(settings: AgentSettings) -> dict[int, trio.SocketListener]:
+    """A listener (all addresses) on every TCP agent port of the configuration."""
+    listeners: dict[int, trio.SocketListener] = {}
+    try:
+        for _, intercept in settings.intercepts():
+            if intercept.protocol.upper() == "TCP":
+                opened = await trio.open_tcp_listeners(intercept.agent_port)
+                # One port may come back as several listeners (IPv4 + IPv6); all serve it.
+                listeners[intercept.agent_port] = opened[0]
+                for extra in opened[1:]:
+                    await extra.aclose()
+    except OSError as exc:
+        for listener in listeners.values():
+            await listener.aclose()
+        raise ConnectionFailed(
+            f"the traffic agent cannot listen on its port: {exc.strerror or exc}."
+        ) from exc
+    return listeners
+
+
+async def serve(
+    settings: AgentSettings,
+    source: EngagementSource,
+    *,
+    listeners: Mapping[int, trio.SocketListener] | None = None,
+    app_host: str = "127.0.0.1",
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve every agent port until cancelled. `listeners` (by agent port) default to new ones."""
+    if listeners is None:
+        listeners = await open_listeners(settings)
+    async with trio.open_nursery() as nursery:
+        for container, intercept in settings.intercepts():
+            if intercept.protocol.upper() != "TCP":
+                log.warning(
+                    "%s port %d is %s; only TCP is intercepted",
+                    container,
+                    intercept.container_port,
+                    intercept.protocol,
+                )
+                continue
+            upstreams = Upstreams(
+                source=source,
+                agent_port=intercept.agent_port,
+                app=(app_host, intercept.container_port),
+                original_dst=(settings.pod_ip, intercept.container_port),
+            )
+            nursery.start_soon(serve_port, listeners[intercept.agent_port], upstreams, intercept)
+        task_status.started()
+    raise AssertionError("unreachable: serve_port never returns")
+
+
+async def serve_port(
+    listener: trio.SocketListener, upstreams: Upstreams, intercept: Intercept
+) -> NoReturn:
+    async def handler(stream: trio.SocketStream) -> None:
+        await handle_connection(stream, upstreams, intercept.app_protocol)
+
+    await trio.serve_listeners(handler, [listener])
+
+
+async def handle_connection(
+    stream: trio.SocketStream, upstreams: Upstreams, app_protocol: str = ""
+) -> None:
+    """Route one accepted connection (see the module docstring); closes it when done."""
+    async with stream:
+        engaged = upstreams.source.current(upstreams.agent_port)
+        whole = next((e for e in engaged if e.mechanism == "tcp"), None)
+        if whole is None and any(e.mechanism == "http" for e in engaged):
+            await http.serve_connection(stream, upstreams, app_protocol=app_protocol)
+            return
+        try:
+            target = await upstreams.open(whole)
+        except UpstreamFailed as exc:
+            log.warning("%s", exc)
+            abort(stream)
+            return
+        async with target:
+            await relay(stream, target)

@@ -1,0 +1,218 @@
+"""Small servers and clients on 127.0.0.1 for the agent's tests: the 'app' and the 'handler'."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import h11
+import trio
+
+from tele.agent.config import AgentSettings
+from tele.agent.engagements import StaticEngagements
+from tele.agent.forward import serve
+from tele.manager.agentconfig import AgentConfig, ContainerConfig, Intercept
+
+AGENT_PORT = 9900
+
+
+@dataclass
+class Server:
+    """A listening test server: its port and the connections it accepted."""
+
+    name: str
+    port: int = 0
+    connections: int = 0
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    """(method, target) of every HTTP request served."""
+
+
+def settings_for(app_port: int, *, app_protocol: str = "") -> AgentSettings:
+    intercept = Intercept(
+        service_name="echo",
+        service_uid="uid-1",
+        service_port=80,
+        app_protocol=app_protocol,
+        target_port_numeric=False,
+        container_port_name="http",
+        container_port=app_port,
+        agent_port=AGENT_PORT,
+    )
+    config = AgentConfig(
+        agent_name="echo",
+        namespace="default",
+        workload_name="echo",
+        workload_kind="Deployment",
+        manager_host="traffic-manager.ambassador",
+        manager_port=8081,
+        agent_image="tele/traffic-agent",
+        containers=[
+            ContainerConfig(
+                name="echo",
+                env_prefix="A_",
+                mount_point="/tel_app_mounts/echo",
+                intercepts=[intercept],
+            )
+        ],
+    )
+    return AgentSettings(name="echo", pod_ip="10.1.2.3", config=config)
+
+
+@asynccontextmanager
+async def running_agent(
+    app_port: int, source: StaticEngagements, *, app_protocol: str = ""
+) -> AsyncIterator[int]:
+    """An agent serving one intercept (agent port 9900 -> app_port); yields its real port."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            partial(serve, listeners={AGENT_PORT: listener}),
+            settings_for(app_port, app_protocol=app_protocol),
+            source,
+        )
+        yield port
+        nursery.cancel_scope.cancel()
+
+
+async def _listen(nursery: trio.Nursery, server: Server, handler: object) -> Server:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    server.port = listener.socket.getsockname()[1]
+
+    async def counted(stream: trio.SocketStream) -> None:
+        server.connections += 1
+        await handler(stream)  # type: ignore[operator]
+
+    nursery.start_soon(trio.serve_listeners, counted, [listener])
+    return server
+
+
+async def start_tcp_server(nursery: trio.Nursery, name: str) -> Server:
+    """Sends `<name>:` at once, then after the caller's half-close `<length>:<sha256>` of all it
+    read, then its own half-close: both directions and half-close are visible to the caller."""
+    server = Server(name)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(f"{name}:".encode())
+            digest = hashlib.sha256()
+            total = 0
+            while data := await stream.receive_some(65536):
+                digest.update(data)
+                total += len(data)
+            await stream.send_all(f"{total}:{digest.hexdigest()}".encode())
+            await stream.send_eof()
+
+    return await _listen(nursery, server, handle)
+
+
+async def start_http_server(nursery: trio.Nursery, name: str) -> Server:
+    """HTTP/1.1 keep-alive: 200 with body `<name> <method> <target> <body length>` and header
+    `x-served-by: <name>`; an `Upgrade: echo` request gets 101 and then an echo of raw bytes."""
+    server = Server(name)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+
+        async def next_event() -> object:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await stream.receive_some(65536)))
+                    continue
+                return event
+
+        async with stream:
+            while True:
+                event = await next_event()
+                if not isinstance(event, h11.Request):
+                    return
+                method, target = event.method.decode(), event.target.decode()
+                server.requests.append((method, target))
+                if (b"upgrade", b"echo") in list(event.headers):
+                    await next_event()  # EndOfMessage
+                    await stream.send_all(
+                        conn.send(
+                            h11.InformationalResponse(
+                                status_code=101,
+                                headers=[("upgrade", "echo"), ("connection", "upgrade")],
+                            )
+                        )
+                        or b""
+                    )
+                    rest, _ = conn.trailing_data
+                    if rest:
+                        await stream.send_all(rest)
+                    while data := await stream.receive_some(65536):
+                        await stream.send_all(data)
+                    return
+                length = 0
+                while isinstance(body := await next_event(), h11.Data):
+                    length += len(body.data)
+                text = f"{name} {method} {target} {length}".encode()
+                out = conn.send(
+                    h11.Response(
+                        status_code=200,
+                        headers=[("x-served-by", name), ("content-length", str(len(text)))],
+                    )
+                )
+                out = (out or b"") + (conn.send(h11.Data(data=text)) or b"")
+                out += conn.send(h11.EndOfMessage()) or b""
+                await stream.send_all(out)
+                if conn.our_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+
+    return await _listen(nursery, server, handle)
+
+
+class HttpClient:
+    """One HTTP/1.1 connection; `request` sends one and returns (status, headers, body)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, port: int) -> AsyncIterator[HttpClient]:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            yield cls(stream)
+
+    async def next_event(self) -> object:
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(bytes(await self.stream.receive_some(65536)))
+                continue
+            return event
+
+    async def request(
+        self,
+        target: str,
+        headers: list[tuple[str, str]] = (),  # type: ignore[assignment]
+        *,
+        method: str = "GET",
+        body_chunks: list[bytes] = (),  # type: ignore[assignment]
+    ) -> tuple[int, dict[str, str], bytes]:
+        all_headers = [("host", "echo"), *headers]
+        if body_chunks:
+            all_headers.append(("transfer-encoding", "chunked"))
+        out = self.conn.send(h11.Request(method=method, target=target, headers=all_headers)) or b""
+        for chunk in body_chunks:
+            out += self.conn.send(h11.Data(data=chunk)) or b""
+        out += self.conn.send(h11.EndOfMessage()) or b""
+        await self.stream.send_all(out)
+        response = await self.next_event()
+        assert isinstance(response, h11.Response), response
+        body = b""
+        while isinstance(event := await self.next_event(), h11.Data):
+            body += event.data
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        headers_out = {k.decode(): v.decode() for k, v in response.headers}
+        return response.status_code, headers_out, body
