@@ -118,8 +118,10 @@ class Http1Proxy:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("caller connection ended: %r", exc)
         finally:
-            for upstream in self.pool.values():
-                await upstream.stream.aclose()
+            # Shielded: under cancellation the first aclose would raise and skip the rest.
+            with trio.CancelScope(shield=True):
+                for upstream in self.pool.values():
+                    await upstream.stream.aclose()
 
     async def _error(self, status: int, sentence: str) -> None:
         """Answer with `status` and the sentence as the body, then the connection closes."""
