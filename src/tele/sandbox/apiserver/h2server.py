@@ -39,6 +39,7 @@ class _Stream:
         "body",
         "closed",
         "complete",
+        "ended",
         "event",
         "headers_sent",
         "response_headers",
@@ -55,6 +56,7 @@ class _Stream:
         self.status = 200
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.headers_sent = False
+        self.ended = False  # our END_STREAM went out
 
     def wake(self) -> None:
         self.event.set()
@@ -178,6 +180,10 @@ class H2ServerConnection:
             st.closed = True
             st.wake()
             st.window_open.set()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            # A new INITIAL_WINDOW_SIZE grows every stream's window without a WINDOW_UPDATE.
+            for target in self.streams.values():
+                target.window_open.set()
         elif isinstance(event, h2.events.WindowUpdated):
             targets = list(self.streams.values()) if stream_id == 0 else [st] if st else []
             for target in targets:
@@ -237,6 +243,9 @@ class H2ServerConnection:
                 return
             body = bytes(message.get("body", b""))
             more = bool(message.get("more_body", False))
+            if st.ended:
+                return
+            st.ended = not more
             try:
                 if not st.headers_sent:
                     st.headers_sent = True
@@ -246,11 +255,14 @@ class H2ServerConnection:
                         for k, v in st.response_headers
                         if k not in (b"connection", b"transfer-encoding", b"keep-alive")
                     ]
-                    self.conn.send_headers(stream_id, headers, end_stream=not body and not more)
-                await self._send_data(stream_id, st, body, end=not more)
+                    ended = not body and not more
+                    self.conn.send_headers(stream_id, headers, end_stream=ended)
+                    if not ended:
+                        await self._send_data(stream_id, st, body, end=not more)
+                else:
+                    await self._send_data(stream_id, st, body, end=not more)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 st.closed = True
-                return
             await self.flush()
 
         try:
@@ -259,16 +271,13 @@ class H2ServerConnection:
             log.exception("unhandled error in request handler")
         finally:
             self.streams.pop(stream_id, None)
-            if not st.closed and not self.closed:
+            if not self.closed:
                 try:
-                    if not st.headers_sent:
+                    if not st.closed and not st.headers_sent:
                         self.conn.send_headers(stream_id, [(b":status", b"500")], end_stream=True)
-                    elif (
-                        not self.conn.streams.get(stream_id)
-                        or not self.conn.streams[stream_id].closed
-                    ):
+                    elif not st.closed and not st.ended:
                         self.conn.end_stream(stream_id)
-                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                     pass
                 with trio.CancelScope(shield=True):
                     await self.flush()

@@ -18,6 +18,7 @@ SCHEMA_VERSION = "v1.33.0"
 Schema = dict[str, Any]
 
 _REF_PREFIX = "#/$defs/"
+_PATCH_REF = "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.Patch"
 
 
 @functools.cache
@@ -186,6 +187,20 @@ def openapi_v3_document(
             "x-kubernetes-action": "patch",
             "x-kubernetes-group-version-kind": gvk,
             "parameters": params,
+            # kubectl computes client-side apply patches with the v3 schema only when the
+            # PATCH operation says it takes strategic merge patches.
+            "requestBody": {
+                "content": {
+                    ct: {"schema": {"$ref": _PATCH_REF}}
+                    for ct in (
+                        "application/apply-patch+yaml",
+                        "application/json-patch+json",
+                        "application/merge-patch+json",
+                        "application/strategic-merge-patch+json",
+                    )
+                },
+                "required": True,
+            },
             "responses": {"200": {"description": "OK"}},
         }
         base = f"{prefix}/namespaces/{{namespace}}/{plural}" if namespaced else f"{prefix}/{plural}"
@@ -193,6 +208,7 @@ def openapi_v3_document(
     for meta in (
         "io.k8s.apimachinery.pkg.apis.meta.v1.Status",
         "io.k8s.apimachinery.pkg.apis.meta.v1.DeleteOptions",
+        "io.k8s.apimachinery.pkg.apis.meta.v1.Patch",
     ):
         roots.append(meta)
     schemas = {name: _to_openapi(defs[name]) for name in _closure(roots)}
