@@ -216,3 +216,113 @@ class HttpClient:
             self.conn.start_next_cycle()
         headers_out = {k.decode(): v.decode() for k, v in response.headers}
         return response.status_code, headers_out, body
+
+
+async def start_h2c_server(nursery: trio.Nursery, name: str) -> Server:
+    """HTTP/2 prior knowledge: each stream gets 200, `x-served-by: <name>` and the body
+    `<name> <method> <path> <body length>` once its request has ended."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    server = Server(name)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        conn.initiate_connection()
+        await stream.send_all(conn.data_to_send())
+        requests: dict[int, tuple[str, str, int]] = {}
+        async with stream:
+            while data := await stream.receive_some(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        fields = dict(event.headers)
+                        requests[event.stream_id] = (fields[":method"], fields[":path"], 0)
+                        server.requests.append((fields[":method"], fields[":path"]))
+                    elif isinstance(event, h2.events.DataReceived):
+                        method, path, length = requests[event.stream_id]
+                        requests[event.stream_id] = (method, path, length + len(event.data))
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif isinstance(event, h2.events.StreamEnded):
+                        method, path, length = requests.pop(event.stream_id)
+                        text = f"{name} {method} {path} {length}".encode()
+                        conn.send_headers(
+                            event.stream_id, [(":status", "200"), ("x-served-by", name)]
+                        )
+                        conn.send_data(event.stream_id, text, end_stream=True)
+                await stream.send_all(conn.data_to_send())
+
+    return await _listen(nursery, server, handle)
+
+
+async def h2c_requests(
+    port: int, requests: list[tuple[str, list[tuple[str, str]], bytes]]
+) -> list[tuple[int, str]]:
+    """Send all (path, headers, body) at once on ONE h2c connection, each on its own stream;
+    returns (status, body) in request order."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    conn.initiate_connection()
+    ids = []
+    pending: dict[int, bytes] = {}
+    for path, headers, body in requests:
+        stream_id = conn.get_next_available_stream_id()
+        ids.append(stream_id)
+        conn.send_headers(
+            stream_id,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", "echo"),
+                (":path", path),
+                *headers,
+            ],
+        )
+        pending[stream_id] = body
+
+    def pump() -> None:
+        """Send what the windows allow; end each stream once its body is out."""
+        for stream_id, unsent in list(pending.items()):
+            body = unsent
+            while body:
+                window = min(
+                    conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size
+                )
+                if window <= 0:
+                    break
+                conn.send_data(stream_id, body[:window])
+                body = body[window:]
+            pending[stream_id] = body
+            if not body:
+                conn.end_stream(stream_id)
+                del pending[stream_id]
+
+    pump()
+    results: dict[int, list[object]] = {i: [0, b""] for i in ids}
+    done: set[int] = set()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(conn.data_to_send())
+        while len(done) < len(ids):
+            data = await stream.receive_some(65536)
+            assert data, "the agent closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    results[event.stream_id][0] = int(dict(event.headers)[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    results[event.stream_id][1] += event.data  # type: ignore[operator]
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    done.add(event.stream_id)
+            pump()
+            await stream.send_all(conn.data_to_send())
+    return [(int(results[i][0]), bytes(results[i][1]).decode()) for i in ids]  # type: ignore[call-overload]
