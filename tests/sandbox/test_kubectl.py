@@ -192,3 +192,60 @@ def test_auth_can_i_and_rbac_denial(kubectl: Kubectl) -> None:
         kubectl.run(*base, "auth", "can-i", "delete", "configmaps", check=False).stdout.strip()
         == "no"
     )
+
+
+def test_rollout_status_follows_the_watch(kubectl: Kubectl) -> None:
+    import subprocess as sp
+
+    from kubernetes import client, config
+
+    kubectl.run("apply", "-f", str(MANIFESTS / "deployment.yaml"))
+    base = [
+        str(kubectl.binary),
+        "--kubeconfig",
+        str(kubectl.sandbox.kubeconfig),
+        "-n",
+        kubectl.namespace,
+        "--cache-dir",
+        str(kubectl.sandbox.home / f"cache-{kubectl.binary.name}"),
+    ]
+    waiter = sp.Popen(
+        [*base, "rollout", "status", "deployment/web", "--timeout=30s"],
+        stdout=sp.PIPE,
+        stderr=sp.PIPE,
+        text=True,
+        env={"HOME": str(kubectl.sandbox.home)},
+    )
+    try:
+        api_client = config.new_client_from_config(config_file=str(kubectl.sandbox.kubeconfig))
+        apps = client.AppsV1Api(api_client)
+        apps.patch_namespaced_deployment_status(
+            "web",
+            kubectl.namespace,
+            {
+                "status": {
+                    "observedGeneration": 1,
+                    "replicas": 2,
+                    "updatedReplicas": 2,
+                    "readyReplicas": 2,
+                    "availableReplicas": 2,
+                    "conditions": [
+                        {
+                            "type": "Available",
+                            "status": "True",
+                            "reason": "MinimumReplicasAvailable",
+                        }
+                    ],
+                }
+            },
+        )
+        api_client.close()
+        out, err = waiter.communicate(timeout=40)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert waiter.returncode == 0, err
+    assert 'deployment "web" successfully rolled out' in out
+    waited = kubectl.run("wait", "--for=condition=Available", "deployment/web", "--timeout=10s")
+    assert "condition met" in waited.stdout

@@ -450,3 +450,90 @@ def test_concurrent_clients_do_not_interfere(core: tuple[Any, str]) -> None:
         t.join(30)
     assert not errors
     assert len(v1.list_namespaced_config_map(ns, label_selector="").items) >= 40
+
+
+def test_eviction_honours_disruption_budgets(core: tuple[Any, str]) -> None:
+    v1, ns = core
+    policy = client.PolicyV1Api(v1.api_client)
+    v1.create_namespaced_pod(
+        ns,
+        client.V1Pod(
+            metadata=client.V1ObjectMeta(name="guarded", labels={"app": "db"}),
+            spec=client.V1PodSpec(
+                node_name="node-1",
+                termination_grace_period_seconds=0,
+                containers=[client.V1Container(name="c", image="x")],
+            ),
+        ),
+    )
+    v1.patch_namespaced_pod_status("guarded", ns, {"status": {"phase": "Running"}})
+    policy.create_namespaced_pod_disruption_budget(
+        ns,
+        client.V1PodDisruptionBudget(
+            metadata=client.V1ObjectMeta(name="db-pdb"),
+            spec=client.V1PodDisruptionBudgetSpec(
+                min_available=1, selector=client.V1LabelSelector(match_labels={"app": "db"})
+            ),
+        ),
+    )
+    policy.patch_namespaced_pod_disruption_budget_status(
+        "db-pdb",
+        ns,
+        {
+            "status": {
+                "disruptionsAllowed": 0,
+                "currentHealthy": 1,
+                "desiredHealthy": 1,
+                "expectedPods": 1,
+            }
+        },
+    )
+    eviction = client.V1Eviction(metadata=client.V1ObjectMeta(name="guarded", namespace=ns))
+    with pytest.raises(ApiException) as refused:
+        v1.create_namespaced_pod_eviction("guarded", ns, eviction)
+    assert refused.value.status == 429
+    body = json.loads(refused.value.body)
+    assert body["message"] == "Cannot evict pod as it would violate the pod's disruption budget."
+    assert body["details"]["causes"][0]["message"] == (
+        "The disruption budget db-pdb needs 1 healthy pods and has 1 currently"
+    )
+
+    policy.patch_namespaced_pod_disruption_budget_status(
+        "db-pdb", ns, {"status": {"disruptionsAllowed": 1}}
+    )
+    v1.create_namespaced_pod_eviction("guarded", ns, eviction)
+    with pytest.raises(ApiException) as gone:
+        v1.read_namespaced_pod("guarded", ns)
+    assert gone.value.status == 404
+    status = policy.read_namespaced_pod_disruption_budget("db-pdb", ns).status
+    assert status.disruptions_allowed == 0 and "guarded" in status.disrupted_pods
+
+
+def test_scale_subresource_and_status_isolation(core: tuple[Any, str]) -> None:
+    v1, ns = core
+    apps = client.AppsV1Api(v1.api_client)
+    template = client.V1PodTemplateSpec(
+        metadata=client.V1ObjectMeta(labels={"app": "s"}),
+        spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="x")]),
+    )
+    apps.create_namespaced_deployment(
+        ns,
+        client.V1Deployment(
+            metadata=client.V1ObjectMeta(name="s"),
+            spec=client.V1DeploymentSpec(
+                selector=client.V1LabelSelector(match_labels={"app": "s"}), template=template
+            ),
+        ),
+    )
+    scale = apps.read_namespaced_deployment_scale("s", ns)
+    assert scale.spec.replicas == 1 and scale.status.selector == "app=s"
+    apps.patch_namespaced_deployment_scale("s", ns, {"spec": {"replicas": 4}})
+    dep = apps.read_namespaced_deployment("s", ns)
+    assert dep.spec.replicas == 4 and dep.metadata.generation == 2
+    # Status goes through /status only; spec changes there are ignored, and vice versa.
+    apps.patch_namespaced_deployment_status(
+        "s", ns, {"spec": {"replicas": 9}, "status": {"replicas": 4, "observedGeneration": 2}}
+    )
+    apps.patch_namespaced_deployment("s", ns, {"status": {"replicas": 99}})
+    dep = apps.read_namespaced_deployment("s", ns)
+    assert dep.spec.replicas == 4 and dep.status.replicas == 4 and dep.metadata.generation == 2
