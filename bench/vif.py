@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+"""VIF bench: MB/s (1 and 8 streams, iperf3), daemon CPU%, 1 KiB request/response latency and
+new connections/s from a "laptop" namespace to a "cluster" namespace, over each path:
+
+  a         direct: iperf3 over the veth joining the namespaces (no tele): the limit
+  b         socat relay chain with tele's hops (laptop socat -> veth -> cluster socat -> server)
+  c         tele: app -> TUN (vnet header + TSO, MTU 1500) -> userspace TCP -> h2 tunnel link
+            -> TunnelServer (a process in the cluster namespace) -> server
+  c-plain   tele without offloads, MTU 1500 (one 1500-byte packet per read and write)
+  c-65535   tele without offloads, MTU 65535
+
+Run as root:  .venv/bin/python bench/vif.py [--duration 3] [--rows a,b,c]
+Namespaces are named tele-vifbench-<random>-{l,c} and always deleted. Prints a table and a
+JSON line; writes the JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import os
+import resource
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+RESULTS = HERE.parent / "results"
+PY = sys.executable
+LAPTOP_IP, CLUSTER_IP = "10.99.0.1", "10.99.0.2"
+POD_IP = "10.244.1.5"
+IPERF_PORT, ECHO_PORT = 5201, 7000
+SOCAT_LAPTOP, SOCAT_CLUSTER = 6001, 6002
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@contextlib.contextmanager
+def namespaces() -> Iterator[tuple[str, str]]:
+    tag = secrets.token_hex(3)
+    laptop, cluster = f"tele-vifbench-{tag}-l", f"tele-vifbench-{tag}-c"
+    made: list[str] = []
+    try:
+        for name in (laptop, cluster):
+            ip("netns", "add", name)
+            made.append(name)
+            ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", laptop, "link", "add", "veth0", "type", "veth", "peer", "veth1", "netns", cluster)
+        ip("-n", laptop, "addr", "add", f"{LAPTOP_IP}/30", "dev", "veth0")
+        ip("-n", cluster, "addr", "add", f"{CLUSTER_IP}/30", "dev", "veth1")
+        ip("-n", laptop, "link", "set", "veth0", "up")
+        ip("-n", cluster, "link", "set", "veth1", "up")
+        ip("-n", cluster, "addr", "add", f"{POD_IP}/32", "dev", "lo")
+        yield laptop, cluster
+    finally:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+# ------------------------------------------------------------------------- cluster-side role
+
+
+def role_cluster(fd: int) -> None:
+    """Tunnel server on the h2 link over socket `fd`, plus a trio echo server on POD_IP."""
+    import trio
+
+    from tele.rpc.server import Router, serve_connection
+    from tele.rpc.tunnel import TunnelServer
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                while data := await stream.receive_some(65536):
+                    await stream.send_all(data)
+            except trio.BrokenResourceError:
+                pass
+
+    async def main() -> None:
+        router = Router()
+        router.raw(TunnelServer.matches, TunnelServer().handle)
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(trio.serve_tcp, echo, ECHO_PORT, host=POD_IP))
+            await serve_connection(trio.SocketStream(sock), router)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+# ---------------------------------------------------------------------------- measurements
+
+LATENCY_CLIENT = """
+import socket, time, json, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+msg = b"x" * 1024
+samples = []
+for _ in range(count):
+    t = time.perf_counter()
+    s.sendall(msg)
+    got = 0
+    while got < 1024:
+        got += len(s.recv(4096))
+    samples.append(time.perf_counter() - t)
+s.close()
+start = time.perf_counter()
+n = 0
+while time.perf_counter() - start < 2:
+    c = socket.create_connection((host, port))
+    c.sendall(b"y")
+    c.recv(10)
+    c.close()
+    n += 1
+rate = n / (time.perf_counter() - start)
+samples.sort()
+print(json.dumps({"p50": samples[len(samples) // 2] * 1e6,
+                  "p99": samples[int(len(samples) * 0.99)] * 1e6, "conn_s": rate}))
+"""
+
+
+def in_ns(ns: str, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *cmd]
+
+
+def iperf(laptop: str, host: str, port: int, streams: int, duration: float) -> float:
+    out = subprocess.run(
+        in_ns(laptop, "iperf3", "-c", host, "-p", str(port), "-P", str(streams),
+              "-t", str(duration), "-J"),
+        capture_output=True, text=True, timeout=duration + 30, check=False,
+    )  # fmt: skip
+    try:
+        data = json.loads(out.stdout)
+        return float(data["end"]["sum_received"]["bits_per_second"]) / 8e6
+    except (ValueError, KeyError):
+        print(f"iperf3 to {host}:{port} failed: {out.stdout[-300:]} {out.stderr[-300:]}")
+        return 0.0
+
+
+def latency(laptop: str, host: str, port: int) -> dict[str, float]:
+    out = subprocess.run(
+        in_ns(laptop, PY, "-c", LATENCY_CLIENT, host, str(port), "2000"),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    try:
+        return dict(json.loads(out.stdout))
+    except ValueError:
+        print(f"latency client failed: {out.stderr[-300:]}")
+        return {"p50": 0.0, "p99": 0.0, "conn_s": 0.0}
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds of a process and its children so far (the cluster side runs under `ip`)."""
+    total = 0.0
+    for child in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for kid in map(int, kids):
+            found += [kid, *_children(kid)]
+    return found
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(
+    row: str, laptop: str, host: str, iperf_port: int, echo_port: int, duration: float
+) -> dict[str, float | str]:
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    one = iperf(laptop, host, iperf_port, 1, duration)
+    eight = iperf(laptop, host, iperf_port, 8, duration)
+    cpu_pct = 100 * (cpu_seconds() - cpu) / (time.perf_counter() - wall)
+    lat = latency(laptop, host, echo_port)
+    return {"row": row, "mbs_1": one, "mbs_8": eight, "cpu_pct": cpu_pct, **lat}
+
+
+# ---------------------------------------------------------------------------------- rows
+
+
+def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: int) -> dict:
+    import trio
+
+    from tele.rpc.client import open_client
+    from tele.rpc.tunnel import dial
+    from tele.vif.service import VifSettings, serve_vif
+
+    results: dict = {}
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        proc = await trio.lowlevel.open_process(
+            in_ns(cluster, PY, str(HERE), "--role-cluster", str(theirs.fileno())),
+            pass_fds=[theirs.fileno()],
+        )
+        theirs.close()
+        try:
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+            async with open_client(stream) as client, trio.open_nursery() as nursery:
+
+                async def dialer(destination):  # type: ignore[no-untyped-def]
+                    return await dial(client.link, destination, session="bench")
+
+                settings = VifSettings(
+                    cluster_subnets=["10.244.0.0/16"], netns=laptop, offload=offload, mtu=mtu
+                )
+                await nursery.start(functools.partial(serve_vif, settings, dialer))
+                # iperf3 server beside the echo server, in the cluster namespace
+                server = await trio.lowlevel.open_process(
+                    in_ns(cluster, "iperf3", "-s", "-B", POD_IP, "-p", str(IPERF_PORT + 1)),
+                    stdout=subprocess.DEVNULL,
+                )
+                try:
+                    await trio.sleep(0.3)  # iperf3 has no readiness signal
+                    relay_cpu = _proc_cpu(proc.pid)
+                    wall = time.perf_counter()
+                    results.update(
+                        await trio.to_thread.run_sync(
+                            measure, "", laptop, POD_IP, IPERF_PORT + 1, ECHO_PORT, duration
+                        )
+                    )
+                    results["relay_cpu_pct"] = (
+                        100 * (_proc_cpu(proc.pid) - relay_cpu) / (time.perf_counter() - wall)
+                    )
+                finally:
+                    server.kill()
+                    await server.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            proc.kill()
+            await proc.wait()
+
+    trio.run(main)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--rows", default="a,b,c,c-plain,c-65535")
+    parser.add_argument("--role-cluster", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role_cluster is not None:
+        role_cluster(args.role_cluster)
+        return
+    rows = args.rows.split(",")
+    table: list[dict] = []
+    with namespaces() as (laptop, cluster):
+        procs = [
+            subprocess.Popen(in_ns(cluster, "iperf3", "-s", "-p", str(IPERF_PORT)),
+                             stdout=subprocess.DEVNULL),
+            subprocess.Popen(in_ns(cluster, "socat", f"TCP-LISTEN:{SOCAT_CLUSTER},fork,reuseaddr",
+                                   f"TCP:127.0.0.1:{IPERF_PORT}"), stdout=subprocess.DEVNULL),
+            subprocess.Popen(in_ns(laptop, "socat", f"TCP-LISTEN:{SOCAT_LAPTOP},fork,reuseaddr",
+                                   f"TCP:{CLUSTER_IP}:{SOCAT_CLUSTER}"),
+                             stdout=subprocess.DEVNULL),
+            subprocess.Popen(in_ns(cluster, PY, "-c", ECHO_SERVER, CLUSTER_IP, str(ECHO_PORT))),
+            subprocess.Popen(in_ns(cluster, "socat", "TCP-LISTEN:7002,fork,reuseaddr",
+                                   f"TCP:{CLUSTER_IP}:{ECHO_PORT}"), stdout=subprocess.DEVNULL),
+            subprocess.Popen(in_ns(laptop, "socat", "TCP-LISTEN:7001,fork,reuseaddr",
+                                   f"TCP:{CLUSTER_IP}:7002"), stdout=subprocess.DEVNULL),
+        ]  # fmt: skip
+        try:
+            time.sleep(0.5)  # the servers have no readiness signal
+            for row in rows:
+                if row == "a":
+                    result = measure(row, laptop, CLUSTER_IP, IPERF_PORT, ECHO_PORT, args.duration)
+                    result["cpu_pct"] = 0.0  # no daemon
+                elif row == "b":
+                    result = measure(row, laptop, "127.0.0.1", SOCAT_LAPTOP, 7001, args.duration)
+                    result["cpu_pct"] = 0.0  # socat's CPU is not the daemon's
+                else:
+                    offload = row == "c"
+                    mtu = 65535 if row == "c-65535" else 1500
+                    result = run_tele(laptop, cluster, args.duration, offload=offload, mtu=mtu)
+                    result["row"] = row
+                table.append(result)
+                print(_line(result), flush=True)
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+    print()
+    print(HEADER)
+    for result in table:
+        print(_line(result))
+    record = {
+        "bench": "vif",
+        "time": datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ"),
+        "duration": args.duration,
+        "load": os.getloadavg()[0],
+        "rows": table,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"vif-{record['time']}.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record))
+
+
+ECHO_SERVER = """
+import sys, trio, functools
+async def echo(stream):
+    async with stream:
+        try:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+trio.run(functools.partial(trio.serve_tcp, echo, int(sys.argv[2]), host=sys.argv[1]))
+"""
+
+HEADER = (
+    f"{'row':8} {'MB/s x1':>9} {'MB/s x8':>9} {'CPU%':>6} {'relay%':>7} {'p50 µs':>8} "
+    f"{'p99 µs':>8} {'conn/s':>8}"
+)
+
+
+def _line(r: dict) -> str:
+    return (
+        f"{r['row']:8} {r['mbs_1']:9.0f} {r['mbs_8']:9.0f} {r['cpu_pct']:6.0f} "
+        f"{r.get('relay_cpu_pct', 0):7.0f} "
+        f"{r['p50']:8.0f} {r['p99']:8.0f} {r['conn_s']:8.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
