@@ -286,7 +286,8 @@ class Api:
             )
 
     def _prepare_create(self, rt: ResourceType, body: Any, namespace: str, ctx: Ctx) -> Obj:
-        obj = copy.deepcopy(self._decode(rt, body, namespace, ctx))
+        # The decoded body is ours alone (freshly parsed, rebuilt by the schema walk): no copy.
+        obj = self._decode(rt, body, namespace, ctx)
         meta = obj["metadata"]
         for key in (
             "resourceVersion",
