@@ -1,0 +1,78 @@
+"""`python -m tele.agent agent|agent-init`: the traffic agent's two programs in one image.
+
+`agent` serves the agent ports (config from the env the manager's webhook injects); `agent-init`
+installs the numeric-port redirects in the pod's network namespace and exits. Errors are one
+sentence on stderr (the pod's log) and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import trio
+
+from tele.agent.config import AgentSettings, load
+from tele.agent.engagements import EngagementSource, StaticEngagements
+from tele.errors import TeleError, single_leaf
+
+log = logging.getLogger("tele.agent")
+
+SourceFactory = Callable[[AgentSettings], EngagementSource]
+
+
+def _default_source(settings: AgentSettings) -> EngagementSource:
+    # The manager link (ArriveAsAgent + WatchEngagements) plugs in here; without it the agent
+    # is a transparent forwarder, which is also what it must be while nothing is engaged.
+    log.warning("no traffic-manager link: serving without engagements")
+    return StaticEngagements()
+
+
+async def run_agent(settings: AgentSettings, make_source: SourceFactory = _default_source) -> None:
+    from tele.agent.forward import serve
+
+    source = make_source(settings)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, settings, source)
+        ports = ", ".join(f"{i.agent_port}->{i.container_port}" for _, i in settings.intercepts())
+        log.info("traffic agent %s ready on %s", settings.name, ports or "no ports")
+
+
+async def run_init(settings: AgentSettings) -> None:
+    from tele.agent.init import apply
+
+    await apply(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tele.agent", description=__doc__)
+    parser.add_argument("program", choices=["agent", "agent-init"])
+    args = parser.parse_args(argv)
+    level = (os.environ.get("LOG_LEVEL") or os.environ.get("TELE_LOG_LEVEL") or "info").upper()
+    logging.basicConfig(
+        level=level if level in logging.getLevelNamesMapping() else "INFO",
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = load(os.environ)
+        trio.run(run_agent if args.program == "agent" else run_init, settings)
+    except KeyboardInterrupt:
+        return 0
+    except TeleError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except BaseExceptionGroup as group:
+        leaf = single_leaf(group)
+        if isinstance(leaf, TeleError):
+            log.error("%s", leaf)
+            return leaf.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

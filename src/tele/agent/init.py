@@ -1,0 +1,84 @@
+"""The agent-init program: in the pod's network namespace, redirect each numeric-targetPort
+container port to its agent port (nftables), before the app and the agent start.
+
+Only traffic arriving from outside the pod is redirected (the prerouting hook): the agent's own
+connections to 127.0.0.1:<containerPort> leave through output and reach the app, as
+Telepresence's iptables REDIRECT does. The table is replaced as a whole in one `nft -f`
+transaction (`add` + `delete` + define), so running the program again — an init container is
+re-run when a pod restarts — leaves exactly one copy of the rules.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+import trio
+
+from tele.agent.config import AgentSettings
+from tele.errors import ConnectionFailed
+from tele.manager.agentconfig import Intercept
+
+log = logging.getLogger(__name__)
+
+TABLE: Final = "tele_agent_init"
+
+
+def redirects(settings: AgentSettings) -> list[tuple[int, int]]:
+    """(container port, agent port) of every TCP intercept whose targetPort is numeric."""
+    pairs: list[tuple[int, int]] = []
+    for _, intercept in settings.intercepts():
+        pair = (intercept.container_port, intercept.agent_port)
+        if _needs_redirect(intercept) and pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+def _needs_redirect(intercept: Intercept) -> bool:
+    return intercept.target_port_numeric and intercept.protocol.upper() == "TCP"
+
+
+def ruleset(pairs: Sequence[tuple[int, int]]) -> str:
+    """The nft script: one `inet` table (IPv4 and IPv6), a nat prerouting chain of redirects."""
+    rules = "".join(
+        f"\t\ttcp dport {container} redirect to :{agent}\n" for container, agent in pairs
+    )
+    return (
+        f"add table inet {TABLE}\n"
+        f"delete table inet {TABLE}\n"
+        f"table inet {TABLE} {{\n"
+        "\tchain prerouting {\n"
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;\n"
+        f"{rules}"
+        "\t}\n"
+        "}\n"
+    )
+
+
+async def apply(settings: AgentSettings, *, nft: str = "nft") -> list[tuple[int, int]]:
+    """Install the redirects in the current network namespace; returns them."""
+    pairs = redirects(settings)
+    if not pairs:
+        log.info("no numeric target ports: nothing to redirect")
+        return pairs
+    try:
+        result = await trio.run_process(
+            [nft, "-f", "-"],
+            stdin=ruleset(pairs).encode(),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    except OSError as exc:
+        raise ConnectionFailed(f"cannot run {nft}: {exc.strerror or exc}.") from exc
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()
+        raise ConnectionFailed(
+            "nft refused the port redirect"
+            + (f" ({detail[0]})" if detail else "")
+            + "; the init container needs the NET_ADMIN capability."
+        )
+    for container, agent in pairs:
+        log.info("redirecting port %d to the agent's port %d", container, agent)
+    return pairs
