@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import socketserver
 import ssl
 from pathlib import Path
-from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
 import h11
-import trio
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _SA_NS = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -52,19 +49,30 @@ def answer(
     ).encode()
 
 
-async def _http1(stream: trio.abc.Stream, first: bytes) -> None:
-    conn = h11.Connection(h11.SERVER)
-    conn.receive_data(first)
+class _Conn:
+    """A blocking byte stream over a socket (plain or TLS)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv(self) -> bytes:
+        return self.sock.recv(65536)
+
+    def send(self, data: bytes) -> None:
+        if data:
+            self.sock.sendall(data)
+
+
+def _http1(conn: _Conn, first: bytes) -> None:
+    h1 = h11.Connection(h11.SERVER)
+    h1.receive_data(first)
     while True:
         request: h11.Request | None = None
         body = b""
         while True:
-            event = conn.next_event()
+            event = h1.next_event()
             if event is h11.NEED_DATA:
-                data = bytes(await stream.receive_some(65536))
-                conn.receive_data(data)
-                if not data and conn.their_state is not h11.DONE:
-                    return
+                h1.receive_data(conn.recv())
                 continue
             if isinstance(event, h11.Request):
                 request = event
@@ -72,7 +80,7 @@ async def _http1(stream: trio.abc.Stream, first: bytes) -> None:
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 break
-            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            else:  # ConnectionClosed or PAUSED
                 return
         assert request is not None
         headers = [(k.decode(), v.decode()) for k, v in request.headers]
@@ -81,33 +89,31 @@ async def _http1(stream: trio.abc.Stream, first: bytes) -> None:
             status_code=200,
             headers=[("content-type", "application/json"), ("content-length", str(len(out)))],
         )
-        await stream.send_all(conn.send(reply) + conn.send(h11.Data(data=out)))
-        await stream.send_all(conn.send(h11.EndOfMessage()))
-        if conn.our_state is h11.MUST_CLOSE:
+        conn.send(h1.send(reply) + h1.send(h11.Data(data=out)) + h1.send(h11.EndOfMessage()))
+        if h1.our_state is h11.MUST_CLOSE:
             return
-        conn.start_next_cycle()
+        h1.start_next_cycle()
 
 
-async def _http2(stream: trio.abc.Stream, first: bytes) -> None:
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    conn.initiate_connection()
+def _http2(conn: _Conn, first: bytes) -> None:
+    # Imported here: h2 costs a third of the start-up time and most clients speak HTTP/1.1.
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    h2c.initiate_connection()
     pending: dict[int, tuple[list[tuple[str, str]], bytearray]] = {}
     data = first
-    while True:
-        for event in conn.receive_data(data):
+    while data:
+        for event in h2c.receive_data(data):
             if isinstance(event, h2.events.RequestReceived):
-                hdrs = [
-                    (
-                        k.decode() if isinstance(k, bytes) else k,
-                        v.decode() if isinstance(v, bytes) else v,
-                    )
-                    for k, v in event.headers or []
-                ]
+                hdrs = [(_text(k), _text(v)) for k, v in event.headers or []]
                 pending[event.stream_id] = (hdrs, bytearray())
             elif isinstance(event, h2.events.DataReceived):
                 if event.stream_id in pending:
                     pending[event.stream_id][1].extend(event.data or b"")
-                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.StreamEnded) and event.stream_id in pending:
                 hdrs, body = pending.pop(event.stream_id)
                 pseudo = dict(h for h in hdrs if h[0].startswith(":"))
@@ -115,7 +121,7 @@ async def _http2(stream: trio.abc.Stream, first: bytes) -> None:
                 out = answer(
                     pseudo.get(":method", ""), pseudo.get(":path", ""), plain, bytes(body), "HTTP/2"
                 )
-                conn.send_headers(
+                h2c.send_headers(
                     event.stream_id,
                     [
                         (":status", "200"),
@@ -123,37 +129,54 @@ async def _http2(stream: trio.abc.Stream, first: bytes) -> None:
                         ("content-length", str(len(out))),
                     ],
                 )
-                conn.send_data(event.stream_id, out, end_stream=True)
+                h2c.send_data(event.stream_id, out, end_stream=True)
             elif isinstance(event, h2.events.ConnectionTerminated):
-                await stream.send_all(conn.data_to_send())
+                conn.send(h2c.data_to_send())
                 return
-        await stream.send_all(conn.data_to_send())
-        data = bytes(await stream.receive_some(65536))
-        if not data:
-            return
+        conn.send(h2c.data_to_send())
+        data = conn.recv()
 
 
-async def _serve(stream: trio.abc.Stream) -> None:
-    try:
-        first = b""
-        while len(first) < len(_PREFACE) and _PREFACE.startswith(first):
-            chunk = await stream.receive_some(65536)
-            if not chunk:
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    tls: ssl.SSLContext | None = None
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        try:
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            conn = _Conn(sock)
+            first = b""
+            while len(first) < len(_PREFACE) and _PREFACE.startswith(first):
+                chunk = conn.recv()
+                if not chunk:
+                    return
+                first += chunk
+            if first.startswith(_PREFACE):
+                _http2(conn, first)
+            else:
+                _http1(conn, first)
+        except (OSError, h11.ProtocolError, ValueError):
+            pass  # a client that breaks off or speaks garbage only ends its own connection
+        except Exception as exc:
+            if type(exc).__module__.startswith("h2"):
                 return
-            first += chunk
-        if first.startswith(_PREFACE):
-            await _http2(stream, first)
-        else:
-            await _http1(stream, first)
-    except (
-        trio.BrokenResourceError,
-        trio.ClosedResourceError,
-        h11.ProtocolError,
-        h2.exceptions.ProtocolError,
-    ):
-        pass
-    finally:
-        await trio.aclose_forcefully(stream)
+            raise
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    address_family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
 
 def _tls_context() -> ssl.SSLContext | None:
@@ -166,24 +189,21 @@ def _tls_context() -> ssl.SSLContext | None:
     return ctx
 
 
-async def _main() -> None:
-    port = int(os.environ.get("PORT", "8080"))
-    tls = _tls_context()
-    listeners: Any = await trio.open_tcp_listeners(port)
-    if tls is not None:
-        listeners = [trio.SSLListener(lst, tls, https_compatible=True) for lst in listeners]
-    print(
-        f"echo {POD} in {NAMESPACE or '-'} listening on port {port}{' (tls)' if tls else ''}",
-        flush=True,
-    )
-    await trio.serve_listeners(_serve, listeners)
-
-
 def main() -> None:
+    port = int(os.environ.get("PORT", "8080"))
+    _Handler.tls = _tls_context()
     try:
-        trio.run(_main)
-    except KeyboardInterrupt:
-        pass
+        server = _Server(("::" if socket.has_ipv6 else "0.0.0.0", port), _Handler)
+    except OSError:  # no IPv6 in this namespace: IPv4 only
+        _Server.address_family = socket.AF_INET
+        server = _Server(("0.0.0.0", port), _Handler)
+    tls = " (tls)" if _Handler.tls else ""
+    print(f"echo {POD} in {NAMESPACE or '-'} listening on port {port}{tls}", flush=True)
+    with server:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
 
 
 if __name__ == "__main__":

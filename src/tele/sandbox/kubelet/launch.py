@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import runpy
 import sys
 
 _CLONE_NEWNET = 0x40000000
@@ -112,6 +113,14 @@ def main() -> None:
         _ensure_target(spec["workingDir"], True, scratch)
         os.chdir(spec["workingDir"])
     argv = spec["argv"]
+    if argv[:2] == [sys.executable, "-m"] and len(argv) > 2:
+        # The image's own Python entry point: run it in this interpreter rather than starting
+        # a second one (half of a container's start-up time on a small machine).
+        os.environ.clear()
+        os.environ.update(spec["env"])
+        sys.argv = [argv[2], *argv[3:]]
+        runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+        return
     try:
         os.execvpe(argv[0], argv, spec["env"])
     except OSError as exc:

@@ -1,0 +1,310 @@
+"""Benchmark the sandbox node: pod start latency (Deployment created -> each pod Ready, p50/p99
+over 20 pods), `rollout restart` of 3 replicas until the rollout completes, and pod->Service
+throughput against pod->pod direct (iperf3 in both pods).
+
+The cluster runs in this process (serve_cluster with its node) under a unique name; everything
+it creates (namespaces, processes) is removed at the end. Needs root, iproute2, nftables, iperf3.
+Pod start is measured both one Deployment after another (latency) and as one Deployment of 20
+replicas (a burst: on a small machine the 20 Python interpreters starting at once dominate).
+Prints a table and one JSON line. Targets (issue 5): pod ready p50 <= 1 s; restart <= 5 s;
+Service path >= 0.9x direct.
+
+    .venv/bin/python bench/sandbox.py [--pods 20] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tele.sandbox.apiserver.auth import User
+from tele.sandbox.apiserver.kinds import by_kind
+from tele.sandbox.apiserver.rest import Ctx
+from tele.sandbox.apiserver.store import Event
+from tele.sandbox.cluster import serve_cluster
+
+Obj = dict[str, Any]
+CTX = Ctx(User("bench", ("system:masters",)))
+
+
+def _rt(group: str, kind: str) -> Any:
+    rt = by_kind(group, kind)
+    assert rt is not None
+    return rt
+
+
+def _percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def _deployment(name: str, replicas: int, container: Obj) -> Obj:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"terminationGracePeriodSeconds": 1, "containers": [container]},
+            },
+        },
+    }
+
+
+def _echo() -> Obj:
+    return {
+        "name": "echo",
+        "image": "tele-sandbox/echo",
+        "ports": [{"containerPort": 8080}],
+        "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+    }
+
+
+def _ready(pod: Obj) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+async def pod_start(info: Any, pods: int, name: str = "start") -> list[float]:
+    """Seconds from creating a Deployment of `pods` replicas until each pod is Ready."""
+    store = info.api.store
+    ready_at: dict[str, float] = {}
+    done = trio.Event()
+
+    def on_pod(event: Event) -> None:
+        labels = event.obj["metadata"].get("labels") or {}
+        pod = event.obj["metadata"]["name"]
+        if labels.get("app") == name and _ready(event.obj) and pod not in ready_at:
+            ready_at[pod] = time.perf_counter()
+            if len(ready_at) == pods:
+                done.set()
+
+    unsubscribe = store.subscribe("/pods", on_pod)
+    try:
+        t0 = time.perf_counter()
+        await info.api.create(
+            _rt("apps", "Deployment"), "default", _deployment(name, pods, _echo()), CTX
+        )
+        with trio.fail_after(120):
+            await done.wait()
+    finally:
+        unsubscribe()
+    return [t - t0 for t in ready_at.values()]
+
+
+async def rollout_restart(info: Any) -> float:
+    api, store = info.api, info.api.store
+    deploy = _rt("apps", "Deployment")
+    await api.create(deploy, "default", _deployment("restart", 3, _echo()), CTX)
+    complete = trio.Event()
+
+    def check(event: Event | None = None) -> None:
+        d = store.get(deploy.key, "default", "restart")
+        st = (d or {}).get("status") or {}
+        if (
+            d is not None
+            and st.get("observedGeneration") == d["metadata"].get("generation")
+            and st.get("updatedReplicas") == 3
+            and st.get("availableReplicas") == 3
+            and st.get("replicas") == 3
+        ):
+            complete.set()
+
+    unsubscribe = store.subscribe(deploy.key, check)
+    with trio.fail_after(60):
+        check()
+        await complete.wait()
+    complete = trio.Event()
+    patch = {
+        "spec": {
+            "template": {
+                "metadata": {
+                    "annotations": {
+                        "kubectl.kubernetes.io/restartedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ")
+                    }
+                }
+            }
+        }
+    }
+    t0 = time.perf_counter()
+    await api.patch(
+        deploy,
+        "default",
+        "restart",
+        "application/strategic-merge-patch+json",
+        json.dumps(patch).encode(),
+        ctx=CTX,
+    )
+    try:
+        with trio.fail_after(60):
+            await complete.wait()
+    finally:
+        unsubscribe()
+    return time.perf_counter() - t0
+
+
+async def _run_pod(info: Any, name: str, command: list[str], labels: Obj | None = None) -> Obj:
+    store = info.api.store
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": labels or {}},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "c", "image": "tele-sandbox/worker", "command": command}],
+        },
+    }
+    await info.api.create(_rt("", "Pod"), "default", pod, CTX)
+    changed = trio.Event()
+    unsubscribe = store.subscribe("/pods", lambda e: changed.set())
+    try:
+        with trio.fail_after(60):
+            while True:
+                live = store.get("/pods", "default", name) or {}
+                status = live.get("status") or {}
+                if status.get("podIP") and (
+                    status.get("phase") in ("Running", "Succeeded", "Failed")
+                ):
+                    return live
+                changed = trio.Event()
+                await changed.wait()
+    finally:
+        unsubscribe()
+
+
+async def _finished(info: Any, name: str) -> None:
+    store = info.api.store
+    done = trio.Event()
+
+    def check(event: Event | None = None) -> None:
+        pod = store.get("/pods", "default", name) or {}
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            done.set()
+
+    unsubscribe = store.subscribe("/pods", check)
+    try:
+        check()
+        with trio.fail_after(60):
+            await done.wait()
+    finally:
+        unsubscribe()
+
+
+async def throughput(info: Any, state_dir: Path, seconds: int) -> tuple[float, float]:
+    server = await _run_pod(info, "iperf-server", ["iperf3", "-s", "-p", "5201"], {"app": "iperf"})
+    await info.api.create(
+        _rt("", "Service"),
+        "default",
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "iperf", "namespace": "default"},
+            "spec": {"selector": {"app": "iperf"}, "ports": [{"port": 5201}]},
+        },
+        CTX,
+    )
+    # Wait until the Service has the server as an endpoint (the server pod is Ready).
+    store = info.api.store
+    changed = trio.Event()
+    unsubscribe = store.subscribe("/endpoints", lambda e: changed.set())
+    try:
+        with trio.fail_after(30):
+            while not any(
+                s.get("addresses")
+                for s in (store.get("/endpoints", "default", "iperf") or {}).get("subsets") or []
+            ):
+                changed = trio.Event()
+                await changed.wait()
+    finally:
+        unsubscribe()
+    # Alternate the two paths a few times and keep medians: on a small shared machine a single
+    # run of each is mostly noise.
+    runs: dict[str, list[float]] = {"direct": [], "service": []}
+    targets = {"direct": server["status"]["podIP"], "service": "iperf.default.svc.cluster.local"}
+    for i in range(3):
+        for path, target in targets.items():
+            name = f"iperf-{path}-{i}"
+            await _run_pod(info, name, ["iperf3", "-c", target, "-t", str(seconds), "-J"])
+            await _finished(info, name)
+            runs[path].append(_iperf_bits(state_dir, info, name))
+    return statistics.median(runs["direct"]), statistics.median(runs["service"])
+
+
+def _iperf_bits(state_dir: Path, info: Any, name: str) -> float:
+    pod = info.api.store.get("/pods", "default", name)
+    uid = pod["metadata"]["uid"]
+    raw = (state_dir / "pods" / uid / "logs" / "c" / "0.log").read_text()
+    text = "".join(line.split(" ", 1)[1] + "\n" for line in raw.splitlines())
+    report = json.loads(text)
+    return float(report["end"]["sum_received"]["bits_per_second"])
+
+
+async def main(pods: int, seconds: int) -> None:
+    if os.geteuid() != 0:
+        sys.exit("bench/sandbox.py needs root (network namespaces)")
+    name = f"b{uuid.uuid4().hex[:6]}"
+    with tempfile.TemporaryDirectory(prefix="tele-bench-sandbox-") as tmp:
+        state_dir = Path(tmp)
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(
+                lambda **kw: serve_cluster(name, nodes=True, state_dir=state_dir, **kw)
+            )
+            sequential = [(await pod_start(info, 1, f"one-{i}"))[0] for i in range(pods)]
+            starts = await pod_start(info, pods)
+            restart = await rollout_restart(info)
+            direct, service = await throughput(info, state_dir, seconds)
+            nursery.cancel_scope.cancel()
+    rows = [
+        (f"pod ready p50, {pods} one at a time (s)", _percentile(sequential, 50), "<= 1.0"),
+        (f"pod ready p99, {pods} one at a time (s)", _percentile(sequential, 99), ""),
+        (f"pod ready p50, {pods} at once (s)", _percentile(starts, 50), ""),
+        (f"pod ready p99, {pods} at once (s)", _percentile(starts, 99), ""),
+        (f"pod ready mean, {pods} at once (s)", statistics.mean(starts), ""),
+        ("rollout restart, 3 replicas (s)", restart, "<= 5.0"),
+        ("pod -> pod iperf3, median of 3 (Gbit/s)", direct / 1e9, ""),
+        ("pod -> Service iperf3, median of 3 (Gbit/s)", service / 1e9, ""),
+        ("Service / direct", service / direct, ">= 0.9"),
+    ]
+    print(f"{'measure':40} {'value':>10}  target   ({os.cpu_count()} CPUs)")
+    for label, value, target in rows:
+        print(f"{label:40} {value:10.3f}  {target}")
+    print(
+        json.dumps(
+            {
+                "bench": "sandbox",
+                "pods": pods,
+                "pod_ready_p50_s": _percentile(sequential, 50),
+                "pod_ready_p99_s": _percentile(sequential, 99),
+                "burst_ready_p50_s": _percentile(starts, 50),
+                "burst_ready_p99_s": _percentile(starts, 99),
+                "rollout_restart_s": restart,
+                "direct_bps": direct,
+                "service_bps": service,
+                "service_ratio": service / direct,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pods", type=int, default=20)
+    parser.add_argument("--seconds", type=int, default=3)
+    args = parser.parse_args()
+    trio.run(main, args.pods, args.seconds)
