@@ -9,10 +9,11 @@ accepted it. Errors: a malformed request gets a 400 from the agent (it cannot be
 connection cannot be resynchronised) and the connection closes; an unreachable destination gets
 a 502 whose body names it. Other connections are unaffected.
 
-Protocol choice: the connection's first bytes decide. A caller speaking prior-knowledge HTTP/2
-(h2c) must start with the preface, so sniffing it is exact and costs nothing, where a probe
-request to the app (`GET /telepresence-http2-check`) would cost a round trip; `appProtocol`
-(h2c, kubernetes.io/h2c) only makes the agent wait for the full preface before deciding.
+Protocol choice: the connection's first bytes decide, per connection. A caller speaking
+prior-knowledge HTTP/2 (h2c) must start with the preface, so sniffing it is exact and free, where
+Telepresence's probe (`GET /telepresence-http2-check` to the app) costs a round trip and guesses
+for all callers at once; the app then gets the protocol its caller chose. `appProtocol` is only
+checked against what the caller sent (a mismatch is logged).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tele.rpc.agent_api import Engagement
 log = logging.getLogger(__name__)
 
 H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_APP_PROTOCOLS: Final = frozenset({"h2c", "kubernetes.io/h2c", "grpc"})
 MAX_HEAD: Final = 64 * 1024
 """Largest request or response head accepted (h11's default is 16 KiB)."""
 
@@ -49,7 +51,12 @@ async def serve_connection(
             first += data
     except (trio.BrokenResourceError, OSError):
         return
-    if first.startswith(H2_PREFACE):
+    is_h2 = first.startswith(H2_PREFACE)
+    if first and is_h2 != (app_protocol.lower() in H2_APP_PROTOCOLS) and app_protocol:
+        log.info(
+            "appProtocol is %s but a caller spoke %s", app_protocol, "h2c" if is_h2 else "HTTP/1"
+        )
+    if is_h2:
         await h2c.serve_connection(stream, upstreams, first, Router())
     elif first:
         await Http1Proxy(stream, upstreams, Router()).run(first)
