@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import struct
 import sys
 
 import trio
@@ -18,6 +19,7 @@ from tele.rpc.server import Router, serve_connection
 from tele.rpc.tunnel import TunnelServer
 
 ECHO_PORT = 7000
+RESET_PORT = 7001
 
 
 def dns_table(address: str) -> dict[str, str]:
@@ -32,6 +34,12 @@ async def tcp_echo(stream: trio.SocketStream) -> None:
             await stream.send_eof()
         except trio.BrokenResourceError:
             pass
+
+
+async def reset_at_once(stream: trio.SocketStream) -> None:
+    """Accept, then abort the connection (RST) as a crashing server would."""
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
 
 
 async def udp_echo(address: str) -> None:
@@ -62,6 +70,9 @@ async def main(fd: int, address: str) -> None:
     sock = socket.socket(fileno=fd)
     async with trio.open_nursery() as nursery:
         await nursery.start(functools.partial(trio.serve_tcp, tcp_echo, ECHO_PORT, host=address))
+        await nursery.start(
+            functools.partial(trio.serve_tcp, reset_at_once, RESET_PORT, host=address)
+        )
         nursery.start_soon(udp_echo, address)
         await serve_connection(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), router)
         nursery.cancel_scope.cancel()

@@ -39,24 +39,31 @@ async def test_tcp_bytes_arrive_both_ways(tele: Tele) -> None:
     assert tele.vif.counters.tcp_connections == 1
 
 
-async def test_concurrent_connections_all_complete(tele: Tele) -> None:
+async def test_500_connections_open_at_once_all_complete(tele: Tele) -> None:
     code = f"""
-import socket, concurrent.futures as cf
-def one(i):
-    with socket.create_connection(("{POD_ADDRESS}", 7000), timeout=10) as s:
-        msg = b"hello %d" % i
+import socket, threading, concurrent.futures as cf
+barrier = threading.Barrier(100)
+def five(t):
+    socks = [socket.create_connection(("{POD_ADDRESS}", 7000), timeout=20) for _ in range(5)]
+    barrier.wait(timeout=30)  # all 500 are open now
+    ok = 0
+    for i, s in enumerate(socks):
+        msg = b"hello %d %d" % (t, i)
         s.sendall(msg)
         s.shutdown(socket.SHUT_WR)
         got = b""
         while chunk := s.recv(100):
             got += chunk
-        return got == msg
-with cf.ThreadPoolExecutor(50) as pool:
-    print(sum(pool.map(one, range(200))))
+        ok += got == msg
+        s.close()
+    return ok
+with cf.ThreadPoolExecutor(100) as pool:
+    print(sum(pool.map(five, range(100))))
 """
-    result = await run_in(tele.netns.laptop, code)
+    result = await run_in(tele.netns.laptop, code, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "200"
+    assert result.stdout.strip() == "500"
+    assert tele.vif.counters.tcp_connections == 500
 
 
 async def test_closed_port_is_refused_at_once(tele: Tele) -> None:
@@ -72,6 +79,19 @@ except OSError as exc:
     name, *words, seconds = result.stdout.split()
     assert (name, " ".join(words)) == ("ConnectionRefusedError", "Connection refused")
     assert float(seconds) < 1.0
+
+
+async def test_a_reset_by_the_server_reaches_the_app(tele: Tele) -> None:
+    code = f"""
+import socket
+s = socket.create_connection(("{POD_ADDRESS}", 7001), timeout=5)
+try:
+    print(s.recv(100))
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+    result = await run_in(tele.netns.laptop, code)
+    assert result.stdout.strip() == "ConnectionResetError", result.stderr
 
 
 async def test_unreachable_address_fails_fast(tele: Tele) -> None:

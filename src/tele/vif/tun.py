@@ -60,12 +60,21 @@ def open_tun(name: str, *, offload: bool = True) -> TunDevice:
         raise VifError(f"device name {name!r} is longer than 15 bytes")
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError as exc:
+        raise VifError(
+            f"cannot open {TUN_PATH}: creating the virtual network interface needs root "
+            "(CAP_NET_ADMIN)"
+        ) from exc
     except OSError as exc:
         raise VifError(f"cannot open {TUN_PATH}: {exc.strerror}") from exc
     try:
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
         try:
             result = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+        except PermissionError as exc:
+            raise VifError(
+                f"cannot create TUN device {name}: that needs root (CAP_NET_ADMIN)"
+            ) from exc
         except OSError as exc:
             raise VifError(f"cannot create TUN device {name}: {exc.strerror}") from exc
         actual = result[:16].rstrip(b"\0").decode()
