@@ -285,6 +285,12 @@ async def bench_watch(client: H2Client, watchers: int, events: int) -> dict[str,
     }
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User+system CPU time of a process (Linux /proc), to tell cost from contention."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -306,7 +312,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await client.request("GET", "/version")
                 seq = await bench_creates(client, args.creates, 1)
                 _progress(f"creates/s, 1 in flight: {seq:.0f}")
+                assert status.pid is not None
+                cpu_before = _cpu_seconds(status.pid)
                 par = await bench_creates(client, args.creates, 32)
+                server_cpu_ms = (_cpu_seconds(status.pid) - cpu_before) / args.creates * 1000
                 _progress(f"creates/s, 32 in flight: {par:.0f}")
                 listing = await bench_list(client, args.objects)
                 _progress(f"list: {listing}")
@@ -319,6 +328,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "http_version": http_version,
         "creates_per_s_sequential": round(seq, 1),
         "creates_per_s_32_in_flight": round(par, 1),
+        "server_cpu_ms_per_create": round(server_cpu_ms, 3),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "list_objects": args.objects,
         "list_json_s": round(listing["json"], 4),
         "list_table_s": round(listing["table"], 4),
@@ -347,6 +358,8 @@ def main() -> None:
             f"{result['creates_per_s_32_in_flight']:.0f}",
             ">= 500",
         ),
+        ("server CPU per create", f"{result['server_cpu_ms_per_create']:.2f} ms", ""),
+        ("machine load average (1 min)", f"{result['load_average_1m']:.1f}", ""),
         (
             f"list {result['list_objects']} (JSON)",
             f"{result['list_json_s'] * 1000:.0f} ms",
