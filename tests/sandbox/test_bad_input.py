@@ -154,3 +154,25 @@ def test_one_bad_request_does_not_affect_another(http: httpx.Client) -> None:
             headers={"Content-Type": "application/vnd.kubernetes.protobuf"},
         )
     assert http.get("/api/v1/namespaces/default").json()["metadata"]["name"] == "default"
+
+
+def test_garbage_on_a_connection_ends_only_that_connection(
+    sandbox: Sandbox, http: httpx.Client
+) -> None:
+    import socket
+
+    info = sandbox.info
+    for alpn in (["h2"], ["http/1.1"]):
+        ctx = ssl.create_default_context(cadata=info.ca.cert_pem.decode())
+        ctx.set_alpn_protocols(alpn)
+        with (
+            socket.create_connection((info.host, info.port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"\x00\x01garbage that is not HTTP at all\r\n\r\n" * 20)
+            try:
+                while tls.recv(65536):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+    assert http.get("/api/v1/namespaces/default").status_code == 200

@@ -17,7 +17,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -153,8 +153,6 @@ class Api:
         self.authz = Authorizer(self.store)
         self.admission: Admission = NoAdmission()
         self.ca_pem = ca_pem
-        # Subresources served by later parts (log, portforward, exec): (resource, sub) -> handler.
-        self.extra_handlers: dict[tuple[str, str], Callable[..., Awaitable[Any]]] = {}
 
     # --- bootstrap -------------------------------------------------------------------------
 
