@@ -41,7 +41,11 @@ def node_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeSandb
     (base / "home").mkdir()
     try:
         with threaded_cluster(
-            base / "kubeconfig", name=name, nodes=True, state_dir=base / "state"
+            base / "kubeconfig",
+            name=name,
+            nodes=True,
+            state_dir=base / "state",
+            node_options={"backoff_base": 0.2},
         ) as cluster:
             yield NodeSandbox(cluster, name, base / "kubeconfig", base / "home")
     finally:

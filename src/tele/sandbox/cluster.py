@@ -60,6 +60,7 @@ async def serve_cluster(
     bookmark_interval: float = 60.0,
     nodes: bool = False,
     state_dir: Path | None = None,
+    node_options: dict[str, Any] | None = None,
     task_status: trio.TaskStatus[ClusterInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the cluster until cancelled; report its `ClusterInfo` when the API server listens."""
@@ -82,7 +83,14 @@ async def serve_cluster(
 
             await nursery.start(
                 functools.partial(
-                    serve_node, api, app, name, state_dir, api_host=bound_host, api_port=bound_port
+                    serve_node,
+                    api,
+                    app,
+                    name,
+                    state_dir,
+                    api_host=bound_host,
+                    api_port=bound_port,
+                    **(node_options or {}),
                 )
             )
         task_status.started(ClusterInfo(name, bound_host, bound_port, ca, token, api, app))

@@ -342,13 +342,13 @@ class PodWorker:
                 await proc.wait()
         for proc in procs:
             if proc.returncode is None:
-                proc.kill()
+                kill_group(proc)
                 await proc.wait()
 
     async def _teardown(self) -> None:
         for run in self.all_runs():
             if run.proc is not None and run.proc.returncode is None:
-                run.proc.kill()
+                kill_group(run.proc)
                 await run.proc.wait()
         if self.netns:
             await netns.delete(self.netns)
@@ -455,6 +455,7 @@ class PodWorker:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # one process group per container: killed as a whole
         )
 
     async def exec_in(self, run: ContainerRun, command: list[str]) -> int:
@@ -470,7 +471,7 @@ class PodWorker:
             return await proc.wait()
         finally:
             if proc.returncode is None:
-                proc.kill()
+                kill_group(proc)
                 await proc.wait()
 
     async def _supervise(self, run: ContainerRun) -> None:
@@ -559,14 +560,15 @@ class PodWorker:
             await self.k.event(self.pod, "Started", f"Started container {run.name}")
         try:
             async with trio.open_nursery() as nursery:
-                if not run.init:
-                    nursery.start_soon(self._probes, run, proc)
-                assert proc.stdout is not None
-                async with proc.stdout:
-                    while chunk := await proc.stdout.receive_some(65536):
-                        logfile.write(bytes(chunk))
-                code = await proc.wait()
-                nursery.cancel_scope.cancel()
+                nursery.start_soon(_pump, proc, logfile)
+                async with trio.open_nursery() as probes:
+                    if not run.init:
+                        probes.start_soon(self._probes, run, proc)
+                    code = await proc.wait()
+                    # The main process is gone: the rest of the container goes with it, as it
+                    # would with its PID namespace.
+                    kill_group(proc)
+                    probes.cancel_scope.cancel()
         finally:
             logfile.close()
         run.ready = False
@@ -615,7 +617,7 @@ class PodWorker:
                 if ok:
                     return
                 if fail_streak >= failure_needed:
-                    proc.kill()
+                    kill_group(proc)
                     return
             elif kind == "readiness":
                 ready = run.ready
@@ -634,7 +636,7 @@ class PodWorker:
                     f"Liveness probe failed for {run.name}; restarting",
                     kind="Warning",
                 )
-                proc.kill()
+                kill_group(proc)
                 return
             # Until the first success the probe repeats quickly: our programs start in a
             # fraction of a second, and waiting a whole period would make every rollout slow.
@@ -732,6 +734,25 @@ class PodWorker:
                 log.info("status of %s/%s: %s", self.namespace, self.name, exc.message)
                 self.mark_dirty()
                 await trio.sleep(0.05)
+
+
+def kill_group(proc: trio.Process, sig: int = signal.SIGKILL) -> None:
+    """Signal a container's whole process group (its main process leads it)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _pump(proc: trio.Process, logfile: LogFile) -> None:
+    """Copy a container's output into its log until every writer has gone."""
+    assert proc.stdout is not None
+    async with proc.stdout:
+        try:
+            while chunk := await proc.stdout.receive_some(65536):
+                logfile.write(bytes(chunk))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 _DEFAULT_SA_VOLUME: Obj = {
