@@ -204,3 +204,126 @@ def test_list_without_connect_says_what_to_do(tele_env: dict[str, str], guard: D
     result = run_tele(tele_env, "list")
     assert result.returncode == 1
     assert "Not connected; run `tele connect` first." in single_error_line(result)
+
+
+async def test_intercept_sends_engaged_connections_to_the_local_handler(
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    cluster: tuple[ThreadedCluster, Path],
+    manager: ManagerProcess,
+    tmp_path: Path,
+) -> None:
+    import ipaddress
+
+    import trio
+
+    from tele.net.tunnel import Destination, Protocol
+    from tele.rpc import agent_api as aapi
+    from tele.rpc import manager_api as api
+    from tele.rpc.client import open_client
+    from tele.rpc.tunnel import dial
+
+    kubeconfig = cluster[1]
+    workload = tmp_path / "workload.yaml"
+    template = {
+        "metadata": {"labels": {"app": "api"}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "tele-sandbox/echo",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                }
+            ]
+        },
+    }
+    workload.write_text(
+        yaml.safe_dump_all(
+            [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": {"name": "api", "namespace": "default"},
+                    "spec": {"selector": {"matchLabels": {"app": "api"}}, "template": template},
+                },
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": "api", "namespace": "default"},
+                    "spec": {
+                        "selector": {"app": "api"},
+                        "ports": [{"name": "web", "port": 80, "targetPort": "http"}],
+                    },
+                },
+            ]
+        )
+    )
+    await trio.to_thread.run_sync(
+        lambda: subprocess.run(
+            ["kubectl", "--kubeconfig", str(kubeconfig), "apply", "-f", str(workload)],
+            check=True,
+            capture_output=True,
+        )
+    )
+    address = f"127.0.0.1:{manager.port}"
+    connected = await trio.to_thread.run_sync(
+        lambda: run_tele(
+            tele_env, "connect", "--kubeconfig", str(kubeconfig), "--manager-address", address
+        )
+    )
+    assert connected.returncode == 0, connected.stderr
+
+    async def handler(stream: trio.SocketStream) -> None:
+        while data := await stream.receive_some():
+            await stream.send_all(b"local:" + data)
+        await stream.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, handler, 0)
+        local_port = listeners[0].socket.getsockname()[1]
+        # A stand-in for the agent process: arrives as the agent of the Deployment's pod.
+        agent_link = await trio.open_tcp_stream("127.0.0.1", manager.port)
+        async with open_client(agent_link) as agent:
+            session = await agent.call(
+                aapi.ARRIVE_AS_AGENT,
+                aapi.AgentIdentity(
+                    pod_name="api-xyz",
+                    namespace="default",
+                    pod_ip="10.244.0.9",
+                    workload_name="api",
+                    workload_kind="Deployment",
+                    version="0.1.0",
+                    environment={"app": {"GREETING": "hello world"}},
+                ),
+            )
+            env_file = tmp_path / "api.env"
+            result = await trio.to_thread.run_sync(
+                lambda: run_tele(
+                    tele_env, "intercept", "api", "--port", f"{local_port}:web", "-e", str(env_file)
+                )
+            )
+            assert result.returncode == 0, result.stderr
+            assert "Intercept name         : api" in result.stdout
+            assert env_file.read_text() == "GREETING='hello world'\n"
+            request = api.SessionRequest(session_id=session.session_id)
+            async with agent.stream(aapi.WATCH_ENGAGEMENTS, request) as updates:
+                engagement = next(iter((await anext(updates)).engagements))
+            stream = await dial(
+                agent.link,
+                Destination(Protocol.TCP, ipaddress.ip_address("10.244.0.9"), 8080),
+                session=session.session_id,
+                dial_id=aapi.AGENT_DIAL_PREFIX + engagement.id,
+            )
+            await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+            await stream.send_eof()
+            received = b""
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some():
+                    received += chunk
+            assert received == b"local:GET / HTTP/1.0\r\n\r\n"
+            left = await trio.to_thread.run_sync(lambda: run_tele(tele_env, "leave", "api"))
+            assert left.returncode == 0, left.stderr
+            missing = await trio.to_thread.run_sync(lambda: run_tele(tele_env, "leave", "api"))
+            assert missing.returncode == 1
+            assert "there is no engagement named api" in single_error_line(missing)
+        nursery.cancel_scope.cancel()

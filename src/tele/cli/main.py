@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "sandbox": "tele.cli.sandbox_cmd:sandbox",
     "connect": "tele.cli.cluster_cmd:connect",
     "list": "tele.cli.cluster_cmd:list_",
+    "intercept": "tele.cli.intercept_cmd:intercept",
+    "leave": "tele.cli.intercept_cmd:leave",
     "helm": "tele.cli.helm_cmd:helm",
 }
 
@@ -40,6 +42,8 @@ SHORT_HELP: dict[str, str] = {
     "sandbox": "Run a local Kubernetes stand-in to try tele without a cluster.",
     "connect": "Connect this machine to the cluster through its traffic manager.",
     "list": "List a namespace's workloads and whether they can be engaged.",
+    "intercept": "Send a workload's traffic to a handler on this machine.",
+    "leave": "End an intercept.",
     "helm": "Install, upgrade, uninstall or lint the traffic manager.",
 }
 

@@ -38,6 +38,14 @@ async def serve_dial_backs(
 
 
 async def _serve_one(dial: aapi.DialRequest, dial_back: DialBack, target: Target) -> None:
+    """One engaged connection; whatever goes wrong with it stays with it."""
+    try:
+        await _relay(dial, dial_back, target)
+    except Exception:
+        log.exception("engaged connection for %s failed", dial.engagement_id)
+
+
+async def _relay(dial: aapi.DialRequest, dial_back: DialBack, target: Target) -> None:
     where = target(dial.engagement_id)
     destination = Destination(
         Protocol.TCP, ipaddress.ip_address(dial.original_host), dial.original_port

@@ -24,6 +24,7 @@ from tele.daemon.loglevel import LogLevelController
 from tele.daemon.session import ClusterSession
 from tele.errors import TeleError, UserError
 from tele.rpc import daemon_api as api
+from tele.rpc.agent_api import EngagementInfo
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.manager_api import LIST_WORKLOADS, WorkloadList, WorkloadsRequest
 from tele.rpc.server import Router, serve_connection
@@ -68,6 +69,8 @@ class Daemon:
         self.router.unary(api.CONNECT, self.connect)
         self.router.unary(api.DISCONNECT, self.disconnect)
         self.router.unary(api.LIST, self.list_workloads)
+        self.router.unary(api.INTERCEPT, self.intercept)
+        self.router.unary(api.LEAVE, self.leave)
         self.session: ClusterSession | None = None
         self._sessions: trio.Nursery | None = None
         self._session_ended = trio.Event()
@@ -186,6 +189,21 @@ class Daemon:
             await session.disconnect()
             with trio.move_on_after(5):
                 await self._session_ended.wait()
+
+    def _connected(self) -> ClusterSession:
+        if self.session is None:
+            raise RpcError(Code.FAILED_PRECONDITION, "not connected; run `tele connect` first")
+        return self.session
+
+    async def intercept(self, request: api.InterceptRequest) -> EngagementInfo:
+        return await self._connected().engage(request)
+
+    async def leave(self, request: api.LeaveRequest) -> api.Empty:
+        try:
+            await self._connected().leave(request.name)
+        except UserError as exc:
+            raise RpcError(Code.NOT_FOUND, str(exc)) from None
+        return api.Empty()
 
     async def list_workloads(self, request: api.ListRequest) -> WorkloadList:
         session = self.session

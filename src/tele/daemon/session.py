@@ -227,6 +227,7 @@ class ClusterSession:
             self.connected_at = time.time()
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._follow_cluster_info)
+            nursery.start_soon(self._serve_dials)
             await self._start_network(nursery)
             self.started = True
             task_status.started(self.info())

@@ -202,6 +202,7 @@ class Engagements:
                 client=session.label,
             ),
         )
+        self._client_dials(request.session_id)  # dial requests wait there for the client
         log.info(
             "%s engaged %s %s/%s (%s)", session.label, key[0], key[1], key[2], request.mechanism
         )
@@ -342,12 +343,17 @@ class Engagements:
 
     async def watch_dials(self, request: api.SessionRequest) -> AsyncIterator[aapi.DialRequest]:
         self.manager.client_session(request.session_id)
-        dials = self._dials.get(request.session_id)
+        async for dial in self._client_dials(request.session_id).receive:
+            yield dial
+
+    def _client_dials(self, session_id: str) -> ClientDials:
+        """The session's queue of dial requests, made on first use: requests made before the
+        client watches wait there (bounded) instead of being refused."""
+        dials = self._dials.get(session_id)
         if dials is None:
             send, receive = trio.open_memory_channel[aapi.DialRequest](MAX_PENDING_DIALS)
-            dials = self._dials[request.session_id] = ClientDials(send, receive)
-        async for dial in dials.receive:
-            yield dial
+            dials = self._dials[session_id] = ClientDials(send, receive)
+        return dials
 
     # --- the two halves of an engaged connection ---------------------------------------------
 

@@ -40,7 +40,7 @@ class SessionTable(Generic[I]):
     _deadlines: list[tuple[float, str]] = field(default_factory=list)
 
     def arrive(self, identity: I, now: float) -> Session[I]:
-        session_id = secrets.token_urlsafe(16)
+        session_id = secrets.token_hex(16)  # also a valid tunnel session id (tele.net.tunnel)
         session = Session(session_id, identity, now, now + self.lease)
         self.sessions[session_id] = session
         heapq.heappush(self._deadlines, (session.expires_at, session_id))

@@ -402,7 +402,7 @@ class TCPFlowEncoder:
     def supports_gso(self) -> bool:
         return self._offload
 
-    def segment(  # noqa: PLR0917 - the per-segment hot path: positional calls are cheaper
+    def segment(
         self,
         seq: int,
         ack: int,

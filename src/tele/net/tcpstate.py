@@ -426,7 +426,7 @@ class TCPConnection:
             segment.seq, segment.ack, segment.flags, segment.window, segment.payload, now
         )
 
-    def receive_segment(  # noqa: PLR0917 - the per-segment hot path
+    def receive_segment(
         self,
         seq_wire: int,
         ack_wire: int,
@@ -531,7 +531,7 @@ class TCPConnection:
             self._ack_due = True  # a retransmitted FIN: our ACK was lost
         return True
 
-    def _process_ack(  # noqa: PLR0917 - per-segment hot path
+    def _process_ack(
         self, ack_wire: int, flags: int, window_field: int, seq: int, data_len: int, now: float
     ) -> bool:
         ack = unwrap(ack_wire, self.snd_una)

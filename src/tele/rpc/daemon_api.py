@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 
 from tele import paths
+from tele.rpc.agent_api import EngagementInfo
 from tele.rpc.manager_api import WorkloadList
 from tele.rpc.method import Empty, Unary
 
@@ -79,6 +80,28 @@ class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str = ""
 
 
+class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    workload: str = ""
+    """Default: the name."""
+    namespace: str = ""
+    local_address: str = "127.0.0.1"
+    local_port: int = 8080
+    port: str = ""
+    """The service port (name or number) to take; empty when there is only one."""
+    service: str = ""
+    container: str = ""
+    mechanism: str = "tcp"
+    headers: list[tuple[str, str]] = []
+    path_equal: list[str] = []
+    path_prefix: list[str] = []
+    path_regex: list[str] = []
+
+
+class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+
+
 class ListRequest(msgspec.Struct, frozen=True, kw_only=True):
     namespace: str = ""
     """Empty: the namespace given at connect (or the kubeconfig's)."""
@@ -127,6 +150,10 @@ CONNECT: Unary[ConnectRequest, ConnectionInfo] = Unary(
 )
 DISCONNECT: Unary[Empty, Empty] = Unary(f"/{SERVICE}/Disconnect", Empty, Empty)
 LIST: Unary[ListRequest, WorkloadList] = Unary(f"/{SERVICE}/List", ListRequest, WorkloadList)
+INTERCEPT: Unary[InterceptRequest, EngagementInfo] = Unary(
+    f"/{SERVICE}/Intercept", InterceptRequest, EngagementInfo
+)
+LEAVE: Unary[LeaveRequest, Empty] = Unary(f"/{SERVICE}/Leave", LeaveRequest, Empty)
 # INVALID_ARGUMENT for an unknown level or a negative duration.
 SET_LOG_LEVEL: Unary[SetLogLevelRequest, SetLogLevelReply] = Unary(
     f"/{SERVICE}/SetLogLevel", SetLogLevelRequest, SetLogLevelReply
