@@ -1,0 +1,130 @@
+"""The packet loop on a packet socketpair standing in for the TUN (no device, no namespace):
+the order of answers to a SYN, refusals, and UDP flow expiry, under trio's MockClock."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from tele.net.icmp import ICMPV4_HOST_UNREACHABLE, ICMPv4Header
+from tele.net.packet import encode, parse_packet
+from tele.net.tcp import ACK, RST, SYN
+from tele.net.tunnel import Destination, Protocol, ResetReason
+from tele.net.udp import UDPHeader
+from tele.rpc.tunnel import TunnelError
+from tele.vif.runtime import Stack, StackConfig
+
+from ..net.tcp_script import CLIENT4, DEST4, App, tcp
+
+SUBNETS = [ipaddress.ip_network("10.96.0.0/16")]
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+@pytest.fixture
+def tun() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(the kernel's end, the stack's end): one datagram is one packet, as on a TUN."""
+    kernel, stack = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.setblocking(False)
+    stack.setblocking(False)
+    with kernel, stack:
+        yield kernel, stack
+
+
+def pending(kernel: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(kernel.recv(70000))
+        except BlockingIOError:
+            return out
+
+
+async def test_syn_is_answered_only_after_the_dial(
+    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    kernel, end = tun
+    dialed: list[Destination] = []
+    go = trio.Event()
+    ours, _theirs = trio.testing.memory_stream_pair()
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        dialed.append(destination)
+        await go.wait()
+        return ours  # type: ignore[return-value]
+
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=StackConfig(subnets=SUBNETS))
+    await nursery.start(stack.serve)
+    app = App()
+    kernel.send(bytes(app.syn(mss=1460)))
+    await trio.sleep(3)  # the dial is slow
+    assert dialed == [Destination(Protocol.TCP, ipaddress.ip_address(DEST4), 8080)]
+    assert pending(kernel) == []  # no SYN-ACK while the dial is open
+    go.set()
+    await trio.sleep(0.01)
+    (synack,) = [parse_packet(p) for p in pending(kernel)]
+    assert tcp(synack).flags == SYN | ACK
+    assert tcp(synack).ack == app.isn + 1
+
+
+@pytest.mark.parametrize(
+    ("reason", "expect"), [(ResetReason.REFUSED, "rst"), (ResetReason.UNREACHABLE, "icmp")]
+)
+async def test_failed_dial_is_answered_at_once(
+    tun: tuple[socket.socket, socket.socket],
+    nursery: trio.Nursery,
+    reason: ResetReason,
+    expect: str,
+) -> None:
+    kernel, end = tun
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        raise TunnelError(reason, f"{destination} failed")
+
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=StackConfig(subnets=SUBNETS))
+    await nursery.start(stack.serve)
+    kernel.send(bytes(App().syn()))
+    with trio.fail_after(2):
+        await trio.lowlevel.wait_readable(kernel)
+    (answer,) = [parse_packet(p) for p in pending(kernel)]
+    if expect == "rst":
+        assert tcp(answer).flags & RST
+    else:
+        assert isinstance(answer.transport, ICMPv4Header)
+        assert answer.transport.code == ICMPV4_HOST_UNREACHABLE
+    assert stack.counters.refused == 1
+    assert not stack._tcp  # forgotten
+
+
+async def test_udp_flow_ends_when_idle(
+    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    kernel, end = tun
+    streams: list[trio.testing.MemoryReceiveStream] = []
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        assert destination.protocol is Protocol.UDP
+        ours, theirs = trio.testing.memory_stream_pair()
+        streams.append(theirs.receive_stream)  # type: ignore[arg-type]
+        return ours  # type: ignore[return-value]
+
+    config = StackConfig(subnets=SUBNETS, udp_idle_timeout=30)
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=config)
+    await nursery.start(stack.serve)
+    datagram = encode(CLIENT4, DEST4, UDPHeader(5353, 53, 0), b"question")
+    kernel.send(datagram)
+    await trio.sleep(1)
+    assert len(stack._udp) == 1 and len(streams) == 1
+    kernel.send(datagram)  # keeps it alive
+    await trio.sleep(29.5)
+    assert len(stack._udp) == 1
+    await trio.sleep(1)
+    assert len(stack._udp) == 0
