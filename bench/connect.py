@@ -1,0 +1,157 @@
+"""`tele connect` wall time and traffic manager memory, with 1 namespace and with 100 namespaces
+holding 1,000 Services (issue 7: connect <= 1.5 s, growing < 2x; manager <= 100 MiB).
+
+The sandbox API server runs in this process (a thread); the manager runs as `python -m
+tele.manager` against it and is reached by address (the port-forward path is measured by
+bench/tunnel.py). Each row: a fresh daemon, `tele connect` timed end to end (CLI start, daemon
+spawn, kubeconfig, link, arrival), then `tele quit`. Prints a table and a JSON line.
+Usage: python bench/connect.py [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tele.sandbox.testing import threaded_cluster
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def populate(kubeconfig: Path, namespaces: int, services: int) -> None:
+    objects: list[dict[str, Any]] = []
+    for n in range(namespaces):
+        objects.append(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"bench-{n}"}}
+        )
+    for s in range(services):
+        objects.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": f"svc-{s}", "namespace": f"bench-{s % namespaces}"},
+                "spec": {"selector": {"app": f"a{s}"}, "ports": [{"port": 80}]},
+            }
+        )
+    manifest = kubeconfig.parent / "objects.yaml"
+    manifest.write_text(yaml.safe_dump_all(objects))
+    subprocess.run(
+        [
+            "kubectl",
+            "--kubeconfig",
+            str(kubeconfig),
+            "apply",
+            "--validate=false",
+            "-f",
+            str(manifest),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure(kubeconfig: Path, runs: int) -> dict[str, float]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "TELE_MANAGER_NAMESPACE": "default", "TELE_API_PORT": str(port)}
+    manager = subprocess.Popen(
+        [sys.executable, "-m", "tele.manager", "--kubeconfig", str(kubeconfig)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert manager.stderr is not None
+        for line in manager.stderr:
+            if "serving on port" in line:
+                break
+        else:
+            raise SystemExit("the manager did not start")
+        times = []
+        for _ in range(runs):
+            home = Path(tempfile.mkdtemp(prefix="tele-bench-home-"))
+            tele_env = {
+                **os.environ,
+                "HOME": str(home),
+                "XDG_CONFIG_HOME": str(home / "config"),
+                "XDG_CACHE_HOME": str(home / "cache"),
+                "XDG_STATE_HOME": str(home / "state"),
+                "XDG_RUNTIME_DIR": str(home / "runtime"),
+            }
+            (home / "runtime").mkdir(mode=0o700)
+            try:
+                start = time.perf_counter()
+                subprocess.run(
+                    [
+                        str(VENV_BIN / "tele"),
+                        "connect",
+                        "--kubeconfig",
+                        str(kubeconfig),
+                        "--manager-address",
+                        f"127.0.0.1:{port}",
+                    ],
+                    env=tele_env,
+                    check=True,
+                    capture_output=True,
+                )
+                times.append(time.perf_counter() - start)
+            finally:
+                subprocess.run(
+                    [str(VENV_BIN / "tele"), "quit"], env=tele_env, capture_output=True, check=False
+                )
+                shutil.rmtree(home, ignore_errors=True)
+        return {"connect_s": statistics.median(times), "manager_rss_mib": rss_mib(manager.pid)}
+    finally:
+        manager.terminate()
+        manager.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    results = {}
+    for label, namespaces, services in (
+        ("1 namespace", 1, 0),
+        ("100 namespaces, 1000 services", 100, 1000),
+    ):
+        with tempfile.TemporaryDirectory(prefix="tele-bench-") as tmp:
+            kubeconfig = Path(tmp) / "kubeconfig"
+            with threaded_cluster(kubeconfig):
+                if services or namespaces > 1:
+                    populate(kubeconfig, namespaces, services)
+                results[label] = measure(kubeconfig, args.runs)
+    small, large = results.values()
+    print(f"{'cluster':32} {'tele connect s':>15} {'manager RSS MiB':>16}")
+    for label, row in results.items():
+        print(f"{label:32} {row['connect_s']:>15.2f} {row['manager_rss_mib']:>16.1f}")
+    growth = large["connect_s"] / small["connect_s"]
+    print(
+        f"growth 1 -> 100 namespaces: {growth:.2f}x (target < 2x); "
+        "targets: connect <= 1.5 s, RSS <= 100 MiB"
+    )
+    print(json.dumps({"bench": "connect", "results": results, "growth": round(growth, 2)}))
+
+
+if __name__ == "__main__":
+    main()
