@@ -537,3 +537,15 @@ def test_scale_subresource_and_status_isolation(core: tuple[Any, str]) -> None:
     apps.patch_namespaced_deployment("s", ns, {"status": {"replicas": 99}})
     dep = apps.read_namespaced_deployment("s", ns)
     assert dep.spec.replicas == 4 and dep.status.replicas == 4 and dep.metadata.generation == 2
+
+
+def test_immutable_configmap_refuses_changes(core: tuple[Any, str]) -> None:
+    v1, ns = core
+    cm = _cm("frozen", a="1")
+    cm.immutable = True
+    v1.create_namespaced_config_map(ns, cm)
+    with pytest.raises(ApiException) as refused:
+        v1.patch_namespaced_config_map("frozen", ns, {"data": {"a": "2"}})
+    assert refused.value.status == 422
+    assert "data: Forbidden: field is immutable when `immutable` is set" in _message(refused.value)
+    v1.patch_namespaced_config_map("frozen", ns, {"metadata": {"labels": {"ok": "yes"}}})

@@ -129,3 +129,50 @@ def test_human_duration_like_kubectl() -> None:
         "2d7h",
         "3y",
     ]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value: bytes | int | str) -> bytes:
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def test_protobuf_bodies_decode_to_json() -> None:
+    from tele.sandbox.apiserver import protobuf
+
+    # metadata: name, labels map entry, creationTimestamp (Time{seconds}); spec.ports[0] with
+    # port 80 and targetPort IntOrString{type: 1 (string), strVal: "http"}; spec.type.
+    meta = (
+        _field(1, "web")
+        + _field(11, _field(1, "app") + _field(2, "web"))
+        + _field(8, _field(1, 1700000000))
+    )
+    port = _field(3, 80) + _field(4, _field(1, 1) + _field(3, "http")) + _field(1, "http")
+    spec = _field(1, port) + _field(4, "ClusterIP")
+    service = _field(1, meta) + _field(2, spec)
+    envelope = _field(1, _field(1, "v1") + _field(2, "Service")) + _field(2, service)
+    obj = protobuf.decode(protobuf.MAGIC + envelope)
+    assert obj["apiVersion"] == "v1" and obj["kind"] == "Service"
+    assert obj["metadata"] == {
+        "name": "web",
+        "labels": {"app": "web"},
+        "creationTimestamp": "2023-11-14T22:13:20Z",
+    }
+    assert obj["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http"}]
+    assert obj["spec"]["type"] == "ClusterIP"
+    with pytest.raises(ApiError) as bad:
+        protobuf.decode(b"not protobuf")
+    assert bad.value.code == 400
+    with pytest.raises(ApiError):
+        protobuf.decode(protobuf.MAGIC + b"\x0a\xff")

@@ -444,6 +444,14 @@ def update_causes(new: Obj, old: Obj) -> list[Cause]:
                     "spec.selector", (new.get("spec") or {}).get("selector"), "field is immutable"
                 )
             )
+    elif kind in ("ConfigMap", "Secret") and old.get("immutable"):
+        for field in ("data", "binaryData"):
+            if new.get(field) != old.get(field):
+                causes.append(forbidden_field(field, "field is immutable when `immutable` is set"))
+        if not new.get("immutable"):
+            causes.append(
+                forbidden_field("immutable", "field is immutable when `immutable` is set")
+            )
     elif kind in ("RoleBinding", "ClusterRoleBinding"):
         if new.get("roleRef") != old.get("roleRef"):
             causes.append(invalid_value("roleRef", new.get("roleRef"), "cannot change roleRef"))
