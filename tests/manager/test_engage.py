@@ -250,3 +250,39 @@ async def test_ambiguous_ports_ask_for_service_and_port(
         )
     assert timeout.value.code is Code.DEADLINE_EXCEEDED
     assert "no traffic agent of Deployment default/api arrived" in timeout.value.message
+
+
+async def test_list_shows_engagement_state(nursery: trio.Nursery, kube: KubeClient) -> None:
+    await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
+    await kube.create(
+        k8s.DEPLOYMENTS,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "lonely", "namespace": "default"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "lonely"}},
+                "template": {
+                    "metadata": {"labels": {"app": "lonely"}},
+                    "spec": {"containers": [{"name": "c", "image": "tele-sandbox/worker"}]},
+                },
+            },
+        },
+    )
+    manager, client = await start_manager(nursery, kube)
+    await wait_for(lambda: ("Deployment", "default", "lonely") in manager.view.workloads)
+    await wait_for(lambda: ("default", "api") in manager.view.services)
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+    agent = StandInAgent(client)
+    await nursery.start(agent.run)
+    await client.call(
+        aapi.ENGAGE, aapi.EngageRequest(session_id=session, namespace="default", workload="api")
+    )
+    listed = await client.call(
+        api.LIST_WORKLOADS, api.WorkloadsRequest(session_id=session, namespace="default")
+    )
+    by_name = {w.name: w for w in listed.workloads}
+    assert by_name["api"].agent_installed
+    assert by_name["api"].engaged_by == ["api (dev@laptop)"]
+    assert "no Service selects" in by_name["lonely"].not_interceptable_reason
+    assert not by_name["lonely"].agent_installed

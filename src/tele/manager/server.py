@@ -24,6 +24,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import trio
 
 from tele import __version__
@@ -275,7 +276,33 @@ class Manager:
                 Code.FAILED_PRECONDITION,
                 f"namespace {request.namespace} is not managed by this traffic manager",
             )
-        return api.WorkloadList(workloads=self.view.list_workloads(request.namespace))
+        services = [s for (ns, _), s in self.view.services.items() if ns == request.namespace]
+        listed = []
+        for workload in self.view.list_workloads(request.namespace):
+            key = (workload.kind, workload.namespace, workload.name)
+            reason = ""
+            try:
+                agentconfig.generate(
+                    workload=self.view.workloads[key],
+                    services=services,
+                    manager_namespace=self.config.namespace,
+                    agent_image=self.config.agent_image,
+                )
+            except agentconfig.NotInterceptable as exc:
+                reason = str(exc)
+            listed.append(
+                msgspec.structs.replace(
+                    workload,
+                    agent_installed=bool(self.engagements.agents_of(key)),
+                    not_interceptable_reason=reason,
+                    engaged_by=sorted(
+                        f"{a.info.name} ({a.info.client})"
+                        for a in self.engagements.active.values()
+                        if a.workload_key == key
+                    ),
+                )
+            )
+        return api.WorkloadList(workloads=listed)
 
     async def _tunnel_policy(self, request: OpenRequest) -> ResetReason | None:
         return None if self.engagements.session_allowed(request) else ResetReason.POLICY
