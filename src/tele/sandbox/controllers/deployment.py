@@ -160,8 +160,16 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
             if not any(is_active(p) or p["metadata"].get("deletionTimestamp") for p in old_pods):
                 new = await _scale(mgr, d, new, replicas)
         else:
-            total = sum(int(rs["spec"].get("replicas", 0)) for rs in sets if rs is not None)
-            total = total - int(new["spec"].get("replicas", 0)) + new_replicas
+            total = sum(int(rs["spec"].get("replicas", 0)) for rs in [new, *old])
+            # Pods an old set still has (its controller has not caught up with a scale-down
+            # yet) count too, so that the surge bound holds for pods, not only for specs.
+            pods = sum(
+                1
+                for rs in [new, *old]
+                for p in owned_pods(mgr, namespace, rs["metadata"]["uid"])
+                if is_active(p)
+            )
+            total = max(total, pods)
             if new_replicas < replicas:
                 allowed = replicas + surge - total
                 if allowed > 0:
