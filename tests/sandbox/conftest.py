@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tele.sandbox.cluster import ClusterInfo
 from tele.sandbox.testing import ThreadedCluster, threaded_cluster
 
 MANIFESTS = Path(__file__).parent / "manifests"
@@ -26,7 +27,7 @@ class Sandbox:
     home: Path
 
     @property
-    def info(self):  # type: ignore[no-untyped-def]
+    def info(self) -> ClusterInfo:
         assert self.cluster.info is not None
         return self.cluster.info
 
