@@ -170,10 +170,8 @@ class Http1Proxy:
         if not any(name.lower() == b"host" for name, _ in headers):
             headers = [(b"host", f"{self.upstreams.app[0]}".encode()), *headers]
         try:
-            await upstream.send(
-                h11.Request(method=event.method, target=event.target, headers=headers)
-            )
-            await self._exchange(upstream)
+            request = h11.Request(method=event.method, target=event.target, headers=headers)
+            await self._exchange(upstream, request)
         except _ProtocolBroken as exc:
             log.info("%s", exc)
             self.pool.pop(engagement.id if engagement else None, None)
@@ -203,8 +201,24 @@ class Http1Proxy:
             upstream = self.pool[key] = _Upstream(stream, self.upstreams.describe(engagement))
         return upstream
 
-    async def _exchange(self, upstream: _Upstream) -> None:
-        """The request body up and the response down, concurrently (a server may answer early)."""
+    async def _exchange(self, upstream: _Upstream, request: h11.Request) -> None:
+        """The request up and the response down; a request body is sent concurrently with the
+        response (a server may answer early)."""
+        out = upstream.conn.send(request) or b""
+        try:
+            ready = self.down.next_event()  # what is already buffered, without I/O
+        except h11.RemoteProtocolError as exc:
+            raise _ProtocolBroken(f"malformed HTTP request body: {exc}") from None
+        if isinstance(ready, h11.Data | h11.EndOfMessage):
+            out += upstream.conn.send(ready) or b""
+        try:
+            await upstream.stream.send_all(out)
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise _ProtocolBroken(f"{upstream.label} broke off: {exc!r}") from None
+        if isinstance(ready, h11.EndOfMessage):
+            # The common case (no body, or a body that came with the head): no second task.
+            await self._response(upstream)
+            return
         response_done = trio.Event()
 
         async def request_body() -> None:
@@ -222,43 +236,56 @@ class Http1Proxy:
                     return  # the server answered and closed without reading the whole body
                 raise _ProtocolBroken(f"{upstream.label} broke off: {exc!r}") from None
 
-        async def response() -> None:
-            try:
-                while True:
-                    event = await upstream.next_event()
-                    if isinstance(event, h11.InformationalResponse):
-                        await self._send_down(_informational(event))
-                        if event.status_code == 101:
-                            return
-                    elif isinstance(event, h11.Response):
-                        await self._send_down(_response(event))
-                    elif isinstance(event, h11.Data):
-                        await self._send_down(event)
-                    elif isinstance(event, h11.EndOfMessage):
-                        await self._send_down(event)
-                        return
-                    elif event is h11.PAUSED and upstream.conn.our_state is h11.SWITCHED_PROTOCOL:
-                        return  # a CONNECT accepted
-                    else:
-                        raise _ProtocolBroken(f"{upstream.label} closed before it answered")
-            except h11.RemoteProtocolError as exc:
-                raise _ProtocolBroken(
-                    f"{upstream.label} sent a malformed response: {exc}"
-                ) from None
-            except (trio.BrokenResourceError, OSError) as exc:
-                raise _ProtocolBroken(f"{upstream.label} broke off: {exc!r}") from None
-            finally:
-                response_done.set()
-
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(request_body)
-                await response()
+                try:
+                    await self._response(upstream)
+                finally:
+                    response_done.set()
                 if self.down.their_state not in (h11.DONE, h11.SWITCHED_PROTOCOL):
                     # Answered before the request ended: the rest of the body has nowhere to go.
                     nursery.cancel_scope.cancel()
         except* _ProtocolBroken as group:
             raise group.exceptions[0] from None
+
+    async def _response(self, upstream: _Upstream) -> None:
+        """Relay the response's events; what one read yields goes down in one write."""
+        out = bytearray()
+        try:
+            while True:
+                event = upstream.conn.next_event()
+                if event is h11.NEED_DATA:
+                    if out:
+                        await self.stream.send_all(out)
+                        out.clear()
+                    data = await upstream.stream.receive_some(READ_SIZE)
+                    upstream.conn.receive_data(bytes(data))
+                    continue
+                if isinstance(event, h11.InformationalResponse):
+                    out += self.down.send(_informational(event)) or b""
+                    if event.status_code == 101:
+                        break
+                elif isinstance(event, h11.Response):
+                    out += self.down.send(_response(event)) or b""
+                elif isinstance(event, h11.Data):
+                    out += self.down.send(event) or b""
+                elif isinstance(event, h11.EndOfMessage):
+                    out += self.down.send(event) or b""
+                    break
+                elif event is h11.PAUSED and upstream.conn.our_state is h11.SWITCHED_PROTOCOL:
+                    break  # a CONNECT accepted
+                else:
+                    raise _ProtocolBroken(f"{upstream.label} closed before it answered")
+                if len(out) >= READ_SIZE:
+                    await self.stream.send_all(out)
+                    out.clear()
+            if out:
+                await self.stream.send_all(out)
+        except h11.RemoteProtocolError as exc:
+            raise _ProtocolBroken(f"{upstream.label} sent a bad response: {exc}") from None
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise _ProtocolBroken(f"{upstream.label} broke off: {exc!r}") from None
 
     async def _switch(self, upstream: _Upstream, engagement: Engagement | None) -> None:
         """After a 101 or an accepted CONNECT: the rest of the connection is raw bytes."""
