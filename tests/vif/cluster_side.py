@@ -37,7 +37,8 @@ async def tcp_echo(stream: trio.SocketStream) -> None:
 
 
 async def reset_at_once(stream: trio.SocketStream) -> None:
-    """Accept, then abort the connection (RST) as a crashing server would."""
+    """Take the first bytes, then abort the connection (RST) as a crashing server would."""
+    await stream.receive_some(100)
     stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await stream.aclose()
 

@@ -85,6 +85,7 @@ async def test_a_reset_by_the_server_reaches_the_app(tele: Tele) -> None:
     code = f"""
 import socket
 s = socket.create_connection(("{POD_ADDRESS}", 7001), timeout=5)
+s.sendall(b"crash now")
 try:
     print(s.recv(100))
 except OSError as exc:
