@@ -316,7 +316,35 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"vif-{record['time']}.json").write_text(json.dumps(record, indent=1))
+    _chart(table, RESULTS / f"vif-{record['time']}.png", record)
     print(json.dumps(record))
+
+
+def _chart(table: list[dict], path: Path, record: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r["row"] for r in table]
+    x = range(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar([i - 0.2 for i in x], [r["mbs_1"] for r in table], 0.4, label="1 stream")
+    left.bar([i + 0.2 for i in x], [r["mbs_8"] for r in table], 0.4, label="8 streams")
+    left.set_xticks(list(x), rows)
+    left.set_ylabel("MB/s")
+    left.legend()
+    left.set_title("throughput laptop -> cluster")
+    right.bar(list(x), [r["p50"] for r in table], 0.6, label="p50")
+    right.set_xticks(list(x), rows)
+    right.set_ylabel("µs (1 KiB request/response)")
+    right.set_title("latency p50")
+    fig.suptitle(f"bench/vif.py {record['time']} (load {record['load']:.1f})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 ECHO_SERVER = """
