@@ -23,9 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import trio
-import yaml
-
 from tele import paths
 from tele.errors import ConnectionFailed, UserError
 
@@ -246,11 +243,16 @@ def run(name: str, *, ready_fd: int | None = None, port: int = 0) -> None:
     """Run the sandbox in the foreground until SIGTERM/SIGINT (`tele sandbox run`)."""
     check_name(name)
     directory = paths.ensure_private_dir(instance_dir(name))
+    import trio  # imported here: `tele sandbox status/down` stay quick without it
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     trio.run(_serve, name, directory, ready_fd, port)
 
 
 async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) -> None:
+    import trio
+    import yaml
+
     from .apiserver.certs import CertificateAuthority, KeyPair
     from .cluster import serve_cluster
 
