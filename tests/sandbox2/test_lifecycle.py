@@ -93,3 +93,16 @@ def test_graceful_deletion(kubectl: Kubectl) -> None:
     elapsed = time.monotonic() - started
     assert 1.5 < elapsed < 10  # ignored SIGTERM: killed once the 2 s grace period ran out
     assert kubectl.run("get", "pods", "-o", "name").stdout.strip() == ""
+
+
+def test_kubectl_exec(kubectl: Kubectl) -> None:
+    script = "echo up; while true; do sleep 0.2; done"
+    kubectl.run("apply", "-f", "-", input=_pod("shell", script, terminationGracePeriodSeconds=1))
+    kubectl.run("wait", "--for=condition=Ready", "pod/shell", "--timeout=30s")
+    result = kubectl.run(
+        "exec", "shell", "--", "sh", "-c", "echo out $HOSTNAME; echo err >&2; exit 3", check=False
+    )
+    assert result.returncode == 3
+    assert result.stdout == "out shell\n" and "err" in result.stderr
+    piped = kubectl.run("exec", "-i", "shell", "--", "tr", "a-z", "A-Z", input="hello\n")
+    assert piped.stdout == "HELLO\n"

@@ -49,6 +49,17 @@ def test_deployment_service_dns_logs_restart_scale(kubectl: Kubectl) -> None:
     names = {p["metadata"]["name"] for p in pods}
     assert all(p["status"]["phase"] == "Running" for p in pods)
     assert len({p["status"]["podIP"] for p in pods}) == 3
+    slices = json.loads(
+        kubectl.run(
+            "get", "endpointslices", "-l", "kubernetes.io/service-name=echo", "-o", "json"
+        ).stdout
+    )["items"]
+    assert len(slices) == 1 and slices[0]["ports"] == [
+        {"name": "http", "port": 8080, "protocol": "TCP"}
+    ]
+    assert sorted(e["addresses"][0] for e in slices[0]["endpoints"]) == sorted(
+        p["status"]["podIP"] for p in pods
+    )
 
     # A pod reaches the Service by its short DNS name and hears from all three replicas.
     answers = _client_answers(kubectl, "client")
@@ -100,6 +111,16 @@ def test_pdb_blocks_eviction_and_portforward(kubectl: Kubectl, node_sandbox: Nod
         core.create_namespaced_pod_eviction(pod, kubectl.namespace, eviction)
     assert info.value.status == 429
     assert "disruption budget" in json.loads(info.value.body)["message"]
+
+    # With room in the budget the eviction goes through (and the Deployment replaces the pod).
+    kubectl.run("patch", "pdb", "echo", "--type=merge", "-p", '{"spec":{"minAvailable":2}}')
+    kubectl.run(
+        "wait", "--for=jsonpath={.status.disruptionsAllowed}=1", "pdb/echo", "--timeout=30s"
+    )
+    core.create_namespaced_pod_eviction(pod, kubectl.namespace, eviction)
+    _rollout(kubectl)
+    kubectl.run("wait", "--for=delete", f"pod/{pod}", "--timeout=30s")
+    pod = _pods(kubectl)[0]["metadata"]["name"]
 
     # The port-forward websocket reaches the pod's port 8080.
     pf = portforward(

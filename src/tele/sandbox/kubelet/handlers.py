@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import urllib.parse
 from typing import Any
@@ -13,7 +14,7 @@ from tele.sandbox.apiserver.app import ASGIReceive, ASGISend, Request
 from tele.sandbox.apiserver.errors import ApiError, bad_request
 from tele.sandbox.network import netns
 
-from .kubelet import Kubelet
+from .kubelet import Kubelet, kill_group
 from .logs import render, tail
 
 log = logging.getLogger(__name__)
@@ -197,3 +198,101 @@ async def _cancel_on_disconnect(receive: ASGIReceive, scope: trio.CancelScope) -
         if message["type"] == "http.disconnect":
             scope.cancel()
             return
+
+
+EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
+
+
+def _exit_status(code: int) -> bytes:
+    if code == 0:
+        return json.dumps({"metadata": {}, "status": "Success"}).encode()
+    return json.dumps(
+        {
+            "metadata": {},
+            "status": "Failure",
+            "message": f"command terminated with non-zero exit code: exit status {code}",
+            "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]},
+        }
+    ).encode()
+
+
+async def exec_handler(
+    kubelet: Kubelet, req: Request, receive: ASGIReceive, send: ASGISend
+) -> None:
+    """`pods/exec` over websocket: stdin on channel 0, stdout 1, stderr 2, the exit Status on 3;
+    v5 adds channel 255 for the client's end of stdin. No TTY."""
+    query = urllib.parse.parse_qs(req.scope.get("query_string", b"").decode())
+    command = query.get("command", [])
+    offered = list(req.scope.get("subprotocols") or [])
+    protocol = next((p for p in EXEC_PROTOCOLS if p in offered), None)
+    worker = kubelet.worker_for(req.namespace, req.name)
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    container = (query.get("container") or [""])[0]
+    run = worker.run_named(container) if worker is not None else None
+    if not command or protocol is None or run is None or run.proc is None:
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await send({"type": "websocket.accept", "subprotocol": protocol})
+    lock = trio.Lock()
+
+    async def out(channel: int, data: bytes) -> None:
+        async with lock:
+            await send({"type": "websocket.send", "bytes": bytes([channel]) + data})
+
+    try:
+        proc = await worker.spawn_exec(run, command)  # type: ignore[union-attr]
+    except OSError as exc:
+        await out(
+            3,
+            _exit_status(126)
+            if not exc.strerror
+            else json.dumps(
+                {"metadata": {}, "status": "Failure", "message": exc.strerror}
+            ).encode(),
+        )
+        await send({"type": "websocket.close", "code": 1000})
+        return
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    want_stdin = (query.get("stdin") or ["false"])[0] == "true"
+    if not want_stdin:
+        await proc.stdin.aclose()
+
+    async def pump(stream: trio.abc.ReceiveStream, channel: int) -> None:
+        try:
+            while data := await stream.receive_some(65536):
+                await out(channel, bytes(data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def from_client() -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "websocket.disconnect":
+                kill_group(proc)
+                return
+            data: Any = msg.get("bytes") or b""
+            if not data:
+                continue
+            if data[0] == 0 and want_stdin and len(data) > 1:
+                try:
+                    await proc.stdin.send_all(data[1:])  # type: ignore[union-attr]
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            elif data[0] == 255 and len(data) > 1 and data[1] == 0:
+                await proc.stdin.aclose()  # type: ignore[union-attr]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(from_client)
+        async with trio.open_nursery() as pumps:
+            pumps.start_soon(pump, proc.stdout, 1)
+            pumps.start_soon(pump, proc.stderr, 2)
+        code = await proc.wait()
+        await out(3, _exit_status(code if code >= 0 else 128 - code))
+        nursery.cancel_scope.cancel()
+    try:
+        await send({"type": "websocket.close", "code": 1000})
+    except Exception:  # the client may be gone already
+        log.debug("exec close after disconnect", exc_info=True)

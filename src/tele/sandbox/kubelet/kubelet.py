@@ -245,6 +245,7 @@ class PodWorker:
         self._cancel = trio.CancelScope()
         self._dirty = trio.Event()
         self._status_written: Obj | None = None
+        self._exec_count = 0
 
     # --- events from the store ------------------------------------------------------------
 
@@ -446,17 +447,30 @@ class PodWorker:
         return argv, env
 
     async def _spawn(
-        self, run: ContainerRun, argv: list[str], env: dict[str, str], tag: str
+        self,
+        run: ContainerRun,
+        argv: list[str],
+        env: dict[str, str],
+        tag: str,
+        *,
+        interactive: bool = False,
     ) -> trio.Process:
         spec_path = self.dir / f"launch-{run.name}-{tag}.json"
         spec_path.write_text(json.dumps(self._launch_spec(run, argv, env, tag)))
         return await trio.lowlevel.open_process(
             [sys.executable, "-m", "tele.sandbox.kubelet.launch", str(spec_path)],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE if interactive else subprocess.STDOUT,
             start_new_session=True,  # one process group per container: killed as a whole
         )
+
+    async def spawn_exec(self, run: ContainerRun, command: list[str]) -> trio.Process:
+        """`command` in the container's namespaces with stdin, stdout and stderr as pipes."""
+        module = registry.resolve(run.spec.get("image", "")) or ""
+        _, env = self._argv_env(run, module)
+        self._exec_count += 1
+        return await self._spawn(run, command, env, f"exec{self._exec_count}", interactive=True)
 
     async def exec_in(self, run: ContainerRun, command: list[str]) -> int:
         """Run `command` in the container's namespaces (exec probes); returns its exit code."""

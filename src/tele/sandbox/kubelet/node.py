@@ -3,6 +3,7 @@ cluster DNS, the in-cluster address of the API server, and the node's API subres
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from tele.sandbox.network.node import DNS_IP
 from tele.sandbox.network.proxy import serve_proxy
 from tele.sandbox.network.relay import serve_relay
 
-from .handlers import NodeHandlers
+from .handlers import NodeHandlers, exec_handler
 from .kubelet import Kubelet
 
 log = logging.getLogger(__name__)
@@ -106,4 +107,5 @@ async def serve_node(
         await nursery.start(Manager(api).serve)
         app.subresource_handlers[("pods", "log")] = handlers.log
         app.subresource_handlers[("pods", "portforward")] = handlers.portforward
+        app.subresource_handlers[("pods", "exec")] = functools.partial(exec_handler, kubelet)
         task_status.started(kubelet)
