@@ -12,7 +12,7 @@ import h11
 import trio
 
 from tele.agent.config import AgentSettings
-from tele.agent.engagements import StaticEngagements
+from tele.agent.engagements import EngagementSource
 from tele.agent.forward import serve
 from tele.manager.agentconfig import AgentConfig, ContainerConfig, Intercept
 
@@ -63,7 +63,7 @@ def settings_for(app_port: int, *, app_protocol: str = "") -> AgentSettings:
 
 @asynccontextmanager
 async def running_agent(
-    app_port: int, source: StaticEngagements, *, app_protocol: str = ""
+    app_port: int, source: EngagementSource, *, app_protocol: str = ""
 ) -> AsyncIterator[int]:
     """An agent serving one intercept (agent port 9900 -> app_port); yields its real port."""
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]

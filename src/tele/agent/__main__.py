@@ -11,31 +11,23 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
 
 import trio
 
 from tele.agent.config import AgentSettings, load
-from tele.agent.engagements import EngagementSource, StaticEngagements
 from tele.errors import TeleError, single_leaf
 
 log = logging.getLogger("tele.agent")
 
-SourceFactory = Callable[[AgentSettings], EngagementSource]
 
-
-def _default_source(settings: AgentSettings) -> EngagementSource:
-    # The manager link (ArriveAsAgent + WatchEngagements) plugs in here; without it the agent
-    # is a transparent forwarder, which is also what it must be while nothing is engaged.
-    log.warning("no traffic-manager link: serving without engagements")
-    return StaticEngagements()
-
-
-async def run_agent(settings: AgentSettings, make_source: SourceFactory = _default_source) -> None:
+async def run_agent(settings: AgentSettings) -> None:
     from tele.agent.forward import serve
+    from tele.agent.manager_link import ManagerEngagements
 
-    source = make_source(settings)
+    source = ManagerEngagements.for_settings(settings)
     async with trio.open_nursery() as nursery:
+        # Started at once, before the manager answers: until then the agent is transparent.
+        await nursery.start(source.serve)
         await nursery.start(serve, settings, source)
         ports = ", ".join(f"{i.agent_port}->{i.container_port}" for _, i in settings.intercepts())
         log.info("traffic agent %s ready on %s", settings.name, ports or "no ports")

@@ -1,0 +1,165 @@
+"""The agent's link to the traffic manager: an EngagementSource fed by the manager.
+
+The agent ARRIVEs (ArriveAsAgent) with its pod's identity and the apps' environment, keeps its
+lease with REMAIN, and WATCHes its engagements; an engaged connection or request becomes a tunnel
+OPEN with the dial id `engage.<id>` that the manager pairs with the client's DIAL-BACK
+(tele.rpc.agent_api). While the manager is unreachable the agent has no engagements, so it is
+transparent: the app keeps serving, and nothing waits on a client that cannot be reached.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import NoReturn
+
+import trio
+
+import tele
+from tele.agent.config import AgentSettings
+from tele.agent.engagements import Address
+from tele.errors import TeleError, single_leaf
+from tele.net.tunnel import Destination, Protocol
+from tele.rpc import agent_api as aapi
+from tele.rpc.client import Client
+from tele.rpc.links import Connector, LinkPool
+from tele.rpc.manager_api import REMAIN, SessionRequest
+
+log = logging.getLogger(__name__)
+
+ARRIVE_TIMEOUT = 10.0
+RETRY_MAX = 10.0
+
+
+def identity(settings: AgentSettings, environ: Mapping[str, str]) -> aapi.AgentIdentity:
+    """Who this agent is, as the manager lists it; the pod name is the pod's HOSTNAME."""
+    config = settings.config
+    return aapi.AgentIdentity(
+        pod_name=environ.get("HOSTNAME") or settings.name,
+        namespace=config.namespace,
+        pod_ip=settings.pod_ip,
+        workload_name=config.workload_name,
+        workload_kind=config.workload_kind,
+        version=tele.__version__,
+        environment=settings.app_environment(environ),
+        mounts={c.name: list(c.mounts) for c in config.containers},
+    )
+
+
+def tcp_connector(host: str, port: int) -> Connector:
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[trio.abc.Stream]:
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            yield stream
+
+    return connect
+
+
+class ManagerEngagements:
+    """Engagements as the manager says; run `serve()` in a nursery."""
+
+    def __init__(
+        self,
+        agent: aapi.AgentIdentity,
+        connect: Connector,
+        *,
+        retry_initial: float = 0.5,
+    ) -> None:
+        self.agent = agent
+        self.pool = LinkPool(connect, name="agent-manager-link")
+        self.session_id = ""
+        self._by_port: dict[int, list[aapi.Engagement]] = {}
+        self._retry_initial = retry_initial
+        self.updates = 0
+        self._updated = trio.Event()
+
+    @classmethod
+    def for_settings(cls, settings: AgentSettings) -> ManagerEngagements:
+        config = settings.config
+        return cls(
+            identity(settings, os.environ), tcp_connector(config.manager_host, config.manager_port)
+        )
+
+    def current(self, agent_port: int) -> Sequence[aapi.Engagement]:
+        return self._by_port.get(agent_port, [])
+
+    async def wait_updated(self, after: int) -> None:
+        """Until more than `after` engagement updates have been applied (for callers and tests)."""
+        while self.updates <= after:
+            await self._updated.wait()
+
+    def _set(self, engagements: Sequence[aapi.Engagement]) -> None:
+        by_port: dict[int, list[aapi.Engagement]] = {}
+        for engagement in engagements:
+            by_port.setdefault(engagement.agent_port, []).append(engagement)
+        if by_port != self._by_port:
+            log.info(
+                "engagements now: %s",
+                ", ".join(f"{e.id} ({e.mechanism}, {e.client})" for e in engagements) or "none",
+            )
+        self._by_port = by_port
+        self.updates += 1
+        self._updated.set()
+        self._updated = trio.Event()
+
+    async def open_to_client(
+        self, engagement: aapi.Engagement, original_dst: Address
+    ) -> trio.abc.HalfCloseableStream:
+        if not self.session_id:
+            raise TeleError("the traffic agent has no session with the traffic manager")
+        destination = Destination(
+            Protocol.TCP, ipaddress.ip_address(original_dst[0]), original_dst[1]
+        )
+        return await self.pool.dial(
+            destination,
+            session=self.session_id,
+            dial_id=aapi.AGENT_DIAL_PREFIX + engagement.id,
+            wait=5.0,
+        )
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Keep a session and the engagements current until cancelled. Started at once: the
+        agent's ports must serve (transparently) before the manager answers."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.pool.serve)
+            task_status.started()
+            delay = self._retry_initial
+            while True:
+                try:
+                    await self._session()
+                    delay = self._retry_initial
+                except* (TeleError, trio.BrokenResourceError) as group:
+                    log.warning("traffic-manager session: %s", single_leaf(group))
+                self.session_id = ""
+                self._set([])
+                await trio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, RETRY_MAX)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _session(self) -> None:
+        """One session: arrive, then remain and watch until either fails or the watch ends."""
+        link = await self.pool.wait_ready()
+        client = Client(link)
+        info = await client.call(aapi.ARRIVE_AS_AGENT, self.agent, timeout=ARRIVE_TIMEOUT)
+        self.session_id = info.session_id
+        log.info("arrived at the traffic manager as session %s", info.session_id)
+        request = SessionRequest(session_id=info.session_id)
+        async with trio.open_nursery() as nursery:
+
+            async def remain() -> None:
+                while True:
+                    await trio.sleep(info.lease_seconds / 3)
+                    await client.call(REMAIN, request, timeout=info.lease_seconds / 3)
+
+            nursery.start_soon(remain)
+            async with client.stream(aapi.WATCH_ENGAGEMENTS, request) as lists:
+                async for engagements in lists:
+                    self._set(engagements.engagements)
+            nursery.cancel_scope.cancel()  # the manager ended the watch: arrive again
