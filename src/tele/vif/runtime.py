@@ -312,11 +312,17 @@ class Stack:
             if out:
                 self._write_all(out)
             deadline = conn.next_deadline()
-            if deadline is not None and deadline != record.deadline:
-                record.deadline = deadline
-                heapq.heappush(self._heap, (deadline, next(self._tie), record))
-                if deadline < self._timer_at:
-                    self._timer_wake.set()
+            # Push only an earlier deadline: the retransmission timer moves later with every
+            # ACK, and an entry per move would wake the timer task per flush for nothing. An
+            # entry that fires early is re-pushed once with the connection's real deadline.
+            if deadline is not None and (record.deadline is None or deadline < record.deadline):
+                self._schedule(record, deadline)
+
+    def _schedule(self, record: _Tcp, deadline: float) -> None:
+        record.deadline = deadline
+        heapq.heappush(self._heap, (deadline, next(self._tie), record))
+        if deadline < self._timer_at:
+            self._timer_wake.set()
 
     def _write_all(self, packets: list[bytes]) -> None:
         for data in packets:
@@ -360,8 +366,14 @@ class Stack:
             while heap and heap[0][0] <= now:
                 deadline, _, record = heapq.heappop(heap)
                 if record.deadline != deadline or record.closed:
-                    continue  # superseded by a later push
+                    continue  # superseded by an earlier push
                 record.deadline = None
+                real = record.conn.next_deadline()
+                if real is None:
+                    continue
+                if real > now:
+                    self._schedule(record, real)
+                    continue
                 record.conn.on_timer(now)
                 self._after_input(record)
             for flow in self._udp.expire(now):
