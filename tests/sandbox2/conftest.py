@@ -60,6 +60,11 @@ class Kubectl:
     sandbox: NodeSandbox
     namespace: str
 
+    def command(self) -> list[str]:
+        kubectl = shutil.which("kubectl")
+        assert kubectl is not None
+        return [kubectl, "--kubeconfig", str(self.sandbox.kubeconfig), "-n", self.namespace]
+
     def run(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:

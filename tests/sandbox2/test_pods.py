@@ -4,7 +4,11 @@ token that authenticates against the API; StatefulSet names in DNS; an unknown i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -88,3 +92,61 @@ def test_statefulset_dns_and_unknown_image(kubectl: Kubectl) -> None:
     ).stdout
     messages = [e["message"] for e in json.loads(events)["items"]]
     assert any("registry.example.com/nowhere/app:1.0" in m for m in messages)
+
+
+def test_downward_api_labels_refresh(kubectl: Kubectl) -> None:
+    script = "while true; do echo labels: $(tr '\\n' ' ' < /etc/podinfo/labels); sleep 0.2; done"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "podinfo", "labels": {"app": "podinfo"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "volumes": [
+                {
+                    "name": "info",
+                    "downwardAPI": {
+                        "items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]
+                    },
+                }
+            ],
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "tele-sandbox/worker",
+                    "command": ["sh", "-c", script],
+                    "volumeMounts": [{"name": "info", "mountPath": "/etc/podinfo"}],
+                }
+            ],
+        },
+    }
+    kubectl.run("apply", "-f", "-", input=json.dumps(pod))
+    kubectl.run("wait", "--for=condition=Ready", "pod/podinfo", "--timeout=30s")
+    kubectl.run("label", "pod", "podinfo", "stage=two")
+    follow = subprocess.Popen(
+        [*kubectl.command(), "logs", "-f", "podinfo"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        with _deadline(follow, 20):
+            assert follow.stdout is not None
+            for line in follow.stdout:
+                if 'stage="two"' in line:
+                    break
+            else:
+                raise AssertionError("the label never reached the downward API file")
+    finally:
+        follow.kill()
+        follow.wait()
+        if follow.stdout is not None:
+            follow.stdout.close()
+
+
+@contextlib.contextmanager
+def _deadline(proc: subprocess.Popen[str], seconds: float) -> Iterator[None]:
+    """Kill `proc` (ending the read loop) if the block takes longer than `seconds`."""
+    timer = threading.Timer(seconds, proc.kill)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
