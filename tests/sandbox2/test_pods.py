@@ -49,6 +49,12 @@ def test_statefulset_dns_and_unknown_image(kubectl: Kubectl) -> None:
         ]
     }
     assert set(pods) == {"web-0", "web-1"}
+    uids = {
+        p["metadata"]["uid"]
+        for p in json.loads(kubectl.run("get", "pods", "-l", "app=web", "-o", "json").stdout)[
+            "items"
+        ]
+    }
     script = (
         "getent hosts web-0.web | cut -d' ' -f1; getent ahostsv4 web | cut -d' ' -f1 | sort -u; "
         "curl -s http://web-1.web:8080/x"
@@ -72,6 +78,14 @@ def test_statefulset_dns_and_unknown_image(kubectl: Kubectl) -> None:
     assert lines[0] == pods["web-0"]
     assert sorted(lines[1:3]) == sorted(pods.values())
     assert json.loads(lines[3])["pod"] == "web-1"
+
+    # A new template rolls out from the highest ordinal down; names and DNS stay.
+    kubectl.run("rollout", "restart", "statefulset/web")
+    kubectl.run("rollout", "status", "statefulset/web", "--timeout=60s")
+    after = json.loads(kubectl.run("get", "pods", "-l", "app=web", "-o", "json").stdout)["items"]
+    assert sorted(p["metadata"]["name"] for p in after) == ["web-0", "web-1"]
+    assert not {p["metadata"]["uid"] for p in after} & uids
+    assert len({p["metadata"]["labels"]["controller-revision-hash"] for p in after}) == 1
 
     reason = kubectl.run(
         "get",

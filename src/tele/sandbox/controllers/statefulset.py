@@ -1,12 +1,15 @@
 """StatefulSet controller: pods `<name>-0..N-1` with stable hostnames under the headless Service,
-created in order (OrderedReady waits for each to be Ready) and removed from the highest."""
+created in order (OrderedReady waits for each to be Ready) and removed from the highest; a new
+template rolls out from the highest ordinal down, one pod at a time (RollingUpdate)."""
 
 from __future__ import annotations
 
+from .deployment import template_hash
 from .manager import Manager, Obj, pod_ready, rt
 from .replicaset import is_active, owned_pods, pod_from_template
 
 STS = rt("apps", "StatefulSet")
+REVISION_LABEL = "controller-revision-hash"
 POD = rt("", "Pod")
 
 
@@ -17,6 +20,7 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
     spec = sts.get("spec") or {}
     wanted = int(spec.get("replicas", 1))
     ordered = spec.get("podManagementPolicy", "OrderedReady") == "OrderedReady"
+    revision = f"{name}-{template_hash(spec.get('template') or {})}"
     pods = {p["metadata"]["name"]: p for p in owned_pods(mgr, namespace, sts["metadata"]["uid"])}
     for i in range(wanted):
         pod_name = f"{name}-{i}"
@@ -27,6 +31,7 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
             body = pod_from_template(sts, spec.get("template") or {}, name=pod_name)
             body["metadata"]["labels"]["statefulset.kubernetes.io/pod-name"] = pod_name
             body["metadata"]["labels"]["apps.kubernetes.io/pod-index"] = str(i)
+            body["metadata"]["labels"][REVISION_LABEL] = revision
             body["spec"]["hostname"] = pod_name
             if spec.get("serviceName"):
                 body["spec"]["subdomain"] = spec["serviceName"]
@@ -48,15 +53,28 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
                 break
     active = [p for p in owned_pods(mgr, namespace, sts["metadata"]["uid"]) if is_active(p)]
     ready = sum(1 for p in active if pod_ready(p))
+    strategy = (spec.get("updateStrategy") or {}).get("type", "RollingUpdate")
+    outdated = sorted(
+        (p for p in active if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) != revision),
+        key=lambda p: -int(p["metadata"]["name"].rsplit("-", 1)[1]),
+    )
+    if strategy == "RollingUpdate" and outdated and len(active) == wanted and ready == wanted:
+        # Replace the highest outdated ordinal; its successor is created once it is gone.
+        await mgr.api.delete(POD, namespace, outdated[0]["metadata"]["name"], {}, mgr.ctx)
+    updated = len(active) - len(outdated)
     sts = mgr.api.store.get(STS.key, namespace, name)
     if sts is None:
         return
+    previous = (sts.get("status") or {}).get("currentRevision") or revision
+    current = revision if not outdated and len(active) == wanted else previous
     status: Obj = {
         "observedGeneration": sts["metadata"].get("generation", 1),
         "replicas": len(active),
         "readyReplicas": ready,
-        "currentReplicas": len(active),
-        "updatedReplicas": len(active),
+        "currentReplicas": updated if current == revision else len(outdated),
+        "updatedReplicas": updated,
+        "currentRevision": current,
+        "updateRevision": revision,
         "availableReplicas": ready,
         "collisionCount": 0,
     }
