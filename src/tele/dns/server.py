@@ -33,6 +33,7 @@ NEGATIVE_TTL: Final = 4.0
 UPSTREAM_TIMEOUT: Final = 3.0
 MAX_IN_FLIGHT: Final = 256
 """Queries answered at once; more wait (UDP: are dropped) so a flood cannot grow memory."""
+MAX_TCP_CONNECTIONS: Final = 64
 UDP_MAX: Final = 512
 _TCP_LEN = struct.Struct("!H")
 
@@ -273,11 +274,17 @@ async def serve_tcp(resolver: Resolver, listener: trio.SocketListener) -> None:
                             return
                         await stream.send_all(_TCP_LEN.pack(len(reply)) + reply)
 
+    limit = trio.CapacityLimiter(MAX_TCP_CONNECTIONS)
+
     async def guarded(stream: trio.SocketStream) -> None:
-        try:
-            await connection(stream)
-        except (trio.BrokenResourceError, OSError):
-            pass
+        if limit.borrowed_tokens >= MAX_TCP_CONNECTIONS:
+            await stream.aclose()  # full: the client falls back to another server or UDP
+            return
+        async with limit:
+            try:
+                await connection(stream)
+            except (trio.BrokenResourceError, OSError):
+                pass
 
     await trio.serve_listeners(guarded, [listener])
 
