@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -78,13 +79,20 @@ async def running_agent(
         nursery.cancel_scope.cancel()
 
 
-async def _listen(nursery: trio.Nursery, server: Server, handler: object) -> Server:
+async def _listen(
+    nursery: trio.Nursery, server: Server, handler: object, tls: ssl.SSLContext | None = None
+) -> Server:
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     server.port = listener.socket.getsockname()[1]
 
-    async def counted(stream: trio.SocketStream) -> None:
+    async def counted(stream: trio.abc.Stream) -> None:
         server.connections += 1
-        await handler(stream)  # type: ignore[operator]
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls, server_side=True)
+        try:
+            await handler(stream)  # type: ignore[operator]
+        except trio.BrokenResourceError:
+            pass  # a caller that went away mid-exchange
 
     nursery.start_soon(trio.serve_listeners, counted, [listener])
     return server
@@ -109,12 +117,14 @@ async def start_tcp_server(nursery: trio.Nursery, name: str) -> Server:
     return await _listen(nursery, server, handle)
 
 
-async def start_http_server(nursery: trio.Nursery, name: str) -> Server:
+async def start_http_server(
+    nursery: trio.Nursery, name: str, *, tls: ssl.SSLContext | None = None
+) -> Server:
     """HTTP/1.1 keep-alive: 200 with body `<name> <method> <target> <body length>` and header
     `x-served-by: <name>`; an `Upgrade: echo` request gets 101 and then an echo of raw bytes."""
     server = Server(name)
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def handle(stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER)
 
         async def next_event() -> object:
@@ -166,20 +176,24 @@ async def start_http_server(nursery: trio.Nursery, name: str) -> Server:
                     return
                 conn.start_next_cycle()
 
-    return await _listen(nursery, server, handle)
+    return await _listen(nursery, server, handle, tls)
 
 
 class HttpClient:
     """One HTTP/1.1 connection; `request` sends one and returns (status, headers, body)."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.conn = h11.Connection(h11.CLIENT)
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, port: int) -> AsyncIterator[HttpClient]:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async def connect(
+        cls, port: int, *, tls: ssl.SSLContext | None = None, server_hostname: str = ""
+    ) -> AsyncIterator[HttpClient]:
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls, server_hostname=server_hostname)
         async with stream:
             yield cls(stream)
 

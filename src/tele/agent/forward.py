@@ -11,6 +11,7 @@ in http mode, the next request), never bytes already in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import NoReturn
@@ -21,6 +22,7 @@ from tele.agent import http
 from tele.agent.config import AgentSettings
 from tele.agent.engagements import EngagementSource
 from tele.agent.errors import UpstreamFailed
+from tele.agent.tls import TlsTermination
 from tele.agent.upstream import Upstreams, abort, relay
 from tele.errors import ConnectionFailed
 from tele.manager.agentconfig import Intercept
@@ -54,9 +56,11 @@ async def serve(
     *,
     listeners: Mapping[int, trio.SocketListener] | None = None,
     app_host: str = "127.0.0.1",
+    tls: TlsTermination | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Serve every agent port until cancelled. `listeners` (by agent port) default to new ones."""
+    """Serve every agent port until cancelled. `listeners` (by agent port) default to new ones;
+    `tls` terminates callers' TLS on connections handled by the http mechanism."""
     if listeners is None:
         listeners = await open_listeners(settings)
     async with trio.open_nursery() as nursery:
@@ -74,6 +78,7 @@ async def serve(
                 agent_port=intercept.agent_port,
                 app=(app_host, intercept.container_port),
                 original_dst=(settings.pod_ip, intercept.container_port),
+                tls=tls,
             )
             nursery.start_soon(serve_port, listeners[intercept.agent_port], upstreams, intercept)
         task_status.started()
@@ -97,7 +102,7 @@ async def handle_connection(
         engaged = upstreams.source.current(upstreams.agent_port)
         whole = next((e for e in engaged if e.mechanism == "tcp"), None)
         if whole is None and any(e.mechanism == "http" for e in engaged):
-            await http.serve_connection(stream, upstreams, app_protocol=app_protocol)
+            await _serve_http(stream, upstreams, app_protocol)
             return
         try:
             target = await upstreams.open(whole)
@@ -107,3 +112,18 @@ async def handle_connection(
             return
         async with target:
             await relay(stream, target)
+
+
+async def _serve_http(stream: trio.SocketStream, upstreams: Upstreams, app_protocol: str) -> None:
+    if upstreams.tls is None:
+        await http.serve_connection(stream, upstreams, app_protocol=app_protocol)
+        return
+    try:
+        secured = await upstreams.tls.accept(stream)
+    except UpstreamFailed as exc:
+        log.info("%s", exc)
+        return
+    alpn = secured.selected_alpn_protocol()
+    await http.serve_connection(
+        secured, dataclasses.replace(upstreams, alpn=alpn), app_protocol=app_protocol
+    )

@@ -154,7 +154,7 @@ class _Peer:
 
 
 async def serve_connection(
-    stream: trio.SocketStream, upstreams: Upstreams, first: bytes, router: Router
+    stream: trio.abc.Stream, upstreams: Upstreams, first: bytes, router: Router
 ) -> None:
     """Serve one h2c caller connection (its first bytes already read) until it ends."""
     down = _Peer(stream, client_side=False, label="the caller")

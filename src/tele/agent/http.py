@@ -39,7 +39,7 @@ MAX_HEAD: Final = 64 * 1024
 
 
 async def serve_connection(
-    stream: trio.SocketStream, upstreams: Upstreams, *, app_protocol: str = ""
+    stream: trio.abc.Stream, upstreams: Upstreams, *, app_protocol: str = ""
 ) -> None:
     """Serve one caller connection in http mode until it ends (does not close `stream`)."""
     first = b""
@@ -69,7 +69,7 @@ class _ProtocolBroken(Exception):
 class _Upstream:
     """A kept-alive HTTP/1.1 connection to one destination, for one caller connection."""
 
-    def __init__(self, stream: trio.abc.HalfCloseableStream, label: str) -> None:
+    def __init__(self, stream: trio.abc.Stream, label: str) -> None:
         self.stream = stream
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.label = label
@@ -97,7 +97,7 @@ class _Upstream:
 class Http1Proxy:
     """One caller connection in http mode, HTTP/1.1."""
 
-    def __init__(self, stream: trio.SocketStream, upstreams: Upstreams, router: Router) -> None:
+    def __init__(self, stream: trio.abc.Stream, upstreams: Upstreams, router: Router) -> None:
         self.stream = stream
         self.upstreams = upstreams
         self.router = router
@@ -125,8 +125,9 @@ class Http1Proxy:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("caller connection ended: %r", exc)
         finally:
-            # Shielded: under cancellation the first aclose would raise and skip the rest.
-            with trio.CancelScope(shield=True):
+            # Shielded: under cancellation the first aclose would raise and skip the rest; bounded:
+            # a TLS close_notify to a peer that no longer reads must not hold the task.
+            with trio.move_on_after(2, shield=True):
                 for upstream in self.pool.values():
                     await upstream.stream.aclose()
 

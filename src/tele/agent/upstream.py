@@ -16,6 +16,7 @@ import trio
 
 from tele.agent.engagements import Address, EngagementSource
 from tele.agent.errors import UpstreamFailed
+from tele.agent.tls import TlsTermination
 from tele.errors import TeleError
 from tele.rpc.agent_api import Engagement
 
@@ -36,6 +37,10 @@ class Upstreams:
     """The app's port, in the pod's network namespace (127.0.0.1:containerPort)."""
     original_dst: Address
     """What callers addressed: the pod IP and the container port (passed to the client)."""
+    tls: TlsTermination | None = None
+    """Set when the agent terminates callers' TLS in http mode (tele.agent.tls)."""
+    alpn: str | None = None
+    """The protocol a TLS caller negotiated: offered to the app on this connection's behalf."""
 
     def describe(self, engagement: Engagement | None) -> str:
         if engagement is None:
@@ -43,15 +48,21 @@ class Upstreams:
         who = f" of {engagement.client}" if engagement.client else ""
         return f"the local handler{who} (engagement {engagement.id})"
 
-    async def open(self, engagement: Engagement | None) -> trio.abc.HalfCloseableStream:
-        """A new stream to the app (None) or to `engagement`'s client; UpstreamFailed if not."""
+    async def open(self, engagement: Engagement | None) -> trio.abc.Stream:
+        """A new stream to the app (None) or to `engagement`'s client; UpstreamFailed if not.
+        With TLS termination the app's stream is TLS again; the client's is plaintext."""
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                if engagement is None:
-                    return await trio.open_tcp_stream(*self.app)
-                return await self.source.open_to_client(engagement, self.original_dst)
+                if engagement is not None:
+                    return await self.source.open_to_client(engagement, self.original_dst)
+                stream = await trio.open_tcp_stream(*self.app)
+                if self.tls is None:
+                    return stream
+                return await self.tls.to_app_stream(stream, self.alpn)
         except trio.TooSlowError:
             raise UpstreamFailed(f"{self.describe(engagement)} did not answer in time.") from None
+        except UpstreamFailed:
+            raise
         except (OSError, TeleError, trio.BrokenResourceError, KeyError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise UpstreamFailed(
@@ -61,6 +72,8 @@ class Upstreams:
 
 def abort(stream: trio.abc.Stream) -> None:
     """Make closing `stream` a TCP RST, so a failure on one side reaches the other as one."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     if isinstance(stream, trio.SocketStream):
         try:
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -69,23 +82,25 @@ def abort(stream: trio.abc.Stream) -> None:
 
 
 async def relay(
-    a: trio.abc.HalfCloseableStream,
-    b: trio.abc.HalfCloseableStream,
+    a: trio.abc.Stream,
+    b: trio.abc.Stream,
     *,
     read_size: int = READ_SIZE,
 ) -> bool:
-    """Copy both ways until both directions ended; EOF is passed on as a half-close.
+    """Copy both ways until both directions ended; EOF is passed on as a half-close (a TLS
+    stream cannot half-close: its direction just ends there).
 
     A failure either way aborts both streams (RST) and ends the relay. Returns True after a clean
     end. Closes neither stream.
     """
     failed: list[bool] = []
 
-    async def pump(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream) -> None:
+    async def pump(src: trio.abc.Stream, dst: trio.abc.Stream) -> None:
         try:
             while data := await src.receive_some(read_size):
                 await dst.send_all(data)
-            await dst.send_eof()
+            if isinstance(dst, trio.abc.HalfCloseableStream):
+                await dst.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("relay ended by %r", exc)
             if not failed:
