@@ -77,8 +77,15 @@ class H2ServerConnection:
         self.stream = stream
         self.client = client
         self.server = server
+        # Header validation and normalization cost more per request than the request itself;
+        # our own headers are well-formed and hpack rejects malformed input anyway.
         config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=False
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=False,
+            validate_outbound_headers=False,
+            normalize_inbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self.conn = h2.connection.H2Connection(config)
         self.conn.local_settings = h2.settings.Settings(
