@@ -9,10 +9,8 @@ in one request is logged and answered with 500 without touching any other reques
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,12 +22,11 @@ import yaml
 
 from . import discovery, protobuf, schemas
 from .auth import User
-from .errors import ApiError, bad_request, gone, method_not_allowed, not_found
+from .errors import ApiError, bad_request, gone, method_not_allowed
 from .kinds import RESOURCES, ResourceType, by_plural, group_versions
 from .rbac import Attributes
 from .rest import Api, Ctx
 from .selectors import (
-    from_label_selector_object,
     matches_fields,
     matches_labels,
     parse_field_selector,
@@ -466,7 +463,6 @@ class ApiApp:
     ) -> None:
         rt, sub = req.rt, req.subresource
         assert rt is not None
-        ctx_needed = verb in ("create", "update", "patch")
         if sub == "status":
             if verb == "get":
                 await self._respond_object(
@@ -544,7 +540,6 @@ class ApiApp:
                 f"{sub} is not available for pod {req.name}: the sandbox node is not running"
             )
         else:
-            del ctx_needed
             raise method_not_allowed()
 
     async def _websocket(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -889,15 +884,3 @@ async def _cancel_on_disconnect(receive: ASGIReceive, scope: trio.CancelScope) -
         if message["type"] == "http.disconnect":
             scope.cancel()
             return
-
-
-# Re-exported for tests and the node part: building selectors from LabelSelector objects.
-__all__ = [
-    "ApiApp",
-    "Request",
-    "SubresourceHandler",
-    "from_label_selector_object",
-    "json",
-    "not_found",
-    "time",
-]

@@ -92,24 +92,8 @@ def method_not_allowed() -> ApiError:
     )
 
 
-def unsupported_media_type(content_type: str) -> ApiError:
-    return ApiError(
-        415,
-        "UnsupportedMediaType",
-        "the body of the request was in an unknown format - accepted media types include: "
-        "application/json, application/yaml, application/vnd.kubernetes.protobuf; got "
-        f'"{content_type}"',
-    )
-
-
 def gone(message: str) -> ApiError:
     return ApiError(410, "Expired", message)
-
-
-def forbidden_message(
-    message: str, resource: str = "", name: str = "", group: str = ""
-) -> ApiError:
-    return ApiError(403, "Forbidden", message, details=_details(resource, name or None, group))
 
 
 class Cause:

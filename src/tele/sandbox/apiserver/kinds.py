@@ -259,9 +259,3 @@ def by_kind(group: str, kind: str) -> ResourceType | None:
 def kind_of(group: str, kind: str) -> ResourceType:
     """The served kind (for kinds this module defines; a KeyError is a bug)."""
     return _BY_KIND[(group, kind)]
-
-
-def by_api_version(api_version: str, kind: str) -> ResourceType | None:
-    group, _, version = api_version.rpartition("/")
-    rt = _BY_KIND.get((group, kind))
-    return rt if rt is not None and rt.version == version else None

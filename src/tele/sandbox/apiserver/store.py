@@ -9,7 +9,7 @@ The store does no I/O: listeners are plain callbacks invoked synchronously on ea
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,11 +67,6 @@ class Store:
         objs = self._objects.get(resource, {})
         keys = sorted(objs) if namespace is None else sorted(k for k in objs if k[0] == namespace)
         return [objs[k] for k in keys]
-
-    def iter_all(self) -> Iterator[tuple[str, Obj]]:
-        for resource, objs in self._objects.items():
-            for obj in objs.values():
-                yield resource, obj
 
     def by_uid(self, uid: str) -> tuple[str, Obj] | None:
         where = self._uids.get(uid)
@@ -175,11 +170,6 @@ class Store:
                 out.append(event)
         out.reverse()
         return out
-
-    def bump(self) -> int:
-        """Advance the counter without a change (bookmarks after compaction in tests)."""
-        self._rv += 1
-        return self._rv
 
 
 def _key(obj: Obj) -> ObjKey:
