@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import h2.exceptions
+import pytest
 import trio
 
 from tele.agent.engagements import StaticEngagements
+from tele.agent.h2c import FrameGuard
 from tele.rpc.agent_api import Engagement
 from tests.agent.servers import AGENT_PORT, h2c_requests, running_agent, start_h2c_server
 
@@ -68,3 +71,41 @@ async def test_unreachable_handler_gets_a_502_stream_and_others_still_reach_the_
     (status, body), second = results
     assert status == 502 and body.startswith("tele traffic agent: the local handler")
     assert second == (200, "app POST /yours 2")
+
+
+async def test_broken_http2_gets_goaway_and_other_connections_go_on() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            app = await start_h2c_server(nursery, "app")
+            engagement = Engagement(
+                id="e1",
+                container="echo",
+                agent_port=AGENT_PORT,
+                mechanism="http",
+                path_equal=["/mine"],
+            )
+            async with running_agent(app.port, StaticEngagements([engagement])) as agent:
+                bad = await trio.open_tcp_stream("127.0.0.1", agent)
+                async with bad:
+                    # The preface, then a DATA frame on stream 0 (a connection error).
+                    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                    await bad.send_all(preface + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+                    answer = b""
+                    while data := await bad.receive_some(4096):
+                        answer += data
+                results = await h2c_requests(agent, [("/yours", [], b"x")])
+            nursery.cancel_scope.cancel()
+    # The agent's SETTINGS, then GOAWAY (frame type 7), then it closed the connection.
+    assert b"\x07\x00\x00\x00\x00\x00" in answer
+    assert results == [(200, "app POST /yours 1")]
+
+
+def test_frame_guard_refuses_an_overlong_frame_at_its_header() -> None:
+    guard = FrameGuard(16384, preface=24)
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    data_ok = b"\x00\x40\x00\x00\x00\x00\x00\x00\x01" + b"x" * 16384
+    stream = b"P" * 24 + settings + data_ok
+    for i in range(len(stream)):  # any split of the bytes
+        guard.feed(stream[i : i + 1])
+    with pytest.raises(h2.exceptions.FrameTooLargeError):
+        guard.feed(b"\x00\x40\x01\x00\x00\x00\x00\x00\x01")  # 16385 bytes declared

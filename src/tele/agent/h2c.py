@@ -32,8 +32,44 @@ from tele.rpc.agent_api import Engagement
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _CLOSED: Final = object()
 """Put on a stream's queue when its connection ended: nothing more will come."""
+
+
+class FrameGuard:
+    """Checks each inbound frame's declared length before h2 sees it (sans-IO).
+
+    h2 4.x buffers a frame up to its declared length (up to 16 MiB) before checking it against
+    SETTINGS_MAX_FRAME_SIZE, so one caller could make the agent hold 16 MiB per connection; this
+    walks the frame headers as bytes arrive and refuses an overlong frame at its header.
+    """
+
+    def __init__(self, max_frame: int, *, preface: int = 0) -> None:
+        self.max_frame = max_frame
+        self._skip = preface  # bytes until the next frame header (the client preface first)
+        self._header = b""
+
+    def feed(self, data: bytes) -> None:
+        """Raise h2's FrameTooLargeError for a frame longer than `max_frame`."""
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                step = min(self._skip, len(view))
+                self._skip -= step
+                view = view[step:]
+                continue
+            need = 9 - len(self._header)
+            self._header += bytes(view[:need])
+            view = view[need:]
+            if len(self._header) == 9:
+                length = int.from_bytes(self._header[:3], "big")
+                self._header = b""
+                if length > self.max_frame:
+                    raise h2.exceptions.FrameTooLargeError(
+                        f"a frame of {length} bytes exceeds the limit of {self.max_frame}"
+                    )
+                self._skip = length
 
 
 class _Peer:
@@ -44,19 +80,50 @@ class _Peer:
             client_side=client_side, header_encoding=None, validate_inbound_headers=True
         )
         self.conn = h2.connection.H2Connection(config=config)
+        self.guard = FrameGuard(
+            self.conn.max_inbound_frame_size, preface=0 if client_side else len(PREFACE)
+        )
         self.stream = stream
         self.label = label
         self.queues: dict[int, trio.MemorySendChannel[Any]] = {}
         self._send_lock = trio.Lock()
+        self._dirty = trio.Event()
         self._window = trio.Event()
         self.closed = False
 
     async def flush(self) -> None:
-        # Taken under the lock: two tasks flushing must not reorder their frames.
+        """Have the writer send what h2 has queued. Stream tasks never write to the socket
+        themselves: a task cancelled halfway through a write would cut a frame in two and
+        break every other stream of the connection."""
+        self._dirty.set()
+        await trio.lowlevel.checkpoint()
+
+    async def _send_pending(self) -> None:
         async with self._send_lock:
             data = self.conn.data_to_send()
             if data:
                 await self.stream.send_all(data)
+
+    async def _writer(self, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                await self._dirty.wait()
+                self._dirty = trio.Event()
+                await self._send_pending()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("%s: write failed: %r", self.label, exc)
+            scope.cancel()
+
+    async def run(
+        self, on_request: Callable[[int, Headers], None] | None = None, first: bytes = b""
+    ) -> None:
+        """Read and write until the connection ends (see read_loop)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer, nursery.cancel_scope)
+            await self.read_loop(on_request, first)
+            with trio.move_on_after(1):  # a last GOAWAY, if the peer still reads
+                await self._send_pending()
+            nursery.cancel_scope.cancel()
 
     def open_queue(self, stream_id: int) -> trio.MemoryReceiveChannel[Any]:
         send, receive = trio.open_memory_channel[Any](float("inf"))
@@ -99,6 +166,7 @@ class _Peer:
                 first = b""
                 if not data:
                     return
+                self.guard.feed(bytes(data))
                 events = self.conn.receive_data(bytes(data))
                 for event in events:
                     if not self._dispatch(event, on_request):
@@ -107,10 +175,6 @@ class _Peer:
         except h2.exceptions.ProtocolError as exc:
             log.info("%s broke HTTP/2: %s", self.label, exc)
             self.conn.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            try:
-                await self.flush()
-            except (trio.BrokenResourceError, OSError):
-                pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("%s ended: %r", self.label, exc)
         finally:
@@ -172,11 +236,6 @@ async def serve_connection(
                     target = await upstreams.open(engagement)
                     peer = _Peer(target, client_side=True, label=upstreams.describe(engagement))
                     peer.conn.initiate_connection()
-                    try:
-                        await peer.flush()
-                    except (trio.BrokenResourceError, OSError) as exc:
-                        await target.aclose()
-                        raise UpstreamFailed(f"{peer.label} broke off: {exc!r}.") from exc
                     peers[key] = peer
                     nursery.start_soon(_run_upstream, peer)
                 return peer
@@ -187,16 +246,13 @@ async def serve_connection(
                 _proxy_stream, down, stream_id, headers, queue, upstreams, router, upstream_for
             )
 
-        try:
-            await down.read_loop(on_request, first)
-        except (trio.BrokenResourceError, OSError):
-            pass
+        await down.run(on_request, first)
         nursery.cancel_scope.cancel()  # the caller is gone: its streams and upstreams too
 
 
 async def _run_upstream(peer: _Peer) -> None:
     async with peer.stream:
-        await peer.read_loop()
+        await peer.run()
 
 
 def _header(headers: Headers, name: bytes) -> str:
