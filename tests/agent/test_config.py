@@ -42,6 +42,8 @@ def test_load_reads_config_name_pod_ip_and_app_env() -> None:
         ({"_TEL_AGENT_CONFIG": "{not json"}, "not a valid agent configuration"),
         ({"_TEL_AGENT_CONFIG": '{"agent_name": 3}'}, "not a valid agent configuration"),
         (env_with(good_config(), _TEL_AGENT_POD_IP="pod"), "not an IP address"),
+        (env_with(good_config(), _TEL_AGENT_TLS_CERT="/c"), "must be set together"),
+        (env_with(good_config(), _TEL_AGENT_APP_TLS="maybe"), "use true or false"),
     ],
 )
 def test_config_errors_are_one_sentence(environ: dict[str, str], words: str) -> None:

@@ -11,6 +11,8 @@ import argparse
 import logging
 import os
 import sys
+from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -23,12 +25,21 @@ log = logging.getLogger("tele.agent")
 async def run_agent(settings: AgentSettings) -> None:
     from tele.agent.forward import serve
     from tele.agent.manager_link import ManagerEngagements
+    from tele.agent.tls import TlsTermination
 
+    tls = None
+    if settings.tls_cert:
+        tls = TlsTermination.from_files(
+            Path(settings.tls_cert),
+            Path(settings.tls_key),
+            app_tls=settings.app_tls,
+            app_ca=Path(settings.app_ca) if settings.app_ca else None,
+        )
     source = ManagerEngagements.for_settings(settings)
     async with trio.open_nursery() as nursery:
         # Started at once, before the manager answers: until then the agent is transparent.
         await nursery.start(source.serve)
-        await nursery.start(serve, settings, source)
+        await nursery.start(partial(serve, tls=tls), settings, source)
         ports = ", ".join(f"{i.agent_port}->{i.container_port}" for _, i in settings.intercepts())
         log.info("traffic agent %s ready on %s", settings.name, ports or "no ports")
 

@@ -15,6 +15,13 @@ CONFIG_ENV = "_TEL_AGENT_CONFIG"
 NAME_ENV = "_TEL_AGENT_NAME"
 POD_IP_ENV = "_TEL_AGENT_POD_IP"
 APP_ENV_PREFIX = "_TEL_APP_"
+TLS_CERT_ENV = "_TEL_AGENT_TLS_CERT"
+TLS_KEY_ENV = "_TEL_AGENT_TLS_KEY"
+APP_TLS_ENV = "_TEL_AGENT_APP_TLS"
+APP_CA_ENV = "_TEL_AGENT_APP_CA"
+"""TLS termination (the webhook sets these when the workload names a terminating secret): the
+certificate and key files, whether the app itself speaks TLS behind the agent (default yes when
+terminating), and an optional CA file to verify the app's certificate."""
 
 
 class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -23,6 +30,10 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     pod_ip: str
     config: AgentConfig
+    tls_cert: str = ""
+    tls_key: str = ""
+    app_tls: bool = True
+    app_ca: str = ""
 
     def intercepts(self) -> list[tuple[str, Intercept]]:
         return self.config.intercepts()
@@ -73,7 +84,21 @@ def load(environ: Mapping[str, str]) -> AgentSettings:
         except ValueError:
             raise AgentConfigError(f"{POD_IP_ENV} is {pod_ip!r}, not an IP address.") from None
     name = environ.get(NAME_ENV, "").strip() or config.agent_name
-    return AgentSettings(name=name, pod_ip=pod_ip or "127.0.0.1", config=config)
+    cert, key = environ.get(TLS_CERT_ENV, "").strip(), environ.get(TLS_KEY_ENV, "").strip()
+    if bool(cert) != bool(key):
+        raise AgentConfigError(f"{TLS_CERT_ENV} and {TLS_KEY_ENV} must be set together.")
+    app_tls = environ.get(APP_TLS_ENV, "true").strip().lower()
+    if app_tls not in ("true", "false"):
+        raise AgentConfigError(f"{APP_TLS_ENV} is {app_tls!r}; use true or false.")
+    return AgentSettings(
+        name=name,
+        pod_ip=pod_ip or "127.0.0.1",
+        config=config,
+        tls_cert=cert,
+        tls_key=key,
+        app_tls=app_tls == "true",
+        app_ca=environ.get(APP_CA_ENV, "").strip(),
+    )
 
 
 def _first_line(exc: Exception) -> str:
