@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 _encoder = msgspec.json.Encoder()
 _PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version", "/version/"})
 _WATCH_QUEUE = 4096
+_LINE_CACHE = 256
 
 
 class Disconnected(Exception):
@@ -87,6 +89,9 @@ class ApiApp:
         self.bookmark_interval = bookmark_interval
         # (resource, subresource) -> handler, e.g. ("pods", "log"); filled in by the node part.
         self.subresource_handlers: dict[tuple[str, str], SubresourceHandler] = {}
+        # Recently encoded watch lines by (event type, object identity); stored objects are
+        # never mutated, and the object is kept so its id cannot be reused while cached.
+        self._lines: OrderedDict[tuple[str, int], tuple[Obj, bytes]] = OrderedDict()
 
     # --- ASGI entry ------------------------------------------------------------------------
 
@@ -834,13 +839,32 @@ class ApiApp:
                 continue
             translated = _translate(event, labels, fields)
             if translated is not None:
-                await self._chunk(send, self._event(rt, translated[0], translated[1], as_table))
+                await self._send_line(
+                    send, self._encoded(rt, translated[0], translated[1], as_table)
+                )
 
     def _event(self, rt: ResourceType, kind: str, obj: Obj, as_table: bool) -> Obj:
         if as_table:
             meta = {"resourceVersion": obj["metadata"].get("resourceVersion", "")}
             return {"type": kind, "object": table(rt.kind, [obj], meta, self.api.clock())}
         return {"type": kind, "object": obj}
+
+    def _encoded(self, rt: ResourceType, kind: str, obj: Obj, as_table: bool) -> bytes:
+        """One watch line; plain events are encoded once and shared by every watcher."""
+        if as_table:
+            return _encoder.encode(self._event(rt, kind, obj, as_table)) + b"\n"
+        key = (kind, id(obj))
+        cached = self._lines.get(key)
+        if cached is not None and cached[0] is obj:
+            return cached[1]
+        line = _encoder.encode({"type": kind, "object": obj}) + b"\n"
+        self._lines[key] = (obj, line)
+        if len(self._lines) > _LINE_CACHE:
+            self._lines.popitem(last=False)
+        return line
+
+    async def _send_line(self, send: ASGISend, line: bytes) -> None:
+        await send({"type": "http.response.body", "body": line, "more_body": True})
 
     async def _chunk(self, send: ASGISend, event: Obj) -> None:
         await send(
