@@ -148,6 +148,9 @@ def test_connect_status_list_quit(
     listed = run_tele(tele_env, "list", "-n", "default", "-o", "json")
     assert listed.returncode == 0, listed.stderr
     assert [(w["name"], w["kind"]) for w in json.loads(listed.stdout)] == [("web", "Deployment")]
+    as_text = run_tele(tele_env, "list", "-n", "default")
+    assert as_text.returncode == 0, as_text.stderr
+    assert "web" in as_text.stdout and "Deployment" in as_text.stdout
 
     # Heartbeats keep the 2 s lease alive across several lease periods.
     manager.wait_for_log("client 0.1.0")

@@ -113,3 +113,24 @@ async def test_wrong_token_is_unauthorized(sandbox_api: ClusterInfo, tmp_path: P
         with pytest.raises(ApiError) as info:
             await kube.get(k8s.NAMESPACES, "default")
     assert info.value.code == 401
+
+
+async def test_each_user_of_a_connection_gets_its_own_tls_context(
+    sandbox_api: ClusterInfo, tmp_path: Path
+) -> None:
+    # httpx sets ALPN (h2) on the context it is given; the port-forward must offer only
+    # HTTP/1.1 or the API server answers its websocket upgrade in HTTP/2.
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(sandbox_api.kubeconfig()))
+    connection = await load_connection(str(path))
+    first = connection.new_ssl_context()
+    second = connection.new_ssl_context(alpn=["http/1.1"])
+    assert first is not None and second is not None and first is not second
+    async with open_kube_client(connection=connection) as kube:
+        assert await kube.get(k8s.NAMESPACES, "default")
+    tls = await trio.open_ssl_over_tcp_stream(
+        sandbox_api.host, sandbox_api.port, ssl_context=second
+    )
+    async with tls:
+        await tls.do_handshake()
+        assert tls.selected_alpn_protocol() in (None, "http/1.1")

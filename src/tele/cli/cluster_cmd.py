@@ -101,7 +101,7 @@ def list_(namespace: str, output: str) -> None:
     from tele.cli import client
     from tele.errors import UserError
     from tele.rpc import daemon_api
-    from tele.rpc.manager_api import WorkloadList
+    from tele.rpc.manager_api import WorkloadInfo, WorkloadList
 
     async def call() -> WorkloadList:
         async with client.daemon_client(start=False) as rpc:
@@ -113,11 +113,11 @@ def list_(namespace: str, output: str) -> None:
 
     reply = client.run(call)
 
-    def text(r: WorkloadList) -> str:
-        if not r.workloads:
+    def text(workloads: list[WorkloadInfo]) -> str:
+        if not workloads:
             return "No Workloads (Deployments, StatefulSets, ReplicaSets, or Rollouts)"
         lines = []
-        for w in r.workloads:
+        for w in workloads:
             if w.engaged_by:
                 state = f"engaged by {', '.join(w.engaged_by)}"
             elif w.not_interceptable_reason:

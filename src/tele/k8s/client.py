@@ -506,7 +506,9 @@ async def open_kube_client(
 ) -> AsyncIterator[KubeClient]:
     """A client for the kubeconfig's context (or a given connection) for the block's duration."""
     connection = connection or await load_connection(kubeconfig, context)
-    verify: Any = connection.ssl_context if connection.ssl_context is not None else False
+    # Contexts of their own: httpx sets ALPN on what it is given.
+    verify: Any = connection.new_ssl_context() or False
+    watch_verify: Any = connection.new_ssl_context() or False
     # Requests share one HTTP/2 connection. Watches get HTTP/1.1 connections of their own:
     # httpcore's HTTP/2 reads the socket from whichever stream's task holds its read lock, and
     # a response could wait on a long-lived watch's next event (seen here as 60 s stalls).
@@ -518,7 +520,7 @@ async def open_kube_client(
             limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
         ) as http,
         httpx.AsyncClient(
-            verify=verify,
+            verify=watch_verify,
             http2=False,
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=10),

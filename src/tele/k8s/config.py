@@ -32,6 +32,21 @@ class ClusterConnection:
     tls_server_name: str | None = None
     """SNI / certificate name to use instead of the URL's host (kubeconfig `tls-server-name`)."""
     _authorization: Callable[[], str | None] = field(default=lambda: None, repr=False)
+    _ssl_factory: Callable[[], ssl.SSLContext] | None = field(default=None, repr=False)
+
+    def new_ssl_context(self, alpn: list[str] | None = None) -> ssl.SSLContext | None:
+        """A TLS context of its own for one user of this connection.
+
+        Libraries set ALPN on the context they are given (httpx offers h2), and the
+        port-forward's websocket must offer only HTTP/1.1: sharing one context would let the
+        API server answer the upgrade in HTTP/2.
+        """
+        if self.ssl_context is None:
+            return None
+        context = self._ssl_factory() if self._ssl_factory is not None else self.ssl_context
+        if alpn is not None:
+            context.set_alpn_protocols(alpn)
+        return context
 
     @property
     def host(self) -> str:
@@ -86,15 +101,20 @@ def _load_blocking(kubeconfig: str | None, context: str | None) -> ClusterConnec
     scheme = urllib.parse.urlsplit(server).scheme
     if scheme not in ("https", "http"):
         raise KubeconfigError(f"context {name!r} has server {server!r}, not an http(s) URL")
+
+    def make_ssl_context() -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+        if not configuration.verify_ssl:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if configuration.cert_file:
+            context.load_cert_chain(configuration.cert_file, configuration.key_file)
+        return context
+
     ssl_context: ssl.SSLContext | None = None
     if scheme == "https":
         try:
-            ssl_context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-            if not configuration.verify_ssl:
-                ssl_context.check_hostname = False
-                ssl_context.verify_mode = ssl.CERT_NONE
-            if configuration.cert_file:
-                ssl_context.load_cert_chain(configuration.cert_file, configuration.key_file)
+            ssl_context = make_ssl_context()
         except (OSError, ssl.SSLError) as exc:
             raise KubeconfigError(
                 f"context {name!r} has unusable TLS certificate data: {exc}"
@@ -117,6 +137,7 @@ def _load_blocking(kubeconfig: str | None, context: str | None) -> ClusterConnec
         ssl_context=ssl_context,
         tls_server_name=configuration.tls_server_name or None,
         _authorization=authorization,
+        _ssl_factory=make_ssl_context if ssl_context is not None else None,
     )
 
 

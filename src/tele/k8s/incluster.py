@@ -25,8 +25,12 @@ def in_cluster_connection(account_dir: Path = SERVICE_ACCOUNT_DIR) -> ClusterCon
     if not host:
         raise KubeconfigError("not running in a pod: KUBERNETES_SERVICE_HOST is not set")
     token_file = account_dir / "token"
+
+    def make_ssl_context() -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(account_dir / "ca.crt"))
+
     try:
-        context = ssl.create_default_context(cafile=str(account_dir / "ca.crt"))
+        context = make_ssl_context()
         namespace = (account_dir / "namespace").read_text().strip() or "default"
     except OSError as exc:
         raise KubeconfigError(f"cannot read the pod's service account: {exc}") from exc
@@ -44,4 +48,5 @@ def in_cluster_connection(account_dir: Path = SERVICE_ACCOUNT_DIR) -> ClusterCon
         namespace=namespace,
         ssl_context=context,
         _authorization=authorization,
+        _ssl_factory=make_ssl_context,
     )

@@ -431,11 +431,12 @@ async def _connect(
             f"cannot reach the Kubernetes API server at {where} for {description}: "
             f"{exc.strerror or exc}"
         ) from exc
-    if cluster.ssl_context is None:
+    context = cluster.new_ssl_context(alpn=["http/1.1"])  # a websocket upgrade is HTTP/1.1
+    if context is None:
         return tcp
     tls = trio.SSLStream(
         tcp,
-        cluster.ssl_context,
+        context,
         server_hostname=cluster.tls_server_name or cluster.host,
         https_compatible=True,
     )

@@ -280,16 +280,10 @@ class Manager:
         listed = []
         for workload in self.view.list_workloads(request.namespace):
             key = (workload.kind, workload.namespace, workload.name)
-            reason = ""
-            try:
-                agentconfig.generate(
-                    workload=self.view.workloads[key],
-                    services=services,
-                    manager_namespace=self.config.namespace,
-                    agent_image=self.config.agent_image,
-                )
-            except agentconfig.NotInterceptable as exc:
-                reason = str(exc)
+            if workload.namespace == self.config.namespace and workload.name == "traffic-manager":
+                reason = "it is the traffic manager"
+            else:
+                reason = self._why_not_interceptable(key, services)
             listed.append(
                 msgspec.structs.replace(
                     workload,
@@ -303,6 +297,18 @@ class Manager:
                 )
             )
         return api.WorkloadList(workloads=listed)
+
+    def _why_not_interceptable(self, key: tuple[str, str, str], services: list[Any]) -> str:
+        try:
+            agentconfig.generate(
+                workload=self.view.workloads[key],
+                services=services,
+                manager_namespace=self.config.namespace,
+                agent_image=self.config.agent_image,
+            )
+        except agentconfig.NotInterceptable as exc:
+            return str(exc)
+        return ""
 
     async def _tunnel_policy(self, request: OpenRequest) -> ResetReason | None:
         return None if self.engagements.session_allowed(request) else ResetReason.POLICY
