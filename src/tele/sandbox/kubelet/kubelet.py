@@ -484,9 +484,13 @@ class PodWorker:
                     pass
             return await proc.wait()
         finally:
-            if proc.returncode is None:
-                kill_group(proc)
-                await proc.wait()
+            # Also when the probe's timeout cancelled us: reap the process, never leave it.
+            with trio.CancelScope(shield=True):
+                if proc.returncode is None:
+                    kill_group(proc)
+                    await proc.wait()
+                if proc.stdout is not None:
+                    await proc.stdout.aclose()
 
     async def _supervise(self, run: ContainerRun) -> None:
         policy = (self.pod.get("spec") or {}).get("restartPolicy", "Always")
