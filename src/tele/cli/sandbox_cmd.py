@@ -19,7 +19,7 @@ name_option = click.option(
 
 @click.group()
 def sandbox() -> None:
-    """Run a local Kubernetes stand-in (API server now; pods in later versions)."""
+    """Run a local Kubernetes stand-in: the API server, and (as root) pods in network namespaces."""
 
 
 @sandbox.command()
