@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
-from functools import partial
 
 import msgspec
 import trio
@@ -32,23 +32,25 @@ async def test_agent_process_forwards_its_port_to_the_app() -> None:
     probe = trio.socket.socket()
     await probe.bind(("127.0.0.1", 0))
     agent_port = probe.getsockname()[1]
-    probe.close()  # free again for the agent: a tiny race with other processes, retried below
+    probe.close()  # free again for the agent (a tiny race with other processes)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             app = await start_tcp_server(nursery, "app")
             settings = settings_for(app.port)
             config = msgspec.to_builtins(settings.config)
             config["containers"][0]["intercepts"][0]["agent_port"] = agent_port
-            env = {**os.environ, "_TEL_AGENT_CONFIG": json.dumps(config), "LOG_LEVEL": "debug"}
+            config["manager_host"] = "127.0.0.1"  # no DNS look-ups for a manager that is absent
+            env = {**os.environ, "_TEL_AGENT_CONFIG": json.dumps(config), "LOG_LEVEL": "info"}
             command = [sys.executable, "-m", "tele.agent", "agent"]
-            process = await nursery.start(partial(trio.run_process, command, env=env, check=False))
+            process = await trio.lowlevel.open_process(command, env=env, stderr=subprocess.PIPE)
             try:
-                while True:  # until the agent listens (the process needs a moment to start)
-                    try:
-                        stream = await trio.open_tcp_stream("127.0.0.1", agent_port)
-                        break
-                    except OSError:
-                        await trio.sleep(0.05)
+                assert process.stderr is not None
+                log = b""
+                while b"ready on" not in log:  # the agent logs once it listens
+                    chunk = await process.stderr.receive_some(4096)
+                    assert chunk, log.decode()
+                    log += chunk
+                stream = await trio.open_tcp_stream("127.0.0.1", agent_port)
                 async with stream:
                     await stream.send_all(b"hello")
                     await stream.send_eof()
@@ -57,5 +59,9 @@ async def test_agent_process_forwards_its_port_to_the_app() -> None:
                         received += data
             finally:
                 process.terminate()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+                    if process.stderr is not None:
+                        await process.stderr.aclose()
             nursery.cancel_scope.cancel()
     assert received.startswith(b"app:5:")
