@@ -44,8 +44,18 @@ import sys, trio, functools
 from tele.agent.engagements import StaticEngagements
 from tele.agent.forward import serve
 from tele.rpc.agent_api import Engagement
-from tests.agent.servers import AGENT_PORT, settings_for
+from tele.agent.config import AgentSettings
+from tele.manager.agentconfig import AgentConfig, ContainerConfig, Intercept
+AGENT_PORT = 9900
 app, handler, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def settings_for(port):
+    intercept = Intercept(service_name="echo", service_uid="u", service_port=80,
+        target_port_numeric=False, container_port=port, agent_port=AGENT_PORT)
+    config = AgentConfig(agent_name="echo", namespace="default", workload_name="echo",
+        workload_kind="Deployment", manager_host="-", manager_port=0, agent_image="-",
+        containers=[ContainerConfig(name="echo", env_prefix="A_", mount_point="/m",
+                                    intercepts=[intercept])])
+    return AgentSettings(name="echo", pod_ip="127.0.0.1", config=config)
 engaged = [] if mode == "idle" else [Engagement(id="e", container="echo", agent_port=AGENT_PORT,
     mechanism="http", headers=[("x-user", "dev")])]
 async def main():
