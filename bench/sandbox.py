@@ -281,9 +281,9 @@ async def main(pods: int, seconds: int) -> None:
         ("pod -> Service iperf3, median of 3 (Gbit/s)", service / 1e9, ""),
         ("Service / direct", service / direct, ">= 0.9"),
     ]
-    print(f"{'measure':40} {'value':>10}  target   ({os.cpu_count()} CPUs)")
+    print(f"{'measure':44} {'value':>10}  target   ({os.cpu_count()} CPUs)")
     for label, value, target in rows:
-        print(f"{label:40} {value:10.3f}  {target}")
+        print(f"{label:44} {value:10.3f}  {target}")
     print(
         json.dumps(
             {
