@@ -176,3 +176,25 @@ def test_garbage_on_a_connection_ends_only_that_connection(
             except (ssl.SSLError, OSError):
                 pass
     assert http.get("/api/v1/namespaces/default").status_code == 200
+
+
+def test_delete_with_a_protobuf_body(http: httpx.Client) -> None:
+    """client-go (Helm's uninstall) sends DeleteOptions as protobuf."""
+    from .test_units import _field
+
+    assert http.post(CM_URL, json={"metadata": {"name": "pb-delete"}}).status_code == 201
+    envelope = _field(1, _field(1, "v1") + _field(2, "DeleteOptions")) + _field(2, _field(5, "All"))
+    headers = {"Content-Type": "application/vnd.kubernetes.protobuf"}
+    resp = http.request(
+        "DELETE", f"{CM_URL}/pb-delete", content=b"k8s\x00" + envelope, headers=headers
+    )
+    assert resp.status_code == 200
+    assert http.get(f"{CM_URL}/pb-delete").status_code == 200  # dryRun=All: still there
+    envelope = _field(1, _field(1, "v1") + _field(2, "DeleteOptions")) + _field(
+        2, _field(4, "Background")
+    )
+    resp = http.request(
+        "DELETE", f"{CM_URL}/pb-delete", content=b"k8s\x00" + envelope, headers=headers
+    )
+    assert resp.status_code == 200
+    assert http.get(f"{CM_URL}/pb-delete").status_code == 404

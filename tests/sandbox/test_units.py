@@ -176,3 +176,13 @@ def test_protobuf_bodies_decode_to_json() -> None:
     assert bad.value.code == 400
     with pytest.raises(ApiError):
         protobuf.decode(protobuf.MAGIC + b"\x0a\xff")
+
+
+def test_protobuf_delete_options_under_any_group() -> None:
+    from tele.sandbox.apiserver import protobuf
+
+    options = _field(1, 0) + _field(4, "Foreground") + _field(5, "All")
+    envelope = _field(1, _field(1, "apps/v1") + _field(2, "DeleteOptions")) + _field(2, options)
+    decoded = protobuf.decode(protobuf.MAGIC + envelope)
+    assert decoded["gracePeriodSeconds"] == 0
+    assert decoded["propagationPolicy"] == "Foreground" and decoded["dryRun"] == ["All"]

@@ -349,6 +349,13 @@ class ApiApp:
             )
         return Ctx(req.user, dry_run == "All", validation, q.get("fieldManager", ""), req.warnings)
 
+    def _delete_ctx(self, req: Request, options: Obj) -> Ctx:
+        """DeleteOptions may carry dryRun in the body instead of the query."""
+        ctx = self._ctx(req)
+        if "All" in (options.get("dryRun") or []):
+            ctx.dry_run = True
+        return ctx
+
     def _verb(self, req: Request) -> str:
         m = req.method
         if m in ("GET", "HEAD"):
@@ -438,7 +445,9 @@ class ApiApp:
             await self._respond_object(req, send, code, obj)
         elif verb == "delete":
             options = await self._delete_options(req, receive)
-            obj = await self.api.delete(rt, req.namespace, req.name, options, self._ctx(req))
+            obj = await self.api.delete(
+                rt, req.namespace, req.name, options, self._delete_ctx(req, options)
+            )
             await self._respond_object(req, send, 200, obj)
         elif verb == "deletecollection":
             options = await self._delete_options(req, receive)
@@ -449,7 +458,7 @@ class ApiApp:
                 labels=labels,
                 fields=fields,
                 options=options,
-                ctx=self._ctx(req),
+                ctx=self._delete_ctx(req, options),
             )
             await self._send(
                 send,
@@ -629,7 +638,12 @@ class ApiApp:
     async def _delete_options(self, req: Request, receive: ASGIReceive) -> Obj:
         raw = await self._read_body(req, receive)
         options: Obj = {}
-        if raw.strip():
+        ct = req.headers.get("content-type", "").split(";")[0].strip().lower()
+        if raw and ct == "application/vnd.kubernetes.protobuf":
+            options = protobuf.decode(raw)
+            options.pop("apiVersion", None)
+            options.pop("kind", None)
+        elif raw.strip():
             try:
                 decoded = msgspec.json.decode(raw)
             except msgspec.DecodeError as exc:

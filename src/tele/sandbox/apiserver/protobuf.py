@@ -35,6 +35,9 @@ _PACKAGES = {
 }
 
 
+_META_KINDS = frozenset({"DeleteOptions"})
+
+
 class ProtobufError(ValueError):
     pass
 
@@ -190,7 +193,8 @@ def decode(body: bytes) -> dict[str, Any]:
         envelope = decode_message_raw(body[len(MAGIC) :])
         api_version, kind, raw = envelope
         group, _, version = api_version.rpartition("/")
-        package = _PACKAGES.get(group)
+        # DeleteOptions (and other meta types) travel under whatever group the client talks to.
+        package = _PACKAGES.get(group) if kind not in _META_KINDS else _PACKAGES["meta.k8s.io"]
         if package is None or version != "v1":
             raise bad_request(f"no kind {kind!r} is registered for version {api_version!r}")
         obj = decode_message(f"{package}.{kind}", raw)
