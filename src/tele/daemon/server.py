@@ -206,16 +206,12 @@ class Daemon:
         return api.Empty()
 
     async def list_workloads(self, request: api.ListRequest) -> WorkloadList:
-        session = self.session
-        if session is None:
-            raise RpcError(Code.FAILED_PRECONDITION, "not connected; run `tele connect` first")
-        client = await session.client()
-        return await client.call(
+        session = self._connected()
+        return await session.call_in_session(
             LIST_WORKLOADS,
-            WorkloadsRequest(
-                session_id=session.session_id(), namespace=request.namespace or session.namespace
+            lambda session_id: WorkloadsRequest(
+                session_id=session_id, namespace=request.namespace or session.namespace
             ),
-            timeout=session.api_timeout,
         )
 
     async def run_sessions(

@@ -18,7 +18,7 @@ import getpass
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -39,6 +39,7 @@ from tele.rpc.client import Client
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import H2Link, H2Stream, LinkSettings
 from tele.rpc.links import LinkPool
+from tele.rpc.method import Req, Resp, Unary
 
 if TYPE_CHECKING:
     from tele.vif.connect import NetworkOptions, NetworkStatus
@@ -272,9 +273,13 @@ class ClusterSession:
             )
 
     async def _heartbeat(self) -> None:
+        """Renew the lease every lease/3, and at once when a new link came up: a new manager
+        (its pod was replaced) does not know the session, and the user should not wait."""
         while True:
             assert self.session is not None
-            await trio.sleep(max(0.1, self.session.lease_seconds / 3))
+            with trio.move_on_after(max(0.1, self.session.lease_seconds / 3)):
+                await self.pool.wait_replaced()
+                self.status = "reconnecting"
             try:
                 client = await self.client()
                 await client.call(
@@ -297,6 +302,23 @@ class ClusterSession:
                     log.warning("heartbeat failed: %s", exc.message)
                     self.status = "reconnecting"
 
+    async def call_in_session(self, method: Unary[Req, Resp], make: Callable[[str], Req]) -> Resp:
+        """Call `method` with a request made for the current session; when the manager does
+        not know the session (a new manager pod), arrive again and retry once."""
+        for attempt in (0, 1):
+            client = await self.client()
+            try:
+                return await client.call(
+                    method, make(self.session_id()), timeout=self.api_timeout + 60
+                )
+            except RpcError as exc:
+                if exc.code is not Code.NOT_FOUND or attempt or "session" not in exc.message:
+                    raise
+                log.warning("the traffic manager forgot our session; arriving again")
+                self.reconnects += 1
+                await self._arrive()
+        raise AssertionError("unreachable")
+
     async def _follow_cluster_info(self) -> None:
         while True:
             try:
@@ -314,11 +336,10 @@ class ClusterSession:
     # --- engagements --------------------------------------------------------------------------
 
     async def engage(self, request: dapi.InterceptRequest) -> aapi.EngagementInfo:
-        client = await self.client()
-        info = await client.call(
+        info = await self.call_in_session(
             aapi.ENGAGE,
-            aapi.EngageRequest(
-                session_id=self.session_id(),
+            lambda session_id: aapi.EngageRequest(
+                session_id=session_id,
                 namespace=request.namespace or self.namespace,
                 workload=request.workload or request.name,
                 name=request.name,
@@ -331,7 +352,6 @@ class ClusterSession:
                 path_prefix=request.path_prefix,
                 path_regex=request.path_regex,
             ),
-            timeout=self.api_timeout + 60,  # includes rolling the pods and the agent's arrival
         )
         self.targets[info.id] = (request.local_address, request.local_port)
         self.engaged[info.name] = info
@@ -342,11 +362,8 @@ class ClusterSession:
         info = self.engaged.get(name)
         if info is None:
             raise UserError(f"there is no engagement named {name}; `tele list` shows them")
-        client = await self.client()
-        await client.call(
-            aapi.LEAVE,
-            aapi.LeaveRequest(session_id=self.session_id(), name=name),
-            timeout=self.api_timeout,
+        await self.call_in_session(
+            aapi.LEAVE, lambda session_id: aapi.LeaveRequest(session_id=session_id, name=name)
         )
         self.engaged.pop(name, None)
         self.targets.pop(info.id, None)

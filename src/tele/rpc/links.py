@@ -78,6 +78,12 @@ class LinkPool:
                 return link
             await self._changed.park()
 
+    async def wait_replaced(self) -> None:
+        """Return once a link has come up in place of one that broke."""
+        seen = self.replacements
+        while self.replacements == seen:
+            await self._changed.park()
+
     async def wait_up(self, count: int) -> None:
         """Wait until `count` links are up (at most the pool's size)."""
         while len(self.links) < min(count, len(self._slots)):
