@@ -19,7 +19,7 @@ from .logs import render, tail
 
 log = logging.getLogger(__name__)
 
-PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "portforward.k8s.io", "channel.k8s.io")
+PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "channel.k8s.io")
 
 
 def _flag(query: dict[str, str], name: str) -> bool:
@@ -31,6 +31,9 @@ class NodeHandlers:
         self.kubelet = kubelet
 
     async def log(self, req: Request, receive: ASGIReceive, send: ASGISend) -> None:
+        if req.scope.get("type") != "http":
+            await _refuse_websocket(receive, send)
+            return
         pod = self.kubelet.api.store.get("/pods", req.namespace, req.name)
         if pod is None:
             raise ApiError(
@@ -116,6 +119,8 @@ class NodeHandlers:
 
     async def portforward(self, req: Request, receive: ASGIReceive, send: ASGISend) -> None:
         scope = req.scope
+        if scope.get("type") != "websocket":
+            raise _upgrade_required("portforward")
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode())
         ports: list[int] = []
         try:
@@ -192,6 +197,17 @@ class NodeHandlers:
             log.debug("port-forward close after disconnect", exc_info=True)
 
 
+def _upgrade_required(what: str) -> ApiError:
+    # SPDY, the other transport Kubernetes offers, is not served: clients retry over websocket
+    # or report this.
+    return bad_request(f"{what} needs a websocket upgrade (SPDY is not supported by the sandbox)")
+
+
+async def _refuse_websocket(receive: ASGIReceive, send: ASGISend) -> None:
+    if (await receive())["type"] == "websocket.connect":
+        await send({"type": "websocket.close", "code": 1008})
+
+
 async def _cancel_on_disconnect(receive: ASGIReceive, scope: trio.CancelScope) -> None:
     while True:
         message = await receive()
@@ -222,6 +238,8 @@ async def exec_handler(
 ) -> None:
     """`pods/exec` over websocket: stdin on channel 0, stdout 1, stderr 2, the exit Status on 3;
     v5 adds channel 255 for the client's end of stdin. No TTY."""
+    if req.scope.get("type") != "websocket":
+        raise _upgrade_required("exec")
     query = urllib.parse.parse_qs(req.scope.get("query_string", b"").decode())
     command = query.get("command", [])
     offered = list(req.scope.get("subprotocols") or [])
