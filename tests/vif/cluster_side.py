@@ -20,6 +20,7 @@ from tele.rpc.tunnel import TunnelServer
 
 ECHO_PORT = 7000
 RESET_PORT = 7001
+POD_ADDRESS6 = "fd00:244::5"
 
 
 def dns_table(address: str) -> dict[str, str]:
@@ -71,6 +72,9 @@ async def main(fd: int, address: str) -> None:
     sock = socket.socket(fileno=fd)
     async with trio.open_nursery() as nursery:
         await nursery.start(functools.partial(trio.serve_tcp, tcp_echo, ECHO_PORT, host=address))
+        await nursery.start(
+            functools.partial(trio.serve_tcp, tcp_echo, ECHO_PORT, host=POD_ADDRESS6)
+        )
         await nursery.start(
             functools.partial(trio.serve_tcp, reset_at_once, RESET_PORT, host=address)
         )

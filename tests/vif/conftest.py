@@ -31,7 +31,8 @@ from tele.vif.service import VifInfo, VifSettings, serve_vif
 
 HERE = Path(__file__).parent
 POD_ADDRESS = "10.244.1.5"
-CLUSTER_SUBNETS = ["10.244.0.0/16", "10.96.0.0/16"]
+CLUSTER_SUBNETS = ["10.244.0.0/16", "10.96.0.0/16", "fd00:244::/64"]
+POD_ADDRESS6 = "fd00:244::5"
 
 
 def _ip(*args: str) -> None:
@@ -58,6 +59,7 @@ def netns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Namespace
             created.append(name)
             _ip("-n", name, "link", "set", "lo", "up")
         _ip("-n", spaces.cluster, "addr", "add", f"{POD_ADDRESS}/32", "dev", "lo")
+        _ip("-n", spaces.cluster, "addr", "add", f"{POD_ADDRESS6}/128", "dev", "lo", "nodad")
         yield spaces
     finally:
         for name in created:
@@ -154,7 +156,7 @@ async def tele(
             await serve_vif(settings, dialer, task_status=task_status)
 
     info: VifInfo = await nursery.start(run)
-    assert info.subnets == parse_networks(CLUSTER_SUBNETS)[::-1]
+    assert info.subnets == parse_networks(["10.96.0.0/16", "10.244.0.0/16", "fd00:244::/64"])
 
     await nursery.start(upstream_stub, netns.laptop)
     etc = Path("/etc/netns") / netns.laptop  # `ip netns exec` mounts it on /etc/resolv.conf

@@ -12,7 +12,7 @@ from tele.vif import journal
 from tele.vif.errors import RouteConflict
 from tele.vif.service import VifSettings, serve_vif
 
-from .conftest import CLUSTER_SUBNETS, POD_ADDRESS, Namespaces, Tele, run_in
+from .conftest import CLUSTER_SUBNETS, POD_ADDRESS, POD_ADDRESS6, Namespaces, Tele, run_in
 
 TRANSFER = """
 import hashlib, os, socket, sys, threading
@@ -37,6 +37,22 @@ async def test_tcp_bytes_arrive_both_ways(tele: Tele) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(size), "True"]
     assert tele.vif.counters.tcp_connections == 1
+
+
+async def test_tcp_over_ipv6(tele: Tele) -> None:
+    code = f"""
+import socket
+with socket.create_connection(("{POD_ADDRESS6}", 7000), timeout=5) as s:
+    source = s.getsockname()[0]
+    s.sendall(b"six" * 10000)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+print(got == b"six" * 10000, source)
+"""
+    result = await run_in(tele.netns.laptop, code)
+    assert result.stdout.split() == ["True", "fd7e:1e00::53"], result.stderr
 
 
 async def test_500_connections_open_at_once_all_complete(tele: Tele) -> None:

@@ -36,6 +36,8 @@ DEFAULT_DEVICE: Final = "tele0"
 DEFAULT_ADDRESS: Final = "198.18.0.53"
 """The device's own address (where the DNS server listens): from the benchmarking range
 (RFC 2544), which no cluster or office network uses."""
+DEFAULT_ADDRESS6: Final = "fd7e:1e00::53"
+"""The device's IPv6 address when IPv6 subnets are routed (a unique-local address)."""
 TEARDOWN_TIMEOUT: Final = 5.0
 
 
@@ -49,6 +51,7 @@ class VifSettings:
     allow_conflicting: list[str] = field(default_factory=list)
     device: str = DEFAULT_DEVICE
     address: str = DEFAULT_ADDRESS
+    address6: str = DEFAULT_ADDRESS6
     mtu: int = 1500
     offload: bool = True
     """IFF_VNET_HDR + TSO: 64 KiB reads and kernel-cut writes (chosen by bench/vif.py)."""
@@ -95,6 +98,7 @@ async def serve_vif(
         )
         allow = parse_networks(settings.allow_conflicting)
         address = ipaddress.ip_address(settings.address)
+        address6 = ipaddress.IPv6Address(settings.address6)
     except ValueError as exc:
         raise VifError(f"bad subnet or address for the virtual interface: {exc}") from exc
     tun: TunDevice = await run_in_netns(
@@ -104,7 +108,7 @@ async def serve_vif(
     entry = journal.Entry(netns=settings.netns, device=tun.name, routes=[])
     try:
         journal.record(entry)
-        config = DeviceConfig(tun.name, address, settings.mtu, subnets, allow)
+        config = DeviceConfig(tun.name, address, settings.mtu, subnets, allow, address6)
         added = await run_in_netns(None, lambda: configure(settings.netns, config))
         entry.routes = [str(n) for n in added]
         journal.record(entry)
