@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from tele.agent.engagements import StaticEngagements
 from tele.rpc.agent_api import Engagement
@@ -139,3 +140,28 @@ async def test_upgrade_passes_the_rest_of_the_connection_through() -> None:
     assert received.startswith(b"HTTP/1.1 101 ")
     assert received.endswith(b"\r\n\r\nearly and late")
     assert handler.requests == [("GET", "/ws")] and app.requests == []
+
+
+async def test_an_app_connection_closed_between_requests_is_replaced_not_502() -> None:
+    async def one_request_per_connection(stream: trio.SocketStream) -> None:
+        # Answers one request, keep-alive headers and all, then closes (an app's idle timeout).
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some(4096)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+            nursery.start_soon(trio.serve_listeners, one_request_per_connection, [listener])
+            app_port = listener.socket.getsockname()[1]
+            source = StaticEngagements([http_engagement(headers=[("x-user", "nobody")])])
+            async with running_agent(app_port, source) as agent, HttpClient.connect(agent) as c:
+                first = await c.request("/1")
+                # Let the app's close reach the agent's pooled connection before the next one.
+                await trio.testing.wait_all_tasks_blocked()
+                second = await c.request("/2")
+            nursery.cancel_scope.cancel()
+    assert (first[0], first[2]) == (200, b"ok")
+    assert (second[0], second[2]) == (200, b"ok")

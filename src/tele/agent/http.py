@@ -27,7 +27,7 @@ import trio
 from tele.agent import h2c
 from tele.agent.errors import UpstreamFailed
 from tele.agent.matching import Router
-from tele.agent.upstream import READ_SIZE, Upstreams, abort, relay
+from tele.agent.upstream import READ_SIZE, Upstreams, abort, peer_closed, relay
 from tele.rpc.agent_api import Engagement
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,11 @@ class Http1Proxy:
     async def _upstream(self, engagement: Engagement | None) -> _Upstream:
         key = engagement.id if engagement else None
         upstream = self.pool.get(key)
+        if upstream is not None and peer_closed(upstream.stream):
+            # The app (or handler) closed it while idle, e.g. its keep-alive timeout.
+            del self.pool[key]
+            await upstream.stream.aclose()
+            upstream = None
         if upstream is None:
             stream = await self.upstreams.open(engagement)
             upstream = self.pool[key] = _Upstream(stream, self.upstreams.describe(engagement))

@@ -7,6 +7,7 @@ with a sentence naming the destination. `relay` joins two local streams both way
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -79,6 +80,25 @@ def abort(stream: trio.abc.Stream) -> None:
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             pass
+
+
+def peer_closed(stream: trio.abc.Stream) -> bool:
+    """Whether the peer of an idle kept-alive connection has closed it (or sent something an
+    idle HTTP connection must not carry), so that it is not reused. Streams that are not
+    sockets (tunnel streams) tell by failing, and are reported open."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return False
+    # trio's socket has no synchronous recv: peek through a duplicate of the descriptor.
+    with socket.socket(fileno=os.dup(stream.socket.fileno())) as peek:
+        try:
+            peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+    return True
 
 
 async def relay(
