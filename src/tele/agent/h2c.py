@@ -272,6 +272,8 @@ async def _proxy_stream(
     engaged = upstreams.source.current(upstreams.agent_port)
     plain = [(n, v) for n, v in headers if not n.startswith(b":")]
     engagement = router.route(engaged, _header(headers, b":path"), plain)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("h2 %s -> %s", _header(headers, b":path"), upstreams.describe(engagement))
     try:
         up = await upstream_for(engagement)
         up_id = up.conn.get_next_available_stream_id()

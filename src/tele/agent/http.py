@@ -161,6 +161,10 @@ class Http1Proxy:
         target = event.target.decode("latin-1")
         engaged = self.upstreams.source.current(self.upstreams.agent_port)
         engagement = self.router.route(engaged, target, list(event.headers))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s %s -> %s", event.method.decode(), target, self.upstreams.describe(engagement)
+            )
         try:
             upstream = await self._upstream(engagement)
         except UpstreamFailed as exc:
