@@ -330,3 +330,55 @@ async def test_intercept_sends_engaged_connections_to_the_local_handler(
             assert missing.returncode == 1
             assert "there is no engagement named api" in single_error_line(missing)
         nursery.cancel_scope.cancel()
+
+
+def test_a_manager_that_never_gets_ready_is_named_with_its_state(
+    tele_env: dict[str, str], guard: DaemonGuard, cluster: tuple[ThreadedCluster, Path]
+) -> None:
+    kubeconfig = cluster[1]
+    config_dir = Path(tele_env["XDG_CONFIG_HOME"]) / "tele"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "config.yml").write_text("timeouts:\n  trafficManagerConnect: 2s\n")
+    manifest = kubeconfig.parent / "manager.yaml"
+    labels = {"app": "traffic-manager", "telepresence": "manager"}
+    manifest.write_text(
+        yaml.safe_dump_all(
+            [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ambassador"}},
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": {"name": "traffic-manager", "namespace": "ambassador"},
+                    "spec": {
+                        "selector": {"matchLabels": labels},
+                        "template": {
+                            "metadata": {"labels": labels},
+                            "spec": {
+                                "containers": [{"name": "m", "image": "tele/traffic-manager"}]
+                            },
+                        },
+                    },
+                },
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": "traffic-manager-x",
+                        "namespace": "ambassador",
+                        "labels": labels,
+                    },
+                    "spec": {"containers": [{"name": "m", "image": "tele/traffic-manager"}]},
+                },
+            ]
+        )
+    )
+    subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), "apply", "-f", str(manifest)],
+        check=True,
+        capture_output=True,
+    )
+    result = run_tele(tele_env, "connect", "--kubeconfig", str(kubeconfig))
+    assert result.returncode == 3
+    line = single_error_line(result)
+    assert "the traffic manager in namespace ambassador is not ready after 2s" in line
+    assert "traffic-manager-x (Pending)" in line

@@ -18,8 +18,8 @@ import getpass
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import trio
@@ -52,6 +52,20 @@ DEFAULT_MANAGER_NAMESPACE = "ambassador"
 
 class NoManager(UserError):
     """No traffic manager is installed (or none is ready) in the manager namespace."""
+
+
+def _describe(pods: Iterable[k8s.Obj]) -> str:
+    """ "name (phase, reason)" for each pod: what a person needs to see why it is not ready."""
+    parts = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        reasons = [
+            str((cs.get("state") or {}).get("waiting", {}).get("reason") or "")
+            for cs in status.get("containerStatuses") or []
+        ]
+        detail = ", ".join([str(status.get("phase") or "Pending"), *[r for r in reasons if r]])
+        parts.append(f"{pod['metadata']['name']} ({detail})")
+    return "; ".join(parts)
 
 
 def _is_ready(pod: k8s.Obj) -> bool:
@@ -144,29 +158,57 @@ class ClusterSession:
 
     # --- finding the manager ----------------------------------------------------------------
 
-    async def find_manager_pod(self) -> str:
-        """A ready manager pod's name; NoManager with what to do when there is none."""
+    async def find_manager_pod(self, wait: float = 0.0) -> str:
+        """A ready manager pod's name, waiting up to `wait` seconds for one to become ready
+        (following the pods with a watch). NoManager when none is installed; after the wait, a
+        ConnectionFailed naming each pod and what it is doing."""
         try:
-            pods, _ = await self.kube.list(
+            pods, version = await self.kube.list(
                 k8s.PODS, self.manager_namespace, label_selector=MANAGER_SELECTOR
             )
         except ApiError as exc:
             if exc.not_found:
                 raise self._no_manager() from None
             raise
-        ready = [p for p in pods if _is_ready(p)]
-        if not ready:
-            if not pods:
-                raise self._no_manager()
-            states = ", ".join(
-                f"{p['metadata']['name']} ({(p.get('status') or {}).get('phase', 'Unknown')})"
-                for p in pods
-            )
-            raise ConnectionFailed(
-                f"the traffic manager in namespace {self.manager_namespace} is not ready: {states}"
-            )
-        newest = max(ready, key=lambda p: str(p["metadata"].get("creationTimestamp", "")))
-        return str(newest["metadata"]["name"])
+        current = {p["metadata"]["name"]: p for p in pods}
+        if not current and not await self._manager_deployed():
+            raise self._no_manager()
+        with trio.move_on_after(wait):
+            while True:
+                ready = [p for p in current.values() if _is_ready(p)]
+                if ready:
+                    newest = max(
+                        ready, key=lambda p: str(p["metadata"].get("creationTimestamp", ""))
+                    )
+                    return str(newest["metadata"]["name"])
+                if wait <= 0:
+                    break
+                log.info("waiting for the traffic manager: %s", _describe(current.values()))
+                watch = self.kube.watch(
+                    k8s.PODS,
+                    self.manager_namespace,
+                    resource_version=version,
+                    label_selector=MANAGER_SELECTOR,
+                )
+                async with aclosing(watch) as events:
+                    async for event in events:
+                        version = str(event.object["metadata"].get("resourceVersion") or version)
+                        if event.type == "DELETED":
+                            current.pop(event.name, None)
+                        elif event.type != "BOOKMARK":
+                            current[event.name] = event.object
+                        if any(_is_ready(p) for p in current.values()):
+                            break
+        raise ConnectionFailed(
+            f"the traffic manager in namespace {self.manager_namespace} is not ready"
+            f"{f' after {wait:g}s' if wait > 0 else ''}: {_describe(current.values()) or 'no pod'}"
+        )
+
+    async def _manager_deployed(self) -> bool:
+        found = await self.kube.get_or_none(
+            k8s.DEPLOYMENTS, "traffic-manager", self.manager_namespace
+        )
+        return found is not None
 
     def _no_manager(self) -> NoManager:
         return NoManager(
@@ -186,7 +228,7 @@ class ClusterSession:
             async with tcp:
                 yield tcp
             return
-        pod = await self.find_manager_pod()
+        pod = await self.find_manager_pod(wait=self.connect_timeout)
         self.manager_pod = pod
         async with open_portforward(
             self.connection, self.manager_namespace, pod, mapi.DEFAULT_PORT
@@ -213,10 +255,11 @@ class ClusterSession:
 
     async def _run(self, task_status: trio.TaskStatus[dapi.ConnectionInfo]) -> None:
         async with trio.open_nursery() as nursery:
+            if not self.request.manager_address:
+                # A missing manager is the user's to fix: say so at once, don't retry; one
+                # that is starting is waited for (and named with its state if it never is).
+                await self.find_manager_pod(wait=self.connect_timeout)
             with trio.move_on_after(self.connect_timeout) as waiting:
-                # A missing manager is the user's to fix: say so at once, don't retry.
-                if not self.request.manager_address:
-                    await self.find_manager_pod()
                 await nursery.start(self.pool.serve)
             if waiting.cancelled_caught:
                 raise ConnectionFailed(
