@@ -165,3 +165,25 @@ async def test_an_app_connection_closed_between_requests_is_replaced_not_502() -
             nursery.cancel_scope.cancel()
     assert (first[0], first[2]) == (200, b"ok")
     assert (second[0], second[2]) == (200, b"ok")
+
+
+async def test_malformed_body_gets_400_and_the_app_connection_is_not_reused() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            app = await start_http_server(nursery, "app")
+            source = StaticEngagements([http_engagement(headers=[("x-user", "a")])])
+            async with running_agent(app.port, source) as agent:
+                bad = await trio.open_tcp_stream("127.0.0.1", agent)
+                async with bad:
+                    await bad.send_all(
+                        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n"
+                    )
+                    answer = b""
+                    while data := await bad.receive_some(4096):
+                        answer += data
+                async with HttpClient.connect(agent) as good:
+                    after = await good.request("/after")
+            nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"malformed HTTP request body" in answer
+    assert after[2] == b"app GET /after 0"

@@ -63,7 +63,12 @@ async def serve_connection(
 
 
 class _ProtocolBroken(Exception):
-    """A peer broke HTTP or the connection mid-exchange; the message says which."""
+    """A peer broke HTTP or the connection mid-exchange; the message says which, `status` what
+    the caller is answered if its response has not begun (400: the caller's fault)."""
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _Upstream:
@@ -182,7 +187,7 @@ class Http1Proxy:
             self.pool.pop(engagement.id if engagement else None, None)
             await upstream.stream.aclose()
             if self.down.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self._error(502, str(exc))
+                await self._error(exc.status, f"{exc}.")
             else:
                 abort(self.stream)
             return False
@@ -218,13 +223,13 @@ class Http1Proxy:
         try:
             ready = self.down.next_event()  # what is already buffered, without I/O
         except h11.RemoteProtocolError as exc:
-            raise _ProtocolBroken(f"malformed HTTP request body: {exc}") from None
+            raise _ProtocolBroken(f"malformed HTTP request body: {exc}", 400) from None
         if isinstance(ready, h11.Data | h11.EndOfMessage):
             out += upstream.conn.send(ready) or b""
         try:
             await upstream.stream.send_all(out)
         except (trio.BrokenResourceError, OSError) as exc:
-            raise _ProtocolBroken(f"{upstream.label} broke off: {exc!r}") from None
+            raise _broke(upstream.label, exc) from None
         if isinstance(ready, h11.EndOfMessage):
             # The common case (no body, or a body that came with the head): no second task.
             await self._response(upstream)
@@ -235,16 +240,17 @@ class Http1Proxy:
             try:
                 while True:
                     event = await self._next_down()
-                    if isinstance(event, h11.Data | h11.EndOfMessage):
-                        await upstream.send(event)
-                    if not isinstance(event, h11.Data):
+                    if not isinstance(event, h11.Data | h11.EndOfMessage):
+                        raise _ProtocolBroken("the caller closed before its request ended", 400)
+                    await upstream.send(event)
+                    if isinstance(event, h11.EndOfMessage):
                         return
             except h11.RemoteProtocolError as exc:
-                raise _ProtocolBroken(f"malformed HTTP request body: {exc}") from None
+                raise _ProtocolBroken(f"malformed HTTP request body: {exc}", 400) from None
             except (trio.BrokenResourceError, OSError, h11.LocalProtocolError) as exc:
                 if response_done.is_set():
                     return  # the server answered and closed without reading the whole body
-                raise _ProtocolBroken(f"{upstream.label} broke off: {exc!r}") from None
+                raise _broke(upstream.label, exc) from None
 
         try:
             async with trio.open_nursery() as nursery:
@@ -295,7 +301,7 @@ class Http1Proxy:
         except h11.RemoteProtocolError as exc:
             raise _ProtocolBroken(f"{upstream.label} sent a bad response: {exc}") from None
         except (trio.BrokenResourceError, OSError) as exc:
-            raise _ProtocolBroken(f"{upstream.label} broke off: {exc!r}") from None
+            raise _broke(upstream.label, exc) from None
 
     async def _switch(self, upstream: _Upstream, engagement: Engagement | None) -> None:
         """After a 101 or an accepted CONNECT: the rest of the connection is raw bytes."""
@@ -313,6 +319,11 @@ class Http1Proxy:
                 abort(self.stream)
                 return
             await relay(self.stream, upstream.stream)
+
+
+def _broke(label: str, exc: BaseException) -> _ProtocolBroken:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the connection ended"
+    return _ProtocolBroken(f"{label} broke off ({reason})")
 
 
 def _informational(event: h11.InformationalResponse) -> h11.InformationalResponse:
