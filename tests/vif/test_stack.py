@@ -128,3 +128,47 @@ async def test_udp_flow_ends_when_idle(
     assert len(stack._udp) == 1
     await trio.sleep(1)
     assert len(stack._udp) == 0
+
+
+async def test_app_reset_while_the_tunnel_waits_for_window(
+    tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    """The tunnel has more bytes than the app's window takes; the app resets: the flow ends,
+    its stream is closed, and the stack still serves the next connection."""
+    kernel, end = tun
+    broken = trio.Event()
+
+    async def feed(stream: trio.abc.Stream) -> None:
+        try:
+            await stream.send_all(b"z" * 2_000_000)  # far beyond any window
+        except trio.BrokenResourceError:
+            broken.set()  # the stack closed its end of the tunnel stream
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        ours, theirs = trio.testing.lockstep_stream_pair()
+        nursery.start_soon(feed, theirs)
+        return ours  # type: ignore[return-value]
+
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=StackConfig(subnets=SUBNETS))
+    await nursery.start(stack.serve)
+    app = App(window=1000)
+    kernel.send(bytes(app.syn(mss=1000)))
+    with trio.fail_after(2):
+        await trio.lowlevel.wait_readable(kernel)
+    (synack,) = [parse_packet(p) for p in pending(kernel)]
+    app.rcv_nxt = (tcp(synack).seq + 1) & 0xFFFFFFFF
+    kernel.send(bytes(app.packet(ACK)))
+    with trio.fail_after(2):
+        await trio.lowlevel.wait_readable(kernel)  # data up to the 1000-byte window
+    pending(kernel)
+    kernel.send(bytes(app.packet(RST)))
+    with trio.fail_after(2):
+        await broken.wait()
+    assert not stack._tcp
+    # A new connection is served as usual.
+    second = App(sport=40001)
+    kernel.send(bytes(second.syn()))
+    with trio.fail_after(2):
+        await trio.lowlevel.wait_readable(kernel)
+    (answer,) = [parse_packet(p) for p in pending(kernel)]
+    assert tcp(answer).flags == SYN | ACK

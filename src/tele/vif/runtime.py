@@ -383,6 +383,16 @@ class Stack:
     # --- TCP flows ------------------------------------------------------------------------
 
     async def _tcp_flow(self, record: _Tcp, syn: SynReceived) -> None:
+        # One connection's failure must never take the whole VIF (its nursery) down.
+        try:
+            await self._tcp_flow_inner(record, syn)
+        except Exception:
+            log.exception("tcp %s: failed", _flow_name(record.conn))
+            if not record.closed:
+                record.conn.abort()
+                self._touch(record)
+
+    async def _tcp_flow_inner(self, record: _Tcp, syn: SynReceived) -> None:
         conn = record.conn
         destination = Destination(Protocol.TCP, ipaddress.ip_address(syn.dest_addr), syn.dest_port)
         with record.scope:
@@ -437,12 +447,12 @@ class Stack:
                 return
             view = memoryview(data)
             while view:
+                if record.closed:  # reset or closed by the app while we waited
+                    return
                 taken = conn.send(view)
                 view = view[taken:]
                 self._touch(record)
-                if view:
-                    if record.closed:
-                        return
+                if view and not record.closed:
                     record.wake_writable = trio.Event()
                     if conn.send_space == 0:
                         await record.wake_writable.wait()
@@ -497,13 +507,19 @@ class Stack:
                 evicted.handle.scope.cancel()
             self.counters.udp_flows += 1
             assert self._nursery is not None
-            self._nursery.start_soon(self._udp_flow, flow, bytes(view))
+            self._nursery.start_soon(self._udp_flow_guarded, flow, bytes(view))
             self._timer_wake.set()  # a new idle deadline
             return
         try:
             flow.handle.send.send_nowait(bytes(packet.payload))
         except trio.WouldBlock:
             self.counters.dropped += 1
+
+    async def _udp_flow_guarded(self, flow: UDPFlow[_Udp], first: bytes) -> None:
+        try:
+            await self._udp_flow(flow, first)
+        except Exception:
+            log.exception("udp flow %s: failed", flow.key)
 
     async def _udp_flow(self, flow: UDPFlow[_Udp], first: bytes) -> None:
         key = flow.key
