@@ -62,7 +62,7 @@ async def main():
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     source = StaticEngagements(engaged, handlers={"e": ("127.0.0.1", handler)})
     async with trio.open_nursery() as n:
-        await n.start(functools.partial(serve, listeners={AGENT_PORT: listener}),
+        await n.start(functools.partial(serve, listeners={AGENT_PORT: [listener]}),
                       settings_for(app), source)
         print(listener.socket.getsockname()[1], flush=True)
 trio.run(main)

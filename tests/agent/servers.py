@@ -71,7 +71,7 @@ async def running_agent(
     port = listener.socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         await nursery.start(
-            partial(serve, listeners={AGENT_PORT: listener}),
+            partial(serve, listeners={AGENT_PORT: [listener]}),
             settings_for(app_port, app_protocol=app_protocol),
             source,
         )

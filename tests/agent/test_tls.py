@@ -55,7 +55,7 @@ async def test_http_engagement_over_tls(ca: trustme.CA, workload_cert: tuple[Pat
             )
             source = StaticEngagements([engagement], handlers={"e1": ("127.0.0.1", handler.port)})
             listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-            agent = partial(serve, listeners={AGENT_PORT: listener}, tls=termination)
+            agent = partial(serve, listeners={AGENT_PORT: [listener]}, tls=termination)
             await nursery.start(agent, settings_for(app.port), source)
             port = listener.socket.getsockname()[1]
             async with HttpClient.connect(port, tls=caller_tls, server_hostname=NAME) as c:

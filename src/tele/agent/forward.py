@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 import trio
@@ -30,20 +30,20 @@ from tele.manager.agentconfig import Intercept
 log = logging.getLogger(__name__)
 
 
-async def open_listeners(settings: AgentSettings) -> dict[int, trio.SocketListener]:
-    """A listener (all addresses) on every TCP agent port of the configuration."""
-    listeners: dict[int, trio.SocketListener] = {}
+async def open_listeners(settings: AgentSettings) -> dict[int, list[trio.SocketListener]]:
+    """Listeners on every TCP agent port of the configuration, on all addresses (one port may
+    need two: IPv4 and IPv6 sockets)."""
+    listeners: dict[int, list[trio.SocketListener]] = {}
     try:
         for _, intercept in settings.intercepts():
             if intercept.protocol.upper() == "TCP":
-                opened = await trio.open_tcp_listeners(intercept.agent_port)
-                # One port may come back as several listeners (IPv4 + IPv6); all serve it.
-                listeners[intercept.agent_port] = opened[0]
-                for extra in opened[1:]:
-                    await extra.aclose()
+                listeners[intercept.agent_port] = await trio.open_tcp_listeners(
+                    intercept.agent_port
+                )
     except OSError as exc:
-        for listener in listeners.values():
-            await listener.aclose()
+        for opened in listeners.values():
+            for listener in opened:
+                await listener.aclose()
         raise ConnectionFailed(
             f"the traffic agent cannot listen on its port: {exc.strerror or exc}."
         ) from exc
@@ -54,7 +54,7 @@ async def serve(
     settings: AgentSettings,
     source: EngagementSource,
     *,
-    listeners: Mapping[int, trio.SocketListener] | None = None,
+    listeners: Mapping[int, Sequence[trio.SocketListener]] | None = None,
     app_host: str = "127.0.0.1",
     tls: TlsTermination | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -86,12 +86,12 @@ async def serve(
 
 
 async def serve_port(
-    listener: trio.SocketListener, upstreams: Upstreams, intercept: Intercept
+    listeners: Sequence[trio.SocketListener], upstreams: Upstreams, intercept: Intercept
 ) -> NoReturn:
     async def handler(stream: trio.SocketStream) -> None:
         await handle_connection(stream, upstreams, intercept.app_protocol)
 
-    await trio.serve_listeners(handler, [listener])
+    await trio.serve_listeners(handler, list(listeners))
 
 
 async def handle_connection(
