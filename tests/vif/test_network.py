@@ -91,6 +91,10 @@ with socket.create_connection(("echo", 7000), timeout=5) as s:
     result = await run_in(netns.laptop, code)
     assert result.stdout.strip() == "session", result.stderr
     assert status.resolver is not None and status.resolver.counters.cluster >= 1
+    summary = status.summary()
+    assert summary["subnets"] == ["10.96.0.0/16", "10.244.0.0/16", "fd00:244::/64"]
+    assert summary["tcp_connections"] == 1
+    assert summary["dns"]["local_ip"] == "198.18.0.53"  # type: ignore[index]
 
 
 CRASHING_DAEMON = """

@@ -106,6 +106,32 @@ class NetworkStatus:
     vif: VifInfo
     resolver: Resolver | None
 
+    def summary(self) -> dict[str, object]:
+        """Plain data for `tele status` (text and --output json)."""
+        counters = self.vif.counters
+        data: dict[str, object] = {
+            "device": self.vif.device,
+            "address": str(self.vif.address),
+            "subnets": [str(n) for n in self.vif.subnets],
+            "bytes_in": counters.bytes_in,
+            "bytes_out": counters.bytes_out,
+            "tcp_connections": counters.tcp_connections,
+            "udp_flows": counters.udp_flows,
+            "refused": counters.refused,
+        }
+        if self.resolver is not None:
+            rules = self.resolver.rules
+            data["dns"] = {
+                "local_ip": str(self.vif.address),
+                "include_suffixes": list(rules.include_suffixes),
+                "exclude_suffixes": list(rules.exclude_suffixes),
+                "excludes": list(rules.excludes),
+                "mappings": dict(rules.mappings),
+                "lookup_timeout": self.resolver.lookup_timeout,
+                "queries": self.resolver.counters.queries,
+            }
+        return data
+
 
 class _ManagedNamespaces(Sequence[str]):
     """The namespaces usable as top-level domains, read live from the session's cluster info
