@@ -157,3 +157,22 @@ def test_unusable_directories_are_one_line_errors(tele_env: dict[str, str]) -> N
     assert single_error_line(result) == (
         f"tele: Cannot start the daemon: cannot create {logs_dir}: File exists."
     )
+
+
+def test_quit_finishes_what_a_killed_daemon_left(
+    tele_env: dict[str, str], guard: DaemonGuard
+) -> None:
+    # A daemon killed with its resolver override in place left this journal entry.
+    state = Path(tele_env["XDG_STATE_HOME"]) / "tele"
+    state.mkdir(parents=True, exist_ok=True)
+    resolv = Path(tele_env["HOME"]) / "resolv.conf"
+    backup = Path(tele_env["HOME"]) / "resolv.conf.tele-orig"
+    resolv.write_text("nameserver 198.18.0.53\n")
+    backup.write_text("nameserver 192.0.2.1\n")
+    entry = {"netns": None, "resolv_conf": str(resolv), "resolv_backup": str(backup)}
+    (state / "vif-journal.json").write_text(json.dumps([entry]))
+    result = run_tele(tele_env, "quit")
+    assert result.returncode == 0, result.stderr
+    assert f"Cleaned up after a stopped daemon: restored {resolv}." in result.stdout
+    assert resolv.read_text() == "nameserver 192.0.2.1\n"
+    assert json.loads((state / "vif-journal.json").read_text()) == []

@@ -126,6 +126,7 @@ def test_pod_patch_takes_named_ports_over_and_redirects_numeric_ones() -> None:
     [init] = patched["spec"]["initContainers"]
     assert init["name"] == INIT_CONTAINER
     assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    assert "_TEL_AGENT_CONFIG" in [e["name"] for e in init["env"]]
     stored = json.loads(patched["metadata"]["annotations"][CONFIG_ANNOTATION])
     assert stored["workload_name"] == "api" and len(stored["containers"][0]["intercepts"]) == 2
     # Injecting twice changes nothing.

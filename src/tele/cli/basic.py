@@ -123,6 +123,12 @@ def quit_() -> None:
         raise ConnectionFailed(f"The daemon (pid {pid}) did not exit within 10s.")
     if pid is None:
         click.echo("The daemon is not running.")
+        # A daemon killed with its network set up left an undo journal: finish its job.
+        from tele.vif import journal
+
+        if journal.pending():
+            for line in journal.recover():
+                click.echo(f"Cleaned up after a stopped daemon: {line}.")
     else:
         click.echo(f"Stopped the daemon (pid {pid}).")
 

@@ -145,6 +145,7 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
     )
     try:
         _write_pid_file(pid_path)
+        await _recover_leftovers()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope, daemon)
             await nursery.start(level.serve)
@@ -164,6 +165,22 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
             await daemon.stop_listening()
         if cleanup.cancelled_caught:
             log.error("cleanup did not finish within %gs", CLEANUP_TIMEOUT)
+
+
+async def _recover_leftovers() -> None:
+    """Holding the lock, this is the only daemon: routes, devices and resolver settings still
+    in the undo journal belong to one that died (kill -9, a crash); undo them first."""
+    from tele.vif import journal
+
+    if not journal.pending():
+        return
+    try:
+        done = await trio.to_thread.run_sync(journal.recover)
+    except Exception:
+        log.exception("could not undo what a previous daemon left")
+        return
+    for line in done:
+        log.info("cleaned up after a previous daemon: %s", line)
 
 
 async def _stop_on_signals(scope: trio.CancelScope, daemon: Daemon) -> None:

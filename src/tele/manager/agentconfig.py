@@ -261,7 +261,10 @@ def pod_patch(pod: Obj, config: AgentConfig) -> list[dict[str, Any]]:
             "name": INIT_CONTAINER,
             "image": config.agent_image,
             "args": ["agent-init"],
-            "env": [{"name": "LOG_LEVEL", "value": config.log_level}],
+            "env": [
+                {"name": "LOG_LEVEL", "value": config.log_level},
+                _config_env(),  # which ports to redirect where
+            ],
             "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}},
         }
         if spec.get("initContainers") is None:
@@ -296,12 +299,7 @@ def agent_container(
     env: list[dict[str, Any]] = [
         {"name": "_TEL_AGENT_NAME", "value": config.agent_name},
         {"name": "_TEL_AGENT_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {
-            "name": "_TEL_AGENT_CONFIG",
-            "valueFrom": {
-                "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}
-            },
-        },
+        _config_env(),
     ]
     mounts: list[dict[str, Any]] = []
     for container_config in config.containers:
@@ -327,6 +325,12 @@ def agent_container(
         "env": env,
         "volumeMounts": mounts,
     }
+
+
+def _config_env() -> dict[str, Any]:
+    """The agent configuration, from the pod's annotation through the downward API."""
+    path = f"metadata.annotations['{CONFIG_ANNOTATION}']"
+    return {"name": "_TEL_AGENT_CONFIG", "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
 def _escape(key: str) -> str:
