@@ -58,6 +58,8 @@ def translate(exc: RpcError) -> TeleError:
         return ConnectionFailed(f"Lost the connection to the daemon: {exc.message}.")
     if exc.code == Code.DEADLINE_EXCEEDED:
         return ConnectionFailed("The daemon did not answer in time.")
+    if exc.code == Code.ABORTED:  # the daemon relays a failure of the cluster side
+        return ConnectionFailed(exc.message[:1].upper() + exc.message[1:] + ".")
     return ConnectionFailed(f"The daemon failed: {exc.message}.")
 
 

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANAGER_SELECTOR = "app=traffic-manager"
+_MANAGER_TROUBLE = frozenset(
+    {Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.INTERNAL, Code.UNKNOWN, Code.CANCELLED}
+)
 DEFAULT_MANAGER_NAMESPACE = "ambassador"
 
 
@@ -355,6 +358,12 @@ class ClusterSession:
                     method, make(self.session_id()), timeout=self.api_timeout + 60
                 )
             except RpcError as exc:
+                if exc.code in _MANAGER_TROUBLE:
+                    # Said by the manager link, not by this daemon: the CLI must not read
+                    # UNAVAILABLE as "lost the daemon".
+                    raise RpcError(
+                        Code.ABORTED, f"the traffic manager did not complete it: {exc.message}"
+                    ) from None
                 if exc.code is not Code.NOT_FOUND or attempt or "session" not in exc.message:
                     raise
                 log.warning("the traffic manager forgot our session; arriving again")
