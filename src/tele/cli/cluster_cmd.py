@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from tele.cli.output import emit, output_option
+
+T = TypeVar("T")
 
 
 def connection_lines(info: dict[str, Any]) -> list[str]:
@@ -78,7 +81,15 @@ def connect(
             # The daemon applies the connect timeout itself; this bound only guards a hang.
             return await rpc.call(daemon_api.CONNECT, request, timeout=180)
 
-    info = client.run(call)
+    info = _with_progress("Connecting to the cluster's traffic manager", lambda: client.run(call))
+    import tele
+
+    if info.manager_version and info.manager_version != tele.__version__:
+        click.echo(
+            f"tele: warning: the traffic manager runs version {info.manager_version}, "
+            f"this client {tele.__version__}; `tele helm upgrade` brings them together",
+            err=True,
+        )
 
     def text(i: daemon_api.ConnectionInfo) -> str:
         from tele.cli.output import to_builtins
@@ -91,6 +102,18 @@ def connect(
         )
 
     emit(info, output, text)
+
+
+def _with_progress(what: str, work: Callable[[], T]) -> T:
+    """Run `work` with a spinner on a terminal (waiting for a manager can take a while)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return work()
+    from rich.console import Console
+
+    with Console(stderr=True).status(what + "..."):
+        return work()
 
 
 @click.command(name="list")
