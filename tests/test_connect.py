@@ -382,3 +382,12 @@ def test_a_manager_that_never_gets_ready_is_named_with_its_state(
     line = single_error_line(result)
     assert "the traffic manager in namespace ambassador is not ready after 2s" in line
     assert "traffic-manager-x (Pending)" in line
+
+
+def test_a_bad_cidr_is_one_sentence(tele_env: dict[str, str], guard: DaemonGuard) -> None:
+    result = run_tele(tele_env, "connect", "--also-proxy", "10.0.0.0/8,not-a-net")
+    assert result.returncode == 1
+    assert (
+        single_error_line(result) == "tele: --also-proxy 'not-a-net' is not a CIDR like 10.0.0.0/8"
+    )
+    assert guard.daemons() == []  # refused before a daemon was started

@@ -34,6 +34,10 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
         lines.append(f"  Cluster subnets:    {', '.join(subnets)}")
     if info.get("reconnects"):
         lines.append(f"  Reconnects:         {info['reconnects']}")
+    network = info.get("network")
+    if network:
+        lines.append(f"  Network:            {network.get('device')} {network.get('address')}")
+        lines.append(f"  Routed subnets:     {', '.join(network.get('subnets') or [])}")
     if info.get("last_error") and info.get("status") != "connected":
         lines.append(f"  Last error:         {info['last_error']}")
     return lines
@@ -52,6 +56,18 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
     help="Comma-separated namespaces to reach (default: all the manager manages).",
 )
 @click.option("--manager-address", default="", hidden=True, help="host:port of a manager (dev).")
+@click.option(
+    "--vif/--no-vif", default=False, help="Route the cluster's subnets and names here (root)."
+)
+@click.option(
+    "--also-proxy", multiple=True, help="Also route this CIDR to the cluster (repeatable)."
+)
+@click.option("--never-proxy", multiple=True, help="Never route this CIDR to the cluster.")
+@click.option(
+    "--allow-conflicting-subnets",
+    multiple=True,
+    help="Route this CIDR even if a local route has it.",
+)
 @output_option
 def connect(
     kubeconfig: str,
@@ -60,6 +76,10 @@ def connect(
     manager_namespace: str,
     mapped_namespaces: str,
     manager_address: str,
+    vif: bool,
+    also_proxy: tuple[str, ...],
+    never_proxy: tuple[str, ...],
+    allow_conflicting_subnets: tuple[str, ...],
     output: str,
 ) -> None:
     """Connect this machine to the cluster through its traffic manager."""
@@ -73,6 +93,10 @@ def connect(
         manager_namespace=manager_namespace,
         mapped_namespaces=[n.strip() for n in mapped_namespaces.split(",") if n.strip()],
         manager_address=manager_address,
+        vif=vif,
+        also_proxy=_cidrs("--also-proxy", also_proxy),
+        never_proxy=_cidrs("--never-proxy", never_proxy),
+        allow_conflicting_subnets=_cidrs("--allow-conflicting-subnets", allow_conflicting_subnets),
     )
 
     async def call() -> daemon_api.ConnectionInfo:
@@ -102,6 +126,22 @@ def connect(
         )
 
     emit(info, output, text)
+
+
+def _cidrs(flag: str, values: tuple[str, ...]) -> list[str]:
+    """Comma-separated or repeated CIDRs, checked here so a typo is one clear sentence."""
+    import ipaddress
+
+    from tele.errors import UserError
+
+    result = []
+    for value in values:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                result.append(str(ipaddress.ip_network(part, strict=False)))
+            except ValueError:
+                raise UserError(f"{flag} {part!r} is not a CIDR like 10.0.0.0/8") from None
+    return result
 
 
 def _with_progress(what: str, work: Callable[[], T]) -> T:

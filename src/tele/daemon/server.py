@@ -14,6 +14,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,7 +30,23 @@ from tele.rpc.errors import Code, RpcError
 from tele.rpc.manager_api import LIST_WORKLOADS, WorkloadList, WorkloadsRequest
 from tele.rpc.server import Router, serve_connection
 
+if TYPE_CHECKING:
+    from tele.vif.connect import NetworkOptions
+
 log = logging.getLogger(__name__)
+
+
+def _network_options(request: api.ConnectRequest) -> NetworkOptions:
+    """The connect flags for the network part; TELE_VIF=1 (tests, containers) also enables it."""
+    from tele.vif.connect import NetworkOptions
+
+    options = NetworkOptions.from_env()
+    options.enabled = options.enabled or request.vif
+    options.also_proxy = list(request.also_proxy)
+    options.never_proxy = list(request.never_proxy)
+    options.allow_conflicting = list(request.allow_conflicting_subnets)
+    return options
+
 
 # accept() errors that mean "out of resources for now": wait and retry rather than die.
 _RETRYABLE_ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -167,6 +184,7 @@ class Daemon:
                     kube,
                     connect_timeout=float(cfg.timeouts.traffic_manager_connect),
                     api_timeout=float(cfg.timeouts.traffic_manager_api),
+                    network=_network_options(request),
                 )
                 self.session = session
                 await session.run(task_status=task_status)

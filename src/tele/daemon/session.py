@@ -144,6 +144,7 @@ class ClusterSession:
             connected_at=self.connected_at,
             reconnects=self.reconnects,
             last_error=self.last_error,
+            network=self.network.summary() if self.network is not None else None,
         )
 
     async def client(self) -> Client:

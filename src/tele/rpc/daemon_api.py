@@ -8,6 +8,7 @@ that an older CLI and a newer daemon (or the reverse) still understand each othe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -59,6 +60,11 @@ class ConnectRequest(msgspec.Struct, frozen=True, kw_only=True):
     mapped_namespaces: list[str] = []
     manager_address: str = ""
     """host:port of a manager reachable directly (no port-forward); for development."""
+    vif: bool = False
+    """Set up the network interface and DNS (needs CAP_NET_ADMIN); TELE_VIF=1 does too."""
+    also_proxy: list[str] = []
+    never_proxy: list[str] = []
+    allow_conflicting_subnets: list[str] = []
 
 
 class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,6 +84,8 @@ class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     connected_at: float = 0.0
     reconnects: int = 0
     last_error: str = ""
+    network: dict[str, Any] | None = None
+    """The network interface and DNS (device, subnets, counters), when set up."""
 
 
 class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True):
