@@ -94,8 +94,10 @@ def _below(path: str, ancestor: str) -> str:
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
-    # Die with the kubelet: a crashed sandbox must not leave containers behind.
-    _check(_libc.prctl(1, 9, 0, 0, 0), "prctl")  # PR_SET_PDEATHSIG, SIGKILL
+    # No PR_SET_PDEATHSIG here: it fires when the *thread* that forked us exits, and trio
+    # forks from worker threads that exit after 10 s idle, which SIGKILLed healthy containers.
+    # A crashed sandbox's containers are found and killed by namespace instead
+    # (instance.cleanup_namespaces, run by the next `tele sandbox up` or `down`).
     fd = os.open(spec["netns"], os.O_RDONLY)
     _check(_libc.setns(fd, _CLONE_NEWNET), "setns")
     os.close(fd)
