@@ -80,7 +80,11 @@ async def serve_cluster(
             # The node runtime (controllers, kubelet, service network, DNS) needs root and
             # network namespaces; API-only users leave it off.
             from .kubelet.node import serve_node
+            from .network.webhooks import ServiceRelays
 
+            relays = ServiceRelays(api, f"{name}-node")
+            await nursery.start(relays.serve)
+            api.admission.service_resolver = relays.resolve
             await nursery.start(
                 functools.partial(
                     serve_node,

@@ -1,0 +1,154 @@
+"""Issue 9's story on the sandbox with a node: a pod calls a Service; `tele intercept` makes the
+webhook inject the traffic agent (by evicting the pod), and the next call is answered by a
+handler on this machine; after `tele leave` the cluster's app answers again."""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_util import DaemonGuard, run_tele
+from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.netns
+
+APP = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo, namespace: default}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echo
+        image: tele-sandbox/echo
+        ports: [{name: http, containerPort: 8080}]
+        env: [{name: GREETING, value: hello}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec:
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: caller, namespace: default}
+spec:
+  containers: [{name: c, image: tele-sandbox/worker}]
+"""
+
+CALL = (
+    "import urllib.request; "
+    "print(urllib.request.urlopen('http://echo.default/', timeout=10).read().decode())"
+)
+
+
+def kubectl(sandbox: NodeSandbox, *args: str, stdin: str | None = None) -> str:
+    result = subprocess.run(
+        ["kubectl", "--kubeconfig", str(sandbox.kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def laptop_handler() -> Iterator[int]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"hello from the laptop\n"
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_intercept_answers_a_cluster_call_from_this_machine(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    laptop_handler: int,
+    tmp_path: Path,
+) -> None:
+    kubeconfig = str(node_sandbox.kubeconfig)
+    installed = run_tele(tele_env, "helm", "install", "--kubeconfig", kubeconfig, timeout=120)
+    assert installed.returncode == 0, installed.stderr
+    kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+    kubectl(
+        node_sandbox,
+        "wait",
+        "-n",
+        "ambassador",
+        "--for=condition=Ready",
+        "pod",
+        "-l",
+        "app=traffic-manager",
+        "--timeout=90s",
+    )
+    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+
+    assert run_tele(tele_env, "connect", "--kubeconfig", kubeconfig, timeout=120).returncode == 0
+    env_file = tmp_path / "echo.env"
+    engaged = run_tele(
+        tele_env,
+        "intercept",
+        "echo",
+        "--port",
+        str(laptop_handler),
+        "-e",
+        str(env_file),
+        timeout=120,
+    )
+    assert engaged.returncode == 0, engaged.stderr
+    assert "State                  : ACTIVE" in engaged.stdout
+    assert "GREETING=hello" in env_file.read_text()
+    pods = kubectl(
+        node_sandbox,
+        "get",
+        "pods",
+        "-l",
+        "app=echo",
+        "-o",
+        "jsonpath={.items[*].spec.containers[*].name}",
+    )
+    assert "traffic-agent" in pods.split()
+
+    assert kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL) == (
+        "hello from the laptop\n\n"
+    )
+
+    assert run_tele(tele_env, "leave", "echo").returncode == 0
+    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+    assert run_tele(tele_env, "quit").returncode == 0
+    assert (
+        run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120).returncode
+        == 0
+    )
