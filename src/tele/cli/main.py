@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "list": "tele.cli.cluster_cmd:list_",
     "intercept": "tele.cli.intercept_cmd:intercept",
     "leave": "tele.cli.intercept_cmd:leave",
+    "demo": "tele.cli.demo_cmd:demo",
     "helm": "tele.cli.helm_cmd:helm",
 }
 
@@ -44,6 +45,7 @@ SHORT_HELP: dict[str, str] = {
     "list": "List a namespace's workloads and whether they can be engaged.",
     "intercept": "Send a workload's traffic to a handler on this machine.",
     "leave": "End an intercept.",
+    "demo": "See tele at work on a sandbox cluster, start to finish.",
     "helm": "Install, upgrade, uninstall or lint the traffic manager.",
 }
 

@@ -1,0 +1,47 @@
+"""`tele demo` as a newcomer runs it: every step succeeds and nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from tele.sandbox.network import netns
+from tests.conftest import VENV_BIN
+
+pytestmark = pytest.mark.netns
+
+
+def test_demo_tells_the_whole_story_and_cleans_up(tele_env: dict[str, str]) -> None:
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"):
+        pytest.skip("the sandbox's node and laptop need root, iproute2 and nftables")
+    name = f"tele-demo-t{uuid.uuid4().hex[:5]}"
+    try:
+        result = subprocess.run(
+            [str(VENV_BIN / "tele"), "demo", "--name", name],
+            env=tele_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        left = [n for n in netns.list_netns() if n.startswith(f"{name}-")]
+        for n in left:
+            netns.delete_sync(n)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    out = result.stdout
+    for outcome in (
+        "Connect the laptop to the cluster",
+        "-> answered by the cluster's backend pod",
+        "-> engaged (the agent was injected by the webhook)",
+        "-> answered by the handler on the laptop",
+        "-> left",
+        "the sandbox and its namespaces are gone",
+    ):
+        assert outcome in out, out
+    assert out.rstrip().splitlines()[-1].startswith("total")
+    assert not left, f"the demo left network namespaces behind: {left}"
