@@ -12,9 +12,8 @@ import pytest
 from tele.sandbox.network import netns
 from tests.conftest import VENV_BIN
 
-pytestmark = pytest.mark.netns
 
-
+@pytest.mark.netns
 def test_demo_tells_the_whole_story_and_cleans_up(tele_env: dict[str, str]) -> None:
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"):
         pytest.skip("the sandbox's node and laptop need root, iproute2 and nftables")
@@ -45,3 +44,18 @@ def test_demo_tells_the_whole_story_and_cleans_up(tele_env: dict[str, str]) -> N
         assert outcome in out, out
     assert out.rstrip().splitlines()[-1].startswith("total")
     assert not left, f"the demo left network namespaces behind: {left}"
+
+
+def test_a_failing_step_is_named_and_the_exit_is_non_zero(tele_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [str(VENV_BIN / "tele"), "demo", "--name", "Not Valid"],
+        env=tele_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("tele: step 'Start a sandbox cluster' failed: ")
+    assert "== Tear down" in result.stdout
