@@ -13,6 +13,22 @@ import trio
 from . import netns
 
 
+async def splice(a: trio.SocketStream, b: trio.SocketStream) -> None:
+    """Copy both ways until both directions end (EOF forwarded); a failure ends both."""
+    async with trio.open_nursery() as nursery:
+
+        async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+            try:
+                while data := await src.receive_some(65536):
+                    await dst.send_all(data)
+                await dst.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(pump, a, b)
+        nursery.start_soon(pump, b, a)
+
+
 async def _relay(stream: trio.SocketStream, host: str, port: int) -> None:
     async with stream:
         try:
@@ -20,18 +36,7 @@ async def _relay(stream: trio.SocketStream, host: str, port: int) -> None:
         except OSError:
             return
         async with upstream:
-
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                try:
-                    while data := await src.receive_some(65536):
-                        await dst.send_all(data)
-                    await dst.send_eof()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    nursery.cancel_scope.cancel()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, stream, upstream)
-                nursery.start_soon(pump, upstream, stream)
+            await splice(stream, upstream)
 
 
 async def serve_relay(

@@ -17,6 +17,7 @@ from ..apiserver.kinds import by_kind
 from ..apiserver.rest import Api
 from . import netns
 from .errors import NodeError
+from .relay import splice
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class ServiceRelays:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        async def splice(stream: trio.SocketStream) -> None:
+        async def relay(stream: trio.SocketStream) -> None:
             async with stream:
                 try:
                     host, target = self._endpoint(namespace, name, port)
@@ -84,19 +85,9 @@ class ServiceRelays:
                 except (OSError, NodeError) as exc:
                     log.info("webhook relay to %s/%s:%d: %s", namespace, name, port, exc)
                     return
-                async with upstream, trio.open_nursery() as nursery:
-
-                    async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                        try:
-                            while data := await src.receive_some(65536):
-                                await dst.send_all(data)
-                            await dst.send_eof()
-                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                            nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(pump, stream, upstream)
-                    nursery.start_soon(pump, upstream, stream)
+                async with upstream:
+                    await splice(stream, upstream)
 
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(splice, listeners)
+        await trio.serve_listeners(relay, listeners)
