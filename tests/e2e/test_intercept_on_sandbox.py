@@ -147,6 +147,22 @@ def test_intercept_answers_a_cluster_call_from_this_machine(
 
     assert run_tele(tele_env, "leave", "echo").returncode == 0
     assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+    removed = run_tele(tele_env, "uninstall", "--agent", "echo")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.strip() == "Removed the traffic agent from echo."
+    kubectl(node_sandbox, "rollout", "status", "deployment/echo", "--timeout=90s")
+    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=echo", "--timeout=90s")
+    containers = kubectl(
+        node_sandbox,
+        "get",
+        "pods",
+        "-l",
+        "app=echo",
+        "-o",
+        "jsonpath={.items[*].spec.containers[*].name}",
+    )
+    assert containers.split() == ["echo"]
+    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
     assert run_tele(tele_env, "quit").returncode == 0
     assert (
         run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120).returncode

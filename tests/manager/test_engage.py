@@ -286,3 +286,56 @@ async def test_list_shows_engagement_state(nursery: trio.Nursery, kube: KubeClie
     assert by_name["api"].engaged_by == ["api (dev@laptop)"]
     assert "no Service selects" in by_name["lonely"].not_interceptable_reason
     assert not by_name["lonely"].agent_installed
+
+
+async def test_uninstall_rolls_the_agent_out(nursery: trio.Nursery, kube: KubeClient) -> None:
+    await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
+    manager, client = await start_manager(nursery, kube)
+    await wait_for(lambda: ("default", "api") in manager.view.services)
+    await wait_for(lambda: ("ReplicaSet", "default", "api-1") in manager.view.workloads)
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+    agent = StandInAgent(client)
+    await nursery.start(agent.run)
+    await client.call(
+        aapi.ENGAGE, aapi.EngageRequest(session_id=session, namespace="default", workload="api")
+    )
+    assert ("Deployment", "default", "api") in manager.agent_workloads
+    request = aapi.UninstallRequest(session_id=session, namespace="default", workloads=["api"])
+    with pytest.raises(RpcError) as busy:
+        await client.call(aapi.UNINSTALL, request)
+    assert "engaged by dev@laptop (api); it must leave first" in busy.value.message
+    await client.call(aapi.LEAVE, aapi.LeaveRequest(session_id=session, name="api"))
+    # A pod that got the agent (as the webhook would have made it).
+    rs = await kube.get(k8s.REPLICASETS, "api-1", "default")
+    with_agent = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "api-1-agent",
+            "namespace": "default",
+            "labels": {"app": "api"},
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": "api-1",
+                    "uid": rs["metadata"]["uid"],
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {
+            "containers": [
+                *TEMPLATE["spec"]["containers"],  # type: ignore[index]
+                {"name": "traffic-agent", "image": "tele/traffic-agent"},
+            ]
+        },
+    }
+    await kube.create(k8s.PODS, with_agent)
+    await wait_for(lambda: ("default", "api-1-agent") in manager.view.pods)
+    reply = await client.call(aapi.UNINSTALL, request)
+    assert reply.removed == ["api"]
+    assert ("Deployment", "default", "api") not in manager.agent_workloads
+    assert await kube.get_or_none(k8s.PODS, "api-1-agent", "default") is None
+    everything = aapi.UninstallRequest(session_id=session, namespace="default", all_agents=True)
+    assert (await client.call(aapi.UNINSTALL, everything)).removed == []

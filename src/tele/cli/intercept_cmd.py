@@ -182,3 +182,32 @@ def leave(name: str) -> None:
     """End the engagement NAME; its traffic goes back to the cluster's workload."""
     _leave(name)
     click.echo(f"Left {name}.")
+
+
+@click.command()
+@click.option("--agent", "-d", "agents", multiple=True, help="A workload to remove the agent from.")
+@click.option("--all-agents", "-a", is_flag=True, help="Every agent in the namespace.")
+@click.option("--namespace", "-n", default="", help="The namespace (default: the connected one).")
+def uninstall(agents: tuple[str, ...], all_agents: bool, namespace: str) -> None:
+    """Remove the traffic agent from workloads; their pods are rolled out without it."""
+    from tele.cli import client
+    from tele.rpc import daemon_api
+    from tele.rpc.agent_api import UninstallReply
+
+    if bool(agents) == all_agents:
+        raise UserError("Name workloads with --agent, or use --all-agents (one of the two).")
+
+    async def call() -> UninstallReply:
+        async with client.daemon_client(start=False) as rpc:
+            if rpc is None:
+                raise UserError("Not connected; run `tele connect` first.")
+            request = daemon_api.UninstallRequest(
+                namespace=namespace, workloads=list(agents), all_agents=all_agents
+            )
+            return await rpc.call(daemon_api.UNINSTALL, request, timeout=60)
+
+    reply = client.run(call)
+    if reply.removed:
+        click.echo(f"Removed the traffic agent from {', '.join(reply.removed)}.")
+    else:
+        click.echo("No traffic agent to remove.")

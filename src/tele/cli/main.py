@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "intercept": "tele.cli.intercept_cmd:intercept",
     "leave": "tele.cli.intercept_cmd:leave",
     "demo": "tele.cli.demo_cmd:demo",
+    "uninstall": "tele.cli.intercept_cmd:uninstall",
     "helm": "tele.cli.helm_cmd:helm",
 }
 
@@ -46,6 +47,7 @@ SHORT_HELP: dict[str, str] = {
     "intercept": "Send a workload's traffic to a handler on this machine.",
     "leave": "End an intercept.",
     "demo": "See tele at work on a sandbox cluster, start to finish.",
+    "uninstall": "Remove the traffic agent from workloads.",
     "helm": "Install, upgrade, uninstall or lint the traffic manager.",
 }
 

@@ -25,7 +25,8 @@ from tele.daemon.loglevel import LogLevelController
 from tele.daemon.session import ClusterSession
 from tele.errors import TeleError, UserError
 from tele.rpc import daemon_api as api
-from tele.rpc.agent_api import EngagementInfo
+from tele.rpc.agent_api import UNINSTALL, EngagementInfo, UninstallReply
+from tele.rpc.agent_api import UninstallRequest as AgentUninstall
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.manager_api import LIST_WORKLOADS, WorkloadList, WorkloadsRequest
 from tele.rpc.server import Router, serve_connection
@@ -88,6 +89,7 @@ class Daemon:
         self.router.unary(api.LIST, self.list_workloads)
         self.router.unary(api.INTERCEPT, self.intercept)
         self.router.unary(api.LEAVE, self.leave)
+        self.router.unary(api.UNINSTALL, self.uninstall)
         self.session: ClusterSession | None = None
         self._sessions: trio.Nursery | None = None
         self._session_ended = trio.Event()
@@ -222,6 +224,18 @@ class Daemon:
         except UserError as exc:
             raise RpcError(Code.NOT_FOUND, str(exc)) from None
         return api.Empty()
+
+    async def uninstall(self, request: api.UninstallRequest) -> UninstallReply:
+        session = self._connected()
+        return await session.call_in_session(
+            UNINSTALL,
+            lambda session_id: AgentUninstall(
+                session_id=session_id,
+                namespace=request.namespace or session.namespace,
+                workloads=list(request.workloads),
+                all_agents=request.all_agents,
+            ),
+        )
 
     async def list_workloads(self, request: api.ListRequest) -> WorkloadList:
         session = self._connected()

@@ -72,6 +72,7 @@ class Engagements:
         router.stream(aapi.WATCH_ENGAGEMENTS, self.watch_engagements)
         router.unary(aapi.ENGAGE, self.engage)
         router.unary(aapi.LEAVE, self.leave)
+        router.unary(aapi.UNINSTALL, self.uninstall)
         router.stream(aapi.WATCH_DIALS, self.watch_dials)
 
     def _notify(self) -> None:
@@ -273,25 +274,10 @@ class Engagements:
     async def _ensure_agent(
         self, key: tuple[str, str, str], workload: dict[str, Any], timeout: float
     ) -> None:
+        self.manager.agent_workloads.add(key)  # new pods of the workload keep getting one
         if self.agents_of(key):
             return
-        self.manager.agent_workloads.add(key)
-        pods = [
-            pod
-            for (ns, _), pod in list(self.manager.view.pods.items())
-            if ns == key[1] and _owner_name(self.manager.view.workload_of(pod, ns)) == key[2]
-        ]
-        for pod in pods:
-            if any(c.get("name") == agentconfig.AGENT_CONTAINER for c in pod["spec"]["containers"]):
-                continue
-            try:
-                await self.manager.kube.evict(pod["metadata"]["name"], key[1])
-            except ApiError as exc:
-                if exc.code != 429:
-                    raise
-                log.info("eviction refused (%s); rolling the workload out instead", exc.message)
-                await self._restart_workload(key, workload)
-                break
+        await self._roll(key, workload, want_agent=True)
         with trio.move_on_after(timeout):
             while not self.agents_of(key):
                 await self._changed.wait()
@@ -300,6 +286,69 @@ class Engagements:
             Code.DEADLINE_EXCEEDED,
             f"no traffic agent of {key[0]} {key[1]}/{key[2]} arrived within {timeout:g}s",
         )
+
+    async def _roll(
+        self, key: tuple[str, str, str], workload: dict[str, Any], *, want_agent: bool
+    ) -> None:
+        """Evict the workload's pods whose agent is not as wanted, so that the webhook makes
+        their replacements right; a disruption budget that refuses gets a rollout instead."""
+        pods = [
+            pod
+            for (ns, _), pod in list(self.manager.view.pods.items())
+            if ns == key[1] and _owner_name(self.manager.view.workload_of(pod, ns)) == key[2]
+        ]
+        for pod in pods:
+            has_agent = any(
+                c.get("name") == agentconfig.AGENT_CONTAINER for c in pod["spec"]["containers"]
+            )
+            if has_agent == want_agent:
+                continue
+            try:
+                await self.manager.kube.evict(pod["metadata"]["name"], key[1])
+            except ApiError as exc:
+                if exc.code == 404:
+                    continue
+                if exc.code != 429:
+                    raise
+                log.info("eviction refused (%s); rolling the workload out instead", exc.message)
+                await self._restart_workload(key, workload)
+                return
+
+    async def uninstall(self, request: aapi.UninstallRequest) -> aapi.UninstallReply:
+        """Remove the agent from workloads (all of the namespace's with `all_agents`)."""
+        self.manager.client_session(request.session_id)
+        if request.all_agents:
+            keys = sorted(k for k in self.manager.agent_workloads if k[1] == request.namespace)
+        else:
+            keys = []
+            for name in request.workloads:
+                kind = str(self._find_workload(request.namespace, name)["kind"])
+                keys.append((kind, request.namespace, name))
+        removed = []
+        for key in keys:
+            found = self.manager.view.workloads.get(key)
+            if found is None:
+                continue
+            workload = dict(found)
+            template = (workload.get("spec") or {}).get("template") or {}
+            if agentconfig.injection_policy(template) == "enabled":
+                raise RpcError(
+                    Code.FAILED_PRECONDITION,
+                    f"the agent of {key[2]} is installed by its pod template's "
+                    "inject-traffic-agent annotation; remove the annotation instead",
+                )
+            holders = [a.info for a in self.active.values() if a.workload_key == key]
+            if holders:
+                raise RpcError(
+                    Code.FAILED_PRECONDITION,
+                    f"{key[2]} is engaged by {holders[0].client} ({holders[0].name}); "
+                    "it must leave first",
+                )
+            self.manager.agent_workloads.discard(key)
+            await self._roll(key, workload, want_agent=False)
+            removed.append(key[2])
+            log.info("removed the traffic agent from %s %s/%s", *key)
+        return aapi.UninstallReply(removed=removed)
 
     async def _restart_workload(self, key: tuple[str, str, str], workload: dict[str, Any]) -> None:
         resource = {

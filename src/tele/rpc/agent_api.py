@@ -108,8 +108,21 @@ class DialRequest(msgspec.Struct, frozen=True, kw_only=True):
     original_port: int
 
 
+class UninstallRequest(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    namespace: str
+    workloads: list[str] = []
+    all_agents: bool = False
+
+
+class UninstallReply(msgspec.Struct, frozen=True, kw_only=True):
+    removed: list[str]
+    """The workloads whose pods are rolled out without the agent."""
+
+
 ARRIVE_AS_AGENT = Unary(f"/{SERVICE}/ArriveAsAgent", AgentIdentity, AgentSessionInfo)
 WATCH_ENGAGEMENTS = ServerStream(f"/{SERVICE}/WatchEngagements", SessionRequest, EngagementList)
 ENGAGE = Unary(f"/{SERVICE}/Engage", EngageRequest, EngagementInfo)
 LEAVE = Unary(f"/{SERVICE}/Leave", LeaveRequest, Empty)
+UNINSTALL = Unary(f"/{SERVICE}/UninstallAgents", UninstallRequest, UninstallReply)
 WATCH_DIALS = ServerStream(f"/{SERVICE}/WatchDials", SessionRequest, DialRequest)

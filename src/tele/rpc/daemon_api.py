@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from tele import paths
-from tele.rpc.agent_api import EngagementInfo
+from tele.rpc.agent_api import EngagementInfo, UninstallReply
 from tele.rpc.manager_api import WorkloadList
 from tele.rpc.method import Empty, Unary
 
@@ -110,6 +110,12 @@ class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):
     name: str
 
 
+class UninstallRequest(msgspec.Struct, frozen=True, kw_only=True):
+    namespace: str = ""
+    workloads: list[str] = []
+    all_agents: bool = False
+
+
 class ListRequest(msgspec.Struct, frozen=True, kw_only=True):
     namespace: str = ""
     """Empty: the namespace given at connect (or the kubeconfig's)."""
@@ -162,6 +168,9 @@ INTERCEPT: Unary[InterceptRequest, EngagementInfo] = Unary(
     f"/{SERVICE}/Intercept", InterceptRequest, EngagementInfo
 )
 LEAVE: Unary[LeaveRequest, Empty] = Unary(f"/{SERVICE}/Leave", LeaveRequest, Empty)
+UNINSTALL: Unary[UninstallRequest, UninstallReply] = Unary(
+    f"/{SERVICE}/Uninstall", UninstallRequest, UninstallReply
+)
 # INVALID_ARGUMENT for an unknown level or a negative duration.
 SET_LOG_LEVEL: Unary[SetLogLevelRequest, SetLogLevelReply] = Unary(
     f"/{SERVICE}/SetLogLevel", SetLogLevelRequest, SetLogLevelReply
