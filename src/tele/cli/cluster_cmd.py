@@ -34,6 +34,9 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
         lines.append(f"  Cluster subnets:    {', '.join(subnets)}")
     if info.get("reconnects"):
         lines.append(f"  Reconnects:         {info['reconnects']}")
+    intercepts = info.get("intercepts") or []
+    lines.append(f"  Intercepts:         {len(intercepts)} total")
+    lines.extend(f"    {line}" for line in intercepts)
     network = info.get("network")
     if network:
         lines.append(f"  Network:            {network.get('device')} {network.get('address')}")

@@ -145,6 +145,11 @@ class ClusterSession:
             reconnects=self.reconnects,
             last_error=self.last_error,
             network=self.network.summary() if self.network is not None else None,
+            intercepts=[
+                f"{info.name}: {info.workload_kind} {info.namespace}/{info.workload} -> "
+                f"{':'.join(map(str, self.targets.get(info.id, ('?', '?'))))} ({info.mechanism})"
+                for info in self.engaged.values()
+            ],
         )
 
     async def client(self) -> Client:

@@ -86,6 +86,8 @@ class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str = ""
     network: dict[str, Any] | None = None
     """The network interface and DNS (device, subnets, counters), when set up."""
+    intercepts: list[str] = []
+    """"name: workload -> local address (mechanism)" for each engagement of this session."""
 
 
 class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True):
