@@ -1,0 +1,41 @@
+"""End-to-end tests on the sandbox with a node; shared steps below."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.daemon_util import run_tele
+from tests.sandbox2.conftest import NodeSandbox
+
+
+def kubectl(sandbox: NodeSandbox, *args: str, stdin: str | None = None) -> str:
+    """kubectl against the sandbox; its stdout, asserting success."""
+    result = subprocess.run(
+        ["kubectl", "--kubeconfig", str(sandbox.kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def install_manager(sandbox: NodeSandbox, env: dict[str, str]) -> None:
+    """`tele helm install`, then wait until the manager pod is ready."""
+    installed = run_tele(
+        env, "helm", "install", "--kubeconfig", str(sandbox.kubeconfig), timeout=120
+    )
+    assert installed.returncode == 0, installed.stderr
+    kubectl(
+        sandbox,
+        "wait",
+        "-n",
+        "ambassador",
+        "--for=condition=Ready",
+        "pod",
+        "-l",
+        "app=traffic-manager",
+        "--timeout=90s",
+    )

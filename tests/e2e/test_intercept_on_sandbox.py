@@ -5,7 +5,6 @@ handler on this machine; after `tele leave` the cluster's app answers again."""
 from __future__ import annotations
 
 import http.server
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_util import DaemonGuard, run_tele
+from tests.e2e import install_manager, kubectl
 from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
@@ -53,19 +53,6 @@ CALL = (
 )
 
 
-def kubectl(sandbox: NodeSandbox, *args: str, stdin: str | None = None) -> str:
-    result = subprocess.run(
-        ["kubectl", "--kubeconfig", str(sandbox.kubeconfig), *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=90,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 @pytest.fixture
 def laptop_handler() -> Iterator[int]:
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -98,20 +85,8 @@ def test_intercept_answers_a_cluster_call_from_this_machine(
     tmp_path: Path,
 ) -> None:
     kubeconfig = str(node_sandbox.kubeconfig)
-    installed = run_tele(tele_env, "helm", "install", "--kubeconfig", kubeconfig, timeout=120)
-    assert installed.returncode == 0, installed.stderr
+    install_manager(node_sandbox, tele_env)
     kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-    kubectl(
-        node_sandbox,
-        "wait",
-        "-n",
-        "ambassador",
-        "--for=condition=Ready",
-        "pod",
-        "-l",
-        "app=traffic-manager",
-        "--timeout=90s",
-    )
     kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
     assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
 

@@ -5,27 +5,15 @@ survives the manager pod being replaced, and uninstall removes it all."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
 
 from tests.daemon_util import DaemonGuard, run_tele
+from tests.e2e import install_manager, kubectl
 from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
-
-
-def kubectl(sandbox: NodeSandbox, *args: str, timeout: float = 90) -> str:
-    result = subprocess.run(
-        ["kubectl", "--kubeconfig", str(sandbox.kubeconfig), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def status(env: dict[str, str]) -> dict[str, object]:
@@ -41,19 +29,7 @@ def test_install_connect_survive_manager_restart_uninstall(
     guard: DaemonGuard,
 ) -> None:
     kubeconfig = str(node_sandbox.kubeconfig)
-    installed = run_tele(tele_env, "helm", "install", "--kubeconfig", kubeconfig, timeout=120)
-    assert installed.returncode == 0, installed.stderr
-    kubectl(
-        node_sandbox,
-        "wait",
-        "-n",
-        "ambassador",
-        "--for=condition=Ready",
-        "pod",
-        "-l",
-        "app=traffic-manager",
-        "--timeout=90s",
-    )
+    install_manager(node_sandbox, tele_env)
     connected = run_tele(tele_env, "connect", "--kubeconfig", kubeconfig, timeout=120)
     assert connected.returncode == 0, connected.stderr
     first = status(tele_env)
