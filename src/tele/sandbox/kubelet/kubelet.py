@@ -352,7 +352,8 @@ class PodWorker:
                 kill_group(run.proc)
                 await run.proc.wait()
         if self.netns:
-            await netns.delete(self.netns)
+            index = int(self.netns.rsplit("-", 1)[1])
+            await node.detach_pod(self.k.node_ns, self.netns, index)
         if self.ip:
             self.k.ipam.release(self.ip)
         self.k.workers.pop(self.uid, None)

@@ -69,7 +69,8 @@ async def attach_pod(node: str, pod_ns: str, index: int, ip: str) -> None:
             f"link add {veth} type veth peer name eth0 netns {pod_ns}",
             f"addr add {GATEWAY}/32 dev {veth}",
             f"link set {veth} up",
-            f"route add {ip}/32 dev {veth} scope link",
+            # `replace`: a route left by an earlier pod with this address is taken over.
+            f"route replace {ip}/32 dev {veth} scope link",
         ],
     )
     await netns.ip_batch(
@@ -82,3 +83,14 @@ async def attach_pod(node: str, pod_ns: str, index: int, ip: str) -> None:
             f"route add default via {GATEWAY} dev eth0",
         ],
     )
+
+
+async def detach_pod(node: str, pod_ns: str, index: int) -> None:
+    """Remove the pod's veth (and with it its route) at once, then its namespace.
+
+    Deleting a namespace only drops a reference: the kernel tears its links down later, in a
+    work queue, so the veth and the /32 route to the pod's address can outlive `ip netns delete`
+    by a moment, and a new pod given the same address would find the route taken.
+    """
+    await netns.run("ip", "-n", node, "link", "del", f"vp{index}", check=False)
+    await netns.delete(pod_ns)
