@@ -160,6 +160,10 @@ class ClusterSession:
             Code.UNAVAILABLE, f"no link to the traffic manager: {self.pool.last_failure}"
         )
 
+    async def dial(self, destination: Destination) -> H2Stream:
+        """A tunnel stream to a cluster address, through the manager (a `forward.Dialer`)."""
+        return await self.pool.dial(destination, session=self.session_id())
+
     def session_id(self) -> str:
         if self.session is None:
             raise RpcError(Code.UNAVAILABLE, "not connected to the traffic manager yet")
