@@ -1,9 +1,10 @@
 """`tele demo`: the whole story on one machine, driven through the same commands a user types.
 
 A sandbox cluster comes up, `tele helm install` puts the traffic manager in it, a demo backend
-is deployed; the sandbox's laptop namespace connects (`tele connect --vif`), calls the Service
-by name, intercepts it with a personal (header-matched) intercept served by a handler on the
-laptop, leaves, and everything is torn down. Each step prints what ran, what came back and how
+and a frontend calling it are deployed; the sandbox's laptop namespace connects (`tele connect
+--vif`), calls the frontend by name, intercepts the backend with a personal (header-matched)
+intercept served by a handler on the laptop — the header travels through the frontend's call —
+leaves, and everything is torn down. Each step prints what ran, what came back and how
 long it took; a failure names its step and still cleans up (also on Ctrl-C).
 """
 
@@ -46,6 +47,28 @@ kind: Service
 metadata: {name: backend, namespace: demo}
 spec:
   selector: {app: backend}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: frontend, namespace: demo}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: frontend}}
+  template:
+    metadata: {labels: {app: frontend}}
+    spec:
+      containers:
+      - name: frontend
+        image: tele-sandbox/frontend
+        ports: [{name: http, containerPort: 8080}]
+        env: [{name: BACKEND_URL, value: "http://backend.demo"}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: frontend, namespace: demo}
+spec:
+  selector: {app: frontend}
   ports: [{name: http, port: 80, targetPort: http}]
 """
 
@@ -143,9 +166,15 @@ class Demo:
         manifest.write_text(APP)
         kubectl = ["kubectl", "--kubeconfig", self.kubeconfig]
         self.run(
-            "Deploy the demo backend", [*kubectl, "apply", "-f", str(manifest)], lambda o: "applied"
+            "Deploy the demo app (frontend calls backend)",
+            [*kubectl, "apply", "-f", str(manifest)],
+            lambda o: "applied",
         )
-        for namespace, deployment in (("ambassador", "traffic-manager"), ("demo", "backend")):
+        for namespace, deployment in (
+            ("ambassador", "traffic-manager"),
+            ("demo", "backend"),
+            ("demo", "frontend"),
+        ):
             self.run(
                 f"Wait for {deployment}",
                 [
@@ -165,9 +194,9 @@ class Demo:
             _expect("Connected to context", "connected"),
         )
         self.run(
-            "Call the Service by name from the laptop",
-            self.laptop("curl", "-s", "-m", "10", "http://backend.demo/"),
-            _expect('"pod": "backend-', "answered by the cluster's backend pod"),
+            "Call the frontend by name from the laptop",
+            self.curl(),
+            _expect('"pod": "backend-', "the frontend pod called the backend pod"),
         )
         self.start_handler()
         assert self.handler is not None
@@ -189,13 +218,13 @@ class Demo:
             _expect("ACTIVE", "engaged (the agent was injected by the webhook)"),
         )
         self.run(
-            "A request with the header reaches the laptop",
-            self.laptop("curl", "-s", "-m", "10", "-H", "x-demo: me", "http://backend.demo/"),
-            _expect("hello from the laptop", "answered by the handler on the laptop"),
+            "With the header, the frontend's call reaches the laptop",
+            self.curl("x-demo: me"),
+            _expect("hello from the laptop", "the backend call was answered on the laptop"),
         )
         self.run(
             "Other requests still reach the cluster",
-            self.laptop("curl", "-s", "-m", "10", "http://backend.demo/"),
+            self.curl(),
             _expect('"pod": "backend-', "answered by the cluster's backend pod"),
         )
         self.run(
@@ -205,9 +234,14 @@ class Demo:
         )
         self.run(
             "The header no longer matters",
-            self.laptop("curl", "-s", "-m", "10", "-H", "x-demo: me", "http://backend.demo/"),
+            self.curl("x-demo: me"),
             _expect('"pod": "backend-', "answered by the cluster's backend pod"),
         )
+
+    def curl(self, header: str = "") -> list[str]:
+        """curl the frontend from the laptop (with `header` when given)."""
+        extra = ["-H", header] if header else []
+        return self.laptop("curl", "-s", "-m", "10", *extra, "http://frontend.demo/")
 
     def start_handler(self) -> None:
         self.say("\n== Start a handler on the laptop (127.0.0.1, a free port)")
@@ -232,7 +266,7 @@ class Demo:
             self.say(
                 f"\nThe sandbox keeps running. Continue by hand:\n"
                 f"  tele sandbox shell --name {self.name}      # a shell on the 'laptop'\n"
-                f"  tele status; tele list -n demo; curl http://backend.demo/\n"
+                f"  tele status; tele list -n demo; curl http://frontend.demo/\n"
                 f"  tele sandbox down --name {self.name}       # when done"
             )
             return

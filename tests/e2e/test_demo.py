@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ def test_demo_tells_the_whole_story_and_cleans_up(tele_env: dict[str, str]) -> N
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"):
         pytest.skip("the sandbox's node and laptop need root, iproute2 and nftables")
     name = f"tele-demo-t{uuid.uuid4().hex[:5]}"
+    host_resolv = _fingerprint(Path("/etc/resolv.conf"))
     try:
         result = subprocess.run(
             [str(VENV_BIN / "tele"), "demo", "--name", name],
@@ -35,15 +37,25 @@ def test_demo_tells_the_whole_story_and_cleans_up(tele_env: dict[str, str]) -> N
     out = result.stdout
     for outcome in (
         "Connect the laptop to the cluster",
-        "-> answered by the cluster's backend pod",
+        "-> the frontend pod called the backend pod",
         "-> engaged (the agent was injected by the webhook)",
-        "-> answered by the handler on the laptop",
+        "-> the backend call was answered on the laptop",
+        "-> answered by the cluster's backend pod",
         "-> left",
         "the sandbox and its namespaces are gone",
     ):
         assert outcome in out, out
     assert out.rstrip().splitlines()[-1].startswith("total")
     assert not left, f"the demo left network namespaces behind: {left}"
+    # The laptop's DNS set-up went to the laptop's own resolv.conf: the host's was never written.
+    assert _fingerprint(Path("/etc/resolv.conf")) == host_resolv
+    assert not Path("/etc/resolv.conf.tele-orig").exists()
+    assert not Path(f"/etc/netns/{name}-laptop").exists()
+
+
+def _fingerprint(path: Path) -> tuple[int, int, bytes]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, path.read_bytes()
 
 
 def test_a_failing_step_is_named_and_the_exit_is_non_zero(tele_env: dict[str, str]) -> None:

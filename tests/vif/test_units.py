@@ -4,12 +4,14 @@ resolver's timeout, caching and rcodes (trio's MockClock instead of waiting)."""
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 from dnslib import RCODE, DNSRecord
 
+from tele.dns import system
 from tele.dns.names import NameRules
 from tele.dns.server import NEGATIVE_TTL, Resolver
 from tele.rpc import manager_api as mapi
@@ -132,3 +134,36 @@ async def test_resolver_ignores_garbage_and_answers_local_rules() -> None:
     # No upstream configured: names outside the cluster fail instead of hanging.
     other = DNSRecord.parse(await resolver.answer(query("example.com"), udp=True))
     assert other.header.rcode == RCODE.SERVFAIL
+
+
+def test_resolv_conf_is_rewritten_in_place_and_restored(tmp_path: Path) -> None:
+    # In place: a bind-mounted /etc/resolv.conf (ip netns exec, containers) keeps its inode, so
+    # the mount and the file behind it are the ones changed and restored, nobody else's.
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.1\n")
+    inode = resolv.stat().st_ino
+    backup = tmp_path / "state" / "resolv.conf.tele-orig"
+    system.override_resolv_conf(resolv, backup, "198.18.0.53", ["tel2-search", "dev"])
+    assert resolv.stat().st_ino == inode
+    assert "nameserver 198.18.0.53\nsearch tel2-search dev\n" in resolv.read_text()
+    assert backup.read_text() == "nameserver 192.0.2.1\n"
+    # A second override (a restarted session) keeps the true original.
+    system.override_resolv_conf(resolv, backup, "198.18.0.54", ["tel2-search"])
+    assert backup.read_text() == "nameserver 192.0.2.1\n"
+    system.restore_resolv_conf(resolv, backup)
+    assert resolv.stat().st_ino == inode
+    assert resolv.read_text() == "nameserver 192.0.2.1\n"
+    assert not backup.exists()
+
+
+def test_a_symlinked_resolv_conf_is_replaced_and_the_link_restored(tmp_path: Path) -> None:
+    target = tmp_path / "stub-resolv.conf"
+    target.write_text("nameserver 127.0.0.53\n")
+    resolv = tmp_path / "resolv.conf"
+    resolv.symlink_to(target)
+    backup = tmp_path / "resolv.conf.tele-orig"
+    system.override_resolv_conf(resolv, backup, "198.18.0.53", ["tel2-search"])
+    assert not resolv.is_symlink()
+    assert target.read_text() == "nameserver 127.0.0.53\n"  # the manager's file is untouched
+    system.restore_resolv_conf(resolv, backup)
+    assert resolv.is_symlink() and resolv.resolve() == target

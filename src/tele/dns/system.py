@@ -49,7 +49,13 @@ def nameservers(path: Path) -> list[str]:
 
 
 def override_resolv_conf(path: Path, backup: Path, server: str, search: list[str]) -> None:
-    """Keep the original at `backup`, then make `server` the only nameserver in `path`."""
+    """Keep the original at `backup`, then make `server` the only nameserver in `path`.
+
+    A regular file is rewritten in place, never replaced: /etc/resolv.conf is often a bind mount
+    (`ip netns exec` puts /etc/netns/NAME/resolv.conf there, containers get one from their
+    runtime), and renaming over a mount point fails or, worse, changes the file of whoever
+    mounted it. Only a symlink (a resolver manager's file) is replaced by a file of ours.
+    """
     # A leftover backup is the true original (a crashed session's): never overwrite it.
     if not os.path.lexists(backup):
         backup.parent.mkdir(parents=True, exist_ok=True)
@@ -64,17 +70,24 @@ def override_resolv_conf(path: Path, backup: Path, server: str, search: list[str
         f"search {' '.join(search)}\n"
         "options ndots:1 timeout:2 attempts:2\n"
     )
-    tmp = path.with_name(path.name + ".tele-tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    if os.path.islink(path) or not os.path.lexists(path):
+        tmp = path.with_name(path.name + ".tele-tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    else:
+        path.write_text(text)
 
 
 def restore_resolv_conf(path: Path, backup: Path) -> None:
     """Put the original back (a missing backup means there is nothing of ours to undo)."""
     if not os.path.lexists(backup):
         return
-    os.replace(backup, path)
+    if os.path.islink(backup) or os.path.islink(path) or not os.path.lexists(path):
+        os.replace(backup, path)
+        return
+    path.write_bytes(backup.read_bytes())  # in place, as it was written (see above)
+    backup.unlink()
 
 
 def resolved_set_link(device: str, server: str, domains: list[str]) -> None:

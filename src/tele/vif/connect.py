@@ -18,6 +18,7 @@ from typing import NoReturn, Protocol, overload
 
 import trio
 
+from tele import paths
 from tele.dns.names import DEFAULT_EXCLUDE_SUFFIXES, NameRules
 from tele.dns.server import Resolver
 from tele.dns.service import DnsSettings, SystemSetup, serve_dns
@@ -51,6 +52,9 @@ class NetworkOptions:
     dns: bool = True
     dns_setup: SystemSetup = SystemSetup.AUTO
     resolv_conf: Path | None = None
+    resolv_backup: Path | None = None
+    """Where the overridden resolv.conf's original is kept; default: in tele's state dir (never
+    beside resolv.conf: /etc may be shared with other network namespaces' daemons)."""
     include_suffixes: list[str] = field(default_factory=list)
     exclude_suffixes: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE_SUFFIXES))
     excludes: list[str] = field(default_factory=list)
@@ -212,6 +216,7 @@ async def serve_network(
             )
             if options.resolv_conf is not None:
                 dns.resolv_conf = options.resolv_conf
+            dns.resolv_backup = options.resolv_backup or paths.state_dir() / "resolv.conf.tele-orig"
             resolver = await nursery.start(serve_dns, dns, lookup)
         task_status.started(NetworkStatus(vif, resolver))
         await trio.sleep_forever()

@@ -12,6 +12,7 @@ IMAGES: dict[str, str] = {
     "tele-sandbox/echo-tls": "tele.sandbox.images.echo",
     "tele-sandbox/l4-echo": "tele.sandbox.images.l4echo",
     "tele-sandbox/worker": "tele.sandbox.images.worker",
+    "tele-sandbox/frontend": "tele.sandbox.images.frontend",
     # tele's own images: the Helm chart's manager and the injected agent (`agent`/`agent-init`).
     "tele/traffic-manager": "tele.manager",
     "tele/traffic-agent": "tele.agent",

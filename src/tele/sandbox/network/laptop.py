@@ -2,18 +2,23 @@
 
 It has loopback only, plus the API server at the kubeconfig's own address (a relay), so a tele
 daemon started there is the laptop's: no cluster address is reachable until tele connects it.
-The shell gets a tele home of its own (config, cache, state, runtime directories).
+The shell gets a tele home of its own (config, cache, state, runtime directories) and a
+resolv.conf of its own: /etc/netns/<name>/resolv.conf, which `ip netns exec` mounts over
+/etc/resolv.conf, so a daemon there that sets up DNS changes the laptop's file, never the host's.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import trio
 
 from . import netns
 from .relay import serve_relay
+
+ETC_NETNS = Path("/etc/netns")
 
 
 async def serve_laptop(
@@ -28,7 +33,12 @@ async def serve_laptop(
     name = f"{cluster}-laptop"
     await netns.delete(name)
     await netns.add(name)
+    etc = ETC_NETNS / name
     try:
+        etc.mkdir(parents=True, exist_ok=True)
+        # Nothing outside the cluster resolves from here (loopback only); the file exists so
+        # that the laptop has one of its own.
+        (etc / "resolv.conf").write_text("# the sandbox laptop's resolver\nnameserver 127.0.0.1\n")
         await netns.ip_batch(name, ["link set lo up"])
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_relay, name, (api_host, api_port), (api_host, api_port))
@@ -36,6 +46,7 @@ async def serve_laptop(
     finally:
         with trio.CancelScope(shield=True):
             await netns.delete(name)
+            shutil.rmtree(etc, ignore_errors=True)
 
 
 def shell_command(
