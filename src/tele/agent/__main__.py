@@ -23,9 +23,11 @@ log = logging.getLogger("tele.agent")
 
 
 async def run_agent(settings: AgentSettings) -> None:
+    from tele.agent.files import serve_files
     from tele.agent.forward import serve
     from tele.agent.manager_link import ManagerEngagements
     from tele.agent.tls import TlsTermination
+    from tele.manager.agentconfig import MOUNT_PREFIX
 
     tls = None
     if settings.tls_cert:
@@ -35,8 +37,10 @@ async def run_agent(settings: AgentSettings) -> None:
             app_tls=settings.app_tls,
             app_ca=Path(settings.app_ca) if settings.app_ca else None,
         )
-    source = ManagerEngagements.for_settings(settings)
     async with trio.open_nursery() as nursery:
+        # The file server first: the manager learns its port when the agent arrives.
+        sftp_port = await nursery.start(partial(serve_files, root=MOUNT_PREFIX))
+        source = ManagerEngagements.for_settings(settings, sftp_port=sftp_port)
         # Started at once, before the manager answers: until then the agent is transparent.
         await nursery.start(source.serve)
         await nursery.start(partial(serve, tls=tls), settings, source)

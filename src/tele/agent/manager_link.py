@@ -35,7 +35,9 @@ ARRIVE_TIMEOUT = 10.0
 RETRY_MAX = 10.0
 
 
-def identity(settings: AgentSettings, environ: Mapping[str, str]) -> aapi.AgentIdentity:
+def identity(
+    settings: AgentSettings, environ: Mapping[str, str], *, sftp_port: int = 0
+) -> aapi.AgentIdentity:
     """Who this agent is, as the manager lists it; the pod name is the pod's HOSTNAME."""
     config = settings.config
     return aapi.AgentIdentity(
@@ -47,6 +49,8 @@ def identity(settings: AgentSettings, environ: Mapping[str, str]) -> aapi.AgentI
         version=tele.__version__,
         environment=settings.app_environment(environ),
         mounts={c.name: list(c.mounts) for c in config.containers},
+        mount_policies={c.name: dict(c.mount_policies) for c in config.containers},
+        sftp_port=sftp_port,
     )
 
 
@@ -79,10 +83,11 @@ class ManagerEngagements:
         self._updated = trio.Event()
 
     @classmethod
-    def for_settings(cls, settings: AgentSettings) -> ManagerEngagements:
+    def for_settings(cls, settings: AgentSettings, *, sftp_port: int = 0) -> ManagerEngagements:
         config = settings.config
         return cls(
-            identity(settings, os.environ), tcp_connector(config.manager_host, config.manager_port)
+            identity(settings, os.environ, sftp_port=sftp_port),
+            tcp_connector(config.manager_host, config.manager_port),
         )
 
     def current(self, agent_port: int) -> Sequence[aapi.Engagement]:

@@ -11,6 +11,15 @@ Service's traffic reaches the agent, which forwards what is not engaged to the a
 *numeric* targetPort cannot be renamed; there an init container (`tele-agent-init`, NET_ADMIN)
 redirects the container port to the agent port inside the pod's network namespace, as
 Telepresence does with iptables.
+
+Volumes (seed 004, "Volume Mount Policies"): each app volume mount gets a policy, from the Helm
+value `agent.mountPolicies` overridden by the pod template's `telepresence.io/mount-policies`
+annotation (a JSON object; keys are volume names or absolute mount paths). Remote and
+RemoteReadOnly volumes are mounted into the agent under /tel_app_mounts/<container> (read-only
+for RemoteReadOnly, so the pod's kernel refuses writes whatever the client does) and exported
+to clients; Local ones are not shared but listed, so a client knows the app expects them;
+Ignore ones are neither. The legacy `inject-ignore-volume-mounts` annotation (volume names,
+comma-separated) still marks volumes Ignore.
 """
 
 from __future__ import annotations
@@ -24,6 +33,11 @@ import msgspec
 ANNOTATION_PREFIX = "telepresence.io/"
 LEGACY_PREFIX = "telepresence.getambassador.io/"
 INJECT_ANNOTATION = "inject-traffic-agent"
+MOUNT_POLICIES_ANNOTATION = "mount-policies"
+IGNORE_VOLUMES_ANNOTATION = "inject-ignore-volume-mounts"
+MOUNT_POLICIES = ("Ignore", "Local", "Remote", "RemoteReadOnly")
+REMOTE_POLICIES = ("Remote", "RemoteReadOnly")
+MOUNT_PREFIX = "/tel_app_mounts"
 CONFIG_ANNOTATION = ANNOTATION_PREFIX + "agent-config"
 AGENT_CONTAINER = "traffic-agent"
 INIT_CONTAINER = "tele-agent-init"
@@ -54,6 +68,9 @@ class ContainerConfig(msgspec.Struct, frozen=True, kw_only=True):
     env_prefix: str
     mount_point: str
     mounts: list[str] = []
+    """The exported (Remote and RemoteReadOnly) mount paths, sorted."""
+    mount_policies: dict[str, str] = {}
+    """Mount path -> policy for every app volume mount that is not Ignore."""
     intercepts: list[Intercept] = []
 
 
@@ -91,6 +108,54 @@ def injection_policy(template: Obj) -> str | None:
     return value.lower() if value else None
 
 
+def mount_policies(template: Obj, defaults: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The policies that apply to `template`'s volumes: the Helm defaults, then the legacy
+    ignore annotation, then the mount-policies annotation. NotInterceptable when the
+    annotation is not a JSON object of known policies (the user must fix the workload)."""
+    policies = dict(defaults or {})
+    for name in (annotation(template, IGNORE_VOLUMES_ANNOTATION) or "").split(","):
+        if name.strip():
+            policies[name.strip()] = "Ignore"
+    raw = annotation(template, MOUNT_POLICIES_ANNOTATION)
+    if raw:
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or any(
+            not isinstance(v, str) or v not in MOUNT_POLICIES for v in parsed.values()
+        ):
+            raise NotInterceptable(
+                f"its {ANNOTATION_PREFIX}{MOUNT_POLICIES_ANNOTATION} annotation must be a JSON "
+                f"object of volume names or paths to one of {', '.join(MOUNT_POLICIES)}"
+            )
+        policies.update(parsed)
+    return policies
+
+
+def mount_policy(policies: Mapping[str, str], volume: str, path: str) -> str:
+    """The policy of one volume mount: by volume name, else by mount path (the longest key
+    that is the path or one of its parent directories), else Remote."""
+    if volume in policies:
+        return policies[volume]
+    best = ""
+    for key in policies:
+        if key.startswith("/") and (
+            path == key or path.startswith(key.rstrip("/") + "/") or key == "/"
+        ):
+            best = key if len(key) > len(best) else best
+    return policies[best] if best else "Remote"
+
+
+def _container_mounts(container: Obj, policies: Mapping[str, str]) -> dict[str, str]:
+    found = {}
+    for mount in container.get("volumeMounts") or []:
+        policy = mount_policy(policies, str(mount.get("name") or ""), str(mount["mountPath"]))
+        if policy != "Ignore":
+            found[str(mount["mountPath"])] = policy
+    return found
+
+
 def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
@@ -114,6 +179,7 @@ def generate(
     manager_port: int = 8081,
     agent_port: int = AGENT_PORT,
     log_level: str = "info",
+    default_mount_policies: Mapping[str, str] | None = None,
 ) -> AgentConfig:
     """The agent configuration of `workload`; NotInterceptable when no Service leads to it."""
     meta = workload.get("metadata") or {}
@@ -149,16 +215,20 @@ def generate(
                 )
             )
             next_port += 1
-    configs = [
-        ContainerConfig(
-            name=c["name"],
-            env_prefix=_env_prefix(i),
-            mount_point=f"/tel_app_mounts/{c['name']}",
-            mounts=[m["mountPath"] for m in c.get("volumeMounts") or []],
-            intercepts=by_container[c["name"]],
+    policies = mount_policies(template, default_mount_policies)
+    configs = []
+    for i, c in enumerate(containers):
+        mounts = _container_mounts(c, policies)
+        configs.append(
+            ContainerConfig(
+                name=c["name"],
+                env_prefix=_env_prefix(i),
+                mount_point=f"{MOUNT_PREFIX}/{c['name']}",
+                mounts=sorted(p for p, policy in mounts.items() if policy in REMOTE_POLICIES),
+                mount_policies=mounts,
+                intercepts=by_container[c["name"]],
+            )
         )
-        for i, c in enumerate(containers)
-    ]
     if not any(c.intercepts for c in configs) and injection_policy(template) != "enabled":
         raise NotInterceptable("no Service selects the workload's pods with a port they declare")
     name = str(meta.get("name") or "")
@@ -311,12 +381,13 @@ def agent_container(
                 {**variable, "name": f"_TEL_APP_{container_config.env_prefix}{variable['name']}"}
             )
         for mount in app.get("volumeMounts") or []:
-            mounts.append(
-                {
-                    **mount,
-                    "mountPath": container_config.mount_point + mount["mountPath"],
-                }
-            )
+            policy = container_config.mount_policies.get(mount["mountPath"], "Ignore")
+            if policy not in REMOTE_POLICIES:
+                continue  # Ignore and Local volumes are not shared with clients
+            exported = {**mount, "mountPath": container_config.mount_point + mount["mountPath"]}
+            if policy == "RemoteReadOnly":
+                exported["readOnly"] = True
+            mounts.append(exported)
     return {
         "name": AGENT_CONTAINER,
         "image": config.agent_image,

@@ -159,6 +159,7 @@ class Engagements:
                 manager_namespace=self.manager.config.namespace,
                 agent_image=self.manager.config.agent_image,
                 agent_port=self.manager.config.agent_port,
+                default_mount_policies=self.manager.config.mount_policies,
             )
         except agentconfig.NotInterceptable as exc:
             raise RpcError(
@@ -186,6 +187,7 @@ class Engagements:
             pod_ips=[a.pod_ip for a in agents],
             environment=environment,
             mounts=mounts,
+            **_mount_fields(agents, container),
         )
         self.active[name] = Active(
             info=info,
@@ -476,3 +478,14 @@ class Engagements:
 
 def _owner_name(workload: Any) -> str | None:
     return None if workload is None else str(workload["metadata"]["name"])
+
+
+def _mount_fields(agents: list[aapi.AgentIdentity], container: str) -> dict[str, Any]:
+    """What a client needs to mount the engaged container's volumes (from its agent)."""
+    if not agents:
+        return {}
+    return {
+        "mount_policies": agents[0].mount_policies.get(container, {}),
+        "mount_point": f"{agentconfig.MOUNT_PREFIX}/{container}",
+        "sftp_port": agents[0].sftp_port,
+    }

@@ -76,6 +76,8 @@ class ManagerConfig:
     agent_image: str = "tele/traffic-agent"
     agent_port: int = 9900
     agent_log_level: str = "info"
+    mount_policies: dict[str, str] = field(default_factory=dict)
+    """Helm `agent.mountPolicies`: volume name or mount path -> policy (agentconfig)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ManagerConfig:
@@ -106,6 +108,7 @@ class ManagerConfig:
             agent_image=env.get("TELE_AGENT_IMAGE") or "tele/traffic-agent",
             agent_port=int(env.get("TELE_AGENT_PORT") or 9900),
             agent_log_level=env.get("TELE_AGENT_LOG_LEVEL") or "info",
+            mount_policies=dict(json.loads(env.get("TELE_MOUNT_POLICIES") or "{}")),
         )
 
 
@@ -450,6 +453,7 @@ class Manager:
                 manager_port=api.DEFAULT_PORT,
                 agent_port=self.config.agent_port,
                 log_level=self.config.agent_log_level,
+                default_mount_policies=self.config.mount_policies,
             )
         except agentconfig.NotInterceptable as exc:
             log.info("no agent for %s/%s: %s", namespace, key[2], exc)

@@ -52,6 +52,11 @@ class AgentIdentity(msgspec.Struct, frozen=True, kw_only=True):
     environment: dict[str, dict[str, str]] = {}
     """Per app container, the environment the agent sees (what a local handler should get)."""
     mounts: dict[str, list[str]] = {}
+    mount_policies: dict[str, dict[str, str]] = {}
+    """Per app container, mount path -> Local | Remote | RemoteReadOnly (Ignore left out)."""
+    sftp_port: int = 0
+    """Where the agent serves its containers' exported volumes (SFTP, tele.agent.files); 0:
+    it cannot (no sftp-server in its image)."""
 
 
 class AgentSessionInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,6 +97,15 @@ class EngagementInfo(msgspec.Struct, frozen=True, kw_only=True):
     pod_ips: list[str] = []
     environment: dict[str, str] = {}
     mounts: list[str] = []
+    mount_policies: dict[str, str] = {}
+    """Mount path -> Local | Remote | RemoteReadOnly, for the engaged container."""
+    mount_point: str = ""
+    """The agent's directory with the container's exported volumes (the SFTP root to mount)."""
+    sftp_port: int = 0
+    local_mount: str = ""
+    """Set by the client's daemon: where the volumes are mounted on the client's machine."""
+    mount_error: str = ""
+    """Set by the client's daemon: why the volumes are not mounted (one sentence)."""
 
 
 class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -106,6 +106,9 @@ class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True):
     path_equal: list[str] = []
     path_prefix: list[str] = []
     path_regex: list[str] = []
+    mount: str = "true"
+    """Volumes: "true" (a new temporary directory), "false", or a directory (":ro" appended
+    mounts read-only)."""
 
 
 class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,0 +1,457 @@
+"""The engaged container's volumes on this machine: one sshfs mount per engagement.
+
+```
+Mounts.serve                                    one per cluster session (its nursery)
+ '- per engagement with volumes: _serve_mount
+     |- forwarder: 127.0.0.1:P -> tunnel -> agent pod IP : agent SFTP port (tele.daemon.forward)
+     '- sshfs -f -o directport=P 127.0.0.1:/tel_app_mounts/<container> LOCAL_DIR
+```
+The agent serves SFTP without SSH (tele.agent.files); sshfs speaks SFTP straight to the
+forwarded port. `attach` returns once the mount is up (or says in `mount_error` why there is
+none: no sshfs, no /dev/fuse, an agent without a file server...; the engagement goes on
+without volumes). The mount ends when the engagement is left, the session ends or the daemon
+quits: unmounted in `finally`, shielded and bounded. A daemon killed with its mounts up leaves
+them in the mount journal; the next daemon start (or `tele quit`) unmounts them (`recover`).
+
+The handler process learns where the volumes are from TELEPRESENCE_ROOT (the local directory)
+and TELEPRESENCE_MOUNTS (the shared mount paths, `:`-joined; each is at ROOT/PATH), as with
+Telepresence; TELEPRESENCE_LOCAL_MOUNTS lists the paths whose policy is Local (not shared:
+the app expects them, the user provides them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import trio
+
+from tele import paths
+from tele.errors import TeleError, UserError, single_leaf
+from tele.rpc.agent_api import EngagementInfo
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+Forwarder = Callable[..., Awaitable[None]]
+"""A service `forwarder(host, port, *, task_status)` that listens locally, relays each
+connection to the cluster address host:port, and reports its local address when listening."""
+
+MOUNT_TIMEOUT = 20.0
+UNMOUNT_TIMEOUT = 5.0
+REMOTE_POLICIES = ("Remote", "RemoteReadOnly")
+_STDERR_LIMIT = 4096
+
+
+class MountError(UserError):
+    """A mount that cannot be made; the engagement goes on without it."""
+
+
+@dataclass(frozen=True, slots=True)
+class MountFlag:
+    """`--mount`: true (a new temporary directory), false, or DIR, with `:ro` read-only."""
+
+    enabled: bool = True
+    directory: str = ""
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, value: str) -> MountFlag:
+        text = value.strip()
+        read_only = text.endswith(":ro")
+        if read_only:
+            text = text[: -len(":ro")]
+        if text.lower() in ("", "true", "yes"):
+            return cls(read_only=read_only)
+        if text.lower() in ("false", "no"):
+            return cls(enabled=False)
+        if not os.path.isabs(os.path.expanduser(text)):
+            raise UserError(f"--mount {value!r}: give true, false or an absolute directory")
+        return cls(directory=os.path.expanduser(text), read_only=read_only)
+
+
+# --- the machine's side: can we mount, is it mounted, unmount --------------------------------
+
+
+def mount_problem() -> str | None:
+    """Why FUSE mounts with sshfs cannot work on this machine (one sentence), or None."""
+    if shutil.which("sshfs") is None:
+        return "sshfs is not installed (Debian/Ubuntu: apt install sshfs)"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist (FUSE is not available here)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK) and _fusermount() is None:
+        return "/dev/fuse is not usable by this user and fusermount3 is not installed"
+    return None
+
+
+def _fusermount() -> str | None:
+    return shutil.which("fusermount3") or shutil.which("fusermount")
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo.
+    return (
+        field.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )
+
+
+def mounted_at(directory: str | Path) -> str | None:
+    """The file system type mounted at `directory` (e.g. "fuse.sshfs"), or None."""
+    target = os.path.realpath(directory)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        fields = line.split(" ")
+        try:
+            fstype = fields[fields.index("-") + 1]
+        except (ValueError, IndexError):
+            continue
+        if len(fields) > 4 and _unescape(fields[4]) == target:
+            found = fstype  # the last one listed is on top
+    return found
+
+
+def _wait_for_mount(directory: str, timeout: float) -> bool:
+    """Block until something is mounted at `directory` (True) or `timeout` passes (False).
+    The kernel flags /proc/self/mountinfo with POLLPRI whenever the mount table changes, so
+    this sleeps until a change instead of re-reading the table on a timer."""
+    deadline = time.monotonic() + timeout
+    with open("/proc/self/mountinfo", "rb") as table:
+        changes = select.poll()
+        changes.register(table, select.POLLPRI)
+        while mounted_at(directory) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            changes.poll(left * 1000)
+    return True
+
+
+def unmount(directory: str | Path) -> bool:
+    """Unmount `directory` lazily (open files keep working until closed); True if it was a
+    mount. Blocking: call it in a thread."""
+    if mounted_at(directory) is None:
+        return False
+    tool = _fusermount()
+    commands = [[tool, "-u", "-z", str(directory)]] if tool else []
+    if os.geteuid() == 0:
+        commands.append(["umount", "-l", str(directory)])
+    for command in commands:
+        try:
+            done = subprocess.run(
+                command, capture_output=True, timeout=UNMOUNT_TIMEOUT, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("%s: %s", command[0], exc)
+            continue
+        if done.returncode == 0 or mounted_at(directory) is None:
+            return True
+        log.warning("%s: %s", " ".join(command), done.stderr.decode(errors="replace").strip())
+    return mounted_at(directory) is None
+
+
+# --- the mount journal: what a killed daemon left ----------------------------------------------
+
+
+class _Entry(msgspec.Struct, frozen=True):
+    directory: str
+    created: bool
+    """The daemon made the directory (remove it after unmounting)."""
+
+
+def journal_path() -> Path:
+    return paths.state_dir() / "mounts-journal.json"
+
+
+def _load() -> list[_Entry]:
+    try:
+        return msgspec.json.decode(journal_path().read_bytes(), type=list[_Entry])
+    except (OSError, msgspec.DecodeError):
+        return []
+
+
+def _save(entries: list[_Entry]) -> None:
+    path = journal_path()
+    paths.ensure_private_dir(path.parent)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(msgspec.json.encode(entries))
+    os.replace(tmp, path)
+
+
+def _record(entry: _Entry) -> None:
+    _save([e for e in _load() if e.directory != entry.directory] + [entry])
+
+
+def _forget(directory: str) -> None:
+    entries = _load()
+    kept = [e for e in entries if e.directory != directory]
+    if kept != entries:
+        _save(kept)
+
+
+def pending() -> list[str]:
+    return [e.directory for e in _load()]
+
+
+def recover() -> list[str]:
+    """Unmount what a dead daemon left mounted; what was done, in words (for the log)."""
+    done = []
+    for entry in _load():
+        try:
+            if unmount(entry.directory):
+                done.append(f"unmounted {entry.directory}")
+            if entry.created:
+                os.rmdir(entry.directory)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not clean up the mount %s: %s", entry.directory, exc)
+            if mounted_at(entry.directory) is not None:
+                continue  # keep it for the next try
+        _forget(entry.directory)
+    return done
+
+
+# --- mounts of one session --------------------------------------------------------------------
+
+
+def environment(info: EngagementInfo) -> dict[str, str]:
+    """The TELEPRESENCE_* variables that tell a handler where the volumes are."""
+    env = {}
+    remote = sorted(p for p, policy in info.mount_policies.items() if policy in REMOTE_POLICIES)
+    local = sorted(p for p, policy in info.mount_policies.items() if policy == "Local")
+    if info.local_mount:
+        env["TELEPRESENCE_ROOT"] = info.local_mount
+    if remote:
+        env["TELEPRESENCE_MOUNTS"] = ":".join(remote)
+    if local:
+        env["TELEPRESENCE_LOCAL_MOUNTS"] = ":".join(local)
+    return env
+
+
+class Mounts:
+    """The mounts of one cluster session, keyed by engagement id; run `serve` in its nursery."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self._forwarder = forwarder
+        self._nursery: trio.Nursery | None = None
+        self._scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        self._dirs: dict[str, str] = {}
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    async def attach(self, info: EngagementInfo, flag: str) -> EngagementInfo:
+        """Mount `info`'s volumes as `flag` (--mount) says; the info with `local_mount` or
+        `mount_error` set and the TELEPRESENCE_* variables added to its environment."""
+        wanted = MountFlag.parse(flag)
+        local, error = "", ""
+        remote = any(p in REMOTE_POLICIES for p in info.mount_policies.values())
+        if wanted.enabled and remote and info.id not in self._scopes:
+            try:
+                local = await self._mount(info, wanted)
+            except TeleError as exc:  # MountError, or the forwarder's (a port in use)
+                error = str(exc)
+                log.warning("volumes of %s not mounted: %s", info.name, error)
+        elif info.id in self._scopes:
+            local = self._dirs.get(info.id, "")
+        info = msgspec.structs.replace(info, local_mount=local, mount_error=error)
+        return msgspec.structs.replace(info, environment={**info.environment, **environment(info)})
+
+    async def detach(self, engagement_id: str) -> None:
+        """Unmount the engagement's volumes (if any); returns once they are gone."""
+        found = self._scopes.get(engagement_id)
+        if found is None:
+            return
+        scope, done = found
+        scope.cancel()
+        with trio.move_on_after(UNMOUNT_TIMEOUT + 1):
+            await done.wait()
+
+    async def _mount(self, info: EngagementInfo, wanted: MountFlag) -> str:
+        problem = mount_problem()
+        if problem is not None:
+            raise MountError(problem)
+        if not info.sftp_port or not info.pod_ips:
+            raise MountError("the workload's traffic agent does not export volumes")
+        if self._nursery is None:
+            raise MountError("the session is ending")
+        try:
+            local: str = await self._nursery.start(self._serve_mount, info, wanted)
+        except BaseExceptionGroup as group:
+            leaf = single_leaf(group)
+            if isinstance(leaf, TeleError):  # MountError, or the forwarder's (port in use)
+                raise MountError(str(leaf)) from None
+            raise
+        return local
+
+    async def _serve_mount(
+        self,
+        info: EngagementInfo,
+        wanted: MountFlag,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        scope, done = trio.CancelScope(), trio.Event()
+        self._scopes[info.id] = (scope, done)
+        directory, created = "", False
+        process: trio.Process | None = None
+        try:
+            with scope:
+                directory, created = _prepare(wanted)
+                self._dirs[info.id] = directory
+                await trio.to_thread.run_sync(_record, _Entry(directory, created))
+                async with trio.open_nursery() as nursery:
+                    address: Address = await nursery.start(
+                        self._forwarder, info.pod_ips[0], info.sftp_port
+                    )
+                    process = await _start_sshfs(nursery, info, wanted, directory, address)
+                    log.info("volumes of %s mounted at %s", info.name, directory)
+                    task_status.started(directory)
+                    await process.wait()
+                    log.warning(
+                        "the mount of %s at %s ended: sshfs exited with status %s",
+                        info.name,
+                        directory,
+                        process.returncode,
+                    )
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._scopes.pop(info.id, None)
+            self._dirs.pop(info.id, None)
+            with trio.CancelScope(shield=True), trio.move_on_after(UNMOUNT_TIMEOUT + 1):
+                if directory:
+                    await trio.to_thread.run_sync(_cleanup, directory, created)
+                if process is not None:
+                    # Unmounted, sshfs exits by itself; reap it (or end it if it hangs).
+                    with trio.move_on_after(UNMOUNT_TIMEOUT / 2):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
+            done.set()
+
+
+def _prepare(wanted: MountFlag) -> tuple[str, bool]:
+    """The local directory to mount on, and whether it was made here."""
+    if not wanted.directory:
+        return tempfile.mkdtemp(prefix="telfs-"), True
+    path = Path(wanted.directory)
+    if mounted_at(path) is not None:
+        raise MountError(f"{path} is already a mount point; choose another --mount directory")
+    try:
+        path.mkdir(parents=True)
+        return str(path), True
+    except FileExistsError:
+        if not path.is_dir():
+            raise MountError(f"--mount {path} is not a directory") from None
+        if any(path.iterdir()):
+            raise MountError(f"--mount {path} is not empty; give an empty directory") from None
+        return str(path), False
+    except OSError as exc:
+        raise MountError(f"cannot create {path}: {exc.strerror or exc}") from None
+
+
+def _cleanup(directory: str, created: bool) -> None:
+    if unmount(directory):
+        log.info("unmounted %s", directory)
+    if created and mounted_at(directory) is None:
+        try:
+            os.rmdir(directory)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", directory, exc.strerror or exc)
+    if mounted_at(directory) is None:
+        _forget(directory)
+
+
+async def _start_sshfs(
+    nursery: trio.Nursery,
+    info: EngagementInfo,
+    wanted: MountFlag,
+    directory: str,
+    address: Address,
+) -> trio.Process:
+    """Start sshfs in the foreground (a child this daemon supervises; its stderr is logged by a
+    task in `nursery`) and wait until the mount is up; MountError with sshfs's own words when
+    it exits first or takes too long (then it is not running any more)."""
+    options = [f"directport={address[1]}", f"fsname=tele-{info.name}"]
+    if wanted.read_only:
+        options.append("ro")
+    command = ["sshfs", "-f", "-o", ",".join(options), f"{address[0]}:{info.mount_point}"]
+    try:
+        process = await trio.lowlevel.open_process(
+            [*command, directory],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise MountError(f"cannot run sshfs: {exc.strerror or exc}") from None
+    stderr = bytearray()
+    ended = trio.Event()
+
+    async def read_stderr() -> None:
+        assert process.stderr is not None
+        async with process.stderr:
+            async for chunk in process.stderr:
+                if len(stderr) < _STDERR_LIMIT:
+                    stderr.extend(chunk)
+                for line in chunk.decode(errors="replace").splitlines():
+                    log.info("sshfs (%s): %s", info.name, line)
+        ended.set()
+
+    nursery.start_soon(read_stderr)
+    try:
+        # sshfs -f says nothing once the mount is up: wait for the mount table to show it, or
+        # for sshfs to exit, whichever comes first.
+        async with trio.open_nursery() as race:
+
+            async def until_mounted() -> None:
+                await trio.to_thread.run_sync(
+                    _wait_for_mount, directory, MOUNT_TIMEOUT, abandon_on_cancel=True
+                )
+                race.cancel_scope.cancel()
+
+            async def until_exited() -> None:
+                await process.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(until_mounted)
+            race.start_soon(until_exited)
+        if process.returncode is None and mounted_at(directory) is not None:
+            return process
+        if process.returncode is None:
+            detail = f"no mount after {MOUNT_TIMEOUT:g}s"
+        else:
+            with trio.move_on_after(1):
+                await ended.wait()  # its last words
+            lines = stderr.decode(errors="replace").strip().splitlines()
+            detail = lines[-1] if lines else f"exit status {process.returncode}"
+        raise MountError(f"sshfs could not mount the volumes at {directory}: {detail}")
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        raise

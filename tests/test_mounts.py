@@ -1,0 +1,237 @@
+"""Volumes on the laptop (tele.daemon.mounts) served by the agent's file server (tele.agent.files):
+real sftp-server and sshfs processes over loopback, with the agent's export directory in a temp
+dir. The tunnel is left out here (the "forwarder" hands sshfs the agent's own address); the
+sandbox e2e test (tests/e2e/test_mounts_on_sandbox.py) goes through it."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+
+from tele.agent.files import find_sftp_server, serve_files
+from tele.daemon import mounts
+from tele.daemon.mounts import MountFlag, Mounts, mounted_at
+from tele.errors import UserError
+from tele.rpc.agent_api import EngagementInfo
+
+pytestmark = pytest.mark.skipif(
+    mounts.mount_problem() is not None or find_sftp_server() is None,
+    reason=f"FUSE mounts with sshfs do not work here: {mounts.mount_problem()}",
+)
+
+SECRET = b"s3cr3t\x00\xffbytes\n"
+
+
+@pytest.fixture(autouse=True)
+def private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> Path:
+    """What the agent's /tel_app_mounts looks like: container `app` with two volumes."""
+    root = tmp_path / "tel_app_mounts"
+    (root / "app" / "etc" / "creds").mkdir(parents=True)
+    (root / "app" / "etc" / "creds" / "password").write_bytes(SECRET)
+    (root / "app" / "scratch").mkdir()
+    return root
+
+
+@pytest.fixture
+def no_leftover_mounts(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test mounted under its tmp_path is unmounted at the end, also on failure;
+    a test that left one fails."""
+    yield
+    left = [line for line in _mount_lines() if str(tmp_path) in line or "telfs-" in line]
+    for line in left:
+        subprocess.run(["umount", "-l", line.split(" ")[4]], check=False)
+    assert not left, left
+
+
+def _mount_lines() -> list[str]:
+    return Path("/proc/self/mountinfo").read_text().splitlines()
+
+
+def _info(sftp_port: int, **policies: str) -> EngagementInfo:
+    return EngagementInfo(
+        id="e1",
+        name="echo",
+        namespace="default",
+        workload="echo",
+        workload_kind="Deployment",
+        container="app",
+        service="echo",
+        service_port=80,
+        container_port=8080,
+        mechanism="tcp",
+        client="me@here",
+        pod_ips=["127.0.0.1"],
+        environment={"GREETING": "hello"},
+        mount_policies=policies
+        or {"/etc/creds": "RemoteReadOnly", "/scratch": "Remote", "/tmp": "Local"},
+        mount_point="/tel_app_mounts/app",
+        sftp_port=sftp_port,
+    )
+
+
+async def _direct(host: str, port: int, *, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+    """The forwarder as the test sees it: the agent listens on this machine already."""
+    task_status.started((host, port))
+    await trio.sleep_forever()
+
+
+@pytest.fixture
+async def session_mounts(
+    export: Path, no_leftover_mounts: None
+) -> AsyncIterator[tuple[Mounts, int]]:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_files, root=str(export), host="127.0.0.1"))
+        table = Mounts(_direct)
+        await nursery.start(table.serve)
+        # The agent's export root is a temp dir: point the mount at it.
+        yield table, port
+        nursery.cancel_scope.cancel()
+
+
+def _rooted(info: EngagementInfo, export: Path) -> EngagementInfo:
+    return msgspec.structs.replace(info, mount_point=str(export / "app"))
+
+
+async def test_a_mounted_secret_reads_the_same_bytes_and_leave_unmounts(
+    session_mounts: tuple[Mounts, int], export: Path
+) -> None:
+    table, port = session_mounts
+    info = await table.attach(_rooted(_info(port), export), "true")
+    assert info.mount_error == ""
+    root = Path(info.local_mount)
+    assert mounted_at(root) == "fuse.sshfs"
+    assert info.environment["TELEPRESENCE_ROOT"] == str(root)
+    assert info.environment["TELEPRESENCE_MOUNTS"] == "/etc/creds:/scratch"
+    assert info.environment["TELEPRESENCE_LOCAL_MOUNTS"] == "/tmp"
+    assert info.environment["GREETING"] == "hello"
+    read = await trio.to_thread.run_sync((root / "etc" / "creds" / "password").read_bytes)
+    assert read == SECRET
+    # Writes reach the agent's side.
+    await trio.to_thread.run_sync((root / "scratch" / "note").write_bytes, b"from the laptop")
+    assert (export / "app" / "scratch" / "note").read_bytes() == b"from the laptop"
+    assert mounts.pending() == [str(root)]
+
+    await table.detach(info.id)
+    assert mounted_at(root) is None
+    assert not await trio.Path(root).exists()  # a directory tele made is removed again
+    assert mounts.pending() == []
+
+
+async def test_a_read_only_mount_refuses_writes(
+    session_mounts: tuple[Mounts, int], export: Path, tmp_path: Path
+) -> None:
+    table, port = session_mounts
+    where = tmp_path / "mnt"
+    where.mkdir()
+    info = await table.attach(_rooted(_info(port), export), f"{where}:ro")
+    assert info.local_mount == str(where)
+    with pytest.raises(OSError) as refused:
+        await trio.to_thread.run_sync((where / "scratch" / "note").write_bytes, b"x")
+    assert refused.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    assert not (export / "app" / "scratch" / "note").exists()
+    await table.detach(info.id)
+    assert mounted_at(where) is None
+    assert where.is_dir()  # it existed before: it stays
+
+
+async def test_mount_false_and_no_remote_volumes_mount_nothing(
+    session_mounts: tuple[Mounts, int], export: Path
+) -> None:
+    table, port = session_mounts
+    info = await table.attach(_rooted(_info(port), export), "false")
+    assert info.local_mount == "" and info.mount_error == ""
+    assert "TELEPRESENCE_ROOT" not in info.environment
+    assert info.environment["TELEPRESENCE_MOUNTS"] == "/etc/creds:/scratch"
+    only_local = await table.attach(_rooted(_info(port, **{"/tmp": "Local"}), export), "true")
+    assert only_local.local_mount == ""
+    assert only_local.environment["TELEPRESENCE_LOCAL_MOUNTS"] == "/tmp"
+
+
+async def test_an_unreachable_file_server_is_one_sentence_and_no_mount(
+    export: Path, tmp_path: Path, no_leftover_mounts: None
+) -> None:
+    closed = trio.socket.socket()
+    await closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    async with trio.open_nursery() as nursery:
+        table = Mounts(_direct)
+        await nursery.start(table.serve)
+        where = tmp_path / "mnt"
+        with trio.fail_after(10):
+            info = await table.attach(_rooted(_info(port), export), str(where))
+        assert info.local_mount == ""
+        assert info.mount_error.startswith("sshfs could not mount the volumes at")
+        assert "TELEPRESENCE_ROOT" not in info.environment
+        assert mounted_at(where) is None and not where.exists()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_agent_without_file_server_is_said(
+    session_mounts: tuple[Mounts, int], export: Path
+) -> None:
+    table, _ = session_mounts
+    info = await table.attach(_rooted(_info(0), export), "true")
+    assert info.mount_error == "the workload's traffic agent does not export volumes"
+
+
+async def test_the_session_ending_unmounts(export: Path, no_leftover_mounts: None) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_files, root=str(export), host="127.0.0.1"))
+        async with trio.open_nursery() as session:
+            table = Mounts(_direct)
+            await session.start(table.serve)
+            info = await table.attach(_rooted(_info(port), export), "true")
+            assert mounted_at(info.local_mount) == "fuse.sshfs"
+            session.cancel_scope.cancel()
+        assert mounted_at(info.local_mount) is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_recover_unmounts_what_a_killed_daemon_left(
+    export: Path, tmp_path: Path, no_leftover_mounts: None
+) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_files, root=str(export), host="127.0.0.1"))
+        where = tmp_path / "left"
+        where.mkdir()
+        # What a daemon killed with -9 leaves: a live sshfs (daemonized, as nobody reaps it
+        # any more) and its journal entry.
+        mounts._record(mounts._Entry(str(where), True))
+        await trio.run_process(
+            ["sshfs", "-o", f"directport={port}", f"127.0.0.1:{export / 'app'}", str(where)]
+        )
+        assert mounted_at(where) == "fuse.sshfs"
+        done = await trio.to_thread.run_sync(mounts.recover)
+        assert done == [f"unmounted {where}"]
+        assert mounted_at(where) is None and not where.exists()
+        assert mounts.pending() == []
+        nursery.cancel_scope.cancel()
+
+
+def test_mount_flag() -> None:
+    assert MountFlag.parse("true") == MountFlag()
+    assert MountFlag.parse("false") == MountFlag(enabled=False)
+    assert MountFlag.parse("/mnt/x:ro") == MountFlag(directory="/mnt/x", read_only=True)
+    assert MountFlag.parse("true:ro") == MountFlag(read_only=True)
+    with pytest.raises(UserError, match="absolute directory"):
+        MountFlag.parse("relative/dir")
+
+
+def test_without_sshfs_the_reason_is_one_sentence(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert mounts.mount_problem() == "sshfs is not installed (Debian/Ubuntu: apt install sshfs)"
