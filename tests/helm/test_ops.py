@@ -19,6 +19,7 @@ from tele.helm.chart import Chart
 from tele.helm.errors import NamespaceConflict, ReleaseError
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient, open_kube_client
+from tele.manager.state import STATE_CONFIGMAP
 from tele.sandbox.cluster import ClusterInfo
 
 Obj = dict[str, Any]
@@ -222,11 +223,15 @@ async def test_uninstall_removes_everything_it_installed(kube: KubeClient, chart
     installed = await snapshot(kube) - before
     assert ("Role", "alpha", "traffic-manager-ambassador") in installed
     assert ("Secret", "ambassador", "tele-release-traffic-manager") in installed
-    # What the manager makes for itself when it runs (tele.manager.webhook.ensure_tls).
+    # What the manager makes for itself when it runs (tele.manager.webhook.ensure_tls and
+    # tele.manager.state).
     tls = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mutator-webhook-tls"}}
     await kube.create(k8s.SECRETS, tls, "ambassador")
+    state = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP}}
+    await kube.create(k8s.CONFIGMAPS, state, "ambassador")
     outcome = await ops.uninstall(kube, release="traffic-manager", namespace="ambassador")
-    assert len(outcome.pruned) == len(installed)  # all but the record (deleted last) + the TLS
+    # All but the record (deleted last), plus the TLS Secret and the state ConfigMap.
+    assert len(outcome.pruned) == len(installed) + 1
     assert await snapshot(kube) == before
 
 

@@ -365,11 +365,15 @@ async def upgrade(
 
 def _made_by_the_manager(record: ReleaseRecord) -> list[ObjectRef]:
     """What the running manager creates for itself and so belongs to the release too: the
-    agent injector's TLS Secret, named in the last applied Deployment's environment."""
+    agent injector's TLS Secret, named in the last applied Deployment's environment, and the
+    ConfigMap where it keeps the workloads that get an agent."""
+    from tele.manager.state import STATE_CONFIGMAP
+
     made: list[ObjectRef] = []
     for manifest in record.manifests:
         if manifest.get("kind") != "Deployment":
             continue
+        made.append(ObjectRef("v1", "ConfigMap", STATE_CONFIGMAP, record.namespace))
         pod = (manifest.get("spec") or {}).get("template") or {}
         for container in (pod.get("spec") or {}).get("containers") or []:
             for env in container.get("env") or []:

@@ -34,6 +34,7 @@ from tele.manager import agentconfig
 from tele.manager.engage import Engagements
 from tele.manager.namespaces import NamespaceSelector
 from tele.manager.sessions import Session, SessionTable
+from tele.manager.state import AgentWorkloads
 from tele.manager.view import ClusterView
 from tele.manager.webhook import WebhookServer, allow_all, ensure_tls, patch_ca_bundle
 from tele.net.tunnel import OpenRequest, ResetReason
@@ -148,8 +149,9 @@ class Manager:
         self._ready = {"Namespace": trio.Event()}
         self.on_session_end: list[Callable[[Session[api.ClientIdentity]], None]] = []
         self.webhook: WebhookServer | None = None
-        # Workloads that clients engaged: their pods get an agent (kind, namespace, name).
-        self.agent_workloads: set[tuple[str, str, str]] = set()
+        # Workloads that clients engaged: their pods get an agent (kind, namespace, name); kept
+        # in a ConfigMap so that a new manager pod still injects it.
+        self.agent_workloads = AgentWorkloads(kube, config.namespace)
         self.webhook_port: int | None = None
 
     # --- RPC ------------------------------------------------------------------------------------
@@ -482,6 +484,8 @@ class Manager:
                 for kind, resource in kinds:
                     nursery.start_soon(self.watch, kind, resource, scope)
             nursery.start_soon(self.reap_sessions)
+            await self.agent_workloads.load()
+            nursery.start_soon(self.agent_workloads.keep_saved)
             await self.detect_service_subnets()
             await self.find_dns_ip()
             with trio.fail_after(30):
