@@ -149,7 +149,9 @@ async def test_engage_routes_connections_to_the_local_handler(
     async def dial_back(destination: Destination, dial_id: str) -> Any:
         return await dial(client.link, destination, session=session, dial_id=dial_id)
 
-    nursery.start_soon(serve_dial_backs, client, session, dial_back, engaged.get)
+    nursery.start_soon(
+        serve_dial_backs, client, session, dial_back, lambda id_, _port: engaged.get(id_)
+    )
     agent = StandInAgent(client)
 
     async def agent_arrives_when_asked() -> None:
@@ -283,7 +285,7 @@ async def test_list_shows_engagement_state(nursery: trio.Nursery, kube: KubeClie
     )
     by_name = {w.name: w for w in listed.workloads}
     assert by_name["api"].agent_installed
-    assert by_name["api"].engaged_by == ["api (dev@laptop)"]
+    assert by_name["api"].engaged_by == ["api (intercepted by dev@laptop)"]
     assert "no Service selects" in by_name["lonely"].not_interceptable_reason
     assert not by_name["lonely"].agent_installed
 

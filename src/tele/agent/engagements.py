@@ -47,7 +47,7 @@ class StaticEngagements:
         self._engagements = list(engagements)
 
     def current(self, agent_port: int) -> Sequence[Engagement]:
-        return [e for e in self._engagements if e.agent_port == agent_port]
+        return [e for e in self._engagements if agent_port in e.ports()]
 
     async def open_to_client(
         self, engagement: Engagement, original_dst: Address

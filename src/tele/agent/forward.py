@@ -4,7 +4,8 @@ Routing per connection, from the engagements on its port at accept time:
 - a `tcp` engagement: the whole connection goes to the engaging client;
 - else an `http` engagement: the connection is parsed request by request (tele.agent.http), each
   request going to the first matching engagement's client or to the app;
-- else (the default): bytes are relayed to the app untouched, so an idle agent is transparent.
+- else (the default): bytes are relayed to the app untouched, so an idle agent is transparent;
+  a replaced container has no app (the pod runs without it): such a connection is reset.
 A connection keeps the mode it started with: engaging or leaving affects new connections (and,
 in http mode, the next request), never bytes already in flight.
 """
@@ -63,6 +64,7 @@ async def serve(
     `tls` terminates callers' TLS on connections handled by the http mechanism."""
     if listeners is None:
         listeners = await open_listeners(settings)
+    replaced = set(settings.config.replaced())
     async with trio.open_nursery() as nursery:
         for container, intercept in settings.intercepts():
             if intercept.protocol.upper() != "TCP":
@@ -79,6 +81,7 @@ async def serve(
                 app=(app_host, intercept.container_port),
                 original_dst=(settings.pod_ip, intercept.container_port),
                 tls=tls,
+                app_replaced=container in replaced,
             )
             nursery.start_soon(serve_port, listeners[intercept.agent_port], upstreams, intercept)
         task_status.started()

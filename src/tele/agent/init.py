@@ -30,7 +30,7 @@ def redirects(settings: AgentSettings) -> list[tuple[int, int]]:
     pairs: list[tuple[int, int]] = []
     for _, intercept in settings.intercepts():
         pair = (intercept.container_port, intercept.agent_port)
-        if _needs_redirect(intercept) and pair not in pairs:
+        if _needs_redirect(intercept) and pair not in pairs and pair[0] != pair[1]:
             pairs.append(pair)
     return pairs
 

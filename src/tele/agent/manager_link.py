@@ -51,6 +51,7 @@ def identity(
         mounts={c.name: list(c.mounts) for c in config.containers},
         mount_policies={c.name: dict(c.mount_policies) for c in config.containers},
         sftp_port=sftp_port,
+        replaced=config.replaced(),
     )
 
 
@@ -101,7 +102,8 @@ class ManagerEngagements:
     def _set(self, engagements: Sequence[aapi.Engagement]) -> None:
         by_port: dict[int, list[aapi.Engagement]] = {}
         for engagement in engagements:
-            by_port.setdefault(engagement.agent_port, []).append(engagement)
+            for port in engagement.ports():
+                by_port.setdefault(port, []).append(engagement)
         if by_port != self._by_port:
             log.info(
                 "engagements now: %s",

@@ -42,6 +42,8 @@ class Upstreams:
     """Set when the agent terminates callers' TLS in http mode (tele.agent.tls)."""
     alpn: str | None = None
     """The protocol a TLS caller negotiated: offered to the app on this connection's behalf."""
+    app_replaced: bool = False
+    """The app container is replaced (not in the pod): only an engagement can serve."""
 
     def describe(self, engagement: Engagement | None) -> str:
         if engagement is None:
@@ -52,6 +54,10 @@ class Upstreams:
     async def open(self, engagement: Engagement | None) -> trio.abc.Stream:
         """A new stream to the app (None) or to `engagement`'s client; UpstreamFailed if not.
         With TLS termination the app's stream is TLS again; the client's is plaintext."""
+        if engagement is None and self.app_replaced:
+            raise UpstreamFailed(
+                f"port {self.app[1]} belongs to a replaced container and no client serves it now."
+            )
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 if engagement is not None:

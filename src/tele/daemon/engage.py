@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 DialBack = Callable[[Destination, str], Awaitable[H2Stream]]
 """Opens a DIAL-BACK stream for (original destination, dial id)."""
-Target = Callable[[str], tuple[str, int] | None]
-"""Where the local handler of an engagement listens (None: not ours, or gone)."""
+Target = Callable[[str, int], tuple[str, int] | None]
+"""Where the local handler of (engagement id, container port) listens (None: not ours, or
+gone)."""
 
 
 async def serve_dial_backs(
@@ -46,7 +47,7 @@ async def _serve_one(dial: aapi.DialRequest, dial_back: DialBack, target: Target
 
 
 async def _relay(dial: aapi.DialRequest, dial_back: DialBack, target: Target) -> None:
-    where = target(dial.engagement_id)
+    where = target(dial.engagement_id, dial.original_port)
     destination = Destination(
         Protocol.TCP, ipaddress.ip_address(dial.original_host), dial.original_port
     )

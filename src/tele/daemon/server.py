@@ -216,7 +216,12 @@ class Daemon:
         return self.session
 
     async def intercept(self, request: api.InterceptRequest) -> EngagementInfo:
-        return await self._connected().engage(request)
+        try:
+            return await self._connected().engage(request)
+        except UserError as exc:
+            raise RpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+        except TeleError as exc:  # not UNAVAILABLE: the CLI would read it as a lost daemon
+            raise RpcError(Code.ABORTED, str(exc)) from None
 
     async def leave(self, request: api.LeaveRequest) -> api.Empty:
         try:

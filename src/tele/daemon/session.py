@@ -14,7 +14,9 @@ end the session at once instead of leaving it to the lease.
 
 from __future__ import annotations
 
+import functools
 import getpass
+import ipaddress
 import logging
 import socket
 import time
@@ -26,12 +28,13 @@ import trio
 
 from tele import __version__
 from tele.daemon.engage import serve_dial_backs
-from tele.errors import ConnectionFailed, UserError, single_leaf
+from tele.daemon.forward import serve_forward, serve_udp_forward
+from tele.errors import ConnectionFailed, TeleError, UserError, single_leaf
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
 from tele.k8s.config import ClusterConnection
 from tele.k8s.portforward import open_portforward
-from tele.net.tunnel import Destination
+from tele.net.tunnel import Destination, Protocol
 from tele.rpc import agent_api as aapi
 from tele.rpc import daemon_api as dapi
 from tele.rpc import manager_api as mapi
@@ -51,6 +54,31 @@ _MANAGER_TROUBLE = frozenset(
     {Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.INTERNAL, Code.UNKNOWN, Code.CANCELLED}
 )
 DEFAULT_MANAGER_NAMESPACE = "ambassador"
+
+
+PAST_TENSE = {"intercept": "intercepted", "replace": "replaced", "ingest": "ingested"}
+
+
+def parse_to_pod(value: str) -> Destination:
+    """`PORT` or `PORT/TCP|UDP` (a `--to-pod` value) as a destination on the pod (its IP is
+    filled in once engaged: 0.0.0.0 until then)."""
+    port, _, protocol = value.partition("/")
+    protocol = protocol.upper() or "TCP"
+    if not port.isdigit() or not 0 < int(port) < 65536 or protocol not in ("TCP", "UDP"):
+        raise UserError(f"--to-pod {value!r} must be PORT or PORT/UDP with a port from 1 to 65535")
+    return Destination(Protocol(protocol.lower()), ipaddress.ip_address("0.0.0.0"), int(port))
+
+
+def _local_targets(
+    info: aapi.EngagementInfo, mappings: list[dapi.PortMapping], address: str
+) -> dict[int, tuple[str, int]]:
+    """Container port -> local handler: the request's `-p` mappings in the order the manager
+    answered them, or (a replace of all ports) each port to the same local port number."""
+    if mappings and len(mappings) == len(info.ports):
+        return {
+            p.container_port: (address, m.local) for p, m in zip(info.ports, mappings, strict=True)
+        }
+    return {p.container_port: (address, p.container_port) for p in info.ports}
 
 
 class NoManager(UserError):
@@ -111,7 +139,10 @@ class ClusterSession:
         self._scope = trio.CancelScope()
         self.started = False
         self.engaged: dict[str, aapi.EngagementInfo] = {}
-        self.targets: dict[str, tuple[str, int]] = {}
+        self.targets: dict[str, dict[int, tuple[str, int]]] = {}
+        """Per engagement id: container port -> the local handler's address."""
+        self._local_sides: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
         self._dials_wanted = trio.Event()
         # The VIF and DNS (tele.vif.connect): off unless `network` or TELE_VIF=1 asks for it.
         self.network_options = network
@@ -145,11 +176,7 @@ class ClusterSession:
             reconnects=self.reconnects,
             last_error=self.last_error,
             network=self.network.summary() if self.network is not None else None,
-            intercepts=[
-                f"{info.name}: {info.workload_kind} {info.namespace}/{info.workload} -> "
-                f"{':'.join(map(str, self.targets.get(info.id, ('?', '?'))))} ({info.mechanism})"
-                for info in self.engaged.values()
-            ],
+            intercepts=self.engagement_lines(),
         )
 
     async def client(self) -> Client:
@@ -268,6 +295,7 @@ class ClusterSession:
 
     async def _run(self, task_status: trio.TaskStatus[dapi.ConnectionInfo]) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if not self.request.manager_address:
                 # A missing manager is the user's to fix: say so at once, don't retry; one
                 # that is starting is waited for (and named with its state if it never is).
@@ -398,6 +426,15 @@ class ClusterSession:
     # --- engagements --------------------------------------------------------------------------
 
     async def engage(self, request: dapi.InterceptRequest) -> aapi.EngagementInfo:
+        """The one engage flow of intercept, replace and ingest: parse the local side, ask the
+        manager, then start the engagement's local services (`_serve_engagement`); if those
+        fail, leave again, so nothing is half done."""
+        kind = request.kind
+        mappings = list(request.ports)
+        if not mappings and kind == "intercept":
+            mappings = [dapi.PortMapping(local=request.local_port, remote=request.port)]
+        to_pod = [parse_to_pod(value) for value in request.to_pod]
+        remotes = [m.remote for m in mappings]
         info = await self.call_in_session(
             aapi.ENGAGE,
             lambda session_id: aapi.EngageRequest(
@@ -406,29 +443,97 @@ class ClusterSession:
                 workload=request.workload or request.name,
                 name=request.name,
                 service=request.service,
-                port=request.port,
+                port=remotes[0] if len(remotes) == 1 else "",
+                ports=remotes if len(remotes) > 1 or kind != "intercept" else [],
                 container=request.container,
                 mechanism=request.mechanism,
                 headers=request.headers,
                 path_equal=request.path_equal,
                 path_prefix=request.path_prefix,
                 path_regex=request.path_regex,
+                kind=kind,
             ),
         )
-        self.targets[info.id] = (request.local_address, request.local_port)
+        if info.name in self.engaged:
+            return info  # already ours: the manager answered with the engagement as it is
+        self.targets[info.id] = _local_targets(info, mappings, request.local_address)
         self.engaged[info.name] = info
         self._dials_wanted.set()
+        scope = trio.CancelScope()
+        self._local_sides[info.name] = scope
+        try:
+            assert self._nursery is not None, "engage before the session runs"
+            await self._nursery.start(self._serve_engagement, info, to_pod, scope)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.leave(info.name)
+            if isinstance(exc, BaseExceptionGroup):
+                leaf = single_leaf(exc)
+                if isinstance(leaf, TeleError):
+                    raise leaf from None
+            raise
         return info
 
+    async def _serve_engagement(
+        self,
+        info: aapi.EngagementInfo,
+        to_pod: list[Destination],
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """What runs on this machine while `info` lasts (until `leave` cancels `scope`):
+        the `--to-pod` forwards to the engaged pod. Started once all of them listen."""
+        with scope:
+            async with trio.open_nursery() as nursery:
+                if to_pod and not info.pod_ips:
+                    raise UserError(f"{info.name} has no pod to forward --to-pod ports to")
+                for wanted in to_pod:
+                    destination = Destination(
+                        wanted.protocol, ipaddress.ip_address(info.pod_ips[0]), wanted.port
+                    )
+                    serve = serve_forward if wanted.protocol is Protocol.TCP else serve_udp_forward
+                    await nursery.start(
+                        functools.partial(serve, self.dial, destination, port=wanted.port)
+                    )
+                task_status.started()
+                await trio.sleep_forever()
+
+    def engagement_lines(self) -> list[str]:
+        """One line per engagement for `tele status`."""
+        lines = []
+        for info in self.engaged.values():
+            where = ", ".join(
+                f"{host}:{port}" for host, port in self.targets.get(info.id, {}).values()
+            )
+            what = f" -> {where} ({info.mechanism})" if where else ""
+            lines.append(
+                f"{info.name}: {PAST_TENSE.get(info.kind, info.kind)} {info.workload_kind} "
+                f"{info.namespace}/{info.workload}{what}"
+            )
+        return lines
+
+    def _own_name(self, name: str) -> str:
+        """`name`, or the one ingest of this session of the workload `name` (`leave echo`
+        ends the ingest `echo/echo`)."""
+        if name in self.engaged:
+            return name
+        ingests = [n for n, i in self.engaged.items() if i.kind == "ingest" and i.workload == name]
+        return ingests[0] if len(ingests) == 1 else name
+
     async def leave(self, name: str) -> None:
+        name = self._own_name(name)
         info = self.engaged.get(name)
         if info is None:
             raise UserError(f"there is no engagement named {name}; `tele list` shows them")
+        scope = self._local_sides.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        self.engaged.pop(name, None)
+        self.targets.pop(info.id, None)
         await self.call_in_session(
             aapi.LEAVE, lambda session_id: aapi.LeaveRequest(session_id=session_id, name=name)
         )
-        self.engaged.pop(name, None)
-        self.targets.pop(info.id, None)
 
     async def _serve_dials(self) -> None:
         """Answer the manager's dial-back requests for as long as the session lives."""
@@ -442,11 +547,14 @@ class ClusterSession:
                         destination, session=self.session_id(), dial_id=dial_id
                     )
 
-                await serve_dial_backs(client, self.session_id(), dial_back, self.targets.get)
+                await serve_dial_backs(client, self.session_id(), dial_back, self._target)
             except RpcError as exc:
                 log.debug("dial-back watch ended: %s", exc.message)
             with trio.move_on_after(5):
                 await self._session_changed.wait()
+
+    def _target(self, engagement_id: str, port: int) -> tuple[str, int] | None:
+        return self.targets.get(engagement_id, {}).get(port)
 
     async def _depart(self) -> None:
         session = self.session

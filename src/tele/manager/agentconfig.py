@@ -20,12 +20,20 @@ for RemoteReadOnly, so the pod's kernel refuses writes whatever the client does)
 to clients; Local ones are not shared but listed, so a client knows the app expects them;
 Ignore ones are neither. The legacy `inject-ignore-volume-mounts` annotation (volume names,
 comma-separated) still marks volumes Ignore.
+
+Replaced containers (`tele replace`). A container marked `replace` in the configuration does not
+run at all: the webhook drops it from the pod, and the agent takes its declared ports over
+directly (agent port = container port, same names), so named and numeric Service targets and
+direct pod-IP callers all reach the agent without renames or redirects. Its env and volume
+mounts are still copied into the agent first (what `replace` hands the client). The manager
+rolls the pods by eviction when a replace starts and again when it ends, so the webhook makes
+pods with, then without, the container.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -72,6 +80,9 @@ class ContainerConfig(msgspec.Struct, frozen=True, kw_only=True):
     mount_policies: dict[str, str] = {}
     """Mount path -> policy for every app volume mount that is not Ignore."""
     intercepts: list[Intercept] = []
+    replace: bool = False
+    """The container is replaced by a client: it is left out of the pod and the agent owns its
+    ports (every declared one, also those no Service names)."""
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +98,21 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def intercepts(self) -> list[tuple[str, Intercept]]:
         return [(c.name, i) for c in self.containers for i in c.intercepts]
+
+    def replaced(self) -> list[str]:
+        """The names of the containers the configuration marks replaced."""
+        return [c.name for c in self.containers if c.replace]
+
+
+def pod_config(pod: Obj) -> AgentConfig | None:
+    """The agent configuration a pod was made with (from its annotation), if any."""
+    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(CONFIG_ANNOTATION)
+    if not raw:
+        return None
+    try:
+        return msgspec.json.decode(str(raw), type=AgentConfig)
+    except msgspec.DecodeError:
+        return None
 
 
 class NotInterceptable(ValueError):
@@ -180,8 +206,12 @@ def generate(
     agent_port: int = AGENT_PORT,
     log_level: str = "info",
     default_mount_policies: Mapping[str, str] | None = None,
+    replaced: Collection[str] = (),
+    require_service: bool = True,
 ) -> AgentConfig:
-    """The agent configuration of `workload`; NotInterceptable when no Service leads to it."""
+    """The agent configuration of `workload`; NotInterceptable when no Service leads to it
+    (unless `require_service` is False: replace and ingest need no port). The containers named
+    in `replaced` are marked replaced (see the module docstring)."""
     meta = workload.get("metadata") or {}
     template = (workload.get("spec") or {}).get("template") or {}
     if injection_policy(template) == "disabled":
@@ -199,6 +229,19 @@ def generate(
             if found is None:
                 continue
             container, container_port, port_name, numeric = found
+            # A replaced container's port is owned by the agent directly (once, however many
+            # Service ports lead to it); the agent port it would have had stays reserved so
+            # that other containers' agent ports don't move.
+            own_port = next_port
+            if container in replaced:
+                own_port = container_port
+                protocol = str(port.get("protocol") or "TCP")
+                if any(
+                    (i.container_port, i.protocol) == (container_port, protocol)
+                    for i in by_container[container]
+                ):
+                    next_port += 1
+                    continue
             by_container[container].append(
                 Intercept(
                     service_name=service["metadata"]["name"],
@@ -210,11 +253,16 @@ def generate(
                     target_port_numeric=numeric,
                     container_port_name=port_name,
                     container_port=container_port,
-                    agent_port=next_port,
+                    agent_port=own_port,
                     headless=spec.get("clusterIP") == "None",
                 )
             )
             next_port += 1
+    for container in containers:
+        if container["name"] in replaced:
+            by_container[container["name"]] += _unserved_ports(
+                container, by_container[container["name"]]
+            )
     policies = mount_policies(template, default_mount_policies)
     configs = []
     for i, c in enumerate(containers):
@@ -227,9 +275,14 @@ def generate(
                 mounts=sorted(p for p, policy in mounts.items() if policy in REMOTE_POLICIES),
                 mount_policies=mounts,
                 intercepts=by_container[c["name"]],
+                replace=c["name"] in replaced,
             )
         )
-    if not any(c.intercepts for c in configs) and injection_policy(template) != "enabled":
+    if (
+        require_service
+        and not any(c.intercepts for c in configs)
+        and injection_policy(template) != "enabled"
+    ):
         raise NotInterceptable("no Service selects the workload's pods with a port they declare")
     name = str(meta.get("name") or "")
     return AgentConfig(
@@ -243,6 +296,31 @@ def generate(
         log_level=log_level,
         containers=configs,
     )
+
+
+def _unserved_ports(container: Obj, served: list[Intercept]) -> list[Intercept]:
+    """The declared ports of a replaced container that no Service port leads to: the agent owns
+    them too (a replaced container's callers may use its pod IP directly)."""
+    taken = {(i.container_port, i.protocol) for i in served}
+    extra = []
+    for declared in container.get("ports") or []:
+        number, protocol = int(declared["containerPort"]), str(declared.get("protocol") or "TCP")
+        if (number, protocol) in taken:
+            continue
+        taken.add((number, protocol))
+        extra.append(
+            Intercept(
+                service_name="",
+                service_uid="",
+                service_port=0,
+                protocol=protocol,
+                target_port_numeric=False,
+                container_port_name=str(declared.get("name") or ""),
+                container_port=number,
+                agent_port=number,
+            )
+        )
+    return extra
 
 
 def _target(containers: list[Obj], port: Obj) -> tuple[str, int, str, bool] | None:
@@ -291,10 +369,24 @@ def pod_patch(pod: Obj, config: AgentConfig) -> list[dict[str, Any]]:
 
     agent_ports: list[dict[str, Any]] = []
     numeric: list[Intercept] = []
+    replaced = set(config.replaced())
+    removed: list[int] = []
     for index, container in enumerate(containers):
         intercepts = next(
             (c.intercepts for c in config.containers if c.name == container.get("name")), []
         )
+        if container.get("name") in replaced:
+            # The agent takes the container's ports as they are declared (names included).
+            removed.append(index)
+            for declared in container.get("ports") or []:
+                agent_ports.append(
+                    {
+                        **{k: declared[k] for k in ("name",) if declared.get(k)},
+                        "containerPort": int(declared["containerPort"]),
+                        "protocol": str(declared.get("protocol") or "TCP"),
+                    }
+                )
+            continue
         for intercept in intercepts:
             if intercept.target_port_numeric:
                 numeric.append(intercept)
@@ -326,6 +418,8 @@ def pod_patch(pod: Obj, config: AgentConfig) -> list[dict[str, Any]]:
             "value": agent_container(config, containers, agent_ports),
         }
     )
+    # Last, and from the end: earlier ops address containers by their original index.
+    ops.extend({"op": "remove", "path": f"/spec/containers/{i}"} for i in reversed(removed))
     if numeric:
         init = {
             "name": INIT_CONTAINER,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 AGENT_LEASE = 15.0
 DIAL_BACK_TIMEOUT = 10.0
 MAX_PENDING_DIALS = 256
+MAX_PENDING_RESTORES = 1024
+KINDS = ("intercept", "replace", "ingest")
+PAST_TENSE = {"intercept": "intercepted", "replace": "replaced", "ingest": "ingested"}
 
 
 @dataclass
@@ -60,12 +63,21 @@ class Engagements:
     agents: SessionTable[aapi.AgentIdentity] = field(
         default_factory=lambda: SessionTable[aapi.AgentIdentity](AGENT_LEASE)
     )
-    active: dict[str, Active] = field(default_factory=dict)
+    active: dict[tuple[str, str], Active] = field(default_factory=dict)
+    """By (client session, engagement name): names are unique per session; across sessions
+    only ingests may share one."""
     _changed: trio.Event = field(default_factory=trio.Event)
     _dials: dict[str, ClientDials] = field(default_factory=dict)
     _pending: dict[str, trio.MemorySendChannel[tuple[H2Stream, trio.Event]]] = field(
         default_factory=dict
     )
+    _replacing: dict[tuple[tuple[str, str, str], str], str] = field(default_factory=dict)
+    """(workload key, container) of replaces being prepared -> the replacing client."""
+
+    def __post_init__(self) -> None:
+        self._restores_send, self._restores_receive = trio.open_memory_channel[
+            tuple[str, str, str]
+        ](MAX_PENDING_RESTORES)
 
     def register(self, router: Any) -> None:
         router.unary(aapi.ARRIVE_AS_AGENT, self.arrive_as_agent)
@@ -135,7 +147,15 @@ class Engagements:
     # --- clients --------------------------------------------------------------------------------
 
     async def engage(self, request: aapi.EngageRequest) -> aapi.EngagementInfo:
+        """One flow for the three kinds: find the workload and the container (and its ports),
+        refuse conflicts, make sure the pods run an agent with the wanted configuration (a
+        replace rolls them without the container), wait for such an agent, then activate.
+        Nothing is left behind when a step fails: a replace that does not activate rolls the
+        pods back."""
         session = self.manager.client_session(request.session_id)
+        kind = request.kind
+        if kind not in KINDS:
+            raise RpcError(Code.INVALID_ARGUMENT, f"unknown engagement kind {kind!r}")
         view = self.manager.view
         if not view.is_managed(request.namespace):
             raise RpcError(
@@ -144,34 +164,66 @@ class Engagements:
             )
         workload = self._find_workload(request.namespace, request.workload)
         key = (str(workload["kind"]), request.namespace, request.workload)
-        name = request.name or request.workload
-        if name in self.active:
-            holder = self.active[name]
-            if holder.session_id != request.session_id:
+        container = request.container
+        if kind != "intercept":
+            container = _pick_container(workload, request)
+        name = request.name or (
+            f"{request.workload}/{container}" if kind == "ingest" else request.workload
+        )
+        mine = self.active.get((request.session_id, name))
+        if mine is not None:
+            if mine.info.kind != kind:
                 raise RpcError(
-                    Code.ALREADY_EXISTS, f"{name} is already engaged by {holder.info.client}"
+                    Code.ALREADY_EXISTS,
+                    f"you already have a {mine.info.kind} named {name}; leave it first",
                 )
-            return holder.info
+            return mine.info
+        if kind != "ingest":
+            for other in self.active.values():
+                if other.info.name == name and other.info.kind != "ingest":
+                    raise RpcError(
+                        Code.ALREADY_EXISTS, f"{name} is already engaged by {other.info.client}"
+                    )
+        replaced = self.replaced_containers(key) | ({container} if kind == "replace" else set())
+        config = self._config(workload, key, replaced, require_service=kind == "intercept")
+        chosen: list[agentconfig.Intercept] = []
+        if kind == "intercept":
+            container, chosen = self._choose(config, request)
+        elif kind == "replace":
+            chosen = _container_ports(config, container, request)
+        self._check_conflicts(key, container, chosen, request, session.label)
+        pending = (key, container)
+        if kind == "replace":
+            self._replacing[pending] = session.label
+        activated = False
         try:
-            config = agentconfig.generate(
-                workload=workload,
-                services=[s for (ns, _), s in view.services.items() if ns == request.namespace],
-                manager_namespace=self.manager.config.namespace,
-                agent_image=self.manager.config.agent_image,
-                agent_port=self.manager.config.agent_port,
-                default_mount_policies=self.manager.config.mount_policies,
-            )
-        except agentconfig.NotInterceptable as exc:
-            raise RpcError(
-                Code.FAILED_PRECONDITION, f"{request.workload} cannot be engaged: {exc}"
-            ) from None
-        container, intercept = self._choose(config, request)
-        self._check_conflicts(key, intercept, request)
-        await self._ensure_agent(key, workload, request.agent_timeout)
-        agents = self.agents_of(key)
-        environment = agents[0].environment.get(container, {}) if agents else {}
-        mounts = agents[0].mounts.get(container, []) if agents else []
+            agents = await self._ensure_agent(key, workload, request.agent_timeout)
+            info = self._activate(request, session.label, key, name, container, chosen, agents)
+            activated = True
+        finally:
+            if kind == "replace":
+                del self._replacing[pending]
+                if not activated:
+                    # Give the container back (shielded: the caller may have given up).
+                    with trio.CancelScope(shield=True), trio.move_on_after(10):
+                        await self._restore(key)
+        log.info("%s engaged %s %s/%s (%s)", session.label, key[0], key[1], key[2], kind)
+        self._notify()
+        return info
+
+    def _activate(
+        self,
+        request: aapi.EngageRequest,
+        client: str,
+        key: tuple[str, str, str],
+        name: str,
+        container: str,
+        chosen: list[agentconfig.Intercept],
+        agents: list[aapi.AgentIdentity],
+    ) -> aapi.EngagementInfo:
         engagement_id = secrets.token_hex(8)
+        first = chosen[0] if chosen else None
+        mechanism = request.mechanism if request.kind == "intercept" else "tcp"
         info = aapi.EngagementInfo(
             id=engagement_id,
             name=name,
@@ -179,38 +231,78 @@ class Engagements:
             workload=request.workload,
             workload_kind=key[0],
             container=container,
-            service=intercept.service_name,
-            service_port=intercept.service_port,
-            container_port=intercept.container_port,
-            mechanism=request.mechanism,
-            client=session.label,
+            service=first.service_name if first else "",
+            service_port=first.service_port if first else 0,
+            container_port=first.container_port if first else 0,
+            mechanism=mechanism,
+            client=client,
             pod_ips=[a.pod_ip for a in agents],
-            environment=environment,
-            mounts=mounts,
+            environment=agents[0].environment.get(container, {}) if agents else {},
+            mounts=agents[0].mounts.get(container, []) if agents else [],
             **_mount_fields(agents, container),
+            kind=request.kind,
+            ports=[
+                aapi.EngagedPort(
+                    container_port=i.container_port,
+                    service=i.service_name,
+                    service_port=i.service_port,
+                    service_port_name=i.service_port_name,
+                    protocol=i.protocol,
+                )
+                for i in chosen
+            ],
         )
-        self.active[name] = Active(
-            info=info,
-            session_id=request.session_id,
-            workload_key=key,
-            engagement=aapi.Engagement(
-                id=engagement_id,
-                container=container,
-                agent_port=intercept.agent_port,
-                mechanism=request.mechanism,
-                headers=request.headers,
-                path_equal=request.path_equal,
-                path_prefix=request.path_prefix,
-                path_regex=request.path_regex,
-                client=session.label,
-            ),
+        engagement = aapi.Engagement(
+            id=engagement_id,
+            container=container,
+            agent_port=first.agent_port if first else 0,
+            agent_ports=[i.agent_port for i in chosen[1:]],
+            mechanism=mechanism,
+            headers=request.headers,
+            path_equal=request.path_equal,
+            path_prefix=request.path_prefix,
+            path_regex=request.path_regex,
+            client=client,
+            kind=request.kind,
+        )
+        self.active[(request.session_id, name)] = Active(
+            info=info, session_id=request.session_id, workload_key=key, engagement=engagement
         )
         self._client_dials(request.session_id)  # dial requests wait there for the client
-        log.info(
-            "%s engaged %s %s/%s (%s)", session.label, key[0], key[1], key[2], request.mechanism
-        )
-        self._notify()
         return info
+
+    def replaced_containers(self, key: tuple[str, str, str]) -> frozenset[str]:
+        """The containers of a workload that its pods must be made without, now: those of
+        active replaces and of replaces being prepared (what the webhook asks)."""
+        names = {
+            a.info.container
+            for a in self.active.values()
+            if a.workload_key == key and a.info.kind == "replace"
+        }
+        names |= {container for (k, container) in self._replacing if k == key}
+        return frozenset(names)
+
+    def _config(
+        self,
+        workload: dict[str, Any],
+        key: tuple[str, str, str],
+        replaced: Collection[str],
+        *,
+        require_service: bool,
+    ) -> agentconfig.AgentConfig:
+        try:
+            return agentconfig.generate(
+                workload=workload,
+                services=[s for (ns, _), s in self.manager.view.services.items() if ns == key[1]],
+                manager_namespace=self.manager.config.namespace,
+                agent_image=self.manager.config.agent_image,
+                agent_port=self.manager.config.agent_port,
+                default_mount_policies=self.manager.config.mount_policies,
+                replaced=replaced,
+                require_service=require_service,
+            )
+        except agentconfig.NotInterceptable as exc:
+            raise RpcError(Code.FAILED_PRECONDITION, f"{key[2]} cannot be engaged: {exc}") from None
 
     def _find_workload(self, namespace: str, name: str) -> dict[str, Any]:
         for kind in ("Deployment", "StatefulSet", "Rollout", "ReplicaSet"):
@@ -222,89 +314,140 @@ class Engagements:
     @staticmethod
     def _choose(
         config: agentconfig.AgentConfig, request: aapi.EngageRequest
-    ) -> tuple[str, agentconfig.Intercept]:
-        candidates = [
-            (container, intercept)
-            for container, intercept in config.intercepts()
-            if (not request.container or container == request.container)
-            and (not request.service or intercept.service_name == request.service)
-            and (
-                not request.port
-                or request.port in (intercept.service_port_name, str(intercept.service_port))
-            )
-        ]
-        if not candidates:
-            raise RpcError(
-                Code.NOT_FOUND,
-                f"{request.workload} has no service port matching"
-                f"{' service ' + request.service if request.service else ''}"
-                f"{' port ' + request.port if request.port else ''}",
-            )
-        if len(candidates) > 1:
-            choices = ", ".join(
-                f"{i.service_name}:{i.service_port_name or i.service_port}" for _, i in candidates
-            )
+    ) -> tuple[str, list[agentconfig.Intercept]]:
+        """The container and the service ports a (multi-port) intercept takes, in the order
+        the request names them; each must be unambiguous, and all in one container."""
+        wanted = request.ports or [request.port]
+        chosen: list[tuple[str, agentconfig.Intercept]] = []
+        for port in wanted:
+            candidates = [
+                (container, intercept)
+                for container, intercept in config.intercepts()
+                if intercept.service_name  # a replaced container's own ports are no service's
+                and (not request.container or container == request.container)
+                and (not request.service or intercept.service_name == request.service)
+                and (not port or port in (intercept.service_port_name, str(intercept.service_port)))
+            ]
+            if not candidates:
+                raise RpcError(
+                    Code.NOT_FOUND,
+                    f"{request.workload} has no service port matching"
+                    f"{' service ' + request.service if request.service else ''}"
+                    f"{' port ' + port if port else ''}",
+                )
+            if len(candidates) > 1:
+                choices = ", ".join(
+                    f"{i.service_name}:{i.service_port_name or i.service_port}"
+                    for _, i in candidates
+                )
+                raise RpcError(
+                    Code.FAILED_PRECONDITION,
+                    f"{request.workload} has several service ports ({choices}); "
+                    "choose one with --service and --port",
+                )
+            if candidates[0] in chosen:
+                raise RpcError(Code.INVALID_ARGUMENT, f"port {port} is named twice")
+            chosen.append(candidates[0])
+        containers = sorted({container for container, _ in chosen})
+        if len(containers) > 1:
             raise RpcError(
                 Code.FAILED_PRECONDITION,
-                f"{request.workload} has several service ports ({choices}); "
-                "choose one with --service and --port",
+                f"the ports lead to different containers ({', '.join(containers)}); "
+                "intercept each container separately",
             )
-        return candidates[0]
+        return containers[0], [intercept for _, intercept in chosen]
 
     def _check_conflicts(
         self,
         key: tuple[str, str, str],
-        intercept: agentconfig.Intercept,
+        container: str,
+        chosen: list[agentconfig.Intercept],
         request: aapi.EngageRequest,
+        client: str,
     ) -> None:
+        """A replace takes a whole container, a tcp intercept a whole port; http intercepts
+        share a port when their filters differ; ingests never conflict."""
+        if request.kind == "ingest":
+            return
+        being_replaced = self._replacing.get((key, container))
+        if being_replaced is not None:
+            raise RpcError(
+                Code.ALREADY_EXISTS,
+                f"container {container} of {request.workload} is being replaced by "
+                f"{being_replaced}",
+            )
+        ports = {i.container_port for i in chosen}
         for other in self.active.values():
-            if other.workload_key != key or other.engagement.agent_port != intercept.agent_port:
-                continue
-            # tcp takes the whole port; http engagements share it when their filters differ.
-            if "tcp" in (other.engagement.mechanism, request.mechanism) or (
-                other.engagement.headers == request.headers
-                and other.engagement.path_prefix == request.path_prefix
-                and other.engagement.path_equal == request.path_equal
-                and other.engagement.path_regex == request.path_regex
+            if (
+                other.workload_key != key
+                or other.info.kind == "ingest"
+                or other.info.container != container
             ):
+                continue
+            if "replace" in (other.info.kind, request.kind):
                 raise RpcError(
                     Code.ALREADY_EXISTS,
-                    f"port {intercept.service_port} of {request.workload} is already engaged by "
-                    f"{other.info.client} ({other.info.name})",
+                    f"container {container} of {request.workload} is already "
+                    f"{PAST_TENSE[other.info.kind]} by {other.info.client} ({other.info.name})",
+                )
+            shared = ports & {p.container_port for p in other.info.ports}
+            if shared and (
+                "tcp" in (other.engagement.mechanism, request.mechanism)
+                or (
+                    other.engagement.headers == request.headers
+                    and other.engagement.path_prefix == request.path_prefix
+                    and other.engagement.path_equal == request.path_equal
+                    and other.engagement.path_regex == request.path_regex
+                )
+            ):
+                taken = next(i for i in chosen if i.container_port in shared)
+                raise RpcError(
+                    Code.ALREADY_EXISTS,
+                    f"port {taken.service_port or taken.container_port} of {request.workload} "
+                    f"is already engaged by {other.info.client} ({other.info.name})",
                 )
 
     async def _ensure_agent(
         self, key: tuple[str, str, str], workload: dict[str, Any], timeout: float
-    ) -> None:
+    ) -> list[aapi.AgentIdentity]:
+        """Roll the pods that are not as wanted (no agent, or another set of replaced
+        containers) and wait until none is left and an agent of the wanted kind is up."""
         self.manager.agent_workloads.add(key)  # new pods of the workload keep getting one
-        if self.agents_of(key):
-            return
-        await self._roll(key, workload, want_agent=True)
         with trio.move_on_after(timeout):
-            while not self.agents_of(key):
-                await self._changed.wait()
-            return
+            while True:
+                # Taken before looking, so a change while we look (or evict) is not missed.
+                changes = (self._changed, self.manager.view_changed())
+                replaced = self.replaced_containers(key)
+                if await self._roll(key, workload, want_agent=True, replaced=replaced) == 0:
+                    ready = [a for a in self.agents_of(key) if set(a.replaced) == replaced]
+                    if ready:
+                        return ready
+                await _first_of(*changes)
         raise RpcError(
             Code.DEADLINE_EXCEEDED,
             f"no traffic agent of {key[0]} {key[1]}/{key[2]} arrived within {timeout:g}s",
         )
 
     async def _roll(
-        self, key: tuple[str, str, str], workload: dict[str, Any], *, want_agent: bool
-    ) -> None:
-        """Evict the workload's pods whose agent is not as wanted, so that the webhook makes
-        their replacements right; a disruption budget that refuses gets a rollout instead."""
+        self,
+        key: tuple[str, str, str],
+        workload: dict[str, Any],
+        *,
+        want_agent: bool,
+        replaced: frozenset[str] = frozenset(),
+    ) -> int:
+        """Evict the workload's live pods that are not as wanted (agent or not; which
+        containers replaced), so that the webhook makes their replacements right; a disruption
+        budget that refuses gets a rollout instead. Returns how many pods were not as wanted."""
         pods = [
             pod
             for (ns, _), pod in list(self.manager.view.pods.items())
-            if ns == key[1] and _owner_name(self.manager.view.workload_of(pod, ns)) == key[2]
+            if ns == key[1]
+            and _owner_name(self.manager.view.workload_of(pod, ns)) == key[2]
+            and _live(pod)
         ]
-        for pod in pods:
-            has_agent = any(
-                c.get("name") == agentconfig.AGENT_CONTAINER for c in pod["spec"]["containers"]
-            )
-            if has_agent == want_agent:
-                continue
+        wrong = [pod for pod in pods if not _as_wanted(pod, want_agent, replaced)]
+        for pod in wrong:
             try:
                 await self.manager.kube.evict(pod["metadata"]["name"], key[1])
             except ApiError as exc:
@@ -314,7 +457,27 @@ class Engagements:
                     raise
                 log.info("eviction refused (%s); rolling the workload out instead", exc.message)
                 await self._restart_workload(key, workload)
-                return
+                break
+        return len(wrong)
+
+    async def _restore(self, key: tuple[str, str, str]) -> None:
+        """After a replace: roll the pods back to what the remaining engagements want."""
+        workload = self.manager.view.workloads.get(key)
+        if workload is None:
+            return
+        try:
+            await self._roll(
+                key, dict(workload), want_agent=True, replaced=self.replaced_containers(key)
+            )
+        except ApiError as exc:
+            log.warning("cannot roll %s %s/%s back after a replace: %s", *key, exc.message)
+
+    async def serve_restores(self) -> NoReturn:
+        """Roll workloads back after replaces that ended with their session (which happens
+        in synchronous code: the reaper, a departure)."""
+        async for key in self._restores_receive:
+            await self._restore(key)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def uninstall(self, request: aapi.UninstallRequest) -> aapi.UninstallReply:
         """Remove the agent from workloads (all of the namespace's with `all_agents`)."""
@@ -372,24 +535,34 @@ class Engagements:
         await self.manager.kube.patch(resource, key[2], patch, key[1])
 
     async def leave(self, request: aapi.LeaveRequest) -> Empty:
-        active = self.active.get(request.name)
-        if active is None or active.session_id != request.session_id:
+        active = self.active.pop((request.session_id, request.name), None)
+        if active is None:
             raise RpcError(Code.NOT_FOUND, f"no engagement named {request.name} of this session")
-        del self.active[request.name]
         log.info("%s left %s", active.info.client, request.name)
         self._notify()
+        if active.info.kind == "replace":
+            await self._restore(active.workload_key)
         return Empty()
 
     def end_session(self, session_id: str) -> None:
-        """A client departed or expired: its engagements end, its pending dials fail."""
-        ended = [name for name, a in self.active.items() if a.session_id == session_id]
-        for name in ended:
-            del self.active[name]
+        """A client departed or expired: its engagements end, its pending dials fail, and the
+        containers it replaced come back (rolled by `serve_restores`)."""
+        ended = [slot for slot, a in self.active.items() if a.session_id == session_id]
+        restore = set()
+        for slot in ended:
+            gone = self.active.pop(slot)
+            if gone.info.kind == "replace":
+                restore.add(gone.workload_key)
+        for key in sorted(restore):
+            try:
+                self._restores_send.send_nowait(key)
+            except trio.WouldBlock:
+                log.warning("too many roll-backs queued; %s %s/%s keeps its pods", *key)
         dials = self._dials.pop(session_id, None)
         if dials is not None:
             dials.send.close()
         if ended:
-            log.info("engagements %s ended with their session", ", ".join(ended))
+            log.info("engagements %s ended with their session", ", ".join(n for _, n in ended))
             self._notify()
 
     async def watch_dials(self, request: api.SessionRequest) -> AsyncIterator[aapi.DialRequest]:
@@ -489,3 +662,89 @@ def _mount_fields(agents: list[aapi.AgentIdentity], container: str) -> dict[str,
         "mount_point": f"{agentconfig.MOUNT_PREFIX}/{container}",
         "sftp_port": agents[0].sftp_port,
     }
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Until any of `events` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)
+
+
+def _live(pod: Any) -> bool:
+    """A pod that is (or will be) running: not deleted, not finished."""
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+
+
+def _as_wanted(pod: Any, want_agent: bool, replaced: frozenset[str]) -> bool:
+    has_agent = any(c.get("name") == agentconfig.AGENT_CONTAINER for c in pod["spec"]["containers"])
+    if has_agent != want_agent:
+        return False
+    if not has_agent:
+        return True
+    config = agentconfig.pod_config(pod)
+    return frozenset(config.replaced() if config else ()) == replaced
+
+
+def _pick_container(workload: Any, request: aapi.EngageRequest) -> str:
+    """The container a replace or ingest is about: the named one, or the only one."""
+    template = (workload.get("spec") or {}).get("template") or {}
+    names = [str(c["name"]) for c in (template.get("spec") or {}).get("containers") or []]
+    if request.container:
+        if request.container not in names:
+            raise RpcError(
+                Code.NOT_FOUND,
+                f"{request.workload} has no container named {request.container} "
+                f"(it has {', '.join(names) or 'none'})",
+            )
+        return request.container
+    if len(names) != 1:
+        raise RpcError(
+            Code.FAILED_PRECONDITION,
+            f"{request.workload} has several containers ({', '.join(names)}); "
+            "choose one with --container",
+        )
+    return names[0]
+
+
+def _container_ports(
+    config: agentconfig.AgentConfig, container: str, request: aapi.EngageRequest
+) -> list[agentconfig.Intercept]:
+    """The ports a replace takes: every TCP port of the container (the agent serves TCP), or
+    those the request names (container port names or numbers)."""
+    own = [
+        i for name, i in config.intercepts() if name == container and i.protocol.upper() == "TCP"
+    ]
+    wanted = [p for p in request.ports if p] or ([request.port] if request.port else [])
+    if not wanted:
+        return own
+    chosen = []
+    for port in wanted:
+        # A container port by name or number; else (`intercept --replace`) a service port.
+        found = next(
+            (i for i in own if port in (i.container_port_name, str(i.container_port))), None
+        ) or next(
+            (
+                i
+                for i in own
+                if i.service_name and port in (i.service_port_name, str(i.service_port))
+            ),
+            None,
+        )
+        if found is None:
+            have = ", ".join(str(i.container_port) for i in own) or "none"
+            raise RpcError(
+                Code.NOT_FOUND,
+                f"container {container} of {request.workload} has no TCP port {port} "
+                f"(it has {have})",
+            )
+        if found not in chosen:
+            chosen.append(found)
+    return chosen

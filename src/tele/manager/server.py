@@ -31,7 +31,7 @@ from tele import __version__
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
 from tele.manager import agentconfig
-from tele.manager.engage import Engagements
+from tele.manager.engage import PAST_TENSE, Engagements
 from tele.manager.namespaces import NamespaceSelector
 from tele.manager.sessions import Session, SessionTable
 from tele.manager.state import AgentWorkloads
@@ -295,7 +295,7 @@ class Manager:
                     agent_installed=bool(self.engagements.agents_of(key)),
                     not_interceptable_reason=reason,
                     engaged_by=sorted(
-                        f"{a.info.name} ({a.info.client})"
+                        f"{a.info.name} ({PAST_TENSE[a.info.kind]} by {a.info.client})"
                         for a in self.engagements.active.values()
                         if a.workload_key == key
                     ),
@@ -333,6 +333,10 @@ class Manager:
     def _changed(self) -> None:
         self._view_changed.set()
         self._view_changed = trio.Event()
+
+    def view_changed(self) -> trio.Event:
+        """Set at the next change of the cluster view (any watched object)."""
+        return self._view_changed
 
     async def reap_sessions(self) -> None:
         while True:
@@ -456,6 +460,10 @@ class Manager:
                 agent_port=self.config.agent_port,
                 log_level=self.config.agent_log_level,
                 default_mount_policies=self.config.mount_policies,
+                replaced=self.engagements.replaced_containers(key),
+                # A client engaged it (a replace or ingest needs no Service), or the template
+                # asks for the agent: either way it gets one.
+                require_service=False,
             )
         except agentconfig.NotInterceptable as exc:
             log.info("no agent for %s/%s: %s", namespace, key[2], exc)
@@ -486,6 +494,7 @@ class Manager:
             nursery.start_soon(self.reap_sessions)
             await self.agent_workloads.load()
             nursery.start_soon(self.agent_workloads.keep_saved)
+            nursery.start_soon(self.engagements.serve_restores)
             await self.detect_service_subnets()
             await self.find_dns_ip()
             with trio.fail_after(30):

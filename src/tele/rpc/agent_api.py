@@ -36,6 +36,15 @@ class Engagement(msgspec.Struct, frozen=True, kw_only=True):
     path_regex: list[str] = []
     client: str = ""
     """user@host of the engaging client, for logs."""
+    kind: str = "intercept"
+    """intercept | replace | ingest (an ingest has no ports and never reaches an agent)."""
+    agent_ports: list[int] = []
+    """Further agent ports of the engagement (a multi-port intercept, a replace); `agent_port`
+    is the first (0 when there is none: a replace of a container without ports)."""
+
+    def ports(self) -> list[int]:
+        """Every agent port this engagement takes."""
+        return [p for p in (self.agent_port, *self.agent_ports) if p]
 
 
 class EngagementList(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,6 +66,8 @@ class AgentIdentity(msgspec.Struct, frozen=True, kw_only=True):
     sftp_port: int = 0
     """Where the agent serves its containers' exported volumes (SFTP, tele.agent.files); 0:
     it cannot (no sftp-server in its image)."""
+    replaced: list[str] = []
+    """The containers this agent's pod was made without (its configuration replaces them)."""
 
 
 class AgentSessionInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,6 +91,21 @@ class EngageRequest(msgspec.Struct, frozen=True, kw_only=True):
     path_prefix: list[str] = []
     path_regex: list[str] = []
     agent_timeout: float = 30.0
+    kind: str = "intercept"
+    """intercept (service ports), replace (the whole container) or ingest (env, no traffic)."""
+    ports: list[str] = []
+    """Several ports (a multi-port intercept: service port names or numbers; a replace:
+    container port names or numbers, default all); `port` is used when this is empty."""
+
+
+class EngagedPort(msgspec.Struct, frozen=True, kw_only=True):
+    """One port an engagement takes: where callers send it, and the container port it is."""
+
+    container_port: int
+    service: str = ""
+    service_port: int = 0
+    service_port_name: str = ""
+    protocol: str = "TCP"
 
 
 class EngagementInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,6 +132,9 @@ class EngagementInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Set by the client's daemon: where the volumes are mounted on the client's machine."""
     mount_error: str = ""
     """Set by the client's daemon: why the volumes are not mounted (one sentence)."""
+    kind: str = "intercept"
+    ports: list[EngagedPort] = []
+    """Every port engaged, in the order the request named them (none for an ingest)."""
 
 
 class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):

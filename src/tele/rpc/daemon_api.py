@@ -87,10 +87,21 @@ class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     network: dict[str, Any] | None = None
     """The network interface and DNS (device, subnets, counters), when set up."""
     intercepts: list[str] = []
-    """"name: workload -> local address (mechanism)" for each engagement of this session."""
+    """"name: intercepted|replaced|ingested workload -> local addresses (mechanism)" for each
+    engagement of this session."""
+
+
+class PortMapping(msgspec.Struct, frozen=True, kw_only=True):
+    """`-p LOCAL[:REMOTE]`: the local port, and the service port (intercept) or container port
+    (replace) by name or number that goes there; REMOTE empty means the only one."""
+
+    local: int
+    remote: str = ""
 
 
 class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """`tele intercept`, `tele replace` and `tele ingest` (one engage flow, `kind` says which)."""
+
     name: str
     workload: str = ""
     """Default: the name."""
@@ -109,6 +120,13 @@ class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True):
     mount: str = "true"
     """Volumes: "true" (a new temporary directory), "false", or a directory (":ro" appended
     mounts read-only)."""
+    kind: str = "intercept"
+    """intercept | replace | ingest."""
+    ports: list[PortMapping] = []
+    """Several ports (multi-port intercept; a replace's container ports, default all of them,
+    each to the same local port number). Empty: `local_port` and `port` (intercept)."""
+    to_pod: list[str] = []
+    """`PORT` or `PORT/UDP`: localhost:PORT reaches the engaged pod's PORT while engaged."""
 
 
 class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):
