@@ -326,7 +326,10 @@ async def test_intercept_sends_engaged_connections_to_the_local_handler(
             assert received == b"local:GET / HTTP/1.0\r\n\r\n"
             shown = await trio.to_thread.run_sync(lambda: run_tele(tele_env, "status"))
             assert "Intercepts:         1 total" in shown.stdout
-            assert f"api: Deployment default/api -> 127.0.0.1:{local_port} (tcp)" in shown.stdout
+            assert (
+                f"api: intercepted Deployment default/api -> 127.0.0.1:{local_port} (tcp)"
+                in shown.stdout
+            )
             left = await trio.to_thread.run_sync(lambda: run_tele(tele_env, "leave", "api"))
             assert left.returncode == 0, left.stderr
             missing = await trio.to_thread.run_sync(lambda: run_tele(tele_env, "leave", "api"))
