@@ -108,7 +108,7 @@ async def test_a_mounted_secret_reads_the_same_bytes_and_leave_unmounts(
     session_mounts: tuple[Mounts, int], export: Path
 ) -> None:
     table, port = session_mounts
-    info = await table.attach(_rooted(_info(port), export), "true")
+    info = await table.attach(_rooted(_info(port), export), MountFlag.parse("true"))
     assert info.mount_error == ""
     root = Path(info.local_mount)
     assert mounted_at(root) == "fuse.sshfs"
@@ -135,7 +135,7 @@ async def test_a_read_only_mount_refuses_writes(
     table, port = session_mounts
     where = tmp_path / "mnt"
     where.mkdir()
-    info = await table.attach(_rooted(_info(port), export), f"{where}:ro")
+    info = await table.attach(_rooted(_info(port), export), MountFlag.parse(f"{where}:ro"))
     assert info.local_mount == str(where)
     with pytest.raises(OSError) as refused:
         await trio.to_thread.run_sync((where / "scratch" / "note").write_bytes, b"x")
@@ -150,11 +150,12 @@ async def test_mount_false_and_no_remote_volumes_mount_nothing(
     session_mounts: tuple[Mounts, int], export: Path
 ) -> None:
     table, port = session_mounts
-    info = await table.attach(_rooted(_info(port), export), "false")
+    info = await table.attach(_rooted(_info(port), export), MountFlag.parse("false"))
     assert info.local_mount == "" and info.mount_error == ""
     assert "TELEPRESENCE_ROOT" not in info.environment
     assert info.environment["TELEPRESENCE_MOUNTS"] == "/etc/creds:/scratch"
-    only_local = await table.attach(_rooted(_info(port, **{"/tmp": "Local"}), export), "true")
+    local_only = _rooted(_info(port, **{"/tmp": "Local"}), export)
+    only_local = await table.attach(local_only, MountFlag())
     assert only_local.local_mount == ""
     assert only_local.environment["TELEPRESENCE_LOCAL_MOUNTS"] == "/tmp"
 
@@ -171,7 +172,7 @@ async def test_an_unreachable_file_server_is_one_sentence_and_no_mount(
         await nursery.start(table.serve)
         where = tmp_path / "mnt"
         with trio.fail_after(10):
-            info = await table.attach(_rooted(_info(port), export), str(where))
+            info = await table.attach(_rooted(_info(port), export), MountFlag.parse(str(where)))
         assert info.local_mount == ""
         assert info.mount_error.startswith("sshfs could not mount the volumes at")
         assert "TELEPRESENCE_ROOT" not in info.environment
@@ -183,7 +184,7 @@ async def test_an_agent_without_file_server_is_said(
     session_mounts: tuple[Mounts, int], export: Path
 ) -> None:
     table, _ = session_mounts
-    info = await table.attach(_rooted(_info(0), export), "true")
+    info = await table.attach(_rooted(_info(0), export), MountFlag.parse("true"))
     assert info.mount_error == "the workload's traffic agent does not export volumes"
 
 
@@ -193,7 +194,7 @@ async def test_the_session_ending_unmounts(export: Path, no_leftover_mounts: Non
         async with trio.open_nursery() as session:
             table = Mounts(_direct)
             await session.start(table.serve)
-            info = await table.attach(_rooted(_info(port), export), "true")
+            info = await table.attach(_rooted(_info(port), export), MountFlag.parse("true"))
             assert mounted_at(info.local_mount) == "fuse.sshfs"
             session.cancel_scope.cancel()
         assert mounted_at(info.local_mount) is None

@@ -32,6 +32,14 @@ def _port(value: str) -> tuple[int, str]:
     return int(local), service_port
 
 
+def _mount(value: str) -> str:
+    """`--mount true|false|DIR[:ro]` with DIR made absolute (the daemon has another cwd)."""
+    text, read_only = (value[:-3], ":ro") if value.endswith(":ro") else (value, "")
+    if text.strip().lower() in ("", "true", "false", "yes", "no"):
+        return value
+    return os.path.abspath(os.path.expanduser(text)) + read_only
+
+
 def _write_env(info: dict[str, Any], env_file: Path | None, env_json: Path | None) -> None:
     environment: dict[str, str] = info.get("environment") or {}
     try:
@@ -80,6 +88,13 @@ def _write_env(info: dict[str, Any], env_file: Path | None, env_json: Path | Non
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the pod's environment here as JSON.",
 )
+@click.option(
+    "--mount",
+    default="true",
+    show_default=True,
+    help="Mount the pod's volumes: true (a temporary directory), false, or DIR; "
+    "append :ro for read-only. TELEPRESENCE_ROOT tells the handler where.",
+)
 @output_option
 def intercept(
     name: str,
@@ -97,6 +112,7 @@ def intercept(
     http_path_regex: tuple[str, ...],
     env_file: Path | None,
     env_json: Path | None,
+    mount: str,
     output: str,
 ) -> None:
     """Send NAME's traffic to a local handler; with `-- COMMAND`, run it, then leave."""
@@ -124,6 +140,7 @@ def intercept(
         path_equal=list(http_path_equal),
         path_prefix=list(http_path_prefix),
         path_regex=list(http_path_regex),
+        mount=_mount(mount),
     )
 
     async def call() -> EngagementInfo:
@@ -146,10 +163,17 @@ def intercept(
                 f"   Workload kind          : {d['workload_kind']}",
                 f"   Destination            : {address}:{local_port}",
                 f"   Service Port Identifier: {d['service']}:{d['service_port']}",
+                *(
+                    [f"   Volume Mount Point     : {d['local_mount']}"]
+                    if d.get("local_mount")
+                    else []
+                ),
                 f"   Intercepting           : {what}",
             ]
         )
 
+    if data.get("mount_error"):
+        click.echo(f"tele: the volumes are not mounted: {data['mount_error']}", err=True)
     emit(data, output, text)
     if command:
         env = {**os.environ, **(data.get("environment") or {})}

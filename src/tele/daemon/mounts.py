@@ -21,6 +21,7 @@ the app expects them, the user provides them).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import select
@@ -36,7 +37,9 @@ import msgspec
 import trio
 
 from tele import paths
+from tele.daemon.forward import Dialer, serve_forward
 from tele.errors import TeleError, UserError, single_leaf
+from tele.net.tunnel import Destination, Protocol
 from tele.rpc.agent_api import EngagementInfo
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,18 @@ MOUNT_TIMEOUT = 20.0
 UNMOUNT_TIMEOUT = 5.0
 REMOTE_POLICIES = ("Remote", "RemoteReadOnly")
 _STDERR_LIMIT = 4096
+
+
+def tunnel_forwarder(dial: Dialer) -> Forwarder:
+    """The production forwarder: a local port relayed through the session's tunnel."""
+
+    async def forward(
+        host: str, port: int, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        destination = Destination(Protocol.TCP, ipaddress.ip_address(host), port)
+        await serve_forward(dial, destination, task_status=task_status)
+
+    return forward
 
 
 class MountError(UserError):
@@ -77,6 +92,9 @@ class MountFlag:
         if not os.path.isabs(os.path.expanduser(text)):
             raise UserError(f"--mount {value!r}: give true, false or an absolute directory")
         return cls(directory=os.path.expanduser(text), read_only=read_only)
+
+    def read_only_if(self, condition: bool) -> MountFlag:
+        return MountFlag(self.enabled, self.directory, self.read_only or condition)
 
 
 # --- the machine's side: can we mount, is it mounted, unmount --------------------------------
@@ -262,10 +280,9 @@ class Mounts:
             finally:
                 self._nursery = None
 
-    async def attach(self, info: EngagementInfo, flag: str) -> EngagementInfo:
-        """Mount `info`'s volumes as `flag` (--mount) says; the info with `local_mount` or
+    async def attach(self, info: EngagementInfo, wanted: MountFlag) -> EngagementInfo:
+        """Mount `info`'s volumes as `wanted` (--mount) says; the info with `local_mount` or
         `mount_error` set and the TELEPRESENCE_* variables added to its environment."""
-        wanted = MountFlag.parse(flag)
         local, error = "", ""
         remote = any(p in REMOTE_POLICIES for p in info.mount_policies.values())
         if wanted.enabled and remote and info.id not in self._scopes:

@@ -169,18 +169,19 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
 
 async def _recover_leftovers() -> None:
     """Holding the lock, this is the only daemon: routes, devices and resolver settings still
-    in the undo journal belong to one that died (kill -9, a crash); undo them first."""
+    in the undo journal, and FUSE mounts in the mount journal, belong to one that died (kill
+    -9, a crash); undo them first."""
+    from tele.daemon import mounts
     from tele.vif import journal
 
-    if not journal.pending():
-        return
-    try:
-        done = await trio.to_thread.run_sync(journal.recover)
-    except Exception:
-        log.exception("could not undo what a previous daemon left")
-        return
-    for line in done:
-        log.info("cleaned up after a previous daemon: %s", line)
+    for undo in [j.recover for j in (journal, mounts) if j.pending()]:
+        try:
+            done = await trio.to_thread.run_sync(undo)
+        except Exception:
+            log.exception("could not undo what a previous daemon left")
+            continue
+        for line in done:
+            log.info("cleaned up after a previous daemon: %s", line)
 
 
 async def _stop_on_signals(scope: trio.CancelScope, daemon: Daemon) -> None:

@@ -29,6 +29,7 @@ import trio
 from tele import __version__
 from tele.daemon.engage import serve_dial_backs
 from tele.daemon.forward import serve_forward, serve_udp_forward
+from tele.daemon.mounts import MountFlag, Mounts, tunnel_forwarder
 from tele.errors import ConnectionFailed, TeleError, UserError, single_leaf
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
@@ -143,6 +144,7 @@ class ClusterSession:
         """Per engagement id: container port -> the local handler's address."""
         self._local_sides: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        self.mounts = Mounts(tunnel_forwarder(self.dial))
         self._dials_wanted = trio.Event()
         # The VIF and DNS (tele.vif.connect): off unless `network` or TELE_VIF=1 asks for it.
         self.network_options = network
@@ -313,6 +315,7 @@ class ClusterSession:
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._follow_cluster_info)
             nursery.start_soon(self._serve_dials)
+            await nursery.start(self.mounts.serve)
             await self._start_network(nursery)
             self.started = True
             task_status.started(self.info())
@@ -429,6 +432,10 @@ class ClusterSession:
         """The one engage flow of intercept, replace and ingest: parse the local side, ask the
         manager, then start the engagement's local services (`_serve_engagement`); if those
         fail, leave again, so nothing is half done."""
+        try:
+            mount = MountFlag.parse(request.mount)  # refused before the cluster changes
+        except UserError as exc:
+            raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
         kind = request.kind
         mappings = list(request.ports)
         if not mappings and kind == "intercept":
@@ -455,8 +462,11 @@ class ClusterSession:
             ),
         )
         if info.name in self.engaged:
-            return info  # already ours: the manager answered with the engagement as it is
+            # Already ours: the manager answered with the engagement as it is.
+            return self.engaged[info.name]
         self.targets[info.id] = _local_targets(info, mappings, request.local_address)
+        # Ingest gives the volumes read-only (as Telepresence's does).
+        info = await self.mounts.attach(info, mount.read_only_if(kind == "ingest"))
         self.engaged[info.name] = info
         self._dials_wanted.set()
         scope = trio.CancelScope()
@@ -529,6 +539,7 @@ class ClusterSession:
         scope = self._local_sides.pop(name, None)
         if scope is not None:
             scope.cancel()
+        await self.mounts.detach(info.id)
         self.engaged.pop(name, None)
         self.targets.pop(info.id, None)
         await self.call_in_session(

@@ -441,7 +441,12 @@ class PodWorker:
             "KUBERNETES_SERVICE_PORT_HTTPS": "443",
             "TELE_SANDBOX_IMAGE": run.spec.get("image", ""),
         }
-        env = volumes.container_env(self.k.api, self.pod, run.spec, base)
+        pod = self.pod
+        if self.ip:
+            # As the kubelet does, status.podIP in env is the IP the pod has now, even when the
+            # status carrying it has not been written to the API yet.
+            pod = {**pod, "status": {**(pod.get("status") or {}), "podIP": self.ip}}
+        env = volumes.container_env(self.k.api, pod, run.spec, base)
         args = [volumes.expand(a, env) for a in run.spec.get("args") or []]
         command = [volumes.expand(a, env) for a in run.spec.get("command") or []]
         argv = command + args if command else [sys.executable, "-m", module, *args]

@@ -1,0 +1,183 @@
+"""Issue 9, point 5 on the sandbox: `tele intercept --mount DIR -- CMD` mounts the engaged
+container's volumes (a Secret, a ConfigMap, emptyDirs) on this machine through the tunnel; CMD
+finds them under TELEPRESENCE_ROOT with the right bytes, a RemoteReadOnly volume refuses
+writes, a Remote one takes them (the pod sees the file), and leaving unmounts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tele.daemon.mounts import mount_problem
+from tests.daemon_util import DaemonGuard, run_tele
+from tests.e2e import install_manager, kubectl
+from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(mount_problem() is not None, reason=f"no FUSE mounts: {mount_problem()}"),
+]
+
+SECRET = b"s3cr3t\x00\xff-bytes\n"
+
+APP = f"""
+apiVersion: v1
+kind: Secret
+metadata: {{name: creds, namespace: default}}
+data: {{password: {base64.b64encode(SECRET).decode()}}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: settings, namespace: default}}
+data: {{app.conf: "color=blue\\n"}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: files, namespace: default}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: files}}}}
+  template:
+    metadata:
+      labels: {{app: files}}
+      annotations:
+        telepresence.io/mount-policies: '{{"cache": "RemoteReadOnly", "work": "Local"}}'
+    spec:
+      containers:
+      - name: app
+        image: tele-sandbox/echo
+        ports: [{{name: http, containerPort: 8080}}]
+        volumeMounts:
+        - {{name: creds, mountPath: /etc/creds}}
+        - {{name: settings, mountPath: /etc/settings}}
+        - {{name: scratch, mountPath: /scratch}}
+        - {{name: cache, mountPath: /var/cache/app}}
+        - {{name: work, mountPath: /work}}
+      volumes:
+      - {{name: creds, secret: {{secretName: creds}}}}
+      - {{name: settings, configMap: {{name: settings}}}}
+      - {{name: scratch, emptyDir: {{}}}}
+      - {{name: cache, emptyDir: {{}}}}
+      - {{name: work, emptyDir: {{}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: files, namespace: default}}
+spec:
+  selector: {{app: files}}
+  ports: [{{name: http, port: 80, targetPort: http}}]
+"""
+
+# The local handler: what it finds under TELEPRESENCE_ROOT, as JSON in argv[1].
+HANDLER = """
+import errno, json, os, sys
+root = os.environ["TELEPRESENCE_ROOT"]
+seen = {k: os.environ.get(k) for k in ("TELEPRESENCE_MOUNTS", "TELEPRESENCE_LOCAL_MOUNTS")}
+seen["root"] = root
+with open(root + "/etc/creds/password", "rb") as f:
+    seen["password"] = f.read().hex()
+with open(root + "/etc/settings/app.conf") as f:
+    seen["conf"] = f.read()
+try:
+    open(root + "/var/cache/app/note", "w").write("no")
+    seen["read_only"] = "written"
+except OSError as exc:
+    seen["read_only"] = errno.errorcode[exc.errno]
+with open(root + "/scratch/from-laptop", "w") as f:
+    f.write("hello from the laptop")
+seen["mounted"] = any(line.split()[4] == root for line in open("/proc/self/mountinfo"))
+json.dump(seen, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.fixture
+def mount_dir(tmp_path: Path) -> Iterator[Path]:
+    """The --mount directory; whatever is still mounted there at the end is unmounted (the
+    test fails on it after that), also when the test failed first."""
+    where = tmp_path / "mnt"
+    yield where
+    left = [
+        line.split(" ")[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split(" ")[4].startswith(str(tmp_path))
+    ]
+    for path in left:
+        subprocess.run(["umount", "-l", path], check=False)
+    assert not left, f"mounts left behind: {left}"
+
+
+def test_intercept_mounts_the_pods_volumes_and_leave_unmounts(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    mount_dir: Path,
+    tmp_path: Path,
+) -> None:
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, tele_env)
+    try:
+        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+        kubectl(
+            node_sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=files", "--timeout=90s"
+        )
+        connected = run_tele(tele_env, "connect", "--kubeconfig", kubeconfig, timeout=120)
+        assert connected.returncode == 0, connected.stderr
+        report, env_file = tmp_path / "seen.json", tmp_path / "files.env"
+        engaged = run_tele(
+            tele_env,
+            "intercept",
+            "files",
+            "--port",
+            "8089",
+            "--mount",
+            str(mount_dir),
+            "-e",
+            str(env_file),
+            "--",
+            sys.executable,
+            "-c",
+            HANDLER,
+            str(report),
+            timeout=180,
+        )
+        assert engaged.returncode == 0, engaged.stderr
+        assert f"Volume Mount Point     : {mount_dir}" in engaged.stdout
+        seen = json.loads(report.read_text())
+        assert bytes.fromhex(seen["password"]) == SECRET
+        assert seen["conf"] == "color=blue\n"
+        assert seen["read_only"] in ("EROFS", "EACCES", "EPERM")
+        assert seen["root"] == str(mount_dir) and seen["mounted"] is True
+        assert seen["TELEPRESENCE_MOUNTS"] == "/etc/creds:/etc/settings:/scratch:/var/cache/app"
+        assert seen["TELEPRESENCE_LOCAL_MOUNTS"] == "/work"
+        assert f"TELEPRESENCE_ROOT={mount_dir}" in env_file.read_text()
+        # The Remote volume took the write: the app container sees the file.
+        pod = kubectl(
+            node_sandbox,
+            "get",
+            "pods",
+            "-l",
+            "app=files",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        )
+        written = kubectl(
+            node_sandbox, "exec", pod, "-c", "app", "--", "cat", "/scratch/from-laptop"
+        )
+        assert written == "hello from the laptop"
+        cached = kubectl(node_sandbox, "exec", pod, "-c", "app", "--", "ls", "/var/cache/app")
+        assert cached == ""
+
+        # The command's end left the intercept: no mount, no directory (tele made it).
+        assert str(mount_dir) not in Path("/proc/self/mountinfo").read_text()
+        assert not mount_dir.exists()
+        listed = run_tele(tele_env, "status")
+        assert "files:" not in listed.stdout
+    finally:
+        run_tele(tele_env, "quit")
+        run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
