@@ -105,6 +105,7 @@ def measure(kubeconfig: Path, runs: int) -> dict[str, float]:
                     [
                         str(VENV_BIN / "tele"),
                         "connect",
+                        "--no-vif",
                         "--kubeconfig",
                         str(kubeconfig),
                         "--manager-address",

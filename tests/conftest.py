@@ -34,6 +34,8 @@ def tele_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         XDG_STATE_HOME=str(tmp_path / "state"),
         XDG_RUNTIME_DIR=str(tmp_path / "runtime"),
         PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
+        # A `tele connect` that forgot --no-vif must not set up a network interface here.
+        TELE_VIF="0",
     )
     yield env
 

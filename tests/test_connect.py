@@ -124,7 +124,13 @@ def test_connect_status_list_quit(
     )
 
     connected = run_tele(
-        tele_env, "connect", "--kubeconfig", str(kubeconfig), "--manager-address", address
+        tele_env,
+        "connect",
+        "--no-vif",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--manager-address",
+        address,
     )
     assert connected.returncode == 0, connected.stderr
     assert "Connected to context" in connected.stdout
@@ -141,7 +147,13 @@ def test_connect_status_list_quit(
     assert "default" in data["session"]["managed_namespaces"]
 
     again = run_tele(
-        tele_env, "connect", "--kubeconfig", str(kubeconfig), "--manager-address", address
+        tele_env,
+        "connect",
+        "--no-vif",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--manager-address",
+        address,
     )
     assert again.returncode == 0, again.stderr  # already connected there: a no-op
 
@@ -168,7 +180,13 @@ def test_killed_daemon_loses_its_session_after_the_lease(
 ) -> None:
     address = f"127.0.0.1:{manager.port}"
     result = run_tele(
-        tele_env, "connect", "--kubeconfig", str(cluster[1]), "--manager-address", address
+        tele_env,
+        "connect",
+        "--no-vif",
+        "--kubeconfig",
+        str(cluster[1]),
+        "--manager-address",
+        address,
     )
     assert result.returncode == 0, result.stderr
     session_id = manager.wait_for_log("arrived").split("session ")[1].split(" ")[0]
@@ -182,7 +200,7 @@ def test_killed_daemon_loses_its_session_after_the_lease(
 def test_no_manager_installed_is_one_clear_sentence(
     tele_env: dict[str, str], guard: DaemonGuard, cluster: tuple[ThreadedCluster, Path]
 ) -> None:
-    result = run_tele(tele_env, "connect", "--kubeconfig", str(cluster[1]))
+    result = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(cluster[1]))
     assert result.returncode == 1
     line = single_error_line(result)
     assert "no traffic manager is installed in namespace ambassador" in line
@@ -196,7 +214,7 @@ def test_unreachable_cluster_is_a_connection_error(
     config["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:9"
     broken = cluster[1].parent / "broken-kubeconfig"
     broken.write_text(yaml.safe_dump(config))
-    result = run_tele(tele_env, "connect", "--kubeconfig", str(broken))
+    result = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(broken))
     assert result.returncode == 3
     assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in single_error_line(
         result
@@ -271,7 +289,13 @@ async def test_intercept_sends_engaged_connections_to_the_local_handler(
     address = f"127.0.0.1:{manager.port}"
     connected = await trio.to_thread.run_sync(
         lambda: run_tele(
-            tele_env, "connect", "--kubeconfig", str(kubeconfig), "--manager-address", address
+            tele_env,
+            "connect",
+            "--no-vif",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--manager-address",
+            address,
         )
     )
     assert connected.returncode == 0, connected.stderr
@@ -383,7 +407,7 @@ def test_a_manager_that_never_gets_ready_is_named_with_its_state(
         check=True,
         capture_output=True,
     )
-    result = run_tele(tele_env, "connect", "--kubeconfig", str(kubeconfig))
+    result = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(kubeconfig))
     assert result.returncode == 3
     line = single_error_line(result)
     assert "the traffic manager in namespace ambassador is not ready after 2s" in line
@@ -391,7 +415,7 @@ def test_a_manager_that_never_gets_ready_is_named_with_its_state(
 
 
 def test_a_bad_cidr_is_one_sentence(tele_env: dict[str, str], guard: DaemonGuard) -> None:
-    result = run_tele(tele_env, "connect", "--also-proxy", "10.0.0.0/8,not-a-net")
+    result = run_tele(tele_env, "connect", "--no-vif", "--also-proxy", "10.0.0.0/8,not-a-net")
     assert result.returncode == 1
     assert (
         single_error_line(result) == "tele: --also-proxy 'not-a-net' is not a CIDR like 10.0.0.0/8"

@@ -30,7 +30,7 @@ def test_install_connect_survive_manager_restart_uninstall(
 ) -> None:
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
-    connected = run_tele(tele_env, "connect", "--kubeconfig", kubeconfig, timeout=120)
+    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
     assert connected.returncode == 0, connected.stderr
     first = status(tele_env)
     assert first["connection"] == "connected"

@@ -60,7 +60,10 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
 )
 @click.option("--manager-address", default="", hidden=True, help="host:port of a manager (dev).")
 @click.option(
-    "--vif/--no-vif", default=False, help="Route the cluster's subnets and names here (root)."
+    "--vif/--no-vif",
+    default=None,
+    help="Route the cluster's subnets and names here (with sudo when needed), or never; "
+    "default: when the daemon can, or sudo works without a password.",
 )
 @click.option(
     "--also-proxy", multiple=True, help="Also route this CIDR to the cluster (repeatable)."
@@ -79,7 +82,7 @@ def connect(
     manager_namespace: str,
     mapped_namespaces: str,
     manager_address: str,
-    vif: bool,
+    vif: bool | None,
     also_proxy: tuple[str, ...],
     never_proxy: tuple[str, ...],
     allow_conflicting_subnets: tuple[str, ...],
@@ -96,11 +99,24 @@ def connect(
         manager_namespace=manager_namespace,
         mapped_namespaces=[n.strip() for n in mapped_namespaces.split(",") if n.strip()],
         manager_address=manager_address,
-        vif=vif,
+        vif=bool(vif),
+        vif_when_possible=vif is None,
         also_proxy=_cidrs("--also-proxy", also_proxy),
         never_proxy=_cidrs("--never-proxy", never_proxy),
         allow_conflicting_subnets=_cidrs("--allow-conflicting-subnets", allow_conflicting_subnets),
     )
+
+    helper_note = ""
+    if vif is True or (vif is None and os.environ.get("TELE_VIF") != "0"):
+
+        async def prepare() -> str:
+            from tele.cli.vif_helper import ensure_helper
+
+            async with client.daemon_client(start=True) as rpc:
+                assert rpc is not None
+                return await ensure_helper(rpc, explicit=bool(vif))
+
+        helper_note = client.run(prepare)
 
     async def call() -> daemon_api.ConnectionInfo:
         async with client.daemon_client(start=True) as rpc:
@@ -115,6 +131,13 @@ def connect(
         click.echo(
             f"tele: warning: the traffic manager runs version {info.manager_version}, "
             f"this client {tele.__version__}; `tele helm upgrade` brings them together",
+            err=True,
+        )
+
+    if vif is None and info.network is None and (helper_note or info.network_note):
+        click.echo(
+            "tele: note: connected without the virtual network interface: "
+            f"{helper_note or info.network_note}; `tele connect --vif` sets it up with sudo",
             err=True,
         )
 

@@ -134,6 +134,14 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
         listener = await unixsock.open_private_listener(socket_path)
     except OSError as exc:
         raise TeleError(f"Cannot listen on {socket_path}: {exc.strerror or exc}.") from exc
+    from tele.vif.helper_link import open_helper_listener, serve_helper_socket
+
+    helper_path = daemon_api.helper_socket_path()
+    try:
+        helper_listener = await open_helper_listener(helper_path)
+    except OSError as exc:
+        await listener.aclose()
+        raise TeleError(f"Cannot listen on {helper_path}: {exc.strerror or exc}.") from exc
     level = LogLevelController(str(cfg.log_levels.user_daemon))
     daemon = Daemon(
         listener=listener,
@@ -151,6 +159,7 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
             await nursery.start(level.serve)
             await nursery.start(daemon.run_sessions)
             await nursery.start(daemon.serve)
+            await nursery.start(serve_helper_socket, helper_listener, daemon.attach_helper)
             log.info("listening on %s", socket_path)
             ready.report(f"ready {os.getpid()}")
             if not ready.spawned:
@@ -163,6 +172,8 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
         with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
             cleanup.shield = True
             await daemon.stop_listening()
+            helper_listener.close()
+            helper_path.unlink(missing_ok=True)
         if cleanup.cancelled_caught:
             log.error("cleanup did not finish within %gs", CLEANUP_TIMEOUT)
 

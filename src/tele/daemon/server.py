@@ -33,16 +33,20 @@ from tele.rpc.server import Router, serve_connection
 
 if TYPE_CHECKING:
     from tele.vif.connect import NetworkOptions
+    from tele.vif.helper_link import HelperPrivileges
 
 log = logging.getLogger(__name__)
 
 
 def _network_options(request: api.ConnectRequest) -> NetworkOptions:
     """The connect flags for the network part; TELE_VIF=1 (tests, containers) also enables it."""
-    from tele.vif.connect import NetworkOptions
+    from tele.vif.connect import ENV_ENABLE, NetworkOptions
 
     options = NetworkOptions.from_env()
     options.enabled = options.enabled or request.vif
+    # TELE_VIF=0: never by default (the test suite sets it: no test may touch the host's
+    # routes or resolver by forgetting --no-vif).
+    options.when_possible = request.vif_when_possible and os.environ.get(ENV_ENABLE) != "0"
     options.also_proxy = list(request.also_proxy)
     options.never_proxy = list(request.never_proxy)
     options.allow_conflicting = list(request.allow_conflicting_subnets)
@@ -91,6 +95,8 @@ class Daemon:
         self.router.unary(api.LEAVE, self.leave)
         self.router.unary(api.UNINSTALL, self.uninstall)
         self.session: ClusterSession | None = None
+        self._helper: HelperPrivileges | None = None
+        """A privileged helper that connected for the next session's network."""
         self._sessions: trio.Nursery | None = None
         self._session_ended = trio.Event()
         self._session_ended.set()
@@ -163,7 +169,27 @@ class Daemon:
             raise RpcError(Code.FAILED_PRECONDITION, str(exc)) from None
         except TeleError as exc:
             raise RpcError(Code.UNAVAILABLE, str(exc)) from None
+        finally:
+            # A helper the session did not use (no network wanted, or connecting failed
+            # first) must not wait as root for a next time: it exits on end of file.
+            self._drop_helper()
         return info
+
+    # -- the privileged helper --------------------------------------------------------------
+
+    def attach_helper(self, helper: HelperPrivileges) -> None:
+        """A helper connected (tele connect started it for the coming session)."""
+        self._drop_helper()
+        self._helper = helper
+
+    def take_helper(self) -> HelperPrivileges | None:
+        helper, self._helper = self._helper, None
+        return helper
+
+    def _drop_helper(self) -> None:
+        helper = self.take_helper()
+        if helper is not None:
+            helper.hang_up()
 
     async def _run_session(
         self,
@@ -187,6 +213,7 @@ class Daemon:
                     connect_timeout=float(cfg.timeouts.traffic_manager_connect),
                     api_timeout=float(cfg.timeouts.traffic_manager_api),
                     network=_network_options(request),
+                    take_helper=self.take_helper,
                 )
                 self.session = session
                 await session.run(task_status=task_status)

@@ -47,6 +47,7 @@ from tele.rpc.method import Req, Resp, Unary
 
 if TYPE_CHECKING:
     from tele.vif.connect import NetworkOptions, NetworkStatus
+    from tele.vif.privileges import Privileges
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class ClusterSession:
         connect_timeout: float,
         api_timeout: float,
         network: NetworkOptions | None = None,
+        take_helper: Callable[[], Privileges | None] | None = None,
     ) -> None:
         self.request = request
         self.kube = kube
@@ -149,6 +151,9 @@ class ClusterSession:
         # The VIF and DNS (tele.vif.connect): off unless `network` or TELE_VIF=1 asks for it.
         self.network_options = network
         self.network: NetworkStatus | None = None
+        self.network_note = ""
+        """Why there is no network (when it was wanted only where possible)."""
+        self._take_helper = take_helper
 
     async def disconnect(self) -> None:
         """Depart while the link is still up, then stop everything of this session."""
@@ -178,6 +183,7 @@ class ClusterSession:
             reconnects=self.reconnects,
             last_error=self.last_error,
             network=self.network.summary() if self.network is not None else None,
+            network_note=self.network_note,
             intercepts=self.engagement_lines(),
         )
 
@@ -321,11 +327,36 @@ class ClusterSession:
             task_status.started(self.info())
 
     async def _start_network(self, nursery: trio.Nursery) -> None:
+        """The VIF and DNS: set up by this daemon when it has CAP_NET_ADMIN, else through the
+        privileged helper that `tele connect` started; without either, a failure when asked
+        for (--vif), a note when only wanted where possible."""
+        from tele.vif.caps import has_net_admin
         from tele.vif.connect import NetworkOptions, serve_network
 
         options = self.network_options or NetworkOptions.from_env()
-        if options.enabled:
-            self.network = await nursery.start(serve_network, options, self)
+        if not options.enabled and not options.when_possible:
+            return
+        privileges: Privileges | None = None
+        if not has_net_admin():
+            privileges = self._take_helper() if self._take_helper is not None else None
+            if privileges is None:
+                reason = (
+                    "the daemon runs without CAP_NET_ADMIN and no privileged helper was "
+                    "started (tele connect starts one with sudo)"
+                )
+                if options.enabled:
+                    raise UserError(f"cannot set up the virtual network interface: {reason}")
+                self.network_note = reason
+                log.info("no virtual network interface: %s", reason)
+                return
+        try:
+            self.network = await nursery.start(serve_network, options, self, privileges)
+        except BaseException as exc:
+            leaf = single_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
+            if options.enabled or not isinstance(leaf, TeleError):
+                raise
+            self.network_note = str(leaf)
+            log.warning("connected without a virtual network interface: %s", leaf)
 
     async def _arrive(self) -> None:
         identity = mapi.ClientIdentity(
@@ -420,6 +451,8 @@ class ClusterSession:
                 async with client.stream(mapi.WATCH_CLUSTER_INFO, request) as updates:
                     async for info in updates:
                         self.cluster = info
+                        if self.network is not None:
+                            await self.network.follow(info)
             except RpcError as exc:
                 log.debug("cluster info watch ended: %s", exc.message)
             # The link broke or the session was replaced: follow the new one.

@@ -13,10 +13,9 @@ import trio
 
 from tele.dns import system
 from tele.dns.names import NameRules
-from tele.dns.server import Lookup, Resolver, Upstream, bind_sockets, serve_tcp, serve_udp
-from tele.vif import journal
+from tele.dns.server import Lookup, Resolver, Upstream, serve_tcp, serve_udp
 from tele.vif.errors import VifError
-from tele.vif.netns import run_in_netns
+from tele.vif.privileges import LocalPrivileges, Privileges, ResolverChange
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +49,19 @@ async def serve_dns(
     settings: DnsSettings,
     lookup: Lookup,
     *,
+    privileges: Privileges | None = None,
     task_status: trio.TaskStatus[Resolver] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Run the DNS server until cancelled; `started(resolver)` once the system uses it."""
+    """Run the DNS server until cancelled; `started(resolver)` once the system uses it.
+
+    `privileges`: who binds port 53 and changes the resolver (default: this process).
+    """
+    privileges = privileges or LocalPrivileges()
     servers = settings.upstream or system.nameservers(settings.resolv_conf)
     upstream_servers = [(s, 53) for s in servers if s != settings.address and ":" not in s]
     try:
-        udp_raw, tcp_raw, up_raw = await run_in_netns(
-            settings.netns, lambda: bind_sockets(settings.address, settings.port)
+        udp_raw, tcp_raw, up_raw = await privileges.bind_dns(
+            settings.netns, settings.address, settings.port
         )
     except OSError as exc:
         raise VifError(
@@ -70,50 +74,41 @@ async def serve_dns(
     setup = settings.setup
     if setup is SystemSetup.AUTO:
         setup = SystemSetup.RESOLVED if system.resolved_running() else SystemSetup.RESOLV_CONF
-    backup = settings.resolv_backup or settings.resolv_conf.with_name(
-        settings.resolv_conf.name + ".tele-orig"
+    rules = settings.rules
+    change = ResolverChange(
+        resolved=setup is SystemSetup.RESOLVED,
+        device=settings.device,
+        server=settings.address,
+        search=[system.SEARCH_DOMAIN, rules.namespace],
+        domains=[
+            system.SEARCH_DOMAIN,
+            f"~{rules.cluster_domain}",
+            *(f"~{ns}" for ns in rules.namespaces),
+            *(f"~{s.strip('.')}" for s in rules.include_suffixes),
+        ],
+        resolv_conf=settings.resolv_conf,
+        resolv_backup=settings.resolv_backup or system.backup_for(settings.resolv_conf),
     )
-    entry = journal.Entry(
-        settings.netns, resolv_conf=str(settings.resolv_conf), resolv_backup=str(backup)
-    )
+    changed = False
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(upstream.serve)
             nursery.start_soon(serve_udp, resolver, udp)
             nursery.start_soon(serve_tcp, resolver, listener)
-            rules = settings.rules
-            if setup is SystemSetup.RESOLV_CONF:
-                journal.record(entry)
-                search = [system.SEARCH_DOMAIN, rules.namespace]
-                await trio.to_thread.run_sync(
-                    system.override_resolv_conf,
-                    settings.resolv_conf,
-                    backup,
-                    settings.address,
-                    search,
-                )
-            elif setup is SystemSetup.RESOLVED:
-                domains = [
-                    system.SEARCH_DOMAIN,
-                    f"~{rules.cluster_domain}",
-                    *(f"~{ns}" for ns in rules.namespaces),
-                    *(f"~{s.strip('.')}" for s in rules.include_suffixes),
-                ]
-                await trio.to_thread.run_sync(
-                    system.resolved_set_link, settings.device, settings.address, domains
-                )
+            if setup is not SystemSetup.NONE:
+                changed = True
+                await privileges.set_resolver(settings.netns, change)
             log.info("DNS server on %s:%d (%s)", settings.address, settings.port, setup.value)
             task_status.started(resolver)
             await trio.sleep_forever()
         raise AssertionError("unreachable")  # pragma: no cover
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            if setup is SystemSetup.RESOLV_CONF:
-                await trio.to_thread.run_sync(
-                    system.restore_resolv_conf, settings.resolv_conf, backup
-                )
-                journal.forget(settings.netns, resolv_conf=str(settings.resolv_conf))
-            # resolved forgets a link's settings when the device goes away.
+            if changed:
+                try:
+                    await privileges.restore_resolver(settings.netns, change)
+                except (VifError, OSError) as exc:
+                    log.warning("restoring the resolver: %s", exc)
         for sock in (udp, upstream.sock):
             sock.close()
         await listener.aclose()

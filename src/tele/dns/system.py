@@ -23,6 +23,17 @@ SEARCH_DOMAIN = "tel2-search"
 RESOLV_CONF = Path("/etc/resolv.conf")
 
 
+def resolv_conf_for(netns: str | None) -> Path:
+    """The resolv.conf that programs in `netns` read: `ip netns exec` bind-mounts
+    /etc/netns/<name>/resolv.conf over /etc/resolv.conf (when that file exists)."""
+    return RESOLV_CONF if netns is None else Path("/etc/netns") / netns / "resolv.conf"
+
+
+def backup_for(path: Path) -> Path:
+    """Where the original of an overridden resolv.conf is kept."""
+    return path.with_name(path.name + ".tele-orig")
+
+
 def resolved_running() -> bool:
     """systemd-resolved manages this machine's DNS (its stub resolv.conf is in place)."""
     return Path("/run/systemd/resolve/io.systemd.Resolve").exists() and bool(

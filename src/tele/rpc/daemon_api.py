@@ -30,6 +30,11 @@ def socket_path() -> Path:
     return paths.runtime_dir() / "daemon.sock"
 
 
+def helper_socket_path() -> Path:
+    """Where the privileged network helper connects to the daemon (SOCK_SEQPACKET, 0600)."""
+    return paths.runtime_dir() / "helper.sock"
+
+
 def lock_path() -> Path:
     """flock()ed exclusively by the running daemon for its whole life: one daemon per user."""
     return paths.runtime_dir() / "daemon.lock"
@@ -61,7 +66,10 @@ class ConnectRequest(msgspec.Struct, frozen=True, kw_only=True):
     manager_address: str = ""
     """host:port of a manager reachable directly (no port-forward); for development."""
     vif: bool = False
-    """Set up the network interface and DNS (needs CAP_NET_ADMIN); TELE_VIF=1 does too."""
+    """Set up the network interface and DNS, or fail; TELE_VIF=1 does too."""
+    vif_when_possible: bool = False
+    """Set them up when the daemon can (CAP_NET_ADMIN, or a privileged helper attached), else
+    connect without (ConnectionInfo.network_note says why); TELE_VIF=0 turns this off."""
     also_proxy: list[str] = []
     never_proxy: list[str] = []
     allow_conflicting_subnets: list[str] = []
@@ -86,6 +94,8 @@ class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str = ""
     network: dict[str, Any] | None = None
     """The network interface and DNS (device, subnets, counters), when set up."""
+    network_note: str = ""
+    """Why there is no network interface, when it was wanted where possible only."""
     intercepts: list[str] = []
     """"name: intercepted|replaced|ingested workload -> local addresses (mechanism)" for each
     engagement of this session."""

@@ -9,6 +9,7 @@ CAP_NET_ADMIN, or in tests that have no network namespace of their own, must sti
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,7 @@ from typing import NoReturn, Protocol, overload
 import trio
 
 from tele import paths
+from tele.dns import system
 from tele.dns.names import DEFAULT_EXCLUDE_SUFFIXES, NameRules
 from tele.dns.server import Resolver
 from tele.dns.service import DnsSettings, SystemSetup, serve_dns
@@ -27,6 +29,7 @@ from tele.rpc import manager_api as mapi
 from tele.rpc.client import Client
 from tele.rpc.h2link import H2Stream
 from tele.vif import journal
+from tele.vif.privileges import Privileges
 from tele.vif.service import DEFAULT_ADDRESS, DEFAULT_DEVICE, VifInfo, VifSettings, serve_vif
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,10 @@ class NetworkOptions:
     """The `connect` flags and config keys of the network part."""
 
     enabled: bool = False
+    """Set up the network, or fail connecting (`tele connect --vif`)."""
+    when_possible: bool = False
+    """Set it up when this daemon can (CAP_NET_ADMIN, or a privileged helper), else connect
+    without it and say why (`tele connect` without --vif/--no-vif)."""
     also_proxy: list[str] = field(default_factory=list)
     never_proxy: list[str] = field(default_factory=list)
     allow_conflicting: list[str] = field(default_factory=list)
@@ -110,6 +117,11 @@ class NetworkStatus:
     vif: VifInfo
     resolver: Resolver | None
 
+    async def follow(self, cluster: mapi.ClusterInfo) -> None:
+        """The cluster's subnets changed: route the new ones, drop the gone ones."""
+        if self.vif.follow is not None:
+            await self.vif.follow([*cluster.pod_subnets, *cluster.service_subnets])
+
     def summary(self) -> dict[str, object]:
         """Plain data for `tele status` (text and --output json)."""
         counters = self.vif.counters
@@ -165,13 +177,33 @@ class _ManagedNamespaces(Sequence[str]):
 async def serve_network(
     options: NetworkOptions,
     session: SessionLike,
+    privileges: Privileges | None = None,
     *,
     task_status: trio.TaskStatus[NetworkStatus] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Run the VIF (and DNS) of `session` until cancelled."""
-    undone = await trio.to_thread.run_sync(journal.recover)
-    if undone:
-        log.warning("cleaned up after an earlier daemon: %s", "; ".join(undone))
+    """Run the VIF (and DNS) of `session` until cancelled.
+
+    `privileges`: who does the privileged steps (default: this process); it is closed on the
+    way out (the helper undoes what is left and exits).
+    """
+    try:
+        await _serve_network(options, session, privileges, task_status)
+    finally:
+        if privileges is not None:
+            with trio.CancelScope(shield=True):
+                await privileges.aclose()
+
+
+async def _serve_network(
+    options: NetworkOptions,
+    session: SessionLike,
+    privileges: Privileges | None,
+    task_status: trio.TaskStatus[NetworkStatus],
+) -> NoReturn:
+    if privileges is None:
+        undone = await trio.to_thread.run_sync(journal.recover)
+        if undone:
+            log.warning("cleaned up after an earlier daemon: %s", "; ".join(undone))
     cluster = session.cluster
     if cluster is None:
         raise RuntimeError("serve_network needs an arrived session")
@@ -194,7 +226,9 @@ async def serve_network(
         netns=options.netns,
     )
     async with trio.open_nursery() as nursery:
-        vif: VifInfo = await nursery.start(serve_vif, settings, dial)
+        vif: VifInfo = await nursery.start(
+            functools.partial(serve_vif, settings, dial, privileges=privileges)
+        )
         resolver: Resolver | None = None
         if options.dns:
             rules = NameRules(
@@ -214,10 +248,14 @@ async def serve_network(
                 netns=options.netns,
                 setup=options.dns_setup,
             )
-            if options.resolv_conf is not None:
+            if options.resolv_conf is not None and privileges is None:
                 dns.resolv_conf = options.resolv_conf
+            else:  # the helper always picks the namespace's own file
+                dns.resolv_conf = system.resolv_conf_for(options.netns)
             dns.resolv_backup = options.resolv_backup or paths.state_dir() / "resolv.conf.tele-orig"
-            resolver = await nursery.start(serve_dns, dns, lookup)
+            resolver = await nursery.start(
+                functools.partial(serve_dns, dns, lookup, privileges=privileges)
+            )
         task_status.started(NetworkStatus(vif, resolver))
         await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover

@@ -19,8 +19,18 @@ from tele import paths
 log = logging.getLogger(__name__)
 
 
+_FILE_NAME = "vif-journal.json"
+
+
+def use_file_name(name: str) -> None:
+    """Keep this process's journal in another file of the state directory (the privileged
+    helper keeps its own, apart from the daemon's, which it could not undo anyway)."""
+    global _FILE_NAME
+    _FILE_NAME = name
+
+
 def journal_path() -> Path:
-    return paths.state_dir() / "vif-journal.json"
+    return paths.state_dir() / _FILE_NAME
 
 
 @dataclass(slots=True)

@@ -169,6 +169,45 @@ def configure(netns: str | None, config: DeviceConfig) -> list[Network]:
     return call_in_netns(netns, work)
 
 
+def change_routes(
+    netns: str | None,
+    device: str,
+    add: Sequence[Network],
+    remove: Sequence[Network],
+    allow: Sequence[Network] = (),
+) -> list[Network]:
+    """Route `add` to `device` (after the same conflict check as `configure`) and delete the
+    routes of `remove`: the cluster's subnets changed while connected. Returns what was added.
+    A conflict refuses the whole change before anything is touched. Blocking (netlink).
+    """
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    def work() -> list[Network]:
+        added: list[Network] = []
+        with IPRoute() as ipr:
+            found = find_conflict(add, _routes(ipr), own_interface=device, allow=allow)
+            if found is not None:
+                raise RouteConflict(conflict_message(*found))
+            indexes = ipr.link_lookup(ifname=device)
+            if not indexes:
+                raise VifError(f"the virtual interface {device} is gone")
+            try:
+                for net in add:
+                    ipr.route("replace", dst=str(net), oif=indexes[0])
+                    added.append(net)
+            except NetlinkError as exc:
+                raise VifError(f"cannot route {net} to {device}: {exc}") from exc
+            for net in remove:
+                try:
+                    ipr.route("del", dst=str(net), oif=indexes[0])
+                except NetlinkError:
+                    pass  # already gone
+        return added
+
+    return call_in_netns(netns, work)
+
+
 def remove_routes(netns: str | None, device: str, subnets: Iterable[Network]) -> None:
     """Delete our routes (best effort: the device's removal drops them anyway)."""
     from pyroute2 import IPRoute

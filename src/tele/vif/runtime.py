@@ -162,6 +162,11 @@ class Stack:
         self._v6 = [n for n in cfg.subnets if n.version == 6]
         self.counters = Counters()
 
+    def set_subnets(self, subnets: Sequence[Network]) -> None:
+        """The routed subnets changed (the cluster's did): answer echo for the new ones."""
+        self._v4 = [n for n in subnets if n.version == 4]
+        self._v6 = [n for n in subnets if n.version == 6]
+
     # --- service --------------------------------------------------------------------------
 
     async def serve(

@@ -1,34 +1,28 @@
 """The VIF as a service of the session: create the device, route the cluster to it, run the
-packet loop, and undo all of it on the way out.
+packet loop, follow the cluster's subnets, and undo all of it on the way out.
 
-`serve_vif` is a task for the session's nursery. Teardown (routes, then the device, then the
-undo journal entry) runs in `finally`, shielded and bounded, so a disconnect or a failing task
-never leaves routes behind; a crash is covered by the journal (`tele.vif.journal`).
+`serve_vif` is a task for the session's nursery. The privileged steps go through a
+`Privileges` (this process, or the privileged helper). Teardown (routes, then the device, then
+the undo journal entry) runs in `finally`, shielded and bounded, so a disconnect or a failing
+task never leaves routes behind; a crash is covered by the journal (`tele.vif.journal`) or, with
+the helper, by the helper itself.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, NoReturn
 
 import trio
 
 from tele.net.tcpstate import TCPConfig
-from tele.vif import journal
-from tele.vif.errors import VifError
-from tele.vif.netns import run_in_netns
-from tele.vif.routing import (
-    DeviceConfig,
-    Network,
-    configure,
-    parse_networks,
-    proxied_subnets,
-    remove_routes,
-)
+from tele.vif.errors import RouteConflict, VifError
+from tele.vif.privileges import LocalPrivileges, Privileges
+from tele.vif.routing import DeviceConfig, Network, parse_networks, proxied_subnets
 from tele.vif.runtime import Counters, Dialer, Stack, StackConfig
-from tele.vif.tun import TunDevice, open_tun
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +58,80 @@ class VifSettings:
     is slower than the app."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class VifInfo:
     device: str
     address: ipaddress.IPv4Address | ipaddress.IPv6Address
     subnets: list[Network]
+    """The subnets routed to the device now (they follow the cluster, see `follow`)."""
     counters: Counters
+    follow: Callable[[list[str]], Awaitable[None]] | None = None
+    """Route the cluster's new subnets (CIDR strings) instead of the old ones."""
+
+
+class _Routes:
+    """The device's routes as the cluster's subnets change while connected."""
+
+    def __init__(
+        self,
+        settings: VifSettings,
+        privileges: Privileges,
+        device: str,
+        stack: Stack,
+        routed: list[Network],
+        subnets: list[Network],
+    ) -> None:
+        self.settings = settings
+        self.privileges = privileges
+        self.device = device
+        self.stack = stack
+        self.routed = routed
+        """What the device has (to remove on the way out)."""
+        self.subnets = subnets
+        """What it should have (VifInfo.subnets: the same list object, updated in place)."""
+        self._lock = trio.Lock()
+
+    async def follow(self, cluster_subnets: list[str]) -> None:
+        """Add routes for new subnets and remove those of subnets the cluster no longer has.
+
+        A new subnet that conflicts with a local route is not routed (and logged): the session
+        goes on with the routes it had.
+        """
+        settings = self.settings
+        try:
+            wanted = proxied_subnets(
+                parse_networks(cluster_subnets),
+                parse_networks(settings.also_proxy),
+                parse_networks(settings.never_proxy),
+            )
+            allow = parse_networks(settings.allow_conflicting)
+        except ValueError as exc:
+            log.warning("ignoring the cluster's subnets %s: %s", cluster_subnets, exc)
+            return
+        async with self._lock:
+            add = [n for n in wanted if n not in self.routed]
+            remove = [n for n in self.routed if n not in wanted]
+            if not add and not remove:
+                return
+            try:
+                added = await self.privileges.change_routes(
+                    settings.netns, self.device, add, remove, allow
+                )
+            except (VifError, RouteConflict) as exc:
+                log.warning(
+                    "the cluster's subnets changed, but %s keeps its routes: %s", self.device, exc
+                )
+                return
+            self.routed[:] = [n for n in self.routed if n not in remove] + added
+            self.subnets[:] = sorted(self.routed, key=lambda n: (n.version, n))
+            self.stack.set_subnets(self.subnets)
+            log.info(
+                "virtual interface %s now routes %s (added %s, removed %s)",
+                self.device,
+                ", ".join(map(str, self.subnets)) or "nothing",
+                ", ".join(map(str, added)) or "nothing",
+                ", ".join(map(str, remove)) or "nothing",
+            )
 
 
 def _tcp_config(settings: VifSettings) -> TCPConfig:
@@ -87,9 +149,15 @@ async def serve_vif(
     settings: VifSettings,
     dialer: Dialer,
     *,
+    privileges: Privileges | None = None,
     task_status: trio.TaskStatus[VifInfo] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Run the VIF until cancelled; `started(VifInfo)` once routes are in place."""
+    """Run the VIF until cancelled; `started(VifInfo)` once routes are in place.
+
+    `privileges`: who creates the device and routes (default: this process, which then needs
+    CAP_NET_ADMIN; else the privileged helper's link).
+    """
+    privileges = privileges or LocalPrivileges()
     try:
         subnets = proxied_subnets(
             parse_networks(settings.cluster_subnets),
@@ -101,17 +169,10 @@ async def serve_vif(
         address6 = ipaddress.IPv6Address(settings.address6)
     except ValueError as exc:
         raise VifError(f"bad subnet or address for the virtual interface: {exc}") from exc
-    tun: TunDevice = await run_in_netns(
-        settings.netns, lambda: open_tun(settings.device, offload=settings.offload)
-    )
-    added: list[Network] = []
-    entry = journal.Entry(netns=settings.netns, device=tun.name, routes=[])
+    config = DeviceConfig(settings.device, address, settings.mtu, subnets, allow, address6)
+    tun, added = await privileges.open_device(settings.netns, config, offload=settings.offload)
+    routed = list(added)
     try:
-        journal.record(entry)
-        config = DeviceConfig(tun.name, address, settings.mtu, subnets, allow, address6)
-        added = await run_in_netns(None, lambda: configure(settings.netns, config))
-        entry.routes = [str(n) for n in added]
-        journal.record(entry)
         log.info(
             "virtual interface %s (%s) routes %s",
             tun.name,
@@ -126,28 +187,20 @@ async def serve_vif(
                 subnets=subnets, tcp=_tcp_config(settings), dial_timeout=settings.dial_timeout
             ),
         )
+        routes = _Routes(settings, privileges, tun.name, stack, routed, list(subnets))
         async with trio.open_nursery() as nursery:
             await nursery.start(stack.serve)
-            task_status.started(VifInfo(tun.name, address, subnets, stack.counters))
+            task_status.started(
+                VifInfo(tun.name, address, routes.subnets, stack.counters, routes.follow)
+            )
             await trio.sleep_forever()
         raise AssertionError("unreachable")  # pragma: no cover
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_TIMEOUT) as scope:
-            await _teardown(settings.netns, tun, added)
+            try:
+                await privileges.close_device(settings.netns, tun, routed)
+            except VifError as exc:
+                log.warning("removing %s: %s", tun.name, exc)
+            log.info("virtual interface %s removed", tun.name)
         if scope.cancelled_caught:
             log.error("removing %s took longer than %gs", tun.name, TEARDOWN_TIMEOUT)
-
-
-async def _teardown(netns: str | None, tun: TunDevice, added: list[Network]) -> None:
-    name = tun.name
-    try:
-        if added:
-            await run_in_netns(None, lambda: remove_routes(netns, name, added))
-    except VifError as exc:
-        log.warning("removing routes of %s: %s", name, exc)
-    finally:
-        # trio must forget the fd before it is closed (a task may still be parked on it).
-        trio.lowlevel.notify_closing(tun.fd)
-        tun.close()  # a non-persistent device disappears with its last descriptor
-        journal.forget(netns, name)
-        log.info("virtual interface %s removed", name)
