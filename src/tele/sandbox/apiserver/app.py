@@ -21,10 +21,10 @@ import msgspec
 import trio
 import yaml
 
-from . import discovery, protobuf, schemas
+from . import crd, discovery, protobuf, schemas
 from .auth import User
 from .errors import ApiError, bad_request, gone, method_not_allowed
-from .kinds import RESOURCES, ResourceType, by_plural, group_versions
+from .kinds import RESOURCES, ResourceType, by_plural
 from .rbac import Attributes
 from .rest import Api, Ctx
 from .selectors import (
@@ -92,6 +92,18 @@ class ApiApp:
         # Recently encoded watch lines by (event type, object identity); stored objects are
         # never mutated, and the object is kept so its id cannot be reused while cached.
         self._lines: OrderedDict[tuple[str, int], tuple[Obj, bytes]] = OrderedDict()
+        # Aggregated discovery and custom OpenAPI documents, valid for one KindRegistry
+        # generation (CRDs change what is served).
+        self._derived: dict[tuple[object, ...], Any] = {}
+        self._derived_generation = -1
+
+    def _cached(self, key: tuple[object, ...], make: Callable[[], Any]) -> Any:
+        if self._derived_generation != self.api.kinds.generation:
+            self._derived = {}
+            self._derived_generation = self.api.kinds.generation
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
     # --- ASGI entry ------------------------------------------------------------------------
 
@@ -228,7 +240,7 @@ class ApiApp:
             group = rest[0]
             if len(rest) == 1:
                 self._authorize_path(req)
-                doc = discovery.api_group(group)
+                doc = discovery.api_group(group, self.api.kinds.all())
                 if doc is None:
                     raise ApiError(
                         404, "NotFound", "the server could not find the requested resource"
@@ -238,7 +250,7 @@ class ApiApp:
             version, rest = rest[1], rest[2:]
         if not rest:
             self._authorize_path(req)
-            resources = discovery.resource_list(group, version)
+            resources = discovery.resource_list(group, version, self.api.kinds.all())
             if resources is None:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             await self._send(send, 200, resources)
@@ -251,9 +263,9 @@ class ApiApp:
         sub = rest[2] if len(rest) > 2 else ""
         if len(rest) > 3:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        rt = by_plural(group, version, plural)
+        rt = self.api.kinds.by_plural(group, version, plural)
         if rt is None:
-            if not any(g == group and v == version for g, v in group_versions()):
+            if not any(g == group and v == version for g, v in self.api.kinds.group_versions()):
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             raise ApiError(
                 404,
@@ -285,21 +297,43 @@ class ApiApp:
                         f"application/json;g=apidiscovery.k8s.io;v={version};"
                         "as=APIGroupDiscoveryList"
                     )
-                    await self._send(
-                        send, 200, discovery.aggregated(core, version), content_type=ct
+                    doc = self._cached(
+                        ("aggregated", core, version),
+                        functools.partial(
+                            discovery.aggregated, core, version, self.api.kinds.all()
+                        ),
                     )
+                    await self._send(send, 200, doc, content_type=ct)
                     return
         if core:
             await self._send(send, 200, discovery.core_versions(self.server_address))
         else:
-            await self._send(send, 200, discovery.group_list())
+            await self._send(send, 200, discovery.group_list(self.api.kinds.all()))
 
     # --- OpenAPI ---------------------------------------------------------------------------
+
+    def _all_openapi_docs(self) -> dict[str, tuple[bytes, str]]:
+        """Built-in documents (made once) and those of the custom group/versions served now."""
+        custom = self.api.kinds.custom()
+
+        def make() -> dict[str, tuple[bytes, str]]:
+            docs = dict(self._openapi_docs)
+            for group, version in dict.fromkeys((rt.group, rt.version) for rt in custom):
+                kinds = [rt for rt in custom if (rt.group, rt.version) == (group, version)]
+                doc = crd.openapi_v3_document(kinds)
+                docs[f"apis/{group}/{version}"] = (
+                    _encoder.encode(doc),
+                    schemas.document_hash(doc),
+                )
+            return docs
+
+        docs: dict[str, tuple[bytes, str]] = self._cached(("openapi",), make)
+        return docs
 
     @functools.cached_property
     def _openapi_docs(self) -> dict[str, tuple[bytes, str]]:
         docs: dict[str, tuple[bytes, str]] = {}
-        for group, version in group_versions():
+        for group, version in dict.fromkeys((rt.group, rt.version) for rt in RESOURCES):
             rts = [
                 (rt.plural, rt.kind, rt.namespaced)
                 for rt in RESOURCES
@@ -318,7 +352,7 @@ class ApiApp:
             await self._send(send, 200, b"", content_type="application/octet-stream")
             return
         if parts == ["openapi", "v3"]:
-            docs = await trio.to_thread.run_sync(lambda: self._openapi_docs)
+            docs = await trio.to_thread.run_sync(self._all_openapi_docs)
             paths = {
                 key: {"serverRelativeURL": f"/openapi/v3/{key}?hash={digest}"}
                 for key, (_, digest) in docs.items()
@@ -326,7 +360,7 @@ class ApiApp:
             await self._send(send, 200, {"paths": paths})
             return
         if parts[:2] == ["openapi", "v3"]:
-            docs = await trio.to_thread.run_sync(lambda: self._openapi_docs)
+            docs = await trio.to_thread.run_sync(self._all_openapi_docs)
             found = docs.get("/".join(parts[2:]))
             if found is not None:
                 await self._send(send, 200, found[0])
@@ -681,11 +715,13 @@ class ApiApp:
     async def _respond_object(self, req: Request, send: ASGISend, code: int, obj: Obj) -> None:
         if self._wants_table(req) and req.rt is not None:
             meta = {"resourceVersion": obj["metadata"].get("resourceVersion", "")}
-            await self._send(
-                send, code, table(req.rt.kind, [obj], meta, self.api.clock()), req.warnings
-            )
+            await self._send(send, code, self._table(req.rt, [obj], meta), req.warnings)
             return
         await self._send(send, code, obj, req.warnings)
+
+    def _table(self, rt: ResourceType, objs: list[Obj], meta: Obj) -> Obj:
+        printer = rt.printer_columns if rt.custom else None
+        return table(rt.kind, objs, meta, self.api.clock(), printer=printer)
 
     def _selectors(self, req: Request) -> tuple[Any, Any]:
         rt = req.rt
@@ -712,7 +748,7 @@ class ApiApp:
             continue_token=req.query.get("continue", ""),
         )
         if self._wants_table(req):
-            body = table(rt.kind, objs, meta, self.api.clock())
+            body = self._table(rt, objs, meta)
         else:
             body = {
                 "kind": f"{rt.kind}List",
@@ -860,7 +896,7 @@ class ApiApp:
     def _event(self, rt: ResourceType, kind: str, obj: Obj, as_table: bool) -> Obj:
         if as_table:
             meta = {"resourceVersion": obj["metadata"].get("resourceVersion", "")}
-            return {"type": kind, "object": table(rt.kind, [obj], meta, self.api.clock())}
+            return {"type": kind, "object": self._table(rt, [obj], meta)}
         return {"type": kind, "object": obj}
 
     def _encoded(self, rt: ResourceType, kind: str, obj: Obj, as_table: bool) -> bytes:

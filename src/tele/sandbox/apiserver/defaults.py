@@ -11,6 +11,8 @@ import base64
 from collections.abc import Callable
 from typing import Any
 
+from . import crd
+
 Obj = dict[str, Any]
 
 
@@ -197,6 +199,7 @@ DEFAULTERS: dict[str, Callable[[Obj], None]] = {
     "ValidatingWebhookConfiguration": _webhooks,
     "EndpointSlice": endpointslice,
     "Endpoints": endpoints,
+    "CustomResourceDefinition": crd.defaults,
 }
 
 

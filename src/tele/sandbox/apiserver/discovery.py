@@ -1,12 +1,13 @@
 """Discovery documents: /version, /api, /apis, per group-version resource lists, aggregated lists.
 
 Aggregated discovery (apidiscovery.k8s.io v2 and v2beta1) answers everything in two requests,
-which is what kubectl 1.27+ asks for first; the legacy documents serve older clients.
+which is what kubectl 1.27+ asks for first; the legacy documents serve older clients. Every
+document is computed from the kinds served at the time (built-in ones and those of CRDs).
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Sequence
 from typing import Any
 
 from .kinds import RESOURCES, SUBRESOURCE_KINDS, SUBRESOURCE_VERBS, ResourceType, group_versions
@@ -56,8 +57,10 @@ def _resource_entries(rt: ResourceType) -> list[Obj]:
     return out
 
 
-def resource_list(group: str, version: str) -> Obj | None:
-    rts = [rt for rt in RESOURCES if rt.group == group and rt.version == version]
+def resource_list(
+    group: str, version: str, resources: Sequence[ResourceType] = RESOURCES
+) -> Obj | None:
+    rts = [rt for rt in resources if rt.group == group and rt.version == version]
     if not rts:
         return None
     return {
@@ -78,35 +81,34 @@ def core_versions(server_address: str) -> Obj:
     }
 
 
-def _group(group: str) -> Obj:
-    versions = [v for g, v in group_versions() if g == group]
+def _group(group: str, resources: Sequence[ResourceType]) -> Obj:
+    versions = [v for g, v in group_versions(resources) if g == group]
     entries = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
     return {"name": group, "versions": entries, "preferredVersion": entries[0]}
 
 
-def group_list() -> Obj:
+def group_list(resources: Sequence[ResourceType] = RESOURCES) -> Obj:
     groups: list[Obj] = []
-    for group, _ in group_versions():
+    for group, _ in group_versions(resources):
         if group and all(g["name"] != group for g in groups):
-            groups.append(_group(group))
+            groups.append(_group(group, resources))
     return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
 
 
-def api_group(group: str) -> Obj | None:
-    if not any(g == group for g, _ in group_versions()) or not group:
+def api_group(group: str, resources: Sequence[ResourceType] = RESOURCES) -> Obj | None:
+    if not any(g == group for g, _ in group_versions(resources)) or not group:
         return None
-    return {"kind": "APIGroup", "apiVersion": "v1", **_group(group)}
+    return {"kind": "APIGroup", "apiVersion": "v1", **_group(group, resources)}
 
 
-@functools.cache
-def aggregated(core: bool, version: str) -> Obj:
+def aggregated(core: bool, version: str, served: Sequence[ResourceType] = RESOURCES) -> Obj:
     """APIGroupDiscoveryList for /api (core) or /apis, in apidiscovery `version` v2 or v2beta1."""
     items: list[Obj] = []
-    for group, gv_version in group_versions():
+    for group, gv_version in group_versions(served):
         if bool(group) == core:
             continue
         resources = []
-        for rt in RESOURCES:
+        for rt in served:
             if rt.group != group or rt.version != gv_version:
                 continue
             entry: Obj = {

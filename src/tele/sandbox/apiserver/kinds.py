@@ -1,15 +1,40 @@
 """The resource kinds the sandbox serves: names, scope, verbs, subresources, field labels.
 
 One `ResourceType` per REST resource; discovery, routing, RBAC and OpenAPI all read this table.
+`RESOURCES` are the built-in kinds; a `KindRegistry` (one per API server) adds the kinds that
+CustomResourceDefinitions declare while they exist.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 
 _META_FIELDS = frozenset({"metadata.name", "metadata.namespace"})
+
+
+@dataclass(frozen=True)
+class PrinterColumn:
+    """A CRD's additionalPrinterColumns entry: a Table column filled from a JSONPath."""
+
+    name: str
+    type: str
+    json_path: str
+    description: str = ""
+    priority: int = 0
+    format: str = ""
+
+
+@dataclass(frozen=True)
+class ScalePaths:
+    """Where a custom kind's `scale` subresource reads and writes (JSONPaths, `.spec.x`)."""
+
+    spec_replicas: str
+    status_replicas: str
+    label_selector: str = ""
 
 
 @dataclass(frozen=True)
@@ -27,6 +52,16 @@ class ResourceType:
     field_labels: frozenset[str] = field(default_factory=frozenset)
     # kinds with a `status` subresource ignore status on the main resource, and count generation
     has_status: bool = False
+    # Served for a CustomResourceDefinition (named by `crd`): stored as-is, no kind-specific
+    # defaults or validation, no strategic merge patch.
+    crd: str = ""
+    printer_columns: tuple[PrinterColumn, ...] = ()
+    scale: ScalePaths | None = None
+    schema: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def custom(self) -> bool:
+        return bool(self.crd)
 
     @property
     def api_version(self) -> str:
@@ -197,6 +232,17 @@ RESOURCES: tuple[ResourceType, ...] = (
     _rt("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings"),
     _rt("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", False),
     _rt(
+        "apiextensions.k8s.io",
+        "v1",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+        False,
+        short_names=("crd", "crds"),
+        categories=("api-extensions",),
+        has_status=True,
+        subresources=("status",),
+    ),
+    _rt(
         "authorization.k8s.io",
         "v1",
         "SelfSubjectAccessReview",
@@ -234,10 +280,10 @@ SUBRESOURCE_VERBS: dict[str, tuple[str, ...]] = {
 }
 
 
-def group_versions() -> list[tuple[str, str]]:
+def group_versions(resources: Iterable[ResourceType] = RESOURCES) -> list[tuple[str, str]]:
     """Served (group, version) pairs in a stable order, core first."""
     seen: list[tuple[str, str]] = []
-    for rt in RESOURCES:
+    for rt in resources:
         gv = (rt.group, rt.version)
         if gv not in seen:
             seen.append(gv)
@@ -259,3 +305,69 @@ def by_kind(group: str, kind: str) -> ResourceType | None:
 def kind_of(group: str, kind: str) -> ResourceType:
     """The served kind (for kinds this module defines; a KeyError is a bug)."""
     return _BY_KIND[(group, kind)]
+
+
+BUILTIN_GROUPS = frozenset(rt.group for rt in RESOURCES)
+
+
+class KindRegistry:
+    """The kinds one API server serves: the built-in ones plus those of its CRDs.
+
+    `generation` changes whenever the set changes, so that discovery and OpenAPI documents
+    derived from it can be cached per generation.
+    """
+
+    def __init__(self) -> None:
+        self._custom: dict[str, tuple[ResourceType, ...]] = {}
+        self._all: tuple[ResourceType, ...] = RESOURCES
+        self.generation = 0
+
+    def all(self) -> tuple[ResourceType, ...]:
+        return self._all
+
+    def custom(self) -> tuple[ResourceType, ...]:
+        return self._all[len(RESOURCES) :]
+
+    def serve(self, crd_name: str, kinds: tuple[ResourceType, ...]) -> None:
+        """Serve (or re-serve, after an update) the kinds of CRD `crd_name`."""
+        self._custom[crd_name] = kinds
+        self._changed()
+
+    def withdraw(self, crd_name: str) -> tuple[ResourceType, ...]:
+        kinds = self._custom.pop(crd_name, ())
+        self._changed()
+        return kinds
+
+    def _changed(self) -> None:
+        self._all = RESOURCES + tuple(rt for kinds in self._custom.values() for rt in kinds)
+        self.generation += 1
+
+    def of_crd(self, crd_name: str) -> tuple[ResourceType, ...]:
+        return self._custom.get(crd_name, ())
+
+    def group_versions(self) -> list[tuple[str, str]]:
+        return group_versions(self._all)
+
+    def by_plural(self, group: str, version: str, plural: str) -> ResourceType | None:
+        found = _BY_PLURAL.get((group, version, plural))
+        if found is not None or group in BUILTIN_GROUPS:
+            return found
+        return next(
+            (
+                rt
+                for rt in self.custom()
+                if (rt.group, rt.version, rt.plural) == (group, version, plural)
+            ),
+            None,
+        )
+
+    def by_kind(self, group: str, kind: str) -> ResourceType | None:
+        """The kind's resource (for a custom kind served in several versions, the first)."""
+        found = _BY_KIND.get((group, kind))
+        if found is not None or group in BUILTIN_GROUPS:
+            return found
+        return next((rt for rt in self.custom() if (rt.group, rt.kind) == (group, kind)), None)
+
+    def by_key(self, key: str) -> ResourceType | None:
+        """The resource stored under `key` (group/plural)."""
+        return next((rt for rt in self._all if rt.key == key), None)

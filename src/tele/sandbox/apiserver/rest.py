@@ -3,8 +3,9 @@
 This is where Kubernetes' rules live: system metadata (uid, resourceVersion, generation,
 timestamps), defaults, validation, optimistic concurrency, status subresources, graceful pod
 deletion, finalizers, propagation policies and owner-reference garbage collection, namespace
-lifecycle, Service address allocation, eviction and token requests. It does no network I/O
-itself; admission webhooks are awaited through the `Admission` interface.
+lifecycle, Service address allocation, eviction and token requests, and the kinds that
+CustomResourceDefinitions add and take away. It does no network I/O itself; admission webhooks
+are awaited through the `Admission` interface.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from . import defaults, errors, patch, schemas, validation
+from . import crd, defaults, errors, patch, schemas, validation
 from .allocators import IpAllocator, PortAllocator
 from .auth import Authenticator, User
 from .errors import (
@@ -36,7 +37,7 @@ from .errors import (
     not_found,
     required,
 )
-from .kinds import RESOURCES, ResourceType, by_kind, kind_of
+from .kinds import KindRegistry, ResourceType, by_kind, kind_of
 from .rbac import Attributes, Authorizer, bootstrap_objects
 from .selectors import (
     FieldSelector,
@@ -121,10 +122,6 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _rt_of(resource_key: str) -> ResourceType:
-    return next(rt for rt in RESOURCES if rt.key == resource_key)
-
-
 def _strip_rv(obj: Obj) -> Obj:
     meta = {
         k: v for k, v in obj["metadata"].items() if k not in ("resourceVersion", "managedFields")
@@ -146,6 +143,7 @@ class Api:
         signing_key: bytes | None = None,
     ) -> None:
         self.store = store or Store()
+        self.kinds = KindRegistry()
         self.clock = clock
         self.ips = IpAllocator(service_cidr)
         self.node_ports = PortAllocator()
@@ -246,9 +244,26 @@ class Api:
             raise bad_request(f"{prefix}: the body is not an object")
         return obj
 
+    def _rt_of(self, resource_key: str) -> ResourceType:
+        found = self.kinds.by_key(resource_key)
+        assert found is not None, resource_key
+        return found
+
+    @staticmethod
+    def _defaults(rt: ResourceType, obj: Obj) -> None:
+        if not rt.custom:  # custom objects are stored as sent (no schema defaulting)
+            defaults.apply_defaults(obj)
+
     def _check_valid(self, rt: ResourceType, obj: Obj, old: Obj | None = None) -> None:
-        causes = validation.validate(obj)
-        if old is not None:
+        if rt.custom:
+            # Only object metadata: a custom kind may share a built-in kind's name, and its
+            # schema is not enforced. (The kind blanked: its names are DNS subdomains.)
+            causes = validation.metadata_causes({**obj, "kind": ""})
+        else:
+            causes = validation.validate(obj)
+            if rt.kind == crd.KIND:
+                causes += crd.causes(obj)
+        if old is not None and not rt.custom:
             causes += validation.update_causes(obj, old)
         if causes:
             raise invalid(rt.kind, obj["metadata"].get("name", ""), rt.group, causes)
@@ -297,13 +312,15 @@ class Api:
             meta.pop(key, None)
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = self.now()
-        if rt.kind in _GENERATION_KINDS:
+        if rt.kind in _GENERATION_KINDS or rt.custom or rt.kind == crd.KIND:
             meta["generation"] = 1
         else:
             meta.pop("generation", None)
-        if rt.has_status and rt.kind not in ("Namespace",):
+        if rt.custom and rt.has_status:
+            obj.pop("status", None)  # only the status subresource writes it
+        elif rt.has_status and rt.kind not in ("Namespace",):
             obj["status"] = self._initial_status(rt)
-        defaults.apply_defaults(obj)
+        self._defaults(rt, obj)
         return obj
 
     def _initial_status(self, rt: ResourceType) -> Obj:
@@ -329,7 +346,7 @@ class Api:
         obj = await self.admission.mutate("CREATE", rt, obj, None, ctx, subresource="")
         # Names from generateName are chosen after mutating admission, as the real server does.
         self._generate_name(obj)
-        defaults.apply_defaults(obj)
+        self._defaults(rt, obj)
         self._check_valid(rt, obj)
         await self.admission.validate("CREATE", rt, obj, None, ctx, subresource="")
         return self._commit_create(rt, obj, ctx)
@@ -351,6 +368,8 @@ class Api:
         ports: list[int] = []
         if rt.kind == "Service":
             self._allocate_service(obj, None, claimed, ports)
+        if rt.kind == crd.KIND:
+            obj["status"] = crd.status(obj, self.now())
         if ctx.dry_run:
             for ip in claimed:
                 self.ips.release(ip)
@@ -362,6 +381,9 @@ class Api:
         return stored
 
     def _after_create(self, rt: ResourceType, obj: Obj) -> None:
+        if rt.kind == crd.KIND:
+            self.kinds.serve(obj["metadata"]["name"], crd.kinds_of(obj))
+            return
         if rt.kind != "Namespace":
             return
         name = obj["metadata"]["name"]
@@ -572,8 +594,8 @@ class Api:
                 meta.pop(key, None)
         meta.pop("managedFields", None)
         meta["resourceVersion"] = live_meta["resourceVersion"]
-        defaults.apply_defaults(merged)
-        if rt.kind in _GENERATION_KINDS:
+        self._defaults(rt, merged)
+        if rt.kind in _GENERATION_KINDS or rt.custom or rt.kind == crd.KIND:
             generation = int(live_meta.get("generation") or 1)
             if self._spec_changed(merged, live):
                 generation += 1
@@ -581,7 +603,7 @@ class Api:
         merged = await self.admission.mutate(
             "UPDATE", rt, merged, live, ctx, subresource=subresource
         )
-        defaults.apply_defaults(merged)
+        self._defaults(rt, merged)
         current = self.store.get(
             rt.key, live_meta.get("namespace", "") if rt.namespaced else "", name
         )
@@ -605,7 +627,11 @@ class Api:
             return merged
         if rt.kind == "Service":
             self._release_service(live, keep=merged)
+        if rt.kind == crd.KIND and subresource != "status":
+            merged["status"] = crd.status(merged, self.now())
         stored = self.store.replace(rt.key, merged)
+        if rt.kind == crd.KIND and not stored["metadata"].get("deletionTimestamp"):
+            self.kinds.serve(name, crd.kinds_of(stored))
         if stored["metadata"].get("deletionTimestamp") and not stored["metadata"].get("finalizers"):
             pending_pod = rt.kind == "Pod" and self._pod_needs_grace(stored, None)
             if not pending_pod:
@@ -652,6 +678,14 @@ class Api:
         ):
             raise ApiError(
                 415, "UnsupportedMediaType", f'the server does not support the patch type "{ct}"'
+            )
+        if ct == "application/strategic-merge-patch+json" and rt.custom:
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                "the body of the request was in an unknown format - accepted media types "
+                "include: application/json-patch+json, application/merge-patch+json, "
+                "application/apply-patch+yaml",
             )
         if ct == "application/apply-patch+yaml" and not ctx.field_manager:
             raise bad_request("PATCH request with apply type must specify a fieldManager")
@@ -710,6 +744,14 @@ class Api:
 
     def scale_of(self, rt: ResourceType, obj: Obj) -> Obj:
         meta = obj["metadata"]
+        if rt.scale is not None:
+            spec_replicas = crd.get_path(obj, rt.scale.spec_replicas)
+            status_replicas = crd.get_path(obj, rt.scale.status_replicas)
+            selector = crd.get_path(obj, rt.scale.label_selector) if rt.scale.label_selector else ""
+        else:
+            spec_replicas = (obj.get("spec") or {}).get("replicas", 0)
+            status_replicas = (obj.get("status") or {}).get("replicas", 0)
+            selector = label_selector_text((obj.get("spec") or {}).get("selector"))
         return {
             "kind": "Scale",
             "apiVersion": "autoscaling/v1",
@@ -718,11 +760,8 @@ class Api:
                 for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
                 if k in meta
             },
-            "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)},
-            "status": {
-                "replicas": (obj.get("status") or {}).get("replicas", 0),
-                "selector": label_selector_text((obj.get("spec") or {}).get("selector")),
-            },
+            "spec": {"replicas": spec_replicas or 0},
+            "status": {"replicas": status_replicas or 0, "selector": selector or ""},
         }
 
     async def update_scale(
@@ -750,7 +789,10 @@ class Api:
         if expect and expect != live["metadata"]["resourceVersion"]:
             raise conflict(rt.plural, live["metadata"]["name"], rt.group)
         new = copy.deepcopy(live)
-        new["spec"]["replicas"] = replicas
+        if rt.scale is not None:
+            crd.set_path(new, rt.scale.spec_replicas, replicas)
+        else:
+            new["spec"]["replicas"] = replicas
         stored = await self._update(rt, live, new, ctx, subresource="", expect_rv=None)
         return self.scale_of(rt, stored)
 
@@ -866,6 +908,8 @@ class Api:
 
     def _remove(self, rt: ResourceType, live: Obj) -> Obj:
         meta = live["metadata"]
+        if rt.kind == crd.KIND:
+            self._drop_custom_kinds(meta["name"])
         gone = self.store.remove(
             rt.key, meta.get("namespace", "") if rt.namespaced else "", meta["name"]
         )
@@ -881,6 +925,16 @@ class Api:
             self._finish_namespace(ns)
         return gone
 
+    def _drop_custom_kinds(self, crd_name: str) -> None:
+        """A CRD goes: its objects go first (finalizers are not waited for), then its kinds."""
+        kinds = self.kinds.of_crd(crd_name)
+        for key in {rt.key for rt in kinds}:
+            for obj in self.store.objects(key):
+                meta = obj["metadata"]
+                if self.store.get(key, meta.get("namespace", ""), meta["name"]) is obj:
+                    self._remove(kinds[0], obj)
+        self.kinds.withdraw(crd_name)
+
     def _collect(self, dep_key: str, dep: Obj, owner_uid: str) -> None:
         """Garbage-collect a dependent of a deleted owner: delete it, or drop the dead reference."""
         refs = dep["metadata"].get("ownerReferences") or []
@@ -894,7 +948,7 @@ class Api:
             return
         if dep["metadata"].get("deletionTimestamp") and dep_key != "/pods":
             return
-        self.delete_now(_rt_of(dep_key), dep, "Background", None)
+        self.delete_now(self._rt_of(dep_key), dep, "Background", None)
 
     def _owner_alive(self, uid: str) -> bool:
         found = self.store.by_uid(uid)
@@ -914,7 +968,7 @@ class Api:
             self.store.replace(key, new)
         else:
             del new["metadata"]["finalizers"]
-            self._remove(_rt_of(key), self.store.replace(key, new))
+            self._remove(self._rt_of(key), self.store.replace(key, new))
 
     def _delete_namespace(self, live: Obj) -> Obj:
         name = live["metadata"]["name"]
@@ -931,7 +985,7 @@ class Api:
             new["metadata"]["deletionGracePeriodSeconds"] = 0
             new.setdefault("status", {})["phase"] = "Terminating"
             live = self.store.replace("/namespaces", new)
-        for rt in RESOURCES:
+        for rt in self.kinds.all():
             if rt.namespaced:
                 for obj in self.store.objects(rt.key, name):
                     if self.store.get(rt.key, name, obj["metadata"]["name"]) is obj:
@@ -943,7 +997,7 @@ class Api:
         ns = self.store.get("/namespaces", "", namespace)
         if ns is None or not ns["metadata"].get("deletionTimestamp"):
             return
-        for rt in RESOURCES:
+        for rt in self.kinds.all():
             if rt.namespaced and self.store.objects(rt.key, namespace):
                 return
         self.store.remove("/namespaces", "", namespace)

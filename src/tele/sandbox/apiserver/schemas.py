@@ -114,8 +114,10 @@ def _to_openapi(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out: dict[str, Any] = {}
+    # A `$ref` that is not a string is a property named "$ref" (JSONSchemaProps has one).
+    is_ref = isinstance(schema.get("$ref"), str)
     for key, value in schema.items():
-        if key == "$ref":
+        if key == "$ref" and is_ref:
             continue
         if key == "type" and isinstance(value, list):
             real = [t for t in value if t != "null"]
@@ -129,7 +131,7 @@ def _to_openapi(schema: Any) -> Any:
         if key == "enum":
             continue  # the bundle pins apiVersion/kind with enums the server does not publish
         out[key] = _to_openapi(value)
-    if "$ref" in schema:
+    if is_ref:
         ref = "#/components/schemas/" + schema["$ref"].removeprefix(_REF_PREFIX)
         if out:
             out["allOf"] = [{"$ref": ref}]
@@ -218,6 +220,12 @@ def openapi_v3_document(
         "paths": paths,
         "components": {"schemas": schemas},
     }
+
+
+def openapi_components(names: list[str]) -> dict[str, Any]:
+    """The named definitions and everything they reference, in OpenAPI 3.0 form."""
+    defs = definitions()
+    return {name: _to_openapi(defs[name]) for name in _closure(names)}
 
 
 def document_hash(doc: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from .kinds import PrinterColumn
 from .selectors import label_selector_text
 
 Obj = dict[str, Any]
@@ -288,6 +289,10 @@ _COLUMNS: dict[str, tuple[list[Obj], Callable[[Obj, float], Row]]] = {
         [NAME, _col("Ready"), AGE, _col("Containers", priority=1), _col("Images", priority=1)],
         _statefulset_row,
     ),
+    "CustomResourceDefinition": (
+        [NAME, _col("Created At", fmt="date")],
+        lambda o, now: [o["metadata"]["name"], o["metadata"].get("creationTimestamp")],
+    ),
     "Namespace": (
         [NAME, _col("Status"), AGE],
         lambda o, now: [
@@ -365,6 +370,38 @@ def _partial(o: Obj) -> Obj:
     }
 
 
+def _json_path_cell(obj: Obj, column: PrinterColumn, now: float) -> Any:
+    from .crd import get_path
+
+    value = get_path(obj, column.json_path)
+    if value is None:
+        return None
+    if column.type == "date":
+        created = parse_time(str(value))
+        return "<invalid>" if created is None else human_duration(now - created)
+    if column.type == "integer" and isinstance(value, int | float | str):
+        try:
+            return int(value)
+        except ValueError:
+            return str(value)
+    if isinstance(value, dict | list):
+        return value
+    return value if column.type in ("number", "boolean") else str(value)
+
+
+def _printer(
+    printer: tuple[PrinterColumn, ...],
+) -> tuple[list[Obj], Callable[[Obj, float], Row]]:
+    """Columns of a custom kind: Name and its additionalPrinterColumns (Name, Age if none)."""
+    if not printer:
+        return [NAME, AGE], lambda o, t: [o["metadata"]["name"], age(o, t)]
+    columns = [NAME] + [_col(c.name, c.type, c.format, c.priority, c.description) for c in printer]
+    return (
+        columns,
+        lambda o, t: [o["metadata"]["name"]] + [_json_path_cell(o, c, t) for c in printer],
+    )
+
+
 def table(
     kind: str,
     objs: list[Obj],
@@ -372,11 +409,17 @@ def table(
     now: float | None = None,
     *,
     include_object: bool = True,
+    printer: tuple[PrinterColumn, ...] | None = None,
 ) -> Obj:
+    """A Table of `objs`; `printer` (a custom kind's columns, maybe none) replaces the
+    built-in columns of `kind`."""
     now = time.time() if now is None else now
-    columns, row_fn = _COLUMNS.get(
-        kind, ([NAME, AGE], lambda o, t: [o["metadata"]["name"], age(o, t)])
-    )
+    if printer is not None:
+        columns, row_fn = _printer(printer)
+    else:
+        columns, row_fn = _COLUMNS.get(
+            kind, ([NAME, AGE], lambda o, t: [o["metadata"]["name"], age(o, t)])
+        )
     rows = []
     for o in objs:
         row: Obj = {"cells": row_fn(o, now)}
