@@ -270,6 +270,19 @@ def test_a_failed_setup_leaves_nothing_behind(world: World) -> None:
     assert world.tele("quit").returncode == 0
 
 
+def test_the_network_is_the_default_and_quit_removes_it(world: World) -> None:
+    connected = world.tele("connect", *_connect_args(world), caps=True)  # no --vif
+    assert connected.returncode == 0, connected.stderr
+    assert connected.stderr == ""
+    assert "tele0" in world.links()
+    (helper,) = world.helper_pids()
+    assert world.tele("quit").returncode == 0
+    assert wait_exit(helper, timeout=20)
+    assert "tele0" not in world.links()
+    assert SERVICE_CIDR not in world.routes()
+    assert world.resolv_conf.read_text() == ORIGINAL_RESOLV
+
+
 def _wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 20) -> bool:
     """Read `process`'s output until a line contains `text` (False at end or after timeout)."""
     import selectors

@@ -151,3 +151,30 @@ async def test_leftovers_of_a_killed_daemon_are_undone(netns: Namespaces) -> Non
     assert f"restored {resolv}" in done
     links = await run_in(netns.laptop, "import socket; print(socket.if_nameindex())")
     assert "tele0" not in links.stdout  # the device died with its descriptor
+
+
+async def test_routes_follow_the_cluster_info(
+    netns: Namespaces, cluster_link: Client, nursery: trio.Nursery
+) -> None:
+    resolv = laptop_resolv_conf(netns, "nameserver 127.0.0.2\n")
+    options = NetworkOptions(
+        enabled=True, netns=netns.laptop, dns_setup=SystemSetup.RESOLV_CONF, resolv_conf=resolv
+    )
+    session = Session(cluster_link)
+    status: NetworkStatus = await nursery.start(serve_network, options, session)
+    assert session.cluster is not None
+    grown = mapi.ClusterInfo(
+        manager_namespace="ambassador",
+        manager_version="test",
+        pod_subnets=["10.244.0.0/16", "10.250.0.0/16"],
+        service_subnets=[],  # the Service subnet is gone (and the IPv6 one)
+    )
+    await status.follow(grown)
+    routes = await run_in(netns.laptop, "import subprocess; subprocess.run(['ip', 'route'])")
+    assert "10.250.0.0/16 dev tele0" in routes.stdout
+    assert "10.244.0.0/16 dev tele0" in routes.stdout
+    assert "10.96.0.0/16" not in routes.stdout
+    assert status.summary()["subnets"] == ["10.244.0.0/16", "10.250.0.0/16"]
+    assert {e.device: e.routes for e in journal.pending() if e.device} == {
+        "tele0": ["10.244.0.0/16", "10.250.0.0/16"]
+    }
