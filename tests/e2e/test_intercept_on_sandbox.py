@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,6 +125,20 @@ def test_intercept_answers_a_cluster_call_from_this_machine(
     assert kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL) == (
         "hello from the laptop\n\n"
     )
+
+    # The manager pod is replaced: the new one still injects the agent (its state ConfigMap),
+    # the daemon arrives again and engages again, and the call comes back to this machine.
+    manager_pod = kubectl(
+        node_sandbox, "get", "pods", "-n", "ambassador", "-o", "jsonpath={.items[0].metadata.name}"
+    )
+    kubectl(node_sandbox, "delete", "pod", "-n", "ambassador", manager_pod, "--wait=false")
+    deadline = time.monotonic() + 60
+    answers: list[str] = []
+    while not answers or answers[-1] != "hello from the laptop\n\n":
+        assert time.monotonic() < deadline, f"the intercept did not come back: {answers[-3:]}"
+        time.sleep(0.5)  # polling a cluster call's answer: no event to wait on from here
+        answers.append(kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL))
+    assert manager_pod not in kubectl(node_sandbox, "get", "pods", "-n", "ambassador")
 
     assert run_tele(tele_env, "leave", "echo").returncode == 0
     assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)

@@ -29,13 +29,22 @@ gone)."""
 async def serve_dial_backs(
     client: Client, session_id: str, dial_back: DialBack, target: Target
 ) -> None:
-    """Follow WATCH_DIALS until it ends; each request is served on its own task."""
-    async with (
-        client.stream(aapi.WATCH_DIALS, SessionRequest(session_id=session_id)) as dials,
-        trio.open_nursery() as nursery,
-    ):
-        async for dial in dials:
-            nursery.start_soon(_serve_one, dial, dial_back, target)
+    """Follow WATCH_DIALS until it ends; each request is served on its own task.
+
+    The watch's own failure (the manager link broke) is raised as the RpcError it is, not
+    wrapped in the nursery's exception group, so that the caller can watch again.
+    """
+    failure: RpcError | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            request = SessionRequest(session_id=session_id)
+            async with client.stream(aapi.WATCH_DIALS, request) as dials:
+                async for dial in dials:
+                    nursery.start_soon(_serve_one, dial, dial_back, target)
+        except RpcError as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
 
 
 async def _serve_one(dial: aapi.DialRequest, dial_back: DialBack, target: Target) -> None:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from tele import __version__
@@ -139,9 +140,12 @@ class ClusterSession:
             self._open_transport, settings=LinkSettings(keepalive_interval=5), name="manager-link"
         )
         self._session_changed = trio.Event()
+        self.arrivals = 0
         self._scope = trio.CancelScope()
         self.started = False
         self.engaged: dict[str, aapi.EngagementInfo] = {}
+        # What the user asked for, by engagement name: engaged again after a new arrival.
+        self.engage_requests: dict[str, dapi.InterceptRequest] = {}
         self.targets: dict[str, dict[int, tuple[str, int]]] = {}
         """Per engagement id: container port -> the local handler's address."""
         self._local_sides: dict[str, trio.CancelScope] = {}
@@ -322,6 +326,7 @@ class ClusterSession:
             nursery.start_soon(self._follow_cluster_info)
             nursery.start_soon(self._serve_dials)
             await nursery.start(self.mounts.serve)
+            nursery.start_soon(self._keep_engagements)
             await self._start_network(nursery)
             self.started = True
             task_status.started(self.info())
@@ -375,6 +380,7 @@ class ClusterSession:
             raise
         self.session = session
         self.cluster = session.cluster
+        self.arrivals += 1
         self._session_changed.set()
         self._session_changed = trio.Event()
         log.info(
@@ -469,11 +475,40 @@ class ClusterSession:
             mount = MountFlag.parse(request.mount)  # refused before the cluster changes
         except UserError as exc:
             raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
+        to_pod = [parse_to_pod(value) for value in request.to_pod]
+        info, mappings = await self._ask_manager(request)
+        if info.name in self.engaged:
+            # Already ours: the manager answered with the engagement as it is.
+            return self.engaged[info.name]
+        self.targets[info.id] = _local_targets(info, mappings, request.local_address)
+        # Ingest gives the volumes read-only (as Telepresence's does).
+        info = await self.mounts.attach(info, mount.read_only_if(request.kind == "ingest"))
+        self.engaged[info.name] = info
+        self.engage_requests[info.name] = request
+        self._dials_wanted.set()
+        scope = trio.CancelScope()
+        self._local_sides[info.name] = scope
+        try:
+            assert self._nursery is not None, "engage before the session runs"
+            await self._nursery.start(self._serve_engagement, info, to_pod, scope)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.leave(info.name)
+            if isinstance(exc, BaseExceptionGroup):
+                leaf = single_leaf(exc)
+                if isinstance(leaf, TeleError):
+                    raise leaf from None
+            raise
+        return info
+
+    async def _ask_manager(
+        self, request: dapi.InterceptRequest, engagement_id: str = ""
+    ) -> tuple[aapi.EngagementInfo, list[dapi.PortMapping]]:
+        """ENGAGE on the manager; the engagement and the local port mappings it uses."""
         kind = request.kind
         mappings = list(request.ports)
         if not mappings and kind == "intercept":
             mappings = [dapi.PortMapping(local=request.local_port, remote=request.port)]
-        to_pod = [parse_to_pod(value) for value in request.to_pod]
         remotes = [m.remote for m in mappings]
         info = await self.call_in_session(
             aapi.ENGAGE,
@@ -492,30 +527,40 @@ class ClusterSession:
                 path_prefix=request.path_prefix,
                 path_regex=request.path_regex,
                 kind=kind,
+                engagement_id=engagement_id,
             ),
         )
-        if info.name in self.engaged:
-            # Already ours: the manager answered with the engagement as it is.
-            return self.engaged[info.name]
-        self.targets[info.id] = _local_targets(info, mappings, request.local_address)
-        # Ingest gives the volumes read-only (as Telepresence's does).
-        info = await self.mounts.attach(info, mount.read_only_if(kind == "ingest"))
-        self.engaged[info.name] = info
-        self._dials_wanted.set()
-        scope = trio.CancelScope()
-        self._local_sides[info.name] = scope
-        try:
-            assert self._nursery is not None, "engage before the session runs"
-            await self._nursery.start(self._serve_engagement, info, to_pod, scope)
-        except BaseException as exc:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await self.leave(info.name)
-            if isinstance(exc, BaseExceptionGroup):
-                leaf = single_leaf(exc)
-                if isinstance(leaf, TeleError):
-                    raise leaf from None
-            raise
-        return info
+        return info, mappings
+
+    async def _keep_engagements(self) -> None:
+        """Engage again after arriving again. A new arrival means the manager forgot the
+        session (its pod was replaced, or the lease ran out while the link was down), and with
+        it the session's engagements: they come back without the user asking, with the same
+        ids, so their local side (handlers, forwards, mounts) goes on as it was. One that
+        cannot (someone else took the port meanwhile) ends, with the reason logged and shown
+        by `tele status`."""
+        seen = self.arrivals
+        while True:
+            while self.arrivals == seen:
+                await self._session_changed.wait()
+            seen = self.arrivals
+            for name, request in list(self.engage_requests.items()):
+                old = self.engaged.get(name)
+                if old is None:
+                    continue
+                try:
+                    info, _ = await self._ask_manager(request, old.id)
+                except (RpcError, TeleError) as exc:
+                    reason = exc.message if isinstance(exc, RpcError) else str(exc)
+                    log.warning("%s ended: it cannot be engaged again: %s", name, reason)
+                    self.last_error = f"{name} ended: {reason}"
+                    with trio.CancelScope(shield=True):
+                        await self._forget(name)
+                    continue
+                if info.id != old.id:  # the manager could not keep it: follow the new one
+                    self.targets[info.id] = self.targets.pop(old.id, {})
+                self.engaged[name] = msgspec.structs.replace(old, id=info.id, pod_ips=info.pod_ips)
+                log.info("engaged %s again in the new session", name)
 
     async def _serve_engagement(
         self,
@@ -569,15 +614,22 @@ class ClusterSession:
         info = self.engaged.get(name)
         if info is None:
             raise UserError(f"there is no engagement named {name}; `tele list` shows them")
-        scope = self._local_sides.pop(name, None)
-        if scope is not None:
-            scope.cancel()
-        await self.mounts.detach(info.id)
-        self.engaged.pop(name, None)
-        self.targets.pop(info.id, None)
+        await self._forget(name)
         await self.call_in_session(
             aapi.LEAVE, lambda session_id: aapi.LeaveRequest(session_id=session_id, name=name)
         )
+
+    async def _forget(self, name: str) -> None:
+        """End `name` on this machine: its local side stops, its volumes are unmounted."""
+        info = self.engaged.get(name)
+        scope = self._local_sides.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        if info is not None:
+            await self.mounts.detach(info.id)
+            self.targets.pop(info.id, None)
+        self.engaged.pop(name, None)
+        self.engage_requests.pop(name, None)
 
     async def _serve_dials(self) -> None:
         """Answer the manager's dial-back requests for as long as the session lives."""

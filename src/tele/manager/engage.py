@@ -10,6 +10,7 @@ budget refuses), wait for an agent to arrive, then activate and tell the agents.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from tele.manager.server import Manager
 
 log = logging.getLogger(__name__)
+
+_ENGAGEMENT_ID = re.compile(r"[0-9a-f]{16}")
 
 AGENT_LEASE = 15.0
 DIAL_BACK_TIMEOUT = 10.0
@@ -221,7 +224,10 @@ class Engagements:
         chosen: list[agentconfig.Intercept],
         agents: list[aapi.AgentIdentity],
     ) -> aapi.EngagementInfo:
-        engagement_id = secrets.token_hex(8)
+        engagement_id = request.engagement_id
+        taken = {a.engagement.id for a in self.active.values()}
+        if not _ENGAGEMENT_ID.fullmatch(engagement_id) or engagement_id in taken:
+            engagement_id = secrets.token_hex(8)
         first = chosen[0] if chosen else None
         mechanism = request.mechanism if request.kind == "intercept" else "tcp"
         info = aapi.EngagementInfo(

@@ -96,6 +96,9 @@ class EngageRequest(msgspec.Struct, frozen=True, kw_only=True):
     ports: list[str] = []
     """Several ports (a multi-port intercept: service port names or numbers; a replace:
     container port names or numbers, default all); `port` is used when this is empty."""
+    engagement_id: str = ""
+    """Engaging again in a new session (the manager was replaced): the id it had, kept when
+    free, so that the client's local side (handlers, mounts) stays keyed as it was."""
 
 
 class EngagedPort(msgspec.Struct, frozen=True, kw_only=True):
