@@ -25,9 +25,17 @@ def sandbox() -> None:
 @sandbox.command()
 @name_option
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait until ready.")
+@click.option(
+    "--with",
+    "addons",
+    multiple=True,
+    type=click.Choice(["argo-rollouts"]),
+    help="Install an add-on: argo-rollouts (the Rollout CRD; the sandbox runs Rollouts).",
+)
 @output_option
-def up(name: str, timeout: float, output: str) -> None:
+def up(name: str, timeout: float, addons: tuple[str, ...], output: str) -> None:
     """Start the sandbox in the background and print how to use it."""
+    from tele.sandbox import addons as sandbox_addons
     from tele.sandbox import instance
 
     instance.check_name(name)
@@ -38,6 +46,10 @@ def up(name: str, timeout: float, output: str) -> None:
         else None
     )
     current = instance.start(name, timeout=timeout, progress=progress)
+    if addons:
+        import trio
+
+        trio.run(sandbox_addons.install, current.kubeconfig, list(addons))
 
     def text(_: object) -> str:
         lead = (

@@ -75,6 +75,11 @@ def _template(obj: Obj) -> None:
         pod_spec(template["spec"])
 
 
+def pod_template(template: Obj) -> None:
+    """Defaults of a pod template, in place (what a ReplicaSet made from it will hold)."""
+    _template({"spec": {"template": template}})
+
+
 def pod(obj: Obj) -> None:
     pod_spec(obj.setdefault("spec", {}))
     spec = obj["spec"]

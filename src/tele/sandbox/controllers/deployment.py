@@ -1,12 +1,19 @@
 """Deployment controller: one ReplicaSet per pod template (named by pod-template-hash), rolled
 with RollingUpdate (maxSurge/maxUnavailable) or Recreate; revisions in annotations; the status
-and conditions `kubectl rollout status` reads."""
+and conditions `kubectl rollout status` reads.
+
+The rolling itself (`roll`) serves every kind that owns ReplicaSets the Deployment way; an
+`Owner` says whose labels and annotations it writes (the Rollout controller uses it too).
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+from dataclasses import dataclass
+
+from tele.sandbox.apiserver import defaults
 
 from .manager import Manager, Obj, controller_of, rt
 from .replicaset import is_active, owned_pods
@@ -16,6 +23,44 @@ RS = rt("apps", "ReplicaSet")
 HASH_LABEL = "pod-template-hash"
 REVISION = "deployment.kubernetes.io/revision"
 _SAFE = "bcdfghjklmnpqrstvwxz2456789"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A kind that owns ReplicaSets per pod template, and the names it marks them with."""
+
+    kind: str
+    api_version: str
+    component: str
+    """The controller's name in Events."""
+    hash_label: str = HASH_LABEL
+    revision: str = REVISION
+    desired_replicas: str = "deployment.kubernetes.io/desired-replicas"
+    max_replicas: str = "deployment.kubernetes.io/max-replicas"
+    stored_as_sent: bool = False
+    """The API server does not default the owner's template (a custom kind): the controller
+    does, so that it compares equal to the ReplicaSets' (defaulted) templates."""
+
+
+def pod_template(owner: Owner, d: Obj) -> Obj:
+    """The owner's pod template as its ReplicaSets hold it (without their hash label)."""
+    template: Obj = (d.get("spec") or {}).get("template") or {}
+    if owner.stored_as_sent:
+        template = copy.deepcopy(template)
+        defaults.pod_template(template)
+    return template
+
+
+DEPLOYMENT = Owner("Deployment", "apps/v1", "deployment-controller")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How to replace pods: surge and unavailability bounds (absolute), or all at once."""
+
+    surge: int
+    unavailable: int
+    recreate: bool = False
 
 
 def template_hash(template: Obj, collisions: int = 0) -> str:
@@ -29,33 +74,36 @@ def template_hash(template: Obj, collisions: int = 0) -> str:
     return "".join(_SAFE[ord(c) % len(_SAFE)] for c in str(h))
 
 
-def _strip_hash(template: Obj) -> Obj:
+def _strip_hash(template: Obj, label: str = HASH_LABEL) -> Obj:
     t = copy.deepcopy(template)
-    (t.get("metadata") or {}).get("labels", {}).pop(HASH_LABEL, None)
+    (t.get("metadata") or {}).get("labels", {}).pop(label, None)
     return t
 
 
-def _resolve(value: object, total: int, round_up: bool) -> int:
+def resolve(value: object, total: int, round_up: bool) -> int:
+    """An int-or-percent bound (maxSurge, maxUnavailable) of `total`."""
     if isinstance(value, str) and value.endswith("%"):
         exact = int(value[:-1]) * total / 100
         return math.ceil(exact) if round_up else math.floor(exact)
     return int(str(value or 0))
 
 
-def _revision(rs: Obj) -> int:
+def _revision(rs: Obj, owner: Owner = DEPLOYMENT) -> int:
     try:
-        return int((rs["metadata"].get("annotations") or {}).get(REVISION, "0"))
+        return int((rs["metadata"].get("annotations") or {}).get(owner.revision, "0"))
     except ValueError:
         return 0
 
 
-async def _scale(mgr: Manager, d: Obj, rs: Obj, replicas: int, revision: int | None = None) -> Obj:
+async def _scale(
+    mgr: Manager, owner: Owner, d: Obj, rs: Obj, replicas: int, revision: int | None = None
+) -> Obj:
     current = int((rs.get("spec") or {}).get("replicas", 0))
     annotations = dict(rs["metadata"].get("annotations") or {})
     wanted = dict(annotations)
-    wanted["deployment.kubernetes.io/desired-replicas"] = str(d["spec"].get("replicas", 1))
+    wanted[owner.desired_replicas] = str(d["spec"].get("replicas", 1))
     if revision is not None:
-        wanted[REVISION] = str(revision)
+        wanted[owner.revision] = str(revision)
     if current == replicas and wanted == annotations:
         return rs
     body = copy.deepcopy(rs)
@@ -69,44 +117,66 @@ async def _scale(mgr: Manager, d: Obj, rs: Obj, replicas: int, revision: int | N
             d,
             "ScalingReplicaSet",
             f"Scaled {verb} replica set {meta['name']} from {current} to {replicas}",
-            component="deployment-controller",
+            component=owner.component,
         )
     return stored
 
 
+def replica_sets(mgr: Manager, owner: Owner, d: Obj) -> tuple[list[Obj], Obj | None]:
+    """The ReplicaSets `d` controls, and the one of its current template (if made yet)."""
+    uid = d["metadata"]["uid"]
+    sets = [
+        obj
+        for _, obj in mgr.api.store.dependents(uid)
+        if obj.get("kind") == "ReplicaSet" and (controller_of(obj) or {}).get("uid") == uid
+    ]
+    template = pod_template(owner, d)
+    new = next(
+        (
+            rs
+            for rs in sets
+            if _strip_hash(rs["spec"].get("template") or {}, owner.hash_label) == template
+        ),
+        None,
+    )
+    return sets, new
+
+
 async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
-    store = mgr.api.store
-    d = store.get(DEPLOY.key, namespace, name)
+    d = mgr.api.store.get(DEPLOY.key, namespace, name)
     if d is None or d["metadata"].get("deletionTimestamp"):
         return
     spec = d.get("spec") or {}
-    uid = d["metadata"]["uid"]
     replicas = int(spec.get("replicas", 1))
-    template = spec.get("template") or {}
-    sets = [
-        obj
-        for _, obj in store.dependents(uid)
-        if obj.get("kind") == "ReplicaSet" and (controller_of(obj) or {}).get("uid") == uid
-    ]
-    new = next(
-        (rs for rs in sets if _strip_hash(rs["spec"].get("template") or {}) == template), None
-    )
-    old = [rs for rs in sets if rs is not new]
-    max_rev = max((_revision(rs) for rs in sets), default=0)
     strategy = spec.get("strategy") or {}
     rolling = strategy.get("rollingUpdate") or {}
-    surge = _resolve(rolling.get("maxSurge", "25%"), replicas, True)
-    unavailable = _resolve(rolling.get("maxUnavailable", "25%"), replicas, False)
+    surge = resolve(rolling.get("maxSurge", "25%"), replicas, True)
+    unavailable = resolve(rolling.get("maxUnavailable", "25%"), replicas, False)
     if surge == 0 and unavailable == 0:
         unavailable = 1
-    recreate = strategy.get("type") == "Recreate"
+    await roll(mgr, DEPLOYMENT, d, Strategy(surge, unavailable, strategy.get("type") == "Recreate"))
+    await _status(mgr, namespace, name, unavailable)
+
+
+async def roll(mgr: Manager, owner: Owner, d: Obj, strategy: Strategy) -> None:
+    """Bring `d`'s ReplicaSets one step closer to its template and replica count."""
+    meta = d["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    spec = d.get("spec") or {}
+    replicas = int(spec.get("replicas", 1))
+    template = pod_template(owner, d)
+    sets, new = replica_sets(mgr, owner, d)
+    old = [rs for rs in sets if rs is not new]
+    max_rev = max((_revision(rs, owner) for rs in sets), default=0)
+    surge, unavailable, recreate = strategy.surge, strategy.unavailable, strategy.recreate
     if not spec.get("paused"):
         if new is None:
             pod_hash = template_hash(template)
             new_template = copy.deepcopy(template)
-            new_template.setdefault("metadata", {}).setdefault("labels", {})[HASH_LABEL] = pod_hash
+            labels = new_template.setdefault("metadata", {}).setdefault("labels", {})
+            labels[owner.hash_label] = pod_hash
             selector = copy.deepcopy(spec.get("selector") or {})
-            selector.setdefault("matchLabels", {})[HASH_LABEL] = pod_hash
+            selector.setdefault("matchLabels", {})[owner.hash_label] = pod_hash
             if recreate:
                 start = 0 if any(rs["spec"].get("replicas") for rs in old) else replicas
             else:
@@ -120,14 +190,14 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
                     "namespace": namespace,
                     "labels": dict(new_template["metadata"]["labels"]),
                     "annotations": {
-                        REVISION: str(max_rev + 1),
-                        "deployment.kubernetes.io/desired-replicas": str(replicas),
-                        "deployment.kubernetes.io/max-replicas": str(replicas + surge),
+                        owner.revision: str(max_rev + 1),
+                        owner.desired_replicas: str(replicas),
+                        owner.max_replicas: str(replicas + surge),
                     },
                     "ownerReferences": [
                         {
-                            "apiVersion": "apps/v1",
-                            "kind": "Deployment",
+                            "apiVersion": owner.api_version,
+                            "kind": owner.kind,
                             "name": name,
                             "uid": uid,
                             "controller": True,
@@ -147,18 +217,18 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
                 d,
                 "ScalingReplicaSet",
                 f"Scaled up replica set {name}-{pod_hash} from 0 to {start}",
-                component="deployment-controller",
+                component=owner.component,
             )
-        elif _revision(new) < max_rev:
-            new = await _scale(mgr, d, new, int(new["spec"].get("replicas", 0)), max_rev + 1)
+        elif _revision(new, owner) < max_rev:
+            new = await _scale(mgr, owner, d, new, int(new["spec"].get("replicas", 0)), max_rev + 1)
         new_replicas = int(new["spec"].get("replicas", 0))
         if recreate:
             for rs in old:
                 if rs["spec"].get("replicas"):
-                    await _scale(mgr, d, rs, 0)
+                    await _scale(mgr, owner, d, rs, 0)
             old_pods = [p for rs in old for p in owned_pods(mgr, namespace, rs["metadata"]["uid"])]
             if not any(is_active(p) or p["metadata"].get("deletionTimestamp") for p in old_pods):
-                new = await _scale(mgr, d, new, replicas)
+                new = await _scale(mgr, owner, d, new, replicas)
         else:
             total = sum(int(rs["spec"].get("replicas", 0)) for rs in [new, *old])
             # Pods an old set still has (its controller has not caught up with a scale-down
@@ -173,9 +243,9 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
             if new_replicas < replicas:
                 allowed = replicas + surge - total
                 if allowed > 0:
-                    new = await _scale(mgr, d, new, min(replicas, new_replicas + allowed))
+                    new = await _scale(mgr, owner, d, new, min(replicas, new_replicas + allowed))
             elif new_replicas > replicas:
-                new = await _scale(mgr, d, new, replicas)
+                new = await _scale(mgr, owner, d, new, replicas)
             # Scale old sets down as far as availability allows.
             everything = [new, *old]
             all_count = sum(int(rs["spec"].get("replicas", 0)) for rs in everything)
@@ -188,22 +258,21 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
             )
             budget = min(all_count - min_available - new_unavailable, available - min_available)
             # Old replicas that are not available cost nothing to remove.
-            for rs in sorted(old, key=_revision):
+            for rs in sorted(old, key=lambda rs: _revision(rs, owner)):
                 count = int(rs["spec"].get("replicas", 0))
                 unhealthy = count - int((rs.get("status") or {}).get("availableReplicas", 0))
                 take = min(count, max(0, unhealthy) + max(0, budget))
                 if take > 0:
                     budget -= max(0, take - max(0, unhealthy))
-                    await _scale(mgr, d, rs, count - take)
-        await _cleanup_history(mgr, spec, [rs for rs in old if rs is not None])
-    await _status(mgr, namespace, name, unavailable)
+                    await _scale(mgr, owner, d, rs, count - take)
+        await _cleanup_history(mgr, owner, spec, old)
 
 
-async def _cleanup_history(mgr: Manager, spec: Obj, old: list[Obj]) -> None:
+async def _cleanup_history(mgr: Manager, owner: Owner, spec: Obj, old: list[Obj]) -> None:
     limit = int(spec.get("revisionHistoryLimit", 10))
     idle = [
         rs
-        for rs in sorted(old, key=_revision)
+        for rs in sorted(old, key=lambda rs: _revision(rs, owner))
         if not rs["spec"].get("replicas") and not (rs.get("status") or {}).get("replicas")
     ]
     for rs in idle[: max(0, len(idle) - limit)]:
@@ -217,17 +286,8 @@ async def _status(mgr: Manager, namespace: str, name: str, max_unavailable: int)
     if d is None:
         return
     spec = d.get("spec") or {}
-    uid = d["metadata"]["uid"]
     replicas = int(spec.get("replicas", 1))
-    sets = [
-        obj
-        for _, obj in store.dependents(uid)
-        if obj.get("kind") == "ReplicaSet" and (controller_of(obj) or {}).get("uid") == uid
-    ]
-    template = spec.get("template") or {}
-    new = next(
-        (rs for rs in sets if _strip_hash(rs["spec"].get("template") or {}) == template), None
-    )
+    sets, new = replica_sets(mgr, DEPLOYMENT, d)
 
     def total(field: str, among: list[Obj]) -> int:
         return sum(int((rs.get("status") or {}).get(field, 0)) for rs in among)

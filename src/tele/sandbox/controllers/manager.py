@@ -60,6 +60,10 @@ def iso(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
 
 
+# Kinds that own ReplicaSets, and their controllers (woken when one of their sets changes).
+_REPLICASET_OWNERS = {"Deployment": "deployment", "Rollout": "rollout"}
+
+
 class Manager:
     def __init__(self, api: Api) -> None:
         self.api = api
@@ -75,10 +79,11 @@ class Manager:
             self._send.send_nowait(key)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from . import deployment, disruption, endpoints, replicaset, statefulset
+        from . import deployment, disruption, endpoints, replicaset, rollout, statefulset
 
         self.controllers = {
             "deployment": deployment.reconcile,
+            "rollout": rollout.reconcile,
             "replicaset": replicaset.reconcile,
             "statefulset": statefulset.reconcile,
             "endpoints": endpoints.reconcile,
@@ -87,6 +92,8 @@ class Manager:
         store = self.api.store
         unsubs = [
             store.subscribe("apps/deployments", self._on_owner("deployment")),
+            # Rollouts exist only while their CRD does; the controller is idle otherwise.
+            store.subscribe(rollout.RESOURCE, self._on_owner("rollout")),
             store.subscribe("apps/replicasets", self._on_replicaset),
             store.subscribe("apps/statefulsets", self._on_owner("statefulset")),
             store.subscribe("/services", self._on_service),
@@ -96,6 +103,7 @@ class Manager:
         try:
             for resource, controller in (
                 ("apps/deployments", "deployment"),
+                (rollout.RESOURCE, "rollout"),
                 ("apps/replicasets", "replicaset"),
                 ("apps/statefulsets", "statefulset"),
                 ("/services", "endpoints"),
@@ -134,8 +142,9 @@ class Manager:
         meta = event.obj["metadata"]
         self.enqueue("replicaset", meta["namespace"], meta["name"])
         ref = controller_of(event.obj)
-        if ref and ref.get("kind") == "Deployment":
-            self.enqueue("deployment", meta["namespace"], ref["name"])
+        owner = _REPLICASET_OWNERS.get(str((ref or {}).get("kind")))
+        if ref and owner:
+            self.enqueue(owner, meta["namespace"], ref["name"])
 
     def _on_service(self, event: Event) -> None:
         meta = event.obj["metadata"]
