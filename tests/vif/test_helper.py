@@ -204,6 +204,7 @@ def test_unprivileged_daemon_gets_the_network_from_the_helper(world: World) -> N
     assert not effective_capabilities(daemon) >> CAP_NET_ADMIN & 1
     (helper,) = world.helper_pids()
     assert Path(f"/proc/{helper}/status").read_text().count("Uid:\t0\t") == 1
+    assert f"Set up by:          privileged helper (pid {helper})" in connected.stdout
 
     # The DNS sockets the helper bound on port 53 answer through the unprivileged daemon.
     ip = world.kubectl("get", "service", "web", "-o", "jsonpath={.spec.clusterIP}")

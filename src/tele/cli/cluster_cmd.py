@@ -41,6 +41,8 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
     if network:
         lines.append(f"  Network:            {network.get('device')} {network.get('address')}")
         lines.append(f"  Routed subnets:     {', '.join(network.get('subnets') or [])}")
+        if network.get("set_up_by", "daemon") != "daemon":
+            lines.append(f"  Set up by:          {network['set_up_by']}")
     if info.get("last_error") and info.get("status") != "connected":
         lines.append(f"  Last error:         {info['last_error']}")
     return lines

@@ -116,6 +116,8 @@ class NetworkStatus:
 
     vif: VifInfo
     resolver: Resolver | None
+    set_up_by: str = "daemon"
+    """Who did the privileged steps: "daemon", or "privileged helper (pid N)"."""
 
     async def follow(self, cluster: mapi.ClusterInfo) -> None:
         """The cluster's subnets changed: route the new ones, drop the gone ones."""
@@ -134,6 +136,7 @@ class NetworkStatus:
             "tcp_connections": counters.tcp_connections,
             "udp_flows": counters.udp_flows,
             "refused": counters.refused,
+            "set_up_by": self.set_up_by,
         }
         if self.resolver is not None:
             rules = self.resolver.rules
@@ -256,6 +259,7 @@ async def _serve_network(
             resolver = await nursery.start(
                 functools.partial(serve_dns, dns, lookup, privileges=privileges)
             )
-        task_status.started(NetworkStatus(vif, resolver))
+        set_up_by = "daemon" if privileges is None else privileges.describe()
+        task_status.started(NetworkStatus(vif, resolver, set_up_by))
         await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover

@@ -21,6 +21,7 @@ from typing import Final, NoReturn
 import trio
 
 from tele import unixsock
+from tele.errors import TeleError
 from tele.vif import helper_proto as proto
 from tele.vif.errors import RouteConflict, VifError
 from tele.vif.privileges import DnsSockets, ResolverChange
@@ -138,6 +139,9 @@ class HelperPrivileges:
     async def restore_resolver(self, netns: str | None, change: ResolverChange) -> None:
         await self._call(proto.RestoreResolver())
 
+    def describe(self) -> str:
+        return f"privileged helper (pid {self.pid})"
+
     def hang_up(self) -> None:
         """Close without asking (nothing was set up yet): the helper sees end of file."""
         self._closed = True
@@ -186,10 +190,15 @@ async def serve_helper_socket(
     task_status.started()
     with listener:
         while True:
-            sock, _ = await listener.accept()
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:  # out of descriptors, for now: not a reason to stop the daemon
+                log.warning("accepting a helper failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
             try:
                 helper = await _welcome(sock)
-            except (OSError, VifError, proto.ProtocolError, trio.TooSlowError) as exc:
+            except (OSError, TeleError, proto.ProtocolError, trio.TooSlowError) as exc:
                 log.warning("refused a helper: %s", exc)
                 sock.close()
                 continue

@@ -78,6 +78,10 @@ class Privileges(Protocol):
         """Nothing more will be asked; undo whatever is left (the helper exits)."""
         ...
 
+    def describe(self) -> str:
+        """Who does the steps, for `tele status`."""
+        ...
+
 
 class LocalPrivileges:
     """The daemon has CAP_NET_ADMIN: do each step here, journaled for a crash."""
@@ -162,3 +166,6 @@ class LocalPrivileges:
 
     async def aclose(self) -> None:
         pass
+
+    def describe(self) -> str:
+        return "daemon"
