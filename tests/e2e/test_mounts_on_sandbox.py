@@ -126,7 +126,9 @@ def test_intercept_mounts_the_pods_volumes_and_leave_unmounts(
         kubectl(
             node_sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=files", "--timeout=90s"
         )
-        connected = run_tele(tele_env, "connect", "--kubeconfig", kubeconfig, timeout=120)
+        connected = run_tele(
+            tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120
+        )
         assert connected.returncode == 0, connected.stderr
         report, env_file = tmp_path / "seen.json", tmp_path / "files.env"
         engaged = run_tele(
