@@ -8,6 +8,9 @@ new connections/s from a "laptop" namespace to a "cluster" namespace, over each 
             -> TunnelServer (a process in the cluster namespace) -> server
   c-plain   tele without offloads, MTU 1500 (one 1500-byte packet per read and write)
   c-65535   tele without offloads, MTU 65535
+  d         sshuttle (nft method) in the laptop namespace, over ssh to an sshd of this run in
+            the cluster namespace; CPU% is sshuttle's and its ssh's (skipped, with the reason,
+            when sshuttle, sshd or ssh-keygen is missing or it does not connect)
 
 Run as root:  .venv/bin/python bench/vif.py [--duration 3] [--rows a,b,c]
 Namespaces are named tele-vifbench-<random>-{l,c} and always deleted. Prints a table and a
@@ -257,10 +260,114 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
     return results
 
 
+SSHD_PORT = 2222
+SSHUTTLE_ECHO_PORT = 7010
+
+
+def run_sshuttle(laptop: str, cluster: str, duration: float) -> dict | None:
+    """Row d: sshuttle routes the pod subnet over ssh; None (reason printed) if it cannot."""
+    import shutil
+    import tempfile
+
+    missing = [t for t in ("sshuttle", "sshd", "ssh-keygen") if not shutil.which(t)]
+    if missing:
+        print(f"row d skipped: {', '.join(missing)} not installed (apt-get install sshuttle)")
+        return None
+    privsep = Path("/run/sshd")  # sshd refuses to start without its privilege separation dir
+    made_privsep = not privsep.exists()
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="tele-vifbench-ssh-") as tmp:
+        d = Path(tmp)
+        try:
+            for key in ("host", "client"):
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
+                               check=True, capture_output=True)  # fmt: skip
+            (d / "authorized_keys").write_text((d / "client.pub").read_text())
+            (d / "sshd_config").write_text(
+                f"Port {SSHD_PORT}\nListenAddress {CLUSTER_IP}\nHostKey {d / 'host'}\n"
+                f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+                f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+                f"StrictModes no\nPidFile {d / 'sshd.pid'}\n"
+            )
+            if made_privsep:
+                privsep.mkdir(mode=0o755)
+            procs.append(
+                subprocess.Popen(
+                    in_ns(
+                        cluster,
+                        shutil.which("sshd") or "sshd",
+                        "-D",
+                        "-e",
+                        "-f",
+                        str(d / "sshd_config"),
+                    ),
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            procs.append(
+                subprocess.Popen(
+                    in_ns(cluster, PY, "-c", ECHO_SERVER, POD_IP, str(SSHUTTLE_ECHO_PORT))
+                )
+            )
+            procs.append(
+                subprocess.Popen(
+                    in_ns(cluster, "iperf3", "-s", "-B", POD_IP, "-p", str(IPERF_PORT + 2)),
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+            ssh = (
+                f"ssh -i {d / 'client'} -o StrictHostKeyChecking=no "
+                "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+            )
+            # sshuttle redirects in nft's output hook, which a packet only reaches once routed;
+            # a laptop has a default route, this namespace has none. Via lo, a packet that
+            # sshuttle did not take goes nowhere, so the row cannot measure a direct path.
+            ip("-n", laptop, "route", "add", "10.244.0.0/16", "dev", "lo")
+            time.sleep(0.5)  # sshd has no readiness signal
+            client = subprocess.Popen(
+                in_ns(laptop, "sshuttle", "--method", "nft", "-e", ssh,
+                      "-r", f"root@{CLUSTER_IP}:{SSHD_PORT}", "10.244.0.0/16"),
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+            procs.append(client)
+            assert client.stderr is not None
+            os.set_blocking(client.stderr.fileno(), False)
+            deadline, seen = time.monotonic() + 20, b""
+            while b"Connected" not in seen and time.monotonic() < deadline:
+                if client.poll() is not None:
+                    break
+                time.sleep(0.1)  # a bench, not a test: polling the log is good enough
+                seen += client.stderr.read() or b""
+            if b"Connected" not in seen:
+                print(f"row d skipped: sshuttle did not connect: {seen.decode()[-300:]!r}")
+                return None
+            server = procs[0].pid  # sshd, its session and sshuttle's server (python)
+            before, wall = _proc_cpu(client.pid), time.perf_counter()
+            relay_before = _proc_cpu(server)
+            result = measure("d", laptop, POD_IP, IPERF_PORT + 2, SSHUTTLE_ECHO_PORT, duration)
+            elapsed = time.perf_counter() - wall
+            result["cpu_pct"] = 100 * (_proc_cpu(client.pid) - before) / elapsed
+            result["relay_cpu_pct"] = 100 * (_proc_cpu(server) - relay_before) / elapsed
+            return result
+        finally:
+            for proc in reversed(procs):
+                proc.terminate()  # sshuttle removes its nft rules on SIGTERM
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if made_privsep:
+                with contextlib.suppress(OSError):
+                    privsep.rmdir()
+            subprocess.run(["ip", "-n", laptop, "route", "del", "10.244.0.0/16", "dev", "lo"],
+                           capture_output=True, check=False)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=3.0)
-    parser.add_argument("--rows", default="a,b,c,c-plain,c-65535")
+    parser.add_argument("--rows", default="a,b,c,c-plain,c-65535,d")
     parser.add_argument("--role-cluster", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role_cluster is not None:
@@ -292,6 +399,11 @@ def main() -> None:
                 elif row == "b":
                     result = measure(row, laptop, "127.0.0.1", SOCAT_LAPTOP, 7001, args.duration)
                     result["cpu_pct"] = 0.0  # socat's CPU is not the daemon's
+                elif row == "d":
+                    sshuttle = run_sshuttle(laptop, cluster, args.duration)
+                    if sshuttle is None:
+                        continue
+                    result = sshuttle
                 else:
                     offload = row == "c"
                     mtu = 65535 if row == "c-65535" else 1500

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # sshfs (+ fuse3) mounts an engaged pod's volumes; openssh-sftp-server is what the agent serves
 # them with (the sandbox runs the agent from this machine's files).
-APT_PACKAGES=(iproute2 nftables iperf3 socat procps curl sshfs openssh-sftp-server)
+APT_PACKAGES=(iproute2 nftables iperf3 socat procps curl sshfs openssh-sftp-server sshuttle)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
