@@ -85,6 +85,8 @@ async def serve(
             )
             nursery.start_soon(serve_port, listeners[intercept.agent_port], upstreams, intercept)
         task_status.started()
+        # A pod may have no port to serve (a replaced or ingested worker): keep serving anyway.
+        await trio.sleep_forever()
     raise AssertionError("unreachable: serve_port never returns")
 
 

@@ -1,4 +1,5 @@
-"""`tele intercept` and `tele leave`: send a workload's traffic to a local handler."""
+"""`tele intercept`, `tele replace`, `tele ingest` (engage a workload's container: its traffic,
+the whole container, or only its environment) and `tele leave`, `tele uninstall`."""
 
 from __future__ import annotations
 
@@ -53,12 +54,172 @@ def _write_env(info: dict[str, Any], env_file: Path | None, env_json: Path | Non
         raise UserError(f"cannot write the environment file: {exc.strerror or exc}") from exc
 
 
+def _port_mappings(values: tuple[str, ...], *, remote_defaults_to_local: bool) -> list[Any]:
+    """`-p LOCAL[:REMOTE]` values as PortMappings; for `replace` REMOTE (a container port)
+    defaults to LOCAL, for `intercept` to the only service port."""
+    from tele.rpc.daemon_api import PortMapping
+
+    mappings = []
+    for value in values:
+        local, remote = _port(value)
+        if not remote and remote_defaults_to_local:
+            remote = str(local)
+        mappings.append(PortMapping(local=local, remote=remote))
+    locals_ = [m.local for m in mappings]
+    if len(set(locals_)) != len(locals_):
+        raise UserError("each --port needs its own local port")
+    return mappings
+
+
+def _to_pod(values: tuple[str, ...]) -> list[str]:
+    for value in values:
+        port, _, protocol = value.partition("/")
+        if (
+            not port.isdigit()
+            or not 0 < int(port) < 65536
+            or protocol.upper() not in ("", "TCP", "UDP")
+        ):
+            raise UserError(f"--to-pod {value!r} must be PORT or PORT/UDP (a port from 1 to 65535)")
+    return list(values)
+
+
+def _engage(
+    request: Any,
+    *,
+    env_file: Path | None,
+    env_json: Path | None,
+    command: tuple[str, ...],
+    output: str,
+    text: Any,
+) -> None:
+    """The CLI side of intercept, replace and ingest: ask the daemon, write the env files,
+    print, and with `-- COMMAND` run it with the pod's env, then leave."""
+    from tele.cli import client
+    from tele.cli.output import to_builtins
+    from tele.rpc import daemon_api
+    from tele.rpc.agent_api import EngagementInfo
+
+    async def call() -> EngagementInfo:
+        async with client.daemon_client(start=False) as rpc:
+            if rpc is None:
+                raise UserError("Not connected; run `tele connect` first.")
+            return await rpc.call(daemon_api.INTERCEPT, request, timeout=180)
+
+    info = client.run(call)
+    data = to_builtins(info)
+    try:
+        _write_env(data, env_file, env_json)
+    except UserError:
+        _leave(info.name)
+        raise
+    if data.get("mount_error"):
+        click.echo(f"tele: the volumes are not mounted: {data['mount_error']}", err=True)
+    emit(data, output, text)
+    if command:
+        env = {**os.environ, **(data.get("environment") or {})}
+        try:
+            status = subprocess.run(list(command), env=env, check=False).returncode
+        except OSError as exc:
+            status = 127
+            click.echo(f"tele: cannot run {command[0]}: {exc.strerror or exc}", err=True)
+        finally:
+            _leave(info.name)
+        raise SystemExit(status)
+
+
+def _intercept_text(d: dict[str, Any]) -> str:
+    what = "all TCP connections" if d["mechanism"] == "tcp" else "HTTP requests that match"
+    ports = d.get("ports") or []
+    local = d.get("local") or []
+    lines = [
+        f"Using {d['workload_kind']} {d['workload']}",
+        f"   Intercept name         : {d['name']}",
+        "   State                  : ACTIVE",
+        f"   Workload kind          : {d['workload_kind']}",
+    ]
+    for index, port in enumerate(ports):
+        where = local[index] if index < len(local) else "?"
+        service = f"{port['service']}:{port['service_port_name'] or port['service_port']}"
+        lines.append(f"   Destination            : {where} (service port {service})")
+    if len(ports) == 1:
+        lines.append(f"   Service Port Identifier: {d['service']}:{d['service_port']}")
+    if d.get("local_mount"):
+        lines.append(f"   Volume Mount Point     : {d['local_mount']}")
+    lines.append(f"   Intercepting           : {what}")
+    return "\n".join(lines)
+
+
+def _replace_text(d: dict[str, Any]) -> str:
+    local = d.get("local") or []
+    lines = [
+        f"Using {d['workload_kind']} {d['workload']}",
+        f"   Name          : {d['name']}",
+        "   State         : ACTIVE",
+        f"   Container     : {d['container']} (replaced: it does not run in the cluster)",
+    ]
+    for index, port in enumerate(d.get("ports") or []):
+        where = local[index] if index < len(local) else "?"
+        lines.append(f"   Port          : {port['container_port']}/{port['protocol']} -> {where}")
+    if not d.get("ports"):
+        lines.append("   Ports         : none (the container declares no TCP port)")
+    if d.get("local_mount"):
+        lines.append(f"   Volume Mount  : {d['local_mount']}")
+    return "\n".join(lines)
+
+
+def _ingest_text(d: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"Using {d['workload_kind']} {d['workload']}",
+            f"   Ingest name   : {d['name']}",
+            "   State         : ACTIVE",
+            f"   Container     : {d['container']}",
+            f"   Pod IP        : {', '.join(d.get('pod_ips') or []) or '?'}",
+            f"   Environment   : {len(d.get('environment') or {})} variables",
+            *([f"   Volume Mount  : {d['local_mount']}"] if d.get("local_mount") else []),
+        ]
+    )
+
+
+env_file_option = click.option(
+    "--env-file",
+    "-e",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the pod's environment here (sh syntax).",
+)
+env_json_option = click.option(
+    "--env-json",
+    "-j",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the pod's environment here as JSON.",
+)
+mount_option = click.option(
+    "--mount",
+    default="true",
+    show_default=True,
+    help="Mount the pod's volumes: true (a temporary directory), false, or DIR; "
+    "append :ro for read-only. TELEPRESENCE_ROOT tells the handler where.",
+)
+to_pod_option = click.option(
+    "--to-pod",
+    multiple=True,
+    help="PORT[/UDP]: localhost:PORT reaches the engaged pod's PORT while engaged; repeatable.",
+)
+
+
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--workload", "-w", default="", help="The workload (default: NAME).")
 @click.option("--namespace", "-n", default="", help="Its namespace (default: the connected one).")
-@click.option("--port", "-p", default="8080", show_default=True, help="LOCAL[:SERVICE_PORT].")
+@click.option(
+    "--port",
+    "-p",
+    multiple=True,
+    default=("8080",),
+    show_default=True,
+    help="LOCAL[:SERVICE_PORT] (name or number); repeat for several ports.",
+)
 @click.option(
     "--address", default="127.0.0.1", show_default=True, help="The local handler's address."
 )
@@ -76,32 +237,22 @@ def _write_env(info: dict[str, Any], env_file: Path | None, env_json: Path | Non
 @click.option("--http-path-equal", multiple=True, help="Only requests for this exact path.")
 @click.option("--http-path-prefix", multiple=True, help="Only requests whose path starts so.")
 @click.option("--http-path-regex", multiple=True, help="Only requests whose path matches.")
+@env_file_option
+@env_json_option
+@to_pod_option
 @click.option(
-    "--env-file",
-    "-e",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the pod's environment here (sh syntax).",
+    "--replace",
+    is_flag=True,
+    help="Deprecated: use `tele replace`. Replace the whole container.",
 )
-@click.option(
-    "--env-json",
-    "-j",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the pod's environment here as JSON.",
-)
-@click.option(
-    "--mount",
-    default="true",
-    show_default=True,
-    help="Mount the pod's volumes: true (a temporary directory), false, or DIR; "
-    "append :ro for read-only. TELEPRESENCE_ROOT tells the handler where.",
-)
+@mount_option
 @output_option
 def intercept(
     name: str,
     command: tuple[str, ...],
     workload: str,
     namespace: str,
-    port: str,
+    port: tuple[str, ...],
     address: str,
     service: str,
     container: str,
@@ -112,27 +263,34 @@ def intercept(
     http_path_regex: tuple[str, ...],
     env_file: Path | None,
     env_json: Path | None,
+    to_pod: tuple[str, ...],
+    replace: bool,
     mount: str,
     output: str,
 ) -> None:
     """Send NAME's traffic to a local handler; with `-- COMMAND`, run it, then leave."""
-    from tele.cli import client
-    from tele.cli.output import to_builtins
     from tele.rpc import daemon_api
-    from tele.rpc.agent_api import EngagementInfo
 
-    local_port, service_port = _port(port)
+    mappings = _port_mappings(port, remote_defaults_to_local=False)
     headers = [_header(h) for h in http_header]
     filtered = bool(headers or http_path_equal or http_path_prefix or http_path_regex)
     if mechanism == "tcp" and filtered:
         raise UserError("--http-* filters need --mechanism http")
+    if replace:
+        click.echo(
+            "tele: --replace is deprecated and will be removed; use `tele replace` instead.",
+            err=True,
+        )
+        if filtered or mechanism == "http":
+            raise UserError("--replace takes the whole container; it cannot filter HTTP requests")
     request = daemon_api.InterceptRequest(
         name=name,
         workload=workload,
         namespace=namespace,
         local_address=address,
-        local_port=local_port,
-        port=service_port,
+        local_port=mappings[0].local,
+        port=mappings[0].remote,
+        ports=mappings if len(mappings) > 1 or replace else [],
         service=service,
         container=container,
         mechanism=mechanism or ("http" if filtered else "tcp"),
@@ -140,51 +298,126 @@ def intercept(
         path_equal=list(http_path_equal),
         path_prefix=list(http_path_prefix),
         path_regex=list(http_path_regex),
+        kind="replace" if replace else "intercept",
+        to_pod=_to_pod(to_pod),
         mount=_mount(mount),
     )
+    _engage(
+        request,
+        env_file=env_file,
+        env_json=env_json,
+        command=command,
+        output=output,
+        text=_replace_text if replace else _intercept_text,
+    )
 
-    async def call() -> EngagementInfo:
-        async with client.daemon_client(start=False) as rpc:
-            if rpc is None:
-                raise UserError("Not connected; run `tele connect` first.")
-            return await rpc.call(daemon_api.INTERCEPT, request, timeout=180)
 
-    info = client.run(call)
-    data = to_builtins(info)
-    _write_env(data, env_file, env_json)
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.argument("workload")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--namespace", "-n", default="", help="Its namespace (default: the connected one).")
+@click.option("--container", "-c", default="", help="The container (needed when several).")
+@click.option(
+    "--port",
+    "-p",
+    multiple=True,
+    help="LOCAL[:CONTAINER_PORT] (name or number; default LOCAL); repeatable. "
+    "Default: every TCP port of the container, each to the same local port.",
+)
+@click.option(
+    "--address", default="127.0.0.1", show_default=True, help="The local handler's address."
+)
+@env_file_option
+@env_json_option
+@to_pod_option
+@mount_option
+@output_option
+def replace(
+    workload: str,
+    command: tuple[str, ...],
+    namespace: str,
+    container: str,
+    port: tuple[str, ...],
+    address: str,
+    env_file: Path | None,
+    env_json: Path | None,
+    to_pod: tuple[str, ...],
+    mount: str,
+    output: str,
+) -> None:
+    """Replace a container of WORKLOAD with this machine: the container stops running in the
+    cluster, its ports (if any) come here; with `-- COMMAND`, run it, then leave."""
+    from tele.rpc import daemon_api
 
-    def text(d: dict[str, Any]) -> str:
-        what = "all TCP connections" if d["mechanism"] == "tcp" else "HTTP requests that match"
-        return "\n".join(
-            [
-                f"Using {d['workload_kind']} {d['workload']}",
-                f"   Intercept name         : {d['name']}",
-                "   State                  : ACTIVE",
-                f"   Workload kind          : {d['workload_kind']}",
-                f"   Destination            : {address}:{local_port}",
-                f"   Service Port Identifier: {d['service']}:{d['service_port']}",
-                *(
-                    [f"   Volume Mount Point     : {d['local_mount']}"]
-                    if d.get("local_mount")
-                    else []
-                ),
-                f"   Intercepting           : {what}",
-            ]
-        )
+    request = daemon_api.InterceptRequest(
+        name="",
+        workload=workload,
+        namespace=namespace,
+        local_address=address,
+        ports=_port_mappings(port, remote_defaults_to_local=True),
+        container=container,
+        kind="replace",
+        to_pod=_to_pod(to_pod),
+        mount=_mount(mount),
+    )
+    _engage(
+        request,
+        env_file=env_file,
+        env_json=env_json,
+        command=command,
+        output=output,
+        text=_replace_text,
+    )
 
-    if data.get("mount_error"):
-        click.echo(f"tele: the volumes are not mounted: {data['mount_error']}", err=True)
-    emit(data, output, text)
-    if command:
-        env = {**os.environ, **(data.get("environment") or {})}
-        try:
-            status = subprocess.run(list(command), env=env, check=False).returncode
-        except OSError as exc:
-            status = 127
-            click.echo(f"tele: cannot run {command[0]}: {exc.strerror or exc}", err=True)
-        finally:
-            _leave(name)
-        raise SystemExit(status)
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.argument("workload")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--namespace", "-n", default="", help="Its namespace (default: the connected one).")
+@click.option("--container", "-c", default="", help="The container (needed when several).")
+@env_file_option
+@env_json_option
+@to_pod_option
+@click.option(
+    "--mount",
+    default="true",
+    show_default=True,
+    help="Mount the pod's volumes (read-only): true (a temporary directory), false, or DIR. "
+    "TELEPRESENCE_ROOT tells the handler where.",
+)
+@output_option
+def ingest(
+    workload: str,
+    command: tuple[str, ...],
+    namespace: str,
+    container: str,
+    env_file: Path | None,
+    env_json: Path | None,
+    to_pod: tuple[str, ...],
+    mount: str,
+    output: str,
+) -> None:
+    """Get a container's environment (and volumes) without its traffic; several clients may
+    ingest the same container. With `-- COMMAND`, run it, then leave."""
+    from tele.rpc import daemon_api
+
+    request = daemon_api.InterceptRequest(
+        name="",
+        workload=workload,
+        namespace=namespace,
+        container=container,
+        kind="ingest",
+        to_pod=_to_pod(to_pod),
+        mount=_mount(mount),
+    )
+    _engage(
+        request,
+        env_file=env_file,
+        env_json=env_json,
+        command=command,
+        output=output,
+        text=_ingest_text,
+    )
 
 
 def _leave(name: str) -> None:
@@ -203,7 +436,8 @@ def _leave(name: str) -> None:
 @click.command()
 @click.argument("name")
 def leave(name: str) -> None:
-    """End the engagement NAME; its traffic goes back to the cluster's workload."""
+    """End the engagement NAME (intercept, replace or ingest); the cluster's workload gets its
+    traffic (and a replaced container) back."""
     _leave(name)
     click.echo(f"Left {name}.")
 

@@ -245,6 +245,8 @@ class Daemon:
     async def intercept(self, request: api.InterceptRequest) -> EngagementInfo:
         try:
             return await self._connected().engage(request)
+        except RpcError:
+            raise  # the manager's answer, as it is
         except UserError as exc:
             raise RpcError(Code.FAILED_PRECONDITION, str(exc)) from None
         except TeleError as exc:  # not UNAVAILABLE: the CLI would read it as a lost daemon

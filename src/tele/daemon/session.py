@@ -84,6 +84,10 @@ def _local_targets(
     return {p.container_port: (address, p.container_port) for p in info.ports}
 
 
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class NoManager(UserError):
     """No traffic manager is installed (or none is ready) in the manager namespace."""
 
@@ -480,7 +484,11 @@ class ClusterSession:
         if info.name in self.engaged:
             # Already ours: the manager answered with the engagement as it is.
             return self.engaged[info.name]
-        self.targets[info.id] = _local_targets(info, mappings, request.local_address)
+        targets = _local_targets(info, mappings, request.local_address)
+        info = msgspec.structs.replace(
+            info, local=[_host_port(*targets[p.container_port]) for p in info.ports]
+        )
+        self.targets[info.id] = targets
         # Ingest gives the volumes read-only (as Telepresence's does).
         info = await self.mounts.attach(info, mount.read_only_if(request.kind == "ingest"))
         self.engaged[info.name] = info
@@ -591,9 +599,7 @@ class ClusterSession:
         """One line per engagement for `tele status`."""
         lines = []
         for info in self.engaged.values():
-            where = ", ".join(
-                f"{host}:{port}" for host, port in self.targets.get(info.id, {}).values()
-            )
+            where = ", ".join(info.local)
             what = f" -> {where} ({info.mechanism})" if where else ""
             lines.append(
                 f"{info.name}: {PAST_TENSE.get(info.kind, info.kind)} {info.workload_kind} "

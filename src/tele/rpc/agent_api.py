@@ -138,6 +138,8 @@ class EngagementInfo(msgspec.Struct, frozen=True, kw_only=True):
     kind: str = "intercept"
     ports: list[EngagedPort] = []
     """Every port engaged, in the order the request named them (none for an ingest)."""
+    local: list[str] = []
+    """Set by the client's daemon: the local handler (host:port) of each of `ports`."""
 
 
 class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):

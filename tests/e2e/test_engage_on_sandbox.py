@@ -1,0 +1,241 @@
+"""Issue 9's other engagements on the sandbox with a node: `tele replace` (the container stops
+running in the cluster and comes back after leave; a worker without ports too), `tele ingest`
+(env without traffic, `-- cmd` leaves when it exits), a multi-port intercept and `--to-pod`."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import tempfile
+import threading
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import VENV_BIN
+from tests.daemon_util import DaemonGuard, run_tele, single_error_line
+from tests.e2e import install_manager, kubectl
+from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.netns
+
+APP_PORT = 18080  # also the --to-pod port on this machine: far from common local services
+
+APPS = f"""
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: echo, namespace: default}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: echo}}}}
+  template:
+    metadata: {{labels: {{app: echo}}}}
+    spec:
+      containers:
+      - name: echo
+        image: tele-sandbox/echo
+        ports: [{{name: http, containerPort: {APP_PORT}}}, {{name: alt, containerPort: 9090}}]
+        env: [{{name: GREETING, value: hello}}, {{name: PORT, value: "{APP_PORT}"}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec:
+  selector: {{app: echo}}
+  ports: [{{name: http, port: 80, targetPort: http}}, {{name: alt, port: 9090, targetPort: alt}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: worker, namespace: default}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: worker}}}}
+  template:
+    metadata: {{labels: {{app: worker}}}}
+    spec:
+      containers:
+      - name: worker
+        image: tele-sandbox/worker
+        env: [{{name: QUEUE, value: jobs}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: caller, namespace: default}}
+spec:
+  containers: [{{name: c, image: tele-sandbox/worker}}]
+"""
+
+
+def call(sandbox: NodeSandbox, url: str) -> str:
+    """What the caller pod gets from `url` (a cluster-side client)."""
+    script = (
+        f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
+    )
+    return kubectl(sandbox, "exec", "caller", "--", "python3", "-c", script).strip()
+
+
+def containers_of(sandbox: NodeSandbox, app: str) -> list[str]:
+    """The containers of the workload's live pods (terminating ones left out)."""
+    pods = json.loads(kubectl(sandbox, "get", "pods", "-l", f"app={app}", "-o", "json"))
+    return sorted(
+        c["name"]
+        for pod in pods["items"]
+        if not pod["metadata"].get("deletionTimestamp")
+        for c in pod["spec"]["containers"]
+    )
+
+
+def wait_rolled(sandbox: NodeSandbox, app: str) -> None:
+    kubectl(sandbox, "rollout", "status", f"deployment/{app}", "--timeout=90s")
+    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", f"app={app}", "--timeout=90s")
+
+
+@contextmanager
+def laptop_server(body: str) -> Iterator[int]:
+    """An HTTP server on this machine answering `body`; yields its port."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def installed(node_sandbox: NodeSandbox) -> Iterator[NodeSandbox]:  # noqa: F811
+    """The traffic manager and the apps, once for the module (uninstalled at the end)."""
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "HOME": home, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+        for name in ("CONFIG", "CACHE", "STATE", "RUNTIME"):
+            env[f"XDG_{name}_HOME" if name != "RUNTIME" else "XDG_RUNTIME_DIR"] = home
+        guard = DaemonGuard(env)
+        try:
+            install_manager(node_sandbox, env)
+            kubectl(node_sandbox, "apply", "-f", "-", stdin=APPS)
+            kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+            yield node_sandbox
+            run_tele(
+                env, "helm", "uninstall", "--kubeconfig", str(node_sandbox.kubeconfig), timeout=120
+            )
+        finally:
+            guard.kill_all()
+
+
+def connect(env: dict[str, str], sandbox: NodeSandbox) -> None:
+    connected = run_tele(env, "connect", "--kubeconfig", str(sandbox.kubeconfig), timeout=120)
+    assert connected.returncode == 0, connected.stderr
+
+
+def test_replace_stops_the_container_and_leave_gives_it_back(
+    installed: NodeSandbox, tele_env: dict[str, str], guard: DaemonGuard, tmp_path: Path
+) -> None:
+    sandbox = installed
+    connect(tele_env, sandbox)
+
+    # Bad input first: one sentence, and the pods are left as they were.
+    unknown = run_tele(tele_env, "replace", "echo", "--container", "nope", timeout=60)
+    assert unknown.returncode == 1
+    assert single_error_line(unknown) == "tele: echo has no container named nope (it has echo)"
+    assert containers_of(sandbox, "echo") == ["echo"]
+
+    with laptop_server("replaced by the laptop") as port:
+        env_file = tmp_path / "echo.env"
+        replaced = run_tele(
+            tele_env, "replace", "echo", "-p", f"{port}:http", "-e", str(env_file), timeout=120
+        )
+        assert replaced.returncode == 0, replaced.stderr
+        assert "replaced: it does not run in the cluster" in replaced.stdout
+        assert "GREETING=hello" in env_file.read_text()
+        wait_rolled(sandbox, "echo")
+        assert containers_of(sandbox, "echo") == ["traffic-agent"]
+        assert call(sandbox, "http://echo.default/") == "replaced by the laptop"
+        status = run_tele(tele_env, "status").stdout
+        assert f"echo: replaced Deployment default/echo -> 127.0.0.1:{port} (tcp)" in status
+
+    # A worker with no ports can be replaced too.
+    worker = run_tele(tele_env, "replace", "worker", "-o", "json", timeout=120)
+    assert worker.returncode == 0, worker.stderr
+    info = json.loads(worker.stdout)
+    assert (info["kind"], info["ports"], info["environment"]) == ("replace", [], {"QUEUE": "jobs"})
+    wait_rolled(sandbox, "worker")
+    assert containers_of(sandbox, "worker") == ["traffic-agent"]
+    listed = run_tele(tele_env, "list").stdout
+    assert "worker (replaced by " in listed and "echo (replaced by " in listed
+
+    for name in ("echo", "worker"):
+        left = run_tele(tele_env, "leave", name, timeout=60)
+        assert left.returncode == 0, left.stderr
+        wait_rolled(sandbox, name)
+        assert containers_of(sandbox, name) == sorted([name, "traffic-agent"])
+    assert call(sandbox, "http://echo.default/").startswith('{"pod": "echo-')
+    assert run_tele(tele_env, "quit").returncode == 0
+
+
+def test_multi_port_intercept_to_pod_and_ingest(
+    installed: NodeSandbox, tele_env: dict[str, str], guard: DaemonGuard, tmp_path: Path
+) -> None:
+    sandbox = installed
+    connect(tele_env, sandbox)
+    with laptop_server("http port") as http_port, laptop_server("alt port") as alt_port:
+        engaged = run_tele(
+            tele_env,
+            "intercept",
+            "echo",
+            "-p",
+            f"{http_port}:http",
+            "-p",
+            f"{alt_port}:9090",
+            "--to-pod",
+            str(APP_PORT),
+            timeout=120,
+        )
+        assert engaged.returncode == 0, engaged.stderr
+        assert call(sandbox, "http://echo.default/") == "http port"
+        assert call(sandbox, "http://echo.default:9090/") == "alt port"
+        # --to-pod: this machine's APP_PORT is the pod's (the app itself answers there).
+        with urllib.request.urlopen(f"http://127.0.0.1:{APP_PORT}/", timeout=10) as answer:
+            assert json.loads(answer.read())["pod"].startswith("echo-")
+
+        # An ingest of the same container is no conflict; `-- cmd` gets the env, then leaves.
+        out = tmp_path / "seen"
+        ingested = run_tele(
+            tele_env,
+            "ingest",
+            "echo",
+            "--",
+            "sh",
+            "-c",
+            f'echo "$GREETING $PORT" > {out}',
+            timeout=120,
+        )
+        assert ingested.returncode == 0, ingested.stderr
+        assert "Ingest name   : echo/echo" in ingested.stdout
+        assert out.read_text() == f"hello {APP_PORT}\n"
+        status = run_tele(tele_env, "status").stdout
+        assert "Intercepts:         1 total" in status
+        assert "echo: intercepted Deployment default/echo" in status
+
+    assert run_tele(tele_env, "leave", "echo").returncode == 0
+    with pytest.raises(OSError):  # the forward ended with the intercept
+        urllib.request.urlopen(f"http://127.0.0.1:{APP_PORT}/", timeout=5)
+    assert call(sandbox, "http://echo.default/").startswith('{"pod": "echo-')
+    assert run_tele(tele_env, "quit").returncode == 0
