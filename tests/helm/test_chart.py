@@ -321,3 +321,21 @@ def test_every_value_lands_where_it_should(chart: Chart) -> None:
     assert env["TELE_SERVICE_CIDRS"] == "10.96.0.0/12"
     assert json.loads(env["TELE_AGENT_RESOURCES"]) == {"limits": {"memory": "64Mi"}}
     assert json.loads(env["TELE_MOUNT_POLICIES"]) == {"/tmp": "Local"}
+
+
+@pytest.mark.parametrize("values", [{}, {"namespaces": ["alpha", "beta"]}])
+def test_rollout_rbac_follows_the_argo_rollouts_value(chart: Chart, values: Obj) -> None:
+    def rollout_rules(enabled: bool) -> list[Obj]:
+        objects = render(chart, {**values, "workloads": {"argoRollouts": {"enabled": enabled}}})
+        return [
+            rule
+            for obj in objects
+            if obj["kind"] in ("Role", "ClusterRole")
+            for rule in obj.get("rules") or []
+            if "argoproj.io" in rule.get("apiGroups", [])
+        ]
+
+    assert rollout_rules(False) == []  # the manager never watches Rollouts then
+    enabled = rollout_rules(True)
+    assert enabled and all(r["resources"] == ["rollouts"] for r in enabled)
+    assert all({"list", "watch", "patch"} <= set(r["verbs"]) for r in enabled)

@@ -315,7 +315,14 @@ class Engagements:
             found = self.manager.view.workloads.get((kind, namespace, name))
             if found is not None:
                 return dict(found)
-        raise RpcError(Code.NOT_FOUND, f"no workload named {name} in namespace {namespace}")
+        # Rollouts are not even watched unless enabled: say how, in case it is one.
+        hint = (
+            ""
+            if "argoRollouts" in self.manager.config.workloads
+            else " (Argo Rollouts are seen only with the Helm value "
+            "workloads.argoRollouts.enabled=true)"
+        )
+        raise RpcError(Code.NOT_FOUND, f"no workload named {name} in namespace {namespace}{hint}")
 
     @staticmethod
     def _choose(

@@ -146,6 +146,13 @@ class Manager:
         if ref and owner:
             self.enqueue(owner, meta["namespace"], ref["name"])
 
+    def _wake_replicaset_owner(self, namespace: str, name: str) -> None:
+        rs = self.api.store.get("apps/replicasets", namespace, name)
+        ref = controller_of(rs) if rs is not None else None
+        owner = _REPLICASET_OWNERS.get(str((ref or {}).get("kind")))
+        if ref and owner:
+            self.enqueue(owner, namespace, ref["name"])
+
     def _on_service(self, event: Event) -> None:
         meta = event.obj["metadata"]
         self.enqueue("endpoints", meta["namespace"], meta["name"])
@@ -160,6 +167,10 @@ class Manager:
             ref = controller_of(obj)
             if ref and ref.get("kind") == "ReplicaSet":
                 self.enqueue("replicaset", ns, ref["name"])
+                if event.type == "DELETED":
+                    # A terminating pod is already out of its set's status, so its removal
+                    # changes no ReplicaSet: wake the set's owner (Recreate waits for this).
+                    self._wake_replicaset_owner(ns, ref["name"])
             elif ref and ref.get("kind") == "StatefulSet":
                 self.enqueue("statefulset", ns, ref["name"])
         labels = [meta.get("labels") or {}]
