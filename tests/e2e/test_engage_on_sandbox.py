@@ -141,7 +141,9 @@ def installed(node_sandbox: NodeSandbox) -> Iterator[NodeSandbox]:  # noqa: F811
 
 
 def connect(env: dict[str, str], sandbox: NodeSandbox) -> None:
-    connected = run_tele(env, "connect", "--kubeconfig", str(sandbox.kubeconfig), timeout=120)
+    connected = run_tele(
+        env, "connect", "--no-vif", "--kubeconfig", str(sandbox.kubeconfig), timeout=120
+    )
     assert connected.returncode == 0, connected.stderr
 
 

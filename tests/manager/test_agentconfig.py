@@ -144,3 +144,56 @@ def test_only_named_ports_need_no_privileges() -> None:
     }
     patched = jsonpatch.apply_patch(pod, pod_patch(pod, config))
     assert "initContainers" not in patched["spec"]
+
+
+def test_a_replaced_container_leaves_the_pod_and_the_agent_owns_its_ports() -> None:
+    # Two Service ports lead to the same container port 8080, one to 9090 (numeric target).
+    services = [service("api", "http"), service("alias", "http", 81), service("metrics", 9090)]
+    workload = deployment()
+    plain = generate(workload=workload, services=services, manager_namespace="a", agent_image="i")
+    config = generate(
+        workload=workload,
+        services=services,
+        manager_namespace="a",
+        agent_image="i",
+        replaced=["app"],
+    )
+    assert config.replaced() == ["app"]
+    [app, sidecar] = config.containers
+    # Each container port once, owned directly (agent port = container port), names kept.
+    assert sorted((i.container_port, i.agent_port) for i in app.intercepts) == [
+        (8080, 8080),
+        (9090, 9090),
+    ]
+    assert sidecar.intercepts == plain.containers[1].intercepts  # other containers unchanged
+    pod = {"metadata": {"name": "p"}, "spec": workload["spec"]["template"]["spec"]}
+    patched = jsonpatch.apply_patch(pod, pod_patch(pod, config))
+    assert [c["name"] for c in patched["spec"]["containers"]] == ["sidecar", AGENT_CONTAINER]
+    agent = patched["spec"]["containers"][1]
+    assert agent["ports"] == [
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"containerPort": 9090, "protocol": "TCP"},
+    ]
+    # The app's env and volumes still reach the agent; no redirect (no NET_ADMIN) is needed.
+    assert {"name": "_TEL_APP_A_DB", "value": "pg"} in agent["env"]
+    assert {"name": "cfg", "mountPath": "/tel_app_mounts/app/etc/cfg"} in agent["volumeMounts"]
+    assert "initContainers" not in patched["spec"]
+
+
+def test_a_worker_without_ports_can_be_configured_for_replace_and_ingest() -> None:
+    workload = deployment()
+    workload["spec"]["template"]["spec"]["containers"] = [{"name": "w", "image": "worker"}]
+    with pytest.raises(NotInterceptable):
+        generate(workload=workload, services=[], manager_namespace="a", agent_image="i")
+    config = generate(
+        workload=workload,
+        services=[],
+        manager_namespace="a",
+        agent_image="i",
+        replaced=["w"],
+        require_service=False,
+    )
+    pod = {"metadata": {"name": "p"}, "spec": workload["spec"]["template"]["spec"]}
+    patched = jsonpatch.apply_patch(pod, pod_patch(pod, config))
+    assert [c["name"] for c in patched["spec"]["containers"]] == [AGENT_CONTAINER]
+    assert patched["spec"]["containers"][0]["ports"] == []
