@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tele.cli.quick import wait_process_gone
 from tele.daemon.mounts import mount_problem
-from tests.daemon_util import DaemonGuard, run_tele
+from tests.daemon_util import DaemonGuard, run_tele, runtime_dir
 from tests.e2e import install_manager, kubectl
 from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
@@ -183,3 +186,54 @@ def test_intercept_mounts_the_pods_volumes_and_leave_unmounts(
     finally:
         run_tele(tele_env, "quit")
         run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+
+
+def test_a_killed_daemons_mount_is_undone_when_the_next_daemon_starts(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    mount_dir: Path,
+) -> None:
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, tele_env)
+    try:
+        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+        kubectl(
+            node_sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=files", "--timeout=90s"
+        )
+        connect = ("connect", "--kubeconfig", kubeconfig)
+        assert run_tele(tele_env, *connect, timeout=120).returncode == 0
+        engaged = run_tele(
+            tele_env, "intercept", "files", "--port", "8089", "--mount", str(mount_dir), timeout=120
+        )
+        assert engaged.returncode == 0, engaged.stderr
+        assert (mount_dir / "etc" / "settings" / "app.conf").read_text() == "color=blue\n"
+
+        # A daemon that dies alone takes its mounts along (sshfs exits, and unmounts, when its
+        # connection closes); a crash that kills sshfs too leaves a dead mount behind.
+        daemon = int((runtime_dir(tele_env) / "daemon.pid").read_text())
+        for pid in [_sshfs_of(mount_dir), daemon]:
+            os.kill(pid, signal.SIGKILL)
+            assert wait_process_gone(pid, timeout=10)
+        assert str(mount_dir) in Path("/proc/self/mountinfo").read_text()
+
+        # The next daemon (started by connect) unmounts it before anything else.
+        assert run_tele(tele_env, *connect, timeout=120).returncode == 0
+        assert str(mount_dir) not in Path("/proc/self/mountinfo").read_text()
+        assert not mount_dir.exists()
+    finally:
+        run_tele(tele_env, "quit")
+        run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+
+
+def _sshfs_of(mount_dir: Path) -> int:
+    """The pid of the sshfs process serving `mount_dir` (the daemon's child)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"sshfs") and str(mount_dir).encode() in argv:
+                return int(entry.name)
+    raise AssertionError(f"no sshfs process serves {mount_dir}")

@@ -456,10 +456,19 @@ async def _start_sshfs(
 
             race.start_soon(until_mounted)
             race.start_soon(until_exited)
+        failed = ""
         if process.returncode is None and mounted_at(directory) is not None:
-            return process
+            # sshfs mounts first and connects after: only an answer through the mount proves
+            # the connection (a directory listing: the kernel may answer a stat of the root).
+            with trio.move_on_after(MOUNT_TIMEOUT):
+                try:
+                    await trio.to_thread.run_sync(os.listdir, directory, abandon_on_cancel=True)
+                except OSError as exc:
+                    failed = exc.strerror or str(exc)
+                if not failed and process.returncode is None:
+                    return process
         if process.returncode is None:
-            detail = f"no mount after {MOUNT_TIMEOUT:g}s"
+            detail = failed or f"no working mount after {MOUNT_TIMEOUT:g}s"
         else:
             with trio.move_on_after(1):
                 await ended.wait()  # its last words
