@@ -201,7 +201,7 @@ def test_a_killed_daemons_mount_is_undone_when_the_next_daemon_starts(
         kubectl(
             node_sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=files", "--timeout=90s"
         )
-        connect = ("connect", "--kubeconfig", kubeconfig)
+        connect = ("connect", "--no-vif", "--kubeconfig", kubeconfig)
         assert run_tele(tele_env, *connect, timeout=120).returncode == 0
         engaged = run_tele(
             tele_env, "intercept", "files", "--port", "8089", "--mount", str(mount_dir), timeout=120
