@@ -8,6 +8,7 @@ import copy
 from typing import Any
 
 import trio
+import trio.testing
 
 from tele.sandbox.apiserver.auth import User
 from tele.sandbox.apiserver.kinds import by_kind
@@ -116,3 +117,73 @@ async def test_rolling_update_keeps_within_surge_and_availability() -> None:
 async def test_recreate_removes_old_pods_first() -> None:
     seen = await _roll({"type": "Recreate"})
     assert all(old == 0 for old, new, _ in seen if new > 0)
+
+
+async def _graceful_kubelet(
+    api: Api, release: trio.Event, *, task_status: trio.TaskStatus[None]
+) -> None:
+    """Bind each new pod to a node and make it Ready; pods being deleted (they have a grace
+    period, being on a node) are finished only once `release` is set, as after a long grace."""
+    send, recv = trio.open_memory_channel[str](1000)
+
+    def on_pod(event: Event) -> None:
+        if event.type == "ADDED" or event.obj["metadata"].get("deletionTimestamp"):
+            send.send_nowait(event.obj["metadata"]["name"])
+
+    unsubscribe = api.store.subscribe("/pods", on_pod)
+    task_status.started()
+    try:
+        async for name in recv:
+            live = api.store.get("/pods", "default", name)
+            if live is None:
+                continue
+            if live["metadata"].get("deletionTimestamp"):
+                await release.wait()
+                await api.delete(POD, "default", name, {"gracePeriodSeconds": 0}, CTX)
+            elif not live["spec"].get("nodeName"):
+                await api.bind("default", name, {"target": {"name": "node"}}, CTX)
+                body = copy.deepcopy(api.store.get("/pods", "default", name))
+                body["status"] = {
+                    "phase": "Running",
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                }
+                await api.update(POD, "default", name, body, CTX, subresource="status")
+    finally:
+        unsubscribe()
+
+
+async def test_recreate_goes_on_when_graceful_pods_are_gone() -> None:
+    api = Api()
+    api.bootstrap()
+    release = trio.Event()
+    goal = {"version": "", "reached": trio.Event()}
+
+    def on_pod(_: Event) -> None:
+        pods = api.store.objects("/pods", "default")
+        if len(pods) == 4 and all(
+            (p["metadata"].get("annotations") or {}).get("v", "") == goal["version"]
+            and (p.get("status") or {}).get("conditions")
+            for p in pods
+        ):
+            goal["reached"].set()  # type: ignore[attr-defined]
+
+    api.store.subscribe("/pods", on_pod)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_graceful_kubelet, api, release)
+        await nursery.start(Manager(api).serve)
+        await api.create(DEPLOY, "default", _deployment({"type": "Recreate"}), CTX)
+        with trio.fail_after(10):
+            await goal["reached"].wait()  # type: ignore[attr-defined]
+        goal.update(version="2", reached=trio.Event())
+        live = api.store.get(DEPLOY.key, "default", "web")
+        assert live is not None
+        body = copy.deepcopy(live)
+        body["spec"]["template"]["metadata"]["annotations"] = {"v": "2"}
+        await api.update(DEPLOY, "default", "web", body, CTX)
+        # The controllers settle while the old pods terminate; only then do they go.
+        await trio.testing.wait_all_tasks_blocked()
+        assert all(p["metadata"].get("deletionTimestamp") for p in api.store.objects("/pods"))
+        release.set()
+        with trio.fail_after(10):
+            await goal["reached"].wait()  # type: ignore[attr-defined]
+        nursery.cancel_scope.cancel()
