@@ -6,6 +6,8 @@ its objects away; a malformed CRD is refused the way Kubernetes refuses it."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 import uuid
 from typing import Any
@@ -221,3 +223,32 @@ def test_a_malformed_crd_is_refused(sandbox: Sandbox, group: str, change: Any, f
         assert field in [c["field"] for c in status["details"]["causes"]]
     finally:
         api_client.close()
+
+
+def test_sandbox_up_with_argo_rollouts(tele_env: dict[str, str]) -> None:
+    def tele(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["tele", *args], env=tele_env, capture_output=True, text=True, timeout=90, check=False
+        )
+
+    try:
+        for _ in range(2):  # a second `up` finds the sandbox and the CRD there: both kept
+            started = tele("sandbox", "up", "--name", "argo", "--with", "argo-rollouts")
+            assert started.returncode == 0, started.stderr
+        path = tele("sandbox", "kubeconfig", "--name", "argo", "--path").stdout.strip()
+        crds = subprocess.run(
+            ["kubectl", "--kubeconfig", path, "get", "crd", "-o", "name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "HOME": tele_env["HOME"]},
+            check=False,
+        )
+        if crds.returncode != 127:
+            assert crds.stdout.split() == [
+                "customresourcedefinition.apiextensions.k8s.io/rollouts.argoproj.io"
+            ]
+        unknown = tele("sandbox", "up", "--name", "argo", "--with", "istio")
+        assert unknown.returncode == 2 and "istio" in unknown.stderr
+    finally:
+        tele("sandbox", "down", "--name", "argo")
