@@ -110,7 +110,9 @@ async def handle_connection(
             await _serve_http(stream, upstreams, app_protocol)
             return
         try:
-            target = await upstreams.open(whole)
+            # Whole connections are relayed as they come (TLS included): only the http
+            # mechanism decrypts, so only it re-encrypts towards the app.
+            target = await dataclasses.replace(upstreams, tls=None).open(whole)
         except UpstreamFailed as exc:
             log.warning("%s", exc)
             abort(stream)

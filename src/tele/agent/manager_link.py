@@ -52,6 +52,7 @@ def identity(
         mount_policies={c.name: dict(c.mount_policies) for c in config.containers},
         sftp_port=sftp_port,
         replaced=config.replaced(),
+        terminates_tls=bool(settings.tls_cert),
     )
 
 

@@ -237,6 +237,12 @@ to_pod_option = click.option(
 @click.option("--http-path-equal", multiple=True, help="Only requests for this exact path.")
 @click.option("--http-path-prefix", multiple=True, help="Only requests whose path starts so.")
 @click.option("--http-path-regex", multiple=True, help="Only requests whose path matches.")
+@click.option(
+    "--http-plaintext",
+    is_flag=True,
+    help="Send requests the agent decrypted (the workload has a terminating TLS secret) to the "
+    "local handler in plaintext instead of TLS.",
+)
 @env_file_option
 @env_json_option
 @to_pod_option
@@ -261,6 +267,7 @@ def intercept(
     http_path_equal: tuple[str, ...],
     http_path_prefix: tuple[str, ...],
     http_path_regex: tuple[str, ...],
+    http_plaintext: bool,
     env_file: Path | None,
     env_json: Path | None,
     to_pod: tuple[str, ...],
@@ -301,6 +308,7 @@ def intercept(
         kind="replace" if replace else "intercept",
         to_pod=_to_pod(to_pod),
         mount=_mount(mount),
+        http_plaintext=http_plaintext,
     )
     _engage(
         request,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -24,10 +25,54 @@ DialBack = Callable[[Destination, str], Awaitable[H2Stream]]
 Target = Callable[[str, int], tuple[str, int] | None]
 """Where the local handler of (engagement id, container port) listens (None: not ours, or
 gone)."""
+LocalTls = Callable[[str], ssl.SSLContext | None]
+"""For an engagement id, the TLS context to speak to its local handler with (None: plaintext).
+The agent decrypted the callers' TLS to read their requests; a local handler that is the same
+app as the cluster's speaks TLS as it does, unless the user said `--http-plaintext`."""
+
+
+def _plaintext(_: str) -> ssl.SSLContext | None:
+    return None
+
+
+def local_tls_context() -> ssl.SSLContext:
+    """TLS towards a local handler on this machine: its certificate is the workload's (made
+    for the cluster's names), so neither the name nor the issuer is checked."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class _TlsToLocal(trio.abc.HalfCloseableStream):
+    """A TLS stream to the local handler for `splice`: TLS has no half-close, so the caller's
+    end of request is not passed on (the handler answers and the agent ends the exchange)."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self.stream = stream
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 async def serve_dial_backs(
-    client: Client, session_id: str, dial_back: DialBack, target: Target
+    client: Client,
+    session_id: str,
+    dial_back: DialBack,
+    target: Target,
+    local_tls: LocalTls = _plaintext,
 ) -> None:
     """Follow WATCH_DIALS until it ends; each request is served on its own task.
 
@@ -40,32 +85,33 @@ async def serve_dial_backs(
             request = SessionRequest(session_id=session_id)
             async with client.stream(aapi.WATCH_DIALS, request) as dials:
                 async for dial in dials:
-                    nursery.start_soon(_serve_one, dial, dial_back, target)
+                    nursery.start_soon(_serve_one, dial, dial_back, target, local_tls)
         except RpcError as exc:
             failure = exc
     if failure is not None:
         raise failure
 
 
-async def _serve_one(dial: aapi.DialRequest, dial_back: DialBack, target: Target) -> None:
+async def _serve_one(
+    dial: aapi.DialRequest, dial_back: DialBack, target: Target, local_tls: LocalTls
+) -> None:
     """One engaged connection; whatever goes wrong with it stays with it."""
     try:
-        await _relay(dial, dial_back, target)
+        await _relay(dial, dial_back, target, local_tls)
     except Exception:
         log.exception("engaged connection for %s failed", dial.engagement_id)
 
 
-async def _relay(dial: aapi.DialRequest, dial_back: DialBack, target: Target) -> None:
+async def _relay(
+    dial: aapi.DialRequest, dial_back: DialBack, target: Target, local_tls: LocalTls
+) -> None:
     where = target(dial.engagement_id, dial.original_port)
     destination = Destination(
         Protocol.TCP, ipaddress.ip_address(dial.original_host), dial.original_port
     )
-    local: trio.SocketStream | None = None
+    local: trio.abc.HalfCloseableStream | None = None
     if where is not None:
-        try:
-            local = await trio.open_tcp_stream(*where)
-        except OSError as exc:
-            log.warning("engaged connection: local handler %s:%d: %s", *where, exc.strerror or exc)
+        local = await _open_local(where, local_tls(dial.engagement_id))
     try:
         stream = await dial_back(destination, dial.dial_id)
     except (TunnelError, RpcError) as exc:
@@ -82,3 +128,31 @@ async def _relay(dial: aapi.DialRequest, dial_back: DialBack, target: Target) ->
             await splice(stream, local)
         finally:
             stream.close()
+
+
+async def _open_local(
+    where: tuple[str, int], tls: ssl.SSLContext | None
+) -> trio.abc.HalfCloseableStream | None:
+    """The connection to the local handler (TLS when `tls`), or None with the reason logged."""
+    try:
+        plain = await trio.open_tcp_stream(*where)
+    except OSError as exc:
+        log.warning("engaged connection: local handler %s:%d: %s", *where, exc.strerror or exc)
+        return None
+    if tls is None:
+        return plain
+    # https_compatible: HTTP servers close without TLS's close_notify; that is an end, not a
+    # failure.
+    secured = trio.SSLStream(plain, tls, server_hostname=where[0], https_compatible=True)
+    try:
+        await secured.do_handshake()
+    except (trio.BrokenResourceError, ssl.SSLError) as exc:
+        log.warning(
+            "engaged connection: the local handler %s:%d does not speak TLS (%s); "
+            "use --http-plaintext for a plaintext handler",
+            *where,
+            exc.__cause__ or exc,
+        )
+        await plain.aclose()
+        return None
+    return _TlsToLocal(secured)

@@ -19,6 +19,7 @@ import getpass
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
@@ -28,7 +29,7 @@ import msgspec
 import trio
 
 from tele import __version__
-from tele.daemon.engage import serve_dial_backs
+from tele.daemon.engage import local_tls_context, serve_dial_backs
 from tele.daemon.forward import serve_forward, serve_udp_forward
 from tele.daemon.mounts import MountFlag, Mounts, tunnel_forwarder
 from tele.errors import ConnectionFailed, TeleError, UserError, single_leaf
@@ -150,6 +151,8 @@ class ClusterSession:
         self.engaged: dict[str, aapi.EngagementInfo] = {}
         # What the user asked for, by engagement name: engaged again after a new arrival.
         self.engage_requests: dict[str, dapi.InterceptRequest] = {}
+        # Per engagement id: TLS towards the local handler (decrypted callers' requests).
+        self.local_tls: dict[str, ssl.SSLContext] = {}
         self.targets: dict[str, dict[int, tuple[str, int]]] = {}
         """Per engagement id: container port -> the local handler's address."""
         self._local_sides: dict[str, trio.CancelScope] = {}
@@ -489,6 +492,8 @@ class ClusterSession:
             info, local=[_host_port(*targets[p.container_port]) for p in info.ports]
         )
         self.targets[info.id] = targets
+        if info.decrypted and not request.http_plaintext:
+            self.local_tls[info.id] = local_tls_context()
         # Ingest gives the volumes read-only (as Telepresence's does).
         info = await self.mounts.attach(info, mount.read_only_if(request.kind == "ingest"))
         self.engaged[info.name] = info
@@ -567,6 +572,8 @@ class ClusterSession:
                     continue
                 if info.id != old.id:  # the manager could not keep it: follow the new one
                     self.targets[info.id] = self.targets.pop(old.id, {})
+                    if old.id in self.local_tls:
+                        self.local_tls[info.id] = self.local_tls.pop(old.id)
                 self.engaged[name] = msgspec.structs.replace(old, id=info.id, pod_ips=info.pod_ips)
                 log.info("engaged %s again in the new session", name)
 
@@ -634,6 +641,7 @@ class ClusterSession:
         if info is not None:
             await self.mounts.detach(info.id)
             self.targets.pop(info.id, None)
+            self.local_tls.pop(info.id, None)
         self.engaged.pop(name, None)
         self.engage_requests.pop(name, None)
 
@@ -649,7 +657,9 @@ class ClusterSession:
                         destination, session=self.session_id(), dial_id=dial_id
                     )
 
-                await serve_dial_backs(client, self.session_id(), dial_back, self._target)
+                await serve_dial_backs(
+                    client, self.session_id(), dial_back, self._target, self.local_tls.get
+                )
             except RpcError as exc:
                 log.debug("dial-back watch ended: %s", exc.message)
             with trio.move_on_after(5):

@@ -43,6 +43,9 @@ LEGACY_PREFIX = "telepresence.getambassador.io/"
 INJECT_ANNOTATION = "inject-traffic-agent"
 MOUNT_POLICIES_ANNOTATION = "mount-policies"
 IGNORE_VOLUMES_ANNOTATION = "inject-ignore-volume-mounts"
+TERMINATING_TLS_ANNOTATION = "inject-terminating-tls-secret"
+TLS_VOLUME = "traffic-agent-terminating-tls"
+TLS_DIR = "/var/run/secrets/tele/terminating-tls"
 MOUNT_POLICIES = ("Ignore", "Local", "Remote", "RemoteReadOnly")
 REMOTE_POLICIES = ("Remote", "RemoteReadOnly")
 MOUNT_PREFIX = "/tel_app_mounts"
@@ -95,6 +98,8 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     agent_image: str
     log_level: str = "info"
     containers: list[ContainerConfig] = []
+    terminating_tls_secret: str = ""
+    """A kubernetes.io/tls Secret the agent decrypts callers' TLS with (http mechanism)."""
 
     def intercepts(self) -> list[tuple[str, Intercept]]:
         return [(c.name, i) for c in self.containers for i in c.intercepts]
@@ -295,6 +300,7 @@ def generate(
         agent_image=agent_image,
         log_level=log_level,
         containers=configs,
+        terminating_tls_secret=annotation(template, TERMINATING_TLS_ANNOTATION) or "",
     )
 
 
@@ -418,6 +424,12 @@ def pod_patch(pod: Obj, config: AgentConfig) -> list[dict[str, Any]]:
             "value": agent_container(config, containers, agent_ports),
         }
     )
+    if config.terminating_tls_secret:
+        volume = {"name": TLS_VOLUME, "secret": {"secretName": config.terminating_tls_secret}}
+        if spec.get("volumes") is None:
+            ops.append({"op": "add", "path": "/spec/volumes", "value": [volume]})
+        else:
+            ops.append({"op": "add", "path": "/spec/volumes/-", "value": volume})
     # Last, and from the end: earlier ops address containers by their original index.
     ops.extend({"op": "remove", "path": f"/spec/containers/{i}"} for i in reversed(removed))
     if numeric:
@@ -482,6 +494,12 @@ def agent_container(
             if policy == "RemoteReadOnly":
                 exported["readOnly"] = True
             mounts.append(exported)
+    if config.terminating_tls_secret:
+        mounts.append({"name": TLS_VOLUME, "mountPath": TLS_DIR, "readOnly": True})
+        env += [
+            {"name": "_TEL_AGENT_TLS_CERT", "value": f"{TLS_DIR}/tls.crt"},
+            {"name": "_TEL_AGENT_TLS_KEY", "value": f"{TLS_DIR}/tls.key"},
+        ]
     return {
         "name": AGENT_CONTAINER,
         "image": config.agent_image,

@@ -247,6 +247,7 @@ class Engagements:
             mounts=agents[0].mounts.get(container, []) if agents else [],
             **_mount_fields(agents, container),
             kind=request.kind,
+            decrypted=mechanism == "http" and any(a.terminates_tls for a in agents),
             ports=[
                 aapi.EngagedPort(
                     container_port=i.container_port,

@@ -68,6 +68,9 @@ class AgentIdentity(msgspec.Struct, frozen=True, kw_only=True):
     it cannot (no sftp-server in its image)."""
     replaced: list[str] = []
     """The containers this agent's pod was made without (its configuration replaces them)."""
+    terminates_tls: bool = False
+    """The agent decrypts callers' TLS with the workload's certificate (the pod template's
+    inject-terminating-tls-secret annotation), so http engagements reach clients decrypted."""
 
 
 class AgentSessionInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -140,6 +143,10 @@ class EngagementInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Every port engaged, in the order the request named them (none for an ingest)."""
     local: list[str] = []
     """Set by the client's daemon: the local handler (host:port) of each of `ports`."""
+    decrypted: bool = False
+    """Callers spoke TLS and the agent decrypted their requests (an http engagement of a
+    workload with a terminating TLS secret): the client re-encrypts towards its local handler
+    unless the user asked for plaintext (`--http-plaintext`)."""
 
 
 class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):

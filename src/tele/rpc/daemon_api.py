@@ -137,6 +137,9 @@ class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True):
     each to the same local port number). Empty: `local_port` and `port` (intercept)."""
     to_pod: list[str] = []
     """`PORT` or `PORT/UDP`: localhost:PORT reaches the engaged pod's PORT while engaged."""
+    http_plaintext: bool = False
+    """Requests the agent decrypted (a workload with a terminating TLS secret) go to the local
+    handler in plaintext instead of over TLS."""
 
 
 class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):
