@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import socket
 import tempfile
 import threading
 import urllib.request
@@ -197,6 +198,19 @@ def test_multi_port_intercept_to_pod_and_ingest(
 ) -> None:
     sandbox = installed
     connect(tele_env, sandbox)
+    # A --to-pod port that is taken here: one sentence, and the engagement is undone.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        refused = run_tele(
+            tele_env, "intercept", "echo", "-p", "8080:http", "--to-pod", str(busy), timeout=120
+        )
+    assert refused.returncode == 1
+    assert single_error_line(refused).startswith(f"tele: local port {busy}/TCP on 127.0.0.1 is")
+    assert "Intercepts:         0 total" in run_tele(tele_env, "status").stdout
+    assert "echo (intercepted" not in run_tele(tele_env, "list").stdout
+
     with laptop_server("http port") as http_port, laptop_server("alt port") as alt_port:
         engaged = run_tele(
             tele_env,

@@ -1,0 +1,48 @@
+"""intercept / replace / ingest flags that are refused before anything reaches the daemon: one
+sentence on stderr and exit 1 (no daemon is started for them)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.daemon_util import DaemonGuard, run_tele, single_error_line
+
+
+@pytest.mark.parametrize(
+    ("args", "sentence"),
+    [
+        (
+            ["intercept", "echo", "--to-pod", "99999"],
+            "tele: --to-pod '99999' must be PORT or PORT/UDP (a port from 1 to 65535)",
+        ),
+        (
+            ["replace", "echo", "--to-pod", "53/SCTP"],
+            "tele: --to-pod '53/SCTP' must be PORT or PORT/UDP (a port from 1 to 65535)",
+        ),
+        (
+            ["replace", "echo", "-p", "80", "-p", "80:http"],
+            "tele: each --port needs its own local port",
+        ),
+        (
+            ["intercept", "echo", "-p", "x:http"],
+            "tele: --port 'x:http': the local port must be a number from 1 to 65535",
+        ),
+        (["ingest", "echo"], "tele: Not connected; run `tele connect` first."),
+    ],
+)
+def test_bad_engage_flags_are_one_sentence(
+    tele_env: dict[str, str], guard: DaemonGuard, args: list[str], sentence: str
+) -> None:
+    result = run_tele(tele_env, *args)
+    assert result.returncode == 1
+    assert single_error_line(result) == sentence
+    assert guard.daemons() == []
+
+
+def test_intercept_replace_is_deprecated(tele_env: dict[str, str], guard: DaemonGuard) -> None:
+    result = run_tele(tele_env, "intercept", "echo", "--replace")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "tele: --replace is deprecated and will be removed; use `tele replace` instead.",
+        "tele: Not connected; run `tele connect` first.",
+    ]
