@@ -134,3 +134,37 @@ async def test_keepalive_fails_a_silent_link(mock_clock: trio.testing.MockClock)
             await link.wait_closed()
         assert link.failure is not None and "keepalive" in link.failure
     await right.aclose()
+
+
+async def test_stream_limit_holds_while_closed_streams_are_swept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Open streams are counted cheaply (the streams h2 holds, closed ones included, bound the
+    count), yet the peer's limit is exact: with a limit of 8, hundreds of streams opened and
+    finished one after another never trip it, and a 9th concurrent one waits for a free slot."""
+    settings = LinkSettings(max_concurrent_streams=8)
+    headers = [(":method", "CONNECT"), (":authority", "a:1")]
+    async with trio.open_nursery() as nursery:
+        link, incoming = await open_link_pair(nursery, settings=settings)
+        with trio.fail_after(20):
+            for _ in range(300):
+                client = await link.open_stream(headers)
+                server = await incoming.receive()
+                await client.send_eof()
+                await server.send_eof()
+                assert await client.receive_some() == b""
+                assert await server.receive_some() == b""
+                client.close()
+                server.close()
+            held = [await link.open_stream(headers) for _ in range(8)]
+            servers = [await incoming.receive() for _ in range(8)]
+            with trio.move_on_after(0.2) as blocked:
+                await link.open_stream(headers)
+            assert blocked.cancelled_caught  # the 9th waits for the peer's limit
+            held[0].reset()
+            ninth = await link.open_stream(headers)
+            assert (await incoming.receive()).stream_id == ninth.stream_id
+            assert link.is_open
+        for stream in [*held, *servers]:
+            stream.close()
+        nursery.cancel_scope.cancel()
