@@ -26,7 +26,16 @@ from tele.rpc.client import open_client
 from tele.rpc.h2link import H2Link, H2Stream, LinkSettings, StreamReset, open_link, serve_link
 from tele.rpc.method import Unary
 from tele.rpc.server import Router, serve_connection
-from tele.rpc.tunnel import READ_SIZE, TunnelError, TunnelServer, dial, reset, reset_reason
+from tele.rpc.tunnel import (
+    READ_SIZE,
+    TunnelError,
+    TunnelServer,
+    connect_tcp,
+    dial,
+    reset,
+    reset_reason,
+    splice,
+)
 
 LOCALHOST = ipaddress.ip_address("127.0.0.1")
 SESSION = "test-session"
@@ -298,6 +307,62 @@ async def test_refusals_carry_their_reason() -> None:
         bad = await link.open_stream([(":method", "CONNECT"), (":authority", "example.com:80")])
         response = codec.decode_response(await bad.receive_response())
         assert response == codec.Refuse(ResetReason.PROTOCOL)
+        assert link.is_open
+
+
+async def test_optimistic_open_sends_before_accept_and_refusals_keep_their_reason() -> None:
+    """An optimistic OPEN returns before ACCEPT and its first bytes reach the destination; a
+    refused one raises the refusal's reason from the next receive (and send), and `splice`
+    turns it into a reset of the local connection with that reason."""
+    closed = trio.socket.socket()
+    await closed.bind(("127.0.0.1", 0))
+    refused = Destination(Protocol.TCP, LOCALHOST, closed.getsockname()[1])
+    closed.close()
+    connector_entered = trio.Event()
+    release_dial = trio.Event()
+
+    async def gated_connect(destination: Destination) -> trio.SocketStream:
+        connector_entered.set()
+        await release_dial.wait()  # hold the dial: ACCEPT cannot have been sent before this
+        return await connect_tcp(destination)
+
+    server = TunnelServer(connector=gated_connect)
+    async with tcp_server(echo) as destination, tunnel_link(server) as link:
+        with trio.fail_after(10):
+            stream = await dial(link, destination, session=SESSION, optimistic=True)
+            await stream.send_all(b"sent before accept")
+            await stream.send_eof()
+            await connector_entered.wait()
+            assert stream.response_headers is None
+            release_dial.set()
+            received = b""
+            while chunk := await stream.receive_some():
+                received += chunk
+            assert received == b"sent before accept"
+            await stream.aclose()
+
+            stream = await dial(link, refused, session=SESSION, optimistic=True)
+            await stream.send_all(b"nobody will read this")
+            release_dial.set()
+            with pytest.raises(TunnelError, match="refused the connection") as info:
+                await stream.receive_some()
+            assert info.value.reason is ResetReason.REFUSED
+            assert reset_reason(info.value) is ResetReason.REFUSED
+            with pytest.raises(TunnelError):
+                await stream.send_all(b"more")
+            await stream.aclose()
+
+            # Through splice, as a local relay uses it: the local peer sees a reset.
+            listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+            port = listener.socket.getsockname()[1]
+            stream = await dial(link, refused, session=SESSION, optimistic=True)
+            async with listener, await trio.open_tcp_stream("127.0.0.1", port) as app:
+                async with await listener.accept() as relay_end:
+                    outcome = await splice(stream, relay_end)
+                assert outcome is ResetReason.REFUSED
+                with pytest.raises(trio.BrokenResourceError):
+                    await app.receive_some()  # the relay end was closed with a reset
+            stream.close()
         assert link.is_open
 
 

@@ -11,6 +11,7 @@ flow-control credit only as a reader consumes, so a stalled reader stalls only i
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 import struct
@@ -55,6 +56,11 @@ class TunnelError(ConnectionFailed):
         self.reason = reason
 
 
+class TunnelRefused(TunnelError, trio.BrokenResourceError):
+    """REFUSE for a stream opened optimistically, raised by its send or receive calls; a
+    `trio.BrokenResourceError` too, so stream code (e.g. `splice`) treats it as a reset."""
+
+
 _REASON_TEXT: Final = {
     ResetReason.REFUSED: "refused the connection",
     ResetReason.UNREACHABLE: "is unreachable",
@@ -97,17 +103,27 @@ async def dial(
     *,
     session: str,
     dial_id: str | None = None,
+    optimistic: bool = False,
 ) -> H2Stream:
     """OPEN (or DIAL-BACK with `dial_id`) a tunnel stream and wait for ACCEPT.
 
     Returns the stream ready for DATA (a trio HalfCloseableStream: `send_eof` is HALF-CLOSE).
     Raises `TunnelError` for REFUSE, a reset, or a broken link. Cancellation resets the stream.
+
+    `optimistic=True` returns right after sending OPEN, without the round trip to ACCEPT: DATA
+    may follow the OPEN at once (the server holds it, within the stream window, until its dial
+    is up). A REFUSE then surfaces from the stream's next send or receive as `TunnelRefused`
+    with the reason, and whatever was sent is dropped. For callers that must know the outcome
+    before going on (the VIF answers a SYN only after the dial), leave it False.
     """
     request = OpenRequest(destination, session, dial_id)
     try:
         stream = await link.open_stream(request.to_headers())
     except LinkBroken as exc:
         raise TunnelError(ResetReason.INTERNAL, f"no tunnel to {destination}: {exc}") from exc
+    if optimistic:
+        stream.response_check = functools.partial(_judge_response, destination)
+        return stream
     try:
         headers = await stream.receive_response()
         response = decode_response(headers)
@@ -128,6 +144,20 @@ async def dial(
         stream.close()
         raise _tunnel_error(response.reason, destination)
     return stream
+
+
+def _judge_response(destination: Destination, headers: list[tuple[str, str]]) -> TunnelError | None:
+    """The answer to an optimistic OPEN: None for ACCEPT, else the error its stream raises."""
+    try:
+        response = decode_response(headers)
+    except TunnelProtocolError as exc:
+        log.warning("tunnel to %s: bad response: %s", destination, exc)
+        return TunnelRefused(
+            ResetReason.PROTOCOL, f"{destination} {_REASON_TEXT[ResetReason.PROTOCOL]}"
+        )
+    if isinstance(response, Refuse):
+        return TunnelRefused(response.reason, f"{destination} {_REASON_TEXT[response.reason]}")
+    return None
 
 
 # -- relaying ---------------------------------------------------------------------------------
