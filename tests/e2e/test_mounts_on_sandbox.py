@@ -237,3 +237,57 @@ def _sshfs_of(mount_dir: Path) -> int:
             if argv[0].endswith(b"sshfs") and str(mount_dir).encode() in argv:
                 return int(entry.name)
     raise AssertionError(f"no sshfs process serves {mount_dir}")
+
+
+# An ingesting handler: the secret reads, and every volume is read-only (even a Remote one).
+INGEST_HANDLER = """
+import errno, json, os, sys
+root = os.environ["TELEPRESENCE_ROOT"]
+seen = {"password": open(root + "/etc/creds/password", "rb").read().hex()}
+try:
+    open(root + "/scratch/from-ingest", "w").write("no")
+    seen["scratch"] = "written"
+except OSError as exc:
+    seen["scratch"] = errno.errorcode[exc.errno]
+json.dump(seen, open(sys.argv[1], "w"))
+"""
+
+
+def test_ingest_gives_a_readable_mounted_secret_read_only(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    mount_dir: Path,
+    tmp_path: Path,
+) -> None:
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, tele_env)
+    try:
+        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+        kubectl(
+            node_sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=files", "--timeout=90s"
+        )
+        connect = ("connect", "--no-vif", "--kubeconfig", kubeconfig)
+        assert run_tele(tele_env, *connect, timeout=120).returncode == 0
+        report = tmp_path / "seen.json"
+        ingested = run_tele(
+            tele_env,
+            "ingest",
+            "files",
+            "--mount",
+            str(mount_dir),
+            "--",
+            sys.executable,
+            "-c",
+            INGEST_HANDLER,
+            str(report),
+            timeout=180,
+        )
+        assert ingested.returncode == 0, ingested.stderr
+        seen = json.loads(report.read_text())
+        assert bytes.fromhex(seen["password"]) == SECRET
+        assert seen["scratch"] in ("EROFS", "EACCES", "EPERM")
+        assert str(mount_dir) not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        run_tele(tele_env, "quit")
+        run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
