@@ -76,6 +76,8 @@ class Engagements:
     )
     _replacing: dict[tuple[tuple[str, str, str], str], str] = field(default_factory=dict)
     """(workload key, container) of replaces being prepared -> the replacing client."""
+    _restarted: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """Workload key -> the generation our last restart patch made (its controller is rolling)."""
 
     def __post_init__(self) -> None:
         self._restores_send, self._restores_receive = trio.open_memory_channel[
@@ -530,6 +532,13 @@ class Engagements:
         return aapi.UninstallReply(removed=removed)
 
     async def _restart_workload(self, key: tuple[str, str, str], workload: dict[str, Any]) -> None:
+        # Once per spec: while the controller rolls out our last restart, the old pods are
+        # still there and their evictions still refused; restarting again would only make
+        # a new ReplicaSet per view change.
+        live = self.manager.view.workloads.get(key) or workload
+        generation = int((live.get("metadata") or {}).get("generation") or 0)
+        if generation and generation <= self._restarted.get(key, 0):
+            return
         resource = {
             "Deployment": k8s.DEPLOYMENTS,
             "StatefulSet": k8s.STATEFULSETS,
@@ -546,7 +555,8 @@ class Engagements:
                 }
             }
         }
-        await self.manager.kube.patch(resource, key[2], patch, key[1])
+        patched = await self.manager.kube.patch(resource, key[2], patch, key[1])
+        self._restarted[key] = int(patched["metadata"].get("generation") or 0)
 
     async def leave(self, request: aapi.LeaveRequest) -> Empty:
         active = self.active.pop((request.session_id, request.name), None)
