@@ -25,6 +25,7 @@ from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - th
 pytestmark = pytest.mark.netns
 
 APP_PORT = 18080  # also the --to-pod port on this machine: far from common local services
+L4_PORT = 19000  # a UDP (and TCP) echo in a second container, for --to-pod PORT/UDP
 
 APPS = f"""
 apiVersion: apps/v1
@@ -41,6 +42,9 @@ spec:
         image: tele-sandbox/echo
         ports: [{{name: http, containerPort: {APP_PORT}}}, {{name: alt, containerPort: 9090}}]
         env: [{{name: GREETING, value: hello}}, {{name: PORT, value: "{APP_PORT}"}}]
+      - name: l4
+        image: tele-sandbox/l4-echo
+        env: [{{name: PORT, value: "{L4_PORT}"}}]
 ---
 apiVersion: v1
 kind: Service
@@ -157,19 +161,24 @@ def test_replace_stops_the_container_and_leave_gives_it_back(
     # Bad input first: one sentence, and the pods are left as they were.
     unknown = run_tele(tele_env, "replace", "echo", "--container", "nope", timeout=60)
     assert unknown.returncode == 1
-    assert single_error_line(unknown) == "tele: echo has no container named nope (it has echo)"
-    assert containers_of(sandbox, "echo") == ["echo"]
+    assert single_error_line(unknown) == "tele: echo has no container named nope (it has echo, l4)"
+    several = run_tele(tele_env, "replace", "echo", timeout=60)
+    assert single_error_line(several) == (
+        "tele: echo has several containers (echo, l4); choose one with --container"
+    )
+    assert containers_of(sandbox, "echo") == ["echo", "l4"]
 
     with laptop_server("replaced by the laptop") as port:
         env_file = tmp_path / "echo.env"
         replaced = run_tele(
-            tele_env, "replace", "echo", "-p", f"{port}:http", "-e", str(env_file), timeout=120
-        )
+            tele_env, "replace", "echo", "-c", "echo", "-p", f"{port}:http", "-e", str(env_file),
+            timeout=120,
+        )  # fmt: skip
         assert replaced.returncode == 0, replaced.stderr
         assert "replaced: it does not run in the cluster" in replaced.stdout
         assert "GREETING=hello" in env_file.read_text()
         wait_rolled(sandbox, "echo")
-        assert containers_of(sandbox, "echo") == ["traffic-agent"]
+        assert containers_of(sandbox, "echo") == ["l4", "traffic-agent"]
         assert call(sandbox, "http://echo.default/") == "replaced by the laptop"
         status = run_tele(tele_env, "status").stdout
         assert f"echo: replaced Deployment default/echo -> 127.0.0.1:{port} (tcp)" in status
@@ -184,11 +193,11 @@ def test_replace_stops_the_container_and_leave_gives_it_back(
     listed = run_tele(tele_env, "list").stdout
     assert "worker (replaced by " in listed and "echo (replaced by " in listed
 
-    for name in ("echo", "worker"):
+    for name, containers in (("echo", ["echo", "l4"]), ("worker", ["worker"])):
         left = run_tele(tele_env, "leave", name, timeout=60)
         assert left.returncode == 0, left.stderr
         wait_rolled(sandbox, name)
-        assert containers_of(sandbox, name) == sorted([name, "traffic-agent"])
+        assert containers_of(sandbox, name) == sorted([*containers, "traffic-agent"])
     assert call(sandbox, "http://echo.default/").startswith('{"pod": "echo-')
     assert run_tele(tele_env, "quit").returncode == 0
 
@@ -222,6 +231,8 @@ def test_multi_port_intercept_to_pod_and_ingest(
             f"{alt_port}:9090",
             "--to-pod",
             str(APP_PORT),
+            "--to-pod",
+            f"{L4_PORT}/UDP",
             timeout=120,
         )
         assert engaged.returncode == 0, engaged.stderr
@@ -230,12 +241,18 @@ def test_multi_port_intercept_to_pod_and_ingest(
         # --to-pod: this machine's APP_PORT is the pod's (the app itself answers there).
         with urllib.request.urlopen(f"http://127.0.0.1:{APP_PORT}/", timeout=10) as answer:
             assert json.loads(answer.read())["pod"].startswith("echo-")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(10)
+            udp.sendto(b"datagram", ("127.0.0.1", L4_PORT))
+            assert udp.recvfrom(2048)[0] == b"datagram"
 
         # An ingest of the same container is no conflict; `-- cmd` gets the env, then leaves.
         out = tmp_path / "seen"
         ingested = run_tele(
             tele_env,
             "ingest",
+            "echo",
+            "-c",
             "echo",
             "--",
             "sh",
