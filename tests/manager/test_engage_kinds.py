@@ -204,3 +204,20 @@ async def test_multi_port_intercept_and_ingests_of_several_clients(
     # Ingests never reach the agent as traffic.
     assert [e.kind for e in agent.engagements] == ["intercept", "ingest"]
     assert [e.ports() for e in agent.engagements] == [[9901, 9900], []]
+
+
+async def test_a_new_manager_rolls_back_pods_nobody_replaces(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    manager, _ = await ready(nursery, kube)
+    # A pod as a previous manager made it for a replace of "app" (this one knows of none).
+    manager.agent_workloads.add(KEY)
+    manager.engagements._replacing[(KEY, "app")] = "someone@gone"
+    await made_by_webhook(manager, kube, "api-1-r")
+    del manager.engagements._replacing[(KEY, "app")]
+    assert await manager.engagements.restore_orphans() == [KEY]
+    assert await kube.get_or_none(k8s.PODS, "api-1-r", "default") is None
+    # Pods made without replaced containers are nobody's orphans.
+    await made_by_webhook(manager, kube, "api-1-b")
+    assert await manager.engagements.restore_orphans() == []
+    assert await kube.get_or_none(k8s.PODS, "api-1-b", "default") is not None

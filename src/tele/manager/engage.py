@@ -42,6 +42,9 @@ AGENT_LEASE = 15.0
 DIAL_BACK_TIMEOUT = 10.0
 MAX_PENDING_DIALS = 256
 MAX_PENDING_RESTORES = 1024
+ORPHAN_GRACE = 60.0
+"""Seconds a new manager gives replacing clients to engage again before it rolls back the
+pods they had replaced (their daemons do so as soon as they arrive anew)."""
 KINDS = ("intercept", "replace", "ingest")
 PAST_TENSE = {"intercept": "intercepted", "replace": "replaced", "ingest": "ingested"}
 
@@ -488,12 +491,41 @@ class Engagements:
         except ApiError as exc:
             log.warning("cannot roll %s %s/%s back after a replace: %s", *key, exc.message)
 
-    async def serve_restores(self) -> NoReturn:
+    async def serve_restores(self, *, orphan_grace: float = ORPHAN_GRACE) -> NoReturn:
         """Roll workloads back after replaces that ended with their session (which happens
-        in synchronous code: the reaper, a departure)."""
-        async for key in self._restores_receive:
-            await self._restore(key)
+        in synchronous code: the reaper, a departure); once, `orphan_grace` seconds after the
+        start, also those a previous manager left replaced (see `restore_orphans`)."""
+        async with trio.open_nursery() as nursery:
+
+            async def orphans() -> None:
+                await trio.sleep(orphan_grace)
+                await self.restore_orphans()
+
+            nursery.start_soon(orphans)
+            async for key in self._restores_receive:
+                await self._restore(key)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def restore_orphans(self) -> list[tuple[str, str, str]]:
+        """Roll back the workloads whose pods were made for a replace that nobody holds now:
+        a new manager pod starts without engagements, and a replacing client that does not
+        come back (its daemon engages again after arriving anew) must not leave the container
+        out for good. Returns the workloads rolled back."""
+        orphaned = set()
+        for (namespace, _), pod in list(self.manager.view.pods.items()):
+            config = agentconfig.pod_config(pod)
+            if not _live(pod) or config is None or not config.replaced():
+                continue
+            workload = self.manager.view.workload_of(pod, namespace)
+            if workload is None:
+                continue
+            key = (str(workload.get("kind")), namespace, str(workload["metadata"]["name"]))
+            if not set(config.replaced()) <= self.replaced_containers(key):
+                orphaned.add(key)
+        for key in sorted(orphaned):
+            log.info("rolling %s %s/%s back: no client replaces its container now", *key)
+            await self._restore(key)
+        return sorted(orphaned)
 
     async def uninstall(self, request: aapi.UninstallRequest) -> aapi.UninstallReply:
         """Remove the agent from workloads (all of the namespace's with `all_agents`)."""
