@@ -206,3 +206,22 @@ async def test_a_refused_eviction_restarts_the_rollout_by_merge_patch(
     )
     assert (info.workload_kind, info.service, info.container_port) == ("Rollout", "api", 8080)
     assert restarted() and restarts == 1
+
+
+async def test_rollouts_enabled_without_the_crd(
+    nursery: trio.Nursery, kube: KubeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, client = await start_manager(
+        nursery, kube, workloads=ALL_KINDS, missing_kind_retry=0.05
+    )
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+    assert await _listed(client, session) == {}  # the manager runs, with no Rollouts
+    await wait_for(
+        lambda: any(
+            "does not serve argoproj.io/v1alpha1 rollouts" in r.getMessage() for r in caplog.records
+        )
+    )
+    # Argo Rollouts installed later: the manager finds them.
+    await create_rollout(kube)
+    await wait_for(lambda: ("Rollout", "default", "api") in manager.view.workloads)
+    assert await _listed(client, session) == {"api": "Rollout"}

@@ -79,6 +79,8 @@ class ManagerConfig:
     agent_log_level: str = "info"
     mount_policies: dict[str, str] = field(default_factory=dict)
     """Helm `agent.mountPolicies`: volume name or mount path -> policy (agentconfig)."""
+    missing_kind_retry: float = 30.0
+    """Seconds between looks for an enabled kind the cluster does not serve (no Rollout CRD)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ManagerConfig:
@@ -359,18 +361,42 @@ class Manager:
                 await self._sessions_changed.wait()
 
     async def watch(self, kind: str, resource: k8s.Resource, namespace: str | None) -> None:
-        """Feed one kind (in one namespace, or all) into the view, forever."""
+        """Feed one kind (in one namespace, or all) into the view, forever.
+
+        A kind the cluster does not serve (Rollouts enabled, Argo Rollouts not installed) has
+        no objects: that is said once in the log and looked for again now and then.
+        """
         first = True
-        async with aclosing(self.kube.informer(resource, namespace)) as events:
-            async for event in events:
-                if event.type == "RELISTED":
-                    self.view.relist(kind, event.object["items"], namespace)
-                    if first and kind in self._ready:
-                        self._ready[kind].set()
-                    first = False
-                else:
-                    self.view.apply(kind, event.type, event.object)
-                self._changed()
+        missing = False
+        while True:
+            try:
+                async with aclosing(self.kube.informer(resource, namespace)) as events:
+                    async for event in events:
+                        if event.type == "RELISTED":
+                            self.view.relist(kind, event.object["items"], namespace)
+                            if first and kind in self._ready:
+                                self._ready[kind].set()
+                            first = False
+                            if missing:
+                                log.info("the cluster serves %s now", resource.api_version)
+                                missing = False
+                        else:
+                            self.view.apply(kind, event.type, event.object)
+                        self._changed()
+            except ApiError as exc:
+                if exc.code != 404:
+                    raise
+                if not missing:
+                    log.warning(
+                        "the cluster does not serve %s %s (%s): none can be engaged until it does",
+                        resource.api_version,
+                        resource.plural,
+                        exc.message,
+                    )
+                    missing = True
+                    self.view.relist(kind, [], namespace)
+                    self._changed()
+            await trio.sleep(self.config.missing_kind_retry)
 
     async def detect_service_subnets(self) -> None:
         """Ask the API server for the Service range: creating a Service with an impossible
