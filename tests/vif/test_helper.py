@@ -246,6 +246,9 @@ def test_unprivileged_daemon_gets_the_network_from_the_helper(world: World) -> N
     assert world.resolv_conf.read_text() == ORIGINAL_RESOLV
     journal = world.home / "state" / "tele" / "helper-journal.json"
     assert json.loads(journal.read_text()) == []
+    log = world.home / "cache" / "tele" / "logs" / "helper.log"
+    assert log.stat().st_uid == NOBODY  # the user's log, though root wrote it
+    assert "the daemon closed the connection (or died); undoing" in log.read_text()
 
 
 def test_a_failed_setup_leaves_nothing_behind(world: World) -> None:

@@ -190,3 +190,23 @@ def test_the_helper_command(monkeypatch: pytest.MonkeyPatch) -> None:
     assert helper_command(42, interactive=False)[:3] == ["doas", "-u", "root"]
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert helper_command(42, interactive=True)[0] == sys.executable  # root: no sudo at all
+
+
+def test_the_log_file_is_never_someone_elses(tmp_path: Path) -> None:
+    from tele.vif.helper import _open_log
+
+    user = 65534
+    fresh = tmp_path / "helper.log"
+    fd = _open_log(str(fresh), user)
+    assert fd is not None
+    os.close(fd)
+    assert fresh.stat().st_uid == user  # created for the user
+    fd = _open_log(str(fresh), user)  # and reopened, being theirs
+    assert fd is not None
+    os.close(fd)
+    precious = tmp_path / "precious"
+    precious.write_text("root's\n")
+    (tmp_path / "link.log").symlink_to(precious)
+    assert _open_log(str(tmp_path / "link.log"), user) is None  # no following a symlink
+    assert _open_log(str(precious), user) is None  # no taking over root's file
+    assert precious.stat().st_uid == 0

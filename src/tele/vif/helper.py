@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,19 +285,44 @@ def connect(path: Path, daemon_pid: int) -> socket.socket:
     return sock
 
 
+def _peer_uid(sock: socket.socket) -> int:
+    from tele.unixsock import peer_credentials
+
+    return peer_credentials(sock).uid
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> NoReturn:
     raise SystemExit(128 + signum)  # unwinds through Helper.serve's undo
 
 
+def _open_log(path: str, owner: int) -> int | None:
+    """The log file, opened as root on the user's behalf without trusting the path: a new
+    file becomes the user's; an existing one must be the user's own regular file (never a
+    symlink, never someone else's file that a chown would hand over)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            return None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != owner:
+            os.close(fd)
+            return None
+        return fd
+    except OSError:
+        return None
+    os.fchown(fd, owner, -1)
+    return fd
+
+
 def _setup_logging(log_file: str, owner: int) -> None:
     handlers: list[logging.Handler] = []
-    if log_file:
-        try:
-            handler = logging.FileHandler(log_file)
-            os.chown(log_file, owner, -1)  # the user's log directory, the user's file
-            handlers.append(handler)
-        except OSError:
-            pass
+    fd = _open_log(log_file, owner) if log_file else None
+    if fd is not None:
+        handlers.append(logging.StreamHandler(os.fdopen(fd, "a", buffering=1)))
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s helper[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
@@ -352,8 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ready", flush=True)
     else:
         sock = _detach_and_connect(args)
-    owner = os.stat(args.socket).st_uid if os.path.exists(args.socket) else os.getuid()
-    _setup_logging(args.log_file, owner)
+    _setup_logging(args.log_file, _peer_uid(sock))
     log.info("serving daemon pid %d on %s", args.daemon_pid, args.socket)
     journal.use_file_name(JOURNAL_FILE)
     try:
