@@ -6,7 +6,9 @@ ClusterSession.run
  |             over TCP to a manager address; a broken link is replaced with back-off
  |- heartbeat: Remain every lease/3; a session the manager no longer knows (it restarted, or
  |             the lease ran out while the link was down) is replaced by arriving again
- '- cluster info: follows WatchClusterInfo (managed namespaces change live)
+ |- cluster info: follows WatchClusterInfo (managed namespaces and the VIF's routes change live)
+ '- network: the VIF and DNS (tele.vif.connect), set up by this daemon when it has
+             CAP_NET_ADMIN, else through the privileged helper `tele connect` started
 ```
 Departing is shielded with a timeout in `finally`, so quitting or disconnecting always tries to
 end the session at once instead of leaving it to the lease.
@@ -159,7 +161,7 @@ class ClusterSession:
         self._nursery: trio.Nursery | None = None
         self.mounts = Mounts(tunnel_forwarder(self.dial))
         self._dials_wanted = trio.Event()
-        # The VIF and DNS (tele.vif.connect): off unless `network` or TELE_VIF=1 asks for it.
+        # The VIF and DNS (tele.vif.connect): when `network` asks for it (or TELE_VIF=1).
         self.network_options = network
         self.network: NetworkStatus | None = None
         self.network_note = ""

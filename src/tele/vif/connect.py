@@ -3,8 +3,10 @@
 `serve_network(options, session)` first undoes what a crashed daemon left (undo journal), then
 starts the VIF with the cluster's subnets (dialing tunnel streams through the session's link
 pool) and the DNS server on the VIF's address (looking names up through the session's RPC
-client). It is off unless asked for (`NetworkOptions.enabled`): connecting without
-CAP_NET_ADMIN, or in tests that have no network namespace of their own, must still work.
+client). The privileged steps are done by the daemon itself or by the privileged helper
+(`Privileges`); routes follow the cluster's subnets (`NetworkStatus.follow`). The session asks
+for it with `NetworkOptions.enabled` (--vif: or fail) or `when_possible` (the default of
+`tele connect`: or go on without it, saying why); TELE_VIF=0 keeps the default off (tests).
 """
 
 from __future__ import annotations
