@@ -4,7 +4,8 @@ A sandbox cluster comes up, `tele helm install` puts the traffic manager in it, 
 and a frontend calling it are deployed; the sandbox's laptop namespace connects (`tele connect
 --vif`), calls the frontend by name, intercepts the backend with a personal (header-matched)
 intercept served by a handler on the laptop — the header travels through the frontend's call —
-leaves, and everything is torn down. Each step prints what ran, what came back and how
+leaves, replaces the backend's container with the laptop (every call comes here), leaves again,
+and everything is torn down. Each step prints what ran, what came back and how
 long it took; a failure names its step and still cleans up (also on Ctrl-C).
 """
 
@@ -235,6 +236,28 @@ class Demo:
         self.run(
             "The header no longer matters",
             self.curl("x-demo: me"),
+            _expect('"pod": "backend-', "answered by the cluster's backend pod"),
+        )
+        self.run(
+            "Replace the backend container with the laptop",
+            self.laptop(*self.tele("replace", "backend", "-n", "demo", "--port", f"{port}:8080")),
+            _expect(
+                "replaced: it does not run in the cluster", "replaced (the pod rolled without it)"
+            ),
+        )
+        self.run(
+            "Every call of the frontend now reaches the laptop",
+            self.curl(),
+            _expect("hello from the laptop", "the backend call was answered on the laptop"),
+        )
+        self.run(
+            "Leave the replace",
+            self.laptop(*self.tele("leave", "backend")),
+            _expect("Left backend", "left (the container runs again)"),
+        )
+        self.run(
+            "The cluster's backend answers again",
+            self.curl(),
             _expect('"pod": "backend-', "answered by the cluster's backend pod"),
         )
 

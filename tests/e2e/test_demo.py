@@ -41,6 +41,8 @@ def test_demo_tells_the_whole_story_and_cleans_up(tele_env: dict[str, str]) -> N
         "-> engaged (the agent was injected by the webhook)",
         "-> the backend call was answered on the laptop",
         "-> answered by the cluster's backend pod",
+        "-> replaced (the pod rolled without it)",
+        "-> left (the container runs again)",
         "-> left",
         "the sandbox and its namespaces are gone",
     ):

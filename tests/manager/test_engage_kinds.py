@@ -150,16 +150,32 @@ async def test_replace_rolls_pods_without_the_container_and_back(
     ingest = await client.call(aapi.ENGAGE, engage(other, kind="ingest"))
     assert (ingest.kind, ingest.name, ingest.ports) == ("ingest", "api/app", [])
 
-    # Leaving rolls the replaced pod back (the webhook then makes it with the container).
+    # Leaving rolls the replaced pod back (the webhook then makes it with the container) and
+    # returns once the agent of a pod with the container running again is up.
+    restored = Agent(client, "api-1-b", [])
+
+    async def agent_of_the_restored_pod() -> None:
+        await wait_for(lambda: ("default", "api-1-r") not in manager.view.pods)
+        pod = await made_by_webhook(manager, kube, "api-1-b")
+        names = [c["name"] for c in pod["spec"]["containers"]]
+        assert names == ["app", agentconfig.AGENT_CONTAINER]
+        await nursery.start(restored.run)
+
+    nursery.start_soon(agent_of_the_restored_pod)
     await client.call(aapi.LEAVE, aapi.LeaveRequest(session_id=session, name="api"))
     assert await kube.get_or_none(k8s.PODS, "api-1-r", "default") is None
     assert manager.engagements.replaced_containers(KEY) == frozenset()
-    pod = await made_by_webhook(manager, kube, "api-1-b")
-    assert [c["name"] for c in pod["spec"]["containers"]] == ["app", agentconfig.AGENT_CONTAINER]
+    # The agent of the evicted pod ended with it (agents are killed; they never depart).
+    assert [a.pod_name for a in manager.engagements.agents_of(KEY)] == ["api-1-b"]
 
     # A replace that ends with its session is rolled back too.
+    async def agent_of_the_second_replace() -> None:
+        await wait_for(lambda: "app" in manager.engagements.replaced_containers(KEY))
+        await made_by_webhook(manager, kube, "api-1-s")
+        await nursery.start(Agent(client, "api-1-s", ["app"]).run)
+
+    nursery.start_soon(agent_of_the_second_replace)
     await client.call(aapi.ENGAGE, engage(session, kind="replace", ports=["grpc"]))
-    await made_by_webhook(manager, kube, "api-1-s")
     await client.call(api.DEPART, api.SessionRequest(session_id=session))
     await wait_for(lambda: ("default", "api-1-s") not in manager.view.pods)
 

@@ -40,6 +40,7 @@ _ENGAGEMENT_ID = re.compile(r"[0-9a-f]{16}")
 
 AGENT_LEASE = 15.0
 DIAL_BACK_TIMEOUT = 10.0
+RESTORE_TIMEOUT = 30.0
 MAX_PENDING_DIALS = 256
 MAX_PENDING_RESTORES = 1024
 ORPHAN_GRACE = 60.0
@@ -142,6 +143,25 @@ class Engagements:
                 yield current
                 last = current
             await self._changed.wait()
+
+    def pod_changed(self, event_type: str, pod: dict[str, Any]) -> None:
+        """An agent whose pod is terminating or gone serves nothing any more: its session ends
+        now, not when its lease runs out (agents are killed, they do not depart), so that
+        nobody counts on it — e.g. a roll that waits for agents of a new configuration."""
+        meta = pod.get("metadata") or {}
+        if event_type != "DELETED" and not meta.get("deletionTimestamp"):
+            return
+        where = (meta.get("namespace"), meta.get("name"))
+        gone = [
+            session_id
+            for session_id, s in self.agents.sessions.items()
+            if (s.identity.namespace, s.identity.pod_name) == where
+        ]
+        for session_id in gone:
+            self.agents.depart(session_id)
+            log.info("agent of pod %s/%s ended with its pod", *where)
+        if gone:
+            self._notify()
 
     def agents_of(self, key: tuple[str, str, str]) -> list[aapi.AgentIdentity]:
         now = self.manager.clock()
@@ -597,8 +617,22 @@ class Engagements:
         log.info("%s left %s", active.info.client, request.name)
         self._notify()
         if active.info.kind == "replace":
-            await self._restore(active.workload_key)
+            await self._restore_and_wait(active.workload_key)
         return Empty()
+
+    async def _restore_and_wait(self, key: tuple[str, str, str]) -> None:
+        """Roll the pods back after a replace and wait (bounded) until an agent of a pod with
+        the container running again arrived: when `tele leave` returns, the cluster's app
+        answers again. The engagement is over either way; a slow roll is only logged."""
+        workload = self.manager.view.workloads.get(key)
+        if workload is None:
+            return
+        try:
+            await self._ensure_agent(key, dict(workload), RESTORE_TIMEOUT)
+        except ApiError as exc:
+            log.warning("cannot roll %s %s/%s back after a replace: %s", *key, exc.message)
+        except RpcError:
+            log.warning("%s %s/%s: the container is not back within %gs", *key, RESTORE_TIMEOUT)
 
     def end_session(self, session_id: str) -> None:
         """A client departed or expired: its engagements end, its pending dials fail, and the

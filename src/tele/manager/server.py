@@ -382,6 +382,8 @@ class Manager:
                                 missing = False
                         else:
                             self.view.apply(kind, event.type, event.object)
+                            if kind == "Pod":
+                                self.engagements.pod_changed(event.type, event.object)
                         self._changed()
             except ApiError as exc:
                 if exc.code != 404:
