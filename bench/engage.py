@@ -1,0 +1,284 @@
+"""Benchmark an engagement on the sandbox (issue 9): how soon `tele intercept` brings the first
+request to this machine, and what an http intercept costs the requests passing through it.
+
+A node sandbox comes up (its own name and tele home), the traffic manager is installed, an
+echo Deployment, its Service and a caller pod are deployed, and this machine connects.
+
+Ready time: a caller in the cluster sends a request with the intercept's header every 5 ms;
+the time from starting `tele intercept` to the first of them reaching the local handler, cold
+(the agent is injected first: the pod is rolled) and warm (the agent is there). Target: <= 3 s.
+
+Latency: from the caller pod, sequential requests on one keep-alive connection (p50/p99 and
+requests/s) to the app directly (pod IP, the app's own port), through the Service to the idle
+agent, through the agent with an http intercept that does not match them, and matching ones
+answered on this machine. Target: non-matching requests add <= 1 ms at p50.
+
+    .venv/bin/python bench/engage.py [--requests 500]
+
+Prints a table and one JSON line. Needs root, iproute2, nftables and kubectl, like the sandbox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+APP = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo, namespace: default}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echo
+        image: tele-sandbox/echo
+        ports: [{name: http, containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec:
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: caller, namespace: default}
+spec:
+  containers: [{name: c, image: tele-sandbox/worker}]
+"""
+
+# Runs in the caller pod: requests with the header every 5 ms until one is answered by the
+# laptop (or 60 s pass).
+KNOCK = """
+import time, urllib.request
+request = urllib.request.Request("http://echo.default/", headers={"x-bench": "me"})
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        if b"laptop" in urllib.request.urlopen(request, timeout=2).read():
+            break
+    except Exception:
+        pass
+    time.sleep(0.005)
+"""
+
+# Runs in the caller pod: N sequential requests on one connection; prints p50/p99 (ms), req/s.
+LATENCY = """
+import http.client, json, statistics, sys, time
+host, port, count, header = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+headers = {"x-bench": "me"} if header == "yes" else {}
+conn = http.client.HTTPConnection(host, port, timeout=10)
+times = []
+for i in range(count + 20):
+    started = time.perf_counter()
+    conn.request("GET", "/", headers=headers)
+    body = conn.getresponse().read()
+    if i >= 20:
+        times.append(time.perf_counter() - started)
+times.sort()
+print(json.dumps({
+    "p50_ms": statistics.median(times) * 1000,
+    "p99_ms": times[int(len(times) * 0.99) - 1] * 1000,
+    "rps": len(times) / sum(times),
+    "laptop": b"laptop" in body,
+}))
+"""
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without this, Nagle's algorithm holds the body
+    # until the headers' delayed ACK (40 ms), which would be measured as tele's latency.
+    disable_nagle_algorithm = True
+    first: float | None = None
+
+    def do_GET(self) -> None:
+        if Handler.first is None:
+            Handler.first = time.monotonic()
+        body = b"hello from the laptop"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class Bench:
+    def __init__(self, requests: int) -> None:
+        self.requests = requests
+        self.name = f"tele-bench-{secrets.token_hex(3)}"
+        self.home = Path(tempfile.mkdtemp(prefix="tele-bench-engage-"))
+        self.env = dict(os.environ, TELE_VIF="0")
+        for sub in ("config", "cache", "state", "runtime"):
+            (self.home / sub).mkdir(mode=0o700)
+            self.env[f"XDG_{sub.upper()}_HOME" if sub != "runtime" else "XDG_RUNTIME_DIR"] = str(
+                self.home / sub
+            )
+        self.kubeconfig = ""
+
+    def tele(self, *args: str, timeout: float = 180) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "tele", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise SystemExit(f"tele {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        result = subprocess.run(
+            ["kubectl", "--kubeconfig", self.kubeconfig, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise SystemExit(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def up(self) -> None:
+        out = self.tele("sandbox", "up", "--name", self.name, "-o", "json")
+        self.kubeconfig = str(json.loads(out)["kubeconfig"])
+        self.tele("helm", "install", "--kubeconfig", self.kubeconfig)
+        self.kubectl("apply", "-f", "-", stdin=APP)
+        for target in ("-n", "ambassador", "deployment/traffic-manager"), ("deployment/echo",):
+            self.kubectl("rollout", "status", *target, "--timeout=120s")
+        self.kubectl("wait", "--for=condition=Ready", "pod/caller", "--timeout=120s")
+        self.tele("connect", "--kubeconfig", self.kubeconfig)
+
+    def down(self) -> None:
+        for args, timeout in ((["quit"], 60), (["sandbox", "down", "--name", self.name], 120)):
+            subprocess.run(
+                [sys.executable, "-m", "tele", *args],
+                env=self.env,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def ready_time(self, port: int) -> tuple[float, float]:
+        """(seconds until `tele intercept` returned, seconds until the first request came)."""
+        Handler.first = None
+        argv = ["kubectl", "--kubeconfig", self.kubeconfig, "exec", "caller", "--"]
+        knock = subprocess.Popen(
+            [*argv, "python3", "-c", KNOCK],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            started = time.monotonic()
+            self.tele("intercept", "echo", "--port", str(port), "--http-header", "x-bench=me")
+            returned = time.monotonic() - started
+            knock.wait(70)
+        finally:
+            if knock.poll() is None:
+                knock.kill()
+                knock.wait()
+        if Handler.first is None:
+            raise SystemExit("no request reached the local handler")
+        return returned, Handler.first - started
+
+    def latency(self, host: str, port: int, header: bool) -> dict[str, float]:
+        out = self.kubectl(
+            "exec", "caller", "--", "python3", "-c", LATENCY, host, str(port),
+            str(self.requests), "yes" if header else "no",
+        )  # fmt: skip
+        result: dict[str, float] = json.loads(out)
+        return result
+
+    def run(self) -> dict[str, object]:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+        try:
+            self.up()
+            cold = self.ready_time(port)
+            pod_ip = self.kubectl(
+                "get", "pods", "-l", "app=echo", "-o", "jsonpath={.items[0].status.podIP}"
+            ).strip()
+            rows = {
+                "app directly (pod IP:8080)": self.latency(pod_ip, 8080, False),
+                "Service, http intercept, not matching": self.latency("echo.default", 80, False),
+                "Service, http intercept, matching (laptop)": self.latency(
+                    "echo.default", 80, True
+                ),
+            }
+            self.tele("leave", "echo")
+            rows["Service, idle agent"] = self.latency("echo.default", 80, False)
+            self.tele("intercept", "echo", "--port", str(port), "--mechanism", "tcp")
+            rows["Service, tcp intercept (laptop)"] = self.latency("echo.default", 80, False)
+            self.tele("leave", "echo")
+            warm = self.ready_time(port)
+            self.tele("leave", "echo")
+        finally:
+            server.shutdown()
+            self.down()
+        return {"cold": cold, "warm": warm, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=500)
+    args = parser.parse_args()
+    if os.geteuid() != 0 or not shutil.which("kubectl"):
+        raise SystemExit("bench/engage.py needs root (the sandbox's namespaces) and kubectl")
+    result = Bench(args.requests).run()
+    cold, warm = result["cold"], result["warm"]
+    rows = result["rows"]
+    assert isinstance(cold, tuple) and isinstance(warm, tuple) and isinstance(rows, dict)
+    print(f"{'ready (tele intercept -> first request here)':46} {'CLI s':>7} {'first s':>8}")
+    print(f"{'cold (agent injected, pod rolled)':46} {cold[0]:7.2f} {cold[1]:8.2f}")
+    print(f"{'warm (agent already there)':46} {warm[0]:7.2f} {warm[1]:8.2f}")
+    print()
+    direct = rows["app directly (pod IP:8080)"]["p50_ms"]
+    print(f"{'requests from a pod':46} {'p50 ms':>7} {'p99 ms':>8} {'req/s':>8} {'+p50 ms':>8}")
+    for label, row in rows.items():
+        added = row["p50_ms"] - direct
+        print(
+            f"{label:46} {row['p50_ms']:7.2f} {row['p99_ms']:8.2f} {row['rps']:8.0f} {added:8.2f}"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "engage",
+                "ready_cold_s": round(cold[1], 3),
+                "ready_warm_s": round(warm[1], 3),
+                "cli_cold_s": round(cold[0], 3),
+                "cli_warm_s": round(warm[0], 3),
+                "latency": {
+                    k: {m: round(float(v), 3) for m, v in r.items()} for k, r in rows.items()
+                },
+                "added_p50_ms_not_matching": round(
+                    rows["Service, http intercept, not matching"]["p50_ms"] - direct, 3
+                ),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
