@@ -22,10 +22,12 @@ def kubectl(sandbox: NodeSandbox, *args: str, stdin: str | None = None) -> str:
     return result.stdout
 
 
-def install_manager(sandbox: NodeSandbox, env: dict[str, str]) -> None:
-    """`tele helm install`, then wait until the manager pod is ready."""
+def install_manager(sandbox: NodeSandbox, env: dict[str, str], *values: str) -> None:
+    """`tele helm install` (with `--set` for each of `values`), then wait until the manager
+    pod is ready."""
+    sets = [arg for value in values for arg in ("--set", value)]
     installed = run_tele(
-        env, "helm", "install", "--kubeconfig", str(sandbox.kubeconfig), timeout=120
+        env, "helm", "install", "--kubeconfig", str(sandbox.kubeconfig), *sets, timeout=120
     )
     assert installed.returncode == 0, installed.stderr
     kubectl(
