@@ -7,11 +7,16 @@ Mounts.serve                                    one per cluster session (its nur
      '- sshfs -f -o directport=P 127.0.0.1:/tel_app_mounts/<container> LOCAL_DIR
 ```
 The agent serves SFTP without SSH (tele.agent.files); sshfs speaks SFTP straight to the
-forwarded port. `attach` returns once the mount is up (or says in `mount_error` why there is
-none: no sshfs, no /dev/fuse, an agent without a file server...; the engagement goes on
-without volumes). The mount ends when the engagement is left, the session ends or the daemon
-quits: unmounted in `finally`, shielded and bounded. A daemon killed with its mounts up leaves
-them in the mount journal; the next daemon start (or `tele quit`) unmounts them (`recover`).
+forwarded port. `attach` returns once a directory listing through the mount answers (sshfs
+mounts before it connects), or says in `mount_error` why there is no mount (no sshfs, no
+/dev/fuse, an agent without a file server...; the engagement goes on without volumes). The
+mount ends when the engagement is left, the session ends or the daemon quits: unmounted in
+`finally`, shielded and bounded. A daemon killed alone takes its mounts along (sshfs exits,
+unmounting, when the forwarded connection closes); when sshfs died too, the dead mount stays
+in the mount journal and the next daemon start unmounts it (`recover`).
+
+The mount lives in the daemon's mount namespace: a handler started in another one (e.g. under
+`ip netns exec`, which makes its own) does not see it.
 
 The handler process learns where the volumes are from TELEPRESENCE_ROOT (the local directory)
 and TELEPRESENCE_MOUNTS (the shared mount paths, `:`-joined; each is at ROOT/PATH), as with
@@ -39,6 +44,7 @@ import trio
 from tele import paths
 from tele.daemon.forward import Dialer, serve_forward
 from tele.errors import TeleError, UserError, single_leaf
+from tele.manager.agentconfig import REMOTE_POLICIES
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc.agent_api import EngagementInfo
 
@@ -51,7 +57,6 @@ connection to the cluster address host:port, and reports its local address when 
 
 MOUNT_TIMEOUT = 20.0
 UNMOUNT_TIMEOUT = 5.0
-REMOTE_POLICIES = ("Remote", "RemoteReadOnly")
 _STDERR_LIMIT = 4096
 
 
