@@ -224,3 +224,25 @@ async def test_recover_unmounts_what_a_killed_daemon_left(
         assert mounted_at(where) is None and not where.exists()
         assert mounts.pending() == []
         nursery.cancel_scope.cancel()
+
+
+async def test_the_file_server_refuses_peers_that_are_not_the_manager(
+    export: Path, tmp_path: Path, no_leftover_mounts: None
+) -> None:
+    peers: list[str] = []
+
+    def nobody(peer: str) -> bool:
+        peers.append(peer)
+        return False
+
+    async with trio.open_nursery() as nursery:
+        files = partial(serve_files, root=str(export), host="127.0.0.1", allow=nobody)
+        port = await nursery.start(files)
+        table = Mounts(_direct)
+        await nursery.start(table.serve)
+        with trio.fail_after(10):
+            info = await table.attach(_rooted(_info(port), export), MountFlag())
+        assert info.local_mount == ""
+        assert info.mount_error.startswith("sshfs could not mount the volumes at")
+        assert peers == ["127.0.0.1"]
+        nursery.cancel_scope.cancel()

@@ -211,8 +211,12 @@ def test_a_killed_daemons_mount_is_undone_when_the_next_daemon_starts(
 
         # A daemon that dies alone takes its mounts along (sshfs exits, and unmounts, when its
         # connection closes); a crash that kills sshfs too leaves a dead mount behind.
+        # (sshfs is stopped first so that it cannot unmount on its way out, nor the daemon
+        # clean up after it.)
         daemon = int((runtime_dir(tele_env) / "daemon.pid").read_text())
-        for pid in [_sshfs_of(mount_dir), daemon]:
+        sshfs = _sshfs_of(mount_dir)
+        os.kill(sshfs, signal.SIGSTOP)
+        for pid in (daemon, sshfs):
             os.kill(pid, signal.SIGKILL)
             assert wait_process_gone(pid, timeout=10)
         assert str(mount_dir) in Path("/proc/self/mountinfo").read_text()

@@ -135,3 +135,19 @@ def test_the_manager_reads_the_helm_value() -> None:
     config = ManagerConfig.from_env({"TELE_MOUNT_POLICIES": '{"/tmp": "Local"}'})
     assert config.mount_policies == {"/tmp": "Local"}
     assert ManagerConfig.from_env({}).mount_policies == {}
+
+
+def test_only_the_manager_may_reach_an_agents_files() -> None:
+    from tele.agent.manager_link import ManagerEngagements, tcp_connector
+
+    config = configure({})
+    settings = AgentSettings(name="api", pod_ip="10.0.0.1", config=config)
+    source = ManagerEngagements(identity(settings, {}), tcp_connector("127.0.0.1", 1))
+    assert not source.may_reach_files("10.244.0.5")  # before arrival: nobody
+    source.session_id = "s"
+    source.manager_ips = frozenset({"10.244.0.5"})
+    assert source.may_reach_files("10.244.0.5")
+    assert not source.may_reach_files("10.244.0.9")
+    source.manager_ips = None  # a manager that does not know its address
+    assert source.may_reach_files("10.244.0.9")
+    assert ManagerConfig.from_env({"TELE_POD_IP": "10.244.0.5"}).pod_ip == "10.244.0.5"

@@ -14,6 +14,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import msgspec
 import trio
 
 from tele.agent.config import AgentSettings, load
@@ -38,9 +39,11 @@ async def run_agent(settings: AgentSettings) -> None:
             app_ca=Path(settings.app_ca) if settings.app_ca else None,
         )
     async with trio.open_nursery() as nursery:
-        # The file server first: the manager learns its port when the agent arrives.
-        sftp_port = await nursery.start(partial(serve_files, root=MOUNT_PREFIX))
-        source = ManagerEngagements.for_settings(settings, sftp_port=sftp_port)
+        source = ManagerEngagements.for_settings(settings)
+        # The file server before arriving: the manager learns its port from the identity.
+        files = partial(serve_files, root=MOUNT_PREFIX, allow=source.may_reach_files)
+        sftp_port = await nursery.start(files)
+        source.agent = msgspec.structs.replace(source.agent, sftp_port=sftp_port)
         # Started at once, before the manager answers: until then the agent is transparent.
         await nursery.start(source.serve)
         await nursery.start(partial(serve, tls=tls), settings, source)

@@ -14,8 +14,9 @@ mount per process). RemoteReadOnly is enforced by the pod's kernel (a read-only 
 the agent), `read_only` below makes the whole export read-only (`sftp-server -R`).
 
 Exposure: sftp-server has no chroot, so a connection sees the agent container's filesystem as
-the agent's user does, not only /tel_app_mounts; the port is reachable from the pod network
-(the manager dials it for clients), as Telepresence's agent's file-server port is.
+the agent's user does, not only /tel_app_mounts. So only the traffic manager may connect (it
+dials the port for clients it has admitted; it tells the agent its pod IP on arrival); others
+in the pod network are refused at accept.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import NoReturn
 
 import trio
@@ -58,10 +60,12 @@ async def serve_files(
     port: int = 0,
     read_only: bool = False,
     program: str | None = None,
+    allow: Callable[[str], bool] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve SFTP on host:port (0: any free port) until cancelled; reports the bound port, or
-    0 (and returns) when no sftp-server is installed: the agent then exports no volumes."""
+    0 (and returns) when no sftp-server is installed: the agent then exports no volumes.
+    `allow(peer IP)` screens each connection (None: everyone)."""
     program = program or find_sftp_server()
     if program is None:
         log.warning(
@@ -75,13 +79,17 @@ async def serve_files(
     log.info("serving volumes over SFTP on port %d (%s)", bound, " ".join(command))
     try:
         task_status.started(bound)
-        await _accept(listeners, command)
+        await _accept(listeners, command, allow)
     finally:
         for listener in listeners:
             listener.socket.close()
 
 
-async def _accept(listeners: list[trio.SocketListener], command: list[str]) -> NoReturn:
+async def _accept(
+    listeners: list[trio.SocketListener],
+    command: list[str],
+    allow: Callable[[str], bool] | None,
+) -> NoReturn:
     sessions = trio.Semaphore(MAX_SESSIONS)
     async with trio.open_nursery() as nursery:
         while True:
@@ -91,6 +99,12 @@ async def _accept(listeners: list[trio.SocketListener], command: list[str]) -> N
             except BaseException:
                 sessions.release()
                 raise
+            peer = str(stream.socket.getpeername()[0])
+            if allow is not None and not allow(peer):
+                log.warning("refused an SFTP connection from %s (not the traffic manager)", peer)
+                stream.socket.close()
+                sessions.release()
+                continue
             nursery.start_soon(_session, stream, command, sessions)
 
 

@@ -79,6 +79,8 @@ class ManagerEngagements:
         self.agent = agent
         self.pool = LinkPool(connect, name="agent-manager-link")
         self.session_id = ""
+        self.manager_ips: frozenset[str] | None = None
+        """The manager's addresses (None: not said); see `may_reach_files`."""
         self._by_port: dict[int, list[aapi.Engagement]] = {}
         self._retry_initial = retry_initial
         self.updates = 0
@@ -91,6 +93,13 @@ class ManagerEngagements:
             identity(settings, os.environ, sftp_port=sftp_port),
             tcp_connector(config.manager_host, config.manager_port),
         )
+
+    def may_reach_files(self, peer: str) -> bool:
+        """Whether `peer` may use the file server: the manager only (clients come through
+        it), or anyone when the manager did not say its address; nobody before arrival."""
+        if not self.session_id:
+            return False
+        return self.manager_ips is None or peer in self.manager_ips
 
     def current(self, agent_port: int) -> Sequence[aapi.Engagement]:
         return self._by_port.get(agent_port, [])
@@ -157,6 +166,7 @@ class ManagerEngagements:
         client = Client(link)
         info = await client.call(aapi.ARRIVE_AS_AGENT, self.agent, timeout=ARRIVE_TIMEOUT)
         self.session_id = info.session_id
+        self.manager_ips = frozenset(info.manager_ips) if info.manager_ips else None
         log.info("arrived at the traffic manager as session %s", info.session_id)
         request = SessionRequest(session_id=info.session_id)
         async with trio.open_nursery() as nursery:

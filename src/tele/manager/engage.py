@@ -113,7 +113,11 @@ class Engagements:
             identity.pod_name,
         )
         self._notify()
-        return aapi.AgentSessionInfo(session_id=session.session_id, lease_seconds=AGENT_LEASE)
+        return aapi.AgentSessionInfo(
+            session_id=session.session_id,
+            lease_seconds=AGENT_LEASE,
+            manager_ips=[self.manager.config.pod_ip] if self.manager.config.pod_ip else [],
+        )
 
     def agent(self, session_id: str) -> Session[aapi.AgentIdentity] | None:
         return self.agents.get(session_id, self.manager.clock())

@@ -78,6 +78,8 @@ class ManagerConfig:
     agent_port: int = 9900
     agent_log_level: str = "info"
     mount_policies: dict[str, str] = field(default_factory=dict)
+    pod_ip: str = ""
+    """The manager pod's IP (the source of its connections to agents), from the chart."""
     """Helm `agent.mountPolicies`: volume name or mount path -> policy (agentconfig)."""
     missing_kind_retry: float = 30.0
     """Seconds between looks for an enabled kind the cluster does not serve (no Rollout CRD)."""
@@ -112,6 +114,7 @@ class ManagerConfig:
             agent_port=int(env.get("TELE_AGENT_PORT") or 9900),
             agent_log_level=env.get("TELE_AGENT_LOG_LEVEL") or "info",
             mount_policies=dict(json.loads(env.get("TELE_MOUNT_POLICIES") or "{}")),
+            pod_ip=env.get("TELE_POD_IP") or "",
         )
 
 

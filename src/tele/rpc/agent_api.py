@@ -76,6 +76,9 @@ class AgentIdentity(msgspec.Struct, frozen=True, kw_only=True):
 class AgentSessionInfo(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str
     lease_seconds: float
+    manager_ips: list[str] = []
+    """Where the manager's connections to pods come from: the only peers the agent's file
+    server accepts (empty: the manager does not know its address; then any peer)."""
 
 
 class EngageRequest(msgspec.Struct, frozen=True, kw_only=True):
