@@ -208,6 +208,7 @@ def test_a_killed_daemons_mount_is_undone_when_the_next_daemon_starts(
         )
         assert engaged.returncode == 0, engaged.stderr
         assert (mount_dir / "etc" / "settings" / "app.conf").read_text() == "color=blue\n"
+        assert f"volumes at {mount_dir}" in run_tele(tele_env, "status").stdout
 
         # A daemon that dies alone takes its mounts along (sshfs exits, and unmounts, when its
         # connection closes); a crash that kills sshfs too leaves a dead mount behind.

@@ -610,9 +610,10 @@ class ClusterSession:
         for info in self.engaged.values():
             where = ", ".join(info.local)
             what = f" -> {where} ({info.mechanism})" if where else ""
+            volumes = f", volumes at {info.local_mount}" if info.local_mount else ""
             lines.append(
                 f"{info.name}: {PAST_TENSE.get(info.kind, info.kind)} {info.workload_kind} "
-                f"{info.namespace}/{info.workload}{what}"
+                f"{info.namespace}/{info.workload}{what}{volumes}"
             )
         return lines
 
