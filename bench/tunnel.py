@@ -11,6 +11,8 @@ Rows (the same client tools and target servers for each):
   c-ws   tele: the same link inside the port-forward websocket framing (no TLS)
 
 Run as root (network namespaces):  sudo .venv/bin/python bench/tunnel.py [--duration 3]
+With TELE_BENCH_OPTIMISTIC=1 the c rows open tunnel streams optimistically (DATA right behind
+OPEN, no wait for ACCEPT; see `tele.rpc.tunnel.dial`).
 The namespaces are named tele-bench-<random>-{a,b} and are always deleted.
 """
 
@@ -213,6 +215,8 @@ def role_tele(
     }
     settings = LinkSettings(**tuning)
     relay_read = int(os.environ.get("TELE_BENCH_RELAY_READ", READ_SIZE))
+    # TELE_BENCH_OPTIMISTIC=1: the client opens tunnel streams without waiting for ACCEPT.
+    optimistic = os.environ.get("TELE_BENCH_OPTIMISTIC") == "1"
 
     async def server_main() -> None:
         tunnels = TunnelServer(read_size=relay_read)
@@ -266,7 +270,7 @@ def role_tele(
 
             async def on_connection(local: trio.SocketStream) -> None:
                 async with local:
-                    tunnel = await dial(link, destination, session="bench")
+                    tunnel = await dial(link, destination, session="bench", optimistic=optimistic)
                     async with tunnel:
                         await splice(tunnel, local, read_size=relay_read)
 
@@ -284,7 +288,8 @@ def role_tele(
         async def worker(deadline: float) -> None:
             nonlocal done
             while trio.current_time() < deadline:
-                async with await dial(link, destination, session="bench") as tunnel:
+                tunnel = await dial(link, destination, session="bench", optimistic=optimistic)
+                async with tunnel:
                     await tunnel.send_all(b"x")
                     await tunnel.send_eof()
                     while await tunnel.receive_some():
