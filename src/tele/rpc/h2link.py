@@ -237,7 +237,7 @@ class H2Stream(trio.abc.HalfCloseableStream):
             window = self._link._send_window(self.stream_id)
             if window <= 0:
                 parked = True
-                await self._send_lot.park()
+                await self._wait_window()
                 continue
             size = min(window, total - offset)
             self._link._send_data(self, view[offset : offset + size])
@@ -246,6 +246,16 @@ class H2Stream(trio.abc.HalfCloseableStream):
                 parked = True
                 await self._link._wait_drained()
         return parked
+
+    async def _wait_window(self) -> None:
+        """Wait for send window; listed with the link so that a connection-level
+        WINDOW_UPDATE wakes only the streams waiting for one, not every stream."""
+        waiting = self._link._window_waiters
+        waiting.add(self)
+        try:
+            await self._send_lot.park()
+        finally:
+            waiting.discard(self)
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
@@ -257,7 +267,7 @@ class H2Stream(trio.abc.HalfCloseableStream):
                 self._check_sendable()
                 if self._link._send_window(self.stream_id) > 0:
                     return
-                await self._send_lot.park()
+                await self._wait_window()
         finally:
             self._sending = False
 
@@ -501,6 +511,7 @@ class H2Link:
         )
         self._conn = _Connection(config=config)
         self._streams: dict[int, H2Stream] = {}
+        self._window_waiters: set[H2Stream] = set()  # streams parked for send window
         self._open_local = 0  # streams we opened that are not closed yet
         self._failure: str | None = None
         self._goaway_received = False
@@ -823,7 +834,7 @@ class H2Link:
                 self._forget(stream)
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id == 0:
-                for stream in self._streams.values():
+                for stream in list(self._window_waiters):
                     stream._send_lot.unpark_all()
             else:
                 stream = self._streams.get(event.stream_id)
