@@ -1,10 +1,11 @@
 """Volumes on the laptop (tele.daemon.mounts) served by the agent's file server (tele.agent.files):
 real sftp-server and sshfs processes over loopback, with the agent's export directory in a temp
-dir. The tunnel is left out here (the "forwarder" hands sshfs the agent's own address); the
+dir. The tunnel is left out here (the relay connects sshfs to the agent directly); the
 sandbox e2e test (tests/e2e/test_mounts_on_sandbox.py) goes through it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -80,10 +81,21 @@ def _info(sftp_port: int, **policies: str) -> EngagementInfo:
     )
 
 
-async def _direct(host: str, port: int, *, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
-    """The forwarder as the test sees it: the agent listens on this machine already."""
-    task_status.started((host, port))
-    await trio.sleep_forever()
+async def _direct(host: str, port: int, local: trio.SocketStream) -> None:
+    """The relay as the test sees it: the agent listens on this machine, no tunnel."""
+    remote = await trio.open_tcp_stream(host, port)
+
+    async def pump(
+        source: trio.abc.HalfCloseableStream, sink: trio.abc.HalfCloseableStream
+    ) -> None:
+        async for chunk in source:
+            await sink.send_all(chunk)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await sink.send_eof()
+
+    async with remote, trio.open_nursery() as nursery:
+        nursery.start_soon(pump, local, remote)
+        nursery.start_soon(pump, remote, local)
 
 
 @pytest.fixture

@@ -3,17 +3,18 @@
 ```
 Mounts.serve                                    one per cluster session (its nursery)
  '- per engagement with volumes: _serve_mount
-     |- forwarder: 127.0.0.1:P -> tunnel -> agent pod IP : agent SFTP port (tele.daemon.forward)
-     '- sshfs -f -o directport=P 127.0.0.1:/tel_app_mounts/<container> LOCAL_DIR
+     |- sshfs -f -o passive tele:/tel_app_mounts/<container> LOCAL_DIR   (SFTP on its stdio)
+     '- relay: sshfs's stdio (a socketpair) <-> tunnel stream <-> agent pod IP : SFTP port
 ```
-The agent serves SFTP without SSH (tele.agent.files); sshfs speaks SFTP straight to the
-forwarded port. `attach` returns once a directory listing through the mount answers (sshfs
-mounts before it connects), or says in `mount_error` why there is no mount (no sshfs, no
-/dev/fuse, an agent without a file server...; the engagement goes on without volumes). The
-mount ends when the engagement is left, the session ends or the daemon quits: unmounted in
-`finally`, shielded and bounded. A daemon killed alone takes its mounts along (sshfs exits,
-unmounting, when the forwarded connection closes); when sshfs died too, the dead mount stays
-in the mount journal and the next daemon start unmounts it (`recover`).
+The agent serves SFTP without SSH (tele.agent.files); sshfs speaks SFTP on its stdin/stdout,
+which the daemon relays through the session's tunnel. No port listens on this machine, so no
+other local user can reach the agent's files. `attach` returns once a directory listing
+through the mount answers (sshfs mounts before it connects), or says in `mount_error` why
+there is no mount (no sshfs, no /dev/fuse, an agent without a file server...; the engagement
+goes on without volumes). The mount ends when the engagement is left, the session ends or the
+daemon quits: unmounted in `finally`, shielded and bounded. A daemon killed alone takes its
+mounts along (sshfs exits, unmounting, when its stdio socket closes); when sshfs died too, the
+dead mount stays in the mount journal and the next daemon start unmounts it (`recover`).
 
 The mount lives in the daemon's mount namespace: a handler started in another one (e.g. under
 `ip netns exec`, which makes its own) does not see it.
@@ -31,6 +32,7 @@ import logging
 import os
 import select
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -42,34 +44,35 @@ import msgspec
 import trio
 
 from tele import paths
-from tele.daemon.forward import Dialer, serve_forward
+from tele.daemon.forward import Dialer
 from tele.errors import TeleError, UserError, single_leaf
 from tele.manager.agentconfig import REMOTE_POLICIES
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc.agent_api import EngagementInfo
+from tele.rpc.tunnel import splice
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
-Forwarder = Callable[..., Awaitable[None]]
-"""A service `forwarder(host, port, *, task_status)` that listens locally, relays each
-connection to the cluster address host:port, and reports its local address when listening."""
+Relay = Callable[[str, int, trio.SocketStream], Awaitable[None]]
+"""`relay(host, port, local)`: connect to the cluster address host:port and relay `local` to
+it until either side ends; raises TeleError (or OSError) when it cannot connect."""
 
 MOUNT_TIMEOUT = 20.0
 UNMOUNT_TIMEOUT = 5.0
 _STDERR_LIMIT = 4096
 
 
-def tunnel_forwarder(dial: Dialer) -> Forwarder:
-    """The production forwarder: a local port relayed through the session's tunnel."""
+def tunnel_relay(dial: Dialer) -> Relay:
+    """The production relay: through the session's tunnel (via the traffic manager)."""
 
-    async def forward(
-        host: str, port: int, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        destination = Destination(Protocol.TCP, ipaddress.ip_address(host), port)
-        await serve_forward(dial, destination, task_status=task_status)
+    async def relay(host: str, port: int, local: trio.SocketStream) -> None:
+        tunnel = await dial(Destination(Protocol.TCP, ipaddress.ip_address(host), port))
+        try:
+            await splice(tunnel, local)
+        finally:
+            tunnel.close()
 
-    return forward
+    return relay
 
 
 class MountError(UserError):
@@ -270,8 +273,8 @@ def environment(info: EngagementInfo) -> dict[str, str]:
 class Mounts:
     """The mounts of one cluster session, keyed by engagement id; run `serve` in its nursery."""
 
-    def __init__(self, forwarder: Forwarder) -> None:
-        self._forwarder = forwarder
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self._dirs: dict[str, str] = {}
@@ -293,7 +296,7 @@ class Mounts:
         if wanted.enabled and remote and info.id not in self._scopes:
             try:
                 local = await self._mount(info, wanted)
-            except TeleError as exc:  # MountError, or the forwarder's (a port in use)
+            except TeleError as exc:
                 error = str(exc)
                 log.warning("volumes of %s not mounted: %s", info.name, error)
         elif info.id in self._scopes:
@@ -323,10 +326,21 @@ class Mounts:
             local: str = await self._nursery.start(self._serve_mount, info, wanted)
         except BaseExceptionGroup as group:
             leaf = single_leaf(group)
-            if isinstance(leaf, TeleError):  # MountError, or the forwarder's (port in use)
+            if isinstance(leaf, TeleError):
                 raise MountError(str(leaf)) from None
             raise
         return local
+
+    async def _relay_files(
+        self, info: EngagementInfo, local: trio.SocketStream, failure: list[str]
+    ) -> None:
+        """sshfs's SFTP to the agent, until either side ends (sshfs exits when it does)."""
+        async with local:
+            try:
+                await self._relay(info.pod_ips[0], info.sftp_port, local)
+            except (TeleError, OSError, trio.BrokenResourceError) as exc:
+                failure.append(str(exc) or type(exc).__name__)
+                log.warning("the file server of %s: %s", info.name, failure[-1])
 
     async def _serve_mount(
         self,
@@ -344,11 +358,15 @@ class Mounts:
                 directory, created = _prepare(wanted)
                 self._dirs[info.id] = directory
                 await trio.to_thread.run_sync(_record, _Entry(directory, created))
+                ours, theirs = socket.socketpair()
+                failure: list[str] = []
                 async with trio.open_nursery() as nursery:
-                    address: Address = await nursery.start(
-                        self._forwarder, info.pod_ips[0], info.sftp_port
-                    )
-                    process = await _start_sshfs(nursery, info, wanted, directory, address)
+                    with theirs:
+                        local = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+                        nursery.start_soon(self._relay_files, info, local, failure)
+                        process = await _start_sshfs(
+                            nursery, info, wanted, directory, theirs.fileno(), failure
+                        )
                     log.info("volumes of %s mounted at %s", info.name, directory)
                     task_status.started(directory)
                     await process.wait()
@@ -412,21 +430,19 @@ async def _start_sshfs(
     info: EngagementInfo,
     wanted: MountFlag,
     directory: str,
-    address: Address,
+    stdio: int,
+    failure: list[str],
 ) -> trio.Process:
     """Start sshfs in the foreground (a child this daemon supervises; its stderr is logged by a
     task in `nursery`) and wait until the mount is up; MountError with sshfs's own words when
     it exits first or takes too long (then it is not running any more)."""
-    options = [f"directport={address[1]}", f"fsname=tele-{info.name}"]
+    options = ["passive", f"fsname=tele-{info.name}"]
     if wanted.read_only:
         options.append("ro")
-    command = ["sshfs", "-f", "-o", ",".join(options), f"{address[0]}:{info.mount_point}"]
+    command = ["sshfs", "-f", "-o", ",".join(options), f"tele:{info.mount_point}", directory]
     try:
         process = await trio.lowlevel.open_process(
-            [*command, directory],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            command, stdin=stdio, stdout=stdio, stderr=subprocess.PIPE
         )
     except OSError as exc:
         raise MountError(f"cannot run sshfs: {exc.strerror or exc}") from None
@@ -478,7 +494,8 @@ async def _start_sshfs(
             with trio.move_on_after(1):
                 await ended.wait()  # its last words
             lines = stderr.decode(errors="replace").strip().splitlines()
-            detail = lines[-1] if lines else f"exit status {process.returncode}"
+            # The relay's reason (it could not reach the agent) says more than sshfs's EOF.
+            detail = failure[-1] if failure else lines[-1] if lines else "sshfs exited"
         raise MountError(f"sshfs could not mount the volumes at {directory}: {detail}")
     except BaseException:
         if process.returncode is None:

@@ -33,7 +33,7 @@ import trio
 from tele import __version__
 from tele.daemon.engage import local_tls_context, serve_dial_backs
 from tele.daemon.forward import serve_forward, serve_udp_forward
-from tele.daemon.mounts import MountFlag, Mounts, tunnel_forwarder
+from tele.daemon.mounts import MountFlag, Mounts, tunnel_relay
 from tele.errors import ConnectionFailed, TeleError, UserError, single_leaf
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
@@ -159,7 +159,7 @@ class ClusterSession:
         """Per engagement id: container port -> the local handler's address."""
         self._local_sides: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
-        self.mounts = Mounts(tunnel_forwarder(self.dial))
+        self.mounts = Mounts(tunnel_relay(self.dial))
         self._dials_wanted = trio.Event()
         # The VIF and DNS (tele.vif.connect): when `network` asks for it (or TELE_VIF=1).
         self.network_options = network
