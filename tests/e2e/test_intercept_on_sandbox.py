@@ -5,6 +5,7 @@ handler on this machine; after `tele leave` the cluster's app answers again."""
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +53,17 @@ CALL = (
     "import urllib.request; "
     "print(urllib.request.urlopen('http://echo.default/', timeout=10).read().decode())"
 )
+
+# A request matching the intercept's header; prints the status and the body, even for errors.
+CALL_502 = """
+import urllib.error, urllib.request
+request = urllib.request.Request("http://echo.default/", headers={"x-me": "yes"})
+try:
+    response = urllib.request.urlopen(request, timeout=10)
+    print(response.status, response.read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
+"""
 
 
 @pytest.fixture
@@ -142,6 +154,23 @@ def test_intercept_answers_a_cluster_call_from_this_machine(
 
     assert run_tele(tele_env, "leave", "echo").returncode == 0
     assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+
+    # Nothing listens on the local port: the CLI says so, and a matching request gets a 502
+    # whose body says why, while the others still reach the app.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    idle = run_tele(
+        tele_env, "intercept", "echo", "--port", str(closed), "--http-header", "x-me=yes"
+    )
+    assert idle.returncode == 0, idle.stderr
+    assert f"nothing listens on 127.0.0.1:{closed} yet" in idle.stderr
+    refused = kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL_502)
+    assert refused.startswith("502 "), refused
+    assert "local handler" in refused, refused
+    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+    assert run_tele(tele_env, "leave", "echo").returncode == 0
+
     removed = run_tele(tele_env, "uninstall", "--agent", "echo")
     assert removed.returncode == 0, removed.stderr
     assert removed.stdout.strip() == "Removed the traffic agent from echo."

@@ -114,6 +114,13 @@ def _engage(
         raise
     if data.get("mount_error"):
         click.echo(f"tele: the volumes are not mounted: {data['mount_error']}", err=True)
+    if not command:  # with `-- COMMAND`, the command is the handler and starts next
+        for where in _not_listening(data.get("local") or []):
+            click.echo(
+                f"tele: nothing listens on {where} yet: until something does, engaged "
+                "connections are refused (HTTP requests get a 502)",
+                err=True,
+            )
     emit(data, output, text)
     if command:
         env = {**os.environ, **(data.get("environment") or {})}
@@ -125,6 +132,23 @@ def _engage(
         finally:
             _leave(info.name)
         raise SystemExit(status)
+
+
+def _not_listening(local: list[str]) -> list[str]:
+    """The local handler addresses (host:port) that refuse a connection right now."""
+    import socket
+
+    refused = []
+    for where in local:
+        host, _, port = where.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
+                pass
+        except ConnectionRefusedError:
+            refused.append(where)
+        except (OSError, ValueError):
+            pass  # unknown: say nothing rather than something wrong
+    return refused
 
 
 def _intercept_text(d: dict[str, Any]) -> str:
