@@ -187,3 +187,28 @@ async def test_malformed_body_gets_400_and_the_app_connection_is_not_reused() ->
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"malformed HTTP request body" in answer
     assert after[2] == b"app GET /after 0"
+
+
+async def test_many_callers_at_once_each_reach_the_right_side() -> None:
+    # 40 concurrent keep-alive callers, every other one a "developer": each of their requests
+    # is answered by the handler, the others' by the app, whatever the interleaving.
+    answers: dict[int, list[str]] = {}
+
+    async def caller(agent: int, index: int) -> None:
+        headers = [("x-user", f"dev-{index}")] if index % 2 else []
+        async with HttpClient.connect(agent) as c:
+            for round_ in range(5):
+                _, response_headers, _ = await c.request(f"/c{index}/{round_}", headers)
+                answers.setdefault(index, []).append(response_headers["x-served-by"])
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_http_server(nursery, "app")
+            handler = await start_http_server(nursery, "handler")
+            engagement = http_engagement(headers=[("x-user", "dev-*")])
+            source = StaticEngagements([engagement], handlers={"e1": ("127.0.0.1", handler.port)})
+            async with running_agent(app.port, source) as agent, trio.open_nursery() as callers:
+                for index in range(40):
+                    callers.start_soon(caller, agent, index)
+            nursery.cancel_scope.cancel()
+    assert answers == {i: ["handler" if i % 2 else "app"] * 5 for i in range(40)}

@@ -4,11 +4,13 @@ containers, and the JSON patch that takes the ports over."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import jsonpatch
 import pytest
 
+from tele.manager import agentconfig
 from tele.manager.agentconfig import (
     AGENT_CONTAINER,
     CONFIG_ANNOTATION,
@@ -86,7 +88,7 @@ def test_every_service_port_leading_to_a_container_is_in_the_config() -> None:
     assert [c.env_prefix for c in config.containers] == ["A_", "B_"]
 
 
-def test_no_service_or_disabled_is_not_interceptable() -> None:
+def test_no_service_or_disabled_is_not_interceptable(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(NotInterceptable, match="no Service"):
         generate(workload=deployment(), services=[], manager_namespace="a", agent_image="i")
     disabled = deployment({"telepresence.io/inject-traffic-agent": "disabled"})
@@ -98,7 +100,15 @@ def test_no_service_or_disabled_is_not_interceptable() -> None:
             agent_image="i",
         )
     legacy = deployment({"telepresence.getambassador.io/inject-traffic-agent": "enabled"})
-    assert generate(workload=legacy, services=[], manager_namespace="a", agent_image="i").containers
+    agentconfig._legacy_warned.clear()  # said once per process: forget earlier tests
+    with caplog.at_level(logging.WARNING, logger="tele.manager.agentconfig"):
+        for _ in range(3):
+            config = generate(workload=legacy, services=[], manager_namespace="a", agent_image="i")
+            assert config.containers
+    # Read, and said once in the log (the webhook asks on every pod).
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "uses the old annotation telepresence.getambassador.io/inject-traffic-agent" in warning
+    assert "rename it to telepresence.io/inject-traffic-agent" in warning
 
 
 def test_pod_patch_takes_named_ports_over_and_redirects_numeric_ones() -> None:

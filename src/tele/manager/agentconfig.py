@@ -33,10 +33,13 @@ pods with, then without, the container.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import msgspec
+
+log = logging.getLogger(__name__)
 
 ANNOTATION_PREFIX = "telepresence.io/"
 LEGACY_PREFIX = "telepresence.getambassador.io/"
@@ -126,11 +129,28 @@ class NotInterceptable(ValueError):
 
 def annotation(obj: Obj, name: str) -> str | None:
     """An annotation by its short name under the current prefix, else the legacy one."""
-    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    meta = obj.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
     value = annotations.get(ANNOTATION_PREFIX + name)
     if value is None:
         value = annotations.get(LEGACY_PREFIX + name)
+        # A pod template has no name: its labels say whose it is.
+        labels = ",".join(f"{k}={v}" for k, v in sorted((meta.get("labels") or {}).items()))
+        where = (str(meta.get("namespace") or ""), str(meta.get("name") or labels), name)
+        if value is not None and where not in _legacy_warned:
+            _legacy_warned.add(where)  # once per object and annotation: the webhook asks often
+            log.warning(
+                "%s uses the old annotation %s%s; rename it to %s%s",
+                "/".join(p for p in where[:2] if p) or "a pod template",  # ns/name or labels
+                LEGACY_PREFIX,
+                name,
+                ANNOTATION_PREFIX,
+                name,
+            )
     return None if value is None else str(value)
+
+
+_legacy_warned: set[tuple[str, str, str]] = set()
 
 
 def injection_policy(template: Obj) -> str | None:
