@@ -486,7 +486,9 @@ async def _start_sshfs(
                     await trio.to_thread.run_sync(os.listdir, directory, abandon_on_cancel=True)
                 except OSError as exc:
                     failed = exc.strerror or str(exc)
-                if not failed and process.returncode is None:
+                # Still mounted after the answer: it came through sshfs, not from the plain
+                # directory that a failing sshfs has just unmounted.
+                if not failed and process.returncode is None and mounted_at(directory):
                     return process
         if process.returncode is None:
             detail = failed or f"no working mount after {MOUNT_TIMEOUT:g}s"
