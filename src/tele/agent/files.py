@@ -21,6 +21,7 @@ in the pod network are refused at accept.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -39,6 +40,7 @@ SFTP_SERVER_PATHS = (
     "/usr/lib/ssh/sftp-server",  # Arch, Alpine
     "/usr/libexec/sftp-server",
 )
+_RETRY_LATER = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 MAX_SESSIONS = 64
 """SFTP connections served at once (each is a process); more wait in the listen backlog."""
 
@@ -96,10 +98,22 @@ async def _accept(
             await sessions.acquire()
             try:
                 stream = await listeners[0].accept()
+                try:
+                    peer = str(stream.socket.getpeername()[0])
+                except OSError:
+                    stream.socket.close()
+                    raise
+            except OSError as exc:
+                # Out of descriptors or memory for now, or a peer gone before we looked: the
+                # file server (and the agent with it) keeps going.
+                sessions.release()
+                log.warning("SFTP accept: %s", exc.strerror or exc)
+                if exc.errno in _RETRY_LATER:
+                    await trio.sleep(0.1)
+                continue
             except BaseException:
                 sessions.release()
                 raise
-            peer = str(stream.socket.getpeername()[0])
             if allow is not None and not allow(peer):
                 log.warning("refused an SFTP connection from %s (not the traffic manager)", peer)
                 stream.socket.close()
