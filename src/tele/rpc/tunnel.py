@@ -10,6 +10,7 @@ flow-control credit only as a reader consumes, so a stalled reader stalls only i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -267,6 +268,10 @@ async def connect_tcp(destination: Destination) -> trio.SocketStream:
     try:
         await sock.connect((str(destination.ip), destination.port))
     except BaseException:
+        # Cancelled (the opener reset the stream) when the handshake may have completed: the
+        # destination must see a reset, not an orderly end.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
         raise
     return trio.SocketStream(sock)
@@ -358,9 +363,15 @@ class TunnelServer:
         async with local:
             try:
                 await stream.send_response(Accept().to_headers())
-            except trio.BrokenResourceError:
-                return
-            outcome = await splice(stream, local, read_size=self.read_size)
+                outcome = await splice(stream, local, read_size=self.read_size)
+            except BaseException as exc:
+                if stream.was_reset:
+                    # The opener reset the stream before the relay ran (its reset also cancels
+                    # this handler): the destination sees a reset too, not a clean end.
+                    _abort(local)
+                    if isinstance(exc, trio.BrokenResourceError):
+                        return
+                raise
             if outcome is not None:
                 log.debug("tunnel: %s ended with a reset (%s)", destination, outcome.value)
 
