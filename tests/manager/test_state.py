@@ -8,7 +8,7 @@ import json
 import trio
 
 from tele.k8s import client as k8s
-from tele.k8s.client import KubeClient
+from tele.k8s.client import KubeClient, open_kube_client
 from tele.manager.server import Manager
 from tele.manager.state import KEY, STATE_CONFIGMAP
 from tele.rpc import agent_api as aapi
@@ -40,8 +40,10 @@ async def wait_saved(manager: Manager) -> None:
 async def test_a_new_manager_keeps_injecting_the_agent(kube: KubeClient) -> None:
     await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
     await kube.create(k8s.MUTATING_WEBHOOKS, webhook_config("https://127.0.0.1:1/traffic-agent"))
-    async with trio.open_nursery() as first:
-        manager, client = await start_manager(first, kube, **WEBHOOK_OPTIONS)
+    # The first manager has an API client of its own, closed with it (as its pod's would be):
+    # requests it had in flight when it was stopped leave nothing open on the shared one.
+    async with open_kube_client(connection=kube.connection) as own, trio.open_nursery() as first:
+        manager, client = await start_manager(first, own, **WEBHOOK_OPTIONS)
         await wait_for(lambda: ("ReplicaSet", "default", "api-1") in manager.view.workloads)
         session = (await client.call(api.ARRIVE, IDENTITY)).session_id
         await first.start(StandInAgent(client).run)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+import httpcore
 import httpx
 import trio
 
@@ -512,18 +514,88 @@ async def open_kube_client(
     # Requests share one HTTP/2 connection. Watches get HTTP/1.1 connections of their own:
     # httpcore's HTTP/2 reads the socket from whichever stream's task holds its read lock, and
     # a response could wait on a long-lived watch's next event (seen here as 60 s stalls).
+    requests = _transport(
+        verify=verify,
+        http2=True,
+        limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+    )
+    watches = _transport(
+        verify=watch_verify,
+        http2=False,
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=10),
+    )
     async with (
-        httpx.AsyncClient(
-            verify=verify,
-            http2=True,
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
-        ) as http,
-        httpx.AsyncClient(
-            verify=watch_verify,
-            http2=False,
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=10),
-        ) as watch_http,
+        httpx.AsyncClient(transport=requests, timeout=httpx.Timeout(timeout)) as http,
+        httpx.AsyncClient(transport=watches, timeout=httpx.Timeout(timeout)) as watch_http,
     ):
         yield KubeClient(connection, http, watch_http)
+
+
+def _transport(**options: Any) -> httpx.AsyncHTTPTransport:
+    """httpx's transport, with connections that close their socket when a TLS handshake is
+    cancelled (see `_ClosingStream`)."""
+    transport = httpx.AsyncHTTPTransport(**options)
+    pool = transport._pool  # httpx offers no public way to give httpcore a network backend
+    pool._network_backend = _ClosingBackend(pool._network_backend)
+    return transport
+
+
+class _ClosingBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, its streams wrapped in `_ClosingStream`."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return _ClosingStream(
+            await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        )
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        return _ClosingStream(await self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _ClosingStream(httpcore.AsyncNetworkStream):
+    """A connection whose socket is closed when its TLS handshake fails *or is cancelled*:
+    httpcore's trio backend closes it on Exception only, so a request cancelled during the
+    handshake (a watch stopped as a manager or a test ends) left an open socket behind."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            return await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._inner.aclose()
+            raise
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
