@@ -48,6 +48,7 @@ def test_up_shell_crash_down(tele_env: dict[str, str]) -> None:
         down = _tele(tele_env, "sandbox", "down", "--name", name)
         assert down.returncode == 0, down.stderr
         assert not [n for n in netns.list_netns() if n.startswith(f"{name}-")]
+        assert not (netns.ETC_NETNS / f"{name}-laptop").exists()  # its own resolv.conf too
     finally:
         _tele(tele_env, "sandbox", "down", "--name", name)
         for n in netns.list_netns():

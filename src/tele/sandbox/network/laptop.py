@@ -18,8 +18,6 @@ import trio
 from . import netns
 from .relay import serve_relay
 
-ETC_NETNS = Path("/etc/netns")
-
 
 async def serve_laptop(
     cluster: str,
@@ -33,7 +31,7 @@ async def serve_laptop(
     name = f"{cluster}-laptop"
     await netns.delete(name)
     await netns.add(name)
-    etc = ETC_NETNS / name
+    etc = netns.ETC_NETNS / name
     try:
         etc.mkdir(parents=True, exist_ok=True)
         # Nothing outside the cluster resolves from here (loopback only); the file exists so

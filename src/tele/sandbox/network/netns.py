@@ -18,6 +18,8 @@ import trio
 from .errors import NodeError
 
 NETNS_DIR = Path("/run/netns")
+ETC_NETNS = Path("/etc/netns")
+"""Per-namespace files `ip netns exec` mounts over /etc (the sandbox laptop's resolv.conf)."""
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 

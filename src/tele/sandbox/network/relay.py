@@ -8,6 +8,8 @@ the host namespace.
 
 from __future__ import annotations
 
+import shutil
+
 import trio
 
 from . import netns
@@ -66,4 +68,6 @@ def cleanup_sync(cluster: str) -> list[str]:
     ]
     for n in sorted(gone, key=lambda n: n.endswith("-node")):
         netns.delete_sync(n)
+    # The laptop's own resolv.conf (tele.sandbox.network.laptop), left when the process was killed.
+    shutil.rmtree(netns.ETC_NETNS / f"{cluster}-laptop", ignore_errors=True)
     return gone
