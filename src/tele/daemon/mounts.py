@@ -135,7 +135,10 @@ def _unescape(field: str) -> str:
 
 def mounted_at(directory: str | Path) -> str | None:
     """The file system type mounted at `directory` (e.g. "fuse.sshfs"), or None."""
-    target = os.path.realpath(directory)
+    # Only the parent is resolved: resolving the mount point itself stats it, i.e. asks the
+    # FUSE file system, whose SFTP relay may be this very thread (a deadlock).
+    path = os.path.abspath(directory)
+    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
