@@ -12,6 +12,13 @@ new connections/s from a "laptop" namespace to a "cluster" namespace, over each 
             the cluster namespace; CPU% is sshuttle's and its ssh's (skipped, with the reason,
             when sshuttle, sshd or ssh-keygen is missing or it does not connect)
 
+Columns: CPU% is the daemon's during the iperf3 runs (for c this process: it is the daemon;
+relay% is the cluster side's); p50/p99 of 1 KiB request/response on one connection; conn/s is
+one client connecting, echoing a byte and closing in a loop (latency-bound); conn/s32 the same
+with 32 connections in flight (a throughput figure), and µs/conn the daemon's CPU per connection
+during it; RSS MiB is the daemon's after the rest of the row, and @1000 while 1,000 idle
+connections (each echoed a byte, so fully set up) are open through it.
+
 Run as root:  .venv/bin/python bench/vif.py [--duration 3] [--rows a,b,c]
 Namespaces are named tele-vifbench-<random>-{l,c} and always deleted. Prints a table and a
 JSON line; writes the JSON to bench/results/.
@@ -31,7 +38,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -87,6 +94,8 @@ def role_cluster(fd: int) -> None:
             except trio.BrokenResourceError:
                 pass
 
+    _raise_nofile()
+
     async def main() -> None:
         router = Router()
         router.raw(TunnelServer.matches, TunnelServer().handle)
@@ -97,6 +106,13 @@ def role_cluster(fd: int) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def _raise_nofile() -> None:
+    """Room for HELD connections (and their sockets in the echo servers) above the default."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4 * HELD if hard == resource.RLIM_INFINITY else min(4 * HELD, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -130,6 +146,71 @@ print(json.dumps({"p50": samples[len(samples) // 2] * 1e6,
                   "p99": samples[int(len(samples) * 0.99)] * 1e6, "conn_s": rate}))
 """
 
+RATE_CLIENT = """
+# A lean epoll loop (a trio client gave row a fewer connections/s than one blocking client).
+import errno, json, select, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+duration, concurrency = float(sys.argv[3]), int(sys.argv[4])
+ep = select.epoll()
+socks = {}  # fd -> (socket, phase): 0 connecting, 1 waiting for the echo
+done = failed = 0
+def start():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.connect_ex((host, port))
+    socks[s.fileno()] = (s, 0)
+    ep.register(s.fileno(), select.EPOLLOUT)
+def finish(fd, ok):
+    global done, failed
+    s, _ = socks.pop(fd)
+    ep.unregister(fd)
+    s.close()
+    if ok:
+        done += 1
+    else:
+        failed += 1
+t0 = time.perf_counter()
+deadline = t0 + duration
+for _ in range(concurrency):
+    start()
+while socks:
+    for fd, ev in ep.poll(1.0):
+        s, phase = socks[fd]
+        if phase == 0:
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                finish(fd, False)
+            else:
+                s.send(b"y")
+                socks[fd] = (s, 1)
+                ep.modify(fd, select.EPOLLIN)
+                continue
+        else:
+            try:
+                finish(fd, s.recv(1) == b"y")
+            except OSError:
+                finish(fd, False)
+        if time.perf_counter() < deadline:
+            start()
+print(json.dumps({"conn_s_par": done / (time.perf_counter() - t0), "conns": done,
+                  "conn_failed": failed}))
+"""
+
+HOLD_CLIENT = """
+import resource, socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (count + 64, count + 64))
+held = []
+for _ in range(count):
+    s = socket.create_connection((host, port))
+    s.sendall(b"y")
+    s.recv(1)  # echoed: the whole path of this connection is up
+    held.append(s)
+print("held", flush=True)
+sys.stdin.readline()
+for s in held:
+    s.close()
+"""
+
 
 def in_ns(ns: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *cmd]
@@ -159,6 +240,56 @@ def latency(laptop: str, host: str, port: int) -> dict[str, float]:
     except ValueError:
         print(f"latency client failed: {out.stderr[-300:]}")
         return {"p50": 0.0, "p99": 0.0, "conn_s": 0.0}
+
+
+def rate(laptop: str, host: str, port: int, duration: float) -> dict[str, float]:
+    """New connections/s with CONCURRENCY in flight (a throughput figure, unlike `conn_s`)."""
+    out = subprocess.run(
+        in_ns(laptop, PY, "-c", RATE_CLIENT, host, str(port), str(duration), str(CONCURRENCY)),
+        capture_output=True, text=True, timeout=duration + 60, check=False,
+    )  # fmt: skip
+    try:
+        return dict(json.loads(out.stdout))
+    except ValueError:
+        print(f"rate client failed: {out.stderr[-300:]}")
+        return {"conn_s_par": 0.0, "conn_failed": 0}
+
+
+CONCURRENCY = 32
+HELD = 1000
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def hold(laptop: str, host: str, port: int, pid: int | str = "self") -> dict[str, float]:
+    """RSS of process `pid` before and while HELD idle connections are open through it."""
+    import gc
+
+    gc.collect()
+    before = rss_mib(pid)
+    client = subprocess.Popen(
+        in_ns(laptop, PY, "-c", HOLD_CLIENT, host, str(port), str(HELD)),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        if client.stdout.readline().strip() != "held":
+            print(f"hold client failed (exit {client.wait()})")
+            return {"rss_base": before, "rss_held": 0.0}
+        held = rss_mib(pid)
+        client.stdin.write("\n")
+        client.stdin.flush()
+        client.wait(30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    return {"rss_base": before, "rss_held": held}
 
 
 def _proc_cpu(pid: int) -> float:
@@ -191,14 +322,26 @@ def cpu_seconds() -> float:
 
 
 def measure(
-    row: str, laptop: str, host: str, iperf_port: int, echo_port: int, duration: float
+    row: str,
+    laptop: str,
+    host: str,
+    iperf_port: int,
+    echo_port: int,
+    duration: float,
+    cpu_of: Callable[[], float] = cpu_seconds,
 ) -> dict[str, float | str]:
-    wall, cpu = time.perf_counter(), cpu_seconds()
+    """All figures of one row; `cpu_of` gives the CPU seconds of the daemon (or its stand-in)."""
+    wall, cpu = time.perf_counter(), cpu_of()
     one = iperf(laptop, host, iperf_port, 1, duration)
     eight = iperf(laptop, host, iperf_port, 8, duration)
-    cpu_pct = 100 * (cpu_seconds() - cpu) / (time.perf_counter() - wall)
+    cpu_pct = 100 * (cpu_of() - cpu) / (time.perf_counter() - wall)
     lat = latency(laptop, host, echo_port)
-    return {"row": row, "mbs_1": one, "mbs_8": eight, "cpu_pct": cpu_pct, **lat}
+    cpu = cpu_of()
+    par = rate(laptop, host, echo_port, min(duration, 2.0))
+    # CPU per connection hardly moves with the load of other work on the machine, unlike conn/s.
+    cpu_us = 1e6 * (cpu_of() - cpu) / max(par.get("conns", 0), 1)
+    return {"row": row, "mbs_1": one, "mbs_8": eight, "cpu_pct": cpu_pct, **lat, **par,
+            "cpu_us_per_conn": cpu_us}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- rows
@@ -248,6 +391,8 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
                     results["relay_cpu_pct"] = (
                         100 * (_proc_cpu(proc.pid) - relay_cpu) / (time.perf_counter() - wall)
                     )
+                    # After the load above, as a daemon would be: this process is the daemon.
+                    results.update(await trio.to_thread.run_sync(hold, laptop, POD_IP, ECHO_PORT))
                 finally:
                     server.kill()
                     await server.wait()
@@ -344,10 +489,14 @@ def run_sshuttle(laptop: str, cluster: str, duration: float) -> dict | None:
             server = procs[0].pid  # sshd, its session and sshuttle's server (python)
             before, wall = _proc_cpu(client.pid), time.perf_counter()
             relay_before = _proc_cpu(server)
-            result = measure("d", laptop, POD_IP, IPERF_PORT + 2, SSHUTTLE_ECHO_PORT, duration)
+            result = measure(
+                "d", laptop, POD_IP, IPERF_PORT + 2, SSHUTTLE_ECHO_PORT, duration,
+                functools.partial(_proc_cpu, client.pid),
+            )  # fmt: skip
             elapsed = time.perf_counter() - wall
             result["cpu_pct"] = 100 * (_proc_cpu(client.pid) - before) / elapsed
             result["relay_cpu_pct"] = 100 * (_proc_cpu(server) - relay_before) / elapsed
+            result.update(hold(laptop, POD_IP, SSHUTTLE_ECHO_PORT, client.pid))
             return result
         finally:
             for proc in reversed(procs):
@@ -395,10 +544,11 @@ def main() -> None:
             for row in rows:
                 if row == "a":
                     result = measure(row, laptop, CLUSTER_IP, IPERF_PORT, ECHO_PORT, args.duration)
-                    result["cpu_pct"] = 0.0  # no daemon
+                    result["cpu_pct"] = result["cpu_us_per_conn"] = 0.0  # no daemon
                 elif row == "b":
                     result = measure(row, laptop, "127.0.0.1", SOCAT_LAPTOP, 7001, args.duration)
                     result["cpu_pct"] = 0.0  # socat's CPU is not the daemon's
+                    result["cpu_us_per_conn"] = 0.0
                 elif row == "d":
                     sshuttle = run_sshuttle(laptop, cluster, args.duration)
                     if sshuttle is None:
@@ -460,7 +610,9 @@ def _chart(table: list[dict], path: Path, record: dict) -> None:
 
 
 ECHO_SERVER = """
-import sys, trio, functools
+import sys, trio, functools, resource
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
 async def echo(stream):
     async with stream:
         try:
@@ -473,7 +625,7 @@ trio.run(functools.partial(trio.serve_tcp, echo, int(sys.argv[2]), host=sys.argv
 
 HEADER = (
     f"{'row':8} {'MB/s x1':>9} {'MB/s x8':>9} {'CPU%':>6} {'relay%':>7} {'p50 µs':>8} "
-    f"{'p99 µs':>8} {'conn/s':>8}"
+    f"{'p99 µs':>8} {'conn/s':>8} {'conn/s32':>9} {'µs/conn':>8} {'RSS MiB':>8} {'@1000':>7}"
 )
 
 
@@ -481,7 +633,9 @@ def _line(r: dict) -> str:
     return (
         f"{r['row']:8} {r['mbs_1']:9.0f} {r['mbs_8']:9.0f} {r['cpu_pct']:6.0f} "
         f"{r.get('relay_cpu_pct', 0):7.0f} "
-        f"{r['p50']:8.0f} {r['p99']:8.0f} {r['conn_s']:8.0f}"
+        f"{r['p50']:8.0f} {r['p99']:8.0f} {r['conn_s']:8.0f} {r.get('conn_s_par', 0):9.0f} "
+        f"{r.get('cpu_us_per_conn', 0):8.0f} "
+        f"{r.get('rss_base', 0):8.0f} {r.get('rss_held', 0):7.0f}"
     )
 
 
