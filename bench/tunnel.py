@@ -326,6 +326,7 @@ def _run_profiled(run: Callable[[], None], name: str) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     profile.runcall(run)
+    stop()
 
 
 def _split(address: str) -> tuple[str, int]:

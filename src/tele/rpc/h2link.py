@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -23,13 +24,17 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
+import hyperframe.exceptions
 import hyperframe.frame
 import trio
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, str]]
+Buffers = list[bytes | memoryview]
+"""Bytes to write, in order: frame headers and the payloads of DATA frames, not joined."""
 StreamHandler = Callable[["H2Stream"], Awaitable[None]]
 ResponseCheck = Callable[[Headers], BaseException | None]
 """Judges a response that arrives while the opener is already sending and reading (see
@@ -46,8 +51,111 @@ def _cheap_data_repr(data: bytes | None) -> str:
 hyperframe.frame._raw_data_repr = _cheap_data_repr
 
 
+_FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
+_IOV_MAX = 1024  # buffers per sendmsg (Linux's IOV_MAX)
+_END_STREAM = 0x1
+
+
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's incoming frame buffer without the copies of the whole buffer per frame.
+
+    h2 appends every read to a bytearray, copies each frame out of it, and then deletes the
+    frame from the front (moving everything behind it): a 256 KiB read holding a few frames
+    was copied ~4 times. Here reads are kept as the immutable bytes they arrived as, frames are
+    parsed from memoryview slices (hyperframe copies a payload out once), and reads are joined
+    only when a frame spans them, once the whole frame is there.
+    """
+
+    def __init__(self, server: bool = False) -> None:
+        super().__init__(server=server)
+        self._buffer = b""
+        self._offset = 0
+        self._more: list[bytes] = []  # reads after `_buffer`, not joined yet
+        self._more_size = 0
+
+    def add_data(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+        if self._preamble_len:
+            super().add_data(data)  # checks the client preamble, keeps the rest in _data
+            data, self._data = bytes(self._data), bytearray()
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        if self._offset >= len(self._buffer) and not self._more:
+            self._buffer, self._offset = chunk, 0
+        elif chunk:
+            self._more.append(chunk)
+            self._more_size += len(chunk)
+
+    def _join(self) -> None:
+        if self._offset >= len(self._buffer) and len(self._more) == 1:
+            self._buffer = self._more[0]
+        else:
+            self._buffer = b"".join([memoryview(self._buffer)[self._offset :], *self._more])
+        self._offset = 0
+        self._more = []
+        self._more_size = 0
+
+    def announced_length(self) -> int | None:
+        """The length field of the next frame, once its first 3 bytes are here."""
+        if len(self._buffer) - self._offset < 3:
+            if len(self._buffer) - self._offset + self._more_size < 3:
+                return None
+            self._join()
+        return int.from_bytes(self._buffer[self._offset : self._offset + 3], "big")
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        while True:
+            buffer, offset = self._buffer, self._offset
+            held = len(buffer) - offset
+            if held < 9:
+                if held + self._more_size < 9:
+                    raise StopIteration
+                self._join()
+                continue
+            view = memoryview(buffer)
+            try:
+                frame, length = hyperframe.frame.Frame.parse_frame_header(view[offset : offset + 9])
+            except (
+                hyperframe.exceptions.InvalidDataError,
+                hyperframe.exceptions.InvalidFrameError,
+            ) as exc:
+                raise h2.exceptions.ProtocolError(
+                    f"Received frame with invalid header: {exc}"
+                ) from exc
+            self._validate_frame_length(length)
+            end = offset + 9 + length
+            if len(buffer) < end:
+                if held + self._more_size < 9 + length:
+                    raise StopIteration
+                self._join()
+                continue
+            try:
+                frame.parse_body(view[offset + 9 : end])
+            except hyperframe.exceptions.InvalidDataError as exc:
+                raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from exc
+            except hyperframe.exceptions.InvalidFrameError as exc:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from exc
+            self._offset = end
+            if end == len(buffer):
+                self._buffer, self._offset = b"", 0
+                if self._more:
+                    self._join()
+            complete = self._update_header_buffer(frame)
+            if complete is not None:
+                return complete
+
+
 class _Connection(h2.connection.H2Connection):
-    """h2's connection with open streams counted in amortised O(1).
+    """h2's connection with its output kept as a list of buffers, its input parsed in place
+    (`_FrameBuffer`), and open streams counted in amortised O(1).
+
+    Output: h2 serialises every frame into one bytearray, copying a DATA payload ~5 times on
+    its way to the socket (memoryview to bytes, body join, header join, bytearray append,
+    bytes() of the whole buffer); with 8 busy streams that buffer grew to megabytes and each
+    `data_to_send` took milliseconds. Here a DATA frame is a 9-byte header plus the payload
+    bytes object itself (h2 turns a memoryview into bytes; immutable bytes are kept as they
+    are: see `H2Stream._send_body`); other frames are serialised by hyperframe as before.
+    `take_output` hands the list to a gather write.
+
+    Streams:
 
     h2 counts open streams (for the MAX_CONCURRENT_STREAMS checks on every new stream) by
     walking every stream it holds, deleting the closed ones as it goes: with n streams open,
@@ -59,6 +167,51 @@ class _Connection(h2.connection.H2Connection):
     """
 
     _sweep_at = 64
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        self._output: Buffers = []
+        self.output_size = 0
+
+    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
+        output = self._output
+        if self._data_to_send:  # h2 writes its connection preamble there directly
+            output.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        for frame in frames:
+            if type(frame) is hyperframe.frame.DataFrame and "PADDED" not in frame.flags:
+                data = frame.data
+                length = len(data)
+                flags = _END_STREAM if "END_STREAM" in frame.flags else 0
+                output.append(
+                    _FRAME_HEADER.pack(length >> 8, length & 0xFF, 0, flags, frame.stream_id)
+                )
+                if length:
+                    output.append(data)
+                self.output_size += length + 9
+            else:
+                chunk = frame.serialize()
+                output.append(chunk)
+                self.output_size += len(chunk)
+
+    def take_output(self) -> Buffers:
+        """Everything queued for sending, in order; the queue is empty afterwards."""
+        if self._data_to_send:
+            self._prepare_for_sending([])
+        output, self._output = self._output, []
+        self.output_size = 0
+        return output
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        if amount is not None:
+            raise NotImplementedError("the link takes all output at once (take_output)")
+        return b"".join(self.take_output())
+
+    def clear_outbound_data_buffer(self) -> None:
+        super().clear_outbound_data_buffer()
+        self._output = []
+        self.output_size = 0
 
     def _open_streams(self, remainder: int) -> int:
         count = super()._open_streams(remainder)
@@ -175,7 +328,7 @@ class H2Stream(trio.abc.HalfCloseableStream):
         ends_now = end_stream and not body and trailers is None
         self._link._send_headers(self, headers, ends_now)
         if body:
-            await self._send_body(memoryview(body))
+            await self._send_body(body)
         if trailers is not None:
             self._check_sendable()
             self._link._send_headers(self, trailers, True)
@@ -214,21 +367,24 @@ class H2Stream(trio.abc.HalfCloseableStream):
         parked = False
         try:
             self._check_sendable()
-            view = memoryview(data).cast("B")
             if self._needs_response:
                 self._needs_response = False
                 self._link._send_headers(self, [(":status", "200")], False)
-            parked = await self._send_body(view)
+            parked = await self._send_body(data)
         finally:
             self._sending = False
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def _send_body(self, view: memoryview) -> bool:
-        """Queue `view` as DATA as the windows allow; True if it had to wait (a schedule point).
+    async def _send_body(self, data: bytes | bytearray | memoryview) -> bool:
+        """Queue `data` as DATA as the windows allow; True if it had to wait (a schedule point).
 
-        A wait that is cancelled leaves part of `view` unsent: the stream is then unusable.
+        Immutable bytes that fit in one frame are queued as they are; anything else is copied
+        in pieces (h2 copies a memoryview), so a caller may reuse its buffer once we return.
+        A wait that is cancelled leaves part of `data` unsent: the stream is then unusable.
         """
+        whole = data if type(data) is bytes else None
+        view = memoryview(data).cast("B")
         offset = 0
         total = len(view)
         parked = False
@@ -240,7 +396,10 @@ class H2Stream(trio.abc.HalfCloseableStream):
                 await self._wait_window()
                 continue
             size = min(window, total - offset)
-            self._link._send_data(self, view[offset : offset + size])
+            if size == total and whole is not None:
+                self._link._send_data(self, whole)  # no copy: bytes are immutable
+            else:
+                self._link._send_data(self, view[offset : offset + size])
             offset += size
             if self._link._must_drain():
                 parked = True
@@ -529,7 +688,7 @@ class H2Link:
         # `_backlog` for the writer, ahead of anything h2 queues later: byte order is kept.
         self._direct: socket.socket | None = None  # set up by `_run`
         self._write_busy = False
-        self._backlog = b""
+        self._backlog: Buffers = []
         self._batching = False
         self._through_ok = True
         self._pings: dict[bytes, trio.Event] = {}
@@ -579,7 +738,7 @@ class H2Link:
         self._kick_writer()
         if body:
             try:
-                await stream._send_body(memoryview(body))
+                await stream._send_body(body)
                 if end_stream:
                     self._end_stream(stream)
             except BaseException:
@@ -725,42 +884,38 @@ class H2Link:
 
         h2 checks a frame's length only once the whole frame is buffered, so a peer announcing
         a 16 MiB frame could make us hold 16 MiB. After `receive_data` the unparsed bytes start
-        at a frame header (h2 keeps them in `incoming_buffer._data`).
+        at a frame header (`_FrameBuffer` checks complete headers itself; this catches a
+        header of which only the length has arrived).
         """
-        pending = self._conn.incoming_buffer._data
-        if len(pending) >= 3:
-            length = int.from_bytes(pending[:3], "big")
-            if length > self.settings.max_frame_size:
-                self._conn._terminate_connection(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
-                limit = self.settings.max_frame_size
-                raise h2.exceptions.FrameTooLargeError(
-                    f"frame of {length} bytes announced, the maximum is {limit}"
-                )
+        buffer = self._conn.incoming_buffer
+        assert isinstance(buffer, _FrameBuffer)
+        length = buffer.announced_length()
+        if length is not None and length > self.settings.max_frame_size:
+            self._conn._terminate_connection(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+            limit = self.settings.max_frame_size
+            raise h2.exceptions.FrameTooLargeError(
+                f"frame of {length} bytes announced, the maximum is {limit}"
+            )
 
     async def _write_loop(self) -> None:
         try:
             while True:
                 self._writer_wakeup = trio.Event()
-                data = self._conn.data_to_send()
+                buffers = self._conn.take_output()
                 if self._backlog:
-                    data = self._backlog + data
-                    self._backlog = b""
-                if data:
+                    buffers = self._backlog + buffers
+                    self._backlog = []
+                if buffers:
                     self._pending_write = 0
-                    if self._direct is not None:
-                        try:
-                            sent = self._direct.send(data, socket.MSG_NOSIGNAL)
-                        except BlockingIOError:
-                            sent = 0
-                        except OSError:
-                            sent = 0  # transport.send_all raises it properly
-                        data = data[sent:]
-                    if data:
-                        self._write_busy = True
-                        try:
-                            await self.transport.send_all(data)
-                        finally:
-                            self._write_busy = False
+                    self._write_busy = True
+                    try:
+                        if self._direct is not None:
+                            while buffers := _send_buffers(self._direct, buffers):
+                                await self.transport.wait_send_all_might_not_block()
+                        else:
+                            await self.transport.send_all(b"".join(buffers))
+                    finally:
+                        self._write_busy = False
                     self._through_ok = True
                     if self._drain_lot:
                         self._drain_lot.unpark_all()
@@ -999,21 +1154,19 @@ class H2Link:
             if not self._through_ok:
                 self._writer_wakeup.set()  # a burst: the writer sends it all in one go
                 return
-            data = self._conn.data_to_send()
-            if not data:
+            buffers = self._conn.take_output()
+            if not buffers:
                 return
             self._through_ok = False
             try:
-                sent = self._direct.send(data, socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0  # the writer task meets the same error and fails the link
-            if sent == len(data):
+                rest = _send_buffers(self._direct, buffers)
+            except trio.BrokenResourceError:
+                rest = buffers  # the writer task meets the same error and fails the link
+            if not rest:
                 self._pending_write = 0
                 return
-            self._backlog = data[sent:]
-            self._pending_write = len(self._backlog)
+            self._backlog = rest
+            self._pending_write = sum(len(b) for b in rest)
         self._writer_wakeup.set()
 
     def _raise_if_unusable(self) -> None:
@@ -1038,6 +1191,32 @@ class H2Link:
         self._drain_lot.unpark_all()
         self._writer_wakeup.set()
         self._closed_event.set()
+
+
+def _send_buffers(sock: socket.socket, buffers: Buffers) -> Buffers:
+    """Write `buffers` with gather writes (no joining) until the socket would block; returns
+    what is left unsent (empty when all went). Raises BrokenResourceError if the socket fails."""
+    while buffers:
+        batch = buffers[:_IOV_MAX] if len(buffers) > _IOV_MAX else buffers
+        try:
+            sent = sock.sendmsg(batch, (), socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return buffers
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+        taken = 0
+        for buffer in batch:
+            size = len(buffer)
+            if sent < size:
+                break
+            sent -= size
+            taken += 1
+        if taken < len(batch):
+            # A partial write: keep the unsent tail of the buffer it stopped in.
+            buffers = [memoryview(buffers[taken])[sent:], *buffers[taken + 1 :]]
+            continue
+        buffers = buffers[taken:]
+    return buffers
 
 
 def _headers(raw: Any) -> Headers:

@@ -1,6 +1,9 @@
-"""Stream pairs for tests of h2 links, RPC and tunnels, all in memory."""
+"""Stream pairs for tests of h2 links, RPC and tunnels: in memory, or over a socket pair (which
+takes the links' socket write path: write-through and gather writes)."""
 
 from __future__ import annotations
+
+import socket
 
 import trio
 import trio.testing
@@ -13,12 +16,24 @@ async def open_link_pair(
     handler: object = None,
     *,
     settings: LinkSettings | None = None,
+    socket_buffer: int | None = None,
 ) -> tuple[H2Link, trio.MemoryReceiveChannel[H2Stream]]:
     """A client link whose server side sends every incoming stream to the returned channel.
 
-    Both links live in `nursery`; cancel it to tear them down.
+    With `socket_buffer` (bytes), the links run over a socket pair with send and receive
+    buffers that small, so writes are often partial. Both links live in `nursery`; cancel it
+    to tear them down.
     """
-    client_transport, server_transport = trio.testing.memory_stream_pair()
+    client_transport: trio.abc.Stream
+    server_transport: trio.abc.Stream
+    if socket_buffer is None:
+        client_transport, server_transport = trio.testing.memory_stream_pair()
+    else:
+        left, right = trio.socket.socketpair()
+        for sock in (left, right):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer)
+        client_transport, server_transport = trio.SocketStream(left), trio.SocketStream(right)
     send, receive = trio.open_memory_channel[H2Stream](1000)
     ready = trio.Event()
 

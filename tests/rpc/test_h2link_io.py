@@ -1,0 +1,184 @@
+"""The link's own byte handling under h2: frames parsed from reads split anywhere, gather writes
+that the socket takes only in part, and payloads queued without a copy."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import socket
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tele.rpc.h2link import H2Link, LinkBroken, _Connection, open_link
+from tele.testing.streams import open_link_pair
+
+
+def _client_bytes() -> bytes:
+    """What a stock h2 client sends: preamble, SETTINGS, requests, DATA of many sizes (one
+    larger than a default frame, so it is several frames), a PING, a WINDOW_UPDATE."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    headers = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
+    client.send_headers(1, headers)
+    for size in (0, 1, 1000, 16_384, 5):
+        client.send_data(1, bytes([size % 251]) * size)
+    client.send_headers(3, headers, end_stream=True)
+    client.ping(b"12345678")
+    client.increment_flow_control_window(100_000)
+    client.send_data(1, b"last", end_stream=True)
+    return client.data_to_send()
+
+
+def _events(conn: h2.connection.H2Connection, chunks: list[bytes]) -> list[tuple[object, ...]]:
+    seen: list[tuple[object, ...]] = []
+    for chunk in chunks:
+        for event in conn.receive_data(chunk):
+            seen.append(
+                (
+                    type(event).__name__,
+                    getattr(event, "stream_id", None),
+                    getattr(event, "data", None),
+                    getattr(event, "headers", None),
+                )
+            )
+    return seen
+
+
+def _server(ours: bool) -> h2.connection.H2Connection:
+    config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+    return _Connection(config) if ours else h2.connection.H2Connection(config)
+
+
+WIRE = _client_bytes()
+EXPECTED = _events(_server(ours=False), [WIRE])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(WIRE)), max_size=40))
+def test_frames_split_anywhere_give_the_events_of_stock_h2(cuts: list[int]) -> None:
+    points = sorted({0, len(WIRE), *cuts})
+    chunks = [WIRE[a:b] for a, b in itertools.pairwise(points)]
+    assert _events(_server(ours=True), chunks) == EXPECTED
+
+
+def test_every_single_byte_read_gives_the_same_events() -> None:
+    assert _events(_server(ours=True), [WIRE[i : i + 1] for i in range(len(WIRE))]) == EXPECTED
+
+
+def test_our_output_is_what_stock_h2_sends() -> None:
+    def run(conn: h2.connection.H2Connection) -> bytes:
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "CONNECT"), (":authority", "a:1")])
+        conn.send_data(1, memoryview(b"x" * 20_000)[:16_384])
+        conn.send_data(1, b"", end_stream=True)
+        conn.ping(b"abcdefgh")
+        return conn.data_to_send()
+
+    config = h2.config.H2Configuration(client_side=True)
+    assert run(_Connection(config)) == run(h2.connection.H2Connection(config))
+
+
+def test_an_overlong_frame_is_refused_from_its_header() -> None:
+    conn = _server(ours=True)
+    conn.initiate_connection()
+    conn.receive_data(WIRE[:24])  # the preamble
+    # A DATA frame header announcing 1 MiB, more than the 16 KiB default, and no body yet.
+    header = (1 << 20).to_bytes(3, "big") + bytes([0, 0]) + (1).to_bytes(4, "big")
+    with pytest.raises(h2.exceptions.FrameTooLargeError):
+        conn.receive_data(header)
+
+
+async def test_many_streams_through_partial_socket_writes_arrive_intact() -> None:
+    # 32 KiB socket buffers: the link's gather writes are taken a piece at a time.
+    payloads = [bytes([i]) * (300_000 + 7919 * i) for i in range(8)]
+    async with trio.open_nursery() as nursery:
+        link, incoming = await open_link_pair(nursery, socket_buffer=32 * 1024)
+        digests: dict[int, str] = {}
+
+        async def serve(n: int) -> None:
+            stream = await incoming.receive()
+            digest = hashlib.sha256()
+            while chunk := await stream.receive_some():
+                digest.update(chunk)
+            digests[int(stream.header(":authority", "")[2:])] = digest.hexdigest()
+            await stream.send_all(digest.hexdigest().encode())
+            await stream.send_eof()
+
+        async def send(n: int) -> None:
+            stream = await link.open_stream([(":method", "CONNECT"), (":authority", f"s:{n}")])
+            await stream.send_all(payloads[n])
+            await stream.send_eof()
+            answer = b""
+            while chunk := await stream.receive_some():
+                answer += chunk
+            assert answer.decode() == hashlib.sha256(payloads[n]).hexdigest()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as inner:
+                for n in range(8):
+                    inner.start_soon(serve, n)
+                    inner.start_soon(send, n)
+        assert digests == {n: hashlib.sha256(p).hexdigest() for n, p in enumerate(payloads)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reused_send_buffer_does_not_change_what_was_sent() -> None:
+    # The far end is a bare socket nobody reads yet, with small buffers: most of what
+    # send_all queued is still waiting to be written when the caller changes its buffer.
+    left, right = trio.socket.socketpair()
+    for sock in (left, right):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    buffer = bytearray(b"A" * 30_000)
+    with right:
+        await _send_reused_buffer(left, right, buffer)
+
+
+async def _send_reused_buffer(
+    left: trio.socket.SocketType, right: trio.socket.SocketType, buffer: bytearray
+) -> None:
+    async with trio.open_nursery() as nursery:
+        link = await nursery.start(_run_link, trio.SocketStream(left))
+        stream = await link.open_stream([(":method", "CONNECT"), (":authority", "a:1")])
+        await stream.send_all(buffer)
+        buffer[:] = b"B" * 30_000
+        await stream.send_all(memoryview(buffer))
+        buffer[:] = b"C" * 30_000
+        await stream.send_eof()
+        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        server.initiate_connection()
+        received = b""
+        with trio.fail_after(30):
+            while not received.endswith(b"B" * 100) or len(received) < 60_000:
+                for event in server.receive_data(await right.recv(65536)):
+                    if isinstance(event, h2.events.DataReceived):
+                        received += event.data
+        assert received == b"A" * 30_000 + b"B" * 30_000
+        nursery.cancel_scope.cancel()
+
+
+async def _run_link(
+    transport: trio.SocketStream, *, task_status: trio.TaskStatus[H2Link] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async with open_link(transport, client_side=True) as link:
+        task_status.started(link)
+        await link.wait_closed()
+
+
+async def test_a_peer_that_closes_mid_write_breaks_the_link() -> None:
+    async with trio.open_nursery() as nursery:
+        link, incoming = await open_link_pair(nursery, socket_buffer=16 * 1024)
+        stream = await link.open_stream([(":method", "CONNECT"), (":authority", "a:1")])
+        server = await incoming.receive()
+        server._link.transport.socket.close()  # type: ignore[attr-defined]
+        with trio.fail_after(10), pytest.raises((LinkBroken, trio.BrokenResourceError)):
+            while True:
+                await stream.send_all(b"x" * 100_000)
+        nursery.cancel_scope.cancel()
