@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tele.rpc.h2link import H2Link, LinkBroken, _Connection, open_link
+from tele.rpc.tunnel import splice
 from tele.testing.streams import open_link_pair
 
 
@@ -181,4 +182,40 @@ async def test_a_peer_that_closes_mid_write_breaks_the_link() -> None:
         with trio.fail_after(10), pytest.raises((LinkBroken, trio.BrokenResourceError)):
             while True:
                 await stream.send_all(b"x" * 100_000)
+        nursery.cancel_scope.cancel()
+
+
+async def test_data_written_straight_to_a_slow_socket_keeps_its_order() -> None:
+    # splice lets the link's reader write DATA to the local socket itself; a socket that
+    # takes only part of it (small buffers, a reader taking 1 KiB at a time) must get the
+    # rest through the consumer, in order.
+    payload = b"".join(i.to_bytes(4, "big") for i in range(500_000))  # 2 MB, no repeats
+    async with trio.open_nursery() as nursery:
+        link, incoming = await open_link_pair(nursery, socket_buffer=64 * 1024)
+        local, app = trio.socket.socketpair()
+        for sock in (local, app):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        received = bytearray()
+
+        async def client() -> None:
+            stream = await link.open_stream([(":method", "CONNECT"), (":authority", "a:1")])
+            for start in range(0, len(payload), 100_000):
+                await stream.send_all(payload[start : start + 100_000])
+            await stream.send_eof()
+            assert await stream.receive_some() == b""
+
+        async def read_app() -> None:
+            async with trio.SocketStream(app) as app_stream:
+                while chunk := await app_stream.receive_some(1024):
+                    received.extend(chunk)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(client)
+                inner.start_soon(read_app)
+                server = await incoming.receive()
+                async with trio.SocketStream(local) as local_stream:
+                    assert await splice(server, local_stream) is None
+        assert bytes(received) == payload
         nursery.cancel_scope.cancel()

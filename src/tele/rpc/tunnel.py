@@ -231,9 +231,15 @@ async def splice(
         except trio.BrokenResourceError as exc:
             fail(reset_reason(exc), tunnel_side=True, scope=scope)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(local_to_tunnel, nursery.cancel_scope)
-        await tunnel_to_local(nursery.cancel_scope)  # this task does one direction itself
+    if isinstance(local, trio.SocketStream):
+        # The link's reader writes DATA to the socket itself while tunnel_to_local waits.
+        tunnel.deliver_to(local.socket.fileno())
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(local_to_tunnel, nursery.cancel_scope)
+            await tunnel_to_local(nursery.cancel_scope)  # this task does one direction itself
+    finally:
+        tunnel.deliver_to(None)  # before anyone closes `local` (its descriptor may be reused)
     return outcome[0] if outcome else None
 
 
