@@ -16,7 +16,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tele.rpc.h2link import H2Link, LinkBroken, _Connection, open_link
+from tele.rpc.h2link import H2Link, H2Stream, LinkBroken, _Connection, open_link
 from tele.rpc.tunnel import splice
 from tele.testing.streams import open_link_pair
 
@@ -218,4 +218,35 @@ async def test_data_written_straight_to_a_slow_socket_keeps_its_order() -> None:
                 async with trio.SocketStream(local) as local_stream:
                     assert await splice(server, local_stream) is None
         assert bytes(received) == payload
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_ten_thousand_streams_open_at_once_on_one_link() -> None:
+    count = 10_000
+    async with trio.open_nursery() as nursery:
+        link, incoming = await open_link_pair(nursery, socket_buffer=256 * 1024)
+        headers = [(":method", "CONNECT"), (":authority", "a:1")]
+        with trio.fail_after(120):
+            streams = [await link.open_stream(headers) for _ in range(count)]
+            served = [await incoming.receive() for _ in range(count)]
+            assert link.active_streams == count  # all open together
+
+            async def echo(stream: H2Stream) -> None:
+                data = await stream.receive_some()
+                await stream.send_all(data)
+                await stream.send_eof()
+
+            async def call(n: int, stream: H2Stream) -> None:
+                await stream.send_all(n.to_bytes(4, "big"))
+                await stream.send_eof()
+                assert await stream.receive_some() == n.to_bytes(4, "big")
+                assert await stream.receive_some() == b""
+                stream.close()
+
+            async with trio.open_nursery() as inner:
+                for n, (mine, theirs) in enumerate(zip(streams, served, strict=True)):
+                    inner.start_soon(echo, theirs)
+                    inner.start_soon(call, n, mine)
+        assert link.active_streams == 0
         nursery.cancel_scope.cancel()
