@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import ssl
+import struct
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -56,12 +58,48 @@ class _FastXorMasker:
         return masked
 
 
+_stock_serialize_frame = wsproto.frame_protocol.FrameProtocol._serialize_frame
+
+
+def _lean_serialize_frame(
+    self: wsproto.frame_protocol.FrameProtocol,
+    opcode: wsproto.frame_protocol.Opcode,
+    payload: bytes | bytearray = b"",
+    fin: bool = True,
+) -> bytes:
+    """wsproto's frame serialiser with two copies of the payload instead of five.
+
+    wsproto copies a payload into a bytearray twice, masks a third copy, joins header and
+    payload and copies that into another bytearray; its caller then adds the frame to b"",
+    one more copy unless the frame is exactly bytes. Here: the masking (a client's) or one
+    join, and the frame is returned as bytes. Frames with extensions go the stock way.
+    """
+    if self.extensions:
+        return bytes(_stock_serialize_frame(self, opcode, payload, fin))
+    length = len(payload)
+    if opcode.iscontrol() and length > 125:
+        raise ValueError("payload too long for control frame")
+    first = (0x80 if fin else 0) | int(opcode)
+    mask_bit = 0x80 if self.client else 0
+    if length <= 125:
+        header = bytes((first, mask_bit | length))
+    elif length <= 0xFFFF:
+        header = struct.pack("!BBH", first, mask_bit | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | 127, length)
+    if self.client:
+        key = os.urandom(4)
+        return b"".join((header, key, _apply_mask(payload, key)))
+    return b"".join((header, payload))
+
+
 try:
     from websockets.speedups import apply_mask as _apply_mask
-except ImportError:  # no compiled speedups for this platform: keep wsproto's own masker
+except ImportError:  # no compiled speedups for this platform: keep wsproto's own code
     pass
 else:
     wsproto.frame_protocol.XorMaskerSimple = _FastXorMasker  # type: ignore[misc,assignment]
+    wsproto.frame_protocol.FrameProtocol._serialize_frame = _lean_serialize_frame  # type: ignore[method-assign,assignment]
 
 SUBPROTOCOL: Final = "v4.channel.k8s.io"
 DATA_CHANNEL: Final = 0
