@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -216,6 +217,11 @@ def test_unprivileged_daemon_gets_the_network_from_the_helper(world: World) -> N
         check=False,
     )
     assert resolved.stdout.split()[:1] == [ip], resolved
+    status = world.tele("status")
+    assert "DNS:                198.18.0.53 for " in status.stdout, status.stdout
+    assert "TCP connections" in status.stdout and "queries" in status.stdout
+    found = re.search(r"DNS: .*; (\d+) queries", status.stdout)
+    assert found is not None and int(found.group(1)) >= 1, status.stdout
 
     # A pod in a new subnet: the manager's cluster info grows, and the route follows.
     with subprocess.Popen(

@@ -41,11 +41,35 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
     if network:
         lines.append(f"  Network:            {network.get('device')} {network.get('address')}")
         lines.append(f"  Routed subnets:     {', '.join(network.get('subnets') or [])}")
+        dns = network.get("dns")
+        if isinstance(dns, dict):
+            suffixes = ", ".join(dns.get("include_suffixes") or []) or "cluster names"
+            lines.append(
+                f"  DNS:                {dns.get('local_ip')} for {suffixes}; "
+                f"{dns.get('queries', 0)} queries"
+            )
+        lines.append(
+            # The device's input is what local programs send towards the cluster.
+            f"  Traffic:            {_size(network.get('bytes_in', 0))} to the cluster, "
+            f"{_size(network.get('bytes_out', 0))} back; "
+            f"{network.get('tcp_connections', 0)} TCP connections, "
+            f"{network.get('udp_flows', 0)} UDP flows, {network.get('refused', 0)} refused"
+        )
         if network.get("set_up_by", "daemon") != "daemon":
             lines.append(f"  Set up by:          {network['set_up_by']}")
     if info.get("last_error") and info.get("status") != "connected":
         lines.append(f"  Last error:         {info['last_error']}")
     return lines
+
+
+def _size(value: object) -> str:
+    """Bytes for people: 1.2 MB, 340 kB, 12 B."""
+    number = float(value) if isinstance(value, int | float) else 0.0
+    for unit in ("B", "kB", "MB", "GB"):
+        if number < 1000 or unit == "GB":
+            return f"{number:.0f} {unit}" if unit == "B" else f"{number:.1f} {unit}"
+        number /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @click.command()
