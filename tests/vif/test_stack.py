@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from tele.net.icmp import ICMPV4_HOST_UNREACHABLE, ICMPv4Header
+from tele.net.icmp import ICMPV4_HOST_UNREACHABLE, ICMPv4Header, ICMPv6Header
 from tele.net.packet import encode, parse_packet
 from tele.net.tcp import ACK, RST, SYN
 from tele.net.tunnel import Destination, Protocol, ResetReason
@@ -172,3 +172,95 @@ async def test_app_reset_while_the_tunnel_waits_for_window(
         await trio.lowlevel.wait_readable(kernel)
     (answer,) = [parse_packet(p) for p in pending(kernel)]
     assert tcp(answer).flags == SYN | ACK
+
+
+async def test_dial_without_answer_is_refused_after_the_dial_timeout(
+    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    kernel, end = tun
+    abandoned = trio.Event()
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        try:
+            await trio.sleep_forever()
+        finally:
+            abandoned.set()
+
+    config = StackConfig(subnets=SUBNETS, dial_timeout=5)
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=config)
+    await nursery.start(stack.serve)
+    kernel.send(bytes(App().syn()))
+    await trio.sleep(4.9)
+    assert pending(kernel) == [] and not abandoned.is_set()
+    await trio.sleep(0.2)
+    assert abandoned.is_set()
+    (answer,) = [parse_packet(p) for p in pending(kernel)]
+    assert isinstance(answer.transport, ICMPv4Header)
+    assert answer.transport.code == ICMPV4_HOST_UNREACHABLE
+    assert stack.counters.refused == 1
+    assert not stack._tcp
+
+
+async def test_app_reset_during_the_dial_ends_it_without_an_answer(
+    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    kernel, end = tun
+    abandoned = trio.Event()
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        try:
+            await trio.sleep_forever()
+        finally:
+            abandoned.set()
+
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=StackConfig(subnets=SUBNETS))
+    await nursery.start(stack.serve)
+    app = App()
+    kernel.send(bytes(app.syn()))
+    await trio.sleep(1)
+    kernel.send(bytes(app.packet(RST, seq=app.isn + 1, ack=0)))
+    await trio.sleep(0.01)
+    assert abandoned.is_set()
+    await trio.sleep(60)  # long past the dial timeout: nothing is sent for the gone connection
+    assert pending(kernel) == []
+    assert stack.counters.refused == 0 and not stack._tcp
+
+
+@pytest.mark.parametrize(
+    ("client", "dest", "routed"),
+    [
+        ("10.0.0.1", "10.96.255.254", True),
+        ("10.0.0.1", "10.97.0.1", False),
+        ("fd00::1", "fd00:96::1", True),
+        ("fd00::1", "fd00:97::1", False),
+    ],
+)
+async def test_only_routed_subnets_are_dialed(
+    tun: tuple[socket.socket, socket.socket],
+    nursery: trio.Nursery,
+    client: str,
+    dest: str,
+    routed: bool,
+) -> None:
+    kernel, end = tun
+    dialed: list[Destination] = []
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        dialed.append(destination)
+        raise TunnelError(ResetReason.REFUSED, "closed port")
+
+    subnets = [*SUBNETS, ipaddress.ip_network("fd00:96::/64")]
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=StackConfig(subnets=subnets))
+    await nursery.start(stack.serve)
+    app = App(client=ipaddress.ip_address(client).packed, dest=ipaddress.ip_address(dest).packed)
+    kernel.send(bytes(app.syn()))
+    with trio.fail_after(2):
+        await trio.lowlevel.wait_readable(kernel)
+    (answer,) = [parse_packet(p) for p in pending(kernel)]
+    if routed:
+        assert dialed == [Destination(Protocol.TCP, ipaddress.ip_address(dest), 8080)]
+        assert tcp(answer).flags & RST
+    else:
+        assert dialed == []
+        assert isinstance(answer.transport, ICMPv4Header | ICMPv6Header)
+        assert answer.transport.code == 0  # network unreachable / no route

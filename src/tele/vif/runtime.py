@@ -22,6 +22,7 @@ import heapq
 import ipaddress
 import itertools
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -158,14 +159,12 @@ class Stack:
         self._timer_wake = trio.Event()
         self._timer_at = float("inf")
         self._nursery: trio.Nursery | None = None
-        self._v4 = [n for n in cfg.subnets if n.version == 4]
-        self._v6 = [n for n in cfg.subnets if n.version == 6]
+        self._v4, self._v6 = _ranges(cfg.subnets)
         self.counters = Counters()
 
     def set_subnets(self, subnets: Sequence[Network]) -> None:
         """The routed subnets changed (the cluster's did): answer echo for the new ones."""
-        self._v4 = [n for n in subnets if n.version == 4]
-        self._v6 = [n for n in subnets if n.version == 6]
+        self._v4, self._v6 = _ranges(subnets)
 
     # --- service --------------------------------------------------------------------------
 
@@ -231,11 +230,9 @@ class Stack:
                 self._write(reply)
 
     def _routed(self, address: bytes) -> bool:
-        if len(address) == 4:
-            ip4 = ipaddress.IPv4Address(address)
-            return any(ip4 in n for n in self._v4)
-        ip6 = ipaddress.IPv6Address(address)
-        return any(ip6 in n for n in self._v6)
+        value = int.from_bytes(address, "big")
+        ranges = self._v4 if len(address) == 4 else self._v6
+        return any(value & mask == network for network, mask in ranges)
 
     def _on_tcp(self, packet: pk.Packet, tcp: TCPHeader, now: float) -> None:
         key = (packet.ip.src, tcp.sport, packet.ip.dst, tcp.dport)
@@ -400,18 +397,18 @@ class Stack:
     async def _tcp_flow_inner(self, record: _Tcp, syn: SynReceived) -> None:
         conn = record.conn
         destination = Destination(Protocol.TCP, ipaddress.ip_address(syn.dest_addr), syn.dest_port)
-        with record.scope:
+        scope = record.scope
+        # The dial's time limit is the connection's own scope's deadline: one cancel scope per
+        # connection instead of two (a scope costs a few µs of a connection's ~0.5 ms).
+        scope.deadline = trio.current_time() + self.config.dial_timeout
+        stream: trio.abc.HalfCloseableStream | None = None
+        with scope:
             try:
-                with trio.fail_after(self.config.dial_timeout):
-                    stream = await self.dialer(destination)
-            except (TunnelError, trio.TooSlowError) as exc:
-                reason = exc.reason if isinstance(exc, TunnelError) else ResetReason.TIMEOUT
-                log.debug("tcp %s: dial failed: %s", destination, exc)
-                self.counters.refused += 1
-                if not record.closed:
-                    conn.refuse(_REFUSAL.get(reason, RefuseReason.REFUSED))
-                    self._touch(record)
+                stream = await self.dialer(destination)
+            except TunnelError as exc:
+                self._refuse(record, destination, exc.reason, exc)
                 return
+            scope.deadline = math.inf
             async with stream:
                 if record.closed:
                     return
@@ -428,9 +425,22 @@ class Stack:
                         conn.abort()
                         self._touch(record)
             return
-        # Cancelled: the connection was reset or closed under us.
+        # Cancelled: by the dial's deadline, else the connection was reset or closed under us
+        # (which marked the record closed).
         if not record.closed:
+            if stream is None:
+                self._refuse(record, destination, ResetReason.TIMEOUT, "no answer in time")
+                return
             conn.abort()
+            self._touch(record)
+
+    def _refuse(
+        self, record: _Tcp, destination: Destination, reason: ResetReason, why: object
+    ) -> None:
+        log.debug("tcp %s: dial failed: %s", destination, why)
+        self.counters.refused += 1
+        if not record.closed:
+            record.conn.refuse(_REFUSAL.get(reason, RefuseReason.REFUSED))
             self._touch(record)
 
     async def _tunnel_to_app(self, record: _Tcp, stream: trio.abc.HalfCloseableStream) -> None:
@@ -575,6 +585,13 @@ class Stack:
             for datagram in datagrams:
                 self._udp.inbound(flow.key, len(datagram), now)
                 self._write(flow.reply(datagram))
+
+
+def _ranges(subnets: Sequence[Network]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(network, netmask) as integers, IPv4 and IPv6 apart: a test per SYN without objects."""
+    v4 = [(int(n.network_address), int(n.netmask)) for n in subnets if n.version == 4]
+    v6 = [(int(n.network_address), int(n.netmask)) for n in subnets if n.version == 6]
+    return v4, v6
 
 
 def _flow_name(conn: TCPConnection) -> str:
