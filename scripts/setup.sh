@@ -5,8 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # sshfs (+ fuse3) mounts an engaged pod's volumes; openssh-sftp-server is what the agent serves
-# them with (the sandbox runs the agent from this machine's files).
-APT_PACKAGES=(iproute2 nftables iperf3 socat procps curl sshfs openssh-sftp-server sshuttle)
+# them with (the sandbox runs the agent from this machine's files). dbus-daemon and util-linux
+# (nsenter, unshare) serve the systemd-resolved test.
+APT_PACKAGES=(iproute2 nftables iperf3 socat procps curl sshfs openssh-sftp-server sshuttle
+    dbus-daemon util-linux)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -17,6 +19,27 @@ if ((${#missing[@]})); then
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# systemd-resolved for tests/vif/test_resolved.py, unpacked into .cache, never installed:
+# installing the package would make this machine's /etc/resolv.conf its stub. The test runs it
+# in namespaces of its own. Best effort: without it that test is skipped, saying why.
+if [ ! -x .cache/systemd-resolved/lib/systemd/systemd-resolved ] &&
+    [ ! -x /lib/systemd/systemd-resolved ] && command -v apt-get >/dev/null &&
+    command -v dpkg-deb >/dev/null; then
+    echo "setup: unpacking systemd-resolved into .cache (for a test; not installed)"
+    tmp=$(mktemp -d)
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    if (cd "$tmp" && { apt-get download -qq systemd-resolved >/dev/null 2>&1 ||
+        { $SUDO apt-get update -qq && apt-get download -qq systemd-resolved >/dev/null 2>&1; }; }); then
+        rm -rf .cache/systemd-resolved
+        mkdir -p .cache
+        dpkg-deb -x "$tmp"/systemd-resolved_*.deb .cache/systemd-resolved
+    else
+        echo "setup: could not download systemd-resolved; tests/vif/test_resolved.py will skip"
+    fi
+    rm -rf "$tmp"
 fi
 
 PYTHON="${PYTHON:-}"

@@ -101,11 +101,18 @@ def restore_resolv_conf(path: Path, backup: Path) -> None:
     backup.unlink()
 
 
-def resolved_set_link(device: str, server: str, domains: list[str]) -> None:
-    """Per-link DNS and routing domains through systemd-resolved."""
+def resolved_set_link(
+    device: str, server: str, domains: list[str], *, netns: str | None = None
+) -> None:
+    """Per-link DNS and routing domains through systemd-resolved.
+
+    With `netns`, resolvectl runs in that network namespace: it names the device by its
+    index there, and resolved (on the system bus) is the one serving that namespace.
+    """
+    prefix = [] if netns is None else ["ip", "netns", "exec", netns]
     try:
-        subprocess.run(["resolvectl", "dns", device, server], check=True, capture_output=True)
-        subprocess.run(["resolvectl", "domain", device, *domains], check=True, capture_output=True)
+        for args in (["dns", device, server], ["domain", device, *domains]):
+            subprocess.run([*prefix, "resolvectl", *args], check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         raise VifError(

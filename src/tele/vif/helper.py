@@ -229,7 +229,9 @@ class Helper:
             if request.resolved:
                 if not changes.device:
                     raise HelperError("there is no device to set DNS for")
-                system.resolved_set_link(changes.device, request.server, request.domains)
+                system.resolved_set_link(
+                    changes.device, request.server, request.domains, netns=changes.netns
+                )
                 return proto.Done(), []
             ipaddress.ip_address(request.server)
             for domain in request.search:

@@ -10,6 +10,7 @@ answering DNS) happens in the daemon either way.
 
 from __future__ import annotations
 
+import functools
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -140,7 +141,13 @@ class LocalPrivileges:
     async def set_resolver(self, netns: str | None, change: ResolverChange) -> None:
         if change.resolved:
             await trio.to_thread.run_sync(
-                system.resolved_set_link, change.device, change.server, change.domains
+                functools.partial(
+                    system.resolved_set_link,
+                    change.device,
+                    change.server,
+                    change.domains,
+                    netns=netns,
+                )
             )
             return  # resolved forgets a link's settings when the device goes away
         journal.record(
