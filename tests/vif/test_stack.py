@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -264,3 +265,61 @@ async def test_only_routed_subnets_are_dialed(
         assert dialed == []
         assert isinstance(answer.transport, ICMPv4Header | ICMPv6Header)
         assert answer.transport.code == 0  # network unreachable / no route
+
+
+class _OneChunk(trio.abc.HalfCloseableStream):
+    """A tunnel stream that delivers one chunk, then nothing more (an idle connection)."""
+
+    def __init__(self, chunk: bytes) -> None:
+        self.chunk: bytes | None = chunk
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        chunk, self.chunk = self.chunk, None
+        if chunk is None:
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+        assert chunk is not None
+        return chunk
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_an_idle_connection_keeps_no_tunnel_read_alive(
+    tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    """Once the connection took a tunnel read into its send buffer, the flow waiting for the
+    next read holds no reference to it: 1,000 idle connections must not keep 1,000 reads."""
+    kernel, end = tun
+    chunk = bytes(3000)
+    baseline = sys.getrefcount(chunk)
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        return _OneChunk(chunk)
+
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=StackConfig(subnets=SUBNETS))
+    await nursery.start(stack.serve)
+    app = App()
+    kernel.send(bytes(app.syn(mss=1460)))
+    with trio.fail_after(2):
+        await trio.lowlevel.wait_readable(kernel)
+    (synack,) = [parse_packet(p) for p in pending(kernel)]
+    app.rcv_nxt = (tcp(synack).seq + 1) & 0xFFFFFFFF
+    kernel.send(bytes(app.packet(ACK)))
+    received = 0
+    with trio.fail_after(2):
+        while received < len(chunk):
+            await trio.lowlevel.wait_readable(kernel)
+            received += sum(len(parse_packet(p).payload) for p in pending(kernel))
+    await trio.testing.wait_all_tasks_blocked()
+    assert received == len(chunk)
+    assert sys.getrefcount(chunk) == baseline

@@ -225,8 +225,9 @@ class TCPConnection:
         self.client = (ip.src, tcp.sport)
         self.dest = (ip.dst, tcp.dport)
         self.state = TCPState.SYN_PENDING
-        # Kept to quote in an ICMP error if the dial fails; a SYN carries no payload we use.
-        self._syn = Packet(ip, tcp, b"")
+        # Kept to quote in an ICMP error if the dial fails (dropped once answered); a SYN
+        # carries no payload we use.
+        self._syn: Packet | None = Packet(ip, tcp, b"")
         self._encoder = TCPFlowEncoder(
             ip.dst,
             ip.src,
@@ -316,6 +317,7 @@ class TCPConnection:
         self.snd_wnd = self._max_snd_wnd = self._peer_window
         self.state = TCPState.SYN_RECEIVED
         self._synack_due = True
+        self._syn = None
 
     def refuse(self, reason: RefuseReason = RefuseReason.REFUSED) -> None:
         """The dial failed: answer at once with RST or ICMP unreachable; the connection ends."""
@@ -325,7 +327,9 @@ class TCPConnection:
         if icmp is None:
             self._out.append(self._encoder.segment(0, self.rcv_nxt & SEQ_MASK, RST | ACK, 0))
         else:
-            self._out.append(icmp_unreachable_for(bytes(self._syn), self._syn.ip, icmp))
+            syn = self._syn
+            assert syn is not None  # kept until accept()
+            self._out.append(icmp_unreachable_for(bytes(syn), syn.ip, icmp))
         self._close()
 
     @property

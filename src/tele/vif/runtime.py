@@ -471,6 +471,9 @@ class Stack:
                     record.wake_writable = trio.Event()
                     if conn.send_space == 0:
                         await record.wake_writable.wait()
+            # The connection copied the bytes: an idle connection must not keep its last
+            # tunnel read (up to TUNNEL_READ bytes) alive while it waits for the next one.
+            del data, view
 
     async def _app_to_tunnel(self, record: _Tcp, stream: trio.abc.HalfCloseableStream) -> None:
         conn = record.conn
@@ -479,11 +482,11 @@ class Stack:
                 record.wake_inbound = trio.Event()
                 await record.wake_inbound.wait()
             if record.inbound:
-                chunks = list(record.inbound)
-                record.inbound.clear()
+                inbound = record.inbound
+                data = inbound[0] if len(inbound) == 1 else b"".join(inbound)
+                inbound.clear()
                 size = record.inbound_bytes
                 record.inbound_bytes = 0
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 try:
                     await stream.send_all(data)
                 except trio.BrokenResourceError:
@@ -491,6 +494,7 @@ class Stack:
                     self._touch(record)
                     record.scope.cancel()
                     return
+                del data  # not kept alive while this task waits for the app's next bytes
                 if not record.closed:
                     conn.consume(size)
                     self._touch(record)
