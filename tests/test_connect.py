@@ -216,8 +216,9 @@ def test_unreachable_cluster_is_a_connection_error(
     broken.write_text(yaml.safe_dump(config))
     result = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(broken))
     assert result.returncode == 3
-    assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in single_error_line(
-        result
+    assert (
+        "tele: Cannot reach the Kubernetes API server at https://127.0.0.1:9"
+        in single_error_line(result)
     )
 
 
@@ -410,7 +411,7 @@ def test_a_manager_that_never_gets_ready_is_named_with_its_state(
     result = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(kubeconfig))
     assert result.returncode == 3
     line = single_error_line(result)
-    assert "the traffic manager in namespace ambassador is not ready after 2s" in line
+    assert "The traffic manager in namespace ambassador is not ready after 2s" in line
     assert "traffic-manager-x (Pending)" in line
 
 

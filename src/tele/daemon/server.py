@@ -167,8 +167,8 @@ class Daemon:
             info: api.ConnectionInfo = await self._sessions.start(self._run_session, request)
         except UserError as exc:
             raise RpcError(Code.FAILED_PRECONDITION, str(exc)) from None
-        except TeleError as exc:
-            raise RpcError(Code.UNAVAILABLE, str(exc)) from None
+        except TeleError as exc:  # not UNAVAILABLE: the CLI would read it as a lost daemon
+            raise RpcError(Code.ABORTED, str(exc)) from None
         finally:
             # A helper the session did not use (no network wanted, or connecting failed
             # first) must not wait as root for a next time: it exits on end of file.
