@@ -17,7 +17,8 @@ relay% is the cluster side's); p50/p99 of 1 KiB request/response on one connecti
 one client connecting, echoing a byte and closing in a loop (latency-bound); conn/s32 the same
 with 32 connections in flight (a throughput figure), and µs/conn the daemon's CPU per connection
 during it; RSS MiB is the daemon's after the rest of the row, and @1000 while 1,000 idle
-connections (each echoed a byte, so fully set up) are open through it.
+connections (each echoed a byte, so fully set up) are open through it; GC ms is how long one
+full garbage collection stalls the daemon then (row c: the longest pause the GC can cause).
 
 Run as root:  .venv/bin/python bench/vif.py [--duration 3] [--rows a,b,c]
 Namespaces are named tele-vifbench-<random>-{l,c} and always deleted. Prints a table and a
@@ -280,8 +281,13 @@ def hold(laptop: str, host: str, port: int, pid: int | str = "self") -> dict[str
     try:
         if client.stdout.readline().strip() != "held":
             print(f"hold client failed (exit {client.wait()})")
-            return {"rss_base": before, "rss_held": 0.0}
+            return {"rss_base": before, "rss_held": 0.0, "gc_ms_held": 0.0}
         held = rss_mib(pid)
+        gc_ms = 0.0
+        if pid == "self":  # this process is the daemon: how long a full collection stalls it
+            start = time.perf_counter()
+            gc.collect()
+            gc_ms = (time.perf_counter() - start) * 1e3
         client.stdin.write("\n")
         client.stdin.flush()
         client.wait(30)
@@ -289,7 +295,7 @@ def hold(laptop: str, host: str, port: int, pid: int | str = "self") -> dict[str
         if client.poll() is None:
             client.kill()
             client.wait()
-    return {"rss_base": before, "rss_held": held}
+    return {"rss_base": before, "rss_held": held, "gc_ms_held": gc_ms}
 
 
 def _proc_cpu(pid: int) -> float:
@@ -350,6 +356,7 @@ def measure(
 def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: int) -> dict:
     import trio
 
+    from tele import gctune
     from tele.rpc.client import open_client
     from tele.rpc.tunnel import dial
     from tele.vif.service import VifSettings, serve_vif
@@ -374,6 +381,7 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
                     cluster_subnets=["10.244.0.0/16"], netns=laptop, offload=offload, mtu=mtu
                 )
                 await nursery.start(functools.partial(serve_vif, settings, dialer))
+                gctune.settle()  # as the daemon's session does once connected
                 # iperf3 server beside the echo server, in the cluster namespace
                 server = await trio.lowlevel.open_process(
                     in_ns(cluster, "iperf3", "-s", "-B", POD_IP, "-p", str(IPERF_PORT + 1)),
@@ -625,7 +633,8 @@ trio.run(functools.partial(trio.serve_tcp, echo, int(sys.argv[2]), host=sys.argv
 
 HEADER = (
     f"{'row':8} {'MB/s x1':>9} {'MB/s x8':>9} {'CPU%':>6} {'relay%':>7} {'p50 µs':>8} "
-    f"{'p99 µs':>8} {'conn/s':>8} {'conn/s32':>9} {'µs/conn':>8} {'RSS MiB':>8} {'@1000':>7}"
+    f"{'p99 µs':>8} {'conn/s':>8} {'conn/s32':>9} {'µs/conn':>8} {'RSS MiB':>8} {'@1000':>7} "
+    f"{'GC ms':>6}"
 )
 
 
@@ -635,7 +644,7 @@ def _line(r: dict) -> str:
         f"{r.get('relay_cpu_pct', 0):7.0f} "
         f"{r['p50']:8.0f} {r['p99']:8.0f} {r['conn_s']:8.0f} {r.get('conn_s_par', 0):9.0f} "
         f"{r.get('cpu_us_per_conn', 0):8.0f} "
-        f"{r.get('rss_base', 0):8.0f} {r.get('rss_held', 0):7.0f}"
+        f"{r.get('rss_base', 0):8.0f} {r.get('rss_held', 0):7.0f} {r.get('gc_ms_held', 0):6.0f}"
     )
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 
 import tele
-from tele import config, logs, paths, unixsock
+from tele import config, gctune, logs, paths, unixsock
 from tele.daemon.loglevel import LogLevelController
 from tele.daemon.server import Daemon
 from tele.errors import TeleError, UserError
@@ -161,6 +161,7 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
             await nursery.start(daemon.serve)
             await nursery.start(serve_helper_socket, helper_listener, daemon.attach_helper)
             log.info("listening on %s", socket_path)
+            gctune.settle()  # start-up's modules and objects out of every full collection
             ready.report(f"ready {os.getpid()}")
             if not ready.spawned:
                 print(f"tele daemon: listening on {socket_path}; log: {log_file}", file=sys.stderr)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from tele import __version__
+from tele import __version__, gctune
 from tele.daemon.engage import local_tls_context, serve_dial_backs
 from tele.daemon.forward import serve_forward, serve_udp_forward
 from tele.daemon.mounts import MountFlag, Mounts, tunnel_relay
@@ -313,6 +313,7 @@ class ClusterSession:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 await self._depart()
             self.status = "disconnected"
+            gctune.settle()  # the ended session's cycles are garbage now
 
     async def _run(self, task_status: trio.TaskStatus[dapi.ConnectionInfo]) -> None:
         async with trio.open_nursery() as nursery:
@@ -338,6 +339,7 @@ class ClusterSession:
             nursery.start_soon(self._keep_engagements)
             await self._start_network(nursery)
             self.started = True
+            gctune.settle()  # the session's long-lived objects out of every full collection
             task_status.started(self.info())
 
     async def _start_network(self, nursery: trio.Nursery) -> None:
