@@ -14,7 +14,8 @@ import trio.testing
 
 from tele.net.icmp import ICMPV4_HOST_UNREACHABLE, ICMPv4Header, ICMPv6Header
 from tele.net.packet import encode, parse_packet
-from tele.net.tcp import ACK, RST, SYN
+from tele.net.tcp import ACK, FIN, RST, SYN
+from tele.net.tcpstate import TCPConfig
 from tele.net.tunnel import Destination, Protocol, ResetReason
 from tele.net.udp import UDPHeader
 from tele.rpc.tunnel import TunnelError
@@ -323,3 +324,80 @@ async def test_an_idle_connection_keeps_no_tunnel_read_alive(
     await trio.testing.wait_all_tasks_blocked()
     assert received == len(chunk)
     assert sys.getrefcount(chunk) == baseline
+
+
+class _SlowFarEnd(trio.abc.HalfCloseableStream):
+    """A tunnel stream whose far end takes bytes only once `reading` is set (a send waits
+    until then, and a cancelled send delivers nothing), has closed its own side (EOF), and
+    records whether our side ended with EOF or was just closed (which a real tunnel turns
+    into a reset)."""
+
+    def __init__(self) -> None:
+        self.reading = trio.Event()
+        self.received = b""
+        self.eof = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.reading.wait()
+        self.received += bytes(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.reading.wait()
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.eof = True
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return b""
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_app_bytes_and_eof_reach_a_slow_tunnel_after_the_connection_ended(
+    tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    """The app sends its last bytes and FIN while the far end, which already closed its side,
+    does not read yet; our FIN is acknowledged and the TCP connection ends in order: the bytes
+    and then EOF (not a reset) still reach the far end once it reads."""
+    kernel, end = tun
+    far = _SlowFarEnd()
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        return far
+
+    # Whichever FIN comes first, the connection ends with the last ACK (no TIME-WAIT to wait).
+    config = StackConfig(subnets=SUBNETS, tcp=TCPConfig(time_wait=0))
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=config)
+    await nursery.start(stack.serve)
+    app = App()
+    kernel.send(bytes(app.syn(mss=1460)))
+    with trio.fail_after(2):
+        await trio.lowlevel.wait_readable(kernel)
+    (synack,) = [parse_packet(p) for p in pending(kernel)]
+    app.rcv_nxt = (tcp(synack).seq + 1) & 0xFFFFFFFF
+    kernel.send(bytes(app.packet(ACK)))
+    kernel.send(bytes(app.data(b"last words", ACK | FIN)))
+    app.snd_nxt = (app.snd_nxt + 1) & 0xFFFFFFFF  # the FIN's sequence number
+    with trio.fail_after(2):
+        while True:  # our FIN, after the far end's EOF
+            await trio.lowlevel.wait_readable(kernel)
+            fins = [p for p in map(parse_packet, pending(kernel)) if tcp(p).flags & FIN]
+            if fins:
+                break
+    app.rcv_nxt = (tcp(fins[0]).seq + 1) & 0xFFFFFFFF
+    kernel.send(bytes(app.packet(ACK)))  # acknowledges our FIN: the connection is over
+    # A stranger's segment is answered with RST; packets are read in order, so once that
+    # answer is here, the ACK before it was taken.
+    kernel.send(bytes(App(sport=40001).packet(ACK)))
+    with trio.fail_after(2):
+        await trio.lowlevel.wait_readable(kernel)
+    (rst,) = [parse_packet(p) for p in pending(kernel)]
+    assert tcp(rst).flags & RST and tcp(rst).dport == 40001
+    assert not stack._tcp  # the connection is over, its flow still has the app's bytes
+    far.reading.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert far.received == b"last words"
+    assert far.eof

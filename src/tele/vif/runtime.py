@@ -94,6 +94,9 @@ class StackConfig:
     max_connections: int = 16_384
     udp_idle_timeout: float = 60.0
     max_udp_flows: int = 1024
+    linger: float = 30.0
+    """How long a flow whose TCP connection ended in order may still take to hand the app's
+    last bytes and EOF to the tunnel (a far end that stops reading would hold it forever)."""
 
 
 @dataclass(slots=True)
@@ -289,15 +292,20 @@ class Stack:
                 record.scope.cancel()
             elif isinstance(event, Closed):
                 self._forget((*conn.client, *conn.dest), record)
-                record.wake_inbound.set()
-                record.wake_writable.set()
 
     def _forget(self, key: FlowKey, record: _Tcp) -> None:
+        """The TCP connection ended. A reset already cancelled its flow; after an orderly end
+        the flow still hands the app's last bytes and its EOF to the tunnel (our FIN went out
+        only after the tunnel's EOF, so nothing else is left), within `linger`."""
         if self._tcp.get(key) is record:
             del self._tcp[key]
         if not record.closed:
-            record.scope.cancel()
-        record.closed = True
+            record.closed = True
+            record.scope.deadline = min(
+                record.scope.deadline, trio.current_time() + self.config.linger
+            )
+            record.wake_inbound.set()
+            record.wake_writable.set()
 
     # --- output ---------------------------------------------------------------------------
 
@@ -499,15 +507,15 @@ class Stack:
                     conn.consume(size)
                     self._touch(record)
                 continue
-            if record.closed:
-                return
-            if record.peer_closed:
+            if record.peer_closed:  # also once the connection ended in order: EOF, not reset
                 try:
                     await stream.send_eof()
                 except trio.BrokenResourceError:
                     conn.abort()
                     self._touch(record)
                     record.scope.cancel()
+                return
+            if record.closed:
                 return
 
     # --- UDP flows ------------------------------------------------------------------------
