@@ -53,6 +53,7 @@ hyperframe.frame._raw_data_repr = _cheap_data_repr
 
 _FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's IOV_MAX)
+_MAX_PIECES = 256  # reads held unjoined while a frame is incomplete
 _END_STREAM = 0x1
 
 
@@ -70,7 +71,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         super().__init__(server=server)
         self._buffer = b""
         self._offset = 0
-        self._more: list[bytes] = []  # reads after `_buffer`, not joined yet
+        self._more: list[bytes | bytearray] = []  # reads after `_buffer`, not joined yet
         self._more_size = 0
 
     def add_data(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
@@ -81,12 +82,22 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         if self._offset >= len(self._buffer) and not self._more:
             self._buffer, self._offset = chunk, 0
         elif chunk:
-            self._more.append(chunk)
+            more = self._more
+            more.append(chunk)
             self._more_size += len(chunk)
+            if len(more) > _MAX_PIECES:
+                # A frame arriving in many small reads: gather them into one growing buffer
+                # (amortised linear), not a list of tiny objects or repeated joins.
+                if isinstance(more[0], bytearray):
+                    spill = more[0]
+                    spill += b"".join(more[1:])
+                else:
+                    spill = bytearray(b"".join(more))
+                self._more = [spill]
 
     def _join(self) -> None:
         if self._offset >= len(self._buffer) and len(self._more) == 1:
-            self._buffer = self._more[0]
+            self._buffer = bytes(self._more[0])  # no copy unless it is a spill bytearray
         else:
             self._buffer = b"".join([memoryview(self._buffer)[self._offset :], *self._more])
         self._offset = 0
