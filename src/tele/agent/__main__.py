@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from tele import gctune
 from tele.agent.config import AgentSettings, load
 from tele.errors import TeleError, single_leaf
 
@@ -49,6 +50,9 @@ async def run_agent(settings: AgentSettings) -> None:
         await nursery.start(partial(serve, tls=tls), settings, source)
         ports = ", ".join(f"{i.agent_port}->{i.container_port}" for _, i in settings.intercepts())
         log.info("traffic agent %s ready on %s", settings.name, ports or "no ports")
+        # It relays every engaged connection of its pod: start-up's objects out of every full
+        # collection (see tele.gctune).
+        gctune.settle()
 
 
 async def run_init(settings: AgentSettings) -> None:

@@ -15,16 +15,22 @@ import trio
 
 
 async def _main(kubeconfig: str | None) -> None:
+    from tele import gctune
     from tele.k8s.client import open_kube_client
     from tele.k8s.incluster import in_cluster, in_cluster_connection
     from tele.manager.server import Manager, ManagerConfig
 
     config = ManagerConfig.from_env()
     connection = in_cluster_connection() if kubeconfig is None and in_cluster() else None
-    async with open_kube_client(kubeconfig, connection=connection) as kube:
+    async with (
+        open_kube_client(kubeconfig, connection=connection) as kube,
+        trio.open_nursery() as nursery,
+    ):
         manager = Manager(config, kube)
-        await manager.serve()
-        await trio.sleep_forever()
+        await nursery.start(manager.serve)
+        # It relays tunnels and engaged connections: start-up's objects (modules, the informers'
+        # first lists) out of every full collection (see tele.gctune).
+        gctune.settle()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,14 +44,21 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    from tele.errors import TeleError
+    from tele.errors import TeleError, single_leaf
 
+    log = logging.getLogger("tele.manager")
     try:
         trio.run(_main, args.kubeconfig)
     except KeyboardInterrupt:
         pass
     except TeleError as exc:
-        logging.getLogger("tele.manager").error("%s", exc)
+        log.error("%s", exc)
+        sys.exit(1)
+    except BaseExceptionGroup as group:
+        leaf = single_leaf(group)  # trio wraps what escapes a nursery
+        if not isinstance(leaf, TeleError):
+            raise
+        log.error("%s", leaf)
         sys.exit(1)
 
 
