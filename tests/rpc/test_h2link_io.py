@@ -13,6 +13,7 @@ import h2.events
 import h2.exceptions
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -250,3 +251,52 @@ async def test_ten_thousand_streams_open_at_once_on_one_link() -> None:
                     inner.start_soon(call, n, mine)
         assert link.active_streams == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_pings_and_never_reads_cannot_pile_up_our_answers() -> None:
+    # The peer floods PINGs and reads nothing: each PING wants a PING ACK. Once our answers
+    # back up, the link stops reading the peer, whose sends then block; what we hold stays
+    # bounded (control frames queued, not the peer's 17 bytes times everything it can send).
+    left, right = trio.socket.socketpair()
+    for sock in (left, right):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    peer.initiate_connection()
+    preamble = peer.data_to_send()
+    for n in range(1000):
+        peer.ping(n.to_bytes(8, "big"))
+    burst = peer.data_to_send()  # 1,000 PING frames, sent again and again
+    with right:
+        async with trio.open_nursery() as nursery:
+            link = await nursery.start(_run_server_link, trio.SocketStream(left))
+            await right.send(preamble)
+            sent = 0
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        sent += right._sock.send(burst)  # type: ignore[attr-defined]
+                        continue
+                    except BlockingIOError:
+                        pass
+                    await trio.testing.wait_all_tasks_blocked()
+                    try:
+                        sent += right._sock.send(burst)  # type: ignore[attr-defined]
+                    except BlockingIOError:
+                        break  # the link stopped reading: the peer is blocked for good
+            # Without the bound the link reads on and answers for ever (the loop never ends).
+            # With it: at most the bound plus the answers to one read (256 KiB) are held.
+            assert link._conn.control_size <= 2 * 256 * 1024 + 17 * 1000
+            assert sent < 4 * 1024 * 1024
+            nursery.cancel_scope.cancel()
+
+
+async def _run_server_link(
+    transport: trio.SocketStream, *, task_status: trio.TaskStatus[H2Link] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async def refuse(stream: H2Stream) -> None:
+        stream.reset()
+
+    async with open_link(transport, client_side=False, handler=refuse) as link:
+        task_status.started(link)
+        await link.wait_closed()

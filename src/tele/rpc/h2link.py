@@ -54,6 +54,10 @@ hyperframe.frame._raw_data_repr = _cheap_data_repr
 _FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's IOV_MAX)
 _MAX_PIECES = 256  # reads held unjoined while a frame is incomplete
+_CONTROL_BACKLOG = 256 * 1024
+"""Bytes of queued answers to the peer (PING and SETTINGS acks, WINDOW_UPDATEs, resets) above
+which the link stops reading the peer until they are written: a peer that sends PINGs and
+reads nothing cannot make them pile up."""
 _END_STREAM = 0x1
 
 
@@ -184,6 +188,7 @@ class _Connection(h2.connection.H2Connection):
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         self._output: Buffers = []
         self.output_size = 0
+        self.control_size = 0  # of output_size, the frames other than DATA
 
     def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
         output = self._output
@@ -205,6 +210,7 @@ class _Connection(h2.connection.H2Connection):
                 chunk = frame.serialize()
                 output.append(chunk)
                 self.output_size += len(chunk)
+                self.control_size += len(chunk)
 
     def take_output(self) -> Buffers:
         """Everything queued for sending, in order; the queue is empty afterwards."""
@@ -212,6 +218,7 @@ class _Connection(h2.connection.H2Connection):
             self._prepare_for_sending([])
         output, self._output = self._output, []
         self.output_size = 0
+        self.control_size = 0
         return output
 
     def data_to_send(self, amount: int | None = None) -> bytes:
@@ -223,6 +230,7 @@ class _Connection(h2.connection.H2Connection):
         super().clear_outbound_data_buffer()
         self._output = []
         self.output_size = 0
+        self.control_size = 0
 
     def _open_streams(self, remainder: int) -> int:
         count = super()._open_streams(remainder)
@@ -886,6 +894,11 @@ class H2Link:
         read_size = self.settings.read_size
         try:
             while self._failure is None:
+                while self._conn.control_size > _CONTROL_BACKLOG and self._failure is None:
+                    # Our answers to the peer are not being taken: read no more of it (never
+                    # for DATA: both sides waiting to write while not reading would deadlock).
+                    self._kick_writer()
+                    await self._drain_lot.park()
                 data = await self.transport.receive_some(read_size)
                 if not data:
                     self._fail("the peer closed the connection")
