@@ -11,6 +11,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import hyperframe.frame
 import pytest
 import trio
 import trio.testing
@@ -39,6 +40,7 @@ def _client_bytes() -> bytes:
 
 
 def _events(conn: h2.connection.H2Connection, chunks: list[bytes]) -> list[tuple[object, ...]]:
+    """The events `chunks` give, then the flow-control windows and states they leave."""
     seen: list[tuple[object, ...]] = []
     for chunk in chunks:
         for event in conn.receive_data(chunk):
@@ -48,8 +50,19 @@ def _events(conn: h2.connection.H2Connection, chunks: list[bytes]) -> list[tuple
                     getattr(event, "stream_id", None),
                     getattr(event, "data", None),
                     getattr(event, "headers", None),
+                    getattr(event, "flow_controlled_length", None),
                 )
             )
+    seen.append(("connection", conn.inbound_flow_control_window, conn.state_machine.state))
+    for stream_id, stream in sorted(conn.streams.items()):
+        seen.append(
+            (
+                stream_id,
+                stream.inbound_flow_control_window,
+                stream.state_machine.state,
+                stream._actual_content_length,
+            )
+        )
     return seen
 
 
@@ -74,14 +87,51 @@ def test_every_single_byte_read_gives_the_same_events() -> None:
     assert _events(_server(ours=True), [WIRE[i : i + 1] for i in range(len(WIRE))]) == EXPECTED
 
 
+def test_plain_data_takes_the_fast_path_with_h2s_bookkeeping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    taken: list[int] = []
+    plain = _Connection._receive_plain_data
+
+    def spy(self: _Connection, frame: hyperframe.frame.DataFrame) -> object:
+        events = plain(self, frame)
+        if events is not None:
+            taken.append(len(frame.data))
+        return events
+
+    monkeypatch.setattr(_Connection, "_receive_plain_data", spy)
+    assert _events(_server(ours=True), [WIRE]) == EXPECTED  # same events and windows
+    assert taken == [0, 1, 1000, 16_384, 5]  # the plain DATA frames (not the END_STREAM one)
+    # A flow-control violation is refused on the fast path as h2 refuses it.
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+    conn = _server(ours=True)
+    conn.receive_data(client.data_to_send())
+    conn.max_inbound_frame_size = 1 << 20  # so that the window, not the frame size, is hit
+    too_much = (70_000).to_bytes(3, "big") + bytes([0, 0]) + (1).to_bytes(4, "big")
+    with pytest.raises(h2.exceptions.FlowControlError):
+        conn.receive_data(too_much + b"x" * 70_000)
+
+
 def test_our_output_is_what_stock_h2_sends() -> None:
-    def run(conn: h2.connection.H2Connection) -> bytes:
+    def run(conn: h2.connection.H2Connection) -> tuple[object, ...]:
         conn.initiate_connection()
         conn.send_headers(1, [(":method", "CONNECT"), (":authority", "a:1")])
         conn.send_data(1, memoryview(b"x" * 20_000)[:16_384])
+        conn.send_data(1, bytearray(b"y" * 100))
+        conn.send_data(1, b"")
+        conn.send_data(1, b"z" * 7, pad_length=3)
+        with pytest.raises(h2.exceptions.FlowControlError):
+            conn.send_data(1, b"w" * 60_000)  # past the 64 KiB window with what went before
+        with pytest.raises(h2.exceptions.FrameTooLargeError):
+            conn.send_data(1, b"w" * 16_385)
+        window = conn.local_flow_control_window(1)
         conn.send_data(1, b"", end_stream=True)
+        with pytest.raises(h2.exceptions.ProtocolError):
+            conn.send_data(1, b"late")  # after our END_STREAM
         conn.ping(b"abcdefgh")
-        return conn.data_to_send()
+        return conn.data_to_send(), window, conn.outbound_flow_control_window
 
     config = h2.config.H2Configuration(client_side=True)
     assert run(_Connection(config)) == run(h2.connection.H2Connection(config))
