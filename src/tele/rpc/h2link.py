@@ -114,6 +114,32 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         self._more = []
         self._more_size = 0
 
+    def _take_across(self, start: int, length: int) -> bytes:
+        """`length` bytes from `start` in `_buffer` on into the reads after it, as one bytes
+        object; parsing goes on right behind them (in the read where they end)."""
+        parts: list[bytes | bytearray | memoryview] = [memoryview(self._buffer)[start:]]
+        need = length - (len(self._buffer) - start)
+        pieces = self._more
+        taken = 0
+        buffer, offset = b"", 0
+        while need:
+            piece = pieces[taken]
+            taken += 1
+            if len(piece) > need:
+                parts.append(memoryview(piece)[:need])
+                buffer, offset = bytes(piece), need  # no copy for bytes (a spill is rare)
+                break
+            parts.append(piece)
+            need -= len(piece)
+        body = b"".join(parts)
+        rest = pieces[taken:]
+        if not buffer and rest:
+            buffer, rest = bytes(rest[0]), rest[1:]
+        self._buffer, self._offset = buffer, offset
+        self._more = rest
+        self._more_size = sum(len(piece) for piece in rest)
+        return body
+
     def announced_length(self) -> int | None:
         """The length field of the next frame, once its first 3 bytes are here."""
         if len(self._buffer) - self._offset < 3:
@@ -146,6 +172,15 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
             if len(buffer) < end:
                 if held + self._more_size < 9 + length:
                     raise StopIteration
+                if type(frame) is hyperframe.frame.DataFrame and "PADDED" not in frame.flags:
+                    # A payload spanning reads: joined once, straight into the frame (what
+                    # parse_body would set for an unpadded DATA frame), nothing else copied.
+                    frame.data = self._take_across(offset + 9, length)
+                    frame.body_len = length
+                    complete = self._update_header_buffer(frame)
+                    if complete is not None:
+                        return complete
+                    continue
                 self._join()
                 continue
             try:
