@@ -48,6 +48,7 @@ PY = sys.executable
 LAPTOP_IP, CLUSTER_IP = "10.99.0.1", "10.99.0.2"
 POD_IP = "10.244.1.5"
 IPERF_PORT, ECHO_PORT = 5201, 7000
+TELE_ECHO_PORT = 7011
 SOCAT_LAPTOP, SOCAT_CLUSTER = 6001, 6002
 
 
@@ -81,7 +82,9 @@ def namespaces() -> Iterator[tuple[str, str]]:
 
 
 def role_cluster(fd: int) -> None:
-    """Tunnel server on the h2 link over socket `fd`, plus a trio echo server on POD_IP."""
+    """Tunnel server on the h2 link over socket `fd`, plus a trio echo server on POD_IP (for
+    probes that run this role alone; the bench's rows use an echo server process of their own,
+    as the pod is, so that relay% is the tunnel server's alone)."""
     import trio
 
     from tele.rpc.server import Router, serve_connection
@@ -382,10 +385,13 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
                 )
                 await nursery.start(functools.partial(serve_vif, settings, dialer))
                 gctune.settle()  # as the daemon's session does once connected
-                # iperf3 server beside the echo server, in the cluster namespace
+                # The servers, as the pod's processes, in the cluster namespace.
                 server = await trio.lowlevel.open_process(
                     in_ns(cluster, "iperf3", "-s", "-B", POD_IP, "-p", str(IPERF_PORT + 1)),
                     stdout=subprocess.DEVNULL,
+                )
+                echo = await trio.lowlevel.open_process(
+                    in_ns(cluster, PY, "-c", ECHO_SERVER, POD_IP, str(TELE_ECHO_PORT))
                 )
                 try:
                     await trio.sleep(0.3)  # iperf3 has no readiness signal
@@ -393,17 +399,20 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
                     wall = time.perf_counter()
                     results.update(
                         await trio.to_thread.run_sync(
-                            measure, "", laptop, POD_IP, IPERF_PORT + 1, ECHO_PORT, duration
+                            measure, "", laptop, POD_IP, IPERF_PORT + 1, TELE_ECHO_PORT, duration
                         )
                     )
                     results["relay_cpu_pct"] = (
                         100 * (_proc_cpu(proc.pid) - relay_cpu) / (time.perf_counter() - wall)
                     )
                     # After the load above, as a daemon would be: this process is the daemon.
-                    results.update(await trio.to_thread.run_sync(hold, laptop, POD_IP, ECHO_PORT))
+                    results.update(
+                        await trio.to_thread.run_sync(hold, laptop, POD_IP, TELE_ECHO_PORT)
+                    )
                 finally:
-                    server.kill()
-                    await server.wait()
+                    for process in (server, echo):
+                        process.kill()
+                        await process.wait()
                 nursery.cancel_scope.cancel()
         finally:
             proc.kill()
