@@ -321,9 +321,9 @@ def test_receive_window_closes_when_full_and_opens_on_consume() -> None:
     assert conn.events() == []
     (ack,) = parse_all(conn.data_to_send(0.2))
     assert (tcp(ack).window, tcp(ack).ack) == (0, app.snd_nxt)
-    conn.consume(100)  # too small to announce (receiver SWS avoidance)
+    assert not conn.consume(100)  # too small to announce (receiver SWS avoidance)
     assert conn.data_to_send(0.3) == []
-    conn.consume(3900)
+    assert conn.consume(3900)
     (update,) = parse_all(conn.data_to_send(0.3))
     assert tcp(update).window == 4000
     conn.receive_packet(app.data(b"x"), 0.4)

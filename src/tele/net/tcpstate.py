@@ -25,6 +25,7 @@ which neither reorders nor loses much, and every segment is 12 bytes lighter wit
 from __future__ import annotations
 
 import enum
+import functools
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -47,6 +48,12 @@ _MAX_WINDOW_FIELD = 0xFFFF
 _IPV4_MIN_MSS = 536  # RFC 9293 3.7.1: the MSS to assume when the peer sends none
 _IPV6_MIN_MSS = 1220
 _MIN_MSS = 88
+
+
+@functools.lru_cache(maxsize=64)
+def _syn_ack_options(mss: int, wscale: int | None) -> bytes:
+    """A SYN-ACK's options: the same few combinations for every connection of a device."""
+    return TCPHeader(0, 0, 0, 0, 0, 0, mss=mss, wscale=wscale).options_bytes()
 
 
 def unwrap(wire: int, reference: int) -> int:
@@ -420,8 +427,12 @@ class TCPConnection:
         self._out.append(self._encoder.segment(seq, self.rcv_nxt & SEQ_MASK, RST | ACK, 0))
         self._close()
 
-    def consume(self, n: int) -> None:
-        """The runtime passed on `n` delivered bytes: reopen that much receive window."""
+    def consume(self, n: int) -> bool:
+        """The runtime passed on `n` delivered bytes: reopen that much receive window.
+
+        True when there is something to send now (the reopened window is worth announcing):
+        only then need the runtime call `data_to_send`.
+        """
         if n < 0 or n > self._unconsumed:
             raise ValueError(f"consume({n}) with {self._unconsumed} bytes unconsumed")
         self._unconsumed -= n
@@ -434,6 +445,7 @@ class TCPConnection:
                 free >= 2 * current
             ):
                 self._ack_due = True
+        return self._ack_due or bool(self._out)
 
     @property
     def unconsumed(self) -> int:
@@ -906,9 +918,7 @@ class TCPConnection:
         # The window in a SYN is never scaled (RFC 7323 2.2).
         window = min(self._free_space(), _MAX_WINDOW_FIELD)
         self._rcv_adv = max(self._rcv_adv, self.rcv_nxt + window)
-        options = TCPHeader(
-            0, 0, 0, 0, 0, 0, mss=self.mss_local, wscale=self.rcv_wscale if self._scaling else None
-        ).options_bytes()
+        options = _syn_ack_options(self.mss_local, self.rcv_wscale if self._scaling else None)
         return self._encoder.segment(
             self.iss & SEQ_MASK, self.rcv_nxt & SEQ_MASK, SYN | ACK, window, b"", options
         )

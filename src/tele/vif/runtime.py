@@ -503,8 +503,8 @@ class Stack:
                     record.scope.cancel()
                     return
                 del data  # not kept alive while this task waits for the app's next bytes
-                if not record.closed:
-                    conn.consume(size)
+                # Most consumes announce nothing (receiver SWS avoidance): no flush round then.
+                if not record.closed and conn.consume(size):
                     self._touch(record)
                 continue
             if record.peer_closed:  # also once the connection ended in order: EOF, not reset
