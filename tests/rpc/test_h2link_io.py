@@ -1,5 +1,6 @@
-"""The link's own byte handling under h2: frames parsed from reads split anywhere, gather writes
-that the socket takes only in part, and payloads queued without a copy."""
+"""tele.rpc.h2conn and the link's byte handling: frames parsed from reads split anywhere (the
+same events and windows as stock h2), gather writes the socket takes only in part, direct
+delivery into a slow socket, and the bounds a misbehaving peer meets."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tele.rpc.h2link import H2Link, H2Stream, LinkBroken, _Connection, open_link
+from tele.rpc.h2conn import Connection
+from tele.rpc.h2link import H2Link, H2Stream, LinkBroken, open_link
 from tele.rpc.tunnel import splice
 from tele.testing.streams import open_link_pair
 
@@ -68,7 +70,7 @@ def _events(conn: h2.connection.H2Connection, chunks: list[bytes]) -> list[tuple
 
 def _server(ours: bool) -> h2.connection.H2Connection:
     config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
-    return _Connection(config) if ours else h2.connection.H2Connection(config)
+    return Connection(config) if ours else h2.connection.H2Connection(config)
 
 
 WIRE = _client_bytes()
@@ -91,15 +93,15 @@ def test_plain_data_takes_the_fast_path_with_h2s_bookkeeping(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     taken: list[int] = []
-    plain = _Connection._receive_plain_data
+    plain = Connection._receive_plain_data
 
-    def spy(self: _Connection, frame: hyperframe.frame.DataFrame) -> object:
+    def spy(self: Connection, frame: hyperframe.frame.DataFrame) -> object:
         events = plain(self, frame)
         if events is not None:
             taken.append(len(frame.data))
         return events
 
-    monkeypatch.setattr(_Connection, "_receive_plain_data", spy)
+    monkeypatch.setattr(Connection, "_receive_plain_data", spy)
     assert _events(_server(ours=True), [WIRE]) == EXPECTED  # same events and windows
     assert taken == [0, 1, 1000, 16_384, 5]  # the plain DATA frames (not the END_STREAM one)
     # A flow-control violation is refused on the fast path as h2 refuses it.
@@ -134,7 +136,7 @@ def test_our_output_is_what_stock_h2_sends() -> None:
         return conn.data_to_send(), window, conn.outbound_flow_control_window
 
     config = h2.config.H2Configuration(client_side=True)
-    assert run(_Connection(config)) == run(h2.connection.H2Connection(config))
+    assert run(Connection(config)) == run(h2.connection.H2Connection(config))
 
 
 def test_an_overlong_frame_is_refused_from_its_header() -> None:

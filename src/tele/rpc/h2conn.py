@@ -1,0 +1,376 @@
+"""The h2 connection as tele's links drive it: h2's state machine with tele's own byte handling.
+
+h2 is kept for everything it decides (stream states, flow control, HPACK, errors); what changes
+is how bytes get in and out, measured as most of a tunnel's cost (bench/tunnel.py, profiles):
+- output is a list of buffers — 9-byte DATA frame headers and the payload objects themselves —
+  written with gather writes (`send_buffers`), instead of one bytearray copied on every step;
+- input frames are parsed from views of the reads (`FrameBuffer`), reads joined only where a
+  frame spans them;
+- plain DATA (an open stream, no padding or END_STREAM) takes a fast path doing h2's own
+  bookkeeping, without its state-machine passes and frame objects;
+- open streams are counted in amortised O(1), and frames keep a repr without a hex dump.
+The link (`tele.rpc.h2link`) owns the I/O; nothing here does any.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.frame_buffer
+import h2.stream
+import hyperframe.exceptions
+import hyperframe.frame
+import trio
+
+Buffers = list[bytes | memoryview]
+"""Bytes to write, in order: frame headers and the payloads of DATA frames, not joined."""
+
+
+def _cheap_data_repr(data: bytes | None) -> str:
+    return "None" if data is None else f"<{len(data)} bytes>"
+
+
+# h2 formats `repr(frame)` for a trace log line on every received frame, and hyperframe
+# hex-encodes the whole payload to build that repr: ~30% of a tunnel's receive CPU spent on a
+# string that is thrown away. Frames keep a repr, just without the hex dump.
+hyperframe.frame._raw_data_repr = _cheap_data_repr
+
+
+_FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
+_IOV_MAX = 1024  # buffers per sendmsg (Linux's IOV_MAX)
+_MAX_PIECES = 256  # reads held unjoined while a frame is incomplete
+_OPEN_CONNECTION = frozenset(
+    {h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN}
+)
+_SENDING_STATES = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
+_RECEIVING_STATES = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
+_END_STREAM = 0x1
+
+
+class FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's incoming frame buffer without the copies of the whole buffer per frame.
+
+    h2 appends every read to a bytearray, copies each frame out of it, and then deletes the
+    frame from the front (moving everything behind it): a 256 KiB read holding a few frames
+    was copied ~4 times. Here reads are kept as the immutable bytes they arrived as, frames are
+    parsed from memoryview slices (hyperframe copies a payload out once), and reads are joined
+    only when a frame spans them, once the whole frame is there.
+    """
+
+    def __init__(self, server: bool = False) -> None:
+        super().__init__(server=server)
+        self._buffer = b""
+        self._offset = 0
+        self._more: list[bytes | bytearray] = []  # reads after `_buffer`, not joined yet
+        self._more_size = 0
+
+    def add_data(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+        if self._preamble_len:
+            super().add_data(data)  # checks the client preamble, keeps the rest in _data
+            data, self._data = bytes(self._data), bytearray()
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        if self._offset >= len(self._buffer) and not self._more:
+            self._buffer, self._offset = chunk, 0
+        elif chunk:
+            more = self._more
+            more.append(chunk)
+            self._more_size += len(chunk)
+            if len(more) > _MAX_PIECES:
+                # A frame arriving in many small reads: gather them into one growing buffer
+                # (amortised linear), not a list of tiny objects or repeated joins.
+                if isinstance(more[0], bytearray):
+                    spill = more[0]
+                    spill += b"".join(more[1:])
+                else:
+                    spill = bytearray(b"".join(more))
+                self._more = [spill]
+
+    def _join(self) -> None:
+        if self._offset >= len(self._buffer) and len(self._more) == 1:
+            self._buffer = bytes(self._more[0])  # no copy unless it is a spill bytearray
+        else:
+            self._buffer = b"".join([memoryview(self._buffer)[self._offset :], *self._more])
+        self._offset = 0
+        self._more = []
+        self._more_size = 0
+
+    def _take_across(self, start: int, length: int) -> bytes:
+        """`length` bytes from `start` in `_buffer` on into the reads after it, as one bytes
+        object; parsing goes on right behind them (in the read where they end)."""
+        parts: list[bytes | bytearray | memoryview] = [memoryview(self._buffer)[start:]]
+        need = length - (len(self._buffer) - start)
+        pieces = self._more
+        taken = 0
+        buffer, offset = b"", 0
+        while need:
+            piece = pieces[taken]
+            taken += 1
+            if len(piece) > need:
+                parts.append(memoryview(piece)[:need])
+                buffer, offset = bytes(piece), need  # no copy for bytes (a spill is rare)
+                break
+            parts.append(piece)
+            need -= len(piece)
+        body = b"".join(parts)
+        rest = pieces[taken:]
+        if not buffer and rest:
+            buffer, rest = bytes(rest[0]), rest[1:]
+        self._buffer, self._offset = buffer, offset
+        self._more = rest
+        self._more_size = sum(len(piece) for piece in rest)
+        return body
+
+    def announced_length(self) -> int | None:
+        """The length field of the next frame, once its first 3 bytes are here."""
+        if len(self._buffer) - self._offset < 3:
+            if len(self._buffer) - self._offset + self._more_size < 3:
+                return None
+            self._join()
+        return int.from_bytes(self._buffer[self._offset : self._offset + 3], "big")
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        while True:
+            buffer, offset = self._buffer, self._offset
+            held = len(buffer) - offset
+            if held < 9:
+                if held + self._more_size < 9:
+                    raise StopIteration
+                self._join()
+                continue
+            view = memoryview(buffer)
+            try:
+                frame, length = hyperframe.frame.Frame.parse_frame_header(view[offset : offset + 9])
+            except (
+                hyperframe.exceptions.InvalidDataError,
+                hyperframe.exceptions.InvalidFrameError,
+            ) as exc:
+                raise h2.exceptions.ProtocolError(
+                    f"Received frame with invalid header: {exc}"
+                ) from exc
+            self._validate_frame_length(length)
+            end = offset + 9 + length
+            if len(buffer) < end:
+                if held + self._more_size < 9 + length:
+                    raise StopIteration
+                if type(frame) is hyperframe.frame.DataFrame and "PADDED" not in frame.flags:
+                    # A payload spanning reads: joined once, straight into the frame (what
+                    # parse_body would set for an unpadded DATA frame), nothing else copied.
+                    frame.data = self._take_across(offset + 9, length)
+                    frame.body_len = length
+                    complete = self._update_header_buffer(frame)
+                    if complete is not None:
+                        return complete
+                    continue
+                self._join()
+                continue
+            try:
+                frame.parse_body(view[offset + 9 : end])
+            except hyperframe.exceptions.InvalidDataError as exc:
+                raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from exc
+            except hyperframe.exceptions.InvalidFrameError as exc:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from exc
+            self._offset = end
+            if end == len(buffer):
+                self._buffer, self._offset = b"", 0
+                if self._more:
+                    self._join()
+            complete = self._update_header_buffer(frame)
+            if complete is not None:
+                return complete
+
+
+class Connection(h2.connection.H2Connection):
+    """h2's connection with its output kept as a list of buffers, its input parsed in place
+    (`FrameBuffer`), and open streams counted in amortised O(1).
+
+    Output: h2 serialises every frame into one bytearray, copying a DATA payload ~5 times on
+    its way to the socket (memoryview to bytes, body join, header join, bytearray append,
+    bytes() of the whole buffer); with 8 busy streams that buffer grew to megabytes and each
+    `data_to_send` took milliseconds. Here a DATA frame is a 9-byte header plus the payload
+    bytes object itself (h2 turns a memoryview into bytes; immutable bytes are kept as they
+    are: see `H2Stream._send_body`); other frames are serialised by hyperframe as before.
+    `take_output` hands the list to a gather write.
+
+    Streams:
+
+    h2 counts open streams (for the MAX_CONCURRENT_STREAMS checks on every new stream) by
+    walking every stream it holds, deleting the closed ones as it goes: with n streams open,
+    opening one costs O(n), quadratic with the 10,000 streams a link must carry. Here the
+    number of streams held (open or closed-not-yet-swept), an upper bound on either direction's
+    open count, answers the check while it is below the limit; the exact walk runs only near
+    the limit, or once the table has doubled since the last walk (which keeps the sweeping of
+    closed streams, and so memory, bounded).
+    """
+
+    _sweep_at = 64
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self.incoming_buffer = FrameBuffer(server=not config.client_side)
+        self._output: Buffers = []
+        self.output_size = 0
+        self.control_size = 0  # of output_size, the frames other than DATA
+
+    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
+        output = self._output
+        if self._data_to_send:  # h2 writes its connection preamble there directly
+            output.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        for frame in frames:
+            if type(frame) is hyperframe.frame.DataFrame and "PADDED" not in frame.flags:
+                data = frame.data
+                length = len(data)
+                flags = _END_STREAM if "END_STREAM" in frame.flags else 0
+                output.append(
+                    _FRAME_HEADER.pack(length >> 8, length & 0xFF, 0, flags, frame.stream_id)
+                )
+                if length:
+                    output.append(data)
+                self.output_size += length + 9
+            else:
+                chunk = frame.serialize()
+                output.append(chunk)
+                self.output_size += len(chunk)
+                self.control_size += len(chunk)
+
+    # -- DATA fast paths ---------------------------------------------------------------------
+    # DATA is almost every frame a tunnel carries. h2 takes each one through both state
+    # machines (transitions that change nothing for DATA on an open stream), builds a frame
+    # object and, on receipt, formats repr(frame) for a trace line: ~20 µs a frame, most of a
+    # relay hop's cost beyond the Python floor. For the plain case (an open stream, no padding,
+    # no END_STREAM, no content-length to check) these do exactly h2's bookkeeping: the same
+    # flow-control windows, the same bytes and events. Anything else goes h2's own way.
+
+    def send_data(
+        self,
+        stream_id: int,
+        data: bytes | memoryview,
+        end_stream: bool = False,
+        pad_length: Any = None,
+    ) -> None:
+        stream = self.streams.get(stream_id)
+        size = len(data)
+        if (
+            end_stream
+            or pad_length is not None
+            or stream is None
+            or stream.state_machine.state not in _SENDING_STATES
+            or self.state_machine.state not in _OPEN_CONNECTION
+            or size > self.max_outbound_frame_size
+            or size > self.outbound_flow_control_window
+            or size > stream.outbound_flow_control_window
+        ):
+            super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
+            return
+        if type(data) is not bytes:
+            data = bytes(data)  # queued until written: never a view of the caller's buffer
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        self._output.append(_FRAME_HEADER.pack(size >> 8, size & 0xFF, 0, 0, stream_id))
+        if size:
+            self._output.append(data)
+        self.output_size += size + 9
+
+    def _receive_frame(self, frame: hyperframe.frame.Frame) -> list[h2.events.Event]:
+        if type(frame) is hyperframe.frame.DataFrame:
+            events = self._receive_plain_data(frame)
+            if events is not None:
+                return events
+        return super()._receive_frame(frame)
+
+    def _receive_plain_data(
+        self, frame: hyperframe.frame.DataFrame
+    ) -> list[h2.events.Event] | None:
+        flags = frame.flags
+        if "END_STREAM" in flags or "PADDED" in flags:
+            return None
+        stream = self.streams.get(frame.stream_id)
+        if (
+            stream is None
+            or self.state_machine.state not in _OPEN_CONNECTION
+            or stream.state_machine.state not in _RECEIVING_STATES
+            or not stream.state_machine.headers_received
+            or stream._expected_content_length is not None
+        ):
+            return None
+        data = frame.data
+        size = len(data)
+        # Both raise FlowControlError (a ProtocolError) past the window, as in h2.
+        self._inbound_flow_control_window_manager.window_consumed(size)
+        stream._inbound_window_manager.window_consumed(size)
+        stream._actual_content_length += size
+        event = h2.events.DataReceived(stream_id=frame.stream_id)
+        event.data = data
+        event.flow_controlled_length = size
+        return [event]
+
+    def take_output(self) -> Buffers:
+        """Everything queued for sending, in order; the queue is empty afterwards."""
+        if self._data_to_send:
+            self._prepare_for_sending([])
+        output, self._output = self._output, []
+        self.output_size = 0
+        self.control_size = 0
+        return output
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        if amount is not None:
+            raise NotImplementedError("the link takes all output at once (take_output)")
+        return b"".join(self.take_output())
+
+    def clear_outbound_data_buffer(self) -> None:
+        super().clear_outbound_data_buffer()
+        self._output = []
+        self.output_size = 0
+        self.control_size = 0
+
+    def _open_streams(self, remainder: int) -> int:
+        count = super()._open_streams(remainder)
+        self._sweep_at = 2 * len(self.streams) + 64
+        return count
+
+    @property
+    def open_outbound_streams(self) -> int:
+        held = len(self.streams)
+        if held < self._sweep_at and held < self.remote_settings.max_concurrent_streams:
+            return held
+        return self._open_streams(int(self.config.client_side))
+
+    @property
+    def open_inbound_streams(self) -> int:
+        held = len(self.streams)
+        if held < self._sweep_at and held < self.local_settings.max_concurrent_streams:
+            return held
+        return self._open_streams(int(not self.config.client_side))
+
+
+def send_buffers(sock: socket.socket, buffers: Buffers) -> Buffers:
+    """Write `buffers` with gather writes (no joining) until the socket would block; returns
+    what is left unsent (empty when all went). Raises BrokenResourceError if the socket fails."""
+    while buffers:
+        batch = buffers[:_IOV_MAX] if len(buffers) > _IOV_MAX else buffers
+        try:
+            sent = sock.sendmsg(batch, (), socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return buffers
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+        taken = 0
+        for buffer in batch:
+            size = len(buffer)
+            if sent < size:
+                break
+            sent -= size
+            taken += 1
+        if taken < len(batch):
+            # A partial write: keep the unsent tail of the buffer it stopped in.
+            buffers = [memoryview(buffers[taken])[sent:], *buffers[taken + 1 :]]
+            continue
+        buffers = buffers[taken:]
+    return buffers
