@@ -113,6 +113,10 @@ class Counters:
 
 FlowKey = tuple[bytes, int, bytes, int]
 
+_NOBODY_WAITS: Final = trio.Event()
+"""Never waited on (see `_Tcp`); set, so that setting it is a no-op."""
+_NOBODY_WAITS.set()
+
 
 @dataclass(eq=False, slots=True)
 class _Tcp:
@@ -123,8 +127,11 @@ class _Tcp:
     inbound_bytes: int = 0
     peer_closed: bool = False
     closed: bool = False
-    wake_inbound: trio.Event = field(default_factory=trio.Event)
-    wake_writable: trio.Event = field(default_factory=trio.Event)
+    # A flow task checks the connection's state, then makes a fresh Event and waits on it:
+    # until it does, a set() has nobody to wake, and one shared event stands in (an Event is
+    # three objects, with most connections never waiting for send space).
+    wake_inbound: trio.Event = field(default_factory=lambda: _NOBODY_WAITS)
+    wake_writable: trio.Event = field(default_factory=lambda: _NOBODY_WAITS)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     deadline: float | None = None
 
