@@ -19,6 +19,8 @@ with 32 connections in flight (a throughput figure), and µs/conn the daemon's C
 during it; RSS MiB is the daemon's after the rest of the row, and @1000 while 1,000 idle
 connections (each echoed a byte, so fully set up) are open through it; GC ms is how long one
 full garbage collection stalls the daemon then (row c: the longest pause the GC can cause).
+For d, CPU%, µs/conn and RSS are sshuttle's client's. In every row the servers (iperf3, a trio
+echo server) are processes of their own, as a pod's would be.
 
 Run as root:  .venv/bin/python bench/vif.py [--duration 3] [--rows a,b,c]
 Namespaces are named tele-vifbench-<random>-{l,c} and always deleted. Prints a table and a
