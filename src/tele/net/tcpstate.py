@@ -27,7 +27,6 @@ from __future__ import annotations
 import enum
 import functools
 import random
-from collections import deque
 from dataclasses import dataclass
 
 from tele.net.packet import (
@@ -344,7 +343,9 @@ class TCPConnection:
         self._rtt = _RTT(rto=cfg.initial_rto)
         self._retries = 0
         self._out: list[bytes] = []
-        self._events: deque[Event] = deque([SynReceived(ip.src, tcp.sport, ip.dst, tcp.dport)])
+        # A list, not a deque: only appended to and taken whole, and a deque's first block is
+        # ~0.5 KiB per connection.
+        self._events: list[Event] = [SynReceived(ip.src, tcp.sport, ip.dst, tcp.dport)]
 
     # --- runtime API --------------------------------------------------------------------
 
@@ -355,8 +356,8 @@ class TCPConnection:
 
     def events(self) -> list[Event]:
         """Take the events that happened since the last call, oldest first."""
-        taken = list(self._events)
-        self._events.clear()
+        taken = self._events
+        self._events = []
         return taken
 
     def accept(self, *, iss: int | None = None) -> None:
