@@ -36,6 +36,21 @@ def single_error_line(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def private_home(home: Path, path: str) -> dict[str, str]:
+    """A minimal environment for tele with its config, cache, state and runtime dirs made under
+    `home` (for tests that run tele in namespaces of their own, without the test's env)."""
+    for name in ("config", "cache", "state", "runtime"):
+        (home / name).mkdir(mode=0o700)
+    return {
+        "PATH": path,
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+        "XDG_STATE_HOME": str(home / "state"),
+        "XDG_RUNTIME_DIR": str(home / "runtime"),
+    }
+
+
 def runtime_dir(env: dict[str, str]) -> Path:
     return Path(env["XDG_RUNTIME_DIR"]) / "tele"
 

@@ -31,7 +31,7 @@ import yaml
 from tele.sandbox.testing import threaded_cluster
 from tele.vif.caps import CAP_NET_ADMIN, effective_capabilities
 from tests.conftest import VENV_BIN
-from tests.daemon_util import DaemonGuard, wait_exit
+from tests.daemon_util import DaemonGuard, private_home, wait_exit
 from tests.test_connect import ManagerProcess
 
 NOBODY = 65534
@@ -136,18 +136,8 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
         etc.mkdir(parents=True)
         resolv_conf = etc / "resolv.conf"
         resolv_conf.write_text(ORIGINAL_RESOLV)
-        for name in ("config", "cache", "state", "runtime"):
-            (home / name).mkdir(mode=0o700)
-        env = {
-            "PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home / "config"),
-            "XDG_CACHE_HOME": str(home / "cache"),
-            "XDG_STATE_HOME": str(home / "state"),
-            "XDG_RUNTIME_DIR": str(home / "runtime"),
-            "TELE_VIF_NETNS": netns,
-            "TELE_VIF_HELPER": AS_ROOT,
-        }
+        env = private_home(home, f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin")
+        env.update(TELE_VIF_NETNS=netns, TELE_VIF_HELPER=AS_ROOT)
         guard = DaemonGuard(env)
         kubeconfig = home / "kubeconfig"
         with threaded_cluster(kubeconfig):

@@ -30,7 +30,7 @@ import pytest
 
 from tele.sandbox.testing import threaded_cluster
 from tests.conftest import VENV_BIN
-from tests.daemon_util import DaemonGuard
+from tests.daemon_util import DaemonGuard, private_home
 from tests.test_connect import ManagerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,17 +164,8 @@ def laptop(monkeypatch: pytest.MonkeyPatch) -> Iterator[Laptop]:
              "/run/systemd/resolve/stub-resolv.conf", "/etc/resolv.conf"],
             check=True,
         )  # fmt: skip
-        for name in ("config", "cache", "state", "runtime"):
-            (home / name).mkdir(mode=0o700)
-        env = {
-            "PATH": f"{VENV_BIN}:{RESOLVECTL.parent}:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home / "config"),
-            "XDG_CACHE_HOME": str(home / "cache"),
-            "XDG_STATE_HOME": str(home / "state"),
-            "XDG_RUNTIME_DIR": str(home / "runtime"),
-            "TELE_VIF_NETNS": netns,
-        }
+        env = private_home(home, f"{VENV_BIN}:{RESOLVECTL.parent}:/usr/sbin:/usr/bin:/sbin:/bin")
+        env["TELE_VIF_NETNS"] = netns
         guard = DaemonGuard(env)
         kubeconfig = home / "kubeconfig"
         with threaded_cluster(kubeconfig):
