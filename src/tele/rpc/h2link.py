@@ -23,11 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
-import h2.frame_buffer
 import h2.settings
 import trio
 
