@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import trio
@@ -176,10 +176,10 @@ async def test_app_reset_while_the_tunnel_waits_for_window(
     assert tcp(answer).flags == SYN | ACK
 
 
-async def test_dial_without_answer_is_refused_after_the_dial_timeout(
-    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
-) -> None:
-    kernel, end = tun
+def _silent_dialer() -> tuple[
+    Callable[[Destination], Awaitable[trio.abc.HalfCloseableStream]], trio.Event
+]:
+    """A dialer whose dial never answers, and the event set once it is abandoned."""
     abandoned = trio.Event()
 
     async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
@@ -187,6 +187,15 @@ async def test_dial_without_answer_is_refused_after_the_dial_timeout(
             await trio.sleep_forever()
         finally:
             abandoned.set()
+
+    return dialer, abandoned
+
+
+async def test_dial_without_answer_is_refused_after_the_dial_timeout(
+    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    kernel, end = tun
+    dialer, abandoned = _silent_dialer()
 
     config = StackConfig(subnets=SUBNETS, dial_timeout=5)
     stack = Stack(end.fileno(), dialer, vnet_header=False, config=config)
@@ -207,13 +216,7 @@ async def test_app_reset_during_the_dial_ends_it_without_an_answer(
     clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
 ) -> None:
     kernel, end = tun
-    abandoned = trio.Event()
-
-    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
-        try:
-            await trio.sleep_forever()
-        finally:
-            abandoned.set()
+    dialer, abandoned = _silent_dialer()
 
     stack = Stack(end.fileno(), dialer, vnet_header=False, config=StackConfig(subnets=SUBNETS))
     await nursery.start(stack.serve)

@@ -224,15 +224,8 @@ class Connection(h2.connection.H2Connection):
             self._data_to_send = bytearray()
         for frame in frames:
             if type(frame) is hyperframe.frame.DataFrame and "PADDED" not in frame.flags:
-                data = frame.data
-                length = len(data)
                 flags = _END_STREAM if "END_STREAM" in frame.flags else 0
-                output.append(
-                    _FRAME_HEADER.pack(length >> 8, length & 0xFF, 0, flags, frame.stream_id)
-                )
-                if length:
-                    output.append(data)
-                self.output_size += length + 9
+                self._queue_data(frame.stream_id, frame.data, flags)
             else:
                 chunk = frame.serialize()
                 output.append(chunk)
@@ -272,7 +265,12 @@ class Connection(h2.connection.H2Connection):
             data = bytes(data)  # queued until written: never a view of the caller's buffer
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
-        self._output.append(_FRAME_HEADER.pack(size >> 8, size & 0xFF, 0, 0, stream_id))
+        self._queue_data(stream_id, data, 0)
+
+    def _queue_data(self, stream_id: int, data: bytes, flags: int) -> None:
+        """A DATA frame: its 9-byte header, then the payload object itself."""
+        size = len(data)
+        self._output.append(_FRAME_HEADER.pack(size >> 8, size & 0xFF, 0, flags, stream_id))
         if size:
             self._output.append(data)
         self.output_size += size + 9
