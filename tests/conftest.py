@@ -16,7 +16,7 @@ from tele.k8s.client import KubeClient, open_kube_client
 from tele.sandbox.cluster import ClusterInfo, serve_cluster
 
 if TYPE_CHECKING:
-    from tests.daemon_util import DaemonGuard
+    from tests.daemon.util import DaemonGuard
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -43,7 +43,7 @@ def tele_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 @pytest.fixture
 def guard(tele_env: dict[str, str]) -> Iterator[DaemonGuard]:
     """Kills, at the end, every process that runs with this test's tele_env."""
-    from tests.daemon_util import DaemonGuard  # it imports this module
+    from tests.daemon.util import DaemonGuard  # it imports this module
 
     guard = DaemonGuard(tele_env)
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.daemon_util import run_tele
-from tests.sandbox2.conftest import NodeSandbox
+from tests.daemon.util import run_tele
+from tests.sandbox.cluster.conftest import NodeSandbox
 
 
 def kubectl(sandbox: NodeSandbox, *args: str, stdin: str | None = None) -> str:

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from tests.daemon_util import DaemonGuard, run_tele, wait_exit
+from tests.daemon.util import DaemonGuard, run_tele, wait_exit
 from tests.e2e import install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP, CALL, laptop_handler  # noqa: F401
-from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 

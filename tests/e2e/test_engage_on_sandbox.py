@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import VENV_BIN
-from tests.daemon_util import DaemonGuard, run_tele, single_error_line
+from tests.daemon.util import DaemonGuard, run_tele, single_error_line
 from tests.e2e import install_manager, kubectl
-from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 

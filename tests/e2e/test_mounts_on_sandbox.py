@@ -18,9 +18,9 @@ import pytest
 
 from tele.cli.quick import wait_process_gone
 from tele.daemon.mounts import mount_problem
-from tests.daemon_util import DaemonGuard, run_tele, runtime_dir
+from tests.daemon.util import DaemonGuard, run_tele, runtime_dir
 from tests.e2e import install_manager, kubectl
-from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = [
     pytest.mark.netns,

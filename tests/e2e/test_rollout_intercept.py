@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tele.sandbox import addons
-from tests.daemon_util import DaemonGuard, run_tele, single_error_line
+from tests.daemon.util import DaemonGuard, run_tele, single_error_line
 from tests.e2e import install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import CALL, laptop_handler  # noqa: F401 - fixture
-from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from tele.certs import CertificateAuthority, KeyPair
-from tests.daemon_util import DaemonGuard, run_tele
+from tests.daemon.util import DaemonGuard, run_tele
 from tests.e2e import install_manager, kubectl
-from tests.sandbox2.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 

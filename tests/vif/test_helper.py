@@ -31,8 +31,8 @@ import yaml
 from tele.sandbox.testing import threaded_cluster
 from tele.vif.caps import CAP_NET_ADMIN, effective_capabilities
 from tests.conftest import VENV_BIN
-from tests.daemon_util import DaemonGuard, private_home, wait_exit
-from tests.test_connect import ManagerProcess
+from tests.daemon.test_connect import ManagerProcess
+from tests.daemon.util import DaemonGuard, private_home, wait_exit
 
 NOBODY = 65534
 SETPRIV_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]

@@ -30,8 +30,8 @@ import pytest
 
 from tele.sandbox.testing import threaded_cluster
 from tests.conftest import VENV_BIN
-from tests.daemon_util import DaemonGuard, private_home
-from tests.test_connect import ManagerProcess
+from tests.daemon.test_connect import ManagerProcess
+from tests.daemon.util import DaemonGuard, private_home
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRACTED = ROOT / ".cache" / "systemd-resolved"  # scripts/setup.sh puts the package here

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tele.sandbox.testing import ThreadedCluster, threaded_cluster
-from tests.daemon_util import DaemonGuard, run_tele, single_error_line, wait_exit
+from tests.daemon.util import DaemonGuard, run_tele, single_error_line, wait_exit
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.daemon_util import (
+from tests.daemon.util import (
     TELE,
     DaemonGuard,
     process_alive,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.daemon_util import DaemonGuard, run_tele, single_error_line
+from tests.daemon.util import DaemonGuard, run_tele, single_error_line
 
 
 @pytest.mark.parametrize(

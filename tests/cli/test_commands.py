@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.daemon_util import DaemonGuard, run_tele, single_error_line
+from tests.daemon.util import DaemonGuard, run_tele, single_error_line
 
 
 def write_config(env: dict[str, str], text: str) -> Path:
