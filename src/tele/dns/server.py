@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import trio
-from dnslib import AAAA, QTYPE, RCODE, RR, SRV, A, DNSError, DNSRecord
+from dnslib import AAAA, QTYPE, RCODE, RR, SRV, A, DNSError, DNSLabelError, DNSRecord
 
 from tele.dns.cache import TTLCache
 from tele.dns.names import NameRules, Route
+from tele.errors import TeleError
 from tele.rpc import manager_api as mapi
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,23 @@ UPSTREAM_TIMEOUT: Final = 3.0
 MAX_IN_FLIGHT: Final = 256
 """Queries answered at once; more wait (UDP: are dropped) so a flood cannot grow memory."""
 MAX_TCP_CONNECTIONS: Final = 64
+"""DNS-over-TCP connections at once; a new one past this closes the longest idle one (RFC 7766
+6.2.3), so idle connections held open by one program cannot lock out every other's queries."""
+TCP_IDLE_TIMEOUT: Final = 10.0
+"""A connection with no query for this long is closed (RFC 7766 suggests seconds)."""
+TCP_MESSAGE_TIMEOUT: Final = 5.0
+"""A query begun on a TCP connection must arrive whole within this (no byte-a-minute trickle)."""
 UDP_MAX: Final = 512
+MAX_NAME: Final = 255
+MAX_LABEL: Final = 63
 _TCP_LEN = struct.Struct("!H")
+_HEADER = struct.Struct("!HHHHHH")
+_LINK_ERRORS = (TeleError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+"""How a lookup fails when the manager or the link to it does (not a bug of ours)."""
+_PARSE_ERRORS = (DNSError, DNSLabelError, struct.error, IndexError, ValueError, UnicodeError)
+"""What dnslib raises for bytes that are not a DNS message (found by fuzzing): a drop."""
+_PACK_ERRORS = (DNSError, DNSLabelError, struct.error, ValueError, UnicodeError)
+"""What dnslib raises for a reply it cannot put on the wire (a name or record out of bounds)."""
 
 
 @dataclass(slots=True)
@@ -121,16 +137,32 @@ class Resolver:
         return self._limit.borrowed_tokens >= MAX_IN_FLIGHT
 
     async def answer(self, data: bytes, *, udp: bool) -> bytes | None:
-        """The reply to `data`, or None for something that is not a DNS query."""
+        """The reply to `data`, or None for something that is not a DNS query.
+
+        Never raises for anything a client sends: a query whose name is out of bounds is FORMERR,
+        a reply that cannot be packed is SERVFAIL (one log line), and a bug while answering is
+        SERVFAIL with its traceback in the log."""
         try:
             query = DNSRecord.parse(data)
-        except (DNSError, struct.error, IndexError, ValueError):
+        except _PARSE_ERRORS as exc:
+            log.debug("dns: dropping a message that does not parse: %s", exc)
             return None
         if query.header.qr or not query.questions:
             return None
         self.counters.queries += 1
+        if not all(_name_fits(q.qname) for q in query.questions):
+            return _header_only(data, RCODE.FORMERR)
         async with self._limit:
-            reply = await self._answer(query, data)
+            try:
+                reply = await self._answer(query, data)
+            except _PACK_ERRORS as exc:
+                self.counters.failures += 1
+                log.warning("dns: cannot answer %s: %s", _describe(query), exc)
+                return _header_only(data, RCODE.SERVFAIL)
+            except Exception:
+                self.counters.failures += 1
+                log.exception("dns: answering %s failed", _describe(query))
+                return _header_only(data, RCODE.SERVFAIL)
         if reply is None:
             return None
         if udp and len(reply) > _udp_limit(query):
@@ -194,8 +226,11 @@ class Resolver:
         with trio.move_on_after(self.lookup_timeout):
             try:
                 found = await self.lookup(name, qtype)
-            except Exception as exc:  # the link or the manager failed: SERVFAIL, not a crash
+            except _LINK_ERRORS as exc:  # the link or the manager failed: SERVFAIL, not a crash
                 log.warning("dns: looking up %s %s failed: %s", name, qtype, exc)
+                return None
+            except Exception:  # a bug: SERVFAIL still, but with its traceback
+                log.exception("dns: looking up %s %s failed", name, qtype)
                 return None
             if found.rcode == "NOERROR" and found.records:
                 ttl = float(max(1, min(r.ttl for r in found.records)))
@@ -209,6 +244,31 @@ class Resolver:
             "dns: the manager did not answer %s %s within %gs", name, qtype, self.lookup_timeout
         )
         return None
+
+
+def _name_fits(qname: Any) -> bool:
+    """Whether a parsed name can go back on the wire: labels of at most 63 bytes, the whole name
+    (length bytes and root included) at most 255 (RFC 1035 2.3.4). A query breaks these with one
+    long label or a chain of compression pointers."""
+    labels = qname.label
+    return all(len(label) <= MAX_LABEL for label in labels) and (
+        sum(len(label) + 1 for label in labels) + 1 <= MAX_NAME
+    )
+
+
+def _header_only(query: bytes, rcode: int) -> bytes:
+    """A reply with `rcode` and no sections, built from the query's header alone (for a query
+    whose question cannot be echoed)."""
+    ident, flags = struct.unpack_from("!HH", query)
+    opcode_rd = flags & 0x7900  # opcode and RD copied, as RFC 1035 4.1.1 asks
+    return _HEADER.pack(ident, 0x8000 | 0x0080 | opcode_rd | rcode, 0, 0, 0, 0)
+
+
+def _describe(query: Any) -> str:
+    try:
+        return f"{query.q.qname} {QTYPE.get(query.q.qtype, query.q.qtype)}"
+    except Exception:  # a description must never be the error
+        return "a query"
 
 
 def _udp_limit(query: Any) -> int:
@@ -228,65 +288,122 @@ def _rr(qname: Any, record: mapi.DnsRecord) -> Any:
             priority, weight, port, target = record.value.split()
             rdata = SRV(int(priority), int(weight), int(port), target)
             return RR(qname, QTYPE.SRV, rdata=rdata, ttl=record.ttl)
-    except (ValueError, DNSError) as exc:
+    except (ValueError, DNSError, DNSLabelError) as exc:
         log.warning("dns: ignoring a bad record from the manager %s: %s", record, exc)
     return None
 
 
 async def serve_udp(resolver: Resolver, sock: trio.socket.SocketType) -> None:
-    """Answer datagrams on `sock`; each query its own task, bounded by the resolver's limit."""
+    """Answer datagrams on `sock`; each query its own task, bounded by the resolver's limit.
+
+    A datagram ends at most its own task: whatever goes wrong is logged and the datagram
+    dropped (the client retries)."""
 
     async def one(data: bytes, peer: Any) -> None:
-        reply = await resolver.answer(data, udp=True)
-        if reply is not None:
-            try:
+        try:
+            reply = await resolver.answer(data, udp=True)
+            if reply is not None:
                 await sock.sendto(reply, peer)
-            except OSError as exc:
-                log.debug("dns: reply to %s failed: %s", peer, exc)
+        except OSError as exc:
+            log.debug("dns: reply to %s failed: %s", peer, exc)
+        except Exception:
+            log.exception("dns: a query from %s failed; dropped", peer)
 
     async with trio.open_nursery() as nursery:
         while True:
-            data, peer = await sock.recvfrom(65535)
+            try:
+                data, peer = await sock.recvfrom(65535)
+            except OSError as exc:  # e.g. ICMP port unreachable of an earlier reply (Linux)
+                log.debug("dns: receiving: %s", exc)
+                continue
             if resolver.busy:
                 continue  # overloaded: the client retries
             nursery.start_soon(one, data, peer)
 
 
-async def serve_tcp(resolver: Resolver, listener: trio.SocketListener) -> None:
-    """Answer length-prefixed queries on TCP connections (RFC 7766), several per connection."""
+class _TcpConnections:
+    """The open DNS-over-TCP connections and whether each is waiting for a query."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.idle_since: dict[trio.CancelScope, float | None] = {}
+
+    def admit(self, scope: trio.CancelScope) -> bool:
+        """Make room for a new connection: close the longest idle one when full; False when
+        every connection is in the middle of a query."""
+        if len(self.idle_since) >= self.limit:
+            idle = [(since, id(s), s) for s, since in self.idle_since.items() if since is not None]
+            if not idle:
+                return False
+            victim = min(idle)[2]
+            victim.cancel()
+            del self.idle_since[victim]
+        self.idle_since[scope] = trio.current_time()
+        return True
+
+
+async def serve_tcp(
+    resolver: Resolver,
+    listener: trio.abc.Listener[trio.SocketStream],
+    *,
+    max_connections: int = MAX_TCP_CONNECTIONS,
+    idle_timeout: float = TCP_IDLE_TIMEOUT,
+) -> None:
+    """Answer length-prefixed queries on TCP connections (RFC 7766), several per connection.
+
+    Each connection waits at most `idle_timeout` for a query and TCP_MESSAGE_TIMEOUT for the
+    rest of one it began; past `max_connections` the longest idle one makes room."""
+    connections = _TcpConnections(max_connections)
+
+    async def receive_exactly(stream: trio.SocketStream, buffer: bytearray, size: int) -> bool:
+        while len(buffer) < size:
+            data = await stream.receive_some(65537)
+            if not data:
+                return False
+            buffer += data
+        return True
+
+    async def queries(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        buffer = bytearray()
+        while True:
+            connections.idle_since[scope] = trio.current_time()
+            with trio.move_on_after(idle_timeout) as idle:
+                if not buffer and not await receive_exactly(stream, buffer, 1):
+                    return
+            if idle.cancelled_caught:
+                return
+            connections.idle_since[scope] = None
+            with trio.move_on_after(TCP_MESSAGE_TIMEOUT) as late:
+                if not await receive_exactly(stream, buffer, 2):
+                    return
+                (length,) = _TCP_LEN.unpack_from(buffer)
+                if not await receive_exactly(stream, buffer, 2 + length):
+                    return
+            if late.cancelled_caught:
+                log.debug("dns: a TCP query did not arrive whole in time")
+                return
+            message = bytes(buffer[2 : 2 + length])
+            del buffer[: 2 + length]
+            reply = await resolver.answer(message, udp=False)
+            if reply is None:
+                return
+            await stream.send_all(_TCP_LEN.pack(len(reply)) + reply)
 
     async def connection(stream: trio.SocketStream) -> None:
         async with stream:
-            buffer = b""
-            with trio.move_on_after(30):
-                while True:
-                    data = await stream.receive_some(65537)
-                    if not data:
-                        return
-                    buffer += data
-                    while len(buffer) >= 2:
-                        (length,) = _TCP_LEN.unpack_from(buffer)
-                        if len(buffer) < 2 + length:
-                            break
-                        message, buffer = buffer[2 : 2 + length], buffer[2 + length :]
-                        reply = await resolver.answer(message, udp=False)
-                        if reply is None:
-                            return
-                        await stream.send_all(_TCP_LEN.pack(len(reply)) + reply)
+            with trio.CancelScope() as scope:
+                if not connections.admit(scope):
+                    return  # every connection is busy: the client retries or uses UDP
+                try:
+                    await queries(stream, scope)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    log.debug("dns: a TCP connection ended: %s", exc)
+                except Exception:
+                    log.exception("dns: a TCP connection failed; closed")
+                finally:
+                    connections.idle_since.pop(scope, None)
 
-    limit = trio.CapacityLimiter(MAX_TCP_CONNECTIONS)
-
-    async def guarded(stream: trio.SocketStream) -> None:
-        if limit.borrowed_tokens >= MAX_TCP_CONNECTIONS:
-            await stream.aclose()  # full: the client falls back to another server or UDP
-            return
-        async with limit:
-            try:
-                await connection(stream)
-            except (trio.BrokenResourceError, OSError):
-                pass
-
-    await trio.serve_listeners(guarded, [listener])
+    await trio.serve_listeners(connection, [listener])
 
 
 def bind_sockets(address: str, port: int) -> tuple[socket.socket, socket.socket, socket.socket]:
