@@ -45,7 +45,7 @@ from tele.agent.engagements import StaticEngagements
 from tele.agent.forward import serve
 from tele.rpc.agent_api import Engagement
 from tele.agent.config import AgentSettings
-from tele.manager.agentconfig import AgentConfig, ContainerConfig, Intercept
+from tele.contracts.agentconfig import AgentConfig, ContainerConfig, Intercept
 AGENT_PORT = 9900
 app, handler, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 def settings_for(port):

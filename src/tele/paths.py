@@ -47,6 +47,26 @@ def runtime_dir() -> Path:
     return cache_dir() / "run"
 
 
+def daemon_socket() -> Path:
+    """The unix socket the daemon listens on (mode 0600, in a 0700 dir)."""
+    return runtime_dir() / "daemon.sock"
+
+
+def helper_socket() -> Path:
+    """Where the privileged network helper connects to the daemon (SOCK_SEQPACKET, 0600)."""
+    return runtime_dir() / "helper.sock"
+
+
+def daemon_lock() -> Path:
+    """flock()ed exclusively by the running daemon for its whole life: one daemon per user."""
+    return runtime_dir() / "daemon.lock"
+
+
+def daemon_pid() -> Path:
+    """The running daemon's pid, for people and for tests that must kill it."""
+    return runtime_dir() / "daemon.pid"
+
+
 def ensure_private_dir(path: Path) -> Path:
     """Create `path` (and parents) and make it accessible to the owner only."""
     path.mkdir(parents=True, exist_ok=True)

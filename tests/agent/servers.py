@@ -15,7 +15,7 @@ import trio
 from tele.agent.config import AgentSettings
 from tele.agent.engagements import EngagementSource
 from tele.agent.forward import serve
-from tele.manager.agentconfig import AgentConfig, ContainerConfig, Intercept
+from tele.contracts.agentconfig import AgentConfig, ContainerConfig, Intercept
 
 AGENT_PORT = 9900
 

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from tele.agent.init import redirects, ruleset
-from tele.manager.agentconfig import Intercept
+from tele.contracts.agentconfig import Intercept
 from tests.agent.servers import settings_for
 
 

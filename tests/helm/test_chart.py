@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from tele.contracts.namespaces import NamespaceSelector
 from tele.helm.chart import Chart, chart_dir, lint_blocking
 from tele.helm.errors import ValuesError
 from tele.helm.values import ValueSources
-from tele.manager.namespaces import NamespaceSelector
 from tele.manager.server import ManagerConfig
 
 Obj = dict[str, Any]

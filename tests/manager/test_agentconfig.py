@@ -10,8 +10,8 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from tele.manager import agentconfig
-from tele.manager.agentconfig import (
+from tele.contracts import agentconfig
+from tele.contracts.agentconfig import (
     AGENT_CONTAINER,
     CONFIG_ANNOTATION,
     INIT_CONTAINER,
@@ -101,7 +101,7 @@ def test_no_service_or_disabled_is_not_interceptable(caplog: pytest.LogCaptureFi
         )
     legacy = deployment({"telepresence.getambassador.io/inject-traffic-agent": "enabled"})
     agentconfig._legacy_warned.clear()  # said once per process: forget earlier tests
-    with caplog.at_level(logging.WARNING, logger="tele.manager.agentconfig"):
+    with caplog.at_level(logging.WARNING, logger="tele.contracts.agentconfig"):
         for _ in range(3):
             config = generate(workload=legacy, services=[], manager_namespace="a", agent_image="i")
             assert config.containers

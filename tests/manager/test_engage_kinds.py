@@ -12,9 +12,9 @@ import jsonpatch
 import pytest
 import trio
 
+from tele.contracts import agentconfig
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
-from tele.manager import agentconfig
 from tele.manager.server import Manager
 from tele.rpc import agent_api as aapi
 from tele.rpc import manager_api as api

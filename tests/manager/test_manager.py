@@ -8,9 +8,9 @@ import hashlib
 import pytest
 import trio
 
+from tele.contracts.namespaces import NamespaceSelector
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
-from tele.manager.namespaces import NamespaceSelector
 from tele.manager.server import Manager, ManagerConfig
 from tele.net.tunnel import Destination, Protocol, ResetReason
 from tele.rpc import manager_api as api

@@ -11,7 +11,7 @@ import pytest
 
 from tele.agent.config import AgentSettings
 from tele.agent.manager_link import identity
-from tele.manager.agentconfig import (
+from tele.contracts.agentconfig import (
     AGENT_CONTAINER,
     NotInterceptable,
     generate,

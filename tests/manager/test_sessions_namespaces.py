@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tele.manager.namespaces import NamespaceSelector, SelectorError, overlap
+from tele.contracts.namespaces import NamespaceSelector, SelectorError, overlap
 from tele.manager.sessions import SessionTable
 from tele.rpc.manager_api import ClientIdentity
 

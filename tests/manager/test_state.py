@@ -7,10 +7,11 @@ import json
 
 import trio
 
+from tele.contracts.names import STATE_CONFIGMAP
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient, open_kube_client
 from tele.manager.server import Manager
-from tele.manager.state import KEY, STATE_CONFIGMAP
+from tele.manager.state import KEY
 from tele.rpc import agent_api as aapi
 from tele.rpc import manager_api as api
 from tele.testing.waits import wait_for

@@ -26,6 +26,7 @@ from tele.dns.service import DnsSettings, SystemSetup, serve_dns
 from tele.rpc import manager_api as mapi
 from tele.rpc.client import Client, open_client
 from tele.vif.netns import run_in_netns
+from tele.vif.privileges import LocalPrivileges
 from tele.vif.routing import parse_networks
 from tele.vif.service import VifInfo, VifSettings, serve_vif
 
@@ -185,7 +186,7 @@ async def tele(
     async def run_dns(*, task_status: trio.TaskStatus[Resolver] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with dns_scope:
-                await serve_dns(dns, lookup, task_status=task_status)
+                await serve_dns(dns, lookup, privileges=LocalPrivileges(), task_status=task_status)
         finally:
             dns_done.set()
 

@@ -98,10 +98,11 @@ with socket.create_connection(("echo", 7000), timeout=5) as s:
 
 
 CRASHING_DAEMON = """
-import sys, trio
+import functools, sys, trio
 from pathlib import Path
 from tele.dns.names import NameRules
 from tele.dns.service import DnsSettings, SystemSetup, serve_dns
+from tele.vif.privileges import LocalPrivileges
 from tele.vif.service import VifSettings, serve_vif
 
 async def never(destination):
@@ -119,7 +120,9 @@ async def main(netns, resolv):
             address=str(vif.address), device=vif.device, rules=NameRules(), netns=netns,
             setup=SystemSetup.RESOLV_CONF, resolv_conf=Path(resolv),
         )
-        await nursery.start(serve_dns, dns, lookup)
+        await nursery.start(
+            functools.partial(serve_dns, dns, lookup, privileges=LocalPrivileges())
+        )
         print("ready", flush=True)
 
 trio.run(main, sys.argv[1], sys.argv[2])

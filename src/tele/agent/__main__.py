@@ -29,7 +29,7 @@ async def run_agent(settings: AgentSettings) -> None:
     from tele.agent.forward import serve
     from tele.agent.manager_link import ManagerEngagements
     from tele.agent.tls import TlsTermination
-    from tele.manager.agentconfig import MOUNT_PREFIX
+    from tele.contracts.agentconfig import MOUNT_PREFIX
 
     tls = None
     if settings.tls_cert:

@@ -1,5 +1,5 @@
 """The agent's view of its pod: the AgentConfig, its name and pod IP, and the apps' environment,
-all read from the env variables the manager's webhook injects (manager/agentconfig.py)."""
+all read from the env variables the manager's webhook injects (tele.contracts.agentconfig)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import msgspec
 
 from tele.agent.errors import AgentConfigError
-from tele.manager.agentconfig import AgentConfig, ContainerConfig, Intercept
+from tele.contracts.agentconfig import AgentConfig, ContainerConfig, Intercept
 
 CONFIG_ENV = "_TEL_AGENT_CONFIG"
 NAME_ENV = "_TEL_AGENT_NAME"

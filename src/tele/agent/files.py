@@ -1,7 +1,7 @@
 """The agent's file server: the app containers' exported volumes, served over SFTP.
 
 The webhook mounts every Remote / RemoteReadOnly volume of app container C into the agent
-under /tel_app_mounts/C (manager/agentconfig.py); a client mounts that directory with
+under /tel_app_mounts/C (tele.contracts.agentconfig); a client mounts that directory with
 `sshfs -o directport=PORT` through its tunnel (tele.daemon.mounts). There is no SSH: each TCP
 connection accepted here gets its own OpenSSH `sftp-server` process with the socket as its
 stdin and stdout, the protocol's only transport requirement.

@@ -25,8 +25,8 @@ from tele.agent.engagements import EngagementSource
 from tele.agent.errors import UpstreamFailed
 from tele.agent.tls import TlsTermination
 from tele.agent.upstream import Upstreams, abort, relay
+from tele.contracts.agentconfig import Intercept
 from tele.errors import ConnectionFailed
-from tele.manager.agentconfig import Intercept
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Final
 import trio
 
 from tele.agent.config import AgentSettings
+from tele.contracts.agentconfig import Intercept
 from tele.errors import ConnectionFailed
-from tele.manager.agentconfig import Intercept
 
 log = logging.getLogger(__name__)
 

@@ -124,11 +124,10 @@ def quit_() -> None:
     if pid is None:
         click.echo("The daemon is not running.")
         # A daemon killed with its network set up left an undo journal: finish its job.
-        from tele.vif import journal
+        from tele.daemon import leftovers
 
-        if journal.pending():
-            for line in journal.recover():
-                click.echo(f"Cleaned up after a stopped daemon: {line}.")
+        for line in leftovers.without_daemon():
+            click.echo(f"Cleaned up after a stopped daemon: {line}.")
     else:
         click.echo(f"Stopped the daemon (pid {pid}).")
 

@@ -21,7 +21,6 @@ import trio
 from tele import paths, unixsock
 from tele.cli.quick import translate
 from tele.errors import ConnectionFailed, TeleError
-from tele.rpc import daemon_api
 from tele.rpc.client import Client, open_client
 from tele.rpc.errors import RpcError
 
@@ -42,7 +41,7 @@ def stderr_log() -> Path:
 
 async def _try_connect() -> trio.SocketStream | None:
     """A stream to the running daemon, or None when none listens."""
-    path = daemon_api.socket_path()
+    path = paths.daemon_socket()
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             stream = await unixsock.connect(path)

@@ -31,6 +31,7 @@ def start(output: str) -> None:
 
     Does nothing when it already runs; prints its pid either way.
     """
+    from tele import paths
     from tele.cli import client
     from tele.rpc import daemon_api
 
@@ -41,7 +42,7 @@ def start(output: str) -> None:
 
     reply = client.run(ensure)
     emit(
-        {"pid": reply.pid, "version": reply.version, "socket": str(daemon_api.socket_path())},
+        {"pid": reply.pid, "version": reply.version, "socket": str(paths.daemon_socket())},
         output,
         lambda d: f"The daemon runs (pid {d['pid']}).",
     )

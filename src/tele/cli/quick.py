@@ -22,9 +22,9 @@ import h2.events
 import h2.exceptions
 import msgspec
 
-from tele import unixsock
+from tele import paths, unixsock
 from tele.errors import ConnectionFailed, TeleError, UserError
-from tele.rpc import daemon_api, wire
+from tele.rpc import wire
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.method import Unary
 
@@ -41,7 +41,7 @@ class DaemonNotRunning(Exception):
 def ask_daemon(method: Unary[Req, Resp], request: Req, *, timeout: float = 5.0) -> Resp | None:
     """Call the running daemon; None when none runs. Failures become one-sentence TeleErrors."""
     try:
-        return call(daemon_api.socket_path(), method, request, timeout=timeout)
+        return call(paths.daemon_socket(), method, request, timeout=timeout)
     except DaemonNotRunning:
         return None
     except RpcError as exc:

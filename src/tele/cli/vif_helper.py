@@ -45,7 +45,7 @@ def helper_command(daemon_pid: int, *, interactive: bool) -> list[str]:
         "--daemon-pid",
         str(daemon_pid),
         "--socket",
-        str(daemon_api.helper_socket_path()),
+        str(paths.helper_socket()),
         "--log-file",
         str(paths.logs_dir() / "helper.log"),
     ]

@@ -44,9 +44,9 @@ import msgspec
 import trio
 
 from tele import paths
+from tele.contracts.agentconfig import REMOTE_POLICIES
 from tele.daemon.forward import Dialer
 from tele.errors import TeleError, UserError, single_leaf
-from tele.manager.agentconfig import REMOTE_POLICIES
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc.agent_api import EngagementInfo
 from tele.rpc.tunnel import splice

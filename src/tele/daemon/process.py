@@ -23,10 +23,10 @@ import trio
 
 import tele
 from tele import config, gctune, logs, paths, unixsock
+from tele.daemon import leftovers
 from tele.daemon.loglevel import LogLevelController
 from tele.daemon.server import Daemon
 from tele.errors import TeleError, UserError
-from tele.rpc import daemon_api
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,13 @@ def run(*, ready_fd: int | None = None) -> None:
         cfg = config.load()
         try:
             paths.ensure_private_dir(paths.runtime_dir())
-            lock_fd = acquire_lock(daemon_api.lock_path())
+            lock_fd = acquire_lock(paths.daemon_lock())
         except OSError as exc:
             raise TeleError(
                 f"Cannot use the runtime directory {paths.runtime_dir()}: {exc.strerror or exc}."
             ) from exc
         if lock_fd is None:
-            pid = read_pid(daemon_api.pid_path())
+            pid = read_pid(paths.daemon_pid())
             ready.report(f"busy {pid or 0}")
             raise UserError(
                 f"A tele daemon is already running (pid {pid})."
@@ -128,15 +128,15 @@ def run(*, ready_fd: int | None = None) -> None:
 
 
 async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
-    socket_path = daemon_api.socket_path()
-    pid_path = daemon_api.pid_path()
+    socket_path = paths.daemon_socket()
+    pid_path = paths.daemon_pid()
     try:
         listener = await unixsock.open_private_listener(socket_path)
     except OSError as exc:
         raise TeleError(f"Cannot listen on {socket_path}: {exc.strerror or exc}.") from exc
     from tele.vif.helper_link import open_helper_listener, serve_helper_socket
 
-    helper_path = daemon_api.helper_socket_path()
+    helper_path = paths.helper_socket()
     try:
         helper_listener = await open_helper_listener(helper_path)
     except OSError as exc:
@@ -153,7 +153,7 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
     )
     try:
         _write_pid_file(pid_path)
-        await _recover_leftovers()
+        await leftovers.at_start()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope, daemon)
             await nursery.start(level.serve)
@@ -177,23 +177,6 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
             helper_path.unlink(missing_ok=True)
         if cleanup.cancelled_caught:
             log.error("cleanup did not finish within %gs", CLEANUP_TIMEOUT)
-
-
-async def _recover_leftovers() -> None:
-    """Holding the lock, this is the only daemon: routes, devices and resolver settings still
-    in the undo journal, and FUSE mounts in the mount journal, belong to one that died (kill
-    -9, a crash); undo them first."""
-    from tele.daemon import mounts
-    from tele.vif import journal
-
-    for undo in [j.recover for j in (journal, mounts) if j.pending()]:
-        try:
-            done = await trio.to_thread.run_sync(undo)
-        except Exception:
-            log.exception("could not undo what a previous daemon left")
-            continue
-        for line in done:
-            log.info("cleaned up after a previous daemon: %s", line)
 
 
 async def _stop_on_signals(scope: trio.CancelScope, daemon: Daemon) -> None:

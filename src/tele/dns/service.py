@@ -12,10 +12,11 @@ from typing import NoReturn
 import trio
 
 from tele.dns import system
+from tele.dns.errors import DnsError
 from tele.dns.names import NameRules
+from tele.dns.privileges import DnsPrivileges, ResolverChange
 from tele.dns.server import Lookup, Resolver, Upstream, serve_tcp, serve_udp
-from tele.vif.errors import VifError
-from tele.vif.privileges import LocalPrivileges, Privileges, ResolverChange
+from tele.errors import TeleError
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,13 @@ async def serve_dns(
     settings: DnsSettings,
     lookup: Lookup,
     *,
-    privileges: Privileges | None = None,
+    privileges: DnsPrivileges,
     task_status: trio.TaskStatus[Resolver] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run the DNS server until cancelled; `started(resolver)` once the system uses it.
 
-    `privileges`: who binds port 53 and changes the resolver (default: this process).
+    `privileges`: who binds port 53 and changes the resolver (tele.vif.privileges has both).
     """
-    privileges = privileges or LocalPrivileges()
     servers = settings.upstream or system.nameservers(settings.resolv_conf)
     upstream_servers = [(s, 53) for s in servers if s != settings.address and ":" not in s]
     try:
@@ -64,7 +64,7 @@ async def serve_dns(
             settings.netns, settings.address, settings.port
         )
     except OSError as exc:
-        raise VifError(
+        raise DnsError(
             f"cannot listen for DNS on {settings.address}:{settings.port}: {exc.strerror}"
         ) from exc
     udp = trio.socket.from_stdlib_socket(udp_raw)
@@ -107,7 +107,7 @@ async def serve_dns(
             if changed:
                 try:
                     await privileges.restore_resolver(settings.netns, change)
-                except (VifError, OSError) as exc:
+                except (TeleError, OSError) as exc:  # DnsError here, VifError from the helper
                     log.warning("restoring the resolver: %s", exc)
         for sock in (udp, upstream.sock):
             sock.close()

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tele.vif.errors import VifError
+from tele.dns.errors import DnsError
 
 SEARCH_DOMAIN = "tel2-search"
 RESOLV_CONF = Path("/etc/resolv.conf")
@@ -115,7 +115,7 @@ def resolved_set_link(
             subprocess.run([*prefix, "resolvectl", *args], check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
-        raise VifError(
+        raise DnsError(
             f"systemd-resolved refused DNS settings for {device}: "
             f"{detail.decode(errors='replace').strip() or exc}"
         ) from exc

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 import yaml
 
+from tele.contracts.namespaces import NamespaceSelector, SelectorError
 from tele.helm.errors import ChartError, ValuesError
-from tele.manager.namespaces import NamespaceSelector, SelectorError
 
 if TYPE_CHECKING:
     import helm_python

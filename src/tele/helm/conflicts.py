@@ -2,16 +2,16 @@
 
 A cluster-wide manager conflicts with every other; two static ones conflict when their names
 intersect; a dynamic selector conflicts on any existing namespace that both select. The overlap
-itself is tele.manager.namespaces.overlap(), the same rule the manager uses.
+itself is tele.contracts.namespaces.overlap(), the same rule the manager uses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from tele.contracts.namespaces import NamespaceSelector, SelectorError, overlap
 from tele.helm.errors import NamespaceConflict
 from tele.helm.release import ReleaseRecord
-from tele.manager.namespaces import NamespaceSelector, SelectorError, overlap
 
 
 def selector_of(scope: Mapping[str, object]) -> NamespaceSelector:

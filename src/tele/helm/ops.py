@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import trio
 
+from tele.contracts.names import STATE_CONFIGMAP
 from tele.helm import release as records
 from tele.helm.chart import Chart, kind_rank
 from tele.helm.conflicts import check_conflicts, selector_of
@@ -367,8 +368,6 @@ def _made_by_the_manager(record: ReleaseRecord) -> list[ObjectRef]:
     """What the running manager creates for itself and so belongs to the release too: the
     agent injector's TLS Secret, named in the last applied Deployment's environment, and the
     ConfigMap where it keeps the workloads that get an agent."""
-    from tele.manager.state import STATE_CONFIGMAP
-
     made: list[ObjectRef] = []
     for manifest in record.manifests:
         if manifest.get("kind") != "Deployment":

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
+from tele.contracts import agentconfig
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError
-from tele.manager import agentconfig
 from tele.manager.sessions import Session, SessionTable
 from tele.net.tunnel import Accept, OpenRequest, ResetReason
 from tele.rpc import agent_api as aapi

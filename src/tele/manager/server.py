@@ -28,11 +28,11 @@ import msgspec
 import trio
 
 from tele import __version__
+from tele.contracts import agentconfig
+from tele.contracts.namespaces import NamespaceSelector
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
-from tele.manager import agentconfig
 from tele.manager.engage import PAST_TENSE, Engagements
-from tele.manager.namespaces import NamespaceSelector
 from tele.manager.sessions import Session, SessionTable
 from tele.manager.state import AgentWorkloads
 from tele.manager.view import ClusterView

@@ -19,12 +19,12 @@ from collections.abc import Iterator
 
 import trio
 
+from tele.contracts.names import STATE_CONFIGMAP
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
 
 log = logging.getLogger(__name__)
 
-STATE_CONFIGMAP = "traffic-manager-state"
 KEY = "agent-workloads"
 RETRY_SECONDS = 2.0
 

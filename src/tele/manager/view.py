@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tele.manager.namespaces import NamespaceSelector
+from tele.contracts.namespaces import NamespaceSelector
 from tele.rpc.manager_api import DnsRecord, LookupReply, WorkloadInfo
 
 Obj = Mapping[str, Any]

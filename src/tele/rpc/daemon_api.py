@@ -1,4 +1,4 @@
-"""The CLI <-> user daemon API: where the daemon listens and the messages of each call.
+"""The CLI <-> user daemon API: the messages of each call (tele.paths says where it listens).
 
 Transport-free definitions only (tele.rpc carries them). The CLI imports this module and never
 the daemon's internals. Messages are versioned by the service name; add fields with defaults so
@@ -7,12 +7,10 @@ that an older CLI and a newer daemon (or the reverse) still understand each othe
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from tele import paths
 from tele.rpc.agent_api import EngagementInfo, UninstallReply
 from tele.rpc.manager_api import WorkloadList
 from tele.rpc.method import Empty, Unary
@@ -20,29 +18,6 @@ from tele.rpc.method import Empty, Unary
 SERVICE = "tele.daemon.v1"
 
 __all__ = ["Empty"]  # requests that carry nothing; re-exported for the CLI
-
-
-# -- where the daemon lives ------------------------------------------------------------------
-
-
-def socket_path() -> Path:
-    """The unix socket the daemon listens on (mode 0600, in a 0700 dir)."""
-    return paths.runtime_dir() / "daemon.sock"
-
-
-def helper_socket_path() -> Path:
-    """Where the privileged network helper connects to the daemon (SOCK_SEQPACKET, 0600)."""
-    return paths.runtime_dir() / "helper.sock"
-
-
-def lock_path() -> Path:
-    """flock()ed exclusively by the running daemon for its whole life: one daemon per user."""
-    return paths.runtime_dir() / "daemon.lock"
-
-
-def pid_path() -> Path:
-    """The running daemon's pid, for people and for tests that must kill it."""
-    return paths.runtime_dir() / "daemon.pid"
 
 
 # -- messages ----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from tele.rpc import manager_api as mapi
 from tele.rpc.client import Client
 from tele.rpc.h2link import H2Stream
 from tele.vif import journal
-from tele.vif.privileges import Privileges
+from tele.vif.privileges import LocalPrivileges, Privileges
 from tele.vif.service import DEFAULT_ADDRESS, DEFAULT_DEVICE, VifInfo, VifSettings, serve_vif
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,9 @@ async def _serve_network(
                 dns.resolv_conf = system.resolv_conf_for(options.netns)
             dns.resolv_backup = options.resolv_backup or paths.state_dir() / "resolv.conf.tele-orig"
             resolver = await nursery.start(
-                functools.partial(serve_dns, dns, lookup, privileges=privileges)
+                functools.partial(
+                    serve_dns, dns, lookup, privileges=privileges or LocalPrivileges()
+                )
             )
         set_up_by = "daemon" if privileges is None else privileges.describe()
         task_status.started(NetworkStatus(vif, resolver, set_up_by))

@@ -11,41 +11,24 @@ answering DNS) happens in the daemon either way.
 from __future__ import annotations
 
 import functools
-import socket
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Protocol
 
 import trio
 
 from tele.dns import system
+from tele.dns.privileges import DnsPrivileges, DnsSockets, ResolverChange
 from tele.vif import journal
 from tele.vif.netns import run_in_netns
 from tele.vif.routing import DeviceConfig, Network, change_routes, configure, remove_routes
 from tele.vif.tun import TunDevice, open_tun
 
-DnsSockets = tuple[socket.socket, socket.socket, socket.socket]
-"""The DNS server's UDP and TCP sockets on port 53, and its upstream UDP socket."""
+__all__ = ["DnsSockets", "ResolverChange"]  # re-exported: the helper's side uses them
 
 
-@dataclass(frozen=True, slots=True)
-class ResolverChange:
-    """Point the system's resolver at tele's DNS server (one of two ways)."""
-
-    resolved: bool
-    """True: systemd-resolved's per-link settings; False: override resolv.conf."""
-    device: str
-    server: str
-    search: list[str]
-    """resolv.conf: the search domains."""
-    domains: list[str]
-    """systemd-resolved: the link's search and routing domains."""
-    resolv_conf: Path = system.RESOLV_CONF
-    resolv_backup: Path = Path("/etc/resolv.conf.tele-orig")
-
-
-class Privileges(Protocol):
-    """The steps that need CAP_NET_ADMIN; each undoes its own partial work when it fails."""
+class Privileges(DnsPrivileges, Protocol):
+    """The steps that need CAP_NET_ADMIN (the VIF's, and DNS's of tele.dns.privileges); each
+    undoes its own partial work when it fails."""
 
     async def open_device(
         self, netns: str | None, config: DeviceConfig, *, offload: bool
@@ -68,12 +51,6 @@ class Privileges(Protocol):
     async def close_device(self, netns: str | None, tun: TunDevice, routes: list[Network]) -> None:
         """Remove the routes and the device."""
         ...
-
-    async def bind_dns(self, netns: str | None, address: str, port: int) -> DnsSockets: ...
-
-    async def set_resolver(self, netns: str | None, change: ResolverChange) -> None: ...
-
-    async def restore_resolver(self, netns: str | None, change: ResolverChange) -> None: ...
 
     async def aclose(self) -> None:
         """Nothing more will be asked; undo whatever is left (the helper exits)."""
