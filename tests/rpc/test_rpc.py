@@ -265,3 +265,33 @@ async def test_bad_peer_is_dropped_and_others_go_on(garbage: bytes) -> None:
             await bad.aclose()
             assert await client.call(ECHO, Echo("after")) == Echo("after")
         nursery.cancel_scope.cancel()
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+ECHO_RAW = Unary("/test.v1/Echo", msgspec.Raw, Echo)
+DEEP_REPLY = Unary("/test.v1/Deep", Echo, msgspec.Raw)
+DEEP_REPLY_AS_ECHO = Unary("/test.v1/Deep", Echo, Echo)
+
+
+async def test_a_message_nested_100000_deep_fails_only_its_call_both_ways() -> None:
+    service = Service()
+
+    async def deep(request: Echo) -> msgspec.Raw:
+        return msgspec.Raw(DEEP)
+
+    async with trio.open_nursery() as nursery:
+        client_side, server_side = trio.testing.memory_stream_pair()
+        router = service.router()
+        router.unary(DEEP_REPLY, deep)
+        nursery.start_soon(serve_connection, server_side, router)
+        async with open_client(client_side) as client:
+            with pytest.raises(RpcError) as info:
+                await client.call(ECHO_RAW, msgspec.Raw(DEEP))
+            assert info.value.code is Code.INVALID_ARGUMENT
+            assert "deeper than" in info.value.message
+            # a server that answers such a reply fails the call, not the caller
+            with pytest.raises(RpcError) as info:
+                await client.call(DEEP_REPLY_AS_ECHO, Echo("x"))
+            assert info.value.code is Code.INTERNAL
+            assert await client.call(ECHO, Echo("ok")) == Echo("ok")
+        nursery.cancel_scope.cancel()

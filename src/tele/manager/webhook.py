@@ -23,6 +23,7 @@ import h11
 import trio
 from cryptography import x509
 
+from tele import jsonlimits
 from tele.certs import CertificateAuthority, KeyPair, server_context
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
@@ -155,16 +156,21 @@ class WebhookServer:
             task_status.started(listeners[0].socket.getsockname()[1])
 
     async def _connection(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        """One client connection; whatever goes wrong ends this connection only."""
         try:
             with trio.fail_after(30):
                 await self._serve(stream)
         except (
             trio.BrokenResourceError,
+            trio.ClosedResourceError,
             trio.TooSlowError,
             h11.ProtocolError,
             ssl.SSLError,
+            OSError,
         ) as exc:
             log.debug("webhook connection ended: %s", exc)
+        except Exception:
+            log.exception("webhook connection failed; closed")
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -181,17 +187,27 @@ class WebhookServer:
                     continue
                 if isinstance(event, h11.Request):
                     request = event
+                    length = dict(event.headers).get(b"content-length", b"0")
+                    if int(length) > MAX_BODY:  # h11 checked it is a number
+                        reply = _review_error(413, f"request larger than {MAX_BODY} bytes")
+                        await self._send(stream, conn, 413, reply)
+                        return
                 elif isinstance(event, h11.Data):
                     body += event.data
                     if len(body) > MAX_BODY:
-                        await self._send(stream, conn, 413, {"error": "request too large"})
+                        reply = _review_error(413, f"request larger than {MAX_BODY} bytes")
+                        await self._send(stream, conn, 413, reply)
                         return
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                     return
             assert request is not None
-            status, reply = await self._answer(request, bytes(body))
+            try:
+                status, reply = await self._answer(request, bytes(body))
+            except Exception:  # a bug: this request fails, the webhook keeps serving
+                log.exception("webhook: answering a request failed")
+                status, reply = 500, _review_error(500, "tele agent injector failed; see its log")
             await self._send(stream, conn, status, reply)
             if conn.our_state is h11.MUST_CLOSE:
                 return
@@ -202,11 +218,15 @@ class WebhookServer:
         if request.method != b"POST" or path != WEBHOOK_PATH:
             return 404, {"error": f"no webhook at {request.method.decode()} {path}"}
         try:
+            jsonlimits.check_depth(body)
             review = json.loads(body)
             admission = review["request"]
             uid = admission["uid"]
-        except (ValueError, KeyError, TypeError):
-            return 400, {"error": "expected an AdmissionReview with a request"}
+            if not isinstance(uid, str) or not isinstance(admission, dict):
+                raise TypeError("request.uid is not a string")
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            log.warning("webhook: a bad AdmissionReview (%s): %s", type(exc).__name__, exc)
+            return 400, _review_error(400, "expected an AdmissionReview with a request")
         self.reviews += 1
         try:
             response = await self.mutator(admission)
@@ -214,8 +234,9 @@ class WebhookServer:
             # failurePolicy decides what the API server does; say why in our log.
             log.exception("agent injector failed on %s", admission.get("name") or "a pod")
             response = {"allowed": True, "warnings": ["tele agent injector failed; see its log"]}
+        version = review.get("apiVersion")
         return 200, {
-            "apiVersion": review.get("apiVersion", "admission.k8s.io/v1"),
+            "apiVersion": version if isinstance(version, str) else "admission.k8s.io/v1",
             "kind": "AdmissionReview",
             "response": {**response, "uid": uid},
         }
@@ -233,3 +254,17 @@ class WebhookServer:
         data += conn.send(h11.Data(data=payload)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
         await stream.send_all(data)
+
+
+def _review_error(code: int, message: str, uid: str = "") -> dict[str, Any]:
+    """An AdmissionReview that refuses with `code` (sent with the same HTTP status): what the
+    API server reads as a failed call, then applying the webhook's failurePolicy."""
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {
+            "uid": uid,
+            "allowed": False,
+            "status": {"code": code, "message": message},
+        },
+    }

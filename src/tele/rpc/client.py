@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import trio
 
+from tele import jsonlimits
 from tele.rpc import wire
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import H2Link, H2Stream, LinkSettings, open_link
@@ -145,8 +146,9 @@ class Client:
     @staticmethod
     def _decode(decoder: msgspec.json.Decoder[Resp], message: bytes) -> Resp:
         try:
+            jsonlimits.check_depth(message)
             return decoder.decode(message)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, jsonlimits.TooDeep) as exc:
             raise RpcError(Code.INTERNAL, f"malformed response from the server: {exc}") from None
 
     @staticmethod

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import trio
 
+from tele import jsonlimits
 from tele.rpc import wire
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import H2Stream, LinkSettings, serve_link
@@ -103,7 +104,10 @@ async def _read_request(stream: H2Stream, request_type: type[Any], max_size: int
             Code.RESOURCE_EXHAUSTED, f"request larger than the maximum of {max_size} bytes"
         ) from None
     try:
+        jsonlimits.check_depth(body)
         return msgspec.json.decode(body, type=request_type)
+    except jsonlimits.TooDeep as exc:
+        raise RpcError(Code.INVALID_ARGUMENT, f"malformed request: {exc}") from None
     except msgspec.ValidationError as exc:
         raise RpcError(Code.INVALID_ARGUMENT, f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:

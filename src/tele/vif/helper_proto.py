@@ -27,6 +27,8 @@ from typing import Final
 
 import msgspec
 
+from tele import jsonlimits
+
 MAX_MESSAGE: Final = 64 * 1024
 MAX_FDS: Final = 4
 ANCILLARY_SPACE: Final = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -141,9 +143,10 @@ def encode(message: Message) -> bytes:
 
 def decode(data: bytes) -> Message:
     try:
+        jsonlimits.check_depth(data)
         message: Message = _decoder.decode(data)
         return message
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, jsonlimits.TooDeep) as exc:
         raise ProtocolError(f"not a helper message: {exc}") from exc
 
 
