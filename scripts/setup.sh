@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 # sshfs (+ fuse3) mounts an engaged pod's volumes; openssh-sftp-server is what the agent serves
 # them with (the sandbox runs the agent from this machine's files). dbus-daemon and util-linux
 # (nsenter, unshare) serve the systemd-resolved test.
+# docker-registry (CNCF Distribution) is the sandbox's image registry; busybox-static makes the
+# tests' tiny image.
 APT_PACKAGES=(iproute2 nftables iperf3 socat procps curl sshfs openssh-sftp-server sshuttle
-    dbus-daemon util-linux)
+    dbus-daemon util-linux docker-registry busybox-static)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
