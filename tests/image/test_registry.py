@@ -22,8 +22,8 @@ from tele.image.oci import (
 )
 from tele.image.reference import parse_reference
 from tele.image.registry import RegistryClient
-from tele.sandbox.oci_registry import RegistryInfo
-from tele.testing.images import open_registry, registry_available, tiny_image
+from tele.image.testing import tiny_image
+from tele.sandbox.oci_registry import RegistryInfo, open_registry, registry_available
 
 pytestmark = pytest.mark.skipif(
     registry_available() is not None, reason=f"needs {registry_available()}"

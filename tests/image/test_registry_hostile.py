@@ -250,7 +250,7 @@ async def test_a_refused_push_names_the_registry_and_status_without_escapes(
         _router({"/blobs/uploads/": response(403, body), "/blobs/": response(404)})
     )
     store = tmp_path / "store"
-    from tele.testing.images import tiny_image
+    from tele.image.testing import tiny_image
 
     image = tiny_image(store, [("f", b"f", 0o644)])
     async with RegistryClient(stub.address) as client:

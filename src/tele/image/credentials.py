@@ -16,8 +16,8 @@ from pathlib import Path
 import msgspec
 
 from .. import paths
+from ..jsonlimits import check_depth
 from .errors import InvalidDockerConfig
-from .oci import check_depth
 from .reference import DOCKER_HUB
 
 MAX_CONFIG_FILE_BYTES = 1024 * 1024

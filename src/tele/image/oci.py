@@ -12,6 +12,8 @@ from typing import TypeVar
 
 import msgspec
 
+from ..jsonlimits import check_depth
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -33,30 +35,9 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_JSON_DEPTH = 64
 """Image documents nest about 5 levels; deep nesting only serves to exhaust the parser's stack."""
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-
 
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def check_depth(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:
-    """Raise ValueError when JSON `data` nests deeper than `max_depth` (strings ignored).
-
-    Each pass removes the innermost bracket pairs, so a document of depth d is empty after d
-    passes; all of it runs in C (regex, translate, replace), fast on megabytes.
-    """
-    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
-    for _ in range(max_depth):
-        if not brackets:
-            return
-        shorter = brackets.replace(b"[]", b"").replace(b"{}", b"")
-        if shorter == brackets:
-            raise ValueError("unbalanced brackets")
-        brackets = shorter
-    if brackets:
-        raise ValueError(f"nested deeper than {max_depth} levels")
 
 
 T = TypeVar("T")
@@ -66,7 +47,7 @@ def decode(data: bytes, type_: type[T], limit: int) -> T:
     """Decode a bounded JSON document into `type_`; ValueError with the reason otherwise."""
     if len(data) > limit:
         raise ValueError(f"{len(data)} bytes, more than the {limit} allowed")
-    check_depth(data)
+    check_depth(data, MAX_JSON_DEPTH)
     try:
         return msgspec.json.decode(data, type=type_)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:

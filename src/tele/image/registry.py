@@ -26,6 +26,7 @@ import httpx
 import msgspec
 import trio
 
+from ..jsonlimits import check_depth
 from .credentials import Credentials
 from .errors import DigestMismatch, NotFound, RegistryError, RegistryUnreachable, Unauthorized
 from .oci import (
@@ -39,7 +40,6 @@ from .oci import (
     Index,
     Manifest,
     Platform,
-    check_depth,
     decode,
     sha256_digest,
     sniff_media_type,

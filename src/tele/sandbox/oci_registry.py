@@ -13,6 +13,8 @@ import re
 import secrets
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,3 +235,30 @@ async def _copy_log(stderr: trio.abc.ReceiveStream, log_path: Path) -> None:
             await out.write(chunk)
             await out.flush()
             size += len(chunk)
+
+
+def registry_available() -> str | None:
+    """None when the registry program is installed, else what is missing (for a test's skip)."""
+    try:
+        find_binary()
+    except RegistryMissing:
+        return "docker-registry (apt-get install docker-registry)"
+    return None
+
+
+@asynccontextmanager
+async def open_registry(
+    directory: Path, ca: CertificateAuthority | None = None
+) -> AsyncIterator[RegistryInfo]:
+    """A registry on 127.0.0.1 (random port) for the body of the `async with`; its directory
+    (storage included) is removed afterwards. For tests and tools."""
+    ca = ca or CertificateAuthority.create("tele-registry-ca")
+    try:
+        async with trio.open_nursery() as nursery:
+            info: RegistryInfo = await nursery.start(serve_registry, directory, ca)
+            try:
+                yield info
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,24 +1,18 @@
-"""Tiny images and a real registry for tests (the image client's and the kubelet's).
+"""Tiny images for tests (the image client's and the kubelet's).
 
 `tiny_image` builds an image of a few in-memory files; `busybox_image` one of Debian's static
-busybox (a shell and coreutils in one 2 MB file). `open_registry` runs the sandbox's registry
-(docker-registry, TLS from a fresh CA, basic auth) in a nursery for the length of a test.
+busybox (a shell and coreutils in one 2 MB file). The registry to push them to is
+`tele.sandbox.oci_registry.open_registry`.
 """
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-
-from ..certs import CertificateAuthority
-from ..image.assemble import BuiltImage, assemble
-from ..image.layers import LayerBuilder
-from ..image.oci import ContainerConfig
-from ..sandbox.oci_registry import RegistryInfo, serve_registry
+from .assemble import BuiltImage, assemble
+from .layers import LayerBuilder
+from .oci import ContainerConfig
 
 BUSYBOX = Path("/bin/busybox")
 """Debian's busybox-static installs here."""
@@ -61,29 +55,3 @@ def busybox_image(store: Path, config: ContainerConfig | None = None) -> BuiltIm
         config or ContainerConfig(cmd=["/bin/sh"], env=["PATH=/bin"]),
         history=["busybox-static"],
     )
-
-
-def registry_available() -> str | None:
-    """None when the registry program is installed, else what is missing (for a skip)."""
-    from ..sandbox.oci_registry import find_binary
-
-    try:
-        find_binary()
-    except Exception:
-        return "docker-registry (apt-get install docker-registry)"
-    return None
-
-
-@asynccontextmanager
-async def open_registry(directory: Path) -> AsyncIterator[RegistryInfo]:
-    """A real registry on 127.0.0.1 (random port) for the body of the `async with`."""
-    ca = CertificateAuthority.create("tele-test-registry-ca")
-    try:
-        async with trio.open_nursery() as nursery:
-            info: RegistryInfo = await nursery.start(serve_registry, directory, ca)
-            try:
-                yield info
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
