@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import h2.exceptions
-import pytest
 import trio
 
 from tele.agent.engagements import StaticEngagements
-from tele.agent.h2c import FrameGuard
 from tele.rpc.agent_api import Engagement
 from tests.agent.servers import AGENT_PORT, h2c_requests, running_agent, start_h2c_server
 
@@ -98,14 +95,3 @@ async def test_broken_http2_gets_goaway_and_other_connections_go_on() -> None:
     # The agent's SETTINGS, then GOAWAY (frame type 7), then it closed the connection.
     assert b"\x07\x00\x00\x00\x00\x00" in answer
     assert results == [(200, "app POST /yours 1")]
-
-
-def test_frame_guard_refuses_an_overlong_frame_at_its_header() -> None:
-    guard = FrameGuard(16384, preface=24)
-    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-    data_ok = b"\x00\x40\x00\x00\x00\x00\x00\x00\x01" + b"x" * 16384
-    stream = b"P" * 24 + settings + data_ok
-    for i in range(len(stream)):  # any split of the bytes
-        guard.feed(stream[i : i + 1])
-    with pytest.raises(h2.exceptions.FrameTooLargeError):
-        guard.feed(b"\x00\x40\x01\x00\x00\x00\x00\x00\x01")  # 16385 bytes declared

@@ -7,7 +7,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tele.agent.errors import FilterError
-from tele.agent.h2c import FrameGuard
 from tele.agent.matching import RequestFilter, Router, parse_header_filter
 from tele.rpc.agent_api import Engagement
 
@@ -81,16 +80,3 @@ def test_a_value_without_stars_matches_itself_only(value: str) -> None:
     plain = value.replace("*", "").encode()
     assert f.matches("/", [(b"x", plain)])
     assert not f.matches("/", [(b"x", plain + b"!")])
-
-
-@given(st.lists(st.integers(0, 20000), max_size=8), st.data())
-def test_frame_guard_accepts_any_split_of_legal_frames(
-    lengths: list[int], data: st.DataObject
-) -> None:
-    stream = b"P" * 24 + b"".join(
-        n.to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01" + b"x" * n for n in lengths
-    )
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
-    guard = FrameGuard(20000, preface=24)
-    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
-        guard.feed(stream[start:end])

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -28,48 +27,14 @@ from tele.agent.errors import UpstreamFailed
 from tele.agent.matching import Router
 from tele.agent.upstream import READ_SIZE, Upstreams
 from tele.rpc.agent_api import Engagement
+from tele.rpc.h2conn import Connection
+from tele.rpc.h2writer import Writer
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
-PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _CLOSED: Final = object()
 """Put on a stream's queue when its connection ended: nothing more will come."""
-
-
-class FrameGuard:
-    """Checks each inbound frame's declared length before h2 sees it (sans-IO).
-
-    h2 4.x buffers a frame up to its declared length (up to 16 MiB) before checking it against
-    SETTINGS_MAX_FRAME_SIZE, so one caller could make the agent hold 16 MiB per connection; this
-    walks the frame headers as bytes arrive and refuses an overlong frame at its header.
-    """
-
-    def __init__(self, max_frame: int, *, preface: int = 0) -> None:
-        self.max_frame = max_frame
-        self._skip = preface  # bytes until the next frame header (the client preface first)
-        self._header = b""
-
-    def feed(self, data: bytes) -> None:
-        """Raise h2's FrameTooLargeError for a frame longer than `max_frame`."""
-        view = memoryview(data)
-        while view:
-            if self._skip:
-                step = min(self._skip, len(view))
-                self._skip -= step
-                view = view[step:]
-                continue
-            need = 9 - len(self._header)
-            self._header += bytes(view[:need])
-            view = view[need:]
-            if len(self._header) == 9:
-                length = int.from_bytes(self._header[:3], "big")
-                self._header = b""
-                if length > self.max_frame:
-                    raise h2.exceptions.FrameTooLargeError(
-                        f"a frame of {length} bytes exceeds the limit of {self.max_frame}"
-                    )
-                self._skip = length
 
 
 class _Peer:
@@ -79,15 +44,14 @@ class _Peer:
         config = h2.config.H2Configuration(
             client_side=client_side, header_encoding=None, validate_inbound_headers=True
         )
-        self.conn = h2.connection.H2Connection(config=config)
-        self.guard = FrameGuard(
-            self.conn.max_inbound_frame_size, preface=0 if client_side else len(PREFACE)
-        )
+        # tele's connection: among others, it refuses an overlong frame at its header (h2
+        # would buffer up to the 16 MiB a frame may declare before checking it).
+        self.conn = Connection(config=config)
         self.stream = stream
         self.label = label
         self.queues: dict[int, trio.MemorySendChannel[Any]] = {}
-        self._send_lock = trio.Lock()
-        self._dirty = trio.Event()
+        # Senders wait for the peer's windows (send_data), never for the writer: no high water.
+        self.writer = Writer(self.conn, stream, high_water=1 << 62, write_through=False)
         self._window = trio.Event()
         self.closed = False
 
@@ -95,21 +59,12 @@ class _Peer:
         """Have the writer send what h2 has queued. Stream tasks never write to the socket
         themselves: a task cancelled halfway through a write would cut a frame in two and
         break every other stream of the connection."""
-        self._dirty.set()
+        self.writer.kick()
         await trio.lowlevel.checkpoint()
 
-    async def _send_pending(self) -> None:
-        async with self._send_lock:
-            data = self.conn.data_to_send()
-            if data:
-                await self.stream.send_all(data)
-
-    async def _writer(self, scope: trio.CancelScope) -> None:
+    async def _write(self, scope: trio.CancelScope) -> None:
         try:
-            while True:
-                await self._dirty.wait()
-                self._dirty = trio.Event()
-                await self._send_pending()
+            await self.writer.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("%s: write failed: %r", self.label, exc)
             scope.cancel()
@@ -119,10 +74,11 @@ class _Peer:
     ) -> None:
         """Read and write until the connection ends (see read_loop)."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer, nursery.cancel_scope)
+            nursery.start_soon(self._write, nursery.cancel_scope)
             await self.read_loop(on_request, first)
+            self.writer.stop()
             with trio.move_on_after(1):  # a last GOAWAY, if the peer still reads
-                await self._send_pending()
+                await self.writer.wait_done()
             nursery.cancel_scope.cancel()
 
     def open_queue(self, stream_id: int) -> trio.MemoryReceiveChannel[Any]:
@@ -166,7 +122,6 @@ class _Peer:
                 first = b""
                 if not data:
                     return
-                self.guard.feed(bytes(data))
                 events = self.conn.receive_data(bytes(data))
                 for event in events:
                     if not self._dispatch(event, on_request):

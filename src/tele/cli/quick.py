@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
 import msgspec
@@ -26,6 +25,7 @@ from tele import paths, unixsock
 from tele.errors import ConnectionFailed, TeleError, UserError
 from tele.rpc import wire
 from tele.rpc.errors import Code, RpcError
+from tele.rpc.h2conn import Connection
 from tele.rpc.method import Unary
 
 Req = TypeVar("Req", bound=msgspec.Struct)
@@ -152,9 +152,7 @@ def _call_on(
     body = msgspec.json.encode(request)
     if len(body) > _MAX_REQUEST:
         raise ValueError(f"request of {len(body)} bytes is too large for a quick call")
-    conn = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
-    )
+    conn = Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
     conn.initiate_connection()
     stream_id = conn.get_next_available_stream_id()
     conn.send_headers(stream_id, wire.request_headers(method.path, deadline - time.monotonic()))

@@ -3,18 +3,21 @@
 h2 is kept for everything it decides (stream states, flow control, HPACK, errors); what changes
 is how bytes get in and out, measured as most of a tunnel's cost (bench/tunnel.py, profiles):
 - output is a list of buffers — 9-byte DATA frame headers and the payload objects themselves —
-  written with gather writes (`send_buffers`), instead of one bytearray copied on every step;
+  for gather writes (`tele.rpc.h2writer.send_buffers`), instead of one bytearray copied on
+  every step;
 - input frames are parsed from views of the reads (`FrameBuffer`), reads joined only where a
-  frame spans them;
+  frame spans them, and an overlong frame is refused as soon as its length field is here (the
+  one frame guard of every h2 endpoint tele runs: links, the agent's h2c relay, the sandbox's
+  API server, the CLI's quick calls);
 - plain DATA (an open stream, no padding or END_STREAM) takes a fast path doing h2's own
   bookkeeping, without its state-machine passes and frame objects;
 - open streams are counted in amortised O(1), and frames keep a repr without a hex dump.
-The link (`tele.rpc.h2link`) owns the I/O; nothing here does any.
+Nothing here does any I/O or imports trio (the CLI's quick calls use it without trio); the
+writer (`tele.rpc.h2writer`) and the link (`tele.rpc.h2link`) do.
 """
 
 from __future__ import annotations
 
-import socket
 import struct
 from typing import Any
 
@@ -26,7 +29,6 @@ import h2.frame_buffer
 import h2.stream
 import hyperframe.exceptions
 import hyperframe.frame
-import trio
 
 Buffers = list[bytes | memoryview]
 """Bytes to write, in order: frame headers and the payloads of DATA frames, not joined."""
@@ -43,7 +45,6 @@ hyperframe.frame._raw_data_repr = _cheap_data_repr
 
 
 _FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
-_IOV_MAX = 1024  # buffers per sendmsg (Linux's IOV_MAX)
 _MAX_PIECES = 256  # reads held unjoined while a frame is incomplete
 _OPEN_CONNECTION = frozenset(
     {h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN}
@@ -134,12 +135,27 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
             self._join()
         return int.from_bytes(self._buffer[self._offset : self._offset + 3], "big")
 
+    def _check_announced_length(self) -> None:
+        """The frame guard: refuse an overlong frame once 3 bytes of its header are here.
+
+        Stock h2 checks a frame's length only once the whole frame is buffered, so a peer
+        announcing a 16 MiB frame could make us hold 16 MiB per connection. A complete header
+        is checked by `__next__`; this catches one of which only the length has arrived. h2's
+        `receive_data` turns the error into a GOAWAY (FRAME_SIZE_ERROR), as for any frame.
+        """
+        if self._preamble_len:
+            return  # still inside the client preface: no frame header yet
+        length = self.announced_length()
+        if length is not None:
+            self._validate_frame_length(length)
+
     def __next__(self) -> hyperframe.frame.Frame:
         while True:
             buffer, offset = self._buffer, self._offset
             held = len(buffer) - offset
             if held < 9:
                 if held + self._more_size < 9:
+                    self._check_announced_length()
                     raise StopIteration
                 self._join()
                 continue
@@ -346,29 +362,3 @@ class Connection(h2.connection.H2Connection):
         if held < self._sweep_at and held < self.local_settings.max_concurrent_streams:
             return held
         return self._open_streams(int(not self.config.client_side))
-
-
-def send_buffers(sock: socket.socket, buffers: Buffers) -> Buffers:
-    """Write `buffers` with gather writes (no joining) until the socket would block; returns
-    what is left unsent (empty when all went). Raises BrokenResourceError if the socket fails."""
-    while buffers:
-        batch = buffers[:_IOV_MAX] if len(buffers) > _IOV_MAX else buffers
-        try:
-            sent = sock.sendmsg(batch, (), socket.MSG_NOSIGNAL)
-        except BlockingIOError:
-            return buffers
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
-        taken = 0
-        for buffer in batch:
-            size = len(buffer)
-            if sent < size:
-                break
-            sent -= size
-            taken += 1
-        if taken < len(batch):
-            # A partial write: keep the unsent tail of the buffer it stopped in.
-            buffers = [memoryview(buffers[taken])[sent:], *buffers[taken + 1 :]]
-            continue
-        buffers = buffers[taken:]
-    return buffers

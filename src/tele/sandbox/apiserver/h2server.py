@@ -17,11 +17,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
 import trio
+
+from tele.rpc.h2conn import Connection
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ class H2ServerConnection:
             normalize_inbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self.conn = h2.connection.H2Connection(config)
+        # tele's connection: among others, it refuses an overlong frame at its header.
+        self.conn = Connection(config)
         self.conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={

@@ -1,0 +1,390 @@
+"""One HTTP/2 stream of a link as a trio `HalfCloseableStream`: DATA in and out, END_STREAM as EOF.
+
+The stream's state and credit are `tele.rpc.h2state.StreamCore`'s (sans-IO); this module adds
+the waiting (parking lots woken by the link's reader) and what it asks of its link
+(`StreamOwner`, implemented by `tele.rpc.h2link.H2Link`). Flow-control credit goes back to the
+peer only as the consumer reads, so a slow reader slows its own sender and no one else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+import h2.errors
+import trio
+
+from tele.rpc.h2state import CloseAction, StreamCore
+
+Headers = list[tuple[str, str]]
+ResponseCheck = Callable[[Headers], BaseException | None]
+"""Judges a response that arrives while the opener is already sending and reading (see
+`H2Stream.response_check`): None accepts it, an exception refuses the stream with it."""
+
+
+class StreamOwner(Protocol):
+    """What a stream needs of its link (tele.rpc.h2link.H2Link)."""
+
+    _failure: str | None
+    _window_waiters: set[H2Stream]
+    read_size: int
+
+    def _is_client_stream(self, stream_id: int) -> bool: ...
+    def _send_window(self, stream_id: int) -> int: ...
+    def _send_data(self, stream: H2Stream, data: bytes | memoryview) -> None: ...
+    def _send_headers(self, stream: H2Stream, headers: Headers, end_stream: bool) -> None: ...
+    def _end_stream(self, stream: H2Stream) -> None: ...
+    def _reset_stream(self, stream: H2Stream, error_code: int) -> None: ...
+    def _acknowledge(self, stream_id: int, size: int) -> None: ...
+    def _must_drain(self) -> bool: ...
+    async def _wait_drained(self) -> None: ...
+
+
+class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
+    """One HTTP/2 stream as a trio stream: DATA frames in and out, END_STREAM as EOF."""
+
+    def __init__(self, link: StreamOwner, stream_id: int, request_headers: Headers) -> None:
+        super().__init__(stream_id, needs_response=not link._is_client_stream(stream_id))
+        self._link = link
+        self.request_headers = request_headers
+        self.response_headers: Headers | None = None
+        self.trailers: Headers | None = None
+        self._receive_lot = trio.lowlevel.ParkingLot()
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self._response_lot = trio.lowlevel.ParkingLot()
+        self._receiving = False
+        self._sending = False
+        self.handler_scope: trio.CancelScope | None = None
+        # Client side, opened without waiting for the response: the response is judged when
+        # it arrives, and a refusal is raised by every later send or receive.
+        self.response_check: ResponseCheck | None = None
+        # A descriptor (a non-blocking socket) that DATA may be written to by the link's
+        # reader itself while the consumer waits in receive_some: see `deliver_to`.
+        self._sink: int | None = None
+        self._waiting_in_receive = False
+
+    # --- header helpers -------------------------------------------------------------------
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """A request header's value by (lower-case) name."""
+        for key, value in self.request_headers:
+            if key == name:
+                return value
+        return default
+
+    async def send_response(
+        self,
+        headers: Headers,
+        *,
+        body: bytes = b"",
+        trailers: Headers | None = None,
+        end_stream: bool = False,
+    ) -> None:
+        """Server side: send the response HEADERS, then optionally a body and trailers.
+
+        Everything that fits in the send window is queued at once, so a small answer leaves in
+        one write instead of one per part.
+        """
+        await trio.lowlevel.checkpoint()
+        self._check_sendable()
+        self._needs_response = False
+        ends_now = end_stream and not body and trailers is None
+        self._link._send_headers(self, headers, ends_now)
+        if body:
+            await self._send_body(body)
+        if trailers is not None:
+            self._check_sendable()
+            self._link._send_headers(self, trailers, True)
+        elif end_stream and not ends_now:
+            self._link._end_stream(self)
+
+    async def send_trailers(self, headers: Headers) -> None:
+        """Send trailing HEADERS, which end our side of the stream."""
+        await trio.lowlevel.checkpoint()
+        self._check_sendable()
+        self._link._send_headers(self, headers, True)
+
+    async def receive_response(self) -> Headers:
+        """Client side: wait for the response HEADERS."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        parked = False
+        try:
+            while self.response_headers is None:
+                self._raise_if_failed()
+                if self._remote_ended:
+                    raise trio.BrokenResourceError("stream ended without a response")
+                parked = True
+                await self._response_lot.park()
+            return self.response_headers
+        finally:
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+    # --- trio stream interface --------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        await trio.lowlevel.checkpoint_if_cancelled()
+        parked = False
+        try:
+            self._check_sendable()
+            if self._needs_response:
+                self._needs_response = False
+                self._link._send_headers(self, [(":status", "200")], False)
+            parked = await self._send_body(data)
+        finally:
+            self._sending = False
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _send_body(self, data: bytes | bytearray | memoryview) -> bool:
+        """Queue `data` as DATA as the windows allow; True if it had to wait (a schedule point).
+
+        Immutable bytes that fit in one frame are queued as they are; anything else is copied
+        in pieces (h2 copies a memoryview), so a caller may reuse its buffer once we return.
+        A wait that is cancelled leaves part of `data` unsent: the stream is then unusable.
+        """
+        whole = data if type(data) is bytes else None
+        view = memoryview(data).cast("B")
+        offset = 0
+        total = len(view)
+        parked = False
+        link = self._link
+        while offset < total:
+            self._check_sendable()
+            window = link._send_window(self.stream_id)
+            if window <= 0:
+                parked = True
+                await self._wait_window()
+                continue
+            size = min(window, total - offset)
+            if size == total and whole is not None:
+                link._send_data(self, whole)  # no copy: bytes are immutable
+            else:
+                link._send_data(self, view[offset : offset + size])
+            offset += size
+            if link._must_drain():
+                parked = True
+                await link._wait_drained()
+        return parked
+
+    async def _wait_window(self) -> None:
+        """Wait for send window; listed with the link so that a connection-level
+        WINDOW_UPDATE wakes only the streams waiting for one, not every stream."""
+        waiting = self._link._window_waiters
+        waiting.add(self)
+        try:
+            await self._send_lot.park()
+        finally:
+            waiting.discard(self)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                self._check_sendable()
+                if self._link._send_window(self.stream_id) > 0:
+                    return
+                await self._wait_window()
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._local_ended:
+            return
+        self._raise_if_failed()
+        if self.take_response_duty():
+            self._link._send_headers(self, [(":status", "200")], True)
+        else:
+            self._link._end_stream(self)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None:
+            if not isinstance(max_bytes, int):
+                raise TypeError("max_bytes must be an integer or None")
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        # One schedule point per call, as trio's own streams: the wait when there is nothing
+        # to read, else a yield after taking the data (not a yield and then a wait as well).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        parked = False
+        try:
+            while not self._chunks:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                self._raise_if_failed()
+                if self._remote_ended:
+                    return b""
+                parked = True
+                self._waiting_in_receive = True
+                try:
+                    await self._receive_lot.park()
+                finally:
+                    self._waiting_in_receive = False
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            return self._take(max_bytes or self._link.read_size)
+        finally:
+            self._receiving = False
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def deliver_to(self, fd: int | None) -> None:
+        """Let the link's reader write DATA straight to `fd` (None: stop), a non-blocking
+        socket the consumer would copy it to anyway (`tele.rpc.tunnel.splice`).
+
+        Only while the consumer is parked in `receive_some` with nothing buffered, so the
+        bytes keep their order; whatever the socket does not take at once is buffered and the
+        consumer woken as usual. This saves a task switch per DATA frame, most of a relay
+        hop's latency. The caller must stop it before `fd` is closed.
+        """
+        self._sink = fd
+
+    async def receive_all(self, limit: int) -> bytes:
+        """Everything up to the peer's END_STREAM (at most `limit` bytes, else ValueError).
+
+        A whole small message already buffered is taken without extra scheduling rounds; that
+        is most RPC requests and replies.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        await trio.lowlevel.checkpoint_if_cancelled()
+        parked = False
+        try:
+            parts: list[bytes] = []
+            size = 0
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._chunks:
+                    chunk = self._take(self._buffered)
+                    size += len(chunk)
+                    if size > limit:
+                        raise ValueError(f"more than {limit} bytes")
+                    parts.append(chunk)
+                    continue
+                self._raise_if_failed()
+                if self._remote_ended:
+                    return parts[0] if len(parts) == 1 else b"".join(parts)
+                parked = True
+                await self._receive_lot.park()
+        finally:
+            self._receiving = False
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """Close without waiting: END_STREAM if all was read, else reset (like TCP's RST)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._close_sending()
+        except trio.BrokenResourceError:
+            pass  # the link failed meanwhile (e.g. a GOAWAY crossed this close): nothing to send
+        self._discard_buffer()
+        self._wake_all()
+
+    def _close_sending(self) -> None:
+        action = self.close_action(self._link._failure is None)
+        if action is CloseAction.RESET_CANCEL:
+            self.reset(h2.errors.ErrorCodes.CANCEL)
+        elif action is CloseAction.RESET_NO_ERROR:
+            self.reset(h2.errors.ErrorCodes.NO_ERROR)
+        elif action is CloseAction.RESPOND_AND_END:
+            self._link._send_headers(self, [(":status", "200")], True)
+        elif action is CloseAction.END:
+            self._link._end_stream(self)
+
+    def reset(self, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Abort the stream both ways with RST_STREAM."""
+        if self._reset_code is not None:
+            return
+        self._reset_code = error_code
+        self._link._reset_stream(self, error_code)
+        self._discard_buffer()
+        self._wake_all()
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _take(self, limit: int) -> bytes:
+        data = self.take(limit)
+        self._link._acknowledge(self.stream_id, len(data))
+        return data
+
+    def _discard_buffer(self) -> None:
+        credit = self.discard()
+        if credit:
+            self._link._acknowledge(self.stream_id, credit)
+
+    def _check_sendable(self) -> None:
+        self.check_sendable(self._link._failure)
+
+    def _raise_if_failed(self) -> None:
+        self.raise_if_failed(self._link._failure)
+
+    def _wake_all(self) -> None:
+        self._receive_lot.unpark_all()
+        self._send_lot.unpark_all()
+        self._response_lot.unpark_all()
+
+    # Called by the link's reader.
+    def _on_data(self, data: bytes) -> None:
+        if self._closed:
+            self._link._acknowledge(self.stream_id, len(data))
+            if self._reset_code is None:
+                self.reset(h2.errors.ErrorCodes.CANCEL)
+            return
+        if self._sink is not None and self._waiting_in_receive and not self._chunks:
+            try:
+                sent = os.write(self._sink, data)
+            except OSError:
+                sent = 0  # would block, or failed: the consumer's own send meets it
+            if sent:
+                self._link._acknowledge(self.stream_id, sent)
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        self.receive(data)
+        self._receive_lot.unpark_all()
+
+    def _on_response(self, headers: Headers) -> None:
+        self.response_headers = headers
+        if self.response_check is not None:
+            self._refusal = self.response_check(headers)
+            if self._refusal is not None:
+                self._discard_buffer()
+                self._wake_all()
+        self._response_lot.unpark_all()
+
+    def _on_remote_end(self) -> None:
+        self._remote_ended = True
+        self._wake_all()
+
+    def _on_reset(self, error_code: int) -> None:
+        if not self.peer_reset(error_code):
+            self._send_lot.unpark_all()
+            return
+        self._discard_buffer()
+        self._wake_all()
+        if self.handler_scope is not None:
+            self.handler_scope.cancel()
