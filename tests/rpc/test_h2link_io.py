@@ -1,4 +1,4 @@
-"""tele.rpc.h2conn and the link's byte handling: frames parsed from reads split anywhere (the
+"""tele.net.h2conn and the link's byte handling: frames parsed from reads split anywhere (the
 same events and windows as stock h2), gather writes the socket takes only in part, direct
 delivery into a slow socket, and the bounds a misbehaving peer meets."""
 
@@ -19,7 +19,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tele.rpc.h2conn import Connection
+from tele.net.h2conn import Connection
 from tele.rpc.h2link import H2Link, H2Stream, LinkBroken, open_link
 from tele.rpc.tunnel import splice
 from tele.testing.streams import open_link_pair

@@ -26,8 +26,8 @@ import trio
 from tele.agent.errors import UpstreamFailed
 from tele.agent.matching import Router
 from tele.agent.upstream import READ_SIZE, Upstreams
+from tele.net.h2conn import Connection
 from tele.rpc.agent_api import Engagement
-from tele.rpc.h2conn import Connection
 from tele.rpc.h2writer import Writer
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ import msgspec
 
 from tele import paths, unixsock
 from tele.errors import ConnectionFailed, TeleError, UserError
+from tele.net.h2conn import Connection
 from tele.rpc import wire
 from tele.rpc.errors import Code, RpcError
-from tele.rpc.h2conn import Connection
 from tele.rpc.method import Unary
 
 Req = TypeVar("Req", bound=msgspec.Struct)

@@ -1,6 +1,6 @@
 """One HTTP/2 connection ("link") over any trio stream, multiplexing RPC calls and tunnel streams.
 
-The link is the runtime around one sans-IO `tele.rpc.h2conn.Connection`: a reader task feeds
+The link is the runtime around one sans-IO `tele.net.h2conn.Connection`: a reader task feeds
 received bytes to it and dispatches its events without ever blocking (to `H2Stream`s, see
 `tele.rpc.h2stream`), and one `tele.rpc.h2writer.Writer` sends whatever it queued. Incoming
 streams each get a handler task in the link's nursery (`_on_request`); a stream spliced to a
@@ -22,7 +22,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
-from tele.rpc.h2conn import Connection
+from tele.net.h2conn import Connection
 from tele.rpc.h2state import LinkBroken, StreamReset, error_name
 from tele.rpc.h2stream import H2Stream, Headers, ResponseCheck
 from tele.rpc.h2writer import Writer

@@ -1,4 +1,4 @@
-"""The one writer of an h2 connection: gets what `tele.rpc.h2conn.Connection` queued onto the wire.
+"""The one writer of an h2 connection: gets what `tele.net.h2conn.Connection` queued onto the wire.
 
 A single task writes (a task cancelled halfway through a write would cut a frame in two and
 break every stream of the connection); on socket transports the task that queued frames may
@@ -13,7 +13,7 @@ import socket
 
 import trio
 
-from tele.rpc.h2conn import Buffers, Connection
+from tele.net.h2conn import Buffers, Connection
 
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's IOV_MAX)
 

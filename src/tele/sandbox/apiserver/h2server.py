@@ -22,7 +22,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
-from tele.rpc.h2conn import Connection
+from tele.net.h2conn import Connection
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The one frame guard (tele.rpc.h2conn.FrameBuffer), shared by every h2 endpoint tele runs:
+"""The one frame guard (tele.net.h2conn.FrameBuffer), shared by every h2 endpoint tele runs:
 an overlong frame is refused as soon as its length field arrives, whatever the split of the
 reads, and legal frames pass in any split. Driven with plain bytes."""
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tele.rpc.h2conn import Connection
+from tele.net.h2conn import Connection
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
