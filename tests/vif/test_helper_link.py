@@ -183,7 +183,8 @@ def test_the_helper_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     quiet = helper_command(42, interactive=False)
     assert quiet[:2] == ["sudo", "-n"]  # never a password prompt nobody asked for
-    assert quiet[-6:-2] == ["--daemon-pid", "42", "--socket", quiet[-3]]
+    assert quiet[-4:-1] == ["--daemon-pid", "42", "--socket"]
+    assert "--log-file" not in quiet  # the CLI passes the log it opened as the user
     assert quiet[quiet.index("-m") + 1] == "tele.vif.helper"
     assert helper_command(42, interactive=True)[:2] == ["sudo", sys.executable]
     monkeypatch.setenv("TELE_VIF_HELPER", "doas -u root")
@@ -192,21 +193,21 @@ def test_the_helper_command(monkeypatch: pytest.MonkeyPatch) -> None:
     assert helper_command(42, interactive=True)[0] == sys.executable  # root: no sudo at all
 
 
-def test_the_log_file_is_never_someone_elses(tmp_path: Path) -> None:
-    from tele.vif.helper import _open_log
+def test_the_helper_logs_only_to_a_file_of_the_user_it_was_handed(tmp_path: Path) -> None:
+    from tele.vif.helper import _log_stream
 
     user = 65534
-    fresh = tmp_path / "helper.log"
-    fd = _open_log(str(fresh), user)
-    assert fd is not None
-    os.close(fd)
-    assert fresh.stat().st_uid == user  # created for the user
-    fd = _open_log(str(fresh), user)  # and reopened, being theirs
-    assert fd is not None
-    os.close(fd)
-    precious = tmp_path / "precious"
-    precious.write_text("root's\n")
-    (tmp_path / "link.log").symlink_to(precious)
-    assert _open_log(str(tmp_path / "link.log"), user) is None  # no following a symlink
-    assert _open_log(str(precious), user) is None  # no taking over root's file
-    assert precious.stat().st_uid == 0
+    theirs = tmp_path / "helper.log"
+    theirs.touch()
+    os.chown(theirs, user, user)
+    roots = tmp_path / "precious"
+    roots.write_text("root's\n")
+    read, write = os.pipe()
+    with theirs.open("a") as mine, roots.open("a") as precious:
+        fd = _log_stream(mine.fileno(), user)
+        assert fd is not None and fd != mine.fileno()  # a copy, kept past detaching
+        os.close(fd)
+        assert _log_stream(precious.fileno(), user) is None  # never someone else's file
+    assert _log_stream(write, user) is None  # nor a pipe or terminal
+    for end in (read, write):
+        os.close(end)

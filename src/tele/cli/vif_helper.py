@@ -7,6 +7,9 @@ CAP_NET_ADMIN. The CLI has the terminal that sudo needs for its password prompt,
 its arguments as root, such as `doas`). The helper connects to the daemon's helper socket and
 detaches; the command returns once the daemon has accepted it. Without --vif, sudo runs with
 `-n` (never asks): connecting must not stop at a prompt nobody expected.
+
+The helper's log is opened here, as the user, and passed as its standard output: the helper
+never opens a file by a path it was given (as root that would be any file).
 """
 
 from __future__ import annotations
@@ -46,8 +49,6 @@ def helper_command(daemon_pid: int, *, interactive: bool) -> list[str]:
         str(daemon_pid),
         "--socket",
         str(paths.helper_socket()),
-        "--log-file",
-        str(paths.logs_dir() / "helper.log"),
     ]
 
 
@@ -68,17 +69,28 @@ async def ensure_helper(rpc: Client, *, explicit: bool) -> str:
             raise UserError(f"Cannot start the privileged network helper: {reason}.")
         return reason
     paths.ensure_private_dir(paths.logs_dir())
-    with trio.move_on_after(START_TIMEOUT if explicit else 30):
-        result = await trio.run_process(
-            argv, stdin=None, capture_stdout=True, capture_stderr=True, check=False
+    try:
+        log_fd = os.open(
+            paths.logs_dir() / "helper.log",
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
         )
-        if result.returncode == 0:
-            return ""
-        lines = result.stderr.decode(errors="replace").strip().splitlines()
-        reason = lines[-1] if lines else f"{program} exited with status {result.returncode}"
-        if explicit:
-            raise UserError(f"Cannot start the privileged network helper: {reason}")
-        return reason
+    except OSError:  # (a symlink there, say): the helper runs without a log
+        log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        with trio.move_on_after(START_TIMEOUT if explicit else 30):
+            result = await trio.run_process(
+                argv, stdin=None, stdout=log_fd, capture_stderr=True, check=False
+            )
+            if result.returncode == 0:
+                return ""
+            lines = result.stderr.decode(errors="replace").strip().splitlines()
+            reason = lines[-1] if lines else f"{program} exited with status {result.returncode}"
+            if explicit:
+                raise UserError(f"Cannot start the privileged network helper: {reason}")
+            return reason
+    finally:
+        os.close(log_fd)
     reason = f"{program} did not start the helper within {START_TIMEOUT:g}s"
     if explicit:
         raise UserError(f"Cannot start the privileged network helper: {reason}.")

@@ -7,8 +7,24 @@ privilege, on the daemon's request: create and address the TUN device, add and r
 bind the DNS sockets, point the resolver at tele's DNS server. Descriptors go to the daemon
 (SCM_RIGHTS) and the helper closes its own copies: no packet is ever read or written as root.
 When the daemon says Finish, closes the connection or dies, the helper undoes every change and
-exits. Its changes are journaled apart from the daemon's (`helper-journal.json` in root's state
-directory), so a helper killed with `kill -9` is cleaned up after by the next one.
+exits. Its changes are journaled apart from the daemon's (one journal per user in root's own
+state directory), so a helper killed with `kill -9` is cleaned up after by the next one, which
+leaves a live helper's entries alone.
+
+Trust: the helper runs as root for whoever sudo let start it, and believes nothing else.
+- The user is the one sudo names (`SUDO_UID`; `PKEXEC_UID`, `DOAS_USER` likewise), never an
+  argument. The daemon socket is connected with that user's permissions and its peer must run
+  as that user: descriptors go only to that user's daemon. `--socket` and `--daemon-pid` only
+  say where to look.
+- It opens no file at a path from its command line or environment: the log is the descriptor
+  the CLI (running as the user) passes as standard output; the journal and resolv.conf backups
+  live in root's own state directory, found through the password database.
+- Routes and the device address must lie inside ALLOWED_SUBNETS (private and reserved ranges),
+  narrowed further by an administrator in ALLOWED_SUBNETS_FILE (root's file). The helper cannot
+  ask the cluster which subnets are real (that needs the user's credentials, and the user drives
+  the daemon that would tell it), so the bound is one the caller cannot widen: default-like
+  routes (0.0.0.0/1, 128.0.0.0/1, ::/1) or public ranges are refused whatever the daemon asks.
+  DNS is bound and pointed only at the device's own address.
 
 Blocking and single-threaded on purpose: one request at a time, no event loop to get wrong.
 """
@@ -16,18 +32,21 @@ Blocking and single-threaded on purpose: one request at a time, no event loop to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
+import pwd
 import re
 import signal
 import socket
 import stat
 import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import tele
 from tele import paths
@@ -52,8 +71,124 @@ from tele.vif.tun import open_tun
 log = logging.getLogger("tele.vif.helper")
 
 HANDSHAKE_TIMEOUT = 10.0
-JOURNAL_FILE = "helper-journal.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+ALLOWED_SUBNETS: Final = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "10.0.0.0/8",  # RFC 1918: where clusters put pods and Services
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",  # RFC 6598 (shared address space; some clusters use it)
+        "198.18.0.0/15",  # RFC 2544 benchmarking: tele's own device and DNS address
+        "fc00::/7",  # IPv6 unique local addresses
+    )
+)
+"""Where the helper lets routes and the device address go, unless ALLOWED_SUBNETS_FILE says
+otherwise. Never anything default-like: a caller must not be able to route the internet (or
+one public host) into a TUN device it reads."""
+ALLOWED_SUBNETS_FILE: Final = Path("/etc/tele/helper-subnets")
+"""One CIDR a line (`#` comments): replaces ALLOWED_SUBNETS when it exists and only root can
+change it (owned by root, not writable by group or others, nor its directory)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Invoker:
+    """The user on whose behalf the helper runs, as the elevating command reported it."""
+
+    uid: int
+    gid: int
+    home: Path
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Invoker:
+        """`SUDO_UID`/`SUDO_GID` (sudo sets them after cleaning the environment), `PKEXEC_UID`,
+        `DOAS_USER`; without them the real uid (root starting the helper itself)."""
+        env = os.environ if environ is None else environ
+        uid: int | None = None
+        try:
+            if env.get("SUDO_UID"):
+                uid = int(env["SUDO_UID"])
+            elif env.get("PKEXEC_UID"):
+                uid = int(env["PKEXEC_UID"])
+            elif env.get("DOAS_USER"):
+                uid = pwd.getpwnam(env["DOAS_USER"]).pw_uid
+        except (ValueError, KeyError) as exc:
+            raise HelperError(f"cannot tell who started the helper: {exc}") from None
+        if uid is None:
+            uid = os.getuid()
+        try:
+            entry = pwd.getpwuid(uid)
+            gid, home = entry.pw_gid, Path(entry.pw_dir)
+        except KeyError:  # a user without a passwd entry (containers): no home to look in
+            gid, home = uid, Path("/nonexistent")
+        return cls(uid, gid, home)
+
+    def default_socket(self) -> Path:
+        """The daemon's helper.sock where a daemon of this user puts it by default (the
+        runtime directory of systemd-logind, else the cache directory)."""
+        run = Path(f"/run/user/{self.uid}")
+        if run.is_dir():
+            return run / "tele" / proto.SOCKET_NAME
+        return self.home / ".cache" / "tele" / "run" / proto.SOCKET_NAME
+
+    @contextlib.contextmanager
+    def permissions(self) -> Iterator[None]:
+        """Run the block with this user's file permissions (effective uid, gid, no groups), so
+        that a path the user names reaches nothing the user could not reach."""
+        if os.geteuid() != 0 or self.uid == 0:
+            yield
+            return
+        groups = os.getgroups()
+        os.setgroups([])
+        os.setegid(self.gid)
+        os.seteuid(self.uid)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+            os.setgroups(groups)
+
+
+def state_dir() -> Path:
+    """Root's (the helper's own user's) state directory, from the password database: never
+    from the environment, which the caller may have passed through sudo."""
+    return Path(pwd.getpwuid(os.geteuid()).pw_dir) / ".local" / "state" / "tele" / "helper"
+
+
+def journal_file(uid: int) -> Path:
+    return state_dir() / f"journal-{uid}.json"
+
+
+def allowed_subnets(path: Path = ALLOWED_SUBNETS_FILE) -> list[Network]:
+    """ALLOWED_SUBNETS, or the administrator's list when root alone can change it."""
+    try:
+        info = path.lstat()
+        parent = path.parent.lstat()
+    except OSError:
+        return list(ALLOWED_SUBNETS)
+    if not stat.S_ISREG(info.st_mode) or any(
+        i.st_uid != 0 or i.st_mode & 0o022 for i in (info, parent)
+    ):
+        log.warning("ignoring %s: it must be root's and writable only by root", path)
+        return list(ALLOWED_SUBNETS)
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    try:
+        return parse_networks(line for line in lines if line)
+    except ValueError as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return list(ALLOWED_SUBNETS)
+
+
+def check_inside(kind: str, networks: list[Network], allowed: list[Network]) -> None:
+    """Refuse any network that is not inside one of `allowed`."""
+    for net in networks:
+        if not any(net.version == a.version and net.subnet_of(a) for a in allowed):  # type: ignore[arg-type]
+            raise HelperError(
+                f"refusing the {kind} {net}: the helper only routes inside "
+                f"{', '.join(map(str, allowed))} (see {ALLOWED_SUBNETS_FILE})"
+            )
 
 
 class HelperError(TeleError):
@@ -106,10 +241,13 @@ class Changes:
 class Helper:
     """Answers the daemon's requests on a connected SOCK_SEQPACKET socket (blocking)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, allowed: list[Network] | None = None) -> None:
         self.sock = sock
         self.changes = Changes()
+        self.allowed = list(ALLOWED_SUBNETS) if allowed is None else allowed
         self._netns_set = False
+        self._addresses: set[str] = set()
+        """The device's addresses: the only ones DNS may be bound on and pointed at."""
 
     # --- transport ----------------------------------------------------------------------
 
@@ -191,6 +329,12 @@ class Helper:
                 parse_networks(request.allow_conflicting),
                 ipaddress.IPv6Address(request.address6),
             )
+            check_inside("route", config.subnets, self.allowed)
+            addresses = [config.address, config.address6]
+            check_inside(
+                "device address", [ipaddress.ip_network(a) for a in addresses if a], self.allowed
+            )
+            self._addresses = {str(a) for a in addresses if a}
             tun = call_in_netns(netns, lambda: open_tun(name, offload=request.offload))
             try:
                 changes.device = config.name = tun.name
@@ -210,6 +354,7 @@ class Helper:
             if not changes.device:
                 raise HelperError("there is no device to route to")
             add = parse_networks(request.add)
+            check_inside("route", add, self.allowed)
             remove = parse_networks(request.remove)
             allow = parse_networks(request.allow_conflicting)
             added = change_routes(changes.netns, changes.device, add, remove, allow)
@@ -219,7 +364,7 @@ class Helper:
             return proto.RoutesChanged(added=[str(n) for n in added]), []
         if isinstance(request, proto.BindDns):
             netns = self._use_netns(changes.netns if self._netns_set else None)
-            ipaddress.ip_address(request.address)
+            self._check_dns_address(request.address)
             socks = call_in_netns(netns, lambda: bind_sockets(request.address, request.port))
             fds = [os.dup(s.fileno()) for s in socks]
             for s in socks:
@@ -233,12 +378,13 @@ class Helper:
                     changes.device, request.server, request.domains, netns=changes.netns
                 )
                 return proto.Done(), []
-            ipaddress.ip_address(request.server)
+            self._check_dns_address(request.server)
             for domain in request.search:
                 _check_name("search domain", domain)
             path = system.resolv_conf_for(changes.netns)
             # Root's state dir, never beside the file: /etc may be shared with other namespaces.
-            backup = paths.state_dir() / f"resolv.conf.{changes.netns or 'host'}.tele-orig"
+            backup = state_dir() / f"resolv.conf.{changes.netns or 'host'}.tele-orig"
+            paths.ensure_private_dir(backup.parent)
             changes.resolv_conf, changes.resolv_backup = path, backup
             journal.record(
                 journal.Entry(changes.netns, resolv_conf=str(path), resolv_backup=str(backup))
@@ -254,20 +400,35 @@ class Helper:
             return proto.Done(), []
         raise HelperError(f"unexpected request {type(request).__name__}")
 
+    def _check_dns_address(self, address: str) -> None:
+        """DNS belongs on the device this helper made, nowhere else (port 53 of any address,
+        or a resolver pointing anywhere, would be the caller's to choose)."""
+        canonical = str(ipaddress.ip_address(address))
+        if canonical not in self._addresses:
+            raise HelperError(f"refusing DNS on {address}: not an address of this helper's device")
 
-def connect(path: Path, daemon_pid: int) -> socket.socket:
-    """Connect to the daemon's helper socket, checking that the daemon listens there."""
+
+def connect(path: Path, daemon_pid: int | None, invoker: Invoker) -> socket.socket:
+    """Connect to the daemon's helper socket with the invoking user's permissions, and check
+    that the process listening there runs as that user (and is `daemon_pid`, when given)
+    before saying anything."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
         try:
-            sock.connect(str(path))
+            with invoker.permissions():
+                sock.connect(str(path))
         except OSError as exc:
             raise HelperError(f"cannot reach the daemon at {path}: {exc.strerror}") from exc
         from tele.unixsock import peer_credentials
 
         peer = peer_credentials(sock)
-        if peer.pid != daemon_pid:
+        if peer.uid != invoker.uid:
+            raise HelperError(
+                f"{path} belongs to a process of uid {peer.uid}, not to the daemon of the user "
+                f"who started the helper (uid {invoker.uid})"
+            )
+        if daemon_pid is not None and peer.pid != daemon_pid:
             raise HelperError(
                 f"{path} belongs to process {peer.pid}, not to the daemon (pid {daemon_pid})"
             )
@@ -287,44 +448,27 @@ def connect(path: Path, daemon_pid: int) -> socket.socket:
     return sock
 
 
-def _peer_uid(sock: socket.socket) -> int:
-    from tele.unixsock import peer_credentials
-
-    return peer_credentials(sock).uid
-
-
 def _on_signal(signum: int, frame: FrameType | None) -> NoReturn:
     raise SystemExit(128 + signum)  # unwinds through Helper.serve's undo
 
 
-def _open_log(path: str, owner: int) -> int | None:
-    """The log file, opened as root on the user's behalf without trusting the path: a new
-    file becomes the user's; an existing one must be the user's own regular file (never a
-    symlink, never someone else's file that a chown would hand over)."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+def _log_stream(fd: int, owner: int) -> int | None:
+    """A copy of `fd` to log to when it is a regular file of the invoking user's (the CLI opens
+    helper.log as the user and passes it as standard output); None otherwise. The helper
+    itself never opens a log by path: as root, that would create or append to any file."""
     try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        try:
-            fd = os.open(path, flags)
-        except OSError:
-            return None
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != owner:
-            os.close(fd)
-            return None
-        return fd
     except OSError:
         return None
-    os.fchown(fd, owner, -1)
-    return fd
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != owner:
+        return None
+    return os.dup(fd)
 
 
-def _setup_logging(log_file: str, owner: int) -> None:
+def _setup_logging(log_fd: int | None) -> None:
     handlers: list[logging.Handler] = []
-    fd = _open_log(log_file, owner) if log_file else None
-    if fd is not None:
-        handlers.append(logging.StreamHandler(os.fdopen(fd, "a", buffering=1)))
+    if log_fd is not None:
+        handlers.append(logging.StreamHandler(os.fdopen(log_fd, "a", buffering=1)))
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s helper[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
@@ -332,7 +476,7 @@ def _setup_logging(log_file: str, owner: int) -> None:
     )
 
 
-def _detach_and_connect(args: argparse.Namespace) -> socket.socket:
+def _detach_and_connect(args: argparse.Namespace, invoker: Invoker) -> socket.socket:
     """Fork: the child connects and reports over a pipe; the parent (what sudo waits for)
     exits 0 once the daemon has welcomed the child, or 1 with the reason on stderr."""
     read_fd, write_fd = os.pipe()
@@ -347,7 +491,7 @@ def _detach_and_connect(args: argparse.Namespace) -> socket.socket:
     os.close(read_fd)
     os.setsid()  # no terminal: closing it (or Ctrl-C there) must not stop the helper
     try:
-        sock = connect(Path(args.socket), args.daemon_pid)
+        sock = connect(args.socket, args.daemon_pid, invoker)
     except HelperError as exc:
         os.write(write_fd, str(exc).encode())
         os._exit(1)
@@ -362,31 +506,42 @@ def _detach_and_connect(args: argparse.Namespace) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tele.vif.helper", description=__doc__)
-    parser.add_argument("--socket", required=True, help="The daemon's helper.sock.")
-    parser.add_argument("--daemon-pid", type=int, required=True)
-    parser.add_argument("--log-file", default="")
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        help="The daemon's helper.sock (default: in the invoking user's runtime directory); "
+        "connected with that user's permissions, and its listener must run as that user.",
+    )
+    parser.add_argument("--daemon-pid", type=int, help="Refuse a socket of any other process.")
     parser.add_argument(
         "--foreground", action="store_true", help="Do not detach (print 'ready' instead)."
     )
     args = parser.parse_args(argv)
+    try:
+        invoker = Invoker.from_environment()
+    except HelperError as exc:
+        print(f"tele helper: {exc}", file=sys.stderr)
+        return 1
+    args.socket = args.socket or invoker.default_socket()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _on_signal)
+    log_fd = _log_stream(1, invoker.uid)  # before detaching points 1 at /dev/null
     if args.foreground:
         try:
-            sock = connect(Path(args.socket), args.daemon_pid)
+            sock = connect(args.socket, args.daemon_pid, invoker)
         except HelperError as exc:
             print(f"tele helper: {exc}", file=sys.stderr)
             return 1
-        print("ready", flush=True)
+        print("ready", file=sys.stderr, flush=True)
     else:
-        sock = _detach_and_connect(args)
-    _setup_logging(args.log_file, _peer_uid(sock))
-    log.info("serving daemon pid %d on %s", args.daemon_pid, args.socket)
-    journal.use_file_name(JOURNAL_FILE)
+        sock = _detach_and_connect(args, invoker)
+    _setup_logging(log_fd)
+    log.info("serving the daemon of uid %d on %s", invoker.uid, args.socket)
+    journal.use_file(journal_file(invoker.uid))
     try:
         for line in journal.recover():
             log.info("cleaned up after an earlier helper: %s", line)
-        Helper(sock).serve()
+        Helper(sock, allowed_subnets()).serve()
     except SystemExit:
         log.info("stopped by a signal")
     except Exception:

@@ -4,6 +4,10 @@ Each change (a device with its routes, an overridden resolv.conf) is recorded be
 and forgotten after it was undone. A daemon that died with `kill -9` leaves its entries behind;
 the next daemon start (or `tele quit`) calls `recover()`, which removes the leftovers. The file
 is small JSON in the state directory, rewritten atomically.
+
+Every entry names its owner (pid and the process's start time, so a reused pid is not mistaken
+for it): `recover()` undoes only the entries of owners that are gone. A second helper or daemon
+sharing the file must never tear down a live session's device.
 """
 
 from __future__ import annotations
@@ -20,17 +24,43 @@ log = logging.getLogger(__name__)
 
 
 _FILE_NAME = "vif-journal.json"
+_PATH: Path | None = None
 
 
-def use_file_name(name: str) -> None:
-    """Keep this process's journal in another file of the state directory (the privileged
-    helper keeps its own, apart from the daemon's, which it could not undo anyway)."""
-    global _FILE_NAME
-    _FILE_NAME = name
+def use_file(path: Path | None) -> None:
+    """Keep this process's journal in `path` (the privileged helper keeps one per user in
+    root's own state directory, apart from the daemon's, which it could not undo anyway).
+    None: the default again."""
+    global _PATH
+    _PATH = path
 
 
 def journal_path() -> Path:
-    return paths.state_dir() / _FILE_NAME
+    return _PATH if _PATH is not None else paths.state_dir() / _FILE_NAME
+
+
+def process_start(pid: int) -> int:
+    """When `pid` started (clock ticks since boot, /proc/PID/stat field 22); 0 when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return 0
+    # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return 0
+
+
+_SELF_START = 0
+
+
+def _self() -> tuple[int, int]:
+    global _SELF_START
+    if not _SELF_START:
+        _SELF_START = process_start(os.getpid())
+    return os.getpid(), _SELF_START
 
 
 @dataclass(slots=True)
@@ -43,6 +73,13 @@ class Entry:
     resolv_conf: str = ""
     """The resolv.conf that was overridden; its original is kept at `resolv_backup`."""
     resolv_backup: str = ""
+    owner_pid: int = 0
+    """The process that made the change (0: an entry of an older tele, treated as orphaned)."""
+    owner_start: int = 0
+    """That process's start time (process_start), so that a reused pid is not taken for it."""
+
+    def owner_alive(self) -> bool:
+        return bool(self.owner_pid) and process_start(self.owner_pid) == self.owner_start
 
     @property
     def key(self) -> str:
@@ -61,6 +98,8 @@ def _load() -> dict[str, Entry]:
             entry = Entry(**item)
         except TypeError:
             continue
+        if not isinstance(entry.owner_pid, int) or not isinstance(entry.owner_start, int):
+            entry.owner_pid = entry.owner_start = 0
         entries[entry.key] = entry
     return entries
 
@@ -74,6 +113,8 @@ def _save(entries: dict[str, Entry]) -> None:
 
 
 def record(entry: Entry) -> None:
+    """Remember `entry` as this process's (its owner is set here)."""
+    entry.owner_pid, entry.owner_start = _self()
     entries = _load()
     entries[entry.key] = entry
     _save(entries)
@@ -91,13 +132,19 @@ def pending() -> list[Entry]:
 
 
 def recover() -> list[str]:
-    """Undo every change a dead daemon left; returns what was done, in words (for the log)."""
+    """Undo the changes of owners that are gone (a daemon or helper killed with -9); returns
+    what was done, in words (for the log). A live owner's entries stay: that session is still
+    using its device."""
     from tele.dns.system import restore_resolv_conf
     from tele.vif.errors import VifError
     from tele.vif.routing import delete_link, parse_networks, remove_routes
 
     done: list[str] = []
+    me = _self()
     for entry in pending():
+        if (entry.owner_pid, entry.owner_start) != me and entry.owner_alive():
+            log.debug("undo journal: %s belongs to live pid %d", entry.key, entry.owner_pid)
+            continue
         try:
             if entry.device:
                 remove_routes(entry.netns, entry.device, parse_networks(entry.routes))
