@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import click
 
+from tele.cli import podenv
 from tele.cli.output import emit, output_option
 from tele.errors import UserError
 
@@ -41,15 +41,16 @@ def _mount(value: str) -> str:
     return os.path.abspath(os.path.expanduser(text)) + read_only
 
 
-def _write_env(info: dict[str, Any], env_file: Path | None, env_json: Path | None) -> None:
+def _write_env(
+    info: dict[str, Any], env_file: Path | None, env_json: Path | None, *, unsafe: bool
+) -> None:
     environment: dict[str, str] = info.get("environment") or {}
     try:
         if env_file is not None:
-            env_file.write_text(
-                "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(environment.items()))
-            )
+            env_file.write_text(podenv.sh_file(environment, unsafe=unsafe))
         if env_json is not None:
-            env_json.write_text(json.dumps(environment, indent=2, sort_keys=True) + "\n")
+            mapping = podenv.json_map(environment, unsafe=unsafe)
+            env_json.write_text(json.dumps(mapping, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
         raise UserError(f"cannot write the environment file: {exc.strerror or exc}") from exc
 
@@ -91,6 +92,7 @@ def _engage(
     command: tuple[str, ...],
     output: str,
     text: Any,
+    unsafe_env: bool = False,
 ) -> None:
     """The CLI side of intercept, replace and ingest: ask the daemon, write the env files,
     print, and with `-- COMMAND` run it with the pod's env, then leave."""
@@ -108,7 +110,7 @@ def _engage(
     info = client.run(call)
     data = to_builtins(info)
     try:
-        _write_env(data, env_file, env_json)
+        _write_env(data, env_file, env_json, unsafe=unsafe_env)
     except UserError:
         _leave(info.name)
         raise
@@ -123,7 +125,21 @@ def _engage(
             )
     emit(data, output, text)
     if command:
-        env = {**os.environ, **(data.get("environment") or {})}
+        env, held = podenv.command_environment(
+            os.environ, data.get("environment") or {}, unsafe=unsafe_env
+        )
+        if unsafe_env and held:
+            click.echo(
+                f"tele: warning: the pod's environment sets {', '.join(held)} for {command[0]} "
+                f"({podenv.UNSAFE_FLAG})",
+                err=True,
+            )
+        elif noted := [name for name in held if name not in podenv.QUIET]:
+            click.echo(
+                f"tele: kept your own {', '.join(noted)} (the pod sets them too; "
+                f"{podenv.UNSAFE_FLAG} uses the pod's)",
+                err=True,
+            )
         try:
             status = subprocess.run(list(command), env=env, check=False).returncode
         except OSError as exc:
@@ -217,6 +233,14 @@ env_json_option = click.option(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the pod's environment here as JSON.",
 )
+unsafe_env_option = click.option(
+    podenv.UNSAFE_FLAG,
+    "unsafe_env",
+    is_flag=True,
+    help="Let the pod's environment set loader, interpreter and shell variables (LD_*, PATH, "
+    "PYTHON*, PERL5*, NODE_OPTIONS, BROWSER, ...) for -- COMMAND and in the env files too; "
+    "without it they stay yours (commented out in --env-file, left out of --env-json).",
+)
 mount_option = click.option(
     "--mount",
     default="true",
@@ -269,6 +293,7 @@ to_pod_option = click.option(
 )
 @env_file_option
 @env_json_option
+@unsafe_env_option
 @to_pod_option
 @click.option(
     "--replace",
@@ -294,6 +319,7 @@ def intercept(
     http_plaintext: bool,
     env_file: Path | None,
     env_json: Path | None,
+    unsafe_env: bool,
     to_pod: tuple[str, ...],
     replace: bool,
     mount: str,
@@ -341,6 +367,7 @@ def intercept(
         command=command,
         output=output,
         text=_replace_text if replace else _intercept_text,
+        unsafe_env=unsafe_env,
     )
 
 
@@ -361,6 +388,7 @@ def intercept(
 )
 @env_file_option
 @env_json_option
+@unsafe_env_option
 @to_pod_option
 @mount_option
 @output_option
@@ -373,6 +401,7 @@ def replace(
     address: str,
     env_file: Path | None,
     env_json: Path | None,
+    unsafe_env: bool,
     to_pod: tuple[str, ...],
     mount: str,
     output: str,
@@ -399,6 +428,7 @@ def replace(
         command=command,
         output=output,
         text=_replace_text,
+        unsafe_env=unsafe_env,
     )
 
 
@@ -409,6 +439,7 @@ def replace(
 @click.option("--container", "-c", default="", help="The container (needed when several).")
 @env_file_option
 @env_json_option
+@unsafe_env_option
 @to_pod_option
 @click.option(
     "--mount",
@@ -425,6 +456,7 @@ def ingest(
     container: str,
     env_file: Path | None,
     env_json: Path | None,
+    unsafe_env: bool,
     to_pod: tuple[str, ...],
     mount: str,
     output: str,
@@ -449,6 +481,7 @@ def ingest(
         command=command,
         output=output,
         text=_ingest_text,
+        unsafe_env=unsafe_env,
     )
 
 
