@@ -40,6 +40,8 @@ s.serve_forever()
 """
 
 AGENT = """
+from tele import _patches
+_patches.apply()
 import sys, trio, functools
 from tele.agent.engagements import StaticEngagements
 from tele.agent.forward import serve
@@ -137,4 +139,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from tele import _patches
+
+    _patches.apply()  # as in the processes measured (the daemon, manager, agent)
     main()

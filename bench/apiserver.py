@@ -381,4 +381,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from tele import _patches
+
+    _patches.apply()  # as in the processes measured (the daemon, manager, agent)
     main()

@@ -139,6 +139,9 @@ async def main(runs: int) -> None:
 
 
 if __name__ == "__main__":
+    from tele import _patches
+
+    _patches.apply()  # as in the processes measured (the daemon, manager, agent)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()

@@ -303,6 +303,9 @@ async def main(pods: int, seconds: int) -> None:
 
 
 if __name__ == "__main__":
+    from tele import _patches
+
+    _patches.apply()  # as in the processes measured (the daemon, manager, agent)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pods", type=int, default=20)
     parser.add_argument("--seconds", type=int, default=3)

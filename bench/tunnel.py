@@ -906,4 +906,7 @@ def _chart(results: list[Row], path: Path) -> bool:
 
 
 if __name__ == "__main__":
+    from tele import _patches
+
+    _patches.apply()  # as in the processes measured (the daemon, manager, agent)
     main()

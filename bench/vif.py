@@ -660,4 +660,7 @@ def _line(r: dict) -> str:
 
 
 if __name__ == "__main__":
+    from tele import _patches
+
+    _patches.apply()  # as in the processes measured (the daemon, manager, agent)
     main()

@@ -12,8 +12,11 @@ import pytest
 import trio
 import yaml
 
+from tele import _patches
 from tele.k8s.client import KubeClient, open_kube_client
 from tele.sandbox.cluster import ClusterInfo, serve_cluster
+
+_patches.apply()  # as tele's processes do: the suite runs the patched libraries
 
 if TYPE_CHECKING:
     from tests.daemon.util import DaemonGuard

@@ -391,29 +391,3 @@ async def test_link_pool_over_port_forwards(api_server: FakeApiServer) -> None:
             == 2
         )
         nursery.cancel_scope.cancel()
-
-
-@pytest.mark.parametrize("size", [0, 1, 125, 126, 65_535, 65_536, 1 << 20])
-def test_lean_websocket_frames_read_back_as_stock_wsproto_reads_them(size: int) -> None:
-    import wsproto.frame_protocol as fp
-
-    assert fp.FrameProtocol._serialize_frame is portforward._lean_serialize_frame
-    payload = bytes(i % 253 for i in range(size))
-    # Server side (unmasked): byte for byte what stock wsproto writes.
-    server = fp.FrameProtocol(client=False, extensions=[])
-    stock = bytes(portforward._stock_serialize_frame(server, fp.Opcode.BINARY, payload, True))
-    assert server._serialize_frame(fp.Opcode.BINARY, payload, True) == stock
-    # Client side (masked with a fresh key): a stock server reads the payload back.
-    client = fp.FrameProtocol(client=True, extensions=[])
-    reader = fp.FrameProtocol(client=False, extensions=[])
-    reader.receive_bytes(client._serialize_frame(fp.Opcode.BINARY, payload, True))
-    frames = list(reader.received_frames())
-    assert [f.opcode for f in frames] == [fp.Opcode.BINARY]
-    assert bytes(frames[0].payload) == payload and frames[0].frame_finished
-
-
-def test_lean_websocket_frames_refuse_a_long_control_frame() -> None:
-    import wsproto.frame_protocol as fp
-
-    with pytest.raises(ValueError, match="control frame"):
-        fp.FrameProtocol(client=True, extensions=[])._serialize_frame(fp.Opcode.PING, b"x" * 126)

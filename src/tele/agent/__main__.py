@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from tele import gctune
+from tele import _patches, gctune
 from tele.agent.config import AgentSettings, load
 from tele.errors import TeleError, single_leaf
 
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    _patches.apply()
     try:
         settings = load(os.environ)
         trio.run(run_agent if args.program == "agent" else run_init, settings)

@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 
 import tele
-from tele import config, gctune, logs, paths, unixsock
+from tele import _patches, config, gctune, logs, paths, unixsock
 from tele.daemon import leftovers
 from tele.daemon.loglevel import LogLevelController
 from tele.daemon.server import Daemon
@@ -111,6 +111,7 @@ def run(*, ready_fd: int | None = None) -> None:
                     f"Cannot open the log file in {paths.logs_dir()}: {exc.strerror or exc}."
                 ) from exc
             log.info("tele daemon %s starting, pid %d", tele.__version__, os.getpid())
+            _patches.apply()
             trio.run(_main, cfg, log_file, ready)
         finally:
             os.close(lock_fd)

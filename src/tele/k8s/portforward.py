@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import ssl
-import struct
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -26,80 +24,12 @@ from typing import Any, Final
 
 import trio
 import trio_websocket
-import wsproto.frame_protocol
 
 from tele.k8s.config import ClusterConnection
 from tele.k8s.errors import PortForwardBroken, PortForwardError
 
 log = logging.getLogger(__name__)
 
-
-class _FastXorMasker:
-    """wsproto's masker with the XOR done in C by websockets' `apply_mask` (~8 GB/s here).
-
-    wsproto masks with strided `bytearray.translate` at ~380 MB/s; a client must mask every byte
-    it sends (RFC 6455 5.3), which made masking the largest cost of a tunnel inside the
-    port-forward websocket. The key rotates across calls exactly as wsproto's does, because a
-    received frame's payload is unmasked in pieces.
-    """
-
-    __slots__ = ("_key",)
-
-    def __init__(self, masking_key: bytes | bytearray) -> None:
-        self._key = bytes(masking_key)
-
-    def process(self, data: bytes | bytearray) -> bytes:
-        # wsproto annotates bytearray but only concatenates the result: bytes saves a copy.
-        if not data:
-            return b""
-        masked: bytes = _apply_mask(data, self._key)
-        rotation = len(data) % 4
-        self._key = self._key[rotation:] + self._key[:rotation]
-        return masked
-
-
-_stock_serialize_frame = wsproto.frame_protocol.FrameProtocol._serialize_frame
-
-
-def _lean_serialize_frame(
-    self: wsproto.frame_protocol.FrameProtocol,
-    opcode: wsproto.frame_protocol.Opcode,
-    payload: bytes | bytearray = b"",
-    fin: bool = True,
-) -> bytes:
-    """wsproto's frame serialiser with two copies of the payload instead of five.
-
-    wsproto copies a payload into a bytearray twice, masks a third copy, joins header and
-    payload and copies that into another bytearray; its caller then adds the frame to b"",
-    one more copy unless the frame is exactly bytes. Here: the masking (a client's) or one
-    join, and the frame is returned as bytes. Frames with extensions go the stock way.
-    """
-    if self.extensions:
-        return bytes(_stock_serialize_frame(self, opcode, payload, fin))
-    length = len(payload)
-    if opcode.iscontrol() and length > 125:
-        raise ValueError("payload too long for control frame")
-    first = (0x80 if fin else 0) | int(opcode)
-    mask_bit = 0x80 if self.client else 0
-    if length <= 125:
-        header = bytes((first, mask_bit | length))
-    elif length <= 0xFFFF:
-        header = struct.pack("!BBH", first, mask_bit | 126, length)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, length)
-    if self.client:
-        key = os.urandom(4)
-        return b"".join((header, key, _apply_mask(payload, key)))
-    return b"".join((header, payload))
-
-
-try:
-    from websockets.speedups import apply_mask as _apply_mask
-except ImportError:  # no compiled speedups for this platform: keep wsproto's own code
-    pass
-else:
-    wsproto.frame_protocol.XorMaskerSimple = _FastXorMasker  # type: ignore[misc,assignment]
-    wsproto.frame_protocol.FrameProtocol._serialize_frame = _lean_serialize_frame  # type: ignore[method-assign,assignment]
 
 SUBPROTOCOL: Final = "v4.channel.k8s.io"
 DATA_CHANNEL: Final = 0

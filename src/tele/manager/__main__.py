@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    from tele import _patches
     from tele.errors import TeleError, single_leaf
 
+    _patches.apply()
     log = logging.getLogger("tele.manager")
     try:
         trio.run(_main, args.kubeconfig)

@@ -34,16 +34,6 @@ Buffers = list[bytes | memoryview]
 """Bytes to write, in order: frame headers and the payloads of DATA frames, not joined."""
 
 
-def _cheap_data_repr(data: bytes | None) -> str:
-    return "None" if data is None else f"<{len(data)} bytes>"
-
-
-# h2 formats `repr(frame)` for a trace log line on every received frame, and hyperframe
-# hex-encodes the whole payload to build that repr: ~30% of a tunnel's receive CPU spent on a
-# string that is thrown away. Frames keep a repr, just without the hex dump.
-hyperframe.frame._raw_data_repr = _cheap_data_repr
-
-
 _FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
 _MAX_PIECES = 256  # reads held unjoined while a frame is incomplete
 _OPEN_CONNECTION = frozenset(
