@@ -32,7 +32,7 @@ from tele.sandbox import addons
 from tele.sandbox.apiserver.store import Event
 from tele.sandbox.cluster import serve_cluster
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 
 
 async def _until(store: Any, key: str, done: Callable[[], bool]) -> None:
@@ -51,36 +51,41 @@ async def _until(store: Any, key: str, done: Callable[[], bool]) -> None:
         unsubscribe()
 
 
-def _complete(store: Any, rt: Any, name: str, generation: int) -> Callable[[], bool]:
+def _complete(store: Any, resource_type: Any, name: str, generation: int) -> Callable[[], bool]:
     def done() -> bool:
-        obj = store.get(rt.key, "default", name) or {}
+        obj = store.get(resource_type.key, "default", name) or {}
         st = obj.get("status") or {}
         if str(st.get("observedGeneration")) != str(generation):
             return False
-        if rt.kind == "Rollout":
+        if resource_type.kind == "Rollout":
             return bool(st.get("phase") == "Healthy")
         return st.get("updatedReplicas") == st.get("availableReplicas") == st.get("replicas") == 3
 
     return done
 
 
-async def _measure(info: Any, rt: Any, body: Obj) -> tuple[float, float]:
+async def _measure(info: Any, resource_type: Any, body: ApiObject) -> tuple[float, float]:
     """Seconds to complete after create, then after a template patch."""
     name = body["metadata"]["name"]
     store = info.api.store
     t0 = time.perf_counter()
-    await info.api.create(rt, "default", body, CTX)
-    await _until(store, rt.key, _complete(store, rt, name, 1))
+    await info.api.create(resource_type, "default", body, CTX)
+    await _until(store, resource_type.key, _complete(store, resource_type, name, 1))
     created = time.perf_counter() - t0
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ")
     patch = {"spec": {"template": {"metadata": {"annotations": {"restartedAt": stamp}}}}}
     t0 = time.perf_counter()
     await info.api.patch(
-        rt, "default", name, "application/merge-patch+json", json.dumps(patch).encode(), ctx=CTX
+        resource_type,
+        "default",
+        name,
+        "application/merge-patch+json",
+        json.dumps(patch).encode(),
+        ctx=CTX,
     )
-    await _until(store, rt.key, _complete(store, rt, name, 2))
+    await _until(store, resource_type.key, _complete(store, resource_type, name, 2))
     restarted = time.perf_counter() - t0
-    await info.api.delete(rt, "default", name, {}, CTX)
+    await info.api.delete(resource_type, "default", name, {}, CTX)
     return created, restarted
 
 

@@ -28,19 +28,19 @@ from typing import Any
 import trio
 
 from tele.sandbox.apiserver.auth import User
+from tele.sandbox.apiserver.context import RequestContext
 from tele.sandbox.apiserver.kinds import by_kind
-from tele.sandbox.apiserver.rest import Ctx
 from tele.sandbox.apiserver.store import Event
 from tele.sandbox.cluster import serve_cluster
 
-Obj = dict[str, Any]
-CTX = Ctx(User("bench", ("system:masters",)))
+ApiObject = dict[str, Any]
+CTX = RequestContext(User("bench", ("system:masters",)))
 
 
 def _rt(group: str, kind: str) -> Any:
-    rt = by_kind(group, kind)
-    assert rt is not None
-    return rt
+    resource_type = by_kind(group, kind)
+    assert resource_type is not None
+    return resource_type
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -48,7 +48,7 @@ def _percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def _deployment(name: str, replicas: int, container: Obj) -> Obj:
+def _deployment(name: str, replicas: int, container: ApiObject) -> ApiObject:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -64,7 +64,7 @@ def _deployment(name: str, replicas: int, container: Obj) -> Obj:
     }
 
 
-def _echo() -> Obj:
+def _echo() -> ApiObject:
     return {
         "name": "echo",
         "image": "tele-sandbox/echo",
@@ -73,7 +73,7 @@ def _echo() -> Obj:
     }
 
 
-def _ready(pod: Obj) -> bool:
+def _ready(pod: ApiObject) -> bool:
     return any(
         c.get("type") == "Ready" and c.get("status") == "True"
         for c in (pod.get("status") or {}).get("conditions") or []
@@ -158,7 +158,9 @@ async def rollout_restart(info: Any) -> float:
     return time.perf_counter() - t0
 
 
-async def _run_pod(info: Any, name: str, command: list[str], labels: Obj | None = None) -> Obj:
+async def _run_pod(
+    info: Any, name: str, command: list[str], labels: ApiObject | None = None
+) -> ApiObject:
     store = info.api.store
     pod = {
         "apiVersion": "v1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tele.sandbox.apiserver import patch, schemas
-from tele.sandbox.apiserver.errors import ApiError
+from tele.sandbox.apiserver.errors import StatusError
 from tele.sandbox.apiserver.selectors import matches_labels, parse_label_selector
 from tele.sandbox.apiserver.store import Store, TooOld
 from tele.sandbox.apiserver.table import human_duration
@@ -36,7 +36,7 @@ def test_label_selector_syntax() -> None:
     assert not matches_labels(sel, {"app": "web", "env": "prod", "team": "a", "legacy": "1"})
     assert not matches_labels(sel, {"app": "web", "env": "dev", "team": "a"})
     for bad in ("a in (b", "a=b=c", "=x"):
-        with pytest.raises(ApiError):
+        with pytest.raises(StatusError):
             parse_label_selector(bad)
 
 
@@ -113,7 +113,7 @@ def test_merge_and_json_patch() -> None:
     assert patch.json_patch({"a": [1]}, [{"op": "add", "path": "/a/-", "value": 2}]) == {
         "a": [1, 2]
     }
-    with pytest.raises(ApiError) as failed:
+    with pytest.raises(StatusError) as failed:
         patch.json_patch({"a": 1}, [{"op": "test", "path": "/a", "value": 2}])
     assert failed.value.code == 422
 
@@ -171,10 +171,10 @@ def test_protobuf_bodies_decode_to_json() -> None:
     }
     assert obj["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http"}]
     assert obj["spec"]["type"] == "ClusterIP"
-    with pytest.raises(ApiError) as bad:
+    with pytest.raises(StatusError) as bad:
         protobuf.decode(b"not protobuf")
     assert bad.value.code == 400
-    with pytest.raises(ApiError):
+    with pytest.raises(StatusError):
         protobuf.decode(protobuf.MAGIC + b"\x0a\xff")
 
 

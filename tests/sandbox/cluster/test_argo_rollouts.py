@@ -21,7 +21,7 @@ from tele.sandbox import addons
 from tele.sandbox.apiserver.kinds import ResourceType, by_kind
 from tele.sandbox.apiserver.rest import Api
 from tele.sandbox.apiserver.store import Event
-from tele.sandbox.controllers.manager import Manager
+from tele.sandbox.controllers.registry import controller_manager
 
 from .conftest import Kubectl
 from .test_rollout import CTX, _fake_kubelet
@@ -97,7 +97,7 @@ async def _roll(strategy: dict[str, Any]) -> tuple[list[tuple[int, int, int]], A
     api.store.subscribe("/pods", count)
     async with trio.open_nursery() as nursery:
         await nursery.start(_fake_kubelet, api)
-        await nursery.start(Manager(api).serve)
+        await nursery.start(controller_manager(api).serve)
         await api.create(kind, "default", _rollout(strategy), CTX)
         with trio.fail_after(10):
             await _until(api, kind.key, lambda: healthy("1"))
@@ -157,7 +157,7 @@ async def test_deleting_the_crd_takes_rollouts_and_their_pods_away() -> None:
     api = Api()
     api.bootstrap()
     async with trio.open_nursery() as nursery:
-        await nursery.start(Manager(api).serve)
+        await nursery.start(controller_manager(api).serve)
         kind = await _install(api)
         await api.create(kind, "default", _rollout({"canary": {}}, replicas=1), CTX)
         with trio.fail_after(10):

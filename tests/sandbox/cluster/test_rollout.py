@@ -11,12 +11,13 @@ import trio
 import trio.testing
 
 from tele.sandbox.apiserver.auth import User
+from tele.sandbox.apiserver.context import RequestContext
 from tele.sandbox.apiserver.kinds import by_kind
-from tele.sandbox.apiserver.rest import Api, Ctx
+from tele.sandbox.apiserver.rest import Api
 from tele.sandbox.apiserver.store import Event
-from tele.sandbox.controllers.manager import Manager
+from tele.sandbox.controllers.registry import controller_manager
 
-CTX = Ctx(User("test", ("system:masters",)))
+CTX = RequestContext(User("test", ("system:masters",)))
 POD = by_kind("", "Pod")
 DEPLOY = by_kind("apps", "Deployment")
 assert POD is not None and DEPLOY is not None
@@ -88,7 +89,7 @@ async def _roll(strategy: dict[str, Any]) -> list[tuple[int, int, int]]:
     api.store.subscribe("/pods", count)
     async with trio.open_nursery() as nursery:
         await nursery.start(_fake_kubelet, api)
-        await nursery.start(Manager(api).serve)
+        await nursery.start(controller_manager(api).serve)
         await api.create(DEPLOY, "default", _deployment(strategy), CTX)
         with trio.fail_after(10):
             await goal["reached"].wait()
@@ -170,7 +171,7 @@ async def test_recreate_goes_on_when_graceful_pods_are_gone() -> None:
     api.store.subscribe("/pods", on_pod)
     async with trio.open_nursery() as nursery:
         await nursery.start(_graceful_kubelet, api, release)
-        await nursery.start(Manager(api).serve)
+        await nursery.start(controller_manager(api).serve)
         await api.create(DEPLOY, "default", _deployment({"type": "Recreate"}), CTX)
         with trio.fail_after(10):
             await goal["reached"].wait()  # type: ignore[attr-defined]

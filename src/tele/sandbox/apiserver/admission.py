@@ -23,15 +23,16 @@ import httpx
 import trio
 
 from .certs import CertificateAuthority
-from .errors import ApiError
+from .context import RequestContext
+from .errors import StatusError
 from .kinds import ResourceType
 from .patch import json_patch
-from .rest import Api, Ctx
+from .rest import Api
 from .selectors import from_label_selector_object, matches_labels
 
 log = logging.getLogger(__name__)
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 # (namespace, service name, port) -> (host, port) to dial for `clientConfig.service`.
 ServiceResolver = Callable[[str, str, int], Awaitable[tuple[str, int]]]
 
@@ -45,10 +46,10 @@ class _Request:
     """What is being admitted: operation, kind, new and old object, who asks, subresource."""
 
     op: str
-    rt: ResourceType
-    obj: Obj | None
-    old: Obj | None
-    ctx: Ctx
+    resource_type: ResourceType
+    obj: ApiObject | None
+    old: ApiObject | None
+    ctx: RequestContext
     subresource: str
 
 
@@ -67,27 +68,29 @@ class WebhookFailure(Exception):
     """A webhook could not be called or answered nonsense (text after `failed calling webhook`)."""
 
 
-def _rule_matches(rule: Obj, op: str, rt: ResourceType, subresource: str) -> bool:
+def _rule_matches(rule: ApiObject, op: str, resource_type: ResourceType, subresource: str) -> bool:
     ops = rule.get("operations") or []
     if "*" not in ops and op not in ops:
         return False
     groups = rule.get("apiGroups") or []
-    if "*" not in groups and rt.group not in groups:
+    if "*" not in groups and resource_type.group not in groups:
         return False
     versions = rule.get("apiVersions") or []
-    if "*" not in versions and rt.version not in versions:
+    if "*" not in versions and resource_type.version not in versions:
         return False
     scope = rule.get("scope") or "*"
-    if (scope == "Cluster" and rt.namespaced) or (scope == "Namespaced" and not rt.namespaced):
+    if (scope == "Cluster" and resource_type.namespaced) or (
+        scope == "Namespaced" and not resource_type.namespaced
+    ):
         return False
-    wanted = f"{rt.plural}/{subresource}" if subresource else rt.plural
+    wanted = f"{resource_type.plural}/{subresource}" if subresource else resource_type.plural
     for pattern in rule.get("resources") or []:
         if pattern in ("*/*", wanted):
             return True
         if pattern == "*" and not subresource:
             return True
         name, _, sub = pattern.partition("/")
-        if sub == "*" and name == rt.plural and subresource:
+        if sub == "*" and name == resource_type.plural and subresource:
             return True
         if name == "*" and sub and sub == subresource:
             return True
@@ -95,7 +98,7 @@ def _rule_matches(rule: Obj, op: str, rt: ResourceType, subresource: str) -> boo
 
 
 class WebhookAdmission:
-    """The `rest.Admission` implementation backed by the stored webhook configurations."""
+    """The `context.Admission` implementation backed by the stored webhook configurations."""
 
     def __init__(
         self,
@@ -109,9 +112,17 @@ class WebhookAdmission:
 
     # --- matching --------------------------------------------------------------------------
 
-    def _matches(self, hook: Obj, req: _Request) -> bool:
-        op, rt, obj, old, subresource = req.op, req.rt, req.obj, req.old, req.subresource
-        if not any(_rule_matches(r, op, rt, subresource) for r in hook.get("rules") or []):
+    def _matches(self, hook: ApiObject, req: _Request) -> bool:
+        op, resource_type, obj, old, subresource = (
+            req.op,
+            req.resource_type,
+            req.obj,
+            req.old,
+            req.subresource,
+        )
+        if not any(
+            _rule_matches(r, op, resource_type, subresource) for r in hook.get("rules") or []
+        ):
             return False
         object_sel = from_label_selector_object(hook.get("objectSelector") or {})
         if object_sel:
@@ -125,9 +136,9 @@ class WebhookAdmission:
         ns_sel = from_label_selector_object(hook.get("namespaceSelector") or {})
         if ns_sel:
             subject = obj or old or {}
-            if rt.kind == "Namespace":
+            if resource_type.kind == "Namespace":
                 labels = (subject.get("metadata") or {}).get("labels")
-            elif rt.namespaced:
+            elif resource_type.namespaced:
                 ns = self.api.store.get(
                     "/namespaces", "", subject.get("metadata", {}).get("namespace", "")
                 )
@@ -138,8 +149,8 @@ class WebhookAdmission:
                 return False
         return True
 
-    def _hooks(self, resource: str, req: _Request) -> list[Obj]:
-        if req.rt.kind in _SKIPPED_KINDS:
+    def _hooks(self, resource: str, req: _Request) -> list[ApiObject]:
+        if req.resource_type.kind in _SKIPPED_KINDS:
             return []
         hooks = []
         for config in self.api.store.objects(resource):
@@ -151,12 +162,21 @@ class WebhookAdmission:
     # --- Admission interface ---------------------------------------------------------------
 
     async def mutate(
-        self, op: str, rt: ResourceType, obj: Obj, old: Obj | None, ctx: Ctx, *, subresource: str
-    ) -> Obj:
+        self,
+        op: str,
+        resource_type: ResourceType,
+        obj: ApiObject,
+        old: ApiObject | None,
+        ctx: RequestContext,
+        *,
+        subresource: str,
+    ) -> ApiObject:
         resource = "admissionregistration.k8s.io/mutatingwebhookconfigurations"
-        req = _Request(op, rt, obj, old, ctx, subresource)
+        req = _Request(op, resource_type, obj, old, ctx, subresource)
         for hook in self._hooks(resource, req):
-            response = await self._call(hook, _Request(op, rt, obj, old, ctx, subresource))
+            response = await self._call(
+                hook, _Request(op, resource_type, obj, old, ctx, subresource)
+            )
             if response is None:
                 continue
             if response.get("patch"):
@@ -167,10 +187,10 @@ class WebhookAdmission:
                 try:
                     operations = json.loads(base64.b64decode(response["patch"]))
                     patched = json_patch(obj, operations)
-                except (ValueError, ApiError) as exc:
+                except (ValueError, StatusError) as exc:
                     if hook.get("failurePolicy", "Fail") == "Ignore":
                         continue
-                    raise ApiError(
+                    raise StatusError(
                         500, "InternalError", f"Internal error occurred: JSON Patch: {exc}"
                     ) from None
                 if isinstance(patched, dict):
@@ -180,24 +200,24 @@ class WebhookAdmission:
     async def validate(
         self,
         op: str,
-        rt: ResourceType,
-        obj: Obj | None,
-        old: Obj | None,
-        ctx: Ctx,
+        resource_type: ResourceType,
+        obj: ApiObject | None,
+        old: ApiObject | None,
+        ctx: RequestContext,
         *,
         subresource: str,
     ) -> None:
         resource = "admissionregistration.k8s.io/validatingwebhookconfigurations"
-        req = _Request(op, rt, obj, old, ctx, subresource)
+        req = _Request(op, resource_type, obj, old, ctx, subresource)
         hooks = self._hooks(resource, req)
         if not hooks:
             return
         errors: list[BaseException] = []
 
-        async def one(hook: Obj) -> None:
+        async def one(hook: ApiObject) -> None:
             try:
                 await self._call(hook, req)
-            except ApiError as exc:
+            except StatusError as exc:
                 errors.append(exc)
 
         async with trio.open_nursery() as nursery:
@@ -208,14 +228,14 @@ class WebhookAdmission:
 
     # --- calling ---------------------------------------------------------------------------
 
-    def _failure(self, hook: Obj, text: str) -> ApiError:
-        return ApiError(
+    def _failure(self, hook: ApiObject, text: str) -> StatusError:
+        return StatusError(
             500,
             "InternalError",
             f'Internal error occurred: failed calling webhook "{hook.get("name")}": {text}',
         )
 
-    async def _call(self, hook: Obj, req: _Request) -> Obj | None:
+    async def _call(self, hook: ApiObject, req: _Request) -> ApiObject | None:
         """The webhook's `response`, None when ignored after a failure; raises on denial."""
         name = hook.get("name", "")
         try:
@@ -239,13 +259,13 @@ class WebhookAdmission:
                 message = f"{denied} without explanation"
             code = code if code >= 400 else 400
             reason = str(status.get("reason") or _REASONS.get(code, ""))
-            raise ApiError(code, reason, message, details=status.get("details"))
+            raise StatusError(code, reason, message, details=status.get("details"))
         return response
 
-    def _review(self, req: _Request) -> Obj:
-        op, rt, obj, old, ctx, subresource = (
+    def _review(self, req: _Request) -> ApiObject:
+        op, resource_type, obj, old, ctx, subresource = (
             req.op,
-            req.rt,
+            req.resource_type,
             req.obj,
             req.old,
             req.ctx,
@@ -253,14 +273,22 @@ class WebhookAdmission:
         )
         subject = obj or old or {}
         meta = subject.get("metadata") or {}
-        gvk = {"group": rt.group, "version": rt.version, "kind": rt.kind}
-        gvr = {"group": rt.group, "version": rt.version, "resource": rt.plural}
+        gvk = {
+            "group": resource_type.group,
+            "version": resource_type.version,
+            "kind": resource_type.kind,
+        }
+        gvr = {
+            "group": resource_type.group,
+            "version": resource_type.version,
+            "resource": resource_type.plural,
+        }
         option_kind = {
             "CREATE": "CreateOptions",
             "UPDATE": "UpdateOptions",
             "DELETE": "DeleteOptions",
         }.get(op, "CreateOptions")
-        request: Obj = {
+        request: ApiObject = {
             "uid": str(uuid.uuid4()),
             "kind": gvk,
             "resource": gvr,
@@ -279,11 +307,11 @@ class WebhookAdmission:
         if subresource:
             request["subResource"] = subresource
             request["requestSubResource"] = subresource
-        if rt.namespaced:
+        if resource_type.namespaced:
             request["namespace"] = meta.get("namespace", "")
         return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
 
-    async def _url(self, hook: Obj) -> tuple[str, str]:
+    async def _url(self, hook: ApiObject) -> tuple[str, str]:
         """(URL to connect to, URL as Kubernetes names it in errors)."""
         client = hook.get("clientConfig") or {}
         timeout = int(hook.get("timeoutSeconds") or 10)
@@ -303,7 +331,7 @@ class WebhookAdmission:
         host, real_port = await self.service_resolver(ns, svc, port)
         return f"https://{host}:{real_port}{path}", shown
 
-    def _ssl_context(self, hook: Obj) -> ssl.SSLContext:
+    def _ssl_context(self, hook: ApiObject) -> ssl.SSLContext:
         bundle = (hook.get("clientConfig") or {}).get("caBundle")
         if bundle:
             try:
@@ -319,7 +347,7 @@ class WebhookAdmission:
             ctx.check_hostname = False
         return ctx
 
-    async def _post(self, hook: Obj, review: Obj) -> Obj:
+    async def _post(self, hook: ApiObject, review: ApiObject) -> ApiObject:
         timeout = float(hook.get("timeoutSeconds") or 10)
         url, shown = await self._url(hook)
         ctx = self._ssl_context(hook)

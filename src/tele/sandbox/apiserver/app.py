@@ -21,19 +21,20 @@ import msgspec
 import trio
 import yaml
 
-from . import crd, discovery, protobuf, schemas
+from . import crd, discovery, protobuf, schemas, subresources
 from .auth import User
-from .errors import ApiError, bad_request, gone, method_not_allowed
+from .context import RequestContext
+from .errors import StatusError, bad_request, gone, method_not_allowed
 from .kinds import RESOURCES, ResourceType, by_plural
 from .rbac import Attributes
-from .rest import Api, Ctx
+from .rest import Api
 from .selectors import (
     matches_fields,
     matches_labels,
     parse_field_selector,
     parse_label_selector,
 )
-from .store import Event, Obj, TooOld
+from .store import ApiObject, Event, TooOld
 from .table import table
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]
     user: User | None = None
-    rt: ResourceType | None = None
+    resource_type: ResourceType | None = None
     namespace: str = ""
     name: str = ""
     subresource: str = ""
@@ -91,7 +92,7 @@ class ApiApp:
         self.subresource_handlers: dict[tuple[str, str], SubresourceHandler] = {}
         # Recently encoded watch lines by (event type, object identity); stored objects are
         # never mutated, and the object is kept so its id cannot be reused while cached.
-        self._lines: OrderedDict[tuple[str, int], tuple[Obj, bytes]] = OrderedDict()
+        self._lines: OrderedDict[tuple[str, int], tuple[ApiObject, bytes]] = OrderedDict()
         # Aggregated discovery and custom OpenAPI documents, valid for one KindRegistry
         # generation (CRDs change what is served).
         self._derived: dict[tuple[object, ...], Any] = {}
@@ -127,14 +128,14 @@ class ApiApp:
             await self._handle(req, receive, send)
         except Disconnected:
             return
-        except ApiError as exc:
+        except StatusError as exc:
             await self._send(send, exc.code, exc.status(), req.warnings)
         except Exception:
             log.exception("internal error serving %s %s", req.method, req.path)
             await self._send(
                 send,
                 500,
-                ApiError(
+                StatusError(
                     500,
                     "InternalError",
                     "an error on the server has prevented the request from succeeding",
@@ -187,7 +188,7 @@ class ApiApp:
     async def _handle(self, req: Request, receive: ASGIReceive, send: ASGISend) -> None:
         req.user = self._authenticate(req)
         if req.user is None and req.path not in _PUBLIC_PATHS:
-            raise ApiError(401, "Unauthorized", "Unauthorized")
+            raise StatusError(401, "Unauthorized", "Unauthorized")
         path = req.path
         if path in ("/healthz", "/livez", "/readyz"):
             await self._send(send, 200, b"ok", content_type="text/plain; charset=utf-8")
@@ -204,7 +205,7 @@ class ApiApp:
             await self._openapi(req, parts, send)
             return
         self._authorize_path(req)
-        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        raise StatusError(404, "NotFound", "the server could not find the requested resource")
 
     def _authorize_path(self, req: Request) -> None:
         assert req.user is not None
@@ -218,7 +219,7 @@ class ApiApp:
         }.get(req.method, req.method.lower())
         attrs = Attributes(verb=verb, path=req.path, is_resource=False)
         if not self.api.authz.authorize(req.user, attrs):
-            raise ApiError(403, "Forbidden", f"forbidden: {attrs.forbidden_text(req.user)}")
+            raise StatusError(403, "Forbidden", f"forbidden: {attrs.forbidden_text(req.user)}")
 
     async def _api_path(
         self, req: Request, parts: list[str], receive: ASGIReceive, send: ASGISend
@@ -242,7 +243,7 @@ class ApiApp:
                 self._authorize_path(req)
                 doc = discovery.api_group(group, self.api.kinds.all())
                 if doc is None:
-                    raise ApiError(
+                    raise StatusError(
                         404, "NotFound", "the server could not find the requested resource"
                     )
                 await self._send(send, 200, doc)
@@ -252,7 +253,9 @@ class ApiApp:
             self._authorize_path(req)
             resources = discovery.resource_list(group, version, self.api.kinds.all())
             if resources is None:
-                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+                raise StatusError(
+                    404, "NotFound", "the server could not find the requested resource"
+                )
             await self._send(send, 200, resources)
             return
         namespace = ""
@@ -262,22 +265,29 @@ class ApiApp:
         name = rest[1] if len(rest) > 1 else ""
         sub = rest[2] if len(rest) > 2 else ""
         if len(rest) > 3:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        rt = self.api.kinds.by_plural(group, version, plural)
-        if rt is None:
+            raise StatusError(404, "NotFound", "the server could not find the requested resource")
+        resource_type = self.api.kinds.by_plural(group, version, plural)
+        if resource_type is None:
             if not any(g == group and v == version for g, v in self.api.kinds.group_versions()):
-                raise ApiError(404, "NotFound", "the server could not find the requested resource")
-            raise ApiError(
+                raise StatusError(
+                    404, "NotFound", "the server could not find the requested resource"
+                )
+            raise StatusError(
                 404,
                 "NotFound",
                 "the server could not find the requested resource (get "
                 f"{plural}{'.' + group if group else ''})",
             )
-        if namespace and not rt.namespaced:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if sub and sub not in rt.subresources:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        req.rt, req.namespace, req.name, req.subresource = rt, namespace, name, sub
+        if namespace and not resource_type.namespaced:
+            raise StatusError(404, "NotFound", "the server could not find the requested resource")
+        if sub and sub not in resource_type.subresources:
+            raise StatusError(404, "NotFound", "the server could not find the requested resource")
+        req.resource_type, req.namespace, req.name, req.subresource = (
+            resource_type,
+            namespace,
+            name,
+            sub,
+        )
         await self._resource(req, receive, send)
 
     async def _discovery_root(self, req: Request, send: ASGISend, *, core: bool) -> None:
@@ -318,8 +328,14 @@ class ApiApp:
 
         def make() -> dict[str, tuple[bytes, str]]:
             docs = dict(self._openapi_docs)
-            for group, version in dict.fromkeys((rt.group, rt.version) for rt in custom):
-                kinds = [rt for rt in custom if (rt.group, rt.version) == (group, version)]
+            for group, version in dict.fromkeys(
+                (resource_type.group, resource_type.version) for resource_type in custom
+            ):
+                kinds = [
+                    resource_type
+                    for resource_type in custom
+                    if (resource_type.group, resource_type.version) == (group, version)
+                ]
                 doc = crd.openapi_v3_document(kinds)
                 docs[f"apis/{group}/{version}"] = (
                     _encoder.encode(doc),
@@ -333,11 +349,13 @@ class ApiApp:
     @functools.cached_property
     def _openapi_docs(self) -> dict[str, tuple[bytes, str]]:
         docs: dict[str, tuple[bytes, str]] = {}
-        for group, version in dict.fromkeys((rt.group, rt.version) for rt in RESOURCES):
+        for group, version in dict.fromkeys(
+            (resource_type.group, resource_type.version) for resource_type in RESOURCES
+        ):
             rts = [
-                (rt.plural, rt.kind, rt.namespaced)
-                for rt in RESOURCES
-                if rt.group == group and rt.version == version
+                (resource_type.plural, resource_type.kind, resource_type.namespaced)
+                for resource_type in RESOURCES
+                if resource_type.group == group and resource_type.version == version
             ]
             doc = schemas.openapi_v3_document(group, version, rts)
             key = f"api/{version}" if not group else f"apis/{group}/{version}"
@@ -365,11 +383,11 @@ class ApiApp:
             if found is not None:
                 await self._send(send, 200, found[0])
                 return
-        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        raise StatusError(404, "NotFound", "the server could not find the requested resource")
 
     # --- resources -------------------------------------------------------------------------
 
-    def _ctx(self, req: Request) -> Ctx:
+    def _ctx(self, req: Request) -> RequestContext:
         assert req.user is not None
         q = req.query
         dry_run = q.get("dryRun", "")
@@ -381,9 +399,11 @@ class ApiApp:
                 f'fieldValidation: Unsupported value: "{validation}": supported values: '
                 '"Ignore", "Strict", "Warn"'
             )
-        return Ctx(req.user, dry_run == "All", validation, q.get("fieldManager", ""), req.warnings)
+        return RequestContext(
+            req.user, dry_run == "All", validation, q.get("fieldManager", ""), req.warnings
+        )
 
-    def _delete_ctx(self, req: Request, options: Obj) -> Ctx:
+    def _delete_ctx(self, req: Request, options: ApiObject) -> RequestContext:
         """DeleteOptions may carry dryRun in the body instead of the query."""
         ctx = self._ctx(req)
         if "All" in (options.get("dryRun") or []):
@@ -409,36 +429,46 @@ class ApiApp:
         raise method_not_allowed()
 
     async def _resource(self, req: Request, receive: ASGIReceive, send: ASGISend) -> None:
-        rt = req.rt
-        assert rt is not None and req.user is not None
+        resource_type = req.resource_type
+        assert resource_type is not None and req.user is not None
         if req.method == "POST" and req.name and not req.subresource:
             raise method_not_allowed()
         verb = self._verb(req)
-        if rt.kind == "SelfSubjectAccessReview":
+        if resource_type.kind == "SelfSubjectAccessReview":
             if verb != "create":
                 raise method_not_allowed()
-        elif verb not in rt.verbs and not req.subresource:
+        elif verb not in resource_type.verbs and not req.subresource:
             raise method_not_allowed()
         attrs = Attributes(
             verb=verb,
-            api_group=rt.group,
-            resource=rt.plural,
+            api_group=resource_type.group,
+            resource=resource_type.plural,
             subresource=req.subresource,
             namespace=req.namespace,
             name=req.name,
         )
         if not self.api.authz.authorize(req.user, attrs):
-            target = f'{rt.group_resource} "{req.name}"' if req.name else rt.group_resource
-            raise ApiError(
+            target = (
+                f'{resource_type.group_resource} "{req.name}"'
+                if req.name
+                else resource_type.group_resource
+            )
+            raise StatusError(
                 403,
                 "Forbidden",
                 f"{target} is forbidden: {attrs.forbidden_text(req.user)}",
-                details={"name": req.name, "group": rt.group, "kind": rt.plural}
+                details={
+                    "name": req.name,
+                    "group": resource_type.group,
+                    "kind": resource_type.plural,
+                }
                 if req.name
-                else {"group": rt.group, "kind": rt.plural},
+                else {"group": resource_type.group, "kind": resource_type.plural},
             )
         handler = (
-            self.subresource_handlers.get((rt.plural, req.subresource)) if req.subresource else None
+            self.subresource_handlers.get((resource_type.plural, req.subresource))
+            if req.subresource
+            else None
         )
         if handler is not None:
             await handler(req, receive, send)
@@ -451,24 +481,28 @@ class ApiApp:
         elif verb == "watch":
             await self._watch(req, receive, send)
         elif verb == "get":
-            await self._respond_object(req, send, 200, self.api.get(rt, req.namespace, req.name))
+            await self._respond_object(
+                req, send, 200, self.api.get(resource_type, req.namespace, req.name)
+            )
         elif verb == "create":
             body = await self._read_json(req, receive)
-            if rt.kind == "SelfSubjectAccessReview":
+            if resource_type.kind == "SelfSubjectAccessReview":
                 await self._send(send, 201, self.api.self_subject_access_review(body, req.user))
                 return
-            if not rt.namespaced:
+            if not resource_type.namespaced:
                 req.namespace = ""
-            obj = await self.api.create(rt, req.namespace, body, self._ctx(req))
+            obj = await self.api.create(resource_type, req.namespace, body, self._ctx(req))
             await self._respond_object(req, send, 201, obj)
         elif verb == "update":
             body = await self._read_json(req, receive)
-            obj = await self.api.update(rt, req.namespace, req.name, body, self._ctx(req))
+            obj = await self.api.update(
+                resource_type, req.namespace, req.name, body, self._ctx(req)
+            )
             await self._respond_object(req, send, 200, obj)
         elif verb == "patch":
             raw = await self._read_body(req, receive)
             code, obj = await self.api.patch(
-                rt,
+                resource_type,
                 req.namespace,
                 req.name,
                 req.headers.get("content-type", ""),
@@ -480,15 +514,15 @@ class ApiApp:
         elif verb == "delete":
             options = await self._delete_options(req, receive)
             obj = await self.api.delete(
-                rt, req.namespace, req.name, options, self._delete_ctx(req, options)
+                resource_type, req.namespace, req.name, options, self._delete_ctx(req, options)
             )
             await self._respond_object(req, send, 200, obj)
         elif verb == "deletecollection":
             options = await self._delete_options(req, receive)
             labels, fields = self._selectors(req)
             objs = await self.api.delete_collection(
-                rt,
-                req.namespace if rt.namespaced else None,
+                resource_type,
+                req.namespace if resource_type.namespaced else None,
                 labels=labels,
                 fields=fields,
                 options=options,
@@ -498,8 +532,8 @@ class ApiApp:
                 send,
                 200,
                 {
-                    "kind": f"{rt.kind}List",
-                    "apiVersion": rt.api_version,
+                    "kind": f"{resource_type.kind}List",
+                    "apiVersion": resource_type.api_version,
                     "metadata": {},
                     "items": objs,
                 },
@@ -509,23 +543,28 @@ class ApiApp:
     async def _subresource(
         self, req: Request, verb: str, receive: ASGIReceive, send: ASGISend
     ) -> None:
-        rt, sub = req.rt, req.subresource
-        assert rt is not None
+        resource_type, sub = req.resource_type, req.subresource
+        assert resource_type is not None
         if sub == "status":
             if verb == "get":
                 await self._respond_object(
-                    req, send, 200, self.api.get(rt, req.namespace, req.name)
+                    req, send, 200, self.api.get(resource_type, req.namespace, req.name)
                 )
             elif verb == "update":
                 body = await self._read_json(req, receive)
                 obj = await self.api.update(
-                    rt, req.namespace, req.name, body, self._ctx(req), subresource="status"
+                    resource_type,
+                    req.namespace,
+                    req.name,
+                    body,
+                    self._ctx(req),
+                    subresource="status",
                 )
                 await self._respond_object(req, send, 200, obj)
             elif verb == "patch":
                 raw = await self._read_body(req, receive)
                 _, obj = await self.api.patch(
-                    rt,
+                    resource_type,
                     req.namespace,
                     req.name,
                     req.headers.get("content-type", ""),
@@ -539,20 +578,26 @@ class ApiApp:
         elif sub == "scale":
             if verb == "get":
                 await self._send(
-                    send, 200, self.api.scale_of(rt, self.api.get(rt, req.namespace, req.name))
+                    send,
+                    200,
+                    subresources.scale_of(
+                        resource_type, self.api.get(resource_type, req.namespace, req.name)
+                    ),
                 )
             elif verb == "update":
                 body = await self._read_json(req, receive)
                 await self._send(
                     send,
                     200,
-                    await self.api.update_scale(rt, req.namespace, req.name, body, self._ctx(req)),
+                    await self.api.update_scale(
+                        resource_type, req.namespace, req.name, body, self._ctx(req)
+                    ),
                     req.warnings,
                 )
             elif verb == "patch":
                 raw = await self._read_body(req, receive)
                 _, obj = await self.api.patch(
-                    rt,
+                    resource_type,
                     req.namespace,
                     req.name,
                     req.headers.get("content-type", ""),
@@ -576,11 +621,11 @@ class ApiApp:
         elif sub == "token" and verb == "create":
             body = await self._read_json(req, receive)
             await self._send(send, 201, self.api.token_request(req.namespace, req.name, body))
-        elif rt.plural == "pods" and sub in ("log", "exec", "attach", "portforward"):
-            pod = self.api.get(rt, req.namespace, req.name)
+        elif resource_type.plural == "pods" and sub in ("log", "exec", "attach", "portforward"):
+            pod = self.api.get(resource_type, req.namespace, req.name)
             if not (pod.get("spec") or {}).get("nodeName"):
                 raise bad_request(f"pod {req.name} does not have a host assigned")
-            handler = self.subresource_handlers.get((rt.plural, sub))
+            handler = self.subresource_handlers.get((resource_type.plural, sub))
             if handler is not None and verb == "get":
                 await handler(req, receive, send)
                 return
@@ -602,13 +647,18 @@ class ApiApp:
             and parts[:2] == ["api", "v1"]
             and parts[2] == "namespaces"
         ):
-            rt = by_plural("", "v1", parts[4])
-            if rt is not None:
-                req.rt, req.namespace, req.name, req.subresource = rt, parts[3], parts[5], parts[6]
-                handler = self.subresource_handlers.get((rt.plural, parts[6]))
+            resource_type = by_plural("", "v1", parts[4])
+            if resource_type is not None:
+                req.resource_type, req.namespace, req.name, req.subresource = (
+                    resource_type,
+                    parts[3],
+                    parts[5],
+                    parts[6],
+                )
+                handler = self.subresource_handlers.get((resource_type.plural, parts[6]))
                 attrs = Attributes(
                     verb="create",
-                    resource=rt.plural,
+                    resource=resource_type.plural,
                     subresource=parts[6],
                     namespace=parts[3],
                     name=parts[5],
@@ -640,7 +690,7 @@ class ApiApp:
                         if message["type"] == "http.disconnect":
                             raise Disconnected()
                         total += len(message.get("body", b""))
-                raise ApiError(
+                raise StatusError(
                     413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_BODY}"
                 )
             chunks.append(chunk)
@@ -658,7 +708,7 @@ class ApiApp:
         if ct == "application/vnd.kubernetes.protobuf":
             return protobuf.decode(raw)
         if ct not in ("application/json", "", "*/*"):
-            raise ApiError(
+            raise StatusError(
                 415,
                 "UnsupportedMediaType",
                 "the body of the request was in an unknown format - accepted media types "
@@ -669,9 +719,9 @@ class ApiApp:
         except msgspec.DecodeError as exc:
             raise bad_request(f"couldn't get version/kind; json parse error: {exc}") from None
 
-    async def _delete_options(self, req: Request, receive: ASGIReceive) -> Obj:
+    async def _delete_options(self, req: Request, receive: ASGIReceive) -> ApiObject:
         raw = await self._read_body(req, receive)
-        options: Obj = {}
+        options: ApiObject = {}
         ct = req.headers.get("content-type", "").split(";")[0].strip().lower()
         if raw and ct == "application/vnd.kubernetes.protobuf":
             options = protobuf.decode(raw)
@@ -712,35 +762,41 @@ class ApiApp:
                 return True
         return False
 
-    async def _respond_object(self, req: Request, send: ASGISend, code: int, obj: Obj) -> None:
-        if self._wants_table(req) and req.rt is not None:
+    async def _respond_object(
+        self, req: Request, send: ASGISend, code: int, obj: ApiObject
+    ) -> None:
+        if self._wants_table(req) and req.resource_type is not None:
             meta = {"resourceVersion": obj["metadata"].get("resourceVersion", "")}
-            await self._send(send, code, self._table(req.rt, [obj], meta), req.warnings)
+            await self._send(send, code, self._table(req.resource_type, [obj], meta), req.warnings)
             return
         await self._send(send, code, obj, req.warnings)
 
-    def _table(self, rt: ResourceType, objs: list[Obj], meta: Obj) -> Obj:
-        printer = rt.printer_columns if rt.custom else None
-        return table(rt.kind, objs, meta, self.api.clock(), printer=printer)
+    def _table(
+        self, resource_type: ResourceType, objs: list[ApiObject], meta: ApiObject
+    ) -> ApiObject:
+        printer = resource_type.printer_columns if resource_type.custom else None
+        return table(resource_type.kind, objs, meta, self.api.clock(), printer=printer)
 
     def _selectors(self, req: Request) -> tuple[Any, Any]:
-        rt = req.rt
-        assert rt is not None
+        resource_type = req.resource_type
+        assert resource_type is not None
         labels = parse_label_selector(req.query.get("labelSelector", ""))
-        fields = parse_field_selector(req.query.get("fieldSelector", ""), rt.supports_field)
+        fields = parse_field_selector(
+            req.query.get("fieldSelector", ""), resource_type.supports_field
+        )
         return labels, fields
 
     async def _list(self, req: Request, send: ASGISend) -> None:
-        rt = req.rt
-        assert rt is not None
+        resource_type = req.resource_type
+        assert resource_type is not None
         labels, fields = self._selectors(req)
         try:
             limit = int(req.query.get("limit") or 0)
         except ValueError:
             raise bad_request(f'limit: invalid value "{req.query.get("limit")}"') from None
-        namespace = req.namespace if rt.namespaced and req.namespace else None
+        namespace = req.namespace if resource_type.namespaced and req.namespace else None
         objs, meta = self.api.list_objects(
-            rt,
+            resource_type,
             namespace,
             labels=labels,
             fields=fields,
@@ -748,11 +804,11 @@ class ApiApp:
             continue_token=req.query.get("continue", ""),
         )
         if self._wants_table(req):
-            body = self._table(rt, objs, meta)
+            body = self._table(resource_type, objs, meta)
         else:
             body = {
-                "kind": f"{rt.kind}List",
-                "apiVersion": rt.api_version,
+                "kind": f"{resource_type.kind}List",
+                "apiVersion": resource_type.api_version,
                 "metadata": meta,
                 "items": objs,
             }
@@ -761,11 +817,11 @@ class ApiApp:
     # --- watch -----------------------------------------------------------------------------
 
     async def _watch(self, req: Request, receive: ASGIReceive, send: ASGISend) -> None:
-        rt = req.rt
-        assert rt is not None
+        resource_type = req.resource_type
+        assert resource_type is not None
         labels, fields = self._selectors(req)
         store = self.api.store
-        namespace = req.namespace if rt.namespaced and req.namespace else None
+        namespace = req.namespace if resource_type.namespaced and req.namespace else None
         rv_text = req.query.get("resourceVersion", "")
         try:
             timeout = float(req.query.get("timeoutSeconds") or 0)
@@ -794,20 +850,20 @@ class ApiApp:
             except trio.ClosedResourceError:
                 pass
 
-        unsubscribe = store.subscribe(rt.key, listener)
+        unsubscribe = store.subscribe(resource_type.key, listener)
         try:
-            initial: list[tuple[str, Obj]] = []
+            initial: list[tuple[str, ApiObject]] = []
             last_rv = store.resource_version
             too_old: TooOld | None = None
             if rv_text in ("", "0"):
-                for obj in store.objects(rt.key, namespace):
+                for obj in store.objects(resource_type.key, namespace):
                     if matches_labels(labels, obj["metadata"].get("labels")) and matches_fields(
                         fields, obj
                     ):
                         initial.append(("ADDED", obj))
             else:
                 try:
-                    for event in store.events_since(rt.key, int(rv_text)):
+                    for event in store.events_since(resource_type.key, int(rv_text)):
                         if (
                             namespace is not None
                             and event.obj["metadata"].get("namespace") != namespace
@@ -831,13 +887,13 @@ class ApiApp:
                 await send({"type": "http.response.body", "body": b""})
                 return
             for kind, obj in initial:
-                await self._chunk(send, self._event(rt, kind, obj, as_table))
+                await self._chunk(send, self._event(resource_type, kind, obj, as_table))
             deadline = trio.current_time() + timeout if timeout > 0 else math.inf
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
                 with trio.move_on_at(deadline):
                     await self._stream(
-                        rt,
+                        resource_type,
                         recv_ch,
                         send,
                         labels=labels,
@@ -853,7 +909,7 @@ class ApiApp:
 
     async def _stream(
         self,
-        rt: ResourceType,
+        resource_type: ResourceType,
         recv_ch: trio.MemoryReceiveChannel[Event | None],
         send: ASGISend,
         *,
@@ -878,8 +934,8 @@ class ApiApp:
                         {
                             "type": "BOOKMARK",
                             "object": {
-                                "kind": rt.kind,
-                                "apiVersion": rt.api_version,
+                                "kind": resource_type.kind,
+                                "apiVersion": resource_type.api_version,
                                 "metadata": {"resourceVersion": rv, "creationTimestamp": None},
                             },
                         },
@@ -890,19 +946,23 @@ class ApiApp:
             translated = _translate(event, labels, fields)
             if translated is not None:
                 await self._send_line(
-                    send, self._encoded(rt, translated[0], translated[1], as_table)
+                    send, self._encoded(resource_type, translated[0], translated[1], as_table)
                 )
 
-    def _event(self, rt: ResourceType, kind: str, obj: Obj, as_table: bool) -> Obj:
+    def _event(
+        self, resource_type: ResourceType, kind: str, obj: ApiObject, as_table: bool
+    ) -> ApiObject:
         if as_table:
             meta = {"resourceVersion": obj["metadata"].get("resourceVersion", "")}
-            return {"type": kind, "object": self._table(rt, [obj], meta)}
+            return {"type": kind, "object": self._table(resource_type, [obj], meta)}
         return {"type": kind, "object": obj}
 
-    def _encoded(self, rt: ResourceType, kind: str, obj: Obj, as_table: bool) -> bytes:
+    def _encoded(
+        self, resource_type: ResourceType, kind: str, obj: ApiObject, as_table: bool
+    ) -> bytes:
         """One watch line; plain events are encoded once and shared by every watcher."""
         if as_table:
-            return _encoder.encode(self._event(rt, kind, obj, as_table)) + b"\n"
+            return _encoder.encode(self._event(resource_type, kind, obj, as_table)) + b"\n"
         key = (kind, id(obj))
         cached = self._lines.get(key)
         if cached is not None and cached[0] is obj:
@@ -916,7 +976,7 @@ class ApiApp:
     async def _send_line(self, send: ASGISend, line: bytes) -> None:
         await send({"type": "http.response.body", "body": line, "more_body": True})
 
-    async def _chunk(self, send: ASGISend, event: Obj) -> None:
+    async def _chunk(self, send: ASGISend, event: ApiObject) -> None:
         await send(
             {
                 "type": "http.response.body",
@@ -926,10 +986,10 @@ class ApiApp:
         )
 
 
-def _translate(event: Event, labels: Any, fields: Any) -> tuple[str, Obj] | None:
+def _translate(event: Event, labels: Any, fields: Any) -> tuple[str, ApiObject] | None:
     """Map a store event onto what a selector-filtered watch sees (moves in/out of the set)."""
 
-    def ok(obj: Obj | None) -> bool:
+    def ok(obj: ApiObject | None) -> bool:
         return (
             obj is not None
             and matches_labels(labels, obj["metadata"].get("labels"))

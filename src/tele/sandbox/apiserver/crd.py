@@ -17,7 +17,7 @@ from . import schemas
 from .errors import Cause, duplicate, invalid_value, required, unsupported
 from .kinds import BUILTIN_GROUPS, PrinterColumn, ResourceType, ScalePaths
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 
 KIND = "CustomResourceDefinition"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -25,7 +25,7 @@ _KIND_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 _META_REF = "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 
 
-def defaults(obj: Obj) -> None:
+def defaults(obj: ApiObject) -> None:
     """The defaults the real API server fills into a CRD."""
     spec = obj.get("spec")
     if not isinstance(spec, dict):
@@ -41,7 +41,7 @@ def defaults(obj: Obj) -> None:
             version.setdefault("storage", False)
 
 
-def causes(obj: Obj) -> list[Cause]:
+def causes(obj: ApiObject) -> list[Cause]:
     """Validation of a CRD's spec (its schemas are taken as given)."""
     spec = obj.get("spec") or {}
     names = spec.get("names") or {}
@@ -87,7 +87,7 @@ def causes(obj: Obj) -> list[Cause]:
     return out
 
 
-def status(obj: Obj, now: str) -> Obj:
+def status(obj: ApiObject, now: str) -> ApiObject:
     """The status the apiextensions controllers set once the names are accepted and served."""
     spec = obj.get("spec") or {}
     old = obj.get("status") or {}
@@ -97,7 +97,7 @@ def status(obj: Obj, now: str) -> Obj:
             stored.append(version["name"])
     previous = {c.get("type"): c for c in old.get("conditions") or []}
 
-    def condition(kind: str, reason: str, message: str) -> Obj:
+    def condition(kind: str, reason: str, message: str) -> ApiObject:
         since = (previous.get(kind) or {}).get("lastTransitionTime") or now
         return {
             "type": kind,
@@ -119,7 +119,7 @@ def status(obj: Obj, now: str) -> Obj:
     }
 
 
-def kinds_of(obj: Obj) -> tuple[ResourceType, ...]:
+def kinds_of(obj: ApiObject) -> tuple[ResourceType, ...]:
     """The resources a CRD serves: one per served version, the storage version first."""
     spec = obj.get("spec") or {}
     names = spec.get("names") or {}
@@ -204,7 +204,7 @@ def get_path(obj: Any, path: str) -> Any:
     return obj
 
 
-def set_path(obj: Obj, path: str, value: Any) -> None:
+def set_path(obj: ApiObject, path: str, value: Any) -> None:
     """Store `value` at a dotted path, making the objects on the way."""
     steps = _steps(path)
     if not steps or not all(isinstance(s, str) for s in steps):
@@ -217,18 +217,24 @@ def set_path(obj: Obj, path: str, value: Any) -> None:
 # --- OpenAPI v3 ------------------------------------------------------------------------------
 
 
-def definition_name(rt: ResourceType) -> str:
+def definition_name(resource_type: ResourceType) -> str:
     """The schema name the API server gives a custom kind: reversed group, version, kind."""
-    return ".".join([*reversed(rt.group.split(".")), rt.version, rt.kind])
+    return ".".join(
+        [*reversed(resource_type.group.split(".")), resource_type.version, resource_type.kind]
+    )
 
 
-def openapi_v3_document(kinds: list[ResourceType]) -> Obj:
+def openapi_v3_document(kinds: list[ResourceType]) -> ApiObject:
     """The OpenAPI v3 document of one custom group/version (for `kubectl apply` and `explain`)."""
-    paths: Obj = {}
-    components: Obj = {}
-    for rt in kinds:
-        gvk = {"group": rt.group, "version": rt.version, "kind": rt.kind}
-        schema: Obj = dict(rt.schema or {"type": "object"})
+    paths: ApiObject = {}
+    components: ApiObject = {}
+    for resource_type in kinds:
+        gvk = {
+            "group": resource_type.group,
+            "version": resource_type.version,
+            "kind": resource_type.kind,
+        }
+        schema: ApiObject = dict(resource_type.schema or {"type": "object"})
         properties = dict(schema.get("properties") or {})
         properties["apiVersion"] = {"type": "string"}
         properties["kind"] = {"type": "string"}
@@ -236,9 +242,12 @@ def openapi_v3_document(kinds: list[ResourceType]) -> Obj:
         schema["properties"] = properties
         schema.setdefault("type", "object")
         schema["x-kubernetes-group-version-kind"] = [gvk]
-        components[definition_name(rt)] = schema
+        components[definition_name(resource_type)] = schema
         op = {
-            "operationId": f"patch{rt.group.replace('.', '')}{rt.version}{rt.kind}",
+            "operationId": (
+                f"patch{resource_type.group.replace('.', '')}{resource_type.version}"
+                f"{resource_type.kind}"
+            ),
             "x-kubernetes-action": "patch",
             "x-kubernetes-group-version-kind": gvk,
             "parameters": [
@@ -258,10 +267,10 @@ def openapi_v3_document(kinds: list[ResourceType]) -> Obj:
             },
             "responses": {"200": {"description": "OK"}},
         }
-        prefix = f"/apis/{rt.group}/{rt.version}"
-        if rt.namespaced:
+        prefix = f"/apis/{resource_type.group}/{resource_type.version}"
+        if resource_type.namespaced:
             prefix += "/namespaces/{namespace}"
-        base = f"{prefix}/{rt.plural}"
+        base = f"{prefix}/{resource_type.plural}"
         paths[base + "/{name}"] = {"patch": op}
     components.update(schemas.openapi_components(_META_ROOTS))
     return {

@@ -13,10 +13,10 @@ from typing import Any
 
 from . import crd
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 
 
-def _container(c: Obj) -> None:
+def _container(c: ApiObject) -> None:
     image = str(c.get("image") or "")
     last = image.rsplit("/", 1)[-1]
     tag_latest = "@" not in last and (":" not in last or last.endswith(":latest"))
@@ -44,7 +44,7 @@ def _container(c: Obj) -> None:
                 http.setdefault("scheme", "HTTP")
 
 
-def pod_spec(spec: Obj) -> None:
+def pod_spec(spec: ApiObject) -> None:
     spec.setdefault("restartPolicy", "Always")
     spec.setdefault("terminationGracePeriodSeconds", 30)
     spec.setdefault("dnsPolicy", "ClusterFirst")
@@ -68,19 +68,19 @@ def pod_spec(spec: Obj) -> None:
             vol["emptyDir"] = {}
 
 
-def _template(obj: Obj) -> None:
+def _template(obj: ApiObject) -> None:
     template = obj.setdefault("spec", {}).setdefault("template", {})
     template.setdefault("metadata", {})
     if isinstance(template.get("spec"), dict):
         pod_spec(template["spec"])
 
 
-def pod_template(template: Obj) -> None:
+def pod_template(template: ApiObject) -> None:
     """Defaults of a pod template, in place (what a ReplicaSet made from it will hold)."""
     _template({"spec": {"template": template}})
 
 
-def pod(obj: Obj) -> None:
+def pod(obj: ApiObject) -> None:
     pod_spec(obj.setdefault("spec", {}))
     spec = obj["spec"]
     tolerations = spec.setdefault("tolerations", [])
@@ -93,7 +93,7 @@ def pod(obj: Obj) -> None:
     spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
 
 
-def deployment(obj: Obj) -> None:
+def deployment(obj: ApiObject) -> None:
     spec = obj.setdefault("spec", {})
     spec.setdefault("replicas", 1)
     strategy = spec.setdefault("strategy", {})
@@ -107,12 +107,12 @@ def deployment(obj: Obj) -> None:
     _template(obj)
 
 
-def replicaset(obj: Obj) -> None:
+def replicaset(obj: ApiObject) -> None:
     obj.setdefault("spec", {}).setdefault("replicas", 1)
     _template(obj)
 
 
-def statefulset(obj: Obj) -> None:
+def statefulset(obj: ApiObject) -> None:
     spec = obj.setdefault("spec", {})
     spec.setdefault("replicas", 1)
     spec.setdefault("podManagementPolicy", "OrderedReady")
@@ -127,7 +127,7 @@ def statefulset(obj: Obj) -> None:
     _template(obj)
 
 
-def service(obj: Obj) -> None:
+def service(obj: ApiObject) -> None:
     spec = obj.setdefault("spec", {})
     spec.setdefault("type", "ClusterIP")
     spec.setdefault("sessionAffinity", "None")
@@ -143,7 +143,7 @@ def service(obj: Obj) -> None:
     obj.setdefault("status", {}).setdefault("loadBalancer", {})
 
 
-def secret(obj: Obj) -> None:
+def secret(obj: ApiObject) -> None:
     obj.setdefault("type", "Opaque")
     string_data = obj.pop("stringData", None)
     if isinstance(string_data, dict):
@@ -153,14 +153,14 @@ def secret(obj: Obj) -> None:
         obj["data"] = data
 
 
-def namespace(obj: Obj) -> None:
+def namespace(obj: ApiObject) -> None:
     obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
     obj.setdefault("status", {}).setdefault("phase", "Active")
     labels = obj["metadata"].setdefault("labels", {})
     labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
 
 
-def _webhooks(obj: Obj) -> None:
+def _webhooks(obj: ApiObject) -> None:
     for hook in obj.get("webhooks") or []:
         if not isinstance(hook, dict):
             continue
@@ -179,20 +179,20 @@ def _webhooks(obj: Obj) -> None:
                 rule.setdefault("scope", "*")
 
 
-def endpointslice(obj: Obj) -> None:
+def endpointslice(obj: ApiObject) -> None:
     for port in obj.get("ports") or []:
         if isinstance(port, dict):
             port.setdefault("protocol", "TCP")
 
 
-def endpoints(obj: Obj) -> None:
+def endpoints(obj: ApiObject) -> None:
     for subset in obj.get("subsets") or []:
         for port in (subset or {}).get("ports") or []:
             if isinstance(port, dict):
                 port.setdefault("protocol", "TCP")
 
 
-DEFAULTERS: dict[str, Callable[[Obj], None]] = {
+DEFAULTERS: dict[str, Callable[[ApiObject], None]] = {
     "Pod": pod,
     "Deployment": deployment,
     "ReplicaSet": replicaset,
@@ -208,7 +208,7 @@ DEFAULTERS: dict[str, Callable[[Obj], None]] = {
 }
 
 
-def apply_defaults(obj: Obj) -> None:
+def apply_defaults(obj: ApiObject) -> None:
     fn = DEFAULTERS.get(str(obj.get("kind")))
     if fn is not None:
         fn(obj)

@@ -12,7 +12,7 @@ from typing import Any
 
 from .kinds import RESOURCES, SUBRESOURCE_KINDS, SUBRESOURCE_VERBS, ResourceType, group_versions
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 
 KUBE_VERSION = {
     "major": "1",
@@ -27,25 +27,25 @@ KUBE_VERSION = {
 }
 
 
-def _resource_entries(rt: ResourceType) -> list[Obj]:
-    main: Obj = {
-        "name": rt.plural,
-        "singularName": rt.singular,
-        "namespaced": rt.namespaced,
-        "kind": rt.kind,
-        "verbs": list(rt.verbs),
+def _resource_entries(resource_type: ResourceType) -> list[ApiObject]:
+    main: ApiObject = {
+        "name": resource_type.plural,
+        "singularName": resource_type.singular,
+        "namespaced": resource_type.namespaced,
+        "kind": resource_type.kind,
+        "verbs": list(resource_type.verbs),
     }
-    if rt.short_names:
-        main["shortNames"] = list(rt.short_names)
-    if rt.categories:
-        main["categories"] = list(rt.categories)
+    if resource_type.short_names:
+        main["shortNames"] = list(resource_type.short_names)
+    if resource_type.categories:
+        main["categories"] = list(resource_type.categories)
     out = [main]
-    for sub in rt.subresources:
-        entry: Obj = {
-            "name": f"{rt.plural}/{sub}",
+    for sub in resource_type.subresources:
+        entry: ApiObject = {
+            "name": f"{resource_type.plural}/{sub}",
             "singularName": "",
-            "namespaced": rt.namespaced,
-            "kind": rt.kind,
+            "namespaced": resource_type.namespaced,
+            "kind": resource_type.kind,
             "verbs": list(SUBRESOURCE_VERBS.get(sub, ("get",))),
         }
         if sub in SUBRESOURCE_KINDS:
@@ -59,19 +59,23 @@ def _resource_entries(rt: ResourceType) -> list[Obj]:
 
 def resource_list(
     group: str, version: str, resources: Sequence[ResourceType] = RESOURCES
-) -> Obj | None:
-    rts = [rt for rt in resources if rt.group == group and rt.version == version]
+) -> ApiObject | None:
+    rts = [
+        resource_type
+        for resource_type in resources
+        if resource_type.group == group and resource_type.version == version
+    ]
     if not rts:
         return None
     return {
         "kind": "APIResourceList",
         "apiVersion": "v1",
         "groupVersion": f"{group}/{version}" if group else version,
-        "resources": [e for rt in rts for e in _resource_entries(rt)],
+        "resources": [e for resource_type in rts for e in _resource_entries(resource_type)],
     }
 
 
-def core_versions(server_address: str) -> Obj:
+def core_versions(server_address: str) -> ApiObject:
     return {
         "kind": "APIVersions",
         "versions": ["v1"],
@@ -81,50 +85,56 @@ def core_versions(server_address: str) -> Obj:
     }
 
 
-def _group(group: str, resources: Sequence[ResourceType]) -> Obj:
+def _group(group: str, resources: Sequence[ResourceType]) -> ApiObject:
     versions = [v for g, v in group_versions(resources) if g == group]
     entries = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
     return {"name": group, "versions": entries, "preferredVersion": entries[0]}
 
 
-def group_list(resources: Sequence[ResourceType] = RESOURCES) -> Obj:
-    groups: list[Obj] = []
+def group_list(resources: Sequence[ResourceType] = RESOURCES) -> ApiObject:
+    groups: list[ApiObject] = []
     for group, _ in group_versions(resources):
         if group and all(g["name"] != group for g in groups):
             groups.append(_group(group, resources))
     return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
 
 
-def api_group(group: str, resources: Sequence[ResourceType] = RESOURCES) -> Obj | None:
+def api_group(group: str, resources: Sequence[ResourceType] = RESOURCES) -> ApiObject | None:
     if not any(g == group for g, _ in group_versions(resources)) or not group:
         return None
     return {"kind": "APIGroup", "apiVersion": "v1", **_group(group, resources)}
 
 
-def aggregated(core: bool, version: str, served: Sequence[ResourceType] = RESOURCES) -> Obj:
+def aggregated(core: bool, version: str, served: Sequence[ResourceType] = RESOURCES) -> ApiObject:
     """APIGroupDiscoveryList for /api (core) or /apis, in apidiscovery `version` v2 or v2beta1."""
-    items: list[Obj] = []
+    items: list[ApiObject] = []
     for group, gv_version in group_versions(served):
         if bool(group) == core:
             continue
         resources = []
-        for rt in served:
-            if rt.group != group or rt.version != gv_version:
+        for resource_type in served:
+            if resource_type.group != group or resource_type.version != gv_version:
                 continue
-            entry: Obj = {
-                "resource": rt.plural,
-                "responseKind": {"group": rt.group, "version": rt.version, "kind": rt.kind},
-                "scope": "Namespaced" if rt.namespaced else "Cluster",
-                "singularResource": rt.singular,
-                "verbs": list(rt.verbs),
+            entry: ApiObject = {
+                "resource": resource_type.plural,
+                "responseKind": {
+                    "group": resource_type.group,
+                    "version": resource_type.version,
+                    "kind": resource_type.kind,
+                },
+                "scope": "Namespaced" if resource_type.namespaced else "Cluster",
+                "singularResource": resource_type.singular,
+                "verbs": list(resource_type.verbs),
             }
-            if rt.short_names:
-                entry["shortNames"] = list(rt.short_names)
-            if rt.categories:
-                entry["categories"] = list(rt.categories)
+            if resource_type.short_names:
+                entry["shortNames"] = list(resource_type.short_names)
+            if resource_type.categories:
+                entry["categories"] = list(resource_type.categories)
             subs = []
-            for sub in rt.subresources:
-                g, v, k = SUBRESOURCE_KINDS.get(sub, (rt.group, rt.version, rt.kind))
+            for sub in resource_type.subresources:
+                g, v, k = SUBRESOURCE_KINDS.get(
+                    sub, (resource_type.group, resource_type.version, resource_type.kind)
+                )
                 subs.append(
                     {
                         "subresource": sub,

@@ -1,7 +1,8 @@
 """API errors as Kubernetes reports them: each becomes a `Status` object with code and reason.
 
-Handlers raise `ApiError`; the HTTP layer turns it into the JSON body clients parse
-(`kubectl` prints `Error from server (<reason>): <message>`).
+Handlers raise `StatusError` (named after apimachinery's `errors.StatusError`; not the client-side
+error of `tele.k8s`); the HTTP layer turns it into the JSON body clients parse (`kubectl` prints
+`Error from server (<reason>): <message>`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 
-class ApiError(Exception):
-    """A request the API refuses, with the HTTP code, the Status reason and details."""
+class StatusError(Exception):
+    """A request the API server refuses, with the HTTP code, the Status reason and details."""
 
     def __init__(
         self,
@@ -54,8 +55,8 @@ def _qualified(resource: str, group: str) -> str:
     return f"{resource}.{group}" if group else resource
 
 
-def not_found(resource: str, name: str, group: str = "") -> ApiError:
-    return ApiError(
+def not_found(resource: str, name: str, group: str = "") -> StatusError:
+    return StatusError(
         404,
         "NotFound",
         f'{_qualified(resource, group)} "{name}" not found',
@@ -63,8 +64,8 @@ def not_found(resource: str, name: str, group: str = "") -> ApiError:
     )
 
 
-def already_exists(resource: str, name: str, group: str = "") -> ApiError:
-    return ApiError(
+def already_exists(resource: str, name: str, group: str = "") -> StatusError:
+    return StatusError(
         409,
         "AlreadyExists",
         f'{_qualified(resource, group)} "{name}" already exists',
@@ -72,8 +73,8 @@ def already_exists(resource: str, name: str, group: str = "") -> ApiError:
     )
 
 
-def conflict(resource: str, name: str, group: str = "") -> ApiError:
-    return ApiError(
+def conflict(resource: str, name: str, group: str = "") -> StatusError:
+    return StatusError(
         409,
         "Conflict",
         f'Operation cannot be fulfilled on {_qualified(resource, group)} "{name}": the object '
@@ -82,18 +83,18 @@ def conflict(resource: str, name: str, group: str = "") -> ApiError:
     )
 
 
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, "BadRequest", message)
+def bad_request(message: str) -> StatusError:
+    return StatusError(400, "BadRequest", message)
 
 
-def method_not_allowed() -> ApiError:
-    return ApiError(
+def method_not_allowed() -> StatusError:
+    return StatusError(
         405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
     )
 
 
-def gone(message: str) -> ApiError:
-    return ApiError(410, "Expired", message)
+def gone(message: str) -> StatusError:
+    return StatusError(410, "Expired", message)
 
 
 class Cause:
@@ -151,7 +152,7 @@ def duplicate(field: str, value: Any) -> Cause:
     return Cause("FieldValueDuplicate", field, f"Duplicate value: {go_repr(value)}")
 
 
-def invalid(kind: str, name: str, group: str, causes: list[Cause]) -> ApiError:
+def invalid(kind: str, name: str, group: str, causes: list[Cause]) -> StatusError:
     """422 Invalid with one cause per field, in the message format of apimachinery."""
     texts = [c.text() for c in causes]
     summary = texts[0] if len(texts) == 1 else "[" + ", ".join(texts) + "]"
@@ -162,4 +163,6 @@ def invalid(kind: str, name: str, group: str, causes: list[Cause]) -> ApiError:
     details["causes"] = [
         {"reason": c.reason, "message": c.message, "field": c.field} for c in causes
     ]
-    return ApiError(422, "Invalid", f'{qualified} "{name}" is invalid: {summary}', details=details)
+    return StatusError(
+        422, "Invalid", f'{qualified} "{name}" is invalid: {summary}', details=details
+    )

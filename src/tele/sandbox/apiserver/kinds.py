@@ -81,7 +81,7 @@ class ResourceType:
         return label in _META_FIELDS or label in self.field_labels
 
 
-def _rt(
+def _resource(
     group: str, version: str, kind: str, plural: str, namespaced: bool = True, **kw: object
 ) -> ResourceType:
     return ResourceType(
@@ -98,7 +98,7 @@ def _rt(
 _ONLY_CREATE = ("create",)
 
 RESOURCES: tuple[ResourceType, ...] = (
-    _rt(
+    _resource(
         "",
         "v1",
         "Namespace",
@@ -110,7 +110,7 @@ RESOURCES: tuple[ResourceType, ...] = (
         verbs=("create", "delete", "get", "list", "patch", "update", "watch"),
         field_labels=frozenset({"status.phase"}),
     ),
-    _rt(
+    _resource(
         "",
         "v1",
         "Pod",
@@ -133,7 +133,7 @@ RESOURCES: tuple[ResourceType, ...] = (
             }
         ),
     ),
-    _rt(
+    _resource(
         "",
         "v1",
         "Service",
@@ -144,13 +144,13 @@ RESOURCES: tuple[ResourceType, ...] = (
         subresources=("status", "proxy"),
         verbs=("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"),
     ),
-    _rt("", "v1", "Endpoints", "endpoints", short_names=("ep",)),
-    _rt("", "v1", "ConfigMap", "configmaps", short_names=("cm",)),
-    _rt("", "v1", "Secret", "secrets", field_labels=frozenset({"type"})),
-    _rt(
+    _resource("", "v1", "Endpoints", "endpoints", short_names=("ep",)),
+    _resource("", "v1", "ConfigMap", "configmaps", short_names=("cm",)),
+    _resource("", "v1", "Secret", "secrets", field_labels=frozenset({"type"})),
+    _resource(
         "", "v1", "ServiceAccount", "serviceaccounts", short_names=("sa",), subresources=("token",)
     ),
-    _rt(
+    _resource(
         "",
         "v1",
         "Event",
@@ -172,7 +172,7 @@ RESOURCES: tuple[ResourceType, ...] = (
             }
         ),
     ),
-    _rt(
+    _resource(
         "apps",
         "v1",
         "Deployment",
@@ -182,7 +182,7 @@ RESOURCES: tuple[ResourceType, ...] = (
         has_status=True,
         subresources=("status", "scale"),
     ),
-    _rt(
+    _resource(
         "apps",
         "v1",
         "ReplicaSet",
@@ -193,7 +193,7 @@ RESOURCES: tuple[ResourceType, ...] = (
         subresources=("status", "scale"),
         field_labels=frozenset({"status.replicas"}),
     ),
-    _rt(
+    _resource(
         "apps",
         "v1",
         "StatefulSet",
@@ -203,22 +203,22 @@ RESOURCES: tuple[ResourceType, ...] = (
         has_status=True,
         subresources=("status", "scale"),
     ),
-    _rt("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
-    _rt(
+    _resource("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+    _resource(
         "admissionregistration.k8s.io",
         "v1",
         "MutatingWebhookConfiguration",
         "mutatingwebhookconfigurations",
         False,
     ),
-    _rt(
+    _resource(
         "admissionregistration.k8s.io",
         "v1",
         "ValidatingWebhookConfiguration",
         "validatingwebhookconfigurations",
         False,
     ),
-    _rt(
+    _resource(
         "policy",
         "v1",
         "PodDisruptionBudget",
@@ -227,11 +227,13 @@ RESOURCES: tuple[ResourceType, ...] = (
         has_status=True,
         subresources=("status",),
     ),
-    _rt("rbac.authorization.k8s.io", "v1", "Role", "roles"),
-    _rt("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", False),
-    _rt("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings"),
-    _rt("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", False),
-    _rt(
+    _resource("rbac.authorization.k8s.io", "v1", "Role", "roles"),
+    _resource("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", False),
+    _resource("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings"),
+    _resource(
+        "rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", False
+    ),
+    _resource(
         "apiextensions.k8s.io",
         "v1",
         "CustomResourceDefinition",
@@ -242,7 +244,7 @@ RESOURCES: tuple[ResourceType, ...] = (
         has_status=True,
         subresources=("status",),
     ),
-    _rt(
+    _resource(
         "authorization.k8s.io",
         "v1",
         "SelfSubjectAccessReview",
@@ -283,15 +285,18 @@ SUBRESOURCE_VERBS: dict[str, tuple[str, ...]] = {
 def group_versions(resources: Iterable[ResourceType] = RESOURCES) -> list[tuple[str, str]]:
     """Served (group, version) pairs in a stable order, core first."""
     seen: list[tuple[str, str]] = []
-    for rt in resources:
-        gv = (rt.group, rt.version)
+    for resource_type in resources:
+        gv = (resource_type.group, resource_type.version)
         if gv not in seen:
             seen.append(gv)
     return seen
 
 
-_BY_PLURAL = {(rt.group, rt.version, rt.plural): rt for rt in RESOURCES}
-_BY_KIND = {(rt.group, rt.kind): rt for rt in RESOURCES}
+_BY_PLURAL = {
+    (resource_type.group, resource_type.version, resource_type.plural): resource_type
+    for resource_type in RESOURCES
+}
+_BY_KIND = {(resource_type.group, resource_type.kind): resource_type for resource_type in RESOURCES}
 
 
 def by_plural(group: str, version: str, plural: str) -> ResourceType | None:
@@ -307,7 +312,7 @@ def kind_of(group: str, kind: str) -> ResourceType:
     return _BY_KIND[(group, kind)]
 
 
-BUILTIN_GROUPS = frozenset(rt.group for rt in RESOURCES)
+BUILTIN_GROUPS = frozenset(resource_type.group for resource_type in RESOURCES)
 
 
 class KindRegistry:
@@ -339,7 +344,9 @@ class KindRegistry:
         return kinds
 
     def _changed(self) -> None:
-        self._all = RESOURCES + tuple(rt for kinds in self._custom.values() for rt in kinds)
+        self._all = RESOURCES + tuple(
+            resource_type for kinds in self._custom.values() for resource_type in kinds
+        )
         self.generation += 1
 
     def of_crd(self, crd_name: str) -> tuple[ResourceType, ...]:
@@ -354,9 +361,10 @@ class KindRegistry:
             return found
         return next(
             (
-                rt
-                for rt in self.custom()
-                if (rt.group, rt.version, rt.plural) == (group, version, plural)
+                resource_type
+                for resource_type in self.custom()
+                if (resource_type.group, resource_type.version, resource_type.plural)
+                == (group, version, plural)
             ),
             None,
         )
@@ -366,8 +374,17 @@ class KindRegistry:
         found = _BY_KIND.get((group, kind))
         if found is not None or group in BUILTIN_GROUPS:
             return found
-        return next((rt for rt in self.custom() if (rt.group, rt.kind) == (group, kind)), None)
+        return next(
+            (
+                resource_type
+                for resource_type in self.custom()
+                if (resource_type.group, resource_type.kind) == (group, kind)
+            ),
+            None,
+        )
 
     def by_key(self, key: str) -> ResourceType | None:
         """The resource stored under `key` (group/plural)."""
-        return next((rt for rt in self._all if rt.key == key), None)
+        return next(
+            (resource_type for resource_type in self._all if resource_type.key == key), None
+        )

@@ -13,7 +13,7 @@ from typing import Any
 import jsonpatch
 
 from . import schemas
-from .errors import ApiError, bad_request
+from .errors import StatusError, bad_request
 
 _DELETE = object()
 
@@ -24,7 +24,7 @@ def json_patch(target: Any, operations: Any) -> Any:
     try:
         return jsonpatch.JsonPatch(operations).apply(copy.deepcopy(target))
     except jsonpatch.JsonPatchTestFailed as exc:
-        raise ApiError(
+        raise StatusError(
             422, "Invalid", f"the server rejected our request due to an error in our request: {exc}"
         ) from None
     except (
@@ -33,7 +33,7 @@ def json_patch(target: Any, operations: Any) -> Any:
         TypeError,
         KeyError,
     ) as exc:
-        raise ApiError(
+        raise StatusError(
             422, "Invalid", f"the server rejected our request due to an error in our request: {exc}"
         ) from None
 

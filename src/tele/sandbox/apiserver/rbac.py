@@ -12,7 +12,7 @@ from typing import Any
 from .auth import User
 from .store import Store
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Attributes:
         )
 
 
-def _subject_matches(subject: Obj, user: User, binding_namespace: str) -> bool:
+def _subject_matches(subject: ApiObject, user: User, binding_namespace: str) -> bool:
     kind = subject.get("kind")
     name = subject.get("name")
     if kind == "User":
@@ -54,7 +54,7 @@ def _glob(patterns: list[str], value: str) -> bool:
     return "*" in patterns or value in patterns
 
 
-def rule_allows(rule: Obj, attrs: Attributes) -> bool:
+def rule_allows(rule: ApiObject, attrs: Attributes) -> bool:
     if not _glob(rule.get("verbs") or [], attrs.verb):
         return False
     if not attrs.is_resource:
@@ -80,7 +80,7 @@ class Authorizer:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def _role_rules(self, ref: Obj, namespace: str) -> list[Obj]:
+    def _role_rules(self, ref: ApiObject, namespace: str) -> list[ApiObject]:
         if ref.get("kind") == "ClusterRole":
             role = self._store.get(
                 "rbac.authorization.k8s.io/clusterroles", "", ref.get("name", "")
@@ -91,8 +91,8 @@ class Authorizer:
             )
         return list((role or {}).get("rules") or [])
 
-    def rules_for(self, user: User, namespace: str) -> list[Obj]:
-        rules: list[Obj] = []
+    def rules_for(self, user: User, namespace: str) -> list[ApiObject]:
+        rules: list[ApiObject] = []
         for binding in self._store.objects("rbac.authorization.k8s.io/clusterrolebindings"):
             if any(_subject_matches(s, user, "") for s in binding.get("subjects") or []):
                 rules += self._role_rules(binding.get("roleRef") or {}, "")
@@ -108,7 +108,7 @@ class Authorizer:
         return any(rule_allows(rule, attrs) for rule in self.rules_for(user, attrs.namespace))
 
 
-def bootstrap_objects() -> list[Obj]:
+def bootstrap_objects() -> list[ApiObject]:
     """The default ClusterRoles and bindings every cluster has (trimmed to the usual ones)."""
     rbac = "rbac.authorization.k8s.io/v1"
     read = ["get", "list", "watch"]
@@ -144,7 +144,7 @@ def bootstrap_objects() -> list[Obj]:
         ("policy", ["poddisruptionbudgets"]),
     ]
 
-    def role(name: str, rules: list[Obj]) -> Obj:
+    def role(name: str, rules: list[ApiObject]) -> ApiObject:
         return {
             "apiVersion": rbac,
             "kind": "ClusterRole",
@@ -152,7 +152,7 @@ def bootstrap_objects() -> list[Obj]:
             "rules": rules,
         }
 
-    def binding(name: str, role_name: str, group: str) -> Obj:
+    def binding(name: str, role_name: str, group: str) -> ApiObject:
         return {
             "apiVersion": rbac,
             "kind": "ClusterRoleBinding",

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ApiError, bad_request
+from .errors import StatusError, bad_request
 
 _KEY_RE = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -59,7 +59,7 @@ def parse_label_selector(text: str) -> LabelSelector:
     reqs: list[Requirement] = []
     i = 0
 
-    def fail(msg: str) -> ApiError:
+    def fail(msg: str) -> StatusError:
         return bad_request(f"unable to parse requirement: {msg}")
 
     while i < len(tokens):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 ObjKey = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped
 
 
@@ -23,8 +23,8 @@ class Event:
 
     type: str
     resource: str
-    obj: Obj
-    old: Obj | None
+    obj: ApiObject
+    old: ApiObject | None
     rv: int
 
 
@@ -45,7 +45,7 @@ class Store:
 
     def __init__(self, history_size: int = 10_000) -> None:
         self._rv = 0
-        self._objects: dict[str, dict[ObjKey, Obj]] = {}
+        self._objects: dict[str, dict[ObjKey, ApiObject]] = {}
         self._history: deque[Event] = deque(maxlen=history_size)
         # Highest resourceVersion whose event has fallen out of the history.
         self._compacted = 0
@@ -59,23 +59,23 @@ class Store:
     def resource_version(self) -> int:
         return self._rv
 
-    def get(self, resource: str, namespace: str, name: str) -> Obj | None:
+    def get(self, resource: str, namespace: str, name: str) -> ApiObject | None:
         return self._objects.get(resource, {}).get((namespace, name))
 
-    def objects(self, resource: str, namespace: str | None = None) -> list[Obj]:
+    def objects(self, resource: str, namespace: str | None = None) -> list[ApiObject]:
         """Objects sorted by (namespace, name); all namespaces when `namespace` is None."""
         objs = self._objects.get(resource, {})
         keys = sorted(objs) if namespace is None else sorted(k for k in objs if k[0] == namespace)
         return [objs[k] for k in keys]
 
-    def by_uid(self, uid: str) -> tuple[str, Obj] | None:
+    def by_uid(self, uid: str) -> tuple[str, ApiObject] | None:
         where = self._uids.get(uid)
         if where is None:
             return None
         obj = self.get(where[0], *where[1])
         return None if obj is None else (where[0], obj)
 
-    def dependents(self, owner_uid: str) -> list[tuple[str, Obj]]:
+    def dependents(self, owner_uid: str) -> list[tuple[str, ApiObject]]:
         """Objects listing `owner_uid` in their ownerReferences."""
         out = []
         for resource, key in sorted(self._dependents.get(owner_uid, ())):
@@ -86,7 +86,7 @@ class Store:
 
     # --- writes --------------------------------------------------------------------------
 
-    def create(self, resource: str, obj: Obj) -> Obj:
+    def create(self, resource: str, obj: ApiObject) -> ApiObject:
         """Store a new object (the caller checked it does not exist); stamps resourceVersion."""
         key = _key(obj)
         stored = self._stamp(obj)
@@ -95,7 +95,7 @@ class Store:
         self._emit(Event("ADDED", resource, stored, None, self._rv))
         return stored
 
-    def replace(self, resource: str, obj: Obj) -> Obj:
+    def replace(self, resource: str, obj: ApiObject) -> ApiObject:
         """Store a new version of an existing object; stamps resourceVersion."""
         key = _key(obj)
         old = self._objects[resource][key]
@@ -105,7 +105,7 @@ class Store:
         self._emit(Event("MODIFIED", resource, stored, old, self._rv))
         return stored
 
-    def remove(self, resource: str, namespace: str, name: str) -> Obj:
+    def remove(self, resource: str, namespace: str, name: str) -> ApiObject:
         """Drop an object; the DELETED event carries it with a fresh resourceVersion."""
         key = (namespace, name)
         old = self._objects[resource].pop(key)
@@ -115,11 +115,13 @@ class Store:
         self._emit(Event("DELETED", resource, gone, old, self._rv))
         return gone
 
-    def _stamp(self, obj: Obj) -> Obj:
+    def _stamp(self, obj: ApiObject) -> ApiObject:
         self._rv += 1
         return {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self._rv)}}
 
-    def _index(self, resource: str, key: ObjKey, old: Obj | None, new: Obj | None) -> None:
+    def _index(
+        self, resource: str, key: ObjKey, old: ApiObject | None, new: ApiObject | None
+    ) -> None:
         where = (resource, key)
         if old is not None:
             self._uids.pop(old["metadata"].get("uid", ""), None)
@@ -172,6 +174,6 @@ class Store:
         return out
 
 
-def _key(obj: Obj) -> ObjKey:
+def _key(obj: ApiObject) -> ObjKey:
     meta = obj["metadata"]
     return (meta.get("namespace") or "", meta["name"])

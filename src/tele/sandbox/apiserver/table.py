@@ -15,7 +15,7 @@ from typing import Any
 from .kinds import PrinterColumn
 from .selectors import label_selector_text
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 Row = list[Any]
 
 
@@ -55,12 +55,14 @@ def parse_time(text: str | None) -> float | None:
         return None
 
 
-def age(obj: Obj, now: float) -> str:
+def age(obj: ApiObject, now: float) -> str:
     created = parse_time(obj.get("metadata", {}).get("creationTimestamp"))
     return "<unknown>" if created is None else human_duration(now - created)
 
 
-def _col(name: str, kind: str = "string", fmt: str = "", priority: int = 0, desc: str = "") -> Obj:
+def _col(
+    name: str, kind: str = "string", fmt: str = "", priority: int = 0, desc: str = ""
+) -> ApiObject:
     return {"name": name, "type": kind, "format": fmt, "description": desc, "priority": priority}
 
 
@@ -72,7 +74,7 @@ AGE = _col(
 )
 
 
-def _pod_row(o: Obj, now: float) -> Row:
+def _pod_row(o: ApiObject, now: float) -> Row:
     status = o.get("status") or {}
     spec = o.get("spec") or {}
     statuses = status.get("containerStatuses") or []
@@ -102,7 +104,7 @@ def _pod_row(o: Obj, now: float) -> Row:
     ]
 
 
-def _ports_text(ports: list[Obj]) -> str:
+def _ports_text(ports: list[ApiObject]) -> str:
     parts = []
     for p in ports:
         text = str(p.get("port"))
@@ -112,7 +114,7 @@ def _ports_text(ports: list[Obj]) -> str:
     return ",".join(parts) or "<none>"
 
 
-def _service_row(o: Obj, now: float) -> Row:
+def _service_row(o: ApiObject, now: float) -> Row:
     spec = o.get("spec") or {}
     external = ",".join(spec.get("externalIPs") or [])
     if spec.get("type") == "ExternalName":
@@ -132,7 +134,7 @@ def _service_row(o: Obj, now: float) -> Row:
     ]
 
 
-def _images(o: Obj) -> tuple[str, str]:
+def _images(o: ApiObject) -> tuple[str, str]:
     containers = (
         (((o.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers")
     ) or []
@@ -142,7 +144,7 @@ def _images(o: Obj) -> tuple[str, str]:
     )
 
 
-def _deployment_row(o: Obj, now: float) -> Row:
+def _deployment_row(o: ApiObject, now: float) -> Row:
     spec, status = o.get("spec") or {}, o.get("status") or {}
     names, images = _images(o)
     return [
@@ -157,7 +159,7 @@ def _deployment_row(o: Obj, now: float) -> Row:
     ]
 
 
-def _replicaset_row(o: Obj, now: float) -> Row:
+def _replicaset_row(o: ApiObject, now: float) -> Row:
     spec, status = o.get("spec") or {}, o.get("status") or {}
     names, images = _images(o)
     return [
@@ -172,7 +174,7 @@ def _replicaset_row(o: Obj, now: float) -> Row:
     ]
 
 
-def _statefulset_row(o: Obj, now: float) -> Row:
+def _statefulset_row(o: ApiObject, now: float) -> Row:
     spec, status = o.get("spec") or {}, o.get("status") or {}
     names, images = _images(o)
     return [
@@ -184,7 +186,7 @@ def _statefulset_row(o: Obj, now: float) -> Row:
     ]
 
 
-def _endpoints_row(o: Obj, now: float) -> Row:
+def _endpoints_row(o: ApiObject, now: float) -> Row:
     addrs = []
     for subset in o.get("subsets") or []:
         for a in subset.get("addresses") or []:
@@ -194,14 +196,14 @@ def _endpoints_row(o: Obj, now: float) -> Row:
     return [o["metadata"]["name"], text or "<none>", age(o, now)]
 
 
-def _slice_row(o: Obj, now: float) -> Row:
+def _slice_row(o: ApiObject, now: float) -> Row:
     ports = ",".join(str(p.get("port")) for p in o.get("ports") or []) or "<unset>"
     addrs = [a for e in o.get("endpoints") or [] for a in e.get("addresses") or []]
     text = ",".join(addrs[:3]) + (f" + {len(addrs) - 3} more..." if len(addrs) > 3 else "")
     return [o["metadata"]["name"], o.get("addressType", ""), ports, text or "<unset>", age(o, now)]
 
 
-def _event_row(o: Obj, now: float) -> Row:
+def _event_row(o: ApiObject, now: float) -> Row:
     last = parse_time(
         o.get("lastTimestamp") or o.get("eventTime") or o["metadata"].get("creationTimestamp")
     )
@@ -216,7 +218,7 @@ def _event_row(o: Obj, now: float) -> Row:
     ]
 
 
-def _pdb_row(o: Obj, now: float) -> Row:
+def _pdb_row(o: ApiObject, now: float) -> Row:
     spec, status = o.get("spec") or {}, o.get("status") or {}
     return [
         o["metadata"]["name"],
@@ -227,12 +229,12 @@ def _pdb_row(o: Obj, now: float) -> Row:
     ]
 
 
-def _binding_row(o: Obj, now: float) -> Row:
+def _binding_row(o: ApiObject, now: float) -> Row:
     ref = o.get("roleRef") or {}
     return [o["metadata"]["name"], f"{ref.get('kind')}/{ref.get('name')}", age(o, now)]
 
 
-_COLUMNS: dict[str, tuple[list[Obj], Callable[[Obj, float], Row]]] = {
+_COLUMNS: dict[str, tuple[list[ApiObject], Callable[[ApiObject, float], Row]]] = {
     "Pod": (
         [
             NAME,
@@ -362,7 +364,7 @@ _COLUMNS: dict[str, tuple[list[Obj], Callable[[Obj, float], Row]]] = {
 }
 
 
-def _partial(o: Obj) -> Obj:
+def _partial(o: ApiObject) -> ApiObject:
     return {
         "kind": "PartialObjectMetadata",
         "apiVersion": "meta.k8s.io/v1",
@@ -370,7 +372,7 @@ def _partial(o: Obj) -> Obj:
     }
 
 
-def _json_path_cell(obj: Obj, column: PrinterColumn, now: float) -> Any:
+def _json_path_cell(obj: ApiObject, column: PrinterColumn, now: float) -> Any:
     from .crd import get_path
 
     value = get_path(obj, column.json_path)
@@ -391,7 +393,7 @@ def _json_path_cell(obj: Obj, column: PrinterColumn, now: float) -> Any:
 
 def _printer(
     printer: tuple[PrinterColumn, ...],
-) -> tuple[list[Obj], Callable[[Obj, float], Row]]:
+) -> tuple[list[ApiObject], Callable[[ApiObject, float], Row]]:
     """Columns of a custom kind: Name and its additionalPrinterColumns (Name, Age if none)."""
     if not printer:
         return [NAME, AGE], lambda o, t: [o["metadata"]["name"], age(o, t)]
@@ -404,13 +406,13 @@ def _printer(
 
 def table(
     kind: str,
-    objs: list[Obj],
-    list_meta: Obj,
+    objs: list[ApiObject],
+    list_meta: ApiObject,
     now: float | None = None,
     *,
     include_object: bool = True,
     printer: tuple[PrinterColumn, ...] | None = None,
-) -> Obj:
+) -> ApiObject:
     """A Table of `objs`; `printer` (a custom kind's columns, maybe none) replaces the
     built-in columns of `kind`."""
     now = time.time() if now is None else now
@@ -422,7 +424,7 @@ def table(
         )
     rows = []
     for o in objs:
-        row: Obj = {"cells": row_fn(o, now)}
+        row: ApiObject = {"cells": row_fn(o, now)}
         if include_object:
             row["object"] = _partial(o)
         rows.append(row)

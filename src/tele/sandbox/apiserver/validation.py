@@ -22,7 +22,7 @@ from .errors import (
 )
 from .selectors import from_label_selector_object, matches_labels
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SUBDOMAIN_CHARS = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -127,7 +127,7 @@ def labels_causes(labels: Any, field: str) -> list[Cause]:
     return causes
 
 
-def metadata_causes(obj: Obj) -> list[Cause]:
+def metadata_causes(obj: ApiObject) -> list[Cause]:
     meta = obj.get("metadata") or {}
     causes: list[Cause] = []
     name = meta.get("name")
@@ -203,7 +203,7 @@ def pod_spec_causes(spec: Any, field: str) -> list[Cause]:
     return causes
 
 
-def _selector_template(obj: Obj, needs_selector: bool = True) -> list[Cause]:
+def _selector_template(obj: ApiObject, needs_selector: bool = True) -> list[Cause]:
     spec = obj.get("spec") or {}
     causes: list[Cause] = []
     selector = spec.get("selector")
@@ -235,7 +235,7 @@ def _selector_template(obj: Obj, needs_selector: bool = True) -> list[Cause]:
     return causes
 
 
-def _service(obj: Obj) -> list[Cause]:
+def _service(obj: ApiObject) -> list[Cause]:
     spec = obj.get("spec") or {}
     causes: list[Cause] = []
     svc_type = spec.get("type")
@@ -298,7 +298,7 @@ def _service(obj: Obj) -> list[Cause]:
     return causes
 
 
-def _data_keys(obj: Obj) -> list[Cause]:
+def _data_keys(obj: ApiObject) -> list[Cause]:
     causes: list[Cause] = []
     for field in ("data", "binaryData", "stringData"):
         for key in obj.get(field) or {}:
@@ -307,7 +307,7 @@ def _data_keys(obj: Obj) -> list[Cause]:
     return causes
 
 
-def _webhook_config(obj: Obj) -> list[Cause]:
+def _webhook_config(obj: ApiObject) -> list[Cause]:
     causes: list[Cause] = []
     names: set[str] = set()
     for i, hook in enumerate(obj.get("webhooks") or []):
@@ -354,7 +354,7 @@ def _webhook_config(obj: Obj) -> list[Cause]:
     return causes
 
 
-def _binding(obj: Obj) -> list[Cause]:
+def _binding(obj: ApiObject) -> list[Cause]:
     ref = obj.get("roleRef") or {}
     causes: list[Cause] = []
     if ref.get("kind") not in ("Role", "ClusterRole"):
@@ -375,14 +375,14 @@ def _binding(obj: Obj) -> list[Cause]:
     return causes
 
 
-def _pdb(obj: Obj) -> list[Cause]:
+def _pdb(obj: ApiObject) -> list[Cause]:
     spec = obj.get("spec") or {}
     if "minAvailable" in spec and "maxUnavailable" in spec:
         return [invalid_value("spec", spec, "minAvailable and maxUnavailable cannot be both set")]
     return []
 
 
-def validate(obj: Obj) -> list[Cause]:
+def validate(obj: ApiObject) -> list[Cause]:
     """Causes for a new or updated object (empty when valid)."""
     kind = obj.get("kind")
     causes = metadata_causes(obj)
@@ -406,13 +406,13 @@ def validate(obj: Obj) -> list[Cause]:
 _POD_MUTABLE = ("activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds")
 
 
-def update_causes(new: Obj, old: Obj) -> list[Cause]:
+def update_causes(new: ApiObject, old: ApiObject) -> list[Cause]:
     """Immutable fields of an update (spec of pods, selectors, roleRef, service IPs)."""
     kind = new.get("kind")
     causes: list[Cause] = []
     if kind == "Pod":
 
-        def scrub(spec: Obj) -> Obj:
+        def scrub(spec: ApiObject) -> ApiObject:
             spec = {k: v for k, v in spec.items() if k not in _POD_MUTABLE}
             for field in ("containers", "initContainers"):
                 if isinstance(spec.get(field), list):

@@ -14,12 +14,14 @@ import math
 from dataclasses import dataclass
 
 from tele.sandbox.apiserver import defaults
+from tele.sandbox.apiserver.store import ApiObject
 
-from .manager import Manager, Obj, controller_of, rt
+from .manager import ControllerManager
+from .objects import controller_of, iso, resource_of_kind
 from .replicaset import is_active, owned_pods
 
-DEPLOY = rt("apps", "Deployment")
-RS = rt("apps", "ReplicaSet")
+DEPLOY = resource_of_kind("apps", "Deployment")
+RS = resource_of_kind("apps", "ReplicaSet")
 HASH_LABEL = "pod-template-hash"
 REVISION = "deployment.kubernetes.io/revision"
 _SAFE = "bcdfghjklmnpqrstvwxz2456789"
@@ -42,9 +44,9 @@ class Owner:
     does, so that it compares equal to the ReplicaSets' (defaulted) templates."""
 
 
-def pod_template(owner: Owner, d: Obj) -> Obj:
+def pod_template(owner: Owner, d: ApiObject) -> ApiObject:
     """The owner's pod template as its ReplicaSets hold it (without their hash label)."""
-    template: Obj = (d.get("spec") or {}).get("template") or {}
+    template: ApiObject = (d.get("spec") or {}).get("template") or {}
     if owner.stored_as_sent:
         template = copy.deepcopy(template)
         defaults.pod_template(template)
@@ -63,7 +65,7 @@ class Strategy:
     recreate: bool = False
 
 
-def template_hash(template: Obj, collisions: int = 0) -> str:
+def template_hash(template: ApiObject, collisions: int = 0) -> str:
     """FNV-1a over the canonical template, encoded with Kubernetes' SafeEncodeString alphabet."""
     data = json.dumps(template, sort_keys=True, separators=(",", ":")).encode()
     if collisions:
@@ -74,7 +76,7 @@ def template_hash(template: Obj, collisions: int = 0) -> str:
     return "".join(_SAFE[ord(c) % len(_SAFE)] for c in str(h))
 
 
-def _strip_hash(template: Obj, label: str = HASH_LABEL) -> Obj:
+def _strip_hash(template: ApiObject, label: str = HASH_LABEL) -> ApiObject:
     t = copy.deepcopy(template)
     (t.get("metadata") or {}).get("labels", {}).pop(label, None)
     return t
@@ -88,7 +90,7 @@ def resolve(value: object, total: int, round_up: bool) -> int:
     return int(str(value or 0))
 
 
-def _revision(rs: Obj, owner: Owner = DEPLOYMENT) -> int:
+def _revision(rs: ApiObject, owner: Owner = DEPLOYMENT) -> int:
     try:
         return int((rs["metadata"].get("annotations") or {}).get(owner.revision, "0"))
     except ValueError:
@@ -96,8 +98,13 @@ def _revision(rs: Obj, owner: Owner = DEPLOYMENT) -> int:
 
 
 async def _scale(
-    mgr: Manager, owner: Owner, d: Obj, rs: Obj, replicas: int, revision: int | None = None
-) -> Obj:
+    manager: ControllerManager,
+    owner: Owner,
+    d: ApiObject,
+    rs: ApiObject,
+    replicas: int,
+    revision: int | None = None,
+) -> ApiObject:
     current = int((rs.get("spec") or {}).get("replicas", 0))
     annotations = dict(rs["metadata"].get("annotations") or {})
     wanted = dict(annotations)
@@ -110,10 +117,10 @@ async def _scale(
     body["spec"]["replicas"] = replicas
     body["metadata"]["annotations"] = wanted
     meta = rs["metadata"]
-    stored = await mgr.api.update(RS, meta["namespace"], meta["name"], body, mgr.ctx)
+    stored = await manager.api.update(RS, meta["namespace"], meta["name"], body, manager.ctx)
     if current != replicas:
         verb = "up" if replicas > current else "down"
-        await mgr.event(
+        await manager.event(
             d,
             "ScalingReplicaSet",
             f"Scaled {verb} replica set {meta['name']} from {current} to {replicas}",
@@ -122,12 +129,14 @@ async def _scale(
     return stored
 
 
-def replica_sets(mgr: Manager, owner: Owner, d: Obj) -> tuple[list[Obj], Obj | None]:
+def replica_sets(
+    manager: ControllerManager, owner: Owner, d: ApiObject
+) -> tuple[list[ApiObject], ApiObject | None]:
     """The ReplicaSets `d` controls, and the one of its current template (if made yet)."""
     uid = d["metadata"]["uid"]
     sets = [
         obj
-        for _, obj in mgr.api.store.dependents(uid)
+        for _, obj in manager.api.store.dependents(uid)
         if obj.get("kind") == "ReplicaSet" and (controller_of(obj) or {}).get("uid") == uid
     ]
     template = pod_template(owner, d)
@@ -142,8 +151,8 @@ def replica_sets(mgr: Manager, owner: Owner, d: Obj) -> tuple[list[Obj], Obj | N
     return sets, new
 
 
-async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
-    d = mgr.api.store.get(DEPLOY.key, namespace, name)
+async def reconcile(manager: ControllerManager, namespace: str, name: str) -> None:
+    d = manager.api.store.get(DEPLOY.key, namespace, name)
     if d is None or d["metadata"].get("deletionTimestamp"):
         return
     spec = d.get("spec") or {}
@@ -154,18 +163,20 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
     unavailable = resolve(rolling.get("maxUnavailable", "25%"), replicas, False)
     if surge == 0 and unavailable == 0:
         unavailable = 1
-    await roll(mgr, DEPLOYMENT, d, Strategy(surge, unavailable, strategy.get("type") == "Recreate"))
-    await _status(mgr, namespace, name, unavailable)
+    await roll(
+        manager, DEPLOYMENT, d, Strategy(surge, unavailable, strategy.get("type") == "Recreate")
+    )
+    await _status(manager, namespace, name, unavailable)
 
 
-async def roll(mgr: Manager, owner: Owner, d: Obj, strategy: Strategy) -> None:
+async def roll(manager: ControllerManager, owner: Owner, d: ApiObject, strategy: Strategy) -> None:
     """Bring `d`'s ReplicaSets one step closer to its template and replica count."""
     meta = d["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
     spec = d.get("spec") or {}
     replicas = int(spec.get("replicas", 1))
     template = pod_template(owner, d)
-    sets, new = replica_sets(mgr, owner, d)
+    sets, new = replica_sets(manager, owner, d)
     old = [rs for rs in sets if rs is not new]
     max_rev = max((_revision(rs, owner) for rs in sets), default=0)
     surge, unavailable, recreate = strategy.surge, strategy.unavailable, strategy.recreate
@@ -212,23 +223,27 @@ async def roll(mgr: Manager, owner: Owner, d: Obj, strategy: Strategy) -> None:
                     "template": new_template,
                 },
             }
-            new = await mgr.api.create(RS, namespace, body, mgr.ctx)
-            await mgr.event(
+            new = await manager.api.create(RS, namespace, body, manager.ctx)
+            await manager.event(
                 d,
                 "ScalingReplicaSet",
                 f"Scaled up replica set {name}-{pod_hash} from 0 to {start}",
                 component=owner.component,
             )
         elif _revision(new, owner) < max_rev:
-            new = await _scale(mgr, owner, d, new, int(new["spec"].get("replicas", 0)), max_rev + 1)
+            new = await _scale(
+                manager, owner, d, new, int(new["spec"].get("replicas", 0)), max_rev + 1
+            )
         new_replicas = int(new["spec"].get("replicas", 0))
         if recreate:
             for rs in old:
                 if rs["spec"].get("replicas"):
-                    await _scale(mgr, owner, d, rs, 0)
-            old_pods = [p for rs in old for p in owned_pods(mgr, namespace, rs["metadata"]["uid"])]
+                    await _scale(manager, owner, d, rs, 0)
+            old_pods = [
+                p for rs in old for p in owned_pods(manager, namespace, rs["metadata"]["uid"])
+            ]
             if not any(is_active(p) or p["metadata"].get("deletionTimestamp") for p in old_pods):
-                new = await _scale(mgr, owner, d, new, replicas)
+                new = await _scale(manager, owner, d, new, replicas)
         else:
             total = sum(int(rs["spec"].get("replicas", 0)) for rs in [new, *old])
             # Pods an old set still has (its controller has not caught up with a scale-down
@@ -236,16 +251,18 @@ async def roll(mgr: Manager, owner: Owner, d: Obj, strategy: Strategy) -> None:
             pods = sum(
                 1
                 for rs in [new, *old]
-                for p in owned_pods(mgr, namespace, rs["metadata"]["uid"])
+                for p in owned_pods(manager, namespace, rs["metadata"]["uid"])
                 if is_active(p)
             )
             total = max(total, pods)
             if new_replicas < replicas:
                 allowed = replicas + surge - total
                 if allowed > 0:
-                    new = await _scale(mgr, owner, d, new, min(replicas, new_replicas + allowed))
+                    new = await _scale(
+                        manager, owner, d, new, min(replicas, new_replicas + allowed)
+                    )
             elif new_replicas > replicas:
-                new = await _scale(mgr, owner, d, new, replicas)
+                new = await _scale(manager, owner, d, new, replicas)
             # Scale old sets down as far as availability allows.
             everything = [new, *old]
             all_count = sum(int(rs["spec"].get("replicas", 0)) for rs in everything)
@@ -264,11 +281,13 @@ async def roll(mgr: Manager, owner: Owner, d: Obj, strategy: Strategy) -> None:
                 take = min(count, max(0, unhealthy) + max(0, budget))
                 if take > 0:
                     budget -= max(0, take - max(0, unhealthy))
-                    await _scale(mgr, owner, d, rs, count - take)
-        await _cleanup_history(mgr, owner, spec, old)
+                    await _scale(manager, owner, d, rs, count - take)
+        await _cleanup_history(manager, owner, spec, old)
 
 
-async def _cleanup_history(mgr: Manager, owner: Owner, spec: Obj, old: list[Obj]) -> None:
+async def _cleanup_history(
+    manager: ControllerManager, owner: Owner, spec: ApiObject, old: list[ApiObject]
+) -> None:
     limit = int(spec.get("revisionHistoryLimit", 10))
     idle = [
         rs
@@ -277,19 +296,21 @@ async def _cleanup_history(mgr: Manager, owner: Owner, spec: Obj, old: list[Obj]
     ]
     for rs in idle[: max(0, len(idle) - limit)]:
         meta = rs["metadata"]
-        await mgr.api.delete(RS, meta["namespace"], meta["name"], {}, mgr.ctx)
+        await manager.api.delete(RS, meta["namespace"], meta["name"], {}, manager.ctx)
 
 
-async def _status(mgr: Manager, namespace: str, name: str, max_unavailable: int) -> None:
-    store = mgr.api.store
+async def _status(
+    manager: ControllerManager, namespace: str, name: str, max_unavailable: int
+) -> None:
+    store = manager.api.store
     d = store.get(DEPLOY.key, namespace, name)
     if d is None:
         return
     spec = d.get("spec") or {}
     replicas = int(spec.get("replicas", 1))
-    sets, new = replica_sets(mgr, DEPLOYMENT, d)
+    sets, new = replica_sets(manager, DEPLOYMENT, d)
 
-    def total(field: str, among: list[Obj]) -> int:
+    def total(field: str, among: list[ApiObject]) -> int:
         return sum(int((rs.get("status") or {}).get(field, 0)) for rs in among)
 
     updated = total("replicas", [new]) if new else 0
@@ -297,11 +318,9 @@ async def _status(mgr: Manager, namespace: str, name: str, max_unavailable: int)
     status_replicas = total("replicas", sets)
     old_status = d.get("status") or {}
     old_conditions = {c["type"]: c for c in old_status.get("conditions") or []}
-    from .manager import iso
-
     now = iso()
 
-    def cond(kind: str, value: bool, reason: str, message: str) -> Obj:
+    def cond(kind: str, value: bool, reason: str, message: str) -> ApiObject:
         status = "True" if value else "False"
         prev = old_conditions.get(kind)
         same = prev is not None and prev.get("status") == status
@@ -323,7 +342,7 @@ async def _status(mgr: Manager, namespace: str, name: str, max_unavailable: int)
         and status_replicas == replicas
     )
     new_name = new["metadata"]["name"] if new else name
-    status: Obj = {
+    status: ApiObject = {
         "observedGeneration": d["metadata"].get("generation", 1),
         "replicas": status_replicas,
         "updatedReplicas": updated,
@@ -354,11 +373,11 @@ async def _status(mgr: Manager, namespace: str, name: str, max_unavailable: int)
     for key in ("readyReplicas", "availableReplicas", "unavailableReplicas", "updatedReplicas"):
         if not status[key]:
             del status[key]
-    await mgr.write_status(DEPLOY, d, status)
+    await manager.write_status(DEPLOY, d, status)
     if new is not None:
         revision = (new["metadata"].get("annotations") or {}).get(REVISION)
         d = store.get(DEPLOY.key, namespace, name)
         if d is not None and (d["metadata"].get("annotations") or {}).get(REVISION) != revision:
             body = copy.deepcopy(d)
             body["metadata"].setdefault("annotations", {})[REVISION] = revision
-            await mgr.api.update(DEPLOY, namespace, name, body, mgr.ctx)
+            await manager.api.update(DEPLOY, namespace, name, body, manager.ctx)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 
-from .manager import Manager, Obj, controller_of, iso, pod_ready, rt, selector_matches
+from tele.sandbox.apiserver.store import ApiObject
 
-PDB = rt("policy", "PodDisruptionBudget")
+from .manager import ControllerManager
+from .objects import controller_of, iso, pod_ready, resource_of_kind, selector_matches
+
+PDB = resource_of_kind("policy", "PodDisruptionBudget")
 
 
-def _expected(mgr: Manager, pods: list[Obj]) -> int:
+def _expected(manager: ControllerManager, pods: list[ApiObject]) -> int:
     """Pods the owners want: the sum of the replicas of the controllers of the matched pods."""
     owners: dict[str, int] = {}
     for pod in pods:
@@ -18,26 +21,26 @@ def _expected(mgr: Manager, pods: list[Obj]) -> int:
         if ref is None:
             owners[pod["metadata"]["uid"]] = 1
             continue
-        found = mgr.api.store.by_uid(ref.get("uid", ""))
+        found = manager.api.store.by_uid(ref.get("uid", ""))
         if found is None:
             continue
         owners[ref["uid"]] = int((found[1].get("spec") or {}).get("replicas", 1))
     return sum(owners.values())
 
 
-async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
-    pdb = mgr.api.store.get(PDB.key, namespace, name)
+async def reconcile(manager: ControllerManager, namespace: str, name: str) -> None:
+    pdb = manager.api.store.get(PDB.key, namespace, name)
     if pdb is None:
         return
     spec = pdb.get("spec") or {}
     pods = [
         p
-        for p in mgr.api.store.objects("/pods", namespace)
+        for p in manager.api.store.objects("/pods", namespace)
         if selector_matches(spec.get("selector"), p["metadata"].get("labels"))
         and not p["metadata"].get("deletionTimestamp")
     ]
     healthy = sum(1 for p in pods if pod_ready(p))
-    expected = _expected(mgr, pods)
+    expected = _expected(manager, pods)
     if "minAvailable" in spec:
         value = spec["minAvailable"]
         if isinstance(value, str) and value.endswith("%"):
@@ -56,7 +59,7 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
     live_names = {p["metadata"]["name"] for p in pods}
     disrupted = {k: v for k, v in (old.get("disruptedPods") or {}).items() if k in live_names}
     allowed = max(0, healthy - len(disrupted) - max(0, desired))
-    status: Obj = {
+    status: ApiObject = {
         "observedGeneration": pdb["metadata"].get("generation", 1),
         "currentHealthy": healthy,
         "desiredHealthy": max(0, desired),
@@ -83,4 +86,4 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
     }
     if disrupted:
         status["disruptedPods"] = disrupted
-    await mgr.write_status(PDB, pdb, status)
+    await manager.write_status(PDB, pdb, status)

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import copy
 
+from tele.sandbox.apiserver.kinds import ResourceType
+from tele.sandbox.apiserver.store import ApiObject
 from tele.sandbox.kubelet.probes import resolve_port
 
-from .manager import Manager, Obj, pod_ready, rt
+from .manager import ControllerManager
+from .objects import pod_ready, resource_of_kind
 
-SVC = rt("", "Service")
-EP = rt("", "Endpoints")
-SLICE = rt("discovery.k8s.io", "EndpointSlice")
+SVC = resource_of_kind("", "Service")
+EP = resource_of_kind("", "Endpoints")
+SLICE = resource_of_kind("discovery.k8s.io", "EndpointSlice")
 SLICE_LABEL = "kubernetes.io/service-name"
 
 
-def _target(svc_port: Obj, pod: Obj) -> int | None:
+def _target(svc_port: ApiObject, pod: ApiObject) -> int | None:
     target = svc_port.get("targetPort", svc_port.get("port"))
     if isinstance(target, int) or str(target).isdigit():
         return int(str(target))
@@ -26,8 +29,8 @@ def _target(svc_port: Obj, pod: Obj) -> int | None:
     return None
 
 
-async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
-    store = mgr.api.store
+async def reconcile(manager: ControllerManager, namespace: str, name: str) -> None:
+    store = manager.api.store
     svc = store.get(SVC.key, namespace, name)
     if svc is None:
         return
@@ -44,9 +47,9 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
         and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
     ]
     # Group pods by their resolved port set: Endpoints subsets share one port list each.
-    groups: dict[tuple[tuple[str, int, str], ...], tuple[list[Obj], list[Obj]]] = {}
-    slice_endpoints: list[Obj] = []
-    slice_ports: dict[str, Obj] = {}
+    groups: dict[tuple[tuple[str, int, str], ...], tuple[list[ApiObject], list[ApiObject]]] = {}
+    slice_endpoints: list[ApiObject] = []
+    slice_ports: dict[str, ApiObject] = {}
     for pod in sorted(pods, key=lambda p: p["status"]["podIP"]):
         ports = []
         for sp in spec.get("ports") or []:
@@ -62,7 +65,7 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
                     },
                 )
         ready = pod_ready(pod) or bool(spec.get("publishNotReadyAddresses"))
-        address: Obj = {
+        address: ApiObject = {
             "ip": pod["status"]["podIP"],
             "nodeName": pod["spec"].get("nodeName"),
             "targetRef": {
@@ -77,7 +80,7 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
             address["hostname"] = pspec["hostname"]
         group = groups.setdefault(tuple(ports), ([], []))
         group[0 if ready else 1].append(address)
-        endpoint: Obj = {
+        endpoint: ApiObject = {
             "addresses": [address["ip"]],
             "conditions": {"ready": ready, "serving": ready, "terminating": False},
             "nodeName": address["nodeName"],
@@ -88,7 +91,7 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
         slice_endpoints.append(endpoint)
     subsets = []
     for port_set, (ready_addrs, not_ready) in groups.items():
-        subset: Obj = {
+        subset: ApiObject = {
             "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in port_set]
         }
         if ready_addrs:
@@ -112,7 +115,7 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "subsets": subsets,
     }
-    await _put(mgr, EP, namespace, name, endpoints, fields=("subsets", "metadata.labels"))
+    await _put(manager, EP, namespace, name, endpoints, fields=("subsets", "metadata.labels"))
     slice_name = f"{name}-{svc['metadata']['uid'][:5]}"
     eps = {
         "apiVersion": "discovery.k8s.io/v1",
@@ -132,22 +135,25 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
         "ports": list(slice_ports.values()),
     }
     await _put(
-        mgr, SLICE, namespace, slice_name, eps, fields=("endpoints", "ports", "metadata.labels")
+        manager, SLICE, namespace, slice_name, eps, fields=("endpoints", "ports", "metadata.labels")
     )
 
 
 async def _put(
-    mgr: Manager, kind: object, namespace: str, name: str, body: Obj, *, fields: tuple[str, ...]
+    manager: ControllerManager,
+    kind: ResourceType,
+    namespace: str,
+    name: str,
+    body: ApiObject,
+    *,
+    fields: tuple[str, ...],
 ) -> None:
-    from tele.sandbox.apiserver.kinds import ResourceType
-
-    assert isinstance(kind, ResourceType)
-    live = mgr.api.store.get(kind.key, namespace, name)
+    live = manager.api.store.get(kind.key, namespace, name)
     if live is None:
-        await mgr.api.create(kind, namespace, body, mgr.ctx)
+        await manager.api.create(kind, namespace, body, manager.ctx)
         return
 
-    def pick(obj: Obj, path: str) -> object:
+    def pick(obj: ApiObject, path: str) -> object:
         for part in path.split("."):
             obj = (obj or {}).get(part) or {}
         return obj or None
@@ -161,4 +167,4 @@ async def _put(
         for part in parts[:-1]:
             target = target.setdefault(part, {})
         target[parts[-1]] = copy.deepcopy(pick(body, f)) or ([] if f != "metadata.labels" else {})
-    await mgr.api.update(kind, namespace, name, new, mgr.ctx)
+    await manager.api.update(kind, namespace, name, new, manager.ctx)

@@ -1,6 +1,7 @@
-"""The controller manager: a work queue fed by store events, and one reconcile per key.
+"""The controller manager (the sandbox's kube-controller-manager): a work queue fed by store
+events, and one reconcile per key.
 
-Each controller is a function `reconcile(mgr, namespace, name)` for one kind; store listeners
+Each controller is a function `reconcile(manager, namespace, name)` for one kind; store listeners
 map every change to the keys it affects (a pod wakes its owner, its Services and budgets). Keys
 are deduplicated while queued; a reconcile that loses an optimistic-concurrency race is queued
 again. Controllers write through `rest.Api` exactly as the HTTP layer does, so admission
@@ -11,64 +12,34 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
 from tele.sandbox.apiserver.auth import User
-from tele.sandbox.apiserver.errors import ApiError
-from tele.sandbox.apiserver.kinds import ResourceType, by_kind
-from tele.sandbox.apiserver.rest import Api, Ctx
-from tele.sandbox.apiserver.selectors import from_label_selector_object, matches_labels
-from tele.sandbox.apiserver.store import Event
+from tele.sandbox.apiserver.context import RequestContext
+from tele.sandbox.apiserver.errors import StatusError
+from tele.sandbox.apiserver.kinds import ResourceType
+from tele.sandbox.apiserver.rest import Api
+from tele.sandbox.apiserver.store import ApiObject, Event
+
+from .objects import ROLLOUT_RESOURCE, controller_of, iso, resource_of_kind, selector_matches
 
 log = logging.getLogger(__name__)
 
-Obj = dict[str, Any]
 Key = tuple[str, str, str]  # (controller, namespace, name)
-Reconcile = Callable[["Manager", str, str], Awaitable[None]]
-
-
-def rt(group: str, kind: str) -> ResourceType:
-    found = by_kind(group, kind)
-    assert found is not None, kind
-    return found
-
-
-def controller_of(obj: Obj) -> Obj | None:
-    for ref in obj["metadata"].get("ownerReferences") or []:
-        if ref.get("controller"):
-            return dict(ref)
-    return None
-
-
-def selector_matches(selector: Obj | None, labels: dict[str, str] | None) -> bool:
-    sel = from_label_selector_object(selector)
-    return sel is not None and matches_labels(sel, labels or {})
-
-
-def pod_ready(pod: Obj) -> bool:
-    return any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in (pod.get("status") or {}).get("conditions") or []
-    )
-
-
-def iso(t: float | None = None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
+Reconcile = Callable[["ControllerManager", str, str], Awaitable[None]]
 
 
 # Kinds that own ReplicaSets, and their controllers (woken when one of their sets changes).
 _REPLICASET_OWNERS = {"Deployment": "deployment", "Rollout": "rollout"}
 
 
-class Manager:
-    def __init__(self, api: Api) -> None:
+class ControllerManager:
+    def __init__(self, api: Api, controllers: Mapping[str, Reconcile]) -> None:
         self.api = api
-        self.ctx = Ctx(User("system:kube-controller-manager", ("system:masters",)))
-        self.controllers: dict[str, Reconcile] = {}
+        self.ctx = RequestContext(User("system:kube-controller-manager", ("system:masters",)))
+        self.controllers = dict(controllers)
         self._queued: set[Key] = set()
         self._send, self._recv = trio.open_memory_channel[Key](math.inf)
 
@@ -79,21 +50,11 @@ class Manager:
             self._send.send_nowait(key)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from . import deployment, disruption, endpoints, replicaset, rollout, statefulset
-
-        self.controllers = {
-            "deployment": deployment.reconcile,
-            "rollout": rollout.reconcile,
-            "replicaset": replicaset.reconcile,
-            "statefulset": statefulset.reconcile,
-            "endpoints": endpoints.reconcile,
-            "disruption": disruption.reconcile,
-        }
         store = self.api.store
         unsubs = [
             store.subscribe("apps/deployments", self._on_owner("deployment")),
             # Rollouts exist only while their CRD does; the controller is idle otherwise.
-            store.subscribe(rollout.RESOURCE, self._on_owner("rollout")),
+            store.subscribe(ROLLOUT_RESOURCE, self._on_owner("rollout")),
             store.subscribe("apps/replicasets", self._on_replicaset),
             store.subscribe("apps/statefulsets", self._on_owner("statefulset")),
             store.subscribe("/services", self._on_service),
@@ -103,7 +64,7 @@ class Manager:
         try:
             for resource, controller in (
                 ("apps/deployments", "deployment"),
-                (rollout.RESOURCE, "rollout"),
+                (ROLLOUT_RESOURCE, "rollout"),
                 ("apps/replicasets", "replicaset"),
                 ("apps/statefulsets", "statefulset"),
                 ("/services", "endpoints"),
@@ -118,7 +79,7 @@ class Manager:
                 controller, namespace, name = key
                 try:
                     await self.controllers[controller](self, namespace, name)
-                except ApiError as exc:
+                except StatusError as exc:
                     if exc.code in (409, 404):
                         self.enqueue(controller, namespace, name)
                     else:
@@ -187,7 +148,9 @@ class Manager:
 
     # --- writes ----------------------------------------------------------------------------
 
-    async def write_status(self, kind_rt: ResourceType, obj: Obj, status: Obj) -> None:
+    async def write_status(
+        self, resource_type: ResourceType, obj: ApiObject, status: ApiObject
+    ) -> None:
         """Store `status` on `obj` when it changed (no-op writes would wake every watcher)."""
         if obj.get("status") == status:
             return
@@ -195,11 +158,16 @@ class Manager:
         body["metadata"]["resourceVersion"] = obj["metadata"]["resourceVersion"]
         meta = obj["metadata"]
         await self.api.update(
-            kind_rt, meta.get("namespace", ""), meta["name"], body, self.ctx, subresource="status"
+            resource_type,
+            meta.get("namespace", ""),
+            meta["name"],
+            body,
+            self.ctx,
+            subresource="status",
         )
 
     async def event(
-        self, obj: Obj, reason: str, message: str, *, component: str, kind: str = "Normal"
+        self, obj: ApiObject, reason: str, message: str, *, component: str, kind: str = "Normal"
     ) -> None:
         meta = obj["metadata"]
         now = iso()
@@ -225,6 +193,6 @@ class Manager:
             "reportingComponent": component,
         }
         try:
-            await self.api.create(rt("", "Event"), meta["namespace"], body, self.ctx)
-        except ApiError as exc:
+            await self.api.create(resource_of_kind("", "Event"), meta["namespace"], body, self.ctx)
+        except StatusError as exc:
             log.debug("event %s not recorded: %s", reason, exc.message)

@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import copy
 
-from .manager import Manager, Obj, controller_of, pod_ready, rt
+from tele.sandbox.apiserver.store import ApiObject
 
-RS = rt("apps", "ReplicaSet")
-POD = rt("", "Pod")
+from .manager import ControllerManager
+from .objects import controller_of, pod_ready, resource_of_kind
+
+RS = resource_of_kind("apps", "ReplicaSet")
+POD = resource_of_kind("", "Pod")
 
 
-def owned_pods(mgr: Manager, namespace: str, uid: str) -> list[Obj]:
+def owned_pods(manager: ControllerManager, namespace: str, uid: str) -> list[ApiObject]:
     return [
         p
-        for _, p in mgr.api.store.dependents(uid)
+        for _, p in manager.api.store.dependents(uid)
         if p.get("kind") == "Pod" and (controller_of(p) or {}).get("uid") == uid
     ]
 
 
-def is_active(pod: Obj) -> bool:
+def is_active(pod: ApiObject) -> bool:
     phase = (pod.get("status") or {}).get("phase")
     return not pod["metadata"].get("deletionTimestamp") and phase not in ("Succeeded", "Failed")
 
 
-def pod_from_template(owner: Obj, template: Obj, *, name: str = "", generate: str = "") -> Obj:
+def pod_from_template(
+    owner: ApiObject, template: ApiObject, *, name: str = "", generate: str = ""
+) -> ApiObject:
     meta_t = template.get("metadata") or {}
-    meta: Obj = {
+    meta: ApiObject = {
         "namespace": owner["metadata"]["namespace"],
         "labels": dict(meta_t.get("labels") or {}),
         "ownerReferences": [
@@ -53,20 +58,20 @@ def pod_from_template(owner: Obj, template: Obj, *, name: str = "", generate: st
     }
 
 
-async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
-    rs = mgr.api.store.get(RS.key, namespace, name)
+async def reconcile(manager: ControllerManager, namespace: str, name: str) -> None:
+    rs = manager.api.store.get(RS.key, namespace, name)
     if rs is None or rs["metadata"].get("deletionTimestamp"):
         return
     uid = rs["metadata"]["uid"]
     spec = rs.get("spec") or {}
     wanted = int(spec.get("replicas", 1))
-    pods = owned_pods(mgr, namespace, uid)
+    pods = owned_pods(manager, namespace, uid)
     active = [p for p in pods if is_active(p)]
     if len(active) < wanted:
         for _ in range(wanted - len(active)):
             pod = pod_from_template(rs, spec.get("template") or {}, generate=f"{name}-")
-            created = await mgr.api.create(POD, namespace, pod, mgr.ctx)
-            await mgr.event(
+            created = await manager.api.create(POD, namespace, pod, manager.ctx)
+            await manager.event(
                 rs,
                 "SuccessfulCreate",
                 f"Created pod: {created['metadata']['name']}",
@@ -79,20 +84,20 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
         )
         ordered.sort(key=lambda p: (bool((p.get("spec") or {}).get("nodeName")), pod_ready(p)))
         for pod in ordered[: len(active) - wanted]:
-            await mgr.api.delete(POD, namespace, pod["metadata"]["name"], {}, mgr.ctx)
-            await mgr.event(
+            await manager.api.delete(POD, namespace, pod["metadata"]["name"], {}, manager.ctx)
+            await manager.event(
                 rs,
                 "SuccessfulDelete",
                 f"Deleted pod: {pod['metadata']['name']}",
                 component="replicaset-controller",
             )
-    rs = mgr.api.store.get(RS.key, namespace, name)
+    rs = manager.api.store.get(RS.key, namespace, name)
     if rs is None:
         return
-    active = [p for p in owned_pods(mgr, namespace, uid) if is_active(p)]
+    active = [p for p in owned_pods(manager, namespace, uid) if is_active(p)]
     ready = sum(1 for p in active if pod_ready(p))
     labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
-    status: Obj = {
+    status: ApiObject = {
         "replicas": len(active),
         "fullyLabeledReplicas": sum(
             1
@@ -103,4 +108,4 @@ async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
         "availableReplicas": ready,
         "observedGeneration": rs["metadata"].get("generation", 1),
     }
-    await mgr.write_status(RS, rs, status)
+    await manager.write_status(RS, rs, status)

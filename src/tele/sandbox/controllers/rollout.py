@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from tele.sandbox.apiserver.kinds import ResourceType
 from tele.sandbox.apiserver.selectors import label_selector_text
+from tele.sandbox.apiserver.store import ApiObject
 
 from .deployment import Owner, Strategy, replica_sets, resolve, roll
-from .manager import Manager, Obj, iso
+from .manager import ControllerManager
+from .objects import ROLLOUT_GROUP, ROLLOUT_RESOURCE, iso
 
-GROUP = "argoproj.io"
+GROUP = ROLLOUT_GROUP
 KIND = "Rollout"
-RESOURCE = f"{GROUP}/rollouts"
-"""The store key of Rollouts (what the controller manager subscribes to)."""
+RESOURCE = ROLLOUT_RESOURCE
 
 ROLLOUT = Owner(
     KIND,
@@ -37,7 +38,7 @@ ROLLOUT = Owner(
 )
 
 
-def _strategy(spec: Obj, replicas: int) -> Strategy:
+def _strategy(spec: ApiObject, replicas: int) -> Strategy:
     strategy = spec.get("strategy") or {}
     if "blueGreen" in strategy:
         return Strategy(surge=max(replicas, 1), unavailable=0)
@@ -49,32 +50,32 @@ def _strategy(spec: Obj, replicas: int) -> Strategy:
     return Strategy(surge, unavailable)
 
 
-def _served(mgr: Manager) -> ResourceType | None:
-    return mgr.api.kinds.by_kind(GROUP, KIND)
+def _served(manager: ControllerManager) -> ResourceType | None:
+    return manager.api.kinds.by_kind(GROUP, KIND)
 
 
-async def reconcile(mgr: Manager, namespace: str, name: str) -> None:
-    kind = _served(mgr)
+async def reconcile(manager: ControllerManager, namespace: str, name: str) -> None:
+    kind = _served(manager)
     if kind is None:
         return  # no Rollout CRD: nothing to control
-    rollout = mgr.api.store.get(kind.key, namespace, name)
+    rollout = manager.api.store.get(kind.key, namespace, name)
     if rollout is None or rollout["metadata"].get("deletionTimestamp"):
         return
     spec = rollout.get("spec") or {}
     if not isinstance(spec.get("template"), dict) or not isinstance(spec.get("selector"), dict):
         return  # workloadRef Rollouts, or malformed ones (the CRD schema is not enforced)
-    await roll(mgr, ROLLOUT, rollout, _strategy(spec, int(spec.get("replicas", 1))))
-    rollout = mgr.api.store.get(kind.key, namespace, name)
+    await roll(manager, ROLLOUT, rollout, _strategy(spec, int(spec.get("replicas", 1))))
+    rollout = manager.api.store.get(kind.key, namespace, name)
     if rollout is not None:
-        await mgr.write_status(kind, rollout, _status(mgr, rollout))
+        await manager.write_status(kind, rollout, _status(manager, rollout))
 
 
-def _status(mgr: Manager, rollout: Obj) -> Obj:
+def _status(manager: ControllerManager, rollout: ApiObject) -> ApiObject:
     spec = rollout.get("spec") or {}
     replicas = int(spec.get("replicas", 1))
-    sets, new = replica_sets(mgr, ROLLOUT, rollout)
+    sets, new = replica_sets(manager, ROLLOUT, rollout)
 
-    def total(field: str, among: list[Obj]) -> int:
+    def total(field: str, among: list[ApiObject]) -> int:
         return sum(int((rs.get("status") or {}).get(field, 0)) for rs in among)
 
     updated = total("replicas", [new]) if new else 0
@@ -85,7 +86,7 @@ def _status(mgr: Manager, rollout: Obj) -> Obj:
     old = {c.get("type"): c for c in (rollout.get("status") or {}).get("conditions") or []}
     now = iso()
 
-    def condition(kind: str, value: bool, reason: str, message: str) -> Obj:
+    def condition(kind: str, value: bool, reason: str, message: str) -> ApiObject:
         status = "True" if value else "False"
         prev = old.get(kind) or {}
         same = prev.get("status") == status and prev.get("reason") == reason
@@ -99,7 +100,7 @@ def _status(mgr: Manager, rollout: Obj) -> Obj:
         }
 
     name = new["metadata"]["name"] if new else rollout["metadata"]["name"]
-    status: Obj = {
+    status: ApiObject = {
         "observedGeneration": str(rollout["metadata"].get("generation", 1)),
         "replicas": current,
         "updatedReplicas": updated,

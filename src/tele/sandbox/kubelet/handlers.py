@@ -11,7 +11,7 @@ from typing import Any
 import trio
 
 from tele.sandbox.apiserver.app import ASGIReceive, ASGISend, Request
-from tele.sandbox.apiserver.errors import ApiError, bad_request
+from tele.sandbox.apiserver.errors import StatusError, bad_request
 from tele.sandbox.network import netns
 
 from .kubelet import Kubelet, kill_group
@@ -36,7 +36,7 @@ class NodeHandlers:
             return
         pod = self.kubelet.api.store.get("/pods", req.namespace, req.name)
         if pod is None:
-            raise ApiError(
+            raise StatusError(
                 404,
                 "NotFound",
                 f'pods "{req.name}" not found',
@@ -197,7 +197,7 @@ class NodeHandlers:
             log.debug("port-forward close after disconnect", exc_info=True)
 
 
-def _upgrade_required(what: str) -> ApiError:
+def _upgrade_required(what: str) -> StatusError:
     # SPDY, the other transport Kubernetes offers, is not served: clients retry over websocket
     # or report this.
     return bad_request(f"{what} needs a websocket upgrade (SPDY is not supported by the sandbox)")

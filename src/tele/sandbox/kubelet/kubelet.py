@@ -24,9 +24,10 @@ from typing import Any
 import trio
 
 from tele.sandbox.apiserver.auth import User
-from tele.sandbox.apiserver.errors import ApiError
+from tele.sandbox.apiserver.context import RequestContext
+from tele.sandbox.apiserver.errors import StatusError
 from tele.sandbox.apiserver.kinds import by_kind
-from tele.sandbox.apiserver.rest import Api, Ctx
+from tele.sandbox.apiserver.rest import Api
 from tele.sandbox.apiserver.store import Event
 from tele.sandbox.images import registry
 from tele.sandbox.network import netns, node
@@ -38,10 +39,10 @@ from .probes import resolve_port, run_probe
 
 log = logging.getLogger(__name__)
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 _POD = by_kind("", "Pod")
 assert _POD is not None
-POD_RT = _POD
+POD_RESOURCE = _POD
 _MAX_BACKOFF = 300.0
 
 
@@ -69,7 +70,7 @@ class Kubelet:
         self.backoff_base = backoff_base
         self.ipam = node.PodIpam()
         self.workers: dict[str, PodWorker] = {}
-        self.ctx = Ctx(User("system:node:" + self.node_name, ("system:masters",)))
+        self.ctx = RequestContext(User("system:node:" + self.node_name, ("system:masters",)))
         self._next_index = 0
         self._nursery: trio.Nursery | None = None
         self._to_schedule: trio.MemorySendChannel[tuple[str, str]] | None = None
@@ -144,7 +145,7 @@ class Kubelet:
                 continue
             try:
                 await self.api.bind(namespace, name, {"target": {"name": self.node_name}}, self.ctx)
-            except ApiError as exc:
+            except StatusError as exc:
                 log.info("binding %s/%s: %s", namespace, name, exc.message)
                 continue
             await self.event(
@@ -155,11 +156,17 @@ class Kubelet:
             )
 
     async def event(
-        self, obj: Obj, reason: str, message: str, *, kind: str = "Normal", source: str = "kubelet"
+        self,
+        obj: ApiObject,
+        reason: str,
+        message: str,
+        *,
+        kind: str = "Normal",
+        source: str = "kubelet",
     ) -> None:
         """Record an Event about `obj` (best effort: events never fail the work they describe)."""
-        rt = by_kind("", "Event")
-        assert rt is not None
+        resource_type = by_kind("", "Event")
+        assert resource_type is not None
         meta = obj["metadata"]
         now = _iso()
         body = {
@@ -184,20 +191,22 @@ class Kubelet:
             "reportingInstance": self.node_name,
         }
         try:
-            await self.api.create(rt, meta["namespace"], body, self.ctx)
-        except ApiError as exc:
+            await self.api.create(resource_type, meta["namespace"], body, self.ctx)
+        except StatusError as exc:
             log.debug("event %s for %s not recorded: %s", reason, meta["name"], exc.message)
 
 
 class ContainerRun:
     """What the kubelet knows of one container: state, restarts, readiness, logs, process."""
 
-    def __init__(self, spec: Obj, init: bool) -> None:
+    def __init__(self, spec: ApiObject, init: bool) -> None:
         self.spec = spec
         self.name: str = spec["name"]
         self.init = init
-        self.state: Obj = {"waiting": {"reason": "PodInitializing" if not init else "Pending"}}
-        self.last_state: Obj = {}
+        self.state: ApiObject = {
+            "waiting": {"reason": "PodInitializing" if not init else "Pending"}
+        }
+        self.last_state: ApiObject = {}
         self.restarts = 0
         self.backoff_step = 0
         self.ready = False
@@ -206,9 +215,9 @@ class ContainerRun:
         self.logs: list[LogFile] = []
         self.done = trio.Event()
 
-    def status(self) -> Obj:
+    def status(self) -> ApiObject:
         image = self.spec.get("image", "")
-        out: Obj = {
+        out: ApiObject = {
             "name": self.name,
             "state": self.state,
             "lastState": self.last_state,
@@ -226,8 +235,8 @@ class ContainerRun:
 class PodWorker:
     """Runs one pod from its namespace's creation to the removal of the Pod object."""
 
-    def __init__(self, kubelet: Kubelet, pod: Obj) -> None:
-        self.k = kubelet
+    def __init__(self, kubelet: Kubelet, pod: ApiObject) -> None:
+        self.kubelet = kubelet
         self.pod = pod
         self.uid: str = pod["metadata"]["uid"]
         self.namespace: str = pod["metadata"]["namespace"]
@@ -244,12 +253,12 @@ class PodWorker:
         self.gone = False
         self._cancel = trio.CancelScope()
         self._dirty = trio.Event()
-        self._status_written: Obj | None = None
+        self._status_written: ApiObject | None = None
         self._exec_count = 0
 
     # --- events from the store ------------------------------------------------------------
 
-    def update(self, pod: Obj) -> None:
+    def update(self, pod: ApiObject) -> None:
         old = self.pod
         self.pod = pod
         if pod["metadata"].get("deletionTimestamp"):
@@ -259,7 +268,9 @@ class PodWorker:
             pod["metadata"].get("annotations"),
         ) and self.dir.exists():
             try:
-                volumes.write_volumes(self.k.api, pod, self.dir / "volumes", refresh_only=True)
+                volumes.write_volumes(
+                    self.kubelet.api, pod, self.dir / "volumes", refresh_only=True
+                )
             except (volumes.ConfigError, OSError) as exc:
                 log.warning("refreshing volumes of %s: %s", self.name, exc)
 
@@ -293,21 +304,21 @@ class PodWorker:
 
     async def _lifecycle(self, nursery: trio.Nursery) -> None:
         self.start_time = _iso()
-        self.ip = self.k.ipam.allocate()
-        self.netns = f"{self.k.cluster}-pod-{self.k.next_index()}"
+        self.ip = self.kubelet.ipam.allocate()
+        self.netns = f"{self.kubelet.cluster}-pod-{self.kubelet.next_index()}"
         index = int(self.netns.rsplit("-", 1)[1])
-        await node.attach_pod(self.k.node_ns, self.netns, index, self.ip)
+        await node.attach_pod(self.kubelet.node_ns, self.netns, index, self.ip)
         self._write_etc()
         self.mark_dirty()
         try:
-            volumes.write_volumes(self.k.api, self.pod, self.dir / "volumes")
+            volumes.write_volumes(self.kubelet.api, self.pod, self.dir / "volumes")
         except volumes.ConfigError as exc:
             for run in self.runs:
                 run.state = {
                     "waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}
                 }
             self.mark_dirty()
-            await self.k.event(self.pod, "FailedMount", str(exc), kind="Warning")
+            await self.kubelet.event(self.pod, "FailedMount", str(exc), kind="Warning")
             await self.terminating.wait()
             return
         async with trio.open_nursery() as containers:
@@ -353,19 +364,19 @@ class PodWorker:
                 await run.proc.wait()
         if self.netns:
             index = int(self.netns.rsplit("-", 1)[1])
-            await node.detach_pod(self.k.node_ns, self.netns, index)
+            await node.detach_pod(self.kubelet.node_ns, self.netns, index)
         if self.ip:
-            self.k.ipam.release(self.ip)
-        self.k.workers.pop(self.uid, None)
-        live = self.k.api.store.get("/pods", self.namespace, self.name)
+            self.kubelet.ipam.release(self.ip)
+        self.kubelet.workers.pop(self.uid, None)
+        live = self.kubelet.api.store.get("/pods", self.namespace, self.name)
         if (
             live is not None
             and live["metadata"].get("uid") == self.uid
             and live["metadata"].get("deletionTimestamp")
         ):
             try:
-                self.k.api.delete_now(POD_RT, live, "Background", 0)
-            except ApiError as exc:
+                self.kubelet.api.delete_now(POD_RESOURCE, live, "Background", 0)
+            except StatusError as exc:
                 log.warning("removing pod %s: %s", self.name, exc.message)
 
     def _write_etc(self) -> None:
@@ -391,7 +402,7 @@ class PodWorker:
 
     def _launch_spec(
         self, run: ContainerRun, argv: list[str], env: dict[str, str], tag: str
-    ) -> Obj:
+    ) -> ApiObject:
         spec = self.pod.get("spec") or {}
         etc = self.dir / "etc"
         mounts = [
@@ -412,7 +423,7 @@ class PodWorker:
         if automount and not have_sa:
             sa_dir = self.dir / "serviceaccount"
             if not sa_dir.exists():
-                files = volumes.volume_files(self.k.api, self.pod, _DEFAULT_SA_VOLUME) or {}
+                files = volumes.volume_files(self.kubelet.api, self.pod, _DEFAULT_SA_VOLUME) or {}
                 for rel, data in files.items():
                     sa_dir.mkdir(parents=True, exist_ok=True)
                     (sa_dir / rel).write_bytes(data)
@@ -446,7 +457,7 @@ class PodWorker:
             # As the kubelet does, status.podIP in env is the IP the pod has now, even when the
             # status carrying it has not been written to the API yet.
             pod = {**pod, "status": {**(pod.get("status") or {}), "podIP": self.ip}}
-        env = volumes.container_env(self.k.api, pod, run.spec, base)
+        env = volumes.container_env(self.kubelet.api, pod, run.spec, base)
         args = [volumes.expand(a, env) for a in run.spec.get("args") or []]
         command = [volumes.expand(a, env) for a in run.spec.get("command") or []]
         argv = command + args if command else [sys.executable, "-m", module, *args]
@@ -511,7 +522,7 @@ class PodWorker:
             )
             run.state = {"waiting": {"reason": "ErrImagePull", "message": msg}}
             self.mark_dirty()
-            await self.k.event(self.pod, "Failed", msg, kind="Warning")
+            await self.kubelet.event(self.pod, "Failed", msg, kind="Warning")
             await trio.sleep(1)
             run.state = {
                 "waiting": {
@@ -520,7 +531,7 @@ class PodWorker:
                 }
             }
             self.mark_dirty()
-            await self.k.event(
+            await self.kubelet.event(
                 self.pod, "BackOff", f'Back-off pulling image "{image}"', kind="Warning"
             )
             return
@@ -556,7 +567,7 @@ class PodWorker:
                 },
             )
             self.mark_dirty()
-            await self.k.event(
+            await self.kubelet.event(
                 self.pod,
                 "BackOff",
                 f"Back-off restarting failed container {run.name} in pod {self.name}",
@@ -566,7 +577,7 @@ class PodWorker:
         run.done.set()
 
     async def _backoff(self, run: ContainerRun) -> None:
-        delay = min(_MAX_BACKOFF, self.k.backoff_base * 2 ** max(0, run.backoff_step - 1))
+        delay = min(_MAX_BACKOFF, self.kubelet.backoff_base * 2 ** max(0, run.backoff_step - 1))
         with trio.move_on_after(delay):
             await self.terminating.wait()
 
@@ -581,7 +592,7 @@ class PodWorker:
         run.ready = run.started and "readinessProbe" not in spec and not run.init
         self.mark_dirty()
         if run.restarts == 0 and not run.init:
-            await self.k.event(self.pod, "Started", f"Started container {run.name}")
+            await self.kubelet.event(self.pod, "Started", f"Started container {run.name}")
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump, proc, logfile)
@@ -624,7 +635,7 @@ class PodWorker:
                 nursery.start_soon(self._probe_loop, run, proc, spec["livenessProbe"], "liveness")
 
     async def _probe_loop(
-        self, run: ContainerRun, proc: trio.Process, probe: Obj, kind: str
+        self, run: ContainerRun, proc: trio.Process, probe: ApiObject, kind: str
     ) -> None:
         await trio.sleep(float(probe.get("initialDelaySeconds") or 0))
         period = float(probe.get("periodSeconds") or 10)
@@ -634,7 +645,7 @@ class PodWorker:
         ever_ok = False
         while True:
             ok = await run_probe(
-                probe, self.k.node_ns, self.ip, run.spec, lambda cmd: self.exec_in(run, cmd)
+                probe, self.kubelet.node_ns, self.ip, run.spec, lambda cmd: self.exec_in(run, cmd)
             )
             ok_streak, fail_streak = (ok_streak + 1, 0) if ok else (0, fail_streak + 1)
             if kind == "startup":
@@ -654,7 +665,7 @@ class PodWorker:
                     run.ready = ready
                     self.mark_dirty()
             elif fail_streak >= failure_needed:
-                await self.k.event(
+                await self.kubelet.event(
                     self.pod,
                     "Unhealthy",
                     f"Liveness probe failed for {run.name}; restarting",
@@ -671,7 +682,7 @@ class PodWorker:
     def mark_dirty(self) -> None:
         self._dirty.set()
 
-    def compute_status(self) -> Obj:
+    def compute_status(self) -> ApiObject:
         runs = self.runs
         policy = (self.pod.get("spec") or {}).get("restartPolicy", "Always")
         states = [r.state for r in runs]
@@ -696,11 +707,11 @@ class PodWorker:
         now = _iso()
         old = {c["type"]: c for c in (self.pod.get("status") or {}).get("conditions") or []}
 
-        def cond(kind: str, value: bool, reason: str = "") -> Obj:
+        def cond(kind: str, value: bool, reason: str = "") -> ApiObject:
             status = "True" if value else "False"
             prev = old.get(kind)
             since = prev["lastTransitionTime"] if prev and prev["status"] == status else now
-            out: Obj = {
+            out: ApiObject = {
                 "type": kind,
                 "status": status,
                 "lastProbeTime": None,
@@ -711,7 +722,7 @@ class PodWorker:
             return out
 
         not_ready = "ContainersNotReady" if self.initialized else "PodInitializing"
-        status: Obj = {
+        status: ApiObject = {
             "phase": phase,
             "conditions": [
                 cond("PodReadyToStartContainers", bool(self.ip)),
@@ -738,7 +749,7 @@ class PodWorker:
             self._dirty = trio.Event()
             if self.gone:
                 return
-            live = self.k.api.store.get("/pods", self.namespace, self.name)
+            live = self.kubelet.api.store.get("/pods", self.namespace, self.name)
             if live is None or live["metadata"].get("uid") != self.uid:
                 return
             status = self.compute_status()
@@ -748,11 +759,16 @@ class PodWorker:
             body["metadata"].pop("resourceVersion", None)
             body["status"] = status
             try:
-                await self.k.api.update(
-                    POD_RT, self.namespace, self.name, body, self.k.ctx, subresource="status"
+                await self.kubelet.api.update(
+                    POD_RESOURCE,
+                    self.namespace,
+                    self.name,
+                    body,
+                    self.kubelet.ctx,
+                    subresource="status",
                 )
                 self._status_written = status
-            except ApiError as exc:
+            except StatusError as exc:
                 if exc.code == 404:
                     return
                 log.info("status of %s/%s: %s", self.namespace, self.name, exc.message)
@@ -779,7 +795,7 @@ async def _pump(proc: trio.Process, logfile: LogFile) -> None:
             pass
 
 
-_DEFAULT_SA_VOLUME: Obj = {
+_DEFAULT_SA_VOLUME: ApiObject = {
     "name": "kube-api-access",
     "projected": {
         "sources": [

@@ -12,10 +12,11 @@ import trio
 
 from tele.sandbox.apiserver.app import ApiApp
 from tele.sandbox.apiserver.auth import User
-from tele.sandbox.apiserver.errors import ApiError
+from tele.sandbox.apiserver.context import RequestContext
+from tele.sandbox.apiserver.errors import StatusError
 from tele.sandbox.apiserver.kinds import by_kind
-from tele.sandbox.apiserver.rest import Api, Ctx
-from tele.sandbox.controllers.manager import Manager
+from tele.sandbox.apiserver.rest import Api
+from tele.sandbox.controllers.registry import controller_manager
 from tele.sandbox.network import netns
 from tele.sandbox.network.dns import serve_dns
 from tele.sandbox.network.node import DNS_IP
@@ -43,8 +44,8 @@ async def serve_api_address(
 
 
 async def _claim_dns_service(api: Api) -> None:
-    rt = by_kind("", "Service")
-    assert rt is not None
+    resource_type = by_kind("", "Service")
+    assert resource_type is not None
     body = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -63,9 +64,12 @@ async def _claim_dns_service(api: Api) -> None:
     }
     try:
         await api.create(
-            rt, "kube-system", body, Ctx(User("system:apiserver", ("system:masters",)))
+            resource_type,
+            "kube-system",
+            body,
+            RequestContext(User("system:apiserver", ("system:masters",))),
         )
-    except ApiError as exc:
+    except StatusError as exc:
         if exc.code != 409:
             raise
 
@@ -104,7 +108,7 @@ async def serve_node(
         await nursery.start(serve_proxy, api.store, kubelet.node_ns)
         await nursery.start(serve_dns, api.store, kubelet.node_ns)
         await nursery.start(serve_api_address, kubelet.node_ns, api_host, api_port)
-        await nursery.start(Manager(api).serve)
+        await nursery.start(controller_manager(api).serve)
         app.subresource_handlers[("pods", "log")] = handlers.log
         app.subresource_handlers[("pods", "portforward")] = handlers.portforward
         app.subresource_handlers[("pods", "exec")] = functools.partial(exec_handler, kubelet)

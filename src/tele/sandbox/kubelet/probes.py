@@ -10,10 +10,10 @@ import trio
 from tele.sandbox.network import netns
 from tele.sandbox.network.errors import NodeError
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 
 
-def resolve_port(port: Any, container: Obj) -> int | None:
+def resolve_port(port: Any, container: ApiObject) -> int | None:
     if isinstance(port, int) or (isinstance(port, str) and port.isdigit()):
         return int(port)
     for p in container.get("ports") or []:
@@ -23,10 +23,10 @@ def resolve_port(port: Any, container: Obj) -> int | None:
 
 
 async def run_probe(
-    probe: Obj,
+    probe: ApiObject,
     node: str,
     pod_ip: str,
-    container: Obj,
+    container: ApiObject,
     run_exec: Callable[[list[str]], Awaitable[int]],
 ) -> bool:
     """One probe attempt; True on success. Failures of any kind count as a failed probe."""

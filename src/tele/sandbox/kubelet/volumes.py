@@ -16,7 +16,7 @@ from typing import Any
 
 from tele.sandbox.apiserver.rest import Api
 
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 _VAR_RE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
 
@@ -33,7 +33,7 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def _field(pod: Obj, path: str) -> str:
+def _field(pod: ApiObject, path: str) -> str:
     meta = pod["metadata"]
     m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']*)'\]", path)
     if m:
@@ -66,13 +66,13 @@ def _data_of(api: Api, kind: str, ns: str, name: str, optional: bool) -> dict[st
     return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
 
 
-def _project(files: dict[str, bytes], items: list[Obj] | None) -> dict[str, bytes]:
+def _project(files: dict[str, bytes], items: list[ApiObject] | None) -> dict[str, bytes]:
     if not items:
         return files
     return {i["path"]: files[i["key"]] for i in items if i.get("key") in files}
 
 
-def volume_files(api: Api, pod: Obj, volume: Obj) -> dict[str, bytes] | None:
+def volume_files(api: Api, pod: ApiObject, volume: ApiObject) -> dict[str, bytes] | None:
     """Files of one volume (None for emptyDir and other plain directories)."""
     ns = pod["metadata"]["namespace"]
     if "configMap" in volume or "secret" in volume:
@@ -109,7 +109,7 @@ def volume_files(api: Api, pod: Obj, volume: Obj) -> dict[str, bytes] | None:
     return None
 
 
-def write_volumes(api: Api, pod: Obj, root: Path, *, refresh_only: bool = False) -> None:
+def write_volumes(api: Api, pod: ApiObject, root: Path, *, refresh_only: bool = False) -> None:
     """Create or refresh every volume of `pod` under root/<volume name>."""
     for volume in (pod.get("spec") or {}).get("volumes") or []:
         if refresh_only and "downwardAPI" not in volume and "projected" not in volume:
@@ -129,7 +129,9 @@ def expand(text: str, env: dict[str, str]) -> str:
     )
 
 
-def container_env(api: Api, pod: Obj, container: Obj, base: dict[str, str]) -> dict[str, str]:
+def container_env(
+    api: Api, pod: ApiObject, container: ApiObject, base: dict[str, str]
+) -> dict[str, str]:
     ns = pod["metadata"]["namespace"]
     env = dict(base)
     for src in container.get("envFrom") or []:

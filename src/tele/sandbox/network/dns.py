@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "cluster.local"
 TTL = 5
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 
 
-def _ready_addresses(store: Store, ns: str, name: str) -> list[Obj]:
+def _ready_addresses(store: Store, ns: str, name: str) -> list[ApiObject]:
     ep = store.get("/endpoints", ns, name) or {}
     return [a for s in ep.get("subsets") or [] for a in s.get("addresses") or []]
 
@@ -97,7 +97,7 @@ def _answers(store: Store, qname: str, qtype: str) -> list[RR] | None:
     return None
 
 
-def _srv(qname: str, spec: Obj, target: str, _: None) -> list[RR]:
+def _srv(qname: str, spec: ApiObject, target: str, _: None) -> list[RR]:
     return [
         RR(qname, QTYPE.SRV, rdata=SRV(0, 100, int(p["port"]), target), ttl=TTL)
         for p in spec.get("ports") or []

@@ -22,10 +22,10 @@ log = logging.getLogger(__name__)
 
 TABLE = "tele-proxy"
 _MASQ_MARK = "0x4000"
-Obj = dict[str, Any]
+ApiObject = dict[str, Any]
 
 
-def ruleset(services: list[Obj], endpoints: dict[tuple[str, str], Obj]) -> str:
+def ruleset(services: list[ApiObject], endpoints: dict[tuple[str, str], ApiObject]) -> str:
     """The nft script for `services` (ClusterIP ones) and their Endpoints by (namespace, name)."""
     lines = [
         f"table ip {TABLE} {{}}",
@@ -88,7 +88,7 @@ def _endpoint(target: tuple[str, int], proto: str) -> list[str]:
     ]
 
 
-def _targets(ep: Obj | None, svc_port: Obj) -> list[tuple[str, int]]:
+def _targets(ep: ApiObject | None, svc_port: ApiObject) -> list[tuple[str, int]]:
     """Ready (ip, port) pairs of Endpoints `ep` for one Service port (matched by name)."""
     out: list[tuple[str, int]] = []
     for subset in (ep or {}).get("subsets") or []:

@@ -47,14 +47,14 @@ class ServiceRelays:
 
     def _endpoint(self, namespace: str, name: str, port: int) -> tuple[str, int]:
         """A ready pod address and port behind the Service's `port`, looked up per connection."""
-        service_rt, endpoints_rt = by_kind("", "Service"), by_kind("", "Endpoints")
-        assert service_rt is not None and endpoints_rt is not None
-        service = self.api.store.get(service_rt.key, namespace, name) or {}
+        service_resource, endpoints_resource = by_kind("", "Service"), by_kind("", "Endpoints")
+        assert service_resource is not None and endpoints_resource is not None
+        service = self.api.store.get(service_resource.key, namespace, name) or {}
         ports = (service.get("spec") or {}).get("ports") or []
         wanted = next((p for p in ports if int(p.get("port", 0)) == port), None)
         if wanted is None:
             raise OSError(f'service "{name}" in namespace {namespace} has no port {port}')
-        endpoints = self.api.store.get(endpoints_rt.key, namespace, name) or {}
+        endpoints = self.api.store.get(endpoints_resource.key, namespace, name) or {}
         for subset in endpoints.get("subsets") or []:
             addresses = subset.get("addresses") or []
             target = next(
