@@ -100,7 +100,7 @@ async def made_by_webhook(manager: Manager, kube: KubeClient, name: str) -> dict
         "spec": json.loads(json.dumps(TEMPLATE["spec"])),
     }
     review = {"operation": "CREATE", "kind": {"kind": "Pod"}, "namespace": "default"}
-    answer = await manager.mutate({**review, "object": pod})
+    answer = await manager.injector({**review, "object": pod})
     if "patch" in answer:
         pod = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(answer["patch"])))
     await kube.create(k8s.PODS, pod)

@@ -11,7 +11,6 @@ serve_manager
 
 from __future__ import annotations
 
-import base64
 import functools
 import ipaddress
 import json
@@ -36,7 +35,7 @@ from tele.manager.engage import PAST_TENSE, Engagements
 from tele.manager.sessions import Session, SessionTable
 from tele.manager.state import AgentWorkloads
 from tele.manager.view import ClusterView
-from tele.manager.webhook import WebhookServer, allow_all, ensure_tls, patch_ca_bundle
+from tele.manager.webhook import AgentInjector, WebhookServer, ensure_tls, patch_ca_bundle
 from tele.net.tunnel import OpenRequest, ResetReason
 from tele.rpc import manager_api as api
 from tele.rpc.errors import Code, RpcError
@@ -157,6 +156,16 @@ class Manager:
         # Workloads that clients engaged: their pods get an agent (kind, namespace, name); kept
         # in a ConfigMap so that a new manager pod still injects it.
         self.agent_workloads = AgentWorkloads(kube, config.namespace)
+        self.injector = AgentInjector(
+            view=self.view,
+            agent_workloads=self.agent_workloads,
+            replaced_containers=self.engagements.replaced_containers,
+            manager_namespace=config.namespace,
+            agent_image=config.agent_image,
+            agent_port=config.agent_port,
+            agent_log_level=config.agent_log_level,
+            mount_policies=config.mount_policies,
+        )
         self.webhook_port: int | None = None
 
     # --- RPC ------------------------------------------------------------------------------------
@@ -454,60 +463,10 @@ class Manager:
             self.config.webhook_secret,
             self.config.webhook_extra_names,
         )
-        self.webhook = WebhookServer(tls, self.mutate)
+        self.webhook = WebhookServer(tls, self.injector)
         self.webhook_port = await nursery.start(self.webhook.serve, port, self.config.api_host)
         if self.config.webhook_name:
             await patch_ca_bundle(self.kube, self.config.webhook_name, tls.ca_pem)
-
-    async def mutate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Admission of a pod: inject the traffic agent when its workload should have one.
-
-        A workload gets an agent when its pod template says `inject-traffic-agent: enabled` or
-        a client engaged it (`agent_workloads`); others pass unchanged. Never refuse a pod.
-        """
-        if request.get("operation") != "CREATE" or (request.get("kind") or {}).get("kind") != "Pod":
-            return await allow_all(request)
-        pod = request.get("object") or {}
-        namespace = str(
-            request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or ""
-        )
-        if not self.view.is_managed(namespace):
-            return await allow_all(request)
-        workload = self.view.workload_of(pod, namespace)
-        if workload is None:
-            return await allow_all(request)
-        key = (str(workload.get("kind")), namespace, str(workload["metadata"]["name"]))
-        template = (workload.get("spec") or {}).get("template") or {}
-        policy = agentconfig.injection_policy(template)
-        if policy == "disabled" or (policy != "enabled" and key not in self.agent_workloads):
-            return await allow_all(request)
-        try:
-            config = agentconfig.generate(
-                workload=workload,
-                services=[s for (ns, _), s in self.view.services.items() if ns == namespace],
-                manager_namespace=self.config.namespace,
-                agent_image=self.config.agent_image,
-                manager_port=api.DEFAULT_PORT,
-                agent_port=self.config.agent_port,
-                log_level=self.config.agent_log_level,
-                default_mount_policies=self.config.mount_policies,
-                replaced=self.engagements.replaced_containers(key),
-                # A client engaged it (a replace or ingest needs no Service), or the template
-                # asks for the agent: either way it gets one.
-                require_service=False,
-            )
-        except agentconfig.NotInterceptable as exc:
-            log.info("no agent for %s/%s: %s", namespace, key[2], exc)
-            return await allow_all(request)
-        patch = agentconfig.pod_patch(pod, config)
-        if not patch:
-            return await allow_all(request)
-        log.info("injecting the traffic agent into a pod of %s %s/%s", key[0], namespace, key[2])
-        return {
-            "allowed": True,
-            "patchType": "JSONPatch",
-            "patch": base64.b64encode(json.dumps(patch).encode()).decode(),
-        }
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Run everything; reports the bound API port once the view knows the namespaces."""

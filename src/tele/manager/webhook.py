@@ -4,8 +4,8 @@ configuration's caBundle patched to match, and AdmissionReview requests answered
 The CA and serving certificate are made once (tele.certs) and stored in the Secret named by the
 Helm chart, so every manager replica and restart serves the same certificate; a Secret whose
 certificate no longer covers the Service's names, or is about to expire, is replaced. What the
-webhook does to a pod (agent injection) is the engagement issue's `Mutator`; until then every
-review is allowed unchanged.
+webhook does to a pod is a `Mutator`'s: the manager's is `AgentInjector`, which injects the
+traffic agent into the pods of workloads that should have one and lets every other pod pass.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import datetime
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 import h11
@@ -25,8 +25,11 @@ from cryptography import x509
 
 from tele import jsonlimits
 from tele.certs import CertificateAuthority, KeyPair, server_context
+from tele.contracts import agentconfig
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
+from tele.manager.view import ClusterView
+from tele.rpc import manager_api as api
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,69 @@ Mutator = Callable[[Review], Awaitable[Review]]
 
 async def allow_all(request: Review) -> Review:
     return {"allowed": True}
+
+
+@dataclass(frozen=True)
+class AgentInjector:
+    """The manager's `Mutator`: injects the traffic agent into a pod when its workload should
+    have one (its pod template says `inject-traffic-agent: enabled`, or a client engaged it:
+    `agent_workloads`), configured from the cluster view; other pods pass unchanged. Never
+    refuses a pod."""
+
+    view: ClusterView
+    agent_workloads: Collection[tuple[str, str, str]]
+    replaced_containers: Callable[[tuple[str, str, str]], frozenset[str]]
+    """The containers a workload's pods must be made without now (active replaces)."""
+    manager_namespace: str
+    agent_image: str
+    agent_port: int
+    agent_log_level: str
+    mount_policies: dict[str, str] = field(default_factory=dict)
+
+    async def __call__(self, request: Review) -> Review:
+        if request.get("operation") != "CREATE" or (request.get("kind") or {}).get("kind") != "Pod":
+            return await allow_all(request)
+        pod = request.get("object") or {}
+        namespace = str(
+            request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or ""
+        )
+        if not self.view.is_managed(namespace):
+            return await allow_all(request)
+        workload = self.view.workload_of(pod, namespace)
+        if workload is None:
+            return await allow_all(request)
+        key = (str(workload.get("kind")), namespace, str(workload["metadata"]["name"]))
+        template = (workload.get("spec") or {}).get("template") or {}
+        policy = agentconfig.injection_policy(template)
+        if policy == "disabled" or (policy != "enabled" and key not in self.agent_workloads):
+            return await allow_all(request)
+        try:
+            config = agentconfig.generate(
+                workload=workload,
+                services=[s for (ns, _), s in self.view.services.items() if ns == namespace],
+                manager_namespace=self.manager_namespace,
+                agent_image=self.agent_image,
+                manager_port=api.DEFAULT_PORT,
+                agent_port=self.agent_port,
+                log_level=self.agent_log_level,
+                default_mount_policies=self.mount_policies,
+                replaced=self.replaced_containers(key),
+                # A client engaged it (a replace or ingest needs no Service), or the template
+                # asks for the agent: either way it gets one.
+                require_service=False,
+            )
+        except agentconfig.NotInterceptable as exc:
+            log.info("no agent for %s/%s: %s", namespace, key[2], exc)
+            return await allow_all(request)
+        patch = agentconfig.pod_patch(pod, config)
+        if not patch:
+            return await allow_all(request)
+        log.info("injecting the traffic agent into a pod of %s %s/%s", key[0], namespace, key[2])
+        return {
+            "allowed": True,
+            "patchType": "JSONPatch",
+            "patch": base64.b64encode(json.dumps(patch).encode()).decode(),
+        }
 
 
 @dataclass(frozen=True)
