@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "demo": "tele.cli.demo_cmd:demo",
     "uninstall": "tele.cli.intercept_cmd:uninstall",
     "helm": "tele.cli.helm_cmd:helm",
+    "image": "tele.cli.image_cmd:image",
 }
 
 # One-line help shown by `tele --help` without importing the command modules.
@@ -53,6 +54,7 @@ SHORT_HELP: dict[str, str] = {
     "demo": "See tele at work on a sandbox cluster, start to finish.",
     "uninstall": "Remove the traffic agent from workloads.",
     "helm": "Install, upgrade, uninstall or lint the traffic manager.",
+    "image": "Build tele's container image and push it to a registry.",
 }
 
 

@@ -99,6 +99,17 @@ class LayerBuilder:
             tarfile.REGTYPE, mode, data=data, size=len(data), uid=uid, gid=gid
         )
 
+    def add_host_file(
+        self, path: str, source: Path, mode: int = 0o644, *, uid: int = 0, gid: int = 0
+    ) -> None:
+        """A file whose content is read from `source` when the layer is written."""
+        key = self._key(path)
+        self._parents(key)
+        size = source.stat().st_size
+        self._entries[key] = _Entry(
+            tarfile.REGTYPE, mode, source=source, size=size, uid=uid, gid=gid
+        )
+
     def add_symlink(self, path: str, target: str) -> None:
         key = self._key(path)
         self._parents(key)

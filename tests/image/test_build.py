@@ -1,0 +1,176 @@
+"""tele's image, built for real (mmdebstrap + pip: needs the network the first time, ~40 s)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tele.image.build import (
+    NONROOT,
+    BuildResult,
+    build_sandbox_images,
+    build_tele_image,
+    tele_key,
+    tele_package_dir,
+)
+from tele.sandbox.oci_registry import RegistryInfo, open_registry, registry_available
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="needs mmdebstrap"),
+]
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("image-cache")
+
+
+@pytest.fixture(scope="module")
+def built(cache_home: Path) -> BuildResult:
+    return build_tele_image(cache_home / "tele" / "images")
+
+
+def _names(result: BuildResult, layer: str) -> set[str]:
+    path = next(r.layer.path for r in result.layers if r.name == layer)
+    with tarfile.open(path) as tar:
+        return set(tar.getnames())
+
+
+def test_tele_image_holds_python_tele_and_sftp_server_but_no_laptop_libraries(
+    built: BuildResult,
+) -> None:
+    base = _names(built, "base")
+    assert {"usr/bin/python3.11", "usr/lib/openssh/sftp-server", "etc/passwd"} <= base
+    assert "usr/bin/ssh" not in base and not any(n.startswith("usr/share/man/") for n in base)
+    deps = _names(built, "deps")
+    site = "usr/lib/python3/dist-packages"
+    for package in ("trio", "h2", "msgspec", "httpx", "cryptography"):
+        assert f"{site}/{package}/__init__.py" in deps
+    for laptop_only in ("helm_python", "kubernetes", "kubernetes_validate", "pyroute2"):
+        assert f"{site}/{laptop_only}/__init__.py" not in deps
+    tele = _names(built, "tele")
+    assert f"{site}/tele/manager/__main__.py" in tele
+    assert "usr/local/bin/tele-entrypoint" in tele
+    config = json.loads(built.image.config_bytes)
+    assert config["config"]["User"] == f"{NONROOT}:{NONROOT}"
+    assert config["config"]["Entrypoint"] == ["/usr/local/bin/tele-entrypoint"]
+    assert config["config"]["Cmd"] == ["manager"]
+    assert built.image.size < 80_000_000
+
+
+def test_unchanged_inputs_are_a_cache_hit_and_a_code_change_rebuilds_only_tele(
+    built: BuildResult, cache_home: Path, tmp_path: Path
+) -> None:
+    again = build_tele_image(cache_home / "tele" / "images")
+    assert again.cached and again.image.digest == built.image.digest
+    package = tmp_path / "tele"
+    shutil.copytree(tele_package_dir(), package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "image" / "build.py").write_text(
+        (package / "image" / "build.py").read_text() + "\n# changed\n"
+    )
+    changed = build_tele_image(cache_home / "tele" / "images", package=package)
+    assert [r.cached for r in changed.layers] == [True, True, False]
+    assert changed.image.digest != built.image.digest
+    # Reproducible: the same change built again (cache record dropped) gives the same layer.
+    (cache_home / "tele" / "images" / "layers" / f"tele-{tele_key(package)}.json").unlink()
+    rebuilt = build_tele_image(cache_home / "tele" / "images", package=package)
+    assert not rebuilt.layers[2].cached
+    assert rebuilt.image.digest == changed.image.digest
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chroot into the image")
+def test_the_image_runs_the_manager_and_agent_code_as_nonroot(
+    built: BuildResult, tmp_path: Path
+) -> None:
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    for layer in built.image.layers:
+        with tarfile.open(layer.path) as tar:
+            tar.extractall(root, filter="fully_trusted")
+    (root / "dev").mkdir(exist_ok=True)
+    script = (
+        "import os, ssl, tele.manager.__main__, tele.agent.__main__, tele.agent.init;"
+        "print(os.getuid(), ssl.OPENSSL_VERSION.split()[0])"
+    )
+    result = subprocess.run(
+        [
+            shutil.which("chroot") or "/usr/sbin/chroot",
+            f"--userspec={NONROOT}:{NONROOT}",
+            str(root),
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(NONROOT), "OpenSSL"]
+    assert not (root / "etc" / "hostname-of-the-host").exists()
+
+
+def test_sandbox_images_share_the_base_layer(built: BuildResult, cache_home: Path) -> None:
+    images = build_sandbox_images(cache_home / "tele" / "images")
+    assert set(images) >= {"tele-sandbox/echo", "tele-sandbox/worker", "tele-sandbox/l4-echo"}
+    base = built.layers[0].layer.digest
+    for result in images.values():
+        assert result.image.layers[0].digest == base
+        assert len(result.image.layers) == 2
+        assert result.layers[1].layer.size < 2_000_000
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[RegistryInfo]:
+    if registry_available() is not None:
+        pytest.skip(f"needs {registry_available()}")
+    async with open_registry(tmp_path / "registry") as info:
+        yield info
+
+
+async def test_tele_image_push_with_docker_config_then_a_refusal(
+    built: BuildResult, cache_home: Path, registry: RegistryInfo, tmp_path: Path
+) -> None:
+    import trio
+
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    (docker / "config.json").write_bytes(registry.docker_config())
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "XDG_CACHE_HOME": str(cache_home),
+        "DOCKER_CONFIG": str(docker),
+    }
+    target = f"{registry.address}/tele/traffic-manager"
+    argv = [str(VENV_BIN / "tele"), "image", "push", target, "--ca-file", str(registry.ca_file)]
+    result = await trio.run_process([*argv, "--output", "json"], capture_stdout=True, env=env)
+    pushed = json.loads(result.stdout)
+    assert pushed["digest"] == built.image.digest
+    assert pushed["image"] == f"{target}:{built.tag.rsplit(':', 1)[1]}"
+    assert pushed["uploaded_blobs"] == 4
+    again = await trio.run_process([*argv, "--output", "json"], capture_stdout=True, env=env)
+    assert json.loads(again.stdout)["uploaded_blobs"] == 0
+
+    wrong = base64.b64encode(b"tele:wrong").decode()
+    (docker / "config.json").write_text(json.dumps({"auths": {registry.address: {"auth": wrong}}}))
+    refused = await trio.run_process(
+        argv, capture_stdout=True, capture_stderr=True, env=env, check=False
+    )
+    assert refused.returncode != 0
+    message = refused.stderr.decode().strip()
+    assert message.count("\n") == 0, message
+    assert registry.address in message and "HTTP 401" in message
