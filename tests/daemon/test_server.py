@@ -8,20 +8,27 @@ import os
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tele import logs, unixsock
 from tele.cli import quick
+from tele.cli.cluster_cmd import connection_lines
+from tele.cli.output import to_builtins
+from tele.daemon import server
 from tele.daemon.loglevel import LogLevelController
 from tele.daemon.server import Daemon
+from tele.errors import ConnectionFailed
 from tele.rpc import daemon_api as api
-from tele.rpc.client import open_client
+from tele.rpc.client import Client, open_client
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.method import Req, Resp, Unary
+from tele.testing.waits import wait_for
 
 
 @pytest.fixture
@@ -162,3 +169,126 @@ def test_quick_call_reports_a_peer_that_hangs_up(tmp_path: Path) -> None:
 
     assert info.value.code == Code.UNAVAILABLE
     assert str(quick.translate(info.value)).startswith("Lost the connection to the daemon")
+
+
+class StandInSession:
+    """In place of ClusterSession (tele.daemon.session): starts when the test says, then runs
+    until the test makes it fail. What is under test is the Daemon's handling of it."""
+
+    made: list[StandInSession] = []
+
+    def __init__(self, request: api.ConnectRequest, kube: object, **options: object) -> None:
+        self.request = request
+        self.status = "connecting"
+        self.started = False
+        self.go = trio.Event()
+        self.fail = trio.Event()
+        StandInSession.made.append(self)
+        self.session_id = f"session-{len(StandInSession.made)}"
+
+    def info(self) -> api.ConnectionInfo:
+        return api.ConnectionInfo(
+            status=self.status,
+            kube_server="https://127.0.0.1:1",
+            kube_context="stand-in",
+            namespace="default",
+            manager_namespace="ambassador",
+            session_id=self.session_id,
+        )
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[api.ConnectionInfo] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await self.go.wait()
+        self.status = "connected"
+        self.started = True
+        task_status.started(self.info())
+        await self.fail.wait()
+        self.status = "disconnected"
+        raise ConnectionFailed("the traffic manager went away")
+
+    async def disconnect(self) -> None:
+        self.fail.set()
+
+
+@asynccontextmanager
+async def client_of(running: Running) -> AsyncIterator[Client]:
+    async with await unixsock.connect(running.socket) as stream, open_client(stream) as client:
+        yield client
+
+
+@pytest.fixture
+def stand_in_sessions(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[list[StandInSession]]:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setattr(server, "ClusterSession", StandInSession)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: stand-in\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: stand-in, context: {cluster: c, user: u}}]\n"
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    StandInSession.made = []
+    yield StandInSession.made
+
+
+async def test_two_connects_at_once_start_one_session(
+    running: Running, stand_in_sessions: list[StandInSession]
+) -> None:
+    await running.nursery.start(running.daemon.run_sessions)
+    replies: list[api.ConnectionInfo] = []
+
+    async def connect() -> None:
+        async with client_of(running) as client:
+            replies.append(await client.call(api.CONNECT, api.ConnectRequest(), timeout=10))
+
+    async with trio.open_nursery() as callers:
+        callers.start_soon(connect)
+        callers.start_soon(connect)
+        await wait_for(lambda: len(stand_in_sessions) == 1)
+        # The second connect waits for the first to end starting its session.
+        await wait_for(lambda: running.daemon._connecting.statistics().tasks_waiting == 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(stand_in_sessions) == 1
+        stand_in_sessions[0].go.set()
+    assert len(stand_in_sessions) == 1
+    assert [r.session_id for r in replies] == ["session-1", "session-1"]
+    assert running.daemon.session is not None
+    stand_in_sessions[0].fail.set()
+
+
+async def test_a_session_that_fails_after_starting_says_why_in_status(
+    running: Running, stand_in_sessions: list[StandInSession]
+) -> None:
+    await running.nursery.start(running.daemon.run_sessions)
+    async with client_of(running) as client:
+
+        async def connect() -> None:
+            await client.call(api.CONNECT, api.ConnectRequest(), timeout=10)
+
+        async with trio.open_nursery() as caller:
+            caller.start_soon(connect)
+            await wait_for(lambda: len(stand_in_sessions) == 1)
+            stand_in_sessions[0].go.set()
+        stand_in_sessions[0].fail.set()
+        await wait_for(lambda: running.daemon.session is None)
+        status = await client.call(api.STATUS, api.Empty(), timeout=10)
+        assert status.connection == "not connected"
+        assert status.session is not None
+        assert status.session.status == "failed"
+        assert status.session.last_error == "the traffic manager went away"
+        assert "  Last error:         the traffic manager went away" in connection_lines(
+            to_builtins(status.session)
+        )
+        # A new connect starts afresh (and the failed session's report goes).
+        async with trio.open_nursery() as caller:
+            caller.start_soon(connect)
+            await wait_for(lambda: len(stand_in_sessions) == 2)
+            stand_in_sessions[1].go.set()
+        status = await client.call(api.STATUS, api.Empty(), timeout=10)
+        assert status.connection == "connected"
+        assert status.session is not None and status.session.last_error == ""
+        stand_in_sessions[1].fail.set()

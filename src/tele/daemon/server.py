@@ -1,7 +1,9 @@
 """The daemon's RPC side: the accept loop on its unix socket (peer uid checked on every
 connection), one `serve_connection` task per client, and the handlers of tele.rpc.daemon_api.
 
-Later issues hang the session subtree (manager link, VIF, DNS) next to this in the root nursery.
+The cluster session (tele.daemon.session: manager link, lease, engagements, VIF and DNS) runs in
+`run_sessions`' nursery, a sibling of the accept loop in the process's root nursery
+(tele.daemon.process); `connect` starts it there, one at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 import tele
@@ -23,7 +26,7 @@ from tele import unixsock
 from tele.config import parse_log_level
 from tele.daemon.loglevel import LogLevelController
 from tele.daemon.session import ClusterSession
-from tele.errors import TeleError, UserError
+from tele.errors import TeleError, UserError, single_leaf
 from tele.rpc import daemon_api as api
 from tele.rpc.agent_api import UNINSTALL, EngagementInfo, UninstallReply
 from tele.rpc.agent_api import UninstallRequest as AgentUninstall
@@ -56,6 +59,14 @@ def _network_options(request: api.ConnectRequest) -> NetworkOptions:
 # accept() errors that mean "out of resources for now": wait and retry rather than die.
 _RETRYABLE_ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_RETRY_DELAY = 0.1
+
+
+def _failure_text(exc: BaseException) -> str:
+    """Why a session ended, in one sentence for `tele status` (the traceback is in the log)."""
+    leaf = single_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
+    if isinstance(leaf, TeleError):
+        return str(leaf)
+    return f"the session failed unexpectedly ({type(leaf).__name__}); see the daemon log"
 
 
 class Daemon:
@@ -95,6 +106,10 @@ class Daemon:
         self.router.unary(api.LEAVE, self.leave)
         self.router.unary(api.UNINSTALL, self.uninstall)
         self.session: ClusterSession | None = None
+        self._connecting = trio.Lock()
+        """One connect at a time: a second waits, then finds the first's session."""
+        self._failed: api.ConnectionInfo | None = None
+        """The last session that failed after it had started (for status, until a connect)."""
         self._helper: HelperPrivileges | None = None
         """A privileged helper that connected for the next session's network."""
         self._sessions: trio.Nursery | None = None
@@ -118,7 +133,7 @@ class Daemon:
             socket=str(self.socket_path),
             log_level=self.log_level.current,
             connection=self.session.status if self.session else "not connected",
-            session=self.session.info() if self.session else None,
+            session=self.session.info() if self.session else self._failed,
         )
 
     async def quit(self, request: api.Empty) -> api.QuitReply:
@@ -150,6 +165,13 @@ class Daemon:
         )
 
     async def connect(self, request: api.ConnectRequest) -> api.ConnectionInfo:
+        # Checking for a session and starting one spans awaits: two `tele connect` at once
+        # would both start one. The second waits here and gets the first's session (or, when
+        # the first failed, its own attempt).
+        async with self._connecting:
+            return await self._connect(request)
+
+    async def _connect(self, request: api.ConnectRequest) -> api.ConnectionInfo:
         if self.session is not None:
             current = self.session.info()
             wanted_context = request.context or current.kube_context
@@ -163,6 +185,7 @@ class Daemon:
             )
         if self._sessions is None:
             raise RpcError(Code.UNAVAILABLE, "the daemon is shutting down")
+        self._failed = None
         try:
             info: api.ConnectionInfo = await self._sessions.start(self._run_session, request)
         except UserError as exc:
@@ -217,15 +240,19 @@ class Daemon:
                 )
                 self.session = session
                 await session.run(task_status=task_status)
-        except Exception:
+        except Exception as exc:
             if session is None or not session.started:
                 raise  # the connect call reports it
             log.exception("the cluster session failed")
+            self._failed = msgspec.structs.replace(
+                session.info(), status="failed", last_error=_failure_text(exc)
+            )
         finally:
             self.session = None
             self._session_ended.set()
 
     async def disconnect(self, request: api.Empty) -> api.Empty:
+        self._failed = None
         await self.end_session()
         return api.Empty()
 

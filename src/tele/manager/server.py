@@ -77,9 +77,9 @@ class ManagerConfig:
     agent_port: int = 9900
     agent_log_level: str = "info"
     mount_policies: dict[str, str] = field(default_factory=dict)
+    """Helm `agent.mountPolicies`: volume name or mount path -> policy (agentconfig)."""
     pod_ip: str = ""
     """The manager pod's IP (the source of its connections to agents), from the chart."""
-    """Helm `agent.mountPolicies`: volume name or mount path -> policy (agentconfig)."""
     missing_kind_retry: float = 30.0
     """Seconds between looks for an enabled kind the cluster does not serve (no Rollout CRD)."""
 
