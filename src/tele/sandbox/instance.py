@@ -209,11 +209,13 @@ def laptop_netns(name: str) -> str:
 
 
 def cleanup_namespaces(name: str) -> None:
-    """Remove the network namespaces (and what runs in them) of sandbox `name`, e.g. after a
-    crash of its process."""
+    """Remove the containers, their mounts and cgroups, and the network namespaces (and what
+    runs in them) of sandbox `name`, e.g. after a crash of its process."""
     if nodes_supported():
+        from .kubelet.runtime import cleanup_sync as cleanup_containers
         from .network.relay import cleanup_sync
 
+        cleanup_containers(name, instance_dir(name) / "node" / "containers")
         cleanup_sync(name)
 
 

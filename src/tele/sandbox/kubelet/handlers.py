@@ -14,7 +14,7 @@ from tele.sandbox.apiserver.app import ASGIReceive, ASGISend, Request
 from tele.sandbox.apiserver.errors import StatusError, bad_request
 from tele.sandbox.network import netns
 
-from .kubelet import Kubelet, kill_group
+from .kubelet import Kubelet
 from .logs import render, tail
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ async def exec_handler(
         while True:
             msg = await receive()
             if msg["type"] == "websocket.disconnect":
-                kill_group(proc)
+                worker.kill_exec(proc)  # type: ignore[union-attr]
                 return
             data: Any = msg.get("bytes") or b""
             if not data:
@@ -308,6 +308,7 @@ async def exec_handler(
             pumps.start_soon(pump, proc.stdout, 1)
             pumps.start_soon(pump, proc.stderr, 2)
         code = await proc.wait()
+        worker.forget_exec(proc)  # type: ignore[union-attr]
         await out(3, _exit_status(code if code >= 0 else 128 - code))
         nursery.cancel_scope.cancel()
     try:

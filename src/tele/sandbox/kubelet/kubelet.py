@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,16 @@ from tele.sandbox.images import registry
 from tele.sandbox.network import netns, node
 from tele.sandbox.network.errors import NodeError
 
-from . import volumes
+from . import runtime, volumes
+from .imagestore import (
+    Image,
+    ImageError,
+    ImageRef,
+    ImageStore,
+    InvalidImageName,
+    default_pull_policy,
+    parse_image,
+)
 from .logs import LogFile
 from .probes import resolve_port, run_probe
 
@@ -61,6 +71,7 @@ class Kubelet:
         *,
         node_name: str | None = None,
         backoff_base: float = 10.0,
+        images_dir: Path | None = None,
     ) -> None:
         self.api = api
         self.cluster = cluster
@@ -74,6 +85,13 @@ class Kubelet:
         self._next_index = 0
         self._nursery: trio.Nursery | None = None
         self._to_schedule: trio.MemorySendChannel[tuple[str, str]] | None = None
+        # Containers run with runc from images in this store when the node can (root, runc);
+        # an image the store lacks still runs as a module of this venv until the sandbox's
+        # registry holds every image.
+        self.images: ImageStore | None = None
+        if runtime.runc_available():
+            self.images = ImageStore(images_dir or state_dir / "images")
+        self.puller: Any = None  # async (ImageRef, pull secrets) -> Image, once a registry exists
 
     def next_index(self) -> int:
         self._next_index += 1
@@ -86,6 +104,8 @@ class Kubelet:
         return None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.images is not None:
+            await trio.to_thread.run_sync(self._cleanup_containers)
         await node.create_node(self.node_ns)
         try:
             async with trio.open_nursery() as nursery:
@@ -107,10 +127,24 @@ class Kubelet:
 
     async def cleanup(self) -> None:
         """Remove every namespace of this node (pods first); kills what runs inside."""
+        if self.images is not None:
+            await trio.to_thread.run_sync(self._cleanup_containers)
         for name in netns.list_netns():
             if name.startswith(f"{self.cluster}-pod-"):
                 await netns.delete(name)
         await netns.delete(self.node_ns)
+
+    def _cleanup_containers(self) -> None:
+        runtime.cleanup_sync(self.cluster, self.state_dir / "containers")
+
+    async def pull(self, ref: ImageRef, secrets: list[ApiObject]) -> Image:
+        if self.puller is None:
+            raise ImageError(
+                f'rpc error: code = NotFound desc = failed to pull and unpack image "{ref}": '
+                "the sandbox has no registry holding it"
+            )
+        image: Image = await self.puller(ref, secrets)
+        return image
 
     def _on_pod(self, event: Event) -> None:
         pod = event.obj
@@ -212,8 +246,30 @@ class ContainerRun:
         self.ready = False
         self.started = False
         self.proc: trio.Process | None = None
+        self.container: runtime.Container | None = None
+        self.process: ApiObject | None = None  # the runc process spec, for exec
+        self.image: Image | None = None
         self.logs: list[LogFile] = []
         self.done = trio.Event()
+
+    def signal(self, sig: int) -> None:
+        """Signal the container's main process (SIGKILL: everything in the container)."""
+        if self.container is not None:
+            self.container.signal(sig)
+        elif self.proc is not None and self.proc.returncode is None:
+            if sig == signal.SIGKILL:
+                kill_group(self.proc)
+            else:
+                try:
+                    self.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    @property
+    def container_id(self) -> str:
+        if self.container is not None:
+            return f"runc://{self.container.id}"
+        return f"tele://{self.name}-{self.restarts}"
 
     def status(self) -> ApiObject:
         image = self.spec.get("image", "")
@@ -224,11 +280,15 @@ class ContainerRun:
             "ready": self.ready,
             "restartCount": self.restarts,
             "image": image,
-            "imageID": f"tele-sandbox://{image}",
+            "imageID": (
+                f"{parse_image(self.image.ref).name}@{self.image.digest}"
+                if self.image is not None
+                else f"tele-sandbox://{image}"
+            ),
             "started": self.started,
         }
         if "waiting" not in self.state:
-            out["containerID"] = f"tele://{self.name}-{self.restarts}"
+            out["containerID"] = self.container_id
         return out
 
 
@@ -255,6 +315,7 @@ class PodWorker:
         self._dirty = trio.Event()
         self._status_written: ApiObject | None = None
         self._exec_count = 0
+        self._exec_kill: dict[int, Callable[[], None]] = {}
 
     # --- events from the store ------------------------------------------------------------
 
@@ -341,27 +402,27 @@ class PodWorker:
         grace = meta.get("deletionGracePeriodSeconds")
         if grace is None:
             grace = (self.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
-        procs = [
-            r.proc for r in self.all_runs() if r.proc is not None and r.proc.returncode is None
-        ]
-        for proc in procs:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        live = [r for r in self.all_runs() if r.proc is not None and r.proc.returncode is None]
+        for run in live:
+            await self.kubelet.event(self.pod, "Killing", f"Stopping container {run.name}")
+            run.signal(signal.SIGTERM)
         with trio.move_on_after(float(grace)):
-            for proc in procs:
-                await proc.wait()
-        for proc in procs:
-            if proc.returncode is None:
-                kill_group(proc)
-                await proc.wait()
+            for run in live:
+                assert run.proc is not None
+                await run.proc.wait()
+        for run in live:
+            assert run.proc is not None
+            if run.proc.returncode is None:
+                run.signal(signal.SIGKILL)
+                await run.proc.wait()
 
     async def _teardown(self) -> None:
         for run in self.all_runs():
             if run.proc is not None and run.proc.returncode is None:
-                kill_group(run.proc)
+                run.signal(signal.SIGKILL)
                 await run.proc.wait()
+            if run.container is not None:
+                await run.container.remove()
         if self.netns:
             index = int(self.netns.rsplit("-", 1)[1])
             await node.detach_pod(self.kubelet.node_ns, self.netns, index)
@@ -400,24 +461,33 @@ class PodWorker:
 
     # --- containers ---------------------------------------------------------------------------
 
-    def _launch_spec(
-        self, run: ContainerRun, argv: list[str], env: dict[str, str], tag: str
-    ) -> ApiObject:
+    def _mounts(self, run: ContainerRun) -> list[runtime.Mount]:
+        """The pod's /etc files, the container's volumeMounts and the service account token.
+
+        configMap, secret, downwardAPI and projected volumes are read-only, as on a real node."""
         spec = self.pod.get("spec") or {}
         etc = self.dir / "etc"
         mounts = [
-            {"source": str(etc / "hosts"), "path": "/etc/hosts", "readOnly": True},
-            {"source": str(etc / "resolv.conf"), "path": "/etc/resolv.conf", "readOnly": True},
-            {"source": str(etc / "hostname"), "path": "/etc/hostname", "readOnly": True},
+            runtime.Mount(str(etc / "hosts"), "/etc/hosts", True),
+            runtime.Mount(str(etc / "resolv.conf"), "/etc/resolv.conf", True),
+            runtime.Mount(str(etc / "hostname"), "/etc/hostname", True),
         ]
+        by_name = {v.get("name"): v for v in spec.get("volumes") or []}
         have_sa = False
         for m in run.spec.get("volumeMounts") or []:
+            volume = by_name.get(m["name"]) or {}
             source = self.dir / "volumes" / m["name"]
+            host_path = (volume.get("hostPath") or {}).get("path")
+            if host_path and self.kubelet.images is not None:
+                source = Path(host_path)
+                if (volume.get("hostPath") or {}).get("type") == "DirectoryOrCreate":
+                    source.mkdir(parents=True, exist_ok=True)
             if m.get("subPath"):
                 source = source / m["subPath"]
-            mounts.append(
-                {"source": str(source), "path": m["mountPath"], "readOnly": bool(m.get("readOnly"))}
+            read_only = bool(m.get("readOnly")) or any(
+                kind in volume for kind in ("configMap", "secret", "downwardAPI", "projected")
             )
+            mounts.append(runtime.Mount(str(source), m["mountPath"], read_only))
             have_sa = have_sa or m["mountPath"].rstrip("/") == volumes.SA_DIR
         automount = spec.get("automountServiceAccountToken", True) is not False
         if automount and not have_sa:
@@ -427,41 +497,92 @@ class PodWorker:
                 for rel, data in files.items():
                     sa_dir.mkdir(parents=True, exist_ok=True)
                     (sa_dir / rel).write_bytes(data)
-            mounts.append({"source": str(sa_dir), "path": volumes.SA_DIR, "readOnly": True})
+            mounts.append(runtime.Mount(str(sa_dir), volumes.SA_DIR, True))
+        return mounts
+
+    def _launch_spec(
+        self, run: ContainerRun, argv: list[str], env: dict[str, str], tag: str
+    ) -> ApiObject:
+        spec = self.pod.get("spec") or {}
         scratch = self.dir / "scratch" / f"{run.name}-{tag}"
         scratch.mkdir(parents=True, exist_ok=True)
         return {
             "scratch": str(scratch),
             "netns": str(netns.netns_path(self.netns)),
             "hostname": spec.get("hostname") or self.name,
-            "mounts": mounts,
+            "mounts": [
+                {"source": m.source, "path": m.destination, "readOnly": m.read_only}
+                for m in self._mounts(run)
+            ],
             "workingDir": run.spec.get("workingDir", ""),
             "argv": argv,
             "env": env,
         }
 
-    def _argv_env(self, run: ContainerRun, module: str) -> tuple[list[str], dict[str, str]]:
+    def _k8s_env(self, run: ContainerRun, base: dict[str, str]) -> dict[str, str]:
         spec = self.pod.get("spec") or {}
         base = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "HOME": "/root",
+            **base,
             "HOSTNAME": spec.get("hostname") or self.name,
-            "PYTHONUNBUFFERED": "1",
             "KUBERNETES_SERVICE_HOST": "10.96.0.1",
             "KUBERNETES_SERVICE_PORT": "443",
             "KUBERNETES_SERVICE_PORT_HTTPS": "443",
-            "TELE_SANDBOX_IMAGE": run.spec.get("image", ""),
         }
         pod = self.pod
         if self.ip:
             # As the kubelet does, status.podIP in env is the IP the pod has now, even when the
             # status carrying it has not been written to the API yet.
             pod = {**pod, "status": {**(pod.get("status") or {}), "podIP": self.ip}}
-        env = volumes.container_env(self.kubelet.api, pod, run.spec, base)
+        return volumes.container_env(self.kubelet.api, pod, run.spec, base)
+
+    def _argv_env(self, run: ContainerRun, module: str) -> tuple[list[str], dict[str, str]]:
+        base = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": "/root",
+            "PYTHONUNBUFFERED": "1",
+            "TELE_SANDBOX_IMAGE": run.spec.get("image", ""),
+        }
+        env = self._k8s_env(run, base)
         args = [volumes.expand(a, env) for a in run.spec.get("args") or []]
         command = [volumes.expand(a, env) for a in run.spec.get("command") or []]
         argv = command + args if command else [sys.executable, "-m", module, *args]
         return argv, env
+
+    def _create(self, run: ContainerRun, image: Image) -> runtime.Container:
+        """Mount the container's root filesystem and write its bundle (not started yet)."""
+        assert self.kubelet.images is not None
+        store = self.kubelet.images
+        layers = [store.layer_dir(d) for d in reversed(image.diff_ids)]  # top layer first
+        env = self._k8s_env(run, runtime.image_env(image))
+        argv = runtime.argv_for(image, run.spec, lambda a: volumes.expand(a, env))
+        user = runtime.resolve_user(layers, self.pod, run.spec, image)
+        cwd = run.spec.get("workingDir") or image.process_config.get("WorkingDir") or "/"
+        process = runtime.build_process(argv, env, cwd, user, run.spec)
+        memory, cpu_limit, cpu_request = runtime.limits(run.spec)
+        mounts = self._mounts(run)
+        spec = self.pod.get("spec") or {}
+        index = self.netns.rsplit("-", 1)[1]
+        cid = f"{self.kubelet.cluster}.{index}.{run.name}.{run.restarts}"
+        container = runtime.Container(
+            self.kubelet.cluster, cid, self.kubelet.state_dir / "containers" / cid
+        )
+        container.memory_limit = memory
+        run.container, run.process = container, process
+        container.prepare(
+            layers,
+            lambda rootfs, cgroups_path: runtime.build_config(
+                rootfs=rootfs,
+                process=process,
+                container=run.spec,
+                hostname=spec.get("hostname") or self.name,
+                netns_path=str(netns.netns_path(self.netns)),
+                mounts=mounts,
+                cgroups_path=cgroups_path,
+                cpu_limit=cpu_limit,
+                cpu_request=cpu_request,
+            ),
+        )
+        return container
 
     async def _spawn(
         self,
@@ -482,18 +603,39 @@ class PodWorker:
             start_new_session=True,  # one process group per container: killed as a whole
         )
 
-    async def spawn_exec(self, run: ContainerRun, command: list[str]) -> trio.Process:
-        """`command` in the container's namespaces with stdin, stdout and stderr as pipes."""
+    async def _spawn_in(
+        self, run: ContainerRun, command: list[str], *, interactive: bool
+    ) -> trio.Process:
+        self._exec_count += 1
+        tag = f"exec{self._exec_count}"
+        if run.container is not None and run.process is not None:
+            container = run.container
+            proc = await container.exec(
+                {**run.process, "args": command}, tag, interactive=interactive
+            )
+            self._exec_kill[proc.pid] = lambda: container.kill_exec(tag)
+            return proc
         module = registry.resolve(run.spec.get("image", "")) or ""
         _, env = self._argv_env(run, module)
-        self._exec_count += 1
-        return await self._spawn(run, command, env, f"exec{self._exec_count}", interactive=True)
+        return await self._spawn(run, command, env, tag, interactive=interactive)
+
+    async def spawn_exec(self, run: ContainerRun, command: list[str]) -> trio.Process:
+        """`command` in the container's namespaces with stdin, stdout and stderr as pipes."""
+        return await self._spawn_in(run, command, interactive=True)
+
+    def kill_exec(self, proc: trio.Process) -> None:
+        """End an exec'd process (for runc: the process in the container, then runc exec)."""
+        kill = self._exec_kill.pop(proc.pid, None)
+        if kill is not None:
+            kill()
+        kill_group(proc)
+
+    def forget_exec(self, proc: trio.Process) -> None:
+        self._exec_kill.pop(proc.pid, None)
 
     async def exec_in(self, run: ContainerRun, command: list[str]) -> int:
         """Run `command` in the container's namespaces (exec probes); returns its exit code."""
-        module = registry.resolve(run.spec.get("image", "")) or ""
-        _, env = self._argv_env(run, module)
-        proc = await self._spawn(run, command, env, "exec")
+        proc = await self._spawn_in(run, command, interactive=False)
         try:
             assert proc.stdout is not None
             async with proc.stdout:
@@ -504,49 +646,115 @@ class PodWorker:
             # Also when the probe's timeout cancelled us: reap the process, never leave it.
             with trio.CancelScope(shield=True):
                 if proc.returncode is None:
-                    kill_group(proc)
+                    self.kill_exec(proc)
                     await proc.wait()
+                self._exec_kill.pop(proc.pid, None)
                 if proc.stdout is not None:
                     await proc.stdout.aclose()
+
+    def _waiting(self, run: ContainerRun, reason: str, message: str) -> None:
+        run.state = {"waiting": {"reason": reason, "message": message}}
+        self.mark_dirty()
+
+    async def _image_for(self, run: ContainerRun) -> Image | str | None:
+        """Pull (or find) the container's image as the kubelet does; the module name for an
+        image that runs from this venv; None once the pod terminates without one."""
+        name = run.spec.get("image", "")
+        store = self.kubelet.images
+        module = registry.resolve(name)
+        if store is None:
+            if module is None:
+                msg = (
+                    f'Failed to pull image "{name}": rpc error: code = NotFound desc = the '
+                    f"sandbox has no image {name!r}"
+                )
+                self._waiting(run, "ErrImagePull", msg)
+                await self.kubelet.event(self.pod, "Failed", msg, kind="Warning")
+                await self.terminating.wait()
+            return module
+        try:
+            ref = parse_image(name)
+        except InvalidImageName as exc:
+            self._waiting(run, "InvalidImageName", str(exc))
+            await self.kubelet.event(self.pod, "InspectFailed", str(exc), kind="Warning")
+            await self.kubelet.event(self.pod, "Failed", "Error: InvalidImageName", kind="Warning")
+            await self.terminating.wait()
+            return None
+        policy = run.spec.get("imagePullPolicy") or default_pull_policy(name)
+        present = await trio.to_thread.run_sync(store.lookup, str(ref))
+        if present is not None and (policy != "Always" or self.kubelet.puller is None):
+            await self.kubelet.event(
+                self.pod, "Pulled", f'Container image "{name}" already present on machine'
+            )
+            return present
+        if present is None and module is not None and self.kubelet.puller is None:
+            return module
+        if policy == "Never":
+            msg = f'Container image "{name}" is not present with pull policy of Never'
+            self._waiting(run, "ErrImageNeverPull", msg)
+            await self.kubelet.event(self.pod, "ErrImageNeverPull", msg, kind="Warning")
+            await self.kubelet.event(self.pod, "Failed", "Error: ErrImageNeverPull", kind="Warning")
+            await self.terminating.wait()
+            return None
+        step = 0
+        while not self.terminating.is_set():
+            await self.kubelet.event(self.pod, "Pulling", f'Pulling image "{name}"')
+            started = time.monotonic()
+            try:
+                image = await self.kubelet.pull(ref, self._pull_secrets())
+            except ImageError as exc:
+                msg = f'Failed to pull image "{name}": {exc}'
+                self._waiting(run, "ErrImagePull", msg)
+                await self.kubelet.event(self.pod, "Failed", msg, kind="Warning")
+                await self.kubelet.event(self.pod, "Failed", "Error: ErrImagePull", kind="Warning")
+            else:
+                took = time.monotonic() - started
+                await self.kubelet.event(
+                    self.pod,
+                    "Pulled",
+                    f'Successfully pulled image "{name}" in {_duration(took)} '
+                    f"({_duration(took)} including waiting). Image size: {image.size} bytes.",
+                )
+                return image
+            delay = min(_MAX_BACKOFF, self.kubelet.backoff_base * 2**step)
+            step += 1
+            # The next sync shows the back-off, as the kubelet's does a moment later.
+            with trio.move_on_after(min(1.0, delay / 2)):
+                await self.terminating.wait()
+            if self.terminating.is_set():
+                break
+            msg = f'Back-off pulling image "{name}"'
+            self._waiting(run, "ImagePullBackOff", msg)
+            await self.kubelet.event(self.pod, "BackOff", msg)
+            await self.kubelet.event(self.pod, "Failed", "Error: ImagePullBackOff", kind="Warning")
+            with trio.move_on_after(delay):
+                await self.terminating.wait()
+        return None
+
+    def _pull_secrets(self) -> list[ApiObject]:
+        """The pod's imagePullSecrets of type kubernetes.io/dockerconfigjson (missing → none)."""
+        out = []
+        for ref in (self.pod.get("spec") or {}).get("imagePullSecrets") or []:
+            secret = self.kubelet.api.store.get("/secrets", self.namespace, ref.get("name", ""))
+            if secret is not None and secret.get("type") == "kubernetes.io/dockerconfigjson":
+                out.append(secret)
+        return out
 
     async def _supervise(self, run: ContainerRun) -> None:
         policy = (self.pod.get("spec") or {}).get("restartPolicy", "Always")
         if run.init and policy == "Always":
             policy = "OnFailure"
-        image = run.spec.get("image", "")
-        module = registry.resolve(image)
-        if module is None:
-            msg = (
-                f'Failed to pull image "{image}": rpc error: code = NotFound desc = the '
-                f"sandbox has no image {image!r}"
-            )
-            run.state = {"waiting": {"reason": "ErrImagePull", "message": msg}}
-            self.mark_dirty()
-            await self.kubelet.event(self.pod, "Failed", msg, kind="Warning")
-            await trio.sleep(1)
-            run.state = {
-                "waiting": {
-                    "reason": "ImagePullBackOff",
-                    "message": f'Back-off pulling image "{image}"',
-                }
-            }
-            self.mark_dirty()
-            await self.kubelet.event(
-                self.pod, "BackOff", f'Back-off pulling image "{image}"', kind="Warning"
-            )
+        target = await self._image_for(run)
+        if target is None:
             return
+        run.image = target if isinstance(target, Image) else None
         while not self.terminating.is_set():
-            try:
-                argv, env = self._argv_env(run, module)
-            except volumes.ConfigError as exc:
-                run.state = {
-                    "waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}
-                }
-                self.mark_dirty()
+            started = time.monotonic()
+            exit_code = await self._run_once(run, target)
+            if exit_code is None:
+                run.backoff_step += 1
                 await self._backoff(run)
                 continue
-            started = time.monotonic()
-            exit_code = await self._run_once(run, argv, env)
             if self.terminating.is_set():
                 break
             if policy == "Never" or (policy == "OnFailure" and exit_code == 0):
@@ -581,18 +789,41 @@ class PodWorker:
         with trio.move_on_after(delay):
             await self.terminating.wait()
 
-    async def _run_once(self, run: ContainerRun, argv: list[str], env: dict[str, str]) -> int:
+    async def _start(self, run: ContainerRun, target: Image | str) -> trio.Process | None:
+        """Create and start one run of the container; None (state set, event sent) when the
+        spec cannot be applied or the runtime fails."""
+        try:
+            if isinstance(target, str):
+                argv, env = self._argv_env(run, target)
+                return await self._spawn(run, argv, env, str(run.restarts))
+            container = await trio.to_thread.run_sync(self._create, run, target)
+            return await container.start()
+        except (volumes.ConfigError, runtime.ContainerConfigError) as exc:
+            reason, message = "CreateContainerConfigError", str(exc)
+        except (runtime.ContainerCreateError, OSError) as exc:
+            reason, message = "CreateContainerError", str(exc)
+        self._waiting(run, reason, message)
+        await self.kubelet.event(self.pod, "Failed", f"Error: {message}", kind="Warning")
+        if run.container is not None:
+            await run.container.remove()
+            run.container = None
+        return None
+
+    async def _run_once(self, run: ContainerRun, target: Image | str) -> int | None:
+        proc = await self._start(run, target)
+        if proc is None:
+            return None
         logfile = LogFile(self.dir / "logs" / run.name / f"{run.restarts}.log")
         run.logs.append(logfile)
-        proc = await self._spawn(run, argv, env, str(run.restarts))
         run.proc = proc
         run.state = {"running": {"startedAt": _iso()}}
         spec = run.spec
         run.started = "startupProbe" not in spec
         run.ready = run.started and "readinessProbe" not in spec and not run.init
         self.mark_dirty()
-        if run.restarts == 0 and not run.init:
-            await self.kubelet.event(self.pod, "Started", f"Started container {run.name}")
+        await self.kubelet.event(self.pod, "Created", f"Created container: {run.name}")
+        await self.kubelet.event(self.pod, "Started", f"Started container {run.name}")
+        container = run.container
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump, proc, logfile)
@@ -602,18 +833,34 @@ class PodWorker:
                     code = await proc.wait()
                     # The main process is gone: the rest of the container goes with it, as it
                     # would with its PID namespace.
-                    kill_group(proc)
+                    if container is None:
+                        kill_group(proc)
                     probes.cancel_scope.cancel()
         finally:
             logfile.close()
+            with trio.CancelScope(shield=True):
+                if proc.returncode is None:
+                    run.signal(signal.SIGKILL)
+                    await proc.wait()
+                oom = False
+                if container is not None:
+                    oom = (
+                        proc.returncode == 128 + signal.SIGKILL
+                        and not container.killed_by_kubelet
+                        and container.oom_killed()
+                    )
+                    await container.remove()
         run.ready = False
+        if code < 0:
+            code = 128 - code
+        reason = "OOMKilled" if oom else "Completed" if code == 0 else "Error"
         run.state = {
             "terminated": {
-                "exitCode": code if code >= 0 else 128 - code,
-                "reason": "Completed" if code == 0 else "Error",
+                "exitCode": code,
+                "reason": reason,
                 "startedAt": run.state.get("running", {}).get("startedAt", _iso()),
                 "finishedAt": _iso(),
-                "containerID": f"tele://{run.name}-{run.restarts}",
+                "containerID": run.container_id,
             }
         }
         self.mark_dirty()
@@ -652,7 +899,7 @@ class PodWorker:
                 if ok:
                     return
                 if fail_streak >= failure_needed:
-                    kill_group(proc)
+                    run.signal(signal.SIGKILL)
                     return
             elif kind == "readiness":
                 ready = run.ready
@@ -671,7 +918,7 @@ class PodWorker:
                     f"Liveness probe failed for {run.name}; restarting",
                     kind="Warning",
                 )
-                kill_group(proc)
+                run.signal(signal.SIGKILL)
                 return
             # Until the first success the probe repeats quickly: our programs start in a
             # fraction of a second, and waiting a whole period would make every rollout slow.
@@ -774,6 +1021,13 @@ class PodWorker:
                 log.info("status of %s/%s: %s", self.namespace, self.name, exc.message)
                 self.mark_dirty()
                 await trio.sleep(0.05)
+
+
+def _duration(seconds: float) -> str:
+    """Go's time.Duration format, as in the kubelet's events (1.234s, 532ms)."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
 
 
 def kill_group(proc: trio.Process, sig: int = signal.SIGKILL) -> None:
