@@ -84,6 +84,7 @@ def write_layout(
     user: str = "",
     env: list[str] | None = None,
     workdir: str = "",
+    extra: bytes = b"",
 ) -> Path:
     """An OCI image layout of the test image at `dest` (replaced)."""
     if dest.exists():
@@ -97,6 +98,8 @@ def write_layout(
         return f"sha256:{digest}"
 
     layers = [base_layer(), top_layer()]
+    if extra:
+        layers.append(_tar([_file("extra", extra)]))
     layer_descs = []
     for raw in layers:
         gz = gzip.compress(raw, mtime=0)
@@ -152,3 +155,10 @@ def write_layout(
     (dest / "index.json").write_text(json.dumps(index))
     (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     return dest
+
+
+def manifest_and_blobs(layout: Path) -> tuple[bytes, dict[str, Path]]:
+    """The manifest of a layout written by `write_layout` and every blob by digest (to push)."""
+    index = json.loads((layout / "index.json").read_text())
+    blobs = {f"sha256:{p.name}": p for p in (layout / "blobs" / "sha256").iterdir()}
+    return blobs[index["manifests"][0]["digest"]].read_bytes(), blobs

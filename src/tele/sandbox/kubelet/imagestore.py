@@ -223,7 +223,7 @@ def unpack_layer(fileobj: IO[bytes], dest: Path) -> None:
     try:
         with tarfile.open(fileobj=fileobj, mode="r|") as tar:
             tar.extractall(root, numeric_owner=True, filter=layer_filter)
-    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+    except (tarfile.TarError, EOFError, OSError, KeyError, zlib_error()) as exc:
         raise ImageError(f"failed to extract layer: {exc}") from exc
     for rel in opaques:
         target = os.path.join(root, rel)
