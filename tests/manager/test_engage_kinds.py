@@ -134,7 +134,7 @@ async def test_replace_rolls_pods_without_the_container_and_back(
     agent = Agent(client, "api-1-r", ["app"])
 
     async def agent_of_the_replaced_pod() -> None:
-        await wait_for(lambda: "app" in manager.engagements.replaced_containers(KEY))
+        await wait_for(lambda: "app" in manager.table.replaced_containers(KEY))
         # What the webhook makes now: the agent alone, owning the app's ports.
         pod = await made_by_webhook(manager, kube, "api-1-r")
         assert [c["name"] for c in pod["spec"]["containers"]] == [agentconfig.AGENT_CONTAINER]
@@ -170,13 +170,13 @@ async def test_replace_rolls_pods_without_the_container_and_back(
     nursery.start_soon(agent_of_the_restored_pod)
     await client.call(aapi.LEAVE, aapi.LeaveRequest(session_id=session, name="api"))
     assert await kube.get_or_none(k8s.PODS, "api-1-r", "default") is None
-    assert manager.engagements.replaced_containers(KEY) == frozenset()
+    assert manager.table.replaced_containers(KEY) == frozenset()
     # The agent of the evicted pod ended with it (agents are killed; they never depart).
-    assert [a.pod_name for a in manager.engagements.agents_of(KEY)] == ["api-1-b"]
+    assert [a.pod_name for a in manager.agents.of_workload(KEY)] == ["api-1-b"]
 
     # A replace that ends with its session is rolled back too.
     async def agent_of_the_second_replace() -> None:
-        await wait_for(lambda: "app" in manager.engagements.replaced_containers(KEY))
+        await wait_for(lambda: "app" in manager.table.replaced_containers(KEY))
         await made_by_webhook(manager, kube, "api-1-s")
         await nursery.start(Agent(client, "api-1-s", ["app"]).run)
 
@@ -234,12 +234,12 @@ async def test_a_new_manager_rolls_back_pods_nobody_replaces(
     manager, _ = await ready(nursery, kube)
     # A pod as a previous manager made it for a replace of "app" (this one knows of none).
     manager.agent_workloads.add(KEY)
-    manager.engagements._replacing[(KEY, "app")] = "someone@gone"
+    manager.table.replacing[(KEY, "app")] = "someone@gone"
     await made_by_webhook(manager, kube, "api-1-r")
-    del manager.engagements._replacing[(KEY, "app")]
-    assert await manager.engagements.restore_orphans() == [KEY]
+    del manager.table.replacing[(KEY, "app")]
+    assert await manager.rollouts.restore_orphans() == [KEY]
     assert await kube.get_or_none(k8s.PODS, "api-1-r", "default") is None
     # Pods made without replaced containers are nobody's orphans.
     await made_by_webhook(manager, kube, "api-1-b")
-    assert await manager.engagements.restore_orphans() == []
+    assert await manager.rollouts.restore_orphans() == []
     assert await kube.get_or_none(k8s.PODS, "api-1-b", "default") is not None

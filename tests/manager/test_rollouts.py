@@ -144,7 +144,7 @@ async def test_a_refused_eviction_restarts_the_rollout_by_merge_patch(
     sandbox_api: ClusterInfo,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tele.manager.engage")
+    caplog.set_level(logging.INFO, logger="tele.manager.rollouts")
     await create_rollout(kube)
     # No disruption controller runs here: the budget's status allows no disruption at all.
     await kube.create(

@@ -31,9 +31,14 @@ from tele.contracts import agentconfig
 from tele.contracts.namespaces import NamespaceSelector
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
-from tele.manager.engage import PAST_TENSE, Engagements
+from tele.manager.agents import AgentRegistry
+from tele.manager.changes import Changes
+from tele.manager.dialback import DialBack
+from tele.manager.engage import AgentSettings, Engagements
+from tele.manager.rollouts import Rollouts
 from tele.manager.sessions import Session, SessionTable
 from tele.manager.state import AgentWorkloads
+from tele.manager.table import PAST_TENSE, EngagementTable
 from tele.manager.view import ClusterView
 from tele.manager.webhook import AgentInjector, WebhookServer, ensure_tls, patch_ca_bundle
 from tele.net.tunnel import OpenRequest, ResetReason
@@ -146,8 +151,6 @@ class Manager:
         self.sessions = SessionTable[api.ClientIdentity](config.session_lease)
         self.service_subnets: list[str] = list(config.service_subnets)
         self.dns_ip = ""
-        self.engagements = Engagements(self)
-        self.tunnel = TunnelServer(policy=self._tunnel_policy, dial_back=self.engagements.dial_back)
         self._view_changed = trio.Event()
         self._sessions_changed = trio.Event()
         self._ready = {"Namespace": trio.Event()}
@@ -156,10 +159,48 @@ class Manager:
         # Workloads that clients engaged: their pods get an agent (kind, namespace, name); kept
         # in a ConfigMap so that a new manager pod still injects it.
         self.agent_workloads = AgentWorkloads(kube, config.namespace)
+        # Engagements, in parts that are given what they use (see tele.manager.engage).
+        changes = Changes()
+        self.table = EngagementTable()
+        self.agents = AgentRegistry(
+            clock=clock, changes=changes, wake_reaper=self.wake_reaper, manager_ip=config.pod_ip
+        )
+        self.rollouts = Rollouts(
+            view=self.view,
+            view_changed=self.view_changed,
+            kube=kube,
+            agent_workloads=self.agent_workloads,
+            agents_of=self.agents.of_workload,
+            replaced_containers=self.table.replaced_containers,
+            changes=changes,
+        )
+        self.dials = DialBack(
+            engagement=self.table.by_engagement_id,
+            agent_alive=lambda session_id: self.agents.get(session_id) is not None,
+            client_alive=lambda session_id: self.sessions.get(session_id, self.clock()) is not None,
+        )
+        self.engagements = Engagements(
+            view=self.view,
+            client_session=self.client_session,
+            table=self.table,
+            agents=self.agents,
+            rollouts=self.rollouts,
+            dials=self.dials,
+            agent_workloads=self.agent_workloads,
+            changes=changes,
+            settings=AgentSettings(
+                manager_namespace=config.namespace,
+                agent_image=config.agent_image,
+                agent_port=config.agent_port,
+                mount_policies=config.mount_policies,
+                rollouts_watched="argoRollouts" in config.workloads,
+            ),
+        )
+        self.tunnel = TunnelServer(policy=self._tunnel_policy, dial_back=self.dials.dial_back)
         self.injector = AgentInjector(
             view=self.view,
             agent_workloads=self.agent_workloads,
-            replaced_containers=self.engagements.replaced_containers,
+            replaced_containers=self.table.replaced_containers,
             manager_namespace=config.namespace,
             agent_image=config.agent_image,
             agent_port=config.agent_port,
@@ -216,7 +257,7 @@ class Manager:
         return session
 
     async def remain(self, request: api.SessionRequest) -> Empty:
-        if await self.engagements.remain_agent(request.session_id):
+        if self.agents.remain(request.session_id):
             return Empty()
         if self.sessions.remain(request.session_id, self.clock()) is None:
             raise RpcError(Code.NOT_FOUND, "the session has expired or is unknown; connect again")
@@ -306,12 +347,11 @@ class Manager:
             listed.append(
                 msgspec.structs.replace(
                     workload,
-                    agent_installed=bool(self.engagements.agents_of(key)),
+                    agent_installed=bool(self.agents.of_workload(key)),
                     not_interceptable_reason=reason,
                     engaged_by=sorted(
                         f"{a.info.name} ({PAST_TENSE[a.info.kind]} by {a.info.client})"
-                        for a in self.engagements.active.values()
-                        if a.workload_key == key
+                        for a in self.table.of_workload(key)
                     ),
                 )
             )
@@ -330,7 +370,7 @@ class Manager:
         return ""
 
     async def _tunnel_policy(self, request: OpenRequest) -> ResetReason | None:
-        return None if self.engagements.session_allowed(request) else ResetReason.POLICY
+        return None if self.dials.session_allowed(request) else ResetReason.POLICY
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -361,10 +401,10 @@ class Manager:
                     session.label,
                 )
                 self._end(session)
-            self.engagements.expire_agents()
+            self.agents.expire()
             deadlines = [
                 d
-                for d in (self.sessions.next_deadline(), self.engagements.agents.next_deadline())
+                for d in (self.sessions.next_deadline(), self.agents.next_deadline())
                 if d is not None
             ]
             deadline = min(deadlines) if deadlines else None
@@ -395,7 +435,7 @@ class Manager:
                         else:
                             self.view.apply(kind, event.type, event.object)
                             if kind == "Pod":
-                                self.engagements.pod_changed(event.type, event.object)
+                                self.agents.pod_changed(event.type, event.object)
                         self._changed()
             except ApiError as exc:
                 if exc.code != 404:
@@ -484,7 +524,7 @@ class Manager:
             nursery.start_soon(self.reap_sessions)
             await self.agent_workloads.load()
             nursery.start_soon(self.agent_workloads.keep_saved)
-            nursery.start_soon(self.engagements.serve_restores)
+            nursery.start_soon(self.rollouts.serve_restores)
             await self.detect_service_subnets()
             await self.find_dns_ip()
             with trio.fail_after(30):

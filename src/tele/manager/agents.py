@@ -1,0 +1,95 @@
+"""Traffic agents' sessions on the manager: they arrive, remain (heartbeats), expire, and end
+with their pod. Which agents of a workload are up is asked here (`of_workload`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from tele.manager.changes import Changes
+from tele.manager.sessions import Session, SessionTable
+from tele.manager.table import WorkloadKey
+from tele.rpc import agent_api as aapi
+
+log = logging.getLogger(__name__)
+
+AGENT_LEASE = 15.0
+
+
+class AgentRegistry:
+    """The agents' sessions (`sessions`, a lease of AGENT_LEASE seconds each)."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        changes: Changes,
+        wake_reaper: Callable[[], None],
+        manager_ip: str,
+    ) -> None:
+        self.sessions = SessionTable[aapi.AgentIdentity](AGENT_LEASE)
+        self._clock = clock
+        self._changes = changes
+        self._wake_reaper = wake_reaper
+        self._manager_ip = manager_ip
+
+    async def arrive(self, identity: aapi.AgentIdentity) -> aapi.AgentSessionInfo:
+        session = self.sessions.arrive(identity, self._clock())
+        self._wake_reaper()
+        log.info(
+            "agent of %s %s/%s arrived from pod %s",
+            identity.workload_kind,
+            identity.namespace,
+            identity.workload_name,
+            identity.pod_name,
+        )
+        self._changes.notify()
+        return aapi.AgentSessionInfo(
+            session_id=session.session_id,
+            lease_seconds=AGENT_LEASE,
+            manager_ips=[self._manager_ip] if self._manager_ip else [],
+        )
+
+    def get(self, session_id: str) -> Session[aapi.AgentIdentity] | None:
+        return self.sessions.get(session_id, self._clock())
+
+    def remain(self, session_id: str) -> bool:
+        """A heartbeat; False if no such agent session is alive (it may be a client's)."""
+        return self.sessions.remain(session_id, self._clock()) is not None
+
+    def expire(self) -> None:
+        for session in self.sessions.expire(self._clock()):
+            log.info("agent of pod %s expired: no heartbeat within the lease", session.label)
+            self._changes.notify()
+
+    def next_deadline(self) -> float | None:
+        return self.sessions.next_deadline()
+
+    def pod_changed(self, event_type: str, pod: dict[str, Any]) -> None:
+        """An agent whose pod is terminating or gone serves nothing any more: its session ends
+        now, not when its lease runs out (agents are killed, they do not depart), so that
+        nobody counts on it — e.g. a roll that waits for agents of a new configuration."""
+        meta = pod.get("metadata") or {}
+        if event_type != "DELETED" and not meta.get("deletionTimestamp"):
+            return
+        where = (meta.get("namespace"), meta.get("name"))
+        gone = [
+            session_id
+            for session_id, s in self.sessions.sessions.items()
+            if (s.identity.namespace, s.identity.pod_name) == where
+        ]
+        for session_id in gone:
+            self.sessions.depart(session_id)
+            log.info("agent of pod %s/%s ended with its pod", *where)
+        if gone:
+            self._changes.notify()
+
+    def of_workload(self, key: WorkloadKey) -> list[aapi.AgentIdentity]:
+        now = self._clock()
+        return [
+            s.identity
+            for s in self.sessions.sessions.values()
+            if s.expires_at > now
+            and (s.identity.workload_kind, s.identity.namespace, s.identity.workload_name) == key
+        ]

@@ -1,0 +1,240 @@
+"""Making a workload's pods as engagements want them: evict the pods that are not (the webhook
+makes their replacements right), roll the workload out when a disruption budget refuses, wait
+for agents of the wanted configuration, and roll back after replaces."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import trio
+
+from tele.contracts import agentconfig
+from tele.k8s import client as k8s
+from tele.k8s.client import ApiError, KubeClient
+from tele.manager.changes import Changes
+from tele.manager.state import AgentWorkloads
+from tele.manager.table import WorkloadKey
+from tele.manager.view import ClusterView
+from tele.rpc import agent_api as aapi
+from tele.rpc.errors import Code, RpcError
+
+log = logging.getLogger(__name__)
+
+RESTORE_TIMEOUT = 30.0
+MAX_PENDING_RESTORES = 1024
+ORPHAN_GRACE = 60.0
+"""Seconds a new manager gives replacing clients to engage again before it rolls back the
+pods they had replaced (their daemons do so as soon as they arrive anew)."""
+
+
+class Rollouts:
+    """Rolls workloads' pods to what the engagements want (`replaced_containers`)."""
+
+    def __init__(
+        self,
+        *,
+        view: ClusterView,
+        view_changed: Callable[[], trio.Event],
+        kube: KubeClient,
+        agent_workloads: AgentWorkloads,
+        agents_of: Callable[[WorkloadKey], list[aapi.AgentIdentity]],
+        replaced_containers: Callable[[WorkloadKey], frozenset[str]],
+        changes: Changes,
+    ) -> None:
+        self._view = view
+        self._view_changed = view_changed
+        self._kube = kube
+        self._agent_workloads = agent_workloads
+        self._agents_of = agents_of
+        self._replaced_containers = replaced_containers
+        self._changes = changes
+        self._restarted: dict[WorkloadKey, int] = {}
+        """Workload key -> the generation our last restart patch made (its controller rolls)."""
+        self._restores_send, self._restores_receive = trio.open_memory_channel[WorkloadKey](
+            MAX_PENDING_RESTORES
+        )
+
+    async def ensure_agent(
+        self, key: WorkloadKey, workload: dict[str, Any], timeout: float
+    ) -> list[aapi.AgentIdentity]:
+        """Roll the pods that are not as wanted (no agent, or another set of replaced
+        containers) and wait until none is left and an agent of the wanted kind is up."""
+        self._agent_workloads.add(key)  # new pods of the workload keep getting one
+        with trio.move_on_after(timeout):
+            while True:
+                # Taken before looking, so a change while we look (or evict) is not missed.
+                changes = (self._changes.event, self._view_changed())
+                replaced = self._replaced_containers(key)
+                if await self.roll(key, workload, want_agent=True, replaced=replaced) == 0:
+                    ready = [a for a in self._agents_of(key) if set(a.replaced) == replaced]
+                    if ready:
+                        return ready
+                await _first_of(*changes)
+        raise RpcError(
+            Code.DEADLINE_EXCEEDED,
+            f"no traffic agent of {key[0]} {key[1]}/{key[2]} arrived within {timeout:g}s",
+        )
+
+    async def roll(
+        self,
+        key: WorkloadKey,
+        workload: dict[str, Any],
+        *,
+        want_agent: bool,
+        replaced: frozenset[str] = frozenset(),
+    ) -> int:
+        """Evict the workload's live pods that are not as wanted (agent or not; which
+        containers replaced), so that the webhook makes their replacements right; a disruption
+        budget that refuses gets a rollout instead. Returns how many pods were not as wanted."""
+        pods = [
+            pod
+            for (ns, _), pod in list(self._view.pods.items())
+            if ns == key[1]
+            and _owner_name(self._view.workload_of(pod, ns)) == key[2]
+            and _live(pod)
+        ]
+        wrong = [pod for pod in pods if not _as_wanted(pod, want_agent, replaced)]
+        for pod in wrong:
+            try:
+                await self._kube.evict(pod["metadata"]["name"], key[1])
+            except ApiError as exc:
+                if exc.code == 404:
+                    continue
+                if exc.code != 429:
+                    raise
+                log.info("eviction refused (%s); rolling the workload out instead", exc.message)
+                await self._restart_workload(key, workload)
+                break
+        return len(wrong)
+
+    async def restore(self, key: WorkloadKey) -> None:
+        """After a replace: roll the pods back to what the remaining engagements want."""
+        workload = self._view.workloads.get(key)
+        if workload is None:
+            return
+        try:
+            await self.roll(
+                key, dict(workload), want_agent=True, replaced=self._replaced_containers(key)
+            )
+        except ApiError as exc:
+            log.warning("cannot roll %s %s/%s back after a replace: %s", *key, exc.message)
+
+    def queue_restore(self, key: WorkloadKey) -> None:
+        """`restore` soon, from synchronous code (the reaper, a departure): `serve_restores`."""
+        try:
+            self._restores_send.send_nowait(key)
+        except trio.WouldBlock:
+            log.warning("too many roll-backs queued; %s %s/%s keeps its pods", *key)
+
+    async def restore_and_wait(self, key: WorkloadKey) -> None:
+        """Roll the pods back after a replace and wait (bounded) until an agent of a pod with
+        the container running again arrived: when `tele leave` returns, the cluster's app
+        answers again. The engagement is over either way; a slow roll is only logged."""
+        workload = self._view.workloads.get(key)
+        if workload is None:
+            return
+        try:
+            await self.ensure_agent(key, dict(workload), RESTORE_TIMEOUT)
+        except ApiError as exc:
+            log.warning("cannot roll %s %s/%s back after a replace: %s", *key, exc.message)
+        except RpcError:
+            log.warning("%s %s/%s: the container is not back within %gs", *key, RESTORE_TIMEOUT)
+
+    async def serve_restores(self, *, orphan_grace: float = ORPHAN_GRACE) -> NoReturn:
+        """Roll workloads back after replaces that ended with their session (queued by
+        `queue_restore`); once, `orphan_grace` seconds after the start, also those a previous
+        manager left replaced (see `restore_orphans`)."""
+        async with trio.open_nursery() as nursery:
+
+            async def orphans() -> None:
+                await trio.sleep(orphan_grace)
+                await self.restore_orphans()
+
+            nursery.start_soon(orphans)
+            async for key in self._restores_receive:
+                await self.restore(key)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def restore_orphans(self) -> list[WorkloadKey]:
+        """Roll back the workloads whose pods were made for a replace that nobody holds now:
+        a new manager pod starts without engagements, and a replacing client that does not
+        come back (its daemon engages again after arriving anew) must not leave the container
+        out for good. Returns the workloads rolled back."""
+        orphaned = set()
+        for (namespace, _), pod in list(self._view.pods.items()):
+            config = agentconfig.pod_config(pod)
+            if not _live(pod) or config is None or not config.replaced():
+                continue
+            workload = self._view.workload_of(pod, namespace)
+            if workload is None:
+                continue
+            key = (str(workload.get("kind")), namespace, str(workload["metadata"]["name"]))
+            if not set(config.replaced()) <= self._replaced_containers(key):
+                orphaned.add(key)
+        for key in sorted(orphaned):
+            log.info("rolling %s %s/%s back: no client replaces its container now", *key)
+            await self.restore(key)
+        return sorted(orphaned)
+
+    async def _restart_workload(self, key: WorkloadKey, workload: dict[str, Any]) -> None:
+        # Once per spec: while the controller rolls out our last restart, the old pods are
+        # still there and their evictions still refused; restarting again would only make
+        # a new ReplicaSet per view change.
+        live = self._view.workloads.get(key) or workload
+        generation = int((live.get("metadata") or {}).get("generation") or 0)
+        if generation and generation <= self._restarted.get(key, 0):
+            return
+        resource = {
+            "Deployment": k8s.DEPLOYMENTS,
+            "StatefulSet": k8s.STATEFULSETS,
+            "ReplicaSet": k8s.REPLICASETS,
+            "Rollout": k8s.ROLLOUTS,
+        }[key[0]]
+        stamp = datetime.now(UTC).isoformat()
+        patch = {
+            "spec": {
+                "template": {
+                    "metadata": {
+                        "annotations": {agentconfig.ANNOTATION_PREFIX + "restartedAt": stamp}
+                    }
+                }
+            }
+        }
+        patched = await self._kube.patch(resource, key[2], patch, key[1])
+        self._restarted[key] = int(patched["metadata"].get("generation") or 0)
+
+
+def _owner_name(workload: Any) -> str | None:
+    return None if workload is None else str(workload["metadata"]["name"])
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Until any of `events` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)
+
+
+def _live(pod: Any) -> bool:
+    """A pod that is (or will be) running: not deleted, not finished."""
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+
+
+def _as_wanted(pod: Any, want_agent: bool, replaced: frozenset[str]) -> bool:
+    has_agent = any(c.get("name") == agentconfig.AGENT_CONTAINER for c in pod["spec"]["containers"])
+    if has_agent != want_agent:
+        return False
+    if not has_agent:
+        return True
+    config = agentconfig.pod_config(pod)
+    return frozenset(config.replaced() if config else ()) == replaced

@@ -1,0 +1,124 @@
+"""tele.manager.table.EngagementTable without I/O: the conflict rules of ENGAGE (a replace
+takes a container, a tcp intercept a port, http intercepts share a port when their filters
+differ, ingests never conflict), names, ids, and what a session's end leaves."""
+
+from __future__ import annotations
+
+import pytest
+
+from tele.contracts.agentconfig import Intercept
+from tele.manager.table import EngagementTable
+from tele.rpc import agent_api as aapi
+from tele.rpc.errors import Code, RpcError
+
+KEY = ("Deployment", "default", "api")
+HTTP = Intercept(
+    service_name="api",
+    service_uid="u1",
+    service_port=80,
+    service_port_name="http",
+    target_port_numeric=True,
+    container_port=8080,
+    agent_port=9900,
+)
+GRPC = Intercept(
+    service_name="api",
+    service_uid="u1",
+    service_port=9090,
+    target_port_numeric=True,
+    container_port=9090,
+    agent_port=9901,
+)
+
+
+def _request(session: str, **fields: object) -> aapi.EngageRequest:
+    return aapi.EngageRequest(session_id=session, namespace="default", workload="api", **fields)  # type: ignore[arg-type]
+
+
+def _engage(
+    table: EngagementTable,
+    session: str,
+    *,
+    name: str = "api",
+    container: str = "app",
+    chosen: list[Intercept] | None = None,
+    **fields: object,
+) -> aapi.EngagementInfo:
+    request = _request(session, name=name, **fields)
+    ports = [HTTP] if chosen is None else chosen
+    assert table.existing(request, name) is None
+    table.check_conflicts(KEY, container, ports, request)
+    return table.activate(request, f"{session}@host", KEY, name, container, ports, [])
+
+
+def _refused(table: EngagementTable, session: str, **fields: object) -> str:
+    with pytest.raises(RpcError) as refused:
+        _engage(table, session, **fields)
+    assert refused.value.code is Code.ALREADY_EXISTS
+    return refused.value.message
+
+
+def test_a_tcp_intercept_takes_its_port_from_everyone_else() -> None:
+    table = EngagementTable()
+    _engage(table, "s1")
+    assert _refused(table, "s2", name="other") == (
+        "port 80 of api is already engaged by s1@host (api)"
+    )
+    _engage(table, "s2", name="grpc", chosen=[GRPC])  # another port of the container is free
+
+
+def test_http_intercepts_share_a_port_only_with_different_filters() -> None:
+    table = EngagementTable()
+    _engage(table, "s1", mechanism="http", headers=[("x-dev", "alice")])
+    _engage(table, "s2", name="bob", mechanism="http", headers=[("x-dev", "bob")])
+    message = _refused(table, "s3", name="carol", mechanism="http", headers=[("x-dev", "bob")])
+    assert message == "port 80 of api is already engaged by s2@host (bob)"
+
+
+def test_a_replace_takes_the_whole_container_and_ingests_never_conflict() -> None:
+    table = EngagementTable()
+    _engage(table, "s1", kind="replace", chosen=[HTTP, GRPC])
+    assert table.replaced_containers(KEY) == frozenset({"app"})
+    message = _refused(table, "s2", name="grpc", chosen=[GRPC])
+    assert message == "container app of api is already replaced by s1@host (api)"
+    _engage(table, "s2", name="api/app", kind="ingest", chosen=[])
+
+
+def test_a_replace_being_prepared_refuses_the_container_already() -> None:
+    table = EngagementTable()
+    table.replacing[(KEY, "app")] = "s1@host"
+    assert table.replaced_containers(KEY) == frozenset({"app"})  # the webhook sees it now
+    assert _refused(table, "s2") == "container app of api is being replaced by s1@host"
+
+
+def test_names_are_a_sessions_own_and_engaging_again_is_idempotent() -> None:
+    table = EngagementTable()
+    info = _engage(table, "s1")
+    assert table.existing(_request("s1", name="api"), "api") == info
+    with pytest.raises(RpcError, match="you already have a intercept named api"):
+        table.existing(_request("s1", name="api", kind="replace"), "api")
+    with pytest.raises(RpcError, match="api is already engaged by s1@host"):
+        table.existing(_request("s2", name="api"), "api")
+    assert table.existing(_request("s2", name="api", kind="ingest"), "api") is None
+
+
+def test_an_engagement_keeps_the_id_it_asks_for_when_free() -> None:
+    ids = iter(["ffffffffffffffff"])
+    table = EngagementTable(new_id=lambda: next(ids))
+    first = _engage(table, "s1", engagement_id="0123456789abcdef")
+    assert first.id == "0123456789abcdef"
+    taken = _engage(table, "s2", name="grpc", chosen=[GRPC], engagement_id="0123456789abcdef")
+    assert taken.id == "ffffffffffffffff"
+    assert table.by_engagement_id("ffffffffffffffff") is not None
+
+
+def test_a_sessions_end_removes_only_its_engagements() -> None:
+    table = EngagementTable()
+    _engage(table, "s1", kind="replace")
+    _engage(table, "s2", name="api/app", kind="ingest", chosen=[])
+    ended = table.end_session("s1")
+    assert [(a.info.name, a.info.kind) for a in ended] == [("api", "replace")]
+    assert table.replaced_containers(KEY) == frozenset()
+    assert [a.info.name for a in table.of_workload(KEY)] == ["api/app"]
+    assert table.leave("s2", "api/app") is not None
+    assert table.leave("s2", "api/app") is None
