@@ -9,6 +9,10 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff check"; ruff check src tests bench
 echo "== ruff format --check"; ruff format --check src tests bench
 echo "== mypy --strict src/"; mypy --strict src/
+# The images the sandbox serves (tele's, echo, ...): built once into the image cache the tests
+# share, so that no test waits for a first build (mmdebstrap + pip, about a minute).
+echo "== tele image build --sandbox"
+tele image build --sandbox >/dev/null || echo "test.sh: images not built; tests that need them build them"
 echo "== pytest"
 set +e
 python -m pytest -q -p no:cacheprovider "$@"

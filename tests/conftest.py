@@ -28,6 +28,11 @@ VENV_BIN = Path(sys.executable).parent
 def tele_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     """Environment for a `tele` subprocess with private config, cache, state and runtime dirs."""
     env = dict(os.environ)
+    # Images are content-addressed and slow to build the first time: every test shares the
+    # user's image cache (before HOME and XDG_CACHE_HOME below point elsewhere).
+    from tele.image.build import CACHE_ENV, cache_root
+
+    env[CACHE_ENV] = str(cache_root())
     for name in ("config", "cache", "state", "runtime"):
         (tmp_path / name).mkdir(mode=0o700)
     env.update(

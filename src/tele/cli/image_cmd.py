@@ -38,18 +38,31 @@ def _size(n: int) -> str:
     help="Also write the image as a tar that docker/podman load, kind load image-archive and "
     "k3d image import accept.",
 )
+@click.option(
+    "--sandbox",
+    "with_sandbox",
+    is_flag=True,
+    help="Also build the sandbox's images (echo, worker, ...), as `tele sandbox up` does.",
+)
 @format_option
-def build(archive: Path | None, output: str) -> None:
+def build(archive: Path | None, with_sandbox: bool, output: str) -> None:
     """Build tele's image (cached by its inputs) and print its digest, size and layers."""
     from tele.image.archive import write_archive
-    from tele.image.build import build_tele_image
+    from tele.image.build import build_sandbox_images, build_tele_image
 
     if sys.stderr.isatty() and output == "default":
         click.echo("Building tele's image (the first build takes about a minute)...", err=True)
     result = build_tele_image()
+    images = [(result.image, result.tag)]
+    sandbox = build_sandbox_images() if with_sandbox else {}
+    images += [(r.image, r.tag) for r in sandbox.values()]
     if archive is not None:
-        write_archive(archive, [(result.image, result.tag)])
-    data = {**result.to_json(), "archive": str(archive) if archive else None}
+        write_archive(archive, images)
+    data = {
+        **result.to_json(),
+        "archive": str(archive) if archive else None,
+        "sandbox": [r.to_json() for r in sandbox.values()],
+    }
 
     def text(_: object) -> str:
         lines = [
@@ -61,6 +74,8 @@ def build(archive: Path | None, output: str) -> None:
         for layer in result.layers:
             state = "cached" if layer.cached else f"built in {layer.seconds:.1f} s"
             lines.append(f"  layer {layer.name:5} {_size(layer.layer.size):>9}  {state}")
+        for r in sandbox.values():
+            lines.append(f"Image {r.tag}: {r.image.digest} ({_size(r.image.size)})")
         if archive is not None:
             lines.append(f"  archive: {archive}")
         return "\n".join(lines)

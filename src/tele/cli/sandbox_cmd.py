@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -45,6 +46,12 @@ def up(name: str, timeout: float, addons: tuple[str, ...], output: str) -> None:
         if sys.stderr.isatty() or output == "default"
         else None
     )
+    if not already.running and instance.nodes_supported():
+        if progress is not None:
+            progress("Preparing images (tele's and the sandbox's; cached after the first time)...")
+        missing = instance.build_images(progress)
+        if missing and progress is not None:
+            progress(f"The sandbox runs without its images: {missing}")
     current = instance.start(name, timeout=timeout, progress=progress)
     if addons:
         import trio
@@ -58,12 +65,27 @@ def up(name: str, timeout: float, addons: tuple[str, ...], output: str) -> None:
             else f"Sandbox {name!r} is up."
         )
         return (
-            f"{lead}\n  API server: {current.server}\n  kubeconfig: {current.kubeconfig}\n\n"
+            f"{lead}\n  API server: {current.server}\n  kubeconfig: {current.kubeconfig}\n"
+            + _registry_text(current.registry)
+            + "\n"
             f"Next steps:\n  export KUBECONFIG={current.kubeconfig}\n  kubectl get namespaces\n"
             f"  tele sandbox down --name {name}   # when you are done"
         )
 
     emit(current.as_dict(), output, text)
+
+
+def _registry_text(registry: dict[str, Any] | None) -> str:
+    if not registry:
+        return "  registry:   none (install docker-registry to have one)\n"
+    address = registry["address"]
+    return (
+        f"  registry:   {address} (user {registry['username']}, password "
+        f"{registry['password']}, CA {registry['ca_file']})\n"
+        f"              push your own: tele image push {address}/NAME --ca-file "
+        f"{registry['ca_file']}\n"
+        f"              (after: docker login {address} -u {registry['username']})\n"
+    )
 
 
 @sandbox.command()
@@ -85,6 +107,7 @@ def status(name: str | None, output: str) -> None:
                 lines.append(
                     f"{s.name}: running (pid {s.pid}) at {s.server}, kubeconfig {s.kubeconfig}"
                 )
+                lines.append(_registry_text(s.registry).rstrip())
             else:
                 lines.append(f"{s.name}: not running")
         return "\n".join(lines)

@@ -128,7 +128,14 @@ class BuildResult:
         }
 
 
+CACHE_ENV = "TELE_IMAGE_CACHE"
+"""Overrides where images are cached (tests share the user's cache: it is content-addressed)."""
+
+
 def cache_root() -> Path:
+    override = os.environ.get(CACHE_ENV)
+    if override and os.path.isabs(override):
+        return Path(override)
     return paths.cache_dir() / "images"
 
 
@@ -572,9 +579,15 @@ def _program_key(spec: SandboxImage) -> str:
     return _key("program", *parts)
 
 
+_DISTRIBUTION_OF = {"attr": "attrs"}
+"""Top-level packages whose distribution is named otherwise (the rest share their name)."""
+
+
 def _dist_version(package: str) -> str:
-    dists = importlib.metadata.packages_distributions().get(package) or []
-    return importlib.metadata.version(dists[0]) if dists else "?"
+    try:
+        return importlib.metadata.version(_DISTRIBUTION_OF.get(package, package))
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def _build_program(store: Path, spec: SandboxImage) -> Layer:

@@ -330,11 +330,14 @@ class RegistryClient:
         *,
         media_type: str | None = None,
         on_blob: Callable[[Descriptor, bool], None] | None = None,
+        mount_from: Mapping[str, str] | None = None,
     ) -> str:
         """Push the blobs a manifest names (skipping those present) and then the manifest.
 
         `blobs` maps each digest to the file holding it. Returns the manifest's digest.
         `on_blob(descriptor, uploaded)` is called per blob (False: it was already there).
+        `mount_from` maps digests to another repository of this registry that holds them: the
+        registry is asked to mount the blob from there instead of receiving it again.
         """
         self._check_reference(ref)
         media_type = media_type or sniff_media_type(manifest_bytes) or ""
@@ -345,8 +348,8 @@ class RegistryClient:
             if await self.blob_exists(ref, descriptor.digest, push=True):
                 uploaded = False
             else:
-                await self._upload(ref, descriptor, blobs[descriptor.digest])
-                uploaded = True
+                source = (mount_from or {}).get(descriptor.digest)
+                uploaded = await self._upload(ref, descriptor, blobs[descriptor.digest], source)
             if on_blob is not None:
                 on_blob(descriptor, uploaded)
         return await self.push_manifest(ref, manifest_bytes, media_type)
@@ -505,11 +508,19 @@ class RegistryClient:
                 f"blob {digest} of {ref.familiar} arrived with digest {actual}",
             )
 
-    async def _upload(self, ref: Reference, descriptor: Descriptor, path: Path) -> None:
+    async def _upload(
+        self, ref: Reference, descriptor: Descriptor, path: Path, mount: str | None
+    ) -> bool:
+        """Upload one blob (True), or mount it from repository `mount` (False)."""
         scope = _scope(ref.repository, push=True)
-        response = await self._send(
-            "POST", self._url(f"/v2/{ref.repository}/blobs/uploads/"), scope=scope
-        )
+        start = self._url(f"/v2/{ref.repository}/blobs/uploads/")
+        if mount is not None and mount != ref.repository:
+            start += f"?mount={descriptor.digest}&from={mount}"
+            scope += f" repository:{mount}:pull"
+        response = await self._send("POST", start, scope=scope)
+        if response.status_code == 201 and mount is not None:
+            await response.aclose()
+            return False
         if response.status_code != 202:
             await self._fail(response, f"starting an upload to {ref.repository}")
         await response.aclose()
@@ -540,6 +551,7 @@ class RegistryClient:
         if response.status_code not in (201, 204):
             await self._fail(response, f"uploading blob {descriptor.digest[:19]}")
         await response.aclose()
+        return True
 
     async def _read_bounded(self, response: httpx.Response, limit: int, what: str) -> bytes:
         announced = response.headers.get("Content-Length")

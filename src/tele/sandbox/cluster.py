@@ -8,6 +8,7 @@ part adds its services to the same nursery.
 from __future__ import annotations
 
 import functools
+import inspect
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from .apiserver.certs import API_SERVER_HOSTS, CertificateAuthority
 from .apiserver.kubeconfig import kubeconfig
 from .apiserver.rest import Api
 from .apiserver.store import Store
+from .oci_registry import RegistryInfo
 
 
 @dataclass
@@ -32,6 +34,9 @@ class ClusterInfo:
     admin_token: str
     api: Api
     app: ApiApp
+    registry: RegistryInfo | None = None
+    """The sandbox's image registry (address, credentials, CA file) when it runs one; the
+    kubelet pulls from it, as a mirror of docker.io for short names (`tele-sandbox/echo`)."""
 
     @property
     def server(self) -> str:
@@ -61,9 +66,14 @@ async def serve_cluster(
     nodes: bool = False,
     state_dir: Path | None = None,
     node_options: dict[str, Any] | None = None,
+    registry_dir: Path | None = None,
     task_status: trio.TaskStatus[ClusterInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the cluster until cancelled; report its `ClusterInfo` when the API server listens."""
+    """Run the cluster until cancelled; report its `ClusterInfo` when the API server listens.
+
+    With `registry_dir`, an image registry (docker-registry, TLS from the cluster CA, basic
+    auth) runs too, its storage in that directory; it starts before the node.
+    """
     ca = ca or CertificateAuthority.create(f"tele-sandbox-{name}-ca")
     token = admin_token or secrets.token_urlsafe(32)
     pair = ca.issue("kube-apiserver", API_SERVER_HOSTS)
@@ -74,6 +84,11 @@ async def serve_cluster(
 
     api.admission = WebhookAdmission(api, ca)
     async with trio.open_nursery() as nursery:
+        registry: RegistryInfo | None = None
+        if registry_dir is not None:
+            from .oci_registry import serve_registry
+
+            registry = await nursery.start(serve_registry, registry_dir, ca)
         bound_host, bound_port = await nursery.start(server.serve, app, pair, host, port)
         app.server_address = f"{bound_host}:{bound_port}"
         if nodes:
@@ -82,6 +97,9 @@ async def serve_cluster(
             from .kubelet.node import serve_node
             from .network.webhooks import ServiceRelays
 
+            options = dict(node_options or {})
+            if registry is not None and "registry" in inspect.signature(serve_node).parameters:
+                options["registry"] = registry  # the kubelet pulls from it
             relays = ServiceRelays(api, f"{name}-node")
             await nursery.start(relays.serve)
             api.admission.service_resolver = relays.resolve
@@ -94,7 +112,9 @@ async def serve_cluster(
                     state_dir,
                     api_host=bound_host,
                     api_port=bound_port,
-                    **(node_options or {}),
+                    **options,
                 )
             )
-        task_status.started(ClusterInfo(name, bound_host, bound_port, ca, token, api, app))
+        task_status.started(
+            ClusterInfo(name, bound_host, bound_port, ca, token, api, app, registry)
+        )

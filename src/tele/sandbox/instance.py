@@ -21,10 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tele import paths
 from tele.errors import ConnectionFailed, UserError
+
+if TYPE_CHECKING:
+    from .oci_registry import RegistryInfo
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ class Status:
     server: str = ""
     kubeconfig: str = ""
     started: float | None = None
+    registry: dict[str, Any] | None = None
+    """The image registry: address, username, password, ca_file (None: it does not run)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +75,7 @@ class Status:
             "server": self.server,
             "kubeconfig": self.kubeconfig,
             "started": self.started,
+            "registry": self.registry,
         }
 
 
@@ -105,6 +111,7 @@ def status(name: str) -> Status:
         str(state.get("server", "")),
         str(kubeconfig) if kubeconfig.exists() else "",
         state.get("started"),
+        state.get("registry") if running and isinstance(state.get("registry"), dict) else None,
     )
 
 
@@ -257,6 +264,7 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
 
     from .apiserver.certs import CertificateAuthority, KeyPair
     from .cluster import serve_cluster
+    from .oci_registry import registry_available
 
     ca_cert, ca_key = directory / "ca.crt", directory / "ca.key"
     if ca_cert.exists() and ca_key.exists():
@@ -270,11 +278,20 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nodes = nodes_supported()
+                registry_dir = directory / "registry" if registry_available() is None else None
                 info = await nursery.start(
                     lambda **kw: serve_cluster(
-                        name, ca=ca, port=port, nodes=nodes, state_dir=directory / "node", **kw
+                        name,
+                        ca=ca,
+                        port=port,
+                        nodes=nodes,
+                        state_dir=directory / "node",
+                        registry_dir=registry_dir,
+                        **kw,
                     )
                 )
+                if info.registry is not None and nodes:
+                    await _publish_images(info.registry)
                 if nodes:
                     from .network.laptop import serve_laptop
 
@@ -289,6 +306,7 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
                     "started": time.time(),
                     "kubeconfig": str(kubeconfig),
                     "laptop": laptop_netns(name) if nodes else "",
+                    "registry": info.registry.to_json() if info.registry else None,
                 }
                 _write_private(state_file, json.dumps(state).encode())
                 log.info("sandbox %s ready at %s", name, info.server)
@@ -301,6 +319,49 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
                     break
     finally:
         state_file.unlink(missing_ok=True)
+
+
+async def _publish_images(registry: RegistryInfo) -> None:
+    """Push tele's and the sandbox's images (built or cached) into the sandbox registry.
+
+    A failure (no network for a first build, say) leaves the sandbox up without them: the log
+    says why, and pods that need them report ErrImagePull.
+    """
+    import trio
+
+    from tele.errors import TeleError
+
+    from .publish import publish, sandbox_images
+
+    try:
+        images = await trio.to_thread.run_sync(sandbox_images)
+        await publish(registry, images)
+    except TeleError as exc:
+        log.warning("sandbox images not published: %s", exc)
+
+
+def build_images(progress: Callable[[str], None] | None = None) -> str | None:
+    """Build (or find cached) the images the sandbox serves, before it starts; None when done,
+    else why not (the sandbox then runs without them)."""
+    from tele.errors import TeleError
+
+    from .oci_registry import registry_available
+    from .publish import sandbox_images
+
+    if registry_available() is not None:
+        return f"no image registry: {registry_available()} is missing"
+    if not nodes_supported():
+        return "no node runs pods here (the sandbox serves the API only)"
+    say = progress or (lambda _msg: None)
+    start = time.monotonic()
+    try:
+        images = sandbox_images()
+    except TeleError as exc:
+        return str(exc)
+    took = time.monotonic() - start
+    if took > 2:
+        say(f"Built {len(images)} images in {took:.0f} s (cached from now on)")
+    return None
 
 
 def _write_private(path: Path, data: bytes) -> None:

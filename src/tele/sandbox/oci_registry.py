@@ -88,7 +88,9 @@ def find_binary() -> str:
 def _htpasswd_line(username: str, password: str) -> bytes:
     import bcrypt
 
-    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10))
+    # The registry checks the hash on every request: the fewest rounds keep a push of dozens of
+    # requests fast, and the password is 144 random bits, so the hash's cost protects nothing.
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4))
     return username.encode() + b":" + hashed + b"\n"
 
 
@@ -109,8 +111,8 @@ def _config(directory: Path, host: str, port: int, secret: str) -> str:
                 "addr": f"{host}:{port}",
                 "secret": secret,
                 "tls": {
-                    "certificate": str(directory / "tls.crt"),
-                    "key": str(directory / "tls.key"),
+                    "certificate": str(directory / "server" / "tls.crt"),
+                    "key": str(directory / "server" / "tls.key"),
                 },
             },
             "auth": {"htpasswd": {"realm": "tele-sandbox", "path": str(directory / "htpasswd")}},
@@ -142,9 +144,13 @@ def prepare(
         password = secrets.token_urlsafe(18)
         _write_private(password_file, password.encode())
     pair = ca.issue("tele-sandbox-registry", [host, "localhost", "127.0.0.1", "::1"])
-    (directory / "tls.crt").write_bytes(pair.cert_pem)
-    _write_private(directory / "tls.key", pair.key_pem)
-    (directory / "ca.crt").write_bytes(ca.cert_pem)
+    # The CA alone in its directory: `skopeo --cert-dir` / docker's certs.d take a directory
+    # and would read a key beside it as a client certificate.
+    for sub in ("server", "ca"):
+        (directory / sub).mkdir(mode=0o700 if sub == "server" else 0o755, exist_ok=True)
+    (directory / "server" / "tls.crt").write_bytes(pair.cert_pem)
+    _write_private(directory / "server" / "tls.key", pair.key_pem)
+    (directory / "ca" / "ca.crt").write_bytes(ca.cert_pem)
     _write_private(directory / "htpasswd", _htpasswd_line(REGISTRY_USER, password))
     config = directory / "config.yml"
     _write_private(config, _config(directory, host, port, secrets.token_hex(16)).encode())
@@ -185,7 +191,7 @@ async def serve_registry(
                 raise TeleError(f"The sandbox registry did not start; see {log_path}.")
             nursery.start_soon(_copy_log, process.stderr, log_path)
             info = RegistryInfo(
-                bound[0], bound[1], REGISTRY_USER, password, directory / "ca.crt", directory
+                bound[0], bound[1], REGISTRY_USER, password, directory / "ca" / "ca.crt", directory
             )
             log.info("sandbox registry listening on %s", info.address)
             task_status.started(info)

@@ -1,0 +1,87 @@
+"""The images the sandbox serves: tele's own and the sandbox's programs, pushed to its registry.
+
+They are pushed under the names a real node reads as Docker Hub names (`tele/traffic-manager`,
+`tele-sandbox/echo`): the kubelet treats the sandbox registry as a mirror of docker.io, as
+containerd does with a `hosts.toml` mirror on a kind node, so manifests and charts keep their
+short names. A push skips an image whose manifest is already there (one HEAD).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from ..image.assemble import BuiltImage
+from ..image.build import build_sandbox_images, build_tele_image
+from ..image.reference import parse_reference
+from ..image.registry import RegistryClient
+from .oci_registry import RegistryInfo
+
+log = logging.getLogger(__name__)
+
+TELE_REPOSITORIES = ("tele/traffic-manager", "tele/traffic-agent")
+"""tele's one image under the chart's two default names (manager and agent)."""
+
+
+@dataclass(frozen=True)
+class Published:
+    name: str
+    digest: str
+    pushed: bool
+    """False when the registry had it already."""
+
+
+def sandbox_images(cache_root: Path | None = None) -> list[tuple[BuiltImage, list[str]]]:
+    """Build (or take from the cache) every image the sandbox serves, with its names."""
+    tele = build_tele_image(cache_root)
+    version = tele.tag.rsplit(":", 1)[1]
+    images: list[tuple[BuiltImage, list[str]]] = [
+        (tele.image, [f"{repo}:{version}" for repo in TELE_REPOSITORIES])
+    ]
+    for result in build_sandbox_images(cache_root).values():
+        images.append((result.image, [result.tag]))
+    return images
+
+
+async def publish(
+    registry: RegistryInfo, images: list[tuple[BuiltImage, list[str]]]
+) -> list[Published]:
+    """Push `images` under their names unless the registry has them already."""
+    done: list[Published] = []
+    start = time.monotonic()
+    async with RegistryClient(
+        registry.address, credentials=registry.credentials, ca_file=registry.ca_file
+    ) as client:
+        holder: dict[str, str] = {}
+        """digest -> a repository that has the blob: later pushes mount it from there."""
+
+        async def push(image: BuiltImage, name: str) -> None:
+            ref = parse_reference(f"{registry.address}/{name}")
+            if await client.manifest_digest(ref) == image.digest:
+                done.append(Published(name, image.digest, False))
+            else:
+                await client.push_image(
+                    ref, image.manifest_bytes, image.blobs(), mount_from=dict(holder)
+                )
+                done.append(Published(name, image.digest, True))
+
+        # The first name first (it brings the shared layers), then the rest side by side,
+        # mounting those layers from it.
+        (first, first_names), *rest = images
+        await push(first, first_names[0])
+        holder.update(dict.fromkeys(first.blobs(), first_names[0].split(":")[0]))
+        async with trio.open_nursery() as nursery:
+            for image, names in [(first, first_names[1:]), *rest]:
+                for name in names:
+                    nursery.start_soon(push, image, name)
+    log.info(
+        "sandbox registry: %d images pushed, %d already there (%.2f s)",
+        sum(p.pushed for p in done),
+        sum(not p.pushed for p in done),
+        time.monotonic() - start,
+    )
+    return done
