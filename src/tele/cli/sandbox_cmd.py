@@ -46,12 +46,6 @@ def up(name: str, timeout: float, addons: tuple[str, ...], output: str) -> None:
         if sys.stderr.isatty() or output == "default"
         else None
     )
-    if not already.running and instance.nodes_supported():
-        if progress is not None:
-            progress("Preparing images (tele's and the sandbox's; cached after the first time)...")
-        missing = instance.build_images(progress)
-        if missing and progress is not None:
-            progress(f"The sandbox runs without its images: {missing}")
     current = instance.start(name, timeout=timeout, progress=progress)
     if addons:
         import trio

@@ -136,6 +136,13 @@ def start(
     paths.ensure_private_dir(directory)
     paths.ensure_private_dir(paths.logs_dir())
     say = progress or (lambda _msg: None)
+    if nodes_supported():
+        # Before the process starts: a first build takes a minute, which its readiness
+        # timeout is not meant to cover; it then only pushes from the cache.
+        say("Preparing images (tele's and the sandbox's; cached after the first time)...")
+        missing = build_images(say)
+        if missing:
+            say(f"The sandbox runs without its images: {missing}")
     say(f"Starting sandbox {name!r}...")
     read_fd, write_fd = os.pipe()
     logfile = open(log_path(name), "ab")  # noqa: SIM115 (handed to the child)
