@@ -214,7 +214,8 @@ def test_manager_env_follows_the_values_and_parses_as_the_manager_does(chart: Ch
     )
     plain = {k: v["value"] for k, v in env.items() if "value" in v}
     assert plain["TELE_LOG_LEVEL"] == "debug"
-    assert plain["TELE_AGENT_IMAGE"] == "example.com/tele/tele/traffic-agent:9.9"
+    # The agent's image is the manager's (one image), with the agent's own registry and tag.
+    assert plain["TELE_AGENT_IMAGE"] == "example.com/tele/tele/traffic-manager:9.9"
     assert plain["TELE_AGENT_PORT"] == "9911"
     assert plain["TELE_WEBHOOK_NAME"] == "agent-injector-webhook-mgr"
     assert plain["TELE_WEBHOOK_SECRET"] == "mutator-webhook-tls"
@@ -339,3 +340,21 @@ def test_rollout_rbac_follows_the_argo_rollouts_value(chart: Chart, values: Obj)
     enabled = rollout_rules(True)
     assert enabled and all(r["resources"] == ["rollouts"] for r in enabled)
     assert all({"list", "watch", "patch"} <= set(r["verbs"]) for r in enabled)
+
+
+def test_one_image_for_manager_and_agent_and_image_registry_moves_both(chart: Chart) -> None:
+    def images(values: Obj) -> tuple[str, str]:
+        deployment = find(render(chart, values), "Deployment", "traffic-manager", "ambassador")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        return container["image"], env["TELE_AGENT_IMAGE"]
+
+    assert images({}) == ("tele/traffic-manager:0.1.0", "tele/traffic-manager:0.1.0")
+    assert images({"image": {"registry": "localhost:5001"}}) == (
+        "localhost:5001/tele/traffic-manager:0.1.0",
+        "localhost:5001/tele/traffic-manager:0.1.0",
+    )
+    assert images({"image": {"tag": "dev"}, "agent": {"image": {"name": "me/agent"}}}) == (
+        "tele/traffic-manager:dev",
+        "me/agent:dev",
+    )

@@ -461,7 +461,13 @@ def pod_patch(pod: Obj, config: AgentConfig) -> list[dict[str, Any]]:
                 {"name": "LOG_LEVEL", "value": config.log_level},
                 _config_env(),  # which ports to redirect where
             ],
-            "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}},
+            # Root: tele's image runs as a non-root user, and an added capability is effective
+            # only for root (nftables needs NET_ADMIN).
+            "securityContext": {
+                "runAsUser": 0,
+                "runAsNonRoot": False,
+                "capabilities": {"add": ["NET_ADMIN"]},
+            },
         }
         if spec.get("initContainers") is None:
             ops.append({"op": "add", "path": "/spec/initContainers", "value": [init]})
@@ -524,6 +530,8 @@ def agent_container(
         "name": AGENT_CONTAINER,
         "image": config.agent_image,
         "args": ["agent"],
+        # Root: the agent serves the app's volumes (sftp-server), whose files any user may own.
+        "securityContext": {"runAsUser": 0, "runAsNonRoot": False},
         "ports": ports,
         "env": env,
         "volumeMounts": mounts,

@@ -14,8 +14,9 @@ IMAGES: dict[str, str] = {
     "tele-sandbox/worker": "tele.sandbox.images.worker",
     "tele-sandbox/frontend": "tele.sandbox.images.frontend",
     # tele's own images: the Helm chart's manager and the injected agent (`agent`/`agent-init`).
-    "tele/traffic-manager": "tele.manager",
-    "tele/traffic-agent": "tele.agent",
+    # tele's one image (manager by default, `agent`/`agent-init` by args), under both names.
+    "tele/traffic-manager": "tele.sandbox.images.tele_image",
+    "tele/traffic-agent": "tele.sandbox.images.tele_image",
 }
 
 

@@ -12,6 +12,13 @@ Shared pieces of the traffic-manager chart.
 {{- end -}}
 {{- end -}}
 
+{{- /* The agent's image: each empty field of agent.image is the manager image's. */ -}}
+{{- define "tm.agentImage" -}}
+{{- $agent := .Values.agent.image -}}
+{{- $image := dict "registry" ($agent.registry | default .Values.image.registry) "name" ($agent.name | default .Values.image.name) "tag" ($agent.tag | default .Values.image.tag) -}}
+{{- include "tm.image" (dict "image" $image "root" .) -}}
+{{- end -}}
+
 {{- define "tm.labels" -}}
 app.kubernetes.io/name: traffic-manager
 app.kubernetes.io/instance: {{ .Release.Name }}
