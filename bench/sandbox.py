@@ -9,7 +9,13 @@ replicas (a burst: on a small machine the 20 Python interpreters starting at onc
 Prints a table and one JSON line. Targets (issue 5): pod ready p50 <= 1 s; restart <= 5 s;
 Service path >= 0.9x direct.
 
-    .venv/bin/python bench/sandbox.py [--pods 20] [--seconds 3]
+Images (issue 14): tele's image build on a fresh cache (`--fresh-build`: mmdebstrap + pip,
+needs the network; target <= 3 min), a rebuild with unchanged inputs (cache hit, <= 2 s, as the
+CLI `tele image build` and as the call), the compressed size (<= 80 MB) and its biggest parts,
+and `tele sandbox up` with the images cached (<= 5 s; registry start and push included).
+`--images-only` measures just these.
+
+    .venv/bin/python bench/sandbox.py [--pods 20] [--seconds 3] [--images-only] [--fresh-build]
 """
 
 from __future__ import annotations
@@ -257,6 +263,92 @@ def _iperf_bits(state_dir: Path, info: Any, name: str) -> float:
     return float(report["end"]["sum_received"]["bits_per_second"])
 
 
+def _contributors(result: Any, top: int = 6) -> list[tuple[str, int]]:
+    """The biggest parts of an image (uncompressed bytes), grouped by what they are."""
+    import tarfile
+
+    sizes: dict[str, int] = {}
+    for layer in result.layers:
+        with tarfile.open(layer.layer.path) as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if member.name.startswith("usr/lib/python3/dist-packages/"):
+                    key = f"{layer.name}: {parts[4].split('-')[0]}" if len(parts) > 4 else ""
+                elif member.name.startswith("usr/lib/x86_64-linux-gnu/"):
+                    key = f"{layer.name}: shared libraries"
+                else:
+                    key = f"{layer.name}: {'/'.join(parts[:3])}"
+                sizes[key] = sizes.get(key, 0) + member.size
+    return sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
+
+
+def images(fresh: bool) -> tuple[list[tuple[str, float, str]], dict[str, Any]]:
+    """Build, cache-hit, size and `tele sandbox up` rows for tele's image."""
+    import subprocess
+
+    from tele.image.build import build_sandbox_images, build_tele_image, cache_root
+
+    rows: list[tuple[str, float, str]] = []
+    data: dict[str, Any] = {}
+    if fresh:
+        with tempfile.TemporaryDirectory(prefix="tele-bench-images-") as tmp:
+            start = time.monotonic()
+            build_tele_image(Path(tmp))
+            build_sandbox_images(Path(tmp))
+            data["build_fresh_s"] = time.monotonic() - start
+        rows.append(("image build, fresh cache, all 6 images (s)", data["build_fresh_s"], "<= 180"))
+    result = build_tele_image()
+    build_sandbox_images()
+    start = time.monotonic()
+    hit = build_tele_image()
+    data["cache_hit_call_s"] = time.monotonic() - start
+    assert hit.cached
+    tele = str(Path(sys.executable).parent / "tele")
+    start = time.monotonic()
+    subprocess.run([tele, "image", "build", "--output", "json"], check=True, capture_output=True)
+    data["cache_hit_cli_s"] = time.monotonic() - start
+    data["image_bytes"] = result.image.size
+    data["layers"] = {r.name: r.layer.size for r in result.layers}
+    rows += [
+        ("image build, inputs unchanged, call (s)", data["cache_hit_call_s"], "<= 2.0"),
+        ("image build, inputs unchanged, CLI (s)", data["cache_hit_cli_s"], "<= 2.0"),
+        ("tele's image, compressed (MB)", result.image.size / 1e6, "<= 80"),
+    ]
+    rows += [(f"  layer {r.name}, compressed (MB)", r.layer.size / 1e6, "") for r in result.layers]
+    contributors = _contributors(result)
+    data["biggest_uncompressed"] = dict(contributors)
+    rows += [(f"  {name} (MB unpacked)", size / 1e6, "") for name, size in contributors]
+    if os.geteuid() == 0:
+        with tempfile.TemporaryDirectory(prefix="tele-bench-up-") as tmp:
+            env = {
+                **os.environ,
+                "XDG_STATE_HOME": f"{tmp}/state",
+                "XDG_RUNTIME_DIR": f"{tmp}/run",
+                "TELE_IMAGE_CACHE": str(cache_root()),
+            }
+            os.makedirs(f"{tmp}/run", mode=0o700)
+            name = f"bi{uuid.uuid4().hex[:6]}"
+            start = time.monotonic()
+            try:
+                subprocess.run(
+                    [tele, "sandbox", "up", "--name", name],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
+                data["sandbox_up_s"] = time.monotonic() - start
+            finally:
+                subprocess.run([tele, "sandbox", "down", "--name", name], env=env, check=False)
+        rows.append(("tele sandbox up, images cached (s)", data["sandbox_up_s"], "<= 5.0"))
+    return rows, data
+
+
+def _print(rows: list[tuple[str, float, str]]) -> None:
+    print(f"{'measure':44} {'value':>10}  target   ({os.cpu_count()} CPUs)")
+    for label, value, target in rows:
+        print(f"{label:44} {value:10.3f}  {target}")
+
+
 async def main(pods: int, seconds: int) -> None:
     if os.geteuid() != 0:
         sys.exit("bench/sandbox.py needs root (network namespaces)")
@@ -311,5 +403,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pods", type=int, default=20)
     parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--images-only", action="store_true", help="only the image rows")
+    parser.add_argument("--fresh-build", action="store_true", help="also a first build (~1 min)")
     args = parser.parse_args()
-    trio.run(main, args.pods, args.seconds)
+    image_rows, image_data = images(args.fresh_build)
+    if args.images_only:
+        _print(image_rows)
+        print(json.dumps({"bench": "sandbox-images", **image_data}))
+    else:
+        _print(image_rows)
+        print(json.dumps({"bench": "sandbox-images", **image_data}))
+        trio.run(main, args.pods, args.seconds)
