@@ -83,3 +83,37 @@ def test_the_archive_reads_as_docker_archive_and_oci_archive(tmp_path: Path) -> 
         timeout=60,
     )
     assert sha256_digest(oci.stdout) == image.digest
+
+
+def test_the_cache_keeps_the_last_versions_of_a_layer_and_drops_older_blobs(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    from tele.image.build import KEEP_VERSIONS, _Cache
+
+    cache = _Cache(tmp_path)
+    made = []
+    for version in range(KEEP_VERSIONS + 2):
+        result = cache.layer(
+            "tele", f"key{version}", lambda v=version: _one_file_layer(cache.store, v)
+        )
+        made.append(result.layer)
+        # Records age by use: make each older than the next.
+        record = tmp_path / "layers" / f"tele-key{version}.json"
+        os.utime(record, (1000 + version, 1000 + version))
+    other = cache.layer("tele-other", "x", lambda: _one_file_layer(cache.store, 99))
+    cache.prune("tele")
+    remaining = sorted(p.name for p in (tmp_path / "layers").iterdir())
+    assert remaining == sorted(
+        [f"tele-key{v}.json" for v in range(2, KEEP_VERSIONS + 2)] + ["tele-other-x.json"]
+    )
+    assert not made[0].path.exists() and not made[1].path.exists()
+    assert all(layer.path.exists() for layer in made[2:]) and other.layer.path.exists()
+    assert cache.lookup("tele", "key0") is None and cache.lookup("tele", "key6") is not None
+
+
+def _one_file_layer(store: Path, version: int) -> object:
+    builder = LayerBuilder()
+    builder.add_file("version", str(version).encode())
+    return builder.write(store)

@@ -49,6 +49,8 @@ from .oci import ContainerConfig
 
 log = logging.getLogger(__name__)
 
+KEEP_VERSIONS = 5
+"""Versions of a layer the cache keeps (a few branches' worth of tele layers)."""
 RECIPE = "5"
 """Bumped whenever what a layer holds changes for the same inputs (part of every cache key)."""
 SUITE = "bookworm"
@@ -184,11 +186,40 @@ class _Cache:
         start = time.monotonic()
         found = self.lookup(name, key)
         if found is not None:
+            with contextlib.suppress(OSError):
+                self._record(name, key).touch()  # recently used: kept by prune
             return LayerResult(name, found, True, time.monotonic() - start)
         log.info("building layer %s (%s)", name, key)
         layer = make()
         self.remember(name, key, layer)
+        self.prune(name)
         return LayerResult(name, layer, False, time.monotonic() - start)
+
+    def prune(self, name: str, keep: int = KEEP_VERSIONS) -> None:
+        """Forget all but the `keep` most recently used versions of layer `name`, and remove
+        the blobs no remaining record names (each code change makes a new tele layer)."""
+        mine = [
+            p
+            for p in (self.root / "layers").glob(f"{name}-*.json")
+            if "-" not in p.name.removeprefix(f"{name}-")  # not `echo-tls-…` for `echo`
+        ]
+        records = sorted(mine, key=lambda p: p.stat().st_mtime, reverse=True)
+        stale = records[keep:]
+        if not stale:
+            return
+        for path in stale:
+            path.unlink(missing_ok=True)
+        used = set()
+        for record in (self.root / "layers").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                used.add(json.loads(record.read_text())["digest"].removeprefix("sha256:"))
+        for blob in self.store.iterdir():
+            # Layers only (a gzip file); configs and manifests are small and rewritten per build.
+            if blob.name in used or blob.name.startswith("."):
+                continue
+            with contextlib.suppress(OSError), blob.open("rb") as f:
+                if f.read(2) == b"\x1f\x8b":
+                    blob.unlink()
 
 
 # ------------------------------------------------------------------------------------ base
