@@ -1,5 +1,6 @@
 """Serve the API over HTTPS: HTTP/2 through our own h2 driver, HTTP/1.1 (and websocket upgrades)
-through hypercorn, chosen per connection by ALPN.
+through hypercorn, chosen per connection by ALPN; an HTTP/1.1 connection whose first request
+asks for `Upgrade: SPDY/3.1` (kubectl's exec and port-forward) goes to `spdystreaming`.
 
 `serve` follows tele's service shape: it reports the bound address through `task_status` once
 the socket listens, and runs until cancelled.
@@ -18,6 +19,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
+from . import spdystreaming
 from .app import ApiApp
 from .certs import KeyPair, server_context
 from .h2server import H2ServerConnection
@@ -68,7 +70,41 @@ async def _handle(
         )
         await conn.run()
         return
-    await TCPServer(wrapped, config, context, {}, stream).run()
+    buffered, end = await spdystreaming.read_head(stream)
+    head = spdystreaming.parse_head(buffered[:end]) if end > 0 else None
+    if head is not None and spdystreaming.is_spdy_upgrade(head):
+        sock = stream.transport_stream.socket
+        await spdystreaming.serve_upgrade(
+            app,
+            stream,
+            head,
+            buffered[end:],
+            client=_address(sock, True),
+            server=_address(sock, False),
+        )
+        return
+    if not buffered:
+        await trio.aclose_forcefully(stream)
+        return
+    await TCPServer(wrapped, config, context, {}, _Replay(stream, buffered)).run()  # type: ignore[arg-type]
+
+
+class _Replay:
+    """The TLS stream with the bytes read to look at the first request head put back in
+    front, for hypercorn."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], buffered: bytes) -> None:
+        self._stream = stream
+        self._buffered = buffered
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._buffered:
+            data, self._buffered = self._buffered, b""
+            return data
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 async def serve(
@@ -82,7 +118,11 @@ async def serve(
     """Listen on host:port (0 = any free port) and report (host, port) when ready."""
     context: ssl.SSLContext = server_context(pair, ["h2", "http/1.1"])
     config = _hypercorn_config()
-    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    wrapped = wrap_app(
+        spdystreaming.with_tunnel(app),  # type: ignore[arg-type]
+        config.wsgi_max_body_size,
+        "asgi",
+    )
     worker = WorkerContext(None)
     listeners = await trio.open_tcp_listeners(port, host=host)
     ssl_listeners = [trio.SSLListener(lst, context, https_compatible=True) for lst in listeners]

@@ -1,0 +1,340 @@
+"""exec and port-forward with every transport kubectl uses: SPDY/3.1 upgrades (exec ≤ 1.29,
+port-forward ≤ 1.30, or forced with KUBECTL_PORT_FORWARD_WEBSOCKETS=false), websocket v5 (exec
+≥ 1.30) and SPDY tunnelled in a websocket (port-forward ≥ 1.31); real bytes through, exit
+codes, dial failures, and a zlib bomb that ends only its own connection."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tele.sandbox.apiserver import spdy
+
+from .conftest import NodeSandbox
+
+pytestmark = pytest.mark.netns
+
+
+def _kubectl_dir() -> Path | None:
+    found = shutil.which("kubectl")
+    return Path(os.path.realpath(found)).parent if found else None
+
+
+def _kubectl(minor: int | str) -> Path:
+    """kubectl 1.<minor> ("newest": the newest on the machine); skips when it is missing."""
+    base = _kubectl_dir()
+    if base is None:
+        pytest.skip("kubectl is not installed")
+    versions = sorted(
+        (int(m.group(1)), p)
+        for p in base.glob("kubectl.1.*")
+        if (m := re.fullmatch(r"kubectl\.1\.(\d+)", p.name))
+    )
+    if minor == "newest":
+        if not versions:
+            found = shutil.which("kubectl")
+            assert found is not None
+            return Path(found)
+        return versions[-1][1]
+    for have, path in versions:
+        if have == minor:
+            return path
+    pytest.skip(f"kubectl 1.{minor} is not installed (looked in {base})")
+
+
+@dataclass
+class Streams:
+    sandbox: NodeSandbox
+    namespace: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"PATH": os.environ.get("PATH", ""), "HOME": str(self.sandbox.home), **extra}
+
+    def command(self, binary: Path, *args: str) -> list[str]:
+        return [
+            str(binary),
+            "--kubeconfig",
+            str(self.sandbox.kubeconfig),
+            "--cache-dir",
+            str(self.sandbox.home / f"cache-{binary.name}"),
+            "-n",
+            self.namespace,
+            *args,
+        ]
+
+    def run(
+        self, binary: Path, *args: str, input: str | None = None, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(binary, *args),
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env(**env),
+            timeout=60,
+            check=False,
+        )
+
+
+def _pods() -> str:
+    return yaml.safe_dump_all(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "shell"},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": "tele-sandbox/worker",
+                            "command": ["sh", "-c", "echo up; while true; do sleep 0.5; done"],
+                        }
+                    ],
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "l4"},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": "tele-sandbox/l4-echo",
+                            "ports": [{"containerPort": 9000}],
+                        }
+                    ]
+                },
+            },
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def streams(node_sandbox: NodeSandbox) -> Iterator[Streams]:
+    newest = _kubectl("newest")
+    s = Streams(node_sandbox, f"s-{uuid.uuid4().hex[:8]}")
+    for args, stdin in (
+        (("create", "namespace", s.namespace), None),
+        (("apply", "-f", "-"), _pods()),
+        (("wait", "--for=condition=Ready", "pod/shell", "pod/l4", "--timeout=60s"), None),
+    ):
+        done = s.run(newest, *args, input=stdin)
+        assert done.returncode == 0, done.stderr
+    yield s
+    s.run(newest, "delete", "namespace", s.namespace, "--wait=false")
+
+
+@pytest.mark.parametrize("minor", [27, 29, "newest"])
+def test_exec_output_exit_code_and_stdin(streams: Streams, minor: int | str) -> None:
+    kubectl = _kubectl(minor)
+    done = streams.run(kubectl, "exec", "shell", "--", "sh", "-c", "echo hi; echo oops >&2; exit 3")
+    assert (done.stdout, done.returncode) == ("hi\n", 3), done.stderr
+    assert "oops" in done.stderr
+    payload = "".join(f"line {i}\n" for i in range(20000))  # ~200 KB, past every window
+    piped = streams.run(kubectl, "exec", "-i", "shell", "--", "tr", "a-z", "A-Z", input=payload)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == payload.upper()
+
+
+def test_exec_over_spdy_when_websockets_are_off(streams: Streams) -> None:
+    done = streams.run(
+        _kubectl("newest"),
+        "exec",
+        "shell",
+        "--",
+        "sh",
+        "-c",
+        "echo spdy; exit 4",
+        KUBECTL_REMOTE_COMMAND_WEBSOCKETS="false",
+    )
+    assert (done.stdout, done.returncode) == ("spdy\n", 4), done.stderr
+
+
+def _start_port_forward(
+    streams: Streams, kubectl: Path, port: int, **env: str
+) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        streams.command(kubectl, "port-forward", "pod/l4", f":{port}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=streams.env(**env),
+    )
+    assert proc.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not selector.select(deadline - time.monotonic()):
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if m := re.match(r"Forwarding from 127\.0\.0\.1:(\d+) ->", line):
+            return proc, int(m.group(1))
+    proc.kill()
+    _, err = proc.communicate(timeout=10)
+    raise AssertionError(f"port-forward did not start: {err}")
+
+
+def _echo(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            data = sock.recv(65536)
+            if not data:
+                break
+            got += data
+        return got
+
+
+@pytest.mark.parametrize(
+    "minor,env",
+    [
+        (27, {}),
+        (30, {}),
+        (31, {}),
+        ("newest", {}),
+        ("newest", {"KUBECTL_PORT_FORWARD_WEBSOCKETS": "false"}),
+    ],
+    ids=["1.27-spdy", "1.30-spdy", "1.31-tunnel", "newest-tunnel", "newest-forced-spdy"],
+)
+def test_port_forward_echoes_bytes(streams: Streams, minor: int | str, env: dict[str, str]) -> None:
+    proc, local = _start_port_forward(streams, _kubectl(minor), 9000, **env)
+    try:
+        for size in (5, 300_000):  # the second is several windows long
+            payload = os.urandom(size)
+            assert _echo(local, payload) == payload
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+
+def test_port_forward_dial_failure_is_reported(streams: Streams) -> None:
+    proc, local = _start_port_forward(streams, _kubectl("newest"), 9999)
+    try:
+        assert _echo(local, b"x") == b""
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert "error forwarding port 9999" in err and "connection refused" in err
+
+
+# --- hostile peers -----------------------------------------------------------------------
+
+
+def _server(streams: Streams) -> tuple[str, int, str]:
+    config = yaml.safe_load(streams.sandbox.kubeconfig.read_text())
+    url = config["clusters"][0]["cluster"]["server"]
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    token = config["users"][0]["user"]["token"]
+    return host, int(port), token
+
+
+def _upgrade(streams: Streams, path: str, protocol: str) -> ssl.SSLSocket:
+    host, port, token = _server(streams)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    sock = context.wrap_socket(socket.create_connection((host, port), timeout=10))
+    sock.sendall(
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+            f"X-Stream-Protocol-Version: {protocol}\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(4096)
+        assert data, head
+        head += data
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _read_all(sock: ssl.SSLSocket) -> bytes:
+    out = b""
+    try:
+        while data := sock.recv(65536):
+            out += data
+    except (OSError, ssl.SSLError):
+        pass
+    return out
+
+
+def test_zlib_bomb_ends_its_connection_not_the_server(streams: Streams) -> None:
+    path = f"/api/v1/namespaces/{streams.namespace}/pods/l4/portforward"
+    sock = _upgrade(streams, path, "portforward.k8s.io")
+    deflate = zlib.compressobj(zdict=spdy.DICTIONARY)
+    bomb = deflate.compress(b"\0" * (48 << 20)) + deflate.flush(zlib.Z_SYNC_FLUSH)
+    payload = struct.pack(">IIBB", 1, 0, 0, 0) + bomb
+    sock.sendall(struct.pack(">HHI", 0x8003, spdy.SYN_STREAM, len(payload)) + payload)
+    reply = _read_all(sock)
+    sock.close()
+    # GOAWAY with PROTOCOL_ERROR, then the connection ends.
+    assert reply[:4] == struct.pack(">HH", 0x8003, spdy.GOAWAY)
+    assert struct.unpack(">I", reply[-4:])[0] == spdy.GOAWAY_PROTOCOL_ERROR
+    done = streams.run(_kubectl("newest"), "get", "pod", "l4", "-o", "json")
+    assert json.loads(done.stdout)["status"]["phase"] == "Running"
+
+
+def test_unpaired_and_malformed_port_forward_streams_are_reset(streams: Streams) -> None:
+    path = f"/api/v1/namespaces/{streams.namespace}/pods/l4/portforward"
+    sock = _upgrade(streams, path, "portforward.k8s.io")
+    client = spdy.Connection(server=False)
+    client.open_stream([("streamtype", "data"), ("port", "notaport"), ("requestid", "1")])
+    client.open_stream([("streamtype", "error"), ("port", "9000"), ("requestid", "2")])
+    client.open_stream([("streamtype", "data"), ("port", "9000"), ("requestid", "2")])
+    client.send_data(5, b"still works")
+    sock.sendall(client.data_to_send())
+    got: list[spdy.Event] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        client.receive_data(sock.recv(65536))
+        got += client.events()
+        if any(isinstance(e, spdy.DataReceived) and e.data for e in got):
+            break
+    sock.close()
+    assert spdy.StreamReset(1, spdy.PROTOCOL_ERROR) in got
+    assert spdy.DataReceived(5, b"still works", False) in got
+
+
+def test_exec_refuses_protocols_it_does_not_speak(streams: Streams) -> None:
+    host, port, token = _server(streams)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection((host, port), timeout=10)) as sock:
+        sock.sendall(
+            (
+                f"POST /api/v1/namespaces/{streams.namespace}/pods/shell/exec?command=true"
+                f"&stdout=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                "Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+                "X-Stream-Protocol-Version: v2.channel.k8s.io\r\n\r\n"
+            ).encode()
+        )
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 403")
+    assert b"unable to negotiate protocol" in reply
