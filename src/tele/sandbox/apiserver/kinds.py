@@ -97,6 +97,29 @@ def _resource(
 
 _ONLY_CREATE = ("create",)
 
+# The node's objects: a Node (its status written whole by the kubelet, so without a status
+# subresource here) and its heartbeat Lease.
+_NODE_RESOURCES = (
+    ResourceType(
+        group="",
+        version="v1",
+        kind="Node",
+        plural="nodes",
+        singular="node",
+        namespaced=False,
+        short_names=("no",),
+        verbs=("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"),
+    ),
+    ResourceType(
+        group="coordination.k8s.io",
+        version="v1",
+        kind="Lease",
+        plural="leases",
+        singular="lease",
+        namespaced=True,
+    ),
+)
+
 RESOURCES: tuple[ResourceType, ...] = (
     _resource(
         "",
@@ -252,6 +275,7 @@ RESOURCES: tuple[ResourceType, ...] = (
         False,
         verbs=_ONLY_CREATE,
     ),
+    *_NODE_RESOURCES,
 )
 
 # Subresources whose body is another kind (group, version, kind), for discovery.

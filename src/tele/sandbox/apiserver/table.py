@@ -364,6 +364,66 @@ _COLUMNS: dict[str, tuple[list[ApiObject], Callable[[ApiObject, float], Row]]] =
 }
 
 
+def _node_row(o: dict[str, Any], now: float) -> Row:
+    """kubectl's node columns: Ready/NotReady (plus SchedulingDisabled), roles from the
+    node-role.kubernetes.io/ labels, the kubelet version; wide: addresses and nodeInfo."""
+    status = o.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    text = "Ready" if ready is not None and ready.get("status") == "True" else "NotReady"
+    if not ready:
+        text = "Unknown"
+    if (o.get("spec") or {}).get("unschedulable"):
+        text += ",SchedulingDisabled"
+    labels = (o.get("metadata") or {}).get("labels") or {}
+    roles = sorted(
+        {k.split("/", 1)[1] for k in labels if k.startswith("node-role.kubernetes.io/")}
+        | ({labels["kubernetes.io/role"]} if labels.get("kubernetes.io/role") else set())
+    )
+    info = status.get("nodeInfo") or {}
+    addresses = status.get("addresses") or []
+
+    def address(kind: str) -> str:
+        return next((a["address"] for a in addresses if a.get("type") == kind), "<none>")
+
+    return [
+        o["metadata"]["name"],
+        text,
+        ",".join(r for r in roles if r) or "<none>",
+        age(o, now),
+        info.get("kubeletVersion", ""),
+        address("InternalIP"),
+        address("ExternalIP"),
+        info.get("osImage") or "<unknown>",
+        info.get("kernelVersion") or "<unknown>",
+        info.get("containerRuntimeVersion") or "<unknown>",
+    ]
+
+
+_COLUMNS["Node"] = (
+    [
+        NAME,
+        _col("Status"),
+        _col("Roles"),
+        AGE,
+        _col("Version"),
+        _col("Internal-IP", priority=1),
+        _col("External-IP", priority=1),
+        _col("OS-Image", priority=1),
+        _col("Kernel-Version", priority=1),
+        _col("Container-Runtime", priority=1),
+    ],
+    _node_row,
+)
+_COLUMNS["Lease"] = (
+    [NAME, _col("Holder"), AGE],
+    lambda o, now: [
+        o["metadata"]["name"],
+        (o.get("spec") or {}).get("holderIdentity", ""),
+        age(o, now),
+    ],
+)
+
+
 def _partial(o: ApiObject) -> ApiObject:
     return {
         "kind": "PartialObjectMetadata",

@@ -19,12 +19,13 @@ from tele.sandbox.apiserver.rest import Api
 from tele.sandbox.controllers.registry import controller_manager
 from tele.sandbox.network import netns
 from tele.sandbox.network.dns import serve_dns
-from tele.sandbox.network.node import DNS_IP
+from tele.sandbox.network.node import DNS_IP, GATEWAY
 from tele.sandbox.network.proxy import serve_proxy
 from tele.sandbox.network.relay import serve_relay
 
 from .handlers import NodeHandlers, exec_handler
 from .kubelet import Kubelet
+from .nodestatus import serve_node_status
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ async def serve_node(
     await _claim_dns_service(api)
     async with trio.open_nursery() as nursery:
         await nursery.start(kubelet.serve)
+        await nursery.start(
+            serve_node_status, api, kubelet.ctx, kubelet.node_name, GATEWAY, state_dir
+        )
         await nursery.start(serve_proxy, api.store, kubelet.node_ns)
         await nursery.start(serve_dns, api.store, kubelet.node_ns)
         await nursery.start(serve_api_address, kubelet.node_ns, api_host, api_port)

@@ -1,0 +1,109 @@
+"""The node's API object: `kubectl get nodes` (also `-o wide`), `kubectl describe node`, pods
+bound to that node by name, and the heartbeat (the Lease in kube-node-lease renewed, the
+conditions' lastHeartbeatTime moved) while the kubelet runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from tele.sandbox.apiserver.auth import User
+from tele.sandbox.apiserver.context import RequestContext
+from tele.sandbox.apiserver.rest import Api
+from tele.sandbox.kubelet import nodestatus
+
+from .conftest import Kubectl
+
+
+@pytest.mark.netns
+def test_get_and_describe_node(kubectl: Kubectl) -> None:
+    nodes = json.loads(kubectl.run("get", "nodes", "-o", "json").stdout)["items"]
+    assert len(nodes) == 1
+    node = nodes[0]
+    name = node["metadata"]["name"]
+    labels = node["metadata"]["labels"]
+    assert labels["kubernetes.io/hostname"] == name
+    assert labels["kubernetes.io/os"] == "linux" and labels["kubernetes.io/arch"]
+    assert "node-role.kubernetes.io/control-plane" in labels
+    status = node["status"]
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {
+        "MemoryPressure": "False",
+        "DiskPressure": "False",
+        "PIDPressure": "False",
+        "Ready": "True",
+    }
+    assert {a["type"] for a in status["addresses"]} == {"InternalIP", "Hostname"}
+    assert int(status["capacity"]["cpu"]) >= 1 and status["allocatable"]["pods"] == "110"
+    info = status["nodeInfo"]
+    for key in ("kubeletVersion", "containerRuntimeVersion", "osImage", "kernelVersion"):
+        assert info[key], key
+
+    table = kubectl.run("get", "nodes").stdout.splitlines()
+    assert table[0].split() == ["NAME", "STATUS", "ROLES", "AGE", "VERSION"]
+    assert table[1].split()[:3] == [name, "Ready", "control-plane"]
+    assert table[1].split()[4] == info["kubeletVersion"]
+    wide = kubectl.run("get", "nodes", "-o", "wide").stdout.splitlines()
+    assert "INTERNAL-IP" in wide[0] and "CONTAINER-RUNTIME" in wide[0]
+    internal = next(a["address"] for a in status["addresses"] if a["type"] == "InternalIP")
+    assert internal in wide[1] and info["containerRuntimeVersion"] in wide[1]
+
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "sleeper"},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {"name": "c", "image": "tele-sandbox/worker", "command": ["sleep", "600"]}
+            ],
+        },
+    }
+    kubectl.run("apply", "-f", "-", input=json.dumps(pod))
+    kubectl.run("wait", "--for=condition=Ready", "pod/sleeper", "--timeout=30s")
+    bound = json.loads(kubectl.run("get", "pod", "sleeper", "-o", "json").stdout)
+    assert bound["spec"]["nodeName"] == name
+    described = kubectl.run("describe", "node", name).stdout
+    for text in (
+        f"Name:               {name}",
+        "Roles:              control-plane",
+        "KubeletReady",
+        f"InternalIP:  {internal}",
+        f"HolderIdentity:  {name}",
+        f"{kubectl.namespace}",  # the pod, under Non-terminated Pods
+        "sleeper",
+    ):
+        assert text in described, text
+
+
+async def test_heartbeat_renews_the_lease_and_the_conditions(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = Api(clock=lambda: 1.8e9 + trio.current_time())  # wall time follows the mock clock
+    api.bootstrap()
+    ctx = RequestContext(User("system:node:n1", ("system:masters",)))
+    changes: list[tuple[str, str]] = []
+    unsubscribers = [
+        api.store.subscribe(key, lambda event: changes.append((event.type, event.resource)))
+        for key in ("/nodes", "coordination.k8s.io/leases")
+    ]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                nodestatus.serve_node_status, api, ctx, "n1", "10.244.0.1", tmp_path
+            )
+            registered = list(changes)
+            # 125 s in virtual time: a renewal every 10 s, a node status every 60 s.
+            await trio.sleep(125)
+            nursery.cancel_scope.cancel()
+    finally:
+        for unsubscribe in unsubscribers:
+            unsubscribe()
+    assert registered == [("ADDED", "/nodes"), ("ADDED", "coordination.k8s.io/leases")]
+    later = changes[len(registered) :]
+    assert later.count(("MODIFIED", "coordination.k8s.io/leases")) == 12
+    assert later.count(("MODIFIED", "/nodes")) == 2
