@@ -1,10 +1,14 @@
-"""The node's API object: `kubectl get nodes` (also `-o wide`), `kubectl describe node`, pods
-bound to that node by name, and the heartbeat (the Lease in kube-node-lease renewed, the
-conditions' lastHeartbeatTime moved) while the kubelet runs."""
+"""The node: its API object (`kubectl get nodes`, also `-o wide`, `kubectl describe node`, pods
+bound to it by name, the heartbeat: the Lease in kube-node-lease renewed, the conditions'
+lastHeartbeatTime moved while the kubelet runs), and Services reachable from its network
+namespace as from a real node's."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ from tele.sandbox.apiserver.context import RequestContext
 from tele.sandbox.apiserver.rest import Api
 from tele.sandbox.kubelet import nodestatus
 
-from .conftest import Kubectl
+from .conftest import Kubectl, NodeSandbox
 
 
 @pytest.mark.netns
@@ -107,3 +111,48 @@ async def test_heartbeat_renews_the_lease_and_the_conditions(
     later = changes[len(registered) :]
     assert later.count(("MODIFIED", "coordination.k8s.io/leases")) == 12
     assert later.count(("MODIFIED", "/nodes")) == 2
+
+
+_ECHO_CLIENT = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
+    s.sendall(b"from the node\\n")
+    print(s.recv(100).decode(), end="")
+"""
+
+
+@pytest.mark.netns
+def test_cluster_ip_is_reachable_from_the_node_namespace(
+    kubectl: Kubectl, node_sandbox: NodeSandbox
+) -> None:
+    manifest = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "l4", "labels": {"app": "l4"}},
+            "spec": {"containers": [{"name": "c", "image": "tele-sandbox/l4-echo"}]},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "l4"},
+            "spec": {"selector": {"app": "l4"}, "ports": [{"port": 7000, "targetPort": 9000}]},
+        },
+    ]
+    kubectl.run("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifest}))
+    kubectl.run("wait", "--for=condition=Ready", "pod/l4", "--timeout=30s")
+    ip = kubectl.run("get", "svc", "l4", "-o", "jsonpath={.spec.clusterIP}").stdout
+    # The proxy's table follows the Endpoints a moment later: retry until a deadline.
+    in_node = ["ip", "netns", "exec", f"{node_sandbox.name}-node"]
+    deadline = time.monotonic() + 20
+    while True:
+        done = subprocess.run(
+            [*in_node, sys.executable, "-c", _ECHO_CLIENT, ip, "7000"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if done.returncode == 0 or time.monotonic() > deadline:
+            break
+    assert done.stdout == "from the node\n", done.stderr

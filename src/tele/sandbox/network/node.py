@@ -4,7 +4,8 @@ Layout (routed, like Calico, so every packet between pods crosses the node's net
 service NAT always sees both directions): the node namespace `<name>-node` forwards; each pod
 namespace gets a veth whose node end `vp<N>` holds the gateway 10.244.0.1/32 and a /32 route to
 the pod; the pod end `eth0` holds the pod's /32 with a default route via 10.244.0.1. The cluster
-DNS address 10.96.0.10 sits on the node's loopback.
+DNS address 10.96.0.10 and the node's own 10.244.0.1 sit on the node's loopback, and the Service
+range 10.96.0.0/16 is routed there, so that the node itself reaches ClusterIPs.
 """
 
 from __future__ import annotations
@@ -40,10 +41,24 @@ class PodIpam:
 
 
 async def create_node(name: str) -> None:
-    """Create the node namespace (forwarding on, DNS address on loopback)."""
+    """Create the node namespace (forwarding on, DNS address on loopback, a route for the
+    Service range).
+
+    A process in the node's namespace (a `hostNetwork` one on a real node) reaches ClusterIPs
+    as on a real node: the route only gets the connection past the routing decision, with the
+    node's own address as the source; the proxy's nat output chain then DNATs it to an
+    endpoint and the packet is routed again to that pod."""
     await netns.delete(name)
     await netns.add(name)
-    await netns.ip_batch(name, ["link set lo up", f"addr add {DNS_IP}/32 dev lo"])
+    await netns.ip_batch(
+        name,
+        [
+            "link set lo up",
+            f"addr add {DNS_IP}/32 dev lo",
+            f"addr add {GATEWAY}/32 dev lo",
+            f"route add {SERVICE_CIDR} dev lo src {GATEWAY}",
+        ],
+    )
     await netns.run(
         "ip",
         "netns",
