@@ -139,7 +139,12 @@ def test_cluster_ip_is_reachable_from_the_node_namespace(
             "spec": {"selector": {"app": "l4"}, "ports": [{"port": 7000, "targetPort": 9000}]},
         },
     ]
-    kubectl.run("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifest}))
+    kubectl.run(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifest}),
+    )
     kubectl.run("wait", "--for=condition=Ready", "pod/l4", "--timeout=30s")
     ip = kubectl.run("get", "svc", "l4", "-o", "jsonpath={.spec.clusterIP}").stdout
     # The proxy's table follows the Endpoints a moment later: retry until a deadline.

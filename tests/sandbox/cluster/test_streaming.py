@@ -321,20 +321,38 @@ def test_unpaired_and_malformed_port_forward_streams_are_reset(streams: Streams)
     assert spdy.DataReceived(5, b"still works", False) in got
 
 
-def test_exec_refuses_protocols_it_does_not_speak(streams: Streams) -> None:
-    host, port, token = _server(streams)
+def _refused(streams: Streams, path: str, protocol: str, token: str | None = None) -> bytes:
+    host, port, admin = _server(streams)
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     with context.wrap_socket(socket.create_connection((host, port), timeout=10)) as sock:
         sock.sendall(
             (
-                f"POST /api/v1/namespaces/{streams.namespace}/pods/shell/exec?command=true"
-                f"&stdout=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {admin if token is None else token}\r\n"
                 "Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
-                "X-Stream-Protocol-Version: v2.channel.k8s.io\r\n\r\n"
+                f"X-Stream-Protocol-Version: {protocol}\r\n\r\n"
             ).encode()
         )
-        reply = _read_all(sock)
+        return _read_all(sock)
+
+
+def test_exec_refuses_protocols_it_does_not_speak(streams: Streams) -> None:
+    path = f"/api/v1/namespaces/{streams.namespace}/pods/shell/exec?command=true&stdout=true"
+    reply = _refused(streams, path, "v2.channel.k8s.io")
     assert reply.startswith(b"HTTP/1.1 403")
     assert b"unable to negotiate protocol" in reply
+
+
+def test_spdy_upgrade_needs_a_user_allowed_to_create_the_subresource(streams: Streams) -> None:
+    path = f"/api/v1/namespaces/{streams.namespace}/pods/l4/portforward"
+    reply = _refused(streams, path, "portforward.k8s.io", token="not-a-token")
+    assert reply.startswith(b"HTTP/1.1 403"), reply
+    assert b'"kind": "Status"' in reply or b'"kind":"Status"' in reply
+
+
+def test_attach_is_refused_with_a_sentence(streams: Streams) -> None:
+    done = streams.run(_kubectl(27), "attach", "shell")
+    assert done.returncode != 0
+    assert "attach is not available for pod shell" in done.stderr

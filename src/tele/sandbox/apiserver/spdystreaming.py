@@ -531,6 +531,15 @@ async def _serve_upgrade(
     parts = scope["path"].strip("/").split("/")
     sub = parts[-1] if len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] else ""
     offered = head.values("x-stream-protocol-version")
+    served = getattr(app, "subresource_handlers", None)
+    if sub and isinstance(served, dict) and ("pods", sub) not in served:
+        await _http_error(
+            transport,
+            400,
+            "BadRequest",
+            f"{sub} is not available for pod {parts[5]}: the sandbox's node does not serve it",
+        )
+        return
     if sub == "portforward":
         if offered and PORTFORWARD_PROTOCOL not in offered:
             await _unnegotiable(transport, offered, [PORTFORWARD_PROTOCOL])
@@ -567,7 +576,10 @@ async def _unnegotiable(transport: Transport, offered: list[str], supported: lis
 
 async def _forbidden(transport: Transport, sub: str) -> None:
     await _http_error(
-        transport, 403, "Forbidden", f"unable to upgrade: may not create pods/{sub} here"
+        transport,
+        403,
+        "Forbidden",
+        f"unable to upgrade: not allowed to create pods/{sub} for this pod",
     )
 
 
