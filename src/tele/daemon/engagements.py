@@ -1,0 +1,287 @@
+"""The local side of a session's engagements: ask the manager to engage, then run what lasts on
+this machine (local handlers' targets and TLS, `--to-pod` forwards, volumes), answer dial-backs,
+engage again after a new arrival, and end it all on leave."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import trio
+
+from tele.daemon.engage import local_tls_context, serve_dial_backs
+from tele.daemon.forward import serve_forward, serve_udp_forward
+from tele.daemon.lease import SessionLease
+from tele.daemon.mounts import MountFlag, Mounts
+from tele.errors import TeleError, UserError, single_leaf
+from tele.net.tunnel import Destination, Protocol
+from tele.rpc import agent_api as aapi
+from tele.rpc import daemon_api as dapi
+from tele.rpc.errors import Code, RpcError
+from tele.rpc.h2link import H2Stream
+
+log = logging.getLogger(__name__)
+
+PAST_TENSE = {"intercept": "intercepted", "replace": "replaced", "ingest": "ingested"}
+
+Dial = Callable[[Destination], Awaitable[H2Stream]]
+DialBack = Callable[[Destination, str], Awaitable[H2Stream]]
+
+
+def parse_to_pod(value: str) -> Destination:
+    """`PORT` or `PORT/TCP|UDP` (a `--to-pod` value) as a destination on the pod (its IP is
+    filled in once engaged: 0.0.0.0 until then)."""
+    port, _, protocol = value.partition("/")
+    protocol = protocol.upper() or "TCP"
+    if not port.isdigit() or not 0 < int(port) < 65536 or protocol not in ("TCP", "UDP"):
+        raise UserError(f"--to-pod {value!r} must be PORT or PORT/UDP with a port from 1 to 65535")
+    return Destination(Protocol(protocol.lower()), ipaddress.ip_address("0.0.0.0"), int(port))
+
+
+def _local_targets(
+    info: aapi.EngagementInfo, mappings: list[dapi.PortMapping], address: str
+) -> dict[int, tuple[str, int]]:
+    """Container port -> local handler: the request's `-p` mappings in the order the manager
+    answered them, or (a replace of all ports) each port to the same local port number."""
+    if mappings and len(mappings) == len(info.ports):
+        return {
+            p.container_port: (address, m.local) for p, m in zip(info.ports, mappings, strict=True)
+        }
+    return {p.container_port: (address, p.container_port) for p in info.ports}
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class LocalEngagements:
+    """A session's engagements on this machine, by name; `serve` runs their local sides."""
+
+    def __init__(
+        self,
+        lease: SessionLease,
+        mounts: Mounts,
+        *,
+        namespace: str,
+        dial: Dial,
+        dial_back: DialBack,
+    ) -> None:
+        self._lease = lease
+        self._mounts = mounts
+        self._namespace = namespace
+        self._dial = dial
+        self._dial_back = dial_back
+        self.engaged: dict[str, aapi.EngagementInfo] = {}
+        # What the user asked for, by engagement name: engaged again after a new arrival.
+        self.engage_requests: dict[str, dapi.InterceptRequest] = {}
+        # Per engagement id: TLS towards the local handler (decrypted callers' requests).
+        self.local_tls: dict[str, ssl.SSLContext] = {}
+        self.targets: dict[str, dict[int, tuple[str, int]]] = {}
+        """Per engagement id: container port -> the local handler's address."""
+        self._local_sides: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self._dials_wanted = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the local sides, dial-back answers and re-engaging, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._serve_dials)
+            nursery.start_soon(self._keep_engagements)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def engage(self, request: dapi.InterceptRequest) -> aapi.EngagementInfo:
+        """The one engage flow of intercept, replace and ingest: parse the local side, ask the
+        manager, then start the engagement's local services (`_serve_engagement`); if those
+        fail, leave again, so nothing is half done."""
+        try:
+            mount = MountFlag.parse(request.mount)  # refused before the cluster changes
+        except UserError as exc:
+            raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
+        to_pod = [parse_to_pod(value) for value in request.to_pod]
+        info, mappings = await self._ask_manager(request)
+        if info.name in self.engaged:
+            # Already ours: the manager answered with the engagement as it is.
+            return self.engaged[info.name]
+        targets = _local_targets(info, mappings, request.local_address)
+        info = msgspec.structs.replace(
+            info, local=[_host_port(*targets[p.container_port]) for p in info.ports]
+        )
+        self.targets[info.id] = targets
+        if info.decrypted and not request.http_plaintext:
+            self.local_tls[info.id] = local_tls_context()
+        # Ingest gives the volumes read-only (as Telepresence's does).
+        info = await self._mounts.attach(info, mount.read_only_if(request.kind == "ingest"))
+        self.engaged[info.name] = info
+        self.engage_requests[info.name] = request
+        self._dials_wanted.set()
+        scope = trio.CancelScope()
+        self._local_sides[info.name] = scope
+        try:
+            assert self._nursery is not None, "engage before the session runs"
+            await self._nursery.start(self._serve_engagement, info, to_pod, scope)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.leave(info.name)
+            if isinstance(exc, BaseExceptionGroup):
+                leaf = single_leaf(exc)
+                if isinstance(leaf, TeleError):
+                    raise leaf from None
+            raise
+        return info
+
+    async def _ask_manager(
+        self, request: dapi.InterceptRequest, engagement_id: str = ""
+    ) -> tuple[aapi.EngagementInfo, list[dapi.PortMapping]]:
+        """ENGAGE on the manager; the engagement and the local port mappings it uses."""
+        kind = request.kind
+        mappings = list(request.ports)
+        if not mappings and kind == "intercept":
+            mappings = [dapi.PortMapping(local=request.local_port, remote=request.port)]
+        remotes = [m.remote for m in mappings]
+        info = await self._lease.call_in_session(
+            aapi.ENGAGE,
+            lambda session_id: aapi.EngageRequest(
+                session_id=session_id,
+                namespace=request.namespace or self._namespace,
+                workload=request.workload or request.name,
+                name=request.name,
+                service=request.service,
+                port=remotes[0] if len(remotes) == 1 else "",
+                ports=remotes if len(remotes) > 1 or kind != "intercept" else [],
+                container=request.container,
+                mechanism=request.mechanism,
+                headers=request.headers,
+                path_equal=request.path_equal,
+                path_prefix=request.path_prefix,
+                path_regex=request.path_regex,
+                kind=kind,
+                engagement_id=engagement_id,
+            ),
+        )
+        return info, mappings
+
+    async def _keep_engagements(self) -> None:
+        """Engage again after arriving again. A new arrival means the manager forgot the
+        session (its pod was replaced, or the lease ran out while the link was down), and with
+        it the session's engagements: they come back without the user asking, with the same
+        ids, so their local side (handlers, forwards, mounts) goes on as it was. One that
+        cannot (someone else took the port meanwhile) ends, with the reason logged and shown
+        by `tele status`."""
+        lease = self._lease
+        seen = lease.arrivals
+        while True:
+            while lease.arrivals == seen:
+                await lease.changed.wait()
+            seen = lease.arrivals
+            for name, request in list(self.engage_requests.items()):
+                old = self.engaged.get(name)
+                if old is None:
+                    continue
+                try:
+                    info, _ = await self._ask_manager(request, old.id)
+                except (RpcError, TeleError) as exc:
+                    reason = exc.message if isinstance(exc, RpcError) else str(exc)
+                    log.warning("%s ended: it cannot be engaged again: %s", name, reason)
+                    lease.last_error = f"{name} ended: {reason}"
+                    with trio.CancelScope(shield=True):
+                        await self._forget(name)
+                    continue
+                if info.id != old.id:  # the manager could not keep it: follow the new one
+                    self.targets[info.id] = self.targets.pop(old.id, {})
+                    if old.id in self.local_tls:
+                        self.local_tls[info.id] = self.local_tls.pop(old.id)
+                self.engaged[name] = msgspec.structs.replace(old, id=info.id, pod_ips=info.pod_ips)
+                log.info("engaged %s again in the new session", name)
+
+    async def _serve_engagement(
+        self,
+        info: aapi.EngagementInfo,
+        to_pod: list[Destination],
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """What runs on this machine while `info` lasts (until `leave` cancels `scope`):
+        the `--to-pod` forwards to the engaged pod. Started once all of them listen."""
+        with scope:
+            async with trio.open_nursery() as nursery:
+                if to_pod and not info.pod_ips:
+                    raise UserError(f"{info.name} has no pod to forward --to-pod ports to")
+                for wanted in to_pod:
+                    destination = Destination(
+                        wanted.protocol, ipaddress.ip_address(info.pod_ips[0]), wanted.port
+                    )
+                    serve = serve_forward if wanted.protocol is Protocol.TCP else serve_udp_forward
+                    await nursery.start(
+                        functools.partial(serve, self._dial, destination, port=wanted.port)
+                    )
+                task_status.started()
+                await trio.sleep_forever()
+
+    def lines(self) -> list[str]:
+        """One line per engagement for `tele status`."""
+        lines = []
+        for info in self.engaged.values():
+            where = ", ".join(info.local)
+            what = f" -> {where} ({info.mechanism})" if where else ""
+            volumes = f", volumes at {info.local_mount}" if info.local_mount else ""
+            lines.append(
+                f"{info.name}: {PAST_TENSE.get(info.kind, info.kind)} {info.workload_kind} "
+                f"{info.namespace}/{info.workload}{what}{volumes}"
+            )
+        return lines
+
+    def _own_name(self, name: str) -> str:
+        """`name`, or the one ingest of this session of the workload `name` (`leave echo`
+        ends the ingest `echo/echo`)."""
+        if name in self.engaged:
+            return name
+        ingests = [n for n, i in self.engaged.items() if i.kind == "ingest" and i.workload == name]
+        return ingests[0] if len(ingests) == 1 else name
+
+    async def leave(self, name: str) -> None:
+        name = self._own_name(name)
+        info = self.engaged.get(name)
+        if info is None:
+            raise UserError(f"there is no engagement named {name}; `tele list` shows them")
+        await self._forget(name)
+        await self._lease.call_in_session(
+            aapi.LEAVE, lambda session_id: aapi.LeaveRequest(session_id=session_id, name=name)
+        )
+
+    async def _forget(self, name: str) -> None:
+        """End `name` on this machine: its local side stops, its volumes are unmounted."""
+        info = self.engaged.get(name)
+        scope = self._local_sides.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        if info is not None:
+            await self._mounts.detach(info.id)
+            self.targets.pop(info.id, None)
+            self.local_tls.pop(info.id, None)
+        self.engaged.pop(name, None)
+        self.engage_requests.pop(name, None)
+
+    async def _serve_dials(self) -> None:
+        """Answer the manager's dial-back requests for as long as the session lives."""
+        await self._dials_wanted.wait()
+        lease = self._lease
+        while True:
+            try:
+                client = await lease.client()
+                await serve_dial_backs(
+                    client, lease.session_id(), self._dial_back, self._target, self.local_tls.get
+                )
+            except RpcError as exc:
+                log.debug("dial-back watch ended: %s", exc.message)
+            with trio.move_on_after(5):
+                await lease.changed.wait()
+
+    def _target(self, engagement_id: str, port: int) -> tuple[str, int] | None:
+        return self.targets.get(engagement_id, {}).get(port)

@@ -1,0 +1,183 @@
+"""The session lease with the traffic manager: arrive, renew every lease/3 (arriving again when
+the manager forgot the session), call in the session, follow the cluster info, depart."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from tele import __version__
+from tele.errors import ConnectionFailed, UserError
+from tele.rpc import manager_api as mapi
+from tele.rpc.client import Client
+from tele.rpc.errors import Code, RpcError
+from tele.rpc.h2link import H2Link
+from tele.rpc.links import LinkPool
+from tele.rpc.method import Req, Resp, Unary
+
+log = logging.getLogger(__name__)
+
+_MANAGER_TROUBLE = frozenset(
+    {Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.INTERNAL, Code.UNKNOWN, Code.CANCELLED}
+)
+
+
+class SessionLease:
+    """One client session on the manager over `pool`'s links, kept alive while `heartbeat`
+    runs. `arrivals` counts arrivals; `changed` is set at each (a new session: the manager
+    forgot the old one and everything in it)."""
+
+    def __init__(
+        self,
+        pool: LinkPool,
+        *,
+        kube_context: str,
+        mapped_namespaces: list[str],
+        api_timeout: float,
+    ) -> None:
+        self.pool = pool
+        self._kube_context = kube_context
+        self._mapped_namespaces = mapped_namespaces
+        self.api_timeout = api_timeout
+        self.session: mapi.SessionInfo | None = None
+        self.cluster: mapi.ClusterInfo | None = None
+        self.status = "connecting"
+        self.reconnects = 0
+        self.last_error = ""
+        self.arrivals = 0
+        self.changed = trio.Event()
+
+    async def client(self) -> Client:
+        """An RPC client on a live link (waits for one within the API timeout)."""
+        with trio.move_on_after(self.api_timeout):
+            return Client(await self.pool.wait_ready())
+        raise RpcError(
+            Code.UNAVAILABLE, f"no link to the traffic manager: {self.pool.last_failure}"
+        )
+
+    def session_id(self) -> str:
+        if self.session is None:
+            raise RpcError(Code.UNAVAILABLE, "not connected to the traffic manager yet")
+        return self.session.session_id
+
+    async def arrive(self) -> None:
+        identity = mapi.ClientIdentity(
+            user=getpass.getuser(),
+            host=socket.gethostname(),
+            client_version=__version__,
+            kube_context=self._kube_context,
+            mapped_namespaces=list(self._mapped_namespaces),
+        )
+        client = await self.client()
+        try:
+            session = await client.call(mapi.ARRIVE, identity, timeout=self.api_timeout)
+        except RpcError as exc:
+            if exc.code is Code.FAILED_PRECONDITION:
+                raise UserError(exc.message) from None
+            raise
+        self.session = session
+        self.cluster = session.cluster
+        self.arrivals += 1
+        self.changed.set()
+        self.changed = trio.Event()
+        log.info(
+            "arrived as session %s (manager %s, lease %gs)",
+            session.session_id,
+            session.cluster.manager_version,
+            session.lease_seconds,
+        )
+        if session.cluster.manager_version != __version__:
+            log.warning(
+                "the traffic manager runs version %s, this client %s",
+                session.cluster.manager_version,
+                __version__,
+            )
+
+    async def heartbeat(self) -> None:
+        """Renew the lease every lease/3, and at once when a new link came up: a new manager
+        (its pod was replaced) does not know the session, and the user should not wait."""
+        while True:
+            assert self.session is not None
+            with trio.move_on_after(max(0.1, self.session.lease_seconds / 3)):
+                await self.pool.wait_replaced()
+                self.status = "reconnecting"
+            try:
+                client = await self.client()
+                await client.call(
+                    mapi.REMAIN,
+                    mapi.SessionRequest(session_id=self.session.session_id),
+                    timeout=self.api_timeout,
+                )
+                self.status = "connected"
+            except RpcError as exc:
+                self.last_error = exc.message
+                if exc.code is Code.NOT_FOUND:
+                    log.warning("the traffic manager forgot our session; arriving again")
+                    self.reconnects += 1
+                    try:
+                        await self.arrive()
+                    except (RpcError, ConnectionFailed) as again:
+                        self.last_error = str(again)
+                        self.status = "reconnecting"
+                else:
+                    log.warning("heartbeat failed: %s", exc.message)
+                    self.status = "reconnecting"
+
+    async def call_in_session(self, method: Unary[Req, Resp], make: Callable[[str], Req]) -> Resp:
+        """Call `method` with a request made for the current session; when the manager does
+        not know the session (a new manager pod), arrive again and retry once."""
+        for attempt in (0, 1):
+            client = await self.client()
+            try:
+                return await client.call(
+                    method, make(self.session_id()), timeout=self.api_timeout + 60
+                )
+            except RpcError as exc:
+                if exc.code in _MANAGER_TROUBLE:
+                    # Said by the manager link, not by this daemon: the CLI must not read
+                    # UNAVAILABLE as "lost the daemon".
+                    raise RpcError(
+                        Code.ABORTED, f"the traffic manager did not complete it: {exc.message}"
+                    ) from None
+                if exc.code is not Code.NOT_FOUND or attempt or "session" not in exc.message:
+                    raise
+                log.warning("the traffic manager forgot our session; arriving again")
+                self.reconnects += 1
+                await self.arrive()
+        raise AssertionError("unreachable")
+
+    async def follow_cluster_info(
+        self, on_change: Callable[[mapi.ClusterInfo], Awaitable[None]]
+    ) -> None:
+        """Keep `cluster` current (WatchClusterInfo), calling `on_change` with each update."""
+        while True:
+            try:
+                client = await self.client()
+                request = mapi.SessionRequest(session_id=self.session_id())
+                async with client.stream(mapi.WATCH_CLUSTER_INFO, request) as updates:
+                    async for info in updates:
+                        self.cluster = info
+                        await on_change(info)
+            except RpcError as exc:
+                log.debug("cluster info watch ended: %s", exc.message)
+            # The link broke or the session was replaced: follow the new one.
+            with trio.move_on_after(5):
+                await self.changed.wait()
+
+    async def depart(self) -> None:
+        session = self.session
+        link: H2Link | None = self.pool.pick()
+        if session is None or link is None:
+            return
+        try:
+            await Client(link).call(
+                mapi.DEPART, mapi.SessionRequest(session_id=session.session_id), timeout=2
+            )
+            log.info("departed from session %s", session.session_id)
+        except RpcError as exc:
+            log.warning("could not depart from session %s: %s", session.session_id, exc.message)
+        self.session = None
