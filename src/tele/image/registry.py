@@ -734,7 +734,12 @@ class RegistryClient:
                 request = self._client.build_request("POST", realm, data=form)
             else:
                 headers = {"Authorization": creds.basic()} if creds is not None else {}
-                request = self._client.build_request("GET", realm, params=query, headers=headers)
+                # One `scope` parameter per scope (a cross-repository mount asks for two).
+                pairs: list[tuple[str, str | int | float | bool | None]] = [
+                    ("scope", one) for one in scope.split()
+                ]
+                pairs += [(k, v) for k, v in query.items() if k != "scope"]
+                request = self._client.build_request("GET", realm, params=pairs, headers=headers)
             response = await self._client.send(request, stream=True, follow_redirects=True)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
