@@ -17,6 +17,7 @@ import time
 
 import trio
 
+from tele.rpc.h2link import TUNNEL_STREAMS, LinkSettings
 from tele.testing.streams import open_link_pair
 
 HEADERS = [(":method", "CONNECT"), (":authority", "bench:1")]
@@ -25,7 +26,8 @@ HEADERS = [(":method", "CONNECT"), (":authority", "bench:1")]
 async def measure(held: int, count: int) -> float:
     """CPU µs per open (+ reset) with `held` idle streams open on the link."""
     async with trio.open_nursery() as nursery:
-        link, incoming = await open_link_pair(nursery)
+        tunnel = LinkSettings(max_concurrent_streams=TUNNEL_STREAMS)  # as the manager's
+        link, incoming = await open_link_pair(nursery, settings=tunnel)
         idle = [await link.open_stream(HEADERS) for _ in range(held)]
         for _ in range(held):
             await incoming.receive()

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tele.net.h2conn import Connection
-from tele.rpc.h2link import H2Link, H2Stream, LinkBroken, open_link
+from tele.rpc.h2link import TUNNEL_STREAMS, H2Link, H2Stream, LinkBroken, LinkSettings, open_link
 from tele.rpc.tunnel import splice
 from tele.testing.streams import open_link_pair
 
@@ -278,7 +278,8 @@ async def test_data_written_straight_to_a_slow_socket_keeps_its_order() -> None:
 async def test_ten_thousand_streams_open_at_once_on_one_link() -> None:
     count = 10_000
     async with trio.open_nursery() as nursery:
-        link, incoming = await open_link_pair(nursery, socket_buffer=256 * 1024)
+        tunnel = LinkSettings(max_concurrent_streams=TUNNEL_STREAMS)
+        link, incoming = await open_link_pair(nursery, settings=tunnel, socket_buffer=256 * 1024)
         headers = [(":method", "CONNECT"), (":authority", "a:1")]
         with trio.fail_after(120):
             streams = [await link.open_stream(headers) for _ in range(count)]

@@ -44,8 +44,9 @@ from tele.manager.webhook import AgentInjector, WebhookServer, ensure_tls, patch
 from tele.net.tunnel import OpenRequest, ResetReason
 from tele.rpc import manager_api as api
 from tele.rpc.errors import Code, RpcError
+from tele.rpc.h2link import TUNNEL_STREAMS, LinkSettings
 from tele.rpc.method import Empty
-from tele.rpc.server import Router, serve_connection
+from tele.rpc.server import PeerConnections, Router, serve_connection
 from tele.rpc.tunnel import TunnelServer
 
 log = logging.getLogger(__name__)
@@ -532,10 +533,16 @@ class Manager:
             if self.config.webhook_port is not None:
                 await self._start_webhook(nursery, self.config.webhook_port)
             router = self.router()
+            peers = PeerConnections()
+            links = LinkSettings(max_concurrent_streams=TUNNEL_STREAMS)  # clients' tunnels
+
+            async def serve(stream: trio.SocketStream) -> None:
+                await serve_connection(stream, router, name="manager", settings=links)
+
             listeners = await nursery.start(
                 functools.partial(
                     trio.serve_tcp,
-                    lambda stream: serve_connection(stream, router, name="manager"),
+                    lambda stream: peers.serve(stream, serve),
                     self.config.api_port,
                     host=self.config.api_host,
                 )

@@ -51,6 +51,38 @@ which the link stops reading the peer until they are written: a peer that sends 
 reads nothing cannot make them pile up."""
 
 
+class StreamBudget:
+    """How many incoming streams may have a handler task at once, across every link that
+    shares this budget: a limit per link alone lets many links add up without bound."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self.refused = 0
+
+    def take(self) -> bool:
+        if self.in_use >= self.limit:
+            self.refused += 1
+            return False
+        self.in_use += 1
+        return True
+
+    def give_back(self) -> None:
+        self.in_use -= 1
+
+
+MAX_HANDLERS = 16_384
+"""Handler tasks in one process at once (every link of it together): an incoming stream past
+this is refused (REFUSED_STREAM; the peer may retry). ~9 KiB each while waiting for a body."""
+PROCESS_BUDGET = StreamBudget(MAX_HANDLERS)
+
+MAX_STREAMS = 1_024
+"""Incoming streams one link may hold open (advertised as SETTINGS_MAX_CONCURRENT_STREAMS and
+enforced here too, for a peer that ignores it): RPC links (CLI, agents) never need more."""
+TUNNEL_STREAMS = 10_240
+"""The same for the links that carry a client's tunnel (one stream per TCP connection)."""
+
+
 @dataclass(frozen=True)
 class LinkSettings:
     """Tunables of one link; the defaults were chosen by measurement (bench/tunnel.py)."""
@@ -58,7 +90,7 @@ class LinkSettings:
     stream_window: int = 4 * 1024 * 1024
     connection_window: int = 32 * 1024 * 1024
     max_frame_size: int = 256 * 1024
-    max_concurrent_streams: int = 65_536
+    max_concurrent_streams: int = MAX_STREAMS
     max_header_list_size: int = 64 * 1024
     read_size: int = 256 * 1024
     # A sender parks once this much is queued in h2 and not yet written to the transport.
@@ -70,6 +102,8 @@ class LinkSettings:
     # fails the link. None disables it.
     keepalive_interval: float | None = None
     keepalive_timeout: float = 10.0
+    # Shared by the links of a process (see StreamBudget): bounds handler tasks in total.
+    budget: StreamBudget = PROCESS_BUDGET
 
 
 class H2Link:
@@ -103,6 +137,7 @@ class H2Link:
         self._streams: dict[int, H2Stream] = {}
         self._window_waiters: set[H2Stream] = set()  # streams parked for send window
         self._open_local = 0  # streams we opened that are not closed yet
+        self._refused = 0
         self._failure: str | None = None
         self._goaway_received = False
         self._closing = False
@@ -376,13 +411,40 @@ class H2Link:
         if self._handler is None or self._nursery is None or self._closing:
             self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
+        settings = self.settings
+        incoming = len(self._streams) - self._open_local
+        if incoming >= settings.max_concurrent_streams or not settings.budget.take():
+            self._refuse(stream_id)
+            return
         stream = H2Stream(self, stream_id, headers)
         self._streams[stream_id] = stream
         if event.stream_ended is not None:
             stream._remote_ended = True
         self._nursery.start_soon(self._run_handler, stream, self._handler)
 
+    def _refuse(self, stream_id: int) -> None:
+        """Too many streams (this link's or the process's): the peer may retry this one."""
+        self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        self._refused += 1
+        if self._refused in (1, 1000) or self._refused % 100_000 == 0:
+            log.warning(
+                "%s: refused %d streams so far: %d of this link's %d open, %d of the process's "
+                "%d handlers",
+                self.name,
+                self._refused,
+                len(self._streams) - self._open_local,
+                self.settings.max_concurrent_streams,
+                self.settings.budget.in_use,
+                self.settings.budget.limit,
+            )
+
     async def _run_handler(self, stream: H2Stream, handler: StreamHandler) -> None:
+        try:
+            await self._handle(stream, handler)
+        finally:
+            self.settings.budget.give_back()
+
+    async def _handle(self, stream: H2Stream, handler: StreamHandler) -> None:
         with trio.CancelScope() as scope:
             stream.handler_scope = scope
             if stream._reset_code is not None:

@@ -18,10 +18,16 @@ import trio
 from tele import jsonlimits
 from tele.rpc import wire
 from tele.rpc.errors import Code, RpcError
-from tele.rpc.h2link import H2Stream, LinkSettings, serve_link
+from tele.rpc.h2link import H2Stream, LinkBroken, LinkSettings, StreamReset, serve_link
 from tele.rpc.method import Req, Resp, ServerStream, Unary
 
 log = logging.getLogger(__name__)
+
+REQUEST_BODY_TIMEOUT = 15.0
+"""A request's body must arrive within this, whatever deadline the caller named: a stream that
+sends headers and then nothing holds a handler (and its memory) no longer."""
+MAX_LINKS_PER_PEER = 256
+"""Connections one peer address may hold open to a server (`PeerConnections`)."""
 
 RawHandler = Callable[[H2Stream], Awaitable[None]]
 RawMatcher = Callable[[H2Stream], bool]
@@ -98,7 +104,13 @@ class Router:
 
 async def _read_request(stream: H2Stream, request_type: type[Any], max_size: int) -> Any:
     try:
-        body = await stream.receive_all(max_size)
+        with trio.fail_after(REQUEST_BODY_TIMEOUT):
+            body = await stream.receive_all(max_size)
+    except trio.TooSlowError:
+        raise RpcError(
+            Code.DEADLINE_EXCEEDED,
+            f"the request body did not arrive within {REQUEST_BODY_TIMEOUT:g}s",
+        ) from None
     except ValueError:
         raise RpcError(
             Code.RESOURCE_EXHAUSTED, f"request larger than the maximum of {max_size} bytes"
@@ -153,8 +165,39 @@ async def serve_connection(
     async def handle(h2_stream: H2Stream) -> None:
         try:
             await router.handle(h2_stream, max_message_size=max_message_size)
+        except (LinkBroken, StreamReset) as exc:  # the caller or its link went away
+            log.debug("%s: %s ended: %s", name, h2_stream.header(":path"), exc)
         except Exception:
             log.exception("%s: %s failed", name, h2_stream.header(":path"))
             await _answer_error(h2_stream, Code.INTERNAL, "internal error in the server")
 
     await serve_link(stream, handle, settings=settings, name=name)
+
+
+class PeerConnections:
+    """Serves each connection unless its peer address already holds `limit` of them: one
+    peer (an agent, a program on a client's port-forward) cannot take every descriptor and
+    handler of the server by itself."""
+
+    def __init__(self, limit: int = MAX_LINKS_PER_PEER) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    async def serve(
+        self, stream: trio.SocketStream, serve: Callable[[trio.SocketStream], Awaitable[None]]
+    ) -> None:
+        try:
+            peer = str(stream.socket.getpeername()[0])
+        except (OSError, IndexError, TypeError):
+            peer = "?"
+        if self.open.get(peer, 0) >= self.limit:
+            log.warning("refused a connection from %s: it holds %d already", peer, self.limit)
+            await trio.aclose_forcefully(stream)
+            return
+        self.open[peer] = self.open.get(peer, 0) + 1
+        try:
+            await serve(stream)
+        finally:
+            self.open[peer] -= 1
+            if not self.open[peer]:
+                del self.open[peer]
