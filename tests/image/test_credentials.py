@@ -68,3 +68,35 @@ def test_malformed_configs_raise_one_sentence(body: bytes) -> None:
 
 def test_repr_hides_the_password() -> None:
     assert "secret" not in repr(Credentials("u", "secret", "secret"))
+
+
+def test_credential_helpers_of_the_users_own_config_are_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    helper = tmp_path / "bin" / "docker-credential-tele-test"
+    helper.parent.mkdir()
+    helper.write_text(
+        "#!/bin/sh\nread server\n"
+        'if [ "$server" = reg.example ]; then echo \'{"Username":"h","Secret":"s"}\'; exit 0; fi\n'
+        'echo "credentials not found in native keychain"; exit 1\n'
+    )
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{helper.parent}:/usr/bin:/bin")
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {"credsStore": "tele-test", "auths": {"other.example": {"auth": _auth("a", "b")}}}
+        )
+    )
+    assert credentials_from_docker_config(config, "reg.example") == Credentials("h", "s")
+    # The helper has nothing: the file's own entry, or anonymous.
+    assert credentials_from_docker_config(config, "other.example") == Credentials("a", "b")
+    assert credentials_from_docker_config(config, "none.example") is None
+    # A pull secret's JSON (bytes) never runs a program.
+    assert credentials_from_docker_config(config.read_bytes(), "reg.example") is None
+    config.write_text(json.dumps({"credHelpers": {"reg.example": "missing-helper"}}))
+    with pytest.raises(InvalidDockerConfig, match="docker-credential-missing-helper is not"):
+        credentials_from_docker_config(config, "reg.example")
+    config.write_text(json.dumps({"credsStore": "../../bin/sh"}))
+    with pytest.raises(InvalidDockerConfig, match="not a credential helper name"):
+        credentials_from_docker_config(config, "reg.example")

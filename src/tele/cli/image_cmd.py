@@ -105,6 +105,7 @@ def push(target: str, ca_file: Path | None, insecure: bool, output: str) -> None
 
     from tele.image.build import build_tele_image
     from tele.image.credentials import credentials_from_docker_config
+    from tele.image.oci import Descriptor
     from tele.image.reference import parse_reference
     from tele.image.registry import RegistryClient
 
@@ -116,6 +117,16 @@ def push(target: str, ca_file: Path | None, insecure: bool, output: str) -> None
         ref = ref.with_tag(result.tag.rsplit(":", 1)[1])
     credentials = credentials_from_docker_config(None, ref.registry)
     uploaded: list[int] = []
+    show = sys.stderr.isatty() and output == "default"
+
+    def on_blob(descriptor: Descriptor, sent: bool) -> None:
+        if sent:
+            uploaded.append(descriptor.size)
+        if show:
+            state = "uploaded" if sent else "already there"
+            click.echo(
+                f"  {descriptor.digest[:19]}  {_size(descriptor.size):>9}  {state}", err=True
+            )
 
     async def run() -> str:
         async with RegistryClient(
@@ -125,7 +136,7 @@ def push(target: str, ca_file: Path | None, insecure: bool, output: str) -> None
                 ref,
                 result.image.manifest_bytes,
                 result.image.blobs(),
-                on_blob=lambda d, up: uploaded.append(d.size) if up else None,
+                on_blob=on_blob,
             )
 
     digest = trio.run(run)

@@ -2,7 +2,9 @@
 
 `auths.<registry>.auth` is base64("user:password"); `username`/`password` and `identitytoken`
 are read as well. The same JSON is what a `kubernetes.io/dockerconfigjson` pull secret holds.
-Credential helpers (`credsStore`, `credHelpers`) are not run.
+For a config file of the user's own, credential helpers (`credHelpers.<registry>`, else
+`credsStore`: `docker-credential-<name> get`) are asked first, as docker does; a pull secret's
+JSON never runs a program.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +50,53 @@ class _Entry(msgspec.Struct):
 
 class _DockerConfig(msgspec.Struct):
     auths: dict[str, _Entry] = {}
+    credsStore: str | None = None
+    credHelpers: dict[str, str] = {}
+
+
+class _HelperAnswer(msgspec.Struct):
+    Username: str = ""
+    Secret: str = ""
+
+
+_HELPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_HELPER_OUTPUT = 64 * 1024
+HELPER_TIMEOUT = 30.0
+
+
+def _from_helper(helper: str, registry: str, where: str) -> Credentials | None:
+    """`docker-credential-<helper> get` for the registry; None when it has nothing for it."""
+    if not _HELPER_NAME.fullmatch(helper):
+        raise InvalidDockerConfig(f"{where}: {helper!r} is not a credential helper name.")
+    program = f"docker-credential-{helper}"
+    server = "https://index.docker.io/v1/" if registry in _HUB_ALIASES else registry
+    try:
+        result = subprocess.run(
+            [program, "get"],
+            input=server.encode(),
+            capture_output=True,
+            timeout=HELPER_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise InvalidDockerConfig(
+            f"{where} names the credential helper {helper!r}, but {program} is not installed."
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise InvalidDockerConfig(
+            f"The credential helper {program} did not answer within {HELPER_TIMEOUT:.0f} s."
+        ) from None
+    if result.returncode != 0:
+        return None  # "credentials not found in native keychain": anonymous, as docker does
+    try:
+        answer = msgspec.json.decode(result.stdout[:MAX_HELPER_OUTPUT], type=_HelperAnswer)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise InvalidDockerConfig(f"The credential helper {program} answered garbage.") from None
+    if not answer.Secret:
+        return None
+    if answer.Username == "<token>":
+        return Credentials("", "", answer.Secret)
+    return Credentials(answer.Username, answer.Secret)
 
 
 def docker_config_path() -> Path:
@@ -80,6 +131,7 @@ def credentials_from_docker_config(
     `InvalidDockerConfig` (one sentence) when the JSON or an entry is malformed.
     """
     where = "the docker config"
+    own_file = source is None or isinstance(source, (str, Path))
     if source is None or isinstance(source, (str, Path)):
         path = Path(source) if source is not None else docker_config_path()
         where = str(path)
@@ -99,6 +151,15 @@ def credentials_from_docker_config(
         config = msgspec.json.decode(data, type=_DockerConfig)
     except (ValueError, msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise InvalidDockerConfig(f"{where} is not a valid docker config: {exc}.") from None
+    if own_file:
+        helper = next(
+            (h for key, h in sorted(config.credHelpers.items()) if _matches(key, registry)),
+            config.credsStore,
+        )
+        if helper:
+            found = _from_helper(helper, registry, where)
+            if found is not None:
+                return found
     for key, entry in sorted(config.auths.items()):
         if not _matches(key, registry):
             continue
