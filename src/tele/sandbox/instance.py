@@ -131,6 +131,7 @@ def start(
         return current
     directory = instance_dir(name)
     if directory.exists():
+        _stop_registry_leftover(directory)
         shutil.rmtree(directory)  # leftovers of a crashed run
     cleanup_namespaces(name)
     paths.ensure_private_dir(directory)
@@ -248,8 +249,15 @@ def stop(name: str) -> bool:
     cleanup_namespaces(name)
     directory = instance_dir(name)
     if directory.exists():
+        _stop_registry_leftover(directory)
         shutil.rmtree(directory)
     return current.running
+
+
+def _stop_registry_leftover(directory: Path) -> None:
+    from .oci_registry import stop_leftover
+
+    stop_leftover(directory / "registry")
 
 
 # --- the sandbox process itself -------------------------------------------------------------

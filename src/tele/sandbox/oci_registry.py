@@ -175,6 +175,7 @@ async def serve_registry(
         lambda: prepare(directory, ca, host=host, port=port)
     )
     log_path = directory / "registry.log"
+    stop_leftover(directory)
     process = await trio.lowlevel.open_process(
         [binary, "serve", str(config)],
         stdin=subprocess.DEVNULL,
@@ -182,6 +183,7 @@ async def serve_registry(
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    (directory / PID_FILE).write_text(str(process.pid))
     try:
         assert process.stderr is not None
         async with trio.open_nursery() as nursery:
@@ -208,6 +210,7 @@ async def serve_registry(
                 if process.returncode is None:
                     process.kill()
                     await process.wait()
+            (directory / PID_FILE).unlink(missing_ok=True)
 
 
 async def _wait_listening(stderr: trio.abc.ReceiveStream, log_path: Path) -> tuple[str, int] | None:
@@ -241,6 +244,30 @@ async def _copy_log(stderr: trio.abc.ReceiveStream, log_path: Path) -> None:
             await out.write(chunk)
             await out.flush()
             size += len(chunk)
+
+
+PID_FILE = "registry.pid"
+
+
+def stop_leftover(directory: Path) -> bool:
+    """End the registry of `directory` left running by a sandbox that died (SIGKILL, a crash):
+    the pid file names it, its command line must name this directory's config. True if one ran.
+    """
+    try:
+        pid = int((directory / PID_FILE).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    if str(directory / "config.yml").encode() not in cmdline:
+        return False  # the pid was reused by another process
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        return False
+    log.info("stopped the registry (pid %d) a previous sandbox left running", pid)
+    return True
 
 
 def registry_available() -> str | None:

@@ -117,3 +117,29 @@ def test_sandbox_up_shows_the_registry_holding_the_images_and_down_removes_it(
     host, port = registry["address"].rsplit(":", 1)
     with socket.socket() as sock:
         assert sock.connect_ex((host, int(port))) != 0, "the registry still listens"
+
+
+def test_a_registry_left_by_a_dead_sandbox_is_stopped_and_only_it(tmp_path: Path) -> None:
+    from tele.certs import CertificateAuthority
+    from tele.sandbox.oci_registry import PID_FILE, find_binary, prepare, stop_leftover
+
+    directory = tmp_path / "registry"
+    config, _ = prepare(directory, CertificateAuthority.create("t"))
+    orphan = subprocess.Popen(
+        [find_binary(), "serve", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (directory / PID_FILE).write_text(str(bystander.pid))
+        assert not stop_leftover(directory), "a pid that is not this registry is left alone"
+        assert bystander.poll() is None
+        (directory / PID_FILE).write_text(str(orphan.pid))
+        assert stop_leftover(directory)
+        assert orphan.wait(timeout=10) != 0
+    finally:
+        for proc in (orphan, bystander):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
