@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 # them with (the sandbox runs the agent from this machine's files). dbus-daemon and util-linux
 # (nsenter, unshare) serve the systemd-resolved test.
 # docker-registry (CNCF Distribution) is the sandbox's image registry; busybox-static makes the
-# tests' tiny image; mmdebstrap unpacks the Debian base of tele's image; skopeo checks archives;
+# tests' tiny image; mmdebstrap unpacks the Debian base of tele's image; skopeo and umoci read
+# its archives in tests.
 # runc runs the sandbox's containers (crun refuses a hybrid cgroup layout).
 APT_PACKAGES=(iproute2 nftables iperf3 socat procps curl sshfs openssh-sftp-server sshuttle
-    dbus-daemon util-linux docker-registry busybox-static mmdebstrap skopeo runc)
+    dbus-daemon util-linux docker-registry busybox-static mmdebstrap skopeo runc umoci)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -85,6 +85,25 @@ def test_the_archive_reads_as_docker_archive_and_oci_archive(tmp_path: Path) -> 
     assert sha256_digest(oci.stdout) == image.digest
 
 
+@pytest.mark.skipif(shutil.which("umoci") is None, reason="needs umoci")
+def test_umoci_unpacks_the_archives_oci_layout(tmp_path: Path) -> None:
+    image = tiny_image(tmp_path / "store", [("hello", b"hi", 0o755)])
+    archive = tmp_path / "image.tar"
+    write_archive(archive, [(image, "tele-test/hello:v1")])
+    layout = tmp_path / "layout"
+    with tarfile.open(archive) as tar:
+        tar.extractall(layout, filter="data")
+    subprocess.run(
+        ["umoci", "unpack", "--rootless", "--image", f"{layout}:v1", str(tmp_path / "bundle")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert (tmp_path / "bundle" / "rootfs" / "hello").read_bytes() == b"hi"
+    config = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert config["process"]["args"] == ["/hello"]
+
+
 def test_the_cache_keeps_the_last_versions_of_a_layer_and_drops_older_blobs(
     tmp_path: Path,
 ) -> None:

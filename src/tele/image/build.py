@@ -469,6 +469,15 @@ import sys
 
 args = sys.argv[1:] or ["manager"]
 if args[0] == "manager":
+    import os
+
+    # The image leaves out the kubernetes package (kubeconfig loading): in-cluster only.
+    if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        sys.exit(
+            "tele's traffic manager image runs in a pod (KUBERNETES_SERVICE_HOST is not set): "
+            "install it with `tele helm install`, or run `python -m tele.manager --kubeconfig "
+            "FILE` from a tele installation."
+        )
     from tele.manager.__main__ import main
 
     sys.exit(main(args[1:]))
