@@ -9,10 +9,13 @@ import struct
 import zlib
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tele.sandbox.apiserver import spdy
+from tele.sandbox.apiserver import spdy, spdystreaming
+from tele.sandbox.apiserver.spdysession import Session
 
 
 def _pair() -> tuple[spdy.Connection, spdy.Connection]:
@@ -251,3 +254,46 @@ def test_control_frames_with_random_payloads_only_raise_protocol_errors(
         server.events()
     except spdy.SpdyProtocolError:
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_request_head_parser_takes_any_bytes(raw: bytes) -> None:
+    head = spdystreaming.parse_head(raw)
+    if head is not None:
+        spdystreaming.is_spdy_upgrade(head)
+
+
+async def test_session_writes_wait_for_the_window_of_a_peer_doing_flow_control(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server_end, client_end = trio.testing.memory_stream_pair()
+    session = Session(spdystreaming.stream_transport(server_end, b""))
+    client = spdy.Connection(server=False)
+    client.settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: 1000})
+    client.open_stream([("streamtype", "stdout")])
+    await client_end.send_all(client.data_to_send())
+
+    async def received(until: int) -> list[spdy.Event]:
+        events: list[spdy.Event] = []
+        total = 0
+        while total < until:
+            client.receive_data(await client_end.receive_some())
+            for event in client.events():
+                events.append(event)
+                if isinstance(event, spdy.DataReceived):
+                    total += len(event.data)
+        return events
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        stream = await session.incoming.receive()
+        nursery.start_soon(stream.write, b"a" * 2500)
+        first = await received(1000)
+        assert sum(len(e.data) for e in first if isinstance(e, spdy.DataReceived)) == 1000
+        with trio.move_on_after(10):  # nothing more without a window (virtual time)
+            assert await client_end.receive_some() == b"unreachable"
+        await client_end.send_all(_control(spdy.WINDOW_UPDATE, 0, struct.pack(">II", 1, 1500)))
+        rest = await received(1500)
+        assert sum(len(e.data) for e in rest if isinstance(e, spdy.DataReceived)) == 1500
+        nursery.cancel_scope.cancel()
