@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import urllib.parse
 import zlib
+from typing import Any
 
 import pytest
 import trio
@@ -296,4 +298,50 @@ async def test_session_writes_wait_for_the_window_of_a_peer_doing_flow_control(
         await client_end.send_all(_control(spdy.WINDOW_UPDATE, 0, struct.pack(">II", 1, 1500)))
         rest = await received(1500)
         assert sum(len(e.data) for e in rest if isinstance(e, spdy.DataReceived)) == 1500
+        nursery.cancel_scope.cancel()
+
+
+async def _echo_handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A node handler's stand-in: port-forward by the websocket channel protocol, echoing."""
+    assert (await receive())["type"] == "websocket.connect"
+    port = int(dict(urllib.parse.parse_qsl(scope["query_string"].decode()))["ports"])
+    await send({"type": "websocket.accept", "subprotocol": "v4.channel.k8s.io"})
+    for channel in (0, 1):
+        await send(
+            {"type": "websocket.send", "bytes": bytes([channel]) + port.to_bytes(2, "little")}
+        )
+    while (message := await receive())["type"] == "websocket.receive":
+        await send({"type": "websocket.send", "bytes": message["bytes"]})
+    await send({"type": "websocket.close", "code": 1000})
+
+
+async def test_port_forward_pairs_streams_by_request_id_and_expires_lone_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server_end, client_end = trio.testing.memory_stream_pair()
+    session = Session(spdystreaming.stream_transport(server_end, b""))
+    scope = {"type": "websocket", "path": "/api/v1/namespaces/ns/pods/p/portforward"}
+    client = spdy.Connection(server=False)
+    lone = client.open_stream([("streamtype", "error"), ("port", "80"), ("requestid", "7")])
+    error = client.open_stream([("streamtype", "error"), ("port", "80"), ("requestid", "8")])
+    data = client.open_stream([("streamtype", "data"), ("port", "80"), ("requestid", "8")])
+    client.send_data(data, b"echo me")
+    await client_end.send_all(client.data_to_send())
+    events: list[spdy.Event] = []
+
+    async def until(predicate: Any) -> None:
+        while not any(predicate(e) for e in events):
+            client.receive_data(await client_end.receive_some())
+            events.extend(client.events())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spdystreaming._serve_portforward, _echo_handler, scope, session)
+        await until(lambda e: e == spdy.DataReceived(data, b"echo me", False))
+        assert not any(isinstance(e, spdy.StreamReset) for e in events)
+        start = trio.current_time()
+        await until(lambda e: e == spdy.StreamReset(lone, spdy.CANCEL))
+        assert trio.current_time() - start >= spdystreaming.STREAM_CREATION_TIMEOUT - 1
+        client.end_stream(data)  # the local connection closed: the handler is told
+        await client_end.send_all(client.data_to_send())
+        await until(lambda e: e == spdy.DataReceived(error, b"", True))
         nursery.cancel_scope.cancel()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -339,6 +338,7 @@ class _Pair:
     port: str
     error: SpdyStream | None = None
     data: SpdyStream | None = None
+    waiting: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 async def _forward_pair(app: ASGIApp, scope: dict[str, Any], pair: _Pair) -> None:
@@ -384,14 +384,14 @@ async def _forward_pair(app: ASGIApp, scope: dict[str, Any], pair: _Pair) -> Non
 
 async def _serve_portforward(app: ASGIApp, scope: dict[str, Any], session: Session) -> None:
     pairs: dict[str, _Pair] = {}
-    deadlines: dict[str, float] = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.run)
 
-        async def expire(request_id: str) -> None:
-            await trio.sleep_until(deadlines[request_id])
-            pair = pairs.pop(request_id, None)
-            if pair is not None:
+        async def expire(request_id: str, pair: _Pair) -> None:
+            with pair.waiting:
+                await trio.sleep(STREAM_CREATION_TIMEOUT)
+            if pairs.get(request_id) is pair:
+                del pairs[request_id]
                 for stream in (pair.error, pair.data):
                     if stream is not None:
                         await session.reset(stream.stream_id, spdy.CANCEL)
@@ -409,15 +409,14 @@ async def _serve_portforward(app: ASGIApp, scope: dict[str, Any], session: Sessi
             pair = pairs.get(request_id)
             if pair is None:
                 pair = pairs[request_id] = _Pair(port)
-                deadlines[request_id] = trio.current_time() + STREAM_CREATION_TIMEOUT
-                nursery.start_soon(expire, request_id)
+                nursery.start_soon(expire, request_id, pair)
             if getattr(pair, kind) is not None or pair.port != port:
                 await session.reset(stream.stream_id, spdy.PROTOCOL_ERROR)
                 continue
             setattr(pair, kind, stream)
             if pair.error is not None and pair.data is not None:
                 del pairs[request_id]
-                deadlines[request_id] = math.inf
+                pair.waiting.cancel()
                 nursery.start_soon(_forward_pair, app, scope, pair)
         nursery.cancel_scope.cancel()
     await session.close()
