@@ -80,6 +80,8 @@ def test_get_and_describe_node(kubectl: Kubectl) -> None:
         f"HolderIdentity:  {name}",
         f"{kubectl.namespace}",  # the pod, under Non-terminated Pods
         "sleeper",
+        "Starting kubelet.",  # events, as a kubelet records them
+        f"Node {name} status is now: NodeReady",
     ):
         assert text in described, text
 

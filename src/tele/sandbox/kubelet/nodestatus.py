@@ -169,6 +169,33 @@ async def _ensure(
         await api.update(rt, namespace, body["metadata"]["name"], merged, ctx)
 
 
+async def _node_event(api: Api, ctx: RequestContext, name: str, reason: str, message: str) -> None:
+    """An Event about the node, recorded as a kubelet does: in `default`, the node's name as
+    the involved object's uid (what `kubectl describe node` searches for)."""
+    event_rt = by_kind("", "Event")
+    assert event_rt is not None
+    now = _now(api.clock())
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{name}.", "namespace": "default"},
+        "involvedObject": {"kind": "Node", "name": name, "uid": name},
+        "reason": reason,
+        "message": message,
+        "type": "Normal",
+        "source": {"component": "kubelet", "host": name},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "reportingComponent": "kubelet",
+        "reportingInstance": name,
+    }
+    try:
+        await api.create(event_rt, "default", body, ctx)
+    except StatusError as exc:
+        log.debug("node event %s not recorded: %s", reason, exc.message)
+
+
 async def serve_node_status(
     api: Api,
     ctx: RequestContext,
@@ -214,6 +241,15 @@ async def serve_node_status(
         },
     }
     await _ensure(api, "Lease", "coordination.k8s.io", LEASE_NAMESPACE, lease, ctx)
+    await _node_event(api, ctx, name, "Starting", "Starting kubelet.")
+    for condition in body["status"]["conditions"]:
+        reason = {
+            "MemoryPressure": "NodeHasSufficientMemory",
+            "DiskPressure": "NodeHasNoDiskPressure",
+            "PIDPressure": "NodeHasSufficientPID",
+            "Ready": "NodeReady",
+        }[condition["type"]]
+        await _node_event(api, ctx, name, reason, f"Node {name} status is now: {reason}")
     task_status.started()
     transition = body["status"]["conditions"][-1]["lastTransitionTime"]
     last_status = trio.current_time()
