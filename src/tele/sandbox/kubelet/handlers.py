@@ -198,9 +198,11 @@ class NodeHandlers:
 
 
 def _upgrade_required(what: str) -> StatusError:
-    # SPDY, the other transport Kubernetes offers, is not served: clients retry over websocket
-    # or report this.
-    return bad_request(f"{what} needs a websocket upgrade (SPDY is not supported by the sandbox)")
+    # SPDY upgrades are taken by the API server (apiserver/spdystreaming.py) when they open a
+    # connection, as Go clients do; one that comes later on a kept-alive connection ends here.
+    return bad_request(
+        f"{what} needs a websocket upgrade, or SPDY/3.1 as the first request of a connection"
+    )
 
 
 async def _refuse_websocket(receive: ASGIReceive, send: ASGISend) -> None:
