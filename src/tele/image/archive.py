@@ -44,6 +44,8 @@ def write_archive(path: Path, images: Sequence[tuple[BuiltImage, str]]) -> None:
                 "mediaType": OCI_MANIFEST,
                 "digest": image.digest,
                 "size": len(image.manifest_bytes),
+                # ctr import (kind, k3d) picks the node's platform from the index.
+                "platform": {"architecture": "amd64", "os": "linux"},
                 "annotations": {
                     "io.containerd.image.name": full,
                     "org.opencontainers.image.ref.name": ref.tag or "latest",
