@@ -276,3 +276,19 @@ def test_challenges_are_parsed_with_quotes_and_escapes() -> None:
     }
     assert parse_challenge('Basic realm="Registry Realm"') == ("basic", {"realm": "Registry Realm"})
     assert parse_challenge("") == ("", {})
+
+
+async def test_a_manifest_with_too_many_layers_is_refused(stub_factory: StubFactory) -> None:
+    layer = Descriptor(OCI_LAYER_GZIP, sha256_digest(LAYER), len(LAYER))
+    manifest = encode(
+        Manifest(
+            schema_version=2,
+            media_type=OCI_MANIFEST,
+            config=Descriptor(OCI_CONFIG, sha256_digest(CONFIG), len(CONFIG)),
+            layers=[layer] * 129,
+        )
+    )
+    stub = await stub_factory(_router({"/manifests/v1": response(200, manifest)}))
+    async with RegistryClient(stub.address) as client:
+        with pytest.raises(RegistryError, match="has 129 layers, more than the 128"):
+            await client.resolve(parse_reference(f"{stub.address}/a/b:v1"))

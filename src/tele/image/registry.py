@@ -53,6 +53,9 @@ MAX_TOKEN_BODY_BYTES = 256 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
 """How much of an error answer is read to find its message."""
 MAX_REDIRECTS = 5
+MAX_LAYERS = 128
+"""Docker's limit on an image's layers (overlayfs stacks a few hundred at most); a manifest
+naming thousands would make a puller fetch and mount them all."""
 _WRITE_BUFFER = 1024 * 1024
 _UPLOAD_CHUNK = 1024 * 1024
 _ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
@@ -251,6 +254,13 @@ class RegistryClient:
                 "which tele cannot pull (OCI or Docker v2 manifests only)",
             )
         manifest = self._decode(data, Manifest, MAX_MANIFEST_BYTES, f"the manifest of {ref}")
+        if len(manifest.layers) > MAX_LAYERS:
+            raise RegistryError(
+                self.registry,
+                None,
+                f"{ref.familiar} has {len(manifest.layers)} layers, more than the "
+                f"{MAX_LAYERS} a container can stack",
+            )
         for layer in manifest.layers:
             if layer.media_type not in LAYER_TYPES:
                 raise RegistryError(
