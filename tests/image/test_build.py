@@ -51,7 +51,8 @@ def test_tele_image_holds_python_tele_and_sftp_server_but_no_laptop_libraries(
     built: BuildResult,
 ) -> None:
     base = _names(built, "base")
-    assert {"usr/bin/python3.11", "usr/lib/openssh/sftp-server", "etc/passwd"} <= base
+    assert {"usr/bin/python3.11", "usr/lib/openssh/sftp-server", "usr/sbin/nft"} <= base
+    assert "etc/passwd" in base
     assert "usr/bin/ssh" not in base and not any(n.startswith("usr/share/man/") for n in base)
     deps = _names(built, "deps")
     site = "usr/lib/python3/dist-packages"
@@ -100,7 +101,9 @@ def test_the_image_runs_the_manager_and_agent_code_as_nonroot(
             tar.extractall(root, filter="fully_trusted")
     (root / "dev").mkdir(exist_ok=True)
     script = (
-        "import os, ssl, tele.manager.__main__, tele.agent.__main__, tele.agent.init;"
+        "import os, ssl, subprocess, tele.manager.__main__, tele.agent.__main__, tele.agent.init;"
+        "subprocess.run(['/usr/sbin/nft', '--version'], check=True, capture_output=True);"
+        "subprocess.run(['/usr/lib/openssh/sftp-server', '-h'], capture_output=True);"
         "print(os.getuid(), ssl.OPENSSL_VERSION.split()[0])"
     )
     result = subprocess.run(
