@@ -345,3 +345,26 @@ async def test_port_forward_pairs_streams_by_request_id_and_expires_lone_ones(
         await client_end.send_all(client.data_to_send())
         await until(lambda e: e == spdy.DataReceived(error, b"", True))
         nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_session_is_closed_after_its_timeout_and_traffic_defers_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server_end, client_end = trio.testing.memory_stream_pair()
+    session = Session(spdystreaming.stream_transport(server_end, b""), idle_timeout=100)
+    client = spdy.Connection(server=False)
+    client.open_stream([("streamtype", "stdout")])
+    await client_end.send_all(client.data_to_send())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        stream = await session.incoming.receive()
+        start = trio.current_time()
+        await trio.sleep(60)
+        await stream.write(b"output keeps it alive")  # outbound traffic counts
+        await session.done.wait()
+        assert trio.current_time() - start == pytest.approx(160)
+        nursery.cancel_scope.cancel()
+    client.receive_data(await client_end.receive_some())
+    events = client.events()
+    assert spdy.DataReceived(1, b"output keeps it alive", False) in events
+    assert any(isinstance(e, spdy.GoAwayReceived) for e in events)

@@ -15,6 +15,11 @@ from . import spdy
 
 log = logging.getLogger(__name__)
 
+IDLE_TIMEOUT = 4 * 3600.0
+"""A connection with no frame in either direction for this long is closed (the kubelet's
+default streaming-connection-idle-timeout): a peer that vanished without closing costs nothing
+for ever."""
+
 
 class TransportClosed(Exception):
     """The peer is gone; raised by `Transport.send`."""
@@ -66,8 +71,10 @@ class Session:
     """Serve one SPDY connection as the server side: streams the peer opens are replied to at
     once and come out of `incoming`."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.transport = transport
+        self.idle_timeout = idle_timeout
+        self._idle = trio.CancelScope()
         self.conn = spdy.Connection(server=True)
         self._streams: dict[int, SpdyStream] = {}
         self._send_lock = trio.Lock()
@@ -81,12 +88,22 @@ class Session:
             return
         async with self._send_lock:
             await self.transport.send(data)
+        self._idle.deadline = trio.current_time() + self.idle_timeout
 
     async def run(self) -> None:
-        """Read until the peer goes away or breaks the protocol; then every stream ends."""
+        """Read until the peer goes away, breaks the protocol or stays idle too long; then
+        every stream ends."""
         try:
             while True:
-                data = await self.transport.receive()
+                self._idle.deadline = trio.current_time() + self.idle_timeout
+                with self._idle:
+                    data = await self.transport.receive()
+                if self._idle.cancelled_caught:
+                    log.info("SPDY connection idle for %.0f s: closed", self.idle_timeout)
+                    self.conn.goaway()
+                    await self._flush()
+                    break
+                self._idle = trio.CancelScope()
                 if not data:
                     break
                 self.conn.receive_data(data)
