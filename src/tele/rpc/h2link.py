@@ -9,7 +9,9 @@ local socket may get its DATA written there by the reader itself (`H2Stream.deli
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -83,6 +85,25 @@ TUNNEL_STREAMS = 10_240
 """The same for the links that carry a client's tunnel (one stream per TCP connection)."""
 
 
+BIG_LINK = 1_000
+"""Streams a link must have taken in for its end to be worth a full GC collection."""
+COLLECT_EVERY = 30.0
+"""Seconds between two such collections at least (a peer that opens and drops big links
+again and again must not make the process spend its time collecting)."""
+_last_collect = 0.0
+
+
+def _collect_after_big_link() -> None:
+    """What a big link leaves is mostly cycles (tracebacks of its cancelled handlers, h2's
+    self-referring connection): collected at once, a flood's memory goes back to the OS now,
+    not at the next full collection, which a tuned process (tele.gctune) runs rarely."""
+    global _last_collect
+    now = time.monotonic()
+    if now - _last_collect >= COLLECT_EVERY:
+        _last_collect = now
+        gc.collect()
+
+
 @dataclass(frozen=True)
 class LinkSettings:
     """Tunables of one link; the defaults were chosen by measurement (bench/tunnel.py)."""
@@ -138,6 +159,7 @@ class H2Link:
         self._window_waiters: set[H2Stream] = set()  # streams parked for send window
         self._open_local = 0  # streams we opened that are not closed yet
         self._refused = 0
+        self._taken_in = 0  # incoming streams accepted over the link's life
         self._failure: str | None = None
         self._goaway_received = False
         self._closing = False
@@ -292,6 +314,16 @@ class H2Link:
                     await self.transport.aclose()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
+            # h2's connection refers to itself (its frame dispatch table of bound methods), so
+            # it and every stream it holds wait for a full GC collection, which a tuned
+            # process runs rarely: a flooded link's streams (10,000 of them: ~80 MiB) would
+            # stay. Let them go now.
+            self._conn.streams.clear()
+            self._streams.clear()
+            self._window_waiters.clear()
+            self._nursery = None
+            if self._taken_in >= BIG_LINK:
+                _collect_after_big_link()
 
     async def _reader(self) -> None:
         read_size = self.settings.read_size
@@ -416,6 +448,7 @@ class H2Link:
         if incoming >= settings.max_concurrent_streams or not settings.budget.take():
             self._refuse(stream_id)
             return
+        self._taken_in += 1
         stream = H2Stream(self, stream_id, headers)
         self._streams[stream_id] = stream
         if event.stream_ended is not None:
