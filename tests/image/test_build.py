@@ -19,6 +19,7 @@ from tele.image.build import (
     BuildResult,
     build_sandbox_images,
     build_tele_image,
+    cache_root,
     tele_key,
     tele_package_dir,
 )
@@ -32,13 +33,15 @@ VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("image-cache")
+def images_cache() -> Path:
+    """The image cache the suite shares (scripts/test.sh fills it first; content-addressed, so
+    a test reads and adds to it without disturbing anyone)."""
+    return cache_root()
 
 
 @pytest.fixture(scope="module")
-def built(cache_home: Path) -> BuildResult:
-    return build_tele_image(cache_home / "tele" / "images")
+def built(images_cache: Path) -> BuildResult:
+    return build_tele_image(images_cache)
 
 
 def _names(result: BuildResult, layer: str) -> set[str]:
@@ -71,21 +74,21 @@ def test_tele_image_holds_python_tele_and_sftp_server_but_no_laptop_libraries(
 
 
 def test_unchanged_inputs_are_a_cache_hit_and_a_code_change_rebuilds_only_tele(
-    built: BuildResult, cache_home: Path, tmp_path: Path
+    built: BuildResult, images_cache: Path, tmp_path: Path
 ) -> None:
-    again = build_tele_image(cache_home / "tele" / "images")
+    again = build_tele_image(images_cache)
     assert again.cached and again.image.digest == built.image.digest
     package = tmp_path / "tele"
     shutil.copytree(tele_package_dir(), package, ignore=shutil.ignore_patterns("__pycache__"))
     (package / "image" / "build.py").write_text(
         (package / "image" / "build.py").read_text() + "\n# changed\n"
     )
-    changed = build_tele_image(cache_home / "tele" / "images", package=package)
+    changed = build_tele_image(images_cache, package=package)
     assert [r.cached for r in changed.layers] == [True, True, False]
     assert changed.image.digest != built.image.digest
     # Reproducible: the same change built again (cache record dropped) gives the same layer.
-    (cache_home / "tele" / "images" / "layers" / f"tele-{tele_key(package)}.json").unlink()
-    rebuilt = build_tele_image(cache_home / "tele" / "images", package=package)
+    (images_cache / "layers" / f"tele-{tele_key(package)}.json").unlink()
+    rebuilt = build_tele_image(images_cache, package=package)
     assert not rebuilt.layers[2].cached
     assert rebuilt.image.digest == changed.image.digest
 
@@ -126,8 +129,8 @@ def test_the_image_runs_the_manager_and_agent_code_as_nonroot(
     assert not (root / "etc" / "hostname-of-the-host").exists()
 
 
-def test_sandbox_images_share_the_base_layer(built: BuildResult, cache_home: Path) -> None:
-    images = build_sandbox_images(cache_home / "tele" / "images")
+def test_sandbox_images_share_the_base_layer(built: BuildResult, images_cache: Path) -> None:
+    images = build_sandbox_images(images_cache)
     assert set(images) >= {"tele-sandbox/echo", "tele-sandbox/worker", "tele-sandbox/l4-echo"}
     base = built.layers[0].layer.digest
     for result in images.values():
@@ -145,7 +148,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[RegistryInfo]:
 
 
 async def test_tele_image_push_with_docker_config_then_a_refusal(
-    built: BuildResult, cache_home: Path, registry: RegistryInfo, tmp_path: Path
+    built: BuildResult, images_cache: Path, registry: RegistryInfo, tmp_path: Path
 ) -> None:
     import trio
 
@@ -155,7 +158,7 @@ async def test_tele_image_push_with_docker_config_then_a_refusal(
     env = {
         **os.environ,
         "HOME": str(tmp_path),
-        "XDG_CACHE_HOME": str(cache_home),
+        "TELE_IMAGE_CACHE": str(images_cache),
         "DOCKER_CONFIG": str(docker),
     }
     target = f"{registry.address}/tele/traffic-manager"
