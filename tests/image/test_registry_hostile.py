@@ -24,6 +24,7 @@ from tele.image.oci import (
 )
 from tele.image.reference import parse_reference
 from tele.image.registry import RegistryClient, parse_challenge
+from tele.testing.waits import wait_for
 
 from .stub import Handler, Request, Stub, StubFactory, response
 
@@ -292,3 +293,31 @@ async def test_a_manifest_with_too_many_layers_is_refused(stub_factory: StubFact
     async with RegistryClient(stub.address) as client:
         with pytest.raises(RegistryError, match="has 129 layers, more than the 128"):
             await client.resolve(parse_reference(f"{stub.address}/a/b:v1"))
+
+
+async def test_a_cancelled_fetch_leaves_no_partial_file(
+    stub_factory: StubFactory, tmp_path: Path
+) -> None:
+    half_sent = trio.Event()
+
+    async def handler(request: Request, stream: trio.SocketStream) -> None:
+        if "/blobs/" in request.path:
+            head = response(200, b"", content_length=len(LAYER))
+            await stream.send_all(head + LAYER[: len(LAYER) // 2])
+            half_sent.set()
+            await trio.sleep_forever()  # the registry stalls mid-blob
+        await stream.send_all(response(404))
+
+    stub = await stub_factory(handler)
+    ref = parse_reference(f"{stub.address}/a/b:v1")
+    dest = tmp_path / "layer"
+    async with RegistryClient(stub.address) as client, trio.open_nursery() as nursery:
+
+        async def fetch() -> None:
+            await client.fetch_blob(ref, sha256_digest(LAYER), len(LAYER), dest)
+
+        nursery.start_soon(fetch)
+        await half_sent.wait()
+        await wait_for(dest.exists)  # the client has started writing
+        nursery.cancel_scope.cancel()
+    assert not dest.exists()

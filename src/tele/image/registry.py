@@ -5,6 +5,9 @@ limit, JSON depth is bounded, blobs are streamed to disk and checked against the
 size without ever writing more than the size the manifest announced. Library and HTTP failures
 become `RegistryError`s here (one sentence each); nothing above sees httpx.
 
+Timeouts bound each connect and read; a caller bounds a whole pull (a registry trickling
+bytes) with a cancel scope, and `fetch_blob` then removes its partial file.
+
 Authentication follows the registry's `WWW-Authenticate` challenge: Basic with the credentials
 given, or Bearer with a token from the realm it names (anonymous when there are no credentials,
 Basic to the token service when there are, an identity token as an OAuth2 refresh token).
@@ -190,7 +193,9 @@ class RegistryClient:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
             follow_redirects=False,
             headers={"User-Agent": _USER_AGENT},
-            trust_env=False,
+            # HTTPS_PROXY / NO_PROXY as docker honours them, except for a registry on this
+            # machine (the sandbox's), which no proxy can reach.
+            trust_env=not _is_loopback(host),
         )
         self._authorization: dict[str, str] = {}
         """scope → Authorization header value that the registry accepted (or we will try)."""
