@@ -136,3 +136,16 @@ def _one_file_layer(store: Path, version: int) -> object:
     builder = LayerBuilder()
     builder.add_file("version", str(version).encode())
     return builder.write(store)
+
+
+def test_the_image_tag_is_what_the_chart_deploys() -> None:
+    import yaml
+
+    import tele
+    from tele.helm.chart import chart_dir
+    from tele.image.build import default_tag
+
+    chart = yaml.safe_load((chart_dir() / "Chart.yaml").read_text())
+    values = yaml.safe_load((chart_dir() / "values.yaml").read_text())
+    assert default_tag() == f"{values['image']['name']}:{chart['appVersion']}"
+    assert chart["appVersion"] == tele.__version__
