@@ -6,8 +6,11 @@ The cluster runs in this process (serve_cluster with its node) under a unique na
 it creates (namespaces, processes) is removed at the end. Needs root, iproute2, nftables, iperf3.
 Pod start is measured both one Deployment after another (latency) and as one Deployment of 20
 replicas (a burst: on a small machine the 20 Python interpreters starting at once dominate).
+Pods of a real image (busybox-static, pushed to a docker-registry the node uses as its Docker
+Hub mirror, run by runc): scheduled -> Running for the first pod (a cold pull: resolve, fetch,
+unpack) and then with the image present, one pod at a time.
 Prints a table and one JSON line. Targets (issue 5): pod ready p50 <= 1 s; restart <= 5 s;
-Service path >= 0.9x direct.
+Service path >= 0.9x direct; (issue 14) image present: scheduled -> Running p50 <= 0.5 s.
 
 Images (issue 14): tele's image build on a fresh cache (`--fresh-build`: mmdebstrap + pip,
 needs the network; target <= 3 min), a rebuild with unchanged inputs (cache hit, <= 2 s, as the
@@ -33,6 +36,7 @@ from typing import Any
 
 import trio
 
+from tele.certs import CertificateAuthority
 from tele.sandbox.apiserver.auth import User
 from tele.sandbox.apiserver.context import RequestContext
 from tele.sandbox.apiserver.kinds import by_kind
@@ -111,6 +115,69 @@ async def pod_start(info: Any, pods: int, name: str = "start") -> list[float]:
     finally:
         unsubscribe()
     return [t - t0 for t in ready_at.values()]
+
+
+async def image_pod_start(info: Any, pods: int) -> tuple[float, list[float]]:
+    """Seconds from a pod's binding to the node until it is Running, for pods of the image
+    `bench/busybox:1`: the first one pulls it (cold), the next `pods` find it present."""
+    store = info.api.store
+    pod_rt = _rt("", "Pod")
+    bound: dict[str, float] = {}
+    running: dict[str, float] = {}
+    changed = trio.Event()
+
+    def on_pod(event: Event) -> None:
+        nonlocal changed
+        pod = event.obj["metadata"]["name"]
+        if not pod.startswith("img-"):
+            return
+        now = time.perf_counter()
+        if (event.obj.get("spec") or {}).get("nodeName"):
+            bound.setdefault(pod, now)
+        if (event.obj.get("status") or {}).get("phase") == "Running":
+            running.setdefault(pod, now)
+        changed.set()
+        changed = trio.Event()
+
+    async def one(name: str) -> float:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "terminationGracePeriodSeconds": 0,
+                "containers": [
+                    {"name": "c", "image": "bench/busybox:1", "command": ["sleep", "3600"]}
+                ],
+            },
+        }
+        await info.api.create(pod_rt, "default", body, CTX)
+        with trio.fail_after(120):
+            while name not in running:
+                await changed.wait()
+        await info.api.delete(pod_rt, "default", name, {}, CTX)
+        return running[name] - bound[name]
+
+    unsubscribe = store.subscribe("/pods", on_pod)
+    try:
+        cold = await one("img-cold")
+        warm = [await one(f"img-{i}") for i in range(pods)]
+    finally:
+        unsubscribe()
+    return cold, warm
+
+
+async def _push_busybox(registry: Any, directory: Path) -> None:
+    from tele.image.reference import parse_reference
+    from tele.image.registry import RegistryClient
+    from tele.image.testing import busybox_image
+
+    image = busybox_image(directory)
+    async with RegistryClient(
+        registry.address, credentials=registry.credentials, ca_file=registry.ca_file
+    ) as client:
+        ref = parse_reference(f"{registry.address}/bench/busybox:1")
+        await client.push_image(ref, image.manifest_bytes, image.blobs())
 
 
 async def rollout_restart(info: Any) -> float:
@@ -356,15 +423,35 @@ async def main(pods: int, seconds: int) -> None:
     with tempfile.TemporaryDirectory(prefix="tele-bench-sandbox-") as tmp:
         state_dir = Path(tmp)
         async with trio.open_nursery() as nursery:
-            info = await nursery.start(
-                lambda **kw: serve_cluster(name, nodes=True, state_dir=state_dir, **kw)
+            from tele.sandbox.oci_registry import serve_registry
+
+            registry = await nursery.start(
+                serve_registry, state_dir / "registry", CertificateAuthority.create("bench-ca")
             )
+            await _push_busybox(registry, state_dir / "image")
+            info = await nursery.start(
+                lambda **kw: serve_cluster(
+                    name,
+                    nodes=True,
+                    state_dir=state_dir,
+                    node_options={"registry": registry},
+                    **kw,
+                )
+            )
+            cold, warm = await image_pod_start(info, pods)
             sequential = [(await pod_start(info, 1, f"one-{i}"))[0] for i in range(pods)]
             starts = await pod_start(info, pods)
             restart = await rollout_restart(info)
             direct, service = await throughput(info, state_dir, seconds)
             nursery.cancel_scope.cancel()
     rows = [
+        ("image pod, cold pull: scheduled -> Running (s)", cold, ""),
+        (
+            f"image pod, present: scheduled -> Running p50, {pods} (s)",
+            _percentile(warm, 50),
+            "<= 0.5",
+        ),
+        (f"image pod, present: scheduled -> Running p99, {pods} (s)", _percentile(warm, 99), ""),
         (f"pod ready p50, {pods} one at a time (s)", _percentile(sequential, 50), "<= 1.0"),
         (f"pod ready p99, {pods} one at a time (s)", _percentile(sequential, 99), ""),
         (f"pod ready p50, {pods} at once (s)", _percentile(starts, 50), ""),
@@ -375,14 +462,17 @@ async def main(pods: int, seconds: int) -> None:
         ("pod -> Service iperf3, median of 3 (Gbit/s)", service / 1e9, ""),
         ("Service / direct", service / direct, ">= 0.9"),
     ]
-    print(f"{'measure':44} {'value':>10}  target   ({os.cpu_count()} CPUs)")
+    print(f"{'measure':56} {'value':>10}  target   ({os.cpu_count()} CPUs)")
     for label, value, target in rows:
-        print(f"{label:44} {value:10.3f}  {target}")
+        print(f"{label:56} {value:10.3f}  {target}")
     print(
         json.dumps(
             {
                 "bench": "sandbox",
                 "pods": pods,
+                "image_cold_running_s": cold,
+                "image_warm_running_p50_s": _percentile(warm, 50),
+                "image_warm_running_p99_s": _percentile(warm, 99),
                 "pod_ready_p50_s": _percentile(sequential, 50),
                 "pod_ready_p99_s": _percentile(sequential, 99),
                 "burst_ready_p50_s": _percentile(starts, 50),

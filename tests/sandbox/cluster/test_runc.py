@@ -209,6 +209,7 @@ def test_errors_a_user_sees(kubectl: Kubectl, images: str) -> None:
         input=_pod("badname", "busybox").replace("tele-test/busybox:1", "Bad//Name"),
     )
     kubectl.run("apply", "-f", "-", input=_pod("never", "absent", imagePullPolicy="Never"))
+    kubectl.run("apply", "-f", "-", input=_pod("noexec", "busybox", command=["/nope"]))
     pod = _wait_reason(kubectl, "baduser", "CreateContainerConfigError")
     assert pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"] == (
         "unable to find user nobody-here: no matching entries in passwd file"
@@ -222,6 +223,10 @@ def test_errors_a_user_sees(kubectl: Kubectl, images: str) -> None:
     assert "runAsNonRoot and image will run as root" in json.dumps(pod["status"])
     _wait_reason(kubectl, "badname", "InvalidImageName")
     _wait_reason(kubectl, "never", "ErrImageNeverPull")
+    pod = _wait_reason(kubectl, "noexec", "ContainerCannotRun")
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 128
+    assert 'exec: "/nope"' in terminated["message"]
     assert (
         "Failed",
         "Error: unable to find user nobody-here: no matching entries in passwd file",
@@ -312,3 +317,65 @@ def _mounts(prefix: str) -> list[str]:
 
 
 _ = shutil
+
+
+def test_what_a_crashed_kubelet_left_is_cleaned_up(tmp_path: Path) -> None:
+    """A container still running, its rootfs mounted and its cgroups present, as a killed
+    sandbox leaves them: cleanup_sync (run by the next start or `tele sandbox down`) removes
+    them all, and nothing of another sandbox."""
+    if not runtime.runc_available() or not busybox.available():
+        pytest.skip("needs root, runc and busybox-static")
+    store = ImageStore(tmp_path / "images")
+    image = store.import_layout(busybox.write_layout(tmp_path / "layout"), "docker.io/x/y:1")
+    layers = [store.layer_dir(d) for d in reversed(image.diff_ids)]
+    name = f"tc{uuid.uuid4().hex[:6]}"
+    bundles = tmp_path / "containers"
+    netns_name = f"tele-{name}"
+    subprocess.run(["ip", "netns", "add", netns_name], check=True)
+    try:
+        cid = f"{name}.1.c.0"
+        container = runtime.Container(name, cid, bundles / cid)
+        container.memory_limit = 64 << 20
+        process = runtime.build_process(
+            ["sleep", "600"], {}, "/", runtime.User(0, 0, ()), {"name": "c"}
+        )
+        container.prepare(
+            layers,
+            lambda rootfs, cgroups: runtime.build_config(
+                rootfs=rootfs,
+                process=process,
+                container={"name": "c"},
+                hostname="h",
+                netns_path=f"/var/run/netns/{netns_name}",
+                mounts=[],
+                cgroups_path=cgroups,
+                cpu_limit=None,
+                cpu_request=None,
+            ),
+        )
+        runc = subprocess.Popen(
+            ["runc", "--root", str(runtime.RUNC_ROOT), "run", "--bundle", str(bundles / cid), cid],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while cid not in _runc_ids():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        runc.kill()  # the kubelet's process dies; the container stays
+        runc.wait()
+        assert cid in _runc_ids() and _mounts(f"{name}.")
+        hierarchies = runtime._hierarchies()
+        cgroups = [h / runtime.cgroup_group(name) for h in hierarchies]
+        cgroups = [p for p in cgroups if p.is_dir()]
+        assert cgroups
+        runtime.cleanup_sync(name, bundles)
+        assert cid not in _runc_ids()
+        assert not _mounts(f"{name}.")
+        assert not [p for p in cgroups if p.exists()]
+        assert not bundles.exists()
+    finally:
+        runtime.cleanup_sync(name, bundles)
+        subprocess.run(["ip", "netns", "delete", netns_name], check=False)

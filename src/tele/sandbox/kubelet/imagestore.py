@@ -35,94 +35,10 @@ _GZIP_LAYERS = (
 )
 _PLAIN_LAYERS = ("application/vnd.oci.image.layer.v1.tar",)
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-# Docker's grammar for a repository path component and a tag.
-_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
-_TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
-_DOMAIN_RE = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?)+(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?"
-)
-DOCKER_HUB = "docker.io"
 
 
 class ImageError(Exception):
     """Pulling or unpacking an image failed; the message says why, as the kubelet reports it."""
-
-
-class InvalidImageName(ImageError):
-    """The image reference does not parse (waiting reason InvalidImageName)."""
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """A normalized reference: `docker.io/library/busybox:latest`, `host:5000/a/b@sha256:…`."""
-
-    domain: str
-    path: str
-    tag: str
-    digest: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.domain}/{self.path}"
-
-    def __str__(self) -> str:
-        text = self.name
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
-
-    @property
-    def reference(self) -> str:
-        """What the registry's /manifests/ endpoint is asked for: the digest, else the tag."""
-        return self.digest or self.tag
-
-
-def parse_image(text: str) -> ImageRef:
-    """Normalize an image name as a container runtime does (short names are Docker Hub's)."""
-    if not text or len(text) > 4096 or text != text.strip():
-        raise InvalidImageName(f'Failed to apply default image tag "{text}": invalid reference')
-    name, _, digest = text.partition("@")
-    if digest and not _DIGEST_RE.fullmatch(digest):
-        raise InvalidImageName(
-            f'Failed to apply default image tag "{text}": couldn\'t parse image name '
-            f'"{text}": invalid reference format'
-        )
-    tag = ""
-    last = name.rsplit("/", 1)[-1]
-    if ":" in last:
-        name, tag = name[: len(name) - len(last)] + last.split(":", 1)[0], last.split(":", 1)[1]
-    first, _, rest = name.partition("/")
-    if rest and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
-        domain, path = first, rest
-    else:
-        domain, path = DOCKER_HUB, name
-    if domain == DOCKER_HUB and "/" not in path:
-        path = f"library/{path}"
-    ok = (
-        _DOMAIN_RE.fullmatch(domain) is not None
-        and all(_COMPONENT_RE.fullmatch(c) for c in path.split("/"))
-        and (not tag or _TAG_RE.fullmatch(tag) is not None)
-    )
-    if not ok:
-        raise InvalidImageName(
-            f'Failed to apply default image tag "{text}": couldn\'t parse image name '
-            f'"{text}": invalid reference format'
-        )
-    if not tag and not digest:
-        tag = "latest"
-    return ImageRef(domain, path, tag, digest)
-
-
-def default_pull_policy(text: str) -> str:
-    """Kubernetes' default: `:latest` or no tag → Always, any other tag or a digest →
-    IfNotPresent."""
-    try:
-        ref = parse_image(text)
-    except InvalidImageName:
-        return "IfNotPresent"
-    return "Always" if ref.tag == "latest" and not ref.digest else "IfNotPresent"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from typing import Any
 
 import trio
 
+from tele.image.errors import InvalidReference
+from tele.image.reference import Reference, parse_reference
 from tele.sandbox.apiserver.auth import User
 from tele.sandbox.apiserver.context import RequestContext
 from tele.sandbox.apiserver.errors import StatusError
@@ -33,19 +35,13 @@ from tele.sandbox.apiserver.store import Event
 from tele.sandbox.images import registry
 from tele.sandbox.network import netns, node
 from tele.sandbox.network.errors import NodeError
+from tele.sandbox.oci_registry import RegistryInfo
 
 from . import runtime, volumes
-from .imagestore import (
-    Image,
-    ImageError,
-    ImageRef,
-    ImageStore,
-    InvalidImageName,
-    default_pull_policy,
-    parse_image,
-)
+from .imagestore import Image, ImageError, ImageStore
 from .logs import LogFile
 from .probes import resolve_port, run_probe
+from .pull import Mirror, pull_image, store_name
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +68,7 @@ class Kubelet:
         node_name: str | None = None,
         backoff_base: float = 10.0,
         images_dir: Path | None = None,
+        registry: RegistryInfo | None = None,
     ) -> None:
         self.api = api
         self.cluster = cluster
@@ -91,7 +88,9 @@ class Kubelet:
         self.images: ImageStore | None = None
         if runtime.runc_available():
             self.images = ImageStore(images_dir or state_dir / "images")
-        self.puller: Any = None  # async (ImageRef, pull secrets) -> Image, once a registry exists
+        self.mirror: Mirror | None = None
+        if registry is not None:
+            self.mirror = Mirror(registry.address, registry.credentials, registry.ca_file)
 
     def next_index(self) -> int:
         self._next_index += 1
@@ -136,15 +135,6 @@ class Kubelet:
 
     def _cleanup_containers(self) -> None:
         runtime.cleanup_sync(self.cluster, self.state_dir / "containers")
-
-    async def pull(self, ref: ImageRef, secrets: list[ApiObject]) -> Image:
-        if self.puller is None:
-            raise ImageError(
-                f'rpc error: code = NotFound desc = failed to pull and unpack image "{ref}": '
-                "the sandbox has no registry holding it"
-            )
-        image: Image = await self.puller(ref, secrets)
-        return image
 
     def _on_pod(self, event: Event) -> None:
         pod = event.obj
@@ -281,7 +271,7 @@ class ContainerRun:
             "restartCount": self.restarts,
             "image": image,
             "imageID": (
-                f"{parse_image(self.image.ref).name}@{self.image.digest}"
+                f"{parse_reference(self.image.ref).name}@{self.image.digest}"
                 if self.image is not None
                 else f"tele-sandbox://{image}"
             ),
@@ -673,23 +663,29 @@ class PodWorker:
                 await self.terminating.wait()
             return module
         try:
-            ref = parse_image(name)
-        except InvalidImageName as exc:
-            self._waiting(run, "InvalidImageName", str(exc))
-            await self.kubelet.event(self.pod, "InspectFailed", str(exc), kind="Warning")
+            ref = parse_reference(name)
+        except InvalidReference:
+            msg = (
+                f'Failed to apply default image tag "{name}": couldn\'t parse image name '
+                f'"{name}": invalid reference format'
+            )
+            self._waiting(run, "InvalidImageName", msg)
+            await self.kubelet.event(self.pod, "InspectFailed", msg, kind="Warning")
             await self.kubelet.event(self.pod, "Failed", "Error: InvalidImageName", kind="Warning")
             await self.terminating.wait()
             return None
-        policy = run.spec.get("imagePullPolicy") or default_pull_policy(name)
-        present = await trio.to_thread.run_sync(store.lookup, str(ref))
-        if present is not None and (policy != "Always" or self.kubelet.puller is None):
+        if module is not None:
+            # Still run from this venv (sandbox/images/registry.py) until their images, pulled
+            # from the sandbox registry, are known to work the same.
+            return module
+        policy = run.spec.get("imagePullPolicy") or default_pull_policy(ref)
+        present = await trio.to_thread.run_sync(store.lookup, store_name(ref))
+        if present is not None and policy != "Always":
             await self.kubelet.event(
                 self.pod, "Pulled", f'Container image "{name}" already present on machine'
             )
             return present
-        if present is None and module is not None and self.kubelet.puller is None:
-            return module
-        if policy == "Never":
+        if present is None and policy == "Never":
             msg = f'Container image "{name}" is not present with pull policy of Never'
             self._waiting(run, "ErrImageNeverPull", msg)
             await self.kubelet.event(self.pod, "ErrImageNeverPull", msg, kind="Warning")
@@ -701,7 +697,7 @@ class PodWorker:
             await self.kubelet.event(self.pod, "Pulling", f'Pulling image "{name}"')
             started = time.monotonic()
             try:
-                image = await self.kubelet.pull(ref, self._pull_secrets())
+                image = await pull_image(store, ref, self._pull_secrets(), self.kubelet.mirror)
             except ImageError as exc:
                 msg = f'Failed to pull image "{name}": {exc}'
                 self._waiting(run, "ErrImagePull", msg)
@@ -843,6 +839,7 @@ class PodWorker:
                     run.signal(signal.SIGKILL)
                     await proc.wait()
                 oom = False
+                cannot_run = container.start_error() if container is not None else None
                 if container is not None:
                     oom = (
                         proc.returncode == 128 + signal.SIGKILL
@@ -854,8 +851,12 @@ class PodWorker:
         if code < 0:
             code = 128 - code
         reason = "OOMKilled" if oom else "Completed" if code == 0 else "Error"
+        if cannot_run is not None:
+            code, reason = 128, "ContainerCannotRun"
+            await self.kubelet.event(self.pod, "Failed", f"Error: {cannot_run}", kind="Warning")
         run.state = {
             "terminated": {
+                **({"message": cannot_run} if cannot_run is not None else {}),
                 "exitCode": code,
                 "reason": reason,
                 "startedAt": run.state.get("running", {}).get("startedAt", _iso()),
@@ -1021,6 +1022,12 @@ class PodWorker:
                 log.info("status of %s/%s: %s", self.namespace, self.name, exc.message)
                 self.mark_dirty()
                 await trio.sleep(0.05)
+
+
+def default_pull_policy(ref: Reference) -> str:
+    """Kubernetes' default: `:latest` or no tag → Always; another tag or a digest →
+    IfNotPresent."""
+    return "Always" if ref.digest is None and ref.tag in (None, "latest") else "IfNotPresent"
 
 
 def _duration(seconds: float) -> str:

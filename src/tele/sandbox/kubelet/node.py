@@ -22,6 +22,7 @@ from tele.sandbox.network.dns import serve_dns
 from tele.sandbox.network.node import DNS_IP, GATEWAY
 from tele.sandbox.network.proxy import serve_proxy
 from tele.sandbox.network.relay import serve_relay
+from tele.sandbox.oci_registry import RegistryInfo
 
 from .handlers import NodeHandlers, exec_handler
 from .kubelet import Kubelet
@@ -84,6 +85,7 @@ async def serve_node(
     api_host: str,
     api_port: int,
     backoff_base: float = 10.0,
+    registry: RegistryInfo | None = None,
     task_status: trio.TaskStatus[Kubelet] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the node until cancelled; on the way out every namespace it made is deleted, and the
@@ -98,10 +100,11 @@ async def serve_node(
                 api_host=api_host,
                 api_port=api_port,
                 backoff_base=backoff_base,
+                registry=registry,
                 task_status=task_status,
             )
         return
-    kubelet = Kubelet(api, cluster, state_dir, backoff_base=backoff_base)
+    kubelet = Kubelet(api, cluster, state_dir, backoff_base=backoff_base, registry=registry)
     handlers = NodeHandlers(kubelet)
     await _claim_dns_service(api)
     async with trio.open_nursery() as nursery:

@@ -582,7 +582,16 @@ class Container:
     async def start(self, *, stdout: int | None = subprocess.PIPE) -> trio.Process:
         self.proc = await trio.lowlevel.open_process(
             _runc(
-                "run", "--bundle", str(self.bundle), "--pid-file", str(self.bundle / "pid"), self.id
+                "--log",
+                str(self.bundle / "runc.log"),
+                "--log-format",
+                "json",
+                "run",
+                "--bundle",
+                str(self.bundle),
+                "--pid-file",
+                str(self.bundle / "pid"),
+                self.id,
             ),
             stdin=subprocess.DEVNULL,
             stdout=stdout,
@@ -590,6 +599,23 @@ class Container:
             start_new_session=True,
         )
         return self.proc
+
+    def start_error(self) -> str | None:
+        """Why runc could not start the container's process (a missing executable...), or
+        None when it started."""
+        try:
+            lines = (self.bundle / "runc.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in lines[-20:]:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            msg = str(entry.get("msg", "")) if isinstance(entry, dict) else ""
+            if entry.get("level") == "error" and msg.startswith("runc run failed: "):
+                return msg.removeprefix("runc run failed: ")[:1000]
+        return None
 
     def init_pid(self) -> int | None:
         try:

@@ -1,0 +1,135 @@
+"""Pulling an image as a kubelet and its container runtime do: the registry chosen for the
+reference, credentials from the pod's imagePullSecrets, an index resolved to linux/amd64, every
+blob digest-checked by the registry client, each layer unpacked once into the node's store.
+
+The sandbox registry acts as a mirror of Docker Hub (as containerd's `registry.mirrors`
+configuration on a kind node does): `tele-sandbox/echo`, which a node reads as
+`docker.io/tele-sandbox/echo:latest`, is fetched from it as repository `tele-sandbox/echo`, with
+the node's own credentials. A reference naming the sandbox registry itself (`127.0.0.1:PORT/x`)
+is fetched from it with the pod's pull secrets only, so wrong or missing credentials show as
+they would on a real node. Registries elsewhere are not contacted: the sandbox's traffic stays
+on this machine (loopback), and such a pull fails saying so.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tele.image.credentials import Credentials, credentials_from_docker_config
+from tele.image.errors import InvalidDockerConfig, NotFound, RegistryError
+from tele.image.reference import DOCKER_HUB, Reference
+from tele.image.registry import RegistryClient
+
+from .imagestore import Image, ImageError, ImageStore
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """The sandbox registry as the node knows it: address, the node's credentials, its CA."""
+
+    address: str
+    credentials: Credentials | None
+    ca_file: Path | None
+
+
+def secret_credentials(secrets: list[Obj], registry: str) -> Credentials | None:
+    """The first imagePullSecret (type kubernetes.io/dockerconfigjson) with an entry for
+    `registry`; a malformed secret is skipped, as the kubelet does (with a log line)."""
+    for secret in secrets:
+        raw = (secret.get("data") or {}).get(".dockerconfigjson", "")
+        try:
+            creds = credentials_from_docker_config(base64.b64decode(raw, validate=True), registry)
+        except (binascii.Error, ValueError, InvalidDockerConfig) as exc:
+            log.info("pull secret %s skipped: %s", (secret.get("metadata") or {}).get("name"), exc)
+            continue
+        if creds is not None:
+            return creds
+    return None
+
+
+def _on_this_machine(registry: str) -> bool:
+    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def client_for(ref: Reference, secrets: list[Obj], mirror: Mirror | None) -> RegistryClient:
+    if mirror is not None and ref.registry == DOCKER_HUB:
+        return RegistryClient(
+            mirror.address,
+            credentials=mirror.credentials,
+            ca_file=mirror.ca_file,
+            mirror_of=DOCKER_HUB,
+        )
+    if not _on_this_machine(ref.registry):
+        where = f"the sandbox registry {mirror.address}" if mirror else "a registry on 127.0.0.1"
+        raise ImageError(
+            f"the sandbox pulls only from registries on this machine, not {ref.registry}: "
+            f"push the image to {where}"
+        )
+    ca_file = mirror.ca_file if mirror is not None and ref.registry == mirror.address else None
+    return RegistryClient(
+        ref.registry, credentials=secret_credentials(secrets, ref.registry), ca_file=ca_file
+    )
+
+
+def store_name(ref: Reference) -> str:
+    """The name an image is kept under: normalized, `:latest` when neither tag nor digest."""
+    if ref.tag is None and ref.digest is None:
+        ref = ref.with_tag("latest")
+    return str(ref)
+
+
+async def pull_image(
+    store: ImageStore, ref: Reference, secrets: list[Obj], mirror: Mirror | None
+) -> Image:
+    """Resolve, fetch and unpack `ref`; raise ImageError saying why it failed (the text after
+    `Failed to pull image "X": ` in the kubelet's event)."""
+    name = store_name(ref)
+    try:
+        client = client_for(ref, secrets, mirror)
+        async with client:
+            resolved = await client.resolve(ref)
+            diff_ids = resolved.config.rootfs.diff_ids
+            size = sum(layer.size for layer in resolved.layers)
+            present = await trio.to_thread.run_sync(store.by_digest, name, resolved.digest)
+            if present is None:
+                for desc, diff_id in zip(resolved.layers, diff_ids, strict=True):
+                    if store.has_layer(diff_id):
+                        continue
+                    blob = store.tmp_path("blob")
+                    try:
+                        await client.fetch_blob(ref, desc.digest, desc.size, blob)
+                        await trio.to_thread.run_sync(
+                            store.add_layer, blob, desc.media_type, diff_id
+                        )
+                    finally:
+                        blob.unlink(missing_ok=True)
+            return await trio.to_thread.run_sync(
+                store.record, name, resolved.digest, resolved.config_bytes, size
+            )
+    except RegistryError as exc:
+        code = "NotFound" if isinstance(exc, NotFound) else "Unknown"
+        raise ImageError(
+            f'rpc error: code = {code} desc = failed to pull and unpack image "{name}": {exc}'
+        ) from exc
+    except ImageError as exc:
+        raise ImageError(
+            f'rpc error: code = Unknown desc = failed to pull and unpack image "{name}": {exc}'
+        ) from exc
