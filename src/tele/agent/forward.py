@@ -102,23 +102,37 @@ async def serve_port(
 async def handle_connection(
     stream: trio.SocketStream, upstreams: Upstreams, app_protocol: str = ""
 ) -> None:
-    """Route one accepted connection (see the module docstring); closes it when done."""
+    """One accepted connection, whatever it sends: a failure ends this connection only (the
+    traceback goes to the log), never the port's listener and with it the agent."""
     async with stream:
-        engaged = upstreams.source.current(upstreams.agent_port)
-        whole = next((e for e in engaged if e.mechanism == "tcp"), None)
-        if whole is None and any(e.mechanism == "http" for e in engaged):
-            await _serve_http(stream, upstreams, app_protocol)
-            return
         try:
-            # Whole connections are relayed as they come (TLS included): only the http
-            # mechanism decrypts, so only it re-encrypts towards the app.
-            target = await dataclasses.replace(upstreams, tls=None).open(whole)
-        except UpstreamFailed as exc:
-            log.warning("%s", exc)
+            await _handle_connection(stream, upstreams, app_protocol)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("a connection on port %d ended: %s", upstreams.agent_port, exc)
+        except Exception:
+            log.exception("a connection on port %d failed; closed", upstreams.agent_port)
             abort(stream)
-            return
-        async with target:
-            await relay(stream, target)
+
+
+async def _handle_connection(
+    stream: trio.SocketStream, upstreams: Upstreams, app_protocol: str = ""
+) -> None:
+    """Route one accepted connection (see the module docstring)."""
+    engaged = upstreams.source.current(upstreams.agent_port)
+    whole = next((e for e in engaged if e.mechanism == "tcp"), None)
+    if whole is None and any(e.mechanism == "http" for e in engaged):
+        await _serve_http(stream, upstreams, app_protocol)
+        return
+    try:
+        # Whole connections are relayed as they come (TLS included): only the http
+        # mechanism decrypts, so only it re-encrypts towards the app.
+        target = await dataclasses.replace(upstreams, tls=None).open(whole)
+    except UpstreamFailed as exc:
+        log.warning("%s", exc)
+        abort(stream)
+        return
+    async with target:
+        await relay(stream, target)
 
 
 async def _serve_http(stream: trio.SocketStream, upstreams: Upstreams, app_protocol: str) -> None:
