@@ -335,7 +335,9 @@ async def test_port_forward_pairs_streams_by_request_id_and_expires_lone_ones(
             events.extend(client.events())
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(spdystreaming._serve_portforward, _echo_handler, scope, session)
+        nursery.start_soon(
+            spdystreaming._serve_portforward, _echo_handler, scope, session, spdystreaming.Limits()
+        )
         await until(lambda e: e == spdy.DataReceived(data, b"echo me", False))
         assert not any(isinstance(e, spdy.StreamReset) for e in events)
         start = trio.current_time()
@@ -368,3 +370,55 @@ async def test_an_idle_session_is_closed_after_its_timeout_and_traffic_defers_it
     events = client.events()
     assert spdy.DataReceived(1, b"output keeps it alive", False) in events
     assert any(isinstance(e, spdy.GoAwayReceived) for e in events)
+
+
+async def test_port_forward_pairs_past_the_servers_limit_are_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server_end, client_end = trio.testing.memory_stream_pair()
+    session = Session(spdystreaming.stream_transport(server_end, b""))
+    scope = {"type": "websocket", "path": "/api/v1/namespaces/ns/pods/p/portforward"}
+    limits = spdystreaming.Limits(max_forwards=1)
+    client = spdy.Connection(server=False)
+    ids = [
+        client.open_stream([("streamtype", kind), ("port", "80"), ("requestid", request)])
+        for request in ("1", "2")
+        for kind in ("error", "data")
+    ]
+    await client_end.send_all(client.data_to_send())
+    events: list[spdy.Event] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spdystreaming._serve_portforward, _echo_handler, scope, session, limits)
+        while not any(e == spdy.StreamReset(ids[3], spdy.REFUSED_STREAM) for e in events):
+            client.receive_data(await client_end.receive_some())
+            events.extend(client.events())
+        assert spdy.StreamReset(ids[2], spdy.REFUSED_STREAM) in events
+        assert limits.forwards == 1
+        client.end_stream(ids[1])
+        await client_end.send_all(client.data_to_send())
+        while not any(e == spdy.DataReceived(ids[0], b"", True) for e in events):
+            client.receive_data(await client_end.receive_some())
+            events.extend(client.events())
+        await trio.testing.wait_all_tasks_blocked()
+        assert limits.forwards == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_upgrades_past_the_servers_connection_limit_get_429() -> None:
+    server_end, client_end = trio.testing.memory_stream_pair()
+    head = spdystreaming.parse_head(
+        b"POST /api/v1/namespaces/ns/pods/p/portforward HTTP/1.1\r\nConnection: Upgrade\r\n"
+        b"Upgrade: SPDY/3.1\r\n\r\n"
+    )
+    assert head is not None and spdystreaming.is_spdy_upgrade(head)
+
+    async def never_called(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the app was reached")
+
+    limits = spdystreaming.Limits(max_connections=0)
+    await spdystreaming.serve_upgrade(never_called, server_end, head, b"", limits=limits)
+    reply = b""
+    while data := await client_end.receive_some():
+        reply += data
+    assert reply.startswith(b"HTTP/1.1 429 Too Many Requests")
+    assert b"too many streaming connections" in reply

@@ -55,6 +55,7 @@ async def _handle(
     config: Config,
     wrapped: Any,
     context: WorkerContext,
+    limits: spdystreaming.Limits,
     stream: trio.SSLStream[trio.SocketStream],
 ) -> None:
     try:
@@ -81,6 +82,7 @@ async def _handle(
             buffered[end:],
             client=_address(sock, True),
             server=_address(sock, False),
+            limits=limits,
         )
         return
     if not buffered:
@@ -118,8 +120,9 @@ async def serve(
     """Listen on host:port (0 = any free port) and report (host, port) when ready."""
     context: ssl.SSLContext = server_context(pair, ["h2", "http/1.1"])
     config = _hypercorn_config()
+    limits = spdystreaming.Limits()
     wrapped = wrap_app(
-        spdystreaming.with_tunnel(app),  # type: ignore[arg-type]
+        spdystreaming.with_tunnel(app, limits),  # type: ignore[arg-type]
         config.wsgi_max_body_size,
         "asgi",
     )
@@ -131,5 +134,7 @@ async def serve(
     async with trio.open_nursery() as nursery:
         task_status.started((str(bound[0]), int(bound[1])))
         await trio.serve_listeners(
-            partial(_handle, app, config, wrapped, worker), ssl_listeners, handler_nursery=nursery
+            partial(_handle, app, config, wrapped, worker, limits),
+            ssl_listeners,
+            handler_nursery=nursery,
         )

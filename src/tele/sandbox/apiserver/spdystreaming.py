@@ -42,6 +42,22 @@ port-forward pair (Kubernetes' default), before they are given up."""
 MAX_HEAD = 1 << 16
 HEAD_TIMEOUT = 90.0
 
+MAX_CONNECTIONS = 256
+MAX_FORWARDS = 1024
+
+
+@dataclass
+class Limits:
+    """One server's bounds on SPDY streaming, across its connections: upgraded connections
+    (past them an upgrade gets 429) and port-forward stream pairs being served (past them a
+    new pair is refused with RST_STREAM REFUSED_STREAM); per connection, `spdy.MAX_STREAMS`."""
+
+    max_connections: int = MAX_CONNECTIONS
+    max_forwards: int = MAX_FORWARDS
+    connections: int = 0
+    forwards: int = 0
+
+
 _HANDLER_PROTOCOL = {"exec": "v5.channel.k8s.io", "attach": "v5.channel.k8s.io"}
 
 
@@ -382,8 +398,17 @@ async def _forward_pair(app: ASGIApp, scope: dict[str, Any], pair: _Pair) -> Non
         nursery.cancel_scope.cancel()
 
 
-async def _serve_portforward(app: ASGIApp, scope: dict[str, Any], session: Session) -> None:
+async def _serve_portforward(
+    app: ASGIApp, scope: dict[str, Any], session: Session, limits: Limits
+) -> None:
     pairs: dict[str, _Pair] = {}
+
+    async def forward(pair: _Pair) -> None:
+        try:
+            await _forward_pair(app, scope, pair)
+        finally:
+            limits.forwards -= 1
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.run)
 
@@ -417,7 +442,13 @@ async def _serve_portforward(app: ASGIApp, scope: dict[str, Any], session: Sessi
             if pair.error is not None and pair.data is not None:
                 del pairs[request_id]
                 pair.waiting.cancel()
-                nursery.start_soon(_forward_pair, app, scope, pair)
+                if limits.forwards >= limits.max_forwards:
+                    log.warning("port-forward refused: %d pairs served", limits.forwards)
+                    await session.reset(pair.error.stream_id, spdy.REFUSED_STREAM)
+                    await session.reset(pair.data.stream_id, spdy.REFUSED_STREAM)
+                    continue
+                limits.forwards += 1
+                nursery.start_soon(forward, pair)
         nursery.cancel_scope.cancel()
     await session.close()
 
@@ -444,7 +475,12 @@ async def _http_error(transport: Transport, code: int, reason: str, message: str
             "code": code,
         }
     ).encode()
-    phrase = {400: "Bad Request", 403: "Forbidden", 404: "Not Found"}.get(code, reason)
+    phrase = {
+        400: "Bad Request",
+        403: "Forbidden",
+        404: "Not Found",
+        429: "Too Many Requests",
+    }.get(code, reason)
     head = (
         f"HTTP/1.1 {code} {phrase}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -508,14 +544,26 @@ async def serve_upgrade(
     *,
     client: tuple[str, int] | None = None,
     server: tuple[str, int] | None = None,
+    limits: Limits,
 ) -> None:
     """Serve a connection whose first request asks for `Upgrade: SPDY/3.1`."""
     transport = stream_transport(stream, rest)
+    if limits.connections >= limits.max_connections:
+        await _http_error(
+            transport,
+            429,
+            "TooManyRequests",
+            f"too many streaming connections ({limits.connections}), try again later",
+        )
+        await transport.close()
+        return
+    limits.connections += 1
     try:
-        await _serve_upgrade(app, transport, head, client, server)
+        await _serve_upgrade(app, transport, head, client, server, limits)
     except Exception:
         log.exception("SPDY connection failed")
     finally:
+        limits.connections -= 1
         await transport.close()
 
 
@@ -525,6 +573,7 @@ async def _serve_upgrade(
     head: RequestHead,
     client: tuple[str, int] | None,
     server: tuple[str, int] | None,
+    limits: Limits,
 ) -> None:
     scope = _scope_from_head(head, client, server)
     parts = scope["path"].strip("/").split("/")
@@ -547,7 +596,7 @@ async def _serve_upgrade(
             await _forbidden(transport, sub)
             return
         await transport.send(_switching(PORTFORWARD_PROTOCOL if offered else ""))
-        await _serve_portforward(app, scope, Session(transport))
+        await _serve_portforward(app, scope, Session(transport), limits)
     elif sub in ("exec", "attach"):
         protocol = next((p for p in offered if p in EXEC_PROTOCOLS), None)
         if protocol is None:
@@ -582,7 +631,7 @@ async def _forbidden(transport: Transport, sub: str) -> None:
     )
 
 
-def with_tunnel(app: ASGIApp) -> ASGIApp:
+def with_tunnel(app: ASGIApp, limits: Limits) -> ASGIApp:
     """The API app, with port-forward's websocket tunnel of SPDY served here."""
 
     async def wrapped(
@@ -595,7 +644,15 @@ def with_tunnel(app: ASGIApp) -> ASGIApp:
             and TUNNEL_PROTOCOL in (scope.get("subprotocols") or [])
             and scope.get("path", "").rstrip("/").endswith("/portforward")
         ):
-            await _serve_tunnel(app, scope, receive, send)
+            if limits.connections >= limits.max_connections:
+                await receive()
+                await send({"type": "websocket.close", "code": 1013})  # try again later
+                return
+            limits.connections += 1
+            try:
+                await _serve_tunnel(app, scope, receive, send, limits)
+            finally:
+                limits.connections -= 1
             return
         await app(scope, receive, send)
 
@@ -607,6 +664,7 @@ async def _serve_tunnel(
     scope: dict[str, Any],
     receive: Callable[[], Awaitable[dict[str, Any]]],
     send: Callable[[dict[str, Any]], Any],
+    limits: Limits,
 ) -> None:
     message = await receive()
     if message.get("type") != "websocket.connect":
@@ -646,7 +704,7 @@ async def _serve_tunnel(
 
     try:
         await _serve_portforward(
-            app, scope, Session(Transport(tunnel_receive, tunnel_send, tunnel_close))
+            app, scope, Session(Transport(tunnel_receive, tunnel_send, tunnel_close)), limits
         )
     except Exception:
         log.exception("SPDY tunnel failed")
