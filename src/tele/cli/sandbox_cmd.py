@@ -79,6 +79,9 @@ def _registry_text(registry: dict[str, Any] | None) -> str:
         f"              push your own: tele image push {address}/NAME --ca-file "
         f"{registry['ca_file']}\n"
         f"              (after: docker login {address} -u {registry['username']})\n"
+        f"              pull secret: kubectl create secret docker-registry sandbox-registry "
+        f"--docker-server={address} --docker-username={registry['username']} "
+        f"--docker-password={registry['password']}\n"
     )
 
 
