@@ -70,6 +70,7 @@ class Engagements:
         agent_workloads: AgentWorkloads,
         changes: Changes,
         settings: AgentSettings,
+        absent: Collection[str] = frozenset(),
     ) -> None:
         self._view = view
         self._client_session = client_session
@@ -80,6 +81,8 @@ class Engagements:
         self._agent_workloads = agent_workloads
         self._changes = changes
         self._settings = settings
+        self._absent = absent
+        """Client sessions with no connection now: their engagements are not given to agents."""
 
     def register(self, router: Router) -> None:
         router.unary(aapi.ARRIVE_AS_AGENT, self._agents.arrive)
@@ -102,7 +105,11 @@ class Engagements:
         last: aapi.EngagementList | None = None
         while self._agents.get(request.session_id) is not None:
             current = aapi.EngagementList(
-                engagements=[a.engagement for a in self._table.of_workload(key)]
+                engagements=[
+                    a.engagement
+                    for a in self._table.of_workload(key)
+                    if a.session_id not in self._absent
+                ]
             )
             if current != last:
                 yield current

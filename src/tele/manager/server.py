@@ -36,7 +36,7 @@ from tele.manager.changes import Changes
 from tele.manager.dialback import DialBack
 from tele.manager.engage import AgentSettings, Engagements
 from tele.manager.rollouts import Rollouts
-from tele.manager.sessions import Session, SessionTable
+from tele.manager.sessions import Presence, Session, SessionTable
 from tele.manager.state import AgentWorkloads
 from tele.manager.table import PAST_TENSE, EngagementTable
 from tele.manager.view import ClusterView
@@ -46,7 +46,7 @@ from tele.rpc import manager_api as api
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import TUNNEL_STREAMS, LinkSettings
 from tele.rpc.method import Empty
-from tele.rpc.server import PeerConnections, Router, serve_connection
+from tele.rpc.server import CALLER, PeerConnections, Router, serve_connection
 from tele.rpc.tunnel import TunnelServer
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,8 @@ class Manager:
         self.agent_workloads = AgentWorkloads(kube, config.namespace)
         # Engagements, in parts that are given what they use (see tele.manager.engage).
         changes = Changes()
+        # Clients whose last connection closed: their engagements are suspended meanwhile.
+        self.presence = Presence(on_change=changes.notify)
         self.table = EngagementTable()
         self.agents = AgentRegistry(
             clock=clock, changes=changes, wake_reaper=self.wake_reaper, manager_ip=config.pod_ip
@@ -189,6 +191,7 @@ class Manager:
             dials=self.dials,
             agent_workloads=self.agent_workloads,
             changes=changes,
+            absent=self.presence.absent,
             settings=AgentSettings(
                 manager_namespace=config.namespace,
                 agent_image=config.agent_image,
@@ -238,6 +241,7 @@ class Manager:
                 f"{self.config.selector.describe()}",
             )
         session = self.sessions.arrive(identity, self.clock())
+        self.presence.seen(session.session_id, CALLER.get())
         self._sessions_changed.set()
         log.info(
             "session %s arrived: %s (client %s)",
@@ -262,6 +266,7 @@ class Manager:
             return Empty()
         if self.sessions.remain(request.session_id, self.clock()) is None:
             raise RpcError(Code.NOT_FOUND, "the session has expired or is unknown; connect again")
+        self.presence.seen(request.session_id, CALLER.get())
         self._sessions_changed.set()
         return Empty()
 
@@ -380,6 +385,7 @@ class Manager:
         self._sessions_changed.set()
 
     def _end(self, session: Session[api.ClientIdentity]) -> None:
+        self.presence.forget(session.session_id)
         self._sessions_changed.set()
         self.engagements.end_session(session.session_id)
         for callback in self.on_session_end:

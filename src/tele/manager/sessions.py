@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import heapq
 import secrets
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -84,3 +85,48 @@ class SessionTable(Generic[I]):
                 del self.sessions[session_id]
                 expired.append(session)
         return expired
+
+
+class Connection(Hashable, Protocol):
+    """What Presence needs of a caller's connection (tele.rpc.server.CallerConnection)."""
+
+    def on_end(self, callback: Callable[[], None]) -> None: ...
+
+
+class Presence:
+    """Which client sessions have a connection to this manager right now.
+
+    A client whose last connection closed (a laptop that slept, a daemon killed) keeps its
+    lease for a while, but nobody handles its engaged traffic: its engagements are suspended
+    (`absent`) at once, so the app serves that traffic again, and resumed when the session calls
+    in again on a new connection. A session never seen on a connection is not absent."""
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self.on_change = on_change
+        self.connections: dict[str, set[Connection]] = {}
+        self.absent: set[str] = set()
+
+    def seen(self, session_id: str, connection: Connection | None) -> None:
+        if connection is None:
+            return
+        held = self.connections.setdefault(session_id, set())
+        if connection not in held:
+            held.add(connection)
+            connection.on_end(lambda: self._gone(session_id, connection))
+        if session_id in self.absent:
+            self.absent.discard(session_id)
+            self.on_change()
+
+    def _gone(self, session_id: str, connection: Connection) -> None:
+        held = self.connections.get(session_id)
+        if held is None:
+            return
+        held.discard(connection)
+        if not held:
+            del self.connections[session_id]
+            self.absent.add(session_id)
+            self.on_change()
+
+    def forget(self, session_id: str) -> None:
+        self.connections.pop(session_id, None)
+        self.absent.discard(session_id)

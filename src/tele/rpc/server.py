@@ -7,6 +7,8 @@ them. Streams that are not RPC calls (the tunnel's CONNECT streams) go to raw ha
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +30,37 @@ REQUEST_BODY_TIMEOUT = 15.0
 sends headers and then nothing holds a handler (and its memory) no longer."""
 MAX_LINKS_PER_PEER = 256
 """Connections one peer address may hold open to a server (`PeerConnections`)."""
+
+
+class CallerConnection:
+    """The connection an RPC arrived on, for a service that must know when it ends (a client
+    whose last connection closed has gone, whatever its lease says)."""
+
+    def __init__(self) -> None:
+        self.ended = False
+        self._on_end: list[Callable[[], None]] = []
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when the connection ends (at once if it has)."""
+        if self.ended:
+            callback()
+        else:
+            self._on_end.append(callback)
+
+    def end(self) -> None:
+        self.ended = True
+        callbacks, self._on_end = self._on_end, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("a connection-end callback failed")
+
+
+CALLER: contextvars.ContextVar[CallerConnection | None] = contextvars.ContextVar(
+    "tele_rpc_caller", default=None
+)
+"""The connection of the call being handled (set in each handler's task by serve_connection)."""
 
 RawHandler = Callable[[H2Stream], Awaitable[None]]
 RawMatcher = Callable[[H2Stream], bool]
@@ -83,8 +116,11 @@ class Router:
                 if route.streaming:
                     await stream.send_response(wire.RESPONSE_HEADERS)
                     started = True
-                    async for item in route.handler(request):
-                        await _send_message(stream, item, max_message_size)
+                    # aclosing: a call cancelled mid-stream closes its generator now, not
+                    # whenever the garbage collector finds it
+                    async with contextlib.aclosing(route.handler(request)) as items:
+                        async for item in items:
+                            await _send_message(stream, item, max_message_size)
                 else:
                     reply = await route.handler(request)
                     data = _encode(reply, max_message_size)
@@ -161,8 +197,10 @@ async def serve_connection(
     name: str = "rpc-server",
 ) -> None:
     """Serve RPC on one connection until the peer closes it; its handlers end with it."""
+    caller = CallerConnection()
 
     async def handle(h2_stream: H2Stream) -> None:
+        CALLER.set(caller)
         try:
             await router.handle(h2_stream, max_message_size=max_message_size)
         except (LinkBroken, StreamReset) as exc:  # the caller or its link went away
@@ -171,7 +209,10 @@ async def serve_connection(
             log.exception("%s: %s failed", name, h2_stream.header(":path"))
             await _answer_error(h2_stream, Code.INTERNAL, "internal error in the server")
 
-    await serve_link(stream, handle, settings=settings, name=name)
+    try:
+        await serve_link(stream, handle, settings=settings, name=name)
+    finally:
+        caller.end()
 
 
 class PeerConnections:
