@@ -93,12 +93,6 @@ async def test_real_helm_refuses_overlapping_managers(kubeconfig: Path, kube: Ku
     )
 
 
-SANDBOX_DELETE_BUG = (
-    "sandbox: a DELETE whose DeleteOptions body is protobuf (client-go, as Helm sends it) is "
-    "decoded as JSON (sandbox/apiserver/app.py _delete_options)"
-)
-
-
 async def test_real_helm_uninstalls(kubeconfig: Path, kube: KubeClient) -> None:
     def install_then_uninstall() -> None:
         helm_install(kubeconfig, "helm-mgr", {})
@@ -109,10 +103,5 @@ async def test_real_helm_uninstalls(kubeconfig: Path, kube: KubeClient) -> None:
             config.close()
 
     with trio.fail_after(60):
-        try:
-            await trio.to_thread.run_sync(install_then_uninstall)
-        except helm_python.HelmReleaseError as exc:
-            if "Failed to purge the release" in str(exc) and "json parse error" in str(exc):
-                pytest.xfail(SANDBOX_DELETE_BUG)  # passes by itself once the sandbox is fixed
-            raise
+        await trio.to_thread.run_sync(install_then_uninstall)
     assert await kube.get_or_none(k8s.DEPLOYMENTS, "traffic-manager", "helm-mgr") is None
