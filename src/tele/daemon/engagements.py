@@ -21,12 +21,12 @@ from tele.errors import TeleError, UserError, single_leaf
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc import agent_api as aapi
 from tele.rpc import daemon_api as dapi
+from tele.rpc.agent_api import PAST_TENSE
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import H2Stream
 
 log = logging.getLogger(__name__)
 
-PAST_TENSE = {"intercept": "intercepted", "replace": "replaced", "ingest": "ingested"}
 
 Dial = Callable[[Destination], Awaitable[H2Stream]]
 DialBack = Callable[[Destination, str], Awaitable[H2Stream]]

@@ -12,6 +12,7 @@ import trio
 from tele.errors import ConnectionFailed, UserError
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
+from tele.k8s.objects import pod_is_ready
 from tele.k8s.portforward import open_portforward
 from tele.rpc import manager_api as mapi
 
@@ -58,7 +59,7 @@ class ManagerLocator:
             raise self._no_manager()
         with trio.move_on_after(wait):
             while True:
-                ready = [p for p in current.values() if _is_ready(p)]
+                ready = [p for p in current.values() if pod_is_ready(p)]
                 if ready:
                     newest = max(
                         ready, key=lambda p: str(p["metadata"].get("creationTimestamp", ""))
@@ -80,7 +81,7 @@ class ManagerLocator:
                             current.pop(event.name, None)
                         elif event.type != "BOOKMARK":
                             current[event.name] = event.object
-                        if any(_is_ready(p) for p in current.values()):
+                        if any(pod_is_ready(p) for p in current.values()):
                             break
         raise ConnectionFailed(
             f"the traffic manager in namespace {self.namespace} is not ready"
@@ -130,10 +131,3 @@ def _describe(pods: Iterable[k8s.Obj]) -> str:
         detail = ", ".join([str(status.get("phase") or "Pending"), *[r for r in reasons if r]])
         parts.append(f"{pod['metadata']['name']} ({detail})")
     return "; ".join(parts)
-
-
-def _is_ready(pod: k8s.Obj) -> bool:
-    if (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return False
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)

@@ -38,11 +38,12 @@ from tele.manager.engage import AgentSettings, Engagements
 from tele.manager.rollouts import Rollouts
 from tele.manager.sessions import Presence, Session, SessionTable
 from tele.manager.state import AgentWorkloads
-from tele.manager.table import PAST_TENSE, EngagementTable
+from tele.manager.table import EngagementTable
 from tele.manager.view import ClusterView
 from tele.manager.webhook import AgentInjector, WebhookServer, ensure_tls, patch_ca_bundle
 from tele.net.tunnel import OpenRequest, ResetReason
 from tele.rpc import manager_api as api
+from tele.rpc.agent_api import PAST_TENSE
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import TUNNEL_STREAMS, LinkSettings
 from tele.rpc.method import Empty

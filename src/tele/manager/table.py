@@ -16,13 +16,13 @@ from typing import Any
 
 from tele.contracts import agentconfig
 from tele.rpc import agent_api as aapi
+from tele.rpc.agent_api import PAST_TENSE
 from tele.rpc.errors import Code, RpcError
 
 WorkloadKey = tuple[str, str, str]
 """(kind, namespace, name)"""
 
 KINDS = ("intercept", "replace", "ingest")
-PAST_TENSE = {"intercept": "intercepted", "replace": "replaced", "ingest": "ingested"}
 _ENGAGEMENT_ID = re.compile(r"[0-9a-f]{16}")
 
 

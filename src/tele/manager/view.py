@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tele.contracts.namespaces import NamespaceSelector
+from tele.k8s.objects import pod_is_ready
 from tele.rpc.manager_api import DnsRecord, LookupReply, WorkloadInfo
 
 Obj = Mapping[str, Any]
@@ -235,7 +236,7 @@ class ClusterView:
             for (pod_ns, _), pod in sorted(self.pods.items())
             if pod_ns == namespace
             and _selector_matches(selector, _meta(pod).get("labels") or {})
-            and _is_ready(pod)
+            and pod_is_ready(pod)
         ]
 
     # --- workloads -----------------------------------------------------------------------------
@@ -297,15 +298,6 @@ def _pod_ips(pod: Obj) -> list[str]:
     status = pod.get("status") or {}
     ips = [e.get("ip") for e in status.get("podIPs") or [] if e.get("ip")]
     return ips or ([status["podIP"]] if status.get("podIP") else [])
-
-
-def _is_ready(pod: Obj) -> bool:
-    if _meta(pod).get("deletionTimestamp"):
-        return False
-    for condition in (pod.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == "Ready":
-            return bool(condition.get("status") == "True")
-    return False
 
 
 def _address_records(qname: str, ips: Iterable[str], qtype: str) -> list[DnsRecord]:

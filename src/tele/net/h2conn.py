@@ -11,7 +11,8 @@ is how bytes get in and out, measured as most of a tunnel's cost (bench/tunnel.p
   API server, the CLI's quick calls);
 - plain DATA (an open stream, no padding or END_STREAM) takes a fast path doing h2's own
   bookkeeping, without its state-machine passes and frame objects;
-- open streams are counted in amortised O(1), and frames keep a repr without a hex dump.
+- open streams are counted in amortised O(1) (frames keep a repr without a hex dump: that is
+  tele._patches').
 Nothing here does any I/O or imports trio (the CLI's quick calls use it without trio); the
 writer (`tele.rpc.h2writer`) and the link (`tele.rpc.h2link`) do.
 """

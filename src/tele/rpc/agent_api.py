@@ -22,6 +22,10 @@ AGENT_DIAL_PREFIX = "engage."
 """An agent's OPEN for engagement E carries the dial id `engage.E`."""
 
 
+PAST_TENSE = {"intercept": "intercepted", "replace": "replaced", "ingest": "ingested"}
+"""The engagement kinds (`kind` below) as status lines and conflicts name them."""
+
+
 class Engagement(msgspec.Struct, frozen=True, kw_only=True):
     """What an agent needs to route one engagement's traffic."""
 

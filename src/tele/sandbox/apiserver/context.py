@@ -15,9 +15,10 @@ from .kinds import ResourceType
 from .store import ApiObject
 
 
-def timestamp(t: float) -> str:
-    """A Kubernetes timestamp (RFC 3339, whole seconds, UTC) for the unix time `t`."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+def timestamp(t: float | None = None) -> str:
+    """A Kubernetes timestamp (RFC 3339, whole seconds, UTC) for the unix time `t` (default:
+    now)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
 
 
 @dataclass

@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass
 
 from tele.sandbox.apiserver import defaults
+from tele.sandbox.apiserver.context import timestamp
 from tele.sandbox.apiserver.store import ApiObject
 
 from .manager import ControllerManager
-from .objects import controller_of, iso, resource_of_kind
+from .objects import controller_of, resource_of_kind
 from .replicaset import is_active, owned_pods
 
 DEPLOY = resource_of_kind("apps", "Deployment")
@@ -318,7 +319,7 @@ async def _status(
     status_replicas = total("replicas", sets)
     old_status = d.get("status") or {}
     old_conditions = {c["type"]: c for c in old_status.get("conditions") or []}
-    now = iso()
+    now = timestamp()
 
     def cond(kind: str, value: bool, reason: str, message: str) -> ApiObject:
         status = "True" if value else "False"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 
+from tele.sandbox.apiserver.context import timestamp
 from tele.sandbox.apiserver.store import ApiObject
 
 from .manager import ControllerManager
-from .objects import controller_of, iso, pod_ready, resource_of_kind, selector_matches
+from .objects import controller_of, pod_ready, resource_of_kind, selector_matches
 
 PDB = resource_of_kind("policy", "PodDisruptionBudget")
 
@@ -79,7 +80,7 @@ async def reconcile(manager: ControllerManager, namespace: str, name: str) -> No
                         if c.get("type") == "DisruptionAllowed"
                         and c.get("status") == ("True" if allowed > 0 else "False")
                     ),
-                    iso(),
+                    timestamp(),
                 ),
             }
         ],

@@ -17,13 +17,13 @@ from collections.abc import Awaitable, Callable, Mapping
 import trio
 
 from tele.sandbox.apiserver.auth import User
-from tele.sandbox.apiserver.context import RequestContext
+from tele.sandbox.apiserver.context import RequestContext, timestamp
 from tele.sandbox.apiserver.errors import StatusError
 from tele.sandbox.apiserver.kinds import ResourceType
 from tele.sandbox.apiserver.rest import Api
 from tele.sandbox.apiserver.store import ApiObject, Event
 
-from .objects import ROLLOUT_RESOURCE, controller_of, iso, resource_of_kind, selector_matches
+from .objects import ROLLOUT_RESOURCE, controller_of, resource_of_kind, selector_matches
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class ControllerManager:
         self, obj: ApiObject, reason: str, message: str, *, component: str, kind: str = "Normal"
     ) -> None:
         meta = obj["metadata"]
-        now = iso()
+        now = timestamp()
         body = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -6,8 +6,6 @@ a controller, so there is no import cycle (`registry` is the one module that kno
 
 from __future__ import annotations
 
-import time
-
 from tele.sandbox.apiserver.kinds import ResourceType, by_kind
 from tele.sandbox.apiserver.selectors import from_label_selector_object, matches_labels
 from tele.sandbox.apiserver.store import ApiObject
@@ -42,8 +40,3 @@ def pod_ready(pod: ApiObject) -> bool:
         c.get("type") == "Ready" and c.get("status") == "True"
         for c in (pod.get("status") or {}).get("conditions") or []
     )
-
-
-def iso(t: float | None = None) -> str:
-    """A Kubernetes timestamp for `t` (default: now)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))

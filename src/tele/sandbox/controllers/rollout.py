@@ -14,13 +14,14 @@ writes it), phase Healthy/Progressing and the Progressing/Available/Healthy cond
 
 from __future__ import annotations
 
+from tele.sandbox.apiserver.context import timestamp
 from tele.sandbox.apiserver.kinds import ResourceType
 from tele.sandbox.apiserver.selectors import label_selector_text
 from tele.sandbox.apiserver.store import ApiObject
 
 from .deployment import Owner, Strategy, replica_sets, resolve, roll
 from .manager import ControllerManager
-from .objects import ROLLOUT_GROUP, ROLLOUT_RESOURCE, iso
+from .objects import ROLLOUT_GROUP, ROLLOUT_RESOURCE
 
 GROUP = ROLLOUT_GROUP
 KIND = "Rollout"
@@ -84,7 +85,7 @@ def _status(manager: ControllerManager, rollout: ApiObject) -> ApiObject:
     pod_hash = (new["metadata"].get("labels") or {}).get(ROLLOUT.hash_label, "") if new else ""
     healthy = new is not None and updated == available == current == replicas
     old = {c.get("type"): c for c in (rollout.get("status") or {}).get("conditions") or []}
-    now = iso()
+    now = timestamp()
 
     def condition(kind: str, value: bool, reason: str, message: str) -> ApiObject:
         status = "True" if value else "False"

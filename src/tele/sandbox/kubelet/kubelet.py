@@ -27,7 +27,7 @@ import trio
 from tele.image.errors import InvalidReference
 from tele.image.reference import Reference, parse_reference
 from tele.sandbox.apiserver.auth import User
-from tele.sandbox.apiserver.context import RequestContext
+from tele.sandbox.apiserver.context import RequestContext, timestamp
 from tele.sandbox.apiserver.errors import StatusError
 from tele.sandbox.apiserver.kinds import by_kind
 from tele.sandbox.apiserver.rest import Api
@@ -50,10 +50,6 @@ _POD = by_kind("", "Pod")
 assert _POD is not None
 POD_RESOURCE = _POD
 _MAX_BACKOFF = 300.0
-
-
-def _iso(t: float | None = None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
 
 
 class Kubelet:
@@ -192,7 +188,7 @@ class Kubelet:
         resource_type = by_kind("", "Event")
         assert resource_type is not None
         meta = obj["metadata"]
-        now = _iso()
+        now = timestamp()
         body = {
             "apiVersion": "v1",
             "kind": "Event",
@@ -354,7 +350,7 @@ class PodWorker:
                 await self._teardown()
 
     async def _lifecycle(self, nursery: trio.Nursery) -> None:
-        self.start_time = _iso()
+        self.start_time = timestamp()
         self.ip = self.kubelet.ipam.allocate()
         self.netns = f"{self.kubelet.cluster}-pod-{self.kubelet.next_index()}"
         index = int(self.netns.rsplit("-", 1)[1])
@@ -812,7 +808,7 @@ class PodWorker:
         logfile = LogFile(self.dir / "logs" / run.name / f"{run.restarts}.log")
         run.logs.append(logfile)
         run.proc = proc
-        run.state = {"running": {"startedAt": _iso()}}
+        run.state = {"running": {"startedAt": timestamp()}}
         spec = run.spec
         run.started = "startupProbe" not in spec
         run.ready = run.started and "readinessProbe" not in spec and not run.init
@@ -859,8 +855,8 @@ class PodWorker:
                 **({"message": cannot_run} if cannot_run is not None else {}),
                 "exitCode": code,
                 "reason": reason,
-                "startedAt": run.state.get("running", {}).get("startedAt", _iso()),
-                "finishedAt": _iso(),
+                "startedAt": run.state.get("running", {}).get("startedAt", timestamp()),
+                "finishedAt": timestamp(),
                 "containerID": run.container_id,
             }
         }
@@ -952,7 +948,7 @@ class PodWorker:
         ):
             phase = "Failed"
         ready = bool(runs) and all(r.ready for r in runs)
-        now = _iso()
+        now = timestamp()
         old = {c["type"]: c for c in (self.pod.get("status") or {}).get("conditions") or []}
 
         def cond(kind: str, value: bool, reason: str = "") -> ApiObject:
