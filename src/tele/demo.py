@@ -11,6 +11,7 @@ long it took; a failure names its step and still cleans up (also on Ctrl-C).
 
 from __future__ import annotations
 
+import importlib.resources
 import secrets
 import shlex
 import subprocess
@@ -23,55 +24,8 @@ from pathlib import Path
 
 from tele.errors import TeleError
 
-APP = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: backend, namespace: demo}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: backend}}
-  template:
-    metadata: {labels: {app: backend}}
-    spec:
-      containers:
-      - name: backend
-        image: tele-sandbox/echo
-        ports: [{name: http, containerPort: 8080}]
-        env: [{name: GREETING, value: "hello from the cluster"}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: backend, namespace: demo}
-spec:
-  selector: {app: backend}
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: frontend, namespace: demo}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: frontend}}
-  template:
-    metadata: {labels: {app: frontend}}
-    spec:
-      containers:
-      - name: frontend
-        image: tele-sandbox/frontend
-        ports: [{name: http, containerPort: 8080}]
-        env: [{name: BACKEND_URL, value: "http://backend.demo"}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: frontend, namespace: demo}
-spec:
-  selector: {app: frontend}
-  ports: [{name: http, port: 80, targetPort: http}]
-"""
+APP = importlib.resources.files("tele") / "demo-app.yaml"
+"""The demo's application (package data): a frontend that calls a backend."""
 
 HANDLER = """
 import http.server, sys
@@ -164,7 +118,7 @@ class Demo:
             lambda o: "installed",
         )
         manifest = self.workdir / "demo.yaml"
-        manifest.write_text(APP)
+        manifest.write_text(APP.read_text())
         kubectl = ["kubectl", "--kubeconfig", self.kubeconfig]
         self.run(
             "Deploy the demo app (frontend calls backend)",
