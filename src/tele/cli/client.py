@@ -20,9 +20,10 @@ import trio
 
 from tele import paths, unixsock
 from tele.cli.quick import translate
-from tele.errors import ConnectionFailed, TeleError
+from tele.errors import ConnectionFailed, TeleError, UserError
 from tele.rpc.client import Client, open_client
 from tele.rpc.errors import RpcError
+from tele.rpc.method import Req, Resp, Unary
 
 T = TypeVar("T")
 
@@ -172,6 +173,19 @@ async def daemon_client(*, start: bool) -> AsyncIterator[Client | None]:
         return
     async with stream, open_client(stream) as client:
         yield client
+
+
+def call_connected(method: Unary[Req, Resp], request: Req, *, timeout: float) -> Resp:
+    """One call to a running daemon (a command that needs a session: none runs, none has one);
+    RPC errors become one-sentence TeleErrors."""
+
+    async def call() -> Resp:
+        async with daemon_client(start=False) as rpc:
+            if rpc is None:
+                raise UserError("Not connected; run `tele connect` first.")
+            return await rpc.call(method, request, timeout=timeout)
+
+    return run(call)
 
 
 def run(async_fn: Callable[[], Awaitable[T]]) -> T:

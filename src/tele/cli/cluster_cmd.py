@@ -214,19 +214,12 @@ def _with_progress(what: str, work: Callable[[], T]) -> T:
 def list_(namespace: str, output: str) -> None:
     """List the workloads of a namespace that can be engaged, with their state."""
     from tele.cli import client
-    from tele.errors import UserError
     from tele.rpc import daemon_api
-    from tele.rpc.manager_api import WorkloadInfo, WorkloadList
+    from tele.rpc.manager_api import WorkloadInfo
 
-    async def call() -> WorkloadList:
-        async with client.daemon_client(start=False) as rpc:
-            if rpc is None:
-                raise UserError("Not connected; run `tele connect` first.")
-            return await rpc.call(
-                daemon_api.LIST, daemon_api.ListRequest(namespace=namespace), timeout=30
-            )
-
-    reply = client.run(call)
+    reply = client.call_connected(
+        daemon_api.LIST, daemon_api.ListRequest(namespace=namespace), timeout=30
+    )
 
     def text(workloads: list[WorkloadInfo]) -> str:
         if not workloads:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,30 +85,50 @@ def _to_pod(values: tuple[str, ...]) -> list[str]:
     return list(values)
 
 
-def _engage(
-    request: Any,
-    *,
-    env_file: Path | None,
-    env_json: Path | None,
-    command: tuple[str, ...],
-    output: str,
-    text: Any,
-    unsafe_env: bool = False,
-) -> None:
-    """The CLI side of intercept, replace and ingest: ask the daemon, write the env files,
-    print, and with `-- COMMAND` run it with the pod's env, then leave."""
+@dataclass(frozen=True)
+class _Target:
+    """What intercept, replace and ingest all name: the workload's container, and what the
+    local side gets (`--to-pod` forwards, `--mount`)."""
+
+    workload: str
+    namespace: str
+    container: str
+    to_pod: tuple[str, ...]
+    mount: str
+
+
+@dataclass(frozen=True)
+class _Handling:
+    """What the three do once engaged: env files, output, `-- COMMAND`."""
+
+    env_file: Path | None
+    env_json: Path | None
+    unsafe_env: bool
+    command: tuple[str, ...]
+    output: str
+
+
+def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields: Any) -> None:
+    """The CLI side of intercept, replace and ingest: ask the daemon for a `kind` engagement
+    of `target` (`fields`: the rest of the InterceptRequest), write the env files, print, and
+    with `-- COMMAND` run it with the pod's env, then leave."""
     from tele.cli import client
     from tele.cli.output import to_builtins
     from tele.rpc import daemon_api
-    from tele.rpc.agent_api import EngagementInfo
 
-    async def call() -> EngagementInfo:
-        async with client.daemon_client(start=False) as rpc:
-            if rpc is None:
-                raise UserError("Not connected; run `tele connect` first.")
-            return await rpc.call(daemon_api.INTERCEPT, request, timeout=180)
+    request = daemon_api.InterceptRequest(
+        workload=target.workload,
+        namespace=target.namespace,
+        container=target.container,
+        kind=kind,
+        to_pod=_to_pod(target.to_pod),
+        mount=_mount(target.mount),
+        **fields,
+    )
+    env_file, env_json, unsafe_env = handling.env_file, handling.env_json, handling.unsafe_env
+    command, output = handling.command, handling.output
 
-    info = client.run(call)
+    info = client.call_connected(daemon_api.INTERCEPT, request, timeout=180)
     data = to_builtins(info)
     try:
         _write_env(data, env_file, env_json, unsafe=unsafe_env)
@@ -326,7 +347,6 @@ def intercept(
     output: str,
 ) -> None:
     """Send NAME's traffic to a local handler; with `-- COMMAND`, run it, then leave."""
-    from tele.rpc import daemon_api
 
     mappings = _port_mappings(port, remote_defaults_to_local=False)
     headers = [_header(h) for h in http_header]
@@ -340,34 +360,23 @@ def intercept(
         )
         if filtered or mechanism == "http":
             raise UserError("--replace takes the whole container; it cannot filter HTTP requests")
-    request = daemon_api.InterceptRequest(
+    _engage(
+        "replace" if replace else "intercept",
+        _Target(workload, namespace, container, to_pod, mount),
+        _Handling(env_file, env_json, unsafe_env, command, output),
+        _replace_text if replace else _intercept_text,
         name=name,
-        workload=workload,
-        namespace=namespace,
         local_address=address,
         local_port=mappings[0].local,
         port=mappings[0].remote,
         ports=mappings if len(mappings) > 1 or replace else [],
         service=service,
-        container=container,
         mechanism=mechanism or ("http" if filtered else "tcp"),
         headers=headers,
         path_equal=list(http_path_equal),
         path_prefix=list(http_path_prefix),
         path_regex=list(http_path_regex),
-        kind="replace" if replace else "intercept",
-        to_pod=_to_pod(to_pod),
-        mount=_mount(mount),
         http_plaintext=http_plaintext,
-    )
-    _engage(
-        request,
-        env_file=env_file,
-        env_json=env_json,
-        command=command,
-        output=output,
-        text=_replace_text if replace else _intercept_text,
-        unsafe_env=unsafe_env,
     )
 
 
@@ -408,27 +417,15 @@ def replace(
 ) -> None:
     """Replace a container of WORKLOAD with this machine: the container stops running in the
     cluster, its ports (if any) come here; with `-- COMMAND`, run it, then leave."""
-    from tele.rpc import daemon_api
 
-    request = daemon_api.InterceptRequest(
+    _engage(
+        "replace",
+        _Target(workload, namespace, container, to_pod, mount),
+        _Handling(env_file, env_json, unsafe_env, command, output),
+        _replace_text,
         name="",
-        workload=workload,
-        namespace=namespace,
         local_address=address,
         ports=_port_mappings(port, remote_defaults_to_local=True),
-        container=container,
-        kind="replace",
-        to_pod=_to_pod(to_pod),
-        mount=_mount(mount),
-    )
-    _engage(
-        request,
-        env_file=env_file,
-        env_json=env_json,
-        command=command,
-        output=output,
-        text=_replace_text,
-        unsafe_env=unsafe_env,
     )
 
 
@@ -463,25 +460,13 @@ def ingest(
 ) -> None:
     """Get a container's environment (and volumes) without its traffic; several clients may
     ingest the same container. With `-- COMMAND`, run it, then leave."""
-    from tele.rpc import daemon_api
 
-    request = daemon_api.InterceptRequest(
-        name="",
-        workload=workload,
-        namespace=namespace,
-        container=container,
-        kind="ingest",
-        to_pod=_to_pod(to_pod),
-        mount=_mount(mount),
-    )
     _engage(
-        request,
-        env_file=env_file,
-        env_json=env_json,
-        command=command,
-        output=output,
-        text=_ingest_text,
-        unsafe_env=unsafe_env,
+        "ingest",
+        _Target(workload, namespace, container, to_pod, mount),
+        _Handling(env_file, env_json, unsafe_env, command, output),
+        _ingest_text,
+        name="",
     )
 
 
@@ -489,13 +474,7 @@ def _leave(name: str) -> None:
     from tele.cli import client
     from tele.rpc import daemon_api
 
-    async def call() -> None:
-        async with client.daemon_client(start=False) as rpc:
-            if rpc is None:
-                raise UserError("Not connected; run `tele connect` first.")
-            await rpc.call(daemon_api.LEAVE, daemon_api.LeaveRequest(name=name), timeout=30)
-
-    client.run(call)
+    client.call_connected(daemon_api.LEAVE, daemon_api.LeaveRequest(name=name), timeout=30)
 
 
 @click.command()
@@ -515,21 +494,14 @@ def uninstall(agents: tuple[str, ...], all_agents: bool, namespace: str) -> None
     """Remove the traffic agent from workloads; their pods are rolled out without it."""
     from tele.cli import client
     from tele.rpc import daemon_api
-    from tele.rpc.agent_api import UninstallReply
 
     if bool(agents) == all_agents:
         raise UserError("Name workloads with --agent, or use --all-agents (one of the two).")
 
-    async def call() -> UninstallReply:
-        async with client.daemon_client(start=False) as rpc:
-            if rpc is None:
-                raise UserError("Not connected; run `tele connect` first.")
-            request = daemon_api.UninstallRequest(
-                namespace=namespace, workloads=list(agents), all_agents=all_agents
-            )
-            return await rpc.call(daemon_api.UNINSTALL, request, timeout=60)
-
-    reply = client.run(call)
+    request = daemon_api.UninstallRequest(
+        namespace=namespace, workloads=list(agents), all_agents=all_agents
+    )
+    reply = client.call_connected(daemon_api.UNINSTALL, request, timeout=60)
     if reply.removed:
         click.echo(f"Removed the traffic agent from {', '.join(reply.removed)}.")
     else:
