@@ -243,14 +243,16 @@ async def test_two_connects_at_once_start_one_session(
 
     async def connect() -> None:
         async with client_of(running) as client:
-            replies.append(await client.call(api.CONNECT, api.ConnectRequest(), timeout=10))
+            replies.append(await client.call(api.CONNECT, api.ConnectRequest(), timeout=60))
 
     async with trio.open_nursery() as callers:
         callers.start_soon(connect)
         callers.start_soon(connect)
-        await wait_for(lambda: len(stand_in_sessions) == 1)
+        await wait_for(lambda: len(stand_in_sessions) == 1, timeout=60)
         # The second connect waits for the first to end starting its session.
-        await wait_for(lambda: running.daemon._connecting.statistics().tasks_waiting == 1)
+        await wait_for(
+            lambda: running.daemon._connecting.statistics().tasks_waiting == 1, timeout=60
+        )
         await trio.testing.wait_all_tasks_blocked()
         assert len(stand_in_sessions) == 1
         stand_in_sessions[0].go.set()
@@ -267,15 +269,15 @@ async def test_a_session_that_fails_after_starting_says_why_in_status(
     async with client_of(running) as client:
 
         async def connect() -> None:
-            await client.call(api.CONNECT, api.ConnectRequest(), timeout=10)
+            await client.call(api.CONNECT, api.ConnectRequest(), timeout=60)
 
         async with trio.open_nursery() as caller:
             caller.start_soon(connect)
-            await wait_for(lambda: len(stand_in_sessions) == 1)
+            await wait_for(lambda: len(stand_in_sessions) == 1, timeout=60)
             stand_in_sessions[0].go.set()
         stand_in_sessions[0].fail.set()
-        await wait_for(lambda: running.daemon.session is None)
-        status = await client.call(api.STATUS, api.Empty(), timeout=10)
+        await wait_for(lambda: running.daemon.session is None, timeout=60)
+        status = await client.call(api.STATUS, api.Empty(), timeout=60)
         assert status.connection == "not connected"
         assert status.session is not None
         assert status.session.status == "failed"
@@ -286,9 +288,9 @@ async def test_a_session_that_fails_after_starting_says_why_in_status(
         # A new connect starts afresh (and the failed session's report goes).
         async with trio.open_nursery() as caller:
             caller.start_soon(connect)
-            await wait_for(lambda: len(stand_in_sessions) == 2)
+            await wait_for(lambda: len(stand_in_sessions) == 2, timeout=60)
             stand_in_sessions[1].go.set()
-        status = await client.call(api.STATUS, api.Empty(), timeout=10)
+        status = await client.call(api.STATUS, api.Empty(), timeout=60)
         assert status.connection == "connected"
         assert status.session is not None and status.session.last_error == ""
         stand_in_sessions[1].fail.set()
