@@ -176,6 +176,8 @@ class StandInSession:
     until the test makes it fail. What is under test is the Daemon's handling of it."""
 
     made: list[StandInSession] = []
+    kubeconfig = ""
+    """A kubeconfig for the connect requests (the daemon opens a client for it)."""
 
     def __init__(self, request: api.ConnectRequest, kube: object, **options: object) -> None:
         self.request = request
@@ -230,8 +232,8 @@ def stand_in_sessions(
         "users: [{name: u, user: {token: t}}]\n"
         "contexts: [{name: stand-in, context: {cluster: c, user: u}}]\n"
     )
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     StandInSession.made = []
+    StandInSession.kubeconfig = str(kubeconfig)
     yield StandInSession.made
 
 
@@ -243,7 +245,13 @@ async def test_two_connects_at_once_start_one_session(
 
     async def connect() -> None:
         async with client_of(running) as client:
-            replies.append(await client.call(api.CONNECT, api.ConnectRequest(), timeout=60))
+            replies.append(
+                await client.call(
+                    api.CONNECT,
+                    api.ConnectRequest(kubeconfig=StandInSession.kubeconfig),
+                    timeout=60,
+                )
+            )
 
     async with trio.open_nursery() as callers:
         callers.start_soon(connect)
@@ -269,7 +277,9 @@ async def test_a_session_that_fails_after_starting_says_why_in_status(
     async with client_of(running) as client:
 
         async def connect() -> None:
-            await client.call(api.CONNECT, api.ConnectRequest(), timeout=60)
+            await client.call(
+                api.CONNECT, api.ConnectRequest(kubeconfig=StandInSession.kubeconfig), timeout=60
+            )
 
         async with trio.open_nursery() as caller:
             caller.start_soon(connect)
