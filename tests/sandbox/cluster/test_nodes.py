@@ -163,3 +163,23 @@ def test_cluster_ip_is_reachable_from_the_node_namespace(
         if done.returncode == 0 or time.monotonic() > deadline:
             break
     assert done.stdout == "from the node\n", done.stderr
+
+
+async def test_a_deleted_node_is_registered_again_by_the_heartbeat(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = Api(clock=lambda: 1.8e9 + trio.current_time())
+    api.bootstrap()
+    ctx = RequestContext(User("system:node:n1", ("system:masters",)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(nodestatus.serve_node_status, api, ctx, "n1", "10.244.0.1", tmp_path)
+        first = api.store.get("/nodes", "", "n1")
+        assert first is not None
+        api.store.remove("/nodes", "", "n1")
+        await trio.sleep(nodestatus.LEASE_RENEW_INTERVAL + 1)
+        again = api.store.get("/nodes", "", "n1")
+        assert again is not None and again["metadata"]["uid"] != first["metadata"]["uid"]
+        lease = api.store.get("coordination.k8s.io/leases", "kube-node-lease", "n1")
+        assert lease is not None
+        assert lease["metadata"]["ownerReferences"][0]["uid"] == again["metadata"]["uid"]
+        nursery.cancel_scope.cancel()

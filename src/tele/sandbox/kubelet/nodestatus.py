@@ -196,22 +196,10 @@ async def _node_event(api: Api, ctx: RequestContext, name: str, reason: str, mes
         log.debug("node event %s not recorded: %s", reason, exc.message)
 
 
-async def serve_node_status(
-    api: Api,
-    ctx: RequestContext,
-    name: str,
-    internal_ip: str,
-    state_dir: Path,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Register the Node (replacing an older registration of the same name), then keep its
-    heartbeat until cancelled."""
+async def _register(api: Api, ctx: RequestContext, name: str, body: dict[str, Any]) -> None:
+    """The Node, the lease namespace and the node's Lease, created or brought up to date."""
     node_rt = by_kind("", "Node")
-    lease_rt = by_kind("coordination.k8s.io", "Lease")
-    ns_rt = by_kind("", "Namespace")
-    assert node_rt is not None and lease_rt is not None and ns_rt is not None
-    body = node_body(name, internal_ip, state_dir, _now(api.clock()))
+    assert node_rt is not None
     await _ensure(api, "Node", "", "", body, ctx)
     node = api.get(node_rt, "", name)
     await _ensure(
@@ -241,6 +229,24 @@ async def serve_node_status(
         },
     }
     await _ensure(api, "Lease", "coordination.k8s.io", LEASE_NAMESPACE, lease, ctx)
+
+
+async def serve_node_status(
+    api: Api,
+    ctx: RequestContext,
+    name: str,
+    internal_ip: str,
+    state_dir: Path,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Register the Node (replacing an older registration of the same name), then keep its
+    heartbeat until cancelled; a Node or Lease deleted meanwhile is registered again."""
+    node_rt = by_kind("", "Node")
+    lease_rt = by_kind("coordination.k8s.io", "Lease")
+    assert node_rt is not None and lease_rt is not None
+    body = node_body(name, internal_ip, state_dir, _now(api.clock()))
+    await _register(api, ctx, name, body)
     await _node_event(api, ctx, name, "Starting", "Starting kubelet.")
     for condition in body["status"]["conditions"]:
         reason = {
@@ -251,11 +257,20 @@ async def serve_node_status(
         }[condition["type"]]
         await _node_event(api, ctx, name, reason, f"Node {name} status is now: {reason}")
     task_status.started()
+
+    async def register_again() -> None:
+        await _register(api, ctx, name, node_body(name, internal_ip, state_dir, _now(api.clock())))
+
     transition = body["status"]["conditions"][-1]["lastTransitionTime"]
     last_status = trio.current_time()
     while True:
         await trio.sleep(LEASE_RENEW_INTERVAL)
         try:
+            if api.store.get("/nodes", "", name) is None:
+                log.info("node %s was deleted: registering it again", name)
+                await _register(
+                    api, ctx, name, node_body(name, internal_ip, state_dir, _now(api.clock()))
+                )
             current = api.get(lease_rt, LEASE_NAMESPACE, name)
             renewed = {
                 **current,
@@ -271,4 +286,13 @@ async def serve_node_status(
                 }
                 await api.update(node_rt, "", name, {**current, "status": status}, ctx)
         except StatusError as exc:
-            log.warning("node heartbeat of %s failed: %s", name, exc)
+            if exc.code != 404:
+                log.warning("node heartbeat of %s failed: %s", name, exc)
+                continue
+            log.info("the lease of node %s is gone: registering again", name)
+            try:
+                await _register(
+                    api, ctx, name, node_body(name, internal_ip, state_dir, _now(api.clock()))
+                )
+            except StatusError as again:
+                log.warning("registering node %s again failed: %s", name, again)
