@@ -22,6 +22,7 @@ import httpcore
 import httpx
 import trio
 
+from tele import jsonlimits
 from tele.errors import ConnectionFailed, TeleError
 from tele.k8s.config import ClusterConnection, load_connection
 
@@ -414,18 +415,28 @@ class KubeClient:
                     await response.aread()
                     self._decode(response)
                 error: ApiError | None = None
-                async with aclosing(cast(AsyncGenerator[str], response.aiter_lines())) as lines:
+                chunks = cast(AsyncGenerator[bytes], response.aiter_bytes())
+                async with aclosing(_watch_lines(chunks)) as lines:
                     async for line in lines:
                         if error is not None or not line.strip():
                             continue  # after an ERROR the server ends the response: drain it
                         try:
+                            jsonlimits.check_depth(line)
                             event = json.loads(line)
-                        except ValueError:
+                            if not isinstance(event, dict) or "type" not in event:
+                                raise ValueError("not a watch event")
+                        except (ValueError, RecursionError):
                             error = ApiError(500, "", "the API server sent a malformed watch event")
                             continue
                         if event.get("type") == "ERROR":
-                            status = event.get("object") or {}
-                            error = _api_error(int(status.get("code") or 500), status, line)
+                            status = event.get("object")
+                            status = status if isinstance(status, dict) else {}
+                            code = status.get("code")
+                            code = code if isinstance(code, int) and 100 <= code < 600 else 500
+                            error = _api_error(code, status, line.decode("utf-8", "replace"))
+                            continue
+                        if not isinstance(event.get("object"), dict):
+                            error = ApiError(500, "", "the API server sent a malformed watch event")
                             continue
                         yield WatchEvent(event["type"], event["object"])
                 if error is not None:
@@ -599,3 +610,28 @@ class _ClosingStream(httpcore.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
+
+
+MAX_WATCH_EVENT = 16 * 1024 * 1024
+"""Largest watch event line taken from an API server (objects are at most ~1.5 MiB in etcd):
+a server that never ends a line cannot make the watcher hold gigabytes."""
+
+
+async def _watch_lines(chunks: AsyncGenerator[bytes]) -> AsyncGenerator[bytes]:
+    """The newline-delimited lines of a watch response, each at most MAX_WATCH_EVENT bytes."""
+    buffer = bytearray()
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            searched = len(buffer)
+            buffer += chunk
+            start = 0
+            while (end := buffer.find(b"\n", max(start, searched))) >= 0:
+                yield bytes(buffer[start:end])
+                start = end + 1
+            del buffer[:start]
+            if len(buffer) > MAX_WATCH_EVENT:
+                raise ApiError(
+                    500, "", f"the API server sent a watch event over {MAX_WATCH_EVENT} bytes"
+                )
+    if buffer:
+        yield bytes(buffer)
