@@ -136,3 +136,35 @@ def test_any_body_is_answered_with_a_status(tls: WebhookTLS, body: bytes) -> Non
     json.dumps(reply)  # the reply can always be sent
     if status == 200:
         assert reply["response"]["allowed"] is True
+
+
+async def test_a_peer_holding_connections_cannot_crowd_out_the_api_server(
+    nursery: trio.Nursery, tls: WebhookTLS
+) -> None:
+    server = WebhookServer(tls)
+    server.max_per_peer = 3
+    port = await nursery.start(server.serve, 0, "127.0.0.1")
+    # A pod (127.0.0.2 here) opens connections and never speaks TLS on them.
+    hogs = []
+    for _ in range(10):
+        sock = trio.socket.socket()
+        await sock.bind(("127.0.0.2", 0))
+        await sock.connect(("127.0.0.1", port))
+        hogs.append(trio.SocketStream(sock))
+    try:
+        refused = 0
+        for hog in hogs[3:]:
+            with trio.fail_after(5):
+                refused += await hog.receive_some(10) == b""  # closed at once
+        assert refused == 7
+        # The API server (another address) is served as before.
+        transport = httpx.AsyncHTTPTransport(
+            local_address="127.0.0.1", verify=client_context(tls.ca_pem)
+        )
+        async with httpx.AsyncClient(
+            base_url=f"https://127.0.0.1:{port}", transport=transport, timeout=10
+        ) as api_server:
+            assert (await api_server.post(WEBHOOK_PATH, json=review())).status_code == 200
+    finally:
+        for hog in hogs:
+            await hog.aclose()

@@ -37,6 +37,8 @@ SERVICE_NAME = "agent-injector"
 WEBHOOK_PATH = "/traffic-agent"
 MAX_BODY = 3 * 1024 * 1024  # the API server never sends more (its own request limit)
 RENEW_BEFORE = datetime.timedelta(days=30)
+MAX_CONNECTIONS_PER_PEER = 32
+"""Webhook connections one address may hold at once (the API server reuses a few)."""
 
 Review = dict[str, Any]
 Mutator = Callable[[Review], Awaitable[Review]]
@@ -207,6 +209,8 @@ class WebhookServer:
         self.context: ssl.SSLContext = server_context(tls.pair, alpn=["http/1.1"])
         self.mutator = mutator
         self.reviews = 0
+        self.max_per_peer = MAX_CONNECTIONS_PER_PEER
+        self._open: dict[str, int] = {}
 
     async def serve(
         self,
@@ -222,7 +226,20 @@ class WebhookServer:
             task_status.started(listeners[0].socket.getsockname()[1])
 
     async def _connection(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        """One client connection; whatever goes wrong ends this connection only."""
+        """One client connection; whatever goes wrong ends this connection only. A peer
+        address holds at most `max_per_peer` connections: a pod that opens many and sends
+        nothing cannot crowd out the API server's calls."""
+        try:
+            peer = str(stream.transport_stream.socket.getpeername()[0])
+        except (OSError, IndexError, TypeError):
+            peer = "?"
+        if self._open.get(peer, 0) >= self.max_per_peer:
+            log.warning(
+                "webhook: refused a connection from %s (it holds %d)", peer, self.max_per_peer
+            )
+            await trio.aclose_forcefully(stream)
+            return
+        self._open[peer] = self._open.get(peer, 0) + 1
         try:
             with trio.fail_after(30):
                 await self._serve(stream)
@@ -238,6 +255,9 @@ class WebhookServer:
         except Exception:
             log.exception("webhook connection failed; closed")
         finally:
+            self._open[peer] -= 1
+            if not self._open[peer]:
+                del self._open[peer]
             await trio.aclose_forcefully(stream)
 
     async def _serve(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
