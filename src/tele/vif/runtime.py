@@ -170,6 +170,7 @@ class Stack:
         self._nursery: trio.Nursery | None = None
         self._v4, self._v6 = _ranges(cfg.subnets)
         self.counters = Counters()
+        self._failed_packets = 0
 
     def set_subnets(self, subnets: Sequence[Network]) -> None:
         """The routed subnets changed (the cluster's did): answer echo for the new ones."""
@@ -205,7 +206,14 @@ class Stack:
                     raise
                 self.counters.packets_in += 1
                 self.counters.bytes_in += len(buf)
-                self._on_packet(buf, now)
+                try:
+                    self._on_packet(buf, now)
+                except Exception:  # a bug on one packet drops that packet, not the session
+                    self.counters.dropped += 1
+                    self._failed_packets += 1
+                    if self._failed_packets in (1, 10) or self._failed_packets % 10_000 == 0:
+                        log.exception("a packet from the TUN failed (%d so far); dropped",
+                                      self._failed_packets)  # fmt: skip
             self._flush()
 
     # --- packets from the kernel ----------------------------------------------------------
