@@ -27,15 +27,11 @@ import trio
 from tele.errors import ConnectionFailed, UserError
 from tele.net.tunnel import (
     MAX_DATAGRAM,
-    DatagramDecoder,
     Destination,
     Protocol,
-    ResetReason,
-    TunnelProtocolError,
-    encode_datagram,
 )
 from tele.rpc.h2link import H2Stream
-from tele.rpc.tunnel import UDP_IDLE_TIMEOUT, reset, reset_reason, splice
+from tele.rpc.tunnel import UDP_IDLE_TIMEOUT, relay_datagrams, splice
 
 log = logging.getLogger(__name__)
 
@@ -188,41 +184,18 @@ async def _relay_datagrams(
     queue: trio.MemoryReceiveChannel[bytes],
     idle_timeout: float,
 ) -> None:
-    decoder = DatagramDecoder(MAX_DATAGRAM)
+    async def from_peer() -> bytes | None:
+        try:
+            return await queue.receive()
+        except trio.EndOfChannel:
+            return None
 
-    async def to_tunnel(idle: trio.CancelScope) -> None:
-        async for datagram in queue:
-            idle.deadline = trio.current_time() + idle_timeout
-            try:
-                await tunnel.send_all(encode_datagram(datagram))
-            except trio.BrokenResourceError as exc:
-                log.debug("forward: UDP flow of %s ended (%s)", peer, reset_reason(exc).value)
-                break
-        idle.cancel()
+    async def to_peer(datagram: bytes) -> None:
+        try:
+            await sock.sendto(datagram, peer)
+        except OSError as exc:
+            log.debug("forward: UDP reply to %s failed: %s", peer, exc)
 
-    async def from_tunnel(idle: trio.CancelScope) -> None:
-        while True:
-            try:
-                data = await tunnel.receive_some()
-                datagrams = decoder.feed(data)
-            except trio.BrokenResourceError as exc:
-                log.debug("forward: UDP flow of %s ended (%s)", peer, reset_reason(exc).value)
-                break
-            except TunnelProtocolError as exc:
-                log.warning("forward: UDP flow of %s reset: %s", peer, exc)
-                reset(tunnel, ResetReason.PROTOCOL)
-                break
-            if not data:
-                break
-            idle.deadline = trio.current_time() + idle_timeout
-            for datagram in datagrams:
-                try:
-                    await sock.sendto(datagram, peer)
-                except OSError as exc:
-                    log.debug("forward: UDP reply to %s failed: %s", peer, exc)
-        idle.cancel()
-
-    with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(to_tunnel, idle)
-            nursery.start_soon(from_tunnel, idle)
+    await relay_datagrams(
+        tunnel, from_peer, to_peer, name=f"forward: UDP flow of {peer}", idle_timeout=idle_timeout
+    )

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -401,57 +402,110 @@ async def relay_udp(
 ) -> ResetReason | None:
     """Relay datagrams between a tunnel stream (DATAGRAM framing) and a connected UDP socket
     until the tunnel ends or the flow is idle for `idle_timeout` (then HALF-CLOSE)."""
+
+    async def from_socket() -> bytes | None:
+        return await sock.recv(MAX_DATAGRAM)
+
+    async def to_socket(datagram: bytes) -> None:
+        try:
+            await sock.send(datagram)
+        except OSError as exc:  # e.g. ICMP unreachable reported on the next send
+            log.debug("tunnel: UDP send failed: %s", exc)
+
+    return await relay_datagrams(
+        tunnel,
+        from_socket,
+        to_socket,
+        name="tunnel: UDP flow",
+        idle_timeout=idle_timeout,
+        serving=True,
+    )
+
+
+async def relay_datagrams(
+    tunnel: trio.abc.HalfCloseableStream,
+    receive: Callable[[], Awaitable[bytes | None]],
+    deliver: Callable[[bytes], Awaitable[None]],
+    *,
+    name: str,
+    idle_timeout: float | None,
+    serving: bool = False,
+    read_size: int | None = None,
+) -> ResetReason | None:
+    """The one UDP-over-tunnel relay: datagrams from `receive()` (None: no more) go into the
+    tunnel stream with DATAGRAM framing, and each datagram out of it to `deliver`, until either
+    side ends or nothing moved either way for `idle_timeout` (None: the caller ends the flow).
+
+    The dialing side (`serving=False`: the daemon's forwarders, the VIF) ends the flow when the
+    tunnel half-closes or the flow is idle. The serving side (the tunnel server, next to the
+    destination) keeps sending replies after the dialer's half-close until idle, and on idle
+    half-closes the tunnel itself. A malformed datagram stream RESETs the tunnel (PROTOCOL);
+    an OSError from `receive` RESETs it with the matching reason. The reason the tunnel ended
+    with, if it was reset; None when it ended cleanly or idle.
+    """
     outcome: list[ResetReason] = []
     decoder = DatagramDecoder(MAX_DATAGRAM)
 
-    async def tunnel_to_udp(scope: trio.CancelScope, idle: trio.CancelScope) -> None:
+    def refresh(idle: trio.CancelScope) -> None:
+        if idle_timeout is not None:
+            idle.deadline = trio.current_time() + idle_timeout
+
+    def abort(reason: ResetReason) -> None:
+        if isinstance(tunnel, H2Stream):
+            reset(tunnel, reason)
+
+    async def tunnel_to_local(scope: trio.CancelScope, idle: trio.CancelScope) -> None:
         while True:
             try:
-                data = await tunnel.receive_some()
+                data = await tunnel.receive_some(read_size)
             except trio.BrokenResourceError as exc:
                 outcome.append(reset_reason(exc))
+                log.debug("%s ended (%s)", name, outcome[-1].value)
                 break
             try:
                 datagrams = decoder.feed(data)
-                if not data:
+                if not data and serving:
                     decoder.end()
             except TunnelProtocolError as exc:
-                log.warning("tunnel: UDP flow reset: %s", exc)
+                log.warning("%s reset: %s", name, exc)
                 outcome.append(ResetReason.PROTOCOL)
-                reset(tunnel, ResetReason.PROTOCOL)
+                abort(ResetReason.PROTOCOL)
                 break
             for datagram in datagrams:
-                try:
-                    await sock.send(datagram)
-                except OSError as exc:  # e.g. ICMP unreachable reported on the next send
-                    log.debug("tunnel: UDP send failed: %s", exc)
-            idle.deadline = trio.current_time() + idle_timeout
+                await deliver(datagram)
+            refresh(idle)
             if not data:
-                return  # the peer half-closed; replies may still come until idle
+                if serving:
+                    return  # the dialer half-closed; replies may still go until idle
+                break
         scope.cancel()
 
-    async def udp_to_tunnel(scope: trio.CancelScope, idle: trio.CancelScope) -> None:
+    async def local_to_tunnel(scope: trio.CancelScope, idle: trio.CancelScope) -> None:
         while True:
             try:
-                datagram = await sock.recv(MAX_DATAGRAM)
+                datagram = await receive()
             except OSError as exc:
                 reason = reason_for_oserror(exc)
                 outcome.append(reason)
-                reset(tunnel, reason)
+                abort(reason)
                 break
-            idle.deadline = trio.current_time() + idle_timeout
+            if datagram is None:
+                break
+            refresh(idle)
             try:
                 await tunnel.send_all(encode_datagram(datagram))
-            except trio.BrokenResourceError as exc:
+            except (trio.BrokenResourceError, TunnelProtocolError) as exc:
                 outcome.append(reset_reason(exc))
+                log.debug("%s ended (%s)", name, outcome[-1].value)
                 break
         scope.cancel()
 
-    with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
+    deadline = math.inf if idle_timeout is None else trio.current_time() + idle_timeout
+    with trio.CancelScope(deadline=deadline) as idle:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(tunnel_to_udp, nursery.cancel_scope, idle)
-            nursery.start_soon(udp_to_tunnel, nursery.cancel_scope, idle)
-    if idle.cancelled_caught and not outcome:
+            nursery.start_soon(tunnel_to_local, nursery.cancel_scope, idle)
+            nursery.start_soon(local_to_tunnel, nursery.cancel_scope, idle)
+    if serving and idle.cancelled_caught and not outcome:
         try:
             await tunnel.send_eof()
         except trio.BrokenResourceError:

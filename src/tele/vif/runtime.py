@@ -46,18 +46,14 @@ from tele.net.tcpstate import (
     Writable,
 )
 from tele.net.tunnel import (
-    MAX_DATAGRAM,
-    DatagramDecoder,
     Destination,
     Protocol,
     ResetReason,
-    TunnelProtocolError,
-    encode_datagram,
 )
 from tele.net.udp import UDPHeader
 from tele.net.udpflows import FiveTuple, UDPFlow, UDPFlowTable
 from tele.net.vnet import VNET_HDR_NONE, checksum_settled
-from tele.rpc.tunnel import TunnelError, reset_reason
+from tele.rpc.tunnel import TunnelError, relay_datagrams, reset_reason
 from tele.vif.routing import Network
 
 log = logging.getLogger(__name__)
@@ -582,36 +578,35 @@ class Stack:
                         unreachable = pk.Unreachable.HOST
                     self._write(pk.icmp_unreachable_for(first, first_packet.ip, unreachable))
                     return
-                async with stream, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._udp_out, handle, stream)
-                    await self._udp_in(flow, stream)
-                    nursery.cancel_scope.cancel()
+                async with stream:
+                    await self._relay_udp(flow, stream)
         finally:
             if self._udp.get(key) is flow:
                 self._udp.close(key)
 
-    async def _udp_out(self, handle: _Udp, stream: trio.abc.HalfCloseableStream) -> None:
-        async for payload in handle.receive:
-            try:
-                await stream.send_all(encode_datagram(payload))
-            except (trio.BrokenResourceError, TunnelProtocolError):
-                handle.scope.cancel()
-                return
+    async def _relay_udp(self, flow: UDPFlow[_Udp], stream: trio.abc.HalfCloseableStream) -> None:
+        """Datagrams of the flow both ways until either side ends; the flow table ends an
+        idle flow (its scope)."""
+        receive = flow.handle.receive
 
-    async def _udp_in(self, flow: UDPFlow[_Udp], stream: trio.abc.HalfCloseableStream) -> None:
-        decoder = DatagramDecoder(MAX_DATAGRAM)
-        while True:
+        async def from_app() -> bytes | None:
             try:
-                data = await stream.receive_some(TUNNEL_READ)
-                datagrams = decoder.feed(data)
-            except (trio.BrokenResourceError, TunnelProtocolError):
-                return
-            if not data:
-                return
-            now = trio.current_time()
-            for datagram in datagrams:
-                self._udp.inbound(flow.key, len(datagram), now)
-                self._write(flow.reply(datagram))
+                return await receive.receive()
+            except trio.EndOfChannel:
+                return None
+
+        async def to_app(datagram: bytes) -> None:
+            self._udp.inbound(flow.key, len(datagram), trio.current_time())
+            self._write(flow.reply(datagram))
+
+        await relay_datagrams(
+            stream,
+            from_app,
+            to_app,
+            name=f"udp {flow.key}",
+            idle_timeout=None,
+            read_size=TUNNEL_READ,
+        )
 
 
 def _ranges(subnets: Sequence[Network]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
