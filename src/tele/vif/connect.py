@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from tele.net.tunnel import Destination
 from tele.rpc import manager_api as mapi
 from tele.rpc.client import Client
 from tele.rpc.h2link import H2Stream
-from tele.vif import journal
+from tele.vif import journal, watchdog
 from tele.vif.privileges import LocalPrivileges, Privileges
 from tele.vif.service import DEFAULT_ADDRESS, DEFAULT_DEVICE, VifInfo, VifSettings, serve_vif
 
@@ -191,12 +192,20 @@ async def serve_network(
     `privileges`: who does the privileged steps (default: this process); it is closed on the
     way out (the helper undoes what is left and exits).
     """
+    guard: tuple[subprocess.Popen[bytes], int] | None = None
+    if privileges is None:  # this process changes the machine: someone must undo it if we die
+        guard = watchdog.start(journal.journal_path())
     try:
         await _serve_network(options, session, privileges, task_status)
     finally:
         if privileges is not None:
             with trio.CancelScope(shield=True):
                 await privileges.aclose()
+        if guard is not None:
+            process, pipe = guard
+            os.close(pipe)  # everything is undone: the watchdog finds nothing and exits
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await trio.to_thread.run_sync(process.wait)
 
 
 async def _serve_network(
