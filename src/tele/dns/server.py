@@ -75,7 +75,11 @@ class Upstream:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            data, peer = await self.sock.recvfrom(65535)
+            try:
+                data, peer = await self.sock.recvfrom(65535)
+            except OSError as exc:  # an ICMP error of an earlier send, say: not the end
+                log.debug("dns upstream: receiving: %s", exc)
+                continue
             if len(data) < 2 or (peer[0], peer[1]) not in self.servers:
                 continue
             (ident,) = struct.unpack_from("!H", data)
