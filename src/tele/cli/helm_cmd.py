@@ -8,14 +8,16 @@ terminal; results are one line on stdout; failures one line on stderr with the e
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 if TYPE_CHECKING:
+    from tele.helm.chart import Chart
     from tele.helm.ops import Outcome, Progress
     from tele.helm.values import ValueSources
+    from tele.k8s.client import KubeClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -156,6 +158,32 @@ def helm() -> None:
     """Install, upgrade, uninstall or lint the traffic manager (Helm chart inside tele)."""
 
 
+def _apply_chart(
+    kwargs: dict[str, Any],
+    apply: Callable[
+        [KubeClient, Chart, dict[str, Any], ValueSources, Progress], Awaitable[Outcome]
+    ],
+) -> Outcome:
+    """What install and upgrade share: the release name and values checked, the chart
+    rendered with them (bad values fail before any cluster access), then `apply` with a client
+    for the chosen context, with progress on a terminal."""
+    from tele.helm.chart import Chart
+    from tele.k8s.client import open_kube_client
+
+    sources = _sources(kwargs)
+    _check_release_name(kwargs["release_name"])
+    values = sources.build()
+
+    async def operation(progress: Progress) -> Outcome:
+        chart = await Chart.load()
+        await chart.merged(values)
+        async with open_kube_client(kwargs["kubeconfig"], kwargs["context"]) as kube:
+            return await apply(kube, chart, values, sources, progress)
+
+    outcome: Outcome = _run(operation)
+    return outcome
+
+
 @helm.command(short_help="Install the traffic manager.")
 @_target_options
 @_value_options
@@ -168,28 +196,20 @@ def helm() -> None:
 def install(**kwargs: Any) -> None:
     """Install the traffic manager, refusing namespaces another manager already manages."""
     from tele.helm import ops
-    from tele.helm.chart import Chart
-    from tele.k8s.client import open_kube_client
 
-    sources = _sources(kwargs)
-    _check_release_name(kwargs["release_name"])
-    values = sources.build()
-
-    async def operation(progress: Progress) -> Outcome:
-        chart = await Chart.load()
-        await chart.merged(values)  # bad values fail before any cluster access
-        async with open_kube_client(kwargs["kubeconfig"], kwargs["context"]) as kube:
-            return await ops.install(
-                kube,
-                chart,
-                values,
-                release=kwargs["release_name"],
-                namespace=kwargs["namespace"],
-                create_namespace=kwargs["create_namespace"],
-                progress=progress,
-            )
-
-    click.echo(_summary("Installed", _run(operation)))
+    outcome = _apply_chart(
+        kwargs,
+        lambda kube, chart, values, sources, progress: ops.install(
+            kube,
+            chart,
+            values,
+            release=kwargs["release_name"],
+            namespace=kwargs["namespace"],
+            create_namespace=kwargs["create_namespace"],
+            progress=progress,
+        ),
+    )
+    click.echo(_summary("Installed", outcome))
 
 
 @helm.command(short_help="Change the installed traffic manager's values or chart.")
@@ -200,30 +220,21 @@ def install(**kwargs: Any) -> None:
 def upgrade(**kwargs: Any) -> None:
     """Upgrade the traffic manager: apply the chart with new values and prune what it dropped."""
     from tele.helm import ops
-    from tele.helm.chart import Chart
-    from tele.k8s.client import open_kube_client
 
-    sources = _sources(kwargs)
-    _check_release_name(kwargs["release_name"])
-    values = sources.build()
-
-    async def operation(progress: Progress) -> Outcome:
-        chart = await Chart.load()
-        await chart.merged(values)  # bad values fail before any cluster access
-        async with open_kube_client(kwargs["kubeconfig"], kwargs["context"]) as kube:
-            return await ops.upgrade(
-                kube,
-                chart,
-                values,
-                release=kwargs["release_name"],
-                namespace=kwargs["namespace"],
-                reuse_values=kwargs["reuse_values"],
-                reset_values=kwargs["reset_values"],
-                values_given=not sources.empty,
-                progress=progress,
-            )
-
-    outcome = _run(operation)
+    outcome = _apply_chart(
+        kwargs,
+        lambda kube, chart, values, sources, progress: ops.upgrade(
+            kube,
+            chart,
+            values,
+            release=kwargs["release_name"],
+            namespace=kwargs["namespace"],
+            reuse_values=kwargs["reuse_values"],
+            reset_values=kwargs["reset_values"],
+            values_given=not sources.empty,
+            progress=progress,
+        ),
+    )
     pruned = f" Removed {len(outcome.pruned)} objects it no longer needs." if outcome.pruned else ""
     click.echo(_summary("Upgraded", outcome) + pruned)
 
