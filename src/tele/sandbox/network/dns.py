@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 from dnslib import QTYPE, RCODE, RR, SRV, A, DNSError, DNSRecord
+from dnslib.label import DNSLabelError
 
 from tele.sandbox.apiserver.store import Store
 
@@ -106,16 +107,28 @@ def _srv(qname: str, spec: ApiObject, target: str, _: None) -> list[RR]:
 
 
 def _answer_bytes(store: Store, data: bytes) -> bytes | None:
+    """The reply to one query, or None to drop it. Never raises for anything a client sends: a
+    question that cannot go back on the wire (a 64-byte label, a compression chain past 255
+    bytes) is FORMERR built from the header alone; a bug answers SERVFAIL, its traceback logged."""
     try:
         request = DNSRecord.parse(data)
-    except (DNSError, IndexError, struct.error, ValueError):
+    except (DNSError, IndexError, struct.error, ValueError, UnicodeError):
         return None
     try:
         return bytes(resolve(store, request).pack())
-    except (DNSError, ValueError, KeyError):
-        reply = request.reply()
-        reply.header.rcode = RCODE.SERVFAIL
-        return bytes(reply.pack())
+    except (DNSError, DNSLabelError):
+        rcode = RCODE.FORMERR
+    except Exception:
+        log.exception("cluster DNS: a query failed; answering SERVFAIL")
+        rcode = RCODE.SERVFAIL
+    return _header_only(data, rcode)
+
+
+def _header_only(query: bytes, rcode: int) -> bytes:
+    """A reply with `rcode` and no sections, built from the query's header alone (its question
+    may be what cannot be packed)."""
+    ident, flags = struct.unpack_from("!HH", query)
+    return struct.pack("!6H", ident, 0x8000 | 0x0080 | (flags & 0x7900) | rcode, 0, 0, 0, 0)
 
 
 async def _udp(store: Store, sock: trio.socket.SocketType) -> None:
