@@ -6,6 +6,10 @@ sentence and exits with `error.exit_code`.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
 
 class TeleError(Exception):
     """A failure with a message meant for a person: one sentence, what to do next if known."""
@@ -42,3 +46,12 @@ def single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
     collect(group)
     return leaves[0] if len(leaves) == 1 else group
+
+
+def first_leaf(group: BaseExceptionGroup[E]) -> E:
+    """The first exception inside nested groups: what `except* SomeError as group` caught,
+    when one sentence is all a caller can show."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc  # type: ignore[return-value]  # a split group's leaves are all E

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import trio
+
 from tele.cli.quick import translate
 from tele.errors import ConnectionFailed, UserError
 from tele.rpc.errors import Code, RpcError
@@ -25,3 +28,28 @@ def test_user_mistakes_stay_user_errors() -> None:
     ):
         error = translate(RpcError(code, "nope"))
         assert isinstance(error, UserError) and error.exit_code == 1
+
+
+async def _in_a_nursery(exc: BaseException) -> None:
+    async def fail() -> None:
+        raise exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fail)
+
+
+def test_a_command_body_error_from_inside_a_nursery_comes_out_as_one_sentence() -> None:
+    from tele.cli import client
+
+    with pytest.raises(UserError, match=r"^no such workload$"):
+        client.run(lambda: _in_a_nursery(RpcError(Code.NOT_FOUND, "no such workload")))
+    with pytest.raises(ConnectionFailed, match=r"^The manager went away$"):
+        client.run(lambda: _in_a_nursery(ConnectionFailed("The manager went away")))
+    with pytest.raises(UserError, match=r"^bare$"):
+        client.run(lambda: _in_a_nursery_or_not(UserError("bare")))
+    with pytest.raises(ExceptionGroup):  # a bug stays a bug, with its traceback
+        client.run(lambda: _in_a_nursery(KeyError("bug")))
+
+
+async def _in_a_nursery_or_not(exc: BaseException) -> None:
+    raise exc

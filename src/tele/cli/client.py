@@ -20,7 +20,7 @@ import trio
 
 from tele import paths, unixsock
 from tele.cli.quick import translate
-from tele.errors import ConnectionFailed, TeleError, UserError
+from tele.errors import ConnectionFailed, TeleError, UserError, first_leaf
 from tele.rpc.client import Client, open_client
 from tele.rpc.errors import RpcError
 from tele.rpc.method import Req, Resp, Unary
@@ -192,17 +192,7 @@ def run(async_fn: Callable[[], Awaitable[T]]) -> T:
     """trio.run for a command body, with RPC errors turned into one-sentence TeleErrors."""
     try:
         return trio.run(async_fn)
-    except BaseException as exc:
-        error = _sole_error(exc)
-        if isinstance(error, RpcError):
-            raise translate(error) from exc
-        if isinstance(error, TeleError) and error is not exc:
-            raise error from exc
-        raise
-
-
-def _sole_error(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-member groups (trio's nurseries wrap errors)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+    except* RpcError as group:
+        raise translate(first_leaf(group)) from group
+    except* TeleError as group:
+        raise first_leaf(group) from None  # the sentence is all the user needs
