@@ -1,8 +1,10 @@
-"""Image name -> Python module run as the container's main program.
+"""Image name -> Python module of this venv, for the images that do not run from their image yet.
 
-The sandbox pulls nothing: an image is known when it is listed here (tag and registry host are
-ignored, so `ghcr.io/x/tele-sandbox/echo:1.2` is the echo image too). Other parts of tele register
-their own images (manager, agent) with `register`.
+Every other image is pulled and run by runc. These still run as modules (tag and registry host
+ignored) because their images lack something the module gets from this venv or this machine:
+`tele-sandbox/worker` is used as a shell with this machine's tools (sh, curl, socat); the echo
+image has h11 but not h2 (h2c and TLS+ALPN answers); the echo-tls image does not tell the program
+to serve TLS; tele's image has no `nft` for `agent-init`.
 """
 
 from __future__ import annotations
@@ -10,9 +12,7 @@ from __future__ import annotations
 IMAGES: dict[str, str] = {
     "tele-sandbox/echo": "tele.sandbox.images.echo",
     "tele-sandbox/echo-tls": "tele.sandbox.images.echo",
-    "tele-sandbox/l4-echo": "tele.sandbox.images.l4echo",
     "tele-sandbox/worker": "tele.sandbox.images.worker",
-    "tele-sandbox/frontend": "tele.sandbox.images.frontend",
     # tele's own images: the Helm chart's manager and the injected agent (`agent`/`agent-init`).
     # tele's one image (manager by default, `agent`/`agent-init` by args), under both names.
     "tele/traffic-manager": "tele.sandbox.images.tele_image",

@@ -85,6 +85,7 @@ class Kubelet:
         if runtime.runc_available():
             self.images = ImageStore(images_dir or state_dir / "images")
         self.mirror: Mirror | None = None
+        self._pull_locks: dict[str, trio.Lock] = {}
         if registry is not None:
             self.mirror = Mirror(registry.address, registry.credentials, registry.ca_file)
 
@@ -128,6 +129,9 @@ class Kubelet:
             if name.startswith(f"{self.cluster}-pod-"):
                 await netns.delete(name)
         await netns.delete(self.node_ns)
+
+    def pull_lock(self, name: str) -> trio.Lock:
+        return self._pull_locks.setdefault(name, trio.Lock())
 
     def _cleanup_containers(self) -> None:
         runtime.cleanup_sync(self.cluster, self.state_dir / "containers")
@@ -676,7 +680,9 @@ class PodWorker:
             return module
         policy = run.spec.get("imagePullPolicy") or default_pull_policy(ref)
         present = await trio.to_thread.run_sync(store.lookup, store_name(ref))
-        if present is not None and policy != "Always":
+        # Without a registry (the test and benchmark clusters) a present image is used, as
+        # on a node with preloaded images.
+        if present is not None and (policy != "Always" or self.kubelet.mirror is None):
             await self.kubelet.event(
                 self.pod, "Pulled", f'Container image "{name}" already present on machine'
             )
@@ -693,7 +699,10 @@ class PodWorker:
             await self.kubelet.event(self.pod, "Pulling", f'Pulling image "{name}"')
             started = time.monotonic()
             try:
-                image = await pull_image(store, ref, self._pull_secrets(), self.kubelet.mirror)
+                # One pull of an image at a time (the kubelet's serializeImagePulls): the pods
+                # of a Deployment share its layers rather than fetching them side by side.
+                async with self.kubelet.pull_lock(store_name(ref)):
+                    image = await pull_image(store, ref, self._pull_secrets(), self.kubelet.mirror)
             except ImageError as exc:
                 msg = f'Failed to pull image "{name}": {exc}'
                 self._waiting(run, "ErrImagePull", msg)

@@ -9,6 +9,9 @@ the node's own credentials. A reference naming the sandbox registry itself (`127
 is fetched from it with the pod's pull secrets only, so wrong or missing credentials show as
 they would on a real node. Registries elsewhere are not contacted: the sandbox's traffic stays
 on this machine (loopback), and such a pull fails saying so.
+
+A node without the sandbox registry (the test and benchmark clusters) has the sandbox's own
+images preloaded, as `kind load` does: they come from tele's local image build cache.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import trio
 
+from tele.errors import TeleError
 from tele.image.credentials import Credentials, credentials_from_docker_config
 from tele.image.errors import InvalidDockerConfig, NotFound, RegistryError
 from tele.image.reference import DOCKER_HUB, Reference
@@ -96,12 +100,37 @@ def store_name(ref: Reference) -> str:
     return str(ref)
 
 
+def _preload_sandbox_image(store: ImageStore, ref: Reference) -> Image | None:
+    """The sandbox's image `ref` (e.g. docker.io/tele-sandbox/echo:latest) from the local build
+    cache into the store; None when `ref` is not one of them."""
+    from tele.image.build import SANDBOX_IMAGES, SANDBOX_TAG, build_sandbox_images
+
+    if ref.registry != DOCKER_HUB or ref.digest is not None or ref.tag not in (None, SANDBOX_TAG):
+        return None
+    if ref.repository not in {spec.repository for spec in SANDBOX_IMAGES}:
+        return None
+    try:
+        built = build_sandbox_images()[ref.repository].image
+    except (TeleError, OSError) as exc:
+        raise ImageError(f"the sandbox's image {ref.repository} cannot be built: {exc}") from exc
+    for layer in built.layers:
+        if not store.has_layer(layer.diff_id):
+            store.add_layer(
+                layer.path, "application/vnd.oci.image.layer.v1.tar+gzip", layer.diff_id
+            )
+    return store.record(store_name(ref), built.digest, built.config_bytes, built.size)
+
+
 async def pull_image(
     store: ImageStore, ref: Reference, secrets: list[Obj], mirror: Mirror | None
 ) -> Image:
     """Resolve, fetch and unpack `ref`; raise ImageError saying why it failed (the text after
     `Failed to pull image "X": ` in the kubelet's event)."""
     name = store_name(ref)
+    if mirror is None:
+        preloaded = await trio.to_thread.run_sync(_preload_sandbox_image, store, ref)
+        if preloaded is not None:
+            return preloaded
     try:
         client = client_for(ref, secrets, mirror)
         async with client:
