@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
 import urllib.error
 import urllib.request
 
@@ -59,8 +60,14 @@ def main() -> None:
     port = int(os.environ.get("PORT", "8080"))
     server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler)
     server.daemon_threads = True
+    # As its container's PID 1 the program gets no default action for SIGTERM: without a
+    # handler a pod deletion would wait for the whole grace period and SIGKILL.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"frontend on :{port}, backend {BACKEND}", flush=True)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import trio
@@ -34,6 +35,9 @@ async def _main() -> None:
 
 
 def main() -> None:
+    # As its container's PID 1 the program gets no default action for SIGTERM: without a
+    # handler a pod deletion would wait for the whole grace period and SIGKILL.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         trio.run(_main)
     except KeyboardInterrupt:
