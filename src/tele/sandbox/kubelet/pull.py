@@ -133,7 +133,7 @@ async def pull_image(
             return preloaded
     try:
         client = client_for(ref, secrets, mirror)
-        async with client:
+        try:
             resolved = await client.resolve(ref)
             diff_ids = resolved.config.rootfs.diff_ids
             size = sum(layer.size for layer in resolved.layers)
@@ -153,6 +153,10 @@ async def pull_image(
             return await trio.to_thread.run_sync(
                 store.record, name, resolved.digest, resolved.config_bytes, size
             )
+        finally:
+            # Also when the pod goes away mid-pull: no connection left for the GC to find.
+            with trio.CancelScope(shield=True):
+                await client.aclose()
     except RegistryError as exc:
         code = "NotFound" if isinstance(exc, NotFound) else "Unknown"
         raise ImageError(
