@@ -168,3 +168,29 @@ async def test_stream_limit_holds_while_closed_streams_are_swept(
         for stream in [*held, *servers]:
             stream.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_empty_data_frame_is_not_read_as_the_end_of_the_stream() -> None:
+    # A zero-length DATA frame is legal (RFC 9113 6.1); to a trio stream's reader an empty
+    # read means EOF, which only END_STREAM may say.
+    async with trio.open_nursery() as nursery:
+        link, incoming = await open_link_pair(nursery)
+        client = await link.open_stream([(":method", "CONNECT"), (":authority", "a:1")])
+        server = await incoming.receive()
+        link._conn.send_data(client.stream_id, b"")
+        link._kick_writer()
+        await link.ping()  # its answer comes after the peer took the empty frame
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(await server.receive_some())
+
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []  # still waiting for data
+        await client.send_all(b"after")
+        await client.send_eof()
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [b"after"]
+        assert await server.receive_some() == b""
+        nursery.cancel_scope.cancel()

@@ -1,57 +1,18 @@
-"""tele.rpc.h2state.StreamCore with plain bytes: credit goes back exactly as the consumer reads
-(or as unread data is thrown away), and the ends and resets decide what a close sends and what a
-send or receive raises. No link, no trio run."""
+"""tele.rpc.h2state.StreamCore with plain bytes: the ends and resets decide what a close sends
+and what a send or receive raises (its credit is tele.net.h2credit's: tests/net/test_h2credit.py).
+No link, no trio run."""
 
 from __future__ import annotations
 
 import h2.errors
 import pytest
 import trio
-from hypothesis import given
-from hypothesis import strategies as st
 
 from tele.rpc.h2state import CloseAction, LinkBroken, StreamCore, StreamReset
 
 
 def _client_stream() -> StreamCore:
     return StreamCore(1, needs_response=False)
-
-
-@given(
-    st.lists(st.binary(min_size=1, max_size=50), max_size=20),
-    st.lists(st.integers(1, 120), min_size=1, max_size=20),
-)
-def test_reads_return_the_bytes_in_order_and_exactly_their_credit(
-    chunks: list[bytes], limits: list[int]
-) -> None:
-    core = _client_stream()
-    for chunk in chunks:
-        core.receive(chunk)
-    received = b"".join(chunks)
-    assert core.buffered == len(received)
-    read = b""
-    credit = 0
-    for limit in limits:
-        if not core.buffered:
-            break
-        data = core.take(limit)
-        assert 0 < len(data) <= limit
-        read += data
-        credit += len(data)
-    credit += core.discard()
-    assert received.startswith(read)
-    assert credit == len(received)  # every byte credited once: read or discarded
-    assert core.buffered == 0
-
-
-def test_a_read_joins_whole_chunks_up_to_its_limit_and_splits_only_the_first() -> None:
-    core = _client_stream()
-    for chunk in (b"abc", b"de", b"fghij"):
-        core.receive(chunk)
-    assert core.take(6) == b"abcde"  # "fghij" would pass the limit: left whole
-    assert core.take(2) == b"fg"
-    assert core.buffered == 3
-    assert core.take(100) == b"hij"
 
 
 def test_closing_with_unread_data_resets_cancel_or_no_error_after_our_end() -> None:

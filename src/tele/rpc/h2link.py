@@ -438,6 +438,8 @@ class H2Link:
             self._on_goaway(event)
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
+        """The one place an incoming stream becomes a handler task: a limit on streams per
+        link, or on handler tasks across links, refuses here (REFUSED_STREAM, as below)."""
         stream_id = event.stream_id
         headers = _headers(event.headers)
         if self._handler is None or self._nursery is None or self._closing:

@@ -11,10 +11,11 @@ The exception types are trio's stream errors (the contract of a trio stream), no
 from __future__ import annotations
 
 import enum
-from collections import deque
 
 import h2.errors
 import trio
+
+from tele.net.h2credit import ReceiveBuffer
 
 
 class LinkBroken(trio.BrokenResourceError):
@@ -46,18 +47,15 @@ class CloseAction(enum.Enum):
     RESET_NO_ERROR = enum.auto()  # unread data after our END_STREAM: RST_STREAM(NO_ERROR)
 
 
-class StreamCore:
-    """The state of one stream: what was received and not read, and how far each side got.
-
-    Credit: every byte `receive`d is owed back to the peer as flow-control credit exactly once,
-    when it is read (`take`) or thrown away (`discard`), so the peer can never have more in
-    flight than the window advertised, however slow the consumer.
+class StreamCore(ReceiveBuffer):
+    """The state of one stream: what was received and not read (`ReceiveBuffer`: credit goes
+    back to the peer only as it is read or thrown away, so the peer can never have more in
+    flight than the window advertised, however slow the consumer), and how far each side got.
     """
 
     def __init__(self, stream_id: int, *, needs_response: bool) -> None:
+        super().__init__()
         self.stream_id = stream_id
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
         self._remote_ended = False
         self._local_ended = False
         self._closed = False
@@ -69,47 +67,6 @@ class StreamCore:
         # Client side, opened without waiting for the response: a refusal of the response,
         # raised by every later send or receive.
         self._refusal: BaseException | None = None
-
-    # --- received data and its credit -------------------------------------------------------
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet read: credit not yet returned to the peer."""
-        return self._buffered
-
-    def receive(self, data: bytes) -> None:
-        """Hold DATA from the peer for the consumer (on a stream not closed: see `closed`)."""
-        self._chunks.append(data)
-        self._buffered += len(data)
-
-    def take(self, limit: int) -> bytes:
-        """Up to `limit` buffered bytes (some must be buffered); their length is the credit
-        the caller now returns to the peer."""
-        chunks = self._chunks
-        first = chunks[0]
-        if len(first) >= limit:
-            data = first[:limit]
-            if len(first) == limit:
-                chunks.popleft()
-            else:
-                chunks[0] = first[limit:]
-        else:
-            parts = [chunks.popleft()]
-            size = len(first)
-            while chunks and size + len(chunks[0]) <= limit:
-                chunk = chunks.popleft()
-                parts.append(chunk)
-                size += len(chunk)
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._buffered -= len(data)
-        return data
-
-    def discard(self) -> int:
-        """Throw away what was not read; returns the credit the caller now returns."""
-        credit = self._buffered
-        self._chunks.clear()
-        self._buffered = 0
-        return credit
 
     # --- the two ends ----------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ import h2.settings
 import trio
 
 from tele.net.h2conn import Connection
+from tele.net.h2credit import ReceiveBuffer
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +37,19 @@ class _Stream:
     """One request: its body as it arrives, and whether the peer is still there."""
 
     __slots__ = (
-        "body",
         "closed",
         "complete",
         "ended",
         "event",
         "headers_sent",
+        "inbound",
         "response_headers",
         "status",
         "window_open",
     )
 
     def __init__(self) -> None:
-        self.body: deque[bytes] = deque()
+        self.inbound = ReceiveBuffer()  # the request body; credit returned as the app reads
         self.complete = False
         self.closed = False
         self.event = trio.Event()  # new body data, end of body or reset
@@ -174,7 +174,7 @@ class H2ServerConnection:
             if st is None:
                 self.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
                 return False
-            st.body.append(event.data)
+            st.inbound.receive(event.data)
             # Padding is never handed to the app: credit it back now.
             padding = event.flow_controlled_length - len(event.data)
             if padding:
@@ -206,37 +206,36 @@ class H2ServerConnection:
     ) -> None:
         scope = self._scope(raw_headers)
 
+        told_end = False  # the app was told "no more body" (once, then only a disconnect)
+
         async def receive() -> dict[str, Any]:
+            nonlocal told_end
             while True:
-                if st.body:
-                    chunk = st.body.popleft()
+                if st.inbound.buffered:
+                    chunk = st.inbound.take(_READ_SIZE)
                     if not st.closed and not self.closed:
                         try:
                             self.conn.acknowledge_received_data(len(chunk), stream_id)
                         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                             pass
                         await self.flush()
-                    more = bool(st.body) or not st.complete
+                    more = bool(st.inbound.buffered) or not st.complete
+                    told_end = not more
                     return {"type": "http.request", "body": chunk, "more_body": more}
                 if st.closed or self.closed:
                     return {"type": "http.disconnect"}
                 if st.complete:
+                    if not told_end:
+                        # A body-less request, or one whose end came after its last data (an
+                        # empty DATA frame or trailers with END_STREAM).
+                        told_end = True
+                        return {"type": "http.request", "body": b"", "more_body": False}
                     # The body was read; what remains is waiting for the client to go away.
                     await st.event.wait()
                     if st.closed or self.closed:
                         return {"type": "http.disconnect"}
                     continue
                 await st.event.wait()
-
-        # The first receive of a body-less request must still say "no more body".
-        first = {"done": False}
-
-        async def receive_first() -> dict[str, Any]:
-            if not first["done"]:
-                first["done"] = True
-                if st.complete and not st.body:
-                    return {"type": "http.request", "body": b"", "more_body": False}
-            return await receive()
 
         async def send(message: dict[str, Any]) -> None:
             if st.closed or self.closed:
@@ -275,7 +274,7 @@ class H2ServerConnection:
             await self.flush()
 
         try:
-            await self.app(scope, receive_first, send)
+            await self.app(scope, receive, send)
         except Exception:
             log.exception("unhandled error in request handler")
         finally:
