@@ -16,10 +16,8 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import socket
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +28,15 @@ from tele import __version__
 from tele.contracts import agentconfig
 from tele.contracts.namespaces import NamespaceSelector
 from tele.k8s import client as k8s
-from tele.k8s.client import ApiError, KubeClient
+from tele.k8s.client import KubeClient
 from tele.manager.agents import AgentRegistry
 from tele.manager.changes import Changes
+from tele.manager.clients import ClientSessions
 from tele.manager.dialback import DialBack
 from tele.manager.engage import AgentSettings, Engagements
+from tele.manager.feed import ClusterFeed
 from tele.manager.rollouts import Rollouts
-from tele.manager.sessions import Presence, Session, SessionTable
+from tele.manager.sessions import Presence
 from tele.manager.state import AgentWorkloads
 from tele.manager.table import EngagementTable
 from tele.manager.view import ClusterView
@@ -47,7 +47,7 @@ from tele.rpc.agent_api import PAST_TENSE
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import TUNNEL_STREAMS, LinkSettings
 from tele.rpc.method import Empty
-from tele.rpc.server import CALLER, PeerConnections, Router, serve_connection
+from tele.rpc.server import PeerConnections, Router, serve_connection
 from tele.rpc.tunnel import TunnelServer
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ def _cidrs(value: str | None) -> tuple[str, ...]:
 
 
 class Manager:
-    """State and handlers of one traffic manager."""
+    """One traffic manager: its parts wired together and served (`serve`), and the cluster
+    queries of client sessions (cluster info, DNS lookups, workload lists)."""
 
     def __init__(
         self,
@@ -150,13 +151,6 @@ class Manager:
             cluster_domain=config.cluster_domain,
             configured_pod_subnets=list(config.pod_subnets),
         )
-        self.sessions = SessionTable[api.ClientIdentity](config.session_lease)
-        self.service_subnets: list[str] = list(config.service_subnets)
-        self.dns_ip = ""
-        self._view_changed = trio.Event()
-        self._sessions_changed = trio.Event()
-        self._ready = {"Namespace": trio.Event()}
-        self.on_session_end: list[Callable[[Session[api.ClientIdentity]], None]] = []
         self.webhook: WebhookServer | None = None
         # Workloads that clients engaged: their pods get an agent (kind, namespace, name); kept
         # in a ConfigMap so that a new manager pod still injects it.
@@ -166,12 +160,35 @@ class Manager:
         # Clients whose last connection closed: their engagements are suspended meanwhile.
         self.presence = Presence(on_change=changes.notify)
         self.table = EngagementTable()
+
+        def wake_reaper() -> None:  # the reaper (of `clients`) also ends agents' sessions
+            self.clients.wake_reaper()
+
         self.agents = AgentRegistry(
-            clock=clock, changes=changes, wake_reaper=self.wake_reaper, manager_ip=config.pod_ip
+            clock=clock, changes=changes, wake_reaper=wake_reaper, manager_ip=config.pod_ip
+        )
+        self.clients = ClientSessions(
+            lease=config.session_lease,
+            clock=clock,
+            view=self.view,
+            managed=config.selector.describe,
+            cluster_info=self.cluster_info,
+            agents=self.agents,
+            presence=self.presence,
+        )
+        self.sessions = self.clients.sessions
+        self.on_session_end = self.clients.on_session_end
+        self.feed = ClusterFeed(
+            kube,
+            self.view,
+            namespace=config.namespace,
+            service_subnets=list(config.service_subnets),
+            missing_kind_retry=config.missing_kind_retry,
+            pod_changed=self.agents.pod_changed,
         )
         self.rollouts = Rollouts(
             view=self.view,
-            view_changed=self.view_changed,
+            view_changed=self.feed.changed,
             kube=kube,
             agent_workloads=self.agent_workloads,
             agents_of=self.agents.of_workload,
@@ -181,11 +198,11 @@ class Manager:
         self.dials = DialBack(
             engagement=self.table.by_engagement_id,
             agent_alive=lambda session_id: self.agents.get(session_id) is not None,
-            client_alive=lambda session_id: self.sessions.get(session_id, self.clock()) is not None,
+            client_alive=self.clients.alive,
         )
         self.engagements = Engagements(
             view=self.view,
-            client_session=self.client_session,
+            client_session=self.clients.get,
             table=self.table,
             agents=self.agents,
             rollouts=self.rollouts,
@@ -213,15 +230,17 @@ class Manager:
             mount_policies=config.mount_policies,
         )
         self.webhook_port: int | None = None
+        # A session's end ends its engagements first, then whatever else listens.
+        self.on_session_end.append(lambda session: self.engagements.end_session(session.session_id))
 
     # --- RPC ------------------------------------------------------------------------------------
 
     def router(self) -> Router:
         router = Router()
         router.unary(api.VERSION, self.version)
-        router.unary(api.ARRIVE, self.arrive)
-        router.unary(api.REMAIN, self.remain)
-        router.unary(api.DEPART, self.depart)
+        router.unary(api.ARRIVE, self.clients.arrive)
+        router.unary(api.REMAIN, self.clients.remain)
+        router.unary(api.DEPART, self.clients.depart)
         router.unary(api.GET_CLUSTER_INFO, self.get_cluster_info)
         router.stream(api.WATCH_CLUSTER_INFO, self.watch_cluster_info)
         router.unary(api.LOOKUP_DNS, self.lookup_dns)
@@ -233,83 +252,38 @@ class Manager:
     async def version(self, _: Empty) -> api.VersionInfo:
         return api.VersionInfo(version=__version__)
 
-    async def arrive(self, identity: api.ClientIdentity) -> api.SessionInfo:
-        unknown = [n for n in identity.mapped_namespaces if not self.view.is_managed(n)]
-        if unknown:
-            raise RpcError(
-                Code.FAILED_PRECONDITION,
-                f"this traffic manager does not manage namespace {unknown[0]}; it manages "
-                f"{self.config.selector.describe()}",
-            )
-        session = self.sessions.arrive(identity, self.clock())
-        self.presence.seen(session.session_id, CALLER.get())
-        self._sessions_changed.set()
-        log.info(
-            "session %s arrived: %s (client %s)",
-            session.session_id,
-            session.label,
-            identity.client_version,
-        )
-        return api.SessionInfo(
-            session_id=session.session_id,
-            lease_seconds=self.config.session_lease,
-            cluster=self.cluster_info(),
-        )
-
-    def client_session(self, session_id: str) -> Session[api.ClientIdentity]:
-        session = self.sessions.get(session_id, self.clock())
-        if session is None:
-            raise RpcError(Code.NOT_FOUND, "the session has expired or is unknown; connect again")
-        return session
-
-    async def remain(self, request: api.SessionRequest) -> Empty:
-        if self.agents.remain(request.session_id):
-            return Empty()
-        if self.sessions.remain(request.session_id, self.clock()) is None:
-            raise RpcError(Code.NOT_FOUND, "the session has expired or is unknown; connect again")
-        self.presence.seen(request.session_id, CALLER.get())
-        self._sessions_changed.set()
-        return Empty()
-
-    async def depart(self, request: api.SessionRequest) -> Empty:
-        session = self.sessions.depart(request.session_id)
-        if session is not None:
-            log.info("session %s departed (%s)", session.session_id, session.label)
-            self._end(session)
-        return Empty()
-
     def cluster_info(self) -> api.ClusterInfo:
         return api.ClusterInfo(
             manager_namespace=self.config.namespace,
             manager_version=__version__,
             pod_subnets=self.view.pod_subnets(),
-            service_subnets=list(self.service_subnets),
+            service_subnets=list(self.feed.service_subnets),
             cluster_domain=self.config.cluster_domain,
-            dns_ip=self.dns_ip,
+            dns_ip=self.feed.dns_ip,
             managed_namespaces=self.view.managed_namespaces(),
             cluster_wide=self.config.selector.everything,
         )
 
     async def get_cluster_info(self, request: api.SessionRequest) -> api.ClusterInfo:
-        self.client_session(request.session_id)
+        self.clients.get(request.session_id)
         return self.cluster_info()
 
     async def watch_cluster_info(
         self, request: api.SessionRequest
     ) -> AsyncIterator[api.ClusterInfo]:
-        self.client_session(request.session_id)
+        self.clients.get(request.session_id)
         last = None
         while True:
             info = self.cluster_info()
             if info != last:
                 yield info
                 last = info
-            await self._view_changed.wait()
-            if self.sessions.get(request.session_id, self.clock()) is None:
+            await self.feed.changed().wait()
+            if not self.clients.alive(request.session_id):
                 return
 
     async def lookup_dns(self, request: api.LookupRequest) -> api.LookupReply:
-        session = self.client_session(request.session_id)
+        session = self.clients.get(request.session_id)
         qtype = request.qtype.upper()
         if self.view.in_cluster_scope(request.name):
             allowed = set(session.identity.mapped_namespaces) or None
@@ -337,7 +311,7 @@ class Manager:
         return api.LookupReply(rcode="SERVFAIL")
 
     async def list_workloads(self, request: api.WorkloadsRequest) -> api.WorkloadList:
-        self.client_session(request.session_id)
+        self.clients.get(request.session_id)
         if not self.view.is_managed(request.namespace):
             raise RpcError(
                 Code.FAILED_PRECONDITION,
@@ -381,129 +355,6 @@ class Manager:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def wake_reaper(self) -> None:
-        """A new lease may end before the reaper's current deadline."""
-        self._sessions_changed.set()
-
-    def _end(self, session: Session[api.ClientIdentity]) -> None:
-        self.presence.forget(session.session_id)
-        self._sessions_changed.set()
-        self.engagements.end_session(session.session_id)
-        for callback in self.on_session_end:
-            callback(session)
-
-    def _changed(self) -> None:
-        self._view_changed.set()
-        self._view_changed = trio.Event()
-
-    def view_changed(self) -> trio.Event:
-        """Set at the next change of the cluster view (any watched object)."""
-        return self._view_changed
-
-    async def reap_sessions(self) -> None:
-        while True:
-            for session in self.sessions.expire(self.clock()):
-                log.info(
-                    "session %s expired (%s): no heartbeat within the lease",
-                    session.session_id,
-                    session.label,
-                )
-                self._end(session)
-            self.agents.expire()
-            deadlines = [
-                d
-                for d in (self.sessions.next_deadline(), self.agents.next_deadline())
-                if d is not None
-            ]
-            deadline = min(deadlines) if deadlines else None
-            self._sessions_changed = trio.Event()
-            with trio.move_on_at(deadline if deadline is not None else float("inf")):
-                await self._sessions_changed.wait()
-
-    async def watch(self, kind: str, resource: k8s.Resource, namespace: str | None) -> None:
-        """Feed one kind (in one namespace, or all) into the view, forever.
-
-        A kind the cluster does not serve (Rollouts enabled, Argo Rollouts not installed) has
-        no objects: that is said once in the log and looked for again now and then.
-        """
-        first = True
-        missing = False
-        while True:
-            try:
-                async with aclosing(self.kube.informer(resource, namespace)) as events:
-                    async for event in events:
-                        if event.type == "RELISTED":
-                            self.view.relist(kind, event.object["items"], namespace)
-                            if first and kind in self._ready:
-                                self._ready[kind].set()
-                            first = False
-                            if missing:
-                                log.info("the cluster serves %s now", resource.api_version)
-                                missing = False
-                        else:
-                            self.view.apply(kind, event.type, event.object)
-                            if kind == "Pod":
-                                self.agents.pod_changed(event.type, event.object)
-                        self._changed()
-            except ApiError as exc:
-                if exc.code != 404:
-                    raise
-                if not missing:
-                    log.warning(
-                        "the cluster does not serve %s %s (%s): none can be engaged until it does",
-                        resource.api_version,
-                        resource.plural,
-                        exc.message,
-                    )
-                    missing = True
-                    self.view.relist(kind, [], namespace)
-                    self._changed()
-            await trio.sleep(self.config.missing_kind_retry)
-
-    async def detect_service_subnets(self) -> None:
-        """Ask the API server for the Service range: creating a Service with an impossible
-        ClusterIP (dry run) fails with "The range of valid IPs is <cidr>"."""
-        if self.service_subnets:
-            return
-        probe = {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "tele-service-cidr-probe", "namespace": self.config.namespace},
-            "spec": {"clusterIP": "1.1.1.1", "ports": [{"port": 443}]},
-        }
-        try:
-            await self.kube.request(
-                "POST",
-                k8s.SERVICES.path(self.config.namespace),
-                params={"dryRun": "All"},
-                body=probe,
-            )
-        except ApiError as exc:
-            match = re.search(r"valid IPs is ([0-9a-fA-F.:/]+)", exc.message)
-            if match:
-                self.service_subnets = [str(ipaddress.ip_network(match.group(1), strict=False))]
-                return
-            log.warning("cannot learn the service subnet from the API server: %s", exc.message)
-            return
-        log.warning("the API server accepted an impossible ClusterIP; service subnet unknown")
-
-    async def find_dns_ip(self) -> None:
-        """The cluster DNS address: the kube-dns Service, else this pod's resolv.conf."""
-        for namespace in ("kube-system",):
-            service = await self.kube.get_or_none(k8s.SERVICES, "kube-dns", namespace)
-            if service is not None:
-                self.dns_ip = str((service.get("spec") or {}).get("clusterIP") or "")
-                return
-        try:
-            text = await trio.Path("/etc/resolv.conf").read_text()
-        except OSError:
-            return
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] == "nameserver":
-                self.dns_ip = parts[1]
-                return
-
     async def _start_webhook(self, nursery: trio.Nursery, port: int) -> None:
         tls = await ensure_tls(
             self.kube,
@@ -519,7 +370,7 @@ class Manager:
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Run everything; reports the bound API port once the view knows the namespaces."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.watch, "Namespace", k8s.NAMESPACES, None)
+            nursery.start_soon(self.feed.watch, "Namespace", k8s.NAMESPACES, None)
             static = self.config.selector.static_names
             scopes: list[str | None] = [*sorted(static)] if static is not None else [None]
             kinds: list[tuple[str, k8s.Resource]] = [("Service", k8s.SERVICES), ("Pod", k8s.PODS)]
@@ -528,15 +379,15 @@ class Manager:
             ]
             for scope in scopes:
                 for kind, resource in kinds:
-                    nursery.start_soon(self.watch, kind, resource, scope)
-            nursery.start_soon(self.reap_sessions)
+                    nursery.start_soon(self.feed.watch, kind, resource, scope)
+            nursery.start_soon(self.clients.reap)
             await self.agent_workloads.load()
             nursery.start_soon(self.agent_workloads.keep_saved)
             nursery.start_soon(self.rollouts.serve_restores)
-            await self.detect_service_subnets()
-            await self.find_dns_ip()
+            await self.feed.detect_service_subnets()
+            await self.feed.find_dns_ip()
             with trio.fail_after(30):
-                await self._ready["Namespace"].wait()
+                await self.feed.ready["Namespace"].wait()
             if self.config.webhook_port is not None:
                 await self._start_webhook(nursery, self.config.webhook_port)
             router = self.router()
