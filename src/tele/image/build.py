@@ -469,12 +469,30 @@ def tele_key(package: Path) -> str:
 _ENTRYPOINT_SCRIPT = f"""#!{PYTHON}
 # tele's image: `manager` (the default command), `agent` / `agent-init` (the webhook's args),
 # anything else is the tele CLI.
+import os
+import signal
 import sys
+
+# As a container's PID 1 the program gets no default action for SIGTERM (the kernel drops it),
+# so a pod's deletion would wait out its grace period: SIGTERM becomes SIGINT, which trio turns
+# into KeyboardInterrupt at a safe point (cleanup runs, the programs exit 0).
+signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+
+
+def run(main, argv):
+    try:
+        return main(argv)
+    except BaseException as exc:
+        # The interrupt may come out of a nursery, wrapped in a group: still a clean stop.
+        if isinstance(exc, KeyboardInterrupt) or (
+            isinstance(exc, BaseExceptionGroup) and exc.split(KeyboardInterrupt)[1] is None
+        ):
+            return 0
+        raise
+
 
 args = sys.argv[1:] or ["manager"]
 if args[0] == "manager":
-    import os
-
     # The image leaves out the kubernetes package (kubeconfig loading): in-cluster only.
     if not os.environ.get("KUBERNETES_SERVICE_HOST"):
         sys.exit(
@@ -484,11 +502,11 @@ if args[0] == "manager":
         )
     from tele.manager.__main__ import main
 
-    sys.exit(main(args[1:]))
+    sys.exit(run(main, args[1:]))
 if args[0] in ("agent", "agent-init"):
     from tele.agent.__main__ import main
 
-    sys.exit(main(args))
+    sys.exit(run(main, args))
 from tele.cli.main import main
 
 sys.argv = ["tele", *args]
