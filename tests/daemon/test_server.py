@@ -207,6 +207,10 @@ class StandInSession:
         task_status.started(self.info())
         await self.fail.wait()
         self.status = "disconnected"
+        async with trio.open_nursery() as parts:  # as in ClusterSession: its parts' errors group
+            parts.start_soon(self._went_away)
+
+    async def _went_away(self) -> None:
         raise ConnectionFailed("the traffic manager went away")
 
     async def disconnect(self) -> None:

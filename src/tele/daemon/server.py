@@ -26,7 +26,7 @@ from tele import unixsock
 from tele.config import parse_log_level
 from tele.daemon.loglevel import LogLevelController
 from tele.daemon.session import ClusterSession
-from tele.errors import TeleError, UserError, single_leaf
+from tele.errors import TeleError, UserError, first_leaf
 from tele.rpc import daemon_api as api
 from tele.rpc.agent_api import UNINSTALL, EngagementInfo, UninstallReply
 from tele.rpc.agent_api import UninstallRequest as AgentUninstall
@@ -63,10 +63,12 @@ _ACCEPT_RETRY_DELAY = 0.1
 
 def _failure_text(exc: BaseException) -> str:
     """Why a session ended, in one sentence for `tele status` (the traceback is in the log)."""
-    leaf = single_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
-    if isinstance(leaf, TeleError):
-        return str(leaf)
-    return f"the session failed unexpectedly ({type(leaf).__name__}); see the daemon log"
+    if isinstance(exc, BaseExceptionGroup):
+        ours, _ = exc.split(TeleError)
+        exc = first_leaf(ours if ours is not None else exc)
+    if isinstance(exc, TeleError):
+        return str(exc)
+    return f"the session failed unexpectedly ({type(exc).__name__}); see the daemon log"
 
 
 class Daemon:
@@ -188,10 +190,10 @@ class Daemon:
         self._failed = None
         try:
             info: api.ConnectionInfo = await self._sessions.start(self._run_session, request)
-        except UserError as exc:
-            raise RpcError(Code.FAILED_PRECONDITION, str(exc)) from None
-        except TeleError as exc:  # not UNAVAILABLE: the CLI would read it as a lost daemon
-            raise RpcError(Code.ABORTED, str(exc)) from None
+        except* UserError as group:
+            raise RpcError(Code.FAILED_PRECONDITION, str(first_leaf(group))) from None
+        except* TeleError as group:  # not UNAVAILABLE: the CLI would read it as a lost daemon
+            raise RpcError(Code.ABORTED, str(first_leaf(group))) from None
         finally:
             # A helper the session did not use (no network wanted, or connecting failed
             # first) must not wait as root for a next time: it exits on end of file.

@@ -30,7 +30,7 @@ from tele.daemon.engagements import LocalEngagements
 from tele.daemon.lease import SessionLease
 from tele.daemon.locate import ManagerLocator
 from tele.daemon.mounts import Mounts, tunnel_relay
-from tele.errors import ConnectionFailed, TeleError, UserError, single_leaf
+from tele.errors import ConnectionFailed, TeleError, UserError, first_leaf
 from tele.k8s.client import KubeClient
 from tele.k8s.config import ClusterConnection
 from tele.net.tunnel import Destination
@@ -176,11 +176,6 @@ class ClusterSession:
         try:
             with self._scope:
                 await self._run(task_status)
-        except BaseExceptionGroup as group:
-            leaf = single_leaf(group)
-            if leaf is group:
-                raise
-            raise leaf from None
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 await self.lease.depart()
@@ -241,9 +236,8 @@ class ClusterSession:
                 return
         try:
             self.network = await nursery.start(serve_network, options, self, privileges)
-        except BaseException as exc:
-            leaf = single_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
-            if options.enabled or not isinstance(leaf, TeleError):
+        except* TeleError as group:
+            if options.enabled:
                 raise
-            self.network_note = str(leaf)
-            log.warning("connected without a virtual network interface: %s", leaf)
+            self.network_note = str(first_leaf(group))
+            log.warning("connected without a virtual network interface: %s", self.network_note)
