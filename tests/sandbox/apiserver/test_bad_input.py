@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ssl
 from collections.abc import Iterator
 from typing import Any
@@ -198,3 +199,99 @@ def test_delete_with_a_protobuf_body(http: httpx.Client) -> None:
     )
     assert resp.status_code == 200
     assert http.get(f"{CM_URL}/pb-delete").status_code == 404
+
+
+def test_a_non_string_api_version_or_kind_is_400(http: httpx.Client) -> None:
+    for field, value, go_type in (("apiVersion", 1, "number"), ("kind", ["x"], "array")):
+        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "typed"}}
+        body[field] = value
+        message = _status(http.post(CM_URL, json=body), 400, "BadRequest")["message"]
+        assert message == (
+            "couldn't get version/kind; json parse error: json: cannot unmarshal "
+            f"{go_type} into Go struct field .{field} of type string"
+        )
+    # Through a patch too: the patched object is decoded like a body.
+    resp = http.patch(
+        f"{CM_URL}/kube-root-ca.crt",
+        json={"apiVersion": 7},
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    _status(resp, 400, "BadRequest")
+
+
+def test_deep_nesting_is_400_and_the_server_keeps_serving(http: httpx.Client) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    body = _status(
+        http.post(CM_URL, content=deep, headers={"Content-Type": "application/json"}),
+        400,
+        "BadRequest",
+    )
+    assert (
+        body["message"] == "couldn't get version/kind; json parse error: exceeded max depth of 100"
+    )
+    nested_data = b'{"metadata":{"name":"deep"},"data":' + b'{"a":' * 5000 + b"1" + b"}" * 5001
+    _status(
+        http.post(CM_URL, content=nested_data, headers={"Content-Type": "application/json"}),
+        400,
+        "BadRequest",
+    )
+    for content_type in ("application/merge-patch+json", "application/json-patch+json"):
+        resp = http.patch(
+            f"{CM_URL}/kube-root-ca.crt", content=deep, headers={"Content-Type": content_type}
+        )
+        assert (
+            "error decoding patch: exceeded max depth"
+            in _status(resp, 400, "BadRequest")["message"]
+        )
+    resp = http.request(
+        "DELETE", f"{CM_URL}/absent", content=deep, headers={"Content-Type": "application/json"}
+    )
+    _status(resp, 400, "BadRequest")
+    deep_yaml = b"a:\n" + b"".join(b"  " * i + b"- \n" for i in range(1, 300))
+    _status(
+        http.post(CM_URL, content=b"[" * 50_000, headers={"Content-Type": "application/yaml"}),
+        400,
+        "BadRequest",
+    )
+    _status(
+        http.post(CM_URL, content=deep_yaml, headers={"Content-Type": "application/yaml"}),
+        400,
+        "BadRequest",
+    )
+    deep_token = base64.urlsafe_b64encode(b"[" * 10_000 + b"]" * 10_000).decode()
+    _status(http.get(CM_URL, params={"limit": "1", "continue": deep_token}), 400, "BadRequest")
+    assert http.get(f"{CM_URL}/kube-root-ca.crt").status_code == 200
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(http: httpx.Client) -> None:
+    lines = ["apiVersion: v1", "kind: ConfigMap", "metadata: {name: bomb}", "a0: &a0 [x, x, x, x]"]
+    for i in range(1, 12):  # 4 * 10^11 nodes once expanded, 1 KiB of text
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    resp = http.post(
+        CM_URL, content="\n".join(lines).encode(), headers={"Content-Type": "application/yaml"}
+    )
+    assert "nodes (aliases expanded)" in _status(resp, 400, "BadRequest")["message"]
+    assert http.get(f"{CM_URL}/kube-root-ca.crt").status_code == 200
+
+
+def test_a_bug_in_one_request_is_a_500_status_and_nothing_more(
+    sandbox: Sandbox, http: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The request boundary catches everything: the traceback is logged, the client gets an
+    InternalError Status, and the server (this connection too) serves the next request."""
+    handlers = sandbox.info.app.subresource_handlers
+
+    async def broken(*_: Any) -> None:
+        raise TypeError("a bug in a handler")
+
+    handlers[("pods", "log")] = broken
+    try:
+        resp = http.get("/api/v1/namespaces/default/pods/any/log")
+    finally:
+        del handlers[("pods", "log")]
+    body = _status(resp, 500, "InternalError")
+    assert body["message"] == "an error on the server has prevented the request from succeeding"
+    assert any(r.exc_info and isinstance(r.exc_info[1], TypeError) for r in caplog.records), (
+        "the traceback is logged"
+    )
+    assert http.get(f"{CM_URL}/kube-root-ca.crt").status_code == 200

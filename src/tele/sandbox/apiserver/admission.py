@@ -22,11 +22,14 @@ from typing import Any
 import httpx
 import trio
 
+from tele.jsonlimits import check_depth
+
 from .certs import CertificateAuthority
 from .context import RequestContext
 from .errors import StatusError
 from .kinds import ResourceType
 from .patch import json_patch
+from .payloads import MAX_DEPTH
 from .rest import Api
 from .selectors import from_label_selector_object, matches_labels
 
@@ -185,7 +188,9 @@ class WebhookAdmission:
                         hook, f"unsupported patch type {response.get('patchType')!r}"
                     )
                 try:
-                    operations = json.loads(base64.b64decode(response["patch"]))
+                    raw_patch = base64.b64decode(response["patch"])
+                    check_depth(raw_patch, MAX_DEPTH)
+                    operations = json.loads(raw_patch)
                     patched = json_patch(obj, operations)
                 except (ValueError, StatusError) as exc:
                     if hook.get("failurePolicy", "Fail") == "Ignore":
@@ -354,8 +359,11 @@ class WebhookAdmission:
         params = {"timeout": f"{int(timeout)}s"}
         try:
             with trio.fail_after(timeout):
-                async with httpx.AsyncClient(verify=ctx, timeout=timeout) as client:
-                    resp = await client.post(url, params=params, json=review)
+                async with (
+                    httpx.AsyncClient(verify=ctx, timeout=timeout) as client,
+                    client.stream("POST", url, params=params, json=review) as resp,
+                ):
+                    content = await _read_bounded(resp)
         except trio.TooSlowError:
             raise WebhookFailure(
                 f'failed to call webhook: Post "{shown}": context deadline exceeded'
@@ -368,9 +376,14 @@ class WebhookAdmission:
             raise WebhookFailure(
                 f"received invalid webhook response: expected status 200, got {resp.status_code}"
             )
+        if content is None:
+            raise WebhookFailure(
+                f"received invalid webhook response: larger than {_MAX_RESPONSE} bytes"
+            )
         try:
-            body = resp.json()
-        except ValueError as exc:
+            check_depth(content, MAX_DEPTH)
+            body = json.loads(content)
+        except ValueError as exc:  # TooDeep included
             raise WebhookFailure(f"received invalid webhook response: {exc}") from None
         response = body.get("response") if isinstance(body, dict) else None
         if (
@@ -386,3 +399,20 @@ class WebhookAdmission:
                 f'expected response.uid="{review["request"]["uid"]}", got "{response.get("uid")}"'
             )
         return response
+
+
+_MAX_RESPONSE = 3 * 1024 * 1024
+"""A webhook's AdmissionReview answer is read up to this size (a hostile or broken webhook
+could otherwise stream into the API server's memory for its whole timeout)."""
+
+
+async def _read_bounded(resp: httpx.Response) -> bytes | None:
+    """The response body, or None past `_MAX_RESPONSE`."""
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in resp.aiter_bytes():
+        total += len(chunk)
+        if total > _MAX_RESPONSE:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

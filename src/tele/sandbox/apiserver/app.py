@@ -19,9 +19,8 @@ from typing import Any
 
 import msgspec
 import trio
-import yaml
 
-from . import crd, discovery, protobuf, schemas, subresources
+from . import crd, discovery, payloads, protobuf, schemas, subresources
 from .auth import User
 from .context import RequestContext
 from .errors import StatusError, bad_request, gone, method_not_allowed
@@ -119,28 +118,53 @@ class ApiApp:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if kind == "websocket":
-            await self._websocket(scope, receive, send)
+            try:
+                await self._websocket(scope, receive, send)
+            except Exception:
+                # The handler's own failure: this connection ends, the server goes on.
+                log.exception("internal error serving websocket %s", scope.get("path"))
             return
         if kind != "http":
             return
-        req = self._parse(scope)
+        started = False
+
+        async def tracked_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        method, path = scope.get("method", "?"), scope.get("path", "?")
+        req: Request | None = None
         try:
-            await self._handle(req, receive, send)
+            req = self._parse(scope)
+            await self._handle(req, receive, tracked_send)
         except Disconnected:
             return
         except StatusError as exc:
-            await self._send(send, exc.code, exc.status(), req.warnings)
+            if started:  # a watch's stream already answered 200: nothing left to say
+                log.warning("%s %s failed after its response started: %s", method, path, exc)
+                return
+            await self._send_failure(send, exc, req.warnings if req else None)
         except Exception:
-            log.exception("internal error serving %s %s", req.method, req.path)
-            await self._send(
-                send,
+            # The request boundary: whatever went wrong ends this request alone, with its
+            # traceback in the log and a Status for the client; the server keeps serving.
+            log.exception("internal error serving %s %s", method, path)
+            if started:
+                return
+            internal = StatusError(
                 500,
-                StatusError(
-                    500,
-                    "InternalError",
-                    "an error on the server has prevented the request from succeeding",
-                ).status(),
+                "InternalError",
+                "an error on the server has prevented the request from succeeding",
             )
+            await self._send_failure(send, internal, None)
+
+    async def _send_failure(
+        self, send: ASGISend, error: StatusError, warnings: list[str] | None
+    ) -> None:
+        try:
+            await self._send(send, error.code, error.status(), warnings)
+        except Exception as exc:  # the client is gone; its request ends here all the same
+            log.debug("could not send the %d answer: %r", error.code, exc)
 
     def _parse(self, scope: dict[str, Any]) -> Request:
         raw_query = scope.get("query_string", b"").decode("latin-1")
@@ -698,13 +722,14 @@ class ApiApp:
                 return b"".join(chunks)
 
     async def _read_json(self, req: Request, receive: ASGIReceive) -> Any:
-        raw = await self._read_body(req, receive)
+        body = await self._decode_body(req, await self._read_body(req, receive))
+        payloads.check_type_meta(body)
+        return body
+
+    async def _decode_body(self, req: Request, raw: bytes) -> Any:
         ct = req.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if ct in ("application/yaml", "application/x-yaml", "text/yaml"):
-            try:
-                return yaml.safe_load(raw)
-            except yaml.YAMLError as exc:
-                raise bad_request(f"couldn't get version/kind; yaml parse error: {exc}") from None
+            return await payloads.decode_yaml_off_loop(raw)
         if ct == "application/vnd.kubernetes.protobuf":
             return protobuf.decode(raw)
         if ct not in ("application/json", "", "*/*"):
@@ -714,10 +739,7 @@ class ApiApp:
                 "the body of the request was in an unknown format - accepted media types "
                 f'include: application/json, application/yaml; got "{ct}"',
             )
-        try:
-            return msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise bad_request(f"couldn't get version/kind; json parse error: {exc}") from None
+        return payloads.decode_json(raw)
 
     async def _delete_options(self, req: Request, receive: ASGIReceive) -> ApiObject:
         raw = await self._read_body(req, receive)
@@ -728,10 +750,7 @@ class ApiApp:
             options.pop("apiVersion", None)
             options.pop("kind", None)
         elif raw.strip():
-            try:
-                decoded = msgspec.json.decode(raw)
-            except msgspec.DecodeError as exc:
-                raise bad_request(f"couldn't get version/kind; json parse error: {exc}") from None
+            decoded = payloads.decode_json(raw)
             if not isinstance(decoded, dict):
                 raise bad_request("the body of the request was not a DeleteOptions object")
             options = decoded

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import crd, defaults, schemas, validation
+from . import crd, defaults, payloads, schemas, validation
 from .context import RequestContext
 from .errors import bad_request, invalid
 from .kinds import ResourceType
@@ -19,6 +19,7 @@ def decode(
     """Check kind/apiVersion/namespace of a body and prune or refuse undeclared fields."""
     if not isinstance(body, dict):
         raise bad_request(f"the body of the request was not a {resource_type.kind} object")
+    payloads.check_type_meta(body)
     kind = body.get("kind") or resource_type.kind
     api_version = body.get("apiVersion") or resource_type.api_version
     if kind != resource_type.kind or api_version != resource_type.api_version:

@@ -157,7 +157,8 @@ def namespace(obj: ApiObject) -> None:
     obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
     obj.setdefault("status", {}).setdefault("phase", "Active")
     labels = obj["metadata"].setdefault("labels", {})
-    labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
+    if obj["metadata"].get("name"):  # not yet for generateName (named after admission)
+        labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
 
 
 def _webhooks(obj: ApiObject) -> None:

@@ -14,7 +14,10 @@ import json
 import time
 from typing import Any
 
+from tele.jsonlimits import check_depth
+
 from .errors import bad_request
+from .payloads import MAX_DEPTH
 from .protofields import MESSAGES
 
 MAGIC = b"k8s\x00"
@@ -140,8 +143,10 @@ def _special(message: str, data: bytes) -> tuple[bool, Any]:
         fields = {n: v for n, _, v in _fields(data)}
         raw = bytes(fields.get(1, b""))
         try:
+            if raw:
+                check_depth(raw, MAX_DEPTH)
             return True, json.loads(raw) if raw else None
-        except ValueError:
+        except ValueError:  # TooDeep included
             return True, None
     if message == _META + "Duration":
         fields = {n: v for n, _, v in _fields(data)}
@@ -149,7 +154,9 @@ def _special(message: str, data: bytes) -> tuple[bool, Any]:
     return False, None
 
 
-def decode_message(message: str, data: bytes) -> Any:
+def decode_message(message: str, data: bytes, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:  # recursive messages (JSONSchemaProps) nest as deep as a body allows
+        raise ProtobufError(f"messages nested deeper than {MAX_DEPTH} levels")
     handled, value = _special(message, data)
     if handled:
         return value
@@ -166,13 +173,13 @@ def decode_message(message: str, data: bytes) -> Any:
             entry = {n: v for n, _, v in _fields(raw)}
             key = bytes(entry.get(1, b"")).decode()
             if type_ in MESSAGES or type_.startswith("k8s.io"):
-                value = decode_message(type_, bytes(entry.get(2, b"")))
+                value = decode_message(type_, bytes(entry.get(2, b"")), depth + 1)
             else:
                 value = _scalar(type_, 2, entry.get(2, b"" if type_ in ("string", "bytes") else 0))
             out.setdefault(name, {})[key] = value
             continue
         if type_.startswith("k8s.io"):
-            value = decode_message(type_, bytes(raw))
+            value = decode_message(type_, bytes(raw), depth + 1)
         elif label == "repeated" and wire == 2 and type_ not in ("string", "bytes"):
             out.setdefault(name, []).extend(_packed(type_, bytes(raw)))
             continue

@@ -22,9 +22,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import yaml
+from tele.jsonlimits import check_depth
 
-from . import bodies, crd, errors, patch, reviews, schemas, subresources, tokens
+from . import bodies, crd, errors, patch, payloads, reviews, schemas, subresources, tokens
 from .auth import Authenticator, User
 from .context import Admission, NoAdmission, RequestContext, timestamp
 from .deletion import SYSTEM_NAMESPACES, Deletion
@@ -321,7 +321,9 @@ class Api:
         start: tuple[str, str] | None = None
         if continue_token:
             try:
-                data = json.loads(base64.urlsafe_b64decode(continue_token.encode()))
+                raw = base64.urlsafe_b64decode(continue_token.encode())
+                check_depth(raw, 2)
+                data = json.loads(raw)
                 start = (str(data["start"][0]), str(data["start"][1]))
             except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
                 raise bad_request(f"continue key is not valid: {continue_token}") from None
@@ -488,15 +490,9 @@ class Api:
     ) -> tuple[int, ApiObject]:
         ct = content_type.split(";", maxsplit=1)[0].strip().lower()
         if ct == "application/apply-patch+yaml":
-            try:
-                body = yaml.safe_load(raw)
-            except yaml.YAMLError as exc:
-                raise bad_request(f"error decoding YAML: {exc}") from None
+            body = await payloads.decode_yaml_off_loop(raw, "error decoding YAML")
         else:
-            try:
-                body = json.loads(raw)
-            except ValueError as exc:
-                raise bad_request(f"error decoding patch: {exc}") from None
+            body = payloads.decode_json(raw, "error decoding patch")
         if ct not in (
             "application/json-patch+json",
             "application/merge-patch+json",

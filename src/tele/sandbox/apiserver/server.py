@@ -64,6 +64,22 @@ async def _handle(
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         await trio.aclose_forcefully(stream)
         return
+    try:
+        await _serve_connection(app, config, wrapped, context, stream)
+    except Exception:
+        # The connection boundary: a failure ends this connection, never the listener (the
+        # handlers run in the server's nursery, where an exception would end every client).
+        log.exception("connection from %s failed", _address(stream.transport_stream.socket, True))
+        await trio.aclose_forcefully(stream)
+
+
+async def _serve_connection(
+    app: ApiApp,
+    config: Config,
+    wrapped: Any,
+    context: WorkerContext,
+    stream: trio.SSLStream[trio.SocketStream],
+) -> None:
     if stream.selected_alpn_protocol() == "h2":
         sock = stream.transport_stream.socket
         conn = H2ServerConnection(
