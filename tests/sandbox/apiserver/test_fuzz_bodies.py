@@ -89,6 +89,9 @@ _TARGETS = [
     ("POST", "/api/v1/namespaces/default/serviceaccounts/default/token"),
     ("DELETE", "/api/v1/namespaces/default/configmaps/absent"),
     ("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"),
+    ("PUT", "/apis/apps/v1/namespaces/default/deployments/d/scale"),
+    ("POST", "/api/v1/namespaces/default/pods/p/eviction"),
+    ("POST", "/api/v1/namespaces/default/pods/p/binding"),
 ]
 _PATCH_TYPES = [
     "application/json-patch+json",
@@ -129,10 +132,34 @@ async def _call(
     return start["status"], msgspec.json.decode(payload) if payload else None
 
 
+_POD = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}}
+_DEPLOYMENT = {
+    "metadata": {"name": "d"},
+    "spec": {
+        "selector": {"matchLabels": {"app": "d"}},
+        "template": {"metadata": {"labels": {"app": "d"}}, "spec": _POD["spec"]},
+    },
+}
+
+
 def _fresh_app() -> ApiApp:
+    """An API with a pod `p` and a deployment `d` (for the subresources)."""
     api = Api(admin_token=TOKEN, clock=lambda: 1_700_000_000.0)
     api.bootstrap()
-    return ApiApp(api)
+    app = ApiApp(api)
+
+    async def objects() -> None:
+        for path, body in (
+            ("/api/v1/namespaces/default/pods", _POD),
+            ("/apis/apps/v1/namespaces/default/deployments", _DEPLOYMENT),
+        ):
+            code, answer = await _call(
+                app, "POST", path, json.dumps(body).encode(), "application/json"
+            )
+            assert code == 201, answer
+
+    trio.run(objects)
+    return app
 
 
 def _answered(code: int, body: Any) -> None:
@@ -176,11 +203,17 @@ def test_yaml_bodies_get_an_answer_never_a_500(target: tuple[str, str], body: An
 @given(
     patch_type=st.sampled_from(_PATCH_TYPES),
     body=_objects() | _values | st.lists(st.dictionaries(_keys, _values, max_size=4), max_size=3),
-    name=st.sampled_from(["kube-root-ca.crt", "absent"]),
+    path=st.sampled_from(
+        [
+            "/api/v1/namespaces/default/configmaps/kube-root-ca.crt",
+            "/api/v1/namespaces/default/configmaps/absent",
+            "/apis/apps/v1/namespaces/default/deployments/d/scale",
+            "/api/v1/namespaces/default/pods/p",
+        ]
+    ),
 )
-def test_patches_get_an_answer_never_a_500(patch_type: str, body: Any, name: str) -> None:
+def test_patches_get_an_answer_never_a_500(patch_type: str, body: Any, path: str) -> None:
     raw = (yaml.safe_dump(body) if patch_type.endswith("yaml") else json.dumps(body)).encode()
-    path = f"/api/v1/namespaces/default/configmaps/{name}"
     query = b"fieldManager=fuzz" if patch_type.endswith("yaml") else b""
     _answered(*trio.run(_call, _fresh_app(), "PATCH", path, raw, patch_type, query))
 

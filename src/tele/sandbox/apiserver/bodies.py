@@ -67,6 +67,22 @@ def decode(
     return obj
 
 
+def decode_typed(group: str, version: str, kind: str, body: Any) -> ApiObject:
+    """A body of a kind that is never stored (reviews, TokenRequest, Eviction, Binding, Scale):
+    400 unless it is an object whose fields have their declared types; unknown fields dropped."""
+    prefix = f'{kind} in version "{version}" cannot be handled as a {kind}'
+    if not isinstance(body, dict):
+        raise bad_request(f"the body of the request was not a {kind} object")
+    payloads.check_type_meta(body)
+    report = validation.FieldReport()
+    obj = validation.check_fields(body, schemas.kind_schema(group, version, kind), "", report)
+    if report.type_errors:
+        raise bad_request(f"{prefix}: json: cannot unmarshal: {report.type_errors[0]}")
+    if not isinstance(obj, dict):
+        raise bad_request(f"{prefix}: the body is not an object")
+    return obj
+
+
 def apply_defaults(resource_type: ResourceType, obj: ApiObject) -> None:
     if not resource_type.custom:  # custom objects are stored as sent (no schema defaulting)
         defaults.apply_defaults(obj)

@@ -520,7 +520,10 @@ class Api:
             if current is None:
                 if ct == "application/apply-patch+yaml" and not subresource:
                     if isinstance(body, dict):
-                        body.setdefault("metadata", {})["name"] = name
+                        if body.get("metadata") is None:
+                            body["metadata"] = {}
+                        if isinstance(body["metadata"], dict):  # else refused by create
+                            body["metadata"]["name"] = name
                     return 201, await self.create(resource_type, namespace, body, ctx)
                 raise not_found(resource_type.plural, name, resource_type.group)
             base = (
@@ -538,7 +541,9 @@ class Api:
                 raise bad_request("the patch did not result in an object")
             if subresource == "scale":
                 return 200, await self._write_scale(resource_type, current, patched, ctx)
-            patched_meta = patched.get("metadata") or {}
+            patched_meta = patched.get("metadata")
+            if not isinstance(patched_meta, dict):
+                patched_meta = {}  # bodies.decode refuses it below
             if patched_meta.get("name", name) != name:
                 raise invalid(
                     resource_type.kind,
@@ -580,6 +585,7 @@ class Api:
     async def _write_scale(
         self, resource_type: ResourceType, live: ApiObject, scale: ApiObject, ctx: RequestContext
     ) -> ApiObject:
+        scale = bodies.decode_typed("autoscaling", "v1", "Scale", scale)
         replicas = (scale.get("spec") or {}).get("replicas")
         if not isinstance(replicas, int) or replicas < 0:
             raise invalid(
@@ -702,6 +708,7 @@ class Api:
 
     async def evict(self, namespace: str, name: str, body: Any, ctx: RequestContext) -> ApiObject:
         pod = self.live(_POD, namespace, name)
+        body = bodies.decode_typed("policy", "v1", "Eviction", body)
 
         async def delete_pod(options: ApiObject) -> None:
             await self.delete(_POD, namespace, name, options, ctx)
@@ -710,11 +717,14 @@ class Api:
 
     async def bind(self, namespace: str, name: str, body: Any, ctx: RequestContext) -> ApiObject:
         pod = self.live(_POD, namespace, name)
+        body = bodies.decode_typed("", "v1", "Binding", body)
         return subresources.bind(self.store, pod, body, ctx, self.now())
 
     def token_request(self, namespace: str, name: str, body: Any) -> ApiObject:
         account = self.live(_SERVICE_ACCOUNT, namespace, name)
+        body = bodies.decode_typed("authentication.k8s.io", "v1", "TokenRequest", body)
         return tokens.token_request(self.authn, account, body, self.clock)
 
     def self_subject_access_review(self, body: Any, user: User) -> ApiObject:
+        body = bodies.decode_typed("authorization.k8s.io", "v1", "SelfSubjectAccessReview", body)
         return reviews.self_subject_access_review(self.authz, body, user)
