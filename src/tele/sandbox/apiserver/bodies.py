@@ -64,7 +64,23 @@ def decode(
             ctx.warnings += [f'unknown field "{p}"' for p in report.unknown]
     if not isinstance(obj, dict):
         raise bad_request(f"{prefix}: the body is not an object")
+    if not resource_type.custom:
+        _drop_nulls(obj)
     return obj
+
+
+def _drop_nulls(obj: ApiObject) -> None:
+    """Remove null fields, as Go's decoder leaves a null field at its zero value (omitted when
+    encoded): `spec: null` is no spec, for defaulting and validation alike."""
+    pending: list[Any] = [obj]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            for key in [k for k, v in value.items() if v is None]:
+                del value[key]
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 def decode_typed(group: str, version: str, kind: str, body: Any) -> ApiObject:
