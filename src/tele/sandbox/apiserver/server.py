@@ -65,7 +65,7 @@ async def _handle(
         await trio.aclose_forcefully(stream)
         return
     try:
-        await _serve_connection(app, config, wrapped, context, stream)
+        await _serve_connection(app, config, wrapped, context, limits, stream)
     except Exception:
         # The connection boundary: a failure ends this connection, never the listener (the
         # handlers run in the server's nursery, where an exception would end every client).
@@ -78,6 +78,7 @@ async def _serve_connection(
     config: Config,
     wrapped: Any,
     context: WorkerContext,
+    limits: spdystreaming.Limits,
     stream: trio.SSLStream[trio.SocketStream],
 ) -> None:
     if stream.selected_alpn_protocol() == "h2":
