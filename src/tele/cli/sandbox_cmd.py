@@ -117,16 +117,76 @@ def status(name: str | None, output: str) -> None:
 @click.option(
     "--path", "path_only", is_flag=True, help="Print the file's path instead of its content."
 )
-def kubeconfig(name: str, path_only: bool) -> None:
-    """Print the sandbox's kubeconfig (admin user, CA included)."""
+@click.option("--user", help="Mint a kubeconfig for this user instead of the admin.")
+@click.option("--group", "groups", multiple=True, help="A group of --user (repeatable).")
+@click.option(
+    "--token/--cert",
+    "use_token",
+    default=True,
+    help="--user authenticates with a static bearer token (default) or a client certificate.",
+)
+@click.option(
+    "--service-account",
+    metavar="NAMESPACE/NAME",
+    help="Mint a kubeconfig with a token of this service account.",
+)
+@click.option(
+    "--duration",
+    type=click.IntRange(600, 2**32),
+    default=86400,
+    show_default=True,
+    help="Seconds a --service-account token lives.",
+)
+def kubeconfig(
+    name: str,
+    path_only: bool,
+    user: str | None,
+    groups: tuple[str, ...],
+    use_token: bool,
+    service_account: str | None,
+    duration: int,
+) -> None:
+    """Print the sandbox's kubeconfig (admin user, CA included), or mint one for another
+    identity to try RBAC with: --user NAME [--group G]... [--token|--cert], or
+    --service-account NAMESPACE/NAME."""
+    from pathlib import Path
+
     from tele.errors import UserError
     from tele.sandbox import instance
 
+    if user and service_account:
+        raise click.UsageError("--user and --service-account name different identities: use one.")
+    if groups and not user:
+        raise click.UsageError("--group goes with --user.")
+    if path_only and (user or service_account):
+        raise click.UsageError("--path prints the admin kubeconfig's path; minted ones have none.")
     current = instance.status(name)
     if not current.running or not current.kubeconfig:
         raise UserError(
             f"The sandbox {name!r} is not running; start it with `tele sandbox up --name {name}`."
         )
+    if user or service_account:
+        from tele.sandbox import identities
+        from tele.sandbox.apiserver.kubeconfig import dump
+
+        if user:
+            directory = instance.instance_dir(name)
+            config = identities.user_kubeconfig(
+                name,
+                directory,
+                current.server,
+                user,
+                list(groups),
+                use_certificate=not use_token,
+                token_file=directory / instance.TOKEN_FILE,
+            )
+        else:
+            assert service_account is not None
+            config = identities.service_account_kubeconfig(
+                name, Path(current.kubeconfig), service_account, duration
+            )
+        click.echo(dump(config).rstrip())
+        return
     if path_only:
         click.echo(current.kubeconfig)
     else:

@@ -67,17 +67,24 @@ async def serve_cluster(
     state_dir: Path | None = None,
     node_options: dict[str, Any] | None = None,
     registry_dir: Path | None = None,
+    token_file: Path | None = None,
     task_status: trio.TaskStatus[ClusterInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the cluster until cancelled; report its `ClusterInfo` when the API server listens.
 
     With `registry_dir`, an image registry (docker-registry, TLS from the cluster CA, basic
-    auth) runs too, its storage in that directory; it starts before the node.
+    auth) runs too, its storage in that directory; it starts before the node. `token_file`
+    holds static bearer tokens (kube-apiserver's `--token-auth-file` format).
     """
     ca = ca or CertificateAuthority.create(f"tele-sandbox-{name}-ca")
     token = admin_token or secrets.token_urlsafe(32)
     pair = ca.issue("kube-apiserver", API_SERVER_HOSTS)
-    api = Api(Store(history_size), admin_token=token, ca_pem=ca.cert_pem.decode())
+    api = Api(
+        Store(history_size),
+        admin_token=token,
+        ca_pem=ca.cert_pem.decode(),
+        token_file=token_file,
+    )
     api.bootstrap()
     app = ApiApp(api, bookmark_interval=bookmark_interval)
     from .apiserver.admission import WebhookAdmission
@@ -89,7 +96,9 @@ async def serve_cluster(
             from .oci_registry import serve_registry
 
             registry = await nursery.start(serve_registry, registry_dir, ca)
-        bound_host, bound_port = await nursery.start(server.serve, app, pair, host, port)
+        bound_host, bound_port = await nursery.start(
+            functools.partial(server.serve, client_ca_pem=ca.cert_pem), app, pair, host, port
+        )
         app.server_address = f"{bound_host}:{bound_port}"
         if nodes:
             # The node runtime (controllers, kubelet, service network, DNS) needs root and

@@ -35,6 +35,10 @@ DEFAULT_NAME = "sandbox"
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,18}[a-z0-9])?$")
 
 
+TOKEN_FILE = "tokens.csv"
+"""The instance's static-token file (`tele sandbox kubeconfig --token` adds users to it)."""
+
+
 def check_name(name: str) -> str:
     if not _NAME_RE.match(name):
         raise UserError(
@@ -289,6 +293,8 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
         _write_private(ca_key, ca.pair.key_pem)
         ca_cert.write_bytes(ca.cert_pem)
     state_file = directory / "state.json"
+    tokens = directory / TOKEN_FILE
+    tokens.unlink(missing_ok=True)  # a new cluster: the last one's users are gone
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
@@ -302,6 +308,7 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
                         nodes=nodes,
                         state_dir=directory / "node",
                         registry_dir=registry_dir,
+                        token_file=tokens,
                         **kw,
                     )
                 )

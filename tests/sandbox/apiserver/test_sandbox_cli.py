@@ -82,3 +82,105 @@ def test_up_status_kubeconfig_down_two_side_by_side(tele_env: dict[str, str]) ->
     )
     bad = _tele(tele_env, "sandbox", "up", "--name", "Bad_Name", check=False)
     assert bad.returncode == 1 and "is not valid" in bad.stderr
+
+
+def _kubectl(env: dict[str, str], config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kubectl", "--kubeconfig", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HOME": env["HOME"]},
+        check=False,
+    )
+
+
+def test_kubeconfig_mints_users_and_service_accounts_to_try_rbac(
+    tele_env: dict[str, str], tmp_path: Path
+) -> None:
+    if subprocess.run(["which", "kubectl"], capture_output=True, check=False).returncode != 0:
+        import pytest
+
+        pytest.skip("kubectl is not installed")
+    try:
+        _tele(tele_env, "sandbox", "up", "--name", "rbac")
+        admin = Path(
+            _tele(tele_env, "sandbox", "kubeconfig", "--name", "rbac", "--path").stdout.strip()
+        )
+        assert _kubectl(tele_env, admin, "create", "namespace", "team").returncode == 0
+        bind = _kubectl(
+            tele_env,
+            admin,
+            "-n",
+            "team",
+            "create",
+            "rolebinding",
+            "qa-view",
+            "--clusterrole=view",
+            "--group=qa",
+        )
+        assert bind.returncode == 0, bind.stderr
+        for credential in ("--token", "--cert"):
+            minted = _tele(
+                tele_env,
+                "sandbox",
+                "kubeconfig",
+                "--name",
+                "rbac",
+                "--user",
+                "ann",
+                "--group",
+                "qa",
+                credential,
+            ).stdout
+            config = tmp_path / f"ann{credential}.yaml"
+            config.write_text(minted)
+            user = yaml.safe_load(minted)["users"][0]["user"]
+            assert ("token" in user) == (credential == "--token")
+            can = _kubectl(tele_env, config, "-n", "team", "auth", "can-i", "list", "pods")
+            assert can.stdout.strip() == "yes", can.stderr
+            cannot = _kubectl(
+                tele_env, config, "-n", "team", "auth", "can-i", "create", "pods/portforward"
+            )
+            assert cannot.stdout.strip() == "no"
+            create = _kubectl(tele_env, config, "-n", "team", "create", "configmap", "x")
+            assert create.returncode != 0
+            assert 'User "ann" cannot create resource "configmaps"' in create.stderr
+
+        minted = _tele(
+            tele_env,
+            "sandbox",
+            "kubeconfig",
+            "--name",
+            "rbac",
+            "--service-account",
+            "team/default",
+        ).stdout
+        config = tmp_path / "sa.yaml"
+        config.write_text(minted)
+        denied = _kubectl(tele_env, config, "get", "pods")
+        assert "system:serviceaccount:team:default" in denied.stderr
+        assert _kubectl(tele_env, config, "auth", "can-i", "get", "pods").stdout.strip() == "no"
+
+        usage = _tele(
+            tele_env, "sandbox", "kubeconfig", "--name", "rbac", "--group", "qa", check=False
+        )
+        assert usage.returncode == 2 and "--group goes with --user" in usage.stderr
+        bad = _tele(
+            tele_env, "sandbox", "kubeconfig", "--name", "rbac", "--user", "a b", check=False
+        )
+        assert bad.returncode == 1 and "Traceback" not in bad.stderr
+        assert "The user name 'a b' is not usable" in bad.stderr
+        missing = _tele(
+            tele_env,
+            "sandbox",
+            "kubeconfig",
+            "--name",
+            "rbac",
+            "--service-account",
+            "team/nobody",
+            check=False,
+        )
+        assert missing.returncode == 1 and "does not exist" in missing.stderr
+    finally:
+        _tele(tele_env, "sandbox", "down", "--name", "rbac", check=False)

@@ -40,7 +40,14 @@ ApiObject = dict[str, Any]
 ServiceResolver = Callable[[str, str, int], Awaitable[tuple[str, int]]]
 
 _SKIPPED_KINDS = frozenset(
-    {"MutatingWebhookConfiguration", "ValidatingWebhookConfiguration", "SelfSubjectAccessReview"}
+    {
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+        "SelfSubjectAccessReview",
+        "SubjectAccessReview",
+        "TokenReview",
+        "SelfSubjectReview",
+    }
 )
 
 

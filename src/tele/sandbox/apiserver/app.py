@@ -45,7 +45,13 @@ ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
 _encoder = msgspec.json.Encoder()
 _PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version", "/version/"})
+CLIENT_CERTIFICATE_USER = "tele.client_certificate_user"
+"""Scope key: the user of the connection's verified client certificate (set by `server`)."""
 _WATCH_QUEUE = 4096
+_REVIEWS = frozenset(
+    {"SelfSubjectAccessReview", "SubjectAccessReview", "TokenReview", "SelfSubjectReview"}
+)
+"""Kinds whose create is a question answered in `status`, never stored."""
 _LINE_CACHE = 256
 
 
@@ -201,6 +207,10 @@ class ApiApp:
         await send({"type": "http.response.body", "body": body})
 
     def _authenticate(self, req: Request) -> User | None:
+        """The client certificate's user (verified by TLS), else the bearer token's."""
+        certified = req.scope.get(CLIENT_CERTIFICATE_USER)
+        if isinstance(certified, User):
+            return certified
         auth = req.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -458,7 +468,7 @@ class ApiApp:
         if req.method == "POST" and req.name and not req.subresource:
             raise method_not_allowed()
         verb = self._verb(req)
-        if resource_type.kind == "SelfSubjectAccessReview":
+        if resource_type.kind in _REVIEWS:
             if verb != "create":
                 raise method_not_allowed()
         elif verb not in resource_type.verbs and not req.subresource:
@@ -510,8 +520,8 @@ class ApiApp:
             )
         elif verb == "create":
             body = await self._read_json(req, receive)
-            if resource_type.kind == "SelfSubjectAccessReview":
-                await self._send(send, 201, self.api.self_subject_access_review(body, req.user))
+            if resource_type.kind in _REVIEWS:
+                await self._send(send, 201, self.api.review(resource_type.kind, body, req.user))
                 return
             if not resource_type.namespaced:
                 req.namespace = ""

@@ -275,6 +275,25 @@ RESOURCES: tuple[ResourceType, ...] = (
         False,
         verbs=_ONLY_CREATE,
     ),
+    _resource(
+        "authorization.k8s.io",
+        "v1",
+        "SubjectAccessReview",
+        "subjectaccessreviews",
+        False,
+        verbs=_ONLY_CREATE,
+    ),
+    _resource(
+        "authentication.k8s.io", "v1", "TokenReview", "tokenreviews", False, verbs=_ONLY_CREATE
+    ),
+    _resource(
+        "authentication.k8s.io",
+        "v1",
+        "SelfSubjectReview",
+        "selfsubjectreviews",
+        False,
+        verbs=_ONLY_CREATE,
+    ),
     *_NODE_RESOURCES,
 )
 

@@ -1,4 +1,5 @@
-"""Kubeconfig documents for the sandbox: the CA inline and a bearer token per user."""
+"""Kubeconfig documents for the sandbox: the CA inline and one user's credentials (a bearer
+token, or a client certificate and its key)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ def kubeconfig(
     *,
     user: str = "admin",
     namespace: str = "default",
+    credentials: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """A kubeconfig for `user`: `credentials` (kubeconfig user fields) or else the `token`."""
     cluster = f"tele-sandbox-{name}"
     context = cluster if user == "admin" else f"{cluster}-{user}"
     return {
@@ -31,7 +34,7 @@ def kubeconfig(
                 },
             }
         ],
-        "users": [{"name": f"{cluster}-{user}", "user": {"token": token}}],
+        "users": [{"name": f"{cluster}-{user}", "user": credentials or {"token": token}}],
         "contexts": [
             {
                 "name": context,

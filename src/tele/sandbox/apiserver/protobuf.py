@@ -121,6 +121,8 @@ def _packed(type_: str, raw: bytes) -> list[Any]:
 
 
 def _special(message: str, data: bytes) -> tuple[bool, Any]:
+    if message.endswith(".v1.ExtraValue"):  # a []string type: a list in JSON
+        return True, [bytes(v).decode() for n, _, v in _fields(data) if n == 1]
     if message in (_META + "Time", _META + "MicroTime"):
         fields = {n: v for n, _, v in _fields(data)}
         seconds = _signed(fields.get(1, 0), 64)

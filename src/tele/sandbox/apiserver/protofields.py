@@ -191,6 +191,35 @@ MESSAGES: dict[str, dict[int, tuple[str, str, str]]] = {
         3: ("name", "string", ""),
         4: ("uID", "string", ""),
     },
+    "k8s.io.api.authentication.v1.ExtraValue": {1: ("items", "string", "repeated")},
+    "k8s.io.api.authentication.v1.SelfSubjectReview": {
+        1: ("metadata", "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta", ""),
+        2: ("status", "k8s.io.api.authentication.v1.SelfSubjectReviewStatus", ""),
+    },
+    "k8s.io.api.authentication.v1.SelfSubjectReviewStatus": {
+        1: ("userInfo", "k8s.io.api.authentication.v1.UserInfo", ""),
+    },
+    "k8s.io.api.authentication.v1.TokenReview": {
+        1: ("metadata", "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta", ""),
+        2: ("spec", "k8s.io.api.authentication.v1.TokenReviewSpec", ""),
+        3: ("status", "k8s.io.api.authentication.v1.TokenReviewStatus", ""),
+    },
+    "k8s.io.api.authentication.v1.TokenReviewSpec": {
+        1: ("token", "string", ""),
+        2: ("audiences", "string", "repeated"),
+    },
+    "k8s.io.api.authentication.v1.TokenReviewStatus": {
+        1: ("authenticated", "bool", ""),
+        2: ("user", "k8s.io.api.authentication.v1.UserInfo", ""),
+        3: ("error", "string", ""),
+        4: ("audiences", "string", "repeated"),
+    },
+    "k8s.io.api.authentication.v1.UserInfo": {
+        1: ("username", "string", ""),
+        2: ("uid", "string", ""),
+        3: ("groups", "string", "repeated"),
+        4: ("extra", "k8s.io.api.authentication.v1.ExtraValue", "map"),
+    },
     "k8s.io.api.authentication.v1.TokenRequest": {
         1: ("metadata", "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta", ""),
         2: ("spec", "k8s.io.api.authentication.v1.TokenRequestSpec", ""),
@@ -236,6 +265,20 @@ MESSAGES: dict[str, dict[int, tuple[str, str, str]]] = {
         7: ("name", "string", ""),
         8: ("fieldSelector", "k8s.io.api.authorization.v1.FieldSelectorAttributes", ""),
         9: ("labelSelector", "k8s.io.api.authorization.v1.LabelSelectorAttributes", ""),
+    },
+    "k8s.io.api.authorization.v1.ExtraValue": {1: ("items", "string", "repeated")},
+    "k8s.io.api.authorization.v1.SubjectAccessReview": {
+        1: ("metadata", "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta", ""),
+        2: ("spec", "k8s.io.api.authorization.v1.SubjectAccessReviewSpec", ""),
+        3: ("status", "k8s.io.api.authorization.v1.SubjectAccessReviewStatus", ""),
+    },
+    "k8s.io.api.authorization.v1.SubjectAccessReviewSpec": {
+        1: ("resourceAttributes", "k8s.io.api.authorization.v1.ResourceAttributes", ""),
+        2: ("nonResourceAttributes", "k8s.io.api.authorization.v1.NonResourceAttributes", ""),
+        3: ("user", "string", ""),
+        4: ("groups", "string", "repeated"),
+        5: ("extra", "k8s.io.api.authorization.v1.ExtraValue", "map"),
+        6: ("uid", "string", ""),
     },
     "k8s.io.api.authorization.v1.SelfSubjectAccessReview": {
         1: ("metadata", "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta", ""),

@@ -232,9 +232,46 @@ def bootstrap_objects() -> list[ApiObject]:
                     "apiGroups": ["authorization.k8s.io"],
                     "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
                     "verbs": ["create"],
-                }
+                },
+                {
+                    "apiGroups": ["authentication.k8s.io"],
+                    "resources": ["selfsubjectreviews"],
+                    "verbs": ["create"],
+                },
             ],
         ),
+        role(
+            "system:auth-delegator",
+            [
+                {
+                    "apiGroups": ["authentication.k8s.io"],
+                    "resources": ["tokenreviews"],
+                    "verbs": ["create"],
+                },
+                {
+                    "apiGroups": ["authorization.k8s.io"],
+                    "resources": ["subjectaccessreviews"],
+                    "verbs": ["create"],
+                },
+            ],
+        ),
+        {
+            "apiVersion": rbac,
+            "kind": "Role",
+            "metadata": {
+                "name": "extension-apiserver-authentication-reader",
+                "namespace": "kube-system",
+                "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
+            },
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["configmaps"],
+                    "resourceNames": ["extension-apiserver-authentication"],
+                    "verbs": read,
+                }
+            ],
+        },
         binding("cluster-admin", "cluster-admin", "system:masters"),
         binding("system:discovery", "system:discovery", "system:authenticated"),
         binding("system:basic-user", "system:basic-user", "system:authenticated"),

@@ -20,12 +20,14 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tele.jsonlimits import check_depth
 
 from . import bodies, crd, errors, patch, payloads, reviews, schemas, subresources, tokens
-from .auth import Authenticator, User
+from .auth import User
+from .authenticator import Authenticator
 from .context import Admission, NoAdmission, RequestContext, timestamp
 from .deletion import SYSTEM_NAMESPACES, Deletion
 from .errors import (
@@ -95,12 +97,19 @@ class Api:
         service_cidr: str = "10.96.0.0/16",
         ca_pem: str = "",
         signing_key: bytes | None = None,
+        token_file: Path | None = None,
     ) -> None:
         self.store = store or Store()
         self.kinds = KindRegistry()
         self.clock = clock
         self.services = ServiceAddresses(service_cidr)
-        self.authn = Authenticator(self.store, admin_token or uuid.uuid4().hex, signing_key)
+        self.authn = Authenticator(
+            self.store,
+            admin_token or uuid.uuid4().hex,
+            signing_key,
+            clock=clock,
+            token_file=token_file,
+        )
         self.authz = Authorizer(self.store)
         self.admission: Admission = NoAdmission()
         self.ca_pem = ca_pem
@@ -131,10 +140,31 @@ class Api:
             },
         }
         self._create_now(kind_of("", "Service"), svc, ctx)
+        if self.ca_pem:
+            self._create_now(
+                kind_of("", "ConfigMap"), self._extension_apiserver_authentication(), ctx
+            )
         for obj in bootstrap_objects():
             resource_type = by_kind("rbac.authorization.k8s.io", obj["kind"])
             assert resource_type is not None
             self._create_now(resource_type, obj, ctx)
+
+    def _extension_apiserver_authentication(self) -> ApiObject:
+        """What aggregated API servers read to verify clients: the client CA (and the
+        request-header settings of a front proxy, signed by the same CA here)."""
+        return {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "extension-apiserver-authentication", "namespace": "kube-system"},
+            "data": {
+                "client-ca-file": self.ca_pem,
+                "requestheader-client-ca-file": self.ca_pem,
+                "requestheader-allowed-names": '["front-proxy-client"]',
+                "requestheader-username-headers": '["X-Remote-User"]',
+                "requestheader-group-headers": '["X-Remote-Group"]',
+                "requestheader-extra-headers-prefix": '["X-Remote-Extra-"]',
+            },
+        }
 
     def _create_now(
         self, resource_type: ResourceType, obj: ApiObject, ctx: RequestContext
@@ -723,8 +753,22 @@ class Api:
     def token_request(self, namespace: str, name: str, body: Any) -> ApiObject:
         account = self.live(_SERVICE_ACCOUNT, namespace, name)
         body = bodies.decode_typed("authentication.k8s.io", "v1", "TokenRequest", body)
-        return tokens.token_request(self.authn, account, body, self.clock)
+        return tokens.token_request(
+            self.authn.service_accounts, self.store, account, body, self.clock
+        )
+
+    def review(self, kind: str, body: Any, user: User) -> ApiObject:
+        """A TokenReview, SubjectAccessReview or SelfSubjectAccessReview, answered."""
+        authentication = kind in ("TokenReview", "SelfSubjectReview")
+        group = "authentication.k8s.io" if authentication else "authorization.k8s.io"
+        body = bodies.decode_typed(group, "v1", kind, body)
+        if kind == "SelfSubjectReview":
+            return reviews.self_subject_review(user)
+        if kind == "TokenReview":
+            return reviews.token_review(self.authn, body)
+        if kind == "SubjectAccessReview":
+            return reviews.subject_access_review(self.authz, body)
+        return reviews.self_subject_access_review(self.authz, body, user)
 
     def self_subject_access_review(self, body: Any, user: User) -> ApiObject:
-        body = bodies.decode_typed("authorization.k8s.io", "v1", "SelfSubjectAccessReview", body)
-        return reviews.self_subject_access_review(self.authz, body, user)
+        return self.review("SelfSubjectAccessReview", body, user)

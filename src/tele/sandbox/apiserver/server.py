@@ -20,7 +20,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
 from . import spdystreaming
-from .app import ApiApp
+from .app import CLIENT_CERTIFICATE_USER, ApiApp
+from .auth import User, user_of_certificate
 from .certs import KeyPair, server_context
 from .h2server import H2ServerConnection
 
@@ -51,7 +52,7 @@ def _address(sock: Any, peer: bool) -> tuple[str, int] | None:
 
 
 async def _handle(
-    app: ApiApp,
+    app: Any,
     config: Config,
     wrapped: Any,
     context: WorkerContext,
@@ -65,6 +66,15 @@ async def _handle(
         await trio.aclose_forcefully(stream)
         return
     try:
+        der = stream.getpeercert(binary_form=True)
+        user = user_of_certificate(der) if der else None
+        if user is not None:  # verified against the cluster CA by the handshake
+            app = _AsClient(app, user)
+            wrapped = wrap_app(
+                spdystreaming.with_tunnel(app, limits),  # type: ignore[arg-type]
+                config.wsgi_max_body_size,
+                "asgi",
+            )
         await _serve_connection(app, config, wrapped, context, limits, stream)
     except Exception:
         # The connection boundary: a failure ends this connection, never the listener (the
@@ -73,8 +83,23 @@ async def _handle(
         await trio.aclose_forcefully(stream)
 
 
+class _AsClient:
+    """The app, with the user of this connection's client certificate in each scope (other
+    attributes are the app's: the streaming code looks up its handlers)."""
+
+    def __init__(self, app: Any, user: User) -> None:
+        self._app = app
+        self._user = user
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self._app({**scope, CLIENT_CERTIFICATE_USER: self._user}, receive, send)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._app, name)
+
+
 async def _serve_connection(
-    app: ApiApp,
+    app: Any,
     config: Config,
     wrapped: Any,
     context: WorkerContext,
@@ -132,10 +157,18 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
+    client_ca_pem: bytes | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on host:port (0 = any free port) and report (host, port) when ready."""
+    """Listen on host:port (0 = any free port) and report (host, port) when ready.
+
+    With `client_ca_pem`, clients may present a certificate signed by it (user = CN, groups =
+    O); a certificate that does not verify fails the handshake, as in Go's
+    VerifyClientCertIfGiven."""
     context: ssl.SSLContext = server_context(pair, ["h2", "http/1.1"])
+    if client_ca_pem:
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(cadata=client_ca_pem.decode())
     config = _hypercorn_config()
     limits = spdystreaming.Limits()
     wrapped = wrap_app(

@@ -372,6 +372,9 @@ class PodWorker:
             await self.kubelet.event(self.pod, "FailedMount", str(exc), kind="Warning")
             await self.terminating.wait()
             return
+        nursery.start_soon(
+            volumes.refresh_tokens, self.kubelet.api, lambda: self.pod, self.dir / "volumes"
+        )
         async with trio.open_nursery() as containers:
             for run in self.init_runs:
                 containers.start_soon(self._supervise, run)

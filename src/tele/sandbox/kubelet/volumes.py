@@ -9,12 +9,19 @@ show up in the running container. `container_env` resolves env and envFrom like 
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from tele.sandbox.apiserver.rest import Api
+from tele.sandbox.apiserver.serviceaccount import InvalidToken
+
+log = logging.getLogger(__name__)
 
 ApiObject = dict[str, Any]
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -91,12 +98,12 @@ def volume_files(api: Api, pod: ApiObject, volume: ApiObject) -> dict[str, bytes
         for source in volume["projected"].get("sources") or []:
             if "serviceAccountToken" in source:
                 sat = source["serviceAccountToken"]
-                sa = (pod.get("spec") or {}).get("serviceAccountName") or "default"
-                account = api.store.get("/serviceaccounts", ns, sa)
-                uid = account["metadata"]["uid"] if account else ""
-                token, _ = api.authn.issue_service_account_token(
-                    ns, sa, uid, int(sat.get("expirationSeconds") or 3607)
-                )
+                # Pod-bound, audience-bound, re-minted at 80 % of its life by the API server's
+                # token issuer (apiserver/serviceaccount.py).
+                try:
+                    token = api.authn.service_accounts.projected_token(pod, sat)
+                except InvalidToken as exc:
+                    raise ConfigError(str(exc)) from None
                 files[sat.get("path", "token")] = token.encode()
             for kind, key in (("ConfigMap", "configMap"), ("Secret", "secret")):
                 if key in source:
@@ -107,6 +114,20 @@ def volume_files(api: Api, pod: ApiObject, volume: ApiObject) -> dict[str, bytes
                 files.update(volume_files(api, pod, {"downwardAPI": source["downwardAPI"]}) or {})
         return files
     return None
+
+
+async def refresh_tokens(api: Api, pod_of: Callable[[], ApiObject], root: Path) -> None:
+    """Re-write the projected volumes of a pod whenever one of its service-account tokens
+    reaches 80 % of its life (the API server's issuer says when)."""
+    while True:
+        due = api.authn.service_accounts.next_rotation(pod_of())
+        if due is None:
+            return
+        await trio.sleep(max(due - api.clock(), 1.0))
+        try:
+            write_volumes(api, pod_of(), root, refresh_only=True)
+        except (ConfigError, OSError) as exc:
+            log.warning("rotating the tokens of %s: %s", pod_of()["metadata"]["name"], exc)
 
 
 def write_volumes(api: Api, pod: ApiObject, root: Path, *, refresh_only: bool = False) -> None:
