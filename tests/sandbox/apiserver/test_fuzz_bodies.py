@@ -5,6 +5,7 @@ raises past the ASGI call. Driven in process: the ASGI application over a fresh 
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -46,6 +47,12 @@ _keys = st.sampled_from(
         "expirationSeconds",
         "audiences",
         "token",
+        "boundObjectRef",
+        "user",
+        "groups",
+        "extra",
+        "nonResourceAttributes",
+        "uid",
         "op",
         "path",
         "value",
@@ -86,6 +93,9 @@ _TARGETS = [
     ("PUT", "/api/v1/namespaces/default/configmaps/kube-root-ca.crt"),
     ("PUT", "/api/v1/namespaces/default/serviceaccounts/default"),
     ("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"),
+    ("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews"),
+    ("POST", "/apis/authentication.k8s.io/v1/tokenreviews"),
+    ("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews"),
     ("POST", "/api/v1/namespaces/default/serviceaccounts/default/token"),
     ("DELETE", "/api/v1/namespaces/default/configmaps/absent"),
     ("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"),
@@ -102,7 +112,13 @@ _PATCH_TYPES = [
 
 
 async def _call(
-    app: ApiApp, method: str, path: str, body: bytes, content_type: str, query: bytes = b""
+    app: ApiApp,
+    method: str,
+    path: str,
+    body: bytes,
+    content_type: str,
+    query: bytes = b"",
+    token: str = TOKEN,
 ) -> tuple[int, Any]:
     scope = {
         "type": "http",
@@ -110,7 +126,7 @@ async def _call(
         "path": path,
         "query_string": query,
         "headers": [
-            (b"authorization", f"Bearer {TOKEN}".encode()),
+            (b"authorization", f"Bearer {token}".encode()),
             (b"content-type", content_type.encode()),
         ],
     }
@@ -232,3 +248,40 @@ def test_deep_nesting_is_refused_before_decoding(
     method, path = target
     code, body = trio.run(_call, _fresh_app(), method, path, raw, "application/json")
     _answered(code, body)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+_jwt_like = st.builds(
+    lambda header, claims, signature: ".".join(
+        [_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()), _b64(signature)]
+    ),
+    st.dictionaries(st.sampled_from(["alg", "kid", "typ"]), _values, max_size=3)
+    | st.just({"alg": "ES256"}),
+    _objects() | _values,
+    st.binary(max_size=80),
+)
+
+
+@_FUZZ
+@given(
+    token=_jwt_like
+    | st.text(
+        alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.=", max_size=300
+    )
+)
+def test_bearer_tokens_and_token_reviews_never_make_a_500(token: str) -> None:
+    async def both(app: ApiApp) -> None:
+        code, body = await _call(
+            app, "GET", "/api/v1/namespaces", b"", "application/json", token=token
+        )
+        assert code == 401, body
+        audiences = ["x", "https://kubernetes.default.svc.cluster.local"]
+        review = json.dumps({"spec": {"token": token, "audiences": audiences}}).encode()
+        path = "/apis/authentication.k8s.io/v1/tokenreviews"
+        code, body = await _call(app, "POST", path, review, "application/json")
+        assert code == 201 and body["status"]["authenticated"] is False, body
+
+    trio.run(both, _fresh_app())
