@@ -28,6 +28,23 @@ from tests.daemon.util import DaemonGuard, run_tele, single_error_line
             "tele: --port 'x:http': the local port must be a number from 1 to 65535",
         ),
         (["ingest", "echo"], "tele: Not connected; run `tele connect` first."),
+        (
+            ["intercept", "echo", "--http-path-regex", "(["],
+            "tele: --http-path-regex '([' does not compile: unterminated character set at "
+            "position 1",
+        ),
+        (
+            ["intercept", "echo", "--http-header", "x-dev"],
+            "tele: --http-header 'x-dev' must look like NAME=VALUE or 'NAME: VALUE'",
+        ),
+        (
+            ["intercept", "echo", "--http-header", "x dev=me"],
+            "tele: --http-header 'x dev' is not a valid header name",
+        ),
+        (
+            ["intercept", "echo", "--http-path-prefix", "api"],
+            "tele: --http-path-prefix 'api' must start with /",
+        ),
     ],
 )
 def test_bad_engage_flags_are_one_sentence(

@@ -341,3 +341,38 @@ async def test_uninstall_rolls_the_agent_out(nursery: trio.Nursery, kube: KubeCl
     assert await kube.get_or_none(k8s.PODS, "api-1-agent", "default") is None
     everything = aapi.UninstallRequest(session_id=session, namespace="default", all_agents=True)
     assert (await client.call(aapi.UNINSTALL, everything)).removed == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "sentence"),
+    [
+        (
+            {"mechanism": "http", "path_regex": ["(["]},
+            "--http-path-regex '([' does not compile: unterminated character set at position 1",
+        ),
+        (
+            {"mechanism": "http", "headers": [("x dev", "me")]},
+            "--http-header 'x dev' is not a valid header name",
+        ),
+        (
+            {"mechanism": "tcp", "headers": [("x-dev", "me")]},
+            "HTTP filters need an intercept with --mechanism http",
+        ),
+    ],
+)
+async def test_a_filter_that_cannot_match_is_refused(
+    nursery: trio.Nursery, kube: KubeClient, fields: dict[str, Any], sentence: str
+) -> None:
+    """Issue 18 item 2: the manager checks what a CLI might not have (another client, an older
+    one): nothing is activated, so nothing is reported ACTIVE that the agent would not match."""
+    await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
+    manager, client = await start_manager(nursery, kube)
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+    with pytest.raises(RpcError) as refused:
+        await client.call(
+            aapi.ENGAGE,
+            aapi.EngageRequest(session_id=session, namespace="default", workload="api", **fields),
+        )
+    assert refused.value.code is Code.INVALID_ARGUMENT
+    assert refused.value.message == sentence
+    assert manager.table.active == {}

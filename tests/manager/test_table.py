@@ -4,6 +4,7 @@ differ, ingests never conflict), names, ids, and what a session's end leaves."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from tele.contracts.agentconfig import Intercept
@@ -95,7 +96,7 @@ def test_names_are_a_sessions_own_and_engaging_again_is_idempotent() -> None:
     table = EngagementTable()
     info = _engage(table, "s1")
     assert table.existing(_request("s1", name="api"), "api") == info
-    with pytest.raises(RpcError, match="you already have a intercept named api"):
+    with pytest.raises(RpcError, match="you already have an intercept named api"):
         table.existing(_request("s1", name="api", kind="replace"), "api")
     with pytest.raises(RpcError, match="api is already engaged by s1@host"):
         table.existing(_request("s2", name="api"), "api")
@@ -122,3 +123,25 @@ def test_a_sessions_end_removes_only_its_engagements() -> None:
     assert [a.info.name for a in table.of_workload(KEY)] == ["api/app"]
     assert table.leave("s2", "api/app") is not None
     assert table.leave("s2", "api/app") is None
+
+
+def test_engaging_again_differently_is_refused_naming_the_engagement() -> None:
+    """Issue 18 item 1: the same name with another filter, mechanism or port is not the
+    existing engagement returned as if it were what was asked."""
+    table = EngagementTable()
+    ports = [aapi.EngagedPort(container_port=8080, service="api", service_port=80)]
+    _engage(table, "s1", mechanism="tcp")
+    active = table.active[("s1", "api")]
+    active.info = msgspec.structs.replace(active.info, ports=ports)
+    again = _request("s1", name="api", mechanism="http", headers=[("x-dev", "me")])
+    with pytest.raises(RpcError) as refused:
+        table.existing(again, "api")
+    assert refused.value.code is Code.ALREADY_EXISTS
+    assert refused.value.message == (
+        "you already have intercept api (tcp, service port api:80) with another mechanism or "
+        "filter; to change it, leave it first (`tele leave api`)"
+    )
+    with pytest.raises(RpcError, match="with another port;"):
+        table.existing(_request("s1", name="api", port="9090"), "api")
+    assert table.existing(_request("s1", name="api", port="80"), "api") is not None
+    assert table.existing(_request("s1", name="api"), "api") is not None

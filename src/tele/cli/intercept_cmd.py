@@ -18,12 +18,12 @@ from tele.errors import UserError
 
 
 def _header(value: str) -> tuple[str, str]:
-    """`K=V` or `K: V` (Telepresence's two forms)."""
-    for separator in ("=", ":"):
-        key, sep, rest = value.partition(separator)
-        if sep and key.strip():
-            return key.strip().lower(), rest.strip()
-    raise UserError(f"--http-header {value!r} must look like NAME=VALUE or 'NAME: VALUE'")
+    """`K=V` or `K: V` (Telepresence's two forms; the first `=` or `:` separates)."""
+    cuts = [i for i in (value.find("="), value.find(":")) if i > 0]
+    key, rest = (value[: min(cuts)], value[min(cuts) + 1 :]) if cuts else ("", "")
+    if not key.strip():
+        raise UserError(f"--http-header {value!r} must look like NAME=VALUE or 'NAME: VALUE'")
+    return key.strip().lower(), rest.strip()
 
 
 def _port(value: str) -> tuple[int, str]:
@@ -189,7 +189,21 @@ def _not_listening(local: list[str]) -> list[str]:
 
 
 def _intercept_text(d: dict[str, Any]) -> str:
-    what = "all TCP connections" if d["mechanism"] == "tcp" else "HTTP requests that match"
+    from tele.rpc import filters
+
+    how = filters.describe(
+        d["mechanism"],
+        [tuple(h) for h in d.get("headers") or []],
+        d.get("path_equal") or [],
+        d.get("path_prefix") or [],
+        d.get("path_regex") or [],
+    )
+    if d["mechanism"] == "tcp":
+        what = "all TCP connections"
+    elif how.startswith("http: "):
+        what = f"HTTP requests with {how.removeprefix('http: ')}"
+    else:
+        what = "all HTTP requests"
     ports = d.get("ports") or []
     local = d.get("local") or []
     lines = [
@@ -353,6 +367,12 @@ def intercept(
     filtered = bool(headers or http_path_equal or http_path_prefix or http_path_regex)
     if mechanism == "tcp" and filtered:
         raise UserError("--http-* filters need --mechanism http")
+    from tele.rpc import filters
+
+    # Refused here (and again by the manager): an engagement that cannot match is no engagement.
+    refused = filters.problem(headers, http_path_equal, http_path_prefix, http_path_regex)
+    if refused:
+        raise UserError(refused)
     if replace:
         click.echo(
             "tele: --replace is deprecated and will be removed; use `tele replace` instead.",

@@ -21,6 +21,7 @@ from tele.errors import TeleError, UserError, single_leaf
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc import agent_api as aapi
 from tele.rpc import daemon_api as dapi
+from tele.rpc import filters
 from tele.rpc.agent_api import PAST_TENSE
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import H2Stream
@@ -52,6 +53,13 @@ def _local_targets(
             p.container_port: (address, m.local) for p, m in zip(info.ports, mappings, strict=True)
         }
     return {p.container_port: (address, p.container_port) for p in info.ports}
+
+
+def describe(info: aapi.EngagementInfo) -> str:
+    """How the engagement takes traffic: `tcp`, `http: header x-dev=me, path prefix /api`."""
+    return filters.describe(
+        info.mechanism, info.headers, info.path_equal, info.path_prefix, info.path_regex
+    )
 
 
 def _host_port(host: str, port: int) -> str:
@@ -104,11 +112,24 @@ class LocalEngagements:
         except UserError as exc:
             raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
         to_pod = [parse_to_pod(value) for value in request.to_pod]
+        self._refuse_another(request)
+        if request.kind == "intercept":
+            locals_ = [m.local for m in request.ports] or [request.local_port]
+            self._refuse_taken_ports(locals_, request.name)
         info, mappings = await self._ask_manager(request)
         if info.name in self.engaged:
-            # Already ours: the manager answered with the engagement as it is.
+            # Already ours, asked for the same way: the manager answered with it as it is.
             return self.engaged[info.name]
         targets = _local_targets(info, mappings, request.local_address)
+        try:
+            self._refuse_taken_ports([port for _, port in targets.values()], info.name)
+        except UserError:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await self._lease.call_in_session(
+                    aapi.LEAVE,
+                    lambda session_id: aapi.LeaveRequest(session_id=session_id, name=info.name),
+                )
+            raise
         info = msgspec.structs.replace(
             info, local=[_host_port(*targets[p.container_port]) for p in info.ports]
         )
@@ -134,6 +155,33 @@ class LocalEngagements:
                     raise leaf from None
             raise
         return info
+
+    def _refuse_another(self, request: dapi.InterceptRequest) -> None:
+        """The same name asked for differently (another port, filter, mount...) is refused, not
+        answered with the engagement as it is: that would say the new request succeeded."""
+        held = self.engage_requests.get(request.name) if request.name else None
+        info = self.engaged.get(request.name)
+        if held is None or info is None or held == request:
+            return
+        local = f" -> {', '.join(info.local)}" if info.local else ""
+        raise UserError(
+            f"you already have {info.kind} {info.name} ({describe(info)}{local}); "
+            f"to change it, leave it first (`tele leave {info.name}`)"
+        )
+
+    def _refuse_taken_ports(self, ports: list[int], asking: str) -> None:
+        """Two engagements into one local port would mix their traffic in one handler (`asking`:
+        the name asked for, whose own ports are not a conflict)."""
+        for name, info in self.engaged.items():
+            if name == asking:
+                continue
+            taken = {port for _, port in self.targets.get(info.id, {}).values()}
+            for port in ports:
+                if port in taken:
+                    raise UserError(
+                        f"local port {port} already receives the traffic of {name}; "
+                        f"choose another with --port, or leave {name} first"
+                    )
 
     async def _ask_manager(
         self, request: dapi.InterceptRequest, engagement_id: str = ""
@@ -229,7 +277,7 @@ class LocalEngagements:
         lines = []
         for info in self.engaged.values():
             where = ", ".join(info.local)
-            what = f" -> {where} ({info.mechanism})" if where else ""
+            what = f" -> {where} ({describe(info)})" if where else ""
             volumes = f", volumes at {info.local_mount}" if info.local_mount else ""
             lines.append(
                 f"{info.name}: {PAST_TENSE.get(info.kind, info.kind)} {info.workload_kind} "

@@ -34,6 +34,7 @@ from tele.manager.table import (
 )
 from tele.manager.view import ClusterView
 from tele.rpc import agent_api as aapi
+from tele.rpc import filters
 from tele.rpc import manager_api as api
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.method import Empty
@@ -128,6 +129,16 @@ class Engagements:
         kind = request.kind
         if kind not in KINDS:
             raise RpcError(Code.INVALID_ARGUMENT, f"unknown engagement kind {kind!r}")
+        refused = filters.problem(
+            request.headers, request.path_equal, request.path_prefix, request.path_regex
+        )
+        filtered = bool(request.headers or request.path_equal or request.path_prefix)
+        filtered = filtered or bool(request.path_regex)
+        if not refused and filtered and (kind != "intercept" or request.mechanism != "http"):
+            refused = "HTTP filters need an intercept with --mechanism http"
+        if refused:
+            # The agent could not match it: never report such an engagement ACTIVE.
+            raise RpcError(Code.INVALID_ARGUMENT, refused)
         if not self._view.is_managed(request.namespace):
             raise RpcError(
                 Code.FAILED_PRECONDITION,

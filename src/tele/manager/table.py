@@ -16,6 +16,7 @@ from typing import Any
 
 from tele.contracts import agentconfig
 from tele.rpc import agent_api as aapi
+from tele.rpc import filters
 from tele.rpc.agent_api import PAST_TENSE
 from tele.rpc.errors import Code, RpcError
 
@@ -75,7 +76,14 @@ class EngagementTable:
             if mine.info.kind != request.kind:
                 raise RpcError(
                     Code.ALREADY_EXISTS,
-                    f"you already have a {mine.info.kind} named {name}; leave it first",
+                    f"you already have {_an(mine.info.kind)} named {name}; leave it first",
+                )
+            differs = _differs(mine, request)
+            if differs:
+                raise RpcError(
+                    Code.ALREADY_EXISTS,
+                    f"you already have {mine.info.kind} {name} ({describe_engagement(mine.info)})"
+                    f" with another {differs}; to change it, leave it first (`tele leave {name}`)",
                 )
             return mine.info
         if request.kind != "ingest":
@@ -172,6 +180,10 @@ class EngagementTable:
             **_mount_fields(agents, container),
             kind=request.kind,
             decrypted=mechanism == "http" and any(a.terminates_tls for a in agents),
+            headers=request.headers,
+            path_equal=request.path_equal,
+            path_prefix=request.path_prefix,
+            path_regex=request.path_regex,
             ports=[
                 aapi.EngagedPort(
                     container_port=i.container_port,
@@ -208,6 +220,46 @@ class EngagementTable:
         """Remove and return the session's engagements."""
         ended = [slot for slot, a in self.active.items() if a.session_id == session_id]
         return [self.active.pop(slot) for slot in ended]
+
+
+def _an(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def describe_engagement(info: aapi.EngagementInfo) -> str:
+    """`tcp, service port echo:http` / `http: header x-dev=me, service port echo:80`."""
+    how = filters.describe(
+        info.mechanism, info.headers, info.path_equal, info.path_prefix, info.path_regex
+    )
+    ports = ", ".join(f"{p.service}:{p.service_port_name or p.service_port}" for p in info.ports)
+    if info.kind != "intercept":
+        return f"container {info.container}"
+    return f"{how}, service port {ports}" if ports else how
+
+
+def _differs(mine: Active, request: aapi.EngageRequest) -> str:
+    """What `request` asks differently from the engagement `mine` ("" when nothing): engaging
+    again is idempotent only for the same request."""
+    engagement = mine.engagement
+    if request.kind == "intercept" and (
+        request.mechanism != engagement.mechanism
+        or list(request.headers) != list(engagement.headers)
+        or request.path_equal != engagement.path_equal
+        or request.path_prefix != engagement.path_prefix
+        or request.path_regex != engagement.path_regex
+    ):
+        return "mechanism or filter"
+    if request.service and request.service != mine.info.service:
+        return "service"
+    if request.container and request.container != mine.info.container:
+        return "container"
+    names = set()
+    for port in mine.info.ports:
+        names |= {port.service_port_name, str(port.service_port), str(port.container_port)}
+    wanted = [p for p in (*request.ports, request.port) if p]
+    if any(p not in names for p in wanted):
+        return "port"
+    return ""
 
 
 # --- choosing what an engagement takes ----------------------------------------------------------

@@ -154,6 +154,11 @@ class EngagementInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Callers spoke TLS and the agent decrypted their requests (an http engagement of a
     workload with a terminating TLS secret): the client re-encrypts towards its local handler
     unless the user asked for plaintext (`--http-plaintext`)."""
+    headers: list[tuple[str, str]] = []
+    """The http engagement's filters (shown by intercept, status and list)."""
+    path_equal: list[str] = []
+    path_prefix: list[str] = []
+    path_regex: list[str] = []
 
 
 class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):
