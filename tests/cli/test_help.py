@@ -31,3 +31,17 @@ def test_unknown_command_is_a_usage_error(tele_env: dict[str, str]) -> None:
     assert result.returncode == 2
     assert "No such command 'frobnicate'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_mistyped_command_gets_a_suggestion(tele_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [str(VENV_BIN / "tele"), "interecpt", "echo"],
+        env=tele_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "Error: No such command 'interecpt'. Did you mean intercept? `tele --help` lists them."
+    )

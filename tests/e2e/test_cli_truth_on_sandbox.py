@@ -6,11 +6,15 @@ refused; a filter the agent could not match is refused before anything changes."
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.daemon.util import DaemonGuard, run_tele
+from tests.daemon.util import TELE, DaemonGuard, run_tele, single_error_line
 from tests.e2e import install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
@@ -28,6 +32,7 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
     node_sandbox: NodeSandbox,  # noqa: F811
     tele_env: dict[str, str],
     guard: DaemonGuard,
+    tmp_path: Path,
 ) -> None:
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
@@ -122,8 +127,78 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
         "choose another with --port, or leave echo first"
     )
     assert "echo-you" not in run_tele(tele_env, "status").stdout
-
     assert run_tele(tele_env, "leave", "echo").returncode == 0
+
+    # Messages that say what exists.
+    typo = run_tele(tele_env, "intercept", "echoo", "--port", str(port))
+    assert typo.returncode == 1
+    assert single_error_line(typo) == (
+        "tele: no workload named echoo in namespace default; did you mean echo?"
+    )
+    nowhere = run_tele(tele_env, "intercept", "echo", "-n", "nowhere", "--port", str(port))
+    assert nowhere.returncode == 1
+    assert single_error_line(nowhere) == "tele: there is no namespace nowhere"
+
+    # A handler killed by a signal: 128+signal, as a shell says (and the engagement is left).
+    killed = run_tele(
+        tele_env, "intercept", "echo", "--port", str(port), "--", "sh", "-c", "kill -TERM $$"
+    )
+    assert killed.returncode == 143, killed.stderr
+    # Ctrl-C while the handler runs: the engagement is left, and the user is told so.
+    started = tmp_path / "started"
+    handler = subprocess.Popen(
+        [
+            TELE,
+            "intercept",
+            "echo",
+            "--port",
+            str(port),
+            "--",
+            "sh",
+            "-c",
+            f"touch {started}; exec sleep 60",
+        ],
+        env=tele_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():  # the handler's own signal that it runs
+            assert handler.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        handler.send_signal(signal.SIGINT)
+        _, stderr = handler.communicate(timeout=60)
+    finally:
+        if handler.poll() is None:
+            handler.kill()
+            handler.wait()
+    assert handler.returncode == 130
+    assert stderr.splitlines()[-1] == "Interrupted; left echo."
+    assert "echo:" not in run_tele(tele_env, "status").stdout
+
+    # `tele quit` names the engagements it ended.
+    again = run_tele(tele_env, "intercept", "echo", "--port", str(port), timeout=120)
+    assert again.returncode == 0, again.stderr
+    quit_ = run_tele(tele_env, "quit", "-s")
+    assert quit_.returncode == 0, quit_.stderr
+    assert quit_.stdout.splitlines()[0] == "Left echo."
+
+    # A workload scaled to 0: `tele list` says so, and intercept refuses at once.
+    kubectl(node_sandbox, "scale", "deployment/echo", "--replicas=0")
+    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
+    assert connected.returncode == 0, connected.stderr
+    deadline = time.monotonic() + 30
+    while "no replicas: scale it up" not in (listed := run_tele(tele_env, "list").stdout):
+        assert time.monotonic() < deadline, listed  # the manager's informer catches up
+        time.sleep(0.2)
+    scaled = run_tele(tele_env, "intercept", "echo", "--port", str(port), timeout=20)
+    assert scaled.returncode == 1
+    assert single_error_line(scaled) == (
+        "tele: Deployment default/echo has 0 replicas: scale it up first "
+        "(kubectl scale -n default deployment/echo --replicas=1)"
+    )
     assert run_tele(tele_env, "quit").returncode == 0
     uninstalled = run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
     assert uninstalled.returncode == 0, uninstalled.stderr

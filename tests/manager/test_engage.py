@@ -376,3 +376,44 @@ async def test_a_filter_that_cannot_match_is_refused(
     assert refused.value.code is Code.INVALID_ARGUMENT
     assert refused.value.message == sentence
     assert manager.table.active == {}
+
+
+async def test_refusals_say_what_exists(nursery: trio.Nursery, kube: KubeClient) -> None:
+    """Issue 18: an unknown workload gets a "did you mean" from the namespace's workloads (and
+    no Argo Rollouts note: there is no Rollout of that name); a namespace that does not exist
+    says so; a workload scaled to 0 is refused at once instead of waiting for an agent."""
+    await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
+    manager, client = await start_manager(nursery, kube)
+    await wait_for(lambda: ("Deployment", "default", "api") in manager.view.workloads)
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+
+    async def refused(namespace: str, workload: str) -> tuple[Code, str]:
+        request = aapi.EngageRequest(
+            session_id=session, namespace=namespace, workload=workload, agent_timeout=30
+        )
+        with pytest.raises(RpcError) as refusal:
+            await client.call(aapi.ENGAGE, request)
+        return refusal.value.code, refusal.value.message
+
+    assert await refused("default", "apii") == (
+        Code.NOT_FOUND,
+        "no workload named apii in namespace default; did you mean api?",
+    )
+    assert await refused("default", "zzz") == (
+        Code.NOT_FOUND,
+        "no workload named zzz in namespace default",
+    )
+    assert await refused("nowhere", "api") == (Code.NOT_FOUND, "there is no namespace nowhere")
+
+    await kube.patch(k8s.DEPLOYMENTS, "api", {"spec": {"replicas": 0}}, "default")
+    await wait_for(
+        lambda: (
+            manager.view.workloads[("Deployment", "default", "api")]["spec"].get("replicas") == 0
+        )
+    )
+    with trio.fail_after(10):  # not the 30 s agent timeout
+        assert await refused("default", "api") == (
+            Code.FAILED_PRECONDITION,
+            "Deployment default/api has 0 replicas: scale it up first "
+            "(kubectl scale -n default deployment/api --replicas=1)",
+        )

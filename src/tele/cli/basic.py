@@ -109,8 +109,14 @@ def status(output: str) -> None:
 
 
 @click.command(name="quit")
-def quit_() -> None:
-    """Stop the daemon (and end its session); says so when none runs."""
+@click.option(
+    "--stop-daemons",
+    "-s",
+    is_flag=True,
+    help="Accepted for Telepresence's habit: tele's one daemon always stops.",
+)
+def quit_(stop_daemons: bool) -> None:
+    """Stop the daemon (and end its session and engagements); says so when none runs."""
     from tele.cli import quick
     from tele.errors import ConnectionFailed
     from tele.rpc import daemon_api
@@ -129,6 +135,9 @@ def quit_() -> None:
         for line in leftovers.without_daemon():
             click.echo(f"Cleaned up after a stopped daemon: {line}.")
     else:
+        assert reply is not None
+        if reply.ended:
+            click.echo(f"Left {', '.join(reply.ended)}.")
         click.echo(f"Stopped the daemon (pid {pid}).")
 
 

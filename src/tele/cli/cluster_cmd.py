@@ -230,6 +230,8 @@ def list_(namespace: str, output: str) -> None:
                 state = f"engaged by {', '.join(w.engaged_by)}"
             elif w.not_interceptable_reason:
                 state = f"not interceptable: {w.not_interceptable_reason}"
+            elif w.replicas == 0:
+                state = "no replicas: scale it up to engage it"
             elif w.agent_installed:
                 state = "ready to engage (traffic-agent already installed)"
             else:

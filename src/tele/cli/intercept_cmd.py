@@ -161,14 +161,24 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
                 f"{podenv.UNSAFE_FLAG} uses the pod's)",
                 err=True,
             )
+        interrupted = False
         try:
             status = subprocess.run(list(command), env=env, check=False).returncode
         except OSError as exc:
             status = 127
             click.echo(f"tele: cannot run {command[0]}: {exc.strerror or exc}", err=True)
+        except KeyboardInterrupt:
+            interrupted, status = True, 130
         finally:
             _leave(info.name)
-        raise SystemExit(status)
+        if interrupted:
+            click.echo(f"Interrupted; left {info.name}.", err=True)
+        raise SystemExit(exit_status(status))
+
+
+def exit_status(returncode: int) -> int:
+    """A command's status as a shell gives it: killed by signal N -> 128+N (143 for SIGTERM)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _not_listening(local: list[str]) -> list[str]:

@@ -142,10 +142,11 @@ class Daemon:
         # Stop being reachable before replying, so that a CLI that got the reply never finds
         # the old socket; the process exits once the reply is out (see `serve_until_quit`).
         log.info("quit requested")
+        ended = sorted(self.session.engagements.engaged) if self.session else []
         await self.end_session()
         await self.stop_listening()
         self.quit_requested.set()
-        return api.QuitReply(pid=os.getpid())
+        return api.QuitReply(pid=os.getpid(), ended=ended)
 
     async def set_log_level(self, request: api.SetLogLevelRequest) -> api.SetLogLevelReply:
         try:

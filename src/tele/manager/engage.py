@@ -10,6 +10,7 @@ paired with the client's dial-back streams by `dialback.DialBack`.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
@@ -139,12 +140,16 @@ class Engagements:
         if refused:
             # The agent could not match it: never report such an engagement ACTIVE.
             raise RpcError(Code.INVALID_ARGUMENT, refused)
-        if not self._view.is_managed(request.namespace):
+        self._check_namespace(request.namespace)
+        workload = await self._find_workload(request.namespace, request.workload)
+        if _no_replicas(workload):
+            # No pod will ever run an agent: say so now, not after the agent timeout.
             raise RpcError(
                 Code.FAILED_PRECONDITION,
-                f"namespace {request.namespace} is not managed by this traffic manager",
+                f"{workload['kind']} {request.namespace}/{request.workload} has 0 replicas: "
+                f"scale it up first (kubectl scale -n {request.namespace} "
+                f"{str(workload['kind']).lower()}/{request.workload} --replicas=1)",
             )
-        workload = self._find_workload(request.namespace, request.workload)
         key = (str(workload["kind"]), request.namespace, request.workload)
         container = request.container
         if kind != "intercept":
@@ -207,18 +212,31 @@ class Engagements:
         except agentconfig.NotInterceptable as exc:
             raise RpcError(Code.FAILED_PRECONDITION, f"{key[2]} cannot be engaged: {exc}") from None
 
-    def _find_workload(self, namespace: str, name: str) -> dict[str, Any]:
+    def _check_namespace(self, namespace: str) -> None:
+        if namespace not in self._view.namespaces:
+            raise RpcError(Code.NOT_FOUND, f"there is no namespace {namespace}")
+        if not self._view.is_managed(namespace):
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"namespace {namespace} is not managed by this traffic manager",
+            )
+
+    async def _find_workload(self, namespace: str, name: str) -> dict[str, Any]:
         for kind in ("Deployment", "StatefulSet", "Rollout", "ReplicaSet"):
             found = self._view.workloads.get((kind, namespace, name))
             if found is not None:
                 return dict(found)
-        # Rollouts are not even watched unless enabled: say how, in case it is one.
-        hint = (
-            ""
-            if self._settings.rollouts_watched
-            else " (Argo Rollouts are seen only with the Helm value "
-            "workloads.argoRollouts.enabled=true)"
-        )
+        names = sorted({w.name for w in self._view.list_workloads(namespace)})  # as `tele list`
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        # Rollouts are not even watched unless enabled: say how, when it is one (or may be).
+        if not self._settings.rollouts_watched:
+            exists = await self._rollouts.rollout_exists(namespace, name)
+            enable = "seen only with the Helm value workloads.argoRollouts.enabled=true"
+            if exists:
+                hint = f"; it is an Argo Rollout, {enable}"
+            elif exists is None and not close:
+                hint = f" (if it is an Argo Rollout: those are {enable})"
         raise RpcError(Code.NOT_FOUND, f"no workload named {name} in namespace {namespace}{hint}")
 
     async def uninstall(self, request: aapi.UninstallRequest) -> aapi.UninstallReply:
@@ -229,7 +247,7 @@ class Engagements:
         else:
             keys = []
             for name in request.workloads:
-                kind = str(self._find_workload(request.namespace, name)["kind"])
+                kind = str((await self._find_workload(request.namespace, name))["kind"])
                 keys.append((kind, request.namespace, name))
         removed = []
         for key in keys:
@@ -283,3 +301,9 @@ class Engagements:
         self._client_session(request.session_id)
         async for dial in self._dials.watch(request.session_id):
             yield dial
+
+
+def _no_replicas(workload: dict[str, Any]) -> bool:
+    """The workload asks for no pods (`spec.replicas: 0`; absent means 1)."""
+    replicas = (workload.get("spec") or {}).get("replicas")
+    return isinstance(replicas, int) and replicas == 0

@@ -57,6 +57,15 @@ class Rollouts:
             MAX_PENDING_RESTORES
         )
 
+    async def rollout_exists(self, namespace: str, name: str) -> bool | None:
+        """Whether an Argo Rollout of that name is there (asked of the API: Rollouts may not
+        be watched); None when the manager may not look (its role has no Rollouts unless they
+        are enabled), False when there is none or the API does not know Rollouts."""
+        try:
+            return await self._kube.get_or_none(k8s.ROLLOUTS, name, namespace) is not None
+        except ApiError as exc:
+            return None if exc.code == 403 else False
+
     async def ensure_agent(
         self, key: WorkloadKey, workload: dict[str, Any], timeout: float
     ) -> list[aapi.AgentIdentity]:

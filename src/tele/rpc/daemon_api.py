@@ -147,6 +147,8 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
 
 class QuitReply(msgspec.Struct, frozen=True, kw_only=True):
     pid: int
+    ended: list[str] = []
+    """The engagements the quit ended, by name."""
 
 
 class SetLogLevelRequest(msgspec.Struct, frozen=True, kw_only=True):
