@@ -398,3 +398,23 @@ def test_a_certificate_from_another_ca_is_refused(sandbox: Sandbox, tmp_path: Pa
     assert not isinstance(refused.value, ApiException) or refused.value.status in (0, 401)
     # The cluster is fine afterwards.
     assert client.CoreV1Api(_client(sandbox.kubeconfig)).list_namespace().items
+
+
+def test_kubectl_create_token_mints_bound_tokens(kubectl: Kubectl) -> None:
+    ns = kubectl.namespace
+    kubectl.run("create", "serviceaccount", "bot")
+    token = kubectl.run(
+        "create", "token", "bot", "--audience", "tele-manager", "--duration", "15m"
+    ).stdout.strip()
+    claims = _claims(token)
+    assert claims["aud"] == ["tele-manager"] and claims["exp"] - claims["iat"] == 900
+    assert claims["sub"] == f"system:serviceaccount:{ns}:bot"
+    client.CoreV1Api(_client(kubectl.sandbox.kubeconfig)).create_namespaced_pod(ns, _pod("p"))
+    bound = kubectl.run(
+        "create", "token", "bot", "--bound-object-kind", "Pod", "--bound-object-name", "p"
+    ).stdout.strip()
+    assert _claims(bound)["kubernetes.io"]["pod"]["name"] == "p"
+    short = kubectl.run("create", "token", "bot", "--duration", "5m", check=False)
+    assert short.returncode != 0 and "may not specify a duration less than 10 minutes" in (
+        short.stderr
+    )
