@@ -31,7 +31,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[ThreadedCluster, Path]]:
 class ManagerProcess:
     """`python -m tele.manager` with its stderr collected, on a free loopback port."""
 
-    def __init__(self, kubeconfig: Path, lease: str) -> None:
+    def __init__(self, kubeconfig: Path, lease: str, auth_mode: str = "enforcing") -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -40,6 +40,7 @@ class ManagerProcess:
             "TELE_MANAGER_NAMESPACE": "default",
             "TELE_API_PORT": str(self.port),
             "TELE_SESSION_LEASE": lease,
+            "TELE_AUTH_MODE": auth_mode,
         }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tele.manager", "--kubeconfig", str(kubeconfig)],
@@ -228,13 +229,24 @@ def test_list_without_connect_says_what_to_do(tele_env: dict[str, str], guard: D
     assert "Not connected; run `tele connect` first." in single_error_line(result)
 
 
+@pytest.fixture
+def manager_without_auth(cluster: tuple[ThreadedCluster, Path]) -> Iterator[ManagerProcess]:
+    """For a stand-in agent, which has no pod and so no pod token (tests/manager/test_auth)."""
+    process = ManagerProcess(cluster[1], lease="2s", auth_mode="disabled")
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
 async def test_intercept_sends_engaged_connections_to_the_local_handler(
     tele_env: dict[str, str],
     guard: DaemonGuard,
     cluster: tuple[ThreadedCluster, Path],
-    manager: ManagerProcess,
+    manager_without_auth: ManagerProcess,
     tmp_path: Path,
 ) -> None:
+    manager = manager_without_auth
     import ipaddress
 
     import trio

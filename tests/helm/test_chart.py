@@ -147,7 +147,13 @@ def test_static_namespaces_get_a_role_each(chart: Chart) -> None:
         ]
     cluster_role = find(objects, "ClusterRole", "traffic-manager-ambassador")
     resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
-    assert resources == {"namespaces", "services", "mutatingwebhookconfigurations"}
+    assert resources == {
+        "namespaces",
+        "services",
+        "mutatingwebhookconfigurations",
+        "tokenreviews",  # who its callers are (security.authentication.mode)
+        "subjectaccessreviews",  # what they may do
+    }
     named = [rule for rule in cluster_role["rules"] if rule["resources"] == ["services"]]
     assert named == [
         {
@@ -358,3 +364,32 @@ def test_one_image_for_manager_and_agent_and_image_registry_moves_both(chart: Ch
         "tele/traffic-manager:dev",
         "me/agent:dev",
     )
+
+
+def test_authentication_mode_is_enforcing_by_default_and_validated(chart: Chart) -> None:
+    def env(values: Obj) -> dict[str, str]:
+        return manager_env(render(chart, values))
+
+    def cluster_rules(values: Obj) -> list[Obj]:
+        role = find(render(chart, values), "ClusterRole", "traffic-manager-ambassador")
+        reviews = (["tokenreviews"], ["subjectaccessreviews"])
+        return [r for r in role["rules"] if r["resources"] in reviews]
+
+    assert env({})["TELE_AUTH_MODE"] == "enforcing"
+    assert cluster_rules({}) == [
+        {
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"],
+        },
+        {
+            "apiGroups": ["authorization.k8s.io"],
+            "resources": ["subjectaccessreviews"],
+            "verbs": ["create"],
+        },
+    ]
+    disabled = {"security": {"authentication": {"mode": "disabled"}}}
+    assert env(disabled)["TELE_AUTH_MODE"] == "disabled"
+    assert cluster_rules(disabled) == []
+    with pytest.raises(ValuesError, match="mode"):
+        render(chart, {"security": {"authentication": {"mode": "off"}}})

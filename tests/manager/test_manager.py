@@ -26,6 +26,9 @@ async def start_manager(
     nursery: trio.Nursery, kube: KubeClient, **options: object
 ) -> tuple[Manager, Client]:
     options.setdefault("namespace", "default")
+    # These tests are about everything but authentication (tests/manager/test_auth.py), and
+    # their stand-in agents have no pod token.
+    options.setdefault("auth_mode", "disabled")
     config = ManagerConfig(api_port=0, api_host="127.0.0.1", **options)  # type: ignore[arg-type]
     manager = Manager(config, kube)
     port = await nursery.start(manager.serve)

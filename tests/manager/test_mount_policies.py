@@ -13,6 +13,7 @@ from tele.agent.config import AgentSettings
 from tele.agent.manager_link import identity
 from tele.contracts.agentconfig import (
     AGENT_CONTAINER,
+    TOKEN_DIR,
     NotInterceptable,
     generate,
     mount_policy,
@@ -108,6 +109,8 @@ def test_the_agent_mounts_only_shared_volumes_read_only_ones_read_only() -> None
         {"name": "cache", "mountPath": "/tel_app_mounts/app/var/cache/app"},
         {"name": "creds", "mountPath": "/tel_app_mounts/app/etc/creds", "readOnly": True},
         {"name": "settings", "mountPath": "/tel_app_mounts/app/etc/settings"},
+        # the pod's token for the manager (audience-bound), not an app volume
+        {"name": "traffic-agent-token", "mountPath": TOKEN_DIR, "readOnly": True},
     ]
     settings = AgentSettings(name="api", pod_ip="10.0.0.1", config=config)
     told = identity(settings, {}, sftp_port=40022)

@@ -18,6 +18,7 @@ WEBHOOK = "agent-injector-webhook-default"
 
 async def start(nursery: trio.Nursery, kube: KubeClient) -> Manager:
     config = ManagerConfig(
+        auth_mode="disabled",
         namespace="default",
         api_port=0,
         api_host="127.0.0.1",

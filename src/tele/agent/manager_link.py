@@ -26,13 +26,30 @@ from tele.errors import TeleError, single_leaf
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc import agent_api as aapi
 from tele.rpc.client import Client
+from tele.rpc.errors import RpcError
 from tele.rpc.links import Connector, LinkPool
-from tele.rpc.manager_api import REMAIN, SessionRequest
+from tele.rpc.manager_api import AUTHENTICATE, REMAIN, AuthenticateRequest, SessionRequest
 
 log = logging.getLogger(__name__)
 
 ARRIVE_TIMEOUT = 10.0
 RETRY_MAX = 10.0
+TOKEN_FILE_ENV = "_TEL_AGENT_TOKEN_FILE"
+"""Where the pod's projected ServiceAccount token for the manager is (set by the injector)."""
+MAX_TOKEN_FILE = 16384
+
+
+async def read_token(path: str) -> str:
+    """The token in `path` now (the kubelet replaces it as it rotates); "" if none."""
+    if not path:
+        return ""
+    try:
+        async with await trio.open_file(path, "rb") as f:
+            data = await f.read(MAX_TOKEN_FILE + 1)
+    except OSError as exc:
+        log.warning("cannot read the token for the traffic manager: %s", exc)
+        return ""
+    return data.decode("utf-8", "replace").strip() if len(data) <= MAX_TOKEN_FILE else ""
 
 
 def identity(
@@ -75,8 +92,10 @@ class ManagerEngagements:
         connect: Connector,
         *,
         retry_initial: float = 0.5,
+        token_file: str = "",
     ) -> None:
         self.agent = agent
+        self.token_file = token_file
         self.pool = LinkPool(connect, name="agent-manager-link")
         self.session_id = ""
         self.manager_ips: frozenset[str] | None = None
@@ -92,6 +111,7 @@ class ManagerEngagements:
         return cls(
             identity(settings, os.environ, sftp_port=sftp_port),
             tcp_connector(config.manager_host, config.manager_port),
+            token_file=os.environ.get(TOKEN_FILE_ENV, ""),
         )
 
     def may_reach_files(self, peer: str) -> bool:
@@ -160,10 +180,27 @@ class ManagerEngagements:
                 delay = min(delay * 2, RETRY_MAX)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _authenticate(self, client: Client, presented: str) -> str:
+        """Present the pod's token to the manager unless it was presented already; the
+        manager learns from it (not from what the agent says) which pod this agent is."""
+        token = await read_token(self.token_file)
+        if token and token != presented:
+            try:
+                await client.call(
+                    AUTHENTICATE,
+                    AuthenticateRequest(token=token, agent=True),
+                    timeout=ARRIVE_TIMEOUT,
+                )
+            except RpcError as exc:  # the arrival that follows says whether it matters
+                log.warning("the traffic manager did not accept this pod's token: %s", exc)
+                return presented
+        return token or presented
+
     async def _session(self) -> None:
         """One session: arrive, then remain and watch until either fails or the watch ends."""
         link = await self.pool.wait_ready()
         client = Client(link)
+        token = await self._authenticate(client, "")
         info = await client.call(aapi.ARRIVE_AS_AGENT, self.agent, timeout=ARRIVE_TIMEOUT)
         self.session_id = info.session_id
         self.manager_ips = frozenset(info.manager_ips) if info.manager_ips else None
@@ -172,8 +209,10 @@ class ManagerEngagements:
         async with trio.open_nursery() as nursery:
 
             async def remain() -> None:
+                nonlocal token
                 while True:
                     await trio.sleep(info.lease_seconds / 3)
+                    token = await self._authenticate(client, token)  # rotated: present anew
                     await client.call(REMAIN, request, timeout=info.lease_seconds / 3)
 
             nursery.start_soon(remain)

@@ -49,6 +49,13 @@ IGNORE_VOLUMES_ANNOTATION = "inject-ignore-volume-mounts"
 TERMINATING_TLS_ANNOTATION = "inject-terminating-tls-secret"
 TLS_VOLUME = "traffic-agent-terminating-tls"
 TLS_DIR = "/var/run/secrets/tele/terminating-tls"
+AGENT_TOKEN_AUDIENCE = "tele-traffic-manager"
+"""The audience of the agent's projected ServiceAccount token: the manager reviews it for this
+audience, so the token is worth nothing to the API server or anyone else."""
+TOKEN_VOLUME = "traffic-agent-token"
+TOKEN_DIR = "/var/run/secrets/tele/manager-token"
+TOKEN_SECONDS = 3600
+"""The token's life; the kubelet writes a new one at 80 % of it, the agent re-reads the file."""
 MOUNT_POLICIES = ("Ignore", "Local", "Remote", "RemoteReadOnly")
 REMOTE_POLICIES = ("Remote", "RemoteReadOnly")
 MOUNT_PREFIX = "/tel_app_mounts"
@@ -444,12 +451,30 @@ def pod_patch(pod: Obj, config: AgentConfig) -> list[dict[str, Any]]:
             "value": agent_container(config, containers, agent_ports),
         }
     )
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": TOKEN_VOLUME,
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": AGENT_TOKEN_AUDIENCE,
+                            "expirationSeconds": TOKEN_SECONDS,
+                            "path": "token",
+                        }
+                    }
+                ]
+            },
+        }
+    ]
     if config.terminating_tls_secret:
-        volume = {"name": TLS_VOLUME, "secret": {"secretName": config.terminating_tls_secret}}
-        if spec.get("volumes") is None:
-            ops.append({"op": "add", "path": "/spec/volumes", "value": [volume]})
-        else:
-            ops.append({"op": "add", "path": "/spec/volumes/-", "value": volume})
+        volumes.append(
+            {"name": TLS_VOLUME, "secret": {"secretName": config.terminating_tls_secret}}
+        )
+    if spec.get("volumes") is None:
+        ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
+    else:
+        ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
     # Last, and from the end: earlier ops address containers by their original index.
     ops.extend({"op": "remove", "path": f"/spec/containers/{i}"} for i in reversed(removed))
     if numeric:
@@ -520,6 +545,8 @@ def agent_container(
             if policy == "RemoteReadOnly":
                 exported["readOnly"] = True
             mounts.append(exported)
+    mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True})
+    env.append({"name": "_TEL_AGENT_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"})
     if config.terminating_tls_secret:
         mounts.append({"name": TLS_VOLUME, "mountPath": TLS_DIR, "readOnly": True})
         env += [

@@ -38,7 +38,8 @@ from tele.rpc import agent_api as aapi
 from tele.rpc import daemon_api as dapi
 from tele.rpc import manager_api as mapi
 from tele.rpc.client import Client
-from tele.rpc.h2link import H2Stream, LinkSettings
+from tele.rpc.errors import RpcError
+from tele.rpc.h2link import H2Link, H2Stream, LinkSettings
 from tele.rpc.links import LinkPool
 from tele.rpc.method import Req, Resp, Unary
 
@@ -49,6 +50,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MANAGER_NAMESPACE = "ambassador"
+
+
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> str:
+    """The token of an `Authorization: Bearer` header ("" for none, or Basic)."""
+    for name, value in headers:
+        if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].decode("latin-1").strip()
+    return ""
 
 
 class ClusterSession:
@@ -83,7 +92,9 @@ class ClusterSession:
             self.locator.open_transport,
             settings=LinkSettings(keepalive_interval=5),
             name="manager-link",
+            prepare=self._authenticate_link,
         )
+        self.api_timeout = api_timeout
         self.lease = SessionLease(
             self.pool,
             kube_context=self.connection.context,
@@ -104,6 +115,27 @@ class ClusterSession:
         self.network_note = ""
         """Why there is no network (when it was wanted only where possible)."""
         self._take_helper = take_helper
+
+    async def _authenticate_link(self, link: H2Link) -> None:
+        """Present the kubeconfig's bearer token on a new link to the manager (fetched anew for
+        each link: an expired exec-plugin or OIDC token is refreshed, the session stays). A
+        manager that does not accept it answers the calls that follow with why."""
+        token = bearer_token(await self.connection.auth_headers())
+        if not token:
+            log.info(
+                "the kubeconfig user %s has no bearer token (a client certificate?): "
+                "the traffic manager serves it only if its authentication is not enforcing",
+                self.connection.context,
+            )
+            return
+        try:
+            await Client(link).call(
+                mapi.AUTHENTICATE,
+                mapi.AuthenticateRequest(token=token),
+                timeout=self.api_timeout,
+            )
+        except RpcError as exc:
+            log.warning("the traffic manager did not accept the kubeconfig's token: %s", exc)
 
     async def disconnect(self) -> None:
         """Depart while the link is still up, then stop everything of this session."""

@@ -27,7 +27,13 @@ class AgentRegistry:
         changes: Changes,
         wake_reaper: Callable[[], None],
         manager_ip: str,
+        vouch: Callable[[aapi.AgentIdentity], aapi.AgentIdentity] = lambda identity: identity,
+        owner: Callable[[], str] = lambda: "",
+        check_owner: Callable[[str], None] = lambda owner: None,
     ) -> None:
+        self._vouch = vouch
+        self._owner = owner
+        self._check_owner = check_owner
         self.sessions = SessionTable[aapi.AgentIdentity](AGENT_LEASE)
         self._clock = clock
         self._changes = changes
@@ -35,7 +41,9 @@ class AgentRegistry:
         self._manager_ip = manager_ip
 
     async def arrive(self, identity: aapi.AgentIdentity) -> aapi.AgentSessionInfo:
-        session = self.sessions.arrive(identity, self._clock())
+        """An agent arrives; `vouch` refuses one whose token does not make it that pod's."""
+        identity = self._vouch(identity)
+        session = self.sessions.arrive(identity, self._clock(), owner=self._owner())
         self._wake_reaper()
         log.info(
             "agent of %s %s/%s arrived from pod %s",
@@ -55,8 +63,18 @@ class AgentRegistry:
         return self.sessions.get(session_id, self._clock())
 
     def remain(self, session_id: str) -> bool:
-        """A heartbeat; False if no such agent session is alive (it may be a client's)."""
+        """A heartbeat; False if no such agent session is alive (it may be a client's);
+        RpcError if the caller is not the identity that made it."""
+        if self.of_caller(session_id) is None:
+            return False
         return self.sessions.remain(session_id, self._clock()) is not None
+
+    def of_caller(self, session_id: str) -> Session[aapi.AgentIdentity] | None:
+        """The agent session, if the caller is the identity that made it (RpcError if not)."""
+        session = self.sessions.get(session_id, self._clock())
+        if session is not None:
+            self._check_owner(session.owner)
+        return session
 
     def expire(self) -> None:
         for session in self.sessions.expire(self._clock()):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import trio
 
 from tele.manager.agents import AgentRegistry
+from tele.manager.auth import Authenticator, audit_line
 from tele.manager.sessions import Presence, Session, SessionTable
 from tele.manager.view import ClusterView
 from tele.rpc import manager_api as api
@@ -32,7 +33,9 @@ class ClientSessions:
         cluster_info: Callable[[], api.ClusterInfo],
         agents: AgentRegistry,
         presence: Presence,
+        auth: Authenticator,
     ) -> None:
+        self._auth = auth
         self.sessions = SessionTable[api.ClientIdentity](lease)
         self._lease = lease
         self._clock = clock
@@ -52,7 +55,7 @@ class ClientSessions:
                 f"this traffic manager does not manage namespace {unknown[0]}; it manages "
                 f"{self._managed()}",
             )
-        session = self.sessions.arrive(identity, self._clock())
+        session = self.sessions.arrive(identity, self._clock(), owner=self._auth.owner())
         self._presence.seen(session.session_id, CALLER.get())
         self._changed.set()
         log.info(
@@ -61,6 +64,7 @@ class ClientSessions:
             session.label,
             identity.client_version,
         )
+        audit_line("arrived", session=session.session_id, client=session.label)
         return api.SessionInfo(
             session_id=session.session_id,
             lease_seconds=self._lease,
@@ -68,10 +72,12 @@ class ClientSessions:
         )
 
     def get(self, session_id: str) -> Session[api.ClientIdentity]:
-        """The live session, else NOT_FOUND (the client must connect again)."""
+        """The live session, else NOT_FOUND (the client must connect again); NOT_FOUND too when
+        the caller is not the identity that made it (a stolen id is worth nothing)."""
         session = self.sessions.get(session_id, self._clock())
         if session is None:
             raise RpcError(Code.NOT_FOUND, "the session has expired or is unknown; connect again")
+        self._auth.check_owner(session.owner)
         return session
 
     def alive(self, session_id: str) -> bool:
@@ -81,6 +87,7 @@ class ClientSessions:
         """A heartbeat, of an agent's session or a client's."""
         if self._agents.remain(request.session_id):
             return Empty()
+        self.get(request.session_id)
         if self.sessions.remain(request.session_id, self._clock()) is None:
             raise RpcError(Code.NOT_FOUND, "the session has expired or is unknown; connect again")
         self._presence.seen(request.session_id, CALLER.get())
@@ -88,6 +95,10 @@ class ClientSessions:
         return Empty()
 
     async def depart(self, request: api.SessionRequest) -> Empty:
+        try:
+            self.get(request.session_id)
+        except RpcError:
+            return Empty()  # as for an unknown id: another identity's session is none of its
         session = self.sessions.depart(request.session_id)
         if session is not None:
             log.info("session %s departed (%s)", session.session_id, session.label)

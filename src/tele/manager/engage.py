@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ import trio
 
 from tele.contracts import agentconfig
 from tele.manager.agents import AgentRegistry
+from tele.manager.auth import audit_line
 from tele.manager.changes import Changes
 from tele.manager.dialback import DialBack
 from tele.manager.rollouts import Rollouts
@@ -73,7 +74,10 @@ class Engagements:
         changes: Changes,
         settings: AgentSettings,
         absent: Collection[str] = frozenset(),
+        authorize: Callable[[str, str, str, str], Awaitable[None]] | None = None,
     ) -> None:
+        self._authorize = authorize
+        """(kind, workload kind, namespace, workload name) -> None, or RpcError: RBAC."""
         self._view = view
         self._client_session = client_session
         self._table = table
@@ -99,7 +103,7 @@ class Engagements:
     async def watch_engagements(
         self, request: api.SessionRequest
     ) -> AsyncIterator[aapi.EngagementList]:
-        session = self._agents.get(request.session_id)
+        session = self._agents.of_caller(request.session_id)
         if session is None:
             raise RpcError(Code.NOT_FOUND, "unknown agent session; arrive again")
         identity = session.identity
@@ -151,6 +155,8 @@ class Engagements:
                 f"{str(workload['kind']).lower()}/{request.workload} --replicas=1)",
             )
         key = (str(workload["kind"]), request.namespace, request.workload)
+        if self._authorize is not None:
+            await self._authorize(kind, key[0], key[1], key[2])
         container = request.container
         if kind != "intercept":
             container = pick_container(workload, request)
@@ -186,6 +192,14 @@ class Engagements:
                     with trio.CancelScope(shield=True), trio.move_on_after(10):
                         await self._rollouts.restore(key)
         log.info("%s engaged %s %s/%s (%s)", session.label, key[0], key[1], key[2], kind)
+        audit_line(
+            "engaged",
+            session=request.session_id,
+            kind=kind,
+            workload=f"{key[0]} {key[1]}/{key[2]}",
+            name=name,
+            container=container,
+        )
         self._changes.notify()
         return info
 
@@ -276,10 +290,12 @@ class Engagements:
         return aapi.UninstallReply(removed=removed)
 
     async def leave(self, request: aapi.LeaveRequest) -> Empty:
+        self._client_session(request.session_id)
         active = self._table.leave(request.session_id, request.name)
         if active is None:
             raise RpcError(Code.NOT_FOUND, f"no engagement named {request.name} of this session")
         log.info("%s left %s", active.info.client, request.name)
+        audit_line("left", session=request.session_id, name=request.name, kind=active.info.kind)
         self._changes.notify()
         if active.info.kind == "replace":
             await self._rollouts.restore_and_wait(active.workload_key)
@@ -295,6 +311,14 @@ class Engagements:
         if ended:
             names = ", ".join(a.info.name for a in ended)
             log.info("engagements %s ended with their session", names)
+            for active in ended:
+                audit_line(
+                    "ended",
+                    session=session_id,
+                    name=active.info.name,
+                    kind=active.info.kind,
+                    client=active.info.client,
+                )
             self._changes.notify()
 
     async def watch_dials(self, request: api.SessionRequest) -> AsyncIterator[aapi.DialRequest]:

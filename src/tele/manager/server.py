@@ -30,6 +30,7 @@ from tele.contracts.namespaces import NamespaceSelector
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
 from tele.manager.agents import AgentRegistry
+from tele.manager.auth import Authenticator, audit_line, caller
 from tele.manager.changes import Changes
 from tele.manager.clients import ClientSessions
 from tele.manager.dialback import DialBack
@@ -42,6 +43,7 @@ from tele.manager.table import EngagementTable
 from tele.manager.view import ClusterView
 from tele.manager.webhook import AgentInjector, WebhookServer, ensure_tls, patch_ca_bundle
 from tele.net.tunnel import OpenRequest, ResetReason
+from tele.rpc import agent_api as aapi
 from tele.rpc import manager_api as api
 from tele.rpc.agent_api import PAST_TENSE
 from tele.rpc.errors import Code, RpcError
@@ -89,6 +91,8 @@ class ManagerConfig:
     """The manager pod's IP (the source of its connections to agents), from the chart."""
     missing_kind_retry: float = 30.0
     """Seconds between looks for an enabled kind the cluster does not serve (no Rollout CRD)."""
+    auth_mode: str = "enforcing"
+    """Helm `security.authentication.mode`: enforcing, permissive or disabled (manager.auth)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ManagerConfig:
@@ -121,6 +125,7 @@ class ManagerConfig:
             agent_log_level=env.get("TELE_AGENT_LOG_LEVEL") or "info",
             mount_policies=dict(json.loads(env.get("TELE_MOUNT_POLICIES") or "{}")),
             pod_ip=env.get("TELE_POD_IP") or "",
+            auth_mode=env.get("TELE_AUTH_MODE") or "enforcing",
         )
 
 
@@ -146,6 +151,7 @@ class Manager:
         self.config = config
         self.kube = kube
         self.clock = clock
+        self.auth = Authenticator(kube, config.auth_mode)
         self.view = ClusterView(
             config.selector,
             cluster_domain=config.cluster_domain,
@@ -165,7 +171,13 @@ class Manager:
             self.clients.wake_reaper()
 
         self.agents = AgentRegistry(
-            clock=clock, changes=changes, wake_reaper=wake_reaper, manager_ip=config.pod_ip
+            clock=clock,
+            changes=changes,
+            wake_reaper=wake_reaper,
+            manager_ip=config.pod_ip,
+            vouch=self.vouch_for_agent,
+            owner=self.auth.owner,
+            check_owner=self.auth.check_owner,
         )
         self.clients = ClientSessions(
             lease=config.session_lease,
@@ -175,6 +187,7 @@ class Manager:
             cluster_info=self.cluster_info,
             agents=self.agents,
             presence=self.presence,
+            auth=self.auth,
         )
         self.sessions = self.clients.sessions
         self.on_session_end = self.clients.on_session_end
@@ -210,6 +223,7 @@ class Manager:
             agent_workloads=self.agent_workloads,
             changes=changes,
             absent=self.presence.absent,
+            authorize=self.auth.authorize_engagement,
             settings=AgentSettings(
                 manager_namespace=config.namespace,
                 agent_image=config.agent_image,
@@ -237,7 +251,9 @@ class Manager:
 
     def router(self) -> Router:
         router = Router()
+        router.gate(self.auth.gate)
         router.unary(api.VERSION, self.version)
+        router.unary(api.AUTHENTICATE, self.auth.authenticate)
         router.unary(api.ARRIVE, self.clients.arrive)
         router.unary(api.REMAIN, self.clients.remain)
         router.unary(api.DEPART, self.clients.depart)
@@ -251,6 +267,56 @@ class Manager:
 
     async def version(self, _: Empty) -> api.VersionInfo:
         return api.VersionInfo(version=__version__)
+
+    def vouch_for_agent(self, identity: aapi.AgentIdentity) -> aapi.AgentIdentity:
+        """The agent's identity as its token and this manager's view say: the pod (and so the
+        workload) is the one the token is bound to, never what the agent claims."""
+        if self.auth.mode == "disabled":
+            return identity
+        who = caller()
+        pod_claim = who.pod() if who is not None and who.agent_audience else None
+        namespace = who.service_account_namespace() if who is not None else None
+        if who is None or pod_claim is None or namespace is None:
+            self.auth.refuse(
+                Code.UNAUTHENTICATED,
+                "an agent must present its pod's projected ServiceAccount token "
+                f"(audience {agentconfig.AGENT_TOKEN_AUDIENCE})",
+                claimed_pod=f"{identity.namespace}/{identity.pod_name}",
+            )
+            return identity
+        pod_name, pod_uid = pod_claim
+        pod = self.view.pods.get((namespace, pod_name))
+        meta = (pod or {}).get("metadata") or {}
+        containers = ((pod or {}).get("spec") or {}).get("containers") or []
+        workload = self.view.workload_of(pod, namespace) if pod is not None else None
+        why = ""
+        if pod is None or meta.get("uid") != pod_uid:
+            why = f"pod {namespace}/{pod_name} is not known to the traffic manager"
+        elif not any(c.get("name") == agentconfig.AGENT_CONTAINER for c in containers):
+            why = f"pod {namespace}/{pod_name} has no traffic agent injected"
+        elif workload is None:
+            why = f"pod {namespace}/{pod_name} belongs to no workload the manager watches"
+        if not why and workload is not None:
+            wmeta = workload.get("metadata") or {}
+            claimed = (identity.workload_kind, identity.namespace, identity.workload_name)
+            real = (str(workload.get("kind")), namespace, str(wmeta.get("name")))
+            if claimed != real or identity.pod_name != pod_name:
+                why = (
+                    f"the agent of pod {namespace}/{pod_name} ({real[0]} {real[2]}) claimed "
+                    f"to be pod {identity.pod_name} of {claimed[0]} {claimed[1]}/{claimed[2]}"
+                )
+        if why:
+            self.auth.refuse(
+                Code.PERMISSION_DENIED, f"refused as an agent: {why}", user=who.username
+            )
+            return identity
+        status = (pod or {}).get("status") or {}
+        audit_line(
+            "agent-arrived",
+            pod=f"{namespace}/{pod_name}",
+            workload=f"{identity.workload_kind} {namespace}/{identity.workload_name}",
+        )
+        return msgspec.structs.replace(identity, pod_ip=str(status.get("podIP") or identity.pod_ip))
 
     def cluster_info(self) -> api.ClusterInfo:
         return api.ClusterInfo(
@@ -351,7 +417,18 @@ class Manager:
         return ""
 
     async def _tunnel_policy(self, request: OpenRequest) -> ResetReason | None:
-        return None if self.dials.session_allowed(request) else ResetReason.POLICY
+        if not self.dials.session_allowed(request):
+            return ResetReason.POLICY
+        session = self.sessions.get(request.session, self.clock()) or self.agents.get(
+            request.session
+        )
+        try:
+            self.auth.gate("CONNECT")
+            if session is not None:
+                self.auth.check_owner(session.owner)
+        except RpcError:
+            return ResetReason.POLICY
+        return None
 
     # --- lifecycle ------------------------------------------------------------------------------
 

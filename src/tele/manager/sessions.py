@@ -24,6 +24,9 @@ class Session(Generic[I]):
     identity: I
     arrived_at: float
     expires_at: float
+    owner: str = ""
+    """The identity that made the session (tele.manager.auth.Principal.key): only it may use
+    the id."""
 
     @property
     def label(self) -> str:
@@ -40,9 +43,9 @@ class SessionTable(Generic[I]):
     sessions: dict[str, Session[I]] = field(default_factory=dict)
     _deadlines: list[tuple[float, str]] = field(default_factory=list)
 
-    def arrive(self, identity: I, now: float) -> Session[I]:
+    def arrive(self, identity: I, now: float, *, owner: str = "") -> Session[I]:
         session_id = secrets.token_hex(16)  # also a valid tunnel session id (tele.net.tunnel)
-        session = Session(session_id, identity, now, now + self.lease)
+        session = Session(session_id, identity, now, now + self.lease, owner)
         self.sessions[session_id] = session
         heapq.heappush(self._deadlines, (session.expires_at, session_id))
         return session

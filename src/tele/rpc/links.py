@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import NoReturn
 
@@ -40,10 +40,14 @@ class LinkPool:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         name: str = "manager-link",
+        prepare: Callable[[H2Link], Awaitable[None]] | None = None,
     ) -> None:
+        """`prepare(link)` runs on each new link before it is handed out (e.g. to
+        authenticate it); its failure fails the link."""
         if count < 1:
             raise ValueError("a link pool needs at least one link")
         self._connect = connect
+        self._prepare = prepare
         self._settings = settings
         self._slots: list[H2Link | None] = [None] * count
         self._backoff_initial = backoff_initial
@@ -153,6 +157,8 @@ class LinkPool:
                     name=f"{self._name}-{slot}",
                 ) as link,
             ):
+                if self._prepare is not None:
+                    await self._prepare(link)
                 on_up(link)
                 log.info("%s %d: up", self._name, slot)
                 await link.wait_closed()

@@ -104,7 +104,24 @@ class VersionInfo(msgspec.Struct, frozen=True, kw_only=True):
     version: str
 
 
+class AuthenticateRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """The caller's credential, checked by the manager with a TokenReview; the link it came
+    on is then that identity's (see tele.manager.auth)."""
+
+    token: str
+    """A bearer token: what the client's kubeconfig resolves to, or the agent's projected
+    ServiceAccount token."""
+    agent: bool = False
+    """The token is an agent's, bound to the audience AGENT_TOKEN_AUDIENCE."""
+
+
+class AuthenticateReply(msgspec.Struct, frozen=True, kw_only=True):
+    username: str
+    groups: list[str] = []
+
+
 VERSION = Unary(f"/{SERVICE}/Version", Empty, VersionInfo)
+AUTHENTICATE = Unary(f"/{SERVICE}/Authenticate", AuthenticateRequest, AuthenticateReply)
 ARRIVE = Unary(f"/{SERVICE}/ArriveAsClient", ClientIdentity, SessionInfo)
 REMAIN = Unary(f"/{SERVICE}/Remain", SessionRequest, Empty)
 DEPART = Unary(f"/{SERVICE}/Depart", SessionRequest, Empty)

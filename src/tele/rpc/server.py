@@ -39,6 +39,13 @@ class CallerConnection:
     def __init__(self) -> None:
         self.ended = False
         self._on_end: list[Callable[[], None]] = []
+        self.principal: Any = None
+        """Who the peer proved to be on this connection (set by the service's authenticator;
+        None: nobody yet)."""
+        self.auth_failure = ""
+        """Why the peer's last attempt to authenticate failed ("" if none did)."""
+        self.active_calls = 0
+        """Streams being handled on this connection now."""
 
     def on_end(self, callback: Callable[[], None]) -> None:
         """Call `callback` when the connection ends (at once if it has)."""
@@ -79,6 +86,12 @@ class Router:
     def __init__(self) -> None:
         self._routes: dict[str, _Route] = {}
         self._raw: list[tuple[RawMatcher, RawHandler]] = []
+        self._gate: Callable[[str], None] | None = None
+
+    def gate(self, check: Callable[[str], None]) -> None:
+        """Ask `check(path)` before serving any RPC; it raises RpcError to refuse (the caller
+        is `CALLER`: e.g. not authenticated yet). Raw streams' handlers ask it themselves."""
+        self._gate = check
 
     def unary(self, method: Unary[Req, Resp], handler: Callable[[Req], Awaitable[Resp]]) -> None:
         self._add(method.path, _Route(method.request, handler, streaming=False))
@@ -101,7 +114,13 @@ class Router:
         """Serve one incoming stream."""
         for matcher, raw_handler in self._raw:
             if matcher(stream):
-                await raw_handler(stream)
+                await raw_handler(stream)  # its own policy asks the gate (a tunnel's)
+                return
+        if self._gate is not None:
+            try:
+                self._gate(stream.header(":path") or "")
+            except RpcError as exc:
+                await _answer_error(stream, exc.code, exc.message)
                 return
         path = stream.header(":path") or ""
         route = self._routes.get(path)
@@ -201,6 +220,7 @@ async def serve_connection(
 
     async def handle(h2_stream: H2Stream) -> None:
         CALLER.set(caller)
+        caller.active_calls += 1
         try:
             await router.handle(h2_stream, max_message_size=max_message_size)
         except (LinkBroken, StreamReset) as exc:  # the caller or its link went away
@@ -208,6 +228,8 @@ async def serve_connection(
         except Exception:
             log.exception("%s: %s failed", name, h2_stream.header(":path"))
             await _answer_error(h2_stream, Code.INTERNAL, "internal error in the server")
+        finally:
+            caller.active_calls -= 1
 
     try:
         await serve_link(stream, handle, settings=settings, name=name)

@@ -1,0 +1,333 @@
+"""Who is calling: every caller of the manager proves an identity the Kubernetes way.
+
+A link (one h2 connection) starts unauthenticated: it may ask the version and AUTHENTICATE,
+nothing else, with at most UNAUTHENTICATED_STREAMS streams at once. AUTHENTICATE carries a bearer
+token, checked with a TokenReview (authentication.k8s.io/v1): a client's is what its kubeconfig
+resolves to (reviewed for the API server's own audiences), an agent's is its pod's projected
+ServiceAccount token, reviewed for AGENT_AUDIENCE. The identity the review returns is the link's
+from then on (`CALLER.principal`), and every session made on it is bound to that identity
+(`owner`): no other identity can use its id.
+
+Modes (Helm `security.authentication.mode`): `enforcing` refuses what is not proven,
+`permissive` logs what it would refuse and serves anyway, `disabled` checks nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from tele.contracts.agentconfig import AGENT_TOKEN_AUDIENCE
+from tele.k8s.client import ApiError, KubeClient
+from tele.rpc import manager_api as api
+from tele.rpc.errors import Code, RpcError
+from tele.rpc.server import CALLER
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("tele.audit")
+
+MODES = ("enforcing", "permissive", "disabled")
+UNAUTHENTICATED_STREAMS = 4
+"""Streams an unauthenticated link may have open at once (the version call and AUTHENTICATE)."""
+CACHE_SECONDS = 30.0
+"""How long a review's answer is reused for the same token (a hash of it is kept, not it)."""
+CACHE_LIMIT = 4096
+OPEN_PATHS = frozenset({api.VERSION.path, api.AUTHENTICATE.path})
+POD_NAME = "authentication.kubernetes.io/pod-name"
+POD_UID = "authentication.kubernetes.io/pod-uid"
+MAX_TOKEN = 16384
+DECISION_SECONDS = 10.0
+"""How long a SubjectAccessReview's answer is reused (RBAC changes take effect this late)."""
+WORKLOAD_RESOURCES = {
+    "Deployment": ("apps", "deployments"),
+    "ReplicaSet": ("apps", "replicasets"),
+    "StatefulSet": ("apps", "statefulsets"),
+    "Rollout": ("argoproj.io", "rollouts"),
+}
+
+
+def audit_line(event: str, **fields: object) -> None:
+    """One structured line (JSON after "audit ") per arrival, engagement and denial."""
+    who = caller()
+    record = {"event": event, "user": who.username if who else "", **fields}
+    if who is not None and "groups" not in record:
+        record["groups"] = list(who.groups)
+    audit.info("audit %s", json.dumps(record, sort_keys=True, default=str))
+
+
+NO_TOKEN = (
+    "the traffic manager serves only authenticated callers: present a bearer token (tele does "
+    "so from the kubeconfig; a kubeconfig user with only a client certificate is not supported "
+    "yet: such users need the manager's Helm value security.authentication.mode=permissive)"
+)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An identity a TokenReview vouched for."""
+
+    username: str
+    uid: str = ""
+    groups: tuple[str, ...] = ()
+    extra: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
+    agent_audience: bool = False
+    """The token was bound to AGENT_AUDIENCE (an agent's projected token)."""
+
+    @property
+    def key(self) -> str:
+        """What sessions are bound to."""
+        return f"{self.username}\x00{self.uid}"
+
+    def pod(self) -> tuple[str, str] | None:
+        """(pod name, pod uid) of a pod-bound ServiceAccount token, else None."""
+        names = self.extra.get(POD_NAME) or ()
+        uids = self.extra.get(POD_UID) or ()
+        if len(names) == 1 and len(uids) == 1:
+            return names[0], uids[0]
+        return None
+
+    def service_account_namespace(self) -> str | None:
+        parts = self.username.split(":")
+        if len(parts) == 4 and parts[:2] == ["system", "serviceaccount"]:
+            return parts[2]
+        return None
+
+
+ANONYMOUS = Principal(username="")
+"""Who an unauthenticated caller is where the mode lets it through."""
+
+
+def caller() -> Principal | None:
+    connection = CALLER.get()
+    principal = connection.principal if connection is not None else None
+    return principal if isinstance(principal, Principal) else None
+
+
+class Authenticator:
+    def __init__(
+        self,
+        kube: KubeClient,
+        mode: str = "enforcing",
+        *,
+        clock: Any = trio.current_time,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"authentication mode must be one of {', '.join(MODES)}")
+        self.kube = kube
+        self.mode = mode
+        self._clock = clock
+        self._cache: dict[tuple[bytes, bool], tuple[float, Principal | str]] = {}
+        self._decisions: dict[tuple[str, tuple[str, ...]], tuple[float, bool, str]] = {}
+
+    # --- the link gate --------------------------------------------------------------------------
+
+    def gate(self, path: str) -> None:
+        """Router gate: before authentication only OPEN_PATHS, a few streams at once."""
+        connection = CALLER.get()
+        if self.mode == "disabled" or connection is None:
+            return
+        if connection.principal is not None:
+            return
+        if connection.active_calls > UNAUTHENTICATED_STREAMS:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED, "too many streams on a link that has not authenticated"
+            )
+        if path in OPEN_PATHS:
+            return
+        message = NO_TOKEN
+        if connection.auth_failure:
+            message = (
+                f"the traffic manager did not authenticate this caller: {connection.auth_failure}"
+            )
+        self.refuse(Code.UNAUTHENTICATED, message, path=path)
+
+    def refuse(self, code: Code, message: str, **about: object) -> None:
+        """Refuse (enforcing) or log that it would (permissive)."""
+        audit_line("denied", mode=self.mode, reason=message, **about)
+        if self.mode == "enforcing":
+            raise RpcError(code, message)
+        if self.mode == "permissive":
+            log.warning("permissive: would refuse (%s): %s", about, message)
+
+    def owner(self) -> str:
+        """The owner key for a session made by the caller now."""
+        who = caller()
+        return who.key if who is not None else ANONYMOUS.key
+
+    def check_owner(self, owner: str) -> None:
+        """The caller may use a session owned by `owner`, or RpcError (the same answer as for
+        an unknown session: a stolen id tells the thief nothing)."""
+        if self.mode == "disabled" or owner == self.owner():
+            return
+        self.refuse(
+            Code.NOT_FOUND,
+            "the session has expired or is unknown; connect again",
+            session_owner=owner.split("\x00", maxsplit=1)[0],
+        )
+
+    # --- AUTHENTICATE ---------------------------------------------------------------------------
+
+    async def authenticate(self, request: api.AuthenticateRequest) -> api.AuthenticateReply:
+        connection = CALLER.get()
+        if not request.token or len(request.token) > MAX_TOKEN:
+            raise RpcError(Code.INVALID_ARGUMENT, "no usable token")
+        try:
+            principal = await self.review(request.token, agent=request.agent)
+        except RpcError as exc:
+            if connection is not None:
+                connection.auth_failure = exc.message
+            raise
+        if connection is not None:
+            held = connection.principal
+            if isinstance(held, Principal) and held.key != principal.key:
+                raise RpcError(
+                    Code.PERMISSION_DENIED,
+                    "this link belongs to another identity; open a new one",
+                )
+            connection.principal = principal
+        return api.AuthenticateReply(username=principal.username, groups=list(principal.groups))
+
+    async def review(self, token: str, *, agent: bool) -> Principal:
+        digest = hashlib.sha256(token.encode()).digest()
+        now = self._clock()
+        cached = self._cache.get((digest, agent))
+        if cached is not None and cached[0] > now:
+            result = cached[1]
+        else:
+            result = await self._token_review(token, agent)
+            if len(self._cache) >= CACHE_LIMIT:
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+                if len(self._cache) >= CACHE_LIMIT:
+                    self._cache.clear()
+            self._cache[(digest, agent)] = (now + CACHE_SECONDS, result)
+        if isinstance(result, str):
+            audit_line("denied", reason=result, agent=agent)
+            raise RpcError(Code.UNAUTHENTICATED, result)
+        return result
+
+    async def _token_review(self, token: str, agent: bool) -> Principal | str:
+        spec: dict[str, Any] = {"token": token}
+        if agent:
+            spec["audiences"] = [AGENT_TOKEN_AUDIENCE]
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+        try:
+            reply = await self.kube.request(
+                "POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=body
+            )
+        except ApiError as exc:
+            log.warning("TokenReview failed: %s", exc.message)
+            raise RpcError(
+                Code.UNAVAILABLE, f"the traffic manager cannot review tokens now: {exc.message}"
+            ) from None
+        status = (reply.get("status") or {}) if isinstance(reply, dict) else {}
+        if not status.get("authenticated"):
+            return "the token was not accepted: " + str(status.get("error") or "unauthenticated")
+        if agent and AGENT_TOKEN_AUDIENCE not in (status.get("audiences") or []):
+            return f"the token is not bound to the audience {AGENT_TOKEN_AUDIENCE}"
+        user = status.get("user") or {}
+        extra = user.get("extra") or {}
+        return Principal(
+            username=str(user.get("username") or ""),
+            uid=str(user.get("uid") or ""),
+            groups=tuple(str(g) for g in user.get("groups") or []),
+            extra={
+                str(k): tuple(str(x) for x in v) for k, v in extra.items() if isinstance(v, list)
+            },
+            agent_audience=agent,
+        )
+
+    # --- authorization (RBAC, by SubjectAccessReview) -------------------------------------------
+
+    async def authorize_engagement(
+        self, kind: str, workload_kind: str, namespace: str, name: str
+    ) -> None:
+        """Engaging needs `create pods/portforward` in the namespace (as Telepresence 2.31);
+        `replace` also `patch` on the workload. RpcError PERMISSION_DENIED, one sentence."""
+        await self.require("create", "pods", namespace, subresource="portforward")
+        if kind == "replace":
+            group, resource = WORKLOAD_RESOURCES.get(workload_kind, ("apps", "deployments"))
+            await self.require("patch", resource, namespace, group=group, name=name)
+
+    async def require(
+        self,
+        verb: str,
+        resource: str,
+        namespace: str,
+        *,
+        group: str = "",
+        subresource: str = "",
+        name: str = "",
+    ) -> None:
+        if self.mode == "disabled":
+            return
+        who = caller()
+        what = f"{resource}/{subresource}" if subresource else resource
+        if group:
+            what = f"{what}.{group}"
+        if who is None:
+            self.refuse(Code.UNAUTHENTICATED, NO_TOKEN, needed=f"{verb} {what}")
+            return
+        attributes = (verb, group, resource, subresource, namespace, name)
+        now = self._clock()
+        cached = self._decisions.get((who.key, attributes))
+        if cached is not None and cached[0] > now:
+            _, allowed, reason = cached
+        else:
+            allowed, reason = await self._access_review(who, attributes)
+            if len(self._decisions) >= CACHE_LIMIT:
+                self._decisions.clear()
+            self._decisions[(who.key, attributes)] = (now + DECISION_SECONDS, allowed, reason)
+        if not allowed:
+            self.refuse(
+                Code.PERMISSION_DENIED,
+                f"{who.username} may not {verb} {what} in namespace {namespace}"
+                + (f" ({reason})" if reason else ""),
+                namespace=namespace,
+                needed=f"{verb} {what}",
+            )
+
+    async def _access_review(self, who: Principal, attributes: tuple[str, ...]) -> tuple[bool, str]:
+        verb, group, resource, subresource, namespace, name = attributes
+        resource_attributes = {
+            k: v
+            for k, v in {
+                "verb": verb,
+                "group": group,
+                "resource": resource,
+                "subresource": subresource,
+                "namespace": namespace,
+                "name": name,
+            }.items()
+            if v
+        }
+        spec: dict[str, Any] = {
+            "user": who.username,
+            "groups": list(who.groups),
+            "resourceAttributes": resource_attributes,
+        }
+        if who.uid:
+            spec["uid"] = who.uid
+        if who.extra:
+            spec["extra"] = {k: list(v) for k, v in who.extra.items()}
+        body = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": spec,
+        }
+        try:
+            reply = await self.kube.request(
+                "POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", body=body
+            )
+        except ApiError as exc:
+            log.warning("SubjectAccessReview failed: %s", exc.message)
+            raise RpcError(
+                Code.UNAVAILABLE,
+                f"the traffic manager cannot check permissions now: {exc.message}",
+            ) from None
+        status = (reply.get("status") or {}) if isinstance(reply, dict) else {}
+        return bool(status.get("allowed")), str(status.get("reason") or "")
