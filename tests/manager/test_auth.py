@@ -376,4 +376,4 @@ async def test_engaging_follows_rbac_and_each_denial_is_audited(
         ("nobody", "create pods/portforward"),
         ("porter", "patch deployments.apps"),
     ]
-    assert sum('"arrived"' in line for line in lines) == 3
+    assert sum('"arrival"' in line for line in lines) == 3

@@ -64,7 +64,7 @@ class ClientSessions:
             session.label,
             identity.client_version,
         )
-        audit_line("arrived", session=session.session_id, client=session.label)
+        audit_line("arrival", session=session.session_id, client=session.label)
         return api.SessionInfo(
             session_id=session.session_id,
             lease_seconds=self._lease,

@@ -193,7 +193,7 @@ class Engagements:
                         await self._rollouts.restore(key)
         log.info("%s engaged %s %s/%s (%s)", session.label, key[0], key[1], key[2], kind)
         audit_line(
-            "engaged",
+            "engagement-start",
             session=request.session_id,
             kind=kind,
             workload=f"{key[0]} {key[1]}/{key[2]}",
@@ -295,7 +295,9 @@ class Engagements:
         if active is None:
             raise RpcError(Code.NOT_FOUND, f"no engagement named {request.name} of this session")
         log.info("%s left %s", active.info.client, request.name)
-        audit_line("left", session=request.session_id, name=request.name, kind=active.info.kind)
+        audit_line(
+            "engagement-end", session=request.session_id, name=request.name, kind=active.info.kind
+        )
         self._changes.notify()
         if active.info.kind == "replace":
             await self._rollouts.restore_and_wait(active.workload_key)
@@ -313,7 +315,7 @@ class Engagements:
             log.info("engagements %s ended with their session", names)
             for active in ended:
                 audit_line(
-                    "ended",
+                    "engagement-end",
                     session=session_id,
                     name=active.info.name,
                     kind=active.info.kind,

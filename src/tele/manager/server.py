@@ -312,7 +312,7 @@ class Manager:
             return identity
         status = (pod or {}).get("status") or {}
         audit_line(
-            "agent-arrived",
+            "agent-arrival",
             pod=f"{namespace}/{pod_name}",
             workload=f"{identity.workload_kind} {namespace}/{identity.workload_name}",
         )
