@@ -598,6 +598,14 @@ class Container:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        # Running is reported once runc has created the container (it writes the pid file,
+        # then starts the process at once), not as soon as runc itself was spawned.
+        # runc offers no notification of that short of a console socket: look every 2 ms, at
+        # most 10 s (it takes ~50 ms).
+        for _ in range(5000):
+            if self.init_pid() is not None or self.proc.poll() is not None:
+                break
+            await trio.sleep(0.002)
         return self.proc
 
     def start_error(self) -> str | None:
