@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import trio
 
 from tele.agent.manager_link import ManagerEngagements, identity, tcp_connector
 from tele.net.tunnel import Accept, OpenRequest
 from tele.rpc import agent_api as aapi
 from tele.rpc.h2link import H2Stream
-from tele.rpc.manager_api import REMAIN, SessionRequest
+from tele.rpc.manager_api import (
+    AUTHENTICATE,
+    REMAIN,
+    AuthenticateReply,
+    AuthenticateRequest,
+    SessionRequest,
+)
 from tele.rpc.method import Empty
 from tele.rpc.server import Router, serve_connection
 from tele.rpc.tunnel import TunnelServer, splice
+from tele.testing.waits import wait_for
 from tests.agent.servers import AGENT_PORT, running_agent, settings_for, start_tcp_server
 from tests.agent.test_forward import exchange, expected
 
@@ -106,3 +115,58 @@ async def test_engagements_from_the_manager_route_through_its_tunnel() -> None:
     [opened] = manager.opens
     assert (opened.dial_id, opened.session) == ("engage.e1", "s1")
     assert (str(opened.destination.ip), opened.destination.port) == ("10.1.2.3", app.port)
+
+
+class TokenCheckingManager(StandInManager):
+    """Records the tokens the agent presents, and which one its link held when it arrived."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.tokens: list[AuthenticateRequest] = []
+        self.arrived_with: list[str] = []
+
+    def router(self) -> Router:
+        router = super().router()
+        router.unary(AUTHENTICATE, self.authenticate)
+        return router
+
+    async def authenticate(self, request: AuthenticateRequest) -> AuthenticateReply:
+        self.tokens.append(request)
+        return AuthenticateReply(username="system:serviceaccount:default:echo")
+
+    async def arrive(self, agent: aapi.AgentIdentity) -> aapi.AgentSessionInfo:
+        self.arrivals.append(agent)
+        self.arrived_with.append(self.tokens[-1].token if self.tokens else "")
+        return aapi.AgentSessionInfo(session_id="s1", lease_seconds=0.3)
+
+
+async def test_the_agent_presents_its_pod_token_and_again_when_it_rotates(
+    tmp_path: Path,
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("first-token\n")
+    manager = TokenCheckingManager()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            router = manager.router()
+            listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+            nursery.start_soon(
+                trio.serve_listeners, lambda s: serve_connection(s, router), [listener]
+            )
+            source = ManagerEngagements(
+                identity(settings_for(1), {"HOSTNAME": "echo-abc"}),
+                tcp_connector("127.0.0.1", listener.socket.getsockname()[1]),
+                retry_initial=0.01,
+                token_file=str(token_file),
+            )
+            await nursery.start(source.serve)
+            await manager.watching()
+            token_file.write_text("second-token\n")  # the kubelet rotated it
+            await wait_for(lambda: len(manager.tokens) == 2)
+            nursery.cancel_scope.cancel()
+    assert manager.arrived_with == ["first-token"]  # presented before arriving
+    assert [(t.token, t.agent) for t in manager.tokens] == [
+        ("first-token", True),
+        ("second-token", True),
+    ]
+    assert len(manager.arrivals) == 1  # the session went on with the new token
