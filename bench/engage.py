@@ -13,7 +13,7 @@ requests/s) to the app directly (pod IP, the app's own port), through the Servic
 agent, through the agent with an http intercept that does not match them, and matching ones
 answered on this machine. Target: non-matching requests add <= 1 ms at p50.
 
-    .venv/bin/python bench/engage.py [--requests 500]
+    .venv/bin/python bench/engage.py [--requests 500] [--auth-mode enforcing|disabled]
 
 Prints a table and one JSON line. Needs root, iproute2, nftables and kubectl, like the sandbox.
 """
@@ -121,7 +121,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class Bench:
-    def __init__(self, requests: int) -> None:
+    def __init__(self, requests: int, auth_mode: str = "enforcing") -> None:
+        self.auth_mode = auth_mode
         self.requests = requests
         self.name = f"tele-bench-{secrets.token_hex(3)}"
         self.home = Path(tempfile.mkdtemp(prefix="tele-bench-engage-"))
@@ -162,7 +163,14 @@ class Bench:
     def up(self) -> None:
         out = self.tele("sandbox", "up", "--name", self.name, "-o", "json")
         self.kubeconfig = str(json.loads(out)["kubeconfig"])
-        self.tele("helm", "install", "--kubeconfig", self.kubeconfig)
+        self.tele(
+            "helm",
+            "install",
+            "--kubeconfig",
+            self.kubeconfig,
+            "--set",
+            f"security.authentication.mode={self.auth_mode}",
+        )
         self.kubectl("apply", "-f", "-", stdin=APP)
         for target in ("-n", "ambassador", "deployment/traffic-manager"), ("deployment/echo",):
             self.kubectl("rollout", "status", *target, "--timeout=120s")
@@ -243,10 +251,16 @@ class Bench:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument(
+        "--auth-mode",
+        choices=["enforcing", "permissive", "disabled"],
+        default="enforcing",
+        help="the manager's security.authentication.mode (compare enforcing with disabled)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("kubectl"):
         raise SystemExit("bench/engage.py needs root (the sandbox's namespaces) and kubectl")
-    result = Bench(args.requests).run()
+    result = Bench(args.requests, args.auth_mode).run()
     cold, warm = result["cold"], result["warm"]
     rows = result["rows"]
     assert isinstance(cold, tuple) and isinstance(warm, tuple) and isinstance(rows, dict)
@@ -265,6 +279,7 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "engage",
+                "auth_mode": args.auth_mode,
                 "ready_cold_s": round(cold[1], 3),
                 "ready_warm_s": round(warm[1], 3),
                 "cli_cold_s": round(cold[0], 3),
