@@ -267,6 +267,8 @@ async def test_a_plain_pod_cannot_arrive_as_the_agent_of_another_workload(
     with pytest.raises(RpcError) as no_pod:
         await arrive(unbound, claim)
     assert no_pod.value.code is Code.UNAUTHENTICATED
+    # (the fixture's pod has no token volume, as a pod injected by an older manager: said so)
+    assert "restart its workload to inject it anew" in no_pod.value.message
     # The victim's own injected pod arrives, and only as itself.
     victim_token = await service_account_token(
         kube, "victim", audience=AGENT_TOKEN_AUDIENCE, pod=victim

@@ -277,10 +277,22 @@ class Manager:
         pod_claim = who.pod() if who is not None and who.agent_audience else None
         namespace = who.service_account_namespace() if who is not None else None
         if who is None or pod_claim is None or namespace is None:
+            message = (
+                "an agent must present its pod's projected ServiceAccount token "
+                f"(audience {agentconfig.AGENT_TOKEN_AUDIENCE})"
+            )
+            claimed_pod = self.view.pods.get((identity.namespace, identity.pod_name))
+            volumes = ((claimed_pod or {}).get("spec") or {}).get("volumes") or []
+            if claimed_pod is not None and not any(
+                v.get("name") == agentconfig.TOKEN_VOLUME for v in volumes
+            ):
+                message += (
+                    f"; pod {identity.namespace}/{identity.pod_name} was injected without one "
+                    "(by an older traffic manager?): restart its workload to inject it anew"
+                )
             self.auth.refuse(
                 Code.UNAUTHENTICATED,
-                "an agent must present its pod's projected ServiceAccount token "
-                f"(audience {agentconfig.AGENT_TOKEN_AUDIENCE})",
+                message,
                 claimed_pod=f"{identity.namespace}/{identity.pod_name}",
             )
             return identity
