@@ -96,6 +96,7 @@ _TARGETS = [
     ("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews"),
     ("POST", "/apis/authentication.k8s.io/v1/tokenreviews"),
     ("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews"),
+    ("POST", "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews"),
     ("POST", "/api/v1/namespaces/default/serviceaccounts/default/token"),
     ("DELETE", "/api/v1/namespaces/default/configmaps/absent"),
     ("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"),

@@ -308,6 +308,10 @@ def test_kubectl_as_a_view_user_gets_403_on_portforward_and_auth_can_i_answers(
         info = json.loads(who.stdout)["status"]["userInfo"]
         assert info["username"] == user and "devs" in info["groups"]
     assert as_user.run("get", "pods", "-o", "name").stdout.strip() == "pod/web"
+    listed = as_user.run("auth", "can-i", "--list").stdout
+    pods = next(line for line in listed.splitlines() if line.startswith("pods "))
+    assert "[get list watch]" in pods
+    assert not any(line.startswith("pods/portforward") for line in listed.splitlines())
     denied = as_user.run("port-forward", "pod/web", "0:80", check=False)
     assert denied.returncode != 0 and "Forwarding from" not in denied.stdout
     # The API server's own answer to the subresource (the upgrade's words are the streaming

@@ -47,6 +47,7 @@ _SKIPPED_KINDS = frozenset(
         "SubjectAccessReview",
         "TokenReview",
         "SelfSubjectReview",
+        "SelfSubjectRulesReview",
     }
 )
 

@@ -49,7 +49,13 @@ CLIENT_CERTIFICATE_USER = "tele.client_certificate_user"
 """Scope key: the user of the connection's verified client certificate (set by `server`)."""
 _WATCH_QUEUE = 4096
 _REVIEWS = frozenset(
-    {"SelfSubjectAccessReview", "SubjectAccessReview", "TokenReview", "SelfSubjectReview"}
+    {
+        "SelfSubjectAccessReview",
+        "SelfSubjectRulesReview",
+        "SubjectAccessReview",
+        "TokenReview",
+        "SelfSubjectReview",
+    }
 )
 """Kinds whose create is a question answered in `status`, never stored."""
 _LINE_CACHE = 256

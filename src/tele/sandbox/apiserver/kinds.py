@@ -284,6 +284,14 @@ RESOURCES: tuple[ResourceType, ...] = (
         verbs=_ONLY_CREATE,
     ),
     _resource(
+        "authorization.k8s.io",
+        "v1",
+        "SelfSubjectRulesReview",
+        "selfsubjectrulesreviews",
+        False,
+        verbs=_ONLY_CREATE,
+    ),
+    _resource(
         "authentication.k8s.io", "v1", "TokenReview", "tokenreviews", False, verbs=_ONLY_CREATE
     ),
     _resource(

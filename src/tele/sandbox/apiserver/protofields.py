@@ -267,6 +267,28 @@ MESSAGES: dict[str, dict[int, tuple[str, str, str]]] = {
         9: ("labelSelector", "k8s.io.api.authorization.v1.LabelSelectorAttributes", ""),
     },
     "k8s.io.api.authorization.v1.ExtraValue": {1: ("items", "string", "repeated")},
+    "k8s.io.api.authorization.v1.NonResourceRule": {
+        1: ("verbs", "string", "repeated"),
+        2: ("nonResourceURLs", "string", "repeated"),
+    },
+    "k8s.io.api.authorization.v1.ResourceRule": {
+        1: ("verbs", "string", "repeated"),
+        2: ("apiGroups", "string", "repeated"),
+        3: ("resources", "string", "repeated"),
+        4: ("resourceNames", "string", "repeated"),
+    },
+    "k8s.io.api.authorization.v1.SelfSubjectRulesReview": {
+        1: ("metadata", "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta", ""),
+        2: ("spec", "k8s.io.api.authorization.v1.SelfSubjectRulesReviewSpec", ""),
+        3: ("status", "k8s.io.api.authorization.v1.SubjectRulesReviewStatus", ""),
+    },
+    "k8s.io.api.authorization.v1.SelfSubjectRulesReviewSpec": {1: ("namespace", "string", "")},
+    "k8s.io.api.authorization.v1.SubjectRulesReviewStatus": {
+        1: ("resourceRules", "k8s.io.api.authorization.v1.ResourceRule", "repeated"),
+        2: ("nonResourceRules", "k8s.io.api.authorization.v1.NonResourceRule", "repeated"),
+        3: ("incomplete", "bool", ""),
+        4: ("evaluationError", "string", ""),
+    },
     "k8s.io.api.authorization.v1.SubjectAccessReview": {
         1: ("metadata", "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta", ""),
         2: ("spec", "k8s.io.api.authorization.v1.SubjectAccessReviewSpec", ""),

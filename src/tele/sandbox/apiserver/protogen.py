@@ -97,7 +97,11 @@ ROOTS = {
     ],
     "k8s.io.api.policy.v1": ["PodDisruptionBudget", "Eviction"],
     "k8s.io.api.rbac.v1": ["Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"],
-    "k8s.io.api.authorization.v1": ["SelfSubjectAccessReview", "SubjectAccessReview"],
+    "k8s.io.api.authorization.v1": [
+        "SelfSubjectAccessReview",
+        "SelfSubjectRulesReview",
+        "SubjectAccessReview",
+    ],
     "k8s.io.api.authentication.v1": ["TokenRequest", "TokenReview", "SelfSubjectReview"],
     "k8s.io.api.autoscaling.v1": ["Scale"],
     "k8s.io.apimachinery.pkg.apis.meta.v1": ["DeleteOptions"],

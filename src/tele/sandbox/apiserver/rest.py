@@ -766,6 +766,8 @@ class Api:
             return reviews.self_subject_review(user)
         if kind == "TokenReview":
             return reviews.token_review(self.authn, body)
+        if kind == "SelfSubjectRulesReview":
+            return reviews.self_subject_rules_review(self.authz, body, user)
         if kind == "SubjectAccessReview":
             return reviews.subject_access_review(self.authz, body)
         return reviews.self_subject_access_review(self.authz, body, user)

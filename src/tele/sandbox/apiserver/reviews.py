@@ -115,6 +115,40 @@ def subject_access_review(authz: Authorizer, body: ApiObject) -> ApiObject:
     }
 
 
+def self_subject_rules_review(authz: Authorizer, body: ApiObject, user: User) -> ApiObject:
+    """SelfSubjectRulesReview: everything the caller may do in a namespace (`kubectl auth
+    can-i --list`), the rules of its roles as RBAC finds them."""
+    spec = dict(body.get("spec") or {})
+    namespace = str(spec.get("namespace") or "")
+    resource_rules: list[ApiObject] = []
+    non_resource_rules: list[ApiObject] = []
+    for rule in authz.rules_for(user, namespace):
+        if rule.get("nonResourceURLs"):
+            non_resource_rules.append(
+                {"verbs": list(rule.get("verbs") or []), "nonResourceURLs": rule["nonResourceURLs"]}
+            )
+        else:
+            out: ApiObject = {
+                "verbs": list(rule.get("verbs") or []),
+                "apiGroups": list(rule.get("apiGroups") or []),
+                "resources": list(rule.get("resources") or []),
+            }
+            if rule.get("resourceNames"):
+                out["resourceNames"] = list(rule["resourceNames"])
+            resource_rules.append(out)
+    return {
+        "kind": "SelfSubjectRulesReview",
+        "apiVersion": "authorization.k8s.io/v1",
+        "metadata": {"creationTimestamp": None},
+        "spec": spec,
+        "status": {
+            "resourceRules": resource_rules,
+            "nonResourceRules": non_resource_rules,
+            "incomplete": False,
+        },
+    }
+
+
 def self_subject_access_review(authz: Authorizer, body: Any, user: User) -> ApiObject:
     """SelfSubjectAccessReview: may the caller do this? (`kubectl auth can-i`)"""
     if not isinstance(body, dict):
