@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.parse
 from typing import Any
 
 import msgspec
@@ -286,3 +287,30 @@ def test_bearer_tokens_and_token_reviews_never_make_a_500(token: str) -> None:
         assert code == 201 and body["status"]["authenticated"] is False, body
 
     trio.run(both, _fresh_app())
+
+
+_query_values = st.text(max_size=20) | st.sampled_from(
+    ["", "0", "-1", "1e400", "nan", "app=web", "app in (a,b)", "!app", "metadata.name=x", "x,,y"]
+)
+
+
+@_FUZZ
+@given(
+    path=st.sampled_from(
+        [
+            "/api/v1/namespaces/default/configmaps",
+            "/api/v1/pods",
+            "/apis/apps/v1/namespaces/default/deployments",
+        ]
+    ),
+    params=st.dictionaries(
+        st.sampled_from(
+            ["labelSelector", "fieldSelector", "limit", "continue", "resourceVersion", "dryRun"]
+        ),
+        _query_values,
+        max_size=4,
+    ),
+)
+def test_list_queries_get_an_answer_never_a_500(path: str, params: dict[str, str]) -> None:
+    query = urllib.parse.urlencode(params).encode()
+    _answered(*trio.run(_call, _fresh_app(), "GET", path, b"", "application/json", query))
