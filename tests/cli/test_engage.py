@@ -42,6 +42,14 @@ from tests.daemon.util import DaemonGuard, run_tele, single_error_line
             "tele: --http-header 'x dev' is not a valid header name",
         ),
         (
+            ["uninstall"],
+            "tele: Name workloads (tele uninstall NAME...), or use --all-agents; not both.",
+        ),
+        (
+            ["uninstall", "echo", "--all-agents"],
+            "tele: Name workloads (tele uninstall NAME...), or use --all-agents; not both.",
+        ),
+        (
             ["intercept", "echo", "--http-path-prefix", "api"],
             "tele: --http-path-prefix 'api' must start with /",
         ),

@@ -344,10 +344,13 @@ async def test_intercept_sends_engaged_connections_to_the_local_handler(
             )
             assert result.returncode == 0, result.stderr
             assert "Intercept name         : api" in result.stdout
-            assert env_file.read_text() == "GREETING='hello world'\n"
             request = api.SessionRequest(session_id=session.session_id)
             async with agent.stream(aapi.WATCH_ENGAGEMENTS, request) as updates:
                 engagement = next(iter((await anext(updates)).engagements))
+            assert env_file.read_text() == (
+                "GREETING='hello world'\nTELEPRESENCE_CONTAINER=app\n"
+                f"TELEPRESENCE_INTERCEPT_ID={engagement.id}\n"
+            )
             stream = await dial(
                 agent.link,
                 Destination(Protocol.TCP, ipaddress.ip_address("10.244.0.9"), 8080),

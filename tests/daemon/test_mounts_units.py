@@ -57,6 +57,8 @@ def test_the_handlers_variables() -> None:
         local_mount="/tmp/telfs-1",
     )
     assert mounts.environment(info) == {
+        "TELEPRESENCE_INTERCEPT_ID": "e",
+        "TELEPRESENCE_CONTAINER": "c",
         "TELEPRESENCE_ROOT": "/tmp/telfs-1",
         "TELEPRESENCE_MOUNTS": "/a:/b",
         "TELEPRESENCE_LOCAL_MOUNTS": "/t:/u",

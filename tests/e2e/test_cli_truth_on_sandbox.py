@@ -202,3 +202,69 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
     assert run_tele(tele_env, "quit").returncode == 0
     uninstalled = run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
     assert uninstalled.returncode == 0, uninstalled.stderr
+
+
+def test_telepresence_habits(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    tmp_path: Path,
+) -> None:
+    """`intercept -n NS NAME` names it NAME-NS (leave takes either); the handler's environment
+    has TELEPRESENCE_INTERCEPT_ID and TELEPRESENCE_CONTAINER; `list -i`, `-a`,
+    `--only-interceptable`; `uninstall NAME`."""
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, tele_env)
+    kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+    kubectl(node_sandbox, "scale", "deployment/echo", "--replicas=1")
+    kubectl(node_sandbox, "rollout", "status", "deployment/echo", "--timeout=90s")
+    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
+    assert connected.returncode == 0, connected.stderr
+    port = _free_port()
+
+    def listed(*flags: str) -> list[str]:
+        result = run_tele(tele_env, "list", *flags, "-o", "json")
+        assert result.returncode == 0, result.stderr
+        return [w["name"] for w in json.loads(result.stdout)]
+
+    assert listed("-i") == []
+    assert "echo" in listed("--only-interceptable")
+    env_file = tmp_path / "echo.env"
+    engaged = run_tele(
+        tele_env,
+        "intercept",
+        "-n",
+        "default",
+        "echo",
+        "--port",
+        str(port),
+        "-e",
+        str(env_file),
+        "-o",
+        "json",
+        timeout=120,
+    )
+    assert engaged.returncode == 0, engaged.stderr
+    data = json.loads(engaged.stdout)
+    assert (data["name"], data["workload"]) == ("echo-default", "echo")
+    env = env_file.read_text()
+    assert f"TELEPRESENCE_INTERCEPT_ID={data['id']}\n" in env
+    assert "TELEPRESENCE_CONTAINER=echo\n" in env
+    assert listed("-i") == ["echo"]
+    assert listed("--intercepts") == ["echo"]
+    assert listed("-a") == ["echo"]
+
+    left = run_tele(tele_env, "leave", "echo")
+    assert (left.returncode, left.stdout) == (0, "Left echo.\n"), left.stderr
+    assert listed("-i") == []
+    again = run_tele(tele_env, "intercept", "-n", "default", "echo", "--port", str(port))
+    assert again.returncode == 0, again.stderr
+    assert run_tele(tele_env, "leave", "echo-default").returncode == 0
+    assert listed("-i") == []
+    removed = run_tele(tele_env, "uninstall", "echo", timeout=90)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout == "Removed the traffic agent from echo.\n"
+    assert listed("--agents") == []
+    assert run_tele(tele_env, "quit").returncode == 0
+    uninstalled = run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+    assert uninstalled.returncode == 0, uninstalled.stderr

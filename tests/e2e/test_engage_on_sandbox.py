@@ -187,7 +187,15 @@ def test_replace_stops_the_container_and_leave_gives_it_back(
     worker = run_tele(tele_env, "replace", "worker", "-o", "json", timeout=120)
     assert worker.returncode == 0, worker.stderr
     info = json.loads(worker.stdout)
-    assert (info["kind"], info["ports"], info["environment"]) == ("replace", [], {"QUEUE": "jobs"})
+    assert (info["kind"], info["ports"], info["environment"]) == (
+        "replace",
+        [],
+        {
+            "QUEUE": "jobs",
+            "TELEPRESENCE_INTERCEPT_ID": info["id"],
+            "TELEPRESENCE_CONTAINER": "worker",
+        },
+    )
     wait_rolled(sandbox, "worker")
     assert containers_of(sandbox, "worker") == ["traffic-agent"]
     listed = run_tele(tele_env, "list").stdout

@@ -210,8 +210,13 @@ def _with_progress(what: str, work: Callable[[], T]) -> T:
 
 @click.command(name="list")
 @click.option("--namespace", "-n", default="", help="The namespace (default: the connected one).")
+@click.option("--intercepts", "-i", is_flag=True, help="Only engaged workloads.")
+@click.option("--agents", "-a", is_flag=True, help="Only workloads with a traffic agent.")
+@click.option("--only-interceptable", is_flag=True, help="Only workloads that can be engaged.")
 @output_option
-def list_(namespace: str, output: str) -> None:
+def list_(
+    namespace: str, intercepts: bool, agents: bool, only_interceptable: bool, output: str
+) -> None:
     """List the workloads of a namespace that can be engaged, with their state."""
     from tele.cli import client
     from tele.rpc import daemon_api
@@ -220,9 +225,20 @@ def list_(namespace: str, output: str) -> None:
     reply = client.call_connected(
         daemon_api.LIST, daemon_api.ListRequest(namespace=namespace), timeout=30
     )
+    shown = [
+        w
+        for w in reply.workloads
+        if (not intercepts or w.engaged_by)
+        and (not agents or w.agent_installed)
+        and (not only_interceptable or not w.not_interceptable_reason)
+    ]
 
     def text(workloads: list[WorkloadInfo]) -> str:
         if not workloads:
+            if intercepts:
+                return "No engaged workloads"
+            if agents:
+                return "No workloads with a traffic agent"
             return "No Workloads (Deployments, StatefulSets, ReplicaSets, or Rollouts)"
         lines = []
         for w in workloads:
@@ -239,4 +255,4 @@ def list_(namespace: str, output: str) -> None:
             lines.append(f"{w.name:<30} {w.kind:<12} {w.ready_replicas}/{w.replicas}  {state}")
         return "\n".join(lines)
 
-    emit(reply.workloads, output, text)
+    emit(shown, output, text)

@@ -370,8 +370,13 @@ def intercept(
     mount: str,
     output: str,
 ) -> None:
-    """Send NAME's traffic to a local handler; with `-- COMMAND`, run it, then leave."""
+    """Send NAME's traffic to a local handler; with `-- COMMAND`, run it, then leave.
 
+    With --namespace and no --workload, NAME is the workload and the engagement is named
+    NAME-NAMESPACE, as Telepresence names it (`tele leave` takes either)."""
+
+    if namespace and not workload:
+        workload, name = name, f"{name}-{namespace}"
     mappings = _port_mappings(port, remote_defaults_to_local=False)
     headers = [_header(h) for h in http_header]
     filtered = bool(headers or http_path_equal or http_path_prefix or http_path_regex)
@@ -517,16 +522,21 @@ def leave(name: str) -> None:
 
 
 @click.command()
+@click.argument("workloads", nargs=-1)
 @click.option("--agent", "-d", "agents", multiple=True, help="A workload to remove the agent from.")
 @click.option("--all-agents", "-a", is_flag=True, help="Every agent in the namespace.")
 @click.option("--namespace", "-n", default="", help="The namespace (default: the connected one).")
-def uninstall(agents: tuple[str, ...], all_agents: bool, namespace: str) -> None:
-    """Remove the traffic agent from workloads; their pods are rolled out without it."""
+def uninstall(
+    workloads: tuple[str, ...], agents: tuple[str, ...], all_agents: bool, namespace: str
+) -> None:
+    """Remove the traffic agent from WORKLOADS (or --all-agents); their pods are rolled out
+    without it."""
     from tele.cli import client
     from tele.rpc import daemon_api
 
+    agents = tuple(dict.fromkeys((*workloads, *agents)))
     if bool(agents) == all_agents:
-        raise UserError("Name workloads with --agent, or use --all-agents (one of the two).")
+        raise UserError("Name workloads (tele uninstall NAME...), or use --all-agents; not both.")
 
     request = daemon_api.UninstallRequest(
         namespace=namespace, workloads=list(agents), all_agents=all_agents

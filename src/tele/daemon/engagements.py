@@ -286,12 +286,17 @@ class LocalEngagements:
         return lines
 
     def _own_name(self, name: str) -> str:
-        """`name`, or the one ingest of this session of the workload `name` (`leave echo`
-        ends the ingest `echo/echo`)."""
+        """`name`, or the one engagement of this session that `name` means: the ingest of the
+        workload `name` (`leave echo` ends the ingest `echo/echo`), the intercept named
+        `name-NAMESPACE` (`intercept -n NS echo` names it `echo-NS`, as Telepresence does)."""
         if name in self.engaged:
             return name
-        ingests = [n for n, i in self.engaged.items() if i.kind == "ingest" and i.workload == name]
-        return ingests[0] if len(ingests) == 1 else name
+        meant = [
+            n
+            for n, i in self.engaged.items()
+            if i.workload == name and (i.kind == "ingest" or n == f"{name}-{i.namespace}")
+        ]
+        return meant[0] if len(meant) == 1 else name
 
     async def leave(self, name: str) -> None:
         name = self._own_name(name)

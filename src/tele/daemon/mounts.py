@@ -260,8 +260,10 @@ def recover() -> list[str]:
 
 
 def environment(info: EngagementInfo) -> dict[str, str]:
-    """The TELEPRESENCE_* variables that tell a handler where the volumes are."""
-    env = {}
+    """The TELEPRESENCE_* variables a handler gets, as Telepresence's: which engagement and
+    container it handles (TELEPRESENCE_INTERCEPT_ID, TELEPRESENCE_CONTAINER) and where the
+    volumes are."""
+    env = {"TELEPRESENCE_INTERCEPT_ID": info.id, "TELEPRESENCE_CONTAINER": info.container}
     remote = sorted(p for p, policy in info.mount_policies.items() if policy in REMOTE_POLICIES)
     local = sorted(p for p, policy in info.mount_policies.items() if policy == "Local")
     if info.local_mount:
