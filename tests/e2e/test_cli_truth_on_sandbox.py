@@ -78,6 +78,15 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
         f"echo: intercepted Deployment default/echo -> 127.0.0.1:{port} "
         "(http: header x-dev=me, path prefix /api)"
     ) in status.stdout
+    status_json = json.loads(run_tele(tele_env, "status", "-o", "json").stdout)
+    [shown] = status_json["session"]["engagements"]
+    assert {k: shown[k] for k in ("name", "mechanism", "headers", "path_prefix", "local")} == {
+        "name": "echo",
+        "mechanism": "http",
+        "headers": [["x-dev", "me"]],
+        "path_prefix": ["/api"],
+        "local": [f"127.0.0.1:{port}"],
+    }
 
     # The same request again is the same engagement (rc 0); its text shows the filter.
     again = run_tele(
@@ -130,6 +139,12 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
     assert run_tele(tele_env, "leave", "echo").returncode == 0
 
     # Messages that say what exists.
+    mismatch = run_tele(tele_env, "intercept", "echo", "--port", f"{port}:81")
+    assert mismatch.returncode == 1
+    assert single_error_line(mismatch) == (
+        "tele: echo has no service port matching port 81 "
+        "(its service ports: echo:http 80\u21928080)"
+    )
     typo = run_tele(tele_env, "intercept", "echoo", "--port", str(port))
     assert typo.returncode == 1
     assert single_error_line(typo) == (

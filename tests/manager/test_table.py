@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from tele.contracts.agentconfig import Intercept
-from tele.manager.table import EngagementTable
+from tele.manager.table import EngagementTable, choose_ports
 from tele.rpc import agent_api as aapi
 from tele.rpc.errors import Code, RpcError
 
@@ -145,3 +145,29 @@ def test_engaging_again_differently_is_refused_naming_the_engagement() -> None:
         table.existing(_request("s1", name="api", port="9090"), "api")
     assert table.existing(_request("s1", name="api", port="80"), "api") is not None
     assert table.existing(_request("s1", name="api"), "api") is not None
+
+
+class _Config:
+    """An agent configuration's port table (all choose_ports reads of one)."""
+
+    def __init__(self, *intercepts: Intercept) -> None:
+        self._intercepts = intercepts
+
+    def intercepts(self) -> list[tuple[str, Intercept]]:
+        return [("app", i) for i in self._intercepts]
+
+
+def test_a_port_that_matches_nothing_lists_the_service_ports() -> None:
+    with pytest.raises(RpcError) as refused:
+        choose_ports(_Config(HTTP, GRPC), _request("s1", port="8081"))  # type: ignore[arg-type]
+    assert refused.value.code is Code.NOT_FOUND
+    assert refused.value.message == (
+        "api has no service port matching port 8081 "
+        "(its service ports: api:http 80\u21928080, api:9090 9090\u21929090)"
+    )
+
+
+def test_the_container_port_is_accepted_when_one_service_port_leads_there() -> None:
+    config = _Config(HTTP, GRPC)
+    assert choose_ports(config, _request("s1", port="8080")) == ("app", [HTTP])  # type: ignore[arg-type]
+    assert choose_ports(config, _request("s1", port="80")) == ("app", [HTTP])  # type: ignore[arg-type]

@@ -285,6 +285,27 @@ class LocalEngagements:
             )
         return lines
 
+    def statuses(self) -> list[dapi.EngagementStatus]:
+        """Each engagement for `tele status -o json`: what it takes and where it goes."""
+        return [
+            dapi.EngagementStatus(
+                name=i.name,
+                kind=i.kind,
+                namespace=i.namespace,
+                workload=i.workload,
+                workload_kind=i.workload_kind,
+                container=i.container,
+                mechanism=i.mechanism,
+                headers=i.headers,
+                path_equal=i.path_equal,
+                path_prefix=i.path_prefix,
+                path_regex=i.path_regex,
+                local=i.local,
+                local_mount=i.local_mount,
+            )
+            for i in self.engaged.values()
+        ]
+
     def _own_name(self, name: str) -> str:
         """`name`, or the one engagement of this session that `name` means: the ingest of the
         workload `name` (`leave echo` ends the ingest `echo/echo`), the intercept named

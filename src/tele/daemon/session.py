@@ -176,6 +176,7 @@ class ClusterSession:
             network=self.network.summary() if self.network is not None else None,
             network_note=self.network_note,
             intercepts=self.engagements.lines(),
+            engagements=self.engagements.statuses(),
         )
 
     async def client(self) -> Client:

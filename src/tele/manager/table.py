@@ -272,21 +272,39 @@ def choose_ports(
     the request names them; each must be unambiguous, and all in one container."""
     wanted = request.ports or [request.port]
     chosen: list[tuple[str, agentconfig.Intercept]] = []
+    offered = [
+        (container, intercept)
+        for container, intercept in config.intercepts()
+        if intercept.service_name  # a replaced container's own ports are no service's
+        and (not request.container or container == request.container)
+        and (not request.service or intercept.service_name == request.service)
+    ]
     for port in wanted:
         candidates = [
             (container, intercept)
-            for container, intercept in config.intercepts()
-            if intercept.service_name  # a replaced container's own ports are no service's
-            and (not request.container or container == request.container)
-            and (not request.service or intercept.service_name == request.service)
-            and (not port or port in (intercept.service_port_name, str(intercept.service_port)))
+            for container, intercept in offered
+            if not port or port in (intercept.service_port_name, str(intercept.service_port))
         ]
         if not candidates:
+            # The container port, when it is the target of one service port only.
+            by_container = [
+                (container, intercept)
+                for container, intercept in offered
+                if port in (intercept.container_port_name, str(intercept.container_port))
+            ]
+            candidates = by_container if len(by_container) == 1 else []
+        if not candidates:
+            have = ", ".join(
+                f"{i.service_name}:{i.service_port_name or i.service_port} "
+                f"{i.service_port}\u2192{i.container_port}"
+                for _, i in offered
+            )
             raise RpcError(
                 Code.NOT_FOUND,
                 f"{request.workload} has no service port matching"
                 f"{' service ' + request.service if request.service else ''}"
-                f"{' port ' + port if port else ''}",
+                f"{' port ' + port if port else ''}"
+                f" ({'its service ports: ' + have if have else 'it has no service port'})",
             )
         if len(candidates) > 1:
             choices = ", ".join(

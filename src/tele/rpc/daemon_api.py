@@ -72,8 +72,28 @@ class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     network_note: str = ""
     """Why there is no network interface, when it was wanted where possible only."""
     intercepts: list[str] = []
-    """"name: intercepted|replaced|ingested workload -> local addresses (mechanism)" for each
-    engagement of this session."""
+    """"name: intercepted|replaced|ingested workload -> local addresses (mechanism and
+    filters)" for each engagement of this session."""
+    engagements: list[EngagementStatus] = []
+    """The same, as data (`tele status -o json`)."""
+
+
+class EngagementStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One engagement of the session as `tele status -o json` shows it (no environment)."""
+
+    name: str
+    kind: str
+    namespace: str
+    workload: str
+    workload_kind: str
+    container: str
+    mechanism: str
+    headers: list[tuple[str, str]] = []
+    path_equal: list[str] = []
+    path_prefix: list[str] = []
+    path_regex: list[str] = []
+    local: list[str] = []
+    local_mount: str = ""
 
 
 class PortMapping(msgspec.Struct, frozen=True, kw_only=True):
