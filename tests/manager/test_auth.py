@@ -379,3 +379,50 @@ async def test_engaging_follows_rbac_and_each_denial_is_audited(
         ("porter", "patch deployments.apps"),
     ]
     assert sum('"arrival"' in line for line in lines) == 3
+
+
+async def test_list_shows_only_the_workloads_the_caller_may_list(
+    nursery: trio.Nursery, kube: KubeClient, sandbox_api: ClusterInfo
+) -> None:
+    manager = await start(nursery, kube)
+    await workload_with_pod(kube, "web", injected=False, account="web")
+    await wait_for(lambda: ("Deployment", NS, "web") in manager.view.workloads)
+    tokens = {"admin": await admin_token(kube)}
+    for user in ("nobody", "lister"):
+        tokens[user] = f"{user}-{uuid.uuid4().hex}"
+        sandbox_api.api.authn.add_static(tokens[user], User(user, ("system:authenticated",)))
+    rbac = "rbac.authorization.k8s.io"
+    await kube.request(
+        "POST",
+        f"/apis/{rbac}/v1/namespaces/{NS}/roles",
+        body={
+            "apiVersion": f"{rbac}/v1",
+            "kind": "Role",
+            "metadata": {"name": "list-deployments"},
+            "rules": [{"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list"]}],
+        },
+    )
+    await kube.request(
+        "POST",
+        f"/apis/{rbac}/v1/namespaces/{NS}/rolebindings",
+        body={
+            "apiVersion": f"{rbac}/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "lister"},
+            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "list-deployments"},
+            "subjects": [{"apiGroup": rbac, "kind": "User", "name": "lister"}],
+        },
+    )
+
+    async def listed(user: str) -> list[tuple[str, str]]:
+        async with link(manager) as client:
+            await client.call(api.AUTHENTICATE, api.AuthenticateRequest(token=tokens[user]))
+            session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+            reply = await client.call(
+                api.LIST_WORKLOADS, api.WorkloadsRequest(session_id=session, namespace=NS)
+            )
+        return [(w.kind, w.name) for w in reply.workloads]
+
+    assert ("Deployment", "web") in await listed("admin")
+    assert await listed("nobody") == []
+    assert await listed("lister") == [("Deployment", "web")]

@@ -272,16 +272,9 @@ class Authenticator:
         if who is None:
             self.refuse(Code.UNAUTHENTICATED, NO_TOKEN, needed=f"{verb} {what}")
             return
-        attributes = (verb, group, resource, subresource, namespace, name)
-        now = self._clock()
-        cached = self._decisions.get((who.key, attributes))
-        if cached is not None and cached[0] > now:
-            _, allowed, reason = cached
-        else:
-            allowed, reason = await self._access_review(who, attributes)
-            if len(self._decisions) >= CACHE_LIMIT:
-                self._decisions.clear()
-            self._decisions[(who.key, attributes)] = (now + DECISION_SECONDS, allowed, reason)
+        allowed, reason = await self._decide(
+            who, (verb, group, resource, subresource, namespace, name)
+        )
         if not allowed:
             self.refuse(
                 Code.PERMISSION_DENIED,
@@ -290,6 +283,38 @@ class Authenticator:
                 namespace=namespace,
                 needed=f"{verb} {what}",
             )
+
+    async def may_list(self, workload_kind: str, namespace: str) -> bool:
+        """Whether the caller may see `workload_kind`s in `namespace` (`list` on them): what
+        `tele list` shows. Not enforcing: yes (permissive logs what it would hide)."""
+        if self.mode == "disabled":
+            return True
+        who = caller()
+        group, resource = WORKLOAD_RESOURCES.get(workload_kind, ("apps", "deployments"))
+        allowed = False
+        if who is not None:
+            allowed, _ = await self._decide(who, ("list", group, resource, "", namespace, ""))
+        if not allowed and self.mode == "permissive":
+            log.warning(
+                "permissive: would not list %s.%s in namespace %s to %s",
+                resource,
+                group,
+                namespace,
+                who.username if who else "an unauthenticated caller",
+            )
+            return True
+        return allowed
+
+    async def _decide(self, who: Principal, attributes: tuple[str, ...]) -> tuple[bool, str]:
+        now = self._clock()
+        cached = self._decisions.get((who.key, attributes))
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
+        allowed, reason = await self._access_review(who, attributes)
+        if len(self._decisions) >= CACHE_LIMIT:
+            self._decisions.clear()
+        self._decisions[(who.key, attributes)] = (now + DECISION_SECONDS, allowed, reason)
+        return allowed, reason
 
     async def _access_review(self, who: Principal, attributes: tuple[str, ...]) -> tuple[bool, str]:
         verb, group, resource, subresource, namespace, name = attributes

@@ -397,7 +397,15 @@ class Manager:
             )
         services = [s for (ns, _), s in self.view.services.items() if ns == request.namespace]
         listed = []
-        for workload in self.view.list_workloads(request.namespace):
+        workloads = self.view.list_workloads(request.namespace)
+        visible = {
+            kind
+            for kind in {w.kind for w in workloads}
+            if await self.auth.may_list(kind, request.namespace)
+        }
+        for workload in workloads:
+            if workload.kind not in visible:
+                continue  # the caller may not list these (RBAC): tele list shows them neither
             key = (workload.kind, workload.namespace, workload.name)
             if workload.namespace == self.config.namespace and workload.name == "traffic-manager":
                 reason = "it is the traffic manager"
