@@ -15,14 +15,17 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 from tele.contracts.agentconfig import AGENT_CONTAINER, AGENT_TOKEN_AUDIENCE
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
+from tele.manager.auth import UNAUTHENTICATED_STREAMS
 from tele.manager.server import Manager, ManagerConfig
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc import agent_api as aapi
 from tele.rpc import manager_api as api
+from tele.rpc import wire
 from tele.rpc.client import Client, open_client
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.method import Empty
@@ -426,3 +429,28 @@ async def test_list_shows_only_the_workloads_the_caller_may_list(
     assert ("Deployment", "web") in await listed("admin")
     assert await listed("nobody") == []
     assert await listed("lister") == [("Deployment", "web")]
+
+
+async def test_an_unauthenticated_link_holds_at_most_a_few_streams(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    manager = await start(nursery, kube)
+    async with link(manager) as client, trio.open_nursery() as watchers:
+        # Streams whose request body never comes: each would hold a handler until its deadline.
+        answered: list[int] = []
+
+        async def watch(index: int, stream: Any) -> None:
+            await stream.receive_response()
+            answered.append(index)
+
+        for index in range(UNAUTHENTICATED_STREAMS + 1):
+            stream = await client.link.open_stream(
+                wire.request_headers(api.AUTHENTICATE.path, None)
+            )
+            watchers.start_soon(watch, index, stream)
+        await wait_for(lambda: len(answered) == 1)  # one over the limit: refused at once
+        with pytest.raises(RpcError) as refused:
+            await client.call(api.VERSION, Empty())  # the limit is taken
+        assert refused.value.code is Code.RESOURCE_EXHAUSTED
+        assert len(answered) == 1
+        watchers.cancel_scope.cancel()
