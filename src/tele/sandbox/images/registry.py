@@ -4,7 +4,8 @@ Every other image is pulled and run by runc. These still run as modules (tag and
 ignored) because their images lack something the module gets from this venv or this machine:
 `tele-sandbox/worker` is used as a shell with this machine's tools (sh, curl, socat); the echo
 image has h11 but not h2 (h2c and TLS+ALPN answers); the echo-tls image does not tell the program
-to serve TLS; tele's image has no `nft` for `agent-init`.
+to serve TLS; tele's image has no `nft` for `agent-init` (the manager and the agent run from
+it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ IMAGES: dict[str, str] = {
 }
 
 
+TELE_IMAGE = "tele.sandbox.images.tele_image"
+
+
 def register(image: str, module: str) -> None:
     """Make `image` run `python -m module` (for tele's own images)."""
     IMAGES[_repository(image)] = module
@@ -33,8 +37,15 @@ def _repository(image: str) -> str:
     return name
 
 
-def resolve(image: str) -> str | None:
-    """The module for `image`, or None when the sandbox does not know it (ErrImagePull)."""
+def resolve(image: str, args: list[str] | None = None) -> str | None:
+    """The module for `image` run with `args`, or None when it runs from its image."""
+    module = _resolve(image)
+    if module == TELE_IMAGE and (args or [""])[0] != "agent-init":
+        return None  # the manager and the agent run from tele's image
+    return module
+
+
+def _resolve(image: str) -> str | None:
     repo = _repository(image)
     if repo in IMAGES:
         return IMAGES[repo]

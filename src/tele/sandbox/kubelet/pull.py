@@ -34,6 +34,9 @@ from tele.image.registry import RegistryClient
 
 from .imagestore import Image, ImageError, ImageStore
 
+TELE_REPOSITORIES = ("tele/traffic-manager", "tele/traffic-agent")
+"""tele's image under the chart's two default names (the sandbox registry holds both)."""
+
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
@@ -103,14 +106,26 @@ def store_name(ref: Reference) -> str:
 def _preload_sandbox_image(store: ImageStore, ref: Reference) -> Image | None:
     """The sandbox's image `ref` (e.g. docker.io/tele-sandbox/echo:latest) from the local build
     cache into the store; None when `ref` is not one of them."""
-    from tele.image.build import SANDBOX_IMAGES, SANDBOX_TAG, build_sandbox_images
+    from tele.image.build import (
+        SANDBOX_IMAGES,
+        SANDBOX_TAG,
+        build_sandbox_images,
+        build_tele_image,
+        default_tag,
+    )
 
-    if ref.registry != DOCKER_HUB or ref.digest is not None or ref.tag not in (None, SANDBOX_TAG):
+    if ref.registry != DOCKER_HUB or ref.digest is not None:
         return None
-    if ref.repository not in {spec.repository for spec in SANDBOX_IMAGES}:
-        return None
+    tele_tag = default_tag().rsplit(":", 1)[1]
     try:
-        built = build_sandbox_images()[ref.repository].image
+        if ref.repository in TELE_REPOSITORIES and ref.tag == tele_tag:
+            built = build_tele_image().image
+        elif ref.tag in (None, SANDBOX_TAG) and ref.repository in {
+            spec.repository for spec in SANDBOX_IMAGES
+        }:
+            built = build_sandbox_images()[ref.repository].image
+        else:
+            return None
     except (TeleError, OSError) as exc:
         raise ImageError(f"the sandbox's image {ref.repository} cannot be built: {exc}") from exc
     for layer in built.layers:
