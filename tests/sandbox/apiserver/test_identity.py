@@ -422,3 +422,52 @@ def test_kubectl_create_token_mints_bound_tokens(kubectl: Kubectl) -> None:
     assert short.returncode != 0 and "may not specify a duration less than 10 minutes" in (
         short.stderr
     )
+
+
+def test_a_forbidden_websocket_upgrade_is_a_403_status(
+    sandbox: Sandbox, admin: tuple[Any, str], tmp_path: Path
+) -> None:
+    """kubectl >= 1.30 upgrades to a websocket for exec and port-forward: a user who may not
+    create the subresource gets the API server's 403 Status, not an upgrade; no token, 401."""
+    import socket
+
+    api_client, ns = admin
+    _bind(api_client, ns, "view", "User", "watcher")
+    token = uuid.uuid4().hex
+    sandbox.info.api.authn.add_static(token, User("watcher", ("system:authenticated",)))
+    info = sandbox.info
+    context = ssl.create_default_context(cadata=info.ca.cert_pem.decode())
+
+    def upgrade(auth: str) -> tuple[int, dict[str, Any]]:
+        request = (
+            f"GET /api/v1/namespaces/{ns}/pods/web/portforward?ports=80 HTTP/1.1\r\n"
+            f"Host: {info.host}:{info.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n{auth}\r\n"
+        )
+        with (
+            socket.create_connection((info.host, info.port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=info.host) as tls,
+        ):
+            tls.sendall(request.encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += tls.recv(4096)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            while len(body) < length:
+                body += tls.recv(4096)
+        return int(head.split(b" ")[1]), json.loads(body)
+
+    code, status = upgrade(f"Authorization: Bearer {token}\r\n")
+    assert code == 403 and status["reason"] == "Forbidden"
+    assert status["message"] == (
+        f'pods "web" is forbidden: User "watcher" cannot create resource "pods/portforward" in '
+        f'API group "" in the namespace "{ns}"'
+    )
+    code, status = upgrade("")
+    assert code == 401 and status["reason"] == "Unauthorized"

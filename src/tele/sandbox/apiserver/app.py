@@ -676,17 +676,16 @@ class ApiApp:
             raise method_not_allowed()
 
     async def _websocket(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-        """Websocket upgrades (exec, portforward) go to handlers a later part registers."""
+        """Websocket upgrades (exec, attach, portforward) go to handlers the node registers,
+        once authenticated and authorized (`create` on the subresource) as any request."""
         req = self._parse(scope)
         req.user = self._authenticate(req)
+        if req.user is None:
+            await self._deny_upgrade(scope, send, StatusError(401, "Unauthorized", "Unauthorized"))
+            return
         parts = req.path.strip("/").split("/")
         handler = None
-        if (
-            req.user is not None
-            and len(parts) == 7
-            and parts[:2] == ["api", "v1"]
-            and parts[2] == "namespaces"
-        ):
+        if len(parts) == 7 and parts[:2] == ["api", "v1"] and parts[2] == "namespaces":
             resource_type = by_plural("", "v1", parts[4])
             if resource_type is not None:
                 req.resource_type, req.namespace, req.name, req.subresource = (
@@ -695,7 +694,6 @@ class ApiApp:
                     parts[5],
                     parts[6],
                 )
-                handler = self.subresource_handlers.get((resource_type.plural, parts[6]))
                 attrs = Attributes(
                     verb="create",
                     resource=resource_type.plural,
@@ -703,12 +701,39 @@ class ApiApp:
                     namespace=parts[3],
                     name=parts[5],
                 )
-                if handler is not None and not self.api.authz.authorize(req.user, attrs):
-                    handler = None
+                if not self.api.authz.authorize(req.user, attrs):
+                    forbidden = StatusError(
+                        403,
+                        "Forbidden",
+                        f'{resource_type.plural} "{parts[5]}" is forbidden: '
+                        f"{attrs.forbidden_text(req.user)}",
+                        details={"name": parts[5], "kind": resource_type.plural},
+                    )
+                    await self._deny_upgrade(scope, send, forbidden)
+                    return
+                handler = self.subresource_handlers.get((resource_type.plural, parts[6]))
         if handler is None:
             await send({"type": "websocket.close", "code": 1008})
             return
         await handler(req, receive, send)
+
+    async def _deny_upgrade(
+        self, scope: dict[str, Any], send: ASGISend, error: StatusError
+    ) -> None:
+        """Refuse an upgrade with the HTTP answer and Status body the real API server gives
+        (ASGI's websocket denial response), or a close where the server cannot send one."""
+        if "websocket.http.response" not in (scope.get("extensions") or {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = _encoder.encode(error.status())
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send(
+            {"type": "websocket.http.response.start", "status": error.code, "headers": headers}
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
 
     # --- bodies ----------------------------------------------------------------------------
 
