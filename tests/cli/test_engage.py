@@ -27,7 +27,7 @@ from tests.daemon.util import DaemonGuard, run_tele, single_error_line
             ["intercept", "echo", "-p", "x:http"],
             "tele: --port 'x:http': the local port must be a number from 1 to 65535",
         ),
-        (["ingest", "echo"], "tele: Not connected; run `tele connect` first."),
+        (["leave", "echo"], "tele: Not connected; run `tele connect` first."),
         (
             ["intercept", "echo", "--http-path-regex", "(["],
             "tele: --http-path-regex '([' does not compile: unterminated character set at "
@@ -65,9 +65,9 @@ def test_bad_engage_flags_are_one_sentence(
 
 
 def test_intercept_replace_is_deprecated(tele_env: dict[str, str], guard: DaemonGuard) -> None:
-    result = run_tele(tele_env, "intercept", "echo", "--replace")
+    result = run_tele(tele_env, "intercept", "echo", "--replace", "--http-header", "a=b")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "tele: --replace is deprecated and will be removed; use `tele replace` instead.",
-        "tele: Not connected; run `tele connect` first.",
+        "tele: --replace takes the whole container; it cannot filter HTTP requests",
     ]

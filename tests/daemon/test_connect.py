@@ -223,10 +223,22 @@ def test_unreachable_cluster_is_a_connection_error(
     )
 
 
-def test_list_without_connect_says_what_to_do(tele_env: dict[str, str], guard: DaemonGuard) -> None:
-    result = run_tele(tele_env, "list")
+def test_list_without_connect_connects_first(
+    tele_env: dict[str, str], guard: DaemonGuard, tmp_path: Path
+) -> None:
+    """`tele list` (and intercept) connect as `tele connect` would, as Telepresence's do: here
+    with a KUBECONFIG that is not there, which the error names with the OS's reason."""
+    missing = tmp_path / "no-kubeconfig"
+    result = run_tele({**tele_env, "KUBECONFIG": str(missing)}, "list")
     assert result.returncode == 1
-    assert "Not connected; run `tele connect` first." in single_error_line(result)
+    assert single_error_line(result) == (
+        f"tele: cannot read the kubeconfig {missing}: no such file or directory"
+    )
+    text = run_tele({**tele_env, "KUBECONFIG": "apiVersion: v1\nkind: Config\n"}, "list")
+    assert single_error_line(text) == (
+        "tele: the kubeconfig (--kubeconfig or KUBECONFIG) is YAML text, not a path: "
+        "save it to a file and give the file's path"
+    )
 
 
 @pytest.fixture

@@ -227,14 +227,17 @@ def test_telepresence_habits(
 ) -> None:
     """`intercept -n NS NAME` names it NAME-NS (leave takes either); the handler's environment
     has TELEPRESENCE_INTERCEPT_ID and TELEPRESENCE_CONTAINER; `list -i`, `-a`,
-    `--only-interceptable`; `uninstall NAME`."""
+    `--only-interceptable`; `uninstall NAME`; list and intercept connect when not connected."""
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
     kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
     kubectl(node_sandbox, "scale", "deployment/echo", "--replicas=1")
     kubectl(node_sandbox, "rollout", "status", "deployment/echo", "--timeout=90s")
-    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
-    assert connected.returncode == 0, connected.stderr
+    # Not connected: `tele list` connects first, as `tele connect` would, and says so.
+    first = run_tele({**tele_env, "KUBECONFIG": kubeconfig}, "list", timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.startswith("tele: not connected: connected to context "), first.stderr
+    assert "echo" in first.stdout
     port = _free_port()
 
     def listed(*flags: str) -> list[str]:

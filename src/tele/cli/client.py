@@ -175,17 +175,42 @@ async def daemon_client(*, start: bool) -> AsyncIterator[Client | None]:
         yield client
 
 
-def call_connected(method: Unary[Req, Resp], request: Req, *, timeout: float) -> Resp:
+def call_connected(
+    method: Unary[Req, Resp], request: Req, *, timeout: float, connect: bool = False
+) -> Resp:
     """One call to a running daemon (a command that needs a session: none runs, none has one);
-    RPC errors become one-sentence TeleErrors."""
+    RPC errors become one-sentence TeleErrors. With `connect`, a daemon without a session
+    first connects as `tele connect` with no flags would (as Telepresence's intercept and list
+    do), saying so in one line."""
 
     async def call() -> Resp:
-        async with daemon_client(start=False) as rpc:
+        async with daemon_client(start=connect) as rpc:
             if rpc is None:
                 raise UserError("Not connected; run `tele connect` first.")
+            if connect:
+                await _connect_if_needed(rpc)
             return await rpc.call(method, request, timeout=timeout)
 
     return run(call)
+
+
+async def _connect_if_needed(rpc: Client) -> None:
+    import click
+
+    from tele.rpc import daemon_api
+
+    status = await rpc.call(daemon_api.STATUS, daemon_api.Empty(), timeout=10)
+    if status.connection != "not connected":
+        return
+    connect = daemon_api.ConnectRequest(
+        kubeconfig=os.environ.get("KUBECONFIG", ""), vif_when_possible=True
+    )
+    info = await rpc.call(daemon_api.CONNECT, connect, timeout=180)
+    click.echo(
+        f"tele: not connected: connected to context {info.kube_context} ({info.kube_server}) "
+        "as `tele connect` does",
+        err=True,
+    )
 
 
 def run(async_fn: Callable[[], Awaitable[T]]) -> T:

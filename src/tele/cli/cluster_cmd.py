@@ -223,7 +223,7 @@ def list_(
     from tele.rpc.manager_api import WorkloadInfo
 
     reply = client.call_connected(
-        daemon_api.LIST, daemon_api.ListRequest(namespace=namespace), timeout=30
+        daemon_api.LIST, daemon_api.ListRequest(namespace=namespace), timeout=30, connect=True
     )
     shown = [
         w

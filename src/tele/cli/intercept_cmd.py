@@ -128,7 +128,7 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     env_file, env_json, unsafe_env = handling.env_file, handling.env_json, handling.unsafe_env
     command, output = handling.command, handling.output
 
-    info = client.call_connected(daemon_api.INTERCEPT, request, timeout=180)
+    info = client.call_connected(daemon_api.INTERCEPT, request, timeout=180, connect=True)
     data = to_builtins(info)
     try:
         _write_env(data, env_file, env_json, unsafe=unsafe_env)

@@ -7,6 +7,7 @@ lazily and only ever called in a worker thread.
 
 from __future__ import annotations
 
+import os
 import ssl
 import urllib.parse
 from collections.abc import Callable
@@ -73,11 +74,31 @@ class ClusterConnection:
         return [(b"Authorization", value.encode("latin-1"))]
 
 
+def _check_paths(kubeconfig: str | None) -> None:
+    """One sentence for the two common mistakes the kubernetes package words poorly: a path
+    that is not there (named, with the OS's reason) and YAML text given where a path goes."""
+    text = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    if "\n" in text.strip() or text.lstrip().startswith(("apiVersion:", "{", "clusters:")):
+        raise KubeconfigError(
+            "the kubeconfig (--kubeconfig or KUBECONFIG) is YAML text, not a path: "
+            "save it to a file and give the file's path"
+        )
+    paths = [os.path.expanduser(p) for p in text.split(os.pathsep) if p]
+    if paths and not any(os.path.exists(p) for p in paths):
+        try:
+            with open(paths[0], "rb"):
+                pass
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise KubeconfigError(f"cannot read the kubeconfig {paths[0]}: {reason}") from None
+
+
 def _load_blocking(kubeconfig: str | None, context: str | None) -> ClusterConnection:
     from kubernetes import client  # lazily: ~0.2 s import
     from kubernetes import config as kube_config
     from kubernetes.config.config_exception import ConfigException
 
+    _check_paths(kubeconfig)
     configuration: Any = client.Configuration()
     try:
         config: Any = kube_config  # partly annotated: treat as untyped
