@@ -157,6 +157,15 @@ def test_connect_status_list_quit(
         address,
     )
     assert again.returncode == 0, again.stderr  # already connected there: a no-op
+    other = run_tele(
+        tele_env, "connect", "--no-vif", "--kubeconfig", str(kubeconfig), "-n", "other"
+    )
+    assert other.returncode == 1
+    assert single_error_line(other) == (
+        f"tele: already connected to context {data['session']['kube_context']} in namespace "
+        "default, not other; name another namespace per command with -n, or run `tele quit` "
+        "and connect again"
+    )
 
     listed = run_tele(tele_env, "list", "-n", "default", "-o", "json")
     assert listed.returncode == 0, listed.stderr

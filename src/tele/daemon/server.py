@@ -182,9 +182,16 @@ class Daemon:
                 not request.namespace or request.namespace == current.namespace
             ):
                 return current  # already connected there: connecting again is a no-op
+            if wanted_context == current.kube_context:
+                differs = (
+                    f"in namespace {current.namespace}, not {request.namespace}; name another "
+                    "namespace per command with -n, or run `tele quit` and connect again"
+                )
+            else:
+                differs = f"not {wanted_context}; run `tele quit` first"
             raise RpcError(
                 Code.FAILED_PRECONDITION,
-                f"already connected to context {current.kube_context}; run `tele quit` first",
+                f"already connected to context {current.kube_context} {differs}",
             )
         if self._sessions is None:
             raise RpcError(Code.UNAVAILABLE, "the daemon is shutting down")
