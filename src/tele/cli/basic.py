@@ -161,14 +161,19 @@ def loglevel(level: str, duration: str, output: str) -> None:
     from tele.errors import UserError
     from tele.rpc import daemon_api
 
+    # The value once, then what is accepted (the parsers' own messages repeat the value).
     try:
         level_name = config.parse_log_level(level)
-    except ValueError as exc:
-        raise UserError(f"Unknown log level {level!r}: {exc}.") from None
+    except ValueError:
+        raise UserError(
+            f"Unknown log level {level!r}: use trace, debug, info, warning or error."
+        ) from None
     try:
         seconds = config.parse_duration(duration)
-    except ValueError as exc:
-        raise UserError(f"Invalid --duration {duration!r}: {exc}.") from None
+    except ValueError:
+        raise UserError(
+            f"Invalid --duration {duration!r}: use a duration like 20s, 1m30s or 500ms."
+        ) from None
 
     async def change() -> daemon_api.SetLogLevelReply:
         async with client.daemon_client(start=True) as rpc:
