@@ -105,6 +105,7 @@ def test_commands_without_a_daemon_report_it_and_start_none(
     assert version.returncode == 0
     versions = yaml.safe_load(version.stdout)
     assert versions["daemon"] is None
+    assert versions["traffic_manager"] is None
     assert versions["client"]["version"] == "0.1.0"
     assert quit_.returncode == 0
     assert quit_.stdout == "The daemon is not running.\n"

@@ -157,6 +157,11 @@ def test_connect_status_list_quit(
         address,
     )
     assert again.returncode == 0, again.stderr  # already connected there: a no-op
+    version = run_tele(tele_env, "version", "-o", "json")
+    assert json.loads(version.stdout)["traffic_manager"] == {
+        "version": data["session"]["manager_version"]
+    }
+    assert data["session"]["manager_version"]
     other = run_tele(
         tele_env, "connect", "--no-vif", "--kubeconfig", str(kubeconfig), "-n", "other"
     )

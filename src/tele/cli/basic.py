@@ -39,11 +39,16 @@ def version(output: str) -> None:
     from tele.rpc import daemon_api
 
     reply = quick.ask_daemon(daemon_api.VERSION, daemon_api.Empty())
+    status = None if reply is None else quick.ask_daemon(daemon_api.STATUS, daemon_api.Empty())
+    session = None if status is None else status.session
+    manager = session.manager_version if session is not None else ""
     data = {
         "client": {"version": tele.__version__, "python": platform.python_version()},
         "daemon": None
         if reply is None
         else {"version": reply.version, "python": reply.python, "pid": reply.pid},
+        # The connected cluster's traffic manager (None when not connected).
+        "traffic_manager": {"version": manager} if manager else None,
     }
 
     def text(d: dict[str, Any]) -> str:
@@ -53,6 +58,12 @@ def version(output: str) -> None:
             lines.append("Daemon: not running")
         else:
             lines.append(f"Daemon: tele v{daemon['version']} (pid {daemon['pid']})")
+        manager = d["traffic_manager"]
+        lines.append(
+            f"Traffic Manager: v{manager['version']}"
+            if manager
+            else "Traffic Manager: not connected"
+        )
         return "\n".join(lines)
 
     emit(data, output, text)
