@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "uninstall": "tele.cli.intercept_cmd:uninstall",
     "helm": "tele.cli.helm_cmd:helm",
     "image": "tele.cli.image_cmd:image",
+    "completion": "tele.cli.completion_cmd:completion",
 }
 
 # One-line help shown by `tele --help` without importing the command modules.
@@ -55,6 +56,7 @@ SHORT_HELP: dict[str, str] = {
     "uninstall": "Remove the traffic agent from workloads.",
     "helm": "Install, upgrade, uninstall or lint the traffic manager.",
     "image": "Build tele's container image and push it to a registry.",
+    "completion": "Print the shell completion script (bash, zsh or fish).",
 }
 
 
