@@ -67,9 +67,14 @@ def set_level(name: str) -> str:
     root = logging.getLogger()
     previous = level_name(root.level)
     root.setLevel(level_number(name))
-    # h2 logs every frame at DEBUG; keep it quiet unless TRACE is asked for.
-    logging.getLogger("h2").setLevel(logging.DEBUG if name == "trace" else logging.INFO)
+    # Libraries that log every frame, netlink message or HTTP exchange at DEBUG: quiet unless
+    # TRACE is asked for (`loglevel debug` is about tele's own steps).
+    for library in NOISY_LIBRARIES:
+        logging.getLogger(library).setLevel(logging.DEBUG if name == "trace" else logging.INFO)
     return previous
+
+
+NOISY_LIBRARIES = ("h2", "hpack", "pyroute2", "httpcore", "httpx", "urllib3", "kubernetes")
 
 
 def current_level() -> str:

@@ -20,7 +20,7 @@ def root_logging() -> Iterator[None]:
     """Restore the root logger's level and handlers that these tests change."""
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
-    h2_level = logging.getLogger("h2").level
+    library_levels = {name: logging.getLogger(name).level for name in logs.NOISY_LIBRARIES}
     try:
         yield
     finally:
@@ -32,7 +32,8 @@ def root_logging() -> Iterator[None]:
             if handler not in root.handlers:
                 root.addHandler(handler)
         root.setLevel(level)
-        logging.getLogger("h2").setLevel(h2_level)
+        for name, library_level in library_levels.items():
+            logging.getLogger(name).setLevel(library_level)
         logging.captureWarnings(False)
 
 
@@ -105,3 +106,16 @@ def test_file_logging_writes_and_rotates(
     assert "record 299" in path.read_text()
     assert all("hidden" not in p.read_text() for p in path.parent.iterdir())
     assert all(p.stat().st_size <= 2000 for p in path.parent.iterdir())
+
+
+def test_debug_keeps_the_libraries_that_log_every_message_quiet(root_logging: None) -> None:
+    """`tele loglevel debug` shows tele's steps, not every netlink message or h2 frame; trace
+    shows those too."""
+    logs.set_level("debug")
+    assert logging.getLogger("tele.daemon").isEnabledFor(logging.DEBUG)
+    for library in ("pyroute2", "h2", "hpack", "httpx"):
+        assert not logging.getLogger(library).isEnabledFor(logging.DEBUG)
+        assert logging.getLogger(library + ".sub").isEnabledFor(logging.INFO)
+    logs.set_level("trace")
+    assert logging.getLogger("pyroute2.netlink").isEnabledFor(logging.DEBUG)
+    logs.set_level("info")
