@@ -178,3 +178,21 @@ def test_quit_finishes_what_a_killed_daemon_left(
     assert f"Cleaned up after a stopped daemon: restored {resolv}." in result.stdout
     assert resolv.read_text() == "nameserver 192.0.2.1\n"
     assert json.loads((state / "vif-journal.json").read_text()) == []
+
+
+def test_output_is_accepted_before_and_after_the_command_and_errors_come_as_json(
+    tele_env: dict[str, str], guard: DaemonGuard
+) -> None:
+    before = run_tele(tele_env, "-o", "json", "quit")
+    after = run_tele(tele_env, "quit", "--output", "yaml")
+    assert before.returncode == 0 and after.returncode == 0
+    assert json.loads(before.stdout) == {"stopped_pid": None, "left": [], "cleaned_up": []}
+    assert yaml.safe_load(after.stdout) == {"stopped_pid": None, "left": [], "cleaned_up": []}
+    failed = run_tele(tele_env, "--output", "json", "leave", "echo")
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout) == {
+        "error": "Not connected; run `tele connect` first.",
+        "exit_code": 1,
+    }
+    assert single_error_line(failed) == "tele: Not connected; run `tele connect` first."
+    assert guard.daemons() == []

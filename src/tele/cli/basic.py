@@ -126,7 +126,8 @@ def status(output: str) -> None:
     is_flag=True,
     help="Accepted for Telepresence's habit: tele's one daemon always stops.",
 )
-def quit_(stop_daemons: bool) -> None:
+@output_option
+def quit_(stop_daemons: bool, output: str) -> None:
     """Stop the daemon (and end its session and engagements); says so when none runs."""
     from tele.cli import quick
     from tele.errors import ConnectionFailed
@@ -138,18 +139,27 @@ def quit_(stop_daemons: bool) -> None:
     # command run right after this one starts a fresh daemon instead of racing the old one.
     if pid is not None and not quick.wait_process_gone(pid, timeout=10):
         raise ConnectionFailed(f"The daemon (pid {pid}) did not exit within 10s.")
+    cleaned: list[str] = []
     if pid is None:
-        click.echo("The daemon is not running.")
         # A daemon killed with its network set up left an undo journal: finish its job.
         from tele.daemon import leftovers
 
-        for line in leftovers.without_daemon():
-            click.echo(f"Cleaned up after a stopped daemon: {line}.")
-    else:
-        assert reply is not None
-        if reply.ended:
-            click.echo(f"Left {', '.join(reply.ended)}.")
-        click.echo(f"Stopped the daemon (pid {pid}).")
+        cleaned = list(leftovers.without_daemon())
+    data = {
+        "stopped_pid": pid,
+        "left": list(reply.ended) if reply is not None else [],
+        "cleaned_up": cleaned,
+    }
+
+    def text(d: dict[str, Any]) -> str:
+        if d["stopped_pid"] is None:
+            lines = ["The daemon is not running."]
+            lines += [f"Cleaned up after a stopped daemon: {line}." for line in d["cleaned_up"]]
+            return "\n".join(lines)
+        left = [f"Left {', '.join(d['left'])}."] if d["left"] else []
+        return "\n".join([*left, f"Stopped the daemon (pid {d['stopped_pid']})."])
+
+    emit(data, output, text)
 
 
 @click.command()

@@ -514,11 +514,12 @@ def _leave(name: str) -> None:
 
 @click.command()
 @click.argument("name")
-def leave(name: str) -> None:
+@output_option
+def leave(name: str, output: str) -> None:
     """End the engagement NAME (intercept, replace or ingest); the cluster's workload gets its
     traffic (and a replaced container) back."""
     _leave(name)
-    click.echo(f"Left {name}.")
+    emit({"left": name}, output, lambda d: f"Left {d['left']}.")
 
 
 @click.command()
@@ -526,8 +527,13 @@ def leave(name: str) -> None:
 @click.option("--agent", "-d", "agents", multiple=True, help="A workload to remove the agent from.")
 @click.option("--all-agents", "-a", is_flag=True, help="Every agent in the namespace.")
 @click.option("--namespace", "-n", default="", help="The namespace (default: the connected one).")
+@output_option
 def uninstall(
-    workloads: tuple[str, ...], agents: tuple[str, ...], all_agents: bool, namespace: str
+    workloads: tuple[str, ...],
+    agents: tuple[str, ...],
+    all_agents: bool,
+    namespace: str,
+    output: str,
 ) -> None:
     """Remove the traffic agent from WORKLOADS (or --all-agents); their pods are rolled out
     without it."""
@@ -542,7 +548,10 @@ def uninstall(
         namespace=namespace, workloads=list(agents), all_agents=all_agents
     )
     reply = client.call_connected(daemon_api.UNINSTALL, request, timeout=60)
-    if reply.removed:
-        click.echo(f"Removed the traffic agent from {', '.join(reply.removed)}.")
-    else:
-        click.echo("No traffic agent to remove.")
+
+    def text(d: dict[str, Any]) -> str:
+        if d["removed"]:
+            return f"Removed the traffic agent from {', '.join(d['removed'])}."
+        return "No traffic agent to remove."
+
+    emit({"removed": list(reply.removed)}, output, text)

@@ -103,8 +103,19 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tele", message="tele %(version)s")
-def cli() -> None:
+@click.option(
+    "--output",
+    "-o",
+    type=click.Choice(["default", "json", "yaml"]),
+    default="default",
+    help="json or yaml for every command that prints a result (also after the command).",
+)
+@click.pass_context
+def cli(ctx: click.Context, output: str) -> None:
     """tele: join a Kubernetes cluster's network and handle a workload's traffic locally."""
+    from tele.cli.output import GLOBAL_OUTPUT
+
+    ctx.meta[GLOBAL_OUTPUT] = output
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -123,6 +134,9 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(exc.exit_code)
     except TeleError as exc:
         click.echo(f"tele: {exc}", err=True)
+        from tele.cli.output import asked_output, emit_error
+
+        emit_error(str(exc), exc.exit_code, asked_output(sys.argv[1:] if argv is None else argv))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)

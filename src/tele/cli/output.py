@@ -12,6 +12,17 @@ import click
 
 OUTPUT_CHOICES = ("default", "json", "yaml")
 
+GLOBAL_OUTPUT = "tele.output"
+"""ctx.meta key of `tele --output X COMMAND` (the group's option, before the command)."""
+
+
+def _or_global(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """The command's own --output, else the one given before the command."""
+    if value != "default":
+        return value
+    return str(ctx.meta.get(GLOBAL_OUTPUT, "default"))
+
+
 output_option = click.option(
     "--output",
     "-o",
@@ -19,8 +30,34 @@ output_option = click.option(
     type=click.Choice(OUTPUT_CHOICES),
     default="default",
     show_default=True,
-    help="Print as text for people or as json/yaml for programs.",
+    callback=_or_global,
+    help="Print as text for people or as json/yaml for programs (also before the command).",
 )
+
+
+def asked_output(argv: list[str]) -> str:
+    """The --output/-o value in a command line (for the error envelope: the command may not
+    have parsed it), "default" when none."""
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            break
+        for flag in ("--output=", "-o"):
+            if arg.startswith(flag) and arg[len(flag) :] in OUTPUT_CHOICES:
+                return arg[len(flag) :]
+        if arg in ("--output", "-o") and index + 1 < len(argv):
+            return argv[index + 1] if argv[index + 1] in OUTPUT_CHOICES else "default"
+    return "default"
+
+
+def emit_error(message: str, exit_code: int, output: str) -> None:
+    """An error as JSON or YAML on stdout, for a program that asked for that format."""
+    envelope = {"error": message, "exit_code": exit_code}
+    if output == "json":
+        click.echo(json.dumps(envelope, indent=2))
+    elif output == "yaml":
+        import yaml
+
+        click.echo(yaml.safe_dump(envelope, sort_keys=False).rstrip())
 
 
 def to_builtins(data: Any) -> Any:
