@@ -463,3 +463,35 @@ def test_a_bad_cidr_is_one_sentence(tele_env: dict[str, str], guard: DaemonGuard
         single_error_line(result) == "tele: --also-proxy 'not-a-net' is not a CIDR like 10.0.0.0/8"
     )
     assert guard.daemons() == []  # refused before a daemon was started
+
+
+def test_connect_runs_a_command_while_connected_then_disconnects(
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    cluster: tuple[ThreadedCluster, Path],
+    manager: ManagerProcess,
+    tmp_path: Path,
+) -> None:
+    """`tele connect -- COMMAND`, as Telepresence's: COMMAND runs connected, the session ends
+    after it, and tele exits with COMMAND's status."""
+    seen = tmp_path / "status.json"
+    result = run_tele(
+        tele_env,
+        "connect",
+        "--no-vif",
+        "--kubeconfig",
+        str(cluster[1]),
+        "--manager-address",
+        f"127.0.0.1:{manager.port}",
+        "--",
+        "sh",
+        "-c",
+        f"tele status -o json > {seen}; exit 3",
+        timeout=60,
+    )
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.splitlines()[-1] == "Disconnected."
+    assert json.loads(seen.read_text())["connection"] == "connected"
+    after = run_tele(tele_env, "status", "-o", "json")
+    assert json.loads(after.stdout)["connection"] == "not connected"
+    assert run_tele(tele_env, "quit").returncode == 0

@@ -100,8 +100,10 @@ def _size(value: object) -> str:
     multiple=True,
     help="Route this CIDR even if a local route has it.",
 )
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @output_option
 def connect(
+    command: tuple[str, ...],
     kubeconfig: str,
     context: str,
     namespace: str,
@@ -114,7 +116,8 @@ def connect(
     allow_conflicting_subnets: tuple[str, ...],
     output: str,
 ) -> None:
-    """Connect this machine to the cluster through its traffic manager."""
+    """Connect this machine to the cluster through its traffic manager; with `-- COMMAND`,
+    run COMMAND while connected, then disconnect (exiting with COMMAND's status)."""
     from tele.cli import client
     from tele.rpc import daemon_api
 
@@ -178,6 +181,30 @@ def connect(
         )
 
     emit(info, output, text)
+    if command:
+        _run_connected(command)
+
+
+def _run_connected(command: tuple[str, ...]) -> None:
+    """`tele connect -- COMMAND`: run it, then end the session (also on Ctrl-C or a failure
+    to start it), and exit as COMMAND did."""
+    import subprocess
+
+    from tele.cli import client
+    from tele.cli.intercept_cmd import exit_status
+    from tele.rpc import daemon_api
+
+    try:
+        status = subprocess.run(list(command), check=False).returncode
+    except OSError as exc:
+        status = 127
+        click.echo(f"tele: cannot run {command[0]}: {exc.strerror or exc}", err=True)
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        client.call_connected(daemon_api.DISCONNECT, daemon_api.Empty(), timeout=30)
+    click.echo("Disconnected.", err=True)
+    raise SystemExit(exit_status(status))
 
 
 def _cidrs(flag: str, values: tuple[str, ...]) -> list[str]:
