@@ -196,3 +196,34 @@ def test_output_is_accepted_before_and_after_the_command_and_errors_come_as_json
     }
     assert single_error_line(failed) == "tele: Not connected; run `tele connect` first."
     assert guard.daemons() == []
+
+
+def test_list_contexts_reads_the_kubeconfig_list(
+    tele_env: dict[str, str], guard: DaemonGuard, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(
+        yaml.safe_dump(
+            {
+                "current-context": "dev",
+                "contexts": [{"name": "dev", "context": {"cluster": "k1", "namespace": "team"}}],
+            }
+        )
+    )
+    second.write_text(
+        yaml.safe_dump({"contexts": [{"name": "prod", "context": {"cluster": "k2"}}]})
+    )
+    listed = run_tele(
+        {**tele_env, "KUBECONFIG": f"{first}:{tmp_path / 'absent.yaml'}:{second}"},
+        "list-contexts",
+        "-o",
+        "json",
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == [
+        {"name": "dev", "cluster": "k1", "namespace": "team", "current": True},
+        {"name": "prod", "cluster": "k2", "namespace": "", "current": False},
+    ]
+    text = run_tele(tele_env, "list-contexts", "--kubeconfig", str(first))
+    assert text.stdout.split() == ["*", "dev", "k1", "team"]
+    assert guard.daemons() == []

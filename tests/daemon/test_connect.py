@@ -157,6 +157,9 @@ def test_connect_status_list_quit(
         address,
     )
     assert again.returncode == 0, again.stderr  # already connected there: a no-op
+    namespaces = run_tele(tele_env, "list-namespaces", "-o", "json")
+    assert json.loads(namespaces.stdout) == sorted(data["session"]["managed_namespaces"])
+    assert "default" in namespaces.stdout
     version = run_tele(tele_env, "version", "-o", "json")
     assert json.loads(version.stdout)["traffic_manager"] == {
         "version": data["session"]["manager_version"]

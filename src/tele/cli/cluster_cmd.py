@@ -283,3 +283,58 @@ def list_(
         return "\n".join(lines)
 
     emit(shown, output, text)
+
+
+@click.command(name="list-namespaces")
+@output_option
+def list_namespaces(output: str) -> None:
+    """The namespaces the connected traffic manager manages (where workloads can be engaged)."""
+    from tele.cli import client
+    from tele.rpc import daemon_api
+
+    status = client.call_connected(daemon_api.STATUS, daemon_api.Empty(), timeout=10, connect=True)
+    names = sorted(status.session.managed_namespaces) if status.session else []
+    emit(names, output, lambda n: "\n".join(n) or "No namespaces are managed.")
+
+
+@click.command(name="list-contexts")
+@click.option("--kubeconfig", default="", help="The kubeconfig to read (default: $KUBECONFIG).")
+@output_option
+def list_contexts(kubeconfig: str, output: str) -> None:
+    """The kubeconfig's contexts (the current one marked with *)."""
+    import yaml
+
+    from tele.errors import UserError
+
+    text = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    contexts: dict[str, dict[str, str]] = {}
+    current = ""
+    for path in [p for p in text.split(os.pathsep) if p]:
+        try:
+            with open(path) as file:
+                config = yaml.safe_load(file) or {}
+        except FileNotFoundError:
+            continue  # as kubectl: a KUBECONFIG list may name files that are not there
+        except (OSError, yaml.YAMLError) as exc:
+            raise UserError(f"cannot read the kubeconfig {path}: {exc}") from None
+        if not isinstance(config, dict):
+            raise UserError(f"the kubeconfig {path} is not a kubeconfig (not a mapping)")
+        current = current or str(config.get("current-context") or "")
+        for entry in config.get("contexts") or []:
+            if isinstance(entry, dict) and entry.get("name") not in contexts:
+                context = entry.get("context") or {}
+                contexts[str(entry.get("name"))] = {
+                    "cluster": str(context.get("cluster") or ""),
+                    "namespace": str(context.get("namespace") or ""),
+                }
+    rows = [{"name": n, **c, "current": n == current} for n, c in contexts.items()]
+
+    def table(rows: list[dict[str, Any]]) -> str:
+        if not rows:
+            return "No contexts."
+        return "\n".join(
+            f"{'*' if r['current'] else ' '} {r['name']:<30} {r['cluster']:<30} {r['namespace']}"
+            for r in rows
+        )
+
+    emit(rows, output, table)
