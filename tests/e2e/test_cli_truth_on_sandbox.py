@@ -78,6 +78,21 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
         f"echo: intercepted Deployment default/echo -> 127.0.0.1:{port} "
         "(http: header x-dev=me, path prefix /api)"
     ) in status.stdout
+    listed_text = run_tele(tele_env, "list").stdout
+    assert (
+        f"    echo: intercept, http: header x-dev=me, path prefix /api -> 127.0.0.1:{port}\n"
+    ) in listed_text + "\n"
+    [echo_row] = [
+        w
+        for w in json.loads(run_tele(tele_env, "list", "-o", "json").stdout)
+        if w["name"] == "echo"
+    ]
+    [engagement] = echo_row["engagements"]
+    assert (engagement["mechanism"], engagement["headers"], engagement["path_prefix"]) == (
+        "http",
+        [["x-dev", "me"]],
+        ["/api"],
+    )
     status_json = json.loads(run_tele(tele_env, "status", "-o", "json").stdout)
     [shown] = status_json["session"]["engagements"]
     assert {k: shown[k] for k in ("name", "mechanism", "headers", "path_prefix", "local")} == {

@@ -247,39 +247,63 @@ def list_(
     """List the workloads of a namespace that can be engaged, with their state."""
     from tele.cli import client
     from tele.rpc import daemon_api
-    from tele.rpc.manager_api import WorkloadInfo
 
     reply = client.call_connected(
         daemon_api.LIST, daemon_api.ListRequest(namespace=namespace), timeout=30, connect=True
     )
+    from tele.cli.output import to_builtins
+    from tele.rpc import filters
+
+    # This session's own engagements, with what they take (mechanism, filters) and where it
+    # goes: the manager's list names who engaged a workload, the daemon knows how.
+    status = client.call_connected(daemon_api.STATUS, daemon_api.Empty(), timeout=10)
+    own = status.session.engagements if status.session else []
     shown = [
-        w
+        {
+            **to_builtins(w),
+            "engagements": [
+                to_builtins(e) for e in own if (e.namespace, e.workload) == (w.namespace, w.name)
+            ],
+        }
         for w in reply.workloads
         if (not intercepts or w.engaged_by)
         and (not agents or w.agent_installed)
         and (not only_interceptable or not w.not_interceptable_reason)
     ]
 
-    def text(workloads: list[WorkloadInfo]) -> str:
-        if not workloads:
+    def how(e: dict[str, Any]) -> str:
+        taken = filters.describe(
+            e["mechanism"],
+            [tuple(h) for h in e["headers"]],
+            e["path_equal"],
+            e["path_prefix"],
+            e["path_regex"],
+        )
+        where = f" -> {', '.join(e['local'])}" if e["local"] else ""
+        return f"    {e['name']}: {e['kind']}, {taken}{where}"
+
+    def text(rows: list[dict[str, Any]]) -> str:
+        if not rows:
             if intercepts:
                 return "No engaged workloads"
             if agents:
                 return "No workloads with a traffic agent"
             return "No Workloads (Deployments, StatefulSets, ReplicaSets, or Rollouts)"
         lines = []
-        for w in workloads:
-            if w.engaged_by:
-                state = f"engaged by {', '.join(w.engaged_by)}"
-            elif w.not_interceptable_reason:
-                state = f"not interceptable: {w.not_interceptable_reason}"
-            elif w.replicas == 0:
+        for w in rows:
+            if w["engaged_by"]:
+                state = f"engaged by {', '.join(w['engaged_by'])}"
+            elif w["not_interceptable_reason"]:
+                state = f"not interceptable: {w['not_interceptable_reason']}"
+            elif w["replicas"] == 0:
                 state = "no replicas: scale it up to engage it"
-            elif w.agent_installed:
+            elif w["agent_installed"]:
                 state = "ready to engage (traffic-agent already installed)"
             else:
                 state = "ready to engage (traffic-agent not yet installed)"
-            lines.append(f"{w.name:<30} {w.kind:<12} {w.ready_replicas}/{w.replicas}  {state}")
+            replicas = f"{w['ready_replicas']}/{w['replicas']}"
+            lines.append(f"{w['name']:<30} {w['kind']:<12} {replicas}  {state}")
+            lines += [how(e) for e in w["engagements"]]
         return "\n".join(lines)
 
     emit(shown, output, text)
