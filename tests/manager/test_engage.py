@@ -285,7 +285,9 @@ async def test_list_shows_engagement_state(nursery: trio.Nursery, kube: KubeClie
     )
     by_name = {w.name: w for w in listed.workloads}
     assert by_name["api"].agent_installed
-    assert by_name["api"].engaged_by == ["api (intercepted by dev@laptop)"]
+    assert by_name["api"].engaged_by == [
+        "api (intercepted by dev@laptop: tcp, service port api:web)"
+    ]
     assert "no Service selects" in by_name["lonely"].not_interceptable_reason
     assert not by_name["lonely"].agent_installed
 

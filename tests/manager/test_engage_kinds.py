@@ -220,8 +220,8 @@ async def test_multi_port_intercept_and_ingests_of_several_clients(
     )
     [workload] = [w for w in listed.workloads if w.name == "api"]
     assert workload.engaged_by == [
-        "api (intercepted by dev@laptop)",
-        "api/app (ingested by dev@laptop)",
+        "api (intercepted by dev@laptop: tcp, service port api:rpc, api:web)",
+        "api/app (ingested by dev@laptop: container app)",
     ]
     # Ingests never reach the agent as traffic.
     assert [e.kind for e in agent.engagements] == ["intercept", "ingest"]

@@ -39,7 +39,7 @@ from tele.manager.feed import ClusterFeed
 from tele.manager.rollouts import Rollouts
 from tele.manager.sessions import Presence
 from tele.manager.state import AgentWorkloads
-from tele.manager.table import EngagementTable
+from tele.manager.table import EngagementTable, describe_engagement
 from tele.manager.view import ClusterView
 from tele.manager.webhook import AgentInjector, WebhookServer, ensure_tls, patch_ca_bundle
 from tele.net.tunnel import OpenRequest, ResetReason
@@ -417,7 +417,8 @@ class Manager:
                     agent_installed=bool(self.agents.of_workload(key)),
                     not_interceptable_reason=reason,
                     engaged_by=sorted(
-                        f"{a.info.name} ({PAST_TENSE[a.info.kind]} by {a.info.client})"
+                        f"{a.info.name} ({PAST_TENSE[a.info.kind]} by {a.info.client}: "
+                        f"{describe_engagement(a.info)})"
                         for a in self.table.of_workload(key)
                     ),
                 )
