@@ -29,6 +29,7 @@ async def start_manager(
     # These tests are about everything but authentication (tests/manager/test_auth.py), and
     # their stand-in agents have no pod token.
     options.setdefault("auth_mode", "disabled")
+    options.setdefault("allow_loopback_dials", True)  # their servers listen on 127.0.0.1
     config = ManagerConfig(api_port=0, api_host="127.0.0.1", **options)  # type: ignore[arg-type]
     manager = Manager(config, kube)
     port = await nursery.start(manager.serve)

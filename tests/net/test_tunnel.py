@@ -99,6 +99,15 @@ def test_refuse_round_trips_every_reason(reason: ResetReason) -> None:
     assert tunnel.reason_from_code(tunnel.reason_to_code(reason)) is reason
 
 
+def test_a_refusals_detail_is_shown_printable_and_bounded() -> None:
+    said = Refuse(ResetReason.POLICY, "the traffic manager does not dial tcp/127.0.0.1:1: why")
+    assert tunnel.decode_response(said.to_headers()) == said
+    hostile = [(":status", "403"), ("tele-reason", "policy"), ("tele-detail", "\x1b[2Jx" * 45)]
+    shown = tunnel.decode_response(hostile)
+    assert isinstance(shown, Refuse) and shown.reason is ResetReason.POLICY
+    assert len(shown.detail) == tunnel.MAX_DETAIL and "\x1b" not in shown.detail
+
+
 def test_responses_from_generic_peers() -> None:
     assert tunnel.decode_response([(":status", "200")]) == Accept()
     assert tunnel.decode_response([(":status", "403")]) == Refuse(ResetReason.POLICY)

@@ -40,9 +40,10 @@ from tele.manager.rollouts import Rollouts
 from tele.manager.sessions import Presence
 from tele.manager.state import AgentWorkloads
 from tele.manager.table import EngagementTable, describe_engagement
+from tele.manager.tunnelpolicy import never_dialed
 from tele.manager.view import ClusterView
 from tele.manager.webhook import AgentInjector, WebhookServer, ensure_tls, patch_ca_bundle
-from tele.net.tunnel import OpenRequest, ResetReason
+from tele.net.tunnel import OpenRequest, Refuse, ResetReason
 from tele.rpc import agent_api as aapi
 from tele.rpc import manager_api as api
 from tele.rpc.agent_api import PAST_TENSE
@@ -93,6 +94,9 @@ class ManagerConfig:
     """Seconds between looks for an enabled kind the cluster does not serve (no Rollout CRD)."""
     auth_mode: str = "enforcing"
     """Helm `security.authentication.mode`: enforcing, permissive or disabled (manager.auth)."""
+    allow_loopback_dials: bool = False
+    """Tunnel streams may reach the manager's loopback: only for tests that run the manager on
+    the host, where their servers listen on 127.0.0.1 (the chart has no value for it)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ManagerConfig:
@@ -437,7 +441,7 @@ class Manager:
             return str(exc)
         return ""
 
-    async def _tunnel_policy(self, request: OpenRequest) -> ResetReason | None:
+    async def _tunnel_policy(self, request: OpenRequest) -> ResetReason | Refuse | None:
         if not self.dials.session_allowed(request):
             return ResetReason.POLICY
         session = self.sessions.get(request.session, self.clock()) or self.agents.get(
@@ -449,7 +453,38 @@ class Manager:
                 self.auth.check_owner(session.owner)
         except RpcError:
             return ResetReason.POLICY
-        return None
+        if request.dial_id is not None:
+            return None  # a dial-back pairs with a stream the manager holds; it dials nothing
+        why = self._undialable(request)
+        if not why:
+            return None
+        destination = request.destination
+        audit_line("tunnel-denied", destination=str(destination), reason=why)
+        return Refuse(ResetReason.POLICY, f"the traffic manager does not dial {destination}: {why}")
+
+    def _undialable(self, request: OpenRequest) -> str:
+        """Why the manager must not dial this destination for this session, or "": never its
+        loopback, link-local or metadata addresses, nor its own pod; an agent's SFTP port only
+        for the session that holds an engagement of that agent's workload (its mounts)."""
+        ip, port = request.destination.ip, request.destination.port
+        why = never_dialed(ip, allow_loopback=self.config.allow_loopback_dials)
+        if why:
+            return why
+        if self.config.pod_ip and str(ip) == self.config.pod_ip:
+            return "it is the traffic manager's own pod"
+        for agent in self.agents.sessions.sessions.values():
+            identity = agent.identity
+            if not identity.sftp_port or (str(ip), port) != (identity.pod_ip, identity.sftp_port):
+                continue
+            key = (identity.workload_kind, identity.namespace, identity.workload_name)
+            if any(a.session_id == request.session for a in self.table.of_workload(key)):
+                return ""
+            return (
+                f"it is the file server of the traffic agent of {identity.workload_kind} "
+                f"{identity.namespace}/{identity.workload_name}, reachable only by the session "
+                "that engages that workload"
+            )
+        return ""
 
     # --- lifecycle ------------------------------------------------------------------------------
 

@@ -69,6 +69,9 @@ HEADER_PROTOCOL: Final = "tele-protocol"
 HEADER_SESSION: Final = "tele-session"
 HEADER_DIAL_ID: Final = "tele-dial-id"
 HEADER_REASON: Final = "tele-reason"
+HEADER_DETAIL: Final = "tele-detail"
+MAX_DETAIL: Final = 200
+"""A REFUSE's detail (one sentence for the opener's log) is cut to this many characters."""
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -297,13 +300,23 @@ class Refuse:
     """REFUSE: the stream will carry no data; `reason` says why (sent with END_STREAM)."""
 
     reason: ResetReason
+    detail: str = ""
+    """Why, in one sentence the opener can log (printable ASCII, at most MAX_DETAIL)."""
 
     @property
     def status(self) -> int:
         return _STATUS[self.reason]
 
     def to_headers(self) -> list[tuple[str, str]]:
-        return [(":status", str(self.status)), (HEADER_REASON, self.reason.value)]
+        headers = [(":status", str(self.status)), (HEADER_REASON, self.reason.value)]
+        if self.detail:
+            headers.append((HEADER_DETAIL, printable_detail(self.detail)))
+        return headers
+
+
+def printable_detail(text: str) -> str:
+    """A peer's detail as tele shows it: printable ASCII only, bounded."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:MAX_DETAIL])
 
 
 def decode_response(headers: list[tuple[str, str]]) -> Accept | Refuse:
@@ -317,13 +330,14 @@ def decode_response(headers: list[tuple[str, str]]) -> Accept | Refuse:
         return Accept()
     if not 400 <= status <= 599:
         raise TunnelProtocolError(f"tunnel response status {status} is neither 200 nor an error")
+    detail = printable_detail(fields.get(HEADER_DETAIL, ""))
     token = fields.get(HEADER_REASON)
     if token is not None:
         try:
-            return Refuse(ResetReason(token))
+            return Refuse(ResetReason(token), detail)
         except ValueError:
             pass  # a newer peer's reason: fall back on the status
-    return Refuse(_REASON_BY_STATUS.get(status, ResetReason.INTERNAL))
+    return Refuse(_REASON_BY_STATUS.get(status, ResetReason.INTERNAL), detail)
 
 
 # -- UDP datagrams --------------------------------------------------------------------------------

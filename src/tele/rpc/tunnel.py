@@ -76,8 +76,10 @@ _REASON_TEXT: Final = {
 }
 
 
-def _tunnel_error(reason: ResetReason, destination: Destination | str) -> TunnelError:
-    return TunnelError(reason, f"{destination} {_REASON_TEXT[reason]}")
+def _tunnel_error(
+    reason: ResetReason, destination: Destination | str, detail: str = ""
+) -> TunnelError:
+    return TunnelError(reason, detail or f"{destination} {_REASON_TEXT[reason]}")
 
 
 def reset_reason(exc: BaseException) -> ResetReason:
@@ -144,7 +146,7 @@ async def dial(
         raise
     if isinstance(response, Refuse):
         stream.close()
-        raise _tunnel_error(response.reason, destination)
+        raise _tunnel_error(response.reason, destination, response.detail)
     return stream
 
 
@@ -158,7 +160,10 @@ def _judge_response(destination: Destination, headers: list[tuple[str, str]]) ->
             ResetReason.PROTOCOL, f"{destination} {_REASON_TEXT[ResetReason.PROTOCOL]}"
         )
     if isinstance(response, Refuse):
-        return TunnelRefused(response.reason, f"{destination} {_REASON_TEXT[response.reason]}")
+        return TunnelRefused(
+            response.reason,
+            response.detail or f"{destination} {_REASON_TEXT[response.reason]}",
+        )
     return None
 
 
@@ -246,8 +251,9 @@ async def splice(
 
 # -- serving side -----------------------------------------------------------------------------
 
-Policy = Callable[[OpenRequest], Awaitable[ResetReason | None]]
-"""Decides whether an OPEN may proceed: None allows it, a reason refuses it."""
+Policy = Callable[[OpenRequest], Awaitable[ResetReason | Refuse | None]]
+"""Decides whether an OPEN may proceed: None allows it, a reason (or a REFUSE with the
+sentence the opener logs) refuses it."""
 TcpConnector = Callable[[Destination], Awaitable[trio.SocketStream]]
 DialBackHandler = Callable[[OpenRequest, H2Stream], Awaitable[None]]
 
@@ -331,10 +337,13 @@ class TunnelServer:
             if self.policy is not None:
                 verdict = await self.policy(request)
                 if verdict is not None:
+                    refusal = verdict if isinstance(verdict, Refuse) else Refuse(verdict)
                     log.info(
-                        "tunnel: %s refused by policy (%s)", request.destination, verdict.value
+                        "tunnel: %s refused by policy (%s)",
+                        request.destination,
+                        refusal.detail or refusal.reason.value,
                     )
-                    await self._refuse(stream, verdict)
+                    await self._refuse(stream, refusal)
                     return
             if request.dial_id is not None:
                 if self.dial_back is None:
@@ -348,9 +357,10 @@ class TunnelServer:
         finally:
             self.active -= 1
 
-    async def _refuse(self, stream: H2Stream, reason: ResetReason) -> None:
+    async def _refuse(self, stream: H2Stream, reason: ResetReason | Refuse) -> None:
+        refusal = reason if isinstance(reason, Refuse) else Refuse(reason)
         try:
-            await stream.send_response(Refuse(reason).to_headers(), end_stream=True)
+            await stream.send_response(refusal.to_headers(), end_stream=True)
         except trio.BrokenResourceError:
             pass  # the opener gave up already
 
