@@ -658,9 +658,12 @@ class SandboxImage:
     env: tuple[str, ...] = ()
 
 
+_ECHO_PACKAGES = ("h11", "h2", "hpack", "hyperframe")
+"""HTTP/1.1 and h2 (h2c with prior knowledge, h2 over TLS by ALPN)."""
+
 SANDBOX_IMAGES = (
-    SandboxImage("tele-sandbox/echo", "echo", ("h11",)),
-    SandboxImage("tele-sandbox/echo-tls", "echo", ("h11",)),
+    SandboxImage("tele-sandbox/echo", "echo", _ECHO_PACKAGES),
+    SandboxImage("tele-sandbox/echo-tls", "echo", _ECHO_PACKAGES, ("ECHO_TLS=1",)),
     SandboxImage(
         "tele-sandbox/l4-echo",
         "l4echo",

@@ -107,7 +107,7 @@ def test_template_hash_and_expansion_and_images() -> None:
     assert h == template_hash({**template}) and h != template_hash({**template, "x": 1})
     assert set(h) <= set("bcdfghjklmnpqrstvwxz2456789")
     assert expand("$(A)-$(B)-$$(A)", {"A": "1"}) == "1-$(B)-$(A)"
-    assert resolve_image("ghcr.io/acme/tele-sandbox/echo-tls:1.2") == "tele.sandbox.images.echo"
-    assert resolve_image("tele-sandbox/l4-echo") is None  # runs from its image
+    assert resolve_image("ghcr.io/acme/tele-sandbox/echo-tls:1.2") is None  # runs from its image
+    assert resolve_image("tele-sandbox/l4-echo") is None
     assert resolve_image("tele-sandbox/worker@sha256:abc") == "tele.sandbox.images.worker"
     assert resolve_image("nginx:latest") is None

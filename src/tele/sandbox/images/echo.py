@@ -2,8 +2,9 @@
 
 HTTP/1.1 (h11) and h2c with prior knowledge (h2) on $PORT (default 8080). The JSON answer holds
 the pod name, namespace, method, path, request headers and body; each request is logged on
-stdout so `kubectl logs` shows it. `echo-tls` serves the same over TLS with `tls.crt`/`tls.key`
-from $TLS_DIR (default /etc/echo-tls, where a Secret is usually mounted).
+stdout so `kubectl logs` shows it. `echo-tls` (its image sets ECHO_TLS=1) serves the same over
+TLS with `tls.crt`/`tls.key` from $TLS_DIR (default /etc/echo-tls, where a Secret is usually
+mounted).
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 def _tls_context() -> ssl.SSLContext | None:
-    if os.environ.get("TELE_SANDBOX_IMAGE", "").rsplit("/", 1)[-1].split(":")[0] != "echo-tls":
+    if os.environ.get("ECHO_TLS", "") != "1":  # set by the echo-tls image's config
         return None
     tls_dir = Path(os.environ.get("TLS_DIR", "/etc/echo-tls"))
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

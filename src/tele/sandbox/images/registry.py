@@ -2,17 +2,13 @@
 
 Every other image is pulled and run by runc. These still run as modules (tag and registry host
 ignored) because their images lack something the module gets from this venv or this machine:
-`tele-sandbox/worker` is used as a shell with this machine's tools (sh, curl, socat); the echo
-image has h11 but not h2 (h2c and TLS+ALPN answers); the echo-tls image does not tell the program
-to serve TLS; tele's image has no `nft` for `agent-init` (the manager and the agent run from
-it).
+`tele-sandbox/worker` is used as a shell with this machine's tools (sh, curl, socat); `agent-init`
+of tele's image still runs as a module (the manager and the agent run from the image).
 """
 
 from __future__ import annotations
 
 IMAGES: dict[str, str] = {
-    "tele-sandbox/echo": "tele.sandbox.images.echo",
-    "tele-sandbox/echo-tls": "tele.sandbox.images.echo",
     "tele-sandbox/worker": "tele.sandbox.images.worker",
     # tele's own images: the Helm chart's manager and the injected agent (`agent`/`agent-init`).
     # tele's one image (manager by default, `agent`/`agent-init` by args), under both names.
