@@ -27,6 +27,9 @@ pytestmark = [
     pytest.mark.skipif(mount_problem() is not None, reason=f"no FUSE mounts: {mount_problem()}"),
 ]
 
+PY = ("/usr/bin/python3.11", "-c")
+"""The app container's image (echo) has Python and no coreutils."""
+
 SECRET = b"s3cr3t\x00\xff-bytes\n"
 
 APP = f"""
@@ -172,11 +175,27 @@ def test_intercept_mounts_the_pods_volumes_and_leave_unmounts(
             "jsonpath={.items[0].metadata.name}",
         )
         written = kubectl(
-            node_sandbox, "exec", pod, "-c", "app", "--", "cat", "/scratch/from-laptop"
+            node_sandbox,
+            "exec",
+            pod,
+            "-c",
+            "app",
+            "--",
+            *PY,
+            "print(open('/scratch/from-laptop').read(), end='')",
         )
         assert written == "hello from the laptop"
-        cached = kubectl(node_sandbox, "exec", pod, "-c", "app", "--", "ls", "/var/cache/app")
-        assert cached == ""
+        cached = kubectl(
+            node_sandbox,
+            "exec",
+            pod,
+            "-c",
+            "app",
+            "--",
+            *PY,
+            "import os; print(os.listdir('/var/cache/app'))",
+        )
+        assert cached == "[]\n"
 
         # The command's end left the intercept: no mount, no directory (tele made it).
         assert str(mount_dir) not in Path("/proc/self/mountinfo").read_text()

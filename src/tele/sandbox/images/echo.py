@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import socketserver
 import ssl
@@ -191,6 +192,9 @@ def _tls_context() -> ssl.SSLContext | None:
 
 
 def main() -> None:
+    # As its container's PID 1 the program gets no default action for SIGTERM: without a
+    # handler a pod deletion would wait for the whole grace period and SIGKILL.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     port = int(os.environ.get("PORT", "8080"))
     _Handler.tls = _tls_context()
     try:
