@@ -109,5 +109,6 @@ def test_template_hash_and_expansion_and_images() -> None:
     assert expand("$(A)-$(B)-$$(A)", {"A": "1"}) == "1-$(B)-$(A)"
     assert resolve_image("ghcr.io/acme/tele-sandbox/echo-tls:1.2") is None  # runs from its image
     assert resolve_image("tele-sandbox/l4-echo") is None
+    assert resolve_image("ghcr.io/acme/tele/traffic-agent:0.1") is None
     assert resolve_image("tele-sandbox/worker@sha256:abc") == "tele.sandbox.images.worker"
     assert resolve_image("nginx:latest") is None

@@ -2,27 +2,14 @@
 
 Every other image is pulled and run by runc. These still run as modules (tag and registry host
 ignored) because their images lack something the module gets from this venv or this machine:
-`tele-sandbox/worker` is used as a shell with this machine's tools (sh, curl, socat); `agent-init`
-of tele's image still runs as a module (the manager and the agent run from the image).
+`tele-sandbox/worker` is used as a shell with this machine's tools (sh, curl, socat).
 """
 
 from __future__ import annotations
 
 IMAGES: dict[str, str] = {
     "tele-sandbox/worker": "tele.sandbox.images.worker",
-    # tele's own images: the Helm chart's manager and the injected agent (`agent`/`agent-init`).
-    # tele's one image (manager by default, `agent`/`agent-init` by args), under both names.
-    "tele/traffic-manager": "tele.sandbox.images.tele_image",
-    "tele/traffic-agent": "tele.sandbox.images.tele_image",
 }
-
-
-TELE_IMAGE = "tele.sandbox.images.tele_image"
-
-
-def register(image: str, module: str) -> None:
-    """Make `image` run `python -m module` (for tele's own images)."""
-    IMAGES[_repository(image)] = module
 
 
 def _repository(image: str) -> str:
@@ -34,14 +21,7 @@ def _repository(image: str) -> str:
 
 
 def resolve(image: str, args: list[str] | None = None) -> str | None:
-    """The module for `image` run with `args`, or None when it runs from its image."""
-    module = _resolve(image)
-    if module == TELE_IMAGE and (args or [""])[0] != "agent-init":
-        return None  # the manager and the agent run from tele's image
-    return module
-
-
-def _resolve(image: str) -> str | None:
+    """The module for `image` (run with `args`), or None when it runs from its image."""
     repo = _repository(image)
     if repo in IMAGES:
         return IMAGES[repo]

@@ -654,7 +654,7 @@ class PodWorker:
         image that runs from this venv; None once the pod terminates without one."""
         name = run.spec.get("image", "")
         store = self.kubelet.images
-        module = registry.resolve(name, run.spec.get("args") or [])
+        module = registry.resolve(name)
         if store is None:
             if module is None:
                 msg = (

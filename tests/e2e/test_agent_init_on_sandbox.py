@@ -1,0 +1,110 @@
+"""A Service whose targetPort is a number: the webhook adds agent-init (tele's image, root with
+NET_ADMIN), which redirects the container port to the agent with nft inside the pod's network
+namespace; an intercept then answers a cluster call from this machine."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from tests.daemon.util import DaemonGuard, run_tele
+from tests.e2e import install_manager, kubectl
+from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.netns
+
+APP = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: numeric, namespace: default}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: numeric}}
+  template:
+    metadata: {labels: {app: numeric}}
+    spec:
+      containers:
+      - name: echo
+        image: tele-sandbox/echo
+        ports: [{containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: numeric, namespace: default}
+spec:
+  selector: {app: numeric}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: caller, namespace: default}
+spec:
+  containers: [{name: c, image: tele-sandbox/worker}]
+"""
+
+CALL = (
+    "import urllib.request; "
+    "print(urllib.request.urlopen('http://numeric.default/', timeout=10).read().decode())"
+)
+
+
+@pytest.fixture
+def laptop_handler() -> Iterator[int]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"hello from the laptop\n"
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_numeric_target_port_is_redirected_by_agent_init_from_teles_image(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    laptop_handler: int,
+) -> None:
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, tele_env)
+    kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    assert '"pod": "numeric-' in kubectl(
+        node_sandbox, "exec", "caller", "--", "python3", "-c", CALL
+    )
+
+    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
+    assert connected.returncode == 0, connected.stderr
+    engaged = run_tele(tele_env, "intercept", "numeric", "--port", str(laptop_handler), timeout=120)
+    assert engaged.returncode == 0, engaged.stderr
+    assert kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL) == (
+        "hello from the laptop\n\n"
+    )
+
+    pods = json.loads(kubectl(node_sandbox, "get", "pods", "-l", "app=numeric", "-o", "json"))
+    [pod] = pods["items"]
+    [init] = pod["status"]["initContainerStatuses"]
+    assert init["name"] == "tele-agent-init"
+    assert init["state"]["terminated"]["exitCode"] == 0, init
+    # Pulled and run from tele's image (a module of this venv would have no digest).
+    assert "@sha256:" in init["imageID"], init
+
+    assert run_tele(tele_env, "leave", "numeric").returncode == 0
+    assert run_tele(tele_env, "quit").returncode == 0
