@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -81,7 +82,9 @@ def test_unchanged_inputs_are_a_cache_hit_and_a_code_change_rebuilds_only_tele(
     package = tmp_path / "tele"
     shutil.copytree(tele_package_dir(), package, ignore=shutil.ignore_patterns("__pycache__"))
     (package / "image" / "build.py").write_text(
-        (package / "image" / "build.py").read_text() + "\n# changed\n"
+        # A change no earlier run made: the image cache is shared between runs (the suite's is
+        # the user's), so a fixed change was already cached on the second run on a machine.
+        (package / "image" / "build.py").read_text() + f"\n# changed {uuid.uuid4().hex}\n"
     )
     changed = build_tele_image(images_cache, package=package)
     assert [r.cached for r in changed.layers] == [True, True, False]
