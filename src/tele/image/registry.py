@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import re
 import ssl
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,9 +140,17 @@ class _ErrorBody(msgspec.Struct):
     errors: list[_ErrorDetail] = []
 
 
-def _is_loopback(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    name = name.strip("[]")
+def is_on_this_machine(registry: str) -> bool:
+    """Whether a registry host (`host`, `host:port`, a bare IPv6 address, `[v6]` or `[v6]:port`)
+    is this machine's loopback or `localhost`."""
+    name: str | None = registry
+    if registry.count(":") < 2 or registry.startswith("["):  # not a bare IPv6 address
+        try:
+            name = urllib.parse.urlsplit(f"//{registry}").hostname
+        except ValueError:
+            return False
+    if name is None:
+        return False
     if name == "localhost":
         return True
     try:
@@ -176,7 +185,7 @@ class RegistryClient:
         self._host = host
         self._scheme = "https"
         # Plain HTTP is allowed where docker allows it: registries marked insecure, loopback.
-        self._http_allowed = insecure or _is_loopback(host)
+        self._http_allowed = insecure or is_on_this_machine(host)
         context = ssl.create_default_context()
         if ca_file is not None:
             try:
@@ -195,7 +204,7 @@ class RegistryClient:
             headers={"User-Agent": _USER_AGENT},
             # HTTPS_PROXY / NO_PROXY as docker honours them, except for a registry on this
             # machine (the sandbox's), which no proxy can reach.
-            trust_env=not _is_loopback(host),
+            trust_env=not is_on_this_machine(host),
         )
         self._authorization: dict[str, str] = {}
         """scope → Authorization header value that the registry accepted (or we will try)."""

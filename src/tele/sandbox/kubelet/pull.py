@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from tele.errors import TeleError
 from tele.image.credentials import Credentials, credentials_from_docker_config
 from tele.image.errors import InvalidDockerConfig, NotFound, RegistryError
 from tele.image.reference import DOCKER_HUB, Reference
-from tele.image.registry import RegistryClient
+from tele.image.registry import RegistryClient, is_on_this_machine
 
 from .imagestore import Image, ImageError, ImageStore
 
@@ -65,17 +64,6 @@ def secret_credentials(secrets: list[Obj], registry: str) -> Credentials | None:
     return None
 
 
-def _on_this_machine(registry: str) -> bool:
-    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def client_for(ref: Reference, secrets: list[Obj], mirror: Mirror | None) -> RegistryClient:
     if mirror is not None and ref.registry == DOCKER_HUB:
         return RegistryClient(
@@ -84,7 +72,7 @@ def client_for(ref: Reference, secrets: list[Obj], mirror: Mirror | None) -> Reg
             ca_file=mirror.ca_file,
             mirror_of=DOCKER_HUB,
         )
-    if not _on_this_machine(ref.registry):
+    if not is_on_this_machine(ref.registry):
         where = f"the sandbox registry {mirror.address}" if mirror else "a registry on 127.0.0.1"
         raise ImageError(
             f"the sandbox pulls only from registries on this machine, not {ref.registry}: "
