@@ -4,15 +4,13 @@ namespace; an intercept then answers a cluster call from this machine."""
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
-from collections.abc import Iterator
 
 import pytest
 
 from tests.daemon.util import DaemonGuard, run_tele
 from tests.e2e import install_manager, kubectl
+from tests.e2e.test_intercept_on_sandbox import laptop_handler  # noqa: F401 - the fixture
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
@@ -52,35 +50,11 @@ CALL = (
 )
 
 
-@pytest.fixture
-def laptop_handler() -> Iterator[int]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"hello from the laptop\n"
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 def test_numeric_target_port_is_redirected_by_agent_init_from_teles_image(
     node_sandbox: NodeSandbox,  # noqa: F811
     tele_env: dict[str, str],
     guard: DaemonGuard,
-    laptop_handler: int,
+    laptop_handler: int,  # noqa: F811
 ) -> None:
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
