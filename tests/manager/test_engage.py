@@ -189,6 +189,38 @@ async def test_engage_routes_connections_to_the_local_handler(
             received += chunk
     assert received == b"HELLO FROM THE CLUSTER"
 
+    # Nothing listens locally: an HTTP caller gets a 502 naming the engagement and the local
+    # port; another protocol's connection is reset.
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    engaged[info.id] = ("127.0.0.1", closed)
+    stream = await dial(
+        client.link, destination, session=agent.session, dial_id=aapi.AGENT_DIAL_PREFIX + info.id
+    )
+    await stream.send_all(b"POST /x HTTP/1.1\r\nHost: api\r\nContent-Length: 5\r\n\r\nhello")
+    await stream.send_eof()
+    received = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some():
+            received += chunk
+    body = f"tele: nothing listens on 127.0.0.1:{closed}, the local handler of {info.id}\n"
+    assert (
+        received
+        == (
+            "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
+        ).encode()
+    )
+    stream = await dial(
+        client.link, destination, session=agent.session, dial_id=aapi.AGENT_DIAL_PREFIX + info.id
+    )
+    await stream.send_all(b"\x16\x03\x01 not http\n")
+    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+        while await stream.receive_some():
+            pass
+    engaged[info.id] = ("127.0.0.1", local_port)
+
     # Someone else cannot take the same port; leaving frees it and tells the agent.
     other = (
         await client.call(api.ARRIVE, api.ClientIdentity(user="eve", host="pc", client_version="0"))

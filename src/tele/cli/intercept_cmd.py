@@ -140,8 +140,8 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     if not command:  # with `-- COMMAND`, the command is the handler and starts next
         for where in _not_listening(data.get("local") or []):
             click.echo(
-                f"tele: nothing listens on {where} yet: until something does, engaged "
-                "connections are refused (HTTP requests get a 502)",
+                f"tele: nothing listens on {where} yet: until something does, engaged HTTP "
+                "requests get a 502 and other connections are reset",
                 err=True,
             )
     emit(data, output, text)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import trio
 
@@ -25,6 +27,8 @@ DialBack = Callable[[Destination, str], Awaitable[H2Stream]]
 Target = Callable[[str, int], tuple[str, int] | None]
 """Where the local handler of (engagement id, container port) listens (None: not ours, or
 gone)."""
+Describe = Callable[[str], str]
+"""The engagement's name for an engagement id (for the answer to a caller nobody serves)."""
 LocalTls = Callable[[str], ssl.SSLContext | None]
 """For an engagement id, the TLS context to speak to its local handler with (None: plaintext).
 The agent decrypted the callers' TLS to read their requests; a local handler that is the same
@@ -33,6 +37,48 @@ app as the cluster's speaks TLS as it does, unless the user said `--http-plainte
 
 def _plaintext(_: str) -> ssl.SSLContext | None:
     return None
+
+
+def _no_name(engagement_id: str) -> str:
+    return engagement_id
+
+
+SNIFF_WAIT: Final = 2.0
+"""How long a caller's first bytes are awaited when nothing listens locally: HTTP callers speak
+first, so an HTTP request is there at once; a protocol where the server speaks first gets its
+reset after this wait."""
+SNIFF_MAX: Final = 8 * 1024
+"""At most this much of a caller's first bytes is read to tell HTTP/1 (a request line)."""
+DRAIN_WAIT: Final = 5.0
+DRAIN_MAX: Final = 1024 * 1024
+"""After a 502, the rest of the caller's request is read and dropped (bounded in time and
+bytes) so that closing does not reset the connection before the caller read the answer."""
+
+_METHOD: Final = rb"(GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH) [!-~]+"
+_REQUEST_LINE: Final = re.compile(_METHOD + rb" HTTP/1\.[01]\r?")
+_REQUEST_LINE_START: Final = re.compile(_METHOD)
+
+
+def looks_like_http1(head: bytes) -> bool:
+    """Whether a caller's first bytes are an HTTP/1 request line: a whole one, or the start of
+    one longer than SNIFF_MAX."""
+    line, complete, _ = head.partition(b"\n")
+    if complete:
+        return _REQUEST_LINE.fullmatch(line) is not None
+    return len(head) >= SNIFF_MAX and _REQUEST_LINE_START.fullmatch(head) is not None
+
+
+def not_listening_response(name: str, where: tuple[str, int]) -> bytes:
+    """The 502 an HTTP/1 caller gets when the local handler of engagement `name` is not up."""
+    body = f"tele: nothing listens on {where[0]}:{where[1]}, the local handler of {name}\n"
+    return (
+        "HTTP/1.1 502 Bad Gateway\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body.encode())}\r\n"
+        "Connection: close\r\n"
+        "\r\n"
+        f"{body}"
+    ).encode()
 
 
 def local_tls_context() -> ssl.SSLContext:
@@ -73,6 +119,7 @@ async def serve_dial_backs(
     dial_back: DialBack,
     target: Target,
     local_tls: LocalTls = _plaintext,
+    describe: Describe = _no_name,
 ) -> None:
     """Follow WATCH_DIALS until it ends; each request is served on its own task.
 
@@ -85,7 +132,7 @@ async def serve_dial_backs(
             request = SessionRequest(session_id=session_id)
             async with client.stream(aapi.WATCH_DIALS, request) as dials:
                 async for dial in dials:
-                    nursery.start_soon(_serve_one, dial, dial_back, target, local_tls)
+                    nursery.start_soon(_serve_one, dial, dial_back, target, local_tls, describe)
         except RpcError as exc:
             failure = exc
     if failure is not None:
@@ -93,17 +140,25 @@ async def serve_dial_backs(
 
 
 async def _serve_one(
-    dial: aapi.DialRequest, dial_back: DialBack, target: Target, local_tls: LocalTls
+    dial: aapi.DialRequest,
+    dial_back: DialBack,
+    target: Target,
+    local_tls: LocalTls,
+    describe: Describe,
 ) -> None:
     """One engaged connection; whatever goes wrong with it stays with it."""
     try:
-        await _relay(dial, dial_back, target, local_tls)
+        await _relay(dial, dial_back, target, local_tls, describe)
     except Exception:
         log.exception("engaged connection for %s failed", dial.engagement_id)
 
 
 async def _relay(
-    dial: aapi.DialRequest, dial_back: DialBack, target: Target, local_tls: LocalTls
+    dial: aapi.DialRequest,
+    dial_back: DialBack,
+    target: Target,
+    local_tls: LocalTls,
+    describe: Describe,
 ) -> None:
     where = target(dial.engagement_id, dial.original_port)
     destination = Destination(
@@ -120,14 +175,43 @@ async def _relay(
             await local.aclose()
         return
     if local is None:
-        # Nothing listens locally: the cluster-side caller sees a refused connection at once.
-        reset(stream, ResetReason.REFUSED)
+        try:
+            if where is None:
+                reset(stream, ResetReason.REFUSED)
+            else:
+                await refuse(stream, describe(dial.engagement_id), where)
+        finally:
+            stream.close()
         return
     async with local:
         try:
             await splice(stream, local)
         finally:
             stream.close()
+
+
+async def refuse(stream: H2Stream, name: str, where: tuple[str, int]) -> None:
+    """Nothing listens at `where`, the local handler of engagement `name`: an HTTP/1 caller
+    gets a 502 naming both (then its request is drained, bounded); any other a reset."""
+    head = b""
+    try:
+        with trio.move_on_after(SNIFF_WAIT):
+            while b"\n" not in head and len(head) < SNIFF_MAX:
+                data = await stream.receive_some(SNIFF_MAX - len(head))
+                if not data:
+                    break
+                head += data
+        if not looks_like_http1(head):
+            reset(stream, ResetReason.REFUSED)
+            return
+        await stream.send_all(not_listening_response(name, where))
+        await stream.send_eof()
+        drained = 0
+        with trio.move_on_after(DRAIN_WAIT):
+            while drained < DRAIN_MAX and (data := await stream.receive_some(SNIFF_MAX)):
+                drained += len(data)
+    except trio.BrokenResourceError as exc:
+        log.debug("engaged connection to %s:%d (not listening) ended: %s", *where, exc)
 
 
 async def _open_local(

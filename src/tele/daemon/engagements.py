@@ -350,7 +350,12 @@ class LocalEngagements:
             try:
                 client = await lease.client()
                 await serve_dial_backs(
-                    client, lease.session_id(), self._dial_back, self._target, self.local_tls.get
+                    client,
+                    lease.session_id(),
+                    self._dial_back,
+                    self._target,
+                    self.local_tls.get,
+                    self._name_of,
                 )
             except RpcError as exc:
                 log.debug("dial-back watch ended: %s", exc.message)
@@ -359,3 +364,9 @@ class LocalEngagements:
 
     def _target(self, engagement_id: str, port: int) -> tuple[str, int] | None:
         return self.targets.get(engagement_id, {}).get(port)
+
+    def _name_of(self, engagement_id: str) -> str:
+        return next(
+            (name for name, info in self.engaged.items() if info.id == engagement_id),
+            engagement_id,
+        )

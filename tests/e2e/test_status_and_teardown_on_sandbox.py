@@ -1,0 +1,81 @@
+"""Issue 18, items 4-7 on the sandbox, as a user types them: what an engaged caller gets when
+nothing listens locally, `tele status` across a manager restart and a session's end, `tele helm
+uninstall` with engagements active, and mounted volumes seen from another shell."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tests.daemon.util import DaemonGuard, run_tele
+from tests.e2e import install_manager, kubectl
+from tests.e2e.test_intercept_on_sandbox import APP
+from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.netns
+
+# From the caller pod: one HTTP request (status and body, errors included), one raw TCP exchange
+# in a protocol that is not HTTP (what the caller reads, or that it was reset).
+CALL_HTTP = """
+import urllib.error, urllib.request
+try:
+    response = urllib.request.urlopen("http://echo.default/", timeout=10)
+    print(response.status, response.read().decode(), end="")
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode(), end="")
+"""
+CALL_RAW = """
+import socket
+with socket.create_connection(("echo.default", 80), timeout=10) as s:
+    s.sendall(b"HELO cluster\\r\\n")
+    try:
+        print("read", s.recv(100))
+    except ConnectionResetError:
+        print("reset")
+"""
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _app_up(sandbox: NodeSandbox, env: dict[str, str]) -> None:
+    install_manager(sandbox, env)
+    kubectl(sandbox, "apply", "-f", "-", stdin=APP)
+    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    connected = run_tele(
+        env, "connect", "--no-vif", "--kubeconfig", str(sandbox.kubeconfig), timeout=120
+    )
+    assert connected.returncode == 0, connected.stderr
+
+
+def _uninstall(sandbox: NodeSandbox, env: dict[str, str]) -> None:
+    run_tele(env, "quit")
+    removed = run_tele(env, "helm", "uninstall", "--kubeconfig", str(sandbox.kubeconfig))
+    assert removed.returncode == 0, removed.stderr
+
+
+def test_nothing_listening_locally_is_a_502_for_http_and_a_reset_for_the_rest(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+) -> None:
+    _app_up(node_sandbox, tele_env)
+    closed = _closed_port()
+    engaged = run_tele(tele_env, "intercept", "echo", "--port", str(closed), timeout=120)
+    assert engaged.returncode == 0, engaged.stderr
+    assert engaged.stderr.strip() == (
+        f"tele: nothing listens on 127.0.0.1:{closed} yet: until something does, engaged "
+        "HTTP requests get a 502 and other connections are reset"
+    )
+    answered = kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL_HTTP)
+    assert answered == (
+        f"502 tele: nothing listens on 127.0.0.1:{closed}, the local handler of echo\n"
+    )
+    raw = kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL_RAW)
+    assert raw.strip() == "reset", raw
+    assert run_tele(tele_env, "leave", "echo").returncode == 0
+    _uninstall(node_sandbox, tele_env)
