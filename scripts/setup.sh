@@ -11,8 +11,9 @@ cd "$(dirname "$0")/.."
 # tests' tiny image; mmdebstrap unpacks the Debian base of tele's image; skopeo and umoci read
 # its archives in tests.
 # runc runs the sandbox's containers (crun refuses a hybrid cgroup layout).
+# tcsh reads back the env files written for csh (--env-syntax csh).
 APT_PACKAGES=(iproute2 nftables iperf3 socat procps curl sshfs openssh-sftp-server sshuttle
-    dbus-daemon util-linux docker-registry busybox-static mmdebstrap skopeo runc umoci)
+    dbus-daemon util-linux docker-registry busybox-static mmdebstrap skopeo runc umoci tcsh)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

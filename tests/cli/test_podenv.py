@@ -92,7 +92,7 @@ def test_the_user_may_opt_in_and_is_warned(engaged: list[str], tmp_path: Path) -
 def test_env_files_keep_them_out_and_sourcing_sets_none(engaged: list[str], tmp_path: Path) -> None:
     sh_file, json_file = tmp_path / "api.env", tmp_path / "api.json"
     args = ["intercept", "api", "--port", "8080", "-e", str(sh_file), "-j", str(json_file)]
-    result = CliRunner().invoke(cli, args)
+    result = CliRunner().invoke(cli, [*args, "--env-syntax", "sh"])
     assert result.exit_code == 0, result.output
     assert json.loads(json_file.read_text()) == {"GREETING": "hello", "MULTI": HOSTILE["MULTI"]}
     text = sh_file.read_text()
@@ -104,6 +104,18 @@ def test_env_files_keep_them_out_and_sourcing_sets_none(engaged: list[str], tmp_
     names = {item.split("=", 1)[0] for item in sourced.stdout.split("\0")}
     assert {"GREETING", "MULTI"} <= names
     assert not names & {"LD_PRELOAD", "LD_AUDIT", "PERL5OPT", "BROWSER", "BASH_ENV", "X"}
+
+
+def test_docker_env_file_gets_no_line_of_the_pods(engaged: list[str], tmp_path: Path) -> None:
+    """docker's --env-file (the default syntax) has no quoting: a value with a newline would
+    add a variable of the pod's choosing, so it is left out, saying so."""
+    env_file = tmp_path / "api.env"
+    result = CliRunner().invoke(cli, ["intercept", "api", "-p", "8080", "-e", str(env_file)])
+    assert result.exit_code == 0, result.output
+    lines = env_file.read_text().splitlines()
+    assert "GREETING=hello" in lines
+    assert not [line for line in lines if not line.startswith("#") and "LD_" in line]
+    assert f"tele: left MULTI out of {env_file}: --env-syntax docker cannot hold" in result.stderr
 
 
 def test_the_rule() -> None:

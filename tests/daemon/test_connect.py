@@ -377,7 +377,7 @@ async def test_intercept_sends_engaged_connections_to_the_local_handler(
             async with agent.stream(aapi.WATCH_ENGAGEMENTS, request) as updates:
                 engagement = next(iter((await anext(updates)).engagements))
             assert env_file.read_text() == (
-                "GREETING='hello world'\nTELEPRESENCE_CONTAINER=app\n"
+                "GREETING=hello world\nTELEPRESENCE_CONTAINER=app\n"
                 f"TELEPRESENCE_INTERCEPT_ID={engagement.id}\n"
             )
             stream = await dial(

@@ -42,18 +42,25 @@ def _mount(value: str) -> str:
     return os.path.abspath(os.path.expanduser(text)) + read_only
 
 
-def _write_env(
-    info: dict[str, Any], env_file: Path | None, env_json: Path | None, *, unsafe: bool
-) -> None:
+def _write_env(info: dict[str, Any], handling: _Handling) -> None:
     environment: dict[str, str] = info.get("environment") or {}
+    unsafe = handling.unsafe_env
     try:
-        if env_file is not None:
-            env_file.write_text(podenv.sh_file(environment, unsafe=unsafe))
-        if env_json is not None:
+        if handling.env_file is not None:
+            text, left_out = podenv.env_file(environment, handling.env_syntax, unsafe=unsafe)
+            handling.env_file.write_text(text)
+            if left_out:
+                click.echo(
+                    f"tele: left {', '.join(left_out)} out of {handling.env_file}: "
+                    f"--env-syntax {handling.env_syntax} cannot hold a line break in a value "
+                    "(compose, sh or json can).",
+                    err=True,
+                )
+        if handling.env_json is not None:
             mapping = podenv.json_map(environment, unsafe=unsafe)
-            env_json.write_text(json.dumps(mapping, indent=2, sort_keys=True) + "\n")
+            handling.env_json.write_text(json.dumps(mapping, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
-        raise UserError(f"cannot write the environment file: {exc.strerror or exc}") from exc
+        raise UserError(f"Cannot write the environment file: {exc.strerror or exc}.") from exc
 
 
 def _port_mappings(values: tuple[str, ...], *, remote_defaults_to_local: bool) -> list[Any]:
@@ -102,6 +109,7 @@ class _Handling:
     """What the three do once engaged: env files, output, `-- COMMAND`."""
 
     env_file: Path | None
+    env_syntax: str
     env_json: Path | None
     unsafe_env: bool
     command: tuple[str, ...]
@@ -125,13 +133,12 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
         mount=_mount(target.mount),
         **fields,
     )
-    env_file, env_json, unsafe_env = handling.env_file, handling.env_json, handling.unsafe_env
-    command, output = handling.command, handling.output
+    unsafe_env, command, output = handling.unsafe_env, handling.command, handling.output
 
     info = client.call_connected(daemon_api.INTERCEPT, request, timeout=180, connect=True)
     data = to_builtins(info)
     try:
-        _write_env(data, env_file, env_json, unsafe=unsafe_env)
+        _write_env(data, handling)
     except UserError:
         _leave(info.name)
         raise
@@ -270,7 +277,15 @@ env_file_option = click.option(
     "--env-file",
     "-e",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the pod's environment here (sh syntax).",
+    help="Write the pod's environment here, in --env-syntax.",
+)
+env_syntax_option = click.option(
+    "--env-syntax",
+    type=click.Choice(podenv.SYNTAXES),
+    default="docker",
+    show_default=True,
+    help="The syntax of --env-file: docker (docker run --env-file), compose (an .env file), "
+    "sh or csh (to source; :export exports), cmd (a batch file), ps (PowerShell), json.",
 )
 env_json_option = click.option(
     "--env-json",
@@ -337,6 +352,7 @@ to_pod_option = click.option(
     "local handler in plaintext instead of TLS.",
 )
 @env_file_option
+@env_syntax_option
 @env_json_option
 @unsafe_env_option
 @to_pod_option
@@ -363,6 +379,7 @@ def intercept(
     http_path_regex: tuple[str, ...],
     http_plaintext: bool,
     env_file: Path | None,
+    env_syntax: str,
     env_json: Path | None,
     unsafe_env: bool,
     to_pod: tuple[str, ...],
@@ -398,7 +415,7 @@ def intercept(
     _engage(
         "replace" if replace else "intercept",
         _Target(workload, namespace, container, to_pod, mount),
-        _Handling(env_file, env_json, unsafe_env, command, output),
+        _Handling(env_file, env_syntax, env_json, unsafe_env, command, output),
         _replace_text if replace else _intercept_text,
         name=name,
         local_address=address,
@@ -431,6 +448,7 @@ def intercept(
     "--address", default="127.0.0.1", show_default=True, help="The local handler's address."
 )
 @env_file_option
+@env_syntax_option
 @env_json_option
 @unsafe_env_option
 @to_pod_option
@@ -444,6 +462,7 @@ def replace(
     port: tuple[str, ...],
     address: str,
     env_file: Path | None,
+    env_syntax: str,
     env_json: Path | None,
     unsafe_env: bool,
     to_pod: tuple[str, ...],
@@ -456,7 +475,7 @@ def replace(
     _engage(
         "replace",
         _Target(workload, namespace, container, to_pod, mount),
-        _Handling(env_file, env_json, unsafe_env, command, output),
+        _Handling(env_file, env_syntax, env_json, unsafe_env, command, output),
         _replace_text,
         name="",
         local_address=address,
@@ -470,6 +489,7 @@ def replace(
 @click.option("--namespace", "-n", default="", help="Its namespace (default: the connected one).")
 @click.option("--container", "-c", default="", help="The container (needed when several).")
 @env_file_option
+@env_syntax_option
 @env_json_option
 @unsafe_env_option
 @to_pod_option
@@ -487,6 +507,7 @@ def ingest(
     namespace: str,
     container: str,
     env_file: Path | None,
+    env_syntax: str,
     env_json: Path | None,
     unsafe_env: bool,
     to_pod: tuple[str, ...],
@@ -499,7 +520,7 @@ def ingest(
     _engage(
         "ingest",
         _Target(workload, namespace, container, to_pod, mount),
-        _Handling(env_file, env_json, unsafe_env, command, output),
+        _Handling(env_file, env_syntax, env_json, unsafe_env, command, output),
         _ingest_text,
         name="",
     )

@@ -5,8 +5,9 @@ A pod (or a fake agent) chooses the environment tele hands to `-- COMMAND`. Vari
 steer the loader, an interpreter or a shell (`LD_PRELOAD`, `PERL5OPT`, `PYTHONWARNINGS`,
 `BROWSER`, `PATH`, ...) would run code of the pod's choosing as the developer, so they are kept
 out unless the user passes --unsafe-pod-env. The env files (-e, --env-json) get the same rule:
-in the sh file such a variable is written commented out (a `source` or `docker --env-file`
-skips it, a reader still sees it); the JSON file leaves it out.
+in the -e file such a variable is written commented out (a `source` or `docker --env-file`
+skips it, a reader still sees it); the JSON file leaves it out. The -e file is written in the
+syntax its reader takes (--env-syntax, Telepresence's names), each value read back verbatim.
 """
 
 from __future__ import annotations
@@ -88,22 +89,117 @@ def command_environment(
     return env, sorted(held)
 
 
-def sh_file(pod_env: Mapping[str, str], *, unsafe: bool) -> str:
-    """The pod's environment as `NAME=value` lines for sh (and docker --env-file); protected
-    variables commented out unless `unsafe`; names no shell could take, always."""
-    lines = []
+SYNTAXES: Final = ("docker", "compose", "sh", "sh:export", "csh", "csh:export", "cmd", "ps", "json")
+"""--env-syntax values (Telepresence's); docker is the default for --env-file."""
+
+_SAFE_BARE = re.compile(r"[A-Za-z0-9_@%+=:,./-]*")
+"""Characters no reader of the syntaxes below treats specially: such a value is written bare."""
+
+_PS_QUOTES = "'\u2018\u2019\u201a\u201b"
+"""PowerShell ends a single-quoted string at any of these (it reads typographic quotes as ')."""
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate (JSON can carry one)
+        return False
+    return True
+
+
+def _docker(name: str, value: str) -> str | None:
+    # docker --env-file: one line per variable, the value verbatim (no quotes, no escapes, no
+    # interpolation); a line ends at a newline and loses a trailing CR.
+    if "\n" in value or "\r" in value:
+        return None
+    return f"{name}={value}"
+
+
+def _compose(name: str, value: str) -> str:
+    # Compose's .env: bare values lose a ` #...` comment and trailing blanks, and they and
+    # double-quoted ones are interpolated ($NAME, ${NAME}); single-quoted ones are literal but
+    # take no backslash escape that compose and dotenv readers agree on.
+    if _SAFE_BARE.fullmatch(value):
+        return f"{name}={value}"
+    if not any(c in value for c in "'\\") and all(c >= " " and c != "\x7f" for c in value):
+        return f"{name}='{value}'"
+    escaped = (
+        value.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+        .replace("$", "$$")
+    )
+    return f'{name}="{escaped}"'
+
+
+def _csh_quote(value: str) -> str:
+    # csh: single quotes keep everything but `'`, `!` (history substitution happens even in a
+    # sourced file) and a newline (it must follow a backslash).
+    quoted = value.replace("'", "'\\''").replace("!", "'\\!'").replace("\n", "\\\n")
+    return f"'{quoted}'"
+
+
+def _cmd(name: str, value: str) -> str | None:
+    # cmd.exe batch file: no quotes (a " in the value would toggle quoting), every special
+    # character escaped with ^, % doubled (a batch file expands %NAME%); no line breaks.
+    if "\n" in value or "\r" in value:
+        return None
+    escaped = "".join(f"^{c}" if c in '^&|<>()"' else c for c in value).replace("%", "%%")
+    return f"set {name}={escaped}"
+
+
+def _ps(name: str, value: str) -> str:
+    quoted = "".join(c + c if c in _PS_QUOTES else c for c in value)
+    return f"$Env:{name}='{quoted}'"
+
+
+_WRITERS: Final = {
+    "docker": _docker,
+    "compose": _compose,
+    "sh": lambda name, value: f"{name}={shlex.quote(value)}",
+    "sh:export": lambda name, value: f"export {name}={shlex.quote(value)}",
+    "csh": lambda name, value: f"set {name}={_csh_quote(value)}",
+    "csh:export": lambda name, value: f"setenv {name} {_csh_quote(value)}",
+    "cmd": _cmd,
+    "ps": _ps,
+}
+
+_HOLDS_NO_LINE_BREAK: Final = frozenset({"docker", "cmd"})
+
+
+def env_file(pod_env: Mapping[str, str], syntax: str, *, unsafe: bool) -> tuple[str, list[str]]:
+    """The pod's environment as a file in `syntax` (one of SYNTAXES) and the names of the
+    variables it could not hold (left out with a comment that names them). Protected variables
+    are commented out unless `unsafe`; a name no shell could take is always left out."""
+    if syntax == "json":
+        return json.dumps(json_map(pod_env, unsafe=unsafe), indent=2, sort_keys=True) + "\n", []
+    write = _WRITERS[syntax]
+    remark = "REM" if syntax == "cmd" else "#"
+    lines, left_out = [], []
     for name, value in sorted(pod_env.items()):
-        if not _VALID_NAME.fullmatch(name) or "\0" in value:
+        if not _VALID_NAME.fullmatch(name) or not usable(name, value) or not _encodable(value):
             # (never the name itself: a newline in it would start a line of the pod's)
-            lines.append("# (tele: left out a variable whose name a shell cannot take)")
+            lines.append(f"{remark} (tele: left out a variable that no env file can hold)")
         elif protected(name) and not unsafe:
-            shown = json.dumps(value)  # one line, whatever the value holds
-            lines.append(f"# {name}={shown}  (tele: the pod's, kept out; {UNSAFE_FLAG} writes it)")
+            # (the value only where a comment cannot be mistaken for anything: cmd expands
+            # %...% even in REM lines)
+            shown = "" if syntax == "cmd" else "=" + json.dumps(value)
+            kept_out = f"(tele: the pod's, kept out; {UNSAFE_FLAG} writes it)"
+            lines.append(f"{remark} {name}{shown}  {kept_out}")
+        elif (line := write(name, value)) is None:
+            left_out.append(name)
+            lines.append(
+                f"{remark} {name}: left out (tele: {syntax} cannot hold a line break in a value; "
+                "--env-syntax compose, sh or json can)"
+            )
         else:
-            lines.append(f"{name}={shlex.quote(value)}")
-    return "".join(f"{line}\n" for line in lines)
+            lines.append(line)
+    return "".join(f"{line}\n" for line in lines), left_out
 
 
 def json_map(pod_env: Mapping[str, str], *, unsafe: bool) -> dict[str, str]:
     allowed, held = split(pod_env)
-    return {**allowed, **held} if unsafe else allowed
+    mapping = {**allowed, **held} if unsafe else allowed
+    return {name: value for name, value in mapping.items() if _encodable(name + value)}
