@@ -12,8 +12,11 @@ cd "$(dirname "$0")/.."
 # its archives in tests.
 # runc runs the sandbox's containers (crun refuses a hybrid cgroup layout).
 # tcsh reads back the env files written for csh (--env-syntax csh).
+# docker.io (dockerd, containerd, the docker CLI): Docker mode's tests start a private dockerd
+# (own socket and data root, no bridge, no iptables); without systemd nothing else starts it.
 APT_PACKAGES=(iproute2 nftables iperf3 socat procps curl sshfs openssh-sftp-server sshuttle
-    dbus-daemon util-linux docker-registry busybox-static mmdebstrap skopeo runc umoci tcsh)
+    dbus-daemon util-linux docker-registry busybox-static mmdebstrap skopeo runc umoci tcsh
+    docker.io)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
