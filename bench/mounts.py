@@ -2,8 +2,8 @@
 
 Two paths, same measurements (a 64 MiB file written then read back on a fresh mount, and 300
 small files of 4 KiB read one by one):
-  loopback  sshfs -> the agent's file server (tele.agent.files: one sftp-server per connection)
-            on 127.0.0.1: the floor of the design, no tunnel;
+  loopback  sshfs -> the agent's file server (tele.agent.files: one chrooted tele.agent.sftp
+            per connection) on 127.0.0.1: the floor of the design, no tunnel;
   tunnel    `tele intercept --mount DIR` on a sandbox with a node: sshfs -> the daemon's
             forwarder -> h2 tunnel over the port-forward websocket -> manager -> the agent pod;
             the mount time is `tele intercept` with --mount minus the same without (medians
@@ -31,11 +31,12 @@ from typing import Any
 VENV_BIN = Path(sys.executable).parent
 SERVER = """
 import sys, trio
-from tele.agent.files import serve_files
+from tele.agent.files import Export, serve_files
 async def main():
     async with trio.open_nursery() as n:
+        export = Export(root=sys.argv[1], read_only=False, writable=("/",))
         port = await n.start(lambda task_status: serve_files(
-            root=sys.argv[1], host="127.0.0.1", task_status=task_status))
+            export, host="127.0.0.1", task_status=task_status))
         print(port, flush=True)
 trio.run(main)
 """
@@ -102,6 +103,7 @@ def loopback(size: int, files: int) -> dict[str, float]:
         export, mnt = Path(tmp) / "export", Path(tmp) / "mnt"
         (export / "small").mkdir(parents=True)
         mnt.mkdir()
+        export.chmod(0o777)  # the file server is not root: a writable volume, as an emptyDir
         for index in range(files):
             (export / "small" / f"f{index}").write_bytes(os.urandom(4096))
         server = subprocess.Popen(
@@ -114,7 +116,7 @@ def loopback(size: int, files: int) -> dict[str, float]:
             def mount() -> float:
                 start = time.perf_counter()
                 subprocess.run(
-                    ["sshfs", "-o", f"directport={port}", f"127.0.0.1:{export}", str(mnt)],
+                    ["sshfs", "-o", f"directport={port}", "127.0.0.1:/", str(mnt)],
                     check=True,
                 )
                 os.listdir(mnt)

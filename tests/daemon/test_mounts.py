@@ -1,12 +1,14 @@
-"""Volumes on the laptop (tele.daemon.mounts) served by the agent's file server (tele.agent.files):
-real sftp-server and sshfs processes over loopback, with the agent's export directory in a temp
-dir. The tunnel is left out here (the relay connects sshfs to the agent directly); the
-sandbox e2e test (tests/e2e/test_mounts_on_sandbox.py) goes through it."""
+"""Volumes on the laptop (tele.daemon.mounts) served by the agent's file server
+(tele.agent.files): real SFTP processes (tele.agent.sftp, chrooted as the agent runs them) and
+sshfs over loopback, with the agent's export directory in a temp dir. The tunnel is left out
+here (the relay connects sshfs to the agent directly); the sandbox e2e test
+(tests/e2e/test_mounts_on_sandbox.py) goes through it."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
@@ -16,15 +18,18 @@ import msgspec
 import pytest
 import trio
 
-from tele.agent.files import find_sftp_server, serve_files
+from tele.agent.files import Export, serve_files
 from tele.daemon import mounts
 from tele.daemon.mounts import MountFlag, Mounts, mounted_at
 from tele.rpc.agent_api import EngagementInfo
 
-pytestmark = pytest.mark.skipif(
-    mounts.mount_problem() is not None or find_sftp_server() is None,
-    reason=f"FUSE mounts with sshfs do not work here: {mounts.mount_problem()}",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        mounts.mount_problem() is not None,
+        reason=f"FUSE mounts with sshfs do not work here: {mounts.mount_problem()}",
+    ),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the file server chroots: needs root"),
+]
 
 SECRET = b"s3cr3t\x00\xffbytes\n"
 
@@ -41,7 +46,13 @@ def export(tmp_path: Path) -> Path:
     (root / "app" / "etc" / "creds").mkdir(parents=True)
     (root / "app" / "etc" / "creds" / "password").write_bytes(SECRET)
     (root / "app" / "scratch").mkdir()
+    (root / "app" / "scratch").chmod(0o777)  # as Kubernetes makes an emptyDir
     return root
+
+
+def _export(export: Path) -> Export:
+    """The agent's file server for container `app`: /scratch is Remote, the rest read-only."""
+    return Export(root=str(export / "app"), read_only=False, writable=("/scratch",))
 
 
 @pytest.fixture
@@ -103,7 +114,7 @@ async def session_mounts(
     export: Path, no_leftover_mounts: None
 ) -> AsyncIterator[tuple[Mounts, int]]:
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(partial(serve_files, root=str(export), host="127.0.0.1"))
+        port = await nursery.start(partial(serve_files, _export(export), host="127.0.0.1"))
         table = Mounts(_direct)
         await nursery.start(table.serve)
         # The agent's export root is a temp dir: point the mount at it.
@@ -112,7 +123,7 @@ async def session_mounts(
 
 
 def _rooted(info: EngagementInfo, export: Path) -> EngagementInfo:
-    return msgspec.structs.replace(info, mount_point=str(export / "app"))
+    return msgspec.structs.replace(info, mount_point="/")  # the server is chrooted there
 
 
 async def test_a_mounted_secret_reads_the_same_bytes_and_leave_unmounts(
@@ -206,7 +217,7 @@ async def test_an_agent_without_file_server_is_said(
 
 async def test_the_session_ending_unmounts(export: Path, no_leftover_mounts: None) -> None:
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(partial(serve_files, root=str(export), host="127.0.0.1"))
+        port = await nursery.start(partial(serve_files, _export(export), host="127.0.0.1"))
         async with trio.open_nursery() as session:
             table = Mounts(_direct)
             await session.start(table.serve)
@@ -221,15 +232,13 @@ async def test_recover_unmounts_what_a_killed_daemon_left(
     export: Path, tmp_path: Path, no_leftover_mounts: None
 ) -> None:
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(partial(serve_files, root=str(export), host="127.0.0.1"))
+        port = await nursery.start(partial(serve_files, _export(export), host="127.0.0.1"))
         where = tmp_path / "left"
         where.mkdir()
         # What a daemon killed with -9 leaves: a live sshfs (daemonized, as nobody reaps it
         # any more) and its journal entry.
         mounts._record(mounts._Entry(str(where), True))
-        await trio.run_process(
-            ["sshfs", "-o", f"directport={port}", f"127.0.0.1:{export / 'app'}", str(where)]
-        )
+        await trio.run_process(["sshfs", "-o", f"directport={port}", "127.0.0.1:/", str(where)])
         assert mounted_at(where) == "fuse.sshfs"
         done = await trio.to_thread.run_sync(mounts.recover)
         assert done == [f"unmounted {where}"]
@@ -248,7 +257,7 @@ async def test_the_file_server_refuses_peers_that_are_not_the_manager(
         return False
 
     async with trio.open_nursery() as nursery:
-        files = partial(serve_files, root=str(export), host="127.0.0.1", allow=nobody)
+        files = partial(serve_files, _export(export), host="127.0.0.1", allow=nobody)
         port = await nursery.start(files)
         table = Mounts(_direct)
         await nursery.start(table.serve)

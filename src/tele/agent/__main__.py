@@ -25,11 +25,10 @@ log = logging.getLogger("tele.agent")
 
 
 async def run_agent(settings: AgentSettings) -> None:
-    from tele.agent.files import serve_files
+    from tele.agent.files import exports, serve_files
     from tele.agent.forward import serve
     from tele.agent.manager_link import ManagerEngagements
     from tele.agent.tls import TlsTermination
-    from tele.contracts.agentconfig import MOUNT_PREFIX
 
     tls = None
     if settings.tls_cert:
@@ -41,10 +40,13 @@ async def run_agent(settings: AgentSettings) -> None:
         )
     async with trio.open_nursery() as nursery:
         source = ManagerEngagements.for_settings(settings)
-        # The file server before arriving: the manager learns its port from the identity.
-        files = partial(serve_files, root=MOUNT_PREFIX, allow=source.may_reach_files)
-        sftp_port = await nursery.start(files)
-        source.agent = msgspec.structs.replace(source.agent, sftp_port=sftp_port)
+        # The file servers (one per container with exported volumes) before arriving: the
+        # manager learns their ports from the identity.
+        sftp_ports = {}
+        for container, export in exports(settings.config).items():
+            files = partial(serve_files, export, allow=source.may_reach_files)
+            sftp_ports[container] = await nursery.start(files)
+        source.agent = msgspec.structs.replace(source.agent, sftp_ports=sftp_ports)
         # Started at once, before the manager answers: until then the agent is transparent.
         await nursery.start(source.serve)
         await nursery.start(partial(serve, tls=tls), settings, source)

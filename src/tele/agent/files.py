@@ -1,84 +1,106 @@
-"""The agent's file server: the app containers' exported volumes, served over SFTP.
+"""The agent's file server: each app container's exported volumes, served over SFTP.
 
 The webhook mounts every Remote / RemoteReadOnly volume of app container C into the agent
-under /tel_app_mounts/C (tele.contracts.agentconfig); a client mounts that directory with
-`sshfs -o directport=PORT` through its tunnel (tele.daemon.mounts). There is no SSH: each TCP
-connection accepted here gets its own OpenSSH `sftp-server` process with the socket as its
+under /tel_app_mounts/C (tele.contracts.agentconfig); the agent serves each such container on a
+port of its own (`serve_files`, one listener per container); a client mounts it with
+`sshfs -o passive` through its tunnel (tele.daemon.mounts). There is no SSH: each TCP
+connection accepted here gets its own SFTP process (tele.agent.sftp) with the socket as its
 stdin and stdout, the protocol's only transport requirement.
 
-Why sftp-server + sshfs and not pyfuse3 with a protocol of our own: both ends are small,
-long-proven C programs with complete POSIX semantics (symlinks, modes, rename, partial writes),
-the bytes never pass through Python on either side, the agent needs no FUSE device or
-privilege, and the client mounts any number of engagements from one daemon (pyfuse3 allows one
-mount per process). RemoteReadOnly is enforced by the pod's kernel (a read-only bind mount in
-the agent), `read_only` below makes the whole export read-only (`sftp-server -R`).
+Confinement: that process chroots into /tel_app_mounts/C and becomes a non-root user before it
+reads a byte (see tele.agent.sftp), so a connection sees that container's exported volumes and
+nothing else of the agent: not its token, not /proc, not another container's volumes. It is
+read-only when none of C's volumes is Remote, and writes only below the Remote ones otherwise.
+Besides, only the traffic manager may connect (it dials the port for the session that engages
+the workload; it tells the agent its pod IP on arrival); others are refused at accept.
 
-Exposure: sftp-server has no chroot, so a connection sees the agent container's filesystem as
-the agent's user does, not only /tel_app_mounts. So only the traffic manager may connect (it
-dials the port for clients it has admitted; it tells the agent its pod IP on arrival); others
-in the pod network are refused at accept.
+Why SFTP + sshfs and not pyfuse3 with a protocol of our own: sshfs is a small, long-proven C
+program with complete POSIX semantics (symlinks, modes, rename, partial writes), the agent
+needs no FUSE device or privilege, and the client mounts any number of engagements from one
+daemon (pyfuse3 allows one mount per process).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
-import shutil
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NoReturn
 
 import trio
 
+from tele.agent.sftp import DEFAULT_USER
+from tele.contracts.agentconfig import AgentConfig
+
 log = logging.getLogger(__name__)
 
-SFTP_SERVER_ENV = "_TEL_AGENT_SFTP_SERVER"
-"""Path of the sftp-server program, when it is not in one of the usual places."""
-SFTP_SERVER_PATHS = (
-    "/usr/lib/openssh/sftp-server",  # Debian, Ubuntu
-    "/usr/libexec/openssh/sftp-server",  # Fedora, RHEL
-    "/usr/lib/ssh/sftp-server",  # Arch, Alpine
-    "/usr/libexec/sftp-server",
-)
 _RETRY_LATER = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 MAX_SESSIONS = 64
 """SFTP connections served at once (each is a process); more wait in the listen backlog."""
 
 
-def find_sftp_server(environ: dict[str, str] | None = None) -> str | None:
-    """The sftp-server program to run, or None when this image has none."""
-    environ = dict(os.environ if environ is None else environ)
-    candidates = [environ.get(SFTP_SERVER_ENV, ""), *SFTP_SERVER_PATHS]
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return shutil.which("sftp-server")
+@dataclass(frozen=True)
+class Export:
+    """What one listener serves: a container's export directory, as whom, writable where."""
+
+    root: str
+    read_only: bool = True
+    writable: tuple[str, ...] = ()
+    """Paths inside `root` below which writes are allowed (the Remote mounts)."""
+    uid: int = DEFAULT_USER
+    gid: int = DEFAULT_USER
+    groups: tuple[int, ...] = ()
+
+    def command(self) -> list[str]:
+        """The per-connection SFTP process (tele.agent.sftp)."""
+        command = [sys.executable, "-m", "tele.agent.sftp", "--root", self.root]
+        command += ["--uid", str(self.uid), "--gid", str(self.gid)]
+        command += [arg for g in self.groups for arg in ("--group", str(g))]
+        if self.read_only:
+            command.append("--read-only")
+        command += [arg for w in self.writable for arg in ("--writable", w)]
+        return command
+
+
+def exports(config: AgentConfig) -> dict[str, Export]:
+    """Per app container with exported volumes, what its file server serves."""
+    found = {}
+    for container in config.containers:
+        if not container.mounts:
+            continue
+        writable = tuple(
+            sorted(p for p, policy in container.mount_policies.items() if policy == "Remote")
+        )
+        uid, gid, *groups = container.run_as or [0, 0]
+        if uid == 0:  # root, or not said: tele's image user, never root
+            uid, gid, groups = DEFAULT_USER, DEFAULT_USER, [g for g in groups if g]
+        found[container.name] = Export(
+            root=container.mount_point,
+            read_only=not writable,
+            writable=writable,
+            uid=uid,
+            gid=gid or DEFAULT_USER,
+            groups=tuple(groups),
+        )
+    return found
 
 
 async def serve_files(
+    export: Export,
     *,
-    root: str = "/",
     host: str = "0.0.0.0",
     port: int = 0,
-    read_only: bool = False,
-    program: str | None = None,
     allow: Callable[[str], bool] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve SFTP on host:port (0: any free port) until cancelled; reports the bound port, or
-    0 (and returns) when no sftp-server is installed: the agent then exports no volumes.
-    `allow(peer IP)` screens each connection (None: everyone)."""
-    program = program or find_sftp_server()
-    if program is None:
-        log.warning(
-            "no sftp-server in this image (install openssh-sftp-server): volumes are not exported"
-        )
-        task_status.started(0)
-        return
+    """Serve `export` over SFTP on host:port (0: any free port) until cancelled; reports the
+    bound port. `allow(peer IP)` screens each connection (None: everyone)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = int(listeners[0].socket.getsockname()[1])
-    command = [program, "-e", "-d", root, *(["-R"] if read_only else [])]
-    log.info("serving volumes over SFTP on port %d (%s)", bound, " ".join(command))
+    command = export.command()
+    log.info("serving %s over SFTP on port %d (%s)", export.root, bound, " ".join(command[1:]))
     try:
         task_status.started(bound)
         await _accept(listeners, command, allow)
@@ -132,7 +154,7 @@ async def _session(stream: trio.SocketStream, command: list[str], sessions: trio
                 command, stdin=fd, stdout=fd, stderr=None, start_new_session=True
             )
         except OSError as exc:
-            log.warning("cannot start %s: %s", command[0], exc.strerror or exc)
+            log.warning("cannot start the SFTP process %s: %s", command[0], exc.strerror or exc)
             return
         finally:
             # The child has its own copy of the socket; ours would keep the connection open

@@ -96,6 +96,11 @@ class ContainerConfig(msgspec.Struct, frozen=True, kw_only=True):
     replace: bool = False
     """The container is replaced by a client: it is left out of the pod and the agent owns its
     ports (every declared one, also those no Service names)."""
+    run_as: list[int] = []
+    """[uid, gid, supplementary groups...] the app container runs with, as far as its pod
+    template says (securityContext runAsUser/runAsGroup, fsGroup, supplementalGroups): the
+    agent's file server serves the container's volumes as that user ([] or root: tele's
+    non-root image user)."""
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -214,6 +219,24 @@ def _container_mounts(container: Obj, policies: Mapping[str, str]) -> dict[str, 
     return found
 
 
+def _run_as(pod_spec: Obj, container: Obj) -> list[int]:
+    """[uid, gid, groups...] of the container as its template says; [] when it names no user."""
+    pod_sc = pod_spec.get("securityContext") or {}
+    own_sc = container.get("securityContext") or {}
+
+    def number(key: str) -> int | None:
+        value = own_sc.get(key, pod_sc.get(key))
+        return value if isinstance(value, int) and 0 <= value < 2**32 else None
+
+    uid, gid = number("runAsUser"), number("runAsGroup")
+    if uid is None:
+        return []
+    groups = [g for g in [pod_sc.get("fsGroup"), *(pod_sc.get("supplementalGroups") or [])]]
+    return [uid, uid if gid is None else gid] + [
+        g for g in groups if isinstance(g, int) and 0 <= g < 2**32
+    ]
+
+
 def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
@@ -308,6 +331,7 @@ def generate(
                 mount_policies=mounts,
                 intercepts=by_container[c["name"]],
                 replace=c["name"] in replaced,
+                run_as=_run_as(template.get("spec") or {}, c),
             )
         )
     if (

@@ -474,15 +474,23 @@ class Manager:
             return "it is the traffic manager's own pod"
         for agent in self.agents.sessions.sessions.values():
             identity = agent.identity
-            if not identity.sftp_port or (str(ip), port) != (identity.pod_ip, identity.sftp_port):
+            if str(ip) != identity.pod_ip:
+                continue
+            containers = [c for c, p in identity.sftp_ports.items() if p == port]
+            if not containers and not (identity.sftp_port and identity.sftp_port == port):
                 continue
             key = (identity.workload_kind, identity.namespace, identity.workload_name)
-            if any(a.session_id == request.session for a in self.table.of_workload(key)):
+            if any(
+                a.session_id == request.session
+                and (not containers or a.info.container in containers)
+                for a in self.table.of_workload(key)
+            ):
                 return ""
             return (
                 f"it is the file server of the traffic agent of {identity.workload_kind} "
                 f"{identity.namespace}/{identity.workload_name}, reachable only by the session "
                 "that engages that workload"
+                + (f"'s container {containers[0]}" if containers else "")
             )
         return ""
 

@@ -389,8 +389,11 @@ def _mount_fields(agents: list[aapi.AgentIdentity], container: str) -> dict[str,
     """What a client needs to mount the engaged container's volumes (from its agent)."""
     if not agents:
         return {}
+    agent = agents[0]
+    own = agent.sftp_ports.get(container, 0)
     return {
-        "mount_policies": agents[0].mount_policies.get(container, {}),
-        "mount_point": f"{agentconfig.MOUNT_PREFIX}/{container}",
-        "sftp_port": agents[0].sftp_port,
+        "mount_policies": agent.mount_policies.get(container, {}),
+        # A container's own file server is chrooted into its export directory.
+        "mount_point": "/" if own else f"{agentconfig.MOUNT_PREFIX}/{container}",
+        "sftp_port": own or agent.sftp_port,
     }

@@ -68,8 +68,11 @@ class AgentIdentity(msgspec.Struct, frozen=True, kw_only=True):
     mount_policies: dict[str, dict[str, str]] = {}
     """Per app container, mount path -> Local | Remote | RemoteReadOnly (Ignore left out)."""
     sftp_port: int = 0
-    """Where the agent serves its containers' exported volumes (SFTP, tele.agent.files); 0:
-    it cannot (no sftp-server in its image)."""
+    """Where an agent older than per-container file servers serves all its containers'
+    volumes (/tel_app_mounts); 0 from newer agents (see sftp_ports)."""
+    sftp_ports: dict[str, int] = {}
+    """Per app container with exported volumes, the port of its own file server (SFTP,
+    tele.agent.files), confined to that container's volumes."""
     replaced: list[str] = []
     """The containers this agent's pod was made without (its configuration replaces them)."""
     terminates_tls: bool = False

@@ -137,8 +137,13 @@ def write_volumes(api: Api, pod: ApiObject, root: Path, *, refresh_only: bool = 
             continue
         target = root / volume["name"]
         target.mkdir(parents=True, exist_ok=True)
+        if "emptyDir" in volume:
+            target.chmod(0o777)  # as the kubelet makes it: any container user writes there
         files = volume_files(api, pod, volume)
-        mode = 0o600 if "secret" in volume else 0o644
+        # defaultMode, 0644 unless said (as Kubernetes: a non-root reader may read a Secret).
+        source = next((volume[k] for k in ("secret", "configMap") if k in volume), None) or {}
+        mode = source.get("defaultMode", 0o644) if isinstance(source, dict) else 0o644
+        mode = mode if isinstance(mode, int) and 0 <= mode <= 0o777 else 0o644
         for rel, data in (files or {}).items():
             _write(target / rel, data, mode)
 
