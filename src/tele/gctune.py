@@ -15,7 +15,9 @@ the collector (`gc.unfreeze`), so the cyclic garbage of an ended session is stil
 
 from __future__ import annotations
 
+import ctypes
 import gc
+from collections.abc import Callable
 
 
 def settle() -> None:
@@ -23,3 +25,29 @@ def settle() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim this way
+        return None
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def release_memory() -> None:
+    """After a burst that ended (a flood of streams): collect its cycles, then give the heap's
+    free pages back to the OS.
+
+    glibc keeps freed memory in its heap for reuse: pages in the middle of the heap (and of
+    every arena) are returned only by `malloc_trim`, not by free() (which trims the top only).
+    Measured with bench/flood.py (1 link x 10,000 bodiless streams; RSS before -> during ->
+    after the flood): collect only 30 -> 132 -> 44-62 MiB; collect and trim 30 -> 132 -> 34.
+    The trim walks the heap: ~ms for ~100 MiB, so call it only after a burst, not per request.
+    """
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)

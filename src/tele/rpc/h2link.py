@@ -9,7 +9,6 @@ local socket may get its DATA written there by the reader itself (`H2Stream.deli
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +23,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from tele import gctune
 from tele.net.h2conn import Connection
 from tele.rpc.h2state import LinkBroken, StreamReset, error_name
 from tele.rpc.h2stream import H2Stream, Headers, ResponseCheck
@@ -95,13 +95,14 @@ _last_collect = 0.0
 
 def _collect_after_big_link() -> None:
     """What a big link leaves is mostly cycles (tracebacks of its cancelled handlers, h2's
-    self-referring connection): collected at once, a flood's memory goes back to the OS now,
-    not at the next full collection, which a tuned process (tele.gctune) runs rarely."""
+    self-referring connection): collected at once, and the heap's free pages handed back
+    (`gctune.release_memory`), a flood's memory goes back to the OS now, not at the next full
+    collection, which a tuned process (tele.gctune) runs rarely."""
     global _last_collect
     now = time.monotonic()
     if now - _last_collect >= COLLECT_EVERY:
         _last_collect = now
-        gc.collect()
+        gctune.release_memory()
 
 
 @dataclass(frozen=True)
@@ -322,8 +323,6 @@ class H2Link:
             self._streams.clear()
             self._window_waiters.clear()
             self._nursery = None
-            if self._taken_in >= BIG_LINK:
-                _collect_after_big_link()
 
     async def _reader(self) -> None:
         read_size = self.settings.read_size
@@ -653,6 +652,9 @@ async def open_link(
             yield link
         finally:
             link.close()
+    # Every task of the link has ended here (their frames and tracebacks are garbage now).
+    if link._taken_in >= BIG_LINK:
+        _collect_after_big_link()
 
 
 async def serve_link(
