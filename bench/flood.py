@@ -2,11 +2,13 @@
 
 A server process (this script with `--serve`) runs the manager's RPC serving exactly as the
 manager does (tele.rpc.server.serve_connection behind PeerConnections, its client links'
-LinkSettings with TUNNEL_STREAMS, the process's handler budget) with an echo method, on
-loopback TCP. The client measures another user's unary round trips (p50/p99, on a link of its
-own) three times: before, while a flooding peer holds `--links` connections each sending
-`--streams` HEADERS that never get a body (ignoring SETTINGS_MAX_CONCURRENT_STREAMS, as a
-hostile peer would), and after the flooder is gone; with the server's RSS each time.
+LinkSettings with TUNNEL_STREAMS, the process's handler budget shared per identity) with an
+echo method, on loopback TCP; the other user logs in first (a share of its own, as an
+authenticated user has on the manager), the flooder never does. The client measures another
+user's unary round trips (p50/p99, on a link of its own) three times: before, while a
+flooding peer holds `--links` connections each sending `--streams` HEADERS that never get a
+body (ignoring SETTINGS_MAX_CONCURRENT_STREAMS, as a hostile peer would), and after the
+flooder is gone; with the server's RSS each time.
 Bounded: about 30 s (two minutes at most). Prints a table and one JSON line.
 Usage: python bench/flood.py [--links 1] [--streams 10000] [--calls 500]
 """
@@ -28,7 +30,7 @@ import trio
 from tele.rpc.client import Client, open_client
 from tele.rpc.h2link import TUNNEL_STREAMS, LinkSettings
 from tele.rpc.method import Unary
-from tele.rpc.server import PeerConnections, Router, serve_connection
+from tele.rpc.server import CALLER, HandlerShares, PeerConnections, Router, serve_connection
 
 
 class Echo(msgspec.Struct):
@@ -36,6 +38,7 @@ class Echo(msgspec.Struct):
 
 
 ECHO = Unary("/bench.v1/Echo", Echo, Echo)
+LOGIN = Unary("/bench.v1/Login", Echo, Echo)
 
 FLOODER = """
 import socket, sys, threading
@@ -93,14 +96,23 @@ async def echo(request: Echo) -> Echo:
     return request
 
 
+async def login(request: Echo) -> Echo:
+    connection = CALLER.get()
+    if connection is not None:
+        connection.principal = request.text  # the manager's authenticator, minus the review
+    return request
+
+
 async def serve() -> None:
     router = Router()
     router.unary(ECHO, echo)
+    router.unary(LOGIN, login)
     peers = PeerConnections()
     links = LinkSettings(max_concurrent_streams=TUNNEL_STREAMS)
+    shares = HandlerShares()
 
     async def one(stream: trio.SocketStream) -> None:
-        await serve_connection(stream, router, name="manager", settings=links)
+        await serve_connection(stream, router, name="manager", settings=links, shares=shares)
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
@@ -132,6 +144,7 @@ async def main(links: int, streams: int, calls: int) -> None:
         port = int((await server.stdout.receive_some(100)).split()[0])
         rows: list[tuple[str, float, float, float, int | str, int | str]] = []
         async with open_client(await trio.open_tcp_stream("127.0.0.1", port)) as user:
+            await user.call(LOGIN, Echo("user"))
             await latencies(user, 200)  # warm-up
             rows.append(("before", rss_mib(server.pid), *await latencies(user, calls), "", ""))
             flooder = await trio.lowlevel.open_process(

@@ -21,7 +21,13 @@ from tele.rpc.client import open_client
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import LinkSettings, StreamBudget
 from tele.rpc.method import Unary
-from tele.rpc.server import REQUEST_BODY_TIMEOUT, Router, serve_connection
+from tele.rpc.server import (
+    CALLER,
+    REQUEST_BODY_TIMEOUT,
+    HandlerShares,
+    Router,
+    serve_connection,
+)
 
 
 class Echo(msgspec.Struct):
@@ -176,6 +182,77 @@ async def test_the_process_budget_caps_handlers_across_links() -> None:
         assert budget.in_use == 3 and budget.refused == 1
         nursery.cancel_scope.cancel()
     assert budget.in_use == 0
+
+
+LOGIN = Unary("/test.v1/Login", Echo, Echo)
+HANG = Unary("/test.v1/Hang", Echo, Echo)
+
+
+async def test_one_identitys_flood_ends_at_its_share_and_the_others_are_still_served() -> None:
+    total = StreamBudget(7)
+    shares = HandlerShares(total, share=3)
+    hanging: dict[object, int] = {}
+    changed = trio.Event()
+
+    async def login(request: Echo) -> Echo:
+        connection = CALLER.get()
+        assert connection is not None
+        connection.principal = request.text  # as an authenticator does, once it has checked
+        return request
+
+    async def hang(request: Echo) -> Echo:
+        nonlocal changed
+        connection = CALLER.get()
+        assert connection is not None
+        hanging[connection.principal] = hanging.get(connection.principal, 0) + 1
+        changed.set()
+        changed = trio.Event()
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def wait_for(who: object, count: int) -> None:
+        with trio.fail_after(5):
+            while hanging.get(who, 0) < count:
+                await changed.wait()
+
+    router = Router()
+    router.unary(ECHO, echo)
+    router.unary(LOGIN, login)
+    router.unary(HANG, hang)
+    async with trio.open_nursery() as nursery:
+        clients = []
+        for _ in range(4):
+            left, right = trio.testing.memory_stream_pair()
+            nursery.start_soon(functools.partial(serve_connection, right, router, shares=shares))
+            clients.append(await nursery.start(_client, left))
+        alice_1, alice_2, bob, nobody = clients
+        for client, name in ((alice_1, "alice"), (alice_2, "alice"), (bob, "bob")):
+            assert await client.call(LOGIN, Echo(name)) == Echo(name)
+        # alice floods over two links: her share (3) is the limit, not the process's (7).
+        for client in (alice_1, alice_1, alice_2):
+            nursery.start_soon(client.call, HANG, Echo("flood"))
+        await wait_for("alice", 3)
+        for client in (alice_1, alice_2):
+            with pytest.raises(RpcError) as info:
+                await client.call(HANG, Echo("one too many"))
+            assert info.value.code is Code.UNAVAILABLE
+        shares_alice = shares.of("alice")
+        assert shares_alice is not None and shares_alice.in_use == 3
+        # bob and an unauthenticated caller are served from their own shares meanwhile.
+        assert await bob.call(ECHO, Echo("bob")) == Echo("bob")
+        assert await nobody.call(ECHO, Echo("nobody")) == Echo("nobody")
+        for _ in range(3):
+            nursery.start_soon(bob.call, HANG, Echo("bob's own"))
+        await wait_for("bob", 3)
+        assert total.in_use == 6
+        # The total still holds: nobody's share has room, the process has one handler left.
+        nursery.start_soon(nobody.call, HANG, Echo("last"))
+        await wait_for(None, 1)
+        with pytest.raises(RpcError):
+            await nobody.call(ECHO, Echo("past the total"))
+        assert total.in_use == 7
+        nursery.cancel_scope.cancel()
+    assert total.in_use == 0
 
 
 async def _client(transport: trio.abc.Stream, *, task_status: trio.TaskStatus[object]) -> None:

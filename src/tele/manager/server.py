@@ -30,7 +30,7 @@ from tele.contracts.namespaces import NamespaceSelector
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
 from tele.manager.agents import AgentRegistry
-from tele.manager.auth import Authenticator, audit_line, caller
+from tele.manager.auth import Authenticator, Principal, audit_line, caller
 from tele.manager.changes import Changes
 from tele.manager.clients import ClientSessions
 from tele.manager.dialback import DialBack
@@ -50,7 +50,7 @@ from tele.rpc.agent_api import PAST_TENSE
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import TUNNEL_STREAMS, LinkSettings
 from tele.rpc.method import Empty
-from tele.rpc.server import PeerConnections, Router, serve_connection
+from tele.rpc.server import HandlerShares, PeerConnections, Router, serve_connection
 from tele.rpc.tunnel import TunnelServer
 
 log = logging.getLogger(__name__)
@@ -534,9 +534,14 @@ class Manager:
             router = self.router()
             peers = PeerConnections()
             links = LinkSettings(max_concurrent_streams=TUNNEL_STREAMS)  # clients' tunnels
+            # Each identity (a user, an agent's pod; everyone not authenticated yet together)
+            # has a share of the handler tasks: one's flood cannot starve the others.
+            shares = HandlerShares(key=_identity)
 
             async def serve(stream: trio.SocketStream) -> None:
-                await serve_connection(stream, router, name="manager", settings=links)
+                await serve_connection(
+                    stream, router, name="manager", settings=links, shares=shares
+                )
 
             listeners = await nursery.start(
                 functools.partial(
@@ -554,3 +559,8 @@ class Manager:
                 self.config.selector.describe(),
             )
             task_status.started(port)
+
+
+def _identity(principal: Any) -> Any:
+    """Whose share of the handler tasks a connection's streams take (`HandlerShares`)."""
+    return principal.key if isinstance(principal, Principal) else principal

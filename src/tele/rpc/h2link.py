@@ -55,15 +55,19 @@ reads nothing cannot make them pile up."""
 
 class StreamBudget:
     """How many incoming streams may have a handler task at once, across every link that
-    shares this budget: a limit per link alone lets many links add up without bound."""
+    shares this budget: a limit per link alone lets many links add up without bound.
 
-    def __init__(self, limit: int) -> None:
+    A budget with a `parent` is a share of it (one identity's, see `rpc.server.HandlerShares`):
+    a stream must fit both, so one sharer's flood ends at its share, not at the total."""
+
+    def __init__(self, limit: int, parent: StreamBudget | None = None) -> None:
         self.limit = limit
+        self.parent = parent
         self.in_use = 0
         self.refused = 0
 
     def take(self) -> bool:
-        if self.in_use >= self.limit:
+        if self.in_use >= self.limit or (self.parent is not None and not self.parent.take()):
             self.refused += 1
             return False
         self.in_use += 1
@@ -71,6 +75,8 @@ class StreamBudget:
 
     def give_back(self) -> None:
         self.in_use -= 1
+        if self.parent is not None:
+            self.parent.give_back()
 
 
 MAX_HANDLERS = 16_384
@@ -86,23 +92,34 @@ TUNNEL_STREAMS = 10_240
 
 
 BIG_LINK = 1_000
-"""Streams a link must have taken in for its end to be worth a full GC collection."""
-COLLECT_EVERY = 30.0
+"""Streams a link must have taken in or refused for its end to be worth a full GC collection
+(h2 keeps state for refused ones too)."""
+RELEASE_EVERY = 5.0
 """Seconds between two such collections at least (a peer that opens and drops big links
-again and again must not make the process spend its time collecting)."""
-_last_collect = 0.0
+again and again must not make the process spend its time collecting: one costs ~10-20 ms)."""
+RELEASE_DELAY = 0.1
+"""Wait this long after a big link ends, so links that end together (a flooder's) are released
+by one collection."""
+_last_release = -RELEASE_EVERY
+_release_pending = False
 
 
-def _collect_after_big_link() -> None:
+async def _release_after_big_link() -> None:
     """What a big link leaves is mostly cycles (tracebacks of its cancelled handlers, h2's
-    self-referring connection): collected at once, and the heap's free pages handed back
+    self-referring connection): collected soon, and the heap's free pages handed back
     (`gctune.release_memory`), a flood's memory goes back to the OS now, not at the next full
-    collection, which a tuned process (tele.gctune) runs rarely."""
-    global _last_collect
-    now = time.monotonic()
-    if now - _last_collect >= COLLECT_EVERY:
-        _last_collect = now
-        gctune.release_memory()
+    collection, which a tuned process (tele.gctune) runs rarely. One collection serves every
+    big link that ends while it is pending."""
+    global _last_release, _release_pending
+    if _release_pending:
+        return
+    _release_pending = True
+    try:
+        await trio.sleep(max(RELEASE_DELAY, _last_release + RELEASE_EVERY - time.monotonic()))
+    finally:
+        _release_pending = False
+    _last_release = time.monotonic()
+    gctune.release_memory()
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,10 @@ class H2Link:
         self.name = name
         self.read_size = settings.read_size
         self._handler = handler
+        self.budget = settings.budget
+        """What this link's incoming streams take a handler from; a server may move the link to
+        another (its peer's share, once it knows who the peer is): streams already handled give
+        back to the budget they took from."""
         config = h2.config.H2Configuration(
             client_side=client_side,
             header_encoding="utf-8",
@@ -446,7 +467,8 @@ class H2Link:
             return
         settings = self.settings
         incoming = len(self._streams) - self._open_local
-        if incoming >= settings.max_concurrent_streams or not settings.budget.take():
+        budget = self.budget
+        if incoming >= settings.max_concurrent_streams or not budget.take():
             self._refuse(stream_id)
             return
         self._taken_in += 1
@@ -454,29 +476,36 @@ class H2Link:
         self._streams[stream_id] = stream
         if event.stream_ended is not None:
             stream._remote_ended = True
-        self._nursery.start_soon(self._run_handler, stream, self._handler)
+        self._nursery.start_soon(self._run_handler, stream, self._handler, budget)
 
     def _refuse(self, stream_id: int) -> None:
         """Too many streams (this link's or the process's): the peer may retry this one."""
         self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
         self._refused += 1
         if self._refused in (1, 1000) or self._refused % 100_000 == 0:
+            total = self.budget
+            while total.parent is not None:
+                total = total.parent
             log.warning(
-                "%s: refused %d streams so far: %d of this link's %d open, %d of the process's "
-                "%d handlers",
+                "%s: refused %d streams so far: %d of this link's %d open, %d of its budget's "
+                "%d handlers (%d of the process's %d)",
                 self.name,
                 self._refused,
                 len(self._streams) - self._open_local,
                 self.settings.max_concurrent_streams,
-                self.settings.budget.in_use,
-                self.settings.budget.limit,
+                self.budget.in_use,
+                self.budget.limit,
+                total.in_use,
+                total.limit,
             )
 
-    async def _run_handler(self, stream: H2Stream, handler: StreamHandler) -> None:
+    async def _run_handler(
+        self, stream: H2Stream, handler: StreamHandler, budget: StreamBudget
+    ) -> None:
         try:
             await self._handle(stream, handler)
         finally:
-            self.settings.budget.give_back()
+            budget.give_back()
 
     async def _handle(self, stream: H2Stream, handler: StreamHandler) -> None:
         with trio.CancelScope() as scope:
@@ -653,8 +682,8 @@ async def open_link(
         finally:
             link.close()
     # Every task of the link has ended here (their frames and tracebacks are garbage now).
-    if link._taken_in >= BIG_LINK:
-        _collect_after_big_link()
+    if link._taken_in + link._refused >= BIG_LINK:
+        await _release_after_big_link()
 
 
 async def serve_link(

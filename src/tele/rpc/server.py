@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,17 @@ import trio
 from tele import jsonlimits
 from tele.rpc import wire
 from tele.rpc.errors import Code, RpcError
-from tele.rpc.h2link import H2Stream, LinkBroken, LinkSettings, StreamReset, serve_link
+from tele.rpc.h2link import (
+    MAX_HANDLERS,
+    PROCESS_BUDGET,
+    H2Link,
+    H2Stream,
+    LinkBroken,
+    LinkSettings,
+    StreamBudget,
+    StreamReset,
+    open_link,
+)
 from tele.rpc.method import Req, Resp, ServerStream, Unary
 
 log = logging.getLogger(__name__)
@@ -39,13 +49,28 @@ class CallerConnection:
     def __init__(self) -> None:
         self.ended = False
         self._on_end: list[Callable[[], None]] = []
-        self.principal: Any = None
-        """Who the peer proved to be on this connection (set by the service's authenticator;
-        None: nobody yet)."""
+        self._on_principal: list[Callable[[Any], None]] = []
+        self._principal: Any = None
         self.auth_failure = ""
         """Why the peer's last attempt to authenticate failed ("" if none did)."""
         self.active_calls = 0
         """Streams being handled on this connection now."""
+
+    @property
+    def principal(self) -> Any:
+        """Who the peer proved to be on this connection (set by the service's authenticator;
+        None: nobody yet)."""
+        return self._principal
+
+    @principal.setter
+    def principal(self, value: Any) -> None:
+        self._principal = value
+        for callback in self._on_principal:
+            callback(value)
+
+    def on_principal(self, callback: Callable[[Any], None]) -> None:
+        """Call `callback(principal)` whenever the authenticator sets who the peer is."""
+        self._on_principal.append(callback)
 
     def on_end(self, callback: Callable[[], None]) -> None:
         """Call `callback` when the connection ends (at once if it has)."""
@@ -214,9 +239,13 @@ async def serve_connection(
     max_message_size: int = wire.DEFAULT_MAX_MESSAGE,
     settings: LinkSettings | None = None,
     name: str = "rpc-server",
+    shares: HandlerShares | None = None,
 ) -> None:
-    """Serve RPC on one connection until the peer closes it; its handlers end with it."""
+    """Serve RPC on one connection until the peer closes it; its handlers end with it.
+
+    With `shares`, the connection's handlers come from its caller's share of the budget."""
     caller = CallerConnection()
+    settings = settings or LinkSettings()
 
     async def handle(h2_stream: H2Stream) -> None:
         CALLER.set(caller)
@@ -232,9 +261,73 @@ async def serve_connection(
             caller.active_calls -= 1
 
     try:
-        await serve_link(stream, handle, settings=settings, name=name)
+        async with open_link(
+            stream, client_side=False, handler=handle, settings=settings, name=name
+        ) as link:
+            if shares is not None:
+                shares.assign(link, caller)
+            await link.wait_closed()
     finally:
         caller.end()
+
+
+IDENTITY_SHARE = MAX_HANDLERS // 2
+"""Handler tasks one identity (every connection it authenticated, or every connection that has
+not authenticated, together) may hold at once: one user's flood of streams ends at its share,
+and other users' calls and tunnels are still served from the rest."""
+
+
+class HandlerShares:
+    """Each identity's share of a process's handler budget (`StreamBudget` with a parent).
+
+    A connection takes its handlers from the share of nobody (not authenticated yet) until its
+    authenticator sets `CallerConnection.principal`, then from that identity's share (the key
+    `key(principal)`), which all of the identity's connections use together. A share is
+    forgotten when the last connection using it ends."""
+
+    def __init__(
+        self,
+        total: StreamBudget = PROCESS_BUDGET,
+        *,
+        share: int = IDENTITY_SHARE,
+        key: Callable[[Any], Hashable] = lambda principal: principal,
+    ) -> None:
+        self.total = total
+        self.share = share
+        self._key = key
+        self._shares: dict[Hashable, tuple[StreamBudget, int]] = {}
+
+    def of(self, key: Hashable) -> StreamBudget | None:
+        """The share of `key` (None for nobody), if a connection uses it now."""
+        held = self._shares.get(key)
+        return held[0] if held is not None else None
+
+    def assign(self, link: H2Link, caller: CallerConnection) -> None:
+        """`link`'s handlers come from its caller's share from now on, whoever it proves to be."""
+        held: list[Hashable] = [None]
+        link.budget = self._acquire(None)
+
+        def authenticated(principal: Any) -> None:
+            key = None if principal is None else self._key(principal)
+            if key != held[0]:
+                link.budget = self._acquire(key)
+                self._release(held[0])
+                held[0] = key
+
+        caller.on_principal(authenticated)
+        caller.on_end(lambda: self._release(held[0]))
+
+    def _acquire(self, key: Hashable) -> StreamBudget:
+        budget, users = self._shares.get(key) or (StreamBudget(self.share, self.total), 0)
+        self._shares[key] = (budget, users + 1)
+        return budget
+
+    def _release(self, key: Hashable) -> None:
+        budget, users = self._shares[key]
+        if users > 1:
+            self._shares[key] = (budget, users - 1)
+        else:
+            del self._shares[key]
 
 
 class PeerConnections:
