@@ -50,6 +50,9 @@ class SessionLease:
         self.last_error = ""
         self.arrivals = 0
         self.changed = trio.Event()
+        self.heartbeat_link: H2Link | None = None
+        """The link the session last called in on: the manager counts the session present
+        while it is open (see `heartbeat`)."""
 
     async def client(self) -> Client:
         """An RPC client on a live link (waits for one within the API timeout)."""
@@ -80,6 +83,7 @@ class SessionLease:
                 raise UserError(exc.message) from None
             raise
         self.session = session
+        self.heartbeat_link = client.link
         self.cluster = session.cluster
         self.arrivals += 1
         self.changed.set()
@@ -98,13 +102,17 @@ class SessionLease:
             )
 
     async def heartbeat(self) -> None:
-        """Renew the lease every lease/3, and at once when a new link came up: a new manager
-        (its pod was replaced) does not know the session, and the user should not wait."""
+        """Renew the lease every lease/3, and at once when a new link came up (a new manager,
+        its pod replaced, does not know the session, and the user should not wait) or when the
+        link the session last called in on closed: the manager counts a client whose
+        connections all closed as gone (its engagements suspended, their traffic back to the
+        app) until it calls in on another, whatever its lease says."""
         while True:
             assert self.session is not None
+            replacements = self.pool.replacements
             with trio.move_on_after(max(0.1, self.session.lease_seconds / 3)):
-                await self.pool.wait_replaced()
-                self.status = "reconnecting"
+                if await self._link_changed(replacements):
+                    self.status = "reconnecting"
             try:
                 client = await self.client()
                 await client.call(
@@ -112,6 +120,7 @@ class SessionLease:
                     mapi.SessionRequest(session_id=self.session.session_id),
                     timeout=self.api_timeout,
                 )
+                self.heartbeat_link = client.link
                 self.status = "connected"
             except RpcError as exc:
                 self.last_error = exc.message
@@ -126,6 +135,27 @@ class SessionLease:
                 else:
                     log.warning("heartbeat failed: %s", exc.message)
                     self.status = "reconnecting"
+
+    async def _link_changed(self, replacements: int) -> bool:
+        """Wait until the heartbeat's link closed (False) or a link came up in place of a
+        broken one since `replacements` (True)."""
+        replaced = False
+        async with trio.open_nursery() as nursery:
+
+            async def wait_replaced() -> None:
+                nonlocal replaced
+                await self.pool.wait_replaced(since=replacements)
+                replaced = True
+                nursery.cancel_scope.cancel()
+
+            async def wait_closed(link: H2Link) -> None:
+                await link.wait_closed()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait_replaced)
+            if self.heartbeat_link is not None:
+                nursery.start_soon(wait_closed, self.heartbeat_link)
+        return replaced
 
     async def call_in_session(self, method: Unary[Req, Resp], make: Callable[[str], Req]) -> Resp:
         """Call `method` with a request made for the current session; when the manager does

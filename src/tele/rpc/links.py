@@ -82,9 +82,10 @@ class LinkPool:
                 return link
             await self._changed.park()
 
-    async def wait_replaced(self) -> None:
-        """Return once a link has come up in place of one that broke."""
-        seen = self.replacements
+    async def wait_replaced(self, since: int | None = None) -> None:
+        """Return once a link has come up in place of one that broke (since `replacements` was
+        `since`: one that came up before the caller started waiting counts too)."""
+        seen = self.replacements if since is None else since
         while self.replacements == seen:
             await self._changed.park()
 
