@@ -165,3 +165,37 @@ def private_dockerd() -> Iterator[PrivateDockerd]:
             for point in _mounts_under(root):
                 subprocess.run(["umount", "-l", point], check=False, capture_output=True)
             shutil.rmtree(root, ignore_errors=True)
+
+
+BUSYBOX_APPLETS = ("sh", "cat", "env", "echo", "httpd", "nc", "kill", "printf", "ls", "sleep")
+
+
+def busybox_image(engine: PrivateDockerd, tag: str = "tele-test/busybox:1") -> str:
+    """A small base image made here (Debian's static busybox, as `docker import` takes a root
+    file system); its tag."""
+    import io
+    import tarfile
+
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed (busybox-static; scripts/setup.sh installs it)")
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        for directory in ("bin", "tmp", "etc", "www"):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if directory == "tmp" else 0o755
+            tar.addfile(info)
+        tar.add(busybox, "bin/busybox")
+        for applet in BUSYBOX_APPLETS:
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+    imported = subprocess.run(
+        ["docker", "-H", engine.host, "import", "-c", "ENV PATH=/bin", "-", tag],
+        input=data.getvalue(),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert imported.returncode == 0, imported.stderr
+    return tag

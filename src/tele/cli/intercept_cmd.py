@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from tele.cli import podenv
+from tele.cli import docker_cmd, podenv
 from tele.cli.output import emit, output_option
 from tele.errors import UserError
 
@@ -135,6 +135,7 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     )
     unsafe_env, command, output = handling.unsafe_env, handling.command, handling.output
 
+    docker = docker_cmd.before_engaging()  # --docker-*: the engine and the image first
     info = client.call_connected(daemon_api.INTERCEPT, request, timeout=180, connect=True)
     data = to_builtins(info)
     try:
@@ -152,6 +153,17 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
                 err=True,
             )
     emit(data, output, text)
+    if docker is not None:
+        interrupted = False
+        try:
+            status = docker_cmd.run_handler(docker, data, info.name)
+        except KeyboardInterrupt:
+            interrupted, status = True, 130
+        finally:
+            _leave(info.name)
+        if interrupted:
+            click.echo(f"Interrupted; left {info.name}.", err=True)
+        raise SystemExit(exit_status(status))
     if command:
         env, held = podenv.command_environment(
             os.environ, data.get("environment") or {}, unsafe=unsafe_env
@@ -362,6 +374,7 @@ to_pod_option = click.option(
     help="Deprecated: use `tele replace`. Replace the whole container.",
 )
 @mount_option
+@docker_cmd.docker_options
 @output_option
 def intercept(
     name: str,
@@ -453,6 +466,7 @@ def intercept(
 @unsafe_env_option
 @to_pod_option
 @mount_option
+@docker_cmd.docker_options
 @output_option
 def replace(
     workload: str,
@@ -500,6 +514,7 @@ def replace(
     help="Mount the pod's volumes (read-only): true (a temporary directory), false, or DIR. "
     "TELEPRESENCE_ROOT tells the handler where.",
 )
+@docker_cmd.docker_options
 @output_option
 def ingest(
     workload: str,
