@@ -112,6 +112,11 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     manager_port: int
     agent_image: str
     log_level: str = "info"
+    pull_policy: str = ""
+    """The injected containers' imagePullPolicy (Helm agent.image.pullPolicy); empty: the
+    cluster's default."""
+    resources: dict[str, Any] = {}
+    """The traffic-agent container's resources (Helm agent.resources)."""
     containers: list[ContainerConfig] = []
     terminating_tls_secret: str = ""
     """A kubernetes.io/tls Secret the agent decrypts callers' TLS with (http mechanism)."""
@@ -260,6 +265,8 @@ def generate(
     manager_port: int = 8081,
     agent_port: int = AGENT_PORT,
     log_level: str = "info",
+    pull_policy: str = "",
+    resources: Mapping[str, Any] | None = None,
     default_mount_policies: Mapping[str, str] | None = None,
     replaced: Collection[str] = (),
     require_service: bool = True,
@@ -350,6 +357,8 @@ def generate(
         manager_port=manager_port,
         agent_image=agent_image,
         log_level=log_level,
+        pull_policy=pull_policy,
+        resources=dict(resources or {}),
         containers=configs,
         terminating_tls_secret=annotation(template, TERMINATING_TLS_ANNOTATION) or "",
     )
@@ -506,6 +515,7 @@ def pod_patch(pod: Obj, config: AgentConfig) -> list[dict[str, Any]]:
             "name": INIT_CONTAINER,
             "image": config.agent_image,
             "args": ["agent-init"],
+            **({"imagePullPolicy": config.pull_policy} if config.pull_policy else {}),
             "env": [
                 {"name": "LOG_LEVEL", "value": config.log_level},
                 _config_env(),  # which ports to redirect where
@@ -548,6 +558,7 @@ def agent_container(
 ) -> dict[str, Any]:
     """The traffic-agent container: the app containers' env (prefixed) and volume mounts."""
     env: list[dict[str, Any]] = [
+        {"name": "LOG_LEVEL", "value": config.log_level},
         {"name": "_TEL_AGENT_NAME", "value": config.agent_name},
         {"name": "_TEL_AGENT_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         _config_env(),
@@ -577,7 +588,7 @@ def agent_container(
             {"name": "_TEL_AGENT_TLS_CERT", "value": f"{TLS_DIR}/tls.crt"},
             {"name": "_TEL_AGENT_TLS_KEY", "value": f"{TLS_DIR}/tls.key"},
         ]
-    return {
+    container: dict[str, Any] = {
         "name": AGENT_CONTAINER,
         "image": config.agent_image,
         "args": ["agent"],
@@ -587,6 +598,11 @@ def agent_container(
         "env": env,
         "volumeMounts": mounts,
     }
+    if config.pull_policy:
+        container["imagePullPolicy"] = config.pull_policy
+    if config.resources:
+        container["resources"] = config.resources
+    return container
 
 
 def _config_env() -> dict[str, Any]:

@@ -37,6 +37,8 @@ class ManagerLocator:
         self._wait = wait
         self.manager_pod = ""
         """The pod (or address) of the last transport opened."""
+        self.api_port = mapi.DEFAULT_PORT
+        """The found pod's `api` container port (Helm `apiPort`)."""
 
     @property
     def by_address(self) -> bool:
@@ -64,6 +66,7 @@ class ManagerLocator:
                     newest = max(
                         ready, key=lambda p: str(p["metadata"].get("creationTimestamp", ""))
                     )
+                    self.api_port = api_port(newest)
                     return str(newest["metadata"]["name"])
                 if wait <= 0:
                     break
@@ -114,9 +117,18 @@ class ManagerLocator:
         pod = await self.find_manager_pod(wait=self._wait)
         self.manager_pod = pod
         async with open_portforward(
-            self._kube.connection, self.namespace, pod, mapi.DEFAULT_PORT
+            self._kube.connection, self.namespace, pod, self.api_port
         ) as stream:
             yield stream
+
+
+def api_port(pod: k8s.Obj) -> int:
+    """The manager pod's container port named `api` (Helm `apiPort`); the default if unnamed."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == "api" and isinstance(port.get("containerPort"), int):
+                return int(port["containerPort"])
+    return mapi.DEFAULT_PORT
 
 
 def _describe(pods: Iterable[k8s.Obj]) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,14 +47,49 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AgentSettings:
-    """What the manager's configuration says about the agents it installs."""
+    """What the manager's configuration (Helm values) says about the agents it installs; the
+    injector and the engagements make every agent configuration with `config`."""
 
     manager_namespace: str
     agent_image: str
     agent_port: int
+    manager_port: int = api.DEFAULT_PORT
+    """Helm `apiPort`: where agents reach the manager."""
+    log_level: str = "info"
+    pull_policy: str = ""
+    resources: dict[str, Any] = field(default_factory=dict)
+    inject_policy: str = "OnDemand"
+    """OnDemand: engaging a workload injects its agent; WhenEnabled: only workloads whose pod
+    template says `inject-traffic-agent: enabled` get one (engaging others is refused)."""
+    arrival_timeout: float = 30.0
+    """Helm `timeouts.agentArrival`: the longest an engagement waits for its agent."""
     mount_policies: dict[str, str] = field(default_factory=dict)
     rollouts_watched: bool = False
     """Argo Rollouts are watched (the Helm value workloads.argoRollouts.enabled)."""
+
+    def config(
+        self,
+        workload: agentconfig.Obj,
+        services: Iterable[agentconfig.Obj],
+        replaced: Collection[str],
+        *,
+        require_service: bool,
+    ) -> agentconfig.AgentConfig:
+        """The agent configuration of `workload` (NotInterceptable when it cannot have one)."""
+        return agentconfig.generate(
+            workload=workload,
+            services=services,
+            manager_namespace=self.manager_namespace,
+            agent_image=self.agent_image,
+            manager_port=self.manager_port,
+            agent_port=self.agent_port,
+            log_level=self.log_level,
+            pull_policy=self.pull_policy,
+            resources=self.resources,
+            default_mount_policies=self.mount_policies,
+            replaced=replaced,
+            require_service=require_service,
+        )
 
 
 class Engagements:
@@ -155,6 +190,19 @@ class Engagements:
                 f"{str(workload['kind']).lower()}/{request.workload} --replicas=1)",
             )
         key = (str(workload["kind"]), request.namespace, request.workload)
+        template = (workload.get("spec") or {}).get("template") or {}
+        inject = f"{agentconfig.ANNOTATION_PREFIX}{agentconfig.INJECT_ANNOTATION}"
+        if (
+            self._settings.inject_policy == "WhenEnabled"
+            and agentconfig.injection_policy(template) != "enabled"
+        ):
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"the traffic manager injects agents only into workloads whose pod template is "
+                f"annotated {inject}: enabled (Helm agentInjector.injectPolicy "
+                f"WhenEnabled); annotate {key[0]} "
+                f"{request.namespace}/{request.workload} first",
+            )
         if self._authorize is not None:
             await self._authorize(kind, key[0], key[1], key[2])
         container = request.container
@@ -180,7 +228,9 @@ class Engagements:
             table.replacing[pending] = session.label
         activated = False
         try:
-            agents = await self._rollouts.ensure_agent(key, workload, request.agent_timeout)
+            agents = await self._rollouts.ensure_agent(
+                key, workload, min(request.agent_timeout, self._settings.arrival_timeout)
+            )
             info = table.activate(request, session.label, key, name, container, chosen, agents)
             self._dials.client_dials(request.session_id)  # dial requests wait there
             activated = True
@@ -211,16 +261,11 @@ class Engagements:
         *,
         require_service: bool,
     ) -> agentconfig.AgentConfig:
-        settings = self._settings
         try:
-            return agentconfig.generate(
-                workload=workload,
-                services=[s for (ns, _), s in self._view.services.items() if ns == key[1]],
-                manager_namespace=settings.manager_namespace,
-                agent_image=settings.agent_image,
-                agent_port=settings.agent_port,
-                default_mount_policies=settings.mount_policies,
-                replaced=replaced,
+            return self._settings.config(
+                workload,
+                [s for (ns, _), s in self._view.services.items() if ns == key[1]],
+                replaced,
                 require_service=require_service,
             )
         except agentconfig.NotInterceptable as exc:

@@ -86,6 +86,15 @@ class ManagerConfig:
     agent_image: str = "tele/traffic-agent"
     agent_port: int = 9900
     agent_log_level: str = "info"
+    agent_pull_policy: str = "IfNotPresent"
+    """Helm `agent.image.pullPolicy`: the injected containers' imagePullPolicy."""
+    agent_resources: dict[str, Any] = field(default_factory=dict)
+    """Helm `agent.resources`: the traffic-agent container's resources (requests, limits)."""
+    inject_policy: str = "OnDemand"
+    """Helm `agentInjector.injectPolicy`: OnDemand (a client's engagement injects the agent) or
+    WhenEnabled (only workloads annotated `inject-traffic-agent: enabled` get one)."""
+    agent_arrival: float = 30.0
+    """Helm `timeouts.agentArrival`: how long an engagement waits for its agent."""
     mount_policies: dict[str, str] = field(default_factory=dict)
     """Helm `agent.mountPolicies`: volume name or mount path -> policy (agentconfig)."""
     pod_ip: str = ""
@@ -127,6 +136,10 @@ class ManagerConfig:
             agent_image=env.get("TELE_AGENT_IMAGE") or "tele/traffic-agent",
             agent_port=int(env.get("TELE_AGENT_PORT") or 9900),
             agent_log_level=env.get("TELE_AGENT_LOG_LEVEL") or "info",
+            agent_pull_policy=env.get("TELE_AGENT_PULL_POLICY") or "IfNotPresent",
+            agent_resources=dict(json.loads(env.get("TELE_AGENT_RESOURCES") or "{}")),
+            inject_policy=env.get("TELE_INJECT_POLICY") or "OnDemand",
+            agent_arrival=float(parse_duration(env.get("TELE_AGENT_ARRIVAL") or "30s")),
             mount_policies=dict(json.loads(env.get("TELE_MOUNT_POLICIES") or "{}")),
             pod_ip=env.get("TELE_POD_IP") or "",
             auth_mode=env.get("TELE_AUTH_MODE") or "enforcing",
@@ -228,28 +241,35 @@ class Manager:
             changes=changes,
             absent=self.presence.absent,
             authorize=self.auth.authorize_engagement,
-            settings=AgentSettings(
-                manager_namespace=config.namespace,
-                agent_image=config.agent_image,
-                agent_port=config.agent_port,
-                mount_policies=config.mount_policies,
-                rollouts_watched="argoRollouts" in config.workloads,
-            ),
+            settings=self.agent_settings(),
         )
         self.tunnel = TunnelServer(policy=self._tunnel_policy, dial_back=self.dials.dial_back)
         self.injector = AgentInjector(
             view=self.view,
             agent_workloads=self.agent_workloads,
             replaced_containers=self.table.replaced_containers,
-            manager_namespace=config.namespace,
-            agent_image=config.agent_image,
-            agent_port=config.agent_port,
-            agent_log_level=config.agent_log_level,
-            mount_policies=config.mount_policies,
+            settings=self.agent_settings(),
         )
         self.webhook_port: int | None = None
         # A session's end ends its engagements first, then whatever else listens.
         self.on_session_end.append(lambda session: self.engagements.end_session(session.session_id))
+
+    def agent_settings(self) -> AgentSettings:
+        """The Helm values that shape the agents this manager injects and waits for."""
+        config = self.config
+        return AgentSettings(
+            manager_namespace=config.namespace,
+            manager_port=config.api_port,
+            agent_image=config.agent_image,
+            agent_port=config.agent_port,
+            log_level=config.agent_log_level,
+            pull_policy=config.agent_pull_policy,
+            resources=config.agent_resources,
+            inject_policy=config.inject_policy,
+            arrival_timeout=config.agent_arrival,
+            mount_policies=config.mount_policies,
+            rollouts_watched="argoRollouts" in config.workloads,
+        )
 
     # --- RPC ------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -28,8 +28,8 @@ from tele.certs import CertificateAuthority, KeyPair, server_context
 from tele.contracts import agentconfig
 from tele.k8s import client as k8s
 from tele.k8s.client import ApiError, KubeClient
+from tele.manager.engage import AgentSettings
 from tele.manager.view import ClusterView
-from tele.rpc import manager_api as api
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,7 @@ class AgentInjector:
     agent_workloads: Collection[tuple[str, str, str]]
     replaced_containers: Callable[[tuple[str, str, str]], frozenset[str]]
     """The containers a workload's pods must be made without now (active replaces)."""
-    manager_namespace: str
-    agent_image: str
-    agent_port: int
-    agent_log_level: str
-    mount_policies: dict[str, str] = field(default_factory=dict)
+    settings: AgentSettings
 
     async def __call__(self, request: Review) -> Review:
         if request.get("operation") != "CREATE" or (request.get("kind") or {}).get("kind") != "Pod":
@@ -81,19 +77,14 @@ class AgentInjector:
         key = (str(workload.get("kind")), namespace, str(workload["metadata"]["name"]))
         template = (workload.get("spec") or {}).get("template") or {}
         policy = agentconfig.injection_policy(template)
-        if policy == "disabled" or (policy != "enabled" and key not in self.agent_workloads):
+        on_demand = self.settings.inject_policy != "WhenEnabled" and key in self.agent_workloads
+        if policy == "disabled" or (policy != "enabled" and not on_demand):
             return await allow_all(request)
         try:
-            config = agentconfig.generate(
-                workload=workload,
-                services=[s for (ns, _), s in self.view.services.items() if ns == namespace],
-                manager_namespace=self.manager_namespace,
-                agent_image=self.agent_image,
-                manager_port=api.DEFAULT_PORT,
-                agent_port=self.agent_port,
-                log_level=self.agent_log_level,
-                default_mount_policies=self.mount_policies,
-                replaced=self.replaced_containers(key),
+            config = self.settings.config(
+                workload,
+                [s for (ns, _), s in self.view.services.items() if ns == namespace],
+                self.replaced_containers(key),
                 # A client engaged it (a replace or ingest needs no Service), or the template
                 # asks for the agent: either way it gets one.
                 require_service=False,
