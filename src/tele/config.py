@@ -111,18 +111,22 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_on
 
 
 class Timeouts(_Section):
-    """How long tele waits for each kind of operation."""
+    """How long tele waits for each kind of operation (the README's table says where)."""
 
     daemon_start: Duration = Duration(10)
+    """The CLI waits this long for a daemon it started to answer."""
     cluster_connect: Duration = Duration(20)
-    connectivity_check: Duration = Duration(0.5)
+    """The first answer of the Kubernetes API server when connecting."""
     endpoint_dial: Duration = Duration(3)
-    helm: Duration = Duration(30)
+    """Connecting to the local handler of an engagement (a caller's connection waits)."""
     intercept: Duration = Duration(30)
+    """An intercept, replace or ingest waits this long for the workload's agent."""
     proxy_dial: Duration = Duration(5)
-    roundtrip_latency: Duration = Duration(2)
+    """A connection from this machine to a cluster address waits this long for the tunnel."""
     traffic_manager_api: Duration = msgspec.field(default=Duration(15), name="trafficManagerAPI")
+    """Each call to the traffic manager (arriving, listing, looking up)."""
     traffic_manager_connect: Duration = Duration(60)
+    """Finding a ready traffic manager pod and opening the link to it."""
 
 
 class LogLevels(_Section):
@@ -130,15 +134,20 @@ class LogLevels(_Section):
 
     user_daemon: LogLevel = LogLevel("info")
     root_daemon: LogLevel = LogLevel("info")
+    """The privileged helper's (Telepresence's root daemon)."""
 
 
 class Intercept(_Section):
     default_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8080
+    """The local port of `tele intercept` without --port."""
 
 
 class Cluster(_Section):
     default_manager_namespace: str = "ambassador"
+    """The traffic manager's namespace when neither --manager-namespace nor the kubeconfig's
+    telepresence.io extension names one."""
     mapped_namespaces: list[str] = msgspec.field(default_factory=list)
+    """The namespaces `tele connect` maps without --mapped-namespaces (empty: all)."""
     virtual_ip_subnet: str = msgspec.field(default="246.246.0.0/16", name="virtualIPSubnet")
 
 
@@ -190,6 +199,14 @@ def _normalize_keys(
     return result
 
 
+REMOVED_KEYS = {
+    "timeouts.connectivityCheck": "tele always routes the cluster through its tunnel",
+    "timeouts.roundtripLatency": "tele's tunnel has no latency hint",
+    "timeouts.helm": "`tele helm uninstall --timeout` bounds the wait for removal",
+}
+"""Telepresence keys tele does not have, and why: a file that sets one is refused saying so
+(a key that is accepted and does nothing is worse than none)."""
+
 _MSGSPEC_ERROR = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
 
@@ -204,6 +221,9 @@ def _describe(error: msgspec.ValidationError, originals: dict[str, str]) -> tupl
     if unknown:
         path = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
         problem = "is not a known key (see `tele config view` for the known ones)"
+        why = next((w for k, w in REMOVED_KEYS.items() if _fold(k) == _fold(path)), None)
+        if why is not None:
+            problem = f"is a Telepresence setting that tele does not have ({why}): remove it"
     else:
         problem = problem[:1].lower() + problem[1:]
         problem = problem.replace("`", "").replace("expected object", "expected a mapping")

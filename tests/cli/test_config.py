@@ -45,7 +45,7 @@ timeouts:
   clusterConnect: 1m30s
   traffic-manager-api: 500ms
   proxy_dial: 7
-  helm: "2.5"
+  intercept: "2.5"
 logLevels:
   user-daemon: DEBUG
   rootDaemon: warn
@@ -58,7 +58,7 @@ cluster:
     assert cfg.timeouts.cluster_connect == 90
     assert cfg.timeouts.traffic_manager_api == 0.5
     assert cfg.timeouts.proxy_dial == 7
-    assert cfg.timeouts.helm == 2.5
+    assert cfg.timeouts.intercept == 2.5
     assert cfg.timeouts.endpoint_dial == 3  # untouched keys keep their defaults
     assert cfg.log_levels.user_daemon == "debug"
     assert cfg.log_levels.root_daemon == "warning"
@@ -67,10 +67,10 @@ cluster:
 
 
 def test_view_output_reads_back_as_the_same_config(tmp_path: Path) -> None:
-    cfg = load_text(tmp_path, "timeouts: {clusterConnect: 1h2m3s, connectivityCheck: 250ms}\n")
+    cfg = load_text(tmp_path, "timeouts: {clusterConnect: 1h2m3s, endpointDial: 250ms}\n")
     data = config.to_builtins(cfg)
     assert data["timeouts"]["clusterConnect"] == "1h2m3s"
-    assert data["timeouts"]["connectivityCheck"] == "250ms"
+    assert data["timeouts"]["endpointDial"] == "250ms"
     assert data["timeouts"]["trafficManagerAPI"] == "15s"
     assert data["logLevels"] == {"userDaemon": "info", "rootDaemon": "info"}
     assert load_text(tmp_path, yaml.safe_dump(data)) == cfg
@@ -85,11 +85,19 @@ def test_view_output_reads_back_as_the_same_config(tmp_path: Path) -> None:
         ),
         ("colour: blue\n", "key `colour` is not a known key"),
         (
-            "timeouts:\n  helm: soon\n",
-            "key `timeouts.helm` is wrong: expected a duration like '20s'",
+            "timeouts:\n  intercept: soon\n",
+            "key `timeouts.intercept` is wrong: expected a duration like '20s'",
         ),
-        ("timeouts:\n  helm: -3\n", "key `timeouts.helm` is wrong: expected a duration of zero"),
-        ("timeouts:\n  helm: true\n", "key `timeouts.helm` is wrong"),
+        (
+            "timeouts:\n  intercept: -3\n",
+            "key `timeouts.intercept` is wrong: expected a duration of zero",
+        ),
+        ("timeouts:\n  intercept: true\n", "key `timeouts.intercept` is wrong"),
+        (
+            "timeouts:\n  roundtrip-latency: 2s\n",
+            "key `timeouts.roundtrip-latency` is a Telepresence setting that tele does not have "
+            "(tele's tunnel has no latency hint): remove it",
+        ),
         (
             "log-levels:\n  userDaemon: verbose\n",
             "key `log-levels.userDaemon` is wrong: expected one of trace, debug, info, warning, "

@@ -176,14 +176,20 @@ def test_messages_round_trip_and_garbage_is_refused() -> None:
         os.close(write)
 
 
-def test_the_helper_command(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_helper_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from tele.cli.vif_helper import helper_command
 
     monkeypatch.delenv("TELE_VIF_HELPER", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     quiet = helper_command(42, interactive=False)
     assert quiet[:2] == ["sudo", "-n"]  # never a password prompt nobody asked for
-    assert quiet[-4:-1] == ["--daemon-pid", "42", "--socket"]
+    assert quiet[-6:-3] == ["--daemon-pid", "42", "--socket"]
+    assert quiet[-2:] == ["--log-level", "info"]
+    # Config logLevels.rootDaemon is the helper's (Telepresence's root daemon's) level.
+    (tmp_path / "tele").mkdir()
+    (tmp_path / "tele" / "config.yml").write_text("logLevels:\n  rootDaemon: debug\n")
+    assert helper_command(42, interactive=False)[-2:] == ["--log-level", "debug"]
     assert "--log-file" not in quiet  # the CLI passes the log it opened as the user
     assert quiet[quiet.index("-m") + 1] == "tele.vif.helper"
     assert helper_command(42, interactive=True)[:2] == ["sudo", sys.executable]

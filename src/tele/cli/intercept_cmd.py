@@ -336,9 +336,8 @@ to_pod_option = click.option(
     "--port",
     "-p",
     multiple=True,
-    default=("8080",),
-    show_default=True,
-    help="LOCAL[:SERVICE_PORT] (name or number); repeat for several ports.",
+    help="LOCAL[:SERVICE_PORT] (name or number); repeat for several ports. Default: the "
+    "config's intercept.defaultPort (8080).",
 )
 @click.option(
     "--address", default="127.0.0.1", show_default=True, help="The local handler's address."
@@ -407,6 +406,10 @@ def intercept(
 
     if namespace and not workload:
         workload, name = name, f"{name}-{namespace}"
+    if not port:
+        from tele import config
+
+        port = (str(config.load().intercept.default_port),)
     mappings = _port_mappings(port, remote_defaults_to_local=False)
     headers = [_header(h) for h in http_header]
     filtered = bool(headers or http_path_equal or http_path_prefix or http_path_regex)

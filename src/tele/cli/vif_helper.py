@@ -49,7 +49,20 @@ def helper_command(daemon_pid: int, *, interactive: bool) -> list[str]:
         str(daemon_pid),
         "--socket",
         str(paths.helper_socket()),
+        "--log-level",
+        _root_log_level(),
     ]
+
+
+def _root_log_level() -> str:
+    """Config logLevels.rootDaemon (a bad config file: the default; connect reports it)."""
+    from tele import config
+    from tele.errors import UserError
+
+    try:
+        return str.__str__(config.load().log_levels.root_daemon)
+    except UserError:
+        return "info"
 
 
 async def ensure_helper(rpc: Client, *, explicit: bool) -> str:

@@ -120,8 +120,11 @@ async def serve_dial_backs(
     target: Target,
     local_tls: LocalTls = _plaintext,
     describe: Describe = _no_name,
+    *,
+    endpoint_dial: float = 3.0,
 ) -> None:
-    """Follow WATCH_DIALS until it ends; each request is served on its own task.
+    """Follow WATCH_DIALS until it ends; each request is served on its own task; a local
+    handler that does not accept within `endpoint_dial` seconds is a refused connection.
 
     The watch's own failure (the manager link broke) is raised as the RpcError it is, not
     wrapped in the nursery's exception group, so that the caller can watch again.
@@ -132,7 +135,9 @@ async def serve_dial_backs(
             request = SessionRequest(session_id=session_id)
             async with client.stream(aapi.WATCH_DIALS, request) as dials:
                 async for dial in dials:
-                    nursery.start_soon(_serve_one, dial, dial_back, target, local_tls, describe)
+                    nursery.start_soon(
+                        _serve_one, dial, dial_back, target, local_tls, describe, endpoint_dial
+                    )
         except RpcError as exc:
             failure = exc
     if failure is not None:
@@ -145,10 +150,11 @@ async def _serve_one(
     target: Target,
     local_tls: LocalTls,
     describe: Describe,
+    endpoint_dial: float,
 ) -> None:
     """One engaged connection; whatever goes wrong with it stays with it."""
     try:
-        await _relay(dial, dial_back, target, local_tls, describe)
+        await _relay(dial, dial_back, target, local_tls, describe, endpoint_dial)
     except Exception:
         log.exception("engaged connection for %s failed", dial.engagement_id)
 
@@ -159,6 +165,7 @@ async def _relay(
     target: Target,
     local_tls: LocalTls,
     describe: Describe,
+    endpoint_dial: float,
 ) -> None:
     where = target(dial.engagement_id, dial.original_port)
     destination = Destination(
@@ -166,7 +173,7 @@ async def _relay(
     )
     local: trio.abc.HalfCloseableStream | None = None
     if where is not None:
-        local = await _open_local(where, local_tls(dial.engagement_id))
+        local = await _open_local(where, local_tls(dial.engagement_id), endpoint_dial)
     try:
         stream = await dial_back(destination, dial.dial_id)
     except (TunnelError, RpcError) as exc:
@@ -215,13 +222,23 @@ async def refuse(stream: H2Stream, name: str, where: tuple[str, int]) -> None:
 
 
 async def _open_local(
-    where: tuple[str, int], tls: ssl.SSLContext | None
+    where: tuple[str, int], tls: ssl.SSLContext | None, timeout: float = 3.0
 ) -> trio.abc.HalfCloseableStream | None:
-    """The connection to the local handler (TLS when `tls`), or None with the reason logged."""
+    """The connection to the local handler (TLS when `tls`), or None with the reason logged;
+    one that does not accept within `timeout` seconds counts as refused."""
     try:
-        plain = await trio.open_tcp_stream(*where)
+        with trio.move_on_after(timeout) as dialing:
+            plain = await trio.open_tcp_stream(*where)
     except OSError as exc:
         log.warning("engaged connection: local handler %s:%d: %s", *where, exc.strerror or exc)
+        return None
+    if dialing.cancelled_caught:
+        log.warning(
+            "engaged connection: the local handler %s:%d did not accept within %gs "
+            "(config timeouts.endpointDial)",
+            *where,
+            timeout,
+        )
         return None
     if tls is None:
         return plain

@@ -77,7 +77,13 @@ class LocalEngagements:
         namespace: str,
         dial: Dial,
         dial_back: DialBack,
+        agent_timeout: float = 30.0,
+        endpoint_dial: float = 3.0,
     ) -> None:
+        self._agent_timeout = agent_timeout
+        """Config timeouts.intercept: how long the manager may wait for the agent."""
+        self._endpoint_dial = endpoint_dial
+        """Config timeouts.endpointDial: connecting to a local handler."""
         self._lease = lease
         self._mounts = mounts
         self._namespace = namespace
@@ -210,6 +216,7 @@ class LocalEngagements:
                 path_regex=request.path_regex,
                 kind=kind,
                 engagement_id=engagement_id,
+                agent_timeout=self._agent_timeout,
             ),
         )
         return info, mappings
@@ -356,6 +363,7 @@ class LocalEngagements:
                     self._target,
                     self.local_tls.get,
                     self._name_of,
+                    endpoint_dial=self._endpoint_dial,
                 )
             except RpcError as exc:
                 log.debug("dial-back watch ended: %s", exc.message)

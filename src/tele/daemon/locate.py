@@ -29,9 +29,17 @@ class ManagerLocator:
     """Finds the manager in `namespace` of `kube`'s cluster, or uses `address` (HOST:PORT)."""
 
     def __init__(
-        self, kube: KubeClient, namespace: str, *, address: str = "", wait: float = 0.0
+        self,
+        kube: KubeClient,
+        namespace: str,
+        *,
+        address: str = "",
+        wait: float = 0.0,
+        cluster_timeout: float = 20.0,
     ) -> None:
         self._kube = kube
+        self._cluster_timeout = cluster_timeout
+        """How long the Kubernetes API server may take to answer the first question."""
         self.namespace = namespace
         self._address = address
         self._wait = wait
@@ -49,9 +57,15 @@ class ManagerLocator:
         (following the pods with a watch). NoManager when none is installed; after the wait, a
         ConnectionFailed naming each pod and what it is doing."""
         try:
-            pods, version = await self._kube.list(
-                k8s.PODS, self.namespace, label_selector=MANAGER_SELECTOR
-            )
+            with trio.move_on_after(self._cluster_timeout) as asking:
+                pods, version = await self._kube.list(
+                    k8s.PODS, self.namespace, label_selector=MANAGER_SELECTOR
+                )
+            if asking.cancelled_caught:
+                raise ConnectionFailed(
+                    f"the Kubernetes API server {self._kube.connection.server} did not answer "
+                    f"within {self._cluster_timeout:g}s (config timeouts.clusterConnect)"
+                )
         except ApiError as exc:
             if exc.not_found:
                 raise self._no_manager() from None

@@ -23,7 +23,7 @@ import trio
 
 import tele
 from tele import unixsock
-from tele.config import parse_log_level
+from tele.config import Config, parse_log_level
 from tele.daemon.loglevel import LogLevelController
 from tele.daemon.session import ClusterSession
 from tele.errors import TeleError, UserError, first_leaf
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _network_options(request: api.ConnectRequest) -> NetworkOptions:
+def _network_options(request: api.ConnectRequest, cfg: Config) -> NetworkOptions:
     """The connect flags for the network part; TELE_VIF=1 (tests, containers) also enables it."""
     from tele.vif.connect import ENV_ENABLE, NetworkOptions
 
@@ -53,6 +53,7 @@ def _network_options(request: api.ConnectRequest) -> NetworkOptions:
     options.also_proxy = list(request.also_proxy)
     options.never_proxy = list(request.never_proxy)
     options.allow_conflicting = list(request.allow_conflicting_subnets)
+    options.dial_timeout = float(cfg.timeouts.proxy_dial)
     return options
 
 
@@ -243,9 +244,8 @@ class Daemon:
                 session = ClusterSession(
                     request,
                     kube,
-                    connect_timeout=float(cfg.timeouts.traffic_manager_connect),
-                    api_timeout=float(cfg.timeouts.traffic_manager_api),
-                    network=_network_options(request),
+                    settings=cfg,
+                    network=_network_options(request, cfg),
                     take_helper=self.take_helper,
                 )
                 self.session = session

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 import trio
 
 from tele import gctune
+from tele.config import Config
 from tele.daemon.engagements import LocalEngagements
 from tele.daemon.lease import SessionLease
 from tele.daemon.locate import ManagerLocator
@@ -52,6 +54,19 @@ log = logging.getLogger(__name__)
 DEFAULT_MANAGER_NAMESPACE = "ambassador"
 
 
+def manager_namespace(flag: str, extension: Mapping[str, Any], settings: Config) -> str:
+    """The traffic manager's namespace: --manager-namespace, else the kubeconfig extension's
+    `manager.namespace`, else the config's `cluster.defaultManagerNamespace`, else ambassador."""
+    manager = extension.get("manager")
+    from_extension = manager.get("namespace") if isinstance(manager, dict) else None
+    return (
+        flag
+        or (from_extension if isinstance(from_extension, str) else "")
+        or settings.cluster.default_manager_namespace
+        or DEFAULT_MANAGER_NAMESPACE
+    )
+
+
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str:
     """The token of an `Authorization: Bearer` header ("" for none, or Basic)."""
     for name, value in headers:
@@ -69,15 +84,24 @@ class ClusterSession:
         request: dapi.ConnectRequest,
         kube: KubeClient,
         *,
-        connect_timeout: float,
-        api_timeout: float,
+        settings: Config | None = None,
         network: NetworkOptions | None = None,
         take_helper: Callable[[], Privileges | None] | None = None,
     ) -> None:
-        self.request = request
+        settings = settings or Config()
+        timeouts = settings.timeouts
+        connect_timeout = float(timeouts.traffic_manager_connect)
+        api_timeout = float(timeouts.traffic_manager_api)
         self.connection: ClusterConnection = kube.connection
+        if not request.mapped_namespaces and settings.cluster.mapped_namespaces:
+            request = msgspec.structs.replace(
+                request, mapped_namespaces=list(settings.cluster.mapped_namespaces)
+            )
+        self.request = request
         self.namespace = request.namespace or self.connection.namespace
-        self.manager_namespace = request.manager_namespace or DEFAULT_MANAGER_NAMESPACE
+        self.manager_namespace = manager_namespace(
+            request.manager_namespace, self.connection.extension, settings
+        )
         self.connect_timeout = connect_timeout
         self.connected_at = 0.0
         self.started = False
@@ -87,6 +111,7 @@ class ClusterSession:
             self.manager_namespace,
             address=request.manager_address,
             wait=connect_timeout,
+            cluster_timeout=float(timeouts.cluster_connect),
         )
         self.pool = LinkPool(
             self.locator.open_transport,
@@ -108,6 +133,8 @@ class ClusterSession:
             namespace=self.namespace,
             dial=self.dial,
             dial_back=self._dial_back,
+            agent_timeout=float(timeouts.intercept),
+            endpoint_dial=float(timeouts.endpoint_dial),
         )
         # The VIF and DNS (tele.vif.connect): when `network` asks for it (or TELE_VIF=1).
         self.network_options = network

@@ -34,6 +34,9 @@ class ClusterConnection:
     """SNI / certificate name to use instead of the URL's host (kubeconfig `tls-server-name`)."""
     _authorization: Callable[[], str | None] = field(default=lambda: None, repr=False)
     _ssl_factory: Callable[[], ssl.SSLContext] | None = field(default=None, repr=False)
+    extension: dict[str, Any] = field(default_factory=dict)
+    """The `telepresence.io` kubeconfig extension of the context's cluster, overridden key by
+    key by the context's own (manager namespace, DNS and routing settings of this cluster)."""
 
     def new_ssl_context(self, alpn: list[str] | None = None) -> ssl.SSLContext | None:
         """A TLS context of its own for one user of this connection.
@@ -151,6 +154,7 @@ def _load_blocking(kubeconfig: str | None, context: str | None) -> ClusterConnec
         return value
 
     namespace = (entry.get("context") or {}).get("namespace") or "default"
+    extension = _extension(kubeconfig, entry)
     return ClusterConnection(
         server=server,
         context=name,
@@ -159,7 +163,50 @@ def _load_blocking(kubeconfig: str | None, context: str | None) -> ClusterConnec
         tls_server_name=configuration.tls_server_name or None,
         _authorization=authorization,
         _ssl_factory=make_ssl_context if ssl_context is not None else None,
+        extension=extension,
     )
+
+
+EXTENSION_NAME = "telepresence.io"
+
+
+def _extension(kubeconfig: str | None, context_entry: dict[str, Any]) -> dict[str, Any]:
+    """The `telepresence.io` extension of the context's cluster, then of the context itself
+    (Telepresence keeps it on the cluster; a context's own wins). The first file that names
+    the cluster is used, as kubectl merges files."""
+    import yaml
+
+    context = context_entry.get("context") or {}
+    cluster_name = context.get("cluster")
+    found: dict[str, Any] = {}
+    text = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    for path in [os.path.expanduser(p) for p in text.split(os.pathsep) if p]:
+        try:
+            with open(path, encoding="utf-8") as file:
+                document = yaml.safe_load(file)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        clusters = document.get("clusters") if isinstance(document, dict) else None
+        for cluster in clusters if isinstance(clusters, list) else []:
+            if isinstance(cluster, dict) and cluster.get("name") == cluster_name:
+                found = _named_extension((cluster.get("cluster") or {}).get("extensions"))
+                break
+        else:
+            continue
+        break
+    return {**found, **_named_extension(context.get("extensions"))}
+
+
+def _named_extension(extensions: object) -> dict[str, Any]:
+    for item in extensions if isinstance(extensions, list) else []:
+        if isinstance(item, dict) and item.get("name") == EXTENSION_NAME:
+            value = item.get("extension")
+            if not isinstance(value, dict):
+                raise KubeconfigError(
+                    f"the kubeconfig's {EXTENSION_NAME} extension must be a mapping of keys"
+                )
+            return dict(value)
+    return {}
 
 
 async def load_connection(

@@ -70,6 +70,9 @@ class NetworkOptions:
     excludes: list[str] = field(default_factory=list)
     mappings: dict[str, str] = field(default_factory=dict)
     lookup_timeout: float = 8.0
+    dial_timeout: float = 5.0
+    """Config timeouts.proxyDial: a connection to a cluster address waits this long for its
+    tunnel stream before the app sees it refused."""
 
     @classmethod
     def from_env(cls) -> NetworkOptions:
@@ -223,7 +226,9 @@ async def _serve_network(
         raise RuntimeError("serve_network needs an arrived session")
 
     async def dial(destination: Destination) -> trio.abc.HalfCloseableStream:
-        return await session.pool.dial(destination, session=session.session_id(), wait=5)
+        return await session.pool.dial(
+            destination, session=session.session_id(), wait=options.dial_timeout
+        )
 
     async def lookup(name: str, qtype: str) -> mapi.LookupReply:
         client = await session.client()
@@ -238,6 +243,7 @@ async def _serve_network(
         device=options.device,
         address=options.address,
         netns=options.netns,
+        dial_timeout=options.dial_timeout,
     )
     async with trio.open_nursery() as nursery:
         vif: VifInfo = await nursery.start(

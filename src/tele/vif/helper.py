@@ -465,12 +465,15 @@ def _log_stream(fd: int, owner: int) -> int | None:
     return os.dup(fd)
 
 
-def _setup_logging(log_fd: int | None) -> None:
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
+
+
+def _setup_logging(log_fd: int | None, level: str = "info") -> None:
     handlers: list[logging.Handler] = []
     if log_fd is not None:
         handlers.append(logging.StreamHandler(os.fdopen(log_fd, "a", buffering=1)))
     logging.basicConfig(
-        level=logging.INFO,
+        level=logging.DEBUG if level == "trace" else level.upper(),
         format=f"%(asctime)s helper[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
         handlers=handlers or [logging.NullHandler()],
     )
@@ -516,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--foreground", action="store_true", help="Do not detach (print 'ready' instead)."
     )
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="The helper log's level (the CLI passes config logLevels.rootDaemon).",
+    )
     args = parser.parse_args(argv)
     try:
         invoker = Invoker.from_environment()
@@ -535,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ready", file=sys.stderr, flush=True)
     else:
         sock = _detach_and_connect(args, invoker)
-    _setup_logging(log_fd)
+    _setup_logging(log_fd, args.log_level)
     log.info("serving the daemon of uid %d on %s", invoker.uid, args.socket)
     journal.use_file(journal_file(invoker.uid))
     try:

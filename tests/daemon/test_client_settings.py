@@ -1,0 +1,219 @@
+"""Client config keys (~/.config/tele/config.yml) take effect, shown as a user sees them: the
+manager's namespace, mapped namespaces, the intercept's default port and agent wait, the
+Kubernetes API's first answer, the local handler's dial (issue 19)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import yaml
+
+from tele.daemon.engage import _open_local
+from tele.sandbox.testing import ThreadedCluster, threaded_cluster
+from tests.daemon.test_connect import ManagerProcess
+from tests.daemon.util import DaemonGuard, run_tele, single_error_line
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[ThreadedCluster, Path]]:
+    kubeconfig = tmp_path / "kubeconfig"
+    with threaded_cluster(kubeconfig) as cluster:
+        yield cluster, kubeconfig
+
+
+@pytest.fixture
+def manager(cluster: tuple[ThreadedCluster, Path]) -> Iterator[ManagerProcess]:
+    """Without authentication: the stand-in agent has no pod token (tests/manager/test_auth)."""
+    process = ManagerProcess(cluster[1], lease="2s", auth_mode="disabled")
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+WORKLOAD = [
+    {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "api", "namespace": "default"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "api"}},
+            "template": {
+                "metadata": {"labels": {"app": "api"}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "app",
+                            "image": "tele-sandbox/echo",
+                            "ports": [{"name": "http", "containerPort": 8080}],
+                        }
+                    ]
+                },
+            },
+        },
+    },
+    {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "api", "namespace": "default"},
+        "spec": {"selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": "http"}]},
+    },
+]
+
+
+def write_config(env: dict[str, str], text: str) -> None:
+    path = Path(env["XDG_CONFIG_HOME"]) / "tele" / "config.yml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+
+
+def test_manager_namespace_comes_from_flag_then_kubeconfig_then_config(
+    tele_env: dict[str, str], guard: DaemonGuard, cluster: tuple[ThreadedCluster, Path]
+) -> None:
+    kubeconfig = cluster[1]
+
+    def refusal(*flags: str, config: Path = kubeconfig) -> str:
+        result = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(config), *flags)
+        assert result.returncode == 1, result.stderr
+        return single_error_line(result)
+
+    write_config(tele_env, "cluster:\n  defaultManagerNamespace: from-config\n")
+    assert "no traffic manager is installed in namespace from-config" in refusal()
+    document = yaml.safe_load(kubeconfig.read_text())
+    document["clusters"][0]["cluster"]["extensions"] = [
+        {"name": "telepresence.io", "extension": {"manager": {"namespace": "from-kubeconfig"}}}
+    ]
+    with_extension = kubeconfig.parent / "kubeconfig-ext"
+    with_extension.write_text(yaml.safe_dump(document))
+    assert "namespace from-kubeconfig" in refusal(config=with_extension)
+    assert "namespace from-flag" in refusal(
+        "--manager-namespace", "from-flag", config=with_extension
+    )
+
+
+def test_cluster_connect_bounds_the_first_answer_of_the_api_server(
+    tele_env: dict[str, str], guard: DaemonGuard, cluster: tuple[ThreadedCluster, Path]
+) -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        document = yaml.safe_load(cluster[1].read_text())
+        document["clusters"][0]["cluster"]["server"] = (
+            f"https://127.0.0.1:{silent.getsockname()[1]}"
+        )
+        broken = cluster[1].parent / "silent-kubeconfig"
+        broken.write_text(yaml.safe_dump(document))
+        write_config(tele_env, "timeouts:\n  clusterConnect: 1s\n")
+        result = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(broken))
+    assert result.returncode == 3, result.stderr
+    assert single_error_line(result) == (
+        f"tele: The Kubernetes API server https://127.0.0.1:{port} did not "
+        "answer within 1s (config timeouts.clusterConnect)."
+    )
+
+
+async def test_mapped_namespaces_intercept_timeout_and_default_port(
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    cluster: tuple[ThreadedCluster, Path],
+    manager: ManagerProcess,
+    tmp_path: Path,
+) -> None:
+    from tele.rpc import agent_api as aapi
+    from tele.rpc.client import open_client
+
+    kubeconfig = cluster[1]
+    manifest = tmp_path / "api.yaml"
+    manifest.write_text(yaml.safe_dump_all(WORKLOAD))
+    await trio.to_thread.run_sync(
+        lambda: subprocess.run(
+            ["kubectl", "--kubeconfig", str(kubeconfig), "apply", "-f", str(manifest)],
+            check=True,
+            capture_output=True,
+        )
+    )
+
+    async def tele(*args: str) -> subprocess.CompletedProcess[str]:
+        return await trio.to_thread.run_sync(lambda: run_tele(tele_env, *args))
+
+    async def echo(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, echo, 0)
+        port = listeners[0].socket.getsockname()[1]
+        write_config(
+            tele_env,
+            f"timeouts:\n  intercept: 1s\nintercept:\n  defaultPort: {port}\n"
+            "cluster:\n  mappedNamespaces: [default]\n",
+        )
+        connected = await tele(
+            "connect",
+            "--no-vif",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--manager-address",
+            f"127.0.0.1:{manager.port}",
+        )
+        assert connected.returncode == 0, connected.stderr
+        status = json.loads((await tele("status", "-o", "json")).stdout)
+        assert status["session"]["mapped_namespaces"] == ["default"]
+
+        # No agent ever arrives (no kubelet here): the config's 1 s, not the default 30 s.
+        started = trio.current_time()
+        waited = await tele("intercept", "api")
+        assert waited.returncode != 0
+        assert "no traffic agent of Deployment default/api arrived within 1s" in waited.stderr
+        assert trio.current_time() - started < 20
+
+        # With an agent, an intercept without --port goes to intercept.defaultPort.
+        agent_link = await trio.open_tcp_stream("127.0.0.1", manager.port)
+        async with open_client(agent_link) as agent:
+            await agent.call(
+                aapi.ARRIVE_AS_AGENT,
+                aapi.AgentIdentity(
+                    pod_name="api-xyz",
+                    namespace="default",
+                    pod_ip="10.244.0.9",
+                    workload_name="api",
+                    workload_kind="Deployment",
+                    version="0.1.0",
+                ),
+            )
+            engaged = await tele("intercept", "api")
+            assert engaged.returncode == 0, engaged.stderr
+            shown = await tele("status")
+            assert f"api: intercepted Deployment default/api -> 127.0.0.1:{port} (tcp)" in (
+                shown.stdout
+            )
+            assert (await tele("leave", "api")).returncode == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_endpoint_dial_bounds_the_connection_to_the_local_handler() -> None:
+    """A local handler that never accepts (its backlog full: the kernel drops the SYNs) is a
+    refused connection after endpointDial, not a caller left waiting."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        where = full.getsockname()
+        fillers = []
+        try:
+            for _ in range(2):  # Linux takes backlog + 1 into the queue
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(where)
+                fillers.append(filler)
+            started = trio.current_time()
+            assert await _open_local(where, None, 0.5) is None
+            assert 0.4 < trio.current_time() - started < 5
+        finally:
+            for filler in fillers:
+                filler.close()
