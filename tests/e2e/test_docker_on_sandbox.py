@@ -1,0 +1,164 @@
+"""Issue 21 on the sandbox with a real (private) Docker Engine: `tele intercept --docker-build
+DIR -- IMAGE ...` builds a handler image from a small base made in the test, engages, and runs
+it as a container that receives the intercepted request and sees the pod's environment
+variable and its mounted Secret at the pod's path; the container's exit ends the intercept,
+its status is tele's, and neither the container nor the engagement is left."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tele.daemon.mounts import mount_problem
+from tele.docker import run
+from tests.conftest import VENV_BIN
+from tests.daemon.util import DaemonGuard, run_tele
+from tests.docker.dockerd import PrivateDockerd, busybox_image, private_dockerd
+from tests.e2e import install_manager, kubectl
+from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(mount_problem() is not None, reason=f"no FUSE mounts: {mount_problem()}"),
+]
+
+SECRET = "s3cr3t-from-the-cluster"
+
+APP = f"""
+apiVersion: v1
+kind: Secret
+metadata: {{name: creds, namespace: default}}
+data: {{password: {base64.b64encode(SECRET.encode()).decode()}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: app, namespace: default}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: app}}}}
+  template:
+    metadata: {{labels: {{app: app}}}}
+    spec:
+      containers:
+      - name: app
+        image: tele-sandbox/echo
+        ports: [{{name: http, containerPort: 8080}}]
+        env: [{{name: GREETING, value: hello-from-the-pod}}]
+        volumeMounts: [{{name: creds, mountPath: /etc/creds}}]
+      volumes: [{{name: creds, secret: {{secretName: creds}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: app, namespace: default}}
+spec:
+  selector: {{app: app}}
+  ports: [{{name: http, port: 80, targetPort: http}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: caller, namespace: default}}
+spec:
+  containers: [{{name: c, image: tele-sandbox/worker}}]
+"""
+
+# busybox httpd runs it for /cgi-bin/seen, then it ends httpd: one answer, then exit 7.
+CGI = """#!/bin/sh
+printf 'Content-Type: text/plain\\r\\n\\r\\n'
+echo "greeting=$GREETING"
+echo "password=$(cat /etc/creds/password)"
+echo "mounts=$TELEPRESENCE_MOUNTS root=$TELEPRESENCE_ROOT"
+kill "$(cat /tmp/httpd.pid)"
+"""
+
+CALL = """
+import urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen("http://app.default/cgi-bin/seen", timeout=10).read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code)
+except OSError as exc:  # the pod being replaced when the agent is injected
+    print(type(exc).__name__)
+"""
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[PrivateDockerd]:
+    with private_dockerd() as dockerd:
+        yield dockerd
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_handler_container_built_here_answers_the_intercept_with_the_pods_env_and_secret(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    engine: PrivateDockerd,
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    tmp_path: Path,
+) -> None:
+    base = busybox_image(engine)
+    context = tmp_path / "handler"
+    context.mkdir()
+    (context / "seen").write_text(CGI)
+    (context / "Dockerfile").write_text(
+        f"FROM {base}\nCOPY seen /www/cgi-bin/seen\nRUN chmod 755 /www/cgi-bin/seen\n"
+    )
+    env = engine.env(tele_env)
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, env)
+    handler: subprocess.Popen[str] | None = None
+    try:
+        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+        kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+        connected = run_tele(env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
+        assert connected.returncode == 0, connected.stderr
+
+        port = _free_port()
+        serve = f"httpd -f -p 127.0.0.1:{port} -h /www & echo $! > /tmp/httpd.pid; wait; exit 7"
+        intercept = ["intercept", "app", "--port", str(port), "--docker-build", str(context)]
+        intercept += ["--docker-build-opt", "tag=tele-test/handler:1", "--"]
+        handler = subprocess.Popen(
+            [str(VENV_BIN / "tele"), *intercept, "IMAGE", "sh", "-c", serve],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        answers: list[str] = []
+        deadline = time.monotonic() + 180
+        while not answers or "greeting=" not in answers[-1]:
+            assert handler.poll() is None, handler.communicate()
+            assert time.monotonic() < deadline, f"no answer from the container: {answers[-3:]}"
+            time.sleep(0.5)  # polling a cluster call's answer: no event to wait on from here
+            answers.append(kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL))
+        seen = answers[-1]
+        assert "greeting=hello-from-the-pod\n" in seen
+        assert f"password={SECRET}\n" in seen
+        assert "mounts=/etc/creds root=/\n" in seen
+
+        out, err = handler.communicate(timeout=60)
+        assert handler.returncode == 7, err
+        assert "Building the image in" in err
+        assert "Intercept name         : app" in out
+        # The container is gone, and so is the intercept: the app answers again.
+        left = engine.docker("ps", "-aq", "--filter", f"label={run.LABEL}")
+        assert left.returncode == 0 and left.stdout == ""
+        assert "app: intercepted" not in run_tele(env, "list").stdout
+        again = kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+        assert "greeting=" not in again
+    finally:
+        if handler is not None and handler.poll() is None:
+            handler.kill()
+            handler.communicate()
+        run_tele(env, "quit")
+        run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
