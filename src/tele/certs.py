@@ -93,6 +93,35 @@ class CertificateAuthority:
     ) -> KeyPair:
         """A leaf certificate for `hosts` (DNS names or IP addresses)."""
         key = ec.generate_private_key(ec.SECP256R1())
+        lifetime = datetime.timedelta(days=days)
+        cert = self._leaf(key.public_key(), common_name, hosts, client=client, lifetime=lifetime)
+        return KeyPair(cert, _key_pem(key))
+
+    def certify(
+        self,
+        public_key_pem: bytes,
+        common_name: str,
+        hosts: list[str],
+        *,
+        lifetime: datetime.timedelta,
+        client: bool = False,
+    ) -> bytes:
+        """A leaf certificate (PEM) for a key pair someone else holds (its public key, PEM);
+        ValueError if that is not an EC P-256 public key."""
+        key = serialization.load_pem_public_key(public_key_pem)
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise ValueError("not an EC P-256 public key")
+        return self._leaf(key, common_name, hosts, client=client, lifetime=lifetime)
+
+    def _leaf(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        common_name: str,
+        hosts: list[str],
+        *,
+        client: bool,
+        lifetime: datetime.timedelta,
+    ) -> bytes:
         sans: list[x509.GeneralName] = []
         for host in hosts:
             try:
@@ -104,10 +133,10 @@ class CertificateAuthority:
             x509.CertificateBuilder()
             .subject_name(_name(common_name))
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
+            .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(
@@ -124,8 +153,7 @@ class CertificateAuthority:
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self.key, hashes.SHA256())
-        return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def server_context(pair: KeyPair, alpn: list[str] | None = None) -> ssl.SSLContext:

@@ -25,7 +25,7 @@ log = logging.getLogger("tele.agent")
 
 
 async def run_agent(settings: AgentSettings) -> None:
-    from tele.agent.files import exports, serve_files
+    from tele.agent.files import FileServerKeys, exports, serve_files
     from tele.agent.forward import serve
     from tele.agent.manager_link import ManagerEngagements
     from tele.agent.tls import TlsTermination
@@ -39,14 +39,17 @@ async def run_agent(settings: AgentSettings) -> None:
             app_ca=Path(settings.app_ca) if settings.app_ca else None,
         )
     async with trio.open_nursery() as nursery:
-        source = ManagerEngagements.for_settings(settings)
+        keys = FileServerKeys()
+        source = ManagerEngagements.for_settings(settings, files=keys)
         # The file servers (one per container with exported volumes) before arriving: the
         # manager learns their ports from the identity.
         sftp_ports = {}
-        for container, export in exports(settings.config).items():
+        for container, export in exports(settings.config, tls_dir=keys.directory).items():
             files = partial(serve_files, export, allow=source.may_reach_files)
             sftp_ports[container] = await nursery.start(files)
-        source.agent = msgspec.structs.replace(source.agent, sftp_ports=sftp_ports)
+        source.agent = msgspec.structs.replace(
+            source.agent, sftp_ports=sftp_ports, tls_public_key=keys.public_key_pem.decode()
+        )
         # Started at once, before the manager answers: until then the agent is transparent.
         await nursery.start(source.serve)
         await nursery.start(partial(serve, tls=tls), settings, source)

@@ -22,17 +22,23 @@ daemon (pyfuse3 allows one mount per process).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tele.agent.sftp import DEFAULT_USER
 from tele.contracts.agentconfig import AgentConfig
+from tele.rpc.agent_api import FILES_CLIENT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ class Export:
     uid: int = DEFAULT_USER
     gid: int = DEFAULT_USER
     groups: tuple[int, ...] = ()
+    tls_dir: str = ""
+    """Mutual TLS with the key and certificate there (FileServerKeys); "" plain (tests)."""
 
     def command(self) -> list[str]:
         """The per-connection SFTP process (tele.agent.sftp)."""
@@ -61,10 +69,52 @@ class Export:
         if self.read_only:
             command.append("--read-only")
         command += [arg for w in self.writable for arg in ("--writable", w)]
+        if self.tls_dir:
+            command += ["--tls-dir", self.tls_dir, "--peer-name", FILES_CLIENT_NAME]
         return command
 
 
-def exports(config: AgentConfig) -> dict[str, Export]:
+class FileServerKeys:
+    """The file servers' TLS key (made here, never sent) and the certificate the manager
+    issues for it on each arrival, in a private directory the SFTP processes read while they
+    are still root. No certificate (before arrival, after the session ended): every
+    connection is refused, so an agent the manager no longer knows serves no files."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.directory = directory or tempfile.mkdtemp(prefix="tele-files-tls-")
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        key = ec.generate_private_key(ec.SECP256R1())
+        self._write(
+            "key.pem",
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        self.public_key_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def store(self, cert_pem: str, ca_pem: str) -> None:
+        self._write("ca.pem", ca_pem.encode())
+        self._write("cert.pem", cert_pem.encode())
+
+    def forget(self) -> None:
+        for name in ("cert.pem", "ca.pem"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.directory, name))
+
+    def _write(self, name: str, data: bytes) -> None:
+        path = os.path.join(self.directory, name)
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+
+
+def exports(config: AgentConfig, *, tls_dir: str = "") -> dict[str, Export]:
     """Per app container with exported volumes, what its file server serves."""
     found = {}
     for container in config.containers:
@@ -83,6 +133,7 @@ def exports(config: AgentConfig) -> dict[str, Export]:
             uid=uid,
             gid=gid or DEFAULT_USER,
             groups=tuple(groups),
+            tls_dir=tls_dir,
         )
     return found
 

@@ -16,6 +16,7 @@ import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import NoReturn
+from typing import Protocol as Interface
 
 import trio
 
@@ -73,6 +74,14 @@ def identity(
     )
 
 
+class FileCertificates(Interface):
+    """Where the file servers' certificate goes (tele.agent.files.FileServerKeys)."""
+
+    def store(self, cert_pem: str, ca_pem: str) -> None: ...
+
+    def forget(self) -> None: ...
+
+
 def tcp_connector(host: str, port: int) -> Connector:
     @asynccontextmanager
     async def connect() -> AsyncIterator[trio.abc.Stream]:
@@ -93,9 +102,12 @@ class ManagerEngagements:
         *,
         retry_initial: float = 0.5,
         token_file: str = "",
+        files: FileCertificates | None = None,
     ) -> None:
         self.agent = agent
         self.token_file = token_file
+        self.files = files
+        """Where the certificate the manager issues for the file servers goes (each arrival)."""
         self.pool = LinkPool(connect, name="agent-manager-link")
         self.session_id = ""
         self.manager_ips: frozenset[str] | None = None
@@ -106,12 +118,15 @@ class ManagerEngagements:
         self._updated = trio.Event()
 
     @classmethod
-    def for_settings(cls, settings: AgentSettings, *, sftp_port: int = 0) -> ManagerEngagements:
+    def for_settings(
+        cls, settings: AgentSettings, *, sftp_port: int = 0, files: FileCertificates | None = None
+    ) -> ManagerEngagements:
         config = settings.config
         return cls(
             identity(settings, os.environ, sftp_port=sftp_port),
             tcp_connector(config.manager_host, config.manager_port),
             token_file=os.environ.get(TOKEN_FILE_ENV, ""),
+            files=files,
         )
 
     def may_reach_files(self, peer: str) -> bool:
@@ -175,6 +190,8 @@ class ManagerEngagements:
                 except* (TeleError, trio.BrokenResourceError) as group:
                     log.warning("traffic-manager session: %s", single_leaf(group))
                 self.session_id = ""
+                if self.files is not None:
+                    self.files.forget()  # no session: the file servers refuse everyone
                 self._set([])
                 await trio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, RETRY_MAX)
@@ -202,6 +219,12 @@ class ManagerEngagements:
         client = Client(link)
         token = await self._authenticate(client, "")
         info = await client.call(aapi.ARRIVE_AS_AGENT, self.agent, timeout=ARRIVE_TIMEOUT)
+        if self.files is not None:
+            if info.tls_cert and info.tls_ca:
+                self.files.store(info.tls_cert, info.tls_ca)
+            else:
+                self.files.forget()
+                log.warning("the traffic manager issued no certificate: volumes are not served")
         self.session_id = info.session_id
         self.manager_ips = frozenset(info.manager_ips) if info.manager_ips else None
         log.info("arrived at the traffic manager as session %s", info.session_id)

@@ -30,11 +30,14 @@ import argparse
 import errno
 import os
 import posixpath
+import socket
+import ssl
 import stat
 import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 # Packet types (draft-ietf-secsh-filexfer-02).
 INIT, VERSION, OPEN, CLOSE, READ, WRITE, LSTAT, FSTAT = 1, 2, 3, 4, 5, 6, 7, 8
@@ -55,6 +58,7 @@ MAX_PACKET = 256 * 1024 + 1024
 MAX_READ = 256 * 1024
 MAX_HANDLES = 256
 READDIR_BATCH = 100
+HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_USER = 65532
 """tele's image user: who the server is when the app container names no non-root user."""
 EXTENSIONS = (
@@ -448,10 +452,54 @@ def confine(root: str, uid: int, gid: int, groups: list[int]) -> None:
         raise PermissionError(errno.EPERM, "the file server must not run as root")
 
 
-def read_exactly(fd: int, n: int) -> bytes | None:
+class Peer:
+    """The connection: the socket on fds 0/1, plain or (mutual) TLS."""
+
+    def __init__(self, tls: ssl.SSLSocket | None = None) -> None:
+        self.tls = tls
+
+    def recv(self, n: int) -> bytes:
+        return self.tls.recv(n) if self.tls is not None else os.read(0, n)
+
+    def send_all(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view) :]
+
+
+def tls_context(directory: str) -> ssl.SSLContext:
+    """The file server's side of mutual TLS: its key and the certificate the manager issued
+    for it, and the manager's CA as the only issuer of acceptable client certificates.
+    OSError when the agent has no certificate (yet): it has not arrived at the manager."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem"))
+    ctx.load_verify_locations(os.path.join(directory, "ca.pem"))
+    ctx.verify_mode = ssl.CERT_REQUIRED  # the client's chain must lead to the manager's CA
+    return ctx
+
+
+def accept_tls(ctx: ssl.SSLContext, peer_name: str) -> ssl.SSLSocket:
+    """Handshake on fd 0 (bounded in time); the client must be `peer_name`."""
+    sock = socket.socket(fileno=os.dup(0))
+    tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    tls.settimeout(HANDSHAKE_TIMEOUT)
+    tls.do_handshake()
+    cert: dict[str, Any] = dict(tls.getpeercert() or {})
+    names = [v for rdn in cert.get("subject", ()) for (k, v) in rdn if k == "commonName"]
+    if names != [peer_name]:
+        raise ssl.SSLError(f"the client certificate names {names}, not {peer_name}")
+    tls.settimeout(None)
+    return tls
+
+
+def read_exactly(peer: Peer, n: int) -> bytes | None:
     chunks, want = [], n
     while want:
-        chunk = os.read(fd, min(want, 65536))
+        chunk = peer.recv(min(want, 65536))
         if not chunk:
             return None
         chunks.append(chunk)
@@ -459,24 +507,18 @@ def read_exactly(fd: int, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def serve(server: Server, fd_in: int = 0, fd_out: int = 1) -> None:
-    """Requests from fd_in, replies to fd_out, until the peer closes or breaks the framing."""
+def serve(server: Server, peer: Peer) -> None:
+    """Requests from the peer, replies to it, until it closes or breaks the framing."""
     try:
         while True:
-            head = read_exactly(fd_in, 4)
+            head = read_exactly(peer, 4)
             if head is None:
                 return
             length = struct.unpack(">I", head)[0]
             if not 1 <= length <= MAX_PACKET:
                 sys.stderr.write(f"sftp: a frame of {length} bytes: closing\n")
                 return
-            packet = read_exactly(fd_in, length)
+            packet = read_exactly(peer, length)
             if packet is None:
                 return
             try:
@@ -484,7 +526,7 @@ def serve(server: Server, fd_in: int = 0, fd_out: int = 1) -> None:
             except BadMessage:
                 sys.stderr.write("sftp: a request without an id: closing\n")
                 return
-            write_all(fd_out, u32(len(reply)) + reply)
+            peer.send_all(u32(len(reply)) + reply)
     except OSError:
         return  # the peer went away
     finally:
@@ -499,7 +541,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", type=int, action="append", default=[])
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--writable", action="append", default=[])
+    parser.add_argument("--tls-dir", help="mutual TLS with this key, certificate and CA")
+    parser.add_argument("--peer-name", default="", help="the client certificate's common name")
     args = parser.parse_args(argv)
+    ctx = None
+    if args.tls_dir:
+        try:
+            ctx = tls_context(args.tls_dir)  # before the chroot: the files are outside it
+        except (OSError, ssl.SSLError) as exc:
+            sys.stderr.write(
+                "sftp: refusing a connection: the agent has no certificate from the traffic "
+                f"manager ({exc.strerror if isinstance(exc, OSError) else exc})\n"
+            )
+            return 1
     try:
         confine(args.root, args.uid, args.gid, args.group)
     except OSError as exc:
@@ -511,8 +565,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for fd in (0, 1):  # the agent's socket is non-blocking (trio's); this process blocks
         os.set_blocking(fd, True)
+    peer = Peer()
+    if ctx is not None:
+        try:
+            peer = Peer(accept_tls(ctx, args.peer_name))
+        except (OSError, ssl.SSLError) as exc:
+            sys.stderr.write(f"sftp: refusing a connection: TLS: {exc}\n")
+            return 1
     server = Server(read_only=args.read_only, writable=tuple(os.fsencode(w) for w in args.writable))
-    serve(server)
+    serve(server, peer)
     return 0
 
 

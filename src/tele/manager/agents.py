@@ -30,8 +30,10 @@ class AgentRegistry:
         vouch: Callable[[aapi.AgentIdentity], aapi.AgentIdentity] = lambda identity: identity,
         owner: Callable[[], str] = lambda: "",
         check_owner: Callable[[str], None] = lambda owner: None,
+        certify: Callable[[aapi.AgentIdentity], tuple[str, str]] = lambda identity: ("", ""),
     ) -> None:
         self._vouch = vouch
+        self._certify = certify
         self._owner = owner
         self._check_owner = check_owner
         self.sessions = SessionTable[aapi.AgentIdentity](AGENT_LEASE)
@@ -43,6 +45,7 @@ class AgentRegistry:
     async def arrive(self, identity: aapi.AgentIdentity) -> aapi.AgentSessionInfo:
         """An agent arrives; `vouch` refuses one whose token does not make it that pod's."""
         identity = self._vouch(identity)
+        cert, ca = self._certify(identity)  # for the pod IP the manager sees
         session = self.sessions.arrive(identity, self._clock(), owner=self._owner())
         self._wake_reaper()
         log.info(
@@ -57,6 +60,8 @@ class AgentRegistry:
             session_id=session.session_id,
             lease_seconds=AGENT_LEASE,
             manager_ips=[self._manager_ip] if self._manager_ip else [],
+            tls_cert=cert,
+            tls_ca=ca,
         )
 
     def get(self, session_id: str) -> Session[aapi.AgentIdentity] | None:

@@ -29,6 +29,7 @@ from tele.contracts import agentconfig
 from tele.contracts.namespaces import NamespaceSelector
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
+from tele.manager.agentfiles import FilesAuthority, FilesDialer
 from tele.manager.agents import AgentRegistry
 from tele.manager.auth import Authenticator, Principal, audit_line, caller
 from tele.manager.changes import Changes
@@ -183,6 +184,7 @@ class Manager:
         # Clients whose last connection closed: their engagements are suspended meanwhile.
         self.presence = Presence(on_change=changes.notify)
         self.table = EngagementTable()
+        self.files_authority = FilesAuthority()
 
         def wake_reaper() -> None:  # the reaper (of `clients`) also ends agents' sessions
             self.clients.wake_reaper()
@@ -195,6 +197,7 @@ class Manager:
             vouch=self.vouch_for_agent,
             owner=self.auth.owner,
             check_owner=self.auth.check_owner,
+            certify=self.files_authority.certify,
         )
         self.clients = ClientSessions(
             lease=config.session_lease,
@@ -243,7 +246,15 @@ class Manager:
             authorize=self.auth.authorize_engagement,
             settings=self.agent_settings(),
         )
-        self.tunnel = TunnelServer(policy=self._tunnel_policy, dial_back=self.dials.dial_back)
+        self.files_dialer = FilesDialer(
+            self.files_authority,
+            lambda: [a.identity for a in self.agents.sessions.sessions.values()],
+        )
+        self.tunnel = TunnelServer(
+            policy=self._tunnel_policy,
+            dial_back=self.dials.dial_back,
+            connector=self.files_dialer.connect,
+        )
         self.injector = AgentInjector(
             view=self.view,
             agent_workloads=self.agent_workloads,
@@ -531,6 +542,7 @@ class Manager:
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Run everything; reports the bound API port once the view knows the namespaces."""
         async with trio.open_nursery() as nursery:
+            self.files_dialer.nursery = nursery
             nursery.start_soon(self.feed.watch, "Namespace", k8s.NAMESPACES, None)
             static = self.config.selector.static_names
             scopes: list[str | None] = [*sorted(static)] if static is not None else [None]

@@ -20,6 +20,9 @@ from tele.rpc.method import Empty, ServerStream, Unary
 
 AGENT_DIAL_PREFIX = "engage."
 """An agent's OPEN for engagement E carries the dial id `engage.E`."""
+FILES_CLIENT_NAME = "tele-traffic-manager"
+"""The common name of the manager's client certificate, the only client an agent's file
+server accepts (mutual TLS with the manager's CA)."""
 
 
 PAST_TENSE = {"intercept": "intercepted", "replace": "replaced", "ingest": "ingested"}
@@ -73,6 +76,9 @@ class AgentIdentity(msgspec.Struct, frozen=True, kw_only=True):
     sftp_ports: dict[str, int] = {}
     """Per app container with exported volumes, the port of its own file server (SFTP,
     tele.agent.files), confined to that container's volumes."""
+    tls_public_key: str = ""
+    """The public key (PEM, EC P-256) of the file servers' TLS key, which never leaves the
+    agent: the manager answers the arrival with a certificate for it (tls_cert)."""
     replaced: list[str] = []
     """The containers this agent's pod was made without (its configuration replaces them)."""
     terminates_tls: bool = False
@@ -86,6 +92,11 @@ class AgentSessionInfo(msgspec.Struct, frozen=True, kw_only=True):
     manager_ips: list[str] = []
     """Where the manager's connections to pods come from: the only peers the agent's file
     server accepts (empty: the manager does not know its address; then any peer)."""
+    tls_cert: str = ""
+    """The file servers' certificate (PEM, for the pod IP, serverAuth), issued by the manager's
+    CA for tls_public_key; its file servers accept only the manager's client certificate."""
+    tls_ca: str = ""
+    """The manager's CA (PEM) that issued tls_cert and the manager's client certificate."""
 
 
 class EngageRequest(msgspec.Struct, frozen=True, kw_only=True):
