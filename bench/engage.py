@@ -13,7 +13,13 @@ requests/s) to the app directly (pod IP, the app's own port), through the Servic
 agent, through the agent with an http intercept that does not match them, and matching ones
 answered on this machine. Target: non-matching requests add <= 1 ms at p50.
 
-    .venv/bin/python bench/engage.py [--requests 500] [--auth-mode enforcing|disabled]
+    .venv/bin/python bench/engage.py [--requests 500] [--auth-mode enforcing|disabled] [--docker]
+
+--docker (issue 21) adds a private dockerd and a handler container (`--docker-run`, the same
+Python handler as the process one, from tele's image loaded into that engine): ready time with
+the image built by `--docker-build` first (cold) and already there (warm), the agent already
+injected in both; and the latency of a tcp intercept answered by the container next to the one
+answered by the process handler.
 
 Prints a table and one JSON line. Needs root, iproute2, nftables and kubectl, like the sandbox.
 """
@@ -120,8 +126,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+# The container handler: the same answers as Handler above (keep-alive, no Nagle), in tele's
+# image's Python. argv[1]: the port.
+CONTAINER_HANDLER = """
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def do_GET(self):
+        body = b"hello from the laptop"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
 class Bench:
-    def __init__(self, requests: int, auth_mode: str = "enforcing") -> None:
+    def __init__(self, requests: int, auth_mode: str = "enforcing", docker: bool = False) -> None:
+        self.docker = docker
         self.auth_mode = auth_mode
         self.requests = requests
         self.name = f"tele-bench-{secrets.token_hex(3)}"
@@ -210,6 +236,86 @@ class Bench:
             raise SystemExit("no request reached the local handler")
         return returned, Handler.first - started
 
+    def docker_ready(self, port: int, build: Path | None, image: str) -> tuple[float, object]:
+        """Seconds from starting `tele intercept --docker-run` (or --docker-build `build`) to
+        the first request answered by the container, and the running tele (leave it with
+        stop_docker_handler)."""
+        argv = ["kubectl", "--kubeconfig", self.kubeconfig, "exec", "caller", "--"]
+        docker = ["--docker-run", "--"]
+        if build:
+            docker = ["--docker-build", str(build), "--docker-build-opt", f"tag={image}", "--"]
+        run = [
+            "--entrypoint", "/usr/bin/python3.11",
+            "IMAGE" if build else image, "-c", CONTAINER_HANDLER, str(port),
+        ]  # fmt: skip
+        started = time.monotonic()
+        handler = subprocess.Popen(
+            [sys.executable, "-m", "tele", "intercept", "echo", "--port", str(port),
+             "--http-header", "x-bench=me", *docker, *run],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        knock = subprocess.run(
+            [*argv, "python3", "-c", KNOCK + "else:\n    raise SystemExit(1)\n"],
+            capture_output=True,
+            timeout=90,
+            check=False,
+        )
+        ready = time.monotonic() - started
+        if knock.returncode != 0 or handler.poll() is not None:
+            self.stop_docker_handler(handler)
+            raise SystemExit(f"the container handler did not answer: {handler.stderr}")
+        return ready, handler
+
+    def stop_docker_handler(self, handler: object) -> None:
+        """Ctrl-C to the `tele intercept --docker-run`: it removes the container and leaves."""
+        import signal
+
+        assert isinstance(handler, subprocess.Popen)
+        if handler.poll() is None:
+            handler.send_signal(signal.SIGINT)
+            try:
+                handler.wait(60)
+            except subprocess.TimeoutExpired:
+                handler.kill()
+                handler.wait()
+
+    def docker_rows(self, port: int) -> dict[str, object]:
+        """With a private dockerd: ready times (cold: built first; warm: the image is there)
+        and the latency of a tcp intercept answered by a container."""
+        from tele.image.archive import write_archive
+        from tele.image.build import build_tele_image
+        from tele.testing.dockerd import private_dockerd
+
+        with private_dockerd() as engine:
+            self.env["DOCKER_HOST"] = engine.host
+            try:
+                result = build_tele_image()
+                archive = self.home / "tele-image.tar"
+                write_archive(archive, [(result.image, result.tag)])
+                loaded = engine.docker("load", "-i", str(archive), timeout=300)
+                if loaded.returncode != 0:
+                    raise SystemExit(f"docker load failed: {loaded.stderr}")
+                context = self.home / "handler"
+                context.mkdir()
+                (context / "Dockerfile").write_text(
+                    f"FROM {result.tag}\nLABEL bench={secrets.token_hex(4)}\n"
+                )
+                tag = f"tele-bench/handler:{secrets.token_hex(3)}"
+                cold, handler = self.docker_ready(port, context, tag)
+                self.stop_docker_handler(handler)
+                warm, handler = self.docker_ready(port, None, tag)
+                self.stop_docker_handler(handler)
+                _, handler = self.docker_ready(port, None, tag)
+                try:
+                    row = self.latency("echo.default", 80, True)
+                finally:
+                    self.stop_docker_handler(handler)
+            finally:
+                del self.env["DOCKER_HOST"]
+        return {"cold": cold, "warm": warm, "row": row}
+
     def latency(self, host: str, port: int, header: bool) -> dict[str, float]:
         out = self.kubectl(
             "exec", "caller", "--", "python3", "-c", LATENCY, host, str(port),
@@ -242,10 +348,23 @@ class Bench:
             self.tele("leave", "echo")
             warm = self.ready_time(port)
             self.tele("leave", "echo")
+            docker: dict[str, object] = {}
+            if self.docker:
+                self.tele("intercept", "echo", "--port", str(port), "--http-header", "x-bench=me")
+                rows["Service, http intercept, matching (process)"] = self.latency(
+                    "echo.default", 80, True
+                )
+                self.tele("leave", "echo")
+                server.shutdown()
+                server.server_close()  # the container's handler takes the port
+                docker = self.docker_rows(port)
+                row = docker["row"]
+                assert isinstance(row, dict)
+                rows["Service, http intercept, matching (container)"] = row
         finally:
             server.shutdown()
             self.down()
-        return {"cold": cold, "warm": warm, "rows": rows}
+        return {"cold": cold, "warm": warm, "rows": rows, "docker": docker}
 
 
 def main() -> None:
@@ -257,16 +376,28 @@ def main() -> None:
         default="enforcing",
         help="the manager's security.authentication.mode (compare enforcing with disabled)",
     )
+    parser.add_argument(
+        "--docker",
+        action="store_true",
+        help="also a handler container (--docker-run) on a private dockerd: ready and latency",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("kubectl"):
         raise SystemExit("bench/engage.py needs root (the sandbox's namespaces) and kubectl")
-    result = Bench(args.requests, args.auth_mode).run()
+    result = Bench(args.requests, args.auth_mode, args.docker).run()
     cold, warm = result["cold"], result["warm"]
     rows = result["rows"]
     assert isinstance(cold, tuple) and isinstance(warm, tuple) and isinstance(rows, dict)
     print(f"{'ready (tele intercept -> first request here)':46} {'CLI s':>7} {'first s':>8}")
     print(f"{'cold (agent injected, pod rolled)':46} {cold[0]:7.2f} {cold[1]:8.2f}")
     print(f"{'warm (agent already there)':46} {warm[0]:7.2f} {warm[1]:8.2f}")
+    docker = result["docker"]
+    assert isinstance(docker, dict)
+    if docker:
+        print(
+            f"{'--docker-build, image built first (agent there)':46} {'':7} {docker['cold']:8.2f}"
+        )
+        print(f"{'--docker-run, image there (agent there)':46} {'':7} {docker['warm']:8.2f}")
     print()
     direct = rows["app directly (pod IP:8080)"]["p50_ms"]
     print(f"{'requests from a pod':46} {'p50 ms':>7} {'p99 ms':>8} {'req/s':>8} {'+p50 ms':>8}")
@@ -287,6 +418,15 @@ def main() -> None:
                 "latency": {
                     k: {m: round(float(v), 3) for m, v in r.items()} for k, r in rows.items()
                 },
+                "docker_ready_cold_s": round(float(docker["cold"]), 3) if docker else None,
+                "docker_ready_warm_s": round(float(docker["warm"]), 3) if docker else None,
+                "docker_added_p50_ms": round(
+                    rows["Service, http intercept, matching (container)"]["p50_ms"]
+                    - rows["Service, http intercept, matching (process)"]["p50_ms"],
+                    3,
+                )
+                if docker
+                else None,
                 "added_p50_ms_not_matching": round(
                     rows["Service, http intercept, not matching"]["p50_ms"] - direct, 3
                 ),

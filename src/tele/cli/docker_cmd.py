@@ -147,3 +147,56 @@ def run_handler(prepared_engine: Any, data: Mapping[str, Any], engagement: str) 
         return run.run(prepared, client)
     finally:
         client.close()
+
+
+def _connected_network() -> str:
+    """The network a container gets to reach the cluster: connects first when not connected
+    (saying so, as intercept does). The daemon runs on this machine: the host's."""
+    from tele.cli import client
+    from tele.rpc import daemon_api
+
+    client.call_connected(daemon_api.STATUS, daemon_api.Empty(), timeout=30, connect=True)
+    return "host"
+
+
+def _run_container(args: tuple[str, ...], engagement: str) -> int:
+    from tele.docker import engine, run
+
+    wanted = run.DockerRun(args)
+    _, image, _ = run.split_run_args(args)
+    found = engine.find()
+    docker_client = engine.connect(found)
+    try:
+        network = _connected_network()
+        prepared = run.prepare(
+            wanted,
+            image=image,
+            environment={},
+            local_mount="",
+            network=network,
+            engagement=engagement,
+            found=found,
+        )
+        return run.run(prepared, docker_client)
+    finally:
+        docker_client.close()
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
+def docker_run(args: tuple[str, ...]) -> None:
+    """Run a container with the cluster's network (no engagement): `tele docker-run --
+    [docker run flags] IMAGE [ARGS]`; it is removed when it ends, and its status is tele's."""
+    from tele.cli.intercept_cmd import exit_status
+
+    raise SystemExit(exit_status(_run_container(args, "")))
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def curl(args: tuple[str, ...]) -> None:
+    """curl from inside the connection (the cluster's names and addresses): `tele curl
+    [curl args] URL` runs the curlimages/curl image with the connection's network."""
+    from tele.cli.intercept_cmd import exit_status
+
+    raise SystemExit(exit_status(_run_container(("--rm", CURL_IMAGE, *args), "")))

@@ -36,6 +36,8 @@ COMMANDS: dict[str, str] = {
     "helm": "tele.cli.helm_cmd:helm",
     "image": "tele.cli.image_cmd:image",
     "completion": "tele.cli.completion_cmd:completion",
+    "docker-run": "tele.cli.docker_cmd:docker_run",
+    "curl": "tele.cli.docker_cmd:curl",
 }
 
 # One-line help shown by `tele --help` without importing the command modules.
@@ -61,6 +63,8 @@ SHORT_HELP: dict[str, str] = {
     "helm": "Install, upgrade, uninstall or lint the traffic manager.",
     "image": "Build tele's container image and push it to a registry.",
     "completion": "Print the shell completion script (bash, zsh or fish).",
+    "docker-run": "Run a container with the cluster's network (docker run's flags).",
+    "curl": "Run curl in a container with the cluster's network.",
 }
 
 
