@@ -170,7 +170,19 @@ def private_dockerd() -> Iterator[PrivateDockerd]:
             shutil.rmtree(root, ignore_errors=True)
 
 
-BUSYBOX_APPLETS = ("sh", "cat", "env", "echo", "httpd", "nc", "kill", "printf", "ls", "sleep", "wget")
+BUSYBOX_APPLETS = (
+    "sh",
+    "cat",
+    "env",
+    "echo",
+    "httpd",
+    "nc",
+    "kill",
+    "printf",
+    "ls",
+    "sleep",
+    "wget",
+)
 
 
 def busybox_image(engine: PrivateDockerd, tag: str = "tele-test/busybox:1") -> str:
