@@ -182,14 +182,17 @@ def _run_container(args: tuple[str, ...], engagement: str) -> int:
         docker_client.close()
 
 
+def _exit_status(returncode: int) -> int:
+    """As a shell gives it: killed by signal N -> 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
 def docker_run(args: tuple[str, ...]) -> None:
     """Run a container with the cluster's network (no engagement): `tele docker-run --
     [docker run flags] IMAGE [ARGS]`; it is removed when it ends, and its status is tele's."""
-    from tele.cli.intercept_cmd import exit_status
-
-    raise SystemExit(exit_status(_run_container(args, "")))
+    raise SystemExit(_exit_status(_run_container(args, "")))
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
@@ -197,6 +200,4 @@ def docker_run(args: tuple[str, ...]) -> None:
 def curl(args: tuple[str, ...]) -> None:
     """curl from inside the connection (the cluster's names and addresses): `tele curl
     [curl args] URL` runs the curlimages/curl image with the connection's network."""
-    from tele.cli.intercept_cmd import exit_status
-
-    raise SystemExit(exit_status(_run_container(("--rm", CURL_IMAGE, *args), "")))
+    raise SystemExit(_exit_status(_run_container(("--rm", CURL_IMAGE, *args), "")))
