@@ -145,6 +145,8 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
         raise
     if data.get("mount_error"):
         click.echo(f"tele: the volumes are not mounted: {data['mount_error']}", err=True)
+    for note in data.get("withheld") or []:  # what the user may not read (RBAC)
+        click.echo(f"tele: {note}", err=True)
     if not command:  # with `-- COMMAND`, the command is the handler and starts next
         for where in _not_listening(data.get("local") or []):
             click.echo(

@@ -324,7 +324,10 @@ class Mounts:
         if problem is not None:
             raise MountError(problem)
         if not info.sftp_port or not info.pod_ips:
-            raise MountError("the workload's traffic agent does not export volumes")
+            # The manager says why when it withheld them (the user may not read them).
+            raise MountError(
+                info.mount_error or "the workload's traffic agent does not export volumes"
+            )
         if self._nursery is None:
             raise MountError("the session is ending")
         try:

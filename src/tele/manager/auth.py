@@ -284,6 +284,33 @@ class Authenticator:
                 needed=f"{verb} {what}",
             )
 
+    async def may(
+        self, verb: str, resource: str, namespace: str, *, subresource: str = "", name: str = ""
+    ) -> bool:
+        """Whether the caller may (core API group), without refusing anything: what an
+        engagement hands over (manager.withhold). Permissive logs what it would withhold."""
+        if self.mode == "disabled":
+            return True
+        who = caller()
+        allowed = False
+        if who is not None:
+            attributes = (verb, "", resource, subresource, namespace, name)
+            allowed, _ = await self._decide(who, attributes)
+        if not allowed and self.mode == "permissive":
+            log.warning(
+                "permissive: would withhold what needs %s %s/%s %s in namespace %s from %s",
+                verb,
+                resource,
+                subresource,
+                name,
+                namespace,
+                who.username if who else "an unauthenticated caller",
+            )
+            return True
+        if not allowed:
+            audit_line("withheld", needed=f"{verb} {resource}", name=name, namespace=namespace)
+        return allowed
+
     async def may_list(self, workload_kind: str, namespace: str) -> bool:
         """Whether the caller may see `workload_kind`s in `namespace` (`list` on them): what
         `tele list` shows. Not enforcing: yes (permissive logs what it would hide)."""

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import trio
 
 from tele.contracts import agentconfig
@@ -35,6 +36,7 @@ from tele.manager.table import (
     pick_container,
 )
 from tele.manager.view import ClusterView
+from tele.manager.withhold import Withheld
 from tele.rpc import agent_api as aapi
 from tele.rpc import filters
 from tele.rpc import manager_api as api
@@ -43,6 +45,8 @@ from tele.rpc.method import Empty
 from tele.rpc.server import Router
 
 log = logging.getLogger(__name__)
+
+JudgeExports = Callable[[dict[str, Any], str, dict[str, str], str], Awaitable[Withheld]]
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,11 @@ class Engagements:
         settings: AgentSettings,
         absent: Collection[str] = frozenset(),
         authorize: Callable[[str, str, str, str], Awaitable[None]] | None = None,
+        judge_exports: JudgeExports | None = None,
     ) -> None:
         self._authorize = authorize
+        self._judge_exports = judge_exports
+        """(pod spec, container, mount policies, namespace) -> what the caller may not read."""
         """(kind, workload kind, namespace, workload name) -> None, or RpcError: RBAC."""
         self._view = view
         self._client_session = client_session
@@ -231,7 +238,18 @@ class Engagements:
             agents = await self._rollouts.ensure_agent(
                 key, workload, min(request.agent_timeout, self._settings.arrival_timeout)
             )
-            info = table.activate(request, session.label, key, name, container, chosen, agents)
+            agents, withheld = await self._withhold(agents, workload, key, container)
+            info = table.activate(
+                request,
+                session.label,
+                key,
+                name,
+                container,
+                chosen,
+                agents,
+                withheld=withheld.notes,
+                mount_error=withheld.volumes,
+            )
             self._dials.client_dials(request.session_id)  # dial requests wait there
             activated = True
         finally:
@@ -252,6 +270,44 @@ class Engagements:
         )
         self._changes.notify()
         return info
+
+    async def _withhold(
+        self,
+        agents: list[aapi.AgentIdentity],
+        workload: dict[str, Any],
+        key: WorkloadKey,
+        container: str,
+    ) -> tuple[list[aapi.AgentIdentity], Withheld]:
+        """The agents as the caller may see them: environment values and volumes from
+        Secrets/ConfigMaps it may not `get` left out (manager.withhold)."""
+        if self._judge_exports is None or not agents:
+            return agents, Withheld()
+        pod = self._view.pods.get((key[1], agents[0].pod_name)) or {}
+        template = (workload.get("spec") or {}).get("template") or {}
+        spec = pod.get("spec") or template.get("spec") or {}
+        policies = agents[0].mount_policies.get(container, {})
+        withheld = await self._judge_exports(spec, container, policies, key[1])
+        if not withheld.env and not withheld.volumes:
+            return agents, withheld
+        shown = []
+        for agent in agents:
+            env = {
+                k: v
+                for k, v in agent.environment.get(container, {}).items()
+                if k not in withheld.env
+            }
+            ports = dict(agent.sftp_ports)
+            if withheld.volumes:
+                ports.pop(container, None)
+            shown.append(
+                msgspec.structs.replace(
+                    agent,
+                    environment={**agent.environment, container: env},
+                    sftp_ports=ports,
+                    sftp_port=0 if withheld.volumes else agent.sftp_port,
+                )
+            )
+        return shown, withheld
 
     def _config(
         self,

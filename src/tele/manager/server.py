@@ -44,6 +44,7 @@ from tele.manager.table import EngagementTable, describe_engagement
 from tele.manager.tunnelpolicy import never_dialed
 from tele.manager.view import ClusterView
 from tele.manager.webhook import AgentInjector, WebhookServer, ensure_tls, patch_ca_bundle
+from tele.manager.withhold import Source, Withheld, judge
 from tele.net.tunnel import OpenRequest, Refuse, ResetReason
 from tele.rpc import agent_api as aapi
 from tele.rpc import manager_api as api
@@ -244,6 +245,7 @@ class Manager:
             changes=changes,
             absent=self.presence.absent,
             authorize=self.auth.authorize_engagement,
+            judge_exports=self.judge_exports,
             settings=self.agent_settings(),
         )
         self.files_dialer = FilesDialer(
@@ -302,6 +304,21 @@ class Manager:
 
     async def version(self, _: Empty) -> api.VersionInfo:
         return api.VersionInfo(version=__version__)
+
+    async def judge_exports(
+        self, pod_spec: dict[str, Any], container: str, policies: dict[str, str], namespace: str
+    ) -> Withheld:
+        """What of an engaged container the caller may not read (manager.withhold)."""
+
+        async def allowed(source: Source) -> bool:
+            verb, resource, subresource, name = source
+            return await self.auth.may(
+                verb, resource, namespace, subresource=subresource, name=name
+            )
+
+        who = caller()
+        user = who.username if who is not None and who.username else "this user"
+        return await judge(pod_spec, container, policies, allowed, user, namespace)
 
     def vouch_for_agent(self, identity: aapi.AgentIdentity) -> aapi.AgentIdentity:
         """The agent's identity as its token and this manager's view say: the pod (and so the

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,8 +154,11 @@ class EngagementTable:
         container: str,
         chosen: list[agentconfig.Intercept],
         agents: list[aapi.AgentIdentity],
+        withheld: Sequence[str] = (),
+        mount_error: str = "",
     ) -> aapi.EngagementInfo:
-        """Record the engagement (its agents are up); returns what the client is told."""
+        """Record the engagement (its agents are up); returns what the client is told.
+        `withheld`: sentences on what the user may not read (left out of `agents` already)."""
         engagement_id = request.engagement_id
         taken = {a.engagement.id for a in self.active.values()}
         if not _ENGAGEMENT_ID.fullmatch(engagement_id) or engagement_id in taken:
@@ -178,6 +181,8 @@ class EngagementTable:
             environment=agents[0].environment.get(container, {}) if agents else {},
             mounts=agents[0].mounts.get(container, []) if agents else [],
             **_mount_fields(agents, container),
+            withheld=list(withheld),
+            mount_error=mount_error,
             kind=request.kind,
             decrypted=mechanism == "http" and any(a.terminates_tls for a in agents),
             headers=request.headers,

@@ -158,7 +158,11 @@ class EngagementInfo(msgspec.Struct, frozen=True, kw_only=True):
     local_mount: str = ""
     """Set by the client's daemon: where the volumes are mounted on the client's machine."""
     mount_error: str = ""
-    """Set by the client's daemon: why the volumes are not mounted (one sentence)."""
+    """Why the volumes are not mounted (one sentence): set by the client's daemon, or by the
+    manager when the user may not read what they are made of (sftp_port 0 then)."""
+    withheld: list[str] = []
+    """Sentences: what the manager left out (environment values, volumes) because the user
+    may not read the Secrets/ConfigMaps they come from (RBAC)."""
     kind: str = "intercept"
     ports: list[EngagedPort] = []
     """Every port engaged, in the order the request named them (none for an ingest)."""
