@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import trio.testing
 
 from tele import logs, unixsock
 from tele.cli import quick
+from tele.cli.basic import _ended
 from tele.cli.cluster_cmd import connection_lines
 from tele.cli.output import to_builtins
 from tele.daemon import server
@@ -296,9 +298,13 @@ async def test_a_session_that_fails_after_starting_says_why_in_status(
         assert status.session is not None
         assert status.session.status == "failed"
         assert status.session.last_error == "the traffic manager went away"
-        assert "  Last error:         the traffic manager went away" in connection_lines(
-            to_builtins(status.session)
+        assert status.session.ended_at > 0
+        ended_at = time.strftime("%H:%M:%S", time.gmtime(status.session.ended_at))
+        assert _ended(to_builtins(status.session)) == (
+            f": the session ended at {ended_at} UTC: the traffic manager went away"
         )
+        # Said once, first: not again as the details' "Last error".
+        assert "Last error" not in "\n".join(connection_lines(to_builtins(status.session)))
         # A new connect starts afresh (and the failed session's report goes).
         async with trio.open_nursery() as caller:
             caller.start_soon(connect)

@@ -4,7 +4,10 @@ uninstall` with engagements active, and mounted volumes seen from another shell.
 
 from __future__ import annotations
 
+import json
 import socket
+import time
+from typing import Any
 
 import pytest
 
@@ -79,3 +82,65 @@ def test_nothing_listening_locally_is_a_502_for_http_and_a_reset_for_the_rest(
     assert raw.strip() == "reset", raw
     assert run_tele(tele_env, "leave", "echo").returncode == 0
     _uninstall(node_sandbox, tele_env)
+
+
+def _status(env: dict[str, str]) -> dict[str, Any]:
+    shown = run_tele(env, "status", "-o", "json")
+    assert shown.returncode == 0, shown.stderr
+    data: dict[str, Any] = json.loads(shown.stdout)
+    return data
+
+
+def test_status_follows_a_manager_restart_and_says_why_a_session_ended(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+) -> None:
+    install_manager(node_sandbox, tele_env)
+    kubeconfig = str(node_sandbox.kubeconfig)
+    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
+    assert connected.returncode == 0, connected.stderr
+    old = _status(tele_env)["session"]["session_id"]
+
+    # The manager restarts: the first status that shows the new session says connected (it
+    # said "reconnecting ... the session has expired" for another lease/3).
+    kubectl(node_sandbox, "delete", "pod", "-n", "ambassador", "-l", "app=traffic-manager")
+    deadline = time.monotonic() + 90
+    while (status := _status(tele_env))["session"]["session_id"] == old:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    session = status["session"]
+    new = session["session_id"]
+    assert (status["connection"], session["status"], session["last_error"]) == (
+        "connected",
+        "connected",
+        "",
+    )
+    assert session["reconnects"] == 1
+    assert session["last_reconnect"].endswith(
+        f" UTC the traffic manager no longer knew session {old} (a new manager pod, or the lease "
+        f"ran out while the link was down): arrived again as session {new}"
+    )
+    text = run_tele(tele_env, "status").stdout
+    assert "Connection: connected\n" in text
+    assert "  Reconnects:         1\n" in text
+    assert f"  Last reconnect:     {session['last_reconnect']}\n" in text
+    assert "Last error" not in text
+
+    # The manager goes for good: the session ends, and status says when and why.
+    removed = run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig)
+    assert removed.returncode == 0, removed.stderr
+    deadline = time.monotonic() + 60
+    while (status := _status(tele_env))["connection"] != "not connected":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    session = status["session"]
+    why = (
+        f"no traffic manager is installed in namespace ambassador of {session['kube_context']}; "
+        "install one with `tele helm install`"
+    )
+    assert (session["status"], session["last_error"]) == ("failed", why)
+    ended_at = time.strftime("%H:%M:%S", time.gmtime(session["ended_at"]))
+    text = run_tele(tele_env, "status").stdout
+    assert f"Connection: not connected: the session ended at {ended_at} UTC: {why}\n" in text
+    run_tele(tele_env, "quit")

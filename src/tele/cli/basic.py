@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,14 @@ def version(output: str) -> None:
     emit(data, output, text)
 
 
+def _ended(session: dict[str, Any] | None) -> str:
+    """Why the last session ended, when it failed (it is not connected for that reason)."""
+    if not session or session.get("status") != "failed":
+        return ""
+    at = time.strftime("%H:%M:%S", time.gmtime(session.get("ended_at") or 0))
+    return f": the session ended at {at} UTC: {session.get('last_error') or 'see the daemon log'}"
+
+
 @click.command()
 @output_option
 def status(output: str) -> None:
@@ -111,7 +120,7 @@ def status(output: str) -> None:
                 f"  Log level: {daemon['log_level']}",
                 f"  Log file:  {daemon['log_file']}",
                 f"  Socket:    {daemon['socket']}",
-                f"Connection: {d['connection']}",
+                f"Connection: {d['connection']}{_ended(d.get('session'))}",
                 *(connection_lines(d["session"]) if d.get("session") else []),
             ]
         )

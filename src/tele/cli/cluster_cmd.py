@@ -34,6 +34,8 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
         lines.append(f"  Cluster subnets:    {', '.join(subnets)}")
     if info.get("reconnects"):
         lines.append(f"  Reconnects:         {info['reconnects']}")
+    if info.get("last_reconnect"):
+        lines.append(f"  Last reconnect:     {info['last_reconnect']}")
     intercepts = info.get("intercepts") or []
     lines.append(f"  Intercepts:         {len(intercepts)} total")
     lines.extend(f"    {line}" for line in intercepts)
@@ -57,7 +59,8 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
         )
         if network.get("set_up_by", "daemon") != "daemon":
             lines.append(f"  Set up by:          {network['set_up_by']}")
-    if info.get("last_error") and info.get("status") != "connected":
+    # A failed session's error is why it ended: `tele status` says that first.
+    if info.get("last_error") and info.get("status") != "failed":
         lines.append(f"  Last error:         {info['last_error']}")
     return lines
 

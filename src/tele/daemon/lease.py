@@ -6,7 +6,9 @@ from __future__ import annotations
 import getpass
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import trio
 
@@ -26,10 +28,17 @@ _MANAGER_TROUBLE = frozenset(
 )
 
 
+RETRY_ARRIVE: Final = 1.0
+"""After arriving again failed: the next attempt (not a lease/3 later; the user waits)."""
+
+
 class SessionLease:
     """One client session on the manager over `pool`'s links, kept alive while `heartbeat`
     runs. `arrivals` counts arrivals; `changed` is set at each (a new session: the manager
-    forgot the old one and everything in it)."""
+    forgot the old one and everything in it).
+
+    `status` is live: "reconnecting" as soon as no link to the manager is up (whatever the
+    heartbeat last saw), and "connected" as soon as the session is renewed or replaced."""
 
     def __init__(
         self,
@@ -45,14 +54,37 @@ class SessionLease:
         self.api_timeout = api_timeout
         self.session: mapi.SessionInfo | None = None
         self.cluster: mapi.ClusterInfo | None = None
-        self.status = "connecting"
+        self.state = "connecting"
+        """connecting | connected | reconnecting | disconnected, as the heartbeat last saw it
+        (`status` also looks at the links)."""
         self.reconnects = 0
         self.last_error = ""
+        """The current problem (cleared when the session is renewed), or an engagement that
+        ended without the user asking."""
+        self.last_reconnect = ""
+        """Why the session was last replaced (the manager forgot it), and when."""
         self.arrivals = 0
         self.changed = trio.Event()
         self.heartbeat_link: H2Link | None = None
         """The link the session last called in on: the manager counts the session present
         while it is open (see `heartbeat`)."""
+
+    @property
+    def status(self) -> str:
+        if self.state == "connected" and self.pool.pick() is None:
+            return "reconnecting"
+        return self.state
+
+    @status.setter
+    def status(self, value: str) -> None:
+        self.state = value
+
+    @property
+    def problem(self) -> str:
+        """`last_error`, or while no link is up, why."""
+        if self.state == "connected" and self.pool.pick() is None:
+            return f"no link to the traffic manager: {self.pool.last_failure or 'it broke'}"
+        return self.last_error
 
     async def client(self) -> Client:
         """An RPC client on a live link (waits for one within the API timeout)."""
@@ -110,31 +142,47 @@ class SessionLease:
         while True:
             assert self.session is not None
             replacements = self.pool.replacements
-            with trio.move_on_after(max(0.1, self.session.lease_seconds / 3)):
+            wait = self.session.lease_seconds / 3 if self.state == "connected" else RETRY_ARRIVE
+            with trio.move_on_after(max(0.1, wait)):
                 if await self._link_changed(replacements):
-                    self.status = "reconnecting"
+                    self.state = "reconnecting"
+            old = self.session.session_id
             try:
                 client = await self.client()
                 await client.call(
                     mapi.REMAIN,
-                    mapi.SessionRequest(session_id=self.session.session_id),
+                    mapi.SessionRequest(session_id=old),
                     timeout=self.api_timeout,
                 )
                 self.heartbeat_link = client.link
-                self.status = "connected"
+                self._renewed()
             except RpcError as exc:
                 self.last_error = exc.message
-                if exc.code is Code.NOT_FOUND:
-                    log.warning("the traffic manager forgot our session; arriving again")
-                    self.reconnects += 1
-                    try:
-                        await self.arrive()
-                    except (RpcError, ConnectionFailed) as again:
-                        self.last_error = str(again)
-                        self.status = "reconnecting"
-                else:
+                self.state = "reconnecting"
+                if exc.code is not Code.NOT_FOUND:
                     log.warning("heartbeat failed: %s", exc.message)
-                    self.status = "reconnecting"
+                    continue
+                try:
+                    await self.arrive_again(old)
+                except (RpcError, ConnectionFailed) as again:
+                    self.last_error = f"arriving again failed: {again}"
+
+    async def arrive_again(self, old: str) -> None:
+        """The manager forgot session `old`: a new session, and `status` says why."""
+        log.warning("the traffic manager forgot session %s; arriving again", old)
+        await self.arrive()
+        assert self.session is not None
+        self.reconnects += 1
+        self.last_reconnect = (
+            f"at {time.strftime('%H:%M:%S', time.gmtime())} UTC the traffic manager no longer "
+            f"knew session {old} (a new manager pod, or the lease ran out while the link was "
+            f"down): arrived again as session {self.session.session_id}"
+        )
+        self._renewed()
+
+    def _renewed(self) -> None:
+        self.state = "connected"
+        self.last_error = ""
 
     async def _link_changed(self, replacements: int) -> bool:
         """Wait until the heartbeat's link closed (False) or a link came up in place of a
@@ -175,9 +223,7 @@ class SessionLease:
                     ) from None
                 if exc.code is not Code.NOT_FOUND or attempt or "session" not in exc.message:
                     raise
-                log.warning("the traffic manager forgot our session; arriving again")
-                self.reconnects += 1
-                await self.arrive()
+                await self.arrive_again(self.session_id())
         raise AssertionError("unreachable")
 
     async def follow_cluster_info(

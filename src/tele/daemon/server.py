@@ -255,7 +255,10 @@ class Daemon:
                 raise  # the connect call reports it
             log.exception("the cluster session failed")
             self._failed = msgspec.structs.replace(
-                session.info(), status="failed", last_error=_failure_text(exc)
+                session.info(),
+                status="failed",
+                last_error=_failure_text(exc),
+                ended_at=time.time(),
             )
         finally:
             self.session = None

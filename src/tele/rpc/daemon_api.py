@@ -67,6 +67,12 @@ class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     connected_at: float = 0.0
     reconnects: int = 0
     last_error: str = ""
+    """What is wrong now (why it is reconnecting; for a failed session, why it ended), or an
+    engagement that ended without the user asking."""
+    last_reconnect: str = ""
+    """When and why the session was last replaced by a new one (the manager forgot it)."""
+    ended_at: float = 0.0
+    """For a failed session (status "failed"): when it ended (unix time)."""
     network: dict[str, Any] | None = None
     """The network interface and DNS (device, subnets, counters), when set up."""
     network_note: str = ""
