@@ -115,8 +115,8 @@ def test_status_follows_a_manager_restart_and_says_why_a_session_ended(
         "connected",
         "connected",
         "",
-    )
-    assert session["reconnects"] == 1
+    ), status
+    assert session["reconnects"] == 1, status
     assert session["last_reconnect"].endswith(
         f" UTC the traffic manager no longer knew session {old} (a new manager pod, or the lease "
         f"ran out while the link was down): arrived again as session {new}"
@@ -125,7 +125,7 @@ def test_status_follows_a_manager_restart_and_says_why_a_session_ended(
     assert "Connection: connected\n" in text
     assert "  Reconnects:         1\n" in text
     assert f"  Last reconnect:     {session['last_reconnect']}\n" in text
-    assert "Last error" not in text
+    assert "Last error" not in text, text
 
     # The manager goes for good: the session ends, and status says when and why.
     removed = run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig)
@@ -139,7 +139,7 @@ def test_status_follows_a_manager_restart_and_says_why_a_session_ended(
         f"no traffic manager is installed in namespace ambassador of {session['kube_context']}; "
         "install one with `tele helm install`"
     )
-    assert (session["status"], session["last_error"]) == ("failed", why)
+    assert (session["status"], session["last_error"]) == ("failed", why), status
     ended_at = time.strftime("%H:%M:%S", time.gmtime(session["ended_at"]))
     text = run_tele(tele_env, "status").stdout
     assert f"Connection: not connected: the session ended at {ended_at} UTC: {why}\n" in text
