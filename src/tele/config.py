@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -151,6 +151,45 @@ class Cluster(_Section):
     virtual_ip_subnet: str = msgspec.field(default="246.246.0.0/16", name="virtualIPSubnet")
 
 
+class DnsMapping(_Section):
+    """`name` is answered as `aliasFor`: another name (looked up in the cluster) or an IP."""
+
+    name: str
+    alias_for: str
+
+
+class Dns(_Section):
+    """DNS rules (Telepresence's kubeconfig extension `dns`, Helm `client.dns`); an unset key
+    is taken from the next source (README: Settings)."""
+
+    include_suffixes: list[str] | None = None
+    """Names ending in one of these are looked up in the cluster."""
+    exclude_suffixes: list[str] | None = None
+    """Names ending in one of these go to the system's resolver (default .com .io .net .org
+    .ru) unless a longer include suffix matches."""
+    excludes: list[str] | None = None
+    """Names answered NXDOMAIN."""
+    mappings: list[DnsMapping] | None = None
+    lookup_timeout: Duration | None = None
+    """How long a cluster lookup may take before the answer is SERVFAIL (default 8s)."""
+
+
+class Routing(_Section):
+    """Subnets of the VIF (Telepresence's kubeconfig extension `also-proxy` etc., Helm
+    `client.routing`)."""
+
+    also_proxy_subnets: list[str] | None = None
+    never_proxy_subnets: list[str] | None = None
+    allow_conflicting_subnets: list[str] | None = None
+
+
+class ClientNetwork(_Section):
+    """The DNS and routing settings of one source (flags, kubeconfig, manager, config.yml)."""
+
+    dns: Dns = msgspec.field(default_factory=Dns)
+    routing: Routing = msgspec.field(default_factory=Routing)
+
+
 class Rpc(_Section):
     max_message_size: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
 
@@ -163,6 +202,11 @@ class Config(_Section):
     intercept: Intercept = msgspec.field(default_factory=Intercept)
     cluster: Cluster = msgspec.field(default_factory=Cluster)
     rpc: Rpc = msgspec.field(default_factory=Rpc)
+    dns: Dns = msgspec.field(default_factory=Dns)
+    routing: Routing = msgspec.field(default_factory=Routing)
+
+    def network(self) -> ClientNetwork:
+        return ClientNetwork(dns=self.dns, routing=self.routing)
 
 
 def _fold(key: str) -> str:
@@ -172,6 +216,19 @@ def _fold(key: str) -> str:
 def _struct_field_types(struct_type: type[msgspec.Struct]) -> dict[str, Any]:
     """encoded key -> annotation, for the fields of one section."""
     return {f.encode_name: f.type for f in msgspec.structs.fields(struct_type)}
+
+
+def _struct_of(annotation: Any) -> type[msgspec.Struct] | None:
+    """The Struct type of a field typed `S`, `S | None`, `list[S]` or `list[S] | None`."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _struct_of(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _normalize_keys(
@@ -191,8 +248,13 @@ def _normalize_keys(
         name = by_fold.get(_fold(key), key) if isinstance(key, str) else key
         child_path = f"{path}.{name}" if path else str(name)
         originals[child_path] = f"{originals.get(path, path)}.{key}" if path else str(key)
-        field_type = fields.get(name)
-        if isinstance(field_type, type) and issubclass(field_type, msgspec.Struct):
+        field_type = _struct_of(fields.get(name))
+        if field_type is not None and isinstance(value, list):
+            result[name] = [
+                _normalize_keys(item, field_type, f"{child_path}[{i}]", originals)
+                for i, item in enumerate(value)
+            ]
+        elif field_type is not None:
             result[name] = _normalize_keys(value, field_type, child_path, originals)
         else:
             result[name] = value
@@ -258,13 +320,136 @@ def load(path: Path | None = None) -> Config:
         raise UserError(
             f"The config file {path} must hold a mapping of keys, not a {type(raw).__name__}."
         )
+    config = _convert(raw, Config, f"the config file {path}")
+    check_network(config.network(), f"the config file {path}")
+    return config
+
+
+_T = TypeVar("_T", bound=msgspec.Struct)
+
+
+def _convert(raw: dict[str, Any], struct_type: type[_T], where: str) -> _T:
+    """Keys in any spelling -> `struct_type`; UserError "In WHERE, key `k` …" when bad."""
     originals: dict[str, str] = {}
-    normalized = _normalize_keys(raw, Config, "", originals)
+    normalized = _normalize_keys(raw, struct_type, "", originals)
     try:
-        return msgspec.convert(normalized, Config, dec_hook=_dec_hook)
+        return msgspec.convert(normalized, struct_type, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         key, problem = _describe(exc, originals)
-        raise UserError(f"In the config file {path}, key `{key}` {_verb(problem)}.") from exc
+        raise UserError(f"In {where}, key `{key}` {_verb(problem)}.") from exc
+
+
+# --- the DNS and routing settings from their sources --------------------------------------------
+
+KUBECONFIG_EXTENSION = "the kubeconfig's telepresence.io extension"
+MANAGER_VALUES = "the traffic manager's Helm values (client.*)"
+_EXTENSION_ROUTING = {
+    "also-proxy": "alsoProxySubnets",
+    "never-proxy": "neverProxySubnets",
+    "allow-conflicting-subnets": "allowConflictingSubnets",
+}
+
+
+def network_from_extension(extension: dict[str, Any]) -> ClientNetwork:
+    """The `dns`, `also-proxy`, `never-proxy` and `allow-conflicting-subnets` keys of the
+    kubeconfig's telepresence.io extension (its other keys are not about the network)."""
+    raw: dict[str, Any] = {}
+    if "dns" in extension:
+        raw["dns"] = extension["dns"]
+    routing: dict[str, Any] = {}
+    for theirs, ours in _EXTENSION_ROUTING.items():
+        if theirs in extension:
+            routing[ours] = extension[theirs]
+    if routing:
+        raw["routing"] = routing
+    network = _convert(raw, ClientNetwork, KUBECONFIG_EXTENSION)
+    check_network(network, KUBECONFIG_EXTENSION)
+    return network
+
+
+def network_from_manager(values: dict[str, Any]) -> ClientNetwork:
+    """The Helm values `client.dns` and `client.routing` the manager delivers at connect."""
+    raw: dict[str, Any] = {k: values[k] for k in ("dns", "routing") if k in values}
+    network = _convert(raw, ClientNetwork, MANAGER_VALUES)
+    check_network(network, MANAGER_VALUES)
+    return network
+
+
+def network_builtins(network: ClientNetwork) -> dict[str, Any]:
+    """Plain data of the keys that are set, in config.yml's spelling (for `tele status`)."""
+    data = msgspec.to_builtins(network, enc_hook=_enc_hook)
+    assert isinstance(data, dict)
+    return {
+        section: {k: v for k, v in values.items() if v is not None}
+        for section, values in data.items()
+    }
+
+
+def merge_networks(*layers: ClientNetwork) -> ClientNetwork:
+    """Key by key, the first layer that sets it (layers from the highest precedence down)."""
+
+    def first(section: str, key: str) -> Any:
+        for layer in layers:
+            value = getattr(getattr(layer, section), key)
+            if value is not None:
+                return value
+        return None
+
+    dns = Dns(**{f.name: first("dns", f.name) for f in msgspec.structs.fields(Dns)})
+    routing = Routing(**{f.name: first("routing", f.name) for f in msgspec.structs.fields(Routing)})
+    return ClientNetwork(dns=dns, routing=routing)
+
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$", re.IGNORECASE)
+
+
+def is_dns_name(text: str) -> bool:
+    """A name DNS can carry: dot-separated labels of letters, digits, - and _ (at most 63
+    bytes each, 253 in all); one trailing dot allowed."""
+    name = text[:-1] if text.endswith(".") else text
+    return 0 < len(name) <= 253 and all(_LABEL.match(label) for label in name.split("."))
+
+
+def check_network(network: ClientNetwork, where: str) -> None:
+    """UserError naming `where` and the key for a name that cannot be one, an alias that is
+    neither a name nor an IP, or a subnet that is not a CIDR."""
+    import ipaddress
+
+    dns = network.dns
+    for key, names in (
+        ("dns.includeSuffixes", dns.include_suffixes),
+        ("dns.excludeSuffixes", dns.exclude_suffixes),
+        ("dns.excludes", dns.excludes),
+    ):
+        for name in names or ():
+            if not is_dns_name(name.lstrip(".")):
+                raise UserError(f"In {where}, {key} has {name!r}, which is not a DNS name.")
+    for mapping in dns.mappings or ():
+        if not is_dns_name(mapping.name):
+            raise UserError(
+                f"In {where}, the DNS mapping of {mapping.name!r} names no valid DNS name."
+            )
+        try:
+            ipaddress.ip_address(mapping.alias_for)
+        except ValueError:
+            if not is_dns_name(mapping.alias_for):
+                raise UserError(
+                    f"In {where}, the DNS mapping of {mapping.name} is an alias for "
+                    f"{mapping.alias_for!r}, which is neither a DNS name nor an IP address."
+                ) from None
+    routing = network.routing
+    for key, subnets in (
+        ("routing.alsoProxySubnets", routing.also_proxy_subnets),
+        ("routing.neverProxySubnets", routing.never_proxy_subnets),
+        ("routing.allowConflictingSubnets", routing.allow_conflicting_subnets),
+    ):
+        for subnet in subnets or ():
+            try:
+                ipaddress.ip_network(subnet, strict=False)
+            except ValueError:
+                raise UserError(
+                    f"In {where}, {key} has {subnet!r}, which is not a subnet (CIDR)."
+                ) from None
 
 
 def _verb(problem: str) -> str:

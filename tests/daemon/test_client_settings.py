@@ -217,3 +217,98 @@ async def test_endpoint_dial_bounds_the_connection_to_the_local_handler() -> Non
         finally:
             for filler in fillers:
                 filler.close()
+
+
+def test_dns_and_routing_come_from_flags_then_kubeconfig_then_manager_then_config(
+    tele_env: dict[str, str], guard: DaemonGuard, cluster: tuple[ThreadedCluster, Path]
+) -> None:
+    """Each key from the first source that sets it: `tele connect` flags, the kubeconfig's
+    telepresence.io extension, the manager's Helm values `client.*`, config.yml."""
+    helm_client = {
+        "dns": {
+            "includeSuffixes": [".manager"],
+            "mappings": [{"name": "db.local", "aliasFor": "10.0.0.5"}],
+        },
+        "routing": {"alsoProxySubnets": ["10.50.0.0/16"], "neverProxySubnets": ["10.0.2.0/24"]},
+    }
+    manager = ManagerProcess(
+        cluster[1],
+        lease="10s",
+        auth_mode="disabled",
+        extra_env={"TELE_CLIENT_CONFIG": json.dumps(helm_client)},
+    )
+    try:
+        write_config(
+            tele_env,
+            "dns:\n  includeSuffixes: [.config]\n  excludes: [config.only]\n"
+            "  lookupTimeout: 3s\nrouting:\n  neverProxySubnets: [10.0.1.0/24]\n",
+        )
+        document = yaml.safe_load(cluster[1].read_text())
+        document["clusters"][0]["cluster"]["extensions"] = [
+            {
+                "name": "telepresence.io",
+                "extension": {
+                    "dns": {"include-suffixes": [".kube"]},
+                    "also-proxy": ["10.60.0.0/16"],
+                },
+            }
+        ]
+        kubeconfig = cluster[1].parent / "kubeconfig-ext"
+        kubeconfig.write_text(yaml.safe_dump(document))
+        connected = run_tele(
+            tele_env,
+            "connect",
+            "--no-vif",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--manager-address",
+            f"127.0.0.1:{manager.port}",
+            "--also-proxy",
+            "10.70.0.0/16",
+        )
+        assert connected.returncode == 0, connected.stderr
+        status = json.loads(run_tele(tele_env, "status", "-o", "json").stdout)
+        assert status["session"]["dns_and_routing"] == {
+            "dns": {
+                "includeSuffixes": [".kube"],  # the kubeconfig's, over the manager's and config's
+                "excludes": ["config.only"],  # only config.yml sets it
+                "mappings": [{"name": "db.local", "aliasFor": "10.0.0.5"}],  # the manager's
+                "lookupTimeout": "3s",
+            },
+            "routing": {
+                "alsoProxySubnets": ["10.70.0.0/16"],  # the flag, over kubeconfig and manager
+                "neverProxySubnets": ["10.0.2.0/24"],  # the manager's, over config.yml
+            },
+        }
+    finally:
+        manager.stop()
+
+
+@pytest.mark.parametrize(
+    ("config_text", "sentence"),
+    [
+        (
+            "dns:\n  mappings:\n    - {name: db.local, aliasFor: 'not a name!'}\n",
+            "the DNS mapping of db.local is an alias for 'not a name!', which is neither a DNS "
+            "name nor an IP address.",
+        ),
+        (
+            "routing:\n  alsoProxySubnets: [10.0.0.0/33]\n",
+            "routing.alsoProxySubnets has '10.0.0.0/33', which is not a subnet (CIDR).",
+        ),
+    ],
+)
+def test_a_bad_dns_or_routing_setting_is_one_sentence_and_no_session(
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    cluster: tuple[ThreadedCluster, Path],
+    config_text: str,
+    sentence: str,
+) -> None:
+    write_config(tele_env, config_text)
+    result = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(cluster[1]))
+    assert result.returncode == 1, result.stderr
+    line = single_error_line(result)
+    assert line.startswith("tele: In the config file ") and line.endswith(sentence), line
+    status = json.loads(run_tele(tele_env, "status", "-o", "json").stdout)
+    assert status.get("session") is None

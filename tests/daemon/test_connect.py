@@ -31,7 +31,13 @@ def cluster(tmp_path: Path) -> Iterator[tuple[ThreadedCluster, Path]]:
 class ManagerProcess:
     """`python -m tele.manager` with its stderr collected, on a free loopback port."""
 
-    def __init__(self, kubeconfig: Path, lease: str, auth_mode: str = "enforcing") -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        lease: str,
+        auth_mode: str = "enforcing",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -41,6 +47,7 @@ class ManagerProcess:
             "TELE_API_PORT": str(self.port),
             "TELE_SESSION_LEASE": lease,
             "TELE_AUTH_MODE": auth_mode,
+            **(extra_env or {}),
         }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tele.manager", "--kubeconfig", str(kubeconfig)],

@@ -10,9 +10,12 @@ from typing import Any
 import pytest
 import trio
 
+from tele.config import network_from_manager
 from tele.contracts import agentconfig
 from tele.daemon.locate import api_port
+from tele.errors import UserError
 from tele.helm.chart import Chart
+from tele.helm.errors import ValuesError
 from tele.k8s.client import KubeClient
 from tele.manager.server import Manager, ManagerConfig
 from tele.rpc import agent_api as aapi
@@ -165,3 +168,37 @@ async def test_inject_policy_when_enabled_refuses_an_unannotated_workload(
     settings = dataclasses.replace(manager.agent_settings(), inject_policy="OnDemand")
     on_demand = dataclasses.replace(manager.injector, settings=settings)
     assert (await on_demand(review)).get("patchType") == "JSONPatch"
+
+
+def test_client_dns_and_routing_values_are_delivered_to_clients(chart: Chart) -> None:
+    client = {
+        "dns": {
+            "includeSuffixes": [".corp.example"],
+            "excludeSuffixes": [".com"],
+            "excludes": ["metadata.internal"],
+            "mappings": [{"name": "db.local", "aliasFor": "postgres.data"}],
+            "lookupTimeout": "2s",
+        },
+        "routing": {"alsoProxySubnets": ["10.10.0.0/16"], "neverProxySubnets": ["10.96.5.0/24"]},
+    }
+    config = config_from_chart(chart, {"client": client})
+    delivered = Manager(config, kube=None).cluster_info().client_config  # type: ignore[arg-type]
+    network = network_from_manager(delivered)  # as the client reads it
+    assert network.dns.mappings is not None and network.dns.mappings[0].alias_for == (
+        "postgres.data"
+    )
+    assert network.dns.lookup_timeout == 2.0
+    assert network.routing.also_proxy_subnets == ["10.10.0.0/16"]
+
+
+def test_bad_client_values_are_refused_by_the_schema_or_the_manager(chart: Chart) -> None:
+    with pytest.raises(ValuesError) as refused:
+        render(chart, {"client": {"dns": {"mappings": [{"name": "db.local"}]}}})
+    assert "client.dns.mappings" in str(refused.value)
+    bad = {"dns": {"mappings": [{"name": "db.local", "aliasFor": "no such name!"}]}}
+    with pytest.raises(UserError) as refused_by_manager:
+        ManagerConfig.from_env({"TELE_CLIENT_CONFIG": json.dumps(bad)})
+    assert str(refused_by_manager.value) == (
+        "In the traffic manager's Helm values (client.*), the DNS mapping of db.local is an "
+        "alias for 'no such name!', which is neither a DNS name nor an IP address."
+    )

@@ -60,6 +60,23 @@ with socket.create_connection(("echo.default", 7000), timeout=5) as s:
     assert result.stdout.strip() == "by name", result.stderr
 
 
+async def test_mappings_excludes_and_include_suffixes_as_programs_see_them(tele: Tele) -> None:
+    """The settings `tele connect` merges (README: Settings) as the resolver applies them: a name
+    mapped to an IP is answered with it, one mapped to a name with that name's cluster address,
+    an excluded name does not exist, an include suffix goes to the cluster."""
+    rules = tele.resolver.rules
+    rules.mappings = {"db.local": "10.1.2.3", "alias.example.test": "echo.default"}
+    rules.include_suffixes = ["corp.internal"]
+    assert (await resolve(tele, "db.local"))[0] == "10.1.2.3"
+    assert (await resolve(tele, "alias.example.test"))[0] == POD_ADDRESS
+    assert (await resolve(tele, "echo.default.svc.cluster.local"))[0] == POD_ADDRESS
+    rules.excludes = ["echo.default.svc.cluster.local"]
+    assert (await resolve(tele, "echo.default.svc.cluster.local"))[0] == "gaierror"
+    asked = tele.resolver.counters.cluster
+    await resolve(tele, "api.corp.internal")
+    assert tele.resolver.counters.cluster > asked
+
+
 async def test_dns_over_tcp(tele: Tele) -> None:
     code = f"""
 import socket, struct
@@ -98,13 +115,17 @@ def test_name_rules() -> None:
         namespaces=["dev", "prod"],
         include_suffixes=["corp.io"],
         excludes=["secret.dev"],
-        mappings={"db": "postgres.prod"},
+        mappings={"db": "postgres.prod", "legacy.corp": "10.1.2.3", "v6.corp": "fd00::5"},
     )
     cases = {
         "wpad.corp.": (Route.NXDOMAIN, ""),
         "secret.dev": (Route.NXDOMAIN, ""),
+        "secret.dev.tel2-search.": (Route.NXDOMAIN, ""),  # through the search path: the same
+        "db.tel2-search": (Route.CLUSTER, "postgres.prod"),
         "localhost.": (Route.LOOPBACK, ""),
         "db": (Route.CLUSTER, "postgres.prod"),
+        "legacy.corp.": (Route.ADDRESS, "10.1.2.3"),
+        "V6.corp": (Route.ADDRESS, "fd00::5"),
         "web": (Route.CLUSTER, "web.dev"),
         "web.tel2-search.": (Route.CLUSTER, "web.dev"),
         "web.prod": (Route.CLUSTER, "web.prod"),

@@ -50,9 +50,6 @@ def _network_options(request: api.ConnectRequest, cfg: Config) -> NetworkOptions
     # TELE_VIF=0: never by default (the test suite sets it: no test may touch the host's
     # routes or resolver by forgetting --no-vif).
     options.when_possible = request.vif_when_possible and os.environ.get(ENV_ENABLE) != "0"
-    options.also_proxy = list(request.also_proxy)
-    options.never_proxy = list(request.never_proxy)
-    options.allow_conflicting = list(request.allow_conflicting_subnets)
     options.dial_timeout = float(cfg.timeouts.proxy_dial)
     return options
 

@@ -27,7 +27,15 @@ import msgspec
 import trio
 
 from tele import gctune
-from tele.config import Config
+from tele.config import (
+    ClientNetwork,
+    Config,
+    Routing,
+    merge_networks,
+    network_builtins,
+    network_from_extension,
+    network_from_manager,
+)
 from tele.daemon.engagements import LocalEngagements
 from tele.daemon.lease import SessionLease
 from tele.daemon.locate import ManagerLocator
@@ -52,6 +60,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MANAGER_NAMESPACE = "ambassador"
+
+
+def apply_network(options: NetworkOptions, network: ClientNetwork) -> None:
+    """The merged DNS and routing settings into the VIF's options (unset keys keep tele's
+    defaults)."""
+    routing, dns = network.routing, network.dns
+    options.also_proxy = list(routing.also_proxy_subnets or [])
+    options.never_proxy = list(routing.never_proxy_subnets or [])
+    options.allow_conflicting = list(routing.allow_conflicting_subnets or [])
+    options.include_suffixes = list(dns.include_suffixes or [])
+    if dns.exclude_suffixes is not None:
+        options.exclude_suffixes = list(dns.exclude_suffixes)
+    options.excludes = list(dns.excludes or [])
+    options.mappings = {m.name: m.alias_for for m in dns.mappings or []}
+    if dns.lookup_timeout is not None:
+        options.lookup_timeout = float(dns.lookup_timeout)
 
 
 def manager_namespace(flag: str, extension: Mapping[str, Any], settings: Config) -> str:
@@ -89,6 +113,7 @@ class ClusterSession:
         take_helper: Callable[[], Privileges | None] | None = None,
     ) -> None:
         settings = settings or Config()
+        self._settings = settings
         timeouts = settings.timeouts
         connect_timeout = float(timeouts.traffic_manager_connect)
         api_timeout = float(timeouts.traffic_manager_api)
@@ -141,6 +166,8 @@ class ClusterSession:
         self.network: NetworkStatus | None = None
         self.network_note = ""
         """Why there is no network (when it was wanted only where possible)."""
+        self.client_network = ClientNetwork()
+        """The DNS and routing settings in effect, merged from their sources at arrival."""
         self._take_helper = take_helper
 
     async def _authenticate_link(self, link: H2Link) -> None:
@@ -203,6 +230,7 @@ class ClusterSession:
             last_reconnect=self.lease.last_reconnect,
             network=self.network.summary() if self.network is not None else None,
             network_note=self.network_note,
+            dns_and_routing=network_builtins(self.client_network),
             intercepts=self.engagements.lines(),
             engagements=self.engagements.statuses(),
         )
@@ -243,7 +271,24 @@ class ClusterSession:
             self.lease.status = "disconnected"
             gctune.settle()  # the ended session's cycles are garbage now
 
+    def _merged_network(self, cluster: mapi.ClusterInfo | None) -> ClientNetwork:
+        """DNS and routing settings, key by key from the first source that sets it: the
+        connect flags, the kubeconfig's telepresence.io extension, the manager's Helm values
+        `client.*`, config.yml (README: Settings). UserError naming the source when bad."""
+        request = self.request
+        flags = ClientNetwork(
+            routing=Routing(
+                also_proxy_subnets=list(request.also_proxy) or None,
+                never_proxy_subnets=list(request.never_proxy) or None,
+                allow_conflicting_subnets=list(request.allow_conflicting_subnets) or None,
+            )
+        )
+        extension = network_from_extension(self.connection.extension)
+        manager = network_from_manager(cluster.client_config) if cluster else ClientNetwork()
+        return merge_networks(flags, extension, manager, self._settings.network())
+
     async def _run(self, task_status: trio.TaskStatus[dapi.ConnectionInfo]) -> None:
+        self._merged_network(None)  # the local sources' mistakes, before the cluster is asked
         async with trio.open_nursery() as nursery:
             if not self.locator.by_address:
                 # A missing manager is the user's to fix: say so at once, don't retry; one
@@ -257,6 +302,7 @@ class ClusterSession:
                     f"within {self.connect_timeout:g}s: {self.pool.last_failure or 'no answer'}"
                 )
             await self.lease.arrive()
+            self.client_network = self._merged_network(self.lease.cluster)
             self.lease.status = "connected"
             self.connected_at = time.time()
             nursery.start_soon(self.lease.heartbeat)
@@ -282,6 +328,7 @@ class ClusterSession:
         options = self.network_options or NetworkOptions.from_env()
         if not options.enabled and not options.when_possible:
             return
+        apply_network(options, self.client_network)
         privileges: Privileges | None = None
         if not has_net_admin():
             privileges = self._take_helper() if self._take_helper is not None else None

@@ -1,17 +1,19 @@
 """Which names tele's DNS server answers from the cluster, and what it asks the manager.
 
 Telepresence's rules (compat doc §3), in order: `wpad.*` is refused; exact `excludes` are
-NXDOMAIN; `localhost` is loopback; `mappings` alias a name to another; `x.tel2-search` (the
-search domain tele installs) is `x`; a single label is a name in the connected namespace;
-names ending in an `exclude_suffixes` entry go to the system's resolver unless a longer
-`include_suffixes` entry matches; a mapped namespace as the last label, `svc`, the cluster
-domain and the include suffixes go to the cluster; everything else to the system's resolver.
+NXDOMAIN; `localhost` is loopback; `mappings` alias a name to another (or to an IP, answered as
+it is); `x.tel2-search` (the search domain tele installs) is `x`; a single label is a name in
+the connected namespace; names ending in an `exclude_suffixes` entry go to the system's
+resolver unless a longer `include_suffixes` entry matches; a mapped namespace as the last
+label, `svc`, the cluster domain and the include suffixes go to the cluster; everything else to
+the system's resolver.
 Pure functions over strings: no I/O.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +26,8 @@ class Route(enum.Enum):
     LOCAL = "local"
     NXDOMAIN = "nxdomain"
     LOOPBACK = "loopback"
+    ADDRESS = "address"
+    """A mapping to an IP: answered with it (`ask` is the address)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +50,21 @@ class NameRules:
     exclude_suffixes: Sequence[str] = DEFAULT_EXCLUDE_SUFFIXES
     excludes: Sequence[str] = ()
     mappings: dict[str, str] = field(default_factory=dict)
-    """name -> the name it is an alias for (`mappings[{name, aliasFor}]`)."""
+    """name -> the name it is an alias for, or the IP address it is answered with
+    (`mappings[{name, aliasFor}]`)."""
 
     def decide(self, qname: str) -> Decision:
         name = qname.lower().rstrip(".")
         if not name:
             return Decision(Route.LOCAL)
         labels = name.split(".")
+        if labels[-1] == SEARCH_DOMAIN:
+            # What the system resolver asks through the search path is the name itself: the
+            # same rules (an excluded or mapped name stays so).
+            labels = labels[:-1]
+            name = ".".join(labels)
+            if not name:
+                return Decision(Route.NXDOMAIN)
         if labels[0] == "wpad":
             return Decision(Route.NXDOMAIN)
         if name in self._set(self.excludes):
@@ -61,12 +73,10 @@ class NameRules:
             return Decision(Route.LOOPBACK)
         alias = {k.lower().rstrip("."): v for k, v in self.mappings.items()}.get(name)
         if alias is not None:
-            return Decision(Route.CLUSTER, alias.lower().rstrip("."))
-        if labels[-1] == SEARCH_DOMAIN:
-            labels = labels[:-1]
-            name = ".".join(labels)
-            if not name:
-                return Decision(Route.NXDOMAIN)
+            try:
+                return Decision(Route.ADDRESS, str(ipaddress.ip_address(alias)))
+            except ValueError:
+                return Decision(Route.CLUSTER, alias.lower().rstrip("."))
         if len(labels) == 1:
             return Decision(Route.CLUSTER, f"{name}.{self.namespace}")
         include = _longest_suffix(name, self.include_suffixes)

@@ -9,6 +9,7 @@ never hangs on tele; misses are NXDOMAIN at once and cached briefly (negative ca
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import socket
@@ -190,6 +191,13 @@ class Resolver:
                 reply.add_answer(RR(question.qname, QTYPE.A, rdata=A("127.0.0.1"), ttl=60))
             elif qtype == "AAAA":
                 reply.add_answer(RR(question.qname, QTYPE.AAAA, rdata=AAAA("::1"), ttl=60))
+            return bytes(reply.pack())
+        if decision.route is Route.ADDRESS:
+            address = ipaddress.ip_address(decision.ask)
+            if qtype == "A" and address.version == 4:
+                reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(decision.ask), ttl=60))
+            elif qtype == "AAAA" and address.version == 6:
+                reply.add_answer(RR(question.qname, QTYPE.AAAA, rdata=AAAA(decision.ask), ttl=60))
             return bytes(reply.pack())
         if decision.route is Route.LOCAL:
             self.counters.forwarded += 1

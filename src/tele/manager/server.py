@@ -97,6 +97,8 @@ class ManagerConfig:
     WhenEnabled (only workloads annotated `inject-traffic-agent: enabled` get one)."""
     agent_arrival: float = 30.0
     """Helm `timeouts.agentArrival`: how long an engagement waits for its agent."""
+    client_config: dict[str, Any] = field(default_factory=dict)
+    """Helm `client` (dns, routing): delivered to every client in its ClusterInfo."""
     mount_policies: dict[str, str] = field(default_factory=dict)
     """Helm `agent.mountPolicies`: volume name or mount path -> policy (agentconfig)."""
     pod_ip: str = ""
@@ -142,10 +144,23 @@ class ManagerConfig:
             agent_resources=dict(json.loads(env.get("TELE_AGENT_RESOURCES") or "{}")),
             inject_policy=env.get("TELE_INJECT_POLICY") or "OnDemand",
             agent_arrival=float(parse_duration(env.get("TELE_AGENT_ARRIVAL") or "30s")),
+            client_config=_client_config(env.get("TELE_CLIENT_CONFIG") or "{}"),
             mount_policies=dict(json.loads(env.get("TELE_MOUNT_POLICIES") or "{}")),
             pod_ip=env.get("TELE_POD_IP") or "",
             auth_mode=env.get("TELE_AUTH_MODE") or "enforcing",
         )
+
+
+def _client_config(text: str) -> dict[str, Any]:
+    """Helm `client`, checked as clients will read it (a bad value stops the manager with the
+    sentence, rather than every client's connect)."""
+    from tele.config import network_from_manager
+
+    values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError("TELE_CLIENT_CONFIG must be a JSON object")
+    network_from_manager(values)
+    return values
 
 
 def _cidrs(value: str | None) -> tuple[str, ...]:
@@ -392,6 +407,7 @@ class Manager:
             dns_ip=self.feed.dns_ip,
             managed_namespaces=self.view.managed_namespaces(),
             cluster_wide=self.config.selector.everything,
+            client_config=self.config.client_config,
         )
 
     async def get_cluster_info(self, request: api.SessionRequest) -> api.ClusterInfo:

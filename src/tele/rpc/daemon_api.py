@@ -77,6 +77,9 @@ class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     """The network interface and DNS (device, subnets, counters), when set up."""
     network_note: str = ""
     """Why there is no network interface, when it was wanted where possible only."""
+    dns_and_routing: dict[str, Any] = {}
+    """The DNS and routing settings in effect ({"dns": {...}, "routing": {...}}, config.yml
+    spelling; unset keys left out), merged from flags, kubeconfig, manager and config."""
     intercepts: list[str] = []
     """"name: intercepted|replaced|ingested workload -> local addresses (mechanism and
     filters)" for each engagement of this session."""

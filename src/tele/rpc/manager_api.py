@@ -7,6 +7,8 @@ other; the manager's version is reported on arrival so the client can warn about
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from tele.rpc.method import Empty, ServerStream, Unary
@@ -40,6 +42,9 @@ class ClusterInfo(msgspec.Struct, frozen=True, kw_only=True):
     managed_namespaces: list[str] = []
     """The namespaces this manager manages now (changes live with a dynamic selector)."""
     cluster_wide: bool = True
+    client_config: dict[str, Any] = {}
+    """The Helm values `client` (dns, routing): the client checks them (tele.config
+    network_from_manager) and ranks them below its flags and kubeconfig."""
 
 
 class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -123,6 +123,9 @@ class NetworkStatus:
     vif: VifInfo
     resolver: Resolver | None
     set_up_by: str = "daemon"
+    also_proxy: list[str] = field(default_factory=list)
+    never_proxy: list[str] = field(default_factory=list)
+    allow_conflicting: list[str] = field(default_factory=list)
     """Who did the privileged steps: "daemon", or "privileged helper (pid N)"."""
 
     async def follow(self, cluster: mapi.ClusterInfo) -> None:
@@ -137,6 +140,9 @@ class NetworkStatus:
             "device": self.vif.device,
             "address": str(self.vif.address),
             "subnets": [str(n) for n in self.vif.subnets],
+            "also_proxy": list(self.also_proxy),
+            "never_proxy": list(self.never_proxy),
+            "allow_conflicting": list(self.allow_conflicting),
             "bytes_in": counters.bytes_in,
             "bytes_out": counters.bytes_out,
             "tcp_connections": counters.tcp_connections,
@@ -279,6 +285,15 @@ async def _serve_network(
                 )
             )
         set_up_by = "daemon" if privileges is None else privileges.describe()
-        task_status.started(NetworkStatus(vif, resolver, set_up_by))
+        task_status.started(
+            NetworkStatus(
+                vif,
+                resolver,
+                set_up_by,
+                also_proxy=list(options.also_proxy),
+                never_proxy=list(options.never_proxy),
+                allow_conflicting=list(options.allow_conflicting),
+            )
+        )
         await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover
