@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+from cryptography import x509
 
 from tele.config import network_from_manager
 from tele.contracts import agentconfig
@@ -18,6 +19,7 @@ from tele.helm.chart import Chart
 from tele.helm.errors import ValuesError
 from tele.k8s.client import KubeClient
 from tele.manager.server import Manager, ManagerConfig
+from tele.manager.webhook import ensure_tls
 from tele.rpc import agent_api as aapi
 from tele.rpc import manager_api as api
 from tele.rpc.errors import Code, RpcError
@@ -202,3 +204,17 @@ def test_bad_client_values_are_refused_by_the_schema_or_the_manager(chart: Chart
         "In the traffic manager's Helm values (client.*), the DNS mapping of db.local is an "
         "alias for 'no such name!', which is neither a DNS name nor an IP address."
     )
+
+
+async def test_agent_injector_name_is_the_name_its_certificate_covers(
+    kube: KubeClient, chart: Chart
+) -> None:
+    config = config_from_chart(chart, {"agentInjector": {"name": "my-injector"}})
+    assert config.webhook_service == "my-injector"
+    objects = render(chart, {"agentInjector": {"name": "my-injector"}})
+    hook = next(o for o in objects if o["kind"] == "MutatingWebhookConfiguration")
+    assert hook["webhooks"][0]["clientConfig"]["service"]["name"] == "my-injector"
+    tls = await ensure_tls(kube, "default", "tls-secret", service=config.webhook_service)
+    cert = x509.load_pem_x509_certificate(tls.pair.cert_pem)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "my-injector.default.svc" in names.get_values_for_type(x509.DNSName)

@@ -83,6 +83,8 @@ class ManagerConfig:
     webhook_secret: str = "mutator-webhook-tls"
     webhook_name: str = ""
     """The MutatingWebhookConfiguration whose caBundle this manager keeps current."""
+    webhook_service: str = "agent-injector"
+    """Helm `agentInjector.name`: the webhook's Service, named by its certificate."""
     webhook_extra_names: tuple[str, ...] = ()
     """More names for the webhook's certificate (a webhook reached by URL, e.g. for tests)."""
     agent_image: str = "tele/traffic-agent"
@@ -137,6 +139,7 @@ class ManagerConfig:
             webhook_port=int(env["TELE_WEBHOOK_PORT"]) if env.get("TELE_WEBHOOK_PORT") else None,
             webhook_secret=env.get("TELE_WEBHOOK_SECRET") or "mutator-webhook-tls",
             webhook_name=env.get("TELE_WEBHOOK_NAME") or "",
+            webhook_service=env.get("TELE_WEBHOOK_SERVICE") or "agent-injector",
             agent_image=env.get("TELE_AGENT_IMAGE") or "tele/traffic-agent",
             agent_port=int(env.get("TELE_AGENT_PORT") or 9900),
             agent_log_level=env.get("TELE_AGENT_LOG_LEVEL") or "info",
@@ -566,6 +569,7 @@ class Manager:
             self.config.namespace,
             self.config.webhook_secret,
             self.config.webhook_extra_names,
+            self.config.webhook_service,
         )
         self.webhook = WebhookServer(tls, self.injector)
         self.webhook_port = await nursery.start(self.webhook.serve, port, self.config.api_host)

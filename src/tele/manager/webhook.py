@@ -109,9 +109,11 @@ class WebhookTLS:
     pair: KeyPair
 
 
-def service_names(namespace: str, cluster_domain: str = "cluster.local") -> list[str]:
-    base = f"{SERVICE_NAME}.{namespace}"
-    return [SERVICE_NAME, base, f"{base}.svc", f"{base}.svc.{cluster_domain}"]
+def service_names(
+    namespace: str, cluster_domain: str = "cluster.local", service: str = SERVICE_NAME
+) -> list[str]:
+    base = f"{service}.{namespace}"
+    return [service, base, f"{base}.svc", f"{base}.svc.{cluster_domain}"]
 
 
 def _usable(secret: dict[str, Any], names: list[str]) -> WebhookTLS | None:
@@ -134,12 +136,17 @@ def _usable(secret: dict[str, Any], names: list[str]) -> WebhookTLS | None:
 
 
 async def ensure_tls(
-    kube: KubeClient, namespace: str, secret_name: str, extra_names: tuple[str, ...] = ()
+    kube: KubeClient,
+    namespace: str,
+    secret_name: str,
+    extra_names: tuple[str, ...] = (),
+    service: str = SERVICE_NAME,
 ) -> WebhookTLS:
     """The webhook's TLS material from its Secret, made (or remade) when missing or unusable.
 
-    `extra_names` (DNS names or IPs) are for a webhook reached by `clientConfig.url`."""
-    names = [*service_names(namespace), *extra_names]
+    `service` is the webhook's Service (Helm `agentInjector.name`): the certificate covers its
+    names. `extra_names` (DNS names or IPs) are for a webhook reached by `clientConfig.url`."""
+    names = [*service_names(namespace, service=service), *extra_names]
     for _ in range(3):
         secret = await kube.get_or_none(k8s.SECRETS, secret_name, namespace)
         if secret is not None:
@@ -147,7 +154,7 @@ async def ensure_tls(
             if tls is not None:
                 return tls
         ca = await trio.to_thread.run_sync(CertificateAuthority.create, f"{SERVICE_NAME}-ca")
-        pair = await trio.to_thread.run_sync(ca.issue, f"{SERVICE_NAME}.{namespace}.svc", names)
+        pair = await trio.to_thread.run_sync(ca.issue, f"{service}.{namespace}.svc", names)
         metadata: dict[str, str] = {"name": secret_name, "namespace": namespace}
         body: dict[str, Any] = {
             "apiVersion": "v1",
