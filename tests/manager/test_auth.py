@@ -38,8 +38,12 @@ IDENTITY = api.ClientIdentity(user="dev", host="laptop", client_version="0.1.0")
 NS = "default"
 
 
-async def start(nursery: trio.Nursery, kube: KubeClient, mode: str = "enforcing") -> Manager:
-    config = ManagerConfig(namespace=NS, api_port=0, api_host="127.0.0.1", auth_mode=mode)
+async def start(
+    nursery: trio.Nursery, kube: KubeClient, mode: str = "enforcing", **settings: Any
+) -> Manager:
+    config = ManagerConfig(
+        namespace=NS, api_port=0, api_host="127.0.0.1", auth_mode=mode, **settings
+    )
     manager = Manager(config, kube)
     manager.bound_port = await nursery.start(manager.serve)  # type: ignore[attr-defined]
     return manager
@@ -454,3 +458,68 @@ async def test_an_unauthenticated_link_holds_at_most_a_few_streams(
         assert refused.value.code is Code.RESOURCE_EXHAUSTED
         assert len(answered) == 1
         watchers.cancel_scope.cancel()
+
+
+async def _bare_pod(kube: KubeClient, name: str, account: str) -> dict[str, Any]:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"serviceAccountName": account, "containers": [{"name": "c", "image": "c"}]},
+    }
+    created: dict[str, Any] = await kube.create(k8s.PODS, pod, NS)
+    return created
+
+
+async def test_a_revoked_credential_ends_its_links_and_sessions_within_the_session(
+    nursery: trio.Nursery, kube: KubeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 15 item 1: a token that stops being valid mid-session (its ServiceAccount
+    deleted) is noticed at the next review: the link is refused and closed, and the identity's
+    sessions end after the grace. Another identity's session is untouched, and an identity
+    whose old token died but which came back with a valid one on a new link (a rotated token)
+    keeps its session."""
+    manager = await start(nursery, kube, credential_recheck=0.2, revoked_grace=0.5)
+    leaver_token = await service_account_token(kube, "leaver")
+    pod = await _bare_pod(kube, "rotator-pod", "rotator")
+    bound = await service_account_token(kube, "rotator", pod=pod)
+    fresh = await service_account_token(kube, "rotator")
+    now = trio.current_time
+    with caplog.at_level(logging.INFO, logger="tele.audit"):
+        async with link(manager) as leaver, link(manager) as admin, link(manager) as rotator:
+            await leaver.call(api.AUTHENTICATE, api.AuthenticateRequest(token=leaver_token))
+            gone = (await leaver.call(api.ARRIVE, IDENTITY)).session_id
+            await admin.call(
+                api.AUTHENTICATE, api.AuthenticateRequest(token=await admin_token(kube))
+            )
+            stays = (await admin.call(api.ARRIVE, IDENTITY)).session_id
+            await rotator.call(api.AUTHENTICATE, api.AuthenticateRequest(token=bound))
+            rotated = (await rotator.call(api.ARRIVE, IDENTITY)).session_id
+
+            await kube.delete(k8s.SERVICEACCOUNTS, "leaver", NS)
+            await kube.delete(k8s.PODS, "rotator-pod", NS)  # the bound token dies with it
+            await wait_for(lambda: not leaver.link.is_open and not rotator.link.is_open)
+            async with link(manager) as renewed:  # the rotator's daemon: a new link, a new token
+                await renewed.call(api.AUTHENTICATE, api.AuthenticateRequest(token=fresh))
+                await wait_for(lambda: manager.auth.pending_revocations == 0, timeout=10)
+                assert manager.sessions.get(gone, now()) is None
+                await renewed.call(api.REMAIN, api.SessionRequest(session_id=rotated))
+                await admin.call(api.REMAIN, api.SessionRequest(session_id=stays))
+            # The revoked identity cannot come back with its dead token.
+            async with link(manager) as again:
+                with pytest.raises(RpcError) as refused:
+                    await again.call(api.AUTHENTICATE, api.AuthenticateRequest(token=leaver_token))
+                assert refused.value.code is Code.UNAUTHENTICATED
+    assert manager.sessions.get(stays, now()) is not None
+    assert manager.sessions.get(rotated, now()) is not None
+    lines = [r.getMessage() for r in caplog.records if r.name == "tele.audit"]
+    events = [json.loads(line.split(" ", 1)[1]) for line in lines]
+    revoked = [e["user"] for e in events if e["event"] == "revoked"]
+    assert sorted(revoked) == [
+        f"system:serviceaccount:{NS}:leaver",
+        f"system:serviceaccount:{NS}:rotator",
+    ]
+    ended = [e for e in events if e["event"] == "sessions-ended"]
+    assert [(e["user"], e["sessions"]) for e in ended] == [
+        (f"system:serviceaccount:{NS}:leaver", [gone])
+    ]

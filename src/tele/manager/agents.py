@@ -81,6 +81,17 @@ class AgentRegistry:
             self._check_owner(session.owner)
         return session
 
+    def end_owned(self, owner: str, reason: str) -> list[str]:
+        """End the sessions of the agent whose credential was revoked (its pod is gone)."""
+        ended = []
+        for session in list(self.sessions.sessions.values()):
+            if session.owner == owner and self.sessions.depart(session.session_id) is not None:
+                log.warning("agent of pod %s ended: %s", session.label, reason)
+                ended.append(session.session_id)
+        if ended:
+            self._changes.notify()
+        return ended
+
     def expire(self) -> None:
         for session in self.sessions.expire(self._clock()):
             log.info("agent of pod %s expired: no heartbeat within the lease", session.label)

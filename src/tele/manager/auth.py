@@ -14,9 +14,13 @@ Modes (Helm `security.authentication.mode`): `enforcing` refuses what is not pro
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
+import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +30,7 @@ from tele.contracts.agentconfig import AGENT_TOKEN_AUDIENCE
 from tele.k8s.client import ApiError, KubeClient
 from tele.rpc import manager_api as api
 from tele.rpc.errors import Code, RpcError
-from tele.rpc.server import CALLER
+from tele.rpc.server import CALLER, CallerConnection
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("tele.audit")
@@ -41,6 +45,13 @@ OPEN_PATHS = frozenset({api.VERSION.path, api.AUTHENTICATE.path})
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
 MAX_TOKEN = 16384
+RECHECK_SECONDS = 60.0
+"""How often the token of every authenticated link is reviewed again (and at its `exp`): a
+revoked token (deleted ServiceAccount, deleted pod, removed user) is noticed this late."""
+RECHECK_TICK = 5.0
+REVOKED_GRACE = 15.0
+"""After a link's credential failed its review: how long the identity's sessions wait for a
+link of the same identity with a valid credential (a rotated token) before they end."""
 DECISION_SECONDS = 10.0
 """How long a SubjectAccessReview's answer is reused (RBAC changes take effect this late)."""
 WORKLOAD_RESOURCES = {
@@ -108,6 +119,28 @@ def caller() -> Principal | None:
     return principal if isinstance(principal, Principal) else None
 
 
+@dataclass
+class _Held:
+    """What an authenticated link presented, to review it again."""
+
+    token: str
+    agent: bool
+    due: float
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT (seconds since the epoch), None if it is not one."""
+    parts = token.split(".")
+    if len(parts) != 3 or len(parts[1]) > MAX_TOKEN:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
 class Authenticator:
     def __init__(
         self,
@@ -115,13 +148,20 @@ class Authenticator:
         mode: str = "enforcing",
         *,
         clock: Any = trio.current_time,
+        recheck_seconds: float = RECHECK_SECONDS,
+        revoked_grace: float = REVOKED_GRACE,
     ) -> None:
+        self.recheck_seconds = recheck_seconds
+        self.revoked_grace = revoked_grace
+        self.pending_revocations = 0
+        """Identities whose link's credential failed, waiting out the grace."""
         if mode not in MODES:
             raise ValueError(f"authentication mode must be one of {', '.join(MODES)}")
         self.kube = kube
         self.mode = mode
         self._clock = clock
         self._cache: dict[tuple[bytes, bool], tuple[float, Principal | str]] = {}
+        self._held: weakref.WeakKeyDictionary[CallerConnection, _Held] = weakref.WeakKeyDictionary()
         self._decisions: dict[tuple[str, tuple[str, ...]], tuple[float, bool, str]] = {}
 
     # --- the link gate --------------------------------------------------------------------------
@@ -190,7 +230,100 @@ class Authenticator:
                     "this link belongs to another identity; open a new one",
                 )
             connection.principal = principal
+            self._held[connection] = _Held(request.token, request.agent, self._due(request.token))
         return api.AuthenticateReply(username=principal.username, groups=list(principal.groups))
+
+    def _due(self, token: str) -> float:
+        """When to review `token` again: RECHECK_SECONDS from now, or just after it expires."""
+        due: float = self._clock() + self.recheck_seconds
+        expiry = token_expiry(token)
+        if expiry is not None:
+            due = min(due, self._clock() + max(expiry - time.time(), 0.0) + 1.0)
+        return due
+
+    # --- credentials that stop being valid ------------------------------------------------------
+
+    async def watch_credentials(
+        self,
+        on_revoked: Callable[[Principal, str], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Review every authenticated link's token again as it comes due (`recheck`); run in
+        the manager's nursery."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                await self.recheck(on_revoked, nursery)
+                await trio.sleep(min(RECHECK_TICK, self.recheck_seconds))
+
+    async def recheck(
+        self, on_revoked: Callable[[Principal, str], None], nursery: trio.Nursery
+    ) -> None:
+        """Review the tokens that are due. A link whose token is no longer accepted (or now
+        names someone else) is refused from now on and closed; if no link of that identity
+        with a valid token shows up within REVOKED_GRACE, its sessions end (`on_revoked`)."""
+        if self.mode == "disabled":
+            return
+        now = self._clock()
+        for connection, held in list(self._held.items()):
+            if connection.ended:
+                self._held.pop(connection, None)
+                continue
+            if held.due > now:
+                continue
+            try:
+                result = await self._token_review(held.token, held.agent)
+            except RpcError:
+                held.due = now + RECHECK_TICK  # the API server is unavailable: try again soon
+                continue
+            if self._held.get(connection) is not held:
+                continue  # presented anew meanwhile
+            principal = connection.principal
+            if not isinstance(principal, Principal):
+                continue
+            if isinstance(result, Principal) and result.key == principal.key:
+                held.due = self._due(held.token)
+                continue
+            reason = result if isinstance(result, str) else "the token names another identity now"
+            self._revoke(connection, principal, reason)
+            self.pending_revocations += 1
+            nursery.start_soon(self._end_if_gone, principal, reason, on_revoked)
+
+    def _revoke(self, connection: CallerConnection, principal: Principal, reason: str) -> None:
+        self._held.pop(connection, None)
+        self._cache = {k: v for k, v in self._cache.items() if v[1] != principal}
+        record = {
+            "event": "revoked",
+            "user": principal.username,
+            "groups": list(principal.groups),
+            "reason": reason,
+            "mode": self.mode,
+        }
+        audit.info("audit %s", json.dumps(record, sort_keys=True))
+        if self.mode != "enforcing":
+            log.warning("permissive: would close the link of %s: %s", principal.username, reason)
+            return
+        connection.auth_failure = (
+            f"the credential this link presented is no longer valid ({reason})"
+        )
+        connection.principal = None
+        connection.close("credential revoked")
+
+    async def _end_if_gone(
+        self, principal: Principal, reason: str, on_revoked: Callable[[Principal, str], None]
+    ) -> None:
+        try:
+            await trio.sleep(self.revoked_grace)
+        finally:
+            self.pending_revocations -= 1
+        renewed = any(
+            isinstance(c.principal, Principal) and c.principal.key == principal.key
+            for c in self._held
+            if not c.ended
+        )
+        if not renewed and self.mode == "enforcing":
+            on_revoked(principal, reason)
 
     async def review(self, token: str, *, agent: bool) -> Principal:
         digest = hashlib.sha256(token.encode()).digest()

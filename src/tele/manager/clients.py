@@ -105,6 +105,19 @@ class ClientSessions:
             self._end(session)
         return Empty()
 
+    def end_owned(self, owner: str, reason: str) -> list[str]:
+        """End every session `owner` made (its credential was revoked); their ids."""
+        ended = []
+        for session in list(self.sessions.sessions.values()):
+            if session.owner != owner:
+                continue
+            if self.sessions.depart(session.session_id) is None:
+                continue
+            log.warning("session %s (%s) ended: %s", session.session_id, session.label, reason)
+            self._end(session)
+            ended.append(session.session_id)
+        return ended
+
     def wake_reaper(self) -> None:
         """A new lease may end before the reaper's current deadline."""
         self._changed.set()

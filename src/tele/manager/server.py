@@ -109,6 +109,11 @@ class ManagerConfig:
     """Seconds between looks for an enabled kind the cluster does not serve (no Rollout CRD)."""
     auth_mode: str = "enforcing"
     """Helm `security.authentication.mode`: enforcing, permissive or disabled (manager.auth)."""
+    credential_recheck: float = 60.0
+    """Seconds between reviews of each link's token (manager.auth.RECHECK_SECONDS)."""
+    revoked_grace: float = 15.0
+    """Seconds an identity whose link's token was revoked has to come back with a valid one
+    before its sessions end (manager.auth.REVOKED_GRACE)."""
     allow_loopback_dials: bool = False
     """Tunnel streams may reach the manager's loopback: only for tests that run the manager on
     the host, where their servers listen on 127.0.0.1 (the chart has no value for it)."""
@@ -188,7 +193,12 @@ class Manager:
         self.config = config
         self.kube = kube
         self.clock = clock
-        self.auth = Authenticator(kube, config.auth_mode)
+        self.auth = Authenticator(
+            kube,
+            config.auth_mode,
+            recheck_seconds=config.credential_recheck,
+            revoked_grace=config.revoked_grace,
+        )
         self.view = ClusterView(
             config.selector,
             cluster_domain=config.cluster_domain,
@@ -322,6 +332,17 @@ class Manager:
 
     async def version(self, _: Empty) -> api.VersionInfo:
         return api.VersionInfo(version=__version__)
+
+    def credential_revoked(self, principal: Principal, reason: str) -> None:
+        """No link of `principal` has a valid credential any more: its sessions end."""
+        ended = self.clients.end_owned(principal.key, reason) + self.agents.end_owned(
+            principal.key, reason
+        )
+        if ended:
+            record = {"event": "sessions-ended", "user": principal.username, "reason": reason}
+            logging.getLogger("tele.audit").info(
+                "audit %s", json.dumps({**record, "sessions": ended}, sort_keys=True)
+            )
 
     async def judge_exports(
         self, pod_spec: dict[str, Any], container: str, policies: dict[str, str], namespace: str
@@ -591,6 +612,7 @@ class Manager:
                 for kind, resource in kinds:
                     nursery.start_soon(self.feed.watch, kind, resource, scope)
             nursery.start_soon(self.clients.reap)
+            await nursery.start(self.auth.watch_credentials, self.credential_revoked)
             await self.agent_workloads.load()
             nursery.start_soon(self.agent_workloads.keep_saved)
             nursery.start_soon(self.rollouts.serve_restores)

@@ -55,6 +55,9 @@ class CallerConnection:
         """Why the peer's last attempt to authenticate failed ("" if none did)."""
         self.active_calls = 0
         """Streams being handled on this connection now."""
+        self.close: Callable[[str], None] = lambda reason: None
+        """End the connection now (its handlers end with it): for a service whose caller's
+        credential stopped being valid (set by serve_connection)."""
 
     @property
     def principal(self) -> Any:
@@ -264,6 +267,7 @@ async def serve_connection(
         async with open_link(
             stream, client_side=False, handler=handle, settings=settings, name=name
         ) as link:
+            caller.close = link.close
             if shares is not None:
                 shares.assign(link, caller)
             await link.wait_closed()
