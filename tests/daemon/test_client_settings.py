@@ -312,3 +312,41 @@ def test_a_bad_dns_or_routing_setting_is_one_sentence_and_no_session(
     assert line.startswith("tele: In the config file ") and line.endswith(sentence), line
     status = json.loads(run_tele(tele_env, "status", "-o", "json").stdout)
     assert status.get("session") is None
+
+
+@pytest.mark.parametrize(
+    ("config_text", "flags", "sentence"),
+    [
+        (
+            "",
+            ["--vnat", "246.246.0.0/24"],
+            "tele: --vnat 246.246.0.0/24 overlaps the virtual IP subnet 246.246.0.0/16; choose "
+            "another cluster.virtualIPSubnet in the config",
+        ),
+        (
+            "cluster:\n  virtualIPSubnet: 10.96.0.0/12\n",
+            ["--vnat", "10.244.0.0/16"],
+            "tele: the virtual IP subnet 10.96.0.0/12 overlaps the routed subnet 10.96.0.0/16; "
+            "choose another cluster.virtualIPSubnet in the config",
+        ),
+    ],
+)
+def test_vnat_that_cannot_work_is_one_sentence_and_no_session(
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    cluster: tuple[ThreadedCluster, Path],
+    manager: ManagerProcess,
+    config_text: str,
+    flags: list[str],
+    sentence: str,
+) -> None:
+    write_config(tele_env, config_text)
+    address = f"127.0.0.1:{manager.port}"
+    args = ["connect", "--no-vif", "--kubeconfig", str(cluster[1]), "--manager-address", address]
+    result = run_tele(tele_env, *args, *flags)
+    assert result.returncode == 1, result.stderr
+    assert single_error_line(result).rstrip(".") == sentence
+    status = json.loads(run_tele(tele_env, "status", "-o", "json").stdout)
+    assert status.get("session") is None
+    if "routed subnet" in sentence:  # refused after arriving: the session departed at once
+        manager.wait_for_log("departed")

@@ -103,6 +103,12 @@ def _size(value: object) -> str:
     multiple=True,
     help="Route this CIDR even if a local route has it.",
 )
+@click.option(
+    "--vnat",
+    multiple=True,
+    help="Give this cluster CIDR virtual IPs (config cluster.virtualIPSubnet) when it clashes "
+    "with a local route: names resolve to virtual IPs routed through the manager (repeatable).",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @output_option
 def connect(
@@ -117,6 +123,7 @@ def connect(
     also_proxy: tuple[str, ...],
     never_proxy: tuple[str, ...],
     allow_conflicting_subnets: tuple[str, ...],
+    vnat: tuple[str, ...],
     output: str,
 ) -> None:
     """Connect this machine to the cluster through its traffic manager; with `-- COMMAND`,
@@ -136,6 +143,7 @@ def connect(
         also_proxy=_cidrs("--also-proxy", also_proxy),
         never_proxy=_cidrs("--never-proxy", never_proxy),
         allow_conflicting_subnets=_cidrs("--allow-conflicting-subnets", allow_conflicting_subnets),
+        vnat=_cidrs("--vnat", vnat),
     )
 
     helper_note = ""

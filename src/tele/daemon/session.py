@@ -287,8 +287,25 @@ class ClusterSession:
         manager = network_from_manager(cluster.client_config) if cluster else ClientNetwork()
         return merge_networks(flags, extension, manager, self._settings.network())
 
+    def _check_vnat(self, cluster: mapi.ClusterInfo | None) -> None:
+        """--vnat and cluster.virtualIPSubnet: one sentence when they cannot work (the virtual
+        subnet overlapping a --vnat subnet, or once arrived the routed subnets)."""
+        from tele.vif import vnat
+
+        if not self.request.vnat:
+            return
+        others: list[str] = []
+        if cluster is not None:
+            others = [*cluster.pod_subnets, *cluster.service_subnets]
+            others += self.client_network.routing.also_proxy_subnets or []
+        try:
+            vnat.check(self.request.vnat, self._settings.cluster.virtual_ip_subnet, others)
+        except vnat.VnatError as exc:
+            raise UserError(str(exc)) from None
+
     async def _run(self, task_status: trio.TaskStatus[dapi.ConnectionInfo]) -> None:
         self._merged_network(None)  # the local sources' mistakes, before the cluster is asked
+        self._check_vnat(None)
         async with trio.open_nursery() as nursery:
             if not self.locator.by_address:
                 # A missing manager is the user's to fix: say so at once, don't retry; one
@@ -302,7 +319,13 @@ class ClusterSession:
                     f"within {self.connect_timeout:g}s: {self.pool.last_failure or 'no answer'}"
                 )
             await self.lease.arrive()
-            self.client_network = self._merged_network(self.lease.cluster)
+            try:
+                self.client_network = self._merged_network(self.lease.cluster)
+                self._check_vnat(self.lease.cluster)
+            except UserError:  # the manager's settings do not fit: leave while the link is up
+                with trio.CancelScope(shield=True), trio.move_on_after(3):
+                    await self.lease.depart()
+                raise
             self.lease.status = "connected"
             self.connected_at = time.time()
             nursery.start_soon(self.lease.heartbeat)
@@ -329,6 +352,8 @@ class ClusterSession:
         if not options.enabled and not options.when_possible:
             return
         apply_network(options, self.client_network)
+        options.vnat = list(self.request.vnat)
+        options.virtual_subnet = self._settings.cluster.virtual_ip_subnet
         privileges: Privileges | None = None
         if not has_net_admin():
             privileges = self._take_helper() if self._take_helper is not None else None

@@ -48,6 +48,8 @@ class ConnectRequest(msgspec.Struct, frozen=True, kw_only=True):
     also_proxy: list[str] = []
     never_proxy: list[str] = []
     allow_conflicting_subnets: list[str] = []
+    vnat: list[str] = []
+    """Cluster subnets given virtual IPs (tele.vif.vnat)."""
 
 
 class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):

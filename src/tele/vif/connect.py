@@ -12,6 +12,7 @@ for it with `NetworkOptions.enabled` (--vif: or fail) or `when_possible` (the de
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import subprocess
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn, Protocol, overload
 
+import msgspec
 import trio
 
 from tele import paths
@@ -27,13 +29,16 @@ from tele.dns import system
 from tele.dns.names import DEFAULT_EXCLUDE_SUFFIXES, NameRules
 from tele.dns.server import Resolver
 from tele.dns.service import DnsSettings, SystemSetup, serve_dns
-from tele.net.tunnel import Destination
+from tele.net.tunnel import Destination, ResetReason
 from tele.rpc import manager_api as mapi
 from tele.rpc.client import Client
 from tele.rpc.h2link import H2Stream
+from tele.rpc.tunnel import TunnelError
 from tele.vif import journal, watchdog
 from tele.vif.privileges import LocalPrivileges, Privileges
 from tele.vif.service import DEFAULT_ADDRESS, DEFAULT_DEVICE, VifInfo, VifSettings, serve_vif
+from tele.vif.vnat import DEFAULT_SUBNET as DEFAULT_VNAT_SUBNET
+from tele.vif.vnat import VirtualIPs
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,10 @@ class NetworkOptions:
     excludes: list[str] = field(default_factory=list)
     mappings: dict[str, str] = field(default_factory=dict)
     lookup_timeout: float = 8.0
+    vnat: list[str] = field(default_factory=list)
+    """Cluster subnets given virtual IPs (`--vnat`): never routed themselves (tele.vif.vnat)."""
+    virtual_subnet: str = DEFAULT_VNAT_SUBNET
+    """Where the virtual IPs come from (config cluster.virtualIPSubnet)."""
     dial_timeout: float = 5.0
     """Config timeouts.proxyDial: a connection to a cluster address waits this long for its
     tunnel stream before the app sees it refused."""
@@ -123,10 +132,11 @@ class NetworkStatus:
     vif: VifInfo
     resolver: Resolver | None
     set_up_by: str = "daemon"
+    """Who did the privileged steps: "daemon", or "privileged helper (pid N)"."""
     also_proxy: list[str] = field(default_factory=list)
     never_proxy: list[str] = field(default_factory=list)
     allow_conflicting: list[str] = field(default_factory=list)
-    """Who did the privileged steps: "daemon", or "privileged helper (pid N)"."""
+    vnat: VirtualIPs | None = None
 
     async def follow(self, cluster: mapi.ClusterInfo) -> None:
         """The cluster's subnets changed: route the new ones, drop the gone ones."""
@@ -143,6 +153,7 @@ class NetworkStatus:
             "also_proxy": list(self.also_proxy),
             "never_proxy": list(self.never_proxy),
             "allow_conflicting": list(self.allow_conflicting),
+            "vnat": self.vnat.summary() if self.vnat is not None else None,
             "bytes_in": counters.bytes_in,
             "bytes_out": counters.bytes_out,
             "tcp_connections": counters.tcp_connections,
@@ -189,6 +200,31 @@ class _ManagedNamespaces(Sequence[str]):
         return iter(self._names())
 
 
+def _virtual_answers(reply: mapi.LookupReply, vips: VirtualIPs) -> mapi.LookupReply:
+    """The manager's answer with each translated cluster address replaced by its virtual IP
+    (an address for which none is left is dropped)."""
+    records = []
+    changed = False
+    for record in reply.records:
+        if record.type in ("A", "AAAA"):
+            try:
+                address = ipaddress.ip_address(record.value)
+            except ValueError:
+                records.append(record)
+                continue
+            if vips.covers(address):
+                changed = True
+                virtual = vips.virtual_for(address)
+                if virtual is None:
+                    log.warning("vnat: no virtual IP left for %s (%s)", record.name, address)
+                    continue
+                kind = "A" if virtual.version == 4 else "AAAA"
+                records.append(msgspec.structs.replace(record, type=kind, value=str(virtual)))
+                continue
+        records.append(record)
+    return msgspec.structs.replace(reply, records=records) if changed else reply
+
+
 async def serve_network(
     options: NetworkOptions,
     session: SessionLike,
@@ -231,7 +267,16 @@ async def _serve_network(
     if cluster is None:
         raise RuntimeError("serve_network needs an arrived session")
 
+    vips = VirtualIPs(options.virtual_subnet, options.vnat) if options.vnat else None
+
     async def dial(destination: Destination) -> trio.abc.HalfCloseableStream:
+        if vips is not None and destination.ip in vips.subnet:
+            real = vips.real_for(destination.ip)
+            if real is None:  # a virtual IP this session never handed out
+                raise TunnelError(
+                    ResetReason.UNREACHABLE, f"{destination.ip} is no virtual IP of this session"
+                )
+            destination = Destination(destination.protocol, real, destination.port)
         return await session.pool.dial(
             destination, session=session.session_id(), wait=options.dial_timeout
         )
@@ -239,12 +284,17 @@ async def _serve_network(
     async def lookup(name: str, qtype: str) -> mapi.LookupReply:
         client = await session.client()
         request = mapi.LookupRequest(session_id=session.session_id(), name=name, qtype=qtype)
-        return await client.call(mapi.LOOKUP_DNS, request)
+        reply = await client.call(mapi.LOOKUP_DNS, request)
+        return reply if vips is None else _virtual_answers(reply, vips)
 
+    # With VNAT the translated subnets are not routed (this machine's own route for them stays)
+    # and the virtual subnet is.
+    never_proxy = [*options.never_proxy, *options.vnat]
+    also_proxy = [*options.also_proxy, *([str(vips.subnet)] if vips is not None else [])]
     settings = VifSettings(
         cluster_subnets=[*cluster.pod_subnets, *cluster.service_subnets],
-        also_proxy=options.also_proxy,
-        never_proxy=options.never_proxy,
+        also_proxy=also_proxy,
+        never_proxy=never_proxy,
         allow_conflicting=options.allow_conflicting,
         device=options.device,
         address=options.address,
@@ -293,6 +343,7 @@ async def _serve_network(
                 also_proxy=list(options.also_proxy),
                 never_proxy=list(options.never_proxy),
                 allow_conflicting=list(options.allow_conflicting),
+                vnat=vips,
             )
         )
         await trio.sleep_forever()

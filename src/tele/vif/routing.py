@@ -92,7 +92,8 @@ def conflict_message(net: Network, route: Route) -> str:
     return (
         f"the cluster subnet {net} overlaps the route {route.network} on interface "
         f"{route.interface}; tele will not take that traffic away from {route.interface} "
-        f"unless you pass --allow-conflicting-subnets {net} (or use --never-proxy)"
+        f"unless you pass --allow-conflicting-subnets {net} (or use --never-proxy, "
+        f"or --vnat {net} to reach it through virtual IPs)"
     )
 
 

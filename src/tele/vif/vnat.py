@@ -1,0 +1,102 @@
+"""Virtual network address translation (`tele connect --vnat CIDR`, config
+`cluster.virtualIPSubnet`): cluster addresses in subnets that clash with this machine's own
+routes (a VPN, a docker bridge) are given virtual IPs instead.
+
+The DNS server answers a cluster name whose address lies in a translated subnet with a virtual
+IP from the virtual subnet (one per cluster address, kept for the session); only the virtual
+subnet is routed to the VIF, and a connection to a virtual IP is dialed through the tunnel to
+the cluster address it stands for (the traffic manager dials it). The translated subnets are
+never routed, so this machine's own route for them stays as it is. Pure bookkeeping: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from tele.vif.routing import Network, parse_networks
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_SUBNET = "246.246.0.0/16"
+MAX_MAPPED = 1 << 16
+"""Virtual IPs handed out per session at most, whatever the subnet's size: the manager's DNS
+answers make the entries, and a hostile or broken one must not grow the maps without bound."""
+
+
+class VnatError(ValueError):
+    """A --vnat subnet or the virtual subnet that cannot work (one sentence)."""
+
+
+def check(translated: Sequence[str], virtual: str, others: Sequence[str] = ()) -> None:
+    """VnatError when a subnet is not a CIDR, the virtual subnet overlaps a translated one or
+    `others` (the cluster's and the also-proxy subnets), or their IP versions differ."""
+    try:
+        subnets = parse_networks(translated)
+    except ValueError as exc:
+        raise VnatError(f"--vnat {exc}: give a subnet such as 10.244.0.0/16") from None
+    try:
+        virtual_net = ipaddress.ip_network(virtual.strip(), strict=False)
+    except ValueError as exc:
+        raise VnatError(f"the virtual IP subnet (config cluster.virtualIPSubnet): {exc}") from None
+    for subnet in subnets:
+        if subnet.version != virtual_net.version:
+            raise VnatError(
+                f"--vnat {subnet} is IPv{subnet.version} but the virtual IP subnet "
+                f"{virtual_net} is IPv{virtual_net.version}; set cluster.virtualIPSubnet to an "
+                f"IPv{subnet.version} subnet"
+            )
+        if subnet.overlaps(virtual_net):
+            raise VnatError(
+                f"--vnat {subnet} overlaps the virtual IP subnet {virtual_net}; choose another "
+                "cluster.virtualIPSubnet in the config"
+            )
+    for other in parse_networks(others):
+        if other.version == virtual_net.version and other.overlaps(virtual_net):
+            raise VnatError(
+                f"the virtual IP subnet {virtual_net} overlaps the routed subnet {other}; "
+                "choose another cluster.virtualIPSubnet in the config"
+            )
+
+
+class VirtualIPs:
+    """Virtual IP <-> cluster address, for the addresses in `translated`."""
+
+    def __init__(self, virtual: str, translated: Sequence[str]) -> None:
+        check(translated, virtual)
+        self.subnet: Network = ipaddress.ip_network(virtual, strict=False)
+        self.translated: list[Network] = parse_networks(translated)
+        self._by_real: dict[Address, Address] = {}
+        self._by_virtual: dict[Address, Address] = {}
+        self._next = 1  # the subnet's own address is not handed out
+        self._size = min(self.subnet.num_addresses - 1, MAX_MAPPED)
+        """Addresses that can be handed out (the first is skipped; the bound of the maps)."""
+
+    def covers(self, address: Address) -> bool:
+        """Whether `address` is a cluster address that gets a virtual IP."""
+        return any(address in net for net in self.translated)
+
+    def virtual_for(self, real: Address) -> Address | None:
+        """The virtual IP of cluster address `real` (made on first use); None when the virtual
+        subnet is used up (the name then has no usable address)."""
+        found = self._by_real.get(real)
+        if found is not None:
+            return found
+        if self._next > self._size or real.version != self.subnet.version:
+            return None
+        virtual = self.subnet.network_address + self._next
+        self._next += 1
+        self._by_real[real] = virtual
+        self._by_virtual[virtual] = real
+        return virtual
+
+    def real_for(self, virtual: Address) -> Address | None:
+        """The cluster address a virtual IP stands for; None for one never handed out."""
+        return self._by_virtual.get(virtual)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "subnet": str(self.subnet),
+            "translated": [str(n) for n in self.translated],
+            "mapped": len(self._by_real),
+        }
