@@ -458,7 +458,11 @@ def _verb(problem: str) -> str:
 
 
 def to_builtins(config: Config) -> dict[str, Any]:
-    """The config as plain data with the file's spelling of keys and durations."""
+    """The config as plain data with the file's spelling of keys and durations; unset `dns` and
+    `routing` keys are left out (they come from the kubeconfig or the manager, else tele's
+    defaults: README, Settings)."""
     data = msgspec.to_builtins(config, enc_hook=_enc_hook)
     assert isinstance(data, dict)
+    for section in ("dns", "routing"):
+        data[section] = {k: v for k, v in data[section].items() if v is not None}
     return data

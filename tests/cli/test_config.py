@@ -142,3 +142,19 @@ def test_parse_duration_rejects(text: str | bool) -> None:
 def test_format_duration(seconds: float, text: str) -> None:
     assert config.format_duration(seconds) == text
     assert config.parse_duration(text) == seconds
+
+
+def test_dns_and_routing_keys_read_back_and_unset_ones_are_left_out(tmp_path: Path) -> None:
+    cfg = load_text(
+        tmp_path,
+        "dns:\n  mappings:\n    - {name: db.local, alias-for: 10.1.2.3}\n  lookup-timeout: 2s\n"
+        "routing:\n  never-proxy-subnets: [10.0.0.0/24]\n",
+    )
+    data = config.to_builtins(cfg)
+    assert data["dns"] == {
+        "mappings": [{"name": "db.local", "aliasFor": "10.1.2.3"}],
+        "lookupTimeout": "2s",
+    }
+    assert data["routing"] == {"neverProxySubnets": ["10.0.0.0/24"]}
+    assert config.to_builtins(config.Config())["dns"] == {}
+    assert load_text(tmp_path, yaml.safe_dump(data)) == cfg

@@ -17,6 +17,7 @@ from tele.daemon.locate import api_port
 from tele.errors import UserError
 from tele.helm.chart import Chart
 from tele.helm.errors import ValuesError
+from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
 from tele.manager.server import Manager, ManagerConfig
 from tele.manager.webhook import ensure_tls
@@ -27,6 +28,7 @@ from tele.testing.waits import wait_for
 from tests.helm.test_chart import find, render
 from tests.manager.test_engage import TEMPLATE, create_workload
 from tests.manager.test_manager import IDENTITY, start_manager
+from tests.manager.test_webhook import WEBHOOK, webhook_config
 
 Obj = dict[str, Any]
 
@@ -218,3 +220,37 @@ async def test_agent_injector_name_is_the_name_its_certificate_covers(
     cert = x509.load_pem_x509_certificate(tls.pair.cert_pem)
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "my-injector.default.svc" in names.get_values_for_type(x509.DNSName)
+
+
+async def test_webhook_service_path_is_where_the_webhook_answers(
+    nursery: trio.Nursery, kube: KubeClient, chart: Chart
+) -> None:
+    values = {"agentInjector": {"webhook": {"servicePath": "/inject-agents"}}}
+    assert config_from_chart(chart, values).webhook_path == "/inject-agents"
+    hook = next(o for o in render(chart, values) if o["kind"] == "MutatingWebhookConfiguration")
+    assert hook["webhooks"][0]["clientConfig"]["service"]["path"] == "/inject-agents"
+    await kube.create(k8s.MUTATING_WEBHOOKS, webhook_config("https://127.0.0.1:1/x"))
+    config = ManagerConfig(
+        auth_mode="disabled",
+        namespace="default",
+        api_port=0,
+        api_host="127.0.0.1",
+        webhook_port=0,
+        webhook_name=WEBHOOK,
+        webhook_extra_names=("127.0.0.1",),
+        webhook_path="/inject-agents",
+    )
+    manager = Manager(config, kube)
+    await nursery.start(manager.serve)
+    assert manager.webhook is not None
+    url = f"https://127.0.0.1:{manager.webhook_port}/inject-agents"
+    patch = [{"op": "replace", "path": "/webhooks/0/clientConfig/url", "value": url}]
+    await kube.patch(k8s.MUTATING_WEBHOOKS, WEBHOOK, patch, patch_type="json")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "tele-sandbox/echo"}]},
+    }
+    await kube.create(k8s.PODS, pod)  # failurePolicy Fail: a 404 would refuse the pod
+    assert manager.webhook.reviews == 1

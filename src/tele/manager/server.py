@@ -83,6 +83,8 @@ class ManagerConfig:
     webhook_secret: str = "mutator-webhook-tls"
     webhook_name: str = ""
     """The MutatingWebhookConfiguration whose caBundle this manager keeps current."""
+    webhook_path: str = "/traffic-agent"
+    """Helm `agentInjector.webhook.servicePath`: where the webhook answers."""
     webhook_service: str = "agent-injector"
     """Helm `agentInjector.name`: the webhook's Service, named by its certificate."""
     webhook_extra_names: tuple[str, ...] = ()
@@ -145,6 +147,7 @@ class ManagerConfig:
             webhook_secret=env.get("TELE_WEBHOOK_SECRET") or "mutator-webhook-tls",
             webhook_name=env.get("TELE_WEBHOOK_NAME") or "",
             webhook_service=env.get("TELE_WEBHOOK_SERVICE") or "agent-injector",
+            webhook_path=env.get("TELE_WEBHOOK_PATH") or "/traffic-agent",
             agent_image=env.get("TELE_AGENT_IMAGE") or "tele/traffic-agent",
             agent_port=int(env.get("TELE_AGENT_PORT") or 9900),
             agent_log_level=env.get("TELE_AGENT_LOG_LEVEL") or "info",
@@ -592,7 +595,7 @@ class Manager:
             self.config.webhook_extra_names,
             self.config.webhook_service,
         )
-        self.webhook = WebhookServer(tls, self.injector)
+        self.webhook = WebhookServer(tls, self.injector, path=self.config.webhook_path)
         self.webhook_port = await nursery.start(self.webhook.serve, port, self.config.api_host)
         if self.config.webhook_name:
             await patch_ca_bundle(self.kube, self.config.webhook_name, tls.ca_pem)

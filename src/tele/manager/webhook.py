@@ -201,11 +201,15 @@ async def patch_ca_bundle(kube: KubeClient, webhook_name: str, ca_pem: bytes) ->
 
 
 class WebhookServer:
-    """HTTPS (HTTP/1.1) server for AdmissionReview POSTs on WEBHOOK_PATH."""
+    """HTTPS (HTTP/1.1) server for AdmissionReview POSTs on `path` (Helm
+    `agentInjector.webhook.servicePath`, the path the API server is told to call)."""
 
-    def __init__(self, tls: WebhookTLS, mutator: Mutator = allow_all) -> None:
+    def __init__(
+        self, tls: WebhookTLS, mutator: Mutator = allow_all, *, path: str = WEBHOOK_PATH
+    ) -> None:
         self.context: ssl.SSLContext = server_context(tls.pair, alpn=["http/1.1"])
         self.mutator = mutator
+        self.path = path
         self.reviews = 0
         self.max_per_peer = MAX_CONNECTIONS_PER_PEER
         self._open: dict[str, int] = {}
@@ -299,7 +303,7 @@ class WebhookServer:
 
     async def _answer(self, request: h11.Request, body: bytes) -> tuple[int, dict[str, Any]]:
         path = request.target.decode("latin-1").split("?", 1)[0]
-        if request.method != b"POST" or path != WEBHOOK_PATH:
+        if request.method != b"POST" or path != self.path:
             return 404, {"error": f"no webhook at {request.method.decode()} {path}"}
         try:
             jsonlimits.check_depth(body)
