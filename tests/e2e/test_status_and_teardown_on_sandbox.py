@@ -144,3 +144,60 @@ def test_status_follows_a_manager_restart_and_says_why_a_session_ended(
     text = run_tele(tele_env, "status").stdout
     assert f"Connection: not connected: the session ended at {ended_at} UTC: {why}\n" in text
     run_tele(tele_env, "quit")
+
+
+CALL = (
+    "import urllib.request; "
+    "print(urllib.request.urlopen('http://echo.default/', timeout=10).read().decode())"
+)
+
+
+def _agent_pods(sandbox: NodeSandbox) -> list[str]:
+    pods = json.loads(kubectl(sandbox, "get", "pods", "-A", "-o", "json"))["items"]
+    return [
+        f"{p['metadata']['namespace']}/{p['metadata']['name']}"
+        for p in pods
+        if any(c["name"] == "traffic-agent" for c in p["spec"]["containers"])
+    ]
+
+
+def test_helm_uninstall_ends_engagements_and_removes_the_agents(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+) -> None:
+    _app_up(node_sandbox, tele_env)
+    kubeconfig = str(node_sandbox.kubeconfig)
+    engaged = run_tele(tele_env, "intercept", "echo", "--port", str(_closed_port()), timeout=120)
+    assert engaged.returncode == 0, engaged.stderr
+    assert _agent_pods(node_sandbox), "the intercept injected no agent"
+    listed = run_tele(tele_env, "list", "-o", "json")
+    [echo] = [w for w in json.loads(listed.stdout) if w["name"] == "echo"]
+    assert (echo["agent_installed"], echo["agent_pods"], echo["agents_connected"]) == (True, 1, 1)
+
+    removed = run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=240)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stderr.splitlines() == [
+        "tele: uninstalling the traffic manager ends your engagements: echo",
+        "tele: uninstalling the traffic manager removes the traffic agent from Deployment "
+        "default/echo (their pods restart; engagements on them end)",
+    ]
+    assert removed.stdout.startswith(
+        "Uninstalled release traffic-manager from namespace ambassador: "
+    )
+    assert removed.stdout.endswith(
+        " objects deleted; removed the traffic agent from Deployment default/echo.\n"
+    )
+    # No pod carries an agent any more, and the cluster's callers reach the app again.
+    assert _agent_pods(node_sandbox) == []
+    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=echo", "--timeout=90s")
+    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+    assert "echo:" not in run_tele(tele_env, "status").stdout
+
+    # Installed again: `tele list` tells that the pods carry no agent (they do not).
+    run_tele(tele_env, "quit")
+    _app_up(node_sandbox, tele_env)
+    listed = run_tele(tele_env, "list")
+    [line] = [line for line in listed.stdout.splitlines() if line.startswith("echo ")]
+    assert line.endswith(" 1/1  ready to engage (traffic-agent not yet installed)"), line
+    _uninstall(node_sandbox, tele_env)

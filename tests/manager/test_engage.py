@@ -324,6 +324,56 @@ async def test_list_shows_engagement_state(nursery: trio.Nursery, kube: KubeClie
     assert not by_name["lonely"].agent_installed
 
 
+async def test_list_counts_pods_that_carry_an_agent_not_in_session(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    """After the manager was reinstalled, pods still carry agents that have not arrived (yet):
+    `tele list` says installed, not connected, rather than "not yet installed"."""
+    await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
+    replicaset = await kube.get(k8s.REPLICASETS, "api-1", "default")
+    spec = TEMPLATE["spec"]
+    await kube.create(
+        k8s.PODS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "api-1-b",
+                "namespace": "default",
+                "labels": {"app": "api"},
+                "ownerReferences": [
+                    {
+                        "apiVersion": "apps/v1",
+                        "kind": "ReplicaSet",
+                        "name": "api-1",
+                        "uid": replicaset["metadata"]["uid"],
+                        "controller": True,
+                    }
+                ],
+            },
+            "spec": {
+                **spec,
+                "containers": [
+                    *spec["containers"],  # type: ignore[index]
+                    {"name": "traffic-agent", "image": "tele"},
+                ],
+            },
+        },
+    )
+    manager, client = await start_manager(nursery, kube)
+    await wait_for(lambda: ("default", "api-1-b") in manager.view.pods)
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+    listed = await client.call(
+        api.LIST_WORKLOADS, api.WorkloadsRequest(session_id=session, namespace="default")
+    )
+    [workload] = [w for w in listed.workloads if w.name == "api"]
+    assert (workload.agent_installed, workload.agent_pods, workload.agents_connected) == (
+        True,
+        1,
+        0,
+    )
+
+
 async def test_uninstall_rolls_the_agent_out(nursery: trio.Nursery, kube: KubeClient) -> None:
     await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
     manager, client = await start_manager(nursery, kube)

@@ -308,6 +308,11 @@ def list_(
                 state = f"not interceptable: {w['not_interceptable_reason']}"
             elif w["replicas"] == 0:
                 state = "no replicas: scale it up to engage it"
+            elif w["agent_pods"] and not w["agents_connected"]:
+                state = (
+                    "ready to engage (traffic-agent installed, not connected to the traffic "
+                    "manager yet)"
+                )
             elif w["agent_installed"]:
                 state = "ready to engage (traffic-agent already installed)"
             else:

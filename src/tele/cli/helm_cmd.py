@@ -249,27 +249,96 @@ def upgrade(**kwargs: Any) -> None:
     help="Seconds to wait for the objects to be gone.",
 )
 def uninstall(**kwargs: Any) -> None:
-    """Uninstall the traffic manager: delete what its release owns and wait until it is gone."""
+    """Uninstall the traffic manager: end your engagements through it, delete what its release
+    owns, then restart the workloads whose pods carry a traffic agent so that they run without
+    it (as Telepresence's uninstall removes the agents), waiting until all is gone."""
     from tele.helm import ops
+    from tele.helm import release as records
+    from tele.helm.errors import ReleaseError
     from tele.k8s.client import open_kube_client
 
     _check_release_name(kwargs["release_name"])
+    release, namespace = kwargs["release_name"], kwargs["namespace"]
 
-    async def operation(progress: Progress) -> Outcome:
+    async def operation(progress: Progress) -> tuple[Outcome, list[ops.AgentWorkload], list[str]]:
         async with open_kube_client(kwargs["kubeconfig"], kwargs["context"]) as kube:
-            return await ops.uninstall(
+            if await records.read(kube, release, namespace) is None:
+                raise ReleaseError(f"release {release} is not installed in namespace {namespace}")
+            agents = await ops.agent_workloads(kube)
+            left = await _leave_engagements_through(kube.connection.server, namespace)
+            if left:
+                click.echo(
+                    "tele: uninstalling the traffic manager ends your engagements: "
+                    + ", ".join(left),
+                    err=True,
+                )
+            doomed = [a.describe() for a in agents if not a.by_template]
+            if doomed:
+                click.echo(
+                    "tele: uninstalling the traffic manager removes the traffic agent from "
+                    f"{', '.join(doomed)} (their pods restart; engagements on them end)",
+                    err=True,
+                )
+            for kept in (a for a in agents if a.by_template):
+                click.echo(
+                    f"tele: {kept.describe()} keeps its traffic agent: its pod template's "
+                    "inject-traffic-agent annotation asks for one (remove the annotation)",
+                    err=True,
+                )
+            outcome = await ops.uninstall(
                 kube,
-                release=kwargs["release_name"],
-                namespace=kwargs["namespace"],
+                release=release,
+                namespace=namespace,
                 wait=kwargs["timeout"],
                 progress=progress,
             )
+            removed = await ops.remove_agents(
+                kube, agents, wait=kwargs["timeout"], progress=progress
+            )
+            return outcome, removed, left
 
-    outcome = _run(operation)
+    outcome, removed, _ = _run(operation)
+    agents = (
+        f"; removed the traffic agent from {', '.join(a.describe() for a in removed)}"
+        if removed
+        else ""
+    )
     click.echo(
         f"Uninstalled release {outcome.record.name} from namespace {outcome.record.namespace}: "
-        f"{len(outcome.pruned)} objects deleted."
+        f"{len(outcome.pruned)} objects deleted{agents}."
     )
+
+
+async def _leave_engagements_through(server: str, manager_namespace: str) -> list[str]:
+    """End this user's engagements when its daemon is connected to the manager that is being
+    uninstalled (same API server, same manager namespace); their names."""
+    from tele.cli.client import daemon_client
+    from tele.rpc import daemon_api
+    from tele.rpc.errors import RpcError
+
+    async with daemon_client(start=False) as rpc:
+        if rpc is None:
+            return []
+        status = await rpc.call(daemon_api.STATUS, daemon_api.Empty(), timeout=10)
+        session = status.session
+        if (
+            session is None
+            or status.connection == "not connected"
+            or session.kube_server != server
+            or session.manager_namespace != manager_namespace
+        ):
+            return []
+        left = []
+        for engagement in session.engagements:
+            try:
+                await rpc.call(
+                    daemon_api.LEAVE, daemon_api.LeaveRequest(name=engagement.name), timeout=120
+                )
+            except RpcError as exc:
+                click.echo(f"tele: could not leave {engagement.name}: {exc.message}", err=True)
+                continue
+            left.append(engagement.name)
+        return left
 
 
 @helm.command(short_help="Check the chart and values with Helm's linter.")

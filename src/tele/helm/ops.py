@@ -14,10 +14,12 @@ import logging
 from collections.abc import Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import trio
 
+from tele.contracts import agentconfig
 from tele.contracts.names import STATE_CONFIGMAP
 from tele.helm import release as records
 from tele.helm.chart import Chart, kind_rank
@@ -401,3 +403,141 @@ async def uninstall(
     deleted = await _delete(kube, owned, progress, wait=wait)
     await records.delete(kube, record)
     return Outcome(record, [], deleted, "")
+
+
+# --- the traffic agents the manager's webhook injected ---------------------------------------
+
+_RESTARTABLE = {
+    "Deployment": k8s.DEPLOYMENTS,
+    "StatefulSet": k8s.STATEFULSETS,
+    "Rollout": k8s.ROLLOUTS,
+}
+
+
+@dataclass(frozen=True, order=True)
+class AgentWorkload:
+    """A workload whose pods carry the traffic agent."""
+
+    kind: str
+    namespace: str
+    name: str
+    by_template: bool = False
+    """Its pod template asks for the agent (inject-traffic-agent: enabled): left as it is."""
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+def _controller(obj: Obj) -> tuple[str, str] | None:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("kind")), str(ref.get("name"))
+    return None
+
+
+def _carries_agent(pod: Obj) -> bool:
+    containers = (pod.get("spec") or {}).get("containers") or []
+    return any(c.get("name") == agentconfig.AGENT_CONTAINER for c in containers)
+
+
+async def agent_workloads(kube: KubeClient) -> list[AgentWorkload]:
+    """The workloads with pods that carry the traffic agent, in every namespace (a pod
+    without a controller counts as its own workload, kind Pod)."""
+    pods, _ = await kube.list(k8s.PODS)
+    found: set[AgentWorkload] = set()
+    for pod in pods:
+        if not _carries_agent(pod) or (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        namespace = str(pod["metadata"].get("namespace") or "")
+        owner = _controller(pod)
+        if owner is None:
+            found.add(AgentWorkload("Pod", namespace, str(pod["metadata"]["name"])))
+            continue
+        kind, name = owner
+        workload = None
+        if kind == "ReplicaSet":
+            replicaset = await kube.get_or_none(k8s.REPLICASETS, name, namespace)
+            parent = _controller(replicaset) if replicaset is not None else None
+            if parent is not None and parent[0] in _RESTARTABLE:
+                kind, name = parent
+            else:
+                workload = replicaset
+        if kind in _RESTARTABLE:
+            workload = await kube.get_or_none(_RESTARTABLE[kind], name, namespace)
+        template = ((workload or {}).get("spec") or {}).get("template") or {}
+        by_template = agentconfig.injection_policy(template) == "enabled"
+        found.add(AgentWorkload(kind, namespace, name, by_template))
+    return sorted(found)
+
+
+async def remove_agents(
+    kube: KubeClient,
+    workloads: Iterable[AgentWorkload],
+    *,
+    wait: float,
+    progress: Progress | None = None,
+) -> list[AgentWorkload]:
+    """Make the pods of `workloads` anew without the agent (once the webhook is gone): a
+    Deployment, StatefulSet or Rollout is restarted as `kubectl rollout restart` does, the pods
+    of a ReplicaSet or a bare Pod are deleted (a bare Pod is not made again). Waits until no
+    pod of theirs carries the agent. Returns the workloads done (not those whose template asks
+    for the agent)."""
+    progress = progress or QuietProgress()
+    chosen = [w for w in workloads if not w.by_template]
+    progress.begin("Removing traffic agents", len(chosen))
+    stamp = datetime.now(UTC).isoformat()
+    for workload in chosen:
+        if workload.kind in _RESTARTABLE:
+            patch = {
+                "spec": {
+                    "template": {
+                        "metadata": {
+                            "annotations": {agentconfig.ANNOTATION_PREFIX + "restartedAt": stamp}
+                        }
+                    }
+                }
+            }
+            await kube.patch(_RESTARTABLE[workload.kind], workload.name, patch, workload.namespace)
+        else:
+            for pod in await _agent_pods(kube, workload.namespace):
+                if _controller(pod) == (workload.kind, workload.name) or (
+                    workload.kind == "Pod" and pod["metadata"]["name"] == workload.name
+                ):
+                    await kube.delete(k8s.PODS, pod["metadata"]["name"], workload.namespace)
+        progress.advance(f"restarted {workload.describe()}")
+    with trio.move_on_after(wait) as scope:
+        for namespace in sorted({w.namespace for w in chosen}):
+            await _wait_no_agent_pods(kube, namespace, {w.name for w in chosen})
+    if scope.cancelled_caught:
+        raise ReleaseError(
+            f"pods with a traffic agent were still there after {wait:g}s; "
+            "see `kubectl get pods -A` (their workloads were restarted)"
+        )
+    return chosen
+
+
+async def _agent_pods(kube: KubeClient, namespace: str) -> list[Obj]:
+    pods, _ = await kube.list(k8s.PODS, namespace)
+    return [pod for pod in pods if _carries_agent(pod)]
+
+
+async def _wait_no_agent_pods(kube: KubeClient, namespace: str, names: set[str]) -> None:
+    """Until no pod of the workloads `names` in `namespace` carries the agent (watched, not
+    polled). A pod's workload is its controller, or the Deployment or Rollout of its
+    ReplicaSet (named `<workload>-<hash>`)."""
+
+    def ours(pod: Obj) -> bool:
+        owner = _controller(pod)
+        owners = {str(pod["metadata"]["name"])}
+        if owner is not None:
+            owners |= {owner[1], owner[1].rsplit("-", 1)[0]}
+        return _carries_agent(pod) and bool(owners & names)
+
+    while True:
+        pods, version = await kube.list(k8s.PODS, namespace)
+        if not any(ours(pod) for pod in pods):
+            return
+        watch = kube.watch(k8s.PODS, namespace, resource_version=version, timeout_seconds=30)
+        async with aclosing(watch) as events:
+            async for _ in events:
+                break

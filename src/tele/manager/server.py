@@ -498,6 +498,19 @@ class Manager:
             for kind in {w.kind for w in workloads}
             if await self.auth.may_list(kind, request.namespace)
         }
+        # Pods tell whether a workload carries agents, also agents not (yet) in session (after
+        # the manager was reinstalled, say): `tele list` must not call those "not installed".
+        key_of = {id(obj): key for key, obj in self.view.workloads.items()}
+        agent_pods: dict[tuple[str, str, str], int] = {}
+        for (namespace, _), pod in self.view.pods.items():
+            containers = (pod.get("spec") or {}).get("containers") or []
+            if namespace != request.namespace or not any(
+                c.get("name") == agentconfig.AGENT_CONTAINER for c in containers
+            ):
+                continue
+            owner = self.view.workload_of(pod, namespace)
+            if owner is not None and id(owner) in key_of:
+                agent_pods[key_of[id(owner)]] = agent_pods.get(key_of[id(owner)], 0) + 1
         for workload in workloads:
             if workload.kind not in visible:
                 continue  # the caller may not list these (RBAC): tele list shows them neither
@@ -509,7 +522,9 @@ class Manager:
             listed.append(
                 msgspec.structs.replace(
                     workload,
-                    agent_installed=bool(self.agents.of_workload(key)),
+                    agent_installed=bool(self.agents.of_workload(key) or agent_pods.get(key)),
+                    agent_pods=agent_pods.get(key, 0),
+                    agents_connected=len(self.agents.of_workload(key)),
                     not_interceptable_reason=reason,
                     engaged_by=sorted(
                         f"{a.info.name} ({PAST_TENSE[a.info.kind]} by {a.info.client}: "

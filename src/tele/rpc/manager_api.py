@@ -96,6 +96,11 @@ class WorkloadInfo(msgspec.Struct, frozen=True, kw_only=True):
     replicas: int = 0
     services: list[str] = []
     agent_installed: bool = False
+    """Its pods carry the traffic agent (connected to the manager or not)."""
+    agent_pods: int = 0
+    """How many of its pods carry the traffic agent."""
+    agents_connected: int = 0
+    """How many of those agents are in session with the manager."""
     not_interceptable_reason: str = ""
     engaged_by: list[str] = []
 
