@@ -162,3 +162,98 @@ def test_a_handler_container_built_here_answers_the_intercept_with_the_pods_env_
             handler.communicate()
         run_tele(env, "quit")
         run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+
+
+def _host_network() -> list[bytes]:
+    """This machine's routes (all tables, v4 and v6), links and resolver configuration."""
+    commands = (
+        ["ip", "route", "show", "table", "all"],
+        ["ip", "-6", "route", "show", "table", "all"],
+        ["ip", "-o", "link"],
+    )
+    shown = [subprocess.run(c, capture_output=True, check=True).stdout for c in commands]
+    return [*shown, Path("/etc/resolv.conf").read_bytes()]
+
+
+# From a container in the daemon's network: the app's name looked up (the daemon container's
+# DNS), then its address called (its routes); the echo app answers with JSON. (The static
+# busybox's wget crashes resolving names, and with -T.)
+WGET = (
+    "ip=$(nslookup app.default | grep '^Address' | tail -1 | awk '{print $2}'); echo ip=$ip; "
+    "wget -qO- http://$ip:80/ || echo failed-$?"
+)
+
+
+def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_network(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    engine: PrivateDockerd,
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    tmp_path: Path,
+) -> None:
+    base = busybox_image(engine)
+    context = tmp_path / "handler"
+    context.mkdir()
+    (context / "seen").write_text(CGI)
+    (context / "Dockerfile").write_text(
+        f"FROM {base}\nCOPY seen /www/cgi-bin/seen\nRUN chmod 755 /www/cgi-bin/seen\n"
+    )
+    env = engine.env(tele_env)
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, env)
+    before = _host_network()
+    try:
+        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+        kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+        connected = run_tele(env, "connect", "--docker", "--kubeconfig", kubeconfig, timeout=300)
+        logs = Path(env["XDG_CACHE_HOME"]) / "tele" / "logs"
+        shown = "".join(p.read_text()[-3000:] for p in logs.glob("*.log"))
+        assert connected.returncode == 0, connected.stderr + shown
+        assert _host_network() == before
+        status = run_tele(env, "status")
+        assert status.returncode == 0 and "connected" in status.stdout.lower(), status.stdout
+        running = engine.docker("ps", "--format", "{{.Names}}").stdout.split()
+        assert sorted(running) == ["tele-daemon-default", "tele-relay-default"]
+
+        reached = run_tele(env, "docker-run", "--", "--rm", base, "sh", "-c", WGET, timeout=60)
+        assert reached.returncode == 0, reached.stderr
+        assert '"pod": "app-' in reached.stdout, reached.stdout
+
+        port = _free_port()
+        serve = f"httpd -f -p 127.0.0.1:{port} -h /www & echo $! > /tmp/httpd.pid; wait; exit 7"
+        built = engine.docker("build", "-t", "tele-test/handler:2", str(context))
+        assert built.returncode == 0, built.stderr
+        handler = subprocess.Popen(
+            [str(VENV_BIN / "tele"), "intercept", "app", "--port", str(port), "--mount=false",
+             "--docker-run", "--", "tele-test/handler:2", "sh", "-c", serve],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            answers: list[str] = []
+            deadline = time.monotonic() + 180
+            while not answers or "greeting=" not in answers[-1]:
+                assert handler.poll() is None, handler.communicate()
+                assert time.monotonic() < deadline, f"no answer: {answers[-3:]}"
+                time.sleep(0.5)  # polling a cluster call's answer: no event to wait on
+                answers.append(kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL))
+            assert "greeting=hello-from-the-pod\n" in answers[-1]
+            _, err = handler.communicate(timeout=60)
+            assert handler.returncode == 7, err
+        finally:
+            if handler.poll() is None:
+                handler.kill()
+                handler.communicate()
+        assert _host_network() == before
+
+        quit_ = run_tele(env, "quit", timeout=60)
+        assert quit_.returncode == 0, quit_.stderr
+        left = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
+        deadline = time.monotonic() + 30
+        while left.stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.2)  # the relay ends when it sees the daemon's process gone
+            left = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
+        assert left.stdout.strip() == ""
+        assert _host_network() == before
+    finally:
+        run_tele(env, "quit")
+        run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)

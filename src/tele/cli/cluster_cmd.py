@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
+from tele.cli import docker_cmd
 from tele.cli.output import emit, output_option
 
 T = TypeVar("T")
@@ -76,6 +77,7 @@ def _size(value: object) -> str:
 
 
 @click.command()
+@docker_cmd.connect_options
 @click.option("--kubeconfig", default="", help="The kubeconfig to use (default: $KUBECONFIG).")
 @click.option("--context", default="", help="The kubeconfig context (default: its current one).")
 @click.option("--namespace", "-n", default="", help="The default namespace for names.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -134,7 +135,7 @@ def run_handler(prepared_engine: Any, data: Mapping[str, Any], engagement: str) 
             image=image,
             environment=data.get("environment") or {},
             local_mount=str(data.get("local_mount") or ""),
-            network="host",
+            network=_network(),
             engagement=engagement,
             found=engine.find(),
         )
@@ -156,6 +157,22 @@ def _connected_network() -> str:
     from tele.rpc import daemon_api
 
     client.call_connected(daemon_api.STATUS, daemon_api.Empty(), timeout=30, connect=True)
+    return _network()
+
+
+def _network() -> str:
+    """The daemon's network: its container's (connect --docker) while that runs, else the
+    host's."""
+    container = daemon_container()
+    if container:
+        from tele.docker import engine
+
+        docker_client = engine.connect()
+        try:
+            if _container_running(docker_client, container):
+                return f"container:{container}"
+        finally:
+            docker_client.close()
     return "host"
 
 
@@ -201,3 +218,210 @@ def curl(args: tuple[str, ...]) -> None:
     """curl from inside the connection (the cluster's names and addresses): `tele curl
     [curl args] URL` runs the curlimages/curl image with the connection's network."""
     raise SystemExit(_exit_status(_run_container(("--rm", CURL_IMAGE, *args), "")))
+
+
+# --- tele connect --docker ---------------------------------------------------------------------
+
+KUBECONFIG_INSIDE = "/tele/kubeconfig"
+RUNTIME_INSIDE = "/tele/run"
+RELAY_INSIDE = "/tele/relay"
+CACHE_INSIDE = "/tele/cache"
+DAEMON_START_TIMEOUT = 60.0
+
+
+def connect_options(command: F) -> F:
+    """Adds --docker and --name to `tele connect`: with --docker the daemon is started in a
+    container first, and the connect goes on as usual with the container's kubeconfig path."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, docker: bool, name: str, **kwargs: Any) -> Any:
+        if name and not docker:
+            raise UserError("--name names a connection made with --docker")
+        if docker:
+            kwargs["kubeconfig"] = start_daemon_container(
+                kwargs.get("kubeconfig") or "", kwargs.get("context") or "", name or "default"
+            )
+            kwargs["vif"] = True  # the container's own network namespace: routes, DNS there
+        return command(*args, **kwargs)
+
+    wrapper = click.option(
+        "--name",
+        default="",
+        help="With --docker: the connection's name (its containers are tele-daemon-NAME and "
+        "tele-relay-NAME; default: default).",
+    )(wrapper)
+    wrapper = click.option(
+        "--docker",
+        is_flag=True,
+        help="Run the daemon in a container: the cluster's routes and DNS exist only in its "
+        "network namespace (this machine's stay as they are); --docker-run handlers and "
+        "`tele docker-run`/`tele curl` join it.",
+    )(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+def _kubeconfig_file(given: str) -> Path:
+    import os
+
+    text = given or os.environ.get("KUBECONFIG", "") or str(Path.home() / ".kube" / "config")
+    files = [f for f in text.split(os.pathsep) if f]
+    if len(files) != 1:
+        raise UserError(
+            "connect --docker takes one kubeconfig file (KUBECONFIG lists several): "
+            "`kubectl config view --flatten > FILE` makes one"
+        )
+    path = Path(files[0]).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"the kubeconfig {path} does not exist")
+    return path
+
+
+def _loopback_server(path: Path, context: str) -> tuple[str, int] | None:
+    """(host, port) of the context's API server when it is on this machine's loopback (the
+    container needs a relay to it), else None."""
+    import ipaddress
+    import urllib.parse
+
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read the kubeconfig {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise UserError(f"the kubeconfig {path} is not a kubeconfig")
+    name = context or config.get("current-context") or ""
+    contexts = {c.get("name"): c.get("context") or {} for c in config.get("contexts") or []}
+    clusters = {c.get("name"): c.get("cluster") or {} for c in config.get("clusters") or []}
+    if name not in contexts:
+        raise UserError(f"the kubeconfig {path} has no context {name!r}")
+    server = str(clusters.get(contexts[name].get("cluster"), {}).get("server") or "")
+    url = urllib.parse.urlsplit(server)
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    if host == "localhost":
+        return host, port
+    try:
+        return (host, port) if ipaddress.ip_address(host).is_loopback else None
+    except ValueError:
+        return None
+
+
+def start_daemon_container(kubeconfig: str, context: str, name: str) -> str:
+    """Start the daemon (and, for an API server on the loopback, the relay) in containers;
+    return once the daemon answers on its socket. The kubeconfig path inside the container."""
+    import json
+    import time
+
+    import docker.errors
+
+    from tele import paths
+    from tele.cli import quick
+    from tele.docker import engine, image
+    from tele.rpc import daemon_api
+
+    if not all(c.isalnum() or c in "_.-" for c in name) or not name:
+        raise UserError(f"--name {name!r}: use letters, digits, '_', '.' and '-'")
+    config = _kubeconfig_file(kubeconfig)
+    server = _loopback_server(config, context)
+    found = engine.find()
+    client = engine.connect(found)
+    try:
+        running = quick.ask_daemon(daemon_api.STATUS, daemon_api.Empty(), timeout=5)
+        daemon_name, relay_name = f"tele-daemon-{name}", f"tele-relay-{name}"
+        if running is not None:
+            if _container_running(client, daemon_name):
+                return KUBECONFIG_INSIDE  # connect goes on: already connected, or connects
+            raise UserError(
+                "a tele daemon already runs on this machine: `tele quit` it before "
+                "`tele connect --docker`"
+            )
+        tag = image.ensure_daemon_image(client, lambda line: click.echo(line, err=True))
+        runtime = paths.ensure_private_dir(paths.runtime_dir())
+        relay_dir = paths.ensure_private_dir(runtime.parent / f"tele-docker-{name}")
+        for stale in (daemon_name, relay_name):
+            from tele.docker.run import remove
+
+            remove(client, stale)
+        labels = {"io.tele.connection": name}
+        listen = [f"--listen={server[0]}:{server[1]}={RELAY_INSIDE}/api.sock"] if server else []
+        logs = paths.ensure_private_dir(paths.logs_dir())
+        mounts = {
+            str(runtime): {"bind": f"{RUNTIME_INSIDE}/tele", "mode": "rw"},
+            str(logs): {"bind": f"{CACHE_INSIDE}/tele/logs", "mode": "rw"},  # gather-logs
+            str(config): {"bind": KUBECONFIG_INSIDE, "mode": "ro"},
+            str(relay_dir): {"bind": RELAY_INSIDE, "mode": "rw"},
+        }
+        try:
+            client.containers.run(
+                tag,
+                [*listen, "--", "daemon", "run"],
+                name=daemon_name,
+                detach=True,
+                auto_remove=True,
+                pid_mode="host",  # its pid is this machine's: `tele quit` waits for it
+                cap_add=["NET_ADMIN"],
+                devices=["/dev/net/tun:/dev/net/tun:rwm"],
+                environment={"XDG_RUNTIME_DIR": RUNTIME_INSIDE, "XDG_CACHE_HOME": CACHE_INSIDE},
+                volumes=mounts,
+                labels=labels,
+            )
+            if server:
+                client.containers.run(
+                    tag,
+                    [
+                        f"--serve={RELAY_INSIDE}/api.sock={server[0]}:{server[1]}",
+                        f"--while-pid-file={RUNTIME_INSIDE}/tele/daemon.pid",
+                    ],
+                    name=relay_name,
+                    detach=True,
+                    auto_remove=True,
+                    network_mode="host",
+                    pid_mode="host",
+                    volumes={
+                        str(relay_dir): {"bind": RELAY_INSIDE, "mode": "rw"},
+                        str(runtime): {"bind": f"{RUNTIME_INSIDE}/tele", "mode": "ro"},
+                    },
+                    labels=labels,
+                )
+        except docker.errors.APIError as exc:
+            for started in (daemon_name, relay_name):
+                from tele.docker.run import remove
+
+                remove(client, started)
+            raise UserError(f"the Docker engine could not start the daemon: {exc}") from exc
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        while quick.ask_daemon(daemon_api.STATUS, daemon_api.Empty(), timeout=5) is None:
+            if not _container_running(client, daemon_name) or time.monotonic() > deadline:
+                raise UserError(
+                    f"the daemon container {daemon_name} did not start: "
+                    f"`docker logs {daemon_name}` says why"
+                )
+            time.sleep(0.1)  # the socket appears when the daemon is ready
+        marker = runtime / "docker-daemon.json"
+        marker.write_text(json.dumps({"container": daemon_name, "engine": found.host}))
+        return KUBECONFIG_INSIDE
+    finally:
+        client.close()
+
+
+def _container_running(client: Any, name: str) -> bool:
+    import docker.errors
+
+    try:
+        return bool(client.containers.get(name).status in ("running", "created"))
+    except docker.errors.NotFound:
+        return False
+
+
+def daemon_container() -> str:
+    """The container the connected daemon runs in (connect --docker), or ''."""
+    import json
+
+    from tele import paths
+
+    try:
+        data = json.loads((paths.runtime_dir() / "docker-daemon.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(data.get("container") or "") if isinstance(data, dict) else ""

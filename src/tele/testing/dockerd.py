@@ -171,18 +171,9 @@ def private_dockerd() -> Iterator[PrivateDockerd]:
 
 
 BUSYBOX_APPLETS = (
-    "sh",
-    "cat",
-    "env",
-    "echo",
-    "httpd",
-    "nc",
-    "kill",
-    "printf",
-    "ls",
-    "sleep",
-    "wget",
-)
+    "sh", "cat", "env", "echo", "httpd", "nc", "kill", "printf", "ls", "sleep", "wget",
+    "nslookup", "grep", "tail", "awk",
+)  # fmt: skip
 
 
 def busybox_image(engine: PrivateDockerd, tag: str = "tele-test/busybox:1") -> str:
