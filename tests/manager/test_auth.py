@@ -8,9 +8,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import ssl
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +34,9 @@ from tele.rpc.errors import Code, RpcError
 from tele.rpc.method import Empty
 from tele.rpc.tunnel import TunnelError, dial
 from tele.sandbox.apiserver.auth import User
+from tele.sandbox.apiserver.certs import CertificateAuthority as SandboxCA
 from tele.sandbox.cluster import ClusterInfo
+from tele.sandbox.identities import client_certificate
 from tele.testing.waits import wait_for
 
 IDENTITY = api.ClientIdentity(user="dev", host="laptop", client_version="0.1.0")
@@ -523,3 +528,65 @@ async def test_a_revoked_credential_ends_its_links_and_sessions_within_the_sessi
     assert [(e["user"], e["sessions"]) for e in ended] == [
         (f"system:serviceaccount:{NS}:leaver", [gone])
     ]
+
+
+def _tls_context(pair: Any | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # as the daemon: the port-forward says it is the manager
+    if pair is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "c").write_bytes(pair.cert_pem)
+            Path(tmp, "k").write_bytes(pair.key_pem)
+            ctx.load_cert_chain(Path(tmp, "c"), Path(tmp, "k"))
+    return ctx
+
+
+@asynccontextmanager
+async def tls_link(manager: Manager, pair: Any | None) -> AsyncIterator[Client]:
+    raw = await trio.open_tcp_stream("127.0.0.1", manager.bound_port)  # type: ignore[attr-defined]
+    stream = trio.SSLStream(raw, _tls_context(pair), server_hostname="traffic-manager")
+    await stream.do_handshake()
+    async with open_client(stream) as client:
+        yield client
+
+
+async def test_a_client_certificate_of_the_clusters_ca_is_a_user(
+    nursery: trio.Nursery, kube: KubeClient, sandbox_api: ClusterInfo
+) -> None:
+    """Issue 15 item 1, beyond Telepresence: a kubeconfig user with a client certificate
+    proves it over TLS inside the tunnel; the manager checks it against the cluster's client
+    CA (kube-system/extension-apiserver-authentication) and takes CN as the user, O as groups,
+    as the API server does. Another CA's certificate, or none, is not a user."""
+    manager = await start(nursery, kube)
+    assert manager.link_tls.client_ca  # read from the ConfigMap at start
+    pair = client_certificate(sandbox_api.ca, "cert-dev", ["devs"])
+    async with tls_link(manager, pair) as client:
+        session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+        await client.call(api.REMAIN, api.SessionRequest(session_id=session))
+        # Its user is what RBAC is asked about.
+        request = aapi.EngageRequest(
+            session_id=session, namespace=NS, workload="nothing", kind="ingest"
+        )
+        with pytest.raises(RpcError) as denied:
+            await client.call(aapi.ENGAGE, request)
+        assert denied.value.code in (Code.PERMISSION_DENIED, Code.NOT_FOUND)
+    owner = manager.sessions.get(session, trio.current_time())
+    assert owner is not None and owner.owner.startswith("cert-dev\x00")
+    # A TLS link without a certificate is nobody.
+    async with tls_link(manager, None) as anonymous:
+        with pytest.raises(RpcError) as refused:
+            await anonymous.call(api.ARRIVE, IDENTITY)
+        assert refused.value.code is Code.UNAUTHENTICATED
+        assert "client certificate of the cluster's client CA" in refused.value.message
+    # The same name from a CA of the attacker's ends the handshake (TLS 1.3: the client hears
+    # of it on its first read).
+    forged = client_certificate(SandboxCA.create(), "kubernetes-admin", ["system:masters"])
+    failed: list[Exception] = []
+    try:
+        async with tls_link(manager, forged) as client:
+            await client.call(api.ARRIVE, IDENTITY)
+    except* (trio.BrokenResourceError, RpcError) as group:
+        failed += group.exceptions
+    assert failed and all(not isinstance(e, RpcError) or e.code is Code.UNAVAILABLE for e in failed)
+    assert len(manager.sessions.sessions) == 1  # only cert-dev's

@@ -19,8 +19,10 @@ end the session at once instead of leaving it to the lease. The parts: locating 
 from __future__ import annotations
 
 import logging
+import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -139,7 +141,7 @@ class ClusterSession:
             cluster_timeout=float(timeouts.cluster_connect),
         )
         self.pool = LinkPool(
-            self.locator.open_transport,
+            self._open_transport,
             settings=LinkSettings(keepalive_interval=5),
             name="manager-link",
             prepare=self._authenticate_link,
@@ -170,6 +172,29 @@ class ClusterSession:
         """The DNS and routing settings in effect, merged from their sources at arrival."""
         self._take_helper = take_helper
 
+    @asynccontextmanager
+    async def _open_transport(self) -> AsyncIterator[trio.abc.Stream]:
+        """A transport to the manager; TLS with the kubeconfig's client certificate when its
+        user has no bearer token (the manager verifies it against the cluster's client CA:
+        tele.manager.linktls). The manager's own certificate is not checked: the port-forward
+        through the API server is what says this is the manager."""
+        async with self.locator.open_transport() as transport:
+            context = None
+            if not bearer_token(await self.connection.auth_headers()):
+                context = self.connection.new_ssl_context()
+            if context is None:
+                yield transport
+                return
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            tls = trio.SSLStream(transport, context, server_hostname="traffic-manager")
+            try:
+                with trio.fail_after(self.connect_timeout):
+                    await tls.do_handshake()
+            except trio.TooSlowError:
+                raise OSError("the TLS handshake with the traffic manager timed out") from None
+            yield tls
+
     async def _authenticate_link(self, link: H2Link) -> None:
         """Present the kubeconfig's bearer token on a new link to the manager (fetched anew for
         each link: an expired exec-plugin or OIDC token is refreshed, the session stays). A
@@ -177,8 +202,8 @@ class ClusterSession:
         token = bearer_token(await self.connection.auth_headers())
         if not token:
             log.info(
-                "the kubeconfig user %s has no bearer token (a client certificate?): "
-                "the traffic manager serves it only if its authentication is not enforcing",
+                "the kubeconfig user of %s has no bearer token: its client certificate (if "
+                "any) was presented over TLS",
                 self.connection.context,
             )
             return

@@ -72,9 +72,8 @@ def audit_line(event: str, **fields: object) -> None:
 
 
 NO_TOKEN = (
-    "the traffic manager serves only authenticated callers: present a bearer token (tele does "
-    "so from the kubeconfig; a kubeconfig user with only a client certificate is not supported "
-    "yet: such users need the manager's Helm value security.authentication.mode=permissive)"
+    "the traffic manager serves only authenticated callers: present a bearer token or a client "
+    "certificate of the cluster's client CA (tele does so from the kubeconfig)"
 )
 
 

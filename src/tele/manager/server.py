@@ -37,6 +37,7 @@ from tele.manager.clients import ClientSessions
 from tele.manager.dialback import DialBack
 from tele.manager.engage import AgentSettings, Engagements
 from tele.manager.feed import ClusterFeed
+from tele.manager.linktls import LinkTLS
 from tele.manager.rollouts import Rollouts
 from tele.manager.sessions import Presence
 from tele.manager.state import AgentWorkloads
@@ -217,6 +218,7 @@ class Manager:
         self.presence = Presence(on_change=changes.notify)
         self.table = EngagementTable()
         self.files_authority = FilesAuthority()
+        self.link_tls = LinkTLS(kube)
 
         def wake_reaper() -> None:  # the reaper (of `clients`) also ends agents' sessions
             self.clients.wake_reaper()
@@ -647,9 +649,28 @@ class Manager:
             # has a share of the handler tasks: one's flood cannot starve the others.
             shares = HandlerShares(key=_identity)
 
+            if self.auth.mode != "disabled":
+                await nursery.start(self.link_tls.keep_loaded)
+
             async def serve(stream: trio.SocketStream) -> None:
+                try:
+                    transport, principal = await self.link_tls.accept(stream)
+                except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                    log.info("a link's TLS handshake failed: %s", exc.__cause__ or exc)
+                    return
+                if principal is not None:
+                    log.info(
+                        "a link authenticated by client certificate: %s %s",
+                        principal.username,
+                        list(principal.groups),
+                    )
                 await serve_connection(
-                    stream, router, name="manager", settings=links, shares=shares
+                    transport,
+                    router,
+                    name="manager",
+                    settings=links,
+                    shares=shares,
+                    principal=principal,
                 )
 
             listeners = await nursery.start(

@@ -243,10 +243,12 @@ async def serve_connection(
     settings: LinkSettings | None = None,
     name: str = "rpc-server",
     shares: HandlerShares | None = None,
+    principal: Any = None,
 ) -> None:
     """Serve RPC on one connection until the peer closes it; its handlers end with it.
 
-    With `shares`, the connection's handlers come from its caller's share of the budget."""
+    With `shares`, the connection's handlers come from its caller's share of the budget.
+    `principal`: who the transport already proved the peer to be (a TLS client certificate)."""
     caller = CallerConnection()
     settings = settings or LinkSettings()
 
@@ -270,6 +272,8 @@ async def serve_connection(
             caller.close = link.close
             if shares is not None:
                 shares.assign(link, caller)
+            if principal is not None:
+                caller.principal = principal
             await link.wait_closed()
     finally:
         caller.end()
