@@ -15,6 +15,7 @@ logging.addLevelName(TRACE, "TRACE")
 
 _LEVELS = {"trace": TRACE, "debug": logging.DEBUG, "info": logging.INFO}
 _LEVELS |= {"warning": logging.WARNING, "error": logging.ERROR}
+LEVELS = frozenset(_LEVELS)
 
 MAX_BYTES = 10 * 1024 * 1024
 BACKUP_COUNT = 5

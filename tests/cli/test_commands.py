@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import zipfile
 from pathlib import Path
@@ -128,9 +129,60 @@ def test_gather_logs_zips_the_log_files(tele_env: dict[str, str], tmp_path: Path
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(target) + ".zip"
+    not_connected = (
+        "Not connected: only this machine's logs (connect first for the traffic manager's and "
+        "the agents')."
+    )
+    assert result.stderr == f"tele: {not_connected}\n"
     with zipfile.ZipFile(str(target) + ".zip") as archive:
-        assert sorted(archive.namelist()) == ["tele_logs/daemon.log", "tele_logs/daemon.log.1"]
+        assert sorted(archive.namelist()) == [
+            "tele_logs/daemon.log",
+            "tele_logs/daemon.log.1",
+            "tele_logs/problems.txt",
+        ]
         assert archive.read("tele_logs/daemon.log.1") == b"yesterday\n"
+        assert archive.read("tele_logs/problems.txt").decode() == not_connected + "\n"
+
+
+def test_gather_logs_json_anonymized_and_the_cluster_needs_a_connection(
+    tele_env: dict[str, str], tmp_path: Path
+) -> None:
+    logs_dir = Path(tele_env["XDG_CACHE_HOME"]) / "tele" / "logs"
+    logs_dir.mkdir(parents=True)
+    user = getpass.getuser()
+    (logs_dir / "daemon.log").write_text(
+        f"dial 10.244.1.7:8080 from 10.244.1.7 and fd00:10:244::7, {user} on 127.0.0.1\n"
+    )
+    target = tmp_path / "anon.zip"
+
+    result = run_tele(
+        tele_env, "gather-logs", "-o", "json", "--anonymize", "--output-file", str(target)
+    )
+
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data == {
+        "file": str(target),
+        "files": ["tele_logs/daemon.log", "tele_logs/problems.txt"],
+        "connected": False,
+        "anonymized": True,
+        "problems": [data["problems"][0]],
+    }
+    with zipfile.ZipFile(target) as archive:
+        assert archive.read("tele_logs/daemon.log").decode() == (
+            "dial 192.0.2.1:8080 from 192.0.2.1 and 2001:db8::1, user-1 on 127.0.0.1\n"
+        )
+    # -o FILE (tele's earlier habit) still names the zip; asking for the cluster's logs while
+    # not connected is refused, writing nothing.
+    assert run_tele(tele_env, "gather-logs", "-o", str(tmp_path / "old")).returncode == 0
+    assert (tmp_path / "old.zip").is_file()
+    refused = run_tele(tele_env, "gather-logs", "--traffic-manager", "-o", str(tmp_path / "x"))
+    assert refused.returncode == 1
+    assert single_error_line(refused) == (
+        "tele: Not connected; run `tele connect` first (the cluster's logs come through the "
+        "traffic manager)."
+    )
+    assert not (tmp_path / "x.zip").exists()
 
 
 def test_a_daemon_that_cannot_start_says_why_in_one_line(

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from tele import logs
-from tele.daemon.loglevel import LogLevelController
+from tele.loglevel import LogLevelController
 
 
 @pytest.fixture

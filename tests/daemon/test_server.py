@@ -23,9 +23,9 @@ from tele.cli.basic import _ended
 from tele.cli.cluster_cmd import connection_lines
 from tele.cli.output import to_builtins
 from tele.daemon import server
-from tele.daemon.loglevel import LogLevelController
 from tele.daemon.server import Daemon
 from tele.errors import ConnectionFailed
+from tele.loglevel import LogLevelController
 from tele.rpc import daemon_api as api
 from tele.rpc.client import Client, open_client
 from tele.rpc.errors import Code, RpcError

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from tele import _patches, gctune
+from tele import _patches, gctune, logs
 from tele.agent.config import AgentSettings, load
 from tele.errors import TeleError, single_leaf
 
@@ -70,12 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tele.agent", description=__doc__)
     parser.add_argument("program", choices=["agent", "agent-init"])
     args = parser.parse_args(argv)
-    level = (os.environ.get("LOG_LEVEL") or os.environ.get("TELE_LOG_LEVEL") or "info").upper()
-    logging.basicConfig(
-        level=level if level in logging.getLevelNamesMapping() else "INFO",
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    level = (os.environ.get("LOG_LEVEL") or os.environ.get("TELE_LOG_LEVEL") or "info").lower()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    # (also keeps the libraries that log every frame or request at INFO unless trace)
+    logs.set_level("warning" if level == "warn" else level if level in logs.LEVELS else "info")
     _patches.apply()
     try:
         settings = load(os.environ)

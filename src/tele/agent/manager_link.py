@@ -21,13 +21,14 @@ from typing import Protocol as Interface
 import trio
 
 import tele
+from tele import logs
 from tele.agent.config import AgentSettings
 from tele.agent.engagements import Address
 from tele.errors import TeleError, single_leaf
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc import agent_api as aapi
 from tele.rpc.client import Client
-from tele.rpc.errors import RpcError
+from tele.rpc.errors import Code, RpcError
 from tele.rpc.links import Connector, LinkPool
 from tele.rpc.manager_api import AUTHENTICATE, REMAIN, AuthenticateRequest, SessionRequest
 
@@ -116,6 +117,8 @@ class ManagerEngagements:
         self._retry_initial = retry_initial
         self.updates = 0
         self._updated = trio.Event()
+        self._configured_level = logs.current_level()
+        """The level the agent started with: it returns when `tele loglevel`'s time ends."""
 
     @classmethod
     def for_settings(
@@ -213,6 +216,23 @@ class ManagerEngagements:
                 return presented
         return token or presented
 
+    async def _follow_log_level(self, client: Client, request: SessionRequest) -> None:
+        """The level `tele loglevel` asks of the agents; "" brings back the configured one."""
+        configured = self._configured_level
+        try:
+            async with client.stream(aapi.WATCH_LOG_LEVEL, request) as levels:
+                async for asked in levels:
+                    level = asked.level or configured
+                    if level not in logs.LEVELS:
+                        log.warning("the traffic manager asked for an unknown log level")
+                        continue
+                    previous = logs.set_level(level)
+                    if previous != level:
+                        log.info("log level %s -> %s (tele loglevel)", previous, level)
+        except RpcError as exc:
+            if exc.code is not Code.UNIMPLEMENTED:  # (an older manager has no such call)
+                log.info("the log level watch ended: %s", exc)
+
     async def _session(self) -> None:
         """One session: arrive, then remain and watch until either fails or the watch ends."""
         link = await self.pool.wait_ready()
@@ -239,6 +259,7 @@ class ManagerEngagements:
                     await client.call(REMAIN, request, timeout=info.lease_seconds / 3)
 
             nursery.start_soon(remain)
+            nursery.start_soon(self._follow_log_level, client, request)
             async with client.stream(aapi.WATCH_ENGAGEMENTS, request) as lists:
                 async for engagements in lists:
                     self._set(engagements.engagements)

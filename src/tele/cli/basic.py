@@ -6,10 +6,8 @@ version, status and quit report on whatever runs and never start one.
 
 from __future__ import annotations
 
-import os
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import click
@@ -180,9 +178,17 @@ def quit_(stop_daemons: bool, output: str) -> None:
     show_default=True,
     help="How long the level holds before the configured one returns (0 = until changed).",
 )
+@click.option("--local-only", "-l", is_flag=True, help="Only the daemon on this machine.")
+@click.option(
+    "--remote-only",
+    "-r",
+    is_flag=True,
+    help="Only the traffic manager and its traffic agents (needs a connection).",
+)
 @output_option
-def loglevel(level: str, duration: str, output: str) -> None:
-    """Set the daemon's log level (trace, debug, info, warning, error) for a while.
+def loglevel(level: str, duration: str, local_only: bool, remote_only: bool, output: str) -> None:
+    """Set the log level (trace, debug, info, warning, error) for a while: the daemon's and,
+    when connected, the traffic manager's and its agents'.
 
     Starts the daemon when none runs, so that a raised level applies to what follows.
     """
@@ -191,6 +197,8 @@ def loglevel(level: str, duration: str, output: str) -> None:
     from tele.errors import UserError
     from tele.rpc import daemon_api
 
+    if local_only and remote_only:
+        raise click.UsageError("--local-only and --remote-only exclude each other: use one.")
     # The value once, then what is accepted (the parsers' own messages repeat the value).
     try:
         level_name = config.parse_log_level(level)
@@ -206,54 +214,34 @@ def loglevel(level: str, duration: str, output: str) -> None:
         ) from None
 
     async def change() -> daemon_api.SetLogLevelReply:
-        async with client.daemon_client(start=True) as rpc:
-            assert rpc is not None
-            request = daemon_api.SetLogLevelRequest(level=str(level_name), duration=float(seconds))
-            return await rpc.call(daemon_api.SET_LOG_LEVEL, request, timeout=5)
+        async with client.daemon_client(start=not remote_only) as rpc:
+            if rpc is None:
+                raise UserError("Not connected; run `tele connect` first.")
+            request = daemon_api.SetLogLevelRequest(
+                level=str(level_name),
+                duration=float(seconds),
+                local=not remote_only,
+                remote=not local_only,
+            )
+            return await rpc.call(daemon_api.SET_LOG_LEVEL, request, timeout=30)
 
     reply = client.run(change)
+    for_a_while = f" return in {config.format_duration(round(seconds))}" if seconds else ""
 
     def text(r: daemon_api.SetLogLevelReply) -> str:
-        line = f"The daemon's log level is {r.level} (was {r.previous})"
-        if r.revert_in is not None and r.revert_to is not None:
-            line += f"; {r.revert_to} returns in {config.format_duration(round(r.revert_in))}"
-        return line + "."
+        manager = r.traffic_manager
+        if manager is None:
+            line = f"The daemon's log level is {r.level} (was {r.previous})"
+            if r.revert_in is not None and r.revert_to is not None:
+                line += f"; {r.revert_to} returns in {config.format_duration(round(r.revert_in))}"
+            line += "."
+            if r.remote_problem:
+                line += f"\nThe traffic manager's is unchanged: {r.remote_problem.rstrip('.')}."
+            return line
+        which = [f"the daemon (was {r.previous})"] if r.previous else []
+        which.append(f"the traffic manager (was {manager.previous})")
+        agents = f"{manager.agents} traffic agent{'s' if manager.agents != 1 else ''}"
+        line = f"The log level is {r.level} for {', '.join(which)} and {agents}"
+        return line + (f"; their configured levels{for_a_while}." if for_a_while else ".")
 
     emit(reply, output, text)
-
-
-@click.command(name="gather-logs")
-@click.option(
-    "--output-file",
-    "-o",
-    "output_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("tele_logs.zip"),
-    show_default=True,
-    help="The zip file to write.",
-)
-def gather_logs(output_file: Path) -> None:
-    """Zip tele's log files (daemon, CLI, rotated ones) into one file for a bug report."""
-    import zipfile
-
-    from tele import paths
-    from tele.errors import UserError
-
-    logs_dir = paths.logs_dir()
-    files = sorted(p for p in logs_dir.glob("*") if p.is_file()) if logs_dir.is_dir() else []
-    if not files:
-        raise UserError(f"There are no log files in {logs_dir} yet.")
-    target = output_file.resolve()
-    if target.suffix != ".zip":
-        target = target.with_name(target.name + ".zip")
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for path in files:
-                if path.resolve() != target:
-                    archive.write(path, arcname=f"tele_logs/{path.name}")
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"Cannot write {target}: {exc.strerror or exc}.") from exc
-    click.echo(str(target))

@@ -24,9 +24,9 @@ import trio
 import tele
 from tele import _patches, config, gctune, logs, paths, unixsock
 from tele.daemon import leftovers
-from tele.daemon.loglevel import LogLevelController
 from tele.daemon.server import Daemon
 from tele.errors import TeleError, UserError
+from tele.loglevel import LogLevelController
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,11 @@ import trio
 import tele
 from tele import unixsock
 from tele.config import Config, parse_log_level
-from tele.daemon.loglevel import LogLevelController
 from tele.daemon.session import ClusterSession
 from tele.errors import TeleError, UserError, first_leaf
+from tele.loglevel import LogLevelController
 from tele.rpc import daemon_api as api
+from tele.rpc import manager_api as mapi
 from tele.rpc.agent_api import UNINSTALL, EngagementInfo, UninstallReply
 from tele.rpc.agent_api import UninstallRequest as AgentUninstall
 from tele.rpc.errors import Code, RpcError
@@ -105,6 +106,8 @@ class Daemon:
         self.router.unary(api.INTERCEPT, self.intercept)
         self.router.unary(api.LEAVE, self.leave)
         self.router.unary(api.UNINSTALL, self.uninstall)
+        self.router.unary(api.CLUSTER_LOG_SOURCES, self.cluster_log_sources)
+        self.router.unary(api.CLUSTER_LOG, self.cluster_log)
         self.session: ClusterSession | None = None
         self._connecting = trio.Lock()
         """One connect at a time: a second waits, then finds the first's session."""
@@ -156,13 +159,37 @@ class Daemon:
                 Code.INVALID_ARGUMENT,
                 f"The duration must be zero or more seconds, not {request.duration}.",
             )
-        previous = self.log_level.set(level, request.duration)
-        revert_in = self.log_level.revert_in()
+        remote, problem = None, ""
+        if request.remote:
+            if self.session is None:
+                if not request.local:
+                    raise RpcError(
+                        Code.FAILED_PRECONDITION, "Not connected; run `tele connect` first."
+                    )
+                # (nothing to reach: the daemon's level alone, as asked when not connected)
+            else:
+                try:
+                    remote = await self.session.call_in_session(
+                        mapi.SET_LOG_LEVEL,
+                        lambda session_id: mapi.LogLevelRequest(
+                            session_id=session_id, level=str(level), duration=request.duration
+                        ),
+                    )
+                except RpcError as exc:
+                    problem = exc.message
+            if problem and not request.local:
+                raise RpcError(Code.FAILED_PRECONDITION, problem)
+        previous, revert_in = "", None
+        if request.local:
+            previous = self.log_level.set(level, request.duration)
+            revert_in = self.log_level.revert_in()
         return api.SetLogLevelReply(
             level=str(level),
             previous=previous,
             revert_to=self.log_level.configured if revert_in is not None else None,
             revert_in=revert_in,
+            traffic_manager=remote,
+            remote_problem=problem,
         )
 
     async def connect(self, request: api.ConnectRequest) -> api.ConnectionInfo:
@@ -306,6 +333,22 @@ class Daemon:
                 workloads=list(request.workloads),
                 all_agents=request.all_agents,
             ),
+        )
+
+    async def cluster_log_sources(self, request: api.ClusterLogsRequest) -> mapi.LogSources:
+        return await self._connected().call_in_session(
+            mapi.LOG_SOURCES,
+            lambda session_id: mapi.LogSourcesRequest(
+                session_id=session_id,
+                traffic_manager=request.traffic_manager,
+                traffic_agents=request.traffic_agents,
+            ),
+        )
+
+    async def cluster_log(self, request: mapi.LogSource) -> mapi.PodLog:
+        return await self._connected().call_in_session(
+            mapi.POD_LOG,
+            lambda session_id: mapi.PodLogRequest(session_id=session_id, source=request),
         )
 
     async def list_workloads(self, request: api.ListRequest) -> WorkloadList:

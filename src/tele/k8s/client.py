@@ -224,13 +224,16 @@ class KubeClient:
         params: Mapping[str, str | int] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        text: bool = False,
     ) -> Any:
-        """One request; the decoded JSON answer, or ApiError/ApiUnreachable."""
+        """One request; the decoded JSON answer (with `text`, the body as text: pods/log), or
+        ApiError/ApiUnreachable."""
         content = None
         if body is not None:
             content = body if isinstance(body, bytes) else json.dumps(body).encode()
         for attempt in (0, 1):
-            headers = [(b"Accept", b"application/json"), *await self._headers(refresh=attempt > 0)]
+            accept = b"text/plain, */*" if text else b"application/json"
+            headers = [(b"Accept", accept), *await self._headers(refresh=attempt > 0)]
             if content is not None:
                 headers.append((b"Content-Type", content_type.encode()))
             try:
@@ -246,6 +249,8 @@ class KubeClient:
                 raise self._unreachable(exc) from None
             if response.status_code == 401 and attempt == 0:
                 continue
+            if text and response.status_code < 400:
+                return response.text
             return self._decode(response)
         raise AssertionError("unreachable")
 

@@ -39,11 +39,16 @@ def main(argv: list[str] | None = None) -> None:
         "--kubeconfig", help="use this kubeconfig instead of in-cluster credentials"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=(os.environ.get("TELE_LOG_LEVEL") or "info").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    from tele import logs
+    from tele.config import parse_log_level
+
+    try:
+        level = str(parse_log_level(os.environ.get("TELE_LOG_LEVEL") or "info"))
+    except ValueError:
+        level = "info"
+    # (also keeps the libraries that log every frame or request at INFO unless trace)
+    logs.set_level(level)
     from tele import _patches
     from tele.errors import TeleError, single_leaf
 

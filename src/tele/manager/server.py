@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,8 @@ from tele.manager.dialback import DialBack
 from tele.manager.engage import AgentSettings, Engagements
 from tele.manager.feed import ClusterFeed
 from tele.manager.linktls import LinkTLS
+from tele.manager.loglevels import LogLevels
+from tele.manager.podlogs import ClusterLogs
 from tele.manager.rollouts import Rollouts
 from tele.manager.sessions import Presence
 from tele.manager.state import AgentWorkloads
@@ -104,6 +106,8 @@ class ManagerConfig:
     """Helm `timeouts.agentArrival`: how long an engagement waits for its agent."""
     client_config: dict[str, Any] = field(default_factory=dict)
     """Helm `client` (dns, routing): delivered to every client in its ClusterInfo."""
+    log_level: str = "info"
+    """The manager's own configured level (Helm `logLevel`); `tele loglevel` changes it a while."""
     mount_policies: dict[str, str] = field(default_factory=dict)
     """Helm `agent.mountPolicies`: volume name or mount path -> policy (agentconfig)."""
     pod_ip: str = ""
@@ -157,6 +161,7 @@ class ManagerConfig:
             inject_policy=env.get("TELE_INJECT_POLICY") or "OnDemand",
             agent_arrival=float(parse_duration(env.get("TELE_AGENT_ARRIVAL") or "30s")),
             client_config=_client_config(env.get("TELE_CLIENT_CONFIG") or "{}"),
+            log_level=env.get("TELE_LOG_LEVEL") or "info",
             mount_policies=dict(json.loads(env.get("TELE_MOUNT_POLICIES") or "{}")),
             pod_ip=env.get("TELE_POD_IP") or "",
             auth_mode=env.get("TELE_AUTH_MODE") or "enforcing",
@@ -296,6 +301,24 @@ class Manager:
             replaced_containers=self.table.replaced_containers,
             settings=self.agent_settings(),
         )
+        self.logs = ClusterLogs(
+            kube=kube,
+            manager_namespace=config.namespace,
+            pods=lambda: list(self.view.pods.values()),
+            workload_of=self._workload_name,
+            require=self.auth.require,
+            check_session=self.clients.get,
+        )
+        self.log_levels = LogLevels(
+            config.log_level,
+            manager_namespace=config.namespace,
+            check_session=self.clients.get,
+            check_agent=lambda session_id: self.agents.of_caller(session_id) is not None,
+            agent_count=lambda: sum(
+                1 for s in self.agents.sessions.sessions.values() if s.expires_at > self.clock()
+            ),
+            require=self.auth.require,
+        )
         self.webhook_port: int | None = None
         # A session's end ends its engagements first, then whatever else listens.
         self.on_session_end.append(lambda session: self.engagements.end_session(session.session_id))
@@ -331,9 +354,18 @@ class Manager:
         router.stream(api.WATCH_CLUSTER_INFO, self.watch_cluster_info)
         router.unary(api.LOOKUP_DNS, self.lookup_dns)
         router.unary(api.LIST_WORKLOADS, self.list_workloads)
+        router.unary(api.LOG_SOURCES, self.logs.sources)
+        router.unary(api.POD_LOG, self.logs.read)
+        router.unary(api.SET_LOG_LEVEL, self.log_levels.set)
+        router.stream(aapi.WATCH_LOG_LEVEL, self.log_levels.watch)
         self.engagements.register(router)
         router.raw(TunnelServer.matches, self.tunnel.handle)
         return router
+
+    def _workload_name(self, pod: Mapping[str, Any]) -> str:
+        namespace = str((pod.get("metadata") or {}).get("namespace") or "")
+        workload = self.view.workload_of(pod, namespace)
+        return str(((workload or {}).get("metadata") or {}).get("name") or "")
 
     async def version(self, _: Empty) -> api.VersionInfo:
         return api.VersionInfo(version=__version__)
@@ -633,6 +665,7 @@ class Manager:
                     nursery.start_soon(self.feed.watch, kind, resource, scope)
             nursery.start_soon(self.clients.reap)
             await nursery.start(self.auth.watch_credentials, self.credential_revoked)
+            nursery.start_soon(self.log_levels.controller.serve)
             await self.agent_workloads.load()
             nursery.start_soon(self.agent_workloads.keep_saved)
             nursery.start_soon(self.rollouts.serve_restores)

@@ -205,9 +205,18 @@ class UninstallReply(msgspec.Struct, frozen=True, kw_only=True):
     """The workloads whose pods are rolled out without the agent."""
 
 
+class AgentLogLevel(msgspec.Struct, frozen=True, kw_only=True):
+    """The level the manager asks its agents to log at (`tele loglevel`)."""
+
+    level: str = ""
+    """trace, debug, info, warning or error; "": the agent's own configured level."""
+
+
 ARRIVE_AS_AGENT = Unary(f"/{SERVICE}/ArriveAsAgent", AgentIdentity, AgentSessionInfo)
 WATCH_ENGAGEMENTS = ServerStream(f"/{SERVICE}/WatchEngagements", SessionRequest, EngagementList)
 ENGAGE = Unary(f"/{SERVICE}/Engage", EngageRequest, EngagementInfo)
 LEAVE = Unary(f"/{SERVICE}/Leave", LeaveRequest, Empty)
 UNINSTALL = Unary(f"/{SERVICE}/UninstallAgents", UninstallRequest, UninstallReply)
 WATCH_DIALS = ServerStream(f"/{SERVICE}/WatchDials", SessionRequest, DialRequest)
+# The current level at once, then each change (an agent of an older manager: UNIMPLEMENTED).
+WATCH_LOG_LEVEL = ServerStream(f"/{SERVICE}/WatchLogLevel", SessionRequest, AgentLogLevel)

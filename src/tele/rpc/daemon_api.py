@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from tele.rpc.agent_api import EngagementInfo, UninstallReply
-from tele.rpc.manager_api import WorkloadList
+from tele.rpc.manager_api import LogLevelReply, LogSource, LogSources, PodLog, WorkloadList
 from tele.rpc.method import Empty, Unary
 
 SERVICE = "tele.daemon.v1"
@@ -185,13 +185,30 @@ class QuitReply(msgspec.Struct, frozen=True, kw_only=True):
 class SetLogLevelRequest(msgspec.Struct, frozen=True, kw_only=True):
     level: str  # trace | debug | info | warning | error
     duration: float = 0.0  # seconds until the configured level returns; 0 = keep it
+    local: bool = True
+    """The daemon's level."""
+    remote: bool = False
+    """The traffic manager's and its agents' (through the session)."""
 
 
 class SetLogLevelReply(msgspec.Struct, frozen=True, kw_only=True):
     level: str
     previous: str
+    """The daemon's previous level ("" when only the remote one was set)."""
     revert_to: str | None = None  # the level that returns after `duration`, if any
     revert_in: float | None = None
+    traffic_manager: LogLevelReply | None = None
+    """The manager's answer, when the remote level was set."""
+    remote_problem: str = ""
+    """Why the remote level was not set (not connected, refused), when it was asked for."""
+
+
+class ClusterLogsRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """`tele gather-logs`: which of the cluster's logs (through the traffic manager)."""
+
+    traffic_manager: bool = True
+    traffic_agents: str = "all"
+    """all, none, or a name the agents' pod or workload name contains."""
 
 
 # -- calls -------------------------------------------------------------------------------------
@@ -219,3 +236,9 @@ UNINSTALL: Unary[UninstallRequest, UninstallReply] = Unary(
 SET_LOG_LEVEL: Unary[SetLogLevelRequest, SetLogLevelReply] = Unary(
     f"/{SERVICE}/SetLogLevel", SetLogLevelRequest, SetLogLevelReply
 )
+# The cluster's logs for gather-logs, through the session's traffic manager: which there are
+# (and which the caller may not read), then each one (its end: tele.manager.podlogs).
+CLUSTER_LOG_SOURCES: Unary[ClusterLogsRequest, LogSources] = Unary(
+    f"/{SERVICE}/ClusterLogSources", ClusterLogsRequest, LogSources
+)
+CLUSTER_LOG: Unary[LogSource, PodLog] = Unary(f"/{SERVICE}/ClusterLog", LogSource, PodLog)

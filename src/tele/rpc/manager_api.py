@@ -1,4 +1,5 @@
-"""The daemon <-> traffic manager API: sessions, cluster info, DNS lookups, workloads.
+"""The daemon <-> traffic manager API: sessions, cluster info, DNS lookups, workloads, the
+cluster side of `tele gather-logs` and `tele loglevel`.
 
 Transport-free definitions (tele.rpc carries them; tunnel streams share the same link). Fields
 are added with defaults so that clients and managers of neighbouring versions understand each
@@ -114,6 +115,58 @@ class VersionInfo(msgspec.Struct, frozen=True, kw_only=True):
     version: str
 
 
+class LogSourcesRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """`tele gather-logs`: which of the cluster's logs the caller wants."""
+
+    session_id: str
+    traffic_manager: bool = True
+    traffic_agents: str = "all"
+    """all, none, or a name: the agents whose pod or workload name contains it."""
+
+
+class LogSource(msgspec.Struct, frozen=True, kw_only=True):
+    kind: str
+    """traffic-manager or traffic-agent."""
+    pod: str
+    namespace: str
+    container: str
+    workload: str = ""
+
+
+class LogSources(msgspec.Struct, frozen=True, kw_only=True):
+    sources: list[LogSource]
+    problems: list[str] = []
+    """One sentence per log the caller asked for and cannot have (RBAC, none found)."""
+
+
+class PodLogRequest(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    source: LogSource
+
+
+class PodLog(msgspec.Struct, frozen=True, kw_only=True):
+    text: str
+    truncated: bool = False
+    """Only the log's end is here (tele.manager.podlogs bounds each one)."""
+
+
+class LogLevelRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """`tele loglevel`: the manager's level and the one it hands its agents."""
+
+    session_id: str
+    level: str
+    duration: float = 0.0
+    """Seconds until the configured level returns; 0: until the next change."""
+    agents: bool = True
+
+
+class LogLevelReply(msgspec.Struct, frozen=True, kw_only=True):
+    level: str
+    previous: str
+    agents: int = 0
+    """How many connected agents were told."""
+
+
 class AuthenticateRequest(msgspec.Struct, frozen=True, kw_only=True):
     """The caller's credential, checked by the manager with a TokenReview; the link it came
     on is then that identity's (see tele.manager.auth)."""
@@ -139,3 +192,6 @@ GET_CLUSTER_INFO = Unary(f"/{SERVICE}/GetClusterInfo", SessionRequest, ClusterIn
 WATCH_CLUSTER_INFO = ServerStream(f"/{SERVICE}/WatchClusterInfo", SessionRequest, ClusterInfo)
 LOOKUP_DNS = Unary(f"/{SERVICE}/LookupDNS", LookupRequest, LookupReply)
 LIST_WORKLOADS = Unary(f"/{SERVICE}/ListWorkloads", WorkloadsRequest, WorkloadList)
+LOG_SOURCES = Unary(f"/{SERVICE}/LogSources", LogSourcesRequest, LogSources)
+POD_LOG = Unary(f"/{SERVICE}/PodLog", PodLogRequest, PodLog)
+SET_LOG_LEVEL = Unary(f"/{SERVICE}/SetLogLevel", LogLevelRequest, LogLevelReply)

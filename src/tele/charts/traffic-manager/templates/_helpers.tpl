@@ -123,6 +123,10 @@ matchExpressions:
 - apiGroups: [""]
   resources: ["pods/eviction"]
   verbs: ["create"]
+{{- /* the agents' logs, for `tele gather-logs` (a caller must be allowed them too) */}}
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
 - apiGroups: [""]
   resources: ["services", "endpoints", "configmaps"]
   verbs: ["get", "list", "watch"]

@@ -1,11 +1,13 @@
-"""The daemon's log level at run time: `tele loglevel LEVEL --duration D` sets it and, after D,
-the configured level comes back. One task owns the revert timer; a new change moves its deadline.
-"""
+"""A process's log level at run time (the daemon's, the traffic manager's): `tele loglevel LEVEL
+--duration D` sets it and, after D, the configured level comes back. One task owns the revert
+timer; a new change moves its deadline; `on_revert` hears of the return (the manager tells its
+agents)."""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import trio
 
@@ -17,8 +19,9 @@ log = logging.getLogger(__name__)
 class LogLevelController:
     """Owns the process-wide level: the configured one, and a temporary one with a deadline."""
 
-    def __init__(self, configured: str) -> None:
+    def __init__(self, configured: str, on_revert: Callable[[], None] | None = None) -> None:
         self.configured = configured
+        self._on_revert = on_revert
         self._revert_at = math.inf  # trio time at which `configured` returns; inf = never
         self._timer: trio.CancelScope | None = None
 
@@ -57,3 +60,5 @@ class LogLevelController:
             self._revert_at = math.inf
             previous = logs.set_level(self.configured)
             log.info("log level %s -> %s (its duration ended)", previous, self.configured)
+            if self._on_revert is not None:
+                self._on_revert()

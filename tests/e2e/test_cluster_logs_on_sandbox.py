@@ -1,0 +1,130 @@
+"""Issue 18 on the sandbox: `tele loglevel` reaches the traffic manager and its agents (and
+`--remote-only`, `--local-only` keep to their side); `tele gather-logs --traffic-manager
+--traffic-agents [--anonymize]` zips the manager's log (with its audit lines) and the agents',
+read through the manager, with names and addresses replaced consistently when asked."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.util import DaemonGuard, run_tele
+from tests.e2e import install_manager, kubectl
+from tests.e2e.test_intercept_on_sandbox import APP
+from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.netns
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _logs_until(sandbox: NodeSandbox, needle: str, *args: str, deadline: float = 60) -> str:
+    """`kubectl logs ARGS` once it holds `needle` (an agent hears of a level asynchronously)."""
+    end = time.monotonic() + deadline
+    while True:
+        text = kubectl(sandbox, "logs", *args)
+        if needle in text or time.monotonic() > end:
+            return text
+        time.sleep(0.5)
+
+
+def test_loglevel_and_gather_logs_reach_the_manager_and_agents(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    tmp_path: Path,
+) -> None:
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, tele_env)
+    kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
+    assert connected.returncode == 0, connected.stderr
+    engaged = run_tele(tele_env, "intercept", "echo", "--port", str(_free_port()), timeout=120)
+    assert engaged.returncode == 0, engaged.stderr
+    manager_pod = kubectl(
+        node_sandbox, "get", "pod", "-n", "ambassador", "-l", "app=traffic-manager",
+        "-o", "jsonpath={.items[0].metadata.name}",
+    )  # fmt: skip
+    agent_pod = kubectl(
+        node_sandbox, "get", "pod", "-l", "app=echo", "-o", "jsonpath={.items[0].metadata.name}"
+    )
+
+    # loglevel: the daemon, the manager and its one agent, the value said once.
+    both = run_tele(tele_env, "loglevel", "debug", "-d", "5m")
+    assert both.returncode == 0, both.stderr
+    assert both.stdout == (
+        "The log level is debug for the daemon (was info), the traffic manager (was info) and "
+        "1 traffic agent; their configured levels return in 5m.\n"
+    )
+    manager_log = _logs_until(node_sandbox, "log level info -> debug", "-n", "ambassador",
+                              manager_pod)  # fmt: skip
+    assert "log level info -> debug for 300s" in manager_log
+    agent_log = _logs_until(node_sandbox, "(tele loglevel)", agent_pod, "-c", "traffic-agent")
+    assert "log level info -> debug (tele loglevel)" in agent_log
+    # debug shows tele's steps, not the h2 frames or HTTP requests of the libraries
+    assert not re.search(r" DEBUG (h2|hpack|httpx|httpcore)\b", manager_log)
+
+    remote = run_tele(tele_env, "loglevel", "info", "--remote-only", "-o", "json")
+    assert remote.returncode == 0, remote.stderr
+    reply = json.loads(remote.stdout)
+    assert (reply["previous"], reply["traffic_manager"]) == (
+        "",
+        {"level": "info", "previous": "debug", "agents": 1},
+    )
+    agent_log = _logs_until(node_sandbox, "debug -> info", agent_pod, "-c", "traffic-agent")
+    assert "log level debug -> info (tele loglevel)" in agent_log
+    local = run_tele(tele_env, "loglevel", "warning", "--local-only", "-d", "0")
+    assert local.stdout == "The daemon's log level is warning (was debug).\n", local.stderr
+    status = json.loads(run_tele(tele_env, "status", "-o", "json").stdout)
+    assert status["daemon"]["log_level"] == "warning"
+
+    # gather-logs: the manager's log (its audit lines too) and the agent's, through the manager.
+    target = tmp_path / "bug.zip"
+    gathered = run_tele(
+        tele_env, "gather-logs", "--traffic-manager", "--traffic-agents", "--output-file",
+        str(target), "-o", "json", timeout=120,
+    )  # fmt: skip
+    assert gathered.returncode == 0, gathered.stderr
+    data = json.loads(gathered.stdout)
+    manager_entry = f"tele_logs/cluster/traffic-manager/{manager_pod}.log"
+    agent_entry = f"tele_logs/cluster/traffic-agents/default/{agent_pod}.log"
+    assert {manager_entry, agent_entry, "tele_logs/daemon.log"} <= set(data["files"])
+    assert (data["connected"], data["anonymized"], data["problems"]) == (True, False, [])
+    with zipfile.ZipFile(target) as archive:
+        manager_text = archive.read(manager_entry).decode()
+        agent_text = archive.read(agent_entry).decode()
+    audit = [json.loads(line.split(" audit ", 1)[1]) for line in manager_text.splitlines()
+             if " audit {" in line]  # fmt: skip
+    assert {"engagement-start", "log-level"} <= {entry["event"] for entry in audit}
+    assert "log level info -> debug (tele loglevel)" in agent_text
+
+    # --anonymize: the same stand-in for the same name in every file and file name.
+    anonymous = tmp_path / "anonymous.zip"
+    gathered = run_tele(
+        tele_env, "gather-logs", "--traffic-agents", "echo", "--no-traffic-manager",
+        "--anonymize", "--output-file", str(anonymous), "-o", "json", timeout=120,
+    )  # fmt: skip
+    assert gathered.returncode == 0, gathered.stderr
+    files = json.loads(gathered.stdout)["files"]
+    [agent_file] = [f for f in files if f.startswith("tele_logs/cluster/traffic-agents/")]
+    assert agent_file == "tele_logs/cluster/traffic-agents/default/pod-1.log"
+    with zipfile.ZipFile(anonymous) as archive:
+        texts = {name: archive.read(name).decode() for name in archive.namelist()}
+    everything = "\n".join(texts.values())
+    assert agent_pod not in everything and manager_pod not in everything
+    assert not re.search(r"\b10\.\d+\.\d+\.\d+\b", everything)  # the sandbox's pod addresses
+    assert not re.search(r"\becho\b", everything), [
+        line for line in everything.splitlines() if re.search(r"\becho\b", line)
+    ][:5]
+    assert "log level debug -> info (tele loglevel)" in texts[agent_file]
