@@ -18,12 +18,12 @@ from tele.errors import UserError
 
 
 def _header(value: str) -> tuple[str, str]:
-    """`K=V` or `K: V` (Telepresence's two forms; the first `=` or `:` separates)."""
-    cuts = [i for i in (value.find("="), value.find(":")) if i > 0]
-    key, rest = (value[: min(cuts)], value[min(cuts) + 1 :]) if cuts else ("", "")
-    if not key.strip():
-        raise UserError(f"--http-header {value!r} must look like NAME=VALUE or 'NAME: VALUE'")
-    return key.strip().lower(), rest.strip()
+    from tele.rpc import filters
+
+    try:
+        return filters.parse_header(value)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _port(value: str) -> tuple[int, str]:
