@@ -27,7 +27,6 @@ from tests.daemon.util import DaemonGuard, run_tele, single_error_line
             ["intercept", "echo", "-p", "x:http"],
             "tele: --port 'x:http': the local port must be a number from 1 to 65535",
         ),
-        (["leave", "echo"], "tele: Not connected; run `tele connect` first."),
         (
             ["intercept", "echo", "--http-path-regex", "(["],
             "tele: --http-path-regex '([' does not compile: unterminated character set at "

@@ -250,14 +250,15 @@ def test_unreachable_cluster_is_a_connection_error(
 def test_list_without_connect_connects_first(
     tele_env: dict[str, str], guard: DaemonGuard, tmp_path: Path
 ) -> None:
-    """`tele list` (and intercept) connect as `tele connect` would, as Telepresence's do: here
-    with a KUBECONFIG that is not there, which the error names with the OS's reason."""
+    """`tele list` (and intercept, leave) connect as `tele connect` would, as Telepresence's
+    do: here with a KUBECONFIG that is not there, which the error names with the OS's reason."""
     missing = tmp_path / "no-kubeconfig"
-    result = run_tele({**tele_env, "KUBECONFIG": str(missing)}, "list")
-    assert result.returncode == 1
-    assert single_error_line(result) == (
-        f"tele: cannot read the kubeconfig {missing}: no such file or directory"
-    )
+    for command in (["list"], ["leave", "echo"]):
+        result = run_tele({**tele_env, "KUBECONFIG": str(missing)}, *command)
+        assert result.returncode == 1
+        assert single_error_line(result) == (
+            f"tele: cannot read the kubeconfig {missing}: no such file or directory"
+        )
     text = run_tele({**tele_env, "KUBECONFIG": "apiVersion: v1\nkind: Config\n"}, "list")
     assert single_error_line(text) == (
         "tele: the kubeconfig (--kubeconfig or KUBECONFIG) is YAML text, not a path: "
@@ -505,3 +506,24 @@ def test_connect_runs_a_command_while_connected_then_disconnects(
     after = run_tele(tele_env, "status", "-o", "json")
     assert json.loads(after.stdout)["connection"] == "not connected"
     assert run_tele(tele_env, "quit").returncode == 0
+
+
+def test_current_cluster_id_is_the_kube_system_namespaces_uid(
+    tele_env: dict[str, str], guard: DaemonGuard, cluster: tuple[ThreadedCluster, Path]
+) -> None:
+    kubeconfig = str(cluster[1])
+    uid = subprocess.run(
+        ["kubectl", "--kubeconfig", kubeconfig, "get", "namespace", "kube-system",
+         "-o", "jsonpath={.metadata.uid}"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert len(uid) == 36
+    shown = run_tele(tele_env, "current-cluster-id", "--kubeconfig", kubeconfig)
+    assert (shown.returncode, shown.stdout) == (0, f"{uid}\n"), shown.stderr
+    as_json = run_tele({**tele_env, "KUBECONFIG": kubeconfig}, "-o", "json", "current-cluster-id")
+    context = yaml.safe_load(cluster[1].read_text())["current-context"]
+    assert json.loads(as_json.stdout) == {"cluster_id": uid, "context": context}
+    unknown = run_tele(tele_env, "current-cluster-id", "--kubeconfig", kubeconfig, "--context", "x")
+    assert unknown.returncode == 1
+    assert single_error_line(unknown).startswith("tele: ")
+    assert guard.daemons() == []  # (no daemon: it reads the cluster itself)

@@ -380,3 +380,30 @@ def list_contexts(kubeconfig: str, output: str) -> None:
         )
 
     emit(rows, output, table)
+
+
+@click.command(name="current-cluster-id")
+@click.option("--kubeconfig", default="", help="The kubeconfig to use (default: $KUBECONFIG).")
+@click.option("--context", default="", help="The kubeconfig context (default: its current one).")
+@output_option
+def current_cluster_id(kubeconfig: str, context: str, output: str) -> None:
+    """The cluster's ID (the UID of its kube-system namespace, as Telepresence reports it)."""
+    from tele.cli import client
+    from tele.errors import UserError
+    from tele.k8s import client as k8s
+
+    async def read() -> dict[str, str]:
+        async with k8s.open_kube_client(kubeconfig or None, context or None) as kube:
+            try:
+                namespace = await kube.get(k8s.NAMESPACES, "kube-system")
+            except k8s.ApiError as exc:
+                raise UserError(
+                    f"Cannot read namespace kube-system (its UID is the cluster's ID): "
+                    f"{exc.message.rstrip('.')}."
+                ) from None
+            return {
+                "cluster_id": str((namespace.get("metadata") or {}).get("uid") or ""),
+                "context": kube.connection.context,
+            }
+
+    emit(client.run(read), output, lambda d: d["cluster_id"])

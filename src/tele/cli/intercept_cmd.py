@@ -546,11 +546,12 @@ def ingest(
     )
 
 
-def _leave(name: str) -> None:
+def _leave(name: str, *, connect: bool = False) -> None:
     from tele.cli import client
     from tele.rpc import daemon_api
 
-    client.call_connected(daemon_api.LEAVE, daemon_api.LeaveRequest(name=name), timeout=30)
+    request = daemon_api.LeaveRequest(name=name)
+    client.call_connected(daemon_api.LEAVE, request, timeout=30, connect=connect)
 
 
 @click.command()
@@ -559,7 +560,7 @@ def _leave(name: str) -> None:
 def leave(name: str, output: str) -> None:
     """End the engagement NAME (intercept, replace or ingest); the cluster's workload gets its
     traffic (and a replaced container) back."""
-    _leave(name)
+    _leave(name, connect=True)  # (connects first when not connected, as Telepresence's does)
     emit({"left": name}, output, lambda d: f"Left {d['left']}.")
 
 
