@@ -240,7 +240,7 @@ def test_output_is_accepted_before_and_after_the_command_and_errors_come_as_json
     assert before.returncode == 0 and after.returncode == 0
     assert json.loads(before.stdout) == {"stopped_pid": None, "left": [], "cleaned_up": []}
     assert yaml.safe_load(after.stdout) == {"stopped_pid": None, "left": [], "cleaned_up": []}
-    failed = run_tele(tele_env, "--output", "json", "leave", "echo")
+    failed = run_tele(tele_env, "--output", "json", "uninstall", "echo")
     assert failed.returncode == 1
     assert json.loads(failed.stdout) == {
         "error": "Not connected; run `tele connect` first.",
