@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import trio
 
+from tele.cli.cluster_cmd import connection_lines
 from tele.dns.service import SystemSetup
 from tele.errors import first_leaf
 from tele.rpc.client import Client
@@ -134,6 +135,16 @@ async def test_a_laptop_route_over_the_pod_subnet_is_left_alone_and_names_still_
     }
     assert "246.246.0.0/16" in summary["subnets"]  # type: ignore[operator]
     assert "10.244.0.0/16" not in summary["subnets"]  # type: ignore[operator]
+    shown = connection_lines(
+        {
+            "kube_server": "https://k",
+            "kube_context": "dev",
+            "namespace": "default",
+            "manager_namespace": "ambassador",
+            "network": summary,
+        }
+    )
+    assert "  Virtual IPs:        246.246.0.0/16 for 10.244.0.0/16 (1 in use)" in shown
     routes = _ip(netns.laptop, "route", "show")
     assert "10.244.0.0/16 dev tele-lan0" in routes  # the laptop's route is untouched
     assert "246.246.0.0/16 dev tele0" in routes

@@ -44,6 +44,19 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
     if network:
         lines.append(f"  Network:            {network.get('device')} {network.get('address')}")
         lines.append(f"  Routed subnets:     {', '.join(network.get('subnets') or [])}")
+        for key, label in (
+            ("also_proxy", "Also proxy"),
+            ("never_proxy", "Never proxy"),
+            ("allow_conflicting", "Allow conflicts"),
+        ):
+            if network.get(key):
+                lines.append(f"  {label + ':':<20}{', '.join(network[key])}")
+        vnat = network.get("vnat")
+        if isinstance(vnat, dict):
+            lines.append(
+                f"  Virtual IPs:        {vnat.get('subnet')} for "
+                f"{', '.join(vnat.get('translated') or [])} ({vnat.get('mapped', 0)} in use)"
+            )
         dns = network.get("dns")
         if isinstance(dns, dict):
             suffixes = ", ".join(dns.get("include_suffixes") or []) or "cluster names"
@@ -58,6 +71,11 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
             f"{network.get('tcp_connections', 0)} TCP connections, "
             f"{network.get('udp_flows', 0)} UDP flows, {network.get('refused', 0)} refused"
         )
+        if isinstance(dns, dict):
+            if dns.get("excludes"):
+                lines.append(f"  DNS excludes:       {', '.join(dns['excludes'])}")
+            for name, alias in (dns.get("mappings") or {}).items():
+                lines.append(f"  DNS mapping:        {name} -> {alias}")
         if network.get("set_up_by", "daemon") != "daemon":
             lines.append(f"  Set up by:          {network['set_up_by']}")
     # A failed session's error is why it ended: `tele status` says that first.
