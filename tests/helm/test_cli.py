@@ -3,12 +3,14 @@ one-line results and one-line errors, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import trio
+import yaml
 
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
@@ -52,8 +54,17 @@ async def test_lint_passes_and_a_broken_values_file_fails(
     assert "[ERROR] values.yaml: invalid Helm value agent.port: got string, want integer" in out
     line = one_line_error(bad)
     assert line == (
-        "tele: the chart does not lint: invalid Helm value agent.port: got string, want integer"
+        "tele: The chart does not lint: invalid Helm value agent.port: got string, want integer."
     )
+    as_json = await tele(tele_env, "lint", "-f", str(broken), "-o", "json")
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout) == {"error": line.removeprefix("tele: "), "exit_code": 1}
+    passed = await tele(tele_env, "lint", "-o", "json")
+    assert passed.returncode == 0, passed.stderr
+    assert {k: v for k, v in json.loads(passed.stdout).items() if k != "messages"} == {
+        "linted": 1,
+        "failed": 0,
+    }
 
 
 async def test_install_conflict_and_uninstall(
@@ -84,12 +95,26 @@ async def test_install_conflict_and_uninstall(
     assert "(revision 2): the traffic manager manages namespaces default." in (
         upgraded.stdout.decode()
     )
+    as_json = await tele(tele_env, "upgrade", *kc, "--reuse-values", "-o", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert {k: data[k] for k in ("release", "namespace", "revision", "scope")} == {
+        "release": "traffic-manager",
+        "namespace": "ambassador",
+        "revision": 3,
+        "scope": "namespaces default",
+    }
+    assert "Deployment/ambassador/traffic-manager" in data["applied"]
 
-    gone = await tele(tele_env, "uninstall", *kc)
+    gone = await tele(tele_env, "uninstall", *kc, "-o", "yaml")
     assert gone.returncode == 0, gone.stderr
-    assert gone.stdout.decode().startswith(
-        "Uninstalled release traffic-manager from namespace ambassador:"
+    removed = yaml.safe_load(gone.stdout)
+    assert (removed["release"], removed["namespace"], removed["engagements_ended"]) == (
+        "traffic-manager",
+        "ambassador",
+        [],
     )
+    assert "Deployment/ambassador/traffic-manager" in removed["deleted"]
     assert await kube.get_or_none(k8s.DEPLOYMENTS, "traffic-manager", "ambassador") is None
     again = await tele(tele_env, "uninstall", *kc)
     assert again.returncode == 1

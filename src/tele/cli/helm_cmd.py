@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from tele.cli.output import emit, output_option
+
 if TYPE_CHECKING:
     from tele.helm.chart import Chart
     from tele.helm.ops import Outcome, Progress
@@ -153,6 +155,24 @@ def _summary(verb: str, outcome: Outcome) -> str:
     )
 
 
+def _ref(ref: Any) -> str:
+    return "/".join(part for part in (ref.kind, ref.namespace, ref.name) if part)
+
+
+def _outcome_data(outcome: Outcome) -> dict[str, Any]:
+    """install/upgrade -o json|yaml."""
+    record = outcome.record
+    return {
+        "release": record.name,
+        "namespace": record.namespace,
+        "revision": record.revision,
+        "chart_version": record.chart_version,
+        "scope": outcome.scope,
+        "applied": [_ref(r) for r in outcome.applied],
+        "pruned": [_ref(r) for r in outcome.pruned],
+    }
+
+
 @click.group()
 def helm() -> None:
     """Install, upgrade, uninstall or lint the traffic manager (Helm chart inside tele)."""
@@ -193,6 +213,7 @@ def _apply_chart(
     show_default=True,
     help="Create the release namespace when it does not exist.",
 )
+@output_option
 def install(**kwargs: Any) -> None:
     """Install the traffic manager, refusing namespaces another manager already manages."""
     from tele.helm import ops
@@ -209,7 +230,7 @@ def install(**kwargs: Any) -> None:
             progress=progress,
         ),
     )
-    click.echo(_summary("Installed", outcome))
+    emit(_outcome_data(outcome), kwargs["output"], lambda _: _summary("Installed", outcome))
 
 
 @helm.command(short_help="Change the installed traffic manager's values or chart.")
@@ -217,6 +238,7 @@ def install(**kwargs: Any) -> None:
 @_value_options
 @click.option("--reuse-values", is_flag=True, help="Merge the new values over the last ones.")
 @click.option("--reset-values", is_flag=True, help="Start from the chart's default values.")
+@output_option
 def upgrade(**kwargs: Any) -> None:
     """Upgrade the traffic manager: apply the chart with new values and prune what it dropped."""
     from tele.helm import ops
@@ -236,7 +258,7 @@ def upgrade(**kwargs: Any) -> None:
         ),
     )
     pruned = f" Removed {len(outcome.pruned)} objects it no longer needs." if outcome.pruned else ""
-    click.echo(_summary("Upgraded", outcome) + pruned)
+    emit(_outcome_data(outcome), kwargs["output"], lambda _: _summary("Upgraded", outcome) + pruned)
 
 
 @helm.command(short_help="Remove the traffic manager and everything it installed.")
@@ -248,6 +270,7 @@ def upgrade(**kwargs: Any) -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds to wait for the objects to be gone.",
 )
+@output_option
 def uninstall(**kwargs: Any) -> None:
     """Uninstall the traffic manager: end your engagements through it, delete what its release
     owns, then restart the workloads whose pods carry a traffic agent so that they run without
@@ -297,15 +320,26 @@ def uninstall(**kwargs: Any) -> None:
             )
             return outcome, removed, left
 
-    outcome, removed, _ = _run(operation)
+    outcome, removed, left = _run(operation)
     agents = (
         f"; removed the traffic agent from {', '.join(a.describe() for a in removed)}"
         if removed
         else ""
     )
-    click.echo(
-        f"Uninstalled release {outcome.record.name} from namespace {outcome.record.namespace}: "
-        f"{len(outcome.pruned)} objects deleted{agents}."
+    data = {
+        "release": outcome.record.name,
+        "namespace": outcome.record.namespace,
+        "deleted": [_ref(r) for r in outcome.pruned],
+        "agents_removed": [a.describe() for a in removed],
+        "engagements_ended": left,
+    }
+    emit(
+        data,
+        kwargs["output"],
+        lambda _: (
+            f"Uninstalled release {outcome.record.name} from namespace "
+            f"{outcome.record.namespace}: {len(outcome.pruned)} objects deleted{agents}."
+        ),
     )
 
 
@@ -351,6 +385,7 @@ async def _leave_engagements_through(server: str, manager_namespace: str) -> lis
     help="The namespace to lint for.",
 )
 @click.option("--strict/--no-strict", default=True, show_default=True, help="Fail on warnings too.")
+@output_option
 def lint(**kwargs: Any) -> None:
     """Lint the chart inside tele with Helm, with the given values (schema included)."""
     from tele.errors import UserError
@@ -360,16 +395,23 @@ def lint(**kwargs: Any) -> None:
     messages = lint_blocking(values, namespace=kwargs["namespace"], strict=kwargs["strict"])
     threshold = 2 if kwargs["strict"] else 3
     problems: list[str] = []
+    found: list[dict[str, str]] = []
     for message in messages:
         lines = [line for line in message.text.splitlines() if line.lstrip().startswith("- at ")]
         if message.path == "templates/" and lines:
             continue  # Helm reports a schema failure twice; values.yaml's copy is enough
         texts = [str(values_error(line)) for line in lines] or [" ".join(message.text.split())]
         for text in texts:
-            click.echo(f"[{message.label}] {message.path}: {text}")
+            found.append({"severity": message.label, "path": message.path, "message": text})
+            if kwargs["output"] == "default":
+                click.echo(f"[{message.label}] {message.path}: {text}")
             if message.severity >= threshold:
                 problems.append(text)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"the chart does not lint: {problems[0]}{more}")
-    click.echo("1 chart linted, 0 failed.")
+        raise UserError(f"The chart does not lint: {problems[0]}{more}.")
+    emit(
+        {"linted": 1, "failed": 0, "messages": found},
+        kwargs["output"],
+        lambda _: "1 chart linted, 0 failed.",
+    )
