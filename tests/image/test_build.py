@@ -24,6 +24,7 @@ from tele.image.build import (
     tele_key,
     tele_package_dir,
 )
+from tele.image.layers import describe_layer
 from tele.sandbox.oci_registry import RegistryInfo, open_registry, registry_available
 
 pytestmark = [
@@ -136,14 +137,62 @@ def test_the_image_runs_the_manager_and_agent_code_as_nonroot(
     assert not (root / "etc" / "hostname-of-the-host").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chroot into the image")
+def test_the_worker_image_has_a_shell_and_the_tools(images_cache: Path, tmp_path: Path) -> None:
+    worker = build_sandbox_images(images_cache)["tele-sandbox/worker"]
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    for layer in worker.image.layers:
+        with tarfile.open(layer.path) as tar:
+            tar.extractall(root, filter="fully_trusted")
+    script = (
+        "echo hi | grep -c h; seq 2 | tr 12 ab | sed s/b/B/; sleep 0.01; "
+        "curl --version | head -c 4; echo; socat -V | grep -o 'socat version'; "
+        'python3 -c "print(6*7)"'
+    )
+    result = subprocess.run(
+        [shutil.which("chroot") or "/usr/sbin/chroot", str(root), "/bin/sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:-1] == ["1", "a", "B", "curl", "socat version", "42"]
+
+
 def test_sandbox_images_share_the_base_layer(built: BuildResult, images_cache: Path) -> None:
     images = build_sandbox_images(images_cache)
     assert set(images) >= {"tele-sandbox/echo", "tele-sandbox/worker", "tele-sandbox/l4-echo"}
     base = built.layers[0].layer.digest
     for result in images.values():
         assert result.image.layers[0].digest == base
-        assert len(result.image.layers) == 2
-        assert result.layers[1].layer.size < 2_000_000
+        assert result.layers[-1].layer.size < 2_000_000
+        # The worker has the tools layer between the base and its program; the others don't.
+        assert len(result.image.layers) == (
+            3 if result.tag.startswith("tele-sandbox/worker:") else 2
+        )
+
+
+def test_the_worker_tools_layer_adds_only_what_the_base_lacks(
+    built: BuildResult, images_cache: Path
+) -> None:
+    worker = build_sandbox_images(images_cache)["tele-sandbox/worker"]
+    assert [r.name for r in worker.layers] == ["base", "tools", "program-tele-sandbox-worker"]
+    tools = _names(worker, "tools")
+    assert {"bin/sh", "bin/sleep", "bin/grep", "usr/bin/curl", "usr/bin/socat"} <= tools
+    # Nothing the base already holds unchanged is repeated, and the base's own files stay.
+    base = describe_layer(built.layers[0].layer)
+    tools_entries = describe_layer(worker.layers[1].layer)
+    repeated = {
+        name
+        for name, entry in tools_entries.items()
+        if entry[0] != tarfile.DIRTYPE and base.get(name) == entry
+    }
+    assert repeated == set()
+    assert not tools & {"etc/passwd", "etc/group", "usr/bin/python3", "usr/bin/python3.11"}
+    assert worker.layers[1].layer.size < 12_000_000
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ from pathlib import Path
 from .. import paths
 from ..errors import UserError
 from .assemble import BuiltImage, assemble
-from .layers import Layer, LayerBuilder
+from .layers import Layer, LayerBuilder, describe_layer
 from .oci import ContainerConfig
 
 log = logging.getLogger(__name__)
@@ -645,6 +645,59 @@ def build_tele_image(root: Path | None = None, *, package: Path | None = None) -
     )
 
 
+# ------------------------------------------------------------------------------------ tools
+
+TOOLS_PACKAGES = ("dash", "coreutils", "grep", "sed", "hostname", "libc-bin", "curl", "socat")
+"""A shell and the tools a user pokes a cluster with (getent, hostname, curl, socat): the
+worker image's, for `kubectl exec` and the tests' client pods."""
+_OS_FILES = frozenset(
+    {"etc/passwd", "etc/group", "etc/nsswitch.conf", "etc/os-release", "usr/bin/python3"}
+)
+"""Files the base writes itself (`_add_os_files`): a package's copy never replaces them."""
+
+
+def tools_key(base: str, packages: tuple[str, ...] = TOOLS_PACKAGES) -> str:
+    return _key("tools", base, SUITE, MIRROR, *sorted(packages), _BASE_SKIP.pattern)
+
+
+def _build_tools(store: Path, base: Layer, packages: tuple[str, ...]) -> Layer:
+    """The files `packages` add to the base (with their dependencies): extracted together
+    with the base's packages (so /etc/ld.so.cache knows every library), minus what the base
+    layer already holds unchanged."""
+    if shutil.which("mmdebstrap") is None:
+        raise BuildError(
+            "Building the image needs mmdebstrap (apt-get install mmdebstrap) the first time."
+        )
+    lower = describe_layer(base)
+    with tempfile.TemporaryDirectory(prefix="tele-image-tools-") as tmp:
+        rootfs_tar = Path(tmp) / "rootfs.tar"
+        _run(
+            [
+                "mmdebstrap",
+                "--quiet",
+                "--variant=extract",
+                f"--include={','.join((*BASE_PACKAGES, *packages))}",
+                '--customize-hook=ldconfig -r "$1"',
+                SUITE,
+                str(rootfs_tar),
+                MIRROR,
+            ],
+            "mmdebstrap",
+            env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
+        )
+        full = LayerBuilder()
+        _add_rootfs_tar(full, rootfs_tar, Path(tmp) / "files")
+        builder = LayerBuilder()
+        for path, entry in full.entries():
+            if path in _OS_FILES or path.startswith("usr/lib/python3.11/"):
+                continue
+            have = lower.get(path)
+            if have is not None and have == full.describe(path):
+                continue
+            builder.copy_entry(path, entry)
+        return builder.write(store)
+
+
 # ------------------------------------------------------------------------------------ sandbox
 
 
@@ -656,6 +709,8 @@ class SandboxImage:
     packages: tuple[str, ...] = ()
     """Pure-Python packages it imports, copied from this environment."""
     env: tuple[str, ...] = ()
+    tools: bool = False
+    """On the tools layer (a shell, coreutils, grep, sed, curl, socat) besides the base."""
 
 
 _ECHO_PACKAGES = ("h11", "h2", "hpack", "hyperframe")
@@ -669,10 +724,16 @@ SANDBOX_IMAGES = (
         "l4echo",
         ("trio", "outcome", "sniffio", "attr", "attrs", "sortedcontainers", "idna"),
     ),
-    SandboxImage("tele-sandbox/worker", "worker"),
+    SandboxImage("tele-sandbox/worker", "worker", tools=True),
     SandboxImage("tele-sandbox/frontend", "frontend"),
 )
 SANDBOX_TAG = "latest"
+
+
+def sandbox_tags() -> tuple[str, ...]:
+    """The tags the sandbox's images are published and preloaded under: `latest` and tele's
+    version (pin one and it stays put while `latest` moves)."""
+    return (SANDBOX_TAG, _tele_version())
 
 
 def _package_dir(name: str) -> Path:
@@ -723,9 +784,19 @@ def build_sandbox_images(
     """The sandbox's images: the base layer shared with tele's image, one program layer each."""
     cache = _Cache(root or cache_root())
     base = cache.layer("base", base_key(), lambda: _build_base(cache.store, BASE_PACKAGES))
+    tools: LayerResult | None = None
     built: dict[str, BuildResult] = {}
     for spec in SANDBOX_IMAGES:
         start = time.monotonic()
+        lower = [base]
+        if spec.tools:
+            if tools is None:
+                tools = cache.layer(
+                    "tools",
+                    tools_key(base.layer.digest),
+                    lambda: _build_tools(cache.store, base.layer, TOOLS_PACKAGES),
+                )
+            lower.append(tools)
         program = cache.layer(
             f"program-{spec.repository.replace('/', '-')}",
             _program_key(spec),
@@ -733,18 +804,26 @@ def build_sandbox_images(
         )
         image = assemble(
             cache.store,
-            [base.layer, program.layer],
+            [r.layer for r in (*lower, program)],
             ContainerConfig(
-                env=["PATH=/usr/local/bin:/usr/bin:/bin", "PYTHONUNBUFFERED=1", *spec.env],
+                env=[
+                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "PYTHONUNBUFFERED=1",
+                    *spec.env,
+                ],
                 entrypoint=[PYTHON, "/app/main.py"],
                 working_dir="/app",
             ),
-            history=["base", f"program {spec.module}"],
+            history=[
+                "base",
+                *([f"tools: {' '.join(TOOLS_PACKAGES)} (mmdebstrap)"] if spec.tools else []),
+                f"program {spec.module}",
+            ],
         )
         built[spec.repository] = BuildResult(
             image,
-            (base, program),
-            base.cached and program.cached,
+            (*lower, program),
+            all(r.cached for r in (*lower, program)),
             time.monotonic() - start,
             f"{spec.repository}:{SANDBOX_TAG}",
         )

@@ -151,6 +151,27 @@ class LayerBuilder:
                         tarfile.REGTYPE, mode, source=host, size=info.st_size
                     )
 
+    def entries(self) -> list[tuple[str, _Entry]]:
+        """The entries so far, sorted by path (for `copy_entry` into another builder)."""
+        return sorted(self._entries.items())
+
+    def describe(self, path: str) -> tuple[bytes, int, int, int, str, bytes]:
+        """`(type, mode, uid, gid, linkname, sha256 of the content)` of the entry at `path`, as
+        `describe_layer` gives a written layer's entries."""
+        entry = self._entries[self._key(path)]
+        digest = b""
+        if entry.data is not None:
+            digest = hashlib.sha256(entry.data).digest()
+        elif entry.source is not None:
+            with entry.source.open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").digest()
+        return (entry.kind, entry.mode, entry.uid, entry.gid, entry.linkname, digest)
+
+    def copy_entry(self, path: str, entry: _Entry) -> None:
+        key = self._key(path)
+        self._parents(key)
+        self._entries[key] = entry
+
     def write(self, directory: Path) -> Layer:
         """Write the layer as `directory/<hex>` (a blob store's `blobs/sha256`) and describe it."""
         directory.mkdir(parents=True, exist_ok=True)
@@ -197,6 +218,25 @@ class LayerBuilder:
                     tar.addfile(info, f)
         else:
             tar.addfile(info)
+
+
+def describe_layer(layer: Layer) -> dict[str, tuple[bytes, int, int, int, str, bytes]]:
+    """`{path: (type, mode, uid, gid, linkname, sha256 of the content)}` of a written layer."""
+    index: dict[str, tuple[bytes, int, int, int, str, bytes]] = {}
+    with tarfile.open(layer.path, "r:gz") as tar:
+        for member in tar:
+            digest = b""
+            if member.isfile():
+                f = tar.extractfile(member)
+                assert f is not None
+                content = hashlib.sha256()
+                with f:
+                    while chunk := f.read(1 << 20):
+                        content.update(chunk)
+                digest = content.digest()
+            describe = (member.type, member.mode, member.uid, member.gid, member.linkname, digest)
+            index[member.name] = describe
+    return index
 
 
 def layer_from_files(directory: Path, files: Iterable[tuple[str, bytes, int]]) -> Layer:

@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 
 from ..image.assemble import BuiltImage
-from ..image.build import build_sandbox_images, build_tele_image
+from ..image.build import build_sandbox_images, build_tele_image, sandbox_tags
 from ..image.reference import parse_reference
 from ..image.registry import RegistryClient
 from .oci_registry import RegistryInfo
@@ -42,8 +42,8 @@ def sandbox_images(cache_root: Path | None = None) -> list[tuple[BuiltImage, lis
     images: list[tuple[BuiltImage, list[str]]] = [
         (tele.image, [f"{repo}:{version}" for repo in TELE_REPOSITORIES])
     ]
-    for result in build_sandbox_images(cache_root).values():
-        images.append((result.image, [result.tag]))
+    for repository, result in build_sandbox_images(cache_root).items():
+        images.append((result.image, [f"{repository}:{tag}" for tag in sandbox_tags()]))
     return images
 
 

@@ -84,6 +84,14 @@ def client_for(ref: Reference, secrets: list[Obj], mirror: Mirror | None) -> Reg
     )
 
 
+def present(store: ImageStore, ref: Reference) -> Image | None:
+    """The image `ref` names when the node has it: by digest for a digest reference (whatever
+    name it was pulled under, as a runtime's content store), else by its name."""
+    if ref.digest is not None:
+        return store.by_digest(store_name(ref), ref.digest)
+    return store.lookup(store_name(ref))
+
+
 def store_name(ref: Reference) -> str:
     """The name an image is kept under: normalized, `:latest` when neither tag nor digest."""
     if ref.tag is None and ref.digest is None:
@@ -96,26 +104,32 @@ def _preload_sandbox_image(store: ImageStore, ref: Reference) -> Image | None:
     cache into the store; None when `ref` is not one of them."""
     from tele.image.build import (
         SANDBOX_IMAGES,
-        SANDBOX_TAG,
         build_sandbox_images,
         build_tele_image,
         default_tag,
+        sandbox_tags,
     )
 
-    if ref.registry != DOCKER_HUB or ref.digest is not None:
+    if ref.registry != DOCKER_HUB:
         return None
     tele_tag = default_tag().rsplit(":", 1)[1]
     try:
-        if ref.repository in TELE_REPOSITORIES and ref.tag == tele_tag:
+        if ref.repository in TELE_REPOSITORIES and (ref.tag == tele_tag or ref.digest):
             built = build_tele_image().image
-        elif ref.tag in (None, SANDBOX_TAG) and ref.repository in {
-            spec.repository for spec in SANDBOX_IMAGES
-        }:
+        elif ref.repository in {spec.repository for spec in SANDBOX_IMAGES} and (
+            ref.tag in (None, *sandbox_tags()) or ref.digest
+        ):
             built = build_sandbox_images()[ref.repository].image
         else:
             return None
     except (TeleError, OSError) as exc:
         raise ImageError(f"the sandbox's image {ref.repository} cannot be built: {exc}") from exc
+    if ref.digest is not None and ref.digest != built.digest:
+        # As a registry answers a digest it does not hold.
+        raise ImageError(
+            f'rpc error: code = NotFound desc = failed to pull and unpack image "{ref}": '
+            f"{ref.digest}: not found"
+        )
     for layer in built.layers:
         if not store.has_layer(layer.diff_id):
             store.add_layer(
