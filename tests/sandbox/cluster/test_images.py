@@ -4,7 +4,7 @@ echo-tls with the certificate of a mounted Secret; cluster DNS over TCP too."""
 from __future__ import annotations
 
 import json
-import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,11 +94,17 @@ def test_demo_images_through_services(kubectl: Kubectl, tmp_path: Path) -> None:
     for name in ("l4", "echo", "echo-tls"):
         kubectl.run("rollout", "status", f"deployment/{name}", "--timeout=60s")
 
+    # DNS over TCP with the image's python3 (standard library only): one A question, the
+    # answer's address is the last four bytes of the reply.
     dns_tcp = (
-        f'{sys.executable} -c "from dnslib import DNSRecord; '
-        "r = DNSRecord.parse(DNSRecord.question('echo.svc.cluster.local'.replace('echo', "
-        f"'echo.{kubectl.namespace}')).send('10.96.0.10', 53, tcp=True, timeout=3)); "
-        "print('tcp-dns', r.rr[0].rdata)\""
+        'python3 -c "import socket, struct; '
+        f"n = b''.join(bytes([len(p)]) + p.encode() for p in 'echo.{kubectl.namespace}"
+        ".svc.cluster.local'.split('.')) + b'\\\\0'; "
+        "q = struct.pack('!HHHHHH', 7, 256, 1, 0, 0, 0) + n + struct.pack('!HH', 1, 1); "
+        "s = socket.create_connection(('10.96.0.10', 53), timeout=3); "
+        "s.sendall(struct.pack('!H', len(q)) + q); "
+        "r = s.recv(4096); "
+        "print('tcp-dns', socket.inet_ntoa(r[-4:]))\""
     )
     script = "; ".join(
         [
@@ -140,3 +146,56 @@ def test_demo_images_through_services(kubectl: Kubectl, tmp_path: Path) -> None:
         "clusterIP"
     ]
     assert lines[4] == f"tcp-dns {service_ip}"
+
+
+def test_the_sandbox_images_by_version_tag_and_by_digest(kubectl: Kubectl) -> None:
+    """A node without a registry has the sandbox's images preloaded under `latest`, tele's
+    version and their digest, as a user who pins either expects; another digest is NotFound."""
+    from tele.image.build import _tele_version, build_sandbox_images
+
+    digest = build_sandbox_images()["tele-sandbox/worker"].image.digest
+    images = {
+        "by-version": f"tele-sandbox/worker:{_tele_version()}",
+        "by-digest": f"tele-sandbox/worker@{digest}",
+        "wrong-digest": "tele-sandbox/worker@sha256:" + "0" * 64,
+    }
+    for name, image in images.items():
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [{"name": "c", "image": image, "command": ["echo", "ran"]}],
+            },
+        }
+        kubectl.run("apply", "-f", "-", input=json.dumps(pod))
+    for name in ("by-version", "by-digest"):
+        kubectl.run(
+            "wait", "--for=jsonpath={.status.phase}=Succeeded", f"pod/{name}", "--timeout=60s"
+        )
+        assert kubectl.run("logs", name).stdout == "ran\n"
+        pod = json.loads(kubectl.run("get", "pod", name, "-o", "json").stdout)
+        assert pod["status"]["containerStatuses"][0]["imageID"] == (
+            f"docker.io/tele-sandbox/worker@{digest}"
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        events = json.loads(
+            kubectl.run(
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=wrong-digest",
+                "-o",
+                "json",
+            ).stdout
+        )["items"]
+        failed = [e["message"] for e in events if e["reason"] == "Failed"]
+        if any("code = NotFound" in m for m in failed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert any(
+        m.startswith(f'Failed to pull image "{images["wrong-digest"]}": ') and "NotFound" in m
+        for m in failed
+    ), failed

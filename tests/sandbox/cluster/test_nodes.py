@@ -183,3 +183,115 @@ async def test_a_deleted_node_is_registered_again_by_the_heartbeat(
         assert lease is not None
         assert lease["metadata"]["ownerReferences"][0]["uid"] == again["metadata"]["uid"]
         nursery.cancel_scope.cancel()
+
+
+def _sleeper(name: str, **spec: object) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [
+                    {"name": "c", "image": "tele-sandbox/worker", "command": ["sleep", "600"]}
+                ],
+                **spec,
+            },
+        }
+    )
+
+
+@pytest.mark.netns
+def test_a_cordoned_node_takes_no_new_pods_until_uncordoned(kubectl: Kubectl) -> None:
+    node = json.loads(kubectl.run("get", "nodes", "-o", "json").stdout)["items"][0]
+    name = node["metadata"]["name"]
+    assert kubectl.run("cordon", name).stdout.strip() == f"node/{name} cordoned"
+    try:
+        assert "Ready,SchedulingDisabled" in kubectl.run("get", "node", name).stdout
+        kubectl.run("apply", "-f", "-", input=_sleeper("waits"))
+        # A pod that tolerates the cordon's taint (as a DaemonSet's do) is still placed.
+        tolerant = {"key": "node.kubernetes.io/unschedulable", "operator": "Exists"}
+        kubectl.run("apply", "-f", "-", input=_sleeper("tolerant", tolerations=[tolerant]))
+        kubectl.run("wait", "--for=condition=Ready", "pod/tolerant", "--timeout=30s")
+        kubectl.run(
+            "wait",
+            "--for=jsonpath={.status.conditions[0].reason}=Unschedulable",
+            "pod/waits",
+            "--timeout=30s",
+        )
+        pod = json.loads(kubectl.run("get", "pod", "waits", "-o", "json").stdout)
+        assert "nodeName" not in pod["spec"] and pod["status"]["phase"] == "Pending"
+        message = (
+            "0/1 nodes are available: 1 node(s) were unschedulable. preemption: 0/1 nodes are "
+            "available: 1 Preemption is not helpful for scheduling."
+        )
+        assert pod["status"]["conditions"] == [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "lastTransitionTime": pod["status"]["conditions"][0]["lastTransitionTime"],
+                "reason": "Unschedulable",
+                "message": message,
+            }
+        ]
+        described = kubectl.run("describe", "pod", "waits").stdout
+        assert "Warning  FailedScheduling" in described and message in described
+        assert "default-scheduler" in described
+    finally:
+        assert kubectl.run("uncordon", name).stdout.strip() == f"node/{name} uncordoned"
+    kubectl.run("wait", "--for=condition=Ready", "pod/waits", "--timeout=30s")
+    assert (
+        json.loads(kubectl.run("get", "pod", "waits", "-o", "json").stdout)["spec"]["nodeName"]
+        == name
+    )
+
+
+@pytest.mark.netns
+def test_a_host_network_pod_has_the_nodes_address_and_reaches_services(kubectl: Kubectl) -> None:
+    node = json.loads(kubectl.run("get", "nodes", "-o", "json").stdout)["items"][0]
+    internal = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
+    host = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "on-host"},
+        "spec": {
+            "hostNetwork": True,
+            "dnsPolicy": "ClusterFirstWithHostNet",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "tele-sandbox/worker",
+                    "command": ["python3", "-m", "http.server", "18089"],
+                    "workingDir": "/etc",
+                    "readinessProbe": {"tcpSocket": {"port": 18089}, "periodSeconds": 1},
+                }
+            ],
+        },
+    }
+    kubectl.run("apply", "-f", "-", input=json.dumps(host))
+    kubectl.run("wait", "--for=condition=Ready", "pod/on-host", "--timeout=30s")
+    pod = json.loads(kubectl.run("get", "pod", "on-host", "-o", "json").stdout)
+    assert pod["status"]["podIP"] == internal == pod["status"]["hostIP"]
+    # Its hostname is the node's; the cluster's DNS and Services answer it (the node has routes
+    # to the service range); a pod reaches it at the node's address.
+    name = node["metadata"]["name"]
+    script = "hostname; getent hosts kubernetes.default.svc.cluster.local"
+    out = kubectl.run("exec", "on-host", "--", "sh", "-c", script).stdout.split()
+    assert out == [name, "10.96.0.1", "kubernetes.default.svc.cluster.local"]
+    fetched = kubectl.run(
+        "run",
+        "fetch",
+        "--image=tele-sandbox/worker",
+        "--restart=Never",
+        "--attach",
+        "--rm",
+        "--quiet",
+        "--command",
+        "--",
+        "curl",
+        "-s",
+        f"http://{internal}:18089/hostname",
+    ).stdout
+    assert fetched.strip() == name

@@ -194,6 +194,41 @@ def test_short_name_pulled_through_the_mirror(kubectl: Kubectl) -> None:
         assert ("Pulling", 'Pulling image "tele-test/always"') in _events(kubectl, name)
 
 
+def test_a_tagged_image_is_pulled_by_its_digest_too(
+    kubectl: Kubectl, registry: RegistryInfo
+) -> None:
+    """`tele-test/pulled:1` was pushed with a tag: the digest the node reports for it names the
+    same image (present already: a digest never changes, so IfNotPresent), through the mirror
+    and from the registry by its own address; a digest the registry lacks is NotFound."""
+    _apply_pod(kubectl, "by-tag", "tele-test/pulled:1")
+    kubectl.run("wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/by-tag", "--timeout=60s")
+    pod = json.loads(kubectl.run("get", "pod", "by-tag", "-o", "json").stdout)
+    image_id = pod["status"]["containerStatuses"][0]["imageID"]
+    repository, digest = image_id.split("@")
+    assert repository == "docker.io/tele-test/pulled" and digest.startswith("sha256:")
+    for name, image in (
+        ("by-digest", f"tele-test/pulled@{digest}"),
+        ("by-tag-and-digest", f"tele-test/pulled:1@{digest}"),
+        ("by-address", f"{registry.address}/tele-test/pulled@{digest}"),
+    ):
+        _apply_pod(kubectl, name, image)
+        kubectl.run(
+            "wait", "--for=jsonpath={.status.phase}=Succeeded", f"pod/{name}", "--timeout=60s"
+        )
+        assert kubectl.run("logs", name).stdout == "pulled-top\n", name
+        ran = json.loads(kubectl.run("get", "pod", name, "-o", "json").stdout)
+        assert ran["status"]["containerStatuses"][0]["imageID"].endswith(f"@{digest}"), name
+    assert (
+        "Pulled",
+        f'Container image "tele-test/pulled@{digest}" already present on machine',
+    ) in (_events(kubectl, "by-digest"))
+    missing = "sha256:" + "0" * 64
+    _apply_pod(kubectl, "no-such-digest", f"tele-test/pulled@{missing}")
+    waiting = _wait_reason(kubectl, "no-such-digest", "ErrImagePull")
+    assert f'Failed to pull image "tele-test/pulled@{missing}"' in waiting["message"]
+    assert "code = NotFound" in waiting["message"], waiting
+
+
 def test_private_image_needs_its_pull_secret(kubectl: Kubectl, registry: RegistryInfo) -> None:
     image = f"{registry.address}/private/img:1"
     _apply_pod(kubectl, "anonymous", image)

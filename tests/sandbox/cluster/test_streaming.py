@@ -352,7 +352,102 @@ def test_spdy_upgrade_needs_a_user_allowed_to_create_the_subresource(streams: St
     assert b'"kind": "Status"' in reply or b'"kind":"Status"' in reply
 
 
-def test_attach_is_refused_with_a_sentence(streams: Streams) -> None:
-    done = streams.run(_kubectl(27), "attach", "shell")
-    assert done.returncode != 0
-    assert "attach is not available for pod shell" in done.stderr
+def _attach_pod(name: str, script: str, **spec: object) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 1,
+                "containers": [
+                    {
+                        "name": "c",
+                        "image": "tele-sandbox/worker",
+                        "command": ["sh", "-c", script],
+                        **spec,
+                    }
+                ],
+            },
+        }
+    )
+
+
+def _phase(streams: Streams, name: str) -> str:
+    newest = _kubectl("newest")
+    deadline = time.monotonic() + 30
+    while True:
+        phase = streams.run(newest, "get", "pod", name, "-o", "jsonpath={.status.phase}").stdout
+        if phase in ("Succeeded", "Failed") or time.monotonic() > deadline:
+            return phase
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("minor", [27, "newest"])
+def test_attach_reaches_the_containers_own_stdin_and_stdout(
+    streams: Streams, minor: int | str
+) -> None:
+    """`kubectl attach -i` talks to PID 1: lines typed arrive on its stdin and its answers come
+    back; with stdinOnce the container's stdin closes when the session ends, so it exits."""
+    binary, newest = _kubectl(minor), _kubectl("newest")
+    name = f"reader-{minor}"
+    script = 'while read l; do echo "got $l"; done; echo "stdin closed"'
+    pod = _attach_pod(name, script, stdin=True, stdinOnce=True)
+    streams.run(newest, "apply", "-f", "-", input=pod)
+    ready = streams.run(newest, "wait", "--for=condition=Ready", f"pod/{name}", "--timeout=60s")
+    assert ready.returncode == 0, ready.stderr
+    done = streams.run(binary, "attach", "-i", name, input="hello\nworld\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["got hello", "got world", "stdin closed"]
+    assert _phase(streams, name) == "Succeeded"
+    assert streams.run(newest, "logs", name).stdout.splitlines()[-1] == "stdin closed"
+
+
+def test_attach_to_a_tty_container(streams: Streams) -> None:
+    """A `tty: true` container's stdio is a terminal of its own; attach reaches it (kubectl
+    without a terminal of its own says it cannot use one, as with a real cluster)."""
+    newest = _kubectl("newest")
+    script = (
+        'read l; echo "got $l"; test -t 0 && echo "tty $(stty size 2>&1)"; ls -l /proc/self/fd/0'
+    )
+    pod = _attach_pod("tty", script, stdin=True, stdinOnce=True, tty=True)
+    streams.run(newest, "apply", "-f", "-", input=pod)
+    ready = streams.run(newest, "wait", "--for=condition=Ready", "pod/tty", "--timeout=60s")
+    assert ready.returncode == 0, ready.stderr
+    done = streams.run(newest, "attach", "-i", "tty", input="typed\n")
+    assert done.returncode == 0, done.stderr
+    lines = [line.strip() for line in done.stdout.splitlines()]
+    # The terminal echoes what was typed, then the answers (a pty ends lines with \r\n).
+    assert lines[:2] == ["typed", "got typed"], done.stdout
+    assert lines[2].startswith("tty "), done.stdout
+    assert lines[3].endswith("/proc/self/fd/0 -> /dev/pts/0"), done.stdout
+    assert "Unable to use a TTY - input is not a terminal" in done.stderr
+
+
+def test_attach_without_stdin_streams_output_and_refuses_a_finished_container(
+    streams: Streams,
+) -> None:
+    newest = _kubectl("newest")
+    script = "trap 'exit 0' TERM; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"
+    streams.run(newest, "apply", "-f", "-", input=_attach_pod("ticker", script))
+    ready = streams.run(newest, "wait", "--for=condition=Ready", "pod/ticker", "--timeout=60s")
+    assert ready.returncode == 0, ready.stderr
+    with subprocess.Popen(
+        streams.command(newest, "attach", "ticker"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=streams.env(),
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().decode()
+            assert re.fullmatch(r"tick \d+\n", line), line
+        finally:
+            proc.kill()
+    streams.run(newest, "delete", "pod", "ticker", "--wait=true", "--timeout=60s")
+    finished = _phase(streams, "reader-newest")
+    if finished == "Succeeded":
+        refused = streams.run(newest, "attach", "reader-newest")
+        assert refused.returncode != 0
+        assert "cannot attach a container in a completed pod" in refused.stderr

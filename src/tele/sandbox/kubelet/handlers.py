@@ -1,5 +1,6 @@
-"""The node's API subresources: `pods/log` (HTTP, with follow) and `pods/portforward`
-(websocket, channel framing v4.channel.k8s.io), registered on the API app by `serve_node`."""
+"""The node's API subresources: `pods/log` (HTTP, with follow), and over websocket (channel
+framing v4/v5.channel.k8s.io) `pods/exec`, `pods/attach` and `pods/portforward`; registered on
+the API app by `serve_node`."""
 
 from __future__ import annotations
 
@@ -317,3 +318,95 @@ async def exec_handler(
         await send({"type": "websocket.close", "code": 1000})
     except Exception:  # the client may be gone already
         log.debug("exec close after disconnect", exc_info=True)
+
+
+async def attach_handler(
+    kubelet: Kubelet, req: Request, receive: ASGIReceive, send: ASGISend
+) -> None:
+    """`pods/attach` over websocket: the running container's own stdio, as a kubelet serves
+    it. Output from now on goes to channel 1 (a tty's and a pipe's stdout and stderr are one
+    stream here: the runtime merges them, as it does for the log); channel 0 writes to the
+    container's stdin when its spec has `stdin: true` (closed after the first session when
+    `stdinOnce`), channel 4 resizes its tty; the Status on channel 3 once the container ends."""
+    if req.scope.get("type") != "websocket":
+        raise _upgrade_required("attach")
+    query = urllib.parse.parse_qs(req.scope.get("query_string", b"").decode())
+    offered = list(req.scope.get("subprotocols") or [])
+    protocol = next((p for p in EXEC_PROTOCOLS if p in offered), None)
+    worker = kubelet.worker_for(req.namespace, req.name)
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    container = (query.get("container") or [""])[0]
+    run = worker.run_named(container) if worker is not None else None
+    if protocol is None or run is None or run.proc is None or run.proc.returncode is not None:
+        await send({"type": "websocket.close", "code": 1008})
+        return
+
+    def flag(name: str) -> bool:
+        return (query.get(name) or ["false"])[-1].lower() in ("true", "1")
+
+    await send({"type": "websocket.accept", "subprotocol": protocol})
+    lock = trio.Lock()
+
+    async def out(channel: int, data: bytes) -> None:
+        async with lock:
+            await send({"type": "websocket.send", "bytes": bytes([channel]) + data})
+
+    output = run.attach()
+    want_output = flag("stdout") or flag("stderr")
+    want_stdin = flag("stdin") and bool(run.spec.get("stdin"))
+    run.attach_sessions += 1
+    first_session = run.attach_sessions == 1
+
+    def end_stdin() -> None:
+        if run.spec.get("stdinOnce") and first_session and run.stdin is not None:
+            stdin, run.stdin = run.stdin, None
+            # A pty's master is also the output: only a pipe is closed (a tty gets EOF).
+            if run.pty is None:
+                stdin_closer.start_soon(trio.aclose_forcefully, stdin)
+            else:
+                stdin_closer.start_soon(stdin.send_all, b"\x04")
+
+    async def to_client() -> None:
+        async with output:
+            async for chunk in output:
+                if want_output:
+                    await out(1, chunk)
+        await out(3, _exit_status(0))
+        done.cancel()
+
+    async def from_client() -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "websocket.disconnect":
+                done.cancel()
+                return
+            data: Any = msg.get("bytes") or b""
+            if not data:
+                continue
+            if data[0] == 0 and want_stdin and len(data) > 1 and run.stdin is not None:
+                try:
+                    await run.stdin.send_all(data[1:])
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            elif data[0] == 255 and len(data) > 1 and data[1] == 0 and want_stdin:
+                end_stdin()
+            elif data[0] == 4:
+                try:
+                    size = json.loads(bytes(data[1:]))
+                    run.resize(int(size["Width"]), int(size["Height"]))
+                except (ValueError, TypeError, KeyError):
+                    continue
+
+    async with trio.open_nursery() as stdin_closer:
+        with trio.CancelScope() as done:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(to_client)
+                nursery.start_soon(from_client)
+        if want_stdin:
+            end_stdin()
+    try:
+        await send({"type": "websocket.close", "code": 1000})
+    except Exception:  # the client may be gone already
+        log.debug("attach close after disconnect", exc_info=True)

@@ -9,14 +9,17 @@ Everything reacts to store events (no polling of the API).
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
+import errno
+import fcntl
 import logging
 import math
 import os
 import signal
+import struct
 import subprocess
-import sys
+import termios
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +35,6 @@ from tele.sandbox.apiserver.errors import StatusError
 from tele.sandbox.apiserver.kinds import by_kind
 from tele.sandbox.apiserver.rest import Api
 from tele.sandbox.apiserver.store import Event
-from tele.sandbox.images import registry
 from tele.sandbox.network import netns, node
 from tele.sandbox.network.errors import NodeError
 from tele.sandbox.oci_registry import RegistryInfo
@@ -42,6 +44,7 @@ from .imagestore import Image, ImageError, ImageStore
 from .logs import LogFile
 from .probes import resolve_port, run_probe
 from .pull import Mirror, pull_image, store_name
+from .pull import present as present_image
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,13 @@ _POD = by_kind("", "Pod")
 assert _POD is not None
 POD_RESOURCE = _POD
 _MAX_BACKOFF = 300.0
+UNSCHEDULABLE_TAINT = {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}
+"""The taint a cordoned node has (the scheduler's NodeUnschedulable plugin checks it)."""
+UNSCHEDULABLE_MESSAGE = (
+    "0/1 nodes are available: 1 node(s) were unschedulable. preemption: 0/1 nodes are "
+    "available: 1 Preemption is not helpful for scheduling."
+)
+ATTACH_BUFFER = 256
 
 
 class Kubelet:
@@ -110,6 +120,7 @@ class Kubelet:
                 self._to_schedule = send
                 nursery.start_soon(self._scheduler, recv)
                 unsubscribe = self.api.store.subscribe("/pods", self._on_pod)
+                unsubscribe_nodes = self.api.store.subscribe("/nodes", self._on_node)
                 try:
                     for pod in self.api.store.objects("/pods"):
                         self._on_pod(Event("ADDED", "/pods", pod, None, 0))
@@ -117,6 +128,7 @@ class Kubelet:
                     await trio.sleep_forever()
                 finally:
                     unsubscribe()
+                    unsubscribe_nodes()
         finally:
             with trio.CancelScope(shield=True):
                 await self.cleanup()
@@ -161,11 +173,36 @@ class Kubelet:
         else:
             worker.update(pod)
 
+    def _on_node(self, event: Event) -> None:
+        """An uncordoned node: the pods left Pending are tried again, as the scheduler does."""
+        if event.obj["metadata"].get("name") != self.node_name or self._to_schedule is None:
+            return
+        if event.type == "DELETED" or (event.obj.get("spec") or {}).get("unschedulable"):
+            return
+        for pod in self.api.store.objects("/pods"):
+            meta = pod["metadata"]
+            if not (pod.get("spec") or {}).get("nodeName") and not meta.get("deletionTimestamp"):
+                self._to_schedule.send_nowait((meta["namespace"], meta["name"]))
+
+    def _unschedulable(self, pod: ApiObject) -> bool:
+        """This node is cordoned (spec.unschedulable) and the pod does not tolerate it."""
+        node_obj = self.api.store.get("/nodes", "", self.node_name)
+        if node_obj is None or not (node_obj.get("spec") or {}).get("unschedulable"):
+            return False
+        return not any(
+            _tolerates(t, UNSCHEDULABLE_TAINT)
+            for t in (pod.get("spec") or {}).get("tolerations") or []
+        )
+
     async def _scheduler(self, recv: trio.MemoryReceiveChannel[tuple[str, str]]) -> None:
-        """The scheduler's job for a one-node cluster: bind every unassigned pod here."""
+        """The scheduler's job for a one-node cluster: bind every unassigned pod here, unless
+        the node is cordoned (the pod stays Pending, Unschedulable, until it is uncordoned)."""
         async for namespace, name in recv:
             pod = self.api.store.get("/pods", namespace, name)
             if pod is None or (pod.get("spec") or {}).get("nodeName"):
+                continue
+            if self._unschedulable(pod):
+                await self._failed_scheduling(pod, UNSCHEDULABLE_MESSAGE)
                 continue
             try:
                 await self.api.bind(namespace, name, {"target": {"name": self.node_name}}, self.ctx)
@@ -178,6 +215,43 @@ class Kubelet:
                 f"Successfully assigned {namespace}/{name} to {self.node_name}",
                 source="default-scheduler",
             )
+
+    async def _failed_scheduling(self, pod: ApiObject, message: str) -> None:
+        """PodScheduled False (Unschedulable) and a FailedScheduling event, once per pod and
+        message (the scheduler retries quietly until something changes)."""
+        status = pod.get("status") or {}
+        conditions = [c for c in status.get("conditions") or [] if c.get("type") != "PodScheduled"]
+        old = next(
+            (c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None
+        )
+        if old is not None and old.get("message") == message:
+            return
+        body = copy.deepcopy(pod)
+        body["metadata"].pop("resourceVersion", None)
+        body["status"] = {
+            **status,
+            "phase": "Pending",
+            "conditions": [
+                *conditions,
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "lastTransitionTime": timestamp(),
+                    "reason": "Unschedulable",
+                    "message": message,
+                },
+            ],
+        }
+        meta = pod["metadata"]
+        try:
+            await self.api.update(
+                POD_RESOURCE, meta["namespace"], meta["name"], body, self.ctx, subresource="status"
+            )
+        except StatusError as exc:
+            log.info("status of %s/%s: %s", meta["namespace"], meta["name"], exc.message)
+        await self.event(
+            pod, "FailedScheduling", message, kind="Warning", source="default-scheduler"
+        )
 
     async def event(
         self,
@@ -241,6 +315,46 @@ class ContainerRun:
         self.image: Image | None = None
         self.logs: list[LogFile] = []
         self.done = trio.Event()
+        # What `kubectl attach` reaches: the running container's output as it comes, its
+        # stdin (spec.stdin: a pipe, or with spec.tty the pty both go through).
+        self.attached: set[trio.MemorySendChannel[bytes]] = set()
+        self.stdin: trio.abc.SendStream | None = None
+        self.pty: int | None = None
+        """The pty master's fd while a `tty: true` container runs."""
+        self.attach_sessions = 0
+
+    def attach(self) -> trio.MemoryReceiveChannel[bytes]:
+        """The container's output from now on, until it ends (a reader that falls
+        `ATTACH_BUFFER` chunks behind is dropped, as a stalled stream is)."""
+        send, recv = trio.open_memory_channel[bytes](ATTACH_BUFFER)
+        if self.proc is None or self.proc.returncode is not None:
+            send.close()
+        else:
+            self.attached.add(send)
+        return recv
+
+    def output(self, chunk: bytes) -> None:
+        for channel in list(self.attached):
+            try:
+                channel.send_nowait(chunk)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self.attached.discard(channel)
+                channel.close()
+
+    def output_ended(self) -> None:
+        for channel in self.attached:
+            channel.close()
+        self.attached.clear()
+
+    def resize(self, width: int, height: int) -> None:
+        if self.pty is not None:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.pty, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+            # runc copies its terminal's size to the container's on SIGWINCH (its terminal is
+            # not its controlling one: the kernel does not send it).
+            if self.proc is not None and self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGWINCH)
 
     def signal(self, sig: int) -> None:
         """Signal the container's main process (SIGKILL: everything in the container)."""
@@ -297,6 +411,9 @@ class PodWorker:
         self.dir = kubelet.state_dir / "pods" / self.uid
         self.ip = ""
         self.netns = ""
+        self.index = 0
+        self.host_network = bool(spec.get("hostNetwork"))
+        """In the node's network namespace, with the node's address (a real node's IP)."""
         self.start_time = ""
         self.initialized = False
         self.terminating = trio.Event()
@@ -355,10 +472,13 @@ class PodWorker:
 
     async def _lifecycle(self, nursery: trio.Nursery) -> None:
         self.start_time = timestamp()
-        self.ip = self.kubelet.ipam.allocate()
-        self.netns = f"{self.kubelet.cluster}-pod-{self.kubelet.next_index()}"
-        index = int(self.netns.rsplit("-", 1)[1])
-        await node.attach_pod(self.kubelet.node_ns, self.netns, index, self.ip)
+        self.index = self.kubelet.next_index()
+        if self.host_network:
+            self.ip, self.netns = node.GATEWAY, self.kubelet.node_ns
+        else:
+            self.ip = self.kubelet.ipam.allocate()
+            self.netns = f"{self.kubelet.cluster}-pod-{self.index}"
+            await node.attach_pod(self.kubelet.node_ns, self.netns, self.index, self.ip)
         self._write_etc()
         self.mark_dirty()
         try:
@@ -416,10 +536,9 @@ class PodWorker:
                 await run.proc.wait()
             if run.container is not None:
                 await run.container.remove()
-        if self.netns:
-            index = int(self.netns.rsplit("-", 1)[1])
-            await node.detach_pod(self.kubelet.node_ns, self.netns, index)
-        if self.ip:
+        if self.netns and not self.host_network:
+            await node.detach_pod(self.kubelet.node_ns, self.netns, self.index)
+        if self.ip and not self.host_network:
             self.kubelet.ipam.release(self.ip)
         self.kubelet.workers.pop(self.uid, None)
         live = self.kubelet.api.store.get("/pods", self.namespace, self.name)
@@ -433,9 +552,16 @@ class PodWorker:
             except StatusError as exc:
                 log.warning("removing pod %s: %s", self.name, exc.message)
 
+    def hostname(self) -> str:
+        """The node's name for a hostNetwork pod (the host's UTS), else the pod's."""
+        spec = self.pod.get("spec") or {}
+        if self.host_network:
+            return self.kubelet.node_name
+        return str(spec.get("hostname") or self.name)
+
     def _write_etc(self) -> None:
         spec = self.pod.get("spec") or {}
-        hostname = spec.get("hostname") or self.name
+        hostname = self.hostname()
         fqdn = hostname
         if spec.get("subdomain"):
             fqdn = f"{hostname}.{spec['subdomain']}.{self.namespace}.svc.cluster.local {hostname}"
@@ -446,10 +572,22 @@ class PodWorker:
             f" ip6-loopback\n{self.ip}\t{fqdn}\n"
         )
         ns = self.namespace
-        (etc / "resolv.conf").write_text(
-            f"search {ns}.svc.cluster.local svc.cluster.local cluster.local\n"
-            f"nameserver {node.DNS_IP}\noptions ndots:5\n"
-        )
+        policy = spec.get("dnsPolicy") or "ClusterFirst"
+        if self.host_network and policy == "ClusterFirst":
+            # As the kubelet does: a hostNetwork pod resolves as the node does unless it asks
+            # for ClusterFirstWithHostNet.
+            policy = "Default"
+        if policy == "Default":
+            try:
+                resolv = Path("/etc/resolv.conf").read_text()
+            except OSError:
+                resolv = ""
+            (etc / "resolv.conf").write_text(resolv)
+        else:
+            (etc / "resolv.conf").write_text(
+                f"search {ns}.svc.cluster.local svc.cluster.local cluster.local\n"
+                f"nameserver {node.DNS_IP}\noptions ndots:5\n"
+            )
         (etc / "hostname").write_text(hostname + "\n")
 
     # --- containers ---------------------------------------------------------------------------
@@ -493,30 +631,10 @@ class PodWorker:
             mounts.append(runtime.Mount(str(sa_dir), volumes.SA_DIR, True))
         return mounts
 
-    def _launch_spec(
-        self, run: ContainerRun, argv: list[str], env: dict[str, str], tag: str
-    ) -> ApiObject:
-        spec = self.pod.get("spec") or {}
-        scratch = self.dir / "scratch" / f"{run.name}-{tag}"
-        scratch.mkdir(parents=True, exist_ok=True)
-        return {
-            "scratch": str(scratch),
-            "netns": str(netns.netns_path(self.netns)),
-            "hostname": spec.get("hostname") or self.name,
-            "mounts": [
-                {"source": m.source, "path": m.destination, "readOnly": m.read_only}
-                for m in self._mounts(run)
-            ],
-            "workingDir": run.spec.get("workingDir", ""),
-            "argv": argv,
-            "env": env,
-        }
-
     def _k8s_env(self, run: ContainerRun, base: dict[str, str]) -> dict[str, str]:
-        spec = self.pod.get("spec") or {}
         base = {
             **base,
-            "HOSTNAME": spec.get("hostname") or self.name,
+            "HOSTNAME": self.hostname(),
             "KUBERNETES_SERVICE_HOST": "10.96.0.1",
             "KUBERNETES_SERVICE_PORT": "443",
             "KUBERNETES_SERVICE_PORT_HTTPS": "443",
@@ -527,19 +645,6 @@ class PodWorker:
             # status carrying it has not been written to the API yet.
             pod = {**pod, "status": {**(pod.get("status") or {}), "podIP": self.ip}}
         return volumes.container_env(self.kubelet.api, pod, run.spec, base)
-
-    def _argv_env(self, run: ContainerRun, module: str) -> tuple[list[str], dict[str, str]]:
-        base = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "HOME": "/root",
-            "PYTHONUNBUFFERED": "1",
-            "TELE_SANDBOX_IMAGE": run.spec.get("image", ""),
-        }
-        env = self._k8s_env(run, base)
-        args = [volumes.expand(a, env) for a in run.spec.get("args") or []]
-        command = [volumes.expand(a, env) for a in run.spec.get("command") or []]
-        argv = command + args if command else [sys.executable, "-m", module, *args]
-        return argv, env
 
     def _create(self, run: ContainerRun, image: Image) -> runtime.Container:
         """Mount the container's root filesystem and write its bundle (not started yet)."""
@@ -553,9 +658,7 @@ class PodWorker:
         process = runtime.build_process(argv, env, cwd, user, run.spec)
         memory, cpu_limit, cpu_request = runtime.limits(run.spec)
         mounts = self._mounts(run)
-        spec = self.pod.get("spec") or {}
-        index = self.netns.rsplit("-", 1)[1]
-        cid = f"{self.kubelet.cluster}.{index}.{run.name}.{run.restarts}"
+        cid = f"{self.kubelet.cluster}.{self.index}.{run.name}.{run.restarts}"
         container = runtime.Container(
             self.kubelet.cluster, cid, self.kubelet.state_dir / "containers" / cid
         )
@@ -567,7 +670,7 @@ class PodWorker:
                 rootfs=rootfs,
                 process=process,
                 container=run.spec,
-                hostname=spec.get("hostname") or self.name,
+                hostname=self.hostname(),
                 netns_path=str(netns.netns_path(self.netns)),
                 mounts=mounts,
                 cgroups_path=cgroups_path,
@@ -577,40 +680,17 @@ class PodWorker:
         )
         return container
 
-    async def _spawn(
-        self,
-        run: ContainerRun,
-        argv: list[str],
-        env: dict[str, str],
-        tag: str,
-        *,
-        interactive: bool = False,
-    ) -> trio.Process:
-        spec_path = self.dir / f"launch-{run.name}-{tag}.json"
-        spec_path.write_text(json.dumps(self._launch_spec(run, argv, env, tag)))
-        return await trio.lowlevel.open_process(
-            [sys.executable, "-m", "tele.sandbox.kubelet.launch", str(spec_path)],
-            stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE if interactive else subprocess.STDOUT,
-            start_new_session=True,  # one process group per container: killed as a whole
-        )
-
     async def _spawn_in(
         self, run: ContainerRun, command: list[str], *, interactive: bool
     ) -> trio.Process:
         self._exec_count += 1
         tag = f"exec{self._exec_count}"
-        if run.container is not None and run.process is not None:
-            container = run.container
-            proc = await container.exec(
-                {**run.process, "args": command}, tag, interactive=interactive
-            )
-            self._exec_kill[proc.pid] = lambda: container.kill_exec(tag)
-            return proc
-        module = registry.resolve(run.spec.get("image", "")) or ""
-        _, env = self._argv_env(run, module)
-        return await self._spawn(run, command, env, tag, interactive=interactive)
+        container, process = run.container, run.process
+        if container is None or process is None:
+            raise OSError(errno.ESRCH, f"container {run.name} is not running")
+        proc = await container.exec({**process, "args": command}, tag, interactive=interactive)
+        self._exec_kill[proc.pid] = lambda: container.kill_exec(tag)
+        return proc
 
     async def spawn_exec(self, run: ContainerRun, command: list[str]) -> trio.Process:
         """`command` in the container's namespaces with stdin, stdout and stderr as pipes."""
@@ -649,22 +729,20 @@ class PodWorker:
         run.state = {"waiting": {"reason": reason, "message": message}}
         self.mark_dirty()
 
-    async def _image_for(self, run: ContainerRun) -> Image | str | None:
-        """Pull (or find) the container's image as the kubelet does; the module name for an
-        image that runs from this venv; None once the pod terminates without one."""
+    async def _image_for(self, run: ContainerRun) -> Image | None:
+        """Pull (or find) the container's image as the kubelet does; None once the pod
+        terminates without one."""
         name = run.spec.get("image", "")
         store = self.kubelet.images
-        module = registry.resolve(name)
         if store is None:
-            if module is None:
-                msg = (
-                    f'Failed to pull image "{name}": rpc error: code = NotFound desc = the '
-                    f"sandbox has no image {name!r}"
-                )
-                self._waiting(run, "ErrImagePull", msg)
-                await self.kubelet.event(self.pod, "Failed", msg, kind="Warning")
-                await self.terminating.wait()
-            return module
+            msg = (
+                f'Failed to pull image "{name}": rpc error: code = Unavailable desc = this '
+                "node cannot run containers (it needs root and runc)"
+            )
+            self._waiting(run, "ErrImagePull", msg)
+            await self.kubelet.event(self.pod, "Failed", msg, kind="Warning")
+            await self.terminating.wait()
+            return None
         try:
             ref = parse_reference(name)
         except InvalidReference:
@@ -677,12 +755,8 @@ class PodWorker:
             await self.kubelet.event(self.pod, "Failed", "Error: InvalidImageName", kind="Warning")
             await self.terminating.wait()
             return None
-        if module is not None:
-            # Still run from this venv (sandbox/images/registry.py) until their images, pulled
-            # from the sandbox registry, are known to work the same.
-            return module
         policy = run.spec.get("imagePullPolicy") or default_pull_policy(ref)
-        present = await trio.to_thread.run_sync(store.lookup, store_name(ref))
+        present = await trio.to_thread.run_sync(present_image, store, ref)
         # Without a registry (the test and benchmark clusters) a present image is used, as
         # on a node with preloaded images.
         if present is not None and (policy != "Always" or self.kubelet.mirror is None):
@@ -751,7 +825,7 @@ class PodWorker:
         target = await self._image_for(run)
         if target is None:
             return
-        run.image = target if isinstance(target, Image) else None
+        run.image = target
         while not self.terminating.is_set():
             started = time.monotonic()
             exit_code = await self._run_once(run, target)
@@ -793,15 +867,28 @@ class PodWorker:
         with trio.move_on_after(delay):
             await self.terminating.wait()
 
-    async def _start(self, run: ContainerRun, target: Image | str) -> trio.Process | None:
+    async def _start(self, run: ContainerRun, target: Image) -> trio.Process | None:
         """Create and start one run of the container; None (state set, event sent) when the
         spec cannot be applied or the runtime fails."""
         try:
-            if isinstance(target, str):
-                argv, env = self._argv_env(run, target)
-                return await self._spawn(run, argv, env, str(run.restarts))
             container = await trio.to_thread.run_sync(self._create, run, target)
-            return await container.start()
+            if run.spec.get("tty"):
+                # A pty as the container's stdio (as a runtime gives one for `tty: true`); the
+                # kubelet keeps the master: the log and `kubectl attach` read it.
+                master, slave = os.openpty()
+                try:
+                    proc = await container.start(stdin=slave, stdout=slave, stderr=slave)
+                finally:
+                    os.close(slave)
+                run.pty = master
+                if run.spec.get("stdin"):
+                    run.stdin = trio.lowlevel.FdStream(os.dup(master))
+                return proc
+            proc = await container.start(
+                stdin=subprocess.PIPE if run.spec.get("stdin") else subprocess.DEVNULL
+            )
+            run.stdin = proc.stdin
+            return proc
         except (volumes.ConfigError, runtime.ContainerConfigError) as exc:
             reason, message = "CreateContainerConfigError", str(exc)
         except (runtime.ContainerCreateError, OSError) as exc:
@@ -813,7 +900,7 @@ class PodWorker:
             run.container = None
         return None
 
-    async def _run_once(self, run: ContainerRun, target: Image | str) -> int | None:
+    async def _run_once(self, run: ContainerRun, target: Image) -> int | None:
         proc = await self._start(run, target)
         if proc is None:
             return None
@@ -830,7 +917,7 @@ class PodWorker:
         container = run.container
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump, proc, logfile)
+                nursery.start_soon(_pump, proc, logfile, run)
                 async with trio.open_nursery() as probes:
                     if not run.init:
                         probes.start_soon(self._probes, run, proc)
@@ -1032,6 +1119,20 @@ class PodWorker:
                 await trio.sleep(0.05)
 
 
+def _tolerates(toleration: ApiObject, taint: dict[str, str]) -> bool:
+    """Kubernetes' ToleratesTaint: the effect matches (or is empty), the key matches (or is
+    empty with Exists), and Exists or an Equal value (the taint has none)."""
+    if toleration.get("effect") and toleration["effect"] != taint["effect"]:
+        return False
+    key = toleration.get("key") or ""
+    if key and key != taint["key"]:
+        return False
+    operator = toleration.get("operator") or "Equal"
+    if operator == "Exists":
+        return True
+    return bool(key) and (toleration.get("value") or "") == taint.get("value", "")
+
+
 def default_pull_policy(ref: Reference) -> str:
     """Kubernetes' default: `:latest` or no tag → Always; another tag or a digest →
     IfNotPresent."""
@@ -1053,15 +1154,28 @@ def kill_group(proc: trio.Process, sig: int = signal.SIGKILL) -> None:
         pass
 
 
-async def _pump(proc: trio.Process, logfile: LogFile) -> None:
-    """Copy a container's output into its log until every writer has gone."""
-    assert proc.stdout is not None
-    async with proc.stdout:
-        try:
-            while chunk := await proc.stdout.receive_some(65536):
+async def _pump(proc: trio.Process, logfile: LogFile, run: ContainerRun) -> None:
+    """Copy a container's output into its log and to attached clients until every writer has
+    gone (for a pty: the master reads EIO once the container's side is closed)."""
+    if run.pty is not None:
+        output: trio.abc.ReceiveStream = trio.lowlevel.FdStream(run.pty)
+    else:
+        assert proc.stdout is not None
+        output = proc.stdout
+    try:
+        async with output:
+            while chunk := await output.receive_some(65536):
                 logfile.write(bytes(chunk))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+                run.output(bytes(chunk))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        run.pty = None  # closed with its stream
+        run.output_ended()
+        if run.stdin is not None:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(run.stdin)
+            run.stdin = None
 
 
 _DEFAULT_SA_VOLUME: ApiObject = {

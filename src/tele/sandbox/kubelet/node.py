@@ -24,7 +24,7 @@ from tele.sandbox.network.proxy import serve_proxy
 from tele.sandbox.network.relay import serve_relay
 from tele.sandbox.oci_registry import RegistryInfo
 
-from .handlers import NodeHandlers, exec_handler
+from .handlers import NodeHandlers, attach_handler, exec_handler
 from .kubelet import Kubelet
 from .nodestatus import serve_node_status
 
@@ -119,4 +119,5 @@ async def serve_node(
         app.subresource_handlers[("pods", "log")] = handlers.log
         app.subresource_handlers[("pods", "portforward")] = handlers.portforward
         app.subresource_handlers[("pods", "exec")] = functools.partial(exec_handler, kubelet)
+        app.subresource_handlers[("pods", "attach")] = functools.partial(attach_handler, kubelet)
         task_status.started(kubelet)

@@ -314,7 +314,9 @@ def build_process(
     if "PATH" not in env:
         env = {"PATH": DEFAULT_PATH, **env}
     return {
-        "terminal": False,
+        # runc in the foreground makes the container's pty and copies it to its own stdio (the
+        # kubelet's pty for the container: see PodWorker._start).
+        "terminal": bool(container.get("tty")),
         "user": {
             "uid": user.uid,
             "gid": user.gid,
@@ -579,7 +581,14 @@ class Container:
         except (OSError, ValueError):
             return False
 
-    async def start(self, *, stdout: int | None = subprocess.PIPE) -> trio.Process:
+    async def start(
+        self,
+        *,
+        stdin: int | None = subprocess.DEVNULL,
+        stdout: int | None = subprocess.PIPE,
+        stderr: int | None = subprocess.STDOUT,
+    ) -> trio.Process:
+        """`runc run` in the foreground: its stdio (passed through) is the container's."""
         self.proc = await trio.lowlevel.open_process(
             _runc(
                 "--log",
@@ -593,9 +602,9 @@ class Container:
                 str(self.bundle / "pid"),
                 self.id,
             ),
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=stdout,
-            stderr=subprocess.STDOUT,
+            stderr=stderr,
             start_new_session=True,
         )
         # Running is reported once runc has created the container (it writes the pid file,
