@@ -88,9 +88,8 @@ class Kubelet:
         self._next_index = 0
         self._nursery: trio.Nursery | None = None
         self._to_schedule: trio.MemorySendChannel[tuple[str, str]] | None = None
-        # Containers run with runc from images in this store when the node can (root, runc);
-        # an image the store lacks still runs as a module of this venv until the sandbox's
-        # registry holds every image.
+        # Containers run with runc from images in this store; a node that cannot (not root,
+        # no runc) reports every pull as failed, saying why.
         self.images: ImageStore | None = None
         if runtime.runc_available():
             self.images = ImageStore(images_dir or state_dir / "images")
