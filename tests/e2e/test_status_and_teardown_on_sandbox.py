@@ -1,19 +1,26 @@
 """Issue 18, items 4-7 on the sandbox, as a user types them: what an engaged caller gets when
 nothing listens locally, `tele status` across a manager restart and a session's end, `tele helm
-uninstall` with engagements active, and mounted volumes seen from another shell."""
+uninstall` with engagements active, and mounted volumes seen from another `tele sandbox shell`
+(and said to be invisible outside)."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tele.daemon.mounts import mount_problem
 from tests.daemon.util import DaemonGuard, run_tele
 from tests.e2e import install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP
+from tests.e2e.test_mounts_on_sandbox import APP as MOUNTED_APP
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
@@ -201,3 +208,81 @@ def test_helm_uninstall_ends_engagements_and_removes_the_agents(
     [line] = [line for line in listed.stdout.splitlines() if line.startswith("echo ")]
     assert line.endswith(" 1/1  ready to engage (traffic-agent not yet installed)"), line
     _uninstall(node_sandbox, tele_env)
+
+
+def _tele(
+    env: dict[str, str], *args: str, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["tele", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.mark.skipif(mount_problem() is not None, reason=f"no FUSE mounts: {mount_problem()}")
+def test_volumes_mounted_from_one_sandbox_shell_are_seen_from_another(
+    tele_env: dict[str, str], guard: DaemonGuard, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root and network namespaces")
+    name = f"tele-v{uuid.uuid4().hex[:6]}"
+    app, mount, other = tmp_path / "app.yaml", tmp_path / "mnt", tmp_path / "other"
+    app.write_text(MOUNTED_APP)
+    laptop_home = Path(tele_env["XDG_STATE_HOME"]) / "tele" / "sandbox" / name / "laptop"
+    try:
+        up = _tele(tele_env, "sandbox", "up", "--name", name)
+        assert up.returncode == 0, up.stderr
+        assert os.path.ismount(f"/run/tele-mntns/{name}-laptop")
+        first = _tele(
+            tele_env,
+            "sandbox",
+            "shell",
+            "--name",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "set -e; tele helm install >/dev/null; kubectl -n ambassador wait "
+            "--for=condition=Ready pod -l app=traffic-manager --timeout=90s >/dev/null; "
+            f"kubectl apply -f {app} >/dev/null; kubectl wait --for=condition=Ready pod "
+            "-l app=files --timeout=90s >/dev/null; tele connect --no-vif >/dev/null; "
+            f"tele intercept files --port 8089 --mount {mount}",
+        )
+        assert first.returncode == 0, first.stderr
+        assert "mount namespace" not in first.stderr
+        # Another shell of the same laptop sees the volumes (it saw an empty directory).
+        second = _tele(
+            tele_env,
+            "sandbox",
+            "shell",
+            "--name",
+            name,
+            "--",
+            "cat",
+            f"{mount}/etc/settings/app.conf",
+        )
+        assert (second.returncode, second.stdout) == (0, "color=blue\n"), second.stderr
+        # Outside the laptop (the host's mount namespace) the CLI says it cannot see them.
+        laptop = {
+            **tele_env,
+            "HOME": str(laptop_home),
+            **{f"XDG_{d.upper()}_HOME": str(laptop_home / d) for d in ("config", "cache", "state")},
+            "XDG_RUNTIME_DIR": str(laptop_home / "runtime"),
+            "KUBECONFIG": str(
+                Path(tele_env["XDG_STATE_HOME"]) / "tele" / "sandbox" / name / "kubeconfig"
+            ),
+        }
+        assert _tele(laptop, "leave", "files").returncode == 0
+        outside = _tele(laptop, "intercept", "files", "--port", "8089", "--mount", str(other))
+        assert outside.returncode == 0, outside.stderr
+        assert outside.stderr.splitlines()[0] == (
+            f"tele: the volumes are mounted at {other} in the tele daemon's mount namespace, "
+            "which this shell does not share, so the directory is empty here; run the handler "
+            "where the daemon was started"
+        )
+        assert _tele(laptop, "quit").returncode == 0
+    finally:
+        _tele(tele_env, "sandbox", "down", "--name", name)
+    assert not os.path.exists(f"/run/tele-mntns/{name}-laptop")
+    assert not [
+        line for line in Path("/proc/self/mountinfo").read_text().splitlines() if name in line
+    ]

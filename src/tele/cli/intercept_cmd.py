@@ -145,6 +145,13 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
         raise
     if data.get("mount_error"):
         click.echo(f"tele: the volumes are not mounted: {data['mount_error']}", err=True)
+    elif data.get("local_mount") and not mounted_here(data["local_mount"]):
+        click.echo(
+            f"tele: the volumes are mounted at {data['local_mount']} in the tele daemon's mount "
+            "namespace, which this shell does not share, so the directory is empty here; run "
+            "the handler where the daemon was started",
+            err=True,
+        )
     for note in data.get("withheld") or []:  # what the user may not read (RBAC)
         click.echo(f"tele: {note}", err=True)
     if not command:  # with `-- COMMAND`, the command is the handler and starts next
@@ -200,6 +207,25 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
 def exit_status(returncode: int) -> int:
     """A command's status as a shell gives it: killed by signal N -> 128+N (143 for SIGTERM)."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+def mounted_here(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether `path` is a mount point in this process's mount namespace (the daemon mounts
+    the volumes in its own: a shell in another one sees an empty directory). True when it
+    cannot tell."""
+    import re
+
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as lines:
+            points = {
+                # Field 5 is the mount point, with space, tab, newline and backslash as \ooo.
+                re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split(" ")[4])
+                for line in lines
+                if line.count(" ") >= 5
+            }
+    except OSError:
+        return True
+    return os.path.realpath(path) in points
 
 
 def _not_listening(local: list[str]) -> list[str]:

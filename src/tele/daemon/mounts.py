@@ -17,7 +17,8 @@ mounts along (sshfs exits, unmounting, when its stdio socket closes); when sshfs
 dead mount stays in the mount journal and the next daemon start unmounts it (`recover`).
 
 The mount lives in the daemon's mount namespace: a handler started in another one (e.g. under
-`ip netns exec`, which makes its own) does not see it.
+`ip netns exec`, which makes its own) does not see it, and `tele intercept` says so when it runs
+in such a one. The sandbox's laptop keeps one mount namespace for all its shells.
 
 The handler process learns where the volumes are from TELEPRESENCE_ROOT (the local directory)
 and TELEPRESENCE_MOUNTS (the shared mount paths, `:`-joined; each is at ROOT/PATH), as with

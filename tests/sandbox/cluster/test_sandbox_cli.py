@@ -31,6 +31,7 @@ def test_up_shell_crash_down(tele_env: dict[str, str]) -> None:
         assert up.returncode == 0, up.stderr
         pid = json.loads(up.stdout)["pid"]
         assert {f"{name}-node", f"{name}-laptop"} <= set(netns.list_netns())
+        assert os.path.ismount(netns.mount_ns_path(f"{name}-laptop"))
 
         script = (
             "ip -o -4 addr show | awk '{print \"addr\", $2, $4}'; kubectl get ns default -o name; "
@@ -49,6 +50,7 @@ def test_up_shell_crash_down(tele_env: dict[str, str]) -> None:
         assert down.returncode == 0, down.stderr
         assert not [n for n in netns.list_netns() if n.startswith(f"{name}-")]
         assert not (netns.ETC_NETNS / f"{name}-laptop").exists()  # its own resolv.conf too
+        assert not netns.mount_ns_path(f"{name}-laptop").exists()  # and its mount namespace
     finally:
         _tele(tele_env, "sandbox", "down", "--name", name)
         for n in netns.list_netns():

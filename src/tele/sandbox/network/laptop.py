@@ -3,8 +3,12 @@
 It has loopback only, plus the API server at the kubeconfig's own address (a relay), so a tele
 daemon started there is the laptop's: no cluster address is reachable until tele connects it.
 The shell gets a tele home of its own (config, cache, state, runtime directories) and a
-resolv.conf of its own: /etc/netns/<name>/resolv.conf, which `ip netns exec` mounts over
-/etc/resolv.conf, so a daemon there that sets up DNS changes the laptop's file, never the host's.
+resolv.conf of its own: /etc/netns/<name>/resolv.conf, mounted over /etc/resolv.conf, so a
+daemon there that sets up DNS changes the laptop's file, never the host's.
+
+All shells share one mount namespace (netns.pin_mount_namespace), as the programs of one laptop
+do: the volumes a tele daemon mounts for an engagement are seen from every shell, not only from
+the one that started the daemon (`ip netns exec` makes a new mount namespace per command).
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ async def serve_laptop(
         # that the laptop has one of its own.
         (etc / "resolv.conf").write_text("# the sandbox laptop's resolver\nnameserver 127.0.0.1\n")
         await netns.ip_batch(name, ["link set lo up"])
+        await trio.to_thread.run_sync(netns.pin_mount_namespace_sync, name)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_relay, name, (api_host, api_port), (api_host, api_port))
             task_status.started(name)
     finally:
         with trio.CancelScope(shield=True):
             await netns.delete(name)
+            netns.unpin_mount_namespace_sync(name)
             shutil.rmtree(etc, ignore_errors=True)
 
 
@@ -66,4 +72,4 @@ def shell_command(
     if not command:
         command = [env.get("SHELL") or "/bin/sh"]
         env["PS1"] = f"({cluster}-laptop) \\w \\$ "
-    return ["ip", "netns", "exec", f"{cluster}-laptop", *command], env
+    return netns.enter_command(f"{cluster}-laptop", command, os.getcwd()), env

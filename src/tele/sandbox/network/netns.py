@@ -123,3 +123,85 @@ async def connect_in(name: str, host: str, port: int) -> trio.SocketStream:
         sock.close()
         raise
     return trio.SocketStream(sock)
+
+
+# --- one mount namespace for everything that runs in a network namespace --------------------
+
+MOUNT_NS_DIR = Path("/run/tele-mntns")
+"""Where mount namespaces are pinned (bind mounts of /proc/PID/ns/mnt). A private mount of its
+own: a namespace file may only be bind-mounted where the mount does not propagate."""
+
+
+def mount_ns_path(name: str) -> Path:
+    return MOUNT_NS_DIR / name
+
+
+def pin_mount_namespace_sync(name: str) -> Path:
+    """A mount namespace for network namespace `name`, kept alive by a bind mount at
+    `mount_ns_path(name)`: set up as `ip netns exec` sets up its own for each command (a slave
+    of the host's mounts, /sys of that network namespace, /etc/netns/NAME/* over /etc/*), but
+    one for every process entered into it, so mounts made by one (a tele daemon's volumes)
+    are seen by all the others. Blocking (a few short commands)."""
+
+    def run_sync(*argv: str) -> None:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise NodeError(f"`{' '.join(argv[:6])}` failed: {result.stderr.strip()}")
+
+    MOUNT_NS_DIR.mkdir(mode=0o755, exist_ok=True)
+    if not os.path.ismount(MOUNT_NS_DIR):
+        run_sync("mount", "--bind", str(MOUNT_NS_DIR), str(MOUNT_NS_DIR))
+    run_sync("mount", "--make-private", str(MOUNT_NS_DIR))
+    unpin_mount_namespace_sync(name)
+    pin = mount_ns_path(name)
+    pin.touch()
+    etc_dir = ETC_NETNS / name
+    etc = [
+        f"mount --bind {f} /etc/{f.name}"
+        for f in (sorted(etc_dir.iterdir()) if etc_dir.is_dir() else [])
+        if (Path("/etc") / f.name).exists()
+    ]
+    script = " && ".join(["umount -l /sys", f"mount -t sysfs {name} /sys", *etc])
+    try:
+        run_sync(
+            "unshare",
+            f"--mount={pin}",
+            "--propagation",
+            "slave",
+            "--",
+            "nsenter",
+            f"--net={netns_path(name)}",
+            "--",
+            "sh",
+            "-c",
+            script,
+        )
+    except NodeError:
+        unpin_mount_namespace_sync(name)
+        raise
+    return pin
+
+
+def unpin_mount_namespace_sync(name: str) -> None:
+    """Let the mount namespace of `name` go (it ends with the last process in it)."""
+    pin = mount_ns_path(name)
+    if os.path.ismount(pin):
+        subprocess.run(["umount", "-l", str(pin)], capture_output=True, check=False)
+    pin.unlink(missing_ok=True)
+
+
+def enter_command(name: str, command: list[str], cwd: str) -> list[str]:
+    """argv that runs `command` in network namespace `name`, in its pinned mount namespace
+    when there is one (else in a new one of its own, as `ip netns exec` does)."""
+    pin = mount_ns_path(name)
+    if not os.path.ismount(pin):
+        return ["ip", "netns", "exec", name, *command]
+    # Entering a mount namespace moves to its root: --wd keeps the directory the user is in.
+    return [
+        "nsenter",
+        f"--mount={pin}",
+        f"--net={netns_path(name)}",
+        f"--wd={cwd}",
+        "--",
+        *command,
+    ]

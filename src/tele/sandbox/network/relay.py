@@ -68,6 +68,8 @@ def cleanup_sync(cluster: str) -> list[str]:
     ]
     for n in sorted(gone, key=lambda n: n.endswith("-node")):
         netns.delete_sync(n)
-    # The laptop's own resolv.conf (tele.sandbox.network.laptop), left when the process was killed.
+    # The laptop's own resolv.conf and mount namespace (tele.sandbox.network.laptop), left when
+    # the process was killed.
     shutil.rmtree(netns.ETC_NETNS / f"{cluster}-laptop", ignore_errors=True)
+    netns.unpin_mount_namespace_sync(f"{cluster}-laptop")
     return gone
