@@ -71,7 +71,9 @@ def set_level(name: str) -> str:
     # Libraries that log every frame, netlink message or HTTP exchange at DEBUG: quiet unless
     # TRACE is asked for (`loglevel debug` is about tele's own steps).
     for library in NOISY_LIBRARIES:
-        logging.getLogger(library).setLevel(logging.DEBUG if name == "trace" else logging.INFO)
+        # (and never below the level asked for: at `warning`, their INFO lines are noise too)
+        quiet = max(logging.INFO, level_number(name))
+        logging.getLogger(library).setLevel(logging.DEBUG if name == "trace" else quiet)
     return previous
 
 

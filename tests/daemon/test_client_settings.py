@@ -350,3 +350,27 @@ def test_vnat_that_cannot_work_is_one_sentence_and_no_session(
     assert status.get("session") is None
     if "routed subnet" in sentence:  # refused after arriving: the session departed at once
         manager.wait_for_log("departed")
+
+
+def test_daemon_start_bounds_the_wait_for_a_starting_daemon(
+    tele_env: dict[str, str], guard: DaemonGuard, cluster: tuple[ThreadedCluster, Path]
+) -> None:
+    write_config(tele_env, "timeouts:\n  daemonStart: 0s\n")
+    result = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(cluster[1]))
+    assert result.returncode == 3, result.stderr
+    assert single_error_line(result).startswith("tele: The daemon did not start within 0s; see ")
+
+
+def test_user_daemon_log_level_is_the_daemons(
+    tele_env: dict[str, str], guard: DaemonGuard, cluster: tuple[ThreadedCluster, Path]
+) -> None:
+    log = Path(tele_env["XDG_CACHE_HOME"]) / "tele" / "logs" / "daemon.log"
+    write_config(tele_env, "logLevels:\n  userDaemon: debug\n")
+    run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(cluster[1]))
+    assert " DEBUG " in log.read_text()
+    assert run_tele(tele_env, "quit").returncode == 0
+    log.unlink()
+    write_config(tele_env, "logLevels:\n  userDaemon: warning\n")
+    run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(cluster[1]))
+    text = log.read_text()
+    assert " DEBUG " not in text and " INFO " not in text, text

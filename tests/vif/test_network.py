@@ -181,3 +181,51 @@ async def test_routes_follow_the_cluster_info(
     assert {e.device: e.routes for e in journal.pending() if e.device} == {
         "tele0": ["10.244.0.0/16", "10.250.0.0/16"]
     }
+
+
+@dataclass
+class StuckPool:
+    """A manager link whose tunnel dials never complete."""
+
+    async def dial(
+        self, destination: Destination, *, session: str, dial_id: str | None = None, wait: float = 0
+    ) -> H2Stream:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class StuckSession(Session):
+    @property
+    def pool(self) -> StuckPool:  # type: ignore[override]
+        return StuckPool()
+
+
+async def test_proxy_dial_bounds_a_connection_waiting_for_its_tunnel(
+    netns: Namespaces, cluster_link: Client, nursery: trio.Nursery
+) -> None:
+    """Config timeouts.proxyDial (NetworkOptions.dial_timeout): an app's connection to a cluster
+    address whose tunnel stream does not open fails after it, not after the app's own timeout."""
+    from tele import config
+    from tele.daemon.server import _network_options
+    from tele.rpc import daemon_api
+
+    cfg = config.Config(timeouts=config.Timeouts(proxy_dial=config.Duration(0.5)))
+    options = _network_options(daemon_api.ConnectRequest(), cfg)
+    assert options.dial_timeout == 0.5
+    options.enabled, options.netns, options.dns = True, netns.laptop, False
+    await nursery.start(serve_network, options, StuckSession(cluster_link))
+    code = """
+import errno, socket, time
+start = time.monotonic()
+try:
+    socket.create_connection(("10.96.0.7", 7000), timeout=20)
+    print("connected", end=" ")
+except OSError as exc:
+    print(errno.errorcode.get(exc.errno, type(exc).__name__), end=" ")
+print(round(time.monotonic() - start, 2))
+"""
+    result = await run_in(netns.laptop, code)
+    outcome, seconds = result.stdout.split()
+    assert outcome in ("ECONNREFUSED", "EHOSTUNREACH", "ETIMEDOUT"), result
+    assert 0.4 <= float(seconds) < 3, result.stdout  # the default (5s) would be longer
