@@ -394,6 +394,7 @@ class Authenticator:
         group: str = "",
         subresource: str = "",
         name: str = "",
+        purpose: str = "",
     ) -> None:
         if self.mode == "disabled":
             return
@@ -411,6 +412,7 @@ class Authenticator:
             self.refuse(
                 Code.PERMISSION_DENIED,
                 f"{who.username} may not {verb} {what} in namespace {namespace}"
+                + (f" {purpose}" if purpose else "")
                 + (f" ({reason})" if reason else ""),
                 namespace=namespace,
                 needed=f"{verb} {what}",

@@ -34,8 +34,11 @@ class ClientSessions:
         agents: AgentRegistry,
         presence: Presence,
         auth: Authenticator,
+        manager_namespace: str = "",
     ) -> None:
         self._auth = auth
+        self._manager_namespace = manager_namespace
+        """Arriving needs `create pods/portforward` here (how a client reaches the manager)."""
         self.sessions = SessionTable[api.ClientIdentity](lease)
         self._lease = lease
         self._clock = clock
@@ -48,6 +51,16 @@ class ClientSessions:
         self.on_session_end: list[Callable[[Session[api.ClientIdentity]], None]] = []
 
     async def arrive(self, identity: api.ClientIdentity) -> api.SessionInfo:
+        if self._manager_namespace:
+            # What reaching the manager the ordinary way (a port-forward to its pod) needs: a
+            # pod that reaches its Service directly gets no more than its user could anyway.
+            await self._auth.require(
+                "create",
+                "pods",
+                self._manager_namespace,
+                subresource="portforward",
+                purpose="to reach the traffic manager",
+            )
         unknown = [n for n in identity.mapped_namespaces if not self._view.is_managed(n)]
         if unknown:
             raise RpcError(

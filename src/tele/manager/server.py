@@ -247,6 +247,7 @@ class Manager:
             agents=self.agents,
             presence=self.presence,
             auth=self.auth,
+            manager_namespace=config.namespace,
         )
         self.sessions = self.clients.sessions
         self.on_session_end = self.clients.on_session_end
