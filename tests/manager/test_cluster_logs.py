@@ -17,7 +17,15 @@ from tele.rpc.errors import Code, RpcError
 from tele.sandbox.apiserver.auth import User
 from tele.sandbox.cluster import ClusterInfo
 from tele.testing.waits import wait_for
-from tests.manager.test_auth import IDENTITY, NS, admin_token, link, start, workload_with_pod
+from tests.manager.test_auth import (
+    IDENTITY,
+    NS,
+    admin_token,
+    allow_reaching_the_manager,
+    link,
+    start,
+    workload_with_pod,
+)
 
 
 async def test_logs_follow_rbac_and_only_agents_and_the_manager_are_read(
@@ -30,6 +38,7 @@ async def test_logs_follow_rbac_and_only_agents_and_the_manager_are_read(
     await wait_for(lambda: (NS, pod) in manager.view.pods)
     nobody = f"nobody-{uuid.uuid4().hex}"
     sandbox_api.api.authn.add_static(nobody, User("nobody", ("system:authenticated",)))
+    await allow_reaching_the_manager(kube, "system:authenticated")  # to arrive at all
 
     async def as_user(token: str) -> tuple[api.LogSources, RpcError]:
         async with link(manager) as client:
@@ -97,6 +106,7 @@ async def test_the_managers_log_level_is_set_by_who_may_read_its_log(
     manager = await start(nursery, kube)
     nobody = f"nobody-{uuid.uuid4().hex}"
     sandbox_api.api.authn.add_static(nobody, User("nobody", ("system:authenticated",)))
+    await allow_reaching_the_manager(kube, "system:authenticated")  # to arrive at all
 
     async def set_level(
         token: str, level: str, duration: float = 0
