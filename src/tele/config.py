@@ -172,6 +172,8 @@ class Dns(_Section):
     mappings: list[DnsMapping] | None = None
     lookup_timeout: Duration | None = None
     """How long a cluster lookup may take before the answer is SERVFAIL (default 8s)."""
+    local_ip: str | None = msgspec.field(default=None, name="localIP")
+    """The nameserver for names outside the cluster (default: the system's, from resolv.conf)."""
 
 
 class Routing(_Section):
@@ -265,6 +267,7 @@ REMOVED_KEYS = {
     "timeouts.connectivityCheck": "tele always routes the cluster through its tunnel",
     "timeouts.roundtripLatency": "tele's tunnel has no latency hint",
     "timeouts.helm": "`tele helm uninstall --timeout` bounds the wait for removal",
+    "dns.remoteIP": "tele looks cluster names up through the traffic manager",
 }
 """Telepresence keys tele does not have, and why: a file that sets one is refused saying so
 (a key that is accepted and does nothing is worse than none)."""
@@ -424,6 +427,13 @@ def check_network(network: ClientNetwork, where: str) -> None:
         for name in names or ():
             if not is_dns_name(name.lstrip(".")):
                 raise UserError(f"In {where}, {key} has {name!r}, which is not a DNS name.")
+    if dns.local_ip is not None:
+        try:
+            ipaddress.IPv4Address(dns.local_ip)
+        except ValueError:
+            raise UserError(
+                f"In {where}, dns.localIP is {dns.local_ip!r}, which is not an IPv4 address."
+            ) from None
     for mapping in dns.mappings or ():
         if not is_dns_name(mapping.name):
             raise UserError(

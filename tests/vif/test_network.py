@@ -21,7 +21,7 @@ from tele.rpc.tunnel import dial
 from tele.vif import journal
 from tele.vif.connect import NetworkOptions, NetworkStatus, serve_network
 
-from .conftest import CLUSTER_SUBNETS, Namespaces, run_in
+from .conftest import CLUSTER_SUBNETS, UPSTREAM_NAMES, Namespaces, run_in, upstream_stub
 
 
 @dataclass
@@ -229,3 +229,25 @@ print(round(time.monotonic() - start, 2))
     outcome, seconds = result.stdout.split()
     assert outcome in ("ECONNREFUSED", "EHOSTUNREACH", "ETIMEDOUT"), result
     assert 0.4 <= float(seconds) < 3, result.stdout  # the default (5s) would be longer
+
+
+async def test_dns_local_ip_is_the_nameserver_for_other_names(
+    netns: Namespaces, cluster_link: Client, nursery: trio.Nursery
+) -> None:
+    """dns.localIP (config, kubeconfig extension `local-ip`, Helm client.dns.localIP): names
+    outside the cluster go there, not to the system's nameserver (here one that never answers)."""
+    from tele import config
+    from tele.daemon.session import apply_network
+
+    await nursery.start(upstream_stub, netns.laptop)  # answers example.test on 127.0.0.2
+    resolv = laptop_resolv_conf(netns, "nameserver 127.0.0.9\noptions timeout:1 attempts:1\n")
+    options = NetworkOptions(
+        enabled=True, netns=netns.laptop, dns_setup=SystemSetup.RESOLV_CONF, resolv_conf=resolv
+    )
+    apply_network(options, config.network_from_extension({"dns": {"local-ip": "127.0.0.2"}}))
+    assert options.dns_upstream == ["127.0.0.2"]
+    status: NetworkStatus = await nursery.start(serve_network, options, Session(cluster_link))
+    code = "import socket\nprint(socket.gethostbyname('example.test'))"
+    result = await run_in(netns.laptop, code)
+    assert result.stdout.strip() == UPSTREAM_NAMES["example.test"], result.stderr
+    assert status.resolver is not None and status.resolver.counters.forwarded >= 1

@@ -78,6 +78,7 @@ def apply_network(options: NetworkOptions, network: ClientNetwork) -> None:
     options.mappings = {m.name: m.alias_for for m in dns.mappings or []}
     if dns.lookup_timeout is not None:
         options.lookup_timeout = float(dns.lookup_timeout)
+    options.dns_upstream = [dns.local_ip] if dns.local_ip else []
 
 
 def manager_namespace(flag: str, extension: Mapping[str, Any], settings: Config) -> str:

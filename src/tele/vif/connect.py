@@ -75,6 +75,8 @@ class NetworkOptions:
     excludes: list[str] = field(default_factory=list)
     mappings: dict[str, str] = field(default_factory=dict)
     lookup_timeout: float = 8.0
+    dns_upstream: list[str] = field(default_factory=list)
+    """Nameservers for names outside the cluster (dns.localIP); empty: resolv.conf's."""
     vnat: list[str] = field(default_factory=list)
     """Cluster subnets given virtual IPs (`--vnat`): never routed themselves (tele.vif.vnat)."""
     virtual_subnet: str = DEFAULT_VNAT_SUBNET
@@ -329,6 +331,7 @@ async def _serve_network(
             else:  # the helper always picks the namespace's own file
                 dns.resolv_conf = system.resolv_conf_for(options.netns)
             dns.resolv_backup = options.resolv_backup or paths.state_dir() / "resolv.conf.tele-orig"
+            dns.upstream = list(options.dns_upstream)
             resolver = await nursery.start(
                 functools.partial(
                     serve_dns, dns, lookup, privileges=privileges or LocalPrivileges()
