@@ -319,13 +319,18 @@ def test_a_bad_dns_or_routing_setting_is_one_sentence_and_no_session(
     [
         (
             "",
+            ["--vnat", "everything"],
+            "tele: --vnat 'everything' is not a CIDR like 10.0.0.0/8",
+        ),
+        (
+            "",
             ["--vnat", "246.246.0.0/24"],
             "tele: --vnat 246.246.0.0/24 overlaps the virtual IP subnet 246.246.0.0/16; choose "
             "another cluster.virtualIPSubnet in the config",
         ),
         (
             "cluster:\n  virtualIPSubnet: 10.96.0.0/12\n",
-            ["--vnat", "10.244.0.0/16"],
+            ["--vnat", "pods"],
             "tele: the virtual IP subnet 10.96.0.0/12 overlaps the routed subnet 10.96.0.0/16; "
             "choose another cluster.virtualIPSubnet in the config",
         ),

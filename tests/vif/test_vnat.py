@@ -15,7 +15,7 @@ from tele.errors import first_leaf
 from tele.rpc.client import Client
 from tele.vif.connect import NetworkOptions, NetworkStatus, serve_network
 from tele.vif.errors import RouteConflict
-from tele.vif.vnat import MAX_MAPPED, VirtualIPs, VnatError, check
+from tele.vif.vnat import MAX_MAPPED, VirtualIPs, VnatError, check, resolve
 
 from .conftest import POD_ADDRESS, Namespaces, run_in
 from .test_network import Session, laptop_resolv_conf
@@ -156,3 +156,10 @@ async def test_a_laptop_route_over_the_pod_subnet_is_left_alone_and_names_still_
         "except OSError as exc:\n    print(errno.errorcode.get(exc.errno, exc))\n",
     )
     assert unknown.stdout.strip() in ("ECONNREFUSED", "EHOSTUNREACH"), unknown
+
+
+def test_symbolic_vnat_names_stand_for_the_clusters_subnets() -> None:
+    pods, services, also = ["10.244.0.0/16"], ["10.96.0.0/16"], ["10.50.0.0/16"]
+    assert resolve(["all"], pods, services, also) == [*pods, *services, *also]
+    assert resolve(["pods", "10.1.0.0/16"], pods, services, also) == [*pods, "10.1.0.0/16"]
+    assert resolve(["service", "service", "also"], pods, services, also) == [*services, *also]

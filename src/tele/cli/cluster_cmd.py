@@ -126,8 +126,9 @@ def _size(value: object) -> str:
 @click.option(
     "--vnat",
     multiple=True,
-    help="Give this cluster CIDR virtual IPs (config cluster.virtualIPSubnet) when it clashes "
-    "with a local route: names resolve to virtual IPs routed through the manager (repeatable).",
+    help="Give this cluster CIDR (or pods, service, also, all) virtual IPs (config "
+    "cluster.virtualIPSubnet) when it clashes with a local route: names resolve to virtual IPs "
+    "routed through the manager (repeatable).",
 )
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @output_option
@@ -163,7 +164,7 @@ def connect(
         also_proxy=_cidrs("--also-proxy", also_proxy),
         never_proxy=_cidrs("--never-proxy", never_proxy),
         allow_conflicting_subnets=_cidrs("--allow-conflicting-subnets", allow_conflicting_subnets),
-        vnat=_cidrs("--vnat", vnat),
+        vnat=_vnat(vnat),
     )
 
     helper_note = ""
@@ -236,6 +237,14 @@ def _run_connected(command: tuple[str, ...]) -> None:
         client.call_connected(daemon_api.DISCONNECT, daemon_api.Empty(), timeout=30)
     click.echo("Disconnected.", err=True)
     raise SystemExit(exit_status(status))
+
+
+def _vnat(values: tuple[str, ...]) -> list[str]:
+    """--vnat CIDRs, or the names pods, service, also, all (resolved by the daemon)."""
+    names = ("pods", "service", "also", "all")
+    named = [p.strip() for v in values for p in v.split(",") if p.strip() in names]
+    others = tuple(p for v in values for p in v.split(",") if p.strip() not in names)
+    return [*named, *_cidrs("--vnat", others)]
 
 
 def _cidrs(flag: str, values: tuple[str, ...]) -> list[str]:

@@ -171,6 +171,8 @@ class ClusterSession:
         """Why there is no network (when it was wanted only where possible)."""
         self.client_network = ClientNetwork()
         """The DNS and routing settings in effect, merged from their sources at arrival."""
+        self.vnat_subnets: list[str] = []
+        """--vnat's subnets, symbolic names resolved (at arrival)."""
         self._take_helper = take_helper
 
     @asynccontextmanager
@@ -315,17 +317,23 @@ class ClusterSession:
 
     def _check_vnat(self, cluster: mapi.ClusterInfo | None) -> None:
         """--vnat and cluster.virtualIPSubnet: one sentence when they cannot work (the virtual
-        subnet overlapping a --vnat subnet, or once arrived the routed subnets)."""
+        subnet overlapping a --vnat subnet, or once arrived the routed subnets). Symbolic
+        values (pods, service, also, all) are resolved once the cluster's subnets are known."""
         from tele.vif import vnat
 
         if not self.request.vnat:
             return
         others: list[str] = []
+        translated = [v for v in self.request.vnat if v not in vnat.SYMBOLIC]
         if cluster is not None:
-            others = [*cluster.pod_subnets, *cluster.service_subnets]
-            others += self.client_network.routing.also_proxy_subnets or []
+            also = self.client_network.routing.also_proxy_subnets or []
+            others = [*cluster.pod_subnets, *cluster.service_subnets, *also]
+            translated = vnat.resolve(
+                self.request.vnat, cluster.pod_subnets, cluster.service_subnets, also
+            )
+            self.vnat_subnets = translated
         try:
-            vnat.check(self.request.vnat, self._settings.cluster.virtual_ip_subnet, others)
+            vnat.check(translated, self._settings.cluster.virtual_ip_subnet, others)
         except vnat.VnatError as exc:
             raise UserError(str(exc)) from None
 
@@ -378,7 +386,7 @@ class ClusterSession:
         if not options.enabled and not options.when_possible:
             return
         apply_network(options, self.client_network)
-        options.vnat = list(self.request.vnat)
+        options.vnat = list(self.vnat_subnets)
         options.virtual_subnet = self._settings.cluster.virtual_ip_subnet
         privileges: Privileges | None = None
         if not has_net_admin():

@@ -24,6 +24,25 @@ MAX_MAPPED = 1 << 16
 answers make the entries, and a hostile or broken one must not grow the maps without bound."""
 
 
+SYMBOLIC = ("pods", "service", "also", "all")
+"""--vnat names for the cluster's pod subnets, its service subnets, the also-proxy subnets, or
+all of them (as Telepresence's --vnat takes them)."""
+
+
+def resolve(
+    values: Sequence[str], pods: Sequence[str], services: Sequence[str], also: Sequence[str]
+) -> list[str]:
+    """--vnat values with the symbolic names replaced by the subnets they stand for."""
+    named = {"pods": [*pods], "service": [*services], "also": [*also]}
+    named["all"] = [*pods, *services, *also]
+    result: list[str] = []
+    for value in values:
+        for subnet in named.get(value, [value]):
+            if subnet not in result:
+                result.append(subnet)
+    return result
+
+
 class VnatError(ValueError):
     """A --vnat subnet or the virtual subnet that cannot work (one sentence)."""
 
