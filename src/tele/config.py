@@ -339,6 +339,10 @@ def _convert(raw: dict[str, Any], struct_type: type[_T], where: str) -> _T:
         return msgspec.convert(normalized, struct_type, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         key, problem = _describe(exc, originals)
+        if not where.startswith("the config file"):  # `tele config view` shows the file's keys
+            problem = problem.replace(
+                "see `tele config view` for the known ones", "the README's Settings lists them"
+            )
         raise UserError(f"In {where}, key `{key}` {_verb(problem)}.") from exc
 
 

@@ -158,3 +158,21 @@ def test_dns_and_routing_keys_read_back_and_unset_ones_are_left_out(tmp_path: Pa
     assert data["routing"] == {"neverProxySubnets": ["10.0.0.0/24"]}
     assert config.to_builtins(config.Config())["dns"] == {}
     assert load_text(tmp_path, yaml.safe_dump(data)) == cfg
+
+
+def test_the_kubeconfig_extensions_network_keys_are_read_and_checked() -> None:
+    network = config.network_from_extension(
+        {
+            "manager": {"namespace": "tm"},  # not a network key: left to the session
+            "dns": {"exclude-suffixes": [".com"], "mappings": [{"name": "a.b", "aliasFor": "c.d"}]},
+            "never-proxy": ["10.0.0.0/24"],
+        }
+    )
+    assert network.dns.exclude_suffixes == [".com"]
+    assert network.routing.never_proxy_subnets == ["10.0.0.0/24"]
+    with pytest.raises(UserError) as refused:
+        config.network_from_extension({"dns": {"colour": "blue"}})
+    assert str(refused.value) == (
+        "In the kubeconfig's telepresence.io extension, key `dns.colour` is not a known key "
+        "(the README's Settings lists them)."
+    )

@@ -379,3 +379,47 @@ def test_user_daemon_log_level_is_the_daemons(
     run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(cluster[1]))
     text = log.read_text()
     assert " DEBUG " not in text and " INFO " not in text, text
+
+
+async def test_traffic_manager_api_bounds_each_call_to_the_manager(
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    cluster: tuple[ThreadedCluster, Path],
+    nursery: trio.Nursery,
+) -> None:
+    """A manager that takes the link but never answers ARRIVE: the config's 1 s, then one
+    sentence, instead of the default 15 s."""
+    from tele.rpc import manager_api as mapi
+    from tele.rpc.server import Router, serve_connection
+
+    async def never(_: mapi.ClientIdentity) -> mapi.SessionInfo:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    router = Router()
+    router.unary(mapi.ARRIVE, never)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await serve_connection(stream, router)
+
+    listeners = await nursery.start(trio.serve_tcp, serve, 0)
+    port = listeners[0].socket.getsockname()[1]
+    write_config(tele_env, "timeouts:\n  trafficManagerAPI: 1s\n")
+    started = trio.current_time()
+    result = await trio.to_thread.run_sync(
+        lambda: run_tele(
+            tele_env,
+            "connect",
+            "--no-vif",
+            "--kubeconfig",
+            str(cluster[1]),
+            "--manager-address",
+            f"127.0.0.1:{port}",
+        )
+    )
+    assert result.returncode != 0
+    assert single_error_line(result) == (
+        "tele: /tele.manager.v1/ArriveAsClient did not answer within 1s."
+    )
+    assert trio.current_time() - started < 10
+    nursery.cancel_scope.cancel()
