@@ -1,20 +1,28 @@
-"""Issue 18 on the sandbox: `tele loglevel` reaches the traffic manager and its agents (and
-`--remote-only`, `--local-only` keep to their side); `tele gather-logs --traffic-manager
---traffic-agents [--anonymize]` zips the manager's log (with its audit lines) and the agents',
-read through the manager, with names and addresses replaced consistently when asked."""
+"""Issue 18 on the sandbox: `tele intercept` on a terminal shows its current step while the
+agent is injected (and nothing extra when piped); `tele loglevel` reaches the traffic manager
+and its agents (and `--remote-only`, `--local-only` keep to their side); `tele gather-logs
+--traffic-manager --traffic-agents [--anonymize]` zips the manager's log (with its audit lines)
+and the agents', read through the manager, with names and addresses replaced consistently."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
 import re
 import socket
+import struct
+import subprocess
+import termios
+import threading
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.daemon.util import DaemonGuard, run_tele
+from tests.daemon.util import TELE, DaemonGuard, run_tele
 from tests.e2e import install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
@@ -26,6 +34,39 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _on_a_terminal(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """`tele ARGS` with stderr on a terminal (a pty 400 columns wide), as a user sees it: the
+    exit code, stdout, and everything the terminal received."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 400, 0, 0))
+    process = subprocess.Popen(
+        [TELE, *args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave
+    )
+    os.close(slave)
+    received: list[bytes] = []
+
+    def pump() -> None:  # (read as it comes: a full pty would block the CLI's writes)
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the CLI closed its end
+                return
+            if not data:
+                return
+            received.append(data)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        stdout, _ = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(10)
+        os.close(master)
+    return process.returncode, stdout.decode(), b"".join(received).decode(errors="replace")
 
 
 def _logs_until(sandbox: NodeSandbox, needle: str, *args: str, deadline: float = 60) -> str:
@@ -50,8 +91,22 @@ def test_loglevel_and_gather_logs_reach_the_manager_and_agents(
     kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
     connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
     assert connected.returncode == 0, connected.stderr
-    engaged = run_tele(tele_env, "intercept", "echo", "--port", str(_free_port()), timeout=120)
-    assert engaged.returncode == 0, engaged.stderr
+    # The first intercept injects the agent: a terminal sees the step and the seconds waited.
+    handler = socket.create_server(("127.0.0.1", 0))
+    port = handler.getsockname()[1]
+    try:
+        code, stdout, terminal = _on_a_terminal(tele_env, "intercept", "echo", "--port", str(port))
+        assert code == 0, terminal
+        assert "Intercepting echo: the traffic manager engages echo (injecting its traffic " in (
+            terminal
+        )
+        assert re.search(r"\(\d+s\)", terminal)
+        assert "Intercept name         : echo" in stdout
+        assert run_tele(tele_env, "leave", "echo").returncode == 0
+        piped = run_tele(tele_env, "intercept", "echo", "--port", str(port), timeout=120)
+        assert (piped.returncode, piped.stderr) == (0, "")  # piped: no progress at all
+    finally:
+        handler.close()
     manager_pod = kubectl(
         node_sandbox, "get", "pod", "-n", "ambassador", "-l", "app=traffic-manager",
         "-o", "jsonpath={.items[0].metadata.name}",

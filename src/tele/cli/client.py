@@ -176,22 +176,68 @@ async def daemon_client(*, start: bool) -> AsyncIterator[Client | None]:
 
 
 def call_connected(
-    method: Unary[Req, Resp], request: Req, *, timeout: float, connect: bool = False
+    method: Unary[Req, Resp],
+    request: Req,
+    *,
+    timeout: float,
+    connect: bool = False,
+    progress: str = "",
 ) -> Resp:
     """One call to a running daemon (a command that needs a session: none runs, none has one);
     RPC errors become one-sentence TeleErrors. With `connect`, a daemon without a session
     first connects as `tele connect` with no flags would (as Telepresence's intercept and list
-    do), saying so in one line."""
+    do), saying so in one line. With `progress`, a terminal shows it and the daemon's current
+    step while the call runs (`show_progress`)."""
 
     async def call() -> Resp:
         async with daemon_client(start=connect) as rpc:
             if rpc is None:
                 raise UserError("Not connected; run `tele connect` first.")
-            if connect:
-                await _connect_if_needed(rpc)
-            return await rpc.call(method, request, timeout=timeout)
+
+            async def work() -> Resp:
+                if connect:
+                    await _connect_if_needed(rpc)
+                return await rpc.call(method, request, timeout=timeout)
+
+            return await show_progress(rpc, progress, work) if progress else await work()
 
     return run(call)
+
+
+PROGRESS_POLL = 0.25
+"""Seconds between two looks at the daemon's current step while a terminal shows it."""
+
+
+async def show_progress(rpc: Client, label: str, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work`; on a terminal, meanwhile, a spinner with `label`, the daemon's current step
+    and the seconds waited (agent injection and roll-outs take a while). Nothing when stderr
+    is not a terminal."""
+    if not sys.stderr.isatty():
+        return await work()
+    from rich.console import Console
+
+    from tele.rpc import daemon_api
+
+    with Console(stderr=True).status(f"{label}...") as status:
+
+        async def follow() -> None:
+            started = trio.current_time()
+            while True:
+                try:
+                    reply = await rpc.call(daemon_api.PROGRESS, daemon_api.Empty(), timeout=5)
+                    steps = reply.steps
+                except RpcError:
+                    steps = []  # (an older daemon: the label alone)
+                waited = int(trio.current_time() - started)
+                text = f"{label}: {steps[-1]}" if steps else f"{label}..."
+                status.update(f"{text} ({waited}s)")
+                await trio.sleep(PROGRESS_POLL)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            result = await work()
+            nursery.cancel_scope.cancel()
+    return result
 
 
 async def _connect_if_needed(rpc: Client) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
@@ -183,9 +182,13 @@ def connect(
         async with client.daemon_client(start=True) as rpc:
             assert rpc is not None
             # The daemon applies the connect timeout itself; this bound only guards a hang.
-            return await rpc.call(daemon_api.CONNECT, request, timeout=180)
+            return await client.show_progress(
+                rpc,
+                "Connecting to the cluster's traffic manager",
+                lambda: rpc.call(daemon_api.CONNECT, request, timeout=180),
+            )
 
-    info = _with_progress("Connecting to the cluster's traffic manager", lambda: client.run(call))
+    info = client.run(call)
     import tele
 
     if info.manager_version and info.manager_version != tele.__version__:
@@ -261,18 +264,6 @@ def _cidrs(flag: str, values: tuple[str, ...]) -> list[str]:
             except ValueError:
                 raise UserError(f"{flag} {part!r} is not a CIDR like 10.0.0.0/8") from None
     return result
-
-
-def _with_progress(what: str, work: Callable[[], T]) -> T:
-    """Run `work` with a spinner on a terminal (waiting for a manager can take a while)."""
-    import sys
-
-    if not sys.stderr.isatty():
-        return work()
-    from rich.console import Console
-
-    with Console(stderr=True).status(what + "..."):
-        return work()
 
 
 @click.command(name="list")

@@ -136,7 +136,14 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     unsafe_env, command, output = handling.unsafe_env, handling.command, handling.output
 
     docker = docker_cmd.before_engaging()  # --docker-*: the engine and the image first
-    info = client.call_connected(daemon_api.INTERCEPT, request, timeout=180, connect=True)
+    what = {"intercept": "Intercepting", "replace": "Replacing", "ingest": "Ingesting"}[kind]
+    info = client.call_connected(
+        daemon_api.INTERCEPT,
+        request,
+        timeout=180,
+        connect=True,
+        progress=f"{what} {target.workload or fields.get('name') or ''}".rstrip(),
+    )
     data = to_builtins(info)
     try:
         _write_env(data, handling)

@@ -99,6 +99,8 @@ class LocalEngagements:
         self._local_sides: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._dials_wanted = trio.Event()
+        self.steps: dict[int, str] = {}
+        """The current step of each engage under way (`tele intercept` shows it on a terminal)."""
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the local sides, dial-back answers and re-engaging, until cancelled."""
@@ -113,6 +115,15 @@ class LocalEngagements:
         """The one engage flow of intercept, replace and ingest: parse the local side, ask the
         manager, then start the engagement's local services (`_serve_engagement`); if those
         fail, leave again, so nothing is half done."""
+        key = id(request)
+        try:
+            return await self._engage(request, lambda step: self.steps.__setitem__(key, step))
+        finally:
+            self.steps.pop(key, None)
+
+    async def _engage(
+        self, request: dapi.InterceptRequest, step: Callable[[str], None]
+    ) -> aapi.EngagementInfo:
         try:
             mount = MountFlag.parse(request.mount)  # refused before the cluster changes
         except UserError as exc:
@@ -122,6 +133,11 @@ class LocalEngagements:
         if request.kind == "intercept":
             locals_ = [m.local for m in request.ports] or [request.local_port]
             self._refuse_taken_ports(locals_, request.name)
+        workload = request.workload or request.name
+        step(
+            f"the traffic manager engages {workload} (injecting its traffic agent and waiting "
+            "for its pods to roll out with it, when it has none yet)"
+        )
         info, mappings = await self._ask_manager(request)
         if info.name in self.engaged:
             # Already ours, asked for the same way: the manager answered with it as it is.
@@ -143,7 +159,9 @@ class LocalEngagements:
         if info.decrypted and not request.http_plaintext:
             self.local_tls[info.id] = local_tls_context()
         # Ingest gives the volumes read-only (as Telepresence's does).
+        step(f"mounting the volumes of {info.workload_kind} {info.workload}")
         info = await self._mounts.attach(info, mount.read_only_if(request.kind == "ingest"))
+        step(f"starting {info.name}'s local side (handlers, forwards)")
         self.engaged[info.name] = info
         self.engage_requests[info.name] = request
         self._dials_wanted.set()

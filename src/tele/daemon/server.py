@@ -108,6 +108,7 @@ class Daemon:
         self.router.unary(api.UNINSTALL, self.uninstall)
         self.router.unary(api.CLUSTER_LOG_SOURCES, self.cluster_log_sources)
         self.router.unary(api.CLUSTER_LOG, self.cluster_log)
+        self.router.unary(api.PROGRESS, self.progress)
         self.session: ClusterSession | None = None
         self._connecting = trio.Lock()
         """One connect at a time: a second waits, then finds the first's session."""
@@ -334,6 +335,14 @@ class Daemon:
                 all_agents=request.all_agents,
             ),
         )
+
+    async def progress(self, request: api.Empty) -> api.ProgressReply:
+        steps = []
+        if self._connecting.locked() and self.session is None:
+            steps.append("connecting to the cluster's traffic manager")
+        if self.session is not None:
+            steps += list(self.session.engagements.steps.values())
+        return api.ProgressReply(steps=steps)
 
     async def cluster_log_sources(self, request: api.ClusterLogsRequest) -> mapi.LogSources:
         return await self._connected().call_in_session(

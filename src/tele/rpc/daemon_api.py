@@ -203,6 +203,11 @@ class SetLogLevelReply(msgspec.Struct, frozen=True, kw_only=True):
     """Why the remote level was not set (not connected, refused), when it was asked for."""
 
 
+class ProgressReply(msgspec.Struct, frozen=True, kw_only=True):
+    steps: list[str] = []
+    """The current step of each long operation under way (connect, engage), for a terminal."""
+
+
 class ClusterLogsRequest(msgspec.Struct, frozen=True, kw_only=True):
     """`tele gather-logs`: which of the cluster's logs (through the traffic manager)."""
 
@@ -242,3 +247,5 @@ CLUSTER_LOG_SOURCES: Unary[ClusterLogsRequest, LogSources] = Unary(
     f"/{SERVICE}/ClusterLogSources", ClusterLogsRequest, LogSources
 )
 CLUSTER_LOG: Unary[LogSource, PodLog] = Unary(f"/{SERVICE}/ClusterLog", LogSource, PodLog)
+# What long operations are doing now (an older daemon: UNIMPLEMENTED; the CLI shows no step).
+PROGRESS: Unary[Empty, ProgressReply] = Unary(f"/{SERVICE}/Progress", Empty, ProgressReply)
