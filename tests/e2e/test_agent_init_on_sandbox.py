@@ -29,6 +29,7 @@ spec:
       - name: echo
         image: tele-sandbox/echo
         ports: [{containerPort: 8080}]
+        readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
 ---
 apiVersion: v1
 kind: Service

@@ -34,6 +34,7 @@ spec:
         image: tele-sandbox/echo
         ports: [{name: http, containerPort: 8080}]
         env: [{name: GREETING, value: hello}]
+        readinessProbe: {tcpSocket: {port: http}, periodSeconds: 1}
 ---
 apiVersion: v1
 kind: Service

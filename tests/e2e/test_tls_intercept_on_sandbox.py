@@ -39,6 +39,7 @@ spec:
         image: tele-sandbox/echo-tls
         ports: [{name: https, containerPort: 8443}]
         env: [{name: PORT, value: "8443"}]
+        readinessProbe: {tcpSocket: {port: https}, periodSeconds: 1}
         volumeMounts: [{name: tls, mountPath: /etc/echo-tls, readOnly: true}]
       volumes: [{name: tls, secret: {secretName: secure-tls}}]
 ---
