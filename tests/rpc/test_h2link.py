@@ -194,3 +194,40 @@ async def test_an_empty_data_frame_is_not_read_as_the_end_of_the_stream() -> Non
         assert got == [b"after"]
         assert await server.receive_some() == b""
         nursery.cancel_scope.cancel()
+
+
+async def test_a_callable_sink_takes_data_while_the_reader_waits_and_the_rest_comes_in_order() -> (
+    None
+):
+    taken: list[bytes] = []
+
+    def sink(data: bytes) -> int:  # takes at most 3 bytes of each DATA frame, as a full buffer
+        taken.append(data[:3])
+        return min(3, len(data))
+
+    async with trio.open_nursery() as nursery:
+        link, incoming = await open_link_pair(nursery)
+        stream = await link.open_stream([(":method", "CONNECT"), (":authority", "a:1")])
+        server = await incoming.receive()
+        await server.send_response([(":status", "200")])
+        await stream.receive_response()
+        stream.deliver_to(sink)
+        got: list[bytes] = []
+
+        async def read() -> None:
+            while data := await stream.receive_some():
+                got.append(data)
+
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        await server.send_all(b"abcdefgh")  # the reader is parked: the sink gets a first go
+        await trio.testing.wait_all_tasks_blocked()
+        assert taken == [b"abc"] and b"".join(got) == b"defgh"
+        stream.deliver_to(None)
+        await server.send_all(b"ijk")
+        await server.send_eof()
+        with trio.fail_after(5):
+            while b"".join(got) != b"defghijk":
+                await trio.testing.wait_all_tasks_blocked()
+        assert taken == [b"abc"]  # stopped: nothing more went to the sink
+        nursery.cancel_scope.cancel()

@@ -8,6 +8,7 @@ peer only as the consumer reads, so a slow reader slows its own sender and no on
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Protocol
@@ -59,9 +60,9 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
         # Client side, opened without waiting for the response: the response is judged when
         # it arrives, and a refusal is raised by every later send or receive.
         self.response_check: ResponseCheck | None = None
-        # A descriptor (a non-blocking socket) that DATA may be written to by the link's
-        # reader itself while the consumer waits in receive_some: see `deliver_to`.
-        self._sink: int | None = None
+        # Where DATA may be handed by the link's reader itself while the consumer waits in
+        # receive_some (a write to a non-blocking socket, or a callable): see `deliver_to`.
+        self._sink: Callable[[bytes], int] | None = None
         self._waiting_in_receive = False
 
     # --- header helpers -------------------------------------------------------------------
@@ -243,16 +244,18 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def deliver_to(self, fd: int | None) -> None:
-        """Let the link's reader write DATA straight to `fd` (None: stop), a non-blocking
-        socket the consumer would copy it to anyway (`tele.rpc.tunnel.splice`).
+    def deliver_to(self, sink: int | Callable[[bytes], int] | None) -> None:
+        """Let the link's reader hand DATA straight to `sink` (None: stop): a non-blocking
+        socket's descriptor the consumer would copy it to anyway (`tele.rpc.tunnel.splice`),
+        or a callable that takes what it can without blocking and returns how many bytes it
+        took (the VIF's TCP connection: `tele.vif.runtime`).
 
         Only while the consumer is parked in `receive_some` with nothing buffered, so the
-        bytes keep their order; whatever the socket does not take at once is buffered and the
+        bytes keep their order; whatever the sink does not take at once is buffered and the
         consumer woken as usual. This saves a task switch per DATA frame, most of a relay
-        hop's latency. The caller must stop it before `fd` is closed.
+        hop's latency. The caller must stop it before the sink goes away.
         """
-        self._sink = fd
+        self._sink = functools.partial(os.write, sink) if isinstance(sink, int) else sink
 
     async def receive_all(self, limit: int) -> bytes:
         """Everything up to the peer's END_STREAM (at most `limit` bytes, else ValueError).
@@ -356,7 +359,7 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
             return
         if self._sink is not None and self._waiting_in_receive and not self._chunks:
             try:
-                sent = os.write(self._sink, data)
+                sent = self._sink(data)
             except OSError:
                 sent = 0  # would block, or failed: the consumer's own send meets it
             if sent:

@@ -18,6 +18,7 @@ connection by its TCP buffers and per UDP flow by a small datagram queue; the ta
 from __future__ import annotations
 
 import errno
+import functools
 import heapq
 import ipaddress
 import itertools
@@ -53,6 +54,7 @@ from tele.net.tunnel import (
 from tele.net.udp import UDPHeader
 from tele.net.udpflows import FiveTuple, UDPFlow, UDPFlowTable
 from tele.net.vnet import VNET_HDR_NONE, checksum_settled
+from tele.rpc.h2stream import H2Stream
 from tele.rpc.tunnel import TunnelError, relay_datagrams, reset_reason
 from tele.vif.routing import Network
 
@@ -463,6 +465,31 @@ class Stack:
             self._touch(record)
 
     async def _tunnel_to_app(self, record: _Tcp, stream: trio.abc.HalfCloseableStream) -> None:
+        if not isinstance(stream, H2Stream):
+            await self._relay_to_app(record, stream)
+            return
+        # The link's reader hands each DATA frame to the connection itself while this task
+        # waits (one task switch less per response); what the connection cannot take at once
+        # comes through `receive_some` below, in order.
+        stream.deliver_to(functools.partial(self._deliver, record))
+        try:
+            await self._relay_to_app(record, stream)
+        finally:
+            stream.deliver_to(None)
+
+    def _deliver(self, record: _Tcp, data: bytes) -> int:
+        """Take what `record`'s connection can of tunnel bytes now; how many it took."""
+        if record.closed:
+            return 0
+        try:
+            taken = record.conn.send(data)
+        except RuntimeError:  # the connection ended under us: the relay's own path sees it
+            return 0
+        if taken:
+            self._touch(record)
+        return taken
+
+    async def _relay_to_app(self, record: _Tcp, stream: trio.abc.HalfCloseableStream) -> None:
         conn = record.conn
         while True:
             try:
