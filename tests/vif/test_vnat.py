@@ -163,3 +163,15 @@ def test_symbolic_vnat_names_stand_for_the_clusters_subnets() -> None:
     assert resolve(["all"], pods, services, also) == [*pods, *services, *also]
     assert resolve(["pods", "10.1.0.0/16"], pods, services, also) == [*pods, "10.1.0.0/16"]
     assert resolve(["service", "service", "also"], pods, services, also) == [*services, *also]
+
+
+def test_the_privileged_helper_routes_the_virtual_subnet_but_nothing_public() -> None:
+    """`tele connect --vnat` with sudo: the helper must take the default virtual subnet (class E,
+    never routed on the internet), and still refuse public ranges."""
+    from tele.vif.helper import ALLOWED_SUBNETS, HelperError, check_inside
+
+    allowed = list(ALLOWED_SUBNETS)
+    check_inside("route", [ipaddress.ip_network("246.246.0.0/16")], allowed)
+    for public in ("8.8.8.0/24", "0.0.0.0/1", "224.0.0.0/3"):
+        with pytest.raises(HelperError):
+            check_inside("route", [ipaddress.ip_network(public)], allowed)

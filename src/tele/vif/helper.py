@@ -81,6 +81,7 @@ ALLOWED_SUBNETS: Final = tuple(
         "192.168.0.0/16",
         "100.64.0.0/10",  # RFC 6598 (shared address space; some clusters use it)
         "198.18.0.0/15",  # RFC 2544 benchmarking: tele's own device and DNS address
+        "240.0.0.0/4",  # RFC 1112 reserved, never routed on the internet: VNAT's virtual IPs
         "fc00::/7",  # IPv6 unique local addresses
     )
 )
