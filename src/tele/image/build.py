@@ -76,6 +76,7 @@ IMAGE_EXCLUDED_DISTRIBUTIONS = frozenset(
         "hypercorn",  # the sandbox
         "dnslib",  # the sandbox's cluster DNS
         "bcrypt",  # the sandbox registry's htpasswd
+        "docker",  # Docker mode on the laptop (tele/docker/)
     }
 )
 """tele's requirements that the cluster-side programs (manager, agent, agent-init) never load."""

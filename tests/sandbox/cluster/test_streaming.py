@@ -20,8 +20,11 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import wsproto
+import wsproto.events
 import yaml
 
 from tele.sandbox.apiserver import spdy
@@ -451,3 +454,66 @@ def test_attach_without_stdin_streams_output_and_refuses_a_finished_container(
         refused = streams.run(newest, "attach", "reader-newest")
         assert refused.returncode != 0
         assert "cannot attach a container in a completed pod" in refused.stderr
+
+
+def _websocket(streams: Streams, path: str) -> Iterator[tuple[Any, ssl.SSLSocket]]:
+    host, port, admin = _server(streams)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection((host, port), timeout=10)) as sock:
+        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        request = wsproto.events.Request(
+            host=host,
+            target=path,
+            subprotocols=["v5.channel.k8s.io"],
+            extra_headers=[(b"authorization", f"Bearer {admin}".encode())],
+        )
+        sock.sendall(ws.send(request))
+        yield ws, sock
+
+
+def test_attach_resizes_a_tty_and_survives_garbage_resizes(streams: Streams) -> None:
+    """The resize channel is the client's to fill: what is not a terminal size (not JSON, a
+    list, a string, out of a winsize's range, 1e400) is skipped; a real one reaches the
+    container's terminal."""
+    newest = _kubectl("newest")
+    pod = _attach_pod("resized", "while read l; do stty size; done", stdin=True, tty=True)
+    streams.run(newest, "apply", "-f", "-", input=pod)
+    ready = streams.run(newest, "wait", "--for=condition=Ready", "pod/resized", "--timeout=60s")
+    assert ready.returncode == 0, ready.stderr
+    path = (
+        f"/api/v1/namespaces/{streams.namespace}/pods/resized/attach"
+        "?container=c&stdin=true&stdout=true&tty=true"
+    )
+    connection = _websocket(streams, path)
+    ws, sock = next(connection)
+    output = b""
+    garbage = [b"not json", b"[]", b'{"Width": "x", "Height": 3}', b'{"Width": 1e400, "Height": 1}']
+    garbage.append(b'{"Width": 99999999, "Height": -1}')
+    try:
+        accepted = False
+        while not accepted:
+            data = sock.recv(65536)
+            assert data, "the upgrade was refused"
+            ws.receive_data(data)
+            accepted = any(isinstance(e, wsproto.events.AcceptConnection) for e in ws.events())
+        for message in [*garbage, b'{"Width": 100, "Height": 40}']:
+            sock.sendall(ws.send(wsproto.events.BytesMessage(b"\x04" + message)))
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + 30
+        while b"40 100" not in output:
+            assert time.monotonic() < deadline, output
+            sock.sendall(ws.send(wsproto.events.BytesMessage(b"\x00\n")))
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            assert data, output
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, wsproto.events.BytesMessage) and event.data[:1] == b"\x01":
+                    output += bytes(event.data[1:])
+    finally:
+        connection.close()
+        streams.run(newest, "delete", "pod", "resized", "--wait=false")

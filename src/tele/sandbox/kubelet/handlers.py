@@ -395,9 +395,11 @@ async def attach_handler(
             elif data[0] == 4:
                 try:
                     size = json.loads(bytes(data[1:]))
-                    run.resize(int(size["Width"]), int(size["Height"]))
-                except (ValueError, TypeError, KeyError):
+                    width, height = int(size["Width"]), int(size["Height"])
+                except (ValueError, TypeError, KeyError, OverflowError):
                     continue
+                if 0 <= width <= 0xFFFF and 0 <= height <= 0xFFFF:  # a winsize's fields
+                    run.resize(width, height)
 
     async with trio.open_nursery() as stdin_closer:
         with trio.CancelScope() as done:
