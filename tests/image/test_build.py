@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -236,3 +237,44 @@ async def test_tele_image_push_with_docker_config_then_a_refusal(
     message = refused.stderr.decode().strip()
     assert message.count("\n") == 0, message
     assert registry.address in message and "HTTP 401" in message
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")
+def test_tele_image_build_writes_an_archive_skopeo_reads_both_ways(
+    built: BuildResult, images_cache: Path, tmp_path: Path
+) -> None:
+    """`tele image build --sandbox -o FILE`: one tar, read as a docker archive (what docker
+    load and kind load image-archive read) by each image's name, and as an OCI archive."""
+    import subprocess as sp
+
+    archive = tmp_path / "images.tar"
+    env = {**os.environ, "HOME": str(tmp_path), "TELE_IMAGE_CACHE": str(images_cache)}
+    done = sp.run(
+        [str(VENV_BIN / "tele"), "image", "build", "--sandbox", "-o", str(archive)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"archive: {archive}" in done.stdout
+    worker = build_sandbox_images(images_cache)["tele-sandbox/worker"]
+
+    def inspect(source: str) -> dict[str, object]:
+        result = sp.run(
+            ["skopeo", "inspect", "--raw", source], capture_output=True, timeout=60, check=True
+        )
+        return dict(json.loads(result.stdout))
+
+    for image, name in ((built.image, built.tag), (worker.image, worker.tag)):
+        docker = inspect(f"docker-archive:{archive}:{name}")
+        assert docker["config"]["digest"] == image.config_digest, name  # type: ignore[index]
+    # The OCI index names tele's image by its version tag: skopeo finds exactly its manifest.
+    oci = sp.run(
+        ["skopeo", "inspect", "--raw", f"oci-archive:{archive}:{built.tag.rsplit(':', 1)[1]}"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert "sha256:" + hashlib.sha256(oci.stdout).hexdigest() == built.image.digest
