@@ -74,10 +74,16 @@ async def publish(
         (first, first_names), *rest = images
         await push(first, first_names[0])
         holder.update(dict.fromkeys(first.blobs(), first_names[0].split(":")[0]))
+
+        async def push_names(image: BuiltImage, names: list[str]) -> None:
+            # One name after the other: the later tags of an image find its blobs there
+            # (side by side, each would upload them again).
+            for name in names:
+                await push(image, name)
+
         async with trio.open_nursery() as nursery:
             for image, names in [(first, first_names[1:]), *rest]:
-                for name in names:
-                    nursery.start_soon(push, image, name)
+                nursery.start_soon(push_names, image, names)
     log.info(
         "sandbox registry: %d images pushed, %d already there (%.2f s)",
         sum(p.pushed for p in done),
