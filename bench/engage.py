@@ -14,6 +14,12 @@ agent, through the agent with an http intercept that does not match them, and ma
 answered on this machine. Target: non-matching requests add <= 1 ms at p50.
 
     .venv/bin/python bench/engage.py [--requests 500] [--auth-mode enforcing|disabled] [--docker]
+    .venv/bin/python bench/engage.py --auth-compare 2
+
+--auth-compare ROUNDS measures only what authentication costs: `tele connect` (through the
+port-forward) and the warm ready time with the manager's authentication enforcing and disabled,
+switching the mode (helm upgrade) before every measurement, the first mode of each pair swapping
+every round (ABBA ...) so that order does not bias the difference.
 
 --docker (issue 21) adds a private dockerd and a handler container (`--docker-run`, the same
 Python handler as the process one, from tele's image loaded into that engine): ready time with
@@ -32,6 +38,7 @@ import json
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -316,6 +323,52 @@ class Bench:
                 del self.env["DOCKER_HOST"]
         return {"cold": cold, "warm": warm, "row": row}
 
+    def set_auth_mode(self, mode: str) -> float:
+        """Reinstall the manager with `mode` and reconnect; seconds `tele connect` took."""
+        self.tele("quit")
+        self.tele(
+            "helm", "upgrade", "--kubeconfig", self.kubeconfig,
+            "--set", f"security.authentication.mode={mode}",
+        )  # fmt: skip
+        self.kubectl("rollout", "status", "-n", "ambassador", "deployment/traffic-manager",
+                     "--timeout=120s")  # fmt: skip
+        deadline = time.monotonic() + 120
+        while len(self.kubectl("get", "pods", "-n", "ambassador", "-l", "app=traffic-manager",
+                               "-o", "name").split()) != 1:  # fmt: skip
+            if time.monotonic() > deadline:
+                raise SystemExit("the old traffic manager pod did not go")
+            time.sleep(0.5)  # the old pod's end: no event to wait on from here
+        self.tele("connect", "--kubeconfig", self.kubeconfig)  # a new manager's first: warm-up
+        self.tele("quit")
+        started = time.monotonic()
+        self.tele("connect", "--kubeconfig", self.kubeconfig)
+        return time.monotonic() - started
+
+    def compare_auth(self, port: int, rounds: int) -> dict[str, dict[str, float]]:
+        """Connect and warm intercept-ready time with the manager's authentication enforcing
+        and disabled, switching modes every measurement with the first of each pair swapping
+        every round (ABBA ABBA ...), so that neither gets the warmer or quieter moments."""
+        found: dict[str, dict[str, list[float]]] = {
+            mode: {"connect_s": [], "ready_s": []} for mode in ("enforcing", "disabled")
+        }
+        for round_ in range(rounds):
+            order = ["enforcing", "disabled"] if round_ % 2 == 0 else ["disabled", "enforcing"]
+            for mode in order:
+                found[mode]["connect_s"].append(self.set_auth_mode(mode))
+                found[mode]["ready_s"].append(self.ready_time(port)[1])
+                self.tele("leave", "echo")
+        summary = {
+            mode: {k: statistics.median(v) for k, v in values.items()}
+            for mode, values in found.items()
+        }
+        summary["paired"] = {
+            f"{k}_diff": statistics.median(
+                e - d for e, d in zip(found["enforcing"][k], found["disabled"][k], strict=True)
+            )
+            for k in ("connect_s", "ready_s")
+        }
+        return summary
+
     def latency(self, host: str, port: int, header: bool) -> dict[str, float]:
         out = self.kubectl(
             "exec", "caller", "--", "python3", "-c", LATENCY, host, str(port),
@@ -323,6 +376,19 @@ class Bench:
         )  # fmt: skip
         result: dict[str, float] = json.loads(out)
         return result
+
+    def run_auth_compare(self, rounds: int) -> dict[str, dict[str, float]]:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+        try:
+            self.up()
+            self.ready_time(port)  # the agent is injected once: the rounds measure warm
+            self.tele("leave", "echo")
+            return self.compare_auth(port, rounds)
+        finally:
+            server.shutdown()
+            self.down()
 
     def run(self) -> dict[str, object]:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -381,9 +447,30 @@ def main() -> None:
         action="store_true",
         help="also a handler container (--docker-run) on a private dockerd: ready and latency",
     )
+    parser.add_argument(
+        "--auth-compare",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only compare enforcing with disabled: connect and warm ready time, the modes "
+        "alternating (ABBA) for ROUNDS rounds",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("kubectl"):
         raise SystemExit("bench/engage.py needs root (the sandbox's namespaces) and kubectl")
+    if args.auth_compare:
+        compared = Bench(args.requests).run_auth_compare(args.auth_compare)
+        print(f"{'authentication mode':22} {'connect s':>10} {'ready s':>9}")
+        for mode in ("enforcing", "disabled"):
+            row = compared[mode]
+            print(f"{mode:22} {row['connect_s']:10.2f} {row['ready_s']:9.2f}")
+        paired = compared["paired"]
+        print(
+            f"{'enforcing - disabled':22} {paired['connect_s_diff'] * 1000:+9.0f}ms "
+            f"{paired['ready_s_diff'] * 1000:+7.0f}ms  (median of paired runs; target <= +50 ms)"
+        )
+        print(json.dumps({"bench": "engage-auth", "rounds": args.auth_compare, **compared}))
+        return
     result = Bench(args.requests, args.auth_mode, args.docker).run()
     cold, warm = result["cold"], result["warm"]
     rows = result["rows"]

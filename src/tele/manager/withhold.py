@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from tele.contracts.agentconfig import REMOTE_POLICIES
 
 Source = tuple[str, str, str, str]
@@ -88,10 +90,23 @@ async def judge(
         (c for c in pod_spec.get("containers") or [] if c.get("name") == container_name), {}
     )
     verdicts: dict[Source, bool] = {}
+    needed = {*env_sources(container).values(), *volume_sources(pod_spec, container, policies)}
+
+    failures: list[Exception] = []
+
+    async def ask(source: Source) -> None:
+        try:
+            verdicts[source] = await allowed(source)
+        except Exception as exc:  # e.g. the API server is unavailable: the caller's error
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:  # the reviews at once, not one after another
+        for source in sorted(needed):
+            nursery.start_soon(ask, source)
+    if failures:
+        raise failures[0]
 
     async def may(source: Source) -> bool:
-        if source not in verdicts:
-            verdicts[source] = await allowed(source)
         return verdicts[source]
 
     withheld = Withheld()
