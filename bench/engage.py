@@ -13,6 +13,11 @@ requests/s) to the app directly (pod IP, the app's own port), through the Servic
 agent, through the agent with an http intercept that does not match them, and matching ones
 answered on this machine. Target: non-matching requests add <= 1 ms at p50.
 
+Wiretap (issue 19): requests on a new connection each (every one is copied), through the idle
+agent and with a wiretap whose local handler is fast (reads everything), slow (reads 1 KiB per
+100 ms) or absent (nothing listens). Target: a fast handler adds <= 0.3 ms at p50; an absent
+one leaves the app's p99 unchanged.
+
     .venv/bin/python bench/engage.py [--requests 500] [--auth-mode enforcing|disabled] [--docker]
     .venv/bin/python bench/engage.py --auth-compare 2
 
@@ -38,12 +43,15 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 APP = """
@@ -94,13 +102,18 @@ while time.monotonic() < deadline:
 LATENCY = """
 import http.client, json, statistics, sys, time
 host, port, count, header = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+fresh = len(sys.argv) > 5 and sys.argv[5] == "fresh"
 headers = {"x-bench": "me"} if header == "yes" else {}
 conn = http.client.HTTPConnection(host, port, timeout=10)
 times = []
 for i in range(count + 20):
     started = time.perf_counter()
+    if fresh:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
     conn.request("GET", "/", headers=headers)
     body = conn.getresponse().read()
+    if fresh:
+        conn.close()
     if i >= 20:
         times.append(time.perf_counter() - started)
 times.sort()
@@ -152,6 +165,63 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_
 """
 
 
+IDLE_FRESH = "Service, idle agent, new connection each"
+WIRETAP_ROW = "Service, wiretap, new connection each,"
+
+
+@contextmanager
+def _sink(read_pause: float) -> Iterator[int]:
+    """A local wiretap handler that reads what it gets (1 KiB per `read_pause` s when > 0)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+
+    def one(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while conn.recv(1024 if read_pause else 65536):
+                    if read_pause:
+                        time.sleep(read_pause)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        try:
+            listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        listener.close()
+        thread.join(5)
+
+
+def fast_sink() -> AbstractContextManager[int]:
+    return _sink(0)
+
+
+def slow_sink() -> AbstractContextManager[int]:
+    return _sink(0.1)
+
+
+@contextmanager
+def absent_port() -> Iterator[int]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    yield port  # closed: nothing listens there
+
+
 class Bench:
     def __init__(self, requests: int, auth_mode: str = "enforcing", docker: bool = False) -> None:
         self.docker = docker
@@ -166,6 +236,7 @@ class Bench:
                 self.home / sub
             )
         self.kubeconfig = ""
+        self.tap_counters: dict[str, dict[str, int]] = {}
 
     def tele(self, *args: str, timeout: float = 180) -> str:
         result = subprocess.run(
@@ -369,10 +440,12 @@ class Bench:
         }
         return summary
 
-    def latency(self, host: str, port: int, header: bool) -> dict[str, float]:
+    def latency(
+        self, host: str, port: int, header: bool, *, fresh: bool = False
+    ) -> dict[str, float]:
         out = self.kubectl(
             "exec", "caller", "--", "python3", "-c", LATENCY, host, str(port),
-            str(self.requests), "yes" if header else "no",
+            str(self.requests), "yes" if header else "no", "fresh" if fresh else "keep",
         )  # fmt: skip
         result: dict[str, float] = json.loads(out)
         return result
@@ -389,6 +462,26 @@ class Bench:
         finally:
             server.shutdown()
             self.down()
+
+    def wiretap_rows(self) -> dict[str, dict[str, float]]:
+        """New connection per request: the idle agent, then a wiretap whose handler is fast,
+        slow or absent."""
+        rows = {IDLE_FRESH: self.latency("echo.default", 80, False, fresh=True)}
+        for label, handler in (("fast", fast_sink), ("slow", slow_sink), ("absent", None)):
+            with handler() if handler else absent_port() as port:
+                self.tele("wiretap", "tap", "-w", "echo", "-p", f"{port}:http")
+                rows[f"{WIRETAP_ROW} {label} handler"] = self.latency(
+                    "echo.default", 80, False, fresh=True
+                )
+                status = json.loads(self.tele("status", "-o", "json"))
+                self.tele("leave", "tap")
+            taps = [
+                e.get("wiretap") or {}
+                for e in status["session"]["engagements"]
+                if e["name"] == "tap"
+            ]
+            self.tap_counters[label] = taps[0] if taps else {}
+        return rows
 
     def run(self) -> dict[str, object]:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -409,6 +502,7 @@ class Bench:
             }
             self.tele("leave", "echo")
             rows["Service, idle agent"] = self.latency("echo.default", 80, False)
+            rows.update(self.wiretap_rows())
             self.tele("intercept", "echo", "--port", str(port), "--mechanism", "tcp")
             rows["Service, tcp intercept (laptop)"] = self.latency("echo.default", 80, False)
             self.tele("leave", "echo")
@@ -430,7 +524,13 @@ class Bench:
         finally:
             server.shutdown()
             self.down()
-        return {"cold": cold, "warm": warm, "rows": rows, "docker": docker}
+        return {
+            "cold": cold,
+            "warm": warm,
+            "rows": rows,
+            "docker": docker,
+            "taps": self.tap_counters,
+        }
 
 
 def main() -> None:
@@ -487,12 +587,16 @@ def main() -> None:
         print(f"{'--docker-run, image there (agent there)':46} {'':7} {docker['warm']:8.2f}")
     print()
     direct = rows["app directly (pod IP:8080)"]["p50_ms"]
+    fresh = rows[IDLE_FRESH]
     print(f"{'requests from a pod':46} {'p50 ms':>7} {'p99 ms':>8} {'req/s':>8} {'+p50 ms':>8}")
     for label, row in rows.items():
-        added = row["p50_ms"] - direct
+        # Wiretap rows are compared with the idle agent on new connections (same pattern).
+        added = row["p50_ms"] - (fresh["p50_ms"] if label.startswith(WIRETAP_ROW) else direct)
         print(
             f"{label:46} {row['p50_ms']:7.2f} {row['p99_ms']:8.2f} {row['rps']:8.0f} {added:8.2f}"
         )
+    for label, counters in result["taps"].items():  # type: ignore[attr-defined]
+        print(f"wiretap with a {label} handler: {counters}")
     print(
         json.dumps(
             {
@@ -517,6 +621,18 @@ def main() -> None:
                 "added_p50_ms_not_matching": round(
                     rows["Service, http intercept, not matching"]["p50_ms"] - direct, 3
                 ),
+                "wiretap": {
+                    label: {
+                        "added_p50_ms": round(
+                            rows[f"{WIRETAP_ROW} {label} handler"]["p50_ms"] - fresh["p50_ms"], 3
+                        ),
+                        "added_p99_ms": round(
+                            rows[f"{WIRETAP_ROW} {label} handler"]["p99_ms"] - fresh["p99_ms"], 3
+                        ),
+                        "counters": result["taps"].get(label, {}),  # type: ignore[attr-defined]
+                    }
+                    for label in ("fast", "slow", "absent")
+                },
             }
         )
     )

@@ -39,10 +39,15 @@ def numeric_settings() -> object:
     return msgspec.structs.replace(settings, config=config)
 
 
-def test_only_numeric_tcp_ports_are_redirected() -> None:
-    assert redirects(numeric_settings()) == [(8080, 9900), (8081, 9901)]  # type: ignore[arg-type]
-    script = ruleset([(8080, 9900)])
+def test_numeric_tcp_and_udp_ports_are_redirected_named_ones_are_not() -> None:
+    assert redirects(numeric_settings()) == [  # type: ignore[arg-type]
+        (8080, 9900, "tcp"),
+        (8081, 9901, "tcp"),
+        (53, 9903, "udp"),
+    ]
+    script = ruleset([(8080, 9900, "tcp"), (53, 9903, "udp")])
     assert "hook prerouting" in script and "tcp dport 8080 redirect to :9900" in script
+    assert "udp dport 53 redirect to :9903" in script
     assert "output" not in script  # the agent's own dials to the app must not loop back
 
 

@@ -207,3 +207,137 @@ def test_a_worker_without_ports_can_be_configured_for_replace_and_ingest() -> No
     patched = jsonpatch.apply_patch(pod, pod_patch(pod, config))
     assert [c["name"] for c in patched["spec"]["containers"]] == [AGENT_CONTAINER]
     assert patched["spec"]["containers"][0]["ports"] == []
+
+
+def test_a_headless_services_named_port_is_redirected_not_renamed() -> None:
+    # Its callers dial pod IPs and the container port number: a renamed port would not catch
+    # them, the init container's redirect does.
+    workload = deployment()
+    config = generate(
+        workload=workload,
+        services=[service("api", "http", clusterIP="None")],
+        manager_namespace="a",
+        agent_image="i",
+    )
+    [intercept] = config.containers[0].intercepts
+    assert intercept.headless and not intercept.target_port_numeric
+    pod = {"metadata": {"name": "p"}, "spec": workload["spec"]["template"]["spec"]}
+    patched = jsonpatch.apply_patch(pod, pod_patch(pod, config))
+    app, _sidecar, agent = patched["spec"]["containers"]
+    assert app["ports"][0]["name"] == "http"  # not renamed
+    assert {"containerPort": 9900, "protocol": "TCP"} in agent["ports"]
+    [init] = patched["spec"]["initContainers"]
+    assert init["name"] == INIT_CONTAINER
+
+
+def test_udp_ports_named_and_numeric_are_taken_over() -> None:
+    workload = deployment()
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    containers[0]["ports"] += [
+        {"name": "dns", "containerPort": 5353, "protocol": "UDP"},
+        {"containerPort": 5354, "protocol": "UDP"},
+    ]
+    udp = {
+        "metadata": {"name": "dns", "uid": "uid-dns"},
+        "spec": {
+            "selector": {"app": "api"},
+            "ports": [
+                {"name": "named", "port": 53, "targetPort": "dns", "protocol": "UDP"},
+                {"name": "numeric", "port": 54, "targetPort": 5354, "protocol": "UDP"},
+            ],
+        },
+    }
+    config = generate(workload=workload, services=[udp], manager_namespace="a", agent_image="i")
+    assert [
+        (i.protocol, i.container_port, i.agent_port) for i in config.containers[0].intercepts
+    ] == [
+        ("UDP", 5353, 9900),
+        ("UDP", 5354, 9901),
+    ]
+    pod = {"metadata": {"name": "p"}, "spec": workload["spec"]["template"]["spec"]}
+    patched = jsonpatch.apply_patch(pod, pod_patch(pod, config))
+    app, _sidecar, agent = patched["spec"]["containers"]
+    assert {"name": "tm-dns", "containerPort": 5353, "protocol": "UDP"} in app["ports"]
+    assert {"name": "dns", "containerPort": 9900, "protocol": "UDP"} in agent["ports"]
+    assert {"containerPort": 9901, "protocol": "UDP"} in agent["ports"]
+
+
+def test_inject_service_name_and_ports_choose_what_leads_to_the_agent() -> None:
+    services = [service("api", "http"), service("metrics", 9090, 9090)]
+    chosen = generate(
+        workload=deployment({"telepresence.io/inject-service-name": "metrics"}),
+        services=services,
+        manager_namespace="a",
+        agent_image="i",
+    )
+    assert [i.service_name for _, i in chosen.intercepts()] == ["metrics"]
+    by_port = generate(
+        workload=deployment({"telepresence.io/inject-service-ports": "web"}),
+        services=[
+            {
+                "metadata": {"name": "api", "uid": "u"},
+                "spec": {
+                    "selector": {"app": "api"},
+                    "ports": [
+                        {"name": "web", "port": 80, "targetPort": "http"},
+                        {"name": "admin", "port": 9090, "targetPort": 9090},
+                    ],
+                },
+            }
+        ],
+        manager_namespace="a",
+        agent_image="i",
+    )
+    assert [i.service_port_name for _, i in by_port.intercepts()] == ["web"]
+    with pytest.raises(NotInterceptable, match="names Service nope, which does not select"):
+        generate(
+            workload=deployment({"telepresence.io/inject-service-name": "nope"}),
+            services=services,
+            manager_namespace="a",
+            agent_image="i",
+        )
+
+
+def test_inject_container_ports_are_taken_without_a_service_and_redirected() -> None:
+    workload = deployment({"telepresence.io/inject-container-ports": "9090"})
+    config = generate(workload=workload, services=[], manager_namespace="a", agent_image="i")
+    [(container, intercept)] = config.intercepts()
+    assert (container, intercept.service_name, intercept.container_port) == ("app", "", 9090)
+    assert intercept.target_port_numeric  # callers dial the pod IP: redirected
+    with pytest.raises(NotInterceptable, match="names nope, which no container declares"):
+        generate(
+            workload=deployment({"telepresence.io/inject-container-ports": "nope"}),
+            services=[],
+            manager_namespace="a",
+            agent_image="i",
+        )
+
+
+def test_a_manually_injected_pod_is_left_alone_and_its_config_redirects_every_port() -> None:
+    workload = deployment({"telepresence.io/manually-injected": "true"})
+    assert agentconfig.manually_injected(workload["spec"]["template"])
+    config = agentconfig.for_manual_injection(
+        generate(
+            workload=workload,
+            services=[service("api", "http")],
+            manager_namespace="a",
+            agent_image="i",
+        )
+    )
+    assert all(i.target_port_numeric for _, i in config.intercepts())
+    init = agentconfig.init_container(config, config_env=agentconfig.literal_config_env(config))
+    [env] = [e for e in init["env"] if e["name"] == "_TEL_AGENT_CONFIG"]
+    assert json.loads(env["value"])["workload_name"] == "api"
+
+
+def test_a_workload_on_the_nodes_network_gets_no_agent() -> None:
+    workload = deployment()
+    workload["spec"]["template"]["spec"]["hostNetwork"] = True
+    with pytest.raises(NotInterceptable, match="use the node's network"):
+        generate(
+            workload=workload,
+            services=[service("api", "http")],
+            manager_namespace="a",
+            agent_image="i",
+            require_service=False,
+        )

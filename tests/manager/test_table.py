@@ -156,6 +156,9 @@ class _Config:
     def intercepts(self) -> list[tuple[str, Intercept]]:
         return [("app", i) for i in self._intercepts]
 
+    def replaced(self) -> list[str]:
+        return []
+
 
 def test_a_port_that_matches_nothing_lists_the_service_ports() -> None:
     with pytest.raises(RpcError) as refused:
@@ -171,3 +174,15 @@ def test_the_container_port_is_accepted_when_one_service_port_leads_there() -> N
     config = _Config(HTTP, GRPC)
     assert choose_ports(config, _request("s1", port="8080")) == ("app", [HTTP])  # type: ignore[arg-type]
     assert choose_ports(config, _request("s1", port="80")) == ("app", [HTTP])  # type: ignore[arg-type]
+
+
+def test_wiretaps_take_nothing_and_several_clients_may_tap_one_port() -> None:
+    table = EngagementTable()
+    _engage(table, "s1")  # a tcp intercept of the port
+    first = _engage(table, "s2", name="tap", kind=aapi.WIRETAP)
+    second = _engage(table, "s3", name="tap", kind=aapi.WIRETAP)  # the same name: no conflict
+    assert first.id != second.id and first.kind == second.kind == aapi.WIRETAP
+    # ... and an intercept after them still gets the port (a wiretap took nothing away).
+    _engage(table, "s4", name="grpc", chosen=[GRPC])
+    taps = [a.engagement for a in table.of_workload(KEY) if a.engagement.kind == aapi.WIRETAP]
+    assert [t.agent_port for t in taps] == [9900, 9900]

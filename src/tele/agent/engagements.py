@@ -12,20 +12,31 @@ from typing import Protocol
 
 import trio
 
-from tele.rpc.agent_api import Engagement
+from tele.agent.wiretap import Wiretaps
+from tele.net.tunnel import Protocol as L4
+from tele.rpc.agent_api import WIRETAP, Engagement
 
 Address = tuple[str, int]
 
 
 class EngagementSource(Protocol):
+    wiretaps: Wiretaps
+    """The wiretaps' counters and buffer budget."""
+
     def current(self, agent_port: int) -> Sequence[Engagement]:
-        """The engagements on `agent_port` now (cheap: called per connection and per request)."""
+        """The engagements that route `agent_port`'s traffic now (not its wiretaps; cheap:
+        called per connection and per request)."""
+        ...
+
+    def taps(self, agent_port: int) -> Sequence[Engagement]:
+        """The wiretaps of `agent_port` now (tele.agent.wiretap)."""
         ...
 
     async def open_to_client(
-        self, engagement: Engagement, original_dst: Address
+        self, engagement: Engagement, original_dst: Address, *, protocol: L4 = L4.TCP
     ) -> trio.abc.HalfCloseableStream:
-        """A stream to the engaging client's local handler; raises on failure."""
+        """A stream to the engaging client's local handler (for UDP: DATAGRAM framed); raises
+        on failure."""
         ...
 
 
@@ -42,16 +53,21 @@ class StaticEngagements:
         self.handlers: dict[str, Address] = dict(handlers or {})
         self.opened: list[tuple[str, Address]] = []
         """(engagement id, original destination) of every stream opened to a client."""
+        self.wiretaps = Wiretaps()
 
     def set(self, engagements: Iterable[Engagement]) -> None:
         self._engagements = list(engagements)
 
     def current(self, agent_port: int) -> Sequence[Engagement]:
-        return [e for e in self._engagements if agent_port in e.ports()]
+        return [e for e in self._engagements if agent_port in e.ports() and e.kind != WIRETAP]
+
+    def taps(self, agent_port: int) -> Sequence[Engagement]:
+        return [e for e in self._engagements if agent_port in e.ports() and e.kind == WIRETAP]
 
     async def open_to_client(
-        self, engagement: Engagement, original_dst: Address
+        self, engagement: Engagement, original_dst: Address, *, protocol: L4 = L4.TCP
     ) -> trio.abc.HalfCloseableStream:
+        """A TCP connection to the handler (for UDP, it gets the DATAGRAM framed stream)."""
         host, port = self.handlers[engagement.id]
         self.opened.append((engagement.id, original_dst))
         return await trio.open_tcp_stream(host, port)

@@ -1,4 +1,5 @@
-"""The agent ports: one listener per intercept, each connection routed when it arrives.
+"""The agent ports: one listener per intercept, each connection routed when it arrives (UDP
+ports: tele.agent.udp, each caller's flow routed the same way).
 
 Routing per connection, from the engagements on its port at accept time:
 - a `tcp` engagement: the whole connection goes to the engaging client;
@@ -8,6 +9,9 @@ Routing per connection, from the engagements on its port at accept time:
   a replaced container has no app (the pod runs without it): such a connection is reset.
 A connection keeps the mode it started with: engaging or leaving affects new connections (and,
 in http mode, the next request), never bytes already in flight.
+
+Wiretaps on the port (tele.agent.wiretap) do not change where the connection goes: what the
+caller sends is copied to each of them as it is read, without ever waiting for them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import NoReturn
 
 import trio
@@ -24,9 +29,12 @@ from tele.agent.config import AgentSettings
 from tele.agent.engagements import EngagementSource
 from tele.agent.errors import UpstreamFailed
 from tele.agent.tls import TlsTermination
+from tele.agent.udp import open_udp_sockets, serve_udp_port
 from tele.agent.upstream import Upstreams, abort, relay
+from tele.agent.wiretap import TAP_DRAIN_SECONDS, TappedStream
 from tele.contracts.agentconfig import Intercept
 from tele.errors import ConnectionFailed
+from tele.rpc.agent_api import Engagement
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +75,23 @@ async def serve(
     replaced = set(settings.config.replaced())
     async with trio.open_nursery() as nursery:
         for container, intercept in settings.intercepts():
+            if intercept.protocol.upper() == "UDP":
+                for sock in await open_udp_sockets(intercept.agent_port):
+                    nursery.start_soon(
+                        partial(
+                            serve_udp_port,
+                            sock,
+                            source,
+                            agent_port=intercept.agent_port,
+                            app=(app_host, intercept.container_port),
+                            original_dst=(settings.pod_ip, intercept.container_port),
+                            app_replaced=container in replaced,
+                        )
+                    )
+                continue
             if intercept.protocol.upper() != "TCP":
                 log.warning(
-                    "%s port %d is %s; only TCP is intercepted",
+                    "%s port %d is %s; only TCP and UDP are served",
                     container,
                     intercept.container_port,
                     intercept.protocol,
@@ -104,6 +126,10 @@ async def handle_connection(
 ) -> None:
     """One accepted connection, whatever it sends: a failure ends this connection only (the
     traceback goes to the log), never the port's listener and with it the agent."""
+    tapping = upstreams.source.taps(upstreams.agent_port)
+    if tapping:
+        await _handle_tapped(stream, upstreams, app_protocol, tapping)
+        return
     async with stream:
         try:
             await _handle_connection(stream, upstreams, app_protocol)
@@ -114,8 +140,40 @@ async def handle_connection(
             abort(stream)
 
 
+async def _handle_tapped(
+    stream: trio.SocketStream,
+    upstreams: Upstreams,
+    app_protocol: str,
+    tapping: Sequence[Engagement],
+) -> None:
+    """A connection with wiretaps: served as any other, its copies sent alongside."""
+    wiretaps = upstreams.source.wiretaps
+    taps = [wiretaps.tap(engagement) for engagement in tapping]
+    source = upstreams.source
+
+    async def open_tap(engagement: Engagement) -> trio.abc.Stream:
+        return await source.open_to_client(engagement, upstreams.original_dst)
+
+    async with trio.open_nursery() as nursery:
+        for tap in taps:
+            nursery.start_soon(tap.run, open_tap)
+        tapped = TappedStream(stream, taps)
+        async with stream:
+            try:
+                await _handle_connection(tapped, upstreams, app_protocol)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log.debug("a connection on port %d ended: %s", upstreams.agent_port, exc)
+            except Exception:
+                log.exception("a connection on port %d failed; closed", upstreams.agent_port)
+                abort(stream)
+        for tap in taps:
+            tap.end()
+        # The copies may take a moment longer than the connection; never forever.
+        nursery.cancel_scope.deadline = trio.current_time() + TAP_DRAIN_SECONDS
+
+
 async def _handle_connection(
-    stream: trio.SocketStream, upstreams: Upstreams, app_protocol: str = ""
+    stream: trio.abc.HalfCloseableStream, upstreams: Upstreams, app_protocol: str = ""
 ) -> None:
     """Route one accepted connection (see the module docstring)."""
     engaged = upstreams.source.current(upstreams.agent_port)
@@ -135,7 +193,9 @@ async def _handle_connection(
         await relay(stream, target)
 
 
-async def _serve_http(stream: trio.SocketStream, upstreams: Upstreams, app_protocol: str) -> None:
+async def _serve_http(
+    stream: trio.abc.HalfCloseableStream, upstreams: Upstreams, app_protocol: str
+) -> None:
     if upstreams.tls is None:
         await http.serve_connection(stream, upstreams, app_protocol=app_protocol)
         return

@@ -1,5 +1,6 @@
-"""The agent-init program: in the pod's network namespace, redirect each numeric-targetPort
-container port to its agent port (nftables), before the app and the agent start.
+"""The agent-init program: in the pod's network namespace, redirect each container port that
+callers reach by number (a numeric targetPort, or any port of a headless Service: its callers
+dial pod IPs) to its agent port (nftables), TCP and UDP, before the app and the agent start.
 
 Only traffic arriving from outside the pod is redirected (the prerouting hook): the agent's own
 connections to 127.0.0.1:<containerPort> leave through output and reach the app, as
@@ -25,24 +26,33 @@ log = logging.getLogger(__name__)
 TABLE: Final = "tele_agent_init"
 
 
-def redirects(settings: AgentSettings) -> list[tuple[int, int]]:
-    """(container port, agent port) of every TCP intercept whose targetPort is numeric."""
-    pairs: list[tuple[int, int]] = []
+Redirect = tuple[int, int, str]
+"""(container port, agent port, "tcp" | "udp")."""
+
+
+def redirects(settings: AgentSettings) -> list[Redirect]:
+    """The redirects the configuration needs, each once."""
+    found: list[Redirect] = []
     for _, intercept in settings.intercepts():
-        pair = (intercept.container_port, intercept.agent_port)
-        if _needs_redirect(intercept) and pair not in pairs and pair[0] != pair[1]:
-            pairs.append(pair)
-    return pairs
+        redirect = (intercept.container_port, intercept.agent_port, intercept.protocol.lower())
+        if needs_redirect(intercept) and redirect not in found and redirect[0] != redirect[1]:
+            found.append(redirect)
+    return found
 
 
-def _needs_redirect(intercept: Intercept) -> bool:
-    return intercept.target_port_numeric and intercept.protocol.upper() == "TCP"
+def needs_redirect(intercept: Intercept) -> bool:
+    """Callers reach the port by its number: a numeric targetPort, or any port of a headless
+    Service (its callers dial pod IPs: no Service port name is ever resolved)."""
+    return (intercept.target_port_numeric or intercept.headless) and (
+        intercept.protocol.upper() in ("TCP", "UDP")
+    )
 
 
-def ruleset(pairs: Sequence[tuple[int, int]]) -> str:
+def ruleset(redirects: Sequence[Redirect]) -> str:
     """The nft script: one `inet` table (IPv4 and IPv6), a nat prerouting chain of redirects."""
     rules = "".join(
-        f"\t\ttcp dport {container} redirect to :{agent}\n" for container, agent in pairs
+        f"\t\t{protocol} dport {container} redirect to :{agent}\n"
+        for container, agent, protocol in redirects
     )
     return (
         f"add table inet {TABLE}\n"
@@ -56,7 +66,7 @@ def ruleset(pairs: Sequence[tuple[int, int]]) -> str:
     )
 
 
-async def apply(settings: AgentSettings, *, nft: str = "nft") -> list[tuple[int, int]]:
+async def apply(settings: AgentSettings, *, nft: str = "nft") -> list[Redirect]:
     """Install the redirects in the current network namespace; returns them."""
     pairs = redirects(settings)
     if not pairs:
@@ -79,6 +89,6 @@ async def apply(settings: AgentSettings, *, nft: str = "nft") -> list[tuple[int,
             + (f" ({detail[0]})" if detail else "")
             + "; the init container needs the NET_ADMIN capability."
         )
-    for container, agent in pairs:
-        log.info("redirecting port %d to the agent's port %d", container, agent)
+    for container, agent, protocol in pairs:
+        log.info("redirecting %s port %d to the agent's port %d", protocol, container, agent)
     return pairs

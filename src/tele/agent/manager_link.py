@@ -24,6 +24,7 @@ import tele
 from tele import logs
 from tele.agent.config import AgentSettings
 from tele.agent.engagements import Address
+from tele.agent.wiretap import Wiretaps
 from tele.errors import TeleError, single_leaf
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc import agent_api as aapi
@@ -35,6 +36,8 @@ from tele.rpc.manager_api import AUTHENTICATE, REMAIN, AuthenticateRequest, Sess
 log = logging.getLogger(__name__)
 
 ARRIVE_TIMEOUT = 10.0
+TAP_REPORT_SECONDS = 2.0
+"""How often the wiretap counters are reported to the manager while they move."""
 RETRY_MAX = 10.0
 TOKEN_FILE_ENV = "_TEL_AGENT_TOKEN_FILE"
 """Where the pod's projected ServiceAccount token for the manager is (set by the injector)."""
@@ -114,6 +117,8 @@ class ManagerEngagements:
         self.manager_ips: frozenset[str] | None = None
         """The manager's addresses (None: not said); see `may_reach_files`."""
         self._by_port: dict[int, list[aapi.Engagement]] = {}
+        self._taps_by_port: dict[int, list[aapi.Engagement]] = {}
+        self.wiretaps = Wiretaps()
         self._retry_initial = retry_initial
         self.updates = 0
         self._updated = trio.Event()
@@ -142,6 +147,9 @@ class ManagerEngagements:
     def current(self, agent_port: int) -> Sequence[aapi.Engagement]:
         return self._by_port.get(agent_port, [])
 
+    def taps(self, agent_port: int) -> Sequence[aapi.Engagement]:
+        return self._taps_by_port.get(agent_port, [])
+
     async def wait_updated(self, after: int) -> None:
         """Until more than `after` engagement updates have been applied (for callers and tests)."""
         while self.updates <= after:
@@ -149,27 +157,33 @@ class ManagerEngagements:
 
     def _set(self, engagements: Sequence[aapi.Engagement]) -> None:
         by_port: dict[int, list[aapi.Engagement]] = {}
+        taps: dict[int, list[aapi.Engagement]] = {}
         for engagement in engagements:
             for port in engagement.ports():
-                by_port.setdefault(port, []).append(engagement)
-        if by_port != self._by_port:
+                into = taps if engagement.kind == aapi.WIRETAP else by_port
+                into.setdefault(port, []).append(engagement)
+        self.wiretaps.forget_except({e.id for e in engagements if e.kind == aapi.WIRETAP})
+        if by_port != self._by_port or taps != self._taps_by_port:
             log.info(
                 "engagements now: %s",
                 ", ".join(f"{e.id} ({e.mechanism}, {e.client})" for e in engagements) or "none",
             )
         self._by_port = by_port
+        self._taps_by_port = taps
         self.updates += 1
         self._updated.set()
         self._updated = trio.Event()
 
     async def open_to_client(
-        self, engagement: aapi.Engagement, original_dst: Address
+        self,
+        engagement: aapi.Engagement,
+        original_dst: Address,
+        *,
+        protocol: Protocol = Protocol.TCP,
     ) -> trio.abc.HalfCloseableStream:
         if not self.session_id:
             raise TeleError("the traffic agent has no session with the traffic manager")
-        destination = Destination(
-            Protocol.TCP, ipaddress.ip_address(original_dst[0]), original_dst[1]
-        )
+        destination = Destination(protocol, ipaddress.ip_address(original_dst[0]), original_dst[1])
         return await self.pool.dial(
             destination,
             session=self.session_id,
@@ -258,8 +272,24 @@ class ManagerEngagements:
                     token = await self._authenticate(client, token)  # rotated: present anew
                     await client.call(REMAIN, request, timeout=info.lease_seconds / 3)
 
+            async def report_taps() -> None:
+                reported = -1
+                while True:
+                    if self.wiretaps.version != reported:
+                        reported = self.wiretaps.version
+                        report = aapi.TapReport(
+                            session_id=info.session_id, taps=self.wiretaps.snapshot()
+                        )
+                        try:
+                            await client.call(aapi.REPORT_TAPS, report, timeout=ARRIVE_TIMEOUT)
+                        except RpcError as exc:  # an older manager: wiretaps go uncounted
+                            log.info("cannot report wiretap counters: %s", exc)
+                            return
+                    await trio.sleep(TAP_REPORT_SECONDS)
+
             nursery.start_soon(remain)
             nursery.start_soon(self._follow_log_level, client, request)
+            nursery.start_soon(report_taps)
             async with client.stream(aapi.WATCH_ENGAGEMENTS, request) as lists:
                 async for engagements in lists:
                     self._set(engagements.engagements)

@@ -79,8 +79,11 @@ class Upstreams:
 
 def abort(stream: trio.abc.Stream) -> None:
     """Make closing `stream` a TCP RST, so a failure on one side reaches the other as one."""
-    if isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
+    # Through the wrappers (TLS, a wiretap's copy) to the socket.
+    for _ in range(3):
+        if isinstance(stream, trio.SocketStream):
+            break
+        stream = getattr(stream, "transport_stream", stream)
     if isinstance(stream, trio.SocketStream):
         try:
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

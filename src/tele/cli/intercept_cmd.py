@@ -162,7 +162,15 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     for note in data.get("withheld") or []:  # what the user may not read (RBAC)
         click.echo(f"tele: {note}", err=True)
     if not command:  # with `-- COMMAND`, the command is the handler and starts next
-        for where in _not_listening(data.get("local") or []):
+        protocols = [str(p.get("protocol") or "TCP") for p in data.get("ports") or []]
+        for where in _not_listening(data.get("local") or [], protocols):
+            if where.endswith("/UDP"):
+                click.echo(
+                    f"tele: nothing listens on {where} yet: until something does, the "
+                    "engaged UDP datagrams are dropped",
+                    err=True,
+                )
+                continue
             click.echo(
                 f"tele: nothing listens on {where} yet: until something does, engaged HTTP "
                 "requests get a 502 and other connections are reset",
@@ -235,13 +243,18 @@ def mounted_here(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
     return os.path.realpath(path) in points
 
 
-def _not_listening(local: list[str]) -> list[str]:
-    """The local handler addresses (host:port) that refuse a connection right now."""
+def _not_listening(local: list[str], protocols: list[str] | None = None) -> list[str]:
+    """The local handler addresses (host:port) that refuse a connection right now; a UDP one
+    (`protocols`, in the order of `local`) as host:port/UDP when no socket is bound to it."""
     import socket
 
     refused = []
-    for where in local:
+    for index, where in enumerate(local):
         host, _, port = where.rpartition(":")
+        if protocols and index < len(protocols) and protocols[index].upper() == "UDP":
+            if port.isdigit() and _udp_unbound(int(port)):
+                refused.append(f"{where}/UDP")
+            continue
         try:
             with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
                 pass
@@ -250,6 +263,34 @@ def _not_listening(local: list[str]) -> list[str]:
         except (OSError, ValueError):
             pass  # unknown: say nothing rather than something wrong
     return refused
+
+
+def _udp_unbound(port: int) -> bool:
+    """Whether no UDP socket of this machine is bound to `port` (Linux's /proc/net tables;
+    elsewhere: unknown, so False). A probe datagram would reach a handler that exists."""
+    bound = False
+    known = False
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        known = True
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 1 and fields[1].rpartition(":")[2] == f"{port:04X}":
+                bound = True
+    return known and not bound
+
+
+def _pod(d: dict[str, Any]) -> str:
+    """The pod the engagement's --to-pod forwards and volumes use: `name (IP)`."""
+    ips = d.get("pod_ips") or []
+    name = d.get("pod_name") or ""
+    if name and ips:
+        return f"{name} ({ips[0]})"
+    return name or ", ".join(ips) or "?"
 
 
 def _intercept_text(d: dict[str, Any]) -> str:
@@ -262,7 +303,12 @@ def _intercept_text(d: dict[str, Any]) -> str:
         d.get("path_prefix") or [],
         d.get("path_regex") or [],
     )
-    if d["mechanism"] == "tcp":
+    protocols = {str(p.get("protocol") or "TCP").upper() for p in d.get("ports") or []}
+    if d["mechanism"] == "tcp" and protocols == {"UDP"}:
+        what = "all UDP datagrams"
+    elif d["mechanism"] == "tcp" and "UDP" in protocols:
+        what = "all TCP connections and UDP datagrams"
+    elif d["mechanism"] == "tcp":
         what = "all TCP connections"
     elif how.startswith("http: "):
         what = f"HTTP requests with {how.removeprefix('http: ')}"
@@ -282,6 +328,8 @@ def _intercept_text(d: dict[str, Any]) -> str:
         lines.append(f"   Destination            : {where} (service port {service})")
     if len(ports) == 1:
         lines.append(f"   Service Port Identifier: {d['service']}:{d['service_port']}")
+    if d.get("pod_name"):
+        lines.append(f"   Pod                    : {_pod(d)}")
     if d.get("local_mount"):
         lines.append(f"   Volume Mount Point     : {d['local_mount']}")
     lines.append(f"   Intercepting           : {what}")
@@ -300,7 +348,9 @@ def _replace_text(d: dict[str, Any]) -> str:
         where = local[index] if index < len(local) else "?"
         lines.append(f"   Port          : {port['container_port']}/{port['protocol']} -> {where}")
     if not d.get("ports"):
-        lines.append("   Ports         : none (the container declares no TCP port)")
+        lines.append("   Ports         : none (the container declares no TCP or UDP port)")
+    if d.get("pod_name"):
+        lines.append(f"   Pod           : {_pod(d)}")
     if d.get("local_mount"):
         lines.append(f"   Volume Mount  : {d['local_mount']}")
     return "\n".join(lines)
@@ -313,7 +363,7 @@ def _ingest_text(d: dict[str, Any]) -> str:
             f"   Ingest name   : {d['name']}",
             "   State         : ACTIVE",
             f"   Container     : {d['container']}",
-            f"   Pod IP        : {', '.join(d.get('pod_ips') or []) or '?'}",
+            f"   Pod           : {_pod(d)}",
             f"   Environment   : {len(d.get('environment') or {})} variables",
             *([f"   Volume Mount  : {d['local_mount']}"] if d.get("local_mount") else []),
         ]

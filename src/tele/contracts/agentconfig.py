@@ -10,7 +10,8 @@ the app container's port is renamed `tm-<name>` and the agent container takes th
 Service's traffic reaches the agent, which forwards what is not engaged to the app's port. A
 *numeric* targetPort cannot be renamed; there an init container (`tele-agent-init`, NET_ADMIN)
 redirects the container port to the agent port inside the pod's network namespace, as
-Telepresence does with iptables.
+Telepresence does with iptables. A headless Service's ports are redirected the same way, named or
+not: its callers dial pod IPs and container port numbers, never a port name. TCP and UDP alike.
 
 Volumes (seed 004, "Volume Mount Policies"): each app volume mount gets a policy, from the Helm
 value `agent.mountPolicies` overridden by the pod template's `telepresence.io/mount-policies`
@@ -47,6 +48,16 @@ INJECT_ANNOTATION = "inject-traffic-agent"
 MOUNT_POLICIES_ANNOTATION = "mount-policies"
 IGNORE_VOLUMES_ANNOTATION = "inject-ignore-volume-mounts"
 TERMINATING_TLS_ANNOTATION = "inject-terminating-tls-secret"
+SERVICE_NAME_ANNOTATION = "inject-service-name"
+"""Only this Service's ports lead to the agent (when several select the pods)."""
+SERVICE_PORTS_ANNOTATION = "inject-service-ports"
+"""Only these Service ports (names or numbers, comma-separated) lead to the agent."""
+CONTAINER_PORTS_ANNOTATION = "inject-container-ports"
+"""Container ports (names or numbers, comma-separated) the agent takes although no Service
+leads to them: their callers dial the pod IP, so they are redirected by the init container."""
+MANUALLY_INJECTED_ANNOTATION = "manually-injected"
+"""`true`: the pod template carries the agent itself (`tele genyaml`); the webhook leaves its
+pods alone and the manager never rolls them."""
 TLS_VOLUME = "traffic-agent-terminating-tls"
 TLS_DIR = "/var/run/secrets/tele/terminating-tls"
 AGENT_TOKEN_AUDIENCE = "tele-traffic-manager"
@@ -278,15 +289,38 @@ def generate(
     template = (workload.get("spec") or {}).get("template") or {}
     if injection_policy(template) == "disabled":
         raise NotInterceptable("the workload's pod template disables the traffic agent")
+    if (template.get("spec") or {}).get("hostNetwork"):
+        raise NotInterceptable(
+            "its pods use the node's network (hostNetwork): an agent there would take the "
+            "node's ports"
+        )
     labels = (template.get("metadata") or {}).get("labels") or {}
-    containers = list((template.get("spec") or {}).get("containers") or [])
+    # A hand-injected template has the agent already: it is no app container.
+    containers = [
+        c
+        for c in (template.get("spec") or {}).get("containers") or []
+        if c.get("name") != AGENT_CONTAINER
+    ]
     next_port = agent_port
     by_container: dict[str, list[Intercept]] = {c["name"]: [] for c in containers}
-    for service in sorted(services, key=lambda s: s["metadata"]["name"]):
+    only_service = (annotation(template, SERVICE_NAME_ANNOTATION) or "").strip()
+    only_ports = _listed(annotation(template, SERVICE_PORTS_ANNOTATION))
+    selecting = [
+        s
+        for s in services
+        if _labels_match((s.get("spec") or {}).get("selector") or {}, labels)
+        and (not only_service or s["metadata"]["name"] == only_service)
+    ]
+    if only_service and not selecting:
+        raise NotInterceptable(
+            f"its {ANNOTATION_PREFIX}{SERVICE_NAME_ANNOTATION} annotation names Service "
+            f"{only_service}, which does not select its pods"
+        )
+    for service in sorted(selecting, key=lambda s: s["metadata"]["name"]):
         spec = service.get("spec") or {}
-        if not _labels_match(spec.get("selector") or {}, labels):
-            continue
         for port in spec.get("ports") or []:
+            if only_ports and not ({str(port.get("name") or ""), str(port["port"])} & only_ports):
+                continue
             found = _target(containers, port)
             if found is None:
                 continue
@@ -325,6 +359,13 @@ def generate(
             by_container[container["name"]] += _unserved_ports(
                 container, by_container[container["name"]]
             )
+    next_port = _container_port_intercepts(
+        _listed(annotation(template, CONTAINER_PORTS_ANNOTATION)),
+        containers,
+        by_container,
+        next_port,
+        replaced,
+    )
     policies = mount_policies(template, default_mount_policies)
     configs = []
     for i, c in enumerate(containers):
@@ -362,6 +403,61 @@ def generate(
         containers=configs,
         terminating_tls_secret=annotation(template, TERMINATING_TLS_ANNOTATION) or "",
     )
+
+
+def _listed(value: str | None) -> set[str]:
+    """A comma-separated annotation as a set of its non-empty items."""
+    return {item.strip() for item in (value or "").split(",") if item.strip()}
+
+
+def _container_port_intercepts(
+    wanted: set[str],
+    containers: list[Obj],
+    by_container: dict[str, list[Intercept]],
+    next_port: int,
+    replaced: Collection[str],
+) -> int:
+    """Add the `inject-container-ports` ports (no Service leads to them) to `by_container`;
+    returns the next free agent port. NotInterceptable for a port no container declares."""
+    found: set[str] = set()
+    for container in containers:
+        name = container["name"]
+        for declared in container.get("ports") or []:
+            number = int(declared["containerPort"])
+            keys = {str(number), str(declared.get("name") or "")} & wanted
+            if not keys:
+                continue
+            found |= keys
+            protocol = str(declared.get("protocol") or "TCP")
+            if name in replaced or any(
+                (i.container_port, i.protocol) == (number, protocol) for i in by_container[name]
+            ):
+                continue  # the agent has it already
+            by_container[name].append(
+                Intercept(
+                    service_name="",
+                    service_uid="",
+                    service_port=0,
+                    protocol=protocol,
+                    target_port_numeric=True,
+                    container_port_name=str(declared.get("name") or ""),
+                    container_port=number,
+                    agent_port=next_port,
+                )
+            )
+            next_port += 1
+    missing = sorted(wanted - found)
+    if missing:
+        raise NotInterceptable(
+            f"its {ANNOTATION_PREFIX}{CONTAINER_PORTS_ANNOTATION} annotation names "
+            f"{', '.join(missing)}, which no container declares"
+        )
+    return next_port
+
+
+def manually_injected(obj: Obj) -> bool:
+    """The pod (or pod template) carries an agent its owner added by hand (`tele genyaml`)."""
+    return (annotation(obj, MANUALLY_INJECTED_ANNOTATION) or "").strip().lower() == "true"
 
 
 def _unserved_ports(container: Obj, served: list[Intercept]) -> list[Intercept]:
@@ -454,7 +550,9 @@ def pod_patch(pod: Obj, config: AgentConfig) -> list[dict[str, Any]]:
                 )
             continue
         for intercept in intercepts:
-            if intercept.target_port_numeric:
+            if intercept.target_port_numeric or intercept.headless:
+                # Callers reach it by number (a headless Service's dial pod IPs): redirected
+                # by the init container, the app's port keeps its name.
                 numeric.append(intercept)
                 agent_ports.append(
                     {"containerPort": intercept.agent_port, "protocol": intercept.protocol}
@@ -484,6 +582,24 @@ def pod_patch(pod: Obj, config: AgentConfig) -> list[dict[str, Any]]:
             "value": agent_container(config, containers, agent_ports),
         }
     )
+    volumes = agent_volumes(config)
+    if spec.get("volumes") is None:
+        ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
+    else:
+        ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
+    # Last, and from the end: earlier ops address containers by their original index.
+    ops.extend({"op": "remove", "path": f"/spec/containers/{i}"} for i in reversed(removed))
+    if numeric:
+        init = init_container(config)
+        if spec.get("initContainers") is None:
+            ops.append({"op": "add", "path": "/spec/initContainers", "value": [init]})
+        else:
+            ops.append({"op": "add", "path": "/spec/initContainers/-", "value": init})
+    return ops
+
+
+def agent_volumes(config: AgentConfig) -> list[dict[str, Any]]:
+    """The volumes the agent container needs: its token for the manager, the TLS secret."""
     volumes: list[dict[str, Any]] = [
         {
             "name": TOKEN_VOLUME,
@@ -504,35 +620,52 @@ def pod_patch(pod: Obj, config: AgentConfig) -> list[dict[str, Any]]:
         volumes.append(
             {"name": TLS_VOLUME, "secret": {"secretName": config.terminating_tls_secret}}
         )
-    if spec.get("volumes") is None:
-        ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
-    else:
-        ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
-    # Last, and from the end: earlier ops address containers by their original index.
-    ops.extend({"op": "remove", "path": f"/spec/containers/{i}"} for i in reversed(removed))
-    if numeric:
-        init = {
-            "name": INIT_CONTAINER,
-            "image": config.agent_image,
-            "args": ["agent-init"],
-            **({"imagePullPolicy": config.pull_policy} if config.pull_policy else {}),
-            "env": [
-                {"name": "LOG_LEVEL", "value": config.log_level},
-                _config_env(),  # which ports to redirect where
+    return volumes
+
+
+def init_container(config: AgentConfig, *, config_env: dict[str, Any] | None = None) -> Obj:
+    """The init container that installs the port redirects (tele.agent.init)."""
+    return {
+        "name": INIT_CONTAINER,
+        "image": config.agent_image,
+        "args": ["agent-init"],
+        **({"imagePullPolicy": config.pull_policy} if config.pull_policy else {}),
+        "env": [
+            {"name": "LOG_LEVEL", "value": config.log_level},
+            config_env or _config_env(),  # which ports to redirect where
+        ],
+        # Root: tele's image runs as a non-root user, and an added capability is effective
+        # only for root (nftables needs NET_ADMIN).
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "capabilities": {"add": ["NET_ADMIN"]},
+        },
+    }
+
+
+def for_manual_injection(config: AgentConfig) -> AgentConfig:
+    """`config` for a pod template its owner injects by hand (`tele genyaml`): every port is
+    reached through the init container's redirect, so the app's ports keep their names and
+    the template needs no other change than the added agent, init container and volumes."""
+    containers = [
+        msgspec.structs.replace(
+            c,
+            intercepts=[
+                msgspec.structs.replace(i, target_port_numeric=True) if not c.replace else i
+                for i in c.intercepts
             ],
-            # Root: tele's image runs as a non-root user, and an added capability is effective
-            # only for root (nftables needs NET_ADMIN).
-            "securityContext": {
-                "runAsUser": 0,
-                "runAsNonRoot": False,
-                "capabilities": {"add": ["NET_ADMIN"]},
-            },
-        }
-        if spec.get("initContainers") is None:
-            ops.append({"op": "add", "path": "/spec/initContainers", "value": [init]})
-        else:
-            ops.append({"op": "add", "path": "/spec/initContainers/-", "value": init})
-    return ops
+        )
+        for c in config.containers
+    ]
+    return msgspec.structs.replace(config, containers=containers)
+
+
+def literal_config_env(config: AgentConfig) -> dict[str, Any]:
+    """The agent configuration as a literal env value (a hand-injected pod has no
+    configuration annotation for the downward API to read)."""
+    encoded = json.dumps(msgspec.to_builtins(config), separators=(",", ":"), sort_keys=True)
+    return {"name": "_TEL_AGENT_CONFIG", "value": encoded}
 
 
 def _probe_ops(container: Obj, index: int, intercept: Intercept) -> list[dict[str, Any]]:

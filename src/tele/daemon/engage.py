@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -18,7 +19,7 @@ from tele.rpc.client import Client
 from tele.rpc.errors import RpcError
 from tele.rpc.h2link import H2Stream
 from tele.rpc.manager_api import SessionRequest
-from tele.rpc.tunnel import TunnelError, reset, splice
+from tele.rpc.tunnel import TunnelError, relay_udp, reset, splice
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,9 @@ async def _relay(
     endpoint_dial: float,
 ) -> None:
     where = target(dial.engagement_id, dial.original_port)
+    if dial.protocol == Protocol.UDP.value:
+        await _relay_udp(dial, dial_back, where)
+        return
     destination = Destination(
         Protocol.TCP, ipaddress.ip_address(dial.original_host), dial.original_port
     )
@@ -183,7 +187,7 @@ async def _relay(
         return
     if local is None:
         try:
-            if where is None:
+            if where is None or dial.wiretap:
                 reset(stream, ResetReason.REFUSED)
             else:
                 await refuse(stream, describe(dial.engagement_id), where)
@@ -219,6 +223,31 @@ async def refuse(stream: H2Stream, name: str, where: tuple[str, int]) -> None:
                 drained += len(data)
     except trio.BrokenResourceError as exc:
         log.debug("engaged connection to %s:%d (not listening) ended: %s", *where, exc)
+
+
+async def _relay_udp(
+    dial: aapi.DialRequest, dial_back: DialBack, where: tuple[str, int] | None
+) -> None:
+    """One caller's UDP flow: its datagrams to the local handler from a socket of its own, the
+    handler's replies back, until the flow is idle (tele.rpc.tunnel.relay_udp)."""
+    destination = Destination(
+        Protocol.UDP, ipaddress.ip_address(dial.original_host), dial.original_port
+    )
+    try:
+        stream = await dial_back(destination, dial.dial_id)
+    except (TunnelError, RpcError) as exc:
+        log.warning("engaged UDP flow: cannot dial back: %s", exc)
+        return
+    if where is None:
+        reset(stream, ResetReason.REFUSED)
+        return
+    family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
+    try:
+        with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
+            await sock.connect(where)
+            await relay_udp(stream, sock)
+    finally:
+        stream.close()
 
 
 async def _open_local(

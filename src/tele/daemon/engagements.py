@@ -25,8 +25,13 @@ from tele.rpc import filters
 from tele.rpc.agent_api import PAST_TENSE
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import H2Stream
+from tele.rpc.manager_api import SessionRequest
 
 log = logging.getLogger(__name__)
+
+TAP_POLL_SECONDS = 2.0
+"""How often the wiretaps' counters are asked from the manager while there is a wiretap."""
+TAKES_SERVICE_PORTS = ("intercept", aapi.WIRETAP)
 
 
 Dial = Callable[[Destination], Awaitable[H2Stream]]
@@ -60,6 +65,33 @@ def describe(info: aapi.EngagementInfo) -> str:
     return filters.describe(
         info.mechanism, info.headers, info.path_equal, info.path_prefix, info.path_regex
     )
+
+
+def dapi_session(session_id: str) -> SessionRequest:
+    return SessionRequest(session_id=session_id)
+
+
+def describe_taps(counters: aapi.TapCounters | None) -> str:
+    """`12 connections copied (3.1 KiB), 2 dropped (handler absent or slow)`."""
+    if counters is None:
+        return "no connections copied yet"
+    copied = counters.connections - counters.dropped_connections
+    plural = "s" if copied != 1 else ""
+    text = f"{copied} connection{plural} copied ({_size(counters.copied_bytes)})"
+    if counters.dropped_connections:
+        text += (
+            f", {counters.dropped_connections} dropped ({_size(counters.dropped_bytes)}; "
+            "the local handler was absent or too slow)"
+        )
+    return text
+
+
+def _size(count: int) -> str:
+    if count < 1024:
+        return f"{count} B"
+    if count < 1024 * 1024:
+        return f"{count / 1024:.1f} KiB"
+    return f"{count / (1024 * 1024):.1f} MiB"
 
 
 def _host_port(host: str, port: int) -> str:
@@ -101,6 +133,9 @@ class LocalEngagements:
         self._dials_wanted = trio.Event()
         self.steps: dict[int, str] = {}
         """The current step of each engage under way (`tele intercept` shows it on a terminal)."""
+        self.tap_counters: dict[str, aapi.TapCounters] = {}
+        """Per wiretap engagement id: its counters, as the manager last said."""
+        self._taps_wanted = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the local sides, dial-back answers and re-engaging, until cancelled."""
@@ -108,6 +143,7 @@ class LocalEngagements:
             self._nursery = nursery
             nursery.start_soon(self._serve_dials)
             nursery.start_soon(self._keep_engagements)
+            nursery.start_soon(self._follow_tap_counters)
             task_status.started()
             await trio.sleep_forever()
 
@@ -130,7 +166,7 @@ class LocalEngagements:
             raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
         to_pod = [parse_to_pod(value) for value in request.to_pod]
         self._refuse_another(request)
-        if request.kind == "intercept":
+        if request.kind in TAKES_SERVICE_PORTS:
             locals_ = [m.local for m in request.ports] or [request.local_port]
             self._refuse_taken_ports(locals_, request.name)
         workload = request.workload or request.name
@@ -158,13 +194,16 @@ class LocalEngagements:
         self.targets[info.id] = targets
         if info.decrypted and not request.http_plaintext:
             self.local_tls[info.id] = local_tls_context()
-        # Ingest gives the volumes read-only (as Telepresence's does).
+        # Ingest and wiretap give the volumes read-only (as Telepresence's do).
         step(f"mounting the volumes of {info.workload_kind} {info.workload}")
-        info = await self._mounts.attach(info, mount.read_only_if(request.kind == "ingest"))
+        read_only = request.kind in ("ingest", aapi.WIRETAP)
+        info = await self._mounts.attach(info, mount.read_only_if(read_only))
         step(f"starting {info.name}'s local side (handlers, forwards)")
         self.engaged[info.name] = info
         self.engage_requests[info.name] = request
         self._dials_wanted.set()
+        if info.kind == aapi.WIRETAP:
+            self._taps_wanted.set()
         scope = trio.CancelScope()
         self._local_sides[info.name] = scope
         try:
@@ -213,7 +252,7 @@ class LocalEngagements:
         """ENGAGE on the manager; the engagement and the local port mappings it uses."""
         kind = request.kind
         mappings = list(request.ports)
-        if not mappings and kind == "intercept":
+        if not mappings and kind in TAKES_SERVICE_PORTS:
             mappings = [dapi.PortMapping(local=request.local_port, remote=request.port)]
         remotes = [m.remote for m in mappings]
         info = await self._lease.call_in_session(
@@ -225,7 +264,7 @@ class LocalEngagements:
                 name=request.name,
                 service=request.service,
                 port=remotes[0] if len(remotes) == 1 else "",
-                ports=remotes if len(remotes) > 1 or kind != "intercept" else [],
+                ports=remotes if len(remotes) > 1 or kind not in TAKES_SERVICE_PORTS else [],
                 container=request.container,
                 mechanism=request.mechanism,
                 headers=request.headers,
@@ -269,7 +308,9 @@ class LocalEngagements:
                     self.targets[info.id] = self.targets.pop(old.id, {})
                     if old.id in self.local_tls:
                         self.local_tls[info.id] = self.local_tls.pop(old.id)
-                self.engaged[name] = msgspec.structs.replace(old, id=info.id, pod_ips=info.pod_ips)
+                self.engaged[name] = msgspec.structs.replace(
+                    old, id=info.id, pod_ips=info.pod_ips, pod_name=info.pod_name
+                )
                 log.info("engaged %s again in the new session", name)
 
     async def _serve_engagement(
@@ -297,6 +338,21 @@ class LocalEngagements:
                 task_status.started()
                 await trio.sleep_forever()
 
+    async def _follow_tap_counters(self) -> None:
+        """While there are wiretaps, keep their counters as the manager sums them up."""
+        while True:
+            await self._taps_wanted.wait()
+            if not any(i.kind == aapi.WIRETAP for i in self.engaged.values()):
+                self._taps_wanted = trio.Event()
+                self.tap_counters.clear()
+                continue
+            try:
+                reply = await self._lease.call_in_session(aapi.TAP_COUNTERS, dapi_session)
+                self.tap_counters = dict(reply.taps)
+            except (RpcError, TeleError) as exc:
+                log.debug("wiretap counters: %s", exc)
+            await trio.sleep(TAP_POLL_SECONDS)
+
     def lines(self) -> list[str]:
         """One line per engagement for `tele status`."""
         lines = []
@@ -304,9 +360,13 @@ class LocalEngagements:
             where = ", ".join(info.local)
             what = f" -> {where} ({describe(info)})" if where else ""
             volumes = f", volumes at {info.local_mount}" if info.local_mount else ""
+            taps = ""
+            if info.kind == aapi.WIRETAP:
+                taps = "; " + describe_taps(self.tap_counters.get(info.id))
+            pod = f", pod {info.pod_name}" if info.pod_name else ""
             lines.append(
                 f"{info.name}: {PAST_TENSE.get(info.kind, info.kind)} {info.workload_kind} "
-                f"{info.namespace}/{info.workload}{what}{volumes}"
+                f"{info.namespace}/{info.workload}{what}{volumes}{pod}{taps}"
             )
         return lines
 
@@ -327,6 +387,11 @@ class LocalEngagements:
                 path_regex=i.path_regex,
                 local=i.local,
                 local_mount=i.local_mount,
+                wiretap=(
+                    self.tap_counters.get(i.id, aapi.TapCounters())
+                    if i.kind == aapi.WIRETAP
+                    else None
+                ),
             )
             for i in self.engaged.values()
         ]
@@ -364,6 +429,7 @@ class LocalEngagements:
             await self._mounts.detach(info.id)
             self.targets.pop(info.id, None)
             self.local_tls.pop(info.id, None)
+            self.tap_counters.pop(info.id, None)
         self.engaged.pop(name, None)
         self.engage_requests.pop(name, None)
 

@@ -106,6 +106,8 @@ class DialBack:
                     engagement_id=engagement_id,
                     original_host=str(request.destination.ip),
                     original_port=request.destination.port,
+                    protocol=request.destination.protocol.value,
+                    wiretap=active.info.kind == aapi.WIRETAP,
                 )
             )
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):

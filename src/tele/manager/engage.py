@@ -29,6 +29,7 @@ from tele.manager.sessions import Session
 from tele.manager.state import AgentWorkloads
 from tele.manager.table import (
     KINDS,
+    TAKES_SERVICE_PORTS,
     EngagementTable,
     WorkloadKey,
     choose_ports,
@@ -131,6 +132,9 @@ class Engagements:
         self._settings = settings
         self._absent = absent
         """Client sessions with no connection now: their engagements are not given to agents."""
+        self._tap_counters: dict[str, dict[str, aapi.TapCounters]] = {}
+        """Agent session -> its wiretaps' counters by engagement id (only live wiretaps of its
+        own workload are kept: what an agent says cannot grow this)."""
 
     def register(self, router: Router) -> None:
         router.unary(aapi.ARRIVE_AS_AGENT, self._agents.arrive)
@@ -139,6 +143,8 @@ class Engagements:
         router.unary(aapi.LEAVE, self.leave)
         router.unary(aapi.UNINSTALL, self.uninstall)
         router.stream(aapi.WATCH_DIALS, self.watch_dials)
+        router.unary(aapi.REPORT_TAPS, self.report_taps)
+        router.unary(aapi.TAP_COUNTERS, self.tap_counters)
 
     # --- agents ---------------------------------------------------------------------------------
 
@@ -163,6 +169,44 @@ class Engagements:
                 yield current
                 last = current
             await self._changes.event.wait()
+
+    async def report_taps(self, request: aapi.TapReport) -> Empty:
+        session = self._agents.of_caller(request.session_id)
+        if session is None:
+            raise RpcError(Code.NOT_FOUND, "unknown agent session; arrive again")
+        identity = session.identity
+        key = (identity.workload_kind, identity.namespace, identity.workload_name)
+        live = {
+            a.engagement.id for a in self._table.of_workload(key) if a.info.kind == aapi.WIRETAP
+        }
+        self._tap_counters[request.session_id] = {
+            k: v for k, v in request.taps.items() if k in live
+        }
+        return Empty()
+
+    async def tap_counters(self, request: api.SessionRequest) -> aapi.TapCountersReply:
+        """The caller's wiretaps' counters, summed over the agents that report them."""
+        self._client_session(request.session_id)
+        for gone in [s for s in self._tap_counters if self._agents.get(s) is None]:
+            del self._tap_counters[gone]
+        mine = {
+            a.engagement.id
+            for a in self._table.active.values()
+            if a.session_id == request.session_id and a.info.kind == aapi.WIRETAP
+        }
+        sums: dict[str, aapi.TapCounters] = {}
+        for counters in self._tap_counters.values():
+            for engagement_id, c in counters.items():
+                if engagement_id not in mine:
+                    continue
+                was = sums.get(engagement_id, aapi.TapCounters())
+                sums[engagement_id] = aapi.TapCounters(
+                    connections=was.connections + c.connections,
+                    copied_bytes=was.copied_bytes + c.copied_bytes,
+                    dropped_connections=was.dropped_connections + c.dropped_connections,
+                    dropped_bytes=was.dropped_bytes + c.dropped_bytes,
+                )
+        return aapi.TapCountersReply(taps=sums)
 
     # --- clients --------------------------------------------------------------------------------
 
@@ -212,8 +256,16 @@ class Engagements:
             )
         if self._authorize is not None:
             await self._authorize(kind, key[0], key[1], key[2])
+        template = (workload.get("spec") or {}).get("template") or {}
+        if kind == "replace" and agentconfig.manually_injected(template):
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"the traffic agent of {request.workload} was injected by hand "
+                f"({agentconfig.ANNOTATION_PREFIX}{agentconfig.MANUALLY_INJECTED_ANNOTATION}): "
+                "its containers cannot be replaced; intercept its ports instead",
+            )
         container = request.container
-        if kind != "intercept":
+        if kind not in TAKES_SERVICE_PORTS:
             container = pick_container(workload, request)
         name = request.name or (
             f"{request.workload}/{container}" if kind == "ingest" else request.workload
@@ -223,9 +275,9 @@ class Engagements:
         if existing is not None:
             return existing
         replaced = table.replaced_containers(key) | ({container} if kind == "replace" else set())
-        config = self._config(workload, key, replaced, require_service=kind == "intercept")
+        config = self._config(workload, key, replaced, require_service=kind in TAKES_SERVICE_PORTS)
         chosen: list[agentconfig.Intercept] = []
-        if kind == "intercept":
+        if kind in TAKES_SERVICE_PORTS:
             container, chosen = choose_ports(config, request)
         elif kind == "replace":
             chosen = container_ports(config, container, request)
@@ -235,8 +287,10 @@ class Engagements:
             table.replacing[pending] = session.label
         activated = False
         try:
-            agents = await self._rollouts.ensure_agent(
-                key, workload, min(request.agent_timeout, self._settings.arrival_timeout)
+            agents = self._serving_first(
+                await self._rollouts.ensure_agent(
+                    key, workload, min(request.agent_timeout, self._settings.arrival_timeout)
+                )
             )
             agents, withheld = await self._withhold(agents, workload, key, container)
             info = table.activate(
@@ -309,6 +363,21 @@ class Engagements:
             )
         return shown, withheld
 
+    def _serving_first(self, agents: list[aapi.AgentIdentity]) -> list[aapi.AgentIdentity]:
+        """The agents in the order a client should use their pods (for `--to-pod` and the
+        volumes): live and ready pods first (an agent of a terminating pod may still have its
+        session), then by pod name, so that the choice is stable."""
+
+        def rank(agent: aapi.AgentIdentity) -> tuple[int, str]:
+            pod = self._view.pods.get((agent.namespace, agent.pod_name))
+            if pod is None or (pod.get("metadata") or {}).get("deletionTimestamp"):
+                return (2, agent.pod_name)
+            conditions = (pod.get("status") or {}).get("conditions") or []
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+            return (0 if ready else 1, agent.pod_name)
+
+        return sorted(agents, key=rank)
+
     def _config(
         self,
         workload: dict[str, Any],
@@ -371,6 +440,13 @@ class Engagements:
                 continue
             workload = dict(found)
             template = (workload.get("spec") or {}).get("template") or {}
+            if agentconfig.manually_injected(template):
+                raise RpcError(
+                    Code.FAILED_PRECONDITION,
+                    f"the agent of {key[2]} was injected by hand "
+                    f"({agentconfig.ANNOTATION_PREFIX}{agentconfig.MANUALLY_INJECTED_ANNOTATION}); "
+                    "remove it from the pod template instead",
+                )
             if agentconfig.injection_policy(template) == "enabled":
                 raise RpcError(
                     Code.FAILED_PRECONDITION,

@@ -71,6 +71,7 @@ class Rollouts:
     ) -> list[aapi.AgentIdentity]:
         """Roll the pods that are not as wanted (no agent, or another set of replaced
         containers) and wait until none is left and an agent of the wanted kind is up."""
+        had_agent = key in self._agent_workloads
         self._agent_workloads.add(key)  # new pods of the workload keep getting one
         with trio.move_on_after(timeout):
             while True:
@@ -82,10 +83,39 @@ class Rollouts:
                     if ready:
                         return ready
                 await _first_of(*changes)
+        why = self._why_no_agent(key)
+        if not had_agent and not self._agents_of(key):
+            # Nothing half set up: its pods are not made with an agent from now on (they are
+            # not rolled back: none of them runs one).
+            self._agent_workloads.discard(key)
         raise RpcError(
             Code.DEADLINE_EXCEEDED,
-            f"no traffic agent of {key[0]} {key[1]}/{key[2]} arrived within {timeout:g}s",
+            f"no traffic agent of {key[0]} {key[1]}/{key[2]} arrived within {timeout:g}s"
+            + (f": {why}" if why else ""),
         )
+
+    def _why_no_agent(self, key: WorkloadKey) -> str:
+        """What keeps the workload's pods from running an agent, from their status (the
+        first such pod), e.g. `pod echo-1 is Pending (ImagePullBackOff: ...)`."""
+        for (ns, name), pod in sorted(self._view.pods.items()):
+            if ns != key[1] or not _live(pod):
+                continue
+            if _owner_name(self._view.workload_of(pod, ns)) != key[2]:
+                continue
+            status = pod.get("status") or {}
+            phase = str(status.get("phase") or "Pending")
+            for container in status.get("containerStatuses") or []:
+                waiting = (container.get("state") or {}).get("waiting") or {}
+                if waiting.get("reason"):
+                    detail = str(waiting.get("message") or "").splitlines()
+                    more = f": {detail[0][:200]}" if detail else ""
+                    return (
+                        f"pod {name} is {phase}, its container {container.get('name')} "
+                        f"waiting ({waiting['reason']}{more})"
+                    )
+            if phase != "Running":
+                return f"pod {name} is {phase}"
+        return "it has no running pod"
 
     async def roll(
         self,
@@ -240,6 +270,8 @@ def _live(pod: Any) -> bool:
 
 
 def _as_wanted(pod: Any, want_agent: bool, replaced: frozenset[str]) -> bool:
+    if agentconfig.manually_injected(pod):
+        return True  # its agent is its owner's (tele genyaml): never rolled for it
     has_agent = any(c.get("name") == agentconfig.AGENT_CONTAINER for c in pod["spec"]["containers"])
     if has_agent != want_agent:
         return False

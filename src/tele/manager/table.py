@@ -23,7 +23,12 @@ from tele.rpc.errors import Code, RpcError
 WorkloadKey = tuple[str, str, str]
 """(kind, namespace, name)"""
 
-KINDS = ("intercept", "replace", "ingest")
+KINDS = ("intercept", "replace", "ingest", aapi.WIRETAP)
+TAKES_SERVICE_PORTS = ("intercept", aapi.WIRETAP)
+"""The kinds that name service ports (a replace takes container ports, an ingest none)."""
+SHARED = ("ingest", aapi.WIRETAP)
+"""The kinds that take nothing away from anyone: they never conflict, and several clients may
+use the same name."""
 _ENGAGEMENT_ID = re.compile(r"[0-9a-f]{16}")
 
 
@@ -86,9 +91,9 @@ class EngagementTable:
                     f" with another {differs}; to change it, leave it first (`tele leave {name}`)",
                 )
             return mine.info
-        if request.kind != "ingest":
+        if request.kind not in SHARED:
             for other in self.active.values():
-                if other.info.name == name and other.info.kind != "ingest":
+                if other.info.name == name and other.info.kind not in SHARED:
                     raise RpcError(
                         Code.ALREADY_EXISTS, f"{name} is already engaged by {other.info.client}"
                     )
@@ -102,8 +107,8 @@ class EngagementTable:
         request: aapi.EngageRequest,
     ) -> None:
         """A replace takes a whole container, a tcp intercept a whole port; http intercepts
-        share a port when their filters differ; ingests never conflict."""
-        if request.kind == "ingest":
+        share a port when their filters differ; ingests and wiretaps never conflict."""
+        if request.kind in SHARED:
             return
         being_replaced = self.replacing.get((key, container))
         if being_replaced is not None:
@@ -116,7 +121,7 @@ class EngagementTable:
         for other in self.active.values():
             if (
                 other.workload_key != key
-                or other.info.kind == "ingest"
+                or other.info.kind in SHARED
                 or other.info.container != container
             ):
                 continue
@@ -178,6 +183,7 @@ class EngagementTable:
             mechanism=mechanism,
             client=client,
             pod_ips=[a.pod_ip for a in agents],
+            pod_name=agents[0].pod_name if agents else "",
             environment=agents[0].environment.get(container, {}) if agents else {},
             mounts=agents[0].mounts.get(container, []) if agents else [],
             **_mount_fields(agents, container),
@@ -237,7 +243,7 @@ def describe_engagement(info: aapi.EngagementInfo) -> str:
         info.mechanism, info.headers, info.path_equal, info.path_prefix, info.path_regex
     )
     ports = ", ".join(f"{p.service}:{p.service_port_name or p.service_port}" for p in info.ports)
-    if info.kind != "intercept":
+    if info.kind not in TAKES_SERVICE_PORTS:
         return f"container {info.container}"
     return f"{how}, service port {ports}" if ports else how
 
@@ -246,7 +252,7 @@ def _differs(mine: Active, request: aapi.EngageRequest) -> str:
     """What `request` asks differently from the engagement `mine` ("" when nothing): engaging
     again is idempotent only for the same request."""
     engagement = mine.engagement
-    if request.kind == "intercept" and (
+    if request.kind in TAKES_SERVICE_PORTS and (
         request.mechanism != engagement.mechanism
         or list(request.headers) != list(engagement.headers)
         or request.path_equal != engagement.path_equal
@@ -277,10 +283,13 @@ def choose_ports(
     the request names them; each must be unambiguous, and all in one container."""
     wanted = request.ports or [request.port]
     chosen: list[tuple[str, agentconfig.Intercept]] = []
+    replaced = set(config.replaced())
     offered = [
         (container, intercept)
         for container, intercept in config.intercepts()
-        if intercept.service_name  # a replaced container's own ports are no service's
+        # A replaced container's own ports are no service's; other service-less ports are
+        # the workload's inject-container-ports (callers dial the pod IP).
+        if (intercept.service_name or container not in replaced)
         and (not request.container or container == request.container)
         and (not request.service or intercept.service_name == request.service)
     ]
@@ -302,6 +311,8 @@ def choose_ports(
             have = ", ".join(
                 f"{i.service_name}:{i.service_port_name or i.service_port} "
                 f"{i.service_port}\u2192{i.container_port}"
+                if i.service_name
+                else f"container port {i.container_port_name or i.container_port}"
                 for _, i in offered
             )
             raise RpcError(
@@ -336,7 +347,11 @@ def choose_ports(
 def pick_container(workload: Any, request: aapi.EngageRequest) -> str:
     """The container a replace or ingest is about: the named one, or the only one."""
     template = (workload.get("spec") or {}).get("template") or {}
-    names = [str(c["name"]) for c in (template.get("spec") or {}).get("containers") or []]
+    names = [
+        str(c["name"])
+        for c in (template.get("spec") or {}).get("containers") or []
+        if c.get("name") != agentconfig.AGENT_CONTAINER  # a hand-injected agent is no app
+    ]
     if request.container:
         if request.container not in names:
             raise RpcError(
@@ -357,10 +372,12 @@ def pick_container(workload: Any, request: aapi.EngageRequest) -> str:
 def container_ports(
     config: agentconfig.AgentConfig, container: str, request: aapi.EngageRequest
 ) -> list[agentconfig.Intercept]:
-    """The ports a replace takes: every TCP port of the container (the agent serves TCP), or
-    those the request names (container port names or numbers)."""
+    """The ports a replace takes: every TCP and UDP port of the container (what the agent
+    serves), or those the request names (container port names or numbers)."""
     own = [
-        i for name, i in config.intercepts() if name == container and i.protocol.upper() == "TCP"
+        i
+        for name, i in config.intercepts()
+        if name == container and i.protocol.upper() in ("TCP", "UDP")
     ]
     wanted = [p for p in request.ports if p] or ([request.port] if request.port else [])
     if not wanted:
@@ -382,7 +399,7 @@ def container_ports(
             have = ", ".join(str(i.container_port) for i in own) or "none"
             raise RpcError(
                 Code.NOT_FOUND,
-                f"container {container} of {request.workload} has no TCP port {port} "
+                f"container {container} of {request.workload} has no TCP or UDP port {port} "
                 f"(it has {have})",
             )
         if found not in chosen:

@@ -80,6 +80,8 @@ class AgentInjector:
         on_demand = self.settings.inject_policy != "WhenEnabled" and key in self.agent_workloads
         if policy == "disabled" or (policy != "enabled" and not on_demand):
             return await allow_all(request)
+        if agentconfig.manually_injected(template) or agentconfig.manually_injected(pod):
+            return await allow_all(request)  # its owner put the agent in (tele genyaml)
         try:
             config = self.settings.config(
                 workload,

@@ -25,7 +25,15 @@ FILES_CLIENT_NAME = "tele-traffic-manager"
 server accepts (mutual TLS with the manager's CA)."""
 
 
-PAST_TENSE = {"intercept": "intercepted", "replace": "replaced", "ingest": "ingested"}
+WIRETAP = "wiretap"
+"""The engagement kind that copies traffic (read-only) instead of taking it."""
+
+PAST_TENSE = {
+    "intercept": "intercepted",
+    "replace": "replaced",
+    "ingest": "ingested",
+    "wiretap": "wiretapped",
+}
 """The engagement kinds (`kind` below) as status lines and conflicts name them."""
 
 
@@ -44,7 +52,8 @@ class Engagement(msgspec.Struct, frozen=True, kw_only=True):
     client: str = ""
     """user@host of the engaging client, for logs."""
     kind: str = "intercept"
-    """intercept | replace | ingest (an ingest has no ports and never reaches an agent)."""
+    """intercept | replace | ingest | wiretap (an ingest has no ports and never reaches an
+    agent; a wiretap gets a copy of its ports' connections, tele.agent.wiretap)."""
     agent_ports: list[int] = []
     """Further agent ports of the engagement (a multi-port intercept, a replace); `agent_port`
     is the first (0 when there is none: a replace of a container without ports)."""
@@ -148,6 +157,10 @@ class EngagementInfo(msgspec.Struct, frozen=True, kw_only=True):
     mechanism: str
     client: str
     pod_ips: list[str] = []
+    """The IPs of the pods whose agents serve it; the first is `pod_name`'s."""
+    pod_name: str = ""
+    """The pod that `--to-pod` forwards and the volume mounts reach: a live, ready pod of the
+    workload whose agent took the engagement (shown to the user)."""
     environment: dict[str, str] = {}
     mounts: list[str] = []
     mount_policies: dict[str, str] = {}
@@ -179,6 +192,31 @@ class EngagementInfo(msgspec.Struct, frozen=True, kw_only=True):
     path_regex: list[str] = []
 
 
+class TapCounters(msgspec.Struct, frozen=True, kw_only=True):
+    """What a wiretap copied and dropped (one agent's, or summed over the workload's agents)."""
+
+    connections: int = 0
+    """Connections seen on the wiretapped ports."""
+    copied_bytes: int = 0
+    """Bytes that reached the client's side."""
+    dropped_connections: int = 0
+    """Copies dropped: the handler was absent or too slow (the app was served all the same)."""
+    dropped_bytes: int = 0
+
+
+class TapReport(msgspec.Struct, frozen=True, kw_only=True):
+    """An agent to the manager: its wiretaps' counters now (by engagement id)."""
+
+    session_id: str
+    taps: dict[str, TapCounters] = {}
+
+
+class TapCountersReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The manager to a client: its wiretaps' counters (by engagement id), summed over pods."""
+
+    taps: dict[str, TapCounters] = {}
+
+
 class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str
     name: str
@@ -191,6 +229,11 @@ class DialRequest(msgspec.Struct, frozen=True, kw_only=True):
     engagement_id: str
     original_host: str
     original_port: int
+    protocol: str = "tcp"
+    """tcp, or udp: the stream carries DATAGRAM-framed datagrams of one caller's flow."""
+    wiretap: bool = False
+    """A wiretap's copy: nobody waits for an answer, so an absent handler resets the stream
+    (the agent counts a drop) instead of answering the caller."""
 
 
 class UninstallRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -217,6 +260,10 @@ WATCH_ENGAGEMENTS = ServerStream(f"/{SERVICE}/WatchEngagements", SessionRequest,
 ENGAGE = Unary(f"/{SERVICE}/Engage", EngageRequest, EngagementInfo)
 LEAVE = Unary(f"/{SERVICE}/Leave", LeaveRequest, Empty)
 UNINSTALL = Unary(f"/{SERVICE}/UninstallAgents", UninstallRequest, UninstallReply)
+REPORT_TAPS = Unary(f"/{SERVICE}/ReportWiretaps", TapReport, Empty)
+"""Agents, every few seconds while their wiretap counters move."""
+TAP_COUNTERS = Unary(f"/{SERVICE}/WiretapCounters", SessionRequest, TapCountersReply)
+"""Clients, for `tele status`."""
 WATCH_DIALS = ServerStream(f"/{SERVICE}/WatchDials", SessionRequest, DialRequest)
 # The current level at once, then each change (an agent of an older manager: UNIMPLEMENTED).
 WATCH_LOG_LEVEL = ServerStream(f"/{SERVICE}/WatchLogLevel", SessionRequest, AgentLogLevel)

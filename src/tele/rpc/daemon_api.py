@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from tele.rpc.agent_api import EngagementInfo, UninstallReply
+from tele.rpc.agent_api import EngagementInfo, TapCounters, UninstallReply
 from tele.rpc.manager_api import LogLevelReply, LogSource, LogSources, PodLog, WorkloadList
 from tele.rpc.method import Empty, Unary
 
@@ -105,6 +105,8 @@ class EngagementStatus(msgspec.Struct, frozen=True, kw_only=True):
     path_regex: list[str] = []
     local: list[str] = []
     local_mount: str = ""
+    wiretap: TapCounters | None = None
+    """A wiretap's counters (what its agents copied and dropped), as last heard."""
 
 
 class PortMapping(msgspec.Struct, frozen=True, kw_only=True):
@@ -137,7 +139,7 @@ class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Volumes: "true" (a new temporary directory), "false", or a directory (":ro" appended
     mounts read-only)."""
     kind: str = "intercept"
-    """intercept | replace | ingest."""
+    """intercept | replace | ingest | wiretap."""
     ports: list[PortMapping] = []
     """Several ports (multi-port intercept; a replace's container ports, default all of them,
     each to the same local port number). Empty: `local_port` and `port` (intercept)."""

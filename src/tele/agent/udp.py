@@ -1,0 +1,218 @@
+"""UDP agent ports: each caller (source address) is a flow, routed when its first datagram
+arrives, as a TCP connection is: to the engaging client (a tunnel stream with DATAGRAM framing,
+tele.rpc.tunnel.relay_datagrams), else to the app (a socket of the agent's connected to the
+app's port in the pod). Replies go back to the caller from the agent port. A flow ends after
+UDP_IDLE_TIMEOUT without a datagram either way; at most MAX_FLOWS at once, and each flow holds
+at most FLOW_QUEUE datagrams not yet sent on (more are dropped, as a full socket buffer would).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Final, NoReturn
+
+import trio
+
+from tele.agent.engagements import Address, EngagementSource
+from tele.errors import ConnectionFailed, TeleError
+from tele.net.tunnel import MAX_DATAGRAM, Protocol
+from tele.rpc.agent_api import Engagement
+from tele.rpc.tunnel import UDP_IDLE_TIMEOUT, relay_datagrams
+
+log = logging.getLogger(__name__)
+
+MAX_FLOWS: Final = 1024
+"""Callers served at once on one UDP port: a flood of source addresses cannot grow the agent."""
+FLOW_QUEUE: Final = 64
+
+
+async def open_udp_sockets(port: int) -> list[trio.socket.SocketType]:
+    """UDP sockets on `port` for every address: IPv4, and IPv6 when the pod has it."""
+    opened: list[trio.socket.SocketType] = []
+    try:
+        v4 = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        opened.append(v4)
+        await v4.bind(("0.0.0.0", port))
+        if socket.has_ipv6:
+            try:
+                v6 = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            except OSError:
+                return opened  # no IPv6 in this pod
+            opened.append(v6)
+            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                await v6.bind(("::", port))
+            except OSError:
+                v6.close()
+                opened.remove(v6)
+    except OSError as exc:
+        for sock in opened:
+            sock.close()
+        raise ConnectionFailed(
+            f"the traffic agent cannot listen on UDP port {port}: {exc.strerror or exc}."
+        ) from exc
+    return opened
+
+
+async def serve_udp_port(
+    sock: trio.socket.SocketType,
+    source: EngagementSource,
+    *,
+    agent_port: int,
+    app: Address,
+    original_dst: Address,
+    app_replaced: bool = False,
+    idle_timeout: float = UDP_IDLE_TIMEOUT,
+    max_flows: int = MAX_FLOWS,
+) -> NoReturn:
+    """Serve one UDP socket of an agent port until cancelled."""
+    flows: dict[Address, trio.MemorySendChannel[bytes]] = {}
+    route = _Route(source, agent_port, app, original_dst, app_replaced, idle_timeout)
+    with sock:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    datagram, peer = await sock.recvfrom(MAX_DATAGRAM)
+                except OSError as exc:  # e.g. an ICMP error for an earlier reply
+                    log.debug("UDP port %d: %s", agent_port, exc)
+                    continue
+                peer = peer[:2]
+                flow = flows.get(peer)
+                if flow is None:
+                    if len(flows) >= max_flows:
+                        log.warning(
+                            "UDP port %d: %d flows open, dropping a datagram of %s",
+                            agent_port,
+                            len(flows),
+                            peer,
+                        )
+                        continue
+                    flow, queue = trio.open_memory_channel[bytes](FLOW_QUEUE)
+                    flows[peer] = flow
+                    nursery.start_soon(route.serve_flow, sock, peer, queue, flows)
+                try:
+                    flow.send_nowait(datagram)
+                except trio.WouldBlock:
+                    log.debug("UDP port %d: flow of %s is behind, dropping", agent_port, peer)
+                except trio.BrokenResourceError:
+                    flows.pop(peer, None)  # it just ended; the next datagram starts anew
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Route:
+    def __init__(
+        self,
+        source: EngagementSource,
+        agent_port: int,
+        app: Address,
+        original_dst: Address,
+        app_replaced: bool,
+        idle_timeout: float,
+    ) -> None:
+        self.source = source
+        self.agent_port = agent_port
+        self.app = app
+        self.original_dst = original_dst
+        self.app_replaced = app_replaced
+        self.idle_timeout = idle_timeout
+
+    async def serve_flow(
+        self,
+        sock: trio.socket.SocketType,
+        peer: Address,
+        queue: trio.MemoryReceiveChannel[bytes],
+        flows: dict[Address, trio.MemorySendChannel[bytes]],
+    ) -> None:
+        """One caller's flow, whatever happens to it (a failure ends this flow only)."""
+        try:
+            with queue:
+                # Only whole-flow engagements take UDP (there are no HTTP requests in it).
+                engaged = self.source.current(self.agent_port)
+                engagement = next((e for e in engaged if e.mechanism == "tcp"), None)
+                if engagement is not None:
+                    await self._to_client(engagement, sock, peer, queue)
+                elif self.app_replaced:
+                    log.info(
+                        "UDP port %d: the container is replaced and no client serves it",
+                        self.agent_port,
+                    )
+                else:
+                    await self._to_app(sock, peer, queue)
+        except (OSError, TeleError, trio.BrokenResourceError) as exc:
+            log.info("UDP flow of %s on port %d ended: %s", peer, self.agent_port, exc)
+        except Exception:
+            log.exception("UDP flow of %s on port %d failed", peer, self.agent_port)
+        finally:
+            flows.pop(peer, None)
+
+    async def _to_client(
+        self,
+        engagement: Engagement,
+        sock: trio.socket.SocketType,
+        peer: Address,
+        queue: trio.MemoryReceiveChannel[bytes],
+    ) -> None:
+        tunnel = await self.source.open_to_client(
+            engagement, self.original_dst, protocol=Protocol.UDP
+        )
+
+        async def from_peer() -> bytes | None:
+            try:
+                return await queue.receive()
+            except trio.EndOfChannel:
+                return None
+
+        async def to_peer(datagram: bytes) -> None:
+            try:
+                await sock.sendto(datagram, peer)
+            except OSError as exc:
+                log.debug("UDP reply to %s failed: %s", peer, exc)
+
+        async with tunnel:
+            await relay_datagrams(
+                tunnel,
+                from_peer,
+                to_peer,
+                name=f"UDP flow of {peer} to {engagement.client or engagement.id}",
+                idle_timeout=self.idle_timeout,
+            )
+
+    async def _to_app(
+        self,
+        sock: trio.socket.SocketType,
+        peer: Address,
+        queue: trio.MemoryReceiveChannel[bytes],
+    ) -> None:
+        family = socket.AF_INET6 if ":" in self.app[0] else socket.AF_INET
+        with trio.socket.socket(family, socket.SOCK_DGRAM) as upstream:
+            await upstream.connect(self.app)
+            with trio.CancelScope(deadline=trio.current_time() + self.idle_timeout) as idle:
+
+                def refresh() -> None:
+                    idle.deadline = trio.current_time() + self.idle_timeout
+
+                async def replies() -> None:
+                    while True:
+                        try:
+                            reply = await upstream.recv(MAX_DATAGRAM)
+                        except ConnectionRefusedError:  # nothing listens (yet): ICMP
+                            log.info("UDP port %d: the app does not listen on it", self.app[1])
+                            continue
+                        refresh()
+                        try:
+                            await sock.sendto(reply, peer)
+                        except OSError as exc:
+                            log.debug("UDP reply to %s failed: %s", peer, exc)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(replies)
+                    async for datagram in queue:
+                        refresh()
+                        try:
+                            await upstream.send(datagram)
+                        except ConnectionRefusedError:
+                            log.info("UDP port %d: the app does not listen on it", self.app[1])
+                    nursery.cancel_scope.cancel()
+            if idle.cancelled_caught:
+                log.debug("UDP flow of %s on port %d idle: ended", peer, self.agent_port)

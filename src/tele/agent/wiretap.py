@@ -1,0 +1,257 @@
+"""Wiretaps (`tele wiretap`): a read-only copy of an agent port's connections for a client.
+
+The caller's connection is served exactly as without the wiretap (by the app, or by an
+intercepting client); what the caller sends is copied, as it passes, into one bounded buffer
+per wiretap, and a task of that wiretap sends the buffer to its client's local handler (a
+tunnel stream, as an intercept's). The handler's answers are read and thrown away. The copy
+never waits: when a wiretap's buffer is full (its handler is slow), or the handler cannot be
+reached, that wiretap's copy of the connection is dropped (the tunnel stream is reset) and
+counted; the caller's bytes go on at their own pace. Counters are per engagement, reported to
+the manager, and shown by `tele status`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from tele.errors import TeleError
+from tele.net.tunnel import ResetReason
+from tele.rpc.agent_api import Engagement, TapCounters
+from tele.rpc.h2stream import H2Stream
+from tele.rpc.tunnel import reset
+
+log = logging.getLogger(__name__)
+
+TAP_BUFFER: Final = 256 * 1024
+"""Bytes one wiretapped connection may hold for a slow handler before its copy is dropped."""
+TAP_BUDGET: Final = 16 * 1024 * 1024
+"""Bytes all wiretapped connections of the agent together may hold: many connections with a
+slow handler must not grow the agent's memory (each is also bounded by TAP_BUFFER)."""
+TAP_DRAIN_SECONDS: Final = 10.0
+"""After the caller's connection ended, how long its copy may take to reach the handler."""
+
+_EXPECTED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, TeleError)
+"""How a copy's stream ends when the handler is absent, slow or gone: a drop, not a bug."""
+
+OpenTap = Callable[[Engagement], Awaitable[trio.abc.Stream]]
+
+
+@dataclass
+class _Counters:
+    connections: int = 0
+    copied_bytes: int = 0
+    dropped_connections: int = 0
+    dropped_bytes: int = 0
+
+    def frozen(self) -> TapCounters:
+        return TapCounters(
+            connections=self.connections,
+            copied_bytes=self.copied_bytes,
+            dropped_connections=self.dropped_connections,
+            dropped_bytes=self.dropped_bytes,
+        )
+
+
+class Wiretaps:
+    """The agent's wiretap counters (by engagement id) and its shared buffer budget."""
+
+    def __init__(self, budget: int = TAP_BUDGET, per_connection: int = TAP_BUFFER) -> None:
+        self.budget = budget
+        self.per_connection = per_connection
+        self.buffered = 0
+        self._counters: dict[str, _Counters] = {}
+        self.version = 0
+        """Bumped on every change of the counters (the manager link reports when it moved)."""
+
+    def counters(self, engagement_id: str) -> _Counters:
+        found = self._counters.get(engagement_id)
+        if found is None:
+            found = self._counters[engagement_id] = _Counters()
+        return found
+
+    def snapshot(self) -> dict[str, TapCounters]:
+        return {k: c.frozen() for k, c in self._counters.items()}
+
+    def forget_except(self, engagement_ids: set[str]) -> None:
+        """Drop the counters of wiretaps that ended."""
+        for gone in set(self._counters) - engagement_ids:
+            del self._counters[gone]
+
+    def tap(self, engagement: Engagement) -> Tap:
+        counters = self.counters(engagement.id)
+        counters.connections += 1
+        self.version += 1
+        return Tap(engagement, self, counters)
+
+
+class Tap:
+    """One wiretap's copy of one connection: `offer` (never blocks) and `run` (the sender)."""
+
+    def __init__(self, engagement: Engagement, taps: Wiretaps, counters: _Counters) -> None:
+        self.engagement = engagement
+        self._taps = taps
+        self._counters = counters
+        self._chunks: deque[bytes] = deque()
+        self._held = 0
+        self._sent = 0
+        self._ended = False
+        self.dropped = False
+        self.sent = False
+        self.done = False
+        self._wake = trio.Event()
+
+    def offer(self, data: bytes) -> None:
+        """Copy `data` unless this copy was dropped; drop it when the buffers are full."""
+        if self.dropped or not data:
+            return
+        taps = self._taps
+        if self._held + len(data) > taps.per_connection or (
+            taps.buffered + len(data) > taps.budget
+        ):
+            self._drop(len(data))
+            return
+        self._chunks.append(bytes(data))
+        self._held += len(data)
+        taps.buffered += len(data)
+        self._wake.set()
+
+    def end(self) -> None:
+        """The caller's side ended: send what is held, then end the copy."""
+        self._ended = True
+        self._wake.set()
+
+    def _drop(self, pending: int = 0) -> None:
+        if self.dropped:
+            return
+        self.dropped = True
+        self._counters.dropped_connections += 1
+        # What was sent of a dropped copy did not reach the handler either (or not whole).
+        self._counters.copied_bytes -= self._sent
+        self._counters.dropped_bytes += self._sent + self._held + pending
+        self._taps.buffered -= self._held
+        self._taps.version += 1
+        self._chunks.clear()
+        self._held = 0
+        self._wake.set()
+
+    async def run(self, open_tap: OpenTap) -> None:
+        """Open the stream to the client and send the copy; a failure drops this copy only.
+        A copy counts as delivered once the client's side ended it cleanly (its handler got
+        the end of it), or, with a handler that keeps it open, once all of it was sent."""
+        stream: trio.abc.Stream | None = None
+        try:
+            with trio.move_on_after(TAP_DRAIN_SECONDS) as opening:
+                stream = await open_tap(self.engagement)
+            if stream is None or opening.cancelled_caught:
+                raise trio.BrokenResourceError("the client's handler did not answer in time")
+            async with stream:
+                answers = _Answers(stream)
+                failure: BaseException | None = None
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(answers.discard)  # never raises
+                    try:
+                        await self._send(stream)
+                        self.sent = True
+                    except _EXPECTED as exc:  # raised below, not as an exception group
+                        failure = exc
+                        nursery.cancel_scope.cancel()
+                if failure is not None:
+                    raise failure
+                await answers.check()
+                self.done = True
+        except _EXPECTED as exc:
+            log.debug("wiretap %s: copy dropped: %s", self.engagement.id, exc)
+            self._fail(stream)
+        except Exception:  # a bug: this copy ends, the caller's connection goes on
+            log.exception("wiretap %s: copy failed", self.engagement.id)
+            self._fail(stream)
+        finally:
+            if not (self.done or self.sent):  # cancelled: it did not drain in time
+                self._drop()
+            self._drop_remaining_budget()
+
+    async def _send(self, stream: trio.abc.Stream) -> None:
+        while True:
+            while self._chunks:
+                chunk = self._chunks.popleft()
+                self._held -= len(chunk)
+                self._taps.buffered -= len(chunk)
+                await stream.send_all(chunk)
+                self._sent += len(chunk)
+                self._counters.copied_bytes += len(chunk)
+                self._taps.version += 1
+            if self.dropped:
+                raise trio.BrokenResourceError("the handler is too slow: the copy was dropped")
+            if self._ended:
+                if isinstance(stream, trio.abc.HalfCloseableStream):
+                    await stream.send_eof()
+                return
+            self._wake = trio.Event()
+            await self._wake.wait()
+
+    def _fail(self, stream: trio.abc.Stream | None) -> None:
+        self._drop()
+        if isinstance(stream, H2Stream):
+            reset(stream, ResetReason.CANCELLED)  # the handler sees a broken copy, not an end
+
+    def _drop_remaining_budget(self) -> None:
+        self._taps.buffered -= self._held
+        self._held = 0
+        self._chunks.clear()
+
+
+class _Answers:
+    """The handler's answers on a copy's stream: read and forgotten (a wiretap is read-only,
+    and an unread answer would block the handler); how the stream ended is kept."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._broken: BaseException | None = None
+
+    async def discard(self) -> None:
+        try:
+            while await self._stream.receive_some(64 * 1024):
+                pass
+        except _EXPECTED as exc:
+            self._broken = exc
+
+    async def check(self) -> None:
+        """Raise when the client's side broke the copy off (its handler was absent)."""
+        if self._broken is not None:
+            raise trio.BrokenResourceError(str(self._broken))
+
+
+class TappedStream(trio.abc.HalfCloseableStream):
+    """The caller's stream, with what it sends copied to `taps` as it is read."""
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream, taps: Sequence[Tap]) -> None:
+        self.transport_stream = stream
+        self._taps = taps
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.transport_stream.receive_some(max_bytes)
+        if data:
+            for tap in self._taps:
+                tap.offer(bytes(data))
+        else:
+            for tap in self._taps:
+                tap.end()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()

@@ -1,0 +1,114 @@
+"""`tele wiretap`: a read-only copy of a workload's traffic sent to a local handler, while the
+app in the cluster keeps serving every request (as Telepresence 2.23's wiretap and mirrord's
+mirror mode). Several wiretaps may copy the same port; a slow or absent handler never slows
+the app: its copies are dropped and counted (`tele status`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tele.cli.intercept_cmd import (
+    _engage,
+    _Handling,
+    _pod,
+    _port_mappings,
+    _Target,
+    env_file_option,
+    env_json_option,
+    env_syntax_option,
+    unsafe_env_option,
+)
+from tele.cli.output import output_option
+
+
+def _wiretap_text(d: dict[str, Any]) -> str:
+    local = d.get("local") or []
+    lines = [
+        f"Using {d['workload_kind']} {d['workload']}",
+        f"   Wiretap name           : {d['name']}",
+        "   State                  : ACTIVE",
+        f"   Workload kind          : {d['workload_kind']}",
+    ]
+    for index, port in enumerate(d.get("ports") or []):
+        where = local[index] if index < len(local) else "?"
+        service = f"{port['service']}:{port['service_port_name'] or port['service_port']}"
+        lines.append(f"   Copy to                : {where} (service port {service})")
+    if d.get("pod_name"):
+        lines.append(f"   Pod                    : {_pod(d)}")
+    if d.get("local_mount"):
+        lines.append(f"   Volume Mount Point     : {d['local_mount']}")
+    lines.append(
+        "   Wiretapping            : a copy of every connection (the app still serves them; "
+        "the handler's answers are discarded)"
+    )
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--workload", "-w", default="", help="The workload (default: NAME).")
+@click.option("--namespace", "-n", default="", help="Its namespace (default: the connected one).")
+@click.option(
+    "--port",
+    "-p",
+    multiple=True,
+    default=("8080",),
+    show_default=True,
+    help="LOCAL[:SERVICE_PORT] (name or number): where the copy goes; repeat for several ports.",
+)
+@click.option(
+    "--address", default="127.0.0.1", show_default=True, help="The local handler's address."
+)
+@click.option("--service", default="", help="The Service, when several select the workload.")
+@click.option("--container", default="", help="The container, when several have the port.")
+@env_file_option
+@env_syntax_option
+@env_json_option
+@unsafe_env_option
+@click.option(
+    "--mount",
+    default="false",
+    show_default=True,
+    help="Mount the pod's volumes (read-only): true (a temporary directory), false, or DIR.",
+)
+@output_option
+def wiretap(
+    name: str,
+    command: tuple[str, ...],
+    workload: str,
+    namespace: str,
+    port: tuple[str, ...],
+    address: str,
+    service: str,
+    container: str,
+    env_file: Path | None,
+    env_syntax: str,
+    env_json: Path | None,
+    unsafe_env: bool,
+    mount: str,
+    output: str,
+) -> None:
+    """Send a copy of NAME's traffic (what its callers send) to a local handler, while the
+    workload keeps serving it; with `-- COMMAND`, run it, then leave.
+
+    With --namespace and no --workload, NAME is the workload and the wiretap is named
+    NAME-NAMESPACE (`tele leave` takes either)."""
+    if namespace and not workload:
+        workload, name = name, f"{name}-{namespace}"
+    mappings = _port_mappings(port, remote_defaults_to_local=False)
+    _engage(
+        "wiretap",
+        _Target(workload, namespace, container, (), mount),
+        _Handling(env_file, env_syntax, env_json, unsafe_env, command, output),
+        _wiretap_text,
+        name=name,
+        local_address=address,
+        local_port=mappings[0].local,
+        port=mappings[0].remote,
+        ports=mappings if len(mappings) > 1 else [],
+        service=service,
+    )

@@ -1,0 +1,177 @@
+"""Wiretaps on an agent port with real sockets on 127.0.0.1: the app serves every connection
+unchanged while each wiretap's handler gets a copy of what the caller sent; a slow or absent
+handler costs the app nothing and its dropped copies are counted."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+import trio.testing
+
+from tele.agent.engagements import StaticEngagements
+from tele.agent.wiretap import TAP_BUFFER, Tap, TappedStream, Wiretaps
+from tele.rpc.agent_api import WIRETAP, Engagement
+from tele.testing.waits import wait_for
+from tests.agent.servers import AGENT_PORT, running_agent, start_http_server, start_tcp_server
+from tests.agent.test_forward import exchange, expected
+
+PAYLOAD = os.urandom(700 * 1024 + 5)
+
+
+def tap(engagement_id: str) -> Engagement:
+    return Engagement(id=engagement_id, container="echo", agent_port=AGENT_PORT, kind=WIRETAP)
+
+
+def dropped(source: StaticEngagements) -> int:
+    return source.wiretaps.counters("t1").dropped_connections
+
+
+class Recorder:
+    """A local handler that records every byte of every connection (and answers junk, which
+    the agent must throw away); `stall` makes it stop reading."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.received: list[bytes] = []
+        self.stall = trio.Event()
+        self.done = trio.Event()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        self.port = listener.socket.getsockname()[1]
+
+        async def handle(stream: trio.SocketStream) -> None:
+            data = bytearray()
+            async with stream:
+                await stream.send_all(b"the handler's answer is never seen by anyone")
+                try:
+                    while chunk := await stream.receive_some(65536):
+                        data += chunk
+                        if self.stall.is_set():
+                            await trio.sleep_forever()
+                except trio.BrokenResourceError:
+                    pass
+            self.received.append(bytes(data))
+            self.done.set()
+
+        nursery.start_soon(trio.serve_listeners, handle, [listener])
+
+
+async def test_two_wiretaps_copy_the_callers_bytes_while_the_app_serves_them() -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_tcp_server(nursery, "app")
+            one, two = Recorder(), Recorder()
+            await one.start(nursery)
+            await two.start(nursery)
+            source = StaticEngagements(
+                [tap("t1"), tap("t2")],
+                handlers={"t1": ("127.0.0.1", one.port), "t2": ("127.0.0.1", two.port)},
+            )
+            async with running_agent(app.port, source) as agent:
+                answer = await exchange(agent, PAYLOAD)
+                await wait_for(lambda: bool(one.received and two.received), timeout=10)
+            nursery.cancel_scope.cancel()
+    assert answer == expected("app", PAYLOAD)  # the app answered, unchanged
+    assert one.received == [PAYLOAD] and two.received == [PAYLOAD]
+    counters = source.wiretaps.snapshot()
+    assert counters["t1"].connections == 1 and counters["t1"].copied_bytes == len(PAYLOAD)
+    assert counters["t2"].dropped_connections == 0
+
+
+async def test_a_wiretap_beside_an_intercept_copies_what_the_intercept_takes() -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_http_server(nursery, "app")
+            handler = await start_http_server(nursery, "laptop")
+            copy = Recorder()
+            await copy.start(nursery)
+            intercept = Engagement(
+                id="i1",
+                container="echo",
+                agent_port=AGENT_PORT,
+                mechanism="http",
+                headers=[("x-dev", "me")],
+            )
+            source = StaticEngagements(
+                [intercept, tap("t1")],
+                handlers={"i1": ("127.0.0.1", handler.port), "t1": ("127.0.0.1", copy.port)},
+            )
+            async with running_agent(app.port, source) as agent:
+                stream = await trio.open_tcp_stream("127.0.0.1", agent)
+                request = (
+                    b"GET /a HTTP/1.1\r\nhost: echo\r\n\r\n"
+                    b"GET /b HTTP/1.1\r\nhost: echo\r\nx-dev: me\r\nconnection: close\r\n\r\n"
+                )
+                async with stream:
+                    await stream.send_all(request)
+                    answers = b""
+                    while data := await stream.receive_some(65536):
+                        answers += data
+                await wait_for(lambda: bool(copy.received), timeout=10)
+            nursery.cancel_scope.cancel()
+    assert b"app GET /a 0" in answers and b"laptop GET /b 0" in answers
+    assert copy.received == [request]
+
+
+async def test_an_absent_handler_costs_the_app_nothing_and_is_counted() -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_tcp_server(nursery, "app")
+            with trio.socket.socket() as closed:
+                await closed.bind(("127.0.0.1", 0))
+                nothing = closed.getsockname()[1]  # nothing listens there once closed
+            source = StaticEngagements([tap("t1")], handlers={"t1": ("127.0.0.1", nothing)})
+            async with running_agent(app.port, source) as agent:
+                answers = [await exchange(agent, PAYLOAD[:1000]) for _ in range(3)]
+                await wait_for(lambda: dropped(source) == 3, timeout=10)
+            nursery.cancel_scope.cancel()
+    assert answers == [expected("app", PAYLOAD[:1000])] * 3
+    assert source.wiretaps.buffered == 0
+
+
+async def test_a_stalled_handler_drops_its_copy_at_the_bound_and_the_app_gets_everything() -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_tcp_server(nursery, "app")
+            slow = Recorder()
+            slow.stall.set()
+            await slow.start(nursery)
+            source = StaticEngagements([tap("t1")], handlers={"t1": ("127.0.0.1", slow.port)})
+            big = os.urandom(8 * 1024 * 1024)  # far more than the socket buffers and the bound
+            async with running_agent(app.port, source) as agent:
+                answer = await exchange(agent, big)
+                await wait_for(lambda: dropped(source) == 1, timeout=10)
+            nursery.cancel_scope.cancel()
+    assert answer == expected("app", big)
+    counters = source.wiretaps.snapshot()["t1"]
+    assert counters.copied_bytes < len(big) and counters.dropped_bytes > 0
+    assert source.wiretaps.buffered == 0
+
+
+async def test_the_agents_buffers_are_bounded_per_connection_and_in_total() -> None:
+    wiretaps = Wiretaps(budget=3 * TAP_BUFFER)
+    engagement = tap("t1")
+    taps = [wiretaps.tap(engagement) for _ in range(5)]
+    for one in taps:
+        for _ in range(TAP_BUFFER // 65536 + 1):  # one chunk more than a connection may hold
+            one.offer(b"x" * 65536)
+    assert wiretaps.buffered <= 3 * TAP_BUFFER
+    assert all(one.dropped for one in taps)  # each reached its own or the shared bound
+    assert wiretaps.snapshot()["t1"].dropped_connections == 5
+
+
+async def test_the_copy_sees_exactly_what_the_app_read() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    wiretaps = Wiretaps()
+    copy: Tap = wiretaps.tap(tap("t1"))
+    tapped = TappedStream(right, [copy])
+    await left.send_all(b"hello ")
+    await left.send_all(b"world")
+    await left.send_eof()
+    seen = b""
+    while data := await tapped.receive_some(3):
+        seen += data
+    assert seen == b"hello world"
+    assert b"".join(copy._chunks) == b"hello world"
