@@ -136,7 +136,12 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     unsafe_env, command, output = handling.unsafe_env, handling.command, handling.output
 
     docker = docker_cmd.before_engaging()  # --docker-*: the engine and the image first
-    what = {"intercept": "Intercepting", "replace": "Replacing", "ingest": "Ingesting"}[kind]
+    what = {
+        "intercept": "Intercepting",
+        "replace": "Replacing",
+        "ingest": "Ingesting",
+        "wiretap": "Wiretapping",
+    }[kind]
     info = client.call_connected(
         daemon_api.INTERCEPT,
         request,
