@@ -13,32 +13,32 @@ from tests.daemon.util import DaemonGuard, run_tele, single_error_line
     [
         (
             ["intercept", "echo", "--to-pod", "99999"],
-            "tele: --to-pod '99999' must be PORT or PORT/UDP (a port from 1 to 65535)",
+            "tele: --to-pod '99999' must be PORT or PORT/UDP (a port from 1 to 65535).",
         ),
         (
             ["replace", "echo", "--to-pod", "53/SCTP"],
-            "tele: --to-pod '53/SCTP' must be PORT or PORT/UDP (a port from 1 to 65535)",
+            "tele: --to-pod '53/SCTP' must be PORT or PORT/UDP (a port from 1 to 65535).",
         ),
         (
             ["replace", "echo", "-p", "80", "-p", "80:http"],
-            "tele: each --port needs its own local port",
+            "tele: Each --port needs its own local port.",
         ),
         (
             ["intercept", "echo", "-p", "x:http"],
-            "tele: --port 'x:http': the local port must be a number from 1 to 65535",
+            "tele: --port 'x:http': the local port must be a number from 1 to 65535.",
         ),
         (
             ["intercept", "echo", "--http-path-regex", "(["],
             "tele: --http-path-regex '([' does not compile: unterminated character set at "
-            "position 1",
+            "position 1.",
         ),
         (
             ["intercept", "echo", "--http-header", "x-dev"],
-            "tele: --http-header 'x-dev' must look like NAME=VALUE or 'NAME: VALUE'",
+            "tele: --http-header 'x-dev' must look like NAME=VALUE or 'NAME: VALUE'.",
         ),
         (
             ["intercept", "echo", "--http-header", "x dev=me"],
-            "tele: --http-header 'x dev' is not a valid header name",
+            "tele: --http-header 'x dev' is not a valid header name.",
         ),
         (
             ["uninstall"],
@@ -50,7 +50,7 @@ from tests.daemon.util import DaemonGuard, run_tele, single_error_line
         ),
         (
             ["intercept", "echo", "--http-path-prefix", "api"],
-            "tele: --http-path-prefix 'api' must start with /",
+            "tele: --http-path-prefix 'api' must start with /.",
         ),
     ],
 )
@@ -68,5 +68,5 @@ def test_intercept_replace_is_deprecated(tele_env: dict[str, str], guard: Daemon
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "tele: --replace is deprecated and will be removed; use `tele replace` instead.",
-        "tele: --replace takes the whole container; it cannot filter HTTP requests",
+        "tele: --replace takes the whole container; it cannot filter HTTP requests.",
     ]

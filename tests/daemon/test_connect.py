@@ -471,7 +471,7 @@ def test_a_bad_cidr_is_one_sentence(tele_env: dict[str, str], guard: DaemonGuard
     result = run_tele(tele_env, "connect", "--no-vif", "--also-proxy", "10.0.0.0/8,not-a-net")
     assert result.returncode == 1
     assert (
-        single_error_line(result) == "tele: --also-proxy 'not-a-net' is not a CIDR like 10.0.0.0/8"
+        single_error_line(result) == "tele: --also-proxy 'not-a-net' is not a CIDR like 10.0.0.0/8."
     )
     assert guard.daemons() == []  # refused before a daemon was started
 

@@ -46,7 +46,7 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
     bad = run_tele(tele_env, "intercept", "echo", "--http-path-regex", "([")
     assert bad.returncode == 1
     assert bad.stderr.strip() == (
-        "tele: --http-path-regex '([' does not compile: unterminated character set at position 1"
+        "tele: --http-path-regex '([' does not compile: unterminated character set at position 1."
     )
     assert "No Workloads" not in (listed := run_tele(tele_env, "list").stdout)
     assert "engaged by" not in listed

@@ -233,7 +233,7 @@ def _run_connected(command: tuple[str, ...]) -> None:
         status = subprocess.run(list(command), check=False).returncode
     except OSError as exc:
         status = 127
-        click.echo(f"tele: cannot run {command[0]}: {exc.strerror or exc}", err=True)
+        click.echo(f"tele: Cannot run {command[0]}: {exc.strerror or exc}.", err=True)
     except KeyboardInterrupt:
         status = 130
     finally:
@@ -262,7 +262,7 @@ def _cidrs(flag: str, values: tuple[str, ...]) -> list[str]:
             try:
                 result.append(str(ipaddress.ip_network(part, strict=False)))
             except ValueError:
-                raise UserError(f"{flag} {part!r} is not a CIDR like 10.0.0.0/8") from None
+                raise UserError(f"{flag} {part!r} is not a CIDR like 10.0.0.0/8.") from None
     return result
 
 
@@ -376,9 +376,9 @@ def list_contexts(kubeconfig: str, output: str) -> None:
         except FileNotFoundError:
             continue  # as kubectl: a KUBECONFIG list may name files that are not there
         except (OSError, yaml.YAMLError) as exc:
-            raise UserError(f"cannot read the kubeconfig {path}: {exc}") from None
+            raise UserError(f"Cannot read the kubeconfig {path}: {exc}.") from None
         if not isinstance(config, dict):
-            raise UserError(f"the kubeconfig {path} is not a kubeconfig (not a mapping)")
+            raise UserError(f"The kubeconfig {path} is not a kubeconfig (not a mapping).")
         current = current or str(config.get("current-context") or "")
         for entry in config.get("contexts") or []:
             if isinstance(entry, dict) and entry.get("name") not in contexts:

@@ -23,14 +23,14 @@ def _header(value: str) -> tuple[str, str]:
     try:
         return filters.parse_header(value)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(f"{exc}.") from None
 
 
 def _port(value: str) -> tuple[int, str]:
     """`--port LOCAL[:SERVICE_PORT]` -> (local port, service port name or number)."""
     local, _, service_port = value.partition(":")
     if not local.isdigit() or not 0 < int(local) < 65536:
-        raise UserError(f"--port {value!r}: the local port must be a number from 1 to 65535")
+        raise UserError(f"--port {value!r}: the local port must be a number from 1 to 65535.")
     return int(local), service_port
 
 
@@ -76,7 +76,7 @@ def _port_mappings(values: tuple[str, ...], *, remote_defaults_to_local: bool) -
         mappings.append(PortMapping(local=local, remote=remote))
     locals_ = [m.local for m in mappings]
     if len(set(locals_)) != len(locals_):
-        raise UserError("each --port needs its own local port")
+        raise UserError("Each --port needs its own local port.")
     return mappings
 
 
@@ -88,7 +88,9 @@ def _to_pod(values: tuple[str, ...]) -> list[str]:
             or not 0 < int(port) < 65536
             or protocol.upper() not in ("", "TCP", "UDP")
         ):
-            raise UserError(f"--to-pod {value!r} must be PORT or PORT/UDP (a port from 1 to 65535)")
+            raise UserError(
+                f"--to-pod {value!r} must be PORT or PORT/UDP (a port from 1 to 65535)."
+            )
     return list(values)
 
 
@@ -214,7 +216,7 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
             status = subprocess.run(list(command), env=env, check=False).returncode
         except OSError as exc:
             status = 127
-            click.echo(f"tele: cannot run {command[0]}: {exc.strerror or exc}", err=True)
+            click.echo(f"tele: Cannot run {command[0]}: {exc.strerror or exc}.", err=True)
         except KeyboardInterrupt:
             interrupted, status = True, 130
         finally:
@@ -504,20 +506,20 @@ def intercept(
     headers = [_header(h) for h in http_header]
     filtered = bool(headers or http_path_equal or http_path_prefix or http_path_regex)
     if mechanism == "tcp" and filtered:
-        raise UserError("--http-* filters need --mechanism http")
+        raise UserError("--http-* filters need --mechanism http.")
     from tele.rpc import filters
 
     # Refused here (and again by the manager): an engagement that cannot match is no engagement.
     refused = filters.problem(headers, http_path_equal, http_path_prefix, http_path_regex)
     if refused:
-        raise UserError(refused)
+        raise UserError(f"{refused}.")
     if replace:
         click.echo(
             "tele: --replace is deprecated and will be removed; use `tele replace` instead.",
             err=True,
         )
         if filtered or mechanism == "http":
-            raise UserError("--replace takes the whole container; it cannot filter HTTP requests")
+            raise UserError("--replace takes the whole container; it cannot filter HTTP requests.")
     _engage(
         "replace" if replace else "intercept",
         _Target(workload, namespace, container, to_pod, mount),
