@@ -207,7 +207,35 @@ def test_helm_uninstall_ends_engagements_and_removes_the_agents(
     listed = run_tele(tele_env, "list")
     [line] = [line for line in listed.stdout.splitlines() if line.startswith("echo ")]
     assert line.endswith(" 1/1  ready to engage (traffic-agent not yet installed)"), line
+
+    # --no-hooks leaves the agents (and says so); installed again, `tele list` does not call
+    # pods that carry an agent "not yet installed", connected or not.
+    engaged = run_tele(tele_env, "intercept", "echo", "--port", str(_closed_port()), timeout=120)
+    assert engaged.returncode == 0, engaged.stderr
+    assert run_tele(tele_env, "leave", "echo").returncode == 0
+    kept = run_tele(tele_env, "helm", "uninstall", "--no-hooks", "--kubeconfig", kubeconfig)
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stderr.splitlines() == [
+        "tele: the traffic agent stays in the pods of Deployment default/echo (--no-hooks); it "
+        "cannot reach a manager until one is installed again"
+    ]
+    assert len(_agent_pods(node_sandbox)) == 1
+    run_tele(tele_env, "quit")
+    _app_up(node_sandbox, tele_env)
+    listed = run_tele(tele_env, "list")
+    [line] = [line for line in listed.stdout.splitlines() if line.startswith("echo ")]
+    assert line.endswith(
+        (
+            " 1/1  ready to engage (traffic-agent installed, not connected to the traffic "
+            "manager yet)",
+            " 1/1  ready to engage (traffic-agent already installed)",
+        )
+    ), line
+    listed = run_tele(tele_env, "list", "-o", "json")
+    [echo] = [w for w in json.loads(listed.stdout) if w["name"] == "echo"]
+    assert (echo["agent_installed"], echo["agent_pods"]) == (True, 1)
     _uninstall(node_sandbox, tele_env)
+    assert _agent_pods(node_sandbox) == []
 
 
 def _tele(

@@ -270,6 +270,12 @@ def upgrade(**kwargs: Any) -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds to wait for the objects to be gone.",
 )
+@click.option(
+    "--no-hooks",
+    is_flag=True,
+    help="Leave the traffic agents in the workloads' pods (Telepresence's chart removes them "
+    "in a pre-delete hook).",
+)
 @output_option
 def uninstall(**kwargs: Any) -> None:
     """Uninstall the traffic manager: end your engagements through it, delete what its release
@@ -295,6 +301,14 @@ def uninstall(**kwargs: Any) -> None:
                     + ", ".join(left),
                     err=True,
                 )
+            if kwargs["no_hooks"] and agents:
+                click.echo(
+                    "tele: the traffic agent stays in the pods of "
+                    f"{', '.join(a.describe() for a in agents)} (--no-hooks); it cannot reach "
+                    "a manager until one is installed again",
+                    err=True,
+                )
+                agents = []
             doomed = [a.describe() for a in agents if not a.by_template]
             if doomed:
                 click.echo(
