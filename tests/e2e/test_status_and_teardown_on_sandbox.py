@@ -276,7 +276,10 @@ def test_volumes_mounted_from_one_sandbox_shell_are_seen_from_another(
             f"tele intercept files --port 8089 --mount {mount}",
         )
         assert first.returncode == 0, first.stderr
-        assert "mount namespace" not in first.stderr
+        assert "mount namespace" not in first.stderr and "not mounted" not in first.stderr, (
+            first.stderr
+        )
+        assert f"Volume Mount Point     : {mount}" in first.stdout, first.stdout
         # Another shell of the same laptop sees the volumes (it saw an empty directory).
         second = _tele(
             tele_env,

@@ -8,7 +8,9 @@ code then uses the socket as any other. Nothing here touches the host namespace'
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -149,9 +151,14 @@ def pin_mount_namespace_sync(name: str) -> Path:
             raise NodeError(f"`{' '.join(argv[:6])}` failed: {result.stderr.strip()}")
 
     MOUNT_NS_DIR.mkdir(mode=0o755, exist_ok=True)
-    if not os.path.ismount(MOUNT_NS_DIR):
-        run_sync("mount", "--bind", str(MOUNT_NS_DIR), str(MOUNT_NS_DIR))
-    run_sync("mount", "--make-private", str(MOUNT_NS_DIR))
+    # Once per boot, and by one sandbox at a time: a second bind mount over the first would
+    # hide the pins made in it (os.path.ismount cannot tell a bind of a directory onto itself:
+    # same device, so the mount table is read).
+    with open(MOUNT_NS_DIR.with_name(MOUNT_NS_DIR.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if str(MOUNT_NS_DIR) not in _mount_points():
+            run_sync("mount", "--bind", str(MOUNT_NS_DIR), str(MOUNT_NS_DIR))
+            run_sync("mount", "--make-private", str(MOUNT_NS_DIR))
     unpin_mount_namespace_sync(name)
     pin = mount_ns_path(name)
     pin.touch()
@@ -180,6 +187,16 @@ def pin_mount_namespace_sync(name: str) -> Path:
         unpin_mount_namespace_sync(name)
         raise
     return pin
+
+
+def _mount_points() -> set[str]:
+    """The mount points of this process's mount namespace (octal escapes decoded)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as lines:
+        return {
+            re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split(" ")[4])
+            for line in lines
+            if line.count(" ") >= 5
+        }
 
 
 def unpin_mount_namespace_sync(name: str) -> None:
