@@ -39,16 +39,23 @@ async def run_agent(settings: AgentSettings) -> None:
             app_ca=Path(settings.app_ca) if settings.app_ca else None,
         )
     async with trio.open_nursery() as nursery:
-        keys = FileServerKeys()
+        try:
+            keys: FileServerKeys | None = FileServerKeys()
+        except OSError as exc:  # e.g. a read-only root filesystem: serve no files
+            log.warning("volumes are not exported: no place for the file servers' key: %s", exc)
+            keys = None
         source = ManagerEngagements.for_settings(settings, files=keys)
         # The file servers (one per container with exported volumes) before arriving: the
         # manager learns their ports from the identity.
         sftp_ports = {}
-        for container, export in exports(settings.config, tls_dir=keys.directory).items():
-            files = partial(serve_files, export, allow=source.may_reach_files)
-            sftp_ports[container] = await nursery.start(files)
+        if keys is not None:
+            for container, export in exports(settings.config, tls_dir=keys.directory).items():
+                files = partial(serve_files, export, allow=source.may_reach_files)
+                sftp_ports[container] = await nursery.start(files)
         source.agent = msgspec.structs.replace(
-            source.agent, sftp_ports=sftp_ports, tls_public_key=keys.public_key_pem.decode()
+            source.agent,
+            sftp_ports=sftp_ports,
+            tls_public_key=keys.public_key_pem.decode() if keys is not None else "",
         )
         # Started at once, before the manager answers: until then the agent is transparent.
         await nursery.start(source.serve)
