@@ -231,3 +231,25 @@ async def test_a_callable_sink_takes_data_while_the_reader_waits_and_the_rest_co
                 await trio.testing.wait_all_tasks_blocked()
         assert taken == [b"abc"]  # stopped: nothing more went to the sink
         nursery.cancel_scope.cancel()
+
+
+async def test_send_now_queues_what_the_window_allows_and_nothing_after_eof() -> None:
+    window = 64 * 1024
+    settings = LinkSettings(stream_window=window, connection_window=1024 * 1024)
+    async with trio.open_nursery() as nursery:
+        link, incoming = await open_link_pair(nursery, settings=settings)
+        client = await link.open_stream([(":method", "CONNECT"), (":authority", "a:1")])
+        server = await incoming.receive()
+        assert client.send_now(b"hello ") == 6
+        data = bytes(range(256)) * 512  # 128 KiB: more than the peer's stream window
+        taken = client.send_now(data)
+        assert taken == window - 6
+        assert client.send_now(data[taken:]) == 0  # no window left: the caller's task waits
+        received = b""
+        with trio.fail_after(5):
+            while len(received) < window:
+                received += await server.receive_some()
+        assert received == b"hello " + data[:taken]
+        await client.send_eof()
+        assert client.send_now(b"late") == 0  # a send would raise: left to the caller's task
+        nursery.cancel_scope.cancel()

@@ -141,6 +141,26 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def send_now(self, data: bytes) -> int:
+        """Queue as much of `data` as DATA as the windows allow now, without waiting: for a
+        producer that is not a task (the VIF's packet reader); how many bytes were queued.
+
+        0 when the stream takes nothing now (a send in progress, no window, the link must
+        drain first, or the stream cannot send at all): the caller then hands the bytes to its
+        task's `send_all`, which waits or raises as usual, after anything queued here.
+        """
+        if self._sending or self._needs_response or self._link._must_drain():
+            return 0
+        try:
+            self._check_sendable()
+            size = min(self._link._send_window(self.stream_id), len(data))
+            if size <= 0:
+                return 0
+            self._link._send_data(self, data if size == len(data) else memoryview(data)[:size])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):  # the link's too
+            return 0
+        return size
+
     async def _send_body(self, data: bytes | bytearray | memoryview) -> bool:
         """Queue `data` as DATA as the windows allow; True if it had to wait (a schedule point).
 

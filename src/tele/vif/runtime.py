@@ -131,6 +131,9 @@ class _Tcp:
     wake_writable: trio.Event = field(default_factory=lambda: _NOBODY_WAITS)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     deadline: float | None = None
+    tunnel: H2Stream | None = None
+    """The tunnel stream while the app's bytes may be queued on it by the packet reader
+    itself (`Stack._after_input`), instead of waking the flow's task to send them."""
 
 
 @dataclass(eq=False, slots=True)
@@ -288,8 +291,19 @@ class Stack:
         conn = record.conn
         for event in conn.events():
             if isinstance(event, DataReceived):
-                record.inbound.append(event.data)
-                record.inbound_bytes += len(event.data)
+                data = event.data
+                tunnel = record.tunnel
+                if tunnel is not None and not record.inbound:
+                    # Nothing queued before these bytes: they go on the tunnel now if its
+                    # windows allow, one task step less than waking the flow's sender.
+                    sent = tunnel.send_now(data)
+                    if sent:
+                        conn.consume(sent)  # its ACK, if any, leaves with this flush
+                        if sent == len(data):
+                            continue
+                        data = data[sent:]
+                record.inbound.append(data)
+                record.inbound_bytes += len(data)
                 record.wake_inbound.set()
             elif isinstance(event, Writable):
                 record.wake_writable.set()
@@ -522,6 +536,14 @@ class Stack:
             del data, view
 
     async def _app_to_tunnel(self, record: _Tcp, stream: trio.abc.HalfCloseableStream) -> None:
+        if isinstance(stream, H2Stream):
+            record.tunnel = stream
+        try:
+            await self._send_to_tunnel(record, stream)
+        finally:
+            record.tunnel = None
+
+    async def _send_to_tunnel(self, record: _Tcp, stream: trio.abc.HalfCloseableStream) -> None:
         conn = record.conn
         while True:
             while not record.inbound and not record.peer_closed and not record.closed:
