@@ -411,7 +411,9 @@ async def test_intercept_sends_engaged_connections_to_the_local_handler(
             assert left.returncode == 0, left.stderr
             missing = await trio.to_thread.run_sync(lambda: run_tele(tele_env, "leave", "api"))
             assert missing.returncode == 1
-            assert "there is no engagement named api" in single_error_line(missing)
+            assert single_error_line(missing) == (
+                "tele: There is no engagement named api; `tele list` shows them."
+            )
         nursery.cancel_scope.cancel()
 
 

@@ -413,7 +413,7 @@ class LocalEngagements:
         name = self._own_name(name)
         info = self.engaged.get(name)
         if info is None:
-            raise UserError(f"there is no engagement named {name}; `tele list` shows them")
+            raise UserError(f"There is no engagement named {name}; `tele list` shows them.")
         await self._forget(name)
         await self._lease.call_in_session(
             aapi.LEAVE, lambda session_id: aapi.LeaveRequest(session_id=session_id, name=name)

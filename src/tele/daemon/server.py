@@ -304,7 +304,7 @@ class Daemon:
 
     def _connected(self) -> ClusterSession:
         if self.session is None:
-            raise RpcError(Code.FAILED_PRECONDITION, "not connected; run `tele connect` first")
+            raise RpcError(Code.FAILED_PRECONDITION, "Not connected; run `tele connect` first.")
         return self.session
 
     async def intercept(self, request: api.InterceptRequest) -> EngagementInfo:
