@@ -473,14 +473,21 @@ class Bench:
                 rows[f"{WIRETAP_ROW} {label} handler"] = self.latency(
                     "echo.default", 80, False, fresh=True
                 )
-                status = json.loads(self.tele("status", "-o", "json"))
+                # The counters reach tele status within seconds (agent -> manager -> daemon).
+                deadline = time.monotonic() + 15
+                while True:
+                    status = json.loads(self.tele("status", "-o", "json"))
+                    taps = [
+                        e.get("wiretap") or {}
+                        for e in status["session"]["engagements"]
+                        if e["name"] == "tap"
+                    ]
+                    seen = taps[0] if taps else {}
+                    if seen.get("connections", 0) >= self.requests or time.monotonic() > deadline:
+                        break
+                    time.sleep(1)
                 self.tele("leave", "tap")
-            taps = [
-                e.get("wiretap") or {}
-                for e in status["session"]["engagements"]
-                if e["name"] == "tap"
-            ]
-            self.tap_counters[label] = taps[0] if taps else {}
+            self.tap_counters[label] = seen
         return rows
 
     def run(self) -> dict[str, object]:

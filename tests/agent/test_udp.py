@@ -12,7 +12,7 @@ import trio
 from tele.agent.engagements import StaticEngagements
 from tele.agent.udp import serve_udp_port
 from tele.net.tunnel import DatagramDecoder, encode_datagram
-from tele.rpc.agent_api import Engagement
+from tele.rpc.agent_api import WIRETAP, Engagement
 
 
 async def udp_echo(nursery: trio.Nursery, prefix: bytes) -> int:
@@ -121,3 +121,35 @@ async def test_a_flood_of_callers_is_bounded_and_the_ones_served_still_are() -> 
                 sock.close()
             nursery.cancel_scope.cancel()
     assert answers == [b"app:first 0", b"app:first 1", b"app:still"]
+
+
+async def test_a_wiretap_gets_a_copy_of_each_datagram_while_the_app_answers() -> None:
+    copies: list[bytes] = []
+    got_copy = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        decoder = DatagramDecoder(65535)
+        async with stream:
+            while data := await stream.receive_some(65536):
+                for datagram in decoder.feed(data):
+                    copies.append(datagram)
+                    got_copy.set()
+                    # An answer: the agent must throw it away, never to the caller.
+                    await stream.send_all(encode_datagram(b"from the wiretap"))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            app = await udp_echo(nursery, b"app:")
+            listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+            nursery.start_soon(trio.serve_listeners, handler, [listener])
+            wiretap = Engagement(id="w1", container="dns", agent_port=9900, kind=WIRETAP)
+            source = StaticEngagements(
+                [wiretap], handlers={"w1": ("127.0.0.1", listener.socket.getsockname()[1])}
+            )
+            port = await agent_port(nursery, source, app)
+            answer = await ask(port, b"query")
+            await got_copy.wait()
+            nursery.cancel_scope.cancel()
+    assert (answer, copies) == (b"app:query", [b"query"])
+    counters = source.wiretaps.snapshot()["w1"]
+    assert (counters.connections, counters.copied_bytes) == (1, len(b"query"))

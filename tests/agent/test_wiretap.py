@@ -175,3 +175,23 @@ async def test_the_copy_sees_exactly_what_the_app_read() -> None:
         seen += data
     assert seen == b"hello world"
     assert b"".join(copy._chunks) == b"hello world"
+
+
+async def test_an_unreachable_handler_pauses_the_wiretap_and_later_copies_are_counted() -> None:
+    wiretaps = Wiretaps()
+    engagement = tap("t1")
+
+    async def refuse(_: Engagement) -> trio.abc.Stream:
+        raise OSError("connection refused")
+
+    first = wiretaps.tap(engagement)
+    first.offer(b"first")
+    first.end()
+    await first.run(refuse)
+    assert first.dropped
+    paused = wiretaps.tap(engagement)  # during the pause: dropped at once, no stream opened
+    assert paused.dropped
+    paused.offer(b"12345")
+    counters = wiretaps.snapshot()["t1"]
+    assert (counters.connections, counters.dropped_connections) == (2, 2)
+    assert counters.dropped_bytes == len(b"first") + 5 and wiretaps.buffered == 0

@@ -156,7 +156,8 @@ async def _handle_tapped(
 
     async with trio.open_nursery() as nursery:
         for tap in taps:
-            nursery.start_soon(tap.run, open_tap)
+            if not tap.dropped:  # else: its handler is known unreachable for now
+                nursery.start_soon(tap.run, open_tap)
         tapped = TappedStream(stream, taps)
         async with stream:
             try:

@@ -4,6 +4,8 @@ tele.rpc.tunnel.relay_datagrams), else to the app (a socket of the agent's conne
 app's port in the pod). Replies go back to the caller from the agent port. A flow ends after
 UDP_IDLE_TIMEOUT without a datagram either way; at most MAX_FLOWS at once, and each flow holds
 at most FLOW_QUEUE datagrams not yet sent on (more are dropped, as a full socket buffer would).
+Each wiretap of the port gets a copy flow per caller, fed without waiting: a copy that does not
+fit its queue is dropped and counted, the handler's answers are thrown away.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ async def serve_udp_port(
 ) -> NoReturn:
     """Serve one UDP socket of an agent port until cancelled."""
     flows: dict[Address, trio.MemorySendChannel[bytes]] = {}
+    taps: dict[tuple[Address, str], trio.MemorySendChannel[bytes]] = {}
     route = _Route(source, agent_port, app, original_dst, app_replaced, idle_timeout)
     with sock:
         async with trio.open_nursery() as nursery:
@@ -97,7 +100,40 @@ async def serve_udp_port(
                     log.debug("UDP port %d: flow of %s is behind, dropping", agent_port, peer)
                 except trio.BrokenResourceError:
                     flows.pop(peer, None)  # it just ended; the next datagram starts anew
+                for tap in source.taps(agent_port):
+                    _copy(nursery, route, taps, sock, peer, tap, datagram, max_flows)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _copy(
+    nursery: trio.Nursery,
+    route: _Route,
+    taps: dict[tuple[Address, str], trio.MemorySendChannel[bytes]],
+    sock: trio.socket.SocketType,
+    peer: Address,
+    tap: Engagement,
+    datagram: bytes,
+    max_flows: int,
+) -> None:
+    """A wiretap's copy of one datagram, on the copy flow of (caller, wiretap); never waits:
+    a full queue (a slow handler) or too many flows drops the copy, counted."""
+    counters = route.source.wiretaps.counters(tap.id)
+    key = (peer, tap.id)
+    copy = taps.get(key)
+    if copy is None:
+        if len(taps) >= max_flows:
+            counters.dropped_bytes += len(datagram)
+            return
+        copy, queue = trio.open_memory_channel[bytes](FLOW_QUEUE)
+        taps[key] = copy
+        counters.connections += 1
+        nursery.start_soon(route.serve_copy, tap, peer, queue, taps)
+    try:
+        copy.send_nowait(datagram)
+        counters.copied_bytes += len(datagram)
+    except (trio.WouldBlock, trio.BrokenResourceError):
+        counters.dropped_bytes += len(datagram)
+    route.source.wiretaps.version += 1
 
 
 class _Route:
@@ -145,6 +181,51 @@ class _Route:
             log.exception("UDP flow of %s on port %d failed", peer, self.agent_port)
         finally:
             flows.pop(peer, None)
+
+    async def serve_copy(
+        self,
+        tap: Engagement,
+        peer: Address,
+        queue: trio.MemoryReceiveChannel[bytes],
+        taps: dict[tuple[Address, str], trio.MemorySendChannel[bytes]],
+    ) -> None:
+        """A wiretap's copy of one caller's flow: its datagrams to the client; the handler's
+        answers are read and dropped. Ends when idle, or dropped (counted) when it fails."""
+        counters = self.source.wiretaps.counters(tap.id)
+        try:
+            with queue:
+                tunnel = await self.source.open_to_client(
+                    tap, self.original_dst, protocol=Protocol.UDP
+                )
+
+                async def from_peer() -> bytes | None:
+                    try:
+                        return await queue.receive()
+                    except trio.EndOfChannel:
+                        return None
+
+                async def discard(datagram: bytes) -> None:
+                    pass
+
+                async with tunnel:
+                    failed = await relay_datagrams(
+                        tunnel,
+                        from_peer,
+                        discard,
+                        name=f"UDP copy of {peer} for wiretap {tap.id}",
+                        idle_timeout=self.idle_timeout,
+                    )
+                if failed is not None:
+                    raise trio.BrokenResourceError(failed.value)
+        except (OSError, TeleError, trio.BrokenResourceError) as exc:
+            log.debug("UDP copy of %s for wiretap %s dropped: %s", peer, tap.id, exc)
+            counters.dropped_connections += 1
+            self.source.wiretaps.version += 1
+        except Exception:
+            log.exception("UDP copy of %s for wiretap %s failed", peer, tap.id)
+            counters.dropped_connections += 1
+        finally:
+            taps.pop((peer, tap.id), None)
 
     async def _to_client(
         self,

@@ -13,6 +13,7 @@ the manager, and shown by `tele status`.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -28,11 +29,21 @@ from tele.rpc.tunnel import reset
 
 log = logging.getLogger(__name__)
 
-TAP_BUFFER: Final = 256 * 1024
+TAP_BUFFER: Final = 1024 * 1024
 """Bytes one wiretapped connection may hold for a slow handler before its copy is dropped."""
 TAP_BUDGET: Final = 16 * 1024 * 1024
 """Bytes all wiretapped connections of the agent together may hold: many connections with a
 slow handler must not grow the agent's memory (each is also bounded by TAP_BUFFER)."""
+TAP_HOLD_SECONDS: Final = 0.1
+TAP_HOLD_BYTES: Final = 16 * 1024
+"""A copy's stream to the client is opened once the connection ended, or this many bytes or
+seconds after it began: the work of opening it then comes after the app's answer to a short
+exchange (the common request/response), not while the app's caller waits."""
+BACKOFF_FIRST: Final = 0.5
+BACKOFF_MAX: Final = 5.0
+"""After a copy could not reach its handler (absent, or broke it off), the wiretap's next
+copies are dropped at once (counted) for this long, doubling per failure up to BACKOFF_MAX: an
+absent handler costs the agent no stream per connection."""
 TAP_DRAIN_SECONDS: Final = 10.0
 """After the caller's connection ended, how long its copy may take to reach the handler."""
 
@@ -66,6 +77,8 @@ class Wiretaps:
         self.per_connection = per_connection
         self.buffered = 0
         self._counters: dict[str, _Counters] = {}
+        self._failures: dict[str, int] = {}
+        self._paused_until: dict[str, float] = {}
         self.version = 0
         """Bumped on every change of the counters (the manager link reports when it moved)."""
 
@@ -82,12 +95,31 @@ class Wiretaps:
         """Drop the counters of wiretaps that ended."""
         for gone in set(self._counters) - engagement_ids:
             del self._counters[gone]
+        for table in (self._failures, self._paused_until):
+            for gone in set(table) - engagement_ids:
+                del table[gone]
 
     def tap(self, engagement: Engagement) -> Tap:
+        """A copy of a new connection for `engagement`; already dropped while the wiretap's
+        handler is known to be unreachable (see BACKOFF_FIRST)."""
         counters = self.counters(engagement.id)
         counters.connections += 1
         self.version += 1
-        return Tap(engagement, self, counters)
+        tap = Tap(engagement, self, counters)
+        if trio.current_time() < self._paused_until.get(engagement.id, -math.inf):
+            tap._drop()
+        return tap
+
+    def failed(self, engagement_id: str) -> None:
+        """A copy could not reach the handler: pause the wiretap's copies for a while."""
+        failures = self._failures.get(engagement_id, 0) + 1
+        self._failures[engagement_id] = failures
+        pause = min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
+        self._paused_until[engagement_id] = trio.current_time() + pause
+
+    def delivered(self, engagement_id: str) -> None:
+        self._failures.pop(engagement_id, None)
+        self._paused_until.pop(engagement_id, None)
 
 
 class Tap:
@@ -108,7 +140,10 @@ class Tap:
 
     def offer(self, data: bytes) -> None:
         """Copy `data` unless this copy was dropped; drop it when the buffers are full."""
-        if self.dropped or not data:
+        if not data:
+            return
+        if self.dropped:
+            self._counters.dropped_bytes += len(data)  # not copied either
             return
         taps = self._taps
         if self._held + len(data) > taps.per_connection or (
@@ -146,6 +181,12 @@ class Tap:
         the end of it), or, with a handler that keeps it open, once all of it was sent."""
         stream: trio.abc.Stream | None = None
         try:
+            with trio.move_on_after(TAP_HOLD_SECONDS):
+                while not (self._ended or self.dropped or self._held >= TAP_HOLD_BYTES):
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+            if self.dropped:
+                return
             with trio.move_on_after(TAP_DRAIN_SECONDS) as opening:
                 stream = await open_tap(self.engagement)
             if stream is None or opening.cancelled_caught:
@@ -165,6 +206,7 @@ class Tap:
                     raise failure
                 await answers.check()
                 self.done = True
+                self._taps.delivered(self.engagement.id)
         except _EXPECTED as exc:
             log.debug("wiretap %s: copy dropped: %s", self.engagement.id, exc)
             self._fail(stream)
@@ -197,6 +239,7 @@ class Tap:
 
     def _fail(self, stream: trio.abc.Stream | None) -> None:
         self._drop()
+        self._taps.failed(self.engagement.id)
         if isinstance(stream, H2Stream):
             reset(stream, ResetReason.CANCELLED)  # the handler sees a broken copy, not an end
 
