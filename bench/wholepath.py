@@ -188,8 +188,8 @@ async def handle(client):
             async with trio.open_nursery() as n:
                 n.start_soon(pump, client, server)
                 n.start_soon(pump, server, client)
-    except (trio.BrokenResourceError, OSError):
-        pass
+    except* (trio.BrokenResourceError, OSError):
+        pass  # one side went away (tele quit): the other is closed with it
 async def main():
     listeners = await trio.open_tcp_listeners(listen_port, host="127.0.0.1")
     print("ready", flush=True)
