@@ -39,12 +39,29 @@ def state_dir() -> Path:
     return _xdg("XDG_STATE_HOME", home() / ".local" / "state") / "tele"
 
 
+USE_ENV = "TELE_USE"
+"""The named connection (`tele --use NAME`, `tele connect --docker --name NAME`) whose daemon
+the commands talk to; unset or "default": the one daemon of the user."""
+
+
+def connection_name() -> str:
+    """The named connection chosen by USE_ENV, or "default" (also for a name that is not a
+    plain file name: the CLI refuses those before setting it)."""
+    name = os.environ.get(USE_ENV, "")
+    plain = name and not name.startswith(".") and all(c.isalnum() or c in "_.-" for c in name)
+    return name if plain else "default"
+
+
 def runtime_dir() -> Path:
-    """Sockets, pid and lock files: $XDG_RUNTIME_DIR/tele when usable, else under the cache."""
+    """Sockets, pid and lock files: $XDG_RUNTIME_DIR/tele when usable, else under the cache;
+    a named connection's under connections/NAME there."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base and os.path.isabs(base) and os.path.isdir(base) and os.access(base, os.W_OK):
-        return Path(base) / "tele"
-    return cache_dir() / "run"
+        root = Path(base) / "tele"
+    else:
+        root = cache_dir() / "run"
+    name = connection_name()
+    return root if name == "default" else root / "connections" / name
 
 
 def daemon_socket() -> Path:

@@ -257,3 +257,55 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
     finally:
         run_tele(env, "quit")
         run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+
+
+def test_two_named_docker_connections_run_side_by_side(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    engine: PrivateDockerd,
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+) -> None:
+    base = busybox_image(engine)
+    env = engine.env(tele_env)
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, env)
+    before = _host_network()
+    try:
+        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+        kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+        for name in ("one", "two"):
+            connect = ("connect", "--docker", "--name", name, "--kubeconfig", kubeconfig)
+            connected = run_tele(env, *connect, timeout=300)
+            assert connected.returncode == 0, connected.stderr
+        running = engine.docker("ps", "--format", "{{.Names}}").stdout.split()
+        assert sorted(running) == [
+            "tele-daemon-one", "tele-daemon-two", "tele-relay-one", "tele-relay-two"
+        ]  # fmt: skip
+        sessions = set()
+        for name in ("one", "two"):
+            status = run_tele(env, "--use", name, "status")
+            assert status.returncode == 0, status.stderr
+            assert "Session:" in status.stdout, status.stdout
+            sessions.add(status.stdout.split("Session:")[1].split()[0])
+            reached = run_tele(
+                env, "--use", name, "docker-run", "--", "--rm", base, "sh", "-c", WGET
+            )
+            assert '"pod": "app-' in reached.stdout, reached.stdout + reached.stderr
+        assert len(sessions) == 2
+        assert "not running" in run_tele(env, "status").stdout.lower()
+        assert _host_network() == before
+
+        for name in ("one", "two"):
+            quit_ = run_tele(env, "--use", name, "quit", timeout=60)
+            assert quit_.returncode == 0, quit_.stderr
+        left = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
+        deadline = time.monotonic() + 30
+        while left.stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.2)  # each relay ends when it sees its daemon's process gone
+            left = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
+        assert left.stdout.strip() == ""
+        assert _host_network() == before
+    finally:
+        for name in ("one", "two"):
+            run_tele(env, "--use", name, "quit")
+        run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)

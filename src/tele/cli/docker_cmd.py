@@ -222,6 +222,18 @@ def curl(args: tuple[str, ...]) -> None:
 
 # --- tele connect --docker ---------------------------------------------------------------------
 
+
+def use_connection(name: str) -> None:
+    """Make this process (and what it starts) talk to the named connection's daemon."""
+    import os
+
+    from tele import paths
+
+    if not name or name.startswith(".") or not all(c.isalnum() or c in "_.-" for c in name):
+        raise UserError(f"{name!r} is not a connection name: use letters, digits, '_', '.', '-'")
+    os.environ[paths.USE_ENV] = name
+
+
 KUBECONFIG_INSIDE = "/tele/kubeconfig"
 RUNTIME_INSIDE = "/tele/run"
 RELAY_INSIDE = "/tele/relay"
@@ -238,8 +250,12 @@ def connect_options(command: F) -> F:
         if name and not docker:
             raise UserError("--name names a connection made with --docker")
         if docker:
+            from tele import paths
+
+            name = name or paths.connection_name()  # --name, or --use, or "default"
+            use_connection(name)
             kwargs["kubeconfig"] = start_daemon_container(
-                kwargs.get("kubeconfig") or "", kwargs.get("context") or "", name or "default"
+                kwargs.get("kubeconfig") or "", kwargs.get("context") or "", name
             )
             kwargs["vif"] = True  # the container's own network namespace: routes, DNS there
         return command(*args, **kwargs)
@@ -338,7 +354,7 @@ def start_daemon_container(kubeconfig: str, context: str, name: str) -> str:
             )
         tag = image.ensure_daemon_image(client, lambda line: click.echo(line, err=True))
         runtime = paths.ensure_private_dir(paths.runtime_dir())
-        relay_dir = paths.ensure_private_dir(runtime.parent / f"tele-docker-{name}")
+        relay_dir = paths.ensure_private_dir(runtime / "docker-relay")
         for stale in (daemon_name, relay_name):
             from tele.docker.run import remove
 

@@ -124,12 +124,22 @@ class LazyGroup(click.Group):
     default="default",
     help="json or yaml for every command that prints a result (also after the command).",
 )
+@click.option(
+    "--use",
+    default="",
+    metavar="NAME",
+    help="Talk to the named connection's daemon (tele connect --docker --name NAME).",
+)
 @click.pass_context
-def cli(ctx: click.Context, output: str) -> None:
+def cli(ctx: click.Context, output: str, use: str) -> None:
     """tele: join a Kubernetes cluster's network and handle a workload's traffic locally."""
     from tele.cli.output import GLOBAL_OUTPUT
 
     ctx.meta[GLOBAL_OUTPUT] = output
+    if use:
+        from tele.cli.docker_cmd import use_connection
+
+        use_connection(use)
 
 
 def main(argv: list[str] | None = None) -> Any:
