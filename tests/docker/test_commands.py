@@ -5,6 +5,8 @@ daemon runs on this machine: the host's), its status is tele's, and it is remove
 from __future__ import annotations
 
 import http.server
+import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 
 from tele.docker import run
 from tele.sandbox.testing import ThreadedCluster
+from tests.conftest import VENV_BIN
 from tests.daemon.test_connect import ManagerProcess, cluster, manager  # noqa: F401 - fixtures
 from tests.daemon.util import DaemonGuard, run_tele
 from tests.docker.dockerd import PrivateDockerd, busybox_image
@@ -89,6 +92,27 @@ def test_docker_run_and_curl_run_with_the_connections_network_and_are_removed(
     assert curled.returncode == 0, curled.stderr
     assert curled.stdout == "asked for /from-curl\n"
 
+    left = dockerd.docker("ps", "-aq", "--filter", f"label={run.LABEL}")
+    assert left.returncode == 0 and left.stdout == ""
+
+    # SIGTERM to tele (a closed terminal, a supervisor) removes the container too.
+    running = subprocess.Popen(
+        [str(VENV_BIN / "tele"), "docker-run", "--", base, "sh", "-c", "echo up; sleep 120"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert running.stdout is not None
+        assert running.stdout.readline() == "up\n"
+        running.send_signal(signal.SIGTERM)
+        _, err = running.communicate(timeout=60)
+        assert running.returncode == 130, err
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.communicate()
     left = dockerd.docker("ps", "-aq", "--filter", f"label={run.LABEL}")
     assert left.returncode == 0 and left.stdout == ""
     assert run_tele(env, "quit").returncode == 0

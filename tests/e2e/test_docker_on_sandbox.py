@@ -7,6 +7,7 @@ its status is tele's, and neither the container nor the engagement is left."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import subprocess
 import time
@@ -93,6 +94,16 @@ def engine() -> Iterator[PrivateDockerd]:
         yield dockerd
 
 
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    """End `tele` and what it started (the docker CLI holds its pipes)."""
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=30)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -133,6 +144,7 @@ def test_a_handler_container_built_here_answers_the_intercept_with_the_pods_env_
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # a failed test ends the docker CLI too (it holds the pipes)
         )
         answers: list[str] = []
         deadline = time.monotonic() + 180
@@ -158,8 +170,7 @@ def test_a_handler_container_built_here_answers_the_intercept_with_the_pods_env_
         assert "greeting=" not in again
     finally:
         if handler is not None and handler.poll() is None:
-            handler.kill()
-            handler.communicate()
+            _kill_group(handler)
         run_tele(env, "quit")
         run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
 
@@ -227,6 +238,7 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
             [str(VENV_BIN / "tele"), "intercept", "app", "--port", str(port), "--mount=false",
              "--docker-run", "--", "tele-test/handler:2", "sh", "-c", serve],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,  # a failed test ends the docker CLI too (it holds the pipes)
         )  # fmt: skip
         try:
             answers: list[str] = []
@@ -241,8 +253,7 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
             assert handler.returncode == 7, err
         finally:
             if handler.poll() is None:
-                handler.kill()
-                handler.communicate()
+                _kill_group(handler)
         assert _host_network() == before
 
         quit_ = run_tele(env, "quit", timeout=60)

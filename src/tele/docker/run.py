@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -352,10 +353,19 @@ def running(prepared: Prepared, client: docker.DockerClient) -> Iterator[None]:
         remove(client, prepared.name)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(prepared: Prepared, client: docker.DockerClient) -> int:
-    """Run the container in the foreground; its exit status (125: docker could not run it)."""
-    with running(prepared, client):
-        try:
-            return subprocess.run(prepared.argv, env=prepared.env, check=False).returncode
-        except OSError as exc:
-            raise UserError(f"cannot run {prepared.argv[0]}: {exc.strerror or exc}") from exc
+    """Run the container in the foreground; its exit status (125: docker could not run it).
+    SIGTERM is taken as Ctrl-C: the container is removed and the caller leaves."""
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        with running(prepared, client):
+            try:
+                return subprocess.run(prepared.argv, env=prepared.env, check=False).returncode
+            except OSError as exc:
+                raise UserError(f"cannot run {prepared.argv[0]}: {exc.strerror or exc}") from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
