@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import logging
 import os
 import re
 import socket
@@ -18,6 +19,8 @@ from pathlib import Path
 import trio
 
 from .errors import NodeError
+
+log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
 ETC_NETNS = Path("/etc/netns")
@@ -203,10 +206,13 @@ def unpin_mount_namespace_sync(name: str) -> None:
     """Let the mount namespace of `name` go (it ends with the last process in it)."""
     pin = mount_ns_path(name)
     for _ in range(8):  # a pin bound more than once (an earlier race) has a mount per bind
-        if not os.path.ismount(pin):
+        if str(pin) not in _mount_points():
             break
         subprocess.run(["umount", "-l", str(pin)], capture_output=True, check=False)
-    pin.unlink(missing_ok=True)
+    try:
+        pin.unlink(missing_ok=True)
+    except OSError as exc:  # still a mount point somewhere: leave the empty file, not the rest
+        log.warning("could not remove %s: %s", pin, exc.strerror or exc)
 
 
 def enter_command(name: str, command: list[str], cwd: str) -> list[str]:
