@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tele.daemon.mounts import mount_problem
+from tele.sandbox.network import netns
 from tests.daemon.util import DaemonGuard, run_tele
 from tests.e2e import install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP
@@ -259,7 +260,7 @@ def test_volumes_mounted_from_one_sandbox_shell_are_seen_from_another(
     try:
         up = _tele(tele_env, "sandbox", "up", "--name", name)
         assert up.returncode == 0, up.stderr
-        assert os.path.ismount(f"/run/tele-mntns/{name}-laptop")
+        assert os.path.ismount(netns.mount_ns_path(f"{name}-laptop"))
         first = _tele(
             tele_env,
             "sandbox",
@@ -313,7 +314,7 @@ def test_volumes_mounted_from_one_sandbox_shell_are_seen_from_another(
         assert _tele(laptop, "quit").returncode == 0
     finally:
         _tele(tele_env, "sandbox", "down", "--name", name)
-    assert not os.path.exists(f"/run/tele-mntns/{name}-laptop")
+    assert not netns.mount_ns_path(f"{name}-laptop").parent.exists()
     assert not [
         line for line in Path("/proc/self/mountinfo").read_text().splitlines() if name in line
     ]

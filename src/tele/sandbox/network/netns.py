@@ -8,7 +8,6 @@ code then uses the socket as any other. Nothing here touches the host namespace'
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import logging
 import os
 import re
@@ -132,13 +131,15 @@ async def connect_in(name: str, host: str, port: int) -> trio.SocketStream:
 
 # --- one mount namespace for everything that runs in a network namespace --------------------
 
-MOUNT_NS_DIR = Path("/run/tele-mntns")
-"""Where mount namespaces are pinned (bind mounts of /proc/PID/ns/mnt). A private mount of its
-own: a namespace file may only be bind-mounted where the mount does not propagate."""
+MOUNT_NS_PREFIX = "/run/tele-mntns-"
+"""`<prefix><netns name>/mnt` pins that network namespace's mount namespace (a bind mount of
+/proc/PID/ns/mnt). Its directory is a private bind mount of its own, made and removed with it:
+a namespace file may only be bound where the mount does not propagate, and a directory shared
+by several sandboxes could be bound over again by one of them, hiding the others' pins."""
 
 
 def mount_ns_path(name: str) -> Path:
-    return MOUNT_NS_DIR / name
+    return Path(MOUNT_NS_PREFIX + name) / "mnt"
 
 
 def pin_mount_namespace_sync(name: str) -> Path:
@@ -153,26 +154,21 @@ def pin_mount_namespace_sync(name: str) -> Path:
         if result.returncode != 0:
             raise NodeError(f"`{' '.join(argv[:6])}` failed: {result.stderr.strip()}")
 
-    MOUNT_NS_DIR.mkdir(mode=0o755, exist_ok=True)
-    # Once per boot, and by one sandbox at a time: a second bind mount over the first would
-    # hide the pins made in it (os.path.ismount cannot tell a bind of a directory onto itself:
-    # same device, so the mount table is read).
-    with open(MOUNT_NS_DIR.with_name(MOUNT_NS_DIR.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if str(MOUNT_NS_DIR) not in _mount_points():
-            run_sync("mount", "--bind", str(MOUNT_NS_DIR), str(MOUNT_NS_DIR))
-            run_sync("mount", "--make-private", str(MOUNT_NS_DIR))
     unpin_mount_namespace_sync(name)
     pin = mount_ns_path(name)
-    pin.touch()
-    etc_dir = ETC_NETNS / name
-    etc = [
-        f"mount --bind {f} /etc/{f.name}"
-        for f in (sorted(etc_dir.iterdir()) if etc_dir.is_dir() else [])
-        if (Path("/etc") / f.name).exists()
-    ]
-    script = " && ".join(["umount -l /sys", f"mount -t sysfs {name} /sys", *etc])
+    directory = pin.parent
+    directory.mkdir(mode=0o755)
     try:
+        run_sync("mount", "--bind", str(directory), str(directory))
+        run_sync("mount", "--make-private", str(directory))
+        pin.touch()
+        etc_dir = ETC_NETNS / name
+        etc = [
+            f"mount --bind {f} /etc/{f.name}"
+            for f in (sorted(etc_dir.iterdir()) if etc_dir.is_dir() else [])
+            if (Path("/etc") / f.name).exists()
+        ]
+        script = " && ".join(["umount -l /sys", f"mount -t sysfs {name} /sys", *etc])
         run_sync(
             "unshare",
             f"--mount={pin}",
@@ -186,7 +182,7 @@ def pin_mount_namespace_sync(name: str) -> Path:
             "-c",
             script,
         )
-    except NodeError:
+    except (NodeError, OSError):
         unpin_mount_namespace_sync(name)
         raise
     return pin
@@ -203,15 +199,20 @@ def _mount_points() -> set[str]:
 
 
 def unpin_mount_namespace_sync(name: str) -> None:
-    """Let the mount namespace of `name` go (it ends with the last process in it)."""
+    """Let the mount namespace of `name` go (it ends with the last process in it), and remove
+    its directory."""
     pin = mount_ns_path(name)
-    for _ in range(8):  # a pin bound more than once (an earlier race) has a mount per bind
-        if str(pin) not in _mount_points():
-            break
-        subprocess.run(["umount", "-l", str(pin)], capture_output=True, check=False)
+    for path in (pin, pin.parent):
+        for _ in range(8):  # a path bound more than once has a mount per bind
+            if str(path) not in _mount_points():
+                break
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
     try:
         pin.unlink(missing_ok=True)
-    except OSError as exc:  # still a mount point somewhere: leave the empty file, not the rest
+        pin.parent.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # still a mount point somewhere: leave it, not the rest
         log.warning("could not remove %s: %s", pin, exc.strerror or exc)
 
 
