@@ -155,3 +155,22 @@ async def test_a_user_who_may_read_them_gets_everything(
     )
     withheld = await _judge_as(Authenticator(kube, "enforcing"), user, ALL_REMOTE)
     assert withheld.env == set() and withheld.volumes == "" and withheld.notes == []
+
+
+def test_what_is_asked_ahead_covers_what_is_judged() -> None:
+    """The reviews asked while the engagement's other steps run (cached for `judge`): every
+    Secret/ConfigMap reference of the template, and the token volume admission adds."""
+    from tele.manager.withhold import likely_sources
+
+    template = {k: v for k, v in SPEC.items() if k != "volumes"}
+    template["volumes"] = [v for v in SPEC["volumes"] if v["name"] != "token"]
+    ahead = likely_sources(template)
+    judged = set(env_sources(SPEC["containers"][0]).values()) | set(
+        volume_sources(SPEC, SPEC["containers"][0], ALL_REMOTE)
+    )
+    assert judged <= ahead
+    assert ("create", "serviceaccounts", "token", "web") in ahead
+    assert likely_sources({**template, "automountServiceAccountToken": False}) == judged - {
+        ("create", "serviceaccounts", "token", "web"),
+        ("get", "configmaps", "", "kube-root-ca.crt"),
+    }

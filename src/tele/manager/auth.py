@@ -15,12 +15,13 @@ Modes (Helm `security.authentication.mode`): `enforcing` refuses what is not pro
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,8 @@ RECHECK_TICK = 5.0
 REVOKED_GRACE = 15.0
 """After a link's credential failed its review: how long the identity's sessions wait for a
 link of the same identity with a valid credential (a rotated token) before they end."""
+PREFETCH_LIMIT = 32
+"""Reviews asked ahead for one engagement at most (a template naming more is judged anyway)."""
 DECISION_SECONDS = 10.0
 """How long a SubjectAccessReview's answer is reused (RBAC changes take effect this late)."""
 WORKLOAD_RESOURCES = {
@@ -444,6 +447,22 @@ class Authenticator:
         if not allowed:
             audit_line("withheld", needed=f"{verb} {resource}", name=name, namespace=namespace)
         return allowed
+
+    async def prefetch(self, namespace: str, sources: Iterable[tuple[str, str, str, str]]) -> None:
+        """Ask (verb, resource, subresource, name) reviews for the caller ahead of `may`, all at
+        once, so that its answers are cached; failures are left for `may` to meet."""
+        who = caller()
+        if self.mode == "disabled" or who is None:
+            return
+
+        async def ask(source: tuple[str, str, str, str]) -> None:
+            verb, resource, subresource, name = source
+            with contextlib.suppress(RpcError):
+                await self._decide(who, (verb, "", resource, subresource, namespace, name))
+
+        async with trio.open_nursery() as nursery:
+            for source in sorted(set(sources))[:PREFETCH_LIMIT]:
+                nursery.start_soon(ask, source)
 
     async def may_list(self, workload_kind: str, namespace: str) -> bool:
         """Whether the caller may see `workload_kind`s in `namespace` (`list` on them): what

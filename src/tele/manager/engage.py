@@ -37,7 +37,7 @@ from tele.manager.table import (
     pick_container,
 )
 from tele.manager.view import ClusterView
-from tele.manager.withhold import Withheld
+from tele.manager.withhold import Source, Withheld, likely_sources
 from tele.rpc import agent_api as aapi
 from tele.rpc import filters
 from tele.rpc import manager_api as api
@@ -116,7 +116,9 @@ class Engagements:
         absent: Collection[str] = frozenset(),
         authorize: Callable[[str, str, str, str], Awaitable[None]] | None = None,
         judge_exports: JudgeExports | None = None,
+        prefetch_exports: Callable[[str, set[Source]], Awaitable[None]] | None = None,
     ) -> None:
+        self._prefetch_exports = prefetch_exports
         self._authorize = authorize
         self._judge_exports = judge_exports
         """(pod spec, container, mount policies, namespace) -> what the caller may not read."""
@@ -255,7 +257,19 @@ class Engagements:
                 f"{request.namespace}/{request.workload} first",
             )
         if self._authorize is not None:
-            await self._authorize(kind, key[0], key[1], key[2])
+            denied: RpcError | None = None
+            async with trio.open_nursery() as nursery:
+                # What it may be handed is asked meanwhile (manager.withhold): cached for later.
+                if self._prefetch_exports is not None:
+                    spec = ((workload.get("spec") or {}).get("template") or {}).get("spec") or {}
+                    nursery.start_soon(self._prefetch_exports, key[1], likely_sources(spec))
+                try:
+                    await self._authorize(kind, key[0], key[1], key[2])
+                except RpcError as exc:  # raised outside the nursery: not in a group
+                    denied = exc
+                    nursery.cancel_scope.cancel()
+            if denied is not None:
+                raise denied
         template = (workload.get("spec") or {}).get("template") or {}
         if kind == "replace" and agentconfig.manually_injected(template):
             raise RpcError(

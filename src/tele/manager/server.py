@@ -285,6 +285,7 @@ class Manager:
             absent=self.presence.absent,
             authorize=self.auth.authorize_engagement,
             judge_exports=self.judge_exports,
+            prefetch_exports=self.auth.prefetch,
             settings=self.agent_settings(),
         )
         self.files_dialer = FilesDialer(

@@ -77,6 +77,23 @@ def volume_sources(
     return needed
 
 
+def likely_sources(template_spec: Mapping[str, Any]) -> set[Source]:
+    """What any container of a pod template may need to hand over (every Secret/ConfigMap
+    reference, and the token volume admission adds unless automounting is off): asked ahead,
+    while the engagement's other steps run, so that `judge` finds the answers cached."""
+    needed: set[Source] = set()
+    every = {str(m.get("mountPath")): "Remote" for c in template_spec.get("containers") or []
+             for m in c.get("volumeMounts") or []}  # fmt: skip
+    for container in template_spec.get("containers") or []:
+        needed |= set(env_sources(container).values())
+        needed |= set(volume_sources(template_spec, container, every))
+    if template_spec.get("automountServiceAccountToken") is not False:
+        account = str(template_spec.get("serviceAccountName") or "default")
+        needed.add(("create", "serviceaccounts", "token", account))
+        needed.add(("get", "configmaps", "", "kube-root-ca.crt"))
+    return needed
+
+
 async def judge(
     pod_spec: Mapping[str, Any],
     container_name: str,
