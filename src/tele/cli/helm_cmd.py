@@ -284,7 +284,7 @@ def uninstall(**kwargs: Any) -> None:
     from tele.helm import ops
     from tele.helm import release as records
     from tele.helm.errors import ReleaseError
-    from tele.k8s.client import open_kube_client
+    from tele.k8s.client import ApiError, open_kube_client
 
     _check_release_name(kwargs["release_name"])
     release, namespace = kwargs["release_name"], kwargs["namespace"]
@@ -293,7 +293,18 @@ def uninstall(**kwargs: Any) -> None:
         async with open_kube_client(kwargs["kubeconfig"], kwargs["context"]) as kube:
             if await records.read(kube, release, namespace) is None:
                 raise ReleaseError(f"release {release} is not installed in namespace {namespace}")
-            agents = await ops.agent_workloads(kube)
+            try:
+                agents = await ops.agent_workloads(kube)
+            except ApiError as exc:
+                if exc.code != 403:
+                    raise
+                click.echo(
+                    "tele: you may not list pods in every namespace, so the traffic agents in "
+                    "workloads' pods are left as they are (`tele uninstall --all-agents -n NS` "
+                    "removes a namespace's before uninstalling)",
+                    err=True,
+                )
+                agents = []
             left = await _leave_engagements_through(kube.connection.server, namespace)
             if left:
                 click.echo(
