@@ -311,6 +311,12 @@ def test_volumes_mounted_from_one_sandbox_shell_are_seen_from_another(
             "which this shell does not share, so the directory is empty here; run the handler "
             "where the daemon was started"
         )
+        assert (
+            f"  Not seen here:      the volumes of files at {other} (mounted in the daemon's "
+            "mount namespace, which this shell does not share)\n"
+        ) in _tele(laptop, "status").stdout
+        seen = _tele(tele_env, "sandbox", "shell", "--name", name, "--", "tele", "status")
+        assert "Not seen here" not in seen.stdout and f"volumes at {other}" in seen.stdout
         assert _tele(laptop, "quit").returncode == 0
     finally:
         _tele(tele_env, "sandbox", "down", "--name", name)

@@ -120,10 +120,26 @@ def status(output: str) -> None:
                 f"  Socket:    {daemon['socket']}",
                 f"Connection: {d['connection']}{_ended(d.get('session'))}",
                 *(connection_lines(d["session"]) if d.get("session") else []),
+                *_unseen_mounts(d.get("session")),
             ]
         )
 
     emit(data, output, text)
+
+
+def _unseen_mounts(session: dict[str, Any] | None) -> list[str]:
+    """A line per engagement whose volumes this shell cannot see (the daemon mounted them in
+    a mount namespace this process does not share)."""
+    from tele.cli.intercept_cmd import mounted_here
+
+    if not session or session.get("status") == "failed":
+        return []
+    return [
+        f"  Not seen here:      the volumes of {e['name']} at {e['local_mount']} (mounted in the "
+        "daemon's mount namespace, which this shell does not share)"
+        for e in session.get("engagements") or []
+        if e.get("local_mount") and not mounted_here(e["local_mount"])
+    ]
 
 
 @click.command(name="quit")
