@@ -16,13 +16,17 @@ Columns: CPU% is the daemon's during the iperf3 runs (for c this process: it is 
 relay% is the cluster side's); p50/p99 of 1 KiB request/response on one connection; conn/s is
 one client connecting, echoing a byte and closing in a loop (latency-bound); conn/s32 the same
 with 32 connections in flight (a throughput figure), and µs/conn the daemon's CPU per connection
-during it; RSS MiB is the daemon's after the rest of the row, and @1000 while 1,000 idle
+during it; 1st µs the p50 of the sequential loop's connect() (the SYN) to the echo's first
+byte; wr/conn the TUN writes per connection during conn/s32 (rows c*); RSS MiB is the
+daemon's after the rest of the row, and @1000 while 1,000 idle
 connections (each echoed a byte, so fully set up) are open through it; GC ms is how long one
 full garbage collection stalls the daemon then (row c: the longest pause the GC can cause).
 For d, CPU%, µs/conn and RSS are sshuttle's client's. In every row the servers (iperf3, a trio
 echo server) are processes of their own, as a pod's would be.
 
 Run as root:  .venv/bin/python bench/vif.py [--duration 3] [--rows a,b,c]
+  --conn-only: latency and connection figures only (no iperf3, no held connections): A/B runs.
+  --tcp FIELD=VALUE: rows c* with a TCPConfig field changed (e.g. fin_ack_delay=0).
 Namespaces are named tele-vifbench-<random>-{l,c} and always deleted. Prints a table and a
 JSON line; writes the JSON to bench/results/.
 """
@@ -126,7 +130,15 @@ def _raise_nofile() -> None:
 LATENCY_CLIENT = """
 import socket, time, json, sys
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.create_connection((host, port))
+deadline = time.monotonic() + 10
+while True:  # the echo server (a process of its own) may still be starting
+    try:
+        s = socket.create_connection((host, port))
+        break
+    except ConnectionRefusedError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 msg = b"x" * 1024
 samples = []
@@ -140,16 +152,21 @@ for _ in range(count):
 s.close()
 start = time.perf_counter()
 n = 0
+first = []  # connect() called (the SYN) -> the first byte of the answer
 while time.perf_counter() - start < 2:
+    t = time.perf_counter()
     c = socket.create_connection((host, port))
     c.sendall(b"y")
     c.recv(10)
+    first.append(time.perf_counter() - t)
     c.close()
     n += 1
 rate = n / (time.perf_counter() - start)
 samples.sort()
+first.sort()
 print(json.dumps({"p50": samples[len(samples) // 2] * 1e6,
-                  "p99": samples[int(len(samples) * 0.99)] * 1e6, "conn_s": rate}))
+                  "p99": samples[int(len(samples) * 0.99)] * 1e6, "conn_s": rate,
+                  "first_p50": first[len(first) // 2] * 1e6}))
 """
 
 RATE_CLIENT = """
@@ -245,7 +262,7 @@ def latency(laptop: str, host: str, port: int) -> dict[str, float]:
         return dict(json.loads(out.stdout))
     except ValueError:
         print(f"latency client failed: {out.stderr[-300:]}")
-        return {"p50": 0.0, "p99": 0.0, "conn_s": 0.0}
+        return {"p50": 0.0, "p99": 0.0, "conn_s": 0.0, "first_p50": 0.0}
 
 
 def rate(laptop: str, host: str, port: int, duration: float) -> dict[str, float]:
@@ -263,6 +280,8 @@ def rate(laptop: str, host: str, port: int, duration: float) -> dict[str, float]
 
 CONCURRENCY = 32
 HELD = 1000
+CONN_ONLY = False
+"""--conn-only: the connection figures alone (no iperf3, no 1,000 held connections)."""
 
 
 def rss_mib(pid: int | str = "self") -> float:
@@ -276,6 +295,8 @@ def hold(laptop: str, host: str, port: int, pid: int | str = "self") -> dict[str
     """RSS of process `pid` before and while HELD idle connections are open through it."""
     import gc
 
+    if CONN_ONLY:
+        return {}
     gc.collect()
     before = rss_mib(pid)
     client = subprocess.Popen(
@@ -340,19 +361,22 @@ def measure(
     echo_port: int,
     duration: float,
     cpu_of: Callable[[], float] = cpu_seconds,
+    packets_out: Callable[[], int] | None = None,
 ) -> dict[str, float | str]:
     """All figures of one row; `cpu_of` gives the CPU seconds of the daemon (or its stand-in)."""
     wall, cpu = time.perf_counter(), cpu_of()
-    one = iperf(laptop, host, iperf_port, 1, duration)
-    eight = iperf(laptop, host, iperf_port, 8, duration)
+    one = 0.0 if CONN_ONLY else iperf(laptop, host, iperf_port, 1, duration)
+    eight = 0.0 if CONN_ONLY else iperf(laptop, host, iperf_port, 8, duration)
     cpu_pct = 100 * (cpu_of() - cpu) / (time.perf_counter() - wall)
     lat = latency(laptop, host, echo_port)
-    cpu = cpu_of()
+    cpu, writes = cpu_of(), packets_out() if packets_out else 0
     par = rate(laptop, host, echo_port, min(duration, 2.0))
     # CPU per connection hardly moves with the load of other work on the machine, unlike conn/s.
-    cpu_us = 1e6 * (cpu_of() - cpu) / max(par.get("conns", 0), 1)
+    conns = max(par.get("conns", 0), 1)
+    cpu_us = 1e6 * (cpu_of() - cpu) / conns
+    extra = {"tun_writes_per_conn": (packets_out() - writes) / conns} if packets_out else {}
     return {"row": row, "mbs_1": one, "mbs_8": eight, "cpu_pct": cpu_pct, **lat, **par,
-            "cpu_us_per_conn": cpu_us}  # fmt: skip
+            "cpu_us_per_conn": cpu_us, **extra}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- rows
@@ -385,7 +409,7 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
                 settings = VifSettings(
                     cluster_subnets=["10.244.0.0/16"], netns=laptop, offload=offload, mtu=mtu
                 )
-                await nursery.start(functools.partial(serve_vif, settings, dialer))
+                info = await nursery.start(functools.partial(serve_vif, settings, dialer))
                 gctune.settle()  # as the daemon's session does once connected
                 # The servers, as the pod's processes, in the cluster namespace.
                 server = await trio.lowlevel.open_process(
@@ -401,7 +425,16 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
                     wall = time.perf_counter()
                     results.update(
                         await trio.to_thread.run_sync(
-                            measure, "", laptop, POD_IP, IPERF_PORT + 1, TELE_ECHO_PORT, duration
+                            functools.partial(
+                                measure,
+                                "",
+                                laptop,
+                                POD_IP,
+                                IPERF_PORT + 1,
+                                TELE_ECHO_PORT,
+                                duration,
+                                packets_out=lambda: info.counters.packets_out,
+                            )
                         )
                     )
                     results["relay_cpu_pct"] = (
@@ -532,12 +565,41 @@ def run_sshuttle(laptop: str, cluster: str, duration: float) -> dict | None:
                            capture_output=True, check=False)  # fmt: skip
 
 
+def _override_tcp(fields: dict[str, str]) -> None:
+    """Rows c*: the VIF's TCPConfig with `fields` changed (values as the field's type)."""
+    import dataclasses
+
+    from tele.net.tcpstate import TCPConfig
+    from tele.vif import service
+
+    made = service._tcp_config
+    kinds = {f.name: type(getattr(TCPConfig(), f.name)) for f in dataclasses.fields(TCPConfig)}
+    values = {name: kinds[name](value) for name, value in fields.items()}
+    service._tcp_config = lambda settings: dataclasses.replace(made(settings), **values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--rows", default="a,b,c,c-plain,c-65535,d")
+    parser.add_argument(
+        "--conn-only",
+        action="store_true",
+        help="only latency and new-connection figures (quick, for A/B runs)",
+    )
+    parser.add_argument(
+        "--tcp",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="rows c*: set a TCPConfig field (A/B runs), e.g. fin_ack_delay=0",
+    )
     parser.add_argument("--role-cluster", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tcp:
+        _override_tcp(dict(item.split("=", 1) for item in args.tcp))
+    global CONN_ONLY
+    CONN_ONLY = args.conn_only
     if args.role_cluster is not None:
         role_cluster(args.role_cluster)
         return
@@ -644,7 +706,8 @@ trio.run(functools.partial(trio.serve_tcp, echo, int(sys.argv[2]), host=sys.argv
 
 HEADER = (
     f"{'row':8} {'MB/s x1':>9} {'MB/s x8':>9} {'CPU%':>6} {'relay%':>7} {'p50 µs':>8} "
-    f"{'p99 µs':>8} {'conn/s':>8} {'conn/s32':>9} {'µs/conn':>8} {'RSS MiB':>8} {'@1000':>7} "
+    f"{'p99 µs':>8} {'conn/s':>8} {'conn/s32':>9} {'µs/conn':>8} {'1st µs':>7} {'wr/conn':>7} "
+    f"{'RSS MiB':>8} {'@1000':>7} "
     f"{'GC ms':>6}"
 )
 
@@ -654,7 +717,8 @@ def _line(r: dict) -> str:
         f"{r['row']:8} {r['mbs_1']:9.0f} {r['mbs_8']:9.0f} {r['cpu_pct']:6.0f} "
         f"{r.get('relay_cpu_pct', 0):7.0f} "
         f"{r['p50']:8.0f} {r['p99']:8.0f} {r['conn_s']:8.0f} {r.get('conn_s_par', 0):9.0f} "
-        f"{r.get('cpu_us_per_conn', 0):8.0f} "
+        f"{r.get('cpu_us_per_conn', 0):8.0f} {r.get('first_p50', 0):7.0f} "
+        f"{r.get('tun_writes_per_conn', 0):7.2f} "
         f"{r.get('rss_base', 0):8.0f} {r.get('rss_held', 0):7.0f} {r.get('gc_ms_held', 0):6.0f}"
     )
 
