@@ -487,6 +487,40 @@ def test_app_closes_first_then_we_finish_sending() -> None:
     assert conn.state is TCPState.CLOSED
 
 
+def test_the_ack_of_a_lone_fin_leaves_with_our_fin_or_after_the_delay() -> None:
+    # Our FIN follows within the delay: one packet acknowledges the app's FIN and ends ours.
+    app = App()
+    conn = establish(app, config=TCPConfig(fin_ack_delay=0.04))
+    conn.receive_packet(app.packet(ACK | FIN), 0.1)
+    assert conn.events() == [PeerClosed()]
+    assert conn.data_to_send(0.1) == []
+    assert conn.next_deadline() == pytest.approx(0.14)
+    conn.close()
+    (fin,) = parse_all(conn.data_to_send(0.12))
+    assert tcp(fin).flags == ACK | FIN and tcp(fin).ack == (app.snd_nxt + 1) & MASK
+    assert conn.next_deadline() != pytest.approx(0.14)  # only the FIN's retransmission
+    # No FIN of ours within the delay: the ACK goes alone when it runs out.
+    app = App()
+    conn = establish(app, config=TCPConfig(fin_ack_delay=0.04))
+    conn.receive_packet(app.packet(ACK | FIN), 0.1)
+    conn.on_timer(0.12)
+    assert conn.data_to_send(0.12) == []
+    conn.on_timer(0.14)
+    (ack,) = parse_all(conn.data_to_send(0.14))
+    assert tcp(ack).flags == ACK and tcp(ack).ack == (app.snd_nxt + 1) & MASK
+    # A FIN with data, or a resent FIN, is acknowledged at once; 0 turns the delay off.
+    app = App()
+    conn = establish(app, config=TCPConfig(fin_ack_delay=0.04))
+    conn.receive_packet(app.data(b"bye", ACK | FIN), 0.1)
+    assert len(conn.data_to_send(0.1)) == 1
+    conn.receive_packet(app.packet(ACK | FIN), 0.2)
+    assert len(conn.data_to_send(0.2)) == 1
+    app = App()
+    conn = establish(app, config=TCPConfig(fin_ack_delay=0))
+    conn.receive_packet(app.packet(ACK | FIN), 0.1)
+    assert len(conn.data_to_send(0.1)) == 1
+
+
 def test_we_close_first_and_the_app_keeps_sending() -> None:
     app = App()
     conn = establish(app, config=TCPConfig(time_wait=0.5))
