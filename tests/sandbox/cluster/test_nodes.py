@@ -295,3 +295,58 @@ def test_a_host_network_pod_has_the_nodes_address_and_reaches_services(kubectl: 
         f"http://{internal}:18089/hostname",
     ).stdout
     assert fetched.strip() == name
+
+
+def _scheduled_message(kubectl: Kubectl, pod: str) -> str:
+    kubectl.run(
+        "wait",
+        "--for=jsonpath={.status.conditions[0].reason}=Unschedulable",
+        f"pod/{pod}",
+        "--timeout=30s",
+    )
+    status = json.loads(kubectl.run("get", "pod", pod, "-o", "json").stdout)["status"]
+    return str(status["conditions"][0]["message"])
+
+
+@pytest.mark.netns
+def test_taints_node_selectors_and_affinity_keep_pods_pending_until_the_node_fits(
+    kubectl: Kubectl,
+) -> None:
+    node = json.loads(kubectl.run("get", "nodes", "-o", "json").stdout)["items"][0]
+    name = node["metadata"]["name"]
+    tail = ". preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling."
+    kubectl.run("taint", "node", name, "tele-test=gpu:NoSchedule")
+    try:
+        kubectl.run("apply", "-f", "-", input=_sleeper("untolerated"))
+        toleration = {"key": "tele-test", "value": "gpu", "effect": "NoSchedule"}
+        kubectl.run("apply", "-f", "-", input=_sleeper("tolerated", tolerations=[toleration]))
+        kubectl.run("wait", "--for=condition=Ready", "pod/tolerated", "--timeout=30s")
+        assert _scheduled_message(kubectl, "untolerated") == (
+            "0/1 nodes are available: 1 node(s) had untolerated taint {tele-test: gpu}" + tail
+        )
+    finally:
+        kubectl.run("taint", "node", name, "tele-test-")
+    kubectl.run("wait", "--for=condition=Ready", "pod/untolerated", "--timeout=30s")
+
+    selector = {"tele-test/disk": "ssd"}
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "tele-test/zone", "operator": "Exists"}]},
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [name]}]},
+                ]
+            }
+        }
+    }
+    kubectl.run("apply", "-f", "-", input=_sleeper("on-ssd", nodeSelector=selector))
+    kubectl.run("apply", "-f", "-", input=_sleeper("here-by-name", affinity=affinity))
+    kubectl.run("wait", "--for=condition=Ready", "pod/here-by-name", "--timeout=30s")
+    assert _scheduled_message(kubectl, "on-ssd") == (
+        "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector" + tail
+    )
+    kubectl.run("label", "node", name, "tele-test/disk=ssd")
+    try:
+        kubectl.run("wait", "--for=condition=Ready", "pod/on-ssd", "--timeout=30s")
+    finally:
+        kubectl.run("label", "node", name, "tele-test/disk-")

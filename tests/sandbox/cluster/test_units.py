@@ -106,3 +106,48 @@ def test_template_hash_and_expansion() -> None:
     assert h == template_hash({**template}) and h != template_hash({**template, "x": 1})
     assert set(h) <= set("bcdfghjklmnpqrstvwxz2456789")
     assert expand("$(A)-$(B)-$$(A)", {"A": "1"}) == "1-$(B)-$(A)"
+
+
+def test_node_selectors_affinity_operators_and_tolerations() -> None:
+    from tele.sandbox.kubelet.kubelet import _matches_node, _tolerates
+
+    labels = {"zone": "a", "cores": "8"}
+
+    def affinity(*expressions: dict[str, object]) -> dict[str, object]:
+        term = {"matchExpressions": list(expressions)}
+        required = {"nodeSelectorTerms": [term]}
+        return {
+            "affinity": {
+                "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}
+            }
+        }
+
+    def fits(spec: dict[str, object]) -> bool:
+        return _matches_node(spec, labels, "n1")
+
+    assert fits({}) and fits({"nodeSelector": {"zone": "a"}})
+    assert not fits({"nodeSelector": {"zone": "a", "disk": "ssd"}})
+    assert fits(affinity({"key": "zone", "operator": "In", "values": ["b", "a"]}))
+    assert not fits(affinity({"key": "zone", "operator": "NotIn", "values": ["a"]}))
+    assert fits(affinity({"key": "disk", "operator": "NotIn", "values": ["ssd"]}))
+    assert fits(affinity({"key": "disk", "operator": "DoesNotExist"}))
+    assert fits(affinity({"key": "cores", "operator": "Gt", "values": ["4"]}))
+    assert not fits(affinity({"key": "cores", "operator": "Lt", "values": ["4"]}))
+    assert not fits(affinity({"key": "zone", "operator": "Gt", "values": ["x"]}))  # not a number
+    assert not fits(affinity({"key": "zone", "operator": "Bogus"}))
+    # Expressions of a term are ANDed; an empty term matches nothing.
+    assert not fits(
+        affinity({"key": "zone", "operator": "Exists"}, {"key": "disk", "operator": "Exists"})
+    )
+    empty = {"nodeSelectorTerms": [{}]}
+    assert not fits(
+        {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": empty}}}
+    )
+
+    taint = {"key": "k", "value": "v", "effect": "NoSchedule"}
+    assert _tolerates({"operator": "Exists"}, taint)
+    assert _tolerates({"key": "k", "operator": "Exists", "effect": "NoSchedule"}, taint)
+    assert _tolerates({"key": "k", "value": "v"}, taint)
+    assert not _tolerates({"key": "k", "value": "w"}, taint)
+    assert not _tolerates({"key": "k", "operator": "Exists", "effect": "NoExecute"}, taint)
+    assert not _tolerates({"operator": "Equal", "value": "v"}, taint)  # Equal needs a key

@@ -55,10 +55,6 @@ POD_RESOURCE = _POD
 _MAX_BACKOFF = 300.0
 UNSCHEDULABLE_TAINT = {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}
 """The taint a cordoned node has (the scheduler's NodeUnschedulable plugin checks it)."""
-UNSCHEDULABLE_MESSAGE = (
-    "0/1 nodes are available: 1 node(s) were unschedulable. preemption: 0/1 nodes are "
-    "available: 1 Preemption is not helpful for scheduling."
-)
 ATTACH_BUFFER = 256
 
 
@@ -173,35 +169,66 @@ class Kubelet:
             worker.update(pod)
 
     def _on_node(self, event: Event) -> None:
-        """An uncordoned node: the pods left Pending are tried again, as the scheduler does."""
+        """The node's spec or labels changed (uncordoned, a taint removed, a label added): the
+        pods left Pending are tried again, as the scheduler does (a heartbeat changes neither)."""
         if event.obj["metadata"].get("name") != self.node_name or self._to_schedule is None:
             return
-        if event.type == "DELETED" or (event.obj.get("spec") or {}).get("unschedulable"):
+        if event.type == "DELETED":
+            return
+        old = event.old or {}
+
+        def placement(node_obj: ApiObject) -> tuple[Any, Any]:
+            return node_obj.get("spec"), (node_obj.get("metadata") or {}).get("labels")
+
+        if event.type == "MODIFIED" and placement(old) == placement(event.obj):
             return
         for pod in self.api.store.objects("/pods"):
             meta = pod["metadata"]
             if not (pod.get("spec") or {}).get("nodeName") and not meta.get("deletionTimestamp"):
                 self._to_schedule.send_nowait((meta["namespace"], meta["name"]))
 
-    def _unschedulable(self, pod: ApiObject) -> bool:
-        """This node is cordoned (spec.unschedulable) and the pod does not tolerate it."""
+    def _unfit(self, pod: ApiObject) -> str | None:
+        """Why this node cannot take the pod, in the scheduler's words (its filters in their
+        order: NodeUnschedulable, TaintToleration, NodeAffinity), or None when it can."""
         node_obj = self.api.store.get("/nodes", "", self.node_name)
-        if node_obj is None or not (node_obj.get("spec") or {}).get("unschedulable"):
-            return False
-        return not any(
-            _tolerates(t, UNSCHEDULABLE_TAINT)
-            for t in (pod.get("spec") or {}).get("tolerations") or []
-        )
+        if node_obj is None:
+            return None
+        spec = pod.get("spec") or {}
+        tolerations = spec.get("tolerations") or []
+        node_spec = node_obj.get("spec") or {}
+        if node_spec.get("unschedulable") and not any(
+            _tolerates(t, UNSCHEDULABLE_TAINT) for t in tolerations
+        ):
+            return "1 node(s) were unschedulable"
+        for taint in node_spec.get("taints") or []:
+            if taint.get("effect") not in ("NoSchedule", "NoExecute"):
+                continue
+            if not any(_tolerates(t, taint) for t in tolerations):
+                return (
+                    f"1 node(s) had untolerated taint {{{taint.get('key', '')}: "
+                    f"{taint.get('value', '')}}}"
+                )
+        labels = (node_obj.get("metadata") or {}).get("labels") or {}
+        if not _matches_node(spec, labels, self.node_name):
+            return "1 node(s) didn't match Pod's node affinity/selector"
+        return None
 
     async def _scheduler(self, recv: trio.MemoryReceiveChannel[tuple[str, str]]) -> None:
         """The scheduler's job for a one-node cluster: bind every unassigned pod here, unless
-        the node is cordoned (the pod stays Pending, Unschedulable, until it is uncordoned)."""
+        the node cannot take it (cordoned, an untolerated taint, a nodeSelector or required
+        node affinity it does not match): the pod stays Pending, Unschedulable, until the node
+        changes."""
         async for namespace, name in recv:
             pod = self.api.store.get("/pods", namespace, name)
             if pod is None or (pod.get("spec") or {}).get("nodeName"):
                 continue
-            if self._unschedulable(pod):
-                await self._failed_scheduling(pod, UNSCHEDULABLE_MESSAGE)
+            why = self._unfit(pod)
+            if why is not None:
+                await self._failed_scheduling(
+                    pod,
+                    f"0/1 nodes are available: {why}. preemption: 0/1 nodes are available: 1 "
+                    "Preemption is not helpful for scheduling.",
+                )
                 continue
             try:
                 await self.api.bind(namespace, name, {"target": {"name": self.node_name}}, self.ctx)
@@ -1116,6 +1143,48 @@ class PodWorker:
                 log.info("status of %s/%s: %s", self.namespace, self.name, exc.message)
                 self.mark_dirty()
                 await trio.sleep(0.05)
+
+
+def _matches_node(spec: ApiObject, labels: dict[str, str], node_name: str) -> bool:
+    """The pod's nodeSelector and required node affinity (terms ORed, expressions ANDed; the
+    operators In, NotIn, Exists, DoesNotExist, Gt, Lt; matchFields on metadata.name)."""
+    selector = spec.get("nodeSelector") or {}
+    if any(labels.get(k) != v for k, v in selector.items()):
+        return False
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
+    terms = required.get("nodeSelectorTerms") or []
+    if not terms:
+        return True
+    fields = {"metadata.name": node_name}
+    return any(
+        (term.get("matchExpressions") or term.get("matchFields"))
+        and all(_expression(e, labels) for e in term.get("matchExpressions") or [])
+        and all(_expression(e, fields) for e in term.get("matchFields") or [])
+        for term in terms
+    )
+
+
+def _expression(expression: ApiObject, values: dict[str, str]) -> bool:
+    key, operator = expression.get("key", ""), expression.get("operator", "")
+    wanted = [str(v) for v in expression.get("values") or []]
+    have = values.get(key)
+    if operator == "In":
+        return have is not None and have in wanted
+    if operator == "NotIn":
+        return have is None or have not in wanted
+    if operator == "Exists":
+        return have is not None
+    if operator == "DoesNotExist":
+        return have is None
+    if operator in ("Gt", "Lt") and have is not None and len(wanted) == 1:
+        try:
+            a, b = int(have), int(wanted[0])
+        except ValueError:
+            return False
+        return a > b if operator == "Gt" else a < b
+    return False
 
 
 def _tolerates(toleration: ApiObject, taint: dict[str, str]) -> bool:
