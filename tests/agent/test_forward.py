@@ -106,3 +106,26 @@ async def test_unreachable_handler_resets_the_caller_and_other_connections_go_on
             nursery.cancel_scope.cancel()
     assert data in (b"", b"reset")
     assert after == expected("app", b"ok")
+
+
+async def test_an_http_caller_of_an_unreachable_handler_gets_a_502_that_says_why() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            app = await start_tcp_server(nursery, "app")
+            sock = trio.socket.socket()
+            await sock.bind(("127.0.0.1", 0))
+            dead_port = sock.getsockname()[1]
+            sock.close()
+            engagement = Engagement(
+                id="e1", container="echo", agent_port=AGENT_PORT, client="dev@laptop"
+            )
+            source = StaticEngagements([engagement], handlers={"e1": ("127.0.0.1", dead_port)})
+            async with running_agent(app.port, source) as agent:
+                answer = await exchange(agent, b"GET /x HTTP/1.1\r\nHost: echo\r\n\r\n")
+            nursery.cancel_scope.cancel()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 502 Bad Gateway"
+    assert body.startswith(
+        b"tele: the local handler of dev@laptop (engagement e1) is not reachable: "
+    )
+    assert body.endswith(b".\n") and body.count(b"\n") == 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tele.daemon.engage import SNIFF_MAX, looks_like_http1, not_listening_response
+from tele.contracts.http1 import SNIFF_MAX, looks_like_http1
+from tele.daemon.engage import not_listening_response
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from tele.agent.tls import TlsTermination
 from tele.agent.udp import open_udp_sockets, serve_udp_port
 from tele.agent.upstream import Upstreams, abort, relay
 from tele.agent.wiretap import TAP_DRAIN_SECONDS, TappedStream
+from tele.contracts import http1
 from tele.contracts.agentconfig import Intercept
 from tele.errors import ConnectionFailed
 from tele.rpc.agent_api import Engagement
@@ -188,10 +189,37 @@ async def _handle_connection(
         target = await dataclasses.replace(upstreams, tls=None).open(whole)
     except UpstreamFailed as exc:
         log.warning("%s", exc)
-        abort(stream)
+        if whole is None:
+            abort(stream)  # as the app itself would: nothing listens
+        else:
+            await refuse(stream, f"tele: {exc}")
         return
     async with target:
         await relay(stream, target)
+
+
+async def refuse(stream: trio.abc.HalfCloseableStream, sentence: str) -> None:
+    """An engaged caller nobody can serve: an HTTP/1 caller gets a 502 whose body is
+    `sentence` (then its request is drained, bounded); any other a reset."""
+    head = b""
+    try:
+        with trio.move_on_after(http1.SNIFF_WAIT):
+            while b"\n" not in head and len(head) < http1.SNIFF_MAX:
+                data = await stream.receive_some(http1.SNIFF_MAX - len(head))
+                if not data:
+                    break
+                head += data
+        if not http1.looks_like_http1(head):
+            abort(stream)
+            return
+        await stream.send_all(http1.bad_gateway(sentence))
+        await stream.send_eof()
+        drained = 0
+        with trio.move_on_after(http1.DRAIN_WAIT):
+            while drained < http1.DRAIN_MAX and (data := await stream.receive_some(65536)):
+                drained += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        log.debug("an engaged caller nobody serves went away: %s", exc)
 
 
 async def _serve_http(

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Final
 
 import trio
 
+from tele.contracts.http1 import (
+    DRAIN_MAX,
+    DRAIN_WAIT,
+    SNIFF_MAX,
+    SNIFF_WAIT,
+    bad_gateway,
+    looks_like_http1,
+)
 from tele.net.tunnel import Destination, Protocol, ResetReason
 from tele.rpc import agent_api as aapi
 from tele.rpc.client import Client
@@ -44,42 +50,10 @@ def _no_name(engagement_id: str) -> str:
     return engagement_id
 
 
-SNIFF_WAIT: Final = 2.0
-"""How long a caller's first bytes are awaited when nothing listens locally: HTTP callers speak
-first, so an HTTP request is there at once; a protocol where the server speaks first gets its
-reset after this wait."""
-SNIFF_MAX: Final = 8 * 1024
-"""At most this much of a caller's first bytes is read to tell HTTP/1 (a request line)."""
-DRAIN_WAIT: Final = 5.0
-DRAIN_MAX: Final = 1024 * 1024
-"""After a 502, the rest of the caller's request is read and dropped (bounded in time and
-bytes) so that closing does not reset the connection before the caller read the answer."""
-
-_METHOD: Final = rb"(GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH) [!-~]+"
-_REQUEST_LINE: Final = re.compile(_METHOD + rb" HTTP/1\.[01]\r?")
-_REQUEST_LINE_START: Final = re.compile(_METHOD)
-
-
-def looks_like_http1(head: bytes) -> bool:
-    """Whether a caller's first bytes are an HTTP/1 request line: a whole one, or the start of
-    one longer than SNIFF_MAX."""
-    line, complete, _ = head.partition(b"\n")
-    if complete:
-        return _REQUEST_LINE.fullmatch(line) is not None
-    return len(head) >= SNIFF_MAX and _REQUEST_LINE_START.fullmatch(head) is not None
-
-
 def not_listening_response(name: str, where: tuple[str, int]) -> bytes:
     """The 502 an HTTP/1 caller gets when the local handler of engagement `name` is not up."""
-    body = f"tele: nothing listens on {where[0]}:{where[1]}, the local handler of {name}\n"
-    return (
-        "HTTP/1.1 502 Bad Gateway\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body.encode())}\r\n"
-        "Connection: close\r\n"
-        "\r\n"
-        f"{body}"
-    ).encode()
+    host, port = where
+    return bad_gateway(f"tele: nothing listens on {host}:{port}, the local handler of {name}")
 
 
 def local_tls_context() -> ssl.SSLContext:
