@@ -50,6 +50,13 @@ def build(archive: Path | None, with_sandbox: bool, output: str) -> None:
     from tele.image.archive import write_archive
     from tele.image.build import build_sandbox_images, build_tele_image
 
+    if archive is not None and archive.name in ("json", "yaml") and not archive.suffix:
+        # Everywhere else -o is the output format: `tele image build -o json` would otherwise
+        # write an archive named "json".
+        raise click.UsageError(
+            f"-o names the archive file here (-o FILE.tar); for {archive.name} output use "
+            f"--output {archive.name}."
+        )
     if sys.stderr.isatty() and output == "default":
         click.echo("Building tele's image (the first build takes about a minute)...", err=True)
     result = build_tele_image()
