@@ -11,9 +11,10 @@ The container gets the engaged pod's environment, the pod's volumes at the pod's
 
 `docker run` itself is the docker CLI's (its flags are the user's, all of them, `-it`
 included), pointed at the engine tele found (`engine.find`); docker-py does the rest (ping,
-build, removal). The pod's variables go in an `--env-file` (0600, removed once the container
-runs); a value with a line break, which that file cannot hold, goes as `-e NAME` from the CLI's
-environment, unless the name would steer the docker CLI itself (DOCKER_*, the loader's).
+build, removal). The pod's variables go in an `--env-file` that is a pipe (`/dev/fd/N`: never
+on disk, where a killed tele would leave the pod's secrets); a value with a line break, which
+that file cannot hold, goes as `-e NAME` from the CLI's environment, unless the name would
+steer the docker CLI itself (DOCKER_*, the loader's).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +74,9 @@ class Prepared:
     env: dict[str, str]
     name: str
     engine: engines.Engine
-    env_file: Path | None = None
+    env_lines: list[str] = field(default_factory=list)
+    """NAME=value lines for docker's --env-file, handed over through a pipe (never a file: the
+    pod's variables often hold secrets)."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -234,12 +236,7 @@ def prepare(
         else:
             argv += ["--env", key]
             cli_env[key] = value
-    if lines:
-        handle, path = tempfile.mkstemp(prefix="tele-docker-env-", suffix=".env")
-        with os.fdopen(handle, "w") as file:
-            file.writelines(lines)
-        prepared.env_file = Path(path)
-        argv += ["--env-file", path]
+    prepared.env_lines = lines
     for source, target in container_mounts(environment, local_mount, run.mount_root):
         argv += ["--mount", f"type=bind,source={source},target={target}"]
     argv += [image, *args]
@@ -342,15 +339,33 @@ def remove(client: docker.DockerClient, name: str) -> None:
 
 
 @contextlib.contextmanager
-def running(prepared: Prepared, client: docker.DockerClient) -> Iterator[None]:
-    """Removes the container and the env file at the end, whatever happened."""
+def running(prepared: Prepared, client: docker.DockerClient) -> Iterator[list[str]]:
+    """The docker CLI's argv with `--env-file /dev/fd/N`, a pipe a thread fills with the pod's
+    variables; the container is removed and the pipe closed at the end, whatever happened."""
+    import threading
+
+    read_end, write_end = os.pipe()
+    os.set_inheritable(read_end, True)
+    data = "".join(prepared.env_lines).encode()
+
+    def feed() -> None:
+        with contextlib.suppress(OSError), os.fdopen(write_end, "wb") as pipe:
+            pipe.write(data)
+
+    writer = threading.Thread(target=feed, daemon=True, name="tele-docker-env")
+    writer.start()
+    at = prepared.argv.index("run") + 1
+    argv = [*prepared.argv[:at], "--env-file", f"/dev/fd/{read_end}", *prepared.argv[at:]]
     try:
-        yield
+        yield argv
     finally:
-        if prepared.env_file is not None:
-            with contextlib.suppress(OSError):
-                prepared.env_file.unlink()
+        os.close(read_end)  # a writer still blocked (the CLI never read) gets EPIPE and ends
+        writer.join(5)
         remove(client, prepared.name)
+
+
+def _pipe_fds(argv: list[str]) -> tuple[int, ...]:
+    return tuple(int(a.removeprefix("/dev/fd/")) for a in argv if a.startswith("/dev/fd/"))
 
 
 def _interrupted(signum: int, frame: object) -> None:
@@ -362,9 +377,11 @@ def run(prepared: Prepared, client: docker.DockerClient) -> int:
     SIGTERM is taken as Ctrl-C: the container is removed and the caller leaves."""
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
-        with running(prepared, client):
+        with running(prepared, client) as argv:
             try:
-                return subprocess.run(prepared.argv, env=prepared.env, check=False).returncode
+                return subprocess.run(
+                    argv, env=prepared.env, check=False, pass_fds=_pipe_fds(argv)
+                ).returncode
             except OSError as exc:
                 raise UserError(f"cannot run {prepared.argv[0]}: {exc.strerror or exc}") from exc
     finally:
