@@ -94,14 +94,14 @@ def engine() -> Iterator[PrivateDockerd]:
         yield dockerd
 
 
-def _kill_group(process: subprocess.Popen[str]) -> None:
-    """End `tele` and what it started (the docker CLI holds its pipes)."""
+def _kill_group(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """End `tele` and what it started (the docker CLI holds its pipes); what tele printed."""
     import os
     import signal
 
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    process.communicate(timeout=30)
+    return process.communicate(timeout=30)
 
 
 def _free_port() -> int:
@@ -150,7 +150,14 @@ def test_a_handler_container_built_here_answers_the_intercept_with_the_pods_env_
         deadline = time.monotonic() + 180
         while not answers or "greeting=" not in answers[-1]:
             assert handler.poll() is None, handler.communicate()
-            assert time.monotonic() < deadline, f"no answer from the container: {answers[-3:]}"
+            if time.monotonic() > deadline:
+                pods = kubectl(node_sandbox, "get", "pods", "-o", "wide")
+                listed = run_tele(env, "list").stdout
+                out, err = _kill_group(handler)
+                raise AssertionError(
+                    f"no answer from the container: {answers[-2:]}\n{pods}\n"
+                    f"{listed}\ntele: {out}\n{err}"
+                )
             time.sleep(0.5)  # polling a cluster call's answer: no event to wait on from here
             answers.append(kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL))
         seen = answers[-1]
@@ -223,8 +230,10 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
         assert _host_network() == before
         status = run_tele(env, "status")
         assert status.returncode == 0 and "connected" in status.stdout.lower(), status.stdout
-        running = engine.docker("ps", "--format", "{{.Names}}").stdout.split()
-        assert sorted(running) == ["tele-daemon-default", "tele-relay-default"]
+        running = engine.docker(
+            "ps", "--format", "{{.Names}}", "--filter", "label=io.tele.connection"
+        )
+        assert sorted(running.stdout.split()) == ["tele-daemon-default", "tele-relay-default"]
 
         reached = run_tele(env, "docker-run", "--", "--rm", base, "sh", "-c", WGET, timeout=60)
         assert reached.returncode == 0, reached.stderr
@@ -288,8 +297,10 @@ def test_two_named_docker_connections_run_side_by_side(
             connect = ("connect", "--docker", "--name", name, "--kubeconfig", kubeconfig)
             connected = run_tele(env, *connect, timeout=300)
             assert connected.returncode == 0, connected.stderr
-        running = engine.docker("ps", "--format", "{{.Names}}").stdout.split()
-        assert sorted(running) == [
+        running = engine.docker(
+            "ps", "--format", "{{.Names}}", "--filter", "label=io.tele.connection"
+        )
+        assert sorted(running.stdout.split()) == [
             "tele-daemon-one", "tele-daemon-two", "tele-relay-one", "tele-relay-two"
         ]  # fmt: skip
         sessions = set()

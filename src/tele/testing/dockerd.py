@@ -7,6 +7,7 @@ Used by tests (tests/docker/conftest.py skips on `Missing`) and bench/engage.py 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -119,7 +120,9 @@ def private_dockerd() -> Iterator[PrivateDockerd]:
         raise Missing(reason)
     # A short path: the socket's must fit sockaddr_un (108 bytes).
     root = Path(tempfile.mkdtemp(prefix="tele-dk-", dir="/tmp"))
-    tag = root.name
+    # containerd's namespaces take [A-Za-z0-9] runs joined by single '.', '_' or '-' (mkdtemp's
+    # suffix may put '_' next to '-'): a hex suffix of its own.
+    tag = f"tele-dk-{secrets.token_hex(4)}"
     (root / "daemon.json").write_text("{}\n")  # not /etc/docker/daemon.json
     log = (root / "dockerd.log").open("wb")
     command = [
