@@ -331,3 +331,45 @@ def test_two_named_docker_connections_run_side_by_side(
         for name in ("one", "two"):
             run_tele(env, "--use", name, "quit")
         run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+
+
+def test_leaving_from_elsewhere_removes_the_handler_container(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    engine: PrivateDockerd,
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+) -> None:
+    base = busybox_image(engine)
+    env = engine.env(tele_env)
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, env)
+    handler: subprocess.Popen[str] | None = None
+    try:
+        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+        kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+        connected = run_tele(env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
+        assert connected.returncode == 0, connected.stderr
+        port = _free_port()
+        handler = subprocess.Popen(
+            [str(VENV_BIN / "tele"), "intercept", "app", "--port", str(port), "--mount=false",
+             "--docker-run", "--", base, "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while "tele-app-" not in engine.docker("ps", "--format", "{{.Names}}").stdout:
+            assert handler.poll() is None, handler.communicate()
+            assert time.monotonic() < deadline, "the handler container never ran"
+            time.sleep(0.2)  # no event to wait on from here
+        left = run_tele(env, "leave", "app")
+        assert left.returncode == 0, left.stderr
+        _, err = handler.communicate(timeout=60)
+        assert "app has ended; removing its container" in err
+        assert "Traceback" not in err
+        gone = engine.docker("ps", "-aq", "--filter", f"label={run.LABEL}")
+        assert gone.returncode == 0 and gone.stdout == ""
+    finally:
+        if handler is not None and handler.poll() is None:
+            _kill_group(handler)
+        run_tele(env, "quit")
+        run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)

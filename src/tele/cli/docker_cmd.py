@@ -122,12 +122,48 @@ def before_engaging() -> Any:
     return client, resolved
 
 
+ENGAGEMENT_POLL = 2.0
+"""How often a handler container's engagement is looked for while it runs (`tele leave` from
+another terminal, a session that ended): when it is gone, so is the container."""
+
+
+def _follow_engagement(engagement: str, container: str, stop: Any) -> None:
+    """Remove `container` once the daemon no longer has `engagement` (a thread)."""
+    from tele.cli import quick
+    from tele.docker import engine, run
+    from tele.errors import TeleError
+    from tele.rpc import daemon_api
+
+    while not stop.wait(ENGAGEMENT_POLL):
+        try:
+            reply = quick.ask_daemon(daemon_api.STATUS, daemon_api.Empty(), timeout=5)
+        except TeleError:
+            continue  # the daemon is busy or reconnecting: ask again
+        session = None if reply is None else reply.session
+        if session is not None and any(e.name == engagement for e in session.engagements):
+            continue
+        click.echo(f"tele: {engagement} has ended; removing its container", err=True)
+        try:
+            docker_client = engine.connect()
+        except TeleError:
+            return
+        try:
+            run.remove(docker_client, container)
+        finally:
+            docker_client.close()
+        return
+
+
 def run_handler(prepared_engine: Any, data: Mapping[str, Any], engagement: str) -> int:
     """Run the handler container for an engagement (`data`: its InterceptInfo as builtins);
-    its exit status. The caller leaves the engagement afterwards."""
+    its exit status. The container goes when the engagement does; the caller leaves the
+    engagement afterwards (when it is still there)."""
+    import threading
+
     from tele.docker import engine, run
 
     client, wanted = prepared_engine
+    stop = threading.Event()
     try:
         _, image, _ = run.split_run_args(wanted.args)
         prepared = run.prepare(
@@ -145,8 +181,15 @@ def run_handler(prepared_engine: Any, data: Mapping[str, Any], engagement: str) 
                 f"and the name would steer the docker CLI): {', '.join(prepared.notes)}",
                 err=True,
             )
+        threading.Thread(
+            target=_follow_engagement,
+            args=(engagement, prepared.name, stop),
+            daemon=True,
+            name="tele-follow-engagement",
+        ).start()
         return run.run(prepared, client)
     finally:
+        stop.set()
         client.close()
 
 

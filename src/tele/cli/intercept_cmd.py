@@ -3,6 +3,7 @@ the whole container, or only its environment) and `tele leave`, `tele uninstall`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -191,7 +192,8 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
         except KeyboardInterrupt:
             interrupted, status = True, 130
         finally:
-            _leave(info.name)
+            with contextlib.suppress(UserError):  # ended already (`tele leave` elsewhere)
+                _leave(info.name)
         if interrupted:
             click.echo(f"Interrupted; left {info.name}.", err=True)
         raise SystemExit(exit_status(status))
