@@ -281,6 +281,8 @@ def rate(laptop: str, host: str, port: int, duration: float) -> dict[str, float]
 CONCURRENCY = 32
 HELD = 1000
 CONN_ONLY = False
+NO_EARLY = False
+"""--no-early: rows c* never accept a SYN before its dial (tele.vif.runtime's early accept)."""
 """--conn-only: the connection figures alone (no iperf3, no 1,000 held connections)."""
 
 
@@ -403,13 +405,18 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
             async with open_client(stream) as client, trio.open_nursery() as nursery:
 
-                async def dialer(destination):  # type: ignore[no-untyped-def]
-                    return await dial(client.link, destination, session="bench")
+                async def dialer(destination, optimistic=False):  # type: ignore[no-untyped-def]
+                    return await dial(
+                        client.link, destination, session="bench", optimistic=optimistic
+                    )
 
                 settings = VifSettings(
                     cluster_subnets=["10.244.0.0/16"], netns=laptop, offload=offload, mtu=mtu
                 )
-                info = await nursery.start(functools.partial(serve_vif, settings, dialer))
+                early = None if NO_EARLY else functools.partial(dialer, optimistic=True)
+                info = await nursery.start(
+                    functools.partial(serve_vif, settings, dialer, early_dialer=early)
+                )
                 gctune.settle()  # as the daemon's session does once connected
                 # The servers, as the pod's processes, in the cluster namespace.
                 server = await trio.lowlevel.open_process(
@@ -594,12 +601,17 @@ def main() -> None:
         metavar="FIELD=VALUE",
         help="rows c*: set a TCPConfig field (A/B runs), e.g. fin_ack_delay=0",
     )
+    parser.add_argument(
+        "--no-early",
+        action="store_true",
+        help="rows c*: every SYN waits for its dial (A/B of the early accept)",
+    )
     parser.add_argument("--role-cluster", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tcp:
         _override_tcp(dict(item.split("=", 1) for item in args.tcp))
-    global CONN_ONLY
-    CONN_ONLY = args.conn_only
+    global CONN_ONLY, NO_EARLY
+    CONN_ONLY, NO_EARLY = args.conn_only, args.no_early
     if args.role_cluster is not None:
         role_cluster(args.role_cluster)
         return

@@ -29,9 +29,15 @@ class FakePool:
     client: Client
 
     async def dial(
-        self, destination: Destination, *, session: str, dial_id: str | None = None, wait: float = 0
+        self,
+        destination: Destination,
+        *,
+        session: str,
+        dial_id: str | None = None,
+        wait: float = 0,
+        optimistic: bool = False,
     ) -> H2Stream:
-        return await dial(self.client.link, destination, session=session)
+        return await dial(self.client.link, destination, session=session, optimistic=optimistic)
 
 
 @dataclass
@@ -188,7 +194,13 @@ class StuckPool:
     """A manager link whose tunnel dials never complete."""
 
     async def dial(
-        self, destination: Destination, *, session: str, dial_id: str | None = None, wait: float = 0
+        self,
+        destination: Destination,
+        *,
+        session: str,
+        dial_id: str | None = None,
+        wait: float = 0,
+        optimistic: bool = False,
     ) -> H2Stream:
         await trio.sleep_forever()
         raise AssertionError("unreachable")

@@ -18,7 +18,7 @@ from tele.net.tcp import ACK, FIN, RST, SYN
 from tele.net.tcpstate import TCPConfig
 from tele.net.tunnel import Destination, Protocol, ResetReason
 from tele.net.udp import UDPHeader
-from tele.rpc.tunnel import TunnelError
+from tele.rpc.tunnel import TunnelError, TunnelRefused
 from tele.vif.runtime import Stack, StackConfig
 
 from ..net.tcp_script import CLIENT4, DEST4, App, tcp
@@ -404,3 +404,86 @@ async def test_app_bytes_and_eof_reach_a_slow_tunnel_after_the_connection_ended(
     await trio.testing.wait_all_tasks_blocked()
     assert far.received == b"last words"
     assert far.eof
+
+
+class _Refused(trio.abc.HalfCloseableStream):
+    """An optimistic tunnel stream whose OPEN the far end refused: every call raises."""
+
+    def __init__(self) -> None:
+        self.error = TunnelRefused(ResetReason.REFUSED, "10.96.0.10:8080 refused the connection")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise self.error
+
+    async def wait_send_all_might_not_block(self) -> None:
+        raise self.error
+
+    async def send_eof(self) -> None:
+        raise self.error
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        raise self.error
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_destination_seen_open_gets_its_syn_answered_before_the_dial(
+    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    kernel, end = tun
+    dialed: list[str] = []
+    go = trio.Event()
+    refuse = False
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        dialed.append("waits")
+        await go.wait()
+        if refuse:
+            raise TunnelError(ResetReason.REFUSED, f"{destination} refused the connection")
+        return trio.testing.memory_stream_pair()[0]  # type: ignore[return-value]
+
+    async def early(destination: Destination) -> trio.abc.HalfCloseableStream:
+        dialed.append("early")
+        await trio.lowlevel.checkpoint()
+        if refuse:
+            return _Refused()
+        return trio.testing.memory_stream_pair()[0]  # type: ignore[return-value]
+
+    config = StackConfig(subnets=SUBNETS, early_accept=10.0)
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=config, early_dialer=early)
+    await nursery.start(stack.serve)
+
+    async def connect(sport: int) -> list[int]:
+        """The flags of what the app got for a SYN within 0.5 s (before `go`, if it waits)."""
+        kernel.send(bytes(App(sport=sport).syn(mss=1460)))
+        await trio.sleep(0.5)  # the SYN-ACK's retransmission timer is 1 s
+        return answers(sport)
+
+    def answers(sport: int) -> list[int]:  # (the others' SYN-ACKs are resent meanwhile)
+        return [tcp(p).flags for p in map(parse_packet, pending(kernel)) if tcp(p).dport == sport]
+
+    # Never seen: the SYN waits for the dial.
+    assert await connect(40001) == []
+    go.set()
+    await trio.sleep(0.01)
+    assert answers(40001) == [SYN | ACK]
+    go = trio.Event()
+    # Seen open: answered at once, the dial's answer not awaited.
+    assert await connect(40002) == [SYN | ACK]
+    assert dialed == ["waits", "early"]
+    # Only for `early_accept` seconds after the last dial that was awaited.
+    await trio.sleep(10)
+    assert await connect(40003) == []
+    go.set()
+    await trio.sleep(0.01)
+    assert answers(40003) == [SYN | ACK]
+    # The port closed since: the next early accept is reset once (the app never gets data
+    # from a connection that was not there), then the destination waits for its dial again,
+    # whose refusal the app gets at once.
+    refuse = True
+    assert await connect(40004) == [SYN | ACK, RST | ACK]
+    assert await connect(40005) == [RST | ACK]
+    assert dialed == ["waits", "early", "waits", "early", "waits"]
+    assert stack.counters.refused == 2

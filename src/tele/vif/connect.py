@@ -47,6 +47,8 @@ ENV_ENABLE = "TELE_VIF"
 ENV_NETNS = "TELE_VIF_NETNS"
 """Work in this network namespace instead of the daemon's (tests, containers)."""
 ENV_RESOLV_CONF = "TELE_VIF_RESOLV_CONF"
+ENV_EARLY_ACCEPT = "TELE_VIF_EARLY_ACCEPT"
+"""`TELE_VIF_EARLY_ACCEPT=0`: every SYN waits for its dial (tele.vif.runtime; A/B benches)."""
 
 
 @dataclass(slots=True)
@@ -107,6 +109,7 @@ class Dialing(Protocol):
         session: str,
         dial_id: str | None = ...,
         wait: float = ...,
+        optimistic: bool = ...,
     ) -> H2Stream: ...
 
 
@@ -271,7 +274,9 @@ async def _serve_network(
 
     vips = VirtualIPs(options.virtual_subnet, options.vnat) if options.vnat else None
 
-    async def dial(destination: Destination) -> trio.abc.HalfCloseableStream:
+    async def dial(
+        destination: Destination, optimistic: bool = False
+    ) -> trio.abc.HalfCloseableStream:
         if vips is not None and destination.ip in vips.subnet:
             real = vips.real_for(destination.ip)
             if real is None:  # a virtual IP this session never handed out
@@ -280,7 +285,10 @@ async def _serve_network(
                 )
             destination = Destination(destination.protocol, real, destination.port)
         return await session.pool.dial(
-            destination, session=session.session_id(), wait=options.dial_timeout
+            destination,
+            session=session.session_id(),
+            wait=options.dial_timeout,
+            optimistic=optimistic,
         )
 
     async def lookup(name: str, qtype: str) -> mapi.LookupReply:
@@ -305,7 +313,15 @@ async def _serve_network(
     )
     async with trio.open_nursery() as nursery:
         vif: VifInfo = await nursery.start(
-            functools.partial(serve_vif, settings, dial, privileges=privileges)
+            functools.partial(
+                serve_vif,
+                settings,
+                dial,
+                privileges=privileges,
+                early_dialer=None
+                if os.environ.get(ENV_EARLY_ACCEPT) == "0"
+                else functools.partial(dial, optimistic=True),
+            )
         )
         resolver: Resolver | None = None
         if options.dns:

@@ -10,7 +10,12 @@ Stack.serve
  '- per UDP flow: dial a UDP tunnel stream, datagrams both ways until idle
 ```
 A SYN is answered only once the dial succeeded, so an app sees "connection refused" or "no
-route to host" at once instead of a connection that dies later. Memory is bounded per
+route to host" at once instead of a connection that dies later. Except (with an `early_dialer`)
+for a destination whose last dial was accepted within `StackConfig.early_accept` seconds: its
+SYN is answered as soon as the OPEN is sent (no round trip through the tunnel first, and the
+app's first bytes follow the OPEN), on the bet that it is still open. If that dial is refused
+after all, the app sees its accepted connection reset (not "connection refused"), once: the
+destination is forgotten, and its next SYN waits for the dial again. Memory is bounded per
 connection by its TCP buffers and per UDP flow by a small datagram queue; the tables by
 `max_connections` and the UDP table's `max_flows`.
 """
@@ -55,13 +60,15 @@ from tele.net.udp import UDPHeader
 from tele.net.udpflows import FiveTuple, UDPFlow, UDPFlowTable
 from tele.net.vnet import VNET_HDR_NONE, checksum_settled
 from tele.rpc.h2stream import H2Stream
-from tele.rpc.tunnel import TunnelError, relay_datagrams, reset_reason
+from tele.rpc.tunnel import TunnelError, TunnelRefused, relay_datagrams, reset_reason
 from tele.vif.routing import Network
 
 log = logging.getLogger(__name__)
 
 Dialer = Callable[[Destination], Awaitable[trio.abc.HalfCloseableStream]]
-"""Opens a tunnel stream to a destination; raises `TunnelError` when refused or unreachable."""
+"""Opens a tunnel stream to a destination; raises `TunnelError` when refused or unreachable.
+An early dialer (`Stack(early_dialer=...)`) returns once the OPEN is sent, without waiting for
+the answer: a refusal surfaces as `TunnelRefused` from the stream's later calls."""
 
 READ_SIZE: Final = 65_536 + 64
 """Largest packet the device hands over (a 64 KiB GSO super-segment plus its headers)."""
@@ -94,6 +101,11 @@ class StackConfig:
     linger: float = 30.0
     """How long a flow whose TCP connection ended in order may still take to hand the app's
     last bytes and EOF to the tunnel (a far end that stops reading would hold it forever)."""
+    early_accept: float = 10.0
+    """A SYN to a destination whose dial was accepted this recently is answered before its own
+    dial is (needs an early dialer; see the module's doc); 0: never."""
+    early_destinations: int = 4096
+    """How many such destinations are remembered (the oldest are forgotten)."""
 
 
 @dataclass(slots=True)
@@ -134,6 +146,8 @@ class _Tcp:
     tunnel: H2Stream | None = None
     """The tunnel stream while the app's bytes may be queued on it by the packet reader
     itself (`Stack._after_input`), instead of waking the flow's task to send them."""
+    early: bool = False
+    """Accepted before its dial was (`StackConfig.early_accept`)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -153,9 +167,13 @@ class Stack:
         *,
         vnet_header: bool,
         config: StackConfig | None = None,
+        early_dialer: Dialer | None = None,
     ) -> None:
         self.fd = fd
         self.dialer = dialer
+        self.early_dialer = early_dialer
+        # (address, port) -> when its last dial was accepted; oldest first (insertion order).
+        self._open_recently: dict[tuple[bytes, int], float] = {}
         self.vnet = vnet_header
         self.config = cfg = config or StackConfig()
         self._header = 10 if vnet_header else 0
@@ -436,16 +454,26 @@ class Stack:
         # connection instead of two (a scope costs a few µs of a connection's ~0.5 ms).
         scope.deadline = trio.current_time() + self.config.dial_timeout
         stream: trio.abc.HalfCloseableStream | None = None
+        key = (address, port)
+        seen = self._open_recently.get(key)
+        early = self.early_dialer
+        if early is None or seen is None or trio.current_time() - seen > self.config.early_accept:
+            early = None
         with scope:
             try:
                 # Not kept in this frame for the connection's life (nor the SYN's event).
-                stream = await self.dialer(
+                stream = await (early or self.dialer)(
                     Destination(Protocol.TCP, ipaddress.ip_address(address), port)
                 )
             except TunnelError as exc:
+                self._open_recently.pop(key, None)
                 self._refuse(record, exc.reason, exc)
                 return
             scope.deadline = math.inf
+            if early is not None:
+                record.early = True
+            else:
+                self._remember_open(key)
             async with stream:
                 if record.closed:
                     return
@@ -470,6 +498,26 @@ class Stack:
                 return
             conn.abort()
             self._touch(record)
+
+    def _remember_open(self, key: tuple[bytes, int]) -> None:
+        if self.config.early_accept <= 0 or self.early_dialer is None:
+            return
+        recent = self._open_recently
+        recent.pop(key, None)
+        recent[key] = trio.current_time()
+        if len(recent) > self.config.early_destinations:
+            del recent[next(iter(recent))]
+
+    def _tunnel_failed(self, record: _Tcp, exc: BaseException) -> None:
+        """The tunnel stream broke: reset the app's connection; an early accept the far end
+        refused forgets its destination (its next SYN waits for the dial)."""
+        if record.early and isinstance(exc, TunnelRefused):
+            self._open_recently.pop(record.conn.dest, None)
+            self.counters.refused += 1
+            log.debug("tcp %s: refused after an early accept: %s", _flow_name(record.conn), exc)
+        record.conn.abort()
+        self._touch(record)
+        record.scope.cancel()
 
     def _refuse(self, record: _Tcp, reason: ResetReason, why: object) -> None:
         log.debug("tcp %s: dial failed: %s", _flow_name(record.conn), why)
@@ -510,9 +558,7 @@ class Stack:
                 data = await stream.receive_some(TUNNEL_READ)
             except trio.BrokenResourceError as exc:
                 log.debug("tcp %s: tunnel reset (%s)", _flow_name(conn), reset_reason(exc).value)
-                conn.abort()
-                self._touch(record)
-                record.scope.cancel()
+                self._tunnel_failed(record, exc)
                 return
             if record.closed:
                 return
@@ -557,10 +603,8 @@ class Stack:
                 record.inbound_bytes = 0
                 try:
                     await stream.send_all(data)
-                except trio.BrokenResourceError:
-                    conn.abort()
-                    self._touch(record)
-                    record.scope.cancel()
+                except trio.BrokenResourceError as exc:
+                    self._tunnel_failed(record, exc)
                     return
                 del data  # not kept alive while this task waits for the app's next bytes
                 # Most consumes announce nothing (receiver SWS avoidance): no flush round then.
@@ -570,10 +614,8 @@ class Stack:
             if record.peer_closed:  # also once the connection ended in order: EOF, not reset
                 try:
                     await stream.send_eof()
-                except trio.BrokenResourceError:
-                    conn.abort()
-                    self._touch(record)
-                    record.scope.cancel()
+                except trio.BrokenResourceError as exc:
+                    self._tunnel_failed(record, exc)
                 return
             if record.closed:
                 return
