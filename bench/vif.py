@@ -17,7 +17,9 @@ relay% is the cluster side's); p50/p99 of 1 KiB request/response on one connecti
 one client connecting, echoing a byte and closing in a loop (latency-bound); conn/s32 the same
 with 32 connections in flight (a throughput figure), and µs/conn the daemon's CPU per connection
 during it; 1st µs the p50 of the sequential loop's connect() (the SYN) to the echo's first
-byte; wr/conn the TUN writes per connection during conn/s32 (rows c*); RSS MiB is the
+byte; wr/conn the TUN writes per connection during conn/s32 (rows c*); refused ms the p50 of
+connect() to a port nothing listens on until it fails (-1: never; acc/20 how many of 20 such
+connects were accepted instead, as if something listened); RSS MiB is the
 daemon's after the rest of the row, and @1000 while 1,000 idle
 connections (each echoed a byte, so fully set up) are open through it; GC ms is how long one
 full garbage collection stalls the daemon then (row c: the longest pause the GC can cause).
@@ -162,11 +164,25 @@ while time.perf_counter() - start < 2:
     c.close()
     n += 1
 rate = n / (time.perf_counter() - start)
+refused, accepted = [], 0  # a port nothing listens on: refused how fast, or accepted (wrongly)
+for _ in range(20):
+    c = socket.socket()
+    c.settimeout(5)
+    t = time.perf_counter()
+    try:
+        c.connect((host, port + 100))
+        accepted += 1
+    except OSError:
+        refused.append(time.perf_counter() - t)
+    c.close()
 samples.sort()
 first.sort()
+refused.sort()
 print(json.dumps({"p50": samples[len(samples) // 2] * 1e6,
                   "p99": samples[int(len(samples) * 0.99)] * 1e6, "conn_s": rate,
-                  "first_p50": first[len(first) // 2] * 1e6}))
+                  "first_p50": first[len(first) // 2] * 1e6,
+                  "refused_ms": refused[len(refused) // 2] * 1e3 if refused else -1,
+                  "closed_accepted": accepted}))
 """
 
 RATE_CLIENT = """
@@ -719,6 +735,7 @@ trio.run(functools.partial(trio.serve_tcp, echo, int(sys.argv[2]), host=sys.argv
 HEADER = (
     f"{'row':8} {'MB/s x1':>9} {'MB/s x8':>9} {'CPU%':>6} {'relay%':>7} {'p50 µs':>8} "
     f"{'p99 µs':>8} {'conn/s':>8} {'conn/s32':>9} {'µs/conn':>8} {'1st µs':>7} {'wr/conn':>7} "
+    f"{'refused ms':>10} {'acc/20':>6} "
     f"{'RSS MiB':>8} {'@1000':>7} "
     f"{'GC ms':>6}"
 )
@@ -731,6 +748,7 @@ def _line(r: dict) -> str:
         f"{r['p50']:8.0f} {r['p99']:8.0f} {r['conn_s']:8.0f} {r.get('conn_s_par', 0):9.0f} "
         f"{r.get('cpu_us_per_conn', 0):8.0f} {r.get('first_p50', 0):7.0f} "
         f"{r.get('tun_writes_per_conn', 0):7.2f} "
+        f"{r.get('refused_ms', 0):10.1f} {r.get('closed_accepted', 0):6d} "
         f"{r.get('rss_base', 0):8.0f} {r.get('rss_held', 0):7.0f} {r.get('gc_ms_held', 0):6.0f}"
     )
 
