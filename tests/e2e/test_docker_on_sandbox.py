@@ -11,6 +11,7 @@ import contextlib
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import pytest
 
 from tele.daemon.mounts import mount_problem
 from tele.docker import run
+from tele.sandbox.network import netns
+from tele.sandbox.testing import threaded_cluster
 from tests.conftest import VENV_BIN
 from tests.daemon.util import DaemonGuard, run_tele
 from tests.docker.dockerd import PrivateDockerd, busybox_image, private_dockerd
@@ -279,58 +282,103 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
         run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
 
 
-def test_two_named_docker_connections_run_side_by_side(
+@contextlib.contextmanager
+def _second_sandbox(tmp_path: Path) -> Iterator[NodeSandbox]:
+    """Another cluster with its node, beside the module's: its own API server, network and DNS
+    (the same service and pod ranges, so only the connection tells them apart)."""
+    name = f"t3{uuid.uuid4().hex[:6]}"
+    base = tmp_path / "second"
+    (base / "home").mkdir(parents=True)
+    try:
+        with threaded_cluster(
+            base / "kubeconfig",
+            name=name,
+            nodes=True,
+            state_dir=base / "state",
+            node_options={"backoff_base": 0.2},
+        ) as cluster:
+            yield NodeSandbox(cluster, name, base / "kubeconfig", base / "home")
+    finally:
+        left = [n for n in netns.list_netns() if n.startswith(f"{name}-")]
+        for n in left:
+            netns.delete_sync(n)
+        assert not left, f"network namespaces left behind: {left}"
+
+
+def _app_pod(sandbox: NodeSandbox) -> str:
+    """The name of the app's one pod in `sandbox` (the echo app answers with it)."""
+    names = kubectl(sandbox, "get", "pods", "-l", "app=app", "-o", "name").split()
+    assert len(names) == 1, names
+    return names[0].removeprefix("pod/")
+
+
+def test_two_named_docker_connections_each_reach_their_own_cluster(
     node_sandbox: NodeSandbox,  # noqa: F811
     engine: PrivateDockerd,
     tele_env: dict[str, str],
     guard: DaemonGuard,
+    tmp_path: Path,
 ) -> None:
+    """Two sandboxes at once, the same app (same names, same ranges) in each: connection `one`
+    reaches the first cluster's pod, `two` the second's, at the same time."""
     base = busybox_image(engine)
     env = engine.env(tele_env)
-    kubeconfig = str(node_sandbox.kubeconfig)
-    install_manager(node_sandbox, env)
     before = _host_network()
-    try:
-        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-        kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
-        for name in ("one", "two"):
-            connect = ("connect", "--docker", "--name", name, "--kubeconfig", kubeconfig)
-            connected = run_tele(env, *connect, timeout=300)
-            assert connected.returncode == 0, connected.stderr
-        running = engine.docker(
-            "ps", "--format", "{{.Names}}", "--filter", "label=io.tele.connection"
-        )
-        assert sorted(running.stdout.split()) == [
-            "tele-daemon-one", "tele-daemon-two", "tele-relay-one", "tele-relay-two"
-        ]  # fmt: skip
-        sessions = set()
-        for name in ("one", "two"):
-            status = run_tele(env, "--use", name, "status")
-            assert status.returncode == 0, status.stderr
-            assert "Session:" in status.stdout, status.stdout
-            sessions.add(status.stdout.split("Session:")[1].split()[0])
-            reached = run_tele(
-                env, "--use", name, "docker-run", "--", "--rm", base, "sh", "-c", WGET
+    with _second_sandbox(tmp_path) as other:
+        clusters = {"one": node_sandbox, "two": other}
+        try:
+            pods: dict[str, str] = {}
+            for sandbox in clusters.values():
+                install_manager(sandbox, env)
+                kubectl(sandbox, "apply", "-f", "-", stdin=APP)
+            for name, sandbox in clusters.items():
+                kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+                pods[name] = _app_pod(sandbox)
+            assert pods["one"] != pods["two"]
+            for name, sandbox in clusters.items():
+                connect = ("connect", "--docker", "--name", name)
+                connected = run_tele(
+                    env, *connect, "--kubeconfig", str(sandbox.kubeconfig), timeout=300
+                )
+                assert connected.returncode == 0, connected.stderr
+            running = engine.docker(
+                "ps", "--format", "{{.Names}}", "--filter", "label=io.tele.connection"
             )
-            assert '"pod": "app-' in reached.stdout, reached.stdout + reached.stderr
-        assert len(sessions) == 2
-        assert "not running" in run_tele(env, "status").stdout.lower()
-        assert _host_network() == before
+            assert sorted(running.stdout.split()) == [
+                "tele-daemon-one", "tele-daemon-two", "tele-relay-one", "tele-relay-two"
+            ]  # fmt: skip
+            sessions = set()
+            for name in clusters:
+                status = run_tele(env, "--use", name, "status")
+                assert status.returncode == 0, status.stderr
+                assert "Session:" in status.stdout, status.stdout
+                sessions.add(status.stdout.split("Session:")[1].split()[0])
+            assert len(sessions) == 2
+            # Asked in turn, twice: each connection keeps to its own cluster while both run.
+            for name in [*clusters, *clusters]:
+                reached = run_tele(
+                    env, "--use", name, "docker-run", "--", "--rm", base, "sh", "-c", WGET
+                )
+                answered = reached.stdout + reached.stderr
+                assert f'"pod": "{pods[name]}"' in reached.stdout, (name, pods, answered)
+            assert "not running" in run_tele(env, "status").stdout.lower()
+            assert _host_network() == before
 
-        for name in ("one", "two"):
-            quit_ = run_tele(env, "--use", name, "quit", timeout=60)
-            assert quit_.returncode == 0, quit_.stderr
-        left = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
-        deadline = time.monotonic() + 30
-        while left.stdout.strip() and time.monotonic() < deadline:
-            time.sleep(0.2)  # each relay ends when it sees its daemon's process gone
+            for name in clusters:
+                quit_ = run_tele(env, "--use", name, "quit", timeout=60)
+                assert quit_.returncode == 0, quit_.stderr
             left = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
-        assert left.stdout.strip() == ""
-        assert _host_network() == before
-    finally:
-        for name in ("one", "two"):
-            run_tele(env, "--use", name, "quit")
-        run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+            deadline = time.monotonic() + 30
+            while left.stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.2)  # each relay ends when it sees its daemon's process gone
+                left = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
+            assert left.stdout.strip() == ""
+            assert _host_network() == before
+        finally:
+            for name, sandbox in clusters.items():
+                run_tele(env, "--use", name, "quit")
+                uninstall = ("helm", "uninstall", "--kubeconfig", str(sandbox.kubeconfig))
+                run_tele(env, *uninstall, timeout=120)
 
 
 def test_leaving_from_elsewhere_removes_the_handler_container(
