@@ -419,7 +419,10 @@ async def test_traffic_manager_api_bounds_each_call_to_the_manager(
     )
     assert result.returncode != 0
     assert single_error_line(result) == (
-        "tele: /tele.manager.v1/ArriveAsClient did not answer within 1s."
+        "tele: The traffic manager did not answer ArriveAsClient within 1s "
+        "(timeouts.trafficManagerAPI); if it is only slow, raise timeouts.trafficManagerAPI "
+        "in config.yml (`tele config view` shows the settings), otherwise look at the "
+        "traffic-manager pod with kubectl."
     )
     assert trio.current_time() - started < 10
     nursery.cancel_scope.cancel()

@@ -55,12 +55,19 @@ def translate(exc: RpcError) -> TeleError:
     if exc.code == Code.FAILED_PRECONDITION:
         return UserError(exc.message)
     if exc.code == Code.UNAVAILABLE:
-        return ConnectionFailed(f"Lost the connection to the daemon: {exc.message}.")
+        return ConnectionFailed(f"Lost the connection to the daemon: {exc.message.rstrip('.')}.")
     if exc.code == Code.DEADLINE_EXCEEDED:
         return ConnectionFailed("The daemon did not answer in time.")
     if exc.code == Code.ABORTED:  # the daemon relays a failure of the cluster side
-        return ConnectionFailed(exc.message[:1].upper() + exc.message[1:] + ".")
-    return ConnectionFailed(f"The daemon failed: {exc.message}.")
+        return ConnectionFailed(sentence(exc.message))
+    return ConnectionFailed(f"The daemon failed: {exc.message.rstrip('.')}.")
+
+
+def sentence(text: str) -> str:
+    """`text` with a capital first letter and a final period, each added only when missing."""
+    text = text.strip()
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "?", "!")) else text + "."
 
 
 def wait_process_gone(pid: int, timeout: float) -> bool:

@@ -28,6 +28,18 @@ _MANAGER_TROUBLE = frozenset(
 )
 
 
+def no_answer(method: Unary[Req, Resp], waited: float, setting: str) -> RpcError:
+    """A manager call that ran out of time, said so that the user knows what to change: the
+    call, the wait, and the setting that bounds it."""
+    name = method.path.rpartition("/")[2]
+    return RpcError(
+        Code.DEADLINE_EXCEEDED,
+        f"The traffic manager did not answer {name} within {waited:g}s ({setting}); if it is "
+        "only slow, raise timeouts.trafficManagerAPI in config.yml (`tele config view` "
+        "shows the settings), otherwise look at the traffic-manager pod with kubectl.",
+    )
+
+
 RETRY_ARRIVE: Final = 1.0
 """After arriving again failed: the next attempt (not a lease/3 later; the user waits)."""
 
@@ -99,6 +111,17 @@ class SessionLease:
             raise RpcError(Code.UNAVAILABLE, "not connected to the traffic manager yet")
         return self.session.session_id
 
+    async def _call(self, client: Client, method: Unary[Req, Resp], request: Req) -> Resp:
+        """`method` on the manager within timeouts.trafficManagerAPI."""
+        deadline = trio.current_time() + self.api_timeout
+        try:
+            return await client.call(method, request, timeout=self.api_timeout)
+        except RpcError as exc:
+            # (the manager may answer DEADLINE_EXCEEDED itself, for a wait of its own)
+            if exc.code is Code.DEADLINE_EXCEEDED and trio.current_time() >= deadline:
+                raise no_answer(method, self.api_timeout, "timeouts.trafficManagerAPI") from None
+            raise
+
     async def arrive(self) -> None:
         identity = mapi.ClientIdentity(
             user=getpass.getuser(),
@@ -109,7 +132,7 @@ class SessionLease:
         )
         client = await self.client()
         try:
-            session = await client.call(mapi.ARRIVE, identity, timeout=self.api_timeout)
+            session = await self._call(client, mapi.ARRIVE, identity)
         except RpcError as exc:
             if exc.code is Code.FAILED_PRECONDITION:
                 raise UserError(exc.message) from None
@@ -149,11 +172,7 @@ class SessionLease:
             old = self.session.session_id
             try:
                 client = await self.client()
-                await client.call(
-                    mapi.REMAIN,
-                    mapi.SessionRequest(session_id=old),
-                    timeout=self.api_timeout,
-                )
+                await self._call(client, mapi.REMAIN, mapi.SessionRequest(session_id=old))
                 self.heartbeat_link = client.link
                 self._renewed()
             except RpcError as exc:
@@ -210,11 +229,16 @@ class SessionLease:
         not know the session (a new manager pod), arrive again and retry once."""
         for attempt in (0, 1):
             client = await self.client()
+            waited = self.api_timeout + 60
+            deadline = trio.current_time() + waited
             try:
-                return await client.call(
-                    method, make(self.session_id()), timeout=self.api_timeout + 60
-                )
+                return await client.call(method, make(self.session_id()), timeout=waited)
             except RpcError as exc:
+                if exc.code is Code.DEADLINE_EXCEEDED and trio.current_time() >= deadline:
+                    raise RpcError(
+                        Code.ABORTED,
+                        no_answer(method, waited, "timeouts.trafficManagerAPI plus 60s").message,
+                    ) from None
                 if exc.code in _MANAGER_TROUBLE:
                     # Said by the manager link, not by this daemon: the CLI must not read
                     # UNAVAILABLE as "lost the daemon".
