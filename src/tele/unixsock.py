@@ -46,8 +46,24 @@ def addressable(path: Path) -> Iterator[str]:
         os.close(dir_fd)
 
 
+OWNER_ENV = "TELE_DAEMON_OWNER"
+"""The uid a daemon running as root serves as its user (`tele connect --docker`: the daemon's
+container runs as root for its network namespace, started by a user who is not root). Honoured
+by root only: whoever can set a root process's environment is root already."""
+
+
+def delegated_uid() -> int | None:
+    """OWNER_ENV's uid when this process is root and it names another valid uid, else None."""
+    value = os.environ.get(OWNER_ENV, "")
+    if os.getuid() != 0 or not value.isdigit():
+        return None
+    uid = int(value)
+    return uid if 0 < uid < 2**32 - 1 else None
+
+
 async def open_private_listener(path: Path, *, backlog: int = 64) -> trio.SocketListener:
-    """Bind a stream socket at `path` (replacing what is there) with mode 0600 and listen.
+    """Bind a stream socket at `path` (replacing what is there) with mode 0600 and listen; a
+    root process with a delegated_uid() gives the socket to that uid before it listens.
 
     The caller must own the right to replace `path` (the daemon holds its lock file); the
     directory is expected to be private (0700) already, so the moment between bind and chmod
@@ -62,6 +78,8 @@ async def open_private_listener(path: Path, *, backlog: int = 64) -> trio.Socket
         with addressable(path) as address:
             await sock.bind(address)
         os.chmod(path, 0o600)
+        if (owner := delegated_uid()) is not None:
+            os.chown(path, owner, -1)
         sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -99,10 +117,13 @@ def peer_credentials(sock: trio.socket.SocketType | socket.socket) -> PeerCreden
 
 
 def peer_is_trusted(peer_uid: int, own_uid: int | None = None) -> bool:
-    """The daemon talks to processes of its own user only, and to root.
+    """The daemon talks to processes of its own user only, and to root; a root daemon also to
+    its delegated_uid() (the user it runs for).
 
     Root is let in because it can read the user's files and memory anyway (refusing it protects
     nothing) and it lets `sudo -E tele status` work; every other uid is refused.
     """
     own = os.getuid() if own_uid is None else own_uid
-    return peer_uid in (own, 0)
+    if peer_uid in (own, 0):
+        return True
+    return own == 0 and peer_uid == delegated_uid()

@@ -13,9 +13,11 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tele import unixsock
 from tests.daemon.util import (
     TELE,
     DaemonGuard,
@@ -253,6 +255,35 @@ def test_another_uid_is_refused(shared_runtime_env: dict[str, str]) -> None:
         log = env["XDG_CACHE_HOME"] + "/tele/logs/daemon.log"
         with open(log) as f:
             assert f"uid {nobody} (not this user)" in f.read()
+    finally:
+        guard.kill_all()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as a second user")
+def test_a_root_daemon_serves_the_user_it_runs_for(shared_runtime_env: dict[str, str]) -> None:
+    """What this proves: a root daemon given TELE_DAEMON_OWNER (what `tele connect --docker`
+    passes to the daemon in its container) gives that user its socket (still 0600) and its pid,
+    lock and log files, and its peer check answers that user, through the file permissions as
+    they are; another uid is still hung up on.
+    What it does not: the container (tests/e2e/test_docker_on_sandbox.py runs it as root)."""
+    nobody, other = 65534, 65533
+    env = {**shared_runtime_env, unixsock.OWNER_ENV: str(nobody)}
+    guard = DaemonGuard(env)
+    try:
+        start_daemon(env)
+        os.chmod(guard.runtime, 0o711)  # the user's own runtime dir, where they can go
+        for made in (guard.socket, guard.pid_file, guard.runtime / "daemon.lock"):
+            assert made.stat().st_uid == nobody, made
+        log = Path(env["XDG_CACHE_HOME"]) / "tele" / "logs" / "daemon.log"
+        assert log.stat().st_uid == nobody
+        assert stat.S_IMODE(guard.socket.stat().st_mode) == 0o600
+
+        accepted = _connect_as(nobody, str(guard.socket))
+        assert accepted[3:4] == b"\x04"  # the server's HTTP/2 SETTINGS frame
+
+        os.chmod(guard.socket, 0o666)  # only the peer check stands in the other uid's way
+        assert _connect_as(other, str(guard.socket)) == b""
+        assert f"uid {other} (not this user)" in log.read_text()
     finally:
         guard.kill_all()
 

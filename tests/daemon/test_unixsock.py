@@ -47,3 +47,15 @@ def test_only_the_same_user_and_root_are_trusted() -> None:
     assert unixsock.peer_is_trusted(0, own_uid=1000)
     assert not unixsock.peer_is_trusted(1001, own_uid=1000)
     assert not unixsock.peer_is_trusted(65534, own_uid=0)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="the delegated uid is root's only: run as root")
+def test_a_root_daemon_also_trusts_the_user_it_runs_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(unixsock.OWNER_ENV, "1000")
+    assert unixsock.delegated_uid() == 1000
+    assert unixsock.peer_is_trusted(1000, own_uid=0)
+    assert not unixsock.peer_is_trusted(1001, own_uid=0)
+    assert not unixsock.peer_is_trusted(1000, own_uid=1002)  # a user's daemon: its own only
+    for bad in ("0", "-1", "1000x", "", str(2**32 - 1)):
+        monkeypatch.setenv(unixsock.OWNER_ENV, bad)
+        assert unixsock.delegated_uid() is None, bad

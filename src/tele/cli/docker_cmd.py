@@ -370,11 +370,12 @@ def start_daemon_container(kubeconfig: str, context: str, name: str) -> str:
     """Start the daemon (and, for an API server on the loopback, the relay) in containers;
     return once the daemon answers on its socket. The kubeconfig path inside the container."""
     import json
+    import os
     import time
 
     import docker.errors
 
-    from tele import paths
+    from tele import paths, unixsock
     from tele.cli import quick
     from tele.docker import engine, image
     from tele.rpc import daemon_api
@@ -403,6 +404,7 @@ def start_daemon_container(kubeconfig: str, context: str, name: str) -> str:
 
             remove(client, stale)
         labels = {"io.tele.connection": name}
+        owner = {} if os.getuid() == 0 else {unixsock.OWNER_ENV: str(os.getuid())}
         listen = [f"--listen={server[0]}:{server[1]}={RELAY_INSIDE}/api.sock"] if server else []
         logs = paths.ensure_private_dir(paths.logs_dir())
         mounts = {
@@ -421,7 +423,11 @@ def start_daemon_container(kubeconfig: str, context: str, name: str) -> str:
                 pid_mode="host",  # its pid is this machine's: `tele quit` waits for it
                 cap_add=["NET_ADMIN"],
                 devices=["/dev/net/tun:/dev/net/tun:rwm"],
-                environment={"XDG_RUNTIME_DIR": RUNTIME_INSIDE, "XDG_CACHE_HOME": CACHE_INSIDE},
+                environment={
+                    "XDG_RUNTIME_DIR": RUNTIME_INSIDE,
+                    "XDG_CACHE_HOME": CACHE_INSIDE,
+                    **owner,  # root in there, serving this user (its socket and peer check)
+                },
                 volumes=mounts,
                 labels=labels,
             )

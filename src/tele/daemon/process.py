@@ -83,6 +83,20 @@ def _write_pid_file(path: Path) -> None:
     os.replace(tmp, path)  # readers never see a half-written pid
 
 
+def _hand_over(*files: Path) -> None:
+    """A root daemon running for another user (unixsock.delegated_uid: connect --docker) gives
+    that user the files it made in the user's directories, so that the user's own tele can read
+    and replace them later (the socket is given when it is made)."""
+    owner = unixsock.delegated_uid()
+    if owner is None:
+        return
+    for path in files:
+        try:
+            os.chown(path, owner, -1)
+        except OSError as exc:
+            log.warning("cannot give %s to uid %d: %s", path, owner, exc.strerror or exc)
+
+
 def run(*, ready_fd: int | None = None) -> None:
     """Run the daemon until `tele quit`, SIGTERM or SIGINT; raise TeleError if it cannot start."""
     ready = ReadyPipe(ready_fd)
@@ -154,6 +168,7 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
     )
     try:
         _write_pid_file(pid_path)
+        _hand_over(pid_path, paths.daemon_lock(), log_file)
         await leftovers.at_start()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope, daemon)
