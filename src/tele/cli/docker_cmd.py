@@ -298,7 +298,7 @@ def connect_options(command: F) -> F:
             name = name or paths.connection_name()  # --name, or --use, or "default"
             use_connection(name)
             kwargs["kubeconfig"] = start_daemon_container(
-                kwargs.get("kubeconfig") or "", kwargs.get("context") or "", name
+                kwargs.get("kubeconfig") or "", kwargs.get("context") or "", name, owner()
             )
             kwargs["vif"] = True  # the container's own network namespace: routes, DNS there
         return command(*args, **kwargs)
@@ -366,11 +366,20 @@ def _loopback_server(path: Path, context: str) -> tuple[str, int] | None:
         return None
 
 
-def start_daemon_container(kubeconfig: str, context: str, name: str) -> str:
-    """Start the daemon (and, for an API server on the loopback, the relay) in containers;
-    return once the daemon answers on its socket. The kubeconfig path inside the container."""
-    import json
+def owner() -> int | None:
+    """The uid the daemon container (root in there) serves: this user's, unless root."""
     import os
+
+    return None if os.getuid() == 0 else os.getuid()
+
+
+def start_daemon_container(
+    kubeconfig: str, context: str, name: str, owner: int | None = None
+) -> str:
+    """Start the daemon (and, for an API server on the loopback, the relay) in containers;
+    return once the daemon answers on its socket. The kubeconfig path inside the container.
+    With `owner`, the daemon gives that uid its files and trusts it (tele.unixsock)."""
+    import json
     import time
 
     import docker.errors
@@ -404,7 +413,7 @@ def start_daemon_container(kubeconfig: str, context: str, name: str) -> str:
 
             remove(client, stale)
         labels = {"io.tele.connection": name}
-        owner = {} if os.getuid() == 0 else {unixsock.OWNER_ENV: str(os.getuid())}
+        serving = {} if owner is None else {unixsock.OWNER_ENV: str(owner)}
         listen = [f"--listen={server[0]}:{server[1]}={RELAY_INSIDE}/api.sock"] if server else []
         logs = paths.ensure_private_dir(paths.logs_dir())
         mounts = {
@@ -426,7 +435,7 @@ def start_daemon_container(kubeconfig: str, context: str, name: str) -> str:
                 environment={
                     "XDG_RUNTIME_DIR": RUNTIME_INSIDE,
                     "XDG_CACHE_HOME": CACHE_INSIDE,
-                    **owner,  # root in there, serving this user (its socket and peer check)
+                    **serving,  # root in there, serving this user (its socket and peer check)
                 },
                 volumes=mounts,
                 labels=labels,
