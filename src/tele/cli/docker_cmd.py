@@ -193,6 +193,29 @@ def run_handler(prepared_engine: Any, data: Mapping[str, Any], engagement: str) 
         client.close()
 
 
+def volumes_note(data: Mapping[str, Any]) -> str | None:
+    """Why the engagement's volumes are not mounted when the daemon runs in a container
+    (connect --docker: no FUSE in there), in one sentence; None otherwise (the daemon's
+    mount_error says why, if anything)."""
+    from tele.errors import TeleError
+
+    if not data.get("mount_error") or not daemon_container():
+        return None
+    try:
+        if not _network().startswith("container:"):
+            return None
+    except TeleError:
+        return None
+    environment = data.get("environment") or {}
+    paths = [p for p in str(environment.get("TELEPRESENCE_MOUNTS") or "").split(":") if p]
+    which = f" ({', '.join(paths)})" if paths else ""
+    return (
+        f"tele: the pod's volumes{which} are not mounted, neither here nor in a --docker-run "
+        "container: the daemon runs in a container (tele connect --docker), which cannot mount "
+        "them; connect without --docker to have them"
+    )
+
+
 def _connected_network() -> str:
     """The network a container gets to reach the cluster: connects first when not connected
     (saying so, as intercept does). The daemon runs on this machine: the host's."""

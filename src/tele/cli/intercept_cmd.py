@@ -158,7 +158,9 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     except UserError:
         _leave(info.name)
         raise
-    if data.get("mount_error"):
+    if note := docker_cmd.volumes_note(data):  # the daemon in a container: no FUSE there
+        click.echo(note, err=True)
+    elif data.get("mount_error"):
         click.echo(f"tele: the volumes are not mounted: {data['mount_error']}", err=True)
     elif data.get("local_mount") and not mounted_here(data["local_mount"]):
         click.echo(

@@ -1,5 +1,6 @@
-"""`tele connect --docker` for a user who is not root, on a private Docker Engine: the daemon
-runs as root in its container and serves the user who started it (the socket and files it makes
+"""`tele connect --docker` on a private Docker Engine, without a cluster: what the CLI says of
+volumes while the daemon runs in a container; and for a user who is not root, the daemon runs
+as root in its container and serves the user who started it (the socket and files it makes
 in the user's runtime directory are that user's, its peer check answers that user and no other).
 
 The CLI itself runs in this (root) test process, given the other user's uid as the CLI of a
@@ -8,6 +9,7 @@ cache (root's is not readable by others) and engine socket."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -22,7 +24,7 @@ import yaml
 from tele import paths
 from tele.cli import docker_cmd
 from tests.daemon.test_process import _connect_as
-from tests.docker.dockerd import PrivateDockerd
+from tests.docker.dockerd import PrivateDockerd, busybox_image
 
 pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as a second user")
 
@@ -90,3 +92,35 @@ def test_the_daemon_container_serves_the_user_who_started_it(
     finally:
         removed = dockerd.docker("rm", "-f", container)
         assert removed.returncode == 0 or "No such container" in removed.stderr, removed.stderr
+
+
+def test_volumes_are_said_to_be_unmounted_while_the_daemon_runs_in_a_container(
+    dockerd: PrivateDockerd, user_dirs: Path
+) -> None:
+    """The daemon in its container cannot mount (no FUSE): intercept says so in one sentence
+    naming the pod's volumes, instead of the daemon's own reason (sshfs missing, which
+    installing on this machine would not cure); with the daemon on this machine, not."""
+    base = busybox_image(dockerd)
+    name = paths.connection_name()
+    container = f"tele-daemon-{name}"
+    runtime = paths.ensure_private_dir(paths.runtime_dir())
+    marker = {"container": container, "engine": dockerd.host}
+    (runtime / "docker-daemon.json").write_text(json.dumps(marker))
+    data = {
+        "mount_error": "sshfs is not installed (Debian/Ubuntu: apt install sshfs)",
+        "environment": {"TELEPRESENCE_MOUNTS": "/etc/creds:/var/run/secrets/x"},
+    }
+    # A marker left by an earlier connect --docker, its container gone: the daemon is here.
+    assert docker_cmd.volumes_note(data) is None
+    try:
+        started = dockerd.docker("run", "-d", "--name", container, base, "sleep", "300")
+        assert started.returncode == 0, started.stderr
+        assert docker_cmd.volumes_note(data) == (
+            "tele: the pod's volumes (/etc/creds, /var/run/secrets/x) are not mounted, neither "
+            "here nor in a --docker-run container: the daemon runs in a container (tele connect "
+            "--docker), which cannot mount them; connect without --docker to have them"
+        )
+        assert docker_cmd.volumes_note({**data, "mount_error": ""}) is None  # --mount=false
+    finally:
+        removed = dockerd.docker("rm", "-f", container)
+        assert removed.returncode == 0, removed.stderr
