@@ -247,7 +247,7 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
         built = engine.docker("build", "-t", "tele-test/handler:2", str(context))
         assert built.returncode == 0, built.stderr
         handler = subprocess.Popen(
-            [str(VENV_BIN / "tele"), "intercept", "app", "--port", str(port), "--mount=false",
+            [str(VENV_BIN / "tele"), "intercept", "app", "--port", str(port),
              "--docker-run", "--", "tele-test/handler:2", "sh", "-c", serve],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True,  # a failed test ends the docker CLI too (it holds the pipes)
@@ -263,6 +263,10 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
             assert "greeting=hello-from-the-pod\n" in answers[-1]
             _, err = handler.communicate(timeout=60)
             assert handler.returncode == 7, err
+            # The daemon in its container mounts nothing (no FUSE there), and says so.
+            note = "tele: the pod's volumes (/etc/creds"
+            assert note in err and "(tele connect --docker)" in err, err
+            assert "apt install sshfs" not in err
         finally:
             if handler.poll() is None:
                 _kill_group(handler)
