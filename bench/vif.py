@@ -155,9 +155,11 @@ s.close()
 start = time.perf_counter()
 n = 0
 first = []  # connect() called (the SYN) -> the first byte of the answer
+handshake = []  # connect() called -> it returned (the SYN-ACK came)
 while time.perf_counter() - start < 2:
     t = time.perf_counter()
     c = socket.create_connection((host, port))
+    handshake.append(time.perf_counter() - t)
     c.sendall(b"y")
     c.recv(10)
     first.append(time.perf_counter() - t)
@@ -177,10 +179,12 @@ for _ in range(20):
     c.close()
 samples.sort()
 first.sort()
+handshake.sort()
 refused.sort()
 print(json.dumps({"p50": samples[len(samples) // 2] * 1e6,
                   "p99": samples[int(len(samples) * 0.99)] * 1e6, "conn_s": rate,
                   "first_p50": first[len(first) // 2] * 1e6,
+                  "connect_p50": handshake[len(handshake) // 2] * 1e6,
                   "refused_ms": refused[len(refused) // 2] * 1e3 if refused else -1,
                   "closed_accepted": accepted}))
 """

@@ -487,3 +487,28 @@ async def test_a_destination_seen_open_gets_its_syn_answered_before_the_dial(
     assert await connect(40005) == [RST | ACK]
     assert dialed == ["waits", "early", "waits", "early", "waits"]
     assert stack.counters.refused == 2
+
+
+async def test_an_early_accept_whose_open_cannot_be_sent_is_reset(
+    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    kernel, end = tun
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        await trio.lowlevel.checkpoint()
+        return trio.testing.memory_stream_pair()[0]  # type: ignore[return-value]
+
+    async def early(destination: Destination) -> trio.abc.HalfCloseableStream:
+        raise TunnelError(ResetReason.INTERNAL, "no tunnel: the link broke")
+
+    config = StackConfig(subnets=SUBNETS, early_accept=10.0)
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=config, early_dialer=early)
+    await nursery.start(stack.serve)
+    kernel.send(bytes(App(sport=40001).syn(mss=1460)))
+    await trio.sleep(0.5)
+    assert [tcp(parse_packet(p)).flags for p in pending(kernel)] == [SYN | ACK]
+    kernel.send(bytes(App(sport=40002).syn(mss=1460)))
+    await trio.sleep(0.5)
+    # Answered at once, then reset: the app never sees data from a tunnel that was not there.
+    assert [tcp(parse_packet(p)).flags for p in pending(kernel)] == [SYN | ACK, RST | ACK]
+    assert not stack._open_recently  # the next SYN waits for its dial

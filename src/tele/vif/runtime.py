@@ -330,6 +330,9 @@ class Stack:
                 record.wake_inbound.set()
             elif isinstance(event, SynReceived):
                 assert self._nursery is not None
+                if self._early_ok(conn.dest):
+                    record.early = True
+                    conn.accept()  # the SYN-ACK leaves with this flush, before the OPEN
                 self._nursery.start_soon(self._tcp_flow, record)
             elif isinstance(event, Reset):
                 log.debug("tcp %s: %s", _flow_name(conn), event.reason)
@@ -455,14 +458,12 @@ class Stack:
         scope.deadline = trio.current_time() + self.config.dial_timeout
         stream: trio.abc.HalfCloseableStream | None = None
         key = (address, port)
-        seen = self._open_recently.get(key)
-        early = self.early_dialer
-        if early is None or seen is None or trio.current_time() - seen > self.config.early_accept:
-            early = None
+        early = record.early  # accepted already (`_after_input`)
         with scope:
             try:
                 # Not kept in this frame for the connection's life (nor the SYN's event).
-                stream = await (early or self.dialer)(
+                dialer = self.early_dialer if early and self.early_dialer else self.dialer
+                stream = await dialer(
                     Destination(Protocol.TCP, ipaddress.ip_address(address), port)
                 )
             except TunnelError as exc:
@@ -470,15 +471,14 @@ class Stack:
                 self._refuse(record, exc.reason, exc)
                 return
             scope.deadline = math.inf
-            if early is not None:
-                record.early = True
-            else:
+            if not early:
                 self._remember_open(key)
             async with stream:
                 if record.closed:
                     return
-                conn.accept()
-                self._touch(record)
+                if not early:
+                    conn.accept()
+                    self._touch(record)
                 clean = False
                 try:
                     async with trio.open_nursery() as nursery:
@@ -498,6 +498,13 @@ class Stack:
                 return
             conn.abort()
             self._touch(record)
+
+    def _early_ok(self, key: tuple[bytes, int]) -> bool:
+        """May a SYN to `key` be answered before its dial (`StackConfig.early_accept`)?"""
+        if self.early_dialer is None:
+            return False
+        seen = self._open_recently.get(key)
+        return seen is not None and trio.current_time() - seen <= self.config.early_accept
 
     def _remember_open(self, key: tuple[bytes, int]) -> None:
         if self.config.early_accept <= 0 or self.early_dialer is None:
@@ -522,6 +529,11 @@ class Stack:
     def _refuse(self, record: _Tcp, reason: ResetReason, why: object) -> None:
         log.debug("tcp %s: dial failed: %s", _flow_name(record.conn), why)
         self.counters.refused += 1
+        if record.early:  # accepted already: the app's connection is reset
+            if not record.closed:
+                record.conn.abort()
+                self._touch(record)
+            return
         if not record.closed:
             record.conn.refuse(_REFUSAL.get(reason, RefuseReason.REFUSED))
             self._touch(record)
