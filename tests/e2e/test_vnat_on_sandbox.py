@@ -126,3 +126,109 @@ async def test_a_laptop_route_over_the_pod_subnet_with_vnat(
         DaemonGuard(in_laptop("true")[1]).kill_all()  # the laptop's daemon, if quit failed
         run_tele(tele_env, "helm", "uninstall", "--kubeconfig", str(sandbox.kubeconfig))
         kubectl(sandbox, "delete", "-f", "-", "--wait=false", stdin=APP)
+
+
+VIA_APPS = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: pv-echo, namespace: default}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: pv-echo}}
+  template:
+    metadata: {labels: {app: pv-echo}}
+    spec:
+      containers:
+      - name: echo
+        image: tele-sandbox/echo
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {tcpSocket: {port: http}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: pv-echo, namespace: default}
+spec:
+  selector: {app: pv-echo}
+  clusterIP: None
+  ports: [{name: http, port: 8080, targetPort: http}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: pv-via, namespace: default}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: pv-via}}
+  template:
+    metadata: {labels: {app: pv-via}}
+    spec:
+      containers:
+      - name: echo
+        image: tele-sandbox/echo
+        ports: [{name: http, containerPort: 8080}]
+"""
+VIA_CALL = """
+import json, socket, urllib.request
+address = socket.gethostbyname("pv-echo.default")
+answer = urllib.request.urlopen("http://pv-echo.default:8080/", timeout=20).read().decode()
+print(json.dumps({"address": address, "answer": answer}))
+"""
+
+
+async def test_proxy_via_dials_from_the_workloads_pod(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    tmp_path: Path,
+    nursery: trio.Nursery,
+) -> None:
+    """`tele connect --proxy-via <pod IP>/32=pv-via`: pv-echo's name resolves to a virtual IP,
+    and the connection reaches pv-echo from pv-via's pod (its agent dialled it): pv-echo sees
+    pv-via's pod IP as the caller, not the traffic manager's."""
+    sandbox = node_sandbox
+    install_manager(sandbox, tele_env)
+    kubectl(sandbox, "apply", "-f", "-", stdin=VIA_APPS)
+    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=pv-echo", "--timeout=90s")
+    target = kubectl(
+        sandbox, "get", "pod", "-l", "app=pv-echo", "-o", "jsonpath={.items[0].status.podIP}"
+    ).strip()
+    assert target, "pv-echo has no pod IP"
+    server = urllib.parse.urlsplit(
+        json.loads(kubectl(sandbox, "config", "view", "--minify", "-o", "json"))["clusters"][0][
+            "cluster"
+        ]["server"]
+    )
+    cluster = f"tele-pv{sandbox.name[-4:]}"
+    await nursery.start(serve_laptop, cluster, server.hostname, server.port)
+    home = tmp_path / "laptop"
+    tele = [str(Path(sys.executable).parent / "tele")]
+
+    def in_laptop(*argv: str) -> tuple[list[str], dict[str, str]]:
+        command, env = shell_command(cluster, home, str(sandbox.kubeconfig), list(argv))
+        env.pop("TELE_VIF", None)
+        return command, env
+
+    try:
+        connect = [*tele, "connect", "--vif", "--proxy-via", f"{target}/32=pv-via"]
+        connected = await run(*in_laptop(*connect), timeout=180)
+        assert connected.returncode == 0, connected.stderr
+        pods = json.loads(kubectl(sandbox, "get", "pod", "-l", "app=pv-via", "-o", "json"))
+        with_agent = [
+            p
+            for p in pods["items"]
+            if not p["metadata"].get("deletionTimestamp")
+            and any(c["name"] == "traffic-agent" for c in p["spec"]["containers"])
+        ]
+        assert len(with_agent) == 1, pods
+        via_ip = with_agent[0]["status"]["podIP"]
+        called = await run(*in_laptop(sys.executable, "-c", VIA_CALL))
+        assert called.returncode == 0, called.stderr
+        seen = json.loads(called.stdout)
+        assert seen["address"].startswith("246.246."), seen
+        answer = json.loads(seen["answer"])
+        assert answer["pod"].startswith("pv-echo-")
+        assert answer["peer"] == via_ip, (answer["peer"], via_ip)
+    finally:
+        await run(*in_laptop(*tele, "quit"))
+        DaemonGuard(in_laptop("true")[1]).kill_all()
+        run_tele(tele_env, "helm", "uninstall", "--kubeconfig", str(sandbox.kubeconfig))
+        kubectl(sandbox, "delete", "-f", "-", "--wait=false", stdin=VIA_APPS)

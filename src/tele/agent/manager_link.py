@@ -26,12 +26,14 @@ from tele.agent.config import AgentSettings
 from tele.agent.engagements import Address
 from tele.agent.wiretap import Wiretaps
 from tele.errors import TeleError, single_leaf
-from tele.net.tunnel import Destination, Protocol
+from tele.net.dialpolicy import never_dialed
+from tele.net.tunnel import Destination, Protocol, ResetReason, TunnelProtocolError
 from tele.rpc import agent_api as aapi
 from tele.rpc.client import Client
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.links import Connector, LinkPool
 from tele.rpc.manager_api import AUTHENTICATE, REMAIN, AuthenticateRequest, SessionRequest
+from tele.rpc.tunnel import TunnelError, connect_tcp, reason_for_oserror, splice
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,10 @@ RETRY_MAX = 10.0
 TOKEN_FILE_ENV = "_TEL_AGENT_TOKEN_FILE"
 """Where the pod's projected ServiceAccount token for the manager is (set by the injector)."""
 MAX_TOKEN_FILE = 16384
+PROXY_DIAL_TIMEOUT = 5.0
+"""A --proxy-via dial from this pod (the manager waits 10 s for the answer)."""
+MAX_PROXIED = 1024
+"""--proxy-via connections this agent relays at once; more are refused (overloaded)."""
 
 
 async def read_token(path: str) -> str:
@@ -122,6 +128,8 @@ class ManagerEngagements:
         self._retry_initial = retry_initial
         self.updates = 0
         self._updated = trio.Event()
+        self.proxied = 0
+        """--proxy-via connections relayed now."""
         self._configured_level = logs.current_level()
         """The level the agent started with: it returns when `tele loglevel`'s time ends."""
 
@@ -190,6 +198,83 @@ class ManagerEngagements:
             dial_id=aapi.AGENT_DIAL_PREFIX + engagement.id,
             wait=5.0,
         )
+
+    async def _proxy_dial(self, dial: aapi.ProxyDial) -> None:
+        """A client's --proxy-via connection: dial it from this pod (never this pod's loopback,
+        link-local or metadata addresses), then open `proxy.<id>` to the manager and relay; a
+        dial that fails opens `proxyfail.<id>.<reason>` so the client learns why at once."""
+        session = self.session_id
+        reason: ResetReason | None = None
+        local: trio.SocketStream | None = None
+        try:
+            destination = Destination(Protocol.TCP, ipaddress.ip_address(dial.host), dial.port)
+        except (ValueError, TunnelProtocolError):
+            log.warning("proxy-via: the traffic manager asked for a malformed destination")
+            destination = None
+            reason = ResetReason.PROTOCOL
+        if destination is not None:
+            why = never_dialed(destination.ip)
+            if why:
+                log.warning("proxy-via: not dialling %s: %s", destination, why)
+                reason = ResetReason.POLICY
+            elif self.proxied >= MAX_PROXIED:
+                reason = ResetReason.OVERLOADED
+            else:
+                with trio.move_on_after(PROXY_DIAL_TIMEOUT):
+                    try:
+                        local = await connect_tcp(destination)
+                    except OSError as exc:
+                        reason = reason_for_oserror(exc)
+                if local is None and reason is None:
+                    reason = ResetReason.TIMEOUT
+        if local is None:
+            failed = (
+                f"{aapi.PROXY_FAIL_PREFIX}{dial.dial_id}.{(reason or ResetReason.INTERNAL).value}"
+            )
+            with trio.move_on_after(PROXY_DIAL_TIMEOUT):
+                try:
+                    stream = await self.pool.dial(
+                        destination
+                        or Destination(Protocol.TCP, ipaddress.ip_address("0.0.0.0"), 1),
+                        session=session,
+                        dial_id=failed,
+                        wait=PROXY_DIAL_TIMEOUT,
+                    )
+                    stream.close()
+                except TunnelError:
+                    pass  # the manager refuses it, having told the client
+            return
+        assert destination is not None
+        self.proxied += 1
+        try:
+            async with local:
+                try:
+                    tunnel = await self.pool.dial(
+                        destination,
+                        session=session,
+                        dial_id=aapi.PROXY_DIAL_PREFIX + dial.dial_id,
+                        wait=PROXY_DIAL_TIMEOUT,
+                    )
+                except TunnelError as exc:
+                    log.info("proxy-via: the traffic manager dropped %s: %s", destination, exc)
+                    return
+                try:
+                    await splice(tunnel, local)
+                finally:
+                    tunnel.close()
+        finally:
+            self.proxied -= 1
+
+    async def _follow_proxy_dials(
+        self, client: Client, request: SessionRequest, nursery: trio.Nursery
+    ) -> None:
+        try:
+            async with client.stream(aapi.WATCH_PROXY_DIALS, request) as dials:
+                async for dial in dials:
+                    nursery.start_soon(self._proxy_dial, dial)
+        except RpcError as exc:
+            if exc.code is not Code.UNIMPLEMENTED:  # (an older manager has no such call)
+                log.info("the --proxy-via watch ended: %s", exc)
 
     async def serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -290,6 +375,7 @@ class ManagerEngagements:
             nursery.start_soon(remain)
             nursery.start_soon(self._follow_log_level, client, request)
             nursery.start_soon(report_taps)
+            nursery.start_soon(self._follow_proxy_dials, client, request, nursery)
             async with client.stream(aapi.WATCH_ENGAGEMENTS, request) as lists:
                 async for engagements in lists:
                     self._set(engagements.engagements)

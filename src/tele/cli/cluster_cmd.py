@@ -129,6 +129,14 @@ def _size(value: object) -> str:
     "cluster.virtualIPSubnet) when it clashes with a local route: names resolve to virtual IPs "
     "routed through the manager (repeatable).",
 )
+@click.option(
+    "--proxy-via",
+    multiple=True,
+    metavar="CIDR=WORKLOAD",
+    help="Give this cluster CIDR (or pods, service, also, all) virtual IPs and dial its "
+    "connections from the pods of WORKLOAD (in the connected namespace) instead of the "
+    "manager's (repeatable).",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @output_option
 def connect(
@@ -144,6 +152,7 @@ def connect(
     never_proxy: tuple[str, ...],
     allow_conflicting_subnets: tuple[str, ...],
     vnat: tuple[str, ...],
+    proxy_via: tuple[str, ...],
     output: str,
 ) -> None:
     """Connect this machine to the cluster through its traffic manager; with `-- COMMAND`,
@@ -164,6 +173,7 @@ def connect(
         never_proxy=_cidrs("--never-proxy", never_proxy),
         allow_conflicting_subnets=_cidrs("--allow-conflicting-subnets", allow_conflicting_subnets),
         vnat=_vnat(vnat),
+        proxy_via=list(proxy_via),
     )
 
     helper_note = ""

@@ -172,6 +172,8 @@ class ClusterSession:
         self.client_network = ClientNetwork()
         """The DNS and routing settings in effect, merged from their sources at arrival."""
         self.vnat_subnets: list[str] = []
+        self.proxy_routes: list[tuple[str, str]] = []
+        """--proxy-via: (subnet, route id the manager gave), once arrived."""
         """--vnat's subnets, symbolic names resolved (at arrival)."""
         self._take_helper = take_helper
 
@@ -321,6 +323,7 @@ class ClusterSession:
         values (pods, service, also, all) are resolved once the cluster's subnets are known."""
         from tele.vif import vnat
 
+        self._check_proxy_via(cluster)
         if not self.request.vnat:
             return
         others: list[str] = []
@@ -336,6 +339,47 @@ class ClusterSession:
             vnat.check(translated, self._settings.cluster.virtual_ip_subnet, others)
         except vnat.VnatError as exc:
             raise UserError(str(exc)) from None
+
+    def _check_proxy_via(self, cluster: mapi.ClusterInfo | None) -> list[tuple[str, str]]:
+        """--proxy-via CIDR=WORKLOAD values (symbolic subnets once the cluster's are known):
+        one sentence when one is malformed or overlaps the virtual IP subnet."""
+        from tele.vif import vnat
+
+        try:
+            pairs = vnat.parse_proxy_via(self.request.proxy_via)
+            if cluster is not None:
+                also = self.client_network.routing.also_proxy_subnets or []
+                pods, services = cluster.pod_subnets, cluster.service_subnets
+                pairs = [
+                    (subnet, workload)
+                    for value, workload in pairs
+                    for subnet in vnat.resolve([value], pods, services, also)
+                ]
+            literal = [subnet for subnet, _ in pairs if subnet not in vnat.SYMBOLIC]
+            vnat.check_proxy_via(literal, self._settings.cluster.virtual_ip_subnet)
+        except vnat.VnatError as exc:
+            raise UserError(str(exc)) from None
+        return pairs
+
+    async def _proxy_via(self) -> None:
+        """Ask the manager for each --proxy-via workload (it checks the caller may engage it and
+        that an agent runs in its pods, injecting one if needed): UserError naming the value."""
+        pairs = self._check_proxy_via(self.lease.cluster)
+        routes: list[tuple[str, str]] = []
+        for subnet, workload in pairs:
+
+            def make(session_id: str, workload: str = workload) -> aapi.ProxyViaRequest:
+                return aapi.ProxyViaRequest(
+                    session_id=session_id, namespace=self.namespace, workload=workload
+                )
+
+            try:
+                reply = await self.lease.call_in_session(aapi.PROXY_VIA, make)
+            except RpcError as exc:
+                raise UserError(f"--proxy-via {subnet}={workload}: {exc.message}") from None
+            log.info("--proxy-via %s: dialled from %s", subnet, ", ".join(reply.pods))
+            routes.append((subnet, reply.route_id))
+        self.proxy_routes = routes
 
     async def _run(self, task_status: trio.TaskStatus[dapi.ConnectionInfo]) -> None:
         self._merged_network(None)  # the local sources' mistakes, before the cluster is asked
@@ -356,6 +400,7 @@ class ClusterSession:
             try:
                 self.client_network = self._merged_network(self.lease.cluster)
                 self._check_vnat(self.lease.cluster)
+                await self._proxy_via()
             except UserError:  # the manager's settings do not fit: leave while the link is up
                 with trio.CancelScope(shield=True), trio.move_on_after(3):
                     await self.lease.depart()
@@ -387,6 +432,7 @@ class ClusterSession:
             return
         apply_network(options, self.client_network)
         options.vnat = list(self.vnat_subnets)
+        options.proxy_via = list(self.proxy_routes)
         options.virtual_subnet = self._settings.cluster.virtual_ip_subnet
         privileges: Privileges | None = None
         if not has_net_admin():

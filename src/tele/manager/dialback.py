@@ -46,8 +46,10 @@ class DialBack:
         self._pending: dict[str, trio.MemorySendChannel[tuple[H2Stream, trio.Event]]] = {}
 
     def session_allowed(self, request: OpenRequest) -> bool:
-        """The tunnel policy's view: agents may open engagement streams, clients the rest."""
-        if request.dial_id is not None and request.dial_id.startswith(aapi.AGENT_DIAL_PREFIX):
+        """The tunnel policy's view: agents may open engagement (and --proxy-via) streams,
+        clients the rest."""
+        agent_prefixes = (aapi.AGENT_DIAL_PREFIX, aapi.PROXY_DIAL_PREFIX, aapi.PROXY_FAIL_PREFIX)
+        if request.dial_id is not None and request.dial_id.startswith(agent_prefixes):
             return self._agent_alive(request.session)
         return self._client_alive(request.session)
 

@@ -24,6 +24,7 @@ from tele.manager.agents import AgentRegistry
 from tele.manager.auth import audit_line
 from tele.manager.changes import Changes
 from tele.manager.dialback import DialBack
+from tele.manager.proxyvia import ProxyVia
 from tele.manager.rollouts import Rollouts
 from tele.manager.sessions import Session
 from tele.manager.state import AgentWorkloads
@@ -117,7 +118,9 @@ class Engagements:
         authorize: Callable[[str, str, str, str], Awaitable[None]] | None = None,
         judge_exports: JudgeExports | None = None,
         prefetch_exports: Callable[[str, set[Source]], Awaitable[None]] | None = None,
+        proxy_via: ProxyVia | None = None,
     ) -> None:
+        self._proxy_via = proxy_via if proxy_via is not None else ProxyVia(agent_sessions=list)
         self._prefetch_exports = prefetch_exports
         self._authorize = authorize
         self._judge_exports = judge_exports
@@ -145,6 +148,8 @@ class Engagements:
         router.unary(aapi.LEAVE, self.leave)
         router.unary(aapi.UNINSTALL, self.uninstall)
         router.stream(aapi.WATCH_DIALS, self.watch_dials)
+        router.unary(aapi.PROXY_VIA, self.proxy_via)
+        router.stream(aapi.WATCH_PROXY_DIALS, self.watch_proxy_dials)
         router.unary(aapi.REPORT_TAPS, self.report_taps)
         router.unary(aapi.TAP_COUNTERS, self.tap_counters)
 
@@ -171,6 +176,12 @@ class Engagements:
                 yield current
                 last = current
             await self._changes.event.wait()
+
+    async def watch_proxy_dials(self, request: api.SessionRequest) -> AsyncIterator[aapi.ProxyDial]:
+        if self._agents.of_caller(request.session_id) is None:
+            raise RpcError(Code.NOT_FOUND, "unknown agent session; arrive again")
+        async for dial in self._proxy_via.watch(request.session_id):
+            yield dial
 
     async def report_taps(self, request: aapi.TapReport) -> Empty:
         session = self._agents.of_caller(request.session_id)
@@ -339,6 +350,44 @@ class Engagements:
         self._changes.notify()
         return info
 
+    async def proxy_via(self, request: aapi.ProxyViaRequest) -> aapi.ProxyViaReply:
+        """--proxy-via CIDR=WORKLOAD: the caller may engage the workload (the same RBAC as an
+        intercept), its pods can run an agent, and one runs; then its route id."""
+        session = self._client_session(request.session_id)
+        self._check_namespace(request.namespace)
+        workload = await self._find_workload(request.namespace, request.workload)
+        key = (str(workload["kind"]), request.namespace, request.workload)
+        if _no_replicas(workload):
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"{key[0]} {key[1]}/{key[2]} has 0 replicas: no pod can dial for --proxy-via",
+            )
+        if self._authorize is not None:
+            await self._authorize("proxy-via", *key)
+        try:
+            services = [s for (ns, _), s in self._view.services.items() if ns == key[1]]
+            replaced = self._table.replaced_containers(key)
+            self._settings.config(workload, services, replaced, require_service=False)
+        except agentconfig.NotInterceptable as exc:
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"{key[0]} {key[1]}/{key[2]} cannot run a traffic agent for --proxy-via: {exc}",
+            ) from None
+        agents = self._agents.of_workload(key) or await self._rollouts.ensure_agent(
+            key, workload, min(request.agent_timeout, self._settings.arrival_timeout)
+        )
+        try:
+            route_id = self._proxy_via.add(request.session_id, key)
+        except ValueError as exc:
+            raise RpcError(Code.RESOURCE_EXHAUSTED, str(exc)) from None
+        log.info("%s proxies through %s %s/%s", session.label, *key)
+        audit_line("proxy-via", session=request.session_id, workload=f"{key[0]} {key[1]}/{key[2]}")
+        return aapi.ProxyViaReply(
+            route_id=route_id,
+            workload_kind=key[0],
+            pods=sorted(f"{a.namespace}/{a.pod_name}" for a in agents),
+        )
+
     async def _withhold(
         self,
         agents: list[aapi.AgentIdentity],
@@ -501,6 +550,7 @@ class Engagements:
         for key in sorted({a.workload_key for a in ended if a.info.kind == "replace"}):
             self._rollouts.queue_restore(key)
         self._dials.end_session(session_id)
+        self._proxy_via.end_session(session_id)
         if ended:
             names = ", ".join(a.info.name for a in ended)
             log.info("engagements %s ended with their session", names)

@@ -40,6 +40,7 @@ from tele.manager.feed import ClusterFeed
 from tele.manager.linktls import LinkTLS
 from tele.manager.loglevels import LogLevels
 from tele.manager.podlogs import ClusterLogs
+from tele.manager.proxyvia import ProxyVia
 from tele.manager.rollouts import Rollouts
 from tele.manager.sessions import Presence
 from tele.manager.state import AgentWorkloads
@@ -54,6 +55,7 @@ from tele.rpc import manager_api as api
 from tele.rpc.agent_api import PAST_TENSE
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import TUNNEL_STREAMS, LinkSettings
+from tele.rpc.h2stream import H2Stream
 from tele.rpc.method import Empty
 from tele.rpc.server import HandlerShares, PeerConnections, Router, serve_connection
 from tele.rpc.tunnel import TunnelServer
@@ -273,6 +275,9 @@ class Manager:
             agent_alive=lambda session_id: self.agents.get(session_id) is not None,
             client_alive=self.clients.alive,
         )
+        self.proxy_via = ProxyVia(
+            agent_sessions=self._agent_sessions, allow_loopback=config.allow_loopback_dials
+        )
         self.engagements = Engagements(
             view=self.view,
             client_session=self.clients.get,
@@ -287,6 +292,7 @@ class Manager:
             judge_exports=self.judge_exports,
             prefetch_exports=self.auth.prefetch,
             settings=self.agent_settings(),
+            proxy_via=self.proxy_via,
         )
         self.files_dialer = FilesDialer(
             self.files_authority,
@@ -294,7 +300,7 @@ class Manager:
         )
         self.tunnel = TunnelServer(
             policy=self._tunnel_policy,
-            dial_back=self.dials.dial_back,
+            dial_back=self._dial_back,
             connector=self.files_dialer.connect,
         )
         self.injector = AgentInjector(
@@ -582,6 +588,22 @@ class Manager:
         except agentconfig.NotInterceptable as exc:
             return str(exc)
         return ""
+
+    def _agent_sessions(self, key: tuple[str, str, str]) -> list[str]:
+        now = self.clock()
+        return [
+            session_id
+            for session_id, s in self.agents.sessions.sessions.items()
+            if s.expires_at > now
+            and (s.identity.workload_kind, s.identity.namespace, s.identity.workload_name) == key
+        ]
+
+    async def _dial_back(self, request: OpenRequest, stream: H2Stream) -> None:
+        dial_id = request.dial_id or ""
+        if dial_id.startswith(aapi.VIA_DIAL_PREFIX) or ProxyVia.is_agent_stream(dial_id):
+            await self.proxy_via.handle(request, stream)
+        else:
+            await self.dials.dial_back(request, stream)
 
     async def _tunnel_policy(self, request: OpenRequest) -> ResetReason | Refuse | None:
         if not self.dials.session_allowed(request):

@@ -20,6 +20,12 @@ from tele.rpc.method import Empty, ServerStream, Unary
 
 AGENT_DIAL_PREFIX = "engage."
 """An agent's OPEN for engagement E carries the dial id `engage.E`."""
+PROXY_DIAL_PREFIX = "proxy."
+"""An agent's OPEN for a proxy-via dial X (it dialled the destination) carries `proxy.X`; one it
+could not dial carries `proxyfail.X.<reset reason>` (the manager refuses the client's stream)."""
+PROXY_FAIL_PREFIX = "proxyfail."
+VIA_DIAL_PREFIX = "via."
+"""A client's OPEN for a destination behind a --proxy-via workload carries `via.<route id>`."""
 FILES_CLIENT_NAME = "tele-traffic-manager"
 """The common name of the manager's client certificate, the only client an agent's file
 server accepts (mutual TLS with the manager's CA)."""
@@ -236,6 +242,31 @@ class DialRequest(msgspec.Struct, frozen=True, kw_only=True):
     (the agent counts a drop) instead of answering the caller."""
 
 
+class ProxyViaRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A client asks to send traffic for a subnet out through a workload's pod (--proxy-via)."""
+
+    session_id: str
+    namespace: str
+    workload: str
+    agent_timeout: float = 30.0
+
+
+class ProxyViaReply(msgspec.Struct, frozen=True, kw_only=True):
+    route_id: str
+    """Its OPENs carry the dial id `via.<route_id>`; valid for that session only."""
+    workload_kind: str
+    pods: list[str]
+    """The pods (namespace/name) whose agents dial."""
+
+
+class ProxyDial(msgspec.Struct, frozen=True, kw_only=True):
+    """The manager to an agent: dial `host:port` from the pod, then OPEN `proxy.<dial_id>`."""
+
+    dial_id: str
+    host: str
+    port: int
+
+
 class UninstallRequest(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str
     namespace: str
@@ -264,6 +295,9 @@ REPORT_TAPS = Unary(f"/{SERVICE}/ReportWiretaps", TapReport, Empty)
 """Agents, every few seconds while their wiretap counters move."""
 TAP_COUNTERS = Unary(f"/{SERVICE}/WiretapCounters", SessionRequest, TapCountersReply)
 """Clients, for `tele status`."""
+PROXY_VIA = Unary(f"/{SERVICE}/ProxyVia", ProxyViaRequest, ProxyViaReply)
+WATCH_PROXY_DIALS = ServerStream(f"/{SERVICE}/WatchProxyDials", SessionRequest, ProxyDial)
+"""Agents: the dials clients' --proxy-via traffic asks of their pod."""
 WATCH_DIALS = ServerStream(f"/{SERVICE}/WatchDials", SessionRequest, DialRequest)
 # The current level at once, then each change (an agent of an older manager: UNIMPLEMENTED).
 WATCH_LOG_LEVEL = ServerStream(f"/{SERVICE}/WatchLogLevel", SessionRequest, AgentLogLevel)

@@ -50,6 +50,8 @@ class ConnectRequest(msgspec.Struct, frozen=True, kw_only=True):
     allow_conflicting_subnets: list[str] = []
     vnat: list[str] = []
     """Cluster subnets given virtual IPs (tele.vif.vnat)."""
+    proxy_via: list[str] = []
+    """`CIDR=WORKLOAD`: the subnet gets virtual IPs and is dialled from the workload's pods."""
 
 
 class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -31,6 +31,7 @@ from tele.dns.server import Resolver
 from tele.dns.service import DnsSettings, SystemSetup, serve_dns
 from tele.net.tunnel import Destination, ResetReason
 from tele.rpc import manager_api as mapi
+from tele.rpc.agent_api import VIA_DIAL_PREFIX
 from tele.rpc.client import Client
 from tele.rpc.h2link import H2Stream
 from tele.rpc.tunnel import TunnelError
@@ -83,6 +84,9 @@ class NetworkOptions:
     """Cluster subnets given virtual IPs (`--vnat`): never routed themselves (tele.vif.vnat)."""
     virtual_subnet: str = DEFAULT_VNAT_SUBNET
     """Where the virtual IPs come from (config cluster.virtualIPSubnet)."""
+    proxy_via: list[tuple[str, str]] = field(default_factory=list)
+    """(subnet, route id): cluster subnets given virtual IPs and dialled from a workload's pods
+    (`--proxy-via`; their OPENs carry the dial id `via.<route id>`)."""
     dial_timeout: float = 5.0
     """Config timeouts.proxyDial: a connection to a cluster address waits this long for its
     tunnel stream before the app sees it refused."""
@@ -272,7 +276,10 @@ async def _serve_network(
     if cluster is None:
         raise RuntimeError("serve_network needs an arrived session")
 
-    vips = VirtualIPs(options.virtual_subnet, options.vnat) if options.vnat else None
+    via_subnets = [subnet for subnet, _ in options.proxy_via]
+    translated = [*options.vnat, *(s for s in via_subnets if s not in options.vnat)]
+    vips = VirtualIPs(options.virtual_subnet, translated) if translated else None
+    routes = [(ipaddress.ip_network(s, strict=False), r) for s, r in options.proxy_via]
 
     async def dial(
         destination: Destination, optimistic: bool = False
@@ -284,6 +291,14 @@ async def _serve_network(
                     ResetReason.UNREACHABLE, f"{destination.ip} is no virtual IP of this session"
                 )
             destination = Destination(destination.protocol, real, destination.port)
+            route_id = vips.via(real, routes)
+            if route_id:  # dialled from the --proxy-via workload's pod
+                return await session.pool.dial(
+                    destination,
+                    session=session.session_id(),
+                    dial_id=VIA_DIAL_PREFIX + route_id,
+                    wait=options.dial_timeout,
+                )
         return await session.pool.dial(
             destination,
             session=session.session_id(),
@@ -299,7 +314,7 @@ async def _serve_network(
 
     # With VNAT the translated subnets are not routed (this machine's own route for them stays)
     # and the virtual subnet is.
-    never_proxy = [*options.never_proxy, *options.vnat]
+    never_proxy = [*options.never_proxy, *translated]
     also_proxy = [*options.also_proxy, *([str(vips.subnet)] if vips is not None else [])]
     settings = VifSettings(
         cluster_subnets=[*cluster.pod_subnets, *cluster.service_subnets],

@@ -78,6 +78,50 @@ def check(translated: Sequence[str], virtual: str, others: Sequence[str] = ()) -
             )
 
 
+def parse_proxy_via(values: Sequence[str]) -> list[tuple[str, str]]:
+    """`--proxy-via CIDR=WORKLOAD` values as (CIDR or symbolic name, workload); VnatError for
+    one that is not of that form."""
+    result: list[tuple[str, str]] = []
+    for value in values:
+        subnet, _, workload = value.partition("=")
+        subnet, workload = subnet.strip(), workload.strip()
+        if not subnet or not workload:
+            raise VnatError(
+                f"--proxy-via {value!r} is not CIDR=WORKLOAD: give e.g. 10.0.0.0/24=my-app"
+            )
+        if subnet not in SYMBOLIC:
+            try:
+                subnet = str(ipaddress.ip_network(subnet, strict=False))
+            except ValueError:
+                raise VnatError(
+                    f"--proxy-via {subnet!r} is not a CIDR like 10.0.0.0/24 (nor one of "
+                    f"{', '.join(SYMBOLIC)})"
+                ) from None
+        result.append((subnet, workload))
+    return result
+
+
+def check_proxy_via(subnets: Sequence[str], virtual: str) -> None:
+    """VnatError when a --proxy-via subnet overlaps the virtual IP subnet (its addresses get
+    virtual IPs from it) or is of the other IP version."""
+    try:
+        virtual_net = ipaddress.ip_network(virtual.strip(), strict=False)
+    except ValueError as exc:
+        raise VnatError(f"the virtual IP subnet (config cluster.virtualIPSubnet): {exc}") from None
+    for subnet in parse_networks(subnets):
+        if subnet.version != virtual_net.version:
+            raise VnatError(
+                f"--proxy-via {subnet} is IPv{subnet.version} but the virtual IP subnet "
+                f"{virtual_net} is IPv{virtual_net.version}; set cluster.virtualIPSubnet to an "
+                f"IPv{subnet.version} subnet"
+            )
+        if subnet.overlaps(virtual_net):
+            raise VnatError(
+                f"--proxy-via {subnet} overlaps the virtual IP subnet {virtual_net}; choose "
+                "another subnet, or another cluster.virtualIPSubnet in the config"
+            )
+
+
 class VirtualIPs:
     """Virtual IP <-> cluster address, for the addresses in `translated`."""
 
@@ -108,6 +152,13 @@ class VirtualIPs:
         self._by_real[real] = virtual
         self._by_virtual[virtual] = real
         return virtual
+
+    def via(self, real: Address, routes: Sequence[tuple[Network, str]]) -> str:
+        """The --proxy-via route id whose subnet holds `real` ("": the manager dials it)."""
+        for network, route_id in routes:
+            if real.version == network.version and real in network:
+                return route_id
+        return ""
 
     def real_for(self, virtual: Address) -> Address | None:
         """The cluster address a virtual IP stands for; None for one never handed out."""

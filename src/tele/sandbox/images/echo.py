@@ -9,6 +9,7 @@ mounted).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ POD, NAMESPACE = _identity()
 
 
 def answer(
-    method: str, path: str, headers: list[tuple[str, str]], body: bytes, proto: str
+    method: str, path: str, headers: list[tuple[str, str]], body: bytes, proto: str, peer: str = ""
 ) -> bytes:
     print(f"{proto} {method} {path} {len(body)} bytes", flush=True)
     return json.dumps(
@@ -47,6 +48,7 @@ def answer(
             "path": path,
             "headers": [[k, v] for k, v in headers],
             "body": body.decode("utf-8", "replace"),
+            "peer": peer,  # the caller's address as this pod sees it
         }
     ).encode()
 
@@ -56,6 +58,13 @@ class _Conn:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        try:
+            peer = ipaddress.ip_address(sock.getpeername()[0])
+        except (OSError, ValueError):
+            self.peer = ""
+        else:  # an IPv4 caller of the dual-stack listener as IPv4
+            mapped = getattr(peer, "ipv4_mapped", None)
+            self.peer = str(mapped or peer)
 
     def recv(self) -> bytes:
         return self.sock.recv(65536)
@@ -86,7 +95,8 @@ def _http1(conn: _Conn, first: bytes) -> None:
                 return
         assert request is not None
         headers = [(k.decode(), v.decode()) for k, v in request.headers]
-        out = answer(request.method.decode(), request.target.decode(), headers, body, "HTTP/1.1")
+        method, target = request.method.decode(), request.target.decode()
+        out = answer(method, target, headers, body, "HTTP/1.1", conn.peer)
         reply = h11.Response(
             status_code=200,
             headers=[("content-type", "application/json"), ("content-length", str(len(out)))],
@@ -121,7 +131,12 @@ def _http2(conn: _Conn, first: bytes) -> None:
                 pseudo = dict(h for h in hdrs if h[0].startswith(":"))
                 plain = [h for h in hdrs if not h[0].startswith(":")]
                 out = answer(
-                    pseudo.get(":method", ""), pseudo.get(":path", ""), plain, bytes(body), "HTTP/2"
+                    pseudo.get(":method", ""),
+                    pseudo.get(":path", ""),
+                    plain,
+                    bytes(body),
+                    "HTTP/2",
+                    conn.peer,
                 )
                 h2c.send_headers(
                     event.stream_id,
