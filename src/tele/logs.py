@@ -4,8 +4,11 @@ daemon, which owns the clock)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import logging.handlers
+import os
 from pathlib import Path
 
 from tele import paths
@@ -41,16 +44,36 @@ def level_name(number: int) -> str:
     return "trace"
 
 
-def setup_file_logging(process: str, level: str) -> Path:
+class _OwnedFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotated log whose every file (the first, and each after a rollover) is given to
+    `owner`: a root daemon writing for another user (tele.unixsock.delegated_uid)."""
+
+    def __init__(self, path: Path, owner: int) -> None:
+        self._owner = owner
+        super().__init__(path, maxBytes=MAX_BYTES, backupCount=BACKUP_COUNT, encoding="utf-8")
+
+    def _open(self) -> io.TextIOWrapper:
+        stream = super()._open()
+        with contextlib.suppress(OSError):  # logged nowhere: this is the log
+            os.chown(self.baseFilename, self._owner, -1)
+        return stream
+
+
+def setup_file_logging(process: str, level: str, *, owner: int | None = None) -> Path:
     """Send every log record of this process to its rotated file; return the file's path.
+    With `owner`, each file is given to that uid.
 
     The level is set on the root logger so that libraries' records (trio, h2) follow it too;
     handlers stay at NOTSET so that changing the root level is all `tele loglevel` needs to do.
     """
     path = log_file(process)
     paths.ensure_private_dir(path.parent)
-    handler = logging.handlers.RotatingFileHandler(
-        path, maxBytes=MAX_BYTES, backupCount=BACKUP_COUNT, encoding="utf-8"
+    handler = (
+        logging.handlers.RotatingFileHandler(
+            path, maxBytes=MAX_BYTES, backupCount=BACKUP_COUNT, encoding="utf-8"
+        )
+        if owner is None
+        else _OwnedFileHandler(path, owner)
     )
     handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
     root = logging.getLogger()

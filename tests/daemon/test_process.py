@@ -4,6 +4,7 @@ stale files, signals, and who may talk to it."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import shutil
@@ -313,3 +314,23 @@ def test_daemon_run_in_the_foreground_until_quit(
             foreground.wait()
         if foreground.stderr is not None:
             foreground.stderr.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give files to another user")
+def test_the_log_of_a_daemon_for_another_user_stays_that_users_across_rollovers(
+    tmp_path: Path,
+) -> None:
+    from tele import logs
+
+    path = tmp_path / "daemon.log"
+    handler = logs._OwnedFileHandler(path, 65534)
+    try:
+        handler.emit(logging.makeLogRecord({"msg": "before the rollover"}))
+        handler.doRollover()
+        handler.emit(logging.makeLogRecord({"msg": "after it"}))
+    finally:
+        handler.close()
+    assert "after it" in path.read_text()
+    assert "before the rollover" in path.with_name("daemon.log.1").read_text()
+    for made in (path, path.with_name("daemon.log.1")):
+        assert made.stat().st_uid == 65534, made

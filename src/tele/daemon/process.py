@@ -86,7 +86,7 @@ def _write_pid_file(path: Path) -> None:
 def _hand_over(*files: Path) -> None:
     """A root daemon running for another user (unixsock.delegated_uid: connect --docker) gives
     that user the files it made in the user's directories, so that the user's own tele can read
-    and replace them later (the socket is given when it is made)."""
+    and replace them later (the socket and the log files are given when they are made)."""
     owner = unixsock.delegated_uid()
     if owner is None:
         return
@@ -119,7 +119,9 @@ def run(*, ready_fd: int | None = None) -> None:
             )
         try:
             try:
-                log_file = logs.setup_file_logging("daemon", str(cfg.log_levels.user_daemon))
+                log_file = logs.setup_file_logging(
+                    "daemon", str(cfg.log_levels.user_daemon), owner=unixsock.delegated_uid()
+                )
             except OSError as exc:
                 raise TeleError(
                     f"Cannot open the log file in {paths.logs_dir()}: {exc.strerror or exc}."
@@ -168,7 +170,7 @@ async def _main(cfg: config.Config, log_file: Path, ready: ReadyPipe) -> None:
     )
     try:
         _write_pid_file(pid_path)
-        _hand_over(pid_path, paths.daemon_lock(), log_file)
+        _hand_over(pid_path, paths.daemon_lock())
         await leftovers.at_start()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope, daemon)
