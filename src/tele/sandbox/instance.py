@@ -27,6 +27,7 @@ from tele import paths
 from tele.errors import ConnectionFailed, UserError
 
 if TYPE_CHECKING:
+    from ..image.assemble import BuiltImage
     from .oci_registry import RegistryInfo
 
 log = logging.getLogger(__name__)
@@ -295,11 +296,18 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
     state_file = directory / "state.json"
     tokens = directory / TOKEN_FILE
     tokens.unlink(missing_ok=True)  # a new cluster: the last one's users are gone
+    started = time.monotonic()
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nodes = nodes_supported()
                 registry_dir = directory / "registry" if registry_available() is None else None
+                images: _Images | None = None
+                if registry_dir is not None and nodes:
+                    # Found in the cache and laid into the registry's storage while the
+                    # registry, the API server and the node start.
+                    images = _Images()
+                    nursery.start_soon(images.prepare, registry_dir / "data")
                 info = await nursery.start(
                     lambda **kw: serve_cluster(
                         name,
@@ -312,8 +320,8 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
                         **kw,
                     )
                 )
-                if info.registry is not None and nodes:
-                    await _publish_images(info.registry)
+                if info.registry is not None and images is not None:
+                    await images.publish(info.registry)
                 if nodes:
                     from .network.laptop import serve_laptop
 
@@ -331,7 +339,9 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
                     "registry": info.registry.to_json() if info.registry else None,
                 }
                 _write_private(state_file, json.dumps(state).encode())
-                log.info("sandbox %s ready at %s", name, info.server)
+                log.info(
+                    "sandbox %s ready at %s (%.2f s)", name, info.server, time.monotonic() - started
+                )
                 if ready_fd is not None:
                     os.write(ready_fd, json.dumps(state).encode() + b"\n")
                     os.close(ready_fd)
@@ -343,23 +353,58 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
         state_file.unlink(missing_ok=True)
 
 
-async def _publish_images(registry: RegistryInfo) -> None:
-    """Push tele's and the sandbox's images (built or cached) into the sandbox registry.
+class _Images:
+    """tele's and the sandbox's images (built or cached) for the sandbox registry.
 
     A failure (no network for a first build, say) leaves the sandbox up without them: the log
     says why, and pods that need them report ErrImagePull.
     """
-    import trio
 
-    from tele.errors import TeleError
+    def __init__(self) -> None:
+        import trio
 
-    from .publish import publish, sandbox_images
+        self.done = trio.Event()
+        self.images: list[tuple[BuiltImage, list[str]]] = []
 
-    try:
-        images = await trio.to_thread.run_sync(sandbox_images)
-        await publish(registry, images)
-    except TeleError as exc:
-        log.warning("sandbox images not published: %s", exc)
+    async def prepare(self, storage: Path) -> None:
+        import trio
+
+        from tele.errors import TeleError
+
+        from .publish import sandbox_images, seed
+
+        try:
+            start = time.monotonic()
+            self.images = await trio.to_thread.run_sync(sandbox_images)
+            found = time.monotonic()
+            placed = await trio.to_thread.run_sync(seed, storage, self.images)
+            log.info(
+                "sandbox images: %d found in the cache (%.2f s), %d names laid into the "
+                "registry's storage (%.2f s)",
+                len(self.images),
+                found - start,
+                placed,
+                time.monotonic() - found,
+            )
+        except TeleError as exc:
+            log.warning("sandbox images not published: %s", exc)
+        except OSError as exc:
+            log.warning("sandbox images not laid into the registry's storage (pushed): %s", exc)
+        finally:
+            self.done.set()
+
+    async def publish(self, registry: RegistryInfo) -> None:
+        from tele.errors import TeleError
+
+        from .publish import publish
+
+        await self.done.wait()
+        if not self.images:
+            return
+        try:
+            await publish(registry, self.images)
+        except TeleError as exc:
+            log.warning("sandbox images not published: %s", exc)
 
 
 def build_images(progress: Callable[[str], None] | None = None) -> str | None:

@@ -4,11 +4,19 @@ They are pushed under the names a real node reads as Docker Hub names (`tele/tra
 `tele-sandbox/echo`): the kubelet treats the sandbox registry as a mirror of docker.io, as
 containerd does with a `hosts.toml` mirror on a kind node, so manifests and charts keep their
 short names. A push skips an image whose manifest is already there (one HEAD).
+
+`seed` makes that the usual case: before the pushes it lays the images into the registry's
+storage directly, in Distribution's filesystem layout, with the image cache's blob files hard
+linked (no byte copied), so a new sandbox's registry holds them at once. The pushes then only
+check each manifest by digest; whatever the seeding did not place (another layout, another
+file system) is pushed as before.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +53,65 @@ def sandbox_images(cache_root: Path | None = None) -> list[tuple[BuiltImage, lis
     for repository, result in build_sandbox_images(cache_root).items():
         images.append((result.image, [f"{repository}:{tag}" for tag in sandbox_tags()]))
     return images
+
+
+_V2 = Path("docker/registry/v2")
+"""Distribution's storage root inside its `rootdirectory` (the same since registry 2.0)."""
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _link_blob(blobs: Path, digest: str, source: Path | None, data: bytes | None) -> bool:
+    hex_ = digest.removeprefix("sha256:")
+    target = blobs / hex_[:2] / hex_ / "data"
+    if target.exists():
+        return True
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        assert data is not None
+        _write(target, data)
+        return True
+    try:
+        # A hard link: the registry never writes a committed blob in place (an upload ends in
+        # a rename, a delete in an unlink), so the cache's file cannot change through it.
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            return False  # another file system: left to the push
+        raise
+    return True
+
+
+def seed(storage: Path, images: list[tuple[BuiltImage, list[str]]]) -> int:
+    """Lay `images` under their names into a Distribution filesystem storage (`rootdirectory`
+    `storage`); returns how many names were placed. Blobs are hard links to the image cache's
+    files; the small link files are written (Distribution rewrites those in place)."""
+    root = storage / _V2
+    blobs = root / "blobs" / "sha256"
+    placed = 0
+    for image, names in images:
+        if not all(_link_blob(blobs, d, path, None) for d, path in image.blobs().items()):
+            continue
+        _link_blob(blobs, image.digest, None, image.manifest_bytes)
+        for name in names:
+            repository, tag = name.rsplit(":", 1)
+            repo = root / "repositories" / repository
+            for digest in image.blobs():
+                layer = repo / "_layers" / "sha256" / digest.removeprefix("sha256:") / "link"
+                if not layer.exists():
+                    _write(layer, digest.encode())
+            hex_, link = image.digest.removeprefix("sha256:"), image.digest.encode()
+            manifests = repo / "_manifests"
+            _write(manifests / "revisions" / "sha256" / hex_ / "link", link)
+            _write(manifests / "tags" / tag / "index" / "sha256" / hex_ / "link", link)
+            _write(manifests / "tags" / tag / "current" / "link", link)
+            placed += 1
+    return placed
 
 
 async def publish(

@@ -21,8 +21,8 @@ from tele.image.reference import parse_reference
 from tele.image.registry import RegistryClient
 from tele.image.testing import tiny_image
 from tele.sandbox.cluster import ClusterInfo, serve_cluster
-from tele.sandbox.oci_registry import registry_available
-from tele.sandbox.publish import publish
+from tele.sandbox.oci_registry import open_registry, registry_available
+from tele.sandbox.publish import publish, seed
 
 pytestmark = pytest.mark.skipif(
     registry_available() is not None, reason=f"needs {registry_available()}"
@@ -64,6 +64,47 @@ async def test_cluster_runs_a_registry_that_takes_and_serves_images(tmp_path: Pa
     async with RegistryClient(registry.address, ca_file=registry.ca_file) as client:
         with pytest.raises(RegistryUnreachable):
             await client.manifest_digest(parse_reference(f"{registry.address}/x/y"))
+
+
+async def test_images_laid_into_the_storage_are_served_and_not_pushed(tmp_path: Path) -> None:
+    # What `tele sandbox up` does: the cached images are laid into the registry's storage (blob
+    # files hard linked), so the pushes that follow find every manifest there.
+    store = tmp_path / "store"
+    manager = tiny_image(store, [("m", b"manager", 0o644), ("shared", b"s" * 5000, 0o644)])
+    echo = tiny_image(store, [("e", b"echo", 0o644)])
+    images = [
+        (manager, ["tele/traffic-manager:1", "tele/traffic-agent:1"]),
+        (echo, ["tele-sandbox/echo:latest"]),
+    ]
+    async with open_registry(tmp_path / "registry") as registry:
+        assert seed(registry.data_dir / "data", images) == 3
+        done = await publish(registry, images)
+        assert sorted((p.name, p.pushed) for p in done) == [
+            ("tele-sandbox/echo:latest", False),
+            ("tele/traffic-agent:1", False),
+            ("tele/traffic-manager:1", False),
+        ]
+        async with RegistryClient(
+            registry.address, credentials=registry.credentials, ca_file=registry.ca_file
+        ) as client:
+            for image, names in images:
+                for name in names:
+                    ref = parse_reference(f"{registry.address}/{name}")
+                    resolved = await client.resolve(ref)
+                    assert resolved.digest == image.digest
+                    assert resolved.config_bytes == image.config_bytes
+                    layer = resolved.layers[0]
+                    dest = tmp_path / "pulled"
+                    await client.fetch_blob(ref, layer.digest, layer.size, dest)
+                    assert dest.read_bytes() == image.layers[0].path.read_bytes()
+            # A push of a new tag over a seeded one leaves the image cache's files alone.
+            before = {p: p.read_bytes() for p in store.iterdir()}
+            await client.push_image(
+                parse_reference(f"{registry.address}/tele-sandbox/echo:latest"),
+                manager.manifest_bytes,
+                manager.blobs(),
+            )
+            assert {p: p.read_bytes() for p in store.iterdir()} == before
 
 
 def _tele(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
