@@ -7,9 +7,9 @@ short names. A push skips an image whose manifest is already there (one HEAD).
 
 `seed` makes that the usual case: before the pushes it lays the images into the registry's
 storage directly, in Distribution's filesystem layout, with the image cache's blob files hard
-linked (no byte copied), so a new sandbox's registry holds them at once. The pushes then only
-check each manifest by digest; whatever the seeding did not place (another layout, another
-file system) is pushed as before.
+linked (no byte copied; copied when the cache is on another file system), so a new sandbox's
+registry holds them at once. The pushes then only check each manifest by digest; whatever the
+registry does not find there (another storage layout) is pushed as before.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,25 +67,27 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _link_blob(blobs: Path, digest: str, source: Path | None, data: bytes | None) -> bool:
+def _blob_path(blobs: Path, digest: str) -> Path:
     hex_ = digest.removeprefix("sha256:")
-    target = blobs / hex_[:2] / hex_ / "data"
+    return blobs / hex_[:2] / hex_ / "data"
+
+
+def _link_blob(blobs: Path, digest: str, source: Path) -> None:
+    target = _blob_path(blobs, digest)
     if target.exists():
-        return True
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
-    if source is None:
-        assert data is not None
-        _write(target, data)
-        return True
     try:
         # A hard link: the registry never writes a committed blob in place (an upload ends in
         # a rename, a delete in an unlink), so the cache's file cannot change through it.
         os.link(source, target)
     except OSError as exc:
-        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            return False  # another file system: left to the push
-        raise
-    return True
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        # Another file system: a copy (still far cheaper than a push through HTTPS).
+        tmp = target.with_name(".data.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
 
 
 def seed(storage: Path, images: list[tuple[BuiltImage, list[str]]]) -> int:
@@ -95,9 +98,10 @@ def seed(storage: Path, images: list[tuple[BuiltImage, list[str]]]) -> int:
     blobs = root / "blobs" / "sha256"
     placed = 0
     for image, names in images:
-        if not all(_link_blob(blobs, d, path, None) for d, path in image.blobs().items()):
-            continue
-        _link_blob(blobs, image.digest, None, image.manifest_bytes)
+        for digest, path in image.blobs().items():
+            _link_blob(blobs, digest, path)
+        if not _blob_path(blobs, image.digest).exists():
+            _write(_blob_path(blobs, image.digest), image.manifest_bytes)
         for name in names:
             repository, tag = name.rsplit(":", 1)
             repo = root / "repositories" / repository
