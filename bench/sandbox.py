@@ -417,8 +417,29 @@ def images(fresh: bool) -> tuple[list[tuple[str, float, str]], dict[str, Any]]:
                 data["sandbox_up_s"] = time.monotonic() - start
             finally:
                 subprocess.run([tele, "sandbox", "down", "--name", name], env=env, check=False)
-        rows.append(("tele sandbox up, images cached (s)", data["sandbox_up_s"], "<= 5.0"))
+            rows.append(("tele sandbox up, images cached (s)", data["sandbox_up_s"], "<= 5.0"))
+            data["demo_s"] = _demo(tele, env)
+            rows.append(("tele demo, images cached (s)", data["demo_s"], "<= 15.0"))
     return rows, data
+
+
+def _demo(tele: str, env: dict[str, str]) -> float:
+    """`tele demo` end to end (its own sandbox up, manager, connect, engage, leave, down)."""
+    import subprocess
+
+    start = time.monotonic()
+    done = subprocess.run(
+        [tele, "demo", "--name", f"bd{uuid.uuid4().hex[:6]}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    took = time.monotonic() - start
+    if done.returncode != 0:
+        sys.exit(f"tele demo failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return took
 
 
 def _print(rows: list[tuple[str, float, str]]) -> None:
