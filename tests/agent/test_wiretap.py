@@ -9,7 +9,7 @@ import os
 import trio
 import trio.testing
 
-from tele.agent.engagements import StaticEngagements
+from tele.agent.engagements import RESPONSE_KEY, StaticEngagements
 from tele.agent.wiretap import TAP_BUFFER, Tap, TappedStream, Wiretaps
 from tele.rpc.agent_api import WIRETAP, Engagement
 from tele.testing.waits import wait_for
@@ -19,8 +19,14 @@ from tests.agent.test_forward import exchange, expected
 PAYLOAD = os.urandom(700 * 1024 + 5)
 
 
-def tap(engagement_id: str) -> Engagement:
-    return Engagement(id=engagement_id, container="echo", agent_port=AGENT_PORT, kind=WIRETAP)
+def tap(engagement_id: str, *, copy_responses: bool = False) -> Engagement:
+    return Engagement(
+        id=engagement_id,
+        container="echo",
+        agent_port=AGENT_PORT,
+        kind=WIRETAP,
+        copy_responses=copy_responses,
+    )
 
 
 def dropped(source: StaticEngagements) -> int:
@@ -181,7 +187,7 @@ async def test_an_unreachable_handler_pauses_the_wiretap_and_later_copies_are_co
     wiretaps = Wiretaps()
     engagement = tap("t1")
 
-    async def refuse(_: Engagement) -> trio.abc.Stream:
+    async def refuse(_: Engagement, __: bool) -> trio.abc.Stream:
         raise OSError("connection refused")
 
     first = wiretaps.tap(engagement)
@@ -195,3 +201,114 @@ async def test_an_unreachable_handler_pauses_the_wiretap_and_later_copies_are_co
     counters = wiretaps.snapshot()["t1"]
     assert (counters.connections, counters.dropped_connections) == (2, 2)
     assert counters.dropped_bytes == len(b"first") + 5 and wiretaps.buffered == 0
+
+
+async def test_both_directions_are_copied_while_the_caller_gets_the_apps_answer() -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_tcp_server(nursery, "app")
+            requests, responses = Recorder(), Recorder()
+            await requests.start(nursery)
+            await responses.start(nursery)
+            source = StaticEngagements(
+                [tap("t1", copy_responses=True), tap("t2")],
+                handlers={
+                    "t1": ("127.0.0.1", requests.port),
+                    "t1" + RESPONSE_KEY: ("127.0.0.1", responses.port),
+                    "t2": ("127.0.0.1", requests.port),
+                },
+            )
+            async with running_agent(app.port, source) as agent:
+                answer = await exchange(agent, PAYLOAD)
+                await wait_for(
+                    lambda: len(requests.received) == 2 and bool(responses.received), timeout=10
+                )
+            nursery.cancel_scope.cancel()
+    assert answer == expected("app", PAYLOAD)  # the caller got the app's answer, unchanged
+    assert requests.received == [PAYLOAD, PAYLOAD]  # t1's and t2's copies of the request
+    assert responses.received == [answer]  # only t1 asked for the answers
+    counters = source.wiretaps.snapshot()
+    assert counters["t1"].connections == 1 and counters["t1"].copied_bytes == len(PAYLOAD)
+    assert counters["t1"].response_copied_bytes == len(answer)
+    assert counters["t2"].response_copied_bytes == 0
+
+
+async def test_http_answers_reach_the_response_handler_byte_for_byte() -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_http_server(nursery, "app")
+            requests, responses = Recorder(), Recorder()
+            await requests.start(nursery)
+            await responses.start(nursery)
+            source = StaticEngagements(
+                [tap("t1", copy_responses=True)],
+                handlers={
+                    "t1": ("127.0.0.1", requests.port),
+                    "t1" + RESPONSE_KEY: ("127.0.0.1", responses.port),
+                },
+            )
+            request = (
+                b"GET /a HTTP/1.1\r\nhost: echo\r\n\r\n"
+                b"GET /b HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n"
+            )
+            async with running_agent(app.port, source) as agent:
+                stream = await trio.open_tcp_stream("127.0.0.1", agent)
+                async with stream:
+                    await stream.send_all(request)
+                    answers = b""
+                    while data := await stream.receive_some(65536):
+                        answers += data
+                await wait_for(lambda: bool(requests.received and responses.received), timeout=10)
+            nursery.cancel_scope.cancel()
+    assert b"app GET /a 0" in answers and b"app GET /b 0" in answers
+    assert requests.received == [request]
+    assert responses.received == [answers]
+
+
+async def test_a_stalled_or_absent_response_handler_never_delays_the_app() -> None:
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            requests, slow = Recorder(), Recorder()
+            slow.stall.set()
+            await requests.start(nursery)
+            await slow.start(nursery)
+            with trio.socket.socket() as closed:
+                await closed.bind(("127.0.0.1", 0))
+                nothing = closed.getsockname()[1]  # nothing listens there once closed
+            source = StaticEngagements(
+                [tap("t1", copy_responses=True), tap("t2", copy_responses=True)],
+                handlers={
+                    "t1": ("127.0.0.1", requests.port),
+                    "t1" + RESPONSE_KEY: ("127.0.0.1", nothing),
+                    "t2": ("127.0.0.1", requests.port),
+                    "t2" + RESPONSE_KEY: ("127.0.0.1", slow.port),
+                },
+            )
+            big = os.urandom(3 * 1024 * 1024)
+
+            async def echo(stream: trio.SocketStream) -> None:  # answers as much as it gets
+                async with stream:
+                    while data := await stream.receive_some(65536):
+                        await stream.send_all(data)
+
+            listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+            nursery.start_soon(trio.serve_listeners, echo, [listener])
+            echo_port = listener.socket.getsockname()[1]
+            async with running_agent(echo_port, source) as agent:
+                answer = await exchange(agent, big)
+                small = await exchange(agent, b"ping")
+                await wait_for(
+                    lambda: (
+                        source.wiretaps.snapshot()["t2"].response_dropped >= 1
+                        and source.wiretaps.snapshot()["t1"].response_dropped >= 1
+                        and len(requests.received) == 4
+                    ),
+                    timeout=15,
+                )
+            nursery.cancel_scope.cancel()
+    assert answer == big and small == b"ping"  # the caller got all the app said
+    assert sorted(map(len, requests.received)) == [4, 4, len(big), len(big)]
+    counters = source.wiretaps.snapshot()
+    assert counters["t2"].response_dropped_bytes > 0  # the stalled handler's copy hit the bound
+    assert counters["t1"].dropped_connections == 0  # the request copies went on
+    assert source.wiretaps.buffered == 0

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import trio
 
-from tele.agent.wiretap import Wiretaps
+from tele.agent.wiretap import RESPONSE_SUFFIX, Wiretaps
 from tele.net.tunnel import Protocol as L4
 from tele.rpc.agent_api import WIRETAP, Engagement
 
@@ -33,11 +33,19 @@ class EngagementSource(Protocol):
         ...
 
     async def open_to_client(
-        self, engagement: Engagement, original_dst: Address, *, protocol: L4 = L4.TCP
+        self,
+        engagement: Engagement,
+        original_dst: Address,
+        *,
+        protocol: L4 = L4.TCP,
+        response: bool = False,
     ) -> trio.abc.HalfCloseableStream:
-        """A stream to the engaging client's local handler (for UDP: DATAGRAM framed); raises
-        on failure."""
+        """A stream to the engaging client's local handler (for UDP: DATAGRAM framed; with
+        `response`, a wiretap's response handler); raises on failure."""
         ...
+
+
+RESPONSE_KEY = RESPONSE_SUFFIX
 
 
 class StaticEngagements:
@@ -65,9 +73,15 @@ class StaticEngagements:
         return [e for e in self._engagements if agent_port in e.ports() and e.kind == WIRETAP]
 
     async def open_to_client(
-        self, engagement: Engagement, original_dst: Address, *, protocol: L4 = L4.TCP
+        self,
+        engagement: Engagement,
+        original_dst: Address,
+        *,
+        protocol: L4 = L4.TCP,
+        response: bool = False,
     ) -> trio.abc.HalfCloseableStream:
-        """A TCP connection to the handler (for UDP, it gets the DATAGRAM framed stream)."""
-        host, port = self.handlers[engagement.id]
+        """A TCP connection to the handler (for UDP, it gets the DATAGRAM framed stream); a
+        wiretap's response handler is `handlers[id + RESPONSE_KEY]`."""
+        host, port = self.handlers[engagement.id + (RESPONSE_KEY if response else "")]
         self.opened.append((engagement.id, original_dst))
         return await trio.open_tcp_stream(host, port)

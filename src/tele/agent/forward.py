@@ -11,7 +11,8 @@ A connection keeps the mode it started with: engaging or leaving affects new con
 in http mode, the next request), never bytes already in flight.
 
 Wiretaps on the port (tele.agent.wiretap) do not change where the connection goes: what the
-caller sends is copied to each of them as it is read, without ever waiting for them.
+caller sends is copied to each of them as it is read, and (a wiretap with a response port)
+what the caller is sent on a second copy stream, without ever waiting for them.
 """
 
 from __future__ import annotations
@@ -150,16 +151,21 @@ async def _handle_tapped(
     """A connection with wiretaps: served as any other, its copies sent alongside."""
     wiretaps = upstreams.source.wiretaps
     taps = [wiretaps.tap(engagement) for engagement in tapping]
+    response_taps = [
+        wiretaps.tap(engagement, response=True)
+        for engagement in tapping
+        if engagement.copy_responses
+    ]
     source = upstreams.source
 
-    async def open_tap(engagement: Engagement) -> trio.abc.Stream:
-        return await source.open_to_client(engagement, upstreams.original_dst)
+    async def open_tap(engagement: Engagement, response: bool) -> trio.abc.Stream:
+        return await source.open_to_client(engagement, upstreams.original_dst, response=response)
 
     async with trio.open_nursery() as nursery:
-        for tap in taps:
+        for tap in (*taps, *response_taps):
             if not tap.dropped:  # else: its handler is known unreachable for now
                 nursery.start_soon(tap.run, open_tap)
-        tapped = TappedStream(stream, taps)
+        tapped = TappedStream(stream, taps, response_taps)
         async with stream:
             try:
                 await _handle_connection(tapped, upstreams, app_protocol)
@@ -168,7 +174,7 @@ async def _handle_tapped(
             except Exception:
                 log.exception("a connection on port %d failed; closed", upstreams.agent_port)
                 abort(stream)
-        for tap in taps:
+        for tap in (*taps, *response_taps):
             tap.end()
         # The copies may take a moment longer than the connection; never forever.
         nursery.cancel_scope.deadline = trio.current_time() + TAP_DRAIN_SECONDS

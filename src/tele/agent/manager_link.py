@@ -188,6 +188,7 @@ class ManagerEngagements:
         original_dst: Address,
         *,
         protocol: Protocol = Protocol.TCP,
+        response: bool = False,
     ) -> trio.abc.HalfCloseableStream:
         if not self.session_id:
             raise TeleError("the traffic agent has no session with the traffic manager")
@@ -195,7 +196,8 @@ class ManagerEngagements:
         return await self.pool.dial(
             destination,
             session=self.session_id,
-            dial_id=aapi.AGENT_DIAL_PREFIX + engagement.id,
+            dial_id=(aapi.AGENT_RESPONSE_DIAL_PREFIX if response else aapi.AGENT_DIAL_PREFIX)
+            + engagement.id,
             wait=5.0,
         )
 

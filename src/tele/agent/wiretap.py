@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import msgspec
 import trio
 
 from tele.errors import TeleError
@@ -50,7 +51,8 @@ TAP_DRAIN_SECONDS: Final = 10.0
 _EXPECTED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, TeleError)
 """How a copy's stream ends when the handler is absent, slow or gone: a drop, not a bug."""
 
-OpenTap = Callable[[Engagement], Awaitable[trio.abc.Stream]]
+OpenTap = Callable[[Engagement, bool], Awaitable[trio.abc.Stream]]
+"""Opens a copy's stream to the client: (the wiretap, whether it is the response copy)."""
 
 
 @dataclass
@@ -82,51 +84,79 @@ class Wiretaps:
         self.version = 0
         """Bumped on every change of the counters (the manager link reports when it moved)."""
 
-    def counters(self, engagement_id: str) -> _Counters:
-        found = self._counters.get(engagement_id)
+    def counters(self, engagement_id: str, response: bool = False) -> _Counters:
+        """A wiretap's counters (with `response`: of its copies of the app's answers)."""
+        key = _pause_key(engagement_id, response)
+        found = self._counters.get(key)
         if found is None:
-            found = self._counters[engagement_id] = _Counters()
+            found = self._counters[key] = _Counters()
         return found
 
     def snapshot(self) -> dict[str, TapCounters]:
-        return {k: c.frozen() for k, c in self._counters.items()}
+        taps: dict[str, TapCounters] = {}
+        for key, c in self._counters.items():
+            if key.endswith(RESPONSE_SUFFIX):
+                continue
+            answers = self._counters.get(key + RESPONSE_SUFFIX, _Counters())
+            taps[key] = msgspec.structs.replace(
+                c.frozen(),
+                response_copied_bytes=answers.copied_bytes,
+                response_dropped=answers.dropped_connections,
+                response_dropped_bytes=answers.dropped_bytes,
+            )
+        return taps
 
     def forget_except(self, engagement_ids: set[str]) -> None:
         """Drop the counters of wiretaps that ended."""
-        for gone in set(self._counters) - engagement_ids:
-            del self._counters[gone]
-        for table in (self._failures, self._paused_until):
-            for gone in set(table) - engagement_ids:
+        keys = engagement_ids | {_pause_key(e, True) for e in engagement_ids}
+        for table in (self._counters, self._failures, self._paused_until):
+            for gone in set(table) - keys:
                 del table[gone]
 
-    def tap(self, engagement: Engagement) -> Tap:
-        """A copy of a new connection for `engagement`; already dropped while the wiretap's
-        handler is known to be unreachable (see BACKOFF_FIRST)."""
-        counters = self.counters(engagement.id)
+    def tap(self, engagement: Engagement, *, response: bool = False) -> Tap:
+        """A copy of a new connection for `engagement` (with `response`: of what the app
+        answers, counted apart); already dropped while the wiretap's handler (of that
+        direction) is known to be unreachable (see BACKOFF_FIRST)."""
+        counters = self.counters(engagement.id, response)
         counters.connections += 1
         self.version += 1
-        tap = Tap(engagement, self, counters)
-        if trio.current_time() < self._paused_until.get(engagement.id, -math.inf):
+        tap = Tap(engagement, self, counters, response=response)
+        key = _pause_key(engagement.id, response)
+        if trio.current_time() < self._paused_until.get(key, -math.inf):
             tap._drop()
         return tap
 
-    def failed(self, engagement_id: str) -> None:
-        """A copy could not reach the handler: pause the wiretap's copies for a while."""
-        failures = self._failures.get(engagement_id, 0) + 1
-        self._failures[engagement_id] = failures
+    def failed(self, engagement_id: str, response: bool = False) -> None:
+        """A copy could not reach the handler: pause the wiretap's copies (of that direction:
+        each has a handler of its own) for a while."""
+        key = _pause_key(engagement_id, response)
+        failures = self._failures.get(key, 0) + 1
+        self._failures[key] = failures
         pause = min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
-        self._paused_until[engagement_id] = trio.current_time() + pause
+        self._paused_until[key] = trio.current_time() + pause
 
-    def delivered(self, engagement_id: str) -> None:
-        self._failures.pop(engagement_id, None)
-        self._paused_until.pop(engagement_id, None)
+    def delivered(self, engagement_id: str, response: bool = False) -> None:
+        key = _pause_key(engagement_id, response)
+        self._failures.pop(key, None)
+        self._paused_until.pop(key, None)
+
+
+def _pause_key(engagement_id: str, response: bool) -> str:
+    return engagement_id + (RESPONSE_SUFFIX if response else "")
+
+
+RESPONSE_SUFFIX: Final = "/response"
 
 
 class Tap:
     """One wiretap's copy of one connection: `offer` (never blocks) and `run` (the sender)."""
 
-    def __init__(self, engagement: Engagement, taps: Wiretaps, counters: _Counters) -> None:
+    def __init__(
+        self, engagement: Engagement, taps: Wiretaps, counters: _Counters, *, response: bool
+    ) -> None:
         self.engagement = engagement
+        self.response = response
+        """A copy of what the app answers (else of what the caller sends)."""
         self._taps = taps
         self._counters = counters
         self._chunks: deque[bytes] = deque()
@@ -188,7 +218,7 @@ class Tap:
             if self.dropped:
                 return
             with trio.move_on_after(TAP_DRAIN_SECONDS) as opening:
-                stream = await open_tap(self.engagement)
+                stream = await open_tap(self.engagement, self.response)
             if stream is None or opening.cancelled_caught:
                 raise trio.BrokenResourceError("the client's handler did not answer in time")
             async with stream:
@@ -206,7 +236,7 @@ class Tap:
                     raise failure
                 await answers.check()
                 self.done = True
-                self._taps.delivered(self.engagement.id)
+                self._taps.delivered(self.engagement.id, self.response)
         except _EXPECTED as exc:
             log.debug("wiretap %s: copy dropped: %s", self.engagement.id, exc)
             self._fail(stream)
@@ -239,7 +269,7 @@ class Tap:
 
     def _fail(self, stream: trio.abc.Stream | None) -> None:
         self._drop()
-        self._taps.failed(self.engagement.id)
+        self._taps.failed(self.engagement.id, self.response)
         if isinstance(stream, H2Stream):
             reset(stream, ResetReason.CANCELLED)  # the handler sees a broken copy, not an end
 
@@ -271,11 +301,18 @@ class _Answers:
 
 
 class TappedStream(trio.abc.HalfCloseableStream):
-    """The caller's stream, with what it sends copied to `taps` as it is read."""
+    """The caller's stream, with what it sends copied to `taps` as it is read, and what it is
+    sent (the app's answers, after the caller took them) to `response_taps`."""
 
-    def __init__(self, stream: trio.abc.HalfCloseableStream, taps: Sequence[Tap]) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        taps: Sequence[Tap],
+        response_taps: Sequence[Tap] = (),
+    ) -> None:
         self.transport_stream = stream
         self._taps = taps
+        self._response_taps = response_taps
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.transport_stream.receive_some(max_bytes)
@@ -289,12 +326,17 @@ class TappedStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.transport_stream.send_all(data)
+        if data:  # copied once the caller has it: the copy never comes before the answer
+            for tap in self._response_taps:
+                tap.offer(bytes(data))
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
         await self.transport_stream.send_eof()
+        for tap in self._response_taps:
+            tap.end()
 
     async def aclose(self) -> None:
         await self.transport_stream.aclose()

@@ -1,7 +1,11 @@
 """`tele wiretap`: a read-only copy of a workload's traffic sent to a local handler, while the
 app in the cluster keeps serving every request (as Telepresence 2.23's wiretap and mirrord's
 mirror mode). Several wiretaps may copy the same port; a slow or absent handler never slows
-the app: its copies are dropped and counted (`tele status`)."""
+the app: its copies are dropped and counted (`tele status`).
+
+What callers send goes to the `-p` port, as those two do (the handler can be the service
+itself, run locally); with `--response-port`, what the app answers goes to a second local
+port, one connection per caller's connection, so both directions are copied."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from tele.cli.intercept_cmd import (
     unsafe_env_option,
 )
 from tele.cli.output import output_option
+from tele.errors import UserError
 
 
 def _wiretap_text(d: dict[str, Any]) -> str:
@@ -36,6 +41,8 @@ def _wiretap_text(d: dict[str, Any]) -> str:
         where = local[index] if index < len(local) else "?"
         service = f"{port['service']}:{port['service_port_name'] or port['service_port']}"
         lines.append(f"   Copy to                : {where} (service port {service})")
+    if d.get("response_local"):
+        lines.append(f"   Responses to           : {d['response_local']} (what the app answers)")
     if d.get("pod_name"):
         lines.append(f"   Pod                    : {_pod(d)}")
     if d.get("local_mount"):
@@ -61,6 +68,13 @@ def _wiretap_text(d: dict[str, Any]) -> str:
     help="LOCAL[:SERVICE_PORT] (name or number): where the copy goes; repeat for several ports.",
 )
 @click.option(
+    "--response-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="LOCAL: also copy what the app answers, to this local port (one connection per "
+    "caller's connection, opened alongside its request copy); default: requests only.",
+)
+@click.option(
     "--address", default="127.0.0.1", show_default=True, help="The local handler's address."
 )
 @click.option("--service", default="", help="The Service, when several select the workload.")
@@ -82,6 +96,7 @@ def wiretap(
     workload: str,
     namespace: str,
     port: tuple[str, ...],
+    response_port: int | None,
     address: str,
     service: str,
     container: str,
@@ -95,11 +110,21 @@ def wiretap(
     """Send a copy of NAME's traffic (what its callers send) to a local handler, while the
     workload keeps serving it; with `-- COMMAND`, run it, then leave.
 
+    With --response-port, what the app answers is copied too: each caller's connection gives
+    one connection to the -p port (the bytes the caller sent) and one to the response port
+    (the bytes the app answered), raw as they passed (HTTP or any TCP). A copy never waits:
+    a slow or absent handler loses copies (counted in `tele status`), never the app's speed.
+
     With --namespace and no --workload, NAME is the workload and the wiretap is named
     NAME-NAMESPACE (`tele leave` takes either)."""
     if namespace and not workload:
         workload, name = name, f"{name}-{namespace}"
     mappings = _port_mappings(port, remote_defaults_to_local=False)
+    if response_port is not None and response_port in {m.local for m in mappings}:
+        raise UserError(
+            f"--response-port {response_port} is also a --port: the copies of the two "
+            "directions need local ports of their own."
+        )
     _engage(
         "wiretap",
         _Target(workload, namespace, container, (), mount),
@@ -111,4 +136,5 @@ def wiretap(
         port=mappings[0].remote,
         ports=mappings if len(mappings) > 1 else [],
         service=service,
+        response_port=response_port or 0,
     )

@@ -142,7 +142,9 @@ async def _relay(
     describe: Describe,
     endpoint_dial: float,
 ) -> None:
-    where = target(dial.engagement_id, dial.original_port)
+    # A wiretap's copy of the app's answers goes to its response handler (key 0: no
+    # container port is 0; see tele.daemon.engagements.RESPONSE_TARGET).
+    where = target(dial.engagement_id, 0 if dial.response else dial.original_port)
     if dial.protocol == Protocol.UDP.value:
         await _relay_udp(dial, dial_back, where)
         return
@@ -151,7 +153,8 @@ async def _relay(
     )
     local: trio.abc.HalfCloseableStream | None = None
     if where is not None:
-        local = await _open_local(where, local_tls(dial.engagement_id), endpoint_dial)
+        tls = None if dial.response else local_tls(dial.engagement_id)
+        local = await _open_local(where, tls, endpoint_dial)
     try:
         stream = await dial_back(destination, dial.dial_id)
     except (TunnelError, RpcError) as exc:

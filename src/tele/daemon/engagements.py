@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import msgspec
 import trio
@@ -48,6 +49,11 @@ def parse_to_pod(value: str) -> Destination:
     return Destination(Protocol(protocol.lower()), ipaddress.ip_address("0.0.0.0"), int(port))
 
 
+RESPONSE_TARGET: Final = 0
+"""The key in an engagement's targets of a wiretap's response handler (no container port is
+0): the manager's dial for a response copy asks for it (tele.daemon.engage)."""
+
+
 def _local_targets(
     info: aapi.EngagementInfo, mappings: list[dapi.PortMapping], address: str
 ) -> dict[int, tuple[str, int]]:
@@ -83,6 +89,14 @@ def describe_taps(counters: aapi.TapCounters | None) -> str:
             f", {counters.dropped_connections} dropped ({_size(counters.dropped_bytes)}; "
             "the local handler was absent or too slow)"
         )
+    if counters.response_copied_bytes or counters.response_dropped:
+        text += f"; answers copied ({_size(counters.response_copied_bytes)})"
+        if counters.response_dropped:
+            text += (
+                f", {counters.response_dropped} dropped "
+                f"({_size(counters.response_dropped_bytes)}; the response handler was absent "
+                "or too slow)"
+            )
     return text
 
 
@@ -168,6 +182,7 @@ class LocalEngagements:
         self._refuse_another(request)
         if request.kind in TAKES_SERVICE_PORTS:
             locals_ = [m.local for m in request.ports] or [request.local_port]
+            locals_ += [request.response_port] if request.response_port else []
             self._refuse_taken_ports(locals_, request.name)
         workload = request.workload or request.name
         step(
@@ -179,6 +194,8 @@ class LocalEngagements:
             # Already ours, asked for the same way: the manager answered with it as it is.
             return self.engaged[info.name]
         targets = _local_targets(info, mappings, request.local_address)
+        if request.response_port and request.kind == aapi.WIRETAP:
+            targets[RESPONSE_TARGET] = (request.local_address, request.response_port)
         try:
             self._refuse_taken_ports([port for _, port in targets.values()], info.name)
         except UserError:
@@ -188,8 +205,11 @@ class LocalEngagements:
                     lambda session_id: aapi.LeaveRequest(session_id=session_id, name=info.name),
                 )
             raise
+        response = targets.get(RESPONSE_TARGET)
         info = msgspec.structs.replace(
-            info, local=[_host_port(*targets[p.container_port]) for p in info.ports]
+            info,
+            local=[_host_port(*targets[p.container_port]) for p in info.ports],
+            response_local=_host_port(*response) if response else "",
         )
         self.targets[info.id] = targets
         if info.decrypted and not request.http_plaintext:
@@ -272,6 +292,7 @@ class LocalEngagements:
                 path_prefix=request.path_prefix,
                 path_regex=request.path_regex,
                 kind=kind,
+                copy_responses=bool(request.response_port) and kind == aapi.WIRETAP,
                 engagement_id=engagement_id,
                 agent_timeout=self._agent_timeout,
             ),

@@ -48,7 +48,12 @@ class DialBack:
     def session_allowed(self, request: OpenRequest) -> bool:
         """The tunnel policy's view: agents may open engagement (and --proxy-via) streams,
         clients the rest."""
-        agent_prefixes = (aapi.AGENT_DIAL_PREFIX, aapi.PROXY_DIAL_PREFIX, aapi.PROXY_FAIL_PREFIX)
+        agent_prefixes = (
+            aapi.AGENT_DIAL_PREFIX,
+            aapi.AGENT_RESPONSE_DIAL_PREFIX,
+            aapi.PROXY_DIAL_PREFIX,
+            aapi.PROXY_FAIL_PREFIX,
+        )
         if request.dial_id is not None and request.dial_id.startswith(agent_prefixes):
             return self._agent_alive(request.session)
         return self._client_alive(request.session)
@@ -77,6 +82,10 @@ class DialBack:
         if dial_id.startswith(aapi.AGENT_DIAL_PREFIX):
             await self._from_agent(request, stream, dial_id[len(aapi.AGENT_DIAL_PREFIX) :])
             return
+        if dial_id.startswith(aapi.AGENT_RESPONSE_DIAL_PREFIX):
+            engagement_id = dial_id[len(aapi.AGENT_RESPONSE_DIAL_PREFIX) :]
+            await self._from_agent(request, stream, engagement_id, response=True)
+            return
         waiting = self._pending.pop(dial_id, None)
         if waiting is None:
             reset(stream, ResetReason.POLICY)
@@ -91,11 +100,16 @@ class DialBack:
         await done.wait()
 
     async def _from_agent(
-        self, request: OpenRequest, agent_stream: H2Stream, engagement_id: str
+        self,
+        request: OpenRequest,
+        agent_stream: H2Stream,
+        engagement_id: str,
+        *,
+        response: bool = False,
     ) -> None:
         active = self._engagement(engagement_id)
         dials = self._dials.get(active.session_id) if active is not None else None
-        if active is None or dials is None:
+        if active is None or dials is None or (response and not active.engagement.copy_responses):
             reset(agent_stream, ResetReason.REFUSED)
             return
         dial_id = secrets.token_hex(12)
@@ -110,6 +124,7 @@ class DialBack:
                     original_port=request.destination.port,
                     protocol=request.destination.protocol.value,
                     wiretap=active.info.kind == aapi.WIRETAP,
+                    response=response,
                 )
             )
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):

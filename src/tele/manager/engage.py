@@ -214,10 +214,10 @@ class Engagements:
                     continue
                 was = sums.get(engagement_id, aapi.TapCounters())
                 sums[engagement_id] = aapi.TapCounters(
-                    connections=was.connections + c.connections,
-                    copied_bytes=was.copied_bytes + c.copied_bytes,
-                    dropped_connections=was.dropped_connections + c.dropped_connections,
-                    dropped_bytes=was.dropped_bytes + c.dropped_bytes,
+                    **{
+                        field: getattr(was, field) + getattr(c, field)
+                        for field in aapi.TapCounters.__struct_fields__
+                    }
                 )
         return aapi.TapCountersReply(taps=sums)
 

@@ -218,6 +218,7 @@ class EngagementTable:
             path_regex=request.path_regex,
             client=client,
             kind=request.kind,
+            copy_responses=request.copy_responses and request.kind == aapi.WIRETAP,
         )
         self.active[(request.session_id, name)] = Active(
             info=info, session_id=request.session_id, workload_key=key, engagement=engagement

@@ -19,6 +19,8 @@ from tele.rpc.manager_api import SERVICE, SessionRequest
 from tele.rpc.method import Empty, ServerStream, Unary
 
 AGENT_DIAL_PREFIX = "engage."
+AGENT_RESPONSE_DIAL_PREFIX = "engage-response."
+"""A wiretap's copy of the app's answers (what callers receive) on one connection."""
 """An agent's OPEN for engagement E carries the dial id `engage.E`."""
 PROXY_DIAL_PREFIX = "proxy."
 """An agent's OPEN for a proxy-via dial X (it dialled the destination) carries `proxy.X`; one it
@@ -63,6 +65,9 @@ class Engagement(msgspec.Struct, frozen=True, kw_only=True):
     agent_ports: list[int] = []
     """Further agent ports of the engagement (a multi-port intercept, a replace); `agent_port`
     is the first (0 when there is none: a replace of a container without ports)."""
+    copy_responses: bool = False
+    """A wiretap that also copies what the app answers (a second copy stream per connection,
+    dialled with AGENT_RESPONSE_DIAL_PREFIX)."""
 
     def ports(self) -> list[int]:
         """Every agent port this engagement takes."""
@@ -123,6 +128,8 @@ class EngageRequest(msgspec.Struct, frozen=True, kw_only=True):
     service: str = ""
     port: str = ""
     """A service port name or number; empty when the workload has one port."""
+    copy_responses: bool = False
+    """A wiretap: copy the app's answers too (Engagement.copy_responses)."""
     container: str = ""
     mechanism: str = "tcp"
     headers: list[tuple[str, str]] = []
@@ -187,6 +194,8 @@ class EngagementInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Every port engaged, in the order the request named them (none for an ingest)."""
     local: list[str] = []
     """Set by the client's daemon: the local handler (host:port) of each of `ports`."""
+    response_local: str = ""
+    """Set by the client's daemon: a wiretap's response handler (host:port), if any."""
     decrypted: bool = False
     """Callers spoke TLS and the agent decrypted their requests (an http engagement of a
     workload with a terminating TLS secret): the client re-encrypts towards its local handler
@@ -208,6 +217,12 @@ class TapCounters(msgspec.Struct, frozen=True, kw_only=True):
     dropped_connections: int = 0
     """Copies dropped: the handler was absent or too slow (the app was served all the same)."""
     dropped_bytes: int = 0
+    response_copied_bytes: int = 0
+    """A wiretap with a response port: bytes of the app's answers that reached the client's
+    side (each connection's answers are one more copy, counted apart from the above)."""
+    response_dropped: int = 0
+    """Copies of the app's answers dropped (their handler absent or too slow)."""
+    response_dropped_bytes: int = 0
 
 
 class TapReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -240,6 +255,9 @@ class DialRequest(msgspec.Struct, frozen=True, kw_only=True):
     wiretap: bool = False
     """A wiretap's copy: nobody waits for an answer, so an absent handler resets the stream
     (the agent counts a drop) instead of answering the caller."""
+    response: bool = False
+    """A wiretap's copy of the app's answers (to the wiretap's response port), not of what
+    the caller sent."""
 
 
 class ProxyViaRequest(msgspec.Struct, frozen=True, kw_only=True):

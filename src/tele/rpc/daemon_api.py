@@ -150,6 +150,9 @@ class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True):
     http_plaintext: bool = False
     """Requests the agent decrypted (a workload with a terminating TLS secret) go to the local
     handler in plaintext instead of over TLS."""
+    response_port: int = 0
+    """A wiretap: the local port that gets a copy of what the app answers (one connection
+    per caller's connection); 0: only what callers send is copied."""
 
 
 class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):
