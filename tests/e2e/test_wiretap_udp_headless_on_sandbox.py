@@ -300,10 +300,18 @@ def test_two_wiretaps_get_copies_while_the_app_answers_and_drops_are_shown(
     assert single_error_line(wrong).startswith("tele: echo has no service port matching port nope")
     assert "Intercepts:         0 total" in run_tele(tele_env, "status").stdout
 
-    with recorder() as one, recorder() as two:
-        first = run_tele(tele_env, "wiretap", "echo", "-p", f"{one.port}:http", timeout=120)
+    same = run_tele(tele_env, "wiretap", "echo", "-p", "9998", "--response-port", "9998")
+    assert same.returncode != 0
+    assert "--response-port 9998 is also a --port" in single_error_line(same)
+
+    with recorder() as one, recorder() as two, recorder() as answers:
+        first = run_tele(
+            tele_env, "wiretap", "echo", "-p", f"{one.port}:http",
+            "--response-port", str(answers.port), timeout=120,
+        )  # fmt: skip
         assert first.returncode == 0, first.stderr
         assert "Wiretap name           : echo" in first.stdout
+        assert f"Responses to           : 127.0.0.1:{answers.port}" in first.stdout
         second = run_tele(
             tele_env, "wiretap", "tap2", "-w", "echo", "-p", str(two.port), "-o", "json",
             timeout=120,
@@ -312,12 +320,19 @@ def test_two_wiretaps_get_copies_while_the_app_answers_and_drops_are_shown(
         assert json.loads(second.stdout)["kind"] == "wiretap"
 
         # The app answers every request itself; each handler gets a copy of each.
+        bodies = []
         for index in range(3):
             answer = call(sandbox, f"http://echo.default/copied-{index}")
             assert json.loads(answer)["pod"].startswith("echo-")
+            bodies.append(answer.encode())
         for index in range(3):
             marker = f"GET /copied-{index} HTTP/1.1".encode()
             eventually(lambda m=marker: one.seen(m) and two.seen(m), f"copy {index}")
+            # The first wiretap also got the app's answer, as the caller received it.
+            eventually(lambda b=bodies[index]: answers.seen(b), f"answer copy {index}")
+        assert not two.seen(bodies[0])  # the second asked for requests only
+        with answers.lock:
+            assert all(data.startswith(b"HTTP/1.1 200") for data in answers.received)
 
         # An absent handler: the app still answers, and the dropped copies are counted.
         two.close()
