@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# sshfs (+ fuse3) mounts an engaged pod's volumes; openssh-sftp-server is what the agent serves
-# them with (the sandbox runs the agent from this machine's files). dbus-daemon and util-linux
+# sshfs (+ fuse3) mounts an engaged pod's volumes (the agent serves them with tele.agent.sftp,
+# not OpenSSH's sftp-server, which nothing needs any more). dbus-daemon and util-linux
 # (nsenter, unshare) serve the systemd-resolved test.
 # docker-registry (CNCF Distribution) is the sandbox's image registry; busybox-static makes the
 # tests' tiny image; mmdebstrap unpacks the Debian base of tele's image; skopeo and umoci read
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # tcsh reads back the env files written for csh (--env-syntax csh).
 # docker.io (dockerd, containerd, the docker CLI): Docker mode's tests start a private dockerd
 # (own socket and data root, no bridge, no iptables); without systemd nothing else starts it.
-APT_PACKAGES=(iproute2 nftables iperf3 socat procps curl sshfs openssh-sftp-server sshuttle
+APT_PACKAGES=(iproute2 nftables iperf3 socat procps curl sshfs sshuttle
     dbus-daemon util-linux docker-registry busybox-static mmdebstrap skopeo runc umoci tcsh
     docker.io)
 missing=()

@@ -53,13 +53,15 @@ def _names(result: BuildResult, layer: str) -> set[str]:
         return set(tar.getnames())
 
 
-def test_tele_image_holds_python_tele_and_sftp_server_but_no_laptop_libraries(
+def test_tele_image_holds_python_and_tele_but_no_openssh_nor_laptop_libraries(
     built: BuildResult,
 ) -> None:
     base = _names(built, "base")
-    assert {"usr/bin/python3.11", "usr/lib/openssh/sftp-server", "usr/sbin/nft"} <= base
+    assert {"usr/bin/python3.11", "usr/sbin/nft"} <= base
     assert "etc/passwd" in base
-    assert "usr/bin/ssh" not in base and not any(n.startswith("usr/share/man/") for n in base)
+    # The agent serves files with tele.agent.sftp: nothing of OpenSSH is shipped.
+    assert not any("openssh" in n or n.startswith("usr/bin/ssh") for n in base)
+    assert not any(n.startswith("usr/share/man/") for n in base)
     deps = _names(built, "deps")
     site = "usr/lib/python3/dist-packages"
     for package in ("trio", "h2", "msgspec", "httpx", "cryptography"):

@@ -196,7 +196,7 @@ async def _accept(
 
 
 async def _session(stream: trio.SocketStream, command: list[str], sessions: trio.Semaphore) -> None:
-    """One SFTP connection: sftp-server owns the socket; this task owns the process."""
+    """One SFTP connection: the SFTP process owns the socket; this task owns the process."""
     try:
         try:
             peer = stream.socket.getpeername()
@@ -209,7 +209,7 @@ async def _session(stream: trio.SocketStream, command: list[str], sessions: trio
             return
         finally:
             # The child has its own copy of the socket; ours would keep the connection open
-            # after sftp-server exits.
+            # after the SFTP process exits.
             stream.socket.close()
         log.debug("SFTP session for %s started (pid %d)", peer, process.pid)
         try:

@@ -725,7 +725,7 @@ def agent_container(
         "name": AGENT_CONTAINER,
         "image": config.agent_image,
         "args": ["agent"],
-        # Root: the agent serves the app's volumes (sftp-server), whose files any user may own.
+        # Root: the agent serves the app's volumes (tele.agent.sftp), whose files any user may own.
         "securityContext": {"runAsUser": 0, "runAsNonRoot": False},
         "ports": ports,
         "env": env,

@@ -2,10 +2,10 @@
 
 Three layers, bottom up, each cached under `~/.cache/tele/images` by the hash of its inputs:
 
-- **base**: Debian bookworm's `python3.11`, `openssh-sftp-server` (the agent serves volumes
-  with it) and `nftables` (agent-init's redirects), unpacked by `mmdebstrap --variant=extract`
-  (no maintainer scripts, no dpkg, no shell) with the standard library compiled;
-  documentation, locales and the ssh client left out.
+- **base**: Debian bookworm's `python3.11` and `nftables` (agent-init's redirects), unpacked
+  by `mmdebstrap --variant=extract` (no maintainer scripts, no dpkg, no shell) with the
+  standard library compiled; documentation and locales left out. The agent serves volumes
+  with its own `tele.agent.sftp`, not OpenSSH's sftp-server: nothing of OpenSSH is in it.
   Key: package list, suite, mirror, recipe. Shared by tele's image and the sandbox's images.
 - **deps**: tele's runtime dependencies as cp311 manylinux wheels, `pip install --target`,
   compiled. Key: the resolved dependency versions. Laptop- and sandbox-only libraries (helm,
@@ -58,8 +58,8 @@ RECIPE = "5"
 """Bumped whenever what a layer holds changes for the same inputs (part of every cache key)."""
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-BASE_PACKAGES = ("python3.11", "openssh-sftp-server", "nftables")
-"""Python; sftp-server (the agent serves volumes with it); nft (agent-init's port redirects)."""
+BASE_PACKAGES = ("python3.11", "nftables")
+"""Python; nft (agent-init's port redirects)."""
 PYTHON = "/usr/bin/python3.11"
 SITE_PACKAGES = "usr/lib/python3/dist-packages"
 """On Debian's python3.11 default sys.path: no PYTHONPATH needed in the image."""
@@ -87,11 +87,11 @@ _BASE_SKIP = re.compile(
     r"usr/share/doc/(?!.*/copyright$)|"
     r"usr/bin/(?:ssh|scp|sftp|ssh-.*|dpkg.*|chage|chfn|chsh|gpasswd|passwd|expiry|newgrp|"
     r"update-alternatives)$|"
-    r"usr/sbin/(?!ldconfig$|nft$).*|usr/lib/openssh/(?!sftp-server$)|"
+    r"usr/sbin/(?!ldconfig$|nft$).*|usr/lib/openssh/|"
     r"usr/lib/python3\.11/(?:test|idlelib|tkinter|turtledemo|ensurepip|lib2to3|pydoc_data)/|"
     r".*/__pycache__/.*\.cpython-311\.opt-[12]\.pyc$)"
 )
-"""Base files no program in the image needs: docs, locales, dpkg/apt state, the ssh client."""
+"""Base files no program in the image needs: docs, locales, dpkg/apt state, OpenSSH."""
 
 
 class BuildError(UserError):
