@@ -84,7 +84,7 @@ def test_manager_namespace_comes_from_flag_then_kubeconfig_then_config(
         return single_error_line(result)
 
     write_config(tele_env, "cluster:\n  defaultManagerNamespace: from-config\n")
-    assert "no traffic manager is installed in namespace from-config" in refusal()
+    assert "No traffic manager is installed in namespace from-config" in refusal()
     document = yaml.safe_load(kubeconfig.read_text())
     document["clusters"][0]["cluster"]["extensions"] = [
         {"name": "telepresence.io", "extension": {"manager": {"namespace": "from-kubeconfig"}}}

@@ -177,9 +177,9 @@ def test_connect_status_list_quit(
     )
     assert other.returncode == 1
     assert single_error_line(other) == (
-        f"tele: already connected to context {data['session']['kube_context']} in namespace "
+        f"tele: Already connected to context {data['session']['kube_context']} in namespace "
         "default, not other; name another namespace per command with -n, or run `tele quit` "
-        "and connect again"
+        "and connect again."
     )
 
     listed = run_tele(tele_env, "list", "-n", "default", "-o", "json")
@@ -228,7 +228,7 @@ def test_no_manager_installed_is_one_clear_sentence(
     result = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", str(cluster[1]))
     assert result.returncode == 1
     line = single_error_line(result)
-    assert "no traffic manager is installed in namespace ambassador" in line
+    assert "No traffic manager is installed in namespace ambassador" in line
     assert "tele helm install" in line
 
 

@@ -87,7 +87,7 @@ async def test_a_taken_port_is_one_sentence() -> None:
         target = Destination(Protocol.TCP, LOOPBACK, 1)
         async with trio.open_nursery() as nursery:
             async with tunnel(nursery) as dialer:
-                with pytest.raises(PortInUse, match=f"local port {port}/TCP .* already in use"):
+                with pytest.raises(PortInUse, match=f"Local port {port}/TCP .* already in use"):
                     await nursery.start(functools.partial(serve_forward, dialer, target, port=port))
             nursery.cancel_scope.cancel()
 

@@ -122,8 +122,8 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
 
     # Item 1: another filter or another port under the same name is refused, naming it.
     refusal = (
-        f"tele: you already have intercept echo (http: header x-dev=me, path prefix /api -> "
-        f"127.0.0.1:{port}); to change it, leave it first (`tele leave echo`)"
+        f"tele: You already have intercept echo (http: header x-dev=me, path prefix /api -> "
+        f"127.0.0.1:{port}); to change it, leave it first (`tele leave echo`)."
     )
     for args in (
         ["--port", str(port)],
@@ -147,8 +147,8 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
     )
     assert twice.returncode == 1
     assert twice.stderr.strip() == (
-        f"tele: local port {port} already receives the traffic of echo; "
-        "choose another with --port, or leave echo first"
+        f"tele: Local port {port} already receives the traffic of echo; "
+        "choose another with --port, or leave echo first."
     )
     assert "echo-you" not in run_tele(tele_env, "status").stdout
     assert run_tele(tele_env, "leave", "echo").returncode == 0

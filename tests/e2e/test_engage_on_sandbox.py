@@ -224,7 +224,7 @@ def test_multi_port_intercept_to_pod_and_ingest(
             tele_env, "intercept", "echo", "-p", "8080:http", "--to-pod", str(busy), timeout=120
         )
     assert refused.returncode == 1
-    assert single_error_line(refused).startswith(f"tele: local port {busy}/TCP on 127.0.0.1 is")
+    assert single_error_line(refused).startswith(f"tele: Local port {busy}/TCP on 127.0.0.1 is")
     assert "Intercepts:         0 total" in run_tele(tele_env, "status").stdout
     assert "echo (intercepted" not in run_tele(tele_env, "list").stdout
 

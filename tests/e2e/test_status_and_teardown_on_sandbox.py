@@ -144,8 +144,8 @@ def test_status_follows_a_manager_restart_and_says_why_a_session_ended(
         time.sleep(0.2)
     session = status["session"]
     why = (
-        f"no traffic manager is installed in namespace ambassador of {session['kube_context']}; "
-        "install one with `tele helm install`"
+        f"No traffic manager is installed in namespace ambassador of {session['kube_context']}; "
+        "install one with `tele helm install`."
     )
     assert (session["status"], session["last_error"]) == ("failed", why), status
     ended_at = time.strftime("%H:%M:%S", time.gmtime(session["ended_at"]))

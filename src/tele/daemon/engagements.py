@@ -45,7 +45,7 @@ def parse_to_pod(value: str) -> Destination:
     port, _, protocol = value.partition("/")
     protocol = protocol.upper() or "TCP"
     if not port.isdigit() or not 0 < int(port) < 65536 or protocol not in ("TCP", "UDP"):
-        raise UserError(f"--to-pod {value!r} must be PORT or PORT/UDP with a port from 1 to 65535")
+        raise UserError(f"--to-pod {value!r} must be PORT or PORT/UDP (a port from 1 to 65535).")
     return Destination(Protocol(protocol.lower()), ipaddress.ip_address("0.0.0.0"), int(port))
 
 
@@ -248,8 +248,8 @@ class LocalEngagements:
             return
         local = f" -> {', '.join(info.local)}" if info.local else ""
         raise UserError(
-            f"you already have {info.kind} {info.name} ({describe(info)}{local}); "
-            f"to change it, leave it first (`tele leave {info.name}`)"
+            f"You already have {info.kind} {info.name} ({describe(info)}{local}); "
+            f"to change it, leave it first (`tele leave {info.name}`)."
         )
 
     def _refuse_taken_ports(self, ports: list[int], asking: str) -> None:
@@ -262,8 +262,8 @@ class LocalEngagements:
             for port in ports:
                 if port in taken:
                     raise UserError(
-                        f"local port {port} already receives the traffic of {name}; "
-                        f"choose another with --port, or leave {name} first"
+                        f"Local port {port} already receives the traffic of {name}; "
+                        f"choose another with --port, or leave {name} first."
                     )
 
     async def _ask_manager(
@@ -347,7 +347,7 @@ class LocalEngagements:
         with scope:
             async with trio.open_nursery() as nursery:
                 if to_pod and not info.pod_ips:
-                    raise UserError(f"{info.name} has no pod to forward --to-pod ports to")
+                    raise UserError(f"{info.name} has no pod to forward --to-pod ports to.")
                 for wanted in to_pod:
                     destination = Destination(
                         wanted.protocol, ipaddress.ip_address(info.pod_ips[0]), wanted.port

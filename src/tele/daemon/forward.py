@@ -53,10 +53,12 @@ class PortInUse(UserError):
 def _bind_error(protocol: Protocol, host: str, port: int, exc: OSError) -> UserError:
     if exc.errno == errno.EADDRINUSE:
         return PortInUse(
-            f"local port {port}/{protocol.value.upper()} on {host} is already in use; "
-            "stop what listens there or pick another port"
+            f"Local port {port}/{protocol.value.upper()} on {host} is already in use; "
+            "stop what listens there or pick another port."
         )
-    return PortInUse(f"cannot listen on {host}:{port}/{protocol.value.upper()}: {exc.strerror}")
+    return PortInUse(
+        f"Cannot listen on {host}:{port}/{protocol.value.upper()}: {exc.strerror}."
+    )
 
 
 async def serve_forward(

@@ -63,8 +63,8 @@ class ManagerLocator:
                 )
             if asking.cancelled_caught:
                 raise ConnectionFailed(
-                    f"the Kubernetes API server {self._kube.connection.server} did not answer "
-                    f"within {self._cluster_timeout:g}s (config timeouts.clusterConnect)"
+                    f"The Kubernetes API server {self._kube.connection.server} did not answer "
+                    f"within {self._cluster_timeout:g}s (config timeouts.clusterConnect)."
                 )
         except ApiError as exc:
             if exc.not_found:
@@ -101,8 +101,9 @@ class ManagerLocator:
                         if any(pod_is_ready(p) for p in current.values()):
                             break
         raise ConnectionFailed(
-            f"the traffic manager in namespace {self.namespace} is not ready"
-            f"{f' after {wait:g}s' if wait > 0 else ''}: {_describe(current.values()) or 'no pod'}"
+            f"The traffic manager in namespace {self.namespace} is not ready"
+            f"{f' after {wait:g}s' if wait > 0 else ''}: "
+            f"{_describe(current.values()) or 'no pod'}."
         )
 
     async def _manager_deployed(self) -> bool:
@@ -111,8 +112,8 @@ class ManagerLocator:
 
     def _no_manager(self) -> NoManager:
         return NoManager(
-            f"no traffic manager is installed in namespace {self.namespace} of "
-            f"{self._kube.connection.context}; install one with `tele helm install`"
+            f"No traffic manager is installed in namespace {self.namespace} of "
+            f"{self._kube.connection.context}; install one with `tele helm install`."
         )
 
     def open_transport(self) -> AbstractAsyncContextManager[trio.abc.Stream]:

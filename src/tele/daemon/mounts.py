@@ -99,7 +99,7 @@ class MountFlag:
         if text.lower() in ("false", "no"):
             return cls(enabled=False)
         if not os.path.isabs(os.path.expanduser(text)):
-            raise UserError(f"--mount {value!r}: give true, false or an absolute directory")
+            raise UserError(f"--mount {value!r}: give true, false or an absolute directory.")
         return cls(directory=os.path.expanduser(text), read_only=read_only)
 
     def read_only_if(self, condition: bool) -> MountFlag:

@@ -217,7 +217,7 @@ class Daemon:
                 differs = f"not {wanted_context}; run `tele quit` first"
             raise RpcError(
                 Code.FAILED_PRECONDITION,
-                f"already connected to context {current.kube_context} {differs}",
+                f"Already connected to context {current.kube_context} {differs}.",
             )
         if self._sessions is None:
             raise RpcError(Code.UNAVAILABLE, "the daemon is shutting down")

@@ -393,8 +393,9 @@ class ClusterSession:
                 await nursery.start(self.pool.serve)
             if waiting.cancelled_caught:
                 raise ConnectionFailed(
-                    f"cannot reach the traffic manager in namespace {self.manager_namespace} "
-                    f"within {self.connect_timeout:g}s: {self.pool.last_failure or 'no answer'}"
+                    f"Cannot reach the traffic manager in namespace {self.manager_namespace} "
+                    f"within {self.connect_timeout:g}s: "
+                    f"{(self.pool.last_failure or 'no answer').rstrip('.')}."
                 )
             await self.lease.arrive()
             try:
@@ -443,7 +444,7 @@ class ClusterSession:
                     "started (tele connect starts one with sudo)"
                 )
                 if options.enabled:
-                    raise UserError(f"cannot set up the virtual network interface: {reason}")
+                    raise UserError(f"Cannot set up the virtual network interface: {reason}.")
                 self.network_note = reason
                 log.info("no virtual network interface: %s", reason)
                 return
