@@ -464,7 +464,7 @@ HOST_NETWORK_WORKLOAD = {
         ),
         (
             "10.1.0.0/24=nosuch",
-            "tele: --proxy-via 10.1.0.0/24=nosuch: no workload named nosuch in namespace default",
+            "tele: --proxy-via 10.1.0.0/24=nosuch: No workload named nosuch in namespace default",
         ),
         (
             "10.1.0.0/24=hostnet",

@@ -158,16 +158,16 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
     assert mismatch.returncode == 1
     assert single_error_line(mismatch) == (
         "tele: echo has no service port matching port 81 "
-        "(its service ports: echo:http 80\u21928080)"
+        "(its service ports: echo:http 80\u21928080)."
     )
     typo = run_tele(tele_env, "intercept", "echoo", "--port", str(port))
     assert typo.returncode == 1
     assert single_error_line(typo) == (
-        "tele: no workload named echoo in namespace default; did you mean echo?"
+        "tele: No workload named echoo in namespace default; did you mean echo?"
     )
     nowhere = run_tele(tele_env, "intercept", "echo", "-n", "nowhere", "--port", str(port))
     assert nowhere.returncode == 1
-    assert single_error_line(nowhere) == "tele: there is no namespace nowhere"
+    assert single_error_line(nowhere) == "tele: There is no namespace nowhere."
 
     # A handler killed by a signal: 128+signal, as a shell says (and the engagement is left).
     killed = run_tele(
@@ -227,7 +227,7 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
     assert scaled.returncode == 1
     assert single_error_line(scaled) == (
         "tele: Deployment default/echo has 0 replicas: scale it up first "
-        "(kubectl scale -n default deployment/echo --replicas=1)"
+        "(kubectl scale -n default deployment/echo --replicas=1)."
     )
     assert run_tele(tele_env, "quit").returncode == 0
     uninstalled = run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)

@@ -161,10 +161,10 @@ def test_replace_stops_the_container_and_leave_gives_it_back(
     # Bad input first: one sentence, and the pods are left as they were.
     unknown = run_tele(tele_env, "replace", "echo", "--container", "nope", timeout=60)
     assert unknown.returncode == 1
-    assert single_error_line(unknown) == "tele: echo has no container named nope (it has echo, l4)"
+    assert single_error_line(unknown) == "tele: echo has no container named nope (it has echo, l4)."
     several = run_tele(tele_env, "replace", "echo", timeout=60)
     assert single_error_line(several) == (
-        "tele: echo has several containers (echo, l4); choose one with --container"
+        "tele: echo has several containers (echo, l4); choose one with --container."
     )
     assert containers_of(sandbox, "echo") == ["echo", "l4"]
 

@@ -529,7 +529,7 @@ def test_a_hand_injected_agent_serves_without_a_roll_and_annotations_choose_port
         assert pod_uids(sandbox, "hand") == before  # its own agent: no pod was rolled
         refused = run_tele(tele_env, "replace", "hand", timeout=60)
         assert single_error_line(refused).startswith(
-            "tele: the traffic agent of hand was injected by hand"
+            "tele: The traffic agent of hand was injected by hand"
         )
         assert run_tele(tele_env, "leave", "hand", timeout=60).returncode == 0
     assert json.loads(call(sandbox, "http://hand.default/"))["pod"].startswith("hand-")

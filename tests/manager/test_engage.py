@@ -481,13 +481,13 @@ async def test_refusals_say_what_exists(nursery: trio.Nursery, kube: KubeClient)
 
     assert await refused("default", "apii") == (
         Code.NOT_FOUND,
-        "no workload named apii in namespace default; did you mean api?",
+        "No workload named apii in namespace default; did you mean api?",
     )
     assert await refused("default", "zzz") == (
         Code.NOT_FOUND,
-        "no workload named zzz in namespace default",
+        "No workload named zzz in namespace default.",
     )
-    assert await refused("nowhere", "api") == (Code.NOT_FOUND, "there is no namespace nowhere")
+    assert await refused("nowhere", "api") == (Code.NOT_FOUND, "There is no namespace nowhere.")
 
     await kube.patch(k8s.DEPLOYMENTS, "api", {"spec": {"replicas": 0}}, "default")
     await wait_for(
@@ -499,5 +499,5 @@ async def test_refusals_say_what_exists(nursery: trio.Nursery, kube: KubeClient)
         assert await refused("default", "api") == (
             Code.FAILED_PRECONDITION,
             "Deployment default/api has 0 replicas: scale it up first "
-            "(kubectl scale -n default deployment/api --replicas=1)",
+            "(kubectl scale -n default deployment/api --replicas=1).",
         )

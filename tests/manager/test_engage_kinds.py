@@ -126,7 +126,7 @@ async def test_replace_rolls_pods_without_the_container_and_back(
         await client.call(aapi.ENGAGE, engage(session, kind="replace", container="nope"))
     assert (unknown.value.code, unknown.value.message) == (
         Code.NOT_FOUND,
-        "api has no container named nope (it has app)",
+        "api has no container named nope (it has app).",
     )
     assert KEY not in manager.agent_workloads
     assert await kube.get_or_none(k8s.PODS, "api-1-a", "default") is not None
@@ -152,7 +152,7 @@ async def test_replace_rolls_pods_without_the_container_and_back(
     with pytest.raises(RpcError) as taken:
         await client.call(aapi.ENGAGE, engage(other, port="web", name="eve-api"))
     assert taken.value.code is Code.ALREADY_EXISTS
-    assert "container app of api is already replaced by dev@laptop (api)" in taken.value.message
+    assert "Container app of api is already replaced by dev@laptop (api)." in taken.value.message
     ingest = await client.call(aapi.ENGAGE, engage(other, kind="ingest"))
     assert (ingest.kind, ingest.name, ingest.ports) == ("ingest", "api/app", [])
 
@@ -199,7 +199,7 @@ async def test_multi_port_intercept_and_ingests_of_several_clients(
         await client.call(aapi.ENGAGE, engage(session, ports=["web", "80"]))
     assert (twice.value.code, twice.value.message) == (
         Code.INVALID_ARGUMENT,
-        "port 80 is named twice",
+        "Port 80 is named twice.",
     )
 
     info = await client.call(aapi.ENGAGE, engage(session, ports=["rpc", "web"]))

@@ -157,9 +157,9 @@ async def test_inject_policy_when_enabled_refuses_an_unannotated_workload(
         )
     assert refused.value.code is Code.FAILED_PRECONDITION
     assert refused.value.message == (
-        "the traffic manager injects agents only into workloads whose pod template is annotated "
+        "The traffic manager injects agents only into workloads whose pod template is annotated "
         "telepresence.io/inject-traffic-agent: enabled (Helm agentInjector.injectPolicy "
-        "WhenEnabled); annotate Deployment default/api first"
+        "WhenEnabled); annotate Deployment default/api first."
     )
     assert ("Deployment", "default", "api") not in manager.agent_workloads
     # Nor does the injector give it an agent on demand (were it engaged by an older manager).

@@ -133,8 +133,8 @@ async def test_rollouts_are_seen_only_when_enabled(nursery: trio.Nursery, kube: 
         )
     assert refused.value.code is Code.NOT_FOUND
     assert refused.value.message == (
-        "no workload named api in namespace default; it is an Argo Rollout, seen only with the "
-        "Helm value workloads.argoRollouts.enabled=true"
+        "No workload named api in namespace default; it is an Argo Rollout, seen only with the "
+        "Helm value workloads.argoRollouts.enabled=true."
     )
 
 

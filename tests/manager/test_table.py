@@ -63,7 +63,7 @@ def test_a_tcp_intercept_takes_its_port_from_everyone_else() -> None:
     table = EngagementTable()
     _engage(table, "s1")
     assert _refused(table, "s2", name="other") == (
-        "port 80 of api is already engaged by s1@host (api)"
+        "Port 80 of api is already engaged by s1@host (api)."
     )
     _engage(table, "s2", name="grpc", chosen=[GRPC])  # another port of the container is free
 
@@ -73,7 +73,7 @@ def test_http_intercepts_share_a_port_only_with_different_filters() -> None:
     _engage(table, "s1", mechanism="http", headers=[("x-dev", "alice")])
     _engage(table, "s2", name="bob", mechanism="http", headers=[("x-dev", "bob")])
     message = _refused(table, "s3", name="carol", mechanism="http", headers=[("x-dev", "bob")])
-    assert message == "port 80 of api is already engaged by s2@host (bob)"
+    assert message == "Port 80 of api is already engaged by s2@host (bob)."
 
 
 def test_a_replace_takes_the_whole_container_and_ingests_never_conflict() -> None:
@@ -81,7 +81,7 @@ def test_a_replace_takes_the_whole_container_and_ingests_never_conflict() -> Non
     _engage(table, "s1", kind="replace", chosen=[HTTP, GRPC])
     assert table.replaced_containers(KEY) == frozenset({"app"})
     message = _refused(table, "s2", name="grpc", chosen=[GRPC])
-    assert message == "container app of api is already replaced by s1@host (api)"
+    assert message == "Container app of api is already replaced by s1@host (api)."
     _engage(table, "s2", name="api/app", kind="ingest", chosen=[])
 
 
@@ -89,14 +89,14 @@ def test_a_replace_being_prepared_refuses_the_container_already() -> None:
     table = EngagementTable()
     table.replacing[(KEY, "app")] = "s1@host"
     assert table.replaced_containers(KEY) == frozenset({"app"})  # the webhook sees it now
-    assert _refused(table, "s2") == "container app of api is being replaced by s1@host"
+    assert _refused(table, "s2") == "Container app of api is being replaced by s1@host."
 
 
 def test_names_are_a_sessions_own_and_engaging_again_is_idempotent() -> None:
     table = EngagementTable()
     info = _engage(table, "s1")
     assert table.existing(_request("s1", name="api"), "api") == info
-    with pytest.raises(RpcError, match="you already have an intercept named api"):
+    with pytest.raises(RpcError, match="You already have an intercept named api"):
         table.existing(_request("s1", name="api", kind="replace"), "api")
     with pytest.raises(RpcError, match="api is already engaged by s1@host"):
         table.existing(_request("s2", name="api"), "api")
@@ -138,8 +138,8 @@ def test_engaging_again_differently_is_refused_naming_the_engagement() -> None:
         table.existing(again, "api")
     assert refused.value.code is Code.ALREADY_EXISTS
     assert refused.value.message == (
-        "you already have intercept api (tcp, service port api:80) with another mechanism or "
-        "filter; to change it, leave it first (`tele leave api`)"
+        "You already have intercept api (tcp, service port api:80) with another mechanism or "
+        "filter; to change it, leave it first (`tele leave api`)."
     )
     with pytest.raises(RpcError, match="with another port;"):
         table.existing(_request("s1", name="api", port="9090"), "api")
@@ -166,7 +166,7 @@ def test_a_port_that_matches_nothing_lists_the_service_ports() -> None:
     assert refused.value.code is Code.NOT_FOUND
     assert refused.value.message == (
         "api has no service port matching port 8081 "
-        "(its service ports: api:http 80\u21928080, api:9090 9090\u21929090)"
+        "(its service ports: api:http 80\u21928080, api:9090 9090\u21929090)."
     )
 
 

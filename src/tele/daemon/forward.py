@@ -56,9 +56,7 @@ def _bind_error(protocol: Protocol, host: str, port: int, exc: OSError) -> UserE
             f"Local port {port}/{protocol.value.upper()} on {host} is already in use; "
             "stop what listens there or pick another port."
         )
-    return PortInUse(
-        f"Cannot listen on {host}:{port}/{protocol.value.upper()}: {exc.strerror}."
-    )
+    return PortInUse(f"Cannot listen on {host}:{port}/{protocol.value.upper()}: {exc.strerror}.")
 
 
 async def serve_forward(

@@ -65,8 +65,8 @@ class ClientSessions:
         if unknown:
             raise RpcError(
                 Code.FAILED_PRECONDITION,
-                f"this traffic manager does not manage namespace {unknown[0]}; it manages "
-                f"{self._managed()}",
+                f"This traffic manager does not manage namespace {unknown[0]}; it manages "
+                f"{self._managed()}.",
             )
         session = self.sessions.arrive(identity, self._clock(), owner=self._auth.owner())
         self._presence.seen(session.session_id, CALLER.get())

@@ -232,7 +232,7 @@ class Engagements:
         session = self._client_session(request.session_id)
         kind = request.kind
         if kind not in KINDS:
-            raise RpcError(Code.INVALID_ARGUMENT, f"unknown engagement kind {kind!r}")
+            raise RpcError(Code.INVALID_ARGUMENT, f"Unknown engagement kind {kind!r}.")
         refused = filters.problem(
             request.headers, request.path_equal, request.path_prefix, request.path_regex
         )
@@ -251,7 +251,7 @@ class Engagements:
                 Code.FAILED_PRECONDITION,
                 f"{workload['kind']} {request.namespace}/{request.workload} has 0 replicas: "
                 f"scale it up first (kubectl scale -n {request.namespace} "
-                f"{str(workload['kind']).lower()}/{request.workload} --replicas=1)",
+                f"{str(workload['kind']).lower()}/{request.workload} --replicas=1).",
             )
         key = (str(workload["kind"]), request.namespace, request.workload)
         template = (workload.get("spec") or {}).get("template") or {}
@@ -262,10 +262,10 @@ class Engagements:
         ):
             raise RpcError(
                 Code.FAILED_PRECONDITION,
-                f"the traffic manager injects agents only into workloads whose pod template is "
+                f"The traffic manager injects agents only into workloads whose pod template is "
                 f"annotated {inject}: enabled (Helm agentInjector.injectPolicy "
                 f"WhenEnabled); annotate {key[0]} "
-                f"{request.namespace}/{request.workload} first",
+                f"{request.namespace}/{request.workload} first.",
             )
         if self._authorize is not None:
             denied: RpcError | None = None
@@ -285,9 +285,9 @@ class Engagements:
         if kind == "replace" and agentconfig.manually_injected(template):
             raise RpcError(
                 Code.FAILED_PRECONDITION,
-                f"the traffic agent of {request.workload} was injected by hand "
+                f"The traffic agent of {request.workload} was injected by hand "
                 f"({agentconfig.ANNOTATION_PREFIX}{agentconfig.MANUALLY_INJECTED_ANNOTATION}): "
-                "its containers cannot be replaced; intercept its ports instead",
+                "its containers cannot be replaced; intercept its ports instead.",
             )
         container = request.container
         if kind not in TAKES_SERVICE_PORTS:
@@ -457,15 +457,16 @@ class Engagements:
                 require_service=require_service,
             )
         except agentconfig.NotInterceptable as exc:
-            raise RpcError(Code.FAILED_PRECONDITION, f"{key[2]} cannot be engaged: {exc}") from None
+            why = f"{key[2]} cannot be engaged: {str(exc).rstrip('.')}."
+            raise RpcError(Code.FAILED_PRECONDITION, why) from None
 
     def _check_namespace(self, namespace: str) -> None:
         if namespace not in self._view.namespaces:
-            raise RpcError(Code.NOT_FOUND, f"there is no namespace {namespace}")
+            raise RpcError(Code.NOT_FOUND, f"There is no namespace {namespace}.")
         if not self._view.is_managed(namespace):
             raise RpcError(
                 Code.FAILED_PRECONDITION,
-                f"namespace {namespace} is not managed by this traffic manager",
+                f"Namespace {namespace} is not managed by this traffic manager.",
             )
 
     async def _find_workload(self, namespace: str, name: str) -> dict[str, Any]:
@@ -484,7 +485,8 @@ class Engagements:
                 hint = f"; it is an Argo Rollout, {enable}"
             elif exists is None and not close:
                 hint = f" (if it is an Argo Rollout: those are {enable})"
-        raise RpcError(Code.NOT_FOUND, f"no workload named {name} in namespace {namespace}{hint}")
+        refusal = f"No workload named {name} in namespace {namespace}{hint}"
+        raise RpcError(Code.NOT_FOUND, refusal if refusal.endswith("?") else refusal + ".")
 
     async def uninstall(self, request: aapi.UninstallRequest) -> aapi.UninstallReply:
         """Remove the agent from workloads (all of the namespace's with `all_agents`)."""
@@ -506,22 +508,22 @@ class Engagements:
             if agentconfig.manually_injected(template):
                 raise RpcError(
                     Code.FAILED_PRECONDITION,
-                    f"the agent of {key[2]} was injected by hand "
+                    f"The agent of {key[2]} was injected by hand "
                     f"({agentconfig.ANNOTATION_PREFIX}{agentconfig.MANUALLY_INJECTED_ANNOTATION}); "
-                    "remove it from the pod template instead",
+                    "remove it from the pod template instead.",
                 )
             if agentconfig.injection_policy(template) == "enabled":
                 raise RpcError(
                     Code.FAILED_PRECONDITION,
-                    f"the agent of {key[2]} is installed by its pod template's "
-                    "inject-traffic-agent annotation; remove the annotation instead",
+                    f"The agent of {key[2]} is installed by its pod template's "
+                    "inject-traffic-agent annotation; remove the annotation instead.",
                 )
             holders = [a.info for a in self._table.of_workload(key)]
             if holders:
                 raise RpcError(
                     Code.FAILED_PRECONDITION,
                     f"{key[2]} is engaged by {holders[0].client} ({holders[0].name}); "
-                    "it must leave first",
+                    "it must leave first.",
                 )
             self._agent_workloads.discard(key)
             await self._rollouts.roll(key, workload, want_agent=False)
@@ -533,7 +535,7 @@ class Engagements:
         self._client_session(request.session_id)
         active = self._table.leave(request.session_id, request.name)
         if active is None:
-            raise RpcError(Code.NOT_FOUND, f"no engagement named {request.name} of this session")
+            raise RpcError(Code.NOT_FOUND, f"No engagement named {request.name} of this session.")
         log.info("%s left %s", active.info.client, request.name)
         audit_line(
             "engagement-end", session=request.session_id, name=request.name, kind=active.info.kind

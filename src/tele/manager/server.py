@@ -530,7 +530,7 @@ class Manager:
         if not self.view.is_managed(request.namespace):
             raise RpcError(
                 Code.FAILED_PRECONDITION,
-                f"namespace {request.namespace} is not managed by this traffic manager",
+                f"Namespace {request.namespace} is not managed by this traffic manager.",
             )
         services = [s for (ns, _), s in self.view.services.items() if ns == request.namespace]
         listed = []

@@ -81,21 +81,21 @@ class EngagementTable:
             if mine.info.kind != request.kind:
                 raise RpcError(
                     Code.ALREADY_EXISTS,
-                    f"you already have {_an(mine.info.kind)} named {name}; leave it first",
+                    f"You already have {_an(mine.info.kind)} named {name}; leave it first.",
                 )
             differs = _differs(mine, request)
             if differs:
                 raise RpcError(
                     Code.ALREADY_EXISTS,
-                    f"you already have {mine.info.kind} {name} ({describe_engagement(mine.info)})"
-                    f" with another {differs}; to change it, leave it first (`tele leave {name}`)",
+                    f"You already have {mine.info.kind} {name} ({describe_engagement(mine.info)})"
+                    f" with another {differs}; to change it, leave it first (`tele leave {name}`).",
                 )
             return mine.info
         if request.kind not in SHARED:
             for other in self.active.values():
                 if other.info.name == name and other.info.kind not in SHARED:
                     raise RpcError(
-                        Code.ALREADY_EXISTS, f"{name} is already engaged by {other.info.client}"
+                        Code.ALREADY_EXISTS, f"{name} is already engaged by {other.info.client}."
                     )
         return None
 
@@ -114,8 +114,8 @@ class EngagementTable:
         if being_replaced is not None:
             raise RpcError(
                 Code.ALREADY_EXISTS,
-                f"container {container} of {request.workload} is being replaced by "
-                f"{being_replaced}",
+                f"Container {container} of {request.workload} is being replaced by "
+                f"{being_replaced}.",
             )
         ports = {i.container_port for i in chosen}
         for other in self.active.values():
@@ -128,8 +128,8 @@ class EngagementTable:
             if "replace" in (other.info.kind, request.kind):
                 raise RpcError(
                     Code.ALREADY_EXISTS,
-                    f"container {container} of {request.workload} is already "
-                    f"{PAST_TENSE[other.info.kind]} by {other.info.client} ({other.info.name})",
+                    f"Container {container} of {request.workload} is already "
+                    f"{PAST_TENSE[other.info.kind]} by {other.info.client} ({other.info.name}).",
                 )
             shared = ports & {p.container_port for p in other.info.ports}
             if shared and (
@@ -144,8 +144,8 @@ class EngagementTable:
                 taken = next(i for i in chosen if i.container_port in shared)
                 raise RpcError(
                     Code.ALREADY_EXISTS,
-                    f"port {taken.service_port or taken.container_port} of {request.workload} "
-                    f"is already engaged by {other.info.client} ({other.info.name})",
+                    f"Port {taken.service_port or taken.container_port} of {request.workload} "
+                    f"is already engaged by {other.info.client} ({other.info.name}).",
                 )
 
     # --- changes ----------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ def choose_ports(
                 f"{request.workload} has no service port matching"
                 f"{' service ' + request.service if request.service else ''}"
                 f"{' port ' + port if port else ''}"
-                f" ({'its service ports: ' + have if have else 'it has no service port'})",
+                f" ({'its service ports: ' + have if have else 'it has no service port'}).",
             )
         if len(candidates) > 1:
             choices = ", ".join(
@@ -330,17 +330,17 @@ def choose_ports(
             raise RpcError(
                 Code.FAILED_PRECONDITION,
                 f"{request.workload} has several service ports ({choices}); "
-                "choose one with --service and --port",
+                "choose one with --service and --port.",
             )
         if candidates[0] in chosen:
-            raise RpcError(Code.INVALID_ARGUMENT, f"port {port} is named twice")
+            raise RpcError(Code.INVALID_ARGUMENT, f"Port {port} is named twice.")
         chosen.append(candidates[0])
     containers = sorted({container for container, _ in chosen})
     if len(containers) > 1:
         raise RpcError(
             Code.FAILED_PRECONDITION,
-            f"the ports lead to different containers ({', '.join(containers)}); "
-            "intercept each container separately",
+            f"The ports lead to different containers ({', '.join(containers)}); "
+            "intercept each container separately.",
         )
     return containers[0], [intercept for _, intercept in chosen]
 
@@ -358,14 +358,14 @@ def pick_container(workload: Any, request: aapi.EngageRequest) -> str:
             raise RpcError(
                 Code.NOT_FOUND,
                 f"{request.workload} has no container named {request.container} "
-                f"(it has {', '.join(names) or 'none'})",
+                f"(it has {', '.join(names) or 'none'}).",
             )
         return request.container
     if len(names) != 1:
         raise RpcError(
             Code.FAILED_PRECONDITION,
             f"{request.workload} has several containers ({', '.join(names)}); "
-            "choose one with --container",
+            "choose one with --container.",
         )
     return names[0]
 
@@ -400,8 +400,8 @@ def container_ports(
             have = ", ".join(str(i.container_port) for i in own) or "none"
             raise RpcError(
                 Code.NOT_FOUND,
-                f"container {container} of {request.workload} has no TCP or UDP port {port} "
-                f"(it has {have})",
+                f"Container {container} of {request.workload} has no TCP or UDP port {port} "
+                f"(it has {have}).",
             )
         if found not in chosen:
             chosen.append(found)
