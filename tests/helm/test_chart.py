@@ -275,8 +275,8 @@ def test_value_flags_parse_like_helm(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("sources", "message"),
     [
-        (ValueSources(set=["novalue"]), "cannot parse --set 'novalue'"),
-        (ValueSources(files=["/nonexistent/values.yaml"]), "cannot read values file"),
+        (ValueSources(set=["novalue"]), "Cannot parse --set 'novalue'"),
+        (ValueSources(files=["/nonexistent/values.yaml"]), "Cannot read values file"),
     ],
 )
 def test_bad_value_flags_are_one_sentence(sources: ValueSources, message: str) -> None:
@@ -290,7 +290,7 @@ def test_a_values_file_must_be_a_map(tmp_path: Path) -> None:
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ValuesError) as info:
         ValueSources(files=[str(path)]).build()
-    assert str(info.value) == f"values file {path} must hold a map of values at the top level"
+    assert str(info.value) == f"Values file {path} must hold a map of values at the top level."
 
 
 KITCHEN_SINK: Obj = {

@@ -87,7 +87,7 @@ async def test_install_conflict_and_uninstall(
     second = await tele(tele_env, "install", *kc, "-n", "other", "--set", "namespaces={default}")
     assert second.returncode == 1
     assert one_line_error(second).startswith(
-        "tele: release traffic-manager in namespace ambassador already manages all namespaces"
+        "tele: Release traffic-manager in namespace ambassador already manages all namespaces"
     )
 
     upgraded = await tele(tele_env, "upgrade", *kc, "--set", "namespaces={default}")
@@ -119,7 +119,7 @@ async def test_install_conflict_and_uninstall(
     again = await tele(tele_env, "uninstall", *kc)
     assert again.returncode == 1
     assert one_line_error(again) == (
-        "tele: release traffic-manager is not installed in namespace ambassador"
+        "tele: Release traffic-manager is not installed in namespace ambassador."
     )
 
 

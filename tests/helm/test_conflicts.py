@@ -66,7 +66,7 @@ def test_overlap_decisions(
         assert found is None
     else:
         assert found is not None and expected in found
-        assert found.startswith("release traffic-manager in namespace other already manages")
+        assert found.startswith("Release traffic-manager in namespace other already manages")
 
 
 def test_same_namespace_and_own_record() -> None:
@@ -75,8 +75,8 @@ def test_same_namespace_and_own_record() -> None:
     other_release.name = "second"
     found = conflict({"namespaces": ["alpha"]}, other_release)
     assert found == (
-        "release second already installs a traffic manager in namespace mine; "
-        "upgrade or uninstall it, or choose another --namespace"
+        "Release second already installs a traffic manager in namespace mine; "
+        "upgrade or uninstall it, or choose another --namespace."
     )
 
 

@@ -89,7 +89,7 @@ async def test_overlapping_managers_are_refused_naming_the_other(
     with pytest.raises(NamespaceConflict) as info:
         await install(kube, chart, "mgr-b", {"namespaces": ["beta", "gamma"]})
     assert str(info.value).startswith(
-        "release traffic-manager in namespace mgr-a already manages namespace beta;"
+        "Release traffic-manager in namespace mgr-a already manages namespace beta;"
     )
     static_selector = {
         "matchExpressions": [
@@ -120,7 +120,7 @@ async def test_a_cluster_wide_manager_blocks_every_other(kube: KubeClient, chart
     await install(kube, chart, "ambassador", {})
     with pytest.raises(NamespaceConflict) as info:
         await install(kube, chart, "other", {"namespaces": ["alpha"]})
-    assert "release traffic-manager in namespace ambassador already manages all namespaces" in (
+    assert "Release traffic-manager in namespace ambassador already manages all namespaces" in (
         str(info.value)
     )
     with pytest.raises(NamespaceConflict, match="already installs a traffic manager in namespace"):
@@ -236,11 +236,11 @@ async def test_uninstall_removes_everything_it_installed(kube: KubeClient, chart
 
 
 async def test_release_state_errors_are_one_sentence(kube: KubeClient, chart: Chart) -> None:
-    with pytest.raises(ReleaseError, match="is not installed in namespace ambassador; use tele"):
+    with pytest.raises(ReleaseError, match="is not installed in namespace ambassador; use `tele"):
         await ops.upgrade(kube, chart, {}, release="traffic-manager", namespace="ambassador")
-    with pytest.raises(ReleaseError, match="release traffic-manager is not installed"):
+    with pytest.raises(ReleaseError, match="Release traffic-manager is not installed"):
         await ops.uninstall(kube, release="traffic-manager", namespace="ambassador")
-    with pytest.raises(ReleaseError, match="namespace nowhere does not exist; create it or pass"):
+    with pytest.raises(ReleaseError, match="Namespace nowhere does not exist; create it or pass"):
         await ops.install(
             kube,
             chart,
@@ -249,7 +249,7 @@ async def test_release_state_errors_are_one_sentence(kube: KubeClient, chart: Ch
             namespace="nowhere",
             create_namespace=False,
         )
-    with pytest.raises(ReleaseError, match="namespaces ghost, spirit do not exist"):
+    with pytest.raises(ReleaseError, match="Namespaces ghost, spirit do not exist"):
         await install(kube, chart, "ambassador", {"namespaces": ["spirit", "ghost"]})
     await install(kube, chart, "ambassador", {})
     with pytest.raises(ReleaseError, match="already installed in namespace ambassador"):
@@ -294,7 +294,7 @@ async def test_uninstall_gives_up_on_an_object_that_stays(kube: KubeClient, char
         await ops.uninstall(kube, release="traffic-manager", namespace="ambassador", wait=0.3)
     assert str(info.value) == (
         "ServiceAccount ambassador/traffic-manager was not deleted within 0.3s; "
-        "check its finalizers with kubectl"
+        "check its finalizers with kubectl."
     )
     # The record stays so that a later uninstall can finish the job.
     record = await records.read(kube, "traffic-manager", "ambassador")

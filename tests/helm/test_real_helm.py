@@ -53,7 +53,7 @@ async def test_real_helm_installs_the_chart(
     with pytest.raises(NamespaceConflict) as info:
         await ops.install(kube, chart, {}, release="traffic-manager", namespace="ambassador")
     assert str(info.value).startswith(
-        "release traffic-manager in namespace helm-mgr already manages namespaces alpha;"
+        "Release traffic-manager in namespace helm-mgr already manages namespaces alpha;"
     )
 
 

@@ -99,7 +99,7 @@ def _check_release_name(name: str) -> None:
         helm.validate_release_name(name)
     except helm.HelmError:
         raise ValuesError(
-            f"invalid release name {name!r}: use at most 53 lowercase letters, digits and '-'"
+            f"Invalid release name {name!r}: use at most 53 lowercase letters, digits and '-'."
         ) from None
 
 
@@ -292,7 +292,7 @@ def uninstall(**kwargs: Any) -> None:
     async def operation(progress: Progress) -> tuple[Outcome, list[ops.AgentWorkload], list[str]]:
         async with open_kube_client(kwargs["kubeconfig"], kwargs["context"]) as kube:
             if await records.read(kube, release, namespace) is None:
-                raise ReleaseError(f"release {release} is not installed in namespace {namespace}")
+                raise ReleaseError(f"Release {release} is not installed in namespace {namespace}.")
             try:
                 agents = await ops.agent_workloads(kube)
             except ApiError as exc:

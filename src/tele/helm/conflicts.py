@@ -32,8 +32,8 @@ def check_conflicts(
             continue
         if other.namespace == namespace:
             raise NamespaceConflict(
-                f"release {other.name} already installs a traffic manager in namespace "
-                f"{namespace}; upgrade or uninstall it, or choose another --namespace"
+                f"Release {other.name} already installs a traffic manager in namespace "
+                f"{namespace}; upgrade or uninstall it, or choose another --namespace."
             )
         try:
             theirs = selector_of(other.scope)
@@ -49,6 +49,6 @@ def check_conflicts(
         else:
             what = "namespace" + ("s " if len(shared) > 1 else " ") + ", ".join(sorted(shared))
         raise NamespaceConflict(
-            f"release {other.name} in namespace {other.namespace} already manages {what}; "
-            f"two traffic managers cannot share a namespace"
+            f"Release {other.name} in namespace {other.namespace} already manages {what}; "
+            "two traffic managers cannot share a namespace."
         )

@@ -124,10 +124,10 @@ async def _check_scope(
         missing = sorted(static - set(existing) - ({namespace} if creating else set()))
         if missing:
             raise ReleaseError(
-                f"namespace{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                f"Namespace{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                 f"{'do' if len(missing) > 1 else 'does'} not exist; create "
                 f"{'them' if len(missing) > 1 else 'it'} first or leave "
-                f"{'them' if len(missing) > 1 else 'it'} out of the managed namespaces"
+                f"{'them' if len(missing) > 1 else 'it'} out of the managed namespaces."
             )
     return selector.describe()
 
@@ -137,7 +137,7 @@ async def _ensure_namespace(kube: KubeClient, namespace: str, create: bool) -> N
         return
     if not create:
         raise ReleaseError(
-            f"namespace {namespace} does not exist; create it or pass --create-namespace"
+            f"Namespace {namespace} does not exist; create it or pass --create-namespace."
         )
     body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
     try:
@@ -255,7 +255,7 @@ async def _wait_gone(kube: KubeClient, ref: ObjectRef, timeout: float) -> None:
     if scope.cancelled_caught:
         raise ReleaseError(
             f"{ref.describe()} was not deleted within {timeout:g}s; "
-            f"check its finalizers with kubectl"
+            "check its finalizers with kubectl."
         )
 
 
@@ -274,8 +274,8 @@ async def install(
     previous = await records.read(kube, release, namespace)
     if previous is not None and previous.status != "pending-install":
         raise ReleaseError(
-            f"release {release} is already installed in namespace {namespace} "
-            f"(revision {previous.revision}); use tele helm upgrade to change it"
+            f"Release {release} is already installed in namespace {namespace} "
+            f"(revision {previous.revision}); use `tele helm upgrade` to change it."
         )
     scope_text = await _check_scope(kube, release, namespace, merged, creating=create_namespace)
     objects = await chart.render(values, release=release, namespace=namespace)
@@ -327,8 +327,8 @@ async def upgrade(
     previous = await records.read(kube, release, namespace)
     if previous is None:
         raise ReleaseError(
-            f"release {release} is not installed in namespace {namespace}; "
-            f"use tele helm install first"
+            f"Release {release} is not installed in namespace {namespace}; "
+            "use `tele helm install` first."
         )
     if reuse_values and not reset_values:
         values = deep_merge(previous.values, values)
@@ -395,7 +395,7 @@ async def uninstall(
     progress = progress or QuietProgress()
     record = await records.read(kube, release, namespace)
     if record is None:
-        raise ReleaseError(f"release {release} is not installed in namespace {namespace}")
+        raise ReleaseError(f"Release {release} is not installed in namespace {namespace}.")
     record.status = "uninstalling"
     await records.write(kube, record)
     owned = record.objects + [r for r in _made_by_the_manager(record) if r not in record.objects]
@@ -510,8 +510,8 @@ async def remove_agents(
             await _wait_no_agent_pods(kube, namespace, {w.name for w in chosen})
     if scope.cancelled_caught:
         raise ReleaseError(
-            f"pods with a traffic agent were still there after {wait:g}s; "
-            "see `kubectl get pods -A` (their workloads were restarted)"
+            f"Pods with a traffic agent were still there after {wait:g}s; "
+            "see `kubectl get pods -A` (their workloads were restarted)."
         )
     return chosen
 

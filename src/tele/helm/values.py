@@ -71,7 +71,9 @@ class ValueSources:
                     parsed = parse(expression)
                 except helm.HelmError as exc:
                     detail = " ".join(str(exc).split())
-                    raise ValuesError(f"cannot parse {flag} {expression!r}: {detail}") from None
+                    raise ValuesError(
+                        f"Cannot parse {flag} {expression!r}: {detail.rstrip('.')}."
+                    ) from None
                 values = deep_merge(values, parsed)
         return values
 
@@ -85,18 +87,18 @@ def _read_values_file(helm: Any, path: str) -> Obj:
                 text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ValuesError(f"cannot read values file {path}: {reason}") from None
+        raise ValuesError(f"Cannot read values file {path}: {reason}.") from None
     try:
         parsed = helm.values_from_yaml(text)
     except helm.HelmError as exc:
         detail = " ".join(str(exc).split())
         if "cannot unmarshal" in detail:  # valid YAML, but a list or a scalar
             raise ValuesError(
-                f"values file {path} must hold a map of values at the top level"
+                f"Values file {path} must hold a map of values at the top level."
             ) from None
-        raise ValuesError(f"values file {path} is not valid YAML: {detail}") from None
+        raise ValuesError(f"Values file {path} is not valid YAML: {detail.rstrip('.')}.") from None
     if parsed is None:
         return {}
     if not isinstance(parsed, dict):
-        raise ValuesError(f"values file {path} must hold a map of values at the top level")
+        raise ValuesError(f"Values file {path} must hold a map of values at the top level.")
     return parsed
