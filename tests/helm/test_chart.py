@@ -241,6 +241,23 @@ def test_manager_env_follows_the_values_and_parses_as_the_manager_does(chart: Ch
     assert config.webhook_secret == "mutator-webhook-tls"
 
 
+@pytest.mark.parametrize(
+    "values",
+    [{}, {"namespaces": ["alpha"]}, {"namespaceSelector": {"matchLabels": {"env": "dev"}}}],
+)
+def test_the_chart_has_no_hooks_so_no_hooks_asks_for_nothing_more(
+    chart: Chart, values: Obj
+) -> None:
+    """`tele helm install/upgrade --no-hooks` (Telepresence's flag) is accepted and changes
+    nothing only because no template is a Helm hook: a hook added later must revisit it."""
+    hooks = [
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in render(chart, values)
+        if "helm.sh/hook" in (o["metadata"].get("annotations") or {})
+    ]
+    assert hooks == []
+
+
 def test_injector_disabled_renders_no_webhook(chart: Chart) -> None:
     objects = render(chart, {"agentInjector": {"enabled": False}})
     assert "MutatingWebhookConfiguration" not in {k[0] for k in kinds(objects)}

@@ -75,7 +75,7 @@ async def test_install_conflict_and_uninstall(
     assert bad.returncode == 1
     assert one_line_error(bad) == "tele: invalid Helm value namespaces: got string, want array"
 
-    first = await tele(tele_env, "install", *kc, "--set", "logLevel=debug")
+    first = await tele(tele_env, "install", *kc, "--no-hooks", "--set", "logLevel=debug")
     assert first.returncode == 0, first.stderr
     assert first.stdout.decode().strip() == (
         "Installed release traffic-manager in namespace ambassador (revision 1): "
@@ -90,7 +90,7 @@ async def test_install_conflict_and_uninstall(
         "tele: Release traffic-manager in namespace ambassador already manages all namespaces"
     )
 
-    upgraded = await tele(tele_env, "upgrade", *kc, "--set", "namespaces={default}")
+    upgraded = await tele(tele_env, "upgrade", *kc, "--no-hooks", "--set", "namespaces={default}")
     assert upgraded.returncode == 0, upgraded.stderr
     assert "(revision 2): the traffic manager manages namespaces default." in (
         upgraded.stdout.decode()

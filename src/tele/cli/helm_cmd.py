@@ -204,6 +204,13 @@ def _apply_chart(
     return outcome
 
 
+_no_hooks_option = click.option(
+    "--no-hooks",
+    is_flag=True,
+    help="Run no chart hooks (Telepresence's flag; tele's chart has none, so none run anyway).",
+)
+
+
 @helm.command(short_help="Install the traffic manager.")
 @_target_options
 @_value_options
@@ -213,6 +220,7 @@ def _apply_chart(
     show_default=True,
     help="Create the release namespace when it does not exist.",
 )
+@_no_hooks_option
 @output_option
 def install(**kwargs: Any) -> None:
     """Install the traffic manager, refusing namespaces another manager already manages."""
@@ -238,6 +246,7 @@ def install(**kwargs: Any) -> None:
 @_value_options
 @click.option("--reuse-values", is_flag=True, help="Merge the new values over the last ones.")
 @click.option("--reset-values", is_flag=True, help="Start from the chart's default values.")
+@_no_hooks_option
 @output_option
 def upgrade(**kwargs: Any) -> None:
     """Upgrade the traffic manager: apply the chart with new values and prune what it dropped."""
