@@ -75,7 +75,7 @@ def test_no_engine_answering_is_one_sentence_naming_where(tmp_path: Path) -> Non
     with pytest.raises(ConnectionFailed) as caught:
         engine.connect(where, timeout=5)
     message = str(caught.value)
-    assert message.startswith(f"no Docker engine answers at unix://{tmp_path}/none.sock")
+    assert message.startswith(f"No Docker engine answers at unix://{tmp_path}/none.sock")
     assert "(DOCKER_HOST)" in message and "no such file or directory" in message
     assert "\n" not in message
 

@@ -197,7 +197,7 @@ def test_the_cli_says_in_one_sentence_when_no_engine_answers_and_engages_nothing
     result = run_tele(env, "intercept", "echo", "--docker-run", "--", "busybox")
     assert result.returncode == 3
     line = single_error_line(result)
-    assert f"no Docker engine answers at unix://{tmp_path}/no.sock (DOCKER_HOST)" in line
+    assert f"No Docker engine answers at unix://{tmp_path}/no.sock (DOCKER_HOST)" in line
     # No daemon was started for it: nothing was engaged.
     assert not (Path(env["XDG_RUNTIME_DIR"]) / "tele" / "daemon.pid").exists()
     assert single_error_line(run_tele(env, "intercept", "echo", "--docker-run")).endswith(

@@ -54,13 +54,13 @@ def _read_json(path: Path) -> object:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise UserError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
     if len(data) > MAX_CONFIG_BYTES:
-        raise UserError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes; it is not docker's")
+        raise UserError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes; it is not docker's.")
     try:
         return json.loads(data)
     except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from exc
+        raise UserError(f"{path} is not valid JSON: {exc}.") from exc
 
 
 def find(environ: Mapping[str, str] | None = None) -> Engine:
@@ -90,13 +90,14 @@ def _context(where: Path, name: str, source: str) -> Engine:
     meta = _read_json(meta_path)
     if meta is None:
         raise UserError(
-            f"the docker context {name!r} ({source}) does not exist: `docker context ls` lists them"
+            f"The docker context {name!r} ({source}) does not exist: `docker context ls` lists "
+            "them."
         )
     endpoints = meta.get("Endpoints") if isinstance(meta, dict) else None
     endpoint = endpoints.get("docker") if isinstance(endpoints, dict) else None
     host = endpoint.get("Host") if isinstance(endpoint, dict) else None
     if not isinstance(host, str) or not host:
-        raise UserError(f"the docker context {name!r} names no Docker endpoint ({meta_path})")
+        raise UserError(f"The docker context {name!r} names no Docker endpoint ({meta_path}).")
     assert isinstance(endpoint, dict)
     tls_dir = where / "contexts" / "tls" / digest / "docker"
     has_tls = (tls_dir / "ca.pem").is_file() or (tls_dir / "cert.pem").is_file()
@@ -142,8 +143,8 @@ def connect(engine: Engine | None = None, *, timeout: float = 60) -> docker.Dock
         if client is not None:
             client.close()
         raise ConnectionFailed(
-            f"no Docker engine answers at {engine.host} ({engine.source}): {_reason(exc)}; "
-            "start one, or point DOCKER_HOST or `docker context use` at one"
+            f"No Docker engine answers at {engine.host} ({engine.source}): {_reason(exc)}; "
+            "start one, or point DOCKER_HOST or `docker context use` at one."
         ) from exc
     return client
 

@@ -51,8 +51,8 @@ def _pip_target(pins: dict[str, str], target: Path) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise UserError(
-            "could not fetch the daemon image's Python packages "
-            f"({', '.join(sorted(pins))}): {done.stderr.strip()[-300:]}"
+            "Could not fetch the daemon image's Python packages "
+            f"({', '.join(sorted(pins))}): {done.stderr.strip()[-300:].rstrip('.')}."
         )
 
 
@@ -83,7 +83,9 @@ def ensure_daemon_image(client: docker.DockerClient, echo: Callable[[str], None]
             with archive.open("rb") as data:
                 client.images.load(data)
         except docker.errors.APIError as exc:
-            raise UserError(f"the Docker engine refused tele's image: {exc.explanation}") from exc
+            raise UserError(
+                f"The Docker engine refused tele's image: {str(exc.explanation).rstrip('.')}."
+            ) from exc
         context = Path(tmp) / "context"
         (context / "site").mkdir(parents=True)
         _pip_target(pins, context / "site")

@@ -85,7 +85,7 @@ def docker_cli() -> str:
     if found is None:
         raise UserError(
             "--docker-run needs the docker CLI (docker run takes your flags), and it is not on "
-            "PATH: install Docker (Debian/Ubuntu: apt install docker.io)"
+            "PATH: install Docker (Debian/Ubuntu: apt install docker.io)."
         )
     return found
 
@@ -111,7 +111,7 @@ def split_run_args(args: Sequence[str]) -> tuple[list[str], str, list[str]]:
     if index >= len(args):
         raise UserError(
             "--docker-run needs an image after the docker run flags: "
-            "tele intercept NAME --docker-run -- [FLAGS] IMAGE [ARGS]"
+            "tele intercept NAME --docker-run -- [FLAGS] IMAGE [ARGS]."
         )
     return flags, args[index], list(args[index + 1 :])
 
@@ -152,7 +152,7 @@ def check_flags(flags: Sequence[str]) -> None:
         ):  # fmt: skip
             raise UserError(
                 "--docker-run cannot detach (-d): the engagement lasts as long as the "
-                "container runs in the foreground"
+                "container runs in the foreground."
             )
 
 
@@ -263,7 +263,7 @@ def build(client: docker.DockerClient, directory: str, options: Sequence[str], e
     import docker.errors
 
     if not Path(directory).is_dir():
-        raise UserError(f"--docker-build {directory!r} is not a directory")
+        raise UserError(f"--docker-build {directory!r} is not a directory.")
     kwargs: dict[str, Any] = {"path": directory, "rm": True, "decode": True}
     build_args: dict[str, str] = {}
     for option in options:
@@ -271,12 +271,12 @@ def build(client: docker.DockerClient, directory: str, options: Sequence[str], e
         if not sep or key not in BUILD_OPTIONS:
             raise UserError(
                 f"--docker-build-opt {option!r} must be KEY=VALUE with KEY one of "
-                f"{', '.join(BUILD_OPTIONS)}"
+                f"{', '.join(BUILD_OPTIONS)}."
             )
         if key == "build-arg":
             name, sep, arg = value.partition("=")
             if not sep:
-                raise UserError(f"--docker-build-opt build-arg={value} must be NAME=VALUE")
+                raise UserError(f"--docker-build-opt build-arg={value} must be NAME=VALUE.")
             build_args[name] = arg
         elif key in ("pull", "no-cache"):
             kwargs["nocache" if key == "no-cache" else "pull"] = value.lower() in ("true", "1")
@@ -294,7 +294,7 @@ def build(client: docker.DockerClient, directory: str, options: Sequence[str], e
                 continue
             if "error" in chunk:
                 detail = str(chunk.get("error") or "").strip()
-                raise UserError(f"docker build {directory} failed: {detail[:500]}")
+                raise UserError(f"docker build {directory} failed: {detail[:500].rstrip('.')}.")
             text = str(chunk.get("stream") or "")
             for line in text.splitlines():
                 if line.strip():
@@ -304,9 +304,10 @@ def build(client: docker.DockerClient, directory: str, options: Sequence[str], e
             if isinstance(aux, dict) and isinstance(aux.get("ID"), str):
                 image_id = aux["ID"]
     except docker.errors.APIError as exc:
-        raise UserError(f"docker build {directory} failed: {exc.explanation or exc}") from exc
+        why = str(exc.explanation or exc).rstrip(".")
+        raise UserError(f"docker build {directory} failed: {why}.") from exc
     if not image_id:
-        raise UserError(f"docker build {directory} named no image: {' '.join(tail[-3:])}")
+        raise UserError(f"docker build {directory} named no image: {' '.join(tail[-3:])}.")
     return image_id
 
 
@@ -318,8 +319,8 @@ def resolve_image(run: DockerRun, client: docker.DockerClient, echo: Any) -> Doc
     flags, image, args = split_run_args(run.args)
     if image != IMAGE_PLACEHOLDER:
         raise UserError(
-            f"with --docker-build, write {IMAGE_PLACEHOLDER} where the image goes: "
-            f"--docker-build {run.build} -- [FLAGS] {IMAGE_PLACEHOLDER} [ARGS]"
+            f"With --docker-build, write {IMAGE_PLACEHOLDER} where the image goes: "
+            f"--docker-build {run.build} -- [FLAGS] {IMAGE_PLACEHOLDER} [ARGS]."
         )
     built = build(client, run.build, run.build_opts, echo)
     return DockerRun((*flags, "--", built, *args), "", (), run.mount_root)
@@ -383,6 +384,6 @@ def run(prepared: Prepared, client: docker.DockerClient) -> int:
                     argv, env=prepared.env, check=False, pass_fds=_pipe_fds(argv)
                 ).returncode
             except OSError as exc:
-                raise UserError(f"cannot run {prepared.argv[0]}: {exc.strerror or exc}") from exc
+                raise UserError(f"Cannot run {prepared.argv[0]}: {exc.strerror or exc}.") from exc
     finally:
         signal.signal(signal.SIGTERM, previous)
