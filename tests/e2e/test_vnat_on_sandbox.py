@@ -227,6 +227,30 @@ async def test_proxy_via_dials_from_the_workloads_pod(
         answer = json.loads(seen["answer"])
         assert answer["pod"].startswith("pv-echo-")
         assert answer["peer"] == via_ip, (answer["peer"], via_ip)
+
+        # A new manager pod forgets the session and its route: the daemon arrives again, asks
+        # for the route again, and the next connection is again dialled from pv-via's pod.
+        kubectl(sandbox, "delete", "pod", "-n", "ambassador", "-l", "app=traffic-manager")
+        kubectl(
+            sandbox,
+            "wait",
+            "-n",
+            "ambassador",
+            "--for=condition=Ready",
+            "pod",
+            "-l",
+            "app=traffic-manager",
+            "--timeout=90s",
+        )
+        again: subprocess.CompletedProcess[str] | None = None
+        with trio.move_on_after(120):
+            while again is None or again.returncode != 0:
+                again = await run(*in_laptop(sys.executable, "-c", VIA_CALL))
+                if again.returncode != 0:
+                    await trio.sleep(1)  # waiting for the daemon's re-arrival, not for time
+        assert again is not None and again.returncode == 0, again and again.stderr
+        answer = json.loads(json.loads(again.stdout)["answer"])
+        assert answer["peer"] == via_ip, (answer["peer"], via_ip)
     finally:
         await run(*in_laptop(*tele, "quit"))
         DaemonGuard(in_laptop("true")[1]).kill_all()

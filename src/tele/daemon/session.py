@@ -379,7 +379,24 @@ class ClusterSession:
                 raise UserError(f"--proxy-via {subnet}={workload}: {exc.message}") from None
             log.info("--proxy-via %s: dialled from %s", subnet, ", ".join(reply.pods))
             routes.append((subnet, reply.route_id))
-        self.proxy_routes = routes
+        self.proxy_routes[:] = routes  # in place: the VIF reads this list at each dial
+
+    async def _keep_proxy_routes(self) -> None:
+        """A route id is the session's: after arriving again (a new manager pod, or the lease
+        ran out while the link was down) the workloads are asked again; one that cannot be
+        (gone meanwhile) is shown by `tele status` and its subnet is refused."""
+        lease = self.lease
+        seen = lease.arrivals
+        while True:
+            while lease.arrivals == seen:
+                await lease.changed.wait()
+            seen = lease.arrivals
+            try:
+                await self._proxy_via()
+            except (UserError, TeleError) as exc:
+                self.proxy_routes[:] = []  # refused by the VIF, saying why
+                log.warning("%s", exc)
+                lease.last_error = str(exc)
 
     async def _run(self, task_status: trio.TaskStatus[dapi.ConnectionInfo]) -> None:
         self._merged_network(None)  # the local sources' mistakes, before the cluster is asked
@@ -409,6 +426,8 @@ class ClusterSession:
             self.lease.status = "connected"
             self.connected_at = time.time()
             nursery.start_soon(self.lease.heartbeat)
+            if self.request.proxy_via:
+                nursery.start_soon(self._keep_proxy_routes)
             nursery.start_soon(self.lease.follow_cluster_info, self._cluster_changed)
             await nursery.start(self.mounts.serve)
             await nursery.start(self.engagements.serve)
@@ -433,7 +452,7 @@ class ClusterSession:
             return
         apply_network(options, self.client_network)
         options.vnat = list(self.vnat_subnets)
-        options.proxy_via = list(self.proxy_routes)
+        options.proxy_via = self.proxy_routes  # the same list: kept current after re-arrival
         options.virtual_subnet = self._settings.cluster.virtual_ip_subnet
         privileges: Privileges | None = None
         if not has_net_admin():

@@ -279,7 +279,22 @@ async def _serve_network(
     via_subnets = [subnet for subnet, _ in options.proxy_via]
     translated = [*options.vnat, *(s for s in via_subnets if s not in options.vnat)]
     vips = VirtualIPs(options.virtual_subnet, translated) if translated else None
-    routes = [(ipaddress.ip_network(s, strict=False), r) for s, r in options.proxy_via]
+    via_networks = [(ipaddress.ip_network(s, strict=False), s) for s in via_subnets]
+
+    def route_for(real: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        """The --proxy-via route id of `real` now (the session asks for new ones after arriving
+        again); None when no --proxy-via subnet has it; TunnelError when its route is lost."""
+        for network, subnet in via_networks:
+            if real.version == network.version and real in network:
+                route_id = dict(options.proxy_via).get(subnet, "")
+                if not route_id:
+                    raise TunnelError(
+                        ResetReason.UNREACHABLE,
+                        f"--proxy-via {subnet} has no route through its workload now "
+                        "(see tele status)",
+                    )
+                return route_id
+        return None
 
     async def dial(
         destination: Destination, optimistic: bool = False
@@ -291,7 +306,7 @@ async def _serve_network(
                     ResetReason.UNREACHABLE, f"{destination.ip} is no virtual IP of this session"
                 )
             destination = Destination(destination.protocol, real, destination.port)
-            route_id = vips.via(real, routes)
+            route_id = route_for(real)
             if route_id:  # dialled from the --proxy-via workload's pod
                 return await session.pool.dial(
                     destination,

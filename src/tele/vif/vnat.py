@@ -153,13 +153,6 @@ class VirtualIPs:
         self._by_virtual[virtual] = real
         return virtual
 
-    def via(self, real: Address, routes: Sequence[tuple[Network, str]]) -> str:
-        """The --proxy-via route id whose subnet holds `real` ("": the manager dials it)."""
-        for network, route_id in routes:
-            if real.version == network.version and real in network:
-                return route_id
-        return ""
-
     def real_for(self, virtual: Address) -> Address | None:
         """The cluster address a virtual IP stands for; None for one never handed out."""
         return self._by_virtual.get(virtual)
