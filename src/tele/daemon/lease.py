@@ -228,11 +228,17 @@ class SessionLease:
         """Call `method` with a request made for the current session; when the manager does
         not know the session (a new manager pod), arrive again and retry once."""
         for attempt in (0, 1):
-            client = await self.client()
+            try:
+                client = await self.client()
+                request = make(self.session_id())
+            except RpcError as exc:
+                # No link or no session yet: the manager's side, not a lost daemon (which is
+                # what the CLI reads in UNAVAILABLE).
+                raise RpcError(Code.ABORTED, exc.message) from None
             waited = self.api_timeout + 60
             deadline = trio.current_time() + waited
             try:
-                return await client.call(method, make(self.session_id()), timeout=waited)
+                return await client.call(method, request, timeout=waited)
             except RpcError as exc:
                 if exc.code is Code.DEADLINE_EXCEEDED and trio.current_time() >= deadline:
                     raise RpcError(
