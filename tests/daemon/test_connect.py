@@ -257,12 +257,12 @@ def test_list_without_connect_connects_first(
         result = run_tele({**tele_env, "KUBECONFIG": str(missing)}, *command)
         assert result.returncode == 1
         assert single_error_line(result) == (
-            f"tele: cannot read the kubeconfig {missing}: no such file or directory"
+            f"tele: Cannot read the kubeconfig {missing}: no such file or directory."
         )
     text = run_tele({**tele_env, "KUBECONFIG": "apiVersion: v1\nkind: Config\n"}, "list")
     assert single_error_line(text) == (
-        "tele: the kubeconfig (--kubeconfig or KUBECONFIG) is YAML text, not a path: "
-        "save it to a file and give the file's path"
+        "tele: The kubeconfig (--kubeconfig or KUBECONFIG) is YAML text, not a path: "
+        "save it to a file and give the file's path."
     )
 
 

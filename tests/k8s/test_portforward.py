@@ -311,7 +311,7 @@ async def test_kubeconfig_client_certificate(api_server: FakeApiServer, tmp_path
 
 
 async def test_kubeconfig_errors(tmp_path: Path) -> None:
-    with pytest.raises(KubeconfigError, match="cannot"):
+    with pytest.raises(KubeconfigError, match="Cannot read the kubeconfig"):
         await load_connection(str(tmp_path / "absent"))
     bad = tmp_path / "bad"
     bad.write_text("apiVersion: v1\nkind: Config\ncontexts: []\nclusters: []\nusers: []\n")

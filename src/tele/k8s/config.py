@@ -83,8 +83,8 @@ def _check_paths(kubeconfig: str | None) -> None:
     text = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
     if "\n" in text.strip() or text.lstrip().startswith(("apiVersion:", "{", "clusters:")):
         raise KubeconfigError(
-            "the kubeconfig (--kubeconfig or KUBECONFIG) is YAML text, not a path: "
-            "save it to a file and give the file's path"
+            "The kubeconfig (--kubeconfig or KUBECONFIG) is YAML text, not a path: "
+            "save it to a file and give the file's path."
         )
     paths = [os.path.expanduser(p) for p in text.split(os.pathsep) if p]
     if paths and not any(os.path.exists(p) for p in paths):
@@ -93,7 +93,7 @@ def _check_paths(kubeconfig: str | None) -> None:
                 pass
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
-            raise KubeconfigError(f"cannot read the kubeconfig {paths[0]}: {reason}") from None
+            raise KubeconfigError(f"Cannot read the kubeconfig {paths[0]}: {reason}.") from None
 
 
 def _load_blocking(kubeconfig: str | None, context: str | None) -> ClusterConnection:
@@ -109,7 +109,7 @@ def _load_blocking(kubeconfig: str | None, context: str | None) -> ClusterConnec
         name: str = context or (current or {}).get("name") or ""
         entry = next((c for c in contexts if c.get("name") == name), None)
         if entry is None:
-            raise KubeconfigError(f"the kubeconfig has no context named {name!r}")
+            raise KubeconfigError(f"The kubeconfig has no context named {name!r}.")
         config.load_kube_config(
             config_file=kubeconfig,
             context=name,
@@ -117,14 +117,14 @@ def _load_blocking(kubeconfig: str | None, context: str | None) -> ClusterConnec
             persist_config=False,
         )
     except ConfigException as exc:
-        raise KubeconfigError(f"cannot use the kubeconfig: {exc}") from exc
+        raise KubeconfigError(f"Cannot use the kubeconfig: {str(exc).rstrip('.')}.") from exc
     except OSError as exc:
-        raise KubeconfigError(f"cannot read the kubeconfig: {exc}") from exc
+        raise KubeconfigError(f"Cannot read the kubeconfig: {exc}.") from exc
 
     server: str = configuration.host.rstrip("/")
     scheme = urllib.parse.urlsplit(server).scheme
     if scheme not in ("https", "http"):
-        raise KubeconfigError(f"context {name!r} has server {server!r}, not an http(s) URL")
+        raise KubeconfigError(f"Context {name!r} has server {server!r}, not an http(s) URL.")
 
     def make_ssl_context() -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
@@ -141,7 +141,7 @@ def _load_blocking(kubeconfig: str | None, context: str | None) -> ClusterConnec
             ssl_context = make_ssl_context()
         except (OSError, ssl.SSLError) as exc:
             raise KubeconfigError(
-                f"context {name!r} has unusable TLS certificate data: {exc}"
+                f"Context {name!r} has unusable TLS certificate data: {exc}."
             ) from exc
 
     def authorization() -> str | None:
@@ -150,7 +150,8 @@ def _load_blocking(kubeconfig: str | None, context: str | None) -> ClusterConnec
         try:
             value: str | None = configuration.get_api_key_with_prefix("BearerToken")
         except ConfigException as exc:
-            raise KubeconfigError(f"cannot refresh the credentials of {name!r}: {exc}") from exc
+            why = str(exc).rstrip(".")
+            raise KubeconfigError(f"Cannot refresh the credentials of {name!r}: {why}.") from exc
         return value
 
     namespace = (entry.get("context") or {}).get("namespace") or "default"
@@ -203,7 +204,7 @@ def _named_extension(extensions: object) -> dict[str, Any]:
             value = item.get("extension")
             if not isinstance(value, dict):
                 raise KubeconfigError(
-                    f"the kubeconfig's {EXTENSION_NAME} extension must be a mapping of keys"
+                    f"The kubeconfig's {EXTENSION_NAME} extension must be a mapping of keys."
                 )
             return dict(value)
     return {}
