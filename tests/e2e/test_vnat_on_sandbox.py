@@ -227,6 +227,18 @@ async def test_proxy_via_dials_from_the_workloads_pod(
         answer = json.loads(seen["answer"])
         assert answer["pod"].startswith("pv-echo-")
         assert answer["peer"] == via_ip, (answer["peer"], via_ip)
+        status = await run(*in_laptop(*tele, "status", "-o", "json"))
+        network = json.loads(status.stdout)["session"]["network"]
+        assert network["proxy_via"] == [
+            {
+                "subnet": f"{target}/32",
+                "workload": "pv-via",
+                "pods": [f"default/{with_agent[0]['metadata']['name']}"],
+            }
+        ]
+        assert network["vnat"]["translated"] == [f"{target}/32"]
+        shown = await run(*in_laptop(*tele, "status"))
+        assert f"Proxy via:          {target}/32 from pv-via (pods default/pv-via-" in shown.stdout
 
         # A new manager pod forgets the session and its route: the daemon arrives again, asks
         # for the route again, and the next connection is again dialled from pv-via's pod.

@@ -56,6 +56,12 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
                 f"  Virtual IPs:        {vnat.get('subnet')} for "
                 f"{', '.join(vnat.get('translated') or [])} ({vnat.get('mapped', 0)} in use)"
             )
+        for route in network.get("proxy_via") or []:
+            pods = ", ".join(route.get("pods") or []) or "none: its route is lost (see Last error)"
+            lines.append(
+                f"  Proxy via:          {route.get('subnet')} from {route.get('workload')} "
+                f"(pods {pods})"
+            )
         dns = network.get("dns")
         if isinstance(dns, dict):
             suffixes = ", ".join(dns.get("include_suffixes") or []) or "cluster names"

@@ -174,6 +174,8 @@ class ClusterSession:
         self.vnat_subnets: list[str] = []
         self.proxy_routes: list[tuple[str, str]] = []
         """--proxy-via: (subnet, route id the manager gave), once arrived."""
+        self.proxy_status: list[dict[str, object]] = []
+        """--proxy-via for `tele status`: subnet, workload, pods (those whose agents dial)."""
         """--vnat's subnets, symbolic names resolved (at arrival)."""
         self._take_helper = take_helper
 
@@ -258,12 +260,22 @@ class ClusterSession:
             reconnects=self.lease.reconnects,
             last_error=self.lease.problem,
             last_reconnect=self.lease.last_reconnect,
-            network=self.network.summary() if self.network is not None else None,
+            network=self._network_summary(),
             network_note=self.network_note,
             dns_and_routing=network_builtins(self.client_network),
             intercepts=self.engagements.lines(),
             engagements=self.engagements.statuses(),
         )
+
+    def _network_summary(self) -> dict[str, Any] | None:
+        """The VIF's summary, with the --proxy-via routes: subnet, workload, the pods dialling
+        (none: the route was lost after arriving again, and its subnet is refused)."""
+        if self.network is None:
+            return None
+        summary = self.network.summary()
+        if self.proxy_status:
+            summary["proxy_via"] = [dict(route) for route in self.proxy_status]
+        return summary
 
     async def client(self) -> Client:
         return await self.lease.client()
@@ -366,6 +378,7 @@ class ClusterSession:
         that an agent runs in its pods, injecting one if needed): UserError naming the value."""
         pairs = self._check_proxy_via(self.lease.cluster)
         routes: list[tuple[str, str]] = []
+        status: list[dict[str, object]] = []
         for subnet, workload in pairs:
 
             def make(session_id: str, workload: str = workload) -> aapi.ProxyViaRequest:
@@ -379,7 +392,9 @@ class ClusterSession:
                 raise UserError(f"--proxy-via {subnet}={workload}: {exc.message}") from None
             log.info("--proxy-via %s: dialled from %s", subnet, ", ".join(reply.pods))
             routes.append((subnet, reply.route_id))
+            status.append({"subnet": subnet, "workload": workload, "pods": reply.pods})
         self.proxy_routes[:] = routes  # in place: the VIF reads this list at each dial
+        self.proxy_status = status
 
     async def _keep_proxy_routes(self) -> None:
         """A route id is the session's: after arriving again (a new manager pod, or the lease
@@ -395,6 +410,7 @@ class ClusterSession:
                 await self._proxy_via()
             except (UserError, TeleError) as exc:
                 self.proxy_routes[:] = []  # refused by the VIF, saying why
+                self.proxy_status = [{**r, "pods": []} for r in self.proxy_status]
                 log.warning("%s", exc)
                 lease.last_error = str(exc)
 
