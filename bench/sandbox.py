@@ -1,9 +1,9 @@
 """Benchmark the sandbox node: pod start latency (Deployment created -> each pod Ready, p50/p99
 over 20 pods), `rollout restart` of 3 replicas until the rollout completes, and pod->Service
-throughput against pod->pod direct (iperf3 in both pods).
+throughput against pod->pod direct (a Python TCP sink and sender in the worker image).
 
 The cluster runs in this process (serve_cluster with its node) under a unique name; everything
-it creates (namespaces, processes) is removed at the end. Needs root, iproute2, nftables, iperf3.
+it creates (namespaces, processes) is removed at the end. Needs root, iproute2, nftables.
 Pod start is measured both one Deployment after another (latency) and as one Deployment of 20
 replicas (a burst: on a small machine the 20 Python interpreters starting at once dominate).
 Pods of a real image (busybox-static, pushed to a docker-registry the node uses as its Docker
@@ -174,11 +174,12 @@ async def image_pod_start(info: Any, pods: int) -> tuple[float, float, list[floa
 
 
 async def _push_images(registry: Any, directory: Path) -> None:
-    """busybox-static as bench/busybox:1 and the sandbox's frontend image (from the cache)."""
-    from tele.image.build import build_sandbox_images
+    """busybox-static as bench/busybox:1, and the sandbox's images (from the cache) as `tele
+    sandbox up` publishes them (the echo pods of the pod-ready rows need tele-sandbox/echo)."""
     from tele.image.reference import parse_reference
     from tele.image.registry import RegistryClient
     from tele.image.testing import busybox_image
+    from tele.sandbox.publish import publish, sandbox_images, seed
 
     image = busybox_image(directory)
     async with RegistryClient(
@@ -186,9 +187,9 @@ async def _push_images(registry: Any, directory: Path) -> None:
     ) as client:
         ref = parse_reference(f"{registry.address}/bench/busybox:1")
         await client.push_image(ref, image.manifest_bytes, image.blobs())
-        frontend = build_sandbox_images()["tele-sandbox/frontend"].image
-        ref = parse_reference(f"{registry.address}/tele-sandbox/frontend:latest")
-        await client.push_image(ref, frontend.manifest_bytes, frontend.blobs())
+    images = sandbox_images()
+    seed(registry.data_dir / "data", images)
+    await publish(registry, images)
 
 
 async def rollout_restart(info: Any) -> float:
@@ -292,8 +293,41 @@ async def _finished(info: Any, name: str) -> None:
         unsubscribe()
 
 
+_SINK = """
+import socket
+server = socket.create_server(("", 5201))
+while True:
+    conn, _ = server.accept()
+    while conn.recv(1 << 20):
+        pass
+    conn.close()
+"""
+_SEND = """
+import json, socket, sys, time
+deadline = time.monotonic() + 20
+while True:
+    try:
+        conn = socket.create_connection((sys.argv[1], 5201))
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.1)
+buf, sent, start = bytes(1 << 20), 0, time.monotonic()
+while time.monotonic() - start < float(sys.argv[2]):
+    conn.sendall(buf)
+    sent += len(buf)
+conn.shutdown(socket.SHUT_WR)
+conn.recv(1)
+took = time.monotonic() - start
+print(json.dumps({"end": {"sum_received": {"bits_per_second": sent * 8 / took}}}))
+"""
+"""A TCP sink and sender in the worker image's Python (it has no iperf3: Debian's package
+brings perl and PAM, +15 MB); the sender prints iperf3's JSON field for the figure."""
+
+
 async def throughput(info: Any, state_dir: Path, seconds: int) -> tuple[float, float]:
-    server = await _run_pod(info, "iperf-server", ["iperf3", "-s", "-p", "5201"], {"app": "iperf"})
+    server = await _run_pod(info, "iperf-server", ["python3", "-c", _SINK], {"app": "iperf"})
     await info.api.create(
         _rt("", "Service"),
         "default",
@@ -326,7 +360,7 @@ async def throughput(info: Any, state_dir: Path, seconds: int) -> tuple[float, f
     for i in range(3):
         for path, target in targets.items():
             name = f"iperf-{path}-{i}"
-            await _run_pod(info, name, ["iperf3", "-c", target, "-t", str(seconds), "-J"])
+            await _run_pod(info, name, ["python3", "-c", _SEND, target, str(seconds)])
             await _finished(info, name)
             runs[path].append(_iperf_bits(state_dir, info, name))
     return statistics.median(runs["direct"]), statistics.median(runs["service"])
@@ -491,8 +525,8 @@ async def main(pods: int, seconds: int) -> None:
         (f"pod ready p99, {pods} at once (s)", _percentile(starts, 99), ""),
         (f"pod ready mean, {pods} at once (s)", statistics.mean(starts), ""),
         ("rollout restart, 3 replicas (s)", restart, "<= 5.0"),
-        ("pod -> pod iperf3, median of 3 (Gbit/s)", direct / 1e9, ""),
-        ("pod -> Service iperf3, median of 3 (Gbit/s)", service / 1e9, ""),
+        ("pod -> pod TCP, median of 3 (Gbit/s)", direct / 1e9, ""),
+        ("pod -> Service TCP, median of 3 (Gbit/s)", service / 1e9, ""),
         ("Service / direct", service / direct, ">= 0.9"),
     ]
     print(f"{'measure':56} {'value':>10}  target   ({os.cpu_count()} CPUs)")
