@@ -66,24 +66,24 @@ def test_lint_reports_broken_values_with_their_path() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"bogus": 1}, "unknown Helm value bogus: the chart's schema does not allow it"),
-        ({"agent": {"image": {"nmae": "x"}}}, "unknown Helm value agent.image.nmae"),
-        ({"agent": {"port": "x"}}, "invalid Helm value agent.port: got string, want integer"),
+        ({"bogus": 1}, "Unknown Helm value bogus: the chart's schema does not allow it."),
+        ({"agent": {"image": {"nmae": "x"}}}, "Unknown Helm value agent.image.nmae"),
+        ({"agent": {"port": "x"}}, "Invalid Helm value agent.port: got string, want integer."),
         (
             {"workloads": {"deployments": {"enabled": "yes"}}},
-            "invalid Helm value workloads.deployments.enabled: got string, want boolean",
+            "Invalid Helm value workloads.deployments.enabled: got string, want boolean.",
         ),
         (
             {"timeouts": {"sessionLease": "5x"}},
-            "invalid Helm value timeouts.sessionLease: '5x' is not a duration like 60s",
+            "Invalid Helm value timeouts.sessionLease: '5x' is not a duration like 60s",
         ),
         (
             {"namespaces": ["ok", "Not_OK"]},
-            "invalid Helm value namespaces[1]: 'Not_OK' is not a lowercase DNS name",
+            "Invalid Helm value namespaces[1]: 'Not_OK' is not a lowercase DNS name",
         ),
         (
             {"agentInjector": {"webhook": {"failurePolicy": "Sometimes"}}},
-            "invalid Helm value agentInjector.webhook.failurePolicy",
+            "Invalid Helm value agentInjector.webhook.failurePolicy",
         ),
         (
             {"namespaces": ["a"], "namespaceSelector": {"matchLabels": {"x": "y"}}},
@@ -91,11 +91,11 @@ def test_lint_reports_broken_values_with_their_path() -> None:
         ),
         (
             {"workloads": {"deployments": None}},
-            "Helm value workloads.deployments is required and must not be null",
+            "Helm value workloads.deployments is required and must not be null.",
         ),
         (
             {"namespaceSelector": {"matchExpressions": [{"key": "x", "operator": "In"}]}},
-            "invalid namespace scope: operator In on x needs values",
+            "Invalid namespace scope: operator In on x needs values.",
         ),
     ],
 )

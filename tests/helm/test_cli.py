@@ -51,10 +51,10 @@ async def test_lint_passes_and_a_broken_values_file_fails(
     bad = await tele(tele_env, "lint", "-f", str(broken))
     assert bad.returncode == 1
     out = bad.stdout.decode()
-    assert "[ERROR] values.yaml: invalid Helm value agent.port: got string, want integer" in out
+    assert "[ERROR] values.yaml: Invalid Helm value agent.port: got string, want integer." in out
     line = one_line_error(bad)
     assert line == (
-        "tele: The chart does not lint: invalid Helm value agent.port: got string, want integer."
+        "tele: The chart does not lint: Invalid Helm value agent.port: got string, want integer."
     )
     as_json = await tele(tele_env, "lint", "-f", str(broken), "-o", "json")
     assert as_json.returncode == 1
@@ -73,7 +73,7 @@ async def test_install_conflict_and_uninstall(
     kc = ["--kubeconfig", str(kubeconfig)]
     bad = await tele(tele_env, "install", *kc, "--set", "namespaces=oops")
     assert bad.returncode == 1
-    assert one_line_error(bad) == "tele: invalid Helm value namespaces: got string, want array"
+    assert one_line_error(bad) == "tele: Invalid Helm value namespaces: got string, want array."
 
     first = await tele(tele_env, "install", *kc, "--no-hooks", "--set", "logLevel=debug")
     assert first.returncode == 0, first.stderr

@@ -443,7 +443,7 @@ def lint(**kwargs: Any) -> None:
                 problems.append(text)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"The chart does not lint: {problems[0]}{more}.")
+        raise UserError(f"The chart does not lint: {problems[0].rstrip('.')}{more}.")
     emit(
         {"linted": 1, "failed": 0, "messages": found},
         kwargs["output"],

@@ -112,26 +112,26 @@ def values_error(detail: str) -> ValuesError:
     found = [m for m in map(_AT.match, detail.splitlines()) if m]
     if not found:
         text = " ".join(detail.split()).removeprefix(f"{CHART_NAME}: ")
-        return ValuesError(f"invalid Helm values: {text}")
+        return ValuesError(f"Invalid Helm values: {text.rstrip('.')}.")
     path, problem = _dotted(found[0]["path"]), found[0]["problem"]
     if problem in ("'not' failed",) and not path:
-        return ValuesError("namespaces and namespaceSelector are mutually exclusive: set only one")
+        return ValuesError("namespaces and namespaceSelector are mutually exclusive: set only one.")
     if problem in ("'anyOf' failed", "'oneOf' failed") and len(found) > 1:
         problem = " or ".join(dict.fromkeys(m["problem"] for m in found[1:]))
     if extra := _ADDITIONAL.search(problem):
         names = [n.strip().strip("'") for n in extra["names"].split(",")]
         full = ", ".join(f"{path}.{n}" if path else n for n in names)
-        return ValuesError(f"unknown Helm value {full}: the chart's schema does not allow it")
+        return ValuesError(f"Unknown Helm value {full}: the chart's schema does not allow it.")
     if missing := _MISSING.search(problem):
         names = [n.strip().strip("'") for n in missing["names"].split(",")]
         full = ", ".join(f"{path}.{n}" if path else n for n in names)
-        return ValuesError(f"Helm value {full} is required and must not be null")
+        return ValuesError(f"Helm value {full} is required and must not be null.")
     if pattern := _PATTERN.match(problem):
         raw = pattern["pattern"].replace("\\\\", "\\")
         hint = next((h for piece, h in _PATTERN_HINTS if piece in raw), "")
         if hint:
             problem = f"{pattern['value']} is not {hint}"
-    return ValuesError(f"invalid Helm value {path or '(top level)'}: {problem}")
+    return ValuesError(f"Invalid Helm value {path or '(top level)'}: {problem.rstrip('.')}.")
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ class Chart:
         try:
             NamespaceSelector.from_values(merged)
         except SelectorError as exc:
-            raise ValuesError(f"invalid namespace scope: {exc}") from None
+            raise ValuesError(f"Invalid namespace scope: {str(exc).rstrip('.')}.") from None
         return merged
 
     async def merged(self, values: Mapping[str, Any]) -> Obj:
