@@ -134,7 +134,7 @@ async def test_unreachable_cluster_is_exit_3(tele_env: dict[str, str], tmp_path:
     )
     result = await tele(tele_env, "install", "--kubeconfig", str(config))
     assert result.returncode == 3
-    assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in one_line_error(result)
+    assert "Cannot reach the Kubernetes API server at https://127.0.0.1:9" in one_line_error(result)
 
 
 def _drain(fd: int) -> bytes:

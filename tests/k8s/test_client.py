@@ -103,7 +103,7 @@ async def test_unreachable_server_is_one_clear_error(
     async with open_kube_client(connection=connection) as kube:
         with pytest.raises(ApiUnreachable) as info:
             await kube.get(k8s.NAMESPACES, "default")
-    assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in str(info.value)
+    assert "Cannot reach the Kubernetes API server at https://127.0.0.1:9" in str(info.value)
 
 
 async def test_wrong_token_is_unauthorized(sandbox_api: ClusterInfo, tmp_path: Path) -> None:

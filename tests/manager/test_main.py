@@ -33,4 +33,4 @@ def test_an_unreachable_api_server_is_one_error_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert "ERROR tele.manager cannot reach the Kubernetes API server at https://127.0.0.1" in last
+    assert "ERROR tele.manager Cannot reach the Kubernetes API server at https://127.0.0.1" in last

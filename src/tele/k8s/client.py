@@ -256,8 +256,8 @@ class KubeClient:
 
     def _unreachable(self, exc: BaseException) -> ApiUnreachable:
         return ApiUnreachable(
-            f"cannot reach the Kubernetes API server at {self.connection.server}: "
-            f"{exc or type(exc).__name__}"
+            f"Cannot reach the Kubernetes API server at {self.connection.server}: "
+            f"{str(exc).rstrip('.') or type(exc).__name__}."
         )
 
     @staticmethod
