@@ -65,7 +65,7 @@ def test_genyaml_writes_config_container_init_container_and_volumes(
 def test_genyaml_bad_input_is_one_sentence(tele_env: dict[str, str], tmp_path: Path) -> None:
     missing = run_tele(tele_env, "genyaml", "config", "-i", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 1
-    assert single_error_line(missing).startswith("tele: cannot read the input ")
+    assert single_error_line(missing).startswith("tele: Cannot read the input ")
     service_only = tmp_path / "svc.yaml"
     service_only.write_text(APP.split("---")[1])
     no_workload = run_tele(tele_env, "genyaml", "config", "-i", str(service_only))
@@ -73,4 +73,4 @@ def test_genyaml_bad_input_is_one_sentence(tele_env: dict[str, str], tmp_path: P
     garbage = tmp_path / "garbage.yaml"
     garbage.write_text("a: [unclosed")
     bad = run_tele(tele_env, "genyaml", "container", "-c", str(garbage), "-i", str(garbage))
-    assert single_error_line(bad).startswith(f"tele: the configuration {garbage} is not valid")
+    assert single_error_line(bad).startswith(f"tele: The configuration {garbage} is not valid")

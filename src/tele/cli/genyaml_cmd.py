@@ -34,14 +34,14 @@ def _read_yaml(path: str, what: str) -> list[dict[str, Any]]:
     try:
         text = sys.stdin.read(MAX_INPUT + 1) if path == "-" else Path(path).read_text()
     except OSError as exc:
-        raise UserError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+        raise UserError(f"Cannot read the {what} {path}: {exc.strerror or exc}.") from None
     if len(text) > MAX_INPUT:
-        raise UserError(f"the {what} {path} is larger than {MAX_INPUT // 1024 // 1024} MiB")
+        raise UserError(f"The {what} {path} is larger than {MAX_INPUT // 1024 // 1024} MiB.")
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "not YAML"
-        raise UserError(f"the {what} {path} is not valid YAML ({first})") from None
+        raise UserError(f"The {what} {path} is not valid YAML ({first}).") from None
     objects: list[dict[str, Any]] = []
     for document in documents:
         if isinstance(document, dict) and document.get("kind") == "List":
@@ -62,11 +62,11 @@ def _workload(objects: list[dict[str, Any]], name: str, path: str) -> dict[str, 
         which = f"named {name} " if name else ""
         raise UserError(
             f"{path} has no workload {which}(a {', '.join(WORKLOAD_KINDS)}); "
-            "give its YAML with -i (kubectl get deploy/NAME svc/SERVICE -o yaml)"
+            "give its YAML with -i (kubectl get deploy/NAME svc/SERVICE -o yaml)."
         )
     if len(found) > 1:
         names = ", ".join(str((o.get("metadata") or {}).get("name")) for o in found)
-        raise UserError(f"{path} has several workloads ({names}); choose one with --workload")
+        raise UserError(f"{path} has several workloads ({names}); choose one with --workload.")
     return found[0]
 
 
@@ -77,12 +77,12 @@ def _config(path: str) -> Any:
 
     objects = _read_yaml(path, "configuration")
     if len(objects) != 1:
-        raise UserError(f"{path} is not one agent configuration (from `tele genyaml config`)")
+        raise UserError(f"{path} is not one agent configuration (from `tele genyaml config`).")
     try:
         return msgspec.convert(objects[0], AgentConfig)
     except msgspec.ValidationError as exc:
         raise UserError(
-            f"{path} is not an agent configuration from `tele genyaml config` ({exc})"
+            f"{path} is not an agent configuration from `tele genyaml config` ({exc})."
         ) from None
 
 
@@ -96,7 +96,7 @@ def _write(data: Any, output: str) -> None:
     try:
         Path(output).write_text(text)
     except OSError as exc:
-        raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
+        raise UserError(f"Cannot write {output}: {exc.strerror or exc}.") from None
 
 
 output_file_option = click.option(
@@ -170,9 +170,9 @@ def config(
         )
     except agentconfig.NotInterceptable as exc:
         name = (found.get("metadata") or {}).get("name")
-        raise UserError(f"{name} cannot get a traffic agent: {exc}") from None
+        raise UserError(f"{name} cannot get a traffic agent: {str(exc).rstrip('.')}.") from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{input_path} has a malformed workload or Service ({exc})") from None
+        raise UserError(f"{input_path} has a malformed workload or Service ({exc}).") from None
     _write(msgspec.to_builtins(agentconfig.for_manual_injection(generated)), output)
 
 
