@@ -170,7 +170,13 @@ async def test_mapped_namespaces_intercept_timeout_and_default_port(
         started = trio.current_time()
         waited = await tele("intercept", "api")
         assert waited.returncode != 0
-        assert "no traffic agent of Deployment default/api arrived within 1s" in waited.stderr
+        assert "tele: No traffic agent of Deployment default/api arrived within 1s" in (
+            waited.stderr
+        )
+        assert waited.stderr.rstrip().endswith(
+            "; if its pods are only slow to start, raise timeouts.intercept in config.yml "
+            "(the Helm value timeouts.agentArrival bounds it too)."
+        )
         assert trio.current_time() - started < 20
 
         # With an agent, an intercept without --port goes to intercept.defaultPort.

@@ -283,7 +283,7 @@ async def test_ambiguous_ports_ask_for_service_and_port(
             ),
         )
     assert timeout.value.code is Code.DEADLINE_EXCEEDED
-    assert "no traffic agent of Deployment default/api arrived" in timeout.value.message
+    assert "No traffic agent of Deployment default/api arrived" in timeout.value.message
 
 
 async def test_list_shows_engagement_state(nursery: trio.Nursery, kube: KubeClient) -> None:

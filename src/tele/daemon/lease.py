@@ -245,6 +245,8 @@ class SessionLease:
                         Code.ABORTED,
                         no_answer(method, waited, "timeouts.trafficManagerAPI plus 60s").message,
                     ) from None
+                if exc.code is Code.DEADLINE_EXCEEDED:  # the manager's own wait, its sentence
+                    raise RpcError(Code.ABORTED, exc.message) from None
                 if exc.code in _MANAGER_TROUBLE:
                     # Said by the manager link, not by this daemon: the CLI must not read
                     # UNAVAILABLE as "lost the daemon".

@@ -90,8 +90,10 @@ class Rollouts:
             self._agent_workloads.discard(key)
         raise RpcError(
             Code.DEADLINE_EXCEEDED,
-            f"no traffic agent of {key[0]} {key[1]}/{key[2]} arrived within {timeout:g}s"
-            + (f": {why}" if why else ""),
+            f"No traffic agent of {key[0]} {key[1]}/{key[2]} arrived within {timeout:g}s"
+            + (f": {why.rstrip('.')}" if why else "")
+            + "; if its pods are only slow to start, raise timeouts.intercept in config.yml "
+            "(the Helm value timeouts.agentArrival bounds it too).",
         )
 
     def _why_no_agent(self, key: WorkloadKey) -> str:
