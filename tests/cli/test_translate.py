@@ -19,6 +19,17 @@ def test_relayed_manager_failures_are_not_blamed_on_the_daemon() -> None:
     assert str(lost) == "Lost the connection to the daemon: socket closed."
 
 
+def test_the_managers_refusals_are_its_sentences_not_a_failed_daemon() -> None:
+    denied = translate(
+        RpcError(Code.PERMISSION_DENIED, "ann may not patch deployments.apps in namespace dev")
+    )
+    assert isinstance(denied, UserError) and denied.exit_code == 1
+    assert str(denied) == "ann may not patch deployments.apps in namespace dev."
+    unknown = translate(RpcError(Code.UNAUTHENTICATED, "Present a bearer token."))
+    assert isinstance(unknown, ConnectionFailed) and unknown.exit_code == 3
+    assert str(unknown) == "Present a bearer token."
+
+
 def test_user_mistakes_stay_user_errors() -> None:
     for code in (
         Code.INVALID_ARGUMENT,

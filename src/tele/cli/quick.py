@@ -58,6 +58,11 @@ def translate(exc: RpcError) -> TeleError:
         return ConnectionFailed(f"Lost the connection to the daemon: {exc.message.rstrip('.')}.")
     if exc.code == Code.DEADLINE_EXCEEDED:
         return ConnectionFailed("The daemon did not answer in time.")
+    if exc.code in (Code.PERMISSION_DENIED, Code.UNAUTHENTICATED):
+        # The traffic manager's refusal, relayed by the daemon: its sentence as it is (it often
+        # starts with the user's name, which keeps its case).
+        text = exc.message.rstrip(".") + "."
+        return UserError(text) if exc.code == Code.PERMISSION_DENIED else ConnectionFailed(text)
     if exc.code == Code.ABORTED:  # the daemon relays a failure of the cluster side
         return ConnectionFailed(sentence(exc.message))
     return ConnectionFailed(f"The daemon failed: {exc.message.rstrip('.')}.")

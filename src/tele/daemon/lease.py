@@ -134,8 +134,8 @@ class SessionLease:
         try:
             session = await self._call(client, mapi.ARRIVE, identity)
         except RpcError as exc:
-            if exc.code is Code.FAILED_PRECONDITION:
-                raise UserError(exc.message) from None
+            if exc.code in (Code.FAILED_PRECONDITION, Code.PERMISSION_DENIED):
+                raise UserError(exc.message.rstrip(".") + ".") from None
             raise
         self.session = session
         self.heartbeat_link = client.link
