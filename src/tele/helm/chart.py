@@ -72,7 +72,7 @@ def chart_dir() -> Path:
     """The chart directory inside the installed package (package data, see pyproject.toml)."""
     path = Path(str(importlib.resources.files("tele") / "charts" / CHART_NAME))
     if not (path / "Chart.yaml").is_file():
-        raise ChartError(f"the traffic-manager chart is missing from this tele install ({path})")
+        raise ChartError(f"The traffic-manager chart is missing from this tele install ({path}).")
     return path
 
 
@@ -81,7 +81,7 @@ def _helm() -> Any:
     try:
         import helm_python
     except ImportError as exc:  # pragma: no cover - a broken install
-        raise ChartError(f"helm-python-sdk is not usable: {exc}") from None
+        raise ChartError(f"helm-python-sdk is not usable: {exc}.") from None
     return helm_python
 
 
@@ -155,7 +155,9 @@ class Chart:
         try:
             self._chart: helm_python.Chart = helm.Chart.load(str(self.path))
         except helm.HelmError as exc:
-            raise ChartError(f"cannot load the chart at {self.path}: {exc}") from None
+            raise ChartError(
+                f"Cannot load the chart at {self.path}: {str(exc).rstrip('.')}."
+            ) from None
 
     @classmethod
     async def load(cls, path: Path | None = None) -> Chart:
@@ -225,7 +227,7 @@ class Chart:
             for doc in yaml.safe_load_all(text):
                 if doc:
                     if not isinstance(doc, dict) or "kind" not in doc:
-                        raise ChartError(f"template {template} rendered something not an object")
+                        raise ChartError(f"Template {template} rendered something not an object.")
                     doc.setdefault("metadata", {})
                     objects.append(doc)
         objects.sort(key=lambda o: kind_rank(str(o["kind"])))
@@ -255,7 +257,7 @@ def _render_error(detail: str) -> ValuesError | ChartError:
     # A `fail` in a template is the chart refusing values: report it as the values' fault.
     if "error calling fail:" in detail:
         return ValuesError(detail.rsplit("error calling fail:", 1)[1].strip())
-    return ChartError(f"the chart failed to render: {' '.join(detail.split())}")
+    return ChartError(f"The chart failed to render: {' '.join(detail.split()).rstrip('.')}.")
 
 
 def lint_blocking(
@@ -272,7 +274,7 @@ def lint_blocking(
             kube_version=KUBE_VERSION,
         )
     except helm.HelmError as exc:
-        raise ChartError(f"helm lint could not run: {exc}") from None
+        raise ChartError(f"helm lint could not run: {str(exc).rstrip('.')}.") from None
     return [
         LintMessage(int(m.get("severity") or 0), str(m.get("path") or ""), str(m.get("error")))
         for m in report.get("messages") or []
