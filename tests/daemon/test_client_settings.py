@@ -337,7 +337,7 @@ def test_a_bad_dns_or_routing_setting_is_one_sentence_and_no_session(
         (
             "cluster:\n  virtualIPSubnet: 10.96.0.0/12\n",
             ["--vnat", "pods"],
-            "tele: the virtual IP subnet 10.96.0.0/12 overlaps the routed subnet 10.96.0.0/16; "
+            "tele: The virtual IP subnet 10.96.0.0/12 overlaps the routed subnet 10.96.0.0/16; "
             "choose another cluster.virtualIPSubnet in the config",
         ),
     ],

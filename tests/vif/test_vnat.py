@@ -81,7 +81,7 @@ def test_a_huge_virtual_subnet_still_bounds_the_maps() -> None:
             ["10.244.0.0/16"],
             "10.96.0.0/12",
             ["10.96.0.0/16"],
-            "the virtual IP subnet 10.96.0.0/12 overlaps the routed subnet 10.96.0.0/16; choose "
+            "The virtual IP subnet 10.96.0.0/12 overlaps the routed subnet 10.96.0.0/16; choose "
             "another cluster.virtualIPSubnet in the config",
         ),
     ],

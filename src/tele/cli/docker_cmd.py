@@ -38,12 +38,12 @@ def docker_options(command: F) -> F:
 
         wanted = docker_run or docker_build is not None
         if not wanted and (docker_build_opt or docker_mount is not None):
-            raise UserError("--docker-build-opt and --docker-mount go with --docker-run")
+            raise UserError("--docker-build-opt and --docker-mount go with --docker-run.")
         if wanted:
             if docker_mount is not None and not docker_mount.startswith("/"):
-                raise UserError(f"--docker-mount {docker_mount!r} must be an absolute path")
+                raise UserError(f"--docker-mount {docker_mount!r} must be an absolute path.")
             if docker_build_opt and docker_build is None:
-                raise UserError("--docker-build-opt goes with --docker-build DIR")
+                raise UserError("--docker-build-opt goes with --docker-build DIR.")
             command_args = kwargs.get("command") or ()
             if not command_args:
                 raise UserError(
@@ -296,7 +296,7 @@ def use_connection(name: str) -> None:
     from tele import paths
 
     if not name or name.startswith(".") or not all(c.isalnum() or c in "_.-" for c in name):
-        raise UserError(f"{name!r} is not a connection name: use letters, digits, '_', '.', '-'")
+        raise UserError(f"{name!r} is not a connection name: use letters, digits, '_', '.', '-'.")
     os.environ[paths.USE_ENV] = name
 
 
@@ -314,7 +314,7 @@ def connect_options(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, docker: bool, name: str, **kwargs: Any) -> Any:
         if name and not docker:
-            raise UserError("--name names a connection made with --docker")
+            raise UserError("--name names a connection made with --docker.")
         if docker:
             from tele import paths
 
@@ -350,11 +350,11 @@ def _kubeconfig_file(given: str) -> Path:
     if len(files) != 1:
         raise UserError(
             "connect --docker takes one kubeconfig file (KUBECONFIG lists several): "
-            "`kubectl config view --flatten > FILE` makes one"
+            "`kubectl config view --flatten > FILE` makes one."
         )
     path = Path(files[0]).expanduser().resolve()
     if not path.is_file():
-        raise UserError(f"the kubeconfig {path} does not exist")
+        raise UserError(f"The kubeconfig {path} does not exist.")
     return path
 
 
@@ -369,14 +369,14 @@ def _loopback_server(path: Path, context: str) -> tuple[str, int] | None:
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read the kubeconfig {path}: {exc}") from exc
+        raise UserError(f"Cannot read the kubeconfig {path}: {exc}.") from exc
     if not isinstance(config, dict):
-        raise UserError(f"the kubeconfig {path} is not a kubeconfig")
+        raise UserError(f"The kubeconfig {path} is not a kubeconfig.")
     name = context or config.get("current-context") or ""
     contexts = {c.get("name"): c.get("context") or {} for c in config.get("contexts") or []}
     clusters = {c.get("name"): c.get("cluster") or {} for c in config.get("clusters") or []}
     if name not in contexts:
-        raise UserError(f"the kubeconfig {path} has no context {name!r}")
+        raise UserError(f"The kubeconfig {path} has no context {name!r}.")
     server = str(clusters.get(contexts[name].get("cluster"), {}).get("server") or "")
     url = urllib.parse.urlsplit(server)
     host = url.hostname or ""
@@ -413,7 +413,7 @@ def start_daemon_container(
     from tele.rpc import daemon_api
 
     if not all(c.isalnum() or c in "_.-" for c in name) or not name:
-        raise UserError(f"--name {name!r}: use letters, digits, '_', '.' and '-'")
+        raise UserError(f"--name {name!r}: use letters, digits, '_', '.' and '-'.")
     config = _kubeconfig_file(kubeconfig)
     server = _loopback_server(config, context)
     found = engine.find()
@@ -425,8 +425,8 @@ def start_daemon_container(
             if _container_running(client, daemon_name):
                 return KUBECONFIG_INSIDE  # connect goes on: already connected, or connects
             raise UserError(
-                "a tele daemon already runs on this machine: `tele quit` it before "
-                "`tele connect --docker`"
+                "A tele daemon already runs on this machine: `tele quit` it before "
+                "`tele connect --docker`."
             )
         tag = image.ensure_daemon_image(client, lambda line: click.echo(line, err=True))
         runtime = paths.ensure_private_dir(paths.runtime_dir())
@@ -486,13 +486,13 @@ def start_daemon_container(
                 from tele.docker.run import remove
 
                 remove(client, started)
-            raise UserError(f"the Docker engine could not start the daemon: {exc}") from exc
+            raise UserError(f"The Docker engine could not start the daemon: {exc}.") from exc
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         while quick.ask_daemon(daemon_api.STATUS, daemon_api.Empty(), timeout=5) is None:
             if not _container_running(client, daemon_name) or time.monotonic() > deadline:
                 raise UserError(
-                    f"the daemon container {daemon_name} did not start: "
-                    f"`docker logs {daemon_name}` says why"
+                    f"The daemon container {daemon_name} did not start: "
+                    f"`docker logs {daemon_name}` says why."
                 )
             time.sleep(0.1)  # the socket appears when the daemon is ready
         marker = runtime / "docker-daemon.json"

@@ -75,7 +75,7 @@ def audit_line(event: str, **fields: object) -> None:
 
 
 NO_TOKEN = (
-    "the traffic manager serves only authenticated callers: present a bearer token or a client "
+    "The traffic manager serves only authenticated callers: present a bearer token or a client "
     "certificate of the cluster's client CA (tele does so from the kubeconfig)"
 )
 
@@ -357,7 +357,7 @@ class Authenticator:
         except ApiError as exc:
             log.warning("TokenReview failed: %s", exc.message)
             raise RpcError(
-                Code.UNAVAILABLE, f"the traffic manager cannot review tokens now: {exc.message}"
+                Code.UNAVAILABLE, f"The traffic manager cannot review tokens now: {exc.message}"
             ) from None
         status = (reply.get("status") or {}) if isinstance(reply, dict) else {}
         if not status.get("authenticated"):

@@ -57,7 +57,7 @@ def check(translated: Sequence[str], virtual: str, others: Sequence[str] = ()) -
     try:
         virtual_net = ipaddress.ip_network(virtual.strip(), strict=False)
     except ValueError as exc:
-        raise VnatError(f"the virtual IP subnet (config cluster.virtualIPSubnet): {exc}") from None
+        raise VnatError(f"The virtual IP subnet (config cluster.virtualIPSubnet): {exc}") from None
     for subnet in subnets:
         if subnet.version != virtual_net.version:
             raise VnatError(
@@ -73,7 +73,7 @@ def check(translated: Sequence[str], virtual: str, others: Sequence[str] = ()) -
     for other in parse_networks(others):
         if other.version == virtual_net.version and other.overlaps(virtual_net):
             raise VnatError(
-                f"the virtual IP subnet {virtual_net} overlaps the routed subnet {other}; "
+                f"The virtual IP subnet {virtual_net} overlaps the routed subnet {other}; "
                 "choose another cluster.virtualIPSubnet in the config"
             )
 
@@ -107,7 +107,7 @@ def check_proxy_via(subnets: Sequence[str], virtual: str) -> None:
     try:
         virtual_net = ipaddress.ip_network(virtual.strip(), strict=False)
     except ValueError as exc:
-        raise VnatError(f"the virtual IP subnet (config cluster.virtualIPSubnet): {exc}") from None
+        raise VnatError(f"The virtual IP subnet (config cluster.virtualIPSubnet): {exc}") from None
     for subnet in parse_networks(subnets):
         if subnet.version != virtual_net.version:
             raise VnatError(
