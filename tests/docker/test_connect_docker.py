@@ -116,9 +116,9 @@ def test_volumes_are_said_to_be_unmounted_while_the_daemon_runs_in_a_container(
         started = dockerd.docker("run", "-d", "--name", container, base, "sleep", "300")
         assert started.returncode == 0, started.stderr
         assert docker_cmd.volumes_note(data) == (
-            "tele: the pod's volumes (/etc/creds, /var/run/secrets/x) are not mounted, neither "
+            "tele: The pod's volumes (/etc/creds, /var/run/secrets/x) are not mounted, neither "
             "here nor in a --docker-run container: the daemon runs in a container (tele connect "
-            "--docker), which cannot mount them; connect without --docker to have them"
+            "--docker), which cannot mount them; connect without --docker to have them."
         )
         assert docker_cmd.volumes_note({**data, "mount_error": ""}) is None  # --mount=false
     finally:

@@ -264,7 +264,7 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
             _, err = handler.communicate(timeout=60)
             assert handler.returncode == 7, err
             # The daemon in its container mounts nothing (no FUSE there), and says so.
-            note = "tele: the pod's volumes (/etc/creds"
+            note = "tele: The pod's volumes (/etc/creds"
             assert note in err and "(tele connect --docker)" in err, err
             assert "apt install sshfs" not in err
         finally:

@@ -307,9 +307,9 @@ def test_volumes_mounted_from_one_sandbox_shell_are_seen_from_another(
         outside = _tele(laptop, "intercept", "files", "--port", "8089", "--mount", str(other))
         assert outside.returncode == 0, outside.stderr
         assert outside.stderr.splitlines()[0] == (
-            f"tele: the volumes are mounted at {other} in the tele daemon's mount namespace, "
+            f"tele: The volumes are mounted at {other} in the tele daemon's mount namespace, "
             "which this shell does not share, so the directory is empty here; run the handler "
-            "where the daemon was started"
+            "where the daemon was started."
         )
         assert (
             f"  Not seen here:      the volumes of files at {other} (mounted in the daemon's "

@@ -210,9 +210,9 @@ def volumes_note(data: Mapping[str, Any]) -> str | None:
     paths = [p for p in str(environment.get("TELEPRESENCE_MOUNTS") or "").split(":") if p]
     which = f" ({', '.join(paths)})" if paths else ""
     return (
-        f"tele: the pod's volumes{which} are not mounted, neither here nor in a --docker-run "
+        f"tele: The pod's volumes{which} are not mounted, neither here nor in a --docker-run "
         "container: the daemon runs in a container (tele connect --docker), which cannot mount "
-        "them; connect without --docker to have them"
+        "them; connect without --docker to have them."
     )
 
 

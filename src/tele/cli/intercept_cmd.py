@@ -161,12 +161,13 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     if note := docker_cmd.volumes_note(data):  # the daemon in a container: no FUSE there
         click.echo(note, err=True)
     elif data.get("mount_error"):
-        click.echo(f"tele: the volumes are not mounted: {data['mount_error']}", err=True)
+        why = str(data["mount_error"]).rstrip(".")
+        click.echo(f"tele: The volumes are not mounted: {why}.", err=True)
     elif data.get("local_mount") and not mounted_here(data["local_mount"]):
         click.echo(
-            f"tele: the volumes are mounted at {data['local_mount']} in the tele daemon's mount "
+            f"tele: The volumes are mounted at {data['local_mount']} in the tele daemon's mount "
             "namespace, which this shell does not share, so the directory is empty here; run "
-            "the handler where the daemon was started",
+            "the handler where the daemon was started.",
             err=True,
         )
     for note in data.get("withheld") or []:  # what the user may not read (RBAC)
