@@ -280,21 +280,22 @@ def test_a_host_network_pod_has_the_nodes_address_and_reaches_services(kubectl: 
     script = "hostname; getent hosts kubernetes.default.svc.cluster.local"
     out = kubectl.run("exec", "on-host", "--", "sh", "-c", script).stdout.split()
     assert out == [name, "10.96.0.1", "kubernetes.default.svc.cluster.local"]
-    fetched = kubectl.run(
+    # The answer is read from the pod's log once it has succeeded: with `run --attach` a curl
+    # that ends before kubectl attaches leaves nothing to print (as on a real cluster).
+    kubectl.run(
         "run",
         "fetch",
         "--image=tele-sandbox/worker",
         "--restart=Never",
-        "--attach",
-        "--rm",
-        "--quiet",
         "--command",
         "--",
         "curl",
         "-s",
         f"http://{internal}:18089/hostname",
-    ).stdout
-    assert fetched.strip() == name
+    )
+    kubectl.run("wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/fetch", "--timeout=60s")
+    assert kubectl.run("logs", "fetch").stdout.strip() == name
+    kubectl.run("delete", "pod", "fetch", "--wait=false")
 
 
 def _scheduled_message(kubectl: Kubectl, pod: str) -> str:
