@@ -54,22 +54,8 @@ def check(translated: Sequence[str], virtual: str, others: Sequence[str] = ()) -
         subnets = parse_networks(translated)
     except ValueError as exc:
         raise VnatError(f"--vnat {exc}: give a subnet such as 10.244.0.0/16") from None
-    try:
-        virtual_net = ipaddress.ip_network(virtual.strip(), strict=False)
-    except ValueError as exc:
-        raise VnatError(f"The virtual IP subnet (config cluster.virtualIPSubnet): {exc}") from None
-    for subnet in subnets:
-        if subnet.version != virtual_net.version:
-            raise VnatError(
-                f"--vnat {subnet} is IPv{subnet.version} but the virtual IP subnet "
-                f"{virtual_net} is IPv{virtual_net.version}; set cluster.virtualIPSubnet to an "
-                f"IPv{subnet.version} subnet"
-            )
-        if subnet.overlaps(virtual_net):
-            raise VnatError(
-                f"--vnat {subnet} overlaps the virtual IP subnet {virtual_net}; choose another "
-                "cluster.virtualIPSubnet in the config"
-            )
+    virtual_net = _virtual_subnet(virtual)
+    _check_against_virtual("--vnat", subnets, virtual_net, "choose another")
     for other in parse_networks(others):
         if other.version == virtual_net.version and other.overlaps(virtual_net):
             raise VnatError(
@@ -104,21 +90,37 @@ def parse_proxy_via(values: Sequence[str]) -> list[tuple[str, str]]:
 def check_proxy_via(subnets: Sequence[str], virtual: str) -> None:
     """VnatError when a --proxy-via subnet overlaps the virtual IP subnet (its addresses get
     virtual IPs from it) or is of the other IP version."""
+    _check_against_virtual(
+        "--proxy-via",
+        parse_networks(subnets),
+        _virtual_subnet(virtual),
+        "choose another subnet, or another",
+    )
+
+
+def _virtual_subnet(virtual: str) -> Network:
     try:
-        virtual_net = ipaddress.ip_network(virtual.strip(), strict=False)
+        return ipaddress.ip_network(virtual.strip(), strict=False)
     except ValueError as exc:
         raise VnatError(f"The virtual IP subnet (config cluster.virtualIPSubnet): {exc}") from None
-    for subnet in parse_networks(subnets):
+
+
+def _check_against_virtual(
+    flag: str, subnets: Sequence[Network], virtual_net: Network, remedy: str
+) -> None:
+    """VnatError when one of `flag`'s subnets is of the other IP version than the virtual IP
+    subnet or overlaps it; `remedy` starts the advice for an overlap."""
+    for subnet in subnets:
         if subnet.version != virtual_net.version:
             raise VnatError(
-                f"--proxy-via {subnet} is IPv{subnet.version} but the virtual IP subnet "
+                f"{flag} {subnet} is IPv{subnet.version} but the virtual IP subnet "
                 f"{virtual_net} is IPv{virtual_net.version}; set cluster.virtualIPSubnet to an "
                 f"IPv{subnet.version} subnet"
             )
         if subnet.overlaps(virtual_net):
             raise VnatError(
-                f"--proxy-via {subnet} overlaps the virtual IP subnet {virtual_net}; choose "
-                "another subnet, or another cluster.virtualIPSubnet in the config"
+                f"{flag} {subnet} overlaps the virtual IP subnet {virtual_net}; {remedy} "
+                "cluster.virtualIPSubnet in the config"
             )
 
 
