@@ -247,6 +247,47 @@ async def test_recover_unmounts_what_a_killed_daemon_left(
         nursery.cancel_scope.cancel()
 
 
+async def test_in_a_mounts_dir_mounts_let_others_in_and_a_dead_daemons_are_recovered(
+    export: Path,
+    tmp_path: Path,
+    no_leftover_mounts: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The daemon container of connect --docker (TELE_MOUNTS_DIR): its mount points are made in
+    that directory, open to other users (the handler container's), and what a dead container
+    left there (no journal: it died with the container) is unmounted by the next daemon."""
+    where = tmp_path / "shared"
+    where.mkdir()
+    monkeypatch.setenv(mounts.MOUNTS_DIR_ENV, str(where))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_files, _export(export), host="127.0.0.1"))
+        table = Mounts(_direct)
+        await nursery.start(table.serve)
+        with trio.fail_after(30):
+            info = await table.attach(_rooted(_info(port), export), MountFlag())
+        assert Path(info.local_mount).parent == where, info.mount_error
+        table_text = await trio.Path("/proc/self/mountinfo").read_text()
+        options = [
+            line.split(" - ")[1]
+            for line in table_text.splitlines()
+            if f" {info.local_mount} " in line
+        ]
+        assert len(options) == 1 and "allow_other" in options[0], options
+        with trio.fail_after(10):
+            await table.detach(info.id)
+        assert not await trio.Path(info.local_mount).exists()
+
+        left = where / "telfs-left"
+        left.mkdir()
+        await trio.run_process(["sshfs", "-o", f"directport={port}", "127.0.0.1:/", str(left)])
+        assert mounted_at(left) == "fuse.sshfs"
+        assert mounts.pending() == [str(left)]
+        assert await trio.to_thread.run_sync(mounts.recover) == [f"unmounted {left}"]
+        assert mounted_at(left) is None and list(where.iterdir()) == []
+        assert mounts.pending() == []
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_file_server_refuses_peers_that_are_not_the_manager(
     export: Path, tmp_path: Path, no_leftover_mounts: None
 ) -> None:

@@ -62,6 +62,18 @@ MOUNT_TIMEOUT = 20.0
 UNMOUNT_TIMEOUT = 5.0
 _STDERR_LIMIT = 4096
 
+MOUNTS_DIR_ENV = "TELE_MOUNTS_DIR"
+"""Set in the daemon container of `tele connect --docker`: the directory its mount points go in,
+bound from the engine's host with shared propagation so that --docker-run containers can bind
+them. Mounts there let any user in (allow_other: the handler container runs as any user; the
+host directory is inside the user's private runtime directory), and a `telfs-*` left there at
+start is a dead daemon's (its container is gone, the journal with it): `recover` unmounts it."""
+
+
+def _mounts_dir() -> str:
+    value = os.environ.get(MOUNTS_DIR_ENV, "")
+    return value if os.path.isabs(value) else ""
+
 
 def tunnel_relay(dial: Dialer) -> Relay:
     """The production relay: through the session's tunnel (via the traffic manager)."""
@@ -234,14 +246,26 @@ def _forget(directory: str) -> None:
         _save(kept)
 
 
+def _left_in_mounts_dir() -> list[_Entry]:
+    """The mount points in the MOUNTS_DIR_ENV directory (only a dead daemon's at start)."""
+    where = _mounts_dir()
+    try:
+        names = sorted(n for n in os.listdir(where) if n.startswith("telfs-")) if where else []
+    except OSError:
+        return []
+    return [_Entry(os.path.join(where, n), True) for n in names]
+
+
 def pending() -> list[str]:
-    return [e.directory for e in _load()]
+    return [e.directory for e in _load() + _left_in_mounts_dir()]
 
 
 def recover() -> list[str]:
     """Unmount what a dead daemon left mounted; what was done, in words (for the log)."""
     done = []
-    for entry in _load():
+    journal = _load()
+    known = {e.directory for e in journal}
+    for entry in journal + [e for e in _left_in_mounts_dir() if e.directory not in known]:
         try:
             if unmount(entry.directory):
                 done.append(f"unmounted {entry.directory}")
@@ -405,7 +429,7 @@ class Mounts:
 def _prepare(wanted: MountFlag) -> tuple[str, bool]:
     """The local directory to mount on, and whether it was made here."""
     if not wanted.directory:
-        return tempfile.mkdtemp(prefix="telfs-"), True
+        return tempfile.mkdtemp(prefix="telfs-", dir=_mounts_dir() or None), True
     path = Path(wanted.directory)
     if mounted_at(path) is not None:
         raise MountError(f"{path} is already a mount point; choose another --mount directory")
@@ -448,6 +472,8 @@ async def _start_sshfs(
     options = ["passive", f"fsname=tele-{info.name}"]
     if wanted.read_only:
         options.append("ro")
+    if _mounts_dir():
+        options.append("allow_other")
     command = ["sshfs", "-f", "-o", ",".join(options), f"tele:{info.mount_point}", directory]
     try:
         process = await trio.lowlevel.open_process(
