@@ -216,6 +216,25 @@ def slow_sink() -> AbstractContextManager[int]:
     return _sink(0.1)
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+IDLE = "idle agent"
+TAP_SETUPS = ("fast", "slow", "absent", "fast+fast", "fast+slow", "fast+absent")
+"""Wiretap setups compared with the idle agent: the request handler, and after a '+' the
+--response-port handler (fast, slow or absent)."""
+
+
+def _handler(kind: str) -> AbstractContextManager[int]:
+    return {"fast": fast_sink, "slow": slow_sink}.get(kind, absent_port)()
+
+
+def _common(rows: list[dict[str, float]]) -> set[str]:
+    """The keys every row has."""
+    keys = set(rows[0])
+    for row in rows[1:]:
+        keys &= set(row)
+    return keys
+
+
 @contextmanager
 def absent_port() -> Iterator[int]:
     with socket.socket() as probe:
@@ -494,6 +513,109 @@ class Bench:
             self.tap_counters[label] = seen
         return rows
 
+    def compare_wiretaps(self, rounds: int) -> dict[str, dict[str, float]]:
+        """The idle agent and each wiretap setup (TAP_SETUPS), measured in turn every round,
+        the order reversed every other round (ABBA ...): what each adds is the median of its
+        differences to the idle agent of the same round, on one connection and on a new
+        connection per request."""
+        found: dict[str, list[dict[str, float]]] = {s: [] for s in (IDLE, *TAP_SETUPS)}
+        for round_ in range(rounds):
+            order = [IDLE, *TAP_SETUPS]
+            if round_ % 2:
+                order.reverse()
+            for setup in order:
+                found[setup].append(self.measure_setup(setup))
+        summary: dict[str, dict[str, float]] = {}
+        for setup, values in found.items():
+            keys = _common(values)
+            row: dict[str, float] = {k: statistics.median(v[k] for v in values) for k in keys}
+            if setup != IDLE:
+                for k in keys & _common(found[IDLE]):
+                    if not k.endswith("_ms"):
+                        continue
+                    row[f"added_{k}"] = statistics.median(
+                        v[k] - i[k] for v, i in zip(values, found[IDLE], strict=True)
+                    )
+            summary[setup] = row
+        return summary
+
+    def measure_setup(self, setup: str) -> dict[str, float]:
+        """One measurement of `setup`: the wiretap made (handlers as it says), the requests
+        on one connection and on new connections, the counters read, the wiretap left."""
+        if setup == IDLE:
+            return self._both()
+        request, _, response = setup.partition("+")
+        with _handler(request) as port, _handler(response or "none") as answers:
+            extra = ["--response-port", str(answers)] if response else []
+            self.tele("wiretap", "tap", "-w", "echo", "-p", f"{port}:http", *extra)
+            try:
+                found = self._both()
+                found.update(self._tap_counters(self.requests + 21))
+            finally:
+                self.tele("leave", "tap")
+        return found
+
+    def _both(self) -> dict[str, float]:
+        keep = self.latency("echo.default", 80, False)
+        before = self._cpu()
+        fresh = self.latency("echo.default", 80, False, fresh=True)
+        after = self._cpu()
+        found = {
+            "keep_p50_ms": keep["p50_ms"],
+            "keep_p99_ms": keep["p99_ms"],
+            "fresh_p50_ms": fresh["p50_ms"],
+            "fresh_p99_ms": fresh["p99_ms"],
+        }
+        for name, ticks in after.items():  # CPU per request on a new connection each
+            found[f"{name}_cpu_ms"] = (
+                (ticks - before.get(name, ticks)) * 1000 / _TICKS / (self.requests + 20)
+            )
+        return found
+
+    def _cpu(self) -> dict[str, int]:
+        """User + system CPU ticks so far of the agent, the manager and the daemon (the
+        sandbox's containers are processes of this machine)."""
+        containers = self.home / "state" / "tele" / "sandbox" / self.name / "node" / "containers"
+        pid_files = {
+            "agent": sorted(containers.glob("*.traffic-agent.*/pid")),
+            "manager": sorted(containers.glob("*.traffic-manager.*/pid")),
+            "daemon": [self.home / "runtime" / "tele" / "daemon.pid"],
+        }
+        ticks: dict[str, int] = {}
+        for name, files in pid_files.items():
+            try:
+                pid = files[-1].read_text().split()[0]
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (IndexError, OSError):
+                continue
+            ticks[name] = int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks
+
+    def _tap_counters(self, connections: int) -> dict[str, float]:
+        """The wiretap's counters once tele status shows `connections` (or 15 s passed)."""
+        deadline = time.monotonic() + 15
+        while True:
+            status = json.loads(self.tele("status", "-o", "json"))
+            taps = [
+                e.get("wiretap") or {}
+                for e in status["session"]["engagements"]
+                if e["name"] == "tap"
+            ]
+            seen = taps[0] if taps else {}
+            if seen.get("connections", 0) >= connections or time.monotonic() > deadline:
+                return {k: float(v) for k, v in seen.items() if isinstance(v, int)}
+            time.sleep(1)
+
+    def run_wiretap_compare(self, rounds: int) -> dict[str, dict[str, float]]:
+        try:
+            self.up()
+            self.tele("wiretap", "tap", "-w", "echo", "-p", "1:http")  # the agent injected
+            self.tele("leave", "tap")
+            self._both()  # warm-up
+            return self.compare_wiretaps(rounds)
+        finally:
+            self.down()
+
     def run(self) -> dict[str, object]:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -566,9 +688,51 @@ def main() -> None:
         help="only compare enforcing with disabled: connect and warm ready time, the modes "
         "alternating (ABBA) for ROUNDS rounds",
     )
+    parser.add_argument(
+        "--wiretap-compare",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only the wiretap rows: the idle agent and every wiretap setup (handlers fast, "
+        "slow, absent; with a --response-port handler too) in turn, ABBA, for ROUNDS rounds",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("kubectl"):
         raise SystemExit("bench/engage.py needs root (the sandbox's namespaces) and kubectl")
+    if args.wiretap_compare:
+        taps = Bench(args.requests).run_wiretap_compare(args.wiretap_compare)
+        print(
+            f"{'wiretap (request+response)':26} {'keep p50':>8} {'p99':>6} {'fresh p50':>9} "
+            f"{'p99':>6} {'+keep p50':>9} {'+p99':>6} {'+fresh p50':>10} {'+p99':>6} "
+            f"{'+CPU agent':>10} {'manager':>7} {'daemon':>7}"
+        )
+        for setup, row in taps.items():
+            print(
+                f"{setup:26} {row['keep_p50_ms']:8.2f} {row['keep_p99_ms']:6.2f} "
+                f"{row['fresh_p50_ms']:9.2f} {row['fresh_p99_ms']:6.2f} "
+                f"{row.get('added_keep_p50_ms', 0):+9.2f} "
+                f"{row.get('added_keep_p99_ms', 0):+6.2f} "
+                f"{row.get('added_fresh_p50_ms', 0):+10.2f} "
+                f"{row.get('added_fresh_p99_ms', 0):+6.2f} "
+                f"{row.get('added_agent_cpu_ms', 0):+10.3f} "
+                f"{row.get('added_manager_cpu_ms', 0):+7.3f} "
+                f"{row.get('added_daemon_cpu_ms', 0):+7.3f}"
+            )
+        print("(ms; keep: one connection, fresh: a new connection per request; + columns: the")
+        print(" median of paired differences to the idle agent of the same round; CPU: ms per")
+        print(" fresh request. Target: a fast handler adds <= 0.3 ms p50, an absent one leaves")
+        print(" the app's p99 unchanged)")
+        print(
+            json.dumps(
+                {
+                    "bench": "engage-wiretap",
+                    "rounds": args.wiretap_compare,
+                    "requests": args.requests,
+                    "setups": {s: {k: round(v, 3) for k, v in r.items()} for s, r in taps.items()},
+                }
+            )
+        )
+        return
     if args.auth_compare:
         compared = Bench(args.requests).run_auth_compare(args.auth_compare)
         print(f"{'authentication mode':22} {'connect s':>10} {'ready s':>9}")
