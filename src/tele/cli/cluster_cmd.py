@@ -164,8 +164,14 @@ def connect(
     """Connect this machine to the cluster through its traffic manager; with `-- COMMAND`,
     run COMMAND while connected, then disconnect (exiting with COMMAND's status)."""
     from tele.cli import client
+    from tele.errors import UserError
     from tele.rpc import daemon_api
 
+    if proxy_via and vif is False:
+        raise UserError(
+            "--proxy-via needs the virtual network interface (its subnets' virtual IPs are "
+            "routed there), which --no-vif turns off; drop one of the two."
+        )
     request = daemon_api.ConnectRequest(
         kubeconfig=os.path.abspath(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG", ""),
         context=context,

@@ -178,6 +178,8 @@ class ClusterSession:
         """--proxy-via for `tele status`: subnet, workload, pods (those whose agents dial)."""
         """--vnat's subnets, symbolic names resolved (at arrival)."""
         self._take_helper = take_helper
+        self._privileges: Privileges | None = None
+        """The privileged helper, taken before arriving when --proxy-via needs the VIF."""
 
     @asynccontextmanager
     async def _open_transport(self) -> AsyncIterator[trio.abc.Stream]:
@@ -310,6 +312,9 @@ class ClusterSession:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 await self.lease.depart()
+                if self._privileges is not None:  # taken for --proxy-via, never used
+                    await self._privileges.aclose()
+                    self._privileges = None
             self.lease.status = "disconnected"
             gctune.settle()  # the ended session's cycles are garbage now
 
@@ -414,9 +419,37 @@ class ClusterSession:
                 log.warning("%s", exc)
                 lease.last_error = str(exc)
 
+    def _require_network(self) -> None:
+        """--proxy-via's subnets are reached only through the VIF (their virtual IPs are routed
+        there): without one (--no-vif, TELE_VIF=0, or neither CAP_NET_ADMIN nor a privileged
+        helper) one sentence before the cluster is asked for anything; with one, a VIF that
+        cannot be set up fails the connect instead of being a note."""
+        from tele.vif.caps import has_net_admin
+        from tele.vif.connect import NetworkOptions
+
+        if not self.request.proxy_via:
+            return
+        options = self.network_options or NetworkOptions.from_env()
+        self.network_options = options
+        if not options.enabled and not options.when_possible:
+            raise UserError(
+                "--proxy-via needs the virtual network interface (its subnets' virtual IPs are "
+                "routed there), and this connect sets up none; connect without --no-vif."
+            )
+        if not has_net_admin():
+            self._privileges = self._take_helper() if self._take_helper is not None else None
+            if self._privileges is None:
+                raise UserError(
+                    "--proxy-via needs the virtual network interface, and the daemon runs "
+                    "without CAP_NET_ADMIN and no privileged helper was started; "
+                    "`tele connect --vif` starts one with sudo."
+                )
+        options.enabled = True
+
     async def _run(self, task_status: trio.TaskStatus[dapi.ConnectionInfo]) -> None:
         self._merged_network(None)  # the local sources' mistakes, before the cluster is asked
         self._check_vnat(None)
+        self._require_network()
         async with trio.open_nursery() as nursery:
             if not self.locator.by_address:
                 # A missing manager is the user's to fix: say so at once, don't retry; one
@@ -470,8 +503,8 @@ class ClusterSession:
         options.vnat = list(self.vnat_subnets)
         options.proxy_via = self.proxy_routes  # the same list: kept current after re-arrival
         options.virtual_subnet = self._settings.cluster.virtual_ip_subnet
-        privileges: Privileges | None = None
-        if not has_net_admin():
+        privileges, self._privileges = self._privileges, None
+        if privileges is None and not has_net_admin():
             privileges = self._take_helper() if self._take_helper is not None else None
             if privileges is None:
                 reason = (
