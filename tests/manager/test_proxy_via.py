@@ -1,24 +1,28 @@
 """--proxy-via in the manager and the agent (tele.manager.proxyvia, tele.agent.manager_link): a
 client's `via.<route>` stream is spliced to the stream the workload's agent opens after dialling
 from its pod. Hostile or mistaken peers: another session's route id, another agent answering a
-dial, UDP, loopback/metadata destinations, a failed dial, no agent."""
+dial, loopback/metadata destinations, a failed dial, no agent; for UDP flows (sent by the
+agent from a socket of its pod) a truncated datagram, too many flows, idle flows."""
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
+from tele.agent import manager_link
 from tele.agent.manager_link import ManagerEngagements
 from tele.manager import proxyvia
 from tele.manager.proxyvia import ProxyVia
-from tele.net.tunnel import Destination, Protocol, ResetReason
+from tele.net.dialpolicy import never_dialed
+from tele.net.tunnel import DatagramDecoder, Destination, Protocol, ResetReason, encode_datagram
 from tele.rpc import agent_api as aapi
-from tele.rpc.h2link import H2Link, open_link, serve_link
+from tele.rpc.h2link import H2Link, H2Stream, open_link, serve_link
 from tele.rpc.tunnel import TunnelError, TunnelServer, connect_tcp, dial, splice
 
 WORKLOAD = ("Deployment", "default", "via")
@@ -102,7 +106,7 @@ async def test_a_route_carries_bytes_through_the_agent() -> None:
     [
         (CLIENT + "-other", "mine", Protocol.TCP, "127.0.0.1", ResetReason.POLICY, "no such"),
         (CLIENT, "guessed", Protocol.TCP, "127.0.0.1", ResetReason.POLICY, "no such"),
-        (CLIENT, "mine", Protocol.UDP, "127.0.0.1", ResetReason.POLICY, "TCP only"),
+        (CLIENT, "mine", Protocol.UDP, "169.254.169.254", ResetReason.POLICY, "metadata"),
         (CLIENT, "mine", Protocol.TCP, "169.254.169.254", ResetReason.POLICY, "metadata"),
         (CLIENT, "mine", Protocol.TCP, "::ffff:127.0.0.1", ResetReason.POLICY, "loopback"),
     ],
@@ -166,6 +170,22 @@ def test_routes_per_session_are_bounded() -> None:
         routes.add(CLIENT, ("Deployment", "default", "one-more"))
 
 
+IDENTITY = aapi.AgentIdentity(
+    pod_name="via-1",
+    namespace="default",
+    pod_ip="10.244.0.9",
+    workload_name="via",
+    workload_kind="Deployment",
+    version="test",
+)
+
+
+@asynccontextmanager
+async def never() -> AsyncIterator[trio.abc.Stream]:
+    raise AssertionError("no link in this test")
+    yield  # pragma: no cover
+
+
 class FakePool:
     def __init__(self) -> None:
         self.dial_ids: list[str] = []
@@ -178,35 +198,151 @@ class FakePool:
 
 
 @pytest.mark.parametrize(
-    ("host", "port", "reason"),
+    ("host", "port", "protocol", "reason"),
     [
-        ("169.254.169.254", 80, "policy"),
-        ("127.0.0.1", 8080, "policy"),
-        ("fe80::1", 80, "policy"),
-        ("not-an-ip", 80, "protocol"),
-        ("10.0.0.1", 0, "protocol"),
+        ("169.254.169.254", 80, "tcp", "policy"),
+        ("127.0.0.1", 8080, "tcp", "policy"),
+        ("fe80::1", 80, "tcp", "policy"),
+        ("not-an-ip", 80, "tcp", "protocol"),
+        ("10.0.0.1", 0, "tcp", "protocol"),
+        ("169.254.169.254", 53, "udp", "policy"),
+        ("127.0.0.1", 53, "udp", "policy"),
+        ("10.0.0.1", 0, "udp", "protocol"),
+        ("10.0.0.1", 53, "sctp", "protocol"),
+        ("10.0.0.1", 53, "UDP" * 1000, "protocol"),
     ],
 )
 async def test_the_agent_never_dials_its_pods_own_or_metadata_addresses(
-    host: str, port: int, reason: str
+    host: str, port: int, protocol: str, reason: str
 ) -> None:
-    identity = aapi.AgentIdentity(
-        pod_name="via-1",
-        namespace="default",
-        pod_ip="10.244.0.9",
-        workload_name="via",
-        workload_kind="Deployment",
-        version="test",
-    )
-
-    @asynccontextmanager
-    async def never() -> AsyncIterator[trio.abc.Stream]:
-        raise AssertionError("no link in this test")
-        yield  # pragma: no cover
-
-    source = ManagerEngagements(identity, never)
+    source = ManagerEngagements(IDENTITY, never)
     source.session_id = AGENT
     pool = FakePool()
     source.pool = pool  # type: ignore[assignment]
-    await source._proxy_dial(aapi.ProxyDial(dial_id="abc", host=host, port=port))
+    await source._proxy_dial(aapi.ProxyDial(dial_id="abc", host=host, port=port, protocol=protocol))
     assert pool.dial_ids == [f"proxyfail.abc.{reason}"]
+    assert source.proxied == source.proxied_udp == 0
+
+
+async def test_udp_flows_an_agent_sends_are_bounded() -> None:
+    source = ManagerEngagements(IDENTITY, never)
+    source.session_id = AGENT
+    pool = FakePool()
+    source.pool = pool  # type: ignore[assignment]
+    source.proxied_udp = manager_link.MAX_PROXIED_UDP
+    await source._proxy_dial(aapi.ProxyDial(dial_id="a", host="10.0.0.1", port=53, protocol="udp"))
+    source.proxied = manager_link.MAX_PROXIED
+    source.proxied_udp = 0
+    await source._proxy_dial(aapi.ProxyDial(dial_id="b", host="10.0.0.1", port=53, protocol="udp"))
+    assert pool.dial_ids == ["proxyfail.a.overloaded", "proxyfail.b.overloaded"]
+
+
+class LinkPool:
+    """The agent's pool, standing in: its streams go over the test's link to the manager."""
+
+    def __init__(self, link: H2Link) -> None:
+        self.link = link
+
+    async def dial(
+        self, destination: Destination, *, session: str, dial_id: str | None = None, wait: float
+    ) -> H2Stream:
+        return await dial(self.link, destination, session=session, dial_id=dial_id)
+
+
+@asynccontextmanager
+async def udp_echo() -> AsyncIterator[tuple[Destination, list[tuple[str, int]]]]:
+    """A UDP echo server on loopback, and the peers it answered."""
+    peers: list[tuple[str, int]] = []
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.bind(("127.0.0.1", 0))
+
+        async def serve() -> None:
+            while True:
+                data, peer = await sock.recvfrom(65536)
+                peers.append(peer)
+                await sock.sendto(data, peer)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            port = sock.getsockname()[1]
+            yield Destination(Protocol.UDP, ipaddress.ip_address("127.0.0.1"), port), peers
+            nursery.cancel_scope.cancel()
+
+
+async def real_agent(routes: ProxyVia, source: ManagerEngagements) -> None:
+    async with trio.open_nursery() as nursery:
+        async for asked in routes.watch(AGENT):
+            nursery.start_soon(source._proxy_dial, asked)
+
+
+@pytest.fixture
+def agent_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's dial policy as the manager's allow_loopback_dials (the test's servers are
+    on loopback; the policy's refusals are tested above)."""
+    monkeypatch.setattr(
+        manager_link, "never_dialed", functools.partial(never_dialed, allow_loopback=True)
+    )
+
+
+async def receive_datagrams(stream: trio.abc.Stream, count: int) -> list[bytes]:
+    decoder = DatagramDecoder()
+    got: list[bytes] = []
+    with trio.fail_after(10):
+        while len(got) < count:
+            data = await stream.receive_some(65536)
+            assert data, f"the stream ended after {got}"
+            got += decoder.feed(data)
+    return got
+
+
+async def test_a_route_carries_a_udp_flow_sent_from_the_agents_socket(
+    agent_on_loopback: None,
+) -> None:
+    """Datagrams both ways through the agent's socket (the server answers one peer: the
+    agent's), until the flow is idle: then the agent half-closes and lets its socket go."""
+    routes = ProxyVia(agent_sessions=lambda key: [AGENT], allow_loopback=True)
+    route = routes.add(CLIENT, WORKLOAD)
+    async with manager(routes) as (link, _), udp_echo() as (server, peers):
+        source = ManagerEngagements(IDENTITY, never)
+        source.session_id = AGENT
+        source.pool = LinkPool(link)  # type: ignore[assignment]
+        source.proxy_udp_idle = 1.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(real_agent, routes, source)
+            await trio.testing.wait_all_tasks_blocked()
+            stream = await dial(link, server, session=CLIENT, dial_id="via." + route)
+            await stream.send_all(encode_datagram(b"query 1") + encode_datagram(b"query 2"))
+            assert await receive_datagrams(stream, 2) == [b"query 1", b"query 2"]
+            assert source.proxied_udp == 1 and len(set(peers)) == 1
+            with trio.fail_after(10):  # idle: the agent ends the flow
+                assert await stream.receive_some(65536) == b""
+            await trio.testing.wait_all_tasks_blocked()
+            assert source.proxied_udp == source.proxied == 0
+            stream.close()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_truncated_datagram_resets_only_its_flow(agent_on_loopback: None) -> None:
+    """A client whose stream ends inside a datagram: the agent resets that flow (PROTOCOL) and
+    lets its socket go; another flow of the same route goes on."""
+    routes = ProxyVia(agent_sessions=lambda key: [AGENT], allow_loopback=True)
+    route = routes.add(CLIENT, WORKLOAD)
+    async with manager(routes) as (link, _), udp_echo() as (server, _peers):
+        source = ManagerEngagements(IDENTITY, never)
+        source.session_id = AGENT
+        source.pool = LinkPool(link)  # type: ignore[assignment]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(real_agent, routes, source)
+            await trio.testing.wait_all_tasks_blocked()
+            good = await dial(link, server, session=CLIENT, dial_id="via." + route)
+            bad = await dial(link, server, session=CLIENT, dial_id="via." + route)
+            await bad.send_all(b"\x00\x10abc")  # 16 bytes announced, 3 sent
+            await bad.send_eof()
+            with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+                while await bad.receive_some(65536):
+                    pass
+            await good.send_all(encode_datagram(b"still here"))
+            assert await receive_datagrams(good, 1) == [b"still here"]
+            assert source.proxied_udp == 1
+            good.close()
+            nursery.cancel_scope.cancel()

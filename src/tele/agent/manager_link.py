@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import random
+import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import NoReturn
@@ -33,7 +34,14 @@ from tele.rpc.client import Client
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.links import Connector, LinkPool
 from tele.rpc.manager_api import AUTHENTICATE, REMAIN, AuthenticateRequest, SessionRequest
-from tele.rpc.tunnel import TunnelError, connect_tcp, reason_for_oserror, splice
+from tele.rpc.tunnel import (
+    UDP_IDLE_TIMEOUT,
+    TunnelError,
+    connect_tcp,
+    reason_for_oserror,
+    relay_udp,
+    splice,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +55,11 @@ MAX_TOKEN_FILE = 16384
 PROXY_DIAL_TIMEOUT = 5.0
 """A --proxy-via dial from this pod (the manager waits 10 s for the answer)."""
 MAX_PROXIED = 1024
-"""--proxy-via connections this agent relays at once; more are refused (overloaded)."""
+"""--proxy-via connections and UDP flows this agent relays at once; more are refused
+(overloaded)."""
+MAX_PROXIED_UDP = 256
+"""Of those, UDP flows (each holds a socket of the pod's until idle): a client sending to many
+destinations or from many ports cannot take all of the agent's descriptors."""
 
 
 async def read_token(path: str) -> str:
@@ -82,6 +94,29 @@ def identity(
         replaced=config.replaced(),
         terminates_tls=bool(settings.tls_cert),
     )
+
+
+def _proxy_destination(dial: aapi.ProxyDial) -> tuple[Destination | None, ResetReason | None]:
+    """What a ProxyDial asks for, or why it cannot be dialled (a malformed or unknown ask of a
+    hostile or newer manager: PROTOCOL)."""
+    try:
+        protocol = Protocol(dial.protocol)
+        return Destination(protocol, ipaddress.ip_address(dial.host), dial.port), None
+    except (ValueError, TunnelProtocolError):
+        log.warning("proxy-via: the traffic manager asked for a malformed destination")
+        return None, ResetReason.PROTOCOL
+
+
+async def connect_udp(destination: Destination) -> trio.socket.SocketType:
+    """A UDP socket connected to `destination` (its replies only reach this socket)."""
+    family = socket.AF_INET6 if destination.ip.version == 6 else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        await sock.connect((str(destination.ip), destination.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class FileCertificates(Interface):
@@ -129,7 +164,11 @@ class ManagerEngagements:
         self.updates = 0
         self._updated = trio.Event()
         self.proxied = 0
-        """--proxy-via connections relayed now."""
+        """--proxy-via connections and UDP flows relayed now."""
+        self.proxied_udp = 0
+        """Of those, UDP flows."""
+        self.proxy_udp_idle = UDP_IDLE_TIMEOUT
+        """A --proxy-via UDP flow with no datagram either way for this long ends."""
         self._configured_level = logs.current_level()
         """The level the agent started with: it returns when `tele loglevel`'s time ends."""
 
@@ -202,29 +241,25 @@ class ManagerEngagements:
         )
 
     async def _proxy_dial(self, dial: aapi.ProxyDial) -> None:
-        """A client's --proxy-via connection: dial it from this pod (never this pod's loopback,
-        link-local or metadata addresses), then open `proxy.<id>` to the manager and relay; a
-        dial that fails opens `proxyfail.<id>.<reason>` so the client learns why at once."""
+        """A client's --proxy-via connection or UDP flow: dial it from this pod (never this
+        pod's loopback, link-local or metadata addresses), then open `proxy.<id>` to the
+        manager and relay; a dial that fails opens `proxyfail.<id>.<reason>` so the client
+        learns why at once."""
         session = self.session_id
-        reason: ResetReason | None = None
-        local: trio.SocketStream | None = None
-        try:
-            destination = Destination(Protocol.TCP, ipaddress.ip_address(dial.host), dial.port)
-        except (ValueError, TunnelProtocolError):
-            log.warning("proxy-via: the traffic manager asked for a malformed destination")
-            destination = None
-            reason = ResetReason.PROTOCOL
+        destination, reason = _proxy_destination(dial)
+        local: trio.SocketStream | trio.socket.SocketType | None = None
         if destination is not None:
             why = never_dialed(destination.ip)
+            udp = destination.protocol is Protocol.UDP
             if why:
                 log.warning("proxy-via: not dialling %s: %s", destination, why)
                 reason = ResetReason.POLICY
-            elif self.proxied >= MAX_PROXIED:
+            elif self.proxied >= MAX_PROXIED or (udp and self.proxied_udp >= MAX_PROXIED_UDP):
                 reason = ResetReason.OVERLOADED
             else:
                 with trio.move_on_after(PROXY_DIAL_TIMEOUT):
                     try:
-                        local = await connect_tcp(destination)
+                        local = await (connect_udp if udp else connect_tcp)(destination)
                     except OSError as exc:
                         reason = reason_for_oserror(exc)
                 if local is None and reason is None:
@@ -247,25 +282,44 @@ class ManagerEngagements:
                     pass  # the manager refuses it, having told the client
             return
         assert destination is not None
+        udp = not isinstance(local, trio.SocketStream)
         self.proxied += 1
+        self.proxied_udp += udp
         try:
-            async with local:
-                try:
-                    tunnel = await self.pool.dial(
-                        destination,
-                        session=session,
-                        dial_id=aapi.PROXY_DIAL_PREFIX + dial.dial_id,
-                        wait=PROXY_DIAL_TIMEOUT,
-                    )
-                except TunnelError as exc:
-                    log.info("proxy-via: the traffic manager dropped %s: %s", destination, exc)
-                    return
-                try:
-                    await splice(tunnel, local)
-                finally:
-                    tunnel.close()
+            if isinstance(local, trio.SocketStream):
+                async with local:
+                    await self._proxy_relay(destination, session, dial.dial_id, local)
+            else:
+                with local:
+                    await self._proxy_relay(destination, session, dial.dial_id, local)
         finally:
             self.proxied -= 1
+            self.proxied_udp -= udp
+
+    async def _proxy_relay(
+        self,
+        destination: Destination,
+        session: str,
+        dial_id: str,
+        local: trio.SocketStream | trio.socket.SocketType,
+    ) -> None:
+        try:
+            tunnel = await self.pool.dial(
+                destination,
+                session=session,
+                dial_id=aapi.PROXY_DIAL_PREFIX + dial_id,
+                wait=PROXY_DIAL_TIMEOUT,
+            )
+        except TunnelError as exc:
+            log.info("proxy-via: the traffic manager dropped %s: %s", destination, exc)
+            return
+        try:
+            if isinstance(local, trio.SocketStream):
+                await splice(tunnel, local)
+            else:
+                await relay_udp(tunnel, local, idle_timeout=self.proxy_udp_idle)
+        finally:
+            tunnel.close()
 
     async def _follow_proxy_dials(
         self, client: Client, request: SessionRequest, nursery: trio.Nursery

@@ -6,7 +6,9 @@ picks a connected agent of the workload and sends it ProxyDial{X} on the agent's
 WATCH_PROXY_DIALS stream; the agent dials the destination from its pod (refusing loopback,
 link-local and metadata addresses, as the manager's tunnel does) and opens `proxy.X` (or
 `proxyfail.X.<reason>`) to the manager, which splices it to the client's stream. Every stream
-is opened towards the manager, as for engagements (tele.manager.dialback).
+is opened towards the manager, as for engagements (tele.manager.dialback). A UDP flow goes the
+same way: the agent sends it from a socket of its pod, with DATAGRAM framing on the stream,
+until the flow is idle (the splice here carries the frames as bytes).
 
 Bounded: routes per session, dials queued per agent, dials waiting for their agent stream.
 """
@@ -22,7 +24,7 @@ import trio
 
 from tele.manager.table import WorkloadKey
 from tele.net.dialpolicy import never_dialed
-from tele.net.tunnel import Accept, OpenRequest, Protocol, Refuse, ResetReason
+from tele.net.tunnel import Accept, OpenRequest, Refuse, ResetReason
 from tele.rpc import agent_api as aapi
 from tele.rpc.h2stream import H2Stream
 from tele.rpc.tunnel import reset, splice
@@ -116,11 +118,6 @@ class ProxyVia:
             await self._refuse(stream, ResetReason.POLICY, "no such --proxy-via route")
             return
         kind, namespace, name = route.workload
-        if destination.protocol is not Protocol.TCP:
-            await self._refuse(
-                stream, ResetReason.POLICY, "--proxy-via carries TCP only (not UDP) for now"
-            )
-            return
         why = never_dialed(destination.ip, allow_loopback=self._allow_loopback)
         if why:
             await self._refuse(
@@ -144,7 +141,12 @@ class ProxyVia:
         self._pending[dial_id] = (agent, send)
         try:
             self._agents[agent].send_nowait(
-                aapi.ProxyDial(dial_id=dial_id, host=str(destination.ip), port=destination.port)
+                aapi.ProxyDial(
+                    dial_id=dial_id,
+                    host=str(destination.ip),
+                    port=destination.port,
+                    protocol=destination.protocol.value,
+                )
             )
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             self._pending.pop(dial_id, None)

@@ -283,6 +283,9 @@ class ProxyDial(msgspec.Struct, frozen=True, kw_only=True):
     dial_id: str
     host: str
     port: int
+    protocol: str = "tcp"
+    """tcp: a connection, relayed as bytes; udp: a flow from a socket of the pod's, relayed as
+    DATAGRAM frames until idle (tele.rpc.tunnel.relay_udp). Anything else is refused."""
 
 
 class UninstallRequest(msgspec.Struct, frozen=True, kw_only=True):
