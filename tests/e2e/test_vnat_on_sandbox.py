@@ -16,7 +16,7 @@ import trio
 
 from tele.sandbox.network import netns
 from tele.sandbox.network.laptop import serve_laptop, shell_command
-from tests.daemon.util import DaemonGuard, run_tele
+from tests.daemon.util import DaemonGuard, run_tele, single_error_line
 from tests.e2e import install_manager, kubectl
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
@@ -268,3 +268,190 @@ async def test_proxy_via_dials_from_the_workloads_pod(
         DaemonGuard(in_laptop("true")[1]).kill_all()
         run_tele(tele_env, "helm", "uninstall", "--kubeconfig", str(sandbox.kubeconfig))
         kubectl(sandbox, "delete", "-f", "-", "--wait=false", stdin=VIA_APPS)
+
+
+UDP_APPS = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: pv-other}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: pv-udp, namespace: default}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: pv-udp}}
+  template:
+    metadata: {labels: {app: pv-udp}}
+    spec:
+      containers:
+      - name: echo
+        image: tele-sandbox/l4-echo
+        env: [{name: UDP_SAY_PEER, value: "1"}]
+        ports: [{name: echo, containerPort: 9000}]
+        readinessProbe: {tcpSocket: {port: echo}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: pv-udp, namespace: default}
+spec:
+  selector: {app: pv-udp}
+  clusterIP: None
+  ports: [{name: echo, port: 9000, targetPort: echo, protocol: UDP}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: pv-other-via, namespace: pv-other}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: pv-other-via}}
+  template:
+    metadata: {labels: {app: pv-other-via}}
+    spec:
+      containers:
+      - name: echo
+        image: tele-sandbox/echo
+        ports: [{name: http, containerPort: 8080}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: pv-none, namespace: default}
+spec:
+  replicas: 0
+  selector: {matchLabels: {app: pv-none}}
+  template:
+    metadata: {labels: {app: pv-none}}
+    spec:
+      containers:
+      - name: echo
+        image: tele-sandbox/echo
+"""
+# UDP to pv-udp (it answers with the sender's address), then a DNS query over UDP to the
+# cluster's DNS server: both addresses are behind --proxy-via, so both go out of the pod.
+UDP_CALL = """
+import json, socket, struct
+
+def ask(address, port, payload):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(20)
+        s.sendto(payload, (address, port))
+        return s.recv(4096)
+
+echo = socket.gethostbyname("pv-udp.default")
+said = ask(echo, 9000, b"over udp").decode()
+dns = socket.gethostbyname("kube-dns.kube-system")
+name = b"".join(bytes([len(p)]) + p for p in b"pv-udp.default.svc.cluster.local".split(b"."))
+query = struct.pack(">6H", 0x7E1E, 0x0100, 1, 0, 0, 0) + name + b"\\0" + struct.pack(">HH", 1, 1)
+answer = ask(dns, 53, query)
+ident, flags, _, count = struct.unpack(">4H", answer[:8])
+print(json.dumps({
+    "echo": echo, "said": said, "dns": dns, "id": ident, "rcode": flags & 15,
+    "answers": count, "last": socket.inet_ntoa(answer[-4:]),
+}))
+"""
+
+
+async def test_proxy_via_udp_and_a_workload_of_another_namespace(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    tmp_path: Path,
+    nursery: trio.Nursery,
+) -> None:
+    """`--proxy-via CIDR=WORKLOAD.NAMESPACE` routes through a workload of another namespace;
+    UDP (an echo that names its sender, and a DNS query to the cluster's DNS server) is sent
+    from that workload's pod. Before that, what cannot work is one sentence and no session:
+    no VIF, an unknown workload or namespace, a workload with no pod to dial from."""
+    sandbox = node_sandbox
+    install_manager(sandbox, tele_env)
+    kubectl(sandbox, "apply", "-f", "-", stdin=UDP_APPS)
+    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=pv-udp", "--timeout=90s")
+    target = kubectl(
+        sandbox, "get", "pod", "-l", "app=pv-udp", "-o", "jsonpath={.items[0].status.podIP}"
+    ).strip()
+    assert target, "pv-udp has no pod IP"
+    server = urllib.parse.urlsplit(
+        json.loads(kubectl(sandbox, "config", "view", "--minify", "-o", "json"))["clusters"][0][
+            "cluster"
+        ]["server"]
+    )
+    cluster = f"tele-pu{sandbox.name[-4:]}"
+    await nursery.start(serve_laptop, cluster, server.hostname, server.port)
+    home = tmp_path / "laptop"
+    tele = [str(Path(sys.executable).parent / "tele")]
+
+    def in_laptop(*argv: str) -> tuple[list[str], dict[str, str]]:
+        command, env = shell_command(cluster, home, str(sandbox.kubeconfig), list(argv))
+        env.pop("TELE_VIF", None)
+        return command, env
+
+    refusals = {
+        ("--no-vif", "10.1.0.0/24=pv-other-via.pv-other"): (
+            "tele: --proxy-via needs the virtual network interface (its subnets' virtual IPs "
+            "are routed there), which --no-vif turns off; drop one of the two."
+        ),
+        ("--vif", "10.1.0.0/24=nosuch.pv-other"): (
+            "tele: --proxy-via 10.1.0.0/24=nosuch.pv-other: No workload named nosuch in "
+            "namespace pv-other"
+        ),
+        ("--vif", "10.1.0.0/24=pv-other-via.nosuch"): (
+            "tele: --proxy-via 10.1.0.0/24=pv-other-via.nosuch: No workload named "
+            "pv-other-via.nosuch in namespace default (for a workload in another namespace, "
+            "WORKLOAD.NAMESPACE: nosuch is no namespace this traffic manager manages)."
+        ),
+        ("--vif", "10.1.0.0/24=pv-none"): (
+            "tele: --proxy-via 10.1.0.0/24=pv-none: Deployment default/pv-none has 0 "
+            "replicas: no pod can dial for --proxy-via"
+        ),
+    }
+    try:
+        for (vif, flag), sentence in refusals.items():
+            refused = await run(*in_laptop(*tele, "connect", vif, "--proxy-via", flag))
+            assert refused.returncode == 1, refused
+            assert single_error_line(refused).startswith(sentence), refused.stderr
+            status = await run(*in_laptop(*tele, "status", "-o", "json"))
+            assert json.loads(status.stdout).get("session") is None, status.stdout
+        deployment = kubectl(sandbox, "get", "deployment", "-n", "pv-other", "pv-other-via")
+        assert "traffic-agent" not in deployment  # nothing was injected by a refusal
+
+        connect = [
+            *tele,
+            "connect",
+            "--vif",
+            "--proxy-via",
+            f"{target}/32=pv-other-via.pv-other",
+            "--proxy-via",
+            "10.96.0.10/32=pv-other-via.pv-other",
+        ]
+        connected = await run(*in_laptop(*connect), timeout=180)
+        assert connected.returncode == 0, connected.stderr
+        pods = json.loads(
+            kubectl(sandbox, "get", "pod", "-n", "pv-other", "-l", "app=pv-other-via", "-o", "json")
+        )
+        with_agent = [
+            p
+            for p in pods["items"]
+            if not p["metadata"].get("deletionTimestamp")
+            and any(c["name"] == "traffic-agent" for c in p["spec"]["containers"])
+        ]
+        assert len(with_agent) == 1, pods
+        via_ip = with_agent[0]["status"]["podIP"]
+        called = await run(*in_laptop(sys.executable, "-c", UDP_CALL))
+        assert called.returncode == 0, called.stderr
+        seen = json.loads(called.stdout)
+        assert seen["echo"].startswith("246.246.") and seen["dns"].startswith("246.246."), seen
+        assert seen["said"] == f"{via_ip} over udp", (seen, via_ip)  # sent from the pod
+        assert (seen["id"], seen["rcode"], seen["last"]) == (0x7E1E, 0, target), seen
+        status = await run(*in_laptop(*tele, "status", "-o", "json"))
+        network = json.loads(status.stdout)["session"]["network"]
+        pod = f"pv-other/{with_agent[0]['metadata']['name']}"
+        assert network["proxy_via"] == [
+            {"subnet": f"{target}/32", "workload": "pv-other-via.pv-other", "pods": [pod]},
+            {"subnet": "10.96.0.10/32", "workload": "pv-other-via.pv-other", "pods": [pod]},
+        ]
+        assert network["udp_flows"] >= 2
+    finally:
+        await run(*in_laptop(*tele, "quit"))
+        DaemonGuard(in_laptop("true")[1]).kill_all()
+        run_tele(tele_env, "helm", "uninstall", "--kubeconfig", str(sandbox.kubeconfig))
+        kubectl(sandbox, "delete", "-f", "-", "--wait=false", "--ignore-not-found", stdin=UDP_APPS)

@@ -15,7 +15,7 @@ from tele.errors import first_leaf
 from tele.rpc.client import Client
 from tele.vif.connect import NetworkOptions, NetworkStatus, serve_network
 from tele.vif.errors import RouteConflict
-from tele.vif.vnat import MAX_MAPPED, VirtualIPs, VnatError, check, resolve
+from tele.vif.vnat import MAX_MAPPED, VirtualIPs, VnatError, check, proxy_via_workload, resolve
 
 from .conftest import POD_ADDRESS, Namespaces, run_in
 from .test_network import Session, laptop_resolv_conf
@@ -175,3 +175,20 @@ def test_the_privileged_helper_routes_the_virtual_subnet_but_nothing_public() ->
     for public in ("8.8.8.0/24", "0.0.0.0/1", "224.0.0.0/3"):
         with pytest.raises(HelperError):
             check_inside("route", [ipaddress.ip_network(public)], allowed)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("api", ("api", "dev")),
+        ("api.staging", ("api", "staging")),
+        ("api.v2.staging", ("api.v2", "staging")),
+        ("api.v2", ("api.v2", "dev")),  # v2 is no managed namespace: a dotted name in dev
+        ("api.", ("api.", "dev")),
+        (".staging", (".staging", "dev")),
+    ],
+)
+def test_a_proxy_via_workload_names_its_namespace_after_a_dot(
+    value: str, expected: tuple[str, str]
+) -> None:
+    assert proxy_via_workload(value, "dev", {"dev", "staging"}) == expected

@@ -138,10 +138,10 @@ def _size(value: object) -> str:
 @click.option(
     "--proxy-via",
     multiple=True,
-    metavar="CIDR=WORKLOAD",
-    help="Give this cluster CIDR (or pods, service, also, all) virtual IPs and dial its "
-    "connections from the pods of WORKLOAD (in the connected namespace) instead of the "
-    "manager's (repeatable).",
+    metavar="CIDR=WORKLOAD[.NAMESPACE]",
+    help="Give this cluster CIDR (or pods, service, also, all) virtual IPs and send its "
+    "connections and UDP flows from the pods of WORKLOAD (in the connected namespace, or in "
+    "NAMESPACE) instead of the manager's; needs the virtual network interface (repeatable).",
 )
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @output_option

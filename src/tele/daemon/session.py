@@ -50,7 +50,7 @@ from tele.rpc import agent_api as aapi
 from tele.rpc import daemon_api as dapi
 from tele.rpc import manager_api as mapi
 from tele.rpc.client import Client
-from tele.rpc.errors import RpcError
+from tele.rpc.errors import Code, RpcError
 from tele.rpc.h2link import H2Link, H2Stream, LinkSettings
 from tele.rpc.links import LinkPool
 from tele.rpc.method import Req, Resp, Unary
@@ -381,20 +381,35 @@ class ClusterSession:
     async def _proxy_via(self) -> None:
         """Ask the manager for each --proxy-via workload (it checks the caller may engage it and
         that an agent runs in its pods, injecting one if needed): UserError naming the value."""
-        pairs = self._check_proxy_via(self.lease.cluster)
+        from tele.vif.vnat import proxy_via_workload
+
+        cluster = self.lease.cluster
+        pairs = self._check_proxy_via(cluster)
+        managed = set(cluster.managed_namespaces if cluster is not None else [])
         routes: list[tuple[str, str]] = []
         status: list[dict[str, object]] = []
         for subnet, workload in pairs:
+            name, namespace = proxy_via_workload(workload, self.namespace, managed)
 
-            def make(session_id: str, workload: str = workload) -> aapi.ProxyViaRequest:
+            def make(
+                session_id: str, name: str = name, namespace: str = namespace
+            ) -> aapi.ProxyViaRequest:
                 return aapi.ProxyViaRequest(
-                    session_id=session_id, namespace=self.namespace, workload=workload
+                    session_id=session_id, namespace=namespace, workload=name
                 )
 
             try:
                 reply = await self.lease.call_in_session(aapi.PROXY_VIA, make)
             except RpcError as exc:
-                raise UserError(f"--proxy-via {subnet}={workload}: {exc.message}") from None
+                message = exc.message
+                _, dot, suffix = workload.rpartition(".")
+                if dot and namespace == self.namespace and exc.code is Code.NOT_FOUND:
+                    message = (
+                        f"{message.rstrip('.')} (for a workload in another namespace, "
+                        f"WORKLOAD.NAMESPACE: {suffix} is no namespace this traffic manager "
+                        "manages)."
+                    )
+                raise UserError(f"--proxy-via {subnet}={workload}: {message}") from None
             log.info("--proxy-via %s: dialled from %s", subnet, ", ".join(reply.pods))
             routes.append((subnet, reply.route_id))
             status.append({"subnet": subnet, "workload": workload, "pods": reply.pods})

@@ -12,7 +12,7 @@ never routed, so this machine's own route for them stays as it is. Pure bookkeep
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from tele.vif.routing import Network, parse_networks
 
@@ -85,6 +85,16 @@ def parse_proxy_via(values: Sequence[str]) -> list[tuple[str, str]]:
                 ) from None
         result.append((subnet, workload))
     return result
+
+
+def proxy_via_workload(value: str, connected: str, managed: Collection[str]) -> tuple[str, str]:
+    """A --proxy-via WORKLOAD as (name, namespace): `WORKLOAD.NAMESPACE` names one in another
+    namespace the traffic manager manages (a namespace's name has no dot); anything else, dots
+    and all, is a workload of the connected namespace (Deployment names may have dots)."""
+    name, dot, namespace = value.rpartition(".")
+    if dot and name and namespace in managed:
+        return name, namespace
+    return value, connected
 
 
 def check_proxy_via(subnets: Sequence[str], virtual: str) -> None:

@@ -1,4 +1,5 @@
-"""`tele-sandbox/l4-echo`: echoes TCP streams and UDP datagrams on $PORT (default 9000)."""
+"""`tele-sandbox/l4-echo`: echoes TCP streams and UDP datagrams on $PORT (default 9000); with
+$UDP_SAY_PEER set, a UDP reply starts with the sender's address and a space (who sent it)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ async def _tcp(stream: trio.SocketStream) -> None:
         pass
 
 
-async def _udp(port: int) -> None:
+async def _udp(port: int, say_peer: bool) -> None:
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     await sock.bind(("0.0.0.0", port))
     while True:
         data, peer = await sock.recvfrom(65536)
+        if say_peer:
+            data = f"{peer[0]} ".encode() + data
         await sock.sendto(data, peer)
 
 
@@ -30,7 +33,7 @@ async def _main() -> None:
     port = int(os.environ.get("PORT", "9000"))
     print(f"l4-echo listening on tcp and udp port {port}", flush=True)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_udp, port)
+        nursery.start_soon(_udp, port, bool(os.environ.get("UDP_SAY_PEER")))
         nursery.start_soon(trio.serve_tcp, _tcp, port)
 
 
