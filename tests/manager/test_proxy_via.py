@@ -346,3 +346,31 @@ async def test_a_truncated_datagram_resets_only_its_flow(agent_on_loopback: None
             assert source.proxied_udp == 1
             good.close()
             nursery.cancel_scope.cancel()
+
+
+async def test_an_agent_answering_a_udp_dial_with_a_connection_is_refused() -> None:
+    """An agent older than UDP --proxy-via dials TCP whatever it is asked: its stream is reset
+    and the client's refused (PROTOCOL), instead of datagrams spliced to a connection."""
+    routes = ProxyVia(agent_sessions=lambda key: [AGENT], allow_loopback=True)
+    route = routes.add(CLIENT, WORKLOAD)
+    answered: list[ResetReason] = []
+
+    async def old_agent(link: H2Link) -> None:
+        async for asked in routes.watch(AGENT):
+            tcp = Destination(Protocol.TCP, ipaddress.ip_address(asked.host), asked.port)
+            dial_id = aapi.PROXY_DIAL_PREFIX + asked.dial_id
+            try:
+                await dial(link, tcp, session=AGENT, dial_id=dial_id)
+            except TunnelError as exc:
+                answered.append(exc.reason)
+
+    async with manager(routes) as (link, _), trio.open_nursery() as nursery:
+        nursery.start_soon(old_agent, link)
+        await trio.testing.wait_all_tasks_blocked()
+        udp = Destination(Protocol.UDP, ipaddress.ip_address("127.0.0.1"), 53)
+        with pytest.raises(TunnelError) as refused:
+            await dial(link, udp, session=CLIENT, dial_id="via." + route)
+        assert refused.value.reason is ResetReason.PROTOCOL
+        await trio.testing.wait_all_tasks_blocked()
+        assert answered == [ResetReason.PROTOCOL]
+        nursery.cancel_scope.cancel()

@@ -24,7 +24,7 @@ import trio
 
 from tele.manager.table import WorkloadKey
 from tele.net.dialpolicy import never_dialed
-from tele.net.tunnel import Accept, OpenRequest, Refuse, ResetReason
+from tele.net.tunnel import Accept, OpenRequest, Protocol, Refuse, ResetReason
 from tele.rpc import agent_api as aapi
 from tele.rpc.h2stream import H2Stream
 from tele.rpc.tunnel import reset, splice
@@ -47,6 +47,15 @@ class Route:
 Paired = tuple[H2Stream, trio.Event] | ResetReason
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A dial asked of an agent: which one, where its stream goes, the protocol asked."""
+
+    agent: str
+    send: trio.MemorySendChannel[Paired]
+    protocol: Protocol
+
+
 class ProxyVia:
     """Routes of client sessions through workloads, and the dials waiting for agents."""
 
@@ -59,7 +68,7 @@ class ProxyVia:
         """Live agent session ids of a workload."""
         self.routes: dict[str, Route] = {}
         self._agents: dict[str, trio.MemorySendChannel[aapi.ProxyDial]] = {}
-        self._pending: dict[str, tuple[str, trio.MemorySendChannel[Paired]]] = {}
+        self._pending: dict[str, _Pending] = {}
         self._next = 0
 
     def add(self, session_id: str, workload: WorkloadKey) -> str:
@@ -138,7 +147,7 @@ class ProxyVia:
         agent = agents[self._next % len(agents)]
         dial_id = secrets.token_hex(12)
         send, receive = trio.open_memory_channel[Paired](1)
-        self._pending[dial_id] = (agent, send)
+        self._pending[dial_id] = _Pending(agent, send, destination.protocol)
         try:
             self._agents[agent].send_nowait(
                 aapi.ProxyDial(
@@ -180,11 +189,22 @@ class ProxyVia:
         rest = dial_id[len(aapi.PROXY_FAIL_PREFIX if failed else aapi.PROXY_DIAL_PREFIX) :]
         token, _, why = rest.partition(".")
         pending = self._pending.get(token)
-        if pending is None or pending[0] != request.session:  # only the agent that was asked
+        if pending is None or pending.agent != request.session:  # only the agent that was asked
             reset(stream, ResetReason.POLICY)
             return
         del self._pending[token]
-        send = pending[1]
+        send = pending.send
+        if not failed and request.destination.protocol is not pending.protocol:
+            # An agent older than UDP --proxy-via dials TCP whatever it is asked: its stream
+            # would carry a connection where the client expects datagrams.
+            log.warning(
+                "proxy-via: an agent answered a %s dial with %s (an older agent?)",
+                pending.protocol.value,
+                request.destination.protocol.value,
+            )
+            send.send_nowait(ResetReason.PROTOCOL)
+            reset(stream, ResetReason.PROTOCOL)
+            return
         if failed:
             try:
                 reason = ResetReason(why)
