@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,30 @@ def busybox_image(engine: PrivateDockerd, tag: str = "tele-test/busybox:1") -> s
         return _dockerd.busybox_image(engine, tag)
     except _dockerd.Missing as exc:
         pytest.skip(str(exc))
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """The mount points at or under `directory` in this process's mount table."""
+    root = str(directory)
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split(" ")[4]
+        if point == root or point.startswith(f"{root}/"):
+            found.append(point)
+    return found
+
+
+@contextmanager
+def shared_mount(directory: Path) -> Iterator[Path]:
+    """`directory` made a shared mount of its own (a bind on itself), as every mount is on a
+    systemd machine (here / is private): Docker passes a container's mounts on to this
+    machine only from a shared mount. Unmounted at the end with whatever is still under it."""
+    import subprocess
+
+    subprocess.run(["mount", "--bind", str(directory), str(directory)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(directory)], check=True)
+        yield directory
+    finally:
+        for point in sorted(mounts_under(directory), key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)

@@ -94,33 +94,83 @@ def test_the_daemon_container_serves_the_user_who_started_it(
         assert removed.returncode == 0 or "No such container" in removed.stderr, removed.stderr
 
 
-def test_volumes_are_said_to_be_unmounted_while_the_daemon_runs_in_a_container(
+def test_what_becomes_of_the_volumes_while_the_daemon_runs_in_a_container(
     dockerd: PrivateDockerd, user_dirs: Path
 ) -> None:
-    """The daemon in its container cannot mount (no FUSE): intercept says so in one sentence
-    naming the pod's volumes, instead of the daemon's own reason (sshfs missing, which
-    installing on this machine would not cure); with the daemon on this machine, not."""
+    """With the daemon in a container, volumes go only into a --docker-run container (nothing
+    is mounted on this machine, and one sentence says so otherwise); when they cannot be
+    mounted, the sentence says why (the reason connect --docker found first)."""
     base = busybox_image(dockerd)
     name = paths.connection_name()
     container = f"tele-daemon-{name}"
     runtime = paths.ensure_private_dir(paths.runtime_dir())
-    marker = {"container": container, "engine": dockerd.host}
+    why = "Docker passes the daemon container's mounts on only from a shared mount, and ..."
+    marker = {"container": container, "engine": dockerd.host, "mounts": None, "no_mounts": why}
     (runtime / "docker-daemon.json").write_text(json.dumps(marker))
     data = {
-        "mount_error": "sshfs is not installed (Debian/Ubuntu: apt install sshfs)",
+        "mount_error": "/dev/fuse does not exist (FUSE is not available here)",
         "environment": {"TELEPRESENCE_MOUNTS": "/etc/creds:/var/run/secrets/x"},
     }
     # A marker left by an earlier connect --docker, its container gone: the daemon is here.
-    assert docker_cmd.volumes_note(data) is None
+    assert not docker_cmd.daemon_in_container()
     try:
         started = dockerd.docker("run", "-d", "--name", container, base, "sleep", "300")
         assert started.returncode == 0, started.stderr
-        assert docker_cmd.volumes_note(data) == (
-            "tele: The pod's volumes (/etc/creds, /var/run/secrets/x) are not mounted, neither "
-            "here nor in a --docker-run container: the daemon runs in a container (tele connect "
-            "--docker), which cannot mount them; connect without --docker to have them."
+        assert docker_cmd.daemon_in_container()
+        assert docker_cmd.volumes_note(data, handler_container=False) == (
+            "tele: The pod's volumes (/etc/creds, /var/run/secrets/x) are not mounted on this "
+            "machine: with tele connect --docker they go only into a --docker-run container, at "
+            "the pod's paths."
         )
-        assert docker_cmd.volumes_note({**data, "mount_error": ""}) is None  # --mount=false
+        assert docker_cmd.volumes_note(data, handler_container=True) == (
+            "tele: The pod's volumes (/etc/creds, /var/run/secrets/x) are not mounted in the "
+            f"--docker-run container: {why.rstrip('.')}."
+        )
+        assert docker_cmd.volumes_note({**data, "mount_error": ""}, True) is None  # --mount=false
+        assert docker_cmd.volumes_note({**data, "environment": {}}, False) is None  # no volumes
+        # Mounted: in the container, and on this machine under the shared directory.
+        mounted = {**data, "mount_error": "", "local_mount": "/tele/mounts/telfs-x"}
+        assert docker_cmd.volumes_note(mounted, True) is None
+        assert docker_cmd.host_mount("/tele/mounts/telfs-x") == ""  # none shared
+        shared = runtime / "docker-mounts"
+        marker.update(mounts=str(shared), no_mounts=None)
+        (runtime / "docker-daemon.json").write_text(json.dumps(marker))
+        assert docker_cmd.host_mount("/tele/mounts/telfs-x") == f"{shared}/telfs-x"
+        assert docker_cmd.host_mount("/tmp/telfs-x") == ""
+        assert docker_cmd.host_mount("/tele/mounts/a/../../x") == ""
     finally:
         removed = dockerd.docker("rm", "-f", container)
         assert removed.returncode == 0, removed.stderr
+
+
+def test_only_a_docker_run_handler_asks_the_daemon_container_for_a_mount() -> None:
+    assert docker_cmd.mount_request("true", handler_container=False) == "false"
+    assert docker_cmd.mount_request("/home/me/vols", handler_container=True) == "true"
+    assert docker_cmd.mount_request("/home/me/vols:ro", handler_container=True) == "true:ro"
+    assert docker_cmd.mount_request("false", handler_container=True) == "false"
+
+
+def test_a_private_mount_is_said_to_keep_the_containers_mounts_from_this_machine(
+    tmp_path: Path,
+) -> None:
+    """Docker passes a container's mounts on (rshared) only from a shared mount: a private one
+    is named, with the remedy; a shared one (a bind of the directory on itself) passes."""
+    from tests.docker.dockerd import shared_mount
+
+    where = tmp_path / "mounts"
+    where.mkdir()
+    table = Path("/proc/self/mountinfo").read_text()
+    holder = max(
+        (line.split(" ")[4] for line in table.splitlines()),
+        key=lambda point: len(point) if str(where).startswith(point.rstrip("/") + "/") else -1,
+    )
+    problem = docker_cmd.shared_mount_problem(where)
+    holder_line = next(line for line in table.splitlines() if line.split(" ")[4] == holder)
+    if "shared:" in holder_line.split(" - ")[0]:
+        assert problem is None
+    else:
+        assert problem is not None and f"{where} is on {holder}, which is not shared" in problem
+        assert "mount --make-rshared /" in problem
+    with shared_mount(where):
+        assert docker_cmd.shared_mount_problem(where / "sub") is None
+    assert docker_cmd.shared_mount_problem(where) == problem

@@ -23,7 +23,13 @@ from tele.sandbox.network import netns
 from tele.sandbox.testing import threaded_cluster
 from tests.conftest import VENV_BIN
 from tests.daemon.util import DaemonGuard, run_tele
-from tests.docker.dockerd import PrivateDockerd, busybox_image, private_dockerd
+from tests.docker.dockerd import (
+    PrivateDockerd,
+    busybox_image,
+    mounts_under,
+    private_dockerd,
+    shared_mount,
+)
 from tests.e2e import install_manager, kubectl
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
@@ -212,6 +218,11 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
     guard: DaemonGuard,
     tmp_path: Path,
 ) -> None:
+    """connect --docker: this machine's routes and resolver stay as they were; a --docker-run
+    handler joins the daemon container's network and gets the pod's volumes at the pod's paths
+    (mounted by the daemon in its container, passed on through a shared directory of the
+    user's runtime directory); without --docker-run nothing is mounted, and one sentence says
+    so; after quit no mount and no directory is left."""
     base = busybox_image(engine)
     context = tmp_path / "handler"
     context.mkdir()
@@ -223,67 +234,91 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, env)
     before = _host_network()
-    try:
-        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-        kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
-        connected = run_tele(env, "connect", "--docker", "--kubeconfig", kubeconfig, timeout=300)
-        logs = Path(env["XDG_CACHE_HOME"]) / "tele" / "logs"
-        shown = "".join(p.read_text()[-3000:] for p in logs.glob("*.log"))
-        assert connected.returncode == 0, connected.stderr + shown
-        assert _host_network() == before
-        status = run_tele(env, "status")
-        assert status.returncode == 0 and "connected" in status.stdout.lower(), status.stdout
-        running = engine.docker(
-            "ps", "--format", "{{.Names}}", "--filter", "label=io.tele.connection"
-        )
-        assert sorted(running.stdout.split()) == ["tele-daemon-default", "tele-relay-default"]
-
-        reached = run_tele(env, "docker-run", "--", "--rm", base, "sh", "-c", WGET, timeout=60)
-        assert reached.returncode == 0, reached.stderr
-        assert '"pod": "app-' in reached.stdout, reached.stdout
-
-        port = _free_port()
-        serve = f"httpd -f -p 127.0.0.1:{port} -h /www & echo $! > /tmp/httpd.pid; wait; exit 7"
-        built = engine.docker("build", "-t", "tele-test/handler:2", str(context))
-        assert built.returncode == 0, built.stderr
-        handler = subprocess.Popen(
-            [str(VENV_BIN / "tele"), "intercept", "app", "--port", str(port),
-             "--docker-run", "--", "tele-test/handler:2", "sh", "-c", serve],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,  # a failed test ends the docker CLI too (it holds the pipes)
-        )  # fmt: skip
+    runtime = Path(env["XDG_RUNTIME_DIR"])
+    with shared_mount(runtime):  # as systemd makes every mount
         try:
-            answers: list[str] = []
-            deadline = time.monotonic() + 180
-            while not answers or "greeting=" not in answers[-1]:
-                assert handler.poll() is None, handler.communicate()
-                assert time.monotonic() < deadline, f"no answer: {answers[-3:]}"
-                time.sleep(0.5)  # polling a cluster call's answer: no event to wait on
-                answers.append(kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL))
-            assert "greeting=hello-from-the-pod\n" in answers[-1]
-            _, err = handler.communicate(timeout=60)
-            assert handler.returncode == 7, err
-            # The daemon in its container mounts nothing (no FUSE there), and says so.
-            note = "tele: The pod's volumes (/etc/creds"
-            assert note in err and "(tele connect --docker)" in err, err
-            assert "apt install sshfs" not in err
-        finally:
-            if handler.poll() is None:
-                _kill_group(handler)
-        assert _host_network() == before
+            kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+            kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+            connect = ("connect", "--docker", "--kubeconfig", kubeconfig)
+            connected = run_tele(env, *connect, timeout=300)
+            logs = Path(env["XDG_CACHE_HOME"]) / "tele" / "logs"
+            shown = "".join(p.read_text()[-3000:] for p in logs.glob("*.log"))
+            assert connected.returncode == 0, connected.stderr + shown
+            assert _host_network() == before
+            status = run_tele(env, "status")
+            assert status.returncode == 0 and "connected" in status.stdout.lower(), status.stdout
+            running = engine.docker(
+                "ps", "--format", "{{.Names}}", "--filter", "label=io.tele.connection"
+            )
+            assert sorted(running.stdout.split()) == ["tele-daemon-default", "tele-relay-default"]
 
-        quit_ = run_tele(env, "quit", timeout=60)
-        assert quit_.returncode == 0, quit_.stderr
-        left = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
-        deadline = time.monotonic() + 30
-        while left.stdout.strip() and time.monotonic() < deadline:
-            time.sleep(0.2)  # the relay ends when it sees the daemon's process gone
-            left = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
-        assert left.stdout.strip() == ""
-        assert _host_network() == before
-    finally:
-        run_tele(env, "quit")
-        run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+            reached = run_tele(env, "docker-run", "--", "--rm", base, "sh", "-c", WGET, timeout=60)
+            assert reached.returncode == 0, reached.stderr
+            assert '"pod": "app-' in reached.stdout, reached.stdout
+
+            port = _free_port()
+            # Without --docker-run: nothing mounted (here or in the daemon's container).
+            engaged = run_tele(env, "intercept", "app", "--port", str(port), timeout=120)
+            assert engaged.returncode == 0, engaged.stderr
+            assert (
+                "tele: The pod's volumes (/etc/creds) are not mounted on this machine: with tele "
+                "connect --docker they go only into a --docker-run container, at the pod's paths."
+            ) in engaged.stderr
+            assert "Volume Mount" not in engaged.stdout
+            assert mounts_under(runtime) == [str(runtime)]
+            left = run_tele(env, "leave", "app")
+            assert left.returncode == 0, left.stderr
+
+            serve = f"httpd -f -p 127.0.0.1:{port} -h /www & echo $! > /tmp/httpd.pid; wait; exit 7"
+            built = engine.docker("build", "-t", "tele-test/handler:2", str(context))
+            assert built.returncode == 0, built.stderr
+            handler = subprocess.Popen(
+                [str(VENV_BIN / "tele"), "intercept", "app", "--port", str(port),
+                 "--docker-run", "--", "--user", "65534", "tele-test/handler:2", "sh", "-c",
+                 serve],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                start_new_session=True,  # a failed test ends the docker CLI too (it holds pipes)
+            )  # fmt: skip
+            try:
+                answers: list[str] = []
+                deadline = time.monotonic() + 180
+                while not answers or "greeting=" not in answers[-1]:
+                    assert handler.poll() is None, handler.communicate()
+                    assert time.monotonic() < deadline, f"no answer: {answers[-3:]}"
+                    time.sleep(0.5)  # polling a cluster call's answer: no event to wait on
+                    call = ("exec", "caller", "--", "python3", "-c", CALL)
+                    answers.append(kubectl(node_sandbox, *call))
+                    if "greeting=" in answers[-1]:  # while it runs: the mount, on this machine
+                        fuse = [p for p in mounts_under(runtime) if "/telfs-" in p]
+                        assert len(fuse) == 1, mounts_under(runtime)
+                # The pod's variable and its Secret at the pod's path, read by another user
+                # than the daemon's.
+                assert "greeting=hello-from-the-pod\n" in answers[-1]
+                assert f"password={SECRET}\n" in answers[-1]
+                assert "mounts=/etc/creds root=/\n" in answers[-1]
+                _, err = handler.communicate(timeout=60)
+                assert handler.returncode == 7, err
+                assert "tele: The pod's volumes" not in err, err
+            finally:
+                if handler.poll() is None:
+                    _kill_group(handler)
+            assert _host_network() == before
+
+            quit_ = run_tele(env, "quit", timeout=60)
+            assert quit_.returncode == 0, quit_.stderr
+            left_ = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
+            deadline = time.monotonic() + 30
+            while left_.stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.2)  # the relay ends when it sees the daemon's process gone
+                left_ = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
+            assert left_.stdout.strip() == ""
+            assert _host_network() == before
+            assert mounts_under(runtime) == [str(runtime)]  # only the test's own
+            shared = runtime / "tele" / "docker-mounts"
+            assert not shared.exists() or list(shared.iterdir()) == []
+        finally:
+            run_tele(env, "quit")
+            run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
 
 
 @contextlib.contextmanager

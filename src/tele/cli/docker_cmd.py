@@ -193,26 +193,105 @@ def run_handler(prepared_engine: Any, data: Mapping[str, Any], engagement: str) 
         client.close()
 
 
-def volumes_note(data: Mapping[str, Any]) -> str | None:
-    """Why the engagement's volumes are not mounted when the daemon runs in a container
-    (connect --docker: no FUSE in there), in one sentence; None otherwise (the daemon's
-    mount_error says why, if anything)."""
+VOLUMES_ONLY_IN_CONTAINERS = (
+    "tele: The pod's volumes{which} are not mounted on this machine: with tele connect --docker "
+    "they go only into a --docker-run container, at the pod's paths."
+)
+
+
+def daemon_in_container() -> bool:
+    """Whether the connected daemon runs in a container (connect --docker) right now."""
     from tele.errors import TeleError
 
-    if not data.get("mount_error") or not daemon_container():
-        return None
+    if not daemon_container():
+        return False
     try:
-        if not _network().startswith("container:"):
-            return None
+        return _network().startswith("container:")
     except TeleError:
-        return None
+        return False
+
+
+def mount_request(value: str, handler_container: bool) -> str:
+    """The --mount value to ask a daemon in a container for: none without a --docker-run
+    handler (as Telepresence, nothing is mounted on this machine), else a mount point of its
+    own (a DIR of this machine means nothing in there), read-only if asked."""
+    if not handler_container or value.strip().lower() in ("false", "no"):
+        return "false"
+    return "true:ro" if value.endswith(":ro") else "true"
+
+
+def volumes_note(data: Mapping[str, Any], handler_container: bool) -> str | None:
+    """What becomes of the engagement's volumes while the daemon runs in a container, in one
+    sentence (None: they are in the --docker-run container, or there are none)."""
     environment = data.get("environment") or {}
     paths = [p for p in str(environment.get("TELEPRESENCE_MOUNTS") or "").split(":") if p]
     which = f" ({', '.join(paths)})" if paths else ""
+    if not paths:
+        return None
+    if not handler_container:
+        return VOLUMES_ONLY_IN_CONTAINERS.format(which=which)
+    if data.get("local_mount"):
+        return None
+    why = str(_marker().get("no_mounts") or data.get("mount_error") or "").rstrip(".")
+    if not data.get("mount_error"):
+        return None  # --mount=false
+    return f"tele: The pod's volumes{which} are not mounted in the --docker-run container: {why}."
+
+
+def host_mount(local_mount: str) -> str:
+    """Where the daemon container's mount point `local_mount` is on this machine (its mounts
+    directory is bound there with shared propagation), or '' when it is not in there."""
+
+    inside = f"{MOUNTS_INSIDE}/"
+    if not local_mount.startswith(inside) or "/" in local_mount.removeprefix(inside):
+        return ""
+    where = _marker().get("mounts")
+    return f"{where}/{local_mount.removeprefix(inside)}" if isinstance(where, str) else ""
+
+
+def _marker() -> dict[str, Any]:
+    """What connect --docker wrote of the daemon container it started ({} when none)."""
+    import json
+
+    from tele import paths
+
+    try:
+        data = json.loads((paths.runtime_dir() / "docker-daemon.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def shared_mount_problem(directory: Path) -> str | None:
+    """Why mounts made in a container under `directory` (bound with rshared propagation) would
+    not show on this machine, for a --docker-run container to bind, in words; or None. Docker
+    propagates them only when the mount holding `directory` is shared (systemd makes every
+    mount shared; a plain init leaves / private)."""
+    import os
+
+    if not os.path.exists("/dev/fuse"):
+        return "this machine has no /dev/fuse (FUSE), which the daemon's container needs"
+    target = os.path.realpath(directory)
+    best, shared = "", False
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError as exc:
+        return f"cannot read /proc/self/mountinfo: {exc.strerror or exc}"
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) < 7 or "-" not in fields:
+            continue
+        point = fields[4].replace("\\040", " ").replace("\\134", "\\")
+        under = target == point or target.startswith(point.rstrip("/") + "/")
+        if under and len(point) >= len(best):
+            best = point
+            shared = any(f.startswith("shared:") for f in fields[6 : fields.index("-")])
+    if shared:
+        return None
     return (
-        f"tele: The pod's volumes{which} are not mounted, neither here nor in a --docker-run "
-        "container: the daemon runs in a container (tele connect --docker), which cannot mount "
-        "them; connect without --docker to have them."
+        f"Docker passes the daemon container's mounts on only from a shared mount, and {target} "
+        f"is on {best or '/'}, which is not shared (as root, `mount --make-rshared /` makes it "
+        "so; systemd does it at boot)"
     )
 
 
@@ -301,6 +380,9 @@ def use_connection(name: str) -> None:
 
 
 KUBECONFIG_INSIDE = "/tele/kubeconfig"
+MOUNTS_INSIDE = "/tele/mounts"
+"""The daemon container's mount points (tele.daemon.mounts.MOUNTS_DIR_ENV), bound from the
+runtime directory's docker-mounts with shared propagation."""
 RUNTIME_INSIDE = "/tele/run"
 RELAY_INSIDE = "/tele/relay"
 CACHE_INSIDE = "/tele/cache"
@@ -439,6 +521,9 @@ def start_daemon_container(
         serving = {} if owner is None else {unixsock.OWNER_ENV: str(owner)}
         listen = [f"--listen={server[0]}:{server[1]}={RELAY_INSIDE}/api.sock"] if server else []
         logs = paths.ensure_private_dir(paths.logs_dir())
+        host_mounts = paths.ensure_private_dir(runtime / "docker-mounts")
+        no_mounts = shared_mount_problem(host_mounts)
+        fuse = _fuse_options(host_mounts) if no_mounts is None else {}
         mounts = {
             str(runtime): {"bind": f"{RUNTIME_INSIDE}/tele", "mode": "rw"},
             str(logs): {"bind": f"{CACHE_INSIDE}/tele/logs", "mode": "rw"},  # gather-logs
@@ -453,14 +538,17 @@ def start_daemon_container(
                 detach=True,
                 auto_remove=True,
                 pid_mode="host",  # its pid is this machine's: `tele quit` waits for it
-                cap_add=["NET_ADMIN"],
-                devices=["/dev/net/tun:/dev/net/tun:rwm"],
+                cap_add=["NET_ADMIN", *fuse.get("cap_add", [])],
+                devices=["/dev/net/tun:/dev/net/tun:rwm", *fuse.get("devices", [])],
                 environment={
                     "XDG_RUNTIME_DIR": RUNTIME_INSIDE,
                     "XDG_CACHE_HOME": CACHE_INSIDE,
                     **serving,  # root in there, serving this user (its socket and peer check)
+                    **fuse.get("environment", {}),
                 },
                 volumes=mounts,
+                mounts=fuse.get("mounts", []),
+                security_opt=fuse.get("security_opt"),
                 labels=labels,
             )
             if server:
@@ -496,10 +584,41 @@ def start_daemon_container(
                 )
             time.sleep(0.1)  # the socket appears when the daemon is ready
         marker = runtime / "docker-daemon.json"
-        marker.write_text(json.dumps({"container": daemon_name, "engine": found.host}))
+        marker.write_text(
+            json.dumps(
+                {
+                    "container": daemon_name,
+                    "engine": found.host,
+                    "mounts": str(host_mounts) if no_mounts is None else None,
+                    "no_mounts": no_mounts,
+                }
+            )
+        )
         return KUBECONFIG_INSIDE
     finally:
         client.close()
+
+
+def _fuse_options(host_mounts: Path) -> dict[str, Any]:
+    """What the daemon container needs to mount the pod's volumes with sshfs where --docker-run
+    containers can bind them: /dev/fuse, CAP_SYS_ADMIN (mount(2)), no AppArmor profile (Docker's
+    default one refuses mounts), and `host_mounts` bound with rshared propagation (its mounts
+    show on this machine; their unmounting too)."""
+    from docker.types import Mount
+
+    from tele.daemon.mounts import MOUNTS_DIR_ENV
+
+    try:
+        apparmor = Path("/sys/module/apparmor/parameters/enabled").read_text().strip() == "Y"
+    except OSError:
+        apparmor = False
+    return {
+        "cap_add": ["SYS_ADMIN"],
+        "devices": ["/dev/fuse:/dev/fuse:rwm"],
+        "environment": {MOUNTS_DIR_ENV: MOUNTS_INSIDE},
+        "mounts": [Mount(MOUNTS_INSIDE, str(host_mounts), type="bind", propagation="rshared")],
+        "security_opt": ["apparmor=unconfined"] if apparmor else None,
+    }
 
 
 def _container_running(client: Any, name: str) -> bool:
@@ -513,12 +632,4 @@ def _container_running(client: Any, name: str) -> bool:
 
 def daemon_container() -> str:
     """The container the connected daemon runs in (connect --docker), or ''."""
-    import json
-
-    from tele import paths
-
-    try:
-        data = json.loads((paths.runtime_dir() / "docker-daemon.json").read_text())
-    except (OSError, ValueError):
-        return ""
-    return str(data.get("container") or "") if isinstance(data, dict) else ""
+    return str(_marker().get("container") or "")

@@ -139,6 +139,12 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     unsafe_env, command, output = handling.unsafe_env, handling.command, handling.output
 
     docker = docker_cmd.before_engaging()  # --docker-*: the engine and the image first
+    in_container = docker_cmd.daemon_in_container()  # connect --docker
+    if in_container:
+        mount = docker_cmd.mount_request(request.mount, docker is not None)
+        import msgspec
+
+        request = msgspec.structs.replace(request, mount=mount)
     what = {
         "intercept": "Intercepting",
         "replace": "Replacing",
@@ -158,8 +164,10 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     except UserError:
         _leave(info.name)
         raise
-    if note := docker_cmd.volumes_note(data):  # the daemon in a container: no FUSE there
-        click.echo(note, err=True)
+    if in_container:  # mounted in there, for the --docker-run container only
+        data["local_mount"] = docker_cmd.host_mount(str(data.get("local_mount") or ""))
+        if note := docker_cmd.volumes_note(data, docker is not None):
+            click.echo(note, err=True)
     elif data.get("mount_error"):
         why = str(data["mount_error"]).rstrip(".")
         click.echo(f"tele: The volumes are not mounted: {why}.", err=True)

@@ -1,9 +1,9 @@
-"""The image `tele connect --docker` runs the daemon from: tele's image (built by
-tele.image.build, loaded into the engine from its archive) plus what only the laptop side
-loads (kubernetes for the kubeconfig, pyroute2 for the TUN device, dnslib for its DNS server
-and what they need, as
-wheels for the image's Python 3.11), run as root with `python -m tele.docker.relay` as its
-entry point. Tagged by the digest of what went in, so an engine that has it skips the build.
+"""The image `tele connect --docker` runs the daemon from: tele's image with sshfs (for the
+pod's volumes; tele.image.build's daemon image, loaded into the engine from its archive) plus
+what only the laptop side loads (kubernetes for the kubeconfig, pyroute2 for the TUN device,
+dnslib for its DNS server and what they need, as wheels for the image's Python 3.11), run as
+root with `python -m tele.docker.relay` as its entry point. Tagged by the digest of what went
+in, so an engine that has it skips the build.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def ensure_daemon_image(client: docker.DockerClient, echo: Callable[[str], None]
     import docker.errors
 
     from tele.image.archive import write_archive
-    from tele.image.build import PYTHON, SITE_PACKAGES, build_tele_image
+    from tele.image.build import PYTHON, SITE_PACKAGES, build_daemon_image
 
-    built = build_tele_image()
+    built = build_daemon_image()
     pins = _extra_pins()
     key = hashlib.sha256(
         "\n".join([built.image.digest, *(f"{k}=={v}" for k, v in sorted(pins.items()))]).encode()

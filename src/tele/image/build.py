@@ -699,6 +699,45 @@ def _build_tools(store: Path, base: Layer, packages: tuple[str, ...]) -> Layer:
         return builder.write(store)
 
 
+DAEMON_PACKAGES = ("sshfs",)
+"""What only the daemon's image (`tele connect --docker`) adds to tele's: sshfs and fusermount3
+(its dependency fuse3), to mount the engaged pod's volumes in the daemon's container. The
+cluster's image stays without them (the agent serves files with tele.agent.sftp)."""
+
+
+def build_daemon_image(root: Path | None = None, *, package: Path | None = None) -> BuildResult:
+    """tele's image with the daemon's layer on top (sshfs); the docker CLI side adds the
+    daemon's Python packages and entry point (tele.docker.image)."""
+    start = time.monotonic()
+    cache = _Cache(root or cache_root())
+    tele = build_tele_image(root, package=package)
+    base = tele.layers[0]
+    fuse = cache.layer(
+        "fuse",
+        tools_key(base.layer.digest, DAEMON_PACKAGES),
+        lambda: _build_tools(cache.store, base.layer, DAEMON_PACKAGES),
+    )
+    results = (*tele.layers, fuse)
+    image = assemble(
+        cache.store,
+        [r.layer for r in results],
+        tele_config(),
+        history=[
+            f"base: Debian {SUITE} {' '.join(BASE_PACKAGES)} (mmdebstrap)",
+            "deps",
+            f"tele {_tele_version()}",
+            f"fuse: {' '.join(DAEMON_PACKAGES)} (mmdebstrap)",
+        ],
+    )
+    return BuildResult(
+        image,
+        results,
+        all(r.cached for r in results),
+        time.monotonic() - start,
+        "tele/daemon-base",
+    )
+
+
 # ------------------------------------------------------------------------------------ sandbox
 
 
