@@ -5,6 +5,8 @@ handler costs the app nothing and its dropped copies are counted."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
@@ -156,48 +158,82 @@ async def test_a_stalled_handler_drops_its_copy_at_the_bound_and_the_app_gets_ev
     assert source.wiretaps.buffered == 0
 
 
+WHERE = ("10.0.0.1", 8080)
+
+
+@asynccontextmanager
+async def never_opens(
+    _: Engagement, __: tuple[str, int], ___: bool
+) -> AsyncIterator[trio.abc.HalfCloseableStream]:
+    """A client that never takes the channel (its opening hangs)."""
+    await trio.sleep_forever()
+    yield trio.testing.memory_stream_pair()[0]  # pragma: no cover
+
+
+@asynccontextmanager
+async def refused(
+    _: Engagement, __: tuple[str, int], ___: bool
+) -> AsyncIterator[trio.abc.HalfCloseableStream]:
+    raise OSError("connection refused")
+    yield trio.testing.memory_stream_pair()[0]  # pragma: no cover
+
+
+@asynccontextmanager
+async def serving(wiretaps: Wiretaps) -> AsyncIterator[None]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(wiretaps.serve)
+        yield
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_agents_buffers_are_bounded_per_connection_and_in_total() -> None:
     wiretaps = Wiretaps(budget=3 * TAP_BUFFER)
     engagement = tap("t1")
-    taps = [wiretaps.tap(engagement) for _ in range(5)]
-    for one in taps:
-        for _ in range(TAP_BUFFER // 65536 + 1):  # one chunk more than a connection may hold
-            one.offer(b"x" * 65536)
-    assert wiretaps.buffered <= 3 * TAP_BUFFER
-    assert all(one.dropped for one in taps)  # each reached its own or the shared bound
-    assert wiretaps.snapshot()["t1"].dropped_connections == 5
+    async with serving(wiretaps):
+        taps = [wiretaps.tap(engagement, never_opens, WHERE) for _ in range(5)]
+        for one in taps:
+            for _ in range(TAP_BUFFER // 65536 + 1):  # one chunk more than a connection may hold
+                one.offer(b"x" * 65536)
+        assert wiretaps.buffered <= 3 * TAP_BUFFER
+        assert all(one.dropped for one in taps)  # each reached its own or the shared bound
+        assert wiretaps.snapshot()["t1"].dropped_connections == 5
 
 
 async def test_the_copy_sees_exactly_what_the_app_read() -> None:
     left, right = trio.testing.memory_stream_pair()
     wiretaps = Wiretaps()
-    copy: Tap = wiretaps.tap(tap("t1"))
-    tapped = TappedStream(right, [copy])
-    await left.send_all(b"hello ")
-    await left.send_all(b"world")
-    await left.send_eof()
-    seen = b""
-    while data := await tapped.receive_some(3):
-        seen += data
-    assert seen == b"hello world"
-    assert b"".join(copy._chunks) == b"hello world"
+    async with serving(wiretaps):
+        copy: Tap = wiretaps.tap(tap("t1"), never_opens, WHERE)
+        tapped = TappedStream(right, [copy])
+        await left.send_all(b"hello ")
+        await left.send_all(b"world")
+        await left.send_eof()
+        seen = b""
+        while data := await tapped.receive_some(3):
+            seen += data
+        assert seen == b"hello world"
+        assert b"".join(copy._chunks) == b"hello world"
+
+
+async def test_without_its_channels_running_every_copy_is_dropped_and_counted() -> None:
+    wiretaps = Wiretaps()
+    copy = wiretaps.tap(tap("t1"), never_opens, WHERE)
+    copy.offer(b"12345")
+    assert copy.dropped and wiretaps.buffered == 0
+    assert wiretaps.snapshot()["t1"].dropped_bytes == 5
 
 
 async def test_an_unreachable_handler_pauses_the_wiretap_and_later_copies_are_counted() -> None:
     wiretaps = Wiretaps()
     engagement = tap("t1")
-
-    async def refuse(_: Engagement, __: bool) -> trio.abc.Stream:
-        raise OSError("connection refused")
-
-    first = wiretaps.tap(engagement)
-    first.offer(b"first")
-    first.end()
-    await first.run(refuse)
-    assert first.dropped
-    paused = wiretaps.tap(engagement)  # during the pause: dropped at once, no stream opened
-    assert paused.dropped
-    paused.offer(b"12345")
+    async with serving(wiretaps):
+        first = wiretaps.tap(engagement, refused, WHERE)
+        first.offer(b"first")
+        first.end()
+        await wait_for(lambda: first.dropped, timeout=5)
+        paused = wiretaps.tap(engagement, refused, WHERE)  # during the pause: dropped at once
+        assert paused.dropped
+        paused.offer(b"12345")
     counters = wiretaps.snapshot()["t1"]
     assert (counters.connections, counters.dropped_connections) == (2, 2)
     assert counters.dropped_bytes == len(b"first") + 5 and wiretaps.buffered == 0
@@ -312,3 +348,71 @@ async def test_a_stalled_or_absent_response_handler_never_delays_the_app() -> No
     assert counters["t2"].response_dropped_bytes > 0  # the stalled handler's copy hit the bound
     assert counters["t1"].dropped_connections == 0  # the request copies went on
     assert source.wiretaps.buffered == 0
+
+
+async def test_one_channel_carries_the_copies_of_many_connections() -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_tcp_server(nursery, "app")
+            copies = Recorder()
+            await copies.start(nursery)
+            source = StaticEngagements([tap("t1")], handlers={"t1": ("127.0.0.1", copies.port)})
+            async with running_agent(app.port, source) as agent:
+                answers = [await exchange(agent, b"request %d" % i) for i in range(20)]
+                await wait_for(lambda: len(copies.received) == 20, timeout=10)
+                await wait_for(lambda: source.wiretaps.snapshot()["t1"].copied_bytes > 0, timeout=5)
+            nursery.cancel_scope.cancel()
+    assert answers == [expected("app", b"request %d" % i) for i in range(20)]
+    assert sorted(copies.received) == sorted(b"request %d" % i for i in range(20))
+    assert len(source.opened) == 1  # one stream to the client, not one per connection
+
+
+async def test_a_malformed_verdict_ends_the_channel_its_copies_are_counted_the_app_serves() -> None:
+    client_ends: list[trio.abc.HalfCloseableStream] = []
+
+    @asynccontextmanager
+    async def hostile(
+        _: Engagement, __: tuple[str, int], ___: bool
+    ) -> AsyncIterator[trio.abc.HalfCloseableStream]:
+        ours, theirs = trio.testing.memory_stream_pair()
+        client_ends.append(theirs)
+        yield ours
+
+    class Hostile(StaticEngagements):
+        def tap_channel(self, *args: object) -> object:  # type: ignore[override]
+            return hostile(*args)  # type: ignore[arg-type]
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_tcp_server(nursery, "app")
+            source = Hostile([tap("t1")])
+            async with running_agent(app.port, source) as agent:
+                first = await exchange(agent, b"first")
+                await wait_for(lambda: bool(client_ends), timeout=5)
+                records = b""
+                while b"first" not in records:  # the copy came: OPEN, DATA, END
+                    records += await client_ends[0].receive_some()
+                await client_ends[0].send_all(b"\x63" + b"\x00" * 8)  # a kind nobody knows
+                await wait_for(lambda: dropped(source) == 1, timeout=5)
+                second = await exchange(agent, b"second")  # the app still serves, unwaited
+            nursery.cancel_scope.cancel()
+    assert first == expected("app", b"first") and second == expected("app", b"second")
+    counters = source.wiretaps.snapshot()["t1"]
+    assert counters.copied_bytes == 0 and counters.dropped_bytes >= len(b"first")
+    assert source.wiretaps.buffered == 0
+
+
+async def test_a_client_that_never_takes_the_channel_never_delays_the_app() -> None:
+    class Hangs(StaticEngagements):
+        def tap_channel(self, *args: object) -> object:  # type: ignore[override]
+            return never_opens(*args)  # type: ignore[arg-type]
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_tcp_server(nursery, "app")
+            source = Hangs([tap("t1", copy_responses=True)])
+            async with running_agent(app.port, source) as agent:
+                answers = [await exchange(agent, PAYLOAD[:5000]) for _ in range(5)]
+                assert source.wiretaps.buffered <= 10 * 5000  # held (bounded), not sent
+            nursery.cancel_scope.cancel()
+    assert answers == [expected("app", PAYLOAD[:5000])] * 5

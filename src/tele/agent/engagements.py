@@ -7,14 +7,17 @@ for running an agent without a manager.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 import trio
 
 from tele.agent.wiretap import RESPONSE_SUFFIX, Wiretaps
+from tele.errors import TeleError
 from tele.net.tunnel import Protocol as L4
 from tele.rpc.agent_api import WIRETAP, Engagement
+from tele.rpc.tapcopies import serve_copies
 
 Address = tuple[str, int]
 
@@ -42,6 +45,13 @@ class EngagementSource(Protocol):
     ) -> trio.abc.HalfCloseableStream:
         """A stream to the engaging client's local handler (for UDP: DATAGRAM framed; with
         `response`, a wiretap's response handler); raises on failure."""
+        ...
+
+    def tap_channel(
+        self, engagement: Engagement, original_dst: Address, response: bool
+    ) -> AbstractAsyncContextManager[trio.abc.HalfCloseableStream]:
+        """A wiretap's copy channel to its client (records: tele.net.tapcopies; with
+        `response`, for its response handler); raises on failure."""
         ...
 
 
@@ -85,3 +95,29 @@ class StaticEngagements:
         host, port = self.handlers[engagement.id + (RESPONSE_KEY if response else "")]
         self.opened.append((engagement.id, original_dst))
         return await trio.open_tcp_stream(host, port)
+
+    @asynccontextmanager
+    async def tap_channel(
+        self, engagement: Engagement, original_dst: Address, response: bool
+    ) -> AsyncIterator[trio.abc.HalfCloseableStream]:
+        """The client's side of the channel runs here (tele.rpc.tapcopies), giving each copy
+        to `handlers[id]` (or `handlers[id + RESPONSE_KEY]`) on a connection of its own."""
+        where = self.handlers.get(engagement.id + (RESPONSE_KEY if response else ""))
+        if where is None:
+            raise TeleError(f"no handler for wiretap {engagement.id}")
+        self.opened.append((engagement.id, original_dst))
+        ours, theirs = trio.socket.socketpair()
+        agent_end = trio.SocketStream(ours)
+        client_end = trio.SocketStream(theirs)
+
+        async def connect() -> trio.abc.HalfCloseableStream | None:
+            try:
+                return await trio.open_tcp_stream(*where)
+            except OSError:
+                return None
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_copies, client_end, connect)
+            async with agent_end, client_end:
+                yield agent_end
+            nursery.cancel_scope.cancel()

@@ -12,7 +12,8 @@ in http mode, the next request), never bytes already in flight.
 
 Wiretaps on the port (tele.agent.wiretap) do not change where the connection goes: what the
 caller sends is copied to each of them as it is read, and (a wiretap with a response port)
-what the caller is sent on a second copy stream, without ever waiting for them.
+what the caller is sent, without ever waiting for them (each wiretap's copy channel carries
+the copies of all its connections).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tele.agent.errors import UpstreamFailed
 from tele.agent.tls import TlsTermination
 from tele.agent.udp import open_udp_sockets, serve_udp_port
 from tele.agent.upstream import Upstreams, abort, relay
-from tele.agent.wiretap import TAP_DRAIN_SECONDS, TappedStream
+from tele.agent.wiretap import TappedStream
 from tele.contracts import http1
 from tele.contracts.agentconfig import Intercept
 from tele.errors import ConnectionFailed
@@ -76,6 +77,7 @@ async def serve(
         listeners = await open_listeners(settings)
     replaced = set(settings.config.replaced())
     async with trio.open_nursery() as nursery:
+        await nursery.start(source.wiretaps.serve)  # the wiretaps' copy channels
         for container, intercept in settings.intercepts():
             if intercept.protocol.upper() == "UDP":
                 for sock in await open_udp_sockets(intercept.agent_port):
@@ -148,36 +150,28 @@ async def _handle_tapped(
     app_protocol: str,
     tapping: Sequence[Engagement],
 ) -> None:
-    """A connection with wiretaps: served as any other, its copies sent alongside."""
+    """A connection with wiretaps: served as any other; its copies go into their wiretaps'
+    channels, which nothing here waits for."""
     wiretaps = upstreams.source.wiretaps
-    taps = [wiretaps.tap(engagement) for engagement in tapping]
+    open_channel = upstreams.source.tap_channel
+    where = upstreams.original_dst
+    taps = [wiretaps.tap(engagement, open_channel, where) for engagement in tapping]
     response_taps = [
-        wiretaps.tap(engagement, response=True)
+        wiretaps.tap(engagement, open_channel, where, response=True)
         for engagement in tapping
         if engagement.copy_responses
     ]
-    source = upstreams.source
-
-    async def open_tap(engagement: Engagement, response: bool) -> trio.abc.Stream:
-        return await source.open_to_client(engagement, upstreams.original_dst, response=response)
-
-    async with trio.open_nursery() as nursery:
-        for tap in (*taps, *response_taps):
-            if not tap.dropped:  # else: its handler is known unreachable for now
-                nursery.start_soon(tap.run, open_tap)
-        tapped = TappedStream(stream, taps, response_taps)
-        async with stream:
-            try:
-                await _handle_connection(tapped, upstreams, app_protocol)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                log.debug("a connection on port %d ended: %s", upstreams.agent_port, exc)
-            except Exception:
-                log.exception("a connection on port %d failed; closed", upstreams.agent_port)
-                abort(stream)
-        for tap in (*taps, *response_taps):
-            tap.end()
-        # The copies may take a moment longer than the connection; never forever.
-        nursery.cancel_scope.deadline = trio.current_time() + TAP_DRAIN_SECONDS
+    tapped = TappedStream(stream, taps, response_taps)
+    async with stream:
+        try:
+            await _handle_connection(tapped, upstreams, app_protocol)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("a connection on port %d ended: %s", upstreams.agent_port, exc)
+        except Exception:
+            log.exception("a connection on port %d failed; closed", upstreams.agent_port)
+            abort(stream)
+    for tap in (*taps, *response_taps):
+        tap.end()
 
 
 async def _handle_connection(

@@ -25,13 +25,14 @@ import tele
 from tele import logs
 from tele.agent.config import AgentSettings
 from tele.agent.engagements import Address
-from tele.agent.wiretap import Wiretaps
+from tele.agent.wiretap import TAP_DRAIN_SECONDS, Wiretaps
 from tele.errors import TeleError, single_leaf
 from tele.net.dialpolicy import never_dialed
 from tele.net.tunnel import Destination, Protocol, ResetReason, TunnelProtocolError
 from tele.rpc import agent_api as aapi
 from tele.rpc.client import Client
 from tele.rpc.errors import Code, RpcError
+from tele.rpc.h2stream import H2Stream
 from tele.rpc.links import Connector, LinkPool
 from tele.rpc.manager_api import AUTHENTICATE, REMAIN, AuthenticateRequest, SessionRequest
 from tele.rpc.tunnel import (
@@ -239,6 +240,30 @@ class ManagerEngagements:
             + engagement.id,
             wait=5.0,
         )
+
+    @asynccontextmanager
+    async def tap_channel(
+        self, engagement: aapi.Engagement, original_dst: Address, response: bool
+    ) -> AsyncIterator[trio.abc.HalfCloseableStream]:
+        """Wiretap `engagement`'s copy channel: a tunnel stream the manager pairs with its
+        client's dial-back (served there by tele.rpc.tapcopies)."""
+        if not self.session_id:
+            raise TeleError("the traffic agent has no session with the traffic manager")
+        destination = Destination(
+            Protocol.TCP, ipaddress.ip_address(original_dst[0]), original_dst[1]
+        )
+        prefix = aapi.AGENT_TAP_RESPONSE_DIAL_PREFIX if response else aapi.AGENT_TAP_DIAL_PREFIX
+        stream: H2Stream | None = None
+        with trio.move_on_after(TAP_DRAIN_SECONDS):
+            stream = await self.pool.dial(
+                destination, session=self.session_id, dial_id=prefix + engagement.id, wait=5.0
+            )
+        if stream is None:
+            raise TeleError("the client did not take the wiretap's copies in time")
+        try:
+            yield stream
+        finally:
+            stream.close()
 
     async def _proxy_dial(self, dial: aapi.ProxyDial) -> None:
         """A client's --proxy-via connection or UDP flow: dial it from this pod (never this

@@ -25,6 +25,7 @@ from tele.rpc.client import Client
 from tele.rpc.errors import RpcError
 from tele.rpc.h2link import H2Stream
 from tele.rpc.manager_api import SessionRequest
+from tele.rpc.tapcopies import serve_copies
 from tele.rpc.tunnel import TunnelError, relay_udp, reset, splice
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,9 @@ async def _relay(
     destination = Destination(
         Protocol.TCP, ipaddress.ip_address(dial.original_host), dial.original_port
     )
+    if dial.channel:
+        await _serve_tap_channel(dial, dial_back, destination, where, local_tls, endpoint_dial)
+        return
     local: trio.abc.HalfCloseableStream | None = None
     if where is not None:
         tls = None if dial.response else local_tls(dial.engagement_id)
@@ -176,6 +180,35 @@ async def _relay(
             await splice(stream, local)
         finally:
             stream.close()
+
+
+async def _serve_tap_channel(
+    dial: aapi.DialRequest,
+    dial_back: DialBack,
+    destination: Destination,
+    where: tuple[str, int] | None,
+    local_tls: LocalTls,
+    endpoint_dial: float,
+) -> None:
+    """A wiretap's copy channel: each copied connection to the handler at `where`."""
+    try:
+        stream = await dial_back(destination, dial.dial_id)
+    except (TunnelError, RpcError) as exc:
+        log.warning("wiretap copies: cannot dial back: %s", exc)
+        return
+    if where is None:  # the wiretap ended here meanwhile
+        reset(stream, ResetReason.REFUSED)
+        return
+    handler = where
+    tls = None if dial.response else local_tls(dial.engagement_id)
+
+    async def connect() -> trio.abc.HalfCloseableStream | None:
+        return await _open_local(handler, tls, endpoint_dial)
+
+    try:
+        await serve_copies(stream, connect)
+    finally:
+        stream.close()
 
 
 async def refuse(stream: H2Stream, name: str, where: tuple[str, int]) -> None:

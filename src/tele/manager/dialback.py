@@ -51,6 +51,8 @@ class DialBack:
         agent_prefixes = (
             aapi.AGENT_DIAL_PREFIX,
             aapi.AGENT_RESPONSE_DIAL_PREFIX,
+            aapi.AGENT_TAP_DIAL_PREFIX,
+            aapi.AGENT_TAP_RESPONSE_DIAL_PREFIX,
             aapi.PROXY_DIAL_PREFIX,
             aapi.PROXY_FAIL_PREFIX,
         )
@@ -86,6 +88,16 @@ class DialBack:
             engagement_id = dial_id[len(aapi.AGENT_RESPONSE_DIAL_PREFIX) :]
             await self._from_agent(request, stream, engagement_id, response=True)
             return
+        for prefix, response in (
+            (aapi.AGENT_TAP_DIAL_PREFIX, False),
+            (aapi.AGENT_TAP_RESPONSE_DIAL_PREFIX, True),
+        ):
+            if dial_id.startswith(prefix):
+                engagement_id = dial_id[len(prefix) :]
+                await self._from_agent(
+                    request, stream, engagement_id, response=response, channel=True
+                )
+                return
         waiting = self._pending.pop(dial_id, None)
         if waiting is None:
             reset(stream, ResetReason.POLICY)
@@ -106,10 +118,16 @@ class DialBack:
         engagement_id: str,
         *,
         response: bool = False,
+        channel: bool = False,
     ) -> None:
         active = self._engagement(engagement_id)
         dials = self._dials.get(active.session_id) if active is not None else None
-        if active is None or dials is None or (response and not active.engagement.copy_responses):
+        if (
+            active is None
+            or dials is None
+            or (response and not active.engagement.copy_responses)
+            or (channel and active.info.kind != aapi.WIRETAP)
+        ):
             reset(agent_stream, ResetReason.REFUSED)
             return
         dial_id = secrets.token_hex(12)
@@ -125,6 +143,7 @@ class DialBack:
                     protocol=request.destination.protocol.value,
                     wiretap=active.info.kind == aapi.WIRETAP,
                     response=response,
+                    channel=channel,
                 )
             )
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):

@@ -22,6 +22,11 @@ AGENT_DIAL_PREFIX = "engage."
 AGENT_RESPONSE_DIAL_PREFIX = "engage-response."
 """A wiretap's copy of the app's answers (what callers receive) on one connection."""
 """An agent's OPEN for engagement E carries the dial id `engage.E`."""
+AGENT_TAP_DIAL_PREFIX = "wiretap."
+AGENT_TAP_RESPONSE_DIAL_PREFIX = "wiretap-response."
+"""An agent's OPEN of wiretap E's copy channel (the copies of many connections, as records:
+tele.net.tapcopies) carries `wiretap.E`, or for the copies of the app's answers
+`wiretap-response.E`; the client serves it with tele.rpc.tapcopies.serve_copies."""
 PROXY_DIAL_PREFIX = "proxy."
 """An agent's OPEN for a proxy-via dial X (it dialled the destination) carries `proxy.X`; one it
 could not dial carries `proxyfail.X.<reset reason>` (the manager refuses the client's stream)."""
@@ -258,6 +263,9 @@ class DialRequest(msgspec.Struct, frozen=True, kw_only=True):
     response: bool = False
     """A wiretap's copy of the app's answers (to the wiretap's response port), not of what
     the caller sent."""
+    channel: bool = False
+    """A wiretap's copy channel: the stream carries the copies of many connections as records
+    (AGENT_TAP_DIAL_PREFIX), each to be given to the handler on a connection of its own."""
 
 
 class ProxyViaRequest(msgspec.Struct, frozen=True, kw_only=True):
