@@ -71,8 +71,8 @@ class Engagement(msgspec.Struct, frozen=True, kw_only=True):
     """Further agent ports of the engagement (a multi-port intercept, a replace); `agent_port`
     is the first (0 when there is none: a replace of a container without ports)."""
     copy_responses: bool = False
-    """A wiretap that also copies what the app answers (a second copy stream per connection,
-    dialled with AGENT_RESPONSE_DIAL_PREFIX)."""
+    """A wiretap that also copies what the app answers (on a second copy channel, dialled
+    with AGENT_TAP_RESPONSE_DIAL_PREFIX)."""
 
     def ports(self) -> list[int]:
         """Every agent port this engagement takes."""
