@@ -9,10 +9,11 @@ from functools import partial
 
 import trio
 
-from tele.agent.engagements import StaticEngagements
+from tele.agent.engagements import RESPONSE_KEY, StaticEngagements
 from tele.agent.udp import serve_udp_port
 from tele.net.tunnel import DatagramDecoder, encode_datagram
 from tele.rpc.agent_api import WIRETAP, Engagement
+from tele.testing.waits import wait_for
 
 
 async def udp_echo(nursery: trio.Nursery, prefix: bytes) -> int:
@@ -153,3 +154,61 @@ async def test_a_wiretap_gets_a_copy_of_each_datagram_while_the_app_answers() ->
     assert (answer, copies) == (b"app:query", [b"query"])
     counters = source.wiretaps.snapshot()["w1"]
     assert (counters.connections, counters.copied_bytes) == (1, len(b"query"))
+
+
+async def test_a_wiretap_with_a_response_port_gets_the_apps_replies_too() -> None:
+    received: dict[int, list[bytes]] = {}
+
+    async def recorder(nursery: trio.Nursery) -> int:
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = int(listener.socket.getsockname()[1])
+        got = received.setdefault(port, [])
+
+        async def handle(stream: trio.SocketStream) -> None:
+            decoder = DatagramDecoder(65535)
+            async with stream:
+                while data := await stream.receive_some(65536):
+                    got.extend(decoder.feed(data))
+
+        nursery.start_soon(trio.serve_listeners, handle, [listener])
+        return port
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            app = await udp_echo(nursery, b"app:")
+            requests, replies = await recorder(nursery), await recorder(nursery)
+            with trio.socket.socket() as closed:
+                await closed.bind(("127.0.0.1", 0))
+                nothing = closed.getsockname()[1]  # nothing listens there once closed
+            both = Engagement(
+                id="w1", container="dns", agent_port=9900, kind=WIRETAP, copy_responses=True
+            )
+            absent = Engagement(
+                id="w2", container="dns", agent_port=9900, kind=WIRETAP, copy_responses=True
+            )
+            source = StaticEngagements(
+                [both, absent],
+                handlers={
+                    "w1": ("127.0.0.1", requests),
+                    "w1" + RESPONSE_KEY: ("127.0.0.1", replies),
+                    "w2": ("127.0.0.1", requests),
+                    "w2" + RESPONSE_KEY: ("127.0.0.1", nothing),
+                },
+            )
+            port = await agent_port(nursery, source, app)
+            answers = [await ask(port, b"query %d" % i) for i in range(2)]
+            await wait_for(
+                lambda: (
+                    len(received[replies]) == 2
+                    and len(received[requests]) == 4
+                    and source.wiretaps.snapshot()["w2"].response_dropped == 2
+                ),
+                timeout=5,
+            )
+            nursery.cancel_scope.cancel()
+    assert answers == [b"app:query 0", b"app:query 1"]  # the caller got the app's replies
+    assert received[replies] == [b"app:query 0", b"app:query 1"]  # and w1's handler a copy
+    assert sorted(received[requests]) == sorted([b"query 0", b"query 1"] * 2)
+    w1, w2 = source.wiretaps.snapshot()["w1"], source.wiretaps.snapshot()["w2"]
+    assert w1.response_copied_bytes == len(b"app:query 0") * 2 and w1.response_dropped == 0
+    assert w2.dropped_connections == 0  # its requests were copied; only its replies failed

@@ -405,6 +405,68 @@ def test_udp_intercepts_of_named_and_numeric_ports_and_the_app_after_leave(
     assert run_tele(tele_env, "quit").returncode == 0
 
 
+@contextmanager
+def udp_recorder() -> Iterator[list[bytes]]:
+    """A UDP socket on this machine that records what it gets (and answers nothing); yields
+    the list, its port in `.port`."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    received = _Received()
+    received.port = sock.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                data, _ = sock.recvfrom(65535)
+            except OSError:
+                return
+            if not data:
+                return
+            received.append(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield received
+    finally:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+        thread.join(5)
+
+
+class _Received(list[bytes]):
+    port = 0
+
+
+def test_a_udp_wiretap_copies_the_datagrams_and_the_apps_replies(
+    installed: NodeSandbox, tele_env: dict[str, str], guard: DaemonGuard
+) -> None:
+    sandbox = installed
+    connect(tele_env, sandbox)
+    with udp_recorder() as requests, udp_recorder() as replies:
+        tapped = run_tele(
+            tele_env, "wiretap", "l4", "-p", f"{requests.port}:named",
+            "--response-port", str(replies.port), timeout=120,
+        )  # fmt: skip
+        assert tapped.returncode == 0, tapped.stderr
+        wait_rolled(sandbox, "l4")
+        # The app answers every datagram itself; the handlers get a copy of each direction.
+        for index in range(3):
+            assert udp_ask(sandbox, "l4.default", 53, f"tapped-{index}") == f"tapped-{index}"
+        expected = {f"tapped-{index}".encode() for index in range(3)}
+        eventually(lambda: expected <= set(requests), "the datagrams' copies")
+        eventually(lambda: expected <= set(replies), "the replies' copies")
+        status = json.loads(run_tele(tele_env, "status", "-o", "json").stdout)
+        [tap] = [e for e in status["session"]["engagements"] if e["name"] == "l4"]
+        assert tap["kind"] == "wiretap"
+        assert run_tele(tele_env, "leave", "l4", timeout=60).returncode == 0
+    assert udp_ask(sandbox, "l4.default", 53, "untapped") == "untapped"
+    assert run_tele(tele_env, "quit").returncode == 0
+
+
 def test_a_headless_services_named_port_is_intercepted_for_callers_of_the_pod_ip(
     installed: NodeSandbox, tele_env: dict[str, str], guard: DaemonGuard
 ) -> None:

@@ -4,8 +4,9 @@ tele.rpc.tunnel.relay_datagrams), else to the app (a socket of the agent's conne
 app's port in the pod). Replies go back to the caller from the agent port. A flow ends after
 UDP_IDLE_TIMEOUT without a datagram either way; at most MAX_FLOWS at once, and each flow holds
 at most FLOW_QUEUE datagrams not yet sent on (more are dropped, as a full socket buffer would).
-Each wiretap of the port gets a copy flow per caller, fed without waiting: a copy that does not
-fit its queue is dropped and counted, the handler's answers are thrown away.
+Each wiretap of the port gets a copy flow per caller, fed without waiting (and, a wiretap with a
+response port, a second one of the replies the caller was sent): a copy that does not fit its
+queue is dropped and counted, the handler's answers are thrown away.
 """
 
 from __future__ import annotations
@@ -70,10 +71,10 @@ async def serve_udp_port(
 ) -> NoReturn:
     """Serve one UDP socket of an agent port until cancelled."""
     flows: dict[Address, trio.MemorySendChannel[bytes]] = {}
-    taps: dict[tuple[Address, str], trio.MemorySendChannel[bytes]] = {}
     route = _Route(source, agent_port, app, original_dst, app_replaced, idle_timeout)
     with sock:
         async with trio.open_nursery() as nursery:
+            route.copies = _Copies(nursery, max_flows)
             while True:
                 try:
                     datagram, peer = await sock.recvfrom(MAX_DATAGRAM)
@@ -100,40 +101,21 @@ async def serve_udp_port(
                     log.debug("UDP port %d: flow of %s is behind, dropping", agent_port, peer)
                 except trio.BrokenResourceError:
                     flows.pop(peer, None)  # it just ended; the next datagram starts anew
-                for tap in source.taps(agent_port):
-                    _copy(nursery, route, taps, sock, peer, tap, datagram, max_flows)
+                route.copy(peer, datagram)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _copy(
-    nursery: trio.Nursery,
-    route: _Route,
-    taps: dict[tuple[Address, str], trio.MemorySendChannel[bytes]],
-    sock: trio.socket.SocketType,
-    peer: Address,
-    tap: Engagement,
-    datagram: bytes,
-    max_flows: int,
-) -> None:
-    """A wiretap's copy of one datagram, on the copy flow of (caller, wiretap); never waits:
-    a full queue (a slow handler) or too many flows drops the copy, counted."""
-    counters = route.source.wiretaps.counters(tap.id)
-    key = (peer, tap.id)
-    copy = taps.get(key)
-    if copy is None:
-        if len(taps) >= max_flows:
-            counters.dropped_bytes += len(datagram)
-            return
-        copy, queue = trio.open_memory_channel[bytes](FLOW_QUEUE)
-        taps[key] = copy
-        counters.connections += 1
-        nursery.start_soon(route.serve_copy, tap, peer, queue, taps)
-    try:
-        copy.send_nowait(datagram)
-        counters.copied_bytes += len(datagram)
-    except (trio.WouldBlock, trio.BrokenResourceError):
-        counters.dropped_bytes += len(datagram)
-    route.source.wiretaps.version += 1
+CopyKey = tuple[Address, str, bool]
+"""A copy flow: (caller, wiretap id, whether it copies the replies)."""
+
+
+class _Copies:
+    """The copy flows of one UDP socket: at most `max_flows` at once, run in `nursery`."""
+
+    def __init__(self, nursery: trio.Nursery, max_flows: int) -> None:
+        self.nursery = nursery
+        self.max_flows = max_flows
+        self.flows: dict[CopyKey, trio.MemorySendChannel[bytes]] = {}
 
 
 class _Route:
@@ -152,6 +134,38 @@ class _Route:
         self.original_dst = original_dst
         self.app_replaced = app_replaced
         self.idle_timeout = idle_timeout
+        self.copies: _Copies | None = None
+
+    def copy(self, peer: Address, datagram: bytes, *, reply: bool = False) -> None:
+        """The wiretaps' copies of a datagram of `peer`'s flow (with `reply`: one it was
+        sent, for the wiretaps that copy responses)."""
+        for tap in self.source.taps(self.agent_port):
+            if not reply or tap.copy_responses:
+                self._copy(peer, tap, datagram, reply)
+
+    def _copy(self, peer: Address, tap: Engagement, datagram: bytes, reply: bool) -> None:
+        """A wiretap's copy of one datagram, on the copy flow of (caller, wiretap, direction);
+        never waits: a full queue (a slow handler) or too many flows drops the copy, counted."""
+        copies = self.copies
+        assert copies is not None
+        counters = self.source.wiretaps.counters(tap.id, reply)
+        key = (peer, tap.id, reply)
+        copy = copies.flows.get(key)
+        if copy is None:
+            if len(copies.flows) >= copies.max_flows:
+                counters.dropped_bytes += len(datagram)
+                return
+            copy, queue = trio.open_memory_channel[bytes](FLOW_QUEUE)
+            copies.flows[key] = copy
+            if not reply:
+                counters.connections += 1
+            copies.nursery.start_soon(self.serve_copy, tap, peer, queue, reply)
+        try:
+            copy.send_nowait(datagram)
+            counters.copied_bytes += len(datagram)
+        except (trio.WouldBlock, trio.BrokenResourceError):
+            counters.dropped_bytes += len(datagram)
+        self.source.wiretaps.version += 1
 
     async def serve_flow(
         self,
@@ -183,19 +197,16 @@ class _Route:
             flows.pop(peer, None)
 
     async def serve_copy(
-        self,
-        tap: Engagement,
-        peer: Address,
-        queue: trio.MemoryReceiveChannel[bytes],
-        taps: dict[tuple[Address, str], trio.MemorySendChannel[bytes]],
+        self, tap: Engagement, peer: Address, queue: trio.MemoryReceiveChannel[bytes], reply: bool
     ) -> None:
-        """A wiretap's copy of one caller's flow: its datagrams to the client; the handler's
-        answers are read and dropped. Ends when idle, or dropped (counted) when it fails."""
-        counters = self.source.wiretaps.counters(tap.id)
+        """A wiretap's copy of one caller's flow (with `reply`: of what it was sent, to the
+        wiretap's response handler): its datagrams to the client; the handler's answers are
+        read and dropped. Ends when idle, or dropped (counted) when it fails."""
+        counters = self.source.wiretaps.counters(tap.id, reply)
         try:
             with queue:
                 tunnel = await self.source.open_to_client(
-                    tap, self.original_dst, protocol=Protocol.UDP
+                    tap, self.original_dst, protocol=Protocol.UDP, response=reply
                 )
 
                 async def from_peer() -> bytes | None:
@@ -225,7 +236,8 @@ class _Route:
             log.exception("UDP copy of %s for wiretap %s failed", peer, tap.id)
             counters.dropped_connections += 1
         finally:
-            taps.pop((peer, tap.id), None)
+            if self.copies is not None:
+                self.copies.flows.pop((peer, tap.id, reply), None)
 
     async def _to_client(
         self,
@@ -249,6 +261,8 @@ class _Route:
                 await sock.sendto(datagram, peer)
             except OSError as exc:
                 log.debug("UDP reply to %s failed: %s", peer, exc)
+                return
+            self.copy(peer, datagram, reply=True)
 
         async with tunnel:
             await relay_datagrams(
@@ -285,6 +299,8 @@ class _Route:
                             await sock.sendto(reply, peer)
                         except OSError as exc:
                             log.debug("UDP reply to %s failed: %s", peer, exc)
+                            continue
+                        self.copy(peer, reply, reply=True)  # once the caller has it
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(replies)
