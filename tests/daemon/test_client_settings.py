@@ -515,3 +515,43 @@ def test_proxy_via_that_cannot_work_is_one_sentence_and_no_session(
         text=True,
     ).stdout
     assert "traffic-agent" not in deployment  # never rolled with an agent
+
+
+@pytest.mark.parametrize("helper", [False, True])
+def test_proxy_via_with_a_daemon_that_cannot_set_up_the_vif(
+    monkeypatch: pytest.MonkeyPatch, helper: bool
+) -> None:
+    """`tele connect` (the VIF when possible) with a daemon that has no CAP_NET_ADMIN: with
+    --proxy-via, no privileged helper is a sentence before arriving; a helper is taken then,
+    and the VIF becomes required (its failure fails the connect, it is no longer a note)."""
+    from tele.daemon.session import ClusterSession
+    from tele.errors import UserError
+    from tele.rpc import daemon_api
+    from tele.vif import caps
+    from tele.vif.connect import NetworkOptions
+
+    monkeypatch.setattr(caps, "has_net_admin", lambda pid="self": False)
+    taken: list[object] = []
+    marker = object()
+
+    def take_helper() -> object | None:
+        taken.append(marker)
+        return marker if helper else None
+
+    session = ClusterSession.__new__(ClusterSession)
+    session.request = daemon_api.ConnectRequest(proxy_via=["10.1.0.0/24=api"])
+    session.network_options = NetworkOptions(when_possible=True)
+    session._take_helper = take_helper  # type: ignore[assignment]
+    session._privileges = None
+    if helper:
+        session._require_network()
+        assert session._privileges is marker and session.network_options.enabled
+    else:
+        with pytest.raises(UserError) as refused:
+            session._require_network()
+        assert str(refused.value) == (
+            "--proxy-via needs the virtual network interface, and the daemon runs without "
+            "CAP_NET_ADMIN and no privileged helper was started; `tele connect --vif` starts "
+            "one with sudo."
+        )
+    assert taken == [marker]
