@@ -478,6 +478,11 @@ NO_NETWORK = (
             "tele: --proxy-via 246.246.7.0/24 overlaps the virtual IP subnet 246.246.0.0/16; "
             "choose another subnet, or another cluster.virtualIPSubnet in the config",
         ),
+        (
+            ["10.0.0.0/16=api", "--proxy-via", "10.0.1.0/24=hostnet"],
+            "tele: --proxy-via 10.0.1.0/24=hostnet overlaps --proxy-via 10.0.0.0/16=api: an "
+            "address can go out through one workload only; give subnets that do not overlap",
+        ),
         (["10.1.0.0/24=hostnet", "--no-vif"], NO_VIF),
         # The suite's TELE_VIF=0: no VIF unless asked for, as a daemon that cannot set one up.
         (["10.1.0.0/24=hostnet"], NO_NETWORK),

@@ -15,7 +15,15 @@ from tele.errors import first_leaf
 from tele.rpc.client import Client
 from tele.vif.connect import NetworkOptions, NetworkStatus, serve_network
 from tele.vif.errors import RouteConflict
-from tele.vif.vnat import MAX_MAPPED, VirtualIPs, VnatError, check, proxy_via_workload, resolve
+from tele.vif.vnat import (
+    MAX_MAPPED,
+    VirtualIPs,
+    VnatError,
+    check,
+    check_proxy_via_overlaps,
+    proxy_via_workload,
+    resolve,
+)
 
 from .conftest import POD_ADDRESS, Namespaces, run_in
 from .test_network import Session, laptop_resolv_conf
@@ -192,3 +200,19 @@ def test_a_proxy_via_workload_names_its_namespace_after_a_dot(
     value: str, expected: tuple[str, str]
 ) -> None:
     assert proxy_via_workload(value, "dev", {"dev", "staging"}) == expected
+
+
+def test_overlapping_proxy_via_subnets_must_go_through_one_workload() -> None:
+    pairs = [("10.0.0.0/16", "a"), ("10.1.0.0/16", "b"), ("10.0.0.0/16", "a"), ("::/0", "b")]
+    assert check_proxy_via_overlaps(pairs) == [
+        ("10.0.0.0/16", "a"),
+        ("10.1.0.0/16", "b"),
+        ("::/0", "b"),
+    ]
+    assert check_proxy_via_overlaps([("10.0.0.0/16", "a"), ("10.0.1.0/24", "a")])
+    with pytest.raises(VnatError) as refused:
+        check_proxy_via_overlaps([("10.0.0.0/16", "a"), ("10.0.1.0/24", "b")])
+    assert str(refused.value) == (
+        "--proxy-via 10.0.1.0/24=b overlaps --proxy-via 10.0.0.0/16=a: an address can go out "
+        "through one workload only; give subnets that do not overlap"
+    )

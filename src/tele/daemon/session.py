@@ -359,7 +359,8 @@ class ClusterSession:
 
     def _check_proxy_via(self, cluster: mapi.ClusterInfo | None) -> list[tuple[str, str]]:
         """--proxy-via CIDR=WORKLOAD values (symbolic subnets once the cluster's are known):
-        one sentence when one is malformed or overlaps the virtual IP subnet."""
+        one sentence when one is malformed, overlaps the virtual IP subnet, or overlaps
+        another's subnet with another workload."""
         from tele.vif import vnat
 
         try:
@@ -372,11 +373,12 @@ class ClusterSession:
                     for value, workload in pairs
                     for subnet in vnat.resolve([value], pods, services, also)
                 ]
-            literal = [subnet for subnet, _ in pairs if subnet not in vnat.SYMBOLIC]
-            vnat.check_proxy_via(literal, self._settings.cluster.virtual_ip_subnet)
+            literal = [(s, w) for s, w in pairs if s not in vnat.SYMBOLIC]
+            vnat.check_proxy_via([s for s, _ in literal], self._settings.cluster.virtual_ip_subnet)
+            unique = vnat.check_proxy_via_overlaps(literal)
         except vnat.VnatError as exc:
             raise UserError(str(exc)) from None
-        return pairs
+        return unique if cluster is not None else pairs  # (resolved: every subnet literal)
 
     async def _proxy_via(self) -> None:
         """Ask the manager for each --proxy-via workload (it checks the caller may engage it and

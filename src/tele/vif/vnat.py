@@ -108,6 +108,25 @@ def check_proxy_via(subnets: Sequence[str], virtual: str) -> None:
     )
 
 
+def check_proxy_via_overlaps(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (subnet, workload) pairs without repeats; VnatError when two subnets overlap with
+    different workloads (an address would have two ways out, and one would silently win)."""
+    unique: list[tuple[str, str]] = []
+    for pair in pairs:
+        if pair not in unique:
+            unique.append(pair)
+    networks = [(ipaddress.ip_network(s, strict=False), s, w) for s, w in unique]
+    for index, (net, subnet, workload) in enumerate(networks):
+        for other, other_subnet, other_workload in networks[:index]:
+            if net.version == other.version and net.overlaps(other) and workload != other_workload:
+                raise VnatError(
+                    f"--proxy-via {subnet}={workload} overlaps --proxy-via "
+                    f"{other_subnet}={other_workload}: an address can go out through one "
+                    "workload only; give subnets that do not overlap"
+                )
+    return unique
+
+
 def _virtual_subnet(virtual: str) -> Network:
     try:
         return ipaddress.ip_network(virtual.strip(), strict=False)
