@@ -308,3 +308,46 @@ async def test_the_file_server_refuses_peers_that_are_not_the_manager(
         assert info.mount_error.startswith("sshfs could not mount the volumes at")
         assert peers == ["127.0.0.1"]
         nursery.cancel_scope.cancel()
+
+
+async def test_remount_serves_the_new_pods_files_at_the_same_directory(
+    export: Path, tmp_path: Path, no_leftover_mounts: None
+) -> None:
+    """The pod that served the volumes was replaced: its file server ended (sshfs with it),
+    and the new pod's server has its own files; `remount` mounts them where the old were."""
+    newer = tmp_path / "newer_pod"
+    (newer / "app" / "etc" / "creds").mkdir(parents=True)
+    (newer / "app" / "etc" / "creds" / "password").write_bytes(b"the new pod's")
+    async with trio.open_nursery() as nursery:
+        old_server = trio.CancelScope()
+
+        async def old_pod(*, task_status: trio.TaskStatus[int]) -> None:
+            with old_server:
+                await serve_files(_export(export), host="127.0.0.1", task_status=task_status)
+
+        old_port = await nursery.start(old_pod)
+        new_port = await nursery.start(partial(serve_files, _export(newer), host="127.0.0.1"))
+        table = Mounts(_direct)
+        await nursery.start(table.serve)
+        info = await table.attach(_rooted(_info(old_port), export), MountFlag.parse("true"))
+        root = Path(info.local_mount)
+        read = await trio.to_thread.run_sync((root / "etc" / "creds" / "password").read_bytes)
+        assert read == SECRET
+        old_server.cancel()  # the old pod is gone
+
+        moved = msgspec.structs.replace(info, sftp_port=new_port)
+        with trio.fail_after(20):
+            again = await table.remount(moved)
+        assert again.mount_error == "" and again.local_mount == str(root)
+        assert again.environment["TELEPRESENCE_ROOT"] == str(root)
+        assert mounted_at(root) == "fuse.sshfs"
+        read = await trio.to_thread.run_sync((root / "etc" / "creds" / "password").read_bytes)
+        assert read == b"the new pod's"
+        assert mounts.pending() == [str(root)]
+
+        await table.detach(info.id)
+        assert mounted_at(root) is None and not root.exists()
+        assert mounts.pending() == []
+        # Never mounted (or left): nothing to mount again.
+        assert await table.remount(moved) == moved
+        nursery.cancel_scope.cancel()

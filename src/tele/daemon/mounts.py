@@ -308,6 +308,9 @@ class Mounts:
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self._dirs: dict[str, str] = {}
+        self._wanted: dict[str, MountFlag] = {}
+        """Per engagement id: the directory and mode of its mount, kept until `detach`, so that
+        `remount` mounts at the same place (also after sshfs ended with the old pod)."""
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -334,8 +337,29 @@ class Mounts:
         info = msgspec.structs.replace(info, local_mount=local, mount_error=error)
         return msgspec.structs.replace(info, environment={**info.environment, **environment(info)})
 
+    async def remount(self, info: EngagementInfo) -> EngagementInfo:
+        """Mount `info`'s volumes again at the directory they were mounted at, from the pod
+        `info` names now (the pod that served them was replaced): the old mount ends first.
+        `info` as `attach` returns it; unchanged when its volumes were never mounted."""
+        wanted = self._wanted.get(info.id)
+        if wanted is None:
+            return info
+        await self._unmount(info.id)
+        local, error = "", ""
+        try:
+            local = await self._mount(info, wanted)
+        except TeleError as exc:
+            error = str(exc)
+            log.warning("volumes of %s not mounted again: %s", info.name, error)
+        info = msgspec.structs.replace(info, local_mount=local, mount_error=error)
+        return msgspec.structs.replace(info, environment={**info.environment, **environment(info)})
+
     async def detach(self, engagement_id: str) -> None:
         """Unmount the engagement's volumes (if any); returns once they are gone."""
+        self._wanted.pop(engagement_id, None)
+        await self._unmount(engagement_id)
+
+    async def _unmount(self, engagement_id: str) -> None:
         found = self._scopes.get(engagement_id)
         if found is None:
             return
@@ -362,6 +386,7 @@ class Mounts:
             if isinstance(leaf, TeleError):
                 raise MountError(str(leaf)) from None
             raise
+        self._wanted[info.id] = MountFlag(directory=local, read_only=wanted.read_only)
         return local
 
     async def _relay_files(
