@@ -346,7 +346,7 @@ async def test_remount_serves_the_new_pods_files_at_the_same_directory(
         assert mounts.pending() == [str(root)]
 
         await table.detach(info.id)
-        assert mounted_at(root) is None and not root.exists()
+        assert mounted_at(root) is None and not await trio.Path(root).exists()
         assert mounts.pending() == []
         # Never mounted (or left): nothing to mount again.
         assert await table.remount(moved) == moved
