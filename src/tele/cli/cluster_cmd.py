@@ -39,6 +39,10 @@ def connection_lines(info: dict[str, Any]) -> list[str]:
     intercepts = info.get("intercepts") or []
     lines.append(f"  Intercepts:         {len(intercepts)} total")
     lines.extend(f"    {line}" for line in intercepts)
+    # The serving pod of an engagement was replaced: its --to-pod forwards and volumes moved.
+    lines.extend(
+        f"    {e['pod_change']}" for e in info.get("engagements") or [] if e.get("pod_change")
+    )
     network = info.get("network")
     if network:
         lines.append(f"  Network:            {network.get('device')} {network.get('address')}")
@@ -333,7 +337,8 @@ def list_(
             e["path_regex"],
         )
         where = f" -> {', '.join(e['local'])}" if e["local"] else ""
-        return f"    {e['name']}: {e['kind']}, {taken}{where}"
+        pod = f", pod {e['pod_name']}" if e.get("pod_name") else ""
+        return f"    {e['name']}: {e['kind']}, {taken}{where}{pod}"
 
     def text(rows: list[dict[str, Any]]) -> str:
         if not rows:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ import click
 from tele.cli import docker_cmd, podenv
 from tele.cli.output import emit, output_option
 from tele.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def _header(value: str) -> tuple[str, str]:
@@ -199,7 +204,8 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     if docker is not None:
         interrupted = False
         try:
-            status = docker_cmd.run_handler(docker, data, info.name)
+            with _saying_pod_changes(info.name):
+                status = docker_cmd.run_handler(docker, data, info.name)
         except KeyboardInterrupt:
             interrupted, status = True, 130
         finally:
@@ -226,7 +232,8 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
             )
         interrupted = False
         try:
-            status = subprocess.run(list(command), env=env, check=False).returncode
+            with _saying_pod_changes(info.name):
+                status = subprocess.run(list(command), env=env, check=False).returncode
         except OSError as exc:
             status = 127
             click.echo(f"tele: Cannot run {command[0]}: {exc.strerror or exc}.", err=True)
@@ -237,6 +244,52 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
         if interrupted:
             click.echo(f"Interrupted; left {info.name}.", err=True)
         raise SystemExit(exit_status(status))
+
+
+POD_WATCH_SECONDS = 2.0
+"""While a `-- COMMAND` runs, how often the daemon is asked which pod serves its engagement."""
+
+
+@contextlib.contextmanager
+def _saying_pod_changes(name: str) -> Iterator[None]:
+    """While the handler runs, one line on stderr each time another pod takes over serving
+    engagement `name` (its pod was replaced; --to-pod forwards and volumes follow it)."""
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_follow_pod, args=(name, stop), name="tele-pod-watch", daemon=True
+    )
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(timeout=1)
+
+
+def _follow_pod(name: str, stop: threading.Event) -> None:
+    import trio
+
+    from tele.cli import client
+    from tele.rpc import daemon_api
+
+    async def follow() -> None:
+        said = ""
+        async with client.daemon_client(start=False) as rpc:
+            while rpc is not None:
+                status = await rpc.call(daemon_api.STATUS, daemon_api.Empty(), timeout=5)
+                engagements = status.session.engagements if status.session else []
+                for e in engagements:
+                    # Said once the daemon has moved everything (forwards, volumes) there.
+                    if e.name == name and e.pod_change and e.pod_change != said:
+                        said = e.pod_change
+                        click.echo(f"tele: {said}", err=True)
+                if await trio.to_thread.run_sync(stop.wait, POD_WATCH_SECONDS):
+                    return
+
+    try:
+        trio.run(follow)
+    except Exception as exc:  # the daemon went away: the command goes on, unwatched
+        log.debug("watching the serving pod of %s ended: %s", name, exc)
 
 
 def exit_status(returncode: int) -> int:

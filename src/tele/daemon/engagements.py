@@ -150,6 +150,9 @@ class LocalEngagements:
         self.tap_counters: dict[str, aapi.TapCounters] = {}
         """Per wiretap engagement id: its counters, as the manager last said."""
         self._taps_wanted = trio.Event()
+        self.pod_changes: dict[str, str] = {}
+        """Per engagement name: the sentence saying that its serving pod changed, the last
+        time it did (`tele status`, and `tele intercept -- COMMAND` while it runs)."""
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the local sides, dial-back answers and re-engaging, until cancelled."""
@@ -158,6 +161,7 @@ class LocalEngagements:
             nursery.start_soon(self._serve_dials)
             nursery.start_soon(self._keep_engagements)
             nursery.start_soon(self._follow_tap_counters)
+            nursery.start_soon(self._follow_serving_pods)
             task_status.started()
             await trio.sleep_forever()
 
@@ -329,10 +333,19 @@ class LocalEngagements:
                     self.targets[info.id] = self.targets.pop(old.id, {})
                     if old.id in self.local_tls:
                         self.local_tls[info.id] = self.local_tls.pop(old.id)
-                self.engaged[name] = msgspec.structs.replace(
-                    old, id=info.id, pod_ips=info.pod_ips, pod_name=info.pod_name
-                )
+                self.engaged[name] = msgspec.structs.replace(old, id=info.id)
                 log.info("engaged %s again in the new session", name)
+                # Its pod may have been replaced meanwhile: the forwards and volumes follow.
+                await self._serving_pod(
+                    aapi.ServingPod(
+                        engagement_id=info.id,
+                        name=name,
+                        pod_name=info.pod_name,
+                        pod_ips=info.pod_ips,
+                        sftp_port=info.sftp_port,
+                        mount_point=info.mount_point,
+                    )
+                )
 
     async def _serve_engagement(
         self,
@@ -348,16 +361,109 @@ class LocalEngagements:
             async with trio.open_nursery() as nursery:
                 if to_pod and not info.pod_ips:
                     raise UserError(f"{info.name} has no pod to forward --to-pod ports to.")
+                dial = functools.partial(self._dial_serving_pod, info.name)
                 for wanted in to_pod:
                     destination = Destination(
                         wanted.protocol, ipaddress.ip_address(info.pod_ips[0]), wanted.port
                     )
                     serve = serve_forward if wanted.protocol is Protocol.TCP else serve_udp_forward
                     await nursery.start(
-                        functools.partial(serve, self._dial, destination, port=wanted.port)
+                        functools.partial(serve, dial, destination, port=wanted.port)
                     )
                 task_status.started()
                 await trio.sleep_forever()
+
+    async def _dial_serving_pod(self, name: str, destination: Destination) -> H2Stream:
+        """A `--to-pod` connection or flow goes to the pod that serves `name` when it starts:
+        the one the engagement named first, or the one that took over since."""
+        info = self.engaged.get(name)
+        if info is not None and info.pod_ips:
+            address = ipaddress.ip_address(info.pod_ips[0])
+            destination = Destination(destination.protocol, address, destination.port)
+        return await self._dial(destination)
+
+    async def _follow_serving_pods(self) -> None:
+        """Follow the manager's word on which pod serves each engagement (WATCH_SERVING), for
+        as long as the session lives; again after each new arrival."""
+        await self._dials_wanted.wait()
+        lease = self._lease
+        while True:
+            seen = lease.arrivals
+            failure: RpcError | None = None
+            try:
+                client = await lease.client()
+                request = SessionRequest(session_id=lease.session_id())
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._cancel_on_arrival, seen, nursery.cancel_scope)
+                    try:
+                        async with client.stream(aapi.WATCH_SERVING, request) as updates:
+                            async for update in updates:
+                                for serving in update.pods:
+                                    await self._serving_pod(serving)
+                    except RpcError as exc:
+                        failure = exc
+                    nursery.cancel_scope.cancel()
+            except TeleError as exc:
+                log.debug("serving pods watch ended: %s", exc)
+            if failure is not None and failure.code is Code.UNIMPLEMENTED:
+                log.info("the traffic manager does not say when a serving pod changes")
+                return
+            if failure is not None:
+                log.debug("serving pods watch ended: %s", failure.message)
+            with trio.move_on_after(5):
+                await lease.changed.wait()
+
+    async def _cancel_on_arrival(self, seen: int, scope: trio.CancelScope) -> None:
+        """Cancel `scope` once the session arrives again (a new session: watch anew)."""
+        while self._lease.arrivals == seen:
+            await self._lease.changed.wait()
+        scope.cancel()
+
+    async def _serving_pod(self, serving: aapi.ServingPod) -> None:
+        """Another pod serves `serving.name` now: its `--to-pod` forwards go there from the
+        next connection on, and its volumes are mounted again, at the same directory."""
+        try:
+            await self._follow_pod(serving)
+        except Exception:
+            log.exception("%s: following its new pod %s failed", serving.name, serving.pod_name)
+
+    async def _follow_pod(self, serving: aapi.ServingPod) -> None:
+        old = self.engaged.get(serving.name)
+        if old is None or old.id != serving.engagement_id or not serving.pod_name:
+            return
+        if serving.pod_name == old.pod_name:
+            return
+        moved = msgspec.structs.replace(
+            old,
+            pod_name=serving.pod_name,
+            pod_ips=serving.pod_ips,
+            sftp_port=serving.sftp_port,
+            mount_point=serving.mount_point or old.mount_point,
+        )
+        self.engaged[serving.name] = moved  # the next --to-pod connection goes there
+        where = f" ({serving.pod_ips[0]})" if serving.pod_ips else ""
+        sentence = (
+            f"{serving.name} is served by pod {serving.pod_name}{where} now: pod "
+            f"{old.pod_name} was replaced"
+        )
+        log.info("%s", sentence)
+        if self._mounts.mounted(old.id):
+            remounted = await self._mounts.remount(moved)
+            current = self.engaged.get(serving.name)
+            if current is None or current.id != moved.id:
+                await self._mounts.detach(moved.id)  # left meanwhile
+                return
+            self.engaged[serving.name] = msgspec.structs.replace(
+                current,
+                local_mount=remounted.local_mount,
+                mount_error=remounted.mount_error,
+                environment=remounted.environment,
+            )
+            if remounted.mount_error:
+                sentence += f"; its volumes could not be mounted again: {remounted.mount_error}"
+            else:
+                sentence += f"; its volumes are mounted again at {remounted.local_mount}"
+        self.pod_changes[serving.name] = sentence
 
     async def _follow_tap_counters(self) -> None:
         """While there are wiretaps, keep their counters as the manager sums them up."""
@@ -408,6 +514,9 @@ class LocalEngagements:
                 path_regex=i.path_regex,
                 local=i.local,
                 local_mount=i.local_mount,
+                pod_name=i.pod_name,
+                pod_ips=i.pod_ips,
+                pod_change=self.pod_changes.get(i.name, ""),
                 wiretap=(
                     self.tap_counters.get(i.id, aapi.TapCounters())
                     if i.kind == aapi.WIRETAP
@@ -453,6 +562,7 @@ class LocalEngagements:
             self.tap_counters.pop(info.id, None)
         self.engaged.pop(name, None)
         self.engage_requests.pop(name, None)
+        self.pod_changes.pop(name, None)
 
     async def _serve_dials(self) -> None:
         """Answer the manager's dial-back requests for as long as the session lives."""

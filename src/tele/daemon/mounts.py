@@ -354,6 +354,10 @@ class Mounts:
         info = msgspec.structs.replace(info, local_mount=local, mount_error=error)
         return msgspec.structs.replace(info, environment={**info.environment, **environment(info)})
 
+    def mounted(self, engagement_id: str) -> bool:
+        """The engagement's volumes were mounted (and not detached since)."""
+        return engagement_id in self._wanted
+
     async def detach(self, engagement_id: str) -> None:
         """Unmount the engagement's volumes (if any); returns once they are gone."""
         self._wanted.pop(engagement_id, None)

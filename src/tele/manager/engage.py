@@ -148,6 +148,7 @@ class Engagements:
         router.unary(aapi.LEAVE, self.leave)
         router.unary(aapi.UNINSTALL, self.uninstall)
         router.stream(aapi.WATCH_DIALS, self.watch_dials)
+        router.stream(aapi.WATCH_SERVING, self.watch_serving)
         router.unary(aapi.PROXY_VIA, self.proxy_via)
         router.stream(aapi.WATCH_PROXY_DIALS, self.watch_proxy_dials)
         router.unary(aapi.REPORT_TAPS, self.report_taps)
@@ -296,6 +297,7 @@ class Engagements:
             f"{request.workload}/{container}" if kind == "ingest" else request.workload
         )
         table = self._table
+        self._follow_serving_pods()
         existing = table.existing(request, name)
         if existing is not None:
             return existing
@@ -425,6 +427,48 @@ class Engagements:
                 )
             )
         return shown, withheld
+
+    async def watch_serving(self, request: api.SessionRequest) -> AsyncIterator[aapi.ServingPods]:
+        """The pod serving each of the caller's engagements: at once, then on every change."""
+        last: aapi.ServingPods | None = None
+        while True:
+            self._client_session(request.session_id)  # ends the stream with the session
+            self._follow_serving_pods()
+            current = aapi.ServingPods(
+                pods=[
+                    aapi.ServingPod(
+                        engagement_id=a.info.id,
+                        name=a.info.name,
+                        pod_name=a.info.pod_name,
+                        pod_ips=a.info.pod_ips,
+                        sftp_port=a.info.sftp_port,
+                        mount_point=a.info.mount_point,
+                    )
+                    for a in self._table.active.values()
+                    if a.session_id == request.session_id
+                ]
+            )
+            if current != last:
+                yield current
+                last = current
+            await self._changes.event.wait()
+
+    def _follow_serving_pods(self) -> None:
+        """An engagement whose pod has no agent any more (the pod was deleted, evicted or
+        rolled) is served from then on by the pods whose agents of the workload are up, the
+        first live and ready one first; until one is up it keeps the pod it had."""
+        for slot, active in list(self._table.active.items()):
+            agents = self._agents.of_workload(active.workload_key)
+            if not agents or active.info.pod_name in {a.pod_name for a in agents}:
+                continue
+            info = self._table.serve_from(slot, self._serving_first(agents))
+            log.info(
+                "%s is served by pod %s/%s now (pod %s has no agent any more)",
+                info.name,
+                info.namespace,
+                info.pod_name,
+                active.info.pod_name,
+            )
 
     def _serving_first(self, agents: list[aapi.AgentIdentity]) -> list[aapi.AgentIdentity]:
         """The agents in the order a client should use their pods (for `--to-pod` and the

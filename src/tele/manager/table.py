@@ -8,11 +8,14 @@ flow around it (finding the workload, rolling pods, waiting for agents) is
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from tele.contracts import agentconfig
 from tele.rpc import agent_api as aapi
@@ -223,6 +226,22 @@ class EngagementTable:
         self.active[(request.session_id, name)] = Active(
             info=info, session_id=request.session_id, workload_key=key, engagement=engagement
         )
+        return info
+
+    def serve_from(
+        self, slot: tuple[str, str], agents: list[aapi.AgentIdentity]
+    ) -> aapi.EngagementInfo:
+        """From now on the engagement in `slot` is served by the pods of `agents` (the first:
+        the pod its client's `--to-pod` forwards and volumes reach): its pod lost its agent."""
+        active = self.active[slot]
+        info = active.info
+        fields = _mount_fields(agents, info.container)
+        if info.mount_error:  # withheld from this user (RBAC): the new pod's are too
+            fields["sftp_port"] = 0
+        info = msgspec.structs.replace(
+            info, pod_ips=[a.pod_ip for a in agents], pod_name=agents[0].pod_name, **fields
+        )
+        self.active[slot] = dataclasses.replace(active, info=info)
         return info
 
     def leave(self, session_id: str, name: str) -> Active | None:

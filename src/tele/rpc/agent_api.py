@@ -243,6 +243,24 @@ class TapCountersReply(msgspec.Struct, frozen=True, kw_only=True):
     taps: dict[str, TapCounters] = {}
 
 
+class ServingPod(msgspec.Struct, frozen=True, kw_only=True):
+    """The pod that serves one engagement of a client now (its `--to-pod` forwards and volumes
+    reach it), with what a mount of its volumes needs."""
+
+    engagement_id: str
+    name: str
+    pod_name: str
+    pod_ips: list[str] = []
+    sftp_port: int = 0
+    mount_point: str = ""
+
+
+class ServingPods(msgspec.Struct, frozen=True, kw_only=True):
+    """The manager to a client (WATCH_SERVING): the serving pod of each of its engagements."""
+
+    pods: list[ServingPod] = []
+
+
 class LeaveRequest(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str
     name: str
@@ -328,5 +346,9 @@ PROXY_VIA = Unary(f"/{SERVICE}/ProxyVia", ProxyViaRequest, ProxyViaReply)
 WATCH_PROXY_DIALS = ServerStream(f"/{SERVICE}/WatchProxyDials", SessionRequest, ProxyDial)
 """Agents: the dials clients' --proxy-via traffic asks of their pod."""
 WATCH_DIALS = ServerStream(f"/{SERVICE}/WatchDials", SessionRequest, DialRequest)
+WATCH_SERVING = ServerStream(f"/{SERVICE}/WatchServingPods", SessionRequest, ServingPods)
+"""Clients: at once, then whenever one changes, the pod serving each of their engagements; it
+changes when that pod's agent is gone (pod deleted, evicted, rolled) and another pod's agent of
+the workload is up (an older manager: UNIMPLEMENTED, the pod stays the first one)."""
 # The current level at once, then each change (an agent of an older manager: UNIMPLEMENTED).
 WATCH_LOG_LEVEL = ServerStream(f"/{SERVICE}/WatchLogLevel", SessionRequest, AgentLogLevel)

@@ -107,6 +107,11 @@ class EngagementStatus(msgspec.Struct, frozen=True, kw_only=True):
     path_regex: list[str] = []
     local: list[str] = []
     local_mount: str = ""
+    pod_name: str = ""
+    """The pod that serves it now: its `--to-pod` forwards and volumes reach that pod."""
+    pod_ips: list[str] = []
+    pod_change: str = ""
+    """The last time the serving pod changed (it was replaced), the sentence that says so."""
     wiretap: TapCounters | None = None
     """A wiretap's counters (what its agents copied and dropped), as last heard."""
 

@@ -1,0 +1,166 @@
+"""Issue 19, point 7 on the sandbox: the pod that serves an engagement is replaced while the
+engagement lasts (`kubectl delete pod`): its `--to-pod` forward and its volume mount follow the
+new pod, `tele status` / `tele list` name it, and a foreground `-- COMMAND` says so in a line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tele.daemon.mounts import mount_problem
+from tests.daemon.util import TELE, DaemonGuard, run_tele
+from tests.e2e import install_manager, kubectl
+from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(mount_problem() is not None, reason=f"no FUSE mounts: {mount_problem()}"),
+]
+
+APP_PORT = 18091  # also the --to-pod port on this machine: far from common local services
+
+APP = f"""
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: movable, namespace: default}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: movable}}}}
+  template:
+    metadata: {{labels: {{app: movable}}}}
+    spec:
+      containers:
+      - name: app
+        image: tele-sandbox/echo
+        ports: [{{name: http, containerPort: {APP_PORT}}}]
+        env: [{{name: PORT, value: "{APP_PORT}"}}]
+        readinessProbe: {{tcpSocket: {{port: {APP_PORT}}}, periodSeconds: 1}}
+        volumeMounts: [{{name: podinfo, mountPath: /etc/podinfo}}]
+      volumes:
+      - name: podinfo
+        downwardAPI: {{items: [{{path: name, fieldRef: {{fieldPath: metadata.name}}}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: movable, namespace: default}}
+spec:
+  selector: {{app: movable}}
+  ports: [{{name: http, port: 80, targetPort: http}}]
+"""
+
+# The handler runs until its stdin ends (the test closes it).
+HANDLER = "import sys; sys.stdin.read()"
+
+
+@pytest.fixture
+def mount_dir(tmp_path: Path) -> Iterator[Path]:
+    """The --mount directory; whatever is still mounted under tmp_path at the end is unmounted
+    (the test fails on it after that), also when the test failed first."""
+    where = tmp_path / "mnt"
+    yield where
+    left = [
+        line.split(" ")[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split(" ")[4].startswith(str(tmp_path))
+    ]
+    for path in left:
+        subprocess.run(["umount", "-l", path], check=False)
+    assert not left, f"mounts left behind: {left}"
+
+
+def _engagement(env: dict[str, str]) -> dict[str, Any] | None:
+    status = json.loads(run_tele(env, "status", "-o", "json").stdout)
+    engagements = (status.get("session") or {}).get("engagements") or []
+    return next((e for e in engagements if e["name"] == "movable"), None)
+
+
+def _to_pod_answer() -> str:
+    """The pod that answers on this machine's --to-pod port (the echo app says its name)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{APP_PORT}/", timeout=10) as answer:
+        return str(json.loads(answer.read())["pod"])
+
+
+def test_to_pod_and_mounts_follow_a_replaced_serving_pod(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    mount_dir: Path,
+    tmp_path: Path,
+) -> None:
+    sandbox = node_sandbox
+    kubeconfig = str(sandbox.kubeconfig)
+    install_manager(sandbox, tele_env)
+    handler: subprocess.Popen[str] | None = None
+    try:
+        kubectl(sandbox, "apply", "-f", "-", stdin=APP)
+        kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=movable",
+                "--timeout=90s")  # fmt: skip
+        connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig,
+                             timeout=120)  # fmt: skip
+        assert connected.returncode == 0, connected.stderr
+        stderr_file = tmp_path / "intercept.stderr"
+        with stderr_file.open("w") as stderr:
+            handler = subprocess.Popen(
+                [TELE, "intercept", "movable", "--port", "8093", "--to-pod", str(APP_PORT),
+                 "--mount", str(mount_dir), "--", "python3", "-c", HANDLER],
+                env=tele_env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
+                text=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while (engaged := _engagement(tele_env)) is None:
+            assert handler.poll() is None, stderr_file.read_text()
+            assert time.monotonic() < deadline, "the intercept did not engage"
+            time.sleep(0.2)
+        old = engaged["pod_name"]
+        assert old.startswith("movable-") and engaged["local_mount"] == str(mount_dir)
+        assert _to_pod_answer() == old
+        assert (mount_dir / "etc" / "podinfo" / "name").read_text() == old
+
+        kubectl(sandbox, "delete", "pod", old, "--wait=false")
+        # The new pod's agent arrives; the daemon moves the forward and mounts again.
+        deadline = time.monotonic() + 180
+        while not (engaged := _engagement(tele_env) or {}).get("pod_change"):
+            assert handler.poll() is None, stderr_file.read_text()
+            assert time.monotonic() < deadline, f"no new serving pod: {engaged}"
+            time.sleep(0.5)
+        new = engaged["pod_name"]
+        assert new != old and new.startswith("movable-")
+        [new_ip] = engaged["pod_ips"]
+        assert engaged["pod_change"] == (
+            f"movable is served by pod {new} ({new_ip}) now: pod {old} was replaced; "
+            f"its volumes are mounted again at {mount_dir}"
+        )
+        # Bytes through the --to-pod port reach the new pod; the mount shows its files.
+        assert _to_pod_answer() == new
+        assert (mount_dir / "etc" / "podinfo" / "name").read_text() == new
+        assert engaged["local_mount"] == str(mount_dir)
+        status = run_tele(tele_env, "status").stdout
+        assert f"    {engaged['pod_change']}" in status.splitlines()
+        assert "movable: intercepted Deployment default/movable" in status
+        assert f", pod {new}" in status
+        listed = run_tele(tele_env, "list").stdout
+        assert f"    movable: intercept, tcp -> 127.0.0.1:8093, pod {new}" in listed
+
+        # The foreground command's own output said it, in one line.
+        assert handler.stdin is not None
+        handler.stdin.close()
+        assert handler.wait(timeout=60) == 0
+        said = [line for line in stderr_file.read_text().splitlines() if "served by pod" in line]
+        assert said == [f"tele: {engaged['pod_change']}"]
+        # Leaving (the command ended) unmounts, also the mount made again.
+        assert str(mount_dir) not in Path("/proc/self/mountinfo").read_text()
+        with pytest.raises(OSError):
+            _to_pod_answer()
+    finally:
+        if handler is not None and handler.poll() is None:
+            handler.kill()
+            handler.wait()
+        run_tele(tele_env, "quit")
+        run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
