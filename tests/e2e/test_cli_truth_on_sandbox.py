@@ -80,7 +80,8 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
     ) in status.stdout
     listed_text = run_tele(tele_env, "list").stdout
     assert (
-        f"    echo: intercept, http: header x-dev=me, path prefix /api -> 127.0.0.1:{port}\n"
+        f"    echo: intercept, http: header x-dev=me, path prefix /api -> 127.0.0.1:{port}, "
+        f"pod {data['pod_name']}\n"
     ) in listed_text + "\n"
     [echo_row] = [
         w
