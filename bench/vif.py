@@ -17,9 +17,10 @@ relay% is the cluster side's); p50/p99 of 1 KiB request/response on one connecti
 one client connecting, echoing a byte and closing in a loop (latency-bound); conn/s32 the same
 with 32 connections in flight (a throughput figure), and µs/conn the daemon's CPU per connection
 during it; 1st µs the p50 of the sequential loop's connect() (the SYN) to the echo's first
-byte; wr/conn the TUN writes per connection during conn/s32 (rows c*); refused ms the p50 of
-connect() to a port nothing listens on until it fails (-1: never; acc/20 how many of 20 such
-connects were accepted instead, as if something listened); RSS MiB is the
+byte; wr/conn the TUN writes per connection during conn/s32 (rows c*); relay µs the cluster
+side's CPU per connection during it (the tunnel server; for d sshd and sshuttle's server);
+refused ms the p50 of connect() to a port nothing listens on until it fails (-1: never; acc/20
+how many of 20 such connects were accepted instead, as if something listened); RSS MiB is the
 daemon's after the rest of the row, and @1000 while 1,000 idle
 connections (each echoed a byte, so fully set up) are open through it; GC ms is how long one
 full garbage collection stalls the daemon then (row c: the longest pause the GC can cause).
@@ -384,19 +385,24 @@ def measure(
     duration: float,
     cpu_of: Callable[[], float] = cpu_seconds,
     packets_out: Callable[[], int] | None = None,
+    relay_of: Callable[[], float] | None = None,
 ) -> dict[str, float | str]:
-    """All figures of one row; `cpu_of` gives the CPU seconds of the daemon (or its stand-in)."""
+    """All figures of one row; `cpu_of` gives the CPU seconds of the daemon (or its stand-in),
+    `relay_of` those of the cluster side's relay (the tunnel server, sshuttle's server)."""
     wall, cpu = time.perf_counter(), cpu_of()
     one = 0.0 if CONN_ONLY else iperf(laptop, host, iperf_port, 1, duration)
     eight = 0.0 if CONN_ONLY else iperf(laptop, host, iperf_port, 8, duration)
     cpu_pct = 100 * (cpu_of() - cpu) / (time.perf_counter() - wall)
     lat = latency(laptop, host, echo_port)
     cpu, writes = cpu_of(), packets_out() if packets_out else 0
+    relay = relay_of() if relay_of else 0.0
     par = rate(laptop, host, echo_port, min(duration, 2.0))
     # CPU per connection hardly moves with the load of other work on the machine, unlike conn/s.
     conns = max(par.get("conns", 0), 1)
     cpu_us = 1e6 * (cpu_of() - cpu) / conns
     extra = {"tun_writes_per_conn": (packets_out() - writes) / conns} if packets_out else {}
+    if relay_of:
+        extra["relay_us_per_conn"] = 1e6 * (relay_of() - relay) / conns
     return {"row": row, "mbs_1": one, "mbs_8": eight, "cpu_pct": cpu_pct, **lat, **par,
             "cpu_us_per_conn": cpu_us, **extra}  # fmt: skip
 
@@ -461,6 +467,7 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
                                 TELE_ECHO_PORT,
                                 duration,
                                 packets_out=lambda: info.counters.packets_out,
+                                relay_of=functools.partial(_proc_cpu, proc.pid),
                             )
                         )
                     )
@@ -571,6 +578,7 @@ def run_sshuttle(laptop: str, cluster: str, duration: float) -> dict | None:
             result = measure(
                 "d", laptop, POD_IP, IPERF_PORT + 2, SSHUTTLE_ECHO_PORT, duration,
                 functools.partial(_proc_cpu, client.pid),
+                relay_of=functools.partial(_proc_cpu, server),
             )  # fmt: skip
             elapsed = time.perf_counter() - wall
             result["cpu_pct"] = 100 * (_proc_cpu(client.pid) - before) / elapsed
@@ -739,7 +747,7 @@ trio.run(functools.partial(trio.serve_tcp, echo, int(sys.argv[2]), host=sys.argv
 HEADER = (
     f"{'row':8} {'MB/s x1':>9} {'MB/s x8':>9} {'CPU%':>6} {'relay%':>7} {'p50 µs':>8} "
     f"{'p99 µs':>8} {'conn/s':>8} {'conn/s32':>9} {'µs/conn':>8} {'1st µs':>7} {'wr/conn':>7} "
-    f"{'refused ms':>10} {'acc/20':>6} "
+    f"{'relay µs':>8} {'refused ms':>10} {'acc/20':>6} "
     f"{'RSS MiB':>8} {'@1000':>7} "
     f"{'GC ms':>6}"
 )
@@ -751,7 +759,7 @@ def _line(r: dict) -> str:
         f"{r.get('relay_cpu_pct', 0):7.0f} "
         f"{r['p50']:8.0f} {r['p99']:8.0f} {r['conn_s']:8.0f} {r.get('conn_s_par', 0):9.0f} "
         f"{r.get('cpu_us_per_conn', 0):8.0f} {r.get('first_p50', 0):7.0f} "
-        f"{r.get('tun_writes_per_conn', 0):7.2f} "
+        f"{r.get('tun_writes_per_conn', 0):7.2f} {r.get('relay_us_per_conn', 0):8.0f} "
         f"{r.get('refused_ms', 0):10.1f} {r.get('closed_accepted', 0):6d} "
         f"{r.get('rss_base', 0):8.0f} {r.get('rss_held', 0):7.0f} {r.get('gc_ms_held', 0):6.0f}"
     )

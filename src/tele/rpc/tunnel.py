@@ -15,6 +15,7 @@ import errno
 import functools
 import logging
 import math
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -238,8 +239,102 @@ async def splice(
             fail(reset_reason(exc), tunnel_side=True, scope=scope)
 
     if isinstance(local, trio.SocketStream):
-        # The link's reader writes DATA to the socket itself while tunnel_to_local waits.
-        tunnel.deliver_to(local.socket.fileno())
+        return await _splice_socket(tunnel, local, read_size)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(local_to_tunnel, nursery.cancel_scope)
+            await tunnel_to_local(nursery.cancel_scope)  # this task does one direction itself
+    finally:
+        tunnel.deliver_to(None)
+    return outcome[0] if outcome else None
+
+
+_YIELD_EVERY: Final = 4
+"""Reads of a busy socket in a row after which the relay yields to the scheduler anyway."""
+
+
+async def _splice_socket(
+    tunnel: H2Stream, local: trio.SocketStream, read_size: int
+) -> ResetReason | None:
+    """`splice` for a socket: the same contract, on the descriptor itself. A read or write the
+    kernel can do at once costs no trip through trio's scheduler (trio's socket methods yield
+    once per call, even when nothing had to wait), which is most of a new connection's relay
+    work: its request, its answer and the two ends each take one wake-up less."""
+    outcome: list[ResetReason] = []
+    sock = local.socket
+    fd = sock.fileno()
+
+    def fail(reason: ResetReason, *, tunnel_side: bool, scope: trio.CancelScope) -> None:
+        if not outcome:
+            outcome.append(reason)
+            if tunnel_side:
+                _abort(local)  # the tunnel was reset: reset the local connection too
+            else:
+                reset(tunnel, reason)
+        scope.cancel()
+
+    async def tunnel_to_local(scope: trio.CancelScope) -> None:
+        write = os.write
+        while True:
+            try:
+                data = await tunnel.receive_some(read_size)  # one yield per call
+            except trio.BrokenResourceError as exc:
+                fail(reset_reason(exc), tunnel_side=True, scope=scope)
+                return
+            if not data:
+                break
+            view = memoryview(data)
+            try:
+                while view:
+                    try:
+                        view = view[write(fd, view) :]
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(fd)
+            except OSError:
+                fail(ResetReason.RESET, tunnel_side=False, scope=scope)
+                return
+            del data, view
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            fail(ResetReason.RESET, tunnel_side=False, scope=scope)
+
+    async def local_to_tunnel(scope: trio.CancelScope) -> None:
+        read = os.read
+        streak = 0  # reads in a row that found data without waiting
+        while True:
+            try:
+                data = read(fd, read_size)
+            except BlockingIOError:
+                streak = 0
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError:
+                fail(ResetReason.RESET, tunnel_side=False, scope=scope)
+                return
+            if not data:
+                break
+            try:
+                sent = tunnel.send_now(data)
+                if sent < len(data):
+                    await tunnel.send_all(memoryview(data)[sent:] if sent else data)
+                    streak = 0
+                else:
+                    streak += 1
+                    if streak >= _YIELD_EVERY:
+                        streak = 0
+                        await trio.lowlevel.checkpoint()
+            except trio.BrokenResourceError as exc:
+                fail(reset_reason(exc), tunnel_side=True, scope=scope)
+                return
+            del data
+        try:
+            await tunnel.send_eof()
+        except trio.BrokenResourceError as exc:
+            fail(reset_reason(exc), tunnel_side=True, scope=scope)
+
+    # The link's reader writes DATA to the socket itself while tunnel_to_local waits.
+    tunnel.deliver_to(fd)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(local_to_tunnel, nursery.cancel_scope)
@@ -275,11 +370,18 @@ def reason_for_oserror(exc: OSError) -> ResetReason:
 
 
 async def connect_tcp(destination: Destination) -> trio.SocketStream:
-    """Dial an IP literal directly: no resolver, no happy-eyeballs nursery per stream."""
+    """Dial an IP literal directly: no resolver, no happy-eyeballs nursery per stream, and no
+    trip through the scheduler beyond the wait for the handshake."""
     family = socket.AF_INET6 if destination.ip.version == 6 else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        await sock.connect((str(destination.ip), destination.port))
+        sock.setblocking(False)
+        error = sock.connect_ex((str(destination.ip), destination.port))
+        if error in (errno.EINPROGRESS, errno.EAGAIN):
+            await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
     except BaseException:
         # Cancelled (the opener reset the stream) when the handshake may have completed: the
         # destination must see a reset, not an orderly end.
@@ -287,7 +389,7 @@ async def connect_tcp(destination: Destination) -> trio.SocketStream:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
 class TunnelServer:
@@ -377,20 +479,21 @@ class TunnelServer:
             log.info("tunnel: dial %s timed out after %gs", destination, self.dial_timeout)
             await self._refuse(stream, ResetReason.TIMEOUT)
             return
-        async with local:
-            try:
-                await stream.send_response(Accept().to_headers())
-                outcome = await splice(stream, local, read_size=self.read_size)
-            except BaseException as exc:
-                if stream.was_reset:
-                    # The opener reset the stream before the relay ran (its reset also cancels
-                    # this handler): the destination sees a reset too, not a clean end.
-                    _abort(local)
-                    if isinstance(exc, trio.BrokenResourceError):
-                        return
-                raise
-            if outcome is not None:
-                log.debug("tunnel: %s ended with a reset (%s)", destination, outcome.value)
+        try:
+            await stream.send_response(Accept().to_headers())
+            outcome = await splice(stream, local, read_size=self.read_size)
+        except BaseException as exc:
+            if stream.was_reset:
+                # The opener reset the stream before the relay ran (its reset also cancels
+                # this handler): the destination sees a reset too, not a clean end.
+                _abort(local)
+                if isinstance(exc, trio.BrokenResourceError):
+                    return
+            raise
+        finally:
+            local.socket.close()  # not `aclose()`: its extra yield is a wake-up per connection
+        if outcome is not None:
+            log.debug("tunnel: %s ended with a reset (%s)", destination, outcome.value)
 
     async def _serve_udp(self, destination: Destination, stream: H2Stream) -> None:
         family = socket.AF_INET6 if destination.ip.version == 6 else socket.AF_INET
