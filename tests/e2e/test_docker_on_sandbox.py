@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import shutil
 import socket
 import subprocess
 import time
@@ -460,3 +461,169 @@ def test_leaving_from_elsewhere_removes_the_handler_container(
             _kill_group(handler)
         run_tele(env, "quit")
         run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+
+
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def _nobodys_home(engine: PrivateDockerd, sandbox: NodeSandbox) -> Iterator[dict[str, str]]:
+    """The environment of an unprivileged user (nobody) running tele: a home, XDG dirs and a
+    kubeconfig of its own, the private engine's socket open to its group (that socket's
+    directory only), and a copy of the image cache's layers the daemon's image is made of
+    (root's cache is not readable by others; building them anew needs mmdebstrap's root). The
+    daemon's image is loaded into the engine first (its Python packages come from root's pip,
+    which the nobody user may not run here: it lives in root's home)."""
+    import os
+    import shutil
+    import tempfile
+
+    from tele.docker import engine as engines
+    from tele.docker.image import ensure_daemon_image
+    from tele.image.build import CACHE_ENV, build_daemon_image, cache_root
+
+    client = engines.connect(engine.engine)
+    try:
+        ensure_daemon_image(client, lambda line: None)
+    finally:
+        client.close()
+    home = Path(tempfile.mkdtemp(prefix="tele-test-nobody-"))
+    os.chmod(home, 0o755)
+    socket_mode = engine.socket.stat()
+    try:
+        built = build_daemon_image()
+        cache = home / "images"
+        (cache / "blobs" / "sha256").mkdir(parents=True)
+        shutil.copytree(cache_root() / "layers", cache / "layers")
+        for result in built.layers:
+            shutil.copy(result.layer.path, cache / "blobs" / "sha256" / result.layer.path.name)
+        for name in ("config", "cache", "state", "runtime"):
+            (home / name).mkdir(mode=0o700)
+        shutil.copy(sandbox.kubeconfig, home / "kubeconfig")
+        for path in [home, *home.rglob("*")]:
+            os.chown(path, NOBODY, NOBODY)
+        os.chmod(engine.root, 0o711)
+        os.chown(engine.socket, 0, NOBODY)
+        os.chmod(engine.socket, 0o660)
+        env = {
+            "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "LANG": "C.UTF-8",
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / "config"),
+            "XDG_CACHE_HOME": str(home / "cache"),
+            "XDG_STATE_HOME": str(home / "state"),
+            "XDG_RUNTIME_DIR": str(home / "runtime"),
+            "DOCKER_HOST": engine.host,
+            CACHE_ENV: str(cache),
+            "TELE_VIF": "0",
+        }
+        yield env
+    finally:
+        os.chmod(engine.root, 0o700)
+        os.chown(engine.socket, socket_mode.st_uid, socket_mode.st_gid)
+        os.chmod(engine.socket, socket_mode.st_mode & 0o7777)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _as_nobody(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         str(VENV_BIN / "tele"), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # a failed test ends the docker CLI too (it holds the pipes)
+    )  # fmt: skip
+
+
+def _tele_as_nobody(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    process = _as_nobody(env, *args)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = _kill_group(process)
+        raise AssertionError(f"tele {' '.join(args)} took over {timeout}s: {out}\n{err}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
+def test_a_user_who_is_not_root_connects_with_docker_and_runs_a_handler_container(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    engine: PrivateDockerd,
+    guard: DaemonGuard,
+    tele_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Docker mode's promise: no root. The CLI runs as nobody (only the engine's socket is
+    open to it): connect --docker, status, intercept --docker-run (the handler answers with the
+    pod's variable and Secret file) and quit work, and this machine's routes and resolver stay
+    byte-identical; nothing is left."""
+
+    base = busybox_image(engine)
+    context = tmp_path / "handler"
+    context.mkdir()
+    (context / "seen").write_text(CGI)
+    (context / "Dockerfile").write_text(
+        f"FROM {base}\nCOPY seen /www/cgi-bin/seen\nRUN chmod 755 /www/cgi-bin/seen\n"
+    )
+    built = engine.docker("build", "-t", "tele-test/handler:3", str(context))
+    assert built.returncode == 0, built.stderr
+    root_env = engine.env(tele_env)
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, root_env)
+    before = _host_network()
+    kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    with _nobodys_home(engine, node_sandbox) as env:
+        runtime = Path(env["XDG_RUNTIME_DIR"])
+        handler: subprocess.Popen[str] | None = None
+        with shared_mount(runtime):
+            try:
+                connect = ("connect", "--docker", "--kubeconfig", f"{env['HOME']}/kubeconfig")
+                connected = _tele_as_nobody(env, *connect, timeout=300)
+                assert connected.returncode == 0, connected.stderr
+                assert (runtime / "tele" / "daemon.sock").stat().st_uid == NOBODY
+                status = _tele_as_nobody(env, "status")
+                assert status.returncode == 0, status.stderr
+                assert "Session:" in status.stdout, status.stdout
+
+                port = _free_port()
+                serve = f"httpd -f -p 127.0.0.1:{port} -h /www & echo $! > /tmp/httpd.pid; wait"
+                handler = _as_nobody(
+                    env, "intercept", "app", "--port", str(port), "--docker-run", "--",
+                    "tele-test/handler:3", "sh", "-c", f"{serve}; exit 7",
+                )  # fmt: skip
+                answers: list[str] = []
+                deadline = time.monotonic() + 180
+                while not answers or "greeting=" not in answers[-1]:
+                    assert handler.poll() is None, handler.communicate()
+                    assert time.monotonic() < deadline, f"no answer: {answers[-3:]}"
+                    time.sleep(0.5)  # polling a cluster call's answer: no event to wait on
+                    call = ("exec", "caller", "--", "python3", "-c", CALL)
+                    answers.append(kubectl(node_sandbox, *call))
+                assert "greeting=hello-from-the-pod\n" in answers[-1]
+                assert f"password={SECRET}\n" in answers[-1]
+                _, err = handler.communicate(timeout=60)
+                assert handler.returncode == 7, err
+                assert "Traceback" not in err
+
+                quit_ = _tele_as_nobody(env, "quit")
+                assert quit_.returncode == 0, quit_.stderr
+                assert "Stopped the daemon" in quit_.stdout, quit_.stdout
+                left = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
+                deadline = time.monotonic() + 30
+                while left.stdout.strip() and time.monotonic() < deadline:
+                    time.sleep(0.2)  # the relay ends when it sees the daemon's process gone
+                    left = engine.docker("ps", "-aq", "--filter", "label=io.tele.connection")
+                assert left.stdout.strip() == ""
+                assert mounts_under(runtime) == [str(runtime)]
+                assert _host_network() == before
+                # Every file it made is its own (none root's in its home).
+                roots = [p for p in Path(env["HOME"]).rglob("*") if p.stat().st_uid != NOBODY]
+                assert roots == [], roots
+            finally:
+                if handler is not None and handler.poll() is None:
+                    _kill_group(handler)
+                _tele_as_nobody(env, "quit")
+                engine.docker("rm", "-f", "tele-daemon-default", "tele-relay-default")
+    run_tele(root_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)

@@ -48,7 +48,13 @@ def _pip_target(pins: dict[str, str], target: Path) -> None:
         "--target", str(target), "-r", str(requirements),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PIP_CONSTRAINT"}
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    except OSError as exc:
+        raise UserError(
+            f"Could not run pip ({sys.executable}) for the daemon image's Python packages: "
+            f"{exc.strerror or exc}."
+        ) from exc
     if done.returncode != 0:
         raise UserError(
             "Could not fetch the daemon image's Python packages "

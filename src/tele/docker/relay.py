@@ -18,6 +18,7 @@ Each side takes at most MAX_CONNECTIONS at once and relays bytes only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -88,14 +89,20 @@ async def listen_tcp(host: str, port: int, socket_path: str) -> None:
 
 
 async def serve_unix(socket_path: str, host: str, port: int) -> None:
-    """The unix socket -> TCP host:port (the relay container, on the host's network)."""
+    """The unix socket -> TCP host:port (the relay container, on the host's network); the
+    socket is removed when the relay ends."""
     path = trio.Path(socket_path)
     await path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(str(path))
-    os.chmod(path, 0o600)
-    sock.listen(64)
-    await _serve(trio.SocketListener(sock), (host, port))
+    try:
+        os.chmod(path, 0o600)
+        sock.listen(64)
+        await _serve(trio.SocketListener(sock), (host, port))
+    finally:
+        # Made by root in the user's runtime directory: not left there when the relay ends.
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path)
 
 
 async def _wait_pid_file(pid_file: Path) -> None:
