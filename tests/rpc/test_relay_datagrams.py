@@ -1,16 +1,18 @@
 """tele.rpc.tunnel.relay_datagrams, the one UDP-over-tunnel relay (the tunnel server, the
-daemon's UDP forwarders and the VIF use it), driven over an in-memory tunnel with a mock clock."""
+daemon's UDP forwarders and the VIF use it), driven over an in-memory tunnel with a mock clock;
+and relay_peer_datagrams, its form for one peer of an unconnected UDP socket."""
 
 from __future__ import annotations
 
 import errno
+import socket
 
 import pytest
 import trio
 import trio.testing
 
 from tele.net.tunnel import MAX_DATAGRAM, DatagramDecoder, ResetReason, encode_datagram
-from tele.rpc.tunnel import relay_datagrams
+from tele.rpc.tunnel import relay_datagrams, relay_peer_datagrams
 
 
 class Local:
@@ -141,3 +143,62 @@ async def test_an_oserror_on_the_local_side_ends_the_flow_with_its_reason() -> N
 
     reason = await relay_datagrams(ours, refused, deliver, name="test", idle_timeout=60.0)
     assert reason is ResetReason.REFUSED
+
+
+async def test_a_peer_flow_relays_the_queue_into_the_tunnel_and_the_replies_to_the_peer() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    send, queue = trio.open_memory_channel[bytes](8)
+    with (
+        trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as agent,
+        trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer,
+    ):
+        await agent.bind(("127.0.0.1", 0))
+        await peer.bind(("127.0.0.1", 0))
+        result: list[ResetReason | None] = []
+        replied: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                result.append(
+                    await relay_peer_datagrams(
+                        ours,
+                        agent,
+                        peer.getsockname(),
+                        queue,
+                        name="test",
+                        idle_timeout=60.0,
+                        sent=replied.append,
+                    )
+                )
+
+            nursery.start_soon(run)
+            await send.send(b"ping")
+            assert await read_datagrams(theirs, 1) == [b"ping"]
+            await theirs.send_all(encode_datagram(b"pong"))
+            with trio.fail_after(10):
+                reply, source = await peer.recvfrom(MAX_DATAGRAM)
+            assert (reply, source) == (b"pong", agent.getsockname())
+            await send.aclose()  # the peer's flow ends: so does the relay
+    assert replied == [b"pong"]  # once the peer has it (a wiretap copies it then)
+    assert result == [None]
+
+
+async def test_a_peer_flow_without_a_socket_drops_the_replies() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    send, queue = trio.open_memory_channel[bytes](8)
+    result: list[ResetReason | None] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            result.append(
+                await relay_peer_datagrams(
+                    ours, None, ("127.0.0.1", 9), queue, name="test", idle_timeout=60.0
+                )
+            )
+
+        nursery.start_soon(run)
+        await send.send(b"copy")
+        assert await read_datagrams(theirs, 1) == [b"copy"]
+        await theirs.send_all(encode_datagram(b"answer nobody wants"))
+        await theirs.send_eof()
+    assert result == [None]

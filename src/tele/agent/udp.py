@@ -1,6 +1,6 @@
 """UDP agent ports: each caller (source address) is a flow, routed when its first datagram
 arrives, as a TCP connection is: to the engaging client (a tunnel stream with DATAGRAM framing,
-tele.rpc.tunnel.relay_datagrams), else to the app (a socket of the agent's connected to the
+tele.rpc.tunnel.relay_peer_datagrams), else to the app (a socket of the agent's connected to the
 app's port in the pod). Replies go back to the caller from the agent port. A flow ends after
 UDP_IDLE_TIMEOUT without a datagram either way; at most MAX_FLOWS at once, and each flow holds
 at most FLOW_QUEUE datagrams not yet sent on (more are dropped, as a full socket buffer would).
@@ -21,7 +21,7 @@ from tele.agent.engagements import Address, EngagementSource
 from tele.errors import ConnectionFailed, TeleError
 from tele.net.tunnel import MAX_DATAGRAM, Protocol
 from tele.rpc.agent_api import Engagement
-from tele.rpc.tunnel import UDP_IDLE_TIMEOUT, relay_datagrams
+from tele.rpc.tunnel import UDP_IDLE_TIMEOUT, relay_peer_datagrams
 
 log = logging.getLogger(__name__)
 
@@ -208,21 +208,12 @@ class _Route:
                 tunnel = await self.source.open_to_client(
                     tap, self.original_dst, protocol=Protocol.UDP, response=reply
                 )
-
-                async def from_peer() -> bytes | None:
-                    try:
-                        return await queue.receive()
-                    except trio.EndOfChannel:
-                        return None
-
-                async def discard(datagram: bytes) -> None:
-                    pass
-
                 async with tunnel:
-                    failed = await relay_datagrams(
+                    failed = await relay_peer_datagrams(
                         tunnel,
-                        from_peer,
-                        discard,
+                        None,  # the handler's answers are dropped
+                        peer,
+                        queue,
                         name=f"UDP copy of {peer} for wiretap {tap.id}",
                         idle_timeout=self.idle_timeout,
                     )
@@ -249,28 +240,15 @@ class _Route:
         tunnel = await self.source.open_to_client(
             engagement, self.original_dst, protocol=Protocol.UDP
         )
-
-        async def from_peer() -> bytes | None:
-            try:
-                return await queue.receive()
-            except trio.EndOfChannel:
-                return None
-
-        async def to_peer(datagram: bytes) -> None:
-            try:
-                await sock.sendto(datagram, peer)
-            except OSError as exc:
-                log.debug("UDP reply to %s failed: %s", peer, exc)
-                return
-            self.copy(peer, datagram, reply=True)
-
         async with tunnel:
-            await relay_datagrams(
+            await relay_peer_datagrams(
                 tunnel,
-                from_peer,
-                to_peer,
+                sock,
+                peer,
+                queue,
                 name=f"UDP flow of {peer} to {engagement.client or engagement.id}",
                 idle_timeout=self.idle_timeout,
+                sent=lambda reply: self.copy(peer, reply, reply=True),
             )
 
     async def _to_app(

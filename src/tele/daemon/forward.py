@@ -31,7 +31,7 @@ from tele.net.tunnel import (
     Protocol,
 )
 from tele.rpc.h2link import H2Stream
-from tele.rpc.tunnel import UDP_IDLE_TIMEOUT, relay_datagrams, splice
+from tele.rpc.tunnel import UDP_IDLE_TIMEOUT, relay_peer_datagrams, splice
 
 log = logging.getLogger(__name__)
 
@@ -170,32 +170,15 @@ async def _udp_flow(
                 log.warning("forward to %s: %s", destination, exc)
                 return
             try:
-                await _relay_datagrams(tunnel, sock, peer, queue, idle_timeout)
+                await relay_peer_datagrams(
+                    tunnel,
+                    sock,
+                    peer,
+                    queue,
+                    name=f"forward: UDP flow of {peer}",
+                    idle_timeout=idle_timeout,
+                )
             finally:
                 tunnel.close()
     finally:
         flows.pop(peer, None)
-
-
-async def _relay_datagrams(
-    tunnel: H2Stream,
-    sock: trio.socket.SocketType,
-    peer: Address,
-    queue: trio.MemoryReceiveChannel[bytes],
-    idle_timeout: float,
-) -> None:
-    async def from_peer() -> bytes | None:
-        try:
-            return await queue.receive()
-        except trio.EndOfChannel:
-            return None
-
-    async def to_peer(datagram: bytes) -> None:
-        try:
-            await sock.sendto(datagram, peer)
-        except OSError as exc:
-            log.debug("forward: UDP reply to %s failed: %s", peer, exc)
-
-    await relay_datagrams(
-        tunnel, from_peer, to_peer, name=f"forward: UDP flow of {peer}", idle_timeout=idle_timeout
-    )

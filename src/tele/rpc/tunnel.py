@@ -535,6 +535,42 @@ async def relay_udp(
     )
 
 
+async def relay_peer_datagrams(
+    tunnel: trio.abc.HalfCloseableStream,
+    sock: trio.socket.SocketType | None,
+    peer: tuple[str, int],
+    queue: trio.MemoryReceiveChannel[bytes],
+    *,
+    name: str,
+    idle_timeout: float,
+    sent: Callable[[bytes], None] | None = None,
+) -> ResetReason | None:
+    """`relay_datagrams` for one peer of an unconnected UDP socket (the daemon's UDP forwarder,
+    the agent's UDP ports): the peer's datagrams, queued by the task that reads `sock`, go into
+    the tunnel until the queue ends; what comes out goes back to `peer` from `sock` (None: it
+    is dropped, as a wiretap copy's answers are), and to `sent` once the peer has it. A failed
+    reply is logged and dropped."""
+
+    async def from_peer() -> bytes | None:
+        try:
+            return await queue.receive()
+        except trio.EndOfChannel:
+            return None
+
+    async def to_peer(datagram: bytes) -> None:
+        if sock is None:
+            return
+        try:
+            await sock.sendto(datagram, peer)
+        except OSError as exc:
+            log.debug("%s: reply to %s failed: %s", name, peer, exc)
+            return
+        if sent is not None:
+            sent(datagram)
+
+    return await relay_datagrams(tunnel, from_peer, to_peer, name=name, idle_timeout=idle_timeout)
+
+
 async def relay_datagrams(
     tunnel: trio.abc.HalfCloseableStream,
     receive: Callable[[], Awaitable[bytes | None]],
