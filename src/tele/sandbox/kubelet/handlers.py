@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -15,7 +16,7 @@ from tele.sandbox.apiserver.app import ASGIReceive, ASGISend, Request
 from tele.sandbox.apiserver.errors import StatusError, bad_request
 from tele.sandbox.network import netns
 
-from .kubelet import Kubelet
+from .kubelet import ContainerRun, Kubelet, PodWorker
 from .logs import render, tail
 
 log = logging.getLogger(__name__)
@@ -236,35 +237,87 @@ def _exit_status(code: int) -> bytes:
     ).encode()
 
 
-async def exec_handler(
-    kubelet: Kubelet, req: Request, receive: ASGIReceive, send: ASGISend
-) -> None:
-    """`pods/exec` over websocket: stdin on channel 0, stdout 1, stderr 2, the exit Status on 3;
-    v5 adds channel 255 for the client's end of stdin. No TTY."""
+class _ChannelSession:
+    """An accepted `pods/exec` or `pods/attach` websocket: the request's query, the pod's
+    worker and the container run it names, and channel-framed output, one message at a time."""
+
+    def __init__(
+        self,
+        what: str,
+        query: dict[str, list[str]],
+        worker: PodWorker,
+        run: ContainerRun,
+        send: ASGISend,
+    ) -> None:
+        self.what = what
+        self.query = query
+        self.worker = worker
+        self.run = run
+        self._send = send
+        self._lock = trio.Lock()
+
+    async def out(self, channel: int, data: bytes) -> None:
+        async with self._lock:
+            await self._send({"type": "websocket.send", "bytes": bytes([channel]) + data})
+
+    async def close(self) -> None:
+        try:
+            await self._send({"type": "websocket.close", "code": 1000})
+        except Exception:  # the client may be gone already
+            log.debug("%s close after disconnect", self.what, exc_info=True)
+
+
+async def _websocket_target(
+    kubelet: Kubelet,
+    req: Request,
+    receive: ASGIReceive,
+    send: ASGISend,
+    what: str,
+    *,
+    usable: Callable[[dict[str, list[str]], ContainerRun], bool],
+) -> _ChannelSession | None:
+    """The set-up `pods/exec` and `pods/attach` share: a websocket upgrade (plain HTTP is
+    refused), a channel protocol both sides speak, the pod's worker and the container named
+    by `?container=` (its first when none), which `usable` accepts for this request. The
+    accepted session; None when the client left before connecting, or when something is
+    missing (the websocket is closed with 1008 then)."""
     if req.scope.get("type") != "websocket":
-        raise _upgrade_required("exec")
+        raise _upgrade_required(what)
     query = urllib.parse.parse_qs(req.scope.get("query_string", b"").decode())
-    command = query.get("command", [])
     offered = list(req.scope.get("subprotocols") or [])
     protocol = next((p for p in EXEC_PROTOCOLS if p in offered), None)
     worker = kubelet.worker_for(req.namespace, req.name)
     message = await receive()
     if message["type"] != "websocket.connect":
-        return
+        return None
     container = (query.get("container") or [""])[0]
     run = worker.run_named(container) if worker is not None else None
-    if not command or protocol is None or run is None or run.proc is None:
+    if protocol is None or worker is None or run is None or not usable(query, run):
         await send({"type": "websocket.close", "code": 1008})
-        return
+        return None
     await send({"type": "websocket.accept", "subprotocol": protocol})
-    lock = trio.Lock()
+    return _ChannelSession(what, query, worker, run, send)
 
-    async def out(channel: int, data: bytes) -> None:
-        async with lock:
-            await send({"type": "websocket.send", "bytes": bytes([channel]) + data})
 
+async def exec_handler(
+    kubelet: Kubelet, req: Request, receive: ASGIReceive, send: ASGISend
+) -> None:
+    """`pods/exec` over websocket: stdin on channel 0, stdout 1, stderr 2, the exit Status on 3;
+    v5 adds channel 255 for the client's end of stdin. No TTY."""
+    target = await _websocket_target(
+        kubelet,
+        req,
+        receive,
+        send,
+        "exec",
+        usable=lambda query, run: bool(query.get("command")) and run.proc is not None,
+    )
+    if target is None:
+        return
+    query, worker, run, out = target.query, target.worker, target.run, target.out
+    command = query["command"]
     try:
-        proc = await worker.spawn_exec(run, command)  # type: ignore[union-attr]
+        proc = await worker.spawn_exec(run, command)
     except OSError as exc:
         await out(
             3,
@@ -274,12 +327,13 @@ async def exec_handler(
                 {"metadata": {}, "status": "Failure", "message": exc.strerror}
             ).encode(),
         )
-        await send({"type": "websocket.close", "code": 1000})
+        await target.close()
         return
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stdin = proc.stdin
     want_stdin = (query.get("stdin") or ["false"])[0] == "true"
     if not want_stdin:
-        await proc.stdin.aclose()
+        await stdin.aclose()
 
     async def pump(stream: trio.abc.ReceiveStream, channel: int) -> None:
         try:
@@ -292,18 +346,18 @@ async def exec_handler(
         while True:
             msg = await receive()
             if msg["type"] == "websocket.disconnect":
-                worker.kill_exec(proc)  # type: ignore[union-attr]
+                worker.kill_exec(proc)
                 return
             data: Any = msg.get("bytes") or b""
             if not data:
                 continue
             if data[0] == 0 and want_stdin and len(data) > 1:
                 try:
-                    await proc.stdin.send_all(data[1:])  # type: ignore[union-attr]
+                    await stdin.send_all(data[1:])
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             elif data[0] == 255 and len(data) > 1 and data[1] == 0:
-                await proc.stdin.aclose()  # type: ignore[union-attr]
+                await stdin.aclose()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(from_client)
@@ -311,13 +365,10 @@ async def exec_handler(
             pumps.start_soon(pump, proc.stdout, 1)
             pumps.start_soon(pump, proc.stderr, 2)
         code = await proc.wait()
-        worker.forget_exec(proc)  # type: ignore[union-attr]
+        worker.forget_exec(proc)
         await out(3, _exit_status(code if code >= 0 else 128 - code))
         nursery.cancel_scope.cancel()
-    try:
-        await send({"type": "websocket.close", "code": 1000})
-    except Exception:  # the client may be gone already
-        log.debug("exec close after disconnect", exc_info=True)
+    await target.close()
 
 
 async def attach_handler(
@@ -328,30 +379,20 @@ async def attach_handler(
     stream here: the runtime merges them, as it does for the log); channel 0 writes to the
     container's stdin when its spec has `stdin: true` (closed after the first session when
     `stdinOnce`), channel 4 resizes its tty; the Status on channel 3 once the container ends."""
-    if req.scope.get("type") != "websocket":
-        raise _upgrade_required("attach")
-    query = urllib.parse.parse_qs(req.scope.get("query_string", b"").decode())
-    offered = list(req.scope.get("subprotocols") or [])
-    protocol = next((p for p in EXEC_PROTOCOLS if p in offered), None)
-    worker = kubelet.worker_for(req.namespace, req.name)
-    message = await receive()
-    if message["type"] != "websocket.connect":
+    target = await _websocket_target(
+        kubelet,
+        req,
+        receive,
+        send,
+        "attach",
+        usable=lambda query, run: run.proc is not None and run.proc.returncode is None,
+    )
+    if target is None:
         return
-    container = (query.get("container") or [""])[0]
-    run = worker.run_named(container) if worker is not None else None
-    if protocol is None or run is None or run.proc is None or run.proc.returncode is not None:
-        await send({"type": "websocket.close", "code": 1008})
-        return
+    query, run, out = target.query, target.run, target.out
 
     def flag(name: str) -> bool:
         return (query.get(name) or ["false"])[-1].lower() in ("true", "1")
-
-    await send({"type": "websocket.accept", "subprotocol": protocol})
-    lock = trio.Lock()
-
-    async def out(channel: int, data: bytes) -> None:
-        async with lock:
-            await send({"type": "websocket.send", "bytes": bytes([channel]) + data})
 
     output = run.attach()
     want_output = flag("stdout") or flag("stderr")
@@ -408,7 +449,4 @@ async def attach_handler(
                 nursery.start_soon(from_client)
         if want_stdin:
             end_stdin()
-    try:
-        await send({"type": "websocket.close", "code": 1000})
-    except Exception:  # the client may be gone already
-        log.debug("attach close after disconnect", exc_info=True)
+    await target.close()
