@@ -224,17 +224,14 @@ async def test_the_agent_never_dials_its_pods_own_or_metadata_addresses(
     assert source.proxied == source.proxied_udp == 0
 
 
-async def test_udp_flows_an_agent_sends_are_bounded() -> None:
+async def test_an_agent_at_its_bound_refuses_udp_flows_too() -> None:
     source = ManagerEngagements(IDENTITY, never)
     source.session_id = AGENT
     pool = FakePool()
     source.pool = pool  # type: ignore[assignment]
-    source.proxied_udp = manager_link.MAX_PROXIED_UDP
-    await source._proxy_dial(aapi.ProxyDial(dial_id="a", host="10.0.0.1", port=53, protocol="udp"))
     source.proxied = manager_link.MAX_PROXIED
-    source.proxied_udp = 0
     await source._proxy_dial(aapi.ProxyDial(dial_id="b", host="10.0.0.1", port=53, protocol="udp"))
-    assert pool.dial_ids == ["proxyfail.a.overloaded", "proxyfail.b.overloaded"]
+    assert pool.dial_ids == ["proxyfail.b.overloaded"]
 
 
 class LinkPool:
@@ -374,3 +371,37 @@ async def test_an_agent_answering_a_udp_dial_with_a_connection_is_refused() -> N
         await trio.testing.wait_all_tasks_blocked()
         assert answered == [ResetReason.PROTOCOL]
         nursery.cancel_scope.cancel()
+
+
+async def test_one_udp_flow_too_many_ends_the_oldest(
+    agent_on_loopback: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At MAX_PROXIED_UDP flows a new one ends the oldest (a resolver's one-query flows would
+    otherwise hold the agent until idle and refuse every new query)."""
+    monkeypatch.setattr(manager_link, "MAX_PROXIED_UDP", 2)
+    routes = ProxyVia(agent_sessions=lambda key: [AGENT], allow_loopback=True)
+    route = routes.add(CLIENT, WORKLOAD)
+    async with manager(routes) as (link, _), udp_echo() as (server, _peers):
+        source = ManagerEngagements(IDENTITY, never)
+        source.session_id = AGENT
+        source.pool = LinkPool(link)  # type: ignore[assignment]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(real_agent, routes, source)
+            await trio.testing.wait_all_tasks_blocked()
+            flows = []
+            for n in range(3):
+                flow = await dial(link, server, session=CLIENT, dial_id="via." + route)
+                await flow.send_all(encode_datagram(b"flow %d" % n))
+                assert await receive_datagrams(flow, 1) == [b"flow %d" % n]
+                flows.append(flow)
+            assert source.proxied_udp == 2
+            with trio.fail_after(10):
+                try:
+                    assert await flows[0].receive_some(65536) == b""
+                except trio.BrokenResourceError:
+                    pass  # ended either way: the agent let its socket go
+            for n, flow in enumerate(flows[1:], 1):
+                await flow.send_all(encode_datagram(b"again %d" % n))
+                assert await receive_datagrams(flow, 1) == [b"again %d" % n]
+                flow.close()
+            nursery.cancel_scope.cancel()

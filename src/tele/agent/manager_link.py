@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import socket
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import NoReturn
@@ -59,8 +60,9 @@ MAX_PROXIED = 1024
 """--proxy-via connections and UDP flows this agent relays at once; more are refused
 (overloaded)."""
 MAX_PROXIED_UDP = 256
-"""Of those, UDP flows (each holds a socket of the pod's until idle): a client sending to many
-destinations or from many ports cannot take all of the agent's descriptors."""
+"""Of those, UDP flows (each holds a socket of the pod's until idle): one more ends the oldest,
+so a client sending to many destinations or from many ports (a resolver: a port per query)
+cannot take all of the agent's descriptors, and new flows still get through."""
 
 
 async def read_token(path: str) -> str:
@@ -166,8 +168,8 @@ class ManagerEngagements:
         self._updated = trio.Event()
         self.proxied = 0
         """--proxy-via connections and UDP flows relayed now."""
-        self.proxied_udp = 0
-        """Of those, UDP flows."""
+        self._udp_flows: OrderedDict[trio.CancelScope, None] = OrderedDict()
+        """The --proxy-via UDP flows relayed now, oldest first."""
         self.proxy_udp_idle = UDP_IDLE_TIMEOUT
         """A --proxy-via UDP flow with no datagram either way for this long ends."""
         self._configured_level = logs.current_level()
@@ -279,9 +281,14 @@ class ManagerEngagements:
             if why:
                 log.warning("proxy-via: not dialling %s: %s", destination, why)
                 reason = ResetReason.POLICY
-            elif self.proxied >= MAX_PROXIED or (udp and self.proxied_udp >= MAX_PROXIED_UDP):
+            elif self.proxied >= MAX_PROXIED:
                 reason = ResetReason.OVERLOADED
             else:
+                if udp and len(self._udp_flows) >= MAX_PROXIED_UDP:
+                    oldest = next(iter(self._udp_flows))
+                    del self._udp_flows[oldest]
+                    oldest.cancel()  # (a resolver's one-query flows pile up until idle)
+                    log.info("proxy-via: %d UDP flows: the oldest ends", MAX_PROXIED_UDP)
                 with trio.move_on_after(PROXY_DIAL_TIMEOUT):
                     try:
                         local = await (connect_udp if udp else connect_tcp)(destination)
@@ -307,19 +314,26 @@ class ManagerEngagements:
                     pass  # the manager refuses it, having told the client
             return
         assert destination is not None
-        udp = not isinstance(local, trio.SocketStream)
         self.proxied += 1
-        self.proxied_udp += udp
         try:
             if isinstance(local, trio.SocketStream):
                 async with local:
                     await self._proxy_relay(destination, session, dial.dial_id, local)
             else:
-                with local:
-                    await self._proxy_relay(destination, session, dial.dial_id, local)
+                flow = trio.CancelScope()
+                self._udp_flows[flow] = None
+                try:
+                    with local, flow:
+                        await self._proxy_relay(destination, session, dial.dial_id, local)
+                finally:
+                    self._udp_flows.pop(flow, None)
         finally:
             self.proxied -= 1
-            self.proxied_udp -= udp
+
+    @property
+    def proxied_udp(self) -> int:
+        """--proxy-via UDP flows relayed now."""
+        return len(self._udp_flows)
 
     async def _proxy_relay(
         self,
