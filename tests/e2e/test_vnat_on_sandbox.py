@@ -315,6 +315,21 @@ spec:
 ---
 apiVersion: apps/v1
 kind: Deployment
+metadata: {name: pv-hostnet, namespace: default}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: pv-hostnet}}
+  template:
+    metadata: {labels: {app: pv-hostnet}}
+    spec:
+      hostNetwork: true
+      containers:
+      - name: app
+        image: tele-sandbox/l4-echo
+        env: [{name: PORT, value: "19797"}]
+---
+apiVersion: apps/v1
+kind: Deployment
 metadata: {name: pv-none, namespace: default}
 spec:
   replicas: 0
@@ -361,11 +376,14 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
     """`--proxy-via CIDR=WORKLOAD.NAMESPACE` routes through a workload of another namespace;
     UDP (an echo that names its sender, and a DNS query to the cluster's DNS server) is sent
     from that workload's pod. Before that, what cannot work is one sentence and no session:
-    no VIF, an unknown workload or namespace, a workload with no pod to dial from."""
+    no VIF, an unknown workload or namespace, a workload with no pod to dial from or whose
+    pods cannot run an agent."""
     sandbox = node_sandbox
     install_manager(sandbox, tele_env)
     kubectl(sandbox, "apply", "-f", "-", stdin=UDP_APPS)
-    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=pv-udp", "--timeout=90s")
+    for namespace, app in (("default", "pv-udp"), ("pv-other", "pv-other-via")):
+        ready = ("--for=condition=Ready", "pod", "-l", f"app={app}", "--timeout=90s")
+        kubectl(sandbox, "wait", "-n", namespace, *ready)
     target = kubectl(
         sandbox, "get", "pod", "-l", "app=pv-udp", "-o", "jsonpath={.items[0].status.podIP}"
     ).strip()
@@ -399,6 +417,10 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
             "pv-other-via.nosuch in namespace default (for a workload in another namespace, "
             "WORKLOAD.NAMESPACE: nosuch is no namespace this traffic manager manages)."
         ),
+        ("--vif", "10.1.0.0/24=pv-hostnet"): (
+            "tele: --proxy-via 10.1.0.0/24=pv-hostnet: Deployment default/pv-hostnet cannot "
+            "run a traffic agent for --proxy-via: its pods use the node's network (hostNetwork)"
+        ),
         ("--vif", "10.1.0.0/24=pv-none"): (
             "tele: --proxy-via 10.1.0.0/24=pv-none: Deployment default/pv-none has 0 "
             "replicas: no pod can dial for --proxy-via"
@@ -411,8 +433,9 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
             assert single_error_line(refused).startswith(sentence), refused.stderr
             status = await run(*in_laptop(*tele, "status", "-o", "json"))
             assert json.loads(status.stdout).get("session") is None, status.stdout
-        deployment = kubectl(sandbox, "get", "deployment", "-n", "pv-other", "pv-other-via")
-        assert "traffic-agent" not in deployment  # nothing was injected by a refusal
+        for namespace, app in (("pv-other", "pv-other-via"), ("default", "pv-hostnet")):
+            pods = kubectl(sandbox, "get", "pod", "-n", namespace, "-o", "json")
+            assert f'"{app}-' in pods and "traffic-agent" not in pods  # no agent injected
 
         connect = [
             *tele,
