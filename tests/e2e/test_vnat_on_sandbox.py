@@ -373,11 +373,11 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
     tmp_path: Path,
     nursery: trio.Nursery,
 ) -> None:
-    """`--proxy-via CIDR=WORKLOAD.NAMESPACE` routes through a workload of another namespace;
-    UDP (an echo that names its sender, and a DNS query to the cluster's DNS server) is sent
-    from that workload's pod. Before that, what cannot work is one sentence and no session:
-    no VIF, an unknown workload or namespace, a workload with no pod to dial from or whose
-    pods cannot run an agent."""
+    """`--proxy-via pods=WORKLOAD.NAMESPACE` on a laptop whose own route covers the pod subnet
+    routes it through a workload of another namespace; UDP (an echo that names its sender, and
+    a DNS query to the cluster's DNS server) is sent from that workload's pod. Before that,
+    what cannot work is one sentence and no session: no VIF, an unknown workload or namespace,
+    a workload with no pod to dial from or whose pods cannot run an agent."""
     sandbox = node_sandbox
     install_manager(sandbox, tele_env)
     kubectl(sandbox, "apply", "-f", "-", stdin=UDP_APPS)
@@ -394,7 +394,16 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
         ]["server"]
     )
     cluster = f"tele-pu{sandbox.name[-4:]}"
-    await nursery.start(serve_laptop, cluster, server.hostname, server.port)
+    laptop = await nursery.start(serve_laptop, cluster, server.hostname, server.port)
+    # The laptop's own network has the pod subnet (a VPN): --proxy-via pods takes it anyway.
+    await netns.ip_batch(
+        laptop,
+        [
+            "link add tele-lan0 type veth peer name tele-lan1",
+            "link set tele-lan0 up",
+            "route add 10.244.0.0/16 dev tele-lan0",
+        ],
+    )
     home = tmp_path / "laptop"
     tele = [str(Path(sys.executable).parent / "tele")]
 
@@ -442,7 +451,7 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
             "connect",
             "--vif",
             "--proxy-via",
-            f"{target}/32=pv-other-via.pv-other",
+            "pods=pv-other-via.pv-other",
             "--proxy-via",
             "10.96.0.10/32=pv-other-via.pv-other",
         ]
@@ -469,10 +478,12 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
         network = json.loads(status.stdout)["session"]["network"]
         pod = f"pv-other/{with_agent[0]['metadata']['name']}"
         assert network["proxy_via"] == [
-            {"subnet": f"{target}/32", "workload": "pv-other-via.pv-other", "pods": [pod]},
+            {"subnet": "10.244.0.0/16", "workload": "pv-other-via.pv-other", "pods": [pod]},
             {"subnet": "10.96.0.10/32", "workload": "pv-other-via.pv-other", "pods": [pod]},
         ]
         assert network["udp_flows"] >= 2
+        routes = await run(["ip", "-n", laptop, "route", "show"], dict(tele_env))
+        assert "10.244.0.0/16 dev tele-lan0" in routes.stdout  # the laptop's route stays
     finally:
         await run(*in_laptop(*tele, "quit"))
         DaemonGuard(in_laptop("true")[1]).kill_all()
