@@ -16,11 +16,18 @@ answered on this machine. Target: non-matching requests add <= 1 ms at p50.
 Wiretap (issue 19): requests on one connection (one copy stream carries them all), and on a new
 connection each (every one is a copy stream of its own: the worst case), through the idle
 agent and with a wiretap whose local handler is fast (reads everything), slow (reads 1 KiB per
-100 ms) or absent (nothing listens). Target: a fast handler adds <= 0.3 ms at p50; an absent
-one leaves the app's p99 unchanged.
+100 ms) or absent (nothing listens); then with a fast handler and a --response-port handler
+fast, slow or absent. Target: a fast handler adds <= 0.3 ms at p50; an absent one leaves the
+app's p99 unchanged.
 
     .venv/bin/python bench/engage.py [--requests 500] [--auth-mode enforcing|disabled] [--docker]
     .venv/bin/python bench/engage.py --auth-compare 2
+    .venv/bin/python bench/engage.py --wiretap-compare 2 [--requests 200]
+
+--wiretap-compare ROUNDS measures only the wiretap rows, the idle agent and each setup in turn
+every round (the order reversed every other round), with the CPU per request of the agent, the
+manager and the daemon; what a setup adds is the median of its differences to the idle agent
+of the same round.
 
 --auth-compare ROUNDS measures only what authentication costs: `tele connect` (through the
 port-forward) and the warm ready time with the manager's authentication enforcing and disabled,
@@ -225,6 +232,12 @@ TAP_SETUPS = ("fast", "slow", "absent", "fast+fast", "fast+slow", "fast+absent")
 
 def _handler(kind: str) -> AbstractContextManager[int]:
     return {"fast": fast_sink, "slow": slow_sink}.get(kind, absent_port)()
+
+
+def _row_label(setup: str) -> str:
+    """A TAP_SETUPS name in the table: 'fast handler', 'fast handler, slow response handler'."""
+    request, _, response = setup.partition("+")
+    return f"{request} handler" + (f", {response} response handler" if response else "")
 
 
 def _common(rows: list[dict[str, float]]) -> set[str]:
@@ -485,32 +498,25 @@ class Bench:
             self.down()
 
     def wiretap_rows(self) -> dict[str, dict[str, float]]:
-        """New connection per request: the idle agent, then a wiretap whose handler is fast,
-        slow or absent."""
+        """The idle agent, then each wiretap setup (TAP_SETUPS: the request handler fast, slow
+        or absent; then with a fast request handler, a --response-port handler fast, slow or
+        absent), on one connection and on a new connection per request."""
         rows = {IDLE_FRESH: self.latency("echo.default", 80, False, fresh=True)}
-        for label, handler in (("fast", fast_sink), ("slow", slow_sink), ("absent", None)):
-            with handler() if handler else absent_port() as port:
-                self.tele("wiretap", "tap", "-w", "echo", "-p", f"{port}:http")
-                rows[f"{WIRETAP_KEEP} {label} handler"] = self.latency("echo.default", 80, False)
-                rows[f"{WIRETAP_ROW} {label} handler"] = self.latency(
+        for setup in TAP_SETUPS:
+            request, _, response = setup.partition("+")
+            with _handler(request) as port, _handler(response or "none") as answers:
+                extra = ["--response-port", str(answers)] if response else []
+                self.tele("wiretap", "tap", "-w", "echo", "-p", f"{port}:http", *extra)
+                rows[f"{WIRETAP_KEEP} {_row_label(setup)}"] = self.latency(
+                    "echo.default", 80, False
+                )
+                rows[f"{WIRETAP_ROW} {_row_label(setup)}"] = self.latency(
                     "echo.default", 80, False, fresh=True
                 )
                 # The counters reach tele status within seconds (agent -> manager -> daemon).
-                deadline = time.monotonic() + 15
-                while True:
-                    status = json.loads(self.tele("status", "-o", "json"))
-                    taps = [
-                        e.get("wiretap") or {}
-                        for e in status["session"]["engagements"]
-                        if e["name"] == "tap"
-                    ]
-                    seen = taps[0] if taps else {}
-                    enough = seen.get("connections", 0) >= self.requests + 1
-                    if enough or time.monotonic() > deadline:
-                        break
-                    time.sleep(1)
+                seen = self._tap_counters(self.requests + 21)
                 self.tele("leave", "tap")
-            self.tap_counters[label] = seen
+            self.tap_counters[setup] = {k: int(v) for k, v in seen.items()}
         return rows
 
     def compare_wiretaps(self, rounds: int) -> dict[str, dict[str, float]]:
@@ -777,7 +783,7 @@ def main() -> None:
             f"{label:46} {row['p50_ms']:7.2f} {row['p99_ms']:8.2f} {row['rps']:8.0f} {added:8.2f}"
         )
     for label, counters in result["taps"].items():  # type: ignore[attr-defined]
-        print(f"wiretap with a {label} handler: {counters}")
+        print(f"wiretap, {_row_label(label)}: {counters}")
     print(
         json.dumps(
             {
@@ -805,20 +811,24 @@ def main() -> None:
                 "wiretap": {
                     label: {
                         "one_connection_added_p50_ms": round(
-                            rows[f"{WIRETAP_KEEP} {label} handler"]["p50_ms"] - idle["p50_ms"], 3
+                            rows[f"{WIRETAP_KEEP} {_row_label(label)}"]["p50_ms"] - idle["p50_ms"],
+                            3,
                         ),
                         "one_connection_added_p99_ms": round(
-                            rows[f"{WIRETAP_KEEP} {label} handler"]["p99_ms"] - idle["p99_ms"], 3
+                            rows[f"{WIRETAP_KEEP} {_row_label(label)}"]["p99_ms"] - idle["p99_ms"],
+                            3,
                         ),
                         "added_p50_ms": round(
-                            rows[f"{WIRETAP_ROW} {label} handler"]["p50_ms"] - fresh["p50_ms"], 3
+                            rows[f"{WIRETAP_ROW} {_row_label(label)}"]["p50_ms"] - fresh["p50_ms"],
+                            3,
                         ),
                         "added_p99_ms": round(
-                            rows[f"{WIRETAP_ROW} {label} handler"]["p99_ms"] - fresh["p99_ms"], 3
+                            rows[f"{WIRETAP_ROW} {_row_label(label)}"]["p99_ms"] - fresh["p99_ms"],
+                            3,
                         ),
                         "counters": result["taps"].get(label, {}),  # type: ignore[attr-defined]
                     }
-                    for label in ("fast", "slow", "absent")
+                    for label in TAP_SETUPS
                 },
             }
         )

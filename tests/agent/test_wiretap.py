@@ -80,6 +80,7 @@ async def test_two_wiretaps_copy_the_callers_bytes_while_the_app_serves_them() -
             async with running_agent(app.port, source) as agent:
                 answer = await exchange(agent, PAYLOAD)
                 await wait_for(lambda: bool(one.received and two.received), timeout=10)
+                await wait_for(lambda: source.wiretaps.unanswered() == 0, timeout=10)
             nursery.cancel_scope.cancel()
     assert answer == expected("app", PAYLOAD)  # the app answered, unchanged
     assert one.received == [PAYLOAD] and two.received == [PAYLOAD]
@@ -259,6 +260,7 @@ async def test_both_directions_are_copied_while_the_caller_gets_the_apps_answer(
                 await wait_for(
                     lambda: len(requests.received) == 2 and bool(responses.received), timeout=10
                 )
+                await wait_for(lambda: source.wiretaps.unanswered() == 0, timeout=10)
             nursery.cancel_scope.cancel()
     assert answer == expected("app", PAYLOAD)  # the caller got the app's answer, unchanged
     assert requests.received == [PAYLOAD, PAYLOAD]  # t1's and t2's copies of the request
@@ -295,6 +297,7 @@ async def test_http_answers_reach_the_response_handler_byte_for_byte() -> None:
                     while data := await stream.receive_some(65536):
                         answers += data
                 await wait_for(lambda: bool(requests.received and responses.received), timeout=10)
+                await wait_for(lambda: source.wiretaps.unanswered() == 0, timeout=10)
             nursery.cancel_scope.cancel()
     assert b"app GET /a 0" in answers and b"app GET /b 0" in answers
     assert requests.received == [request]
@@ -341,6 +344,7 @@ async def test_a_stalled_or_absent_response_handler_never_delays_the_app() -> No
                     ),
                     timeout=15,
                 )
+                await wait_for(lambda: source.wiretaps.unanswered() == 0, timeout=10)
             nursery.cancel_scope.cancel()
     assert answer == big and small == b"ping"  # the caller got all the app said
     assert sorted(map(len, requests.received)) == [4, 4, len(big), len(big)]

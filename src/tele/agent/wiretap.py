@@ -43,7 +43,7 @@ TAP_BUFFER: Final = 1024 * 1024
 TAP_BUDGET: Final = 16 * 1024 * 1024
 """Bytes all wiretapped connections of the agent together may hold: many connections with a
 slow handler must not grow the agent's memory (each is also bounded by TAP_BUFFER)."""
-FLUSH_SECONDS: Final = 0.005
+FLUSH_SECONDS: Final = 0.02
 FLUSH_SMALL: Final = 16 * 1024
 """A channel sends what its copies hold FLUSH_SECONDS after the first of it came (so that the
 records of short connections go out together, after the app's answer), or at once when this
@@ -177,6 +177,10 @@ class Wiretaps:
             self._nursery.start_soon(channel.run)
         tap.channel = channel
         return tap
+
+    def unanswered(self) -> int:
+        """Copies waiting to go, or gone and not answered by the client yet."""
+        return sum(len(c.live) + len(c.pending) for c in self._channels.values())
 
     def paused_until(self, engagement_id: str, response: bool = False) -> float:
         return self._paused_until.get(_pause_key(engagement_id, response), -math.inf)

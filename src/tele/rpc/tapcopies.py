@@ -35,6 +35,9 @@ DRAIN_SECONDS: Final = 10.0
 """After a copy's end was given to the handler, how long its answers are still read (then
 the connection is closed)."""
 READ_SIZE: Final = 256 * 1024
+VERDICT_GATHER_SECONDS: Final = 0.05
+"""Verdicts go to the agent this long after the first of them is ready, together (the agent
+waits for none of them: they only count)."""
 MAX_VERDICTS: Final = 4 * MAX_COPIES * HEADER.size
 """Bytes of verdicts waiting for the agent to read them; more: the stream ends."""
 
@@ -252,6 +255,7 @@ async def _send_verdicts(stream: trio.abc.HalfCloseableStream, copies: _Copies) 
     try:
         while True:
             await copies.verdicts_ready.wait()
+            await trio.sleep(VERDICT_GATHER_SECONDS)  # many copies' verdicts in one send
             copies.verdicts_ready = trio.Event()
             out = bytes(copies.verdicts)
             copies.verdicts.clear()
