@@ -252,6 +252,8 @@ class Tap:
         self._held += len(data)
         taps.buffered += len(data)
         self._queue()
+        if self._held >= FLUSH_SMALL and self.channel is not None:
+            self.channel.bulk.set()
 
     def end(self) -> None:
         """The copied side ended: send what is held, then end the copy."""
@@ -362,6 +364,8 @@ class _Channel:
         """Copies whose OPEN went and that the client has not answered."""
         self._next_id = 0
         self._wake = trio.Event()
+        self.bulk = trio.Event()
+        """Set when a copy holds FLUSH_SMALL bytes or more: send now."""
         self._cancel = trio.CancelScope()
 
     def ready(self, tap: Tap) -> None:
@@ -449,7 +453,11 @@ class _Channel:
                 self._wake = trio.Event()
                 await self._wake.wait()
             if sum(t._held for t in self.pending) < FLUSH_SMALL:
-                await trio.sleep(FLUSH_SECONDS)  # gather the records of short connections
+                # Gather the records of short connections; a copy that grows past
+                # FLUSH_SMALL meanwhile (a bulk transfer) ends the wait.
+                self.bulk = trio.Event()
+                with trio.move_on_after(FLUSH_SECONDS):
+                    await self.bulk.wait()
             out = bytearray()
             while self.pending and len(out) < FLUSH_BYTES:
                 tap = self.pending.popleft()
