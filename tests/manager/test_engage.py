@@ -221,6 +221,11 @@ async def test_engage_routes_connections_to_the_local_handler(
             pass
     engaged[info.id] = ("127.0.0.1", local_port)
 
+    # A wiretap's copy channel for an engagement that is no wiretap is refused.
+    for prefix in (aapi.AGENT_TAP_DIAL_PREFIX, aapi.AGENT_TAP_RESPONSE_DIAL_PREFIX):
+        with pytest.raises(Exception, match="refused"):
+            await dial(client.link, destination, session=agent.session, dial_id=prefix + info.id)
+
     # Someone else cannot take the same port; leaving frees it and tells the agent.
     other = (
         await client.call(api.ARRIVE, api.ClientIdentity(user="eve", host="pc", client_version="0"))
