@@ -1,11 +1,23 @@
-"""End-to-end tests on the sandbox with a node; shared steps below."""
+"""End-to-end tests on the sandbox with a node; shared steps below: kubectl, the manager's
+install, the objects the tests apply (built by `manifest` from `deployment`, `echo_container`,
+`service` and `caller_pod`), and a local HTTP handler."""
 
 from __future__ import annotations
 
+import http.server
+import socket
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import yaml
 
 from tests.daemon.util import run_tele
 from tests.sandbox.cluster.conftest import NodeSandbox
+
+Object = dict[str, Any]
 
 
 def kubectl(sandbox: NodeSandbox, *args: str, stdin: str | None = None) -> str:
@@ -41,3 +53,134 @@ def install_manager(sandbox: NodeSandbox, env: dict[str, str], *values: str) -> 
         "app=traffic-manager",
         "--timeout=90s",
     )
+
+
+def apply_ready(sandbox: NodeSandbox, manifest: str) -> None:
+    """Apply `manifest`, then wait until every pod of the default namespace is Ready."""
+    kubectl(sandbox, "apply", "-f", "-", stdin=manifest)
+    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+
+
+def manifest(*objects: Object) -> str:
+    """The objects as one YAML stream, for `kubectl apply -f -`."""
+    return yaml.safe_dump_all(objects, sort_keys=False)
+
+
+def env_list(**values: str) -> list[Object]:
+    """A container's `env` from keyword arguments."""
+    return [{"name": name, "value": value} for name, value in values.items()]
+
+
+def echo_container(
+    port: int = 8080,
+    *,
+    name: str = "echo",
+    image: str = "tele-sandbox/echo",
+    port_name: str | None = "http",
+    env: dict[str, str] | None = None,
+    **fields: Any,
+) -> Object:
+    """The echo app (or an image that serves as it does) on `port` (told by $PORT when it is
+    not the default 8080), with a tcpSocket readinessProbe on it: Ready then means the program
+    listens, not only that the container started. `fields` are added to the container."""
+    variables = dict(env or {})
+    if port != 8080:
+        variables.setdefault("PORT", str(port))
+    declared: Object = {"containerPort": port}
+    if port_name is not None:
+        declared = {"name": port_name, **declared}
+    container: Object = {"name": name, "image": image, "ports": [declared]}
+    if variables:
+        container["env"] = env_list(**variables)
+    container["readinessProbe"] = {
+        "tcpSocket": {"port": port_name if port_name is not None else port},
+        "periodSeconds": 1,
+    }
+    container.update(fields)
+    return container
+
+
+def deployment(
+    name: str,
+    *containers: Object,
+    namespace: str = "default",
+    annotations: dict[str, str] | None = None,
+    kind: str = "Deployment",
+    **pod_spec: Any,
+) -> Object:
+    """A workload of one replica whose pods are labelled `app: NAME`; `annotations` go on the
+    pod template, `pod_spec` (volumes, ...) into its spec. `kind` may be an Argo `Rollout`."""
+    template: Object = {"metadata": {"labels": {"app": name}}}
+    if annotations:
+        template["metadata"]["annotations"] = annotations
+    template["spec"] = {"containers": list(containers), **pod_spec}
+    return {
+        "apiVersion": "argoproj.io/v1alpha1" if kind == "Rollout" else "apps/v1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": template},
+    }
+
+
+HTTP_PORT: Object = {"name": "http", "port": 80, "targetPort": "http"}
+"""A Service's port 80 to the pods' port named http."""
+
+
+def service(
+    name: str, *ports: Object, namespace: str = "default", headless: bool = False
+) -> Object:
+    """A Service `name` for the pods labelled `app: NAME`, on `ports` (HTTP_PORT when none);
+    `headless`: clusterIP None."""
+    spec: Object = {"selector": {"app": name}, "ports": list(ports) or [HTTP_PORT]}
+    if headless:
+        spec = {"clusterIP": "None", **spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def caller_pod(namespace: str = "default", **spec: Any) -> Object:
+    """The pod `caller` (tele-sandbox/worker: it has python3) that tests call the cluster
+    from, with `kubectl exec`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "caller", "namespace": namespace},
+        "spec": {"containers": [{"name": "c", "image": "tele-sandbox/worker"}], **spec},
+    }
+
+
+@contextmanager
+def laptop_http(body: str) -> Iterator[int]:
+    """An HTTP server on this machine answering every GET with `body`; yields its port."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (just now)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

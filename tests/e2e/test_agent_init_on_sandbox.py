@@ -9,41 +9,26 @@ import json
 import pytest
 
 from tests.daemon.util import DaemonGuard, run_tele
-from tests.e2e import install_manager, kubectl
+from tests.e2e import (
+    apply_ready,
+    caller_pod,
+    deployment,
+    echo_container,
+    install_manager,
+    kubectl,
+    manifest,
+    service,
+)
 from tests.e2e.test_intercept_on_sandbox import laptop_handler  # noqa: F401 - the fixture
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 
-APP = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: numeric, namespace: default}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: numeric}}
-  template:
-    metadata: {labels: {app: numeric}}
-    spec:
-      containers:
-      - name: echo
-        image: tele-sandbox/echo
-        ports: [{containerPort: 8080}]
-        readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Service
-metadata: {name: numeric, namespace: default}
-spec:
-  selector: {app: numeric}
-  ports: [{port: 80, targetPort: 8080}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: caller, namespace: default}
-spec:
-  containers: [{name: c, image: tele-sandbox/worker}]
-"""
+APP = manifest(
+    deployment("numeric", echo_container(port_name=None)),
+    service("numeric", {"port": 80, "targetPort": 8080}),
+    caller_pod(),
+)
 
 CALL = (
     "import urllib.request; "
@@ -59,8 +44,7 @@ def test_numeric_target_port_is_redirected_by_agent_init_from_teles_image(
 ) -> None:
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
-    kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    apply_ready(node_sandbox, APP)
     assert '"pod": "numeric-' in kubectl(
         node_sandbox, "exec", "caller", "--", "python3", "-c", CALL
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,17 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.util import TELE, DaemonGuard, run_tele, single_error_line
-from tests.e2e import install_manager, kubectl
+from tests.e2e import apply_ready, free_port, install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
@@ -36,11 +29,10 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
 ) -> None:
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
-    kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    apply_ready(node_sandbox, APP)
     connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
     assert connected.returncode == 0, connected.stderr
-    port, other = _free_port(), _free_port()
+    port, other = free_port(), free_port()
 
     # Item 2: a regex that does not compile is refused before the cluster changes.
     bad = run_tele(tele_env, "intercept", "echo", "--http-path-regex", "([")
@@ -254,7 +246,7 @@ def test_telepresence_habits(
     assert first.returncode == 0, first.stderr
     assert first.stderr.startswith("tele: not connected: connected to context "), first.stderr
     assert "echo" in first.stdout
-    port = _free_port()
+    port = free_port()
 
     def listed(*flags: str) -> list[str]:
         result = run_tele(tele_env, "list", *flags, "-o", "json")

@@ -23,17 +23,11 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.util import TELE, DaemonGuard, run_tele
-from tests.e2e import install_manager, kubectl
+from tests.e2e import apply_ready, install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _on_a_terminal(env: dict[str, str], *args: str) -> tuple[int, str, str]:
@@ -87,8 +81,7 @@ def test_loglevel_and_gather_logs_reach_the_manager_and_agents(
 ) -> None:
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
-    kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    apply_ready(node_sandbox, APP)
     connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
     assert connected.returncode == 0, connected.stderr
     # The first intercept injects the agent: a terminal sees the step and the seconds waited.

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.daemon.util import DaemonGuard, run_tele, wait_exit
-from tests.e2e import install_manager, kubectl
+from tests.e2e import apply_ready, install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP, CALL, laptop_handler  # noqa: F401
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
@@ -26,8 +26,7 @@ def test_a_killed_client_gives_the_workload_back_after_its_lease(
     laptop_handler: int,  # noqa: F811
 ) -> None:
     install_manager(node_sandbox, tele_env, "timeouts.sessionLease=3s")
-    kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    apply_ready(node_sandbox, APP)
     kubeconfig = str(node_sandbox.kubeconfig)
     assert run_tele(tele_env, "connect", "--kubeconfig", kubeconfig, timeout=120).returncode == 0
     replaced = run_tele(

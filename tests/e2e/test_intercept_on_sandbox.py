@@ -4,9 +4,7 @@ handler on this machine; after `tele leave` the cluster's app answers again."""
 
 from __future__ import annotations
 
-import http.server
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,41 +12,26 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.util import DaemonGuard, run_tele
-from tests.e2e import install_manager, kubectl
+from tests.e2e import (
+    apply_ready,
+    caller_pod,
+    deployment,
+    echo_container,
+    install_manager,
+    kubectl,
+    laptop_http,
+    manifest,
+    service,
+)
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 
-APP = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo, namespace: default}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: echo}}
-  template:
-    metadata: {labels: {app: echo}}
-    spec:
-      containers:
-      - name: echo
-        image: tele-sandbox/echo
-        ports: [{name: http, containerPort: 8080}]
-        env: [{name: GREETING, value: hello}]
-        readinessProbe: {tcpSocket: {port: http}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: default}
-spec:
-  selector: {app: echo}
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: caller, namespace: default}
-spec:
-  containers: [{name: c, image: tele-sandbox/worker}]
-"""
+APP = manifest(
+    deployment("echo", echo_container(env={"GREETING": "hello"})),
+    service("echo"),
+    caller_pod(),
+)
 
 CALL = (
     "import urllib.request; "
@@ -69,26 +52,8 @@ except urllib.error.HTTPError as exc:
 
 @pytest.fixture
 def laptop_handler() -> Iterator[int]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"hello from the laptop\n"
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with laptop_http("hello from the laptop\n") as port:
+        yield port
 
 
 def test_intercept_answers_a_cluster_call_from_this_machine(
@@ -100,8 +65,7 @@ def test_intercept_answers_a_cluster_call_from_this_machine(
 ) -> None:
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
-    kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    apply_ready(node_sandbox, APP)
     assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
 
     assert (

@@ -16,7 +16,7 @@ import pytest
 
 from tele.daemon.mounts import mount_problem
 from tests.daemon.util import TELE, DaemonGuard, run_tele
-from tests.e2e import install_manager, kubectl
+from tests.e2e import deployment, echo_container, install_manager, kubectl, manifest, service
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = [
@@ -26,34 +26,25 @@ pytestmark = [
 
 APP_PORT = 18091  # also the --to-pod port on this machine: far from common local services
 
-APP = f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: movable, namespace: default}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: movable}}}}
-  template:
-    metadata: {{labels: {{app: movable}}}}
-    spec:
-      containers:
-      - name: app
-        image: tele-sandbox/echo
-        ports: [{{name: http, containerPort: {APP_PORT}}}]
-        env: [{{name: PORT, value: "{APP_PORT}"}}]
-        readinessProbe: {{tcpSocket: {{port: {APP_PORT}}}, periodSeconds: 1}}
-        volumeMounts: [{{name: podinfo, mountPath: /etc/podinfo}}]
-      volumes:
-      - name: podinfo
-        downwardAPI: {{items: [{{path: name, fieldRef: {{fieldPath: metadata.name}}}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: movable, namespace: default}}
-spec:
-  selector: {{app: movable}}
-  ports: [{{name: http, port: 80, targetPort: http}}]
-"""
+APP = manifest(
+    deployment(
+        "movable",
+        echo_container(
+            APP_PORT,
+            name="app",
+            volumeMounts=[{"name": "podinfo", "mountPath": "/etc/podinfo"}],
+        ),
+        volumes=[
+            {
+                "name": "podinfo",
+                "downwardAPI": {
+                    "items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]
+                },
+            }
+        ],
+    ),
+    service("movable"),
+)
 
 # The handler runs until its stdin ends (the test closes it).
 HANDLER = "import sys; sys.stdin.read()"

@@ -9,27 +9,14 @@ import json
 import pytest
 
 from tests.daemon.util import DaemonGuard, run_tele
-from tests.e2e import install_manager, kubectl
+from tests.e2e import deployment, echo_container, install_manager, kubectl, manifest
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 
-APP = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: settings-echo, namespace: default}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: settings-echo}}
-  template:
-    metadata: {labels: {app: settings-echo}}
-    spec:
-      containers:
-      - name: echo
-        image: tele-sandbox/echo
-        ports: [{name: http, containerPort: 18081}]
-        env: [{name: PORT, value: "18081"}, {name: GREETING, value: settings}]
-"""
+APP = manifest(
+    deployment("settings-echo", echo_container(18081, env={"GREETING": "settings"})),
+)
 
 
 def test_api_port_and_agent_values_take_effect_in_the_cluster(

@@ -17,49 +17,45 @@ import pytest
 
 from tele.certs import CertificateAuthority, KeyPair
 from tests.daemon.util import DaemonGuard, run_tele
-from tests.e2e import install_manager, kubectl
+from tests.e2e import (
+    apply_ready,
+    caller_pod,
+    deployment,
+    echo_container,
+    install_manager,
+    kubectl,
+    manifest,
+    service,
+)
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 
-APP = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: secure, namespace: default}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: secure}}
-  template:
-    metadata:
-      labels: {app: secure}
-      annotations: {telepresence.io/inject-terminating-tls-secret: secure-tls}
-    spec:
-      containers:
-      - name: secure
-        image: tele-sandbox/echo-tls
-        ports: [{name: https, containerPort: 8443}]
-        env: [{name: PORT, value: "8443"}]
-        readinessProbe: {tcpSocket: {port: https}, periodSeconds: 1}
-        volumeMounts: [{name: tls, mountPath: /etc/echo-tls, readOnly: true}]
-      volumes: [{name: tls, secret: {secretName: secure-tls}}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: secure, namespace: default}
-spec:
-  selector: {app: secure}
-  ports: [{name: https, port: 443, targetPort: https}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: caller, namespace: default}
-spec:
-  containers:
-  - name: c
-    image: tele-sandbox/worker
-    volumeMounts: [{name: ca, mountPath: /etc/secure-ca}]
-  volumes: [{name: ca, configMap: {name: secure-ca}}]
-"""
+APP = manifest(
+    deployment(
+        "secure",
+        echo_container(
+            8443,
+            name="secure",
+            image="tele-sandbox/echo-tls",
+            port_name="https",
+            volumeMounts=[{"name": "tls", "mountPath": "/etc/echo-tls", "readOnly": True}],
+        ),
+        annotations={"telepresence.io/inject-terminating-tls-secret": "secure-tls"},
+        volumes=[{"name": "tls", "secret": {"secretName": "secure-tls"}}],
+    ),
+    service("secure", {"name": "https", "port": 443, "targetPort": "https"}),
+    caller_pod(
+        containers=[
+            {
+                "name": "c",
+                "image": "tele-sandbox/worker",
+                "volumeMounts": [{"name": "ca", "mountPath": "/etc/secure-ca"}],
+            }
+        ],
+        volumes=[{"name": "ca", "configMap": {"name": "secure-ca"}}],
+    ),
+)
 
 # The caller trusts nothing but the workload's CA, and checks the Service's name.
 CALL = """
@@ -146,8 +142,7 @@ def test_tls_app_intercepted_with_termination(
     tls_port, plain_port = handlers
     install_manager(node_sandbox, tele_env)
     kubectl(node_sandbox, "apply", "-f", "-", stdin=tls_objects(pair, ca.cert_pem))
-    kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-    kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    apply_ready(node_sandbox, APP)
 
     def call(header: str = "x-who: nobody") -> str:
         name, value = header.split(": ")
