@@ -247,33 +247,47 @@ def _run(argv: list[str], what: str, *, env: dict[str, str] | None = None) -> No
         raise BuildError(f"{what} failed ({last}); the log has the rest.")
 
 
-def _build_base(store: Path, packages: tuple[str, ...]) -> Layer:
+def _need_mmdebstrap() -> None:
     if shutil.which("mmdebstrap") is None:
         raise BuildError(
             "Building the image needs mmdebstrap (apt-get install mmdebstrap) the first time."
         )
+
+
+def _extract(rootfs_tar: Path, packages: tuple[str, ...], *hooks: str) -> None:
+    """Debian's `packages` (SUITE from MIRROR, with their dependencies) unpacked, not
+    installed, into the tarball `rootfs_tar`, with its library cache made; `hooks` are more
+    mmdebstrap customize hooks ("$1": the tree). SOURCE_DATE_EPOCH=0: reproducible."""
+    _run(
+        [
+            "mmdebstrap",
+            "--quiet",
+            "--variant=extract",
+            f"--include={','.join(packages)}",
+            '--customize-hook=ldconfig -r "$1"',
+            *(f"--customize-hook={hook}" for hook in hooks),
+            SUITE,
+            str(rootfs_tar),
+            MIRROR,
+        ],
+        "mmdebstrap",
+        env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
+    )
+
+
+def _build_base(store: Path, packages: tuple[str, ...]) -> Layer:
+    _need_mmdebstrap()
     with tempfile.TemporaryDirectory(prefix="tele-image-base-") as tmp:
         rootfs_tar = Path(tmp) / "rootfs.tar"
         compile_stdlib = (
             'chroot "$1" ' + PYTHON + " -m compileall -q -j0 --invalidation-mode unchecked-hash "
             "/usr/lib/python3.11"
         )
-        _run(
-            [
-                "mmdebstrap",
-                "--quiet",
-                "--variant=extract",
-                f"--include={','.join(packages)}",
-                '--customize-hook=ldconfig -r "$1"',
-                '--customize-hook=find "$1/usr/lib/python3.11" -name __pycache__ -prune '
-                "-exec rm -rf {} +",
-                f"--customize-hook={compile_stdlib}",
-                SUITE,
-                str(rootfs_tar),
-                MIRROR,
-            ],
-            "mmdebstrap",
-            env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
+        _extract(
+            rootfs_tar,
+            packages,
+            'find "$1/usr/lib/python3.11" -name __pycache__ -prune -exec rm -rf {} +',
+            compile_stdlib,
         )
         builder = LayerBuilder()
         _add_rootfs_tar(builder, rootfs_tar, Path(tmp) / "files")
@@ -665,27 +679,11 @@ def _build_tools(store: Path, base: Layer, packages: tuple[str, ...]) -> Layer:
     """The files `packages` add to the base (with their dependencies): extracted together
     with the base's packages (so /etc/ld.so.cache knows every library), minus what the base
     layer already holds unchanged."""
-    if shutil.which("mmdebstrap") is None:
-        raise BuildError(
-            "Building the image needs mmdebstrap (apt-get install mmdebstrap) the first time."
-        )
+    _need_mmdebstrap()
     lower = describe_layer(base)
     with tempfile.TemporaryDirectory(prefix="tele-image-tools-") as tmp:
         rootfs_tar = Path(tmp) / "rootfs.tar"
-        _run(
-            [
-                "mmdebstrap",
-                "--quiet",
-                "--variant=extract",
-                f"--include={','.join((*BASE_PACKAGES, *packages))}",
-                '--customize-hook=ldconfig -r "$1"',
-                SUITE,
-                str(rootfs_tar),
-                MIRROR,
-            ],
-            "mmdebstrap",
-            env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
-        )
+        _extract(rootfs_tar, (*BASE_PACKAGES, *packages))
         full = LayerBuilder()
         _add_rootfs_tar(full, rootfs_tar, Path(tmp) / "files")
         builder = LayerBuilder()
