@@ -534,23 +534,9 @@ class ApiApp:
             obj = await self.api.create(resource_type, req.namespace, body, self._ctx(req))
             await self._respond_object(req, send, 201, obj)
         elif verb == "update":
-            body = await self._read_json(req, receive)
-            obj = await self.api.update(
-                resource_type, req.namespace, req.name, body, self._ctx(req)
-            )
-            await self._respond_object(req, send, 200, obj)
+            await self._update(req, receive, send)
         elif verb == "patch":
-            raw = await self._read_body(req, receive)
-            code, obj = await self.api.patch(
-                resource_type,
-                req.namespace,
-                req.name,
-                req.headers.get("content-type", ""),
-                raw,
-                ctx=self._ctx(req),
-                force=req.query.get("force") == "true",
-            )
-            await self._respond_object(req, send, code, obj)
+            await self._patch(req, receive, send)
         elif verb == "delete":
             options = await self._delete_options(req, receive)
             obj = await self.api.delete(
@@ -580,6 +566,41 @@ class ApiApp:
                 req.warnings,
             )
 
+    async def _update(
+        self, req: Request, receive: ASGIReceive, send: ASGISend, *, subresource: str = ""
+    ) -> None:
+        """PUT of an object (or of its `subresource`): the stored object, 200."""
+        assert req.resource_type is not None
+        body = await self._read_json(req, receive)
+        obj = await self.api.update(
+            req.resource_type,
+            req.namespace,
+            req.name,
+            body,
+            self._ctx(req),
+            subresource=subresource,
+        )
+        await self._respond_object(req, send, 200, obj)
+
+    async def _patch(
+        self, req: Request, receive: ASGIReceive, send: ASGISend, *, subresource: str = ""
+    ) -> None:
+        """PATCH of an object (or of its `subresource`: always 200 then); an apply patch of an
+        object that does not exist creates it (201), `?force=true` takes its fields over."""
+        assert req.resource_type is not None
+        raw = await self._read_body(req, receive)
+        code, obj = await self.api.patch(
+            req.resource_type,
+            req.namespace,
+            req.name,
+            req.headers.get("content-type", ""),
+            raw,
+            ctx=self._ctx(req),
+            subresource=subresource,
+            force=not subresource and req.query.get("force") == "true",
+        )
+        await self._respond_object(req, send, code, obj)
+
     async def _subresource(
         self, req: Request, verb: str, receive: ASGIReceive, send: ASGISend
     ) -> None:
@@ -591,28 +612,9 @@ class ApiApp:
                     req, send, 200, self.api.get(resource_type, req.namespace, req.name)
                 )
             elif verb == "update":
-                body = await self._read_json(req, receive)
-                obj = await self.api.update(
-                    resource_type,
-                    req.namespace,
-                    req.name,
-                    body,
-                    self._ctx(req),
-                    subresource="status",
-                )
-                await self._respond_object(req, send, 200, obj)
+                await self._update(req, receive, send, subresource="status")
             elif verb == "patch":
-                raw = await self._read_body(req, receive)
-                _, obj = await self.api.patch(
-                    resource_type,
-                    req.namespace,
-                    req.name,
-                    req.headers.get("content-type", ""),
-                    raw,
-                    ctx=self._ctx(req),
-                    subresource="status",
-                )
-                await self._respond_object(req, send, 200, obj)
+                await self._patch(req, receive, send, subresource="status")
             else:
                 raise method_not_allowed()
         elif sub == "scale":
