@@ -9,10 +9,10 @@ import logging
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -471,6 +471,18 @@ unsafe_env_option = click.option(
     "PYTHON*, PERL5*, NODE_OPTIONS, BROWSER, ...) for -- COMMAND and in the env files too; "
     "without it they stay yours (commented out in --env-file, left out of --env-json).",
 )
+
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+def env_options(command: _Command) -> _Command:
+    """--env-file, --env-syntax, --env-json and the unsafe-variables flag: where and how the
+    pod's environment is written, for every command that engages."""
+    for option in (unsafe_env_option, env_json_option, env_syntax_option, env_file_option):
+        command = option(command)
+    return command
+
+
 mount_option = click.option(
     "--mount",
     default="true",
@@ -520,10 +532,7 @@ to_pod_option = click.option(
     help="Send requests the agent decrypted (the workload has a terminating TLS secret) to the "
     "local handler in plaintext instead of TLS.",
 )
-@env_file_option
-@env_syntax_option
-@env_json_option
-@unsafe_env_option
+@env_options
 @to_pod_option
 @click.option(
     "--replace",
@@ -621,10 +630,7 @@ def intercept(
 @click.option(
     "--address", default="127.0.0.1", show_default=True, help="The local handler's address."
 )
-@env_file_option
-@env_syntax_option
-@env_json_option
-@unsafe_env_option
+@env_options
 @to_pod_option
 @mount_option
 @docker_cmd.docker_options
@@ -663,10 +669,7 @@ def replace(
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--namespace", "-n", default="", help="Its namespace (default: the connected one).")
 @click.option("--container", "-c", default="", help="The container (needed when several).")
-@env_file_option
-@env_syntax_option
-@env_json_option
-@unsafe_env_option
+@env_options
 @to_pod_option
 @click.option(
     "--mount",

@@ -20,10 +20,7 @@ from tele.cli.intercept_cmd import (
     _pod,
     _port_mappings,
     _Target,
-    env_file_option,
-    env_json_option,
-    env_syntax_option,
-    unsafe_env_option,
+    env_options,
 )
 from tele.cli.output import output_option
 from tele.errors import UserError
@@ -79,10 +76,7 @@ def _wiretap_text(d: dict[str, Any]) -> str:
 )
 @click.option("--service", default="", help="The Service, when several select the workload.")
 @click.option("--container", default="", help="The container, when several have the port.")
-@env_file_option
-@env_syntax_option
-@env_json_option
-@unsafe_env_option
+@env_options
 @click.option(
     "--mount",
     default="false",
