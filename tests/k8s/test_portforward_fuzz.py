@@ -26,10 +26,10 @@ messages = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(messages, max_size=12))
 def test_any_messages_are_data_or_an_error(sequence: list[Any]) -> None:
-    stream = PortForwardStream(None, PORT, client_side=True, description="pod/x:8080")  # type: ignore[arg-type]
+    stream = PortForwardStream(None, PORT, description="pod/x:8080")  # type: ignore[arg-type]
     for message in sequence:
         stream._take(message)
-        if stream._error is not None:
+        if stream._router.error is not None:
             break
-    if stream._error is None:
+    if stream._router.error is None:
         assert isinstance(stream._pending.tobytes(), bytes)
