@@ -29,6 +29,7 @@ import h2.exceptions
 import h2.frame_buffer
 import h2.stream
 import hyperframe.exceptions
+import hyperframe.flags
 import hyperframe.frame
 
 Buffers = list[bytes | memoryview]
@@ -43,6 +44,19 @@ _OPEN_CONNECTION = frozenset(
 _SENDING_STATES = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
 _RECEIVING_STATES = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
 _END_STREAM = 0x1
+_DataFrame = hyperframe.frame.DataFrame
+_new = object.__new__
+
+
+class _NoFlags(hyperframe.flags.Flags):
+    """The flags of every plain DATA frame `FrameBuffer` builds itself: one shared set, so
+    adding to it is refused (h2 adds flags only to HEADERS frames it assembles)."""
+
+    def add(self, value: str) -> None:
+        raise TypeError("the flags of a received plain DATA frame are fixed")
+
+
+_NO_FLAGS = _NoFlags(hyperframe.frame.DataFrame.defined_flags)
 
 
 class FrameBuffer(h2.frame_buffer.FrameBuffer):
@@ -150,6 +164,29 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
                     raise StopIteration
                 self._join()
                 continue
+            length_high, length_low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(
+                buffer, offset
+            )
+            if kind == 0 and not flags and stream_id and not self._headers_buffer:
+                # Plain DATA (no flags, a stream, no header block open) is most frames: the
+                # frame object is built directly, without hyperframe's header parse, flag set
+                # and padding set-up (~8 of its ~10 µs); the checks are the same.
+                length = length_high << 8 | length_low
+                self._validate_frame_length(length)
+                end = offset + 9 + length
+                if len(buffer) >= end:
+                    plain = _new(_DataFrame)
+                    plain.stream_id = stream_id & 0x7FFFFFFF
+                    plain.flags = _NO_FLAGS
+                    plain.pad_length = 0
+                    plain.body_len = length
+                    plain.data = buffer[offset + 9 : end]
+                    self._offset = end
+                    if end == len(buffer):
+                        self._buffer, self._offset = b"", 0
+                        if self._more:
+                            self._join()
+                    return plain
             view = memoryview(buffer)
             try:
                 frame, length = hyperframe.frame.Frame.parse_frame_header(view[offset : offset + 9])
