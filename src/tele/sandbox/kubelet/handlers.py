@@ -162,7 +162,9 @@ class NodeHandlers:
 
         async def pod_to_client(i: int, stream: trio.SocketStream) -> None:
             try:
-                while data := await stream.receive_some(65536):
+                # 256 KiB reads: one websocket message per read, and a message's fixed cost
+                # (hypercorn, wsproto) is most of this hop's CPU on a bulk stream.
+                while data := await stream.receive_some(262144):
                     async with send_lock:
                         await send({"type": "websocket.send", "bytes": bytes([2 * i]) + data})
             except (trio.BrokenResourceError, trio.ClosedResourceError):
