@@ -11,7 +11,8 @@ Rows, each against the same echo pod (tele-sandbox/l4-echo) by its Service addre
   bulk 1/8   1 and 8 connections streaming 64 KiB writes to the echo and reading it back: MB/s
              each way
 CPU columns: % of one core per hop during the row, above the hop's idle rate (measured first:
-the sandbox's controllers and kubelet, keepalives); for `req` rows also µs of CPU per request.
+the sandbox's controllers and kubelet, keepalives); for `req` rows also µs of CPU per request,
+for `bulk` rows ms of CPU per MB moved (each echoed MB crosses every hop twice: counted as 2).
 With `--rtt 10,40` the same rows again with a round trip added between the laptop and the API
 server: a delay relay in the laptop namespace (it keeps reading and releases each chunk after
 RTT/2, so it adds latency without limiting bandwidth) that the daemon's kubeconfig points at.
@@ -340,6 +341,9 @@ def rows(
     for streams in (1, 8):
         r = measured(sandbox, hops, idle, BULK_CLIENT, host, port, str(streams), str(seconds))
         r["row"] = f"bulk {streams}"
+        # Each echoed byte crosses every hop twice (up and back): CPU per MB moved.
+        moved_mb = max(r["mbs"] * r["wall_s"] * 2, 1e-9)
+        r["ms_per_mb"] = {h: s / moved_mb * 1e3 for h, s in r["cpu_s"].items()}
         table.append(r)
     return table
 
@@ -348,10 +352,14 @@ def show(label: str, table: list[dict[str, Any]], hops: list[str]) -> None:
     print(f"\n{label}")
     cpu_head = " ".join(f"{h + ' %':>11}" for h in hops)
     print(f"{'row':8} {'req/s':>8} {'p50 µs':>8} {'p99 µs':>8} {'MB/s':>7} {'conn/s':>7} "
-          f"{'1st µs':>7} {cpu_head}   µs/req by hop")  # fmt: skip
+          f"{'1st µs':>7} {cpu_head}   µs/req or ms/MB moved by hop")  # fmt: skip
     for r in table:
         cpu = " ".join(f"{r['cpu_s'].get(h, 0) / r['wall_s'] * 100:>11.0f}" for h in hops)
-        per = " ".join(f"{r['us_per_req'][h]:.0f}" for h in hops) if "us_per_req" in r else ""
+        per = ""
+        if "us_per_req" in r:
+            per = " ".join(f"{r['us_per_req'][h]:.0f}" for h in hops)
+        elif "ms_per_mb" in r:
+            per = " ".join(f"{r['ms_per_mb'][h]:.2f}" for h in hops)
         print(
             f"{r['row']:8} {r.get('req_s', 0):>8.0f} {r.get('p50_us', 0):>8.0f} "
             f"{r.get('p99_us', 0):>8.0f} {r.get('mbs', 0):>7.1f} {r.get('conn_s', 0):>7.0f} "
