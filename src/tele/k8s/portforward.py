@@ -53,6 +53,9 @@ MAX_RECEIVE_MESSAGE: Final = 4 * 1024 * 1024
 """Largest message the server end (trio-websocket) accepts. The client end takes a message's
 payload as it arrives, piece by piece, and reads the socket only as its consumer reads: what it
 holds is bounded by one read (RECEIVE_BUFFER_SIZE), whatever the server announces."""
+MESSAGE_QUEUE_SIZE: Final = 2
+"""Messages a server end (trio-websocket's `serve_websocket`) buffers ahead of its reader: with
+the maximum above, a few MiB per port-forward while a slow reader back-pressures the socket."""
 MAX_ERROR_TEXT: Final = 4096
 CONNECT_TIMEOUT: Final = 20.0
 CLOSE_TIMEOUT: Final = 2.0
