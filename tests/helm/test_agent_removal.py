@@ -95,12 +95,14 @@ async def _pod(
 async def test_workloads_with_agent_pods_are_found_and_the_agents_removed(kube: KubeClient) -> None:
     await _deployment(kube, "api")
     await _deployment(kube, "pinned", **{"telepresence.io/inject-traffic-agent": "enabled"})
+    await _deployment(kube, "hand", **{"telepresence.io/manually-injected": "true"})
     await _pod(kube, "loner")
     await _pod(kube, "plain", agent=False)
 
     found = await ops.agent_workloads(kube)
     assert found == [
         ops.AgentWorkload("Deployment", "default", "api"),
+        ops.AgentWorkload("Deployment", "default", "hand", by_hand=True),
         ops.AgentWorkload("Deployment", "default", "pinned", by_template=True),
         ops.AgentWorkload("Pod", "default", "loner"),
     ]
@@ -119,10 +121,12 @@ async def test_workloads_with_agent_pods_are_found_and_the_agents_removed(kube: 
         nursery.start_soon(controller_replaces_the_pod)
         with trio.fail_after(30):
             removed = await ops.remove_agents(kube, found, wait=30)
-    assert removed == [found[0], found[2]]
+    assert removed == [found[0], found[3]]
     assert await kube.get_or_none(k8s.PODS, "loner", "default") is None
-    pinned = await kube.get(k8s.DEPLOYMENTS, "pinned", "default")
-    assert "telepresence.io/restartedAt" not in (
-        pinned["spec"]["template"]["metadata"].get("annotations") or {}
-    )
+    for kept in ("pinned", "hand"):  # no restart can remove their agent: none is tried
+        deployment = await kube.get(k8s.DEPLOYMENTS, kept, "default")
+        assert "telepresence.io/restartedAt" not in (
+            deployment["spec"]["template"]["metadata"].get("annotations") or {}
+        )
+    assert await kube.get_or_none(k8s.PODS, "hand-5d8f7-x1", "default") is not None
     assert await kube.get_or_none(k8s.PODS, "plain", "default") is not None

@@ -10,7 +10,9 @@ container and the volumes, from the workload's own YAML (and its Services').
 and the pod template's annotation `telepresence.io/manually-injected: "true"`, so that the
 webhook leaves its pods alone and the traffic manager never rolls them. Every port is reached
 through the init container's redirect (it needs NET_ADMIN): the app's ports keep their names.
-Offline: nothing here talks to the cluster.
+Offline: nothing here talks to the cluster. The traffic manager engages such an agent by the
+configuration its pod template carries (its agent ports need not be the Helm agent.port), and
+`tele helm uninstall` leaves it in place.
 """
 
 from __future__ import annotations
@@ -119,7 +121,14 @@ def genyaml() -> None:
 @genyaml.command("config")
 @click.option("--input", "-i", "input_path", required=True, help="The workload's YAML (-: stdin).")
 @click.option("--workload", "-w", default="", help="The workload, when the file has several.")
-@click.option("--agent-port", type=click.IntRange(1, 65535), default=9900, show_default=True)
+@click.option(
+    "--agent-port",
+    type=click.IntRange(1, 65535),
+    default=9900,
+    show_default=True,
+    help="The agent's first port (one more per engaged port). Any free port works: the "
+    "traffic manager engages a hand-injected agent by the configuration in its pod template.",
+)
 @click.option(
     "--agent-image",
     default="",

@@ -329,7 +329,7 @@ def uninstall(**kwargs: Any) -> None:
                     err=True,
                 )
                 agents = []
-            doomed = [a.describe() for a in agents if not a.by_template]
+            doomed = [a.describe() for a in agents if not a.by_template and not a.by_hand]
             if doomed:
                 click.echo(
                     "tele: uninstalling the traffic manager removes the traffic agent from "
@@ -340,6 +340,12 @@ def uninstall(**kwargs: Any) -> None:
                 click.echo(
                     f"tele: {kept.describe()} keeps its traffic agent: its pod template's "
                     "inject-traffic-agent annotation asks for one (remove the annotation)",
+                    err=True,
+                )
+            for kept in (a for a in agents if a.by_hand):
+                click.echo(
+                    f"tele: {kept.describe()} keeps its traffic agent: it was injected by hand "
+                    "(manually-injected; remove the agent from its pod template)",
                     err=True,
                 )
             outcome = await ops.uninstall(

@@ -661,6 +661,30 @@ def for_manual_injection(config: AgentConfig) -> AgentConfig:
     return msgspec.structs.replace(config, containers=containers)
 
 
+def manual_config(template: Obj) -> AgentConfig | None:
+    """The configuration a hand-injected pod template gives its agent (the literal
+    `_TEL_AGENT_CONFIG` of its traffic-agent container, as `tele genyaml` writes it): what the
+    agent runs with, its ports included, so the traffic manager engages it by that and not by
+    its own Helm values. None when the template gives none literally; NotInterceptable (the
+    reason) when the one it gives is not an agent configuration."""
+    spec = template.get("spec") or {}
+    containers = [c for c in spec.get("containers") or [] if isinstance(c, dict)]
+    agents = [c for c in containers if c.get("name") == AGENT_CONTAINER]
+    if not agents:
+        return None
+    env = [e for e in agents[0].get("env") or [] if isinstance(e, dict)]
+    raw = next((e.get("value") for e in env if e.get("name") == "_TEL_AGENT_CONFIG"), None)
+    if not isinstance(raw, str) or not raw.strip():
+        return None
+    try:
+        return msgspec.json.decode(raw, type=AgentConfig)
+    except msgspec.DecodeError as exc:
+        raise NotInterceptable(
+            f"the {AGENT_CONTAINER} container of its pod template has an _TEL_AGENT_CONFIG that "
+            f"is not an agent configuration ({exc}); write it again with `tele genyaml`"
+        ) from None
+
+
 def literal_config_env(config: AgentConfig) -> dict[str, Any]:
     """The agent configuration as a literal env value (a hand-injected pod has no
     configuration annotation for the downward API to read)."""

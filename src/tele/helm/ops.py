@@ -423,6 +423,9 @@ class AgentWorkload:
     name: str
     by_template: bool = False
     """Its pod template asks for the agent (inject-traffic-agent: enabled): left as it is."""
+    by_hand: bool = False
+    """Its pod template carries the agent itself (manually-injected, `tele genyaml`): no
+    restart can take it out, so it is left as it is."""
 
     def describe(self) -> str:
         return f"{self.kind} {self.namespace}/{self.name}"
@@ -451,7 +454,9 @@ async def agent_workloads(kube: KubeClient) -> list[AgentWorkload]:
         namespace = str(pod["metadata"].get("namespace") or "")
         owner = _controller(pod)
         if owner is None:
-            found.add(AgentWorkload("Pod", namespace, str(pod["metadata"]["name"])))
+            name = str(pod["metadata"]["name"])
+            by_hand = agentconfig.manually_injected(pod)
+            found.add(AgentWorkload("Pod", namespace, name, by_hand=by_hand))
             continue
         kind, name = owner
         workload = None
@@ -466,7 +471,8 @@ async def agent_workloads(kube: KubeClient) -> list[AgentWorkload]:
             workload = await kube.get_or_none(_RESTARTABLE[kind], name, namespace)
         template = ((workload or {}).get("spec") or {}).get("template") or {}
         by_template = agentconfig.injection_policy(template) == "enabled"
-        found.add(AgentWorkload(kind, namespace, name, by_template))
+        by_hand = agentconfig.manually_injected(template) or agentconfig.manually_injected(pod)
+        found.add(AgentWorkload(kind, namespace, name, by_template, by_hand))
     return sorted(found)
 
 
@@ -481,9 +487,9 @@ async def remove_agents(
     Deployment, StatefulSet or Rollout is restarted as `kubectl rollout restart` does, the pods
     of a ReplicaSet or a bare Pod are deleted (a bare Pod is not made again). Waits until no
     pod of theirs carries the agent. Returns the workloads done (not those whose template asks
-    for the agent)."""
+    for the agent, or carries it by hand)."""
     progress = progress or QuietProgress()
-    chosen = [w for w in workloads if not w.by_template]
+    chosen = [w for w in workloads if not w.by_template and not w.by_hand]
     progress.begin("Removing traffic agents", len(chosen))
     stamp = datetime.now(UTC).isoformat()
     for workload in chosen:

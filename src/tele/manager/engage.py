@@ -494,6 +494,9 @@ class Engagements:
         require_service: bool,
     ) -> agentconfig.AgentConfig:
         try:
+            manual = self._manual_config(workload, key)
+            if manual is not None:
+                return manual
             return self._settings.config(
                 workload,
                 [s for (ns, _), s in self._view.services.items() if ns == key[1]],
@@ -503,6 +506,27 @@ class Engagements:
         except agentconfig.NotInterceptable as exc:
             why = f"{key[2]} cannot be engaged: {str(exc).rstrip('.')}."
             raise RpcError(Code.FAILED_PRECONDITION, why) from None
+
+    @staticmethod
+    def _manual_config(
+        workload: dict[str, Any], key: WorkloadKey
+    ) -> agentconfig.AgentConfig | None:
+        """A hand-injected workload's agent runs with the configuration its pod template gives
+        (`tele genyaml config`, with any --agent-port): engagements name that one's ports."""
+        template = (workload.get("spec") or {}).get("template") or {}
+        if not agentconfig.manually_injected(template):
+            return None
+        config = agentconfig.manual_config(template)
+        if config is None:
+            return None
+        made_for = (config.workload_kind, config.namespace, config.workload_name)
+        if made_for != key:
+            raise agentconfig.NotInterceptable(
+                f"the traffic agent in its pod template was configured for {made_for[0]} "
+                f"{made_for[1]}/{made_for[2]}; write its configuration for this workload with "
+                "`tele genyaml config`"
+            )
+        return config
 
     def _check_namespace(self, namespace: str) -> None:
         if namespace not in self._view.namespaces:

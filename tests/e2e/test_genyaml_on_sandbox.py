@@ -1,0 +1,145 @@
+"""`tele genyaml` with an agent port other than the traffic manager's Helm agent.port: the
+hand-injected agent listens where its configuration says, and the manager engages it by that
+configuration (it used its own agent.port, and the intercepted calls silently reached the app)."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.util import DaemonGuard, run_tele
+from tests.e2e import install_manager, kubectl
+from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.netns
+
+AGENT_PORT = 9950  # the chart's agent.port is 9900
+
+HAND = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: hand, namespace: default}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: hand}}
+  template:
+    metadata:
+      labels: {app: hand}
+      annotations: {telepresence.io/manually-injected: "true"}
+    spec:
+      containers:
+      - name: hand
+        image: tele-sandbox/echo
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hand, namespace: default}
+spec:
+  selector: {app: hand}
+  ports: [{name: http, port: 80, targetPort: http}]
+"""
+
+CALLER = """
+apiVersion: v1
+kind: Pod
+metadata: {name: caller, namespace: default}
+spec:
+  containers: [{name: c, image: tele-sandbox/worker}]
+"""
+
+
+@contextmanager
+def laptop_http(body: str) -> Iterator[int]:
+    """An HTTP server on this machine answering `body`; yields its port."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def call(sandbox: NodeSandbox, url: str) -> str:
+    """What the caller pod gets from `url` (a cluster-side client)."""
+    script = (
+        f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
+    )
+    return kubectl(sandbox, "exec", "caller", "--", "python3", "-c", script).strip()
+
+
+def test_a_hand_injected_agent_on_another_agent_port_is_intercepted(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    tmp_path: Path,
+) -> None:
+    import yaml
+
+    sandbox = node_sandbox
+    kubeconfig = str(sandbox.kubeconfig)
+    install_manager(sandbox, tele_env)
+    try:
+        app, config = tmp_path / "hand.yaml", tmp_path / "config.yaml"
+        app.write_text(HAND)
+
+        def genyaml(*args: str) -> object:
+            made = run_tele(tele_env, "genyaml", *args)
+            assert made.returncode == 0, made.stderr
+            return yaml.safe_load(made.stdout) if made.stdout else None
+
+        genyaml("config", "-i", str(app), "--agent-port", str(AGENT_PORT), "-o", str(config))
+        documents = list(yaml.safe_load_all(HAND))
+        spec = documents[0]["spec"]["template"]["spec"]
+        spec["containers"].append(genyaml("container", "-c", str(config), "-i", str(app)))
+        spec["initContainers"] = [genyaml("initcontainer", "-c", str(config))]
+        spec["volumes"] = genyaml("volume", "-c", str(config))
+        kubectl(sandbox, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents) + "---" + CALLER)
+        kubectl(sandbox, "rollout", "status", "deployment/hand", "--timeout=90s")
+        kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+
+        connected = run_tele(
+            tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120
+        )
+        assert connected.returncode == 0, connected.stderr
+        with laptop_http("handled here") as port:
+            engaged = run_tele(tele_env, "intercept", "hand", "-p", str(port), timeout=120)
+            assert engaged.returncode == 0, engaged.stderr
+            assert call(sandbox, "http://hand.default/") == "handled here"
+            assert run_tele(tele_env, "leave", "hand", timeout=60).returncode == 0
+        assert call(sandbox, "http://hand.default/").startswith('{"pod": "hand-')
+
+        # Uninstalling leaves the agent its owner put in (no restart could take it out).
+        assert run_tele(tele_env, "quit").returncode == 0
+        uninstalled = run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig,
+                               timeout=120)  # fmt: skip
+        assert uninstalled.returncode == 0, uninstalled.stderr
+        assert (
+            "tele: Deployment default/hand keeps its traffic agent: it was injected by hand "
+            "(manually-injected; remove the agent from its pod template)"
+        ) in uninstalled.stderr.splitlines()
+        assert call(sandbox, "http://hand.default/").startswith('{"pod": "hand-')
+    finally:
+        run_tele(tele_env, "quit")
+        run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
