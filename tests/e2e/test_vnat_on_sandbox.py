@@ -421,6 +421,10 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
             "tele: --proxy-via 10.1.0.0/24=nosuch.pv-other: No workload named nosuch in "
             "namespace pv-other"
         ),
+        ("--vif", "10.1.0.0/24=nosuch.default"): (
+            "tele: --proxy-via 10.1.0.0/24=nosuch.default: No workload named nosuch in "
+            "namespace default"
+        ),
         ("--vif", "10.1.0.0/24=pv-other-via.nosuch"): (
             "tele: --proxy-via 10.1.0.0/24=pv-other-via.nosuch: No workload named "
             "pv-other-via.nosuch in namespace default (for a workload in another namespace, "
@@ -440,6 +444,7 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
             refused = await run(*in_laptop(*tele, "connect", vif, "--proxy-via", flag))
             assert refused.returncode == 1, refused
             assert single_error_line(refused).startswith(sentence), refused.stderr
+            assert ("is no namespace" in sentence) == ("is no namespace" in refused.stderr)
             status = await run(*in_laptop(*tele, "status", "-o", "json"))
             assert json.loads(status.stdout).get("session") is None, status.stdout
         for namespace, app in (("pv-other", "pv-other-via"), ("default", "pv-hostnet")):

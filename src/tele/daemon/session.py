@@ -405,7 +405,7 @@ class ClusterSession:
             except RpcError as exc:
                 message = exc.message
                 _, dot, suffix = workload.rpartition(".")
-                if dot and namespace == self.namespace and exc.code is Code.NOT_FOUND:
+                if dot and name == workload and exc.code is Code.NOT_FOUND:  # (not split)
                     message = (
                         f"{message.rstrip('.')} (for a workload in another namespace, "
                         f"WORKLOAD.NAMESPACE: {suffix} is no namespace this traffic manager "
