@@ -1,0 +1,140 @@
+"""The daemon's side of a replaced serving pod (tele.daemon.engagements): once the manager
+names another pod, `--to-pod` connections dial that pod, the volumes are mounted again, and
+`tele status` says so; what does not concern a current engagement changes nothing."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import msgspec
+import trio
+
+from tele.daemon.engagements import LocalEngagements
+from tele.net.tunnel import Destination, Protocol
+from tele.rpc import agent_api as aapi
+
+INFO = aapi.EngagementInfo(
+    id="e1",
+    name="echo",
+    namespace="default",
+    workload="echo",
+    workload_kind="Deployment",
+    container="app",
+    service="echo",
+    service_port=80,
+    container_port=8080,
+    mechanism="tcp",
+    client="me@here",
+    pod_ips=["10.244.0.5"],
+    pod_name="echo-a",
+    sftp_port=2222,
+    mount_point="/tel_app_mounts/app",
+    local_mount="/tmp/telfs-x",
+)
+
+
+class FakeMounts:
+    """Mounts as the engagements use them; `during_remount` runs while one is under way."""
+
+    def __init__(self) -> None:
+        self.remounted: list[aapi.EngagementInfo] = []
+        self.detached: list[str] = []
+        self.during_remount: Any = None
+
+    def mounted(self, engagement_id: str) -> bool:
+        return engagement_id == "e1" and "e1" not in self.detached
+
+    async def remount(self, info: aapi.EngagementInfo) -> aapi.EngagementInfo:
+        self.remounted.append(info)
+        if self.during_remount is not None:
+            await self.during_remount()
+        return msgspec.structs.replace(info, environment={"TELEPRESENCE_ROOT": info.local_mount})
+
+    async def detach(self, engagement_id: str) -> None:
+        self.detached.append(engagement_id)
+
+
+def _engagements() -> tuple[LocalEngagements, FakeMounts, list[Destination]]:
+    dialed: list[Destination] = []
+
+    async def dial(destination: Destination) -> Any:
+        dialed.append(destination)
+        return None
+
+    mounts = FakeMounts()
+    engagements = LocalEngagements(
+        object(),  # type: ignore[arg-type]  # the lease: not used by these steps
+        mounts,  # type: ignore[arg-type]
+        namespace="default",
+        dial=dial,
+        dial_back=dial,  # type: ignore[arg-type]
+    )
+    engagements.engaged["echo"] = INFO
+    return engagements, mounts, dialed
+
+
+def _serving(**change: Any) -> aapi.ServingPod:
+    fields: dict[str, Any] = {
+        "engagement_id": "e1",
+        "name": "echo",
+        "pod_name": "echo-b",
+        "pod_ips": ["10.244.0.9"],
+        "sftp_port": 2222,
+        "mount_point": "/tel_app_mounts/app",
+        **change,
+    }
+    return aapi.ServingPod(**fields)
+
+
+async def test_to_pod_dials_the_new_pod_and_the_volumes_are_mounted_again() -> None:
+    engagements, mounts, dialed = _engagements()
+    wanted = Destination(Protocol.TCP, ipaddress.ip_address("10.244.0.5"), 8080)
+    await engagements._dial_serving_pod("echo", wanted)
+
+    await engagements._serving_pod(_serving())
+    await engagements._dial_serving_pod("echo", wanted)
+    assert [(str(d.ip), d.port) for d in dialed] == [("10.244.0.5", 8080), ("10.244.0.9", 8080)]
+    [remounted] = mounts.remounted
+    assert (remounted.pod_name, remounted.pod_ips, remounted.local_mount) == (
+        "echo-b",
+        ["10.244.0.9"],
+        "/tmp/telfs-x",
+    )
+    sentence = (
+        "echo is served by pod echo-b (10.244.0.9) now: pod echo-a was replaced; its volumes "
+        "are mounted again at /tmp/telfs-x"
+    )
+    [status] = engagements.statuses()
+    assert (status.pod_name, status.pod_ips, status.pod_change) == (
+        "echo-b",
+        ["10.244.0.9"],
+        sentence,
+    )
+    assert engagements.lines()[0].endswith(", volumes at /tmp/telfs-x, pod echo-b")
+
+
+async def test_what_is_not_a_current_engagements_new_pod_changes_nothing() -> None:
+    engagements, mounts, _ = _engagements()
+    for serving in (
+        _serving(pod_name="echo-a", pod_ips=["10.244.0.5"]),  # the same pod
+        _serving(engagement_id="e0"),  # an engagement of that name that was left
+        _serving(name="other"),
+        _serving(pod_name=""),
+    ):
+        await engagements._serving_pod(serving)
+    assert engagements.engaged["echo"] == INFO
+    assert mounts.remounted == [] and engagements.pod_changes == {}
+
+
+async def test_an_engagement_left_while_its_volumes_are_mounted_again_is_unmounted() -> None:
+    engagements, mounts, _ = _engagements()
+
+    async def left() -> None:
+        await trio.lowlevel.checkpoint()
+        engagements.engaged.pop("echo")
+
+    mounts.during_remount = left
+    await engagements._serving_pod(_serving())
+    assert mounts.detached == ["e1"]
+    assert "echo" not in engagements.engaged and engagements.pod_changes == {}
