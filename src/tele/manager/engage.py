@@ -138,6 +138,9 @@ class Engagements:
         self._absent = absent
         """Client sessions with no connection now: their engagements are not given to agents."""
         self._tap_counters: dict[str, dict[str, aapi.TapCounters]] = {}
+        self._pods_followed: trio.Event | None = None
+        """The change notice the serving pods were last followed for: every client's watch
+        wakes on each change, and one look at the engagements per change is enough."""
         """Agent session -> its wiretaps' counters by engagement id (only live wiretaps of its
         own workload are kept: what an agent says cannot grow this)."""
 
@@ -457,6 +460,9 @@ class Engagements:
         """An engagement whose pod has no agent any more (the pod was deleted, evicted or
         rolled) is served from then on by the pods whose agents of the workload are up, the
         first live and ready one first; until one is up it keeps the pod it had."""
+        if self._pods_followed is self._changes.event:
+            return  # nothing changed since the last look
+        self._pods_followed = self._changes.event
         for slot, active in list(self._table.active.items()):
             agents = self._agents.of_workload(active.workload_key)
             if not agents or active.info.pod_name in {a.pod_name for a in agents}:
