@@ -182,6 +182,15 @@ def test_connect_status_list_quit(
         "and connect again."
     )
 
+    routed = run_tele(
+        tele_env, "connect", "--kubeconfig", str(kubeconfig), "--proxy-via", "10.9.0.0/16=web"
+    )
+    assert routed.returncode == 1  # the session has no such route: connecting again won't add it
+    assert single_error_line(routed) == (
+        "tele: Already connected without --proxy-via; run `tele quit` and connect again to "
+        "route 10.9.0.0/16=web."
+    )
+
     listed = run_tele(tele_env, "list", "-n", "default", "-o", "json")
     assert listed.returncode == 0, listed.stderr
     assert [(w["name"], w["kind"]) for w in json.loads(listed.stdout)] == [("web", "Deployment")]

@@ -55,6 +55,19 @@ def _network_options(request: api.ConnectRequest, cfg: Config) -> NetworkOptions
     return options
 
 
+def _check_same_proxy_via(asked: api.ConnectRequest, current: api.ConnectRequest) -> None:
+    """Connecting again with other --proxy-via routes would do nothing: say so (without the
+    flag, connecting again keeps the session's routes, as `tele list` connecting on demand)."""
+    wanted, have = sorted(set(asked.proxy_via)), sorted(set(current.proxy_via))
+    if wanted and wanted != have:
+        now = f"with --proxy-via {', '.join(have)}" if have else "without --proxy-via"
+        raise RpcError(
+            Code.FAILED_PRECONDITION,
+            f"Already connected {now}; run `tele quit` and connect again to route "
+            f"{', '.join(wanted)}.",
+        )
+
+
 # accept() errors that mean "out of resources for now": wait and retry rather than die.
 _RETRYABLE_ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_RETRY_DELAY = 0.1
@@ -207,6 +220,7 @@ class Daemon:
             if wanted_context == current.kube_context and (
                 not request.namespace or request.namespace == current.namespace
             ):
+                _check_same_proxy_via(request, self.session.request)
                 return current  # already connected there: connecting again is a no-op
             if wanted_context == current.kube_context:
                 differs = (
