@@ -770,7 +770,9 @@ def main() -> None:
     direct = rows["app directly (pod IP:8080)"]["p50_ms"]
     fresh = rows[IDLE_FRESH]
     idle = rows["Service, idle agent"]
-    print(f"{'requests from a pod':46} {'p50 ms':>7} {'p99 ms':>8} {'req/s':>8} {'+p50 ms':>8}")
+    width = max(46, *(len(label) for label in rows))
+    heading = "requests from a pod"
+    print(f"{heading:{width}} {'p50 ms':>7} {'p99 ms':>8} {'req/s':>8} {'+p50 ms':>8}")
     for label, row in rows.items():
         # Wiretap rows are compared with the idle agent used the same way.
         base = direct
@@ -780,7 +782,8 @@ def main() -> None:
             base = rows["Service, idle agent"]["p50_ms"]
         added = row["p50_ms"] - base
         print(
-            f"{label:46} {row['p50_ms']:7.2f} {row['p99_ms']:8.2f} {row['rps']:8.0f} {added:8.2f}"
+            f"{label:{width}} {row['p50_ms']:7.2f} {row['p99_ms']:8.2f} {row['rps']:8.0f} "
+            f"{added:8.2f}"
         )
     for label, counters in result["taps"].items():  # type: ignore[attr-defined]
         print(f"wiretap, {_row_label(label)}: {counters}")
