@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -106,8 +108,6 @@ def engine() -> Iterator[PrivateDockerd]:
 
 def _kill_group(process: subprocess.Popen[str]) -> tuple[str, str]:
     """End `tele` and what it started (the docker CLI holds its pipes); what tele printed."""
-    import os
-    import signal
 
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
@@ -474,7 +474,7 @@ def _nobodys_home(engine: PrivateDockerd, sandbox: NodeSandbox) -> Iterator[dict
     (root's cache is not readable by others; building them anew needs mmdebstrap's root). The
     daemon's image is loaded into the engine first (its Python packages come from root's pip,
     which the nobody user may not run here: it lives in root's home)."""
-    import os
+
     import shutil
     import tempfile
 
@@ -627,3 +627,71 @@ def test_a_user_who_is_not_root_connects_with_docker_and_runs_a_handler_containe
                 _tele_as_nobody(env, "quit")
                 engine.docker("rm", "-f", "tele-daemon-default", "tele-relay-default")
     run_tele(root_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+
+
+def test_the_mounts_of_a_killed_daemon_container_are_removed_by_the_next_connect(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    engine: PrivateDockerd,
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+) -> None:
+    """The daemon's container killed while a --docker-run handler has the volumes: the
+    handler's container goes (its engagement is gone), the mount on this machine stays, dead
+    (its sshfs died with the container, and the user may not unmount root's mount); the next
+    connect --docker unmounts it and removes its directory, and quit leaves nothing."""
+    base = busybox_image(engine)
+    env = engine.env(tele_env)
+    kubeconfig = str(node_sandbox.kubeconfig)
+    install_manager(node_sandbox, env)
+    runtime = Path(env["XDG_RUNTIME_DIR"])
+    shared = runtime / "tele" / "docker-mounts"
+    handler: subprocess.Popen[str] | None = None
+    with shared_mount(runtime):
+        try:
+            kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+            kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+            connect = ("connect", "--docker", "--kubeconfig", kubeconfig)
+            connected = run_tele(env, *connect, timeout=300)
+            assert connected.returncode == 0, connected.stderr
+            port = _free_port()
+            handler = subprocess.Popen(
+                [str(VENV_BIN / "tele"), "intercept", "app", "--port", str(port), "--docker-run",
+                 "--", base, "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                start_new_session=True,
+            )  # fmt: skip
+            deadline = time.monotonic() + 120
+            while "tele-app-" not in engine.docker("ps", "--format", "{{.Names}}").stdout:
+                assert handler.poll() is None, handler.communicate()
+                assert time.monotonic() < deadline, "the handler container never ran"
+                time.sleep(0.2)  # no event to wait on from here
+            assert len([p for p in mounts_under(runtime) if "/telfs-" in p]) == 1
+            # A crash: every process of the container (the daemon, its sshfs) killed at once,
+            # none of them unmounting (the container shares this machine's PID namespace).
+            top = engine.docker("top", "tele-daemon-default", "-eo", "pid")
+            pids = [int(word) for word in top.stdout.split() if word.isdigit()]
+            assert len(pids) >= 3, top.stdout  # the relay, the daemon, sshfs
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            _, err = handler.communicate(timeout=60)
+            assert "app has ended; removing its container" in err, err
+            assert "Traceback" not in err
+            dead = [p for p in mounts_under(runtime) if "/telfs-" in p]
+            assert len(dead) == 1, mounts_under(runtime)
+
+            again = run_tele(env, *connect, timeout=300)
+            assert again.returncode == 0, again.stderr
+            log = (Path(env["XDG_CACHE_HOME"]) / "tele" / "logs" / "daemon.log").read_text()
+            assert mounts_under(runtime) == [str(runtime)]
+            assert list(shared.iterdir()) == [], log[-3000:]
+            quit_ = run_tele(env, "quit", timeout=60)
+            assert quit_.returncode == 0, quit_.stderr
+            assert mounts_under(runtime) == [str(runtime)]
+            assert list(shared.iterdir()) == []
+        finally:
+            if handler is not None and handler.poll() is None:
+                _kill_group(handler)
+            run_tele(env, "quit")
+            engine.docker("rm", "-f", "tele-daemon-default", "tele-relay-default")
+            run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)

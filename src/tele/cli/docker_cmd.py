@@ -525,7 +525,6 @@ def start_daemon_container(
         no_mounts = shared_mount_problem(host_mounts)
         fuse = _fuse_options(host_mounts) if no_mounts is None else {}
         mounts = {
-            str(runtime): {"bind": f"{RUNTIME_INSIDE}/tele", "mode": "rw"},
             str(logs): {"bind": f"{CACHE_INSIDE}/tele/logs", "mode": "rw"},  # gather-logs
             str(config): {"bind": KUBECONFIG_INSIDE, "mode": "ro"},
             str(relay_dir): {"bind": RELAY_INSIDE, "mode": "rw"},
@@ -547,7 +546,7 @@ def start_daemon_container(
                     **fuse.get("environment", {}),
                 },
                 volumes=mounts,
-                mounts=fuse.get("mounts", []),
+                mounts=[_runtime_bind(runtime, read_only=False), *fuse.get("mounts", [])],
                 security_opt=fuse.get("security_opt"),
                 labels=labels,
             )
@@ -563,10 +562,8 @@ def start_daemon_container(
                     auto_remove=True,
                     network_mode="host",
                     pid_mode="host",
-                    volumes={
-                        str(relay_dir): {"bind": RELAY_INSIDE, "mode": "rw"},
-                        str(runtime): {"bind": f"{RUNTIME_INSIDE}/tele", "mode": "ro"},
-                    },
+                    volumes={str(relay_dir): {"bind": RELAY_INSIDE, "mode": "rw"}},
+                    mounts=[_runtime_bind(runtime, read_only=True)],
                     labels=labels,
                 )
         except docker.errors.APIError as exc:
@@ -597,6 +594,17 @@ def start_daemon_container(
         return KUBECONFIG_INSIDE
     finally:
         client.close()
+
+
+def _runtime_bind(runtime: Path, *, read_only: bool) -> Any:
+    """The runtime directory in a container, without the mounts under it (non-recursive): a
+    dead daemon's mount left in its docker-mounts would otherwise be copied in, and keep the
+    next daemon from removing its directory (busy while mounted in that namespace)."""
+    from docker.types import Mount
+
+    bind = Mount(f"{RUNTIME_INSIDE}/tele", str(runtime), type="bind", read_only=read_only)
+    bind.setdefault("BindOptions", {})["NonRecursive"] = True
+    return bind
 
 
 def _fuse_options(host_mounts: Path) -> dict[str, Any]:
