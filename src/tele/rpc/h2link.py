@@ -126,8 +126,15 @@ async def _release_after_big_link() -> None:
 class LinkSettings:
     """Tunables of one link; the defaults were chosen by measurement (bench/tunnel.py)."""
 
-    stream_window: int = 4 * 1024 * 1024
-    connection_window: int = 32 * 1024 * 1024
+    # Flow-control credit, returned as the consumer reads (h2 sends a WINDOW_UPDATE once half a
+    # window was read). A stream's window bounds its rate to ~window / round trip, and the
+    # round trip a credit makes includes the queues of the path back (an echoed stream's
+    # credit waits behind the other direction's data): at 40 ms RTT through the port-forward
+    # (bench/wholepath.py) one stream made 26-30 MB/s with 4 MiB, 48-50 MB/s with 16 MiB.
+    # The link's window is 4 streams' worth, so a few streams whose readers stall (each holds
+    # its window's credit) leave the others room; it bounds what a link buffers for readers.
+    stream_window: int = 16 * 1024 * 1024
+    connection_window: int = 64 * 1024 * 1024
     max_frame_size: int = 256 * 1024
     max_concurrent_streams: int = MAX_STREAMS
     max_header_list_size: int = 64 * 1024
