@@ -9,6 +9,7 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
@@ -24,7 +25,7 @@ from tele.net.tapcopies import (
     TapFrameError,
     record,
 )
-from tele.rpc.tapcopies import serve_copies
+from tele.rpc.tapcopies import Budget, serve_copies
 from tele.testing.waits import wait_for
 
 
@@ -62,7 +63,7 @@ class Handler:
 
 @asynccontextmanager
 async def channel(
-    handler: Handler, **bounds: int
+    handler: Handler, **bounds: Any
 ) -> AsyncIterator[tuple[trio.abc.HalfCloseableStream, Verdicts]]:
     """The agent's end of a channel served by serve_copies, and the verdicts it gets."""
     async with trio.open_nursery() as nursery:
@@ -245,3 +246,24 @@ def test_the_record_reader_takes_records_split_anywhere() -> None:
     assert not reader.partial
     with pytest.raises(TapFrameError):
         RecordReader(FROM_CLIENT).feed(record(Kind.OPEN, 1))
+
+
+async def test_the_processs_channels_share_one_bound_on_copies_and_bytes() -> None:
+    budget = Budget(bytes_limit=300 * 1024, copies_limit=3)
+    first, second = Handler(stall=True), Handler(stall=True)
+    with trio.fail_after(20):
+        async with (
+            channel(first, budget=budget) as (one, one_verdicts),
+            channel(second, budget=budget) as (two, two_verdicts),
+        ):
+            await one.send_all(record(Kind.OPEN, 1) + record(Kind.OPEN, 2))
+            await wait_for(lambda: first.connections == 2, timeout=5)
+            await two.send_all(record(Kind.OPEN, 1) + record(Kind.OPEN, 2))
+            await wait_for(lambda: two_verdicts.seen == {2: Kind.FAILED}, timeout=5)
+            # The stalled handlers hold what they get: the shared byte bound fails one copy.
+            for _ in range(40):
+                await one.send_all(record(Kind.DATA, 1, b"x" * MAX_DATA))
+                await two.send_all(record(Kind.DATA, 1, b"y" * MAX_DATA))
+            await wait_for(lambda: 1 in one_verdicts.seen or 1 in two_verdicts.seen, timeout=5)
+            assert budget.held <= 300 * 1024
+    assert budget.copies == 0 and budget.held == 0  # all given back when the channels ended

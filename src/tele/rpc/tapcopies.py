@@ -31,6 +31,9 @@ TOTAL: Final = 16 * 1024 * 1024
 """Bytes all copies of one copy stream may hold here together."""
 MAX_COPIES: Final = 1024
 """Copies open at once on one copy stream."""
+PROCESS_BYTES: Final = 64 * 1024 * 1024
+PROCESS_COPIES: Final = 4096
+"""Bytes held and copies open at once by all copy streams of a process together."""
 DRAIN_SECONDS: Final = 10.0
 """After a copy's end was given to the handler, how long its answers are still read (then
 the connection is closed)."""
@@ -63,12 +66,18 @@ class _Copy:
 
     def feed(self, data: bytes) -> None:
         copies = self._copies
-        if self.held + len(data) > copies.per_copy or copies.held + len(data) > copies.total:
+        shared = copies.shared
+        if (
+            self.held + len(data) > copies.per_copy
+            or copies.held + len(data) > copies.total
+            or shared.held + len(data) > shared.bytes_limit
+        ):
             self.fail("the local handler does not keep up")
             return
         self.chunks.append(data)
         self.held += len(data)
         copies.held += len(data)
+        shared.held += len(data)
         self.wake.set()
 
     def end(self) -> None:
@@ -92,6 +101,7 @@ class _Copy:
         chunk = self.chunks.popleft()
         self.held -= len(chunk)
         self._copies.held -= len(chunk)
+        self._copies.shared.held -= len(chunk)
         return chunk
 
     async def deliver(self, connect: ConnectLocal) -> None:
@@ -161,10 +171,26 @@ def _reset(stream: trio.abc.Stream) -> None:
             pass
 
 
+class Budget:
+    """What all copy channels of a process hold together: bytes and open copies (a peer may
+    open many channels)."""
+
+    def __init__(self, bytes_limit: int = PROCESS_BYTES, copies_limit: int = PROCESS_COPIES):
+        self.bytes_limit = bytes_limit
+        self.copies_limit = copies_limit
+        self.held = 0
+        self.copies = 0
+
+
+PROCESS_BUDGET: Final = Budget()
+"""The budget of this process's copy channels (serve_copies' default)."""
+
+
 class _Copies:
     """The open copies of one copy stream, their bytes held, the verdicts to send."""
 
-    def __init__(self, per_copy: int, total: int, max_copies: int) -> None:
+    def __init__(self, per_copy: int, total: int, max_copies: int, shared: Budget) -> None:
+        self.shared = shared
         self.per_copy = per_copy
         self.total = total
         self.max_copies = max_copies
@@ -184,6 +210,7 @@ class _Copies:
     def forget(self, copy: _Copy) -> None:
         if self.open.get(copy.id) is copy:
             del self.open[copy.id]
+            self.shared.copies -= 1
         if copy.over:
             _release(copy)
 
@@ -195,10 +222,11 @@ async def serve_copies(
     per_copy: int = PER_COPY,
     total: int = TOTAL,
     max_copies: int = MAX_COPIES,
+    budget: Budget = PROCESS_BUDGET,
 ) -> None:
     """Serve one copy stream until it ends: every copied connection to the local handler
     (`connect` opens a connection to it), verdicts back. Raises nothing a peer can cause."""
-    copies = _Copies(per_copy, total, max_copies)
+    copies = _Copies(per_copy, total, max_copies, budget)
     reader = RecordReader(FROM_AGENT)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_send_verdicts, stream, copies)
@@ -232,10 +260,13 @@ def _apply(
         if copy is not None:
             copy.fail("opened twice")
             return
-        if len(copies.open) >= copies.max_copies:
+        if len(copies.open) >= copies.max_copies or (
+            copies.shared.copies >= copies.shared.copies_limit
+        ):
             copies.verdict(Kind.FAILED, copy_id)
             return
         copy = copies.open[copy_id] = _Copy(copy_id, copies)
+        copies.shared.copies += 1
         nursery.start_soon(copy.deliver, connect)
         return
     if copy is None or copy.over:
