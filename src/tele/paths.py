@@ -89,3 +89,11 @@ def ensure_private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+MOUNTS_DIR_ENV = "TELE_MOUNTS_DIR"
+"""Set in the daemon container of `tele connect --docker`: the directory its mount points go in,
+bound from the engine's host with shared propagation so that --docker-run containers can bind
+them. Mounts there let any user in (allow_other: the handler container runs as any user; the
+host directory is inside the user's private runtime directory), and a `telfs-*` left there at
+start is a dead daemon's (its container is gone, the journal with it): `recover` unmounts it."""

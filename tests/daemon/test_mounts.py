@@ -18,6 +18,7 @@ import msgspec
 import pytest
 import trio
 
+from tele import paths
 from tele.agent.files import Export, serve_files
 from tele.daemon import mounts
 from tele.daemon.mounts import MountFlag, Mounts, mounted_at
@@ -258,7 +259,7 @@ async def test_in_a_mounts_dir_mounts_let_others_in_and_a_dead_daemons_are_recov
     left there (no journal: it died with the container) is unmounted by the next daemon."""
     where = tmp_path / "shared"
     where.mkdir()
-    monkeypatch.setenv(mounts.MOUNTS_DIR_ENV, str(where))
+    monkeypatch.setenv(paths.MOUNTS_DIR_ENV, str(where))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(partial(serve_files, _export(export), host="127.0.0.1"))
         table = Mounts(_direct)

@@ -381,7 +381,7 @@ def use_connection(name: str) -> None:
 
 KUBECONFIG_INSIDE = "/tele/kubeconfig"
 MOUNTS_INSIDE = "/tele/mounts"
-"""The daemon container's mount points (tele.daemon.mounts.MOUNTS_DIR_ENV), bound from the
+"""The daemon container's mount points (tele.paths.MOUNTS_DIR_ENV), bound from the
 runtime directory's docker-mounts with shared propagation."""
 RUNTIME_INSIDE = "/tele/run"
 RELAY_INSIDE = "/tele/relay"
@@ -614,7 +614,7 @@ def _fuse_options(host_mounts: Path) -> dict[str, Any]:
     show on this machine; their unmounting too)."""
     from docker.types import Mount
 
-    from tele.daemon.mounts import MOUNTS_DIR_ENV
+    from tele.paths import MOUNTS_DIR_ENV
 
     try:
         apparmor = Path("/sys/module/apparmor/parameters/enabled").read_text().strip() == "Y"

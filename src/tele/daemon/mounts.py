@@ -62,16 +62,8 @@ MOUNT_TIMEOUT = 20.0
 UNMOUNT_TIMEOUT = 5.0
 _STDERR_LIMIT = 4096
 
-MOUNTS_DIR_ENV = "TELE_MOUNTS_DIR"
-"""Set in the daemon container of `tele connect --docker`: the directory its mount points go in,
-bound from the engine's host with shared propagation so that --docker-run containers can bind
-them. Mounts there let any user in (allow_other: the handler container runs as any user; the
-host directory is inside the user's private runtime directory), and a `telfs-*` left there at
-start is a dead daemon's (its container is gone, the journal with it): `recover` unmounts it."""
-
-
 def _mounts_dir() -> str:
-    value = os.environ.get(MOUNTS_DIR_ENV, "")
+    value = os.environ.get(paths.MOUNTS_DIR_ENV, "")
     return value if os.path.isabs(value) else ""
 
 
@@ -247,7 +239,7 @@ def _forget(directory: str) -> None:
 
 
 def _left_in_mounts_dir() -> list[_Entry]:
-    """The mount points in the MOUNTS_DIR_ENV directory (only a dead daemon's at start)."""
+    """The mount points in the paths.MOUNTS_DIR_ENV directory (only a dead daemon's at start)."""
     where = _mounts_dir()
     try:
         names = sorted(n for n in os.listdir(where) if n.startswith("telfs-")) if where else []
