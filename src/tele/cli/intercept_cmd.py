@@ -263,7 +263,7 @@ def _saying_pod_changes(name: str) -> Iterator[None]:
         yield
     finally:
         stop.set()
-        watcher.join(timeout=1)
+        watcher.join(timeout=POD_WATCH_SECONDS)  # its last look (a change just before the end)
 
 
 def _follow_pod(name: str, stop: threading.Event) -> None:
@@ -276,15 +276,17 @@ def _follow_pod(name: str, stop: threading.Event) -> None:
         said = ""
         async with client.daemon_client(start=False) as rpc:
             while rpc is not None:
-                status = await rpc.call(daemon_api.STATUS, daemon_api.Empty(), timeout=5)
+                last = stop.is_set()  # the command ended: one more look, then no more
+                status = await rpc.call(daemon_api.STATUS, daemon_api.Empty(), timeout=2)
                 engagements = status.session.engagements if status.session else []
                 for e in engagements:
                     # Said once the daemon has moved everything (forwards, volumes) there.
                     if e.name == name and e.pod_change and e.pod_change != said:
                         said = e.pod_change
                         click.echo(f"tele: {said}", err=True)
-                if await trio.to_thread.run_sync(stop.wait, POD_WATCH_SECONDS):
+                if last:
                     return
+                await trio.to_thread.run_sync(stop.wait, POD_WATCH_SECONDS)
 
     try:
         trio.run(follow)
