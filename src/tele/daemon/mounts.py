@@ -62,6 +62,7 @@ MOUNT_TIMEOUT = 20.0
 UNMOUNT_TIMEOUT = 5.0
 _STDERR_LIMIT = 4096
 
+
 def _mounts_dir() -> str:
     value = os.environ.get(paths.MOUNTS_DIR_ENV, "")
     return value if os.path.isabs(value) else ""
