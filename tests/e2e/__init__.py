@@ -5,8 +5,10 @@ install, the objects the tests apply (built by `manifest` from `deployment`, `ec
 from __future__ import annotations
 
 import http.server
+import os
 import socket
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from tests.daemon.util import run_tele
+from tests.conftest import VENV_BIN
+from tests.daemon.util import DaemonGuard, run_tele
 from tests.sandbox.cluster.conftest import NodeSandbox
 
 Object = dict[str, Any]
@@ -61,6 +64,50 @@ def apply_ready(sandbox: NodeSandbox, manifest: str) -> None:
     kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
 
 
+def wait_rolled(sandbox: NodeSandbox, app: str) -> None:
+    """Wait until the Deployment `app` rolled out and its pods are Ready."""
+    kubectl(sandbox, "rollout", "status", f"deployment/{app}", "--timeout=90s")
+    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", f"app={app}", "--timeout=90s")
+
+
+def call(sandbox: NodeSandbox, url: str) -> str:
+    """What the caller pod (`caller_pod`) gets from `url`: a cluster-side client."""
+    script = (
+        f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
+    )
+    return kubectl(sandbox, "exec", "caller", "--", "python3", "-c", script).strip()
+
+
+def connect(env: dict[str, str], sandbox: NodeSandbox) -> None:
+    """`tele connect --no-vif` to the sandbox, asserting success."""
+    connected = run_tele(
+        env, "connect", "--no-vif", "--kubeconfig", str(sandbox.kubeconfig), timeout=120
+    )
+    assert connected.returncode == 0, connected.stderr
+
+
+@contextmanager
+def installed_with(
+    sandbox: NodeSandbox, apps: str, *, uninstall: bool = True
+) -> Iterator[NodeSandbox]:
+    """The traffic manager and `apps` (Ready), installed with a tele environment of its own,
+    for a module's tests to share; with `uninstall`, the manager is uninstalled at the end."""
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "HOME": home, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+        for name in ("CONFIG", "CACHE", "STATE", "RUNTIME"):
+            env[f"XDG_{name}_HOME" if name != "RUNTIME" else "XDG_RUNTIME_DIR"] = home
+        guard = DaemonGuard(env)
+        try:
+            install_manager(sandbox, env)
+            apply_ready(sandbox, apps)
+            yield sandbox
+            if uninstall:
+                kubeconfig = str(sandbox.kubeconfig)
+                run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+        finally:
+            guard.kill_all()
+
+
 def manifest(*objects: Object) -> str:
     """The objects as one YAML stream, for `kubectl apply -f -`."""
     return yaml.safe_dump_all(objects, sort_keys=False)
@@ -78,18 +125,20 @@ def echo_container(
     image: str = "tele-sandbox/echo",
     port_name: str | None = "http",
     env: dict[str, str] | None = None,
+    more_ports: tuple[Object, ...] = (),
     **fields: Any,
 ) -> Object:
     """The echo app (or an image that serves as it does) on `port` (told by $PORT when it is
     not the default 8080), with a tcpSocket readinessProbe on it: Ready then means the program
-    listens, not only that the container started. `fields` are added to the container."""
+    listens, not only that the container started. `more_ports` are declared after it,
+    `fields` added to the container."""
     variables = dict(env or {})
     if port != 8080:
         variables.setdefault("PORT", str(port))
     declared: Object = {"containerPort": port}
     if port_name is not None:
         declared = {"name": port_name, **declared}
-    container: Object = {"name": name, "image": image, "ports": [declared]}
+    container: Object = {"name": name, "image": image, "ports": [declared, *more_ports]}
     if variables:
         container["env"] = env_list(**variables)
     container["readinessProbe"] = {

@@ -4,22 +4,30 @@ running in the cluster and comes back after leave; a worker without ports too), 
 
 from __future__ import annotations
 
-import http.server
 import json
-import os
 import socket
-import tempfile
-import threading
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import VENV_BIN
 from tests.daemon.util import DaemonGuard, run_tele, single_error_line
-from tests.e2e import install_manager, kubectl
+from tests.e2e import (
+    HTTP_PORT,
+    call,
+    caller_pod,
+    connect,
+    deployment,
+    echo_container,
+    env_list,
+    installed_with,
+    kubectl,
+    laptop_http,
+    manifest,
+    service,
+    wait_rolled,
+)
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
@@ -27,60 +35,22 @@ pytestmark = pytest.mark.netns
 APP_PORT = 18080  # also the --to-pod port on this machine: far from common local services
 L4_PORT = 19000  # a UDP (and TCP) echo in a second container, for --to-pod PORT/UDP
 
-APPS = f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: echo, namespace: default}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: echo}}}}
-  template:
-    metadata: {{labels: {{app: echo}}}}
-    spec:
-      containers:
-      - name: echo
-        image: tele-sandbox/echo
-        ports: [{{name: http, containerPort: {APP_PORT}}}, {{name: alt, containerPort: 9090}}]
-        env: [{{name: GREETING, value: hello}}, {{name: PORT, value: "{APP_PORT}"}}]
-      - name: l4
-        image: tele-sandbox/l4-echo
-        env: [{{name: PORT, value: "{L4_PORT}"}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: default}}
-spec:
-  selector: {{app: echo}}
-  ports: [{{name: http, port: 80, targetPort: http}}, {{name: alt, port: 9090, targetPort: alt}}]
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: worker, namespace: default}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: worker}}}}
-  template:
-    metadata: {{labels: {{app: worker}}}}
-    spec:
-      containers:
-      - name: worker
-        image: tele-sandbox/worker
-        env: [{{name: QUEUE, value: jobs}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: caller, namespace: default}}
-spec:
-  containers: [{{name: c, image: tele-sandbox/worker}}]
-"""
-
-
-def call(sandbox: NodeSandbox, url: str) -> str:
-    """What the caller pod gets from `url` (a cluster-side client)."""
-    script = (
-        f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
-    )
-    return kubectl(sandbox, "exec", "caller", "--", "python3", "-c", script).strip()
+APPS = manifest(
+    deployment(
+        "echo",
+        echo_container(
+            APP_PORT,
+            env={"GREETING": "hello"},
+            more_ports=({"name": "alt", "containerPort": 9090},),
+        ),
+        {"name": "l4", "image": "tele-sandbox/l4-echo", "env": env_list(PORT=str(L4_PORT))},
+    ),
+    service("echo", HTTP_PORT, {"name": "alt", "port": 9090, "targetPort": "alt"}),
+    deployment(
+        "worker", {"name": "worker", "image": "tele-sandbox/worker", "env": env_list(QUEUE="jobs")}
+    ),
+    caller_pod(),
+)
 
 
 def containers_of(sandbox: NodeSandbox, app: str) -> list[str]:
@@ -94,62 +64,11 @@ def containers_of(sandbox: NodeSandbox, app: str) -> list[str]:
     )
 
 
-def wait_rolled(sandbox: NodeSandbox, app: str) -> None:
-    kubectl(sandbox, "rollout", "status", f"deployment/{app}", "--timeout=90s")
-    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", f"app={app}", "--timeout=90s")
-
-
-@contextmanager
-def laptop_server(body: str) -> Iterator[int]:
-    """An HTTP server on this machine answering `body`; yields its port."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            data = body.encode()
-            self.send_response(200)
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 @pytest.fixture(scope="module")
 def installed(node_sandbox: NodeSandbox) -> Iterator[NodeSandbox]:  # noqa: F811
     """The traffic manager and the apps, once for the module (uninstalled at the end)."""
-    with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "HOME": home, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
-        for name in ("CONFIG", "CACHE", "STATE", "RUNTIME"):
-            env[f"XDG_{name}_HOME" if name != "RUNTIME" else "XDG_RUNTIME_DIR"] = home
-        guard = DaemonGuard(env)
-        try:
-            install_manager(node_sandbox, env)
-            kubectl(node_sandbox, "apply", "-f", "-", stdin=APPS)
-            kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
-            yield node_sandbox
-            run_tele(
-                env, "helm", "uninstall", "--kubeconfig", str(node_sandbox.kubeconfig), timeout=120
-            )
-        finally:
-            guard.kill_all()
-
-
-def connect(env: dict[str, str], sandbox: NodeSandbox) -> None:
-    connected = run_tele(
-        env, "connect", "--no-vif", "--kubeconfig", str(sandbox.kubeconfig), timeout=120
-    )
-    assert connected.returncode == 0, connected.stderr
+    with installed_with(node_sandbox, APPS) as sandbox:
+        yield sandbox
 
 
 def test_replace_stops_the_container_and_leave_gives_it_back(
@@ -168,7 +87,7 @@ def test_replace_stops_the_container_and_leave_gives_it_back(
     )
     assert containers_of(sandbox, "echo") == ["echo", "l4"]
 
-    with laptop_server("replaced by the laptop") as port:
+    with laptop_http("replaced by the laptop") as port:
         env_file = tmp_path / "echo.env"
         replaced = run_tele(
             tele_env, "replace", "echo", "-c", "echo", "-p", f"{port}:http", "-e", str(env_file),
@@ -228,7 +147,7 @@ def test_multi_port_intercept_to_pod_and_ingest(
     assert "Intercepts:         0 total" in run_tele(tele_env, "status").stdout
     assert "echo (intercepted" not in run_tele(tele_env, "list").stdout
 
-    with laptop_server("http port") as http_port, laptop_server("alt port") as alt_port:
+    with laptop_http("http port") as http_port, laptop_http("alt port") as alt_port:
         engaged = run_tele(
             tele_env,
             "intercept",

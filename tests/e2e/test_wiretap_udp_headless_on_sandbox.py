@@ -5,11 +5,8 @@ copies are dropped and counted in `tele status`), UDP intercepts of named and nu
 
 from __future__ import annotations
 
-import http.server
 import json
-import os
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,91 +15,52 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import VENV_BIN
 from tests.daemon.util import DaemonGuard, run_tele, single_error_line
-from tests.e2e import install_manager, kubectl
+from tests.e2e import (
+    call,
+    caller_pod,
+    connect,
+    deployment,
+    echo_container,
+    env_list,
+    installed_with,
+    kubectl,
+    laptop_http,
+    manifest,
+    service,
+    wait_rolled,
+)
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 
-APPS = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo, namespace: default}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: echo}}
-  template:
-    metadata: {labels: {app: echo}}
-    spec:
-      containers:
-      - name: echo
-        image: tele-sandbox/echo
-        ports: [{name: http, containerPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: default}
-spec:
-  selector: {app: echo}
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: l4, namespace: default}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: l4}}
-  template:
-    metadata: {labels: {app: l4}}
-    spec:
-      containers:
-      - name: named
-        image: tele-sandbox/l4-echo
-        env: [{name: PORT, value: "9000"}]
-        ports: [{name: dgram, containerPort: 9000, protocol: UDP}]
-      - name: numeric
-        image: tele-sandbox/l4-echo
-        env: [{name: PORT, value: "9001"}]
-        ports: [{containerPort: 9001, protocol: UDP}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: l4, namespace: default}
-spec:
-  selector: {app: l4}
-  ports:
-  - {name: named, port: 53, targetPort: dgram, protocol: UDP}
-  - {name: numeric, port: 54, targetPort: 9001, protocol: UDP}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: db, namespace: default}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: db}}
-  template:
-    metadata: {labels: {app: db}}
-    spec:
-      containers:
-      - name: db
-        image: tele-sandbox/echo
-        ports: [{name: http, containerPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: db, namespace: default}
-spec:
-  clusterIP: None
-  selector: {app: db}
-  ports: [{name: http, port: 8080, targetPort: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: caller, namespace: default}
-spec:
-  containers: [{name: c, image: tele-sandbox/worker}]
-"""
+APPS = manifest(
+    deployment("echo", echo_container()),
+    service("echo"),
+    deployment(
+        "l4",
+        {
+            "name": "named",
+            "image": "tele-sandbox/l4-echo",
+            "env": env_list(PORT="9000"),
+            "ports": [{"name": "dgram", "containerPort": 9000, "protocol": "UDP"}],
+        },
+        {
+            "name": "numeric",
+            "image": "tele-sandbox/l4-echo",
+            "env": env_list(PORT="9001"),
+            "ports": [{"containerPort": 9001, "protocol": "UDP"}],
+        },
+    ),
+    service(
+        "l4",
+        {"name": "named", "port": 53, "targetPort": "dgram", "protocol": "UDP"},
+        {"name": "numeric", "port": 54, "targetPort": 9001, "protocol": "UDP"},
+    ),
+    deployment("db", echo_container(name="db")),
+    service("db", {"name": "http", "port": 8080, "targetPort": "http"}, headless=True),
+    caller_pod(),
+)
 
 # Runs in the caller pod: one datagram to HOST:PORT (sent again if unanswered), prints the
 # answer or "timeout".
@@ -164,19 +122,6 @@ def pod_ip(sandbox: NodeSandbox, app: str) -> str:
     return str(live[0]["status"]["podIP"])
 
 
-def wait_rolled(sandbox: NodeSandbox, app: str) -> None:
-    kubectl(sandbox, "rollout", "status", f"deployment/{app}", "--timeout=90s")
-    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", f"app={app}", "--timeout=90s")
-
-
-def call(sandbox: NodeSandbox, url: str) -> str:
-    """What the caller pod gets from `url` (a cluster-side client)."""
-    script = (
-        f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
-    )
-    return kubectl(sandbox, "exec", "caller", "--", "python3", "-c", script).strip()
-
-
 class Recorder:
     """A local handler that keeps every byte it is sent (one entry per connection)."""
 
@@ -232,32 +177,6 @@ def recorder() -> Iterator[Recorder]:
         handler.close()
 
 
-@contextmanager
-def laptop_http(body: str) -> Iterator[int]:
-    """An HTTP server on this machine answering `body`; yields its port."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            data = body.encode()
-            self.send_response(200)
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 def eventually(predicate: object, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():  # type: ignore[operator]
@@ -268,25 +187,8 @@ def eventually(predicate: object, what: str, timeout: float = 30) -> None:
 @pytest.fixture(scope="module")
 def installed(node_sandbox: NodeSandbox) -> Iterator[NodeSandbox]:  # noqa: F811
     """The traffic manager and the apps, once for the module."""
-    with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "HOME": home, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
-        for name in ("CONFIG", "CACHE", "STATE", "RUNTIME"):
-            env[f"XDG_{name}_HOME" if name != "RUNTIME" else "XDG_RUNTIME_DIR"] = home
-        guard = DaemonGuard(env)
-        try:
-            install_manager(node_sandbox, env)
-            kubectl(node_sandbox, "apply", "-f", "-", stdin=APPS)
-            kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
-            yield node_sandbox
-        finally:
-            guard.kill_all()
-
-
-def connect(env: dict[str, str], sandbox: NodeSandbox) -> None:
-    connected = run_tele(
-        env, "connect", "--no-vif", "--kubeconfig", str(sandbox.kubeconfig), timeout=120
-    )
-    assert connected.returncode == 0, connected.stderr
+    with installed_with(node_sandbox, APPS, uninstall=False) as sandbox:
+        yield sandbox
 
 
 def test_two_wiretaps_get_copies_while_the_app_answers_and_drops_are_shown(
