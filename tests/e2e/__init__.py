@@ -58,10 +58,12 @@ def install_manager(sandbox: NodeSandbox, env: dict[str, str], *values: str) -> 
     )
 
 
-def apply_ready(sandbox: NodeSandbox, manifest: str) -> None:
-    """Apply `manifest`, then wait until every pod of the default namespace is Ready."""
+def apply_ready(sandbox: NodeSandbox, manifest: str, app: str | None = None) -> None:
+    """Apply `manifest`, then wait until every pod of the default namespace (or of the
+    workload `app`) is Ready."""
     kubectl(sandbox, "apply", "-f", "-", stdin=manifest)
-    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+    which = ("-l", f"app={app}") if app else ("--all",)
+    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", *which, "--timeout=90s")
 
 
 def wait_rolled(sandbox: NodeSandbox, app: str) -> None:

@@ -9,9 +9,7 @@ import base64
 import json
 import os
 import signal
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,15 @@ import pytest
 from tele.cli.quick import wait_process_gone
 from tele.daemon.mounts import mount_problem
 from tests.daemon.util import DaemonGuard, run_tele, runtime_dir
-from tests.e2e import install_manager, kubectl
+from tests.e2e import (
+    apply_ready,
+    deployment,
+    echo_container,
+    install_manager,
+    kubectl,
+    manifest,
+    service,
+)
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = [
@@ -32,53 +38,44 @@ PY = ("/usr/bin/python3.11", "-c")
 
 SECRET = b"s3cr3t\x00\xff-bytes\n"
 
-APP = f"""
-apiVersion: v1
-kind: Secret
-metadata: {{name: creds, namespace: default}}
-data: {{password: {base64.b64encode(SECRET).decode()}}}
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {{name: settings, namespace: default}}
-data: {{app.conf: "color=blue\\n"}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: files, namespace: default}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: files}}}}
-  template:
-    metadata:
-      labels: {{app: files}}
-      annotations:
-        telepresence.io/mount-policies: '{{"cache": "RemoteReadOnly", "work": "Local"}}'
-    spec:
-      containers:
-      - name: app
-        image: tele-sandbox/echo
-        ports: [{{name: http, containerPort: 8080}}]
-        volumeMounts:
-        - {{name: creds, mountPath: /etc/creds}}
-        - {{name: settings, mountPath: /etc/settings}}
-        - {{name: scratch, mountPath: /scratch}}
-        - {{name: cache, mountPath: /var/cache/app}}
-        - {{name: work, mountPath: /work}}
-      volumes:
-      - {{name: creds, secret: {{secretName: creds}}}}
-      - {{name: settings, configMap: {{name: settings}}}}
-      - {{name: scratch, emptyDir: {{}}}}
-      - {{name: cache, emptyDir: {{}}}}
-      - {{name: work, emptyDir: {{}}}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: files, namespace: default}}
-spec:
-  selector: {{app: files}}
-  ports: [{{name: http, port: 80, targetPort: http}}]
-"""
+APP = manifest(
+    {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "creds", "namespace": "default"},
+        "data": {"password": base64.b64encode(SECRET).decode()},
+    },
+    {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "settings", "namespace": "default"},
+        "data": {"app.conf": "color=blue\n"},
+    },
+    deployment(
+        "files",
+        echo_container(
+            name="app",
+            volumeMounts=[
+                {"name": "creds", "mountPath": "/etc/creds"},
+                {"name": "settings", "mountPath": "/etc/settings"},
+                {"name": "scratch", "mountPath": "/scratch"},
+                {"name": "cache", "mountPath": "/var/cache/app"},
+                {"name": "work", "mountPath": "/work"},
+            ],
+        ),
+        annotations={
+            "telepresence.io/mount-policies": '{"cache": "RemoteReadOnly", "work": "Local"}'
+        },
+        volumes=[
+            {"name": "creds", "secret": {"secretName": "creds"}},
+            {"name": "settings", "configMap": {"name": "settings"}},
+            {"name": "scratch", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "work", "emptyDir": {}},
+        ],
+    ),
+    service("files"),
+)
 
 # The local handler: what it finds under TELEPRESENCE_ROOT, as JSON in argv[1].
 HANDLER = """
@@ -102,22 +99,6 @@ json.dump(seen, open(sys.argv[1], "w"))
 """
 
 
-@pytest.fixture
-def mount_dir(tmp_path: Path) -> Iterator[Path]:
-    """The --mount directory; whatever is still mounted there at the end is unmounted (the
-    test fails on it after that), also when the test failed first."""
-    where = tmp_path / "mnt"
-    yield where
-    left = [
-        line.split(" ")[4]
-        for line in Path("/proc/self/mountinfo").read_text().splitlines()
-        if line.split(" ")[4].startswith(str(tmp_path))
-    ]
-    for path in left:
-        subprocess.run(["umount", "-l", path], check=False)
-    assert not left, f"mounts left behind: {left}"
-
-
 def test_intercept_mounts_the_pods_volumes_and_leave_unmounts(
     node_sandbox: NodeSandbox,  # noqa: F811
     tele_env: dict[str, str],
@@ -128,10 +109,7 @@ def test_intercept_mounts_the_pods_volumes_and_leave_unmounts(
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
     try:
-        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-        kubectl(
-            node_sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=files", "--timeout=90s"
-        )
+        apply_ready(node_sandbox, APP, app="files")
         connected = run_tele(
             tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120
         )
@@ -216,10 +194,7 @@ def test_a_killed_daemons_mount_is_undone_when_the_next_daemon_starts(
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
     try:
-        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-        kubectl(
-            node_sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=files", "--timeout=90s"
-        )
+        apply_ready(node_sandbox, APP, app="files")
         connect = ("connect", "--no-vif", "--kubeconfig", kubeconfig)
         assert run_tele(tele_env, *connect, timeout=120).returncode == 0
         engaged = run_tele(
@@ -287,10 +262,7 @@ def test_ingest_gives_a_readable_mounted_secret_read_only(
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
     try:
-        kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
-        kubectl(
-            node_sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=files", "--timeout=90s"
-        )
+        apply_ready(node_sandbox, APP, app="files")
         connect = ("connect", "--no-vif", "--kubeconfig", kubeconfig)
         assert run_tele(tele_env, *connect, timeout=120).returncode == 0
         report = tmp_path / "seen.json"

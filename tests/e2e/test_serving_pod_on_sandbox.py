@@ -8,7 +8,6 @@ import json
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,15 @@ import pytest
 
 from tele.daemon.mounts import mount_problem
 from tests.daemon.util import TELE, DaemonGuard, run_tele
-from tests.e2e import deployment, echo_container, install_manager, kubectl, manifest, service
+from tests.e2e import (
+    apply_ready,
+    deployment,
+    echo_container,
+    install_manager,
+    kubectl,
+    manifest,
+    service,
+)
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = [
@@ -50,22 +57,6 @@ APP = manifest(
 HANDLER = "import sys; sys.stdin.read()"
 
 
-@pytest.fixture
-def mount_dir(tmp_path: Path) -> Iterator[Path]:
-    """The --mount directory; whatever is still mounted under tmp_path at the end is unmounted
-    (the test fails on it after that), also when the test failed first."""
-    where = tmp_path / "mnt"
-    yield where
-    left = [
-        line.split(" ")[4]
-        for line in Path("/proc/self/mountinfo").read_text().splitlines()
-        if line.split(" ")[4].startswith(str(tmp_path))
-    ]
-    for path in left:
-        subprocess.run(["umount", "-l", path], check=False)
-    assert not left, f"mounts left behind: {left}"
-
-
 def _engagement(env: dict[str, str]) -> dict[str, Any] | None:
     status = json.loads(run_tele(env, "status", "-o", "json").stdout)
     engagements = (status.get("session") or {}).get("engagements") or []
@@ -90,9 +81,7 @@ def test_to_pod_and_mounts_follow_a_replaced_serving_pod(
     install_manager(sandbox, tele_env)
     handler: subprocess.Popen[str] | None = None
     try:
-        kubectl(sandbox, "apply", "-f", "-", stdin=APP)
-        kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=movable",
-                "--timeout=90s")  # fmt: skip
+        apply_ready(sandbox, APP, app="movable")
         connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig,
                              timeout=120)  # fmt: skip
         assert connected.returncode == 0, connected.stderr

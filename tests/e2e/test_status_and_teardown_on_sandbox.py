@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -19,7 +18,13 @@ import pytest
 from tele.daemon.mounts import mount_problem
 from tele.sandbox.network import netns
 from tests.daemon.util import DaemonGuard, run_tele
-from tests.e2e import install_manager, kubectl
+from tests.e2e import (
+    apply_ready,
+    connect,
+    free_port,
+    install_manager,
+    kubectl,
+)
 from tests.e2e.test_intercept_on_sandbox import APP
 from tests.e2e.test_mounts_on_sandbox import APP as MOUNTED_APP
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
@@ -47,20 +52,10 @@ with socket.create_connection(("echo.default", 80), timeout=10) as s:
 """
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _app_up(sandbox: NodeSandbox, env: dict[str, str]) -> None:
     install_manager(sandbox, env)
-    kubectl(sandbox, "apply", "-f", "-", stdin=APP)
-    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
-    connected = run_tele(
-        env, "connect", "--no-vif", "--kubeconfig", str(sandbox.kubeconfig), timeout=120
-    )
-    assert connected.returncode == 0, connected.stderr
+    apply_ready(sandbox, APP)
+    connect(env, sandbox)
 
 
 def _uninstall(sandbox: NodeSandbox, env: dict[str, str]) -> None:
@@ -75,7 +70,7 @@ def test_nothing_listening_locally_is_a_502_for_http_and_a_reset_for_the_rest(
     guard: DaemonGuard,
 ) -> None:
     _app_up(node_sandbox, tele_env)
-    closed = _closed_port()
+    closed = free_port()
     engaged = run_tele(tele_env, "intercept", "echo", "--port", str(closed), timeout=120)
     assert engaged.returncode == 0, engaged.stderr
     assert engaged.stderr.strip() == (
@@ -176,7 +171,7 @@ def test_helm_uninstall_ends_engagements_and_removes_the_agents(
 ) -> None:
     _app_up(node_sandbox, tele_env)
     kubeconfig = str(node_sandbox.kubeconfig)
-    engaged = run_tele(tele_env, "intercept", "echo", "--port", str(_closed_port()), timeout=120)
+    engaged = run_tele(tele_env, "intercept", "echo", "--port", str(free_port()), timeout=120)
     assert engaged.returncode == 0, engaged.stderr
     assert _agent_pods(node_sandbox), "the intercept injected no agent"
     listed = run_tele(tele_env, "list", "-o", "json")
@@ -211,7 +206,7 @@ def test_helm_uninstall_ends_engagements_and_removes_the_agents(
 
     # --no-hooks leaves the agents (and says so); installed again, `tele list` does not call
     # pods that carry an agent "not yet installed", connected or not.
-    engaged = run_tele(tele_env, "intercept", "echo", "--port", str(_closed_port()), timeout=120)
+    engaged = run_tele(tele_env, "intercept", "echo", "--port", str(free_port()), timeout=120)
     assert engaged.returncode == 0, engaged.stderr
     assert run_tele(tele_env, "leave", "echo").returncode == 0
     kept = run_tele(tele_env, "helm", "uninstall", "--no-hooks", "--kubeconfig", kubeconfig)
