@@ -19,11 +19,12 @@ import trio
 from tele.sandbox.apiserver.auth import User
 from tele.sandbox.apiserver.context import RequestContext, timestamp
 from tele.sandbox.apiserver.errors import StatusError
+from tele.sandbox.apiserver.events import event_object, record_event
 from tele.sandbox.apiserver.kinds import ResourceType
 from tele.sandbox.apiserver.rest import Api
 from tele.sandbox.apiserver.store import ApiObject, Event
 
-from .objects import ROLLOUT_RESOURCE, controller_of, resource_of_kind, selector_matches
+from .objects import ROLLOUT_RESOURCE, controller_of, selector_matches
 
 log = logging.getLogger(__name__)
 
@@ -170,29 +171,21 @@ class ControllerManager:
         self, obj: ApiObject, reason: str, message: str, *, component: str, kind: str = "Normal"
     ) -> None:
         meta = obj["metadata"]
-        now = timestamp()
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "kind": obj.get("kind"),
-                "apiVersion": obj.get("apiVersion"),
-                "namespace": meta["namespace"],
-                "name": meta["name"],
-                "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "reason": reason,
-            "message": message,
-            "type": kind,
-            "source": {"component": component},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-            "reportingComponent": component,
+        involved = {
+            "kind": obj.get("kind"),
+            "apiVersion": obj.get("apiVersion"),
+            "namespace": meta["namespace"],
+            "name": meta["name"],
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
         }
-        try:
-            await self.api.create(resource_of_kind("", "Event"), meta["namespace"], body, self.ctx)
-        except StatusError as exc:
-            log.debug("event %s not recorded: %s", reason, exc.message)
+        event = event_object(
+            involved,
+            meta["namespace"],
+            reason,
+            message,
+            event_type=kind,
+            component=component,
+            now=timestamp(),
+        )
+        await record_event(self.api, self.ctx, event)

@@ -32,6 +32,7 @@ from tele.image.reference import Reference, parse_reference
 from tele.sandbox.apiserver.auth import User
 from tele.sandbox.apiserver.context import RequestContext, timestamp
 from tele.sandbox.apiserver.errors import StatusError
+from tele.sandbox.apiserver.events import event_object, record_event
 from tele.sandbox.apiserver.kinds import by_kind
 from tele.sandbox.apiserver.rest import Api
 from tele.sandbox.apiserver.store import Event
@@ -289,35 +290,25 @@ class Kubelet:
         source: str = "kubelet",
     ) -> None:
         """Record an Event about `obj` (best effort: events never fail the work they describe)."""
-        resource_type = by_kind("", "Event")
-        assert resource_type is not None
         meta = obj["metadata"]
-        now = timestamp()
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "kind": obj.get("kind", "Pod"),
-                "apiVersion": obj.get("apiVersion", "v1"),
-                "namespace": meta["namespace"],
-                "name": meta["name"],
-                "uid": meta.get("uid"),
-            },
-            "reason": reason,
-            "message": message,
-            "type": kind,
-            "source": {"component": source, "host": self.node_name},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-            "reportingComponent": source,
-            "reportingInstance": self.node_name,
+        involved = {
+            "kind": obj.get("kind", "Pod"),
+            "apiVersion": obj.get("apiVersion", "v1"),
+            "namespace": meta["namespace"],
+            "name": meta["name"],
+            "uid": meta.get("uid"),
         }
-        try:
-            await self.api.create(resource_type, meta["namespace"], body, self.ctx)
-        except StatusError as exc:
-            log.debug("event %s for %s not recorded: %s", reason, meta["name"], exc.message)
+        event = event_object(
+            involved,
+            meta["namespace"],
+            reason,
+            message,
+            event_type=kind,
+            component=source,
+            now=timestamp(),
+            host=self.node_name,
+        )
+        await record_event(self.api, self.ctx, event)
 
 
 class ContainerRun:

@@ -21,6 +21,7 @@ import tele
 from tele.sandbox.apiserver import discovery
 from tele.sandbox.apiserver.context import RequestContext
 from tele.sandbox.apiserver.errors import StatusError
+from tele.sandbox.apiserver.events import event_object, record_event
 from tele.sandbox.apiserver.kinds import by_kind
 from tele.sandbox.apiserver.rest import Api
 
@@ -172,28 +173,17 @@ async def _ensure(
 async def _node_event(api: Api, ctx: RequestContext, name: str, reason: str, message: str) -> None:
     """An Event about the node, recorded as a kubelet does: in `default`, the node's name as
     the involved object's uid (what `kubectl describe node` searches for)."""
-    event_rt = by_kind("", "Event")
-    assert event_rt is not None
-    now = _now(api.clock())
-    body = {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"generateName": f"{name}.", "namespace": "default"},
-        "involvedObject": {"kind": "Node", "name": name, "uid": name},
-        "reason": reason,
-        "message": message,
-        "type": "Normal",
-        "source": {"component": "kubelet", "host": name},
-        "firstTimestamp": now,
-        "lastTimestamp": now,
-        "count": 1,
-        "reportingComponent": "kubelet",
-        "reportingInstance": name,
-    }
-    try:
-        await api.create(event_rt, "default", body, ctx)
-    except StatusError as exc:
-        log.debug("node event %s not recorded: %s", reason, exc.message)
+    event = event_object(
+        {"kind": "Node", "name": name, "uid": name},
+        "default",
+        reason,
+        message,
+        event_type="Normal",
+        component="kubelet",
+        now=_now(api.clock()),
+        host=name,
+    )
+    await record_event(api, ctx, event)
 
 
 async def _register(api: Api, ctx: RequestContext, name: str, body: dict[str, Any]) -> None:
