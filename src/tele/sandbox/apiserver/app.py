@@ -952,7 +952,7 @@ class ApiApp:
                 await self._chunk(send, self._event(resource_type, kind, obj, as_table))
             deadline = trio.current_time() + timeout if timeout > 0 else math.inf
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope)
                 with trio.move_on_at(deadline):
                     await self._stream(
                         resource_type,
@@ -1074,7 +1074,9 @@ def _translate(event: Event, labels: Any, fields: Any) -> tuple[str, ApiObject] 
     return None
 
 
-async def _cancel_on_disconnect(receive: ASGIReceive, scope: trio.CancelScope) -> None:
+async def cancel_on_disconnect(receive: ASGIReceive, scope: trio.CancelScope) -> None:
+    """Cancel `scope` once the HTTP client is gone (a streamed answer: a watch, a followed
+    log)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from tele.sandbox.apiserver.app import ASGIReceive, ASGISend, Request
+from tele.sandbox.apiserver.app import ASGIReceive, ASGISend, Request, cancel_on_disconnect
 from tele.sandbox.apiserver.errors import StatusError, bad_request
 from tele.sandbox.network import netns
 
@@ -101,7 +101,7 @@ class NodeHandlers:
             return
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, receive, scope)
+                nursery.start_soon(cancel_on_disconnect, receive, scope)
                 while not logfile.closed and (limit is None or sent < limit):
                     changed = logfile.changed
                     await changed.wait()
@@ -212,14 +212,6 @@ def _upgrade_required(what: str) -> StatusError:
 async def _refuse_websocket(receive: ASGIReceive, send: ASGISend) -> None:
     if (await receive())["type"] == "websocket.connect":
         await send({"type": "websocket.close", "code": 1008})
-
-
-async def _cancel_on_disconnect(receive: ASGIReceive, scope: trio.CancelScope) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
 
 
 EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
