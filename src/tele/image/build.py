@@ -630,6 +630,23 @@ def tele_config() -> ContainerConfig:
     )
 
 
+_BASE_HISTORY = f"base: Debian {SUITE} {' '.join(BASE_PACKAGES)} (mmdebstrap)"
+
+
+def _image(
+    store: Path,
+    layers: tuple[LayerResult, ...],
+    config: ContainerConfig,
+    history: list[str],
+    tag: str,
+    start: float,
+) -> BuildResult:
+    """The image of `layers` (a history line each) assembled in `store`, as built since
+    `start` (time.monotonic()): cached when every layer came from the cache."""
+    image = assemble(store, [r.layer for r in layers], config, history=history)
+    return BuildResult(image, layers, all(r.cached for r in layers), time.monotonic() - start, tag)
+
+
 def build_tele_image(root: Path | None = None, *, package: Path | None = None) -> BuildResult:
     """Build (or find in the cache) tele's image."""
     start = time.monotonic()
@@ -641,23 +658,12 @@ def build_tele_image(root: Path | None = None, *, package: Path | None = None) -
         cache.layer("deps", deps_key(pins), lambda: _build_deps(cache.store, pins)),
         cache.layer("tele", tele_key(package), lambda: _build_tele(cache.store, package)),
     )
-    image = assemble(
-        cache.store,
-        [r.layer for r in results],
-        tele_config(),
-        history=[
-            f"base: Debian {SUITE} {' '.join(BASE_PACKAGES)} (mmdebstrap)",
-            f"deps: {' '.join(f'{k}=={v}' for k, v in pins.items())}",
-            f"tele {_tele_version()}",
-        ],
-    )
-    return BuildResult(
-        image,
-        results,
-        all(r.cached for r in results),
-        time.monotonic() - start,
-        default_tag(),
-    )
+    history = [
+        _BASE_HISTORY,
+        f"deps: {' '.join(f'{k}=={v}' for k, v in pins.items())}",
+        f"tele {_tele_version()}",
+    ]
+    return _image(cache.store, results, tele_config(), history, default_tag(), start)
 
 
 # ------------------------------------------------------------------------------------ tools
@@ -715,24 +721,14 @@ def build_daemon_image(root: Path | None = None, *, package: Path | None = None)
         tools_key(base.layer.digest, DAEMON_PACKAGES),
         lambda: _build_tools(cache.store, base.layer, DAEMON_PACKAGES),
     )
-    results = (*tele.layers, fuse)
-    image = assemble(
-        cache.store,
-        [r.layer for r in results],
-        tele_config(),
-        history=[
-            f"base: Debian {SUITE} {' '.join(BASE_PACKAGES)} (mmdebstrap)",
-            "deps",
-            f"tele {_tele_version()}",
-            f"fuse: {' '.join(DAEMON_PACKAGES)} (mmdebstrap)",
-        ],
-    )
-    return BuildResult(
-        image,
-        results,
-        all(r.cached for r in results),
-        time.monotonic() - start,
-        "tele/daemon-base",
+    history = [
+        _BASE_HISTORY,
+        "deps",
+        f"tele {_tele_version()}",
+        f"fuse: {' '.join(DAEMON_PACKAGES)} (mmdebstrap)",
+    ]
+    return _image(
+        cache.store, (*tele.layers, fuse), tele_config(), history, "tele/daemon-base", start
     )
 
 
@@ -840,29 +836,26 @@ def build_sandbox_images(
             _program_key(spec),
             lambda spec=spec: _build_program(cache.store, spec),  # type: ignore[misc]
         )
-        image = assemble(
-            cache.store,
-            [r.layer for r in (*lower, program)],
-            ContainerConfig(
-                env=[
-                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "PYTHONUNBUFFERED=1",
-                    *spec.env,
-                ],
-                entrypoint=[PYTHON, "/app/main.py"],
-                working_dir="/app",
-            ),
-            history=[
-                "base",
-                *([f"tools: {' '.join(TOOLS_PACKAGES)} (mmdebstrap)"] if spec.tools else []),
-                f"program {spec.module}",
+        config = ContainerConfig(
+            env=[
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "PYTHONUNBUFFERED=1",
+                *spec.env,
             ],
+            entrypoint=[PYTHON, "/app/main.py"],
+            working_dir="/app",
         )
-        built[spec.repository] = BuildResult(
-            image,
+        history = [
+            "base",
+            *([f"tools: {' '.join(TOOLS_PACKAGES)} (mmdebstrap)"] if spec.tools else []),
+            f"program {spec.module}",
+        ]
+        built[spec.repository] = _image(
+            cache.store,
             (*lower, program),
-            all(r.cached for r in (*lower, program)),
-            time.monotonic() - start,
+            config,
+            history,
             f"{spec.repository}:{SANDBOX_TAG}",
+            start,
         )
     return built
