@@ -157,19 +157,25 @@ def deployment(
     namespace: str = "default",
     annotations: dict[str, str] | None = None,
     kind: str = "Deployment",
+    strategy: Object | None = None,
     **pod_spec: Any,
 ) -> Object:
     """A workload of one replica whose pods are labelled `app: NAME`; `annotations` go on the
-    pod template, `pod_spec` (volumes, ...) into its spec. `kind` may be an Argo `Rollout`."""
+    pod template, `pod_spec` (volumes, ...) into its spec. `kind` may be an Argo `Rollout`
+    (with its `strategy`)."""
     template: Object = {"metadata": {"labels": {"app": name}}}
     if annotations:
         template["metadata"]["annotations"] = annotations
     template["spec"] = {"containers": list(containers), **pod_spec}
+    spec: Object = {"replicas": 1, "selector": {"matchLabels": {"app": name}}}
+    if strategy is not None:
+        spec["strategy"] = strategy
+    spec["template"] = template
     return {
         "apiVersion": "argoproj.io/v1alpha1" if kind == "Rollout" else "apps/v1",
         "kind": kind,
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": template},
+        "spec": spec,
     }
 
 

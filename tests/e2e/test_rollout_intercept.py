@@ -13,41 +13,30 @@ import pytest
 
 from tele.sandbox import addons
 from tests.daemon.util import DaemonGuard, run_tele, single_error_line
-from tests.e2e import install_manager, kubectl
+from tests.e2e import (
+    caller_pod,
+    deployment,
+    echo_container,
+    install_manager,
+    kubectl,
+    manifest,
+    service,
+)
 from tests.e2e.test_intercept_on_sandbox import CALL, laptop_handler  # noqa: F401 - fixture
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 
-APP = """
-apiVersion: argoproj.io/v1alpha1
-kind: Rollout
-metadata: {name: echo, namespace: default}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: echo}}
-  strategy: {canary: {maxSurge: 1, maxUnavailable: 0}}
-  template:
-    metadata: {labels: {app: echo}}
-    spec:
-      containers:
-      - name: echo
-        image: tele-sandbox/echo
-        ports: [{name: http, containerPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: default}
-spec:
-  selector: {app: echo}
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: caller, namespace: default}
-spec:
-  containers: [{name: c, image: tele-sandbox/worker}]
-"""
+APP = manifest(
+    deployment(
+        "echo",
+        echo_container(),
+        kind="Rollout",
+        strategy={"canary": {"maxSurge": 1, "maxUnavailable": 0}},
+    ),
+    service("echo"),
+    caller_pod(),
+)
 
 
 def _containers(sandbox: NodeSandbox) -> list[str]:
