@@ -389,26 +389,45 @@ def _intercept_text(d: dict[str, Any]) -> str:
         what = f"HTTP requests with {how.removeprefix('http: ')}"
     else:
         what = "all HTTP requests"
-    ports = d.get("ports") or []
+    lines = _traffic_lines(d, "Intercept name", "Destination")
+    if len(d.get("ports") or []) == 1:
+        lines.append(_row("Service Port Identifier", f"{d['service']}:{d['service_port']}"))
+    lines += _pod_and_mount_lines(d)
+    lines.append(_row("Intercepting", what))
+    return "\n".join(lines)
+
+
+def _row(label: str, value: object) -> str:
+    """A line of intercept's and wiretap's text, aligned as Telepresence aligns them."""
+    return f"   {label:<23}: {value}"
+
+
+def _traffic_lines(d: dict[str, Any], name_label: str, port_label: str) -> list[str]:
+    """What intercept's and wiretap's text start with: the engagement, its state and the
+    workload's kind, then a line per port: where its traffic goes on this machine, from which
+    service port."""
     local = d.get("local") or []
     lines = [
         f"Using {d['workload_kind']} {d['workload']}",
-        f"   Intercept name         : {d['name']}",
-        "   State                  : ACTIVE",
-        f"   Workload kind          : {d['workload_kind']}",
+        _row(name_label, d["name"]),
+        _row("State", "ACTIVE"),
+        _row("Workload kind", d["workload_kind"]),
     ]
-    for index, port in enumerate(ports):
+    for index, port in enumerate(d.get("ports") or []):
         where = local[index] if index < len(local) else "?"
         service = f"{port['service']}:{port['service_port_name'] or port['service_port']}"
-        lines.append(f"   Destination            : {where} (service port {service})")
-    if len(ports) == 1:
-        lines.append(f"   Service Port Identifier: {d['service']}:{d['service_port']}")
+        lines.append(_row(port_label, f"{where} (service port {service})"))
+    return lines
+
+
+def _pod_and_mount_lines(d: dict[str, Any]) -> list[str]:
+    """The serving pod and where its volumes are mounted, when there are."""
+    lines = []
     if d.get("pod_name"):
-        lines.append(f"   Pod                    : {_pod(d)}")
+        lines.append(_row("Pod", _pod(d)))
     if d.get("local_mount"):
-        lines.append(f"   Volume Mount Point     : {d['local_mount']}")
-    lines.append(f"   Intercepting           : {what}")
-    return "\n".join(lines)
+        lines.append(_row("Volume Mount Point", d["local_mount"]))
+    return lines
 
 
 def _replace_text(d: dict[str, Any]) -> str:

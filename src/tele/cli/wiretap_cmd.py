@@ -17,9 +17,11 @@ import click
 from tele.cli.intercept_cmd import (
     _engage,
     _Handling,
-    _pod,
+    _pod_and_mount_lines,
     _port_mappings,
+    _row,
     _Target,
+    _traffic_lines,
     env_options,
 )
 from tele.cli.output import output_option
@@ -27,26 +29,16 @@ from tele.errors import UserError
 
 
 def _wiretap_text(d: dict[str, Any]) -> str:
-    local = d.get("local") or []
-    lines = [
-        f"Using {d['workload_kind']} {d['workload']}",
-        f"   Wiretap name           : {d['name']}",
-        "   State                  : ACTIVE",
-        f"   Workload kind          : {d['workload_kind']}",
-    ]
-    for index, port in enumerate(d.get("ports") or []):
-        where = local[index] if index < len(local) else "?"
-        service = f"{port['service']}:{port['service_port_name'] or port['service_port']}"
-        lines.append(f"   Copy to                : {where} (service port {service})")
+    lines = _traffic_lines(d, "Wiretap name", "Copy to")
     if d.get("response_local"):
-        lines.append(f"   Responses to           : {d['response_local']} (what the app answers)")
-    if d.get("pod_name"):
-        lines.append(f"   Pod                    : {_pod(d)}")
-    if d.get("local_mount"):
-        lines.append(f"   Volume Mount Point     : {d['local_mount']}")
+        lines.append(_row("Responses to", f"{d['response_local']} (what the app answers)"))
+    lines += _pod_and_mount_lines(d)
     lines.append(
-        "   Wiretapping            : a copy of every connection (the app still serves them; "
-        "the handler's answers are discarded)"
+        _row(
+            "Wiretapping",
+            "a copy of every connection (the app still serves them; the handler's answers "
+            "are discarded)",
+        )
     )
     return "\n".join(lines)
 
