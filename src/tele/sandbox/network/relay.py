@@ -21,7 +21,9 @@ async def splice(a: trio.SocketStream, b: trio.SocketStream) -> None:
 
         async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
             try:
-                while data := await src.receive_some(65536):
+                # 256 KiB reads: a port-forward's bulk stream passes here (laptop -> API
+                # server), and each read is a wake-up of this Python hop.
+                while data := await src.receive_some(262144):
                     await dst.send_all(data)
                 await dst.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
