@@ -8,6 +8,7 @@ import json
 import logging
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -231,32 +232,25 @@ def _exit_status(code: int) -> bytes:
     ).encode()
 
 
+@dataclass
 class _ChannelSession:
     """An accepted `pods/exec` or `pods/attach` websocket: the request's query, the pod's
     worker and the container run it names, and channel-framed output, one message at a time."""
 
-    def __init__(
-        self,
-        what: str,
-        query: dict[str, list[str]],
-        worker: PodWorker,
-        run: ContainerRun,
-        send: ASGISend,
-    ) -> None:
-        self.what = what
-        self.query = query
-        self.worker = worker
-        self.run = run
-        self._send = send
-        self._lock = trio.Lock()
+    what: str
+    query: dict[str, list[str]]
+    worker: PodWorker
+    run: ContainerRun
+    send: ASGISend
+    lock: trio.Lock = field(default_factory=trio.Lock)
 
     async def out(self, channel: int, data: bytes) -> None:
-        async with self._lock:
-            await self._send({"type": "websocket.send", "bytes": bytes([channel]) + data})
+        async with self.lock:
+            await self.send({"type": "websocket.send", "bytes": bytes([channel]) + data})
 
     async def close(self) -> None:
         try:
-            await self._send({"type": "websocket.close", "code": 1000})
+            await self.send({"type": "websocket.close", "code": 1000})
         except Exception:  # the client may be gone already
             log.debug("%s close after disconnect", self.what, exc_info=True)
 
