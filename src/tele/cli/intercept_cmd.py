@@ -464,6 +464,14 @@ def _ingest_text(d: dict[str, Any]) -> str:
     )
 
 
+command_argument = click.argument("command", nargs=-1, type=click.UNPROCESSED)
+"""`-- COMMAND`: run it while engaged, then leave."""
+namespace_option = click.option(
+    "--namespace", "-n", default="", help="Its namespace (default: the connected one)."
+)
+address_option = click.option(
+    "--address", default="127.0.0.1", show_default=True, help="The local handler's address."
+)
 env_file_option = click.option(
     "--env-file",
     "-e",
@@ -520,9 +528,9 @@ to_pod_option = click.option(
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.argument("name")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@command_argument
 @click.option("--workload", "-w", default="", help="The workload (default: NAME).")
-@click.option("--namespace", "-n", default="", help="Its namespace (default: the connected one).")
+@namespace_option
 @click.option(
     "--port",
     "-p",
@@ -530,9 +538,7 @@ to_pod_option = click.option(
     help="LOCAL[:SERVICE_PORT] (name or number); repeat for several ports. Default: the "
     "config's intercept.defaultPort (8080).",
 )
-@click.option(
-    "--address", default="127.0.0.1", show_default=True, help="The local handler's address."
-)
+@address_option
 @click.option("--service", default="", help="The Service, when several select the workload.")
 @click.option("--container", default="", help="The container, when several have the port.")
 @click.option(
@@ -638,8 +644,8 @@ def intercept(
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.argument("workload")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@click.option("--namespace", "-n", default="", help="Its namespace (default: the connected one).")
+@command_argument
+@namespace_option
 @click.option("--container", "-c", default="", help="The container (needed when several).")
 @click.option(
     "--port",
@@ -648,9 +654,7 @@ def intercept(
     help="LOCAL[:CONTAINER_PORT] (name or number; default LOCAL); repeatable. "
     "Default: every TCP port of the container, each to the same local port.",
 )
-@click.option(
-    "--address", default="127.0.0.1", show_default=True, help="The local handler's address."
-)
+@address_option
 @env_options
 @to_pod_option
 @mount_option
@@ -687,8 +691,8 @@ def replace(
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.argument("workload")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@click.option("--namespace", "-n", default="", help="Its namespace (default: the connected one).")
+@command_argument
+@namespace_option
 @click.option("--container", "-c", default="", help="The container (needed when several).")
 @env_options
 @to_pod_option

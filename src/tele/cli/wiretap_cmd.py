@@ -22,7 +22,10 @@ from tele.cli.intercept_cmd import (
     _row,
     _Target,
     _traffic_lines,
+    address_option,
+    command_argument,
     env_options,
+    namespace_option,
 )
 from tele.cli.output import output_option
 from tele.errors import UserError
@@ -45,9 +48,9 @@ def _wiretap_text(d: dict[str, Any]) -> str:
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.argument("name")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@command_argument
 @click.option("--workload", "-w", default="", help="The workload (default: NAME).")
-@click.option("--namespace", "-n", default="", help="Its namespace (default: the connected one).")
+@namespace_option
 @click.option(
     "--port",
     "-p",
@@ -63,9 +66,7 @@ def _wiretap_text(d: dict[str, Any]) -> str:
     help="LOCAL: also copy what the app answers, to this local port (one connection per "
     "caller's connection, opened alongside its request copy); default: requests only.",
 )
-@click.option(
-    "--address", default="127.0.0.1", show_default=True, help="The local handler's address."
-)
+@address_option
 @click.option("--service", default="", help="The Service, when several select the workload.")
 @click.option("--container", default="", help="The container, when several have the port.")
 @env_options
