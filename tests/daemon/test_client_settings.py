@@ -483,6 +483,12 @@ NO_NETWORK = (
             "tele: --proxy-via 10.0.1.0/24=hostnet overlaps --proxy-via 10.0.0.0/16=api: an "
             "address can go out through one workload only; give subnets that do not overlap",
         ),
+        (
+            ["10.0.1.0/24=hostnet", "--vnat", "10.0.0.0/16"],
+            "tele: --proxy-via 10.0.1.0/24=hostnet overlaps --vnat 10.0.0.0/16: an address goes "
+            "out through the workload or through the traffic manager, not both; give subnets "
+            "that do not overlap (a --proxy-via subnet gets virtual IPs without --vnat)",
+        ),
         (["10.1.0.0/24=hostnet", "--no-vif"], NO_VIF),
         # The suite's TELE_VIF=0: no VIF unless asked for, as a daemon that cannot set one up.
         (["10.1.0.0/24=hostnet"], NO_NETWORK),

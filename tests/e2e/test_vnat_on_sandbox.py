@@ -377,7 +377,8 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
     routes it through a workload of another namespace; UDP (an echo that names its sender, and
     a DNS query to the cluster's DNS server) is sent from that workload's pod. Before that,
     what cannot work is one sentence and no session: no VIF, an unknown workload or namespace,
-    a workload with no pod to dial from or whose pods cannot run an agent."""
+    a workload with no pod to dial from or whose pods cannot run an agent, a --vnat subnet
+    overlapping the pod subnet."""
     sandbox = node_sandbox
     install_manager(sandbox, tele_env)
     kubectl(sandbox, "apply", "-f", "-", stdin=UDP_APPS)
@@ -438,10 +439,17 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
             "tele: --proxy-via 10.1.0.0/24=pv-none: Deployment default/pv-none has 0 "
             "replicas: no pod can dial for --proxy-via"
         ),
+        # Known once arrived (pods is the cluster's pod subnet): the session departs before
+        # the workload is asked for, so no agent is injected.
+        ("--vif", "pods=pv-other-via.pv-other", "--vnat", "10.244.0.0/24"): (
+            "tele: --proxy-via 10.244.0.0/16=pv-other-via.pv-other overlaps --vnat "
+            "10.244.0.0/24: an address goes out through the workload or through the traffic "
+            "manager, not both; give subnets that do not overlap"
+        ),
     }
     try:
-        for (vif, flag), sentence in refusals.items():
-            refused = await run(*in_laptop(*tele, "connect", vif, "--proxy-via", flag))
+        for (vif, flag, *more), sentence in refusals.items():
+            refused = await run(*in_laptop(*tele, "connect", vif, "--proxy-via", flag, *more))
             assert refused.returncode == 1, refused
             assert single_error_line(refused).startswith(sentence), refused.stderr
             assert ("is no namespace" in sentence) == ("is no namespace" in refused.stderr)

@@ -21,6 +21,7 @@ from tele.vif.vnat import (
     VnatError,
     check,
     check_proxy_via_overlaps,
+    check_vnat_proxy_via,
     proxy_via_workload,
     resolve,
 )
@@ -215,4 +216,17 @@ def test_overlapping_proxy_via_subnets_must_go_through_one_workload() -> None:
     assert str(refused.value) == (
         "--proxy-via 10.0.1.0/24=b overlaps --proxy-via 10.0.0.0/16=a: an address can go out "
         "through one workload only; give subnets that do not overlap"
+    )
+
+
+def test_a_proxy_via_subnet_must_not_overlap_a_vnat_subnet() -> None:
+    # Apart, the other IP version, or not yet resolved (a symbolic name): accepted.
+    check_vnat_proxy_via(["10.0.0.0/16", "pods"], [("10.1.0.0/16", "a"), ("::/0", "a")])
+    check_vnat_proxy_via(["10.0.0.0/16"], [("pods", "a")])
+    with pytest.raises(VnatError) as refused:
+        check_vnat_proxy_via(["10.0.0.0/8"], [("192.168.0.0/16", "a"), ("10.9.0.0/24", "b")])
+    assert str(refused.value) == (
+        "--proxy-via 10.9.0.0/24=b overlaps --vnat 10.0.0.0/8: an address goes out through the "
+        "workload or through the traffic manager, not both; give subnets that do not overlap "
+        "(a --proxy-via subnet gets virtual IPs without --vnat)"
     )

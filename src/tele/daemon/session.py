@@ -336,11 +336,12 @@ class ClusterSession:
 
     def _check_vnat(self, cluster: mapi.ClusterInfo | None) -> None:
         """--vnat and cluster.virtualIPSubnet: one sentence when they cannot work (the virtual
-        subnet overlapping a --vnat subnet, or once arrived the routed subnets). Symbolic
+        subnet overlapping a --vnat subnet, or once arrived the routed subnets; a --vnat subnet
+        overlapping a --proxy-via one, which must go out through the workload). Symbolic
         values (pods, service, also, all) are resolved once the cluster's subnets are known."""
         from tele.vif import vnat
 
-        self._check_proxy_via(cluster)
+        pairs = self._check_proxy_via(cluster)
         if not self.request.vnat:
             return
         others: list[str] = []
@@ -354,6 +355,7 @@ class ClusterSession:
             self.vnat_subnets = translated
         try:
             vnat.check(translated, self._settings.cluster.virtual_ip_subnet, others)
+            vnat.check_vnat_proxy_via(translated, pairs)
         except vnat.VnatError as exc:
             raise UserError(str(exc)) from None
 

@@ -127,6 +127,25 @@ def check_proxy_via_overlaps(pairs: Sequence[tuple[str, str]]) -> list[tuple[str
     return unique
 
 
+def check_vnat_proxy_via(translated: Sequence[str], pairs: Sequence[tuple[str, str]]) -> None:
+    """VnatError when a --proxy-via subnet overlaps a --vnat subnet: --vnat's addresses are
+    dialled by the traffic manager, --proxy-via's by the workload's pods, and an address in
+    both would silently go one way. Symbolic values not yet resolved are skipped."""
+    vnat_nets = parse_networks([t for t in translated if t not in SYMBOLIC])
+    for subnet, workload in pairs:
+        if subnet in SYMBOLIC:
+            continue
+        net = ipaddress.ip_network(subnet, strict=False)
+        for other in vnat_nets:
+            if net.version == other.version and net.overlaps(other):
+                raise VnatError(
+                    f"--proxy-via {subnet}={workload} overlaps --vnat {other}: an address "
+                    "goes out through the workload or through the traffic manager, not both; "
+                    "give subnets that do not overlap (a --proxy-via subnet gets virtual IPs "
+                    "without --vnat)"
+                )
+
+
 def _virtual_subnet(virtual: str) -> Network:
     try:
         return ipaddress.ip_network(virtual.strip(), strict=False)
