@@ -97,13 +97,7 @@ async def evict(
                 st.setdefault("disruptedPods", {})[name] = now
                 store.replace("policy/poddisruptionbudgets", new)
     await delete(options)
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Success",
-        "code": 201,
-    }
+    return _created()
 
 
 def bind(store: Store, pod: ApiObject, body: Any, ctx: RequestContext, now: str) -> ApiObject:
@@ -138,10 +132,9 @@ def bind(store: Store, pod: ApiObject, body: Any, ctx: RequestContext, now: str)
         )
         new["status"]["conditions"] = conditions
         store.replace("/pods", new)
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Success",
-        "code": 201,
-    }
+    return _created()
+
+
+def _created() -> ApiObject:
+    """The answer to a POST of an eviction or a binding that was done."""
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
