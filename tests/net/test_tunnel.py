@@ -35,9 +35,11 @@ destinations = st.builds(
 ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True)
 
 
-@given(destinations, ids, st.none() | ids)
-def test_open_request_round_trips(dest: Destination, session: str, dial_id: str | None) -> None:
-    request = OpenRequest(dest, session, dial_id)
+@given(destinations, ids, st.none() | ids, st.booleans())
+def test_open_request_round_trips(
+    dest: Destination, session: str, dial_id: str | None, early: bool
+) -> None:
+    request = OpenRequest(dest, session, dial_id, early)
     headers = request.to_headers()
     assert headers[0] == (":method", "CONNECT")
     assert OpenRequest.from_headers(headers) == request
@@ -89,6 +91,9 @@ def test_open_request_limits() -> None:
         OpenRequest.from_headers([*good[:3], ("tele-session", "a b")])
     with pytest.raises(TunnelProtocolError, match="dial-back id"):
         OpenRequest.from_headers([*good, ("tele-dial-id", "x" * 65)])
+    with pytest.raises(TunnelProtocolError, match="tele-early"):
+        OpenRequest.from_headers([*good, ("tele-early", "0")])
+    assert OpenRequest.from_headers([*good, ("tele-early", "1")]).early
     # Unknown extra headers are tolerated (forward compatibility) within the limits.
     assert OpenRequest.from_headers([*good, ("x-trace", "1")]).session == "s1"
 

@@ -308,6 +308,16 @@ async def test_refusals_carry_their_reason() -> None:
         response = codec.decode_response(await bad.receive_response())
         assert response == codec.Refuse(ResetReason.PROTOCOL)
         assert link.is_open
+        # So does an early OPEN whose tele-early is not "1"; the next OPEN is served.
+        async with tcp_server(echo) as destination:
+            headers = OpenRequest(destination, SESSION).to_headers()
+            bad = await link.open_stream([*headers, ("tele-early", "yes")])
+            response = codec.decode_response(await bad.receive_response())
+            assert response == codec.Refuse(ResetReason.PROTOCOL)
+            async with await dial(link, destination, session=SESSION) as good:
+                await good.send_all(b"still served")
+                assert await good.receive_some() == b"still served"
+        assert link.is_open
 
 
 async def test_optimistic_open_sends_before_accept_and_refusals_keep_their_reason() -> None:
@@ -364,6 +374,43 @@ async def test_optimistic_open_sends_before_accept_and_refusals_keep_their_reaso
                     await app.receive_some()  # the relay end was closed with a reset
             stream.close()
         assert link.is_open
+
+
+async def test_early_open_gets_its_accept_with_the_first_data() -> None:
+    """An optimistic (early) OPEN waits for nothing, so the server sends no ACCEPT of its own
+    once its dial is up: the `:status 200` rides on the destination's first bytes (one write
+    and one wake-up of the opener less per connection). A plain OPEN still gets ACCEPT first."""
+    accepted = trio.Event()
+    speak = trio.Event()
+
+    async def speaks_later(stream: trio.SocketStream) -> None:
+        async with stream:
+            accepted.set()
+            await speak.wait()
+            await stream.send_all(b"hello")
+            with contextlib.suppress(trio.BrokenResourceError):
+                while await stream.receive_some():
+                    pass
+
+    async with tcp_server(speaks_later) as destination, tunnel_link() as link:
+        with trio.fail_after(10):
+            stream = await dial(link, destination, session=SESSION, optimistic=True)
+            await accepted.wait()
+            for _ in range(3):  # the server's handler has had its turns since its dial
+                await link.ping()
+            assert stream.response_headers is None
+            speak.set()
+            assert await stream.receive_some() == b"hello"
+            assert stream.response_headers == codec.Accept().to_headers()
+            await stream.aclose()
+
+            accepted, speak = trio.Event(), trio.Event()
+            plain = await dial(link, destination, session=SESSION)  # returns on ACCEPT
+            assert plain.response_headers == codec.Accept().to_headers()
+            await accepted.wait()
+            speak.set()
+            assert await plain.receive_some() == b"hello"
+            await plain.aclose()
 
 
 async def test_dial_timeout_and_overload(autojump_clock: trio.testing.MockClock) -> None:

@@ -20,7 +20,11 @@ DIAL-BACK      the laptop, after the manager told it  OPEN plus `tele-dial-id: <
                cluster -> laptop, but the laptop      manager splices the stream to the one
                always opens streams)                  waiting under that id
 ACCEPT         the serving side, once, when the       HEADERS `:status 200`
-               destination connection is up
+               destination connection is up; for an
+               early OPEN (`tele-early: 1`: the
+               opener sends DATA without waiting for
+               it) it may ride on the first DATA or
+               END_STREAM instead
 REFUSE         the serving side, instead of ACCEPT:   HEADERS `:status 4xx|5xx` with
                refused, unreachable, timeout, policy  `tele-reason: <reason>` and END_STREAM
 DATA           either side, after ACCEPT              DATA frames: raw TCP bytes, or UDP
@@ -68,6 +72,7 @@ CONNECT: Final = "CONNECT"
 HEADER_PROTOCOL: Final = "tele-protocol"
 HEADER_SESSION: Final = "tele-session"
 HEADER_DIAL_ID: Final = "tele-dial-id"
+HEADER_EARLY: Final = "tele-early"
 HEADER_REASON: Final = "tele-reason"
 HEADER_DETAIL: Final = "tele-detail"
 MAX_DETAIL: Final = 200
@@ -175,6 +180,10 @@ class OpenRequest:
     destination: Destination
     session: str
     dial_id: str | None = None
+    early: bool = False
+    """The opener sends DATA without waiting for ACCEPT (`tele.rpc.tunnel.dial`'s optimistic
+    open), so nothing waits for ACCEPT on its own: the server may let it ride on its first
+    DATA (or END_STREAM), one write and one wake-up of the opener less per connection."""
 
     def __post_init__(self) -> None:
         _check_id("session id", self.session)
@@ -190,6 +199,8 @@ class OpenRequest:
         ]
         if self.dial_id is not None:
             headers.append((HEADER_DIAL_ID, self.dial_id))
+        if self.early:
+            headers.append((HEADER_EARLY, "1"))
         return headers
 
     @classmethod
@@ -208,10 +219,14 @@ class OpenRequest:
             session = fields[HEADER_SESSION]
         except KeyError as missing:
             raise TunnelProtocolError(f"tunnel OPEN lacks header {missing.args[0]}") from None
+        early = fields.get(HEADER_EARLY)
+        if early not in (None, "1"):
+            raise TunnelProtocolError(f"{HEADER_EARLY} must be 1, not {early[:16]!r}")
         return cls(
             Destination.parse(protocol, authority),
             _check_id("session id", session),
             fields.get(HEADER_DIAL_ID),
+            early is not None,
         )
 
 

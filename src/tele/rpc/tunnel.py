@@ -121,7 +121,7 @@ async def dial(
     with the reason, and whatever was sent is dropped. For callers that must know the outcome
     before going on (the VIF answers a SYN only after the dial), leave it False.
     """
-    request = OpenRequest(destination, session, dial_id)
+    request = OpenRequest(destination, session, dial_id, early=optimistic)
     try:
         stream = await link.open_stream(request.to_headers())
     except LinkBroken as exc:
@@ -453,7 +453,7 @@ class TunnelServer:
                 else:
                     await self.dial_back(request, stream)
             elif request.destination.protocol is Protocol.TCP:
-                await self._serve_tcp(request.destination, stream)
+                await self._serve_tcp(request, stream)
             else:
                 await self._serve_udp(request.destination, stream)
         finally:
@@ -466,7 +466,8 @@ class TunnelServer:
         except trio.BrokenResourceError:
             pass  # the opener gave up already
 
-    async def _serve_tcp(self, destination: Destination, stream: H2Stream) -> None:
+    async def _serve_tcp(self, request: OpenRequest, stream: H2Stream) -> None:
+        destination = request.destination
         with trio.move_on_after(self.dial_timeout) as scope:
             try:
                 local = await self.connector(destination)
@@ -480,7 +481,8 @@ class TunnelServer:
             await self._refuse(stream, ResetReason.TIMEOUT)
             return
         try:
-            await stream.send_response(Accept().to_headers())
+            if not request.early:  # else ACCEPT rides on the first DATA (or END_STREAM)
+                await stream.send_response(Accept().to_headers())
             outcome = await splice(stream, local, read_size=self.read_size)
         except BaseException as exc:
             if stream.was_reset:
