@@ -2,7 +2,8 @@
 
 `python cluster_side.py <fd> <address>`: serves tunnel OPENs (the real `TunnelServer`) and a
 small LOOKUP_DNS table on the h2 link whose socket is `fd`, plus a TCP and a UDP echo server on
-`<address>` port 7000. Exits when the link closes.
+`<address>` port 7000, a server that resets (7001), one that speaks and half-closes first (7002)
+and one that tells what 7002 last received (7003). Exits when the link closes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from tele.rpc.tunnel import TunnelServer
 
 ECHO_PORT = 7000
 RESET_PORT = 7001
+FIRST_PORT = 7002
+REPORT_PORT = 7003
 POD_ADDRESS6 = "fd00:244::5"
 
 
@@ -42,6 +45,25 @@ async def reset_at_once(stream: trio.SocketStream) -> None:
     await stream.receive_some(100)
     stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await stream.aclose()
+
+
+_first_received: list[bytes] = []
+
+
+async def speaks_and_closes_first(stream: trio.SocketStream) -> None:
+    """Greet, half-close, then read until the client's EOF (kept for `report`)."""
+    async with stream:
+        await stream.send_all(b"ready")
+        await stream.send_eof()
+        got = b""
+        while data := await stream.receive_some(65536):
+            got += data
+        _first_received.append(got)
+
+
+async def report(stream: trio.SocketStream) -> None:
+    async with stream:
+        await stream.send_all(_first_received[-1] if _first_received else b"nothing")
 
 
 async def udp_echo(address: str) -> None:
@@ -78,6 +100,8 @@ async def main(fd: int, address: str) -> None:
         await nursery.start(
             functools.partial(trio.serve_tcp, reset_at_once, RESET_PORT, host=address)
         )
+        for handler, port in ((speaks_and_closes_first, FIRST_PORT), (report, REPORT_PORT)):
+            await nursery.start(functools.partial(trio.serve_tcp, handler, port, host=address))
         nursery.start_soon(udp_echo, address)
         await serve_connection(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), router)
         nursery.cancel_scope.cancel()

@@ -7,6 +7,7 @@ when the test fails); the host namespace never gets a device, route or resolver 
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import socket
@@ -146,15 +147,17 @@ async def tele(
 ) -> AsyncIterator[Tele]:
     from tele.rpc.tunnel import dial
 
-    async def dialer(destination):  # type: ignore[no-untyped-def]
-        return await dial(cluster_link.link, destination, session="test")
+    async def dialer(destination, optimistic=False):  # type: ignore[no-untyped-def]
+        return await dial(cluster_link.link, destination, session="test", optimistic=optimistic)
 
     settings = VifSettings(cluster_subnets=CLUSTER_SUBNETS, netns=netns.laptop, device="tele0")
     scope = trio.CancelScope()
 
     async def run(*, task_status: trio.TaskStatus[VifInfo] = trio.TASK_STATUS_IGNORED) -> None:
         with scope:
-            await serve_vif(settings, dialer, task_status=task_status)
+            # As the daemon does: a destination just seen open gets its SYN answered early.
+            early = functools.partial(dialer, optimistic=True)
+            await serve_vif(settings, dialer, early_dialer=early, task_status=task_status)
 
     info: VifInfo = await nursery.start(run)
     assert info.subnets == parse_networks(["10.96.0.0/16", "10.244.0.0/16", "fd00:244::/64"])

@@ -92,6 +92,30 @@ with cf.ThreadPoolExecutor(100) as pool:
     assert tele.vif.counters.tcp_connections == 500
 
 
+async def test_the_app_sends_after_the_far_end_closed_its_side(tele: Tele) -> None:
+    """The far end greets and half-closes first; the app reads to EOF, then sends and closes:
+    its bytes still reach the far end (the VIF's relay goes on after the tunnel's EOF). Twice,
+    the second connection accepted early (a destination just seen open)."""
+    code = f"""
+import socket
+for n in range(2):
+    with socket.create_connection(("{POD_ADDRESS}", 7002), timeout=5) as s:
+        got = b""
+        while chunk := s.recv(100):
+            got += chunk
+        s.sendall(b"after your eof %d" % n)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == b""
+    with socket.create_connection(("{POD_ADDRESS}", 7003), timeout=5) as s:
+        print(got.decode(), s.recv(100).decode())
+"""
+    result = await run_in(tele.netns.laptop, code)
+    assert result.stdout.splitlines() == [
+        "ready after your eof 0",
+        "ready after your eof 1",
+    ], result.stderr
+
+
 async def test_closed_port_is_refused_at_once(tele: Tele) -> None:
     code = f"""
 import socket, time

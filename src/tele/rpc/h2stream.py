@@ -230,6 +230,22 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
         else:
             self._link._end_stream(self)
 
+    def send_eof_now(self) -> bool:
+        """`send_eof` without waiting, for a producer that is not a task (the VIF's packet
+        reader): True once END_STREAM is queued (or our side had ended already). False when it
+        cannot be done now (a send in progress, a response owed, the stream unusable): the
+        caller then leaves it to a task's `send_eof`, which waits or raises as usual."""
+        if self._sending or self._needs_response or self._closed:
+            return False
+        if self._local_ended:
+            return True
+        try:
+            self._raise_if_failed()
+            self._link._end_stream(self)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None:
             if not isinstance(max_bytes, int):

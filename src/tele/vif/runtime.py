@@ -6,7 +6,8 @@ Stack.serve
  |- reader: wait_readable(fd), then read everything queued (one wakeup, many packets)
  |- timers: one heap of connection deadlines (retransmission, persist, TIME-WAIT, UDP idle)
  |- per TCP connection: dial the tunnel, then accept() (SYN-ACK) or refuse() (RST / ICMP);
- |    '- two directions: tunnel -> send() (waits for Writable), DataReceived -> tunnel
+ |    '- two directions: tunnel -> send() (waits for Writable), DataReceived -> tunnel (by the
+ |       reader itself; a sender task only for what it cannot put on the stream at once)
  '- per UDP flow: dial a UDP tunnel stream, datagrams both ways until idle
 ```
 A SYN is answered only once the dial succeeded, so an app sees "connection refused" or "no
@@ -146,6 +147,9 @@ class _Tcp:
     tunnel: H2Stream | None = None
     """The tunnel stream while the app's bytes may be queued on it by the packet reader
     itself (`Stack._after_input`), instead of waking the flow's task to send them."""
+    relay: trio.Nursery | None = None
+    """The flow's nursery while no task sends app -> tunnel: the packet reader does it, and
+    starts a sender task there for what it cannot do at once (`Stack._relay`)."""
     early: bool = False
     """Accepted before its dial was (`StackConfig.early_accept`)."""
 
@@ -323,10 +327,17 @@ class Stack:
                 record.inbound.append(data)
                 record.inbound_bytes += len(data)
                 record.wake_inbound.set()
+                if record.relay is not None:
+                    self._start_sender(record)
             elif isinstance(event, Writable):
                 record.wake_writable.set()
             elif isinstance(event, PeerClosed):
                 record.peer_closed = True
+                if record.relay is not None:
+                    tunnel = record.tunnel
+                    if not record.inbound and tunnel is not None and tunnel.send_eof_now():
+                        continue  # HALF-CLOSE queued: the app -> tunnel direction is done
+                    self._start_sender(record)
                 record.wake_inbound.set()
             elif isinstance(event, SynReceived):
                 assert self._nursery is not None
@@ -473,22 +484,14 @@ class Stack:
             scope.deadline = math.inf
             if not early:
                 self._remember_open(key)
-            async with stream:
-                if record.closed:
-                    return
-                if not early:
-                    conn.accept()
-                    self._touch(record)
-                clean = False
+            if isinstance(stream, H2Stream):
                 try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._app_to_tunnel, record, stream)
-                        await self._tunnel_to_app(record, stream)
-                    clean = True
+                    await self._relay(record, stream)
                 finally:
-                    if not clean and not record.closed:
-                        conn.abort()
-                        self._touch(record)
+                    stream.close()  # not `aclose()`: its extra yield is a wake-up per connection
+            else:
+                async with stream:
+                    await self._relay(record, stream)
             return
         # Cancelled: by the dial's deadline, else the connection was reset or closed under us
         # (which marked the record closed).
@@ -498,6 +501,68 @@ class Stack:
                 return
             conn.abort()
             self._touch(record)
+
+    async def _relay(self, record: _Tcp, stream: trio.abc.HalfCloseableStream) -> None:
+        """Both directions between the app's connection and its tunnel stream until both end.
+
+        This task relays tunnel -> app (mostly done by the link's reader, see `_tunnel_to_app`).
+        App -> tunnel on an h2 stream is the packet reader's (`_after_input`: the app's bytes
+        and its EOF go onto the stream from there); a sender task starts only for what the
+        reader cannot do at once (no window, a send in progress: `_start_sender`), and after
+        the tunnel's EOF this task does what is left itself. Most connections never need a
+        second task: one task start and four task steps less per connection.
+        """
+        if record.closed:
+            return
+        conn = record.conn
+        if not record.early:
+            conn.accept()
+            self._touch(record)
+        clean = False
+        try:
+            async with trio.open_nursery() as nursery:
+                if isinstance(stream, H2Stream):
+                    record.tunnel = stream
+                    record.relay = nursery
+                    self._catch_up(record, stream)  # what the app sent during the dial
+                else:
+                    nursery.start_soon(self._app_to_tunnel, record, stream)
+                await self._tunnel_to_app(record, stream)
+                if record.relay is not None:  # no sender task started: this one goes on
+                    record.relay = None
+                    if not (isinstance(stream, H2Stream) and stream.local_ended):
+                        await self._app_to_tunnel(record, stream)
+            clean = True
+        finally:
+            record.relay = record.tunnel = None
+            if not clean and not record.closed:
+                conn.abort()
+                self._touch(record)
+
+    def _catch_up(self, record: _Tcp, stream: H2Stream) -> None:
+        """Put what the packet reader queued before the stream was there (the app's first
+        bytes, its EOF) onto it now, as the reader would have; a sender task if it cannot."""
+        if record.inbound:
+            data = b"".join(record.inbound)
+            sent = stream.send_now(data)
+            if sent:
+                record.inbound = [data[sent:]] if sent < len(data) else []
+                record.inbound_bytes -= sent
+                record.conn.consume(sent)
+                self._touch(record)
+            if record.inbound:
+                self._start_sender(record)
+                return
+        if record.peer_closed and not stream.send_eof_now():
+            self._start_sender(record)
+
+    def _start_sender(self, record: _Tcp) -> None:
+        """The packet reader has app bytes (or an EOF) it could not put on the tunnel itself:
+        a sender task takes over app -> tunnel for the rest of the connection."""
+        nursery, tunnel = record.relay, record.tunnel
+        if nursery is not None and tunnel is not None:
+            record.relay = None
+            nursery.start_soon(self._app_to_tunnel, record, tunnel)
 
     def _early_ok(self, key: tuple[bytes, int]) -> bool:
         """May a SYN to `key` be answered before its dial (`StackConfig.early_accept`)?"""
