@@ -577,7 +577,11 @@ class H2Link:
     async def _wait_drained(self) -> None:
         await self._writer.wait_drained()
 
-    def _send_headers(self, stream: H2Stream, headers: Headers, end_stream: bool) -> None:
+    def _send_headers(
+        self, stream: H2Stream, headers: Headers, end_stream: bool, *, kick: bool = True
+    ) -> None:
+        """Queue HEADERS; `kick=False` when DATA follows at once (it kicks the writer: the two
+        leave in one write)."""
         if self._failure is not None:
             raise LinkBroken(self._failure)
         try:
@@ -588,7 +592,8 @@ class H2Link:
             raise LinkBroken(f"cannot send headers: {exc}") from exc
         if end_stream:
             self._mark_local_end(stream)
-        self._kick_writer()
+        if kick:
+            self._kick_writer()
 
     def _end_stream(self, stream: H2Stream) -> None:
         if self._failure is not None:

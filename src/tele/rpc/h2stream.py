@@ -34,7 +34,9 @@ class StreamOwner(Protocol):
     def _is_client_stream(self, stream_id: int) -> bool: ...
     def _send_window(self, stream_id: int) -> int: ...
     def _send_data(self, stream: H2Stream, data: bytes | memoryview) -> None: ...
-    def _send_headers(self, stream: H2Stream, headers: Headers, end_stream: bool) -> None: ...
+    def _send_headers(
+        self, stream: H2Stream, headers: Headers, end_stream: bool, *, kick: bool = True
+    ) -> None: ...
     def _end_stream(self, stream: H2Stream) -> None: ...
     def _reset_stream(self, stream: H2Stream, error_code: int) -> None: ...
     def _acknowledge(self, stream_id: int, size: int) -> None: ...
@@ -134,7 +136,9 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
             self._check_sendable()
             if self._needs_response:
                 self._needs_response = False
-                self._link._send_headers(self, [(":status", "200")], False)
+                # Not written on its own when DATA can follow at once: they leave together.
+                alone = not data or self._link._send_window(self.stream_id) <= 0
+                self._link._send_headers(self, [(":status", "200")], False, kick=alone)
             parked = await self._send_body(data)
         finally:
             self._sending = False
@@ -147,15 +151,19 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
 
         0 when the stream takes nothing now (a send in progress, no window, the link must
         drain first, or the stream cannot send at all): the caller then hands the bytes to its
-        task's `send_all`, which waits or raises as usual, after anything queued here.
+        task's `send_all`, which waits or raises as usual, after anything queued here. A server
+        stream that still owes its response sends `:status 200` with the DATA, as `send_all`.
         """
-        if self._sending or self._needs_response or self._link._must_drain():
+        if self._sending or self._link._must_drain():
             return 0
         try:
             self._check_sendable()
             size = min(self._link._send_window(self.stream_id), len(data))
             if size <= 0:
                 return 0
+            if self._needs_response:  # a server stream's implicit answer, in the same write
+                self._needs_response = False
+                self._link._send_headers(self, [(":status", "200")], False, kick=False)
             self._link._send_data(self, data if size == len(data) else memoryview(data)[:size])
         except (trio.BrokenResourceError, trio.ClosedResourceError):  # the link's too
             return 0
@@ -393,7 +401,7 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
             if self._reset_code is None:
                 self.reset(h2.errors.ErrorCodes.CANCEL)
             return
-        if self._sink is not None and self._waiting_in_receive and not self._chunks:
+        if self._sink is not None and self._waiting_in_receive and not self._chunks and data:
             try:
                 sent = self._sink(data)
             except OSError:
