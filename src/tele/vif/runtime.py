@@ -186,6 +186,7 @@ class Stack:
             idle_timeout=cfg.udp_idle_timeout, max_flows=cfg.max_udp_flows
         )
         self._dirty: set[_Tcp] = set()
+        self._eofs: list[_Tcp] = []
         self._heap: list[tuple[float, int, _Tcp]] = []
         self._tie = itertools.count()
         self._timer_wake = trio.Event()
@@ -334,10 +335,11 @@ class Stack:
             elif isinstance(event, PeerClosed):
                 record.peer_closed = True
                 if record.relay is not None:
-                    tunnel = record.tunnel
-                    if not record.inbound and tunnel is not None and tunnel.send_eof_now():
-                        continue  # HALF-CLOSE queued: the app -> tunnel direction is done
-                    self._start_sender(record)
+                    # Queued on the stream after this flush (`_send_eofs`): the packets to the
+                    # app first (a SYN-ACK to the app's next connection waited ~0.15 ms for
+                    # this one's HALF-CLOSE to be written, bench/vif.py's sequential loop).
+                    self._eofs.append(record)
+                    continue
                 record.wake_inbound.set()
             elif isinstance(event, SynReceived):
                 assert self._nursery is not None
@@ -370,6 +372,8 @@ class Stack:
     def _flush(self) -> None:
         """Write the output of every connection touched since the last flush; re-arm timers."""
         if not self._dirty:
+            if self._eofs:
+                self._send_eofs()
             return
         now = trio.current_time()
         dirty = self._dirty
@@ -385,12 +389,27 @@ class Stack:
             # entry that fires early is re-pushed once with the connection's real deadline.
             if deadline is not None and (record.deadline is None or deadline < record.deadline):
                 self._schedule(record, deadline)
+        if self._eofs:
+            self._send_eofs()
 
     def _schedule(self, record: _Tcp, deadline: float) -> None:
         record.deadline = deadline
         heapq.heappush(self._heap, (deadline, next(self._tie), record))
         if deadline < self._timer_at:
             self._timer_wake.set()
+
+    def _send_eofs(self) -> None:
+        """The app's EOFs seen since the last flush go onto their tunnel streams (HALF-CLOSE)
+        from here where they can, else through a sender task (`_start_sender`)."""
+        eofs, self._eofs = self._eofs, []
+        for record in eofs:
+            if record.relay is None:  # a sender task runs (or the flow ended)
+                record.wake_inbound.set()
+                continue
+            tunnel = record.tunnel
+            if record.inbound or tunnel is None or not tunnel.send_eof_now():
+                self._start_sender(record)
+                record.wake_inbound.set()
 
     def _write_all(self, packets: list[bytes]) -> None:
         for data in packets:
