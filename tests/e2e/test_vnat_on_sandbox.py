@@ -55,6 +55,15 @@ print(json.dumps({"address": address, "answer": answer}))
 """
 
 
+def wait_ready(sandbox: NodeSandbox, app: str, namespace: str = "default") -> None:
+    """Wait until the Deployment `app` has rolled out and its pods are Ready. `kubectl wait -l`
+    alone, right after the apply, exits at once with "no matching resources found" when the
+    controllers have not created the pod yet; `rollout status` waits for that."""
+    kubectl(sandbox, "rollout", "status", "-n", namespace, f"deployment/{app}", "--timeout=90s")
+    ready = ("--for=condition=Ready", "pod", "-l", f"app={app}", "--timeout=90s")
+    kubectl(sandbox, "wait", "-n", namespace, *ready)
+
+
 async def run(
     argv: list[str], env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
@@ -77,7 +86,7 @@ async def test_a_laptop_route_over_the_pod_subnet_with_vnat(
     sandbox = node_sandbox
     install_manager(sandbox, tele_env)
     kubectl(sandbox, "apply", "-f", "-", stdin=APP)
-    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=vnat-echo", "--timeout=90s")
+    wait_ready(sandbox, "vnat-echo")
     server = urllib.parse.urlsplit(
         json.loads(kubectl(sandbox, "config", "view", "--minify", "-o", "json"))["clusters"][0][
             "cluster"
@@ -187,7 +196,7 @@ async def test_proxy_via_dials_from_the_workloads_pod(
     sandbox = node_sandbox
     install_manager(sandbox, tele_env)
     kubectl(sandbox, "apply", "-f", "-", stdin=VIA_APPS)
-    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=pv-echo", "--timeout=90s")
+    wait_ready(sandbox, "pv-echo")
     target = kubectl(
         sandbox, "get", "pod", "-l", "app=pv-echo", "-o", "jsonpath={.items[0].status.podIP}"
     ).strip()
@@ -382,9 +391,8 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
     sandbox = node_sandbox
     install_manager(sandbox, tele_env)
     kubectl(sandbox, "apply", "-f", "-", stdin=UDP_APPS)
-    for namespace, app in (("default", "pv-udp"), ("pv-other", "pv-other-via")):
-        ready = ("--for=condition=Ready", "pod", "-l", f"app={app}", "--timeout=90s")
-        kubectl(sandbox, "wait", "-n", namespace, *ready)
+    wait_ready(sandbox, "pv-udp")
+    wait_ready(sandbox, "pv-other-via", "pv-other")
     target = kubectl(
         sandbox, "get", "pod", "-l", "app=pv-udp", "-o", "jsonpath={.items[0].status.podIP}"
     ).strip()
