@@ -23,6 +23,7 @@ from tele.agent.files import Export, serve_files
 from tele.daemon import mounts
 from tele.daemon.mounts import MountFlag, Mounts, mounted_at
 from tele.rpc.agent_api import EngagementInfo
+from tele.testing.waits import wait_for
 
 pytestmark = [
     pytest.mark.skipif(
@@ -226,6 +227,8 @@ async def test_the_session_ending_unmounts(export: Path, no_leftover_mounts: Non
             assert mounted_at(info.local_mount) == "fuse.sshfs"
             session.cancel_scope.cancel()
         assert mounted_at(info.local_mount) is None
+        assert not await trio.Path(info.local_mount).exists()
+        assert mounts.pending() == []
         nursery.cancel_scope.cancel()
 
 
@@ -334,7 +337,12 @@ async def test_remount_serves_the_new_pods_files_at_the_same_directory(
         root = Path(info.local_mount)
         read = await trio.to_thread.run_sync((root / "etc" / "creds" / "password").read_bytes)
         assert read == SECRET
-        old_server.cancel()  # the old pod is gone
+        old_server.cancel()  # the old pod is gone: sshfs ends with its connection
+        with trio.fail_after(20):
+            await wait_for(lambda: mounted_at(root) is None)
+        # The engagement lasts: its directory stays (empty), and the journal knows it.
+        assert await trio.Path(root).is_dir()
+        assert mounts.pending() == [str(root)]
 
         moved = msgspec.structs.replace(info, sftp_port=new_port)
         with trio.fail_after(20):

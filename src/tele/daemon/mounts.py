@@ -301,9 +301,10 @@ class Mounts:
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self._dirs: dict[str, str] = {}
-        self._wanted: dict[str, MountFlag] = {}
-        """Per engagement id: the directory and mode of its mount, kept until `detach`, so that
-        `remount` mounts at the same place (also after sshfs ended with the old pod)."""
+        self._wanted: dict[str, tuple[MountFlag, bool]] = {}
+        """Per engagement id: the directory and mode of its mount, and whether tele made the
+        directory, kept until `detach`: `remount` mounts at the same place, and the directory
+        stays while the engagement lasts (also when sshfs ended with the pod it reached)."""
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -334,13 +335,13 @@ class Mounts:
         """Mount `info`'s volumes again at the directory they were mounted at, from the pod
         `info` names now (the pod that served them was replaced): the old mount ends first.
         `info` as `attach` returns it; unchanged when its volumes were never mounted."""
-        wanted = self._wanted.get(info.id)
-        if wanted is None:
+        found = self._wanted.get(info.id)
+        if found is None:
             return info
         await self._unmount(info.id)
         local, error = "", ""
         try:
-            local = await self._mount(info, wanted)
+            local = await self._mount(info, found[0])
         except TeleError as exc:
             error = str(exc)
             log.warning("volumes of %s not mounted again: %s", info.name, error)
@@ -352,9 +353,14 @@ class Mounts:
         return engagement_id in self._wanted
 
     async def detach(self, engagement_id: str) -> None:
-        """Unmount the engagement's volumes (if any); returns once they are gone."""
-        self._wanted.pop(engagement_id, None)
-        await self._unmount(engagement_id)
+        """Unmount the engagement's volumes (if any); returns once they are gone, and the
+        directory too if tele made it."""
+        found = self._wanted.pop(engagement_id, None)
+        await self._unmount(engagement_id)  # a live mount removes what it made, on its way out
+        if found is not None and found[1] and engagement_id not in self._scopes:
+            # Kept since sshfs ended by itself (or a remount failed): empty, unmounted.
+            with trio.CancelScope(shield=True), trio.move_on_after(UNMOUNT_TIMEOUT + 1):
+                await trio.to_thread.run_sync(_cleanup, found[0].directory, True)
 
     async def _unmount(self, engagement_id: str) -> None:
         found = self._scopes.get(engagement_id)
@@ -377,14 +383,14 @@ class Mounts:
         if self._nursery is None:
             raise MountError("the session is ending")
         try:
-            local: str = await self._nursery.start(self._serve_mount, info, wanted)
+            local, created = await self._nursery.start(self._serve_mount, info, wanted)
         except BaseExceptionGroup as group:
             leaf = single_leaf(group)
             if isinstance(leaf, TeleError):
                 raise MountError(str(leaf)) from None
             raise
-        self._wanted[info.id] = MountFlag(directory=local, read_only=wanted.read_only)
-        return local
+        self._wanted[info.id] = (MountFlag(directory=local, read_only=wanted.read_only), created)
+        return str(local)
 
     async def _relay_files(
         self, info: EngagementInfo, local: trio.SocketStream, failure: list[str]
@@ -396,21 +402,29 @@ class Mounts:
             except (TeleError, OSError, trio.BrokenResourceError) as exc:
                 failure.append(str(exc) or type(exc).__name__)
                 log.warning("the file server of %s: %s", info.name, failure[-1])
+            except Exception as exc:  # the relay's end, however it came, ends only this mount
+                failure.append(str(exc) or type(exc).__name__)
+                log.exception("the file server of %s", info.name)
 
     async def _serve_mount(
         self,
         info: EngagementInfo,
         wanted: MountFlag,
         *,
-        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[tuple[str, bool]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         scope, done = trio.CancelScope(), trio.Event()
         self._scopes[info.id] = (scope, done)
         directory, created = "", False
         process: trio.Process | None = None
+        # Ended by sshfs's exit or by this mount's own scope (detach, remount), not by the
+        # session's end or a failure: then a directory of a lasting engagement stays.
+        ended_here = False
         try:
             with scope:
                 directory, created = _prepare(wanted)
+                before = self._wanted.get(info.id)  # mounted there before: who made it
+                created = created or (before is not None and before[1])
                 self._dirs[info.id] = directory
                 await trio.to_thread.run_sync(_record, _Entry(directory, created))
                 ours, theirs = socket.socketpair()
@@ -423,7 +437,7 @@ class Mounts:
                             nursery, info, wanted, directory, theirs.fileno(), failure
                         )
                     log.info("volumes of %s mounted at %s", info.name, directory)
-                    task_status.started(directory)
+                    task_status.started((directory, created))
                     await process.wait()
                     log.warning(
                         "the mount of %s at %s ended: sshfs exited with status %s",
@@ -432,12 +446,15 @@ class Mounts:
                         process.returncode,
                     )
                     nursery.cancel_scope.cancel()
+            ended_here = True
         finally:
             self._scopes.pop(info.id, None)
             self._dirs.pop(info.id, None)
+            # While the engagement lasts, its directory stays (for `remount`; `detach` ends it).
+            keep = ended_here and info.id in self._wanted
             with trio.CancelScope(shield=True), trio.move_on_after(UNMOUNT_TIMEOUT + 1):
                 if directory:
-                    await trio.to_thread.run_sync(_cleanup, directory, created)
+                    await trio.to_thread.run_sync(_cleanup, directory, created, keep)
                 if process is not None:
                     # Unmounted, sshfs exits by itself; reap it (or end it if it hangs).
                     with trio.move_on_after(UNMOUNT_TIMEOUT / 2):
@@ -468,15 +485,19 @@ def _prepare(wanted: MountFlag) -> tuple[str, bool]:
         raise MountError(f"cannot create {path}: {exc.strerror or exc}") from None
 
 
-def _cleanup(directory: str, created: bool) -> None:
+def _cleanup(directory: str, created: bool, keep: bool = False) -> None:
+    """Unmount `directory`; remove it if tele made it, unless `keep` (then its journal entry
+    stays too, so that a dead daemon's successor removes it)."""
     if unmount(directory):
         log.info("unmounted %s", directory)
-    if created and mounted_at(directory) is None:
+    if created and not keep and mounted_at(directory) is None:
         try:
             os.rmdir(directory)
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             log.warning("could not remove %s: %s", directory, exc.strerror or exc)
-    if mounted_at(directory) is None:
+    if mounted_at(directory) is None and not (created and keep):
         _forget(directory)
 
 
