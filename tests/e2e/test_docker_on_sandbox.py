@@ -80,6 +80,13 @@ spec:
   containers: [{{name: c, image: tele-sandbox/worker}}]
 """
 
+APP2 = (
+    "---".join(APP.split("---")[1:3])
+    .replace("{name: app, namespace: default}", "{name: app2, namespace: default}")
+    .replace("{app: app}", "{app: app2}")
+)
+"""The app's Deployment and Service again, as app2 (the same Secret mounted)."""
+
 # busybox httpd runs it for /cgi-bin/seen, then it ends httpd: one answer, then exit 7.
 CGI = """#!/bin/sh
 printf 'Content-Type: text/plain\\r\\n\\r\\n'
@@ -281,17 +288,21 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
                 start_new_session=True,  # a failed test ends the docker CLI too (it holds pipes)
             )  # fmt: skip
             try:
-                answers: list[str] = []
                 deadline = time.monotonic() + 180
+                while "tele-app-" not in engine.docker("ps", "--format", "{{.Names}}").stdout:
+                    assert handler.poll() is None, handler.communicate()
+                    assert time.monotonic() < deadline, "the handler container never ran"
+                    time.sleep(0.2)  # no event to wait on from here
+                # While the container runs (it ends after one answer): the mount, here too.
+                fuse = [p for p in mounts_under(runtime) if "/telfs-" in p]
+                assert len(fuse) == 1, mounts_under(runtime)
+                answers: list[str] = []
                 while not answers or "greeting=" not in answers[-1]:
                     assert handler.poll() is None, handler.communicate()
                     assert time.monotonic() < deadline, f"no answer: {answers[-3:]}"
                     time.sleep(0.5)  # polling a cluster call's answer: no event to wait on
                     call = ("exec", "caller", "--", "python3", "-c", CALL)
                     answers.append(kubectl(node_sandbox, *call))
-                    if "greeting=" in answers[-1]:  # while it runs: the mount, on this machine
-                        fuse = [p for p in mounts_under(runtime) if "/telfs-" in p]
-                        assert len(fuse) == 1, mounts_under(runtime)
                 # The pod's variable and its Secret at the pod's path, read by another user
                 # than the daemon's.
                 assert "greeting=hello-from-the-pod\n" in answers[-1]
@@ -638,7 +649,8 @@ def test_the_mounts_of_a_killed_daemon_container_are_removed_by_the_next_connect
     """The daemon's container killed while a --docker-run handler has the volumes: the
     handler's container goes (its engagement is gone), the mount on this machine stays, dead
     (its sshfs died with the container, and the user may not unmount root's mount); the next
-    connect --docker unmounts it and removes its directory, and quit leaves nothing."""
+    connect --docker unmounts it and removes its directory. Killed again: `tele quit` does it
+    (no daemon to do it), and nothing is left."""
     base = busybox_image(engine)
     env = engine.env(tele_env)
     kubeconfig = str(node_sandbox.kubeconfig)
@@ -646,52 +658,63 @@ def test_the_mounts_of_a_killed_daemon_container_are_removed_by_the_next_connect
     runtime = Path(env["XDG_RUNTIME_DIR"])
     shared = runtime / "tele" / "docker-mounts"
     handler: subprocess.Popen[str] | None = None
+
+    def crash(workload: str) -> None:
+        """A --docker-run intercept with the volumes, then every process of the daemon's
+        container killed; its dead mount is left on this machine."""
+        nonlocal handler
+        port = _free_port()
+        handler = subprocess.Popen(
+            [str(VENV_BIN / "tele"), "intercept", workload, "--port", str(port), "--docker-run",
+             "--", base, "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while f"tele-{workload}-" not in engine.docker("ps", "--format", "{{.Names}}").stdout:
+            assert handler.poll() is None, handler.communicate()
+            assert time.monotonic() < deadline, "the handler container never ran"
+            time.sleep(0.2)  # no event to wait on from here
+        assert len([p for p in mounts_under(runtime) if "/telfs-" in p]) == 1
+        # A crash: every process of the container (the daemon, its sshfs) killed at once,
+        # none of them unmounting (the container shares this machine's PID namespace).
+        top = engine.docker("top", "tele-daemon-default", "-eo", "pid")
+        pids = [int(word) for word in top.stdout.split() if word.isdigit()]
+        assert len(pids) >= 3, top.stdout  # the relay, the daemon, sshfs
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, err = handler.communicate(timeout=60)
+        assert f"{workload} has ended; removing its container" in err, err
+        assert "Traceback" not in err
+        dead = [p for p in mounts_under(runtime) if "/telfs-" in p]
+        assert len(dead) == 1, mounts_under(runtime)
+
     with shared_mount(runtime):
         try:
             kubectl(node_sandbox, "apply", "-f", "-", stdin=APP)
+            kubectl(node_sandbox, "apply", "-f", "-", stdin=APP2)
             kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
             connect = ("connect", "--docker", "--kubeconfig", kubeconfig)
             connected = run_tele(env, *connect, timeout=300)
             assert connected.returncode == 0, connected.stderr
-            port = _free_port()
-            handler = subprocess.Popen(
-                [str(VENV_BIN / "tele"), "intercept", "app", "--port", str(port), "--docker-run",
-                 "--", base, "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                start_new_session=True,
-            )  # fmt: skip
-            deadline = time.monotonic() + 120
-            while "tele-app-" not in engine.docker("ps", "--format", "{{.Names}}").stdout:
-                assert handler.poll() is None, handler.communicate()
-                assert time.monotonic() < deadline, "the handler container never ran"
-                time.sleep(0.2)  # no event to wait on from here
-            assert len([p for p in mounts_under(runtime) if "/telfs-" in p]) == 1
-            # A crash: every process of the container (the daemon, its sshfs) killed at once,
-            # none of them unmounting (the container shares this machine's PID namespace).
-            top = engine.docker("top", "tele-daemon-default", "-eo", "pid")
-            pids = [int(word) for word in top.stdout.split() if word.isdigit()]
-            assert len(pids) >= 3, top.stdout  # the relay, the daemon, sshfs
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            _, err = handler.communicate(timeout=60)
-            assert "app has ended; removing its container" in err, err
-            assert "Traceback" not in err
-            dead = [p for p in mounts_under(runtime) if "/telfs-" in p]
-            assert len(dead) == 1, mounts_under(runtime)
-
+            crash("app")
             again = run_tele(env, *connect, timeout=300)
             assert again.returncode == 0, again.stderr
             log = (Path(env["XDG_CACHE_HOME"]) / "tele" / "logs" / "daemon.log").read_text()
             assert mounts_under(runtime) == [str(runtime)]
             assert list(shared.iterdir()) == [], log[-3000:]
+            crash("app2")  # (app stays engaged by the killed session until its lease ends)
             quit_ = run_tele(env, "quit", timeout=60)
             assert quit_.returncode == 0, quit_.stderr
+            assert "Cleaned up after a stopped daemon: unmounted " in quit_.stdout, quit_.stdout
             assert mounts_under(runtime) == [str(runtime)]
             assert list(shared.iterdir()) == []
+            assert "The daemon is not running." in run_tele(env, "quit").stdout
         finally:
             if handler is not None and handler.poll() is None:
                 _kill_group(handler)
             run_tele(env, "quit")
             engine.docker("rm", "-f", "tele-daemon-default", "tele-relay-default")
+            kubectl(node_sandbox, "delete", "deployment,service", "app2", "--ignore-not-found")
             run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)

@@ -168,6 +168,9 @@ def quit_(stop_daemons: bool, output: str) -> None:
         from tele.daemon import leftovers
 
         cleaned = list(leftovers.without_daemon())
+        from tele.cli import docker_cmd  # a daemon container's (connect --docker) mounts
+
+        cleaned += docker_cmd.leftover_mounts()
     data = {
         "stopped_pid": pid,
         "left": list(reply.ended) if reply is not None else [],

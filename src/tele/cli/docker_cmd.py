@@ -588,12 +588,64 @@ def start_daemon_container(
                     "engine": found.host,
                     "mounts": str(host_mounts) if no_mounts is None else None,
                     "no_mounts": no_mounts,
+                    "image": tag,  # what `tele quit` cleans up with (leftover_mounts)
                 }
             )
         )
         return KUBECONFIG_INSIDE
     finally:
         client.close()
+
+
+_RECOVER = "from tele.daemon import mounts\nfor line in mounts.recover(): print(line)\n"
+
+
+def leftover_mounts() -> list[str]:
+    """No daemon answers: the volume mounts a killed daemon container left on this machine
+    (dead, their sshfs gone with it; root's, which this user may not unmount) are removed by a
+    short-lived container of the daemon's image, root in there, as the next daemon would do.
+    What was done, in words."""
+    import os
+
+    import docker.errors
+
+    from tele import paths
+    from tele.docker import engine
+    from tele.errors import TeleError
+    from tele.image.build import PYTHON
+
+    host_mounts = paths.runtime_dir() / "docker-mounts"
+    try:
+        left = [name for name in os.listdir(host_mounts) if name.startswith("telfs-")]
+    except OSError:
+        return []
+    tag = str(_marker().get("image") or "")
+    if not left or not tag:
+        return []
+    try:
+        client = engine.connect(timeout=30)
+    except TeleError as exc:
+        return [f"could not remove the volume mounts left in {host_mounts}: {exc}"]
+    fuse = _fuse_options(host_mounts)
+    try:
+        output = client.containers.run(
+            tag,
+            ["-c", _RECOVER],
+            entrypoint=[PYTHON],
+            environment={**fuse["environment"], "XDG_STATE_HOME": "/tmp"},
+            cap_add=fuse["cap_add"],
+            security_opt=fuse["security_opt"],
+            mounts=fuse["mounts"],
+            network_mode="none",
+            remove=True,
+            labels={"io.tele.connection": paths.connection_name()},
+        )
+    except docker.errors.DockerException as exc:
+        return [f"could not remove the volume mounts left in {host_mounts}: {exc}"]
+    finally:
+        client.close()
+    lines = bytes(output or b"").decode(errors="replace").splitlines()
+    return [line.replace(MOUNTS_INSIDE, str(host_mounts)) for line in lines if line.strip()]
 
 
 def _runtime_bind(runtime: Path, *, read_only: bool) -> Any:
