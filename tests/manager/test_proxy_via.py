@@ -146,6 +146,38 @@ async def test_no_agent_is_unreachable_and_a_failed_dial_says_why() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_a_dial_waits_for_an_arrived_agent_to_open_its_watch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An agent counts for its workload (PROXY_VIA answers) once it arrived; its dial watch
+    opens a moment later (and again after the manager restarts). A dial in between is carried
+    once the watch opens, not refused; an agent that never opens one: refused after the bound."""
+    monkeypatch.setattr(proxyvia, "AGENT_DIAL_TIMEOUT", 1.0)
+    routes = ProxyVia(agent_sessions=lambda key: [AGENT], allow_loopback=True)
+    route = routes.add(CLIENT, WORKLOAD)
+    got: list[bytes] = []
+    async with manager(routes) as (link, destination), trio.open_nursery() as nursery:
+
+        async def call() -> None:
+            stream = await dial(link, destination, session=CLIENT, dial_id="via." + route)
+            await stream.send_all(b"early")
+            got.append(await stream.receive_some(100))
+            stream.close()
+
+        with trio.fail_after(5):
+            with pytest.raises(TunnelError) as refused:
+                await call()  # no watch within the bound
+            assert refused.value.reason is ResetReason.UNREACHABLE
+            assert "no traffic agent of Deployment default/via" in str(refused.value)
+            async with trio.open_nursery() as calls:
+                calls.start_soon(call)
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == []
+                nursery.start_soon(agent, routes, link)
+        assert got == [b"early"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_another_agent_cannot_answer_a_dial(monkeypatch: pytest.MonkeyPatch) -> None:
     """A dial id reaches only the agent asked; another session's stream for it is reset and
     the client's stream ends when the real agent does not answer."""

@@ -70,6 +70,8 @@ class ProxyVia:
         self._agents: dict[str, trio.MemorySendChannel[aapi.ProxyDial]] = {}
         self._pending: dict[str, _Pending] = {}
         self._next = 0
+        self._watched = trio.Event()
+        """Set (and replaced) whenever an agent opens its dial watch."""
 
     def add(self, session_id: str, workload: WorkloadKey) -> str:
         for route_id, route in self.routes.items():
@@ -94,6 +96,8 @@ class ProxyVia:
         if old is not None:
             old.close()
         self._agents[agent_session] = send
+        self._watched.set()
+        self._watched = trio.Event()
         try:
             async with receive:
                 async for dial in receive:
@@ -133,7 +137,7 @@ class ProxyVia:
                 stream, ResetReason.POLICY, f"--proxy-via does not dial {destination.ip}: {why}"
             )
             return
-        agents = [s for s in self._agent_sessions(route.workload) if s in self._agents]
+        agents = await self._watching_agents(route.workload)
         if not agents or len(self._pending) >= MAX_PENDING:
             await self._refuse(
                 stream,
@@ -183,6 +187,21 @@ class ProxyVia:
             reset(agent_stream, ResetReason.RESET)
         finally:
             done.set()
+
+    async def _watching_agents(self, workload: WorkloadKey) -> list[str]:
+        """The workload's agent sessions that watch for dials. An agent counts for the
+        workload (PROXY_VIA answers) as soon as it arrived, and opens its watch a moment later:
+        a dial in between waits for that (at most AGENT_DIAL_TIMEOUT) rather than being
+        refused; with no agent session at all it is refused at once."""
+        with trio.move_on_after(AGENT_DIAL_TIMEOUT):
+            while True:
+                watched = self._watched
+                sessions = self._agent_sessions(workload)
+                agents = [s for s in sessions if s in self._agents]
+                if agents or not sessions:
+                    return agents
+                await watched.wait()
+        return []
 
     async def _from_agent(self, request: OpenRequest, stream: H2Stream, dial_id: str) -> None:
         failed = dial_id.startswith(aapi.PROXY_FAIL_PREFIX)
