@@ -12,6 +12,7 @@ from tests.daemon.util import DaemonGuard, run_tele
 from tests.e2e import (
     apply_ready,
     caller_pod,
+    connect,
     deployment,
     echo_container,
     install_manager,
@@ -42,15 +43,13 @@ def test_numeric_target_port_is_redirected_by_agent_init_from_teles_image(
     guard: DaemonGuard,
     laptop_handler: int,  # noqa: F811
 ) -> None:
-    kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
     apply_ready(node_sandbox, APP)
     assert '"pod": "numeric-' in kubectl(
         node_sandbox, "exec", "caller", "--", "python3", "-c", CALL
     )
 
-    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
-    assert connected.returncode == 0, connected.stderr
+    connect(tele_env, node_sandbox)
     engaged = run_tele(tele_env, "intercept", "numeric", "--port", str(laptop_handler), timeout=120)
     assert engaged.returncode == 0, engaged.stderr
     assert kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL) == (

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.util import TELE, DaemonGuard, run_tele, single_error_line
-from tests.e2e import apply_ready, free_port, install_manager, kubectl
+from tests.e2e import apply_ready, connect, free_port, install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
@@ -30,8 +30,7 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
     apply_ready(node_sandbox, APP)
-    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
-    assert connected.returncode == 0, connected.stderr
+    connect(tele_env, node_sandbox)
     port, other = free_port(), free_port()
 
     # Item 2: a regex that does not compile is refused before the cluster changes.
@@ -210,8 +209,7 @@ def test_intercept_says_what_it_engaged_and_refuses_what_it_would_not_do(
 
     # A workload scaled to 0: `tele list` says so, and intercept refuses at once.
     kubectl(node_sandbox, "scale", "deployment/echo", "--replicas=0")
-    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
-    assert connected.returncode == 0, connected.stderr
+    connect(tele_env, node_sandbox)
     deadline = time.monotonic() + 30
     while "no replicas: scale it up" not in (listed := run_tele(tele_env, "list").stdout):
         assert time.monotonic() < deadline, listed  # the manager's informer catches up

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.util import TELE, DaemonGuard, run_tele
-from tests.e2e import apply_ready, install_manager, kubectl
+from tests.e2e import apply_ready, connect, install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
@@ -79,11 +79,9 @@ def test_loglevel_and_gather_logs_reach_the_manager_and_agents(
     guard: DaemonGuard,
     tmp_path: Path,
 ) -> None:
-    kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
     apply_ready(node_sandbox, APP)
-    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
-    assert connected.returncode == 0, connected.stderr
+    connect(tele_env, node_sandbox)
     # The first intercept injects the agent: a terminal sees the step and the seconds waited.
     handler = socket.create_server(("127.0.0.1", 0))
     port = handler.getsockname()[1]

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.daemon.util import DaemonGuard, run_tele
-from tests.e2e import install_manager, kubectl
+from tests.e2e import connect, install_manager, kubectl
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
@@ -30,8 +30,7 @@ def test_install_connect_survive_manager_restart_uninstall(
 ) -> None:
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
-    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
-    assert connected.returncode == 0, connected.stderr
+    connect(tele_env, node_sandbox)
     first = status(tele_env)
     assert first["connection"] == "connected"
     session = first["session"]

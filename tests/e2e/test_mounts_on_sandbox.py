@@ -19,6 +19,7 @@ from tele.daemon.mounts import mount_problem
 from tests.daemon.util import DaemonGuard, run_tele, runtime_dir
 from tests.e2e import (
     apply_ready,
+    connect,
     deployment,
     echo_container,
     install_manager,
@@ -110,10 +111,7 @@ def test_intercept_mounts_the_pods_volumes_and_leave_unmounts(
     install_manager(node_sandbox, tele_env)
     try:
         apply_ready(node_sandbox, APP, app="files")
-        connected = run_tele(
-            tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120
-        )
-        assert connected.returncode == 0, connected.stderr
+        connect(tele_env, node_sandbox)
         report, env_file = tmp_path / "seen.json", tmp_path / "files.env"
         engaged = run_tele(
             tele_env,
@@ -195,8 +193,7 @@ def test_a_killed_daemons_mount_is_undone_when_the_next_daemon_starts(
     install_manager(node_sandbox, tele_env)
     try:
         apply_ready(node_sandbox, APP, app="files")
-        connect = ("connect", "--no-vif", "--kubeconfig", kubeconfig)
-        assert run_tele(tele_env, *connect, timeout=120).returncode == 0
+        connect(tele_env, node_sandbox)
         engaged = run_tele(
             tele_env, "intercept", "files", "--port", "8089", "--mount", str(mount_dir), timeout=120
         )
@@ -217,7 +214,7 @@ def test_a_killed_daemons_mount_is_undone_when_the_next_daemon_starts(
         assert str(mount_dir) in Path("/proc/self/mountinfo").read_text()
 
         # The next daemon (started by connect) unmounts it before anything else.
-        assert run_tele(tele_env, *connect, timeout=120).returncode == 0
+        connect(tele_env, node_sandbox)
         assert str(mount_dir) not in Path("/proc/self/mountinfo").read_text()
         assert not mount_dir.exists()
     finally:
@@ -263,8 +260,7 @@ def test_ingest_gives_a_readable_mounted_secret_read_only(
     install_manager(node_sandbox, tele_env)
     try:
         apply_ready(node_sandbox, APP, app="files")
-        connect = ("connect", "--no-vif", "--kubeconfig", kubeconfig)
-        assert run_tele(tele_env, *connect, timeout=120).returncode == 0
+        connect(tele_env, node_sandbox)
         report = tmp_path / "seen.json"
         ingested = run_tele(
             tele_env,

@@ -17,6 +17,7 @@ from tele.daemon.mounts import mount_problem
 from tests.daemon.util import TELE, DaemonGuard, run_tele
 from tests.e2e import (
     apply_ready,
+    connect,
     deployment,
     echo_container,
     install_manager,
@@ -82,9 +83,7 @@ def test_to_pod_and_mounts_follow_a_replaced_serving_pod(
     handler: subprocess.Popen[str] | None = None
     try:
         apply_ready(sandbox, APP, app="movable")
-        connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig,
-                             timeout=120)  # fmt: skip
-        assert connected.returncode == 0, connected.stderr
+        connect(tele_env, sandbox)
         stderr_file = tmp_path / "intercept.stderr"
         with stderr_file.open("w") as stderr:
             handler = subprocess.Popen(

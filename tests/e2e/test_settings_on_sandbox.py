@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tests.daemon.util import DaemonGuard, run_tele
-from tests.e2e import deployment, echo_container, install_manager, kubectl, manifest
+from tests.e2e import connect, deployment, echo_container, install_manager, kubectl, manifest
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
@@ -40,10 +40,7 @@ def test_api_port_and_agent_values_take_effect_in_the_cluster(
     )  # fmt: skip
     try:
         # The daemon reaches the manager on its api port 9181 (through the port-forward).
-        connected = run_tele(
-            tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120
-        )
-        assert connected.returncode == 0, connected.stderr
+        connect(tele_env, node_sandbox)
         # The ingest succeeds only once the injected agent arrived: it dialed the manager's
         # Service on 9181.
         ingested = run_tele(

@@ -18,13 +18,7 @@ import pytest
 from tele.daemon.mounts import mount_problem
 from tele.sandbox.network import netns
 from tests.daemon.util import DaemonGuard, run_tele
-from tests.e2e import (
-    apply_ready,
-    connect,
-    free_port,
-    install_manager,
-    kubectl,
-)
+from tests.e2e import apply_ready, connect, free_port, install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP
 from tests.e2e.test_mounts_on_sandbox import APP as MOUNTED_APP
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
@@ -101,8 +95,7 @@ def test_status_follows_a_manager_restart_and_says_why_a_session_ended(
 ) -> None:
     install_manager(node_sandbox, tele_env)
     kubeconfig = str(node_sandbox.kubeconfig)
-    connected = run_tele(tele_env, "connect", "--no-vif", "--kubeconfig", kubeconfig, timeout=120)
-    assert connected.returncode == 0, connected.stderr
+    connect(tele_env, node_sandbox)
     old = _status(tele_env)["session"]["session_id"]
 
     # The manager restarts: the first status that shows the new session says connected (it
