@@ -62,6 +62,20 @@ def apply_ready(sandbox: NodeSandbox, manifest: str, app: str | None = None) -> 
     """Apply `manifest`, then wait until every pod of the default namespace (or of the
     workload `app`) is Ready."""
     kubectl(sandbox, "apply", "-f", "-", stdin=manifest)
+    # Right after the apply a Deployment's pods may not exist yet: `kubectl wait` would find
+    # none ("no matching resources", an error) or only the pods that already were there.
+    for obj in yaml.safe_load_all(manifest):
+        if isinstance(obj, dict) and obj.get("kind") == "Deployment":
+            meta = obj["metadata"]
+            namespace = ("-n", meta["namespace"]) if meta.get("namespace") else ()
+            kubectl(
+                sandbox,
+                "rollout",
+                "status",
+                *namespace,
+                f"deployment/{meta['name']}",
+                "--timeout=90s",
+            )
     which = ("-l", f"app={app}") if app else ("--all",)
     kubectl(sandbox, "wait", "--for=condition=Ready", "pod", *which, "--timeout=90s")
 
