@@ -138,3 +138,25 @@ async def test_an_engagement_left_while_its_volumes_are_mounted_again_is_unmount
     await engagements._serving_pod(_serving())
     assert mounts.detached == ["e1"]
     assert "echo" not in engagements.engaged and engagements.pod_changes == {}
+
+
+async def test_the_agent_arriving_again_in_the_same_pod_mounts_the_volumes_again() -> None:
+    """The serving pod's agent restarted (the pod is the same, the manager's `agent` tag is
+    new): the mount, which ended with the old agent's connection, is made again."""
+    engagements, mounts, _ = _engagements()
+    same = {"pod_name": "echo-a", "pod_ips": ["10.244.0.5"]}
+    await engagements._serving_pod(_serving(agent="t1", **same))  # the first word: known now
+    await engagements._serving_pod(_serving(agent="", **same))  # no agent up for a while
+    assert mounts.remounted == [] and engagements.pod_changes == {}
+
+    await engagements._serving_pod(_serving(agent="t2", **same))
+    [remounted] = mounts.remounted
+    assert (remounted.pod_name, remounted.local_mount) == ("echo-a", "/tmp/telfs-x")
+    [status] = engagements.statuses()
+    assert status.pod_change == (
+        "the traffic agent of echo in pod echo-a arrived again; its volumes are mounted again "
+        "at /tmp/telfs-x"
+    )
+    assert engagements.engaged["echo"].environment == {"TELEPRESENCE_ROOT": "/tmp/telfs-x"}
+    await engagements._serving_pod(_serving(agent="t2", **same))  # the same arrival: nothing
+    assert len(mounts.remounted) == 1

@@ -111,3 +111,49 @@ async def test_a_deleted_serving_pod_is_followed_by_a_pod_whose_agent_is_up(
     await _pod(kube, "api-1-d")
     await _agent_arrives(client, "api-1-d", "10.244.0.9")
     await wait_for(lambda: serving()[2] == "api-1-d")
+
+
+async def test_an_agent_that_arrives_again_in_the_serving_pod_is_a_new_arrival(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    """The agent restarts in the same pod (a crash, an OOM kill): the pod's name stays, and
+    the serving pod's `agent` tag changes, so that its client mounts the volumes again."""
+    await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
+    manager, client = await start_manager(nursery, kube)
+    await wait_for(lambda: ("default", "api-1-a") in manager.view.pods)
+    await _pod(kube, "api-1-b")
+    await wait_for(lambda: ("default", "api-1-b") in manager.view.pods)
+    first = await _agent_arrives(client, "api-1-b", "10.244.0.7")
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+    info = await client.call(
+        aapi.ENGAGE,
+        aapi.EngageRequest(
+            session_id=session, namespace="default", workload="api", agent_timeout=10
+        ),
+    )
+    updates: list[aapi.ServingPods] = []
+
+    async def watch() -> None:
+        request = api.SessionRequest(session_id=session)
+        async with client.stream(aapi.WATCH_SERVING, request) as stream:
+            async for update in stream:
+                updates.append(update)
+
+    nursery.start_soon(watch)
+    await wait_for(lambda: len(updates) == 1)
+    [pod] = updates[0].pods
+    assert (pod.engagement_id, pod.pod_name) == (info.id, "api-1-b")
+    assert pod.agent and first not in pod.agent  # a tag, not the agent's own session id
+
+    # The agent restarts: a new session from the same pod, while the old one's lease runs.
+    await _agent_arrives(client, "api-1-b", "10.244.0.7")
+    await wait_for(lambda: len(updates) == 2)
+    [again] = updates[1].pods
+    assert (again.pod_name, again.pod_ips) == ("api-1-b", ["10.244.0.7"])
+    assert again.agent and again.agent != pod.agent
+    # The old session's end changes nothing: the new arrival still serves.
+    manager.agents.sessions.depart(first)
+    manager.agents._changes.notify()
+    with trio.move_on_after(0.5):
+        await wait_for(lambda: len(updates) > 2)
+    assert len(updates) == 2

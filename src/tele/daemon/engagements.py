@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 TAP_POLL_SECONDS = 2.0
 """How often the wiretaps' counters are asked from the manager while there is a wiretap."""
+REMOUNT_TRIES = 3
+REMOUNT_PAUSE = 1.0
+"""A restarted agent's volumes: how often, and how far apart, mounting them again is tried."""
 TAKES_SERVICE_PORTS = ("intercept", aapi.WIRETAP)
 
 
@@ -153,6 +156,9 @@ class LocalEngagements:
         self.pod_changes: dict[str, str] = {}
         """Per engagement name: the sentence saying that its serving pod changed, the last
         time it did (`tele status`, and `tele intercept -- COMMAND` while it runs)."""
+        self.agent_arrivals: dict[str, str] = {}
+        """Per engagement name: which arrival of its serving pod's agent the manager named last
+        (ServingPod.agent); another one for the same pod means the agent restarted there."""
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the local sides, dial-back answers and re-engaging, until cancelled."""
@@ -431,7 +437,12 @@ class LocalEngagements:
         old = self.engaged.get(serving.name)
         if old is None or old.id != serving.engagement_id or not serving.pod_name:
             return
+        known = self.agent_arrivals.get(serving.name, "")
+        if serving.agent:  # "" while no agent is up: what comes next is compared with the last
+            self.agent_arrivals[serving.name] = serving.agent
         if serving.pod_name == old.pod_name:
+            if known and serving.agent and serving.agent != known:
+                await self._agent_arrived_again(old)
             return
         moved = msgspec.structs.replace(
             old,
@@ -464,6 +475,40 @@ class LocalEngagements:
             else:
                 sentence += f"; its volumes are mounted again at {remounted.local_mount}"
         self.pod_changes[serving.name] = sentence
+
+    async def _agent_arrived_again(self, info: aapi.EngagementInfo) -> None:
+        """The agent of the pod serving `info` arrived again in the same pod (it restarted:
+        a crash, an OOM kill; or the traffic manager did): the volume mount, which ended with
+        the connection to the old agent, is made again at the same directory. Its file server
+        takes connections once the agent's arrival is answered: a few tries, a second apart."""
+        sentence = f"the traffic agent of {info.name} in pod {info.pod_name} arrived again"
+        log.info("%s", sentence)
+        if not self._mounts.mounted(info.id):
+            self.pod_changes[info.name] = sentence
+            return
+        remounted, current = info, info
+        for attempt in range(REMOUNT_TRIES):
+            if attempt:
+                await trio.sleep(REMOUNT_PAUSE)
+            remounted = await self._mounts.remount(info)
+            found = self.engaged.get(info.name)
+            if found is None or found.id != info.id:
+                await self._mounts.detach(info.id)  # left meanwhile
+                return
+            current = found
+            if not remounted.mount_error:
+                break
+        self.engaged[info.name] = msgspec.structs.replace(
+            current,
+            local_mount=remounted.local_mount,
+            mount_error=remounted.mount_error,
+            environment=remounted.environment,
+        )
+        if remounted.mount_error:
+            sentence += f"; its volumes could not be mounted again: {remounted.mount_error}"
+        else:
+            sentence += f"; its volumes are mounted again at {remounted.local_mount}"
+        self.pod_changes[info.name] = sentence
 
     async def _follow_tap_counters(self) -> None:
         """While there are wiretaps, keep their counters as the manager sums them up."""
@@ -563,6 +608,7 @@ class LocalEngagements:
         self.engaged.pop(name, None)
         self.engage_requests.pop(name, None)
         self.pod_changes.pop(name, None)
+        self.agent_arrivals.pop(name, None)
 
     async def _serve_dials(self) -> None:
         """Answer the manager's dial-back requests for as long as the session lives."""

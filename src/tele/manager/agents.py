@@ -3,6 +3,7 @@ with their pod. Which agents of a workload are up is asked here (`of_workload`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -118,6 +119,23 @@ class AgentRegistry:
             log.info("agent of pod %s/%s ended with its pod", *where)
         if gone:
             self._changes.notify()
+
+    def arrival(self, namespace: str, pod_name: str) -> str:
+        """Which arrival of the agent in pod `namespace/pod_name` is up (the latest live
+        session's tag; "" when none is): it changes when the agent restarts in the same pod
+        (a crash, an OOM kill), so that a client knows to reach it again (its volume mount
+        ended with the old agent). Not the session id itself, which is the agent's own."""
+        now, latest = self._clock(), None
+        for s in self.sessions.sessions.values():
+            if s.expires_at <= now or s.identity.pod_name != pod_name:
+                continue
+            if s.identity.namespace == namespace and (
+                latest is None or s.arrived_at >= latest.arrived_at
+            ):
+                latest = s
+        if latest is None:
+            return ""
+        return hashlib.sha256(latest.session_id.encode()).hexdigest()[:16]
 
     def of_workload(self, key: WorkloadKey) -> list[aapi.AgentIdentity]:
         now = self._clock()

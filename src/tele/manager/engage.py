@@ -446,6 +446,7 @@ class Engagements:
                         pod_ips=a.info.pod_ips,
                         sftp_port=a.info.sftp_port,
                         mount_point=a.info.mount_point,
+                        agent=self._agents.arrival(a.info.namespace, a.info.pod_name),
                     )
                     for a in self._table.active.values()
                     if a.session_id == request.session_id

@@ -253,6 +253,10 @@ class ServingPod(msgspec.Struct, frozen=True, kw_only=True):
     pod_ips: list[str] = []
     sftp_port: int = 0
     mount_point: str = ""
+    agent: str = ""
+    """Which arrival of the pod's traffic agent serves (a tag; "" if unknown or none is up):
+    another tag for the same pod means its agent restarted there (crash, OOM kill) and the
+    volumes are to be mounted again."""
 
 
 class ServingPods(msgspec.Struct, frozen=True, kw_only=True):
