@@ -86,12 +86,17 @@ def wait_rolled(sandbox: NodeSandbox, app: str) -> None:
     kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", f"app={app}", "--timeout=90s")
 
 
+def in_caller(sandbox: NodeSandbox, script: str, *args: str) -> str:
+    """What the Python `script` (with `args`) prints in the caller pod (`caller_pod`)."""
+    return kubectl(sandbox, "exec", "caller", "--", "python3", "-c", script, *args)
+
+
 def call(sandbox: NodeSandbox, url: str) -> str:
     """What the caller pod (`caller_pod`) gets from `url`: a cluster-side client."""
     script = (
         f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
     )
-    return kubectl(sandbox, "exec", "caller", "--", "python3", "-c", script).strip()
+    return in_caller(sandbox, script).strip()
 
 
 def connect(env: dict[str, str], sandbox: NodeSandbox) -> None:

@@ -15,6 +15,7 @@ from tests.e2e import (
     connect,
     deployment,
     echo_container,
+    in_caller,
     install_manager,
     kubectl,
     manifest,
@@ -45,16 +46,12 @@ def test_numeric_target_port_is_redirected_by_agent_init_from_teles_image(
 ) -> None:
     install_manager(node_sandbox, tele_env)
     apply_ready(node_sandbox, APP)
-    assert '"pod": "numeric-' in kubectl(
-        node_sandbox, "exec", "caller", "--", "python3", "-c", CALL
-    )
+    assert '"pod": "numeric-' in in_caller(node_sandbox, CALL)
 
     connect(tele_env, node_sandbox)
     engaged = run_tele(tele_env, "intercept", "numeric", "--port", str(laptop_handler), timeout=120)
     assert engaged.returncode == 0, engaged.stderr
-    assert kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL) == (
-        "hello from the laptop\n\n"
-    )
+    assert in_caller(node_sandbox, CALL) == "hello from the laptop\n\n"
 
     pods = json.loads(kubectl(node_sandbox, "get", "pods", "-l", "app=numeric", "-o", "json"))
     [pod] = pods["items"]

@@ -17,6 +17,7 @@ from tests.e2e import (
     caller_pod,
     deployment,
     echo_container,
+    in_caller,
     install_manager,
     kubectl,
     laptop_http,
@@ -66,7 +67,7 @@ def test_intercept_answers_a_cluster_call_from_this_machine(
     kubeconfig = str(node_sandbox.kubeconfig)
     install_manager(node_sandbox, tele_env)
     apply_ready(node_sandbox, APP)
-    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+    assert '"pod": "echo-' in in_caller(node_sandbox, CALL)
 
     assert (
         run_tele(
@@ -99,9 +100,7 @@ def test_intercept_answers_a_cluster_call_from_this_machine(
     )
     assert "traffic-agent" in pods.split()
 
-    assert kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL) == (
-        "hello from the laptop\n\n"
-    )
+    assert in_caller(node_sandbox, CALL) == "hello from the laptop\n\n"
 
     # The manager pod is replaced: the new one still injects the agent (its state ConfigMap),
     # the daemon arrives again and engages again, and the call comes back to this machine.
@@ -122,7 +121,7 @@ def test_intercept_answers_a_cluster_call_from_this_machine(
         )
         if ready_at is None and "true" in new_ready:
             ready_at = time.monotonic()
-        answers.append(kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL))
+        answers.append(in_caller(node_sandbox, CALL))
     back = time.monotonic()
     print(
         f"\nintercept served again {back - deleted:.1f} s after the manager pod was deleted"
@@ -131,7 +130,7 @@ def test_intercept_answers_a_cluster_call_from_this_machine(
     assert manager_pod not in kubectl(node_sandbox, "get", "pods", "-n", "ambassador")
 
     assert run_tele(tele_env, "leave", "echo").returncode == 0
-    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+    assert '"pod": "echo-' in in_caller(node_sandbox, CALL)
 
     # Nothing listens on the local port: the CLI says so, and a matching request gets a 502
     # whose body says why, while the others still reach the app.
@@ -143,10 +142,10 @@ def test_intercept_answers_a_cluster_call_from_this_machine(
     )
     assert idle.returncode == 0, idle.stderr
     assert f"nothing listens on 127.0.0.1:{closed} yet" in idle.stderr
-    refused = kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL_502)
+    refused = in_caller(node_sandbox, CALL_502)
     assert refused.startswith("502 "), refused
     assert "local handler" in refused, refused
-    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+    assert '"pod": "echo-' in in_caller(node_sandbox, CALL)
     assert run_tele(tele_env, "leave", "echo").returncode == 0
 
     removed = run_tele(tele_env, "uninstall", "--agent", "echo")
@@ -164,7 +163,7 @@ def test_intercept_answers_a_cluster_call_from_this_machine(
         "jsonpath={.items[*].spec.containers[*].name}",
     )
     assert containers.split() == ["echo"]
-    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+    assert '"pod": "echo-' in in_caller(node_sandbox, CALL)
     assert run_tele(tele_env, "quit").returncode == 0
     assert (
         run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120).returncode

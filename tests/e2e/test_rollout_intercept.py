@@ -17,6 +17,7 @@ from tests.e2e import (
     caller_pod,
     deployment,
     echo_container,
+    in_caller,
     install_manager,
     kubectl,
     manifest,
@@ -113,17 +114,15 @@ def test_rollout_intercept_follows_the_helm_value(
     engaged = run_tele(tele_env, "intercept", "echo", "--port", str(laptop_handler), timeout=120)
     assert engaged.returncode == 0, engaged.stderr
     assert "traffic-agent" in _containers(node_sandbox)
-    assert kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL) == (
-        "hello from the laptop\n\n"
-    )
+    assert in_caller(node_sandbox, CALL) == "hello from the laptop\n\n"
 
     assert run_tele(tele_env, "leave", "echo").returncode == 0
-    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+    assert '"pod": "echo-' in in_caller(node_sandbox, CALL)
     removed = run_tele(tele_env, "uninstall", "--agent", "echo", timeout=60)
     assert removed.returncode == 0, removed.stderr
     _healthy(node_sandbox)
     assert _containers(node_sandbox) == ["echo"]
-    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+    assert '"pod": "echo-' in in_caller(node_sandbox, CALL)
     assert run_tele(tele_env, "quit").returncode == 0
     uninstalled = run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
     assert uninstalled.returncode == 0, uninstalled.stderr

@@ -18,7 +18,7 @@ import pytest
 from tele.daemon.mounts import mount_problem
 from tele.sandbox.network import netns
 from tests.daemon.util import DaemonGuard, run_tele
-from tests.e2e import apply_ready, connect, free_port, install_manager, kubectl
+from tests.e2e import apply_ready, connect, free_port, in_caller, install_manager, kubectl
 from tests.e2e.test_intercept_on_sandbox import APP
 from tests.e2e.test_mounts_on_sandbox import APP as MOUNTED_APP
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
@@ -71,11 +71,11 @@ def test_nothing_listening_locally_is_a_502_for_http_and_a_reset_for_the_rest(
         f"tele: nothing listens on 127.0.0.1:{closed} yet: until something does, engaged "
         "HTTP requests get a 502 and other connections are reset"
     )
-    answered = kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL_HTTP)
+    answered = in_caller(node_sandbox, CALL_HTTP)
     assert answered == (
         f"502 tele: nothing listens on 127.0.0.1:{closed}, the local handler of echo\n"
     )
-    raw = kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL_RAW)
+    raw = in_caller(node_sandbox, CALL_RAW)
     assert raw.strip() == "reset", raw
     assert run_tele(tele_env, "leave", "echo").returncode == 0
     _uninstall(node_sandbox, tele_env)
@@ -187,7 +187,7 @@ def test_helm_uninstall_ends_engagements_and_removes_the_agents(
     # No pod carries an agent any more, and the cluster's callers reach the app again.
     assert _agent_pods(node_sandbox) == []
     kubectl(node_sandbox, "wait", "--for=condition=Ready", "pod", "-l", "app=echo", "--timeout=90s")
-    assert '"pod": "echo-' in kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL)
+    assert '"pod": "echo-' in in_caller(node_sandbox, CALL)
     assert "echo:" not in run_tele(tele_env, "status").stdout
 
     # Installed again: `tele list` tells that the pods carry no agent (they do not).

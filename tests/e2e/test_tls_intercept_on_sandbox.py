@@ -22,6 +22,7 @@ from tests.e2e import (
     caller_pod,
     deployment,
     echo_container,
+    in_caller,
     install_manager,
     kubectl,
     manifest,
@@ -146,7 +147,7 @@ def test_tls_app_intercepted_with_termination(
 
     def call(header: str = "x-who: nobody") -> str:
         name, value = header.split(": ")
-        return kubectl(node_sandbox, "exec", "caller", "--", "python3", "-c", CALL, name, value)
+        return in_caller(node_sandbox, CALL, name, value)
 
     assert '"pod": "secure-' in call()
     kubeconfig = str(node_sandbox.kubeconfig)
