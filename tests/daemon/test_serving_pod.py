@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import trio
+import trio.testing
 
 from tele.daemon.engagements import LocalEngagements
 from tele.net.tunnel import Destination, Protocol
@@ -41,6 +42,8 @@ class FakeMounts:
         self.remounted: list[aapi.EngagementInfo] = []
         self.detached: list[str] = []
         self.during_remount: Any = None
+        self.refusals = 0
+        """How many remounts fail first (the agent's file server not taking connections yet)."""
 
     def mounted(self, engagement_id: str) -> bool:
         return engagement_id == "e1" and "e1" not in self.detached
@@ -49,6 +52,8 @@ class FakeMounts:
         self.remounted.append(info)
         if self.during_remount is not None:
             await self.during_remount()
+        if len(self.remounted) <= self.refusals:
+            return msgspec.structs.replace(info, local_mount="", mount_error="refused")
         return msgspec.structs.replace(info, environment={"TELEPRESENCE_ROOT": info.local_mount})
 
     async def detach(self, engagement_id: str) -> None:
@@ -149,14 +154,33 @@ async def test_the_agent_arriving_again_in_the_same_pod_mounts_the_volumes_again
     await engagements._serving_pod(_serving(agent="", **same))  # no agent up for a while
     assert mounts.remounted == [] and engagements.pod_changes == {}
 
-    await engagements._serving_pod(_serving(agent="t2", **same))
-    [remounted] = mounts.remounted
-    assert (remounted.pod_name, remounted.local_mount) == ("echo-a", "/tmp/telfs-x")
+    await engagements._serving_pod(_serving(agent="t2", sftp_port=2223, **same))
+    [remounted] = mounts.remounted  # from the new agent's file server
+    assert (remounted.pod_name, remounted.sftp_port, remounted.local_mount) == (
+        "echo-a",
+        2223,
+        "/tmp/telfs-x",
+    )
     [status] = engagements.statuses()
     assert status.pod_change == (
         "the traffic agent of echo in pod echo-a arrived again; its volumes are mounted again "
         "at /tmp/telfs-x"
     )
     assert engagements.engaged["echo"].environment == {"TELEPRESENCE_ROOT": "/tmp/telfs-x"}
-    await engagements._serving_pod(_serving(agent="t2", **same))  # the same arrival: nothing
+    await engagements._serving_pod(_serving(agent="t2", sftp_port=2223, **same))  # the same
     assert len(mounts.remounted) == 1
+
+
+async def test_a_file_server_not_taking_connections_yet_is_tried_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client may hear of the new agent before the agent's file server takes connections:
+    the remount is tried again a second later."""
+    engagements, mounts, _ = _engagements()
+    mounts.refusals = 1
+    await engagements._serving_pod(_serving())
+    assert len(mounts.remounted) == 2
+    assert engagements.pod_changes["echo"].endswith(
+        "; its volumes are mounted again at /tmp/telfs-x"
+    )
+    assert engagements.engaged["echo"].mount_error == ""

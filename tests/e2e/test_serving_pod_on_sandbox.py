@@ -1,10 +1,14 @@
 """Issue 19, point 7 on the sandbox: the pod that serves an engagement is replaced while the
 engagement lasts (`kubectl delete pod`): its `--to-pod` forward and its volume mount follow the
-new pod, `tele status` / `tele list` name it, and a foreground `-- COMMAND` says so in a line."""
+new pod, `tele status` / `tele list` name it, and a foreground `-- COMMAND` says so in a line.
+When the agent then restarts in the same pod (killed), the volumes are mounted again."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -13,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tele.contracts.agentconfig import AGENT_CONTAINER
 from tele.daemon.mounts import mount_problem
 from tests.daemon.util import TELE, DaemonGuard, run_tele
 from tests.e2e import (
@@ -70,6 +75,24 @@ def _to_pod_answer() -> str:
         return str(json.loads(answer.read())["pod"])
 
 
+def _agent_pid(sandbox: NodeSandbox, pod: str) -> int:
+    """The traffic agent's process of `pod` (the container's init, as this machine sees it)."""
+    state = sandbox.kubeconfig.parent / "state"
+    for pid_file in state.rglob(f"containers/*.{AGENT_CONTAINER}.*/pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text())
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"HOSTNAME={pod}".encode() in environ:
+                return pid
+    raise AssertionError(f"no traffic agent process of pod {pod}")
+
+
+def _restarts(sandbox: NodeSandbox, pod: str) -> int:
+    status = json.loads(kubectl(sandbox, "get", "pod", pod, "-o", "json"))["status"]
+    [agent] = [c for c in status["containerStatuses"] if c["name"] == AGENT_CONTAINER]
+    return int(agent["restartCount"])
+
+
 def test_to_pod_and_mounts_follow_a_replaced_serving_pod(
     node_sandbox: NodeSandbox,  # noqa: F811
     tele_env: dict[str, str],
@@ -120,19 +143,37 @@ def test_to_pod_and_mounts_follow_a_replaced_serving_pod(
         assert _to_pod_answer() == new
         assert (mount_dir / "etc" / "podinfo" / "name").read_text() == new
         assert engaged["local_mount"] == str(mount_dir)
+        moved = engaged["pod_change"]
         status = run_tele(tele_env, "status").stdout
-        assert f"    {engaged['pod_change']}" in status.splitlines()
+        assert f"    {moved}" in status.splitlines()
         assert "movable: intercepted Deployment default/movable" in status
         assert f", pod {new}" in status
         listed = run_tele(tele_env, "list").stdout
         assert f"    movable: intercept, tcp -> 127.0.0.1:8093, pod {new}" in listed
 
+        # The agent restarts in the same pod (killed, as an OOM kill would): the mount ended
+        # with its connection; once the agent arrives again the volumes are mounted again.
+        os.kill(_agent_pid(sandbox, new), signal.SIGKILL)
+        restarted = (
+            f"the traffic agent of movable in pod {new} arrived again; its volumes are "
+            f"mounted again at {mount_dir}"
+        )
+        deadline = time.monotonic() + 180
+        while (engaged := _engagement(tele_env) or {}).get("pod_change") != restarted:
+            assert handler.poll() is None, stderr_file.read_text()
+            assert time.monotonic() < deadline, f"not mounted again: {engaged}"
+            time.sleep(0.5)
+        assert _restarts(sandbox, new) >= 1
+        assert engaged["pod_name"] == new and engaged["local_mount"] == str(mount_dir)
+        assert (mount_dir / "etc" / "podinfo" / "name").read_text() == new
+        assert _to_pod_answer() == new
+
         # The foreground command's own output said it, in one line.
         assert handler.stdin is not None
         handler.stdin.close()
         assert handler.wait(timeout=60) == 0
-        said = [line for line in stderr_file.read_text().splitlines() if "served by pod" in line]
-        assert said == [f"tele: {engaged['pod_change']}"]
+        said = [line for line in stderr_file.read_text().splitlines() if " pod " in line]
+        assert said == [f"tele: {moved}", f"tele: {restarted}"]
         # Leaving (the command ended) unmounts, also the mount made again.
         assert str(mount_dir) not in Path("/proc/self/mountinfo").read_text()
         with pytest.raises(OSError):

@@ -17,7 +17,7 @@ from tests.manager.test_engage import TEMPLATE, create_workload
 from tests.manager.test_manager import IDENTITY, start_manager
 
 
-async def _agent_arrives(client: Client, pod: str, ip: str) -> str:
+async def _agent_arrives(client: Client, pod: str, ip: str, sftp_port: int = 2222) -> str:
     """An agent of Deployment api in pod `pod` arrives; its session (kept up by the test's
     short run: the lease is 15 s)."""
     info = await client.call(
@@ -29,7 +29,7 @@ async def _agent_arrives(client: Client, pod: str, ip: str) -> str:
             workload_name="api",
             workload_kind="Deployment",
             version="0.1.0",
-            sftp_port=2222,
+            sftp_port=sftp_port,
         ),
     )
     return info.session_id
@@ -145,11 +145,12 @@ async def test_an_agent_that_arrives_again_in_the_serving_pod_is_a_new_arrival(
     assert (pod.engagement_id, pod.pod_name) == (info.id, "api-1-b")
     assert pod.agent and first not in pod.agent  # a tag, not the agent's own session id
 
-    # The agent restarts: a new session from the same pod, while the old one's lease runs.
-    await _agent_arrives(client, "api-1-b", "10.244.0.7")
+    # The agent restarts: a new session from the same pod, while the old one's lease runs;
+    # its file server listens on another port.
+    await _agent_arrives(client, "api-1-b", "10.244.0.7", sftp_port=2223)
     await wait_for(lambda: len(updates) == 2)
     [again] = updates[1].pods
-    assert (again.pod_name, again.pod_ips) == ("api-1-b", ["10.244.0.7"])
+    assert (again.pod_name, again.pod_ips, again.sftp_port) == ("api-1-b", ["10.244.0.7"], 2223)
     assert again.agent and again.agent != pod.agent
     # The old session's end changes nothing: the new arrival still serves.
     manager.agents.sessions.depart(first)

@@ -442,8 +442,25 @@ class LocalEngagements:
             self.agent_arrivals[serving.name] = serving.agent
         if serving.pod_name == old.pod_name:
             if known and serving.agent and serving.agent != known:
-                await self._agent_arrived_again(old)
+                # Its agent restarted in the pod (a crash, an OOM kill; or the traffic manager
+                # did): the mount ended with the old agent's connection.
+                sentence = f"the traffic agent of {old.name} in pod {old.pod_name} arrived again"
+                await self._moved(serving, old, sentence)
             return
+        where = f" ({serving.pod_ips[0]})" if serving.pod_ips else ""
+        sentence = (
+            f"{serving.name} is served by pod {serving.pod_name}{where} now: pod "
+            f"{old.pod_name} was replaced"
+        )
+        await self._moved(serving, old, sentence)
+
+    async def _moved(
+        self, serving: aapi.ServingPod, old: aapi.EngagementInfo, sentence: str
+    ) -> None:
+        """The engagement is served by `serving` now: the next `--to-pod` connection goes
+        there, and volumes that were mounted are mounted again at the same directory (a few
+        tries, a second apart: an agent's file server takes connections once its arrival is
+        answered, and a client may hear of the arrival first)."""
         moved = msgspec.structs.replace(
             old,
             pod_name=serving.pod_name,
@@ -452,18 +469,20 @@ class LocalEngagements:
             mount_point=serving.mount_point or old.mount_point,
         )
         self.engaged[serving.name] = moved  # the next --to-pod connection goes there
-        where = f" ({serving.pod_ips[0]})" if serving.pod_ips else ""
-        sentence = (
-            f"{serving.name} is served by pod {serving.pod_name}{where} now: pod "
-            f"{old.pod_name} was replaced"
-        )
         log.info("%s", sentence)
         if self._mounts.mounted(old.id):
-            remounted = await self._mounts.remount(moved)
-            current = self.engaged.get(serving.name)
-            if current is None or current.id != moved.id:
-                await self._mounts.detach(moved.id)  # left meanwhile
-                return
+            remounted, current = moved, moved
+            for attempt in range(REMOUNT_TRIES):
+                if attempt:
+                    await trio.sleep(REMOUNT_PAUSE)
+                remounted = await self._mounts.remount(moved)
+                found = self.engaged.get(serving.name)
+                if found is None or found.id != moved.id:
+                    await self._mounts.detach(moved.id)  # left meanwhile
+                    return
+                current = found
+                if not remounted.mount_error:
+                    break
             self.engaged[serving.name] = msgspec.structs.replace(
                 current,
                 local_mount=remounted.local_mount,
@@ -475,40 +494,6 @@ class LocalEngagements:
             else:
                 sentence += f"; its volumes are mounted again at {remounted.local_mount}"
         self.pod_changes[serving.name] = sentence
-
-    async def _agent_arrived_again(self, info: aapi.EngagementInfo) -> None:
-        """The agent of the pod serving `info` arrived again in the same pod (it restarted:
-        a crash, an OOM kill; or the traffic manager did): the volume mount, which ended with
-        the connection to the old agent, is made again at the same directory. Its file server
-        takes connections once the agent's arrival is answered: a few tries, a second apart."""
-        sentence = f"the traffic agent of {info.name} in pod {info.pod_name} arrived again"
-        log.info("%s", sentence)
-        if not self._mounts.mounted(info.id):
-            self.pod_changes[info.name] = sentence
-            return
-        remounted, current = info, info
-        for attempt in range(REMOUNT_TRIES):
-            if attempt:
-                await trio.sleep(REMOUNT_PAUSE)
-            remounted = await self._mounts.remount(info)
-            found = self.engaged.get(info.name)
-            if found is None or found.id != info.id:
-                await self._mounts.detach(info.id)  # left meanwhile
-                return
-            current = found
-            if not remounted.mount_error:
-                break
-        self.engaged[info.name] = msgspec.structs.replace(
-            current,
-            local_mount=remounted.local_mount,
-            mount_error=remounted.mount_error,
-            environment=remounted.environment,
-        )
-        if remounted.mount_error:
-            sentence += f"; its volumes could not be mounted again: {remounted.mount_error}"
-        else:
-            sentence += f"; its volumes are mounted again at {remounted.local_mount}"
-        self.pod_changes[info.name] = sentence
 
     async def _follow_tap_counters(self) -> None:
         """While there are wiretaps, keep their counters as the manager sums them up."""

@@ -120,11 +120,9 @@ class AgentRegistry:
         if gone:
             self._changes.notify()
 
-    def arrival(self, namespace: str, pod_name: str) -> str:
-        """Which arrival of the agent in pod `namespace/pod_name` is up (the latest live
-        session's tag; "" when none is): it changes when the agent restarts in the same pod
-        (a crash, an OOM kill), so that a client knows to reach it again (its volume mount
-        ended with the old agent). Not the session id itself, which is the agent's own."""
+    def latest(self, namespace: str, pod_name: str) -> Session[aapi.AgentIdentity] | None:
+        """The live session of the agent in pod `namespace/pod_name` that arrived last (an
+        agent restarted in its pod has a new one while the old one's lease runs out)."""
         now, latest = self._clock(), None
         for s in self.sessions.sessions.values():
             if s.expires_at <= now or s.identity.pod_name != pod_name:
@@ -133,6 +131,14 @@ class AgentRegistry:
                 latest is None or s.arrived_at >= latest.arrived_at
             ):
                 latest = s
+        return latest
+
+    def arrival(self, namespace: str, pod_name: str) -> str:
+        """Which arrival of the agent in pod `namespace/pod_name` is up (the latest live
+        session's tag; "" when none is): it changes when the agent restarts in the same pod
+        (a crash, an OOM kill), so that a client knows to reach it again (its volume mount
+        ended with the old agent). Not the session id itself, which is the agent's own."""
+        latest = self.latest(namespace, pod_name)
         if latest is None:
             return ""
         return hashlib.sha256(latest.session_id.encode()).hexdigest()[:16]

@@ -460,13 +460,20 @@ class Engagements:
     def _follow_serving_pods(self) -> None:
         """An engagement whose pod has no agent any more (the pod was deleted, evicted or
         rolled) is served from then on by the pods whose agents of the workload are up, the
-        first live and ready one first; until one is up it keeps the pod it had."""
+        first live and ready one first; until one is up it keeps the pod it had. One whose
+        pod's agent arrived again (restarted there) gets its new file server port."""
         if self._pods_followed is self._changes.event:
             return  # nothing changed since the last look
         self._pods_followed = self._changes.event
         for slot, active in list(self._table.active.items()):
             agents = self._agents.of_workload(active.workload_key)
-            if not agents or active.info.pod_name in {a.pod_name for a in agents}:
+            if not agents:
+                continue
+            if active.info.pod_name in {a.pod_name for a in agents}:
+                # Its agent may have restarted in the pod: its file server's port with it.
+                latest = self._agents.latest(active.info.namespace, active.info.pod_name)
+                if latest is not None and self._table.agent_arrived_again(slot, latest.identity):
+                    log.info("the agent of pod %s arrived again", active.info.pod_name)
                 continue
             info = self._table.serve_from(slot, self._serving_first(agents))
             log.info(

@@ -244,6 +244,21 @@ class EngagementTable:
         self.active[slot] = dataclasses.replace(active, info=info)
         return info
 
+    def agent_arrived_again(self, slot: tuple[str, str], agent: aapi.AgentIdentity) -> bool:
+        """The agent of the pod serving the engagement in `slot` arrived again (it restarted
+        in that pod): its file server may listen on another port now. True if that changed
+        what the engagement's client is told."""
+        active = self.active[slot]
+        info = active.info
+        fields = _mount_fields([agent], info.container)
+        if info.mount_error:  # withheld from this user (RBAC)
+            fields["sftp_port"] = 0
+        fresh = msgspec.structs.replace(info, **fields)
+        if fresh == info:
+            return False
+        self.active[slot] = dataclasses.replace(active, info=fresh)
+        return True
+
     def leave(self, session_id: str, name: str) -> Active | None:
         return self.active.pop((session_id, name), None)
 
