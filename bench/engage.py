@@ -37,8 +37,10 @@ every round (ABBA ...) so that order does not bias the difference.
 --docker (issue 21) adds a private dockerd and a handler container (`--docker-run`, the same
 Python handler as the process one, from tele's image loaded into that engine): ready time with
 the image built by `--docker-build` first (cold) and already there (warm), the agent already
-injected in both; and the latency of a tcp intercept answered by the container next to the one
-answered by the process handler.
+injected in both; the latency of a tcp intercept answered by the container next to the one
+answered by the process handler; and under `tele connect --docker`, the ready time of a
+--docker-run handler of a workload with a Secret volume, mounted and not (--mount=false), and
+what mounting adds (the median of ABBA-paired differences).
 
 Prints a table and one JSON line. Needs root, iproute2, nftables and kubectl, like the sandbox.
 """
@@ -90,6 +92,37 @@ metadata: {name: caller, namespace: default}
 spec:
   containers: [{name: c, image: tele-sandbox/worker}]
 """
+
+VOLUME_APP = """
+apiVersion: v1
+kind: Secret
+metadata: {name: vol-creds, namespace: default}
+data: {password: czNjcjN0}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: vol, namespace: default}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: vol}}
+  template:
+    metadata: {labels: {app: vol}}
+    spec:
+      containers:
+      - name: vol
+        image: tele-sandbox/echo
+        ports: [{name: http, containerPort: 8080}]
+        volumeMounts: [{name: creds, mountPath: /etc/creds}]
+      volumes: [{name: creds, secret: {secretName: vol-creds}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: vol, namespace: default}
+spec:
+  selector: {app: vol}
+  ports: [{name: http, port: 80, targetPort: http}]
+"""
+"""--docker: a workload with a Secret volume, for the connect --docker volume rows."""
 
 # Runs in the caller pod: requests with the header every 5 ms until one is answered by the
 # laptop (or 60 s pass).
@@ -348,11 +381,19 @@ class Bench:
             raise SystemExit("no request reached the local handler")
         return returned, Handler.first - started
 
-    def docker_ready(self, port: int, build: Path | None, image: str) -> tuple[float, object]:
+    def docker_ready(
+        self,
+        port: int,
+        build: Path | None,
+        image: str,
+        workload: str = "echo",
+        flags: tuple[str, ...] = (),
+    ) -> tuple[float, object]:
         """Seconds from starting `tele intercept --docker-run` (or --docker-build `build`) to
         the first request answered by the container, and the running tele (leave it with
         stop_docker_handler)."""
         argv = ["kubectl", "--kubeconfig", self.kubeconfig, "exec", "caller", "--"]
+        knock = KNOCK.replace("echo.default", f"{workload}.default")
         docker = ["--docker-run", "--"]
         if build:
             docker = ["--docker-build", str(build), "--docker-build-opt", f"tag={image}", "--"]
@@ -362,14 +403,14 @@ class Bench:
         ]  # fmt: skip
         started = time.monotonic()
         handler = subprocess.Popen(
-            [sys.executable, "-m", "tele", "intercept", "echo", "--port", str(port),
-             "--http-header", "x-bench=me", *docker, *run],
+            [sys.executable, "-m", "tele", "intercept", workload, "--port", str(port),
+             "--http-header", "x-bench=me", *flags, *docker, *run],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )  # fmt: skip
         knock = subprocess.run(
-            [*argv, "python3", "-c", KNOCK + "else:\n    raise SystemExit(1)\n"],
+            [*argv, "python3", "-c", knock + "else:\n    raise SystemExit(1)\n"],
             capture_output=True,
             timeout=90,
             check=False,
@@ -424,9 +465,46 @@ class Bench:
                     row = self.latency("echo.default", 80, True)
                 finally:
                     self.stop_docker_handler(handler)
+                volumes = self.docker_volume_rows(port, tag)
             finally:
                 del self.env["DOCKER_HOST"]
-        return {"cold": cold, "warm": warm, "row": row}
+        return {"cold": cold, "warm": warm, "row": row, **volumes}
+
+    def docker_volume_rows(self, port: int, tag: str, rounds: int = 2) -> dict[str, float]:
+        """Under `tele connect --docker`: the --docker-run ready time (agent there) of a
+        workload with a Secret volume, with the volumes mounted (sshfs in the daemon's
+        container, bound into the handler's) and with --mount=false, in ABBA order; what the
+        volumes add is the median of the paired differences. The runtime directory is made a
+        shared mount first, as systemd makes every mount (Docker passes the container's mounts
+        on only from one); the host daemon is quit for the container's."""
+        self.tele("quit")
+        self.kubectl("apply", "-f", "-", stdin=VOLUME_APP)
+        self.kubectl("rollout", "status", "deployment/vol", "--timeout=120s")
+        runtime = str(self.home / "runtime")
+        subprocess.run(["mount", "--bind", runtime, runtime], check=True)
+        try:
+            subprocess.run(["mount", "--make-shared", runtime], check=True)
+            self.tele("connect", "--docker", "--kubeconfig", self.kubeconfig, timeout=300)
+            _, handler = self.docker_ready(port, None, tag, "vol", ("--mount=false",))
+            self.stop_docker_handler(handler)  # the agent is injected: warm from here on
+            times: dict[str, list[float]] = {"true": [], "false": []}
+            for round_ in range(rounds):
+                order = ("false", "true") if round_ % 2 == 0 else ("true", "false")
+                for mount in order:
+                    ready, handler = self.docker_ready(
+                        port, None, tag, "vol", (f"--mount={mount}",)
+                    )
+                    self.stop_docker_handler(handler)
+                    times[mount].append(ready)
+            self.tele("quit")
+        finally:
+            subprocess.run(["umount", "-l", runtime], check=False, capture_output=True)
+        added = [m - n for m, n in zip(times["true"], times["false"], strict=True)]
+        return {
+            "volumes_ready": statistics.median(times["true"]),
+            "no_volumes_ready": statistics.median(times["false"]),
+            "volumes_added": statistics.median(added),
+        }
 
     def set_auth_mode(self, mode: str) -> float:
         """Reinstall the manager with `mode` and reconnect; seconds `tele connect` took."""
@@ -766,6 +844,18 @@ def main() -> None:
             f"{'--docker-build, image built first (agent there)':46} {'':7} {docker['cold']:8.2f}"
         )
         print(f"{'--docker-run, image there (agent there)':46} {'':7} {docker['warm']:8.2f}")
+        print(
+            f"{'connect --docker, --docker-run with volumes':46} {'':7} "
+            f"{docker['volumes_ready']:8.2f}"
+        )
+        print(
+            f"{'connect --docker, --docker-run --mount=false':46} {'':7} "
+            f"{docker['no_volumes_ready']:8.2f}"
+        )
+        print(
+            f"{'  what mounting the volumes adds (median)':46} {'':7} "
+            f"{docker['volumes_added']:+8.2f}"
+        )
     print()
     direct = rows["app directly (pod IP:8080)"]["p50_ms"]
     fresh = rows[IDLE_FRESH]
@@ -801,6 +891,12 @@ def main() -> None:
                 },
                 "docker_ready_cold_s": round(float(docker["cold"]), 3) if docker else None,
                 "docker_ready_warm_s": round(float(docker["warm"]), 3) if docker else None,
+                "docker_connect_volumes_ready_s": round(float(docker["volumes_ready"]), 3)
+                if docker
+                else None,
+                "docker_connect_volumes_added_s": round(float(docker["volumes_added"]), 3)
+                if docker
+                else None,
                 "docker_added_p50_ms": round(
                     rows["Service, http intercept, matching (container)"]["p50_ms"]
                     - rows["Service, http intercept, matching (process)"]["p50_ms"],

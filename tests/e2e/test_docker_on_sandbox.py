@@ -296,6 +296,8 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
                 # While the container runs (it ends after one answer): the mount, here too.
                 fuse = [p for p in mounts_under(runtime) if "/telfs-" in p]
                 assert len(fuse) == 1, mounts_under(runtime)
+                shown = run_tele(env, "status").stdout
+                assert "Not seen here" not in shown, shown
                 answers: list[str] = []
                 while not answers or "greeting=" not in answers[-1]:
                     assert handler.poll() is None, handler.communicate()

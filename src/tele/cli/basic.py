@@ -130,6 +130,7 @@ def status(output: str) -> None:
 def _unseen_mounts(session: dict[str, Any] | None) -> list[str]:
     """A line per engagement whose volumes this shell cannot see (the daemon mounted them in
     a mount namespace this process does not share)."""
+    from tele.cli.docker_cmd import host_mount
     from tele.cli.intercept_cmd import mounted_here
 
     if not session or session.get("status") == "failed":
@@ -138,7 +139,9 @@ def _unseen_mounts(session: dict[str, Any] | None) -> list[str]:
         f"  Not seen here:      the volumes of {e['name']} at {e['local_mount']} (mounted in the "
         "daemon's mount namespace, which this shell does not share)"
         for e in session.get("engagements") or []
-        if e.get("local_mount") and not mounted_here(e["local_mount"])
+        # connect --docker: the daemon container's mount point shows here under another path
+        if e.get("local_mount")
+        and not mounted_here(host_mount(e["local_mount"]) or e["local_mount"])
     ]
 
 
