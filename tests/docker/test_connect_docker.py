@@ -138,6 +138,8 @@ def test_what_becomes_of_the_volumes_while_the_daemon_runs_in_a_container(
         assert docker_cmd.host_mount("/tele/mounts/telfs-x") == f"{shared}/telfs-x"
         assert docker_cmd.host_mount("/tmp/telfs-x") == ""
         assert docker_cmd.host_mount("/tele/mounts/a/../../x") == ""
+        assert docker_cmd.host_mount("/tele/mounts/..") == ""
+        assert docker_cmd.host_mount("/tele/mounts/telfs-x/../..") == ""
     finally:
         removed = dockerd.docker("rm", "-f", container)
         assert removed.returncode == 0, removed.stderr
@@ -148,6 +150,13 @@ def test_only_a_docker_run_handler_asks_the_daemon_container_for_a_mount() -> No
     assert docker_cmd.mount_request("/home/me/vols", handler_container=True) == "true"
     assert docker_cmd.mount_request("/home/me/vols:ro", handler_container=True) == "true:ro"
     assert docker_cmd.mount_request("false", handler_container=True) == "false"
+    assert docker_cmd.mount_dir_note("true") is None
+    assert docker_cmd.mount_dir_note("false") is None
+    assert docker_cmd.mount_dir_note("true:ro") is None
+    assert docker_cmd.mount_dir_note("/home/me/vols:ro") == (
+        "tele: --mount /home/me/vols is not used: with tele connect --docker the volumes are "
+        "mounted in the daemon's container, for the --docker-run container only."
+    )
 
 
 def test_a_private_mount_is_said_to_keep_the_containers_mounts_from_this_machine(

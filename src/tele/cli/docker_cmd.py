@@ -220,6 +220,17 @@ def mount_request(value: str, handler_container: bool) -> str:
     return "true:ro" if value.endswith(":ro") else "true"
 
 
+def mount_dir_note(value: str) -> str | None:
+    """`--mount DIR` while the daemon runs in a container: one sentence that DIR is not used."""
+    text = value.removesuffix(":ro").strip().lower()
+    if text in ("", "true", "yes", "false", "no"):
+        return None
+    return (
+        f"tele: --mount {value.removesuffix(':ro')} is not used: with tele connect --docker the "
+        "volumes are mounted in the daemon's container, for the --docker-run container only."
+    )
+
+
 def volumes_note(data: Mapping[str, Any], handler_container: bool) -> str | None:
     """What becomes of the engagement's volumes while the daemon runs in a container, in one
     sentence (None: they are in the --docker-run container, or there are none)."""
@@ -243,8 +254,9 @@ def host_mount(local_mount: str) -> str:
     directory is bound there with shared propagation), or '' when it is not in there."""
 
     inside = f"{MOUNTS_INSIDE}/"
-    if not local_mount.startswith(inside) or "/" in local_mount.removeprefix(inside):
-        return ""
+    name = local_mount.removeprefix(inside)
+    if not local_mount.startswith(inside) or not name.startswith("telfs-") or "/" in name:
+        return ""  # only the mount points tele.daemon.mounts makes there
     where = _marker().get("mounts")
     return f"{where}/{local_mount.removeprefix(inside)}" if isinstance(where, str) else ""
 

@@ -146,6 +146,8 @@ def _engage(kind: str, target: _Target, handling: _Handling, text: Any, **fields
     docker = docker_cmd.before_engaging()  # --docker-*: the engine and the image first
     in_container = docker_cmd.daemon_in_container()  # connect --docker
     if in_container:
+        if note := docker_cmd.mount_dir_note(request.mount):
+            click.echo(note, err=True)
         mount = docker_cmd.mount_request(request.mount, docker is not None)
         import msgspec
 
