@@ -62,6 +62,23 @@ def test_genyaml_writes_config_container_init_container_and_volumes(
     assert [v["name"] for v in volumes] == ["traffic-agent-token"]
 
 
+def test_genyaml_not_connected_says_the_manager_port_was_not_checked(
+    tele_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Without a connected traffic manager, --manager-port (default 8081, as Telepresence's)
+    cannot be checked against its Helm apiPort: one line on stderr says so."""
+    app = tmp_path / "app.yaml"
+    app.write_text(APP)
+    for given, port in (((), 8081), (("--manager-port", "8091"), 8091)):
+        made = run_tele(tele_env, "genyaml", "config", "-i", str(app), *given)
+        assert made.returncode == 0, made.stderr
+        assert yaml.safe_load(made.stdout)["manager_port"] == port
+        assert made.stderr.splitlines() == [
+            f"tele: --manager-port {port} was not checked (not connected to a cluster): it must "
+            "be the traffic manager's Helm apiPort."
+        ]
+
+
 def test_genyaml_bad_input_is_one_sentence(tele_env: dict[str, str], tmp_path: Path) -> None:
     missing = run_tele(tele_env, "genyaml", "config", "-i", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 1

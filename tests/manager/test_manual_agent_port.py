@@ -5,6 +5,7 @@ Helm agent.port (a mismatch would send the agent an engagement on a port it does
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -129,3 +130,51 @@ async def test_a_hand_injected_configuration_that_is_not_this_workloads_is_one_s
         )
     assert refused.value.code is Code.FAILED_PRECONDITION
     assert refused.value.message.startswith(reason)
+
+
+async def test_a_hand_injected_agent_configured_for_another_manager_port_is_named_as_the_cause(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    """`tele genyaml config --manager-port` must be the Helm apiPort: with another one the
+    agent never arrives, and the error says where it is looking for the manager."""
+    await _create(kube, _hand_injected(9950, manager_port=8099))
+    manager, client = await start_manager(nursery, kube)
+    # As deployed, with its apiPort (the test's manager listens on an ephemeral port).
+    settings = dataclasses.replace(manager.engagements._settings, manager_port=8081)
+    manager.engagements._settings = settings
+    await wait_for(lambda: ("Deployment", "default", "api") in manager.view.workloads)
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+    with pytest.raises(RpcError) as refused:
+        await client.call(
+            aapi.ENGAGE,
+            aapi.EngageRequest(
+                session_id=session, namespace="default", workload="api", agent_timeout=0.5
+            ),
+        )
+    assert refused.value.code is Code.DEADLINE_EXCEEDED
+    assert refused.value.message == (
+        "No traffic agent of Deployment default/api arrived within 0.5s: its hand-injected "
+        "traffic agent is configured to reach the traffic manager at traffic-manager.default:"
+        "8099, but it listens at traffic-manager.default:8081 (Helm apiPort); write the agent's "
+        "configuration again with `tele genyaml config` while connected, and apply it."
+    )
+
+
+async def test_a_hand_injected_agent_configured_for_this_manager_is_not_said_to_miss_it(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    await _create(kube, _hand_injected(9950))
+    manager, client = await start_manager(nursery, kube)
+    await wait_for(lambda: ("Deployment", "default", "api") in manager.view.workloads)
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+    with pytest.raises(RpcError) as refused:
+        await client.call(
+            aapi.ENGAGE,
+            aapi.EngageRequest(
+                session_id=session, namespace="default", workload="api", agent_timeout=0.5
+            ),
+        )
+    assert refused.value.code is Code.DEADLINE_EXCEEDED
+    assert refused.value.message.startswith(
+        "No traffic agent of Deployment default/api arrived within 0.5s: it has no running pod;"
+    )

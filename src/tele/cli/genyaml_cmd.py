@@ -26,6 +26,8 @@ import click
 from tele.errors import UserError
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "ReplicaSet", "Rollout")
+DEFAULT_MANAGER_PORT = 8081
+"""Helm apiPort's default (as Telepresence's)."""
 MAX_INPUT = 4 * 1024 * 1024
 
 
@@ -134,7 +136,13 @@ def genyaml() -> None:
     default="",
     help="The agent's image (default: the traffic manager's image of this tele version).",
 )
-@click.option("--manager-port", type=click.IntRange(1, 65535), default=8081, show_default=True)
+@click.option(
+    "--manager-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="The traffic manager's API port (Helm apiPort), where the agent reaches it. Default: "
+    f"the connected traffic manager's; {DEFAULT_MANAGER_PORT} when not connected.",
+)
 @click.option("--manager-namespace", default="ambassador", show_default=True)
 @click.option(
     "--loglevel",
@@ -148,7 +156,7 @@ def config(
     workload: str,
     agent_port: int,
     agent_image: str,
-    manager_port: int,
+    manager_port: int | None,
     manager_namespace: str,
     loglevel: str,
     output: str,
@@ -158,6 +166,7 @@ def config(
 
     from tele.contracts import agentconfig
 
+    manager_port, unchecked = _manager_port(manager_port)
     objects = _read_yaml(input_path, "input")
     found = _workload(objects, workload, input_path)
     namespace = (found.get("metadata") or {}).get("namespace") or "default"
@@ -183,6 +192,38 @@ def config(
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{input_path} has a malformed workload or Service ({exc}).") from None
     _write(msgspec.to_builtins(agentconfig.for_manual_injection(generated)), output)
+    if unchecked:
+        click.echo(f"tele: {unchecked}", err=True)
+
+
+def _manager_port(given: int | None) -> tuple[int, str]:
+    """The port the agent is to reach the traffic manager at: the connected manager's real
+    API port (a different --manager-port is refused: its agent would never arrive), else the
+    one given or the default, with a sentence saying it was not checked."""
+    from tele.cli import quick
+    from tele.errors import TeleError
+    from tele.rpc import daemon_api
+
+    try:
+        status = quick.ask_daemon(daemon_api.STATUS, daemon_api.Empty(), timeout=5)
+    except TeleError:
+        status = None
+    connected = status is not None and status.connection in ("connected", "reconnecting")
+    session = status.session if status is not None and connected else None
+    installed = session.manager_api_port if session is not None else 0
+    if session is not None and installed:
+        if given is not None and given != installed:
+            raise UserError(
+                f"The traffic manager in namespace {session.manager_namespace} listens on port "
+                f"{installed} (its Helm apiPort), not {given}: leave out --manager-port or "
+                f"give {installed}."
+            )
+        return installed, ""
+    port = DEFAULT_MANAGER_PORT if given is None else given
+    return port, (
+        f"--manager-port {port} was not checked (not connected to a cluster): it must be the "
+        "traffic manager's Helm apiPort."
+    )
 
 
 def _default_image() -> str:

@@ -251,6 +251,11 @@ class ClusterSession:
             namespace=self.namespace,
             manager_namespace=self.manager_namespace,
             manager_pod=self.locator.manager_pod,
+            manager_api_port=(
+                self.locator.api_port
+                if self.locator.manager_pod and not self.locator.by_address
+                else 0
+            ),
             manager_version=cluster.manager_version if cluster else "",
             session_id=session.session_id if session else "",
             managed_namespaces=cluster.managed_namespaces if cluster else [],

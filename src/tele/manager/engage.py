@@ -317,11 +317,12 @@ class Engagements:
             table.replacing[pending] = session.label
         activated = False
         try:
-            agents = self._serving_first(
-                await self._rollouts.ensure_agent(
-                    key, workload, min(request.agent_timeout, self._settings.arrival_timeout)
-                )
-            )
+            timeout = min(request.agent_timeout, self._settings.arrival_timeout)
+            try:
+                arrived = await self._rollouts.ensure_agent(key, workload, timeout)
+            except RpcError as exc:
+                raise self._unreachable_manager(exc, key, timeout, config) from None
+            agents = self._serving_first(arrived)
             agents, withheld = await self._withhold(agents, workload, key, container)
             info = table.activate(
                 request,
@@ -520,6 +521,28 @@ class Engagements:
         except agentconfig.NotInterceptable as exc:
             why = f"{key[2]} cannot be engaged: {str(exc).rstrip('.')}."
             raise RpcError(Code.FAILED_PRECONDITION, why) from None
+
+    def _unreachable_manager(
+        self, exc: RpcError, key: WorkloadKey, timeout: float, config: agentconfig.AgentConfig
+    ) -> RpcError:
+        """An agent that did not arrive, of a hand-injected workload whose configuration
+        (`tele genyaml config`) names another address than this manager's: the error says
+        so (the agent cannot reach the manager there), else it is `exc` as it is."""
+        if exc.code is not Code.DEADLINE_EXCEEDED:
+            return exc
+        ours = (f"traffic-manager.{self._settings.manager_namespace}", self._settings.manager_port)
+        theirs = (config.manager_host, config.manager_port)
+        host = theirs[0].removesuffix(".svc.cluster.local").removesuffix(".svc")
+        if (host, theirs[1]) == ours or not ours[1]:  # the same, or this port unknown
+            return exc
+        return RpcError(
+            exc.code,
+            f"No traffic agent of {key[0]} {key[1]}/{key[2]} arrived within {timeout:g}s: its "
+            f"hand-injected traffic agent is configured to reach the traffic manager at "
+            f"{theirs[0]}:{theirs[1]}, but it "
+            f"listens at {ours[0]}:{ours[1]} (Helm apiPort); write the agent's configuration "
+            "again with `tele genyaml config` while connected, and apply it.",
+        )
 
     @staticmethod
     def _manual_config(

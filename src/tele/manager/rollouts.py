@@ -99,6 +99,7 @@ class Rollouts:
     def _why_no_agent(self, key: WorkloadKey) -> str:
         """What keeps the workload's pods from running an agent, from their status (the
         first such pod), e.g. `pod echo-1 is Pending (ImagePullBackOff: ...)`."""
+        running = False
         for (ns, name), pod in sorted(self._view.pods.items()):
             if ns != key[1] or not _live(pod):
                 continue
@@ -117,7 +118,8 @@ class Rollouts:
                     )
             if phase != "Running":
                 return f"pod {name} is {phase}"
-        return "it has no running pod"
+            running = True
+        return "" if running else "it has no running pod"
 
     async def roll(
         self,

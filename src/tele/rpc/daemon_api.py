@@ -62,6 +62,9 @@ class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     manager_namespace: str
     manager_pod: str = ""
     manager_version: str = ""
+    manager_api_port: int = 0
+    """The traffic manager's API port (its pod's `api` port, Helm `apiPort`: where agents
+    reach it); 0 when not known (not found yet, or reached by --manager-address)."""
     session_id: str = ""
     managed_namespaces: list[str] = []
     mapped_namespaces: list[str] = []
