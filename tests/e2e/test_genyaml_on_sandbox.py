@@ -1,6 +1,7 @@
 """`tele genyaml` with an agent port other than the traffic manager's Helm agent.port: the
 hand-injected agent listens where its configuration says, and the manager engages it by that
-configuration (it used its own agent.port, and the intercepted calls silently reached the app)."""
+configuration (it used its own agent.port, and the intercepted calls silently reached the app).
+`tele genyaml config --manager-port` is the connected manager's Helm apiPort."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.util import DaemonGuard, run_tele
-from tests.e2e import install_manager, kubectl
+from tests.daemon.util import DaemonGuard, run_tele, single_error_line
+from tests.e2e import connect, install_manager, kubectl
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 
 AGENT_PORT = 9950  # the chart's agent.port is 9900
+API_PORT = 8091  # the chart's apiPort is 8081
 
 HAND = """
 apiVersion: apps/v1
@@ -143,3 +145,65 @@ def test_a_hand_injected_agent_on_another_agent_port_is_intercepted(
     finally:
         run_tele(tele_env, "quit")
         run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+
+
+def test_genyaml_takes_the_connected_managers_api_port(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    tmp_path: Path,
+) -> None:
+    """`--manager-port` must be the Helm apiPort: connected, genyaml takes the installed
+    manager's and refuses another; not connected, it says the default was not checked, and an
+    agent configured so (for the wrong port) makes the intercept say why it did not arrive."""
+    import yaml
+
+    sandbox = node_sandbox
+    kubeconfig = str(sandbox.kubeconfig)
+    install_manager(sandbox, tele_env, f"apiPort={API_PORT}", "timeouts.agentArrival=15s")
+    try:
+        app, offline = tmp_path / "hand.yaml", tmp_path / "offline.yaml"
+        app.write_text(HAND)
+        made = run_tele(tele_env, "genyaml", "config", "-i", str(app), "-o", str(offline))
+        assert made.returncode == 0, made.stderr
+        assert made.stderr.splitlines() == [
+            "tele: --manager-port 8081 was not checked (not connected to a cluster): it must "
+            "be the traffic manager's Helm apiPort."
+        ]
+        assert yaml.safe_load(offline.read_text())["manager_port"] == 8081
+
+        connect(tele_env, sandbox)
+        made = run_tele(tele_env, "genyaml", "config", "-i", str(app))
+        assert (made.returncode, made.stderr) == (0, "")
+        assert yaml.safe_load(made.stdout)["manager_port"] == API_PORT
+        other = run_tele(tele_env, "genyaml", "config", "-i", str(app), "--manager-port", "8081")
+        assert other.returncode == 1
+        assert single_error_line(other) == (
+            f"tele: The traffic manager in namespace ambassador listens on port {API_PORT} (its "
+            f"Helm apiPort), not 8081: leave out --manager-port or give {API_PORT}."
+        )
+
+        # The configuration made offline, for 8081, applied: its agent never arrives.
+        def genyaml(*args: str) -> object:
+            made = run_tele(tele_env, "genyaml", *args)
+            assert made.returncode == 0, made.stderr
+            return yaml.safe_load(made.stdout)
+
+        documents = list(yaml.safe_load_all(HAND))
+        spec = documents[0]["spec"]["template"]["spec"]
+        spec["containers"].append(genyaml("container", "-c", str(offline), "-i", str(app)))
+        spec["initContainers"] = [genyaml("initcontainer", "-c", str(offline))]
+        spec["volumes"] = genyaml("volume", "-c", str(offline))
+        kubectl(sandbox, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
+        kubectl(sandbox, "rollout", "status", "deployment/hand", "--timeout=90s")
+        engaged = run_tele(tele_env, "intercept", "hand", "-p", "9", timeout=120)
+        assert engaged.returncode != 0
+        assert (
+            "arrived within 15s: its hand-injected traffic agent is configured to reach the "
+            "traffic manager at traffic-manager.ambassador:8081, but it listens at "
+            f"traffic-manager.ambassador:{API_PORT} (Helm apiPort)"
+        ) in single_error_line(engaged)
+    finally:
+        run_tele(tele_env, "quit")
+        run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+        kubectl(sandbox, "delete", "deployment", "hand", "--ignore-not-found", "--wait=false")
