@@ -72,7 +72,11 @@ def test_genyaml_not_connected_says_the_manager_port_was_not_checked(
     for given, port in (((), 8081), (("--manager-port", "8091"), 8091)):
         made = run_tele(tele_env, "genyaml", "config", "-i", str(app), *given)
         assert made.returncode == 0, made.stderr
-        assert yaml.safe_load(made.stdout)["manager_port"] == port
+        written = yaml.safe_load(made.stdout)
+        assert (written["manager_host"], written["manager_port"]) == (
+            "traffic-manager.ambassador",
+            port,
+        )
         assert made.stderr.splitlines() == [
             f"tele: --manager-port {port} was not checked (not connected to a cluster): it must "
             "be the traffic manager's Helm apiPort."

@@ -182,6 +182,13 @@ def test_genyaml_takes_the_connected_managers_api_port(
             f"tele: The traffic manager in namespace ambassador listens on port {API_PORT} (its "
             f"Helm apiPort), not 8081: leave out --manager-port or give {API_PORT}."
         )
+        elsewhere = run_tele(
+            tele_env, "genyaml", "config", "-i", str(app), "--manager-namespace", "tm"
+        )
+        assert single_error_line(elsewhere) == (
+            "tele: The connected traffic manager is in namespace ambassador, not tm: leave out "
+            "--manager-namespace or give ambassador."
+        )
 
         # The configuration made offline, for 8081, applied: its agent never arrives.
         def genyaml(*args: str) -> object:

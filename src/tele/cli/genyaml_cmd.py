@@ -28,6 +28,7 @@ from tele.errors import UserError
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "ReplicaSet", "Rollout")
 DEFAULT_MANAGER_PORT = 8081
 """Helm apiPort's default (as Telepresence's)."""
+DEFAULT_MANAGER_NAMESPACE = "ambassador"
 MAX_INPUT = 4 * 1024 * 1024
 
 
@@ -143,7 +144,12 @@ def genyaml() -> None:
     help="The traffic manager's API port (Helm apiPort), where the agent reaches it. Default: "
     f"the connected traffic manager's; {DEFAULT_MANAGER_PORT} when not connected.",
 )
-@click.option("--manager-namespace", default="ambassador", show_default=True)
+@click.option(
+    "--manager-namespace",
+    default=None,
+    help="The traffic manager's namespace. Default: the connected traffic manager's; "
+    f"{DEFAULT_MANAGER_NAMESPACE} when not connected.",
+)
 @click.option(
     "--loglevel",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -157,7 +163,7 @@ def config(
     agent_port: int,
     agent_image: str,
     manager_port: int | None,
-    manager_namespace: str,
+    manager_namespace: str | None,
     loglevel: str,
     output: str,
 ) -> None:
@@ -166,7 +172,7 @@ def config(
 
     from tele.contracts import agentconfig
 
-    manager_port, unchecked = _manager_port(manager_port)
+    manager_namespace, manager_port, unchecked = _manager(manager_namespace, manager_port)
     objects = _read_yaml(input_path, "input")
     found = _workload(objects, workload, input_path)
     namespace = (found.get("metadata") or {}).get("namespace") or "default"
@@ -196,10 +202,11 @@ def config(
         click.echo(f"tele: {unchecked}", err=True)
 
 
-def _manager_port(given: int | None) -> tuple[int, str]:
-    """The port the agent is to reach the traffic manager at: the connected manager's real
-    API port (a different --manager-port is refused: its agent would never arrive), else the
-    one given or the default, with a sentence saying it was not checked."""
+def _manager(namespace: str | None, port: int | None) -> tuple[str, int, str]:
+    """Where the agent is to reach the traffic manager (its namespace and API port): the
+    connected manager's (a different --manager-namespace or --manager-port is refused: its
+    agent would never arrive), else the ones given or the defaults, with a sentence saying
+    that the port was not checked."""
     from tele.cli import quick
     from tele.errors import TeleError
     from tele.rpc import daemon_api
@@ -212,17 +219,24 @@ def _manager_port(given: int | None) -> tuple[int, str]:
     session = status.session if status is not None and connected else None
     installed = session.manager_api_port if session is not None else 0
     if session is not None and installed:
-        if given is not None and given != installed:
+        ours = session.manager_namespace
+        if namespace is not None and namespace != ours:
             raise UserError(
-                f"The traffic manager in namespace {session.manager_namespace} listens on port "
-                f"{installed} (its Helm apiPort), not {given}: leave out --manager-port or "
-                f"give {installed}."
+                f"The connected traffic manager is in namespace {ours}, not {namespace}: leave "
+                f"out --manager-namespace or give {ours}."
             )
-        return installed, ""
-    port = DEFAULT_MANAGER_PORT if given is None else given
-    return port, (
+        if port is not None and port != installed:
+            raise UserError(
+                f"The traffic manager in namespace {ours} listens on port {installed} (its "
+                f"Helm apiPort), not {port}: leave out --manager-port or give {installed}."
+            )
+        return ours, installed, ""
+    port = DEFAULT_MANAGER_PORT if port is None else port
+    return (
+        namespace or DEFAULT_MANAGER_NAMESPACE,
+        port,
         f"--manager-port {port} was not checked (not connected to a cluster): it must be the "
-        "traffic manager's Helm apiPort."
+        "traffic manager's Helm apiPort.",
     )
 
 
