@@ -184,3 +184,42 @@ def test_to_pod_and_mounts_follow_a_replaced_serving_pod(
             handler.wait()
         run_tele(tele_env, "quit")
         run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
+
+
+def test_the_volumes_are_mounted_again_after_a_new_manager_pod(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+    guard: DaemonGuard,
+    mount_dir: Path,
+) -> None:
+    """The traffic manager's pod is replaced: the mount, whose connection went through the old
+    manager, ends; the agents arrive at the new manager, and the volumes are mounted again."""
+    sandbox = node_sandbox
+    kubeconfig = str(sandbox.kubeconfig)
+    install_manager(sandbox, tele_env)
+    try:
+        apply_ready(sandbox, APP, app="movable")
+        connect(tele_env, sandbox)
+        engaged = run_tele(
+            tele_env, "intercept", "movable", "--port", "8093", "--mount", str(mount_dir),
+            timeout=180,
+        )  # fmt: skip
+        assert engaged.returncode == 0, engaged.stderr
+        pod = (_engagement(tele_env) or {})["pod_name"]
+        assert (mount_dir / "etc" / "podinfo" / "name").read_text() == pod
+
+        kubectl(sandbox, "delete", "pod", "-n", "ambassador", "-l", "app=traffic-manager")
+        again = (
+            f"the traffic agent of movable in pod {pod} arrived again; its volumes are mounted "
+            f"again at {mount_dir}"
+        )
+        deadline = time.monotonic() + 180
+        while (engaged_now := _engagement(tele_env) or {}).get("pod_change") != again:
+            assert time.monotonic() < deadline, f"not mounted again: {engaged_now}"
+            time.sleep(0.5)
+        assert (mount_dir / "etc" / "podinfo" / "name").read_text() == pod
+        assert run_tele(tele_env, "leave", "movable", timeout=60).returncode == 0
+        assert str(mount_dir) not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        run_tele(tele_env, "quit")
+        run_tele(tele_env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)
