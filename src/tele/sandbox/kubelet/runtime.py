@@ -611,10 +611,22 @@ class Container:
         # then starts the process at once), not as soon as runc itself was spawned.
         # runc offers no notification of that short of a console socket: look every 2 ms, at
         # most 10 s (it takes ~50 ms).
-        for _ in range(5000):
-            if self.init_pid() is not None or self.proc.poll() is not None:
-                break
-            await trio.sleep(0.002)
+        try:
+            for _ in range(5000):
+                if self.init_pid() is not None or self.proc.poll() is not None:
+                    break
+                await trio.sleep(0.002)
+        except BaseException:
+            # Cancelled while starting (the pod deleted): nobody else holds this process yet,
+            # so end and reap it here, or runc lingers and its pipes are never closed.
+            with trio.CancelScope(shield=True):
+                self.signal(signal.SIGKILL)
+                with trio.move_on_after(10):
+                    await self.proc.wait()
+                for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                    if pipe is not None:
+                        await pipe.aclose()
+            raise
         return self.proc
 
     def start_error(self) -> str | None:
