@@ -25,6 +25,7 @@ from tests.e2e import (
     connect,
     deployment,
     echo_container,
+    free_port,
     install_manager,
     kubectl,
     manifest,
@@ -37,27 +38,29 @@ pytestmark = [
     pytest.mark.skipif(mount_problem() is not None, reason=f"no FUSE mounts: {mount_problem()}"),
 ]
 
-APP_PORT = 18091  # also the --to-pod port on this machine: far from common local services
 
-APP = manifest(
-    deployment(
-        "movable",
-        echo_container(
-            APP_PORT,
-            name="app",
-            volumeMounts=[{"name": "podinfo", "mountPath": "/etc/podinfo"}],
+def _app(port: int) -> str:
+    """The movable app, listening on `port` in its pod (the first test's --to-pod port too)."""
+    return manifest(
+        deployment(
+            "movable",
+            echo_container(
+                port,
+                name="app",
+                volumeMounts=[{"name": "podinfo", "mountPath": "/etc/podinfo"}],
+            ),
+            volumes=[
+                {
+                    "name": "podinfo",
+                    "downwardAPI": {
+                        "items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]
+                    },
+                }
+            ],
         ),
-        volumes=[
-            {
-                "name": "podinfo",
-                "downwardAPI": {
-                    "items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]
-                },
-            }
-        ],
-    ),
-    service("movable"),
-)
+        service("movable"),
+    )
+
 
 # The handler runs until its stdin ends (the test closes it).
 HANDLER = "import sys; sys.stdin.read()"
@@ -69,9 +72,9 @@ def _engagement(env: dict[str, str]) -> dict[str, Any] | None:
     return next((e for e in engagements if e["name"] == "movable"), None)
 
 
-def _to_pod_answer() -> str:
-    """The pod that answers on this machine's --to-pod port (the echo app says its name)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{APP_PORT}/", timeout=10) as answer:
+def _to_pod_answer(port: int) -> str:
+    """The pod that answers on this machine's --to-pod `port` (the echo app says its name)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as answer:
         return str(json.loads(answer.read())["pod"])
 
 
@@ -102,15 +105,18 @@ def test_to_pod_and_mounts_follow_a_replaced_serving_pod(
 ) -> None:
     sandbox = node_sandbox
     kubeconfig = str(sandbox.kubeconfig)
+    # The app's port is also the --to-pod port on this machine: a free one, so that two runs at
+    # once do not collide.
+    app_port = free_port()
     install_manager(sandbox, tele_env)
     handler: subprocess.Popen[str] | None = None
     try:
-        apply_ready(sandbox, APP, app="movable")
+        apply_ready(sandbox, _app(app_port), app="movable")
         connect(tele_env, sandbox)
         stderr_file = tmp_path / "intercept.stderr"
         with stderr_file.open("w") as stderr:
             handler = subprocess.Popen(
-                [TELE, "intercept", "movable", "--port", "8093", "--to-pod", str(APP_PORT),
+                [TELE, "intercept", "movable", "--port", "8093", "--to-pod", str(app_port),
                  "--mount", str(mount_dir), "--", "python3", "-c", HANDLER],
                 env=tele_env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
                 text=True,
@@ -122,7 +128,7 @@ def test_to_pod_and_mounts_follow_a_replaced_serving_pod(
             time.sleep(0.2)
         old = engaged["pod_name"]
         assert old.startswith("movable-") and engaged["local_mount"] == str(mount_dir)
-        assert _to_pod_answer() == old
+        assert _to_pod_answer(app_port) == old
         assert (mount_dir / "etc" / "podinfo" / "name").read_text() == old
 
         kubectl(sandbox, "delete", "pod", old, "--wait=false")
@@ -140,7 +146,7 @@ def test_to_pod_and_mounts_follow_a_replaced_serving_pod(
             f"its volumes are mounted again at {mount_dir}"
         )
         # Bytes through the --to-pod port reach the new pod; the mount shows its files.
-        assert _to_pod_answer() == new
+        assert _to_pod_answer(app_port) == new
         assert (mount_dir / "etc" / "podinfo" / "name").read_text() == new
         assert engaged["local_mount"] == str(mount_dir)
         moved = engaged["pod_change"]
@@ -166,7 +172,7 @@ def test_to_pod_and_mounts_follow_a_replaced_serving_pod(
         assert _restarts(sandbox, new) >= 1
         assert engaged["pod_name"] == new and engaged["local_mount"] == str(mount_dir)
         assert (mount_dir / "etc" / "podinfo" / "name").read_text() == new
-        assert _to_pod_answer() == new
+        assert _to_pod_answer(app_port) == new
 
         # The foreground command's own output said it, in one line.
         assert handler.stdin is not None
@@ -177,7 +183,7 @@ def test_to_pod_and_mounts_follow_a_replaced_serving_pod(
         # Leaving (the command ended) unmounts, also the mount made again.
         assert str(mount_dir) not in Path("/proc/self/mountinfo").read_text()
         with pytest.raises(OSError):
-            _to_pod_answer()
+            _to_pod_answer(app_port)
     finally:
         if handler is not None and handler.poll() is None:
             handler.kill()
@@ -198,7 +204,7 @@ def test_the_volumes_are_mounted_again_after_a_new_manager_pod(
     kubeconfig = str(sandbox.kubeconfig)
     install_manager(sandbox, tele_env)
     try:
-        apply_ready(sandbox, APP, app="movable")
+        apply_ready(sandbox, _app(8080), app="movable")  # no --to-pod here
         connect(tele_env, sandbox)
         engaged = run_tele(
             tele_env, "intercept", "movable", "--port", "8093", "--mount", str(mount_dir),
