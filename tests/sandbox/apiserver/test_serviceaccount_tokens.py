@@ -92,13 +92,12 @@ def test_verification_refuses_tampering_expiry_and_other_audiences() -> None:
 
 def test_the_kubelets_default_token_volume_holds_a_pod_bound_token() -> None:
     """What the kubelet writes into kube-api-access (volumes.volume_files, as for a pod)."""
-    from tele.sandbox.kubelet.kubelet import _DEFAULT_SA_VOLUME
-    from tele.sandbox.kubelet.volumes import ConfigError, volume_files
+    from tele.sandbox.kubelet.volumes import DEFAULT_SA_VOLUME, ConfigError, volume_files
 
     api, _ = _api()
     pod = api.store.get("/pods", "default", "p")
     assert pod is not None
-    files = volume_files(api, pod, _DEFAULT_SA_VOLUME)
+    files = volume_files(api, pod, DEFAULT_SA_VOLUME)
     assert files is not None
     token = files["token"].decode()
     verified = api.authn.service_accounts.verify(token)
@@ -109,4 +108,4 @@ def test_the_kubelets_default_token_volume_holds_a_pod_bound_token() -> None:
         api.authn.service_accounts.verify(token)
     orphan = {**pod, "spec": {**pod["spec"], "serviceAccountName": "absent"}}
     with pytest.raises(ConfigError, match="absent"):
-        volume_files(api, orphan, _DEFAULT_SA_VOLUME)
+        volume_files(api, orphan, DEFAULT_SA_VOLUME)

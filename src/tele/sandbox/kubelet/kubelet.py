@@ -509,9 +509,7 @@ class PodWorker:
             await self.kubelet.event(self.pod, "FailedMount", str(exc), kind="Warning")
             await self.terminating.wait()
             return
-        nursery.start_soon(
-            volumes.refresh_tokens, self.kubelet.api, lambda: self.pod, self.dir / "volumes"
-        )
+        self.start_token_rotation(nursery)
         async with trio.open_nursery() as containers:
             for run in self.init_runs:
                 containers.start_soon(self._supervise, run)
@@ -526,6 +524,43 @@ class PodWorker:
             await self.terminating.wait()
             await self._terminate()
             containers.cancel_scope.cancel()
+
+    @property
+    def _sa_dir(self) -> Path:
+        return Path(self.dir / "serviceaccount")
+
+    def _wants_default_service_account(self) -> bool:
+        """Some container gets the default token volume at SA_DIR (automount, not mounted)."""
+        spec = self.pod.get("spec") or {}
+        if spec.get("automountServiceAccountToken", True) is False:
+            return False
+        return any(
+            not any(
+                m.get("mountPath", "").rstrip("/") == volumes.SA_DIR
+                for m in run.spec.get("volumeMounts") or []
+            )
+            for run in self.all_runs()
+        )
+
+    def start_token_rotation(self, nursery: trio.Nursery) -> None:
+        """Write the default service-account directory (if a container gets it) and keep every
+        token of the pod fresh in `nursery`: re-minted at 80 % of its life, as a kubelet does
+        (the pod's `volumes` are written already)."""
+        if self._wants_default_service_account():
+            try:
+                volumes.write_service_account(self.kubelet.api, self.pod, self._sa_dir)
+            except volumes.ConfigError:
+                pass  # each container start says why (CreateContainerConfigError) and retries
+        nursery.start_soon(
+            volumes.refresh_tokens, self.kubelet.api, lambda: self.pod, self._rewrite_tokens
+        )
+
+    def _rewrite_tokens(self) -> None:
+        """Rotate: the projected volumes and the default service-account directory again (the
+        token issuer hands out a new token for those at 80 % of their life)."""
+        volumes.write_volumes(self.kubelet.api, self.pod, self.dir / "volumes", refresh_only=True)
+        if (self._sa_dir / "token").exists():
+            volumes.write_service_account(self.kubelet.api, self.pod, self._sa_dir)
 
     async def _terminate(self) -> None:
         meta = self.pod["metadata"]
@@ -639,12 +674,9 @@ class PodWorker:
             have_sa = have_sa or m["mountPath"].rstrip("/") == volumes.SA_DIR
         automount = spec.get("automountServiceAccountToken", True) is not False
         if automount and not have_sa:
-            sa_dir = self.dir / "serviceaccount"
-            if not sa_dir.exists():
-                files = volumes.volume_files(self.kubelet.api, self.pod, _DEFAULT_SA_VOLUME) or {}
-                for rel, data in files.items():
-                    sa_dir.mkdir(parents=True, exist_ok=True)
-                    (sa_dir / rel).write_bytes(data)
+            sa_dir = self._sa_dir
+            if not (sa_dir / "token").exists():  # (written at pod start unless that failed)
+                volumes.write_service_account(self.kubelet.api, self.pod, sa_dir)
             mounts.append(runtime.Mount(str(sa_dir), volumes.SA_DIR, True))
         return mounts
 
@@ -1236,27 +1268,5 @@ async def _pump(proc: trio.Process, logfile: LogFile, run: ContainerRun) -> None
                 await trio.aclose_forcefully(run.stdin)
             run.stdin = None
 
-
-_DEFAULT_SA_VOLUME: ApiObject = {
-    "name": "kube-api-access",
-    "projected": {
-        "sources": [
-            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
-            {
-                "configMap": {
-                    "name": "kube-root-ca.crt",
-                    "items": [{"key": "ca.crt", "path": "ca.crt"}],
-                }
-            },
-            {
-                "downwardAPI": {
-                    "items": [
-                        {"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}
-                    ]
-                }
-            },
-        ]
-    },
-}
 
 __all__ = ["Kubelet", "NodeError", "PodWorker", "resolve_port"]

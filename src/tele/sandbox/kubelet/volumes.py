@@ -25,6 +25,31 @@ log = logging.getLogger(__name__)
 
 ApiObject = dict[str, Any]
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+DEFAULT_SA_VOLUME: ApiObject = {
+    "name": "kube-api-access",
+    "projected": {
+        "sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {
+                "configMap": {
+                    "name": "kube-root-ca.crt",
+                    "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                }
+            },
+            {
+                "downwardAPI": {
+                    "items": [
+                        {"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}
+                    ]
+                }
+            },
+        ]
+    },
+}
+"""What the ServiceAccount admission plugin adds to a pod (mounted at SA_DIR in every container
+that mounts nothing there); the kubelet keeps it in the pod's `serviceaccount` directory."""
+_IDLE_CHECK = 60.0
+"""How often a pod without a token yet looks again (the kubelet's pod sync period)."""
 _VAR_RE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
 
 
@@ -116,18 +141,31 @@ def volume_files(api: Api, pod: ApiObject, volume: ApiObject) -> dict[str, bytes
     return None
 
 
-async def refresh_tokens(api: Api, pod_of: Callable[[], ApiObject], root: Path) -> None:
-    """Re-write the projected volumes of a pod whenever one of its service-account tokens
-    reaches 80 % of its life (the API server's issuer says when)."""
+async def refresh_tokens(
+    api: Api, pod_of: Callable[[], ApiObject], rewrite: Callable[[], None]
+) -> None:
+    """Re-write the token volumes of a pod (`rewrite`) whenever one of its service-account
+    tokens reaches 80 % of its life (the API server's issuer says when), as long as the pod
+    runs. A pod whose tokens are not minted yet (the default token is written when its first
+    container starts) looks again every minute."""
     while True:
         due = api.authn.service_accounts.next_rotation(pod_of())
         if due is None:
-            return
+            await trio.sleep(_IDLE_CHECK)
+            continue
         await trio.sleep(max(due - api.clock(), 1.0))
         try:
-            write_volumes(api, pod_of(), root, refresh_only=True)
+            rewrite()
         except (ConfigError, OSError) as exc:
             log.warning("rotating the tokens of %s: %s", pod_of()["metadata"]["name"], exc)
+
+
+def write_service_account(api: Api, pod: ApiObject, target: Path) -> None:
+    """Create or refresh the default service-account directory (token, ca.crt, namespace) of
+    `pod` in `target`; each file replaced atomically, so a reader never sees half a token."""
+    files = volume_files(api, pod, DEFAULT_SA_VOLUME) or {}
+    for rel, data in files.items():
+        _write(target / rel, data)
 
 
 def write_volumes(api: Api, pod: ApiObject, root: Path, *, refresh_only: bool = False) -> None:
