@@ -10,6 +10,7 @@ import json
 import logging
 import ssl
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -646,3 +647,74 @@ async def test_a_client_certificate_of_the_clusters_ca_is_a_user(
         failed += group.exceptions
     assert failed and all(not isinstance(e, RpcError) or e.code is Code.UNAVAILABLE for e in failed)
     assert len(manager.sessions.sessions) == 1  # only cert-dev's
+
+
+async def test_the_managers_own_expired_token_is_named_and_a_rotated_one_is_used(
+    nursery: trio.Nursery,
+    kube: KubeClient,
+    sandbox_api: ClusterInfo,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The manager reviews tokens with its pod's service-account token, re-read from the file
+    the kubelet rotates. Once that token has expired (a kubelet that did not rotate it), a
+    client hears that the manager's own credentials are at fault, not its token, and the
+    manager's log says so; when the kubelet puts a new token in the file, the next review
+    works without restarting anything."""
+    from tele.k8s.client import open_kube_client
+    from tele.k8s.incluster import in_cluster_connection
+
+    rbac = "rbac.authorization.k8s.io"
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "tm-sa"}}
+    await kube.create(k8s.SERVICEACCOUNTS, account, NS)
+    await kube.request(
+        "POST",
+        f"/apis/{rbac}/v1/clusterrolebindings",
+        body={
+            "apiVersion": f"{rbac}/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": f"tm-sa-{uuid.uuid4().hex[:6]}"},
+            "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": "tm-sa", "namespace": NS}],
+        },
+    )
+    stored = sandbox_api.api.store.get("/serviceaccounts", NS, "tm-sa")
+    assert stored is not None
+    issuer = sandbox_api.api.authn.service_accounts
+    account_dir = tmp_path / "serviceaccount"
+    account_dir.mkdir()
+    (account_dir / "ca.crt").write_bytes(sandbox_api.ca.cert_pem)
+    (account_dir / "namespace").write_text(NS)
+    token_file = account_dir / "token"
+    token_file.write_text(issuer.issue(stored, seconds=600)[0])
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", sandbox_api.host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(sandbox_api.port))
+    client_token = await admin_token(kube)
+    async with open_kube_client(connection=in_cluster_connection(account_dir)) as own:
+        manager = await start(nursery, own)
+        async with link(manager) as client:
+            me = await client.call(api.AUTHENTICATE, api.AuthenticateRequest(token=client_token))
+            assert me.username == "kubernetes-admin"
+        # 11 minutes pass for the API server: the manager's token expires, nothing replaces it.
+        later = time.time() + 660
+        monkeypatch.setattr(issuer, "_clock", lambda: later)
+        caplog.set_level(logging.ERROR, logger="tele.manager.auth")
+        async with link(manager) as client:
+            with pytest.raises(RpcError) as refused:
+                await client.call(
+                    api.AUTHENTICATE,
+                    api.AuthenticateRequest(token=await service_account_token(kube, "dev")),
+                )
+        assert refused.value.code is Code.UNAVAILABLE
+        assert "the traffic manager's own credentials" in refused.value.message
+        assert "service-account token has expired" in refused.value.message
+        assert any("own credentials" in r.getMessage() for r in caplog.records)
+        # The kubelet rotates it: the next review uses the new token.
+        token_file.write_text(issuer.issue(stored, seconds=600)[0])
+        async with link(manager) as client:
+            who = await client.call(
+                api.AUTHENTICATE,
+                api.AuthenticateRequest(token=await service_account_token(kube, "dev")),
+            )
+            assert who.username == f"system:serviceaccount:{NS}:dev"

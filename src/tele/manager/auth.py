@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from tele.contracts.agentconfig import AGENT_TOKEN_AUDIENCE
-from tele.k8s.client import ApiError, KubeClient
+from tele.k8s.client import ApiError, ApiUnreachable, KubeClient
 from tele.rpc import manager_api as api
 from tele.rpc.errors import Code, RpcError
 from tele.rpc.server import CALLER, CallerConnection
@@ -141,6 +141,26 @@ def token_expiry(token: str) -> float | None:
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
     return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+def review_failure(exc: ApiError | ApiUnreachable) -> str:
+    """One sentence for a TokenReview the API server did not answer, naming whose fault it is:
+    a 401 or 403 is about the traffic manager's own credentials, not the caller's token."""
+    prefix = "The traffic manager cannot review tokens now"
+    if isinstance(exc, ApiUnreachable):
+        return f"{prefix}: {str(exc).rstrip('.')}."
+    if exc.code == 401:
+        return (
+            f"{prefix}: the API server did not accept the traffic manager's own credentials "
+            "(its service-account token has expired and was not replaced, or its service "
+            f"account is gone; restarting the traffic-manager pod gets a new one): {exc.message}"
+        )
+    if exc.code == 403:
+        return (
+            f"{prefix}: the traffic manager's service account may not create tokenreviews "
+            f"(its RBAC is missing; install it again with tele helm install): {exc.message}"
+        )
+    return f"{prefix}: {exc.message}"
 
 
 class Authenticator:
@@ -354,11 +374,10 @@ class Authenticator:
             reply = await self.kube.request(
                 "POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=body
             )
-        except ApiError as exc:
-            log.warning("TokenReview failed: %s", exc.message)
-            raise RpcError(
-                Code.UNAVAILABLE, f"The traffic manager cannot review tokens now: {exc.message}"
-            ) from None
+        except (ApiError, ApiUnreachable) as exc:
+            message = review_failure(exc)
+            log.error("%s", message)
+            raise RpcError(Code.UNAVAILABLE, message) from None
         status = (reply.get("status") or {}) if isinstance(reply, dict) else {}
         if not status.get("authenticated"):
             return "the token was not accepted: " + str(status.get("error") or "unauthenticated")
