@@ -134,3 +134,58 @@ async def test_each_user_of_a_connection_gets_its_own_tls_context(
     async with tls:
         await tls.do_handshake()
         assert tls.selected_alpn_protocol() in (None, "http/1.1")
+
+
+async def test_in_cluster_credentials_follow_the_rotated_token_file(
+    sandbox_api: ClusterInfo, kube: KubeClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod's client (the manager, the agents) re-reads its service-account token file: once
+    the token it holds has expired, a request and a watch are asked again with the token the
+    kubelet put in the file, instead of failing with 401 until a restart."""
+    import time
+
+    from tele.k8s.incluster import in_cluster_connection
+
+    rbac = "rbac.authorization.k8s.io"
+    await kube.request(
+        "POST",
+        f"/apis/{rbac}/v1/namespaces/default/rolebindings",
+        body={
+            "apiVersion": f"{rbac}/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "default-views"},
+            "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "view"},
+            "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": "default"}],
+        },
+    )
+    api = sandbox_api.api
+    account = api.store.get("/serviceaccounts", "default", "default")
+    assert account is not None
+    issuer = api.authn.service_accounts
+    account_dir = tmp_path / "serviceaccount"
+    account_dir.mkdir()
+    (account_dir / "ca.crt").write_bytes(sandbox_api.ca.cert_pem)
+    (account_dir / "namespace").write_text("default")
+    (account_dir / "token").write_text(issuer.issue(account, seconds=600)[0])
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", sandbox_api.host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(sandbox_api.port))
+    whoami = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+    path = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+    async with open_kube_client(connection=in_cluster_connection(account_dir)) as pod:
+        first = await pod.request("POST", path, body=whoami)
+        assert first["status"]["userInfo"]["username"] == "system:serviceaccount:default:default"
+        # 11 minutes later for the API server: the held token has expired; the file has a
+        # new one (as the kubelet writes it at 80 % of the old one's life).
+        later = time.time() + 660
+        monkeypatch.setattr(issuer, "_clock", lambda: later)
+        (account_dir / "token").write_text(issuer.issue(account, seconds=600)[0])
+        again = await pod.request("POST", path, body=whoami)
+        assert again["status"]["userInfo"]["username"] == "system:serviceaccount:default:default"
+        # And a watch (the manager's informers reconnect with the token they hold).
+        monkeypatch.setattr(issuer, "_clock", lambda: later + 660)
+        (account_dir / "token").write_text(issuer.issue(account, seconds=600)[0])
+        with trio.fail_after(10):
+            watch = pod.watch(k8s.CONFIGMAPS, "default", timeout_seconds=1)
+            async with aclosing(watch) as events:
+                async for _ in events:
+                    pass

@@ -405,49 +405,59 @@ class KubeClient:
             params["labelSelector"] = label_selector
         if field_selector:
             params["fieldSelector"] = field_selector
-        headers = [(b"Accept", b"application/json"), *await self._headers()]
         url = self.connection.server + resource.path(namespace)
-        try:
-            async with self._watch_http.stream(
-                "GET",
-                url,
-                params=params,
-                headers=headers,
-                timeout=httpx.Timeout(10, read=None),
-                extensions=self._extensions,
-            ) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    self._decode(response)
-                error: ApiError | None = None
-                chunks = cast(AsyncGenerator[bytes], response.aiter_bytes())
-                async with aclosing(_watch_lines(chunks)) as lines:
-                    async for line in lines:
-                        if error is not None or not line.strip():
-                            continue  # after an ERROR the server ends the response: drain it
-                        try:
-                            jsonlimits.check_depth(line)
-                            event = json.loads(line)
-                            if not isinstance(event, dict) or "type" not in event:
-                                raise ValueError("not a watch event")
-                        except (ValueError, RecursionError):
-                            error = ApiError(500, "", "the API server sent a malformed watch event")
-                            continue
-                        if event.get("type") == "ERROR":
-                            status = event.get("object")
-                            status = status if isinstance(status, dict) else {}
-                            code = status.get("code")
-                            code = code if isinstance(code, int) and 100 <= code < 600 else 500
-                            error = _api_error(code, status, line.decode("utf-8", "replace"))
-                            continue
-                        if not isinstance(event.get("object"), dict):
-                            error = ApiError(500, "", "the API server sent a malformed watch event")
-                            continue
-                        yield WatchEvent(event["type"], event["object"])
-                if error is not None:
-                    raise error
-        except httpx.HTTPError as exc:
-            raise self._unreachable(exc) from None
+        for attempt in (0, 1):
+            # A 401 is asked once more with the credentials read again (a rotated token).
+            headers = [(b"Accept", b"application/json"), *await self._headers(attempt > 0)]
+            try:
+                async with self._watch_http.stream(
+                    "GET",
+                    url,
+                    params=params,
+                    headers=headers,
+                    timeout=httpx.Timeout(10, read=None),
+                    extensions=self._extensions,
+                ) as response:
+                    if response.status_code == 401 and attempt == 0:
+                        await response.aread()
+                        continue
+                    if response.status_code >= 400:
+                        await response.aread()
+                        self._decode(response)
+                    error: ApiError | None = None
+                    chunks = cast(AsyncGenerator[bytes], response.aiter_bytes())
+                    async with aclosing(_watch_lines(chunks)) as lines:
+                        async for line in lines:
+                            if error is not None or not line.strip():
+                                continue  # after an ERROR the server ends the response: drain it
+                            try:
+                                jsonlimits.check_depth(line)
+                                event = json.loads(line)
+                                if not isinstance(event, dict) or "type" not in event:
+                                    raise ValueError("not a watch event")
+                            except (ValueError, RecursionError):
+                                error = ApiError(
+                                    500, "", "the API server sent a malformed watch event"
+                                )
+                                continue
+                            if event.get("type") == "ERROR":
+                                status = event.get("object")
+                                status = status if isinstance(status, dict) else {}
+                                code = status.get("code")
+                                code = code if isinstance(code, int) and 100 <= code < 600 else 500
+                                error = _api_error(code, status, line.decode("utf-8", "replace"))
+                                continue
+                            if not isinstance(event.get("object"), dict):
+                                error = ApiError(
+                                    500, "", "the API server sent a malformed watch event"
+                                )
+                                continue
+                            yield WatchEvent(event["type"], event["object"])
+                    if error is not None:
+                        raise error
+            except httpx.HTTPError as exc:
+                raise self._unreachable(exc) from None
+            return
 
     async def informer(
         self,
