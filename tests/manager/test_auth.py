@@ -706,6 +706,10 @@ async def test_the_managers_own_expired_token_is_named_and_a_rotated_one_is_used
                     api.AUTHENTICATE,
                     api.AuthenticateRequest(token=await service_account_token(kube, "dev")),
                 )
+            # What `tele connect` shows: the arrival that follows says why.
+            with pytest.raises(RpcError) as arrival:
+                await client.call(api.ARRIVE, IDENTITY)
+            assert "the traffic manager's own credentials" in arrival.value.message
         assert refused.value.code is Code.UNAVAILABLE
         assert "the traffic manager's own credentials" in refused.value.message
         assert "service-account token has expired" in refused.value.message
