@@ -6,12 +6,15 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
+import tele
 from tele.daemon.engage import serve_dial_backs
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
+from tele.net.tapcopies import FROM_CLIENT, Kind, RecordReader, record
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc import agent_api as aapi
 from tele.rpc import manager_api as api
@@ -506,3 +509,128 @@ async def test_refusals_say_what_exists(nursery: trio.Nursery, kube: KubeClient)
             "Deployment default/api has 0 replicas: scale it up first "
             "(kubectl scale -n default deployment/api --replicas=1).",
         )
+
+
+class OldClientIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    """ClientIdentity as clients sent it before wiretap copy channels: no `capabilities`."""
+
+    user: str
+    host: str
+    client_version: str
+    install_id: str = ""
+    kube_context: str = ""
+    mapped_namespaces: list[str] = []
+
+
+async def test_an_old_client_is_refused_wiretaps_and_a_new_one_gets_the_copy_channel(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
+    manager, client = await start_manager(nursery, kube)
+    await wait_for(lambda: ("default", "api") in manager.view.services)
+    await wait_for(lambda: ("ReplicaSet", "default", "api-1") in manager.view.workloads)
+    await wait_for(lambda: ("default", "api-1-a") in manager.view.pods)
+    old_identity = OldClientIdentity(user="old", host="pc", client_version="0.0.9")
+    assert b"capabilities" not in msgspec.json.encode(old_identity)
+    old = (await client.call(api.ARRIVE, old_identity)).session_id  # type: ignore[arg-type]
+    wiretap = aapi.EngageRequest(
+        session_id=old, namespace="default", workload="api", kind=aapi.WIRETAP, agent_timeout=10
+    )
+
+    # The old client's wiretap: one sentence naming both versions, and nothing asked of the
+    # cluster (no agent wanted, no engagement).
+    with pytest.raises(RpcError) as refused:
+        await client.call(aapi.ENGAGE, wiretap)
+    assert refused.value.code is Code.FAILED_PRECONDITION
+    assert refused.value.message == (
+        f"This traffic manager needs tele {tele.__version__} or newer for wiretap (it sends a "
+        "wiretap's copies on one stream that older clients cannot read); your client is tele "
+        "0.0.9: upgrade tele to wiretap."
+    )
+    assert manager.table.active == {}
+    assert ("Deployment", "default", "api") not in manager.agent_workloads
+
+    # A client of this version announces the copy channel and gets its wiretap; the agent's
+    # channel reaches it as a channel (records, each copy to the handler on its own connection).
+    new_identity = api.ClientIdentity(
+        user="dev",
+        host="laptop",
+        client_version=tele.__version__,
+        capabilities=list(api.CLIENT_CAPABILITIES),
+    )
+    session = (await client.call(api.ARRIVE, new_identity)).session_id
+    copies: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        received = b""
+        while data := await stream.receive_some():
+            received += data
+        copies.append(received)
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    local = ("127.0.0.1", listeners[0].socket.getsockname()[1])
+    engaged: dict[str, tuple[str, int]] = {}
+
+    async def dial_back(destination: Destination, dial_id: str) -> Any:
+        return await dial(client.link, destination, session=session, dial_id=dial_id)
+
+    nursery.start_soon(
+        serve_dial_backs, client, session, dial_back, lambda id_, _port: engaged.get(id_)
+    )
+    agent = StandInAgent(client)
+
+    async def agent_arrives_when_asked() -> None:
+        await wait_for(lambda: ("Deployment", "default", "api") in manager.agent_workloads)
+        await nursery.start(agent.run)
+
+    nursery.start_soon(agent_arrives_when_asked)
+    info = await client.call(
+        aapi.ENGAGE,
+        aapi.EngageRequest(
+            session_id=session, namespace="default", workload="api", kind=aapi.WIRETAP
+        ),
+    )
+    engaged[info.id] = local
+    await wait_for(lambda: [e.id for e in agent.engagements] == [info.id])
+    destination = Destination(Protocol.TCP, ipaddress.ip_address("10.244.0.7"), 8080)
+    channel = await dial(
+        client.link,
+        destination,
+        session=agent.session,
+        dial_id=aapi.AGENT_TAP_DIAL_PREFIX + info.id,
+    )
+    await channel.send_all(
+        record(Kind.OPEN, 1) + record(Kind.DATA, 1, b"GET / HTTP/1.1\r\n\r\n") + record(Kind.END, 1)
+    )
+    reader = RecordReader(FROM_CLIENT)
+    verdicts: list[tuple[Kind, int]] = []
+    with trio.fail_after(10):
+        while not verdicts:
+            data = await channel.receive_some()
+            assert data, "the channel ended without a verdict"
+            verdicts += [(kind, copy_id) for kind, copy_id, _ in reader.feed(data)]
+    assert verdicts == [(Kind.DONE, 1)]
+    await wait_for(lambda: copies == [b"GET / HTTP/1.1\r\n\r\n"])
+    channel.close()
+
+    # Were a client without the capability to hold a wiretap anyway (its session's identity
+    # made an old one's here), its copy channel is refused, never handed over as raw bytes;
+    # per-connection copies (as older agents send them) still reach it.
+    assert manager.clients.can(session, api.WIRETAP_CHANNELS)
+    held = manager.clients.sessions.sessions[session]
+    held.identity = msgspec.structs.replace(held.identity, capabilities=[])
+    assert not manager.clients.can(session, api.WIRETAP_CHANNELS)
+    with pytest.raises(Exception, match="refused"):
+        await dial(
+            client.link,
+            destination,
+            session=agent.session,
+            dial_id=aapi.AGENT_TAP_DIAL_PREFIX + info.id,
+        )
+    per_connection = await dial(
+        client.link, destination, session=agent.session, dial_id=aapi.AGENT_DIAL_PREFIX + info.id
+    )
+    await per_connection.send_all(b"a copy the old way")
+    await per_connection.send_eof()
+    await wait_for(lambda: copies[1:] == [b"a copy the old way"])
+    per_connection.close()

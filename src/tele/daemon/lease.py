@@ -129,6 +129,7 @@ class SessionLease:
             client_version=__version__,
             kube_context=self._kube_context,
             mapped_namespaces=list(self._mapped_namespaces),
+            capabilities=list(mapi.CLIENT_CAPABILITIES),
         )
         client = await self.client()
         try:

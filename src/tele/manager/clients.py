@@ -96,6 +96,12 @@ class ClientSessions:
     def alive(self, session_id: str) -> bool:
         return self.sessions.get(session_id, self._clock()) is not None
 
+    def can(self, session_id: str, capability: str) -> bool:
+        """Whether the live session's client announced `capability` (api.CLIENT_CAPABILITIES)
+        on arrival; an older client announces none."""
+        session = self.sessions.get(session_id, self._clock())
+        return session is not None and capability in session.identity.capabilities
+
     async def remain(self, request: api.SessionRequest) -> Empty:
         """A heartbeat, of an agent's session or a client's."""
         if self._agents.remain(request.session_id):

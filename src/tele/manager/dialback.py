@@ -38,10 +38,12 @@ class DialBack:
         engagement: Callable[[str], Active | None],
         agent_alive: Callable[[str], bool],
         client_alive: Callable[[str], bool],
+        client_takes_channels: Callable[[str], bool] = lambda _session_id: True,
     ) -> None:
         self._engagement = engagement  # by engagement id
         self._agent_alive = agent_alive  # by agent session id
         self._client_alive = client_alive  # by client session id
+        self._takes_channels = client_takes_channels  # by client session id
         self._dials: dict[str, ClientDials] = {}
         self._pending: dict[str, trio.MemorySendChannel[tuple[H2Stream, trio.Event]]] = {}
 
@@ -128,6 +130,16 @@ class DialBack:
             or (response and not active.engagement.copy_responses)
             or (channel and active.info.kind != aapi.WIRETAP)
         ):
+            reset(agent_stream, ResetReason.REFUSED)
+            return
+        if channel and not self._takes_channels(active.session_id):
+            # Never to a client that would hand the records to its handler as raw bytes (the
+            # manager refuses such a client wiretaps; this holds for any other way in too).
+            log.warning(
+                "client %s cannot read wiretap copy channels; %s's copies refused",
+                active.info.client,
+                active.info.name,
+            )
             reset(agent_stream, ResetReason.REFUSED)
             return
         dial_id = secrets.token_hex(12)

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import trio
 
+from tele import __version__
 from tele.contracts import agentconfig
 from tele.manager.agents import AgentRegistry
 from tele.manager.auth import audit_line
@@ -237,6 +238,10 @@ class Engagements:
         kind = request.kind
         if kind not in KINDS:
             raise RpcError(Code.INVALID_ARGUMENT, f"Unknown engagement kind {kind!r}.")
+        if kind == aapi.WIRETAP and api.WIRETAP_CHANNELS not in session.identity.capabilities:
+            # An older client would give the copy channel's records to its handler as if they
+            # were the caller's bytes: refuse it, saying what to do (other kinds still work).
+            raise RpcError(Code.FAILED_PRECONDITION, wiretap_needs_newer_client(session.identity))
         refused = filters.problem(
             request.headers, request.path_equal, request.path_prefix, request.path_regex
         )
@@ -681,3 +686,13 @@ def _no_replicas(workload: dict[str, Any]) -> bool:
     """The workload asks for no pods (`spec.replicas: 0`; absent means 1)."""
     replicas = (workload.get("spec") or {}).get("replicas")
     return isinstance(replicas, int) and replicas == 0
+
+
+def wiretap_needs_newer_client(identity: api.ClientIdentity) -> str:
+    """Why a client without api.WIRETAP_CHANNELS gets no wiretap: one sentence."""
+    version = identity.client_version[:40] or "of an unknown version"
+    return (
+        f"This traffic manager needs tele {__version__} or newer for wiretap (it sends a "
+        f"wiretap's copies on one stream that older clients cannot read); your client is tele "
+        f"{version}: upgrade tele to wiretap."
+    )

@@ -274,6 +274,9 @@ class Manager:
             engagement=self.table.by_engagement_id,
             agent_alive=lambda session_id: self.agents.get(session_id) is not None,
             client_alive=self.clients.alive,
+            client_takes_channels=lambda session_id: self.clients.can(
+                session_id, api.WIRETAP_CHANNELS
+            ),
         )
         self.proxy_via = ProxyVia(
             agent_sessions=self._agent_sessions, allow_loopback=config.allow_loopback_dials

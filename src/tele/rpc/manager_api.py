@@ -29,6 +29,17 @@ class ClientIdentity(msgspec.Struct, frozen=True, kw_only=True):
     kube_context: str = ""
     mapped_namespaces: list[str] = []
     """Namespaces the client wants; empty means all that the manager manages."""
+    capabilities: list[str] = []
+    """What this client can do beyond the oldest clients (CLIENT_CAPABILITIES): a client of
+    an older version sends none, and the manager refuses it what it would misread."""
+
+
+WIRETAP_CHANNELS = "wiretap-channels"
+"""The client serves a wiretap's copy channel (DialRequest.channel: the copies of many
+connections as records, tele.rpc.tapcopies); a client without it would hand the records to
+its handler as if they were the caller's bytes, so the manager refuses it wiretaps."""
+CLIENT_CAPABILITIES = (WIRETAP_CHANNELS,)
+"""What this version's clients announce on arrival."""
 
 
 class ClusterInfo(msgspec.Struct, frozen=True, kw_only=True):
