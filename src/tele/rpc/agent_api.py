@@ -287,7 +287,9 @@ class DialRequest(msgspec.Struct, frozen=True, kw_only=True):
     the caller sent."""
     channel: bool = False
     """A wiretap's copy channel: the stream carries the copies of many connections as records
-    (AGENT_TAP_DIAL_PREFIX), each to be given to the handler on a connection of its own."""
+    (AGENT_TAP_DIAL_PREFIX), each to be given to the handler on a connection of its own. Sent
+    only to a client that announced manager_api.WIRETAP_CHANNELS: an older one ignores the
+    field and would give the records to its handler as the caller's bytes."""
 
 
 class ProxyViaRequest(msgspec.Struct, frozen=True, kw_only=True):
