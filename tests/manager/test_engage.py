@@ -545,7 +545,7 @@ async def test_an_old_client_is_refused_wiretaps_and_a_new_one_gets_the_copy_cha
     assert refused.value.message == (
         f"This traffic manager needs tele {tele.__version__} or newer for wiretap (it sends a "
         "wiretap's copies on one stream that older clients cannot read); your client is tele "
-        "0.0.9: upgrade tele to wiretap."
+        "0.0.9: upgrade tele to use wiretap."
     )
     assert manager.table.active == {}
     assert ("Deployment", "default", "api") not in manager.agent_workloads

@@ -694,5 +694,5 @@ def wiretap_needs_newer_client(identity: api.ClientIdentity) -> str:
     return (
         f"This traffic manager needs tele {__version__} or newer for wiretap (it sends a "
         f"wiretap's copies on one stream that older clients cannot read); your client is tele "
-        f"{version}: upgrade tele to wiretap."
+        f"{version}: upgrade tele to use wiretap."
     )
