@@ -17,6 +17,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -183,3 +184,99 @@ def test_a_private_mount_is_said_to_keep_the_containers_mounts_from_this_machine
     with shared_mount(where):
         assert docker_cmd.shared_mount_problem(where / "sub") is None
     assert docker_cmd.shared_mount_problem(where) == problem
+
+
+def test_status_says_where_the_daemon_containers_volumes_are_on_this_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tele status` with the daemon in a container: an engagement's mount point is the path
+    on this machine that its --docker-run container binds (not the container's), said to be
+    for that container only; one that does not show here keeps the container's path, said to
+    be in the daemon's container only; a daemon on this machine's mount point is left as is."""
+    from tests.docker.dockerd import shared_mount
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv(paths.USE_ENV, raising=False)
+    runtime = paths.ensure_private_dir(paths.runtime_dir())
+    shared = runtime / "docker-mounts"
+    (shared / "telfs-x").mkdir(parents=True)
+
+    def session() -> dict[str, Any]:
+        return {
+            "engagements": [
+                {"name": "app", "local_mount": "/tele/mounts/telfs-x"},
+                {"name": "other", "local_mount": "/home/me/vols"},
+                {"name": "bare", "local_mount": ""},
+            ]
+        }
+
+    unchanged = session()
+    docker_cmd.show_host_mounts(unchanged)  # no daemon container (no marker)
+    assert unchanged == session() and docker_cmd.mount_lines(unchanged) == []
+
+    marker = {"container": "tele-daemon-default", "mounts": str(shared), "no_mounts": None}
+    (runtime / "docker-daemon.json").write_text(json.dumps(marker))
+    unseen = session()
+    docker_cmd.show_host_mounts(unseen)  # the mount did not come through to this machine
+    assert unseen["engagements"][0] == {
+        "name": "app",
+        "local_mount": "/tele/mounts/telfs-x",
+        "mounted_for": "daemon-container",
+    }
+    assert unseen["engagements"][1:] == session()["engagements"][1:]
+    assert docker_cmd.mount_lines(unseen) == [
+        "  Volumes:            app's at /tele/mounts/telfs-x in the daemon's container only "
+        "(not on this machine)"
+    ]
+    with shared_mount(shared / "telfs-x"):  # as the daemon's sshfs shows here
+        seen = session()
+        docker_cmd.show_host_mounts(seen)
+    assert seen["engagements"][0] == {
+        "name": "app",
+        "local_mount": f"{shared}/telfs-x",
+        "mounted_for": "docker-run",
+    }
+    assert seen["engagements"][1:] == session()["engagements"][1:]
+    assert docker_cmd.mount_lines(seen) == [
+        f"  Volumes:            app's at {shared}/telfs-x, mounted only for its --docker-run "
+        "container (at the pod's paths in there)"
+    ]
+
+
+def test_quit_removes_the_docker_directories_only_when_empty_and_not_mounted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.docker.dockerd import shared_mount
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv(paths.USE_ENV, raising=False)
+    runtime = paths.ensure_private_dir(paths.runtime_dir())
+    marker = runtime / "docker-daemon.json"
+    mounts, relay = runtime / "docker-mounts", runtime / "docker-relay"
+
+    def make() -> None:
+        for directory in (mounts, relay):
+            directory.mkdir(exist_ok=True)
+        marker.write_text("{}")
+
+    # A dead daemon's mount point left in docker-mounts, the relay's socket: they stay, and
+    # the marker with them (the next `tele quit` removes that mount with it).
+    make()
+    (mounts / "telfs-x").mkdir()
+    (relay / "api.sock").write_text("")
+    docker_cmd.tidy_runtime(wait_relay=0.0)
+    assert sorted(p.name for p in runtime.iterdir()) == sorted(
+        ["docker-daemon.json", "docker-mounts", "docker-relay"]
+    )
+    # A live mount (empty, a mount point) is never removed.
+    (mounts / "telfs-x").rmdir()
+    (relay / "api.sock").unlink()
+    with shared_mount(mounts):
+        docker_cmd.tidy_runtime(wait_relay=0.0)
+        assert sorted(p.name for p in runtime.iterdir()) == ["docker-daemon.json", "docker-mounts"]
+    # Empty and not mounted: nothing is left.
+    make()
+    docker_cmd.tidy_runtime(wait_relay=0.0)
+    assert list(runtime.iterdir()) == []
+    docker_cmd.tidy_runtime(wait_relay=0.0)  # nothing there: nothing to do
+    assert list(runtime.iterdir()) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -296,8 +297,19 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
                 # While the container runs (it ends after one answer): the mount, here too.
                 fuse = [p for p in mounts_under(runtime) if "/telfs-" in p]
                 assert len(fuse) == 1, mounts_under(runtime)
+                # Status names the path on this machine (what the container binds), not the
+                # daemon container's, and that it is for the --docker-run container only.
                 shown = run_tele(env, "status").stdout
                 assert "Not seen here" not in shown, shown
+                assert "/tele/mounts" not in shown, shown
+                assert (
+                    f"  Volumes:            app's at {fuse[0]}, mounted only for its "
+                    "--docker-run container (at the pod's paths in there)"
+                ) in shown.splitlines(), shown
+                shown_json = json.loads(run_tele(env, "status", "-o", "json").stdout)
+                [engaged_now] = shown_json["session"]["engagements"]
+                assert engaged_now["local_mount"] == fuse[0], engaged_now
+                assert engaged_now["mounted_for"] == "docker-run", engaged_now
                 answers: list[str] = []
                 while not answers or "greeting=" not in answers[-1]:
                     assert handler.poll() is None, handler.communicate()
@@ -328,8 +340,8 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
             assert left_.stdout.strip() == ""
             assert _host_network() == before
             assert mounts_under(runtime) == [str(runtime)]  # only the test's own
-            shared = runtime / "tele" / "docker-mounts"
-            assert not shared.exists() or list(shared.iterdir()) == []
+            # Nothing of connect --docker is left: its directories, its marker.
+            assert sorted(os.listdir(runtime / "tele")) == []
         finally:
             run_tele(env, "quit")
             run_tele(env, "helm", "uninstall", "--kubeconfig", kubeconfig, timeout=120)

@@ -80,7 +80,7 @@ def _ended(session: dict[str, Any] | None) -> str:
 @output_option
 def status(output: str) -> None:
     """Show whether the daemon runs (pid, version, uptime, files) and its connection."""
-    from tele.cli import quick
+    from tele.cli import docker_cmd, quick
     from tele.cli.cluster_cmd import connection_lines
     from tele.cli.output import to_builtins
     from tele.rpc import daemon_api
@@ -104,6 +104,8 @@ def status(output: str) -> None:
             "connection": reply.connection,
             "session": None if reply.session is None else to_builtins(reply.session),
         }
+        if data["session"]:  # connect --docker: its mount points as this machine sees them
+            docker_cmd.show_host_mounts(data["session"])
 
     def text(d: dict[str, Any]) -> str:
         daemon = d["daemon"]
@@ -120,6 +122,7 @@ def status(output: str) -> None:
                 f"  Socket:    {daemon['socket']}",
                 f"Connection: {d['connection']}{_ended(d.get('session'))}",
                 *(connection_lines(d["session"]) if d.get("session") else []),
+                *(docker_cmd.mount_lines(d["session"]) if d.get("session") else []),
                 *_unseen_mounts(d.get("session")),
             ]
         )
@@ -130,7 +133,6 @@ def status(output: str) -> None:
 def _unseen_mounts(session: dict[str, Any] | None) -> list[str]:
     """A line per engagement whose volumes this shell cannot see (the daemon mounted them in
     a mount namespace this process does not share)."""
-    from tele.cli.docker_cmd import host_mount
     from tele.cli.intercept_cmd import mounted_here
 
     if not session or session.get("status") == "failed":
@@ -139,9 +141,8 @@ def _unseen_mounts(session: dict[str, Any] | None) -> list[str]:
         f"  Not seen here:      the volumes of {e['name']} at {e['local_mount']} (mounted in the "
         "daemon's mount namespace, which this shell does not share)"
         for e in session.get("engagements") or []
-        # connect --docker: the daemon container's mount point shows here under another path
-        if e.get("local_mount")
-        and not mounted_here(host_mount(e["local_mount"]) or e["local_mount"])
+        # connect --docker: said by docker_cmd.mount_lines (its path here, or none here)
+        if e.get("local_mount") and not e.get("mounted_for") and not mounted_here(e["local_mount"])
     ]
 
 
@@ -165,15 +166,17 @@ def quit_(stop_daemons: bool, output: str) -> None:
     # command run right after this one starts a fresh daemon instead of racing the old one.
     if pid is not None and not quick.wait_process_gone(pid, timeout=10):
         raise ConnectionFailed(f"The daemon (pid {pid}) did not exit within 10s.")
+    from tele.cli import docker_cmd  # a daemon container's (connect --docker) leftovers
+
     cleaned: list[str] = []
     if pid is None:
         # A daemon killed with its network set up left an undo journal: finish its job.
         from tele.daemon import leftovers
 
         cleaned = list(leftovers.without_daemon())
-        from tele.cli import docker_cmd  # a daemon container's (connect --docker) mounts
-
         cleaned += docker_cmd.leftover_mounts()
+    # connect --docker's directories, once empty (a stopped daemon's relay removes its socket)
+    docker_cmd.tidy_runtime(wait_relay=10.0 if pid is not None else 0.0)
     data = {
         "stopped_pid": pid,
         "left": list(reply.ended) if reply is not None else [],

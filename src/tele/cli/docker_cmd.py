@@ -261,6 +261,85 @@ def host_mount(local_mount: str) -> str:
     return f"{where}/{local_mount.removeprefix(inside)}" if isinstance(where, str) else ""
 
 
+def show_host_mounts(session: dict[str, Any]) -> None:
+    """connect --docker, for `tele status`: each engagement's mount point (one in the daemon's
+    container) becomes the path on this machine that its --docker-run container binds (under
+    the runtime directory's docker-mounts), in `local_mount`; `mounted_for` says the volumes
+    are mounted for that container only. A mount point that does not show on this machine
+    keeps the container's path, and `mounted_for` says so."""
+    from tele.cli.intercept_cmd import mounted_here
+
+    marker = _marker()
+    if not marker.get("container"):
+        return
+    for engagement in session.get("engagements") or []:
+        inside = str(engagement.get("local_mount") or "")
+        if not inside:
+            continue
+        here = host_mount(inside)
+        if here and mounted_here(here):
+            engagement["local_mount"] = here
+            engagement["mounted_for"] = "docker-run"  # its --docker-run container only
+        elif not inside.startswith(f"{MOUNTS_INSIDE}/"):
+            continue  # not a daemon container's mount point: a daemon on this machine made it
+        else:
+            engagement["mounted_for"] = "daemon-container"  # not on this machine at all
+
+
+def mount_lines(session: dict[str, Any]) -> list[str]:
+    """`tele status`'s words for show_host_mounts's engagements."""
+    lines = []
+    for e in session.get("engagements") or []:
+        if e.get("mounted_for") == "docker-run":
+            lines.append(
+                f"  Volumes:            {e['name']}'s at {e['local_mount']}, mounted only for "
+                "its --docker-run container (at the pod's paths in there)"
+            )
+        elif e.get("mounted_for") == "daemon-container":
+            lines.append(
+                f"  Volumes:            {e['name']}'s at {e['local_mount']} in the daemon's "
+                "container only (not on this machine)"
+            )
+    return lines
+
+
+DOCKER_DIRS = ("docker-mounts", "docker-relay")
+"""What connect --docker makes in the runtime directory (for the containers to bind)."""
+
+
+def tidy_runtime(wait_relay: float) -> None:
+    """After `tele quit`, no daemon running: remove the runtime directory's docker-mounts and
+    docker-relay, each only when it is empty and not a mount point (a mount left in there, or
+    a live mount, stays; `tele quit` again removes a dead daemon's), and then the marker of
+    the daemon container. The relay container removes its socket when it sees the daemon's
+    process gone: that is waited for, up to `wait_relay` seconds."""
+    import os
+    import time
+
+    from tele import paths
+
+    runtime = paths.runtime_dir()
+    relay = runtime / "docker-relay"
+    deadline = time.monotonic() + wait_relay
+    while time.monotonic() < deadline:
+        try:
+            if not os.listdir(relay):
+                break
+        except OSError:
+            break
+        time.sleep(0.05)  # the relay's exit: no event this process can wait on
+    for name in DOCKER_DIRS:
+        directory = runtime / name
+        if os.path.ismount(directory):
+            continue  # never a live mount
+        try:
+            os.rmdir(directory)  # only when empty
+        except OSError:
+            pass
+    if not (runtime / "docker-mounts").exists():  # nothing left for leftover_mounts to do
+        (runtime / "docker-daemon.json").unlink(missing_ok=True)
+
+
 def _marker() -> dict[str, Any]:
     """What connect --docker wrote of the daemon container it started ({} when none)."""
     import json
