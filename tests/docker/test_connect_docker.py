@@ -192,7 +192,8 @@ def test_status_says_where_the_daemon_containers_volumes_are_on_this_machine(
     """`tele status` with the daemon in a container: an engagement's mount point is the path
     on this machine that its --docker-run container binds (not the container's), said to be
     for that container only; one that does not show here keeps the container's path, said to
-    be in the daemon's container only; a daemon on this machine's mount point is left as is."""
+    be in the daemon's container only; a daemon on this machine's mount point is left as is.
+    The daemon's log file and socket: the paths on this machine too."""
     from tests.docker.dockerd import shared_mount
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
@@ -203,19 +204,33 @@ def test_status_says_where_the_daemon_containers_volumes_are_on_this_machine(
 
     def session() -> dict[str, Any]:
         return {
+            "intercepts": [
+                "app: intercepted Deployment default/app -> 127.0.0.1:8080 (tcp), volumes at "
+                "/tele/mounts/telfs-x, pod app-1",
+                "other: intercepted Deployment default/other, volumes at /home/me/vols",
+            ],
             "engagements": [
                 {"name": "app", "local_mount": "/tele/mounts/telfs-x"},
                 {"name": "other", "local_mount": "/home/me/vols"},
                 {"name": "bare", "local_mount": ""},
-            ]
+            ],
         }
 
     unchanged = session()
     docker_cmd.show_host_mounts(unchanged)  # no daemon container (no marker)
     assert unchanged == session() and docker_cmd.mount_lines(unchanged) == []
+    inside = {"log_file": "/tele/cache/tele/logs/daemon.log", "socket": "/tele/run/tele/d.sock"}
+    daemon = dict(inside)
+    docker_cmd.show_host_files(daemon)
+    assert daemon == inside
 
     marker = {"container": "tele-daemon-default", "mounts": str(shared), "no_mounts": None}
     (runtime / "docker-daemon.json").write_text(json.dumps(marker))
+    docker_cmd.show_host_files(daemon)
+    assert daemon == {
+        "log_file": str(paths.logs_dir() / "daemon.log"),
+        "socket": str(runtime / "d.sock"),
+    }
     unseen = session()
     docker_cmd.show_host_mounts(unseen)  # the mount did not come through to this machine
     assert unseen["engagements"][0] == {
@@ -224,6 +239,11 @@ def test_status_says_where_the_daemon_containers_volumes_are_on_this_machine(
         "mounted_for": "daemon-container",
     }
     assert unseen["engagements"][1:] == session()["engagements"][1:]
+    assert unseen["intercepts"] == [
+        "app: intercepted Deployment default/app -> 127.0.0.1:8080 (tcp), volumes at "
+        "/tele/mounts/telfs-x in the daemon's container, pod app-1",
+        session()["intercepts"][1],
+    ]
     assert docker_cmd.mount_lines(unseen) == [
         "  Volumes:            app's at /tele/mounts/telfs-x in the daemon's container only "
         "(not on this machine)"
@@ -237,6 +257,11 @@ def test_status_says_where_the_daemon_containers_volumes_are_on_this_machine(
         "mounted_for": "docker-run",
     }
     assert seen["engagements"][1:] == session()["engagements"][1:]
+    assert seen["intercepts"] == [
+        "app: intercepted Deployment default/app -> 127.0.0.1:8080 (tcp), volumes at "
+        f"{shared}/telfs-x (for its --docker-run container), pod app-1",
+        session()["intercepts"][1],
+    ]
     assert docker_cmd.mount_lines(seen) == [
         f"  Volumes:            app's at {shared}/telfs-x, mounted only for its --docker-run "
         "container (at the pod's paths in there)"

@@ -302,6 +302,8 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
                 shown = run_tele(env, "status").stdout
                 assert "Not seen here" not in shown, shown
                 assert "/tele/mounts" not in shown, shown
+                assert f"  Socket:    {runtime}/tele/daemon.sock" in shown.splitlines(), shown
+                assert f"volumes at {fuse[0]} (for its --docker-run container)" in shown, shown
                 assert (
                     f"  Volumes:            app's at {fuse[0]}, mounted only for its "
                     "--docker-run container (at the pod's paths in there)"

@@ -104,7 +104,9 @@ def status(output: str) -> None:
             "connection": reply.connection,
             "session": None if reply.session is None else to_builtins(reply.session),
         }
-        if data["session"]:  # connect --docker: its mount points as this machine sees them
+        # connect --docker: the daemon container's paths as this machine sees them
+        docker_cmd.show_host_files(data["daemon"])
+        if data["session"]:
             docker_cmd.show_host_mounts(data["session"])
 
     def text(d: dict[str, Any]) -> str:

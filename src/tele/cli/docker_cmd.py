@@ -267,6 +267,8 @@ def show_host_mounts(session: dict[str, Any]) -> None:
     the runtime directory's docker-mounts), in `local_mount`; `mounted_for` says the volumes
     are mounted for that container only. A mount point that does not show on this machine
     keeps the container's path, and `mounted_for` says so."""
+    import re
+
     from tele.cli.intercept_cmd import mounted_here
 
     marker = _marker()
@@ -280,10 +282,33 @@ def show_host_mounts(session: dict[str, Any]) -> None:
         if here and mounted_here(here):
             engagement["local_mount"] = here
             engagement["mounted_for"] = "docker-run"  # its --docker-run container only
+            said = f", volumes at {here} (for its --docker-run container)"
         elif not inside.startswith(f"{MOUNTS_INSIDE}/"):
             continue  # not a daemon container's mount point: a daemon on this machine made it
         else:
             engagement["mounted_for"] = "daemon-container"  # not on this machine at all
+            said = f", volumes at {inside} in the daemon's container"
+        # The daemon's line of the engagement (tele.daemon.engagements) says its own path.
+        session["intercepts"] = [
+            re.sub(rf", volumes at {re.escape(inside)}(?=,|;|$)", said.replace("\\", r"\\"), line)
+            for line in session.get("intercepts") or []
+        ]
+
+
+def show_host_files(daemon: dict[str, Any]) -> None:
+    """connect --docker, for `tele status`: the daemon's log file and socket as this machine
+    sees them (the container's paths are bound from the user's logs and runtime directories)."""
+    from tele import paths
+
+    if not _marker().get("container"):
+        return
+    for key, inside, here in (
+        ("log_file", f"{CACHE_INSIDE}/tele/logs", paths.logs_dir()),
+        ("socket", f"{RUNTIME_INSIDE}/tele", paths.runtime_dir()),
+    ):
+        value = str(daemon.get(key) or "")
+        if value.startswith(f"{inside}/"):
+            daemon[key] = f"{here}{value.removeprefix(inside)}"
 
 
 def mount_lines(session: dict[str, Any]) -> list[str]:
