@@ -194,6 +194,7 @@ def test_status_says_where_the_daemon_containers_volumes_are_on_this_machine(
     for that container only; one that does not show here keeps the container's path, said to
     be in the daemon's container only; a daemon on this machine's mount point is left as is.
     The daemon's log file and socket: the paths on this machine too."""
+    from tele.cli.intercept_cmd import mounted_here
     from tests.docker.dockerd import shared_mount
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
@@ -217,7 +218,7 @@ def test_status_says_where_the_daemon_containers_volumes_are_on_this_machine(
         }
 
     unchanged = session()
-    docker_cmd.show_host_mounts(unchanged)  # no daemon container (no marker)
+    docker_cmd.show_host_mounts(unchanged, mounted_here)  # no daemon container (no marker)
     assert unchanged == session() and docker_cmd.mount_lines(unchanged) == []
     inside = {"log_file": "/tele/cache/tele/logs/daemon.log", "socket": "/tele/run/tele/d.sock"}
     daemon = dict(inside)
@@ -232,7 +233,9 @@ def test_status_says_where_the_daemon_containers_volumes_are_on_this_machine(
         "socket": str(runtime / "d.sock"),
     }
     unseen = session()
-    docker_cmd.show_host_mounts(unseen)  # the mount did not come through to this machine
+    docker_cmd.show_host_mounts(
+        unseen, mounted_here
+    )  # the mount did not come through to this machine
     assert unseen["engagements"][0] == {
         "name": "app",
         "local_mount": "/tele/mounts/telfs-x",
@@ -250,7 +253,7 @@ def test_status_says_where_the_daemon_containers_volumes_are_on_this_machine(
     ]
     with shared_mount(shared / "telfs-x"):  # as the daemon's sshfs shows here
         seen = session()
-        docker_cmd.show_host_mounts(seen)
+        docker_cmd.show_host_mounts(seen, mounted_here)
     assert seen["engagements"][0] == {
         "name": "app",
         "local_mount": f"{shared}/telfs-x",

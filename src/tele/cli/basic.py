@@ -82,6 +82,7 @@ def status(output: str) -> None:
     """Show whether the daemon runs (pid, version, uptime, files) and its connection."""
     from tele.cli import docker_cmd, quick
     from tele.cli.cluster_cmd import connection_lines
+    from tele.cli.intercept_cmd import mounted_here
     from tele.cli.output import to_builtins
     from tele.rpc import daemon_api
 
@@ -107,7 +108,7 @@ def status(output: str) -> None:
         # connect --docker: the daemon container's paths as this machine sees them
         docker_cmd.show_host_files(data["daemon"])
         if data["session"]:
-            docker_cmd.show_host_mounts(data["session"])
+            docker_cmd.show_host_mounts(data["session"], mounted_here)
 
     def text(d: dict[str, Any]) -> str:
         daemon = d["daemon"]

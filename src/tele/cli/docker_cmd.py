@@ -261,15 +261,14 @@ def host_mount(local_mount: str) -> str:
     return f"{where}/{local_mount.removeprefix(inside)}" if isinstance(where, str) else ""
 
 
-def show_host_mounts(session: dict[str, Any]) -> None:
+def show_host_mounts(session: dict[str, Any], mounted_here: Callable[[str], bool]) -> None:
     """connect --docker, for `tele status`: each engagement's mount point (one in the daemon's
     container) becomes the path on this machine that its --docker-run container binds (under
     the runtime directory's docker-mounts), in `local_mount`; `mounted_for` says the volumes
     are mounted for that container only. A mount point that does not show on this machine
-    keeps the container's path, and `mounted_for` says so."""
+    keeps the container's path, and `mounted_for` says so (`mounted_here`: whether a path is a
+    mount point here, tele.cli.intercept_cmd.mounted_here)."""
     import re
-
-    from tele.cli.intercept_cmd import mounted_here
 
     marker = _marker()
     if not marker.get("container"):
