@@ -521,6 +521,60 @@ def test_the_ack_of_a_lone_fin_leaves_with_our_fin_or_after_the_delay() -> None:
     assert len(conn.data_to_send(0.1)) == 1
 
 
+def test_a_request_after_an_answer_has_its_ack_delayed_onto_the_next_answer() -> None:
+    app = App()
+    conn = establish(app, config=TCPConfig(ack_delay=0.04))
+    # The connection's first request: ACKed at once (Linux's quick-ACK), we never answered.
+    conn.receive_packet(app.data(b"GET 1", ACK | PSH), 0.1)
+    assert conn.events() == [DataReceived(b"GET 1")]
+    conn.consume(5, 0.1)
+    (ack,) = parse_all(conn.data_to_send(0.1))
+    assert tcp(ack).flags == ACK and tcp(ack).ack == app.snd_nxt
+    conn.send(b"answer 1")
+    (answer,) = parse_all(conn.data_to_send(0.1))
+    app.rcv_nxt = (tcp(answer).seq + 8) & MASK
+    conn.receive_packet(app.packet(ACK), 0.1)
+    # The next request: its ACK (and the window update) waits, and leaves with the answer.
+    conn.receive_packet(app.data(b"GET 2", ACK | PSH), 0.2)
+    assert conn.events() == [DataReceived(b"GET 2")]
+    conn.consume(5, 0.2)
+    assert conn.data_to_send(0.2) == []
+    assert conn.next_deadline() == pytest.approx(0.24)
+    conn.send(b"answer 2")
+    (answer,) = parse_all(conn.data_to_send(0.21))
+    assert answer.payload == b"answer 2" and tcp(answer).ack == app.snd_nxt
+    app.rcv_nxt = (tcp(answer).seq + 8) & MASK
+    conn.receive_packet(app.packet(ACK), 0.21)
+    assert conn.next_deadline() is None
+    # No answer within the delay: the ACK goes alone when it runs out.
+    conn.receive_packet(app.data(b"GET 3", ACK | PSH), 0.3)
+    conn.on_timer(0.32)
+    assert conn.data_to_send(0.32) == []
+    conn.on_timer(0.34)
+    (ack,) = parse_all(conn.data_to_send(0.34))
+    assert tcp(ack).flags == ACK and tcp(ack).ack == app.snd_nxt
+    # A second small segment before the ACK left, and a full-sized one: ACKed at once.
+    conn.receive_packet(app.data(b"a", ACK | PSH), 0.4)
+    assert conn.data_to_send(0.4) == []
+    conn.receive_packet(app.data(b"b", ACK | PSH), 0.4)
+    (ack,) = parse_all(conn.data_to_send(0.4))
+    assert tcp(ack).ack == app.snd_nxt
+    conn.receive_packet(app.data(b"x" * conn.mss_local, ACK), 0.5)
+    (ack,) = parse_all(conn.data_to_send(0.5))
+    assert tcp(ack).ack == app.snd_nxt
+    # Out of order: the duplicate ACK at once (the app's fast retransmit needs it).
+    conn.receive_packet(app.packet(ACK | PSH, b"late", seq=app.snd_nxt + 10), 0.6)
+    (dup,) = parse_all(conn.data_to_send(0.6))
+    assert tcp(dup).ack == app.snd_nxt
+    # 0 turns the delay off.
+    app = App()
+    conn = establish(app, config=TCPConfig(ack_delay=0))
+    conn.send(b"hello")
+    conn.data_to_send(0.0)
+    conn.receive_packet(app.data(b"GET", ACK | PSH), 0.1)
+    assert len(conn.data_to_send(0.1)) == 1
+
+
 def test_we_close_first_and_the_app_keeps_sending() -> None:
     app = App()
     conn = establish(app, config=TCPConfig(time_wait=0.5))

@@ -189,6 +189,15 @@ class TCPConfig:
     or data: the tunnel's end usually follows within a round trip, and one packet less per
     connection is a TUN write less (like a delayed ACK; the app's FIN is resent only after its
     RTO, >= 200 ms on Linux, so it waits at most half of that). 0: at once."""
+    ack_delay: float = 0.04
+    """Delayed ACK (RFC 1122 4.2.3.2) once we have answered on the connection (Linux's
+    "pingpong" mode; its first data is ACKed at once, as Linux's quick-ACK does): a small
+    in-order segment's ACK (and a window update the app does not need yet) waits this long
+    to leave with the answer's first segment, one TUN write less per request (bench/vif.py
+    small requests at 50 connections: ~30 against ~32.5 µs of daemon CPU per request). A
+    second unacknowledged segment, a full-sized one, or one out of order is ACKed at once.
+    40 ms is Linux's minimum delayed-ACK time: an app that writes twice before it reads
+    without TCP_NODELAY waits for it as it would with a Linux peer. 0: at once."""
 
     def __post_init__(self) -> None:
         if self.gso and not self.offload_checksum:
@@ -202,7 +211,7 @@ class _Timers:
     retransmit: float | None = None
     persist: float | None = None
     time_wait: float | None = None
-    fin_ack: float | None = None
+    fin_ack: float | None = None  # the delayed ACK (of a FIN, a small segment, a window update)
 
 
 @dataclass(slots=True)
@@ -434,11 +443,13 @@ class TCPConnection:
         self._out.append(self._encoder.segment(seq, self.rcv_nxt & SEQ_MASK, RST | ACK, 0))
         self._close()
 
-    def consume(self, n: int) -> bool:
+    def consume(self, n: int, now: float | None = None) -> bool:
         """The runtime passed on `n` delivered bytes: reopen that much receive window.
 
         True when there is something to send now (the reopened window is worth announcing):
-        only then need the runtime call `data_to_send`.
+        only then need the runtime call `data_to_send`. With `now`, an announcement the app
+        does not need yet (it may still send 8 segments) waits up to `TCPConfig.ack_delay`
+        for a segment to carry it.
         """
         if n < 0 or n > self._unconsumed:
             raise ValueError(f"consume({n}) with {self._unconsumed} bytes unconsumed")
@@ -451,7 +462,20 @@ class TCPConnection:
             if free - current >= min(self.config.receive_buffer // 2, self.mss_local) and (
                 free >= 2 * current
             ):
-                self._ack_due = True
+                delay = self.config.ack_delay
+                if (
+                    now is not None
+                    and delay > 0
+                    and current >= 8 * self.mss_local
+                    and not self._ack_due
+                    and self.snd_max > self.iss + 1
+                ):
+                    # The app may still send plenty: the update can wait for the answer's
+                    # first segment (`ack_delay`), as a small segment's ACK does.
+                    if self._timers.fin_ack is None:
+                        self._timers.fin_ack = now + delay
+                else:
+                    self._ack_due = True
         return self._ack_due or bool(self._out)
 
     @property
@@ -465,7 +489,8 @@ class TCPConnection:
         return min(deadlines) if deadlines else None
 
     def on_timer(self, now: float) -> None:
-        """Run the timers that are due at `now` (retransmission, window probe, TIME-WAIT)."""
+        """Run the timers that are due at `now` (retransmission, window probe, TIME-WAIT,
+        delayed ACK)."""
         t = self._timers
         if t.time_wait is not None and now >= t.time_wait:
             t.time_wait = None
@@ -535,7 +560,7 @@ class TCPConnection:
             self.rcv_nxt = seq + len(data)
             self._unconsumed += len(data)
             self._events.append(DataReceived(data))
-            self._ack_due = True
+            self._ack_data(len(data), now)
             return True
         if state is TCPState.CLOSED:
             return False
@@ -595,7 +620,7 @@ class TCPConnection:
         # 5. Data and FIN.
         if self.state in _RECEIVING:
             if payload:
-                self._process_data(seq, payload)
+                self._process_data(seq, payload, now)
                 if self._ooo_fin is not None and self._ooo_fin == self.rcv_nxt:
                     self._take_fin(now)
             if flags & FIN and self.state in _RECEIVING:
@@ -674,19 +699,42 @@ class TCPConnection:
             self._send_blocked = False
             self._events.append(Writable(self.send_space))
 
-    def _process_data(self, seq: int, payload: Bytes) -> None:
+    def _ack_data(self, length: int, now: float) -> None:
+        """In-order data arrived: its ACK now, or (a small segment, no other unacknowledged)
+        after `TCPConfig.ack_delay`, to leave with the answer's first segment."""
+        delay = self.config.ack_delay
+        timers = self._timers
+        if (
+            delay > 0
+            and length < self.mss_local
+            and timers.fin_ack is None
+            and not self._ack_due
+            and self.snd_max > self.iss + 1  # we answered before: a request/response flow
+        ):
+            timers.fin_ack = now + delay
+        else:
+            self._ack_due = True
+
+    def _process_data(self, seq: int, payload: Bytes, now: float) -> None:
         right = self._rcv_adv
         start = seq
         data = payload
+        trimmed = False
         if start < self.rcv_nxt:  # partly old: keep the new tail
             data = data[self.rcv_nxt - start :]
             start = self.rcv_nxt
+            trimmed = True
         if start + len(data) > right:  # beyond what we offered: drop the excess
             data = data[: max(right - start, 0)]
-        self._ack_due = True
+            trimmed = True
         if not data:
+            self._ack_due = True
             return
         if start == self.rcv_nxt:
+            if trimmed or self._ooo:
+                self._ack_due = True
+            else:
+                self._ack_data(len(data), now)
             chunks = [bytes(data)]
             self.rcv_nxt += len(data)
             while self._ooo and self._ooo[0][0] <= self.rcv_nxt:
@@ -698,7 +746,9 @@ class TCPConnection:
             joined = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self._unconsumed += len(joined)
             self._events.append(DataReceived(joined))
-        elif len(self._ooo) < self.config.max_out_of_order:
+            return
+        self._ack_due = True  # a hole: the duplicate ACK at once (fast retransmit)
+        if len(self._ooo) < self.config.max_out_of_order:
             # A hole before this segment: keep it (bounded by the window and a count).
             item = (start, bytes(data))
             index = 0

@@ -321,7 +321,8 @@ class Stack:
                     # windows allow, one task step less than waking the flow's sender.
                     sent = tunnel.send_now(data)
                     if sent:
-                        conn.consume(sent)  # its ACK, if any, leaves with this flush
+                        conn.consume(sent, trio.current_time())  # its ACK (if any) leaves
+                        # with this flush, or with the answer (`TCPConfig.ack_delay`)
                         if sent == len(data):
                             continue
                         data = data[sent:]
@@ -567,7 +568,7 @@ class Stack:
             if sent:
                 record.inbound = [data[sent:]] if sent < len(data) else []
                 record.inbound_bytes -= sent
-                record.conn.consume(sent)
+                record.conn.consume(sent, trio.current_time())
                 self._touch(record)
             if record.inbound:
                 self._start_sender(record)
