@@ -312,6 +312,9 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
                 [engaged_now] = shown_json["session"]["engagements"]
                 assert engaged_now["local_mount"] == fuse[0], engaged_now
                 assert engaged_now["mounted_for"] == "docker-run", engaged_now
+                listed = json.loads(run_tele(env, "list", "-o", "json").stdout)
+                [listed_engagement] = [e for w in listed for e in w["engagements"]]
+                assert listed_engagement["local_mount"] == fuse[0], listed_engagement
                 answers: list[str] = []
                 while not answers or "greeting=" not in answers[-1]:
                     assert handler.poll() is None, handler.communicate()

@@ -314,12 +314,22 @@ def list_(
     # This session's own engagements, with what they take (mechanism, filters) and where it
     # goes: the manager's list names who engaged a workload, the daemon knows how.
     status = client.call_connected(daemon_api.STATUS, daemon_api.Empty(), timeout=10)
-    own = status.session.engagements if status.session else []
+    from tele.cli.intercept_cmd import mounted_here
+
+    own = {
+        "engagements": [
+            to_builtins(e) for e in (status.session.engagements if status.session else [])
+        ]
+    }
+    # connect --docker: the mount points as this machine sees them, as `tele status` says them
+    docker_cmd.show_host_mounts(own, mounted_here)
     shown = [
         {
             **to_builtins(w),
             "engagements": [
-                to_builtins(e) for e in own if (e.namespace, e.workload) == (w.namespace, w.name)
+                e
+                for e in own["engagements"]
+                if (e["namespace"], e["workload"]) == (w.namespace, w.name)
             ],
         }
         for w in reply.workloads
