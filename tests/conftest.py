@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +23,17 @@ if TYPE_CHECKING:
     from tests.daemon.util import DaemonGuard
 
 VENV_BIN = Path(sys.executable).parent
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run ended with SIGTERM (a CI time limit, `kill`) stops as Ctrl-C does: pytest then
+    tears down the fixtures that are set up, so sandboxes, namespaces and mounts are removed
+    instead of left behind by a process that just died."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture
