@@ -24,12 +24,17 @@ how many of 20 such connects were accepted instead, as if something listened); R
 daemon's after the rest of the row, and @1000 while 1,000 idle
 connections (each echoed a byte, so fully set up) are open through it; GC ms is how long one
 full garbage collection stalls the daemon then (row c: the longest pause the GC can cause).
+With --keepalive N: req/sN is 100-byte request/answers per second on N kept-open connections
+(TCP_NODELAY, one request in flight on each, for up to 2 s), p50 N µs their p50, µs/req the
+daemon's CPU (user+sys) per request and relay µs/req the cluster side's (JSON: ka_req_s,
+ka_reqs, ka_failed, ka_p50, cpu_us_per_req, relay_us_per_req; absent without --keepalive).
 For d, CPU%, µs/conn and RSS are sshuttle's client's. In every row the servers (iperf3, a trio
 echo server) are processes of their own, as a pod's would be.
 
 Run as root:  .venv/bin/python bench/vif.py [--duration 3] [--rows a,b,c]
   --conn-only: latency and connection figures only (no iperf3, no held connections): A/B runs.
   --tcp FIELD=VALUE: rows c* with a TCPConfig field changed (e.g. fin_ack_delay=0).
+  --keepalive N: also small requests on N kept-open connections (req/sN, µs/req), e.g. 50.
 Namespaces are named tele-vifbench-<random>-{l,c} and always deleted. Prints a table and a
 JSON line; writes the JSON to bench/results/.
 """
@@ -239,6 +244,52 @@ print(json.dumps({"conn_s_par": done / (time.perf_counter() - t0), "conns": done
                   "conn_failed": failed}))
 """
 
+KEEPALIVE_CLIENT = """
+# N kept-open connections, each with one 100-byte request in flight (TCP_NODELAY), for a while.
+import json, selectors, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+duration, count = float(sys.argv[3]), int(sys.argv[4])
+msg = b"x" * 100
+sel = selectors.DefaultSelector()
+for _ in range(count):
+    s = socket.create_connection((host, port), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ, [0, 0.0])  # bytes of the answer so far, sent at
+done, failed, samples = 0, 0, []
+t0 = time.perf_counter()
+for key in sel.get_map().values():
+    key.data[1] = time.perf_counter()
+    key.fileobj.send(msg)
+deadline = t0 + duration
+while sel.get_map() and time.perf_counter() < deadline:
+    for key, _ in sel.select(0.5):
+        s, state = key.fileobj, key.data
+        try:
+            got = s.recv(65536)
+        except OSError:
+            got = b""
+        if not got:  # the path broke a kept-open connection
+            failed += 1
+            sel.unregister(s)
+            s.close()
+            continue
+        state[0] += len(got)
+        if state[0] >= len(msg):
+            now = time.perf_counter()
+            samples.append(now - state[1])
+            done += 1
+            state[0] -= len(msg)
+            state[1] = now
+            s.send(msg)
+elapsed = time.perf_counter() - t0
+for key in list(sel.get_map().values()):
+    key.fileobj.close()
+samples.sort()
+print(json.dumps({"ka_req_s": done / elapsed, "ka_reqs": done, "ka_failed": failed,
+                  "ka_p50": samples[len(samples) // 2] * 1e6 if samples else 0.0}))
+"""
+
 HOLD_CLIENT = """
 import resource, socket, sys
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -299,7 +350,24 @@ def rate(laptop: str, host: str, port: int, duration: float) -> dict[str, float]
         return {"conn_s_par": 0.0, "conn_failed": 0}
 
 
+def keepalive(laptop: str, host: str, port: int, duration: float) -> dict[str, float]:
+    """Small requests on KEEPALIVE kept-open connections (none when KEEPALIVE is 0)."""
+    if not KEEPALIVE:
+        return {}
+    out = subprocess.run(
+        in_ns(laptop, PY, "-c", KEEPALIVE_CLIENT, host, str(port), str(duration), str(KEEPALIVE)),
+        capture_output=True, text=True, timeout=duration + 60, check=False,
+    )  # fmt: skip
+    try:
+        return dict(json.loads(out.stdout))
+    except ValueError:
+        print(f"keepalive client failed: {out.stderr[-300:]}")
+        return {"ka_req_s": 0.0, "ka_reqs": 0, "ka_failed": KEEPALIVE, "ka_p50": 0.0}
+
+
 CONCURRENCY = 32
+KEEPALIVE = 0
+"""--keepalive N: N kept-open connections with one small request each in flight."""
 HELD = 1000
 CONN_ONLY = False
 NO_EARLY = False
@@ -403,8 +471,15 @@ def measure(
     extra = {"tun_writes_per_conn": (packets_out() - writes) / conns} if packets_out else {}
     if relay_of:
         extra["relay_us_per_conn"] = 1e6 * (relay_of() - relay) / conns
+    cpu, relay = cpu_of(), relay_of() if relay_of else 0.0
+    ka = keepalive(laptop, host, echo_port, min(duration, 2.0))
+    if ka:
+        reqs = max(ka["ka_reqs"], 1)
+        ka["cpu_us_per_req"] = 1e6 * (cpu_of() - cpu) / reqs
+        if relay_of:
+            ka["relay_us_per_req"] = 1e6 * (relay_of() - relay) / reqs
     return {"row": row, "mbs_1": one, "mbs_8": eight, "cpu_pct": cpu_pct, **lat, **par,
-            "cpu_us_per_conn": cpu_us, **extra}  # fmt: skip
+            "cpu_us_per_conn": cpu_us, **extra, **ka}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- rows
@@ -634,12 +709,21 @@ def main() -> None:
         action="store_true",
         help="rows c*: every SYN waits for its dial (A/B of the early accept)",
     )
+    parser.add_argument(
+        "--keepalive",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also N kept-open connections (1-1000) with 100-byte requests: req/s, µs/req",
+    )
     parser.add_argument("--role-cluster", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tcp:
         _override_tcp(dict(item.split("=", 1) for item in args.tcp))
-    global CONN_ONLY, NO_EARLY
-    CONN_ONLY, NO_EARLY = args.conn_only, args.no_early
+    if not 0 <= args.keepalive <= 1000:
+        parser.error("--keepalive takes 0 to 1000 connections")
+    global CONN_ONLY, NO_EARLY, KEEPALIVE
+    CONN_ONLY, NO_EARLY, KEEPALIVE = args.conn_only, args.no_early, args.keepalive
     if args.role_cluster is not None:
         role_cluster(args.role_cluster)
         return
@@ -666,10 +750,12 @@ def main() -> None:
                 if row == "a":
                     result = measure(row, laptop, CLUSTER_IP, IPERF_PORT, ECHO_PORT, args.duration)
                     result["cpu_pct"] = result["cpu_us_per_conn"] = 0.0  # no daemon
+                    result.pop("cpu_us_per_req", None)
                 elif row == "b":
                     result = measure(row, laptop, "127.0.0.1", SOCAT_LAPTOP, 7001, args.duration)
                     result["cpu_pct"] = 0.0  # socat's CPU is not the daemon's
                     result["cpu_us_per_conn"] = 0.0
+                    result.pop("cpu_us_per_req", None)
                 elif row == "d":
                     sshuttle = run_sshuttle(laptop, cluster, args.duration)
                     if sshuttle is None:
@@ -749,7 +835,7 @@ HEADER = (
     f"{'p99 µs':>8} {'conn/s':>8} {'conn/s32':>9} {'µs/conn':>8} {'1st µs':>7} {'wr/conn':>7} "
     f"{'relay µs':>8} {'refused ms':>10} {'acc/20':>6} "
     f"{'RSS MiB':>8} {'@1000':>7} "
-    f"{'GC ms':>6}"
+    f"{'GC ms':>6} {'req/sN':>7} {'p50 N µs':>8} {'µs/req':>6} {'relay µs/req':>12}"
 )
 
 
@@ -762,6 +848,8 @@ def _line(r: dict) -> str:
         f"{r.get('tun_writes_per_conn', 0):7.2f} {r.get('relay_us_per_conn', 0):8.0f} "
         f"{r.get('refused_ms', 0):10.1f} {r.get('closed_accepted', 0):6d} "
         f"{r.get('rss_base', 0):8.0f} {r.get('rss_held', 0):7.0f} {r.get('gc_ms_held', 0):6.0f}"
+        f" {r.get('ka_req_s', 0):7.0f} {r.get('ka_p50', 0):8.0f} {r.get('cpu_us_per_req', 0):6.0f}"
+        f" {r.get('relay_us_per_req', 0):12.0f}"
     )
 
 
