@@ -80,10 +80,12 @@ def apply_ready(sandbox: NodeSandbox, manifest: str, app: str | None = None) -> 
     kubectl(sandbox, "wait", "--for=condition=Ready", "pod", *which, "--timeout=90s")
 
 
-def wait_rolled(sandbox: NodeSandbox, app: str) -> None:
-    """Wait until the Deployment `app` rolled out and its pods are Ready."""
-    kubectl(sandbox, "rollout", "status", f"deployment/{app}", "--timeout=90s")
-    kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "-l", f"app={app}", "--timeout=90s")
+def wait_rolled(sandbox: NodeSandbox, app: str, namespace: str = "default") -> None:
+    """Wait until the Deployment `app` rolled out and its pods are Ready (`kubectl wait -l`
+    alone, right after an apply, finds no pod yet: "no matching resources found")."""
+    kubectl(sandbox, "rollout", "status", "-n", namespace, f"deployment/{app}", "--timeout=90s")
+    ready = ("--for=condition=Ready", "pod", "-l", f"app={app}", "--timeout=90s")
+    kubectl(sandbox, "wait", "-n", namespace, *ready)
 
 
 def in_caller(sandbox: NodeSandbox, script: str, *args: str) -> str:

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import trio
 from tele.sandbox.network import netns
 from tele.sandbox.network.laptop import serve_laptop, shell_command
 from tests.daemon.util import DaemonGuard, run_tele, single_error_line
-from tests.e2e import install_manager, kubectl
+from tests.e2e import install_manager, kubectl, wait_rolled
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
@@ -55,13 +56,39 @@ print(json.dumps({"address": address, "answer": answer}))
 """
 
 
-def wait_ready(sandbox: NodeSandbox, app: str, namespace: str = "default") -> None:
-    """Wait until the Deployment `app` has rolled out and its pods are Ready. `kubectl wait -l`
-    alone, right after the apply, exits at once with "no matching resources found" when the
-    controllers have not created the pod yet; `rollout status` waits for that."""
-    kubectl(sandbox, "rollout", "status", "-n", namespace, f"deployment/{app}", "--timeout=90s")
-    ready = ("--for=condition=Ready", "pod", "-l", f"app={app}", "--timeout=90s")
-    kubectl(sandbox, "wait", "-n", namespace, *ready)
+TELE = [str(Path(sys.executable).parent / "tele")]
+Command = tuple[list[str], dict[str, str]]
+
+
+async def start_laptop(
+    nursery: trio.Nursery, sandbox: NodeSandbox, prefix: str, home: Path, *, own_pod_route: bool
+) -> tuple[str, Callable[..., Command]]:
+    """A sandbox laptop namespace (named from `prefix`) reaching the sandbox's API server, and
+    `in_laptop(*argv)`: the command and environment that run argv there, with the VIF allowed.
+    `own_pod_route`: the laptop's own network has the pod subnet (a VPN, a docker bridge)."""
+    server = urllib.parse.urlsplit(
+        json.loads(kubectl(sandbox, "config", "view", "--minify", "-o", "json"))["clusters"][0][
+            "cluster"
+        ]["server"]
+    )
+    cluster = f"{prefix}{sandbox.name[-4:]}"
+    laptop: str = await nursery.start(serve_laptop, cluster, server.hostname, server.port)
+    if own_pod_route:
+        await netns.ip_batch(
+            laptop,
+            [
+                "link add tele-lan0 type veth peer name tele-lan1",
+                "link set tele-lan0 up",
+                "route add 10.244.0.0/16 dev tele-lan0",
+            ],
+        )
+
+    def in_laptop(*argv: str) -> Command:
+        command, env = shell_command(cluster, home, str(sandbox.kubeconfig), list(argv))
+        env.pop("TELE_VIF", None)
+        return command, env
+
+    return laptop, in_laptop
 
 
 async def run(
@@ -86,39 +113,20 @@ async def test_a_laptop_route_over_the_pod_subnet_with_vnat(
     sandbox = node_sandbox
     install_manager(sandbox, tele_env)
     kubectl(sandbox, "apply", "-f", "-", stdin=APP)
-    wait_ready(sandbox, "vnat-echo")
-    server = urllib.parse.urlsplit(
-        json.loads(kubectl(sandbox, "config", "view", "--minify", "-o", "json"))["clusters"][0][
-            "cluster"
-        ]["server"]
-    )
-    cluster = f"tele-vn{sandbox.name[-4:]}"
-    laptop = await nursery.start(serve_laptop, cluster, server.hostname, server.port)
+    wait_rolled(sandbox, "vnat-echo")
     # The laptop's own network has the pod subnet (a VPN, a docker bridge).
-    await netns.ip_batch(
-        laptop,
-        [
-            "link add tele-lan0 type veth peer name tele-lan1",
-            "link set tele-lan0 up",
-            "route add 10.244.0.0/16 dev tele-lan0",
-        ],
+    laptop, in_laptop = await start_laptop(
+        nursery, sandbox, "tele-vn", tmp_path / "laptop", own_pod_route=True
     )
-    home = tmp_path / "laptop"
-    tele = [str(Path(sys.executable).parent / "tele")]
-
-    def in_laptop(*argv: str) -> tuple[list[str], dict[str, str]]:
-        command, env = shell_command(cluster, home, str(sandbox.kubeconfig), list(argv))
-        env.pop("TELE_VIF", None)
-        return command, env
 
     try:
-        refused = await run(*in_laptop(*tele, "connect", "--vif"))
+        refused = await run(*in_laptop(*TELE, "connect", "--vif"))
         assert refused.returncode != 0
         assert "overlaps the route 10.244.0.0/16 on interface tele-lan0" in refused.stderr
         assert "--vnat 10.244.0.0/16" in refused.stderr
-        await run(*in_laptop(*tele, "quit"))
+        await run(*in_laptop(*TELE, "quit"))
 
-        connected = await run(*in_laptop(*tele, "connect", "--vif", "--vnat", "pods"))
+        connected = await run(*in_laptop(*TELE, "connect", "--vif", "--vnat", "pods"))
         assert connected.returncode == 0, connected.stderr
         called = await run(*in_laptop(sys.executable, "-c", CALL))
         assert called.returncode == 0, called.stderr
@@ -127,11 +135,11 @@ async def test_a_laptop_route_over_the_pod_subnet_with_vnat(
         assert json.loads(seen["answer"])["pod"].startswith("vnat-echo-")
         routes = await run(["ip", "-n", laptop, "route", "show"], dict(tele_env))
         assert "10.244.0.0/16 dev tele-lan0" in routes.stdout  # the laptop's route stays
-        status = await run(*in_laptop(*tele, "status", "-o", "json"))
+        status = await run(*in_laptop(*TELE, "status", "-o", "json"))
         vnat = json.loads(status.stdout)["session"]["network"]["vnat"]
         assert vnat["translated"] == ["10.244.0.0/16"] and vnat["mapped"] >= 1
     finally:
-        await run(*in_laptop(*tele, "quit"))
+        await run(*in_laptop(*TELE, "quit"))
         DaemonGuard(in_laptop("true")[1]).kill_all()  # the laptop's daemon, if quit failed
         run_tele(tele_env, "helm", "uninstall", "--kubeconfig", str(sandbox.kubeconfig))
         kubectl(sandbox, "delete", "-f", "-", "--wait=false", stdin=APP)
@@ -196,28 +204,17 @@ async def test_proxy_via_dials_from_the_workloads_pod(
     sandbox = node_sandbox
     install_manager(sandbox, tele_env)
     kubectl(sandbox, "apply", "-f", "-", stdin=VIA_APPS)
-    wait_ready(sandbox, "pv-echo")
+    wait_rolled(sandbox, "pv-echo")
     target = kubectl(
         sandbox, "get", "pod", "-l", "app=pv-echo", "-o", "jsonpath={.items[0].status.podIP}"
     ).strip()
     assert target, "pv-echo has no pod IP"
-    server = urllib.parse.urlsplit(
-        json.loads(kubectl(sandbox, "config", "view", "--minify", "-o", "json"))["clusters"][0][
-            "cluster"
-        ]["server"]
+    _, in_laptop = await start_laptop(
+        nursery, sandbox, "tele-pv", tmp_path / "laptop", own_pod_route=False
     )
-    cluster = f"tele-pv{sandbox.name[-4:]}"
-    await nursery.start(serve_laptop, cluster, server.hostname, server.port)
-    home = tmp_path / "laptop"
-    tele = [str(Path(sys.executable).parent / "tele")]
-
-    def in_laptop(*argv: str) -> tuple[list[str], dict[str, str]]:
-        command, env = shell_command(cluster, home, str(sandbox.kubeconfig), list(argv))
-        env.pop("TELE_VIF", None)
-        return command, env
 
     try:
-        connect = [*tele, "connect", "--vif", "--proxy-via", f"{target}/32=pv-via"]
+        connect = [*TELE, "connect", "--vif", "--proxy-via", f"{target}/32=pv-via"]
         connected = await run(*in_laptop(*connect), timeout=180)
         assert connected.returncode == 0, connected.stderr
         pods = json.loads(kubectl(sandbox, "get", "pod", "-l", "app=pv-via", "-o", "json"))
@@ -236,7 +233,7 @@ async def test_proxy_via_dials_from_the_workloads_pod(
         answer = json.loads(seen["answer"])
         assert answer["pod"].startswith("pv-echo-")
         assert answer["peer"] == via_ip, (answer["peer"], via_ip)
-        status = await run(*in_laptop(*tele, "status", "-o", "json"))
+        status = await run(*in_laptop(*TELE, "status", "-o", "json"))
         network = json.loads(status.stdout)["session"]["network"]
         assert network["proxy_via"] == [
             {
@@ -246,7 +243,7 @@ async def test_proxy_via_dials_from_the_workloads_pod(
             }
         ]
         assert network["vnat"]["translated"] == [f"{target}/32"]
-        shown = await run(*in_laptop(*tele, "status"))
+        shown = await run(*in_laptop(*TELE, "status"))
         assert f"Proxy via:          {target}/32 from pv-via (pods default/pv-via-" in shown.stdout
 
         # A new manager pod forgets the session and its route: the daemon arrives again, asks
@@ -273,7 +270,7 @@ async def test_proxy_via_dials_from_the_workloads_pod(
         answer = json.loads(json.loads(again.stdout)["answer"])
         assert answer["peer"] == via_ip, (answer["peer"], via_ip)
     finally:
-        await run(*in_laptop(*tele, "quit"))
+        await run(*in_laptop(*TELE, "quit"))
         DaemonGuard(in_laptop("true")[1]).kill_all()
         run_tele(tele_env, "helm", "uninstall", "--kubeconfig", str(sandbox.kubeconfig))
         kubectl(sandbox, "delete", "-f", "-", "--wait=false", stdin=VIA_APPS)
@@ -391,35 +388,16 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
     sandbox = node_sandbox
     install_manager(sandbox, tele_env)
     kubectl(sandbox, "apply", "-f", "-", stdin=UDP_APPS)
-    wait_ready(sandbox, "pv-udp")
-    wait_ready(sandbox, "pv-other-via", "pv-other")
+    wait_rolled(sandbox, "pv-udp")
+    wait_rolled(sandbox, "pv-other-via", "pv-other")
     target = kubectl(
         sandbox, "get", "pod", "-l", "app=pv-udp", "-o", "jsonpath={.items[0].status.podIP}"
     ).strip()
     assert target, "pv-udp has no pod IP"
-    server = urllib.parse.urlsplit(
-        json.loads(kubectl(sandbox, "config", "view", "--minify", "-o", "json"))["clusters"][0][
-            "cluster"
-        ]["server"]
-    )
-    cluster = f"tele-pu{sandbox.name[-4:]}"
-    laptop = await nursery.start(serve_laptop, cluster, server.hostname, server.port)
     # The laptop's own network has the pod subnet (a VPN): --proxy-via pods takes it anyway.
-    await netns.ip_batch(
-        laptop,
-        [
-            "link add tele-lan0 type veth peer name tele-lan1",
-            "link set tele-lan0 up",
-            "route add 10.244.0.0/16 dev tele-lan0",
-        ],
+    laptop, in_laptop = await start_laptop(
+        nursery, sandbox, "tele-pu", tmp_path / "laptop", own_pod_route=True
     )
-    home = tmp_path / "laptop"
-    tele = [str(Path(sys.executable).parent / "tele")]
-
-    def in_laptop(*argv: str) -> tuple[list[str], dict[str, str]]:
-        command, env = shell_command(cluster, home, str(sandbox.kubeconfig), list(argv))
-        env.pop("TELE_VIF", None)
-        return command, env
 
     refusals = {
         ("--no-vif", "10.1.0.0/24=pv-other-via.pv-other"): (
@@ -457,18 +435,18 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
     }
     try:
         for (vif, flag, *more), sentence in refusals.items():
-            refused = await run(*in_laptop(*tele, "connect", vif, "--proxy-via", flag, *more))
+            refused = await run(*in_laptop(*TELE, "connect", vif, "--proxy-via", flag, *more))
             assert refused.returncode == 1, refused
             assert single_error_line(refused).startswith(sentence), refused.stderr
             assert ("is no namespace" in sentence) == ("is no namespace" in refused.stderr)
-            status = await run(*in_laptop(*tele, "status", "-o", "json"))
+            status = await run(*in_laptop(*TELE, "status", "-o", "json"))
             assert json.loads(status.stdout).get("session") is None, status.stdout
         for namespace, app in (("pv-other", "pv-other-via"), ("default", "pv-hostnet")):
             pods = kubectl(sandbox, "get", "pod", "-n", namespace, "-o", "json")
             assert f'"{app}-' in pods and "traffic-agent" not in pods  # no agent injected
 
         connect = [
-            *tele,
+            *TELE,
             "connect",
             "--vif",
             "--proxy-via",
@@ -495,7 +473,7 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
         assert seen["echo"].startswith("246.246.") and seen["dns"].startswith("246.246."), seen
         assert seen["said"] == f"{via_ip} over udp", (seen, via_ip)  # sent from the pod
         assert (seen["id"], seen["rcode"], seen["last"]) == (0x7E1E, 0, target), seen
-        status = await run(*in_laptop(*tele, "status", "-o", "json"))
+        status = await run(*in_laptop(*TELE, "status", "-o", "json"))
         network = json.loads(status.stdout)["session"]["network"]
         pod = f"pv-other/{with_agent[0]['metadata']['name']}"
         assert network["proxy_via"] == [
@@ -506,7 +484,7 @@ async def test_proxy_via_udp_and_a_workload_of_another_namespace(
         routes = await run(["ip", "-n", laptop, "route", "show"], dict(tele_env))
         assert "10.244.0.0/16 dev tele-lan0" in routes.stdout  # the laptop's route stays
     finally:
-        await run(*in_laptop(*tele, "quit"))
+        await run(*in_laptop(*TELE, "quit"))
         DaemonGuard(in_laptop("true")[1]).kill_all()
         run_tele(tele_env, "helm", "uninstall", "--kubeconfig", str(sandbox.kubeconfig))
         kubectl(sandbox, "delete", "-f", "-", "--wait=false", "--ignore-not-found", stdin=UDP_APPS)
