@@ -4,10 +4,8 @@ daemon runs on this machine: the host's), its status is tele's, and it is remove
 
 from __future__ import annotations
 
-import http.server
 import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,32 +17,14 @@ from tests.conftest import VENV_BIN
 from tests.daemon.test_connect import ManagerProcess, cluster, manager  # noqa: F401 - fixtures
 from tests.daemon.util import DaemonGuard, run_tele
 from tests.docker.dockerd import PrivateDockerd, busybox_image
+from tests.e2e import laptop_http
 
 
 @pytest.fixture
 def web() -> Iterator[int]:
     """An HTTP server on this machine's loopback that says which path it was asked for."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = f"asked for {self.path}\n".encode()
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with laptop_http(lambda path: f"asked for {path}\n") as port:
+        yield port
 
 
 def test_docker_run_and_curl_run_with_the_connections_network_and_are_removed(

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -232,12 +232,13 @@ def caller_pod(namespace: str = "default", **spec: Any) -> Object:
 
 
 @contextmanager
-def laptop_http(body: str) -> Iterator[int]:
-    """An HTTP server on this machine answering every GET with `body`; yields its port."""
+def laptop_http(body: str | Callable[[str], str]) -> Iterator[int]:
+    """An HTTP server on this machine answering every GET with `body` (or `body(path)`);
+    yields its port."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            data = body.encode()
+            data = (body if isinstance(body, str) else body(self.path)).encode()
             self.send_response(200)
             self.send_header("content-length", str(len(data)))
             self.end_headers()

@@ -5,16 +5,12 @@ configuration (it used its own agent.port, and the intercepted calls silently re
 
 from __future__ import annotations
 
-import http.server
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.daemon.util import DaemonGuard, run_tele, single_error_line
-from tests.e2e import connect, install_manager, kubectl
+from tests.e2e import connect, install_manager, kubectl, laptop_http
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
@@ -55,32 +51,6 @@ metadata: {name: caller, namespace: default}
 spec:
   containers: [{name: c, image: tele-sandbox/worker}]
 """
-
-
-@contextmanager
-def laptop_http(body: str) -> Iterator[int]:
-    """An HTTP server on this machine answering `body`; yields its port."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            data = body.encode()
-            self.send_response(200)
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def call(sandbox: NodeSandbox, url: str) -> str:
