@@ -315,18 +315,12 @@ def test_connect_docker_keeps_this_machine_as_it_was_and_containers_join_its_net
                 listed = json.loads(run_tele(env, "list", "-o", "json").stdout)
                 [listed_engagement] = [e for w in listed for e in w["engagements"]]
                 assert listed_engagement["local_mount"] == fuse[0], listed_engagement
-                answers: list[str] = []
-                while not answers or "greeting=" not in answers[-1]:
-                    assert handler.poll() is None, handler.communicate()
-                    assert time.monotonic() < deadline, f"no answer: {answers[-3:]}"
-                    time.sleep(0.5)  # polling a cluster call's answer: no event to wait on
-                    call = ("exec", "caller", "--", "python3", "-c", CALL)
-                    answers.append(kubectl(node_sandbox, *call))
+                answer = _handler_answer(node_sandbox, handler, deadline)
                 # The pod's variable and its Secret at the pod's path, read by another user
                 # than the daemon's.
-                assert "greeting=hello-from-the-pod\n" in answers[-1]
-                assert f"password={SECRET}\n" in answers[-1]
-                assert "mounts=/etc/creds root=/\n" in answers[-1]
+                assert "greeting=hello-from-the-pod\n" in answer
+                assert f"password={SECRET}\n" in answer
+                assert "mounts=/etc/creds root=/\n" in answer
                 _, err = handler.communicate(timeout=60)
                 assert handler.returncode == 7, err
                 assert "tele: The pod's volumes" not in err, err
@@ -556,6 +550,18 @@ def _nobodys_home(engine: PrivateDockerd, sandbox: NodeSandbox) -> Iterator[dict
         shutil.rmtree(home, ignore_errors=True)
 
 
+def _handler_answer(sandbox: NodeSandbox, handler: subprocess.Popen[str], deadline: float) -> str:
+    """The app's answer from the caller pod once the --docker-run handler gives it (with the
+    pod's greeting), asked again while the handler runs, until `deadline`."""
+    answers: list[str] = []
+    while not answers or "greeting=" not in answers[-1]:
+        assert handler.poll() is None, handler.communicate()
+        assert time.monotonic() < deadline, f"no answer: {answers[-3:]}"
+        time.sleep(0.5)  # polling a cluster call's answer: no event to wait on
+        answers.append(kubectl(sandbox, "exec", "caller", "--", "python3", "-c", CALL))
+    return answers[-1]
+
+
 def _as_nobody(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
@@ -629,16 +635,10 @@ def test_a_user_who_is_not_root_connects_with_docker_and_runs_a_handler_containe
                         env, "intercept", "app", "--port", str(port), "--docker-run", "--",
                         "tele-test/handler:3", "sh", "-c", f"{serve}; exit 7",
                     )  # fmt: skip
-                    answers: list[str] = []
                     deadline = time.monotonic() + 180
-                    while not answers or "greeting=" not in answers[-1]:
-                        assert handler.poll() is None, handler.communicate()
-                        assert time.monotonic() < deadline, f"no answer: {answers[-3:]}"
-                        time.sleep(0.5)  # polling a cluster call's answer: no event to wait on
-                        call = ("exec", "caller", "--", "python3", "-c", CALL)
-                        answers.append(kubectl(node_sandbox, *call))
-                    assert "greeting=hello-from-the-pod\n" in answers[-1]
-                    assert f"password={SECRET}\n" in answers[-1]
+                    answer = _handler_answer(node_sandbox, handler, deadline)
+                    assert "greeting=hello-from-the-pod\n" in answer
+                    assert f"password={SECRET}\n" in answer
                     _, err = handler.communicate(timeout=60)
                     assert handler.returncode == 7, err
                     assert "Traceback" not in err
