@@ -180,16 +180,12 @@ def _abort(local: trio.abc.Stream) -> None:
             pass
 
 
-async def splice(
-    tunnel: H2Stream, local: trio.abc.HalfCloseableStream, *, read_size: int = READ_SIZE
-) -> ResetReason | None:
-    """Relay between a tunnel stream and a local stream until both directions have ended.
-
-    HALF-CLOSE is forwarded both ways (EOF -> `send_eof`). A reset on either side aborts the
-    other (RST_STREAM with RESET for a local failure; a TCP RST for a tunnel reset). Returns None
-    after a clean end, else the reason of the reset. Closes neither stream.
-    """
-    outcome: list[ResetReason] = []
+def _failer(
+    tunnel: H2Stream, local: trio.abc.Stream, outcome: list[ResetReason]
+) -> Callable[..., None]:
+    """A relay's `fail(reason, tunnel_side=, scope=)`: the first failure is the relay's outcome
+    and resets the other side (a TCP RST for a tunnel reset, RST_STREAM for a local failure);
+    every failure ends the relay's nursery (`scope`)."""
 
     def fail(reason: ResetReason, *, tunnel_side: bool, scope: trio.CancelScope) -> None:
         if not outcome:
@@ -199,6 +195,23 @@ async def splice(
             else:
                 reset(tunnel, reason)
         scope.cancel()
+
+    return fail
+
+
+async def splice(
+    tunnel: H2Stream, local: trio.abc.HalfCloseableStream, *, read_size: int = READ_SIZE
+) -> ResetReason | None:
+    """Relay between a tunnel stream and a local stream until both directions have ended.
+
+    HALF-CLOSE is forwarded both ways (EOF -> `send_eof`). A reset on either side aborts the
+    other (RST_STREAM with RESET for a local failure; a TCP RST for a tunnel reset). Returns None
+    after a clean end, else the reason of the reset. Closes neither stream.
+    """
+    if isinstance(local, trio.SocketStream):
+        return await _splice_socket(tunnel, local, read_size)
+    outcome: list[ResetReason] = []
+    fail = _failer(tunnel, local, outcome)
 
     async def tunnel_to_local(scope: trio.CancelScope) -> None:
         while True:
@@ -238,8 +251,6 @@ async def splice(
         except trio.BrokenResourceError as exc:
             fail(reset_reason(exc), tunnel_side=True, scope=scope)
 
-    if isinstance(local, trio.SocketStream):
-        return await _splice_socket(tunnel, local, read_size)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(local_to_tunnel, nursery.cancel_scope)
@@ -261,17 +272,9 @@ async def _splice_socket(
     once per call, even when nothing had to wait), which is most of a new connection's relay
     work: its request, its answer and the two ends each take one wake-up less."""
     outcome: list[ResetReason] = []
+    fail = _failer(tunnel, local, outcome)
     sock = local.socket
     fd = sock.fileno()
-
-    def fail(reason: ResetReason, *, tunnel_side: bool, scope: trio.CancelScope) -> None:
-        if not outcome:
-            outcome.append(reason)
-            if tunnel_side:
-                _abort(local)  # the tunnel was reset: reset the local connection too
-            else:
-                reset(tunnel, reason)
-        scope.cancel()
 
     async def tunnel_to_local(scope: trio.CancelScope) -> None:
         write = os.write
