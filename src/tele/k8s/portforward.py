@@ -130,6 +130,15 @@ class _Router:
             self.error = error
 
 
+def _check_max_bytes(max_bytes: int | None) -> None:
+    """receive_some's argument, as trio's streams check it."""
+    if max_bytes is not None:
+        if not isinstance(max_bytes, int):
+            raise TypeError("max_bytes must be an int or None")
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+
+
 class PortForwardStream(trio.abc.Stream):
     """The server end of one forwarded port over trio-websocket (tests, the sandbox): announces
     the port on both channels (`start()`) and may report an error with `send_error()`."""
@@ -196,11 +205,7 @@ class PortForwardStream(trio.abc.Stream):
         await trio.lowlevel.checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None:
-            if not isinstance(max_bytes, int):
-                raise TypeError("max_bytes must be an int or None")
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be at least 1")
+        _check_max_bytes(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
@@ -537,11 +542,7 @@ class PortForwardClient(trio.abc.Stream):
         await self._transport.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None:
-            if not isinstance(max_bytes, int):
-                raise TypeError("max_bytes must be an int or None")
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be at least 1")
+        _check_max_bytes(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
