@@ -123,7 +123,9 @@ def role_cluster(fd: int) -> None:
             await serve_connection(trio.SocketStream(sock), router)
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    from tunnel import _run_profiled  # bench/tunnel.py: TELE_BENCH_PROFILE=<dir> profiles it
+
+    _run_profiled(lambda: trio.run(main), "vif-cluster")
 
 
 def _raise_nofile() -> None:
@@ -559,6 +561,9 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
                         await process.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            proc.terminate()  # SIGTERM: a profiled cluster side (TELE_BENCH_PROFILE) dumps
+            with trio.move_on_after(5):
+                await proc.wait()
             proc.kill()
             await proc.wait()
 
