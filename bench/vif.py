@@ -35,6 +35,11 @@ Run as root:  .venv/bin/python bench/vif.py [--duration 3] [--rows a,b,c]
   --conn-only: latency and connection figures only (no iperf3, no held connections): A/B runs.
   --tcp FIELD=VALUE: rows c* with a TCPConfig field changed (e.g. fin_ack_delay=0).
   --keepalive N: also small requests on N kept-open connections (req/sN, µs/req), e.g. 50.
+  --rtt 10,40: rows c* and d again with that round trip added between the tunnel's two ends
+            (bench/delay_relay.py between the daemon and the tunnel server, or between
+            sshuttle's ssh and sshd): rows named c@10 ...; `RTT ms` is the round trip the relay
+            really adds (measured through it alone) and `+setup` the SYN -> first byte p50 above
+            it (the target at 40 ms: <= 2 ms). Fewer 1 KiB samples, no held connections.
 Namespaces are named tele-vifbench-<random>-{l,c} and always deleted. Prints a table and a
 JSON line; writes the JSON to bench/results/.
 """
@@ -55,6 +60,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import delay_relay  # bench/delay_relay.py (this script's directory is on sys.path)
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
@@ -328,8 +335,9 @@ def iperf(laptop: str, host: str, port: int, streams: int, duration: float) -> f
 
 
 def latency(laptop: str, host: str, port: int) -> dict[str, float]:
+    count = "2000" if not RTT_MS else "50"  # 2,000 round trips of 40 ms would take 80 s
     out = subprocess.run(
-        in_ns(laptop, PY, "-c", LATENCY_CLIENT, host, str(port), "2000"),
+        in_ns(laptop, PY, "-c", LATENCY_CLIENT, host, str(port), count),
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     try:
@@ -373,6 +381,8 @@ KEEPALIVE = 0
 HELD = 1000
 CONN_ONLY = False
 NO_EARLY = False
+RTT_MS = 0.0
+"""--rtt: the round trip (ms) added between the tunnel's two ends for the rows being run."""
 """--no-early: rows c* never accept a SYN before its dial (tele.vif.runtime's early accept)."""
 """--conn-only: the connection figures alone (no iperf3, no 1,000 held connections)."""
 
@@ -388,7 +398,7 @@ def hold(laptop: str, host: str, port: int, pid: int | str = "self") -> dict[str
     """RSS of process `pid` before and while HELD idle connections are open through it."""
     import gc
 
-    if CONN_ONLY:
+    if CONN_ONLY or RTT_MS:
         return {}
     gc.collect()
     before = rss_mib(pid)
@@ -499,6 +509,14 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
 
     async def main() -> None:
         ours, theirs = socket.socketpair()
+        delay = None
+        if RTT_MS:  # the link goes through a delay relay: ours <-> relay <-> theirs
+            theirs.close()
+            ours, relay_near = socket.socketpair()
+            relay_far, theirs = socket.socketpair()
+            delay = delay_relay.start_fds(RTT_MS, (relay_near.fileno(), relay_far.fileno()))
+            relay_near.close()
+            relay_far.close()
         proc = await trio.lowlevel.open_process(
             in_ns(cluster, PY, str(HERE), "--role-cluster", str(theirs.fileno())),
             pass_fds=[theirs.fileno()],
@@ -566,6 +584,9 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
                 await proc.wait()
             proc.kill()
             await proc.wait()
+            if delay is not None:
+                delay.kill()
+                await trio.to_thread.run_sync(delay.wait)
 
     trio.run(main)
     return results
@@ -635,9 +656,22 @@ def run_sshuttle(laptop: str, cluster: str, duration: float) -> dict | None:
             # sshuttle did not take goes nowhere, so the row cannot measure a direct path.
             ip("-n", laptop, "route", "add", "10.244.0.0/16", "dev", "lo")
             time.sleep(0.5)  # sshd has no readiness signal
+            remote = f"{CLUSTER_IP}:{SSHD_PORT}"
+            if RTT_MS:  # ssh reaches sshd through a delay relay in the laptop namespace
+                relay = subprocess.Popen(
+                    in_ns(laptop, PY, delay_relay.__file__, "tcp", str(RTT_MS),
+                          str(SSHD_PORT + 1), remote),
+                    stdout=subprocess.PIPE,
+                )  # fmt: skip
+                procs.append(relay)
+                assert relay.stdout is not None
+                if relay.stdout.readline().strip() != b"ready":
+                    print("row d skipped: the delay relay did not start")
+                    return None
+                remote = f"127.0.0.1:{SSHD_PORT + 1}"
             client = subprocess.Popen(
                 in_ns(laptop, "sshuttle", "--method", "nft", "-e", ssh,
-                      "-r", f"root@{CLUSTER_IP}:{SSHD_PORT}", "10.244.0.0/16"),
+                      "-r", f"root@{remote}", "10.244.0.0/16"),
                 stderr=subprocess.PIPE,
             )  # fmt: skip
             procs.append(client)
@@ -721,18 +755,32 @@ def main() -> None:
         metavar="N",
         help="also N kept-open connections (1-1000) with 100-byte requests: req/s, µs/req",
     )
+    parser.add_argument(
+        "--rtt",
+        default="",
+        metavar="MS,...",
+        help="rows c* and d again with each round trip added between the tunnel's ends",
+    )
     parser.add_argument("--role-cluster", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tcp:
         _override_tcp(dict(item.split("=", 1) for item in args.tcp))
     if not 0 <= args.keepalive <= 1000:
         parser.error("--keepalive takes 0 to 1000 connections")
-    global CONN_ONLY, NO_EARLY, KEEPALIVE
+    global CONN_ONLY, NO_EARLY, KEEPALIVE, RTT_MS
     CONN_ONLY, NO_EARLY, KEEPALIVE = args.conn_only, args.no_early, args.keepalive
     if args.role_cluster is not None:
         role_cluster(args.role_cluster)
         return
-    rows = args.rows.split(",")
+    try:
+        rtts = [0.0] + [float(ms) for ms in args.rtt.split(",") if ms]
+    except ValueError:
+        parser.error("--rtt takes milliseconds separated by commas, e.g. 10,40")
+    if any(not 0 < ms <= 1000 for ms in rtts[1:]):
+        parser.error("--rtt takes round trips from 0 to 1000 ms")
+    runs = [(row, 0.0) for row in args.rows.split(",")]
+    runs += [(row, ms) for ms in rtts[1:] for row in args.rows.split(",") if row[0] in "cd"]
+    measured = {ms: delay_relay.measured_rtt(ms) for ms in rtts[1:]}
     table: list[dict] = []
     with namespaces() as (laptop, cluster):
         procs = [
@@ -751,7 +799,7 @@ def main() -> None:
         ]  # fmt: skip
         try:
             time.sleep(0.5)  # the servers have no readiness signal
-            for row in rows:
+            for row, RTT_MS in runs:
                 if row == "a":
                     result = measure(row, laptop, CLUSTER_IP, IPERF_PORT, ECHO_PORT, args.duration)
                     result["cpu_pct"] = result["cpu_us_per_conn"] = 0.0  # no daemon
@@ -771,6 +819,10 @@ def main() -> None:
                     mtu = 65535 if row == "c-65535" else 1500
                     result = run_tele(laptop, cluster, args.duration, offload=offload, mtu=mtu)
                     result["row"] = row
+                if RTT_MS:
+                    result["row"] = f"{row}@{RTT_MS:g}"
+                    result["rtt_ms"] = measured[RTT_MS]
+                    result["setup_over_rtt_ms"] = result["first_p50"] / 1e3 - measured[RTT_MS]
                 table.append(result)
                 print(_line(result), flush=True)
         finally:
@@ -836,17 +888,18 @@ trio.run(functools.partial(trio.serve_tcp, echo, int(sys.argv[2]), host=sys.argv
 """
 
 HEADER = (
-    f"{'row':8} {'MB/s x1':>9} {'MB/s x8':>9} {'CPU%':>6} {'relay%':>7} {'p50 µs':>8} "
+    f"{'row':10} {'MB/s x1':>9} {'MB/s x8':>9} {'CPU%':>6} {'relay%':>7} {'p50 µs':>8} "
     f"{'p99 µs':>8} {'conn/s':>8} {'conn/s32':>9} {'µs/conn':>8} {'1st µs':>7} {'wr/conn':>7} "
     f"{'relay µs':>8} {'refused ms':>10} {'acc/20':>6} "
     f"{'RSS MiB':>8} {'@1000':>7} "
-    f"{'GC ms':>6} {'req/sN':>7} {'p50 N µs':>8} {'µs/req':>6} {'relay µs/req':>12}"
+    f"{'GC ms':>6} {'req/sN':>7} {'p50 N µs':>8} {'µs/req':>6} {'relay µs/req':>12} "
+    f"{'RTT ms':>6} {'+setup':>6}"
 )
 
 
 def _line(r: dict) -> str:
     return (
-        f"{r['row']:8} {r['mbs_1']:9.0f} {r['mbs_8']:9.0f} {r['cpu_pct']:6.0f} "
+        f"{r['row']:10} {r['mbs_1']:9.0f} {r['mbs_8']:9.0f} {r['cpu_pct']:6.0f} "
         f"{r.get('relay_cpu_pct', 0):7.0f} "
         f"{r['p50']:8.0f} {r['p99']:8.0f} {r['conn_s']:8.0f} {r.get('conn_s_par', 0):9.0f} "
         f"{r.get('cpu_us_per_conn', 0):8.0f} {r.get('first_p50', 0):7.0f} "
@@ -854,7 +907,8 @@ def _line(r: dict) -> str:
         f"{r.get('refused_ms', 0):10.1f} {r.get('closed_accepted', 0):6d} "
         f"{r.get('rss_base', 0):8.0f} {r.get('rss_held', 0):7.0f} {r.get('gc_ms_held', 0):6.0f}"
         f" {r.get('ka_req_s', 0):7.0f} {r.get('ka_p50', 0):8.0f} {r.get('cpu_us_per_req', 0):6.0f}"
-        f" {r.get('relay_us_per_req', 0):12.0f}"
+        f" {r.get('relay_us_per_req', 0):12.0f} {r.get('rtt_ms', 0):6.2f}"
+        f" {r.get('setup_over_rtt_ms', 0):6.2f}"
     )
 
 
