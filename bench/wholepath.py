@@ -14,8 +14,10 @@ CPU columns: % of one core per hop during the row, above the hop's idle rate (me
 the sandbox's controllers and kubelet, keepalives); for `req` rows also µs of CPU per request,
 for `bulk` rows ms of CPU per MB moved (each echoed MB crosses every hop twice: counted as 2).
 With `--rtt 10,40` the same rows again with a round trip added between the laptop and the API
-server: a delay relay in the laptop namespace (it keeps reading and releases each chunk after
-RTT/2, so it adds latency without limiting bandwidth) that the daemon's kubeconfig points at.
+server: a delay relay in the laptop namespace (bench/delay_relay.py: it keeps reading and
+releases each chunk after RTT/2, so it adds latency without limiting bandwidth) that the
+daemon's kubeconfig points at; the relay's own round trip is measured and each row's p50 or
+first byte is also given above it.
 
 Run as root:  .venv/bin/python bench/wholepath.py [--seconds 3] [--rtt 10,40] [--name SANDBOX]
 A sandbox `tele-wp-<random>` is started (`tele sandbox up`) and removed at the end; `--name`
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+import delay_relay  # bench/delay_relay.py (this script's directory is on sys.path)
 
 VENV_BIN = Path(sys.executable).parent
 TELE = str(VENV_BIN / "tele")
@@ -161,41 +165,6 @@ t0 = time.perf_counter()
 for t in threads: t.start()
 for t in threads: t.join()
 print(json.dumps({"mbs": sum(received) / (time.perf_counter() - t0) / 1e6}))
-"""
-
-# The delay relay: each direction reads without pause and writes each chunk RTT/2 after it
-# arrived (bounded: at most 64 MiB in flight per direction).
-DELAY_RELAY = """
-import sys, trio
-listen_port, target_port, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]) / 2000
-async def pump(src, dst):
-    send, receive = trio.open_memory_channel(1024)
-    async def reader():
-        async with send:
-            while data := await src.receive_some(1 << 18):
-                await send.send((trio.current_time() + delay, data))
-    async def writer():
-        async with receive:
-            async for due, data in receive:
-                await trio.sleep_until(due)
-                await dst.send_all(data)
-        await dst.send_eof()
-    async with trio.open_nursery() as n:
-        n.start_soon(reader)
-        n.start_soon(writer)
-async def handle(client):
-    try:
-        async with client, await trio.open_tcp_stream("127.0.0.1", target_port) as server:
-            async with trio.open_nursery() as n:
-                n.start_soon(pump, client, server)
-                n.start_soon(pump, server, client)
-    except* (trio.BrokenResourceError, OSError):
-        pass  # one side went away (tele quit): the other is closed with it
-async def main():
-    listeners = await trio.open_tcp_listeners(listen_port, host="127.0.0.1")
-    print("ready", flush=True)
-    await trio.serve_listeners(handle, listeners)
-trio.run(main)
 """
 
 
@@ -410,8 +379,8 @@ def main() -> None:
                 sandbox.quit()
                 listen = 20000 + secrets.randbelow(20000)
                 relay = subprocess.Popen(
-                    ["ip", "netns", "exec", sandbox.laptop, PY, "-c", DELAY_RELAY,
-                     str(listen), str(api_port), str(rtt)],
+                    ["ip", "netns", "exec", sandbox.laptop, PY, delay_relay.__file__, "tcp",
+                     str(rtt), str(listen), f"127.0.0.1:{api_port}"],
                     stdout=subprocess.PIPE, text=True,
                 )  # fmt: skip
                 assert relay.stdout is not None
@@ -422,8 +391,21 @@ def main() -> None:
                 hops = sandbox.hops()
                 label = f"{rtt:g} ms"
                 results[label] = rows(sandbox, hops, host, args.seconds, concurrency[:1])
-                show(f"whole path, {rtt:g} ms RTT added (laptop <-> API server)",
-                     results[label], order)  # fmt: skip
+                real = delay_relay.measured_rtt(rtt)
+                for r in results[label]:
+                    r["rtt_ms"] = real
+                    if "first_byte_p50_us" in r:
+                        r["setup_over_rtt_ms"] = r["first_byte_p50_us"] / 1e3 - real
+                    if r["row"].startswith("req"):
+                        r["p50_over_rtt_ms"] = r["p50_us"] / 1e3 - real
+                show(f"whole path, {rtt:g} ms RTT added (laptop <-> API server; the relay's own "
+                     f"round trip measured: {real:.2f} ms)", results[label], order)  # fmt: skip
+                over = {
+                    r["row"]: r.get("setup_over_rtt_ms", r.get("p50_over_rtt_ms"))
+                    for r in results[label]
+                    if "setup_over_rtt_ms" in r or "p50_over_rtt_ms" in r
+                }
+                print("above that round trip, ms:", json.dumps(over))  # fmt: skip
                 sandbox.quit()
                 relay.terminate()
                 relay.wait(10)
