@@ -514,3 +514,31 @@ async def test_an_early_accept_whose_open_cannot_be_sent_is_reset(
     flags = [tcp(q).flags for q in map(parse_packet, pending(kernel)) if tcp(q).dport == 40002]
     assert flags == [SYN | ACK, RST | ACK]
     assert not stack._open_recently  # the next SYN waits for its dial
+
+
+async def test_a_deadline_earlier_than_the_one_the_timers_sleep_for_fires_on_time(
+    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    """The timer task is not woken to learn of an earlier deadline (its sleep's deadline moves):
+    a SYN-ACK the app never acknowledges is still resent after the initial RTO (1 s) while the
+    only other deadline is a UDP flow's idle end 30 s away."""
+    kernel, end = tun
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        ours, _theirs = trio.testing.memory_stream_pair()
+        return ours  # type: ignore[return-value]
+
+    config = StackConfig(subnets=SUBNETS, udp_idle_timeout=30)
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=config)
+    await nursery.start(stack.serve)
+    kernel.send(encode(CLIENT4, DEST4, UDPHeader(5353, 53, 0), b"question"))
+    await trio.sleep(1)  # the timer task sleeps until the flow's idle end
+    app = App()
+    kernel.send(bytes(app.syn(mss=1460)))
+    await trio.sleep(0.1)
+    (synack,) = [parse_packet(p) for p in pending(kernel)]
+    assert tcp(synack).flags == SYN | ACK
+    await trio.sleep(1.0)
+    (again,) = [parse_packet(p) for p in pending(kernel)]
+    assert tcp(again).flags == SYN | ACK and tcp(again).seq == tcp(synack).seq
+    assert len(stack._udp) == 1  # and the flow's own deadline is still ahead

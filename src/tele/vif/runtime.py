@@ -189,8 +189,8 @@ class Stack:
         self._eofs: list[_Tcp] = []
         self._heap: list[tuple[float, int, _Tcp]] = []
         self._tie = itertools.count()
-        self._timer_wake = trio.Event()
-        self._timer_at = float("inf")
+        self._timer_at = math.inf
+        self._timer_scope = trio.CancelScope()  # the timer task sleeps in it until `_timer_at`
         self._nursery: trio.Nursery | None = None
         self._v4, self._v6 = _ranges(cfg.subnets)
         self.counters = Counters()
@@ -396,8 +396,14 @@ class Stack:
     def _schedule(self, record: _Tcp, deadline: float) -> None:
         record.deadline = deadline
         heapq.heappush(self._heap, (deadline, next(self._tie), record))
+        self._wake_timers_at(deadline)
+
+    def _wake_timers_at(self, deadline: float) -> None:
+        """An earlier deadline moves the sleeping timer task's own: it is not woken to learn
+        of it (a task step and a scheduler pass per new connection)."""
         if deadline < self._timer_at:
-            self._timer_wake.set()
+            self._timer_at = deadline
+            self._timer_scope.deadline = deadline
 
     def _send_eofs(self) -> None:
         """The app's EOFs seen since the last flush go onto their tunnel streams (HALF-CLOSE)
@@ -443,13 +449,18 @@ class Stack:
     async def _timers(self) -> NoReturn:
         heap = self._heap
         while True:
-            self._timer_at = heap[0][0] if heap else float("inf")
+            # Entries of connections that ended (or were superseded) go now: woken for each as
+            # it came due, the task would run once per connection for nothing.
+            while heap and (heap[0][2].closed or heap[0][2].deadline != heap[0][0]):
+                heapq.heappop(heap)
+            at = heap[0][0] if heap else math.inf
             udp_next = self._udp.next_deadline()
             if udp_next is not None:
-                self._timer_at = min(self._timer_at, udp_next)
-            with trio.move_on_at(self._timer_at):
-                await self._timer_wake.wait()
-            self._timer_wake = trio.Event()
+                at = min(at, udp_next)
+            self._timer_at = at
+            with trio.CancelScope(deadline=at) as self._timer_scope:
+                await trio.sleep_forever()
+            self._timer_at = math.inf  # until it sleeps again, nobody needs to move it
             now = trio.current_time()
             while heap and heap[0][0] <= now:
                 deadline, _, record = heapq.heappop(heap)
@@ -734,7 +745,9 @@ class Stack:
             self.counters.udp_flows += 1
             assert self._nursery is not None
             self._nursery.start_soon(self._udp_flow_guarded, flow, bytes(view))
-            self._timer_wake.set()  # a new idle deadline
+            deadline = self._udp.next_deadline()
+            if deadline is not None:
+                self._wake_timers_at(deadline)  # a new idle deadline
             return
         try:
             flow.handle.send.send_nowait(bytes(packet.payload))
