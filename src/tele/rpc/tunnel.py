@@ -332,7 +332,8 @@ async def _splice_socket(
                 return
             del data
         try:
-            await tunnel.send_eof()
+            if not tunnel.send_eof_now():  # else without the schedule point of `send_eof`
+                await tunnel.send_eof()
         except trio.BrokenResourceError as exc:
             fail(reset_reason(exc), tunnel_side=True, scope=scope)
 
@@ -376,13 +377,20 @@ async def connect_tcp(destination: Destination) -> trio.SocketStream:
     """Dial an IP literal directly: no resolver, no happy-eyeballs nursery per stream, and no
     trip through the scheduler beyond the wait for the handshake."""
     family = socket.AF_INET6 if destination.ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    address = (str(destination.ip), destination.port)
     try:
-        sock.setblocking(False)
-        error = sock.connect_ex((str(destination.ip), destination.port))
+        error = sock.connect_ex(address)
         if error in (errno.EINPROGRESS, errno.EAGAIN):
-            await trio.lowlevel.wait_writable(sock)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            # A destination on this host (a pod on this node) has mostly answered before the
+            # call returned: asking again says so (0) without a wait for writability, which is
+            # a scheduler pass; EALREADY: still under way.
+            error = sock.connect_ex(address)
+            if error == errno.EALREADY:
+                await trio.lowlevel.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            elif error == errno.EISCONN:
+                error = 0
         if error:
             raise OSError(error, os.strerror(error))
     except BaseException:
