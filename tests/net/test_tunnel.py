@@ -113,6 +113,14 @@ def test_a_refusals_detail_is_shown_printable_and_bounded() -> None:
     assert len(shown.detail) == tunnel.MAX_DETAIL and "\x1b" not in shown.detail
 
 
+@pytest.mark.parametrize("detail", [" ", "refused ", "x" * (tunnel.MAX_DETAIL - 1) + " more"])
+def test_a_refusals_detail_never_ends_in_a_blank(detail: str) -> None:
+    """h2 refuses a header value with a blank at either end as a protocol error of the whole
+    link: a detail cut at MAX_DETAIL on a space would end every stream of the opener's link."""
+    for name, value in Refuse(ResetReason.REFUSED, detail).to_headers():
+        assert value == value.strip(" \t"), name
+
+
 def test_responses_from_generic_peers() -> None:
     assert tunnel.decode_response([(":status", "200")]) == Accept()
     assert tunnel.decode_response([(":status", "403")]) == Refuse(ResetReason.POLICY)

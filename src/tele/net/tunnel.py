@@ -324,14 +324,17 @@ class Refuse:
 
     def to_headers(self) -> list[tuple[str, str]]:
         headers = [(":status", str(self.status)), (HEADER_REASON, self.reason.value)]
-        if self.detail:
-            headers.append((HEADER_DETAIL, printable_detail(self.detail)))
+        detail = printable_detail(self.detail)
+        if detail:
+            headers.append((HEADER_DETAIL, detail))
         return headers
 
 
 def printable_detail(text: str) -> str:
-    """A peer's detail as tele shows it: printable ASCII only, bounded."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text[:MAX_DETAIL])
+    """A detail as tele sends and shows it: printable ASCII only, bounded, and without blanks
+    at either end (h2 refuses such a header value as a protocol error of the whole link: a
+    detail cut at a space would end every stream of the link)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:MAX_DETAIL]).strip(" ")
 
 
 def decode_response(headers: list[tuple[str, str]]) -> Accept | Refuse:
