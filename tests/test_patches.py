@@ -141,6 +141,8 @@ def test_the_h2_internals_h2conn_overrides_are_still_there(ours: type, base: typ
         else {
             "_prepare_for_sending",
             "_receive_frame",
+            "receive_data",
+            "send_headers",
             "_open_streams",
             "send_data",
             "data_to_send",

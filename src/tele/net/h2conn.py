@@ -11,6 +11,8 @@ is how bytes get in and out, measured as most of a tunnel's cost (bench/tunnel.p
   API server, the CLI's quick calls);
 - plain DATA (an open stream, no padding or END_STREAM) takes a fast path doing h2's own
   bookkeeping, without its state-machine passes and frame objects;
+- so do the HEADERS that open a stream and answer it, in the shapes tele's tunnel and RPC use
+  (`tele.net.h2headers`: no dynamic table, a whitelist of names), both ways;
 - open streams are counted in amortised O(1) (frames keep a repr without a hex dump: that is
   tele._patches').
 Nothing here does any I/O or imports trio (the CLI's quick calls use it without trio); the
@@ -24,6 +26,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.frame_buffer
@@ -31,6 +34,8 @@ import h2.stream
 import hyperframe.exceptions
 import hyperframe.flags
 import hyperframe.frame
+
+from tele.net import h2headers
 
 Buffers = list[bytes | memoryview]
 """Bytes to write, in order: frame headers and the payloads of DATA frames, not joined."""
@@ -41,10 +46,23 @@ _MAX_PIECES = 256  # reads held unjoined while a frame is incomplete
 _OPEN_CONNECTION = frozenset(
     {h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN}
 )
+_IDLE_CONNECTION = h2.connection.ConnectionState.IDLE  # until the first HEADERS either way
+_HEADERS_STATES = _OPEN_CONNECTION | {_IDLE_CONNECTION}
 _SENDING_STATES = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
 _RECEIVING_STATES = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
 _END_STREAM = 0x1
+_END_HEADERS = 0x4
+_HEADERS = 0x1  # frame type
 _DataFrame = hyperframe.frame.DataFrame
+_HeadersFrame = hyperframe.frame.HeadersFrame
+_H2Stream = h2.stream.H2Stream
+_OPEN = h2.stream.StreamState.OPEN
+_HALF_CLOSED_LOCAL = h2.stream.StreamState.HALF_CLOSED_LOCAL
+_HALF_CLOSED_REMOTE = h2.stream.StreamState.HALF_CLOSED_REMOTE
+_CLOSED = h2.stream.StreamState.CLOSED
+_RequestReceived = h2.events.RequestReceived
+_ResponseReceived = h2.events.ResponseReceived
+_StreamEnded = h2.events.StreamEnded
 _new = object.__new__
 
 
@@ -257,6 +275,14 @@ class Connection(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
         self.incoming_buffer = FrameBuffer(server=not config.client_side)
+        # The HEADERS fast paths give what h2 gives with this configuration (str headers,
+        # validated on receipt, none checked or changed on sending); any other goes h2's way.
+        self._plain_receive = config.header_encoding == "utf-8" and bool(
+            config.validate_inbound_headers
+        )
+        self._plain_send = not (
+            config.validate_outbound_headers or config.normalize_outbound_headers
+        )
         self._output: Buffers = []
         self.output_size = 0
         self.control_size = 0  # of output_size, the frames other than DATA
@@ -319,9 +345,24 @@ class Connection(h2.connection.H2Connection):
             self._output.append(data)
         self.output_size += size + 9
 
+    def receive_data(self, data: Any) -> list[h2.events.Event]:
+        try:
+            return super().receive_data(data)
+        except UnicodeDecodeError as exc:
+            # h2 decodes a received header as UTF-8 (header_encoding) after hpack and lets
+            # the error out as it is: a peer's one bad byte would end the link's reader with an
+            # exception nobody expects. It is the peer's protocol error like any other.
+            self._terminate_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            raise h2.exceptions.ProtocolError(f"a header is not UTF-8: {exc}") from exc
+
     def _receive_frame(self, frame: hyperframe.frame.Frame) -> list[h2.events.Event]:
-        if type(frame) is hyperframe.frame.DataFrame:
-            events = self._receive_plain_data(frame)
+        kind = type(frame)
+        if kind is _DataFrame:
+            events = self._receive_plain_data(frame)  # type: ignore[arg-type]
+            if events is not None:
+                return events
+        elif kind is _HeadersFrame:
+            events = self._receive_plain_headers(frame)  # type: ignore[arg-type]
             if events is not None:
                 return events
         return super()._receive_frame(frame)
@@ -351,6 +392,213 @@ class Connection(h2.connection.H2Connection):
         event.data = data
         event.flow_controlled_length = size
         return [event]
+
+    # -- HEADERS fast paths ------------------------------------------------------------------
+    # Each new tunnelled connection is one stream: a request HEADERS one way, a response HEADERS
+    # back. h2 takes each through HPACK (hpack's general coder, the dynamic table), header
+    # validation generators and both state machines: ~25-30 % of a tunnel server's CPU per
+    # connection. Here the blocks tele sends are encoded without the dynamic table
+    # (`h2headers.encode_block`), and received blocks of exactly those shapes are decoded by
+    # `h2headers.decode_request`/`decode_response`; the stream is then created and moved as
+    # h2 does it, with the same events. Every check is made before anything changes, so a
+    # frame the fast path declines goes to h2 untouched, and h2 gives its own answer (its
+    # event, its stream reset, its GOAWAY). tests/net/test_h2conn_headers.py compares both
+    # paths with stock h2, events and state, for well-formed and hostile blocks.
+
+    def _receive_plain_headers(
+        self, frame: hyperframe.frame.HeadersFrame
+    ) -> list[h2.events.Event] | None:
+        flags = frame.flags
+        if (
+            "PADDED" in flags
+            or "PRIORITY" in flags
+            or "END_HEADERS" not in flags
+            or not self._plain_receive
+            or self.state_machine.state not in _HEADERS_STATES
+        ):
+            return None
+        decoder = self.decoder
+        if decoder.header_table_size > decoder.max_allowed_table_size:
+            return None  # hpack raises for this after decoding any block
+        stream_id = frame.stream_id
+        stream = self.streams.get(stream_id)
+        end_stream = "END_STREAM" in flags
+        if stream is None:
+            return self._receive_plain_request(stream_id, frame.data, end_stream)
+        return self._receive_plain_response(stream, frame.data, end_stream)
+
+    def _receive_plain_request(
+        self, stream_id: int, block: bytes, end_stream: bool
+    ) -> list[h2.events.Event] | None:
+        """A request opening a new stream from the peer: as h2's `_receive_headers_frame`,
+        `_begin_new_stream` and `H2Stream.receive_headers` would take it."""
+        if (
+            self.config.client_side
+            or not stream_id & 1
+            or stream_id <= self.highest_inbound_stream_id
+            # (the property may sweep closed streams, as h2's own check does)
+            or self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams
+        ):
+            return None
+        fields = h2headers.decode_request(block, self.decoder.max_header_list_size)
+        if fields is None:
+            return None
+        if self.state_machine.state is _IDLE_CONNECTION:
+            self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+        stream = _H2Stream(
+            stream_id,
+            config=self.config,
+            inbound_window_size=self.local_settings.initial_window_size,
+            outbound_window_size=self.remote_settings.initial_window_size,
+        )
+        stream.max_outbound_frame_size = self.max_outbound_frame_size
+        self.streams[stream_id] = stream
+        self.highest_inbound_stream_id = stream_id
+        machine = stream.state_machine
+        machine.client = False
+        machine.headers_received = True
+        event = _RequestReceived(stream_id=stream_id)
+        event.headers = fields  # type: ignore[assignment]
+        if end_stream:
+            machine.state = _HALF_CLOSED_REMOTE
+            ended = _StreamEnded(stream_id=stream_id)
+            event.stream_ended = ended
+            return [event, ended]
+        machine.state = _OPEN
+        return [event]
+
+    def _receive_plain_response(
+        self, stream: h2.stream.H2Stream, block: bytes, end_stream: bool
+    ) -> list[h2.events.Event] | None:
+        """The first, final response on a stream we opened (not 1xx, not trailers)."""
+        machine = stream.state_machine
+        state = machine.state
+        if (
+            not self.config.client_side
+            or (state is not _OPEN and state is not _HALF_CLOSED_LOCAL)
+            or machine.client is not True
+            or machine.headers_received
+            or stream.request_method == b"HEAD"  # h2 then expects no body (content length 0)
+        ):
+            return None
+        fields = h2headers.decode_response(block, self.decoder.max_header_list_size)
+        if fields is None:
+            return None
+        if self.state_machine.state is _IDLE_CONNECTION:
+            self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+        machine.headers_received = True
+        stream._expected_content_length = None  # no content-length among the accepted names
+        event = _ResponseReceived(stream_id=stream.stream_id)
+        event.headers = fields  # type: ignore[assignment]
+        if end_stream:
+            if state is _OPEN:
+                machine.state = _HALF_CLOSED_REMOTE
+            else:
+                machine.state = _CLOSED
+                machine.stream_closed_by = h2.stream.StreamClosedBy.RECV_END_STREAM
+            ended = _StreamEnded(stream_id=stream.stream_id)
+            event.stream_ended = ended
+            return [event, ended]
+        return [event]
+
+    def send_headers(
+        self,
+        stream_id: int,
+        headers: Any,
+        end_stream: bool = False,
+        priority_weight: int | None = None,
+        priority_depends_on: int | None = None,
+        priority_exclusive: bool | None = None,
+    ) -> None:
+        if (
+            priority_weight is None
+            and priority_depends_on is None
+            and priority_exclusive is None
+            and self._plain_send
+            and self.state_machine.state in _HEADERS_STATES
+            and not self.encoder.table_size_changes  # h2 must announce a new table size
+            and self._send_plain_headers(stream_id, headers, end_stream)
+        ):
+            return
+        super().send_headers(
+            stream_id,
+            headers,
+            end_stream=end_stream,
+            priority_weight=priority_weight,
+            priority_depends_on=priority_depends_on,
+            priority_exclusive=priority_exclusive,
+        )
+
+    def _send_plain_headers(self, stream_id: int, headers: Any, end_stream: bool) -> bool:
+        """A request opening a stream (client) or the final response to one (server), sent as
+        h2's `send_headers` would do it; False (nothing changed) for anything else."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if (
+                not self.config.client_side
+                or not stream_id & 1
+                or stream_id <= self.highest_outbound_stream_id
+                or self.open_outbound_streams + 1 > self.remote_settings.max_concurrent_streams
+            ):
+                return False
+            frame_limit = self.max_outbound_frame_size
+            state = None
+        else:
+            machine = stream.state_machine
+            state = machine.state
+            if (
+                machine.client is not False
+                or machine.headers_sent
+                or (state is not _OPEN and state is not _HALF_CLOSED_REMOTE)
+            ):
+                return False
+            frame_limit = stream.max_outbound_frame_size or 0
+        block = h2headers.encode_block(headers)
+        if not block or len(block) > frame_limit:
+            return False  # nothing (h2 fails on it), or CONTINUATION frames needed
+        method = authority = None
+        for name, value in headers:
+            if name == ":status" and value.startswith("1"):
+                return False  # informational: h2's own rules
+            if name == ":method" and method is None:
+                method = value.encode()
+            elif name == ":authority" and authority is None:
+                authority = value.encode()
+        if stream is None:
+            stream = _H2Stream(
+                stream_id,
+                config=self.config,
+                inbound_window_size=self.local_settings.initial_window_size,
+                outbound_window_size=self.remote_settings.initial_window_size,
+            )
+            stream.max_outbound_frame_size = self.max_outbound_frame_size
+            self.streams[stream_id] = stream
+            self.highest_outbound_stream_id = stream_id
+            machine = stream.state_machine
+            machine.client = True
+            machine.headers_sent = True
+            machine.state = _HALF_CLOSED_LOCAL if end_stream else _OPEN
+            stream._authority = authority
+        else:
+            machine.headers_sent = True
+            if end_stream:
+                if state is _OPEN:
+                    machine.state = _HALF_CLOSED_LOCAL
+                else:
+                    machine.state = _CLOSED
+                    machine.stream_closed_by = h2.stream.StreamClosedBy.SEND_END_STREAM
+        stream.request_method = method
+        if self.state_machine.state is _IDLE_CONNECTION:
+            self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+        if self._data_to_send:
+            self._prepare_for_sending([])  # h2's preamble goes first
+        size = len(block)
+        flags = _END_HEADERS | _END_STREAM if end_stream else _END_HEADERS
+        chunk = _FRAME_HEADER.pack(size >> 8, size & 0xFF, _HEADERS, flags, stream_id) + block
+        self._output.append(chunk)
+        self.output_size += len(chunk)
+        self.control_size += len(chunk)
+        return True
 
     def take_output(self) -> Buffers:
         """Everything queued for sending, in order; the queue is empty afterwards."""
