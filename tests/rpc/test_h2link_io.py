@@ -103,7 +103,7 @@ def test_plain_data_takes_the_fast_path_with_h2s_bookkeeping(
 
     monkeypatch.setattr(Connection, "_receive_plain_data", spy)
     assert _events(_server(ours=True), [WIRE]) == EXPECTED  # same events and windows
-    assert taken == [0, 1, 1000, 16_384, 5]  # the plain DATA frames (not the END_STREAM one)
+    assert taken == [0, 1, 1000, 16_384, 5, 4]  # the unpadded DATA frames, END_STREAM too
     # A flow-control violation is refused on the fast path as h2 refuses it.
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
