@@ -10,6 +10,7 @@ import socket
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import hyperframe.frame
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tele.net.h2conn import Connection
+from tele.net.tunnel import ResetReason
 from tele.rpc.h2link import TUNNEL_STREAMS, H2Link, H2Stream, LinkBroken, LinkSettings, open_link
 from tele.rpc.tunnel import splice
 from tele.testing.streams import open_link_pair
@@ -271,6 +273,95 @@ async def test_data_written_straight_to_a_slow_socket_keeps_its_order() -> None:
                 async with trio.SocketStream(local) as local_stream:
                     assert await splice(server, local_stream) is None
         assert bytes(received) == payload
+        nursery.cancel_scope.cancel()
+
+
+async def test_both_ways_at_once_through_a_socket_that_takes_the_tunnel_slowly() -> None:
+    # The relay starts as one task (the link's reader writes the tunnel's bytes to the socket);
+    # once the socket would not take them, that direction gets its own task, also while the
+    # app keeps the relay's task busy sending the other way. Both arrive whole, in order.
+    down = b"".join(i.to_bytes(4, "big") for i in range(250_000))  # 1 MB, no repeats
+    up = b"".join((i * 7).to_bytes(4, "big") for i in range(250_000))
+    async with trio.open_nursery() as nursery:
+        link, incoming = await open_link_pair(nursery, socket_buffer=64 * 1024)
+        local, app = trio.socket.socketpair()
+        for sock in (local, app):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        from_tunnel = bytearray()
+        from_app = bytearray()
+
+        async def client() -> None:
+            stream = await link.open_stream([(":method", "CONNECT"), (":authority", "a:1")])
+
+            async def send() -> None:
+                for start in range(0, len(down), 100_000):
+                    await stream.send_all(down[start : start + 100_000])
+                await stream.send_eof()
+
+            async with trio.open_nursery() as both:
+                both.start_soon(send)
+                while chunk := await stream.receive_some():
+                    from_app.extend(chunk)
+
+        async def app_side() -> None:
+            async with trio.SocketStream(app) as app_stream, trio.open_nursery() as both:
+
+                async def send() -> None:
+                    await app_stream.send_all(up)
+                    await app_stream.send_eof()
+
+                both.start_soon(send)
+                while chunk := await app_stream.receive_some(1024):
+                    from_tunnel.extend(chunk)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(client)
+                inner.start_soon(app_side)
+                server = await incoming.receive()
+                async with trio.SocketStream(local) as local_stream:
+                    assert await splice(server, local_stream) is None
+        assert bytes(from_tunnel) == down
+        assert bytes(from_app) == up
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reset_reaches_the_opening_sides_relay_while_it_waits_for_its_socket() -> None:
+    # The opening side's stream has no handler to cancel: the reset itself must wake the
+    # relay's one task (waiting for the app's next bytes), which resets the app's connection.
+    async with trio.open_nursery() as nursery:
+        link, incoming = await open_link_pair(nursery)
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        async with (
+            listener,
+            await trio.open_tcp_stream("127.0.0.1", port) as app,
+            await listener.accept() as relay_end,
+        ):
+            stream = await link.open_stream([(":method", "CONNECT"), (":authority", "a:1")])
+
+            async def peer() -> None:
+                server = await incoming.receive()
+                await server.send_all(b"hello")
+                assert await server.receive_some() == b"hi"
+                server.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
+
+            async def app_side() -> None:
+                assert await app.receive_some() == b"hello"
+                await app.send_all(b"hi")
+                with pytest.raises(trio.BrokenResourceError):
+                    await app.receive_some()  # a TCP RST
+
+            async def relay() -> None:
+                assert await splice(stream, relay_end) is ResetReason.RESET
+                relay_end.socket.close()  # as the tunnel server closes it: an RST
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(peer)
+                    inner.start_soon(app_side)
+                    inner.start_soon(relay)
         nursery.cancel_scope.cancel()
 
 

@@ -66,6 +66,9 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
         # receive_some (a write to a non-blocking socket, or a callable): see `deliver_to`.
         self._sink: Callable[[bytes], int] | None = None
         self._waiting_in_receive = False
+        # Push mode (`push_to`): the sink is used with no consumer parked in receive_some.
+        self._push_wake: Callable[[], None] | None = None
+        self._push_end: Callable[[], bool] | None = None
 
     # --- header helpers -------------------------------------------------------------------
 
@@ -288,6 +291,32 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def receive_now(self, max_bytes: int | None = None) -> bytes | None:
+        """What `receive_some` would return without waiting (buffered bytes, or b"" at the
+        end), or None when it would wait: no schedule point. Raises as `receive_some`."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._chunks:
+            return self._take(max_bytes or self._link.read_size)
+        self._raise_if_failed()
+        return b"" if self._remote_ended else None
+
+    def push_to(self, sink: int, *, wake: Callable[[], None], end: Callable[[], bool]) -> None:
+        """`deliver_to(sink)` for a consumer that is not parked in `receive_some` but busy
+        elsewhere (`tele.rpc.tunnel`'s socket relay reads the socket meanwhile): the link's
+        reader writes DATA to the non-blocking descriptor `sink`, and at the peer's END_STREAM
+        with nothing buffered calls `end()` (True: handled, e.g. the socket was half-closed).
+
+        Whatever else would wake a reader (bytes the sink did not take, an end `end` did not
+        handle, a reset, the link's failure) ends push mode and calls `wake()` once: the
+        consumer then reads the stream as usual, in order. `deliver_to` (or None) ends it too.
+        """
+        self.deliver_to(sink)
+        self._push_wake = wake
+        self._push_end = end
+
     def deliver_to(self, sink: int | Callable[[bytes], int] | None) -> None:
         """Let the link's reader hand DATA straight to `sink` (None: stop): a non-blocking
         socket's descriptor the consumer would copy it to anyway (`tele.rpc.tunnel.splice`),
@@ -300,6 +329,7 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
         hop's latency. The caller must stop it before the sink goes away.
         """
         self._sink = functools.partial(os.write, sink) if isinstance(sink, int) else sink
+        self._push_wake = self._push_end = None
 
     async def receive_all(self, limit: int) -> bytes:
         """Everything up to the peer's END_STREAM (at most `limit` bytes, else ValueError).
@@ -393,6 +423,13 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
         self._receive_lot.unpark_all()
         self._send_lot.unpark_all()
         self._response_lot.unpark_all()
+        self._wake_pusher()
+
+    def _wake_pusher(self) -> None:
+        wake = self._push_wake
+        if wake is not None:
+            self._push_wake = self._push_end = None
+            wake()
 
     # Called by the link's reader.
     def _on_data(self, data: bytes) -> None:
@@ -401,7 +438,13 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
             if self._reset_code is None:
                 self.reset(h2.errors.ErrorCodes.CANCEL)
             return
-        if self._sink is not None and self._waiting_in_receive and not self._chunks and data:
+        if not data:
+            return  # (the empty DATA frame of an END_STREAM): nothing to hand over or wake for
+        if (
+            self._sink is not None
+            and (self._waiting_in_receive or self._push_wake is not None)
+            and not self._chunks
+        ):
             try:
                 sent = self._sink(data)
             except OSError:
@@ -413,6 +456,7 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
                 data = data[sent:]
         self.receive(data)
         self._receive_lot.unpark_all()
+        self._wake_pusher()
 
     def _on_response(self, headers: Headers) -> None:
         self.response_headers = headers
@@ -425,6 +469,9 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
 
     def _on_remote_end(self) -> None:
         self._remote_ended = True
+        end = self._push_end
+        if end is not None and not self._chunks and end():
+            self._push_wake = self._push_end = None  # handled: nothing more will come
         self._wake_all()
 
     def _on_reset(self, error_code: int) -> None:

@@ -264,29 +264,64 @@ _YIELD_EVERY: Final = 4
 """Reads of a busy socket in a row after which the relay yields to the scheduler anyway."""
 
 
+class _Push:
+    """A socket relay's state while its one task reads the socket and the link's reader does
+    the other direction (`H2Stream.push_to`)."""
+
+    __slots__ = ("half_closed", "interrupt", "waiting", "wanted")
+
+    def __init__(self) -> None:
+        self.half_closed = False  # tunnel -> local is over: the socket is shut for writing
+        self.wanted = False  # tunnel -> local needs a task (bytes the socket did not take, ...)
+        self.waiting = False  # the task waits for the socket to be readable: it may be woken
+        self.interrupt = trio.CancelScope()
+
+    def wake(self) -> None:
+        self.wanted = True
+        if self.waiting:
+            self.interrupt.cancel()
+
+
 async def _splice_socket(
     tunnel: H2Stream, local: trio.SocketStream, read_size: int
 ) -> ResetReason | None:
-    """`splice` for a socket: the same contract, on the descriptor itself. A read or write the
-    kernel can do at once costs no trip through trio's scheduler (trio's socket methods yield
-    once per call, even when nothing had to wait), which is most of a new connection's relay
-    work: its request, its answer and the two ends each take one wake-up less."""
+    """`splice` for a socket: the same contract, on the descriptor itself, in one task as long
+    as nothing has to wait for the socket to take bytes.
+
+    A read or write the kernel can do at once costs no trip through trio's scheduler (trio's
+    socket methods yield once per call, even when nothing had to wait). The link's reader
+    writes the tunnel's DATA to the socket and half-closes it at the tunnel's end, while this
+    task reads the socket; only when the socket would not take the tunnel's bytes (or the
+    stream is reset) does tunnel -> local get a task of its own. A new connection's relay
+    starts no task and passes through no nursery (each costs a scheduler pass)."""
     outcome: list[ResetReason] = []
     fail = _failer(tunnel, local, outcome)
     sock = local.socket
     fd = sock.fileno()
+    push = _Push()
 
-    async def tunnel_to_local(scope: trio.CancelScope) -> None:
+    def half_close() -> bool:
+        """The tunnel ended (the link's reader, at END_STREAM with nothing buffered)."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False  # a task meets the error again and resets
+        push.half_closed = True
+        return True
+
+    async def tunnel_to_local(scope: trio.CancelScope, view: memoryview | None = None) -> None:
         write = os.write
         while True:
-            try:
-                data = await tunnel.receive_some(read_size)  # one yield per call
-            except trio.BrokenResourceError as exc:
-                fail(reset_reason(exc), tunnel_side=True, scope=scope)
-                return
-            if not data:
-                break
-            view = memoryview(data)
+            if view is None:
+                try:
+                    data = await tunnel.receive_some(read_size)  # one yield per call
+                except trio.BrokenResourceError as exc:
+                    fail(reset_reason(exc), tunnel_side=True, scope=scope)
+                    return
+                if not data:
+                    break
+                view = memoryview(data)
+                del data
             try:
                 while view:
                     try:
@@ -296,25 +331,36 @@ async def _splice_socket(
             except OSError:
                 fail(ResetReason.RESET, tunnel_side=False, scope=scope)
                 return
-            del data, view
+            view = None
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             fail(ResetReason.RESET, tunnel_side=False, scope=scope)
 
-    async def local_to_tunnel(scope: trio.CancelScope) -> None:
+    async def local_to_tunnel(scope: trio.CancelScope, alone: bool = False) -> bool:
+        """Until the socket's EOF is on the tunnel (True), or (`alone`: while the link's reader
+        does the other direction) until tunnel -> local needs a task (False)."""
         read = os.read
         streak = 0  # reads in a row that found data without waiting
         while True:
+            if alone and push.wanted:
+                return False
             try:
                 data = read(fd, read_size)
             except BlockingIOError:
                 streak = 0
-                await trio.lowlevel.wait_readable(fd)
+                if alone:
+                    push.waiting = True
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    finally:
+                        push.waiting = False
+                else:
+                    await trio.lowlevel.wait_readable(fd)
                 continue
             except OSError:
                 fail(ResetReason.RESET, tunnel_side=False, scope=scope)
-                return
+                return True
             if not data:
                 break
             try:
@@ -329,20 +375,61 @@ async def _splice_socket(
                         await trio.lowlevel.checkpoint()
             except trio.BrokenResourceError as exc:
                 fail(reset_reason(exc), tunnel_side=True, scope=scope)
-                return
+                return True
             del data
         try:
             if not tunnel.send_eof_now():  # else without the schedule point of `send_eof`
                 await tunnel.send_eof()
         except trio.BrokenResourceError as exc:
             fail(reset_reason(exc), tunnel_side=True, scope=scope)
+        return True
 
-    # The link's reader writes DATA to the socket itself while tunnel_to_local waits.
-    tunnel.deliver_to(fd)
+    local_done = False
+    rest: memoryview | None = None  # of what the tunnel had sent before the relay began
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(local_to_tunnel, nursery.cancel_scope)
-            await tunnel_to_local(nursery.cancel_scope)  # this task does one direction itself
+        with push.interrupt:
+            # What the tunnel sent before the relay began (an early OPEN's first bytes, even
+            # its end) goes to the socket now, as the link's reader would have written it.
+            while not push.wanted:
+                try:
+                    early = tunnel.receive_now(read_size)
+                except trio.BrokenResourceError as exc:
+                    fail(reset_reason(exc), tunnel_side=True, scope=push.interrupt)
+                    return outcome[0]
+                if early is None:
+                    tunnel.push_to(fd, wake=push.wake, end=half_close)
+                    break
+                if not early:
+                    if not half_close():
+                        push.wanted = True
+                    break
+                try:
+                    sent = os.write(fd, early)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    fail(ResetReason.RESET, tunnel_side=False, scope=push.interrupt)
+                    return outcome[0]
+                if sent < len(early):
+                    rest = memoryview(early)[sent:]
+                    push.wanted = True
+                del early
+            local_done = await local_to_tunnel(push.interrupt, alone=True)
+        if outcome:
+            return outcome[0]
+        if push.half_closed:
+            if not local_done:
+                await local_to_tunnel(push.interrupt)
+        else:
+            # Tunnel -> local needs a task, or waits for the tunnel's end: in the relay's own
+            # task (the link's reader writes DATA to the socket while it waits in receive_some).
+            tunnel.deliver_to(fd)
+            if local_done:
+                await tunnel_to_local(push.interrupt, rest)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(local_to_tunnel, nursery.cancel_scope)
+                    await tunnel_to_local(nursery.cancel_scope, rest)
     finally:
         tunnel.deliver_to(None)  # before anyone closes `local` (its descriptor may be reused)
     return outcome[0] if outcome else None
