@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from ipaddress import ip_address
 from typing import Any
 
 import h2.config
@@ -719,6 +720,7 @@ def test_round_trips_with_stock_h2_either_way_match_stock_with_stock(
 # -- the attacks, one by one --------------------------------------------------------------------
 
 
+_AN_OPEN = OpenRequest(Destination(Protocol.TCP, ip_address("10.0.0.1"), 80), "session-1")
 _OPEN = h2headers.encode_block([(":method", "CONNECT"), (":authority", "10.0.0.1:80")]) or b""
 
 
@@ -975,3 +977,25 @@ def test_data_and_end_stream_either_way_do_what_h2_does(
         tables = {"encoder": False, "decoder": False}
         results[kind] = (log, _state(client, **tables), _state(server, **tables))
     assert results["fast"] == results["slow"]
+
+
+def test_a_remembered_block_is_judged_against_each_limit_and_handed_out_as_a_new_list() -> None:
+    block = h2headers.encode_block(OpenRequest.to_headers(_AN_OPEN)) or b""
+    first = h2headers.decode_request(block, 1 << 16)
+    assert first is not None and len(first) == 4
+    first.append(HeaderTuple("x", "y"))  # a consumer changing its list changes nobody else's
+    again = h2headers.decode_request(block, 1 << 16)
+    assert again is not None and len(again) == 4 and again is not first
+    size = sum(32 + len(n) + len(v) for n, v in again)
+    assert h2headers.decode_request(block, size) == again
+    assert h2headers.decode_request(block, size - 1) is None  # h2 then refuses it (too big)
+
+
+def test_the_decoded_blocks_remembered_stay_bounded() -> None:
+    for n in range(3 * 256):
+        request = [(":method", "CONNECT"), (":authority", f"10.1.{n // 256}.{n % 256}:80")]
+        assert h2headers.decode_request(h2headers.encode_block(request) or b"", 1 << 16)
+    assert len(h2headers._requests) <= 256
+    long = [(":method", "CONNECT"), (":authority", "a:1"), ("tele-detail", "x" * 600)]
+    assert h2headers.decode_request(h2headers.encode_block(long) or b"", 1 << 16)
+    assert all(len(block) <= 512 for block in h2headers._requests)

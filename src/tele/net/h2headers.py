@@ -99,9 +99,10 @@ def _string(block: bytes, pos: int, end: int) -> tuple[bytes | None, int]:
     return raw, stop
 
 
-def _fields(block: bytes, limit: int) -> tuple[Fields, int, str, str] | None:
+def _fields(block: bytes, limit: int) -> tuple[Fields, int, str, str, int] | None:
     """The block's fields if each is one this module takes, with the set of pseudo-headers it
-    holds (bits), the value of `:method` (or `:status`) and of `:path`; None otherwise.
+    holds (bits), the value of `:method` (or `:status`) and of `:path`, and the list's size as
+    hpack counts it; None otherwise.
 
     `limit` is the decoder's max_header_list_size, counted as hpack counts it (32 + name +
     value per field: these are all ASCII, so str lengths are byte lengths)."""
@@ -175,17 +176,39 @@ def _fields(block: bytes, limit: int) -> tuple[Fields, int, str, str] | None:
         else:
             regular = True
         fields.append(_new_tuple(kind, (name, value)))
-    return fields, seen, method, path
+    return fields, seen, method, path, size
+
+
+_MAX_DECODED = 256
+"""Blocks whose fields are remembered, per kind (a tunnel's OPENs repeat: the same session, a
+few destinations); emptied when full, so a peer sending ever new blocks only keeps it small."""
+_MAX_DECODED_BLOCK = 512
+"""Longest block remembered: the caches hold at most ~2 x 256 x (512 + its fields) bytes."""
+_requests: dict[bytes, tuple[tuple[HeaderTuple, ...], int]] = {}
+_responses: dict[bytes, tuple[tuple[HeaderTuple, ...], int]] = {}
+
+
+def _remember(
+    cache: dict[bytes, tuple[tuple[HeaderTuple, ...], int]], block: bytes, fields: Fields, size: int
+) -> None:
+    if len(block) <= _MAX_DECODED_BLOCK and type(block) is bytes:
+        if len(cache) >= _MAX_DECODED:
+            cache.clear()
+        cache[block] = (tuple(fields), size)
 
 
 def decode_request(block: bytes, limit: int) -> Fields | None:
     """A request's fields, if the block is a plain CONNECT (`:method CONNECT`, `:authority`, no
     `:scheme` or `:path`: a tunnel OPEN) or another method with `:scheme`, a non-empty `:path`
     and `:authority` (an RPC call); None for anything else (h2 decides)."""
+    known = _requests.get(block) if type(block) is bytes else None
+    if known is not None:
+        # A block's fields do not depend on the limit; whether they fit it does.
+        return list(known[0]) if known[1] <= limit else None
     decoded = _fields(block, limit)
     if decoded is None:
         return None
-    fields, seen, method, path = decoded
+    fields, seen, method, path, size = decoded
     if seen & _STATUS or not seen & _METHOD or not seen & _AUTHORITY:
         return None
     if method == "CONNECT":
@@ -193,17 +216,22 @@ def decode_request(block: bytes, limit: int) -> Fields | None:
             return None
     elif not seen & _SCHEME or not path:
         return None
+    _remember(_requests, block, fields, size)
     return fields
 
 
 def decode_response(block: bytes, limit: int) -> Fields | None:
     """A final response's fields (`:status` not 1xx, no other pseudo-header); None otherwise."""
+    known = _responses.get(block) if type(block) is bytes else None
+    if known is not None:
+        return list(known[0]) if known[1] <= limit else None
     decoded = _fields(block, limit)
     if decoded is None:
         return None
-    fields, seen, status, _ = decoded
+    fields, seen, status, _, size = decoded
     if seen != _STATUS or status.startswith("1"):
         return None
+    _remember(_responses, block, fields, size)
     return fields
 
 
