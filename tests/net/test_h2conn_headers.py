@@ -999,3 +999,24 @@ def test_the_decoded_blocks_remembered_stay_bounded() -> None:
     long = [(":method", "CONNECT"), (":authority", "a:1"), ("tele-detail", "x" * 600)]
     assert h2headers.decode_request(h2headers.encode_block(long) or b"", 1 << 16)
     assert all(len(block) <= 512 for block in h2headers._requests)
+
+
+def test_headers_on_a_stream_closed_both_ways_end_the_connection_as_in_h2() -> None:
+    """The client ended stream 1, the server answered with END_STREAM: a new HEADERS on it
+    is a connection error (STREAM_CLOSED) in h2, with and without the fast paths."""
+    outcomes = []
+    for kind in KINDS:
+        server = _endpoint(kind, client=False)
+        server.receive_data(
+            _frame(hyperframe.frame.HeadersFrame, 1, _OPEN, "END_HEADERS", "END_STREAM")
+        )
+        server.send_headers(1, Accept().to_headers(), end_stream=True)
+        server.data_to_send()
+        assert server.streams[1].closed
+        block = h2headers.encode_block(_AN_OPEN.to_headers()) or b""
+        transcript = _feed(server, [_frame(hyperframe.frame.HeadersFrame, 1, block, "END_HEADERS")])
+        outcomes.append(transcript)
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+    (kind, (_, code), goaway) = outcomes[0][0]
+    assert kind == "error" and code == h2.errors.ErrorCodes.STREAM_CLOSED
+    assert goaway[3] == hyperframe.frame.GoAwayFrame.type
