@@ -37,6 +37,8 @@ class ClusterInfo:
     registry: RegistryInfo | None = None
     """The sandbox's image registry (address, credentials, CA file) when it runs one; the
     kubelet pulls from it, as a mirror of docker.io for short names (`tele-sandbox/echo`)."""
+    api_server: server.ApiServer | None = None
+    """Serves the API on more listeners (a socket in the laptop's network namespace)."""
 
     @property
     def server(self) -> str:
@@ -96,9 +98,8 @@ async def serve_cluster(
             from .oci_registry import serve_registry
 
             registry = await nursery.start(serve_registry, registry_dir, ca)
-        bound_host, bound_port = await nursery.start(
-            functools.partial(server.serve, client_ca_pem=ca.cert_pem), app, pair, host, port
-        )
+        api_server = server.ApiServer(app, pair, client_ca_pem=ca.cert_pem)
+        bound_host, bound_port = await nursery.start(api_server.serve_tcp, host, port)
         app.server_address = f"{bound_host}:{bound_port}"
         if nodes:
             # The node runtime (controllers, kubelet, service network, DNS) needs root and
@@ -125,5 +126,5 @@ async def serve_cluster(
                 )
             )
         task_status.started(
-            ClusterInfo(name, bound_host, bound_port, ca, token, api, app, registry)
+            ClusterInfo(name, bound_host, bound_port, ca, token, api, app, registry, api_server)
         )

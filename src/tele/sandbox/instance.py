@@ -325,7 +325,14 @@ async def _serve(name: str, directory: Path, ready_fd: int | None, port: int) ->
                 if nodes:
                     from .network.laptop import serve_laptop
 
-                    await nursery.start(serve_laptop, name, info.host, info.port)
+                    assert info.api_server is not None
+                    await nursery.start(
+                        serve_laptop,
+                        name,
+                        info.host,
+                        info.port,
+                        info.api_server.serve_listeners,
+                    )
                 kubeconfig = directory / "kubeconfig"
                 _write_private(
                     kubeconfig, yaml.safe_dump(info.kubeconfig(), sort_keys=False).encode()

@@ -151,6 +151,57 @@ class _Replay:
         return getattr(self._stream, name)
 
 
+class ApiServer:
+    """The HTTPS serving of one API app: its TLS context, hypercorn's configuration and the
+    streaming limits, shared by every listener it serves (the host's, and a socket opened in
+    another network namespace: the sandbox laptop's, which so reaches the API server with no
+    relay between)."""
+
+    def __init__(self, app: ApiApp, pair: KeyPair, *, client_ca_pem: bytes | None = None) -> None:
+        context: ssl.SSLContext = server_context(pair, ["h2", "http/1.1"])
+        if client_ca_pem:
+            context.verify_mode = ssl.CERT_OPTIONAL
+            context.load_verify_locations(cadata=client_ca_pem.decode())
+        self._context = context
+        config = _hypercorn_config()
+        limits = spdystreaming.Limits()
+        wrapped = wrap_app(
+            spdystreaming.with_tunnel(app, limits),  # type: ignore[arg-type]
+            config.wsgi_max_body_size,
+            "asgi",
+        )
+        self._handler = partial(_handle, app, config, wrapped, WorkerContext(None), limits)
+
+    async def serve_listeners(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve TLS connections accepted by `listeners` until cancelled (ready at once)."""
+        ssl_listeners = [
+            trio.SSLListener(lst, self._context, https_compatible=True) for lst in listeners
+        ]
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            await trio.serve_listeners(self._handler, ssl_listeners, handler_nursery=nursery)
+
+    async def serve_tcp(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on host:port (0 = any free port) and report (host, port) when ready."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()
+        log.info("API server listening on %s:%s", bound[0], bound[1])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.serve_listeners, listeners)
+            task_status.started((str(bound[0]), int(bound[1])))
+
+
 async def serve(
     app: ApiApp,
     pair: KeyPair,
@@ -165,26 +216,6 @@ async def serve(
     With `client_ca_pem`, clients may present a certificate signed by it (user = CN, groups =
     O); a certificate that does not verify fails the handshake, as in Go's
     VerifyClientCertIfGiven."""
-    context: ssl.SSLContext = server_context(pair, ["h2", "http/1.1"])
-    if client_ca_pem:
-        context.verify_mode = ssl.CERT_OPTIONAL
-        context.load_verify_locations(cadata=client_ca_pem.decode())
-    config = _hypercorn_config()
-    limits = spdystreaming.Limits()
-    wrapped = wrap_app(
-        spdystreaming.with_tunnel(app, limits),  # type: ignore[arg-type]
-        config.wsgi_max_body_size,
-        "asgi",
+    await ApiServer(app, pair, client_ca_pem=client_ca_pem).serve_tcp(
+        host, port, task_status=task_status
     )
-    worker = WorkerContext(None)
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    ssl_listeners = [trio.SSLListener(lst, context, https_compatible=True) for lst in listeners]
-    bound = listeners[0].socket.getsockname()
-    log.info("API server listening on %s:%s", bound[0], bound[1])
-    async with trio.open_nursery() as nursery:
-        task_status.started((str(bound[0]), int(bound[1])))
-        await trio.serve_listeners(
-            partial(_handle, app, config, wrapped, worker, limits),
-            ssl_listeners,
-            handler_nursery=nursery,
-        )

@@ -1,7 +1,9 @@
 """The laptop namespace `<cluster>-laptop`: where `tele sandbox shell` puts the user.
 
-It has loopback only, plus the API server at the kubeconfig's own address (a relay), so a tele
-daemon started there is the laptop's: no cluster address is reachable until tele connects it.
+It has loopback only, plus the API server at the kubeconfig's own address (a listening socket
+opened in the namespace and served by the API server itself: no relay process or copy between,
+as a real laptop reaches its cluster's API server), so a tele daemon started there is the
+laptop's: no cluster address is reachable until tele connects it.
 The shell gets a tele home of its own (config, cache, state, runtime directories) and a
 resolv.conf of its own: /etc/netns/<name>/resolv.conf, mounted over /etc/resolv.conf, so a
 daemon there that sets up DNS changes the laptop's file, never the host's.
@@ -15,23 +17,28 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from . import netns
-from .relay import serve_relay
+
+ServeApi = Callable[..., Awaitable[None]]
+"""`ApiServer.serve_listeners`: serves a list of `trio.SocketListener`s, ready at once."""
 
 
 async def serve_laptop(
     cluster: str,
     api_host: str,
     api_port: int,
+    serve_api: ServeApi,
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The laptop namespace `<cluster>-laptop`: loopback only, with the API server at its
-    kubeconfig address. Removed again when cancelled."""
+    kubeconfig address (`serve_api` serves the socket opened there). Removed again when
+    cancelled."""
     name = f"{cluster}-laptop"
     await netns.delete(name)
     await netns.add(name)
@@ -43,9 +50,13 @@ async def serve_laptop(
         (etc / "resolv.conf").write_text("# the sandbox laptop's resolver\nnameserver 127.0.0.1\n")
         await netns.ip_batch(name, ["link set lo up"])
         await trio.to_thread.run_sync(netns.pin_mount_namespace_sync, name)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_relay, name, (api_host, api_port), (api_host, api_port))
-            task_status.started(name)
+        sock = await netns.socket_in(name)
+        with sock:
+            await sock.bind((api_host, api_port))
+            sock.listen(128)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_api, [trio.SocketListener(sock)])
+                task_status.started(name)
     finally:
         with trio.CancelScope(shield=True):
             await netns.delete(name)
