@@ -29,7 +29,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, cast
 
 import h11
 import trio
@@ -336,16 +336,23 @@ class WebSocketProtocolError(Exception):
 
 
 class _FrameParser:
-    """Server-to-client websocket frames, sans-IO, without buffering payloads: `feed` returns
-    what one read holds as (kind, data) items: ("data", payload piece, message start?) for
-    binary message payload as it arrives (pieces of one message share its first byte, the
-    channel), ("ping", payload), ("close", payload). Memory: at most one frame header and one
-    control frame's 125 bytes besides the read itself. Anything RFC 6455 forbids a server to
-    send (masked frames, RSV bits, unknown opcodes, fragmented or long control frames, a
-    continuation without a start) raises `WebSocketProtocolError`; a text message too (the
-    channel protocol has none)."""
+    """Websocket frames, sans-IO, without buffering payloads: `feed` returns what one read
+    holds as (kind, data) items: ("data", payload piece, message start?) for binary message
+    payload as it arrives (pieces of one message share its first byte, the channel), ("ping",
+    payload), ("close", payload). Memory: at most one frame header and one control frame's 125
+    bytes besides the read itself.
 
-    def __init__(self) -> None:
+    By default it reads a server's frames (the client end): anything RFC 6455 forbids a server
+    to send (masked frames, RSV bits, unknown opcodes, fragmented or long control frames, a
+    continuation without a start) raises `WebSocketProtocolError`; a text message too (the
+    channel protocol has none). With `from_client` it reads a client's frames (the sandbox API
+    server's port-forward): every frame must be masked and comes out unmasked, and a text
+    message is data as a binary one is (the kubelet reads either kind as bytes)."""
+
+    def __init__(self, *, from_client: bool = False) -> None:
+        self._from_client = from_client
+        self._key = b""  # the current frame's masking key (client frames)
+        self._offset = 0  # payload bytes of the current frame already taken (its mask phase)
         self._head = b""  # an incomplete frame header
         self._left = 0  # payload bytes of the current frame still to come
         self._opcode = -1  # of the current frame; -1: between frames
@@ -355,10 +362,10 @@ class _FrameParser:
         self._control = b""
         self.error: WebSocketProtocolError | None = None
 
-    def feed(self, data: bytes) -> list[tuple[str, memoryview, bool]]:
+    def feed(self, data: bytes) -> list[tuple[str, bytes | memoryview, bool]]:
         """The items of one read, in order; after a protocol error (`error`), the items
         before it and nothing more, ever."""
-        out: list[tuple[str, memoryview, bool]] = []
+        out: list[tuple[str, bytes | memoryview, bool]] = []
         if self.error is None:
             try:
                 self._feed(memoryview(data), out)
@@ -366,7 +373,7 @@ class _FrameParser:
                 self.error = exc
         return out
 
-    def _feed(self, view: memoryview, out: list[tuple[str, memoryview, bool]]) -> None:
+    def _feed(self, view: memoryview, out: list[tuple[str, bytes | memoryview, bool]]) -> None:
         pos = 0
         end = len(view)
         while pos < end:
@@ -381,16 +388,20 @@ class _FrameParser:
                 self._start_frame(head[:need])
             if self._opcode >= 0:
                 take = min(self._left, end - pos)
-                piece = view[pos : pos + take]
+                piece: bytes | memoryview = view[pos : pos + take]
                 pos += take
                 self._left -= take
-                if self._opcode in (_OP_BINARY, _OP_CONTINUATION):
+                if self._key and take:
+                    phase = self._offset & 3
+                    piece = _mask(piece, self._key[phase:] + self._key[:phase])
+                    self._offset += take
+                if self._opcode in (_OP_BINARY, _OP_CONTINUATION, _OP_TEXT):
                     if take or (self._left == 0 and self._fin):
                         if take:
                             out.append(("data", piece, self._message_start))
                             self._message_start = False
                         if self._left == 0 and self._fin:
-                            if self._message_start:
+                            if self._message_start and not self._from_client:
                                 raise WebSocketProtocolError(1002, "sent an empty message")
                             self._in_message = False
                 else:
@@ -417,7 +428,12 @@ class _FrameParser:
         first, second = _HEAD.unpack_from(head)
         if first & 0x70:
             raise WebSocketProtocolError(1002, "used reserved bits no extension was agreed for")
-        if second & 0x80:
+        if self._from_client:
+            if not second & 0x80:
+                raise WebSocketProtocolError(1002, "sent an unmasked frame (a client must mask)")
+            self._key = head[-4:]
+            self._offset = 0
+        elif second & 0x80:
             raise WebSocketProtocolError(1002, "sent a masked frame (a server must not)")
         opcode, fin = first & 0x0F, bool(first & 0x80)
         size = second & 0x7F
@@ -432,11 +448,11 @@ class _FrameParser:
                 raise WebSocketProtocolError(1002, f"used unknown opcode {opcode}")
             if not fin or size > 125:
                 raise WebSocketProtocolError(1002, "sent a fragmented or long control frame")
-        elif opcode == _OP_TEXT:
+        elif opcode == _OP_TEXT and not self._from_client:
             raise WebSocketProtocolError(
                 1003, "sent a text message, which the protocol has none of"
             )
-        elif opcode == _OP_BINARY:
+        elif opcode in (_OP_BINARY, _OP_TEXT):
             if self._in_message:
                 raise WebSocketProtocolError(1002, "started a message inside another")
             self._in_message = True
@@ -447,6 +463,40 @@ class _FrameParser:
         else:
             raise WebSocketProtocolError(1002, f"used unknown opcode {opcode}")
         self._opcode, self._fin, self._left = opcode, fin, size
+
+
+def tls_object(transport: trio.abc.Stream) -> ssl.SSLObject | None:
+    """The `ssl.SSLObject` of a trio SSLStream (for `more_decrypted`); None for any other
+    transport, or a trio whose SSLStream keeps it elsewhere."""
+    if isinstance(transport, trio.SSLStream):
+        tls = getattr(transport, "_ssl_object", None)
+        return tls if isinstance(tls, ssl.SSLObject) else None
+    return None
+
+
+def more_decrypted(tls: ssl.SSLObject, data: bytes, limit: int) -> bytes:
+    """`data` (what a `receive_some` of the SSLStream owning `tls` returned) and whatever else
+    the TLS layer can decrypt now without waiting, up to `limit` bytes in all.
+
+    trio's SSLStream returns one TLS record (16 KiB at most) per `receive_some`, though it
+    reads the socket 64 KiB at a time: a bulk stream took four passes through a hop (the
+    websocket parser, the h2 link's reader, its writer's batch) per socket read. The records
+    already received are decrypted here in one go. Only reads are made on the stream's
+    `ssl.SSLObject` (anything a read makes it want to send, trio sends with its next
+    operation); an error is left for trio's next `receive_some` to meet.
+    """
+    parts = [data]
+    size = len(data)
+    while size < limit:
+        try:
+            more = tls.read(limit - size)
+        except ssl.SSLError:  # SSLWantReadError: no whole record left; others: later
+            break
+        if not more:
+            break
+        parts.append(more)
+        size += len(more)
+    return data if len(parts) == 1 else b"".join(parts)
 
 
 _KEYS = [b""]  # 4-byte masking keys not used yet, from the OS's random source
@@ -495,11 +545,8 @@ class PortForwardClient(trio.abc.Stream):
     ) -> None:
         self._transport = transport
         # The TLS object of a trio SSLStream transport, read directly for the records it holds
-        # already (`_more_decrypted`); None for any other transport or trio version.
-        self._tls: ssl.SSLObject | None = None
-        if isinstance(transport, trio.SSLStream):
-            tls = getattr(transport, "_ssl_object", None)
-            self._tls = tls if isinstance(tls, ssl.SSLObject) else None
+        # already (`more_decrypted`); None for any other transport or trio version.
+        self._tls = tls_object(transport)
         self._router = _Router(port, description, client_side=True)
         self._description = description
         self._parser = _FrameParser()
@@ -632,7 +679,7 @@ class PortForwardClient(trio.abc.Stream):
         try:
             data = bytes(await self._transport.receive_some(RECEIVE_BUFFER_SIZE))
             if self._tls is not None and data:
-                data = self._more_decrypted(data)
+                data = more_decrypted(self._tls, data, RECEIVE_BUFFER_SIZE)
             return data
         except (trio.BrokenResourceError, OSError):
             return b""
@@ -640,30 +687,6 @@ class PortForwardClient(trio.abc.Stream):
             if self._closed:
                 raise trio.ClosedResourceError("the port-forward stream was closed") from None
             return b""
-
-    def _more_decrypted(self, data: bytes) -> bytes:
-        """`data` and whatever else the TLS layer can decrypt now, without waiting.
-
-        trio's SSLStream returns one TLS record (16 KiB at most) per `receive_some`, though it
-        reads the socket 64 KiB at a time: a bulk stream took four passes through this hop (the
-        websocket parser, the h2 link's reader, its writer's batch) per socket read. The
-        records already received are decrypted here in one go. Only reads are made on the
-        stream's `ssl.SSLObject` (anything a read makes it want to send, trio sends with its
-        next operation); an error is left for trio's next `receive_some` to meet.
-        """
-        parts = [data]
-        size = len(data)
-        tls = self._tls
-        while size < RECEIVE_BUFFER_SIZE and tls is not None:
-            try:
-                more = tls.read(RECEIVE_BUFFER_SIZE - size)
-            except ssl.SSLError:  # SSLWantReadError: no whole record left; others: later
-                break
-            if not more:
-                break
-            parts.append(more)
-            size += len(more)
-        return data if len(parts) == 1 else b"".join(parts)
 
     async def _take_read(self, data: bytes) -> None:
         """Route one read's frames: data to `_pending`, errors to the router; answer PINGs
@@ -676,7 +699,9 @@ class PortForwardClient(trio.abc.Stream):
             if kind == "data":
                 if starts:
                     self._channel = payload[0]
-                body = router.route(self._channel, payload[1:] if starts else payload)
+                # A server's frames are not masked: the parser gives views of the read.
+                view = cast(memoryview, payload)
+                body = router.route(self._channel, view[1:] if starts else view)
                 if body:
                     self._pending.append(body)
                     self._pending_size += len(body)

@@ -5,6 +5,9 @@ codes, dial failures, and a zlib bomb that ends only its own connection."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import itertools
 import json
 import os
 import re
@@ -123,6 +126,11 @@ def _pods() -> str:
                             "name": "c",
                             "image": "tele-sandbox/l4-echo",
                             "ports": [{"containerPort": 9000}],
+                            # Ready once it listens (not only started): the tests dial it.
+                            "readinessProbe": {
+                                "tcpSocket": {"port": 9000},
+                                "periodSeconds": 1,
+                            },
                         }
                     ]
                 },
@@ -517,3 +525,150 @@ def test_attach_resizes_a_tty_and_survives_garbage_resizes(streams: Streams) -> 
     finally:
         connection.close()
         streams.run(newest, "delete", "pod", "resized", "--wait=false")
+
+
+# --- the port-forward websocket of the channel protocol (tele's daemon, kubectl's v4) -----
+
+
+def _client_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True) -> bytes:
+    """A frame as a client writes one: masked (with a key that changes bytes) unless told."""
+    first = (0x80 if fin else 0) | opcode
+    size = len(payload)
+    bit = 0x80 if mask else 0
+    if size <= 125:
+        header = bytes((first, bit | size))
+    elif size <= 0xFFFF:
+        header = bytes((first, bit | 126)) + struct.pack("!H", size)
+    else:
+        header = bytes((first, bit | 127)) + struct.pack("!Q", size)
+    if not mask:
+        return header + payload
+    key = os.urandom(4)
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return header + key + masked
+
+
+class _ServerFrames:
+    """Reads a server's (unmasked) frames from a socket: (opcode, fin, payload)."""
+
+    def __init__(self, sock: ssl.SSLSocket, rest: bytes) -> None:
+        self.sock = sock
+        self.buffer = rest
+
+    def _need(self, size: int) -> None:
+        while len(self.buffer) < size:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(self.buffer)
+            self.buffer += data
+
+    def next(self) -> tuple[int, bool, bytes]:
+        self._need(2)
+        first, second = self.buffer[0], self.buffer[1]
+        assert not second & 0x80, "a server's frame is not masked"
+        size, at = second & 0x7F, 2
+        if size == 126:
+            self._need(4)
+            size, at = struct.unpack("!H", self.buffer[2:4])[0], 4
+        elif size == 127:
+            self._need(10)
+            size, at = struct.unpack("!Q", self.buffer[2:10])[0], 10
+        self._need(at + size)
+        payload, self.buffer = self.buffer[at : at + size], self.buffer[at + size :]
+        return first & 0x0F, bool(first & 0x80), payload
+
+
+def _ws_port_forward(streams: Streams, port: int) -> tuple[ssl.SSLSocket, _ServerFrames]:
+    """A websocket port-forward to pod l4's `port` (v4.channel.k8s.io), upgraded and checked
+    as RFC 6455 says; its two port announcements read."""
+    host, api_port, token = _server(streams)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    sock = context.wrap_socket(socket.create_connection((host, api_port), timeout=20))
+    key = base64.b64encode(os.urandom(16))
+    sock.sendall(
+        (
+            f"GET /api/v1/namespaces/{streams.namespace}/pods/l4/portforward?ports={port} "
+            f"HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: {key.decode()}\r\n"
+            "Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(4096)
+        assert data, head
+        head += data
+    head, _, rest = head.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0].startswith(b"HTTP/1.1 101"), head
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(b":") for h in lines[1:])}
+    guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+    assert headers[b"sec-websocket-accept"] == base64.b64encode(hashlib.sha1(key + guid).digest())
+    assert headers[b"sec-websocket-protocol"] == b"v4.channel.k8s.io"
+    frames = _ServerFrames(sock, rest)
+    prefix = port.to_bytes(2, "little")
+    assert [frames.next() for _ in range(2)] == [
+        (2, True, b"\0" + prefix),
+        (2, True, b"\1" + prefix),
+    ]
+    return sock, frames
+
+
+def _channel_data(frames: _ServerFrames, size: int) -> bytes:
+    got = b""
+    while len(got) < size:
+        opcode, _, payload = frames.next()
+        assert opcode == 2 and payload[:1] == b"\0", (opcode, payload[:20])
+        got += payload[1:]
+    return got
+
+
+def test_channel_websocket_port_forward_carries_fragmented_masked_messages(
+    streams: Streams,
+) -> None:
+    """A message in masked fragments (binary start, continuations) and a text one reach the
+    pod as the bytes sent; a PING is answered with its payload, a Close with its code."""
+    sock, frames = _ws_port_forward(streams, 9000)
+    with sock:
+        payload = os.urandom(300_000)  # several TLS records and socket reads
+        cut = [0, 7, 70_000, 300_000]
+        for i, (start, end) in enumerate(itertools.pairwise(cut)):
+            body = (b"\0" if i == 0 else b"") + payload[start:end]
+            sock.sendall(_client_frame(2 if i == 0 else 0, body, fin=end == len(payload)))
+        assert _channel_data(frames, len(payload)) == payload
+        sock.sendall(_client_frame(1, b"\0text"))  # the kubelet reads text as bytes too
+        assert _channel_data(frames, 4) == b"text"
+        sock.sendall(_client_frame(9, b"ping!"))
+        assert frames.next() == (0xA, True, b"ping!")
+        sock.sendall(_client_frame(8, (1000).to_bytes(2, "big")))
+        assert frames.next() == (8, True, (1000).to_bytes(2, "big"))
+
+
+@pytest.mark.parametrize(
+    "bad,code",
+    [
+        (_client_frame(2, b"\0x", mask=False), 1002),  # a client must mask
+        (bytes((0xC2, 0x80)) + b"\0\0\0\0", 1002),  # RSV1 with no extension agreed
+        (_client_frame(0, b"x"), 1002),  # a continuation of nothing
+        (_client_frame(9, b"p" * 126), 1002),  # a control frame over 125 bytes
+        (bytes((0x82, 0xFF)) + b"\xff" * 8 + b"\0\0\0\0", 1002),  # a 2^64-1 byte length
+    ],
+    ids=["unmasked", "rsv1", "lone-continuation", "long-ping", "impossible-length"],
+)
+def test_a_malformed_frame_closes_only_its_port_forward(
+    streams: Streams, bad: bytes, code: int
+) -> None:
+    sock, frames = _ws_port_forward(streams, 9000)
+    with sock:
+        sock.sendall(bad)
+        assert frames.next() == (8, True, code.to_bytes(2, "big"))
+        with pytest.raises(EOFError):
+            frames.next()
+    other, other_frames = _ws_port_forward(streams, 9000)
+    with other:
+        other.sendall(_client_frame(2, b"\0still here"))
+        assert _channel_data(other_frames, 10) == b"still here"

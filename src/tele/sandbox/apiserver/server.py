@@ -1,6 +1,8 @@
 """Serve the API over HTTPS: HTTP/2 through our own h2 driver, HTTP/1.1 (and websocket upgrades)
 through hypercorn, chosen per connection by ALPN; an HTTP/1.1 connection whose first request
-asks for `Upgrade: SPDY/3.1` (kubectl's exec and port-forward) goes to `spdystreaming`.
+asks for `Upgrade: SPDY/3.1` (kubectl's exec and port-forward) goes to `spdystreaming`, one
+whose first request is a port-forward websocket (tele's daemon, kubectl's channel protocol) to
+`wsdirect`.
 
 `serve` follows tele's service shape: it reports the bound address through `task_status` once
 the socket listens, and runs until cancelled.
@@ -19,7 +21,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
-from . import spdystreaming
+from . import spdystreaming, wsdirect
 from .app import CLIENT_CERTIFICATE_USER, ApiApp
 from .auth import User, user_of_certificate
 from .certs import KeyPair, server_context
@@ -125,6 +127,17 @@ async def _serve_connection(
             client=_address(sock, True),
             server=_address(sock, False),
             limits=limits,
+        )
+        return
+    if head is not None and wsdirect.takes(head):
+        sock = stream.transport_stream.socket
+        await wsdirect.serve(
+            app,
+            stream,
+            head,
+            buffered[end:],
+            client=_address(sock, True),
+            server=_address(sock, False),
         )
         return
     if not buffered:
