@@ -9,10 +9,12 @@ is how bytes get in and out, measured as most of a tunnel's cost (bench/tunnel.p
   frame spans them, and an overlong frame is refused as soon as its length field is here (the
   one frame guard of every h2 endpoint tele runs: links, the agent's h2c relay, the sandbox's
   API server, the CLI's quick calls);
-- plain DATA (an open stream, no padding or END_STREAM) takes a fast path doing h2's own
-  bookkeeping, without its state-machine passes and frame objects;
+- plain DATA (an open stream, no padding, END_STREAM or not) takes a fast path doing h2's own
+  bookkeeping, without its state-machine passes and frame objects, and so does END_STREAM;
 - so do the HEADERS that open a stream and answer it, in the shapes tele's tunnel and RPC use
-  (`tele.net.h2headers`: no dynamic table, a whitelist of names), both ways;
+  (`tele.net.h2headers`: no dynamic table, a whitelist of names), both ways. Each fast path
+  checks everything before it changes anything, and gives what it declines to h2 untouched
+  (tests/net/test_h2conn_headers.py compares both with stock h2);
 - open streams are counted in amortised O(1) (frames keep a repr without a hex dump: that is
   tele._patches').
 Nothing here does any I/O or imports trio (the CLI's quick calls use it without trio); the
@@ -110,7 +112,8 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
     frame from the front (moving everything behind it): a 256 KiB read holding a few frames
     was copied ~4 times. Here reads are kept as the immutable bytes they arrived as, frames are
     parsed from memoryview slices (hyperframe copies a payload out once), and reads are joined
-    only when a frame spans them, once the whole frame is there.
+    only when a frame spans them, once the whole frame is there. Plain DATA and HEADERS frames
+    (most of a tunnel's) are built without hyperframe's parse, with the same checks.
     """
 
     def __init__(self, server: bool = False) -> None:
