@@ -939,19 +939,21 @@ def test_the_flags_of_a_plain_headers_frame_cannot_be_changed() -> None:
 _OPS = st.tuples(
     st.sampled_from(["client", "server"]),
     st.sampled_from([1, 3, 5, 7]),
-    st.sampled_from(["data", "data-end", "end"]),
-    st.binary(max_size=20),
+    st.sampled_from(["data", "data", "data-end", "end"]),
+    st.one_of(st.binary(max_size=20), st.integers(0, 16_384).map(lambda n: b"x" * n)),
+    st.sampled_from([None, None, 0, 1, 16_384, 40_000]),  # then acknowledged by the receiver
 )
 
 
 @SETTINGS
 @given(st.lists(_OPS, max_size=12))
 def test_data_and_end_stream_either_way_do_what_h2_does(
-    ops: list[tuple[str, int, str, bytes]],
+    ops: list[tuple[str, int, str, bytes, int | None]],
 ) -> None:
     """Streams opened and answered, then DATA with or without END_STREAM and bare END_STREAMs
-    from either side in any order (after an end too, on a stream never opened): the same
-    answers, events and stream states as h2's own code."""
+    from either side in any order (after an end too, on a stream never opened), acknowledged
+    by the receiver (WINDOW_UPDATEs once half a window was read): the same answers, events,
+    windows and stream states as h2's own code."""
     results = {}
     for kind in ("fast", "slow"):
         client = _endpoint(kind, client=True)
@@ -963,7 +965,7 @@ def test_data_and_end_stream_either_way_do_what_h2_does(
             server.send_headers(stream_id, Accept().to_headers())
         client.receive_data(server.data_to_send())
         log: list[Any] = []
-        for side, stream_id, op, payload in ops:
+        for side, stream_id, op, payload, acknowledged in ops:
             sender, receiver = (client, server) if side == "client" else (server, client)
             try:
                 if op == "end":
@@ -974,6 +976,12 @@ def test_data_and_end_stream_either_way_do_what_h2_does(
             except (h2.exceptions.ProtocolError, KeyError) as exc:  # h2: KeyError for b"" on 7
                 log.append(type(exc).__name__)
             log.append(_feed(receiver, [sender.data_to_send()]))
+            if acknowledged is not None:
+                try:
+                    receiver.acknowledge_received_data(acknowledged, stream_id)
+                    log.append(("acknowledged", bytes(receiver.data_to_send())))
+                except h2.exceptions.ProtocolError as exc:
+                    log.append(type(exc).__name__)
         tables = {"encoder": False, "decoder": False}
         results[kind] = (log, _state(client, **tables), _state(server, **tables))
     assert results["fast"] == results["slow"]
@@ -1020,3 +1028,26 @@ def test_headers_on_a_stream_closed_both_ways_end_the_connection_as_in_h2() -> N
     (kind, (_, code), goaway) = outcomes[0][0]
     assert kind == "error" and code == h2.errors.ErrorCodes.STREAM_CLOSED
     assert goaway[3] == hyperframe.frame.GoAwayFrame.type
+
+
+def test_acknowledged_data_reopens_both_windows_as_in_h2() -> None:
+    answers = []
+    for kind in ("fast", "slow"):
+        client = _endpoint(kind, client=True)
+        server = _endpoint(kind, client=False)
+        client.send_headers(1, _AN_OPEN.to_headers())
+        sent = []
+        for frames, size in ((3, 16_384), (1, 16_383)):  # the client's stream window: 65,535
+            for _ in range(frames):
+                client.send_data(1, b"x" * size)
+            server.receive_data(client.data_to_send())
+            for _ in range(frames):
+                server.acknowledge_received_data(size, 1)
+                sent.append(bytes(server.data_to_send()))
+                client.receive_data(sent[-1])
+        answers.append((sent, _state(server, encoder=False, decoder=False)))
+    assert answers[0] == answers[1]
+    updates = [[(c[i + 3], c[i + 5 : i + 9]) for i in range(0, len(c), 13)] for c in answers[0][0]]
+    link = (hyperframe.frame.WindowUpdateFrame.type, (0).to_bytes(4, "big"))
+    stream = (hyperframe.frame.WindowUpdateFrame.type, (1).to_bytes(4, "big"))
+    assert updates == [[], [link], [], [link, stream]]  # each once half its window was read
