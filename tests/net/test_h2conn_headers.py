@@ -1051,3 +1051,19 @@ def test_acknowledged_data_reopens_both_windows_as_in_h2() -> None:
     link = (hyperframe.frame.WindowUpdateFrame.type, (0).to_bytes(4, "big"))
     stream = (hyperframe.frame.WindowUpdateFrame.type, (1).to_bytes(4, "big"))
     assert updates == [[], [link], [], [link, stream]]  # each once half its window was read
+
+
+def test_a_peers_new_header_table_size_is_announced_by_h2_then_the_fast_path_goes_on() -> None:
+    """A peer that shrinks its HPACK table (SETTINGS_HEADER_TABLE_SIZE) must see a size update
+    at the start of our next block: that block is h2's; the ones after are the fast path's."""
+    client = _endpoint("fast", client=True)
+    server = _endpoint("stock", client=False)
+    server.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())  # the SETTINGS ack: the server's decoder shrinks
+    with _counting() as counts:
+        for stream_id in (1, 3, 5):
+            client.send_headers(stream_id, _AN_OPEN.to_headers())
+    assert counts["send"] == 1
+    events = server.receive_data(client.data_to_send())
+    assert [[tuple(h) for h in e.headers] for e in events] == [_AN_OPEN.to_headers()] * 3
