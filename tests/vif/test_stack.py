@@ -14,11 +14,13 @@ import trio.testing
 
 from tele.net.icmp import ICMPV4_HOST_UNREACHABLE, ICMPv4Header, ICMPv6Header
 from tele.net.packet import encode, parse_packet
-from tele.net.tcp import ACK, FIN, RST, SYN
+from tele.net.tcp import ACK, FIN, PSH, RST, SYN
 from tele.net.tcpstate import TCPConfig
-from tele.net.tunnel import Destination, Protocol, ResetReason
+from tele.net.tunnel import Accept, Destination, Protocol, ResetReason
 from tele.net.udp import UDPHeader
-from tele.rpc.tunnel import TunnelError, TunnelRefused
+from tele.rpc.h2link import LinkSettings
+from tele.rpc.tunnel import TunnelError, TunnelRefused, dial
+from tele.testing.streams import open_link_pair
 from tele.vif.runtime import Stack, StackConfig
 
 from ..net.tcp_script import CLIENT4, DEST4, App, tcp
@@ -542,3 +544,38 @@ async def test_a_deadline_earlier_than_the_one_the_timers_sleep_for_fires_on_tim
     (again,) = [parse_packet(p) for p in pending(kernel)]
     assert tcp(again).flags == SYN | ACK and tcp(again).seq == tcp(synack).seq
     assert len(stack._udp) == 1  # and the flow's own deadline is still ahead
+
+
+async def test_app_bytes_beyond_the_tunnels_window_get_a_sender_and_keep_their_order(
+    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> None:
+    """The packet reader puts the app's bytes on the stream while the window allows; beyond
+    it the flow's task leaves its wait for the tunnel and relays on with a sender task: every
+    byte arrives once, in order, and the tunnel's answer still reaches the app."""
+    kernel, end = tun
+    link, incoming = await open_link_pair(nursery, settings=LinkSettings(stream_window=1000))
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        return await dial(link, destination, session="s")
+
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=StackConfig(subnets=SUBNETS))
+    await nursery.start(stack.serve)
+    app = App(sport=40001)
+    kernel.send(bytes(app.syn(mss=1460)))
+    server = await incoming.receive()
+    await server.send_response(Accept().to_headers())
+    await trio.sleep(0.01)
+    (synack,) = [parse_packet(p) for p in pending(kernel)]
+    app.rcv_nxt = tcp(synack).seq + 1
+    sent = b"".join(i.to_bytes(2, "big") for i in range(2000))  # 4,000 bytes, 4 windows
+    for start in range(0, len(sent), 500):
+        kernel.send(bytes(app.data(sent[start : start + 500], flags=ACK | PSH)))
+    await trio.sleep(0.01)
+    received = b""
+    with trio.fail_after(5):
+        while len(received) < len(sent):
+            received += await server.receive_some()  # returns the window's credit as it reads
+    assert received == sent
+    await server.send_all(b"got it")
+    await trio.sleep(0.01)
+    assert b"got it" in [bytes(p.payload) for p in map(parse_packet, pending(kernel))]

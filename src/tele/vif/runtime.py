@@ -147,9 +147,10 @@ class _Tcp:
     tunnel: H2Stream | None = None
     """The tunnel stream while the app's bytes may be queued on it by the packet reader
     itself (`Stack._after_input`), instead of waking the flow's task to send them."""
-    relay: trio.Nursery | None = None
-    """The flow's nursery while no task sends app -> tunnel: the packet reader does it, and
-    starts a sender task there for what it cannot do at once (`Stack._relay`)."""
+    relay: trio.CancelScope | None = None
+    """Set while no task sends app -> tunnel (the packet reader does it): the scope of the
+    flow's wait for the tunnel, which the reader cancels to have a sender task started for
+    what it cannot do at once (`Stack._start_sender`, `Stack._relay_h2`)."""
     early: bool = False
     """Accepted before its dial was (`StackConfig.early_accept`)."""
 
@@ -551,24 +552,38 @@ class Stack:
             self._touch(record)
         clean = False
         try:
-            async with trio.open_nursery() as nursery:
-                if isinstance(stream, H2Stream):
-                    record.tunnel = stream
-                    record.relay = nursery
-                    self._catch_up(record, stream)  # what the app sent during the dial
-                else:
+            if isinstance(stream, H2Stream):
+                await self._relay_h2(record, stream)
+            else:
+                async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._app_to_tunnel, record, stream)
-                await self._tunnel_to_app(record, stream)
-                if record.relay is not None:  # no sender task started: this one goes on
-                    record.relay = None
-                    if not (isinstance(stream, H2Stream) and stream.local_ended):
-                        await self._app_to_tunnel(record, stream)
+                    await self._tunnel_to_app(record, stream)
             clean = True
         finally:
             record.relay = record.tunnel = None
             if not clean and not record.closed:
                 conn.abort()
                 self._touch(record)
+
+    async def _relay_h2(self, record: _Tcp, stream: H2Stream) -> None:
+        """`_relay` on an h2 stream: in this one task (and no nursery, whose exit is a schedule
+        point) while the packet reader puts the app's bytes on the stream; if it wants a
+        sender task (`_start_sender`), this task's wait for the tunnel is cut short and the
+        relay goes on in a nursery with one."""
+        record.tunnel = stream
+        record.relay = trio.CancelScope()  # stands for "the reader sends" until a wait's scope
+        self._catch_up(record, stream)  # what the app sent during the dial
+        ended = await self._tunnel_to_app(record, stream, alone=True)
+        if record.relay is not None:  # no sender wanted: this task goes on
+            record.relay = None
+            if not stream.local_ended:
+                await self._app_to_tunnel(record, stream)
+        elif ended:
+            await self._app_to_tunnel(record, stream)
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._app_to_tunnel, record, stream)
+                await self._tunnel_to_app(record, stream)
 
     def _catch_up(self, record: _Tcp, stream: H2Stream) -> None:
         """Put what the packet reader queued before the stream was there (the app's first
@@ -589,11 +604,12 @@ class Stack:
 
     def _start_sender(self, record: _Tcp) -> None:
         """The packet reader has app bytes (or an EOF) it could not put on the tunnel itself:
-        a sender task takes over app -> tunnel for the rest of the connection."""
-        nursery, tunnel = record.relay, record.tunnel
-        if nursery is not None and tunnel is not None:
+        a sender task takes over app -> tunnel for the rest of the connection (`_relay_h2`
+        starts it once its task is out of its wait for the tunnel, which this cuts short)."""
+        wait = record.relay
+        if wait is not None and record.tunnel is not None:
             record.relay = None
-            nursery.start_soon(self._app_to_tunnel, record, tunnel)
+            wait.cancel()
 
     def _early_ok(self, key: tuple[bytes, int]) -> bool:
         """May a SYN to `key` be answered before its dial (`StackConfig.early_accept`)?"""
@@ -634,16 +650,19 @@ class Stack:
             record.conn.refuse(_REFUSAL.get(reason, RefuseReason.REFUSED))
             self._touch(record)
 
-    async def _tunnel_to_app(self, record: _Tcp, stream: trio.abc.HalfCloseableStream) -> None:
+    async def _tunnel_to_app(
+        self, record: _Tcp, stream: trio.abc.HalfCloseableStream, *, alone: bool = False
+    ) -> bool:
+        """Tunnel -> app until the tunnel's end (True), or (`alone`) until a sender task is
+        wanted (False): see `_relay_to_app`."""
         if not isinstance(stream, H2Stream):
-            await self._relay_to_app(record, stream)
-            return
+            return await self._relay_to_app(record, stream)
         # The link's reader hands each DATA frame to the connection itself while this task
         # waits (one task switch less per response); what the connection cannot take at once
         # comes through `receive_some` below, in order.
         stream.deliver_to(functools.partial(self._deliver, record))
         try:
-            await self._relay_to_app(record, stream)
+            return await self._relay_to_app(record, stream, alone=alone)
         finally:
             stream.deliver_to(None)
 
@@ -659,25 +678,39 @@ class Stack:
             self._touch(record)
         return taken
 
-    async def _relay_to_app(self, record: _Tcp, stream: trio.abc.HalfCloseableStream) -> None:
+    async def _relay_to_app(
+        self, record: _Tcp, stream: trio.abc.HalfCloseableStream, *, alone: bool = False
+    ) -> bool:
+        """Tunnel -> app until the tunnel ended (or failed, or the connection did): True.
+        `alone` (the packet reader sends app -> tunnel): False once it wants a sender task
+        (`_start_sender` cancels the scope of the wait for the tunnel, `record.relay`)."""
         conn = record.conn
         while True:
             try:
-                data = await stream.receive_some(TUNNEL_READ)
+                if alone:
+                    if record.relay is None:
+                        return False
+                    with trio.CancelScope() as wait:
+                        record.relay = wait
+                        data = await stream.receive_some(TUNNEL_READ)
+                    if wait.cancelled_caught:
+                        return False
+                else:
+                    data = await stream.receive_some(TUNNEL_READ)
             except trio.BrokenResourceError as exc:
                 log.debug("tcp %s: tunnel reset (%s)", _flow_name(conn), reset_reason(exc).value)
                 self._tunnel_failed(record, exc)
-                return
+                return True
             if record.closed:
-                return
+                return True
             if not data:
                 conn.close()
                 self._touch(record)
-                return
+                return True
             view = memoryview(data)
             while view:
                 if record.closed:  # reset or closed by the app while we waited
-                    return
+                    return True
                 taken = conn.send(view)
                 view = view[taken:]
                 self._touch(record)
