@@ -36,6 +36,7 @@ import trio
 import trio_websocket
 
 from tele.k8s.config import ClusterConnection
+from tele.k8s.directtls import DirectTLS
 from tele.k8s.errors import PortForwardBroken, PortForwardError
 
 log = logging.getLogger(__name__)
@@ -547,6 +548,9 @@ class PortForwardClient(trio.abc.Stream):
         # The TLS object of a trio SSLStream transport, read directly for the records it holds
         # already (`more_decrypted`); None for any other transport or trio version.
         self._tls = tls_object(transport)
+        # Reads and writes: the TLS connection driven directly (tele.k8s.directtls) when the
+        # transport is a trio SSLStream it knows, else the transport's own calls.
+        self._io: trio.abc.Stream | DirectTLS = DirectTLS.of(transport) or transport
         self._router = _Router(port, description, client_side=True)
         self._description = description
         self._parser = _FrameParser()
@@ -631,9 +635,7 @@ class PortForwardClient(trio.abc.Stream):
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     try:
                         async with self._send_lock:
-                            await self._transport.send_all(
-                                _frame(_OP_CLOSE, (1000).to_bytes(2, "big"))
-                            )
+                            await self._io.send_all(_frame(_OP_CLOSE, (1000).to_bytes(2, "big")))
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
         finally:
@@ -662,7 +664,7 @@ class PortForwardClient(trio.abc.Stream):
             else:
                 lock.acquire_nowait()
             try:
-                await self._transport.send_all(frame)
+                await self._io.send_all(frame)
             finally:
                 lock.release()
         except (trio.BrokenResourceError, OSError) as exc:
@@ -677,7 +679,10 @@ class PortForwardClient(trio.abc.Stream):
 
     async def _read(self) -> bytes:
         try:
-            data = bytes(await self._transport.receive_some(RECEIVE_BUFFER_SIZE))
+            io = self._io
+            if isinstance(io, DirectTLS):
+                return await io.receive_some(RECEIVE_BUFFER_SIZE)
+            data = bytes(await io.receive_some(RECEIVE_BUFFER_SIZE))
             if self._tls is not None and data:
                 data = more_decrypted(self._tls, data, RECEIVE_BUFFER_SIZE)
             return data
@@ -724,7 +729,7 @@ class PortForwardClient(trio.abc.Stream):
             with trio.move_on_after(CLOSE_TIMEOUT):
                 try:
                     async with self._send_lock:
-                        await self._transport.send_all(b"".join(answers))
+                        await self._io.send_all(b"".join(answers))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     self._lost = True
 

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import trio
 
+from tele.k8s.directtls import DirectTLS
 from tele.k8s.portforward import _FrameParser, more_decrypted, tls_object
 
 from .spdystreaming import TUNNEL_PROTOCOL, RequestHead
@@ -130,6 +131,8 @@ class _Websocket:
     def __init__(self, stream: trio.abc.Stream, head: RequestHead, rest: bytes) -> None:
         self._stream = stream
         self._key = head.values("sec-websocket-key")[0].encode("latin-1")
+        # The TLS connection driven directly (tele.k8s.directtls), else the stream's own calls.
+        self._direct = DirectTLS.of(stream)
         self._tls = tls_object(stream)
         self._early = rest  # the client's first frames, read with the head
         self._parser = _FrameParser(from_client=True)
@@ -240,6 +243,8 @@ class _Websocket:
             data, self._early = self._early, b""
             return data
         try:
+            if self._direct is not None:
+                return await self._direct.receive_some(READ_SIZE)
             data = bytes(await self._stream.receive_some(READ_SIZE))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return b""
@@ -260,7 +265,10 @@ class _Websocket:
             else:
                 lock.acquire_nowait()
             try:
-                await self._stream.send_all(data)
+                if self._direct is not None:
+                    await self._direct.send_all(data)
+                else:
+                    await self._stream.send_all(data)
             finally:
                 lock.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
