@@ -105,6 +105,13 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
         elif end_stream and not ends_now:
             self._link._end_stream(self)
 
+    def send_response_now(self, headers: Headers, *, end_stream: bool = False) -> None:
+        """`send_response(headers)` (no body) without its schedule point, for a handler that
+        answers between its own waits (the tunnel server's ACCEPT or REFUSE of an OPEN)."""
+        self._check_sendable()
+        self._needs_response = False
+        self._link._send_headers(self, headers, end_stream)
+
     async def send_trailers(self, headers: Headers) -> None:
         """Send trailing HEADERS, which end our side of the stream."""
         await trio.lowlevel.checkpoint()

@@ -526,11 +526,11 @@ class TunnelServer:
             request = OpenRequest.from_headers(stream.request_headers)
         except TunnelProtocolError as exc:
             log.warning("tunnel: refusing a malformed OPEN: %s", exc)
-            await self._refuse(stream, ResetReason.PROTOCOL)
+            self._refuse(stream, ResetReason.PROTOCOL)
             return
         if self.active >= self.max_streams:
             log.warning("tunnel: refusing %s: %d streams already open", request, self.active)
-            await self._refuse(stream, ResetReason.OVERLOADED)
+            self._refuse(stream, ResetReason.OVERLOADED)
             return
         self.active += 1
         try:
@@ -543,11 +543,11 @@ class TunnelServer:
                         request.destination,
                         refusal.detail or refusal.reason.value,
                     )
-                    await self._refuse(stream, refusal)
+                    self._refuse(stream, refusal)
                     return
             if request.dial_id is not None:
                 if self.dial_back is None:
-                    await self._refuse(stream, ResetReason.POLICY)
+                    self._refuse(stream, ResetReason.POLICY)
                 else:
                     await self.dial_back(request, stream)
             elif request.destination.protocol is Protocol.TCP:
@@ -557,10 +557,11 @@ class TunnelServer:
         finally:
             self.active -= 1
 
-    async def _refuse(self, stream: H2Stream, reason: ResetReason | Refuse) -> None:
+    def _refuse(self, stream: H2Stream, reason: ResetReason | Refuse) -> None:
+        """Queue a REFUSE (no schedule point: the handler ends right after it)."""
         refusal = reason if isinstance(reason, Refuse) else Refuse(reason)
         try:
-            await stream.send_response(refusal.to_headers(), end_stream=True)
+            stream.send_response_now(refusal.to_headers(), end_stream=True)
         except trio.BrokenResourceError:
             pass  # the opener gave up already
 
@@ -572,15 +573,15 @@ class TunnelServer:
             except OSError as exc:
                 reason = reason_for_oserror(exc)
                 log.info("tunnel: dial %s failed: %s", destination, exc.strerror or exc)
-                await self._refuse(stream, reason)
+                self._refuse(stream, reason)
                 return
         if scope.cancelled_caught:
             log.info("tunnel: dial %s timed out after %gs", destination, self.dial_timeout)
-            await self._refuse(stream, ResetReason.TIMEOUT)
+            self._refuse(stream, ResetReason.TIMEOUT)
             return
         try:
             if not request.early:  # else ACCEPT rides on the first DATA (or END_STREAM)
-                await stream.send_response(Accept().to_headers())
+                stream.send_response_now(Accept().to_headers())
             outcome = await splice(stream, local, read_size=self.read_size)
         except BaseException as exc:
             if stream.was_reset:
@@ -601,7 +602,7 @@ class TunnelServer:
             try:
                 await sock.connect((str(destination.ip), destination.port))
             except OSError as exc:
-                await self._refuse(stream, reason_for_oserror(exc))
+                self._refuse(stream, reason_for_oserror(exc))
                 return
             try:
                 await stream.send_response(Accept().to_headers())
