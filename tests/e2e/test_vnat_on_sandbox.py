@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ import trio
 
 from tele.sandbox.network import netns
 from tele.sandbox.network.laptop import serve_laptop, shell_command
+from tele.sandbox.network.relay import relaying_to
 from tests.daemon.util import DaemonGuard, run_tele, single_error_line
 from tests.e2e import install_manager, kubectl, wait_rolled
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
@@ -57,6 +58,19 @@ print(json.dumps({"address": address, "answer": answer}))
 
 
 TELE = [str(Path(sys.executable).parent / "tele")]
+
+
+@pytest.fixture(autouse=True)
+def _no_manager_left(
+    node_sandbox: NodeSandbox,  # noqa: F811
+    tele_env: dict[str, str],
+) -> Iterator[None]:
+    """A test that fails in its set-up, before its own `finally`, must not leave the traffic
+    manager installed for the next one (which would find the release there and fail too)."""
+    yield
+    run_tele(tele_env, "helm", "uninstall", "--kubeconfig", str(node_sandbox.kubeconfig))
+
+
 Command = tuple[list[str], dict[str, str]]
 
 
@@ -72,7 +86,10 @@ async def start_laptop(
         ]["server"]
     )
     cluster = f"{prefix}{sandbox.name[-4:]}"
-    laptop: str = await nursery.start(serve_laptop, cluster, server.hostname, server.port)
+    # The cluster runs in another thread's trio run: the laptop's listener relays to its API
+    # server instead of being served by it.
+    target = (server.hostname or "127.0.0.1", server.port or 443)
+    laptop: str = await nursery.start(serve_laptop, cluster, *target, relaying_to(target))
     if own_pod_route:
         await netns.ip_batch(
             laptop,

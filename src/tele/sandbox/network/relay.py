@@ -8,7 +8,9 @@ the host namespace.
 
 from __future__ import annotations
 
+import functools
 import shutil
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -59,6 +61,16 @@ async def serve_relay(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, lambda s: _relay(s, *target), [listener])
             task_status.started()
+
+
+def relaying_to(target: tuple[str, int]) -> Callable[..., Awaitable[None]]:
+    """A `serve_api` for `laptop.serve_laptop` that relays each connection to `target`: for an
+    API server that this trio run cannot serve itself (a test's cluster in another thread)."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await _relay(stream, *target)
+
+    return functools.partial(trio.serve_listeners, handle)
 
 
 def cleanup_sync(cluster: str) -> list[str]:
