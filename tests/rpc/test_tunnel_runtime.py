@@ -561,3 +561,32 @@ async def test_rpc_and_tunnel_share_one_link() -> None:
             assert await stream.receive_some() == b"bytes"
             await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_optimistic_dial_queues_its_open_without_a_schedule_point() -> None:
+    """With room on the link, an optimistic dial queues the OPEN in its caller's step (the VIF's
+    new connection parks right after it); at the peer's stream limit it waits for room."""
+    settings = LinkSettings(max_concurrent_streams=1)
+    async with tcp_server(echo) as destination, tunnel_link(server_settings=settings) as link:
+        with trio.fail_after(10):
+            await link.ping()  # the peer's SETTINGS (its limit of 1) have arrived
+            with trio.testing.assert_no_checkpoints():
+                first = await dial(link, destination, session=SESSION, optimistic=True)
+            await first.send_all(b"one")
+            assert await first.receive_some() == b"one"
+            second_open = trio.Event()
+
+            async def second() -> None:
+                stream = await dial(link, destination, session=SESSION, optimistic=True)
+                second_open.set()
+                await stream.send_all(b"two")
+                assert await stream.receive_some() == b"two"
+                await stream.aclose()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(second)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not second_open.is_set()  # no room until the first stream ends
+                await first.send_eof()
+                assert await first.receive_some() == b""
+                await first.aclose()

@@ -232,18 +232,7 @@ class H2Link:
             if self._open_local < self._conn.remote_settings.max_concurrent_streams:
                 break
             await self._capacity_lot.park()
-        stream_id = self._conn.get_next_available_stream_id()
-        stream = H2Stream(self, stream_id, headers)
-        self._streams[stream_id] = stream
-        self._open_local += 1
-        try:
-            self._conn.send_headers(stream_id, headers, end_stream=end_stream and not body)
-        except h2.exceptions.ProtocolError as exc:
-            self._forget(stream)
-            raise LinkBroken(f"cannot open a stream: {exc}") from exc
-        if end_stream and not body:
-            stream._local_ended = True
-        self._kick_writer()
+        stream = self._start_stream(headers, end_stream=end_stream and not body)
         if body:
             try:
                 await stream._send_body(body)
@@ -252,6 +241,31 @@ class H2Link:
             except BaseException:
                 stream.reset()
                 raise
+        return stream
+
+    def open_stream_now(self, headers: Headers) -> H2Stream:
+        """`open_stream` without its schedule point (`tele.rpc.tunnel.dial`'s optimistic OPEN:
+        the VIF's new connection queues it and parks in the same task step). Raises
+        `trio.WouldBlock` at the peer's concurrency limit (then wait in `open_stream`),
+        `LinkBroken` when the link is unusable."""
+        self._raise_if_unusable()
+        if self._open_local >= self._conn.remote_settings.max_concurrent_streams:
+            raise trio.WouldBlock
+        return self._start_stream(headers, end_stream=False)
+
+    def _start_stream(self, headers: Headers, *, end_stream: bool) -> H2Stream:
+        stream_id = self._conn.get_next_available_stream_id()
+        stream = H2Stream(self, stream_id, headers)
+        self._streams[stream_id] = stream
+        self._open_local += 1
+        try:
+            self._conn.send_headers(stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as exc:
+            self._forget(stream)
+            raise LinkBroken(f"cannot open a stream: {exc}") from exc
+        if end_stream:
+            stream._local_ended = True
+        self._kick_writer()
         return stream
 
     async def ping(self) -> float:

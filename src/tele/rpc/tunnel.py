@@ -115,15 +115,22 @@ async def dial(
     Returns the stream ready for DATA (a trio HalfCloseableStream: `send_eof` is HALF-CLOSE).
     Raises `TunnelError` for REFUSE, a reset, or a broken link. Cancellation resets the stream.
 
-    `optimistic=True` returns right after sending OPEN, without the round trip to ACCEPT: DATA
-    may follow the OPEN at once (the server holds it, within the stream window, until its dial
-    is up). A REFUSE then surfaces from the stream's next send or receive as `TunnelRefused`
-    with the reason, and whatever was sent is dropped. For callers that must know the outcome
+    `optimistic=True` returns right after queueing OPEN (without a schedule point when the link
+    has room for the stream), without the round trip to ACCEPT: DATA may follow the OPEN at
+    once (the server holds it, within the stream window, until its dial is up). A REFUSE then
+    surfaces from the stream's next send or receive as `TunnelRefused` with the reason, and
+    whatever was sent is dropped. For callers that must know the outcome
     before going on (the VIF answers a SYN only after the dial), leave it False.
     """
     request = OpenRequest(destination, session, dial_id, early=optimistic)
     try:
-        stream = await link.open_stream(request.to_headers())
+        if optimistic:
+            try:  # no schedule point: the OPEN is queued in the caller's step
+                stream = link.open_stream_now(request.to_headers())
+            except trio.WouldBlock:  # the peer's stream limit: wait for room
+                stream = await link.open_stream(request.to_headers())
+        else:
+            stream = await link.open_stream(request.to_headers())
     except LinkBroken as exc:
         raise TunnelError(ResetReason.INTERNAL, f"no tunnel to {destination}: {exc}") from exc
     if optimistic:
