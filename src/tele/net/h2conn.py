@@ -524,14 +524,7 @@ class Connection(h2.connection.H2Connection):
             return None
         if self.state_machine.state is _IDLE_CONNECTION:
             self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
-        stream = _H2Stream(
-            stream_id,
-            config=self.config,
-            inbound_window_size=self.local_settings.initial_window_size,
-            outbound_window_size=self.remote_settings.initial_window_size,
-        )
-        stream.max_outbound_frame_size = self.max_outbound_frame_size
-        self.streams[stream_id] = stream
+        stream = self._new_stream(stream_id)
         self.highest_inbound_stream_id = stream_id
         machine = stream.state_machine
         machine.client = False
@@ -644,14 +637,7 @@ class Connection(h2.connection.H2Connection):
             elif name == ":authority" and authority is None:
                 authority = value.encode()
         if stream is None:
-            stream = _H2Stream(
-                stream_id,
-                config=self.config,
-                inbound_window_size=self.local_settings.initial_window_size,
-                outbound_window_size=self.remote_settings.initial_window_size,
-            )
-            stream.max_outbound_frame_size = self.max_outbound_frame_size
-            self.streams[stream_id] = stream
+            stream = self._new_stream(stream_id)
             self.highest_outbound_stream_id = stream_id
             machine = stream.state_machine
             machine.client = True
@@ -678,6 +664,19 @@ class Connection(h2.connection.H2Connection):
         self.output_size += len(chunk)
         self.control_size += len(chunk)
         return True
+
+    def _new_stream(self, stream_id: int) -> h2.stream.H2Stream:
+        """A stream as h2's `_begin_new_stream` makes it (its windows from the settings), held
+        in `streams`; the caller moves its state machine and the highest stream id."""
+        stream = _H2Stream(
+            stream_id,
+            config=self.config,
+            inbound_window_size=self.local_settings.initial_window_size,
+            outbound_window_size=self.remote_settings.initial_window_size,
+        )
+        stream.max_outbound_frame_size = self.max_outbound_frame_size
+        self.streams[stream_id] = stream
+        return stream
 
     def take_output(self) -> Buffers:
         """Everything queued for sending, in order; the queue is empty afterwards."""
