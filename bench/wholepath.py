@@ -10,9 +10,12 @@ Rows, each against the same echo pod (tele-sandbox/l4-echo) by its Service addre
              time from connect() to the first response byte (p50)
   bulk 1/8   1 and 8 connections streaming 64 KiB writes to the echo and reading it back: MB/s
              each way
+  up/down 1/8  one way at a time, as iperf3 measures: 1 and 8 connections sending to (up) or
+             receiving from (down) a sink/source pod (`bulk`, the worker image): MB/s
 CPU columns: % of one core per hop during the row, above the hop's idle rate (measured first:
 the sandbox's controllers and kubelet, keepalives); for `req` rows also µs of CPU per request,
-for `bulk` rows ms of CPU per MB moved (each echoed MB crosses every hop twice: counted as 2).
+for `bulk` rows ms of CPU per MB moved (each echoed MB crosses every hop twice: counted as 2;
+once for up/down).
 With `--rtt 10,40` the same rows again with a round trip added between the laptop and the API
 server: a delay relay in the laptop namespace (bench/delay_relay.py: it keeps reading and
 releases each chunk after RTT/2, so it adds latency without limiting bandwidth) that the
@@ -45,6 +48,33 @@ VENV_BIN = Path(sys.executable).parent
 TELE = str(VENV_BIN / "tele")
 PY = sys.executable
 ECHO_PORT = 9000
+BULK_PORT = 5201
+HOPS = ("daemon", "sandbox", "manager", "echo pod", "bulk pod")
+# One-way bulk (as iperf3 measures; the worker image has no iperf3): a connection's first byte
+# says which way: "u" the pod reads to EOF and answers with the count, "d" the pod sends for
+# the seconds that follow the byte, then closes.
+BULK_POD = """# tele-wp-bulk
+import socket, struct, threading, time
+server = socket.create_server(("0.0.0.0", 5201), backlog=64)
+def serve(conn):
+    with conn:
+        way = conn.recv(1)
+        if way == b"u":
+            got = 0
+            while data := conn.recv(1 << 20):
+                got += len(data)
+            conn.sendall(struct.pack(">Q", got))
+        elif way == b"d":
+            text = b""
+            while len(text) < 15 and (more := conn.recv(15 - len(text))):
+                text += more
+            seconds = min(float(text.decode()), 60.0)
+            chunk, stop = bytes(1 << 18), time.monotonic() + seconds
+            while time.monotonic() < stop:
+                conn.sendall(chunk)
+while True:
+    threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
+"""
 APPS = f"""
 apiVersion: apps/v1
 kind: Deployment
@@ -59,6 +89,27 @@ spec:
       - name: echo
         image: tele-sandbox/l4-echo
         env: [{{name: PORT, value: "{ECHO_PORT}"}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: bulk, namespace: default}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: bulk}}}}
+  template:
+    metadata: {{labels: {{app: bulk}}}}
+    spec:
+      containers:
+      - name: bulk
+        image: tele-sandbox/worker
+        command: {json.dumps(["python3", "-c", BULK_POD])}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: bulk, namespace: default}}
+spec:
+  selector: {{app: bulk}}
+  ports: [{{name: tcp, port: {BULK_PORT}, targetPort: {BULK_PORT}}}]
 ---
 apiVersion: v1
 kind: Service
@@ -133,6 +184,39 @@ print(json.dumps({"conn_s": len(first) / elapsed,
                   "first_byte_p50_us": first[len(first) // 2] * 1e6}))
 """
 
+ONEWAY_CLIENT = """
+import json, socket, struct, sys, threading, time
+host, port, streams = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+seconds, way = float(sys.argv[4]), sys.argv[5]
+moved = [0] * streams
+def up(n):
+    s = socket.create_connection((host, port), timeout=30)
+    s.sendall(b"u")
+    chunk, stop = bytes(1 << 18), time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        s.sendall(chunk)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while len(got) < 8:
+        data = s.recv(8 - len(got))
+        if not data:
+            raise SystemExit("the pod closed before it said how much it got")
+        got += data
+    moved[n] = struct.unpack(">Q", got)[0]
+    s.close()
+def down(n):
+    s = socket.create_connection((host, port), timeout=30)
+    s.sendall(b"d" + f"{seconds:<15}".encode())
+    while data := s.recv(1 << 20):
+        moved[n] += len(data)
+    s.close()
+threads = [threading.Thread(target=up if way == "up" else down, args=(n,)) for n in range(streams)]
+t0 = time.perf_counter()
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"mbs": sum(moved) / (time.perf_counter() - t0) / 1e6}))
+"""
+
 BULK_CLIENT = """
 import json, socket, sys, threading, time
 host, port, streams, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
@@ -187,6 +271,7 @@ class Sandbox:
         self.pid = int(status["pid"])
         self.kubeconfig = Path(status["kubeconfig"])
         self.home = home
+        self.bulk_host = ""  # the one-way bulk Service's address (`deploy`)
         for sub in ("config", "cache", "state", "runtime"):
             (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.env = {
@@ -227,6 +312,9 @@ class Sandbox:
         self.kubectl(
             "wait", "-n", "ambassador", "--for=condition=Ready", "pod", "--all", "--timeout=120s"
         )
+        self.bulk_host = self.kubectl(
+            "get", "svc", "bulk", "-o", "jsonpath={.spec.clusterIP}"
+        ).strip()
         return self.kubectl("get", "svc", "echo", "-o", "jsonpath={.spec.clusterIP}").strip()
 
     def connect(self, kubeconfig: Path | None = None) -> None:
@@ -253,6 +341,8 @@ class Sandbox:
                     found["daemon"] = int(pid)
                 elif b"tele-entrypoint manager" in cmdline or b"tele.manager" in cmdline:
                     found["manager"] = int(pid)
+                elif b"# tele-wp-bulk" in cmdline:
+                    found["bulk pod"] = int(pid)
                 elif b"/app/main.py" in cmdline and ns != self.laptop:
                     found.setdefault("echo pod", int(pid))
         return found
@@ -314,6 +404,16 @@ def rows(
         moved_mb = max(r["mbs"] * r["wall_s"] * 2, 1e-9)
         r["ms_per_mb"] = {h: s / moved_mb * 1e3 for h, s in r["cpu_s"].items()}
         table.append(r)
+    for way in ("up", "down"):  # one way at a time, as iperf3 measures
+        for streams in (1, 8):
+            r = measured(
+                sandbox, hops, idle, ONEWAY_CLIENT, sandbox.bulk_host, str(BULK_PORT),
+                str(streams), str(seconds), way,
+            )  # fmt: skip
+            r["row"] = f"{way} {streams}"
+            moved_mb = max(r["mbs"] * r["wall_s"], 1e-9)
+            r["ms_per_mb"] = {h: s / moved_mb * 1e3 for h, s in r["cpu_s"].items()}
+            table.append(r)
     return table
 
 
@@ -369,7 +469,7 @@ def main() -> None:
             host = sandbox.deploy()
             sandbox.connect()
             hops = sandbox.hops()
-            order = [h for h in ("daemon", "sandbox", "manager", "echo pod") if h in hops]
+            order = [h for h in HOPS if h in hops]
             print(f"sandbox {name}: echo at {host}:{ECHO_PORT}; hops {hops}")
             results["0 ms"] = rows(sandbox, hops, host, args.seconds, concurrency)
             show("whole path (no added RTT)", results["0 ms"], order)
