@@ -500,6 +500,29 @@ def more_decrypted(tls: ssl.SSLObject, data: bytes, limit: int) -> bytes:
     return data if len(parts) == 1 else b"".join(parts)
 
 
+async def receive_plaintext(
+    io: trio.abc.Stream | DirectTLS, tls: ssl.SSLObject | None, size: int
+) -> bytes:
+    """One read of a port-forward's connection (the daemon's client, the sandbox API server's
+    `wsdirect`): through `DirectTLS` when it drives the TLS connection, else the stream's
+    `receive_some` and what the TLS layer holds already (`more_decrypted`, for `tls`)."""
+    if isinstance(io, DirectTLS):
+        return await io.receive_some(size)
+    data = bytes(await io.receive_some(size))
+    if data and tls is not None:
+        data = more_decrypted(tls, data, size)
+    return data
+
+
+async def take_lock(lock: trio.StrictFIFOLock) -> None:
+    """Acquire `lock`, with no schedule point when it is free (trio's `async with` always adds
+    one: a pass of the scheduler per frame written)."""
+    if lock.locked():
+        await lock.acquire()
+    else:
+        lock.acquire_nowait()
+
+
 _KEYS = [b""]  # 4-byte masking keys not used yet, from the OS's random source
 
 
@@ -657,12 +680,8 @@ class PortForwardClient(trio.abc.Stream):
     async def _write(self, frame: bytes) -> None:
         lock = self._send_lock
         try:
-            # The lock orders our frames with the PONG and Close answers the reader writes;
-            # taken without a wait when free (trio's `async with` adds a schedule point).
-            if lock.locked():
-                await lock.acquire()
-            else:
-                lock.acquire_nowait()
+            # The lock orders our frames with the PONG and Close answers the reader writes.
+            await take_lock(lock)
             try:
                 await self._io.send_all(frame)
             finally:
@@ -679,13 +698,7 @@ class PortForwardClient(trio.abc.Stream):
 
     async def _read(self) -> bytes:
         try:
-            io = self._io
-            if isinstance(io, DirectTLS):
-                return await io.receive_some(RECEIVE_BUFFER_SIZE)
-            data = bytes(await io.receive_some(RECEIVE_BUFFER_SIZE))
-            if self._tls is not None and data:
-                data = more_decrypted(self._tls, data, RECEIVE_BUFFER_SIZE)
-            return data
+            return await receive_plaintext(self._io, self._tls, RECEIVE_BUFFER_SIZE)
         except (trio.BrokenResourceError, OSError):
             return b""
         except trio.ClosedResourceError:

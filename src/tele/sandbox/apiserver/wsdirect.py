@@ -29,7 +29,7 @@ from typing import Any, Final
 import trio
 
 from tele.k8s.directtls import DirectTLS
-from tele.k8s.portforward import _FrameParser, more_decrypted, tls_object
+from tele.k8s.portforward import _FrameParser, receive_plaintext, take_lock, tls_object
 
 from .spdystreaming import TUNNEL_PROTOCOL, RequestHead
 
@@ -129,10 +129,9 @@ class _Websocket:
     them, on the TLS stream directly."""
 
     def __init__(self, stream: trio.abc.Stream, head: RequestHead, rest: bytes) -> None:
-        self._stream = stream
         self._key = head.values("sec-websocket-key")[0].encode("latin-1")
         # The TLS connection driven directly (tele.k8s.directtls), else the stream's own calls.
-        self._direct = DirectTLS.of(stream)
+        self._io: trio.abc.Stream | DirectTLS = DirectTLS.of(stream) or stream
         self._tls = tls_object(stream)
         self._early = rest  # the client's first frames, read with the head
         self._parser = _FrameParser(from_client=True)
@@ -243,14 +242,9 @@ class _Websocket:
             data, self._early = self._early, b""
             return data
         try:
-            if self._direct is not None:
-                return await self._direct.receive_some(READ_SIZE)
-            data = bytes(await self._stream.receive_some(READ_SIZE))
+            return await receive_plaintext(self._io, self._tls, READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return b""
-        if data and self._tls is not None:
-            data = more_decrypted(self._tls, data, READ_SIZE)
-        return data
 
     async def _write(self, data: bytes) -> None:
         """Write `data`; a connection that broke is only noted (receive then reports it)."""
@@ -259,16 +253,9 @@ class _Websocket:
             return
         lock = self._send_lock
         try:
-            # Taken without a wait when free (`async with` would add a schedule point).
-            if lock.locked():
-                await lock.acquire()
-            else:
-                lock.acquire_nowait()
+            await take_lock(lock)
             try:
-                if self._direct is not None:
-                    await self._direct.send_all(data)
-                else:
-                    await self._stream.send_all(data)
+                await self._io.send_all(data)
             finally:
                 lock.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
