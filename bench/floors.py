@@ -3,8 +3,8 @@
 machine in the same run, to judge the whole path's hops by (bench/wholepath.py gives each hop's
 CPU per request: the daemon, the sandbox's API server, the traffic manager, the echo pod).
 
-Each row: a client with C kept-open connections and one 64-byte request in flight on each (an
-epoll loop, as bench/wholepath.py's) -> a RELAY process -> an echo server process, on loopback;
+Each row: a client with C kept-open connections and one 64-byte request in flight on each
+(bench/wholepath.py's epoll client) -> a RELAY process -> an echo server process, on loopback;
 the figures are the relay's: CPU (user+sys) per request and its share of a core, with the
 client's req/s and p50. Rows:
   trio       the relay is trio: accept, connect, then `receive_some` / `send_all` both ways in
@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from wholepath import REQ_CLIENT, cpu_seconds  # its client (on loopback here), CPU per pid
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
@@ -133,47 +135,6 @@ while True:
                 x.close()
 """
 
-CLIENT = """
-import json, select, socket, sys, time
-port, conc, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-msg = b"r" * 64
-ep = select.epoll()
-conns = {}
-for _ in range(conc):
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.setblocking(False)
-    conns[s.fileno()] = [s, 0, 0.0]
-    ep.register(s.fileno(), select.EPOLLIN)
-samples = []
-t0 = time.perf_counter()
-for c in conns.values():
-    c[2] = time.perf_counter()
-    c[0].send(msg)
-while time.perf_counter() - t0 < seconds:
-    for fd, _ in ep.poll(1.0):
-        c = conns[fd]
-        data = c[0].recv(65536)
-        if not data:
-            raise SystemExit("the relay closed a connection")
-        c[1] += len(data)
-        if c[1] >= 64:
-            c[1] -= 64
-            now = time.perf_counter()
-            samples.append(now - c[2])
-            c[2] = now
-            c[0].send(msg)
-elapsed = time.perf_counter() - t0
-samples.sort()
-print(json.dumps({"req_s": len(samples) / elapsed, "p50_us": samples[len(samples) // 2] * 1e6,
-                  "requests": len(samples)}))
-"""
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 def start(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen([PY, "-c", script, *args], stdout=subprocess.PIPE, text=True)
@@ -192,7 +153,7 @@ def row(kind: str, conns: int, seconds: float, echo_port: int) -> dict[str, floa
         before = cpu_seconds(relay.pid) if relay else 0.0
         wall = time.perf_counter()
         out = subprocess.run(
-            [PY, "-c", CLIENT, str(port), str(conns), str(seconds)],
+            [PY, "-c", REQ_CLIENT, "127.0.0.1", str(port), str(conns), str(seconds), "64"],
             capture_output=True, text=True, timeout=seconds + 60, check=True,
         )  # fmt: skip
         elapsed = time.perf_counter() - wall
