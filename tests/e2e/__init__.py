@@ -12,6 +12,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -220,6 +221,25 @@ def service(
     }
 
 
+def genyaml(env: dict[str, str], *args: str) -> Any:
+    """`tele genyaml ARGS...`, which must succeed: what it printed, as YAML (None if nothing)."""
+    made = run_tele(env, "genyaml", *args)
+    assert made.returncode == 0, made.stderr
+    return yaml.safe_load(made.stdout) if made.stdout else None
+
+
+def hand_injected(env: dict[str, str], app: Path, config: Path) -> list[Object]:
+    """The documents of `app` (HAND_APP's, as written there) with what `tele genyaml` makes of
+    `config` added to its workload, as a user injects an agent by hand: the agent container,
+    its init container and its volumes."""
+    documents = list(yaml.safe_load_all(app.read_text()))
+    spec = documents[0]["spec"]["template"]["spec"]
+    spec["containers"].append(genyaml(env, "container", "-c", str(config), "-i", str(app)))
+    spec["initContainers"] = [genyaml(env, "initcontainer", "-c", str(config))]
+    spec["volumes"] = genyaml(env, "volume", "-c", str(config))
+    return documents
+
+
 def caller_pod(namespace: str = "default", **spec: Any) -> Object:
     """The pod `caller` (tele-sandbox/worker: it has python3) that tests call the cluster
     from, with `kubectl exec`."""
@@ -263,3 +283,15 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+HAND_APP = manifest(
+    deployment(
+        "hand",
+        echo_container(name="hand"),
+        annotations={"telepresence.io/manually-injected": "true"},
+    ),
+    service("hand"),
+)
+"""An echo workload (`hand`, with its Service) whose agent a test injects by hand
+(`hand_injected`)."""

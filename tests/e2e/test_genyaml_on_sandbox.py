@@ -10,39 +10,21 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.util import DaemonGuard, run_tele, single_error_line
-from tests.e2e import connect, install_manager, kubectl, laptop_http
+from tests.e2e import (
+    HAND_APP,
+    connect,
+    genyaml,
+    hand_injected,
+    install_manager,
+    kubectl,
+    laptop_http,
+)
 from tests.sandbox.cluster.conftest import NodeSandbox, node_sandbox  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.netns
 
 AGENT_PORT = 9950  # the chart's agent.port is 9900
 API_PORT = 8091  # the chart's apiPort is 8081
-
-HAND = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: hand, namespace: default}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: hand}}
-  template:
-    metadata:
-      labels: {app: hand}
-      annotations: {telepresence.io/manually-injected: "true"}
-    spec:
-      containers:
-      - name: hand
-        image: tele-sandbox/echo
-        ports: [{name: http, containerPort: 8080}]
-        readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Service
-metadata: {name: hand, namespace: default}
-spec:
-  selector: {app: hand}
-  ports: [{name: http, port: 80, targetPort: http}]
-"""
 
 CALLER = """
 apiVersion: v1
@@ -74,19 +56,11 @@ def test_a_hand_injected_agent_on_another_agent_port_is_intercepted(
     install_manager(sandbox, tele_env)
     try:
         app, config = tmp_path / "hand.yaml", tmp_path / "config.yaml"
-        app.write_text(HAND)
-
-        def genyaml(*args: str) -> object:
-            made = run_tele(tele_env, "genyaml", *args)
-            assert made.returncode == 0, made.stderr
-            return yaml.safe_load(made.stdout) if made.stdout else None
-
-        genyaml("config", "-i", str(app), "--agent-port", str(AGENT_PORT), "-o", str(config))
-        documents = list(yaml.safe_load_all(HAND))
-        spec = documents[0]["spec"]["template"]["spec"]
-        spec["containers"].append(genyaml("container", "-c", str(config), "-i", str(app)))
-        spec["initContainers"] = [genyaml("initcontainer", "-c", str(config))]
-        spec["volumes"] = genyaml("volume", "-c", str(config))
+        app.write_text(HAND_APP)
+        genyaml(
+            tele_env, "config", "-i", str(app), "--agent-port", str(AGENT_PORT), "-o", str(config)
+        )
+        documents = hand_injected(tele_env, app, config)
         kubectl(sandbox, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents) + "---" + CALLER)
         kubectl(sandbox, "rollout", "status", "deployment/hand", "--timeout=90s")
         kubectl(sandbox, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
@@ -133,7 +107,7 @@ def test_genyaml_takes_the_connected_managers_api_port(
     install_manager(sandbox, tele_env, f"apiPort={API_PORT}", "timeouts.agentArrival=15s")
     try:
         app, offline = tmp_path / "hand.yaml", tmp_path / "offline.yaml"
-        app.write_text(HAND)
+        app.write_text(HAND_APP)
         made = run_tele(tele_env, "genyaml", "config", "-i", str(app), "-o", str(offline))
         assert made.returncode == 0, made.stderr
         assert made.stderr.splitlines() == [
@@ -161,16 +135,7 @@ def test_genyaml_takes_the_connected_managers_api_port(
         )
 
         # The configuration made offline, for 8081, applied: its agent never arrives.
-        def genyaml(*args: str) -> object:
-            made = run_tele(tele_env, "genyaml", *args)
-            assert made.returncode == 0, made.stderr
-            return yaml.safe_load(made.stdout)
-
-        documents = list(yaml.safe_load_all(HAND))
-        spec = documents[0]["spec"]["template"]["spec"]
-        spec["containers"].append(genyaml("container", "-c", str(offline), "-i", str(app)))
-        spec["initContainers"] = [genyaml("initcontainer", "-c", str(offline))]
-        spec["volumes"] = genyaml("volume", "-c", str(offline))
+        documents = hand_injected(tele_env, app, offline)
         kubectl(sandbox, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
         kubectl(sandbox, "rollout", "status", "deployment/hand", "--timeout=90s")
         engaged = run_tele(tele_env, "intercept", "hand", "-p", "9", timeout=120)

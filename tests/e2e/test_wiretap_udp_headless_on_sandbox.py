@@ -17,12 +17,15 @@ import pytest
 
 from tests.daemon.util import DaemonGuard, run_tele, single_error_line
 from tests.e2e import (
+    HAND_APP,
     call,
     caller_pod,
     connect,
     deployment,
     echo_container,
     env_list,
+    genyaml,
+    hand_injected,
     installed_with,
     kubectl,
     laptop_http,
@@ -395,31 +398,6 @@ def test_a_headless_services_named_port_is_intercepted_for_callers_of_the_pod_ip
     assert run_tele(tele_env, "quit").returncode == 0
 
 
-HAND = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: hand, namespace: default}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: hand}}
-  template:
-    metadata:
-      labels: {app: hand}
-      annotations: {telepresence.io/manually-injected: "true"}
-    spec:
-      containers:
-      - name: hand
-        image: tele-sandbox/echo
-        ports: [{name: http, containerPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: hand, namespace: default}
-spec:
-  selector: {app: hand}
-  ports: [{name: http, port: 80, targetPort: http}]
-"""
-
 PICK = """
 apiVersion: apps/v1
 kind: Deployment
@@ -467,20 +445,10 @@ def test_a_hand_injected_agent_serves_without_a_roll_and_annotations_choose_port
 
     sandbox = installed
     app = tmp_path / "hand.yaml"
-    app.write_text(HAND)
+    app.write_text(HAND_APP)
     config = tmp_path / "config.yaml"
-
-    def genyaml(*args: str) -> object:
-        made = run_tele(tele_env, "genyaml", *args)
-        assert made.returncode == 0, made.stderr
-        return yaml.safe_load(made.stdout) if made.stdout else None
-
-    genyaml("config", "-i", str(app), "-o", str(config))
-    documents = list(yaml.safe_load_all(HAND))
-    spec = documents[0]["spec"]["template"]["spec"]
-    spec["containers"].append(genyaml("container", "-c", str(config), "-i", str(app)))
-    spec["initContainers"] = [genyaml("initcontainer", "-c", str(config))]
-    spec["volumes"] = genyaml("volume", "-c", str(config))
+    genyaml(tele_env, "config", "-i", str(app), "-o", str(config))
+    documents = hand_injected(tele_env, app, config)
     kubectl(sandbox, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
     wait_rolled(sandbox, "hand")
     before = pod_uids(sandbox, "hand")
