@@ -14,6 +14,7 @@ import tele
 from tele.daemon.engage import serve_dial_backs
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
+from tele.manager.server import Manager
 from tele.net.tapcopies import FROM_CLIENT, Kind, RecordReader, record
 from tele.net.tunnel import Destination, Protocol
 from tele.rpc import agent_api as aapi
@@ -129,6 +130,35 @@ class StandInAgent:
                 self.engagements = update.engagements
 
 
+async def _engage_with_stand_in_agent(
+    nursery: trio.Nursery,
+    manager: Manager,
+    client: Client,
+    engaged: dict[str, tuple[str, int]],
+    request: aapi.EngageRequest,
+) -> tuple[Any, StandInAgent]:
+    """ENGAGE `request` as the daemon does: its session's dial-backs served (each engagement to
+    the local address `engaged` gives for its id), and a stand-in agent that arrives once the
+    manager wants one for default/api, as the webhook would inject it. The answer and the
+    agent."""
+    session = request.session_id
+
+    async def dial_back(destination: Destination, dial_id: str) -> Any:
+        return await dial(client.link, destination, session=session, dial_id=dial_id)
+
+    nursery.start_soon(
+        serve_dial_backs, client, session, dial_back, lambda id_, _port: engaged.get(id_)
+    )
+    agent = StandInAgent(client)
+
+    async def agent_arrives_when_asked() -> None:
+        await wait_for(lambda: ("Deployment", "default", "api") in manager.agent_workloads)
+        await nursery.start(agent.run)
+
+    nursery.start_soon(agent_arrives_when_asked)
+    return await client.call(aapi.ENGAGE, request), agent
+
+
 async def test_engage_routes_connections_to_the_local_handler(
     nursery: trio.Nursery, kube: KubeClient
 ) -> None:
@@ -148,23 +178,11 @@ async def test_engage_routes_connections_to_the_local_handler(
     listeners = await nursery.start(trio.serve_tcp, handler, 0)
     local_port = listeners[0].socket.getsockname()[1]
     engaged: dict[str, tuple[str, int]] = {}
-
-    async def dial_back(destination: Destination, dial_id: str) -> Any:
-        return await dial(client.link, destination, session=session, dial_id=dial_id)
-
-    nursery.start_soon(
-        serve_dial_backs, client, session, dial_back, lambda id_, _port: engaged.get(id_)
-    )
-    agent = StandInAgent(client)
-
-    async def agent_arrives_when_asked() -> None:
-        # As the webhook would: an agent shows up once the manager wants one for the workload.
-        await wait_for(lambda: ("Deployment", "default", "api") in manager.agent_workloads)
-        await nursery.start(agent.run)
-
-    nursery.start_soon(agent_arrives_when_asked)
-    info = await client.call(
-        aapi.ENGAGE,
+    info, agent = await _engage_with_stand_in_agent(
+        nursery,
+        manager,
+        client,
+        engaged,
         aapi.EngageRequest(
             session_id=session, namespace="default", workload="api", agent_timeout=10
         ),
@@ -570,22 +588,11 @@ async def test_an_old_client_is_refused_wiretaps_and_a_new_one_gets_the_copy_cha
     listeners = await nursery.start(trio.serve_tcp, handler, 0)
     local = ("127.0.0.1", listeners[0].socket.getsockname()[1])
     engaged: dict[str, tuple[str, int]] = {}
-
-    async def dial_back(destination: Destination, dial_id: str) -> Any:
-        return await dial(client.link, destination, session=session, dial_id=dial_id)
-
-    nursery.start_soon(
-        serve_dial_backs, client, session, dial_back, lambda id_, _port: engaged.get(id_)
-    )
-    agent = StandInAgent(client)
-
-    async def agent_arrives_when_asked() -> None:
-        await wait_for(lambda: ("Deployment", "default", "api") in manager.agent_workloads)
-        await nursery.start(agent.run)
-
-    nursery.start_soon(agent_arrives_when_asked)
-    info = await client.call(
-        aapi.ENGAGE,
+    info, agent = await _engage_with_stand_in_agent(
+        nursery,
+        manager,
+        client,
+        engaged,
         aapi.EngageRequest(
             session_id=session, namespace="default", workload="api", kind=aapi.WIRETAP
         ),
