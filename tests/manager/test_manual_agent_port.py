@@ -16,8 +16,10 @@ import trio
 from tele.contracts import agentconfig
 from tele.k8s import client as k8s
 from tele.k8s.client import KubeClient
+from tele.manager.server import Manager
 from tele.rpc import agent_api as aapi
 from tele.rpc import manager_api as api
+from tele.rpc.client import Client
 from tele.rpc.errors import Code, RpcError
 from tele.testing.waits import wait_for
 from tests.manager.test_engage import TEMPLATE, StandInAgent
@@ -132,16 +134,9 @@ async def test_a_hand_injected_configuration_that_is_not_this_workloads_is_one_s
     assert refused.value.message.startswith(reason)
 
 
-async def test_a_hand_injected_agent_configured_for_another_manager_port_is_named_as_the_cause(
-    nursery: trio.Nursery, kube: KubeClient
-) -> None:
-    """`tele genyaml config --manager-port` must be the Helm apiPort: with another one the
-    agent never arrives, and the error says where it is looking for the manager."""
-    await _create(kube, _hand_injected(9950, manager_port=8099))
-    manager, client = await start_manager(nursery, kube)
-    # As deployed, with its apiPort (the test's manager listens on an ephemeral port).
-    settings = dataclasses.replace(manager.engagements._settings, manager_port=8081)
-    manager.engagements._settings = settings
+async def _engage_without_an_agent(manager: Manager, client: Client) -> RpcError:
+    """ENGAGE default/api once the manager sees the workload, with an agent_timeout of 0.5 s
+    that no agent meets: the refusal (DEADLINE_EXCEEDED)."""
     await wait_for(lambda: ("Deployment", "default", "api") in manager.view.workloads)
     session = (await client.call(api.ARRIVE, IDENTITY)).session_id
     with pytest.raises(RpcError) as refused:
@@ -152,7 +147,21 @@ async def test_a_hand_injected_agent_configured_for_another_manager_port_is_name
             ),
         )
     assert refused.value.code is Code.DEADLINE_EXCEEDED
-    assert refused.value.message == (
+    return refused.value
+
+
+async def test_a_hand_injected_agent_configured_for_another_manager_port_is_named_as_the_cause(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    """`tele genyaml config --manager-port` must be the Helm apiPort: with another one the
+    agent never arrives, and the error says where it is looking for the manager."""
+    await _create(kube, _hand_injected(9950, manager_port=8099))
+    manager, client = await start_manager(nursery, kube)
+    # As deployed, with its apiPort (the test's manager listens on an ephemeral port).
+    settings = dataclasses.replace(manager.engagements._settings, manager_port=8081)
+    manager.engagements._settings = settings
+    refused = await _engage_without_an_agent(manager, client)
+    assert refused.message == (
         "No traffic agent of Deployment default/api arrived within 0.5s: its hand-injected "
         "traffic agent is configured to reach the traffic manager at traffic-manager.default:"
         "8099, but it listens at traffic-manager.default:8081 (Helm apiPort); write the agent's "
@@ -165,16 +174,7 @@ async def test_a_hand_injected_agent_configured_for_this_manager_is_not_said_to_
 ) -> None:
     await _create(kube, _hand_injected(9950))
     manager, client = await start_manager(nursery, kube)
-    await wait_for(lambda: ("Deployment", "default", "api") in manager.view.workloads)
-    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
-    with pytest.raises(RpcError) as refused:
-        await client.call(
-            aapi.ENGAGE,
-            aapi.EngageRequest(
-                session_id=session, namespace="default", workload="api", agent_timeout=0.5
-            ),
-        )
-    assert refused.value.code is Code.DEADLINE_EXCEEDED
-    assert refused.value.message.startswith(
+    refused = await _engage_without_an_agent(manager, client)
+    assert refused.message.startswith(
         "No traffic agent of Deployment default/api arrived within 0.5s: it has no running pod;"
     )
