@@ -35,6 +35,31 @@ async def _agent_arrives(client: Client, pod: str, ip: str, sftp_port: int = 222
     return info.session_id
 
 
+async def _engage_and_watch(
+    nursery: trio.Nursery, client: Client
+) -> tuple[str, aapi.EngagementInfo, list[aapi.ServingPods]]:
+    """A client session engages Deployment api and watches its serving pods: the session, the
+    engagement and the list the updates are added to (the first one there already)."""
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+    info = await client.call(
+        aapi.ENGAGE,
+        aapi.EngageRequest(
+            session_id=session, namespace="default", workload="api", agent_timeout=10
+        ),
+    )
+    updates: list[aapi.ServingPods] = []
+
+    async def watch() -> None:
+        request = api.SessionRequest(session_id=session)
+        async with client.stream(aapi.WATCH_SERVING, request) as stream:
+            async for update in stream:
+                updates.append(update)
+
+    nursery.start_soon(watch)
+    await wait_for(lambda: len(updates) == 1)
+    return session, info, updates
+
+
 async def _pod(kube: KubeClient, name: str) -> None:
     """A pod of the workload in the API (its deletion is what the manager sees)."""
     await kube.create(
@@ -58,25 +83,8 @@ async def test_a_deleted_serving_pod_is_followed_by_a_pod_whose_agent_is_up(
     await _pod(kube, "api-1-b")
     await wait_for(lambda: ("default", "api-1-b") in manager.view.pods)
     await _agent_arrives(client, "api-1-b", "10.244.0.7")
-    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
-    info = await client.call(
-        aapi.ENGAGE,
-        aapi.EngageRequest(
-            session_id=session, namespace="default", workload="api", agent_timeout=10
-        ),
-    )
+    session, info, updates = await _engage_and_watch(nursery, client)
     assert (info.pod_name, info.pod_ips) == ("api-1-b", ["10.244.0.7"])
-
-    updates: list[aapi.ServingPods] = []
-
-    async def watch() -> None:
-        request = api.SessionRequest(session_id=session)
-        async with client.stream(aapi.WATCH_SERVING, request) as stream:
-            async for update in stream:
-                updates.append(update)
-
-    nursery.start_soon(watch)
-    await wait_for(lambda: len(updates) == 1)
 
     def serving() -> Any:
         [pod] = updates[-1].pods
@@ -124,23 +132,7 @@ async def test_an_agent_that_arrives_again_in_the_serving_pod_is_a_new_arrival(
     await _pod(kube, "api-1-b")
     await wait_for(lambda: ("default", "api-1-b") in manager.view.pods)
     first = await _agent_arrives(client, "api-1-b", "10.244.0.7")
-    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
-    info = await client.call(
-        aapi.ENGAGE,
-        aapi.EngageRequest(
-            session_id=session, namespace="default", workload="api", agent_timeout=10
-        ),
-    )
-    updates: list[aapi.ServingPods] = []
-
-    async def watch() -> None:
-        request = api.SessionRequest(session_id=session)
-        async with client.stream(aapi.WATCH_SERVING, request) as stream:
-            async for update in stream:
-                updates.append(update)
-
-    nursery.start_soon(watch)
-    await wait_for(lambda: len(updates) == 1)
+    _, info, updates = await _engage_and_watch(nursery, client)
     [pod] = updates[0].pods
     assert (pod.engagement_id, pod.pod_name) == (info.id, "api-1-b")
     assert pod.agent and first not in pod.agent  # a tag, not the agent's own session id
