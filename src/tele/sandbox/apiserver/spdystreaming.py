@@ -491,16 +491,20 @@ async def _http_error(transport: Transport, code: int, reason: str, message: str
         pass
 
 
-def _scope_from_head(
-    head: RequestHead, client: tuple[str, int] | None, server: tuple[str, int] | None
+def websocket_scope(
+    head: RequestHead,
+    client: tuple[str, int] | None,
+    server: tuple[str, int] | None,
+    **more: Any,
 ) -> dict[str, Any]:
+    """The ASGI websocket scope of an upgrade whose head was read here, not by hypercorn (the
+    SPDY upgrade, `wsdirect`); `more` adds keys or replaces them."""
     path, _, query = head.target.partition("?")
     return {
         "type": "websocket",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "scheme": "wss",
-        "method": head.method,
         "path": urllib.parse.unquote(path),
         "raw_path": path.encode("latin-1"),
         "query_string": query.encode("latin-1"),
@@ -508,8 +512,7 @@ def _scope_from_head(
         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head.headers],
         "client": client,
         "server": server,
-        "subprotocols": [],
-        "extensions": {},
+        **more,
     }
 
 
@@ -575,7 +578,9 @@ async def _serve_upgrade(
     server: tuple[str, int] | None,
     limits: Limits,
 ) -> None:
-    scope = _scope_from_head(head, client, server)
+    scope = websocket_scope(
+        head, client, server, method=head.method, subprotocols=[], extensions={}
+    )
     parts = scope["path"].strip("/").split("/")
     sub = parts[-1] if len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] else ""
     offered = head.values("x-stream-protocol-version")

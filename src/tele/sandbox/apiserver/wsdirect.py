@@ -20,7 +20,6 @@ import binascii
 import hashlib
 import logging
 import re
-import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -31,7 +30,7 @@ import trio
 from tele.k8s.directtls import DirectTLS
 from tele.k8s.portforward import _FrameParser, receive_plaintext, take_lock, tls_object
 
-from .spdystreaming import TUNNEL_PROTOCOL, RequestHead
+from .spdystreaming import TUNNEL_PROTOCOL, RequestHead, websocket_scope
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +92,15 @@ def _scope(
     head: RequestHead, client: tuple[str, int] | None, server: tuple[str, int] | None
 ) -> dict[str, Any]:
     """The ASGI websocket scope hypercorn would give for `head`."""
-    path, _, query = head.target.partition("?")
-    return {
-        "type": "websocket",
-        "asgi": {"spec_version": "2.3", "version": "3.0"},
-        "scheme": "wss",
-        "http_version": "1.1",
-        "path": urllib.parse.unquote(path),
-        "raw_path": path.encode("latin-1"),
-        "query_string": query.encode("latin-1"),
-        "root_path": "",
-        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head.headers],
-        "client": client,
-        "server": server,
-        "subprotocols": head.values("sec-websocket-protocol"),
-        "extensions": {"websocket.http.response": {}},
-        "state": {},
-    }
+    return websocket_scope(
+        head,
+        client,
+        server,
+        asgi={"spec_version": "2.3", "version": "3.0"},
+        subprotocols=head.values("sec-websocket-protocol"),
+        extensions={"websocket.http.response": {}},
+        state={},
+    )
 
 
 def _frame(opcode: int, payload: bytes) -> bytes:
