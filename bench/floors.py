@@ -15,7 +15,14 @@ client's req/s and p50. Rows:
              client's own cost, for reference
 The echo server is a plain epoll loop in every row (not measured).
 
+With --new: new connections instead (bench/wholepath.py's sequential client: connect, a 1 KiB
+request, its echo, close) through a chain of HOPS relays of the row's kind (2: as tele's daemon
+and tunnel server, or sshuttle's client and server, with no TCP stack, h2 or ssh in them):
+conn/s, the first byte's p50 and all relays' CPU per connection. Each trio relay connects with
+a raw trio socket (no resolver, no happy-eyeballs nursery) and pumps in two tasks.
+
     .venv/bin/python bench/floors.py [--seconds 2] [--conns 1,50]
+    .venv/bin/python bench/floors.py --new [--hops 2]
 
 Prints a table and one JSON line; writes the JSON to bench/results/.
 """
@@ -31,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from wholepath import REQ_CLIENT, cpu_seconds  # its client (on loopback here), CPU per pid
+from wholepath import NEW_CLIENT, REQ_CLIENT, cpu_seconds  # its clients (on loopback), CPU
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
@@ -84,8 +91,13 @@ async def pump_sock(src, dst):
                 view = view[await dst.send(view):]
     except OSError:
         pass
+async def open_raw(port):
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", port))
+    sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+    return trio.SocketStream(sock)
 async def handle(client):
-    async with client, await trio.open_tcp_stream("127.0.0.1", target) as server:
+    async with client, await open_raw(target) as server:
         async with trio.open_nursery() as nursery:
             if raw:
                 nursery.start_soon(pump_sock, client.socket, server.socket)
@@ -172,14 +184,59 @@ def row(kind: str, conns: int, seconds: float, echo_port: int) -> dict[str, floa
             relay.wait()
 
 
+def new_row(kind: str, hops: int, seconds: float, echo_port: int) -> dict[str, float | str]:
+    """Sequential new connections through `hops` relays of `kind` (none: straight to echo)."""
+    relays: list[subprocess.Popen[str]] = []
+    port = echo_port
+    try:
+        for _ in range(hops if kind != "none" else 0):
+            if kind == "epoll":
+                relay, port = start(RELAY_EPOLL, str(port))
+            else:
+                relay, port = start(RELAY_TRIO, str(port), "sock" if kind == "trio-sock" else "")
+            relays.append(relay)
+        before = sum(cpu_seconds(r.pid) for r in relays)
+        out = subprocess.run(
+            [PY, "-c", NEW_CLIENT, "127.0.0.1", str(port), str(seconds)],
+            capture_output=True, text=True, timeout=seconds + 60, check=True,
+        )  # fmt: skip
+        result = json.loads(out.stdout)
+        used = sum(cpu_seconds(r.pid) for r in relays) - before
+        conns = result["conn_s"] * seconds
+        result.update(row=kind, hops=len(relays), relays_us_per_conn=used / max(conns, 1) * 1e6)
+        return result
+    finally:
+        for relay in relays:
+            relay.kill()
+            relay.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--conns", default="1,50")
     parser.add_argument("--rows", default="none,epoll,trio-sock,trio")
+    parser.add_argument("--new", action="store_true", help="new connections through relays")
+    parser.add_argument("--hops", type=int, default=2, help="relays in a chain (--new)")
     args = parser.parse_args()
     echo, echo_port = start(ECHO)
     table = []
+    if args.new:
+        if not 1 <= args.hops <= 4:
+            parser.error("--hops takes 1 to 4")
+        try:
+            table = [new_row(k, args.hops, args.seconds, echo_port) for k in args.rows.split(",")]
+        finally:
+            echo.kill()
+            echo.wait()
+        print(f"{'row':10} {'hops':>4} {'conn/s':>8} {'1st µs':>8} {'relays µs/conn':>14}")
+        for r in table:
+            print(
+                f"{r['row']:10} {r['hops']:>4} {r['conn_s']:>8.0f} {r['first_byte_p50_us']:>8.0f} "
+                f"{r['relays_us_per_conn']:>14.0f}"
+            )
+        _record(table)
+        return
     try:
         for conns in (int(c) for c in args.conns.split(",")):
             for kind in args.rows.split(","):
@@ -193,6 +250,10 @@ def main() -> None:
             f"{r['row']:10} {r['conns']:>5} {r['req_s']:>8.0f} {r['p50_us']:>8.0f} "
             f"{r['relay_us_per_req']:>12.1f} {r['relay_cpu_pct']:>8.0f}"
         )
+    _record(table)
+
+
+def _record(table: list[dict[str, float | str]]) -> None:
     record = {
         "bench": "floors",
         "time": datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ"),

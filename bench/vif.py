@@ -388,6 +388,8 @@ HELD = 1000
 CONN_ONLY = False
 NO_EARLY = False
 RTT_MS = 0.0
+KERNEL_LISTENER: Callable[..., None] | None = None
+"""bench/timeline.py's row c-kernel: called with (laptop, link, nursery) once the VIF runs."""
 """--rtt: the round trip (ms) added between the tunnel's two ends for the rows being run."""
 """--no-early: rows c* never accept a SYN before its dial (tele.vif.runtime's early accept)."""
 """--conn-only: the connection figures alone (no iperf3, no 1,000 held connections)."""
@@ -544,6 +546,8 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
                 info = await nursery.start(
                     functools.partial(serve_vif, settings, dialer, early_dialer=early)
                 )
+                if KERNEL_LISTENER is not None:  # bench/timeline.py's row c-kernel
+                    KERNEL_LISTENER(laptop, client.link, nursery)
                 gctune.settle()  # as the daemon's session does once connected
                 # The servers, as the pod's processes, in the cluster namespace.
                 server = await trio.lowlevel.open_process(
