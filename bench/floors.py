@@ -21,8 +21,15 @@ and tunnel server, or sshuttle's client and server, with no TCP stack, h2 or ssh
 conn/s, the first byte's p50 and all relays' CPU per connection. Each trio relay connects with
 a raw trio socket (no resolver, no happy-eyeballs nursery) and pumps in two tasks.
 
+With --wake: what a wake-up costs on this machine after the process slept for a while (as
+every process of a new connection's path does with a round trip of 40 ms between events): a
+1-byte ping-pong between two processes over a socketpair, idle for GAP ms before each ping;
+the p50 round trip (two wake-ups: the echoing process's and the pinging one's), with the
+echoing process a plain blocking loop or trio.
+
     .venv/bin/python bench/floors.py [--seconds 2] [--conns 1,50]
     .venv/bin/python bench/floors.py --new [--hops 2]
+    .venv/bin/python bench/floors.py --wake [--gaps 0,1,10,40]
 
 Prints a table and one JSON line; writes the JSON to bench/results/.
 """
@@ -33,6 +40,7 @@ import argparse
 import datetime
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -211,6 +219,45 @@ def new_row(kind: str, hops: int, seconds: float, echo_port: int) -> dict[str, f
             relay.wait()
 
 
+PONG = """
+import os, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+if sys.argv[2] == "trio":
+    import trio
+    async def main():
+        s = trio.socket.from_stdlib_socket(sock)
+        while data := await s.recv(1):
+            await s.send(data)
+    trio.run(main)
+else:
+    while data := sock.recv(1):
+        sock.send(data)
+"""
+
+
+def wake_row(kind: str, gap_ms: float, samples: int) -> dict[str, float | str]:
+    """Round trips of one byte to a process of `kind` after `gap_ms` of idleness each."""
+    ours, theirs = socket.socketpair()
+    fd = theirs.fileno()
+    pong = subprocess.Popen([PY, "-c", PONG, str(fd), kind], pass_fds=[fd])
+    theirs.close()
+    try:
+        times = []
+        for n in range(samples + 5):
+            time.sleep(gap_ms / 1e3)
+            started = time.perf_counter()
+            ours.send(b"p")
+            ours.recv(1)
+            if n >= 5:  # the first ones import and warm up
+                times.append(time.perf_counter() - started)
+        times.sort()
+        return {"row": kind, "gap_ms": gap_ms, "rtt_p50_us": times[len(times) // 2] * 1e6,
+                "rtt_p90_us": times[int(len(times) * 0.9)] * 1e6}  # fmt: skip
+    finally:
+        ours.close()
+        pong.wait(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0)
@@ -218,7 +265,28 @@ def main() -> None:
     parser.add_argument("--rows", default="none,epoll,trio-sock,trio")
     parser.add_argument("--new", action="store_true", help="new connections through relays")
     parser.add_argument("--hops", type=int, default=2, help="relays in a chain (--new)")
+    parser.add_argument("--wake", action="store_true", help="wake-up cost after idle gaps")
+    parser.add_argument("--gaps", default="0,1,10,40", help="idle ms before each ping (--wake)")
     args = parser.parse_args()
+    if args.wake:
+        try:
+            gaps = [float(g) for g in args.gaps.split(",")]
+        except ValueError:
+            parser.error("--gaps takes milliseconds separated by commas, e.g. 0,10,40")
+        if any(not 0 <= g <= 200 for g in gaps):
+            parser.error("--gaps takes 0 to 200 ms")
+        table = [
+            wake_row(kind, gap, 200 if gap <= 10 else 60)
+            for gap in gaps
+            for kind in ("plain", "trio")
+        ]
+        print(f"{'row':6} {'idle ms':>7} {'RTT p50 µs':>10} {'p90 µs':>8}")
+        for r in table:
+            print(
+                f"{r['row']:6} {r['gap_ms']:>7g} {r['rtt_p50_us']:>10.0f} {r['rtt_p90_us']:>8.0f}"
+            )
+        _record(table)
+        return
     echo, echo_port = start(ECHO)
     table = []
     if args.new:
