@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import vif  # bench/vif.py: namespaces, the rows' set-ups, the echo server
+from wholepath import cpu_seconds  # CPU seconds of a process so far
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REDIRECT_PORT = 7777
@@ -220,15 +221,6 @@ def _ns_holder(ns: str) -> int:
     while _netns_inode(pid) == _netns_inode("self") and time.monotonic() < deadline:
         time.sleep(0.01)  # `ip netns exec` enters the namespace after the fork
     return pid
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads) so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def kernel_listener(laptop: str, link, nursery) -> None:  # type: ignore[no-untyped-def]
