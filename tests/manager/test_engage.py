@@ -130,6 +130,34 @@ class StandInAgent:
                 self.engagements = update.engagements
 
 
+async def create_agent_pod(kube: KubeClient, name: str, **metadata: Any) -> None:
+    """A pod of api-1 that carries an agent, as the webhook would have made it."""
+    replicaset = await kube.get(k8s.REPLICASETS, "api-1", "default")
+    spec = TEMPLATE["spec"]
+    owner = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "api-1", "controller": True}
+    await kube.create(
+        k8s.PODS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": "default",
+                "labels": {"app": "api"},
+                "ownerReferences": [{**owner, "uid": replicaset["metadata"]["uid"]}],
+                **metadata,
+            },
+            "spec": {
+                **spec,
+                "containers": [
+                    *spec["containers"],  # type: ignore[index]
+                    {"name": "traffic-agent", "image": "tele/traffic-agent"},
+                ],
+            },
+        },
+    )
+
+
 async def _engage_with_stand_in_agent(
     nursery: trio.Nursery,
     manager: Manager,
@@ -356,36 +384,7 @@ async def test_list_counts_pods_that_carry_an_agent_not_in_session(
     """After the manager was reinstalled, pods still carry agents that have not arrived (yet):
     `tele list` says installed, not connected, rather than "not yet installed"."""
     await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
-    replicaset = await kube.get(k8s.REPLICASETS, "api-1", "default")
-    spec = TEMPLATE["spec"]
-    await kube.create(
-        k8s.PODS,
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": "api-1-b",
-                "namespace": "default",
-                "labels": {"app": "api"},
-                "ownerReferences": [
-                    {
-                        "apiVersion": "apps/v1",
-                        "kind": "ReplicaSet",
-                        "name": "api-1",
-                        "uid": replicaset["metadata"]["uid"],
-                        "controller": True,
-                    }
-                ],
-            },
-            "spec": {
-                **spec,
-                "containers": [
-                    *spec["containers"],  # type: ignore[index]
-                    {"name": "traffic-agent", "image": "tele"},
-                ],
-            },
-        },
-    )
+    await create_agent_pod(kube, "api-1-b")
     manager, client = await start_manager(nursery, kube)
     await wait_for(lambda: ("default", "api-1-b") in manager.view.pods)
     session = (await client.call(api.ARRIVE, IDENTITY)).session_id
@@ -417,33 +416,7 @@ async def test_uninstall_rolls_the_agent_out(nursery: trio.Nursery, kube: KubeCl
         await client.call(aapi.UNINSTALL, request)
     assert "engaged by dev@laptop (api); it must leave first" in busy.value.message
     await client.call(aapi.LEAVE, aapi.LeaveRequest(session_id=session, name="api"))
-    # A pod that got the agent (as the webhook would have made it).
-    rs = await kube.get(k8s.REPLICASETS, "api-1", "default")
-    with_agent = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": "api-1-agent",
-            "namespace": "default",
-            "labels": {"app": "api"},
-            "ownerReferences": [
-                {
-                    "apiVersion": "apps/v1",
-                    "kind": "ReplicaSet",
-                    "name": "api-1",
-                    "uid": rs["metadata"]["uid"],
-                    "controller": True,
-                }
-            ],
-        },
-        "spec": {
-            "containers": [
-                *TEMPLATE["spec"]["containers"],  # type: ignore[index]
-                {"name": "traffic-agent", "image": "tele/traffic-agent"},
-            ]
-        },
-    }
-    await kube.create(k8s.PODS, with_agent)
+    await create_agent_pod(kube, "api-1-agent")
     await wait_for(lambda: ("default", "api-1-agent") in manager.view.pods)
     reply = await client.call(aapi.UNINSTALL, request)
     assert reply.removed == ["api"]
@@ -451,6 +424,35 @@ async def test_uninstall_rolls_the_agent_out(nursery: trio.Nursery, kube: KubeCl
     assert await kube.get_or_none(k8s.PODS, "api-1-agent", "default") is None
     everything = aapi.UninstallRequest(session_id=session, namespace="default", all_agents=True)
     assert (await client.call(aapi.UNINSTALL, everything)).removed == []
+
+
+async def test_uninstall_returns_when_the_agent_pods_are_on_their_way_out(
+    nursery: trio.Nursery, kube: KubeClient
+) -> None:
+    """`tele uninstall` then `tele list --agents`: the workload is not listed, also while its
+    pod with the agent is still terminating (a finalizer holds it here, as a grace period
+    would)."""
+    await create_workload(kube, [{"name": "web", "port": 80, "targetPort": "http"}])
+    await create_agent_pod(kube, "api-1-agent", finalizers=["tele.test/hold"])
+    manager, client = await start_manager(nursery, kube)
+    await wait_for(lambda: ("default", "api-1-agent") in manager.view.pods)
+    session = (await client.call(api.ARRIVE, IDENTITY)).session_id
+    workloads = api.WorkloadsRequest(session_id=session, namespace="default")
+
+    async def listed() -> tuple[bool, int]:
+        reply = await client.call(api.LIST_WORKLOADS, workloads)
+        [workload] = [w for w in reply.workloads if w.name == "api"]
+        return workload.agent_installed, workload.agent_pods
+
+    assert await listed() == (True, 1)
+    request = aapi.UninstallRequest(session_id=session, namespace="default", workloads=["api"])
+    assert (await client.call(aapi.UNINSTALL, request)).removed == ["api"]
+    # Evicted, still there (the finalizer), and no longer counted.
+    pod = await kube.get(k8s.PODS, "api-1-agent", "default")
+    assert pod["metadata"].get("deletionTimestamp")
+    assert await listed() == (False, 0)
+    await kube.patch(k8s.PODS, "api-1-agent", {"metadata": {"finalizers": None}}, "default")
+    await wait_for(lambda: ("default", "api-1-agent") not in manager.view.pods)
 
 
 @pytest.mark.parametrize(

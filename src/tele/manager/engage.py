@@ -608,7 +608,7 @@ class Engagements:
             for name in request.workloads:
                 kind = str((await self._find_workload(request.namespace, name))["kind"])
                 keys.append((kind, request.namespace, name))
-        removed = []
+        removed: dict[WorkloadKey, dict[str, Any]] = {}
         for key in keys:
             found = self._view.workloads.get(key)
             if found is None:
@@ -636,10 +636,10 @@ class Engagements:
                     "it must leave first.",
                 )
             self._agent_workloads.discard(key)
-            await self._rollouts.roll(key, workload, want_agent=False)
-            removed.append(key[2])
+            removed[key] = workload
             log.info("removed the traffic agent from %s %s/%s", *key)
-        return aapi.UninstallReply(removed=removed)
+        await self._rollouts.remove_and_wait(removed)
+        return aapi.UninstallReply(removed=[key[2] for key in removed])
 
     async def leave(self, request: aapi.LeaveRequest) -> Empty:
         self._client_session(request.session_id)

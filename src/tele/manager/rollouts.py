@@ -24,6 +24,8 @@ from tele.rpc.errors import Code, RpcError
 log = logging.getLogger(__name__)
 
 RESTORE_TIMEOUT = 30.0
+REMOVAL_TIMEOUT = 20.0
+"""How long `tele uninstall` waits for the pods that run an agent to be on their way out."""
 MAX_PENDING_RESTORES = 1024
 ORPHAN_GRACE = 60.0
 """Seconds a new manager gives replacing clients to engage again before it rolls back the
@@ -101,7 +103,7 @@ class Rollouts:
         first such pod), e.g. `pod echo-1 is Pending (ImagePullBackOff: ...)`."""
         running = False
         for (ns, name), pod in sorted(self._view.pods.items()):
-            if ns != key[1] or not _live(pod):
+            if ns != key[1] or not live_pod(pod):
                 continue
             if _owner_name(self._view.workload_of(pod, ns)) != key[2]:
                 continue
@@ -137,7 +139,7 @@ class Rollouts:
             for (ns, _), pod in list(self._view.pods.items())
             if ns == key[1]
             and _owner_name(self._view.workload_of(pod, ns)) == key[2]
-            and _live(pod)
+            and live_pod(pod)
         ]
         wrong = [pod for pod in pods if not _as_wanted(pod, want_agent, replaced)]
         for pod in wrong:
@@ -152,6 +154,27 @@ class Rollouts:
                 await self._restart_workload(key, workload)
                 break
         return len(wrong)
+
+    async def remove_and_wait(
+        self, workloads: dict[WorkloadKey, dict[str, Any]], timeout: float = REMOVAL_TIMEOUT
+    ) -> None:
+        """Evict the pods of `workloads` that run an agent and wait (bounded) until none of
+        them is live: when `tele uninstall` returns, `tele list --agents` no longer names the
+        workloads. Their new pods come without one (the caller took the workloads out of
+        `agent_workloads` first). A roll slower than `timeout` (a disruption budget that makes
+        it a rollout) goes on and is only logged."""
+        left = dict(workloads)
+        with trio.move_on_after(timeout):
+            while left:
+                # Taken before looking, so a change while we look (or evict) is not missed.
+                changes = (self._changes.event, self._view_changed())
+                for key, workload in list(left.items()):
+                    if await self.roll(key, workload, want_agent=False) == 0:
+                        del left[key]
+                if left:
+                    await _first_of(*changes)
+        for key in sorted(left):
+            log.warning("%s %s/%s: pods with an agent still run after %gs", *key, timeout)
 
     async def restore(self, key: WorkloadKey) -> None:
         """After a replace: roll the pods back to what the remaining engagements want."""
@@ -209,7 +232,7 @@ class Rollouts:
         orphaned = set()
         for (namespace, _), pod in list(self._view.pods.items()):
             config = agentconfig.pod_config(pod)
-            if not _live(pod) or config is None or not config.replaced():
+            if not live_pod(pod) or config is None or not config.replaced():
                 continue
             workload = self._view.workload_of(pod, namespace)
             if workload is None:
@@ -266,7 +289,7 @@ async def _first_of(*events: trio.Event) -> None:
             nursery.start_soon(wait)
 
 
-def _live(pod: Any) -> bool:
+def live_pod(pod: Any) -> bool:
     """A pod that is (or will be) running: not deleted, not finished."""
     if (pod.get("metadata") or {}).get("deletionTimestamp"):
         return False

@@ -41,7 +41,7 @@ from tele.manager.linktls import LinkTLS
 from tele.manager.loglevels import LogLevels
 from tele.manager.podlogs import ClusterLogs
 from tele.manager.proxyvia import ProxyVia
-from tele.manager.rollouts import Rollouts
+from tele.manager.rollouts import Rollouts, live_pod
 from tele.manager.sessions import Presence
 from tele.manager.state import AgentWorkloads
 from tele.manager.table import EngagementTable, describe_engagement
@@ -549,8 +549,10 @@ class Manager:
         agent_pods: dict[tuple[str, str, str], int] = {}
         for (namespace, _), pod in self.view.pods.items():
             containers = (pod.get("spec") or {}).get("containers") or []
-            if namespace != request.namespace or not any(
-                c.get("name") == agentconfig.AGENT_CONTAINER for c in containers
+            if (
+                namespace != request.namespace
+                or not live_pod(pod)  # one being deleted (after `tele uninstall`) is on its way out
+                or not any(c.get("name") == agentconfig.AGENT_CONTAINER for c in containers)
             ):
                 continue
             owner = self.view.workload_of(pod, namespace)
