@@ -123,7 +123,8 @@ def role_cluster(fd: int) -> None:
 
     async def main() -> None:
         router = Router()
-        router.raw(TunnelServer.matches, TunnelServer().handle)
+        tunnels = TunnelServer()
+        router.raw(TunnelServer.matches, tunnels.handle, prepare=tunnels.prepare)
         sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(trio.serve_tcp, echo, ECHO_PORT, host=POD_IP))

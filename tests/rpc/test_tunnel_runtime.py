@@ -14,6 +14,7 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -57,7 +58,12 @@ async def tunnel_link(
     a, b = trio.socket.socketpair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
-            lambda: serve_link(trio.SocketStream(b), server.handle, settings=server_settings)
+            lambda: serve_link(
+                trio.SocketStream(b),
+                server.handle,
+                settings=server_settings,
+                prepare=server.prepare,
+            )
         )
         async with open_link(
             trio.SocketStream(a), client_side=True, settings=client_settings
@@ -288,7 +294,7 @@ async def test_refusals_carry_their_reason() -> None:
     closed_port = closed.getsockname()[1]
     closed.close()
 
-    async def policy(request: OpenRequest) -> ResetReason | None:
+    def policy(request: OpenRequest) -> ResetReason | None:
         return ResetReason.POLICY if request.destination.port == 1 else None
 
     async with tunnel_link(TunnelServer(policy=policy)) as link:
@@ -590,3 +596,65 @@ async def test_an_optimistic_dial_queues_its_open_without_a_schedule_point() -> 
                 await first.send_eof()
                 assert await first.receive_some() == b""
                 await first.aclose()
+
+
+class _Arriving:
+    """What `TunnelServer.prepare` sees of a stream as it arrives (the link calls it with the
+    H2Stream before its handler task exists)."""
+
+    def __init__(self, request: OpenRequest) -> None:
+        self.request_headers = request.to_headers()
+        self.prepared: object = None
+
+
+def _listener() -> socket.socket:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    return listener
+
+
+def test_an_open_is_dialed_as_it_arrives() -> None:
+    """The SYN leaves in the link reader's step: the destination has the connection to accept
+    before any handler runs; a dial no handler takes ends with a reset."""
+    with _listener() as listener:
+        port = listener.getsockname()[1]
+        arriving = _Arriving(OpenRequest(Destination(Protocol.TCP, LOCALHOST, port), SESSION))
+        TunnelServer().prepare(arriving)  # type: ignore[arg-type]
+        prepared: Any = arriving.prepared
+        assert prepared.verdict is None and prepared.dial is not None
+        accepted, _ = listener.accept()  # no wait: loopback answered within connect_ex
+        with accepted:
+            prepared.dial.abort()
+            with pytest.raises(ConnectionResetError):
+                accepted.recv(1)
+
+
+def test_an_open_the_policy_refuses_is_not_dialed() -> None:
+    with _listener() as listener:
+        port = listener.getsockname()[1]
+        refused = _Arriving(OpenRequest(Destination(Protocol.TCP, LOCALHOST, port), SESSION))
+        server = TunnelServer(policy=lambda request: ResetReason.POLICY)
+        server.prepare(refused)  # type: ignore[arg-type]
+        prepared: Any = refused.prepared
+        assert (prepared.verdict, prepared.dial) == (ResetReason.POLICY, None)
+        # A connector of its own (the manager's for agents' file servers) dials in the handler.
+        custom = TunnelServer(connector=connect_tcp, plain=lambda d: False)
+        other = _Arriving(OpenRequest(Destination(Protocol.TCP, LOCALHOST, port), SESSION))
+        custom.prepare(other)  # type: ignore[arg-type]
+        assert getattr(other.prepared, "dial", "unset") is None
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+
+
+async def test_a_refused_prepared_open_reaches_the_opener_once() -> None:
+    """The policy is asked once, as the OPEN arrives; its refusal is what the opener gets."""
+    asked: list[Destination] = []
+
+    def policy(request: OpenRequest) -> ResetReason | None:
+        asked.append(request.destination)
+        return ResetReason.POLICY
+
+    async with tunnel_link(TunnelServer(policy=policy)) as link:
+        with pytest.raises(TunnelError, match="policy"):
+            await dial(link, Destination(Protocol.TCP, LOCALHOST, 1), session=SESSION)
+    assert asked == [Destination(Protocol.TCP, LOCALHOST, 1)]

@@ -48,6 +48,7 @@ async def reset_at_once(stream: trio.SocketStream) -> None:
 
 
 _first_received: list[bytes] = []
+_first_changed = trio.Condition()
 
 
 async def speaks_and_closes_first(stream: trio.SocketStream) -> None:
@@ -58,12 +59,22 @@ async def speaks_and_closes_first(stream: trio.SocketStream) -> None:
         got = b""
         while data := await stream.receive_some(65536):
             got += data
-        _first_received.append(got)
+        async with _first_changed:
+            _first_received.append(got)
+            _first_changed.notify_all()
 
 
 async def report(stream: trio.SocketStream) -> None:
+    """What 7002's connection number N (the client sends N) received, once it has ended
+    (within 5 s: bytes on one connection may arrive after another connection is set up)."""
     async with stream:
-        await stream.send_all(_first_received[-1] if _first_received else b"nothing")
+        wanted = int(await stream.receive_some(10) or b"0")
+        with trio.move_on_after(5):
+            async with _first_changed:
+                while len(_first_received) <= wanted:
+                    await _first_changed.wait()
+        got = _first_received[wanted] if len(_first_received) > wanted else b"nothing"
+        await stream.send_all(got)
 
 
 async def udp_echo(address: str) -> None:
@@ -90,7 +101,8 @@ async def main(fd: int, address: str) -> None:
         )
 
     router.unary(mapi.LOOKUP_DNS, lookup)
-    router.raw(TunnelServer.matches, TunnelServer(dial_timeout=3).handle)
+    tunnels = TunnelServer(dial_timeout=3)
+    router.raw(TunnelServer.matches, tunnels.handle, prepare=tunnels.prepare)
     sock = socket.socket(fileno=fd)
     async with trio.open_nursery() as nursery:
         await nursery.start(functools.partial(trio.serve_tcp, tcp_echo, ECHO_PORT, host=address))

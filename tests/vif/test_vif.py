@@ -106,7 +106,8 @@ for n in range(2):
         s.sendall(b"after your eof %d" % n)
         s.shutdown(socket.SHUT_WR)
         assert s.recv(100) == b""
-    with socket.create_connection(("{POD_ADDRESS}", 7003), timeout=5) as s:
+    with socket.create_connection(("{POD_ADDRESS}", 7003), timeout=10) as s:
+        s.sendall(b"%d" % n)
         print(got.decode(), s.recv(100).decode())
 """
     result = await run_in(tele.netns.laptop, code)

@@ -305,6 +305,7 @@ class Manager:
             policy=self._tunnel_policy,
             dial_back=self._dial_back,
             connector=self.files_dialer.connect,
+            plain=lambda destination: self.files_dialer.agent_of(destination) is None,
         )
         self.injector = AgentInjector(
             view=self.view,
@@ -370,7 +371,7 @@ class Manager:
         router.unary(api.SET_LOG_LEVEL, self.log_levels.set)
         router.stream(aapi.WATCH_LOG_LEVEL, self.log_levels.watch)
         self.engagements.register(router)
-        router.raw(TunnelServer.matches, self.tunnel.handle)
+        router.raw(TunnelServer.matches, self.tunnel.handle, prepare=self.tunnel.prepare)
         return router
 
     def _workload_name(self, pod: Mapping[str, Any]) -> str:
@@ -610,7 +611,7 @@ class Manager:
         else:
             await self.dials.dial_back(request, stream)
 
-    async def _tunnel_policy(self, request: OpenRequest) -> ResetReason | Refuse | None:
+    def _tunnel_policy(self, request: OpenRequest) -> ResetReason | Refuse | None:
         if not self.dials.session_allowed(request):
             return ResetReason.POLICY
         session = self.sessions.get(request.session, self.clock()) or self.agents.get(

@@ -163,6 +163,7 @@ class H2Link:
         handler: StreamHandler | None,
         settings: LinkSettings,
         name: str,
+        prepare: Callable[[H2Stream], None] | None = None,
     ) -> None:
         self.transport = transport
         self.client_side = client_side
@@ -170,6 +171,9 @@ class H2Link:
         self.name = name
         self.read_size = settings.read_size
         self._handler = handler
+        self._prepare = prepare
+        """Called with each incoming stream as it arrives, in the reader's step, before its
+        handler task is started (what it finds goes to the handler in `H2Stream.prepared`)."""
         self.budget = settings.budget
         """What this link's incoming streams take a handler from; a server may move the link to
         another (its peer's share, once it knows who the peer is): streams already handled give
@@ -497,6 +501,11 @@ class H2Link:
         self._streams[stream_id] = stream
         if event.stream_ended is not None:
             stream._remote_ended = True
+        if self._prepare is not None:
+            try:
+                self._prepare(stream)
+            except Exception:  # the handler meets the same problem and answers it
+                log.exception("%s: preparing stream %d failed", self.name, stream_id)
         self._nursery.start_soon(self._run_handler, stream, self._handler, budget)
 
     def _refuse(self, stream_id: int) -> None:
@@ -692,14 +701,17 @@ async def open_link(
     handler: StreamHandler | None = None,
     settings: LinkSettings | None = None,
     name: str | None = None,
+    prepare: Callable[[H2Stream], None] | None = None,
 ) -> AsyncIterator[H2Link]:
-    """Run an h2 link over `transport` for the duration of the block; closes it on exit."""
+    """Run an h2 link over `transport` for the duration of the block; closes it on exit.
+    `prepare`: see `H2Link`."""
     link = H2Link(
         transport,
         client_side=client_side,
         handler=handler,
         settings=settings or LinkSettings(),
         name=name or ("h2-client" if client_side else "h2-server"),
+        prepare=prepare,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(link._run)
@@ -718,9 +730,15 @@ async def serve_link(
     *,
     settings: LinkSettings | None = None,
     name: str | None = None,
+    prepare: Callable[[H2Stream], None] | None = None,
 ) -> None:
-    """Server side: serve one connection until it closes or fails."""
+    """Server side: serve one connection until it closes or fails (`prepare`: `H2Link`'s)."""
     async with open_link(
-        transport, client_side=False, handler=handler, settings=settings, name=name
+        transport,
+        client_side=False,
+        handler=handler,
+        settings=settings,
+        name=name,
+        prepare=prepare,
     ) as link:
         await link.wait_closed()

@@ -59,6 +59,9 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
         self._receiving = False
         self._sending = False
         self.handler_scope: trio.CancelScope | None = None
+        self.prepared: object = None
+        """Server side: what the link's `prepare` hook found as the stream arrived, for its
+        handler (e.g. the tunnel server's dial under way)."""
         # Client side, opened without waiting for the response: the response is judged when
         # it arrives, and a refusal is raised by every later send or receive.
         self.response_check: ResponseCheck | None = None

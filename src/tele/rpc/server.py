@@ -99,6 +99,7 @@ CALLER: contextvars.ContextVar[CallerConnection | None] = contextvars.ContextVar
 
 RawHandler = Callable[[H2Stream], Awaitable[None]]
 RawMatcher = Callable[[H2Stream], bool]
+RawPrepare = Callable[[H2Stream], None]
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Router:
 
     def __init__(self) -> None:
         self._routes: dict[str, _Route] = {}
-        self._raw: list[tuple[RawMatcher, RawHandler]] = []
+        self._raw: list[tuple[RawMatcher, RawHandler, RawPrepare | None]] = []
         self._gate: Callable[[str], None] | None = None
 
     def gate(self, check: Callable[[str], None]) -> None:
@@ -129,9 +130,20 @@ class Router:
     ) -> None:
         self._add(method.path, _Route(method.request, handler, streaming=True))
 
-    def raw(self, matcher: RawMatcher, handler: RawHandler) -> None:
-        """Hand streams for which `matcher(stream)` is true to `handler` (e.g. CONNECT)."""
-        self._raw.append((matcher, handler))
+    def raw(
+        self, matcher: RawMatcher, handler: RawHandler, *, prepare: RawPrepare | None = None
+    ) -> None:
+        """Hand streams for which `matcher(stream)` is true to `handler` (e.g. CONNECT);
+        `prepare(stream)` first, as the stream arrives (`H2Link`'s hook), if given."""
+        self._raw.append((matcher, handler, prepare))
+
+    def prepare(self, stream: H2Stream) -> None:
+        """The link's `prepare` hook: the matching raw route's, if it has one."""
+        for matcher, _, prepare in self._raw:
+            if matcher(stream):
+                if prepare is not None:
+                    prepare(stream)
+                return
 
     def _add(self, path: str, route: _Route) -> None:
         if path in self._routes:
@@ -140,7 +152,7 @@ class Router:
 
     async def handle(self, stream: H2Stream, *, max_message_size: int) -> None:
         """Serve one incoming stream."""
-        for matcher, raw_handler in self._raw:
+        for matcher, raw_handler, _ in self._raw:
             if matcher(stream):
                 await raw_handler(stream)  # its own policy asks the gate (a tunnel's)
                 return
@@ -250,6 +262,7 @@ async def serve_connection(
     With `shares`, the connection's handlers come from its caller's share of the budget.
     `principal`: who the transport already proved the peer to be (a TLS client certificate)."""
     caller = CallerConnection()
+    CALLER.set(caller)  # also the link's reader's: a route's `prepare` asks who calls too
     settings = settings or LinkSettings()
 
     async def handle(h2_stream: H2Stream) -> None:
@@ -267,7 +280,12 @@ async def serve_connection(
 
     try:
         async with open_link(
-            stream, client_side=False, handler=handle, settings=settings, name=name
+            stream,
+            client_side=False,
+            handler=handle,
+            settings=settings,
+            name=name,
+            prepare=router.prepare,
         ) as link:
             caller.close = link.close
             if shares is not None:

@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -444,9 +445,10 @@ async def _splice_socket(
 
 # -- serving side -----------------------------------------------------------------------------
 
-Policy = Callable[[OpenRequest], Awaitable[ResetReason | Refuse | None]]
-"""Decides whether an OPEN may proceed: None allows it, a reason (or a REFUSE with the
-sentence the opener logs) refuses it."""
+Verdict = ResetReason | Refuse | None
+Policy = Callable[[OpenRequest], Verdict]
+"""Decides at once whether an OPEN may proceed: None allows it, a reason (or a REFUSE with the
+sentence the opener logs) refuses it. Called as the OPEN arrives (`TunnelServer.prepare`)."""
 TcpConnector = Callable[[Destination], Awaitable[trio.SocketStream]]
 DialBackHandler = Callable[[OpenRequest, H2Stream], Awaitable[None]]
 
@@ -467,19 +469,45 @@ def reason_for_oserror(exc: OSError) -> ResetReason:
     return _ERRNO_REASON.get(exc.errno or 0, ResetReason.INTERNAL)
 
 
-async def connect_tcp(destination: Destination) -> trio.SocketStream:
-    """Dial an IP literal directly: no resolver, no happy-eyeballs nursery per stream, and no
-    trip through the scheduler beyond the wait for the handshake."""
+@dataclass(slots=True)
+class PendingDial:
+    """A TCP dial that `start_tcp` began: its socket, the address and `connect_ex`'s first
+    answer (0, EINPROGRESS, or the error). `finish_tcp` completes it; `abort` drops it."""
+
+    sock: socket.socket
+    address: tuple[str, int]
+    error: int
+
+    def abort(self) -> None:
+        """Close the socket; the destination sees a reset if its side was up already."""
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+def start_tcp(destination: Destination) -> PendingDial:
+    """The synchronous half of `connect_tcp`: make a non-blocking socket and send the SYN,
+    without a schedule point. Raises OSError only when no socket can be made (EMFILE)."""
     family = socket.AF_INET6 if destination.ip.version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     address = (str(destination.ip), destination.port)
     try:
-        error = sock.connect_ex(address)
+        return PendingDial(sock, address, sock.connect_ex(address))
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def finish_tcp(dial: PendingDial) -> trio.SocketStream:
+    """Wait out the handshake `start_tcp` began: the connected stream, or OSError. On any
+    failure (cancellation too) the socket is closed with a reset."""
+    sock, error = dial.sock, dial.error
+    try:
         if error in (errno.EINPROGRESS, errno.EAGAIN):
             # A destination on this host (a pod on this node) has mostly answered before the
             # call returned: asking again says so (0) without a wait for writability, which is
             # a scheduler pass; EALREADY: still under way.
-            error = sock.connect_ex(address)
+            error = sock.connect_ex(dial.address)
             if error == errno.EALREADY:
                 await trio.lowlevel.wait_writable(sock)
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -490,18 +518,33 @@ async def connect_tcp(destination: Destination) -> trio.SocketStream:
     except BaseException:
         # Cancelled (the opener reset the stream) when the handshake may have completed: the
         # destination must see a reset, not an orderly end.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
+        dial.abort()
         raise
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+async def connect_tcp(destination: Destination) -> trio.SocketStream:
+    """Dial an IP literal directly: no resolver, no happy-eyeballs nursery per stream, and no
+    trip through the scheduler beyond the wait for the handshake."""
+    return await finish_tcp(start_tcp(destination))
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """What `TunnelServer.prepare` found as an OPEN arrived, for its handler: the request, the
+    policy's verdict and (allowed TCP) the dial under way."""
+
+    request: OpenRequest
+    verdict: Verdict
+    dial: PendingDial | None = None
 
 
 class TunnelServer:
     """Serves OPEN streams: checks them, dials the destination, relays until both sides end.
 
-    Use `handle` as the link's stream handler (or `Router.raw(TunnelServer.matches, handle)`).
-    DIAL-BACK streams (with a dial id) go to `dial_back`; without one they are refused.
+    Use `handle` as the link's stream handler (or `Router.raw(TunnelServer.matches, handle,
+    prepare=prepare)`). DIAL-BACK streams (with a dial id) go to `dial_back`; without one they
+    are refused.
     """
 
     def __init__(
@@ -511,6 +554,7 @@ class TunnelServer:
         dial_timeout: float = DIAL_TIMEOUT,
         max_streams: int = MAX_TUNNEL_STREAMS,
         connector: TcpConnector = connect_tcp,
+        plain: Callable[[Destination], bool] | None = None,
         dial_back: DialBackHandler | None = None,
         udp_idle_timeout: float = UDP_IDLE_TIMEOUT,
         read_size: int = READ_SIZE,
@@ -519,6 +563,9 @@ class TunnelServer:
         self.dial_timeout = dial_timeout
         self.max_streams = max_streams
         self.connector = connector
+        self.plain = plain
+        """Which destinations `connector` would dial as `connect_tcp` does (those `prepare`
+        dials itself); None: all of them when the connector is `connect_tcp`, else none."""
         self.dial_back = dial_back
         self.udp_idle_timeout = udp_idle_timeout
         self.read_size = read_size
@@ -528,21 +575,58 @@ class TunnelServer:
     def matches(stream: H2Stream) -> bool:
         return stream.header(":method") == "CONNECT"
 
-    async def handle(self, stream: H2Stream) -> None:
+    def prepare(self, stream: H2Stream) -> None:
+        """As an OPEN arrives, in the link reader's step: check it with the policy and start
+        the TCP dial, so that its handler (a task that runs a scheduler pass later, behind
+        whatever else is ready then: another stream's teardown, say) finds the handshake done
+        or under way. Anything unusual is left to `handle` as before."""
         try:
             request = OpenRequest.from_headers(stream.request_headers)
-        except TunnelProtocolError as exc:
-            log.warning("tunnel: refusing a malformed OPEN: %s", exc)
-            self._refuse(stream, ResetReason.PROTOCOL)
+        except TunnelProtocolError:
             return
         if self.active >= self.max_streams:
-            log.warning("tunnel: refusing %s: %d streams already open", request, self.active)
-            self._refuse(stream, ResetReason.OVERLOADED)
             return
-        self.active += 1
+        verdict = self.policy(request) if self.policy is not None else None
+        prepared = _Prepared(request, verdict)
+        destination = request.destination
+        if (
+            verdict is None
+            and request.dial_id is None
+            and destination.protocol is Protocol.TCP
+            and self._plain(destination)
+        ):
+            try:
+                prepared.dial = start_tcp(destination)
+            except OSError:
+                pass  # no socket now (EMFILE): the handler dials and says why
+        stream.prepared = prepared
+
+    def _plain(self, destination: Destination) -> bool:
+        if self.plain is not None:
+            return self.plain(destination)
+        return self.connector is connect_tcp
+
+    async def handle(self, stream: H2Stream) -> None:
+        prepared = stream.prepared
+        stream.prepared = None
+        dial = prepared.dial if isinstance(prepared, _Prepared) else None
         try:
-            if self.policy is not None:
-                verdict = await self.policy(request)
+            if isinstance(prepared, _Prepared):
+                request, verdict = prepared.request, prepared.verdict
+            else:
+                try:
+                    request = OpenRequest.from_headers(stream.request_headers)
+                except TunnelProtocolError as exc:
+                    log.warning("tunnel: refusing a malformed OPEN: %s", exc)
+                    self._refuse(stream, ResetReason.PROTOCOL)
+                    return
+                verdict = None if self.policy is None else self.policy(request)
+            if self.active >= self.max_streams:
+                log.warning("tunnel: refusing %s: %d streams already open", request, self.active)
+                self._refuse(stream, ResetReason.OVERLOADED)
+                return
+            self.active += 1
+            try:
                 if verdict is not None:
                     refusal = verdict if isinstance(verdict, Refuse) else Refuse(verdict)
                     log.info(
@@ -552,17 +636,21 @@ class TunnelServer:
                     )
                     self._refuse(stream, refusal)
                     return
-            if request.dial_id is not None:
-                if self.dial_back is None:
-                    self._refuse(stream, ResetReason.POLICY)
+                if request.dial_id is not None:
+                    if self.dial_back is None:
+                        self._refuse(stream, ResetReason.POLICY)
+                    else:
+                        await self.dial_back(request, stream)
+                elif request.destination.protocol is Protocol.TCP:
+                    taken, dial = dial, None
+                    await self._serve_tcp(request, stream, taken)
                 else:
-                    await self.dial_back(request, stream)
-            elif request.destination.protocol is Protocol.TCP:
-                await self._serve_tcp(request, stream)
-            else:
-                await self._serve_udp(request.destination, stream)
+                    await self._serve_udp(request.destination, stream)
+            finally:
+                self.active -= 1
         finally:
-            self.active -= 1
+            if dial is not None:  # not used: refused, or the handler ended before it
+                dial.abort()
 
     def _refuse(self, stream: H2Stream, reason: ResetReason | Refuse) -> None:
         """Queue a REFUSE (no schedule point: the handler ends right after it)."""
@@ -572,11 +660,16 @@ class TunnelServer:
         except trio.BrokenResourceError:
             pass  # the opener gave up already
 
-    async def _serve_tcp(self, request: OpenRequest, stream: H2Stream) -> None:
+    async def _serve_tcp(
+        self, request: OpenRequest, stream: H2Stream, dial: PendingDial | None
+    ) -> None:
         destination = request.destination
         with trio.move_on_after(self.dial_timeout) as scope:
             try:
-                local = await self.connector(destination)
+                if dial is not None:
+                    local = await finish_tcp(dial)
+                else:
+                    local = await self.connector(destination)
             except OSError as exc:
                 reason = reason_for_oserror(exc)
                 log.info("tunnel: dial %s failed: %s", destination, exc.strerror or exc)
