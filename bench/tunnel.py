@@ -226,7 +226,9 @@ def role_tele(
 
                 async def on_request(request: trio_websocket.WebSocketRequest) -> None:
                     stream = await portforward.accept_portforward(request, 1)
-                    await serve_link(stream, tunnels.handle, settings=settings)
+                    await serve_link(
+                        stream, tunnels.handle, settings=settings, prepare=tunnels.prepare
+                    )
 
                 await nursery.start(
                     functools.partial(
@@ -243,7 +245,9 @@ def role_tele(
             else:
 
                 async def on_connection(stream: trio.SocketStream) -> None:
-                    await serve_link(stream, tunnels.handle, settings=settings)
+                    await serve_link(
+                        stream, tunnels.handle, settings=settings, prepare=tunnels.prepare
+                    )
 
                 await nursery.start(
                     functools.partial(trio.serve_tcp, on_connection, port, host=host)
