@@ -3,6 +3,7 @@ laptop side's dial-back server; bytes go agent -> manager -> client -> local han
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from typing import Any
 
@@ -130,32 +131,28 @@ class StandInAgent:
                 self.engagements = update.engagements
 
 
+def api_pod(replicaset: dict[str, Any], name: str, **metadata: Any) -> dict[str, Any]:
+    """A pod of the ReplicaSet api-1 with the template's spec (a copy), before any webhook."""
+    owner = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "api-1", "controller": True}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"app": "api"},
+            "ownerReferences": [{**owner, "uid": replicaset["metadata"]["uid"]}],
+            **metadata,
+        },
+        "spec": copy.deepcopy(TEMPLATE["spec"]),
+    }
+
+
 async def create_agent_pod(kube: KubeClient, name: str, **metadata: Any) -> None:
     """A pod of api-1 that carries an agent, as the webhook would have made it."""
-    replicaset = await kube.get(k8s.REPLICASETS, "api-1", "default")
-    spec = TEMPLATE["spec"]
-    owner = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "api-1", "controller": True}
-    await kube.create(
-        k8s.PODS,
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": name,
-                "namespace": "default",
-                "labels": {"app": "api"},
-                "ownerReferences": [{**owner, "uid": replicaset["metadata"]["uid"]}],
-                **metadata,
-            },
-            "spec": {
-                **spec,
-                "containers": [
-                    *spec["containers"],  # type: ignore[index]
-                    {"name": "traffic-agent", "image": "tele/traffic-agent"},
-                ],
-            },
-        },
-    )
+    pod = api_pod(await kube.get(k8s.REPLICASETS, "api-1", "default"), name, **metadata)
+    pod["spec"]["containers"].append({"name": "traffic-agent", "image": "tele/traffic-agent"})
+    await kube.create(k8s.PODS, pod)
 
 
 async def _engage_with_stand_in_agent(

@@ -21,7 +21,7 @@ from tele.rpc import manager_api as api
 from tele.rpc.client import Client
 from tele.rpc.errors import Code, RpcError
 from tele.testing.waits import wait_for
-from tests.manager.test_engage import TEMPLATE, create_workload
+from tests.manager.test_engage import api_pod, create_workload
 from tests.manager.test_manager import IDENTITY, start_manager
 
 KEY = ("Deployment", "default", "api")
@@ -79,26 +79,7 @@ async def ready(nursery: trio.Nursery, kube: KubeClient) -> tuple[Manager, Clien
 
 async def made_by_webhook(manager: Manager, kube: KubeClient, name: str) -> dict[str, Any]:
     """Create a pod of the workload as the API server would after the webhook's patch."""
-    rs = await kube.get(k8s.REPLICASETS, "api-1", "default")
-    pod: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "labels": {"app": "api"},
-            "ownerReferences": [
-                {
-                    "apiVersion": "apps/v1",
-                    "kind": "ReplicaSet",
-                    "name": "api-1",
-                    "uid": rs["metadata"]["uid"],
-                    "controller": True,
-                }
-            ],
-        },
-        "spec": json.loads(json.dumps(TEMPLATE["spec"])),
-    }
+    pod = api_pod(await kube.get(k8s.REPLICASETS, "api-1", "default"), name)
     review = {"operation": "CREATE", "kind": {"kind": "Pod"}, "namespace": "default"}
     answer = await manager.injector({**review, "object": pod})
     if "patch" in answer:
