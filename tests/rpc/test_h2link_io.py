@@ -444,3 +444,59 @@ async def _run_server_link(
     async with open_link(transport, client_side=False, handler=refuse) as link:
         task_status.started(link)
         await link.wait_closed()
+
+
+async def test_a_lazy_end_stream_leaves_with_the_writers_next_pass() -> None:
+    """`send_eof_now(lazy=True)` (the VIF's app EOFs) queues END_STREAM without writing it in
+    the caller's step, where a plain `send_eof_now` writes it through; it still arrives."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    peer.initiate_connection()
+
+    def peer_reads() -> list[h2.events.Event]:
+        events = []
+        while True:
+            try:
+                data = theirs.recv(65536)
+            except BlockingIOError:
+                return events
+            events.extend(peer.receive_data(data))
+
+    async def peer_sends(stream_id: int) -> None:
+        """DATA the link reads (a write after a read may go through) and need not answer."""
+        peer.send_data(stream_id, b"x")
+        theirs.send(peer.data_to_send())
+        await trio.testing.wait_all_tasks_blocked()
+        peer_reads()
+
+    def ended(events: list[h2.events.Event]) -> list[int]:
+        return [e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)]
+
+    with theirs:
+        async with (
+            trio.open_nursery() as nursery,
+            open_link(
+                trio.SocketStream(trio.socket.from_stdlib_socket(ours)), client_side=True
+            ) as link,
+        ):
+            headers = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
+            first, second = [await link.open_stream(headers) for _ in range(2)]
+            await trio.testing.wait_all_tasks_blocked()
+            peer_reads()
+            for stream in (first, second):
+                peer.send_headers(stream.stream_id, [(":status", "200")])
+            theirs.send(peer.data_to_send())
+            await trio.testing.wait_all_tasks_blocked()
+            peer_reads()
+
+            await peer_sends(first.stream_id)
+            assert first.send_eof_now(lazy=True)
+            assert peer_reads() == []  # queued, not written in this step
+            await trio.testing.wait_all_tasks_blocked()
+            assert ended(peer_reads()) == [first.stream_id]
+
+            await peer_sends(second.stream_id)
+            assert second.send_eof_now()
+            assert ended(peer_reads()) == [second.stream_id]  # written in this step
+            nursery.cancel_scope.cancel()

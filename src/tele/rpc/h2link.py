@@ -618,7 +618,7 @@ class H2Link:
         if kick:
             self._kick_writer()
 
-    def _end_stream(self, stream: H2Stream) -> None:
+    def _end_stream(self, stream: H2Stream, *, lazy: bool = False) -> None:
         if self._failure is not None:
             stream._local_ended = True
             return
@@ -629,7 +629,10 @@ class H2Link:
         except h2.exceptions.ProtocolError as exc:
             raise LinkBroken(f"cannot end the stream: {exc}") from exc
         self._mark_local_end(stream)
-        self._kick_writer()
+        if lazy:
+            self._writer.kick(through=False)
+        else:
+            self._kick_writer()
 
     def _mark_local_end(self, stream: H2Stream) -> None:
         stream._local_ended = True

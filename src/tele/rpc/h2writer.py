@@ -92,8 +92,12 @@ class Writer:
             if fd >= 0:
                 self._direct = socket.socket(fileno=os.dup(fd))
 
-    def kick(self) -> None:
-        """Get what the connection queued onto the wire: write it through, or wake the writer."""
+    def kick(self, *, through: bool = True) -> None:
+        """Get what the connection queued onto the wire: write it through, or wake the writer
+        (always, with `through=False`: for what no one waits on, see `H2Stream.send_eof_now`)."""
+        if not through:
+            self._wakeup.set()
+            return
         direct = self._direct
         if direct is not None and self.batching:
             return  # the reader writes once after the whole batch

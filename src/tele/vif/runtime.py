@@ -415,7 +415,7 @@ class Stack:
                 record.wake_inbound.set()
                 continue
             tunnel = record.tunnel
-            if record.inbound or tunnel is None or not tunnel.send_eof_now():
+            if record.inbound or tunnel is None or not tunnel.send_eof_now(lazy=True):
                 self._start_sender(record)
                 record.wake_inbound.set()
 
