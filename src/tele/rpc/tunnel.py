@@ -586,7 +586,7 @@ class TunnelServer:
             return
         if self.active >= self.max_streams:
             return
-        verdict = self.policy(request) if self.policy is not None else None
+        verdict = self._ask(request)
         prepared = _Prepared(request, verdict)
         destination = request.destination
         if (
@@ -601,6 +601,9 @@ class TunnelServer:
                 pass  # no socket now (EMFILE): the handler dials and says why
         stream.prepared = prepared
 
+    def _ask(self, request: OpenRequest) -> Verdict:
+        return None if self.policy is None else self.policy(request)
+
     def _plain(self, destination: Destination) -> bool:
         if self.plain is not None:
             return self.plain(destination)
@@ -609,18 +612,17 @@ class TunnelServer:
     async def handle(self, stream: H2Stream) -> None:
         prepared = stream.prepared
         stream.prepared = None
-        dial = prepared.dial if isinstance(prepared, _Prepared) else None
+        if isinstance(prepared, _Prepared):
+            request, verdict, dial = prepared.request, prepared.verdict, prepared.dial
+        else:  # a link without the prepare hook, or an OPEN `prepare` left alone
+            try:
+                request = OpenRequest.from_headers(stream.request_headers)
+            except TunnelProtocolError as exc:
+                log.warning("tunnel: refusing a malformed OPEN: %s", exc)
+                self._refuse(stream, ResetReason.PROTOCOL)
+                return
+            verdict, dial = self._ask(request), None
         try:
-            if isinstance(prepared, _Prepared):
-                request, verdict = prepared.request, prepared.verdict
-            else:
-                try:
-                    request = OpenRequest.from_headers(stream.request_headers)
-                except TunnelProtocolError as exc:
-                    log.warning("tunnel: refusing a malformed OPEN: %s", exc)
-                    self._refuse(stream, ResetReason.PROTOCOL)
-                    return
-                verdict = None if self.policy is None else self.policy(request)
             if self.active >= self.max_streams:
                 log.warning("tunnel: refusing %s: %d streams already open", request, self.active)
                 self._refuse(stream, ResetReason.OVERLOADED)
