@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import socket
+from collections.abc import Awaitable, Callable
 
 import h2.config
 import h2.connection
@@ -240,6 +241,31 @@ async def test_a_peer_that_closes_mid_write_breaks_the_link() -> None:
         nursery.cancel_scope.cancel()
 
 
+def _slow_socket_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """A local socket pair with 8 KiB buffers: writes to it are often partial."""
+    local, app = trio.socket.socketpair()
+    for sock in (local, app):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    return local, app
+
+
+async def _splice_first(
+    incoming: trio.MemoryReceiveChannel[H2Stream],
+    local: trio.socket.SocketType,
+    *tasks: Callable[[], Awaitable[None]],
+) -> None:
+    """Run `tasks` (the tunnel's opener, the app) while the first incoming stream is spliced to
+    `local`, within 60 s; the relay must end without a reset."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as inner:
+            for task in tasks:
+                inner.start_soon(task)
+            server = await incoming.receive()
+            async with trio.SocketStream(local) as local_stream:
+                assert await splice(server, local_stream) is None
+
+
 async def test_data_written_straight_to_a_slow_socket_keeps_its_order() -> None:
     # splice lets the link's reader write DATA to the local socket itself; a socket that
     # takes only part of it (small buffers, a reader taking 1 KiB at a time) must get the
@@ -247,10 +273,7 @@ async def test_data_written_straight_to_a_slow_socket_keeps_its_order() -> None:
     payload = b"".join(i.to_bytes(4, "big") for i in range(500_000))  # 2 MB, no repeats
     async with trio.open_nursery() as nursery:
         link, incoming = await open_link_pair(nursery, socket_buffer=64 * 1024)
-        local, app = trio.socket.socketpair()
-        for sock in (local, app):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        local, app = _slow_socket_pair()
         received = bytearray()
 
         async def client() -> None:
@@ -265,13 +288,7 @@ async def test_data_written_straight_to_a_slow_socket_keeps_its_order() -> None:
                 while chunk := await app_stream.receive_some(1024):
                     received.extend(chunk)
 
-        with trio.fail_after(60):
-            async with trio.open_nursery() as inner:
-                inner.start_soon(client)
-                inner.start_soon(read_app)
-                server = await incoming.receive()
-                async with trio.SocketStream(local) as local_stream:
-                    assert await splice(server, local_stream) is None
+        await _splice_first(incoming, local, client, read_app)
         assert bytes(received) == payload
         nursery.cancel_scope.cancel()
 
@@ -284,10 +301,7 @@ async def test_both_ways_at_once_through_a_socket_that_takes_the_tunnel_slowly()
     up = b"".join((i * 7).to_bytes(4, "big") for i in range(250_000))
     async with trio.open_nursery() as nursery:
         link, incoming = await open_link_pair(nursery, socket_buffer=64 * 1024)
-        local, app = trio.socket.socketpair()
-        for sock in (local, app):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        local, app = _slow_socket_pair()
         from_tunnel = bytearray()
         from_app = bytearray()
 
@@ -315,13 +329,7 @@ async def test_both_ways_at_once_through_a_socket_that_takes_the_tunnel_slowly()
                 while chunk := await app_stream.receive_some(1024):
                     from_tunnel.extend(chunk)
 
-        with trio.fail_after(60):
-            async with trio.open_nursery() as inner:
-                inner.start_soon(client)
-                inner.start_soon(app_side)
-                server = await incoming.receive()
-                async with trio.SocketStream(local) as local_stream:
-                    assert await splice(server, local_stream) is None
+        await _splice_first(incoming, local, client, app_side)
         assert bytes(from_tunnel) == down
         assert bytes(from_app) == up
         nursery.cancel_scope.cancel()
