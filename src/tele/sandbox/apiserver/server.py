@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import ssl
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import trio
 from hypercorn.config import Config
@@ -43,6 +43,18 @@ def _hypercorn_config() -> Config:
     config.max_app_queue_size = 64
     config.h11_max_incomplete_size = 1 << 16
     return config
+
+
+class _Ends(TypedDict):
+    client: tuple[str, int] | None
+    server: tuple[str, int] | None
+
+
+def _ends(stream: trio.SSLStream[trio.SocketStream]) -> _Ends:
+    """The connection's `client` and `server` addresses, as the ASGI servers here take them
+    (looked up only for the connections served outside hypercorn)."""
+    sock = stream.transport_stream.socket
+    return {"client": _address(sock, True), "server": _address(sock, False)}
 
 
 def _address(sock: Any, peer: bool) -> tuple[str, int] | None:
@@ -109,36 +121,17 @@ async def _serve_connection(
     stream: trio.SSLStream[trio.SocketStream],
 ) -> None:
     if stream.selected_alpn_protocol() == "h2":
-        sock = stream.transport_stream.socket
-        conn = H2ServerConnection(
-            app, stream, client=_address(sock, True), server=_address(sock, False)
-        )
-        await conn.run()
+        await H2ServerConnection(app, stream, **_ends(stream)).run()
         return
     buffered, end = await spdystreaming.read_head(stream)
     head = spdystreaming.parse_head(buffered[:end]) if end > 0 else None
     if head is not None and spdystreaming.is_spdy_upgrade(head):
-        sock = stream.transport_stream.socket
         await spdystreaming.serve_upgrade(
-            app,
-            stream,
-            head,
-            buffered[end:],
-            client=_address(sock, True),
-            server=_address(sock, False),
-            limits=limits,
+            app, stream, head, buffered[end:], **_ends(stream), limits=limits
         )
         return
     if head is not None and wsdirect.takes(head):
-        sock = stream.transport_stream.socket
-        await wsdirect.serve(
-            app,
-            stream,
-            head,
-            buffered[end:],
-            client=_address(sock, True),
-            server=_address(sock, False),
-        )
+        await wsdirect.serve(app, stream, head, buffered[end:], **_ends(stream))
         return
     if not buffered:
         await trio.aclose_forcefully(stream)
