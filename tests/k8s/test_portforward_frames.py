@@ -25,8 +25,11 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 Serve = Callable[[trio.SocketStream], Awaitable[None]]
 
 
-def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = False) -> bytes:
-    """A frame as a server writes one (unmasked unless `mask`)."""
+def frame(
+    opcode: int, payload: bytes, *, fin: bool = True, mask: bool = False, key: bytes = bytes(4)
+) -> bytes:
+    """A frame as a server writes one (unmasked), or with `mask` as a client does, masked with
+    `key` (all zeros by default: the payload's bytes unchanged)."""
     first = (0x80 if fin else 0) | opcode
     size = len(payload)
     bit = 0x80 if mask else 0
@@ -36,7 +39,9 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = False) 
         header = bytes((first, bit | 126)) + struct.pack("!H", size)
     else:
         header = bytes((first, bit | 127)) + struct.pack("!Q", size)
-    return header + (b"\0\0\0\0" if mask else b"") + payload
+    if not mask:
+        return header + payload
+    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 PREFIXES = frame(2, b"\x00" + PORT.to_bytes(2, "little")) + frame(

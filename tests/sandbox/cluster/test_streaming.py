@@ -31,6 +31,7 @@ import wsproto.events
 import yaml
 
 from tele.sandbox.apiserver import spdy
+from tests.k8s.test_portforward_frames import frame
 
 from .conftest import NodeSandbox
 
@@ -532,20 +533,7 @@ def test_attach_resizes_a_tty_and_survives_garbage_resizes(streams: Streams) -> 
 
 def _client_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True) -> bytes:
     """A frame as a client writes one: masked (with a key that changes bytes) unless told."""
-    first = (0x80 if fin else 0) | opcode
-    size = len(payload)
-    bit = 0x80 if mask else 0
-    if size <= 125:
-        header = bytes((first, bit | size))
-    elif size <= 0xFFFF:
-        header = bytes((first, bit | 126)) + struct.pack("!H", size)
-    else:
-        header = bytes((first, bit | 127)) + struct.pack("!Q", size)
-    if not mask:
-        return header + payload
-    key = os.urandom(4)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return header + key + masked
+    return frame(opcode, payload, fin=fin, mask=mask, key=os.urandom(4))
 
 
 class _ServerFrames:
