@@ -45,6 +45,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 StreamHandler = Callable[[H2Stream], Awaitable[None]]
+StreamPrepare = Callable[[H2Stream], None]
+"""Called with an incoming stream as it arrives, before its handler task (see `H2Link`)."""
 
 
 _CONTROL_BACKLOG = 256 * 1024
@@ -163,7 +165,7 @@ class H2Link:
         handler: StreamHandler | None,
         settings: LinkSettings,
         name: str,
-        prepare: Callable[[H2Stream], None] | None = None,
+        prepare: StreamPrepare | None = None,
     ) -> None:
         self.transport = transport
         self.client_side = client_side
@@ -704,7 +706,7 @@ async def open_link(
     handler: StreamHandler | None = None,
     settings: LinkSettings | None = None,
     name: str | None = None,
-    prepare: Callable[[H2Stream], None] | None = None,
+    prepare: StreamPrepare | None = None,
 ) -> AsyncIterator[H2Link]:
     """Run an h2 link over `transport` for the duration of the block; closes it on exit.
     `prepare`: see `H2Link`."""
@@ -733,7 +735,7 @@ async def serve_link(
     *,
     settings: LinkSettings | None = None,
     name: str | None = None,
-    prepare: Callable[[H2Stream], None] | None = None,
+    prepare: StreamPrepare | None = None,
 ) -> None:
     """Server side: serve one connection until it closes or fails (`prepare`: `H2Link`'s)."""
     async with open_link(

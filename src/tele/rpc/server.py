@@ -28,6 +28,7 @@ from tele.rpc.h2link import (
     LinkBroken,
     LinkSettings,
     StreamBudget,
+    StreamPrepare,
     StreamReset,
     open_link,
 )
@@ -99,7 +100,6 @@ CALLER: contextvars.ContextVar[CallerConnection | None] = contextvars.ContextVar
 
 RawHandler = Callable[[H2Stream], Awaitable[None]]
 RawMatcher = Callable[[H2Stream], bool]
-RawPrepare = Callable[[H2Stream], None]
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class Router:
 
     def __init__(self) -> None:
         self._routes: dict[str, _Route] = {}
-        self._raw: list[tuple[RawMatcher, RawHandler, RawPrepare | None]] = []
+        self._raw: list[tuple[RawMatcher, RawHandler, StreamPrepare | None]] = []
         self._gate: Callable[[str], None] | None = None
 
     def gate(self, check: Callable[[str], None]) -> None:
@@ -131,7 +131,7 @@ class Router:
         self._add(method.path, _Route(method.request, handler, streaming=True))
 
     def raw(
-        self, matcher: RawMatcher, handler: RawHandler, *, prepare: RawPrepare | None = None
+        self, matcher: RawMatcher, handler: RawHandler, *, prepare: StreamPrepare | None = None
     ) -> None:
         """Hand streams for which `matcher(stream)` is true to `handler` (e.g. CONNECT);
         `prepare(stream)` first, as the stream arrives (`H2Link`'s hook), if given."""
