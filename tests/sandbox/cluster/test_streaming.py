@@ -263,6 +263,16 @@ def _server(streams: Streams) -> tuple[str, int, str]:
     return host, int(port), token
 
 
+def _response_head(sock: ssl.SSLSocket) -> bytes:
+    """What the server sent up to the end of its response head (and whatever came with it)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(4096)
+        assert data, head
+        head += data
+    return head
+
+
 def _upgrade(streams: Streams, path: str, protocol: str) -> ssl.SSLSocket:
     host, port, token = _server(streams)
     context = ssl.create_default_context()
@@ -277,11 +287,7 @@ def _upgrade(streams: Streams, path: str, protocol: str) -> ssl.SSLSocket:
             f"X-Stream-Protocol-Version: {protocol}\r\nContent-Length: 0\r\n\r\n"
         ).encode()
     )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = sock.recv(4096)
-        assert data, head
-        head += data
+    head = _response_head(sock)
     assert head.startswith(b"HTTP/1.1 101"), head
     return sock
 
@@ -585,12 +591,7 @@ def _ws_port_forward(streams: Streams, port: int) -> tuple[ssl.SSLSocket, _Serve
             "Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n"
         ).encode()
     )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = sock.recv(4096)
-        assert data, head
-        head += data
-    head, _, rest = head.partition(b"\r\n\r\n")
+    head, _, rest = _response_head(sock).partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     assert lines[0].startswith(b"HTTP/1.1 101"), head
     headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(b":") for h in lines[1:])}
