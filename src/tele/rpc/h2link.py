@@ -631,10 +631,7 @@ class H2Link:
         except h2.exceptions.ProtocolError as exc:
             raise LinkBroken(f"cannot end the stream: {exc}") from exc
         self._mark_local_end(stream)
-        if lazy:
-            self._writer.kick(through=False)
-        else:
-            self._kick_writer()
+        self._kick_writer(through=not lazy)
 
     def _mark_local_end(self, stream: H2Stream) -> None:
         stream._local_ended = True
