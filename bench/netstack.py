@@ -6,19 +6,25 @@ GSO_TCPV4), and the TCP state machine driven in memory for a bulk transfer each 
 
     .venv/bin/python bench/netstack.py [--seconds 1.0]
 
-Prints a table and one JSON line (`{"bench": "netstack", ...}`).
+Prints a table and one JSON line (`{"bench": "netstack", ...}`). With tele.net's mypyc build
+in use (`scripts/build_native.py`), each figure as Python (a run with TELE_NATIVE=0) and
+native side by side; the JSON's top level is Python's, its "native" key the build's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import socket
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
 
+import tele.net
 from tele.net.packet import TCPFlowEncoder, fast_tcp, parse_packet
 from tele.net.tcp import ACK, FIN, PSH, SYN, TCPHeader
 from tele.net.tcpstate import DataReceived, TCPConfig, TCPConnection
@@ -244,6 +250,7 @@ def bench_memory(connections: int = 1000) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     results: dict[str, float] = {}
     results.update(bench_codecs(args.seconds))
@@ -254,11 +261,28 @@ def main() -> None:
     results.update(bench_send(args.seconds, gso=True))
     results.update(bench_lifecycle(args.seconds))
     results.update(bench_memory())
+    if args.json_only:
+        print(json.dumps(results))
+        return
+    # With tele.net's mypyc build in use, the same figures as Python (TELE_NATIVE=0) beside them.
+    python = results
+    native: dict[str, float] = {}
+    if tele.net.NATIVE:
+        native = results
+        out = subprocess.run(
+            [sys.executable, __file__, "--seconds", str(args.seconds), "--json-only"],
+            env={**os.environ, "TELE_NATIVE": "0"}, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        python = json.loads(out.stdout.splitlines()[-1])
     width = max(len(name) for name in results)
     print(f"tele.net micro-benchmarks (Python {platform.python_version()})")
-    for name, value in results.items():
-        print(f"  {name:<{width}}  {value:>14,.0f}")
-    print(json.dumps({"bench": "netstack", **{k: round(v, 1) for k, v in results.items()}}))
+    print(f"  {'':<{width}}  {'Python':>14}  {'native (mypyc)':>14}")
+    for name, value in python.items():
+        other = f"{native[name]:>14,.0f}  {native[name] / value:5.2f}x" if native else f"{'-':>14}"
+        print(f"  {name:<{width}}  {value:>14,.0f}  {other}")
+    record = {"bench": "netstack", **{k: round(v, 1) for k, v in python.items()}}
+    record["native"] = {k: round(v, 1) for k, v in native.items()} or None
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":

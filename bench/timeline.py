@@ -310,6 +310,7 @@ def main() -> None:
         "bench": "timeline",
         "time": datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ"),
         "load": os.getloadavg()[0],
+        "native": vif._native(),
         "rows": table,
     }
     line = json.dumps(record)

@@ -73,6 +73,13 @@ TELE_ECHO_PORT = 7011
 SOCAT_LAPTOP, SOCAT_CLUSTER = 6001, 6002
 
 
+def _native() -> bool:
+    """Is tele.net's mypyc build in use (`scripts/build_native.py`; TELE_NATIVE=0: not)?"""
+    import tele.net
+
+    return tele.net.NATIVE
+
+
 def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
@@ -849,6 +856,7 @@ def main() -> None:
         "time": datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ"),
         "duration": args.duration,
         "load": os.getloadavg()[0],
+        "native": _native(),
         "rows": table,
     }
     RESULTS.mkdir(exist_ok=True)

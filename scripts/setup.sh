@@ -14,9 +14,10 @@ cd "$(dirname "$0")/.."
 # tcsh reads back the env files written for csh (--env-syntax csh).
 # docker.io (dockerd, containerd, the docker CLI): Docker mode's tests start a private dockerd
 # (own socket and data root, no bridge, no iptables); without systemd nothing else starts it.
+# gcc and python3-dev compile tele.net's hottest modules with mypyc (scripts/build_native.py).
 APT_PACKAGES=(iproute2 nftables iperf3 socat procps curl sshfs sshuttle
     dbus-daemon util-linux docker-registry busybox-static mmdebstrap skopeo runc umoci tcsh
-    docker.io)
+    docker.io gcc python3-dev)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -69,4 +70,13 @@ if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stam
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
+fi
+
+# mypyc builds of tele.net's packet codecs and userspace TCP (scripts/build_native.py), when
+# missing or built from other sources. Best effort: without them the same modules run as Python.
+if ! env -u TELE_NATIVE .venv/bin/python -c 'import sys, tele.net; sys.exit(not tele.net.NATIVE)' \
+    2>/dev/null; then
+    echo "setup: compiling tele.net's packet and TCP modules with mypyc (about 15 s)"
+    .venv/bin/python scripts/build_native.py ||
+        echo "setup: the native build failed; tele runs those modules as Python"
 fi

@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
-echo "== ruff check"; ruff check src tests bench
-echo "== ruff format --check"; ruff format --check src tests bench
+echo "== ruff check"; ruff check src tests bench scripts
+echo "== ruff format --check"; ruff format --check src tests bench scripts
 echo "== mypy --strict src/"; mypy --strict src/
 # The images the sandbox serves (tele's, echo, ...): built once into the image cache the tests
 # share, so that no test waits for a first build (mmdebstrap + pip, about a minute).

@@ -458,6 +458,11 @@ def _compile(directory: Path, image_path: str) -> None:
 # ------------------------------------------------------------------------------------ tele
 
 
+# Bytecode caches, and this machine's mypyc build of tele.net (`scripts/build_native.py`: made
+# for its interpreter, not the image's; the image runs those modules as Python).
+_NOT_IN_IMAGES = ("__pycache__", "_native", "_native.new")
+
+
 def tele_package_dir() -> Path:
     import tele
 
@@ -466,7 +471,7 @@ def tele_package_dir() -> Path:
 
 def _tele_files(package: Path) -> Iterator[Path]:
     for root, dirs, files in os.walk(package):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        dirs[:] = sorted(d for d in dirs if d not in _NOT_IN_IMAGES)
         for name in sorted(files):
             if not name.endswith((".pyc", ".pyo")) and not name.startswith(".#"):
                 yield Path(root) / name
@@ -581,7 +586,7 @@ def _compile_cached(directory: Path, image_path: str, pyc_cache: Path) -> None:
 def _build_tele(store: Path, package: Path) -> Layer:
     with tempfile.TemporaryDirectory(prefix="tele-image-tele-") as tmp:
         copy = Path(tmp) / "tele"
-        shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(package, copy, ignore=shutil.ignore_patterns(*_NOT_IN_IMAGES, "*.pyc"))
         _compile_cached(copy, f"/{SITE_PACKAGES}/tele", store.parent.parent / "pyc")
         builder = LayerBuilder()
         builder.add_tree(copy, f"{SITE_PACKAGES}/tele")

@@ -57,6 +57,7 @@ from tele.net.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_HDR
 IPHeader: TypeAlias = IPv4Header | IPv6Header
 TransportHeader: TypeAlias = TCPHeader | UDPHeader | ICMPv4Header | ICMPv6Header
 Bytes: TypeAlias = bytes | bytearray | memoryview
+View: TypeAlias = memoryview  # (a NamedTuple field's type by a name of this module: mypyc)
 
 # Offsets of the checksum field inside each transport header.
 _CSUM_OFFSET = {PROTO_TCP: 16, PROTO_UDP: 6, PROTO_ICMP: 2, PROTO_ICMPV6: 2}
@@ -181,7 +182,7 @@ class SegmentView(NamedTuple):
     ack: int
     flags: int
     window: int
-    payload: memoryview
+    payload: View
 
 
 def fast_tcp(buf: Bytes, *, verify_checksum: bool = True) -> SegmentView | None:
