@@ -8,6 +8,10 @@ tele and sshuttle side by side in one run.
             kernel's TCP instead of the VIF's (nft REDIRECT in the laptop namespace to a
             listener of the daemon, as sshuttle does; a destination already known open)
   d         sshuttle (nft method) over ssh to an sshd in the cluster namespace
+  floor     the floor of tele's design (bench/tunfloor.py): a trio process behind a TUN device
+            that speaks just enough TCP for this loop, a TCP connection per app connection to
+            a bare trio relay in the cluster namespace, which dials the echo (no HTTP/2, no
+            multiplexing, no retransmission or windows, no policy)
 
 For each row: `1st µs` the p50 from connect() to the echo's first byte (untraced, then under
 perf), `connect µs` the p50 of connect() alone, and per process of the path its median busy time
@@ -16,7 +20,7 @@ had no core) and its wake-ups per connection (waits that returned). With two cor
 six processes, a connection's first byte is roughly the busy time of the processes on its path
 plus the wake-up latency of each hand-off; the table shows which process and how many hand-offs.
 
-Run as root: .venv/bin/python bench/timeline.py [--rows c,c-kernel,d] [--conns 1000]
+Run as root: .venv/bin/python bench/timeline.py [--rows c,c-kernel,d,floor] [--conns 1000]
 Needs perf (linux-perf). Prints a table and a JSON line; writes the JSON to bench/results/.
 """
 
@@ -57,7 +61,7 @@ while True:  # the echo server may still be starting; this also teaches tele the
     try:
         c = socket.create_connection((host, port)); c.sendall(b"y"); c.recv(10); c.close()
         break
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # a relay not yet listening: RST
         if time.monotonic() > deadline:
             raise
         time.sleep(0.05)
@@ -121,6 +125,10 @@ def roles(laptop_pid: int, cluster_pid: int) -> dict[int, str]:
             found[pid] = "tele daemon"
         elif "--role-cluster" in cmd:
             found[pid] = "tunnel server"
+        elif "floor-relay" in cmd:
+            found[pid] = "floor relay"
+        elif "tunfloor.py" in cmd:
+            found[pid] = "floor TUN side"
         elif "serve_tcp" in cmd:
             found[pid] = "echo (the pod)"
         elif comm == "sshuttle":
@@ -191,6 +199,8 @@ def trace_row(row: str, laptop: str, cluster: str, host: str, port: int, count: 
     laptop_pid, cluster_pid = _ns_holder(laptop), _ns_holder(cluster)
     try:
         names = roles(laptop_pid, cluster_pid)
+        if row == "floor":  # this process is not on the path (bench/tunfloor.py is)
+            names = {pid: n for pid, n in names.items() if n != "tele daemon"}
     finally:
         for holder in (laptop_pid, cluster_pid):
             os.kill(holder, signal.SIGKILL)
@@ -266,9 +276,39 @@ def kernel_listener(laptop: str, link, nursery) -> None:  # type: ignore[no-unty
     nursery.start_soon(accept)
 
 
+def run_floor(laptop: str, cluster: str, measure) -> None:  # type: ignore[no-untyped-def]
+    """Row floor: bench/tunfloor.py's TUN side as a process in the laptop namespace, its relay
+    and an echo server in the cluster namespace."""
+    import tunfloor  # bench/tunfloor.py
+
+    relay_port, device = 7100, "tele-floor0"
+    procs = [
+        subprocess.Popen(vif.in_ns(cluster, vif.PY, "-c", tunfloor.RELAY, vif.CLUSTER_IP,
+                                   str(relay_port), vif.POD_IP, str(vif.TELE_ECHO_PORT))),
+        subprocess.Popen(vif.in_ns(cluster, vif.PY, "-c", vif.ECHO_SERVER, vif.POD_IP,
+                                   str(vif.TELE_ECHO_PORT))),
+    ]  # fmt: skip
+    try:
+        side = subprocess.Popen(
+            vif.in_ns(laptop, vif.PY, tunfloor.__file__, device, vif.CLUSTER_IP, str(relay_port)),
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        procs.append(side)
+        assert side.stdout is not None
+        if side.stdout.readline().strip() != "ready":
+            raise RuntimeError("bench/tunfloor.py did not start")
+        vif.ip("-n", laptop, "link", "set", device, "up")
+        vif.ip("-n", laptop, "route", "add", f"{vif.POD_IP}/32", "dev", device)
+        measure("", laptop, vif.POD_IP, 0, vif.TELE_ECHO_PORT)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="c,c-kernel,d")
+    parser.add_argument("--rows", default="c,c-kernel,d,floor")
     parser.add_argument("--conns", type=int, default=1000)
     args = parser.parse_args()
     if not shutil.which("perf"):
@@ -293,8 +333,10 @@ def main() -> None:
                                              "tele_timeline"), check=False)  # fmt: skip
             elif row == "d":
                 vif.run_sshuttle(laptop, cluster, 1.0)
+            elif row == "floor":
+                run_floor(laptop, cluster, measure)
             else:
-                parser.error(f"unknown row {row!r} (c, c-kernel, d)")
+                parser.error(f"unknown row {row!r} (c, c-kernel, d, floor)")
     print(
         f"\n{'row':9} {'1st µs':>7} {'traced':>7} {'connect':>7}  "
         "process: CPU µs/conn, wake-ups/conn"
