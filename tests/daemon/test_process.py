@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import tele.net
 from tele import unixsock
 from tests.daemon.util import (
     TELE,
@@ -88,7 +89,12 @@ def test_quit_stops_the_daemon_and_removes_its_files(
     assert not guard.pid_file.exists()
     log = tele_env["XDG_CACHE_HOME"] + "/tele/logs/daemon.log"
     with open(log) as f:
-        assert "quit requested" in f.read()
+        text = f.read()
+    assert "quit requested" in text
+    # Its first line says whether tele.net's mypyc build ran (tele.net.NATIVE: this process's
+    # answer is the daemon's, both import the same tree with the same environment).
+    native = "compiled (mypyc)" if tele.net.NATIVE else "Python (no current native build)"
+    assert f"packet codecs and userspace TCP: {native}" in text
     again = run_tele(tele_env, "quit")
     assert again.returncode == 0
     assert again.stdout.strip() == "The daemon is not running."

@@ -22,6 +22,7 @@ from pathlib import Path
 import trio
 
 import tele
+import tele.net
 from tele import _patches, config, gctune, logs, paths, unixsock
 from tele.daemon import leftovers
 from tele.daemon.server import Daemon
@@ -126,7 +127,12 @@ def run(*, ready_fd: int | None = None) -> None:
                 raise TeleError(
                     f"Cannot open the log file in {paths.logs_dir()}: {exc.strerror or exc}."
                 ) from exc
-            log.info("tele daemon %s starting, pid %d", tele.__version__, os.getpid())
+            log.info(
+                "tele daemon %s starting, pid %d; packet codecs and userspace TCP: %s",
+                tele.__version__,
+                os.getpid(),
+                "compiled (mypyc)" if tele.net.NATIVE else "Python (no current native build)",
+            )
             _patches.apply()
             trio.run(_main, cfg, log_file, ready)
         finally:
