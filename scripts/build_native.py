@@ -11,6 +11,7 @@ interpreter's headers. Run with the venv's Python:  .venv/bin/python scripts/bui
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -71,8 +72,6 @@ def main() -> int:
         staging.mkdir()
         for path in built:
             shutil.copy2(path, staging / path.name)
-        import json
-
         (staging / MANIFEST).write_text(json.dumps(before, indent=1) + "\n")
         shutil.rmtree(NATIVE_DIR, ignore_errors=True)
         staging.rename(NATIVE_DIR)
