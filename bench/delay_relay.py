@@ -3,10 +3,11 @@
 each chunk RTT/2 after it arrived, reading on without pause, so it adds latency without limiting
 bandwidth (this kernel has no netem). At most 64 MiB wait in each direction.
 
-One thread per direction reads, one writes; the writer sleeps with `time.sleep` (nanosleep, well
-under 0.1 ms late). A trio relay sleeping until each chunk's due time was ~0.7 ms late per
-direction: epoll's timeout is whole milliseconds, rounded up. `measured_rtt` tells what a relay
-really adds, so rows can be judged against the round trip they got.
+One thread per direction reads, one writes; the writer sleeps with `time.sleep` to 2 ms before
+each chunk's due time and spins the rest (`SPIN`). A trio relay sleeping until each chunk's due
+time was ~0.7 ms late per direction: epoll's timeout is whole milliseconds, rounded up.
+`measured_rtt` tells what a relay really adds, so rows can be judged against the round trip they
+got.
 
     delay_relay.py fds RTT_MS FD_A FD_B            relay between two inherited sockets
     delay_relay.py tcp RTT_MS LISTEN_PORT HOST:PORT  accept on 127.0.0.1:LISTEN_PORT, relay each
@@ -25,6 +26,14 @@ import time
 
 CHUNK = 1 << 18
 QUEUED = 256  # chunks waiting per direction: at most 64 MiB
+# An idle vCPU of this VM wakes from a short sleep up to ~1 ms late (a 21 us nanosleep measured
+# 0.9 ms): a chunk released that late lands on the row as latency a network would not add, the
+# more so for a protocol that writes twice in a row (the second chunk's short sleep). The writer
+# sleeps to SPIN before the due time and spins the rest; with more than SPIN_QUEUED chunks
+# waiting (a bulk transfer, where such lateness does not show) it only sleeps, so it never
+# keeps a core busy for a whole transfer.
+SPIN = 0.002
+SPIN_QUEUED = 8
 
 
 def pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
@@ -46,8 +55,10 @@ def pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
                 continue  # keep draining so the reader never blocks on a full queue
             due, data = item
             wait = due - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
+            if wait > SPIN or (wait > 0 and chunks.qsize() > SPIN_QUEUED):
+                time.sleep(wait - SPIN if wait > SPIN else wait)
+            while time.monotonic() < due:  # the last SPIN seconds: a sleep may end ~1 ms late
+                pass
             try:
                 dst.sendall(data)
             except OSError:
