@@ -171,6 +171,24 @@ async def test_the_agent_arriving_again_in_the_same_pod_mounts_the_volumes_again
     assert len(mounts.remounted) == 1
 
 
+async def test_every_change_of_the_serving_pod_is_kept_for_a_follower_to_say() -> None:
+    """The pod is replaced, then its agent restarts, before `tele intercept -- COMMAND` looks
+    again: the status holds both sentences, in order, and how many there were."""
+    engagements, _, _ = _engagements()
+    await engagements._serving_pod(_serving(agent="t1"))  # replaced by echo-b
+    moved = engagements.pod_changes["echo"][-1]
+    await engagements._serving_pod(_serving(agent="t2"))  # echo-b's agent arrived again
+    [status] = engagements.statuses()
+    assert status.pod_change_count == 2
+    assert status.pod_changes == [
+        moved,
+        "the traffic agent of echo in pod echo-b arrived again; its volumes are mounted again "
+        "at /tmp/telfs-x",
+    ]
+    assert status.pod_change == status.pod_changes[-1]
+    assert moved.startswith("echo is served by pod echo-b (10.244.0.9) now")
+
+
 async def test_a_file_server_not_taking_connections_yet_is_tried_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -180,7 +198,7 @@ async def test_a_file_server_not_taking_connections_yet_is_tried_again(
     mounts.refusals = 1
     await engagements._serving_pod(_serving())
     assert len(mounts.remounted) == 2
-    assert engagements.pod_changes["echo"].endswith(
+    assert engagements.pod_changes["echo"][-1].endswith(
         "; its volumes are mounted again at /tmp/telfs-x"
     )
     assert engagements.engaged["echo"].mount_error == ""

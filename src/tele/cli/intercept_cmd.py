@@ -275,7 +275,7 @@ def _follow_pod(name: str, stop: threading.Event) -> None:
     from tele.rpc import daemon_api
 
     async def follow() -> None:
-        said = ""
+        said = 0  # how many changes were said: two between looks are both said
         async with client.daemon_client(start=False) as rpc:
             while rpc is not None:
                 last = stop.is_set()  # the command ended: one more look, then no more
@@ -283,9 +283,10 @@ def _follow_pod(name: str, stop: threading.Event) -> None:
                 engagements = status.session.engagements if status.session else []
                 for e in engagements:
                     # Said once the daemon has moved everything (forwards, volumes) there.
-                    if e.name == name and e.pod_change and e.pod_change != said:
-                        said = e.pod_change
-                        click.echo(f"tele: {said}", err=True)
+                    if e.name == name and e.pod_change_count > said:
+                        for sentence in e.pod_changes[-(e.pod_change_count - said) :]:
+                            click.echo(f"tele: {sentence}", err=True)
+                        said = e.pod_change_count
                 if last:
                     return
                 await trio.to_thread.run_sync(stop.wait, POD_WATCH_SECONDS)

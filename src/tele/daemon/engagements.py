@@ -34,6 +34,7 @@ TAP_POLL_SECONDS = 2.0
 """How often the wiretaps' counters are asked from the manager while there is a wiretap."""
 REMOUNT_TRIES = 3
 REMOUNT_PAUSE = 1.0
+POD_CHANGES_KEPT = 16  # sentences per engagement saying its serving pod changed
 """A restarted agent's volumes: how often, and how far apart, mounting them again is tried."""
 TAKES_SERVICE_PORTS = ("intercept", aapi.WIRETAP)
 
@@ -153,9 +154,12 @@ class LocalEngagements:
         self.tap_counters: dict[str, aapi.TapCounters] = {}
         """Per wiretap engagement id: its counters, as the manager last said."""
         self._taps_wanted = trio.Event()
-        self.pod_changes: dict[str, str] = {}
-        """Per engagement name: the sentence saying that its serving pod changed, the last
-        time it did (`tele status`, and `tele intercept -- COMMAND` while it runs)."""
+        self.pod_changes: dict[str, list[str]] = {}
+        """Per engagement name: the sentences saying that its serving pod changed, oldest
+        first (the last POD_CHANGES_KEPT; `tele status` shows the last one, `tele intercept
+        -- COMMAND` says each while it runs)."""
+        self.pod_change_count: dict[str, int] = {}
+        """Per engagement name: how many times its serving pod changed."""
         self.agent_arrivals: dict[str, str] = {}
         """Per engagement name: which arrival of its serving pod's agent the manager named last
         (ServingPod.agent); another one for the same pod means the agent restarted there."""
@@ -493,7 +497,10 @@ class LocalEngagements:
                 sentence += f"; its volumes could not be mounted again: {remounted.mount_error}"
             else:
                 sentence += f"; its volumes are mounted again at {remounted.local_mount}"
-        self.pod_changes[serving.name] = sentence
+        said = self.pod_changes.setdefault(serving.name, [])
+        said.append(sentence)
+        del said[:-POD_CHANGES_KEPT]
+        self.pod_change_count[serving.name] = self.pod_change_count.get(serving.name, 0) + 1
 
     async def _follow_tap_counters(self) -> None:
         """While there are wiretaps, keep their counters as the manager sums them up."""
@@ -546,7 +553,9 @@ class LocalEngagements:
                 local_mount=i.local_mount,
                 pod_name=i.pod_name,
                 pod_ips=i.pod_ips,
-                pod_change=self.pod_changes.get(i.name, ""),
+                pod_change=(self.pod_changes.get(i.name) or [""])[-1],
+                pod_changes=list(self.pod_changes.get(i.name, ())),
+                pod_change_count=self.pod_change_count.get(i.name, 0),
                 wiretap=(
                     self.tap_counters.get(i.id, aapi.TapCounters())
                     if i.kind == aapi.WIRETAP
@@ -593,6 +602,7 @@ class LocalEngagements:
         self.engaged.pop(name, None)
         self.engage_requests.pop(name, None)
         self.pod_changes.pop(name, None)
+        self.pod_change_count.pop(name, None)
         self.agent_arrivals.pop(name, None)
 
     async def _serve_dials(self) -> None:

@@ -115,6 +115,11 @@ class EngagementStatus(msgspec.Struct, frozen=True, kw_only=True):
     pod_ips: list[str] = []
     pod_change: str = ""
     """The last time the serving pod changed (it was replaced), the sentence that says so."""
+    pod_changes: list[str] = []
+    """Every such sentence, oldest first (the daemon keeps the last POD_CHANGES_KEPT)."""
+    pod_change_count: int = 0
+    """How many times the serving pod changed: a follower that looks now and then says the
+    ones it has not said (the last `pod_change_count - said` of `pod_changes`)."""
     wiretap: TapCounters | None = None
     """A wiretap's counters (what its agents copied and dropped), as last heard."""
 
