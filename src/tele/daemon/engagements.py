@@ -34,8 +34,9 @@ TAP_POLL_SECONDS = 2.0
 """How often the wiretaps' counters are asked from the manager while there is a wiretap."""
 REMOUNT_TRIES = 3
 REMOUNT_PAUSE = 1.0
-POD_CHANGES_KEPT = 16  # sentences per engagement saying its serving pod changed
 """A restarted agent's volumes: how often, and how far apart, mounting them again is tried."""
+POD_CHANGES_KEPT = 16
+"""Per engagement, how many of the sentences saying that its serving pod changed are kept."""
 TAKES_SERVICE_PORTS = ("intercept", aapi.WIRETAP)
 
 
