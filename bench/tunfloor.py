@@ -4,12 +4,12 @@ can do to carry a short connection to a trio relay in the cluster, for bench/tim
 
 The laptop side (`serve`; this script as a process in the laptop namespace, as tele's daemon
 is: `python bench/tunfloor.py DEVICE RELAY_HOST RELAY_PORT` opens the TUN device, prints
-"ready", and serves until killed) speaks just enough TCP
-on the TUN for the sequential loop: the SYN gets a SYN-ACK and a dial of the relay at once (as
-tele's early accept and optimistic OPEN), the app's bytes go to the relay with their ACK left
-to ride on the answer, the answer goes back as one segment, the app's FIN half-closes the relay
-socket and the relay's EOF is answered with one FIN. IPv4 without options, no retransmission,
-no windows, no vnet header (Python checksums, tele.net.checksum), a TCP connection per app
+"ready", and serves until killed) speaks just enough TCP on the TUN for the sequential loop:
+the SYN gets a SYN-ACK and a dial of the relay at once (as tele's early accept and optimistic
+OPEN), the app's bytes go to the relay with their ACK left to ride on the answer, the answer
+goes back as one segment, the app's FIN half-closes the relay socket and the relay's EOF is
+answered with one FIN. IPv4 without options, no retransmission, no windows, no vnet header
+(packets built by tele.net's own encoder, checksums included), a TCP connection per app
 connection instead of one multiplexed link (the kernel does the multiplexing), no HTTP/2, no
 TLS, no policy. The cluster side (`RELAY`) is a bare trio relay: accept, dial the echo, pump.
 """
@@ -24,11 +24,8 @@ import struct
 
 import trio
 
-from tele.net.checksum import internet_checksum, pseudo_header_sum
-
-FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
-_TCP = struct.Struct("!HHIIBBHHH")
-_IP = struct.Struct("!BBHHHBBH4s4s")
+from tele.net.packet import TCPFlowEncoder
+from tele.net.tcp import ACK, FIN, PSH, RST, SYN
 
 RELAY = """
 import socket, sys, trio
@@ -52,21 +49,13 @@ trio.run(lambda: trio.serve_tcp(handle, port, host=host))  # floor-relay
 """
 
 
-def segment(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int,
-            payload: bytes = b"") -> bytes:  # fmt: skip
-    tcp = bytearray(_TCP.pack(sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload)
-    pseudo = pseudo_header_sum(src, dst, 6, len(tcp))
-    struct.pack_into("!H", tcp, 16, internet_checksum(tcp, pseudo))
-    ip = bytearray(_IP.pack(0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst))
-    struct.pack_into("!H", ip, 10, internet_checksum(ip))
-    return bytes(ip + tcp)
-
-
 class _Conn:
-    __slots__ = ("fin", "key", "pending", "rcv_nxt", "snd_nxt", "sock")
+    __slots__ = ("encoder", "fin", "key", "pending", "rcv_nxt", "snd_nxt", "sock")
 
     def __init__(self, key: tuple[bytes, int, bytes, int], rcv_nxt: int, snd_nxt: int) -> None:
         self.key, self.rcv_nxt, self.snd_nxt = key, rcv_nxt, snd_nxt
+        src, sport, dst, dport = key
+        self.encoder = TCPFlowEncoder(dst, src, dport, sport)  # our packets: to the app
         self.sock: socket.socket | None = None
         self.pending: list[bytes] = []
         self.fin = False
@@ -78,8 +67,7 @@ async def serve(fd: int, relay: tuple[str, int]) -> None:
     conns: dict[tuple[bytes, int, bytes, int], _Conn] = {}
 
     def reply(conn: _Conn, flags: int, payload: bytes = b"") -> None:
-        src, sport, dst, dport = conn.key
-        os.write(fd, segment(dst, src, dport, sport, conn.snd_nxt, conn.rcv_nxt, flags, payload))
+        os.write(fd, conn.encoder.segment(conn.snd_nxt, conn.rcv_nxt, flags, 65535, payload))
         used = len(payload) + (1 if flags & (SYN | FIN) else 0)  # SYN and FIN take a number
         conn.snd_nxt = (conn.snd_nxt + used) & 0xFFFFFFFF
 
