@@ -55,10 +55,14 @@ def pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
                 continue  # keep draining so the reader never blocks on a full queue
             due, data = item
             wait = due - time.monotonic()
-            if wait > SPIN or (wait > 0 and chunks.qsize() > SPIN_QUEUED):
-                time.sleep(wait - SPIN if wait > SPIN else wait)
-            while time.monotonic() < due:  # the last SPIN seconds: a sleep may end ~1 ms late
-                pass
+            if chunks.qsize() > SPIN_QUEUED:  # a bulk transfer: its lateness does not show
+                if wait > 0:
+                    time.sleep(wait)
+            else:
+                if wait > SPIN:
+                    time.sleep(wait - SPIN)
+                while time.monotonic() < due:  # the last SPIN seconds: a sleep may end late
+                    pass
             try:
                 dst.sendall(data)
             except OSError:
