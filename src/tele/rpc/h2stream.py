@@ -320,11 +320,18 @@ class H2Stream(StreamCore, trio.abc.HalfCloseableStream):
         self._raise_if_failed()
         return b"" if self._remote_ended else None
 
-    def push_to(self, sink: int, *, wake: Callable[[], None], end: Callable[[], bool]) -> None:
+    def push_to(
+        self,
+        sink: int | Callable[[bytes], int],
+        *,
+        wake: Callable[[], None],
+        end: Callable[[], bool],
+    ) -> None:
         """`deliver_to(sink)` for a consumer that is not parked in `receive_some` but busy
-        elsewhere (`tele.rpc.tunnel`'s socket relay reads the socket meanwhile): the link's
-        reader writes DATA to the non-blocking descriptor `sink`, and at the peer's END_STREAM
-        with nothing buffered calls `end()` (True: handled, e.g. the socket was half-closed).
+        elsewhere (`tele.rpc.tunnel`'s socket relay reads the socket meanwhile), or that has
+        no task at all (the VIF's task-less connections): the link's reader hands DATA to
+        `sink` (as `deliver_to`), and at the peer's END_STREAM with nothing buffered calls
+        `end()` (True: handled, e.g. the socket was half-closed).
 
         Whatever else would wake a reader (bytes the sink did not take, an end `end` did not
         handle, a reset, the link's failure) ends push mode and calls `wake()` once: the

@@ -20,7 +20,7 @@ import trio
 from tele.errors import ConnectionFailed
 from tele.net.tunnel import Destination, ResetReason
 from tele.rpc.h2link import H2Link, H2Stream, LinkBroken, LinkSettings, open_link
-from tele.rpc.tunnel import TunnelError, dial
+from tele.rpc.tunnel import TunnelError, dial, open_now
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,17 @@ class LinkPool:
             ResetReason.UNREACHABLE,
             f"no link to the traffic manager came up within {wait:g}s{reason}",
         )
+
+    def open_now(
+        self, destination: Destination, *, session: str, dial_id: str | None = None
+    ) -> H2Stream | None:
+        """`dial(..., optimistic=True)` without any schedule point (`tele.rpc.tunnel.open_now`
+        on the least loaded live link): None when it would have to wait (no link is up, or
+        the link is at the peer's stream limit) or the link is unusable; `dial` then."""
+        link = self.pick()
+        if link is None:
+            return None
+        return open_now(link, destination, session=session, dial_id=dial_id)
 
     async def _keep(self, slot: int) -> None:
         delay = self._backoff_initial

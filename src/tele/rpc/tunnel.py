@@ -123,15 +123,13 @@ async def dial(
     whatever was sent is dropped. For callers that must know the outcome
     before going on (the VIF answers a SYN only after the dial), leave it False.
     """
+    if optimistic:  # no schedule point: the OPEN is queued in the caller's step
+        stream = open_now(link, destination, session=session, dial_id=dial_id)
+        if stream is not None:
+            return stream  # else wait for room below (or learn why the link is unusable)
     request = OpenRequest(destination, session, dial_id, early=optimistic)
     try:
-        if optimistic:
-            try:  # no schedule point: the OPEN is queued in the caller's step
-                stream = link.open_stream_now(request.to_headers())
-            except trio.WouldBlock:  # the peer's stream limit: wait for room
-                stream = await link.open_stream(request.to_headers())
-        else:
-            stream = await link.open_stream(request.to_headers())
+        stream = await link.open_stream(request.to_headers())
     except LinkBroken as exc:
         raise TunnelError(ResetReason.INTERNAL, f"no tunnel to {destination}: {exc}") from exc
     if optimistic:
@@ -156,6 +154,22 @@ async def dial(
     if isinstance(response, Refuse):
         stream.close()
         raise _tunnel_error(response.reason, destination, response.detail)
+    return stream
+
+
+def open_now(
+    link: H2Link, destination: Destination, *, session: str, dial_id: str | None = None
+) -> H2Stream | None:
+    """`dial(optimistic=True)` with no schedule point at all, for a caller that is not a
+    task (the VIF's packet reader opens an early-accepted connection's stream itself): the
+    OPEN is queued and the stream returned. None when that cannot be done now: at the peer's
+    stream limit, or with the link unusable (`dial` then waits for room, or says why)."""
+    request = OpenRequest(destination, session, dial_id, early=True)
+    try:
+        stream = link.open_stream_now(request.to_headers())
+    except (trio.WouldBlock, LinkBroken):
+        return None
+    stream.response_check = functools.partial(_judge_response, destination)
     return stream
 
 
