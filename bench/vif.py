@@ -518,7 +518,7 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
 
     from tele import gctune
     from tele.rpc.client import open_client
-    from tele.rpc.tunnel import dial
+    from tele.rpc.tunnel import dial, open_now
     from tele.vif.service import VifSettings, serve_vif
 
     results: dict = {}
@@ -542,17 +542,17 @@ def run_tele(laptop: str, cluster: str, duration: float, *, offload: bool, mtu: 
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
             async with open_client(stream) as client, trio.open_nursery() as nursery:
 
-                async def dialer(destination, optimistic=False):  # type: ignore[no-untyped-def]
-                    return await dial(
-                        client.link, destination, session="bench", optimistic=optimistic
-                    )
+                async def dialer(destination):  # type: ignore[no-untyped-def]
+                    return await dial(client.link, destination, session="bench")
 
                 settings = VifSettings(
                     cluster_subnets=["10.244.0.0/16"], netns=laptop, offload=offload, mtu=mtu
                 )
-                early = None if NO_EARLY else functools.partial(dialer, optimistic=True)
+                early = (
+                    None if NO_EARLY else functools.partial(open_now, client.link, session="bench")
+                )
                 info = await nursery.start(
-                    functools.partial(serve_vif, settings, dialer, early_dialer=early)
+                    functools.partial(serve_vif, settings, dialer, early_opener=early)
                 )
                 if KERNEL_LISTENER is not None:  # bench/timeline.py's row c-kernel
                     KERNEL_LISTENER(laptop, client.link, nursery)

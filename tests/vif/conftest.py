@@ -145,10 +145,10 @@ async def upstream_stub(netns: str, *, task_status: trio.TaskStatus[None]) -> No
 async def tele(
     nursery: trio.Nursery, netns: Namespaces, cluster_link: Client, tmp_path: Path
 ) -> AsyncIterator[Tele]:
-    from tele.rpc.tunnel import dial
+    from tele.rpc.tunnel import dial, open_now
 
-    async def dialer(destination, optimistic=False):  # type: ignore[no-untyped-def]
-        return await dial(cluster_link.link, destination, session="test", optimistic=optimistic)
+    async def dialer(destination):  # type: ignore[no-untyped-def]
+        return await dial(cluster_link.link, destination, session="test")
 
     settings = VifSettings(cluster_subnets=CLUSTER_SUBNETS, netns=netns.laptop, device="tele0")
     scope = trio.CancelScope()
@@ -156,8 +156,8 @@ async def tele(
     async def run(*, task_status: trio.TaskStatus[VifInfo] = trio.TASK_STATUS_IGNORED) -> None:
         with scope:
             # As the daemon does: a destination just seen open gets its SYN answered early.
-            early = functools.partial(dialer, optimistic=True)
-            await serve_vif(settings, dialer, early_dialer=early, task_status=task_status)
+            early = functools.partial(open_now, cluster_link.link, session="test")
+            await serve_vif(settings, dialer, early_opener=early, task_status=task_status)
 
     info: VifInfo = await nursery.start(run)
     assert info.subnets == parse_networks(["10.96.0.0/16", "10.244.0.0/16", "fd00:244::/64"])

@@ -17,7 +17,7 @@ from tele.net.tunnel import Destination
 from tele.rpc import manager_api as mapi
 from tele.rpc.client import Client
 from tele.rpc.h2link import H2Stream
-from tele.rpc.tunnel import dial
+from tele.rpc.tunnel import dial, open_now
 from tele.vif import journal
 from tele.vif.connect import NetworkOptions, NetworkStatus, serve_network
 
@@ -38,6 +38,11 @@ class FakePool:
         optimistic: bool = False,
     ) -> H2Stream:
         return await dial(self.client.link, destination, session=session, optimistic=optimistic)
+
+    def open_now(
+        self, destination: Destination, *, session: str, dial_id: str | None = None
+    ) -> H2Stream | None:
+        return open_now(self.client.link, destination, session=session)
 
 
 @dataclass
@@ -204,6 +209,11 @@ class StuckPool:
     ) -> H2Stream:
         await trio.sleep_forever()
         raise AssertionError("unreachable")
+
+    def open_now(
+        self, destination: Destination, *, session: str, dial_id: str | None = None
+    ) -> H2Stream | None:
+        return None  # it would wait: `dial`, which never completes
 
 
 @dataclass

@@ -3,23 +3,25 @@ the order of answers to a SYN, refusals, and UDP flow expiry, under trio's MockC
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import trio
 import trio.testing
 
 from tele.net.icmp import ICMPV4_HOST_UNREACHABLE, ICMPv4Header, ICMPv6Header
-from tele.net.packet import encode, parse_packet
+from tele.net.packet import Packet, encode, parse_packet
 from tele.net.tcp import ACK, FIN, PSH, RST, SYN
 from tele.net.tcpstate import TCPConfig
-from tele.net.tunnel import Accept, Destination, Protocol, ResetReason
+from tele.net.tunnel import Accept, Destination, OpenRequest, Protocol, Refuse, ResetReason
 from tele.net.udp import UDPHeader
 from tele.rpc.h2link import LinkSettings
-from tele.rpc.tunnel import TunnelError, TunnelRefused, dial
+from tele.rpc.h2stream import H2Stream
+from tele.rpc.tunnel import TunnelError, dial, open_now
 from tele.testing.streams import open_link_pair
 from tele.vif.runtime import Stack, StackConfig
 
@@ -408,114 +410,240 @@ async def test_app_bytes_and_eof_reach_a_slow_tunnel_after_the_connection_ended(
     assert far.eof
 
 
-class _Refused(trio.abc.HalfCloseableStream):
-    """An optimistic tunnel stream whose OPEN the far end refused: every call raises."""
-
-    def __init__(self) -> None:
-        self.error = TunnelRefused(ResetReason.REFUSED, "10.96.0.10:8080 refused the connection")
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        raise self.error
-
-    async def wait_send_all_might_not_block(self) -> None:
-        raise self.error
-
-    async def send_eof(self) -> None:
-        raise self.error
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        await trio.lowlevel.checkpoint()
-        raise self.error
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
+def _answers(kernel: socket.socket, sport: int) -> list[int]:
+    """The flags of what the app on `sport` got (others' SYN-ACKs may be resent meanwhile)."""
+    return [tcp(p).flags for p in map(parse_packet, pending(kernel)) if tcp(p).dport == sport]
 
 
 async def test_a_destination_seen_open_gets_its_syn_answered_before_the_dial(
     clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
 ) -> None:
     kernel, end = tun
-    dialed: list[str] = []
-    go = trio.Event()
+    link, incoming = await open_link_pair(nursery)
+    opens: list[str] = []
+    answering = trio.Event()  # the far end holds its answers to OPENs until set
     refuse = False
 
+    async def far_end() -> None:
+        async for stream in incoming:
+            nursery.start_soon(answer, stream)
+
+    async def answer(stream: H2Stream) -> None:
+        opens.append("early" if OpenRequest.from_headers(stream.request_headers).early else "waits")
+        await answering.wait()
+        if refuse:
+            await stream.send_response(Refuse(ResetReason.REFUSED).to_headers(), end_stream=True)
+        else:
+            await stream.send_response(Accept().to_headers())
+
     async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
-        dialed.append("waits")
-        await go.wait()
-        if refuse:
-            raise TunnelError(ResetReason.REFUSED, f"{destination} refused the connection")
-        return trio.testing.memory_stream_pair()[0]  # type: ignore[return-value]
+        return await dial(link, destination, session="s")
 
-    async def early(destination: Destination) -> trio.abc.HalfCloseableStream:
-        dialed.append("early")
-        await trio.lowlevel.checkpoint()
-        if refuse:
-            return _Refused()
-        return trio.testing.memory_stream_pair()[0]  # type: ignore[return-value]
-
+    nursery.start_soon(far_end)
     config = StackConfig(subnets=SUBNETS, early_accept=10.0)
-    stack = Stack(end.fileno(), dialer, vnet_header=False, config=config, early_dialer=early)
+    opener = functools.partial(open_now, link, session="s")
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=config, early_opener=opener)
     await nursery.start(stack.serve)
 
     async def connect(sport: int) -> list[int]:
-        """The flags of what the app got for a SYN within 0.5 s (before `go`, if it waits)."""
+        """The flags of what the app got for a SYN within 0.5 s (before the far end answers,
+        if it holds)."""
         kernel.send(bytes(App(sport=sport).syn(mss=1460)))
         await trio.sleep(0.5)  # the SYN-ACK's retransmission timer is 1 s
-        return answers(sport)
-
-    def answers(sport: int) -> list[int]:  # (the others' SYN-ACKs are resent meanwhile)
-        return [tcp(p).flags for p in map(parse_packet, pending(kernel)) if tcp(p).dport == sport]
+        return _answers(kernel, sport)
 
     # Never seen: the SYN waits for the dial.
     assert await connect(40001) == []
-    go.set()
-    await trio.sleep(0.01)
-    assert answers(40001) == [SYN | ACK]
-    go = trio.Event()
-    # Seen open: answered at once, the dial's answer not awaited.
+    answering.set()
+    await trio.sleep(0.02)
+    assert _answers(kernel, 40001) == [SYN | ACK]
+    answering = trio.Event()
+    # Seen open: answered at once, the far end's answer not awaited.
     assert await connect(40002) == [SYN | ACK]
-    assert dialed == ["waits", "early"]
+    assert opens == ["waits", "early"]
     # Only for `early_accept` seconds after the last dial that was awaited.
     await trio.sleep(10)
     assert await connect(40003) == []
-    go.set()
-    await trio.sleep(0.01)
-    assert answers(40003) == [SYN | ACK]
+    answering.set()
+    await trio.sleep(0.02)
+    assert _answers(kernel, 40003) == [SYN | ACK]
     # The port closed since: the next early accept is reset once (the app never gets data
     # from a connection that was not there), then the destination waits for its dial again,
     # whose refusal the app gets at once.
     refuse = True
     assert await connect(40004) == [SYN | ACK, RST | ACK]
     assert await connect(40005) == [RST | ACK]
-    assert dialed == ["waits", "early", "waits", "early", "waits"]
+    assert opens == ["waits", "early", "waits", "early", "waits"]
     assert stack.counters.refused == 2
 
 
-async def test_an_early_accept_whose_open_cannot_be_sent_is_reset(
+async def test_an_early_accept_whose_stream_cannot_be_opened_at_once_is_dialed(
     clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
 ) -> None:
+    """No stream at once (no link up, the peer's stream limit): the flow's task dials. The
+    SYN was answered already, so a failed dial resets the app's connection."""
     kernel, end = tun
+    dialed: list[int] = []
 
     async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        dialed.append(destination.port)
         await trio.lowlevel.checkpoint()
+        if len(dialed) == 3:
+            raise TunnelError(ResetReason.INTERNAL, "no tunnel: the link broke")
         return trio.testing.memory_stream_pair()[0]  # type: ignore[return-value]
 
-    async def early(destination: Destination) -> trio.abc.HalfCloseableStream:
-        raise TunnelError(ResetReason.INTERNAL, "no tunnel: the link broke")
-
     config = StackConfig(subnets=SUBNETS, early_accept=10.0)
-    stack = Stack(end.fileno(), dialer, vnet_header=False, config=config, early_dialer=early)
+    stack = Stack(
+        end.fileno(), dialer, vnet_header=False, config=config, early_opener=lambda _: None
+    )
     await nursery.start(stack.serve)
-    kernel.send(bytes(App(sport=40001).syn(mss=1460)))
-    await trio.sleep(0.5)
-    assert [tcp(parse_packet(p)).flags for p in pending(kernel)] == [SYN | ACK]
-    kernel.send(bytes(App(sport=40002).syn(mss=1460)))
-    await trio.sleep(0.5)
-    # Answered at once, then reset: the app never sees data from a tunnel that was not there.
-    # (Only port 40002's packets: at 1 s the unanswered SYN-ACK to 40001 is sent again.)
-    flags = [tcp(q).flags for q in map(parse_packet, pending(kernel)) if tcp(q).dport == 40002]
-    assert flags == [SYN | ACK, RST | ACK]
+    for sport in (40001, 40002, 40003):
+        kernel.send(bytes(App(sport=sport).syn(mss=1460)))
+        await trio.sleep(0.5)
+        # The first waits for its dial; the others are answered at once, and the last reset
+        # when its dial fails: the app never sees data from a tunnel that was not there.
+        assert _answers(kernel, sport) == [SYN | ACK, RST | ACK] if sport == 40003 else [SYN | ACK]
+    assert len(dialed) == 3
     assert not stack._open_recently  # the next SYN waits for its dial
+
+
+class _Early:
+    """A stack with early accept on one side of a link pair, and its far end: connections to a
+    destination seen open are relayed with no task of their own (`Stack._open_early`)."""
+
+    def __init__(self, kernel: socket.socket, stack: Stack, incoming: object) -> None:
+        self.kernel = kernel
+        self.stack = stack
+        self.incoming: trio.MemoryReceiveChannel[H2Stream] = incoming  # type: ignore[assignment]
+
+    @property
+    def tasks(self) -> int:
+        """The stack's tasks: the timer task, and a flow task per connection that has one."""
+        assert self.stack._nursery is not None
+        return len(self.stack._nursery.child_tasks)
+
+    async def connect(self, sport: int, *, early: bool = True) -> tuple[App, H2Stream]:
+        """The app's connection, ESTABLISHED, and the far end's stream (accepted)."""
+        app = App(sport=sport)
+        self.kernel.send(bytes(app.syn(mss=1460)))
+        far = await self.incoming.receive()
+        assert OpenRequest.from_headers(far.request_headers).early is early
+        if not early:
+            await far.send_response(Accept().to_headers())
+        synack = await self.receive(app)
+        assert [tcp(p).flags for p in synack] == [SYN | ACK]
+        app.rcv_nxt = (tcp(synack[0]).seq + 1) & 0xFFFFFFFF
+        self.kernel.send(bytes(app.packet(ACK)))
+        return app, far
+
+    async def receive(self, app: App) -> list[Packet]:
+        """The next packets to the app (waits for at least one)."""
+        with trio.fail_after(5):
+            while True:
+                await trio.lowlevel.wait_readable(self.kernel)
+                packets = [p for p in map(parse_packet, pending(self.kernel))]
+                mine = [p for p in packets if tcp(p).dport == app.sport]
+                if mine:
+                    return mine
+
+    async def read_to_end(self, app: App) -> bytes:
+        """What the app reads up to our FIN, as its kernel would: in order, each ACKed."""
+        data = b""
+        while True:
+            fin = False
+            for p in await self.receive(app):
+                header = tcp(p)
+                if header.flags & SYN or header.seq != app.rcv_nxt:
+                    continue  # a resent SYN-ACK, or a segment resent
+                data += bytes(p.payload)
+                fin = bool(header.flags & FIN)
+                app.rcv_nxt = (app.rcv_nxt + len(p.payload) + fin) & 0xFFFFFFFF
+            self.kernel.send(bytes(app.packet(ACK)))
+            if fin:
+                return data
+
+
+@pytest.fixture
+async def early(
+    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+) -> AsyncIterator[_Early]:
+    """`_Early` with the destination seen open (a first connection, dialed and accepted)."""
+    kernel, end = tun
+    link, incoming = await open_link_pair(nursery)
+
+    async def dialer(destination: Destination) -> trio.abc.HalfCloseableStream:
+        return await dial(link, destination, session="s")
+
+    config = StackConfig(
+        subnets=SUBNETS, early_accept=60.0, tcp=TCPConfig(time_wait=0, send_buffer=4096)
+    )
+    opener = functools.partial(open_now, link, session="s")
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=config, early_opener=opener)
+    scope = trio.CancelScope()
+
+    async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await stack.serve(task_status=task_status)
+
+    await nursery.start(serve)
+    side = _Early(kernel, stack, incoming)
+    side.scope = scope  # type: ignore[attr-defined]
+    side.first = await side.connect(40001, early=False)  # type: ignore[attr-defined]
+    yield side
+
+
+async def test_an_early_accepted_connection_is_relayed_with_no_task_of_its_own(
+    early: _Early,
+) -> None:
+    tasks = early.tasks  # the timer task and the first connection's flow task
+    app, far = await early.connect(40002)
+    early.kernel.send(bytes(app.data(b"ping", ACK | PSH)))
+    assert await far.receive_some() == b"ping"
+    assert early.tasks == tasks  # none was started for it
+    await far.send_all(b"pong")  # (with the far end's ACCEPT: :status 200)
+    await far.send_eof()
+    assert await early.read_to_end(app) == b"pong"
+    assert early.tasks == tasks
+    early.kernel.send(bytes(app.packet(ACK | FIN)))
+    app.snd_nxt += 1
+    assert await far.receive_some() == b""  # the app's EOF
+    await trio.testing.wait_all_tasks_blocked()  # its ACK, then (no TIME-WAIT) the end
+    assert early.tasks == tasks
+    assert list(early.stack._tcp) == [(CLIENT4, 40001, DEST4, 8080)]
+    assert early.stack.counters.refused == 0
+
+
+async def test_a_task_less_connection_whose_app_reads_slowly_gets_a_task_and_every_byte(
+    early: _Early,
+) -> None:
+    """More than the connection can take at once (its send buffer is 4 KiB here): the rest
+    waits in the stream for a task, which relays it on in order."""
+    app, far = await early.connect(40002)
+    sent = b"".join(i.to_bytes(4, "big") for i in range(10_000))  # 40 KB
+    await far.send_all(sent)
+    await far.send_eof()
+    assert await early.read_to_end(app) == sent
+
+
+async def test_a_connection_reset_by_the_app_or_left_at_the_end_resets_its_stream(
+    early: _Early,
+) -> None:
+    """Not END_STREAM, which the far end would take for all the app had to send."""
+    app, far = await early.connect(40002)
+    _other, far_other = await early.connect(40003)
+    early.kernel.send(bytes(app.packet(RST | ACK)))
+    with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
+        await far.receive_some()
+    assert (CLIENT4, 40002, DEST4, 8080) not in early.stack._tcp
+    # The same for a connection with a flow task (dialed before its SYN was answered).
+    first, far_first = early.first  # type: ignore[attr-defined]
+    early.kernel.send(bytes(first.packet(RST | ACK)))
+    with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
+        await far_first.receive_some()
+    # The VIF stops: the streams of its task-less connections are reset too.
+    early.scope.cancel()  # type: ignore[attr-defined]
+    with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
+        await far_other.receive_some()
 
 
 async def test_a_deadline_earlier_than_the_one_the_timers_sleep_for_fires_on_time(

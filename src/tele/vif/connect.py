@@ -116,6 +116,10 @@ class Dialing(Protocol):
         optimistic: bool = ...,
     ) -> H2Stream: ...
 
+    def open_now(
+        self, destination: Destination, *, session: str, dial_id: str | None = ...
+    ) -> H2Stream | None: ...
+
 
 class SessionLike(Protocol):
     """What the network needs of a cluster session (`tele.daemon.session.ClusterSession`)."""
@@ -321,6 +325,20 @@ async def _serve_network(
             optimistic=optimistic,
         )
 
+    def open_now(destination: Destination) -> H2Stream | None:
+        """`dial(destination, optimistic=True)` with no schedule point, or None when that
+        would wait (no link up, or the stream limit), or the destination is a --proxy-via
+        one or not a virtual IP of this session: `dial` then (the VIF's early accept)."""
+        if vips is not None and destination.ip in vips.subnet:
+            real = vips.real_for(destination.ip)
+            try:
+                if real is None or route_for(real) is not None:
+                    return None
+            except TunnelError:  # (its route is lost: `dial` says so)
+                return None
+            destination = Destination(destination.protocol, real, destination.port)
+        return session.pool.open_now(destination, session=session.session_id())
+
     async def lookup(name: str, qtype: str) -> mapi.LookupReply:
         client = await session.client()
         request = mapi.LookupRequest(session_id=session.session_id(), name=name, qtype=qtype)
@@ -348,9 +366,7 @@ async def _serve_network(
                 settings,
                 dial,
                 privileges=privileges,
-                early_dialer=None
-                if os.environ.get(ENV_EARLY_ACCEPT) == "0"
-                else functools.partial(dial, optimistic=True),
+                early_opener=None if os.environ.get(ENV_EARLY_ACCEPT) == "0" else open_now,
             )
         )
         resolver: Resolver | None = None

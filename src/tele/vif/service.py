@@ -22,7 +22,7 @@ from tele.net.tcpstate import TCPConfig
 from tele.vif.errors import RouteConflict, VifError
 from tele.vif.privileges import LocalPrivileges, Privileges
 from tele.vif.routing import DeviceConfig, Network, parse_networks, proxied_subnets
-from tele.vif.runtime import Counters, Dialer, Stack, StackConfig
+from tele.vif.runtime import Counters, Dialer, EarlyOpener, Stack, StackConfig
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +150,13 @@ async def serve_vif(
     dialer: Dialer,
     *,
     privileges: Privileges | None = None,
-    early_dialer: Dialer | None = None,
+    early_opener: EarlyOpener | None = None,
     task_status: trio.TaskStatus[VifInfo] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run the VIF until cancelled; `started(VifInfo)` once routes are in place.
 
-    `early_dialer`: `dialer` without waiting for the far end's answer, for destinations
-    recently seen open (`tele.vif.runtime`: accept before the dial).
+    `early_opener`: opens a tunnel stream at once, without waiting for the far end's answer,
+    for destinations recently seen open (`tele.vif.runtime`: accept before the dial).
 
     `privileges`: who creates the device and routes (default: this process, which then needs
     CAP_NET_ADMIN; else the privileged helper's link).
@@ -187,7 +187,7 @@ async def serve_vif(
             tun.fd,
             dialer,
             vnet_header=tun.vnet_header,
-            early_dialer=early_dialer,
+            early_opener=early_opener,
             config=StackConfig(
                 subnets=subnets, tcp=_tcp_config(settings), dial_timeout=settings.dial_timeout
             ),
