@@ -314,15 +314,19 @@ def main() -> None:
     if not shutil.which("perf"):
         sys.exit("timeline: perf is not installed (apt-get install linux-perf)")
     # Each row's connections (twice: untraced, then traced) leave their dialing side's sockets
-    # in TIME-WAIT for 60 s, all to the one echo port. Beyond ~14,000 of them connect() spends
-    # its time in the kernel looking for a free local port: at --conns 20000 the tunnel
-    # server's CPU per connection tripled, all of it system time.
+    # in TIME-WAIT for 60 s, all to the row's echo port. Beyond ~14,000 of them connect()
+    # spends its time in the kernel looking for a free local port: at --conns 20000 the
+    # tunnel server's CPU per connection tripled, all of it system time.
     if not 50 <= args.conns <= 5000:
         sys.exit("timeline: --conns takes 50 to 5000")
     vif.CONN_ONLY, vif.NO_EARLY, vif.KEEPALIVE, vif.RTT_MS = True, False, 0, 0.0
     table: list[dict] = []
     with vif.namespaces() as (laptop, cluster):
-        for row in args.rows.split(","):
+        for i, row in enumerate(args.rows.split(",")):
+            # An echo port per row: a row's connections leave their dialing side's sockets in
+            # TIME-WAIT, and a later row that dialed the same address and port would pay for
+            # the search of a free local port among them (see --conns).
+            vif.TELE_ECHO_PORT = vif.SSHUTTLE_ECHO_PORT = 7020 + i
 
             def measure(_row, lap, host, _iperf, port, *_a, row=row, **_k):  # type: ignore[no-untyped-def]
                 table.append(trace_row(row, lap, cluster, host, port, args.conns))
