@@ -477,11 +477,20 @@ async def test_a_destination_seen_open_gets_its_syn_answered_before_the_dial(
     assert stack.counters.refused == 2
 
 
+def _broken_opener(destination: Destination) -> H2Stream | None:
+    raise RuntimeError("a bug in the opener")
+
+
+@pytest.mark.parametrize("opener", [lambda _: None, _broken_opener], ids=["none", "raises"])
 async def test_an_early_accept_whose_stream_cannot_be_opened_at_once_is_dialed(
-    clock: trio.testing.MockClock, tun: tuple[socket.socket, socket.socket], nursery: trio.Nursery
+    clock: trio.testing.MockClock,
+    tun: tuple[socket.socket, socket.socket],
+    nursery: trio.Nursery,
+    opener: Callable[[Destination], H2Stream | None],
 ) -> None:
-    """No stream at once (no link up, the peer's stream limit): the flow's task dials. The
-    SYN was answered already, so a failed dial resets the app's connection."""
+    """No stream at once (no link up, the peer's stream limit; or the opener failed): the
+    flow's task dials. The SYN was answered already, so a failed dial resets the app's
+    connection; the packet reader goes on."""
     kernel, end = tun
     dialed: list[int] = []
 
@@ -493,9 +502,7 @@ async def test_an_early_accept_whose_stream_cannot_be_opened_at_once_is_dialed(
         return trio.testing.memory_stream_pair()[0]  # type: ignore[return-value]
 
     config = StackConfig(subnets=SUBNETS, early_accept=10.0)
-    stack = Stack(
-        end.fileno(), dialer, vnet_header=False, config=config, early_opener=lambda _: None
-    )
+    stack = Stack(end.fileno(), dialer, vnet_header=False, config=config, early_opener=opener)
     await nursery.start(stack.serve)
     for sport in (40001, 40002, 40003):
         kernel.send(bytes(App(sport=sport).syn(mss=1460)))

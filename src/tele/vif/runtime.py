@@ -684,8 +684,11 @@ class Stack:
             stream = None
             if not record.inbound and not record.peer_closed:
                 address, port = record.conn.dest
-                destination = Destination(Protocol.TCP, ipaddress.ip_address(address), port)
-                stream = self.early_opener(destination)
+                try:
+                    destination = Destination(Protocol.TCP, ipaddress.ip_address(address), port)
+                    stream = self.early_opener(destination)
+                except Exception:  # (a bug) must not take the packet reader down: its task
+                    log.exception("tcp %s: opening its stream failed", _flow_name(record.conn))
             if stream is None:
                 self._nursery.start_soon(self._tcp_flow, record)
                 continue
