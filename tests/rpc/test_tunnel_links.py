@@ -77,6 +77,25 @@ async def roundtrip(pool: LinkPool, destination: Destination, data: bytes) -> No
         assert await stream.receive_some() == data
 
 
+async def test_open_now_opens_on_a_live_link_at_once_or_answers_none() -> None:
+    """The VIF's early accept: no schedule point, and None (not a wait) while no link is up."""
+    async with environment() as (manager, destination, nursery):
+        pool = LinkPool(manager.connect, backoff_initial=1.0)
+        assert pool.open_now(destination, session=SESSION) is None  # no link yet
+        await nursery.start(pool.serve)
+        with trio.testing.assert_no_checkpoints():
+            stream = pool.open_now(destination, session=SESSION)
+        assert stream is not None
+        async with stream:
+            await stream.send_all(b"before any ACCEPT")  # the far end holds it for the dial
+            assert await stream.receive_some() == b"before any ACCEPT"
+        manager.refuse = 100
+        manager.cut(0)
+        await trio.testing.wait_all_tasks_blocked()  # the pool learnt it and backs off
+        assert not pool.links
+        assert pool.open_now(destination, session=SESSION) is None
+
+
 async def test_backoff_then_replacement_after_a_break(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

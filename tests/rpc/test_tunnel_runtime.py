@@ -33,6 +33,7 @@ from tele.rpc.tunnel import (
     TunnelServer,
     connect_tcp,
     dial,
+    open_now,
     reset,
     reset_reason,
     splice,
@@ -571,7 +572,8 @@ async def test_rpc_and_tunnel_share_one_link() -> None:
 
 async def test_an_optimistic_dial_queues_its_open_without_a_schedule_point() -> None:
     """With room on the link, an optimistic dial queues the OPEN in its caller's step (the VIF's
-    new connection parks right after it); at the peer's stream limit it waits for room."""
+    new connection parks right after it); at the peer's stream limit it waits for room, and
+    `open_now` (no schedule point at all) answers None."""
     settings = LinkSettings(max_concurrent_streams=1)
     async with tcp_server(echo) as destination, tunnel_link(server_settings=settings) as link:
         with trio.fail_after(10):
@@ -580,6 +582,7 @@ async def test_an_optimistic_dial_queues_its_open_without_a_schedule_point() -> 
                 first = await dial(link, destination, session=SESSION, optimistic=True)
             await first.send_all(b"one")
             assert await first.receive_some() == b"one"
+            assert open_now(link, destination, session=SESSION) is None  # at the limit
             second_open = trio.Event()
 
             async def second() -> None:

@@ -35,9 +35,8 @@ class FakePool:
         session: str,
         dial_id: str | None = None,
         wait: float = 0,
-        optimistic: bool = False,
     ) -> H2Stream:
-        return await dial(self.client.link, destination, session=session, optimistic=optimistic)
+        return await dial(self.client.link, destination, session=session)
 
     def open_now(
         self, destination: Destination, *, session: str, dial_id: str | None = None
@@ -205,7 +204,6 @@ class StuckPool:
         session: str,
         dial_id: str | None = None,
         wait: float = 0,
-        optimistic: bool = False,
     ) -> H2Stream:
         await trio.sleep_forever()
         raise AssertionError("unreachable")

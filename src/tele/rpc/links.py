@@ -106,16 +106,12 @@ class LinkPool:
         session: str,
         dial_id: str | None = None,
         wait: float = 10.0,
-        optimistic: bool = False,
     ) -> H2Stream:
         """Open a tunnel stream on the least loaded live link, waiting up to `wait` seconds for
-        one to come up. Raises `TunnelError` if none does or the peer refuses (`optimistic`:
-        see `tele.rpc.tunnel.dial`)."""
+        one to come up. Raises `TunnelError` if none does or the peer refuses."""
         with trio.move_on_after(wait):
             link = await self.wait_ready()
-            return await dial(
-                link, destination, session=session, dial_id=dial_id, optimistic=optimistic
-            )
+            return await dial(link, destination, session=session, dial_id=dial_id)
         reason = f" (last failure: {self.last_failure})" if self.last_failure else ""
         raise TunnelError(
             ResetReason.UNREACHABLE,

@@ -113,7 +113,6 @@ class Dialing(Protocol):
         session: str,
         dial_id: str | None = ...,
         wait: float = ...,
-        optimistic: bool = ...,
     ) -> H2Stream: ...
 
     def open_now(
@@ -300,9 +299,7 @@ async def _serve_network(
                 return route_id
         return None
 
-    async def dial(
-        destination: Destination, optimistic: bool = False
-    ) -> trio.abc.HalfCloseableStream:
+    async def dial(destination: Destination) -> trio.abc.HalfCloseableStream:
         if vips is not None and destination.ip in vips.subnet:
             real = vips.real_for(destination.ip)
             if real is None:  # a virtual IP this session never handed out
@@ -322,11 +319,10 @@ async def _serve_network(
             destination,
             session=session.session_id(),
             wait=options.dial_timeout,
-            optimistic=optimistic,
         )
 
     def open_now(destination: Destination) -> H2Stream | None:
-        """`dial(destination, optimistic=True)` with no schedule point, or None when that
+        """`tele.rpc.tunnel.open_now` on a link of the pool (no schedule point), or None when that
         would wait (no link up, or the stream limit), or the destination is a --proxy-via
         one or not a virtual IP of this session: `dial` then (the VIF's early accept)."""
         if vips is not None and destination.ip in vips.subnet:
