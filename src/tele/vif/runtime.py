@@ -112,7 +112,7 @@ class StackConfig:
     last bytes and EOF to the tunnel (a far end that stops reading would hold it forever)."""
     early_accept: float = 10.0
     """A SYN to a destination whose dial was accepted this recently is answered before its own
-    dial is (needs an early dialer; see the module's doc); 0: never."""
+    dial is (needs an early opener; see the module's doc); 0: never."""
     early_destinations: int = 4096
     """How many such destinations are remembered (the oldest are forgotten)."""
 
