@@ -595,6 +595,7 @@ async def early(
     await nursery.start(serve)
     side = _Early(kernel, stack, incoming)
     side.scope = scope  # type: ignore[attr-defined]
+    side.link = link  # type: ignore[attr-defined]
     side.first = await side.connect(40001, early=False)  # type: ignore[attr-defined]
     yield side
 
@@ -714,3 +715,17 @@ async def test_app_bytes_beyond_the_tunnels_window_get_a_sender_and_keep_their_o
     await server.send_all(b"got it")
     await trio.sleep(0.01)
     assert b"got it" in [bytes(p.payload) for p in map(parse_packet, pending(kernel))]
+
+
+async def test_a_task_less_connection_whose_link_breaks_is_reset(early: _Early) -> None:
+    """The link's failure wakes the connection's stream: a task takes over and resets the
+    app's connection (an app never waits on a tunnel that is gone)."""
+    app, far = await early.connect(40002)
+    early.kernel.send(bytes(app.data(b"request", ACK | PSH)))
+    assert await far.receive_some() == b"request"  # the app now waits for the answer
+    early.link.close("the manager went away")  # type: ignore[attr-defined]
+    with trio.fail_after(5):
+        while not any(tcp(p).flags & RST for p in await early.receive(app)):
+            pass  # (the request's ACK may come first)
+    await trio.testing.wait_all_tasks_blocked()
+    assert (CLIENT4, 40002, DEST4, 8080) not in early.stack._tcp
