@@ -299,22 +299,28 @@ async def _serve_network(
                 return route_id
         return None
 
+    def real_destination(destination: Destination) -> tuple[Destination, str | None]:
+        """`destination` as the cluster knows it (a virtual IP translated back) and its
+        --proxy-via route id (None: the traffic manager dials it); TunnelError for a virtual
+        IP this session never handed out, or a --proxy-via route that is lost."""
+        if vips is None or destination.ip not in vips.subnet:
+            return destination, None
+        real = vips.real_for(destination.ip)
+        if real is None:  # a virtual IP this session never handed out
+            raise TunnelError(
+                ResetReason.UNREACHABLE, f"{destination.ip} is no virtual IP of this session"
+            )
+        return Destination(destination.protocol, real, destination.port), route_for(real)
+
     async def dial(destination: Destination) -> trio.abc.HalfCloseableStream:
-        if vips is not None and destination.ip in vips.subnet:
-            real = vips.real_for(destination.ip)
-            if real is None:  # a virtual IP this session never handed out
-                raise TunnelError(
-                    ResetReason.UNREACHABLE, f"{destination.ip} is no virtual IP of this session"
-                )
-            destination = Destination(destination.protocol, real, destination.port)
-            route_id = route_for(real)
-            if route_id:  # dialled from the --proxy-via workload's pod
-                return await session.pool.dial(
-                    destination,
-                    session=session.session_id(),
-                    dial_id=VIA_DIAL_PREFIX + route_id,
-                    wait=options.dial_timeout,
-                )
+        destination, route_id = real_destination(destination)
+        if route_id:  # dialled from the --proxy-via workload's pod
+            return await session.pool.dial(
+                destination,
+                session=session.session_id(),
+                dial_id=VIA_DIAL_PREFIX + route_id,
+                wait=options.dial_timeout,
+            )
         return await session.pool.dial(
             destination,
             session=session.session_id(),
@@ -325,14 +331,12 @@ async def _serve_network(
         """`tele.rpc.tunnel.open_now` on a link of the pool (no schedule point), or None when that
         would wait (no link up, or the stream limit), or the destination is a --proxy-via
         one or not a virtual IP of this session: `dial` then (the VIF's early accept)."""
-        if vips is not None and destination.ip in vips.subnet:
-            real = vips.real_for(destination.ip)
-            try:
-                if real is None or route_for(real) is not None:
-                    return None
-            except TunnelError:  # (its route is lost: `dial` says so)
-                return None
-            destination = Destination(destination.protocol, real, destination.port)
+        try:
+            destination, route_id = real_destination(destination)
+        except TunnelError:  # `dial` says why
+            return None
+        if route_id:
+            return None
         return session.pool.open_now(destination, session=session.session_id())
 
     async def lookup(name: str, qtype: str) -> mapi.LookupReply:
