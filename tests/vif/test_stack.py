@@ -19,7 +19,7 @@ from tele.net.tcp import ACK, FIN, PSH, RST, SYN
 from tele.net.tcpstate import TCPConfig
 from tele.net.tunnel import Accept, Destination, OpenRequest, Protocol, Refuse, ResetReason
 from tele.net.udp import UDPHeader
-from tele.rpc.h2link import LinkSettings
+from tele.rpc.h2link import H2Link, LinkSettings
 from tele.rpc.h2stream import H2Stream
 from tele.rpc.tunnel import TunnelError, dial, open_now
 from tele.testing.streams import open_link_pair
@@ -509,7 +509,8 @@ async def test_an_early_accept_whose_stream_cannot_be_opened_at_once_is_dialed(
         await trio.sleep(0.5)
         # The first waits for its dial; the others are answered at once, and the last reset
         # when its dial fails: the app never sees data from a tunnel that was not there.
-        assert _answers(kernel, sport) == [SYN | ACK, RST | ACK] if sport == 40003 else [SYN | ACK]
+        expected = [SYN | ACK, RST | ACK] if sport == 40003 else [SYN | ACK]
+        assert _answers(kernel, sport) == expected
     assert len(dialed) == 3
     assert not stack._open_recently  # the next SYN waits for its dial
 
@@ -518,10 +519,20 @@ class _Early:
     """A stack with early accept on one side of a link pair, and its far end: connections to a
     destination seen open are relayed with no task of their own (`Stack._open_early`)."""
 
-    def __init__(self, kernel: socket.socket, stack: Stack, incoming: object) -> None:
+    def __init__(
+        self,
+        kernel: socket.socket,
+        stack: Stack,
+        scope: trio.CancelScope,
+        link: H2Link,
+        incoming: trio.MemoryReceiveChannel[H2Stream],
+    ) -> None:
         self.kernel = kernel
         self.stack = stack
-        self.incoming: trio.MemoryReceiveChannel[H2Stream] = incoming  # type: ignore[assignment]
+        self.scope = scope  # the stack's: cancel it to stop the VIF
+        self.link = link
+        self.incoming = incoming
+        self.first: tuple[App, H2Stream] | None = None  # a connection dialed before its SYN-ACK
 
     @property
     def tasks(self) -> int:
@@ -593,10 +604,8 @@ async def early(
             await stack.serve(task_status=task_status)
 
     await nursery.start(serve)
-    side = _Early(kernel, stack, incoming)
-    side.scope = scope  # type: ignore[attr-defined]
-    side.link = link  # type: ignore[attr-defined]
-    side.first = await side.connect(40001, early=False)  # type: ignore[attr-defined]
+    side = _Early(kernel, stack, scope, link, incoming)
+    side.first = await side.connect(40001, early=False)
     yield side
 
 
@@ -644,12 +653,13 @@ async def test_a_connection_reset_by_the_app_or_left_at_the_end_resets_its_strea
         await far.receive_some()
     assert (CLIENT4, 40002, DEST4, 8080) not in early.stack._tcp
     # The same for a connection with a flow task (dialed before its SYN was answered).
-    first, far_first = early.first  # type: ignore[attr-defined]
+    assert early.first is not None
+    first, far_first = early.first
     early.kernel.send(bytes(first.packet(RST | ACK)))
     with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
         await far_first.receive_some()
     # The VIF stops: the streams of its task-less connections are reset too.
-    early.scope.cancel()  # type: ignore[attr-defined]
+    early.scope.cancel()
     with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
         await far_other.receive_some()
 
@@ -723,7 +733,7 @@ async def test_a_task_less_connection_whose_link_breaks_is_reset(early: _Early) 
     app, far = await early.connect(40002)
     early.kernel.send(bytes(app.data(b"request", ACK | PSH)))
     assert await far.receive_some() == b"request"  # the app now waits for the answer
-    early.link.close("the manager went away")  # type: ignore[attr-defined]
+    early.link.close("the manager went away")
     with trio.fail_after(5):
         while not any(tcp(p).flags & RST for p in await early.receive(app)):
             pass  # (the request's ACK may come first)
